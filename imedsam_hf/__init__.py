@@ -1,0 +1,29 @@
+"""imedsam_hf: I-MedSAM (ECCV 2024) as a transformers + PEFT model.
+
+Importing the package registers `IMedSamConfig`/`IMedSamModel` with transformers' Auto classes and the
+`FREQ_ADAPTER` PEFT type with peft.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_imedsam import IMedSamConfig
+from .frequency_adapter import FrequencyAdapterConfig, FrequencyAdapterModel, imedsam_peft_config
+from .modeling_imedsam import IMedSamImplicitDecoder, IMedSamModel, IMedSamOutput
+from .publishing import export_full_model, save_pretrained_full
+
+__version__ = "0.1.0"
+
+AutoConfig.register(IMedSamConfig.model_type, IMedSamConfig, exist_ok=True)
+AutoModel.register(IMedSamConfig, IMedSamModel, exist_ok=True)
+
+__all__ = [
+    "FrequencyAdapterConfig",
+    "FrequencyAdapterModel",
+    "IMedSamConfig",
+    "IMedSamImplicitDecoder",
+    "IMedSamModel",
+    "IMedSamOutput",
+    "export_full_model",
+    "imedsam_peft_config",
+    "save_pretrained_full",
+]

@@ -1,0 +1,494 @@
+"""I-MedSAM: a frozen SAM with a coordinate-based (implicit) mask decoder refined where it is most uncertain.
+
+The model keeps `SamModel`'s submodule names (`shared_image_embedding`, `vision_encoder`, `prompt_encoder`,
+`mask_decoder`), so SAM checkpoints load by name, and adds `implicit_decoder`. The parameter-efficient branches
+(LoRA and the frequency adapter) are added with PEFT (`imedsam_hf.imedsam_peft_config`) or, in a published
+checkpoint, built in from `config.adapter_config`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.models.sam.modeling_sam import (
+    SamMaskDecoder,
+    SamPositionalEmbedding,
+    SamPreTrainedModel,
+    SamPromptEncoder,
+    SamVisionEncoder,
+)
+from transformers.utils import ModelOutput
+
+from .configuration_imedsam import IMedSamConfig
+from .modeling_frequency_adapter import inject_frequency_adapter
+
+
+@dataclass
+class IMedSamOutput(ModelOutput):
+    r"""
+    logits (`torch.FloatTensor` of shape `(batch_size, num_classes, height, width)`):
+        Final mask logits on the requested output grid: the coarse prediction with the refined points replaced
+        by the fine prediction (or SAM's own upsampled mask when the implicit decoder is switched off).
+    coarse_logits (`torch.FloatTensor` of shape `(batch_size, num_classes, height, width)`):
+        The coarse implicit decoder's logits at every output point.
+    uncertainty (`torch.FloatTensor` of shape `(batch_size, height, width)`):
+        Per-point uncertainty: variance of the Monte-Carlo dropout probabilities, averaged over classes.
+    refined (`torch.BoolTensor` of shape `(batch_size, height, width)`):
+        Which output points the fine implicit decoder predicted.
+    sam_logits (`torch.FloatTensor` of shape `(batch_size, 1, 4 * embedding_size, 4 * embedding_size)`):
+        SAM's own low-resolution mask logits (single-mask output) for the same prompt.
+    iou_scores (`torch.FloatTensor` of shape `(batch_size, 1)`):
+        SAM's predicted IoU of `sam_logits`.
+    image_embeddings (`torch.FloatTensor` of shape `(batch_size, hidden_size, embedding_size, embedding_size)`):
+        The image encoder's output.
+    """
+
+    logits: torch.FloatTensor | None = None
+    coarse_logits: torch.FloatTensor | None = None
+    uncertainty: torch.FloatTensor | None = None
+    refined: torch.BoolTensor | None = None
+    sam_logits: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    image_embeddings: torch.FloatTensor | None = None
+
+
+class IMedSamMaskDecoder(SamMaskDecoder):
+    """SAM's mask decoder (same parameter names) that also returns the upscaled image features."""
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_positional_embeddings: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor | None,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            image_embeddings: `(batch_size, hidden_size, h, w)`.
+            image_positional_embeddings: `(batch_size, hidden_size, h, w)`.
+            sparse_prompt_embeddings: `(batch_size, 1, num_tokens, hidden_size)` or `None` (no prompt).
+            dense_prompt_embeddings: `(batch_size or 1, hidden_size, h, w)`.
+
+        Returns:
+            masks `(batch_size, 1, 4h, 4w)` (single-mask output), iou `(batch_size, 1)` and upscaled features
+            `(batch_size, hidden_size // 8, 4h, 4w)`.
+        """
+        batch_size, num_channels, height, width = image_embeddings.shape
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = output_tokens.repeat(batch_size, 1, 1, 1)
+        if sparse_prompt_embeddings is not None:
+            tokens = torch.cat((tokens, sparse_prompt_embeddings.to(tokens.dtype)), dim=2)
+        point_embedding, image_tokens = self.transformer(
+            point_embeddings=tokens,
+            image_embeddings=image_embeddings + dense_prompt_embeddings,
+            image_positional_embeddings=image_positional_embeddings,
+            attention_similarity=None,
+        )
+        image_tokens = image_tokens.transpose(2, 3).reshape(batch_size, num_channels, height, width)
+        upscaled = self.activation(self.upscale_layer_norm(self.upscale_conv1(image_tokens)))
+        upscaled = self.activation(self.upscale_conv2(upscaled))
+        # Single-mask output: mask token 0 and its hypernetwork, as SamModel(multimask_output=False).
+        hyper_in = self.output_hypernetworks_mlps[0](point_embedding[:, 0, 1, :])
+        masks = torch.einsum("bc,bchw->bhw", hyper_in, upscaled).unsqueeze(1)
+        iou = self.iou_prediction_head(point_embedding[:, 0, 0, :])[:, :1]
+        return masks, iou, upscaled
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear + BatchNorm + ReLU for each consecutive pair of `sizes`."""
+    layers: list[nn.Module] = []
+    for in_size, out_size in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(in_size, out_size), nn.BatchNorm1d(out_size), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class IMedSamImplicitDecoder(nn.Module):
+    """
+    Coarse-to-fine implicit decoder with uncertainty-guided sampling (I-MedSAM, section 3.3).
+
+    A query point at normalised coordinate (x, y) in [0, 1]^2 of the model's input frame is described by the
+    bilinear sample of the mask decoder's upscaled features, SAM's random-Fourier positional encoding of the
+    coordinate and a NeRF-style encoding with `num_frequencies` octaves. The coarse MLP predicts a logit per
+    class and a coarse feature for every point; the fine MLP re-predicts the most uncertain points from the
+    point's input feature and its coarse feature.
+
+    Uncertainty is the variance over `mc_passes` Monte-Carlo dropout passes of the coarse head's probabilities.
+    Dropout sits on the head's input (not its output: dropping the logit itself would make the variance grow
+    with the logit's magnitude, i.e. with confidence). In training the passes use fresh random masks; at
+    inference they use fixed channel masks drawn from `mc_seed`, so the selection stays uncertainty-driven yet
+    deterministic and independent of the batch composition.
+    """
+
+    def __init__(self, config: IMedSamConfig):
+        super().__init__()
+        self.config = config
+        self.num_classes = config.num_classes
+        self.num_frequencies = config.num_frequencies
+        feature_size = config.mask_decoder_config.hidden_size // 8
+        position_size = 2 * config.vision_config.num_pos_feats
+        self.input_size = feature_size + position_size + 2 + 4 * config.num_frequencies
+        coarse_sizes = [self.input_size, *config.coarse_hidden_sizes]
+        self.coarse_mlp = _mlp(coarse_sizes)
+        self.coarse_dropout = nn.Dropout(config.implicit_dropout)
+        self.coarse_head = nn.Linear(coarse_sizes[-1], config.num_classes + config.coarse_feature_size)
+        fine_sizes = [self.input_size + config.coarse_feature_size, *config.fine_hidden_sizes]
+        self.fine_mlp = _mlp(fine_sizes)
+        self.fine_head = nn.Linear(fine_sizes[-1], config.num_classes)
+        self.register_buffer("inference_dropout_masks", self.make_inference_dropout_masks(), persistent=False)
+
+    def make_inference_dropout_masks(self) -> torch.Tensor:
+        """The fixed Monte-Carlo dropout masks of inference, `(mc_passes, hidden)`, scaled like `nn.Dropout`."""
+        config = self.config
+        generator = torch.Generator(device="cpu").manual_seed(config.mc_seed)
+        hidden = config.coarse_hidden_sizes[-1]
+        keep = torch.rand(config.mc_passes, hidden, generator=generator, device="cpu") >= config.implicit_dropout
+        return keep.float() / (1 - config.implicit_dropout)
+
+    def encode_coordinates(self, coordinates: torch.Tensor) -> torch.Tensor:
+        """NeRF positional encoding: `(..., 2)` in [0, 1] -> `(..., 2 + 4 * num_frequencies)`."""
+        centred = 2 * coordinates - 1
+        octaves = 2.0 ** torch.arange(self.num_frequencies, device=coordinates.device, dtype=coordinates.dtype)
+        angles = math.pi * centred[..., None] * octaves
+        return torch.cat([centred, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
+
+    def point_features(
+        self, features: torch.Tensor, positional_embedding: nn.Module, coordinates: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Args:
+            features: upscaled decoder features `(batch_size, channels, fh, fw)` covering the input frame.
+            positional_embedding: SAM's `SamPositionalEmbedding` (coordinates in [0, 1] -> 2 * num_pos_feats).
+            coordinates: `(batch_size, num_points, 2)` as (x, y) in [0, 1].
+
+        Returns:
+            `(batch_size, num_points, input_size)`.
+        """
+        grid = (2 * coordinates - 1).unsqueeze(1).to(features.dtype)
+        sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        sampled = sampled.squeeze(2).transpose(1, 2)
+        position = positional_embedding(coordinates.unsqueeze(1)).squeeze(1)
+        coordinate_code = self.encode_coordinates(coordinates)
+        return torch.cat([sampled, position.to(sampled.dtype), coordinate_code.to(sampled.dtype)], dim=-1)
+
+    def _flat(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """Apply a point-wise module to `(batch_size, num_points, channels)` through a flat batch (BatchNorm1d)."""
+        batch_size, num_points, _ = inputs.shape
+        return module(inputs.reshape(batch_size * num_points, -1)).reshape(batch_size, num_points, -1)
+
+    def coarse(self, point_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Coarse prediction and uncertainty of `(batch_size, num_points, input_size)` point inputs.
+
+        Returns logits `(batch_size, num_points, num_classes)`, coarse features
+        `(batch_size, num_points, coarse_feature_size)` and uncertainty `(batch_size, num_points)`.
+        """
+        hidden = self._flat(self.coarse_mlp, point_inputs)
+        head = self.coarse_head(self.coarse_dropout(hidden))
+        logits, coarse_features = head[..., : self.num_classes], head[..., self.num_classes :]
+        with torch.no_grad():
+            if self.training:
+                passes = [F.dropout(hidden, self.coarse_dropout.p, training=True) for _ in range(self.config.mc_passes)]
+            else:
+                passes = [hidden * mask.to(hidden.dtype) for mask in self.inference_dropout_masks]
+            probabilities = torch.stack([self.coarse_head(h)[..., : self.num_classes] for h in passes]).sigmoid()
+            uncertainty = probabilities.float().var(dim=0).mean(dim=-1)
+        return logits, coarse_features, uncertainty
+
+    def fine(self, point_inputs: torch.Tensor, coarse_features: torch.Tensor) -> torch.Tensor:
+        """Fine logits `(batch_size, num_points, num_classes)` from point inputs and their coarse features."""
+        hidden = self._flat(self.fine_mlp, torch.cat([point_inputs, coarse_features], dim=-1))
+        return self.fine_head(hidden)
+
+    def num_refined_points(self, num_points: int) -> int:
+        """Points the fine decoder predicts per image: round(refine_ratio * num_points)."""
+        return int(round(self.config.refine_ratio * num_points))
+
+    def forward(
+        self, features: torch.Tensor, positional_embedding: nn.Module, output_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Query every point of an `output_size` grid covering the input frame.
+
+        Args:
+            features: upscaled decoder features `(batch_size, channels, fh, fw)`.
+            positional_embedding: SAM's shared positional embedding module.
+            output_size: `(height, width)` of the output grid.
+
+        Returns:
+            logits, coarse logits `(batch_size, num_classes, height, width)`, uncertainty
+            `(batch_size, height, width)` and refined `(batch_size, height, width)` bool.
+        """
+        height, width = output_size
+        batch_size = features.shape[0]
+        coordinates = grid_coordinates(height, width, features.device, torch.float32)
+        coordinates = coordinates.reshape(1, -1, 2).expand(batch_size, -1, -1)
+        if self.training:
+            coarse_logits, uncertainty, fine_logits, selected = self._query_train(
+                features, positional_embedding, coordinates
+            )
+        else:
+            coarse_logits, uncertainty, fine_logits, selected = self._query_eval(
+                features, positional_embedding, coordinates
+            )
+        logits = coarse_logits.scatter(1, selected[..., None].expand(-1, -1, self.num_classes), fine_logits)
+        refined = torch.zeros_like(uncertainty, dtype=torch.bool).scatter(1, selected, True)
+
+        def to_grid(values: torch.Tensor) -> torch.Tensor:
+            return values.transpose(1, 2).reshape(batch_size, self.num_classes, height, width)
+
+        return (
+            to_grid(logits),
+            to_grid(coarse_logits),
+            uncertainty.reshape(batch_size, height, width),
+            refined.reshape(batch_size, height, width),
+        )
+
+    def _select(self, uncertainty: torch.Tensor) -> torch.Tensor:
+        """Indices `(batch_size, k)` of each image's k most uncertain points."""
+        k = self.num_refined_points(uncertainty.shape[1])
+        return uncertainty.topk(k, dim=1, sorted=False).indices
+
+    def _query_train(self, features, positional_embedding, coordinates):
+        # Every point keeps its activations for backward anyway, so there is nothing to gain from chunking;
+        # BatchNorm also wants one set of statistics per step.
+        point_inputs = self.point_features(features, positional_embedding, coordinates)
+        coarse_logits, coarse_features, uncertainty = self.coarse(point_inputs)
+        selected = self._select(uncertainty)
+        gather = selected[..., None]
+        fine_logits = self.fine(
+            point_inputs.gather(1, gather.expand(-1, -1, point_inputs.shape[-1])),
+            coarse_features.gather(1, gather.expand(-1, -1, coarse_features.shape[-1])),
+        )
+        return coarse_logits, uncertainty, fine_logits, selected
+
+    def _query_eval(self, features, positional_embedding, coordinates):
+        # Chunked so that a large grid never holds `num_points x hidden` activations at once; only the logits
+        # and the uncertainty of every point are kept, and the few refined points are recomputed.
+        chunk = self.config.query_chunk_size
+        coarse_chunks, uncertainty_chunks = [], []
+        for start in range(0, coordinates.shape[1], chunk):
+            point_inputs = self.point_features(features, positional_embedding, coordinates[:, start : start + chunk])
+            logits, _, uncertainty = self.coarse(point_inputs)
+            coarse_chunks.append(logits)
+            uncertainty_chunks.append(uncertainty)
+        coarse_logits = torch.cat(coarse_chunks, dim=1)
+        uncertainty = torch.cat(uncertainty_chunks, dim=1)
+        selected = self._select(uncertainty)
+        fine_chunks = []
+        for start in range(0, selected.shape[1], chunk):
+            index = selected[:, start : start + chunk]
+            selected_coordinates = coordinates.gather(1, index[..., None].expand(-1, -1, 2))
+            point_inputs = self.point_features(features, positional_embedding, selected_coordinates)
+            _, coarse_features, _ = self.coarse(point_inputs)
+            fine_chunks.append(self.fine(point_inputs, coarse_features))
+        fine_logits = torch.cat(fine_chunks, dim=1) if fine_chunks else coarse_logits[:, :0]
+        return coarse_logits, uncertainty, fine_logits, selected
+
+
+def grid_coordinates(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Pixel-centre coordinates `(height, width, 2)` as (x, y) in [0, 1] of a grid covering the input frame."""
+    ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) / width
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y], dim=-1)
+
+
+class IMedSamPreTrainedModel(SamPreTrainedModel):
+    config: IMedSamConfig
+    config_class = IMedSamConfig
+    base_model_prefix = "i_medsam"
+    _no_split_modules = ["SamVisionLayer", "IMedSamImplicitDecoder"]
+
+    def _init_weights(self, module: nn.Module):
+        # `from_pretrained` builds the model on the meta device; non-persistent buffers are re-created here.
+        if isinstance(module, IMedSamImplicitDecoder):
+            init.copy_(module.inference_dropout_masks, module.make_inference_dropout_masks())
+        elif isinstance(module, SamPositionalEmbedding):
+            # SamPreTrainedModel reads `self.config.use_abs_pos`, a vision-config field; handle it here.
+            nn.init.normal_(module.positional_embedding, std=module.scale)
+        elif isinstance(module, SamVisionEncoder):
+            if module.pos_embed is not None:
+                nn.init.zeros_(module.pos_embed)
+        else:
+            super()._init_weights(module)
+
+
+class IMedSamModel(IMedSamPreTrainedModel):
+    """
+    I-MedSAM: frozen SAM encoder, SAM's prompt encoder and two-way mask decoder, and an implicit decoder that
+    predicts masks at any output resolution.
+    """
+
+    _tied_weights_keys = {
+        "prompt_encoder.shared_embedding.positional_embedding": "shared_image_embedding.positional_embedding"
+    }
+
+    def __init__(self, config: IMedSamConfig):
+        super().__init__(config)
+        self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
+        self.vision_encoder = build_vision_encoder(config.vision_config)
+        self.prompt_encoder = SamPromptEncoder(config)
+        config.mask_decoder_config._attn_implementation = config._attn_implementation
+        self.mask_decoder = IMedSamMaskDecoder(config.mask_decoder_config)
+        self.implicit_decoder = IMedSamImplicitDecoder(config) if config.use_implicit_decoder else None
+        self.post_init()
+        if config.adapter_config is not None:
+            inject_frequency_adapter(self, config.adapter_config)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_encoder.patch_embed
+
+    def train(self, mode: bool = True) -> IMedSamModel:
+        """Like `nn.Module.train`, but BatchNorm layers whose parameters are all frozen stay in eval mode.
+
+        A frozen backbone with BatchNorm (LiteMedSAM's TinyViT) must keep its running statistics: in train mode
+        they would be replaced by the statistics of the current, often single-image, batch.
+        """
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    parameters = list(module.parameters())
+                    if parameters and not any(p.requires_grad for p in parameters):
+                        module.eval()
+        return self
+
+    def image_positional_embeddings(self, batch_size: int) -> torch.Tensor:
+        """SAM's dense positional encoding of the embedding grid, `(batch_size, hidden_size, h, w)`."""
+        size = self.config.embedding_size
+        coordinates = grid_coordinates(size, size, self.shared_image_embedding.positional_embedding.device)
+        embedding = self.shared_image_embedding(coordinates.to(self.shared_image_embedding.positional_embedding.dtype))
+        return embedding.permute(2, 0, 1).unsqueeze(0).expand(batch_size, -1, -1, -1)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, 3, S, S)` normalised pixels -> image embeddings `(batch_size, hidden_size, h, w)`."""
+        outputs = self.vision_encoder(pixel_values)
+        return outputs if isinstance(outputs, torch.Tensor) else outputs.last_hidden_state
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_boxes: torch.FloatTensor | None = None,
+        input_points: torch.FloatTensor | None = None,
+        input_labels: torch.LongTensor | None = None,
+        output_size: tuple[int, int] | int | None = None,
+        image_embeddings: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> IMedSamOutput:
+        r"""
+        Args:
+            pixel_values (`(batch_size, 3, image_size, image_size)`): normalised, padded input images.
+            input_boxes (`(batch_size, 4)` or `(batch_size, 1, 4)`, *optional*): one box (x0, y0, x1, y1) per
+                image in input-frame pixels.
+            input_points (`(batch_size, num_points, 2)` or `(batch_size, 1, num_points, 2)`, *optional*): point
+                prompts (x, y) in input-frame pixels, with `input_labels` (`(batch_size, [1,] num_points)`,
+                1 foreground, 0 background, -10 padding).
+            output_size (`(height, width)` or `int`, *optional*): grid of the returned masks, covering the input
+                frame; defaults to `(image_size, image_size)`.
+            image_embeddings (`(batch_size, hidden_size, h, w)`, *optional*): precomputed encoder output, instead
+                of `pixel_values`.
+
+        With neither boxes nor points the call is prompt-free (SAM's no-prompt embedding).
+        """
+        if (pixel_values is None) == (image_embeddings is None):
+            raise ValueError("Pass exactly one of `pixel_values` and `image_embeddings`.")
+        if image_embeddings is None:
+            self._check_pixel_values(pixel_values)
+            image_embeddings = self.encode_image(pixel_values)
+        batch_size = image_embeddings.shape[0]
+        input_boxes, input_points, input_labels = self._check_prompts(
+            batch_size, input_boxes, input_points, input_labels
+        )
+        sparse, dense = self.prompt_encoder(
+            input_points=input_points, input_labels=input_labels, input_boxes=input_boxes, input_masks=None
+        )
+        sam_logits, iou_scores, upscaled = self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=self.image_positional_embeddings(batch_size),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+        )
+        output_size = self._output_size(output_size)
+        if self.implicit_decoder is None:
+            logits = F.interpolate(sam_logits, size=output_size, mode="bilinear", align_corners=False)
+            return IMedSamOutput(
+                logits=logits, sam_logits=sam_logits, iou_scores=iou_scores, image_embeddings=image_embeddings
+            )
+        logits, coarse_logits, uncertainty, refined = self.implicit_decoder(
+            upscaled, self.shared_image_embedding, output_size
+        )
+        return IMedSamOutput(
+            logits=logits,
+            coarse_logits=coarse_logits,
+            uncertainty=uncertainty,
+            refined=refined,
+            sam_logits=sam_logits,
+            iou_scores=iou_scores,
+            image_embeddings=image_embeddings,
+        )
+
+    def _output_size(self, output_size: tuple[int, int] | int | None) -> tuple[int, int]:
+        if output_size is None:
+            return (self.config.image_size, self.config.image_size)
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        output_size = tuple(int(s) for s in output_size)
+        if len(output_size) != 2 or min(output_size) < 1:
+            raise ValueError(f"`output_size` must be a positive (height, width), got {output_size}.")
+        return output_size
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        size = self.config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
+            raise ValueError(
+                f"`pixel_values` must have shape (batch_size, 3, {size}, {size}), got {tuple(pixel_values.shape)}. "
+                "Use IMedSamProcessor to resize and pad images to the model's input size."
+            )
+
+    @staticmethod
+    def _check_prompts(batch_size, input_boxes, input_points, input_labels):
+        """Bring prompts to SAM's shapes: boxes `(B, 1, 4)`, points `(B, 1, N, 2)`, labels `(B, 1, N)`."""
+        if input_boxes is not None:
+            if input_boxes.ndim == 2:
+                input_boxes = input_boxes[:, None]
+            if input_boxes.ndim != 3 or input_boxes.shape[1:] != (1, 4) or input_boxes.shape[0] != batch_size:
+                raise ValueError(
+                    f"`input_boxes` must have shape ({batch_size}, 4) or ({batch_size}, 1, 4) (one box per image), "
+                    f"got {tuple(input_boxes.shape)}."
+                )
+        if input_points is not None:
+            if input_points.ndim == 3:
+                input_points = input_points[:, None]
+            if input_points.ndim != 4 or input_points.shape[1] != 1 or input_points.shape[0] != batch_size:
+                raise ValueError(
+                    f"`input_points` must have shape ({batch_size}, num_points, 2), got {tuple(input_points.shape)}."
+                )
+            if input_labels is None:
+                input_labels = torch.ones(input_points.shape[:-1], dtype=torch.long, device=input_points.device)
+            if input_labels.ndim == 2:
+                input_labels = input_labels[:, None]
+            if tuple(input_labels.shape) != tuple(input_points.shape[:-1]):
+                raise ValueError(
+                    f"`input_labels` must have shape {tuple(input_points.shape[:-1])} to match `input_points`, "
+                    f"got {tuple(input_labels.shape)}."
+                )
+        elif input_labels is not None:
+            raise ValueError("`input_labels` was given without `input_points`.")
+        return input_boxes, input_points, input_labels
+
+
+def build_vision_encoder(vision_config) -> nn.Module:
+    """SAM's ViT or LiteMedSAM's TinyViT, chosen by the vision config's `model_type`."""
+    if vision_config.model_type == "i_medsam_tinyvit":
+        from .modeling_tinyvit import IMedSamTinyViTEncoder
+
+        return IMedSamTinyViTEncoder(vision_config)
+    return SamVisionEncoder(vision_config)
+
+
+__all__ = ["IMedSamModel", "IMedSamOutput", "IMedSamPreTrainedModel", "IMedSamImplicitDecoder", "IMedSamMaskDecoder"]

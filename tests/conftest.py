@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny I-MedSAM configurations that run in milliseconds, and the shared real data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import imedsam_hf  # noqa: F401  (registers the Auto classes and the PEFT type)
+from imedsam_hf import IMedSamConfig, IMedSamModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("IMEDSAM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+TINY_VISION = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=64,
+    patch_size=16,
+    output_channels=32,
+    num_pos_feats=16,
+    window_size=2,
+    global_attn_indexes=[1],
+    mlp_dim=64,
+    initializer_range=0.02,
+)
+TINY_PROMPT = dict(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=8)
+TINY_DECODER = dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32)
+TINY_IMPLICIT = dict(coarse_hidden_sizes=[64, 32], coarse_feature_size=16, fine_hidden_sizes=[32, 16])
+
+
+def tiny_config(**overrides) -> IMedSamConfig:
+    settings = dict(
+        vision_config=dict(TINY_VISION),
+        prompt_encoder_config=dict(TINY_PROMPT),
+        mask_decoder_config=dict(TINY_DECODER),
+        **TINY_IMPLICIT,
+    )
+    settings.update(overrides)
+    return IMedSamConfig(**settings)
+
+
+def tiny_model(seed: int = 0, **overrides) -> IMedSamModel:
+    torch.manual_seed(seed)
+    model = IMedSamModel(tiny_config(**overrides))
+    randomize_batchnorm(model)
+    return model.eval()
+
+
+def randomize_batchnorm(model: torch.nn.Module) -> None:
+    """Give BatchNorm layers non-trivial running statistics, as after training."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_(0, 0.1, generator=generator)
+            module.running_var.uniform_(0.5, 1.5, generator=generator)
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> None:
+    """Move every trainable parameter away from its initial value, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+def run_python(code: str, cwd: Path, env_extra: dict | None = None) -> str:
+    """Run `code` in a fresh interpreter (no state shared with this test process); return its stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, **(env_extra or {}))
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+@pytest.fixture
+def inputs():
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(2, 3, 64, 64, generator=generator)
+    boxes = torch.tensor([[10.0, 12.0, 40.0, 50.0], [5.0, 5.0, 60.0, 30.0]])
+    return pixel_values, boxes

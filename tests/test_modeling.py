@@ -1,0 +1,183 @@
+"""IMedSamModel: prompts, output sizes, batching, uncertainty-guided refinement, determinism, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_batchnorm, tiny_config, tiny_model
+
+from imedsam_hf import IMedSamModel
+
+
+@pytest.mark.parametrize("prompt", ["box", "points", "none"])
+def test_forward_backward_each_prompt_kind(prompt, inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model().train()
+    kwargs = {}
+    if prompt == "box":
+        kwargs["input_boxes"] = boxes
+    elif prompt == "points":
+        kwargs["input_points"] = torch.tensor([[[20.0, 30.0], [50.0, 10.0]], [[5.0, 5.0], [33.0, 40.0]]])
+        kwargs["input_labels"] = torch.tensor([[1, 0], [1, 1]])
+    outputs = model(pixel_values, **kwargs)
+    assert outputs.logits.shape == (2, 1, 64, 64)
+    assert outputs.coarse_logits.shape == (2, 1, 64, 64)
+    assert outputs.uncertainty.shape == (2, 64, 64)
+    assert outputs.refined.shape == (2, 64, 64) and outputs.refined.dtype == torch.bool
+    (outputs.logits.sum() + outputs.coarse_logits.sum()).backward()
+    decoder = model.implicit_decoder
+    assert decoder.fine_head.weight.grad.abs().sum() > 0
+    assert decoder.coarse_head.weight.grad.abs().sum() > 0
+    assert model.mask_decoder.upscale_conv1.weight.grad.abs().sum() > 0
+
+
+def test_prompts_change_the_prediction(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model()
+    with torch.no_grad():
+        boxed = model(pixel_values, input_boxes=boxes).logits
+        free = model(pixel_values).logits
+    assert not torch.allclose(boxed, free)
+
+
+@pytest.mark.parametrize("size", [(17, 23), (128, 128), (896, 640)])
+def test_any_output_size(size, inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model()
+    with torch.no_grad():
+        outputs = model(pixel_values[:1], input_boxes=boxes[:1], output_size=size)
+    assert outputs.logits.shape == (1, 1, *size)
+    assert outputs.refined.sum().item() == round(0.125 * size[0] * size[1])
+
+
+def test_batch_matches_single_images(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model()
+    with torch.no_grad():
+        batched = model(pixel_values, input_boxes=boxes, output_size=(40, 56))
+        for i in range(2):
+            single = model(pixel_values[i : i + 1], input_boxes=boxes[i : i + 1], output_size=(40, 56))
+            torch.testing.assert_close(batched.logits[i], single.logits[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched.uncertainty[i], single.uncertainty[0], atol=1e-6, rtol=1e-5)
+            assert torch.equal(batched.refined[i], single.refined[0])
+
+
+def test_inference_is_deterministic_and_chunking_invariant(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model()
+    with torch.no_grad():
+        first = model(pixel_values, input_boxes=boxes, output_size=(50, 70))
+        second = model(pixel_values, input_boxes=boxes, output_size=(50, 70))
+        model.config.query_chunk_size = 97  # many small chunks, one ragged
+        chunked = model(pixel_values, input_boxes=boxes, output_size=(50, 70))
+    assert torch.equal(first.logits, second.logits)
+    assert torch.equal(first.refined, chunked.refined)
+    torch.testing.assert_close(first.logits, chunked.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_refinement_is_uncertainty_driven_in_eval_mode(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model()
+    height, width = 48, 40
+    with torch.no_grad():
+        outputs = model(pixel_values, input_boxes=boxes, output_size=(height, width))
+    expected = round(0.125 * height * width)
+    for i in range(2):
+        refined, uncertainty = outputs.refined[i], outputs.uncertainty[i]
+        assert refined.sum().item() == expected  # per image, not over the flattened batch
+        assert uncertainty.max() > 0  # MC dropout stays active for the sampling passes
+        assert uncertainty[refined].min() >= uncertainty[~refined].max()
+        # The refined points carry the fine prediction, the others the coarse one.
+        assert torch.equal(outputs.logits[i, :, ~refined], outputs.coarse_logits[i, :, ~refined])
+        assert not torch.allclose(outputs.logits[i, :, refined], outputs.coarse_logits[i, :, refined])
+
+
+def test_refine_ratio_and_training_mode_selection(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model(refine_ratio=0.25).train()
+    outputs = model(pixel_values, input_boxes=boxes, output_size=(16, 16))
+    assert outputs.refined.flatten(1).sum(1).tolist() == [64, 64]
+    for i in range(2):
+        u, r = outputs.uncertainty[i], outputs.refined[i]
+        assert u[r].min() >= u[~r].max()
+
+
+def test_multi_class_logits(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model(num_classes=3)
+    with torch.no_grad():
+        outputs = model(pixel_values, input_boxes=boxes, output_size=(20, 30))
+    assert outputs.logits.shape == (2, 3, 20, 30)
+    assert outputs.uncertainty.shape == (2, 20, 30)
+
+
+def test_implicit_decoder_off_uses_sam_mask(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model(use_implicit_decoder=False)
+    assert model.implicit_decoder is None
+    with torch.no_grad():
+        outputs = model(pixel_values, input_boxes=boxes, output_size=(32, 48))
+    assert outputs.logits.shape == (2, 1, 32, 48)
+    assert outputs.refined is None
+    expected = torch.nn.functional.interpolate(outputs.sam_logits, size=(32, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(outputs.logits, expected)
+
+
+def test_precomputed_image_embeddings_give_the_same_result(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model()
+    with torch.no_grad():
+        direct = model(pixel_values, input_boxes=boxes)
+        cached = model(image_embeddings=model.encode_image(pixel_values), input_boxes=boxes)
+    torch.testing.assert_close(direct.logits, cached.logits)
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_when_training():
+    model = tiny_model()
+    encoder_norm = torch.nn.BatchNorm2d(4)
+    model.vision_encoder.extra_norm = encoder_norm  # stands in for TinyViT's BatchNorm layers
+    encoder_norm.requires_grad_(False)
+    model.train()
+    assert not encoder_norm.training
+    assert model.implicit_decoder.coarse_mlp[1].training  # trainable BatchNorm does train
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pixel_values=torch.zeros(1, 3, 32, 32)), "pixel_values"),
+        (dict(pixel_values=torch.zeros(1, 3, 64, 64), input_boxes=torch.zeros(1, 2, 4)), "input_boxes"),
+        (
+            dict(
+                pixel_values=torch.zeros(1, 3, 64, 64), input_points=torch.zeros(1, 2, 2), input_labels=torch.ones(1, 3)
+            ),
+            "input_labels",
+        ),
+        (dict(pixel_values=torch.zeros(1, 3, 64, 64), output_size=(0, 5)), "output_size"),
+        (dict(), "pixel_values"),
+    ],
+)
+def test_bad_inputs_are_named(kwargs, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(refine_ratio=1.5), "refine_ratio"),
+        (dict(mc_passes=1), "mc_passes"),
+        (dict(num_classes=2, use_implicit_decoder=False), "num_classes"),
+        (dict(spectrum="wavelet"), "spectrum"),
+    ],
+)
+def test_bad_config_values_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_randomize_batchnorm_helper_changes_running_stats():
+    model = IMedSamModel(tiny_config())
+    randomize_batchnorm(model)
+    assert model.implicit_decoder.coarse_mlp[1].running_mean.abs().sum() > 0

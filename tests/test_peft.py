@@ -1,0 +1,215 @@
+"""The FREQ_ADAPTER PEFT type: recipe, save/load in a fresh process, disable_adapter, unload, publishing form."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO_ROOT, randomize_adapters, run_python, tiny_config, tiny_model
+from peft import PeftConfig, PeftModel, get_peft_model
+from transformers import AutoModel
+
+import imedsam_hf  # noqa: F401
+from imedsam_hf import FrequencyAdapterConfig, IMedSamConfig, IMedSamModel, imedsam_peft_config, save_pretrained_full
+from imedsam_hf.modeling_frequency_adapter import FrequencyFusionLayer, FrequencyTokenizer, QVLoRALinear, image_spectrum
+
+
+def adapted(seed: int = 0, **config_overrides):
+    model = tiny_model(seed, **config_overrides)
+    peft_model = get_peft_model(model, imedsam_peft_config(model.config))
+    randomize_adapters(peft_model)
+    return peft_model.eval()
+
+
+def predict(model, inputs, **kwargs):
+    pixel_values, boxes = inputs
+    with torch.no_grad():
+        return model(pixel_values=pixel_values, input_boxes=boxes, output_size=(24, 20), **kwargs).logits
+
+
+def test_recipe_places_every_branch_and_trains_only_it():
+    peft_model = adapted()
+    modules = dict(peft_model.named_modules())
+    assert sum(isinstance(m, QVLoRALinear) for m in modules.values()) == 2
+    assert sum(isinstance(m, FrequencyFusionLayer) for m in modules.values()) == 2
+    assert sum(isinstance(m, FrequencyTokenizer) for m in modules.values()) == 1
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("freq_lora_q_A" in n for n in trainable) and any("freq_adapter" in n for n in trainable)
+    assert any("implicit_decoder" in n for n in trainable) and any("upscale_conv1" in n for n in trainable)
+    assert any("point_embed" in n for n in trainable)
+    assert not any("vision_encoder" in n and "freq_" not in n for n in trainable)
+    assert not any("mask_decoder.transformer" in n or ".mask_embed." in n for n in trainable)
+
+
+def test_ablation_switches_select_branches():
+    lora_only = get_peft_model(tiny_model(), imedsam_peft_config(tiny_config(use_frequency_adapter=False)))
+    assert not any(isinstance(m, FrequencyFusionLayer) for m in lora_only.modules())
+    fa_only = get_peft_model(tiny_model(), imedsam_peft_config(tiny_config(use_lora=False)))
+    assert not any(isinstance(m, QVLoRALinear) for m in fa_only.modules())
+    with pytest.raises(ValueError, match="use_lora"):
+        imedsam_peft_config(tiny_config(use_lora=False, use_frequency_adapter=False))
+
+
+def test_gradients_reach_both_branches(inputs):
+    peft_model = adapted().train()
+    pixel_values, boxes = inputs
+    peft_model(pixel_values=pixel_values, input_boxes=boxes).logits.square().mean().backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    for key in ("freq_lora_q_B", "freq_lora_v_A", "freq_adapter", "implicit_decoder", "point_embed"):
+        assert any(key in n and g is not None and g.abs().sum() > 0 for n, g in grads.items()), key
+
+
+def test_lora_touches_only_q_and_v(inputs):
+    model = tiny_model()
+    qkv = model.vision_encoder.layers[0].attn.qkv
+    peft_model = get_peft_model(model, imedsam_peft_config(tiny_config(use_frequency_adapter=False)))
+    randomize_adapters(peft_model)
+    x = torch.randn(5, qkv.in_features)
+    wrapped = peft_model.base_model.model.vision_encoder.layers[0].attn.qkv
+    delta = wrapped(x) - wrapped.base_layer(x)
+    width = qkv.out_features // 3
+    assert delta[:, :width].abs().sum() > 0 and delta[:, 2 * width :].abs().sum() > 0
+    assert torch.equal(delta[:, width : 2 * width], torch.zeros_like(delta[:, width : 2 * width]))
+
+
+def test_disable_adapter_gives_base_outputs_and_unload_restores_base_exactly(inputs):
+    base = tiny_model()
+    reference_state = {k: v.clone() for k, v in base.state_dict().items()}
+    reference = predict(base, inputs)
+    peft_model = get_peft_model(base, imedsam_peft_config(base.config))
+    randomize_adapters(peft_model)
+    peft_model.eval()
+    assert not torch.allclose(predict(peft_model, inputs), reference)
+    with peft_model.disable_adapter():
+        torch.testing.assert_close(predict(peft_model, inputs), reference, atol=0, rtol=0)
+    unloaded = peft_model.unload()
+    assert type(unloaded) is IMedSamModel
+    assert unloaded.state_dict().keys() == reference_state.keys()
+    for key, value in unloaded.state_dict().items():
+        assert torch.equal(value, reference_state[key]), key
+    torch.testing.assert_close(predict(unloaded, inputs), reference, atol=0, rtol=0)
+
+
+def test_merge_is_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="cannot be merged"):
+        adapted().merge_and_unload()
+
+
+def test_lora_only_adapter_merges_exactly(inputs):
+    model = tiny_model(use_frequency_adapter=False)
+    peft_model = get_peft_model(model, imedsam_peft_config(model.config, modules_to_save=None))
+    randomize_adapters(peft_model)
+    peft_model.eval()
+    expected = predict(peft_model, inputs)
+    merged = peft_model.merge_and_unload()
+    torch.testing.assert_close(predict(merged, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_save_and_load_in_a_fresh_process(tmp_path, inputs):
+    peft_model = adapted()
+    expected = predict(peft_model, inputs)
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    peft_model.get_base_model()  # the base keeps its own weights; save an untouched copy of it
+    tiny_model().save_pretrained(base_dir)
+    peft_model.save_pretrained(adapter_dir)
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "FREQ_ADAPTER"
+    assert isinstance(PeftConfig.from_pretrained(adapter_dir), FrequencyAdapterConfig)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    run_python(
+        f"""
+import torch, imedsam_hf
+from peft import PeftModel
+from transformers import AutoModel
+base = AutoModel.from_pretrained({str(base_dir)!r})
+model = PeftModel.from_pretrained(base, {str(adapter_dir)!r}).eval()
+pixel_values, boxes = torch.load({str(tmp_path / "inputs.pt")!r})
+with torch.no_grad():
+    logits = model(pixel_values=pixel_values, input_boxes=boxes, output_size=(24, 20)).logits
+torch.save(logits, {str(tmp_path / "logits.pt")!r})
+""",
+        cwd=tmp_path,
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=0, rtol=0)
+
+
+def test_publishing_form_round_trips_through_both_automodel_paths(tmp_path, inputs):
+    peft_model = adapted()
+    expected = predict(peft_model, inputs)
+    out = tmp_path / "published"
+    full = save_pretrained_full(peft_model, out)
+    torch.testing.assert_close(predict(full, inputs), expected, atol=0, rtol=0)
+    assert not (out / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "modeling_imedsam.py").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_imedsam.IMedSamModel"
+    assert config["adapter_config"]["lora_rank"] == 4
+
+    reloaded = AutoModel.from_pretrained(out).eval()
+    assert type(reloaded) is IMedSamModel
+    torch.testing.assert_close(predict(reloaded, inputs), expected, atol=0, rtol=0)
+
+    torch.save(inputs, tmp_path / "inputs.pt")
+    # A process that never imports imedsam_hf: the modeling code comes from the checkpoint folder.
+    stdout = run_python(
+        f"""
+import sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+assert "imedsam_hf" not in sys.modules, "imedsam_hf was imported"
+pixel_values, boxes = torch.load({str(tmp_path / "inputs.pt")!r})
+with torch.no_grad():
+    logits = model(pixel_values=pixel_values, input_boxes=boxes, output_size=(24, 20)).logits
+torch.save(logits, {str(tmp_path / "logits.pt")!r})
+print(type(model).__module__)
+""",
+        cwd=tmp_path,
+        env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert "transformers_modules" in stdout
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=0, rtol=0)
+
+
+def test_adapter_from_published_subfolder_matches(tmp_path, inputs):
+    peft_model = adapted()
+    expected = predict(peft_model, inputs)
+    save_pretrained_full(peft_model, tmp_path / "published")
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "published" / "adapter").eval()
+    torch.testing.assert_close(predict(loaded, inputs), expected, atol=0, rtol=0)
+
+
+def test_spectrum_is_float32_under_autocast_and_standardised():
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        spectrum = image_spectrum(pixel_values.bfloat16())
+    assert spectrum.dtype == torch.bfloat16
+    plain = image_spectrum(pixel_values)
+    torch.testing.assert_close(plain.mean(dim=(-2, -1)), torch.zeros(2, 3), atol=1e-5, rtol=0)
+    assert not torch.allclose(image_spectrum(pixel_values, "phase"), plain)
+
+
+def test_bf16_autocast_forward_runs(inputs):
+    peft_model = adapted().train()
+    pixel_values, boxes = inputs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = peft_model(pixel_values=pixel_values, input_boxes=boxes)
+    outputs.logits.float().mean().backward()
+    assert torch.isfinite(outputs.logits.float()).all()
+
+
+def test_repo_root_is_importable_for_subprocesses():
+    assert (REPO_ROOT / "imedsam_hf" / "__init__.py").is_file()
+
+
+def test_default_vit_b_at_384_trains_the_papers_budget():
+    from transformers import SamConfig
+
+    model = IMedSamModel(IMedSamConfig.from_sam_config(SamConfig(), image_size=384))
+    total = sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, imedsam_peft_config(model.config))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert 92e6 <= total <= 95e6
+    assert 1.4e6 <= trainable <= 1.8e6
