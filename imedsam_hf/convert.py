@@ -22,6 +22,8 @@ from transformers import SamConfig, SamModel
 
 from .configuration_imedsam import IMedSamConfig
 from .modeling_imedsam import IMedSamModel
+from .processing_imedsam import processor_for_config
+from .publishing import save_processor
 
 # Meta's segment-anything parameter names -> transformers' SamModel names (applied in order).
 META_TO_HF_RULES: tuple[tuple[str, str], ...] = (
@@ -204,13 +206,9 @@ def sam_to_imedsam(
 
 
 def save_converted(model: IMedSamModel, output: str | os.PathLike) -> None:
-    """Write the converted checkpoint (config.json + model.safetensors, plus the image processor's config)."""
+    """Write the converted checkpoint: config.json + model.safetensors + preprocessor_config.json."""
     model.save_pretrained(output)
-    try:
-        from .processing_imedsam import processor_for_config
-    except ImportError:  # the processor arrives with the inference issue
-        return
-    processor_for_config(model.config).save_pretrained(output)
+    save_processor(processor_for_config(model.config), output)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -47,6 +47,7 @@ __all__ = [
     "METRIC_NAMES",
     "EVALUATE_METRIC_PATH",
     "aggregate",
+    "as_mask",
     "dice",
     "hausdorff_distances",
     "iou",
@@ -74,8 +75,13 @@ def _to_numpy(mask: Any) -> np.ndarray:
     return np.asarray(mask)
 
 
-def _as_mask(mask: Any) -> np.ndarray:
-    """Return ``mask`` as a boolean numpy array: booleans unchanged, anything else ``> 0``."""
+def as_mask(mask: Any) -> np.ndarray:
+    """The binarisation every binary metric applies: ``mask`` as a boolean numpy array of the same shape.
+
+    Numpy arrays, torch tensors (moved to the CPU) and nested lists are accepted; booleans are kept, anything else is
+    thresholded ``> 0``, so ``{0, 1}`` and ``{0, 255}`` integer masks (and logits) work. Probability maps are *not*
+    thresholded at 0.5: pass ``prob > 0.5`` yourself.
+    """
     array = _to_numpy(mask)
     return array if array.dtype == np.bool_ else array > 0
 
@@ -92,7 +98,7 @@ def _check_pair(pred: np.ndarray, target: np.ndarray) -> None:
 def _mask_pair(pred: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
     pred_array, target_array = _to_numpy(pred), _to_numpy(target)
     _check_pair(pred_array, target_array)
-    return _as_mask(pred_array), _as_mask(target_array)
+    return as_mask(pred_array), as_mask(target_array)
 
 
 def _spacing_pair(spacing: Spacing) -> tuple[float, float]:

@@ -209,15 +209,21 @@ class IMedSamImplicitDecoder(nn.Module):
         return int(round(self.config.refine_ratio * num_points))
 
     def forward(
-        self, features: torch.Tensor, positional_embedding: nn.Module, output_size: tuple[int, int]
+        self,
+        features: torch.Tensor,
+        positional_embedding: nn.Module,
+        output_size: tuple[int, int],
+        output_region: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
-        Query every point of an `output_size` grid covering the input frame.
+        Query every point of an `output_size` grid covering the input frame (or each image's `output_region`).
 
         Args:
             features: upscaled decoder features `(batch_size, channels, fh, fw)`.
             positional_embedding: SAM's shared positional embedding module.
             output_size: `(height, width)` of the output grid.
+            output_region: `(batch_size, 4)` normalised (x0, y0, x1, y1) of the input frame the grid spans, e.g.
+                the unpadded image area; default the whole frame.
 
         Returns:
             logits, coarse logits `(batch_size, num_classes, height, width)`, uncertainty
@@ -225,8 +231,12 @@ class IMedSamImplicitDecoder(nn.Module):
         """
         height, width = output_size
         batch_size = features.shape[0]
-        coordinates = grid_coordinates(height, width, features.device, torch.float32)
-        coordinates = coordinates.reshape(1, -1, 2).expand(batch_size, -1, -1)
+        coordinates = grid_coordinates(height, width, features.device, torch.float32).reshape(1, -1, 2)
+        if output_region is None:
+            coordinates = coordinates.expand(batch_size, -1, -1)
+        else:
+            region = output_region.to(features.device, torch.float32)
+            coordinates = region[:, None, :2] + coordinates * (region[:, None, 2:] - region[:, None, :2])
         if self.training:
             coarse_logits, uncertainty, fine_logits, selected = self._query_train(
                 features, positional_embedding, coordinates
@@ -288,6 +298,24 @@ class IMedSamImplicitDecoder(nn.Module):
             fine_chunks.append(self.fine(point_inputs, coarse_features))
         fine_logits = torch.cat(fine_chunks, dim=1) if fine_chunks else coarse_logits[:, :0]
         return coarse_logits, uncertainty, fine_logits, selected
+
+
+def sam_mask_on_grid(
+    sam_logits: torch.Tensor, image_size: int, output_size: tuple[int, int], output_region: torch.Tensor | None
+) -> torch.Tensor:
+    """
+    SAM's own mask post-processing: low-resolution logits `(B, 1, h, w)` upsampled to the input frame, cropped
+    to `output_region` (the unpadded image) and resized to `output_size` -> `(B, 1, height, width)`.
+    """
+    frame = F.interpolate(sam_logits, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    if output_region is None:
+        return F.interpolate(frame, size=output_size, mode="bilinear", align_corners=False)
+    masks = []
+    for logits, region in zip(frame, output_region.tolist()):
+        x0, y0, x1, y1 = (int(round(v * image_size)) for v in region)
+        crop = logits[None, :, y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)]
+        masks.append(F.interpolate(crop, size=output_size, mode="bilinear", align_corners=False))
+    return torch.cat(masks)
 
 
 def grid_coordinates(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -377,6 +405,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
         input_points: torch.FloatTensor | None = None,
         input_labels: torch.LongTensor | None = None,
         output_size: tuple[int, int] | int | None = None,
+        output_region: torch.FloatTensor | None = None,
         image_embeddings: torch.FloatTensor | None = None,
         **kwargs,
     ) -> IMedSamOutput:
@@ -390,6 +419,9 @@ class IMedSamModel(IMedSamPreTrainedModel):
                 1 foreground, 0 background, -10 padding).
             output_size (`(height, width)` or `int`, *optional*): grid of the returned masks, covering the input
                 frame; defaults to `(image_size, image_size)`.
+            output_region (`(batch_size, 4)` or `(4,)`, *optional*): normalised (x0, y0, x1, y1) part of the input
+                frame that the output grid spans, e.g. the unpadded image (see `IMedSamProcessor`), so masks come
+                out at the original image size directly; default the whole frame.
             image_embeddings (`(batch_size, hidden_size, h, w)`, *optional*): precomputed encoder output, instead
                 of `pixel_values`.
 
@@ -414,13 +446,14 @@ class IMedSamModel(IMedSamPreTrainedModel):
             dense_prompt_embeddings=dense,
         )
         output_size = self._output_size(output_size)
+        output_region = self._output_region(output_region, batch_size)
         if self.implicit_decoder is None:
-            logits = F.interpolate(sam_logits, size=output_size, mode="bilinear", align_corners=False)
+            logits = sam_mask_on_grid(sam_logits, self.config.image_size, output_size, output_region)
             return IMedSamOutput(
                 logits=logits, sam_logits=sam_logits, iou_scores=iou_scores, image_embeddings=image_embeddings
             )
         logits, coarse_logits, uncertainty, refined = self.implicit_decoder(
-            upscaled, self.shared_image_embedding, output_size
+            upscaled, self.shared_image_embedding, output_size, output_region
         )
         return IMedSamOutput(
             logits=logits,
@@ -441,6 +474,21 @@ class IMedSamModel(IMedSamPreTrainedModel):
         if len(output_size) != 2 or min(output_size) < 1:
             raise ValueError(f"`output_size` must be a positive (height, width), got {output_size}.")
         return output_size
+
+    @staticmethod
+    def _output_region(output_region, batch_size: int) -> torch.Tensor | None:
+        if output_region is None:
+            return None
+        region = torch.as_tensor(output_region, dtype=torch.float32)
+        if region.ndim == 1:
+            region = region.expand(batch_size, 4)
+        valid = region.shape == (batch_size, 4) and bool(((region >= 0) & (region <= 1)).all())
+        if not valid or bool((region[:, 2:] <= region[:, :2]).any()):
+            raise ValueError(
+                f"`output_region` must be ({batch_size}, 4) normalised (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1 and "
+                f"0 <= y0 < y1 <= 1, got {output_region!r}."
+            )
+        return region
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         size = self.config.image_size

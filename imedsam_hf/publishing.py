@@ -9,6 +9,7 @@ import re
 from peft import PeftModel
 
 from .modeling_imedsam import IMedSamModel
+from .processing_imedsam import IMedSamProcessor, processor_for_config
 
 ADAPTER_SETTINGS = (
     "use_lora",
@@ -54,12 +55,19 @@ def export_full_model(peft_model: PeftModel) -> IMedSamModel:
     return model
 
 
-def save_pretrained_full(peft_model: PeftModel, save_directory: str | os.PathLike, **kwargs) -> IMedSamModel:
+def save_pretrained_full(
+    peft_model: PeftModel,
+    save_directory: str | os.PathLike,
+    processor: IMedSamProcessor | None = None,
+    **kwargs,
+) -> IMedSamModel:
     """
     Save the publishing form of a trained model into `save_directory`:
 
     - at the root, the complete model (config.json with `auto_map`, model.safetensors and the modeling files):
       `AutoModel.from_pretrained(dir)` after `import imedsam_hf`, or with `trust_remote_code=True` without it;
+    - `preprocessor_config.json` (the given processor, or the one matching the model config), loadable with
+      `AutoProcessor` in the same two ways;
     - in `adapter/`, the adapter-only form (`PeftModel.from_pretrained(base, dir, subfolder="adapter")`). It is
       never at the root: an `adapter_config.json` there would make AutoModel load the base model instead.
 
@@ -69,5 +77,12 @@ def save_pretrained_full(peft_model: PeftModel, save_directory: str | os.PathLik
     model.config.register_for_auto_class()
     model.register_for_auto_class("AutoModel")
     model.save_pretrained(save_directory, **kwargs)
+    save_processor(processor or processor_for_config(model.config), save_directory)
     peft_model.save_pretrained(os.path.join(save_directory, "adapter"))
     return model
+
+
+def save_processor(processor: IMedSamProcessor, save_directory: str | os.PathLike) -> None:
+    """Save the processor with its code and `auto_map`, so `AutoProcessor` loads it with or without the package."""
+    processor.register_for_auto_class("AutoImageProcessor")
+    processor.save_pretrained(save_directory)

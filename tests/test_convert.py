@@ -70,8 +70,11 @@ def test_conversion_with_implicit_decoder_off_returns_the_sam_mask(sam_dir):
     model = sam_to_imedsam(sam.config, sam.state_dict(), use_implicit_decoder=False)
     pixel_values, boxes = torch.randn(1, 3, 64, 64), torch.tensor([[[4.0, 8.0, 40.0, 60.0]]])
     with torch.no_grad():
-        logits = model(pixel_values, input_boxes=boxes, output_size=(16, 16)).logits
-    torch.testing.assert_close(logits, sam_masks(sam, pixel_values, input_boxes=boxes), atol=1e-5, rtol=1e-5)
+        logits = model(pixel_values, input_boxes=boxes, output_size=(64, 64)).logits
+    expected = torch.nn.functional.interpolate(
+        sam_masks(sam, pixel_values, input_boxes=boxes), size=(64, 64), mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_conversion_to_another_size_loads_every_tensor(sam_dir, tmp_path):

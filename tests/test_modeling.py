@@ -119,7 +119,8 @@ def test_implicit_decoder_off_uses_sam_mask(inputs):
         outputs = model(pixel_values, input_boxes=boxes, output_size=(32, 48))
     assert outputs.logits.shape == (2, 1, 32, 48)
     assert outputs.refined is None
-    expected = torch.nn.functional.interpolate(outputs.sam_logits, size=(32, 48), mode="bilinear", align_corners=False)
+    frame = torch.nn.functional.interpolate(outputs.sam_logits, size=(64, 64), mode="bilinear", align_corners=False)
+    expected = torch.nn.functional.interpolate(frame, size=(32, 48), mode="bilinear", align_corners=False)
     torch.testing.assert_close(outputs.logits, expected)
 
 
@@ -181,3 +182,16 @@ def test_randomize_batchnorm_helper_changes_running_stats():
     model = IMedSamModel(tiny_config())
     randomize_batchnorm(model)
     assert model.implicit_decoder.coarse_mlp[1].running_mean.abs().sum() > 0
+
+
+def test_output_region_queries_only_that_part_of_the_frame(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model()
+    with torch.no_grad():
+        full = model(pixel_values, input_boxes=boxes, output_size=(64, 64))
+        # The top-left 32x48 block of the frame, queried at the same point density.
+        region = torch.tensor([0.0, 0.0, 0.75, 0.5])
+        part = model(pixel_values, input_boxes=boxes, output_size=(32, 48), output_region=region)
+    torch.testing.assert_close(part.coarse_logits, full.coarse_logits[:, :, :32, :48], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="output_region"):
+        model(pixel_values, output_region=torch.tensor([0.5, 0.0, 0.2, 1.0]))

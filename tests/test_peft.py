@@ -165,11 +165,16 @@ with torch.no_grad():
     logits = model(pixel_values=pixel_values, input_boxes=boxes, output_size=(24, 20)).logits
 torch.save(logits, {str(tmp_path / "logits.pt")!r})
 print(type(model).__module__)
+from transformers import AutoProcessor
+processor = AutoProcessor.from_pretrained({str(out)!r}, trust_remote_code=True)
+assert "imedsam_hf" not in sys.modules, "imedsam_hf was imported"
+print(type(processor).__name__, processor.image_size)
 """,
         cwd=tmp_path,
         env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")},
     )
     assert "transformers_modules" in stdout
+    assert "IMedSamProcessor 64" in stdout
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=0, rtol=0)
 
 

@@ -1,0 +1,276 @@
+"""Image, prompt and mask pre- and post-processing for I-MedSAM, shared by training, evaluation and inference.
+
+The model sees a square `image_size` frame: the image resized so that its longest side fits (aspect ratio kept,
+antialiased), intensity-normalised, and zero-padded at the bottom and right. Prompts given in original-image
+pixels are scaled by the same factors. Masks come back at the original size (or any size) by querying the
+implicit decoder over the unpadded part of the frame (`output_region`), never by upsampling a coarse grid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+SAM_IMAGE_MEAN = (123.675, 116.28, 103.53)
+SAM_IMAGE_STD = (58.395, 57.12, 57.375)
+NORMALIZATIONS = ("mean_std", "minmax")
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+
+
+def describe(source: Any) -> str:
+    """How an input is named in error messages: its path if it has one."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    filename = getattr(source, "filename", None)
+    return filename or f"<{type(source).__name__}>"
+
+
+def open_image(source: ImageInput) -> Image.Image | np.ndarray:
+    """Open a path as a PIL image (fully decoded, so a truncated file fails here, with its name)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such image file.")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy() if image.mode not in ("P", "PA") else image.convert("RGBA")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read the image ({error}).") from error
+
+
+def to_rgb_array(source: ImageInput) -> np.ndarray:
+    """
+    Any supported image (path, PIL, numpy or torch; grey, RGB, RGBA, palette, 16-bit, float) -> `(H, W, 3)` float32
+    with values in [0, 255]. Alpha is dropped. 16-bit and float images are rescaled from their own min/max.
+    """
+    image = open_image(source)
+    if isinstance(image, Image.Image):
+        if image.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "HSV", "LAB", "1"):
+            image = image.convert("RGB")
+        array = np.asarray(image)
+    elif isinstance(image, torch.Tensor):
+        array = image.detach().cpu().numpy()
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise ValueError(f"Unsupported image type {type(image).__name__}: pass a path, PIL image or array.")
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels-first tensor
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(
+            f"{describe(source)}: unsupported image shape {array.shape}; expected (H, W), (H, W, 3) or (H, W, 4)."
+        )
+    array = array[..., :3]
+    if min(array.shape[:2]) < 1:
+        raise ValueError(f"{describe(source)}: empty image of shape {array.shape}.")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32)
+    if array.dtype == bool:
+        return array.astype(np.float32) * 255
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{describe(source)}: the image contains NaN or infinite values.")
+    low, high = float(array.min()), float(array.max())
+    return (array - low) / max(high - low, 1e-8) * 255.0
+
+
+class IMedSamProcessor(BaseImageProcessor):
+    r"""
+    Pre- and post-processing of [`IMedSamModel`] inputs and outputs, saved as `preprocessor_config.json`.
+
+    Args:
+        image_size (`int`): side of the model's square input frame.
+        normalization (`str`): `"mean_std"` (SAM: `(x - image_mean) / image_std` on 0-255 values) or `"minmax"`
+            (LiteMedSAM: per-image min-max to [0, 1] after resizing).
+        image_mean, image_std (`tuple[float, float, float]`): used by `"mean_std"`.
+        antialias (`bool`): antialiased bilinear downsizing.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_size: int = 1024,
+        normalization: str = "mean_std",
+        image_mean: Sequence[float] = SAM_IMAGE_MEAN,
+        image_std: Sequence[float] = SAM_IMAGE_STD,
+        antialias: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}, got {normalization!r}.")
+        self.image_size = int(image_size)
+        self.normalization = normalization
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        self.antialias = antialias
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """`(new_height, new_width)` of an image once its longest side fits `image_size`."""
+        scale = self.image_size / max(height, width)
+        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+    def resize_image(self, image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """`(3, H, W)` float -> `(3, new_h, new_w)` (bilinear, antialiased when shrinking)."""
+        return F.interpolate(image[None], size=shape, mode="bilinear", align_corners=False, antialias=self.antialias)[0]
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """`(3, h, w)` 0-255 values -> the model's intensity normalisation."""
+        if self.normalization == "minmax":
+            return (image - image.min()) / (image.max() - image.min()).clamp(min=1e-8)
+        mean = torch.tensor(self.image_mean, dtype=image.dtype)[:, None, None]
+        std = torch.tensor(self.image_std, dtype=image.dtype)[:, None, None]
+        return (image - mean) / std
+
+    def pad(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Zero-pad `(..., h, w)` at the bottom and right to `(..., image_size, image_size)`."""
+        height, width = tensor.shape[-2:]
+        return F.pad(tensor, (0, self.image_size - width, 0, self.image_size - height))
+
+    def preprocess_image(self, image: ImageInput) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """One image -> pixel values `(3, S, S)`, its original `(H, W)` and its resized `(h, w)` inside the frame."""
+        array = to_rgb_array(image)
+        height, width = array.shape[:2]
+        shape = self.resized_shape(height, width)
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+        pixel_values = self.pad(self.normalize(self.resize_image(tensor, shape)))
+        return pixel_values, (height, width), shape
+
+    def resize_mask(self, mask: np.ndarray | torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """`(H, W)` class-id mask -> `(S, S)` long: nearest-neighbour resize into the frame, zero padding."""
+        mask = torch.as_tensor(np.asarray(mask)).long()
+        shape = shape or self.resized_shape(*mask.shape)
+        resized = F.interpolate(mask[None, None].float(), size=shape, mode="nearest-exact")[0, 0].long()
+        return self.pad(resized)
+
+    def scale_coordinates(self, coordinates: np.ndarray, original: tuple[int, int], resized: tuple[int, int]):
+        """`(..., 2k)` x, y, ... pairs in original pixels -> input-frame pixels."""
+        scale = np.array([resized[1] / original[1], resized[0] / original[0]], dtype=np.float32)
+        return coordinates.astype(np.float32).reshape(*coordinates.shape[:-1], -1, 2) * scale
+
+    def check_box(self, box: Sequence[float], size: tuple[int, int], name: str) -> np.ndarray:
+        """Validate an (x0, y0, x1, y1) box in original pixels of an image of `size` = (H, W)."""
+        box = np.asarray(box, dtype=np.float32).reshape(-1)
+        height, width = size
+        if box.shape != (4,) or not np.isfinite(box).all():
+            raise ValueError(f"{name}: a box is 4 numbers x0, y0, x1, y1, got {box.tolist()}.")
+        x0, y0, x1, y1 = box.tolist()
+        if x0 >= x1 or y0 >= y1:
+            raise ValueError(f"{name}: box {box.tolist()} needs x0 < x1 and y0 < y1.")
+        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            raise ValueError(f"{name}: box {box.tolist()} lies outside the {width}x{height} image.")
+        return np.clip(box, 0, [width, height, width, height]).astype(np.float32)
+
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        input_boxes: Sequence | None = None,
+        input_points: Sequence | None = None,
+        input_labels: Sequence | None = None,
+        return_tensors: str = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Preprocess a batch. Prompts are per image, in original-image pixels: `input_boxes` one (x0, y0, x1, y1)
+        each, `input_points` `(num_points, 2)` each with `input_labels` `(num_points,)` (1 foreground, 0 background).
+
+        Returns a `BatchFeature` with `pixel_values` `(B, 3, S, S)`, `original_sizes` and `reshaped_input_sizes`
+        `(B, 2)`, `output_region` `(B, 4)` (the unpadded image in the frame, for the model's `output_region`),
+        and the scaled `input_boxes` `(B, 4)`, `input_points` `(B, N, 2)`, `input_labels` `(B, N)` when given.
+        """
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        if not images:
+            raise ValueError("`images` is empty.")
+        pixel_values, originals, resized = [], [], []
+        for image in images:
+            values, original, shape = self.preprocess_image(image)
+            pixel_values.append(values)
+            originals.append(original)
+            resized.append(shape)
+        data = {
+            "pixel_values": torch.stack(pixel_values),
+            "original_sizes": torch.tensor(originals),
+            "reshaped_input_sizes": torch.tensor(resized),
+            "output_region": self.output_region(resized),
+        }
+        if input_boxes is not None:
+            input_boxes = [input_boxes] if single else input_boxes
+            if len(input_boxes) != len(images):
+                raise ValueError(f"`input_boxes` has {len(input_boxes)} entries for {len(images)} images.")
+            boxes = [
+                self.scale_coordinates(self.check_box(box, size, describe(image)), size, shape).reshape(4)
+                for box, size, shape, image in zip(input_boxes, originals, resized, images)
+            ]
+            data["input_boxes"] = torch.from_numpy(np.stack(boxes))
+        if input_points is not None:
+            data.update(self._points(images, input_points, input_labels, originals, resized, single))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _points(self, images, input_points, input_labels, originals, resized, single) -> dict[str, torch.Tensor]:
+        if single:
+            input_points = [input_points]
+            input_labels = None if input_labels is None else [input_labels]
+        if len(input_points) != len(images):
+            raise ValueError(f"`input_points` has {len(input_points)} entries for {len(images)} images.")
+        points, labels = [], []
+        for i, image_points in enumerate(input_points):
+            array = np.asarray(image_points, dtype=np.float32).reshape(-1, 2)
+            label = np.ones(len(array)) if input_labels is None else np.asarray(input_labels[i]).reshape(-1)
+            if len(label) != len(array):
+                raise ValueError(
+                    f"{describe(images[i])}: {len(array)} points but {len(label)} labels; give one label per point."
+                )
+            points.append(self.scale_coordinates(array, originals[i], resized[i]).reshape(-1, 2))
+            labels.append(label)
+        length = max(len(p) for p in points)
+        # Pad to a common count with SAM's padding label -10 (ignored by the prompt encoder).
+        padded = np.zeros((len(points), length, 2), dtype=np.float32)
+        padded_labels = np.full((len(points), length), -10, dtype=np.int64)
+        for i, (p, label) in enumerate(zip(points, labels)):
+            padded[i, : len(p)], padded_labels[i, : len(p)] = p, label
+        return {"input_points": torch.from_numpy(padded), "input_labels": torch.from_numpy(padded_labels)}
+
+    def output_region(self, reshaped_input_sizes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """`(B, 4)` normalised (x0, y0, x1, y1) of each image's unpadded area in the input frame."""
+        sizes = torch.as_tensor(reshaped_input_sizes, dtype=torch.float32).reshape(-1, 2)
+        zeros = torch.zeros(len(sizes))
+        return torch.stack([zeros, zeros, sizes[:, 1], sizes[:, 0]], dim=1) / self.image_size
+
+    @staticmethod
+    def post_process_masks(logits: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+        """
+        Logits `(B, C, H, W)` from a model called with `output_size=original size` and `output_region` -> masks:
+        `(B, H, W)` bool for one class (logit > threshold); for C classes `(B, H, W)` long class ids, 0 where no
+        class exceeds the threshold.
+        """
+        if logits.shape[1] == 1:
+            return logits[:, 0] > threshold
+        best, index = logits.max(dim=1)
+        return torch.where(best > threshold, index + 1, torch.zeros_like(index))
+
+
+def processor_for_config(config) -> IMedSamProcessor:
+    """The processor matching a model config: SAM mean/std for SAM ViTs, min-max for LiteMedSAM."""
+    if config.vision_config.model_type == "i_medsam_tinyvit":
+        return IMedSamProcessor(image_size=config.image_size, normalization="minmax")
+    return IMedSamProcessor(image_size=config.image_size)
+
+
+__all__ = ["IMedSamProcessor", "processor_for_config", "to_rgb_array"]
