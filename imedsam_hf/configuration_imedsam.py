@@ -24,7 +24,7 @@ class IMedSamConfig(SamConfig):
     use_lora (`bool`), use_frequency_adapter (`bool`):
         Ablation switches read by [`imedsam_peft_config`]: which parameter-efficient branches the recipe adds.
     lora_rank (`int`), lora_alpha (`float`), frequency_adapter_dim (`int`), frequency_fusion_scale (`float`),
-    spectrum (`str`), spectrum_log_scale (`bool`):
+    frequency_fusion_gate (`bool`), spectrum (`str`), spectrum_log_scale (`bool`):
         Defaults of the recipe's adapter (see [`FrequencyAdapterConfig`]).
     num_classes (`int`, defaults to 1):
         Logits per query point. 1 for binary segmentation; C for C foreground classes (one sigmoid each).
@@ -45,6 +45,10 @@ class IMedSamConfig(SamConfig):
     query_chunk_size (`int`, defaults to 65536):
         Query points evaluated at once at inference (bounds memory for large output grids).
     query_mode (`str`, defaults to `"dense"`): how the output grid is queried at inference.
+    implicit_sam_prior (`bool`, defaults to `False`):
+        Beyond the paper: feed SAM's own mask logit at each query point to both implicit MLPs and predict a
+        residual on it, so a fresh implicit decoder starts from the backbone's zero-shot mask instead of from
+        nothing (binary tasks only). Useful when fine-tuning budgets are small.
     adapter_config (`dict`, *optional*):
         Set on published checkpoints: the [`FrequencyAdapterConfig`] whose layers are built into the model so that
         `AutoModel.from_pretrained` returns the trained model complete. Leave `None` otherwise.
@@ -59,6 +63,7 @@ class IMedSamConfig(SamConfig):
     lora_alpha: float = 4.0
     frequency_adapter_dim: int = 4
     frequency_fusion_scale: float = 0.5
+    frequency_fusion_gate: bool = False
     spectrum: str = "amplitude"
     spectrum_log_scale: bool = True
     num_classes: int = 1
@@ -72,6 +77,7 @@ class IMedSamConfig(SamConfig):
     mc_seed: int = 0
     query_chunk_size: int = 65536
     query_mode: str = "dense"
+    implicit_sam_prior: bool = False
     adapter_config: dict | None = None
 
     def __post_init__(self, **kwargs):
@@ -102,6 +108,8 @@ class IMedSamConfig(SamConfig):
                 f"`num_classes={self.num_classes}` needs the implicit decoder: SAM's own mask output has one "
                 "channel. Set `use_implicit_decoder=True`."
             )
+        if self.implicit_sam_prior and self.num_classes != 1:
+            raise ValueError("`implicit_sam_prior` needs `num_classes=1`: SAM's mask output has one channel.")
         vision_size = self.vision_config.image_size
         prompt_size = self.prompt_encoder_config.image_size
         if vision_size != prompt_size:

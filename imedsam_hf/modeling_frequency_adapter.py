@@ -153,7 +153,7 @@ class FrequencyTokenizer(nn.Module, FrequencyAdapterLayer):
 class FrequencyFusionLayer(nn.Module, FrequencyAdapterLayer):
     """Wraps block i's MLP (or a whole convolutional block): adds `scale * f_{i+1}`, `f_{i+1} = f_i + FA_i(f_i)`."""
 
-    adapter_layer_names = ("freq_adapter",)
+    adapter_layer_names = ("freq_adapter", "freq_gate")
     other_param_names = ("fusion_scale", "position")
 
     def __init__(self, base_layer: nn.Module, position: int) -> None:
@@ -161,6 +161,9 @@ class FrequencyFusionLayer(nn.Module, FrequencyAdapterLayer):
         self._init_tuner_layer(base_layer)
         self.position = position
         self.freq_adapter = nn.ModuleDict()
+        # Optional learnable fusion gate: weight = fusion_scale * tanh(gate), gate starting at 0, so the adapted
+        # encoder starts exactly as the pretrained one (the paper's fixed 0.5 perturbs every block at step 0).
+        self.freq_gate = nn.ParameterDict()
         self.fusion_scale: dict[str, float] = {}
 
     def update_layer(self, adapter_name: str, config: Any, stream: FrequencyStream, width: int) -> None:
@@ -171,6 +174,8 @@ class FrequencyFusionLayer(nn.Module, FrequencyAdapterLayer):
             nn.Linear(config.adapter_dim, width),
         )
         self.fusion_scale[adapter_name] = config.fusion_scale
+        if getattr(config, "fusion_gate", False):
+            self.freq_gate[adapter_name] = nn.Parameter(torch.zeros(1))
         self.streams[adapter_name] = stream
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -183,7 +188,10 @@ class FrequencyFusionLayer(nn.Module, FrequencyAdapterLayer):
             adapter = self.freq_adapter[name]
             current = previous + adapter(previous.to(adapter[1].weight.dtype)).to(previous.dtype)
             stream.write(self.position + 1, current)
-            output = output + self.fusion_scale[name] * current.reshape(output.shape).to(output.dtype)
+            weight = self.fusion_scale[name]
+            if name in self.freq_gate:
+                weight = weight * torch.tanh(self.freq_gate[name]).to(output.dtype)
+            output = output + weight * current.reshape(output.shape).to(output.dtype)
         return output
 
 

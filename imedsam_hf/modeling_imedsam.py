@@ -131,7 +131,8 @@ class IMedSamImplicitDecoder(nn.Module):
         self.num_frequencies = config.num_frequencies
         feature_size = config.mask_decoder_config.hidden_size // 8
         position_size = 2 * config.vision_config.num_pos_feats
-        self.input_size = feature_size + position_size + 2 + 4 * config.num_frequencies
+        self.use_sam_prior = config.implicit_sam_prior
+        self.input_size = feature_size + position_size + 2 + 4 * config.num_frequencies + int(self.use_sam_prior)
         coarse_sizes = [self.input_size, *config.coarse_hidden_sizes]
         self.coarse_mlp = _mlp(coarse_sizes)
         self.coarse_dropout = nn.Dropout(config.implicit_dropout)
@@ -157,23 +158,38 @@ class IMedSamImplicitDecoder(nn.Module):
         return torch.cat([centred, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
 
     def point_features(
-        self, features: torch.Tensor, positional_embedding: nn.Module, coordinates: torch.Tensor
+        self,
+        features: torch.Tensor,
+        positional_embedding: nn.Module,
+        coordinates: torch.Tensor,
+        sam_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             features: upscaled decoder features `(batch_size, channels, fh, fw)` covering the input frame.
             positional_embedding: SAM's `SamPositionalEmbedding` (coordinates in [0, 1] -> 2 * num_pos_feats).
             coordinates: `(batch_size, num_points, 2)` as (x, y) in [0, 1].
+            sam_logits: SAM's mask logits `(batch_size, 1, fh, fw)`, sampled as the last input with
+                `implicit_sam_prior`.
 
         Returns:
             `(batch_size, num_points, input_size)`.
         """
         grid = (2 * coordinates - 1).unsqueeze(1).to(features.dtype)
+        if self.use_sam_prior:
+            features = torch.cat([features, sam_logits.to(features.dtype)], dim=1)
         sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
         sampled = sampled.squeeze(2).transpose(1, 2)
+        prior = sampled[..., -1:] if self.use_sam_prior else sampled[..., :0]
+        sampled = sampled[..., : sampled.shape[-1] - prior.shape[-1]]
         position = positional_embedding(coordinates.unsqueeze(1)).squeeze(1)
         coordinate_code = self.encode_coordinates(coordinates)
-        return torch.cat([sampled, position.to(sampled.dtype), coordinate_code.to(sampled.dtype)], dim=-1)
+        parts = [sampled, position.to(sampled.dtype), coordinate_code.to(sampled.dtype), prior]
+        return torch.cat(parts, dim=-1)
+
+    def _prior(self, point_inputs: torch.Tensor) -> torch.Tensor | float:
+        """SAM's logit at each point `(batch_size, num_points, 1)` with `implicit_sam_prior`, else 0."""
+        return point_inputs[..., -1:] if self.use_sam_prior else 0.0
 
     def _flat(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Apply a point-wise module to `(batch_size, num_points, channels)` through a flat batch (BatchNorm1d)."""
@@ -189,20 +205,22 @@ class IMedSamImplicitDecoder(nn.Module):
         """
         hidden = self._flat(self.coarse_mlp, point_inputs)
         head = self.coarse_head(self.coarse_dropout(hidden))
-        logits, coarse_features = head[..., : self.num_classes], head[..., self.num_classes :]
+        prior = self._prior(point_inputs)
+        logits, coarse_features = head[..., : self.num_classes] + prior, head[..., self.num_classes :]
         with torch.no_grad():
             if self.training:
                 passes = [F.dropout(hidden, self.coarse_dropout.p, training=True) for _ in range(self.config.mc_passes)]
             else:
                 passes = [hidden * mask.to(hidden.dtype) for mask in self.inference_dropout_masks]
-            probabilities = torch.stack([self.coarse_head(h)[..., : self.num_classes] for h in passes]).sigmoid()
+            pass_logits = [self.coarse_head(h)[..., : self.num_classes] + prior for h in passes]
+            probabilities = torch.stack(pass_logits).sigmoid()
             uncertainty = probabilities.float().var(dim=0).mean(dim=-1)
         return logits, coarse_features, uncertainty
 
     def fine(self, point_inputs: torch.Tensor, coarse_features: torch.Tensor) -> torch.Tensor:
         """Fine logits `(batch_size, num_points, num_classes)` from point inputs and their coarse features."""
         hidden = self._flat(self.fine_mlp, torch.cat([point_inputs, coarse_features], dim=-1))
-        return self.fine_head(hidden)
+        return self.fine_head(hidden) + self._prior(point_inputs)
 
     def num_refined_points(self, num_points: int) -> int:
         """Points the fine decoder predicts per image: round(refine_ratio * num_points)."""
@@ -214,6 +232,7 @@ class IMedSamImplicitDecoder(nn.Module):
         positional_embedding: nn.Module,
         output_size: tuple[int, int],
         output_region: torch.Tensor | None = None,
+        sam_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Query every point of an `output_size` grid covering the input frame (or each image's `output_region`).
@@ -224,6 +243,7 @@ class IMedSamImplicitDecoder(nn.Module):
             output_size: `(height, width)` of the output grid.
             output_region: `(batch_size, 4)` normalised (x0, y0, x1, y1) of the input frame the grid spans, e.g.
                 the unpadded image area; default the whole frame.
+            sam_logits: SAM's low-resolution mask logits `(batch_size, 1, fh, fw)`, used with `implicit_sam_prior`.
 
         Returns:
             logits, coarse logits `(batch_size, num_classes, height, width)`, uncertainty
@@ -239,11 +259,11 @@ class IMedSamImplicitDecoder(nn.Module):
             coordinates = region[:, None, :2] + coordinates * (region[:, None, 2:] - region[:, None, :2])
         if self.training:
             coarse_logits, uncertainty, fine_logits, selected = self._query_train(
-                features, positional_embedding, coordinates
+                features, positional_embedding, coordinates, sam_logits
             )
         else:
             coarse_logits, uncertainty, fine_logits, selected = self._query_eval(
-                features, positional_embedding, coordinates
+                features, positional_embedding, coordinates, sam_logits
             )
         logits = coarse_logits.scatter(1, selected[..., None].expand(-1, -1, self.num_classes), fine_logits)
         refined = torch.zeros_like(uncertainty, dtype=torch.bool).scatter(1, selected, True)
@@ -263,10 +283,10 @@ class IMedSamImplicitDecoder(nn.Module):
         k = self.num_refined_points(uncertainty.shape[1])
         return uncertainty.topk(k, dim=1, sorted=False).indices
 
-    def _query_train(self, features, positional_embedding, coordinates):
+    def _query_train(self, features, positional_embedding, coordinates, sam_logits):
         # Every point keeps its activations for backward anyway, so there is nothing to gain from chunking;
         # BatchNorm also wants one set of statistics per step.
-        point_inputs = self.point_features(features, positional_embedding, coordinates)
+        point_inputs = self.point_features(features, positional_embedding, coordinates, sam_logits)
         coarse_logits, coarse_features, uncertainty = self.coarse(point_inputs)
         selected = self._select(uncertainty)
         gather = selected[..., None]
@@ -276,13 +296,14 @@ class IMedSamImplicitDecoder(nn.Module):
         )
         return coarse_logits, uncertainty, fine_logits, selected
 
-    def _query_eval(self, features, positional_embedding, coordinates):
+    def _query_eval(self, features, positional_embedding, coordinates, sam_logits):
         # Chunked so that a large grid never holds `num_points x hidden` activations at once; only the logits
         # and the uncertainty of every point are kept, and the few refined points are recomputed.
         chunk = self.config.query_chunk_size
         coarse_chunks, uncertainty_chunks = [], []
         for start in range(0, coordinates.shape[1], chunk):
-            point_inputs = self.point_features(features, positional_embedding, coordinates[:, start : start + chunk])
+            chunk_coordinates = coordinates[:, start : start + chunk]
+            point_inputs = self.point_features(features, positional_embedding, chunk_coordinates, sam_logits)
             logits, _, uncertainty = self.coarse(point_inputs)
             coarse_chunks.append(logits)
             uncertainty_chunks.append(uncertainty)
@@ -293,7 +314,7 @@ class IMedSamImplicitDecoder(nn.Module):
         for start in range(0, selected.shape[1], chunk):
             index = selected[:, start : start + chunk]
             selected_coordinates = coordinates.gather(1, index[..., None].expand(-1, -1, 2))
-            point_inputs = self.point_features(features, positional_embedding, selected_coordinates)
+            point_inputs = self.point_features(features, positional_embedding, selected_coordinates, sam_logits)
             _, coarse_features, _ = self.coarse(point_inputs)
             fine_chunks.append(self.fine(point_inputs, coarse_features))
         fine_logits = torch.cat(fine_chunks, dim=1) if fine_chunks else coarse_logits[:, :0]
@@ -453,7 +474,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
                 logits=logits, sam_logits=sam_logits, iou_scores=iou_scores, image_embeddings=image_embeddings
             )
         logits, coarse_logits, uncertainty, refined = self.implicit_decoder(
-            upscaled, self.shared_image_embedding, output_size, output_region
+            upscaled, self.shared_image_embedding, output_size, output_region, sam_logits
         )
         return IMedSamOutput(
             logits=logits,

@@ -23,8 +23,6 @@ module                    output                      notes
 ========================  ==========================  ======================================================
 """
 
-from __future__ import annotations
-
 import hashlib
 import importlib.util
 import math
@@ -130,8 +128,8 @@ class IMedSamTinyViTConfig(PreTrainedConfig):
     depths: list[int] | tuple[int, ...] = (2, 2, 6, 2)
     num_heads: list[int] | tuple[int, ...] = (2, 4, 5, 10)
     window_sizes: list[int] | tuple[int, ...] = (7, 7, 14, 7)
-    mlp_ratio: float = 4.0
-    mbconv_expand_ratio: float = 4.0
+    mlp_ratio: float | int = 4.0
+    mbconv_expand_ratio: float | int = 4.0
     local_conv_size: int = 3
     patch_embed_kernel_size: int = 1
     patch_embed_stride: int = 1
@@ -143,15 +141,15 @@ class IMedSamTinyViTConfig(PreTrainedConfig):
     attention_layer_norm_eps: float = 1e-5
     batch_norm_eps: float = 1e-5
     initializer_range: float = 0.02
-    drop_path_rate: float = 0.0
+    drop_path_rate: float | int = 0.0
 
     def __post_init__(self, **kwargs):
         # Lists (not tuples) so that to_dict() -> JSON -> from_dict() gives back an equal config.
-        self.embed_dims = [int(v) for v in self.embed_dims]
-        self.depths = [int(v) for v in self.depths]
-        self.num_heads = [int(v) for v in self.num_heads]
-        self.window_sizes = [int(v) for v in self.window_sizes]
-        self.downsample_strides = [int(v) for v in self.downsample_strides]
+        self.embed_dims = list(self.embed_dims)
+        self.depths = list(self.depths)
+        self.num_heads = list(self.num_heads)
+        self.window_sizes = list(self.window_sizes)
+        self.downsample_strides = list(self.downsample_strides)
 
         num_stages = len(self.embed_dims)
         if not (len(self.depths) == len(self.num_heads) == len(self.window_sizes) == num_stages):
@@ -380,11 +378,14 @@ class IMedSamTinyViTAttention(nn.Module):
     192..223, 288..319; v = 64..95, 160..191, 256..287, 352..383. A LoRA on q and v must update exactly those rows.
 
     The attention is ``softmax(q k^T / sqrt(head_dim) + bias) v`` with ``bias[h, i, j] =
-    attention_biases[h, attention_bias_idxs[i, j]]`` (see `_window_bias_index`), computed with
-    ``F.scaled_dot_product_attention`` and the bias as a float ``attn_mask``.
+    attention_biases[h, attention_bias_idxs[i, j]]`` (see `_window_bias_index`). ``use_sdpa`` picks the kernel:
+    ``None`` (default) uses ``F.scaled_dot_product_attention`` with the bias as a float ``attn_mask`` on accelerators
+    and the explicit softmax on CPU, where the attention ran ~30% faster for these short (49/196-token) windows (~5%
+    of the whole encoder); both agree to ~1e-8. Set ``True``/``False`` on an instance to force one.
     """
 
     qkv_layout = "per_head"
+    use_sdpa: bool | None = None
 
     def __init__(self, config: IMedSamTinyViTConfig, dim: int, num_heads: int, window_size: int) -> None:
         super().__init__()
@@ -430,7 +431,12 @@ class IMedSamTinyViTAttention(nn.Module):
         # (B', heads, N, d)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         bias = self.attention_bias().to(query.dtype)  # (heads, N, N), broadcast over B'
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scaling)
+        use_sdpa = self.use_sdpa if self.use_sdpa is not None else query.device.type != "cpu"
+        if use_sdpa:
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scaling)
+        else:
+            scores = torch.matmul(query, key.transpose(-2, -1)) * self.scaling + bias  # (B', heads, N, N)
+            attended = torch.matmul(scores.softmax(dim=-1), value)
         attended = attended.transpose(1, 2).reshape(batch, tokens, self.num_attention_heads * self.value_dim)
         return self.proj(attended)
 

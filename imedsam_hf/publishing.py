@@ -19,6 +19,7 @@ ADAPTER_SETTINGS = (
     "use_frequency_adapter",
     "adapter_dim",
     "fusion_scale",
+    "fusion_gate",
     "spectrum",
     "spectrum_log_scale",
     "tokenizer_module",

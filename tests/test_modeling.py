@@ -195,3 +195,17 @@ def test_output_region_queries_only_that_part_of_the_frame(inputs):
     torch.testing.assert_close(part.coarse_logits, full.coarse_logits[:, :, :32, :48], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="output_region"):
         model(pixel_values, output_region=torch.tensor([0.5, 0.0, 0.2, 1.0]))
+
+
+def test_sam_prior_starts_the_implicit_decoder_at_the_sam_mask(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model(implicit_sam_prior=True)
+    with torch.no_grad():
+        for head in (model.implicit_decoder.coarse_head, model.implicit_decoder.fine_head):
+            head.weight.zero_()
+            head.bias.zero_()
+        outputs = model(pixel_values, input_boxes=boxes, output_size=(16, 16))
+    # With zero heads the implicit decoder returns SAM's logit at every point (16x16 = SAM's own grid).
+    torch.testing.assert_close(outputs.logits, outputs.sam_logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="implicit_sam_prior"):
+        tiny_config(implicit_sam_prior=True, num_classes=2)

@@ -218,3 +218,16 @@ def test_default_vit_b_at_384_trains_the_papers_budget():
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert 92e6 <= total <= 95e6
     assert 1.4e6 <= trainable <= 1.8e6
+
+
+def test_fusion_gate_starts_as_the_base_model_and_learns(inputs):
+    base = tiny_model()
+    reference = predict(base, inputs)
+    peft_model = get_peft_model(base, imedsam_peft_config(base.config, fusion_gate=True))
+    peft_model.eval()
+    torch.testing.assert_close(predict(peft_model, inputs), reference, atol=0, rtol=0)
+    peft_model.train()
+    pixel_values, boxes = inputs
+    peft_model(pixel_values=pixel_values, input_boxes=boxes).logits.square().mean().backward()
+    gates = [p for n, p in peft_model.named_parameters() if "freq_gate" in n]
+    assert len(gates) == 2 and all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)

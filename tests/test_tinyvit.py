@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import PreTrainedModel
 
 from imedsam_hf.modeling_tinyvit import (
@@ -87,6 +88,9 @@ def test_config_validation():
         tiny_config(num_heads=(1, 3, 2, 4))
     with pytest.raises(ValueError, match="downsample_strides"):
         tiny_config(downsample_strides=(2, 2))
+    with pytest.raises(StrictDataclassFieldValidationError, match="output_channels"):  # @strict type check
+        tiny_config(output_channels="256")
+    assert tiny_config(mlp_ratio=4).mlp_ratio == 4
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -191,6 +195,22 @@ def test_eval_is_deterministic_and_train_mode_differs():
     encoder.train()  # drop path and batch statistics: not the eval function
     with torch.no_grad():
         assert not torch.allclose(encoder(pixel_values), first)
+
+
+def test_sdpa_and_explicit_attention_agree():
+    torch.manual_seed(0)
+    encoder = IMedSamTinyViTEncoder(tiny_config()).eval()
+    attentions = [module for module in encoder.modules() if isinstance(module, IMedSamTinyViTAttention)]
+    for attention in attentions:  # non-zero biases, so that the bias path is exercised
+        torch.nn.init.normal_(attention.attention_biases, std=1.0)
+    pixel_values = torch.rand(2, 3, 64, 64)
+    outputs = []
+    for use_sdpa in (True, False):
+        for attention in attentions:
+            attention.use_sdpa = use_sdpa
+        with torch.no_grad():
+            outputs.append(encoder(pixel_values))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_reach_attention_biases_and_inputs():

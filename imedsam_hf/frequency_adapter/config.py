@@ -31,6 +31,10 @@ class FrequencyAdapterConfig(PeftConfig):
     use_frequency_adapter: bool = field(default=True, metadata={"help": "Add the frequency-adapter chain."})
     adapter_dim: int = field(default=4, metadata={"help": "Bottleneck width of each frequency adapter."})
     fusion_scale: float = field(default=0.5, metadata={"help": "Weight of the frequency tokens added to each block."})
+    fusion_gate: bool = field(
+        default=False,
+        metadata={"help": "Learn a per-block gate (tanh, starting at 0) on the fusion weight instead of fixing it."},
+    )
     spectrum: str = field(default="amplitude", metadata={"help": "'amplitude' or 'phase' of the centred FFT."})
     spectrum_log_scale: bool = field(default=True, metadata={"help": "log1p-compress the amplitude spectrum."})
     tokenizer_module: str = field(
@@ -100,6 +104,7 @@ def imedsam_peft_config(model_config, **overrides) -> FrequencyAdapterConfig:
         use_frequency_adapter=model_config.use_frequency_adapter,
         adapter_dim=model_config.frequency_adapter_dim,
         fusion_scale=model_config.frequency_fusion_scale,
+        fusion_gate=model_config.frequency_fusion_gate,
         spectrum=model_config.spectrum,
         spectrum_log_scale=model_config.spectrum_log_scale,
         modules_to_save=modules_to_save,

@@ -1,0 +1,391 @@
+"""Segmentation datasets (local folders and Hub datasets), reproducible splits, augmentation and box prompts.
+
+Folder layouts found automatically under `data_dir`:
+- `images/` + `masks/` (Kvasir-SEG, EndoTect, PH2 as shipped here), or `image/` + `mask/` (PraNet's
+  `TrainDataset/`, `TestDataset/<name>/`); masks share the image's stem, any extension;
+- masks hold 0/255, 0/1 or class ids 0..C (0 = background).
+
+Every pair is opened once before training: an unreadable file, a missing mask or a mask whose size differs
+from its image is reported with its path, and either skipped (`on_error="skip"`) or fatal (`"fail"`), so a run
+never crashes halfway through an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .processing_imedsam import IMedSamProcessor, open_image, to_rgb_array
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+LAYOUTS = (("images", "masks"), ("image", "mask"), ("TrainDataset/images", "TrainDataset/masks"))
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class DataProblem:
+    """A pair that cannot be used, with the file to look at."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass
+class SegmentationPair:
+    stem: str
+    image: str
+    mask: str
+
+
+@dataclass
+class AugmentationConfig:
+    """Geometric and photometric augmentation of I-MedSAM's recipe (method.md section 2)."""
+
+    rotation: float = 20.0  # degrees, uniform in [-r, r]
+    scale: tuple[float, float] = (0.8, 1.2)
+    shear: float = 10.0  # degrees
+    translate: float = 0.1  # fraction of the side
+    horizontal_flip: float = 0.5
+    vertical_flip: float = 0.5
+    brightness: float = 0.2  # multiplicative, uniform in [1 - b, 1 + b]
+    contrast: float = 0.2
+    blur_probability: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+    noise_probability: float = 0.2
+    noise_std: float = 8.0  # on 0-255 values
+
+
+@dataclass
+class DataConfig:
+    """How samples are made from pairs."""
+
+    num_classes: int = 1
+    augment: AugmentationConfig | None = field(default_factory=AugmentationConfig)
+    box_jitter: float = 0.1  # each box side moves by up to this fraction of the box size (training only)
+    prompt: str = "box"  # "box" or "none"
+
+
+def find_layout(data_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """The image and mask folders of a dataset folder, or a ValueError listing the layouts looked for."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise ValueError(f"--data_dir {root}: no such folder.")
+    for images, masks in LAYOUTS:
+        if (root / images).is_dir() and (root / masks).is_dir():
+            return root / images, root / masks
+    looked = ", ".join(f"{i}/ + {m}/" for i, m in LAYOUTS)
+    raise ValueError(f"--data_dir {root}: no image/mask folders found (looked for {looked}).")
+
+
+def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair], list[DataProblem]]:
+    """Pair every image with the mask of the same stem; images without a mask are problems."""
+    image_dir, mask_dir = find_layout(data_dir)
+    masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    pairs, problems = [], []
+    for path in sorted(image_dir.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        mask = masks.get(path.stem)
+        if mask is None:
+            problems.append(DataProblem(str(path), f"no mask named {path.stem}.* in {mask_dir}"))
+        else:
+            pairs.append(SegmentationPair(path.stem, str(path), str(mask)))
+    if not pairs and not problems:
+        raise ValueError(f"--data_dir {data_dir}: {image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    return pairs, problems
+
+
+def read_mask(source, num_classes: int = 1) -> np.ndarray:
+    """
+    A mask file or array -> `(H, W)` int64 class ids. Binary masks may be 0/255 (JPEG noise tolerated: > 127),
+    0/1 or boolean; multi-class masks hold ids 0..num_classes.
+    """
+    mask = open_image(source)
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L") if mask.mode not in ("L", "I", "I;16", "P") else mask)
+    mask = np.asarray(mask)
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        raise ValueError(f"{source}: a mask must be 2-D, got shape {mask.shape}.")
+    if num_classes == 1:
+        return (mask > (127 if mask.max() > 1 else 0)).astype(np.int64)
+    if mask.max() > num_classes:
+        raise ValueError(f"{source}: class id {int(mask.max())} > num_classes ({num_classes}).")
+    return mask.astype(np.int64)
+
+
+def check_pair(pair: SegmentationPair, num_classes: int = 1) -> DataProblem | None:
+    """Open both files of a pair; report what is wrong, naming the file."""
+    try:
+        with Image.open(pair.image) as image:
+            image.load()
+            size = image.size
+    except Exception as error:  # PIL raises many types for corrupt files
+        return DataProblem(pair.image, f"unreadable image ({error})")
+    try:
+        mask = read_mask(pair.mask, num_classes)
+    except Exception as error:
+        return DataProblem(pair.mask, f"unreadable mask ({error})")
+    if (mask.shape[1], mask.shape[0]) != size:
+        return DataProblem(pair.mask, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {size[0]}x{size[1]}")
+    return None
+
+
+def validate_pairs(
+    pairs: list[SegmentationPair], num_classes: int = 1, on_error: str = "skip", problems: list | None = None
+) -> tuple[list[SegmentationPair], list[DataProblem]]:
+    """Keep the usable pairs. With `on_error="fail"` any problem raises one ValueError listing them all."""
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"`on_error` must be 'skip' or 'fail', got {on_error!r}.")
+    problems = list(problems or [])
+    good = []
+    for pair in pairs:
+        problem = check_pair(pair, num_classes)
+        if problem is None:
+            good.append(pair)
+        else:
+            problems.append(problem)
+    if problems and on_error == "fail":
+        listing = "\n  ".join(str(p) for p in problems)
+        raise ValueError(f"{len(problems)} unusable file(s) (use on_error=skip to skip them):\n  {listing}")
+    return good, problems
+
+
+def make_splits(stems: Sequence[str], seed: int = 0, fractions=(0.6, 0.2, 0.2)) -> dict[str, list[str]]:
+    """Seeded shuffle of the stems cut into train/validation/test (60/20/20 by default, as SwIPE and I-MedSAM)."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise ValueError(f"`split_fractions` must be three non-negative numbers summing to 1, got {fractions}.")
+    order = sorted(stems)
+    random.Random(seed).shuffle(order)
+    n_train = int(round(fractions[0] * len(order)))
+    n_val = int(round(fractions[1] * len(order)))
+    return {
+        "train": sorted(order[:n_train]),
+        "validation": sorted(order[n_train : n_train + n_val]),
+        "test": sorted(order[n_train + n_val :]),
+    }
+
+
+def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
+    """A split file: JSON `{"train": [stems], "validation": [...], "test": [...]}`."""
+    try:
+        splits = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--split_file {path}: cannot read it as JSON ({error}).") from error
+    if not isinstance(splits, dict) or not set(splits) <= set(SPLITS) or "train" not in splits:
+        raise ValueError(f"--split_file {path}: expected keys {SPLITS} (train required), got {list(splits)}.")
+    return {name: list(splits.get(name, [])) for name in SPLITS}
+
+
+def write_splits(splits: dict[str, list[str]], path: str | os.PathLike, **metadata) -> None:
+    Path(path).write_text(json.dumps({**splits, "metadata": metadata}, indent=1))
+
+
+def mask_box(mask: np.ndarray | torch.Tensor) -> np.ndarray | None:
+    """
+    The tight (x0, y0, x1, y1) box of a mask's foreground, or None if empty. Corners are the first and last
+    foreground pixel indices, as in MedSAM/LiteMedSAM (so the box a model was trained with is the box it gets).
+    """
+    mask = np.asarray(mask) > 0
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    x0, y0 = xs.min(), ys.min()
+    return np.array([x0, y0, max(xs.max(), x0 + 1), max(ys.max(), y0 + 1)], dtype=np.float32)
+
+
+def jitter_box(box: np.ndarray, fraction: float, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Move each side by up to `fraction` of the box's width/height (either way), clipped to the `size` frame."""
+    width, height = box[2] - box[0], box[3] - box[1]
+    shift = rng.uniform(-fraction, fraction, 4) * np.array([width, height, width, height])
+    jittered = box + shift
+    jittered[[0, 2]] = np.sort(np.clip(jittered[[0, 2]], 0, size[1]))
+    jittered[[1, 3]] = np.sort(np.clip(jittered[[1, 3]], 0, size[0]))
+    jittered[2] = max(jittered[2], jittered[0] + 1)
+    jittered[3] = max(jittered[3], jittered[1] + 1)
+    return jittered.astype(np.float32)
+
+
+def _affine_matrix(config: AugmentationConfig, rng: np.random.Generator) -> torch.Tensor:
+    """A random 2x3 affine matrix (normalised coordinates) for `F.affine_grid`."""
+    angle = math.radians(rng.uniform(-config.rotation, config.rotation))
+    shear = math.radians(rng.uniform(-config.shear, config.shear))
+    scale = rng.uniform(*config.scale)
+    flip_x = -1.0 if rng.random() < config.horizontal_flip else 1.0
+    flip_y = -1.0 if rng.random() < config.vertical_flip else 1.0
+    tx, ty = rng.uniform(-config.translate, config.translate, 2) * 2
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    shearing = np.array([[1.0, math.tan(shear)], [0.0, 1.0]])
+    linear = rotation @ shearing @ np.diag([flip_x, flip_y]) / scale
+    return torch.tensor(np.concatenate([linear, [[tx], [ty]]], axis=1), dtype=torch.float32)
+
+
+def augment(
+    image: torch.Tensor, mask: torch.Tensor, config: AugmentationConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Random geometric (shared by image and mask; masks use nearest neighbour) and photometric augmentation.
+
+    Args:
+        image: `(3, h, w)` float 0-255. mask: `(h, w)` long class ids.
+    """
+    theta = _affine_matrix(config, rng)[None]
+    grid = F.affine_grid(theta, (1, 1, *image.shape[-2:]), align_corners=False)
+    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    mask = F.grid_sample(mask[None, None].float(), grid, mode="nearest", align_corners=False)[0, 0].long()
+    brightness = rng.uniform(1 - config.brightness, 1 + config.brightness)
+    contrast = rng.uniform(1 - config.contrast, 1 + config.contrast)
+    mean = image.mean()
+    image = ((image - mean) * contrast + mean) * brightness
+    if rng.random() < config.blur_probability:
+        image = _gaussian_blur(image, rng.uniform(*config.blur_sigma))
+    if rng.random() < config.noise_probability:
+        noise = torch.from_numpy(rng.normal(0, config.noise_std, image.shape).astype(np.float32))
+        image = image + noise
+    return image.clamp(0, 255), mask
+
+
+def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(2 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = image.shape[0]
+    blurred = F.conv2d(
+        F.pad(image[None], (radius, radius, 0, 0), mode="reflect"),
+        kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1),
+        groups=channels,
+    )
+    blurred = F.conv2d(
+        F.pad(blurred, (0, 0, radius, radius), mode="reflect"),
+        kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1),
+        groups=channels,
+    )
+    return blurred[0]
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """
+    Model-ready samples from a `datasets.Dataset` with `image` and `mask` columns (paths or decoded images) and
+    a `stem` column.
+
+    Each sample: `pixel_values` `(3, S, S)`, `labels` `(S, S)` long class ids in the input frame,
+    `input_boxes` `(4,)` in frame pixels (jittered in training; exact otherwise), `original_size` `(2,)`,
+    `reshaped_size` `(2,)`, `index`. Augmentation randomness comes from `(seed, epoch, index)`, so an epoch's
+    samples are the same whatever the number of workers or processes, and after a resume.
+    """
+
+    def __init__(
+        self, records, processor: IMedSamProcessor, config: DataConfig, train: bool = False, seed: int = 0
+    ) -> None:
+        self.records = records
+        self.processor = processor
+        self.config = config
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image = to_rgb_array(record["image"])
+        mask = read_mask(record["mask"], self.config.num_classes)
+        original = image.shape[:2]
+        shape = self.processor.resized_shape(*original)
+        tensor = self.processor.resize_image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), shape)
+        labels = self.processor.resize_mask(mask, shape)[: shape[0], : shape[1]]
+        if self.train and self.config.augment is not None:
+            tensor, labels = augment(tensor, labels, self.config.augment, rng)
+        pixel_values = self.processor.pad(self.processor.normalize(tensor))
+        labels = self.processor.pad(labels)
+        box = mask_box(labels.numpy()) if self.train else self._exact_box(mask, original, shape)
+        if box is None:  # empty mask (or augmented out of view): the whole image is the prompt
+            box = np.array([0, 0, shape[1], shape[0]], dtype=np.float32)
+        if self.train and self.config.box_jitter > 0:
+            box = jitter_box(box, self.config.box_jitter, shape, rng)
+        return {
+            "pixel_values": pixel_values,
+            "labels": labels,
+            "input_boxes": torch.from_numpy(box),
+            "original_size": torch.tensor(original),
+            "reshaped_size": torch.tensor(shape),
+            "index": torch.tensor(index),
+        }
+
+    def _exact_box(self, mask: np.ndarray, original, shape) -> np.ndarray | None:
+        """The ground-truth box at the original resolution, scaled into the frame (the evaluation protocol)."""
+        box = mask_box(mask)
+        if box is None:
+            return None
+        return self.processor.scale_coordinates(box, original, shape).reshape(4)
+
+
+def records_from_pairs(pairs: Sequence[SegmentationPair]):
+    """A `datasets.Dataset` of paths (decoded lazily by the SegmentationDataset)."""
+    import datasets
+
+    return datasets.Dataset.from_dict(
+        {"stem": [p.stem for p in pairs], "image": [p.image for p in pairs], "mask": [p.mask for p in pairs]}
+    )
+
+
+def load_hub_dataset(name: str, split: str, image_column: str = "image", mask_column: str = "mask"):
+    """A Hub dataset split with image and mask columns, as records with `stem`, `image`, `mask`."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as error:  # network, missing split, unknown id...
+        raise ValueError(f"--dataset {name} (split {split}): cannot load it ({error}).") from error
+    missing = {image_column, mask_column} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"--dataset {name}: no column(s) {sorted(missing)}; it has {dataset.column_names}.")
+    dataset = dataset.rename_columns({image_column: "image", mask_column: "mask"})
+    if "stem" not in dataset.column_names:
+        dataset = dataset.add_column("stem", [f"{split}-{i:06d}" for i in range(len(dataset))])
+    return dataset
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+__all__ = [
+    "AugmentationConfig",
+    "DataConfig",
+    "DataProblem",
+    "SegmentationDataset",
+    "SegmentationPair",
+    "augment",
+    "check_pair",
+    "collate",
+    "discover_pairs",
+    "load_hub_dataset",
+    "load_splits",
+    "make_splits",
+    "mask_box",
+    "read_mask",
+    "records_from_pairs",
+    "validate_pairs",
+    "write_splits",
+]

