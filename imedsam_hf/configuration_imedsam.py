@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
-QUERY_MODES = ("dense",)
+QUERY_MODES = ("adaptive", "dense")
 UNCERTAINTY_MODES = ("mc_dropout",)
 SPECTRUM_MODES = ("amplitude", "phase")
 
@@ -44,7 +44,13 @@ class IMedSamConfig(SamConfig):
         Seed of the fixed dropout masks used at inference, which keeps predictions deterministic.
     query_chunk_size (`int`, defaults to 65536):
         Query points evaluated at once at inference (bounds memory for large output grids).
-    query_mode (`str`, defaults to `"dense"`): how the output grid is queried at inference.
+    query_mode (`str`, defaults to `"adaptive"`):
+        How the output grid is queried at inference. `"dense"` runs the coarse decoder at every output point and
+        refines `refine_ratio` of them (the paper's protocol; cost grows with the output area). `"adaptive"` runs
+        the coarse decoder on a bounded base grid, upsamples it, and predicts exactly only the most uncertain
+        output points (cost nearly independent of the output size). Identical to dense up to the base grid size.
+    adaptive_base_size (`int`, *optional*):
+        Longest side of the adaptive base grid; default the mask decoder's feature resolution (4x the embedding).
     implicit_sam_prior (`bool`, defaults to `False`):
         Beyond the paper: feed SAM's own mask logit at each query point to both implicit MLPs and predict a
         residual on it, so a fresh implicit decoder starts from the backbone's zero-shot mask instead of from
@@ -76,7 +82,8 @@ class IMedSamConfig(SamConfig):
     refine_ratio: float = 0.125
     mc_seed: int = 0
     query_chunk_size: int = 65536
-    query_mode: str = "dense"
+    query_mode: str = "adaptive"
+    adaptive_base_size: int | None = None
     implicit_sam_prior: bool = False
     adapter_config: dict | None = None
 

@@ -95,6 +95,8 @@ def prompt_and_decoder_configs(state_dict: dict[str, torch.Tensor], image_size: 
         iou_head_hidden_dim=state_dict["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
         iou_head_depth=_count_indexed(state_dict, "mask_decoder.iou_prediction_head.layers."),
         attention_downsample_rate=hidden // internal_dim,
+        # segment-anything's two-way transformer uses nn.LayerNorm's default eps (transformers defaults to 1e-6).
+        layer_norm_eps=1e-5,
     )
     return dict(prompt_encoder_config=prompt, mask_decoder_config=decoder)
 

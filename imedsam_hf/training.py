@@ -92,6 +92,29 @@ def segmentation_loss(
     return loss, {"loss": loss.item(), "coarse_loss": coarse.item(), "fine_loss": fine.item()}
 
 
+def sample_points(
+    labels: torch.Tensor, reshaped_sizes: torch.Tensor, num_points: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Uniform random query points inside each image's unpadded area, with their labels (nearest pixel).
+
+    An implicit decoder can be trained on sampled coordinates instead of the whole grid: the cost of a step no
+    longer grows with the frame's area, and points fall between pixels, which is what a resolution-free decoder
+    must learn. Returns coordinates `(B, N, 2)` (x, y) in [0, 1] of the frame and labels `(B, 1, N)`.
+
+    Args:
+        labels: `(B, S, S)` class ids in the frame. reshaped_sizes: `(B, 2)` (h, w) of each image in the frame.
+    """
+    batch_size, size = labels.shape[0], labels.shape[-1]
+    extent = reshaped_sizes.flip(-1).to(torch.float32) / size  # (w, h) / S
+    unit = torch.rand(batch_size, num_points, 2, generator=generator).to(labels.device)
+    coordinates = unit * extent[:, None, :].to(labels.device)
+    pixels = (coordinates * size).long().clamp(0, size - 1)
+    flat = pixels[..., 1] * size + pixels[..., 0]
+    point_labels = labels.flatten(1).gather(1, flat)[:, None, :]
+    return coordinates, point_labels
+
+
 def fine_weight_at(epoch: float, warmup_epochs: float) -> float:
     """The fine term's weight: min((epoch + 1) / warmup, 1), as the released code (0 warm-up: always 1)."""
     if warmup_epochs <= 0:
@@ -118,5 +141,6 @@ __all__ = [
     "load_backbone",
     "one_hot_targets",
     "parameter_groups",
+    "sample_points",
     "segmentation_loss",
 ]

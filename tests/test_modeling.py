@@ -209,3 +209,41 @@ def test_sam_prior_starts_the_implicit_decoder_at_the_sam_mask(inputs):
     torch.testing.assert_close(outputs.logits, outputs.sam_logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="implicit_sam_prior"):
         tiny_config(implicit_sam_prior=True, num_classes=2)
+
+
+def test_adaptive_querying_matches_dense_up_to_the_base_grid_and_refines_few_points(inputs):
+    pixel_values, boxes = inputs
+    dense = tiny_model(query_mode="dense")
+    adaptive = tiny_model(query_mode="adaptive", adaptive_base_size=32)
+    with torch.no_grad():
+        # At or below the base grid the two modes are the same computation.
+        small_dense = dense(pixel_values, input_boxes=boxes, output_size=(32, 24))
+        small_adaptive = adaptive(pixel_values, input_boxes=boxes, output_size=(32, 24))
+        torch.testing.assert_close(small_dense.logits, small_adaptive.logits)
+        big_dense = dense(pixel_values, input_boxes=boxes, output_size=(256, 192))
+        big = adaptive(pixel_values, input_boxes=boxes, output_size=(256, 192))
+    assert big.logits.shape == (2, 1, 256, 192)
+    # Budget: refine_ratio of the 32x24 base grid, scaled by the 8x upsampling (boundary length, not area).
+    assert big.refined.flatten(1).sum(1).tolist() == [round(0.125 * 32 * 24 * 8)] * 2
+    assert big.refined.sum() < big_dense.refined.sum() / 4
+    # Refined points are exact: the same coarse predictions as dense querying at those points.
+    for i in range(2):
+        exact, reference = big.coarse_logits[i, :, big.refined[i]], big_dense.coarse_logits[i, :, big.refined[i]]
+        torch.testing.assert_close(exact, reference, atol=5e-3, rtol=1e-3)
+    # (Agreement of the masks needs a trained, smooth field: benchmarks/ measures it on real data.)
+    # Refinement follows the (upsampled) uncertainty.
+    for i in range(2):
+        assert big.uncertainty[i][big.refined[i]].min() >= 0
+
+
+def test_query_coordinates_predict_arbitrary_points(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model()
+    coordinates = (
+        torch.stack(torch.meshgrid(torch.arange(8), torch.arange(8), indexing="xy"), -1).reshape(1, -1, 2) + 0.5
+    ) / 8
+    with torch.no_grad():
+        grid = model(pixel_values[:1], input_boxes=boxes[:1], output_size=(8, 8))
+        points = model(pixel_values[:1], input_boxes=boxes[:1], query_coordinates=coordinates)
+    assert points.logits.shape == (1, 1, 1, 64)
+    torch.testing.assert_close(points.coarse_logits.reshape(1, 1, 8, 8), grid.coarse_logits, atol=1e-5, rtol=1e-5)

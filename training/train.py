@@ -57,7 +57,7 @@ from imedsam_hf.data import (
 from imedsam_hf.evaluation import NATIVE, evaluate_pairs
 from imedsam_hf.metrics import dice
 from imedsam_hf.model_card import write_model_card
-from imedsam_hf.training import fine_weight_at, load_backbone, parameter_groups, segmentation_loss
+from imedsam_hf.training import fine_weight_at, load_backbone, parameter_groups, sample_points, segmentation_loss
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
@@ -103,6 +103,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "weight_decay": 0.01,
         "warmup_steps": 0,
         "fine_weight_warmup_epochs": 5,
+        "train_points": None,
         "dice_weight": 0.8,
         "bce_weight": 0.2,
         "mixed_precision": "no",
@@ -496,13 +497,17 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         fine_weight = fine_weight_at(epoch, train_cfg["fine_weight_warmup_epochs"])
         for batch in loader:
             with accelerator.accumulate(model):
+                labels, coordinates = batch["labels"], None
+                if train_cfg["train_points"] and model_cfg["use_implicit_decoder"]:
+                    coordinates, labels = sample_points(labels, batch["reshaped_size"], train_cfg["train_points"])
                 outputs = model(
                     pixel_values=batch["pixel_values"],
                     input_boxes=batch["input_boxes"] if data_cfg["prompt"] == "box" else None,
+                    query_coordinates=coordinates,
                 )
                 loss, parts = segmentation_loss(
                     outputs,
-                    batch["labels"],
+                    labels,
                     model_cfg["num_classes"],
                     fine_weight,
                     train_cfg["dice_weight"],

