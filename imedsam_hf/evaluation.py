@@ -26,11 +26,34 @@ from .processing_imedsam import IMedSamProcessor, to_rgb_array
 NATIVE = "native"
 
 
+def parse_size(size: str | int) -> str | int:
+    """An output size: `"native"`, a multiple of native such as `"2x"` or `"0.5x"`, or a longest side in pixels."""
+    text = str(size).strip().lower()
+    if text == NATIVE:
+        return NATIVE
+    if text.endswith("x"):
+        try:
+            factor = float(text[:-1])
+        except ValueError:
+            factor = 0.0
+        if factor > 0:
+            return text
+    elif text.isdigit() and int(text) > 0:
+        return int(text)
+    raise ValueError(f"Output size {size!r} is not 'native', a factor like '2x' or '0.5x', or a positive integer.")
+
+
 def grid_size(original: tuple[int, int], size: str | int) -> tuple[int, int]:
-    """The output grid for an image of `original` (H, W): native, or longest side `size` with the aspect kept."""
+    """
+    The output grid for an image of `original` (H, W): native, `"<f>x"` (native scaled by f), or longest side
+    `size`, aspect ratio kept.
+    """
+    size = parse_size(size)
     if size == NATIVE:
         return tuple(original)
-    size = int(size)
+    if isinstance(size, str):
+        factor = float(size[:-1])
+        return max(1, int(round(original[0] * factor))), max(1, int(round(original[1] * factor)))
     scale = size / max(original)
     return max(1, int(round(original[0] * scale))), max(1, int(round(original[1] * scale)))
 
@@ -109,7 +132,7 @@ def evaluate_pairs(
     """
     if prompt not in ("box", "none"):
         raise ValueError(f"`prompt` must be 'box' or 'none', got {prompt!r}.")
-    sizes = [NATIVE if str(s) == NATIVE else int(s) for s in output_sizes]
+    sizes = [parse_size(s) for s in output_sizes]
     rows = []
     iterator = pairs
     if progress:
@@ -131,4 +154,4 @@ def evaluate_pairs(
     return rows, summary
 
 
-__all__ = ["NATIVE", "evaluate_pairs", "grid_size", "predict_logits", "resize_labels", "score"]
+__all__ = ["NATIVE", "evaluate_pairs", "grid_size", "parse_size", "predict_logits", "resize_labels", "score"]

@@ -378,9 +378,10 @@ class IMedSamImplicitDecoder(nn.Module):
         coordinates = region_coordinates(height, width, batch_size, output_region, features.device, selected)
         exact_coarse, exact_uncertainty, fine_logits = self._refine_chunked(context, coordinates)
         expand = selected[..., None].expand(-1, -1, self.num_classes)
-        coarse_logits = coarse_logits.scatter(1, expand, exact_coarse)
-        uncertainty = uncertainty.scatter(1, selected, exact_uncertainty)
-        logits = coarse_logits.scatter(1, expand, fine_logits)
+        # Under autocast the upsampled maps are float32 and the MLP outputs half precision: write in float32.
+        coarse_logits = coarse_logits.float().scatter(1, expand, exact_coarse.float())
+        uncertainty = uncertainty.float().scatter(1, selected, exact_uncertainty.float())
+        logits = coarse_logits.scatter(1, expand, fine_logits.float())
         refined = torch.zeros_like(uncertainty, dtype=torch.bool).scatter(1, selected, True)
         return self._to_grids(logits, coarse_logits, uncertainty, refined, output_size)
 

@@ -247,3 +247,13 @@ def test_query_coordinates_predict_arbitrary_points(inputs):
         points = model(pixel_values[:1], input_boxes=boxes[:1], query_coordinates=coordinates)
     assert points.logits.shape == (1, 1, 1, 64)
     torch.testing.assert_close(points.coarse_logits.reshape(1, 1, 8, 8), grid.coarse_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "dense"])
+def test_bf16_autocast_inference_in_both_query_modes(mode, inputs):
+    """Regression: adaptive querying mixed float32 upsampled maps with bf16 MLP outputs under autocast."""
+    pixel_values, boxes = inputs
+    model = tiny_model(query_mode=mode, adaptive_base_size=16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(pixel_values, input_boxes=boxes, output_size=(96, 80))
+    assert outputs.logits.shape == (2, 1, 96, 80) and torch.isfinite(outputs.logits.float()).all()

@@ -27,7 +27,7 @@ from transformers import AutoModel, AutoProcessor
 import imedsam_hf  # noqa: F401
 from imedsam_hf import processor_for_config
 from imedsam_hf.data import discover_pairs, load_splits, read_mask, validate_pairs
-from imedsam_hf.evaluation import NATIVE, evaluate_pairs, predict_logits
+from imedsam_hf.evaluation import NATIVE, evaluate_pairs, parse_size, predict_logits
 from imedsam_hf.processing_imedsam import IMedSamProcessor
 from imedsam_hf.training import LITEMEDSAM, load_backbone
 
@@ -38,7 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data_dir", required=True, help="folder with images/ and masks/")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
     parser.add_argument("--split_file", default=None, help="JSON splits (default: <model>/splits.json)")
-    parser.add_argument("--output_sizes", nargs="+", default=[NATIVE], help="'native' and/or longest sides")
+    parser.add_argument(
+        "--output_sizes", nargs="+", default=[NATIVE], help="'native', factors of native ('2x', '0.5x'), longest sides"
+    )
     parser.add_argument("--prompt", default="box", choices=["box", "none"])
     parser.add_argument("--baseline", default=None, choices=["sam"], help="also score the backbone's SAM mask")
     parser.add_argument("--num_classes", type=int, default=None, help="default: the model's")
@@ -49,8 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_threads", type=int, default=None)
     args = parser.parse_args(argv)
     for size in args.output_sizes:
-        if size != NATIVE and not size.isdigit():
-            parser.error(f"--output_sizes: {size!r} is neither 'native' nor a positive integer")
+        try:
+            parse_size(size)
+        except ValueError as error:
+            parser.error(f"--output_sizes: {error}")
     return args
 
 

@@ -73,6 +73,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "num_classes": 1,
         "base_model_license": None,
         "config_overrides": {},
+        "peft_overrides": {},
     },
     "data": {
         "data_dir": None,
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         raise SystemExit(f"error: --backbone {model_cfg['backbone']}: {error}") from error
     base.config.base_model = model_cfg["backbone"]
     processor = processor_for_config(base.config)
-    model = get_peft_model(base, imedsam_peft_config(base.config))
+    model = get_peft_model(base, imedsam_peft_config(base.config, **(model_cfg["peft_overrides"] or {})))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters() if "original_module" not in n)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,}")

@@ -1,0 +1,121 @@
+"""Shared helpers of the benchmark scripts: models, device, synchronised timing, peak memory, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from transformers import SamConfig
+
+import imedsam_hf  # noqa: F401
+from imedsam_hf import IMedSamConfig, IMedSamModel, imedsam_peft_config
+from imedsam_hf.training import LITEMEDSAM, load_backbone
+
+BACKBONES = ("vit-b-384", "vit-b-1024", LITEMEDSAM)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def build_model(backbone: str, **config_overrides) -> IMedSamModel:
+    """I-MedSAM on a backbone: random ViT-B at 384/1024 px (timing only) or the real LiteMedSAM."""
+    if backbone == LITEMEDSAM:
+        return load_backbone(LITEMEDSAM, **config_overrides)
+    size = int(backbone.rsplit("-", 1)[-1])
+    torch.manual_seed(0)
+    return IMedSamModel(IMedSamConfig.from_sam_config(SamConfig(), image_size=size, **config_overrides))
+
+
+def adapted(model: IMedSamModel, **recipe_overrides):
+    """The I-MedSAM PEFT recipe on `model` (the LoRA-only variant with use_frequency_adapter=False)."""
+    return get_peft_model(model, imedsam_peft_config(model.config, **recipe_overrides))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(function, device: torch.device, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median and min wall time of `function()` in seconds, synchronised on CUDA."""
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Peak memory above the starting level while the block runs, in MiB: CUDA allocator or sampled RSS on CPU."""
+    result = {"peak_mib": float("nan")}
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield result
+        synchronize(device)
+        result["peak_mib"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
+        return
+    start, peak, running = _rss_bytes(), [0], [True]
+
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        running[0] = False
+        thread.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        result["peak_mib"] = (peak[0] - start) / 2**20
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-|-".join("-" * widths[c] for c in columns))
+    for row in rows:
+        print(" | ".join(_fmt(row.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=1))

@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Training-step time and peak memory: I-MedSAM vs LoRA-only (SAMed-style) on the same backbone.
+
+    python benchmarks/training_step.py --backbone litemedsam --batch_size 4 --json benchmarks/results/train_step_litemedsam.json
+    python benchmarks/training_step.py --backbone vit-b-384 --batch_size 1 --mixed_precision bf16   # on a GPU
+
+One optimizer step (forward, Dice+BCE loss, backward, AdamW) with box prompts. I-MedSAM: LoRA + frequency adapter +
+implicit decoder trained on `--train_points` sampled points per image (0: the whole frame, the paper's way).
+LoRA-only: LoRA on q/v with SAM's own mask output and the same trainable prompt/upscaling modules. Both variants
+are measured in the same run; their ratio is the headline number.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import (
+    BACKBONES,
+    adapted,
+    build_model,
+    machine_description,
+    peak_memory,
+    pick_device,
+    print_table,
+    time_call,
+    write_json,
+)
+
+from imedsam_hf.training import parameter_groups, sample_points, segmentation_loss
+
+VARIANTS = {
+    "i-medsam": dict(config=dict(), recipe=dict()),
+    "lora-only": dict(config=dict(use_implicit_decoder=False, use_frequency_adapter=False), recipe=dict()),
+}
+
+
+def make_step(model, batch, device, train_points: int, autocast_dtype):
+    optimizer = torch.optim.AdamW(parameter_groups(model, 1e-4, 1e-3, 0.01))
+    pixel_values, boxes, labels, sizes = batch
+
+    def step():
+        coordinates, targets = None, labels
+        if train_points and model.config.use_implicit_decoder:
+            coordinates, targets = sample_points(labels, sizes, train_points)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs = model(pixel_values=pixel_values, input_boxes=boxes, query_coordinates=coordinates)
+            loss, _ = segmentation_loss(outputs, targets, model.config.num_classes)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="litemedsam", choices=BACKBONES)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--train_points", type=int, default=4096, help="0 = every pixel of the frame")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--num_threads", type=int, default=None)
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = pick_device(args.device)
+    autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    rows = []
+    for name, variant in VARIANTS.items():
+        model = adapted(build_model(args.backbone, **variant["config"]), **variant["recipe"]).to(device).train()
+        size = model.config.image_size
+        generator = torch.Generator().manual_seed(0)
+        pixel_values = torch.rand(args.batch_size, 3, size, size, generator=generator).to(device)
+        boxes = torch.tensor([[0.2, 0.25, 0.7, 0.8]]).repeat(args.batch_size, 1).to(device) * size
+        labels = torch.zeros(args.batch_size, size, size, dtype=torch.long, device=device)
+        labels[:, size // 4 : size * 3 // 4, size // 5 : size * 7 // 10] = 1
+        sizes = torch.tensor([[size, size]]).repeat(args.batch_size, 1).to(device)
+        step = make_step(model, (pixel_values, boxes, labels, sizes), device, args.train_points, autocast_dtype)
+        with peak_memory(device) as memory:
+            timing = time_call(step, device, repeats=args.repeats)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows.append(
+            {
+                "variant": name,
+                "trainable_params": trainable,
+                "step_s": timing["median_s"],
+                "images_per_s": args.batch_size / timing["median_s"],
+                "peak_mib": memory["peak_mib"],
+            }
+        )
+        del model, step
+    rows[0]["time_vs_lora_only"] = rows[0]["step_s"] / rows[1]["step_s"]
+    result = {
+        "benchmark": "training_step",
+        "backbone": args.backbone,
+        "batch_size": args.batch_size,
+        "train_points": args.train_points,
+        "mixed_precision": args.mixed_precision,
+        "device": machine_description(device),
+        "rows": rows,
+    }
+    print(f"{args.backbone}, batch {args.batch_size}, {result['device']}")
+    print_table(rows, ["variant", "trainable_params", "step_s", "images_per_s", "peak_mib", "time_vs_lora_only"])
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The `imedsam` command: predict on real images, prompts, output sizes, bad inputs reported by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, tiny_model
+from PIL import Image
+
+from imedsam_hf import IMedSamProcessor
+from imedsam_hf.cli import main, parse_box, parse_output_size
+from imedsam_hf.metrics import dice
+
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
+KVASIR = SHARED_DATA / "Kvasir-SEG-sample"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_model(query_mode="adaptive").save_pretrained(path)
+    IMedSamProcessor(image_size=64).save_pretrained(path)
+    return path
+
+
+def test_predict_writes_masks_named_after_inputs(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(model_dir),
+            str(KVASIR / "images"),
+            "--boxes-from-masks",
+            str(KVASIR / "masks"),
+            "--out",
+            str(out),
+            "--overlay",
+        ]
+    )
+    assert code == 0
+    images = sorted((KVASIR / "images").iterdir())
+    for image in images:
+        mask = np.asarray(Image.open(out / f"{image.stem}.png"))
+        assert mask.shape == np.asarray(Image.open(image)).shape[:2]  # the image's own size
+        assert set(np.unique(mask)) <= {0, 255}
+        assert (out / f"{image.stem}_overlay.png").is_file()
+        truth = np.asarray(Image.open(KVASIR / "masks" / f"{image.stem}.png").convert("L")) > 127
+        assert 0 <= dice(mask > 0, truth) <= 1
+    assert f"{len(images)} of {len(images)} images segmented" in capsys.readouterr().out
+
+
+def test_box_and_output_size_options(model_dir, tmp_path):
+    image = sorted((KVASIR / "images").iterdir())[0]
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(model_dir),
+                str(image),
+                "--box",
+                "10,20,300,400",
+                "--output-size",
+                "96x64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert np.asarray(Image.open(out / f"{image.stem}.png")).shape == (64, 96)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({image.name: [5, 5, 200, 200]}))
+    assert main(["predict", "--model", str(model_dir), str(image), "--boxes", str(boxes), "--out", str(out)]) == 0
+    assert main(["predict", "--model", str(model_dir), str(image), "--no-prompt", "--out", str(out)]) == 0
+
+
+def test_bad_inputs_are_reported_and_the_rest_goes_on(model_dir, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = sorted((KVASIR / "images").iterdir())[0]
+    shutil.copy(good, folder / good.name)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.fromarray(np.zeros((30, 40, 5), np.uint8)[..., 0]).save(folder / "tiny.png")
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(model_dir), str(folder), "--box", "50,50,20,60", "--out", str(out)])
+    assert code == 1
+    output = capsys.readouterr()
+    assert "corrupt.png" in output.err and "x0 < x1" in output.err
+    assert "0 of 3 images segmented" in output.out
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(model_dir),
+            str(folder / good.name),
+            str(folder / "corrupt.png"),
+            "--box",
+            "1,1,100,100",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 1 and (out / f"{good.stem}.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--box", "1,2,3"], "four comma-separated"),
+        (["--output-size", "big"], "WIDTHxHEIGHT"),
+    ],
+)
+def test_bad_options_are_named(model_dir, tmp_path, capsys, argv, message):
+    image = sorted((KVASIR / "images").iterdir())[0]
+    code = main(["predict", "--model", str(model_dir), str(image), "--out", str(tmp_path / "o"), *argv])
+    assert code != 0
+    captured = capsys.readouterr()
+    assert message in captured.err + captured.out
+
+
+def test_empty_folder_is_an_error(model_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert (
+        main(
+            ["predict", "--model", str(model_dir), str(tmp_path / "empty"), "--no-prompt", "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
+    assert "holds no images" in capsys.readouterr().err
+
+
+def test_parsers():
+    assert parse_box("1,2,3,4") == [1.0, 2.0, 3.0, 4.0]
+    assert parse_output_size("512x384") == (384, 512)
+    assert parse_output_size(None) is None

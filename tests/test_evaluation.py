@@ -1,0 +1,87 @@
+"""Evaluation protocol and training/evaluate.py's JSON schema."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, SHARED_DATA, tiny_model
+
+from imedsam_hf import IMedSamProcessor
+from imedsam_hf.data import discover_pairs
+from imedsam_hf.evaluation import evaluate_pairs, grid_size, parse_size, resize_labels
+
+
+def test_output_sizes():
+    assert grid_size((576, 768), "native") == (576, 768)
+    assert grid_size((576, 768), "2x") == (1152, 1536)
+    assert grid_size((576, 768), "0.5x") == (288, 384)
+    assert grid_size((576, 768), 128) == (96, 128)
+    for bad in ("big", "-2x", "0", "x"):
+        with pytest.raises(ValueError, match="not 'native'"):
+            parse_size(bad)
+
+
+def test_labels_are_resized_with_nearest_neighbour():
+    labels = np.zeros((10, 10), np.int64)
+    labels[2:8, 2:8] = 2
+    resized = resize_labels(labels, (20, 20))
+    assert set(np.unique(resized)) == {0, 2} and resized.sum() == 4 * labels.sum()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
+def test_evaluate_pairs_scores_model_and_baseline():
+    model = tiny_model(query_mode="adaptive")
+    pairs = discover_pairs(SHARED_DATA / "Kvasir-SEG-sample")[0][:2]
+    rows, summary = evaluate_pairs(model, IMedSamProcessor(image_size=64), pairs, output_sizes=["native", "0.25x", 40])
+    assert len(rows) == 6 and set(summary) == {"native", "0.25x", "40"}
+    for values in summary.values():
+        assert values["n"] == 2 and 0 <= values["dice"] <= 1 and values["hd95"] >= 0
+    _, baseline = evaluate_pairs(model, IMedSamProcessor(image_size=64), pairs, output_sizes=[40], baseline=True)
+    assert baseline["40"]["dice"] != summary["40"]["dice"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
+def test_evaluate_script_json_schema(tmp_path):
+    model = tiny_model(query_mode="adaptive")
+    model.save_pretrained(tmp_path / "model")
+    IMedSamProcessor(image_size=64).save_pretrained(tmp_path / "model")
+    spec = importlib.util.spec_from_file_location("imedsam_evaluate", REPO_ROOT / "training" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "eval.json"
+    script.main(
+        [
+            "--model", str(tmp_path / "model"), "--data_dir", str(SHARED_DATA / "Kvasir-SEG-sample"),
+            "--split", "all", "--output_sizes", "native", "32", "--baseline", "sam", "--json", str(out),
+            "--overlays", str(tmp_path / "overlays"), "--limit", "2",
+        ]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 2
+    for key in ("results", "baseline_sam"):
+        for size in ("native", "32"):
+            assert {"dice", "dice_std", "iou", "hd95", "hd"} <= set(result[key][size])
+    assert out.with_suffix(".csv").read_text().count("\n") == 1 + 2 * 2 * 2
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
+    with pytest.raises(SystemExit, match="split_file"):
+        script.main(
+            [
+                "--model",
+                str(tmp_path / "model"),
+                "--data_dir",
+                str(SHARED_DATA / "Kvasir-SEG-sample"),
+                "--json",
+                str(out),
+            ]
+        )
+
+
+def test_untrained_batchnorm_free_model_is_deterministic():
+    model = tiny_model(query_mode="adaptive")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x, output_size=(100, 80)).logits, model(x, output_size=(100, 80)).logits)
