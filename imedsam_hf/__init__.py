@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_imedsam import IMedSamConfig
 from .frequency_adapter import FrequencyAdapterConfig, FrequencyAdapterModel, imedsam_peft_config
+from .inference import Segmentation, segment
 from .modeling_imedsam import IMedSamImplicitDecoder, IMedSamModel, IMedSamOutput
 from .processing_imedsam import IMedSamProcessor, processor_for_config
 from .publishing import export_full_model, save_pretrained_full
@@ -30,4 +31,6 @@ __all__ = [
     "imedsam_peft_config",
     "processor_for_config",
     "save_pretrained_full",
+    "Segmentation",
+    "segment",
 ]

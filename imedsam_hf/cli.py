@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, mask_box, read_mask
-from .processing_imedsam import IMedSamProcessor, to_rgb_array
+from .inference import segment
+from .processing_imedsam import to_rgb_array
 
 MAX_PIXELS = 8192 * 8192  # larger images are refused: their float RGB copy alone would need > 800 MB
 
@@ -105,26 +105,6 @@ def box_for(path: Path, args, boxes: dict) -> list[float] | None:
     raise ValueError("Give a prompt: --box, --boxes, --boxes-from-masks, or --no-prompt.")
 
 
-@torch.no_grad()
-def segment_image(model, processor: IMedSamProcessor, image, box=None, output_size=None) -> dict[str, np.ndarray]:
-    """One image -> `mask` (H, W) bool (or class ids) and `probabilities` (C, H, W) at the image's (or given) size."""
-    inputs = processor(image, input_boxes=box)
-    original = tuple(inputs["original_sizes"][0].tolist())
-    size = output_size or original
-    parameter = next(model.parameters())
-    outputs = model(
-        pixel_values=inputs["pixel_values"].to(parameter.device, parameter.dtype),
-        input_boxes=None if box is None else inputs["input_boxes"].to(parameter.device),
-        output_size=size,
-        output_region=inputs["output_region"],
-    )
-    logits = outputs.logits.float().cpu()
-    return {
-        "mask": IMedSamProcessor.post_process_masks(logits)[0].numpy(),
-        "probabilities": logits.sigmoid()[0].numpy(),
-    }
-
-
 def overlay(image: np.ndarray, mask: np.ndarray) -> Image.Image:
     """The image with the mask tinted red (image resized to the mask's grid if needed)."""
     picture = Image.fromarray(image.clip(0, 255).astype(np.uint8))
@@ -154,16 +134,16 @@ def predict(args) -> int:
             image = to_rgb_array(path)
             if image.shape[0] * image.shape[1] > MAX_PIXELS:
                 raise ValueError(f"{image.shape[1]}x{image.shape[0]} pixels is over the limit of {MAX_PIXELS}.")
-            result = segment_image(model, processor, image, box_for(path, args, boxes), output_size)
+            result = segment(model, image, box=box_for(path, args, boxes), output_size=output_size, processor=processor)
         except ValueError as error:
             message = str(error) if str(path) in str(error) else f"{path}: {error}"
             failures.append(message)
             print(f"skipped {message}", file=sys.stderr)
             continue
-        mask = (result["mask"] > 0).astype(np.uint8) * 255
+        mask = (result.mask > 0).astype(np.uint8) * 255
         Image.fromarray(mask).save(out / f"{path.stem}.png")
         if args.overlay:
-            overlay(image, result["mask"]).save(out / f"{path.stem}_overlay.png")
+            overlay(image, result.mask).save(out / f"{path.stem}_overlay.png")
     done = len(files) - len(failures)
     print(f"{done} of {len(files)} images segmented into {out}" + (f"; {len(failures)} failed:" if failures else ""))
     for message in failures:

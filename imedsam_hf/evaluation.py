@@ -95,13 +95,17 @@ def predict_logits(
     results = {}
     with context:
         embeddings = model.encode_image(inputs["pixel_values"].to(device, next(model.parameters()).dtype))
+        if baseline:
+            # SAM's mask does not depend on the output grid: one decoder pass, the implicit decoder queried at 1x1.
+            outputs = model(image_embeddings=embeddings, input_boxes=boxes, output_size=(1, 1))
         for size in output_sizes:
             shape = grid_size(original, size)
-            outputs = model(image_embeddings=embeddings, input_boxes=boxes, output_size=shape, output_region=region)
             if baseline:
                 logits = sam_mask_on_grid(outputs.sam_logits, processor.image_size, shape, region)
             else:
-                logits = outputs.logits
+                logits = model(
+                    image_embeddings=embeddings, input_boxes=boxes, output_size=shape, output_region=region
+                ).logits
             results[size] = logits[0].float().cpu()
     return results
 

@@ -139,3 +139,20 @@ def test_parsers():
     assert parse_box("1,2,3,4") == [1.0, 2.0, 3.0, 4.0]
     assert parse_output_size("512x384") == (384, 512)
     assert parse_output_size(None) is None
+
+
+def test_python_api_in_three_lines(model_dir):
+    from imedsam_hf import segment
+
+    image = sorted((KVASIR / "images").iterdir())[0]
+    result = segment(str(model_dir), str(image), box=[10, 20, 300, 400])
+    assert result.mask.shape == np.asarray(Image.open(image)).shape[:2] and result.mask.dtype == bool
+    assert result.probabilities.shape == (1, *result.mask.shape)
+    points = segment(
+        str(model_dir),
+        np.asarray(Image.open(image)),
+        points=[[100, 120], [300, 40]],
+        labels=[1, 0],
+        output_size=(50, 60),
+    )
+    assert points.mask.shape == (50, 60)

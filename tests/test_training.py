@@ -188,3 +188,33 @@ def test_two_cpu_processes_with_ddp(tiny_sam, polyps, tmp_path):
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "ddp" / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log) == 4  # 3 training images over 2 processes: 2 steps an epoch
+
+
+def test_hub_style_dataset_with_image_and_mask_columns(tiny_sam, tmp_path):
+    """A dataset with image/mask columns (here a local parquet folder, as a Hub id would give) trains end to end."""
+    import datasets
+
+    pairs = sorted((SHARED_DATA / "Kvasir-SEG-sample" / "images").iterdir())
+    records = {
+        "image": [str(p) for p in pairs],
+        "label": [str(SHARED_DATA / "Kvasir-SEG-sample" / "masks" / f"{p.stem}.png") for p in pairs],
+    }
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    folder = tmp_path / "hub-dataset" / "data"
+    folder.mkdir(parents=True)
+    datasets.Dataset.from_dict(records, features=features).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    out = tmp_path / "run"
+    extra = [
+        "--dataset",
+        str(tmp_path / "hub-dataset"),
+        "--mask_column",
+        "label",
+        "--data_dir",
+        "null",
+        "--epochs",
+        "1",
+    ]
+    results = train_script.main(args(tiny_sam, "unused", out, *extra))
+    assert results["n_images"] == 1 and "48" in results["results"]
+    with pytest.raises(SystemExit, match="no column"):
+        train_script.main(args(tiny_sam, "unused", tmp_path / "x", *extra[:-2], "--mask_column", "nope"))

@@ -593,10 +593,11 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
 def final_evaluation(config: dict, model, processor, splits: dict, output_dir: Path) -> dict[str, Any]:
     """Test-split scores of the selected model and, with `evaluation.baseline`, of the zero-shot backbone."""
     evaluation = config["evaluation"]
-    split = splits.get(evaluation["split"]) or []
-    if not isinstance(split, list) or not split:
+    split = splits.get(evaluation["split"])
+    if split is None or not len(split):
         return {}
-    pairs = [p for p in split if isinstance(p, SegmentationPair)]
+    # Folder splits are SegmentationPairs already; Hub-dataset rows carry decoded images, which work the same way.
+    pairs = split if isinstance(split, list) else [SegmentationPair(r["stem"], r["image"], r["mask"]) for r in split]
     kwargs = dict(
         output_sizes=evaluation["output_sizes"],
         prompt=config["data"]["prompt"],

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Adaptive vs dense querying of a trained model: Dice, HD95 and time on the same images at the same output sizes.
+
+    python benchmarks/adaptive_accuracy.py --model outputs/litemedsam_polyp/final \
+        --data_dir ../shared/data/EndoTect2020-polyp --split test --output_sizes 512 1024 --limit 8 \
+        --json benchmarks/results/adaptive_accuracy_litemedsam.json
+
+Sizes are longest sides (aspect kept); ground truth resized with nearest neighbour (the evaluation protocol of
+`imedsam_hf.evaluation`). Both modes score the same model in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from common import machine_description, print_table, write_json
+from transformers import AutoModel, AutoProcessor
+
+import imedsam_hf  # noqa: F401
+from imedsam_hf.data import discover_pairs, load_splits, validate_pairs
+from imedsam_hf.evaluation import evaluate_pairs
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--output_sizes", nargs="+", default=["512", "1024"])
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--num_threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    model = AutoModel.from_pretrained(args.model).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    pairs, problems = validate_pairs(*discover_pairs(args.data_dir))
+    stems = set(load_splits(Path(args.model) / "splits.json")[args.split]) if args.split != "all" else None
+    pairs = [p for p in pairs if stems is None or p.stem in stems][: args.limit]
+    rows = []
+    for size in args.output_sizes:
+        for mode in ("adaptive", "dense"):
+            model.config.query_mode = mode
+            start = time.perf_counter()
+            _, summary = evaluate_pairs(model, processor, pairs, output_sizes=[size])
+            elapsed = time.perf_counter() - start
+            values = summary[str(size)]
+            rows.append(
+                {
+                    "output": size,
+                    "mode": mode,
+                    "dice": values["dice"],
+                    "hd95": values["hd95"],
+                    "seconds_per_image": elapsed / len(pairs),
+                }
+            )
+        rows[-2]["dice_minus_dense_points"] = 100 * (rows[-2]["dice"] - rows[-1]["dice"])
+        rows[-2]["speedup_vs_dense"] = rows[-1]["seconds_per_image"] / rows[-2]["seconds_per_image"]
+    result = {
+        "benchmark": "adaptive_accuracy",
+        "model": args.model,
+        "n_images": len(pairs),
+        "device": machine_description(torch.device("cpu")),
+        "rows": rows,
+    }
+    print(f"{args.model}: {len(pairs)} {args.split} images, {result['device']}")
+    print_table(
+        rows, ["output", "mode", "dice", "hd95", "seconds_per_image", "dice_minus_dense_points", "speedup_vs_dense"]
+    )
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
