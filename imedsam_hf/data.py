@@ -76,6 +76,15 @@ class DataConfig:
     augment: AugmentationConfig | None = field(default_factory=AugmentationConfig)
     box_jitter: float = 0.1  # each box side moves by up to this fraction of the box size (training only)
     prompt: str = "box"  # "box" or "none"
+    # Multi-class masks with one box per class present: one binary sample per (image, class), prompted with that
+    # class's box (the model has one output channel; the box says which structure). `mask_classes` is the number
+    # of foreground class ids in the masks (default `num_classes`).
+    class_prompts: bool = False
+    mask_classes: int | None = None
+
+    @property
+    def mask_class_count(self) -> int:
+        return self.mask_classes or self.num_classes
 
 
 def find_layout(data_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -298,18 +307,32 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.items = self._items()
+
+    def _items(self) -> list[tuple[int, int]]:
+        """(record index, class id) of every sample; class id 0 means the whole mask (no per-class prompts)."""
+        if not self.config.class_prompts:
+            return [(i, 0) for i in range(len(self.records))]
+        items = []
+        for i in range(len(self.records)):
+            present = np.unique(read_mask(self.records[i]["mask"], self.config.mask_class_count))
+            items.extend((i, int(c)) for c in present if c > 0)
+        return items
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        record = self.records[index]
+        record_index, class_id = self.items[index]
+        record = self.records[record_index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image = to_rgb_array(record["image"])
-        mask = read_mask(record["mask"], self.config.num_classes)
+        mask = read_mask(record["mask"], self.config.mask_class_count)
+        if class_id:
+            mask = (mask == class_id).astype(np.int64)
         original = image.shape[:2]
         shape = self.processor.resized_shape(*original)
         tensor = self.processor.resize_image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), shape)
@@ -330,6 +353,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             "original_size": torch.tensor(original),
             "reshaped_size": torch.tensor(shape),
             "index": torch.tensor(index),
+            "class_id": torch.tensor(class_id),
         }
 
     def _exact_box(self, mask: np.ndarray, original, shape) -> np.ndarray | None:

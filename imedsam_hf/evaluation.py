@@ -127,9 +127,14 @@ def evaluate_pairs(
     baseline: bool = False,
     num_classes: int = 1,
     progress: bool = False,
+    class_prompts: bool = False,
+    mask_classes: int | None = None,
 ) -> tuple[list[dict], dict[str, dict]]:
     """
     Score every pair at every output size.
+
+    With `class_prompts`, masks hold class ids 1..`mask_classes` and every class present is segmented on its own,
+    prompted with its exact box, and scored as a binary mask (rows carry `class`); the summary averages them.
 
     Returns per-image rows (`stem`, `size`, scores) and a summary `{size: aggregate(...)}` with `dice`,
     `dice_std`, `iou`, `hd95`, `hd` (and their std) and `n`.
@@ -144,16 +149,22 @@ def evaluate_pairs(
 
         iterator = tqdm(pairs, desc="baseline" if baseline else "evaluate")
     for pair in iterator:
-        labels = read_mask(pair.mask, num_classes)
-        box = mask_box(labels) if prompt == "box" else None
+        labels = read_mask(pair.mask, mask_classes or num_classes)
         image = to_rgb_array(pair.image)
-        logits = predict_logits(model, processor, image, box, sizes, baseline=baseline)
-        for size in sizes:
-            target = resize_labels(labels, tuple(logits[size].shape[-2:]))
-            rows.append({"stem": pair.stem, "size": str(size), **score(logits[size], target, num_classes)})
+        targets = [(None, labels)]
+        if class_prompts:
+            targets = [(int(c), (labels == c).astype(np.int64)) for c in np.unique(labels) if c > 0]
+        for class_id, target_labels in targets:
+            box = mask_box(target_labels) if prompt == "box" else None
+            logits = predict_logits(model, processor, image, box, sizes, baseline=baseline)
+            extra = {} if class_id is None else {"class": class_id}
+            for size in sizes:
+                target = resize_labels(target_labels, tuple(logits[size].shape[-2:]))
+                rows.append({"stem": pair.stem, "size": str(size), **extra, **score(logits[size], target, num_classes)})
     summary = {}
     for size in sizes:
-        metrics = [{k: v for k, v in r.items() if k not in ("stem", "size")} for r in rows if r["size"] == str(size)]
+        skip = ("stem", "size", "class")
+        metrics = [{k: v for k, v in r.items() if k not in skip} for r in rows if r["size"] == str(size)]
         summary[str(size)] = aggregate(metrics)
     return rows, summary
 

@@ -149,3 +149,21 @@ def test_real_dataset_loads():
     assert sample["labels"].sum() > 100
     x0, y0, x1, y1 = sample["input_boxes"].tolist()
     assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+
+
+def test_class_prompts_make_one_binary_sample_per_class(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    mask = np.zeros((40, 50), np.uint8)
+    mask[2:10, 3:20] = 1
+    mask[20:35, 25:45] = 3
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(tmp_path / "images" / "ct.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "ct.png")
+    records = records_from_pairs(discover_pairs(tmp_path)[0])
+    config = DataConfig(augment=None, class_prompts=True, mask_classes=3)
+    dataset = SegmentationDataset(records, IMedSamProcessor(image_size=50), config, train=False)
+    assert len(dataset) == 2
+    first, second = dataset[0], dataset[1]
+    assert first["class_id"] == 1 and second["class_id"] == 3
+    assert set(first["labels"].unique().tolist()) == {0, 1} and first["labels"].sum() == 8 * 17
+    np.testing.assert_allclose(second["input_boxes"].numpy(), [25, 20, 44, 34])

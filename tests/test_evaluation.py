@@ -67,6 +67,22 @@ def test_evaluate_script_json_schema(tmp_path):
             assert {"dice", "dice_std", "iou", "hd95", "hd"} <= set(result[key][size])
     assert out.with_suffix(".csv").read_text().count("\n") == 1 + 2 * 2 * 2
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
+    # Regression: without --baseline the CSV had rows with a key missing from its header.
+    script.main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--data_dir",
+            str(SHARED_DATA / "Kvasir-SEG-sample"),
+            "--split",
+            "all",
+            "--limit",
+            "1",
+            "--json",
+            str(tmp_path / "plain.json"),
+        ]
+    )
+    assert (tmp_path / "plain.csv").read_text().startswith("model,size,stem,dice")
     with pytest.raises(SystemExit, match="split_file"):
         script.main(
             [

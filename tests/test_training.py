@@ -218,3 +218,41 @@ def test_hub_style_dataset_with_image_and_mask_columns(tiny_sam, tmp_path):
     assert results["n_images"] == 1 and "48" in results["results"]
     with pytest.raises(SystemExit, match="no column"):
         train_script.main(args(tiny_sam, "unused", tmp_path / "x", *extra[:-2], "--mask_column", "nope"))
+
+
+def organ_folder(root, count=5):
+    """Small images with two labelled structures (class ids 1 and 2), like per-organ CT masks merged."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        image = rng.integers(0, 80, (60, 80, 3), dtype=np.uint8)
+        mask = np.zeros((60, 80), np.uint8)
+        mask[5 + i : 25, 8:30] = 1
+        mask[30:55, 40 + i : 75] = 2
+        image[mask == 1] += 120
+        image[mask == 2] += 60
+        Image.fromarray(image).save(root / "images" / f"case{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"case{i}.png")
+    return root
+
+
+def test_multi_class_masks_with_one_box_per_class(tiny_sam, tmp_path):
+    data = organ_folder(tmp_path / "organs")
+    out = tmp_path / "run"
+    extra = ("--class_prompts", "true", "--mask_classes", "2", "--epochs", "1", "--baseline", "true")
+    results = train_script.main(args(tiny_sam, data, out, *extra))
+    rows = [json.loads(line) for line in (out / "eval_per_image.jsonl").read_text().splitlines()]
+    imedsam_rows = [r for r in rows if "model" not in r]
+    assert sorted(r["class"] for r in imedsam_rows) == [1, 2]  # one test image, both classes, each its own box
+    assert results["results"]["48"]["n"] == 2
+    with pytest.raises(SystemExit, match="num_classes 1"):
+        train_script.main(args(tiny_sam, data, tmp_path / "x", *extra, "--num_classes", "2"))
+
+
+def test_multi_class_logits_from_one_prompt(tiny_sam, tmp_path):
+    data = organ_folder(tmp_path / "organs")
+    out = tmp_path / "run"
+    results = train_script.main(args(tiny_sam, data, out, "--num_classes", "2", "--epochs", "1", "--baseline", "false"))
+    assert AutoModel.from_pretrained(out / "final").config.num_classes == 2
+    assert 0 <= results["results"]["48"]["dice"] <= 1

@@ -118,6 +118,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: no pairs to evaluate in --data_dir {args.data_dir} (split {args.split}).")
     kwargs = dict(output_sizes=args.output_sizes, prompt=args.prompt, num_classes=num_classes, progress=True)
     rows, summary = evaluate_pairs(model, processor, pairs, **kwargs)
+    rows = [{"model": "imedsam" if args.model != "litemedsam" else "litemedsam", **row} for row in rows]
     result = {
         "model": args.model,
         "data_dir": str(args.data_dir),
@@ -137,7 +138,7 @@ def main(argv=None) -> dict:
         fields = sorted({key for row in rows for key in row}, key=lambda k: (k not in ("model", "stem", "size"), k))
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
-        writer.writerows({"model": "imedsam", **row} for row in rows)
+        writer.writerows(rows)
     if args.overlays:
         write_overlays(model, processor, pairs, Path(args.overlays), num_classes, args.prompt)
     for name, table in (("model", summary), ("baseline_sam", result.get("baseline_sam"))):

@@ -88,6 +88,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "augment": True,
         "box_jitter": 0.1,
         "prompt": "box",
+        "class_prompts": False,
+        "mask_classes": None,
         "name": None,
         "license": None,
         "citation": None,
@@ -196,7 +198,7 @@ def apply_overrides(config: dict, argv: list[str]) -> None:
 def load_pairs(config: dict, output_dir: Path, accelerator: Accelerator) -> dict[str, list]:
     """The train/validation/test records, with problems reported and splits written next to the run."""
     data = config["data"]
-    num_classes = config["model"]["num_classes"]
+    num_classes = data["mask_classes"] or config["model"]["num_classes"]
     if data["dataset"]:
         records = {
             split: load_hub_dataset(data["dataset"], name, data["image_column"], data["mask_column"])
@@ -411,7 +413,11 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         augment=DataConfig().augment if data_cfg["augment"] else None,
         box_jitter=data_cfg["box_jitter"],
         prompt=data_cfg["prompt"],
+        class_prompts=data_cfg["class_prompts"],
+        mask_classes=data_cfg["mask_classes"],
     )
+    if data_cfg["class_prompts"] and model_cfg["num_classes"] != 1:
+        raise SystemExit("error: --class_prompts makes one binary sample per class and box: use --num_classes 1.")
     train_set = SegmentationDataset(
         as_records(splits["train"]), processor, data_config, train=True, seed=train_cfg["seed"]
     )
@@ -602,6 +608,8 @@ def final_evaluation(config: dict, model, processor, splits: dict, output_dir: P
         output_sizes=evaluation["output_sizes"],
         prompt=config["data"]["prompt"],
         num_classes=config["model"]["num_classes"],
+        class_prompts=config["data"]["class_prompts"],
+        mask_classes=config["data"]["mask_classes"],
     )
     rows, summary = evaluate_pairs(model, processor, pairs, **kwargs, progress=True)
     results = {"n_images": len(pairs), "split": evaluation["split"], "results": summary}
