@@ -31,6 +31,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--split", default="test")
     parser.add_argument("--output_sizes", nargs="+", default=["512", "1024"])
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument(
+        "--base_sizes", nargs="+", type=int, default=[0], help="adaptive base grid sides to compare (0: the default)"
+    )
     parser.add_argument("--num_threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -38,28 +41,33 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.num_threads)
     model = AutoModel.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
-    pairs, problems = validate_pairs(*discover_pairs(args.data_dir))
+    found, problems = discover_pairs(args.data_dir)
+    pairs, problems = validate_pairs(found, problems=problems)
     stems = set(load_splits(Path(args.model) / "splits.json")[args.split]) if args.split != "all" else None
     pairs = [p for p in pairs if stems is None or p.stem in stems][: args.limit]
     rows = []
     for size in args.output_sizes:
-        for mode in ("adaptive", "dense"):
-            model.config.query_mode = mode
+        variants = [("dense", None)] + [("adaptive", base or None) for base in args.base_sizes]
+        size_rows = []
+        for mode, base in variants:
+            model.config.query_mode, model.config.adaptive_base_size = mode, base
             start = time.perf_counter()
             _, summary = evaluate_pairs(model, processor, pairs, output_sizes=[size])
             elapsed = time.perf_counter() - start
             values = summary[str(size)]
-            rows.append(
+            size_rows.append(
                 {
                     "output": size,
-                    "mode": mode,
+                    "mode": mode if base is None else f"{mode} (base {base})",
                     "dice": values["dice"],
                     "hd95": values["hd95"],
                     "seconds_per_image": elapsed / len(pairs),
                 }
             )
-        rows[-2]["dice_minus_dense_points"] = 100 * (rows[-2]["dice"] - rows[-1]["dice"])
-        rows[-2]["speedup_vs_dense"] = rows[-1]["seconds_per_image"] / rows[-2]["seconds_per_image"]
+        for row in size_rows[1:]:
+            row["dice_minus_dense_points"] = 100 * (row["dice"] - size_rows[0]["dice"])
+            row["speedup_vs_dense"] = size_rows[0]["seconds_per_image"] / row["seconds_per_image"]
+        rows += size_rows
     result = {
         "benchmark": "adaptive_accuracy",
         "model": args.model,

@@ -195,7 +195,8 @@ def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
         splits = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"--split_file {path}: cannot read it as JSON ({error}).") from error
-    if not isinstance(splits, dict) or not set(splits) <= set(SPLITS) or "train" not in splits:
+    # `metadata` is what write_splits records beside the stems (seed, source).
+    if not isinstance(splits, dict) or not set(splits) - {"metadata"} <= set(SPLITS) or "train" not in splits:
         raise ValueError(f"--split_file {path}: expected keys {SPLITS} (train required), got {list(splits)}.")
     return {name: list(splits.get(name, [])) for name in SPLITS}
 

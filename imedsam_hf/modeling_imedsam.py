@@ -209,7 +209,9 @@ class IMedSamImplicitDecoder(nn.Module):
         logits, coarse_features = head[..., : self.num_classes] + prior, head[..., self.num_classes :]
         with torch.no_grad():
             if self.training:
-                passes = [F.dropout(hidden, self.coarse_dropout.p, training=True) for _ in range(self.config.mc_passes)]
+                passes = [
+                    F.dropout(hidden, self.coarse_dropout.p, training=True) for _ in range(self.settings.mc_passes)
+                ]
             else:
                 passes = [hidden * mask.to(hidden.dtype) for mask in self.inference_dropout_masks]
             pass_logits = [self.coarse_head(h)[..., : self.num_classes] + prior for h in passes]
@@ -222,9 +224,19 @@ class IMedSamImplicitDecoder(nn.Module):
         hidden = self._flat(self.fine_mlp, torch.cat([point_inputs, coarse_features], dim=-1))
         return self.fine_head(hidden) + self._prior(point_inputs)
 
+    @property
+    def settings(self) -> IMedSamConfig:
+        """
+        The config whose run-time settings (query mode, refine ratio, chunk size, MC passes) apply: the owning
+        model's live config when it passed one to `forward`. PEFT's `modules_to_save` trains a deep copy of this
+        module, config included, so its own `self.config` would miss later changes such as
+        `model.config.query_mode = "dense"`.
+        """
+        return self.__dict__.get("_live_config") or self.config
+
     def num_refined_points(self, num_points: int) -> int:
         """Points the fine decoder predicts per image: round(refine_ratio * num_points)."""
-        return int(round(self.config.refine_ratio * num_points))
+        return int(round(self.settings.refine_ratio * num_points))
 
     def forward(
         self,
@@ -234,6 +246,7 @@ class IMedSamImplicitDecoder(nn.Module):
         output_region: torch.Tensor | None = None,
         sam_logits: torch.Tensor | None = None,
         query_coordinates: torch.Tensor | None = None,
+        config: IMedSamConfig | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Query every point of an `output_size` grid covering the input frame (or each image's `output_region`), or
@@ -248,18 +261,21 @@ class IMedSamImplicitDecoder(nn.Module):
             sam_logits: SAM's low-resolution mask logits `(batch_size, 1, fh, fw)`, used with `implicit_sam_prior`.
             query_coordinates: `(batch_size, num_points, 2)` (x, y) in [0, 1] of the input frame: predict these
                 points instead of a grid (e.g. sampled training points); outputs are then `(..., 1, num_points)`.
+            config: the owning model's config, for run-time settings (see `settings`).
 
         Returns:
             logits, coarse logits `(batch_size, num_classes, height, width)`, uncertainty
             `(batch_size, height, width)` and refined `(batch_size, height, width)` bool.
         """
+        if config is not None:
+            self.__dict__["_live_config"] = config
         context = (features, positional_embedding, sam_logits)
         if query_coordinates is not None:
             height, width = 1, query_coordinates.shape[1]
             coordinates = query_coordinates.to(features.device, torch.float32)
         else:
             height, width = output_size
-            if not self.training and self.config.query_mode == "adaptive":
+            if not self.training and self.settings.query_mode == "adaptive":
                 base_size = self.adaptive_base_size(features)
                 if height * width > base_size[0] * base_size[1]:
                     return self._query_adaptive(context, output_size, base_size, output_region)
@@ -305,7 +321,7 @@ class IMedSamImplicitDecoder(nn.Module):
     def _coarse_chunked(self, context, coordinates):
         """Coarse logits `(B, N, C)` and uncertainty `(B, N)` of many points, `query_chunk_size` at a time."""
         # Only the logits and the uncertainty of every point are kept, never `num_points x hidden` activations.
-        chunk = self.config.query_chunk_size
+        chunk = self.settings.query_chunk_size
         logits, uncertainty = [], []
         for start in range(0, coordinates.shape[1], chunk):
             point_inputs = self.point_features(
@@ -318,7 +334,7 @@ class IMedSamImplicitDecoder(nn.Module):
 
     def _refine_chunked(self, context, coordinates):
         """Exact coarse logits, uncertainty and fine logits of a few points, chunked."""
-        chunk = self.config.query_chunk_size
+        chunk = self.settings.query_chunk_size
         coarse, uncertainty, fine = [], [], []
         for start in range(0, coordinates.shape[1], chunk):
             point_inputs = self.point_features(
@@ -342,7 +358,7 @@ class IMedSamImplicitDecoder(nn.Module):
 
     def adaptive_base_size(self, features: torch.Tensor) -> tuple[int, int]:
         """Side of the bounded grid the coarse decoder always evaluates in adaptive mode (square)."""
-        side = self.config.adaptive_base_size or max(features.shape[-2:])
+        side = self.settings.adaptive_base_size or max(features.shape[-2:])
         return side, side
 
     def _query_adaptive(self, context, output_size, base_size, output_region):
@@ -373,7 +389,7 @@ class IMedSamImplicitDecoder(nn.Module):
             align_corners=False,
         ).flatten(1)
         factor = max(height / base_h, width / base_w)
-        k = min(height * width, int(round(self.config.refine_ratio * base_h * base_w * factor)))
+        k = min(height * width, int(round(self.settings.refine_ratio * base_h * base_w * factor)))
         selected = self._select(uncertainty, k)
         coordinates = region_coordinates(height, width, batch_size, output_region, features.device, selected)
         exact_coarse, exact_uncertainty, fine_logits = self._refine_chunked(context, coordinates)
@@ -573,7 +589,13 @@ class IMedSamModel(IMedSamPreTrainedModel):
                 logits=logits, sam_logits=sam_logits, iou_scores=iou_scores, image_embeddings=image_embeddings
             )
         logits, coarse_logits, uncertainty, refined = self.implicit_decoder(
-            upscaled, self.shared_image_embedding, output_size, output_region, sam_logits, query_coordinates
+            upscaled,
+            self.shared_image_embedding,
+            output_size,
+            output_region,
+            sam_logits,
+            query_coordinates,
+            config=self.config,
         )
         return IMedSamOutput(
             logits=logits,

@@ -24,6 +24,7 @@ from imedsam_hf.data import (
     read_mask,
     records_from_pairs,
     validate_pairs,
+    write_splits,
 )
 
 
@@ -80,6 +81,8 @@ def test_splits_are_seeded_disjoint_and_complete(tmp_path):
     assert make_splits(stems, seed=8) != splits
     path = tmp_path / "splits.json"
     path.write_text(json.dumps(splits))
+    assert load_splits(path) == splits
+    write_splits(splits, path, seed=7, source="somewhere")  # the file a run writes, with its metadata
     assert load_splits(path) == splits
     path.write_text("{not json")
     with pytest.raises(ValueError, match="split_file"):

@@ -231,3 +231,19 @@ def test_fusion_gate_starts_as_the_base_model_and_learns(inputs):
     peft_model(pixel_values=pixel_values, input_boxes=boxes).logits.square().mean().backward()
     gates = [p for n, p in peft_model.named_parameters() if "freq_gate" in n]
     assert len(gates) == 2 and all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)
+
+
+def test_config_changes_reach_the_trained_implicit_decoder_copy(inputs):
+    """Regression: modules_to_save deep-copies the implicit decoder with its config; run-time settings set on the
+    model's config after wrapping (query mode, refine ratio) must still apply."""
+    peft_model = adapted()
+    pixel_values, boxes = inputs
+    config = peft_model.get_base_model().config
+    config.refine_ratio = 0.25
+    with torch.no_grad():
+        outputs = peft_model(pixel_values=pixel_values, input_boxes=boxes, output_size=(16, 16))
+    assert outputs.refined.flatten(1).sum(1).tolist() == [64, 64]
+    config.query_mode, config.adaptive_base_size = "adaptive", 8
+    with torch.no_grad():
+        adaptive = peft_model(pixel_values=pixel_values, input_boxes=boxes, output_size=(32, 32))
+    assert adaptive.refined.flatten(1).sum(1).tolist() == [round(0.25 * 8 * 8 * 4)] * 2

@@ -73,6 +73,14 @@ def test_short_real_run_writes_the_publishing_form_and_a_card(tiny_sam, polyps, 
     assert "| I-MedSAM | 48 |" in card and "zero-shot backbone" in card
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert any("val_dice" in r for r in log) and any("fine_loss" in r for r in log)
+    # The trained folder evaluates on its own test split (splits.json saved beside it, metadata included).
+    spec = importlib.util.spec_from_file_location("imedsam_evaluate", REPO_ROOT / "training" / "evaluate.py")
+    evaluate_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_script)
+    evaluated = evaluate_script.main(
+        ["--model", str(final), "--data_dir", str(polyps), "--output_sizes", "48", "--json", str(tmp_path / "e.json")]
+    )
+    assert evaluated["n_images"] == 1 and evaluated["split"] == "test"
     model = AutoModel.from_pretrained(final).eval()
     with torch.no_grad():
         outputs = model(torch.zeros(1, 3, 64, 64), input_boxes=torch.tensor([[5.0, 5.0, 40.0, 40.0]]))
