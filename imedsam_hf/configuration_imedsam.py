@@ -50,7 +50,8 @@ class IMedSamConfig(SamConfig):
         the coarse decoder on a bounded base grid, upsamples it, and predicts exactly only the most uncertain
         output points (cost nearly independent of the output size). Identical to dense up to the base grid size.
     adaptive_base_size (`int`, *optional*):
-        Longest side of the adaptive base grid; default the mask decoder's feature resolution (4x the embedding).
+        Longest side of the adaptive base grid; default the mask decoder's feature resolution (4x the embedding),
+        capped at 128.
     implicit_sam_prior (`bool`, defaults to `False`):
         Beyond the paper: feed SAM's own mask logit at each query point to both implicit MLPs and predict a
         residual on it, so a fresh implicit decoder starts from the backbone's zero-shot mask instead of from

@@ -57,6 +57,11 @@ class IMedSamOutput(ModelOutput):
     image_embeddings: torch.FloatTensor | None = None
 
 
+# Default cap of the adaptive base grid's side. Measured on LiteMedSAM (256x256 decoder features), EndoTect test
+# images at 512 output: base 128 scored Dice 0.974 like dense (-0.02 points) at 4.4x dense's speed; base 256 2.6x.
+DEFAULT_ADAPTIVE_BASE_SIZE = 128
+
+
 class IMedSamMaskDecoder(SamMaskDecoder):
     """SAM's mask decoder (same parameter names) that also returns the upscaled image features."""
 
@@ -358,7 +363,7 @@ class IMedSamImplicitDecoder(nn.Module):
 
     def adaptive_base_size(self, features: torch.Tensor) -> tuple[int, int]:
         """Side of the bounded grid the coarse decoder always evaluates in adaptive mode (square)."""
-        side = self.settings.adaptive_base_size or max(features.shape[-2:])
+        side = self.settings.adaptive_base_size or min(max(features.shape[-2:]), DEFAULT_ADAPTIVE_BASE_SIZE)
         return side, side
 
     def _query_adaptive(self, context, output_size, base_size, output_region):
