@@ -49,7 +49,8 @@ def export_full_model(peft_model: PeftModel) -> IMedSamModel:
         if ".original_module." in key:
             continue
         key = key.replace(f".modules_to_save.{adapter_name}.", ".")
-        key = re.sub(rf"(\.freq_[A-Za-z_]+)\.{re.escape(adapter_name)}\.", rf"\1.{PUBLISHED_ADAPTER_NAME}.", key)
+        # Adapter tensors are keyed by adapter name: `...freq_adapter.<name>.0.weight`, `...freq_gate.<name>`.
+        key = re.sub(rf"(\.freq_[A-Za-z_]+)\.{re.escape(adapter_name)}(\.|$)", rf"\1.{PUBLISHED_ADAPTER_NAME}\2", key)
         state[key] = value
     model.load_state_dict(state, strict=True)
     model.train(base.training)

@@ -247,3 +247,15 @@ def test_config_changes_reach_the_trained_implicit_decoder_copy(inputs):
     with torch.no_grad():
         adaptive = peft_model(pixel_values=pixel_values, input_boxes=boxes, output_size=(32, 32))
     assert adaptive.refined.flatten(1).sum(1).tolist() == [round(0.25 * 8 * 8 * 4)] * 2
+
+
+def test_publishing_a_named_adapter_with_fusion_gates(tmp_path, inputs):
+    model = tiny_model()
+    peft_model = get_peft_model(model, imedsam_peft_config(model.config, fusion_gate=True), adapter_name="polyps")
+    randomize_adapters(peft_model)
+    peft_model.eval()
+    expected = predict(peft_model, inputs)
+    save_pretrained_full(peft_model, tmp_path / "published")
+    reloaded = AutoModel.from_pretrained(tmp_path / "published").eval()
+    assert reloaded.config.adapter_config["fusion_gate"] is True
+    torch.testing.assert_close(predict(reloaded, inputs), expected, atol=0, rtol=0)
