@@ -1,0 +1,91 @@
+"""Browser demo (Gradio, the Hugging Face Spaces convention): upload an image, type a box, get the mask.
+
+    python demo/app.py                                         # LiteMedSAM zero-shot, offline
+    python demo/app.py --model outputs/litemedsam_polyp/final   # a trained I-MedSAM (folder or hub id)
+
+On Spaces, `app.py` is run as is; set IMEDSAM_DEMO_MODEL to choose the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+import imedsam_hf  # noqa: F401
+from imedsam_hf import segment
+from imedsam_hf.cli import load_model_and_processor, overlay
+
+RESOLUTIONS = ["native", "0.5x", "2x", "512 px", "1024 px"]
+
+
+def output_grid(height: int, width: int, choice: str) -> tuple[int, int]:
+    """The mask grid for a resolution choice: native, a factor of it, or a longest side."""
+    if choice == "native":
+        return height, width
+    if choice.endswith("x"):
+        factor = float(choice[:-1])
+        return max(1, round(height * factor)), max(1, round(width * factor))
+    side = int(choice.split()[0])
+    scale = side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def build_demo(model_name: str) -> gr.Blocks:
+    model, processor = load_model_and_processor(model_name)
+
+    def run(image, x0, y0, x1, y1, resolution):
+        if image is None:
+            raise gr.Error("Upload an image first.")
+        array = np.asarray(image)
+        height, width = array.shape[:2]
+        values = [x0, y0, x1, y1]
+        box = None if any(v is None for v in values) or values == [0, 0, 0, 0] else [float(v) for v in values]
+        try:
+            result = segment(
+                model, array, box=box, output_size=output_grid(height, width, resolution), processor=processor
+            )
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        mask = (result.mask > 0).astype(np.uint8) * 255
+        path = os.path.join(tempfile.mkdtemp(prefix="imedsam-"), "mask.png")
+        Image.fromarray(mask).save(path)
+        area = float((mask > 0).mean())
+        info = f"mask {mask.shape[1]}x{mask.shape[0]}, foreground {100 * area:.1f}%"
+        return overlay(array.astype(np.float32), result.mask), path, info
+
+    with gr.Blocks(title="I-MedSAM") as demo:
+        gr.Markdown(f"# I-MedSAM\nModel: `{model_name}`. Upload an image, type a box (pixels), choose the resolution.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="numpy", label="Image", image_mode="RGB")
+                with gr.Row():
+                    x0 = gr.Number(label="x0", value=0, precision=1)
+                    y0 = gr.Number(label="y0", value=0, precision=1)
+                    x1 = gr.Number(label="x1", value=0, precision=1)
+                    y1 = gr.Number(label="y1", value=0, precision=1)
+                resolution = gr.Radio(RESOLUTIONS, value="native", label="Output resolution")
+                button = gr.Button("Segment", variant="primary")
+            with gr.Column():
+                result = gr.Image(label="Mask overlay", type="numpy")
+                download = gr.File(label="Mask (0/255 PNG)")
+                info = gr.Textbox(label="Info", interactive=False)
+        button.click(run, inputs=[image, x0, y0, x1, y1, resolution], outputs=[result, download, info])
+    return demo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=os.environ.get("IMEDSAM_DEMO_MODEL", "litemedsam"))
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args()
+    build_demo(args.model).launch(server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()
