@@ -22,9 +22,10 @@ from PIL import Image
 
 from .data import IMAGE_EXTENSIONS, mask_box, read_mask
 from .inference import segment
-from .processing_imedsam import to_rgb_array
+from .processing_imedsam import open_image, to_rgb_array
 
-MAX_PIXELS = 8192 * 8192  # larger images are refused: their float RGB copy alone would need > 800 MB
+MAX_PIXELS = 20000 * 20000  # larger images are refused (PIL also stops at about 179M pixels)
+MAX_OUTPUT_PIXELS = 4096 * 4096  # beyond this the mask is predicted on a reduced grid and resized to the image
 
 
 def load_model_and_processor(name: str):
@@ -60,6 +61,14 @@ def collect_inputs(paths: list[str]) -> list[Path]:
     if not files:
         raise ValueError("No input images given.")
     return files
+
+
+def fitted_grid(height: int, width: int, max_pixels: int) -> tuple[int, int]:
+    """The image's own grid, or the largest grid of the same aspect within `max_pixels` points."""
+    if height * width <= max_pixels:
+        return height, width
+    scale = (max_pixels / (height * width)) ** 0.5
+    return max(1, int(height * scale)), max(1, int(width * scale))
 
 
 def parse_box(text: str) -> list[float]:
@@ -131,19 +140,28 @@ def predict(args) -> int:
     failures = []
     for path in tqdm(files, desc="predict", disable=len(files) < 2):
         try:
-            image = to_rgb_array(path)
-            if image.shape[0] * image.shape[1] > MAX_PIXELS:
-                raise ValueError(f"{image.shape[1]}x{image.shape[0]} pixels is over the limit of {MAX_PIXELS}.")
-            result = segment(model, image, box=box_for(path, args, boxes), output_size=output_size, processor=processor)
+            image = open_image(path)
+            width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
+            if width * height > MAX_PIXELS:
+                raise ValueError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS} pixels.")
+            size = output_size or fitted_grid(height, width, args.max_output_pixels)
+            result = segment(model, image, box=box_for(path, args, boxes), output_size=size, processor=processor)
         except ValueError as error:
             message = str(error) if str(path) in str(error) else f"{path}: {error}"
             failures.append(message)
             print(f"skipped {message}", file=sys.stderr)
             continue
-        mask = (result.mask > 0).astype(np.uint8) * 255
-        Image.fromarray(mask).save(out / f"{path.stem}.png")
+        mask = Image.fromarray((result.mask > 0).astype(np.uint8) * 255)
+        if output_size is None and mask.size != (width, height):
+            print(f"{path}: mask predicted at {mask.size[0]}x{mask.size[1]} and resized to {width}x{height}")
+            mask = mask.resize((width, height), Image.NEAREST)
+        mask.save(out / f"{path.stem}.png")
         if args.overlay:
-            overlay(image, result.mask).save(out / f"{path.stem}_overlay.png")
+            thumbnail = (
+                image if isinstance(image, Image.Image) else Image.fromarray(to_rgb_array(image).astype(np.uint8))
+            )
+            thumbnail = thumbnail.convert("RGB").resize((result.mask.shape[1], result.mask.shape[0]))
+            overlay(np.asarray(thumbnail).astype(np.float32), result.mask).save(out / f"{path.stem}_overlay.png")
     done = len(files) - len(failures)
     print(f"{done} of {len(files)} images segmented into {out}" + (f"; {len(failures)} failed:" if failures else ""))
     for message in failures:
@@ -165,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-size", dest="output_size", help="WxH of the masks (default: each image's size)")
     p.add_argument("--out", required=True, help="folder for the masks")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
+    p.add_argument(
+        "--max-output-pixels",
+        dest="max_output_pixels",
+        type=int,
+        default=MAX_OUTPUT_PIXELS,
+        help="bigger images get their mask predicted on a grid of this many points and resized (bounded memory)",
+    )
     sub.add_parser("convert", help="convert a checkpoint (see python -m imedsam_hf.convert --help)", add_help=False)
     sub.add_parser("evaluate", help="evaluate on a labelled folder (see training/evaluate.py)", add_help=False)
     return parser

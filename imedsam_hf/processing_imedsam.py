@@ -145,12 +145,34 @@ class IMedSamProcessor(BaseImageProcessor):
 
     def preprocess_image(self, image: ImageInput) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         """One image -> pixel values `(3, S, S)`, its original `(H, W)` and its resized `(h, w)` inside the frame."""
-        array = to_rgb_array(image)
-        height, width = array.shape[:2]
+        image = open_image(image)
+        if isinstance(image, Image.Image):
+            width, height = image.size
+            image = self._shrink(image)
+            array = to_rgb_array(image)
+        else:
+            array = to_rgb_array(image)
+            height, width = array.shape[:2]
         shape = self.resized_shape(height, width)
         tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
         pixel_values = self.pad(self.normalize(self.resize_image(tensor, shape)))
         return pixel_values, (height, width), shape
+
+    def _shrink(self, image: Image.Image) -> Image.Image:
+        """
+        Box-filter a huge image (longest side over 4096 px) by an integer factor, keeping at least
+        max(4 x frame, 2048) px, before it becomes a float array: memory stays bounded (a 10000x10000 RGB image
+        would need 1.2 GB as float32) and the antialiased resize that follows sees nearly the same content.
+        Ordinary images are untouched, so preprocessing stays exactly the one a backbone was trained with.
+        """
+        side = max(image.size)
+        factor = side // max(4 * self.image_size, 2048) if side > 4096 else 1
+        if factor < 2:
+            return image
+        try:
+            return image.reduce(factor)
+        except (ValueError, NotImplementedError):  # modes PIL cannot reduce (e.g. some 16-bit ones)
+            return image
 
     def resize_mask(self, mask: np.ndarray | torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
         """`(H, W)` class-id mask -> `(S, S)` long: nearest-neighbour resize into the frame, zero padding."""

@@ -156,3 +156,28 @@ def test_python_api_in_three_lines(model_dir):
         output_size=(50, 60),
     )
     assert points.mask.shape == (50, 60)
+
+
+def test_huge_image_gets_a_full_size_mask_with_bounded_memory(model_dir, tmp_path):
+    """A 10000x10000 image: decoded once as uint8, shrunk before any float copy, mask predicted on a bounded grid."""
+    import subprocess
+    import sys
+
+    yy, xx = np.mgrid[0:10000:10, 0:10000:10]
+    small = (((yy - 5000) ** 2 + (xx - 4000) ** 2) < 2500**2).astype(np.uint8) * 200 + 20
+    Image.fromarray(small).resize((10000, 10000), Image.NEAREST).save(tmp_path / "huge.png")
+    out = tmp_path / "out"
+    code = f"""
+import resource, sys
+from imedsam_hf.cli import main
+status = main(["predict", "--model", {str(model_dir)!r}, {str(tmp_path / "huge.png")!r}, "--box", "1500,2500,6500,7500", "--out", {str(out)!r}])
+print("maxrss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(status)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resized to 10000x10000" in result.stdout
+    mask = Image.open(out / "huge.png")
+    assert mask.size == (10000, 10000)
+    peak_gb = int(result.stdout.split("maxrss_kb")[-1]) / 2**20
+    assert peak_gb < 3.0, f"peak memory {peak_gb:.2f} GB"
