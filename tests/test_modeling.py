@@ -257,3 +257,13 @@ def test_bf16_autocast_inference_in_both_query_modes(mode, inputs):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(pixel_values, input_boxes=boxes, output_size=(96, 80))
     assert outputs.logits.shape == (2, 1, 96, 80) and torch.isfinite(outputs.logits.float()).all()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_refine_ratio_zero_uses_the_coarse_prediction(train, inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model(refine_ratio=0.0).train(train)
+    with torch.set_grad_enabled(train):
+        outputs = model(pixel_values, input_boxes=boxes, output_size=(16, 16))
+    assert not outputs.refined.any()
+    torch.testing.assert_close(outputs.logits, outputs.coarse_logits)

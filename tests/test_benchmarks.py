@@ -1,0 +1,43 @@
+"""The ablation benchmark's orchestration, on a tiny SAM and a few real images (seconds, not the real study)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, SHARED_DATA
+from test_convert import TINY_SAM
+from transformers import SamConfig, SamModel
+
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
+
+
+def test_ablation_runs_every_variant_and_refine_ratio(tmp_path):
+    torch.manual_seed(0)
+    SamModel(SamConfig(**TINY_SAM)).save_pretrained(tmp_path / "sam")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"model: {{backbone: {tmp_path / 'sam'}, config_overrides: {{coarse_hidden_sizes: [32, 16], "
+        "coarse_feature_size: 8, fine_hidden_sizes: [16, 8]}}\n"
+        "training: {epochs: 1, batch_size: 2, report_to: none}\nevaluation: {output_sizes: [native, 32]}\n"
+    )
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("imedsam_ablation", REPO_ROOT / "benchmarks" / "ablation.py")
+        ablation = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ablation)
+        result = ablation.main(
+            [
+                "--config", str(config), "--data_dir", str(SHARED_DATA / "Kvasir-SEG-sample"),
+                "--output_dir", str(tmp_path / "runs"), "--variants", "lora_only", "all",
+                "--refine_ratios", "0", "0.25", "--set", "evaluation.output_sizes=[32]",
+            ]
+        )  # fmt: skip
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    runs = [row["run"] for row in result["rows"]]
+    assert runs == ["lora_only", "all", "all, refine 0", "all, refine 0.25"]
+    assert all(0 <= row["dice"] <= 1 for row in result["rows"])
+    assert (tmp_path / "runs" / "ablation.json").is_file()
