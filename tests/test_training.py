@@ -78,9 +78,12 @@ def test_short_real_run_writes_the_publishing_form_and_a_card(tiny_sam, polyps, 
     evaluate_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate_script)
     evaluated = evaluate_script.main(
-        ["--model", str(final), "--data_dir", str(polyps), "--output_sizes", "48", "--json", str(tmp_path / "e.json")]
-    )
+        ["--model", str(final), "--data_dir", str(polyps), "--output_sizes", "48", "--json", str(tmp_path / "e.json"),
+         "--baseline", "sam"]
+    )  # fmt: skip
     assert evaluated["n_images"] == 1 and evaluated["split"] == "test"
+    # The baseline is the recorded backbone (the tiny SAM), the same numbers the run itself computed.
+    assert evaluated["baseline_sam"]["48"]["dice"] == pytest.approx(saved["baseline_sam"]["48"]["dice"], abs=1e-6)
     model = AutoModel.from_pretrained(final).eval()
     with torch.no_grad():
         outputs = model(torch.zeros(1, 3, 64, 64), input_boxes=torch.tensor([[5.0, 5.0, 40.0, 40.0]]))

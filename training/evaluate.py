@@ -43,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--prompt", default="box", choices=["box", "none"])
     parser.add_argument("--baseline", default=None, choices=["sam"], help="also score the backbone's SAM mask")
+    parser.add_argument(
+        "--baseline_model",
+        default=None,
+        help="the backbone for --baseline sam (default: the `base_model` a training run records in the config)",
+    )
     parser.add_argument("--num_classes", type=int, default=None, help="default: the model's")
     parser.add_argument("--json", required=True, help="where to write the summary JSON")
     parser.add_argument("--csv", default=None, help="per-image CSV (default: next to --json)")
@@ -69,6 +74,23 @@ def load_model(name: str):
     except (OSError, ValueError):
         processor = processor_for_config(model.config)
     return model, processor
+
+
+def load_baseline(args, model, processor):
+    """
+    The untouched backbone for `--baseline sam`. A trained I-MedSAM checkpoint has its adapters and trained prompt
+    and upscaling modules built in, so its own SAM head is not the backbone's: load the backbone it was trained
+    from (`config.base_model`, or `--baseline_model`). A model that is the backbone already is used as it is.
+    """
+    name = args.baseline_model or getattr(model.config, "base_model", None)
+    if name is None:
+        if model.config.adapter_config is None:
+            return model, processor  # not fine-tuned: its SAM head is the backbone's
+        raise SystemExit("error: --baseline sam: the model does not record its backbone; pass --baseline_model.")
+    if name == args.model:
+        return model, processor
+    backbone = load_backbone(name, model.config.image_size, use_implicit_decoder=False).eval()
+    return backbone, processor_for_config(backbone.config)
 
 
 def select_pairs(args, pairs):
@@ -128,7 +150,10 @@ def main(argv=None) -> dict:
         "results": summary,
     }
     if args.baseline == "sam":
-        baseline_rows, result["baseline_sam"] = evaluate_pairs(model, processor, pairs, **kwargs, baseline=True)
+        backbone, backbone_processor = load_baseline(args, model, processor)
+        baseline_rows, result["baseline_sam"] = evaluate_pairs(
+            backbone, backbone_processor, pairs, **kwargs, baseline=True
+        )
         rows += [{**row, "model": "baseline_sam"} for row in baseline_rows]
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
