@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModel, AutoProcessor
 
 import imedsam_hf  # noqa: F401
 from imedsam_hf import processor_for_config
+from imedsam_hf.cli import load_model_and_processor
 from imedsam_hf.data import discover_pairs, load_splits, read_mask, validate_pairs
 from imedsam_hf.evaluation import NATIVE, evaluate_pairs, parse_size, predict_logits
 from imedsam_hf.processing_imedsam import IMedSamProcessor
-from imedsam_hf.training import LITEMEDSAM, load_backbone
+from imedsam_hf.training import load_backbone
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,19 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as error:
             parser.error(f"--output_sizes: {error}")
     return args
-
-
-def load_model(name: str):
-    """The model and its processor; `litemedsam` is the converted LiteMedSAM without an implicit decoder."""
-    if name == LITEMEDSAM:
-        model = load_backbone(LITEMEDSAM, use_implicit_decoder=False)
-        return model.eval(), processor_for_config(model.config)
-    model = AutoModel.from_pretrained(name).eval()
-    try:
-        processor = AutoProcessor.from_pretrained(name)
-    except (OSError, ValueError):
-        processor = processor_for_config(model.config)
-    return model, processor
 
 
 def load_baseline(args, model, processor):
@@ -124,7 +111,7 @@ def main(argv=None) -> dict:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     try:
-        model, processor = load_model(args.model)
+        model, processor = load_model_and_processor(args.model)
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: --model {args.model}: {error}") from error
     num_classes = args.num_classes or model.config.num_classes
