@@ -325,22 +325,11 @@ class IMedSamImplicitDecoder(nn.Module):
         )
         return coarse_logits, uncertainty, fine_logits, selected
 
-    def _coarse_chunked(self, context, coordinates):
-        """Coarse logits `(B, N, C)` and uncertainty `(B, N)` of many points, `query_chunk_size` at a time."""
-        # Only the logits and the uncertainty of every point are kept, never `num_points x hidden` activations.
-        chunk = self.settings.query_chunk_size
-        logits, uncertainty = [], []
-        for start in range(0, coordinates.shape[1], chunk):
-            point_inputs = self.point_features(
-                context[0], context[1], coordinates[:, start : start + chunk], context[2]
-            )
-            chunk_logits, _, chunk_uncertainty = self.coarse(point_inputs)
-            logits.append(chunk_logits)
-            uncertainty.append(chunk_uncertainty)
-        return torch.cat(logits, dim=1), torch.cat(uncertainty, dim=1)
-
-    def _refine_chunked(self, context, coordinates):
-        """Exact coarse logits, uncertainty and fine logits of a few points, chunked."""
+    def _query_chunked(self, context, coordinates, with_fine: bool):
+        """
+        Coarse logits `(B, N, C)`, uncertainty `(B, N)` and, `with_fine`, fine logits `(B, N, C)` (else None) of
+        many points, `query_chunk_size` at a time: only these outputs are kept, never `N x hidden` activations.
+        """
         chunk = self.settings.query_chunk_size
         coarse, uncertainty, fine = [], [], []
         for start in range(0, coordinates.shape[1], chunk):
@@ -350,17 +339,19 @@ class IMedSamImplicitDecoder(nn.Module):
             chunk_logits, coarse_features, chunk_uncertainty = self.coarse(point_inputs)
             coarse.append(chunk_logits)
             uncertainty.append(chunk_uncertainty)
-            fine.append(self.fine(point_inputs, coarse_features))
-        if not coarse:
+            if with_fine:
+                fine.append(self.fine(point_inputs, coarse_features))
+        if not coarse:  # no points (refine_ratio 0)
             empty = coordinates.new_zeros(coordinates.shape[0], 0, self.num_classes)
-            return empty, empty[..., 0], empty
-        return torch.cat(coarse, dim=1), torch.cat(uncertainty, dim=1), torch.cat(fine, dim=1)
+            return empty, empty[..., 0], empty if with_fine else None
+        fine_logits = torch.cat(fine, dim=1) if with_fine else None
+        return torch.cat(coarse, dim=1), torch.cat(uncertainty, dim=1), fine_logits
 
     def _query_eval(self, context, coordinates):
-        coarse_logits, uncertainty = self._coarse_chunked(context, coordinates)
+        coarse_logits, uncertainty, _ = self._query_chunked(context, coordinates, with_fine=False)
         selected = self._select(uncertainty)
         selected_coordinates = coordinates.gather(1, selected[..., None].expand(-1, -1, 2))
-        _, _, fine_logits = self._refine_chunked(context, selected_coordinates)
+        _, _, fine_logits = self._query_chunked(context, selected_coordinates, with_fine=True)
         return coarse_logits, uncertainty, fine_logits, selected
 
     def adaptive_base_size(self, features: torch.Tensor) -> tuple[int, int]:
@@ -385,7 +376,7 @@ class IMedSamImplicitDecoder(nn.Module):
         scale = base_size[0] / max(height, width)
         base_h, base_w = max(1, round(height * scale)), max(1, round(width * scale))
         base_coordinates = region_coordinates(base_h, base_w, batch_size, output_region, features.device)
-        base_logits, base_uncertainty = self._coarse_chunked(context, base_coordinates)
+        base_logits, base_uncertainty, _ = self._query_chunked(context, base_coordinates, with_fine=False)
         grid = base_logits.transpose(1, 2).reshape(batch_size, self.num_classes, base_h, base_w)
         coarse_logits = F.interpolate(grid, size=output_size, mode="bilinear", align_corners=False)
         coarse_logits = coarse_logits.flatten(2).transpose(1, 2)
@@ -399,7 +390,7 @@ class IMedSamImplicitDecoder(nn.Module):
         k = min(height * width, int(round(self.settings.refine_ratio * base_h * base_w * factor)))
         selected = self._select(uncertainty, k)
         coordinates = region_coordinates(height, width, batch_size, output_region, features.device, selected)
-        exact_coarse, exact_uncertainty, fine_logits = self._refine_chunked(context, coordinates)
+        exact_coarse, exact_uncertainty, fine_logits = self._query_chunked(context, coordinates, with_fine=True)
         expand = selected[..., None].expand(-1, -1, self.num_classes)
         # Under autocast the upsampled maps are float32 and the MLP outputs half precision: write in float32.
         coarse_logits = coarse_logits.float().scatter(1, expand, exact_coarse.float())

@@ -57,6 +57,7 @@ from imedsam_hf.data import (
 from imedsam_hf.evaluation import NATIVE, evaluate_pairs
 from imedsam_hf.metrics import dice
 from imedsam_hf.model_card import write_model_card
+from imedsam_hf.processing_imedsam import IMedSamProcessor
 from imedsam_hf.training import fine_weight_at, load_backbone, parameter_groups, sample_points, segmentation_loss
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -341,9 +342,7 @@ def validation_dice(model, loader, accelerator: Accelerator) -> float:
     scores = []
     for batch in loader:
         outputs = model(pixel_values=batch["pixel_values"], input_boxes=batch["input_boxes"])
-        predicted = outputs.logits.argmax(1) + 1 if outputs.logits.shape[1] > 1 else (outputs.logits[:, 0] > 0).long()
-        if outputs.logits.shape[1] > 1:
-            predicted = torch.where(outputs.logits.max(1).values > 0, predicted, torch.zeros_like(predicted))
+        predicted = IMedSamProcessor.post_process_masks(outputs.logits)
         values = []
         for pred, labels, (h, w) in zip(predicted, batch["labels"], batch["reshaped_size"].tolist()):
             values.append(dice(pred[:h, :w] > 0, labels[:h, :w] > 0))
