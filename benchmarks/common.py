@@ -28,6 +28,25 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_run_arguments(parser) -> None:
+    """The options every benchmark shares: repeats, device, threads, mixed precision, JSON output."""
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--num_threads", type=int, default=None)
+    parser.add_argument("--mixed_precision", default="no", choices=list(AUTOCAST_DTYPES))
+    parser.add_argument("--json", default=None)
+
+
+def setup_run(args) -> tuple[torch.device, torch.dtype | None]:
+    """Apply `--num_threads`; return the device and the autocast dtype (None: no autocast)."""
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    return pick_device(args.device), AUTOCAST_DTYPES[args.mixed_precision]
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"

@@ -19,11 +19,12 @@ import torch
 from common import (
     BACKBONES,
     adapted,
+    add_run_arguments,
     build_model,
     machine_description,
     peak_memory,
-    pick_device,
     print_table,
+    setup_run,
     time_call,
     write_json,
 )
@@ -37,16 +38,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--output_sizes", nargs="+", type=int, default=[256, 512, 1024, 2048])
     parser.add_argument("--modes", nargs="+", default=["adaptive", "dense"], choices=["adaptive", "dense"])
     parser.add_argument("--max_dense_points", type=int, default=1100 * 1100, help="skip larger dense grids (slow)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--num_threads", type=int, default=None)
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--json", default=None)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    device = pick_device(args.device)
-    dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    device, dtype = setup_run(args)
     model = adapted(build_model(args.backbone)).to(device).eval()
     base = model.get_base_model()
     size = base.config.image_size

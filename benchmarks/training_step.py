@@ -18,11 +18,12 @@ import torch
 from common import (
     BACKBONES,
     adapted,
+    add_run_arguments,
     build_model,
     machine_description,
     peak_memory,
-    pick_device,
     print_table,
+    setup_run,
     time_call,
     write_json,
 )
@@ -58,16 +59,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--backbone", default="litemedsam", choices=BACKBONES)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--train_points", type=int, default=4096, help="0 = every pixel of the frame")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--num_threads", type=int, default=None)
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--json", default=None)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    device = pick_device(args.device)
-    autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    device, autocast_dtype = setup_run(args)
     rows = []
     for name, variant in VARIANTS.items():
         model = adapted(build_model(args.backbone, **variant["config"]), **variant["recipe"]).to(device).train()
