@@ -196,33 +196,64 @@ class IMedSamImplicitDecoder(nn.Module):
         """SAM's logit at each point `(batch_size, num_points, 1)` with `implicit_sam_prior`, else 0."""
         return point_inputs[..., -1:] if self.use_sam_prior else 0.0
 
-    def _flat(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        """Apply a point-wise module to `(batch_size, num_points, channels)` through a flat batch (BatchNorm1d)."""
+    def _flat(self, mlp: nn.Sequential, inputs: torch.Tensor) -> torch.Tensor:
+        """
+        Apply an `_mlp` to `(batch_size, num_points, channels)` points through a flat batch (BatchNorm1d).
+
+        Outside training each BatchNorm is folded into its Linear (the same affine map, computed once per call):
+        one matrix product and an in-place ReLU per layer instead of three passes over `N x hidden` activations.
+        """
         batch_size, num_points, _ = inputs.shape
         # Explicit sizes: `-1` is ambiguous for zero points (refine_ratio 0).
-        outputs = module(inputs.reshape(batch_size * num_points, inputs.shape[-1]))
-        return outputs.reshape(batch_size, num_points, outputs.shape[-1])
+        hidden = inputs.reshape(batch_size * num_points, inputs.shape[-1])
+        if self.training:
+            hidden = mlp(hidden)
+        else:
+            for linear, norm in zip(mlp[0::3], mlp[1::3]):
+                scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+                weight = linear.weight * scale[:, None]
+                bias = (linear.bias - norm.running_mean) * scale + norm.bias
+                hidden = F.linear(hidden, weight, bias).relu_()
+        return hidden.reshape(batch_size, num_points, hidden.shape[-1])
 
-    def coarse(self, point_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _coarse_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The coarse head's class logits only `(..., num_classes)`: its first rows, skipping the coarse features."""
+        head = self.coarse_head
+        return F.linear(hidden, head.weight[: self.num_classes], head.bias[: self.num_classes])
+
+    def coarse(
+        self, point_inputs: torch.Tensor, with_features: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """
         Coarse prediction and uncertainty of `(batch_size, num_points, input_size)` point inputs.
 
         Returns logits `(batch_size, num_points, num_classes)`, coarse features
-        `(batch_size, num_points, coarse_feature_size)` and uncertainty `(batch_size, num_points)`.
+        `(batch_size, num_points, coarse_feature_size)` (None without `with_features`: points the fine decoder
+        will not see skip that part of the head) and uncertainty `(batch_size, num_points)`.
         """
         hidden = self._flat(self.coarse_mlp, point_inputs)
-        head = self.coarse_head(self.coarse_dropout(hidden))
         prior = self._prior(point_inputs)
-        logits, coarse_features = head[..., : self.num_classes] + prior, head[..., self.num_classes :]
+        if with_features:
+            head = self.coarse_head(self.coarse_dropout(hidden))
+            logits, coarse_features = head[..., : self.num_classes] + prior, head[..., self.num_classes :]
+        else:
+            logits, coarse_features = self._coarse_logits(self.coarse_dropout(hidden)) + prior, None
         with torch.no_grad():
+            # The passes only need the logits: the head's class rows, not its coarse-feature rows.
             if self.training:
                 passes = [
                     F.dropout(hidden, self.coarse_dropout.p, training=True) for _ in range(self.settings.mc_passes)
                 ]
+                pass_logits = torch.stack([self._coarse_logits(h) for h in passes])
             else:
-                passes = [hidden * mask.to(hidden.dtype) for mask in self.inference_dropout_masks]
-            pass_logits = [self.coarse_head(h)[..., : self.num_classes] + prior for h in passes]
-            probabilities = torch.stack(pass_logits).sigmoid()
+                # Fixed channel masks fold into the head's rows, (h * m) @ w.T == h @ (w * m).T: every pass in
+                # one matrix product, without a masked copy of the hidden activations per pass.
+                weight, bias = self.coarse_head.weight[: self.num_classes], self.coarse_head.bias[: self.num_classes]
+                masks = self.inference_dropout_masks.to(weight.dtype)
+                stacked = (masks[:, None, :] * weight[None]).flatten(0, 1)
+                pass_logits = F.linear(hidden, stacked, bias.repeat(len(masks)))
+                pass_logits = pass_logits.unflatten(-1, (len(masks), self.num_classes)).movedim(-2, 0)
+            probabilities = (pass_logits + prior).sigmoid()
             uncertainty = probabilities.float().var(dim=0).mean(dim=-1)
         return logits, coarse_features, uncertainty
 
@@ -336,7 +367,7 @@ class IMedSamImplicitDecoder(nn.Module):
             point_inputs = self.point_features(
                 context[0], context[1], coordinates[:, start : start + chunk], context[2]
             )
-            chunk_logits, coarse_features, chunk_uncertainty = self.coarse(point_inputs)
+            chunk_logits, coarse_features, chunk_uncertainty = self.coarse(point_inputs, with_features=with_fine)
             coarse.append(chunk_logits)
             uncertainty.append(chunk_uncertainty)
             if with_fine:
@@ -392,10 +423,11 @@ class IMedSamImplicitDecoder(nn.Module):
         coordinates = region_coordinates(height, width, batch_size, output_region, features.device, selected)
         exact_coarse, exact_uncertainty, fine_logits = self._query_chunked(context, coordinates, with_fine=True)
         expand = selected[..., None].expand(-1, -1, self.num_classes)
-        # Under autocast the upsampled maps are float32 and the MLP outputs half precision: write in float32.
-        coarse_logits = coarse_logits.float().scatter(1, expand, exact_coarse.float())
-        uncertainty = uncertainty.float().scatter(1, selected, exact_uncertainty.float())
-        logits = coarse_logits.scatter(1, expand, fine_logits.float())
+        # Under autocast the upsampled maps are float32 and the MLP outputs half precision: write in float32. The
+        # upsampled maps are fresh tensors, written in place: at large outputs every full-size copy is peak memory.
+        coarse_logits = coarse_logits.float().scatter_(1, expand, exact_coarse.float())
+        uncertainty = uncertainty.float().scatter_(1, selected, exact_uncertainty.float())
+        logits = coarse_logits.clone().scatter_(1, expand, fine_logits.float())
         refined = torch.zeros_like(uncertainty, dtype=torch.bool).scatter(1, selected, True)
         return self._to_grids(logits, coarse_logits, uncertainty, refined, output_size)
 

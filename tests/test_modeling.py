@@ -267,3 +267,26 @@ def test_refine_ratio_zero_uses_the_coarse_prediction(train, inputs):
         outputs = model(pixel_values, input_boxes=boxes, output_size=(16, 16))
     assert not outputs.refined.any()
     torch.testing.assert_close(outputs.logits, outputs.coarse_logits)
+
+
+def test_inference_fast_paths_equal_the_layer_by_layer_computation():
+    """Eval mode folds BatchNorm into the Linears and the MC dropout masks into the head's rows: same numbers."""
+    decoder = tiny_model(num_classes=2).implicit_decoder
+    points = torch.randn(2, 50, decoder.input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, features, uncertainty = decoder.coarse(points)
+        hidden = decoder.coarse_mlp(points.flatten(0, 1)).unflatten(0, (2, 50))
+        head = decoder.coarse_head(hidden)
+        passes = [decoder.coarse_head(hidden * mask)[..., :2] for mask in decoder.inference_dropout_masks]
+        torch.testing.assert_close(logits, head[..., :2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(features, head[..., 2:], atol=1e-5, rtol=1e-5)
+        expected = torch.stack(passes).sigmoid().var(dim=0).mean(dim=-1)
+        torch.testing.assert_close(uncertainty, expected, atol=1e-6, rtol=1e-5)
+        # Points the fine decoder will not see skip the coarse-feature rows of the head.
+        logits_only, no_features, same_uncertainty = decoder.coarse(points, with_features=False)
+        assert no_features is None
+        torch.testing.assert_close(logits_only, logits)
+        torch.testing.assert_close(same_uncertainty, uncertainty)
+        fine = decoder.fine(points, features)
+        reference = decoder.fine_head(decoder.fine_mlp(torch.cat([points, features], -1).flatten(0, 1)))
+        torch.testing.assert_close(fine, reference.unflatten(0, (2, 50)), atol=1e-5, rtol=1e-5)
