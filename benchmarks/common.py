@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
-import os
 import platform
 import statistics
 import threading
@@ -86,14 +87,34 @@ def time_call(function, device: torch.device, repeats: int = 5, warmup: int = 1)
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_cpu_peak() -> bool:
+    """Return freed heap to the OS (glibc `malloc_trim`) and reset the kernel's peak RSS (VmHWM); False if not
+    possible (not Linux, or /proc/self/clear_refs not writable)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except (OSError, AttributeError):
+        return False
 
 
 @contextmanager
 def peak_memory(device: torch.device):
-    """Peak memory above the starting level while the block runs, in MiB: CUDA allocator or sampled RSS on CPU."""
+    """
+    Peak memory above the starting level while the block runs, in MiB. CUDA: the allocator's peak. CPU: the
+    kernel's exact peak resident set (VmHWM, reset at the start, after glibc has returned cached free memory), so
+    neither allocator caching between rows nor a sampling interval distorts it; sampled RSS where that is
+    unavailable.
+    """
     result = {"peak_mib": float("nan")}
     if device.type == "cuda":
         synchronize(device)
@@ -103,11 +124,16 @@ def peak_memory(device: torch.device):
         synchronize(device)
         result["peak_mib"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
         return
-    start, peak, running = _rss_bytes(), [0], [True]
+    if _reset_cpu_peak():
+        start = _status_kib("VmRSS")
+        yield result
+        result["peak_mib"] = (_status_kib("VmHWM") - start) / 1024
+        return
+    start, peak, running = _status_kib("VmRSS"), [0], [True]
 
     def sample():
         while running[0]:
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], _status_kib("VmRSS"))
             time.sleep(0.002)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -117,8 +143,8 @@ def peak_memory(device: torch.device):
     finally:
         running[0] = False
         thread.join()
-        peak[0] = max(peak[0], _rss_bytes())
-        result["peak_mib"] = (peak[0] - start) / 2**20
+        peak[0] = max(peak[0], _status_kib("VmRSS"))
+        result["peak_mib"] = (peak[0] - start) / 1024
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""The ablation benchmark's orchestration, on a tiny SAM and a few real images (seconds, not the real study)."""
+"""The benchmarks' shared measurement helpers, and the ablation's orchestration on a tiny SAM and a few real images
+(seconds, not the real study)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,32 @@ from conftest import REPO_ROOT, SHARED_DATA
 from test_convert import TINY_SAM
 from transformers import SamConfig, SamModel
 
-pytestmark = pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
+
+def load_benchmark(name: str):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"imedsam_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
 
 
+def test_cpu_peak_memory_is_the_peak_of_each_block_alone():
+    common = load_benchmark("common")
+    with common.peak_memory(torch.device("cpu")) as big:
+        block = torch.ones(64 * 2**20)  # 256 MiB
+        del block
+    with common.peak_memory(torch.device("cpu")) as small:
+        block = torch.ones(4 * 2**20)  # 16 MiB
+        del block
+    assert 250 <= big["peak_mib"] <= 300
+    # The first block's peak does not leak into the second's (the kernel's peak RSS is reset per block).
+    assert 15 <= small["peak_mib"] <= 60
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
 def test_ablation_runs_every_variant_and_refine_ratio(tmp_path):
     torch.manual_seed(0)
     SamModel(SamConfig(**TINY_SAM)).save_pretrained(tmp_path / "sam")
@@ -23,20 +47,14 @@ def test_ablation_runs_every_variant_and_refine_ratio(tmp_path):
         "coarse_feature_size: 8, fine_hidden_sizes: [16, 8]}}\n"
         "training: {epochs: 1, batch_size: 2, report_to: none}\nevaluation: {output_sizes: [native, 32]}\n"
     )
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("imedsam_ablation", REPO_ROOT / "benchmarks" / "ablation.py")
-        ablation = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(ablation)
-        result = ablation.main(
-            [
-                "--config", str(config), "--data_dir", str(SHARED_DATA / "Kvasir-SEG-sample"),
-                "--output_dir", str(tmp_path / "runs"), "--variants", "lora_only", "all",
-                "--refine_ratios", "0", "0.25", "--set", "evaluation.output_sizes=[32]",
-            ]
-        )  # fmt: skip
-    finally:
-        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    ablation = load_benchmark("ablation")
+    result = ablation.main(
+        [
+            "--config", str(config), "--data_dir", str(SHARED_DATA / "Kvasir-SEG-sample"),
+            "--output_dir", str(tmp_path / "runs"), "--variants", "lora_only", "all",
+            "--refine_ratios", "0", "0.25", "--set", "evaluation.output_sizes=[32]",
+        ]
+    )  # fmt: skip
     runs = [row["run"] for row in result["rows"]]
     assert runs == ["lora_only", "all", "all, refine 0", "all, refine 0.25"]
     assert all(0 <= row["dice"] <= 1 for row in result["rows"])
