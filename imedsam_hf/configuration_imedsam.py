@@ -42,16 +42,18 @@ class IMedSamConfig(SamConfig):
         Share of each image's query points (the most uncertain ones) that the fine MLP predicts.
     mc_seed (`int`, defaults to 0):
         Seed of the fixed dropout masks used at inference, which keeps predictions deterministic.
-    query_chunk_size (`int`, defaults to 65536):
-        Query points evaluated at once at inference (bounds memory for large output grids).
+    query_chunk_size (`int`, defaults to 4096):
+        Query points evaluated at once at inference: bounds the decoder's activations (about 30 MB in float32 at
+        the default widths) whatever the output size.
     query_mode (`str`, defaults to `"adaptive"`):
         How the output grid is queried at inference. `"dense"` runs the coarse decoder at every output point and
         refines `refine_ratio` of them (the paper's protocol; cost grows with the output area). `"adaptive"` runs
         the coarse decoder on a bounded base grid, upsamples it, and predicts exactly only the most uncertain
         output points (cost nearly independent of the output size). Identical to dense up to the base grid size.
     adaptive_base_size (`int`, *optional*):
-        Longest side of the adaptive base grid; default the mask decoder's feature resolution (4x the embedding),
-        capped at 128.
+        Longest side of the adaptive base grid; default half the mask decoder's feature resolution (twice the
+        image embedding's: 48 for ViT-B at 384 px, 128 for LiteMedSAM and 1024-px SAM), capped at 128. See
+        docs/adaptive_querying.md for the measurements behind it.
     implicit_sam_prior (`bool`, defaults to `False`):
         Beyond the paper: feed SAM's own mask logit at each query point to both implicit MLPs and predict a
         residual on it, so a fresh implicit decoder starts from the backbone's zero-shot mask instead of from
@@ -82,7 +84,7 @@ class IMedSamConfig(SamConfig):
     mc_passes: int = 2
     refine_ratio: float = 0.125
     mc_seed: int = 0
-    query_chunk_size: int = 65536
+    query_chunk_size: int = 4096
     query_mode: str = "adaptive"
     adaptive_base_size: int | None = None
     implicit_sam_prior: bool = False

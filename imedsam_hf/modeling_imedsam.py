@@ -57,9 +57,13 @@ class IMedSamOutput(ModelOutput):
     image_embeddings: torch.FloatTensor | None = None
 
 
-# Default cap of the adaptive base grid's side. Measured on LiteMedSAM (256x256 decoder features), EndoTect test
-# images at 512 output: base 128 scored Dice 0.974 like dense (-0.02 points) at 4.4x dense's speed; base 256 2.6x.
+# The adaptive base grid's default side: half the decoder features' (twice the image embedding's), at most this cap.
+# Measured on LiteMedSAM (256x256 features), the 28 EndoTect test images: base 128 is within 0.006 (512 output) and
+# 0.14 (1024) Dice points of dense querying at 5-14x its speed; base 64 (the embedding's own side) loses 0.22 and
+# 0.31 points. See docs/adaptive_querying.md.
 DEFAULT_ADAPTIVE_BASE_SIZE = 128
+# Points per block of the blockwise top-k selection (see IMedSamImplicitDecoder._select).
+TOPK_BLOCK = 1 << 18
 
 
 class IMedSamMaskDecoder(SamMaskDecoder):
@@ -339,9 +343,25 @@ class IMedSamImplicitDecoder(nn.Module):
         )
 
     def _select(self, uncertainty: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """Indices `(batch_size, k)` of each image's k most uncertain points (k: refine_ratio of them)."""
-        k = self.num_refined_points(uncertainty.shape[1]) if k is None else k
-        return uncertainty.topk(k, dim=1, sorted=False).indices
+        """
+        Indices `(batch_size, k)` of each image's k most uncertain points (k: refine_ratio of them).
+
+        A few k out of millions of points (a large adaptive output) are chosen block by block: the top k of each
+        block, then the top k of those candidates, the same set as one `topk`. One CPU `topk` over N points holds
+        N (value, index) pairs at once, 64 MB at 2048x2048; a block holds `TOPK_BLOCK`.
+        """
+        num_points = uncertainty.shape[1]
+        k = self.num_refined_points(num_points) if k is None else k
+        if num_points <= TOPK_BLOCK or 2 * k > TOPK_BLOCK:
+            return uncertainty.topk(k, dim=1, sorted=False).indices
+        values, indices = [], []
+        for start in range(0, num_points, TOPK_BLOCK):
+            block = uncertainty[:, start : start + TOPK_BLOCK]
+            best = block.topk(min(k, block.shape[1]), dim=1, sorted=False)
+            values.append(best.values)
+            indices.append(best.indices + start)
+        winners = torch.cat(values, dim=1).topk(k, dim=1, sorted=False).indices
+        return torch.cat(indices, dim=1).gather(1, winners)
 
     def _query_train(self, context, coordinates):
         # Every point keeps its activations for backward anyway, so there is nothing to gain from chunking;
@@ -387,19 +407,23 @@ class IMedSamImplicitDecoder(nn.Module):
 
     def adaptive_base_size(self, features: torch.Tensor) -> tuple[int, int]:
         """Side of the bounded grid the coarse decoder always evaluates in adaptive mode (square)."""
-        side = self.settings.adaptive_base_size or min(max(features.shape[-2:]), DEFAULT_ADAPTIVE_BASE_SIZE)
+        half = max(1, max(features.shape[-2:]) // 2)
+        side = self.settings.adaptive_base_size or min(half, DEFAULT_ADAPTIVE_BASE_SIZE)
         return side, side
 
     def _query_adaptive(self, context, output_size, base_size, output_region):
         """
         Resolution-free inference at nearly constant cost (see docs/adaptive_querying.md):
 
-        1. the coarse decoder runs on a bounded base grid (longest side `adaptive_base_size`, by default the decoder
-           features' own resolution) over the same region;
-        2. its logits and uncertainty are upsampled bilinearly to the output grid;
+        1. the coarse decoder runs on a bounded base grid (longest side `adaptive_base_size`, by default half the
+           decoder features' resolution, at most 128) over the same region;
+        2. its uncertainty and logits are upsampled bilinearly to the output grid;
         3. only the most uncertain output points, as many as the base grid's refine budget scaled by the
            upsampling factor (uncertain points lie along boundaries, whose length grows with the side, not the
            area), are predicted exactly: coarse and fine decoder at their own coordinates.
+
+        Full-size maps are made only when needed and written in place, so that the peak memory at a large
+        output is a few output-size maps plus one chunk of activations.
         """
         features = context[0]
         height, width = output_size
@@ -408,9 +432,6 @@ class IMedSamImplicitDecoder(nn.Module):
         base_h, base_w = max(1, round(height * scale)), max(1, round(width * scale))
         base_coordinates = region_coordinates(base_h, base_w, batch_size, output_region, features.device)
         base_logits, base_uncertainty, _ = self._query_chunked(context, base_coordinates, with_fine=False)
-        grid = base_logits.transpose(1, 2).reshape(batch_size, self.num_classes, base_h, base_w)
-        coarse_logits = F.interpolate(grid, size=output_size, mode="bilinear", align_corners=False)
-        coarse_logits = coarse_logits.flatten(2).transpose(1, 2)
         uncertainty = F.interpolate(
             base_uncertainty.reshape(batch_size, 1, base_h, base_w),
             size=output_size,
@@ -422,6 +443,9 @@ class IMedSamImplicitDecoder(nn.Module):
         selected = self._select(uncertainty, k)
         coordinates = region_coordinates(height, width, batch_size, output_region, features.device, selected)
         exact_coarse, exact_uncertainty, fine_logits = self._query_chunked(context, coordinates, with_fine=True)
+        grid = base_logits.transpose(1, 2).reshape(batch_size, self.num_classes, base_h, base_w)
+        coarse_logits = F.interpolate(grid, size=output_size, mode="bilinear", align_corners=False)
+        coarse_logits = coarse_logits.flatten(2).transpose(1, 2)
         expand = selected[..., None].expand(-1, -1, self.num_classes)
         # Under autocast the upsampled maps are float32 and the MLP outputs half precision: write in float32. The
         # upsampled maps are fresh tensors, written in place: at large outputs every full-size copy is peak memory.

@@ -290,3 +290,17 @@ def test_inference_fast_paths_equal_the_layer_by_layer_computation():
         fine = decoder.fine(points, features)
         reference = decoder.fine_head(decoder.fine_mlp(torch.cat([points, features], -1).flatten(0, 1)))
         torch.testing.assert_close(fine, reference.unflatten(0, (2, 50)), atol=1e-5, rtol=1e-5)
+
+
+def test_blockwise_selection_picks_the_same_points_as_one_topk(monkeypatch):
+    import imedsam_hf.modeling_imedsam as modeling
+
+    monkeypatch.setattr(modeling, "TOPK_BLOCK", 1000)
+    decoder = tiny_model().implicit_decoder
+    uncertainty = torch.rand(2, 10_500, generator=torch.Generator().manual_seed(0))
+    for k in (1, 37, 400, 600):  # 600: 2k > block, one plain topk
+        selected = decoder._select(uncertainty, k)
+        expected = uncertainty.topk(k, dim=1).indices
+        assert selected.shape == (2, k)
+        for row, reference in zip(selected, expected):
+            assert set(row.tolist()) == set(reference.tolist())
