@@ -241,7 +241,15 @@ class IMedSamTinyViTConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=batch_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(hidden_states))
+        if self.bn.training:
+            return self.bn(self.conv(hidden_states))
+        # Eval mode (always, for the frozen encoder): the BatchNorm folded into the convolution, one pass instead
+        # of two; the same affine map, computed from the live statistics on every call.
+        conv, norm = self.conv, self.bn
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        weight = conv.weight * scale[:, None, None, None]
+        bias = norm.bias - norm.running_mean * scale
+        return F.conv2d(hidden_states, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class IMedSamTinyViTLayerNorm2d(nn.Module):

@@ -73,6 +73,22 @@ def test_lora_touches_only_q_and_v(inputs):
     assert torch.equal(delta[:, width : 2 * width], torch.zeros_like(delta[:, width : 2 * width]))
 
 
+def test_lora_inference_path_equals_the_training_path():
+    """Eval mode adds the low-rank updates to the weight's q/v rows; training mode adds them to the outputs."""
+    model = tiny_model()
+    peft_model = get_peft_model(model, imedsam_peft_config(tiny_config(use_frequency_adapter=False)))
+    randomize_adapters(peft_model)
+    wrapped = peft_model.base_model.model.vision_encoder.layers[0].attn.qkv
+    x = torch.randn(2, 5, wrapped.in_features, generator=torch.Generator().manual_seed(0))
+    wrapped.eval()
+    inference = wrapped(x)
+    wrapped.train()
+    for name in list(wrapped.lora_dropout):
+        wrapped.lora_dropout[name] = torch.nn.Identity()
+    torch.testing.assert_close(wrapped(x), inference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(inference, wrapped.base_layer(x))
+
+
 def test_disable_adapter_gives_base_outputs_and_unload_restores_base_exactly(inputs):
     base = tiny_model()
     reference_state = {k: v.clone() for k, v in base.state_dict().items()}

@@ -17,6 +17,7 @@ from imedsam_hf.modeling_tinyvit import (
     IMedSamTinyViTAttention,
     IMedSamTinyViTAttentionBlock,
     IMedSamTinyViTConfig,
+    IMedSamTinyViTConvBN,
     IMedSamTinyViTEncoder,
     IMedSamTinyViTMBConvBlock,
     init_tinyvit_weights,
@@ -318,3 +319,18 @@ def test_litemedsam_embeddings_match_original(litemedsam_encoder):
     expected = reference["embeddings_subsampled"]
     assert subsampled.shape == expected.shape
     assert np.abs(subsampled - expected).max() < 1e-3
+
+
+def test_conv_bn_folds_the_batchnorm_in_eval_mode():
+    layer = IMedSamTinyViTConvBN(4, 6, kernel_size=3, stride=2, groups=2)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.bn.running_mean.normal_(generator=generator)
+        layer.bn.running_var.uniform_(0.5, 2.0, generator=generator)
+        layer.bn.weight.normal_(generator=generator)
+        layer.bn.bias.normal_(generator=generator)
+    x = torch.randn(2, 4, 9, 9, generator=generator)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.bn(layer.conv(x)), atol=1e-5, rtol=1e-5)
+    layer.train()  # batch statistics: the unfolded path
+    torch.testing.assert_close(layer(x), F.batch_norm(layer.conv(x), None, None, layer.bn.weight, layer.bn.bias, True))
