@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -59,3 +60,22 @@ def test_ablation_runs_every_variant_and_refine_ratio(tmp_path):
     assert runs == ["lora_only", "all", "all, refine 0", "all, refine 0.25"]
     assert all(0 <= row["dice"] <= 1 for row in result["rows"])
     assert (tmp_path / "runs" / "ablation.json").is_file()
+
+
+def test_compare_runs_pairs_images_by_size_and_stem(tmp_path):
+    compare_runs = load_benchmark("compare_runs")
+    stems = [f"img{i}" for i in range(8)]
+    run = tmp_path / "eval_per_image.jsonl"  # train.py's format: model rows unmarked, zero-shot rows marked
+    lines = [{"stem": s, "size": "native", "dice": 0.9 + 0.01 * i} for i, s in enumerate(stems)]
+    lines += [{"stem": s, "size": "native", "dice": 0.8, "model": "baseline_sam"} for s in stems]
+    run.write_text("\n".join(json.dumps(line) for line in lines))
+    other = tmp_path / "test.csv"  # evaluate.py's format, rows in another order
+    other.write_text("model,size,stem,dice\n" + "".join(f"imedsam,native,{s},0.9\n" for s in reversed(stems)))
+    result = compare_runs.main([str(run), str(run), "--model_b", "baseline_sam"])
+    (row,) = result["rows"]
+    assert row["n"] == 8 and row["a_higher"] == 8 and row["wilcoxon_p"] < 0.01
+    assert abs(row["mean_difference"] - (0.935 - 0.8)) < 1e-9
+    (row,) = compare_runs.main([str(run), str(other)])["rows"]
+    assert row["a_higher"] == 7 and abs(row["mean_difference"] - 0.035) < 1e-9
+    with pytest.raises(SystemExit, match="models in the file"):
+        compare_runs.main([str(run), str(other), "--model_b", "nope"])
