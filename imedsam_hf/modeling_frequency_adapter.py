@@ -281,14 +281,20 @@ class QVLoRALinear(nn.Module, FrequencyAdapterLayer):
         up = getattr(self, f"freq_lora_{part}_B")[adapter_name].weight
         return (up @ down) * self.lora_scaling[adapter_name]
 
+    def _updated_weight(self, weight: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """A new `weight` with each adapter's low-rank update B @ A added to its q and v rows."""
+        for name in adapter_names:
+            for part in ("q", "v"):
+                delta = self._delta_weight(name, part).to(weight.dtype)
+                weight = weight.index_add(0, self._index(part, weight.device), delta)
+        return weight
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         for name in adapter_names or self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_scaling:
                 continue
             weight = self.base_layer.weight
-            merged = weight.data.clone()
-            for part in ("q", "v"):
-                merged[self._index(part, weight.device)] += self._delta_weight(name, part).to(weight.dtype)
+            merged = self._updated_weight(weight.data, [name])
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights of adapter {name!r}.")
             weight.data = merged
@@ -307,11 +313,7 @@ class QVLoRALinear(nn.Module, FrequencyAdapterLayer):
         if not self.merged and not self.training and isinstance(self.base_layer, nn.Linear) and not args and not kwargs:
             # Inference (no LoRA dropout): add the low-rank updates to the q/v rows of the weight, then one matrix
             # product, instead of two small products and an index_add over every token's qkv output.
-            weight = self.base_layer.weight
-            for name in self._adapters_on():
-                for part in ("q", "v"):
-                    delta = self._delta_weight(name, part).to(weight.dtype)
-                    weight = weight.index_add(0, self._index(part, weight.device), delta)
+            weight = self._updated_weight(self.base_layer.weight, self._adapters_on())
             return F.linear(hidden_states, weight, self.base_layer.bias)
         output = self.base_layer(hidden_states, *args, **kwargs)
         if self.merged:

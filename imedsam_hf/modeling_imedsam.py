@@ -108,6 +108,20 @@ class IMedSamMaskDecoder(SamMaskDecoder):
         return masks, iou, upscaled
 
 
+def fold_batchnorm(
+    norm: nn.modules.batchnorm._BatchNorm, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Weight and bias of a Linear/convolution with the eval-mode BatchNorm that follows it folded in: the same affine
+    map in one pass. Computed from the live statistics on every call (nothing cached to go stale), and
+    differentiable like the unfolded pair.
+    """
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    folded_bias = shift if bias is None else bias * scale + shift
+    return weight * scale.reshape(-1, *[1] * (weight.ndim - 1)), folded_bias
+
+
 def _mlp(sizes: list[int]) -> nn.Sequential:
     """Linear + BatchNorm + ReLU for each consecutive pair of `sizes`."""
     layers: list[nn.Module] = []
@@ -214,10 +228,7 @@ class IMedSamImplicitDecoder(nn.Module):
             hidden = mlp(hidden)
         else:
             for linear, norm in zip(mlp[0::3], mlp[1::3]):
-                scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-                weight = linear.weight * scale[:, None]
-                bias = (linear.bias - norm.running_mean) * scale + norm.bias
-                hidden = F.linear(hidden, weight, bias).relu_()
+                hidden = F.linear(hidden, *fold_batchnorm(norm, linear.weight, linear.bias)).relu_()
         return hidden.reshape(batch_size, num_points, hidden.shape[-1])
 
     def _coarse_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,8 @@ from transformers import PreTrainedConfig
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 
+from .modeling_imedsam import fold_batchnorm
+
 __all__ = [
     "LITEMEDSAM_SHA256",
     "IMedSamTinyViTAttention",
@@ -243,12 +245,9 @@ class IMedSamTinyViTConvBN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.bn.training:
             return self.bn(self.conv(hidden_states))
-        # Eval mode (always, for the frozen encoder): the BatchNorm folded into the convolution, one pass instead
-        # of two; the same affine map, computed from the live statistics on every call.
-        conv, norm = self.conv, self.bn
-        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-        weight = conv.weight * scale[:, None, None, None]
-        bias = norm.bias - norm.running_mean * scale
+        # Eval mode (always, for the frozen encoder): the BatchNorm folded into the convolution, one pass.
+        conv = self.conv
+        weight, bias = fold_batchnorm(self.bn, conv.weight)
         return F.conv2d(hidden_states, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
