@@ -5,7 +5,7 @@ sampling, each trained with the same recipe and scored on the same test split at
     python benchmarks/ablation.py --config training/configs/litemedsam_polyp.yaml \
         --data_dir ../shared/data/EndoTect2020-polyp --output_dir outputs/ablation \
         --json benchmarks/results/ablation_litemedsam.json [--variants lora_only lora_fa lora_inr all]
-        [--refine_ratios 0 0.03125 0.0625 0.125 0.25 0.5] [--set training.epochs=3 ...]
+        [--refine_ratios 0 0.03125 0.0625 0.125 0.25 0.5] [--set epochs=3 ...]
 
 Each run is `training/train.py` with the base config plus the variant's switches (a few CPU minutes to tens of
 minutes each on LiteMedSAM); the table gathers Dice and HD95 of every run's `eval_results.json`.
@@ -43,7 +43,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--refine_ratios", nargs="*", type=float, default=[0, 0.03125, 0.0625, 0.125, 0.25, 0.5])
-    parser.add_argument("--set", nargs="*", default=[], help="extra train.py overrides as key=value")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="extra train.py options as key=value (e.g. epochs=3, output_sizes=[native,128])",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     train = load_train_script()

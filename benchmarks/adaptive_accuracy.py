@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine_description, print_table, write_json
-from transformers import AutoModel, AutoProcessor
+from common import machine_description, progress, report
 
-import imedsam_hf  # noqa: F401
-from imedsam_hf.data import discover_pairs, load_splits, validate_pairs
+from imedsam_hf import load_model
+from imedsam_hf.data import discover_pairs, select_split, validate_pairs
 from imedsam_hf.evaluation import evaluate_pairs
 
 
@@ -39,20 +38,18 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    model = AutoModel.from_pretrained(args.model).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_model(args.model)
     found, problems = discover_pairs(args.data_dir)
     pairs, problems = validate_pairs(found, problems=problems)
-    stems = set(load_splits(Path(args.model) / "splits.json")[args.split]) if args.split != "all" else None
-    pairs = [p for p in pairs if stems is None or p.stem in stems][: args.limit]
+    pairs = select_split(pairs, args.split, Path(args.model) / "splits.json")[: args.limit]
     rows = []
-    for size in args.output_sizes:
+    for size in progress(args.output_sizes, "output sizes"):
         variants = [("dense", None)] + [("adaptive", base or None) for base in args.base_sizes]
         size_rows = []
         for mode, base in variants:
             model.config.query_mode, model.config.adaptive_base_size = mode, base
             start = time.perf_counter()
-            _, summary = evaluate_pairs(model, processor, pairs, output_sizes=[size])
+            _, summary = evaluate_pairs(model, processor, pairs, output_sizes=[size], progress=True)
             elapsed = time.perf_counter() - start
             values = summary[str(size)]
             size_rows.append(
@@ -75,13 +72,8 @@ def main(argv=None) -> dict:
         "device": machine_description(torch.device("cpu")),
         "rows": rows,
     }
-    print(f"{args.model}: {len(pairs)} {args.split} images, {result['device']}")
-    print_table(
-        rows, ["output", "mode", "dice", "hd95", "seconds_per_image", "dice_minus_dense_points", "speedup_vs_dense"]
-    )
-    if args.json:
-        write_json(args.json, result)
-    return result
+    columns = ["output", "mode", "dice", "hd95", "seconds_per_image", "dice_minus_dense_points", "speedup_vs_dense"]
+    return report(result, f"{args.model}: {len(pairs)} {args.split} images, {result['device']}", columns, args.json)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
+from tqdm.auto import tqdm
 from transformers import SamConfig
 
 import imedsam_hf  # noqa: F401
 from imedsam_hf import IMedSamConfig, IMedSamModel, imedsam_peft_config
-from imedsam_hf.training import LITEMEDSAM, load_backbone
+from imedsam_hf.loading import LITEMEDSAM, load_model
 
 BACKBONES = ("vit-b-384", "vit-b-1024", LITEMEDSAM)
 
@@ -57,7 +58,7 @@ def machine_description(device: torch.device) -> str:
 def build_model(backbone: str, **config_overrides) -> IMedSamModel:
     """I-MedSAM on a backbone: random ViT-B at 384/1024 px (timing only) or the real LiteMedSAM."""
     if backbone == LITEMEDSAM:
-        return load_backbone(LITEMEDSAM, **config_overrides)
+        return load_model(LITEMEDSAM, config_overrides=config_overrides, eval_mode=False)[0]
     size = int(backbone.rsplit("-", 1)[-1])
     torch.manual_seed(0)
     return IMedSamModel(IMedSamConfig.from_sam_config(SamConfig(), image_size=size, **config_overrides))
@@ -164,3 +165,17 @@ def _fmt(value) -> str:
 def write_json(path: str | Path, payload: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1))
+
+
+def report(result: dict, header: str, columns: list[str], json_path: str | None) -> dict:
+    """The end of every benchmark: a header line, the table of `result["rows"]`, the JSON file when asked."""
+    print(header)
+    print_table(result["rows"], columns)
+    if json_path:
+        write_json(json_path, result)
+    return result
+
+
+def progress(iterable, description: str, total: int | None = None):
+    """A progress bar on stderr (the table on stdout stays clean)."""
+    return tqdm(iterable, desc=description, total=total, leave=False)

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from common import print_table, write_json
+from common import report, write_json
 from scipy.stats import wilcoxon
 
 # The model name of rows that carry none (train.py's own model rows).
@@ -87,9 +87,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     rows = compare(load_per_image(args.a, args.model_a, args.metric), load_per_image(args.b, args.model_b, args.metric))
     result = {"benchmark": "compare_runs", "a": args.a, "b": args.b, "metric": args.metric, "rows": rows}
-    print(f"a = {args.a} ({args.model_a or DEFAULT_MODEL}), b = {args.b} ({args.model_b or DEFAULT_MODEL})")
-    shown = [{k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()} for row in rows]
-    print_table(shown, ["output", "n", "mean_a", "mean_b", "mean_difference", "a_higher", "wilcoxon_p"])
+    header = f"a = {args.a} ({args.model_a or DEFAULT_MODEL}), b = {args.b} ({args.model_b or DEFAULT_MODEL})"
+    shown = {**result, "rows": [{k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]}
+    report(shown, header, ["output", "n", "mean_a", "mean_b", "mean_difference", "a_higher", "wilcoxon_p"], None)
     if args.json:
         write_json(args.json, result)
     return result

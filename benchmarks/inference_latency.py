@@ -23,10 +23,10 @@ from common import (
     build_model,
     machine_description,
     peak_memory,
-    print_table,
+    progress,
+    report,
     setup_run,
     time_call,
-    write_json,
 )
 
 from imedsam_hf.modeling_imedsam import sam_mask_on_grid
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
             base.config.query_mode = mode
             run_imedsam(smallest)
     rows = []
-    for output in args.output_sizes:
+    for output in progress(args.output_sizes, "output sizes"):
         shape = (output, output)
         variants = [("sam", run_sam)] + [(f"i-medsam-{mode}", (mode, run_imedsam)) for mode in args.modes]
         sam_time = None
@@ -95,11 +95,8 @@ def main(argv=None) -> dict:
         "device": machine_description(device),
         "rows": rows,
     }
-    print(f"{args.backbone}, {result['device']}")
-    print_table(rows, ["output", "variant", "latency_s", "peak_mib", "vs_sam", "vs_smallest_output", "note"])
-    if args.json:
-        write_json(args.json, result)
-    return result
+    columns = ["output", "variant", "latency_s", "peak_mib", "vs_sam", "vs_smallest_output", "note"]
+    return report(result, f"{args.backbone}, {result['device']}", columns, args.json)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from common import (
     write_json,
 )
 
-from imedsam_hf.training import parameter_groups, sample_points, segmentation_loss
+from imedsam_hf.training import forward_and_loss, parameter_groups
 
 VARIANTS = {
     "i-medsam": dict(config=dict(), recipe=dict()),
@@ -37,16 +37,14 @@ VARIANTS = {
 
 
 def make_step(model, batch, device, train_points: int, autocast_dtype):
+    """One optimizer step of `training/train.py`'s recipe: its forward and loss (`forward_and_loss`), backward, AdamW."""
     optimizer = torch.optim.AdamW(parameter_groups(model, 1e-4, 1e-3, 0.01))
     pixel_values, boxes, labels, sizes = batch
+    inputs = {"pixel_values": pixel_values, "input_boxes": boxes, "labels": labels, "reshaped_size": sizes}
 
     def step():
-        coordinates, targets = None, labels
-        if train_points and model.config.use_implicit_decoder:
-            coordinates, targets = sample_points(labels, sizes, train_points)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            outputs = model(pixel_values=pixel_values, input_boxes=boxes, query_coordinates=coordinates)
-            loss, _ = segmentation_loss(outputs, targets, model.config.num_classes)
+            loss, _ = forward_and_loss(model, inputs, model.config.num_classes, train_points=train_points)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

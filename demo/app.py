@@ -16,27 +16,20 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-import imedsam_hf  # noqa: F401
-from imedsam_hf import segment
-from imedsam_hf.cli import load_model_and_processor, overlay
+from imedsam_hf import load_model, overlay, segment
+from imedsam_hf.evaluation import grid_size
+from imedsam_hf.loading import resolve_device
 
 RESOLUTIONS = ["native", "0.5x", "2x", "512 px", "1024 px"]
 
 
 def output_grid(height: int, width: int, choice: str) -> tuple[int, int]:
-    """The mask grid for a resolution choice: native, a factor of it, or a longest side."""
-    if choice == "native":
-        return height, width
-    if choice.endswith("x"):
-        factor = float(choice[:-1])
-        return max(1, round(height * factor)), max(1, round(width * factor))
-    side = int(choice.split()[0])
-    scale = side / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """The mask grid for a resolution choice ("512 px" is a longest side), as evaluation computes it."""
+    return grid_size((height, width), choice.removesuffix(" px"))
 
 
-def build_demo(model_name: str) -> gr.Blocks:
-    model, processor = load_model_and_processor(model_name)
+def build_demo(model_name: str, device: str = "auto") -> gr.Blocks:
+    model, processor = load_model(model_name, device=resolve_device(device))
 
     def run(image, x0, y0, x1, y1, resolution):
         if image is None:
@@ -56,7 +49,7 @@ def build_demo(model_name: str) -> gr.Blocks:
         Image.fromarray(mask).save(path)
         area = float((mask > 0).mean())
         info = f"mask {mask.shape[1]}x{mask.shape[0]}, foreground {100 * area:.1f}%"
-        return overlay(array.astype(np.float32), result.mask), path, info
+        return overlay(array, result.mask), path, info
 
     with gr.Blocks(title="I-MedSAM") as demo:
         gr.Markdown(f"# I-MedSAM\nModel: `{model_name}`. Upload an image, type a box (pixels), choose the resolution.")
@@ -79,12 +72,15 @@ def build_demo(model_name: str) -> gr.Blocks:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=os.environ.get("IMEDSAM_DEMO_MODEL", "litemedsam"))
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--model", default=os.environ.get("IMEDSAM_DEMO_MODEL", "litemedsam"), help="model to serve")
+    parser.add_argument("--port", type=int, default=7860, help="port on --host")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (local only by default)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     args = parser.parse_args()
-    build_demo(args.model).launch(server_name=args.host, server_port=args.port)
+    build_demo(args.model, args.device).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

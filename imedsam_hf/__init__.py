@@ -1,19 +1,20 @@
 """imedsam_hf: I-MedSAM (ECCV 2024) as a transformers + PEFT model.
 
-Importing the package registers `IMedSamConfig`/`IMedSamModel` with transformers' Auto classes and the
-`FREQ_ADAPTER` PEFT type with peft.
+Importing the package registers `IMedSamConfig`/`IMedSamModel`/`IMedSamProcessor` with transformers' Auto classes
+and the `FREQ_ADAPTER` PEFT type with peft.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+__version__ = "0.2.0"
 
-from .configuration_imedsam import IMedSamConfig
-from .frequency_adapter import FrequencyAdapterConfig, FrequencyAdapterModel, imedsam_peft_config
-from .inference import Segmentation, segment
-from .modeling_imedsam import IMedSamImplicitDecoder, IMedSamModel, IMedSamOutput
-from .processing_imedsam import IMedSamProcessor, processor_for_config
-from .publishing import export_full_model, save_pretrained_full
+from transformers import AutoConfig, AutoImageProcessor, AutoModel  # noqa: E402
 
-__version__ = "0.1.0"
+from .configuration_imedsam import FrequencyAdapterSettings, IMedSamConfig, IMedSamTinyViTConfig  # noqa: E402
+from .frequency_adapter import FrequencyAdapterConfig, FrequencyAdapterModel, imedsam_peft_config  # noqa: E402
+from .inference import Segmentation, overlay, segment  # noqa: E402
+from .loading import load_model  # noqa: E402
+from .modeling_imedsam import IMedSamImplicitDecoder, IMedSamModel, IMedSamOutput  # noqa: E402
+from .processing_imedsam import IMedSamProcessor, processor_for_config  # noqa: E402
+from .publishing import export_full_model, save_pretrained_full  # noqa: E402
 
 AutoConfig.register(IMedSamConfig.model_type, IMedSamConfig, exist_ok=True)
 AutoModel.register(IMedSamConfig, IMedSamModel, exist_ok=True)
@@ -22,15 +23,20 @@ AutoImageProcessor.register(IMedSamConfig, image_processor_classes={"pil": IMedS
 __all__ = [
     "FrequencyAdapterConfig",
     "FrequencyAdapterModel",
+    "FrequencyAdapterSettings",
     "IMedSamConfig",
     "IMedSamImplicitDecoder",
     "IMedSamModel",
     "IMedSamOutput",
     "IMedSamProcessor",
+    "IMedSamTinyViTConfig",
+    "Segmentation",
+    "__version__",
     "export_full_model",
     "imedsam_peft_config",
+    "load_model",
+    "overlay",
     "processor_for_config",
     "save_pretrained_full",
-    "Segmentation",
     "segment",
 ]

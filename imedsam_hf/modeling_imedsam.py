@@ -9,12 +9,16 @@ checkpoint, built in from `config.adapter_config`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi
 from torch import nn
-from transformers import initialization as init
 from transformers.models.sam.modeling_sam import (
     SamMaskDecoder,
     SamPositionalEmbedding,
@@ -24,8 +28,10 @@ from transformers.models.sam.modeling_sam import (
 )
 from transformers.utils import ModelOutput
 
-from .configuration_imedsam import IMedSamConfig
-from .modeling_frequency_adapter import inject_frequency_adapter
+from .configuration_imedsam import IMedSamConfig, unknown_arguments_message
+from .frequency_adapter_layers import inject_frequency_adapter
+from .modeling_tinyvit import IMedSamTinyViTEncoder, fold_batchnorm, init_tinyvit_weights
+from .processing_imedsam import processor_for_config
 
 
 @dataclass
@@ -64,6 +70,36 @@ class IMedSamOutput(ModelOutput):
 DEFAULT_ADAPTIVE_BASE_SIZE = 128
 # Points per block of the blockwise top-k selection (see IMedSamImplicitDecoder._select).
 TOPK_BLOCK = 1 << 18
+
+
+@dataclass(frozen=True)
+class IMedSamQuerySettings:
+    """
+    The run-time settings of the implicit decoder, read from the model's config at every forward and passed
+    explicitly (the decoder keeps no copy: PEFT trains a deep copy of it, whose own config would go stale). Field
+    names are `IMedSamConfig`'s.
+    """
+
+    query_mode: str
+    refine_ratio: float
+    query_chunk_size: int
+    mc_passes: int
+    mc_seed: int
+    adaptive_base_size: int | None
+
+    @classmethod
+    def from_config(cls, config: IMedSamConfig) -> IMedSamQuerySettings:
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
+@dataclass
+class _QueryContext:
+    """What every query of one forward shares: decoder features, SAM's positional embedding, SAM's logits, settings."""
+
+    features: torch.Tensor
+    positional_embedding: nn.Module
+    sam_logits: torch.Tensor | None
+    settings: IMedSamQuerySettings
 
 
 class IMedSamMaskDecoder(SamMaskDecoder):
@@ -108,20 +144,6 @@ class IMedSamMaskDecoder(SamMaskDecoder):
         return masks, iou, upscaled
 
 
-def fold_batchnorm(
-    norm: nn.modules.batchnorm._BatchNorm, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Weight and bias of a Linear/convolution with the eval-mode BatchNorm that follows it folded in: the same affine
-    map in one pass. Computed from the live statistics on every call (nothing cached to go stale), and
-    differentiable like the unfolded pair.
-    """
-    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-    shift = norm.bias - norm.running_mean * scale
-    folded_bias = shift if bias is None else bias * scale + shift
-    return weight * scale.reshape(-1, *[1] * (weight.ndim - 1)), folded_bias
-
-
 def _mlp(sizes: list[int]) -> nn.Sequential:
     """Linear + BatchNorm + ReLU for each consecutive pair of `sizes`."""
     layers: list[nn.Module] = []
@@ -163,15 +185,20 @@ class IMedSamImplicitDecoder(nn.Module):
         fine_sizes = [self.input_size + config.coarse_feature_size, *config.fine_hidden_sizes]
         self.fine_mlp = _mlp(fine_sizes)
         self.fine_head = nn.Linear(fine_sizes[-1], config.num_classes)
-        self.register_buffer("inference_dropout_masks", self.make_inference_dropout_masks(), persistent=False)
+        self.__dict__["_dropout_masks"] = {}  # (mc_passes, mc_seed, device) -> masks; derived, never saved
 
-    def make_inference_dropout_masks(self) -> torch.Tensor:
-        """The fixed Monte-Carlo dropout masks of inference, `(mc_passes, hidden)`, scaled like `nn.Dropout`."""
-        config = self.config
-        generator = torch.Generator(device="cpu").manual_seed(config.mc_seed)
-        hidden = config.coarse_hidden_sizes[-1]
-        keep = torch.rand(config.mc_passes, hidden, generator=generator, device="cpu") >= config.implicit_dropout
-        return keep.float() / (1 - config.implicit_dropout)
+    def inference_dropout_masks(self, settings: IMedSamQuerySettings, device=None) -> torch.Tensor:
+        """
+        The fixed Monte-Carlo dropout masks of inference, `(mc_passes, hidden)`, scaled like `nn.Dropout`: drawn on
+        the CPU from `mc_seed` (the same masks on every device), cached per settings and device.
+        """
+        key = (settings.mc_passes, settings.mc_seed, str(device))
+        if key not in self._dropout_masks:
+            generator = torch.Generator(device="cpu").manual_seed(settings.mc_seed)
+            hidden, rate = self.config.coarse_hidden_sizes[-1], self.config.implicit_dropout
+            keep = torch.rand(settings.mc_passes, hidden, generator=generator, device="cpu") >= rate
+            self._dropout_masks[key] = (keep.float() / (1 - rate)).to(device)
+        return self._dropout_masks[key]
 
     def encode_coordinates(self, coordinates: torch.Tensor) -> torch.Tensor:
         """NeRF positional encoding: `(..., 2)` in [0, 1] -> `(..., 2 + 4 * num_frequencies)`."""
@@ -237,10 +264,11 @@ class IMedSamImplicitDecoder(nn.Module):
         return F.linear(hidden, head.weight[: self.num_classes], head.bias[: self.num_classes])
 
     def coarse(
-        self, point_inputs: torch.Tensor, with_features: bool = True
+        self, point_inputs: torch.Tensor, settings: IMedSamQuerySettings, with_features: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """
-        Coarse prediction and uncertainty of `(batch_size, num_points, input_size)` point inputs.
+        Coarse prediction and uncertainty (over `settings.mc_passes` Monte-Carlo passes) of
+        `(batch_size, num_points, input_size)` point inputs.
 
         Returns logits `(batch_size, num_points, num_classes)`, coarse features
         `(batch_size, num_points, coarse_feature_size)` (None without `with_features`: points the fine decoder
@@ -256,15 +284,13 @@ class IMedSamImplicitDecoder(nn.Module):
         with torch.no_grad():
             # The passes only need the logits: the head's class rows, not its coarse-feature rows.
             if self.training:
-                passes = [
-                    F.dropout(hidden, self.coarse_dropout.p, training=True) for _ in range(self.settings.mc_passes)
-                ]
+                passes = [F.dropout(hidden, self.coarse_dropout.p, training=True) for _ in range(settings.mc_passes)]
                 pass_logits = torch.stack([self._coarse_logits(h) for h in passes])
             else:
                 # Fixed channel masks fold into the head's rows, (h * m) @ w.T == h @ (w * m).T: every pass in
                 # one matrix product, without a masked copy of the hidden activations per pass.
                 weight, bias = self.coarse_head.weight[: self.num_classes], self.coarse_head.bias[: self.num_classes]
-                masks = self.inference_dropout_masks.to(weight.dtype)
+                masks = self.inference_dropout_masks(settings, weight.device).to(weight.dtype)
                 stacked = (masks[:, None, :] * weight[None]).flatten(0, 1)
                 pass_logits = F.linear(hidden, stacked, bias.repeat(len(masks)))
                 pass_logits = pass_logits.unflatten(-1, (len(masks), self.num_classes)).movedim(-2, 0)
@@ -277,19 +303,10 @@ class IMedSamImplicitDecoder(nn.Module):
         hidden = self._flat(self.fine_mlp, torch.cat([point_inputs, coarse_features], dim=-1))
         return self.fine_head(hidden) + self._prior(point_inputs)
 
-    @property
-    def settings(self) -> IMedSamConfig:
-        """
-        The config whose run-time settings (query mode, refine ratio, chunk size, MC passes) apply: the owning
-        model's live config when it passed one to `forward`. PEFT's `modules_to_save` trains a deep copy of this
-        module, config included, so its own `self.config` would miss later changes such as
-        `model.config.query_mode = "dense"`.
-        """
-        return self.__dict__.get("_live_config") or self.config
-
-    def num_refined_points(self, num_points: int) -> int:
+    @staticmethod
+    def num_refined_points(num_points: int, settings: IMedSamQuerySettings) -> int:
         """Points the fine decoder predicts per image: round(refine_ratio * num_points)."""
-        return int(round(self.settings.refine_ratio * num_points))
+        return int(round(settings.refine_ratio * num_points))
 
     def forward(
         self,
@@ -299,7 +316,8 @@ class IMedSamImplicitDecoder(nn.Module):
         output_region: torch.Tensor | None = None,
         sam_logits: torch.Tensor | None = None,
         query_coordinates: torch.Tensor | None = None,
-        config: IMedSamConfig | None = None,
+        *,
+        settings: IMedSamQuerySettings,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Query every point of an `output_size` grid covering the input frame (or each image's `output_region`), or
@@ -314,22 +332,20 @@ class IMedSamImplicitDecoder(nn.Module):
             sam_logits: SAM's low-resolution mask logits `(batch_size, 1, fh, fw)`, used with `implicit_sam_prior`.
             query_coordinates: `(batch_size, num_points, 2)` (x, y) in [0, 1] of the input frame: predict these
                 points instead of a grid (e.g. sampled training points); outputs are then `(..., 1, num_points)`.
-            config: the owning model's config, for run-time settings (see `settings`).
+            settings: the run-time settings (query mode, refine ratio, chunk size, MC passes); required.
 
         Returns:
             logits, coarse logits `(batch_size, num_classes, height, width)`, uncertainty
             `(batch_size, height, width)` and refined `(batch_size, height, width)` bool.
         """
-        if config is not None:
-            self.__dict__["_live_config"] = config
-        context = (features, positional_embedding, sam_logits)
+        context = _QueryContext(features, positional_embedding, sam_logits, settings)
         if query_coordinates is not None:
             height, width = 1, query_coordinates.shape[1]
             coordinates = query_coordinates.to(features.device, torch.float32)
         else:
             height, width = output_size
-            if not self.training and self.settings.query_mode == "adaptive":
-                base_size = self.adaptive_base_size(features)
+            if not self.training and settings.query_mode == "adaptive":
+                base_size = self.adaptive_base_size(features, settings)
                 if height * width > base_size[0] * base_size[1]:
                     return self._query_adaptive(context, output_size, base_size, output_region)
             coordinates = region_coordinates(height, width, features.shape[0], output_region, features.device)
@@ -353,7 +369,7 @@ class IMedSamImplicitDecoder(nn.Module):
             refined.reshape(batch_size, *size),
         )
 
-    def _select(self, uncertainty: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    def _select(self, uncertainty: torch.Tensor, settings: IMedSamQuerySettings, k: int | None = None) -> torch.Tensor:
         """
         Indices `(batch_size, k)` of each image's k most uncertain points (k: refine_ratio of them).
 
@@ -362,7 +378,7 @@ class IMedSamImplicitDecoder(nn.Module):
         N (value, index) pairs at once, 64 MB at 2048x2048; a block holds `TOPK_BLOCK`.
         """
         num_points = uncertainty.shape[1]
-        k = self.num_refined_points(num_points) if k is None else k
+        k = self.num_refined_points(num_points, settings) if k is None else k
         if num_points <= TOPK_BLOCK or 2 * k > TOPK_BLOCK:
             return uncertainty.topk(k, dim=1, sorted=False).indices
         values, indices = [], []
@@ -377,9 +393,11 @@ class IMedSamImplicitDecoder(nn.Module):
     def _query_train(self, context, coordinates):
         # Every point keeps its activations for backward anyway, so there is nothing to gain from chunking;
         # BatchNorm also wants one set of statistics per step.
-        point_inputs = self.point_features(context[0], context[1], coordinates, context[2])
-        coarse_logits, coarse_features, uncertainty = self.coarse(point_inputs)
-        selected = self._select(uncertainty)
+        point_inputs = self.point_features(
+            context.features, context.positional_embedding, coordinates, context.sam_logits
+        )
+        coarse_logits, coarse_features, uncertainty = self.coarse(point_inputs, context.settings)
+        selected = self._select(uncertainty, context.settings)
         gather = selected[..., None]
         fine_logits = self.fine(
             point_inputs.gather(1, gather.expand(-1, -1, point_inputs.shape[-1])),
@@ -392,13 +410,18 @@ class IMedSamImplicitDecoder(nn.Module):
         Coarse logits `(B, N, C)`, uncertainty `(B, N)` and, `with_fine`, fine logits `(B, N, C)` (else None) of
         many points, `query_chunk_size` at a time: only these outputs are kept, never `N x hidden` activations.
         """
-        chunk = self.settings.query_chunk_size
+        chunk = context.settings.query_chunk_size
         coarse, uncertainty, fine = [], [], []
         for start in range(0, coordinates.shape[1], chunk):
             point_inputs = self.point_features(
-                context[0], context[1], coordinates[:, start : start + chunk], context[2]
+                context.features,
+                context.positional_embedding,
+                coordinates[:, start : start + chunk],
+                context.sam_logits,
             )
-            chunk_logits, coarse_features, chunk_uncertainty = self.coarse(point_inputs, with_features=with_fine)
+            chunk_logits, coarse_features, chunk_uncertainty = self.coarse(
+                point_inputs, context.settings, with_features=with_fine
+            )
             coarse.append(chunk_logits)
             uncertainty.append(chunk_uncertainty)
             if with_fine:
@@ -411,15 +434,16 @@ class IMedSamImplicitDecoder(nn.Module):
 
     def _query_eval(self, context, coordinates):
         coarse_logits, uncertainty, _ = self._query_chunked(context, coordinates, with_fine=False)
-        selected = self._select(uncertainty)
+        selected = self._select(uncertainty, context.settings)
         selected_coordinates = coordinates.gather(1, selected[..., None].expand(-1, -1, 2))
         _, _, fine_logits = self._query_chunked(context, selected_coordinates, with_fine=True)
         return coarse_logits, uncertainty, fine_logits, selected
 
-    def adaptive_base_size(self, features: torch.Tensor) -> tuple[int, int]:
+    @staticmethod
+    def adaptive_base_size(features: torch.Tensor, settings: IMedSamQuerySettings) -> tuple[int, int]:
         """Side of the bounded grid the coarse decoder always evaluates in adaptive mode (square)."""
         half = max(1, max(features.shape[-2:]) // 2)
-        side = self.settings.adaptive_base_size or min(half, DEFAULT_ADAPTIVE_BASE_SIZE)
+        side = settings.adaptive_base_size or min(half, DEFAULT_ADAPTIVE_BASE_SIZE)
         return side, side
 
     def _query_adaptive(self, context, output_size, base_size, output_region):
@@ -436,7 +460,7 @@ class IMedSamImplicitDecoder(nn.Module):
         Full-size maps are made only when needed and written in place, so that the peak memory at a large
         output is a few output-size maps plus one chunk of activations.
         """
-        features = context[0]
+        features = context.features
         height, width = output_size
         batch_size = features.shape[0]
         scale = base_size[0] / max(height, width)
@@ -450,8 +474,8 @@ class IMedSamImplicitDecoder(nn.Module):
             align_corners=False,
         ).flatten(1)
         factor = max(height / base_h, width / base_w)
-        k = min(height * width, int(round(self.settings.refine_ratio * base_h * base_w * factor)))
-        selected = self._select(uncertainty, k)
+        k = min(height * width, int(round(context.settings.refine_ratio * base_h * base_w * factor)))
+        selected = self._select(uncertainty, context.settings, k)
         coordinates = region_coordinates(height, width, batch_size, output_region, features.device, selected)
         exact_coarse, exact_uncertainty, fine_logits = self._query_chunked(context, coordinates, with_fine=True)
         grid = base_logits.transpose(1, 2).reshape(batch_size, self.num_classes, base_h, base_w)
@@ -526,11 +550,7 @@ class IMedSamPreTrainedModel(SamPreTrainedModel):
     def _init_weights(self, module: nn.Module):
         # `from_pretrained` builds the model on the meta device; non-persistent buffers are re-created here.
         if id(module) in self.__dict__.get("_tinyvit_module_ids", ()):
-            from .modeling_tinyvit import init_tinyvit_weights
-
             init_tinyvit_weights(module, self.config.vision_config.initializer_range)
-        elif isinstance(module, IMedSamImplicitDecoder):
-            init.copy_(module.inference_dropout_masks, module.make_inference_dropout_masks())
         elif isinstance(module, SamPositionalEmbedding):
             # SamPreTrainedModel reads `self.config.use_abs_pos`, a vision-config field; handle it here.
             nn.init.normal_(module.positional_embedding, std=module.scale)
@@ -626,8 +646,12 @@ class IMedSamModel(IMedSamPreTrainedModel):
             image_embeddings (`(batch_size, hidden_size, h, w)`, *optional*): precomputed encoder output, instead
                 of `pixel_values`.
 
-        With neither boxes nor points the call is prompt-free (SAM's no-prompt embedding).
+        With neither boxes nor points the call is prompt-free (SAM's no-prompt embedding). Any other keyword is an
+        error (a misspelt `input_box=` must not run prompt-free). Run-time settings (`query_mode`, `refine_ratio`,
+        `query_chunk_size`, `mc_passes`, `mc_seed`, `adaptive_base_size`) are read from `self.config` at each call.
         """
+        if kwargs:
+            raise TypeError(unknown_arguments_message(f"{type(self).__name__}.forward", kwargs, FORWARD_ARGUMENTS))
         if (pixel_values is None) == (image_embeddings is None):
             raise ValueError("Pass exactly one of `pixel_values` and `image_embeddings`.")
         if image_embeddings is None:
@@ -660,7 +684,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
             output_region,
             sam_logits,
             query_coordinates,
-            config=self.config,
+            settings=IMedSamQuerySettings.from_config(self.config),
         )
         return IMedSamOutput(
             logits=logits,
@@ -671,6 +695,56 @@ class IMedSamModel(IMedSamPreTrainedModel):
             iou_scores=iou_scores,
             image_embeddings=image_embeddings,
         )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
+        """
+        `PreTrainedModel.save_pretrained`, writing a complete, self-contained folder whatever made the model
+        (conversion, training, `from_pretrained`): the modeling files and `auto_map` (so `AutoModel` loads it with
+        `trust_remote_code=True` where this package is not installed, and without it where it is), the processor
+        (`preprocessor_config.json`, unless one is there already) and, with the package installed, the project's
+        model card `README.md` (unless one is there already: a training run writes a fuller one).
+        """
+        self.config.register_for_auto_class()
+        self.register_for_auto_class("AutoModel")
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if not is_main_process:
+            return
+        folder = Path(save_directory)
+        if not (folder / "preprocessor_config.json").is_file():
+            processor_for_config(self.config).save_pretrained(folder)
+        # The project's card where the package is loaded. Looked up, never imported: a checkpoint's own copy of this
+        # file, loaded with `trust_remote_code`, must run the same without pulling the package in.
+        card_module = sys.modules.get("imedsam_hf.model_card")
+        if card_module is not None and not (folder / "README.md").is_file():
+            card_module.write_default_model_card(folder, self.config, total_parameters=self.num_parameters())
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        commit_description: str | None = None,
+    ):
+        """
+        Upload the folder `save_pretrained` writes (code, `auto_map`, processor, the project's model card) to
+        `repo_id`. transformers' own `push_to_hub` would replace the card with its blank template.
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as work_dir:
+            self.save_pretrained(work_dir, max_shard_size=max_shard_size)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=work_dir,
+                commit_message=commit_message or "Upload I-MedSAM model",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     def _output_size(self, output_size: tuple[int, int] | int | None) -> tuple[int, int]:
         if output_size is None:
@@ -737,13 +811,34 @@ class IMedSamModel(IMedSamPreTrainedModel):
         return input_boxes, input_points, input_labels
 
 
+FORWARD_ARGUMENTS = (
+    "pixel_values",
+    "input_boxes",
+    "input_points",
+    "input_labels",
+    "output_size",
+    "output_region",
+    "query_coordinates",
+    "image_embeddings",
+)
+
+
 def build_vision_encoder(vision_config) -> nn.Module:
     """SAM's ViT or LiteMedSAM's TinyViT, chosen by the vision config's `model_type`."""
     if vision_config.model_type == "i_medsam_tinyvit":
-        from .modeling_tinyvit import IMedSamTinyViTEncoder
-
         return IMedSamTinyViTEncoder(vision_config)
     return SamVisionEncoder(vision_config)
 
 
-__all__ = ["IMedSamModel", "IMedSamOutput", "IMedSamPreTrainedModel", "IMedSamImplicitDecoder", "IMedSamMaskDecoder"]
+__all__ = [
+    "IMedSamImplicitDecoder",
+    "IMedSamMaskDecoder",
+    "IMedSamModel",
+    "IMedSamOutput",
+    "IMedSamPreTrainedModel",
+    "IMedSamQuerySettings",
+    "fold_batchnorm",
+    "grid_coordinates",
+    "region_coordinates",
+    "sam_mask_on_grid",
+]

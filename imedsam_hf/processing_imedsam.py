@@ -20,6 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
+from .configuration_imedsam import TINYVIT_MODEL_TYPE, unknown_arguments_message
+
 SAM_IMAGE_MEAN = (123.675, 116.28, 103.53)
 SAM_IMAGE_STD = (58.395, 57.12, 57.375)
 NORMALIZATIONS = ("mean_std", "minmax")
@@ -87,6 +89,21 @@ def to_rgb_array(source: ImageInput) -> np.ndarray:
         raise ValueError(f"{describe(source)}: the image contains NaN or infinite values.")
     low, high = float(array.min()), float(array.max())
     return (array - low) / max(high - low, 1e-8) * 255.0
+
+
+def resize_labels(labels: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """
+    The one resize of a class-id map `(H, W)` -> `shape`: nearest neighbour (`nearest-exact`), never bilinear, which
+    would thin the foreground and invent class ids. Returns an array of the input's dtype.
+    """
+    array = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if tuple(array.shape) == tuple(shape):
+        return array
+    tensor = torch.from_numpy(array.astype(np.float32))[None, None]
+    return F.interpolate(tensor, size=tuple(shape), mode="nearest-exact")[0, 0].numpy().astype(array.dtype)
+
+
+CALL_ARGUMENTS = ("images", "input_boxes", "input_points", "input_labels", "return_tensors")
 
 
 class IMedSamProcessor(BaseImageProcessor):
@@ -176,10 +193,9 @@ class IMedSamProcessor(BaseImageProcessor):
 
     def resize_mask(self, mask: np.ndarray | torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
         """`(H, W)` class-id mask -> `(S, S)` long: nearest-neighbour resize into the frame, zero padding."""
-        mask = torch.as_tensor(np.asarray(mask)).long()
+        mask = np.asarray(mask)
         shape = shape or self.resized_shape(*mask.shape)
-        resized = F.interpolate(mask[None, None].float(), size=shape, mode="nearest-exact")[0, 0].long()
-        return self.pad(resized)
+        return self.pad(torch.from_numpy(resize_labels(mask.astype(np.int64), shape)))
 
     def scale_coordinates(self, coordinates: np.ndarray, original: tuple[int, int], resized: tuple[int, int]):
         """`(..., 2k)` x, y, ... pairs in original pixels -> input-frame pixels."""
@@ -215,7 +231,10 @@ class IMedSamProcessor(BaseImageProcessor):
         Returns a `BatchFeature` with `pixel_values` `(B, 3, S, S)`, `original_sizes` and `reshaped_input_sizes`
         `(B, 2)`, `output_region` `(B, 4)` (the unpadded image in the frame, for the model's `output_region`),
         and the scaled `input_boxes` `(B, 4)`, `input_points` `(B, N, 2)`, `input_labels` `(B, N)` when given.
+        Any other keyword is an error (a misspelt `input_box=` must not give a prompt-free input).
         """
+        if kwargs:
+            raise TypeError(unknown_arguments_message(f"{type(self).__name__}.__call__", kwargs, CALL_ARGUMENTS))
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         if not images:
@@ -275,6 +294,11 @@ class IMedSamProcessor(BaseImageProcessor):
         zeros = torch.zeros(len(sizes))
         return torch.stack([zeros, zeros, sizes[:, 1], sizes[:, 0]], dim=1) / self.image_size
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save with the processor's code and `auto_map`, so `AutoProcessor` loads it with or without the package."""
+        self.register_for_auto_class("AutoImageProcessor")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @staticmethod
     def post_process_masks(logits: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
         """
@@ -290,9 +314,9 @@ class IMedSamProcessor(BaseImageProcessor):
 
 def processor_for_config(config) -> IMedSamProcessor:
     """The processor matching a model config: SAM mean/std for SAM ViTs, min-max for LiteMedSAM."""
-    if config.vision_config.model_type == "i_medsam_tinyvit":
+    if config.vision_config.model_type == TINYVIT_MODEL_TYPE:
         return IMedSamProcessor(image_size=config.image_size, normalization="minmax")
     return IMedSamProcessor(image_size=config.image_size)
 
 
-__all__ = ["IMedSamProcessor", "processor_for_config", "to_rgb_array"]
+__all__ = ["IMedSamProcessor", "open_image", "processor_for_config", "resize_labels", "to_rgb_array"]

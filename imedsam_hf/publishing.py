@@ -8,33 +8,20 @@ import re
 
 from peft import PeftModel
 
+from .loading import portable_model_name
+from .model_card import write_adapter_card
 from .modeling_imedsam import IMedSamModel
-from .processing_imedsam import IMedSamProcessor, processor_for_config
+from .processing_imedsam import IMedSamProcessor
 
-ADAPTER_SETTINGS = (
-    "use_lora",
-    "lora_rank",
-    "lora_alpha",
-    "lora_dropout",
-    "use_frequency_adapter",
-    "adapter_dim",
-    "fusion_scale",
-    "fusion_gate",
-    "spectrum",
-    "spectrum_log_scale",
-    "tokenizer_module",
-    "fusion_target_modules",
-    "lora_target_modules",
-    "downsample_target_modules",
-)
 PUBLISHED_ADAPTER_NAME = "default"
 
 
 def export_full_model(peft_model: PeftModel) -> IMedSamModel:
     """
     A standalone `IMedSamModel` equal to `peft_model` (active adapter): the adapter layers built in from
-    `config.adapter_config` and the trained `modules_to_save` copies in place of the originals. Its outputs are
-    identical to the PEFT model's, and `save_pretrained` / `AutoModel.from_pretrained` round-trip it.
+    `config.adapter_config` (the adapter's settings, `FrequencyAdapterSettings`) and the trained `modules_to_save`
+    copies in place of the originals. Its outputs are identical to the PEFT model's, and `save_pretrained` /
+    `AutoModel.from_pretrained` round-trip it.
     """
     if not isinstance(peft_model, PeftModel):
         raise ValueError(f"`peft_model` must be a peft.PeftModel, got {type(peft_model).__name__}.")
@@ -42,7 +29,9 @@ def export_full_model(peft_model: PeftModel) -> IMedSamModel:
     peft_config = peft_model.peft_config[adapter_name]
     base = peft_model.get_base_model()
     config = copy.deepcopy(base.config)
-    config.adapter_config = {key: getattr(peft_config, key) for key in ADAPTER_SETTINGS}
+    config.adapter_config = peft_config.settings_dict()
+    if config.base_model is None and peft_config.base_model_name_or_path:
+        config.base_model = portable_model_name(peft_config.base_model_name_or_path)
     model = IMedSamModel(config).to(device=base.device, dtype=base.dtype)
     state = {}
     for key, value in base.state_dict().items():
@@ -66,25 +55,35 @@ def save_pretrained_full(
     """
     Save the publishing form of a trained model into `save_directory`:
 
-    - at the root, the complete model (config.json with `auto_map`, model.safetensors and the modeling files):
-      `AutoModel.from_pretrained(dir)` after `import imedsam_hf`, or with `trust_remote_code=True` without it;
-    - `preprocessor_config.json` (the given processor, or the one matching the model config), loadable with
-      `AutoProcessor` in the same two ways;
-    - in `adapter/`, the adapter-only form (`PeftModel.from_pretrained(base, dir, subfolder="adapter")`). It is
-      never at the root: an `adapter_config.json` there would make AutoModel load the base model instead.
+    - at the root, the complete model as `IMedSamModel.save_pretrained` writes it (config.json with `auto_map`,
+      model.safetensors, the modeling files, the processor and the model card): `AutoModel.from_pretrained(dir)`
+      after `import imedsam_hf`, or with `trust_remote_code=True` without it;
+    - in `adapter/`, the adapter-only form (`PeftModel.from_pretrained(base, dir, subfolder="adapter")`) with its
+      own card. It is never at the root: an `adapter_config.json` there would make AutoModel load the base model.
 
-    Extra keyword arguments go to `save_pretrained` (e.g. `safe_serialization`, `max_shard_size`).
+    Extra keyword arguments go to `save_pretrained` (e.g. `max_shard_size`).
     """
     model = export_full_model(peft_model)
-    model.config.register_for_auto_class()
-    model.register_for_auto_class("AutoModel")
+    if processor is not None:
+        processor.save_pretrained(save_directory)
     model.save_pretrained(save_directory, **kwargs)
-    save_processor(processor or processor_for_config(model.config), save_directory)
-    peft_model.save_pretrained(os.path.join(save_directory, "adapter"))
+    adapter_dir = os.path.join(save_directory, "adapter")
+    peft_config = peft_model.peft_config[peft_model.active_adapter]
+    recorded = peft_config.base_model_name_or_path
+    # A portable name (`litemedsam`, a Hub id), never this machine's path.
+    peft_config.base_model_name_or_path = model.config.base_model or recorded
+    try:
+        # No embedding layer is adapted; "auto" would look the base model's name up on the Hub.
+        peft_model.save_pretrained(adapter_dir, save_embedding_layers=False)
+    finally:
+        peft_config.base_model_name_or_path = recorded
+    write_adapter_card(adapter_dir, model.config)
     return model
 
 
 def save_processor(processor: IMedSamProcessor, save_directory: str | os.PathLike) -> None:
-    """Save the processor with its code and `auto_map`, so `AutoProcessor` loads it with or without the package."""
-    processor.register_for_auto_class("AutoImageProcessor")
+    """`processor.save_pretrained(save_directory)` (which writes its code and `auto_map`), under its 0.1 name."""
     processor.save_pretrained(save_directory)
+
+
+__all__ = ["PUBLISHED_ADAPTER_NAME", "export_full_model", "save_pretrained_full", "save_processor"]

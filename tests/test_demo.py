@@ -47,6 +47,7 @@ def demo_url():
     demo.close()
 
 
+@pytest.mark.slow
 def test_demo_segments_an_uploaded_image_with_a_typed_box(demo_url, tmp_path):
     from playwright.sync_api import sync_playwright
 

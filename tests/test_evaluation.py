@@ -45,7 +45,7 @@ def test_evaluate_pairs_scores_model_and_baseline():
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
-def test_evaluate_script_json_schema(tmp_path):
+def test_evaluate_script_json_schema(tmp_path, capsys):
     model = tiny_model(query_mode="adaptive")
     model.save_pretrained(tmp_path / "model")
     IMedSamProcessor(image_size=64).save_pretrained(tmp_path / "model")
@@ -83,17 +83,17 @@ def test_evaluate_script_json_schema(tmp_path):
         ]
     )
     assert (tmp_path / "plain.csv").read_text().startswith("model,size,stem,dice")
-    with pytest.raises(SystemExit, match="split_file"):
-        script.main(
-            [
-                "--model",
-                str(tmp_path / "model"),
-                "--data_dir",
-                str(SHARED_DATA / "Kvasir-SEG-sample"),
-                "--json",
-                str(out),
-            ]
-        )
+    capsys.readouterr()
+    argv = [
+        "--model",
+        str(tmp_path / "model"),
+        "--data-dir",
+        str(SHARED_DATA / "Kvasir-SEG-sample"),
+        "--json",
+        str(out),
+    ]
+    assert script.main(argv) == 2  # no split file: one clear line naming the option, exit code 2
+    assert "--split-file" in capsys.readouterr().err
 
 
 def test_untrained_batchnorm_free_model_is_deterministic():

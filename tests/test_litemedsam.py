@@ -13,8 +13,8 @@ from transformers import AutoModel, AutoProcessor
 
 import imedsam_hf  # noqa: F401
 from imedsam_hf import IMedSamProcessor, imedsam_peft_config, processor_for_config
-from imedsam_hf.convert import main as convert_main
-from imedsam_hf.modeling_frequency_adapter import FrequencyDownsample, FrequencyFusionLayer, QVLoRALinear
+from imedsam_hf.cli import main as cli_main
+from imedsam_hf.frequency_adapter_layers import FrequencyDownsample, FrequencyFusionLayer, QVLoRALinear
 from imedsam_hf.training import segmentation_loss
 
 pytestmark = pytest.mark.skipif(
@@ -26,7 +26,7 @@ FIXTURE = REPO_ROOT / "tests" / "fixtures" / "litemedsam_reference.npz"
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     path = tmp_path_factory.mktemp("lite") / "litemedsam"
-    assert convert_main(["litemedsam", "--output", str(path)]) == 0
+    assert cli_main(["convert", "litemedsam", "--output", str(path)]) == 0
     return path
 
 
@@ -46,6 +46,7 @@ def test_converted_checkpoint_loads_with_its_processor(converted):
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data missing")
+@pytest.mark.slow
 def test_sam_mask_output_matches_the_original_network(converted, reference):
     """Implicit decoder off: the SAM mask logits equal the original LiteMedSAM's (fixture made from it)."""
     model = AutoModel.from_pretrained(converted, use_implicit_decoder=False).eval()
@@ -61,6 +62,7 @@ def test_sam_mask_output_matches_the_original_network(converted, reference):
         assert np.abs(ours - reference["low_res_logits"][i, 0]).max() < 1e-3, name
 
 
+@pytest.mark.slow
 def test_the_recipe_trains_on_tinyvit(converted):
     model = AutoModel.from_pretrained(converted, frequency_fusion_gate=True)
     peft_model = get_peft_model(model, imedsam_peft_config(model.config))
@@ -100,13 +102,14 @@ def test_processor_for_config_matches_the_saved_one(converted):
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data missing")
+@pytest.mark.slow
 def test_zero_shot_dice_matches_the_original_per_image():
     """The documented zero-shot protocol (training/evaluate.py --model litemedsam) on a few images of each set."""
     import json
 
     from imedsam_hf.data import discover_pairs
     from imedsam_hf.evaluation import evaluate_pairs
-    from imedsam_hf.training import load_backbone
+    from imedsam_hf.loading import load_backbone
 
     reference = json.loads((REPO_ROOT / "tests" / "fixtures" / "litemedsam_reference_dice.json").read_text())
     model = load_backbone("litemedsam", use_implicit_decoder=False)

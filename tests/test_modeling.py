@@ -7,6 +7,7 @@ import torch
 from conftest import randomize_batchnorm, tiny_config, tiny_model
 
 from imedsam_hf import IMedSamModel
+from imedsam_hf.modeling_imedsam import IMedSamQuerySettings
 
 
 @pytest.mark.parametrize("prompt", ["box", "points", "none"])
@@ -271,19 +272,20 @@ def test_refine_ratio_zero_uses_the_coarse_prediction(train, inputs):
 
 def test_inference_fast_paths_equal_the_layer_by_layer_computation():
     """Eval mode folds BatchNorm into the Linears and the MC dropout masks into the head's rows: same numbers."""
-    decoder = tiny_model(num_classes=2).implicit_decoder
+    model = tiny_model(num_classes=2)
+    decoder, settings = model.implicit_decoder, IMedSamQuerySettings.from_config(model.config)
     points = torch.randn(2, 50, decoder.input_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits, features, uncertainty = decoder.coarse(points)
+        logits, features, uncertainty = decoder.coarse(points, settings)
         hidden = decoder.coarse_mlp(points.flatten(0, 1)).unflatten(0, (2, 50))
         head = decoder.coarse_head(hidden)
-        passes = [decoder.coarse_head(hidden * mask)[..., :2] for mask in decoder.inference_dropout_masks]
+        passes = [decoder.coarse_head(hidden * mask)[..., :2] for mask in decoder.inference_dropout_masks(settings)]
         torch.testing.assert_close(logits, head[..., :2], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(features, head[..., 2:], atol=1e-5, rtol=1e-5)
         expected = torch.stack(passes).sigmoid().var(dim=0).mean(dim=-1)
         torch.testing.assert_close(uncertainty, expected, atol=1e-6, rtol=1e-5)
         # Points the fine decoder will not see skip the coarse-feature rows of the head.
-        logits_only, no_features, same_uncertainty = decoder.coarse(points, with_features=False)
+        logits_only, no_features, same_uncertainty = decoder.coarse(points, settings, with_features=False)
         assert no_features is None
         torch.testing.assert_close(logits_only, logits)
         torch.testing.assert_close(same_uncertainty, uncertainty)
@@ -296,10 +298,11 @@ def test_blockwise_selection_picks_the_same_points_as_one_topk(monkeypatch):
     import imedsam_hf.modeling_imedsam as modeling
 
     monkeypatch.setattr(modeling, "TOPK_BLOCK", 1000)
-    decoder = tiny_model().implicit_decoder
+    model = tiny_model()
+    decoder, settings = model.implicit_decoder, IMedSamQuerySettings.from_config(model.config)
     uncertainty = torch.rand(2, 10_500, generator=torch.Generator().manual_seed(0))
     for k in (1, 37, 400, 600):  # 600: 2k > block, one plain topk
-        selected = decoder._select(uncertainty, k)
+        selected = decoder._select(uncertainty, settings, k)
         expected = uncertainty.topk(k, dim=1).indices
         assert selected.shape == (2, k)
         for row, reference in zip(selected, expected):

@@ -12,17 +12,19 @@ import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import PreTrainedModel
 
-from imedsam_hf.modeling_tinyvit import (
+from imedsam_hf.configuration_imedsam import IMedSamTinyViTConfig
+from imedsam_hf.convert_litemedsam import (
     LITEMEDSAM_SHA256,
+    load_litemedsam_checkpoint,
+    tinyvit_state_dict_from_original,
+)
+from imedsam_hf.modeling_tinyvit import (
     IMedSamTinyViTAttention,
     IMedSamTinyViTAttentionBlock,
-    IMedSamTinyViTConfig,
     IMedSamTinyViTConvBN,
     IMedSamTinyViTEncoder,
     IMedSamTinyViTMBConvBlock,
     init_tinyvit_weights,
-    load_litemedsam_checkpoint,
-    tinyvit_state_dict_from_original,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -302,6 +304,7 @@ def test_litemedsam_parameter_count(litemedsam_encoder):
     assert sum(p.numel() for p in litemedsam_encoder.parameters()) == 5_726_740
 
 
+@pytest.mark.slow
 def test_litemedsam_embeddings_match_original(litemedsam_encoder):
     if not FIXTURE.is_file():
         pytest.skip(f"{FIXTURE} missing: run scripts/make_litemedsam_reference.py")

@@ -1,10 +1,14 @@
-"""training/train.py: a short real run, exact resumption, DDP on two CPU processes, bad files, Hub push."""
+"""training/train.py: its options (typed dataclasses, YAML, precedence, trackers), a short real run, exact
+resumption, fine-tuning a checkpoint, sampled-point training, DDP on two CPU processes, bad files, Hub push."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,21 +17,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATA
+import yaml
+from conftest import REPO_ROOT, SHARED_DATA, tiny_model
 from PIL import Image
 from safetensors.torch import load_file
 from test_convert import TINY_SAM
 from transformers import AutoModel, SamConfig, SamModel
 
 import imedsam_hf  # noqa: F401
+import imedsam_hf.training as recipe
+from imedsam_hf.loading import load_model
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
 
 spec = importlib.util.spec_from_file_location("imedsam_train", REPO_ROOT / "training" / "train.py")
 train_script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_script)
+slow = pytest.mark.slow  # a real training run (seconds to a minute on 2 CPU cores)
 
-SMALL_IMPLICIT = "{coarse_hidden_sizes: [64, 32], coarse_feature_size: 16, fine_hidden_sizes: [32, 16]}"
+SMALL_IMPLICIT = {"coarse_hidden_sizes": [64, 32], "coarse_feature_size": 16, "fine_hidden_sizes": [32, 16]}
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +57,15 @@ def polyps(tmp_path):
 def args(tiny_sam, data_dir, output_dir, *extra):
     return [
         "--backbone", str(tiny_sam), "--data_dir", str(data_dir), "--output_dir", str(output_dir),
-        "--config_overrides", SMALL_IMPLICIT, "--batch_size", "1", "--epochs", "2",
-        "--split_fractions", "[0.6, 0.2, 0.2]", "--output_sizes", "[48]", "--report_to", "none", *extra,
+        "--config_overrides", json.dumps(SMALL_IMPLICIT), "--batch_size", "1", "--epochs", "2",
+        "--split_fractions", "0.6", "0.2", "0.2", "--output_sizes", "48", "--report_to", "none", *extra,
     ]  # fmt: skip
 
 
+@slow
 def test_short_real_run_writes_the_publishing_form_and_a_card(tiny_sam, polyps, tmp_path):
     out = tmp_path / "run"
-    results = train_script.main(args(tiny_sam, polyps, out))
+    results = train_script.main(args(tiny_sam, polyps, out, "--hub_token", "hf_secret_token"))
     final = out / "final"
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "splits.json"):
         assert (final / name).is_file(), name
@@ -69,19 +78,29 @@ def test_short_real_run_writes_the_publishing_form_and_a_card(tiny_sam, polyps, 
         assert set(saved[key]["48"]) >= {"dice", "dice_std", "iou", "hd95", "hd"}
     assert results["best_val_dice"] >= 0
     card = (final / "README.md").read_text()
-    assert "model-index" in card and "Kvasir" not in card.split("---")[1] or True
+    metadata = card.split("---")[1]  # the YAML front matter
+    # No --name: the dataset is named after the data folder (here the copy "polyps"), not a guess such as "Kvasir".
+    assert "model-index" in metadata and "polyps" in metadata and "Kvasir" not in metadata
     assert "| I-MedSAM | 48 |" in card and "zero-shot backbone" in card
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert any("val_dice" in r for r in log) and any("fine_loss" in r for r in log)
+    # config.yaml: the resolved options, the effective precision, never the token; it loads as a --config again.
+    resolved = (out / "config.yaml").read_text()
+    assert "hf_secret_token" not in resolved and yaml.safe_load(resolved)["hub"]["hub_token"] is None
+    assert yaml.safe_load(resolved)["training"]["mixed_precision"] == "no" == saved["mixed_precision"]
+    assert train_script.parse_args(["--config", str(out / "config.yaml")]).training.output_dir == str(out)
     # The trained folder evaluates on its own test split (splits.json saved beside it, metadata included).
     spec = importlib.util.spec_from_file_location("imedsam_evaluate", REPO_ROOT / "training" / "evaluate.py")
     evaluate_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate_script)
-    evaluated = evaluate_script.main(
+    # The model records its backbone by a portable name ("tiny-sam"); here the local copy is passed explicitly.
+    assert json.loads((final / "config.json").read_text())["base_model"] == "tiny-sam"
+    code = evaluate_script.main(
         ["--model", str(final), "--data_dir", str(polyps), "--output_sizes", "48", "--json", str(tmp_path / "e.json"),
-         "--baseline", "sam"]
+         "--baseline", "sam", "--baseline_model", str(tiny_sam)]
     )  # fmt: skip
-    assert evaluated["n_images"] == 1 and evaluated["split"] == "test"
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert code == 0 and evaluated["n_images"] == 1 and evaluated["split"] == "test"
     # The baseline is the recorded backbone (the tiny SAM), the same numbers the run itself computed.
     assert evaluated["baseline_sam"]["48"]["dice"] == pytest.approx(saved["baseline_sam"]["48"]["dice"], abs=1e-6)
     model = AutoModel.from_pretrained(final).eval()
@@ -90,6 +109,7 @@ def test_short_real_run_writes_the_publishing_form_and_a_card(tiny_sam, polyps, 
     assert outputs.logits.shape == (1, 1, 64, 64)
 
 
+@slow
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sam, polyps, tmp_path):
     common = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "10", "--baseline", "false"]
     full = tmp_path / "full"
@@ -107,6 +127,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sam, polyps
     assert not any("vision_encoder.layers.0.attn.qkv.base_layer" in k for k in a)
 
 
+@slow
 def test_bad_files_are_reported_by_path_and_skipped(tiny_sam, polyps, tmp_path):
     images = sorted((polyps / "images").iterdir())
     images[0].write_bytes(b"\xff\xd8\xff not a jpeg")
@@ -126,6 +147,186 @@ def test_bad_options_are_named(tiny_sam, polyps, tmp_path):
         train_script.main(args(tiny_sam, tmp_path / "missing", tmp_path / "x"))
     with pytest.raises(SystemExit, match="hub_model_id"):
         train_script.main(args(tiny_sam, polyps, tmp_path / "x", "--push_to_hub"))
+
+
+def option_help(text: str, name: str) -> str:
+    """The `--help` entry of `--name` (argparse wraps entries over lines), whitespace collapsed."""
+    entries = re.split(r"\n\s+(?=--)", text)
+    entry = next(e for e in entries if re.match(rf"--{name}[ ,]", e))
+    return " ".join(entry.split("\n\n")[0].split())  # up to the next group's title
+
+
+def test_help_lists_every_option_with_its_type_and_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for section, arguments in train_script.SECTIONS.items():
+        assert f"\n{section}:\n" in text  # one group per YAML section
+        for field in dataclasses.fields(arguments):
+            assert "(default: " in option_help(text, field.name), field.name
+    expected = {  # option: (type, default)
+        "backbone": ("STR", "litemedsam"),
+        "refine_ratio": ("FLOAT", "None"),
+        "use_frequency_adapter": ("[BOOL]", "None"),
+        "config_overrides": ("JSON", "{}"),
+        "split_fractions": ("FLOAT [FLOAT ...]", "[0.6, 0.2, 0.2]"),
+        "augment": ("[BOOL]", "True"),
+        "learning_rate": ("FLOAT", "5e-05"),
+        "mixed_precision": ("{no,fp16,bf16,fp8}", "None"),
+        "report_to": ("STR", "auto"),
+        "output_sizes": ("STR [STR ...]", "['native']"),
+        "hub_model_id": ("STR", "None"),
+    }
+    for name, (kind, default) in expected.items():
+        pattern = rf"--{name} {re.escape(kind)}[ ,].* \(default: {re.escape(default)}\)"
+        assert re.fullmatch(pattern, option_help(text, name)), option_help(text, name)
+    assert "wandb" in option_help(text, "report_to") and "comet_ml" in option_help(text, "report_to")
+
+
+def test_options_defaults_then_yaml_then_command_line(tmp_path):
+    parse = train_script.parse_args
+    names = [field.name for arguments in train_script.SECTIONS.values() for field in dataclasses.fields(arguments)]
+    assert len(names) == len(set(names))  # flat --key flags: unique across sections
+    defaults = parse([])
+    assert defaults.model.config_changes() == {}  # model keys unset: the backbone's own config decides
+    assert defaults.training.mixed_precision is None and defaults.training.report_to == "auto"
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model: {refine_ratio: 0.3, config_overrides: {mc_passes: 3}}\n"
+        "data: {split_fractions: [0.5, 0.25, 0.25]}\n"
+        "training: {epochs: 3, learning_rate: 1, checkpointing_steps: 5}\n"
+        "evaluation: {output_sizes: [native, 128]}\n"
+    )
+    args = parse(["--config", str(config), "--epochs", "4", "--use_lora", "false"])
+    assert args.training.epochs == 4 and args.training.learning_rate == 1.0  # command line > YAML > defaults
+    assert args.training.checkpoint_every == 5 and args.data.split_fractions == [0.5, 0.25, 0.25]
+    assert args.model.config_changes() == {"use_lora": False, "refine_ratio": 0.3, "mc_passes": 3}
+    assert args.evaluation.output_sizes == ["native", "128"]
+    args = parse(
+        ["--split_fractions", "0.6", "0.3", "0.1", "--output_sizes", "native", "2x", "--augment", "false",
+         "--config_overrides", '{"refine_ratio": 0.5}', "--data_dir", "null", "--checkpoints_total_limit", "null",
+         "--use_implicit_decoder", "--mixed_precision", "bf16", "--no_baseline"]
+    )  # fmt: skip
+    assert args.data.split_fractions == [0.6, 0.3, 0.1] and args.evaluation.output_sizes == ["native", "2x"]
+    assert args.data.augment is False and args.evaluation.baseline is False and args.data.data_dir is None
+    assert args.training.checkpoints_total_limit is None and args.training.mixed_precision == "bf16"
+    assert args.model.config_changes() == {"use_implicit_decoder": True, "refine_ratio": 0.5}
+    # The 0.1 spellings: --section.key, and YAML values for lists and mappings.
+    args = parse(
+        ["--model.refine_ratio", "0.25", "--data.split_fractions", "[0.6, 0.3, 0.1]", "--evaluation.output_sizes=[32]",
+         "--peft_overrides", "{lora_rank: 8}"]
+    )  # fmt: skip
+    assert args.model.refine_ratio == 0.25 and args.data.split_fractions == [0.6, 0.3, 0.1]
+    assert args.evaluation.output_sizes == ["32"] and args.model.peft_overrides == {"lora_rank": 8}
+    # Mistakes name the file and the key.
+    bad = tmp_path / "bad.yaml"
+    for text, message in (
+        ("model: {refine_ratios: 0.3}", r"bad.yaml: unknown key model.refine_ratios \(did you mean model.refine_ratio"),
+        ("data: {refine_ratio: 0.3}", r"bad.yaml: unknown key data.refine_ratio"),
+        ("optimizer: {lr: 1}", r"bad.yaml: unknown section 'optimizer'"),
+        ("training: {epochs: many}", r"bad.yaml: training.epochs: expected INT"),
+        ("model: {config_overrides: [1, 2]}", r"bad.yaml: model.config_overrides: expected a JSON object"),
+    ):
+        bad.write_text(text + "\n")
+        with pytest.raises(SystemExit, match=message):
+            parse(["--config", str(bad)])
+    with pytest.raises(SystemExit, match=r"unknown option --data.refine_ratio \(did you mean model.refine_ratio"):
+        parse(["--data.refine_ratio", "0.3"])
+    with pytest.raises(SystemExit, match="output_sizes"):
+        parse(["--output_sizes", "huge"])
+    # Every shipped config loads; none fixes the precision (the Accelerate config decides).
+    for path in sorted((REPO_ROOT / "training" / "configs").glob("*.yaml")):
+        assert parse(["--config", str(path)]).training.mixed_precision is None, path
+
+
+def test_report_to_names_a_missing_or_unknown_tracker(tmp_path):
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(
+            SystemExit, match=r"--report_to wandb: the wandb package is not installed; pip install wandb"
+        ):
+            train_script.main(["--report_to", "wandb", "--output_dir", str(tmp_path / "x")])
+        with pytest.raises(SystemExit, match=r"wandb.* not installed; pip install .*wandb"):
+            train_script.main(["--report_to", "tensorboard,wandb", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match=r"unknown tracker\(s\) \['tensorbord'\].*'tensorboard'"):
+        train_script.main(["--report_to", "tensorbord", "--output_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+    assert train_script.resolve_trackers("none") == []
+    from accelerate.utils import is_tensorboard_available
+
+    assert train_script.resolve_trackers("auto") == (["tensorboard"] if is_tensorboard_available() else [])
+
+
+def test_the_accelerate_config_decides_the_mixed_precision(monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision` sets
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = train_script.make_accelerator(train_script.parse_args([]), [])
+        assert accelerator.mixed_precision == "bf16"
+        AcceleratorState._reset_state(True)
+        accelerator = train_script.make_accelerator(train_script.parse_args(["--mixed_precision", "no"]), [])
+        assert accelerator.mixed_precision == "no"  # an explicit option wins
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_forward_and_loss_sees_the_config_through_a_wrapper():
+    model = tiny_model()
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # as DistributedDataParallel holds it
+    assert recipe.model_config(wrapper) is model.config and recipe.model_config(torch.nn.Linear(1, 1)) is None
+
+
+@slow
+def test_fine_tuning_a_checkpoint_keeps_its_own_config(tiny_sam, polyps, tmp_path):
+    overrides = {**SMALL_IMPLICIT, "refine_ratio": 0.3, "use_frequency_adapter": False}
+    model, processor = load_model(tiny_sam, config_overrides=overrides, eval_mode=False)
+    model.config.base_model = "org/original-sam"
+    checkpoint = tmp_path / "trained-imedsam"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    # Unset keys keep the checkpoint's values; a key that is set changes, alone.
+    built, _ = train_script.build_model(
+        train_script.parse_args(["--backbone", str(checkpoint), "--mc_passes", "3"]).model
+    )
+    assert (built.config.refine_ratio, built.config.use_frequency_adapter, built.config.mc_passes) == (0.3, False, 3)
+    out = tmp_path / "run"
+    train_script.main(
+        ["--backbone", str(checkpoint), "--data_dir", str(polyps), "--output_dir", str(out), "--epochs", "1",
+         "--split_fractions", "0.6", "0.2", "0.2", "--output_sizes", "48", "--report_to", "none", "--baseline", "false"]
+    )  # fmt: skip
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["refine_ratio"] == 0.3 and config["use_frequency_adapter"] is False
+    assert config["coarse_feature_size"] == SMALL_IMPLICIT["coarse_feature_size"]
+    assert config["base_model"] == "org/original-sam"  # the original backbone, not the checkpoint's folder
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["refine_ratio"] is None  # recorded as unset
+
+
+@slow
+def test_training_on_sampled_points(tiny_sam, polyps, tmp_path, monkeypatch):
+    sampled = []
+    sample_points = recipe.sample_points
+
+    def recording(labels, sizes, num_points, generator=None):
+        sampled.append(num_points)
+        return sample_points(labels, sizes, num_points, generator)
+
+    monkeypatch.setattr(recipe, "sample_points", recording)
+    out = tmp_path / "run"
+    results = train_script.main(
+        args(tiny_sam, polyps, out, "--train_points", "256", "--epochs", "1", "--baseline", "false")
+    )
+    assert sampled == [256, 256, 256]  # one epoch of 3 training images, batch 1: every step on sampled points
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert 0 <= results["results"]["48"]["dice"] <= 1
+    model = AutoModel.from_pretrained(out / "final").eval()
+    with torch.no_grad():
+        outputs = model(torch.zeros(1, 3, 64, 64), input_boxes=torch.tensor([[5.0, 5.0, 40.0, 40.0]]))
+    assert outputs.logits.shape == (1, 1, 64, 64) and torch.isfinite(outputs.logits).all()
 
 
 class RecordingHubApi:
@@ -149,6 +350,7 @@ class RecordingHubApi:
         return None
 
 
+@slow
 def test_push_to_hub_uploads_checkpoints_then_model_and_card(tiny_sam, polyps, tmp_path):
     api = RecordingHubApi()
     out = tmp_path / "run"
@@ -185,6 +387,7 @@ def test_push_to_hub_uploads_checkpoints_then_model_and_card(tiny_sam, polyps, t
     assert "Kvasir-SEG sample" in card.text and "research-only" in card.text
 
 
+@slow
 def test_two_cpu_processes_with_ddp(tiny_sam, polyps, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
@@ -192,15 +395,19 @@ def test_two_cpu_processes_with_ddp(tiny_sam, polyps, tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
         str(REPO_ROOT / "training" / "train.py"),
-        *args(tiny_sam, polyps, tmp_path / "ddp", "--baseline", "false", "--eval_batch_size", "1"),
+        *args(tiny_sam, polyps, tmp_path / "ddp", "--baseline", "false", "--eval_batch_size", "1",
+              "--train_points", "64"),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "ddp" / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log) == 4  # 3 training images over 2 processes: 2 steps an epoch
+    # The precision `accelerate launch` chose is the one recorded.
+    assert yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())["training"]["mixed_precision"] == "no"
 
 
+@slow
 def test_hub_style_dataset_with_image_and_mask_columns(tiny_sam, tmp_path):
     """A dataset with image/mask columns (here a local parquet folder, as a Hub id would give) trains end to end."""
     import datasets
@@ -248,6 +455,7 @@ def organ_folder(root, count=5):
     return root
 
 
+@slow
 def test_multi_class_masks_with_one_box_per_class(tiny_sam, tmp_path):
     data = organ_folder(tmp_path / "organs")
     out = tmp_path / "run"
@@ -261,6 +469,7 @@ def test_multi_class_masks_with_one_box_per_class(tiny_sam, tmp_path):
         train_script.main(args(tiny_sam, data, tmp_path / "x", *extra, "--num_classes", "2"))
 
 
+@slow
 def test_multi_class_logits_from_one_prompt(tiny_sam, tmp_path):
     data = organ_folder(tmp_path / "organs")
     out = tmp_path / "run"

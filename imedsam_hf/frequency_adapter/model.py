@@ -6,7 +6,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from ..modeling_frequency_adapter import ADAPTER_PREFIX, FrequencyAdapterLayer, FrequencyAdapterPlacer
+from ..frequency_adapter_layers import ADAPTER_PREFIX, FrequencyAdapterLayer, FrequencyAdapterPlacer
 
 
 class FrequencyAdapterModel(BaseTuner):

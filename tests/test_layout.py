@@ -1,0 +1,312 @@
+"""The house rules of the layout, checked: one-way imports, a self-contained package, self-contained checkpoints.
+
+See ../shared/docs/layout.md: imports run from the command line down to the configs; `modeling_*` files import
+only siblings (they are shipped inside checkpoints); the package works from a wheel; a saved folder loads where the
+package is not installed.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, SHARED_DATA, run_python, tiny_model
+from test_peft import adapted, predict
+
+from imedsam_hf import IMedSamProcessor, save_pretrained_full
+from imedsam_hf.cli import main as cli_main
+
+PACKAGE = REPO_ROOT / "imedsam_hf"
+# Files a checkpoint carries (transformers copies the modeling/processing files and their relative imports).
+SHIPPED = {
+    "configuration_imedsam",
+    "modeling_imedsam",
+    "modeling_tinyvit",
+    "frequency_adapter_layers",
+    "processing_imedsam",
+}
+# Blocks `import imedsam_hf` in a subprocess: the package is not there.
+WITHOUT_PACKAGE = "import sys\nsys.modules['imedsam_hf'] = None\n"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> dict[str, list[str]]:
+    """Package modules `name` imports, anywhere in the file (functions included), -> where ("top" / "function")."""
+    found: dict[str, list[str]] = {}
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+    def visit(node, where):
+        for child in ast.iter_child_nodes(node):
+            inner = "function" if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else where
+            targets = []
+            if isinstance(child, ast.Import):
+                targets = [alias.name for alias in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    anchor = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [base] + [f"{base}.{alias.name}" for alias in child.names]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name and target.startswith("imedsam_hf"):
+                    found.setdefault(target, []).append(inner)
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text()), "top")
+    return found
+
+
+def import_graph() -> dict[str, dict[str, list[str]]]:
+    modules = package_modules()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, dict]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(node):
+        state[node] = 1
+        stack.append(node)
+        for target in graph.get(node, {}):
+            if target == "imedsam_hf":  # `from . import __version__`: the package's own __init__ names
+                continue
+            if state.get(target) == 1:
+                return stack[stack.index(target) :] + [target]
+            if target not in state and (cycle := walk(target)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state and (cycle := walk(node)):
+            return cycle
+    return None
+
+
+def test_imports_run_one_way_with_no_cycle():
+    graph = import_graph()
+    assert len(graph) > 20  # the walk found the package
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+    hidden = {name: [t for t, where in targets.items() if "function" in where] for name, targets in graph.items()}
+    assert not any(hidden.values()), (
+        f"package imports hidden inside functions: { {k: v for k, v in hidden.items() if v} }"
+    )
+
+
+def test_shipped_files_import_only_shipped_siblings_and_configuration_has_no_torch():
+    graph = import_graph()
+    for name in SHIPPED:
+        targets = {t.rpartition(".")[2] for t in graph[f"imedsam_hf.{name}"]}
+        assert targets <= SHIPPED, f"{name} imports {targets - SHIPPED}, which a checkpoint does not carry"
+    tree = ast.parse((PACKAGE / "configuration_imedsam.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "peft")}
+    # The modeling layers never touch peft's registry: the tuner package does.
+    assert "imedsam_hf.frequency_adapter" not in graph["imedsam_hf.modeling_imedsam"]
+
+
+def test_each_module_imports_alone():
+    names = sorted(name for name in package_modules() if not name.endswith("__main__"))  # __main__ runs the CLI
+    code = f"""
+import importlib, sys
+for name in {names!r}:
+    for loaded in [m for m in sys.modules if m == "imedsam_hf" or m.startswith("imedsam_hf.")]:
+        del sys.modules[loaded]
+    importlib.import_module(name)
+print("ok", len({names!r}))
+"""
+    assert run_python(code, cwd=REPO_ROOT).startswith("ok")
+
+
+def test_one_adapter_settings_schema_from_which_the_others_derive(tmp_path):
+    from dataclasses import fields
+
+    from imedsam_hf import FrequencyAdapterConfig, FrequencyAdapterSettings, IMedSamConfig, imedsam_peft_config
+    from imedsam_hf.configuration_imedsam import ADAPTER_SETTINGS, RECIPE_FIELDS
+
+    schema = FrequencyAdapterSettings()
+    assert ADAPTER_SETTINGS == tuple(f.name for f in fields(FrequencyAdapterSettings))
+    assert issubclass(FrequencyAdapterConfig, FrequencyAdapterSettings)  # inherited, not copied
+    config = IMedSamConfig()
+    for model_field, setting in RECIPE_FIELDS.items():  # the model config's recipe fields default to the schema's
+        assert getattr(config, model_field) == getattr(schema, setting), model_field
+    recipe = imedsam_peft_config(tiny_model(lora_rank=6, frequency_fusion_gate=True).config, adapter_dim=3)
+    assert (recipe.lora_rank, recipe.fusion_gate, recipe.adapter_dim) == (6, True, 3)
+    with pytest.raises(ValueError, match="Unknown adapter settings"):
+        config.adapter_recipe(lora_rnak=2)
+    published = save_pretrained_full(adapted(), tmp_path / "final").config
+    assert tuple(published.adapter_config) == ADAPTER_SETTINGS
+
+
+def test_unknown_arguments_are_errors_not_ignored(inputs):
+    model = tiny_model()
+    pixel_values, boxes = inputs
+    with pytest.raises(TypeError, match=r"`input_box` \(did you mean `input_boxes`\?\)"):
+        model(pixel_values=pixel_values, input_box=boxes)
+    processor = IMedSamProcessor(image_size=64)
+    with pytest.raises(TypeError, match=r"`input_box` \(did you mean `input_boxes`\?\)"):
+        processor(torch.zeros(3, 20, 20).numpy().transpose(1, 2, 0), input_box=[1, 1, 5, 5])
+
+
+def test_run_time_settings_are_read_at_each_call_also_under_peft(inputs):
+    """`model.config.mc_passes` (and the other run-time settings) apply at once, in training and inference."""
+    pixel_values, boxes = inputs
+    peft_model = adapted().eval()
+    base = peft_model.get_base_model()
+    with torch.no_grad():
+        before = peft_model(pixel_values=pixel_values, input_boxes=boxes, output_size=(16, 16)).uncertainty
+        base.config.mc_passes = 7
+        after = peft_model(pixel_values=pixel_values, input_boxes=boxes, output_size=(16, 16)).uncertainty
+        base.config.refine_ratio = 0.5
+        refined = peft_model(pixel_values=pixel_values, input_boxes=boxes, output_size=(16, 16)).refined
+    assert not torch.equal(before, after)  # 7 passes, not the 2 the decoder was built with
+    assert refined.flatten(1).sum(1).tolist() == [128, 128]
+
+
+def _convert_tiny_sam(tmp_path: Path) -> Path:
+    from test_convert import TINY_SAM
+    from transformers import SamConfig, SamModel
+
+    torch.manual_seed(0)
+    SamModel(SamConfig(**TINY_SAM)).save_pretrained(tmp_path / "sam")
+    out = tmp_path / "converted"
+    assert cli_main(["convert", "sam", "--checkpoint", str(tmp_path / "sam"), "--output", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_saved_folders_load_where_the_package_is_not_installed(tmp_path, inputs):
+    """
+    save_pretrained of a converted, a plain and a trained model -> AutoModel with trust_remote_code where the
+    package is not installed; the trained model's adapter there fails with a message saying to install it.
+    """
+    from transformers import AutoModel
+
+    folders = {"converted": _convert_tiny_sam(tmp_path), "plain": tmp_path / "plain", "trained": tmp_path / "trained"}
+    tiny_model().save_pretrained(folders["plain"])
+    peft_model = adapted()
+    save_pretrained_full(peft_model, folders["trained"])
+    torch.save(inputs, tmp_path / "inputs.pt")
+    expected = {}
+    for name, folder in folders.items():
+        config = json.loads((folder / "config.json").read_text())
+        assert config["auto_map"]["AutoModel"] == "modeling_imedsam.IMedSamModel", name
+        assert (folder / "preprocessor_config.json").is_file() and (folder / "README.md").is_file(), name
+        assert "I-MedSAM" in (folder / "README.md").read_text(), name  # the project's card, not transformers' blank
+        expected[name] = predict(AutoModel.from_pretrained(folder).eval(), inputs)
+    torch.testing.assert_close(expected["trained"], predict(peft_model, inputs), atol=0, rtol=0)
+    stdout = run_python(
+        WITHOUT_PACKAGE
+        + f"""
+import torch
+from transformers import AutoModel, AutoProcessor
+pixel_values, boxes = torch.load({str(tmp_path / "inputs.pt")!r})
+for name, folder in { ({k: str(v) for k, v in folders.items()})!r}.items():
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values, input_boxes=boxes, output_size=(24, 20)).logits
+    torch.save(logits, {str(tmp_path)!r} + f"/{{name}}.pt")
+print("loaded without the package")
+from peft import PeftConfig
+try:
+    PeftConfig.from_pretrained({str(folders["trained"] / "adapter")!r})
+except KeyError as error:  # peft's own lookup: the saved type name itself says what to do
+    print("adapter:", error)
+""",
+        cwd=tmp_path,
+        env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert "loaded without the package" in stdout
+    assert "adapter:" in stdout and "pip install imedsam-hf" in stdout.split("adapter:")[1]
+    adapter = json.loads((folders["trained"] / "adapter" / "adapter_config.json").read_text())
+    assert not Path(adapter["base_model_name_or_path"] or "").is_absolute()
+    assert "imedsam-hf" in (folders["trained"] / "adapter" / "README.md").read_text()
+    for name in folders:
+        torch.testing.assert_close(torch.load(tmp_path / f"{name}.pt"), expected[name], atol=0, rtol=0)
+
+
+def test_push_to_hub_uploads_the_complete_folder_with_the_projects_card(tmp_path, monkeypatch):
+    import imedsam_hf.modeling_imedsam as modeling
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir() if p.is_file()})
+            return "ok"
+
+    monkeypatch.setattr(modeling, "HfApi", FakeApi)
+    tiny_model().push_to_hub("org/i-medsam-tiny")
+    assert {"config.json", "model.safetensors", "modeling_imedsam.py", "preprocessor_config.json"} <= set(uploaded)
+    card = uploaded["README.md"].decode()
+    assert "I-MedSAM" in card and "automatically generated" not in card
+
+
+@pytest.mark.slow
+def test_wheel_install_runs_evaluate_and_writes_a_model_card(tmp_path):
+    """`pip install .` (not editable): `imedsam evaluate` and `write_model_card` work from the wheel alone."""
+    wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # Build from a copy of what the build reads: building in the checkout leaves build/ there, whose stale files a
+    # later build would pack.
+    shutil.copytree(PACKAGE, source / "imedsam_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(
+        [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)], check=True
+    )
+    wheel = next(wheels.glob("imedsam_hf-*.whl"))
+    subprocess.run([*pip, "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    assert (target / "bin" / "imedsam").is_file()
+    model = tmp_path / "model"
+    tiny_model().save_pretrained(model)
+    env_code = f"import sys; sys.path.insert(0, {str(target)!r})\n"
+    stdout = run_python(
+        env_code
+        + f"""
+import imedsam_hf, json
+assert imedsam_hf.__file__.startswith({str(target)!r}), imedsam_hf.__file__
+from imedsam_hf.cli import main
+code = main(["evaluate", "--model", {str(model)!r}, "--data-dir", {str(SHARED_DATA / "Kvasir-SEG-sample")!r},
+             "--split", "all", "--limit", "1", "--json", {str(tmp_path / "eval.json")!r}])
+assert code == 0, code
+from imedsam_hf.model_card import write_model_card
+config = dict(model={{}}, data=dict(name="demo", split_seed=0, box_jitter=0.1, data_dir="d"),
+              training=dict(output_dir="o", epochs=1, batch_size=1, gradient_accumulation_steps=1, weight_decay=0.0,
+                            learning_rate=1e-4, implicit_learning_rate=1e-3, mixed_precision="no", dice_weight=0.8,
+                            bce_weight=0.2, fine_weight_warmup_epochs=1), hub={{}})
+results = json.load(open({str(tmp_path / "eval.json")!r}))
+write_model_card({str(model)!r}, config, results, {{"test": 1}}, 10, 100)
+print("wheel ok")
+""",
+        cwd=tmp_path,
+    )
+    assert "wheel ok" in stdout
+    assert "| I-MedSAM | native |" in (model / "README.md").read_text()

@@ -1,0 +1,339 @@
+"""The training recipe's pieces (`imedsam_hf.training`): point sampling, losses (checked against formulas written
+here, independently of the implementation), parameter groups and the training step's forward and loss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA, tiny_model
+from peft import get_peft_model
+
+import imedsam_hf
+from imedsam_hf import IMedSamOutput, processor_for_config
+from imedsam_hf.data import DataConfig, SegmentationDataset, collate, discover_pairs
+from imedsam_hf.training import (
+    LossWeights,
+    dice_bce,
+    fine_weight_at,
+    forward_and_loss,
+    one_hot_targets,
+    parameter_groups,
+    sample_points,
+    segmentation_loss,
+)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reference formulas (numpy, float64), written from the documented definitions
+
+
+def reference_dice_bce(logits, targets, dice_weight=0.8, bce_weight=0.2) -> float:
+    """Soft Dice with +1 smoothing per image and class, averaged; BCE averaged over every element."""
+    logits = np.asarray(logits, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    batch, classes = logits.shape[:2]
+    logits, targets = logits.reshape(batch, classes, -1), targets.reshape(batch, classes, -1)
+    p = 1.0 / (1.0 + np.exp(-logits))
+    dice = [
+        1.0 - (2.0 * (p[b, c] * targets[b, c]).sum() + 1.0) / (p[b, c].sum() + targets[b, c].sum() + 1.0)
+        for b in range(batch)
+        for c in range(classes)
+    ]
+    bce = -(targets * np.log(p) + (1.0 - targets) * np.log(1.0 - p)).mean()
+    return dice_weight * float(np.mean(dice)) + bce_weight * float(bce)
+
+
+def nearest_pixel(coordinate: float, size: int) -> int:
+    """Index of the pixel whose centre ((i + 0.5) / size) is nearest to a normalised coordinate."""
+    centres = (np.arange(size) + 0.5) / size
+    return int(np.argmin(np.abs(centres - coordinate)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sample_points
+
+
+def test_sampled_points_lie_inside_each_images_unpadded_area():
+    size = 64
+    labels = torch.zeros(2, size, size, dtype=torch.long)
+    reshaped = torch.tensor([[64, 32], [20, 64]])  # (h, w): a tall image and a wide one, padded right / below
+    coordinates, point_labels = sample_points(labels, reshaped, 3000, torch.Generator().manual_seed(0))
+    assert coordinates.shape == (2, 3000, 2) and coordinates.dtype == torch.float32
+    assert point_labels.shape == (2, 1, 3000) and point_labels.dtype == torch.long
+    assert (coordinates >= 0).all()
+    for b, (height, width) in enumerate(reshaped.tolist()):
+        x, y = coordinates[b, :, 0], coordinates[b, :, 1]
+        assert (x < width / size).all() and (y < height / size).all(), b
+        # Uniform over the whole unpadded area, not a corner of it.
+        assert x.max() > 0.95 * width / size and y.max() > 0.95 * height / size
+        assert x.mean() == pytest.approx(width / size / 2, rel=0.05)
+        assert y.mean() == pytest.approx(height / size / 2, rel=0.05)
+
+
+def test_sampled_labels_are_the_class_of_the_nearest_pixel():
+    size = 16
+    # Left half class 1, right half class 0: the answer is known from x alone.
+    halves = torch.zeros(1, size, size, dtype=torch.long)
+    halves[..., : size // 2] = 1
+    coordinates, point_labels = sample_points(
+        halves, torch.tensor([[size, size]]), 500, torch.Generator().manual_seed(1)
+    )
+    expected = (coordinates[0, :, 0] < 0.5).long()
+    assert torch.equal(point_labels[0, 0], expected)
+    assert 0 < expected.sum() < 500  # both classes were sampled
+
+    # Any label map: each point's label is that of the pixel whose centre is nearest.
+    labels = torch.randint(0, 3, (2, size, size), generator=torch.Generator().manual_seed(2))
+    reshaped = torch.tensor([[16, 10], [7, 16]])
+    coordinates, point_labels = sample_points(labels, reshaped, 200, torch.Generator().manual_seed(3))
+    for b in range(2):
+        for n in range(200):
+            x, y = coordinates[b, n].tolist()
+            assert point_labels[b, 0, n] == labels[b, nearest_pixel(y, size), nearest_pixel(x, size)], (b, n)
+
+
+def test_sampling_is_deterministic_with_a_seeded_generator():
+    labels = torch.randint(0, 2, (2, 32, 32), generator=torch.Generator().manual_seed(0))
+    reshaped = torch.tensor([[32, 20], [25, 32]])
+    first = sample_points(labels, reshaped, 64, torch.Generator().manual_seed(7))
+    again = sample_points(labels, reshaped, 64, torch.Generator().manual_seed(7))
+    other = sample_points(labels, reshaped, 64, torch.Generator().manual_seed(8))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# losses
+
+
+def test_one_hot_targets_are_classes_one_to_c_and_background_is_all_zero():
+    labels = torch.tensor([[[0, 1, 2], [2, 0, 1]]])
+    targets = one_hot_targets(labels, num_classes=2)
+    assert targets.shape == (1, 2, 2, 3) and targets.dtype == torch.float32
+    assert targets[0, 0].tolist() == [[0, 1, 0], [0, 0, 1]]
+    assert targets[0, 1].tolist() == [[0, 0, 1], [1, 0, 0]]
+    # Point labels `(B, 1, N)` (from sample_points) give `(B, C, 1, N)` targets.
+    assert one_hot_targets(torch.tensor([[[0, 1, 1]]]), 1).tolist() == [[[[0.0, 1.0, 1.0]]]]
+
+
+def test_dice_bce_at_zero_logits_by_hand():
+    logits = torch.zeros(1, 1, 4)
+    targets = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    # sigmoid(0) = 0.5: intersection 1, sum of probabilities 2, sum of targets 2 -> Dice loss 1 - 3/5; BCE log 2.
+    expected = 0.8 * (1 - 3 / 5) + 0.2 * math.log(2)
+    assert dice_bce(logits, targets).item() == pytest.approx(expected, abs=1e-6)
+    assert dice_bce(logits, targets, dice_weight=1.0, bce_weight=0.0).item() == pytest.approx(0.4, abs=1e-6)
+    assert dice_bce(logits, targets, dice_weight=0.0, bce_weight=1.0).item() == pytest.approx(math.log(2), abs=1e-6)
+    # An empty target at zero logits: Dice loss 1 - 1 / (0.5 * 4 + 0 + 1), BCE still log 2.
+    empty = dice_bce(logits, torch.zeros(1, 1, 4), 1.0, 1.0).item()
+    assert empty == pytest.approx(1 - 1 / 3 + math.log(2), abs=1e-6)
+
+
+def test_dice_bce_matches_the_formula_per_image_and_class():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, 5, 6, generator=generator) * 3
+    targets = (torch.rand(3, 2, 5, 6, generator=generator) > 0.6).float()
+    targets[0, 1] = 0  # an empty class in one image: the per-(image, class) average differs from a pooled Dice
+    expected = reference_dice_bce(logits.numpy(), targets.numpy(), 0.7, 0.3)
+    assert dice_bce(logits, targets, 0.7, 0.3).item() == pytest.approx(expected, abs=1e-5)
+    # (B, C, N) and (B, C, H, W) are the same loss.
+    assert dice_bce(logits.flatten(2), targets.flatten(2), 0.7, 0.3).item() == pytest.approx(expected, abs=1e-5)
+    # A near-perfect prediction has a near-zero loss; the opposite one a large loss.
+    assert dice_bce(torch.where(targets[:1, :1] > 0, 20.0, -20.0), targets[:1, :1]).item() < 1e-3
+    assert dice_bce(torch.where(targets[:1, :1] > 0, -20.0, 20.0), targets[:1, :1]).item() > 3
+
+
+def fake_outputs(batch=2, classes=1, size=6, refined_per_image=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(batch, classes, size, size, generator=generator) * 2
+    logits = torch.randn(batch, classes, size, size, generator=generator) * 2
+    refined = torch.zeros(batch, size * size, dtype=torch.bool)
+    for b in range(batch):
+        refined[b, torch.randperm(size * size, generator=generator)[:refined_per_image]] = True
+    refined = refined.reshape(batch, size, size)
+    labels = torch.randint(0, classes + 1, (batch, size, size), generator=generator)
+    return IMedSamOutput(logits=logits, coarse_logits=coarse, refined=refined), labels
+
+
+@pytest.mark.parametrize("classes", [1, 2])
+def test_segmentation_loss_is_coarse_plus_weighted_fine_on_the_refined_points(classes):
+    outputs, labels = fake_outputs(classes=classes)
+    loss, parts = segmentation_loss(outputs, labels, classes, fine_weight=0.3, dice_weight=0.6, bce_weight=0.4)
+    targets = np.stack([(labels.numpy() == c) for c in range(1, classes + 1)], axis=1).astype(np.float64)
+    coarse = reference_dice_bce(outputs.coarse_logits.numpy(), targets, 0.6, 0.4)
+    mask = outputs.refined.numpy()
+    fine_logits = np.stack([outputs.logits.numpy()[b][:, mask[b]] for b in range(mask.shape[0])])
+    fine_targets = np.stack([targets[b][:, mask[b]] for b in range(mask.shape[0])])
+    assert fine_logits.shape == (2, classes, 5)
+    fine = reference_dice_bce(fine_logits, fine_targets, 0.6, 0.4)
+    assert loss.item() == pytest.approx(coarse + 0.3 * fine, abs=1e-5)
+    assert parts["coarse_loss"] == pytest.approx(coarse, abs=1e-5)
+    assert parts["fine_loss"] == pytest.approx(fine, abs=1e-5)
+    assert parts["loss"] == pytest.approx(loss.item())
+    # The final logits outside the refined points do not enter the loss.
+    changed = outputs.logits + 100.0 * (~outputs.refined)[:, None].float()
+    changed_outputs = IMedSamOutput(logits=changed, coarse_logits=outputs.coarse_logits, refined=outputs.refined)
+    same, _ = segmentation_loss(changed_outputs, labels, classes, 0.3, 0.6, 0.4)
+    assert same.item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_segmentation_loss_without_refined_points_is_the_coarse_loss():
+    outputs, labels = fake_outputs(refined_per_image=0)
+    loss, parts = segmentation_loss(outputs, labels, 1, fine_weight=1.0)
+    targets = (labels.numpy() == 1)[:, None]
+    coarse = reference_dice_bce(outputs.coarse_logits.numpy(), targets)
+    assert loss.item() == pytest.approx(coarse, abs=1e-5)
+    assert parts == pytest.approx({"loss": coarse, "coarse_loss": coarse, "fine_loss": 0.0}, abs=1e-5)
+
+
+def test_segmentation_loss_without_the_implicit_decoder_uses_the_logits():
+    outputs, labels = fake_outputs()
+    sam_only = IMedSamOutput(logits=outputs.logits)
+    loss, parts = segmentation_loss(sam_only, labels, 1, fine_weight=5.0, dice_weight=0.5, bce_weight=0.5)
+    expected = reference_dice_bce(outputs.logits.numpy(), (labels.numpy() == 1)[:, None], 0.5, 0.5)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert parts == {"loss": pytest.approx(expected, abs=1e-5)}
+
+
+def test_segmentation_loss_on_sampled_points():
+    """Point outputs `(B, C, 1, N)` with point labels `(B, 1, N)`, as `forward_and_loss` gives them."""
+    generator = torch.Generator().manual_seed(4)
+    coarse = torch.randn(2, 1, 1, 12, generator=generator)
+    logits = torch.randn(2, 1, 1, 12, generator=generator)
+    refined = torch.zeros(2, 1, 12, dtype=torch.bool)
+    refined[:, :, :3] = True
+    labels = torch.randint(0, 2, (2, 1, 12), generator=generator)
+    loss, _ = segmentation_loss(IMedSamOutput(logits=logits, coarse_logits=coarse, refined=refined), labels, 1)
+    targets = labels.numpy()[:, None].astype(np.float64)
+    expected = reference_dice_bce(coarse.numpy(), targets) + reference_dice_bce(
+        logits.numpy()[..., :3], targets[..., :3]
+    )
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_fine_weight_ramps_up_over_the_warmup_then_stays_at_one():
+    assert [fine_weight_at(epoch, 4) for epoch in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert fine_weight_at(0.5, 3) == pytest.approx(0.5)
+    for epoch in (0, 1, 7.5):
+        assert fine_weight_at(epoch, 0) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# parameter groups
+
+
+def adapted_model(**config_overrides):
+    model = tiny_model(**config_overrides)
+    return get_peft_model(model, imedsam_hf.imedsam_peft_config(model.config))
+
+
+def test_parameter_groups_give_the_implicit_decoder_its_own_rate_and_skip_frozen_tensors():
+    peft_model = adapted_model()
+    groups = parameter_groups(peft_model, learning_rate=1e-4, implicit_learning_rate=1e-3, weight_decay=0.05)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-4, 0.05), (1e-3, 0.05)]
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    other, implicit = ([names[id(p)] for p in g["params"]] for g in groups)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert set(other) | set(implicit) == trainable and not set(other) & set(implicit)
+    assert len(other) + len(implicit) == len(trainable)  # no tensor twice
+    assert implicit and all("implicit_decoder" in n for n in implicit)
+    assert not any("implicit_decoder" in n for n in other)
+    assert any("freq_lora" in n for n in other) and any("freq_adapter" in n for n in other)
+    assert not any("original_module" in n for n in other + implicit)  # frozen originals of modules_to_save
+    assert not any("vision_encoder" in n and "freq_" not in n for n in other)
+
+
+def test_parameter_groups_without_an_implicit_decoder_are_one_group():
+    peft_model = adapted_model(use_implicit_decoder=False)
+    groups = parameter_groups(peft_model, 1e-4, 1e-3, 0.0)
+    assert len(groups) == 1 and groups[0]["lr"] == 1e-4
+    assert len(groups[0]["params"]) == sum(p.requires_grad for p in peft_model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# forward_and_loss
+
+
+@pytest.fixture(scope="module")
+def real_batch():
+    """Two real Kvasir-SEG pairs as `imedsam_hf.data.collate` gives them, in the tiny model's 64 px frame."""
+    data_dir = SHARED_DATA / "Kvasir-SEG-sample"
+    if not data_dir.is_dir():
+        pytest.skip("shared data missing")
+    pairs = discover_pairs(data_dir)[0][:2]
+    records = [{"stem": p.stem, "image": p.image, "mask": p.mask} for p in pairs]
+    processor = processor_for_config(tiny_model().config)
+    dataset = SegmentationDataset(records, processor, DataConfig(augment=None), train=False)
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["pixel_values"].shape == (2, 3, 64, 64) and batch["labels"].shape == (2, 64, 64)
+    assert batch["labels"].sum() > 0
+    return batch
+
+
+def record_calls(peft_model):
+    """Record the keyword arguments and outputs of the wrapped IMedSamModel's forward."""
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        calls.append((kwargs, output))
+
+    handle = peft_model.get_base_model().register_forward_hook(hook, with_kwargs=True)
+    return calls, handle
+
+
+def test_forward_and_loss_on_sampled_points_trains_the_adapter_and_the_implicit_decoder(real_batch):
+    peft_model = adapted_model().train()
+    calls, handle = record_calls(peft_model)
+    weights = LossWeights(dice_weight=0.6, bce_weight=0.4, fine_weight=0.5)
+    loss, parts = forward_and_loss(
+        peft_model, real_batch, 1, weights=weights, train_points=48, generator=torch.Generator().manual_seed(3)
+    )
+    handle.remove()
+    assert torch.isfinite(loss) and loss.requires_grad
+    assert set(parts) == {"loss", "coarse_loss", "fine_loss"} and parts["loss"] == pytest.approx(loss.item())
+
+    # The model was queried once, on 48 points per image: the seeded sample_points draw, with the box prompts.
+    assert len(calls) == 1
+    kwargs, outputs = calls[0]
+    coordinates, point_labels = sample_points(
+        real_batch["labels"], real_batch["reshaped_size"], 48, torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(kwargs["query_coordinates"], coordinates)
+    assert torch.equal(kwargs["input_boxes"], real_batch["input_boxes"])
+    assert outputs.logits.shape == (2, 1, 1, 48) and outputs.coarse_logits.shape == (2, 1, 1, 48)
+    expected, _ = segmentation_loss(outputs, point_labels, 1, fine_weight=0.5, dice_weight=0.6, bce_weight=0.4)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+    loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    for key in ("freq_lora_q_B", "freq_lora_v_B", "freq_adapter", "implicit_decoder"):
+        assert any(key in n and g is not None and g.abs().sum() > 0 for n, g in grads.items()), key
+    assert all(p.grad is None for p in peft_model.parameters() if not p.requires_grad)
+
+
+def test_forward_and_loss_on_the_whole_frame_and_prompt_free(real_batch):
+    peft_model = adapted_model().train()
+    calls, handle = record_calls(peft_model)
+    loss, _ = forward_and_loss(peft_model, real_batch, 1, train_points=None, use_box_prompts=False)
+    handle.remove()
+    kwargs, outputs = calls[0]
+    assert kwargs["query_coordinates"] is None and kwargs["input_boxes"] is None
+    assert outputs.logits.shape == (2, 1, 64, 64)
+    expected, _ = segmentation_loss(outputs, real_batch["labels"], 1)  # default LossWeights
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_forward_and_loss_without_the_implicit_decoder_ignores_train_points(real_batch):
+    peft_model = adapted_model(use_implicit_decoder=False).train()
+    calls, handle = record_calls(peft_model)
+    loss, parts = forward_and_loss(peft_model, real_batch, 1, train_points=32)
+    handle.remove()
+    kwargs, outputs = calls[0]
+    assert kwargs["query_coordinates"] is None and outputs.logits.shape == (2, 1, 64, 64)
+    assert set(parts) == {"loss"} and torch.isfinite(loss)
+    loss.backward()
+    assert any(
+        "freq_lora_q_B" in n and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if p.grad is not None
+    )
