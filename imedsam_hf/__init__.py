@@ -4,17 +4,16 @@ Importing the package registers `IMedSamConfig`/`IMedSamModel`/`IMedSamProcessor
 and the `FREQ_ADAPTER` PEFT type with peft.
 """
 
-__version__ = "0.2.0"
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel  # noqa: E402
-
-from .configuration_imedsam import FrequencyAdapterSettings, IMedSamConfig, IMedSamTinyViTConfig  # noqa: E402
-from .frequency_adapter import FrequencyAdapterConfig, FrequencyAdapterModel, imedsam_peft_config  # noqa: E402
-from .inference import Segmentation, overlay, segment  # noqa: E402
-from .loading import load_model  # noqa: E402
-from .modeling_imedsam import IMedSamImplicitDecoder, IMedSamModel, IMedSamOutput  # noqa: E402
-from .processing_imedsam import IMedSamProcessor, processor_for_config  # noqa: E402
-from .publishing import export_full_model, save_pretrained_full  # noqa: E402
+from .configuration_imedsam import FrequencyAdapterSettings, IMedSamConfig, IMedSamTinyViTConfig
+from .frequency_adapter import FrequencyAdapterConfig, FrequencyAdapterModel, imedsam_peft_config
+from .inference import Segmentation, overlay, segment
+from .loading import load_model
+from .modeling_imedsam import IMedSamImplicitDecoder, IMedSamModel, IMedSamOutput
+from .processing_imedsam import IMedSamProcessor, processor_for_config
+from .publishing import export_full_model, save_pretrained_full
+from .version import __version__
 
 AutoConfig.register(IMedSamConfig.model_type, IMedSamConfig, exist_ok=True)
 AutoModel.register(IMedSamConfig, IMedSamModel, exist_ok=True)

@@ -16,10 +16,10 @@ import sys
 
 import torch
 
-from . import __version__
 from .evaluation import NATIVE, run_evaluation
 from .inference import MAX_OUTPUT_PIXELS, PromptSource, predict_files, read_boxes_file
 from .loading import convert_checkpoint, resolve_device
+from .version import __version__
 
 EXIT_CODES = """exit codes:
   0  done

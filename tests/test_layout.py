@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -122,19 +123,6 @@ def test_shipped_files_import_only_shipped_siblings_and_configuration_has_no_tor
     assert not {m for m in imported if m.split(".")[0] in ("torch", "peft")}
     # The modeling layers never touch peft's registry: the tuner package does.
     assert "imedsam_hf.frequency_adapter" not in graph["imedsam_hf.modeling_imedsam"]
-
-
-def test_each_module_imports_alone():
-    names = sorted(name for name in package_modules() if not name.endswith("__main__"))  # __main__ runs the CLI
-    code = f"""
-import importlib, sys
-for name in {names!r}:
-    for loaded in [m for m in sys.modules if m == "imedsam_hf" or m.startswith("imedsam_hf.")]:
-        del sys.modules[loaded]
-    importlib.import_module(name)
-print("ok", len({names!r}))
-"""
-    assert run_python(code, cwd=REPO_ROOT).startswith("ok")
 
 
 def test_one_adapter_settings_schema_from_which_the_others_derive(tmp_path):
@@ -269,30 +257,50 @@ def test_push_to_hub_uploads_the_complete_folder_with_the_projects_card(tmp_path
     assert "I-MedSAM" in card and "automatically generated" not in card
 
 
-@pytest.mark.slow
-def test_wheel_install_runs_evaluate_and_writes_a_model_card(tmp_path):
-    """`pip install .` (not editable): `imedsam evaluate` and `write_model_card` work from the wheel alone."""
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory):
+    """
+    `pip install .` (not editable), done as pip does for a pure-Python wheel: build it, unpack it. Then one fresh
+    interpreter that sees only that copy of the package (1) imports each module alone, (2) runs `imedsam evaluate`
+    and `write_model_card`. Returns its stdout and the folder of the model it evaluated.
+    """
+    tmp_path = tmp_path_factory.mktemp("wheel")
     wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
     # Build from a copy of what the build reads: building in the checkout leaves build/ there, whose stale files a
     # later build would pack.
     shutil.copytree(PACKAGE, source / "imedsam_hf", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO_ROOT / name, source / name)
-    pip = [sys.executable, "-m", "pip"]
-    subprocess.run(
-        [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)], check=True
-    )
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels)]
+    subprocess.run([*command, str(source)], check=True)
     wheel = next(wheels.glob("imedsam_hf-*.whl"))
-    subprocess.run([*pip, "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
-    assert (target / "bin" / "imedsam").is_file()
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+        entry_points = next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
+        assert "imedsam = imedsam_hf.cli:main" in archive.read(entry_points).decode()
     model = tmp_path / "model"
     tiny_model().save_pretrained(model)
-    env_code = f"import sys; sys.path.insert(0, {str(target)!r})\n"
+    installed = target / "imedsam_hf"
+    names = sorted(module_name(PACKAGE / p.relative_to(installed)) for p in installed.rglob("*.py"))
+    names = [name for name in names if not name.endswith("__main__")]  # __main__ runs the CLI
     stdout = run_python(
-        env_code
-        + f"""
-import imedsam_hf, json
-assert imedsam_hf.__file__.startswith({str(target)!r}), imedsam_hf.__file__
+        f"""
+import importlib, json, sys, types
+sys.path.insert(0, {str(target)!r})
+# 1. Each module in a clean state, its package's __init__ an empty stub: it imports what it needs itself, no cycle.
+for name in {names!r}:
+    for loaded in [m for m in sys.modules if m == "imedsam_hf" or m.startswith("imedsam_hf.")]:
+        del sys.modules[loaded]
+    if name != "imedsam_hf":
+        stub = types.ModuleType("imedsam_hf")
+        stub.__path__ = [{str(installed)!r}]
+        sys.modules["imedsam_hf"] = stub
+    module = importlib.import_module(name)
+    assert module.__file__.startswith({str(target)!r}), module.__file__
+print("alone ok", len({names!r}))
+for loaded in [m for m in sys.modules if m == "imedsam_hf" or m.startswith("imedsam_hf.")]:
+    del sys.modules[loaded]
+# 2. The package from the wheel: the evaluate command and the model card (its template is package data).
 from imedsam_hf.cli import main
 code = main(["evaluate", "--model", {str(model)!r}, "--data-dir", {str(SHARED_DATA / "Kvasir-SEG-sample")!r},
              "--split", "all", "--limit", "1", "--json", {str(tmp_path / "eval.json")!r}])
@@ -308,5 +316,18 @@ print("wheel ok")
 """,
         cwd=tmp_path,
     )
+    return stdout, model
+
+
+@pytest.mark.slow
+def test_each_module_imports_alone(installed_wheel):
+    stdout, _ = installed_wheel
+    assert f"alone ok {len([n for n in package_modules() if not n.endswith('__main__')])}" in stdout
+
+
+@pytest.mark.slow
+def test_wheel_install_runs_evaluate_and_writes_a_model_card(installed_wheel):
+    """`pip install .` (not editable): `imedsam evaluate` and `write_model_card` work from the wheel alone."""
+    stdout, model = installed_wheel
     assert "wheel ok" in stdout
     assert "| I-MedSAM | native |" in (model / "README.md").read_text()
