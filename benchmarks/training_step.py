@@ -22,10 +22,10 @@ from common import (
     build_model,
     machine_description,
     peak_memory,
-    print_table,
+    progress,
+    report,
     setup_run,
     time_call,
-    write_json,
 )
 
 from imedsam_hf.training import forward_and_loss, parameter_groups
@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     device, autocast_dtype = setup_run(args)
     rows = []
-    for name, variant in VARIANTS.items():
+    for name, variant in progress(VARIANTS.items(), "variants", total=len(VARIANTS)):
         model = adapted(build_model(args.backbone, **variant["config"]), **variant["recipe"]).to(device).train()
         size = model.config.image_size
         generator = torch.Generator().manual_seed(0)
@@ -94,11 +94,8 @@ def main(argv=None) -> dict:
         "device": machine_description(device),
         "rows": rows,
     }
-    print(f"{args.backbone}, batch {args.batch_size}, {result['device']}")
-    print_table(rows, ["variant", "trainable_params", "step_s", "images_per_s", "peak_mib", "time_vs_lora_only"])
-    if args.json:
-        write_json(args.json, result)
-    return result
+    columns = ["variant", "trainable_params", "step_s", "images_per_s", "peak_mib", "time_vs_lora_only"]
+    return report(result, f"{args.backbone}, batch {args.batch_size}, {result['device']}", columns, args.json)
 
 
 if __name__ == "__main__":

