@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, SHARED_DATA, run_python, tiny_model
 from test_peft import adapted, predict
+from transformers import AutoModel
 
 from imedsam_hf import IMedSamProcessor, save_pretrained_full
 from imedsam_hf.cli import main as cli_main
@@ -170,70 +171,6 @@ def test_run_time_settings_are_read_at_each_call_also_under_peft(inputs):
     assert refined.flatten(1).sum(1).tolist() == [128, 128]
 
 
-def _convert_tiny_sam(tmp_path: Path) -> Path:
-    from test_convert import TINY_SAM
-    from transformers import SamConfig, SamModel
-
-    torch.manual_seed(0)
-    SamModel(SamConfig(**TINY_SAM)).save_pretrained(tmp_path / "sam")
-    out = tmp_path / "converted"
-    assert cli_main(["convert", "sam", "--checkpoint", str(tmp_path / "sam"), "--output", str(out)]) == 0
-    return out
-
-
-@pytest.mark.slow
-def test_saved_folders_load_where_the_package_is_not_installed(tmp_path, inputs):
-    """
-    save_pretrained of a converted, a plain and a trained model -> AutoModel with trust_remote_code where the
-    package is not installed; the trained model's adapter there fails with a message saying to install it.
-    """
-    from transformers import AutoModel
-
-    folders = {"converted": _convert_tiny_sam(tmp_path), "plain": tmp_path / "plain", "trained": tmp_path / "trained"}
-    tiny_model().save_pretrained(folders["plain"])
-    peft_model = adapted()
-    save_pretrained_full(peft_model, folders["trained"])
-    torch.save(inputs, tmp_path / "inputs.pt")
-    expected = {}
-    for name, folder in folders.items():
-        config = json.loads((folder / "config.json").read_text())
-        assert config["auto_map"]["AutoModel"] == "modeling_imedsam.IMedSamModel", name
-        assert (folder / "preprocessor_config.json").is_file() and (folder / "README.md").is_file(), name
-        assert "I-MedSAM" in (folder / "README.md").read_text(), name  # the project's card, not transformers' blank
-        expected[name] = predict(AutoModel.from_pretrained(folder).eval(), inputs)
-    torch.testing.assert_close(expected["trained"], predict(peft_model, inputs), atol=0, rtol=0)
-    stdout = run_python(
-        WITHOUT_PACKAGE
-        + f"""
-import torch
-from transformers import AutoModel, AutoProcessor
-pixel_values, boxes = torch.load({str(tmp_path / "inputs.pt")!r})
-for name, folder in { ({k: str(v) for k, v in folders.items()})!r}.items():
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    with torch.no_grad():
-        logits = model(pixel_values=pixel_values, input_boxes=boxes, output_size=(24, 20)).logits
-    torch.save(logits, {str(tmp_path)!r} + f"/{{name}}.pt")
-print("loaded without the package")
-from peft import PeftConfig
-try:
-    PeftConfig.from_pretrained({str(folders["trained"] / "adapter")!r})
-except KeyError as error:  # peft's own lookup: the saved type name itself says what to do
-    print("adapter:", error)
-""",
-        cwd=tmp_path,
-        env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")},
-    )
-    assert "loaded without the package" in stdout
-    assert "adapter:" in stdout and "pip install imedsam-hf" in stdout.split("adapter:")[1]
-    adapter = json.loads((folders["trained"] / "adapter" / "adapter_config.json").read_text())
-    assert not Path(adapter["base_model_name_or_path"] or "").is_absolute()
-    assert "imedsam-hf" in (folders["trained"] / "adapter" / "README.md").read_text()
-    for name in folders:
-        torch.testing.assert_close(torch.load(tmp_path / f"{name}.pt"), expected[name], atol=0, rtol=0)
-
-
 def test_push_to_hub_uploads_the_complete_folder_with_the_projects_card(tmp_path, monkeypatch):
     import imedsam_hf.modeling_imedsam as modeling
 
@@ -257,14 +194,19 @@ def test_push_to_hub_uploads_the_complete_folder_with_the_projects_card(tmp_path
     assert "I-MedSAM" in card and "automatically generated" not in card
 
 
-@pytest.fixture(scope="module")
-def installed_wheel(tmp_path_factory):
-    """
-    `pip install .` (not editable), done as pip does for a pure-Python wheel: build it, unpack it. Then one fresh
-    interpreter that sees only that copy of the package (1) imports each module alone, (2) runs `imedsam evaluate`
-    and `write_model_card`. Returns its stdout and the folder of the model it evaluated.
-    """
-    tmp_path = tmp_path_factory.mktemp("wheel")
+def _convert_tiny_sam(tmp_path: Path) -> Path:
+    from test_convert import TINY_SAM
+    from transformers import SamConfig, SamModel
+
+    torch.manual_seed(0)
+    SamModel(SamConfig(**TINY_SAM)).save_pretrained(tmp_path / "sam")
+    out = tmp_path / "converted"
+    assert cli_main(["convert", "sam", "--checkpoint", str(tmp_path / "sam"), "--output", str(out)]) == 0
+    return out
+
+
+def _install_wheel(tmp_path: Path) -> Path:
+    """`pip install .` (not editable), done as pip does it for a pure-Python wheel: build it, unpack it."""
     wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
     # Build from a copy of what the build reads: building in the checkout leaves build/ there, whose stale files a
     # later build would pack.
@@ -273,61 +215,146 @@ def installed_wheel(tmp_path_factory):
         shutil.copy(REPO_ROOT / name, source / name)
     command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels)]
     subprocess.run([*command, str(source)], check=True)
-    wheel = next(wheels.glob("imedsam_hf-*.whl"))
-    with zipfile.ZipFile(wheel) as archive:
+    with zipfile.ZipFile(next(wheels.glob("imedsam_hf-*.whl"))) as archive:
         archive.extractall(target)
         entry_points = next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
         assert "imedsam = imedsam_hf.cli:main" in archive.read(entry_points).decode()
-    model = tmp_path / "model"
-    tiny_model().save_pretrained(model)
-    installed = target / "imedsam_hf"
-    names = sorted(module_name(PACKAGE / p.relative_to(installed)) for p in installed.rglob("*.py"))
-    names = [name for name in names if not name.endswith("__main__")]  # __main__ runs the CLI
-    stdout = run_python(
-        f"""
+    return target
+
+
+# What runs in the fresh interpreter, in order. Phase 1 cannot import the package at all; phase 2 sees only the
+# copy unpacked from the wheel. {placeholders} are filled by the fixture.
+FRESH_INTERPRETER = """
 import importlib, json, sys, types
-sys.path.insert(0, {str(target)!r})
-# 1. Each module in a clean state, its package's __init__ an empty stub: it imports what it needs itself, no cycle.
-for name in {names!r}:
+import torch
+from transformers import AutoModel, AutoProcessor
+pixel_values, boxes = torch.load({inputs!r})
+
+def logits_of(model, name):
+    with torch.no_grad():
+        torch.save(model(pixel_values=pixel_values, input_boxes=boxes, output_size=(24, 20)).logits, f"{out}/{{name}}.pt")
+
+# 1. Without the package: saved folders load with trust_remote_code; the adapter says how to get the package.
+sys.modules["imedsam_hf"] = None
+for name, folder in {folders!r}.items():
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    logits_of(model, name)
+from peft import PeftConfig, PeftModel
+try:
+    PeftConfig.from_pretrained({adapter!r})
+except KeyError as error:  # peft's own lookup: the saved type name itself says what to do
+    print("adapter without the package:", error)
+
+# 2. The package from the wheel only. Each module in a clean state, its package's __init__ an empty stub: it
+# imports what it needs itself, with no cycle.
+del sys.modules["imedsam_hf"]
+sys.path.insert(0, {target!r})
+for name in {modules!r}:
     for loaded in [m for m in sys.modules if m == "imedsam_hf" or m.startswith("imedsam_hf.")]:
         del sys.modules[loaded]
     if name != "imedsam_hf":
         stub = types.ModuleType("imedsam_hf")
-        stub.__path__ = [{str(installed)!r}]
+        stub.__path__ = [{target!r} + "/imedsam_hf"]
         sys.modules["imedsam_hf"] = stub
-    module = importlib.import_module(name)
-    assert module.__file__.startswith({str(target)!r}), module.__file__
-print("alone ok", len({names!r}))
+    assert importlib.import_module(name).__file__.startswith({target!r}), name
+print("each module alone:", len({modules!r}))
 for loaded in [m for m in sys.modules if m == "imedsam_hf" or m.startswith("imedsam_hf.")]:
     del sys.modules[loaded]
-# 2. The package from the wheel: the evaluate command and the model card (its template is package data).
+
+# 3. `import imedsam_hf` registers the PEFT type: the adapter loads in this fresh process.
+import imedsam_hf
+base = AutoModel.from_pretrained({plain!r})
+logits_of(PeftModel.from_pretrained(base, {adapter!r}).eval(), "adapter")
+
+# 4. The evaluate command and the model card (its template is package data) from the wheel.
 from imedsam_hf.cli import main
-code = main(["evaluate", "--model", {str(model)!r}, "--data-dir", {str(SHARED_DATA / "Kvasir-SEG-sample")!r},
-             "--split", "all", "--limit", "1", "--json", {str(tmp_path / "eval.json")!r}])
+code = main(["evaluate", "--model", {plain!r}, "--data-dir", {data!r}, "--split", "all", "--limit", "1",
+             "--json", f"{out}/eval.json"])
 assert code == 0, code
 from imedsam_hf.model_card import write_model_card
 config = dict(model={{}}, data=dict(name="demo", split_seed=0, box_jitter=0.1, data_dir="d"),
               training=dict(output_dir="o", epochs=1, batch_size=1, gradient_accumulation_steps=1, weight_decay=0.0,
                             learning_rate=1e-4, implicit_learning_rate=1e-3, mixed_precision="no", dice_weight=0.8,
                             bce_weight=0.2, fine_weight_warmup_epochs=1), hub={{}})
-results = json.load(open({str(tmp_path / "eval.json")!r}))
-write_model_card({str(model)!r}, config, results, {{"test": 1}}, 10, 100)
+write_model_card({plain!r}, config, json.load(open(f"{out}/eval.json")), {{"test": 1}}, 10, 100)
 print("wheel ok")
-""",
-        cwd=tmp_path,
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_interpreter(tmp_path_factory):
+    """
+    Every check that needs an interpreter that never imported the package, in one (starting one with torch,
+    transformers and peft costs seconds here): saved folders -> AutoModel with trust_remote_code where the package
+    cannot be imported (a converted, a plain and a trained model); the adapter's message there; then, from the
+    installed wheel, each module imported alone, the adapter loaded after `import imedsam_hf`, `imedsam evaluate`
+    and `write_model_card`. Returns the interpreter's stdout, the folders and the in-process reference logits.
+    """
+    tmp_path = tmp_path_factory.mktemp("fresh")
+    target = _install_wheel(tmp_path)
+    folders = {"converted": _convert_tiny_sam(tmp_path), "plain": tmp_path / "plain", "trained": tmp_path / "trained"}
+    tiny_model().save_pretrained(folders["plain"])
+    peft_model = adapted()
+    save_pretrained_full(peft_model, folders["trained"])
+    inputs = (
+        torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+        torch.tensor([[10.0, 12, 40, 50]] * 2),
     )
-    return stdout, model
+    torch.save(inputs, tmp_path / "inputs.pt")
+    expected = {name: predict(AutoModel.from_pretrained(folder).eval(), inputs) for name, folder in folders.items()}
+    expected["adapter"] = predict(peft_model, inputs)
+    installed = target / "imedsam_hf"
+    modules = sorted(module_name(PACKAGE / p.relative_to(installed)) for p in installed.rglob("*.py"))
+    code = FRESH_INTERPRETER.format(
+        inputs=str(tmp_path / "inputs.pt"),
+        out=str(tmp_path),
+        folders={k: str(v) for k, v in folders.items()},
+        adapter=str(folders["trained"] / "adapter"),
+        target=str(target),
+        modules=[m for m in modules if not m.endswith("__main__")],  # __main__ runs the CLI
+        plain=str(folders["plain"]),
+        data=str(SHARED_DATA / "Kvasir-SEG-sample"),
+    )
+    stdout = run_python(code, cwd=tmp_path, env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    return stdout, folders, {name: (tmp_path / f"{name}.pt", logits) for name, logits in expected.items()}
 
 
 @pytest.mark.slow
-def test_each_module_imports_alone(installed_wheel):
-    stdout, _ = installed_wheel
-    assert f"alone ok {len([n for n in package_modules() if not n.endswith('__main__')])}" in stdout
+def test_saved_folders_load_where_the_package_is_not_installed(fresh_interpreter):
+    """save_pretrained of a converted, a plain and a trained model: complete folders, same outputs without it."""
+    stdout, folders, expected = fresh_interpreter
+    for name, folder in folders.items():
+        config = json.loads((folder / "config.json").read_text())
+        assert config["auto_map"]["AutoModel"] == "modeling_imedsam.IMedSamModel", name
+        assert (folder / "preprocessor_config.json").is_file(), name
+        assert "I-MedSAM" in (folder / "README.md").read_text(), name  # the project's card, not transformers' blank
+        path, logits = expected[name]
+        torch.testing.assert_close(torch.load(path), logits, atol=0, rtol=0)
+    message = stdout.split("adapter without the package:")[1].splitlines()[0]
+    assert "pip install imedsam-hf" in message
+    adapter = json.loads((folders["trained"] / "adapter" / "adapter_config.json").read_text())
+    assert not Path(adapter["base_model_name_or_path"] or "").is_absolute()
+    assert "imedsam-hf" in (folders["trained"] / "adapter" / "README.md").read_text()
 
 
 @pytest.mark.slow
-def test_wheel_install_runs_evaluate_and_writes_a_model_card(installed_wheel):
+def test_each_module_imports_alone(fresh_interpreter):
+    stdout, _, _ = fresh_interpreter
+    assert f"each module alone: {len([n for n in package_modules() if not n.endswith('__main__')])}" in stdout
+
+
+@pytest.mark.slow
+def test_adapter_loads_in_a_fresh_process_after_importing_the_package(fresh_interpreter):
+    _, _, expected = fresh_interpreter
+    path, logits = expected["adapter"]
+    torch.testing.assert_close(torch.load(path), logits, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_wheel_install_runs_evaluate_and_writes_a_model_card(fresh_interpreter):
     """`pip install .` (not editable): `imedsam evaluate` and `write_model_card` work from the wheel alone."""
-    stdout, model = installed_wheel
+    stdout, folders, _ = fresh_interpreter
     assert "wheel ok" in stdout
-    assert "| I-MedSAM | native |" in (model / "README.md").read_text()
+    assert "| I-MedSAM | native |" in (folders["plain"] / "README.md").read_text()
