@@ -79,7 +79,8 @@ def predict_logits(
     baseline: bool = False,
 ) -> dict[str | int, torch.Tensor]:
     """
-    Logits `(C, h, w)` of one image at each requested output size, from one encoder pass.
+    Logits `(C, h, w)` of one image at each requested output size, from one encoder pass; `box` may be a list of
+    boxes `(P, 4)` (every prompt decoded together), giving `(P, C, h, w)`.
 
     `baseline=True` returns the backbone's own SAM mask (adapters disabled, SAM post-processing) instead.
     """
@@ -98,7 +99,10 @@ def predict_logits(
         for size in output_sizes:
             shape = grid_size(original, size)
             if baseline:
-                logits = sam_mask_on_grid(outputs.sam_logits, processor.image_size, shape, region)
+                sam = outputs.sam_logits  # (1, 1, h, w), or (1, P, 1, h, w) for several boxes
+                rows = sam.reshape(-1, 1, *sam.shape[-2:])  # one row per prompt, all of this one image
+                grid = sam_mask_on_grid(rows, processor.image_size, shape, region.expand(len(rows), 4))
+                logits = grid.reshape(*sam.shape[:-2], *shape)
             else:
                 logits = model(
                     image_embeddings=embeddings, input_boxes=boxes, output_size=shape, output_region=region
@@ -130,8 +134,9 @@ def evaluate_pairs(
     """
     Score every pair at every output size.
 
-    With `class_prompts`, masks hold class ids 1..`mask_classes` and every class present is segmented on its own,
-    prompted with its exact box, and scored as a binary mask (rows carry `class`); the summary averages them.
+    With `class_prompts`, masks hold class ids 1..`mask_classes` and every class present is segmented with its exact
+    box (all of an image's classes in one pass: one prompt each) and scored as a binary mask (rows carry `class`);
+    the summary averages them.
 
     Returns per-image rows (`stem`, `size`, scores) and a summary `{size: aggregate(...)}` with `dice`,
     `dice_std`, `iou`, `hd95`, `hd` (and their std) and `n`.
@@ -151,13 +156,15 @@ def evaluate_pairs(
         targets = [(None, labels)]
         if class_prompts:
             targets = [(int(c), (labels == c).astype(np.int64)) for c in np.unique(labels) if c > 0]
-        for class_id, target_labels in targets:
-            box = mask_box(target_labels) if prompt == "box" else None
-            logits = predict_logits(model, processor, image, box, sizes, baseline=baseline)
+        several = class_prompts and prompt == "box"
+        boxes = [mask_box(target) for _, target in targets] if prompt == "box" else [None]
+        logits = predict_logits(model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline)
+        for index, (class_id, target_labels) in enumerate(targets):
             extra = {} if class_id is None else {"class": class_id}
             for size in sizes:
-                target = resize_labels(target_labels, tuple(logits[size].shape[-2:]))
-                rows.append({"stem": pair.stem, "size": str(size), **extra, **score(logits[size], target, num_classes)})
+                prediction = logits[size][index] if several else logits[size]
+                target = resize_labels(target_labels, tuple(prediction.shape[-2:]))
+                rows.append({"stem": pair.stem, "size": str(size), **extra, **score(prediction, target, num_classes)})
     summary = {}
     for size in sizes:
         skip = ("stem", "size", "class")

@@ -26,7 +26,10 @@ TRUTH_COLOUR = (0.0, 255.0, 0.0)
 
 @dataclass
 class Segmentation:
-    """`mask` `(H, W)` bool (class ids for multi-class models) and `probabilities` `(C, H, W)` float32."""
+    """
+    `mask` `(H, W)` bool (class ids for multi-class models) and `probabilities` `(C, H, W)` float32; with several
+    boxes, one of each per box: `mask` `(P, H, W)`, `probabilities` `(P, C, H, W)`.
+    """
 
     mask: np.ndarray
     probabilities: np.ndarray
@@ -53,8 +56,8 @@ def segment(
 
     Args:
         model: an `IMedSamModel` (or PeftModel around one), a checkpoint folder or hub id, or `"litemedsam"`.
-        box: (x0, y0, x1, y1) in original-image pixels. points: `(N, 2)` (x, y) with `labels` (1 fg, 0 bg).
-            Neither: prompt-free.
+        box: (x0, y0, x1, y1) in original-image pixels, or a list of such boxes (one mask per box, from one pass
+            of the image encoder). points: `(N, 2)` (x, y) with `labels` (1 fg, 0 bg). Neither: prompt-free.
         output_size: `(height, width)` of the returned mask; default the image's own size. The implicit decoder
             is queried on that grid directly.
         processor: defaults to the checkpoint's (or the one matching the model's config).
@@ -84,10 +87,10 @@ def segment(
         output_region=inputs["output_region"],
         **prompts,
     )
-    logits = outputs.logits.float().cpu()
-    return Segmentation(
-        mask=IMedSamProcessor.post_process_masks(logits)[0].numpy(), probabilities=logits.sigmoid()[0].numpy()
-    )
+    logits = outputs.logits.float().cpu()[0]  # (C, H, W), or (P, C, H, W) for several boxes
+    batch = logits if logits.ndim == 4 else logits[None]
+    masks = IMedSamProcessor.post_process_masks(batch).numpy()
+    return Segmentation(mask=masks if logits.ndim == 4 else masks[0], probabilities=logits.sigmoid().numpy())
 
 
 def overlay(image: np.ndarray | Image.Image, mask: np.ndarray, truth: np.ndarray | None = None) -> Image.Image:

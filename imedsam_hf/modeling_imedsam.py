@@ -114,33 +114,36 @@ class IMedSamMaskDecoder(SamMaskDecoder):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
-            image_embeddings: `(batch_size, hidden_size, h, w)`.
+            image_embeddings: `(batch_size, hidden_size, h, w)`, encoded once per image.
             image_positional_embeddings: `(batch_size, hidden_size, h, w)`.
-            sparse_prompt_embeddings: `(batch_size, 1, num_tokens, hidden_size)` or `None` (no prompt).
+            sparse_prompt_embeddings: `(batch_size, num_prompts, num_tokens, hidden_size)` or `None` (no prompt).
             dense_prompt_embeddings: `(batch_size or 1, hidden_size, h, w)`.
 
-        Returns:
-            masks `(batch_size, 1, 4h, 4w)` (single-mask output), iou `(batch_size, 1)` and upscaled features
-            `(batch_size, hidden_size // 8, 4h, 4w)`.
+        Returns, prompt-major (row `b * num_prompts + p` is prompt p of image b, as `SamMaskDecoder` lays them out):
+            masks `(batch_size * num_prompts, 1, 4h, 4w)` (single-mask output), iou `(batch_size * num_prompts, 1)`
+            and upscaled features `(batch_size * num_prompts, hidden_size // 8, 4h, 4w)`.
         """
         batch_size, num_channels, height, width = image_embeddings.shape
+        num_prompts = sparse_prompt_embeddings.shape[1] if sparse_prompt_embeddings is not None else 1
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = output_tokens.repeat(batch_size, 1, 1, 1)
+        tokens = output_tokens.repeat(batch_size, num_prompts, 1, 1)
         if sparse_prompt_embeddings is not None:
             tokens = torch.cat((tokens, sparse_prompt_embeddings.to(tokens.dtype)), dim=2)
+        # Only the two-way transformer and what follows run per prompt; the image was encoded once.
         point_embedding, image_tokens = self.transformer(
             point_embeddings=tokens,
-            image_embeddings=image_embeddings + dense_prompt_embeddings,
-            image_positional_embeddings=image_positional_embeddings,
+            image_embeddings=(image_embeddings + dense_prompt_embeddings).repeat_interleave(num_prompts, 0),
+            image_positional_embeddings=image_positional_embeddings.repeat_interleave(num_prompts, 0),
             attention_similarity=None,
         )
-        image_tokens = image_tokens.transpose(2, 3).reshape(batch_size, num_channels, height, width)
+        rows = batch_size * num_prompts
+        image_tokens = image_tokens.transpose(2, 3).reshape(rows, num_channels, height, width)
         upscaled = self.activation(self.upscale_layer_norm(self.upscale_conv1(image_tokens)))
         upscaled = self.activation(self.upscale_conv2(upscaled))
         # Single-mask output: mask token 0 and its hypernetwork, as SamModel(multimask_output=False).
-        hyper_in = self.output_hypernetworks_mlps[0](point_embedding[:, 0, 1, :])
+        hyper_in = self.output_hypernetworks_mlps[0](point_embedding[:, :, 1, :]).reshape(rows, -1)
         masks = torch.einsum("bc,bchw->bhw", hyper_in, upscaled).unsqueeze(1)
-        iou = self.iou_prediction_head(point_embedding[:, 0, 0, :])[:, :1]
+        iou = self.iou_prediction_head(point_embedding[:, :, 0, :])[..., :1].reshape(rows, 1)
         return masks, iou, upscaled
 
 
@@ -631,11 +634,11 @@ class IMedSamModel(IMedSamPreTrainedModel):
         r"""
         Args:
             pixel_values (`(batch_size, 3, image_size, image_size)`): normalised, padded input images.
-            input_boxes (`(batch_size, 4)` or `(batch_size, 1, 4)`, *optional*): one box (x0, y0, x1, y1) per
-                image in input-frame pixels.
-            input_points (`(batch_size, num_points, 2)` or `(batch_size, 1, num_points, 2)`, *optional*): point
-                prompts (x, y) in input-frame pixels, with `input_labels` (`(batch_size, [1,] num_points)`,
-                1 foreground, 0 background, -10 padding).
+            input_boxes (`(batch_size, 4)` or `(batch_size, num_prompts, 4)`, *optional*): boxes (x0, y0, x1, y1)
+                in input-frame pixels: one per image, or `num_prompts` per image (`SamModel`'s prompt batch).
+            input_points (`(batch_size, num_points, 2)` or `(batch_size, num_prompts, num_points, 2)`, *optional*):
+                point prompts (x, y) in input-frame pixels, with `input_labels` (`(batch_size, [num_prompts,]
+                num_points)`, 1 foreground, 0 background, -10 padding).
             output_size (`(height, width)` or `int`, *optional*): grid of the returned masks, covering the input
                 frame; defaults to `(image_size, image_size)`.
             output_region (`(batch_size, 4)` or `(4,)`, *optional*): normalised (x0, y0, x1, y1) part of the input
@@ -645,6 +648,13 @@ class IMedSamModel(IMedSamPreTrainedModel):
                 predict instead of a grid (training on sampled points); outputs are then `(..., 1, num_points)`.
             image_embeddings (`(batch_size, hidden_size, h, w)`, *optional*): precomputed encoder output, instead
                 of `pixel_values`.
+
+        Several prompts per image: the image encoder runs once per image, the mask decoder and the implicit decoder
+        once for all prompts together, and every output gains a prompt axis after the batch axis: `logits`
+        `(batch_size, num_prompts, num_classes, height, width)`, `uncertainty` `(batch_size, num_prompts, height,
+        width)`, `sam_logits` `(batch_size, num_prompts, 1, 4h, 4w)`, `iou_scores` `(batch_size, num_prompts, 1)`.
+        Each prompt's masks equal those of a call with that prompt alone. Prompts without that axis (`(batch_size,
+        4)` boxes) give the outputs documented on `IMedSamOutput`.
 
         With neither boxes nor points the call is prompt-free (SAM's no-prompt embedding). Any other keyword is an
         error (a misspelt `input_box=` must not run prompt-free). Run-time settings (`query_mode`, `refine_ratio`,
@@ -658,9 +668,13 @@ class IMedSamModel(IMedSamPreTrainedModel):
             self._check_pixel_values(pixel_values)
             image_embeddings = self.encode_image(pixel_values)
         batch_size = image_embeddings.shape[0]
+        prompt_axis = (input_boxes is not None and input_boxes.ndim == 3) or (
+            input_points is not None and input_points.ndim == 4
+        )
         input_boxes, input_points, input_labels = self._check_prompts(
             batch_size, input_boxes, input_points, input_labels
         )
+        num_prompts = next((p.shape[1] for p in (input_boxes, input_points) if p is not None), 1)
         sparse, dense = self.prompt_encoder(
             input_points=input_points, input_labels=input_labels, input_boxes=input_boxes, input_masks=None
         )
@@ -672,29 +686,36 @@ class IMedSamModel(IMedSamPreTrainedModel):
         )
         output_size = self._output_size(output_size)
         output_region = self._output_region(output_region, batch_size)
+        if num_prompts > 1:  # every prompt is a row of its own from here on
+            output_region = None if output_region is None else output_region.repeat_interleave(num_prompts, 0)
+            if query_coordinates is not None:
+                query_coordinates = query_coordinates.repeat_interleave(num_prompts, 0)
         if self.implicit_decoder is None:
             logits = sam_mask_on_grid(sam_logits, self.config.image_size, output_size, output_region)
-            return IMedSamOutput(
-                logits=logits, sam_logits=sam_logits, iou_scores=iou_scores, image_embeddings=image_embeddings
+            outputs = IMedSamOutput(logits=logits, sam_logits=sam_logits, iou_scores=iou_scores)
+            fields = dict(outputs)
+        else:
+            logits, coarse_logits, uncertainty, refined = self.implicit_decoder(
+                upscaled,
+                self.shared_image_embedding,
+                output_size,
+                output_region,
+                sam_logits,
+                query_coordinates,
+                settings=IMedSamQuerySettings.from_config(self.config),
             )
-        logits, coarse_logits, uncertainty, refined = self.implicit_decoder(
-            upscaled,
-            self.shared_image_embedding,
-            output_size,
-            output_region,
-            sam_logits,
-            query_coordinates,
-            settings=IMedSamQuerySettings.from_config(self.config),
-        )
-        return IMedSamOutput(
-            logits=logits,
-            coarse_logits=coarse_logits,
-            uncertainty=uncertainty,
-            refined=refined,
-            sam_logits=sam_logits,
-            iou_scores=iou_scores,
-            image_embeddings=image_embeddings,
-        )
+            outputs = IMedSamOutput(
+                logits=logits,
+                coarse_logits=coarse_logits,
+                uncertainty=uncertainty,
+                refined=refined,
+                sam_logits=sam_logits,
+                iou_scores=iou_scores,
+            )
+            fields = dict(outputs)
+        if prompt_axis:
+            fields = {name: value.unflatten(0, (batch_size, num_prompts)) for name, value in fields.items()}
+        return IMedSamOutput(**fields, image_embeddings=image_embeddings)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
         """
@@ -781,21 +802,29 @@ class IMedSamModel(IMedSamPreTrainedModel):
 
     @staticmethod
     def _check_prompts(batch_size, input_boxes, input_points, input_labels):
-        """Bring prompts to SAM's shapes: boxes `(B, 1, 4)`, points `(B, 1, N, 2)`, labels `(B, 1, N)`."""
+        """Bring prompts to SAM's shapes: boxes `(B, P, 4)`, points `(B, P, N, 2)`, labels `(B, P, N)`."""
         if input_boxes is not None:
             if input_boxes.ndim == 2:
                 input_boxes = input_boxes[:, None]
-            if input_boxes.ndim != 3 or input_boxes.shape[1:] != (1, 4) or input_boxes.shape[0] != batch_size:
+            if input_boxes.ndim != 3 or input_boxes.shape[-1] != 4 or input_boxes.shape[:1] != (batch_size,):
                 raise ValueError(
-                    f"`input_boxes` must have shape ({batch_size}, 4) or ({batch_size}, 1, 4) (one box per image), "
-                    f"got {tuple(input_boxes.shape)}."
+                    f"`input_boxes` must have shape ({batch_size}, 4) (one box per image) or ({batch_size}, "
+                    f"num_prompts, 4), got {tuple(input_boxes.shape)}."
                 )
+            if input_boxes.shape[1] < 1:
+                raise ValueError("`input_boxes` has no box (num_prompts is 0).")
         if input_points is not None:
             if input_points.ndim == 3:
                 input_points = input_points[:, None]
-            if input_points.ndim != 4 or input_points.shape[1] != 1 or input_points.shape[0] != batch_size:
+            if input_points.ndim != 4 or input_points.shape[0] != batch_size or input_points.shape[-1] != 2:
                 raise ValueError(
-                    f"`input_points` must have shape ({batch_size}, num_points, 2), got {tuple(input_points.shape)}."
+                    f"`input_points` must have shape ({batch_size}, num_points, 2) or ({batch_size}, num_prompts, "
+                    f"num_points, 2), got {tuple(input_points.shape)}."
+                )
+            if input_boxes is not None and input_boxes.shape[1] != input_points.shape[1]:
+                raise ValueError(
+                    f"`input_boxes` has {input_boxes.shape[1]} prompts per image and `input_points` "
+                    f"{input_points.shape[1]}: give both for every prompt."
                 )
             if input_labels is None:
                 input_labels = torch.ones(input_points.shape[:-1], dtype=torch.long, device=input_points.device)

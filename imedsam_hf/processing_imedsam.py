@@ -226,11 +226,13 @@ class IMedSamProcessor(BaseImageProcessor):
     ) -> BatchFeature:
         """
         Preprocess a batch. Prompts are per image, in original-image pixels: `input_boxes` one (x0, y0, x1, y1)
-        each, `input_points` `(num_points, 2)` each with `input_labels` `(num_points,)` (1 foreground, 0 background).
+        each, or a list of boxes each (several prompts per image, the same number for every image),
+        `input_points` `(num_points, 2)` each with `input_labels` `(num_points,)` (1 foreground, 0 background).
 
         Returns a `BatchFeature` with `pixel_values` `(B, 3, S, S)`, `original_sizes` and `reshaped_input_sizes`
         `(B, 2)`, `output_region` `(B, 4)` (the unpadded image in the frame, for the model's `output_region`),
-        and the scaled `input_boxes` `(B, 4)`, `input_points` `(B, N, 2)`, `input_labels` `(B, N)` when given.
+        and the scaled `input_boxes` `(B, 4)` (`(B, P, 4)` for lists of boxes), `input_points` `(B, N, 2)`,
+        `input_labels` `(B, N)` when given.
         Any other keyword is an error (a misspelt `input_box=` must not give a prompt-free input).
         """
         if kwargs:
@@ -252,17 +254,33 @@ class IMedSamProcessor(BaseImageProcessor):
             "output_region": self.output_region(resized),
         }
         if input_boxes is not None:
-            input_boxes = [input_boxes] if single else input_boxes
-            if len(input_boxes) != len(images):
-                raise ValueError(f"`input_boxes` has {len(input_boxes)} entries for {len(images)} images.")
-            boxes = [
-                self.scale_coordinates(self.check_box(box, size, describe(image)), size, shape).reshape(4)
-                for box, size, shape, image in zip(input_boxes, originals, resized, images)
-            ]
-            data["input_boxes"] = torch.from_numpy(np.stack(boxes))
+            data["input_boxes"] = self._boxes([input_boxes] if single else input_boxes, images, originals, resized)
         if input_points is not None:
             data.update(self._points(images, input_points, input_labels, originals, resized, single))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _boxes(self, input_boxes, images, originals, resized) -> torch.Tensor:
+        """Per-image box or list of boxes in original pixels -> `(B, 4)` or `(B, P, 4)` in input-frame pixels."""
+        if len(input_boxes) != len(images):
+            raise ValueError(f"`input_boxes` has {len(input_boxes)} entries for {len(images)} images.")
+        nested = [np.ndim(np.asarray(boxes, dtype=object)) == 2 for boxes in input_boxes]
+        per_image = [boxes if is_list else [boxes] for boxes, is_list in zip(input_boxes, nested)]
+        counts = sorted({len(boxes) for boxes in per_image})
+        if any(nested) and (len(counts) != 1 or not all(nested)):
+            raise ValueError(
+                f"`input_boxes`: every image needs the same number of boxes (a list of boxes each), got {counts}."
+            )
+        scaled = [
+            [
+                self.scale_coordinates(self.check_box(box, size, describe(image)), size, shape).reshape(4)
+                for box in boxes
+            ]
+            for boxes, size, shape, image in zip(per_image, originals, resized, images)
+        ]
+        if not scaled[0]:
+            raise ValueError("`input_boxes`: an empty list of boxes; give at least one, or none at all.")
+        stacked = torch.from_numpy(np.stack([np.stack(boxes) for boxes in scaled]))
+        return stacked if any(nested) else stacked[:, 0]
 
     def _points(self, images, input_points, input_labels, originals, resized, single) -> dict[str, torch.Tensor]:
         if single:
@@ -298,6 +316,22 @@ class IMedSamProcessor(BaseImageProcessor):
         """Save with the processor's code and `auto_map`, so `AutoProcessor` loads it with or without the package."""
         self.register_for_auto_class("AutoImageProcessor")
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @staticmethod
+    def merge_prompt_masks(logits: torch.Tensor, class_ids: Sequence[int], threshold: float = 0.0) -> torch.Tensor:
+        """
+        One label map from the masks of several prompts of one image: logits `(P, 1, H, W)` (one binary mask per
+        prompt, e.g. one box per organ) and the class id of each prompt -> `(H, W)` long. Where masks overlap, the
+        prompt with the highest probability wins; 0 where none exceeds `threshold`.
+        """
+        if logits.ndim != 4 or logits.shape[1] != 1 or len(class_ids) != logits.shape[0]:
+            raise ValueError(
+                f"`logits` must be (num_prompts, 1, H, W) with one class id per prompt, got {tuple(logits.shape)} "
+                f"and {len(class_ids)} ids."
+            )
+        best, index = logits[:, 0].max(dim=0)
+        ids = torch.as_tensor(list(class_ids), dtype=torch.long, device=logits.device)
+        return torch.where(best > threshold, ids[index], torch.zeros_like(index))
 
     @staticmethod
     def post_process_masks(logits: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:

@@ -243,3 +243,15 @@ def test_version_device_aliases_and_defaults_in_help(capsys, model_dir, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", str(image), "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_segment_with_several_boxes_gives_one_mask_per_box(model_dir):
+    from imedsam_hf import segment
+
+    image = sorted((KVASIR / "images").iterdir())[0]
+    boxes = [[10, 20, 300, 400], [100, 50, 200, 150]]
+    several = segment(str(model_dir), str(image), box=boxes, output_size=(60, 50))
+    assert several.mask.shape == (2, 60, 50) and several.probabilities.shape == (2, 1, 60, 50)
+    for index, box in enumerate(boxes):
+        alone = segment(str(model_dir), str(image), box=box, output_size=(60, 50))
+        np.testing.assert_allclose(several.probabilities[index], alone.probabilities, atol=1e-5)

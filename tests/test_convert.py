@@ -42,8 +42,9 @@ def sam_dir(tmp_path):
 
 
 def sam_masks(sam: SamModel, pixel_values, **prompts):
+    """SamModel's single-mask logits `(B, P, 1, h, w)` (P prompts per image; prompt-free: P = 1)."""
     with torch.no_grad():
-        return sam(pixel_values=pixel_values, multimask_output=False, **prompts).pred_masks[:, 0]
+        return sam(pixel_values=pixel_values, multimask_output=False, **prompts).pred_masks
 
 
 def test_conversion_at_own_size_reproduces_sam_masks(sam_dir, tmp_path):
@@ -59,20 +60,31 @@ def test_conversion_at_own_size_reproduces_sam_masks(sam_dir, tmp_path):
         ours_box = model(pixel_values, input_boxes=boxes).sam_logits
         ours_points = model(pixel_values, input_points=points, input_labels=labels).sam_logits
         ours_free = model(pixel_values).sam_logits
+    # Prompts with a prompt axis keep it, as SamModel's do: (B, P, 1, h, w).
     torch.testing.assert_close(ours_box, sam_masks(sam, pixel_values, input_boxes=boxes), atol=1e-5, rtol=1e-5)
     expected_points = sam_masks(sam, pixel_values, input_points=points, input_labels=labels)
     torch.testing.assert_close(ours_points, expected_points, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours_free, sam_masks(sam, pixel_values), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_free, sam_masks(sam, pixel_values)[:, 0], atol=1e-5, rtol=1e-5)
+    # Several boxes per image in one call: SamModel's prompt batch, mask for mask.
+    several = torch.cat([boxes, boxes.flip(0) * 0.5], dim=1)  # (2, 2, 4)
+    with torch.no_grad():
+        ours_several = model(pixel_values, input_boxes=several)
+    assert ours_several.logits.shape[:3] == (2, 2, 1) and ours_several.iou_scores.shape == (2, 2, 1)
+    expected_several = sam_masks(sam, pixel_values, input_boxes=several)
+    torch.testing.assert_close(ours_several.sam_logits, expected_several, atol=1e-5, rtol=1e-5)
 
 
 def test_conversion_with_implicit_decoder_off_returns_the_sam_mask(sam_dir):
     sam = SamModel.from_pretrained(sam_dir).eval()
     model = sam_to_imedsam(sam.config, sam.state_dict(), use_implicit_decoder=False)
-    pixel_values, boxes = torch.randn(1, 3, 64, 64), torch.tensor([[[4.0, 8.0, 40.0, 60.0]]])
+    pixel_values, boxes = torch.randn(1, 3, 64, 64), torch.tensor([[4.0, 8.0, 40.0, 60.0]])
     with torch.no_grad():
         logits = model(pixel_values, input_boxes=boxes, output_size=(64, 64)).logits
     expected = torch.nn.functional.interpolate(
-        sam_masks(sam, pixel_values, input_boxes=boxes), size=(64, 64), mode="bilinear", align_corners=False
+        sam_masks(sam, pixel_values, input_boxes=boxes[:, None])[:, 0],
+        size=(64, 64),
+        mode="bilinear",
+        align_corners=False,
     )
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 

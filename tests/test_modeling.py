@@ -148,7 +148,7 @@ def test_frozen_batchnorm_stays_in_eval_mode_when_training():
     "kwargs, message",
     [
         (dict(pixel_values=torch.zeros(1, 3, 32, 32)), "pixel_values"),
-        (dict(pixel_values=torch.zeros(1, 3, 64, 64), input_boxes=torch.zeros(1, 2, 4)), "input_boxes"),
+        (dict(pixel_values=torch.zeros(1, 3, 64, 64), input_boxes=torch.zeros(1, 2, 5)), "input_boxes"),
         (
             dict(
                 pixel_values=torch.zeros(1, 3, 64, 64), input_points=torch.zeros(1, 2, 2), input_labels=torch.ones(1, 3)
@@ -307,3 +307,41 @@ def test_blockwise_selection_picks_the_same_points_as_one_topk(monkeypatch):
         assert selected.shape == (2, k)
         for row, reference in zip(selected, expected):
             assert set(row.tolist()) == set(reference.tolist())
+
+
+@pytest.mark.parametrize("query_mode", ["dense", "adaptive"])
+@pytest.mark.parametrize("use_implicit_decoder", [True, False])
+def test_several_prompts_per_image_equal_one_call_per_prompt(query_mode, use_implicit_decoder):
+    """Boxes `(B, P, 4)`: one encoder pass, every output with a prompt axis, each prompt's mask as if alone."""
+    model = tiny_model(query_mode=query_mode, use_implicit_decoder=use_implicit_decoder)
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor(
+        [[[10.0, 12, 40, 50], [5, 5, 60, 30], [20, 20, 30, 30]], [[1.0, 2, 30, 40], [10, 10, 50, 50], [0, 0, 64, 64]]]
+    )
+    region = torch.tensor([0.0, 0.0, 1.0, 0.8])
+    encoder_calls = []
+    model.vision_encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
+    with torch.no_grad():
+        several = model(pixel_values, input_boxes=boxes, output_size=(40, 30), output_region=region)
+        assert len(encoder_calls) == 1
+        assert several.logits.shape == (2, 3, 1, 40, 30) and several.iou_scores.shape == (2, 3, 1)
+        assert several.sam_logits.shape == (2, 3, 1, 16, 16)
+        for prompt in range(3):
+            alone = model(pixel_values, input_boxes=boxes[:, prompt], output_size=(40, 30), output_region=region)
+            torch.testing.assert_close(several.logits[:, prompt], alone.logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(several.iou_scores[:, prompt], alone.iou_scores, atol=1e-5, rtol=1e-5)
+            if use_implicit_decoder:
+                assert torch.equal(several.refined[:, prompt], alone.refined)
+                torch.testing.assert_close(several.uncertainty[:, prompt], alone.uncertainty, atol=1e-6, rtol=1e-5)
+
+
+def test_several_prompts_with_points_and_mismatched_counts():
+    model = tiny_model()
+    pixel_values = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    points = torch.tensor([[[[20.0, 30.0]], [[50.0, 10.0]]]])  # (1, 2 prompts, 1 point, 2)
+    with torch.no_grad():
+        several = model(pixel_values, input_points=points, output_size=(16, 16))
+        alone = model(pixel_values, input_points=points[:, 1], output_size=(16, 16))
+    torch.testing.assert_close(several.logits[:, 1], alone.logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prompts per image"):
+        model(pixel_values, input_boxes=torch.zeros(1, 3, 4), input_points=points)

@@ -140,3 +140,18 @@ def test_real_image_and_mask_geometry_agree():
     fy, fx = torch.nonzero(frame, as_tuple=True)
     box = batch["input_boxes"][0]
     assert abs(fx.min() - box[0]) <= 1 and abs(fy.min() - box[1]) <= 1
+
+
+def test_lists_of_boxes_give_a_prompt_axis_and_merge_into_one_label_map():
+    processor = IMedSamProcessor(image_size=64)
+    image = np.zeros((40, 80, 3), np.uint8)
+    assert processor(image, input_boxes=[1, 2, 30, 20])["input_boxes"].shape == (1, 4)
+    boxes = processor(image, input_boxes=[[0, 0, 40, 20], [40, 20, 80, 40]])["input_boxes"]
+    assert boxes.shape == (1, 2, 4)
+    torch.testing.assert_close(boxes[0, 1], torch.tensor([32.0, 16.0, 64.0, 32.0]))  # scaled by 64 / 80
+    assert processor([image, image], input_boxes=[[[1, 2, 30, 20]], [[5, 5, 70, 30]]])["input_boxes"].shape == (2, 1, 4)
+    with pytest.raises(ValueError, match="same number of boxes"):
+        processor([image, image], input_boxes=[[[1, 2, 30, 20]], [[5, 5, 70, 30], [1, 1, 5, 5]]])
+    # Where two prompts' masks overlap the more probable one wins; nothing above the threshold is background.
+    logits = torch.tensor([[[[2.0, 1.0, -1.0]]], [[[1.0, 3.0, -2.0]]]])  # (2 prompts, 1, 1, 3)
+    assert IMedSamProcessor.merge_prompt_masks(logits, [6, 11]).tolist() == [[6, 11, 0]]
