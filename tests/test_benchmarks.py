@@ -80,3 +80,19 @@ def test_compare_runs_pairs_images_by_size_and_stem(tmp_path):
     assert row["a_higher"] == 7 and abs(row["mean_difference"] - 0.035) < 1e-9
     with pytest.raises(SystemExit, match="models in the file"):
         compare_runs.main([str(run), str(other), "--model_b", "nope"])
+
+
+def test_multi_prompt_benchmark_times_both_ways_and_checks_they_agree(tmp_path):
+    from conftest import tiny_model
+
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    ct = SHARED_DATA / "BTCV-Synapse-CT"
+    result = load_benchmark("multi_prompt").main(
+        [
+            "--image", str(ct / "images" / "case0039_slice068.png"), "--mask", str(ct / "masks" / "case0039_slice068.png"),
+            "--model", str(tmp_path / "model"), "--repeats", "1", "--json", str(tmp_path / "multi.json"),
+        ]
+    )  # fmt: skip
+    assert result["rows"][0]["prompts"] == len(result["classes"]) == 12
+    assert result["max_probability_difference"] < 1e-5
+    assert result["rows"][1]["vs_one_call"] > 0 and (tmp_path / "multi.json").is_file()
