@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .evaluation import NATIVE, run_evaluation
+from .evaluation import DEFAULT_GROUP_PATTERN, NATIVE, run_evaluation
 from .inference import MAX_OUTPUT_PIXELS, PromptSource, predict_files, read_boxes_file
 from .loading import convert_checkpoint, resolve_device
 from .version import __version__
@@ -53,6 +53,13 @@ def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
         alias_kwargs = {k: v for k, v in kwargs.items() if k not in ("help", "default")}
         parser.add_argument(f"--{dest}", dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **alias_kwargs)
     parser.set_defaults(**{f"_required_{dest}": name} if required else {})
+
+
+def _class_ids(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated class ids, e.g. 8,4,3") from None
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the backbone for --baseline sam (default: the base_model the model's config records)",
     )
     _option(e, "--num-classes", type=int, default=None, help="foreground classes in the masks (default: the model's)")
+    _option(
+        e,
+        "--classes",
+        type=_class_ids,
+        default=None,
+        help="multi-class folders: report only these class ids, e.g. 8,4,3,2,6,11,1,7 (BTCV's 8 organs)",
+    )
+    _option(
+        e,
+        "--group-pattern",
+        default=DEFAULT_GROUP_PATTERN,
+        help="multi-class folders: regex whose first group is a slice's scan, for the per-volume scores",
+    )
     _option(e, "--json", required=True, help="where to write the summary JSON")
     _option(e, "--csv", default=None, help="per-image CSV (default: next to --json)")
     _option(e, "--overlays", default=None, help="folder for overlay PNGs of the native predictions")
@@ -195,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             overlays=args.overlays,
             limit=args.limit,
             device=device,
+            classes=args.classes,
+            group_pattern=args.group_pattern,
         )
         return 0
     except (OSError, ValueError) as error:

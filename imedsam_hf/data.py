@@ -117,6 +117,26 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
     return pairs, problems
 
 
+def read_class_names(data_dir: str | os.PathLike) -> dict[int, str] | None:
+    """
+    The class names of a multi-class folder, from its `classes.json`: `{"classes": {"1": "spleen", ...}}` or a flat
+    `{"1": "spleen", ...}` (id 0, background, left out). None when the folder has no `classes.json`.
+    """
+    path = Path(data_dir) / "classes.json"
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text())
+        table = content.get("classes", content)
+        names = {int(key): str(value) for key, value in table.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as error:
+        raise ValueError(f'{path}: expected {{"classes": {{"<id>": "<name>", ...}}}} ({error}).') from None
+    if not names or min(names) < 0 or max(names) > 255:
+        raise ValueError(f"{path}: class ids must be 0..255, got {sorted(names)}.")
+    names.pop(0, None)
+    return names
+
+
 def read_mask(source, num_classes: int = 1) -> np.ndarray:
     """
     A mask file or array -> `(H, W)` int64 class ids. Binary masks may be 0/255 (JPEG noise tolerated: > 127),
@@ -418,6 +438,7 @@ __all__ = [
     "DataConfig",
     "DataProblem",
     "SegmentationDataset",
+    "read_class_names",
     "select_split",
     "SegmentationPair",
     "augment",

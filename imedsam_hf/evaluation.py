@@ -15,13 +15,23 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import SegmentationPair, discover_pairs, mask_box, read_mask, select_split, validate_pairs
+from .data import (
+    SegmentationPair,
+    discover_pairs,
+    mask_box,
+    read_class_names,
+    read_mask,
+    select_split,
+    validate_pairs,
+)
 from .inference import overlay
 from .loading import LITEMEDSAM, load_model
 from .metrics import aggregate, multiclass_scores, segmentation_scores
@@ -29,6 +39,10 @@ from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import IMedSamProcessor, resize_labels, to_rgb_array
 
 NATIVE = "native"
+# The scan a slice belongs to: the stem before `_slice<z>` (BTCV's `case0001_slice061`); slices of one scan are
+# stacked into a volume for the per-volume scores.
+DEFAULT_GROUP_PATTERN = r"^(.*)_slice\d+$"
+CLASS_METRICS = ("dice", "iou", "hd95")
 
 
 def parse_size(size: str | int) -> str | int:
@@ -130,13 +144,17 @@ def evaluate_pairs(
     progress: bool = False,
     class_prompts: bool = False,
     mask_classes: int | None = None,
+    classes: Sequence[int] | None = None,
+    class_names: dict[int, str] | None = None,
 ) -> tuple[list[dict], dict[str, dict]]:
     """
     Score every pair at every output size.
 
-    With `class_prompts`, masks hold class ids 1..`mask_classes` and every class present is segmented with its exact
-    box (all of an image's classes in one pass: one prompt each) and scored as a binary mask (rows carry `class`);
-    the summary averages them.
+    With `class_prompts`, masks hold class ids 1..`mask_classes` and every class present (of `classes`, when given)
+    is segmented with its exact box (all of an image's classes in one pass: one prompt each) and scored as a binary
+    mask (rows carry `class`, and the overlap counts `volume_summary` stacks into scans). The summary of each size
+    then also has `per_class` (`{"<id>": {"name", "dice", "iou", "hd95", "n"}}`) and `class_mean` (the mean over
+    classes of those).
 
     Returns per-image rows (`stem`, `size`, scores) and a summary `{size: aggregate(...)}` with `dice`,
     `dice_std`, `iou`, `hd95`, `hd` (and their std) and `n`.
@@ -150,12 +168,16 @@ def evaluate_pairs(
         from tqdm.auto import tqdm
 
         iterator = tqdm(pairs, desc="baseline" if baseline else "evaluate")
+    wanted = None if classes is None else {int(c) for c in classes}
     for pair in iterator:
         labels = read_mask(pair.mask, mask_classes or num_classes)
         image = to_rgb_array(pair.image)
         targets = [(None, labels)]
         if class_prompts:
-            targets = [(int(c), (labels == c).astype(np.int64)) for c in np.unique(labels) if c > 0]
+            present = [int(c) for c in np.unique(labels) if c > 0 and (wanted is None or int(c) in wanted)]
+            targets = [(c, (labels == c).astype(np.int64)) for c in present]
+            if not targets:
+                continue
         several = class_prompts and prompt == "box"
         boxes = [mask_box(target) for _, target in targets] if prompt == "box" else [None]
         logits = predict_logits(model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline)
@@ -164,13 +186,83 @@ def evaluate_pairs(
             for size in sizes:
                 prediction = logits[size][index] if several else logits[size]
                 target = resize_labels(target_labels, tuple(prediction.shape[-2:]))
-                rows.append({"stem": pair.stem, "size": str(size), **extra, **score(prediction, target, num_classes)})
+                row = {"stem": pair.stem, "size": str(size), **extra, **score(prediction, target, num_classes)}
+                if class_id is not None:
+                    row.update(overlap_counts(prediction, target))
+                rows.append(row)
     summary = {}
     for size in sizes:
-        skip = ("stem", "size", "class")
-        metrics = [{k: v for k, v in r.items() if k not in skip} for r in rows if r["size"] == str(size)]
-        summary[str(size)] = aggregate(metrics)
+        skip = ("stem", "size", "class", *COUNT_KEYS)
+        size_rows = [r for r in rows if r["size"] == str(size)]
+        summary[str(size)] = aggregate([{k: v for k, v in r.items() if k not in skip} for r in size_rows])
+        if class_prompts:
+            summary[str(size)].update(per_class_summary(size_rows, class_names or {}))
     return rows, summary
+
+
+COUNT_KEYS = ("overlap", "predicted_pixels", "true_pixels")
+
+
+def overlap_counts(logits: torch.Tensor, target: np.ndarray) -> dict[str, int]:
+    """Pixels of a binary prediction `(1, h, w)` logits and its target: overlap, predicted, true."""
+    predicted = IMedSamProcessor.post_process_masks(logits[None])[0].numpy() > 0
+    truth = np.asarray(target) > 0
+    return dict(zip(COUNT_KEYS, (int((predicted & truth).sum()), int(predicted.sum()), int(truth.sum()))))
+
+
+def per_class_summary(rows: Sequence[dict], class_names: dict[int, str]) -> dict:
+    """`per_class` (mean Dice, IoU, HD95 and n of each class's rows) and `class_mean` (their mean over classes)."""
+    per_class = {}
+    for class_id in sorted({r["class"] for r in rows}):
+        values = aggregate([{k: r[k] for k in CLASS_METRICS} for r in rows if r["class"] == class_id])
+        per_class[str(class_id)] = {
+            "name": class_names.get(class_id, str(class_id)),
+            **{k: values[k] for k in CLASS_METRICS},
+            "n": values["n"],
+        }
+    class_mean = {k: _mean([v[k] for v in per_class.values()]) for k in CLASS_METRICS}
+    return {"per_class": per_class, "class_mean": {**class_mean, "n_classes": len(per_class)}}
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def volume_summary(
+    rows: Sequence[dict], size: str, class_names: dict[int, str], group_pattern: str = DEFAULT_GROUP_PATTERN
+) -> dict:
+    """
+    Per-volume scores of class-prompted rows at one output size: slices grouped into scans by `group_pattern`
+    (its first group names the scan), the 3D Dice of each class in each scan from the slices' overlap counts
+    (exact: the sums over slices are the volume's), averaged over scans per class, then over classes.
+
+    Returns `{"dice", "n_volumes", "size", "per_class": {"<id>": {"name", "dice", "n"}}}`.
+    """
+    try:
+        pattern = re.compile(group_pattern)
+    except re.error as error:
+        raise ValueError(f"--group-pattern {group_pattern!r}: not a regular expression ({error}).") from None
+    totals: dict[tuple[str, int], np.ndarray] = {}
+    for row in rows:
+        if row["size"] != size or "class" not in row:
+            continue
+        match = pattern.match(row["stem"])
+        scan = match.group(1) if match and match.groups() else row["stem"]
+        counts = np.array([row[k] for k in COUNT_KEYS], dtype=np.int64)
+        totals[(scan, row["class"])] = totals.get((scan, row["class"]), 0) + counts
+    by_class: dict[int, list[float]] = {}
+    for (_, class_id), (overlap, predicted, true) in sorted(totals.items()):
+        by_class.setdefault(class_id, []).append(1.0 if predicted + true == 0 else 2 * overlap / (predicted + true))
+    per_class = {
+        str(c): {"name": class_names.get(c, str(c)), "dice": _mean(v), "n": len(v)} for c, v in by_class.items()
+    }
+    return {
+        "dice": _mean([v["dice"] for v in per_class.values()]),
+        "n_volumes": len({scan for scan, _ in totals}),
+        "size": size,
+        "per_class": per_class,
+    }
 
 
 def load_baseline(model, processor, model_spec: str, baseline_model: str | None = None, device=None):
@@ -216,14 +308,37 @@ def write_rows_csv(rows: Sequence[dict], path: Path) -> None:
 
 
 def summary_lines(result: dict) -> list[str]:
-    """One line per model and output size: n, Dice ± std, IoU, HD95, HD."""
+    """One line per model and output size (n, Dice ± std, IoU, HD95, HD), with per-class and per-volume lines."""
     lines = []
-    for name, table in (("model", result.get("results")), ("baseline_sam", result.get("baseline_sam"))):
-        for size, values in (table or {}).items():
+    tables = (
+        ("model", result.get("results"), result.get("volume")),
+        ("baseline_sam", result.get("baseline_sam"), None),
+    )
+    for name, table, volume in tables:
+        table = dict(table or {})
+        volume = volume or table.pop("volume", None)
+        for size, values in table.items():
             lines.append(
                 f"{name:12s} {size:>7s}  n={values['n']:3d}  Dice {values['dice']:.4f} ± {values['dice_std']:.4f}  "
                 f"IoU {values['iou']:.4f}  HD95 {values['hd95']:.2f}  HD {values['hd']:.2f}"
             )
+            for class_id, scores in values.get("per_class", {}).items():
+                lines.append(
+                    f"{'':12s} {size:>7s}    {class_id:>3s} {scores['name']:28s} n={scores['n']:4d}  "
+                    f"Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f}"
+                )
+            if "class_mean" in values:
+                lines.append(
+                    f"{'':12s} {size:>7s}    mean over {values['class_mean']['n_classes']} classes: "
+                    f"Dice {values['class_mean']['dice']:.4f}"
+                )
+        if volume:
+            lines.append(f"{name:12s} {'volume':>7s}  {volume['n_volumes']} scans, 3D Dice per class:")
+            for class_id, scores in volume["per_class"].items():
+                lines.append(
+                    f"{'':12s} {'volume':>7s}    {class_id:>3s} {scores['name']:28s} Dice {scores['dice']:.4f}"
+                )
+            lines.append(f"{'':12s} {'volume':>7s}    mean over classes: 3D Dice {volume['dice']:.4f}")
     return lines
 
 
@@ -242,11 +357,18 @@ def run_evaluation(
     overlays: str | None = None,
     limit: int | None = None,
     device: str | None = None,
+    classes: Sequence[int] | None = None,
+    group_pattern: str = DEFAULT_GROUP_PATTERN,
 ) -> dict:
     """
     `imedsam evaluate`: score `model_spec` (and, with `baseline="sam"`, its backbone zero-shot) on the pairs of
     `data_dir` in `split` (from `split_file`, by default the `splits.json` beside a trained model); write the summary
     JSON, the per-image CSV (default beside the JSON) and optional overlays. Returns the summary.
+
+    A multi-class folder (one with a `classes.json`) evaluated with a one-class model prompts every structure
+    present (of `classes`, when given) with its exact box, all of a slice's in one pass, and reports per class and
+    per volume (slices stacked into scans by `group_pattern`): `"per_class"` and `"class_mean"` under each size and
+    a top-level `"volume"` (also inside `"baseline_sam"`).
 
     Raises `ValueError` / `OSError` naming the argument at fault.
     """
@@ -254,8 +376,16 @@ def run_evaluation(
         parse_size(size)
     model, processor = load_model(model_spec, device=device)
     num_classes = num_classes or model.config.num_classes
+    class_names = read_class_names(data_dir)
+    class_prompts = class_names is not None and num_classes == 1
+    if classes is not None and not class_prompts:
+        raise ValueError(f"--classes needs a multi-class folder (a classes.json in {data_dir}) and a one-class model.")
+    unknown = sorted(set(classes or ()) - set(class_names or ()))
+    if unknown:
+        raise ValueError(f"--classes {unknown}: not in {Path(data_dir) / 'classes.json'} ({sorted(class_names)}).")
+    mask_classes = max(class_names) if class_prompts else None
     pairs, problems = discover_pairs(data_dir)
-    pairs, problems = validate_pairs(pairs, num_classes, "skip", problems)
+    pairs, problems = validate_pairs(pairs, mask_classes or num_classes, "skip", problems)
     for problem in problems:
         print(f"skipped {problem}")
     if split_file is None and split != "all":
@@ -264,6 +394,8 @@ def run_evaluation(
     if not pairs:
         raise ValueError(f"no pairs to evaluate in --data_dir {data_dir} (split {split}).")
     kwargs = dict(output_sizes=output_sizes, prompt=prompt, num_classes=num_classes, progress=True)
+    if class_prompts:
+        kwargs.update(class_prompts=True, mask_classes=mask_classes, classes=classes, class_names=class_names)
     rows, summary = evaluate_pairs(model, processor, pairs, **kwargs)
     rows = [{"model": "imedsam" if model_spec != LITEMEDSAM else LITEMEDSAM, **row} for row in rows]
     result = {
@@ -274,11 +406,16 @@ def run_evaluation(
         "n_images": len(pairs),
         "results": summary,
     }
+    native = str(parse_size(output_sizes[0]))
+    if class_prompts:
+        result["volume"] = volume_summary(rows, native, class_names, group_pattern)
     if baseline == "sam":
         backbone, backbone_processor = load_baseline(model, processor, model_spec, baseline_model, device)
         baseline_rows, result["baseline_sam"] = evaluate_pairs(
             backbone, backbone_processor, pairs, **kwargs, baseline=True
         )
+        if class_prompts:
+            result["baseline_sam"]["volume"] = volume_summary(baseline_rows, native, class_names, group_pattern)
         rows += [{**row, "model": "baseline_sam"} for row in baseline_rows]
     output = Path(json_path)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -301,5 +438,6 @@ __all__ = [
     "run_evaluation",
     "score",
     "summary_lines",
+    "volume_summary",
     "write_overlays",
 ]

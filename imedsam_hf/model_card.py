@@ -47,6 +47,8 @@ def results_table(results: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
     for model, key in (("zero-shot backbone (SAM mask)", "baseline_sam"), ("I-MedSAM", "results")):
         for size, metrics in (results.get(key) or {}).items():
+            if size == "volume":  # per-volume scores of multi-class runs: not a row of this table
+                continue
             rows.append(
                 {
                     "model": model,

@@ -101,3 +101,45 @@ def test_untrained_batchnorm_free_model_is_deterministic():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x, output_size=(100, 80)).logits, model(x, output_size=(100, 80)).logits)
+
+
+def test_volume_dice_stacks_the_slices_of_each_scan():
+    from imedsam_hf.evaluation import volume_summary
+
+    rows = [  # scan a: two slices of class 6; scan b: one slice of class 6 and one of class 8
+        {"stem": "a_slice001", "size": "native", "class": 6, "overlap": 8, "predicted_pixels": 10, "true_pixels": 10},
+        {"stem": "a_slice002", "size": "native", "class": 6, "overlap": 0, "predicted_pixels": 0, "true_pixels": 4},
+        {"stem": "b_slice010", "size": "native", "class": 6, "overlap": 5, "predicted_pixels": 5, "true_pixels": 5},
+        {"stem": "b_slice011", "size": "native", "class": 8, "overlap": 1, "predicted_pixels": 3, "true_pixels": 1},
+        {"stem": "b_slice011", "size": "128", "class": 8, "overlap": 0, "predicted_pixels": 9, "true_pixels": 9},
+    ]
+    volume = volume_summary(rows, "native", {6: "liver", 8: "aorta"})
+    liver_a = 2 * 8 / (10 + 14)  # the volume's counts, not the mean of the slices' Dice (0.8 and 0)
+    assert volume["per_class"]["6"] == {"name": "liver", "dice": pytest.approx((liver_a + 1.0) / 2), "n": 2}
+    assert volume["per_class"]["8"]["dice"] == pytest.approx(0.5)
+    assert volume["dice"] == pytest.approx(((liver_a + 1.0) / 2 + 0.5) / 2) and volume["n_volumes"] == 2
+
+
+def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
+    """A folder with classes.json: every organ of a slice prompted in one pass; per class, class mean, per volume."""
+    import shutil
+
+    from imedsam_hf.cli import main as cli_main
+
+    ct, folder = SHARED_DATA / "BTCV-Synapse-CT", tmp_path / "ct"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    shutil.copy(ct / "classes.json", folder / "classes.json")
+    for stem in ("case0001_slice080", "case0001_slice081", "case0002_slice080"):
+        for sub in ("images", "masks"):
+            shutil.copy(ct / sub / f"{stem}.png", folder / sub / f"{stem}.png")
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--data-dir", str(folder), "--split", "all"]
+    assert cli_main([*argv, "--classes", "6,8", "--json", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    native = result["results"]["native"]
+    assert set(native["per_class"]) == {"6", "8"} and native["per_class"]["6"]["name"] == "liver"
+    assert native["per_class"]["6"]["n"] == 3 and native["class_mean"]["n_classes"] == 2
+    assert result["volume"]["n_volumes"] == 2 and set(result["volume"]["per_class"]) == {"6", "8"}
+    assert cli_main([*argv, "--classes", "6,42", "--json", str(tmp_path / "bad.json")]) == 2  # 42: not in classes.json
+    assert not (tmp_path / "bad.json").exists()
