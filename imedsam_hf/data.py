@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,19 +195,40 @@ def validate_pairs(
     return good, problems
 
 
-def make_splits(stems: Sequence[str], seed: int = 0, fractions=(0.6, 0.2, 0.2)) -> dict[str, list[str]]:
-    """Seeded shuffle of the stems cut into train/validation/test (60/20/20 by default, as SwIPE and I-MedSAM)."""
+# The scan (patient, volume) of a slice: the stem before `_slice<z>` (BTCV's `case0001_slice061`). A stem that does
+# not match is its own group, so ordinary images split one by one.
+DEFAULT_GROUP_PATTERN = r"^(.*)_slice\d+$"
+
+
+def group_of(stem: str, pattern: re.Pattern | str = DEFAULT_GROUP_PATTERN) -> str:
+    """The group a stem belongs to: the first group of `pattern`'s match, else the stem itself."""
+    match = re.match(pattern, stem)
+    return match.group(1) if match and match.groups() else stem
+
+
+def make_splits(
+    stems: Sequence[str], seed: int = 0, fractions=(0.6, 0.2, 0.2), group_pattern: str | None = DEFAULT_GROUP_PATTERN
+) -> dict[str, list[str]]:
+    """
+    Seeded shuffle cut into train/validation/test (60/20/20 by default, as SwIPE and I-MedSAM), by group: all the
+    slices of one scan (`group_pattern`, see `group_of`) land in the same split, never slice by slice (neighbouring
+    slices are nearly identical). When every stem is its own group this is the plain shuffle of the stems.
+    """
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
         raise ValueError(f"`split_fractions` must be three non-negative numbers summing to 1, got {fractions}.")
-    order = sorted(stems)
+    try:
+        pattern = re.compile(group_pattern or r"^$")
+    except re.error as error:
+        raise ValueError(f"--group_pattern {group_pattern!r}: not a regular expression ({error}).") from None
+    members: dict[str, list[str]] = {}
+    for stem in stems:
+        members.setdefault(group_of(stem, pattern), []).append(stem)
+    order = sorted(members)
     random.Random(seed).shuffle(order)
     n_train = int(round(fractions[0] * len(order)))
     n_val = int(round(fractions[1] * len(order)))
-    return {
-        "train": sorted(order[:n_train]),
-        "validation": sorted(order[n_train : n_train + n_val]),
-        "test": sorted(order[n_train + n_val :]),
-    }
+    cuts = {"train": order[:n_train], "validation": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+    return {name: sorted(stem for group in groups for stem in members[group]) for name, groups in cuts.items()}
 
 
 def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -436,6 +458,7 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 __all__ = [
     "AugmentationConfig",
     "DataConfig",
+    "DEFAULT_GROUP_PATTERN",
     "DataProblem",
     "SegmentationDataset",
     "read_class_names",
@@ -445,6 +468,7 @@ __all__ = [
     "check_pair",
     "collate",
     "discover_pairs",
+    "group_of",
     "load_hub_dataset",
     "load_splits",
     "make_splits",

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from .data import (
+    DEFAULT_GROUP_PATTERN,
     SegmentationPair,
     discover_pairs,
+    group_of,
     mask_box,
     read_class_names,
     read_mask,
@@ -39,9 +41,6 @@ from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import IMedSamProcessor, resize_labels, to_rgb_array
 
 NATIVE = "native"
-# The scan a slice belongs to: the stem before `_slice<z>` (BTCV's `case0001_slice061`); slices of one scan are
-# stacked into a volume for the per-volume scores.
-DEFAULT_GROUP_PATTERN = r"^(.*)_slice\d+$"
 CLASS_METRICS = ("dice", "iou", "hd95")
 
 
@@ -247,8 +246,7 @@ def volume_summary(
     for row in rows:
         if row["size"] != size or "class" not in row:
             continue
-        match = pattern.match(row["stem"])
-        scan = match.group(1) if match and match.groups() else row["stem"]
+        scan = group_of(row["stem"], pattern)
         counts = np.array([row[k] for k in COUNT_KEYS], dtype=np.int64)
         totals[(scan, row["class"])] = totals.get((scan, row["class"]), 0) + counts
     by_class: dict[int, list[float]] = {}

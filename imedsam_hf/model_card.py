@@ -79,6 +79,9 @@ def model_context(model_config: Any, backbone: str | None = None) -> dict[str, A
         image_size=config["vision_config"]["image_size"],
         normalization="per-image min-max" if is_tinyvit else "SAM mean/std",
         adapter=config.get("adapter_config"),
+        class_names={
+            int(i): name for i, name in (config.get("id2label") or {}).items() if not re.fullmatch(r"LABEL_\d+", name)
+        },
         use_implicit_decoder=config.get("use_implicit_decoder", True),
         refine_ratio=config.get("refine_ratio"),
     )

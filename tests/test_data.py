@@ -170,3 +170,19 @@ def test_class_prompts_make_one_binary_sample_per_class(tmp_path):
     assert first["class_id"] == 1 and second["class_id"] == 3
     assert set(first["labels"].unique().tolist()) == {0, 1} and first["labels"].sum() == 8 * 17
     np.testing.assert_allclose(second["input_boxes"].numpy(), [25, 20, 44, 34])
+
+
+def test_splits_keep_the_slices_of_a_scan_together():
+    from imedsam_hf.data import group_of, make_splits
+
+    stems = [f"case{c:04d}_slice{z:03d}" for c in range(10) for z in range(3)] + ["loose"]
+    splits = make_splits(stems, seed=3)
+    groups = {name: {group_of(s) for s in members} for name, members in splits.items()}
+    assert sorted(s for members in splits.values() for s in members) == sorted(stems)
+    assert not (groups["train"] & groups["test"]) and not (groups["train"] & groups["validation"])
+    assert all(len([s for s in splits[n] if s.startswith("case0001_")]) in (0, 3) for n in splits)
+    # Stems that are their own group split exactly as a plain shuffle of the stems (earlier runs' splits hold).
+    plain = [f"img{i:03d}" for i in range(20)]
+    assert make_splits(plain, seed=0) == make_splits(plain, seed=0, group_pattern=None)
+    with pytest.raises(ValueError, match="group_pattern"):
+        make_splits(stems, group_pattern="(")

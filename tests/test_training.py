@@ -476,3 +476,26 @@ def test_multi_class_logits_from_one_prompt(tiny_sam, tmp_path):
     results = train_script.main(args(tiny_sam, data, out, "--num_classes", "2", "--epochs", "1", "--baseline", "false"))
     assert AutoModel.from_pretrained(out / "final").config.num_classes == 2
     assert 0 <= results["results"]["48"]["dice"] <= 1
+
+
+@slow
+def test_ct_folder_splits_by_scan_and_records_the_class_names(tiny_sam, tmp_path):
+    """BTCV slices of five scans with classes.json: whole scans per split, organ names in the config and card."""
+    ct, folder = SHARED_DATA / "BTCV-Synapse-CT", tmp_path / "ct"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    shutil.copy(ct / "classes.json", folder / "classes.json")
+    stems = [f"case000{c}_slice{z:03d}" for c in (1, 2) for z in (80, 81)] + ["case0003_slice100", "case0004_slice080"]
+    stems.append("case0005_slice075")
+    for stem in stems:
+        for sub in ("images", "masks"):
+            shutil.copy(ct / sub / f"{stem}.png", folder / sub / f"{stem}.png")
+    out = tmp_path / "run"
+    extra = ("--class_prompts", "true", "--mask_classes", "13", "--epochs", "1", "--baseline", "false")
+    train_script.main(args(tiny_sam, folder, out, *extra))
+    splits = json.loads((out / "splits.json").read_text())
+    scans = {name: {stem.split("_")[0] for stem in splits[name]} for name in ("train", "validation", "test")}
+    assert sum(len(s) for s in scans.values()) == 5 and not (scans["train"] & (scans["validation"] | scans["test"]))
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["id2label"]["6"] == "liver" and config["label2id"]["spleen"] == 1
+    assert "6 liver" in (out / "final" / "README.md").read_text()

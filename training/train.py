@@ -55,6 +55,7 @@ from transformers.hf_argparser import string_to_bool
 import imedsam_hf  # noqa: F401  (registers the model and the PEFT type)
 from imedsam_hf import imedsam_peft_config, save_pretrained_full
 from imedsam_hf.data import (
+    DEFAULT_GROUP_PATTERN,
     DataConfig,
     SegmentationDataset,
     SegmentationPair,
@@ -63,6 +64,7 @@ from imedsam_hf.data import (
     load_hub_dataset,
     load_splits,
     make_splits,
+    read_class_names,
     records_from_pairs,
     validate_pairs,
     write_splits,
@@ -160,6 +162,11 @@ class DataArguments:
     split_file: str | None = option(None, "JSON {train: [stems], validation: [...], test: [...]} instead of a split.")
     split_seed: int = option(0, "Seed of the train/validation/test shuffle.")
     split_fractions: list[float] = option([0.6, 0.2, 0.2], "Train, validation and test fractions (sum 1).")
+    group_pattern: str = option(
+        DEFAULT_GROUP_PATTERN,
+        "Regex whose first group is a stem's scan or patient: splits keep each group whole (the default takes the "
+        "stem before `_slice`; other stems are their own group).",
+    )
     on_error: Literal["skip", "fail"] = option("skip", "Unusable image/mask files: skip them (listed) or stop.")
     augment: bool = option(True, "Random affine, flip, colour and blur augmentation in training.")
     box_jitter: float = option(0.1, "Training boxes: each side moves by up to this fraction of the box size.")
@@ -557,10 +564,23 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
     return result
 
 
+def record_class_names(config, data: DataArguments) -> None:
+    """A multi-class folder's `classes.json` names go into the config (`id2label`, `label2id`) and so the card."""
+    if not data.data_dir:
+        return
+    try:
+        names = read_class_names(data.data_dir)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+    if names:
+        config.id2label = {int(i): name for i, name in sorted(names.items())}
+        config.label2id = {name: int(i) for i, name in sorted(names.items())}
+
+
 def choose_splits(stems: list[str], data: DataArguments) -> dict[str, list[str]]:
     """`--split_file`'s stems (all present in the data) or a seeded split of the stems."""
     if not data.split_file:
-        return make_splits(stems, data.split_seed, data.split_fractions)
+        return make_splits(stems, data.split_seed, data.split_fractions, data.group_pattern)
     splits = load_splits(data.split_file)
     known = set(stems)
     unknown = [s for names in splits.values() for s in names if s not in known]
@@ -975,6 +995,7 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,}")
     if args.data.class_prompts and num_classes != 1:
         raise SystemExit("error: --class_prompts makes one binary sample per class and box: use --num_classes 1.")
+    record_class_names(model.get_base_model().config, args.data)
 
     try:
         splits = load_pairs(args.data, num_classes, output_dir, accelerator)

@@ -1,0 +1,688 @@
+"""Volumes in and out: 3-D NIfTI scans through the 2-D models, slice by slice, and 3-D scores.
+
+Entry points
+------------
+- :func:`read_volume` ``(path) -> Volume`` and :func:`write_label_volume` ``(labels, like, path)``: NIfTI in and out
+  (nibabel), the output on the input's grid (affine and header), written atomically.
+- :data:`WINDOW_PRESETS`, :func:`parse_window`, :func:`window`, :func:`to_uint8`: CT intensities (Hounsfield units) ->
+  the 8-bit grey the 2-D models were trained on.
+- :func:`slice_image` / :func:`place_slice`: one axial slice out of / back into an ``(X, Y, Z)`` array, oriented as the
+  BTCV-Synapse PNG slices; :func:`volume_box_to_slice_box` maps boxes the same way.
+- :func:`boxes_3d_from_labels`: the tight 3-D box of every structure of a label volume.
+- :func:`segment_volume`: the 2-D model over a volume, prompted by a label volume (exact 2-D boxes on every slice) or
+  by 3-D boxes (the MedSAM/LiteMedSAM middle-slice propagation protocol) -> ``(X, Y, Z)`` uint8 class ids.
+- :func:`volume_scores`: 3-D Dice, IoU, HD95 and HD per class, in millimetres from the voxel spacing.
+
+Conventions
+-----------
+Arrays
+    A volume's ``data`` is the NIfTI array exactly as stored, shape ``(X, Y, Z)`` (voxel indices ``i, j, k``, the order
+    nibabel, SimpleITK's index space, ITK-SNAP and 3D Slicer's "IJK" use); axial slices are along the last axis, ``k``.
+Slice orientation (the one place it is handled: :func:`slice_image`)
+    The 2-D image of slice ``z`` is ``np.rot90(data[:, :, z])``, i.e. ``image[row, col] = data[col, Y - 1 - row, z]``,
+    shape ``(H, W) = (Y, X)``: columns follow ``i``, rows follow ``j`` reversed. For the BTCV-Synapse volumes (stored
+    LAS: ``i`` towards the patient's left, ``j`` anterior) this is the radiological view, anterior up and the patient's
+    right (liver) on the image's left, and it reproduces ``images/<case>_slice<z>.png`` and ``masks/...png`` *exactly*
+    (checked on all 338 PNG slices of the 4 staged scans), so a slice fed to a model looks like its training images.
+    A volume stored in another orientation is *not* reoriented: its slices come out mirrored or rotated with respect
+    to that view (:attr:`Volume.axcodes` tells; ``('L', 'A', 'S')`` is the orientation this convention is meant for).
+3-D boxes
+    ``boxes_3d = {class_id: [x0, y0, z0, x1, y1, z1]}`` are *inclusive* voxel indices ``i, j, k`` of the stored array
+    (``x0..x1`` along axis 0, ``y0..y1`` along axis 1, ``z0..z1`` slices), the first and last voxel of the structure,
+    as :func:`boxes_3d_from_labels` returns them and as MedSAM's 3-D boxes are given (its ``x, y, z`` are the same
+    voxel indices of the same file). On a slice image that box is ``[x0, Y - 1 - y1, x1, Y - 1 - y0]`` (column, row;
+    :func:`volume_box_to_slice_box`), the corners inclusive like :func:`imedsam_hf.data.mask_box`'s.
+Intensities
+    The models take 8-bit grey slices. :func:`to_uint8`: with a window (a preset name or ``"level,width"``) raw values
+    are windowed; without one, a ``uint8`` volume (or integer values within 0..255) passes through unchanged, and
+    anything else (raw CT in HU, MR, floats) is min-max rescaled to 0..255 over the whole volume with a warning that a
+    window is recommended.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from .data import mask_box
+from .inference import segment
+from .loading import load_model
+from .metrics import METRIC_NAMES, _dice_from_counts, _iou_from_counts, _overlap_counts
+from .processing_imedsam import IMedSamProcessor, processor_for_config
+
+__all__ = [
+    "WINDOW_PRESETS",
+    "Volume",
+    "boxes_3d_from_labels",
+    "parse_window",
+    "place_slice",
+    "read_volume",
+    "segment_volume",
+    "slice_image",
+    "to_uint8",
+    "volume_box_to_slice_box",
+    "volume_scores",
+    "window",
+    "write_label_volume",
+]
+
+#: CT display windows ``name -> (level, width)`` in Hounsfield units: ``level - width/2`` maps to 0 and
+#: ``level + width/2`` to 255. ``abdomen`` is MedSAM's CT preprocessing (level 40, width 400); ``liver``, ``lung``,
+#: ``bone``, ``brain`` and ``soft_tissue`` (mediastinum / soft tissue) are the standard radiology presets (Radiopaedia,
+#: "Windowing (CT)"); ``btcv`` is the window of the BTCV-Synapse-CT training data (-125..275 HU, Ouyang et al. 2020),
+#: the one to use with models trained on it.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "abdomen": (40.0, 400.0),
+    "btcv": (75.0, 400.0),
+    "liver": (30.0, 150.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "soft_tissue": (50.0, 350.0),
+}
+
+#: Relative tolerance when comparing the affines of a volume and its label volume.
+AFFINE_TOLERANCE = 1e-4
+
+WindowSpec = str | tuple[float, float] | Sequence[float] | None
+ClassSpec = Mapping[int, Any] | Iterable[int] | None
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+@dataclass
+class Volume:
+    """A 3-D scan as read from disk.
+
+    Attributes:
+        data: the stored array, shape ``(X, Y, Z)``, its own dtype (scaling ``scl_slope``/``scl_inter`` applied by
+            nibabel, so a scaled int16 CT comes back in HU as floats).
+        affine: ``(4, 4)`` voxel -> world (RAS+, mm) matrix.
+        header: the file's header (a ``Nifti1Header`` for ``.nii``/``.nii.gz``).
+        path: where it was read from, ``None`` for a volume built in memory.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: Any
+    path: Path | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(X, Y, Z)``."""
+        return tuple(self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along ``(X, Y, Z)``: the header's ``get_zooms()[:3]``."""
+        return tuple(float(v) for v in self.header.get_zooms()[:3])  # type: ignore[return-value]
+
+    @property
+    def axcodes(self) -> tuple[str, str, str]:
+        """Anatomical direction of each array axis, e.g. ``('L', 'A', 'S')`` for the BTCV volumes."""
+        return tuple(nib.aff2axcodes(self.affine))  # type: ignore[return-value]
+
+    @property
+    def name(self) -> str:
+        """The file's path for messages, or ``"<array>"``."""
+        return str(self.path) if self.path is not None else "<array>"
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read a 3-D NIfTI (``.nii``/``.nii.gz``; anything nibabel reads) into a :class:`Volume`.
+
+    Trailing axes of length 1 (``(X, Y, Z, 1)``, one time point) are dropped.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The :class:`Volume`, ``data`` shape ``(X, Y, Z)``.
+
+    Raises:
+        ValueError: one line naming the file: missing or unreadable (not an image, truncated), not 3-D (a 4-D series
+            or a 2-D image; the shape is named), or NaN/inf voxels (how many, and the first one's index).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj)
+    except Exception as error:  # nibabel raises ImageFileError, OSError, EOFError, zlib.error, ...
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path}: cannot be read as a NIfTI volume ({message})") from error
+    shape = tuple(data.shape)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        raise ValueError(
+            f"{path}: is a 4-D series of shape {shape}, not a 3-D volume; extract one volume (time point / channel)"
+        )
+    if data.ndim != 3:
+        raise ValueError(f"{path}: has shape {shape}, not a 3-D volume (X, Y, Z)")
+    if not np.issubdtype(data.dtype, np.integer) and data.dtype != np.bool_:
+        finite = np.isfinite(data)
+        if not finite.all():
+            bad = np.argwhere(~finite)
+            first = tuple(int(v) for v in bad[0])
+            raise ValueError(
+                f"{path}: holds {len(bad)} NaN/inf voxels (first at {first}, value {data[first]}); fix the file"
+            )
+    return Volume(data=data, affine=np.asarray(image.affine, dtype=np.float64), header=image.header, path=path)
+
+
+# ------------------------------------------------------------------------------------------------------- intensities
+def parse_window(text: WindowSpec) -> tuple[float, float]:
+    """A window as ``(level, width)`` in HU from a preset name (:data:`WINDOW_PRESETS`), ``"level,width"`` or a pair.
+
+    Examples: ``parse_window("abdomen") == (40.0, 400.0)``, ``parse_window("40,400") == (40.0, 400.0)``,
+    ``parse_window("-600, 1500")``. Preset names are case-insensitive; ``-`` and spaces count as ``_``.
+
+    Raises:
+        ValueError: naming the value: unknown preset, not two numbers, or a width that is not positive.
+    """
+    if isinstance(text, str):
+        key = text.strip().lower().replace("-", "_").replace(" ", "_")
+        if key in WINDOW_PRESETS:
+            return WINDOW_PRESETS[key]
+        parts = text.split(",")
+        try:
+            values = [float(part) for part in parts]
+        except ValueError:
+            values = []
+        if len(values) != 2:
+            raise ValueError(
+                f"window {text!r}: give 'level,width' in HU (e.g. '40,400') or a preset: {', '.join(WINDOW_PRESETS)}"
+            )
+    else:
+        try:
+            values = [float(v) for v in text]  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            values = []
+        if len(values) != 2:
+            raise ValueError(f"window {text!r}: give (level, width) in HU, 'level,width' or a preset name")
+    level, width = values
+    if not (math.isfinite(level) and math.isfinite(width) and width > 0):
+        raise ValueError(f"window {text!r}: level must be finite and width positive, got level {level}, width {width}")
+    return level, width
+
+
+def window(data: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Window raw CT values (HU) to 8-bit grey: ``level - width/2 -> 0``, ``level + width/2 -> 255``, linear between.
+
+    Values outside the window are clipped; results are rounded to the nearest integer.
+
+    Args:
+        data: any shape, any real dtype (HU).
+        level, width: the window's centre and width in HU (``width > 0``).
+
+    Returns:
+        ``uint8`` array of ``data``'s shape.
+    """
+    if not width > 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    low = level - width / 2.0
+    scaled = (np.asarray(data, dtype=np.float32) - np.float32(low)) * np.float32(255.0 / width)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+_apply_window = window  # `to_uint8` and `segment_volume` take a keyword named `window`
+
+
+def _is_8bit(data: np.ndarray) -> bool:
+    if data.dtype == np.uint8:
+        return True
+    if data.dtype == np.bool_ or data.size == 0:
+        return False
+    if not np.issubdtype(data.dtype, np.integer) and not np.array_equal(data, np.round(data)):
+        return False
+    return bool(data.min() >= 0 and data.max() <= 255)
+
+
+def to_uint8(data: np.ndarray, window: WindowSpec = None) -> np.ndarray:
+    """The 8-bit grey volume the 2-D models see.
+
+    Args:
+        data: the volume, shape ``(X, Y, Z)`` (any shape works), any real dtype.
+        window: a window (preset name, ``"level,width"`` or ``(level, width)``, see :func:`parse_window`) for raw
+            CT in HU; ``None``: a ``uint8`` volume, or integer values within 0..255 (an already windowed volume such as
+            the BTCV ones), passes through unchanged (cast to ``uint8``); anything else is min-max rescaled to 0..255
+            over the whole volume (a constant volume becomes 0) and a ``UserWarning`` recommends a window.
+
+    Returns:
+        ``uint8`` array of ``data``'s shape.
+    """
+    data = np.asarray(data)
+    if window is not None:
+        return _apply_window(data, *parse_window(window))
+    if _is_8bit(data):
+        return data.astype(np.uint8, copy=False)
+    warnings.warn(
+        "volume is not 8-bit and no window was given: rescaling min-max over the volume to 0..255. For CT in HU a "
+        f"window is recommended (presets: {', '.join(WINDOW_PRESETS)}; 'btcv' for models trained on BTCV-Synapse).",
+        UserWarning,
+        stacklevel=2,
+    )
+    values = data.astype(np.float32)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(data.shape, dtype=np.uint8)
+    return np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------------- orientation
+def slice_image(volume_data: np.ndarray, z: int) -> np.ndarray:
+    """Axial slice ``z`` of an ``(X, Y, Z)`` array as the 2-D image a model sees (and the BTCV PNGs show).
+
+    ``image[row, col] = volume_data[col, Y - 1 - row, z]`` (``np.rot90`` of the ``(X, Y)`` plane); see the module
+    docstring for why.
+
+    Returns:
+        Contiguous ``(H, W) = (Y, X)`` array of ``volume_data``'s dtype.
+    """
+    return np.ascontiguousarray(np.rot90(volume_data[:, :, z]))
+
+
+def place_slice(volume_data: np.ndarray, z: int, image: np.ndarray) -> None:
+    """The inverse of :func:`slice_image`: write the ``(H, W) = (Y, X)`` ``image`` into slice ``z`` in place."""
+    expected = (volume_data.shape[1], volume_data.shape[0])
+    if tuple(image.shape) != expected:
+        raise ValueError(f"slice image has shape {tuple(image.shape)}, the volume's slices are {expected} (H, W)")
+    volume_data[:, :, z] = np.rot90(image, -1)
+
+
+def volume_box_to_slice_box(box_3d: Sequence[float], shape: Sequence[int]) -> list[float]:
+    """The 2-D box ``[x0, y0, x1, y1]`` (column, row of :func:`slice_image`) of a 3-D box in voxel indices.
+
+    Args:
+        box_3d: ``[x0, y0, z0, x1, y1, z1]``, inclusive voxel indices of the ``(X, Y, Z)`` array.
+        shape: the volume's ``(X, Y, Z)``.
+
+    Returns:
+        ``[x0, Y - 1 - y1, x1, Y - 1 - y0]``, with a degenerate side (one voxel wide) widened by one pixel as
+        :func:`imedsam_hf.data.mask_box` does.
+    """
+    x0, y0, _, x1, y1, _ = (float(v) for v in box_3d)
+    top, bottom = shape[1] - 1 - y1, shape[1] - 1 - y0
+    return [x0, top, max(x1, x0 + 1), max(bottom, top + 1)]
+
+
+def boxes_3d_from_labels(label_data: np.ndarray, classes: ClassSpec = None) -> dict[int, list[int]]:
+    """The tight 3-D box of every structure of a label volume, in the :func:`segment_volume` convention.
+
+    Args:
+        label_data: ``(X, Y, Z)`` integer class ids, 0 = background.
+        classes: only these ids (see :func:`segment_volume`); default every id present.
+
+    Returns:
+        ``{class_id: [x0, y0, z0, x1, y1, z1]}`` (inclusive voxel indices), ids ascending; absent classes are left out.
+    """
+    label_data = np.asarray(label_data)
+    wanted = _class_set(classes)
+    boxes: dict[int, list[int]] = {}
+    objects = ndimage.find_objects(label_data.astype(np.int64, copy=False))
+    for index, found in enumerate(objects, start=1):
+        if found is None or (wanted is not None and index not in wanted):
+            continue
+        xs, ys, zs = found
+        boxes[index] = [xs.start, ys.start, zs.start, xs.stop - 1, ys.stop - 1, zs.stop - 1]
+    return boxes
+
+
+# ------------------------------------------------------------------------------------------------------- checks
+def _class_id(value: Any, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{what}: class id {value!r} is not an integer")
+    if not 1 <= int(value) <= 255:
+        raise ValueError(f"{what}: class id {value!r} must be in 1..255 (uint8 label volume, 0 = background)")
+    return int(value)
+
+
+def _class_set(classes: ClassSpec) -> set[int] | None:
+    if classes is None:
+        return None
+    ids = classes.keys() if isinstance(classes, Mapping) else classes
+    numbers = [int(c) if isinstance(c, str) and c.strip().isdigit() else c for c in ids]
+    return {_class_id(c, "classes") for c in numbers if not (isinstance(c, (int, np.integer)) and c == 0)}
+
+
+def _as_volume(volume: Volume | np.ndarray, what: str) -> Volume:
+    if isinstance(volume, Volume):
+        data = volume.data
+    else:
+        data = np.asarray(volume)
+        volume = Volume(data=data, affine=np.eye(4), header=nib.Nifti1Header(), path=None)
+    if data.ndim != 3:
+        raise ValueError(f"{what} {volume.name}: shape {tuple(data.shape)}, need a 3-D (X, Y, Z) array")
+    return volume
+
+
+def _check_labels(labels: Volume, volume: Volume, compare_affines: bool) -> np.ndarray:
+    if labels.shape != volume.shape:
+        raise ValueError(
+            f"label volume {labels.name} has shape {labels.shape}, the volume {volume.name} has {volume.shape}"
+        )
+    if compare_affines:
+        if not np.allclose(labels.affine, volume.affine, rtol=AFFINE_TOLERANCE, atol=AFFINE_TOLERANCE):
+            raise ValueError(
+                f"label volume {labels.name} and volume {volume.name} lie on different grids (affines differ: "
+                f"{np.round(labels.affine, 4).tolist()} vs {np.round(volume.affine, 4).tolist()})"
+            )
+    data = labels.data
+    if data.dtype != np.uint8:
+        if not np.issubdtype(data.dtype, np.integer) and not np.array_equal(data, np.round(data)):
+            raise ValueError(f"label volume {labels.name}: holds non-integer values (dtype {data.dtype})")
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise ValueError(
+                f"label volume {labels.name}: class ids in [{data.min()}, {data.max()}], need 0..255 (uint8)"
+            )
+        data = data.astype(np.uint8)
+    return data
+
+
+def _check_boxes(
+    boxes_3d: Mapping[Any, Sequence[float]], shape: tuple[int, int, int], wanted: set[int] | None
+) -> dict[int, list[int]]:
+    if not isinstance(boxes_3d, Mapping) or not boxes_3d:
+        raise ValueError(
+            f"boxes_3d must be a non-empty {{class_id: [x0, y0, z0, x1, y1, z1]}} mapping, got {boxes_3d!r}"
+        )
+    checked: dict[int, list[int]] = {}
+    for key, box in boxes_3d.items():
+        class_id = _class_id(key, "boxes_3d")
+        if wanted is not None and class_id not in wanted:
+            raise ValueError(f"boxes_3d: unknown class id {class_id} (classes: {sorted(wanted)})")
+        try:
+            values = np.asarray(box, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            values = np.array([])
+        if values.shape != (6,) or not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):
+            raise ValueError(f"boxes_3d[{class_id}]: {box!r} is not 6 integer voxel indices [x0, y0, z0, x1, y1, z1]")
+        low, high = values[:3].astype(int), values[3:].astype(int)
+        if (low < 0).any() or (high >= np.array(shape)).any() or (low > high).any():
+            raise ValueError(
+                f"boxes_3d[{class_id}]: {[int(v) for v in values]} is not inside the volume of shape {shape} "
+                "(need 0 <= x0 <= x1 < X, 0 <= y0 <= y1 < Y, 0 <= z0 <= z1 < Z)"
+            )
+        checked[class_id] = [int(v) for v in values]
+    return dict(sorted(checked.items()))
+
+
+def _class_count(model: Any) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "num_classes", 1) or 1)
+
+
+# ------------------------------------------------------------------------------------------------------- segmenting
+def segment_volume(
+    model: Any,
+    volume: Volume | np.ndarray,
+    *,
+    processor: IMedSamProcessor | None = None,
+    label_volume: Volume | np.ndarray | None = None,
+    boxes_3d: Mapping[int, Sequence[float]] | None = None,
+    classes: ClassSpec = None,
+    window: WindowSpec = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Segment a volume slice by slice with a box-prompted 2-D model.
+
+    Give exactly one prompt source:
+
+    ``label_volume`` (evaluation with oracle boxes, as the 2-D benchmarks do)
+        On every slice, every structure present gets its exact 2-D box (:func:`imedsam_hf.data.mask_box` of its
+        mask on that slice); all structures of a slice go to the model in one call (one encoder pass) and the masks
+        are merged with :meth:`IMedSamProcessor.merge_prompt_masks` (where masks overlap the most probable prompt wins),
+        with the label volume's class ids. Slices without any structure stay 0 and are not run.
+    ``boxes_3d`` (the MedSAM / LiteMedSAM 3-D protocol)
+        ``{class_id: [x0, y0, z0, x1, y1, z1]}``, inclusive voxel indices of the ``(X, Y, Z)`` array (module
+        docstring, "3-D boxes"). Per class: the middle slice ``(z0 + z1) // 2`` is segmented with the box's 2-D extent,
+        then the model goes outwards one slice at a time, up to ``z1`` and down to ``z0``, each slice prompted with the
+        box of the previous slice's mask (:func:`imedsam_hf.data.mask_box`, no margin); a direction stops at the first
+        slice whose mask is empty (that slice stays empty) or at the end of the box's z range. If the middle slice's
+        mask is empty, the class gets nothing. Classes are run one after the other; where their masks overlap, the
+        most probable wins (the rule of ``merge_prompt_masks``).
+
+    Args:
+        model: a one-class (binary) box-prompted model (``IMedSamModel``, a PeftModel around one, or a spec for
+            :func:`imedsam_hf.load_model` such as ``"litemedsam"``).
+        volume: the scan, a :class:`Volume` or an ``(X, Y, Z)`` array; converted with :func:`to_uint8`.
+        processor: default the model's (``load_model``'s, or the one matching its config).
+        label_volume: ``(X, Y, Z)`` integer class ids 0..255, same shape and (when both are read from files) the same
+            affine as ``volume``.
+        boxes_3d: see above; ids must be ``int`` in 1..255 (and in ``classes`` when given), boxes inside the volume.
+        classes: class ids to segment (an iterable of ids, or a mapping ``id -> name`` such as BTCV's
+            ``classes.json``): with ``label_volume`` other ids are ignored, with ``boxes_3d`` another id is an error.
+        window: window for raw CT (see :func:`to_uint8`); ``None`` keeps an 8-bit volume as it is.
+        progress: show a tqdm bar over the slices.
+
+    Returns:
+        ``(X, Y, Z)`` uint8 class ids, 0 = background, on the grid of ``volume``.
+
+    Raises:
+        ValueError: both or neither prompt source, a multi-class model, shape/affine mismatch (naming both files),
+            unknown or invalid class ids, boxes outside the volume.
+    """
+    if (label_volume is None) == (boxes_3d is None):
+        raise ValueError("segment_volume: give exactly one of label_volume (per-slice boxes) or boxes_3d")
+    if isinstance(model, str):
+        model, loaded_processor = load_model(model)
+        processor = processor or loaded_processor
+    if _class_count(model) != 1:
+        raise ValueError(
+            f"segment_volume: box prompts need a one-class model, this one has num_classes={_class_count(model)}"
+        )
+    processor = processor or processor_for_config(model.config)
+    both_volumes = isinstance(label_volume, Volume) and isinstance(volume, Volume)
+    volume = _as_volume(volume, "volume")
+    wanted = _class_set(classes)
+    images = to_uint8(volume.data, window)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    if label_volume is not None:
+        truth = _check_labels(_as_volume(label_volume, "label volume"), volume, compare_affines=both_volumes)
+        _segment_with_label_volume(model, processor, images, truth, labels, wanted, progress)
+    else:
+        checked = _check_boxes(boxes_3d, volume.shape, wanted)  # type: ignore[arg-type]
+        _segment_with_boxes_3d(model, processor, images, checked, labels, progress)
+    return labels
+
+
+def _segment_with_label_volume(
+    model: Any,
+    processor: IMedSamProcessor,
+    images: np.ndarray,
+    truth: np.ndarray,
+    labels: np.ndarray,
+    wanted: set[int] | None,
+    progress: bool,
+) -> None:
+    present = truth.any(axis=(0, 1))
+    for z in tqdm(range(truth.shape[2]), desc="slices", unit="slice", disable=not progress):
+        if not present[z]:
+            continue
+        truth_slice = slice_image(truth, z)
+        ids = [int(c) for c in np.unique(truth_slice) if c and (wanted is None or int(c) in wanted)]
+        if not ids:
+            continue
+        boxes = [mask_box(truth_slice == c).tolist() for c in ids]
+        result = segment(model, slice_image(images, z), box=boxes, output_size=truth_slice.shape, processor=processor)
+        # Scores = probability inside each prompt's own mask, 0 outside: merging at threshold 0 keeps exactly the
+        # pixels `segment` called foreground, the most probable prompt winning where masks overlap.
+        scores = np.where(result.mask, result.probabilities[:, 0], 0.0)
+        merged = IMedSamProcessor.merge_prompt_masks(torch.from_numpy(scores)[:, None], ids)
+        place_slice(labels, z, merged.numpy().astype(np.uint8))
+
+
+def _segment_with_boxes_3d(
+    model: Any,
+    processor: IMedSamProcessor,
+    images: np.ndarray,
+    boxes_3d: dict[int, list[int]],
+    labels: np.ndarray,
+    progress: bool,
+) -> None:
+    shape = images.shape
+    size = (shape[1], shape[0])  # (H, W) of a slice image
+    best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # z -> (winning probability, class ids), as slice images
+    total = sum(box[5] - box[2] + 1 for box in boxes_3d.values())
+    with tqdm(total=total, desc="slices", unit="slice", disable=not progress) as bar:
+
+        def run(class_id: int, z: int, prompt: list[float]) -> list[float] | None:
+            """Segment slice `z` with `prompt`, record the mask; the box of the mask for the next slice, or None."""
+            result = segment(model, slice_image(images, z), box=prompt, output_size=size, processor=processor)
+            bar.update(1)
+            mask, probability = result.mask, result.probabilities[0]
+            if not mask.any():
+                return None
+            score, ids = best.setdefault(z, (np.zeros(size, np.float32), np.zeros(size, np.uint8)))
+            wins = mask & (probability > score)
+            score[wins], ids[wins] = probability[wins], class_id
+            return mask_box(mask).tolist()
+
+        for class_id, box in boxes_3d.items():
+            z0, z1 = box[2], box[5]
+            middle = (z0 + z1) // 2
+            middle_box = run(class_id, middle, volume_box_to_slice_box(box, shape))
+            for step, stop in ((1, z1), (-1, z0)):
+                prompt, z = middle_box, middle + step
+                while prompt is not None and (z <= stop if step == 1 else z >= stop):
+                    prompt = run(class_id, z, prompt)
+                    z += step
+    for z, (_, ids) in best.items():
+        place_slice(labels, z, ids)
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:
+    """Write a label volume as NIfTI on ``like``'s grid: its affine and header, data type ``uint8``.
+
+    The file is written to a temporary file in the target folder and moved into place with ``os.replace``, so a
+    reader never sees a half-written file; parent folders are created.
+
+    Args:
+        labels: ``(X, Y, Z)`` class ids 0..255 (``uint8``, or integers in that range), shape ``like.shape``.
+        like: the volume the labels belong to (normally the :func:`read_volume` of the input scan).
+        path: ``.nii.gz`` or ``.nii``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: shape differs from ``like``'s, values outside 0..255 or non-integer, or another suffix.
+    """
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    if suffix not in (".nii", ".nii.gz"):
+        raise ValueError(f"{path}: a label volume is written as .nii.gz or .nii")
+    data = np.asarray(labels)
+    if data.shape != like.shape:
+        raise ValueError(f"{path}: labels of shape {tuple(data.shape)} do not fit the volume {like.name} {like.shape}")
+    if data.dtype != np.uint8:
+        if not _is_8bit(data) and data.size:
+            raise ValueError(f"{path}: labels must be integer class ids 0..255, got dtype {data.dtype}")
+        data = data.astype(np.uint8)
+    header = like.header.copy() if isinstance(like.header, nib.Nifti1Header) else None
+    image = nib.Nifti1Image(data, like.affine, header=header)
+    image.set_data_dtype(np.uint8)
+    image.header.set_slope_inter(1.0, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        nib.save(image, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- scores
+_CROSS_3D = ndimage.generate_binary_structure(3, 1)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Surface voxels: foreground with a 6-connected background neighbour (or on the array's border)."""
+    return mask & ~ndimage.binary_erosion(mask, structure=_CROSS_3D, border_value=0)
+
+
+def _hausdorff_3d(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> tuple[float, float]:
+    """``(hd95, hd)`` between the surfaces of two 3-D masks, as :func:`imedsam_hf.metrics.hausdorff_distances` in 3-D."""
+    pred_empty, truth_empty = not pred.any(), not truth.any()
+    if pred_empty and truth_empty:
+        return 0.0, 0.0
+    if pred_empty or truth_empty:
+        diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape, spacing)))
+        return diagonal, diagonal
+    # Crop to the union's bounding box plus one background voxel (inside the array): exact, and much cheaper.
+    union = ndimage.find_objects((pred | truth).astype(np.uint8))[0]
+    crop = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(union, pred.shape))
+    pred_surface, truth_surface = _surface(pred[crop]), _surface(truth[crop])
+    to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)[pred_surface]
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[truth_surface]
+    hd = max(float(to_truth.max()), float(to_pred.max()))
+    hd95 = max(float(np.percentile(to_truth, 95)), float(np.percentile(to_pred, 95)))
+    return hd95, hd
+
+
+def volume_scores(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing: Sequence[float],
+    classes: ClassSpec = None,
+) -> dict[int, dict[str, float]]:
+    """3-D Dice, IoU, HD95 and HD (mm) per class of two label volumes.
+
+    The conventions are :mod:`imedsam_hf.metrics`'s, in 3-D: Dice ``2|P∩T| / (|P| + |T|)``; the Hausdorff distances
+    are between the *surfaces* (foreground voxels with a 6-connected background neighbour or on the array border,
+    ``mask ^ binary_erosion(mask)`` with a 3-D cross) via exact Euclidean distance transforms with ``sampling=spacing``,
+    ``hd95 = max(percentile95 d(P->T), percentile95 d(T->P))`` (MONAI's ``percentile=95``), ``hd`` the maximum.
+    Exactly one of the two masks empty: Dice/IoU 0, HD95 = HD = the volume's diagonal in mm. A class absent from both
+    volumes is NaN for every metric (as in :func:`imedsam_hf.metrics.multiclass_scores`).
+
+    Args:
+        pred, truth: ``(X, Y, Z)`` integer class ids, same shape.
+        spacing: voxel size in mm along ``(X, Y, Z)``, e.g. ``volume.spacing`` (the header's ``get_zooms()[:3]``).
+        classes: ids to score (iterable or ``id -> name`` mapping); default every nonzero id in either volume.
+
+    Returns:
+        ``{class_id: {"dice": ..., "iou": ..., "hd95": ..., "hd": ...}}``, ids ascending.
+
+    Raises:
+        ValueError: shapes differ, not 3-D, or ``spacing`` is not three positive numbers.
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape or pred.ndim != 3:
+        raise ValueError(f"pred and truth must be 3-D of the same shape, got {pred.shape} and {truth.shape}")
+    values = tuple(float(v) for v in np.asarray(spacing, dtype=np.float64).reshape(-1))
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing must be three positive voxel sizes (mm) along X, Y, Z, got {spacing!r}")
+    wanted = _class_set(classes)
+    ids = sorted(wanted) if wanted is not None else sorted(int(c) for c in np.union1d(pred, truth) if c)
+    scores: dict[int, dict[str, float]] = {}
+    for class_id in ids:
+        pred_mask, truth_mask = pred == class_id, truth == class_id
+        if not pred_mask.any() and not truth_mask.any():
+            scores[class_id] = dict.fromkeys(METRIC_NAMES, math.nan)
+            continue
+        counts = _overlap_counts(pred_mask, truth_mask)
+        hd95, hd = _hausdorff_3d(pred_mask, truth_mask, values)  # type: ignore[arg-type]
+        scores[class_id] = {
+            "dice": _dice_from_counts(*counts),
+            "iou": _iou_from_counts(*counts),
+            "hd95": hd95,
+            "hd": hd,
+        }
+    return scores

