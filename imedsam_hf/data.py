@@ -31,6 +31,7 @@ from .processing_imedsam import IMedSamProcessor, open_image, to_rgb_array
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 LAYOUTS = (("images", "masks"), ("image", "mask"), ("TrainDataset/images", "TrainDataset/masks"))
 SPLITS = ("train", "validation", "test")
+ALL_CLASSES = -1  # a sample's class id when it carries every class of its image as a prompt
 
 
 @dataclass
@@ -82,6 +83,9 @@ class DataConfig:
     # of foreground class ids in the masks (default `num_classes`).
     class_prompts: bool = False
     mask_classes: int | None = None
+    # With `class_prompts`: one sample per image carrying every class present as a prompt (`input_boxes` (P, 4),
+    # `prompt_classes` (P,)): one encoder pass per image, the loss averaged over the prompts.
+    all_classes_per_sample: bool = False
 
     @property
     def mask_class_count(self) -> int:
@@ -377,7 +381,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         items = []
         for i in range(len(self.records)):
             present = np.unique(read_mask(self.records[i]["mask"], self.config.mask_class_count))
-            items.extend((i, int(c)) for c in present if c > 0)
+            present = [int(c) for c in present if c > 0]
+            if self.config.all_classes_per_sample:
+                items.extend([(i, ALL_CLASSES)] if present else [])
+            else:
+                items.extend((i, c) for c in present)
         return items
 
     def set_epoch(self, epoch: int) -> None:
@@ -392,6 +400,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image = to_rgb_array(record["image"])
         mask = read_mask(record["mask"], self.config.mask_class_count)
+        if class_id == ALL_CLASSES:
+            return self._all_classes_sample(image, mask, rng, index)
         if class_id:
             mask = (mask == class_id).astype(np.int64)
         original = image.shape[:2]
@@ -415,6 +425,42 @@ class SegmentationDataset(torch.utils.data.Dataset):
             "reshaped_size": torch.tensor(shape),
             "index": torch.tensor(index),
             "class_id": torch.tensor(class_id),
+        }
+
+    def _all_classes_sample(self, image: np.ndarray, mask: np.ndarray, rng, index: int) -> dict[str, torch.Tensor]:
+        """One sample with every class present as a prompt: `input_boxes` `(P, 4)`, `prompt_classes` `(P,)`."""
+        original = image.shape[:2]
+        shape = self.processor.resized_shape(*original)
+        tensor = self.processor.resize_image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), shape)
+        labels = self.processor.resize_mask(mask, shape)[: shape[0], : shape[1]]
+        if self.train and self.config.augment is not None:
+            tensor, labels = augment(tensor, labels, self.config.augment, rng)
+        pixel_values = self.processor.pad(self.processor.normalize(tensor))
+        labels = self.processor.pad(labels)
+        boxes, classes = [], []
+        for class_id in (int(c) for c in np.unique(mask) if c > 0):
+            box = (
+                mask_box(labels.numpy() == class_id)
+                if self.train
+                else self._exact_box(mask == class_id, original, shape)
+            )
+            if box is None:  # augmented out of view
+                continue
+            if self.train and self.config.box_jitter > 0:
+                box = jitter_box(box, self.config.box_jitter, shape, rng)
+            boxes.append(box)
+            classes.append(class_id)
+        if not boxes:  # every structure left the view: one whole-image prompt for an empty target
+            boxes, classes = [np.array([0, 0, shape[1], shape[0]], dtype=np.float32)], [-1]
+        return {
+            "pixel_values": pixel_values,
+            "labels": labels,
+            "input_boxes": torch.from_numpy(np.stack(boxes).astype(np.float32)),
+            "prompt_classes": torch.tensor(classes),
+            "original_size": torch.tensor(original),
+            "reshaped_size": torch.tensor(shape),
+            "index": torch.tensor(index),
+            "class_id": torch.tensor(ALL_CLASSES),
         }
 
     def _exact_box(self, mask: np.ndarray, original, shape) -> np.ndarray | None:
@@ -452,7 +498,17 @@ def load_hub_dataset(name: str, split: str, image_column: str = "image", mask_co
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    """Stack samples; samples with several prompts are padded to the batch's most (`prompt_classes` 0: padding)."""
+    if "prompt_classes" not in samples[0]:
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    most = max(len(s["prompt_classes"]) for s in samples)
+    padded = []
+    for sample in samples:
+        missing = most - len(sample["prompt_classes"])
+        boxes = torch.cat([sample["input_boxes"], sample["input_boxes"][:1].expand(missing, 4)])
+        classes = torch.cat([sample["prompt_classes"], sample["prompt_classes"].new_zeros(missing)])
+        padded.append({**sample, "input_boxes": boxes, "prompt_classes": classes})
+    return {key: torch.stack([s[key] for s in padded]) for key in padded[0]}
 
 
 __all__ = [

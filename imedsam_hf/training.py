@@ -129,7 +129,9 @@ def forward_and_loss(
 
     Args:
         batch: `pixel_values` `(B, 3, S, S)`, `labels` `(B, S, S)` class ids, `reshaped_size` `(B, 2)` and, for box
-            prompts, `input_boxes` `(B, 4)` (as `imedsam_hf.data.collate` gives them).
+            prompts, `input_boxes` `(B, 4)` (as `imedsam_hf.data.collate` gives them). Samples with every class as a
+            prompt carry `input_boxes` `(B, P, 4)` and `prompt_classes` `(B, P)` (0: padding): each prompt's target
+            is its class's mask, and the loss is averaged over the real prompts (one encoder pass per image).
         train_points: with an implicit decoder, train on this many random points per image inside its unpadded
             area (`sample_points`) instead of the whole frame; `None`/0: the whole frame.
         use_box_prompts: `False` trains prompt-free.
@@ -143,7 +145,26 @@ def forward_and_loss(
         input_boxes=batch["input_boxes"] if use_box_prompts else None,
         query_coordinates=coordinates,
     )
+    if "prompt_classes" in batch and use_box_prompts:
+        outputs, labels = prompt_rows(outputs, labels, batch["prompt_classes"])
     return segmentation_loss(outputs, labels, num_classes, weights.fine_weight, weights.dice_weight, weights.bce_weight)
+
+
+def prompt_rows(
+    outputs: IMedSamOutput, labels: torch.Tensor, prompt_classes: torch.Tensor
+) -> tuple[IMedSamOutput, torch.Tensor]:
+    """
+    Outputs with a prompt axis `(B, P, ...)` and class-id labels `(B, ...)` -> one row per real prompt (class id
+    not 0) with its binary target `(rows, ...)`: what `segmentation_loss` takes for a one-class model.
+    """
+    real = prompt_classes.flatten() != 0
+    targets = (labels[:, None] == prompt_classes.reshape(*prompt_classes.shape, *[1] * (labels.ndim - 1))).long()
+    rows = {
+        name: getattr(outputs, name).flatten(0, 1)[real]
+        for name in ("logits", "coarse_logits", "refined")
+        if getattr(outputs, name) is not None
+    }
+    return IMedSamOutput(**rows), targets.flatten(0, 1)[real]
 
 
 def parameter_groups(model: torch.nn.Module, learning_rate: float, implicit_learning_rate: float, weight_decay: float):
@@ -165,6 +186,7 @@ __all__ = [
     "forward_and_loss",
     "model_config",
     "one_hot_targets",
+    "prompt_rows",
     "parameter_groups",
     "sample_points",
     "segmentation_loss",

@@ -337,3 +337,29 @@ def test_forward_and_loss_without_the_implicit_decoder_ignores_train_points(real
     assert any(
         "freq_lora_q_B" in n and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if p.grad is not None
     )
+
+
+def test_samples_with_every_class_as_a_prompt_train_on_each_class_mask(tmp_path):
+    """A CT slice with several organs: one sample, one box per organ; collate pads; the loss sees each organ's mask."""
+    from imedsam_hf import IMedSamProcessor
+    from imedsam_hf.data import SegmentationPair, records_from_pairs
+    from imedsam_hf.training import prompt_rows
+
+    ct = SHARED_DATA / "BTCV-Synapse-CT"
+    pairs = [
+        SegmentationPair(stem, str(ct / "images" / f"{stem}.png"), str(ct / "masks" / f"{stem}.png"))
+        for stem in ("case0039_slice068", "case0001_slice080")
+    ]
+    config = DataConfig(class_prompts=True, mask_classes=13, all_classes_per_sample=True, augment=None)
+    dataset = SegmentationDataset(records_from_pairs(pairs), IMedSamProcessor(image_size=64), config, train=False)
+    samples = [dataset[0], dataset[1]]
+    counts = [len(s["prompt_classes"]) for s in samples]
+    assert len(dataset) == 2 and counts[0] == 12 and counts[1] < 12
+    batch = collate(samples)
+    assert batch["input_boxes"].shape == (2, 12, 4) and (batch["prompt_classes"][1, counts[1] :] == 0).all()
+    logits = torch.randn(2, 12, 1, 64, 64)
+    outputs = IMedSamOutput(logits=logits, coarse_logits=logits, refined=torch.zeros(2, 12, 64, 64, dtype=torch.bool))
+    rows, targets = prompt_rows(outputs, batch["labels"], batch["prompt_classes"])
+    assert rows.logits.shape[0] == targets.shape[0] == sum(counts)  # padding prompts are not rows
+    liver = int((batch["prompt_classes"][0] == 6).nonzero()[0, 0])
+    assert torch.equal(targets[liver], (batch["labels"][0] == 6).long())

@@ -492,7 +492,10 @@ def test_ct_folder_splits_by_scan_and_records_the_class_names(tiny_sam, tmp_path
             shutil.copy(ct / sub / f"{stem}.png", folder / sub / f"{stem}.png")
     out = tmp_path / "run"
     extra = ("--class_prompts", "true", "--mask_classes", "13", "--epochs", "1", "--baseline", "false")
-    train_script.main(args(tiny_sam, folder, out, *extra))
+    # Every organ of a slice as a prompt of one sample: one encoder pass per slice, the loss over its prompts.
+    results = train_script.main(args(tiny_sam, folder, out, *extra, "--all_classes_per_sample", "true"))
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in log if "loss" in r) and 0 <= results["best_val_dice"] <= 1
     splits = json.loads((out / "splits.json").read_text())
     scans = {name: {stem.split("_")[0] for stem in splits[name]} for name in ("train", "validation", "test")}
     assert sum(len(s) for s in scans.values()) == 5 and not (scans["train"] & (scans["validation"] | scans["test"]))

@@ -74,7 +74,7 @@ from imedsam_hf.loading import load_model, portable_model_name
 from imedsam_hf.metrics import dice
 from imedsam_hf.model_card import write_model_card
 from imedsam_hf.processing_imedsam import IMedSamProcessor
-from imedsam_hf.training import LossWeights, fine_weight_at, forward_and_loss, parameter_groups
+from imedsam_hf.training import LossWeights, fine_weight_at, forward_and_loss, parameter_groups, prompt_rows
 
 # No `from __future__ import annotations` here: the tests and benchmarks load this file without registering it in
 # sys.modules, where string annotations of the argument dataclasses could not be resolved.
@@ -172,6 +172,11 @@ class DataArguments:
     box_jitter: float = option(0.1, "Training boxes: each side moves by up to this fraction of the box size.")
     prompt: Literal["box", "none"] = option("box", "Prompt: the mask's box, or none (prompt-free).")
     class_prompts: bool = option(False, "Multi-class masks: one binary sample per class present, with its own box.")
+    all_classes_per_sample: bool = option(
+        False,
+        "With --class_prompts: one sample per image carrying every class present as a prompt (one encoder pass "
+        "per image, the loss averaged over its prompts) instead of one sample per class.",
+    )
     mask_classes: int | None = option(None, "Foreground class ids in the masks (None: the model's num_classes).")
     name: str | None = option(None, "Dataset name for the model card.")
     license: str | None = option(None, "Dataset licence for the model card.")
@@ -603,6 +608,7 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         prompt=data.prompt,
         class_prompts=data.class_prompts,
         mask_classes=data.mask_classes,
+        all_classes_per_sample=data.all_classes_per_sample,
     )
     train_set = SegmentationDataset(as_records(splits["train"]), processor, data_config, train=True, seed=run.seed)
     val_set = SegmentationDataset(as_records(splits["validation"]), processor, data_config, train=False)
@@ -711,10 +717,14 @@ def validation_dice(model, loader, accelerator: Accelerator) -> float:
     scores = []
     for batch in loader:
         outputs = model(pixel_values=batch["pixel_values"], input_boxes=batch["input_boxes"])
+        labels, sizes = batch["labels"], batch["reshaped_size"]
+        if "prompt_classes" in batch:  # one row per real prompt, its class's mask as the target
+            outputs, labels = prompt_rows(outputs, labels, batch["prompt_classes"])
+            sizes = sizes.repeat_interleave(batch["prompt_classes"].shape[1], 0)[batch["prompt_classes"].flatten() != 0]
         predicted = IMedSamProcessor.post_process_masks(outputs.logits)
         values = []
-        for pred, labels, (h, w) in zip(predicted, batch["labels"], batch["reshaped_size"].tolist()):
-            values.append(dice(pred[:h, :w] > 0, labels[:h, :w] > 0))
+        for pred, target, (h, w) in zip(predicted, labels, sizes.tolist()):
+            values.append(dice(pred[:h, :w] > 0, target[:h, :w] > 0))
         scores.append(torch.tensor(values, device=accelerator.device))
     model.train()
     if not scores:
