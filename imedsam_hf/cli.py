@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(
         e,
+        "--class-aware",
+        action="store_true",
+        help="multi-class folders and models: one box per structure, each prompting its own class's heads",
+    )
+    _option(
+        e,
         "--group-pattern",
         default=DEFAULT_GROUP_PATTERN,
         help="multi-class folders: regex whose first group is a slice's scan, for the per-volume scores",
@@ -217,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             device=device,
             classes=args.classes,
             group_pattern=args.group_pattern,
+            class_aware=args.class_aware,
         )
         return 0
     except (OSError, ValueError) as error:

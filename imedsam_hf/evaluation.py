@@ -90,18 +90,23 @@ def predict_logits(
     box: Sequence[float] | None = None,
     output_sizes: Iterable[str | int] = (NATIVE,),
     baseline: bool = False,
+    classes: Sequence[int] | None = None,
 ) -> dict[str | int, torch.Tensor]:
     """
     Logits `(C, h, w)` of one image at each requested output size, from one encoder pass; `box` may be a list of
     boxes `(P, 4)` (every prompt decoded together), giving `(P, C, h, w)`.
 
-    `baseline=True` returns the backbone's own SAM mask (adapters disabled, SAM post-processing) instead.
+    `baseline=True` returns the backbone's own SAM mask (adapters disabled, SAM post-processing) instead. `classes`
+    (one id per box) makes the prompts class-aware (`input_classes`: each box uses its class's heads, one channel).
     """
     device = next(model.parameters()).device
     inputs = processor(image, input_boxes=None if box is None else box)
     original = tuple(inputs["original_sizes"][0].tolist())
     region = inputs["output_region"].to(device)
     boxes = inputs["input_boxes"].to(device) if box is not None else None
+    input_classes = None
+    if classes is not None and not baseline:
+        input_classes = torch.tensor(list(classes), device=device).reshape(1, *boxes.shape[1:-1])
     context = adapters_disabled(model) if baseline else contextlib.nullcontext()
     results = {}
     with context:
@@ -118,7 +123,11 @@ def predict_logits(
                 logits = grid.reshape(*sam.shape[:-2], *shape)
             else:
                 logits = model(
-                    image_embeddings=embeddings, input_boxes=boxes, output_size=shape, output_region=region
+                    image_embeddings=embeddings,
+                    input_boxes=boxes,
+                    output_size=shape,
+                    output_region=region,
+                    input_classes=input_classes,
                 ).logits
             results[size] = logits[0].float().cpu()
     return results
@@ -179,13 +188,17 @@ def evaluate_pairs(
                 continue
         several = class_prompts and prompt == "box"
         boxes = [mask_box(target) for _, target in targets] if prompt == "box" else [None]
-        logits = predict_logits(model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline)
+        aware = [c for c, _ in targets] if several and num_classes > 1 else None  # a multi-class model: class-aware
+        logits = predict_logits(
+            model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline, classes=aware
+        )
         for index, (class_id, target_labels) in enumerate(targets):
             extra = {} if class_id is None else {"class": class_id}
             for size in sizes:
                 prediction = logits[size][index] if several else logits[size]
                 target = resize_labels(target_labels, tuple(prediction.shape[-2:]))
-                row = {"stem": pair.stem, "size": str(size), **extra, **score(prediction, target, num_classes)}
+                scored = score(prediction, target, 1 if class_prompts else num_classes)
+                row = {"stem": pair.stem, "size": str(size), **extra, **scored}
                 if class_id is not None:
                     row.update(overlap_counts(prediction, target))
                 rows.append(row)
@@ -357,6 +370,7 @@ def run_evaluation(
     device: str | None = None,
     classes: Sequence[int] | None = None,
     group_pattern: str = DEFAULT_GROUP_PATTERN,
+    class_aware: bool = False,
 ) -> dict:
     """
     `imedsam evaluate`: score `model_spec` (and, with `baseline="sam"`, its backbone zero-shot) on the pairs of
@@ -366,7 +380,9 @@ def run_evaluation(
     A multi-class folder (one with a `classes.json`) evaluated with a one-class model prompts every structure
     present (of `classes`, when given) with its exact box, all of a slice's in one pass, and reports per class and
     per volume (slices stacked into scans by `group_pattern`): `"per_class"` and `"class_mean"` under each size and
-    a top-level `"volume"` (also inside `"baseline_sam"`).
+    a top-level `"volume"` (also inside `"baseline_sam"`). A multi-class model does the same with `class_aware`,
+    each box prompting its own class's heads (`input_classes`); without it, one prompt per image (the box around
+    every structure) gives the label map.
 
     Raises `ValueError` / `OSError` naming the argument at fault.
     """
@@ -375,13 +391,20 @@ def run_evaluation(
     model, processor = load_model(model_spec, device=device)
     num_classes = num_classes or model.config.num_classes
     class_names = read_class_names(data_dir)
-    class_prompts = class_names is not None and num_classes == 1
-    if classes is not None and not class_prompts:
-        raise ValueError(f"--classes needs a multi-class folder (a classes.json in {data_dir}) and a one-class model.")
+    if class_aware and num_classes < 2:
+        raise ValueError(f"--class-aware needs a multi-class model; {model_spec} has num_classes={num_classes}.")
+    class_prompts = class_names is not None and (num_classes == 1 or class_aware)
+    if (classes is not None or class_aware) and not class_prompts:
+        raise ValueError(
+            f"--classes and --class-aware need a multi-class folder (a classes.json in {data_dir}) and a one-class "
+            "or class-aware model."
+        )
     unknown = sorted(set(classes or ()) - set(class_names or ()))
     if unknown:
         raise ValueError(f"--classes {unknown}: not in {Path(data_dir) / 'classes.json'} ({sorted(class_names)}).")
     mask_classes = max(class_names) if class_prompts else None
+    if class_aware and mask_classes > num_classes:
+        raise ValueError(f"{data_dir}: class ids up to {mask_classes}, but the model has {num_classes} classes.")
     pairs, problems = discover_pairs(data_dir)
     pairs, problems = validate_pairs(pairs, mask_classes or num_classes, "skip", problems)
     for problem in problems:

@@ -100,6 +100,7 @@ class _QueryContext:
     positional_embedding: nn.Module
     sam_logits: torch.Tensor | None
     settings: IMedSamQuerySettings
+    class_index: torch.Tensor | None = None  # (rows,) zero-based: class-aware prompts, one class channel per row
 
 
 class IMedSamMaskDecoder(SamMaskDecoder):
@@ -153,6 +154,17 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
     for in_size, out_size in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(in_size, out_size), nn.BatchNorm1d(out_size), nn.ReLU()]
     return nn.Sequential(*layers)
+
+
+def pick_classes(values: torch.Tensor, class_index: torch.Tensor | None) -> torch.Tensor:
+    """
+    Class-aware prompts: logits `(..., rows, num_points, num_classes)` -> `(..., rows, num_points, 1)`, each row's
+    own class (`class_index` `(rows,)`, zero-based); unchanged without `class_index`.
+    """
+    if class_index is None:
+        return values
+    index = class_index.to(values.device).reshape(-1, 1, 1).expand(*values.shape[-3:-1], 1)
+    return values.gather(-1, index.expand(*values.shape[:-1], 1))
 
 
 class IMedSamImplicitDecoder(nn.Module):
@@ -261,13 +273,19 @@ class IMedSamImplicitDecoder(nn.Module):
                 hidden = F.linear(hidden, *fold_batchnorm(norm, linear.weight, linear.bias)).relu_()
         return hidden.reshape(batch_size, num_points, hidden.shape[-1])
 
-    def _coarse_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _coarse_logits(self, hidden: torch.Tensor, class_index: torch.Tensor | None = None) -> torch.Tensor:
         """The coarse head's class logits only `(..., num_classes)`: its first rows, skipping the coarse features."""
         head = self.coarse_head
-        return F.linear(hidden, head.weight[: self.num_classes], head.bias[: self.num_classes])
+        return pick_classes(
+            F.linear(hidden, head.weight[: self.num_classes], head.bias[: self.num_classes]), class_index
+        )
 
     def coarse(
-        self, point_inputs: torch.Tensor, settings: IMedSamQuerySettings, with_features: bool = True
+        self,
+        point_inputs: torch.Tensor,
+        settings: IMedSamQuerySettings,
+        with_features: bool = True,
+        class_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """
         Coarse prediction and uncertainty (over `settings.mc_passes` Monte-Carlo passes) of
@@ -275,20 +293,23 @@ class IMedSamImplicitDecoder(nn.Module):
 
         Returns logits `(batch_size, num_points, num_classes)`, coarse features
         `(batch_size, num_points, coarse_feature_size)` (None without `with_features`: points the fine decoder
-        will not see skip that part of the head) and uncertainty `(batch_size, num_points)`.
+        will not see skip that part of the head) and uncertainty `(batch_size, num_points)`. With `class_index`
+        `(batch_size,)` (class-aware prompts) each row keeps only its class's channel: logits `(..., 1)`, and the
+        uncertainty is that class's.
         """
         hidden = self._flat(self.coarse_mlp, point_inputs)
         prior = self._prior(point_inputs)
         if with_features:
             head = self.coarse_head(self.coarse_dropout(hidden))
-            logits, coarse_features = head[..., : self.num_classes] + prior, head[..., self.num_classes :]
+            logits = pick_classes(head[..., : self.num_classes], class_index) + prior
+            coarse_features = head[..., self.num_classes :]
         else:
-            logits, coarse_features = self._coarse_logits(self.coarse_dropout(hidden)) + prior, None
+            logits, coarse_features = self._coarse_logits(self.coarse_dropout(hidden), class_index) + prior, None
         with torch.no_grad():
             # The passes only need the logits: the head's class rows, not its coarse-feature rows.
             if self.training:
                 passes = [F.dropout(hidden, self.coarse_dropout.p, training=True) for _ in range(settings.mc_passes)]
-                pass_logits = torch.stack([self._coarse_logits(h) for h in passes])
+                pass_logits = torch.stack([self._coarse_logits(h, class_index) for h in passes])
             else:
                 # Fixed channel masks fold into the head's rows, (h * m) @ w.T == h @ (w * m).T: every pass in
                 # one matrix product, without a masked copy of the hidden activations per pass.
@@ -297,14 +318,17 @@ class IMedSamImplicitDecoder(nn.Module):
                 stacked = (masks[:, None, :] * weight[None]).flatten(0, 1)
                 pass_logits = F.linear(hidden, stacked, bias.repeat(len(masks)))
                 pass_logits = pass_logits.unflatten(-1, (len(masks), self.num_classes)).movedim(-2, 0)
+                pass_logits = pick_classes(pass_logits, class_index)
             probabilities = (pass_logits + prior).sigmoid()
             uncertainty = probabilities.float().var(dim=0).mean(dim=-1)
         return logits, coarse_features, uncertainty
 
-    def fine(self, point_inputs: torch.Tensor, coarse_features: torch.Tensor) -> torch.Tensor:
-        """Fine logits `(batch_size, num_points, num_classes)` from point inputs and their coarse features."""
+    def fine(
+        self, point_inputs: torch.Tensor, coarse_features: torch.Tensor, class_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fine logits `(batch_size, num_points, num_classes)` (or `(..., 1)`, see `coarse`) of the points."""
         hidden = self._flat(self.fine_mlp, torch.cat([point_inputs, coarse_features], dim=-1))
-        return self.fine_head(hidden) + self._prior(point_inputs)
+        return pick_classes(self.fine_head(hidden), class_index) + self._prior(point_inputs)
 
     @staticmethod
     def num_refined_points(num_points: int, settings: IMedSamQuerySettings) -> int:
@@ -321,6 +345,7 @@ class IMedSamImplicitDecoder(nn.Module):
         query_coordinates: torch.Tensor | None = None,
         *,
         settings: IMedSamQuerySettings,
+        class_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Query every point of an `output_size` grid covering the input frame (or each image's `output_region`), or
@@ -336,12 +361,14 @@ class IMedSamImplicitDecoder(nn.Module):
             query_coordinates: `(batch_size, num_points, 2)` (x, y) in [0, 1] of the input frame: predict these
                 points instead of a grid (e.g. sampled training points); outputs are then `(..., 1, num_points)`.
             settings: the run-time settings (query mode, refine ratio, chunk size, MC passes); required.
+            class_index: `(batch_size,)` zero-based class of each row (class-aware prompts): only that class's
+                last layers are used, and the outputs have one channel.
 
         Returns:
             logits, coarse logits `(batch_size, num_classes, height, width)`, uncertainty
             `(batch_size, height, width)` and refined `(batch_size, height, width)` bool.
         """
-        context = _QueryContext(features, positional_embedding, sam_logits, settings)
+        context = _QueryContext(features, positional_embedding, sam_logits, settings, class_index)
         if query_coordinates is not None:
             height, width = 1, query_coordinates.shape[1]
             coordinates = query_coordinates.to(features.device, torch.float32)
@@ -354,7 +381,7 @@ class IMedSamImplicitDecoder(nn.Module):
             coordinates = region_coordinates(height, width, features.shape[0], output_region, features.device)
         query = self._query_train if self.training else self._query_eval
         coarse_logits, uncertainty, fine_logits, selected = query(context, coordinates)
-        logits = coarse_logits.scatter(1, selected[..., None].expand(-1, -1, self.num_classes), fine_logits)
+        logits = coarse_logits.scatter(1, selected[..., None].expand(-1, -1, coarse_logits.shape[-1]), fine_logits)
         refined = torch.zeros_like(uncertainty, dtype=torch.bool).scatter(1, selected, True)
         return self._to_grids(logits, coarse_logits, uncertainty, refined, (height, width))
 
@@ -363,7 +390,7 @@ class IMedSamImplicitDecoder(nn.Module):
         batch_size = logits.shape[0]
 
         def to_grid(values: torch.Tensor) -> torch.Tensor:
-            return values.transpose(1, 2).reshape(batch_size, self.num_classes, *size)
+            return values.transpose(1, 2).reshape(batch_size, values.shape[-1], *size)
 
         return (
             to_grid(logits),
@@ -399,12 +426,15 @@ class IMedSamImplicitDecoder(nn.Module):
         point_inputs = self.point_features(
             context.features, context.positional_embedding, coordinates, context.sam_logits
         )
-        coarse_logits, coarse_features, uncertainty = self.coarse(point_inputs, context.settings)
+        coarse_logits, coarse_features, uncertainty = self.coarse(
+            point_inputs, context.settings, class_index=context.class_index
+        )
         selected = self._select(uncertainty, context.settings)
         gather = selected[..., None]
         fine_logits = self.fine(
             point_inputs.gather(1, gather.expand(-1, -1, point_inputs.shape[-1])),
             coarse_features.gather(1, gather.expand(-1, -1, coarse_features.shape[-1])),
+            context.class_index,
         )
         return coarse_logits, uncertainty, fine_logits, selected
 
@@ -423,14 +453,15 @@ class IMedSamImplicitDecoder(nn.Module):
                 context.sam_logits,
             )
             chunk_logits, coarse_features, chunk_uncertainty = self.coarse(
-                point_inputs, context.settings, with_features=with_fine
+                point_inputs, context.settings, with_features=with_fine, class_index=context.class_index
             )
             coarse.append(chunk_logits)
             uncertainty.append(chunk_uncertainty)
             if with_fine:
-                fine.append(self.fine(point_inputs, coarse_features))
+                fine.append(self.fine(point_inputs, coarse_features, context.class_index))
         if not coarse:  # no points (refine_ratio 0)
-            empty = coordinates.new_zeros(coordinates.shape[0], 0, self.num_classes)
+            channels = self.num_classes if context.class_index is None else 1
+            empty = coordinates.new_zeros(coordinates.shape[0], 0, channels)
             return empty, empty[..., 0], empty if with_fine else None
         fine_logits = torch.cat(fine, dim=1) if with_fine else None
         return torch.cat(coarse, dim=1), torch.cat(uncertainty, dim=1), fine_logits
@@ -481,10 +512,10 @@ class IMedSamImplicitDecoder(nn.Module):
         selected = self._select(uncertainty, context.settings, k)
         coordinates = region_coordinates(height, width, batch_size, output_region, features.device, selected)
         exact_coarse, exact_uncertainty, fine_logits = self._query_chunked(context, coordinates, with_fine=True)
-        grid = base_logits.transpose(1, 2).reshape(batch_size, self.num_classes, base_h, base_w)
+        grid = base_logits.transpose(1, 2).reshape(batch_size, base_logits.shape[-1], base_h, base_w)
         coarse_logits = F.interpolate(grid, size=output_size, mode="bilinear", align_corners=False)
         coarse_logits = coarse_logits.flatten(2).transpose(1, 2)
-        expand = selected[..., None].expand(-1, -1, self.num_classes)
+        expand = selected[..., None].expand(-1, -1, base_logits.shape[-1])
         # Under autocast the upsampled maps are float32 and the MLP outputs half precision: write in float32. The
         # upsampled maps are fresh tensors, written in place: at large outputs every full-size copy is peak memory.
         coarse_logits = coarse_logits.float().scatter_(1, expand, exact_coarse.float())
@@ -629,6 +660,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
         output_region: torch.FloatTensor | None = None,
         query_coordinates: torch.FloatTensor | None = None,
         image_embeddings: torch.FloatTensor | None = None,
+        input_classes: torch.LongTensor | None = None,
         **kwargs,
     ) -> IMedSamOutput:
         r"""
@@ -648,6 +680,10 @@ class IMedSamModel(IMedSamPreTrainedModel):
                 predict instead of a grid (training on sampled points); outputs are then `(..., 1, num_points)`.
             image_embeddings (`(batch_size, hidden_size, h, w)`, *optional*): precomputed encoder output, instead
                 of `pixel_values`.
+            input_classes (`(batch_size,)` or `(batch_size, num_prompts)`, *optional*): class-aware prompts, for a
+                model with `num_classes > 1`: the class id (1..num_classes) each prompt is for. Only that class's last
+                layers (coarse and fine heads) predict the prompt's mask and its uncertainty, and the outputs have one
+                class channel.
 
         Several prompts per image: the image encoder runs once per image, the mask decoder and the implicit decoder
         once for all prompts together, and every output gains a prompt axis after the batch axis: `logits`
@@ -675,6 +711,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
             batch_size, input_boxes, input_points, input_labels
         )
         num_prompts = next((p.shape[1] for p in (input_boxes, input_points) if p is not None), 1)
+        class_index = self._class_index(input_classes, batch_size, num_prompts)
         sparse, dense = self.prompt_encoder(
             input_points=input_points, input_labels=input_labels, input_boxes=input_boxes, input_masks=None
         )
@@ -703,6 +740,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
                 sam_logits,
                 query_coordinates,
                 settings=IMedSamQuerySettings.from_config(self.config),
+                class_index=class_index,
             )
             outputs = IMedSamOutput(
                 logits=logits,
@@ -800,6 +838,27 @@ class IMedSamModel(IMedSamPreTrainedModel):
                 "Use IMedSamProcessor to resize and pad images to the model's input size."
             )
 
+    def _class_index(self, input_classes, batch_size: int, num_prompts: int) -> torch.Tensor | None:
+        """`input_classes` `(B,)` / `(B, P)` 1-based -> `(B * P,)` zero-based class of each prompt row, checked."""
+        if input_classes is None:
+            return None
+        num_classes = self.config.num_classes
+        if self.implicit_decoder is None or num_classes < 2:
+            raise ValueError(
+                f"`input_classes` selects one of a multi-class implicit decoder's heads; this model has "
+                f"num_classes={num_classes}{'' if self.implicit_decoder is not None else ' and no implicit decoder'}."
+            )
+        classes = torch.as_tensor(input_classes).long()
+        classes = classes.reshape(batch_size, -1) if classes.numel() == batch_size * num_prompts else classes
+        if tuple(classes.shape) != (batch_size, num_prompts):
+            raise ValueError(
+                f"`input_classes` must have shape ({batch_size},) or ({batch_size}, {num_prompts}): one class per "
+                f"prompt, got {tuple(torch.as_tensor(input_classes).shape)}."
+            )
+        if bool(((classes < 1) | (classes > num_classes)).any()):
+            raise ValueError(f"`input_classes` must be class ids 1..{num_classes}, got {classes.unique().tolist()}.")
+        return classes.flatten() - 1
+
     @staticmethod
     def _check_prompts(batch_size, input_boxes, input_points, input_labels):
         """Bring prompts to SAM's shapes: boxes `(B, P, 4)`, points `(B, P, N, 2)`, labels `(B, P, N)`."""
@@ -849,6 +908,7 @@ FORWARD_ARGUMENTS = (
     "output_region",
     "query_coordinates",
     "image_embeddings",
+    "input_classes",
 )
 
 

@@ -131,7 +131,8 @@ def forward_and_loss(
         batch: `pixel_values` `(B, 3, S, S)`, `labels` `(B, S, S)` class ids, `reshaped_size` `(B, 2)` and, for box
             prompts, `input_boxes` `(B, 4)` (as `imedsam_hf.data.collate` gives them). Samples with every class as a
             prompt carry `input_boxes` `(B, P, 4)` and `prompt_classes` `(B, P)` (0: padding): each prompt's target
-            is its class's mask, and the loss is averaged over the real prompts (one encoder pass per image).
+            is its class's mask, and the loss is averaged over the real prompts (one encoder pass per image). With
+            `num_classes > 1` the prompts are class-aware (`input_classes`): each uses its own class's heads.
         train_points: with an implicit decoder, train on this many random points per image inside its unpadded
             area (`sample_points`) instead of the whole frame; `None`/0: the whole frame.
         use_box_prompts: `False` trains prompt-free.
@@ -140,13 +141,18 @@ def forward_and_loss(
     labels, coordinates = batch["labels"], None
     if train_points and getattr(model_config(model), "use_implicit_decoder", False):
         coordinates, labels = sample_points(labels, batch["reshaped_size"], train_points, generator)
+    per_prompt = "prompt_classes" in batch and use_box_prompts
+    # A multi-class model trained on prompts of one class each is class-aware: each prompt uses its class's heads.
+    class_aware = per_prompt and num_classes > 1
     outputs = model(
         pixel_values=batch["pixel_values"],
         input_boxes=batch["input_boxes"] if use_box_prompts else None,
         query_coordinates=coordinates,
+        input_classes=batch["prompt_classes"].clamp(1, num_classes) if class_aware else None,
     )
-    if "prompt_classes" in batch and use_box_prompts:
+    if per_prompt:
         outputs, labels = prompt_rows(outputs, labels, batch["prompt_classes"])
+        num_classes = 1  # each prompt's target is its own class's mask
     return segmentation_loss(outputs, labels, num_classes, weights.fine_weight, weights.dice_weight, weights.bce_weight)
 
 

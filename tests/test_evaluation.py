@@ -143,3 +143,9 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     assert result["volume"]["n_volumes"] == 2 and set(result["volume"]["per_class"]) == {"6", "8"}
     assert cli_main([*argv, "--classes", "6,42", "--json", str(tmp_path / "bad.json")]) == 2  # 42: not in classes.json
     assert not (tmp_path / "bad.json").exists()
+    # A 13-class model, class-aware: each organ's box prompts that organ's heads; the same report.
+    tiny_model(query_mode="adaptive", num_classes=13).save_pretrained(tmp_path / "aware")
+    argv[2] = str(tmp_path / "aware")
+    assert cli_main([*argv, "--class-aware", "--classes", "6,8", "--json", str(tmp_path / "aware.json")]) == 0
+    aware = json.loads((tmp_path / "aware.json").read_text())
+    assert set(aware["results"]["native"]["per_class"]) == {"6", "8"} and aware["volume"]["n_volumes"] == 2

@@ -345,3 +345,31 @@ def test_several_prompts_with_points_and_mismatched_counts():
     torch.testing.assert_close(several.logits[:, 1], alone.logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="prompts per image"):
         model(pixel_values, input_boxes=torch.zeros(1, 3, 4), input_points=points)
+
+
+@pytest.mark.parametrize("query_mode", ["dense", "adaptive"])
+def test_class_aware_prompts_use_their_own_class_heads(query_mode):
+    """input_classes: each prompt's mask and uncertainty come from its class's heads alone (one output channel)."""
+    model = tiny_model(num_classes=3, query_mode=query_mode, refine_ratio=1.0)
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[[10.0, 12, 40, 50], [5, 5, 60, 30]], [[1.0, 2, 30, 40], [10, 10, 50, 50]]])
+    classes = torch.tensor([[1, 3], [2, 2]])
+    with torch.no_grad():
+        aware = model(pixel_values, input_boxes=boxes, input_classes=classes, output_size=(24, 20))
+        every = model(pixel_values, input_boxes=boxes, output_size=(24, 20))
+    assert aware.logits.shape == (2, 2, 1, 24, 20)
+    # Dense querying predicts every point exactly (and refine_ratio 1 refines all), so the class channel of the
+    # class-agnostic call is the reference. Adaptive querying refines where the prompt's own class is uncertain,
+    # which differs from where the classes on average are: only the shapes compare there.
+    for b in range(2):
+        for p in range(2):
+            if query_mode == "dense":
+                for name in ("coarse_logits", "logits"):
+                    channel = getattr(every, name)[b, p, classes[b, p] - 1]
+                    torch.testing.assert_close(getattr(aware, name)[b, p, 0], channel, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="class ids 1..3"):
+        model(pixel_values, input_boxes=boxes, input_classes=torch.tensor([[0, 1], [1, 1]]))
+    with pytest.raises(ValueError, match="one class per prompt"):
+        model(pixel_values, input_boxes=boxes, input_classes=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="num_classes=1"):
+        tiny_model()(pixel_values, input_boxes=boxes, input_classes=classes)

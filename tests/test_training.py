@@ -502,3 +502,9 @@ def test_ct_folder_splits_by_scan_and_records_the_class_names(tiny_sam, tmp_path
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["id2label"]["6"] == "liver" and config["label2id"]["spleen"] == 1
     assert "6 liver" in (out / "final" / "README.md").read_text()
+    # A 13-class model on the same samples is class-aware: each organ's box uses that organ's heads.
+    aware = train_script.main(args(tiny_sam, folder, tmp_path / "aware", *extra, "--all_classes_per_sample", "true",
+                                   "--num_classes", "13"))  # fmt: skip
+    assert 0 <= aware["best_val_dice"] <= 1 and set(aware["results"]["48"]["per_class"]) <= {
+        str(i) for i in range(1, 14)
+    }

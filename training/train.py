@@ -74,7 +74,14 @@ from imedsam_hf.loading import load_model, portable_model_name
 from imedsam_hf.metrics import dice
 from imedsam_hf.model_card import write_model_card
 from imedsam_hf.processing_imedsam import IMedSamProcessor
-from imedsam_hf.training import LossWeights, fine_weight_at, forward_and_loss, parameter_groups, prompt_rows
+from imedsam_hf.training import (
+    LossWeights,
+    fine_weight_at,
+    forward_and_loss,
+    model_config,
+    parameter_groups,
+    prompt_rows,
+)
 
 # No `from __future__ import annotations` here: the tests and benchmarks load this file without registering it in
 # sys.modules, where string annotations of the argument dataclasses could not be resolved.
@@ -716,7 +723,13 @@ def validation_dice(model, loader, accelerator: Accelerator) -> float:
     model.eval()
     scores = []
     for batch in loader:
-        outputs = model(pixel_values=batch["pixel_values"], input_boxes=batch["input_boxes"])
+        classes, num_classes = batch.get("prompt_classes"), model_config(model).num_classes
+        aware = classes is not None and num_classes > 1  # class-aware prompts: each its own class's heads
+        outputs = model(
+            pixel_values=batch["pixel_values"],
+            input_boxes=batch["input_boxes"],
+            input_classes=classes.clamp(1, num_classes) if aware else None,
+        )
         labels, sizes = batch["labels"], batch["reshaped_size"]
         if "prompt_classes" in batch:  # one row per real prompt, its class's mask as the target
             outputs, labels = prompt_rows(outputs, labels, batch["prompt_classes"])
@@ -1003,8 +1016,11 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters() if "original_module" not in n)
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,}")
-    if args.data.class_prompts and num_classes != 1:
-        raise SystemExit("error: --class_prompts makes one binary sample per class and box: use --num_classes 1.")
+    if args.data.class_prompts and num_classes != 1 and not args.data.all_classes_per_sample:
+        raise SystemExit(
+            "error: --class_prompts makes one binary sample per class and box: use --num_classes 1, or add "
+            "--all_classes_per_sample true for class-aware prompts (one head per class)."
+        )
     record_class_names(model.get_base_model().config, args.data)
 
     try:
