@@ -20,6 +20,7 @@ from .evaluation import DEFAULT_GROUP_PATTERN, NATIVE, run_evaluation
 from .inference import MAX_OUTPUT_PIXELS, PromptSource, predict_files, read_boxes_file
 from .loading import convert_checkpoint, resolve_device
 from .version import __version__
+from .volumes import WINDOW_PRESETS, is_volume, predict_volumes
 
 EXIT_CODES = """exit codes:
   0  done
@@ -75,18 +76,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment images", epilog=EXIT_CODES, formatter_class=_HelpFormatter)
     _option(p, "--model", required=True, help="I-MedSAM folder or Hub id, or 'litemedsam'")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    p.add_argument(
+        "inputs", nargs="+", help="image files, folders of images, or NIfTI volumes (.nii/.nii.gz: a label volume out)"
+    )
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--box", help="one box x0,y0,x1,y1 (original pixels) for every image")
-    prompt.add_argument("--boxes", help="JSON {image name or stem: [x0, y0, x1, y1]}")
+    prompt.add_argument(
+        "--boxes",
+        help="JSON {image name or stem: [x0, y0, x1, y1]}; for volumes {class id: [x0, y0, z0, x1, y1, z1]} (voxel "
+        "indices, segmented from the middle slice outwards) or {volume name: {...}}",
+    )
     prompt.add_argument(
         "--boxes-from-masks",
         "--boxes_from_masks",
         dest="boxes_from_masks",
-        help="folder of masks named like the images: each mask's tight box",
+        help="folder of masks named like the images: each mask's tight box; for volumes, label volumes named like "
+        "them (every structure on every slice)",
     )
     prompt.add_argument("--no-prompt", "--no_prompt", dest="no_prompt", action="store_true", help="prompt-free")
     _option(p, "--output-size", help="WxH of the masks (default: each image's size)")
+    _option(
+        p,
+        "--window",
+        default=None,
+        help=f"volumes in Hounsfield units: LEVEL,WIDTH or a preset ({', '.join(WINDOW_PRESETS)}); default: 8-bit "
+        "volumes as they are, others rescaled min-max (with a warning)",
+    )
     _option(p, "--out", required=True, help="folder for the masks")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     _option(
@@ -181,17 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = str(resolve_device(args.device)) if hasattr(args, "device") else None
         if args.command == "predict":
-            prompts = PromptSource(args.box, read_boxes_file(args.boxes), args.boxes_from_masks, args.no_prompt)
-            return predict_files(
-                args.model,
-                args.inputs,
-                args.out,
-                prompts,
-                args.output_size,
-                args.overlay,
-                args.max_output_pixels,
-                device,
-            )
+            boxes = read_boxes_file(args.boxes)
+            volumes = [path for path in args.inputs if is_volume(path)]
+            images = [path for path in args.inputs if not is_volume(path)]
+            codes = []
+            if volumes:
+                codes.append(
+                    predict_volumes(args.model, volumes, args.out, args.boxes_from_masks, boxes, args.window, device)
+                )
+            if images:
+                prompts = PromptSource(args.box, boxes, args.boxes_from_masks, args.no_prompt)
+                codes.append(predict_files(
+                    args.model, images, args.out, prompts, args.output_size, args.overlay,
+                    args.max_output_pixels, device,
+                ))  # fmt: skip
+            return max(codes)
         if args.command == "convert":
             model = convert_checkpoint(
                 "litemedsam" if args.source == "litemedsam" else args.checkpoint,

@@ -404,14 +404,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             return self._all_classes_sample(image, mask, rng, index)
         if class_id:
             mask = (mask == class_id).astype(np.int64)
-        original = image.shape[:2]
-        shape = self.processor.resized_shape(*original)
-        tensor = self.processor.resize_image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), shape)
-        labels = self.processor.resize_mask(mask, shape)[: shape[0], : shape[1]]
-        if self.train and self.config.augment is not None:
-            tensor, labels = augment(tensor, labels, self.config.augment, rng)
-        pixel_values = self.processor.pad(self.processor.normalize(tensor))
-        labels = self.processor.pad(labels)
+        pixel_values, labels, original, shape = self._frame(image, mask, rng)
         box = mask_box(labels.numpy()) if self.train else self._exact_box(mask, original, shape)
         if box is None:  # empty mask (or augmented out of view): the whole image is the prompt
             box = np.array([0, 0, shape[1], shape[0]], dtype=np.float32)
@@ -427,16 +420,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
             "class_id": torch.tensor(class_id),
         }
 
-    def _all_classes_sample(self, image: np.ndarray, mask: np.ndarray, rng, index: int) -> dict[str, torch.Tensor]:
-        """One sample with every class present as a prompt: `input_boxes` `(P, 4)`, `prompt_classes` `(P,)`."""
+    def _frame(self, image: np.ndarray, mask: np.ndarray, rng) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
+        """Image and class-id mask into the model's frame (resized, augmented in training, normalised, padded):
+        pixel values `(3, S, S)`, labels `(S, S)`, the original `(H, W)` and the resized `(h, w)`."""
         original = image.shape[:2]
         shape = self.processor.resized_shape(*original)
         tensor = self.processor.resize_image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), shape)
         labels = self.processor.resize_mask(mask, shape)[: shape[0], : shape[1]]
         if self.train and self.config.augment is not None:
             tensor, labels = augment(tensor, labels, self.config.augment, rng)
-        pixel_values = self.processor.pad(self.processor.normalize(tensor))
-        labels = self.processor.pad(labels)
+        return self.processor.pad(self.processor.normalize(tensor)), self.processor.pad(labels), original, shape
+
+    def _all_classes_sample(self, image: np.ndarray, mask: np.ndarray, rng, index: int) -> dict[str, torch.Tensor]:
+        """One sample with every class present as a prompt: `input_boxes` `(P, 4)`, `prompt_classes` `(P,)`."""
+        pixel_values, labels, original, shape = self._frame(image, mask, rng)
         boxes, classes = [], []
         for class_id in (int(c) for c in np.unique(mask) if c > 0):
             box = (

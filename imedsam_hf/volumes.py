@@ -29,8 +29,8 @@ Slice orientation (the one place it is handled: :func:`slice_image`)
 3-D boxes
     ``boxes_3d = {class_id: [x0, y0, z0, x1, y1, z1]}`` are *inclusive* voxel indices ``i, j, k`` of the stored array
     (``x0..x1`` along axis 0, ``y0..y1`` along axis 1, ``z0..z1`` slices), the first and last voxel of the structure,
-    as :func:`boxes_3d_from_labels` returns them and as MedSAM's 3-D boxes are given (its ``x, y, z`` are the same
-    voxel indices of the same file). On a slice image that box is ``[x0, Y - 1 - y1, x1, Y - 1 - y0]`` (column, row;
+    as :func:`boxes_3d_from_labels` returns them (MedSAM's 3-D boxes, in npz files made with SimpleITK's
+    ``GetArrayFromImage``, index the same ``i, j, k`` as their ``x, y, z``). On a slice image that box is ``[x0, Y - 1 - y1, x1, Y - 1 - y0]`` (column, row;
     :func:`volume_box_to_slice_box`), the corners inclusive like :func:`imedsam_hf.data.mask_box`'s.
 Intensities
     The models take 8-bit grey slices. :func:`to_uint8`: with a window (a preset name or ``"level,width"``) raw values
@@ -63,11 +63,14 @@ from .metrics import METRIC_NAMES, _dice_from_counts, _iou_from_counts, _overlap
 from .processing_imedsam import IMedSamProcessor, processor_for_config
 
 __all__ = [
+    "NIFTI_SUFFIXES",
     "WINDOW_PRESETS",
     "Volume",
     "boxes_3d_from_labels",
+    "is_volume",
     "parse_window",
     "place_slice",
+    "predict_volumes",
     "read_volume",
     "segment_volume",
     "slice_image",
@@ -436,6 +439,7 @@ def segment_volume(
     classes: ClassSpec = None,
     window: WindowSpec = None,
     progress: bool = True,
+    box_margin: float = 3.0,
 ) -> np.ndarray:
     """Segment a volume slice by slice with a box-prompted 2-D model.
 
@@ -450,23 +454,29 @@ def segment_volume(
         ``{class_id: [x0, y0, z0, x1, y1, z1]}``, inclusive voxel indices of the ``(X, Y, Z)`` array (module
         docstring, "3-D boxes"). Per class: the middle slice ``(z0 + z1) // 2`` is segmented with the box's 2-D extent,
         then the model goes outwards one slice at a time, up to ``z1`` and down to ``z0``, each slice prompted with the
-        box of the previous slice's mask (:func:`imedsam_hf.data.mask_box`, no margin); a direction stops at the first
-        slice whose mask is empty (that slice stays empty) or at the end of the box's z range. If the middle slice's
-        mask is empty, the class gets nothing. Classes are run one after the other; where their masks overlap, the
-        most probable wins (the rule of ``merge_prompt_masks``).
+        box of the previous slice's mask (:func:`imedsam_hf.data.mask_box`) widened by ``box_margin`` pixels on
+        every side and clipped to the slice; a direction stops at the first slice whose mask is empty (that slice
+        stays empty) or at the end of the box's z range. If the middle slice's mask is empty, the class gets nothing.
+        Classes are run one after the other; where their masks overlap, the most probable wins (the rule of
+        ``merge_prompt_masks``). Differences from MedSAM's ``CVPR24_LiteMedSAM_infer.py``: its z range is inclusive
+        here, and where a mask vanishes it re-prompts with the middle slice's box instead of stopping.
 
     Args:
         model: a one-class (binary) box-prompted model (``IMedSamModel``, a PeftModel around one, or a spec for
             :func:`imedsam_hf.load_model` such as ``"litemedsam"``).
         volume: the scan, a :class:`Volume` or an ``(X, Y, Z)`` array; converted with :func:`to_uint8`.
         processor: default the model's (``load_model``'s, or the one matching its config).
-        label_volume: ``(X, Y, Z)`` integer class ids 0..255, same shape and (when both are read from files) the same
-            affine as ``volume``.
+        label_volume: ``(X, Y, Z)`` integer class ids 0..255, same shape and (when both are :class:`Volume` objects)
+            the same affine as ``volume``.
         boxes_3d: see above; ids must be ``int`` in 1..255 (and in ``classes`` when given), boxes inside the volume.
         classes: class ids to segment (an iterable of ids, or a mapping ``id -> name`` such as BTCV's
             ``classes.json``): with ``label_volume`` other ids are ignored, with ``boxes_3d`` another id is an error.
         window: window for raw CT (see :func:`to_uint8`); ``None`` keeps an 8-bit volume as it is.
         progress: show a tqdm bar over the slices.
+        box_margin: ``boxes_3d`` only: pixels added on each side of a propagated box. The default 3 is MedSAM's
+            ``bbox_shift=3`` (in its 256-px input frame; the same for BTCV's 257-px slices, about 6 for 512-px ones).
+            Without a margin the boxes shrink slice after slice wherever a mask falls a little short of the organ
+            (LiteMedSAM on BTCV case0001, 3-D Dice of spleen / left kidney: 0.68 / 0.44 with 0, 0.97 / 0.97 with 3).
 
     Returns:
         ``(X, Y, Z)`` uint8 class ids, 0 = background, on the grid of ``volume``.
@@ -495,7 +505,9 @@ def segment_volume(
         _segment_with_label_volume(model, processor, images, truth, labels, wanted, progress)
     else:
         checked = _check_boxes(boxes_3d, volume.shape, wanted)  # type: ignore[arg-type]
-        _segment_with_boxes_3d(model, processor, images, checked, labels, progress)
+        if not (math.isfinite(box_margin) and box_margin >= 0):
+            raise ValueError(f"box_margin must be a number of pixels >= 0, got {box_margin!r}")
+        _segment_with_boxes_3d(model, processor, images, checked, labels, progress, float(box_margin))
     return labels
 
 
@@ -532,6 +544,7 @@ def _segment_with_boxes_3d(
     boxes_3d: dict[int, list[int]],
     labels: np.ndarray,
     progress: bool,
+    box_margin: float,
 ) -> None:
     shape = images.shape
     size = (shape[1], shape[0])  # (H, W) of a slice image
@@ -549,7 +562,14 @@ def _segment_with_boxes_3d(
             score, ids = best.setdefault(z, (np.zeros(size, np.float32), np.zeros(size, np.uint8)))
             wins = mask & (probability > score)
             score[wins], ids[wins] = probability[wins], class_id
-            return mask_box(mask).tolist()
+            x0, y0, x1, y1 = mask_box(mask).tolist()
+            width, height = size[1], size[0]  # clipped to the frame, as MedSAM's get_bbox256 does
+            return [
+                max(x0 - box_margin, 0.0),
+                max(y0 - box_margin, 0.0),
+                min(x1 + box_margin, width),
+                min(y1 + box_margin, height),
+            ]
 
         for class_id, box in boxes_3d.items():
             z0, z1 = box[2], box[5]
@@ -602,6 +622,10 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
     os.close(handle)
     try:
         nib.save(image, temporary)
+        # mkstemp makes the file private (0600); the result gets the permissions of any file written here.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -686,3 +710,71 @@ def volume_scores(
             "hd": hd,
         }
     return scores
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_volume(path: str | os.PathLike) -> bool:
+    """A NIfTI file name (`.nii` or `.nii.gz`)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def volume_name(path: str | os.PathLike) -> str:
+    """`case0001.nii.gz` -> `case0001`."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
+def predict_volumes(
+    model_spec: str,
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    labels_from: str | os.PathLike | None = None,
+    boxes_3d: Mapping | None = None,
+    window_spec: WindowSpec = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> int:
+    """
+    `imedsam predict` for NIfTI volumes: one label volume per input, `<out>/<name>.nii.gz` (uint8 class ids, the
+    input's shape, affine and header). Prompts: `labels_from`, a folder holding a label volume of the same name
+    (every structure on every slice where it appears), or `boxes_3d`, `{class_id: [x0, y0, z0, x1, y1, z1]}` for
+    every volume or `{volume name: {...}}` per volume (the MedSAM propagation protocol, see `segment_volume`).
+    A volume that cannot be used is reported by name and the others go on. Returns the exit code: 0 all done,
+    1 some failed, 2 nothing could start.
+    """
+    if (labels_from is None) == (boxes_3d is None):
+        print("error: volumes need --boxes-from-masks (a folder of label volumes) or --boxes (3-D boxes JSON).")
+        return 2
+    try:
+        model, processor = load_model(model_spec, device=device)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}")
+        return 2
+    failures = []
+    for path in paths:
+        name = volume_name(path)
+        try:
+            volume = read_volume(path)
+            prompts: dict[str, Any] = {}
+            if labels_from is not None:
+                candidates = [Path(labels_from) / f"{name}{suffix}" for suffix in (".nii.gz", ".nii")]
+                found = [c for c in candidates if c.is_file()]
+                if not found:
+                    raise ValueError(f"no label volume {name}.nii.gz or {name}.nii in {labels_from}")
+                prompts["label_volume"] = read_volume(found[0])
+            else:
+                per_volume = boxes_3d.get(name, boxes_3d) if isinstance(boxes_3d.get(name), Mapping) else boxes_3d
+                prompts["boxes_3d"] = {int(k): v for k, v in per_volume.items()}
+            labels = segment_volume(
+                model, volume, processor=processor, window=window_spec, progress=progress, **prompts
+            )
+            written = write_label_volume(labels, volume, Path(out) / f"{name}.nii.gz")
+            print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
+        except (OSError, ValueError) as error:
+            message = str(error) if str(path) in str(error) else f"{path}: {error}"
+            failures.append(message)
+            print(f"skipped {message}")
+    print(f"{len(paths) - len(failures)} of {len(paths)} volumes segmented into {out}")
+    return 1 if failures else 0

@@ -392,7 +392,12 @@ def test_3d_box_propagates_from_the_middle_slice_and_stops(monkeypatch, z0, z1, 
     monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls))
     box = [6, 8, z0, 18, 20, z1]
     predicted = segment_volume(
-        FakeModel(), slice_coded_images(labels.shape), boxes_3d={3: box}, processor=object(), progress=False
+        FakeModel(),
+        slice_coded_images(labels.shape),
+        boxes_3d={3: box},
+        processor=object(),
+        progress=False,
+        box_margin=0,
     )
     assert [z for _, z, _ in calls] == order
     expected = np.where(labels == 3, 3, 0)
@@ -411,7 +416,9 @@ def test_3d_boxes_of_several_classes_and_an_empty_middle_slice(monkeypatch):
     calls: list = []
     monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls))
     boxes = boxes_3d_from_labels(labels)
-    predicted = segment_volume(FakeModel(), slice_coded_images(labels.shape), boxes_3d=boxes, processor=object())
+    predicted = segment_volume(
+        FakeModel(), slice_coded_images(labels.shape), boxes_3d=boxes, processor=object(), box_margin=0
+    )
     np.testing.assert_array_equal(predicted, labels)  # exact boxes, perfect masks: everything comes back
     assert [(c, z) for c, z, _ in calls] == [(3, z) for z in (4, 5, 6, 7, 3, 2, 1)] + [(7, 0), (7, 1)]
 
@@ -421,6 +428,39 @@ def test_3d_boxes_of_several_classes_and_an_empty_middle_slice(monkeypatch):
         FakeModel(), slice_coded_images(labels.shape), boxes_3d={3: [6, 8, 9, 18, 20, 11]}, processor=object()
     )
     assert not nothing.any() and [z for _, z, _ in calls] == [10]
+
+
+def test_3d_box_margin_lets_a_growing_structure_through(monkeypatch):
+    # Squares growing by one pixel per side away from the middle slice 3 (half sizes 5 4 3 2 3 4 5).
+    labels = np.zeros((30, 28, 7), dtype=np.uint8)
+    for z in range(7):
+        half = 2 + abs(z - 3)
+        labels[12 - half : 12 + half + 1, 14 - half : 14 + half + 1, z] = 3
+    box = boxes_3d_from_labels(labels)[3]
+    images = slice_coded_images(labels.shape)
+    calls: list = []
+    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls))
+    # Without a margin each slice is cut to the previous slice's box: the middle slice's square everywhere.
+    tight = segment_volume(FakeModel(), images, boxes_3d={3: box}, processor=object(), box_margin=0)
+    middle = np.where(labels[:, :, 3] == 3, 3, 0)
+    np.testing.assert_array_equal(tight, np.repeat(middle[:, :, None], 7, axis=2))
+    calls.clear()
+    grown = segment_volume(FakeModel(), images, boxes_3d={3: box}, processor=object(), box_margin=1)
+    np.testing.assert_array_equal(grown, labels)
+    for _, z, prompt in calls[1:]:
+        previous = mask_box(slice_image(labels, z - 1 if z > 3 else z + 1) == 3)
+        assert prompt == (previous + np.array([-1, -1, 1, 1])).tolist()
+    # Widened boxes are clipped to the slice.
+    corner = np.zeros((6, 5, 3), dtype=np.uint8)
+    corner[0:2, 3:5, :] = 3  # the top-left corner of the slice images
+    calls.clear()
+    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(corner, calls))
+    segment_volume(
+        FakeModel(), slice_coded_images(corner.shape), boxes_3d=boxes_3d_from_labels(corner), processor=object()
+    )
+    assert [prompt for _, _, prompt in calls[1:]] == [[0.0, 0.0, 4.0, 4.0]] * 2
+    with pytest.raises(ValueError, match="box_margin"):
+        segment_volume(FakeModel(), images, boxes_3d={3: box}, processor=object(), box_margin=-1)
 
 
 @pytest.mark.parametrize(
@@ -520,3 +560,31 @@ def test_litemedsam_on_real_slices_with_label_volume_prompts(tmp_path):
     assert scores[1]["dice"] > 0.93, scores
     write_label_volume(predicted, crop, tmp_path / "pred.nii.gz")
     assert read_volume(tmp_path / "pred.nii.gz").shape == crop.shape
+
+
+def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
+    """`imedsam predict scan.nii.gz`: label volumes or 3-D boxes as prompts, a uint8 label volume out, atomically."""
+    import json
+    import os
+
+    from imedsam_hf.cli import main
+
+    labels = two_organs()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "labels").mkdir()
+    scan = save_nifti(tmp_path / "in" / "scan.nii.gz", (labels * 60 + 20).astype(np.uint8))
+    save_nifti(tmp_path / "labels" / "scan.nii.gz", labels.astype(np.uint8))
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(scan), "--device", "cpu"]
+    assert main([*argv, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "a")]) == 0
+    written = nib.load(tmp_path / "a" / "scan.nii.gz")
+    assert written.shape == labels.shape and written.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(written.affine, AFFINE)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 2, 5}  # the label volume's class ids
+    assert oct(os.stat(tmp_path / "a" / "scan.nii.gz").st_mode & 0o777) != "0o600"
+    boxes = {str(c): box for c, box in boxes_3d_from_labels(labels).items()}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    assert main([*argv, "--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "scan.nii.gz").is_file()
+    # No prompt source for a volume: nothing written, exit code 2.
+    assert main([*argv, "--no-prompt", "--out", str(tmp_path / "c")]) == 2 and not (tmp_path / "c").exists()
