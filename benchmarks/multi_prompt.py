@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 import torch
-from common import add_run_arguments, machine_description, report, setup_run, time_call
+from common import add_run_arguments, machine_description, peak_memory, report, setup_run, time_call
 
 from imedsam_hf import load_model, segment
 from imedsam_hf.data import mask_box, read_mask
@@ -56,9 +56,11 @@ def main(argv=None) -> dict:
 
     rows = []
     for name, run in (("one call, all boxes", together), ("one call per box", one_by_one), ("encoder", encoder_alone)):
-        timing = time_call(run, device, repeats=args.repeats)
+        with peak_memory(device) as memory:
+            timing = time_call(run, device, repeats=args.repeats)
+        prompts = 0 if run is encoder_alone else len(boxes)
         rows.append(
-            {"variant": name, "prompts": 0 if run is encoder_alone else len(boxes), "seconds": timing["median_s"]}
+            {"variant": name, "prompts": prompts, "seconds": timing["median_s"], "peak_mib": memory["peak_mib"]}
         )
     rows[1]["vs_one_call"] = rows[1]["seconds"] / rows[0]["seconds"]
     result = {
@@ -74,7 +76,7 @@ def main(argv=None) -> dict:
     }
     decoder = "SAM mask" if args.sam_mask_only else "implicit decoder"
     header = f"{args.model} ({decoder}), {len(boxes)} boxes on {args.image}, {result['device']}; max |p1 - p2| = {difference:.2e}"
-    return report(result, header, ["variant", "prompts", "seconds", "vs_one_call"], args.json)
+    return report(result, header, ["variant", "prompts", "seconds", "peak_mib", "vs_one_call"], args.json)
 
 
 if __name__ == "__main__":
