@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .data import (
     DEFAULT_GROUP_PATTERN,
@@ -173,8 +174,6 @@ def evaluate_pairs(
     rows = []
     iterator = pairs
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(pairs, desc="baseline" if baseline else "evaluate")
     wanted = None if classes is None else {int(c) for c in classes}
     for pair in iterator:

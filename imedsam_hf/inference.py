@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, mask_box, read_mask
 from .loading import load_model
@@ -207,8 +208,6 @@ def predict_files(
     cannot be used is reported by name and the others go on. Returns the exit code: 0 all segmented, 1 some
     inputs failed, 2 nothing could start (bad arguments, no model).
     """
-    from tqdm.auto import tqdm
-
     try:
         files = collect_inputs(inputs)
         grid = parse_output_size(output_size)
