@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from .data import convert_structure_masks
 from .evaluation import DEFAULT_GROUP_PATTERN, NATIVE, run_evaluation
 from .inference import MAX_OUTPUT_PIXELS, PromptSource, predict_files, read_boxes_file
 from .loading import convert_checkpoint, resolve_device
@@ -126,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     for source in (sam, lite):
         _option(source, "--num-classes", type=int, default=1, help="foreground classes of the implicit decoder")
         _option(source, "--output", required=True, help="folder to write the I-MedSAM checkpoint into")
+    masks = sources.add_parser(
+        "structure-masks",
+        help="a folder with one mask per structure (SAM-Med2D: masks/<stem>_<structure>_<NNN>.png) -> class-id masks",
+        formatter_class=_HelpFormatter,
+    )
+    _option(masks, "--data-dir", required=True, help="the folder (images/ + masks/)")
+    _option(masks, "--output", required=True, help="new folder: images/, masks/<stem>.png (class ids), classes.json")
 
     e = sub.add_parser(
         "evaluate", help="evaluate on a labelled folder", epilog=EXIT_CODES, formatter_class=_HelpFormatter
@@ -211,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                     args.max_output_pixels, device,
                 ))  # fmt: skip
             return max(codes)
+        if args.command == "convert" and args.source == "structure-masks":
+            classes = convert_structure_masks(args.data_dir, args.output)
+            print(f"wrote {args.output}: class-id masks of {len(classes)} structures, classes.json")
+            return 0
         if args.command == "convert":
             model = convert_checkpoint(
                 "litemedsam" if args.source == "litemedsam" else args.checkpoint,

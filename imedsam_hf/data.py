@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,10 +105,73 @@ def find_layout(data_dir: str | os.PathLike) -> tuple[Path, Path]:
     raise ValueError(f"--data_dir {root}: no image/mask folders found (looked for {looked}).")
 
 
+STRUCTURE_MASK_SUFFIX = re.compile(r"^_(?P<name>.+)_(?P<instance>\d{3})$")
+
+
+def structure_masks(image_stems: Sequence[str], mask_dir: Path) -> dict[str, dict[str, list[Path]]]:
+    """
+    The one-mask-per-structure layout (SAM-Med2D's: `masks/<image stem>_<structure>_<NNN>.png`, 0/255 each):
+    `{image stem: {structure: [mask files]}}` (several instances `_000`, `_001` of one structure are one class).
+    Empty when the folder holds none. A mask matches its image by the longest image stem it starts with.
+    """
+    stems = sorted(image_stems, key=len, reverse=True)
+    found: dict[str, dict[str, list[Path]]] = {}
+    for path in sorted(mask_dir.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        for stem in stems:
+            match = path.stem.startswith(stem) and STRUCTURE_MASK_SUFFIX.match(path.stem[len(stem) :])
+            if match:
+                found.setdefault(stem, {}).setdefault(match["name"], []).append(path)
+                break
+    return found
+
+
+def convert_structure_masks(data_dir: str | os.PathLike, output: str | os.PathLike) -> dict[int, str]:
+    """
+    A folder in the one-mask-per-structure layout -> the class-id layout every command reads: `output/images/` (the
+    images, copied), `output/masks/<stem>.png` (uint8 class ids) and `output/classes.json` (ids numbered by the
+    structures' sorted names). Where two structures overlap, the one earlier in that order keeps the pixel. Returns
+    `{id: name}`. Nothing is written when the folder does not have that layout (a `ValueError` says why).
+    """
+    image_dir, mask_dir = find_layout(data_dir)
+    images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    per_image = structure_masks(list(images), mask_dir)
+    if not per_image:
+        raise ValueError(f"{mask_dir}: no masks named <image stem>_<structure>_<NNN>.png (one mask per structure).")
+    names = sorted({name for structures in per_image.values() for name in structures})
+    if len(names) > 255:
+        raise ValueError(f"{mask_dir}: {len(names)} structures; a uint8 class-id mask holds at most 255.")
+    ids = {name: i + 1 for i, name in enumerate(names)}
+    out = Path(output)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for stem, structures in per_image.items():
+        size = Image.open(images[stem]).size
+        labels = np.zeros((size[1], size[0]), dtype=np.uint8)
+        for name in sorted(structures, key=ids.get, reverse=True):  # earlier names written last: they win overlaps
+            for path in structures[name]:
+                mask = read_mask(path)
+                if mask.shape != labels.shape:
+                    raise ValueError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[0]}x{size[1]}.")
+                labels[mask > 0] = ids[name]
+        shutil.copy(images[stem], out / "images" / images[stem].name)
+        Image.fromarray(labels).save(out / "masks" / f"{stem}.png")
+    classes = {i: name for name, i in ids.items()}
+    (out / "classes.json").write_text(json.dumps({"classes": {str(i): n for i, n in classes.items()}}, indent=1))
+    return classes
+
+
 def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair], list[DataProblem]]:
     """Pair every image with the mask of the same stem; images without a mask are problems."""
     image_dir, mask_dir = find_layout(data_dir)
     masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    image_stems = [p.stem for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not set(image_stems) & set(masks) and structure_masks(image_stems, mask_dir):
+        raise ValueError(
+            f"--data_dir {data_dir}: {mask_dir} holds one mask per structure (<image stem>_<structure>_<NNN>.png). "
+            f"Convert it to class-id masks first: imedsam convert structure-masks --data-dir {data_dir} --output DIR."
+        )
     pairs, problems = [], []
     for path in sorted(image_dir.iterdir()):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -520,6 +584,7 @@ __all__ = [
     "augment",
     "check_pair",
     "collate",
+    "convert_structure_masks",
     "discover_pairs",
     "group_of",
     "load_hub_dataset",

@@ -265,7 +265,8 @@ def volume_summary(
     for (_, class_id), (overlap, predicted, true) in sorted(totals.items()):
         by_class.setdefault(class_id, []).append(1.0 if predicted + true == 0 else 2 * overlap / (predicted + true))
     per_class = {
-        str(c): {"name": class_names.get(c, str(c)), "dice": _mean(v), "n": len(v)} for c, v in by_class.items()
+        str(c): {"name": class_names.get(c, str(c)), "dice": _mean(by_class[c]), "n": len(by_class[c])}
+        for c in sorted(by_class)
     }
     return {
         "dice": _mean([v["dice"] for v in per_class.values()]),

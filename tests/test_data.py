@@ -186,3 +186,27 @@ def test_splits_keep_the_slices_of_a_scan_together():
     assert make_splits(plain, seed=0) == make_splits(plain, seed=0, group_pattern=None)
     with pytest.raises(ValueError, match="group_pattern"):
         make_splits(stems, group_pattern="(")
+
+
+def test_one_mask_per_structure_folders_convert_to_class_id_masks(tmp_path):
+    """SAM-Med2D's layout (masks/<stem>_<structure>_<NNN>.png): a clear error, and a converter to class-id masks."""
+    import json
+
+    from imedsam_hf.cli import main
+    from imedsam_hf.data import read_class_names
+
+    source = SHARED_DATA / "SAM-Med2D-demo-CT"
+    with pytest.raises(ValueError, match="imedsam convert structure-masks"):
+        discover_pairs(source)
+    assert main(["convert", "structure-masks", "--data-dir", str(source), "--output", str(tmp_path / "ct")]) == 0
+    names = read_class_names(tmp_path / "ct")
+    assert names[1] == "aorta" and "inferior_vena_cava" in names.values() and len(names) == 24
+    pairs, problems = discover_pairs(tmp_path / "ct")
+    assert len(pairs) == 4 and not problems  # the fifth image has no mask
+    labels = read_mask(tmp_path / "ct" / "masks" / "s0619_32.png", num_classes=24)
+    hip_left = [i for i, n in names.items() if n == "hip_left"][0]
+    truth = sum(
+        (np.asarray(Image.open(source / "masks" / f"s0619_32_hip_left_00{k}.png")) > 0).astype(int) for k in (0, 1)
+    )
+    assert ((labels == hip_left) == (truth > 0)).mean() > 0.99  # both instances of one structure, one class
+    assert json.loads((tmp_path / "ct" / "classes.json").read_text())["classes"]["1"] == "aorta"
