@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(
         e,
+        "--box-jitter",
+        type=float,
+        default=0.0,
+        help="move each box side by up to this fraction of the box size (an imperfect user's box; 0: exact boxes)",
+    )
+    _option(e, "--jitter-seed", type=int, default=0, help="seed of --box-jitter (with the image's name)")
+    _option(
+        e,
         "--class-aware",
         action="store_true",
         help="multi-class folders and models: one box per structure, each prompting its own class's heads",
@@ -255,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             classes=args.classes,
             group_pattern=args.group_pattern,
             class_aware=args.class_aware,
+            box_jitter=args.box_jitter,
+            jitter_seed=args.jitter_seed,
         )
         return 0
     except (OSError, ValueError) as error:

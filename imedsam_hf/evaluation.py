@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .data import (
     SegmentationPair,
     discover_pairs,
     group_of,
+    jitter_box,
     mask_box,
     read_class_names,
     read_mask,
@@ -155,6 +157,8 @@ def evaluate_pairs(
     mask_classes: int | None = None,
     classes: Sequence[int] | None = None,
     class_names: dict[int, str] | None = None,
+    box_jitter: float = 0.0,
+    jitter_seed: int = 0,
 ) -> tuple[list[dict], dict[str, dict]]:
     """
     Score every pair at every output size.
@@ -164,6 +168,10 @@ def evaluate_pairs(
     mask (rows carry `class`, and the overlap counts `volume_summary` stacks into scans). The summary of each size
     then also has `per_class` (`{"<id>": {"name", "dice", "iou", "hd95", "n"}}`) and `class_mean` (the mean over
     classes of those).
+
+    `box_jitter` F > 0 moves each side of every box by up to F of the box's width/height (clipped to the image),
+    as a user's imperfect box would: seeded by `jitter_seed` and the image's stem, so the model and the baseline (and
+    any two runs) get the same boxes for an image, whatever the order or the subset of images.
 
     Returns per-image rows (`stem`, `size`, scores) and a summary `{size: aggregate(...)}` with `dice`,
     `dice_std`, `iou`, `hd95`, `hd` (and their std) and `n`.
@@ -187,6 +195,9 @@ def evaluate_pairs(
                 continue
         several = class_prompts and prompt == "box"
         boxes = [mask_box(target) for _, target in targets] if prompt == "box" else [None]
+        if box_jitter > 0 and prompt == "box":
+            rng = np.random.default_rng([jitter_seed, zlib.crc32(pair.stem.encode())])
+            boxes = [None if box is None else jitter_box(box, box_jitter, labels.shape, rng) for box in boxes]
         aware = [c for c, _ in targets] if several and num_classes > 1 else None  # a multi-class model: class-aware
         logits = predict_logits(
             model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline, classes=aware
@@ -371,6 +382,8 @@ def run_evaluation(
     classes: Sequence[int] | None = None,
     group_pattern: str = DEFAULT_GROUP_PATTERN,
     class_aware: bool = False,
+    box_jitter: float = 0.0,
+    jitter_seed: int = 0,
 ) -> dict:
     """
     `imedsam evaluate`: score `model_spec` (and, with `baseline="sam"`, its backbone zero-shot) on the pairs of
@@ -388,6 +401,8 @@ def run_evaluation(
     """
     for size in output_sizes:
         parse_size(size)
+    if not 0 <= box_jitter < 1:
+        raise ValueError(f"--box-jitter {box_jitter}: a fraction of the box size in [0, 1).")
     model, processor = load_model(model_spec, device=device)
     num_classes = num_classes or model.config.num_classes
     class_names = read_class_names(data_dir)
@@ -414,7 +429,14 @@ def run_evaluation(
     pairs = select_split(pairs, split, split_file)[:limit]
     if not pairs:
         raise ValueError(f"no pairs to evaluate in --data_dir {data_dir} (split {split}).")
-    kwargs = dict(output_sizes=output_sizes, prompt=prompt, num_classes=num_classes, progress=True)
+    kwargs = dict(
+        output_sizes=output_sizes,
+        prompt=prompt,
+        num_classes=num_classes,
+        progress=True,
+        box_jitter=box_jitter,
+        jitter_seed=jitter_seed,
+    )
     if class_prompts:
         kwargs.update(class_prompts=True, mask_classes=mask_classes, classes=classes, class_names=class_names)
     rows, summary = evaluate_pairs(model, processor, pairs, **kwargs)
@@ -424,6 +446,8 @@ def run_evaluation(
         "data_dir": str(data_dir),
         "split": split,
         "prompt": prompt,
+        "box_jitter": box_jitter,
+        "jitter_seed": jitter_seed,
         "n_images": len(pairs),
         "results": summary,
     }

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO_ROOT, SHARED_DATA, tiny_model
 
 from imedsam_hf import IMedSamProcessor
-from imedsam_hf.data import discover_pairs
+from imedsam_hf.data import discover_pairs, mask_box, read_mask
 from imedsam_hf.evaluation import evaluate_pairs, grid_size, parse_size, resize_labels
 
 
@@ -149,3 +149,25 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     assert cli_main([*argv, "--class-aware", "--classes", "6,8", "--json", str(tmp_path / "aware.json")]) == 0
     aware = json.loads((tmp_path / "aware.json").read_text())
     assert set(aware["results"]["native"]["per_class"]) == {"6", "8"} and aware["volume"]["n_volumes"] == 2
+
+
+def test_jittered_boxes_are_the_same_for_every_model_and_run(monkeypatch):
+    """--box-jitter: each image's boxes are moved by a seeded amount that depends on the image, not on the model."""
+    import imedsam_hf.evaluation as evaluation
+
+    seen = []
+    real = evaluation.predict_logits
+    monkeypatch.setattr(evaluation, "predict_logits", lambda *a, **k: seen.append(np.array(a[3])) or real(*a, **k))
+    model = tiny_model(query_mode="adaptive")
+    processor = IMedSamProcessor(image_size=64)
+    pairs = discover_pairs(SHARED_DATA / "Kvasir-SEG-sample")[0][:2]
+    exact = mask_box(read_mask(pairs[1].mask))
+    for kwargs in (dict(), dict(baseline=True), dict(), dict(jitter_seed=1)):
+        evaluate_pairs(model, processor, pairs, output_sizes=[40], box_jitter=0.1, **kwargs)
+    np.testing.assert_array_equal(seen[1], seen[3])  # model and baseline: the same boxes for image 1
+    np.testing.assert_array_equal(seen[0], seen[4])  # a second run: the same boxes
+    assert not np.array_equal(seen[1], exact) and not np.array_equal(seen[1], seen[7])  # moved; another seed, others
+    width, height = exact[2] - exact[0], exact[3] - exact[1]
+    assert np.all(np.abs(seen[1] - exact) <= 0.1 * np.array([width, height, width, height]) + 1e-3)
+    evaluate_pairs(model, processor, pairs[1:], output_sizes=[40], box_jitter=0.1)
+    np.testing.assert_array_equal(seen[-1], seen[1])  # the same image gets the same box in a subset
