@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import re
 import zlib
 from collections.abc import Iterable, Sequence
@@ -39,7 +38,7 @@ from .data import (
 )
 from .inference import overlay
 from .loading import LITEMEDSAM, load_model
-from .metrics import aggregate, multiclass_scores, segmentation_scores
+from .metrics import aggregate, dice_from_counts, multiclass_scores, nanmean, overlap_counts, segmentation_scores
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import IMedSamProcessor, resize_labels, to_rgb_array
 
@@ -137,8 +136,12 @@ def predict_logits(
 
 
 def score(logits: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Scores of one prediction against a class-id map of the same grid."""
-    predicted = IMedSamProcessor.post_process_masks(logits[None])[0].numpy()
+    """Scores of one prediction `(C, h, w)` logits against a class-id map of the same grid."""
+    return score_mask(IMedSamProcessor.post_process_masks(logits[None])[0].numpy(), labels, num_classes)
+
+
+def score_mask(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Scores of a post-processed prediction (bool mask, or class ids for C > 1) against a class-id map."""
     if num_classes == 1:
         return segmentation_scores(predicted, labels > 0)
     return multiclass_scores(predicted.astype(np.int64), labels, num_classes + 1)
@@ -206,11 +209,12 @@ def evaluate_pairs(
             extra = {} if class_id is None else {"class": class_id}
             for size in sizes:
                 prediction = logits[size][index] if several else logits[size]
-                target = resize_labels(target_labels, tuple(prediction.shape[-2:]))
-                scored = score(prediction, target, 1 if class_prompts else num_classes)
+                predicted = IMedSamProcessor.post_process_masks(prediction[None])[0].numpy()
+                target = resize_labels(target_labels, predicted.shape)
+                scored = score_mask(predicted, target, 1 if class_prompts else num_classes)
                 row = {"stem": pair.stem, "size": str(size), **extra, **scored}
-                if class_id is not None:
-                    row.update(overlap_counts(prediction, target))
+                if class_id is not None:  # what volume_summary stacks into scans
+                    row.update(zip(COUNT_KEYS, overlap_counts(predicted > 0, target > 0)))
                 rows.append(row)
     summary = {}
     for size in sizes:
@@ -222,14 +226,8 @@ def evaluate_pairs(
     return rows, summary
 
 
+# Per-row pixel counts of class-prompted rows, `metrics.overlap_counts`'s order.
 COUNT_KEYS = ("overlap", "predicted_pixels", "true_pixels")
-
-
-def overlap_counts(logits: torch.Tensor, target: np.ndarray) -> dict[str, int]:
-    """Pixels of a binary prediction `(1, h, w)` logits and its target: overlap, predicted, true."""
-    predicted = IMedSamProcessor.post_process_masks(logits[None])[0].numpy() > 0
-    truth = np.asarray(target) > 0
-    return dict(zip(COUNT_KEYS, (int((predicted & truth).sum()), int(predicted.sum()), int(truth.sum()))))
 
 
 def per_class_summary(rows: Sequence[dict], class_names: dict[int, str]) -> dict:
@@ -242,13 +240,8 @@ def per_class_summary(rows: Sequence[dict], class_names: dict[int, str]) -> dict
             **{k: values[k] for k in CLASS_METRICS},
             "n": values["n"],
         }
-    class_mean = {k: _mean([v[k] for v in per_class.values()]) for k in CLASS_METRICS}
+    class_mean = {k: nanmean([v[k] for v in per_class.values()]) for k in CLASS_METRICS}
     return {"per_class": per_class, "class_mean": {**class_mean, "n_classes": len(per_class)}}
-
-
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 def volume_summary(
@@ -273,14 +266,14 @@ def volume_summary(
         counts = np.array([row[k] for k in COUNT_KEYS], dtype=np.int64)
         totals[(scan, row["class"])] = totals.get((scan, row["class"]), 0) + counts
     by_class: dict[int, list[float]] = {}
-    for (_, class_id), (overlap, predicted, true) in sorted(totals.items()):
-        by_class.setdefault(class_id, []).append(1.0 if predicted + true == 0 else 2 * overlap / (predicted + true))
+    for (_, class_id), counts in sorted(totals.items()):
+        by_class.setdefault(class_id, []).append(dice_from_counts(*counts))
     per_class = {
-        str(c): {"name": class_names.get(c, str(c)), "dice": _mean(by_class[c]), "n": len(by_class[c])}
+        str(c): {"name": class_names.get(c, str(c)), "dice": nanmean(by_class[c]), "n": len(by_class[c])}
         for c in sorted(by_class)
     }
     return {
-        "dice": _mean([v["dice"] for v in per_class.values()]),
+        "dice": nanmean([v["dice"] for v in per_class.values()]),
         "n_volumes": len({scan for scan, _ in totals}),
         "size": size,
         "per_class": per_class,

@@ -49,11 +49,16 @@ __all__ = [
     "aggregate",
     "as_mask",
     "dice",
+    "dice_from_counts",
     "hausdorff_distances",
     "iou",
+    "iou_from_counts",
     "load_metric",
     "multiclass_scores",
+    "nanmean",
+    "overlap_counts",
     "segmentation_scores",
+    "surface_distances",
 ]
 
 METRIC_NAMES: tuple[str, ...] = ("dice", "iou", "hd95", "hd")
@@ -61,9 +66,6 @@ METRIC_NAMES: tuple[str, ...] = ("dice", "iou", "hd95", "hd")
 
 EVALUATE_METRIC_PATH: Path = Path(__file__).resolve().parent / "evaluate_metric" / "segmentation_scores"
 """Folder of the ``evaluate`` metric script (``evaluate.load(str(EVALUATE_METRIC_PATH))``)."""
-
-# 4-connected structuring element: the boundary is every foreground pixel with a background 4-neighbour.
-_CROSS = ndimage.generate_binary_structure(2, 1)
 
 Spacing = float | Sequence[float] | None
 
@@ -118,17 +120,20 @@ def _spacing_pair(spacing: Spacing) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------------------------------- overlap metrics
-def _overlap_counts(pred: np.ndarray, target: np.ndarray) -> tuple[int, int, int]:
+def overlap_counts(pred: np.ndarray, target: np.ndarray) -> tuple[int, int, int]:
+    """`(|P∩T|, |P|, |T|)` of two boolean masks of any dimension."""
     intersection = int(np.count_nonzero(pred & target))
     return intersection, int(np.count_nonzero(pred)), int(np.count_nonzero(target))
 
 
-def _dice_from_counts(intersection: int, n_pred: int, n_target: int) -> float:
+def dice_from_counts(intersection: int, n_pred: int, n_target: int) -> float:
+    """Dice from `overlap_counts` (summed over slices, they give a volume's Dice); 1.0 when both are empty."""
     total = n_pred + n_target
     return 1.0 if total == 0 else 2.0 * intersection / total
 
 
-def _iou_from_counts(intersection: int, n_pred: int, n_target: int) -> float:
+def iou_from_counts(intersection: int, n_pred: int, n_target: int) -> float:
+    """IoU from `overlap_counts`; 1.0 when both are empty."""
     union = n_pred + n_target - intersection
     return 1.0 if union == 0 else intersection / union
 
@@ -146,7 +151,7 @@ def dice(pred: Any, target: Any) -> float:
     Raises:
         ValueError: shapes differ or the masks are not 2-D.
     """
-    return _dice_from_counts(*_overlap_counts(*_mask_pair(pred, target)))
+    return dice_from_counts(*overlap_counts(*_mask_pair(pred, target)))
 
 
 def iou(pred: Any, target: Any) -> float:
@@ -162,31 +167,28 @@ def iou(pred: Any, target: Any) -> float:
     Raises:
         ValueError: shapes differ or the masks are not 2-D.
     """
-    return _iou_from_counts(*_overlap_counts(*_mask_pair(pred, target)))
+    return iou_from_counts(*overlap_counts(*_mask_pair(pred, target)))
 
 
 # ------------------------------------------------------------------------------------------------ boundary distances
 def _boundary(mask: np.ndarray) -> np.ndarray:
-    """Surface pixels of a boolean mask: foreground pixels with a 4-connected background neighbour (or the border)."""
-    return mask & ~ndimage.binary_erosion(mask, structure=_CROSS, border_value=0)
+    """Surface pixels (voxels) of a boolean mask of any dimension: foreground with a background neighbour along an
+    axis (4-connected in 2-D, 6-connected in 3-D), or on the array's border."""
+    cross = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=cross, border_value=0)
 
 
 def _directed_surface_distances(
-    pred: np.ndarray, target: np.ndarray, spacing: tuple[float, float]
+    pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Distances ``d(P->T)`` and ``d(T->P)`` between the boundaries of two non-empty masks.
+    """Distances ``d(P->T)`` and ``d(T->P)`` between the boundaries of two non-empty masks (any dimension).
 
     Both masks are first cropped to the bounding box of their union plus a one-pixel background margin (kept only where
     it lies inside the image, so that the image border still counts as background for the erosion). Every boundary pixel
     of both masks lies inside that box, so the distance transforms computed on the crop are exact.
     """
-    rows = np.flatnonzero(np.any(pred | target, axis=1))
-    cols = np.flatnonzero(np.any(pred | target, axis=0))
-    height, width = pred.shape
-    window = (
-        slice(max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, height)),
-        slice(max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, width)),
-    )
+    union = ndimage.find_objects((pred | target).astype(np.uint8))[0]
+    window = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(union, pred.shape))
     pred_edges, target_edges = _boundary(pred[window]), _boundary(target[window])
     # distance_transform_edt measures the distance to the nearest zero: zeros = the other mask's boundary pixels.
     to_target = ndimage.distance_transform_edt(~target_edges, sampling=spacing)
@@ -222,15 +224,19 @@ def hausdorff_distances(pred: Any, target: Any, spacing: Spacing = None) -> tupl
         ValueError: shapes differ, the masks are not 2-D, or ``spacing`` is not one or two positive numbers.
     """
     pred_mask, target_mask = _mask_pair(pred, target)
-    return _hausdorff(pred_mask, target_mask, _spacing_pair(spacing))
+    return surface_distances(pred_mask, target_mask, _spacing_pair(spacing))
 
 
-def _hausdorff(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, float]) -> tuple[float, float]:
+def surface_distances(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...]) -> tuple[float, float]:
+    """
+    ``(hd95, hd)`` of two boolean masks of any dimension (2-D images, 3-D volumes) with one spacing per axis: the
+    conventions of :func:`hausdorff_distances`, the empty-mask distance being the array's diagonal.
+    """
     pred_empty, target_empty = not pred.any(), not target.any()
     if pred_empty and target_empty:
         return 0.0, 0.0
     if pred_empty or target_empty:
-        diagonal = math.hypot(pred.shape[0] * spacing[0], pred.shape[1] * spacing[1])
+        diagonal = math.hypot(*(n * s for n, s in zip(pred.shape, spacing)))
         return diagonal, diagonal
     forward, backward = _directed_surface_distances(pred, target, spacing)
     hd = max(float(forward.max()), float(backward.max()))
@@ -251,12 +257,13 @@ def segmentation_scores(pred: Any, target: Any, spacing: Spacing = None) -> dict
         ``{"dice": float, "iou": float, "hd95": float, "hd": float}``.
     """
     pred_mask, target_mask = _mask_pair(pred, target)
-    counts = _overlap_counts(pred_mask, target_mask)
-    hd95, hd = _hausdorff(pred_mask, target_mask, _spacing_pair(spacing))
-    return {"dice": _dice_from_counts(*counts), "iou": _iou_from_counts(*counts), "hd95": hd95, "hd": hd}
+    counts = overlap_counts(pred_mask, target_mask)
+    hd95, hd = surface_distances(pred_mask, target_mask, _spacing_pair(spacing))
+    return {"dice": dice_from_counts(*counts), "iou": iou_from_counts(*counts), "hd95": hd95, "hd": hd}
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the values that are not NaN; NaN when none is."""
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
 
@@ -312,18 +319,18 @@ def multiclass_scores(
         if not pred_mask.any() and not target_mask.any():
             class_scores = dict.fromkeys(METRIC_NAMES, math.nan)
         else:
-            counts = _overlap_counts(pred_mask, target_mask)
-            hd95, hd = _hausdorff(pred_mask, target_mask, spacing_pair)
+            counts = overlap_counts(pred_mask, target_mask)
+            hd95, hd = surface_distances(pred_mask, target_mask, spacing_pair)
             class_scores = {
-                "dice": _dice_from_counts(*counts),
-                "iou": _iou_from_counts(*counts),
+                "dice": dice_from_counts(*counts),
+                "iou": iou_from_counts(*counts),
                 "hd95": hd95,
                 "hd": hd,
             }
         for name in METRIC_NAMES:
             scores[f"{name}_class{class_id}"] = class_scores[name]
             per_metric[name].append(class_scores[name])
-    means = {name: _nanmean(values) for name, values in per_metric.items()}
+    means = {name: nanmean(values) for name, values in per_metric.items()}
     return {**means, **scores}
 
 

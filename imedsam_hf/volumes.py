@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from .data import mask_box
 from .inference import segment
 from .loading import load_model
-from .metrics import METRIC_NAMES, _dice_from_counts, _iou_from_counts, _overlap_counts
+from .metrics import METRIC_NAMES, dice_from_counts, iou_from_counts, overlap_counts, surface_distances
 from .processing_imedsam import IMedSamProcessor, processor_for_config
 
 __all__ = [
@@ -634,33 +634,6 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
 
 
 # ------------------------------------------------------------------------------------------------------- scores
-_CROSS_3D = ndimage.generate_binary_structure(3, 1)
-
-
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Surface voxels: foreground with a 6-connected background neighbour (or on the array's border)."""
-    return mask & ~ndimage.binary_erosion(mask, structure=_CROSS_3D, border_value=0)
-
-
-def _hausdorff_3d(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> tuple[float, float]:
-    """``(hd95, hd)`` between the surfaces of two 3-D masks, as :func:`imedsam_hf.metrics.hausdorff_distances` in 3-D."""
-    pred_empty, truth_empty = not pred.any(), not truth.any()
-    if pred_empty and truth_empty:
-        return 0.0, 0.0
-    if pred_empty or truth_empty:
-        diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape, spacing)))
-        return diagonal, diagonal
-    # Crop to the union's bounding box plus one background voxel (inside the array): exact, and much cheaper.
-    union = ndimage.find_objects((pred | truth).astype(np.uint8))[0]
-    crop = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(union, pred.shape))
-    pred_surface, truth_surface = _surface(pred[crop]), _surface(truth[crop])
-    to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)[pred_surface]
-    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[truth_surface]
-    hd = max(float(to_truth.max()), float(to_pred.max()))
-    hd95 = max(float(np.percentile(to_truth, 95)), float(np.percentile(to_pred, 95)))
-    return hd95, hd
-
-
 def volume_scores(
     pred: np.ndarray,
     truth: np.ndarray,
@@ -669,9 +642,9 @@ def volume_scores(
 ) -> dict[int, dict[str, float]]:
     """3-D Dice, IoU, HD95 and HD (mm) per class of two label volumes.
 
-    The conventions are :mod:`imedsam_hf.metrics`'s, in 3-D: Dice ``2|P∩T| / (|P| + |T|)``; the Hausdorff distances
-    are between the *surfaces* (foreground voxels with a 6-connected background neighbour or on the array border,
-    ``mask ^ binary_erosion(mask)`` with a 3-D cross) via exact Euclidean distance transforms with ``sampling=spacing``,
+    The conventions and the code are :mod:`imedsam_hf.metrics`'s, in 3-D (:func:`~imedsam_hf.metrics.surface_distances`):
+    Dice ``2|P∩T| / (|P| + |T|)``; the Hausdorff distances are between the *surfaces* (foreground voxels with a
+    6-connected background neighbour or on the array border) via exact Euclidean distance transforms with ``sampling=spacing``,
     ``hd95 = max(percentile95 d(P->T), percentile95 d(T->P))`` (MONAI's ``percentile=95``), ``hd`` the maximum.
     Exactly one of the two masks empty: Dice/IoU 0, HD95 = HD = the volume's diagonal in mm. A class absent from both
     volumes is NaN for every metric (as in :func:`imedsam_hf.metrics.multiclass_scores`).
@@ -701,11 +674,11 @@ def volume_scores(
         if not pred_mask.any() and not truth_mask.any():
             scores[class_id] = dict.fromkeys(METRIC_NAMES, math.nan)
             continue
-        counts = _overlap_counts(pred_mask, truth_mask)
-        hd95, hd = _hausdorff_3d(pred_mask, truth_mask, values)  # type: ignore[arg-type]
+        counts = overlap_counts(pred_mask, truth_mask)
+        hd95, hd = surface_distances(pred_mask, truth_mask, values)
         scores[class_id] = {
-            "dice": _dice_from_counts(*counts),
-            "iou": _iou_from_counts(*counts),
+            "dice": dice_from_counts(*counts),
+            "iou": iou_from_counts(*counts),
             "hd95": hd95,
             "hd": hd,
         }
