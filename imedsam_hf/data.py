@@ -268,6 +268,16 @@ def validate_pairs(
 DEFAULT_GROUP_PATTERN = r"^(.*)_slice\d+$"
 
 
+def compile_group_pattern(pattern: str | None) -> re.Pattern:
+    """A group pattern (see `group_of`), checked; `None`: every stem is its own group."""
+    try:
+        return re.compile(pattern or r"^$")
+    except re.error as error:
+        raise ValueError(
+            f"group pattern {pattern!r} (--group_pattern, --group-pattern): not a regular expression ({error})."
+        ) from None
+
+
 def group_of(stem: str, pattern: re.Pattern | str = DEFAULT_GROUP_PATTERN) -> str:
     """The group a stem belongs to: the first group of `pattern`'s match, else the stem itself."""
     match = re.match(pattern, stem)
@@ -284,10 +294,7 @@ def make_splits(
     """
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
         raise ValueError(f"`split_fractions` must be three non-negative numbers summing to 1, got {fractions}.")
-    try:
-        pattern = re.compile(group_pattern or r"^$")
-    except re.error as error:
-        raise ValueError(f"--group_pattern {group_pattern!r}: not a regular expression ({error}).") from None
+    pattern = compile_group_pattern(group_pattern)
     members: dict[str, list[str]] = {}
     for stem in stems:
         members.setdefault(group_of(stem, pattern), []).append(stem)
@@ -584,6 +591,7 @@ __all__ = [
     "augment",
     "check_pair",
     "collate",
+    "compile_group_pattern",
     "convert_structure_masks",
     "discover_pairs",
     "group_of",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import re
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from .data import (
     DEFAULT_GROUP_PATTERN,
     SegmentationPair,
+    compile_group_pattern,
     discover_pairs,
     group_of,
     jitter_box,
@@ -254,10 +254,7 @@ def volume_summary(
 
     Returns `{"dice", "n_volumes", "size", "per_class": {"<id>": {"name", "dice", "n"}}}`.
     """
-    try:
-        pattern = re.compile(group_pattern)
-    except re.error as error:
-        raise ValueError(f"--group-pattern {group_pattern!r}: not a regular expression ({error}).") from None
+    pattern = compile_group_pattern(group_pattern)
     totals: dict[tuple[str, int], np.ndarray] = {}
     for row in rows:
         if row["size"] != size or "class" not in row:

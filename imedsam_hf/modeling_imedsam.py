@@ -28,7 +28,7 @@ from transformers.models.sam.modeling_sam import (
 )
 from transformers.utils import ModelOutput
 
-from .configuration_imedsam import IMedSamConfig, unknown_arguments_message
+from .configuration_imedsam import TINYVIT_MODEL_TYPE, IMedSamConfig, unknown_arguments_message
 from .frequency_adapter_layers import inject_frequency_adapter
 from .modeling_tinyvit import IMedSamTinyViTEncoder, fold_batchnorm, init_tinyvit_weights
 from .processing_imedsam import processor_for_config
@@ -609,7 +609,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
         super().__init__(config)
         self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
         self.vision_encoder = build_vision_encoder(config.vision_config)
-        if config.vision_config.model_type == "i_medsam_tinyvit":
+        if config.is_tinyvit:
             # TinyViT modules get TinyViT's own initialisation (it also rebuilds their derived index buffers).
             self.__dict__["_tinyvit_module_ids"] = {id(m) for m in self.vision_encoder.modules()}
         self.prompt_encoder = SamPromptEncoder(config)
@@ -727,12 +727,11 @@ class IMedSamModel(IMedSamPreTrainedModel):
             output_region = None if output_region is None else output_region.repeat_interleave(num_prompts, 0)
             if query_coordinates is not None:
                 query_coordinates = query_coordinates.repeat_interleave(num_prompts, 0)
+        fields = {"sam_logits": sam_logits, "iou_scores": iou_scores}
         if self.implicit_decoder is None:
-            logits = sam_mask_on_grid(sam_logits, self.config.image_size, output_size, output_region)
-            outputs = IMedSamOutput(logits=logits, sam_logits=sam_logits, iou_scores=iou_scores)
-            fields = dict(outputs)
+            fields["logits"] = sam_mask_on_grid(sam_logits, self.config.image_size, output_size, output_region)
         else:
-            logits, coarse_logits, uncertainty, refined = self.implicit_decoder(
+            decoded = self.implicit_decoder(
                 upscaled,
                 self.shared_image_embedding,
                 output_size,
@@ -742,15 +741,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
                 settings=IMedSamQuerySettings.from_config(self.config),
                 class_index=class_index,
             )
-            outputs = IMedSamOutput(
-                logits=logits,
-                coarse_logits=coarse_logits,
-                uncertainty=uncertainty,
-                refined=refined,
-                sam_logits=sam_logits,
-                iou_scores=iou_scores,
-            )
-            fields = dict(outputs)
+            fields.update(zip(("logits", "coarse_logits", "uncertainty", "refined"), decoded))
         if prompt_axis:
             fields = {name: value.unflatten(0, (batch_size, num_prompts)) for name, value in fields.items()}
         return IMedSamOutput(**fields, image_embeddings=image_embeddings)
@@ -914,7 +905,7 @@ FORWARD_ARGUMENTS = (
 
 def build_vision_encoder(vision_config) -> nn.Module:
     """SAM's ViT or LiteMedSAM's TinyViT, chosen by the vision config's `model_type`."""
-    if vision_config.model_type == "i_medsam_tinyvit":
+    if vision_config.model_type == TINYVIT_MODEL_TYPE:
         return IMedSamTinyViTEncoder(vision_config)
     return SamVisionEncoder(vision_config)
 

@@ -738,7 +738,8 @@ def predict_volumes(
                     raise ValueError(f"no label volume {name}.nii.gz or {name}.nii in {labels_from}")
                 prompts["label_volume"] = read_volume(found[0])
             else:
-                per_volume = boxes_3d.get(name, boxes_3d) if isinstance(boxes_3d.get(name), Mapping) else boxes_3d
+                # `{volume name: {class: box}}`, or one `{class: box}` for every volume
+                per_volume = boxes_3d[name] if isinstance(boxes_3d.get(name), Mapping) else boxes_3d
                 prompts["boxes_3d"] = {int(k): v for k, v in per_volume.items()}
             labels = segment_volume(
                 model, volume, processor=processor, window=window_spec, progress=progress, **prompts
