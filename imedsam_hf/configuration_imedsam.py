@@ -277,7 +277,9 @@ class IMedSamConfig(SamConfig):
     implicit_sam_prior (`bool`, defaults to `False`):
         Beyond the paper: feed SAM's own mask logit at each query point to both implicit MLPs and predict a
         residual on it, so a fresh implicit decoder starts from the backbone's zero-shot mask instead of from
-        nothing (binary tasks only). Useful when fine-tuning budgets are small.
+        nothing. Useful when fine-tuning budgets are small. SAM's mask is one channel per prompt: with several
+        classes each class's logit is a residual on the prompt's SAM logit, which suits class-aware prompts (one
+        structure per box, `input_classes`).
     base_model (`str`, *optional*):
         The backbone a fine-tuned model was trained from, as a portable name (`"litemedsam"` or a Hub id, never a
         machine path): the model card's `base_model` and the zero-shot baseline of `imedsam evaluate --baseline sam`.
@@ -321,9 +323,10 @@ class IMedSamConfig(SamConfig):
         super().__post_init__(**kwargs)
         self.coarse_hidden_sizes = list(self.coarse_hidden_sizes)
         self.fine_hidden_sizes = list(self.fine_hidden_sizes)
-        self._check_values()
+        self.check_values()
 
-    def _check_values(self) -> None:
+    def check_values(self) -> None:
+        """Raise `ValueError` naming the first inconsistent field (also after `from_pretrained(..., **overrides)`)."""
         if self.num_classes < 1:
             raise ValueError(f"`num_classes` must be >= 1, got {self.num_classes}.")
         if not 0.0 <= self.refine_ratio <= 1.0:
@@ -345,8 +348,6 @@ class IMedSamConfig(SamConfig):
                 f"`num_classes={self.num_classes}` needs the implicit decoder: SAM's own mask output has one "
                 "channel. Set `use_implicit_decoder=True`."
             )
-        if self.implicit_sam_prior and self.num_classes != 1:
-            raise ValueError("`implicit_sam_prior` needs `num_classes=1`: SAM's mask output has one channel.")
         vision_size = self.vision_config.image_size
         prompt_size = self.prompt_encoder_config.image_size
         if vision_size != prompt_size:

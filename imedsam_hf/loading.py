@@ -98,6 +98,7 @@ def load_model(
         model_type = _model_type(spec)
         if model_type == IMedSamConfig.model_type:
             config = IMedSamConfig.from_pretrained(spec, **overrides)
+            config.check_values()  # `from_pretrained` sets the overrides after the config's own checks
             model = AutoModel.from_pretrained(spec, config=config)
             processor = _saved_processor(spec)
         elif model_type == "sam":

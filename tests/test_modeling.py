@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import randomize_batchnorm, tiny_config, tiny_model
 
-from imedsam_hf import IMedSamModel
+from imedsam_hf import IMedSamModel, load_model
 from imedsam_hf.modeling_imedsam import IMedSamQuerySettings
 
 
@@ -208,8 +208,23 @@ def test_sam_prior_starts_the_implicit_decoder_at_the_sam_mask(inputs):
         outputs = model(pixel_values, input_boxes=boxes, output_size=(16, 16))
     # With zero heads the implicit decoder returns SAM's logit at every point (16x16 = SAM's own grid).
     torch.testing.assert_close(outputs.logits, outputs.sam_logits, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="implicit_sam_prior"):
-        tiny_config(implicit_sam_prior=True, num_classes=2)
+    # Several classes: each class's logit is a residual on the prompt's one SAM logit (class-aware prompts).
+    model = tiny_model(implicit_sam_prior=True, num_classes=3)
+    with torch.no_grad():
+        for head in (model.implicit_decoder.coarse_head, model.implicit_decoder.fine_head):
+            head.weight.zero_()
+            head.bias.zero_()
+        aware = model(
+            pixel_values, input_boxes=boxes, input_classes=torch.full((boxes.shape[0], 1), 2), output_size=(16, 16)
+        )
+    torch.testing.assert_close(aware.logits, aware.sam_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_overrides_of_a_saved_config_are_checked(tmp_path):
+    """`from_pretrained(folder, **overrides)` sets the overrides after the config's checks: loading checks again."""
+    tiny_model().save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="refine_ratio"):
+        load_model(str(tmp_path / "m"), config_overrides={"refine_ratio": 2.0})
 
 
 def test_adaptive_querying_matches_dense_up_to_the_base_grid_and_refines_few_points(inputs):
