@@ -17,7 +17,10 @@ from .version import __version__
 
 AutoConfig.register(IMedSamConfig.model_type, IMedSamConfig, exist_ok=True)
 AutoModel.register(IMedSamConfig, IMedSamModel, exist_ok=True)
-AutoImageProcessor.register(IMedSamConfig, image_processor_classes={"pil": IMedSamProcessor}, exist_ok=True)
+try:
+    AutoImageProcessor.register(IMedSamConfig, image_processor_classes={"pil": IMedSamProcessor}, exist_ok=True)
+except ImportError:  # transformers < 5.2x without torchvision: its AutoImageProcessor is unusable, ours still works
+    pass
 
 __all__ = [
     "FrequencyAdapterConfig",

@@ -110,6 +110,37 @@ def test_short_real_run_writes_the_publishing_form_and_a_card(tiny_sam, polyps, 
 
 
 @slow
+def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyps, tmp_path, monkeypatch):
+    """--max_train_minutes stops, validates and finishes; --finish_only rebuilds final/ from best/ elsewhere."""
+    out = tmp_path / "run"
+    clock = iter(range(0, 10**6, 40))  # every reading of the clock is 40 s later: the 1-minute budget ends at step 1
+    monkeypatch.setattr(train_script, "clock", lambda: float(next(clock)))
+    results = train_script.main(
+        args(tiny_sam, polyps, out, "--epochs", "5", "--max_train_minutes", "1", "--baseline", "false")
+    )
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log) == results["best_step"] == 2 and (out / "final" / "model.safetensors").is_file()
+    monkeypatch.undo()
+    # The run's folder moved to another machine: no final/, no checkpoints; its config.yaml says how it was trained.
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints")
+    trained = (out / "config.yaml").read_text()
+    finished = train_script.main(args(tiny_sam, polyps, out, "--finish_only", "--baseline", "false"))
+    assert (out / "config.yaml").read_text() == trained  # kept, not replaced by the finishing call's options
+    assert finished["best_step"] == 2 and finished["results"]["48"]["dice"] == pytest.approx(
+        results["results"]["48"]["dice"]
+    )
+    assert not (out / "checkpoints").exists()  # nothing trained
+    # Weights of another model are refused by name, before anything is written.
+    with pytest.raises(SystemExit, match="does not fit this model"):
+        train_script.main(args(tiny_sam, polyps, out, "--finish_only", "--use_frequency_adapter", "false"))
+    with pytest.raises(SystemExit, match="best/trainable.safetensors not found"):
+        train_script.main(args(tiny_sam, polyps, tmp_path / "empty", "--finish_only"))
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--max_train_minutes", "0"])
+
+
+@slow
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sam, polyps, tmp_path):
     common = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "10", "--baseline", "false"]
     full = tmp_path / "full"

@@ -199,6 +199,16 @@ class RunArguments:
     output_dir: str = option("outputs/imedsam", "Folder the run writes into.")
     epochs: int = option(10, "Training epochs (unless --max_train_steps).")
     max_train_steps: int | None = option(None, "Optimizer steps in total; overrides --epochs.")
+    max_train_minutes: float | None = option(
+        None,
+        "Wall-clock budget of the training loop: past it, the run stops after the current step, validates and "
+        "finishes as at its last step (the learning-rate schedule keeps the planned --max_train_steps length).",
+    )
+    finish_only: bool = option(
+        False,
+        "Train nothing: build final/ from output_dir/best/ (a run killed after a validation, or trained on another "
+        "machine), evaluate it and write its card. config.yaml and logs of the run are kept.",
+    )
     batch_size: int = option(1, "Training batch size per process.")
     eval_batch_size: int = option(4, "Validation batch size per process.")
     gradient_accumulation_steps: int = option(1, "Batches per optimizer step.")
@@ -231,6 +241,8 @@ class RunArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.max_train_minutes is not None and not self.max_train_minutes > 0:
+            raise ValueError(f"--max_train_minutes {self.max_train_minutes}: expected a positive number of minutes.")
         if self.checkpointing_steps not in ("epoch", "no") and not str(self.checkpointing_steps).isdigit():
             raise ValueError(f"--checkpointing_steps {self.checkpointing_steps!r}: expected N, 'epoch' or 'no'.")
 
@@ -536,6 +548,8 @@ class RunLog:
     def __call__(self, record: dict[str, Any], step: int) -> None:
         if not self.accelerator.is_main_process:
             return
+        if self.accelerator.device.type == "cuda":  # the peak so far, to size batches and input sizes
+            record = {**record, "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
         if self.use_trackers:
@@ -809,6 +823,8 @@ class Run:
     epochs: int
     log: RunLog
     hub_api: Any = None
+    deadline: float | None = None  # clock() past which training stops (--max_train_minutes)
+    card_sections: dict[str, dict[str, Any]] | None = None  # the trained run's options (--finish_only)
     futures: list = field(default_factory=list)
     state: dict[str, Any] = field(
         default_factory=lambda: {
@@ -836,6 +852,22 @@ def resume(run: Run) -> None:
     run.accelerator.load_state(str(path))
     run.state = json.loads((path / "training_state.json").read_text())
     run.accelerator.print(f"resumed from {path} (epoch {run.state['epoch']}, step {run.state['global_step']})")
+
+
+def prepare_finish_only(run: Run) -> None:
+    """`--finish_only`: the run's best weights and bookkeeping (best/), and the options it was trained with."""
+    best = run.output_dir / "best"
+    if not (best / "trainable.safetensors").is_file():
+        raise SystemExit(
+            f"error: --finish_only: {best / 'trainable.safetensors'} not found; it is written at each validation that "
+            "improves on the best Dice (train first, or point --output_dir at the run's folder)."
+        )
+    if (best / "state.json").is_file():
+        run.state = json.loads((best / "state.json").read_text())
+    saved = run.output_dir / "config.yaml"
+    if saved.is_file():
+        run.card_sections = yaml.safe_load(saved.read_text())
+    run.accelerator.print(f"finishing from {best} (step {run.state.get('best_step')}), no training")
 
 
 def save_checkpoint(run: Run) -> None:
@@ -900,8 +932,25 @@ def train_epoch(run: Run, progress) -> None:
         every = config.checkpoint_every
         if isinstance(every, int) and every > 0 and state["global_step"] % every == 0:
             save_checkpoint(run)
+        if state["global_step"] < run.max_steps and time_is_up(run):
+            accelerator.print(
+                f"--max_train_minutes {config.max_train_minutes} reached: stopping at step {state['global_step']}"
+            )
+            run.max_steps = state["global_step"]
+            state["stopped_by_time"] = True
         if state["global_step"] >= run.max_steps or state["global_step"] == config.stop_after_steps:
             break
+
+
+clock = time.monotonic  # the clock of --max_train_minutes (tests replace it)
+
+
+def time_is_up(run: Run) -> bool:
+    """Whether `--max_train_minutes` has passed, decided by the main process so that every process stops together."""
+    if run.deadline is None:
+        return False
+    flag = torch.tensor([int(clock() >= run.deadline)], device=run.accelerator.device)
+    return bool(accelerate.utils.broadcast(flag, from_process=0).item())
 
 
 def end_epoch(run: Run) -> None:
@@ -949,6 +998,26 @@ def train(run: Run) -> bool:
     return True
 
 
+def load_trainable(model, path: Path) -> None:
+    """Trainable weights saved by this script into `model`: every one of them, and nothing the model lacks."""
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # a truncated or foreign file
+        raise SystemExit(f"error: {path}: not a readable safetensors file ({error}).") from error
+    expected = set(trainable_state(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise SystemExit(
+            f"error: {path} does not fit this model ({len(missing)} trainable weights missing, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unknown, e.g. {unexpected[:2]}): build it with the run's own model options "
+            "(--config <run>/config.yaml)."
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes, e.g. another --num_classes
+        raise SystemExit(f"error: {path} does not fit this model: {str(error).splitlines()[-1].strip()}") from error
+
+
 def finish(run: Run, processor, splits: dict, parameters: tuple[int, int]) -> dict[str, Any]:
     """The best checkpoint (by validation Dice, never by test) becomes `final/`, evaluated, carded and pushed."""
     accelerator, state = run.accelerator, run.state
@@ -958,15 +1027,16 @@ def finish(run: Run, processor, splits: dict, parameters: tuple[int, int]) -> di
     peft_model = accelerator.unwrap_model(run.model)
     best = run.output_dir / "best" / "trainable.safetensors"
     if best.is_file():
-        peft_model.load_state_dict(load_file(str(best)), strict=False)
+        load_trainable(peft_model, best)
     peft_model.eval()
     final_dir = run.output_dir / "final"
     save_pretrained_full(peft_model, final_dir, processor=processor)
     results.update(final_evaluation(run.args, peft_model, processor, splits, run.num_classes, run.output_dir))
-    results["mixed_precision"] = accelerator.mixed_precision
+    sections = run.card_sections or run.args.sections(mixed_precision=accelerator.mixed_precision)
+    results["mixed_precision"] = sections["training"].get("mixed_precision") or accelerator.mixed_precision
     write_model_card(
         final_dir,
-        config=run.args.sections(mixed_precision=accelerator.mixed_precision),
+        config=sections,
         results=results,
         splits={k: len(v) for k, v in splits.items()},
         trainable_parameters=parameters[0],
@@ -990,9 +1060,11 @@ def start(args: Arguments, trackers: list[str]) -> tuple[Accelerator, RunLog]:
     accelerator = make_accelerator(args, trackers)
     set_seed(args.training.seed)
     sections = args.sections(mixed_precision=accelerator.mixed_precision)
+    keep = args.training.finish_only and (output_dir / "config.yaml").is_file()  # the trained run's, not ours
     if accelerator.is_main_process:
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(sections, sort_keys=False))
+        if not keep:
+            (output_dir / "config.yaml").write_text(yaml.safe_dump(sections, sort_keys=False))
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.init_trackers(
@@ -1055,12 +1127,17 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         epochs=math.ceil(max_steps / steps_per_epoch),
         log=log,
     )
-    resume(run)
+    if run_args.finish_only:
+        prepare_finish_only(run)
+    else:
+        resume(run)
     if args.hub.push_to_hub and accelerator.is_main_process:
         run.hub_api = hub_api or HfApi(token=args.hub.hub_token)
         run.hub_api.create_repo(args.hub.hub_model_id, private=args.hub.hub_private, exist_ok=True)
 
-    if not train(run):
+    if run_args.max_train_minutes:
+        run.deadline = clock() + 60 * run_args.max_train_minutes
+    if not run_args.finish_only and not train(run):
         accelerator.end_training()
         return {"stopped_at_step": run.state["global_step"]}
     accelerator.wait_for_everyone()
