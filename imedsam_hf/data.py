@@ -5,9 +5,9 @@ Folder layouts found automatically under `data_dir`:
   `TrainDataset/`, `TestDataset/<name>/`); masks share the image's stem, any extension;
 - masks hold 0/255, 0/1 or class ids 0..C (0 = background).
 
-Every pair is opened once before training: an unreadable file, a missing mask or a mask whose size differs
-from its image is reported with its path, and either skipped (`on_error="skip"`) or fatal (`"fail"`), so a run
-never crashes halfway through an epoch.
+Every pair is opened once before training: an unreadable file, a missing mask, a mask whose size differs
+from its image or two files of one stem are reported with their paths, and either skipped (`on_error="skip"`) or
+fatal (`"fail"`), so a run never crashes halfway through an epoch.
 """
 
 from __future__ import annotations
@@ -162,25 +162,46 @@ def convert_structure_masks(data_dir: str | os.PathLike, output: str | os.PathLi
     return classes
 
 
+def _files_by_stem(folder: Path) -> dict[str, list[Path]]:
+    """The image files of a folder by stem, in path order (several when `x.jpg` and `x.png` both exist)."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            found.setdefault(path.stem, []).append(path)
+    return found
+
+
 def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair], list[DataProblem]]:
-    """Pair every image with the mask of the same stem; images without a mask are problems."""
+    """
+    Pair every image with the mask of the same stem: one image per mask. Images without a mask, and stems that two
+    images (`x.jpg`, `x.png`: one mask for both) or two masks share, are problems naming every file; none is used.
+    """
     image_dir, mask_dir = find_layout(data_dir)
-    masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
-    image_stems = [p.stem for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not set(image_stems) & set(masks) and structure_masks(image_stems, mask_dir):
+    masks, images = _files_by_stem(mask_dir), _files_by_stem(image_dir)
+    if not set(images) & set(masks) and structure_masks(list(images), mask_dir):
         raise ValueError(
             f"--data_dir {data_dir}: {mask_dir} holds one mask per structure (<image stem>_<structure>_<NNN>.png). "
             f"Convert it to class-id masks first: imedsam convert structure-masks --data-dir {data_dir} --output DIR."
         )
     pairs, problems = [], []
-    for path in sorted(image_dir.iterdir()):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        mask = masks.get(path.stem)
-        if mask is None:
-            problems.append(DataProblem(str(path), f"no mask named {path.stem}.* in {mask_dir}"))
+    for stem, paths in images.items():
+        candidates = masks.get(stem, [])
+        if not candidates:
+            problems.extend(DataProblem(str(path), f"no mask named {stem}.* in {mask_dir}") for path in paths)
+        elif len(paths) > 1:
+            others = ", ".join(str(path) for path in paths[1:])
+            problems.append(
+                DataProblem(
+                    str(paths[0]),
+                    f"{others} has the same stem, so both would get the mask {candidates[0]}; neither is used: "
+                    "rename or remove all but one.",
+                )
+            )
+        elif len(candidates) > 1:
+            listed = ", ".join(str(path) for path in candidates)
+            problems.append(DataProblem(str(paths[0]), f"{len(candidates)} masks share its stem ({listed}): keep one."))
         else:
-            pairs.append(SegmentationPair(path.stem, str(path), str(mask)))
+            pairs.append(SegmentationPair(stem, str(paths[0]), str(candidates[0])))
     if not pairs and not problems:
         raise ValueError(f"--data_dir {data_dir}: {image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     return pairs, problems
