@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .data import convert_structure_masks
+from .data import convert_structure_masks, parse_mask_values
 from .evaluation import DEFAULT_GROUP_PATTERN, NATIVE, run_evaluation
 from .inference import MAX_OUTPUT_PIXELS, PromptSource, predict_files, read_boxes_file
 from .loading import convert_checkpoint, resolve_device
@@ -62,6 +62,13 @@ def _class_ids(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated class ids, e.g. 8,4,3") from None
+
+
+def _mask_values(text: str) -> dict[int, int]:
+    try:
+        return parse_mask_values(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
@@ -158,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the backbone for --baseline sam (default: the base_model the model's config records)",
     )
     _option(e, "--num-classes", type=int, default=None, help="foreground classes in the masks (default: the model's)")
+    _option(
+        e,
+        "--mask-values",
+        type=_mask_values,
+        default=None,
+        help="masks in another encoding: stored value -> class id, e.g. 38:1,75:1 (0 is background unless listed)",
+    )
     _option(
         e,
         "--classes",
@@ -265,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             class_aware=args.class_aware,
             box_jitter=args.box_jitter,
             jitter_seed=args.jitter_seed,
+            mask_values=args.mask_values,
         )
         return 0
     except (OSError, ValueError) as error:

@@ -3,11 +3,14 @@
 Folder layouts found automatically under `data_dir`:
 - `images/` + `masks/` (Kvasir-SEG, EndoTect, PH2 as shipped here), or `image/` + `mask/` (PraNet's
   `TrainDataset/`, `TestDataset/<name>/`); masks share the image's stem, any extension;
-- masks hold 0/255, 0/1 or class ids 0..C (0 = background).
+- masks hold 0/255, 0/1 (any one non-zero value is the foreground) or class ids 0..C (0 = background); palette
+  PNGs are read by index; `mask_values` maps other encodings to class ids. A binary reading of a mask with more
+  values is an error naming the file and its values, never a guess (see `read_mask`).
 
-Every pair is opened once before training: an unreadable file, a missing mask or a mask whose size differs
-from its image is reported with its path, and either skipped (`on_error="skip"`) or fatal (`"fail"`), so a run
-never crashes halfway through an epoch.
+Every pair is opened once before training: an unreadable file, a missing mask, a mask whose size differs
+from its image or two files of one stem are reported with their paths, and either skipped (`on_error="skip"`) or
+fatal (`"fail"`), so a run never crashes halfway through an epoch. A mask whose values do not fit the classes it
+is read with is always fatal: the whole folder is likely encoded that way, and skipping would hide it.
 """
 
 from __future__ import annotations
@@ -18,29 +21,33 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from .processing_imedsam import IMedSamProcessor, open_image, to_rgb_array
+from .processing_imedsam import IMedSamProcessor, describe, to_rgb_array
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 LAYOUTS = (("images", "masks"), ("image", "mask"), ("TrainDataset/images", "TrainDataset/masks"))
 SPLITS = ("train", "validation", "test")
 ALL_CLASSES = -1  # a sample's class id when it carries every class of its image as a prompt
+# PIL formats whose pixel values are stored exactly; a mask in any other (JPEG, WebP) or an array of unknown origin
+# may carry compression noise around its edges.
+LOSSLESS_FORMATS = ("PNG", "BMP", "TIFF", "GIF", "PPM", "TGA")
 
 
 @dataclass
 class DataProblem:
-    """A pair that cannot be used, with the file to look at."""
+    """A pair that cannot be used, with the file to look at. `fatal`: stops a run whatever `on_error` says."""
 
     path: str
     reason: str
+    fatal: bool = False
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -87,6 +94,8 @@ class DataConfig:
     # With `class_prompts`: one sample per image carrying every class present as a prompt (`input_boxes` (P, 4),
     # `prompt_classes` (P,)): one encoder pass per image, the loss averaged over the prompts.
     all_classes_per_sample: bool = False
+    # Stored mask value -> class id, for masks in another encoding (`read_mask`); None: 0/255, 0/1 or class ids.
+    mask_values: dict[int, int] | None = None
 
     @property
     def mask_class_count(self) -> int:
@@ -162,25 +171,46 @@ def convert_structure_masks(data_dir: str | os.PathLike, output: str | os.PathLi
     return classes
 
 
+def _files_by_stem(folder: Path) -> dict[str, list[Path]]:
+    """The image files of a folder by stem, in path order (several when `x.jpg` and `x.png` both exist)."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            found.setdefault(path.stem, []).append(path)
+    return found
+
+
 def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair], list[DataProblem]]:
-    """Pair every image with the mask of the same stem; images without a mask are problems."""
+    """
+    Pair every image with the mask of the same stem: one image per mask. Images without a mask, and stems that two
+    images (`x.jpg`, `x.png`: one mask for both) or two masks share, are problems naming every file; none is used.
+    """
     image_dir, mask_dir = find_layout(data_dir)
-    masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
-    image_stems = [p.stem for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not set(image_stems) & set(masks) and structure_masks(image_stems, mask_dir):
+    masks, images = _files_by_stem(mask_dir), _files_by_stem(image_dir)
+    if not set(images) & set(masks) and structure_masks(list(images), mask_dir):
         raise ValueError(
             f"--data_dir {data_dir}: {mask_dir} holds one mask per structure (<image stem>_<structure>_<NNN>.png). "
             f"Convert it to class-id masks first: imedsam convert structure-masks --data-dir {data_dir} --output DIR."
         )
     pairs, problems = [], []
-    for path in sorted(image_dir.iterdir()):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        mask = masks.get(path.stem)
-        if mask is None:
-            problems.append(DataProblem(str(path), f"no mask named {path.stem}.* in {mask_dir}"))
+    for stem, paths in images.items():
+        candidates = masks.get(stem, [])
+        if not candidates:
+            problems.extend(DataProblem(str(path), f"no mask named {stem}.* in {mask_dir}") for path in paths)
+        elif len(paths) > 1:
+            others = ", ".join(str(path) for path in paths[1:])
+            problems.append(
+                DataProblem(
+                    str(paths[0]),
+                    f"{others} has the same stem, so both would get the mask {candidates[0]}; neither is used: "
+                    "rename or remove all but one.",
+                )
+            )
+        elif len(candidates) > 1:
+            listed = ", ".join(str(path) for path in candidates)
+            problems.append(DataProblem(str(paths[0]), f"{len(candidates)} masks share its stem ({listed}): keep one."))
         else:
-            pairs.append(SegmentationPair(path.stem, str(path), str(mask)))
+            pairs.append(SegmentationPair(stem, str(paths[0]), str(candidates[0])))
     if not pairs and not problems:
         raise ValueError(f"--data_dir {data_dir}: {image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     return pairs, problems
@@ -206,28 +236,133 @@ def read_class_names(data_dir: str | os.PathLike) -> dict[int, str] | None:
     return names
 
 
-def read_mask(source, num_classes: int = 1) -> np.ndarray:
-    """
-    A mask file or array -> `(H, W)` int64 class ids. Binary masks may be 0/255 (JPEG noise tolerated: > 127),
-    0/1 or boolean; multi-class masks hold ids 0..num_classes.
-    """
-    mask = open_image(source)
-    if isinstance(mask, Image.Image):
-        mask = np.asarray(mask.convert("L") if mask.mode not in ("L", "I", "I;16", "P") else mask)
-    mask = np.asarray(mask)
-    if mask.ndim == 3:
-        mask = mask[..., 0]
-    if mask.ndim != 2:
-        raise ValueError(f"{source}: a mask must be 2-D, got shape {mask.shape}.")
-    if num_classes == 1:
-        return (mask > (127 if mask.max() > 1 else 0)).astype(np.int64)
-    if mask.max() > num_classes:
-        raise ValueError(f"{source}: class id {int(mask.max())} > num_classes ({num_classes}).")
-    return mask.astype(np.int64)
+class MaskValuesError(ValueError):
+    """A mask whose values do not fit the classes it is read with: the file, the values found and the fix."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
-def check_pair(pair: SegmentationPair, num_classes: int = 1) -> DataProblem | None:
-    """Open both files of a pair; report what is wrong, naming the file."""
+def parse_mask_values(text: str) -> dict[int, int]:
+    """`--mask_values "38:1,75:2"` -> `{38: 1, 75: 2}`: the value stored in the mask files -> its class id."""
+    mapping = {}
+    for item in filter(None, (part.strip() for part in str(text).split(","))):
+        value, _, class_id = item.partition(":")
+        try:
+            mapping[int(value)] = int(class_id)
+        except ValueError:
+            raise ValueError(
+                f"--mask_values {text!r}: expected VALUE:CLASS pairs, e.g. 38:1,75:1 (two values, one foreground)."
+            ) from None
+    if not mapping or min(mapping.values()) < 0:
+        raise ValueError(f"--mask_values {text!r}: expected VALUE:CLASS pairs with class ids >= 0, e.g. 38:1,75:2.")
+    return mapping
+
+
+def _mask_pixels(source) -> tuple[np.ndarray, bool]:
+    """
+    The values stored in a mask `(H, W)` and whether they are exact (a lossless file) rather than possibly noisy
+    (JPEG, WebP, an array of unknown origin). Palette images give their indices, never their colours.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such mask file.")
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return _mask_pixels(image)
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ValueError(f"{path}: cannot read the mask ({error}).") from error
+    if isinstance(source, Image.Image):
+        exact = source.format in LOSSLESS_FORMATS
+        if source.mode in ("P", "PA", "LA"):  # palette indices (P, PA) or grey with alpha (LA): channel 0
+            return np.asarray(source)[..., 0] if source.mode != "P" else np.asarray(source), exact
+        if source.mode not in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
+            source = source.convert("L")  # colour masks: a colour per class reads as one grey level per class
+        return np.asarray(source), exact
+    array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else np.asarray(source)
+    return (array[..., 0] if array.ndim == 3 else array), False
+
+
+def _binary_mask(pixels: np.ndarray, exact: bool, name: str) -> np.ndarray:
+    """A binary mask's foreground: its one non-zero value; a noisy (JPEG) 0/255 mask's values above 127."""
+    values = np.unique(pixels)
+    if len(values) == 1 or (len(values) == 2 and values[0] == 0):
+        return (pixels != 0).astype(np.int64)
+    if not exact and values[-1] > 127:  # compression noise around a 0/255 mask's edges
+        return (pixels > 127).astype(np.int64)
+    shown = ", ".join(str(v) for v in values[:8].tolist()) + (", ..." if len(values) > 8 else "")
+    found = f"{len(values)} distinct values [{shown}] in a mask read as binary (num_classes 1)"
+    if not exact:
+        reason = (
+            f"{found}, none above 127 as a noisy 0/255 mask would have: class ids do not survive lossy (JPEG) "
+            "compression. Save the masks as PNG: 0/255, or class ids with --num_classes N."
+        )
+    elif values[0] != 0:
+        example = f"{values[0]}:0,{values[-1]}:1"
+        reason = f"{found} and no 0 (background): which is the foreground? Pass e.g. --mask_values {example}."
+    else:
+        reason = (
+            f"{found}: class ids, a palette or a colour mask? For class ids 1..N pass --num_classes N or "
+            "--mask_classes N (evaluation: a classes.json beside masks/); to choose the foreground pass "
+            f"--mask_values, e.g. --mask_values {','.join(f'{v}:1' for v in values[1:3].tolist())}."
+        )
+    raise MaskValuesError(name, reason)
+
+
+def _mapped_mask(pixels: np.ndarray, mask_values: Mapping[int, int], name: str) -> np.ndarray:
+    """Stored values -> class ids by `mask_values` (0 is background unless mapped); an unmapped value is an error."""
+    table = {0: 0, **{int(value): int(class_id) for value, class_id in mask_values.items()}}
+    values = np.unique(pixels)
+    unknown = [v for v in values.tolist() if v not in table]
+    if unknown:
+        listed = ",".join(f"{v}:{c}" for v, c in mask_values.items())
+        raise MaskValuesError(name, f"values {unknown[:8]} are not in --mask_values {listed}: map every value.")
+    labels = np.zeros(pixels.shape, np.int64)
+    for value in values.tolist():
+        labels[pixels == value] = table[value]
+    return labels
+
+
+def read_mask(source, num_classes: int = 1, mask_values: Mapping[int, int] | None = None) -> np.ndarray:
+    """
+    A mask file, PIL image or array -> `(H, W)` int64 class ids: the one place masks are read.
+
+    - `mask_values` given: each stored value becomes its class id (0 -> background unless listed); any other value
+      is a `MaskValuesError`.
+    - Binary (`num_classes=1`): a mask with one non-zero value (1, 255, 38...) has that value as foreground; a lossy
+      (JPEG, WebP) or in-memory mask with more values is a noisy 0/255 mask, read above 127; any other mask with
+      more than two values is a `MaskValuesError` naming the file and its values (class ids, a palette, a colour
+      mask read as binary would silently train as "nothing here").
+    - Multi-class: ids 0..num_classes; a larger id is an error.
+
+    Palette ("P") PNGs are read by index, never through their colours.
+    """
+    pixels, exact = _mask_pixels(source)
+    name = describe(source)
+    if pixels.ndim != 2:
+        raise ValueError(f"{name}: a mask must be 2-D, got shape {pixels.shape}.")
+    if mask_values is not None:
+        labels = _mapped_mask(pixels, mask_values, name)
+    elif num_classes == 1:
+        return _binary_mask(pixels, exact, name)
+    else:
+        labels = pixels.astype(np.int64)
+    if labels.size and (labels.max() > num_classes or labels.min() < 0):
+        raise MaskValuesError(
+            name,
+            f"class id {int(labels.max() if labels.max() > num_classes else labels.min())} outside 0..num_classes "
+            f"({num_classes}); pass --num_classes (--mask_classes) N for ids 1..N, or --mask_values.",
+        )
+    return labels
+
+
+def check_pair(
+    pair: SegmentationPair, num_classes: int = 1, mask_values: Mapping[int, int] | None = None
+) -> DataProblem | None:
+    """Open both files of a pair; report what is wrong, naming the file (mask values that do not fit: fatal)."""
     try:
         with Image.open(pair.image) as image:
             image.load()
@@ -235,7 +370,9 @@ def check_pair(pair: SegmentationPair, num_classes: int = 1) -> DataProblem | No
     except Exception as error:  # PIL raises many types for corrupt files
         return DataProblem(pair.image, f"unreadable image ({error})")
     try:
-        mask = read_mask(pair.mask, num_classes)
+        mask = read_mask(pair.mask, num_classes, mask_values)
+    except MaskValuesError as error:
+        return DataProblem(error.path, error.reason, fatal=True)
     except Exception as error:
         return DataProblem(pair.mask, f"unreadable mask ({error})")
     if (mask.shape[1], mask.shape[0]) != size:
@@ -244,15 +381,22 @@ def check_pair(pair: SegmentationPair, num_classes: int = 1) -> DataProblem | No
 
 
 def validate_pairs(
-    pairs: list[SegmentationPair], num_classes: int = 1, on_error: str = "skip", problems: list | None = None
+    pairs: list[SegmentationPair],
+    num_classes: int = 1,
+    on_error: str = "skip",
+    problems: list | None = None,
+    mask_values: Mapping[int, int] | None = None,
 ) -> tuple[list[SegmentationPair], list[DataProblem]]:
-    """Keep the usable pairs. With `on_error="fail"` any problem raises one ValueError listing them all."""
+    """
+    Keep the usable pairs. With `on_error="fail"` any problem raises one ValueError listing them all; a fatal
+    problem (mask values that do not fit the classes) raises whatever `on_error` says, naming the first such mask.
+    """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"`on_error` must be 'skip' or 'fail', got {on_error!r}.")
     problems = list(problems or [])
     good = []
     for pair in pairs:
-        problem = check_pair(pair, num_classes)
+        problem = check_pair(pair, num_classes, mask_values)
         if problem is None:
             good.append(pair)
         else:
@@ -260,6 +404,10 @@ def validate_pairs(
     if problems and on_error == "fail":
         listing = "\n  ".join(str(p) for p in problems)
         raise ValueError(f"{len(problems)} unusable file(s) (use on_error=skip to skip them):\n  {listing}")
+    fatal = [p for p in problems if p.fatal]
+    if fatal:
+        more = f" ({len(fatal) - 1} more mask(s) like it, e.g. {fatal[1].path})" if len(fatal) > 1 else ""
+        raise ValueError(f"{fatal[0]}{more}")
     return good, problems
 
 
@@ -432,6 +580,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
     `input_boxes` `(4,)` in frame pixels (jittered in training; exact otherwise), `original_size` `(2,)`,
     `reshaped_size` `(2,)`, `index`. Augmentation randomness comes from `(seed, epoch, index)`, so an epoch's
     samples are the same whatever the number of workers or processes, and after a resume.
+
+    Box prompts come from the mask only: a record whose mask is empty has no box, so with `prompt="box"` it makes
+    no sample (its stem is in `empty_stems`; class prompts likewise skip absent classes), and a training sample
+    whose structure the augmentation moved out of view is framed again without the geometric augmentation. With
+    `prompt="none"` empty masks are kept ("nothing here" is a target) and `input_boxes` is a whole-frame
+    placeholder the prompt-free training step never reads.
     """
 
     def __init__(
@@ -443,18 +597,25 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.empty_stems: list[str] = []
         self.items = self._items()
+
+    def _read_mask(self, record) -> np.ndarray:
+        return read_mask(record["mask"], self.config.mask_class_count, self.config.mask_values)
 
     def _items(self) -> list[tuple[int, int]]:
         """(record index, class id) of every sample; class id 0 means the whole mask (no per-class prompts)."""
-        if not self.config.class_prompts:
+        if not self.config.class_prompts and self.config.prompt != "box":
             return [(i, 0) for i in range(len(self.records))]
         items = []
         for i in range(len(self.records)):
-            present = np.unique(read_mask(self.records[i]["mask"], self.config.mask_class_count))
-            present = [int(c) for c in present if c > 0]
-            if self.config.all_classes_per_sample:
-                items.extend([(i, ALL_CLASSES)] if present else [])
+            present = [int(c) for c in np.unique(self._read_mask(self.records[i])) if c > 0]
+            if not present:
+                self.empty_stems.append(str(self.records[i]["stem"]))
+            elif not self.config.class_prompts:
+                items.append((i, 0))
+            elif self.config.all_classes_per_sample:
+                items.append((i, ALL_CLASSES))
             else:
                 items.extend((i, c) for c in present)
         return items
@@ -470,14 +631,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         record = self.records[record_index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image = to_rgb_array(record["image"])
-        mask = read_mask(record["mask"], self.config.mask_class_count)
+        mask = self._read_mask(record)
         if class_id == ALL_CLASSES:
             return self._all_classes_sample(image, mask, rng, index)
         if class_id:
             mask = (mask == class_id).astype(np.int64)
         pixel_values, labels, original, shape = self._frame(image, mask, rng)
         box = mask_box(labels.numpy()) if self.train else self._exact_box(mask, original, shape)
-        if box is None:  # empty mask (or augmented out of view): the whole image is the prompt
+        if box is None and mask.any():  # augmented out of view: the frame without geometric augmentation
+            pixel_values, labels, original, shape = self._frame(image, mask, rng, geometric=False)
+            box = self._exact_box(mask, original, shape)
+        if box is None:  # prompt="none" only (empty masks make no box-prompted sample): an unused placeholder
             box = np.array([0, 0, shape[1], shape[0]], dtype=np.float32)
         if self.train and self.config.box_jitter > 0:
             box = jitter_box(box, self.config.box_jitter, shape, rng)
@@ -491,35 +655,32 @@ class SegmentationDataset(torch.utils.data.Dataset):
             "class_id": torch.tensor(class_id),
         }
 
-    def _frame(self, image: np.ndarray, mask: np.ndarray, rng) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
+    def _frame(
+        self, image: np.ndarray, mask: np.ndarray, rng, geometric: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
         """Image and class-id mask into the model's frame (resized, augmented in training, normalised, padded):
-        pixel values `(3, S, S)`, labels `(S, S)`, the original `(H, W)` and the resized `(h, w)`."""
+        pixel values `(3, S, S)`, labels `(S, S)`, the original `(H, W)` and the resized `(h, w)`.
+        `geometric=False` keeps the augmentation photometric (the structure stays in view)."""
         original = image.shape[:2]
         shape = self.processor.resized_shape(*original)
         tensor = self.processor.resize_image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), shape)
         labels = self.processor.resize_mask(mask, shape)[: shape[0], : shape[1]]
         if self.train and self.config.augment is not None:
-            tensor, labels = augment(tensor, labels, self.config.augment, rng)
+            config = self.config.augment
+            if not geometric:
+                still = dict(rotation=0.0, scale=(1.0, 1.0), shear=0.0, translate=0.0, horizontal_flip=0.0)
+                config = replace(config, **still, vertical_flip=0.0)
+            tensor, labels = augment(tensor, labels, config, rng)
         return self.processor.pad(self.processor.normalize(tensor)), self.processor.pad(labels), original, shape
 
     def _all_classes_sample(self, image: np.ndarray, mask: np.ndarray, rng, index: int) -> dict[str, torch.Tensor]:
-        """One sample with every class present as a prompt: `input_boxes` `(P, 4)`, `prompt_classes` `(P,)`."""
+        """One sample with every class present as a prompt: `input_boxes` `(P, 4)`, `prompt_classes` `(P,)`.
+        When augmentation moved every structure out of view, the frame is made again without its geometric part."""
         pixel_values, labels, original, shape = self._frame(image, mask, rng)
-        boxes, classes = [], []
-        for class_id in (int(c) for c in np.unique(mask) if c > 0):
-            box = (
-                mask_box(labels.numpy() == class_id)
-                if self.train
-                else self._exact_box(mask == class_id, original, shape)
-            )
-            if box is None:  # augmented out of view
-                continue
-            if self.train and self.config.box_jitter > 0:
-                box = jitter_box(box, self.config.box_jitter, shape, rng)
-            boxes.append(box)
-            classes.append(class_id)
-        if not boxes:  # every structure left the view: one whole-image prompt for an empty target
-            boxes, classes = [np.array([0, 0, shape[1], shape[0]], dtype=np.float32)], [-1]
+        boxes, classes = self._class_boxes(mask, labels, original, shape, rng)
+        if not boxes:
+            pixel_values, labels, original, shape = self._frame(image, mask, rng, geometric=False)
+            boxes, classes = self._class_boxes(mask, labels, original, shape, rng, exact=True)
         return {
             "pixel_values": pixel_values,
             "labels": labels,
@@ -530,6 +691,26 @@ class SegmentationDataset(torch.utils.data.Dataset):
             "index": torch.tensor(index),
             "class_id": torch.tensor(ALL_CLASSES),
         }
+
+    def _class_boxes(
+        self, mask: np.ndarray, labels: torch.Tensor, original, shape, rng, exact: bool = False
+    ) -> tuple[list[np.ndarray], list[int]]:
+        """The box of each class present in `mask` (in training from the augmented `labels`, unless `exact`; the
+        classes out of view left out) and the class ids."""
+        boxes, classes = [], []
+        for class_id in (int(c) for c in np.unique(mask) if c > 0):
+            box = (
+                mask_box(labels.numpy() == class_id)
+                if self.train and not exact
+                else self._exact_box(mask == class_id, original, shape)
+            )
+            if box is None:  # augmented out of view
+                continue
+            if self.train and self.config.box_jitter > 0:
+                box = jitter_box(box, self.config.box_jitter, shape, rng)
+            boxes.append(box)
+            classes.append(class_id)
+        return boxes, classes
 
     def _exact_box(self, mask: np.ndarray, original, shape) -> np.ndarray | None:
         """The ground-truth box at the original resolution, scaled into the frame (the evaluation protocol)."""
@@ -584,6 +765,8 @@ __all__ = [
     "DataConfig",
     "DEFAULT_GROUP_PATTERN",
     "DataProblem",
+    "LOSSLESS_FORMATS",
+    "MaskValuesError",
     "SegmentationDataset",
     "read_class_names",
     "select_split",
@@ -599,6 +782,7 @@ __all__ = [
     "load_splits",
     "make_splits",
     "mask_box",
+    "parse_mask_values",
     "read_mask",
     "records_from_pairs",
     "validate_pairs",

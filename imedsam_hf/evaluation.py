@@ -3,7 +3,9 @@
 One implementation shared by `training/train.py`, `imedsam evaluate` (and `training/evaluate.py`), the demo and
 the benchmarks: output grids, predictions, scoring, and the reports (JSON, CSV, overlays) of `imedsam evaluate`.
 
-Protocol: the prompt is the exact ground-truth box (or none); the model's implicit decoder is queried directly
+Protocol: the prompt is the exact ground-truth box (or none); an image whose mask is empty has no box, is never
+scored with Dice (see `metrics`: both-empty would be a free 1.0) and is counted apart (`n_empty`); prompt-free
+runs report the foreground predicted on it (`false_positive_fraction`). The model's implicit decoder is queried directly
 on the target grid over the unpadded image: at `"native"` size the original image grid, at size `s` a grid
 whose longest side is `s` (aspect ratio kept). Ground truth is compared at native size as is, and resized with
 nearest neighbour to other grids. The backbone baseline uses SAM's own mask post-processing (upsample, crop,
@@ -16,7 +18,7 @@ import contextlib
 import csv
 import json
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,15 @@ from .data import (
 )
 from .inference import overlay
 from .loading import LITEMEDSAM, load_model
-from .metrics import aggregate, dice_from_counts, multiclass_scores, nanmean, overlap_counts, segmentation_scores
+from .metrics import (
+    aggregate,
+    dice_from_counts,
+    false_positive_area,
+    multiclass_scores,
+    nanmean,
+    overlap_counts,
+    segmentation_scores,
+)
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import IMedSamProcessor, resize_labels, to_rgb_array
 
@@ -162,9 +172,16 @@ def evaluate_pairs(
     class_names: dict[int, str] | None = None,
     box_jitter: float = 0.0,
     jitter_seed: int = 0,
+    mask_values: Mapping[int, int] | None = None,
 ) -> tuple[list[dict], dict[str, dict]]:
     """
-    Score every pair at every output size.
+    Score every pair at every output size (masks read with `read_mask(..., mask_values)`).
+
+    A pair whose mask is empty (with class prompts: holds none of the classes scored) gets rows with `empty: 1` and
+    no Dice, IoU or HD: with box prompts it is not run at all (there is no box), prompt-free it is run and its
+    rows carry `false_positive_pixels` and `false_positive_fraction` (`metrics.false_positive_area`). The summary
+    counts them in `n_empty` (`n` counts the scored images only) and, prompt-free, adds their mean
+    `empty_false_positive_fraction` and `n_empty_with_false_positives`.
 
     With `class_prompts`, masks hold class ids 1..`mask_classes` and every class present (of `classes`, when given)
     is segmented with its exact box (all of an image's classes in one pass: one prompt each) and scored as a binary
@@ -188,14 +205,15 @@ def evaluate_pairs(
         iterator = tqdm(pairs, desc="baseline" if baseline else "evaluate")
     wanted = None if classes is None else {int(c) for c in classes}
     for pair in iterator:
-        labels = read_mask(pair.mask, mask_classes or num_classes)
+        labels = read_mask(pair.mask, mask_classes or num_classes, mask_values)
         image = to_rgb_array(pair.image)
         targets = [(None, labels)]
         if class_prompts:
             present = [int(c) for c in np.unique(labels) if c > 0 and (wanted is None or int(c) in wanted)]
             targets = [(c, (labels == c).astype(np.int64)) for c in present]
-            if not targets:
-                continue
+        if not any(target.any() for _, target in targets):
+            rows.extend(empty_mask_rows(model, processor, pair.stem, image, sizes, prompt, baseline))
+            continue
         several = class_prompts and prompt == "box"
         boxes = [mask_box(target) for _, target in targets] if prompt == "box" else [None]
         if box_jitter > 0 and prompt == "box":
@@ -219,8 +237,9 @@ def evaluate_pairs(
     summary = {}
     for size in sizes:
         skip = ("stem", "size", "class", *COUNT_KEYS)
-        size_rows = [r for r in rows if r["size"] == str(size)]
+        size_rows = [r for r in rows if r["size"] == str(size) and not r.get("empty")]
         summary[str(size)] = aggregate([{k: v for k, v in r.items() if k not in skip} for r in size_rows])
+        summary[str(size)].update(empty_summary([r for r in rows if r["size"] == str(size) and r.get("empty")]))
         if class_prompts:
             summary[str(size)].update(per_class_summary(size_rows, class_names or {}))
     return rows, summary
@@ -228,6 +247,33 @@ def evaluate_pairs(
 
 # Per-row pixel counts of class-prompted rows, `metrics.overlap_counts`'s order.
 COUNT_KEYS = ("overlap", "predicted_pixels", "true_pixels")
+
+
+def empty_mask_rows(
+    model, processor: IMedSamProcessor, stem: str, image: np.ndarray, sizes: Sequence, prompt: str, baseline: bool
+) -> list[dict]:
+    """
+    The rows of an image whose mask is empty: `empty: 1` at each size, and prompt-free the foreground predicted
+    there (`metrics.false_positive_area`). With box prompts nothing is run: no box can be made from an empty mask.
+    """
+    if prompt == "box":
+        return [{"stem": stem, "size": str(size), "empty": 1} for size in sizes]
+    logits = predict_logits(model, processor, image, None, sizes, baseline)
+    rows = []
+    for size in sizes:
+        predicted = IMedSamProcessor.post_process_masks(logits[size][None])[0].numpy()
+        rows.append({"stem": stem, "size": str(size), "empty": 1, **false_positive_area(predicted)})
+    return rows
+
+
+def empty_summary(rows: Sequence[dict]) -> dict:
+    """`n_empty`, and for prompt-free rows the mean `empty_false_positive_fraction` and how many have any."""
+    summary = {"n_empty": len(rows)}
+    fractions = [r["false_positive_fraction"] for r in rows if "false_positive_fraction" in r]
+    if fractions:
+        summary["empty_false_positive_fraction"] = float(np.mean(fractions))
+        summary["n_empty_with_false_positives"] = sum(1 for f in fractions if f > 0)
+    return summary
 
 
 def per_class_summary(rows: Sequence[dict], class_names: dict[int, str]) -> dict:
@@ -299,13 +345,21 @@ def load_baseline(model, processor, model_spec: str, baseline_model: str | None 
         ) from error
 
 
-def write_overlays(model, processor, pairs, folder: Path, num_classes: int, prompt: str) -> None:
-    """Each image with the native prediction in red and the ground truth in green (`inference.overlay`)."""
+def write_overlays(
+    model, processor, pairs, folder: Path, num_classes: int, prompt: str, mask_values: Mapping[int, int] | None = None
+) -> None:
+    """
+    Each image with the native prediction in red and the ground truth in green (`inference.overlay`); with box
+    prompts, images whose mask is empty have no prompt and no overlay.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     for pair in pairs:
-        labels = read_mask(pair.mask, num_classes)
+        labels = read_mask(pair.mask, num_classes, mask_values)
+        box = mask_box(labels)
+        if box is None and prompt == "box":
+            continue
         image = to_rgb_array(pair.image)
-        logits = predict_logits(model, processor, image, mask_box(labels) if prompt == "box" else None)[NATIVE]
+        logits = predict_logits(model, processor, image, box if prompt == "box" else None)[NATIVE]
         predicted = IMedSamProcessor.post_process_masks(logits[None])[0].numpy()
         overlay(image, predicted, truth=labels).save(folder / f"{pair.stem}.png")
 
@@ -334,6 +388,8 @@ def summary_lines(result: dict) -> list[str]:
                 f"{name:12s} {size:>7s}  n={values['n']:3d}  Dice {values['dice']:.4f} ± {values['dice_std']:.4f}  "
                 f"IoU {values['iou']:.4f}  HD95 {values['hd95']:.2f}  HD {values['hd']:.2f}"
             )
+            if values.get("n_empty"):
+                lines.append(f"{'':12s} {size:>7s}  {empty_line(values)}")
             for class_id, scores in values.get("per_class", {}).items():
                 lines.append(
                     f"{'':12s} {size:>7s}    {class_id:>3s} {scores['name']:28s} n={scores['n']:4d}  "
@@ -352,6 +408,17 @@ def summary_lines(result: dict) -> list[str]:
                 )
             lines.append(f"{'':12s} {'volume':>7s}    mean over classes: 3D Dice {volume['dice']:.4f}")
     return lines
+
+
+def empty_line(values: dict) -> str:
+    """The report's line on the images with an empty mask (never in Dice, IoU or HD)."""
+    text = f"n_empty={values['n_empty']:3d}  empty masks (no foreground): not in Dice, IoU or HD"
+    if "empty_false_positive_fraction" in values:
+        return (
+            f"{text}; predicted foreground on them {100 * values['empty_false_positive_fraction']:.2f} % of the "
+            f"image (false positives on {values['n_empty_with_false_positives']} of {values['n_empty']})"
+        )
+    return f"{text} (no box to prompt with)"
 
 
 def run_evaluation(
@@ -374,6 +441,7 @@ def run_evaluation(
     class_aware: bool = False,
     box_jitter: float = 0.0,
     jitter_seed: int = 0,
+    mask_values: Mapping[int, int] | None = None,
 ) -> dict:
     """
     `imedsam evaluate`: score `model_spec` (and, with `baseline="sam"`, its backbone zero-shot) on the pairs of
@@ -386,6 +454,9 @@ def run_evaluation(
     a top-level `"volume"` (also inside `"baseline_sam"`). A multi-class model does the same with `class_aware`,
     each box prompting its own class's heads (`input_classes`); without it, one prompt per image (the box around
     every structure) gives the label map.
+
+    `mask_values` maps the values stored in the masks to class ids (`data.read_mask`). Images whose mask is empty
+    are counted (`n_empty`) and never scored with Dice (see `evaluate_pairs`).
 
     Raises `ValueError` / `OSError` naming the argument at fault.
     """
@@ -411,7 +482,7 @@ def run_evaluation(
     if class_aware and mask_classes > num_classes:
         raise ValueError(f"{data_dir}: class ids up to {mask_classes}, but the model has {num_classes} classes.")
     pairs, problems = discover_pairs(data_dir)
-    pairs, problems = validate_pairs(pairs, mask_classes or num_classes, "skip", problems)
+    pairs, problems = validate_pairs(pairs, mask_classes or num_classes, "skip", problems, mask_values)
     for problem in problems:
         print(f"skipped {problem}")
     if split_file is None and split != "all":
@@ -426,6 +497,7 @@ def run_evaluation(
         progress=True,
         box_jitter=box_jitter,
         jitter_seed=jitter_seed,
+        mask_values=mask_values,
     )
     if class_prompts:
         kwargs.update(class_prompts=True, mask_classes=mask_classes, classes=classes, class_names=class_names)
@@ -457,7 +529,7 @@ def run_evaluation(
     output.write_text(json.dumps(result, indent=1))
     write_rows_csv(rows, Path(csv_path) if csv_path else output.with_suffix(".csv"))
     if overlays:
-        write_overlays(model, processor, pairs, Path(overlays), num_classes, prompt)
+        write_overlays(model, processor, pairs, Path(overlays), mask_classes or num_classes, prompt, mask_values)
     print("\n".join(summary_lines(result)))
     return result
 

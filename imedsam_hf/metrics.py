@@ -10,6 +10,11 @@ Conventions
 Dice / IoU
     ``dice = 2|P∩T| / (|P| + |T|)``, ``iou = |P∩T| / |P∪T|``. Both masks empty -> ``1.0`` (a correct "nothing here");
     exactly one empty -> ``0.0``.
+Empty ground truth
+    The conventions above make a mean over images reward every empty target with a free ``1.0`` (or punish it with
+    ``0.0``) whatever the structure looked for. Evaluation (``imedsam_hf.evaluation``) therefore never scores an image
+    whose mask is empty with them: it counts it (``n_empty``), leaves it out of the means, and for prompt-free runs
+    reports :func:`false_positive_area`, the foreground predicted where there is none.
 Hausdorff distances
     Computed between the mask *boundaries* (surface pixels: foreground pixels with at least one 4-connected background
     neighbour or on the image border, i.e. ``mask ^ binary_erosion(mask)``, as MONAI's ``get_mask_edges`` and MedPy's
@@ -50,6 +55,7 @@ __all__ = [
     "as_mask",
     "dice",
     "dice_from_counts",
+    "false_positive_area",
     "hausdorff_distances",
     "iou",
     "iou_from_counts",
@@ -136,6 +142,22 @@ def iou_from_counts(intersection: int, n_pred: int, n_target: int) -> float:
     """IoU from `overlap_counts`; 1.0 when both are empty."""
     union = n_pred + n_target - intersection
     return 1.0 if union == 0 else intersection / union
+
+
+def false_positive_area(pred: Any) -> dict[str, float]:
+    """The foreground predicted on an image whose ground truth is empty: every predicted pixel is a false positive.
+
+    Args:
+        pred: predicted mask, shape ``(H, W)``; numpy array or torch tensor, non-boolean values are thresholded ``> 0``.
+
+    Returns:
+        ``{"false_positive_pixels": count, "false_positive_fraction": count / (H * W)}``.
+    """
+    mask = as_mask(pred)
+    if mask.ndim != 2:
+        raise ValueError(f"masks must be 2-D (H, W), got shape {tuple(mask.shape)}")
+    pixels = int(np.count_nonzero(mask))
+    return {"false_positive_pixels": pixels, "false_positive_fraction": pixels / max(mask.size, 1)}
 
 
 def dice(pred: Any, target: Any) -> float:

@@ -1,0 +1,250 @@
+"""Masks read as what they hold, empty masks never scored as a free Dice 1.0, one image per mask stem (issue 13,
+items 1 and 5). Every test works on re-encoded or damaged copies of real shared images, written to `tmp_path`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, tiny_model
+from PIL import Image
+
+from imedsam_hf import IMedSamProcessor
+from imedsam_hf.cli import main as cli_main
+from imedsam_hf.data import (
+    AugmentationConfig,
+    DataConfig,
+    MaskValuesError,
+    SegmentationDataset,
+    discover_pairs,
+    mask_box,
+    read_mask,
+    records_from_pairs,
+    validate_pairs,
+)
+from imedsam_hf.evaluation import evaluate_pairs, grid_size, summary_lines
+
+KVASIR = SHARED_DATA / "Kvasir-SEG-sample"
+BTCV = SHARED_DATA / "BTCV-Synapse-CT"
+pytestmark = pytest.mark.skipif(not KVASIR.is_dir(), reason="shared data not available")
+
+
+def copy_pairs(root, count=2, source=KVASIR):
+    """The first `count` pairs of a shared set, copied into `root/images`, `root/masks`; their stems."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    pairs = discover_pairs(source)[0][:count]
+    for pair in pairs:
+        shutil.copy(pair.image, root / "images")
+        shutil.copy(pair.mask, root / "masks")
+    return [pair.stem for pair in pairs]
+
+
+def truth(stem):
+    return np.asarray(Image.open(KVASIR / "masks" / f"{stem}.png")) > 0
+
+
+def split_in_two(foreground, low, high):
+    """A class-id mask: the left half of the foreground `low`, the right half `high`."""
+    labels = np.zeros(foreground.shape, np.uint8)
+    middle = int(np.nonzero(foreground)[1].mean())
+    labels[:, :middle][foreground[:, :middle]] = low
+    labels[:, middle:][foreground[:, middle:]] = high
+    return labels
+
+
+def palette_png(indices, path):
+    """`indices` saved as a palette PNG with PASCAL VOC's colours (1: dark red, 2: dark green)."""
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0, 0, 0] * 253)
+    image.save(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    tiny_model(query_mode="adaptive").save_pretrained(folder)
+    IMedSamProcessor(image_size=64).save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- item 1: values
+def test_class_id_masks_under_a_binary_model_are_an_error_naming_the_file_and_the_values(tmp_path):
+    stems = copy_pairs(tmp_path, 2)
+    bad = tmp_path / "masks" / f"{stems[1]}.png"
+    Image.fromarray(split_in_two(truth(stems[1]), 38, 75)).save(bad)
+    pairs, problems = discover_pairs(tmp_path)
+    with pytest.raises(ValueError) as raised:  # fatal even when unusable files are skipped: never read as empty
+        validate_pairs(pairs, num_classes=1, on_error="skip", problems=problems)
+    message = str(raised.value)
+    assert message.startswith(f"{bad}: 3 distinct values [0, 38, 75]") and "\n" not in message
+    assert "--num_classes N" in message and "--mask_values 38:1,75:1" in message
+    # Not class ids 1..2 either; merged into one foreground by a mapping, it is the original mask.
+    with pytest.raises(MaskValuesError, match="class id 75 outside 0..num_classes"):
+        read_mask(bad, num_classes=2)
+    merged = read_mask(bad, mask_values={38: 1, 75: 1})
+    np.testing.assert_array_equal(merged, truth(stems[1]))
+    assert validate_pairs(pairs, mask_values={38: 1, 75: 1, 255: 1})[0] == pairs  # a mapping covers every mask
+    with pytest.raises(MaskValuesError, match=r"values \[75\] are not in --mask_values 38:1"):
+        read_mask(bad, mask_values={38: 1})
+
+
+def test_palette_masks_are_read_by_index_not_through_their_colours(tmp_path):
+    stem = copy_pairs(tmp_path, 1)[0]
+    foreground = truth(stem)
+    path = tmp_path / "masks" / f"{stem}.png"
+    palette_png(foreground.astype(np.uint8), path)  # index 1 is dark red: 38 in grey, below the old 127 threshold
+    assert Image.open(path).mode == "P"
+    np.testing.assert_array_equal(read_mask(path), foreground)
+    palette_png(split_in_two(foreground, 1, 2), path)
+    with pytest.raises(MaskValuesError, match=r"3 distinct values \[0, 1, 2\]"):
+        read_mask(path)
+    labels = read_mask(path, num_classes=2)
+    assert set(np.unique(labels).tolist()) == {0, 1, 2} and np.array_equal(labels > 0, foreground)
+
+
+@pytest.mark.parametrize("value", [1, 38, 255])
+def test_binary_masks_with_any_single_foreground_value_read_as_that_foreground(tmp_path, value):
+    stem = copy_pairs(tmp_path, 1)[0]
+    path = tmp_path / "masks" / f"{stem}.png"
+    Image.fromarray(truth(stem).astype(np.uint8) * value).save(path)
+    np.testing.assert_array_equal(read_mask(path), truth(stem))
+
+
+def test_two_values_without_a_background_zero_are_an_error(tmp_path):
+    stem = copy_pairs(tmp_path, 1)[0]
+    path = tmp_path / "masks" / f"{stem}.png"
+    Image.fromarray(truth(stem).astype(np.uint8) + 1).save(path)  # background 1, foreground 2
+    with pytest.raises(MaskValuesError, match=r"\[1, 2\] .* and no 0 \(background\).* --mask_values 1:0,2:1\."):
+        read_mask(path)
+    np.testing.assert_array_equal(read_mask(path, mask_values={1: 0, 2: 1}), truth(stem))
+
+
+def test_jpeg_masks_keep_their_compression_noise_tolerance_but_not_class_ids(tmp_path):
+    stem = copy_pairs(tmp_path, 1)[0]
+    foreground = truth(stem)
+    noisy = tmp_path / "noisy.jpg"
+    Image.fromarray(foreground.astype(np.uint8) * 255).save(noisy, quality=75)
+    assert len(np.unique(np.asarray(Image.open(noisy)))) > 10  # the original Kvasir-SEG masks are such JPEGs
+    assert (read_mask(noisy) != foreground).mean() < 1e-3
+    Image.fromarray(split_in_two(foreground, 38, 75)).save(tmp_path / "classes.jpg", quality=95)
+    with pytest.raises(MaskValuesError, match="none above 127 as a noisy 0/255 mask would have"):
+        read_mask(tmp_path / "classes.jpg")
+
+
+# ------------------------------------------------------------------------------------------ item 1: empty masks
+def test_empty_masks_get_no_box_and_no_dice_in_evaluation(tmp_path):
+    stems = copy_pairs(tmp_path, 2)
+    empty = tmp_path / "masks" / f"{stems[0]}.png"
+    Image.fromarray(np.zeros(truth(stems[0]).shape, np.uint8)).save(empty)
+    pairs = discover_pairs(tmp_path)[0]
+    model, processor = tiny_model(query_mode="adaptive"), IMedSamProcessor(image_size=64)
+    rows, summary = evaluate_pairs(model, processor, pairs, output_sizes=[48])
+    alone_rows, alone = evaluate_pairs(model, processor, pairs[1:], output_sizes=[48])
+    assert rows[0] == {"stem": stems[0], "size": "48", "empty": 1}  # not run: an empty mask has no box
+    assert summary["48"]["n"] == 1 and summary["48"]["n_empty"] == 1
+    assert summary["48"]["dice"] == alone["48"]["dice"] < 1.0 and alone["48"]["n_empty"] == 0
+    lines = summary_lines({"results": summary})
+    assert any("n_empty=  1  empty masks (no foreground): not in Dice, IoU or HD (no box" in line for line in lines)
+    # Prompt-free: the empty image is run and scored by the foreground predicted on it, still not by Dice.
+    rows, summary = evaluate_pairs(model, processor, pairs, output_sizes=[48], prompt="none")
+    assert rows[0]["empty"] == 1 and "dice" not in rows[0]
+    predicted_fraction = rows[0]["false_positive_fraction"]
+    height, width = grid_size(truth(stems[0]).shape, 48)
+    assert rows[0]["false_positive_pixels"] == round(predicted_fraction * height * width) <= height * width
+    assert summary["48"]["n"] == 1 and summary["48"]["empty_false_positive_fraction"] == predicted_fraction
+    assert summary["48"]["n_empty_with_false_positives"] == int(predicted_fraction > 0)
+    assert any("predicted foreground on them" in line for line in summary_lines({"results": summary}))
+
+
+def test_imedsam_evaluate_reports_empty_masks_and_bad_values_in_one_line(tmp_path, model_dir, capsys):
+    stems = copy_pairs(tmp_path / "data", 2)
+    Image.fromarray(np.zeros(truth(stems[0]).shape, np.uint8)).save(tmp_path / "data" / "masks" / f"{stems[0]}.png")
+    argv = ["evaluate", "--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--split", "all"]
+    assert cli_main([*argv, "--output-sizes", "32", "--json", str(tmp_path / "out.json")]) == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["n_images"] == 2 and result["results"]["32"]["n"] == 1 and result["results"]["32"]["n_empty"] == 1
+    assert "empty masks (no foreground)" in capsys.readouterr().out
+    Image.fromarray(split_in_two(truth(stems[1]), 38, 75)).save(tmp_path / "data" / "masks" / f"{stems[1]}.png")
+    assert cli_main([*argv, "--json", str(tmp_path / "bad.json")]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and error.count("error: ") == 1
+    assert f"error: {tmp_path / 'data' / 'masks' / stems[1]}.png: 3 distinct values [0, 38, 75]" in error
+    assert (
+        cli_main(
+            [*argv, "--output-sizes", "32", "--mask-values", "38:1,75:1,255:1", "--json", str(tmp_path / "m.json")]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "m.json").read_text())["results"]["32"]["n"] == 1
+
+
+def test_training_samples_of_empty_masks_get_no_fabricated_box(tmp_path):
+    stems = copy_pairs(tmp_path, 3)
+    Image.fromarray(np.zeros(truth(stems[1]).shape, np.uint8)).save(tmp_path / "masks" / f"{stems[1]}.png")
+    records = records_from_pairs(discover_pairs(tmp_path)[0])
+    processor = IMedSamProcessor(image_size=64)
+    boxed = SegmentationDataset(records, processor, DataConfig(augment=None), train=False)
+    assert len(boxed) == 2 and boxed.empty_stems == [stems[1]]
+    assert [boxed.records[i]["stem"] for i, _ in boxed.items] == [stems[0], stems[2]]
+    prompt_free = SegmentationDataset(records, processor, DataConfig(augment=None, prompt="none"), train=False)
+    assert len(prompt_free) == 3 and prompt_free[1]["labels"].sum() == 0  # "nothing here" is a prompt-free target
+    # Shifts that throw the polyp out of view in 7 of these 18 samples: framed again, the box is still the polyp's.
+    far = AugmentationConfig(translate=1.0, noise_probability=0, blur_probability=0)
+    train = SegmentationDataset(records, processor, DataConfig(augment=far, box_jitter=0.0), train=True, seed=3)
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        for index in range(len(train)):
+            sample = train[index]
+            labels = sample["labels"].numpy()
+            assert labels.sum() > 0
+            np.testing.assert_allclose(sample["input_boxes"].numpy(), mask_box(labels), atol=1.5)
+
+
+@pytest.mark.skipif(not BTCV.is_dir(), reason="shared CT data not available")
+def test_class_prompted_samples_keep_real_boxes_when_augmented_out_of_view(tmp_path):
+    copy_pairs(tmp_path, 2, BTCV)
+    records = records_from_pairs(discover_pairs(tmp_path)[0])
+    far = AugmentationConfig(translate=0.7, noise_probability=0, blur_probability=0)  # 4 of 8 samples out of view
+    config = DataConfig(augment=far, box_jitter=0.0, class_prompts=True, mask_classes=13, all_classes_per_sample=True)
+    dataset = SegmentationDataset(records, IMedSamProcessor(image_size=64), config, train=True)
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            assert (sample["prompt_classes"] > 0).all()  # never a whole-image prompt for an empty target
+            for box, class_id in zip(sample["input_boxes"].numpy(), sample["prompt_classes"].tolist()):
+                assert (sample["labels"] == class_id).any()
+                x0, y0, x1, y1 = box.round().astype(int)
+                assert (sample["labels"][y0 : y1 + 1, x0 : x1 + 1] == class_id).any()
+
+
+# ------------------------------------------------------------------------------------------- item 5: one stem
+def test_two_images_of_one_stem_are_an_error_listing_both(tmp_path, capsys):
+    stems = copy_pairs(tmp_path, 2)
+    jpg = tmp_path / "images" / f"{stems[0]}.jpg"
+    png = jpg.with_suffix(".png")
+    Image.open(jpg).save(png)  # the same stem as a second file: both would take masks/<stem>.png
+    pairs, problems = discover_pairs(tmp_path)
+    assert [p.stem for p in pairs] == [stems[1]]
+    assert len(problems) == 1 and str(jpg) in str(problems[0]) and str(png) in str(problems[0])
+    assert "neither is used" in str(problems[0])
+    with pytest.raises(ValueError, match="1 unusable file") as raised:
+        validate_pairs(pairs, on_error="fail", problems=problems)
+    assert str(png) in str(raised.value)
+    shutil.copy(KVASIR / "masks" / f"{stems[1]}.png", tmp_path / "masks" / f"{stems[1]}.bmp")
+    pairs, problems = discover_pairs(tmp_path)
+    assert pairs == [] and "2 masks share its stem" in str(problems[1])
+
+
+def test_imedsam_evaluate_lists_same_stem_images_as_skipped(tmp_path, model_dir, capsys):
+    stems = copy_pairs(tmp_path / "data", 2)
+    jpg = tmp_path / "data" / "images" / f"{stems[0]}.jpg"
+    Image.open(jpg).save(jpg.with_suffix(".png"))
+    argv = ["evaluate", "--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--split", "all"]
+    assert cli_main([*argv, "--output-sizes", "32", "--json", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped {jpg}: {jpg.with_suffix('.png')} has the same stem" in out
+    assert json.loads((tmp_path / "out.json").read_text())["n_images"] == 1
