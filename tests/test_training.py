@@ -171,6 +171,26 @@ def test_bad_files_are_reported_by_path_and_skipped(tiny_sam, polyps, tmp_path):
         train_script.main(args(tiny_sam, polyps, tmp_path / "strict", "--on_error", "fail"))
 
 
+@slow
+def test_empty_and_encoded_masks_in_training(tiny_sam, polyps, tmp_path):
+    """An empty mask makes no sample and is listed; 0/38 masks train with --mask_values; a bad mapping is named."""
+    masks = sorted((polyps / "masks").iterdir())
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(masks[0]).convert("L")))).save(masks[0])
+    for path in masks[1:]:  # 0/255 JPEG-noisy masks re-encoded as 0/38 PNGs (same stems)
+        values = np.asarray(Image.open(path).convert("L")) > 127
+        path.unlink()
+        Image.fromarray((values * 38).astype(np.uint8)).save(path.with_suffix(".png"))
+    out = tmp_path / "run"
+    split = {"train": [m.stem for m in masks[:3]], "validation": [masks[3].stem], "test": [masks[4].stem]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    common = ["--epochs", "1", "--baseline", "false", "--split_file", str(tmp_path / "split.json")]
+    train_script.main(args(tiny_sam, polyps, out, *common, "--mask_values", "38:1"))
+    problems = (out / "data_problems.txt").read_text()
+    assert f"{masks[0].stem}: empty mask" in problems
+    with pytest.raises(SystemExit, match="--mask_values 'x'"):
+        train_script.main(args(tiny_sam, polyps, tmp_path / "bad", *common, "--mask_values", "x"))
+
+
 def test_bad_options_are_named(tiny_sam, polyps, tmp_path):
     with pytest.raises(SystemExit, match="no_such_key"):
         train_script.main(args(tiny_sam, polyps, tmp_path / "x", "--no_such_key", "1"))

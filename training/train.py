@@ -64,6 +64,7 @@ from imedsam_hf.data import (
     load_hub_dataset,
     load_splits,
     make_splits,
+    parse_mask_values,
     read_class_names,
     records_from_pairs,
     validate_pairs,
@@ -185,6 +186,11 @@ class DataArguments:
         "per image, the loss averaged over its prompts) instead of one sample per class.",
     )
     mask_classes: int | None = option(None, "Foreground class ids in the masks (None: the model's num_classes).")
+    mask_values: str | None = option(
+        None,
+        "Stored mask value -> class id, e.g. '38:1,75:1' (two values, one foreground) or '38:1,75:2' (None: a binary "
+        "mask's one non-zero value is the foreground, class-id masks as they are; anything else is an error).",
+    )
     name: str | None = option(None, "Dataset name for the model card.")
     license: str | None = option(None, "Dataset licence for the model card.")
     citation: str | None = option(None, "Dataset citation for the model card.")
@@ -569,7 +575,9 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
         if not data.data_dir:
             raise SystemExit("error: set --data_dir (a folder with images/ and masks/) or --dataset (a Hub id).")
         pairs, problems = discover_pairs(data.data_dir)
-        items, problems = validate_pairs(pairs, data.mask_classes or num_classes, data.on_error, problems)
+        items, problems = validate_pairs(
+            pairs, data.mask_classes or num_classes, data.on_error, problems, mask_values(data)
+        )
         if not items:
             raise SystemExit(f"error: --data_dir {data.data_dir}: no usable image/mask pairs.")
         stems = [pair.stem for pair in items]
@@ -588,6 +596,23 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
     if not len(result["train"]):
         raise SystemExit("error: the train split is empty.")
     return result
+
+
+def mask_values(data: DataArguments) -> dict[int, int] | None:
+    try:
+        return parse_mask_values(data.mask_values) if data.mask_values else None
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+def report_empty_masks(train_set: SegmentationDataset, output_dir: Path, accelerator: Accelerator) -> None:
+    """Masks with no foreground make no box-prompted sample: say which, beside the other data problems."""
+    if not train_set.empty_stems or not accelerator.is_main_process:
+        return
+    stems = train_set.empty_stems
+    accelerator.print(f"{len(stems)} training mask(s) have no foreground and make no sample (data_problems.txt)")
+    with (output_dir / "data_problems.txt").open("a") as handle:
+        handle.writelines(f"{stem}: empty mask (no foreground), no box prompt: not trained on\n" for stem in stems)
 
 
 def record_class_names(config, data: DataArguments) -> None:
@@ -630,6 +655,7 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         class_prompts=data.class_prompts,
         mask_classes=data.mask_classes,
         all_classes_per_sample=data.all_classes_per_sample,
+        mask_values=mask_values(data),
     )
     train_set = SegmentationDataset(as_records(splits["train"]), processor, data_config, train=True, seed=run.seed)
     val_set = SegmentationDataset(as_records(splits["validation"]), processor, data_config, train=False)
@@ -751,6 +777,8 @@ def validation_dice(model, loader, accelerator: Accelerator) -> float:
         predicted = IMedSamProcessor.post_process_masks(outputs.logits)
         values = []
         for pred, target, (h, w) in zip(predicted, labels, sizes.tolist()):
+            if not target[:h, :w].any():  # nothing to find (prompt-free samples only): no Dice, never a free 1.0
+                continue
             values.append(dice(pred[:h, :w] > 0, target[:h, :w] > 0))
         scores.append(torch.tensor(values, device=accelerator.device))
     model.train()
@@ -1100,6 +1128,11 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
     except ValueError as error:  # bad data: one clear message naming the files, nothing half-written
         raise SystemExit(f"error: {error}") from error
     train_set, val_set, train_loader, val_loader = build_loaders(args, splits, processor, num_classes)
+    report_empty_masks(train_set, output_dir, accelerator)
+    if not len(train_set):
+        raise SystemExit(
+            f"error: no training samples: every mask of the train split is empty ({output_dir / 'data_problems.txt'})."
+        )
 
     optimizer = torch.optim.AdamW(
         parameter_groups(model, run_args.learning_rate, run_args.implicit_learning_rate, run_args.weight_decay)
