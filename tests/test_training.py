@@ -141,14 +141,25 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
 
 
 @slow
-def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sam, polyps, tmp_path):
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sam, polyps, tmp_path, capsys):
     common = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "10", "--baseline", "false"]
     full = tmp_path / "full"
     train_script.main(args(tiny_sam, polyps, full, *common))
     interrupted = tmp_path / "interrupted"
     stopped = train_script.main(args(tiny_sam, polyps, interrupted, *common, "--stop_after_steps", "4"))
     assert stopped == {"stopped_at_step": 4}  # mid-way through epoch 2 (3 batches an epoch)
+    # The newest checkpoint was damaged (a truncated optimizer file): it is named and skipped, never half-loaded.
+    optimizer = interrupted / "checkpoints" / "checkpoint-4" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with pytest.raises(SystemExit, match="optimizer.bin has 100 bytes"):
+        train_script.main(
+            args(tiny_sam, polyps, interrupted, *common, "--resume_from_checkpoint", str(optimizer.parent))
+        )
+    (interrupted / "checkpoints" / "checkpoint-3" / "random_states_0.pkl").unlink()  # and the one before lost its RNG
     train_script.main(args(tiny_sam, polyps, interrupted, *common, "--resume_from_checkpoint", "latest"))
+    printed = capsys.readouterr().out
+    assert "skipping checkpoint" in printed and "optimizer.bin has 100 bytes" in printed
+    assert "random_states_0.pkl is missing" in printed and "resumed from" in printed and "checkpoint-2" in printed
     a = load_file(full / "checkpoints" / "checkpoint-6" / "trainable_0.safetensors")
     b = load_file(interrupted / "checkpoints" / "checkpoint-6" / "trainable_0.safetensors")
     assert a.keys() == b.keys() and len(a) > 10

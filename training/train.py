@@ -29,6 +29,7 @@ uploads checkpoints in the background and the final model with its card at the e
 
 import argparse
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -738,12 +739,57 @@ def register_checkpoint_hooks(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+MANIFEST = "manifest.json"
+
+
+def write_manifest(path: Path) -> None:
+    """Every file of a checkpoint with its size and sha256, written last: a checkpoint without it is incomplete."""
+    files = {f.name: {"size": f.stat().st_size, "sha256": sha256(f)} for f in sorted(path.iterdir()) if f.is_file()}
+    temporary = path / f".{MANIFEST}.tmp"
+    temporary.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(temporary, path / MANIFEST)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (a missing, truncated or changed file), or None when its manifest holds."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (it is written last: the save did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{manifest} is unreadable ({error})"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{file} has {file.stat().st_size} bytes, {expected['size']} when saved (truncated?)"
+        if sha256(file) != expected["sha256"]:
+            return f"{file} changed since it was saved (sha256 differs)"
+    return None
+
+
+def latest_checkpoint(output_dir: Path, report=print) -> Path | None:
+    """The newest checkpoint whose manifest verifies; each newer one skipped is reported with its reason."""
     checkpoints = sorted(
-        (p for p in (output_dir / "checkpoints").glob("checkpoint-*") if (p / "training_state.json").is_file()),
+        (p for p in (output_dir / "checkpoints").glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
         key=lambda p: int(p.name.split("-")[-1]),
     )
-    return checkpoints[-1] if checkpoints else None
+    for path in reversed(checkpoints):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        report(f"skipping checkpoint {path}: {problem}")
+    return None
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -873,10 +919,18 @@ def resume(run: Run) -> None:
     choice = run.args.training.resume_from_checkpoint
     if not choice:
         return
-    path = latest_checkpoint(run.output_dir) if choice == "latest" else Path(choice)
-    if path is None:
-        run.accelerator.print(f"no checkpoint in {run.output_dir / 'checkpoints'}: starting from scratch")
-        return
+    if choice == "latest":
+        path = latest_checkpoint(run.output_dir, run.accelerator.print)
+        if path is None:
+            run.accelerator.print(f"no complete checkpoint in {run.output_dir / 'checkpoints'}: starting from scratch")
+            return
+    else:
+        path = Path(choice)
+        problem = checkpoint_problem(path) if path.is_dir() else "not a folder"
+        if problem is not None:
+            raise SystemExit(
+                f"error: --resume_from_checkpoint {choice}: {problem}; use 'latest' for the newest good one."
+            )
     run.accelerator.load_state(str(path))
     run.state = json.loads((path / "training_state.json").read_text())
     run.accelerator.print(f"resumed from {path} (epoch {run.state['epoch']}, step {run.state['global_step']})")
@@ -903,8 +957,10 @@ def save_checkpoint(run: Run) -> None:
     path = run.output_dir / "checkpoints" / f"checkpoint-{run.state['global_step']}"
     run.accelerator.wait_for_everyone()
     run.accelerator.save_state(str(path))
+    run.accelerator.wait_for_everyone()  # every process's RNG file is written before the manifest lists them
     if run.accelerator.is_main_process:
         (path / "training_state.json").write_text(json.dumps(run.state))
+        write_manifest(path)
         prune_checkpoints(run.output_dir, run.args.training.checkpoints_total_limit)
         if run.hub_api is not None:
             run.futures.append(
