@@ -49,6 +49,8 @@ def build_demo(model_name: str, device: str = "auto") -> gr.Blocks:
         Image.fromarray(mask).save(path)
         area = float((mask > 0).mean())
         info = f"mask {mask.shape[1]}x{mask.shape[0]}, foreground {100 * area:.1f}%"
+        if result.mask_source == "sam" and model.config.use_implicit_decoder:
+            info += "; SAM's own mask: this model's implicit decoder was never trained"
         return overlay(array, result.mask), path, info
 
     with gr.Blocks(title="I-MedSAM") as demo:

@@ -1,7 +1,8 @@
 """The `imedsam` command: predict masks for images, convert checkpoints, evaluate on a labelled folder.
 
     imedsam predict --model DIR_OR_HUB_ID IMAGES_OR_DIR... [--box x0,y0,x1,y1 | --boxes boxes.json |
-                    --boxes-from-masks DIR | --no-prompt] [--output-size WxH] --out DIR [--overlay] [--device auto]
+                    --boxes-from-masks DIR | --no-prompt] [--output-size WxH] --out DIR [--overwrite] [--overlay]
+                    [--device auto]
     imedsam convert sam --checkpoint facebook/sam-vit-base --image-size 384 --output DIR
     imedsam convert litemedsam --output DIR
     imedsam evaluate --model DIR --data-dir DIR [--split test] [--baseline sam] --json OUT.json
@@ -13,12 +14,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
 from .data import convert_structure_masks, parse_mask_values
 from .evaluation import DEFAULT_GROUP_PATTERN, NATIVE, run_evaluation
-from .inference import MAX_OUTPUT_PIXELS, PromptSource, predict_files, read_boxes_file
+from .inference import (
+    MAX_OUTPUT_PIXELS,
+    PromptSource,
+    check_output_budget,
+    check_output_folder,
+    predict_files,
+    read_boxes_file,
+)
 from .loading import convert_checkpoint, resolve_device
 from .version import __version__
 from .volumes import WINDOW_PRESETS, is_volume, predict_volumes
@@ -71,6 +80,18 @@ def _mask_values(text: str) -> dict[int, int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _pixel_budget(text: str) -> int:
+    try:
+        return check_output_budget(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of pixels >= 1, e.g. 16777216") from None
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line as `warning: ...`, without the source line Python shows."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def _device_option(parser: argparse.ArgumentParser) -> None:
     _option(parser, "--device", default="auto", help="auto (CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N")
 
@@ -110,14 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"volumes in Hounsfield units: LEVEL,WIDTH or a preset ({', '.join(WINDOW_PRESETS)}); default: 8-bit "
         "volumes as they are, others rescaled min-max (with a warning)",
     )
-    _option(p, "--out", required=True, help="folder for the masks")
+    _option(
+        p,
+        "--out",
+        required=True,
+        help="folder for the masks, outside the input and mask folders; names keep the inputs' sub-paths",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace files already in --out (default: refuse)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     _option(
         p,
         "--max-output-pixels",
-        type=int,
+        type=_pixel_budget,
         default=MAX_OUTPUT_PIXELS,
-        help="bigger images get their mask predicted on a grid of this many points and resized (bounded memory)",
+        help="bigger masks are predicted on a grid of this many points and resized (bounded memory)",
     )
     _device_option(p)
 
@@ -223,9 +250,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         device = str(resolve_device(args.device)) if hasattr(args, "device") else None
         if args.command == "predict":
+            check_output_folder(args.out, args.inputs, args.boxes_from_masks)
             boxes = read_boxes_file(args.boxes)
             volumes = [path for path in args.inputs if is_volume(path)]
             images = [path for path in args.inputs if not is_volume(path)]
@@ -238,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompts = PromptSource(args.box, boxes, args.boxes_from_masks, args.no_prompt)
                 codes.append(predict_files(
                     args.model, images, args.out, prompts, args.output_size, args.overlay,
-                    args.max_output_pixels, device,
+                    args.max_output_pixels, device, args.overwrite,
                 ))  # fmt: skip
             return max(codes)
         if args.command == "convert" and args.source == "structure-masks":

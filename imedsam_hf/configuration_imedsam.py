@@ -286,6 +286,12 @@ class IMedSamConfig(SamConfig):
     adapter_config (`dict`, *optional*):
         Set on published checkpoints: the [`FrequencyAdapterSettings`] (as a dict) whose layers are built into the
         model so that `AutoModel.from_pretrained` returns the trained model complete. Leave `None` otherwise.
+    implicit_decoder_trained (`bool`, *optional*):
+        Whether the implicit decoder's weights were trained. `False` for a conversion (`imedsam convert`, a SAM
+        checkpoint or `"litemedsam"` loaded as a model), whose decoder is freshly initialised; `True` once training
+        saved it (`save_pretrained_full`). `None`, as in configs written before this field: a published checkpoint
+        (one with `adapter_config`) counts as trained, anything else as untrained. `segment` (and so `imedsam
+        predict` and the demo) uses SAM's own mask instead of an untrained decoder; see `has_trained_implicit_decoder`.
     """
 
     model_type = "i_medsam"
@@ -316,6 +322,7 @@ class IMedSamConfig(SamConfig):
     implicit_sam_prior: bool = False
     adapter_config: dict | None = None
     base_model: str | None = None
+    implicit_decoder_trained: bool | None = None
 
     def __post_init__(self, **kwargs):
         if isinstance(self.vision_config, dict) and self.vision_config.get("model_type") == TINYVIT_MODEL_TYPE:
@@ -355,6 +362,19 @@ class IMedSamConfig(SamConfig):
                 f"`vision_config.image_size` ({vision_size}) and `prompt_encoder_config.image_size` "
                 f"({prompt_size}) must match."
             )
+
+    @property
+    def has_trained_implicit_decoder(self) -> bool:
+        """
+        Whether `logits` come from a trained implicit decoder: `implicit_decoder_trained` where it is recorded; for
+        configs written before it was, only published checkpoints (`adapter_config` set: the training recipe's
+        output) count as trained, and conversions, which never had an adapter, as untrained.
+        """
+        if not self.use_implicit_decoder:
+            return False
+        if self.implicit_decoder_trained is not None:
+            return self.implicit_decoder_trained
+        return self.adapter_config is not None
 
     @property
     def is_tinyvit(self) -> bool:

@@ -204,9 +204,11 @@ def litemedsam_config(state_dict, **config_kwargs) -> IMedSamConfig:
 def litemedsam_to_imedsam(checkpoint: str | os.PathLike | None = None, **config_kwargs) -> IMedSamModel:
     """
     An IMedSamModel carrying LiteMedSAM's weights (hash-checked, `weights_only=True`); only the implicit decoder
-    is new. `config_kwargs` are IMedSamConfig fields (`use_implicit_decoder=False` gives LiteMedSAM itself).
+    is new (its config says `implicit_decoder_trained=False`). `config_kwargs` are IMedSamConfig fields
+    (`use_implicit_decoder=False` gives LiteMedSAM itself).
     """
     original = load_litemedsam_checkpoint(checkpoint)
+    config_kwargs.setdefault("implicit_decoder_trained", False)
     model = IMedSamModel(litemedsam_config(original, **config_kwargs))
     state = meta_state_dict_to_hf(original, prefixes=("prompt_encoder.", "mask_decoder."))
     encoder = tinyvit_state_dict_from_original(original)

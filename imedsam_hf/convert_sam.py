@@ -149,7 +149,18 @@ def load_sam(checkpoint: str) -> tuple[SamConfig, dict[str, torch.Tensor]]:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file.")
         return load_meta_sam(checkpoint)
-    model = SamModel.from_pretrained(checkpoint)
+    try:
+        model, info = SamModel.from_pretrained(checkpoint, output_loading_info=True)
+    except (OSError, ValueError):
+        raise
+    except Exception as error:  # safetensors, torch and transformers raise many types for damaged weights
+        raise OSError(f"`{checkpoint}`: cannot load the SAM weights ({error}).") from error
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"`{checkpoint}`: its weights are not a SamModel's ({len(missing)} tensors missing, e.g. "
+            f"{', '.join(missing[:3])}); transformers would initialise them at random."
+        )
     return model.config, model.state_dict()
 
 
@@ -191,7 +202,11 @@ def adapt_sam_state_dict(state_dict: dict[str, torch.Tensor], model: IMedSamMode
 def sam_to_imedsam(
     sam_config: SamConfig, state_dict: dict[str, torch.Tensor], image_size: int | None = None, **config_kwargs
 ) -> IMedSamModel:
-    """Build an `IMedSamModel` at `image_size` from SAM weights; only the implicit decoder is newly initialised."""
+    """
+    Build an `IMedSamModel` at `image_size` from SAM weights; only the implicit decoder is newly initialised (its
+    config says `implicit_decoder_trained=False`).
+    """
+    config_kwargs.setdefault("implicit_decoder_trained", False)
     config = IMedSamConfig.from_sam_config(sam_config, image_size=image_size, **config_kwargs)
     model = IMedSamModel(config)
     result = model.load_state_dict(adapt_sam_state_dict(state_dict, model), strict=False)

@@ -3,8 +3,12 @@ does with its files (the command line's parsing is in `cli`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,11 +20,23 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, mask_box, read_mask
-from .loading import load_model
-from .processing_imedsam import ImageInput, IMedSamProcessor, open_image, processor_for_config, to_rgb_array
+from .loading import implicit_decoder_trained, load_model
+from .modeling_imedsam import sam_mask_on_grid
+from .processing_imedsam import (
+    ImageInput,
+    IMedSamProcessor,
+    describe,
+    open_image,
+    processor_for_config,
+    resize_labels,
+    to_rgb_array,
+)
 
-MAX_PIXELS = 20000 * 20000  # larger images are refused (PIL also stops at about 179M pixels)
-MAX_OUTPUT_PIXELS = 4096 * 4096  # beyond this the mask is predicted on a reduced grid and resized to the image
+MAX_PIXELS = 20000 * 20000  # larger images and masks are refused (PIL also stops at about 179M pixels)
+# The output budget: a mask grid over this many points is predicted on the largest grid of the same aspect within
+# it and resized (nearest neighbour) to the size asked for. Masks of any allowed size then need the model's memory
+# of a 4096 x 4096 grid (a few hundred MB), not 8 GB for 20000 x 20000.
+MAX_OUTPUT_PIXELS = 4096 * 4096
 PREDICTION_COLOUR = (255.0, 0.0, 0.0)
 TRUTH_COLOUR = (0.0, 255.0, 0.0)
 
@@ -28,12 +44,19 @@ TRUTH_COLOUR = (0.0, 255.0, 0.0)
 @dataclass
 class Segmentation:
     """
-    `mask` `(H, W)` bool (class ids for multi-class models) and `probabilities` `(C, H, W)` float32; with several
-    boxes, one of each per box: `mask` `(P, H, W)`, `probabilities` `(P, C, H, W)`.
+    `mask` `(H, W)` bool (class ids for multi-class models) and `probabilities` `(C, h, w)` float32; with several
+    boxes, one of each per box: `mask` `(P, H, W)`, `probabilities` `(P, C, h, w)`.
+
+    `grid` `(h, w)` is where the model was queried: the mask's own size, or for a mask over the output budget
+    (`max_output_pixels`) the bounded grid, from which the mask is resized and on which `probabilities` stay.
+    `mask_source` is `"implicit_decoder"`, or `"sam"` where the model's implicit decoder was never trained and
+    SAM's own mask was used instead.
     """
 
     mask: np.ndarray
     probabilities: np.ndarray
+    grid: tuple[int, int] | None = None
+    mask_source: str = "implicit_decoder"
 
 
 @lru_cache(maxsize=4)
@@ -51,6 +74,7 @@ def segment(
     output_size: tuple[int, int] | None = None,
     processor: IMedSamProcessor | None = None,
     device: str | torch.device | None = None,
+    max_output_pixels: int = MAX_OUTPUT_PIXELS,
 ) -> Segmentation:
     """
     Segment one image (path, PIL image or array of any mode) with an I-MedSAM model.
@@ -59,10 +83,17 @@ def segment(
         model: an `IMedSamModel` (or PeftModel around one), a checkpoint folder or hub id, or `"litemedsam"`.
         box: (x0, y0, x1, y1) in original-image pixels, or a list of such boxes (one mask per box, from one pass
             of the image encoder). points: `(N, 2)` (x, y) with `labels` (1 fg, 0 bg). Neither: prompt-free.
+            NaN, points off the image and boxes outside it are errors naming the argument and value.
         output_size: `(height, width)` of the returned mask; default the image's own size. The implicit decoder
-            is queried on that grid directly.
+            is queried on that grid directly, up to `max_output_pixels` points.
         processor: defaults to the checkpoint's (or the one matching the model's config).
         device: where a model given by name is loaded (`"cuda"`, `"cpu"`, ...); a model object stays where it is.
+        max_output_pixels: the output budget. A larger mask is predicted on the largest grid of the same aspect
+            within it and resized nearest-neighbour (`Segmentation.grid`), which bounds memory.
+
+    A model whose implicit decoder was never trained (a conversion: `config.implicit_decoder_trained` false) gives
+    SAM's own mask, with a warning once per model (`mask_source="sam"`); a multi-class one is an error. Logits that
+    are not finite (damaged weights or input) are an error, never an empty mask.
 
     Example:
         >>> from imedsam_hf import segment
@@ -74,8 +105,10 @@ def segment(
         processor = processor or default_processor
     if processor is None:
         processor = processor_for_config(model.config)
+    use_sam_mask = _untrained_decoder(model)
     inputs = processor(image, input_boxes=box, input_points=points, input_labels=labels)
-    size = output_size or tuple(inputs["original_sizes"][0].tolist())
+    size = _checked_output_size(output_size or tuple(inputs["original_sizes"][0].tolist()))
+    grid = fitted_grid(*size, max_output_pixels)
     parameter = next(model.parameters())
     prompts = {
         key: inputs[key].to(parameter.device)
@@ -84,14 +117,70 @@ def segment(
     }
     outputs = model(
         pixel_values=inputs["pixel_values"].to(parameter.device, parameter.dtype),
-        output_size=size,
+        output_size=grid,
         output_region=inputs["output_region"],
         **prompts,
     )
-    logits = outputs.logits.float().cpu()[0]  # (C, H, W), or (P, C, H, W) for several boxes
-    batch = logits if logits.ndim == 4 else logits[None]
+    logits = _sam_mask(model, outputs.sam_logits, grid, inputs) if use_sam_mask else outputs.logits.float().cpu()[0]
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(
+            f"{describe(image)}: the model's output holds NaN or infinite values (damaged weights or input); no mask."
+        )
+    batch = logits if logits.ndim == 4 else logits[None]  # (C, h, w), or (P, C, h, w) for several boxes
     masks = IMedSamProcessor.post_process_masks(batch).numpy()
-    return Segmentation(mask=masks if logits.ndim == 4 else masks[0], probabilities=logits.sigmoid().numpy())
+    if grid != size:
+        masks = np.stack([resize_labels(mask, size) for mask in masks])
+    return Segmentation(
+        mask=masks if logits.ndim == 4 else masks[0],
+        probabilities=logits.sigmoid().numpy(),
+        grid=grid,
+        mask_source="implicit_decoder"
+        if getattr(model.config, "use_implicit_decoder", False) and not use_sam_mask
+        else "sam",
+    )
+
+
+def _untrained_decoder(model) -> bool:
+    """Whether `model` has an implicit decoder that was never trained (then SAM's mask is used, with a warning)."""
+    config = model.config
+    if not getattr(config, "use_implicit_decoder", False) or implicit_decoder_trained(model):
+        return False
+    name = getattr(model, "name_or_path", "") or type(model).__name__
+    untrained = f"`{name}`: its implicit decoder was never trained (a conversion; its config does not say `implicit_decoder_trained: true`)"
+    if getattr(config, "num_classes", 1) != 1:
+        raise ValueError(
+            f"{untrained}, and SAM's own mask has one channel, not num_classes={config.num_classes}: fine-tune it "
+            "first (training/train.py)."
+        )
+    # The same text from the same line: Python shows it once per model name.
+    warnings.warn(
+        f"{untrained}, so SAM's own mask is used. Fine-tune it (training/train.py) to use the implicit decoder.",
+        UserWarning,
+        stacklevel=1,
+    )
+    return True
+
+
+def _sam_mask(model, sam_logits: torch.Tensor, grid: tuple[int, int], inputs) -> torch.Tensor:
+    """SAM's own mask of one image on `grid`: `(1, h, w)`, or `(P, 1, h, w)` for several prompts."""
+    rows = sam_logits[0].float().cpu()  # (1, 4h', 4w') or (P, 1, 4h', 4w')
+    several = rows.ndim == 4
+    rows = rows if several else rows[None]
+    region = inputs["output_region"].expand(len(rows), 4)
+    logits = sam_mask_on_grid(rows, model.config.image_size, grid, region)
+    return logits if several else logits[0]
+
+
+def _checked_output_size(size) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in size)
+    except (TypeError, ValueError):
+        height = width = 0
+    if height < 1 or width < 1:
+        raise ValueError(f"`output_size` must be a positive (height, width), got {size!r}.")
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"`output_size` {width}x{height} is over the limit of {MAX_PIXELS} pixels.")
+    return height, width
 
 
 def overlay(image: np.ndarray | Image.Image, mask: np.ndarray, truth: np.ndarray | None = None) -> Image.Image:
@@ -116,29 +205,132 @@ def overlay(image: np.ndarray | Image.Image, mask: np.ndarray, truth: np.ndarray
 
 def collect_inputs(paths: Sequence[str]) -> list[Path]:
     """Files as given, folders expanded to their images (sorted)."""
-    files: list[Path] = []
+    return [file for file, _ in _inputs_with_roots(paths)]
+
+
+def _inputs_with_roots(paths: Sequence[str]) -> list[tuple[Path, Path]]:
+    """Each input file with the folder it was given in: the folder named on the command line, or its own parent."""
+    files: list[tuple[Path, Path]] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
                 raise ValueError(f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-            files.extend(found)
+            files.extend((file, path) for file in found)
         else:
-            files.append(path)
+            files.append((path, path.parent))
     if not files:
         raise ValueError("No input images given.")
     return files
 
 
-def fitted_grid(height: int, width: int, max_pixels: int) -> tuple[int, int]:
-    """The image's own grid, or the largest grid of the same aspect within `max_pixels` points."""
-    if max_pixels < 1:
-        raise ValueError(f"--max-output-pixels must be >= 1, got {max_pixels}.")
+def plan_outputs(paths: Sequence[str], out: str | os.PathLike, overlays: bool = False) -> dict[Path, list[Path]]:
+    """
+    `imedsam predict`'s output files: for each input image, `<out>/<relative path>.png` (and `..._overlay.png`),
+    the path relative to the common folder of all inputs, so `a/x.jpg` and `b/x.jpg` give `a/x.png` and `b/x.png`
+    and inputs from one folder give flat names. Two inputs that would write one file (`x.jpg` and `x.png`) are an
+    error naming both, before anything is written.
+    """
+    inputs = _inputs_with_roots(paths)
+    sources = list(dict.fromkeys(Path(os.path.abspath(file)) for file, _ in inputs))
+    roots = {Path(os.path.abspath(root)) for _, root in inputs}
+    common = Path(os.path.commonpath([str(root) for root in roots]))
+    folder = Path(out)
+    plan: dict[Path, list[Path]] = {}
+    writers: dict[Path, Path] = {}
+    for source in sources:
+        name = source.relative_to(common).with_suffix("")
+        targets = [folder / f"{name}.png"] + ([folder / f"{name}_overlay.png"] if overlays else [])
+        for target in targets:
+            if target in writers:
+                raise ValueError(
+                    f"{writers[target]} and {source} would both be written to {target}; rename one of them or "
+                    "predict them separately."
+                )
+            writers[target] = source
+        plan[source] = targets
+    return plan
+
+
+def check_output_folder(out: str | os.PathLike, inputs: Sequence[str], masks_folder: str | None = None) -> None:
+    """
+    `--out` must be a folder (or not exist yet) outside every input folder and the `--boxes-from-masks` folder:
+    masks written there would overwrite inputs or ground truth, or be read as inputs by the next run.
+    """
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder.")
+    target = folder.resolve()
+    guarded = []  # (folder, what it is, whether its subfolders are refused too)
+    for raw in inputs:
+        path = Path(raw)
+        guarded.append(
+            (path, f"the input folder {path}", True) if path.is_dir() else (path.parent, f"the folder of {path}", False)
+        )
+    if masks_folder:
+        guarded.append((Path(masks_folder), f"the --boxes-from-masks folder {masks_folder}", True))
+    for path, role, subfolders in guarded:
+        place = path.resolve()
+        if target == place or (subfolders and place in target.parents):
+            raise ValueError(
+                f"--out {out}: is {role if target == place else 'inside ' + role}; masks written there could "
+                "overwrite its files or be read as inputs. Choose a folder outside it."
+            )
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Create `out` if needed and write a probe file into it, so a read-only folder fails once, before any image."""
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write into it ({error.strerror or error}).") from None
+
+
+def save_atomically(image: Image.Image, target: Path) -> None:
+    """
+    Write `image` as a PNG into a temporary file next to `target` and rename it into place: a reader (or a killed
+    run) never sees a half-written mask, and a failed write leaves the old file as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            image.save(stream, format="PNG")
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fitted_grid(height: int, width: int, max_pixels: int = MAX_OUTPUT_PIXELS) -> tuple[int, int]:
+    """
+    The one output budget: `(height, width)` itself, or the largest grid of the same aspect within `max_pixels`
+    points (`segment` predicts there and resizes the mask).
+    """
+    check_output_budget(max_pixels)
     if height * width <= max_pixels:
         return height, width
     scale = (max_pixels / (height * width)) ** 0.5
     return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def check_output_budget(max_pixels: int) -> int:
+    """`max_output_pixels` / `--max-output-pixels`: a whole number of pixels >= 1."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise ValueError(f"`max_output_pixels` must be a whole number of pixels >= 1, got {max_pixels!r}.")
+    return int(max_pixels)
 
 
 def parse_box(text: str) -> list[float]:
@@ -161,6 +353,8 @@ def parse_output_size(text: str | None) -> tuple[int, int] | None:
         width = height = 0
     if width < 1 or height < 1:
         raise ValueError(f"--output-size {text!r}: expected WIDTHxHEIGHT, e.g. 512x384.")
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"--output-size {text!r}: over the limit of {MAX_PIXELS} pixels.")
     return height, width
 
 
@@ -202,45 +396,69 @@ def predict_files(
     write_overlays: bool = False,
     max_output_pixels: int = MAX_OUTPUT_PIXELS,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> int:
     """
-    `imedsam predict`: one 0/255 PNG mask per input, named after it (and `<name>_overlay.png`). An input that
-    cannot be used is reported by name and the others go on. Returns the exit code: 0 all segmented, 1 some
-    inputs failed, 2 nothing could start (bad arguments, no model).
+    `imedsam predict`: one 0/255 PNG mask per input, named after it (`plan_outputs`; and `<name>_overlay.png`),
+    each written atomically. Files already in `out` are replaced only with `overwrite`. An input that cannot be
+    segmented or written is reported by name and the others go on. Returns the exit code: 0 all segmented, 1 some
+    inputs failed, 2 nothing could start (bad arguments, no model, an unusable `out`).
     """
     try:
-        files = collect_inputs(inputs)
+        check_output_budget(max_output_pixels)
         grid = parse_output_size(output_size)
+        check_output_folder(out, inputs, prompts.boxes_from_masks)
+        plan = plan_outputs(inputs, out, write_overlays)
+        existing = [target for targets in plan.values() for target in targets if target.exists()]
+        if existing and not overwrite:
+            shown = ", ".join(str(path) for path in existing[:3]) + (", ..." if len(existing) > 3 else "")
+            raise ValueError(
+                f"--out {out}: {len(existing)} of the files to write already exist ({shown}); pass --overwrite to "
+                "replace them."
+            )
+        check_writable(out)
         model, processor = load_model(model_spec, device=device)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     failures = []
-    for path in tqdm(files, desc="predict", disable=len(files) < 2):
+    for path, targets in tqdm(plan.items(), desc="predict", disable=len(plan) < 2):
         try:
             image = open_image(path)
             width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
             if width * height > MAX_PIXELS:
                 raise ValueError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS} pixels.")
-            size = grid or fitted_grid(height, width, max_output_pixels)
-            result = segment(model, image, box=prompts.box_for(path), output_size=size, processor=processor)
+            result = segment(
+                model,
+                image,
+                box=prompts.box_for(path),
+                output_size=grid or (height, width),
+                processor=processor,
+                max_output_pixels=max_output_pixels,
+            )
+            mask = Image.fromarray((result.mask > 0).astype(np.uint8) * 255)
+            if result.grid is not None and result.grid != (mask.size[1], mask.size[0]):
+                print(
+                    f"{path}: mask predicted at {result.grid[1]}x{result.grid[0]} and resized to {mask.size[0]}x{mask.size[1]}"
+                )
+            save_atomically(mask, targets[0])
+            if write_overlays:
+                picture = (
+                    image if isinstance(image, Image.Image) else Image.fromarray(to_rgb_array(image).astype(np.uint8))
+                )
+                save_atomically(overlay(picture, result.mask), targets[1])
         except ValueError as error:
             message = str(error) if str(path) in str(error) else f"{path}: {error}"
             failures.append(message)
             print(f"skipped {message}", file=sys.stderr)
-            continue
-        mask = Image.fromarray((result.mask > 0).astype(np.uint8) * 255)
-        if grid is None and mask.size != (width, height):
-            print(f"{path}: mask predicted at {mask.size[0]}x{mask.size[1]} and resized to {width}x{height}")
-            mask = mask.resize((width, height), Image.NEAREST)
-        mask.save(folder / f"{path.stem}.png")
-        if write_overlays:
-            picture = image if isinstance(image, Image.Image) else Image.fromarray(to_rgb_array(image).astype(np.uint8))
-            overlay(picture, result.mask).save(folder / f"{path.stem}_overlay.png")
-    done = len(files) - len(failures)
-    print(f"{done} of {len(files)} images segmented into {folder}" + (f"; {len(failures)} failed:" if failures else ""))
+        except OSError as error:
+            message = (
+                f"{path}: cannot write {getattr(error, 'filename', None) or targets[0]} ({error.strerror or error})"
+            )
+            failures.append(message)
+            print(f"failed {message}", file=sys.stderr)
+    done = len(plan) - len(failures)
+    print(f"{done} of {len(plan)} images segmented into {out}" + (f"; {len(failures)} failed:" if failures else ""))
     for message in failures:
         print(f"  {message}")
     return 1 if failures else 0
@@ -257,12 +475,18 @@ def read_boxes_file(path: str | None) -> dict | None:
 
 
 __all__ = [
+    "MAX_OUTPUT_PIXELS",
     "PromptSource",
     "Segmentation",
+    "check_output_budget",
+    "check_output_folder",
+    "check_writable",
     "collect_inputs",
     "fitted_grid",
     "overlay",
+    "plan_outputs",
     "predict_files",
     "read_boxes_file",
+    "save_atomically",
     "segment",
 ]

@@ -8,7 +8,7 @@ import re
 
 from peft import PeftModel
 
-from .loading import portable_model_name
+from .loading import implicit_decoder_trained, portable_model_name
 from .model_card import write_adapter_card
 from .modeling_imedsam import IMedSamModel
 from .processing_imedsam import IMedSamProcessor
@@ -21,7 +21,8 @@ def export_full_model(peft_model: PeftModel) -> IMedSamModel:
     A standalone `IMedSamModel` equal to `peft_model` (active adapter): the adapter layers built in from
     `config.adapter_config` (the adapter's settings, `FrequencyAdapterSettings`) and the trained `modules_to_save`
     copies in place of the originals. Its outputs are identical to the PEFT model's, and `save_pretrained` /
-    `AutoModel.from_pretrained` round-trip it.
+    `AutoModel.from_pretrained` round-trip it. Its config's `implicit_decoder_trained` says whether the decoder was
+    trained (`implicit_decoder_trained(peft_model)`), so that a training run's output is used as trained.
     """
     if not isinstance(peft_model, PeftModel):
         raise ValueError(f"`peft_model` must be a peft.PeftModel, got {type(peft_model).__name__}.")
@@ -30,6 +31,8 @@ def export_full_model(peft_model: PeftModel) -> IMedSamModel:
     base = peft_model.get_base_model()
     config = copy.deepcopy(base.config)
     config.adapter_config = peft_config.settings_dict()
+    # Training's one save path records whether the decoder it publishes was trained (or came trained).
+    config.implicit_decoder_trained = implicit_decoder_trained(peft_model)
     if config.base_model is None and peft_config.base_model_name_or_path:
         config.base_model = portable_model_name(peft_config.base_model_name_or_path)
     model = IMedSamModel(config).to(device=base.device, dtype=base.dtype)

@@ -23,7 +23,8 @@ KVASIR = SHARED_DATA / "Kvasir-SEG-sample"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_model(query_mode="adaptive").save_pretrained(path)
+    # Stands in for a trained checkpoint: its (random) implicit decoder is used, not SAM's mask.
+    tiny_model(query_mode="adaptive", implicit_decoder_trained=True).save_pretrained(path)
     IMedSamProcessor(image_size=64).save_pretrained(path)
     return path
 
@@ -78,8 +79,9 @@ def test_box_and_output_size_options(model_dir, tmp_path):
     assert np.asarray(Image.open(out / f"{image.stem}.png")).shape == (64, 96)
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({image.name: [5, 5, 200, 200]}))
-    assert main(["predict", "--model", str(model_dir), str(image), "--boxes", str(boxes), "--out", str(out)]) == 0
-    assert main(["predict", "--model", str(model_dir), str(image), "--no-prompt", "--out", str(out)]) == 0
+    again = ["predict", "--model", str(model_dir), str(image), "--out", str(out), "--overwrite"]
+    assert main([*again, "--boxes", str(boxes)]) == 0
+    assert main([*again, "--no-prompt"]) == 0
 
 
 def test_bad_inputs_are_reported_and_the_rest_goes_on(model_dir, tmp_path, capsys):
