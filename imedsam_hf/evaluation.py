@@ -38,7 +38,7 @@ from .data import (
     select_split,
     validate_pairs,
 )
-from .inference import overlay
+from .inference import overlay, sam_mask_fallback
 from .loading import LITEMEDSAM, load_model
 from .metrics import (
     aggregate,
@@ -501,7 +501,9 @@ def run_evaluation(
     )
     if class_prompts:
         kwargs.update(class_prompts=True, mask_classes=mask_classes, classes=classes, class_names=class_names)
-    rows, summary = evaluate_pairs(model, processor, pairs, **kwargs)
+    # A conversion's implicit decoder was never trained: its SAM mask is scored (with a warning), never random logits.
+    sam_mask_only = sam_mask_fallback(model)
+    rows, summary = evaluate_pairs(model, processor, pairs, **kwargs, baseline=sam_mask_only)
     rows = [{"model": "imedsam" if model_spec != LITEMEDSAM else LITEMEDSAM, **row} for row in rows]
     result = {
         "model": model_spec,
@@ -511,6 +513,7 @@ def run_evaluation(
         "box_jitter": box_jitter,
         "jitter_seed": jitter_seed,
         "n_images": len(pairs),
+        "mask_source": "sam" if sam_mask_only or not model.config.use_implicit_decoder else "implicit_decoder",
         "results": summary,
     }
     native = str(parse_size(output_sizes[0]))

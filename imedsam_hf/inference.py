@@ -105,7 +105,7 @@ def segment(
         processor = processor or default_processor
     if processor is None:
         processor = processor_for_config(model.config)
-    use_sam_mask = _untrained_decoder(model)
+    use_sam_mask = sam_mask_fallback(model)
     inputs = processor(image, input_boxes=box, input_points=points, input_labels=labels)
     size = _checked_output_size(output_size or tuple(inputs["original_sizes"][0].tolist()))
     grid = fitted_grid(*size, max_output_pixels)
@@ -140,7 +140,7 @@ def segment(
     )
 
 
-def _untrained_decoder(model) -> bool:
+def sam_mask_fallback(model) -> bool:
     """Whether `model` has an implicit decoder that was never trained (then SAM's mask is used, with a warning)."""
     config = model.config
     if not getattr(config, "use_implicit_decoder", False) or implicit_decoder_trained(model):
@@ -487,6 +487,7 @@ __all__ = [
     "plan_outputs",
     "predict_files",
     "read_boxes_file",
+    "sam_mask_fallback",
     "save_atomically",
     "segment",
 ]

@@ -144,7 +144,7 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     assert cli_main([*argv, "--classes", "6,42", "--json", str(tmp_path / "bad.json")]) == 2  # 42: not in classes.json
     assert not (tmp_path / "bad.json").exists()
     # A 13-class model, class-aware: each organ's box prompts that organ's heads; the same report.
-    tiny_model(query_mode="adaptive", num_classes=13).save_pretrained(tmp_path / "aware")
+    tiny_model(query_mode="adaptive", num_classes=13, implicit_decoder_trained=True).save_pretrained(tmp_path / "aware")
     argv[2] = str(tmp_path / "aware")
     assert cli_main([*argv, "--class-aware", "--classes", "6,8", "--json", str(tmp_path / "aware.json")]) == 0
     aware = json.loads((tmp_path / "aware.json").read_text())
@@ -171,3 +171,22 @@ def test_jittered_boxes_are_the_same_for_every_model_and_run(monkeypatch):
     assert np.all(np.abs(seen[1] - exact) <= 0.1 * np.array([width, height, width, height]) + 1e-3)
     evaluate_pairs(model, processor, pairs[1:], output_sizes=[40], box_jitter=0.1)
     np.testing.assert_array_equal(seen[-1], seen[1])  # the same image gets the same box in a subset
+
+
+def test_an_untrained_implicit_decoder_is_never_scored(tmp_path):
+    """A conversion (implicit decoder never trained) is scored by its SAM mask, with a warning; a trained one is not."""
+    from imedsam_hf.evaluation import run_evaluation
+
+    data = SHARED_DATA / "Kvasir-SEG-sample"
+    for trained in (False, True):
+        model = tiny_model(implicit_decoder_trained=trained)
+        model.save_pretrained(tmp_path / str(trained))
+        IMedSamProcessor(image_size=64).save_pretrained(tmp_path / str(trained))
+    with pytest.warns(UserWarning, match="implicit decoder was never trained"):
+        untrained = run_evaluation(
+            str(tmp_path / "False"), str(data), str(tmp_path / "u.json"), split="all", limit=2, baseline="sam"
+        )
+    assert untrained["mask_source"] == "sam"
+    assert untrained["results"]["native"]["dice"] == untrained["baseline_sam"]["native"]["dice"]
+    trained = run_evaluation(str(tmp_path / "True"), str(data), str(tmp_path / "t.json"), split="all", limit=2)
+    assert trained["mask_source"] == "implicit_decoder"
