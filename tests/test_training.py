@@ -570,3 +570,7 @@ def test_ct_folder_splits_by_scan_and_records_the_class_names(tiny_sam, tmp_path
     assert 0 <= aware["best_val_dice"] <= 1 and set(aware["results"]["48"]["per_class"]) <= {
         str(i) for i in range(1, 14)
     }
+    # The final evaluation reports per scan too (3D Dice per organ), as imedsam evaluate does.
+    assert aware["volume"]["n_volumes"] == 1 and set(aware["volume"]["per_class"]) <= set(
+        aware["results"]["48"]["per_class"]
+    )

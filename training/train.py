@@ -71,7 +71,7 @@ from imedsam_hf.data import (
     validate_pairs,
     write_splits,
 )
-from imedsam_hf.evaluation import NATIVE, evaluate_pairs, parse_size
+from imedsam_hf.evaluation import NATIVE, evaluate_pairs, parse_size, volume_summary
 from imedsam_hf.loading import load_model, portable_model_name
 from imedsam_hf.metrics import dice
 from imedsam_hf.model_card import write_model_card
@@ -850,11 +850,23 @@ def final_evaluation(
         class_prompts=args.data.class_prompts,
         mask_classes=args.data.mask_classes,
     )
+    class_names = read_class_names(args.data.data_dir) if args.data.data_dir and args.data.class_prompts else None
+    if class_names:
+        kwargs["class_names"] = class_names
+    native = str(parse_size(evaluation.output_sizes[0]))
+
+    def volumes(rows: list[dict]) -> dict:  # per scan (3D Dice), when slices of scans were class-prompted
+        return volume_summary(rows, native, class_names, args.data.group_pattern)
+
     rows, summary = evaluate_pairs(model, processor, pairs, **kwargs, progress=True)
     results = {"n_images": len(pairs), "split": evaluation.split, "results": summary}
+    if args.data.class_prompts:
+        results["volume"] = volumes(rows)
     if evaluation.baseline:
         base_rows, base_summary = evaluate_pairs(model, processor, pairs, **kwargs, baseline=True, progress=True)
         results["baseline_sam"] = base_summary
+        if args.data.class_prompts:
+            base_summary["volume"] = volumes(base_rows)
         rows += [{**r, "model": "baseline_sam"} for r in base_rows]
     with (output_dir / "eval_per_image.jsonl").open("w") as handle:
         for row in rows:
