@@ -266,7 +266,16 @@ def _run(args: argparse.Namespace) -> int:
             codes = []
             if volumes:
                 codes.append(
-                    predict_volumes(args.model, volumes, args.out, args.boxes_from_masks, boxes, args.window, device)
+                    predict_volumes(
+                        args.model,
+                        volumes,
+                        args.out,
+                        args.boxes_from_masks,
+                        boxes,
+                        args.window,
+                        device,
+                        overwrite=args.overwrite,
+                    )
                 )
             if images:
                 prompts = PromptSource(args.box, boxes, args.boxes_from_masks, args.no_prompt)

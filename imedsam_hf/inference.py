@@ -253,6 +253,17 @@ def plan_outputs(paths: Sequence[str], out: str | os.PathLike, overlays: bool = 
     return plan
 
 
+def refuse_existing(targets: Sequence[Path], out: str | os.PathLike, overwrite: bool) -> None:
+    """Files to write that already exist are an error naming them, unless `overwrite` (`--overwrite`)."""
+    existing = [target for target in targets if target.exists()]
+    if existing and not overwrite:
+        shown = ", ".join(str(path) for path in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise ValueError(
+            f"--out {out}: {len(existing)} of the files to write already exist ({shown}); pass --overwrite to "
+            "replace them."
+        )
+
+
 def check_output_folder(out: str | os.PathLike, inputs: Sequence[str], masks_folder: str | None = None) -> None:
     """
     `--out` must be a folder (or not exist yet) outside every input folder and the `--boxes-from-masks` folder:
@@ -409,13 +420,7 @@ def predict_files(
         grid = parse_output_size(output_size)
         check_output_folder(out, inputs, prompts.boxes_from_masks)
         plan = plan_outputs(inputs, out, write_overlays)
-        existing = [target for targets in plan.values() for target in targets if target.exists()]
-        if existing and not overwrite:
-            shown = ", ".join(str(path) for path in existing[:3]) + (", ..." if len(existing) > 3 else "")
-            raise ValueError(
-                f"--out {out}: {len(existing)} of the files to write already exist ({shown}); pass --overwrite to "
-                "replace them."
-            )
+        refuse_existing([target for targets in plan.values() for target in targets], out, overwrite)
         check_writable(out)
         model, processor = load_model(model_spec, device=device)
     except (ValueError, OSError) as error:
@@ -487,6 +492,7 @@ __all__ = [
     "plan_outputs",
     "predict_files",
     "read_boxes_file",
+    "refuse_existing",
     "sam_mask_fallback",
     "save_atomically",
     "segment",

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,7 +58,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .data import mask_box
-from .inference import segment
+from .inference import refuse_existing, segment
 from .loading import load_model
 from .metrics import METRIC_NAMES, dice_from_counts, iou_from_counts, overlap_counts, surface_distances
 from .processing_imedsam import IMedSamProcessor, processor_for_config
@@ -708,10 +709,12 @@ def predict_volumes(
     window_spec: WindowSpec = None,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> int:
     """
     `imedsam predict` for NIfTI volumes: one label volume per input, `<out>/<name>.nii.gz` (uint8 class ids, the
-    input's shape, affine and header). Prompts: `labels_from`, a folder holding a label volume of the same name
+    input's shape, affine and header), each written atomically; files already there are replaced only with
+    `overwrite`, and two inputs of one name are an error before anything is written. Prompts: `labels_from`, a folder holding a label volume of the same name
     (every structure on every slice where it appears), or `boxes_3d`, `{class_id: [x0, y0, z0, x1, y1, z1]}` for
     every volume or `{volume name: {...}}` per volume (the MedSAM propagation protocol, see `segment_volume`).
     A volume that cannot be used is reported by name and the others go on. Returns the exit code: 0 all done,
@@ -721,9 +724,16 @@ def predict_volumes(
         print("error: volumes need --boxes-from-masks (a folder of label volumes) or --boxes (3-D boxes JSON).")
         return 2
     try:
+        targets: dict[Path, str] = {}
+        for path in paths:
+            target = Path(out) / f"{volume_name(path)}.nii.gz"
+            if target in targets:
+                raise ValueError(f"{targets[target]} and {path} would both be written to {target}; rename one of them.")
+            targets[target] = str(path)
+        refuse_existing(list(targets), out, overwrite)
         model, processor = load_model(model_spec, device=device)
     except (OSError, ValueError) as error:
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 2
     failures = []
     for path in paths:

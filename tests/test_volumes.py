@@ -588,3 +588,15 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     assert (tmp_path / "b" / "scan.nii.gz").is_file()
     # No prompt source for a volume: nothing written, exit code 2.
     assert main([*argv, "--no-prompt", "--out", str(tmp_path / "c")]) == 2 and not (tmp_path / "c").exists()
+    # An existing label volume is replaced only with --overwrite; two inputs of one name are refused up front.
+    before = (tmp_path / "a" / "scan.nii.gz").read_bytes()
+    assert main([*argv, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "a")]) == 2
+    assert (tmp_path / "a" / "scan.nii.gz").read_bytes() == before
+    assert (
+        main([*argv, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "a"), "--overwrite"]) == 0
+    )
+    (tmp_path / "in2").mkdir()
+    other = save_nifti(tmp_path / "in2" / "scan.nii", (labels * 60 + 20).astype(np.uint8))
+    both = ["predict", "--model", str(tmp_path / "model"), str(scan), str(other), "--device", "cpu"]
+    assert main([*both, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "d").exists()

@@ -1195,7 +1195,10 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         splits = load_pairs(args.data, num_classes, output_dir, accelerator)
     except ValueError as error:  # bad data: one clear message naming the files, nothing half-written
         raise SystemExit(f"error: {error}") from error
-    train_set, val_set, train_loader, val_loader = build_loaders(args, splits, processor, num_classes)
+    try:  # a Hub dataset's masks are first read here (a folder's were checked in load_pairs)
+        train_set, val_set, train_loader, val_loader = build_loaders(args, splits, processor, num_classes)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
     report_empty_masks(train_set, output_dir, accelerator)
     if not len(train_set):
         raise SystemExit(
