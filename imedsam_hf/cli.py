@@ -226,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_GROUP_PATTERN,
         help="multi-class folders: regex whose first group is a slice's scan, for the per-volume scores",
     )
+    _option(
+        e,
+        "--scan-spacing",
+        default=None,
+        help="multi-class folders: each scan's voxel spacing in mm for the per-volume HD95, a CSV with columns case "
+        "and spacing_mm ('1.17x1.17x3') or a JSON {scan: [x, y, z]} (default: the folder's cases.csv, if it has one)",
+    )
     _option(e, "--json", required=True, help="where to write the summary JSON")
     _option(e, "--csv", default=None, help="per-image CSV (default: next to --json)")
     _option(e, "--overlays", default=None, help="folder for overlay PNGs of the native predictions")
@@ -323,6 +330,7 @@ def _run(args: argparse.Namespace) -> int:
             box_jitter=args.box_jitter,
             jitter_seed=args.jitter_seed,
             mask_values=args.mask_values,
+            scan_spacing=args.scan_spacing,
         )
         return 0
     except (OSError, ValueError) as error:

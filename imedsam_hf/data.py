@@ -15,6 +15,7 @@ is read with is always fatal: the whole folder is likely encoded that way, and s
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -234,6 +235,59 @@ def read_class_names(data_dir: str | os.PathLike) -> dict[int, str] | None:
         raise ValueError(f"{path}: class ids must be 0..255, got {sorted(names)}.")
     names.pop(0, None)
     return names
+
+
+SCAN_COLUMNS = ("case", "scan", "volume")
+SPACING_COLUMNS = ("spacing_mm", "spacing")
+
+
+def read_scan_spacing(source: str | os.PathLike) -> dict[str, tuple[float, float, float]]:
+    """
+    Voxel spacing in mm `(x, y, z)` of each scan, for per-volume distances of a folder of slices: a CSV with a scan
+    column (`case`, `scan` or `volume`) and `spacing_mm` (`"1.17x1.17x3.0"`, BTCV's `cases.csv`), or a JSON
+    `{scan: [x, y, z]}`. x and y are the slices' column and row spacing, z the distance between slice indices.
+    """
+    path = Path(source)
+    try:
+        if path.suffix == ".json":
+            table = {str(k): v for k, v in json.loads(path.read_text()).items()}
+        else:
+            with path.open(newline="") as handle:
+                records = list(csv.DictReader(handle))
+            columns = set(records[0]) if records else set()
+            scan = next((c for c in SCAN_COLUMNS if c in columns), None)
+            spacing = next((c for c in SPACING_COLUMNS if c in columns), None)
+            if scan is None or spacing is None:
+                raise ValueError(
+                    f"expected columns {SCAN_COLUMNS[0]!r} and {SPACING_COLUMNS[0]!r}, got {sorted(columns)}"
+                )
+            table = {r[scan]: re.split(r"[x×, ]+", r[spacing].strip()) for r in records}
+        result = {}
+        for name, values in table.items():
+            numbers = tuple(float(v) for v in values)
+            if len(numbers) != 3 or not all(math.isfinite(v) and v > 0 for v in numbers):
+                raise ValueError(f"scan {name}: spacing {values} is not three positive numbers")
+            result[name] = numbers
+    except (OSError, ValueError, TypeError, AttributeError, csv.Error) as error:
+        raise ValueError(f"{path}: cannot read the scans' spacing ({error}).") from None
+    return result
+
+
+def default_scan_spacing(data_dir: str | os.PathLike) -> dict[str, tuple[float, float, float]] | None:
+    """`<data_dir>/cases.csv`'s spacing when it has one (BTCV's layout), else None."""
+    path = Path(data_dir) / "cases.csv"
+    if not path.is_file():
+        return None
+    try:
+        return read_scan_spacing(path)
+    except ValueError:
+        return None  # a cases.csv without spacing: per-volume distances are left out, not an error
+
+
+def slice_index(stem: str) -> int | None:
+    """The slice number of a stem (its trailing digits: `case0001_slice061` -> 61), or None."""
+    match = re.search(r"(\d+)$", stem)
+    return int(match.group(1)) if match else None
 
 
 class MaskValuesError(ValueError):
@@ -762,20 +816,19 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "AugmentationConfig",
-    "DataConfig",
     "DEFAULT_GROUP_PATTERN",
+    "DataConfig",
     "DataProblem",
     "LOSSLESS_FORMATS",
     "MaskValuesError",
     "SegmentationDataset",
-    "read_class_names",
-    "select_split",
     "SegmentationPair",
     "augment",
     "check_pair",
     "collate",
     "compile_group_pattern",
     "convert_structure_masks",
+    "default_scan_spacing",
     "discover_pairs",
     "group_of",
     "load_hub_dataset",
@@ -783,8 +836,12 @@ __all__ = [
     "make_splits",
     "mask_box",
     "parse_mask_values",
+    "read_class_names",
     "read_mask",
+    "read_scan_spacing",
     "records_from_pairs",
+    "select_split",
+    "slice_index",
     "validate_pairs",
     "write_splits",
 ]

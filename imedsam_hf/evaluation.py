@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +31,16 @@ from .data import (
     DEFAULT_GROUP_PATTERN,
     SegmentationPair,
     compile_group_pattern,
+    default_scan_spacing,
     discover_pairs,
     group_of,
     jitter_box,
     mask_box,
     read_class_names,
     read_mask,
+    read_scan_spacing,
     select_split,
+    slice_index,
     validate_pairs,
 )
 from .inference import overlay, sam_mask_fallback
@@ -48,6 +53,7 @@ from .metrics import (
     nanmean,
     overlap_counts,
     segmentation_scores,
+    surface_distances,
 )
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import IMedSamProcessor, resize_labels, to_rgb_array
@@ -173,9 +179,13 @@ def evaluate_pairs(
     box_jitter: float = 0.0,
     jitter_seed: int = 0,
     mask_values: Mapping[int, int] | None = None,
+    slice_masks: dict | None = None,
 ) -> tuple[list[dict], dict[str, dict]]:
     """
     Score every pair at every output size (masks read with `read_mask(..., mask_values)`).
+
+    `slice_masks`, a dict, receives the predicted and true masks of class-prompted rows at the first output size,
+    `{(stem, class_id): SliceMasks}`, for `volume_summary`'s per-scan distances.
 
     A pair whose mask is empty (with class prompts: holds none of the classes scored) gets rows with `empty: 1` and
     no Dice, IoU or HD: with box prompts it is not run at all (there is no box), prompt-free it is run and its
@@ -233,6 +243,8 @@ def evaluate_pairs(
                 row = {"stem": pair.stem, "size": str(size), **extra, **scored}
                 if class_id is not None:  # what volume_summary stacks into scans
                     row.update(zip(COUNT_KEYS, overlap_counts(predicted > 0, target > 0)))
+                    if slice_masks is not None and size == sizes[0]:
+                        slice_masks[(pair.stem, class_id)] = SliceMasks.of(predicted > 0, target > 0)
                 rows.append(row)
     summary = {}
     for size in sizes:
@@ -247,6 +259,70 @@ def evaluate_pairs(
 
 # Per-row pixel counts of class-prompted rows, `metrics.overlap_counts`'s order.
 COUNT_KEYS = ("overlap", "predicted_pixels", "true_pixels")
+
+
+@dataclass(frozen=True)
+class SliceMasks:
+    """A slice's predicted and true masks of one class, bit-packed (8 pixels a byte) until scans are stacked."""
+
+    predicted: np.ndarray
+    true: np.ndarray
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, predicted: np.ndarray, true: np.ndarray) -> SliceMasks:
+        return cls(np.packbits(predicted), np.packbits(true), tuple(predicted.shape))
+
+    def unpack(self) -> tuple[np.ndarray, np.ndarray]:
+        count = self.shape[0] * self.shape[1]
+        return tuple(
+            np.unpackbits(m, count=count).reshape(self.shape).astype(bool) for m in (self.predicted, self.true)
+        )
+
+
+def scan_distances(
+    slice_masks: Mapping[tuple[str, int], SliceMasks],
+    spacing: Mapping[str, Sequence[float]],
+    pattern: re.Pattern,
+) -> dict[tuple[str, int], float]:
+    """
+    HD95 in mm of each class in each scan: its slices stacked by slice index (`data.slice_index`; slices missing from
+    the folder hold no structure and count as empty in both), distances with the scan's spacing `(x, y, z)`
+    (`metrics.surface_distances` in 3-D, as `volumes.volume_scores`). Scans without a spacing or slice numbers, or
+    with slices of different sizes, are left out.
+    """
+    by_scan: dict[str, dict[int, list[tuple[int, SliceMasks]]]] = {}
+    for (stem, class_id), masks in slice_masks.items():
+        z = slice_index(stem)
+        scan = group_of(stem, pattern)
+        if z is None or scan not in spacing:
+            continue
+        by_scan.setdefault(scan, {}).setdefault(class_id, []).append((z, masks))
+    distances = {}
+    for scan, classes in by_scan.items():
+        zs = [z for entries in classes.values() for z, _ in entries]
+        shapes = {m.shape for entries in classes.values() for _, m in entries}
+        if len(shapes) != 1:
+            continue
+        (height, width), first = shapes.pop(), min(zs)
+        x, y, z_step = (float(v) for v in spacing[scan])
+        for class_id, entries in classes.items():
+            predicted = np.zeros((max(zs) - first + 1, height, width), bool)
+            true = np.zeros_like(predicted)
+            for z, masks in entries:
+                predicted[z - first], true[z - first] = masks.unpack()
+            distances[(scan, class_id)] = surface_distances(*cropped(predicted, true), (z_step, y, x))[0]
+    return distances
+
+
+def cropped(*masks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The masks cut to their union's bounding box plus one voxel (within the array): the same surface distances."""
+    union = np.logical_or.reduce(masks)
+    if not union.any():
+        return masks
+    where = np.nonzero(union)
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in where)
+    return tuple(m[box] for m in masks)
 
 
 def empty_mask_rows(
@@ -291,14 +367,21 @@ def per_class_summary(rows: Sequence[dict], class_names: dict[int, str]) -> dict
 
 
 def volume_summary(
-    rows: Sequence[dict], size: str, class_names: dict[int, str], group_pattern: str = DEFAULT_GROUP_PATTERN
+    rows: Sequence[dict],
+    size: str,
+    class_names: dict[int, str],
+    group_pattern: str = DEFAULT_GROUP_PATTERN,
+    slice_masks: Mapping[tuple[str, int], SliceMasks] | None = None,
+    spacing: Mapping[str, Sequence[float]] | None = None,
 ) -> dict:
     """
     Per-volume scores of class-prompted rows at one output size: slices grouped into scans by `group_pattern`
     (its first group names the scan), the 3D Dice of each class in each scan from the slices' overlap counts
-    (exact: the sums over slices are the volume's), averaged over scans per class, then over classes.
+    (exact: the sums over slices are the volume's), averaged over scans per class, then over classes. With the
+    rows' `slice_masks` and the scans' `spacing` (mm, `data.read_scan_spacing`), also the 3D HD95 in mm
+    (`scan_distances`), averaged the same way; else `"hd95"` is None.
 
-    Returns `{"dice", "n_volumes", "size", "per_class": {"<id>": {"name", "dice", "n"}}}`.
+    Returns `{"dice", "hd95", "n_volumes", "size", "per_class": {"<id>": {"name", "dice", "hd95", "n"}}}`.
     """
     pattern = compile_group_pattern(group_pattern)
     totals: dict[tuple[str, int], np.ndarray] = {}
@@ -311,12 +394,20 @@ def volume_summary(
     by_class: dict[int, list[float]] = {}
     for (_, class_id), counts in sorted(totals.items()):
         by_class.setdefault(class_id, []).append(dice_from_counts(*counts))
-    per_class = {
-        str(c): {"name": class_names.get(c, str(c)), "dice": nanmean(by_class[c]), "n": len(by_class[c])}
-        for c in sorted(by_class)
-    }
+    distances = scan_distances(slice_masks, spacing, pattern) if slice_masks and spacing else {}
+    per_class = {}
+    for c in sorted(by_class):
+        hd95 = [distances[key] for key in totals if key[1] == c and key in distances]
+        per_class[str(c)] = {
+            "name": class_names.get(c, str(c)),
+            "dice": nanmean(by_class[c]),
+            "hd95": nanmean(hd95) if hd95 else None,
+            "n": len(by_class[c]),
+        }
+    known = [v["hd95"] for v in per_class.values() if v["hd95"] is not None]
     return {
         "dice": nanmean([v["dice"] for v in per_class.values()]),
+        "hd95": nanmean(known) if distances else None,
         "n_volumes": len({scan for scan, _ in totals}),
         "size": size,
         "per_class": per_class,
@@ -401,12 +492,17 @@ def summary_lines(result: dict) -> list[str]:
                     f"Dice {values['class_mean']['dice']:.4f}"
                 )
         if volume:
-            lines.append(f"{name:12s} {'volume':>7s}  {volume['n_volumes']} scans, 3D Dice per class:")
+            unit = "3D Dice and HD95 (mm)" if volume.get("hd95") is not None else "3D Dice"
+            lines.append(f"{name:12s} {'volume':>7s}  {volume['n_volumes']} scans, {unit} per class:")
             for class_id, scores in volume["per_class"].items():
                 lines.append(
                     f"{'':12s} {'volume':>7s}    {class_id:>3s} {scores['name']:28s} Dice {scores['dice']:.4f}"
+                    + (f"  HD95 {scores['hd95']:.2f}" if scores.get("hd95") is not None else "")
                 )
-            lines.append(f"{'':12s} {'volume':>7s}    mean over classes: 3D Dice {volume['dice']:.4f}")
+            lines.append(
+                f"{'':12s} {'volume':>7s}    mean over classes: 3D Dice {volume['dice']:.4f}"
+                + (f"  HD95 {volume['hd95']:.2f} mm" if volume.get("hd95") is not None else "")
+            )
     return lines
 
 
@@ -442,6 +538,7 @@ def run_evaluation(
     box_jitter: float = 0.0,
     jitter_seed: int = 0,
     mask_values: Mapping[int, int] | None = None,
+    scan_spacing: str | None = None,
 ) -> dict:
     """
     `imedsam evaluate`: score `model_spec` (and, with `baseline="sam"`, its backbone zero-shot) on the pairs of
@@ -456,7 +553,9 @@ def run_evaluation(
     every structure) gives the label map.
 
     `mask_values` maps the values stored in the masks to class ids (`data.read_mask`). Images whose mask is empty
-    are counted (`n_empty`) and never scored with Dice (see `evaluate_pairs`).
+    are counted (`n_empty`) and never scored with Dice (see `evaluate_pairs`). `scan_spacing` (a file for
+    `data.read_scan_spacing`; default the folder's `cases.csv` when it has a spacing column) gives the per-volume
+    HD95 in mm.
 
     Raises `ValueError` / `OSError` naming the argument at fault.
     """
@@ -501,9 +600,13 @@ def run_evaluation(
     )
     if class_prompts:
         kwargs.update(class_prompts=True, mask_classes=mask_classes, classes=classes, class_names=class_names)
+    spacing = read_scan_spacing(scan_spacing) if scan_spacing else default_scan_spacing(data_dir)
+    masks: dict = {}
     # A conversion's implicit decoder was never trained: its SAM mask is scored (with a warning), never random logits.
     sam_mask_only = sam_mask_fallback(model)
-    rows, summary = evaluate_pairs(model, processor, pairs, **kwargs, baseline=sam_mask_only)
+    rows, summary = evaluate_pairs(
+        model, processor, pairs, **kwargs, baseline=sam_mask_only, slice_masks=masks if class_prompts else None
+    )
     rows = [{"model": "imedsam" if model_spec != LITEMEDSAM else LITEMEDSAM, **row} for row in rows]
     result = {
         "model": model_spec,
@@ -518,14 +621,17 @@ def run_evaluation(
     }
     native = str(parse_size(output_sizes[0]))
     if class_prompts:
-        result["volume"] = volume_summary(rows, native, class_names, group_pattern)
+        result["volume"] = volume_summary(rows, native, class_names, group_pattern, masks, spacing)
     if baseline == "sam":
         backbone, backbone_processor = load_baseline(model, processor, model_spec, baseline_model, device)
+        masks = {}
         baseline_rows, result["baseline_sam"] = evaluate_pairs(
-            backbone, backbone_processor, pairs, **kwargs, baseline=True
+            backbone, backbone_processor, pairs, **kwargs, baseline=True, slice_masks=masks if class_prompts else None
         )
         if class_prompts:
-            result["baseline_sam"]["volume"] = volume_summary(baseline_rows, native, class_names, group_pattern)
+            result["baseline_sam"]["volume"] = volume_summary(
+                baseline_rows, native, class_names, group_pattern, masks, spacing
+            )
         rows += [{**row, "model": "baseline_sam"} for row in baseline_rows]
     output = Path(json_path)
     output.parent.mkdir(parents=True, exist_ok=True)

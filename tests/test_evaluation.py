@@ -115,9 +115,41 @@ def test_volume_dice_stacks_the_slices_of_each_scan():
     ]
     volume = volume_summary(rows, "native", {6: "liver", 8: "aorta"})
     liver_a = 2 * 8 / (10 + 14)  # the volume's counts, not the mean of the slices' Dice (0.8 and 0)
-    assert volume["per_class"]["6"] == {"name": "liver", "dice": pytest.approx((liver_a + 1.0) / 2), "n": 2}
+    assert volume["per_class"]["6"] == {
+        "name": "liver",
+        "dice": pytest.approx((liver_a + 1.0) / 2),
+        "hd95": None,  # no masks and spacing given
+        "n": 2,
+    }
     assert volume["per_class"]["8"]["dice"] == pytest.approx(0.5)
     assert volume["dice"] == pytest.approx(((liver_a + 1.0) / 2 + 0.5) / 2) and volume["n_volumes"] == 2
+
+
+def test_volume_hd95_of_stacked_slices_equals_the_label_volume_hd95():
+    """Slices stacked by index (a missing slice empty in both), anisotropic spacing: volume_scores' HD95 in mm."""
+    from imedsam_hf.data import DEFAULT_GROUP_PATTERN, compile_group_pattern
+    from imedsam_hf.evaluation import SliceMasks, scan_distances, volume_summary
+    from imedsam_hf.volumes import volume_scores
+
+    rng = np.random.default_rng(0)
+    true = np.zeros((6, 20, 24), bool)  # (z, rows, cols); slice 3 is missing from the folder (nothing there)
+    true[0:3, 5:12, 6:15] = True
+    true[4:6, 7:14, 8:12] = True
+    predicted = true.copy()
+    predicted[1, 12:14, 6:9] = True
+    predicted[5] = rng.random((20, 24)) > 0.97
+    masks = {(f"s_slice{z + 40:03d}", 6): SliceMasks.of(predicted[z], true[z]) for z in (0, 1, 2, 4, 5)}
+    spacing = {"s": (0.8, 0.8, 3.0)}  # x (columns), y (rows), z
+    distances = scan_distances(masks, spacing, compile_group_pattern(DEFAULT_GROUP_PATTERN))
+    # The same volume as (x, y, z) label volumes: volume_scores is the reference.
+    reference = volume_scores(predicted.transpose(2, 1, 0) * 6, true.transpose(2, 1, 0) * 6, (0.8, 0.8, 3.0))
+    assert distances[("s", 6)] == pytest.approx(reference[6]["hd95"])
+    rows = [
+        {"stem": stem, "size": "native", "class": 6, "overlap": 1, "predicted_pixels": 1, "true_pixels": 1}
+        for stem, _ in masks
+    ]
+    volume = volume_summary(rows, "native", {6: "liver"}, slice_masks=masks, spacing=spacing)
+    assert volume["hd95"] == volume["per_class"]["6"]["hd95"] == pytest.approx(reference[6]["hd95"])
 
 
 def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
@@ -130,6 +162,7 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     for sub in ("images", "masks"):
         (folder / sub).mkdir(parents=True)
     shutil.copy(ct / "classes.json", folder / "classes.json")
+    shutil.copy(ct / "cases.csv", folder / "cases.csv")  # each scan's spacing: per-volume HD95 in mm
     for stem in ("case0001_slice080", "case0001_slice081", "case0002_slice080"):
         for sub in ("images", "masks"):
             shutil.copy(ct / sub / f"{stem}.png", folder / sub / f"{stem}.png")
@@ -141,6 +174,7 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     assert set(native["per_class"]) == {"6", "8"} and native["per_class"]["6"]["name"] == "liver"
     assert native["per_class"]["6"]["n"] == 3 and native["class_mean"]["n_classes"] == 2
     assert result["volume"]["n_volumes"] == 2 and set(result["volume"]["per_class"]) == {"6", "8"}
+    assert result["volume"]["hd95"] > 0 and all(v["hd95"] > 0 for v in result["volume"]["per_class"].values())
     assert cli_main([*argv, "--classes", "6,42", "--json", str(tmp_path / "bad.json")]) == 2  # 42: not in classes.json
     assert not (tmp_path / "bad.json").exists()
     # A 13-class model, class-aware: each organ's box prompts that organ's heads; the same report.

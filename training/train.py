@@ -61,6 +61,7 @@ from imedsam_hf.data import (
     SegmentationDataset,
     SegmentationPair,
     collate,
+    default_scan_spacing,
     discover_pairs,
     load_hub_dataset,
     load_splits,
@@ -855,9 +856,16 @@ def final_evaluation(
         kwargs["class_names"] = class_names
     native = str(parse_size(evaluation.output_sizes[0]))
 
-    def volumes(rows: list[dict]) -> dict:  # per scan (3D Dice), when slices of scans were class-prompted
-        return volume_summary(rows, native, class_names, args.data.group_pattern)
+    spacing = default_scan_spacing(args.data.data_dir) if args.data.data_dir else None
+    masks: dict = {}
 
+    def volumes(rows: list[dict]) -> dict:  # per scan (3D Dice; HD95 with a cases.csv), when slices were prompted
+        summary = volume_summary(rows, native, class_names, args.data.group_pattern, masks, spacing)
+        masks.clear()
+        return summary
+
+    if args.data.class_prompts:
+        kwargs["slice_masks"] = masks
     rows, summary = evaluate_pairs(model, processor, pairs, **kwargs, progress=True)
     results = {"n_images": len(pairs), "split": evaluation.split, "results": summary}
     if args.data.class_prompts:
