@@ -96,3 +96,25 @@ def test_multi_prompt_benchmark_times_both_ways_and_checks_they_agree(tmp_path):
     assert result["rows"][0]["prompts"] == len(result["classes"]) == 12
     assert result["max_probability_difference"] < 1e-5
     assert result["rows"][1]["vs_one_call"] > 0 and (tmp_path / "multi.json").is_file()
+
+
+def test_volume_benchmark_times_a_volume_and_its_encoder(tmp_path):
+    """benchmarks/volume.py on a small crop of a real scan: the encoder runs once per slice with organs."""
+    import nibabel as nib
+    import numpy as np
+    from conftest import tiny_model
+
+    tiny_model(query_mode="adaptive", implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    ct = SHARED_DATA / "BTCV-Synapse-CT"
+    paths = {}
+    for kind in ("volumes", "labels"):  # 8 slices of case0001 around the kidneys
+        image = nib.load(ct / kind / "case0001.nii.gz")
+        paths[kind] = tmp_path / f"{kind}.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 60:68], image.affine, image.header), paths[kind])
+    result = load_benchmark("volume").main(
+        ["--volume", str(paths["volumes"]), "--labels", str(paths["labels"]), "--model", str(tmp_path / "model"),
+         "--device", "cpu", "--json", str(tmp_path / "volume.json")]
+    )  # fmt: skip
+    row = result["rows"][0]
+    assert row["slices"] == 8 and 0 < row["slices_run"] <= 8 and 0 < row["encoder_share"] < 1
+    assert 0 <= row["dice_13"] <= 1 and row["per_class"] and (tmp_path / "volume.json").is_file()
