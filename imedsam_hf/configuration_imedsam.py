@@ -14,6 +14,8 @@ from transformers import PreTrainedConfig, SamConfig, SamMaskDecoderConfig, SamP
 QUERY_MODES = ("adaptive", "dense")
 UNCERTAINTY_MODES = ("mc_dropout",)
 SPECTRUM_MODES = ("amplitude", "phase")
+# How the frequency-adapter chain carries its stream (see FrequencyAdapterSettings.chain).
+CHAIN_FORMS = ("residual", "normalized")
 TINYVIT_MODEL_TYPE = "i_medsam_tinyvit"
 
 # Module-name patterns of the adapter's roles, per encoder family (matched with re.fullmatch on the full module name).
@@ -69,6 +71,13 @@ class FrequencyAdapterSettings:
         "Learn a per-block gate (tanh, starting at 0) on the fusion weight instead of fixing it.",
         recipe="frequency_fusion_gate",
     )
+    chain: str = _setting(
+        "residual",
+        "The FA chain's step: 'residual', f(i+1) = f(i) + FA(LN f(i)) (this project's first form; the stream grows "
+        "block after block), or 'normalized', f(i+1) = LN f(i) + FA(LN f(i)) (the released code's: the stream stays "
+        "at a LayerNorm's scale, so with the fusion gate off the pretrained encoder is barely moved at step 0).",
+        recipe="frequency_chain",
+    )
     spectrum: str = _setting("amplitude", "'amplitude' or 'phase' of the centred FFT.", recipe="spectrum")
     spectrum_log_scale: bool = _setting(True, "log1p-compress the amplitude spectrum.", recipe="spectrum_log_scale")
     tokenizer_module: str = _setting(VIT_TARGETS["tokenizer_module"], "Full name of the encoder's patch embedding.")
@@ -87,6 +96,8 @@ class FrequencyAdapterSettings:
             raise ValueError("`use_lora` and `use_frequency_adapter` are both False: the adapter would be empty.")
         if self.spectrum not in SPECTRUM_MODES:
             raise ValueError(f"`spectrum` must be one of {SPECTRUM_MODES}, got {self.spectrum!r}.")
+        if self.chain not in CHAIN_FORMS:
+            raise ValueError(f"`chain` must be one of {CHAIN_FORMS}, got {self.chain!r}.")
         if self.lora_rank < 1 or self.adapter_dim < 1:
             raise ValueError(f"`lora_rank` ({self.lora_rank}) and `adapter_dim` ({self.adapter_dim}) must be >= 1.")
 
@@ -243,7 +254,7 @@ class IMedSamConfig(SamConfig):
     use_lora (`bool`), use_frequency_adapter (`bool`):
         Ablation switches read by [`imedsam_peft_config`]: which parameter-efficient branches the recipe adds.
     lora_rank (`int`), lora_alpha (`float`), frequency_adapter_dim (`int`), frequency_fusion_scale (`float`),
-    frequency_fusion_gate (`bool`), spectrum (`str`), spectrum_log_scale (`bool`):
+    frequency_fusion_gate (`bool`), frequency_chain (`str`), spectrum (`str`), spectrum_log_scale (`bool`):
         The adapter the training recipe adds (`adapter_recipe()`): each is a field of the one schema,
         [`FrequencyAdapterSettings`], under the name `RECIPE_FIELDS` gives it, with the schema's default.
     num_classes (`int`, defaults to 1):
@@ -305,6 +316,7 @@ class IMedSamConfig(SamConfig):
     frequency_adapter_dim: int = _ADAPTER_DEFAULTS.adapter_dim
     frequency_fusion_scale: float = _ADAPTER_DEFAULTS.fusion_scale
     frequency_fusion_gate: bool = _ADAPTER_DEFAULTS.fusion_gate
+    frequency_chain: str = _ADAPTER_DEFAULTS.chain
     spectrum: str = _ADAPTER_DEFAULTS.spectrum
     spectrum_log_scale: bool = _ADAPTER_DEFAULTS.spectrum_log_scale
     num_classes: int = 1

@@ -8,8 +8,10 @@ modeling file. The settings it reads are the one schema, `FrequencyAdapterSettin
 How the frequency stream flows (I-MedSAM, section 3.2):
 - the tokenizer (wrapping the encoder's frozen patch embedding) turns the image spectrum into tokens with the same
   frozen embedding (plus the ViT's absolute position embedding) and starts the stream;
-- fusion layer i (wrapping block i's MLP) computes `f_{i+1} = f_i + FA_i(f_i)` and adds `scale * f_{i+1}` to the
-  MLP's output, i.e. after the block's MLP; the chain never passes through attention;
+- fusion layer i (wrapping block i's MLP) computes `f_{i+1} = f_i + FA_i(f_i)` (`chain="residual"`) or
+  `f_{i+1} = LN_i(f_i) + FA_i(f_i)` (`chain="normalized"`, the released code's form; FA_i starts with that LayerNorm)
+  and adds `scale * f_{i+1}` to the MLP's output, i.e. after the block's MLP; the chain never passes through
+  attention;
 - on a hierarchical encoder (TinyViT) the stream goes through each stage's own frozen downsampling, so it follows
   the token grid and width of the spatial path without new parameters.
 """
@@ -140,11 +142,12 @@ class FrequencyTokenizer(nn.Module, FrequencyAdapterLayer):
 
 
 class FrequencyFusionLayer(nn.Module, FrequencyAdapterLayer):
-    """Wraps block i's MLP (or a whole convolutional block): adds `scale * f_{i+1}`, `f_{i+1} = f_i + FA_i(f_i)`."""
+    """Wraps block i's MLP (or a whole convolutional block): adds `scale * f_{i+1}`, `f_{i+1} = f_i + FA_i(f_i)`
+    (or `LN_i(f_i) + FA_i(f_i)` with `chain="normalized"`)."""
 
     adapter_layer_names = ("freq_adapter", "freq_gate")
     # Per-adapter state only (peft's delete_adapter removes each name's entry); `position` is the layer's own.
-    other_param_names = ("fusion_scale", "streams")
+    other_param_names = ("fusion_scale", "chain_form", "streams")
 
     def __init__(self, base_layer: nn.Module, position: int) -> None:
         super().__init__()
@@ -155,6 +158,7 @@ class FrequencyFusionLayer(nn.Module, FrequencyAdapterLayer):
         # encoder starts exactly as the pretrained one (the paper's fixed 0.5 perturbs every block at step 0).
         self.freq_gate = nn.ParameterDict()
         self.fusion_scale: dict[str, float] = {}
+        self.chain_form: dict[str, str] = {}
 
     def update_layer(self, adapter_name: str, config: Any, stream: FrequencyStream, width: int) -> None:
         self.freq_adapter[adapter_name] = nn.Sequential(
@@ -164,6 +168,7 @@ class FrequencyFusionLayer(nn.Module, FrequencyAdapterLayer):
             nn.Linear(config.adapter_dim, width),
         )
         self.fusion_scale[adapter_name] = config.fusion_scale
+        self.chain_form[adapter_name] = config.chain
         if config.fusion_gate:
             self.freq_gate[adapter_name] = nn.Parameter(torch.zeros(1))
         self.streams[adapter_name] = stream
@@ -176,7 +181,11 @@ class FrequencyFusionLayer(nn.Module, FrequencyAdapterLayer):
             stream = self.streams[name]
             previous = stream.read(self.position)
             adapter = self.freq_adapter[name]
-            current = previous + adapter(previous.to(adapter[1].weight.dtype)).to(previous.dtype)
+            if self.chain_form.get(name, "residual") == "normalized":  # LN f + FA(LN f), FA's own LayerNorm
+                normed = adapter[0](previous.to(adapter[1].weight.dtype))
+                current = (normed + adapter[1:](normed)).to(previous.dtype)
+            else:
+                current = previous + adapter(previous.to(adapter[1].weight.dtype)).to(previous.dtype)
             stream.write(self.position + 1, current)
             weight = self.fusion_scale[name]
             if name in self.freq_gate:

@@ -37,16 +37,30 @@ def segmentation_loss(
     fine_weight: float = 1.0,
     dice_weight: float = 0.8,
     bce_weight: float = 0.2,
+    composition: str = "project",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """
-    I-MedSAM's loss: Dice + BCE on the coarse prediction (every point) and on the fine prediction (the refined
-    points), the fine term weighted by `fine_weight` (ramped up over the first epochs). Without the implicit decoder
-    the loss is on SAM's upsampled mask.
+    The training loss. Without the implicit decoder: `dice_weight` Dice + `bce_weight` BCE on SAM's upsampled mask.
+    With it, by `composition`:
+
+    - `"project"` (this project's default): Dice + BCE on the coarse prediction (every point, weight 1) plus
+      `fine_weight` times Dice + BCE on the fine prediction at the refined points only.
+    - `"released"` (the released I-MedSAM code's `main.py`): Dice only (its cross-entropy term is exactly 0 in the
+      MONAI it pins, for one channel), `(1 - a) Dice(coarse) + a Dice(output)` where the output is the coarse map
+      with the refined points overwritten and `a` is `fine_weight` (`fine_weight_at`, 5 warm-up epochs there), so the
+      coarse term drops out once the warm-up ends. `dice_weight` and `bce_weight` are not used.
 
     Args:
         outputs: model outputs on the `(S, S)` frame. labels: `(B, S, S)` class ids.
     """
+    if composition not in LOSS_COMPOSITIONS:
+        raise ValueError(f"`composition` must be one of {LOSS_COMPOSITIONS}, got {composition!r}.")
     targets = one_hot_targets(labels, num_classes)
+    if outputs.coarse_logits is not None and composition == "released":
+        coarse = dice_bce(outputs.coarse_logits, targets, 1.0, 0.0)
+        merged = dice_bce(outputs.logits, targets, 1.0, 0.0)
+        loss = (1 - fine_weight) * coarse + fine_weight * merged
+        return loss, {"loss": loss.item(), "coarse_loss": coarse.item(), "fine_loss": merged.item()}
     if outputs.coarse_logits is None:
         loss = dice_bce(outputs.logits, targets, dice_weight, bce_weight)
         return loss, {"loss": loss.item()}
@@ -87,6 +101,9 @@ def sample_points(
     return coordinates, point_labels
 
 
+LOSS_COMPOSITIONS = ("project", "released")
+
+
 def fine_weight_at(epoch: float, warmup_epochs: float) -> float:
     """The fine term's weight: min((epoch + 1) / warmup, 1), as the released code (0 warm-up: always 1)."""
     if warmup_epochs <= 0:
@@ -101,6 +118,7 @@ class LossWeights:
     dice_weight: float = 0.8
     bce_weight: float = 0.2
     fine_weight: float = 1.0
+    composition: str = "project"  # or "released" (see `segmentation_loss`)
 
 
 def model_config(model: torch.nn.Module):
@@ -153,7 +171,9 @@ def forward_and_loss(
     if per_prompt:
         outputs, labels = prompt_rows(outputs, labels, batch["prompt_classes"])
         num_classes = 1  # each prompt's target is its own class's mask
-    return segmentation_loss(outputs, labels, num_classes, weights.fine_weight, weights.dice_weight, weights.bce_weight)
+    return segmentation_loss(
+        outputs, labels, num_classes, weights.fine_weight, weights.dice_weight, weights.bce_weight, weights.composition
+    )
 
 
 def prompt_rows(

@@ -239,3 +239,70 @@ def test_publishing_a_named_adapter_with_fusion_gates(tmp_path, inputs):
     reloaded = AutoModel.from_pretrained(tmp_path / "published").eval()
     assert reloaded.config.adapter_config["fusion_gate"] is True
     torch.testing.assert_close(predict(reloaded, inputs), expected, atol=0, rtol=0)
+
+
+def test_normalized_chain_is_the_released_form(inputs):
+    """`chain="normalized"`: f(i+1) = LN f(i) + FA(LN f(i)) at every fusion layer; "residual": f(i) + FA(LN f(i))."""
+    for form in ("residual", "normalized"):
+        base = tiny_model()
+        peft_model = get_peft_model(base, imedsam_peft_config(base.config, chain=form))
+        randomize_adapters(peft_model)
+        layers = [m for m in peft_model.modules() if isinstance(m, FrequencyFusionLayer)]
+        seen = []
+
+        def record(module, args, output, seen=seen):
+            stream = module.streams["default"]
+            seen.append((stream.read(module.position), stream.read(module.position + 1)))
+
+        for layer in layers:
+            layer.register_forward_hook(record)
+        predict(peft_model.eval(), inputs)
+        assert len(seen) == len(layers) == 2
+        for layer, (before, after) in zip(layers, seen):
+            adapter = layer.freq_adapter["default"]
+            skip = adapter[0](before) if form == "normalized" else before
+            torch.testing.assert_close(after, skip + adapter(before))
+    with pytest.raises(ValueError, match="chain"):
+        imedsam_peft_config(tiny_config(), chain="normalised")
+
+
+@pytest.mark.slow
+def test_at_initialisation_only_the_fusion_gate_keeps_the_pretrained_encoder():
+    """
+    LiteMedSAM on a real polyp, adapters freshly added. Measured: with the fusion gate off the image embedding moves by
+    about 1.5x its RMS whatever the chain form (residual 1.48, normalized 1.43): the fixed 0.5 fusion outweighs the
+    blocks' own MLP outputs (RMS 0.3-0.5) even when the stream stays at a LayerNorm's scale (normalized: fused term
+    RMS 0.5-0.6 at every block; residual: 2, then 9, then 107 in the last stage). The zero-initialised gate keeps it
+    exactly.
+    """
+    from conftest import SHARED_DATA
+
+    from imedsam_hf import load_model
+    from imedsam_hf.data import discover_pairs
+    from imedsam_hf.processing_imedsam import to_rgb_array
+
+    model, processor = load_model("litemedsam", eval_mode=False)
+    pair = discover_pairs(SHARED_DATA / "Kvasir-SEG-sample")[0][0]
+    pixel_values = processor(to_rgb_array(pair.image))["pixel_values"]
+    with torch.no_grad():
+        frozen = model.eval().encode_image(pixel_values)
+    moved, fused = {}, {}
+    for form, gate in (("residual", False), ("normalized", False), ("residual", True)):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, imedsam_peft_config(model.config, fusion_gate=gate, chain=form)).eval()
+        sizes = []
+        for layer in peft_model.modules():
+            if isinstance(layer, FrequencyFusionLayer):
+                layer.register_forward_hook(
+                    lambda m, a, o, sizes=sizes: sizes.append(
+                        m.streams["default"].read(m.position + 1).square().mean().sqrt().item()
+                    )
+                )
+        with torch.no_grad():
+            adapted = peft_model.base_model.model.encode_image(pixel_values)
+        moved[(form, gate)] = ((adapted - frozen).square().mean() / frozen.square().mean()).sqrt().item()
+        fused[(form, gate)] = [0.5 * size for size in sizes]
+        model = peft_model.unload()
+    assert moved[("residual", True)] == 0.0
+    assert moved[("residual", False)] > 1.0 and moved[("normalized", False)] > 1.0, moved
+    assert max(fused[("normalized", False)]) < 1.0 < 50.0 < fused[("residual", False)][-1], fused

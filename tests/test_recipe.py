@@ -179,6 +179,22 @@ def test_segmentation_loss_is_coarse_plus_weighted_fine_on_the_refined_points(cl
     assert same.item() == pytest.approx(loss.item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("epoch", [0, 2, 4, 9])
+def test_released_loss_is_dice_only_and_hands_over_from_coarse_to_output(epoch):
+    """The released code's loss: (1 - a) Dice(coarse) + a Dice(output), a = min((epoch + 1) / 5, 1), no BCE."""
+    outputs, labels = fake_outputs()
+    a = fine_weight_at(epoch, 5)
+    loss, parts = segmentation_loss(outputs, labels, 1, fine_weight=a, dice_weight=0.3, composition="released")
+    targets = (labels.numpy() == 1)[:, None].astype(np.float64)
+    coarse = reference_dice_bce(outputs.coarse_logits.numpy(), targets, 1.0, 0.0)
+    output = reference_dice_bce(outputs.logits.numpy(), targets, 1.0, 0.0)
+    assert loss.item() == pytest.approx((1 - a) * coarse + a * output, abs=1e-5)
+    assert parts["coarse_loss"] == pytest.approx(coarse, abs=1e-5) and parts["fine_loss"] == pytest.approx(output)
+    assert (epoch >= 4) == (a == 1.0)  # the coarse term is gone from epoch 4 on
+    with pytest.raises(ValueError, match="composition"):
+        segmentation_loss(outputs, labels, 1, composition="paper")
+
+
 def test_segmentation_loss_without_refined_points_is_the_coarse_loss():
     outputs, labels = fake_outputs(refined_per_image=0)
     loss, parts = segmentation_loss(outputs, labels, 1, fine_weight=1.0)

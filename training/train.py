@@ -230,6 +230,11 @@ class RunArguments:
     )
     dice_weight: float = option(0.8, "Weight of the Dice term of the loss.")
     bce_weight: float = option(0.2, "Weight of the BCE term of the loss.")
+    loss_composition: Literal["project", "released"] = option(
+        "project",
+        "'project': Dice+BCE on the coarse map plus the fine term on the refined points; 'released': the released "
+        "code's Dice-only (1-a) Dice(coarse) + a Dice(output), a the fine weight (--fine_weight_warmup_epochs).",
+    )
     mixed_precision: Literal["no", "fp16", "bf16", "fp8"] | None = option(
         None, "Overrides the Accelerate config's mixed precision (None: accelerate launch / accelerate config decide)."
     )
@@ -1010,6 +1015,7 @@ def train_epoch(run: Run, progress) -> None:
         dice_weight=config.dice_weight,
         bce_weight=config.bce_weight,
         fine_weight=fine_weight_at(epoch, config.fine_weight_warmup_epochs),
+        composition=config.loss_composition,
     )
     for batch in loader:
         with accelerator.accumulate(run.model):
