@@ -61,6 +61,12 @@ class FrequencyAdapterSettings:
     lora_rank: int = _setting(4, "LoRA rank r.", recipe="lora_rank")
     lora_alpha: float = _setting(4.0, "LoRA scaling numerator (scaling = alpha / r).", recipe="lora_alpha")
     lora_dropout: float = _setting(0.0, "Dropout on the LoRA input.")
+    lora_gate: bool = _setting(
+        False,
+        "Scale each image's (or window's) q/v LoRA update by g = Linear(d, 1)(mean of its tokens), trainable, as the "
+        "released code's LoRA_qkv does; the update then depends on the input and cannot be merged into the weight.",
+        recipe="lora_gate",
+    )
     use_frequency_adapter: bool = _setting(True, "Add the frequency-adapter chain.", recipe="use_frequency_adapter")
     adapter_dim: int = _setting(4, "Bottleneck width of each frequency adapter.", recipe="frequency_adapter_dim")
     fusion_scale: float = _setting(
@@ -253,7 +259,7 @@ class IMedSamConfig(SamConfig):
         is returned as `logits` (the "LoRA only" and "+FA" rows of the paper's ablation).
     use_lora (`bool`), use_frequency_adapter (`bool`):
         Ablation switches read by [`imedsam_peft_config`]: which parameter-efficient branches the recipe adds.
-    lora_rank (`int`), lora_alpha (`float`), frequency_adapter_dim (`int`), frequency_fusion_scale (`float`),
+    lora_rank (`int`), lora_alpha (`float`), lora_gate (`bool`), frequency_adapter_dim (`int`), frequency_fusion_scale (`float`),
     frequency_fusion_gate (`bool`), frequency_chain (`str`), spectrum (`str`), spectrum_log_scale (`bool`):
         The adapter the training recipe adds (`adapter_recipe()`): each is a field of the one schema,
         [`FrequencyAdapterSettings`], under the name `RECIPE_FIELDS` gives it, with the schema's default.
@@ -313,6 +319,7 @@ class IMedSamConfig(SamConfig):
     use_frequency_adapter: bool = _ADAPTER_DEFAULTS.use_frequency_adapter
     lora_rank: int = _ADAPTER_DEFAULTS.lora_rank
     lora_alpha: float = _ADAPTER_DEFAULTS.lora_alpha
+    lora_gate: bool = _ADAPTER_DEFAULTS.lora_gate
     frequency_adapter_dim: int = _ADAPTER_DEFAULTS.adapter_dim
     frequency_fusion_scale: float = _ADAPTER_DEFAULTS.fusion_scale
     frequency_fusion_gate: bool = _ADAPTER_DEFAULTS.fusion_gate

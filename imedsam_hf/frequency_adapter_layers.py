@@ -232,7 +232,7 @@ def qkv_output_indices(attention: nn.Module, linear: nn.Linear) -> dict[str, tor
 class QVLoRALinear(nn.Module, FrequencyAdapterLayer):
     """Rank-r LoRA on the q and v output features of a fused qkv `nn.Linear` (k untouched)."""
 
-    adapter_layer_names = ("freq_lora_q_A", "freq_lora_q_B", "freq_lora_v_A", "freq_lora_v_B")
+    adapter_layer_names = ("freq_lora_q_A", "freq_lora_q_B", "freq_lora_v_A", "freq_lora_v_B", "freq_lora_gate")
     other_param_names = ("lora_scaling", "lora_dropout", "streams")
 
     def __init__(self, base_layer: nn.Linear, output_indices: dict[str, torch.Tensor]) -> None:
@@ -257,6 +257,8 @@ class QVLoRALinear(nn.Module, FrequencyAdapterLayer):
             nn.init.zeros_(up.weight)  # the adapted model starts as the base model
             getattr(self, f"freq_lora_{part}_A")[adapter_name] = down
             getattr(self, f"freq_lora_{part}_B")[adapter_name] = up
+        if config.lora_gate:  # the released code's gate: nn.Linear's own initialisation
+            self.freq_lora_gate[adapter_name] = nn.Linear(self.in_features, 1)
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.lora_scaling[adapter_name] = config.lora_alpha / rank
         self.streams[adapter_name] = None  # registers the adapter name; LoRA does not read the stream
@@ -282,7 +284,14 @@ class QVLoRALinear(nn.Module, FrequencyAdapterLayer):
                 weight = weight.index_add(0, self._index(part, weight.device), delta)
         return weight
 
+    def _gated(self, names: list[str]) -> bool:
+        return any(name in self.freq_lora_gate for name in names)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if self._gated(adapter_names or self.active_adapters):
+            raise ValueError(
+                "A gated LoRA (`lora_gate=True`) depends on each input: it cannot be merged into the weight."
+            )
         for name in adapter_names or self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_scaling:
                 continue
@@ -303,7 +312,8 @@ class QVLoRALinear(nn.Module, FrequencyAdapterLayer):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters and self.merged:
             self.unmerge()
-        if not self.merged and not self.training and isinstance(self.base_layer, nn.Linear) and not args and not kwargs:
+        plain = isinstance(self.base_layer, nn.Linear) and not args and not kwargs
+        if not self.merged and not self.training and plain and not self._gated(self._adapters_on()):
             # Inference (no LoRA dropout): add the low-rank updates to the q/v rows of the weight, then one matrix
             # product, instead of two small products and an index_add over every token's qkv output.
             weight = self._updated_weight(self.base_layer.weight, self._adapters_on())
@@ -318,6 +328,9 @@ class QVLoRALinear(nn.Module, FrequencyAdapterLayer):
                 down = getattr(self, f"freq_lora_{part}_A")[name]
                 up = getattr(self, f"freq_lora_{part}_B")[name]
                 delta = up(down(inputs.to(down.weight.dtype))) * self.lora_scaling[name]
+                if name in self.freq_lora_gate:  # g(mean of the image's or window's tokens), one per batch entry
+                    tokens = inputs.to(down.weight.dtype).mean(dim=tuple(range(1, inputs.ndim - 1)), keepdim=True)
+                    delta = delta * self.freq_lora_gate[name](tokens)
                 output = output.index_add(output.ndim - 1, index, delta.to(output.dtype))
         return output
 

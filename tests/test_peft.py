@@ -306,3 +306,34 @@ def test_at_initialisation_only_the_fusion_gate_keeps_the_pretrained_encoder():
     assert moved[("residual", True)] == 0.0
     assert moved[("residual", False)] > 1.0 and moved[("normalized", False)] > 1.0, moved
     assert max(fused[("normalized", False)]) < 1.0 < 50.0 < fused[("residual", False)][-1], fused
+
+
+def test_gated_lora_scales_each_inputs_update_and_publishes(tmp_path, inputs):
+    """`lora_gate`: delta = g(mean of the tokens) * B A x per batch entry (the released LoRA_qkv); never merged."""
+    model = tiny_model(use_frequency_adapter=False)
+    peft_model = get_peft_model(model, imedsam_peft_config(model.config, lora_gate=True))
+    randomize_adapters(peft_model)
+    wrapped = peft_model.base_model.model.vision_encoder.layers[0].attn.qkv
+    assert "default" in wrapped.freq_lora_gate and any(
+        "freq_lora_gate" in n for n, p in peft_model.named_parameters() if p.requires_grad
+    )
+    x = torch.randn(2, 3, 5, wrapped.in_features, generator=torch.Generator().manual_seed(0))  # (windows, h, w, d)
+    gate = wrapped.freq_lora_gate["default"](x.mean(dim=(1, 2), keepdim=True))  # (2, 1, 1, 1)
+    expected = wrapped.base_layer(x)
+    for part in ("q", "v"):
+        index = wrapped.output_indices[part]
+        update = getattr(wrapped, f"freq_lora_{part}_B")["default"](
+            getattr(wrapped, f"freq_lora_{part}_A")["default"](x)
+        )
+        expected[..., index] += gate * update * wrapped.lora_scaling["default"]
+    wrapped.eval()
+    torch.testing.assert_close(wrapped(x), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(gate[0], gate[1])  # one gate per image or window
+    with pytest.raises(ValueError, match="cannot be merged"):
+        wrapped.merge()
+    peft_model.eval()
+    before = predict(peft_model, inputs)
+    published = save_pretrained_full(peft_model, tmp_path / "gated")
+    assert json.loads((tmp_path / "gated" / "config.json").read_text())["adapter_config"]["lora_gate"] is True
+    torch.testing.assert_close(predict(AutoModel.from_pretrained(tmp_path / "gated").eval(), inputs), before)
+    torch.testing.assert_close(predict(published, inputs), before)
