@@ -258,7 +258,7 @@ class QVLoRALinear(nn.Module, FrequencyAdapterLayer):
             getattr(self, f"freq_lora_{part}_A")[adapter_name] = down
             getattr(self, f"freq_lora_{part}_B")[adapter_name] = up
         if config.lora_gate:  # the released code's gate: nn.Linear's own initialisation
-            self.freq_lora_gate[adapter_name] = nn.Linear(self.in_features, 1)
+            self.freq_lora_gate[adapter_name] = nn.Linear(self.in_features, 1, bias=False)
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.lora_scaling[adapter_name] = config.lora_alpha / rank
         self.streams[adapter_name] = None  # registers the adapter name; LoRA does not read the stream

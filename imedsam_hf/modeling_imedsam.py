@@ -189,6 +189,8 @@ class IMedSamImplicitDecoder(nn.Module):
         self.config = config
         self.num_classes = config.num_classes
         self.num_frequencies = config.num_frequencies
+        # Coarse-to-fine coordinate annealing in training (`set_frequency_fraction`): the share of octaves on.
+        self.frequency_fraction = 1.0
         feature_size = config.mask_decoder_config.hidden_size // 8
         position_size = 2 * config.vision_config.num_pos_feats
         self.use_sam_prior = config.implicit_sam_prior
@@ -216,11 +218,20 @@ class IMedSamImplicitDecoder(nn.Module):
         return self._dropout_masks[key]
 
     def encode_coordinates(self, coordinates: torch.Tensor) -> torch.Tensor:
-        """NeRF positional encoding: `(..., 2)` in [0, 1] -> `(..., 2 + 4 * num_frequencies)`."""
+        """
+        NeRF positional encoding: `(..., 2)` in [0, 1] -> `(..., 2 + 4 * num_frequencies)`. In training with a
+        `frequency_fraction` F < 1 (coordinate annealing), only the lowest ceil(F * num_frequencies) octaves are on
+        (at least one); the others are 0. Outside training every octave is on.
+        """
         centred = 2 * coordinates - 1
         octaves = 2.0 ** torch.arange(self.num_frequencies, device=coordinates.device, dtype=coordinates.dtype)
         angles = math.pi * centred[..., None] * octaves
-        return torch.cat([centred, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
+        sines, cosines = angles.sin(), angles.cos()
+        if self.training and self.frequency_fraction < 1:
+            kept = max(1, math.ceil(self.frequency_fraction * self.num_frequencies))
+            on = (torch.arange(self.num_frequencies, device=coordinates.device) < kept).to(coordinates.dtype)
+            sines, cosines = sines * on, cosines * on
+        return torch.cat([centred, sines.flatten(-2), cosines.flatten(-2)], dim=-1)
 
     def point_features(
         self,

@@ -104,6 +104,19 @@ def sample_points(
 LOSS_COMPOSITIONS = ("project", "released")
 
 
+def anneal_coordinates(model: torch.nn.Module, epoch: float, annealing_epochs: float) -> float:
+    """
+    Coordinate annealing (the released code's `epoch_T`): over the first `annealing_epochs` epochs the implicit
+    decoders' positional code switches its octaves on from low to high, a fraction min((epoch + 1) / N, 1) of them
+    (every copy, e.g. PEFT's trained copy of the decoder); 0 epochs: all on. Returns the fraction.
+    """
+    fraction = 1.0 if annealing_epochs <= 0 else min((epoch + 1) / annealing_epochs, 1.0)
+    for module in model.modules():
+        if hasattr(module, "frequency_fraction") and hasattr(module, "encode_coordinates"):
+            module.frequency_fraction = fraction
+    return fraction
+
+
 def fine_weight_at(epoch: float, warmup_epochs: float) -> float:
     """The fine term's weight: min((epoch + 1) / warmup, 1), as the released code (0 warm-up: always 1)."""
     if warmup_epochs <= 0:

@@ -379,3 +379,30 @@ def test_samples_with_every_class_as_a_prompt_train_on_each_class_mask(tmp_path)
     assert rows.logits.shape[0] == targets.shape[0] == sum(counts)  # padding prompts are not rows
     liver = int((batch["prompt_classes"][0] == 6).nonzero()[0, 0])
     assert torch.equal(targets[liver], (batch["labels"][0] == 6).long())
+
+
+def test_coordinate_annealing_switches_octaves_on_from_low_to_high():
+    """`anneal_coordinates`: in training, octaves >= ceil(F * n) are 0 (F = (epoch + 1) / N); evaluation uses all."""
+    from conftest import tiny_model
+    from peft import get_peft_model
+
+    from imedsam_hf import imedsam_peft_config
+    from imedsam_hf.training import anneal_coordinates
+
+    model = tiny_model()
+    peft_model = get_peft_model(model, imedsam_peft_config(model.config))
+    decoders = [m for m in peft_model.modules() if type(m).__name__ == "IMedSamImplicitDecoder"]
+    assert len(decoders) == 2  # the frozen original and PEFT's trained copy: both are annealed
+    assert anneal_coordinates(peft_model, epoch=4, annealing_epochs=20) == 0.25
+    decoder = decoders[-1].train()
+    n = decoder.num_frequencies
+    coordinates = torch.rand(3, 7, 2)
+    code = decoder.encode_coordinates(coordinates)
+    sines, cosines = code[..., 2 : 2 + 2 * n].reshape(3, 7, 2, n), code[..., 2 + 2 * n :].reshape(3, 7, 2, n)
+    kept = math.ceil(0.25 * n)
+    assert sines[..., kept:].abs().sum() == 0 and cosines[..., kept:].abs().sum() == 0
+    assert sines[..., :kept].abs().sum() > 0
+    torch.testing.assert_close(decoder.eval().encode_coordinates(coordinates)[..., :2], code[..., :2])
+    assert decoder.eval().encode_coordinates(coordinates)[..., 2 + kept].abs().sum() > 0  # all on outside training
+    assert anneal_coordinates(peft_model, epoch=30, annealing_epochs=20) == 1.0
+    assert anneal_coordinates(peft_model, epoch=0, annealing_epochs=0) == 1.0

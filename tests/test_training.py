@@ -115,10 +115,12 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
     out = tmp_path / "run"
     clock = iter(range(0, 10**6, 40))  # every reading of the clock is 40 s later: the 1-minute budget ends at step 1
     monkeypatch.setattr(train_script, "clock", lambda: float(next(clock)))
+    released = ("--loss_composition", "released", "--coordinate_annealing_epochs", "4")  # the released recipe
     results = train_script.main(
-        args(tiny_sam, polyps, out, "--epochs", "5", "--max_train_minutes", "1", "--baseline", "false")
+        args(tiny_sam, polyps, out, "--epochs", "5", "--max_train_minutes", "1", "--baseline", "false", *released)
     )
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["coordinate_fraction"] for r in log if "loss" in r] == [0.25, 0.25]
     assert max(r["step"] for r in log) == results["best_step"] == 2 and (out / "final" / "model.safetensors").is_file()
     monkeypatch.undo()
     # The run's folder moved to another machine: no final/, no checkpoints; its config.yaml says how it was trained.

@@ -79,6 +79,7 @@ from imedsam_hf.model_card import write_model_card
 from imedsam_hf.processing_imedsam import IMedSamProcessor
 from imedsam_hf.training import (
     LossWeights,
+    anneal_coordinates,
     fine_weight_at,
     forward_and_loss,
     model_config,
@@ -225,6 +226,11 @@ class RunArguments:
     weight_decay: float = option(0.01, "AdamW weight decay.")
     warmup_steps: int = option(0, "Linear learning-rate warm-up steps (then linear decay to 0).")
     fine_weight_warmup_epochs: float = option(5, "Epochs over which the fine loss's weight ramps up to 1.")
+    coordinate_annealing_epochs: float = option(
+        0,
+        "Epochs over which the implicit decoder's coordinate octaves switch on from low to high (the released code: "
+        "20); 0: all on from the start.",
+    )
     train_points: int | None = option(
         None, "With the implicit decoder, train on this many random points per image (None/0: every pixel)."
     )
@@ -1017,6 +1023,7 @@ def train_epoch(run: Run, progress) -> None:
         fine_weight=fine_weight_at(epoch, config.fine_weight_warmup_epochs),
         composition=config.loss_composition,
     )
+    fraction = anneal_coordinates(accelerator.unwrap_model(run.model), epoch, config.coordinate_annealing_epochs)
     for batch in loader:
         with accelerator.accumulate(run.model):
             loss, parts = forward_and_loss(
@@ -1038,6 +1045,8 @@ def train_epoch(run: Run, progress) -> None:
         progress.update(1)
         progress.set_postfix(loss=f"{parts['loss']:.3f}")
         record = {**parts, "epoch": epoch, "fine_weight": weights.fine_weight, "lr": run.scheduler.get_last_lr()[0]}
+        if config.coordinate_annealing_epochs:
+            record["coordinate_fraction"] = fraction
         run.log(record, state["global_step"])
         every = config.checkpoint_every
         if isinstance(every, int) and every > 0 and state["global_step"] % every == 0:
