@@ -75,6 +75,7 @@ def segment(
     processor: IMedSamProcessor | None = None,
     device: str | torch.device | None = None,
     max_output_pixels: int = MAX_OUTPUT_PIXELS,
+    classes=None,
 ) -> Segmentation:
     """
     Segment one image (path, PIL image or array of any mode) with an I-MedSAM model.
@@ -90,6 +91,8 @@ def segment(
         device: where a model given by name is loaded (`"cuda"`, `"cpu"`, ...); a model object stays where it is.
         max_output_pixels: the output budget. A larger mask is predicted on the largest grid of the same aspect
             within it and resized nearest-neighbour (`Segmentation.grid`), which bounds memory.
+        classes: with a multi-class (class-aware) model, one class id per box (1..num_classes): each box is decoded
+            by its class's heads (`input_classes`) and gets one binary mask, as with a one-class model.
 
     A model whose implicit decoder was never trained (a conversion: `config.implicit_decoder_trained` false) gives
     SAM's own mask, with a warning once per model (`mask_source="sam"`); a multi-class one is an error. Logits that
@@ -107,6 +110,7 @@ def segment(
         processor = processor_for_config(model.config)
     use_sam_mask = sam_mask_fallback(model)
     inputs = processor(image, input_boxes=box, input_points=points, input_labels=labels)
+    input_classes = _input_classes(model, classes, inputs.get("input_boxes"))
     size = _checked_output_size(output_size or tuple(inputs["original_sizes"][0].tolist()))
     grid = fitted_grid(*size, max_output_pixels)
     parameter = next(model.parameters())
@@ -119,6 +123,7 @@ def segment(
         pixel_values=inputs["pixel_values"].to(parameter.device, parameter.dtype),
         output_size=grid,
         output_region=inputs["output_region"],
+        input_classes=None if input_classes is None else input_classes.to(parameter.device),
         **prompts,
     )
     logits = _sam_mask(model, outputs.sam_logits, grid, inputs) if use_sam_mask else outputs.logits.float().cpu()[0]
@@ -138,6 +143,22 @@ def segment(
         if getattr(model.config, "use_implicit_decoder", False) and not use_sam_mask
         else "sam",
     )
+
+
+def _input_classes(model, classes, boxes: torch.Tensor | None) -> torch.Tensor | None:
+    """`segment(classes=...)` as the model's `input_classes`: one id in 1..num_classes per box, checked."""
+    if classes is None:
+        return None
+    num_classes = int(getattr(model.config, "num_classes", 1))
+    ids = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+    if boxes is None:
+        raise ValueError("`classes` name the class of each box: give `box` too.")
+    count = boxes.shape[1] if boxes.ndim == 3 else 1
+    if len(ids) != count:
+        raise ValueError(f"`classes`: {len(ids)} class ids for {count} boxes; give one per box.")
+    if num_classes < 2 or bool(((ids < 1) | (ids > num_classes)).any()):
+        raise ValueError(f"`classes` {ids.tolist()}: class ids must be in 1..{num_classes} (a class-aware model).")
+    return ids.reshape(1, -1) if boxes.ndim == 3 else ids.reshape(1)
 
 
 def sam_mask_fallback(model) -> bool:

@@ -463,8 +463,9 @@ def segment_volume(
         here, and where a mask vanishes it re-prompts with the middle slice's box instead of stopping.
 
     Args:
-        model: a one-class (binary) box-prompted model (``IMedSamModel``, a PeftModel around one, or a spec for
-            :func:`imedsam_hf.load_model` such as ``"litemedsam"``).
+        model: a box-prompted model (``IMedSamModel``, a PeftModel around one, or a spec for
+            :func:`imedsam_hf.load_model` such as ``"litemedsam"``): one-class (binary), or multi-class and then
+            class-aware (each structure's box decoded by its class's heads; class ids 1..num_classes).
         volume: the scan, a :class:`Volume` or an ``(X, Y, Z)`` array; converted with :func:`to_uint8`.
         processor: default the model's (``load_model``'s, or the one matching its config).
         label_volume: ``(X, Y, Z)`` integer class ids 0..255, same shape and (when both are :class:`Volume` objects)
@@ -483,18 +484,14 @@ def segment_volume(
         ``(X, Y, Z)`` uint8 class ids, 0 = background, on the grid of ``volume``.
 
     Raises:
-        ValueError: both or neither prompt source, a multi-class model, shape/affine mismatch (naming both files),
-            unknown or invalid class ids, boxes outside the volume.
+        ValueError: both or neither prompt source, class ids above a class-aware model's classes, shape/affine
+            mismatch (naming both files), unknown or invalid class ids, boxes outside the volume.
     """
     if (label_volume is None) == (boxes_3d is None):
         raise ValueError("segment_volume: give exactly one of label_volume (per-slice boxes) or boxes_3d")
     if isinstance(model, str):
         model, loaded_processor = load_model(model)
         processor = processor or loaded_processor
-    if _class_count(model) != 1:
-        raise ValueError(
-            f"segment_volume: box prompts need a one-class model, this one has num_classes={_class_count(model)}"
-        )
     processor = processor or processor_for_config(model.config)
     both_volumes = isinstance(label_volume, Volume) and isinstance(volume, Volume)
     volume = _as_volume(volume, "volume")
@@ -503,13 +500,26 @@ def segment_volume(
     labels = np.zeros(volume.shape, dtype=np.uint8)
     if label_volume is not None:
         truth = _check_labels(_as_volume(label_volume, "label volume"), volume, compare_affines=both_volumes)
+        _check_class_aware(model, {int(c) for c in np.unique(truth) if c and (wanted is None or int(c) in wanted)})
         _segment_with_label_volume(model, processor, images, truth, labels, wanted, progress)
     else:
         checked = _check_boxes(boxes_3d, volume.shape, wanted)  # type: ignore[arg-type]
+        _check_class_aware(model, set(checked))
         if not (math.isfinite(box_margin) and box_margin >= 0):
             raise ValueError(f"box_margin must be a number of pixels >= 0, got {box_margin!r}")
         _segment_with_boxes_3d(model, processor, images, checked, labels, progress, float(box_margin))
     return labels
+
+
+def _check_class_aware(model: Any, class_ids: set[int]) -> None:
+    """A multi-class model is class-aware here: each structure's box uses its class's heads, so ids must fit."""
+    count = _class_count(model)
+    too_high = sorted(c for c in class_ids if c > count)
+    if count > 1 and too_high:
+        raise ValueError(
+            f"segment_volume: class ids {too_high} above the model's {count} classes; a class-aware model segments "
+            "class ids 1..num_classes (restrict with classes=...)."
+        )
 
 
 def _segment_with_label_volume(
@@ -530,7 +540,10 @@ def _segment_with_label_volume(
         if not ids:
             continue
         boxes = [mask_box(truth_slice == c).tolist() for c in ids]
-        result = segment(model, slice_image(images, z), box=boxes, output_size=truth_slice.shape, processor=processor)
+        result = segment(
+            model, slice_image(images, z), box=boxes, output_size=truth_slice.shape, processor=processor,
+            classes=ids if _class_count(model) > 1 else None,
+        )  # fmt: skip
         # Scores = probability inside each prompt's own mask, 0 outside: merging at threshold 0 keeps exactly the
         # pixels `segment` called foreground, the most probable prompt winning where masks overlap.
         scores = np.where(result.mask, result.probabilities[:, 0], 0.0)
@@ -555,7 +568,10 @@ def _segment_with_boxes_3d(
 
         def run(class_id: int, z: int, prompt: list[float]) -> list[float] | None:
             """Segment slice `z` with `prompt`, record the mask; the box of the mask for the next slice, or None."""
-            result = segment(model, slice_image(images, z), box=prompt, output_size=size, processor=processor)
+            aware = [class_id] if _class_count(model) > 1 else None
+            result = segment(
+                model, slice_image(images, z), box=prompt, output_size=size, processor=processor, classes=aware
+            )
             bar.update(1)
             mask, probability = result.mask, result.probabilities[0]
             if not mask.any():

@@ -343,8 +343,8 @@ def test_label_volume_mismatches_are_named():
         segment_volume(FakeModel(), images, processor=object())
     with pytest.raises(ValueError, match="exactly one of"):
         segment_volume(FakeModel(), images, label_volume=labels, boxes_3d={2: [0] * 6}, processor=object())
-    multi = types.SimpleNamespace(config=types.SimpleNamespace(num_classes=3))
-    with pytest.raises(ValueError, match="num_classes=3"):
+    multi = types.SimpleNamespace(config=types.SimpleNamespace(num_classes=3))  # class-aware: ids 1..3 only
+    with pytest.raises(ValueError, match=r"class ids \[5\] above the model's 3 classes"):
         segment_volume(multi, images, label_volume=labels, processor=object())
 
 
@@ -600,3 +600,27 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     both = ["predict", "--model", str(tmp_path / "model"), str(scan), str(other), "--device", "cpu"]
     assert main([*both, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()
+
+
+def test_a_class_aware_model_segments_each_structure_with_its_own_heads(tmp_path):
+    """A 13-class model: each structure's box goes with its class id (`segment(classes=...)`), volumes too."""
+    from imedsam_hf import segment
+
+    model = tiny_model(query_mode="adaptive", num_classes=13, implicit_decoder_trained=True)
+    image = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    boxes = [[2.0, 3.0, 20.0, 25.0], [18.0, 10.0, 40.0, 30.0]]
+    together = segment(model, image, box=boxes, classes=[2, 5])
+    assert together.mask.shape == (2, 40, 48) and together.probabilities.shape == (2, 1, 40, 48)
+    for index, (box, class_id) in enumerate(zip(boxes, (2, 5))):
+        alone = segment(model, image, box=box, classes=[class_id])
+        np.testing.assert_allclose(alone.probabilities[0], together.probabilities[index, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="one per box"):
+        segment(model, image, box=boxes, classes=[2])
+    with pytest.raises(ValueError, match=r"1\.\.13"):
+        segment(model, image, box=boxes, classes=[2, 14])
+    labels = two_organs()
+    volume = make_volume((labels * 60 + 20).astype(np.uint8))
+    predicted = segment_volume(model, volume, label_volume=make_volume(labels), progress=False)
+    assert predicted.shape == labels.shape and set(np.unique(predicted)) <= {0, 2, 5}
+    with pytest.raises(ValueError, match="above the model's 13 classes"):
+        segment_volume(model, volume, label_volume=make_volume(((labels > 0) * 14).astype(np.uint8)), progress=False)
