@@ -25,6 +25,7 @@ from .inference import (
     PromptSource,
     check_output_budget,
     check_output_folder,
+    parse_points,
     predict_files,
     read_boxes_file,
 )
@@ -122,7 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of masks named like the images: each mask's tight box; for volumes, label volumes named like "
         "them (every structure on every slice)",
     )
+    prompt.add_argument(
+        "--points", help="clicks 'x,y[,label];x,y[,label]' (original pixels; label 1 foreground, 0 background)"
+    )
+    prompt.add_argument(
+        "--points-from-masks",
+        dest="points_from_masks",
+        help="folder of masks named like the images: --clicks positive clicks each, the first at the interior point "
+        "farthest from the mask's boundary",
+    )
     prompt.add_argument("--no-prompt", "--no_prompt", dest="no_prompt", action="store_true", help="prompt-free")
+    _option(p, "--clicks", type=int, default=1, help="with --points-from-masks: clicks per mask (default 1)")
     _option(p, "--output-size", help="WxH of the masks (default: each image's size)")
     _option(
         p,
@@ -266,7 +277,11 @@ def _run(args: argparse.Namespace) -> int:
     try:
         device = str(resolve_device(args.device)) if hasattr(args, "device") else None
         if args.command == "predict":
-            check_output_folder(args.out, args.inputs, args.boxes_from_masks)
+            check_output_folder(args.out, args.inputs, args.boxes_from_masks or args.points_from_masks)
+            if args.clicks < 1:
+                raise ValueError(f"--clicks {args.clicks}: at least 1 click per mask.")
+            if args.points:
+                parse_points(args.points)  # a usage error before anything runs
             boxes = read_boxes_file(args.boxes)
             volumes = [path for path in args.inputs if is_volume(path)]
             images = [path for path in args.inputs if not is_volume(path)]
@@ -285,7 +300,10 @@ def _run(args: argparse.Namespace) -> int:
                     )
                 )
             if images:
-                prompts = PromptSource(args.box, boxes, args.boxes_from_masks, args.no_prompt)
+                prompts = PromptSource(
+                    args.box, boxes, args.boxes_from_masks, args.no_prompt, args.points, args.points_from_masks,
+                    args.clicks,
+                )  # fmt: skip
                 codes.append(predict_files(
                     args.model, images, args.out, prompts, args.output_size, args.overlay,
                     args.max_output_pixels, device, args.overwrite,

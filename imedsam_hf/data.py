@@ -542,6 +542,32 @@ def write_splits(splits: dict[str, list[str]], path: str | os.PathLike, **metada
     Path(path).write_text(json.dumps({**splits, "metadata": metadata}, indent=1))
 
 
+def mask_clicks(mask: np.ndarray | torch.Tensor, count: int = 1) -> np.ndarray | None:
+    """
+    `count` positive clicks `(count, 2)` as (x, y) pixel centres, as a careful user would place them, or None for an
+    empty mask: the first at the interior point farthest from the mask's boundary (the largest inscribed circle's
+    centre), each next one at the farthest point of what the earlier clicks' circles leave uncovered. Ties go to the
+    first point in raster order, so the clicks are deterministic.
+    """
+    from scipy import ndimage  # only the click prompts need it
+
+    remaining = np.asarray(mask) > 0
+    if count < 1:
+        raise ValueError(f"`count` must be >= 1 click, got {count}.")
+    if not remaining.any():
+        return None
+    rows, cols = np.indices(remaining.shape)
+    clicks = []
+    for _ in range(count):
+        if not remaining.any():
+            break
+        distance = ndimage.distance_transform_edt(np.pad(remaining, 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+        clicks.append((float(x), float(y)))
+        remaining &= (rows - y) ** 2 + (cols - x) ** 2 >= distance[y, x] ** 2
+    return np.array(clicks, dtype=np.float64)
+
+
 def mask_box(mask: np.ndarray | torch.Tensor) -> np.ndarray | None:
     """
     The tight (x0, y0, x1, y1) box of a mask's foreground, or None if empty. Corners are the first and last
@@ -835,6 +861,7 @@ __all__ = [
     "load_splits",
     "make_splits",
     "mask_box",
+    "mask_clicks",
     "parse_mask_values",
     "read_class_names",
     "read_mask",

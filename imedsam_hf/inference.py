@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTENSIONS, mask_box, read_mask
+from .data import IMAGE_EXTENSIONS, mask_box, mask_clicks, read_mask
 from .loading import implicit_decoder_trained, load_model
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import (
@@ -398,6 +399,34 @@ class PromptSource:
     boxes: dict | None = None
     boxes_from_masks: str | None = None
     no_prompt: bool = False
+    points: str | None = None
+    points_from_masks: str | None = None
+    clicks: int = 1
+
+    @property
+    def masks_folder(self) -> str | None:
+        return self.boxes_from_masks or self.points_from_masks
+
+    def prompt_for(self, path: Path) -> dict[str, Any]:
+        """`segment`'s prompt arguments for one image: `box`, or `points` with `labels`, or nothing."""
+        if self.points:
+            points, labels = parse_points(self.points)
+            return {"points": points, "labels": labels}
+        if self.points_from_masks:
+            clicks = mask_clicks(read_mask(self._mask_of(path, self.points_from_masks)), self.clicks)
+            if clicks is None:
+                raise ValueError(
+                    f"{self._mask_of(path, self.points_from_masks)}: the mask is empty, so it gives no click."
+                )
+            return {"points": clicks.tolist(), "labels": [1] * len(clicks)}
+        return {"box": self.box_for(path)}
+
+    @staticmethod
+    def _mask_of(path: Path, folder: str) -> Path:
+        candidates = sorted(Path(folder).glob(f"{path.stem}.*"))
+        if not candidates:
+            raise ValueError(f"{path}: no mask named {path.stem}.* in {folder}.")
+        return candidates[0]
 
     def box_for(self, path: Path) -> list[float] | None:
         if self.no_prompt:
@@ -409,14 +438,32 @@ class PromptSource:
                 raise ValueError(f"{path}: no box in --boxes for {path.name}.")
             return [float(v) for v in self.boxes.get(path.name, self.boxes.get(path.stem))]
         if self.boxes_from_masks:
-            candidates = sorted(Path(self.boxes_from_masks).glob(f"{path.stem}.*"))
-            if not candidates:
-                raise ValueError(f"{path}: no mask named {path.stem}.* in {self.boxes_from_masks}.")
-            box = mask_box(read_mask(candidates[0]))
+            mask = self._mask_of(path, self.boxes_from_masks)
+            box = mask_box(read_mask(mask))
             if box is None:
-                raise ValueError(f"{candidates[0]}: the mask is empty, so it gives no box.")
+                raise ValueError(f"{mask}: the mask is empty, so it gives no box.")
             return box.tolist()
-        raise ValueError("Give a prompt: --box, --boxes, --boxes-from-masks, or --no-prompt.")
+        raise ValueError(
+            "Give a prompt: --box, --boxes, --boxes-from-masks, --points, --points-from-masks, or --no-prompt."
+        )
+
+
+def parse_points(text: str) -> tuple[list[list[float]], list[int]]:
+    """`--points "x,y[,label];x,y[,label]"` (label 1 foreground, the default, or 0 background) -> points, labels."""
+    points, labels = [], []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        values = item.split(",")
+        try:
+            numbers = [float(v) for v in values]
+        except ValueError:
+            numbers = []
+        if len(numbers) not in (2, 3) or (len(numbers) == 3 and numbers[2] not in (0, 1)):
+            raise ValueError(f"--points {text!r}: {item!r} is not x,y or x,y,label (label 1 or 0).")
+        points.append(numbers[:2])
+        labels.append(int(numbers[2]) if len(numbers) == 3 else 1)
+    if not points:
+        raise ValueError(f"--points {text!r}: give at least one x,y.")
+    return points, labels
 
 
 def predict_files(
@@ -439,7 +486,7 @@ def predict_files(
     try:
         check_output_budget(max_output_pixels)
         grid = parse_output_size(output_size)
-        check_output_folder(out, inputs, prompts.boxes_from_masks)
+        check_output_folder(out, inputs, prompts.masks_folder)
         plan = plan_outputs(inputs, out, write_overlays)
         refuse_existing([target for targets in plan.values() for target in targets], out, overwrite)
         check_writable(out)
@@ -457,7 +504,7 @@ def predict_files(
             result = segment(
                 model,
                 image,
-                box=prompts.box_for(path),
+                **prompts.prompt_for(path),
                 output_size=grid or (height, width),
                 processor=processor,
                 max_output_pixels=max_output_pixels,

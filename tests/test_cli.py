@@ -257,3 +257,42 @@ def test_segment_with_several_boxes_gives_one_mask_per_box(model_dir):
     for index, box in enumerate(boxes):
         alone = segment(str(model_dir), str(image), box=box, output_size=(60, 50))
         np.testing.assert_allclose(several.probabilities[index], alone.probabilities, atol=1e-5)
+
+
+def test_click_prompts_from_masks_and_from_the_command_line(model_dir, tmp_path, capsys, monkeypatch):
+    """`--points-from-masks` clicks each mask's most interior points; `--points` takes x,y[,label] clicks."""
+    import imedsam_hf.inference as inference
+    from imedsam_hf.data import mask_clicks, read_mask
+
+    seen = []
+    real = inference.segment
+    monkeypatch.setattr(inference, "segment", lambda *a, **k: seen.append(k) or real(*a, **k))
+    images = sorted((KVASIR / "images").iterdir())[:2]
+    argv = ["predict", "--model", str(model_dir), *map(str, images)]
+    assert (
+        main([*argv, "--points-from-masks", str(KVASIR / "masks"), "--clicks", "3", "--out", str(tmp_path / "a")]) == 0
+    )
+    mask = read_mask(sorted((KVASIR / "masks").glob(f"{images[0].stem}.*"))[0])
+    points = np.array(seen[0]["points"])
+    assert points.shape == (3, 2) and seen[0]["labels"] == [1, 1, 1] and "box" not in seen[0]
+    assert all(mask[int(y), int(x)] for x, y in points)  # every click inside the polyp
+    np.testing.assert_array_equal(points, mask_clicks(mask, 3))
+    assert main([*argv, "--points", "120,80;30,20,0", "--out", str(tmp_path / "b")]) == 0
+    assert seen[-1]["points"] == [[120.0, 80.0], [30.0, 20.0]] and seen[-1]["labels"] == [1, 0]
+    capsys.readouterr()
+    assert main([*argv, "--points", "120;30,20,2", "--out", str(tmp_path / "c")]) == 2
+    assert "is not x,y or x,y,label" in capsys.readouterr().err
+
+
+def test_mask_clicks_are_interior_deterministic_and_spread():
+    from imedsam_hf.data import mask_clicks
+
+    square = np.zeros((30, 40), bool)
+    square[5:16, 10:21] = True  # 11 x 11: its centre is (15, 10)
+    np.testing.assert_array_equal(mask_clicks(square, 1), [[15.0, 10.0]])
+    shape = np.zeros((40, 40), bool)
+    shape[2:12, 2:38] = True  # an L: a bar and a leg
+    shape[2:38, 2:12] = True
+    clicks = mask_clicks(shape, 3)
+    assert len(clicks) == 3 and len({tuple(c) for c in clicks}) == 3 and all(shape[int(y), int(x)] for x, y in clicks)
+    assert mask_clicks(np.zeros((5, 5)), 2) is None
