@@ -194,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[NATIVE],
         help="'native', factors of native ('2x', '0.5x'), longest sides in pixels",
     )
-    _option(e, "--prompt", default="box", choices=["box", "none"], help="each mask's exact box, or prompt-free")
+    _option(
+        e,
+        "--prompt",
+        default="box",
+        choices=["box", "points", "none"],
+        help="each mask's exact box, --clicks positive clicks on it (the most interior point first), or prompt-free",
+    )
+    _option(e, "--clicks", type=int, default=1, help="with --prompt points: clicks per mask (default 1)")
     _option(e, "--baseline", default=None, choices=["sam"], help="also score the backbone's SAM mask")
     _option(
         e,
@@ -335,6 +342,7 @@ def _run(args: argparse.Namespace) -> int:
             split_file=args.split_file,
             output_sizes=args.output_sizes,
             prompt=args.prompt,
+            num_clicks=args.clicks,
             baseline=args.baseline,
             baseline_model=args.baseline_model,
             num_classes=args.num_classes,

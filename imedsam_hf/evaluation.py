@@ -36,6 +36,7 @@ from .data import (
     group_of,
     jitter_box,
     mask_box,
+    mask_clicks,
     read_class_names,
     read_mask,
     read_scan_spacing,
@@ -59,6 +60,7 @@ from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import IMedSamProcessor, resize_labels, to_rgb_array
 
 NATIVE = "native"
+PROMPTS = ("box", "points", "none")
 CLASS_METRICS = ("dice", "iou", "hd95")
 
 
@@ -109,19 +111,23 @@ def predict_logits(
     output_sizes: Iterable[str | int] = (NATIVE,),
     baseline: bool = False,
     classes: Sequence[int] | None = None,
+    points: Sequence[Sequence[float]] | None = None,
 ) -> dict[str | int, torch.Tensor]:
     """
     Logits `(C, h, w)` of one image at each requested output size, from one encoder pass; `box` may be a list of
-    boxes `(P, 4)` (every prompt decoded together), giving `(P, C, h, w)`.
+    boxes `(P, 4)` (every prompt decoded together), giving `(P, C, h, w)`. `points` `(N, 2)` are positive clicks
+    (x, y) of one structure, instead of a box.
 
     `baseline=True` returns the backbone's own SAM mask (adapters disabled, SAM post-processing) instead. `classes`
     (one id per box) makes the prompts class-aware (`input_classes`: each box uses its class's heads, one channel).
     """
     device = next(model.parameters()).device
-    inputs = processor(image, input_boxes=None if box is None else box)
+    clicks = {} if points is None else {"input_points": points, "input_labels": [1] * len(points)}
+    inputs = processor(image, input_boxes=None if box is None else box, **clicks)
     original = tuple(inputs["original_sizes"][0].tolist())
     region = inputs["output_region"].to(device)
     boxes = inputs["input_boxes"].to(device) if box is not None else None
+    prompts = {key: inputs[key].to(device) for key in ("input_points", "input_labels") if key in inputs}
     input_classes = None
     if classes is not None and not baseline:
         input_classes = torch.tensor(list(classes), device=device).reshape(1, *boxes.shape[1:-1])
@@ -131,7 +137,7 @@ def predict_logits(
         embeddings = model.encode_image(inputs["pixel_values"].to(device, next(model.parameters()).dtype))
         if baseline:
             # SAM's mask does not depend on the output grid: one decoder pass, the implicit decoder queried at 1x1.
-            outputs = model(image_embeddings=embeddings, input_boxes=boxes, output_size=(1, 1))
+            outputs = model(image_embeddings=embeddings, input_boxes=boxes, output_size=(1, 1), **prompts)
         for size in output_sizes:
             shape = grid_size(original, size)
             if baseline:
@@ -146,6 +152,7 @@ def predict_logits(
                     output_size=shape,
                     output_region=region,
                     input_classes=input_classes,
+                    **prompts,
                 ).logits
             results[size] = logits[0].float().cpu()
     return results
@@ -180,9 +187,13 @@ def evaluate_pairs(
     jitter_seed: int = 0,
     mask_values: Mapping[int, int] | None = None,
     slice_masks: dict | None = None,
+    num_clicks: int = 1,
 ) -> tuple[list[dict], dict[str, dict]]:
     """
     Score every pair at every output size (masks read with `read_mask(..., mask_values)`).
+
+    `prompt="points"` prompts each image with `num_clicks` positive clicks on its mask (`data.mask_clicks`: the most
+    interior point first) instead of its box.
 
     `slice_masks`, a dict, receives the predicted and true masks of class-prompted rows at the first output size,
     `{(stem, class_id): SliceMasks}`, for `volume_summary`'s per-scan distances.
@@ -206,8 +217,10 @@ def evaluate_pairs(
     Returns per-image rows (`stem`, `size`, scores) and a summary `{size: aggregate(...)}` with `dice`,
     `dice_std`, `iou`, `hd95`, `hd` (and their std) and `n`.
     """
-    if prompt not in ("box", "none"):
-        raise ValueError(f"`prompt` must be 'box' or 'none', got {prompt!r}.")
+    if prompt not in PROMPTS:
+        raise ValueError(f"`prompt` must be one of {PROMPTS}, got {prompt!r}.")
+    if prompt == "points" and class_prompts:
+        raise ValueError("`prompt='points'` scores one structure per image; class-prompted folders take boxes.")
     sizes = [parse_size(s) for s in output_sizes]
     rows = []
     iterator = pairs
@@ -226,13 +239,15 @@ def evaluate_pairs(
             continue
         several = class_prompts and prompt == "box"
         boxes = [mask_box(target) for _, target in targets] if prompt == "box" else [None]
+        clicks = mask_clicks(labels > 0, num_clicks).tolist() if prompt == "points" else None
         if box_jitter > 0 and prompt == "box":
             rng = np.random.default_rng([jitter_seed, zlib.crc32(pair.stem.encode())])
             boxes = [None if box is None else jitter_box(box, box_jitter, labels.shape, rng) for box in boxes]
         aware = [c for c, _ in targets] if several and num_classes > 1 else None  # a multi-class model: class-aware
         logits = predict_logits(
-            model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline, classes=aware
-        )
+            model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline, classes=aware,
+            points=clicks,
+        )  # fmt: skip
         for index, (class_id, target_labels) in enumerate(targets):
             extra = {} if class_id is None else {"class": class_id}
             for size in sizes:
@@ -332,7 +347,7 @@ def empty_mask_rows(
     The rows of an image whose mask is empty: `empty: 1` at each size, and prompt-free the foreground predicted
     there (`metrics.false_positive_area`). With box prompts nothing is run: no box can be made from an empty mask.
     """
-    if prompt == "box":
+    if prompt != "none":  # box or click prompts: an empty mask gives neither
         return [{"stem": stem, "size": str(size), "empty": 1} for size in sizes]
     logits = predict_logits(model, processor, image, None, sizes, baseline)
     rows = []
@@ -539,6 +554,7 @@ def run_evaluation(
     jitter_seed: int = 0,
     mask_values: Mapping[int, int] | None = None,
     scan_spacing: str | None = None,
+    num_clicks: int = 1,
 ) -> dict:
     """
     `imedsam evaluate`: score `model_spec` (and, with `baseline="sam"`, its backbone zero-shot) on the pairs of
@@ -563,6 +579,8 @@ def run_evaluation(
         parse_size(size)
     if not 0 <= box_jitter < 1:
         raise ValueError(f"--box-jitter {box_jitter}: a fraction of the box size in [0, 1).")
+    if num_clicks < 1:
+        raise ValueError(f"--clicks {num_clicks}: at least 1 click per mask.")
     model, processor = load_model(model_spec, device=device)
     num_classes = num_classes or model.config.num_classes
     class_names = read_class_names(data_dir)
@@ -597,6 +615,7 @@ def run_evaluation(
         box_jitter=box_jitter,
         jitter_seed=jitter_seed,
         mask_values=mask_values,
+        num_clicks=num_clicks,
     )
     if class_prompts:
         kwargs.update(class_prompts=True, mask_classes=mask_classes, classes=classes, class_names=class_names)
@@ -613,6 +632,7 @@ def run_evaluation(
         "data_dir": str(data_dir),
         "split": split,
         "prompt": prompt,
+        **({"clicks": num_clicks} if prompt == "points" else {}),
         "box_jitter": box_jitter,
         "jitter_seed": jitter_seed,
         "n_images": len(pairs),

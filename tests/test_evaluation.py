@@ -224,3 +224,25 @@ def test_an_untrained_implicit_decoder_is_never_scored(tmp_path):
     assert untrained["results"]["native"]["dice"] == untrained["baseline_sam"]["native"]["dice"]
     trained = run_evaluation(str(tmp_path / "True"), str(data), str(tmp_path / "t.json"), split="all", limit=2)
     assert trained["mask_source"] == "implicit_decoder"
+
+
+def test_click_prompts_score_each_mask_with_its_most_interior_points(tmp_path, monkeypatch):
+    """`imedsam evaluate --prompt points --clicks 3`: the model and the baseline get the same clicks, no box."""
+    import imedsam_hf.evaluation as evaluation
+    from imedsam_hf.evaluation import run_evaluation
+
+    seen = []
+    real = evaluation.predict_logits
+    monkeypatch.setattr(evaluation, "predict_logits", lambda *a, **k: seen.append((a[3], k["points"])) or real(*a, **k))
+    model = tiny_model(query_mode="adaptive", implicit_decoder_trained=True)
+    model.save_pretrained(tmp_path / "m")
+    IMedSamProcessor(image_size=64).save_pretrained(tmp_path / "m")
+    data = SHARED_DATA / "Kvasir-SEG-sample"
+    kwargs = dict(
+        split="all", limit=2, prompt="points", num_clicks=3, baseline="sam", baseline_model=str(tmp_path / "m")
+    )
+    result = run_evaluation(str(tmp_path / "m"), str(data), str(tmp_path / "e.json"), **kwargs)
+    assert result["clicks"] == 3 and result["results"]["native"]["n"] == 2 and "baseline_sam" in result
+    assert all(box is None and len(points) == 3 for box, points in seen) and seen[0][1] == seen[2][1]
+    with pytest.raises(ValueError, match="--clicks 0"):
+        run_evaluation(str(tmp_path / "m"), str(data), str(tmp_path / "e.json"), **{**kwargs, "num_clicks": 0})
