@@ -97,6 +97,10 @@ class DataConfig:
     all_classes_per_sample: bool = False
     # Stored mask value -> class id, for masks in another encoding (`read_mask`); None: 0/255, 0/1 or class ids.
     mask_values: dict[int, int] | None = None
+    # > 0: each training sample (one prompt per sample) also carries 1..max_clicks random positive clicks inside its
+    # structure, `input_points` (max_clicks, 2) in frame pixels and `input_labels` (max_clicks,), -10 marking unused
+    # slots (SAM's padding); a click-prompted training step uses them instead of the box (`click_probability`).
+    max_clicks: int = 0
 
     @property
     def mask_class_count(self) -> int:
@@ -568,6 +572,23 @@ def mask_clicks(mask: np.ndarray | torch.Tensor, count: int = 1) -> np.ndarray |
     return np.array(clicks, dtype=np.float64)
 
 
+def random_clicks(mask: np.ndarray, max_clicks: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """
+    Training clicks: 1..`max_clicks` positive clicks at random foreground pixels of `mask`, as `input_points`
+    `(max_clicks, 2)` (x, y) and `input_labels` `(max_clicks,)` with -10 in the unused slots (SAM's padding label,
+    embedded as nothing); an empty mask gives only padding.
+    """
+    points = np.zeros((max_clicks, 2), dtype=np.float32)
+    labels = np.full(max_clicks, -10, dtype=np.int64)
+    ys, xs = np.nonzero(mask)
+    if len(xs):
+        count = int(rng.integers(1, max_clicks + 1))
+        chosen = rng.choice(len(xs), size=min(count, len(xs)), replace=False)
+        points[: len(chosen)] = np.stack([xs[chosen], ys[chosen]], axis=1)
+        labels[: len(chosen)] = 1
+    return {"input_points": torch.from_numpy(points), "input_labels": torch.from_numpy(labels)}
+
+
 def mask_box(mask: np.ndarray | torch.Tensor) -> np.ndarray | None:
     """
     The tight (x0, y0, x1, y1) box of a mask's foreground, or None if empty. Corners are the first and last
@@ -725,7 +746,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             box = np.array([0, 0, shape[1], shape[0]], dtype=np.float32)
         if self.train and self.config.box_jitter > 0:
             box = jitter_box(box, self.config.box_jitter, shape, rng)
-        return {
+        sample = {
             "pixel_values": pixel_values,
             "labels": labels,
             "input_boxes": torch.from_numpy(box),
@@ -734,6 +755,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
             "index": torch.tensor(index),
             "class_id": torch.tensor(class_id),
         }
+        if self.train and self.config.max_clicks > 0:
+            sample.update(random_clicks(labels.numpy() > 0, self.config.max_clicks, rng))
+        return sample
 
     def _frame(
         self, image: np.ndarray, mask: np.ndarray, rng, geometric: bool = True
@@ -863,6 +887,7 @@ __all__ = [
     "mask_box",
     "mask_clicks",
     "parse_mask_values",
+    "random_clicks",
     "read_class_names",
     "read_mask",
     "read_scan_spacing",

@@ -153,6 +153,7 @@ def forward_and_loss(
     train_points: int | None = None,
     use_box_prompts: bool = True,
     generator: torch.Generator | None = None,
+    click_probability: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """
     The training step's forward and loss, shared by `training/train.py` and `benchmarks/training_step.py` (the
@@ -167,6 +168,8 @@ def forward_and_loss(
         train_points: with an implicit decoder, train on this many random points per image inside its unpadded
             area (`sample_points`) instead of the whole frame; `None`/0: the whole frame.
         use_box_prompts: `False` trains prompt-free.
+        click_probability: with batches that carry clicks (`DataConfig.max_clicks`), the chance that this step is
+            prompted with the clicks instead of the boxes (one coin per step, from `generator` or the global RNG).
     """
     weights = weights or LossWeights()
     labels, coordinates = batch["labels"], None
@@ -175,11 +178,16 @@ def forward_and_loss(
     per_prompt = "prompt_classes" in batch and use_box_prompts
     # A multi-class model trained on prompts of one class each is class-aware: each prompt uses its class's heads.
     class_aware = per_prompt and num_classes > 1
+    clicks = {}
+    if use_box_prompts and "input_points" in batch and click_probability > 0:
+        if torch.rand(1, generator=generator).item() < click_probability:
+            clicks = {"input_points": batch["input_points"], "input_labels": batch["input_labels"]}
     outputs = model(
         pixel_values=batch["pixel_values"],
-        input_boxes=batch["input_boxes"] if use_box_prompts else None,
+        input_boxes=batch["input_boxes"] if use_box_prompts and not clicks else None,
         query_coordinates=coordinates,
         input_classes=batch["prompt_classes"].clamp(1, num_classes) if class_aware else None,
+        **clicks,
     )
     if per_prompt:
         outputs, labels = prompt_rows(outputs, labels, batch["prompt_classes"])

@@ -406,3 +406,35 @@ def test_coordinate_annealing_switches_octaves_on_from_low_to_high():
     assert decoder.eval().encode_coordinates(coordinates)[..., 2 + kept].abs().sum() > 0  # all on outside training
     assert anneal_coordinates(peft_model, epoch=30, annealing_epochs=20) == 1.0
     assert anneal_coordinates(peft_model, epoch=0, annealing_epochs=0) == 1.0
+
+
+def test_click_prompted_training_steps(real_batch):
+    """`max_clicks`: samples carry 1..N random clicks inside the structure; a click step prompts with them, no box."""
+    from imedsam_hf.data import random_clicks
+
+    mask = real_batch["labels"][0].numpy() > 0
+    clicks = random_clicks(mask, 3, np.random.default_rng(0))
+    used = clicks["input_labels"] == 1
+    assert clicks["input_points"].shape == (3, 2) and 1 <= int(used.sum()) <= 3
+    assert bool((clicks["input_labels"][~used] == -10).all())
+    assert all(mask[int(y), int(x)] for x, y in clicks["input_points"][used].tolist())
+    assert (random_clicks(np.zeros((8, 8), bool), 2, np.random.default_rng(0))["input_labels"] == -10).all()
+    batch = {**real_batch, **collate_clicks(mask_batch=real_batch["labels"] > 0)}
+    peft_model = adapted_model().train()
+    calls, handle = record_calls(peft_model)
+    loss, _ = forward_and_loss(peft_model, batch, 1, train_points=32, click_probability=1.0)
+    forward_and_loss(peft_model, batch, 1, train_points=32, click_probability=0.0)
+    handle.remove()
+    (clicked, _), (boxed, _) = calls
+    assert clicked["input_boxes"] is None and torch.equal(clicked["input_points"], batch["input_points"])
+    assert "input_points" not in boxed and torch.equal(boxed["input_boxes"], batch["input_boxes"])
+    loss.backward()
+    point_embeddings = [p.grad for n, p in peft_model.named_parameters() if "point_embed" in n and p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in point_embeddings)  # the click embeddings learn
+
+
+def collate_clicks(mask_batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    from imedsam_hf.data import random_clicks
+
+    samples = [random_clicks(m.numpy(), 3, np.random.default_rng(i)) for i, m in enumerate(mask_batch)]
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}

@@ -116,6 +116,7 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
     clock = iter(range(0, 10**6, 40))  # every reading of the clock is 40 s later: the 1-minute budget ends at step 1
     monkeypatch.setattr(train_script, "clock", lambda: float(next(clock)))
     released = ("--loss_composition", "released", "--coordinate_annealing_epochs", "4")  # the released recipe
+    released += ("--max_clicks", "2", "--click_probability", "0.5")  # and click-prompted steps
     results = train_script.main(
         args(tiny_sam, polyps, out, "--epochs", "5", "--max_train_minutes", "1", "--baseline", "false", *released)
     )
@@ -140,6 +141,8 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
         train_script.main(args(tiny_sam, polyps, tmp_path / "empty", "--finish_only"))
     with pytest.raises(SystemExit):
         train_script.parse_args(["--max_train_minutes", "0"])
+    with pytest.raises(SystemExit, match="--max_clicks"):
+        train_script.main(args(tiny_sam, polyps, tmp_path / "clicks", "--click_probability", "0.5"))
 
 
 @slow

@@ -189,6 +189,10 @@ class DataArguments:
         "per image, the loss averaged over its prompts) instead of one sample per class.",
     )
     mask_classes: int | None = option(None, "Foreground class ids in the masks (None: the model's num_classes).")
+    max_clicks: int = option(
+        0,
+        "Training samples also carry 1..N random positive clicks inside their structure (0: none); see --click_probability.",
+    )
     mask_values: str | None = option(
         None,
         "Stored mask value -> class id, e.g. '38:1,75:1' (two values, one foreground) or '38:1,75:2' (None: a binary "
@@ -236,6 +240,9 @@ class RunArguments:
     )
     dice_weight: float = option(0.8, "Weight of the Dice term of the loss.")
     bce_weight: float = option(0.2, "Weight of the BCE term of the loss.")
+    click_probability: float = option(
+        0.0, "With --max_clicks: the chance that a training step is prompted with the clicks instead of the boxes."
+    )
     loss_composition: Literal["project", "released"] = option(
         "project",
         "'project': Dice+BCE on the coarse map plus the fine term on the refined points; 'released': the released "
@@ -260,6 +267,8 @@ class RunArguments:
     )
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.click_probability <= 1.0:
+            raise ValueError(f"--click_probability {self.click_probability}: a probability in [0, 1].")
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
             raise ValueError(f"--max_train_minutes {self.max_train_minutes}: expected a positive number of minutes.")
         if self.checkpointing_steps not in ("epoch", "no") and not str(self.checkpointing_steps).isdigit():
@@ -669,6 +678,7 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         mask_classes=data.mask_classes,
         all_classes_per_sample=data.all_classes_per_sample,
         mask_values=mask_values(data),
+        max_clicks=data.max_clicks,
     )
     train_set = SegmentationDataset(as_records(splits["train"]), processor, data_config, train=True, seed=run.seed)
     val_set = SegmentationDataset(as_records(splits["validation"]), processor, data_config, train=False)
@@ -1033,6 +1043,7 @@ def train_epoch(run: Run, progress) -> None:
                 weights,
                 train_points=config.train_points,
                 use_box_prompts=run.args.data.prompt == "box",
+                click_probability=config.click_probability,
             )
             accelerator.backward(loss)
             run.optimizer.step()
@@ -1211,6 +1222,12 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         raise SystemExit(
             "error: --class_prompts makes one binary sample per class and box: use --num_classes 1, or add "
             "--all_classes_per_sample true for class-aware prompts (one head per class)."
+        )
+    if run_args.click_probability > 0 and not args.data.max_clicks:
+        raise SystemExit("error: --click_probability needs clicks in the samples: set --max_clicks N (e.g. 3).")
+    if args.data.max_clicks and args.data.all_classes_per_sample:
+        raise SystemExit(
+            "error: --max_clicks takes one structure per sample; it does not combine with --all_classes_per_sample."
         )
     record_class_names(model.get_base_model().config, args.data)
 
