@@ -1,4 +1,4 @@
-"""Browser demo (Gradio, the Hugging Face Spaces convention): upload an image, type a box, get the mask.
+"""Browser demo (Gradio, the Hugging Face Spaces convention): upload an image, type a box or click on it, get the mask.
 
     python demo/app.py                                         # LiteMedSAM zero-shot, offline
     python demo/app.py --model outputs/litemedsam_polyp/final   # a trained I-MedSAM (folder or hub id)
@@ -28,33 +28,52 @@ def output_grid(height: int, width: int, choice: str) -> tuple[int, int]:
     return grid_size((height, width), choice.removesuffix(" px"))
 
 
+def segment_request(model, processor, image, box_values, clicks, resolution):
+    """One press of "Segment": the typed box (all zeros: none) and/or the clicks `[(x, y, label), ...]`."""
+    if image is None:
+        raise gr.Error("Upload an image first.")
+    array = np.asarray(image)
+    height, width = array.shape[:2]
+    values = list(box_values)
+    box = None if any(v is None for v in values) or values == [0, 0, 0, 0] else [float(v) for v in values]
+    points = [[float(x), float(y)] for x, y, _ in clicks] or None
+    labels = [int(label) for _, _, label in clicks] or None
+    try:
+        result = segment(
+            model, array, box=box, points=points, labels=labels,
+            output_size=output_grid(height, width, resolution), processor=processor,
+        )  # fmt: skip
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
+    mask = (result.mask > 0).astype(np.uint8) * 255
+    path = os.path.join(tempfile.mkdtemp(prefix="imedsam-"), "mask.png")
+    Image.fromarray(mask).save(path)
+    area = float((mask > 0).mean())
+    info = f"mask {mask.shape[1]}x{mask.shape[0]}, foreground {100 * area:.1f}%"
+    if clicks:
+        info += f", {len(clicks)} click(s)"
+    if result.mask_source == "sam" and model.config.use_implicit_decoder:
+        info += "; SAM's own mask: this model's implicit decoder was never trained"
+    return overlay(array, result.mask), path, info
+
+
 def build_demo(model_name: str, device: str = "auto") -> gr.Blocks:
     model, processor = load_model(model_name, device=resolve_device(device))
 
-    def run(image, x0, y0, x1, y1, resolution):
-        if image is None:
-            raise gr.Error("Upload an image first.")
-        array = np.asarray(image)
-        height, width = array.shape[:2]
-        values = [x0, y0, x1, y1]
-        box = None if any(v is None for v in values) or values == [0, 0, 0, 0] else [float(v) for v in values]
-        try:
-            result = segment(
-                model, array, box=box, output_size=output_grid(height, width, resolution), processor=processor
-            )
-        except ValueError as error:
-            raise gr.Error(str(error)) from error
-        mask = (result.mask > 0).astype(np.uint8) * 255
-        path = os.path.join(tempfile.mkdtemp(prefix="imedsam-"), "mask.png")
-        Image.fromarray(mask).save(path)
-        area = float((mask > 0).mean())
-        info = f"mask {mask.shape[1]}x{mask.shape[0]}, foreground {100 * area:.1f}%"
-        if result.mask_source == "sam" and model.config.use_implicit_decoder:
-            info += "; SAM's own mask: this model's implicit decoder was never trained"
-        return overlay(array, result.mask), path, info
+    def run(image, x0, y0, x1, y1, clicks, resolution):
+        return segment_request(model, processor, image, (x0, y0, x1, y1), clicks, resolution)
+
+    def add_click(clicks, kind, event: gr.SelectData):
+        x, y = event.index
+        clicks = [*clicks, (float(x), float(y), 1 if kind == "foreground" else 0)]
+        return clicks, "; ".join(f"{x:.0f},{y:.0f},{label}" for x, y, label in clicks)
 
     with gr.Blocks(title="I-MedSAM") as demo:
-        gr.Markdown(f"# I-MedSAM\nModel: `{model_name}`. Upload an image, type a box (pixels), choose the resolution.")
+        gr.Markdown(
+            f"# I-MedSAM\nModel: `{model_name}`. Upload an image, type a box (pixels) and/or click on the image "
+            "(foreground or background clicks), choose the resolution."
+        )
+        clicks = gr.State([])
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="numpy", label="Image", image_mode="RGB")
@@ -63,13 +82,20 @@ def build_demo(model_name: str, device: str = "auto") -> gr.Blocks:
                     y0 = gr.Number(label="y0", value=0, precision=1)
                     x1 = gr.Number(label="x1", value=0, precision=1)
                     y1 = gr.Number(label="y1", value=0, precision=1)
+                with gr.Row():
+                    kind = gr.Radio(["foreground", "background"], value="foreground", label="Next click")
+                    clear = gr.Button("Clear clicks")
+                listed = gr.Textbox(label="Clicks (x,y,label)", interactive=False)
                 resolution = gr.Radio(RESOLUTIONS, value="native", label="Output resolution")
                 button = gr.Button("Segment", variant="primary")
             with gr.Column():
                 result = gr.Image(label="Mask overlay", type="numpy")
                 download = gr.File(label="Mask (0/255 PNG)")
                 info = gr.Textbox(label="Info", interactive=False)
-        button.click(run, inputs=[image, x0, y0, x1, y1, resolution], outputs=[result, download, info])
+        image.select(add_click, inputs=[clicks, kind], outputs=[clicks, listed])
+        clear.click(lambda: ([], ""), outputs=[clicks, listed])
+        image.upload(lambda: ([], ""), outputs=[clicks, listed])
+        button.click(run, inputs=[image, x0, y0, x1, y1, clicks, resolution], outputs=[result, download, info])
     return demo
 
 

@@ -296,3 +296,24 @@ def test_mask_clicks_are_interior_deterministic_and_spread():
     clicks = mask_clicks(shape, 3)
     assert len(clicks) == 3 and len({tuple(c) for c in clicks}) == 3 and all(shape[int(y), int(x)] for x, y in clicks)
     assert mask_clicks(np.zeros((5, 5)), 2) is None
+
+
+def test_demo_request_with_clicks(model_dir):
+    """The demo's Segment button with clicks (and no box): the clicks reach `segment` as points and labels."""
+    pytest.importorskip("gradio")
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    from imedsam_hf import load_model
+
+    spec = importlib.util.spec_from_file_location("imedsam_demo_app", REPO_ROOT / "demo" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    model, processor = load_model(str(model_dir))
+    image = np.asarray(Image.open(sorted((KVASIR / "images").iterdir())[0]).convert("RGB"))
+    shown, path, info = app.segment_request(
+        model, processor, image, (0, 0, 0, 0), [(120.0, 90.0, 1), (10, 10, 0)], "native"
+    )
+    assert np.asarray(shown).shape[:2] == image.shape[:2] and "2 click(s)" in info
+    assert np.asarray(Image.open(path)).shape == image.shape[:2]
