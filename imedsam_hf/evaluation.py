@@ -384,7 +384,7 @@ def per_class_summary(rows: Sequence[dict], class_names: dict[int, str]) -> dict
 def volume_summary(
     rows: Sequence[dict],
     size: str,
-    class_names: dict[int, str],
+    class_names: dict[int, str] | None,
     group_pattern: str = DEFAULT_GROUP_PATTERN,
     slice_masks: Mapping[tuple[str, int], SliceMasks] | None = None,
     spacing: Mapping[str, Sequence[float]] | None = None,
@@ -414,7 +414,7 @@ def volume_summary(
     for c in sorted(by_class):
         hd95 = [distances[key] for key in totals if key[1] == c and key in distances]
         per_class[str(c)] = {
-            "name": class_names.get(c, str(c)),
+            "name": (class_names or {}).get(c, str(c)),
             "dice": nanmean(by_class[c]),
             "hd95": nanmean(hd95) if hd95 else None,
             "n": len(by_class[c]),

@@ -191,7 +191,7 @@ class DataArguments:
     mask_classes: int | None = option(None, "Foreground class ids in the masks (None: the model's num_classes).")
     max_clicks: int = option(
         0,
-        "Training samples also carry 1..N random positive clicks inside their structure (0: none); see --click_probability.",
+        "Training samples also carry 1..N random positive clicks inside their structure (0: none; see click_probability).",
     )
     mask_values: str | None = option(
         None,
