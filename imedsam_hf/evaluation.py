@@ -429,6 +429,27 @@ def volume_summary(
     }
 
 
+def evaluate_with_volumes(
+    model,
+    processor: IMedSamProcessor,
+    pairs: Sequence[SegmentationPair],
+    group_pattern: str = DEFAULT_GROUP_PATTERN,
+    spacing: Mapping[str, Sequence[float]] | None = None,
+    **kwargs,
+) -> tuple[list[dict], dict[str, dict], dict | None]:
+    """
+    `evaluate_pairs(model, processor, pairs, **kwargs)` and, when its rows are class-prompted, their per-scan
+    `volume_summary` at the first output size (3D Dice, and HD95 with the scans' `spacing`); None otherwise. Shared
+    by `imedsam evaluate` and the training script's final evaluation.
+    """
+    masks = {} if kwargs.get("class_prompts") else None
+    rows, summary = evaluate_pairs(model, processor, pairs, **kwargs, slice_masks=masks)
+    if masks is None:
+        return rows, summary, None
+    first = str(parse_size(kwargs.get("output_sizes", (NATIVE,))[0]))
+    return rows, summary, volume_summary(rows, first, kwargs.get("class_names"), group_pattern, masks, spacing)
+
+
 def load_baseline(model, processor, model_spec: str, baseline_model: str | None = None, device=None):
     """
     The untouched backbone for `--baseline sam`. A trained I-MedSAM checkpoint has its adapters and trained prompt
@@ -620,12 +641,10 @@ def run_evaluation(
     if class_prompts:
         kwargs.update(class_prompts=True, mask_classes=mask_classes, classes=classes, class_names=class_names)
     spacing = read_scan_spacing(scan_spacing) if scan_spacing else default_scan_spacing(data_dir)
-    masks: dict = {}
+    per_scan = dict(group_pattern=group_pattern, spacing=spacing)
     # A conversion's implicit decoder was never trained: its SAM mask is scored (with a warning), never random logits.
     sam_mask_only = sam_mask_fallback(model)
-    rows, summary = evaluate_pairs(
-        model, processor, pairs, **kwargs, baseline=sam_mask_only, slice_masks=masks if class_prompts else None
-    )
+    rows, summary, volume = evaluate_with_volumes(model, processor, pairs, **kwargs, **per_scan, baseline=sam_mask_only)
     rows = [{"model": "imedsam" if model_spec != LITEMEDSAM else LITEMEDSAM, **row} for row in rows]
     result = {
         "model": model_spec,
@@ -639,19 +658,15 @@ def run_evaluation(
         "mask_source": "sam" if sam_mask_only or not model.config.use_implicit_decoder else "implicit_decoder",
         "results": summary,
     }
-    native = str(parse_size(output_sizes[0]))
-    if class_prompts:
-        result["volume"] = volume_summary(rows, native, class_names, group_pattern, masks, spacing)
+    if volume is not None:
+        result["volume"] = volume
     if baseline == "sam":
         backbone, backbone_processor = load_baseline(model, processor, model_spec, baseline_model, device)
-        masks = {}
-        baseline_rows, result["baseline_sam"] = evaluate_pairs(
-            backbone, backbone_processor, pairs, **kwargs, baseline=True, slice_masks=masks if class_prompts else None
+        baseline_rows, result["baseline_sam"], baseline_volume = evaluate_with_volumes(
+            backbone, backbone_processor, pairs, **kwargs, **per_scan, baseline=True
         )
-        if class_prompts:
-            result["baseline_sam"]["volume"] = volume_summary(
-                baseline_rows, native, class_names, group_pattern, masks, spacing
-            )
+        if baseline_volume is not None:
+            result["baseline_sam"]["volume"] = baseline_volume
         rows += [{**row, "model": "baseline_sam"} for row in baseline_rows]
     output = Path(json_path)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -666,6 +681,7 @@ def run_evaluation(
 __all__ = [
     "NATIVE",
     "evaluate_pairs",
+    "evaluate_with_volumes",
     "grid_size",
     "load_baseline",
     "parse_size",

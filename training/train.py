@@ -72,7 +72,7 @@ from imedsam_hf.data import (
     validate_pairs,
     write_splits,
 )
-from imedsam_hf.evaluation import NATIVE, evaluate_pairs, parse_size, volume_summary
+from imedsam_hf.evaluation import NATIVE, evaluate_with_volumes, parse_size
 from imedsam_hf.loading import load_model, portable_model_name
 from imedsam_hf.metrics import dice
 from imedsam_hf.model_card import write_model_card
@@ -875,27 +875,21 @@ def final_evaluation(
     class_names = read_class_names(args.data.data_dir) if args.data.data_dir and args.data.class_prompts else None
     if class_names:
         kwargs["class_names"] = class_names
-    native = str(parse_size(evaluation.output_sizes[0]))
-
-    spacing = default_scan_spacing(args.data.data_dir) if args.data.data_dir else None
-    masks: dict = {}
-
-    def volumes(rows: list[dict]) -> dict:  # per scan (3D Dice; HD95 with a cases.csv), when slices were prompted
-        summary = volume_summary(rows, native, class_names, args.data.group_pattern, masks, spacing)
-        masks.clear()
-        return summary
-
-    if args.data.class_prompts:
-        kwargs["slice_masks"] = masks
-    rows, summary = evaluate_pairs(model, processor, pairs, **kwargs, progress=True)
+    # Per scan too (3D Dice; HD95 with a cases.csv), when the slices of scans were class-prompted.
+    kwargs.update(
+        group_pattern=args.data.group_pattern,
+        spacing=default_scan_spacing(args.data.data_dir) if args.data.data_dir else None,
+        progress=True,
+    )
+    rows, summary, volume = evaluate_with_volumes(model, processor, pairs, **kwargs)
     results = {"n_images": len(pairs), "split": evaluation.split, "results": summary}
-    if args.data.class_prompts:
-        results["volume"] = volumes(rows)
+    if volume is not None:
+        results["volume"] = volume
     if evaluation.baseline:
-        base_rows, base_summary = evaluate_pairs(model, processor, pairs, **kwargs, baseline=True, progress=True)
+        base_rows, base_summary, base_volume = evaluate_with_volumes(model, processor, pairs, **kwargs, baseline=True)
         results["baseline_sam"] = base_summary
-        if args.data.class_prompts:
-            base_summary["volume"] = volumes(base_rows)
+        if base_volume is not None:
+            base_summary["volume"] = base_volume
         rows += [{**r, "model": "baseline_sam"} for r in base_rows]
     with (output_dir / "eval_per_image.jsonl").open("w") as handle:
         for row in rows:
