@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .processing_imedsam import IMedSamProcessor, describe, to_rgb_array
+from .processing_imedsam import IMedSamProcessor, describe, opened_image, to_rgb_array
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 LAYOUTS = (("images", "masks"), ("image", "mask"), ("TrainDataset/images", "TrainDataset/masks"))
@@ -324,15 +324,8 @@ def _mask_pixels(source) -> tuple[np.ndarray, bool]:
     (JPEG, WebP, an array of unknown origin). Palette images give their indices, never their colours.
     """
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"{path}: no such mask file.")
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return _mask_pixels(image)
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"{path}: cannot read the mask ({error}).") from error
+        with opened_image(source, "mask") as image:  # opened, so its format (lossless or not) is known
+            return _mask_pixels(image)
     if isinstance(source, Image.Image):
         exact = source.format in LOSSLESS_FORMATS
         if source.mode in ("P", "PA", "LA"):  # palette indices (P, PA) or grey with alpha (LA): channel 0

@@ -8,8 +8,9 @@ implicit decoder over the unpadded part of the frame (`output_region`), never by
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +37,29 @@ def describe(source: Any) -> str:
     return filename or f"<{type(source).__name__}>"
 
 
+@contextlib.contextmanager
+def opened_image(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Image]:
+    """
+    A file as a fully decoded PIL image in its stored mode and format (a truncated file fails here), open for the
+    block; a missing or unreadable file is a ValueError naming it and `what` it was meant to be.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such {what} file.")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            yield image
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read the {what} ({error}).") from error
+
+
 def open_image(source: ImageInput) -> Image.Image | np.ndarray:
     """Open a path as a PIL image (fully decoded, so a truncated file fails here, with its name)."""
     if not isinstance(source, (str, os.PathLike)):
         return source
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such image file.")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy() if image.mode not in ("P", "PA") else image.convert("RGBA")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{path}: cannot read the image ({error}).") from error
+    with opened_image(source) as image:
+        return image.copy() if image.mode not in ("P", "PA") else image.convert("RGBA")
 
 
 def to_rgb_array(source: ImageInput) -> np.ndarray:
@@ -394,4 +405,11 @@ def processor_for_config(config) -> IMedSamProcessor:
     return IMedSamProcessor(image_size=config.image_size)
 
 
-__all__ = ["IMedSamProcessor", "open_image", "processor_for_config", "resize_labels", "to_rgb_array"]
+__all__ = [
+    "IMedSamProcessor",
+    "open_image",
+    "opened_image",
+    "processor_for_config",
+    "resize_labels",
+    "to_rgb_array",
+]
