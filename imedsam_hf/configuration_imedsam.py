@@ -98,8 +98,6 @@ class FrequencyAdapterSettings:
 
     def check_settings(self) -> None:
         """Raise `ValueError` naming the first invalid setting."""
-        if not (self.use_lora or self.use_frequency_adapter):
-            raise ValueError("`use_lora` and `use_frequency_adapter` are both False: the adapter would be empty.")
         if self.spectrum not in SPECTRUM_MODES:
             raise ValueError(f"`spectrum` must be one of {SPECTRUM_MODES}, got {self.spectrum!r}.")
         if self.chain not in CHAIN_FORMS:

@@ -54,13 +54,30 @@ def test_ablation_runs_every_variant_and_refine_ratio(tmp_path):
         [
             "--config", str(config), "--data_dir", str(SHARED_DATA / "Kvasir-SEG-sample"),
             "--output_dir", str(tmp_path / "runs"), "--variants", "lora_only", "all",
-            "--refine_ratios", "0", "0.25", "--set", "evaluation.output_sizes=[32]",
+            "--refine_ratios", "0", "--jitter", "0.1", "--reference", "all", "--zero_shot",
+            "--baseline_model", str(tmp_path / "sam"),
         ]
     )  # fmt: skip
-    runs = [row["run"] for row in result["rows"]]
-    assert runs == ["lora_only", "all", "all, refine 0", "all, refine 0.25"]
+    runs = [(row["run"], row["boxes"], row["output"]) for row in result["rows"]]
+    sizes = [("exact", "native"), ("exact", "32"), ("jitter 0.1", "native")]
+    assert runs == [(run, *size) for run in ("lora_only", "all", "all, refine 0") for size in sizes]
     assert all(0 <= row["dice"] <= 1 for row in result["rows"])
     assert (tmp_path / "runs" / "ablation.json").is_file()
+    # Every other run and the backbone's own mask, paired with the reference image by image, exact and jittered.
+    paired = [(row["run"], row["boxes"]) for row in result["paired_vs_reference"]]
+    assert paired == [
+        (run, boxes) for boxes in ("exact", "jitter 0.1") for run in ("lora_only", "all, refine 0", "zero-shot")
+    ]
+    assert all(row["n"] == result["rows"][0]["n"] and 0 <= row["p"] <= 1 for row in result["paired_vs_reference"])
+    jittered = json.loads((tmp_path / "runs" / "all" / "jitter_0.1.json").read_text())
+    assert (jittered["box_jitter"], jittered["jitter_seed"], jittered["split"]) == (0.1, 0, "test")
+
+    # A finished sweep is read back, not retrained (an interrupted one resumes).
+    ablation.load_train_script = lambda: pytest.fail("a finished run was trained again")
+    again = ablation.main(["--config", str(config), "--data_dir", str(SHARED_DATA / "Kvasir-SEG-sample"),
+                           "--output_dir", str(tmp_path / "runs"), "--variants", "lora_only", "all",
+                           "--refine_ratios", "0", "--jitter", "0.1", "--reference", "all"])  # fmt: skip
+    assert again["rows"] == result["rows"]
 
 
 def test_compare_runs_pairs_images_by_size_and_stem(tmp_path):

@@ -47,8 +47,16 @@ def test_ablation_switches_select_branches():
     assert not any(isinstance(m, FrequencyFusionLayer) for m in lora_only.modules())
     fa_only = get_peft_model(tiny_model(), imedsam_peft_config(tiny_config(use_lora=False)))
     assert not any(isinstance(m, QVLoRALinear) for m in fa_only.modules())
-    with pytest.raises(ValueError, match="use_lora"):
-        imedsam_peft_config(tiny_config(use_lora=False, use_frequency_adapter=False))
+    # Neither branch: no adapter layer; only the modules to save train (with `train_mask_decoder`, a MedSAM-style
+    # fine-tune of the whole mask decoder on the frozen encoder).
+    neither = imedsam_peft_config(tiny_config(use_lora=False, use_frequency_adapter=False), train_mask_decoder=True)
+    decoder_only = get_peft_model(tiny_model(), neither)
+    assert not any(isinstance(m, (FrequencyFusionLayer, QVLoRALinear)) for m in decoder_only.modules())
+    trained = {n for n, p in decoder_only.named_parameters() if p.requires_grad}
+    assert trained and not any("vision_encoder" in n for n in trained)
+    assert any(n.startswith("base_model.model.mask_decoder.") and ".transformer." in n for n in trained)
+    with pytest.raises(ValueError, match="shared with the image"):
+        imedsam_peft_config(tiny_config(), modules_to_save=["prompt_encoder"])
 
 
 def test_gradients_reach_both_branches(inputs):

@@ -372,6 +372,31 @@ def test_fine_tuning_a_checkpoint_keeps_its_own_config(tiny_sam, polyps, tmp_pat
 
 
 @slow
+def test_decoder_only_fine_tune_without_adapter_layers(tiny_sam, polyps, tmp_path):
+    """Both branches off and the whole prompt encoder and mask decoder trained (MedSAM-style, the box-robustness
+    baseline): no adapter layer is built, the trained decoder is saved in the model, and it loads as it trained."""
+    out = tmp_path / "run"
+    train_script.main(
+        args(tiny_sam, polyps, out, "--epochs", "1", "--baseline", "false", "--use_lora", "false",
+             "--use_frequency_adapter", "false", "--use_implicit_decoder", "false",
+             "--peft_overrides", json.dumps({"train_mask_decoder": True}))
+    )  # fmt: skip
+    model, _ = load_model(out / "final")
+    config = model.config.adapter_config
+    assert (config["use_lora"], config["use_frequency_adapter"], model.config.use_implicit_decoder) == (False,) * 3
+    assert not any("freq_" in name for name, _ in model.named_parameters())
+    backbone = SamModel.from_pretrained(tiny_sam)
+    trained, frozen = model.state_dict(), backbone.state_dict()
+    moved = {k.rsplit(".", 1)[0] for k in frozen if k in trained and not torch.equal(trained[k], frozen[k])}
+    assert {k.split(".")[0] for k in moved} == {"prompt_encoder", "mask_decoder"}  # the image encoder is the backbone's
+    assert any(k.startswith("mask_decoder.transformer.") for k in moved)  # the whole decoder, not only its upscaling
+    # The whole prompt encoder would train a copy of the positional embedding it shares with the image: refused.
+    with pytest.raises(SystemExit, match="shared with the image"):
+        train_script.main(args(tiny_sam, polyps, tmp_path / "bad", "--peft_overrides",
+                               json.dumps({"modules_to_save": ["prompt_encoder", "mask_decoder"]})))  # fmt: skip
+
+
+@slow
 def test_training_on_sampled_points(tiny_sam, polyps, tmp_path, monkeypatch):
     sampled = []
     sample_points = recipe.sample_points

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peft import PeftConfig
+from peft.utils.constants import DUMMY_TARGET_MODULES
 
 from ..configuration_imedsam import ADAPTER_SETTINGS, FrequencyAdapterSettings
 
@@ -50,7 +51,9 @@ class FrequencyAdapterConfig(FrequencyAdapterSettings, PeftConfig):
             patterns += [self.tokenizer_module, self.fusion_target_modules, self.downsample_target_modules]
         if self.use_lora:
             patterns.append(self.lora_target_modules)
-        self.target_modules = "|".join(f"(?:{p})" for p in patterns if p)
+        # Both branches off: no adapter layer, only `modules_to_save` train (e.g. a MedSAM-style decoder fine-tune);
+        # PEFT's dummy target says so instead of failing on a pattern that matches nothing.
+        self.target_modules = "|".join(f"(?:{p})" for p in patterns if p) or DUMMY_TARGET_MODULES
 
     def to_dict(self) -> dict[str, Any]:
         values = super().to_dict()
@@ -58,12 +61,14 @@ class FrequencyAdapterConfig(FrequencyAdapterSettings, PeftConfig):
         return values
 
 
-def imedsam_peft_config(model_config, **overrides: Any) -> FrequencyAdapterConfig:
+def imedsam_peft_config(model_config, train_mask_decoder: bool = False, **overrides: Any) -> FrequencyAdapterConfig:
     """
     The I-MedSAM recipe for a model configuration: the adapter of `model_config.adapter_recipe()` (LoRA on q and
     v, the frequency adapter, honouring the ablation switches), and full training of the prompt encoder's
     point/box embeddings, the mask decoder's output upscaling and the implicit decoder.
 
+    `train_mask_decoder` trains the whole mask decoder instead of its upscaling; with `use_lora` and
+    `use_frequency_adapter` off that is a MedSAM-style fine-tune (frozen image encoder, no adapter layer).
     `overrides` are schema settings (`lora_rank=8`) or PEFT fields (`modules_to_save=[...]`).
     `peft.get_peft_model(model, imedsam_peft_config(model.config))` is the whole set-up.
     """
@@ -71,16 +76,31 @@ def imedsam_peft_config(model_config, **overrides: Any) -> FrequencyAdapterConfi
     modules_to_save = [f"prompt_encoder.point_embed.{i}" for i in range(num_point_embeddings)] + [
         "prompt_encoder.not_a_point_embed",
         "prompt_encoder.no_mask_embed",
-        "mask_decoder.upscale_conv1",
-        "mask_decoder.upscale_layer_norm",
-        "mask_decoder.upscale_conv2",
     ]
+    if train_mask_decoder:
+        modules_to_save.append("mask_decoder")
+    else:
+        modules_to_save += [
+            "mask_decoder.upscale_conv1",
+            "mask_decoder.upscale_layer_norm",
+            "mask_decoder.upscale_conv2",
+        ]
     if model_config.use_implicit_decoder:
         modules_to_save.append("implicit_decoder")
     settings = {k: v for k, v in overrides.items() if k in ADAPTER_SETTINGS}
-    peft_fields = {k: v for k, v in overrides.items() if k not in ADAPTER_SETTINGS}
+    peft_fields = {
+        "modules_to_save": modules_to_save,
+        **{k: v for k, v in overrides.items() if k not in ADAPTER_SETTINGS},
+    }
+    tied = [name for name in peft_fields["modules_to_save"] or () if "prompt_encoder.shared_embedding".startswith(name)]
+    if tied:
+        raise ValueError(
+            f"modules_to_save {tied}: the prompt encoder's positional embedding is shared with the image's "
+            "(`shared_image_embedding`); a trained copy would no longer match it. List the prompt encoder's "
+            "embeddings instead (prompt_encoder.point_embed.0, ..., prompt_encoder.no_mask_embed)."
+        )
     recipe = model_config.adapter_recipe(**settings).settings_dict()
-    return FrequencyAdapterConfig(**recipe, **{"modules_to_save": modules_to_save, **peft_fields})
+    return FrequencyAdapterConfig(**recipe, **peft_fields)
 
 
 __all__ = ["FrequencyAdapterConfig", "IMedSamPeftType", "SAVED_PEFT_TYPE", "imedsam_peft_config"]
