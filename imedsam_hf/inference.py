@@ -193,15 +193,16 @@ def _sam_mask(model, sam_logits: torch.Tensor, grid: tuple[int, int], inputs) ->
     return logits if several else logits[0]
 
 
-def _checked_output_size(size) -> tuple[int, int]:
+def _checked_output_size(size, name: str = "`output_size`") -> tuple[int, int]:
+    """`(height, width)` as positive ints within `MAX_PIXELS`; a `ValueError` naming `name` otherwise."""
     try:
         height, width = (int(v) for v in size)
     except (TypeError, ValueError):
         height = width = 0
     if height < 1 or width < 1:
-        raise ValueError(f"`output_size` must be a positive (height, width), got {size!r}.")
+        raise ValueError(f"{name} must be a positive (height, width), got {size!r}.")
     if height * width > MAX_PIXELS:
-        raise ValueError(f"`output_size` {width}x{height} is over the limit of {MAX_PIXELS} pixels.")
+        raise ValueError(f"{name} {width}x{height} is over the limit of {MAX_PIXELS} pixels.")
     return height, width
 
 
@@ -386,9 +387,7 @@ def parse_output_size(text: str | None) -> tuple[int, int] | None:
         width = height = 0
     if width < 1 or height < 1:
         raise ValueError(f"--output-size {text!r}: expected WIDTHxHEIGHT, e.g. 512x384.")
-    if width * height > MAX_PIXELS:
-        raise ValueError(f"--output-size {text!r}: over the limit of {MAX_PIXELS} pixels.")
-    return height, width
+    return _checked_output_size((height, width), "--output-size")
 
 
 @dataclass
