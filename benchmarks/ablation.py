@@ -37,7 +37,7 @@ VARIANTS = {
     "lora_inr": ["--use_lora", "true", "--use_frequency_adapter", "false", "--use_implicit_decoder", "true"],
     "all": ALL,
     # The released code's four differences (README, "Design notes"), each alone on top of "all".
-    "chain_normalized": ALL + ["--peft_overrides", '{"frequency_chain": "normalized"}'],
+    "chain_normalized": ALL + ["--peft_overrides", '{"chain": "normalized"}'],
     "lora_gate": ALL + ["--peft_overrides", '{"lora_gate": true}'],
     "anneal": ALL + ["--coordinate_annealing_epochs", "2"],
     "loss_released": ALL + ["--loss_composition", "released"],

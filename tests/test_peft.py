@@ -272,6 +272,11 @@ def test_normalized_chain_is_the_released_form(inputs):
             torch.testing.assert_close(after, skip + adapter(before))
     with pytest.raises(ValueError, match="chain"):
         imedsam_peft_config(tiny_config(), chain="normalised")
+    # --peft_overrides takes a setting by its IMedSamConfig name too (it once failed deep in a dataclass __init__),
+    # and names a misspelt one with the valid names.
+    assert imedsam_peft_config(tiny_config(), frequency_chain="normalized").chain == "normalized"
+    with pytest.raises(ValueError, match=r"unknown adapter setting\(s\) \['frequency_chian'\].*'chain'"):
+        imedsam_peft_config(tiny_config(), frequency_chian="normalized")
 
 
 @pytest.mark.slow

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from peft import PeftConfig
 from peft.utils.constants import DUMMY_TARGET_MODULES
 
-from ..configuration_imedsam import ADAPTER_SETTINGS, FrequencyAdapterSettings
+from ..configuration_imedsam import ADAPTER_SETTINGS, RECIPE_FIELDS, FrequencyAdapterSettings
 
 # The `peft_type` written into adapter_config.json. peft looks it up in a plain dict, so without this package the
 # load fails with `KeyError: '<this string>'`: the string itself says what to do. Adapters saved before carry
@@ -87,6 +87,15 @@ def imedsam_peft_config(model_config, train_mask_decoder: bool = False, **overri
         ]
     if model_config.use_implicit_decoder:
         modules_to_save.append("implicit_decoder")
+    # A recipe field's IMedSamConfig name (frequency_chain) is accepted for its schema name (chain).
+    overrides = {RECIPE_FIELDS.get(key, key): value for key, value in overrides.items()}
+    known = {f.name for f in fields(FrequencyAdapterConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown adapter setting(s) {unknown}: use the schema's names {list(ADAPTER_SETTINGS)} (or their "
+            f"IMedSamConfig names {list(RECIPE_FIELDS)}), a PEFT field such as modules_to_save, or train_mask_decoder."
+        )
     settings = {k: v for k, v in overrides.items() if k in ADAPTER_SETTINGS}
     peft_fields = {
         "modules_to_save": modules_to_save,
