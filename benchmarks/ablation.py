@@ -45,8 +45,11 @@ VARIANTS = {
     # the frozen image encoder, SAM's own mask output, no adapter layer.
     "medsam_ft": ["--use_lora", "false", "--use_frequency_adapter", "false", "--use_implicit_decoder", "false"]
     + ["--peft_overrides", '{"train_mask_decoder": true}'],
-    # Point prompts in training: half of the steps prompt with 1-3 random positive clicks instead of the box.
+    # I-MedSAM with the whole mask decoder trained too (the two-way transformer reads the box).
+    "all_mask_decoder": ALL + ["--peft_overrides", '{"train_mask_decoder": true}'],
+    # Point prompts in training: half (a fifth) of the steps prompt with 1-3 random positive clicks instead of the box.
     "clicks": ALL + ["--max_clicks", "3", "--click_probability", "0.5"],
+    "clicks_rare": ALL + ["--max_clicks", "3", "--click_probability", "0.2"],
 }
 ZERO_SHOT = "zero-shot"
 
