@@ -52,6 +52,7 @@ VARIANTS = {
     "clicks_rare": ALL + ["--max_clicks", "3", "--click_probability", "0.2"],
 }
 ZERO_SHOT = "zero-shot"
+EXACT_ROWS = "eval_per_image.jsonl"  # what train.py writes of its final, exact-box evaluation
 
 
 def load_train_script():
@@ -99,9 +100,14 @@ def scored(
     return summary.with_suffix(".csv")
 
 
-def paired(a_file: Path, b_file: Path, b_model: str | None = None, a_model: str | None = None) -> dict:
-    """Native-size paired comparison of a against b: mean difference (Dice points) and the Wilcoxon p-value."""
-    rows = compare(load_per_image(a_file, a_model, "dice"), load_per_image(b_file, b_model, "dice"))
+def per_image(folder: Path, data_dir: str, jitter: float, seed: int) -> Path:
+    """A run's per-image rows: its own final evaluation with exact boxes, or `scored` with jittered ones."""
+    return scored(folder, data_dir, jitter, seed) if jitter else folder / EXACT_ROWS
+
+
+def paired(a_file: Path, b_file: Path, a_model: str | None = None) -> dict:
+    """Native-size paired comparison of a (rows of `a_model`) against b: mean difference (Dice points), p-value."""
+    rows = compare(load_per_image(a_file, a_model, "dice"), load_per_image(b_file, None, "dice"))
     native = next(row for row in rows if row["output"] == "native")
     return {"difference_points": 100 * native["mean_difference"], "p": native["wilcoxon_p"], "n": native["n"]}
 
@@ -169,40 +175,20 @@ def main(argv=None) -> dict:
     comparisons = []
     if args.reference is not None:
         reference = folders[args.reference]
-        targets = [(name, folders[name] / "eval_per_image.jsonl", None) for name in names if name != args.reference]
-        if args.zero_shot:
-            targets.append(
-                (ZERO_SHOT, scored(reference, args.data_dir, 0, 0, True, args.baseline_model), "baseline_sam")
-            )
-        for name, per_image, model in targets:
-            row = {
-                "run": name,
-                "boxes": "exact",
-                **paired(per_image, reference / "eval_per_image.jsonl", a_model=model),
-            }
-            comparisons.append(row)
-        if args.jitter:
-            reference_csv = scored(reference, args.data_dir, args.jitter, args.jitter_seed)
+        others = [name for name in names if name != args.reference]
+        for jitter in [0.0] + ([args.jitter] if args.jitter else []):
+            boxes = f"jitter {jitter:g}" if jitter else "exact"
+            reference_rows = per_image(reference, args.data_dir, jitter, args.jitter_seed)
             targets = [
-                (name, scored(folders[name], args.data_dir, args.jitter, args.jitter_seed), None)
-                for name in names
-                if name != args.reference
+                (name, per_image(folders[name], args.data_dir, jitter, args.jitter_seed), None) for name in others
             ]
             if args.zero_shot:
-                targets.append(
-                    (
-                        ZERO_SHOT,
-                        scored(reference, args.data_dir, args.jitter, args.jitter_seed, True, args.baseline_model),
-                        "baseline_sam",
-                    )
-                )
-            for name, per_image, model in targets:
-                row = {
-                    "run": name,
-                    "boxes": f"jitter {args.jitter:g}",
-                    **paired(per_image, reference_csv, a_model=model),
-                }
-                comparisons.append(row)
+                zero_shot = scored(reference, args.data_dir, jitter, args.jitter_seed, True, args.baseline_model)
+                targets.append((ZERO_SHOT, zero_shot, "baseline_sam"))
+            comparisons += [
+                {"run": name, "boxes": boxes, **paired(rows_file, reference_rows, model)}
+                for name, rows_file, model in targets
+            ]
     result = {
         "benchmark": "ablation",
         "config": args.config,

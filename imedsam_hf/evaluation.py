@@ -44,7 +44,7 @@ from .data import (
     slice_index,
     validate_pairs,
 )
-from .inference import overlay, sam_mask_fallback
+from .inference import checked_input_classes, overlay, sam_mask_fallback
 from .loading import LITEMEDSAM, load_model
 from .metrics import (
     aggregate,
@@ -128,9 +128,8 @@ def predict_logits(
     region = inputs["output_region"].to(device)
     boxes = inputs["input_boxes"].to(device) if box is not None else None
     prompts = {key: inputs[key].to(device) for key in ("input_points", "input_labels") if key in inputs}
-    input_classes = None
-    if classes is not None and not baseline:
-        input_classes = torch.tensor(list(classes), device=device).reshape(1, *boxes.shape[1:-1])
+    input_classes = None if baseline else checked_input_classes(model, classes, boxes)
+    input_classes = None if input_classes is None else input_classes.to(device)
     context = adapters_disabled(model) if baseline else contextlib.nullcontext()
     results = {}
     with context:

@@ -111,7 +111,7 @@ def segment(
         processor = processor_for_config(model.config)
     use_sam_mask = sam_mask_fallback(model)
     inputs = processor(image, input_boxes=box, input_points=points, input_labels=labels)
-    input_classes = _input_classes(model, classes, inputs.get("input_boxes"))
+    input_classes = checked_input_classes(model, classes, inputs.get("input_boxes"))
     size = _checked_output_size(output_size or tuple(inputs["original_sizes"][0].tolist()))
     grid = fitted_grid(*size, max_output_pixels)
     parameter = next(model.parameters())
@@ -146,8 +146,11 @@ def segment(
     )
 
 
-def _input_classes(model, classes, boxes: torch.Tensor | None) -> torch.Tensor | None:
-    """`segment(classes=...)` as the model's `input_classes`: one id in 1..num_classes per box, checked."""
+def checked_input_classes(model, classes, boxes: torch.Tensor | None) -> torch.Tensor | None:
+    """
+    `classes` (one id per box, as `segment(classes=...)` and class-aware evaluation give them) as the model's
+    `input_classes`, `(1, P)` for boxes `(1, P, 4)` or `(1,)` for `(1, 4)`: one id in 1..num_classes per box, checked.
+    """
     if classes is None:
         return None
     num_classes = int(getattr(model.config, "num_classes", 1))
