@@ -95,6 +95,10 @@ class DataConfig:
     # With `class_prompts`: one sample per image carrying every class present as a prompt (`input_boxes` (P, 4),
     # `prompt_classes` (P,)): one encoder pass per image, the loss averaged over the prompts.
     all_classes_per_sample: bool = False
+    # With `all_classes_per_sample`, in training: at most this many of an image's structures are prompts of its
+    # sample (None: all), drawn without replacement with weights inversely proportional to how many training images
+    # hold each class, so that rare structures (adrenal glands, the portal vein) get their share of the steps.
+    max_prompts_per_sample: int | None = None
     # Stored mask value -> class id, for masks in another encoding (`read_mask`); None: 0/255, 0/1 or class ids.
     mask_values: dict[int, int] | None = None
     # > 0: each training sample (one prompt per sample) also carries 1..max_clicks random positive clicks inside its
@@ -692,6 +696,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.empty_stems: list[str] = []
+        self.class_counts: dict[int, int] = {}  # class id -> images holding it (class prompts)
         self.items = self._items()
 
     def _read_mask(self, record) -> np.ndarray:
@@ -704,6 +709,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         items = []
         for i in range(len(self.records)):
             present = [int(c) for c in np.unique(self._read_mask(self.records[i])) if c > 0]
+            for c in present:
+                self.class_counts[c] = self.class_counts.get(c, 0) + 1
             if not present:
                 self.empty_stems.append(str(self.records[i]["stem"]))
             elif not self.config.class_prompts:
@@ -778,6 +785,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if not boxes:
             pixel_values, labels, original, shape = self._frame(image, mask, rng, geometric=False)
             boxes, classes = self._class_boxes(mask, labels, original, shape, rng, exact=True)
+        most = self.config.max_prompts_per_sample
+        if self.train and most and len(classes) > most:
+            weights = np.array([1.0 / self.class_counts.get(c, 1) for c in classes])
+            keep = np.sort(rng.choice(len(classes), size=most, replace=False, p=weights / weights.sum()))
+            boxes, classes = [boxes[i] for i in keep], [classes[i] for i in keep]
         return {
             "pixel_values": pixel_values,
             "labels": labels,

@@ -687,8 +687,10 @@ class IMedSamModel(IMedSamPreTrainedModel):
             output_region (`(batch_size, 4)` or `(4,)`, *optional*): normalised (x0, y0, x1, y1) part of the input
                 frame that the output grid spans, e.g. the unpadded image (see `IMedSamProcessor`), so masks come
                 out at the original image size directly; default the whole frame.
-            query_coordinates (`(batch_size, num_points, 2)`, *optional*): (x, y) in [0, 1] of the input frame to
-                predict instead of a grid (training on sampled points); outputs are then `(..., 1, num_points)`.
+            query_coordinates (`(batch_size, num_points, 2)` or `(batch_size, num_prompts, num_points, 2)`,
+                *optional*): (x, y) in [0, 1] of the input frame to predict instead of a grid (training on sampled
+                points), the same for every prompt of an image or each prompt's own; outputs are then
+                `(..., 1, num_points)`.
             image_embeddings (`(batch_size, hidden_size, h, w)`, *optional*): precomputed encoder output, instead
                 of `pixel_values`.
             input_classes (`(batch_size,)` or `(batch_size, num_prompts)`, *optional*): class-aware prompts, for a
@@ -736,8 +738,8 @@ class IMedSamModel(IMedSamPreTrainedModel):
         output_region = self._output_region(output_region, batch_size)
         if num_prompts > 1:  # every prompt is a row of its own from here on
             output_region = None if output_region is None else output_region.repeat_interleave(num_prompts, 0)
-            if query_coordinates is not None:
-                query_coordinates = query_coordinates.repeat_interleave(num_prompts, 0)
+        if query_coordinates is not None:
+            query_coordinates = self._prompt_coordinates(query_coordinates, batch_size, num_prompts)
         fields = {"sam_logits": sam_logits, "iou_scores": iou_scores}
         if self.implicit_decoder is None:
             fields["logits"] = sam_mask_on_grid(sam_logits, self.config.image_size, output_size, output_region)
@@ -816,6 +818,18 @@ class IMedSamModel(IMedSamPreTrainedModel):
         if len(output_size) != 2 or min(output_size) < 1:
             raise ValueError(f"`output_size` must be a positive (height, width), got {output_size}.")
         return output_size
+
+    @staticmethod
+    def _prompt_coordinates(coordinates: torch.Tensor, batch_size: int, num_prompts: int) -> torch.Tensor:
+        """`query_coordinates` `(B, N, 2)` (shared by an image's prompts) or `(B, P, N, 2)` -> `(B * P, N, 2)`."""
+        if coordinates.ndim == 4 and tuple(coordinates.shape[:2]) == (batch_size, num_prompts):
+            return coordinates.flatten(0, 1)
+        if coordinates.ndim == 3 and coordinates.shape[0] == batch_size:
+            return coordinates.repeat_interleave(num_prompts, 0) if num_prompts > 1 else coordinates
+        raise ValueError(
+            f"`query_coordinates` must have shape ({batch_size}, num_points, 2) or ({batch_size}, {num_prompts}, "
+            f"num_points, 2), got {tuple(coordinates.shape)}."
+        )
 
     @staticmethod
     def _output_region(output_region, batch_size: int) -> torch.Tensor | None:

@@ -79,26 +79,54 @@ def segmentation_loss(
 
 
 def sample_points(
-    labels: torch.Tensor, reshaped_sizes: torch.Tensor, num_points: int, generator: torch.Generator | None = None
+    labels: torch.Tensor,
+    reshaped_sizes: torch.Tensor,
+    num_points: int,
+    generator: torch.Generator | None = None,
+    boxes: torch.Tensor | None = None,
+    box_fraction: float = 0.0,
+    box_margin: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Uniform random query points inside each image's unpadded area, with their labels (nearest pixel).
+    Random query points inside each image's unpadded area, with their labels (nearest pixel).
 
     An implicit decoder can be trained on sampled coordinates instead of the whole grid: the cost of a step no
     longer grows with the frame's area, and points fall between pixels, which is what a resolution-free decoder
-    must learn. Returns coordinates `(B, N, 2)` (x, y) in [0, 1] of the frame and labels `(B, 1, N)`.
+    must learn. Uniform points over the image give a structure points in proportion to its area: an adrenal gland
+    of 15x15 pixels in a 256x256 frame gets about 7 of 2048. With `boxes` and `box_fraction` f > 0, round(f * N) of
+    each prompt's points are drawn uniformly inside its box widened by `box_margin` of the box's size on each side
+    (clipped to the image), where the structure and its boundary are, and the rest over the whole image.
 
     Args:
         labels: `(B, S, S)` class ids in the frame. reshaped_sizes: `(B, 2)` (h, w) of each image in the frame.
+        boxes: `(B, 4)` or `(B, P, 4)` prompt boxes (x0, y0, x1, y1) in frame pixels (with `box_fraction`).
+
+    Returns:
+        coordinates `(B, N, 2)` (x, y) in [0, 1] of the frame and labels `(B, 1, N)`; with `(B, P, 4)` boxes and
+        `box_fraction` > 0, each prompt's own: `(B, P, N, 2)` and `(B, P, 1, N)`.
     """
     batch_size, size = labels.shape[0], labels.shape[-1]
-    extent = reshaped_sizes.flip(-1).to(torch.float32) / size  # (w, h) / S
-    unit = torch.rand(batch_size, num_points, 2, generator=generator).to(labels.device)
-    coordinates = unit * extent[:, None, :].to(labels.device)
+    extent = reshaped_sizes.flip(-1).to(torch.float32).cpu() / size  # (w, h) / S
+    per_prompt = boxes is not None and box_fraction > 0 and boxes.ndim == 3
+    prompts = boxes.shape[1] if per_prompt else 1
+    unit = torch.rand(batch_size, prompts, num_points, 2, generator=generator)
+    coordinates = unit * extent[:, None, None, :]
+    in_box = int(round(box_fraction * num_points)) if boxes is not None else 0
+    if in_box:
+        frame_boxes = boxes.detach().float().cpu().reshape(batch_size, -1, 4)[:, :prompts] / size
+        low, high = frame_boxes[..., :2], frame_boxes[..., 2:]
+        widen = box_margin * (high - low)
+        low = torch.maximum(low - widen, torch.zeros(()))
+        high = torch.minimum(high + widen, extent[:, None, :].expand_as(high))
+        high = torch.maximum(high, low)  # a degenerate box: its corner
+        coordinates[:, :, :in_box] = low[:, :, None] + unit[:, :, :in_box] * (high - low)[:, :, None]
     pixels = (coordinates * size).long().clamp(0, size - 1)
-    flat = pixels[..., 1] * size + pixels[..., 0]
-    point_labels = labels.flatten(1).gather(1, flat)[:, None, :]
-    return coordinates, point_labels
+    flat = (pixels[..., 1] * size + pixels[..., 0]).to(labels.device)
+    point_labels = labels.flatten(1).gather(1, flat.flatten(1)).reshape(batch_size, prompts, 1, num_points)
+    coordinates = coordinates.to(labels.device)
+    if per_prompt:
+        return coordinates, point_labels
+    return coordinates[:, 0], point_labels[:, 0]
 
 
 LOSS_COMPOSITIONS = ("project", "released")
@@ -154,6 +182,7 @@ def forward_and_loss(
     use_box_prompts: bool = True,
     generator: torch.Generator | None = None,
     click_probability: float = 0.0,
+    box_point_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """
     The training step's forward and loss, shared by `training/train.py` and `benchmarks/training_step.py` (the
@@ -170,12 +199,17 @@ def forward_and_loss(
         use_box_prompts: `False` trains prompt-free.
         click_probability: with batches that carry clicks (`DataConfig.max_clicks`), the chance that this step is
             prompted with the clicks instead of the boxes (one coin per step, from `generator` or the global RNG).
+        box_point_fraction: with `train_points` and box prompts, the share of each prompt's points drawn inside its
+            (widened) box instead of over the whole image (`sample_points`), so small structures get their share.
     """
     weights = weights or LossWeights()
     labels, coordinates = batch["labels"], None
-    if train_points and getattr(model_config(model), "use_implicit_decoder", False):
-        coordinates, labels = sample_points(labels, batch["reshaped_size"], train_points, generator)
     per_prompt = "prompt_classes" in batch and use_box_prompts
+    if train_points and getattr(model_config(model), "use_implicit_decoder", False):
+        boxes = batch.get("input_boxes") if use_box_prompts and box_point_fraction > 0 else None
+        coordinates, labels = sample_points(
+            labels, batch["reshaped_size"], train_points, generator, boxes=boxes, box_fraction=box_point_fraction
+        )
     # A multi-class model trained on prompts of one class each is class-aware: each prompt uses its class's heads.
     class_aware = per_prompt and num_classes > 1
     clicks = {}
@@ -190,7 +224,7 @@ def forward_and_loss(
         **clicks,
     )
     if per_prompt:
-        outputs, labels = prompt_rows(outputs, labels, batch["prompt_classes"])
+        outputs, labels = prompt_rows(outputs, labels, batch["prompt_classes"], labels_per_prompt=labels.ndim == 4)
         num_classes = 1  # each prompt's target is its own class's mask
     return segmentation_loss(
         outputs, labels, num_classes, weights.fine_weight, weights.dice_weight, weights.bce_weight, weights.composition
@@ -198,14 +232,18 @@ def forward_and_loss(
 
 
 def prompt_rows(
-    outputs: IMedSamOutput, labels: torch.Tensor, prompt_classes: torch.Tensor
+    outputs: IMedSamOutput, labels: torch.Tensor, prompt_classes: torch.Tensor, labels_per_prompt: bool = False
 ) -> tuple[IMedSamOutput, torch.Tensor]:
     """
-    Outputs with a prompt axis `(B, P, ...)` and class-id labels `(B, ...)` -> one row per real prompt (class id
-    not 0) with its binary target `(rows, ...)`: what `segmentation_loss` takes for a one-class model.
+    Outputs with a prompt axis `(B, P, ...)` and class-id labels `(B, ...)` (or each prompt's own, `(B, P, ...)`,
+    with `labels_per_prompt`) -> one row per real prompt (class id not 0) with its binary target `(rows, ...)`:
+    what `segmentation_loss` takes for a one-class model.
     """
     real = prompt_classes.flatten() != 0
-    targets = (labels[:, None] == prompt_classes.reshape(*prompt_classes.shape, *[1] * (labels.ndim - 1))).long()
+    if not labels_per_prompt:
+        labels = labels[:, None]
+    classes = prompt_classes.reshape(*prompt_classes.shape, *[1] * (labels.ndim - 2))
+    targets = (labels == classes).long()
     rows = {
         name: getattr(outputs, name).flatten(0, 1)[real]
         for name in ("logits", "coarse_logits", "refined")

@@ -288,6 +288,22 @@ def real_batch():
     return batch
 
 
+@pytest.fixture(scope="module")
+def real_ct_batch():
+    """One real BTCV slice with every organ a prompt, in the tiny model's 64 px frame (no augmentation)."""
+    from imedsam_hf.data import SegmentationPair
+
+    ct = SHARED_DATA / "BTCV-Synapse-CT"
+    if not ct.is_dir():
+        pytest.skip("shared data missing")
+    stem = "case0039_slice068"
+    records = [{"stem": stem, "image": str(ct / "images" / f"{stem}.png"), "mask": str(ct / "masks" / f"{stem}.png")}]
+    config = DataConfig(class_prompts=True, mask_classes=13, all_classes_per_sample=True, augment=None, box_jitter=0)
+    dataset = SegmentationDataset(records, processor_for_config(tiny_model().config), config, train=True)
+    del SegmentationPair
+    return collate([dataset[0]])
+
+
 def record_calls(peft_model):
     """Record the keyword arguments and outputs of the wrapped IMedSamModel's forward."""
     calls = []
@@ -438,3 +454,105 @@ def collate_clicks(mask_batch: torch.Tensor) -> dict[str, torch.Tensor]:
 
     samples = [random_clicks(m.numpy(), 3, np.random.default_rng(i)) for i, m in enumerate(mask_batch)]
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# small structures' share: points inside each prompt's box, rarer classes prompted more often
+
+
+def test_box_points_lie_in_each_prompts_widened_box_and_carry_their_pixels_labels():
+    size = 64
+    labels = torch.randint(0, 3, (2, size, size), generator=torch.Generator().manual_seed(0))
+    reshaped = torch.tensor([[64, 48], [40, 64]])
+    boxes = torch.tensor(
+        [[[10.0, 10.0, 20.0, 30.0], [30.0, 2.0, 46.0, 8.0]], [[0.0, 0.0, 64.0, 40.0], [5.3, 5.3, 5.3, 5.3]]]
+    )
+    coordinates, point_labels = sample_points(
+        labels, reshaped, 400, torch.Generator().manual_seed(1), boxes=boxes, box_fraction=0.25
+    )
+    assert coordinates.shape == (2, 2, 400, 2) and point_labels.shape == (2, 2, 1, 400)
+    for b in range(2):
+        height, width = reshaped[b].tolist()
+        assert (coordinates[b, ..., 0] < width / size).all() and (coordinates[b, ..., 1] < height / size).all()
+        for p in range(2):
+            x0, y0, x1, y1 = boxes[b, p].tolist()
+            wx, wy = 0.1 * (x1 - x0), 0.1 * (y1 - y0)
+            inside = coordinates[b, p, :100] * size  # the first 25%: in the box widened by 10% a side
+            assert (inside[:, 0] >= max(0, x0 - wx) - 1e-4).all() and (inside[:, 0] <= min(width, x1 + wx) + 1e-4).all()
+            assert (inside[:, 1] >= max(0, y0 - wy) - 1e-4).all() and (
+                inside[:, 1] <= min(height, y1 + wy) + 1e-4
+            ).all()
+            for n in range(0, 400, 7):
+                x, y = coordinates[b, p, n].tolist()
+                assert point_labels[b, p, 0, n] == labels[b, nearest_pixel(y, size), nearest_pixel(x, size)]
+    # The rest spread over the image: far more of them outside the small first box than inside it.
+    rest = coordinates[0, 0, 100:] * size
+    outside = ~((rest[:, 0] >= 9) & (rest[:, 0] <= 21) & (rest[:, 1] >= 8) & (rest[:, 1] <= 32))
+    assert outside.float().mean() > 0.8
+    # One box per image (no prompt axis): shared coordinates, as without boxes.
+    shared, shared_labels = sample_points(labels, reshaped, 50, boxes=boxes[:, 0], box_fraction=1.0)
+    assert shared.shape == (2, 50, 2) and shared_labels.shape == (2, 1, 50)
+
+
+def test_small_structures_get_box_points_in_a_training_step(real_ct_batch):
+    """With box_point_fraction a small organ's prompt sees many of its own pixels; each prompt gets its own points."""
+    peft_model = adapted_model(num_classes=13).train()
+    calls, handle = record_calls(peft_model)
+    forward_and_loss(peft_model, real_ct_batch, 13, train_points=256, box_point_fraction=0.5)
+    forward_and_loss(peft_model, real_ct_batch, 13, train_points=256)
+    handle.remove()
+    (focused, _), (uniform, _) = calls
+    prompts = real_ct_batch["prompt_classes"].shape[1]
+    assert focused["query_coordinates"].shape == (1, prompts, 256, 2) and uniform["query_coordinates"].shape == (
+        1,
+        256,
+        2,
+    )
+    labels = real_ct_batch["labels"][0]
+    size = labels.shape[-1]
+
+    def hits(coordinates, class_id):
+        pixels = (coordinates * size).long().clamp(0, size - 1)
+        return int((labels[pixels[:, 1], pixels[:, 0]] == class_id).sum())
+
+    smallest = min(range(prompts), key=lambda p: int((labels == real_ct_batch["prompt_classes"][0, p]).sum()))
+    class_id = int(real_ct_batch["prompt_classes"][0, smallest])
+    assert hits(focused["query_coordinates"][0, smallest], class_id) > 5 * max(
+        1, hits(uniform["query_coordinates"][0], class_id)
+    )
+
+
+def test_at_most_n_prompts_per_sample_rarer_classes_more_often():
+    from imedsam_hf import IMedSamProcessor
+    from imedsam_hf.data import SegmentationPair, records_from_pairs
+
+    ct = SHARED_DATA / "BTCV-Synapse-CT"
+    stems = ["case0039_slice068", "case0001_slice065", "case0001_slice090", "case0001_slice100"]
+    pairs = [SegmentationPair(s, str(ct / "images" / f"{s}.png"), str(ct / "masks" / f"{s}.png")) for s in stems]
+    config = DataConfig(class_prompts=True, mask_classes=13, all_classes_per_sample=True, max_prompts_per_sample=3)
+    dataset = SegmentationDataset(records_from_pairs(pairs), IMedSamProcessor(image_size=64), config, train=True)
+    assert dataset.class_counts[6] == 4  # the liver is on every one of these slices
+    chosen = []
+    for epoch in range(30):
+        dataset.set_epoch(epoch)
+        sample = dataset[0]
+        classes = sample["prompt_classes"].tolist()
+        assert len(classes) == 3 == len(set(classes)) and sample["input_boxes"].shape == (3, 4)
+        chosen += classes
+    counts = {c: chosen.count(c) for c in set(chosen)}
+    rarest = min(dataset.class_counts, key=dataset.class_counts.get)
+    assert counts.get(rarest, 0) > counts.get(6, 0)  # a class on one slice is drawn more often than the liver
+    evaluation = SegmentationDataset(records_from_pairs(pairs), IMedSamProcessor(image_size=64), config, train=False)
+    assert len(evaluation[0]["prompt_classes"]) == 12  # evaluation prompts every structure
+
+
+def test_per_prompt_query_coordinates_equal_calls_with_each_prompt_alone(inputs):
+    pixel_values, boxes = inputs
+    model = tiny_model()
+    coordinates = torch.rand(1, 2, 30, 2, generator=torch.Generator().manual_seed(0))
+    both = model(pixel_values[:1], input_boxes=boxes[None], query_coordinates=coordinates)
+    for p in range(2):
+        alone = model(pixel_values[:1], input_boxes=boxes[p : p + 1], query_coordinates=coordinates[:, p])
+        torch.testing.assert_close(both.logits[0, p], alone.logits[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="query_coordinates"):
+        model(pixel_values[:1], input_boxes=boxes[None], query_coordinates=coordinates[:, :1, :, :].expand(1, 3, 30, 2))

@@ -41,6 +41,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import accelerate.utils
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -188,6 +189,11 @@ class DataArguments:
         "With --class_prompts: one sample per image carrying every class present as a prompt (one encoder pass "
         "per image, the loss averaged over its prompts) instead of one sample per class.",
     )
+    max_prompts_per_sample: int | None = option(
+        None,
+        "With --all_classes_per_sample: at most N structures of an image prompt its training sample, rarer classes "
+        "drawn more often (None: all).",
+    )
     mask_classes: int | None = option(None, "Foreground class ids in the masks (None: the model's num_classes).")
     max_clicks: int = option(
         0,
@@ -238,6 +244,11 @@ class RunArguments:
     train_points: int | None = option(
         None, "With the implicit decoder, train on this many random points per image (None/0: every pixel)."
     )
+    box_point_fraction: float = option(
+        0.0,
+        "With --train_points and box prompts: the share of each prompt's points drawn inside its box (widened by "
+        "10%) instead of over the whole image, so small structures get their share.",
+    )
     dice_weight: float = option(0.8, "Weight of the Dice term of the loss.")
     bce_weight: float = option(0.2, "Weight of the BCE term of the loss.")
     click_probability: float = option(
@@ -255,6 +266,9 @@ class RunArguments:
     num_workers: int = option(0, "DataLoader worker processes.")
     num_threads: int | None = option(None, "torch CPU threads (None: torch's default).")
     eval_every_epochs: int = option(1, "Validate (and select the best model) every this many epochs.")
+    max_eval_samples: int | None = option(
+        None, "Validate on at most N samples, evenly spaced over the validation split (None: all of it)."
+    )
     checkpointing_steps: str = option("epoch", "Save a resumable checkpoint every N steps, each 'epoch', or 'no'.")
     checkpoints_total_limit: int | None = option(2, "Keep this many newest checkpoints (None: all).")
     resume_from_checkpoint: str | None = option(None, "A checkpoint folder, or 'latest' in output_dir/checkpoints.")
@@ -267,6 +281,10 @@ class RunArguments:
     )
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.box_point_fraction <= 1.0:
+            raise ValueError(f"--box_point_fraction {self.box_point_fraction}: a fraction in [0, 1].")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"--max_eval_samples {self.max_eval_samples}: at least 1 (or null for all).")
         if not 0.0 <= self.click_probability <= 1.0:
             raise ValueError(f"--click_probability {self.click_probability}: a probability in [0, 1].")
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
@@ -677,11 +695,15 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         class_prompts=data.class_prompts,
         mask_classes=data.mask_classes,
         all_classes_per_sample=data.all_classes_per_sample,
+        max_prompts_per_sample=data.max_prompts_per_sample,
         mask_values=mask_values(data),
         max_clicks=data.max_clicks,
     )
     train_set = SegmentationDataset(as_records(splits["train"]), processor, data_config, train=True, seed=run.seed)
     val_set = SegmentationDataset(as_records(splits["validation"]), processor, data_config, train=False)
+    if run.max_eval_samples and len(val_set) > run.max_eval_samples:
+        kept = np.linspace(0, len(val_set) - 1, run.max_eval_samples).round().astype(int).tolist()
+        val_set = torch.utils.data.Subset(val_set, kept)
     # Loaders draw their worker seeds from their own generators: starting an iterator (as a resume does at a
     # different moment than the original run) must not consume the global RNG that dropout uses.
     loader_kwargs = dict(collate_fn=collate, num_workers=run.num_workers)
@@ -1035,6 +1057,7 @@ def train_epoch(run: Run, progress) -> None:
                 train_points=config.train_points,
                 use_box_prompts=run.args.data.prompt == "box",
                 click_probability=config.click_probability,
+                box_point_fraction=config.box_point_fraction,
             )
             accelerator.backward(loss)
             run.optimizer.step()
