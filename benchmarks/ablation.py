@@ -47,6 +47,13 @@ VARIANTS = {
     + ["--peft_overrides", '{"train_mask_decoder": true}'],
     # I-MedSAM with the whole mask decoder trained too (the two-way transformer reads the box).
     "all_mask_decoder": ALL + ["--peft_overrides", '{"train_mask_decoder": true}'],
+    # I-MedSAM with the two-way transformer (what reads the box) trained too, at a tenth of the adapters' rate; and
+    # the same with boxes jittered by up to 20% in training (issue 14: box robustness without losing exact boxes).
+    "transformer_low_lr": ALL
+    + ["--peft_overrides", '{"train_mask_decoder": "transformer"}', "--mask_decoder_learning_rate", "1e-5"],
+    "transformer_low_lr_jitter_0.2": ALL
+    + ["--peft_overrides", '{"train_mask_decoder": "transformer"}', "--mask_decoder_learning_rate", "1e-5"]
+    + ["--box_jitter", "0.2"],
     # Point prompts in training: half (a fifth) of the steps prompt with 1-3 random positive clicks instead of the box.
     "clicks": ALL + ["--max_clicks", "3", "--click_probability", "0.5"],
     "clicks_rare": ALL + ["--max_clicks", "3", "--click_probability", "0.2"],

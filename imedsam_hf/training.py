@@ -252,13 +252,31 @@ def prompt_rows(
     return IMedSamOutput(**rows), targets.flatten(0, 1)[real]
 
 
-def parameter_groups(model: torch.nn.Module, learning_rate: float, implicit_learning_rate: float, weight_decay: float):
-    """AdamW groups: the implicit decoder at its own (higher) learning rate, every other trainable tensor at the other."""
-    implicit, other = [], []
+def parameter_groups(
+    model: torch.nn.Module,
+    learning_rate: float,
+    implicit_learning_rate: float,
+    weight_decay: float,
+    mask_decoder_learning_rate: float | None = None,
+):
+    """
+    AdamW groups: the implicit decoder at its own (higher) learning rate, every other trainable tensor at
+    `learning_rate`; with `mask_decoder_learning_rate`, the trained parts of SAM's mask decoder other than its output
+    upscaling (the two-way transformer, tokens, hypernetworks) at that (usually lower) rate.
+    """
+    implicit, decoder, other = [], [], []
     for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (implicit if "implicit_decoder" in name else other).append(parameter)
+        if not parameter.requires_grad:
+            continue
+        if "implicit_decoder" in name:
+            implicit.append(parameter)
+        elif mask_decoder_learning_rate is not None and "mask_decoder" in name and ".upscale_" not in name:
+            decoder.append(parameter)
+        else:
+            other.append(parameter)
     groups = [{"params": other, "lr": learning_rate, "weight_decay": weight_decay}]
+    if decoder:
+        groups.append({"params": decoder, "lr": mask_decoder_learning_rate, "weight_decay": weight_decay})
     if implicit:
         groups.append({"params": implicit, "lr": implicit_learning_rate, "weight_decay": weight_decay})
     return groups

@@ -556,3 +556,22 @@ def test_per_prompt_query_coordinates_equal_calls_with_each_prompt_alone(inputs)
         torch.testing.assert_close(both.logits[0, p], alone.logits[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="query_coordinates"):
         model(pixel_values[:1], input_boxes=boxes[None], query_coordinates=coordinates[:, :1, :, :].expand(1, 3, 30, 2))
+
+
+def test_the_two_way_transformer_can_train_at_its_own_rate():
+    """`train_mask_decoder="transformer"`: the transformer that reads the box trains (with the upscaling), the
+    hypernetworks stay frozen; `mask_decoder_learning_rate` gives it its own AdamW group."""
+    model = tiny_model()
+    peft_model = get_peft_model(model, imedsam_hf.imedsam_peft_config(model.config, train_mask_decoder="transformer"))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("mask_decoder.transformer" in n for n in trainable)
+    assert any("upscale_conv1" in n for n in trainable)
+    assert not any("output_hypernetworks" in n or "iou_prediction" in n for n in trainable)
+    groups = parameter_groups(peft_model, 1e-4, 1e-3, 0.01, mask_decoder_learning_rate=1e-5)
+    assert [g["lr"] for g in groups] == [1e-4, 1e-5, 1e-3]
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    decoder = [names[id(p)] for p in groups[1]["params"]]
+    assert decoder and all("mask_decoder.transformer" in n for n in decoder)
+    assert any("upscale_conv1" in names[id(p)] for p in groups[0]["params"])  # the upscaling keeps the adapters' rate
+    with pytest.raises(ValueError, match="train_mask_decoder"):
+        imedsam_hf.imedsam_peft_config(model.config, train_mask_decoder="hypernetworks")

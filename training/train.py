@@ -233,6 +233,11 @@ class RunArguments:
     gradient_accumulation_steps: int = option(1, "Batches per optimizer step.")
     learning_rate: float = option(5.0e-5, "AdamW learning rate of the adapters and SAM's trainable modules.")
     implicit_learning_rate: float = option(1.0e-3, "AdamW learning rate of the implicit decoder.")
+    mask_decoder_learning_rate: float | None = option(
+        None,
+        "AdamW learning rate of SAM's mask decoder when it is trained (--peft_overrides '{\"train_mask_decoder\": "
+        '"transformer"}\'), apart from its output upscaling (None: --learning_rate).',
+    )
     weight_decay: float = option(0.01, "AdamW weight decay.")
     warmup_steps: int = option(0, "Linear learning-rate warm-up steps (then linear decay to 0).")
     fine_weight_warmup_epochs: float = option(5, "Epochs over which the fine loss's weight ramps up to 1.")
@@ -1260,7 +1265,13 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         )
 
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, run_args.learning_rate, run_args.implicit_learning_rate, run_args.weight_decay)
+        parameter_groups(
+            model,
+            run_args.learning_rate,
+            run_args.implicit_learning_rate,
+            run_args.weight_decay,
+            run_args.mask_decoder_learning_rate,
+        )
     )
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / run_args.gradient_accumulation_steps)

@@ -61,14 +61,17 @@ class FrequencyAdapterConfig(FrequencyAdapterSettings, PeftConfig):
         return values
 
 
-def imedsam_peft_config(model_config, train_mask_decoder: bool = False, **overrides: Any) -> FrequencyAdapterConfig:
+def imedsam_peft_config(
+    model_config, train_mask_decoder: bool | str = False, **overrides: Any
+) -> FrequencyAdapterConfig:
     """
     The I-MedSAM recipe for a model configuration: the adapter of `model_config.adapter_recipe()` (LoRA on q and
     v, the frequency adapter, honouring the ablation switches), and full training of the prompt encoder's
     point/box embeddings, the mask decoder's output upscaling and the implicit decoder.
 
-    `train_mask_decoder` trains the whole mask decoder instead of its upscaling; with `use_lora` and
+    `train_mask_decoder=True` trains the whole mask decoder instead of its upscaling; with `use_lora` and
     `use_frequency_adapter` off that is a MedSAM-style fine-tune (frozen image encoder, no adapter layer).
+    `train_mask_decoder="transformer"` adds the two-way transformer (the part that reads the box) to the upscaling.
     `overrides` are schema settings (`lora_rank=8`) or PEFT fields (`modules_to_save=[...]`).
     `peft.get_peft_model(model, imedsam_peft_config(model.config))` is the whole set-up.
     """
@@ -77,9 +80,13 @@ def imedsam_peft_config(model_config, train_mask_decoder: bool = False, **overri
         "prompt_encoder.not_a_point_embed",
         "prompt_encoder.no_mask_embed",
     ]
-    if train_mask_decoder:
+    if train_mask_decoder not in (False, True, "transformer"):
+        raise ValueError(f"train_mask_decoder: true, false or 'transformer', got {train_mask_decoder!r}.")
+    if train_mask_decoder is True:
         modules_to_save.append("mask_decoder")
     else:
+        if train_mask_decoder == "transformer":
+            modules_to_save.append("mask_decoder.transformer")
         modules_to_save += [
             "mask_decoder.upscale_conv1",
             "mask_decoder.upscale_layer_norm",
