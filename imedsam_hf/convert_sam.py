@@ -147,7 +147,7 @@ def load_sam(checkpoint: str) -> tuple[SamConfig, dict[str, torch.Tensor]]:
     """A transformers SamModel (hub id or folder) or a Meta `.pth` file -> (SamConfig, state dict)."""
     if checkpoint.endswith((".pth", ".pt")):
         if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file.")
+            raise FileNotFoundError(f"`checkpoint` {checkpoint}: no such file.")
         return load_meta_sam(checkpoint)
     try:
         model, info = SamModel.from_pretrained(checkpoint, output_loading_info=True)
@@ -199,6 +199,34 @@ def adapt_sam_state_dict(state_dict: dict[str, torch.Tensor], model: IMedSamMode
     return adapted
 
 
+def load_checked_state(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    *,
+    expected: set[str] | None = None,
+    may_miss: tuple[str, ...] = (),
+) -> None:
+    """
+    The one checked state-dict load: `state` into `model`, every tensor the model needs present (`expected`, default
+    all of the model's state; keys starting with a `may_miss` prefix may be absent), none it does not know, and every
+    shape fitting. A `ValueError` naming `source` (a file, a checkpoint) says which keys or which shape otherwise.
+    """
+    needed = set(model.state_dict()) if expected is None else set(expected)
+    missing = sorted(k for k in needed - set(state) if not k.startswith(may_miss))
+    unexpected = sorted(set(state) - needed)
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not fit this model: {len(missing)} tensors missing (e.g. {missing[:3]}), {len(unexpected)} "
+            f"unknown (e.g. {unexpected[:3]}); it belongs to another model or configuration."
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes, e.g. another num_classes or lora_rank
+        reason = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
+        raise ValueError(f"{source} does not fit this model: {reason}") from None
+
+
 def sam_to_imedsam(
     sam_config: SamConfig, state_dict: dict[str, torch.Tensor], image_size: int | None = None, **config_kwargs
 ) -> IMedSamModel:
@@ -209,18 +237,16 @@ def sam_to_imedsam(
     config_kwargs.setdefault("implicit_decoder_trained", False)
     config = IMedSamConfig.from_sam_config(sam_config, image_size=image_size, **config_kwargs)
     model = IMedSamModel(config)
-    result = model.load_state_dict(adapt_sam_state_dict(state_dict, model), strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("implicit_decoder.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"SAM weights do not match IMedSamModel: missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}."
-        )
+    load_checked_state(
+        model, adapt_sam_state_dict(state_dict, model), "the SAM weights", may_miss=("implicit_decoder.",)
+    )
     return model.eval()
 
 
 __all__ = [
     "META_TO_HF_RULES",
     "adapt_sam_state_dict",
+    "load_checked_state",
     "load_meta_sam",
     "load_sam",
     "meta_state_dict_to_hf",

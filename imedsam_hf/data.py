@@ -115,12 +115,12 @@ def find_layout(data_dir: str | os.PathLike) -> tuple[Path, Path]:
     """The image and mask folders of a dataset folder, or a ValueError listing the layouts looked for."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise ValueError(f"--data_dir {root}: no such folder.")
+        raise ValueError(f"`data_dir` {root}: no such folder.")
     for images, masks in LAYOUTS:
         if (root / images).is_dir() and (root / masks).is_dir():
             return root / images, root / masks
     looked = ", ".join(f"{i}/ + {m}/" for i, m in LAYOUTS)
-    raise ValueError(f"--data_dir {root}: no image/mask folders found (looked for {looked}).")
+    raise ValueError(f"`data_dir` {root}: no image/mask folders found (looked for {looked}).")
 
 
 STRUCTURE_MASK_SUFFIX = re.compile(r"^_(?P<name>.+)_(?P<instance>\d{3})$")
@@ -198,7 +198,7 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
     masks, images = _files_by_stem(mask_dir), _files_by_stem(image_dir)
     if not set(images) & set(masks) and structure_masks(list(images), mask_dir):
         raise ValueError(
-            f"--data_dir {data_dir}: {mask_dir} holds one mask per structure (<image stem>_<structure>_<NNN>.png). "
+            f"`data_dir` {data_dir}: {mask_dir} holds one mask per structure (<image stem>_<structure>_<NNN>.png). "
             f"Convert it to class-id masks first: imedsam convert structure-masks --data-dir {data_dir} --output DIR."
         )
     pairs, problems = [], []
@@ -221,7 +221,7 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
         else:
             pairs.append(SegmentationPair(stem, str(paths[0]), str(candidates[0])))
     if not pairs and not problems:
-        raise ValueError(f"--data_dir {data_dir}: {image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        raise ValueError(f"`data_dir` {data_dir}: {image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     return pairs, problems
 
 
@@ -315,10 +315,10 @@ def parse_mask_values(text: str) -> dict[int, int]:
             mapping[int(value)] = int(class_id)
         except ValueError:
             raise ValueError(
-                f"--mask_values {text!r}: expected VALUE:CLASS pairs, e.g. 38:1,75:1 (two values, one foreground)."
+                f"`mask_values` {text!r}: expected VALUE:CLASS pairs, e.g. 38:1,75:1 (two values, one foreground)."
             ) from None
     if not mapping or min(mapping.values()) < 0:
-        raise ValueError(f"--mask_values {text!r}: expected VALUE:CLASS pairs with class ids >= 0, e.g. 38:1,75:2.")
+        raise ValueError(f"`mask_values` {text!r}: expected VALUE:CLASS pairs with class ids >= 0, e.g. 38:1,75:2.")
     return mapping
 
 
@@ -353,16 +353,16 @@ def _binary_mask(pixels: np.ndarray, exact: bool, name: str) -> np.ndarray:
     if not exact:
         reason = (
             f"{found}, none above 127 as a noisy 0/255 mask would have: class ids do not survive lossy (JPEG) "
-            "compression. Save the masks as PNG: 0/255, or class ids with --num_classes N."
+            "compression. Save the masks as PNG: 0/255, or class ids with `mask_classes` N."
         )
     elif values[0] != 0:
         example = f"{values[0]}:0,{values[-1]}:1"
-        reason = f"{found} and no 0 (background): which is the foreground? Pass e.g. --mask_values {example}."
+        reason = f"{found} and no 0 (background): which is the foreground? Set `mask_values`, e.g. {example}."
     else:
         reason = (
-            f"{found}: class ids, a palette or a colour mask? For class ids 1..N pass --num_classes N or "
-            "--mask_classes N (evaluation: a classes.json beside masks/); to choose the foreground pass "
-            f"--mask_values, e.g. --mask_values {','.join(f'{v}:1' for v in values[1:3].tolist())}."
+            f"{found}: class ids, a palette or a colour mask? For class ids 1..N set `mask_classes` to N (a "
+            "classes.json beside masks/ does it for evaluation; training also takes `num_classes` N); to choose the "
+            f"foreground set `mask_values`, e.g. {','.join(f'{v}:1' for v in values[1:3].tolist())}."
         )
     raise MaskValuesError(name, reason)
 
@@ -374,7 +374,7 @@ def _mapped_mask(pixels: np.ndarray, mask_values: Mapping[int, int], name: str) 
     unknown = [v for v in values.tolist() if v not in table]
     if unknown:
         listed = ",".join(f"{v}:{c}" for v, c in mask_values.items())
-        raise MaskValuesError(name, f"values {unknown[:8]} are not in --mask_values {listed}: map every value.")
+        raise MaskValuesError(name, f"values {unknown[:8]} are not in `mask_values` {listed}: map every value.")
     labels = np.zeros(pixels.shape, np.int64)
     for value in values.tolist():
         labels[pixels == value] = table[value]
@@ -409,7 +409,7 @@ def read_mask(source, num_classes: int = 1, mask_values: Mapping[int, int] | Non
         raise MaskValuesError(
             name,
             f"class id {int(labels.max() if labels.max() > num_classes else labels.min())} outside 0..num_classes "
-            f"({num_classes}); pass --num_classes (--mask_classes) N for ids 1..N, or --mask_values.",
+            f"({num_classes}); set `mask_classes` to N for ids 1..N, or map the values with `mask_values`.",
         )
     return labels
 
@@ -476,9 +476,7 @@ def compile_group_pattern(pattern: str | None) -> re.Pattern:
     try:
         return re.compile(pattern or r"^$")
     except re.error as error:
-        raise ValueError(
-            f"group pattern {pattern!r} (--group_pattern, --group-pattern): not a regular expression ({error})."
-        ) from None
+        raise ValueError(f"`group_pattern` {pattern!r}: not a regular expression ({error}).") from None
 
 
 def group_of(stem: str, pattern: re.Pattern | str = DEFAULT_GROUP_PATTERN) -> str:
@@ -514,10 +512,10 @@ def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
     try:
         splits = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"--split_file {path}: cannot read it as JSON ({error}).") from error
+        raise ValueError(f"`split_file` {path}: cannot read it as JSON ({error}).") from error
     # `metadata` is what write_splits records beside the stems (seed, source).
     if not isinstance(splits, dict) or not set(splits) - {"metadata"} <= set(SPLITS) or "train" not in splits:
-        raise ValueError(f"--split_file {path}: expected keys {SPLITS} (train required), got {list(splits)}.")
+        raise ValueError(f"`split_file` {path}: expected keys {SPLITS} (train required), got {list(splits)}.")
     return {name: list(splits.get(name, [])) for name in SPLITS}
 
 
@@ -529,11 +527,11 @@ def select_split(pairs: Sequence[SegmentationPair], split: str, split_file: str 
     if split == "all":
         return list(pairs)
     if split not in SPLITS:
-        raise ValueError(f"--split {split!r}: expected one of {(*SPLITS, 'all')}.")
+        raise ValueError(f"`split` {split!r}: expected one of {(*SPLITS, 'all')}.")
     if split_file is None or not Path(split_file).is_file():
         raise ValueError(
-            f"--split {split} needs a split file (--split-file, or the splits.json a training run saves beside the "
-            f"model; none at {split_file}); or use --split all."
+            f"`split` {split} needs a split file (`split_file`, or the splits.json a training run saves beside the "
+            f"model; none at {split_file}); or use `split` all."
         )
     stems = set(load_splits(split_file)[split])
     return [pair for pair in pairs if pair.stem in stems]
@@ -845,10 +843,10 @@ def load_hub_dataset(name: str, split: str, image_column: str = "image", mask_co
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as error:  # network, missing split, unknown id...
-        raise ValueError(f"--dataset {name} (split {split}): cannot load it ({error}).") from error
+        raise ValueError(f"`dataset` {name} (split {split}): cannot load it ({error}).") from error
     missing = {image_column, mask_column} - set(dataset.column_names)
     if missing:
-        raise ValueError(f"--dataset {name}: no column(s) {sorted(missing)}; it has {dataset.column_names}.")
+        raise ValueError(f"`dataset` {name}: no column(s) {sorted(missing)}; it has {dataset.column_names}.")
     dataset = dataset.rename_columns({image_column: "image", mask_column: "mask"})
     if "stem" not in dataset.column_names:
         dataset = dataset.add_column("stem", [f"{split}-{i:06d}" for i in range(len(dataset))])

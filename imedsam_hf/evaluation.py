@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,20 +31,16 @@ from .data import (
     SegmentationPair,
     compile_group_pattern,
     default_scan_spacing,
-    discover_pairs,
     group_of,
     jitter_box,
     mask_box,
     mask_clicks,
     read_class_names,
     read_mask,
-    read_scan_spacing,
-    select_split,
     slice_index,
-    validate_pairs,
 )
 from .inference import checked_input_classes, overlay, sam_mask_fallback
-from .loading import LITEMEDSAM, load_model
+from .loading import load_model
 from .metrics import (
     aggregate,
     dice_from_counts,
@@ -428,25 +423,232 @@ def volume_summary(
     }
 
 
-def evaluate_with_volumes(
+@dataclass(frozen=True)
+class EvaluationProtocol:
+    """
+    How a model is scored: the one description `imedsam evaluate` and `training/train.py` both build (every field is
+    a constructor argument, with no default: a caller that forgets one fails at once instead of scoring silently
+    another way) and `evaluate_model` runs. `EvaluationProtocol.resolve` builds it from a model's config and a data
+    folder, checking what does not fit.
+
+    Fields:
+        prompt: `"box"` (each mask's box), `"points"` (`num_clicks` positive clicks on it) or `"none"`.
+        output_sizes: `"native"`, factors such as `"2x"`, or longest sides in pixels.
+        num_classes: the model's output channels.
+        class_prompts: class-id masks, every structure prompted with its own box (all of an image's in one pass) and
+            scored as a binary mask, per class and per scan.
+        class_aware: with `class_prompts` and a multi-class model, each box decoded by its class's heads.
+        mask_classes: foreground class ids in the masks (None: `num_classes`).
+        classes: report only these class ids (None: all present).
+        class_names: class id -> name (a folder's `classes.json`), for the reports.
+        mask_values: stored mask value -> class id (`data.read_mask`), or None.
+        box_jitter, jitter_seed: every box side moved by up to `box_jitter` of the box size, seeded per image.
+        num_clicks: clicks per mask with `prompt="points"`.
+        group_pattern: regex whose first group names a slice's scan (per-volume scores of class-prompted rows).
+        spacing: scan -> voxel spacing `(x, y, z)` in mm for the per-volume HD95, or None.
+    """
+
+    prompt: str
+    output_sizes: tuple[str | int, ...]
+    num_classes: int
+    class_prompts: bool
+    class_aware: bool
+    mask_classes: int | None
+    classes: tuple[int, ...] | None
+    class_names: Mapping[int, str] | None
+    mask_values: Mapping[int, int] | None
+    box_jitter: float
+    jitter_seed: int
+    num_clicks: int
+    group_pattern: str
+    spacing: Mapping[str, Sequence[float]] | None
+
+    def __post_init__(self) -> None:
+        if self.prompt not in PROMPTS:
+            raise ValueError(f"`prompt` must be one of {PROMPTS}, got {self.prompt!r}.")
+        for size in self.output_sizes:
+            parse_size(size)
+        if not 0 <= self.box_jitter < 1:
+            raise ValueError(f"`box_jitter` {self.box_jitter}: a fraction of the box size in [0, 1).")
+        if self.num_clicks < 1:
+            raise ValueError(f"`num_clicks` {self.num_clicks}: at least 1 click per mask.")
+        if self.class_aware and not (self.class_prompts and self.num_classes > 1):
+            raise ValueError("`class_aware` needs class prompts (a class-id folder) and a multi-class model.")
+
+    @classmethod
+    def resolve(
+        cls,
+        model_config,
+        data_dir: str | None,
+        *,
+        prompt: str,
+        output_sizes: Sequence[str | int],
+        class_aware: bool | None,
+        class_prompts: bool | None,
+        mask_classes: int | None,
+        classes: Sequence[int] | None,
+        mask_values: Mapping[int, int] | None,
+        box_jitter: float,
+        jitter_seed: int,
+        num_clicks: int,
+        group_pattern: str,
+        spacing: Mapping[str, Sequence[float]] | None,
+    ) -> EvaluationProtocol:
+        """
+        The protocol for a model (its `config`: its output classes, whether it is class-aware, its class names) on
+        the folder `data_dir` (None: a Hub dataset), with what the model records as defaults: `class_aware` None
+        takes the model's `class_aware` (a class-aware model is scored class-aware unless asked otherwise);
+        `class_prompts` None is true for class-id masks (a folder with a `classes.json`, or `mask_classes` given)
+        scored by a one-class or class-aware model; `mask_classes` None the largest id of `classes.json`; `spacing`
+        None the folder's `cases.csv`. Raises `ValueError` naming the argument that does not fit (a class-aware run
+        of a one-class model, classes not in `classes.json`, more classes in the masks than a class-aware model has).
+        """
+        num_classes = int(getattr(model_config, "num_classes", 1) or 1)
+        class_names = read_class_names(data_dir) if data_dir else None
+        recorded = getattr(model_config, "id2label", None) or {}
+        if class_names is None and num_classes > 1 and len(recorded) == num_classes:
+            class_names = {int(k): v for k, v in recorded.items()}
+        if class_aware is None:
+            class_aware = bool(getattr(model_config, "class_aware", False)) and num_classes > 1
+        if class_aware and num_classes < 2:
+            raise ValueError(f"`class_aware` needs a multi-class model; this one has num_classes={num_classes}.")
+        if class_prompts is None:
+            has_classes = (class_names is not None and data_dir is not None) or mask_classes is not None
+            class_prompts = has_classes and (num_classes == 1 or class_aware)
+        if class_prompts and mask_classes is None:
+            if class_names is None:
+                raise ValueError("class prompts need the masks' class count: set `mask_classes` or add classes.json.")
+            mask_classes = max(class_names)
+        if (classes is not None or class_aware) and not class_prompts:
+            raise ValueError(
+                f"`classes` and `class_aware` need a multi-class folder (a classes.json in {data_dir}) and a one-class "
+                "or class-aware model."
+            )
+        unknown = sorted(set(classes or ()) - set(class_names or ())) if class_names else []
+        if unknown:
+            raise ValueError(
+                f"`classes` {unknown}: not in {Path(str(data_dir)) / 'classes.json'} ({sorted(class_names)})."
+            )
+        if class_aware and mask_classes > num_classes:
+            raise ValueError(f"{data_dir}: class ids up to {mask_classes}, but the model has {num_classes} classes.")
+        if spacing is None and data_dir and class_prompts:
+            spacing = default_scan_spacing(data_dir)
+        return cls(
+            prompt=prompt,
+            output_sizes=tuple(output_sizes),
+            num_classes=num_classes,
+            class_prompts=bool(class_prompts),
+            class_aware=bool(class_aware),
+            mask_classes=mask_classes,
+            classes=None if classes is None else tuple(int(c) for c in classes),
+            class_names=class_names,
+            mask_values=mask_values,
+            box_jitter=float(box_jitter),
+            jitter_seed=int(jitter_seed),
+            num_clicks=int(num_clicks),
+            group_pattern=group_pattern,
+            spacing=spacing,
+        )
+
+    @property
+    def read_classes(self) -> int:
+        """The class count masks are read with (`data.read_mask`)."""
+        return self.mask_classes or self.num_classes
+
+    def pair_options(self) -> dict:
+        """Every field `evaluate_pairs` takes, from this protocol (none left to its defaults)."""
+        return dict(
+            output_sizes=self.output_sizes,
+            prompt=self.prompt,
+            # Class-prompted rows of a class-agnostic multi-class model are read as one binary mask each.
+            num_classes=self.num_classes if (self.class_aware or not self.class_prompts) else 1,
+            class_prompts=self.class_prompts,
+            mask_classes=self.mask_classes,
+            classes=self.classes,
+            class_names=dict(self.class_names) if self.class_names else None,
+            box_jitter=self.box_jitter,
+            jitter_seed=self.jitter_seed,
+            mask_values=self.mask_values,
+            num_clicks=self.num_clicks,
+        )
+
+    def as_dict(self) -> dict:
+        """The protocol as the JSON reports record it."""
+        return {
+            "prompt": self.prompt,
+            **({"clicks": self.num_clicks} if self.prompt == "points" else {}),
+            "box_jitter": self.box_jitter,
+            "jitter_seed": self.jitter_seed,
+            "class_aware": self.class_aware,
+            **({"classes": list(self.classes)} if self.classes else {}),
+        }
+
+
+@dataclass
+class EvaluationReport:
+    """What `evaluate_model` measured: per-image rows (with `model`), the summary per output size, per scan."""
+
+    protocol: EvaluationProtocol
+    rows: list[dict]
+    results: dict[str, dict]
+    volume: dict | None
+    mask_source: str
+    baseline: dict | None = None  # the backbone's own SAM mask: its `results` per size, with its `volume` inside
+
+    def as_dict(self) -> dict:
+        """`results`, `volume`, `baseline_sam` and `mask_source`, as the JSON reports and model cards hold them."""
+        result = {**self.protocol.as_dict(), "mask_source": self.mask_source, "results": self.results}
+        if self.volume is not None:
+            result["volume"] = self.volume
+        if self.baseline is not None:
+            result["baseline_sam"] = self.baseline
+        return result
+
+
+def _scored(model, processor, pairs, protocol: EvaluationProtocol, baseline: bool, progress: bool):
+    masks = {} if protocol.class_prompts else None
+    rows, summary = evaluate_pairs(
+        model, processor, pairs, **protocol.pair_options(), baseline=baseline, progress=progress, slice_masks=masks
+    )
+    if masks is None:
+        return rows, summary, None
+    first = str(parse_size(protocol.output_sizes[0]))
+    names = dict(protocol.class_names) if protocol.class_names else None
+    volume = volume_summary(rows, first, names, protocol.group_pattern, masks, protocol.spacing)
+    return rows, summary, volume
+
+
+def evaluate_model(
     model,
     processor: IMedSamProcessor,
     pairs: Sequence[SegmentationPair],
-    group_pattern: str = DEFAULT_GROUP_PATTERN,
-    spacing: Mapping[str, Sequence[float]] | None = None,
-    **kwargs,
-) -> tuple[list[dict], dict[str, dict], dict | None]:
+    protocol: EvaluationProtocol,
+    *,
+    backbone: tuple | None = None,
+    progress: bool = True,
+    model_name: str = "imedsam",
+) -> EvaluationReport:
     """
-    `evaluate_pairs(model, processor, pairs, **kwargs)` and, when its rows are class-prompted, their per-scan
-    `volume_summary` at the first output size (3D Dice, and HD95 with the scans' `spacing`); None otherwise. Shared
-    by `imedsam evaluate` and the training script's final evaluation.
+    Score `model` on `pairs` by `protocol` and, with `backbone` `(model, processor)` (`load_baseline`), the
+    backbone's own SAM mask zero-shot on the same images and prompts. A model whose implicit decoder was never
+    trained (a conversion) is scored with its SAM mask, with a warning, never with random logits.
+    Per scan (3D Dice; HD95 with the protocol's spacing) when the rows are class-prompted.
     """
-    masks = {} if kwargs.get("class_prompts") else None
-    rows, summary = evaluate_pairs(model, processor, pairs, **kwargs, slice_masks=masks)
-    if masks is None:
-        return rows, summary, None
-    first = str(parse_size(kwargs.get("output_sizes", (NATIVE,))[0]))
-    return rows, summary, volume_summary(rows, first, kwargs.get("class_names"), group_pattern, masks, spacing)
+    sam_mask_only = sam_mask_fallback(model)
+    rows, results, volume = _scored(model, processor, pairs, protocol, sam_mask_only, progress)
+    uses_implicit = getattr(model.config, "use_implicit_decoder", False) and not sam_mask_only
+    report = EvaluationReport(
+        protocol=protocol,
+        rows=[{"model": model_name, **row} for row in rows],
+        results=results,
+        volume=volume,
+        mask_source="implicit_decoder" if uses_implicit else "sam",
+    )
+    if backbone is not None:
+        base_rows, base_results, base_volume = _scored(*backbone, pairs, protocol, True, progress)
+        report.baseline = {**base_results, **({"volume": base_volume} if base_volume is not None else {})}
+        report.rows += [{"model": "baseline_sam", **row} for row in base_rows]
+    return report
 
 
 def load_baseline(model, processor, model_spec: str, baseline_model: str | None = None, device=None):
@@ -459,16 +661,14 @@ def load_baseline(model, processor, model_spec: str, baseline_model: str | None 
     if name is None:
         if model.config.adapter_config is None:
             return model, processor  # not fine-tuned: its SAM head is the backbone's
-        raise ValueError("--baseline sam: the model does not record its backbone; pass --baseline_model.")
+        raise ValueError("`baseline`: the model does not record its backbone; give `baseline_model`.")
     if name == model_spec:
         return model, processor
     overrides = {"use_implicit_decoder": False}
     try:
         return load_model(name, image_size=model.config.image_size, config_overrides=overrides, device=device)
     except (OSError, ValueError) as error:
-        raise ValueError(
-            f"--baseline sam: cannot load the backbone {name!r} ({error}); pass --baseline-model."
-        ) from error
+        raise ValueError(f"`baseline`: cannot load the backbone {name!r} ({error}); give `baseline_model`.") from error
 
 
 def write_overlays(
@@ -552,141 +752,17 @@ def empty_line(values: dict) -> str:
     return f"{text} (no box to prompt with)"
 
 
-def run_evaluation(
-    model_spec: str,
-    data_dir: str,
-    json_path: str,
-    split: str = "test",
-    split_file: str | None = None,
-    output_sizes: Sequence[str | int] = (NATIVE,),
-    prompt: str = "box",
-    baseline: str | None = None,
-    baseline_model: str | None = None,
-    num_classes: int | None = None,
-    csv_path: str | None = None,
-    overlays: str | None = None,
-    limit: int | None = None,
-    device: str | None = None,
-    classes: Sequence[int] | None = None,
-    group_pattern: str = DEFAULT_GROUP_PATTERN,
-    class_aware: bool = False,
-    box_jitter: float = 0.0,
-    jitter_seed: int = 0,
-    mask_values: Mapping[int, int] | None = None,
-    scan_spacing: str | None = None,
-    num_clicks: int = 1,
-) -> dict:
-    """
-    `imedsam evaluate`: score `model_spec` (and, with `baseline="sam"`, its backbone zero-shot) on the pairs of
-    `data_dir` in `split` (from `split_file`, by default the `splits.json` beside a trained model); write the summary
-    JSON, the per-image CSV (default beside the JSON) and optional overlays. Returns the summary.
-
-    A multi-class folder (one with a `classes.json`) evaluated with a one-class model prompts every structure
-    present (of `classes`, when given) with its exact box, all of a slice's in one pass, and reports per class and
-    per volume (slices stacked into scans by `group_pattern`): `"per_class"` and `"class_mean"` under each size and
-    a top-level `"volume"` (also inside `"baseline_sam"`). A multi-class model does the same with `class_aware`,
-    each box prompting its own class's heads (`input_classes`); without it, one prompt per image (the box around
-    every structure) gives the label map.
-
-    `mask_values` maps the values stored in the masks to class ids (`data.read_mask`). Images whose mask is empty
-    are counted (`n_empty`) and never scored with Dice (see `evaluate_pairs`). `scan_spacing` (a file for
-    `data.read_scan_spacing`; default the folder's `cases.csv` when it has a spacing column) gives the per-volume
-    HD95 in mm.
-
-    Raises `ValueError` / `OSError` naming the argument at fault.
-    """
-    for size in output_sizes:
-        parse_size(size)
-    if not 0 <= box_jitter < 1:
-        raise ValueError(f"--box-jitter {box_jitter}: a fraction of the box size in [0, 1).")
-    if num_clicks < 1:
-        raise ValueError(f"--clicks {num_clicks}: at least 1 click per mask.")
-    model, processor = load_model(model_spec, device=device)
-    num_classes = num_classes or model.config.num_classes
-    class_names = read_class_names(data_dir)
-    if class_aware and num_classes < 2:
-        raise ValueError(f"--class-aware needs a multi-class model; {model_spec} has num_classes={num_classes}.")
-    class_prompts = class_names is not None and (num_classes == 1 or class_aware)
-    if (classes is not None or class_aware) and not class_prompts:
-        raise ValueError(
-            f"--classes and --class-aware need a multi-class folder (a classes.json in {data_dir}) and a one-class "
-            "or class-aware model."
-        )
-    unknown = sorted(set(classes or ()) - set(class_names or ()))
-    if unknown:
-        raise ValueError(f"--classes {unknown}: not in {Path(data_dir) / 'classes.json'} ({sorted(class_names)}).")
-    mask_classes = max(class_names) if class_prompts else None
-    if class_aware and mask_classes > num_classes:
-        raise ValueError(f"{data_dir}: class ids up to {mask_classes}, but the model has {num_classes} classes.")
-    pairs, problems = discover_pairs(data_dir)
-    pairs, problems = validate_pairs(pairs, mask_classes or num_classes, "skip", problems, mask_values)
-    for problem in problems:
-        print(f"skipped {problem}")
-    if split_file is None and split != "all":
-        split_file = Path(model_spec) / "splits.json"
-    pairs = select_split(pairs, split, split_file)[:limit]
-    if not pairs:
-        raise ValueError(f"no pairs to evaluate in --data_dir {data_dir} (split {split}).")
-    kwargs = dict(
-        output_sizes=output_sizes,
-        prompt=prompt,
-        num_classes=num_classes,
-        progress=True,
-        box_jitter=box_jitter,
-        jitter_seed=jitter_seed,
-        mask_values=mask_values,
-        num_clicks=num_clicks,
-    )
-    if class_prompts:
-        kwargs.update(class_prompts=True, mask_classes=mask_classes, classes=classes, class_names=class_names)
-    spacing = read_scan_spacing(scan_spacing) if scan_spacing else default_scan_spacing(data_dir)
-    per_scan = dict(group_pattern=group_pattern, spacing=spacing)
-    # A conversion's implicit decoder was never trained: its SAM mask is scored (with a warning), never random logits.
-    sam_mask_only = sam_mask_fallback(model)
-    rows, summary, volume = evaluate_with_volumes(model, processor, pairs, **kwargs, **per_scan, baseline=sam_mask_only)
-    rows = [{"model": "imedsam" if model_spec != LITEMEDSAM else LITEMEDSAM, **row} for row in rows]
-    result = {
-        "model": model_spec,
-        "data_dir": str(data_dir),
-        "split": split,
-        "prompt": prompt,
-        **({"clicks": num_clicks} if prompt == "points" else {}),
-        "box_jitter": box_jitter,
-        "jitter_seed": jitter_seed,
-        "n_images": len(pairs),
-        "mask_source": "sam" if sam_mask_only or not model.config.use_implicit_decoder else "implicit_decoder",
-        "results": summary,
-    }
-    if volume is not None:
-        result["volume"] = volume
-    if baseline == "sam":
-        backbone, backbone_processor = load_baseline(model, processor, model_spec, baseline_model, device)
-        baseline_rows, result["baseline_sam"], baseline_volume = evaluate_with_volumes(
-            backbone, backbone_processor, pairs, **kwargs, **per_scan, baseline=True
-        )
-        if baseline_volume is not None:
-            result["baseline_sam"]["volume"] = baseline_volume
-        rows += [{**row, "model": "baseline_sam"} for row in baseline_rows]
-    output = Path(json_path)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1))
-    write_rows_csv(rows, Path(csv_path) if csv_path else output.with_suffix(".csv"))
-    if overlays:
-        write_overlays(model, processor, pairs, Path(overlays), mask_classes or num_classes, prompt, mask_values)
-    print("\n".join(summary_lines(result)))
-    return result
-
-
 __all__ = [
     "NATIVE",
+    "EvaluationProtocol",
+    "EvaluationReport",
+    "evaluate_model",
     "evaluate_pairs",
-    "evaluate_with_volumes",
     "grid_size",
     "load_baseline",
     "parse_size",
     "predict_logits",
     "resize_labels",
-    "run_evaluation",
     "score",
     "summary_lines",
     "volume_summary",

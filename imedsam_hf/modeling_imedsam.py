@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_imedsam import TINYVIT_MODEL_TYPE, IMedSamConfig, unknown_arguments_message
 from .frequency_adapter_layers import inject_frequency_adapter
-from .modeling_tinyvit import IMedSamTinyViTEncoder, fold_batchnorm, init_tinyvit_weights
+from .modeling_tinyvit import IMedSamTinyViTEncoder, fold_batchnorm
 from .processing_imedsam import processor_for_config
 
 
@@ -593,10 +593,9 @@ class IMedSamPreTrainedModel(SamPreTrainedModel):
     _no_split_modules = ["SamVisionLayer", "IMedSamImplicitDecoder"]
 
     def _init_weights(self, module: nn.Module):
-        # `from_pretrained` builds the model on the meta device; non-persistent buffers are re-created here.
-        if id(module) in self.__dict__.get("_tinyvit_module_ids", ()):
-            init_tinyvit_weights(module, self.config.vision_config.initializer_range)
-        elif isinstance(module, SamPositionalEmbedding):
+        # A TinyViT vision encoder is a sub-model (`IMedSamTinyViTPreTrainedModel`): transformers hands its modules to
+        # its own `_init_weights` (which also re-creates its non-persistent buffers), never to this method.
+        if isinstance(module, SamPositionalEmbedding):
             # SamPreTrainedModel reads `self.config.use_abs_pos`, a vision-config field; handle it here.
             nn.init.normal_(module.positional_embedding, std=module.scale)
         elif isinstance(module, SamVisionEncoder):
@@ -620,9 +619,6 @@ class IMedSamModel(IMedSamPreTrainedModel):
         super().__init__(config)
         self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
         self.vision_encoder = build_vision_encoder(config.vision_config)
-        if config.is_tinyvit:
-            # TinyViT modules get TinyViT's own initialisation (it also rebuilds their derived index buffers).
-            self.__dict__["_tinyvit_module_ids"] = {id(m) for m in self.vision_encoder.modules()}
         self.prompt_encoder = SamPromptEncoder(config)
         config.mask_decoder_config._attn_implementation = config._attn_implementation
         self.mask_decoder = IMedSamMaskDecoder(config.mask_decoder_config)

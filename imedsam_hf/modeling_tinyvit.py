@@ -27,6 +27,7 @@ module                    output                      notes
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 
@@ -39,9 +40,9 @@ __all__ = [
     "IMedSamTinyViTEncoder",
     "IMedSamTinyViTMBConvBlock",
     "IMedSamTinyViTPatchMerging",
+    "IMedSamTinyViTPreTrainedModel",
     "IMedSamTinyViTStage",
     "fold_batchnorm",
-    "init_tinyvit_weights",
 ]
 
 
@@ -282,8 +283,8 @@ class IMedSamTinyViTAttention(nn.Module):
         self.proj = nn.Linear(num_heads * self.value_dim, dim)
         # One learnt bias per head and per absolute offset (|dy|, |dx|): window_size**2 offsets.
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_size * window_size))
-        # Derived from window_size, never loaded: non-persistent. Re-filled by `init_tinyvit_weights` when the model
-        # was built on the meta device (transformers' from_pretrained).
+        # Derived from window_size, never loaded: non-persistent. Re-filled by
+        # `IMedSamTinyViTPreTrainedModel._init_weights` when the model was built on the meta device (from_pretrained).
         self.register_buffer("attention_bias_idxs", window_bias_index(window_size), persistent=False)
 
     def qkv_output_indices(self) -> dict[str, torch.LongTensor]:
@@ -393,7 +394,13 @@ class IMedSamTinyViTAttentionBlock(nn.Module):
 
 
 class IMedSamTinyViTStage(nn.Module):
-    """One resolution stage: ``blocks`` (channels-last in/out) then an optional ``downsample`` (or ``None``)."""
+    """One resolution stage; channels-last ``(B, H, W, C) -> (B, H / stride, W / stride, C_next)``.
+
+    Runs ``blocks`` (each ``(B, H, W, C) -> (B, H, W, C)``) in order, then ``downsample`` (an
+    `IMedSamTinyViTPatchMerging` to the next stage's ``C_next`` channels), or returns the blocks' ``(B, H, W, C)``
+    output when ``downsample`` is ``None`` (the last stage). Both are looked up on every call, so an entry of
+    ``blocks`` or the ``downsample`` may be replaced by a wrapper with the same contract (LoRA, frequency adapter).
+    """
 
     def __init__(self, blocks: list[nn.Module], downsample: nn.Module | None) -> None:
         super().__init__()
@@ -427,59 +434,78 @@ class IMedSamTinyViTNeck(nn.Module):
         return self.layer_norm2(self.conv2(hidden_states))
 
 
-def init_tinyvit_weights(module: nn.Module, initializer_range: float = 0.02) -> None:
-    """Initialise ONE module of the encoder (not recursive), like a ``PreTrainedModel._init_weights``.
-
-    Call it for every module from the integrating ``PreTrainedModel._init_weights`` (it is what the encoder's own
-    ``__init__`` does). Besides the usual layers it re-derives the non-persistent ``attention_bias_idxs`` buffer,
-    which is garbage after transformers builds a model on the meta device. Uses ``transformers.initialization``,
-    so tensors already loaded from a checkpoint are left alone.
-    """
-    if isinstance(module, nn.Linear):
-        init.trunc_normal_(module.weight, std=initializer_range)
-        if module.bias is not None:
-            init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d):
-        # He init rather than N(0, 0.02): the BatchNorms of a randomly initialised encoder are in eval mode with
-        # unit running statistics, so tiny conv weights would make every activation vanish.
-        init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        if module.bias is not None:
-            init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
-        init.ones_(module.weight)
-        init.zeros_(module.bias)
-        init.zeros_(module.running_mean)
-        init.ones_(module.running_var)
-        init.zeros_(module.num_batches_tracked)
-    elif isinstance(module, (nn.LayerNorm, IMedSamTinyViTLayerNorm2d)):
-        init.ones_(module.weight)
-        init.zeros_(module.bias)
-    elif isinstance(module, IMedSamTinyViTAttention):
-        init.zeros_(module.attention_biases)
-        init.copy_(module.attention_bias_idxs, window_bias_index(module.window_size))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Encoder
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class IMedSamTinyViTEncoder(nn.Module):
+class IMedSamTinyViTPreTrainedModel(PreTrainedModel):
+    """Base class of the TinyViT encoder: its config class and its own weight initialisation.
+
+    The encoder is a transformers sub-model, as ``SamVisionEncoder`` is one of ``SamModel``. Built on its own, its
+    ``post_init`` initialises it; inside a composite model (``IMedSamModel.vision_encoder``) transformers'
+    ``initialize_weights`` hands every module below it to this class's ``_init_weights`` (also after
+    ``from_pretrained``, for what the checkpoint did not hold), so the outer model needs no TinyViT-specific code and
+    its state-dict keys keep the plain ``vision_encoder.*`` prefix.
+    """
+
+    config: IMedSamTinyViTConfig
+    config_class = IMedSamTinyViTConfig
+    base_model_prefix = "tinyvit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    # The attention may run through `F.scaled_dot_product_attention` (see `IMedSamTinyViTAttention.use_sdpa`); this
+    # also lets a composite model that requests "sdpa" for all its sub-models build this one.
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise ONE module (not recursive); transformers calls it for each module of the encoder that holds
+        tensors of its own.
+
+        Besides the usual layers it re-derives the non-persistent ``attention_bias_idxs`` buffer, which is garbage
+        after transformers builds a model on the meta device (``from_pretrained``). Uses
+        ``transformers.initialization``, so tensors already loaded from a checkpoint are left alone.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            # He init rather than N(0, 0.02): the BatchNorms of a randomly initialised encoder are in eval mode with
+            # unit running statistics, so tiny conv weights would make every activation vanish.
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, (nn.LayerNorm, IMedSamTinyViTLayerNorm2d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, IMedSamTinyViTAttention):
+            init.zeros_(module.attention_biases)
+            init.copy_(module.attention_bias_idxs, window_bias_index(module.window_size))
+
+
+class IMedSamTinyViTEncoder(IMedSamTinyViTPreTrainedModel):
     """LiteMedSAM's TinyViT image encoder: ``pixel_values (B, 3, S, S) -> image embedding (B, 256, S/4, S/4)``.
 
-    ``forward`` is deliberately a flat loop, so a wrapper can replace any entry of ``stage.blocks`` (or
-    ``stage.downsample``) by a module with the same channels-last ``(B, H, W, C) -> (B, H, W, C)`` contract::
+    ``forward`` runs ``patch_embed``, then each of ``stages`` (an `IMedSamTinyViTStage`: its ``blocks``, then its
+    ``downsample``), then ``neck``::
 
-        x = patch_embed(pixel_values)
+        x = patch_embed(pixel_values)  # (B, S, S, embed_dims[0]), channels-last
         for stage in stages:
-            for block in stage.blocks:
-                x = block(x)
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        return neck(x)
+            x = stage(x)  # x = block(x) for each of stage.blocks, then x = stage.downsample(x) unless None
+        return neck(x)  # (B, output_channels, S/4, S/4), channels-first
 
-    Stage 0 blocks are `IMedSamTinyViTMBConvBlock`, later ones `IMedSamTinyViTAttentionBlock` (attention module at
-    ``block.attention``, fused projection ``block.attention.qkv``).
+    A wrapper can replace any entry of ``stage.blocks`` (or ``stage.downsample``) by a module with the same
+    channels-last contract. Stage 0 blocks are `IMedSamTinyViTMBConvBlock`, later ones
+    `IMedSamTinyViTAttentionBlock` (attention module at ``block.attention``, fused projection
+    ``block.attention.qkv``).
 
     Input: ``pixel_values`` as LiteMedSAM expects them: the image resized so that its longest side is
     ``image_size``, min-max normalised to [0, 1] (no ImageNet mean/std), zero-padded bottom/right to
@@ -490,8 +516,7 @@ class IMedSamTinyViTEncoder(nn.Module):
     """
 
     def __init__(self, config: IMedSamTinyViTConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.patch_embed = IMedSamTinyViTPatchEmbed(config)
 
         num_blocks = sum(config.depths)
@@ -526,15 +551,15 @@ class IMedSamTinyViTEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.neck = IMedSamTinyViTNeck(config)
 
-        for module in self.modules():
-            init_tinyvit_weights(module, config.initializer_range)
+        # Initialises every module through `_init_weights` (skipped on the meta device, where from_pretrained builds).
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(B, num_channels, S, S)`` float -> ``(B, output_channels, S / total_stride, S / total_stride)``."""
         hidden_states = self.patch_embed(pixel_values)
         for stage in self.stages:
-            for block in stage.blocks:
-                hidden_states = block(hidden_states)
-            if stage.downsample is not None:
-                hidden_states = stage.downsample(hidden_states)
+            hidden_states = stage(hidden_states)
         return self.neck(hidden_states)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .loading import LITEMEDSAM, load_backbone  # noqa: F401  (0.1 names, kept importable from here)
 from .modeling_imedsam import IMedSamOutput
 
 

@@ -41,10 +41,9 @@ Intensities
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
-import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,7 +57,8 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .data import mask_box
-from .inference import refuse_existing, segment
+from .files import atomic_write, remove_stale_temporaries
+from .inference import segment
 from .loading import load_model
 from .metrics import METRIC_NAMES, dice_from_counts, iou_from_counts, overlap_counts, surface_distances
 from .processing_imedsam import IMedSamProcessor, processor_for_config
@@ -68,16 +68,17 @@ __all__ = [
     "WINDOW_PRESETS",
     "Volume",
     "boxes_3d_from_labels",
+    "encode_slice",
     "is_volume",
     "parse_window",
     "place_slice",
-    "predict_volumes",
     "read_volume",
     "segment_volume",
     "slice_image",
     "to_uint8",
     "volume_box_to_slice_box",
     "volume_scores",
+    "volume_name",
     "window",
     "write_label_volume",
 ]
@@ -96,6 +97,9 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
     "soft_tissue": (50.0, 350.0),
 }
+
+#: gzip level of written label volumes (nibabel's own default for ``.nii.gz``).
+NIFTI_COMPRESSLEVEL = 1
 
 #: Relative tolerance when comparing the affines of a volume and its label volume.
 AFFINE_TOLERANCE = 1e-4
@@ -162,10 +166,21 @@ def read_volume(path: str | os.PathLike) -> Volume:
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:
-        image = nib.load(str(path))
+        if path.name.lower().endswith(".gz"):
+            # Decompressed end to end, so gzip checks its CRC-32 and length: nibabel alone stops at the end of the
+            # voxel data and never reads the trailer, and a flipped bit would load as wrong voxels.
+            with gzip.open(path, "rb") as stream:
+                payload = stream.read()
+            header_size = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else 0
+            kind = nib.Nifti2Image if header_size in (540, int.from_bytes((540).to_bytes(4, "big"), "little")) else None
+            image = (kind or nib.Nifti1Image).from_bytes(payload)
+        else:
+            image = nib.load(str(path))
         data = np.asarray(image.dataobj)
-    except Exception as error:  # nibabel raises ImageFileError, OSError, EOFError, zlib.error, ...
+    except Exception as error:  # gzip's BadGzipFile/EOFError/zlib.error, nibabel's ImageFileError, OSError, ...
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, (EOFError, gzip.BadGzipFile)) or "CRC" in message or "zlib" in type(error).__module__:
+            message = f"the compressed file is damaged: {message}"
         raise ValueError(f"{path}: cannot be read as a NIfTI volume ({message})") from error
     shape = tuple(data.shape)
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -272,6 +287,13 @@ def to_uint8(data: np.ndarray, window: WindowSpec = None) -> np.ndarray:
     if window is not None:
         return _apply_window(data, *parse_window(window))
     if _is_8bit(data):
+        if data.dtype != np.uint8:
+            warnings.warn(
+                f"volume of {data.dtype} values all within 0..255: taken as already windowed 8-bit grey. If these are "
+                "Hounsfield units (a CT whose values happen to lie in 0..255), pass a window (e.g. 'abdomen').",
+                UserWarning,
+                stacklevel=2,
+            )
         return data.astype(np.uint8, copy=False)
     warnings.warn(
         "volume is not 8-bit and no window was given: rescaling min-max over the volume to 0..255. For CT in HU a "
@@ -420,6 +442,11 @@ def _check_boxes(
                 f"boxes_3d[{class_id}]: {[int(v) for v in values]} is not inside the volume of shape {shape} "
                 "(need 0 <= x0 <= x1 < X, 0 <= y0 <= y1 < Y, 0 <= z0 <= z1 < Z)"
             )
+        if high[0] == low[0] or high[1] == low[1]:
+            raise ValueError(
+                f"boxes_3d[{class_id}]: {[int(v) for v in values]} is one voxel wide in x or y; a structure's box "
+                "spans at least 2 voxels in x and in y (inclusive indices: x1 > x0, y1 > y0)"
+            )
         checked[class_id] = [int(v) for v in values]
     return dict(sorted(checked.items()))
 
@@ -496,17 +523,28 @@ def segment_volume(
     both_volumes = isinstance(label_volume, Volume) and isinstance(volume, Volume)
     volume = _as_volume(volume, "volume")
     wanted = _class_set(classes)
-    images = to_uint8(volume.data, window)
     labels = np.zeros(volume.shape, dtype=np.uint8)
     if label_volume is not None:
         truth = _check_labels(_as_volume(label_volume, "label volume"), volume, compare_affines=both_volumes)
-        _check_class_aware(model, {int(c) for c in np.unique(truth) if c and (wanted is None or int(c) in wanted)})
-        _segment_with_label_volume(model, processor, images, truth, labels, wanted, progress)
+        present = {int(c) for c in np.unique(truth) if c and (wanted is None or int(c) in wanted)}
+        if not present:
+            what = "no structure" if wanted is None else f"none of the classes {sorted(wanted)}"
+            raise ValueError(f"label volume {_as_volume(label_volume, 'label volume').name}: holds {what}; no prompt.")
+        _check_class_aware(model, present)
     else:
         checked = _check_boxes(boxes_3d, volume.shape, wanted)  # type: ignore[arg-type]
         _check_class_aware(model, set(checked))
         if not (math.isfinite(box_margin) and box_margin >= 0):
             raise ValueError(f"box_margin must be a number of pixels >= 0, got {box_margin!r}")
+    images = to_uint8(volume.data, window)
+    if not images.any():
+        raise ValueError(
+            f"volume {volume.name}: every voxel is 0 after windowing (an empty scan, or a `window` that misses its "
+            "intensities); nothing to segment."
+        )
+    if label_volume is not None:
+        _segment_with_label_volume(model, processor, images, truth, labels, wanted, progress)
+    else:
         _segment_with_boxes_3d(model, processor, images, checked, labels, progress, float(box_margin))
     return labels
 
@@ -551,6 +589,14 @@ def _segment_with_label_volume(
         place_slice(labels, z, merged.numpy().astype(np.uint8))
 
 
+@torch.no_grad()
+def encode_slice(model: Any, processor: IMedSamProcessor, image: np.ndarray) -> torch.Tensor:
+    """The image embeddings `(1, hidden, h, w)` of one slice image, for `segment(..., image_embeddings=...)`."""
+    parameter = next(model.parameters())
+    pixel_values = processor(image)["pixel_values"]
+    return model.encode_image(pixel_values.to(parameter.device, parameter.dtype))
+
+
 def _segment_with_boxes_3d(
     model: Any,
     processor: IMedSamProcessor,
@@ -560,43 +606,82 @@ def _segment_with_boxes_3d(
     progress: bool,
     box_margin: float,
 ) -> None:
+    """
+    MedSAM's propagation for every structure at once, each slice encoded once: an upward pass (z ascending) runs
+    every structure whose middle slice is at or below z and whose chain is alive, all of a slice's prompts in one
+    call; a downward pass (z descending) does the same below the middle slices, reusing the embeddings the upward
+    pass kept for those slices. A structure's masks are those of propagating it alone (each prompt's masks equal a
+    call with that prompt alone).
+    """
     shape = images.shape
     size = (shape[1], shape[0])  # (H, W) of a slice image
+    aware = _class_count(model) > 1
+    middles = {c: (box[2] + box[5]) // 2 for c, box in boxes_3d.items()}
     best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # z -> (winning probability, class ids), as slice images
-    total = sum(box[5] - box[2] + 1 for box in boxes_3d.values())
-    with tqdm(total=total, desc="slices", unit="slice", disable=not progress) as bar:
+    needed_below = {z for c, box in boxes_3d.items() for z in range(box[2], middles[c])}
+    kept: dict[int, torch.Tensor] = {}  # embeddings of slices the downward pass may visit again
+    upward = range(min(middles.values()), max(box[5] for box in boxes_3d.values()) + 1)
+    downward = range(max(middles.values()) - 1, min(box[2] for box in boxes_3d.values()) - 1, -1)
 
-        def run(class_id: int, z: int, prompt: list[float]) -> list[float] | None:
-            """Segment slice `z` with `prompt`, record the mask; the box of the mask for the next slice, or None."""
-            aware = [class_id] if _class_count(model) > 1 else None
-            result = segment(
-                model, slice_image(images, z), box=prompt, output_size=size, processor=processor, classes=aware
-            )
-            bar.update(1)
-            mask, probability = result.mask, result.probabilities[0]
+    def encode(z: int) -> torch.Tensor:
+        return encode_slice(model, processor, slice_image(images, z))
+
+    def run(z: int, prompts: dict[int, list[float]], embeddings: torch.Tensor) -> dict[int, list[float] | None]:
+        """Segment slice `z` with every structure's prompt; each one's next box (its mask's, widened), or None."""
+        ids = list(prompts)
+        result = segment(
+            model, slice_image(images, z), box=[prompts[c] for c in ids], output_size=size, processor=processor,
+            classes=ids if aware else None, image_embeddings=embeddings,
+        )  # fmt: skip
+        following: dict[int, list[float] | None] = {}
+        for index, class_id in enumerate(ids):
+            mask, probability = result.mask[index], result.probabilities[index, 0]
             if not mask.any():
-                return None
-            score, ids = best.setdefault(z, (np.zeros(size, np.float32), np.zeros(size, np.uint8)))
+                following[class_id] = None
+                continue
+            score, winners = best.setdefault(z, (np.zeros(size, np.float32), np.zeros(size, np.uint8)))
             wins = mask & (probability > score)
-            score[wins], ids[wins] = probability[wins], class_id
+            score[wins], winners[wins] = probability[wins], class_id
             x0, y0, x1, y1 = mask_box(mask).tolist()
             width, height = size[1], size[0]  # clipped to the frame, as MedSAM's get_bbox256 does
-            return [
+            following[class_id] = [
                 max(x0 - box_margin, 0.0),
                 max(y0 - box_margin, 0.0),
                 min(x1 + box_margin, width),
                 min(y1 + box_margin, height),
             ]
+        return following
 
-        for class_id, box in boxes_3d.items():
-            z0, z1 = box[2], box[5]
-            middle = (z0 + z1) // 2
-            middle_box = run(class_id, middle, volume_box_to_slice_box(box, shape))
-            for step, stop in ((1, z1), (-1, z0)):
-                prompt, z = middle_box, middle + step
-                while prompt is not None and (z <= stop if step == 1 else z >= stop):
-                    prompt = run(class_id, z, prompt)
-                    z += step
+    chains: dict[int, list[float] | None] = {}  # the upward prompt of each structure
+    seeds: dict[int, list[float] | None] = {}  # the middle slice's mask box: the downward pass starts from it
+    with tqdm(total=len(upward) + len(downward), desc="slices", unit="slice", disable=not progress) as bar:
+        for z in upward:
+            prompts = {}
+            for class_id, box in boxes_3d.items():
+                if z == middles[class_id]:
+                    prompts[class_id] = volume_box_to_slice_box(box, shape)
+                elif middles[class_id] < z <= box[5] and chains.get(class_id) is not None:
+                    prompts[class_id] = chains[class_id]
+            if prompts:
+                embeddings = encode(z)
+                if z in needed_below:
+                    kept[z] = embeddings
+                for class_id, following in run(z, prompts, embeddings).items():
+                    chains[class_id] = following
+                    if z == middles[class_id]:
+                        seeds[class_id] = following
+            bar.update(1)
+        chains = dict(seeds)
+        for z in downward:
+            prompts = {
+                class_id: chains[class_id]
+                for class_id, box in boxes_3d.items()
+                if box[2] <= z < middles[class_id] and chains.get(class_id) is not None
+            }
+            if prompts:
+                embeddings = kept.pop(z, None)
+                chains.update(run(z, prompts, embeddings if embeddings is not None else encode(z)))
+            bar.update(1)
     for z, (_, ids) in best.items():
         place_slice(labels, z, ids)
 
@@ -634,19 +719,11 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
     image = nib.Nifti1Image(data, like.affine, header=header)
     image.set_data_dtype(np.uint8)
     image.header.set_slope_inter(1.0, 0.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        nib.save(image, temporary)
-        # mkstemp makes the file private (0600); the result gets the permissions of any file written here.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    payload = image.to_bytes()
+    if suffix == ".nii.gz":
+        payload = gzip.compress(payload, compresslevel=NIFTI_COMPRESSLEVEL, mtime=0)
+    remove_stale_temporaries(path)  # what a killed earlier write left beside it
+    atomic_write(path, lambda temporary: Path(temporary).write_bytes(payload))
     return path
 
 
@@ -714,67 +791,3 @@ def volume_name(path: str | os.PathLike) -> str:
     """`case0001.nii.gz` -> `case0001`."""
     name = Path(path).name
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-
-
-def predict_volumes(
-    model_spec: str,
-    paths: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    labels_from: str | os.PathLike | None = None,
-    boxes_3d: Mapping | None = None,
-    window_spec: WindowSpec = None,
-    device: str | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> int:
-    """
-    `imedsam predict` for NIfTI volumes: one label volume per input, `<out>/<name>.nii.gz` (uint8 class ids, the
-    input's shape, affine and header), each written atomically; files already there are replaced only with
-    `overwrite`, and two inputs of one name are an error before anything is written. Prompts: `labels_from`, a folder holding a label volume of the same name
-    (every structure on every slice where it appears), or `boxes_3d`, `{class_id: [x0, y0, z0, x1, y1, z1]}` for
-    every volume or `{volume name: {...}}` per volume (the MedSAM propagation protocol, see `segment_volume`).
-    A volume that cannot be used is reported by name and the others go on. Returns the exit code: 0 all done,
-    1 some failed, 2 nothing could start.
-    """
-    if (labels_from is None) == (boxes_3d is None):
-        print("error: volumes need --boxes-from-masks (a folder of label volumes) or --boxes (3-D boxes JSON).")
-        return 2
-    try:
-        targets: dict[Path, str] = {}
-        for path in paths:
-            target = Path(out) / f"{volume_name(path)}.nii.gz"
-            if target in targets:
-                raise ValueError(f"{targets[target]} and {path} would both be written to {target}; rename one of them.")
-            targets[target] = str(path)
-        refuse_existing(list(targets), out, overwrite)
-        model, processor = load_model(model_spec, device=device)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    failures = []
-    for path in paths:
-        name = volume_name(path)
-        try:
-            volume = read_volume(path)
-            prompts: dict[str, Any] = {}
-            if labels_from is not None:
-                candidates = [Path(labels_from) / f"{name}{suffix}" for suffix in (".nii.gz", ".nii")]
-                found = [c for c in candidates if c.is_file()]
-                if not found:
-                    raise ValueError(f"no label volume {name}.nii.gz or {name}.nii in {labels_from}")
-                prompts["label_volume"] = read_volume(found[0])
-            else:
-                # `{volume name: {class: box}}`, or one `{class: box}` for every volume
-                per_volume = boxes_3d[name] if isinstance(boxes_3d.get(name), Mapping) else boxes_3d
-                prompts["boxes_3d"] = {int(k): v for k, v in per_volume.items()}
-            labels = segment_volume(
-                model, volume, processor=processor, window=window_spec, progress=progress, **prompts
-            )
-            written = write_label_volume(labels, volume, Path(out) / f"{name}.nii.gz")
-            print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
-        except (OSError, ValueError) as error:
-            message = str(error) if str(path) in str(error) else f"{path}: {error}"
-            failures.append(message)
-            print(f"skipped {message}")
-    print(f"{len(paths) - len(failures)} of {len(paths)} volumes segmented into {out}")
-    return 1 if failures else 0

@@ -23,8 +23,9 @@ from transformers import SamConfig, SamModel
 
 from imedsam_hf import IMedSamProcessor, imedsam_peft_config, load_model, save_pretrained_full, segment
 from imedsam_hf.cli import main
-from imedsam_hf.loading import convert_checkpoint, implicit_decoder_trained
+from imedsam_hf.loading import convert_checkpoint
 from imedsam_hf.processing_imedsam import resize_labels
+from imedsam_hf.publishing import implicit_decoder_trained
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
 KVASIR = SHARED_DATA / "Kvasir-SEG-sample"

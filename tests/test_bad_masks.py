@@ -80,14 +80,20 @@ def test_class_id_masks_under_a_binary_model_are_an_error_naming_the_file_and_th
         validate_pairs(pairs, num_classes=1, on_error="skip", problems=problems)
     message = str(raised.value)
     assert message.startswith(f"{bad}: 3 distinct values [0, 38, 75]") and "\n" not in message
-    assert "--num_classes N" in message and "--mask_values 38:1,75:1" in message
+    # The library names its arguments; a command shows them as its flags (`commands.common.flag_message`).
+    assert "`mask_classes` to N" in message and "`mask_values`, e.g. 38:1,75:1" in message
+    from imedsam_hf.commands.common import flag_message
+
+    assert "set --mask-classes to N" in flag_message(message) and "--mask-values, e.g. 38:1,75:1" in flag_message(
+        message
+    )
     # Not class ids 1..2 either; merged into one foreground by a mapping, it is the original mask.
     with pytest.raises(MaskValuesError, match="class id 75 outside 0..num_classes"):
         read_mask(bad, num_classes=2)
     merged = read_mask(bad, mask_values={38: 1, 75: 1})
     np.testing.assert_array_equal(merged, truth(stems[1]))
     assert validate_pairs(pairs, mask_values={38: 1, 75: 1, 255: 1})[0] == pairs  # a mapping covers every mask
-    with pytest.raises(MaskValuesError, match=r"values \[75\] are not in --mask_values 38:1"):
+    with pytest.raises(MaskValuesError, match=r"values \[75\] are not in `mask_values` 38:1"):
         read_mask(bad, mask_values={38: 1})
 
 
@@ -117,7 +123,7 @@ def test_two_values_without_a_background_zero_are_an_error(tmp_path):
     stem = copy_pairs(tmp_path, 1)[0]
     path = tmp_path / "masks" / f"{stem}.png"
     Image.fromarray(truth(stem).astype(np.uint8) + 1).save(path)  # background 1, foreground 2
-    with pytest.raises(MaskValuesError, match=r"\[1, 2\] .* and no 0 \(background\).* --mask_values 1:0,2:1\."):
+    with pytest.raises(MaskValuesError, match=r"\[1, 2\] .* and no 0 \(background\).* `mask_values`, e.g. 1:0,2:1\."):
         read_mask(path)
     np.testing.assert_array_equal(read_mask(path, mask_values={1: 0, 2: 1}), truth(stem))
 
@@ -245,6 +251,6 @@ def test_imedsam_evaluate_lists_same_stem_images_as_skipped(tmp_path, model_dir,
     Image.open(jpg).save(jpg.with_suffix(".png"))
     argv = ["evaluate", "--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--split", "all"]
     assert cli_main([*argv, "--output-sizes", "32", "--json", str(tmp_path / "out.json")]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # problems with the data are reported on stderr
     assert f"skipped {jpg}: {jpg.with_suffix('.png')} has the same stem" in out
     assert json.loads((tmp_path / "out.json").read_text())["n_images"] == 1

@@ -13,7 +13,7 @@ from PIL import Image
 
 from imedsam_hf import IMedSamProcessor
 from imedsam_hf.cli import main
-from imedsam_hf.inference import parse_box, parse_output_size
+from imedsam_hf.commands.common import parse_box, parse_output_size
 from imedsam_hf.metrics import dice
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
@@ -233,12 +233,13 @@ def test_version_device_aliases_and_defaults_in_help(capsys, model_dir, tmp_path
         main(["evaluate", "--help"])
     text = capsys.readouterr().out
     assert "--data-dir" in text and "--device" in text and "(default: test)" in text and "exit codes" in text
-    assert "--data_dir" not in text  # the 0.1 spelling works but is not advertised
+    assert "--data_dir" not in text
     image = KVASIR / "images" / sorted(p.name for p in (KVASIR / "images").iterdir())[0]
-    # Old and new spellings, and an explicit device, reach the same code.
-    for flag in ("--max-output-pixels", "--max_output_pixels"):
-        predict = ["predict", "--model", str(model_dir), str(image), "--no-prompt", "--out", str(tmp_path / flag)]
-        assert main([*predict, flag, "4096", "--device", "cpu"]) == 0
+    predict = ["predict", "--model", str(model_dir), str(image), "--no-prompt", "--out", str(tmp_path / "o")]
+    assert main([*predict, "--max-output-pixels", "4096", "--device", "cpu"]) == 0
+    with pytest.raises(SystemExit) as exit_info:  # the 0.1 spellings are gone: one vocabulary, with dashes
+        main([*predict, "--max_output_pixels", "4096"])
+    assert exit_info.value.code == 2 and "--max_output_pixels" in capsys.readouterr().err
     argv = ["predict", "--model", str(model_dir), str(image), "--no-prompt", "--out", str(tmp_path)]
     assert main([*argv, "--device", "nope"]) == 2
     assert "--device 'nope'" in capsys.readouterr().err
@@ -261,12 +262,12 @@ def test_segment_with_several_boxes_gives_one_mask_per_box(model_dir):
 
 def test_click_prompts_from_masks_and_from_the_command_line(model_dir, tmp_path, capsys, monkeypatch):
     """`--points-from-masks` clicks each mask's most interior points; `--points` takes x,y[,label] clicks."""
-    import imedsam_hf.inference as inference
+    import imedsam_hf.commands.predict as predict
     from imedsam_hf.data import mask_clicks, read_mask
 
     seen = []
-    real = inference.segment
-    monkeypatch.setattr(inference, "segment", lambda *a, **k: seen.append(k) or real(*a, **k))
+    real = predict.segment
+    monkeypatch.setattr(predict, "segment", lambda *a, **k: seen.append(k) or real(*a, **k))
     images = sorted((KVASIR / "images").iterdir())[:2]
     argv = ["predict", "--model", str(model_dir), *map(str, images)]
     assert (

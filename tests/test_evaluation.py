@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,8 +59,8 @@ def test_evaluate_script_json_schema(tmp_path, capsys):
     out = tmp_path / "eval.json"
     script.main(
         [
-            "--model", str(tmp_path / "model"), "--data_dir", str(SHARED_DATA / "Kvasir-SEG-sample"),
-            "--split", "all", "--output_sizes", "native", "32", "--baseline", "sam", "--json", str(out),
+            "--model", str(tmp_path / "model"), "--data-dir", str(SHARED_DATA / "Kvasir-SEG-sample"),
+            "--split", "all", "--output-sizes", "native", "32", "--baseline", "sam", "--json", str(out),
             "--overlays", str(tmp_path / "overlays"), "--limit", "2",
         ]
     )  # fmt: skip
@@ -72,7 +76,7 @@ def test_evaluate_script_json_schema(tmp_path, capsys):
         [
             "--model",
             str(tmp_path / "model"),
-            "--data_dir",
+            "--data-dir",
             str(SHARED_DATA / "Kvasir-SEG-sample"),
             "--split",
             "all",
@@ -207,19 +211,44 @@ def test_jittered_boxes_are_the_same_for_every_model_and_run(monkeypatch):
     np.testing.assert_array_equal(seen[-1], seen[1])  # the same image gets the same box in a subset
 
 
-def test_an_untrained_implicit_decoder_is_never_scored(tmp_path):
-    """A conversion (implicit decoder never trained) is scored by its SAM mask, with a warning; a trained one is not."""
-    from imedsam_hf.evaluation import run_evaluation
+def run_evaluation(model: str, data, json_path: str, **options) -> dict:
+    """`imedsam evaluate` with `options` as flags; its JSON summary (a ValueError with its message if it failed)."""
+    from imedsam_hf.cli import main as cli_main
 
+    argv = ["evaluate", "--model", model, "--data-dir", str(data), "--json", json_path]
+    for key, value in options.items():
+        flag = "--clicks" if key == "num_clicks" else f"--{key.replace('_', '-')}"
+        argv += [flag] if value is True else [flag, str(value)]
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(Tee(errors, sys.stderr)):
+        code = cli_main(argv)
+    if code:
+        raise ValueError(errors.getvalue())
+    return json.loads(Path(json_path).read_text())
+
+
+class Tee(io.StringIO):
+    """Writes to two streams: what a command prints on stderr, kept and passed on."""
+
+    def __init__(self, *streams):
+        super().__init__()
+        self.streams = streams
+
+    def write(self, text):
+        return [stream.write(text) for stream in self.streams][0]
+
+
+def test_an_untrained_implicit_decoder_is_never_scored(tmp_path, capsys):
+    """A conversion (implicit decoder never trained) is scored by its SAM mask, with a warning; a trained one is not."""
     data = SHARED_DATA / "Kvasir-SEG-sample"
     for trained in (False, True):
         model = tiny_model(implicit_decoder_trained=trained)
         model.save_pretrained(tmp_path / str(trained))
         IMedSamProcessor(image_size=64).save_pretrained(tmp_path / str(trained))
-    with pytest.warns(UserWarning, match="implicit decoder was never trained"):
-        untrained = run_evaluation(
-            str(tmp_path / "False"), str(data), str(tmp_path / "u.json"), split="all", limit=2, baseline="sam"
-        )
+    untrained = run_evaluation(
+        str(tmp_path / "False"), str(data), str(tmp_path / "u.json"), split="all", limit=2, baseline="sam"
+    )
+    assert "warning: " in capsys.readouterr().err.split("implicit decoder was never trained")[0]
     assert untrained["mask_source"] == "sam"
     assert untrained["results"]["native"]["dice"] == untrained["baseline_sam"]["native"]["dice"]
     trained = run_evaluation(str(tmp_path / "True"), str(data), str(tmp_path / "t.json"), split="all", limit=2)
@@ -229,7 +258,6 @@ def test_an_untrained_implicit_decoder_is_never_scored(tmp_path):
 def test_click_prompts_score_each_mask_with_its_most_interior_points(tmp_path, monkeypatch):
     """`imedsam evaluate --prompt points --clicks 3`: the model and the baseline get the same clicks, no box."""
     import imedsam_hf.evaluation as evaluation
-    from imedsam_hf.evaluation import run_evaluation
 
     seen = []
     real = evaluation.predict_logits

@@ -333,7 +333,7 @@ def test_saved_folders_load_where_the_package_is_not_installed(fresh_interpreter
         path, logits = expected[name]
         torch.testing.assert_close(torch.load(path), logits, atol=0, rtol=0)
     message = stdout.split("adapter without the package:")[1].splitlines()[0]
-    assert "pip install imedsam-hf" in message
+    assert "pip install git+https://github.com/imedsam-hf/imedsam-hf" in message
     adapter = json.loads((folders["trained"] / "adapter" / "adapter_config.json").read_text())
     assert not Path(adapter["base_model_name_or_path"] or "").is_absolute()
     assert "imedsam-hf" in (folders["trained"] / "adapter" / "README.md").read_text()

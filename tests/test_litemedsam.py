@@ -109,10 +109,10 @@ def test_zero_shot_dice_matches_the_original_per_image():
 
     from imedsam_hf.data import discover_pairs
     from imedsam_hf.evaluation import evaluate_pairs
-    from imedsam_hf.loading import load_backbone
+    from imedsam_hf.loading import load_model
 
     reference = json.loads((REPO_ROOT / "tests" / "fixtures" / "litemedsam_reference_dice.json").read_text())
-    model = load_backbone("litemedsam", use_implicit_decoder=False)
+    model = load_model("litemedsam", config_overrides={"use_implicit_decoder": False}, eval_mode=False)[0]
     processor = processor_for_config(model.config)
     for dataset in ("EndoTect2020-polyp", "PH2"):
         pairs = discover_pairs(SHARED_DATA / dataset)[0][:3]

@@ -139,7 +139,10 @@ def test_adapter_save_and_load(tmp_path, inputs):
     peft_model.save_pretrained(adapter_dir)
     assert (adapter_dir / "adapter_model.safetensors").is_file()
     saved = json.loads((adapter_dir / "adapter_config.json").read_text())
-    assert saved["peft_type"].startswith("FREQ_ADAPTER") and "pip install imedsam-hf" in saved["peft_type"]
+    assert (
+        saved["peft_type"].startswith("FREQ_ADAPTER")
+        and "pip install git+https://github.com/imedsam-hf/imedsam-hf" in saved["peft_type"]
+    )
     assert isinstance(PeftConfig.from_pretrained(adapter_dir), FrequencyAdapterConfig)
     # Loading it in a fresh process after `import imedsam_hf`: tests/test_layout.py (one interpreter for all such).
     base = tiny_model()

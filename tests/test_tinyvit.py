@@ -12,19 +12,22 @@ import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import PreTrainedModel
 
-from imedsam_hf.configuration_imedsam import IMedSamTinyViTConfig
+from imedsam_hf.configuration_imedsam import IMedSamConfig, IMedSamTinyViTConfig
 from imedsam_hf.convert_litemedsam import (
     LITEMEDSAM_SHA256,
     load_litemedsam_checkpoint,
     tinyvit_state_dict_from_original,
 )
+from imedsam_hf.modeling_imedsam import IMedSamModel, IMedSamPreTrainedModel
 from imedsam_hf.modeling_tinyvit import (
     IMedSamTinyViTAttention,
     IMedSamTinyViTAttentionBlock,
     IMedSamTinyViTConvBN,
     IMedSamTinyViTEncoder,
     IMedSamTinyViTMBConvBlock,
-    init_tinyvit_weights,
+    IMedSamTinyViTPreTrainedModel,
+    IMedSamTinyViTStage,
+    window_bias_index,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +48,30 @@ def tiny_config(**overrides) -> IMedSamTinyViTConfig:
     )
     values.update(overrides)
     return IMedSamTinyViTConfig(**values)
+
+
+def set_deterministic_weights(module: torch.nn.Module, seed: int = 0) -> None:
+    """Every floating tensor of the state dict drawn from a seeded generator, key by key in sorted order: weights
+    that do not depend on the initialisation code, with non-trivial BatchNorm statistics and attention biases."""
+    generator = torch.Generator().manual_seed(seed)
+    state = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name in sorted(state):
+            tensor = state[name]
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            leaf = name.rpartition(".")[2]
+            if leaf == "running_var":
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            elif leaf == "attention_biases":
+                tensor.copy_(noise)
+            elif tensor.ndim >= 2:  # conv / linear weight: unit-variance outputs
+                tensor.copy_(noise / tensor[0].numel() ** 0.5)
+            elif leaf == "weight":  # norm scales
+                tensor.copy_(1 + 0.1 * noise)
+            else:  # biases, running means
+                tensor.copy_(0.1 * noise)
 
 
 def preprocess(image_path: Path, size: int = 256) -> torch.Tensor:
@@ -226,35 +253,150 @@ def test_gradients_reach_attention_biases_and_inputs():
             assert module.attention_biases.grad is not None
 
 
-class _TinyViTWrapper(PreTrainedModel):
-    """How a PreTrainedModel must host the encoder: `_init_weights` delegates to `init_tinyvit_weights`."""
+# Made by the encoder before the stage loop moved into `IMedSamTinyViTStage.forward` (the encoder then looped over
+# `stage.blocks` and called `stage.downsample` itself), with the weights of `set_deterministic_weights`.
+# fmt: off
+STAGE_LOOP_REFERENCE = {
+    "mean": -0.01727977953851223,
+    "std": 1.02804696559906,
+    "abs_mean": 0.8764411211013794,
+    # embedding[:, ::8, ::8, ::8].flatten()
+    "subsampled": [
+        1.80324, 1.76893, 2.17086, 1.30263, -0.43423, 0.01463, -0.73664, 0.46971,
+        -1.15206, -1.05136, 0.0117, -1.68964, -0.34084, 0.90831, -0.7517, -0.98608,
+        1.77169, 2.04617, 2.15238, 1.41594, -0.22943, 0.09122, -0.77296, 0.6147,
+        -1.14708, -1.07815, 0.07187, -1.7373, -0.33896, 0.83621, -0.72302, -0.98316,
+    ],
+    # embedding[1, 3, :, 7]
+    "column": [
+        -0.63175, -0.55246, 0.29121, -0.38229, -0.02658, 0.00822, -0.08729, 0.04496,
+        0.11292, -0.04173, 0.0334, -0.06922, 0.05465, 0.30643, 0.19298, -0.21493,
+    ],
+}
+# fmt: on
 
-    config_class = IMedSamTinyViTConfig
-    base_model_prefix = "tinyvit"
-    main_input_name = "pixel_values"
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.encoder = IMedSamTinyViTEncoder(config)
-        self.post_init()
+def test_stage_loop_gives_the_embeddings_of_the_flat_loop():
+    """The encoder calls each stage, the stage runs its blocks and downsample: the same function as before."""
+    encoder = IMedSamTinyViTEncoder(tiny_config(depths=(2, 2, 3, 1))).eval()
+    set_deterministic_weights(encoder)
+    pixel_values = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        embedding = encoder(pixel_values)
+        # The loop as the encoder's forward spelt it out before.
+        hidden_states = encoder.patch_embed(pixel_values)
+        for stage in encoder.stages:
+            for block in stage.blocks:
+                hidden_states = block(hidden_states)
+            if stage.downsample is not None:
+                hidden_states = stage.downsample(hidden_states)
+        flat = encoder.neck(hidden_states)
+    assert all(isinstance(stage, IMedSamTinyViTStage) for stage in encoder.stages)
+    torch.testing.assert_close(embedding, flat, rtol=0, atol=0)
+    # And the numbers the previous code produced (tolerance for other CPUs' float kernels).
+    assert embedding.shape == (2, 32, 16, 16)
+    reference = STAGE_LOOP_REFERENCE
+    assert embedding.mean().item() == pytest.approx(reference["mean"], abs=1e-4)
+    assert embedding.std().item() == pytest.approx(reference["std"], rel=1e-4)
+    assert embedding.abs().mean().item() == pytest.approx(reference["abs_mean"], rel=1e-4)
+    subsampled = embedding[:, ::8, ::8, ::8].flatten()
+    torch.testing.assert_close(subsampled, torch.tensor(reference["subsampled"]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(embedding[1, 3, :, 7], torch.tensor(reference["column"]), rtol=1e-4, atol=1e-4)
 
-    def _init_weights(self, module):
-        init_tinyvit_weights(module, self.config.initializer_range)
 
-    def forward(self, pixel_values):
-        return self.encoder(pixel_values)
+def test_encoder_is_a_pretrained_sub_model_with_its_own_init_weights():
+    encoder = IMedSamTinyViTEncoder(tiny_config())
+    assert isinstance(encoder, IMedSamTinyViTPreTrainedModel) and isinstance(encoder, PreTrainedModel)
+    assert "_init_weights" in IMedSamTinyViTPreTrainedModel.__dict__  # its own, not PreTrainedModel's default
+    assert IMedSamTinyViTEncoder._init_weights is IMedSamTinyViTPreTrainedModel._init_weights
+    assert IMedSamTinyViTPreTrainedModel.config_class is IMedSamTinyViTConfig
+    assert encoder.main_input_name == "pixel_values"
+    assert encoder.get_input_embeddings() is encoder.patch_embed
+    # Its own init: He-initialised convolutions (not N(0, 0.02)), zero attention biases, the derived index table.
+    conv = encoder.stages[0].blocks[0].expand.conv
+    assert conv.weight.std() > 0.1
+    for module in encoder.modules():
+        if isinstance(module, IMedSamTinyViTAttention):
+            assert torch.equal(module.attention_biases, torch.zeros_like(module.attention_biases))
+            assert torch.equal(module.attention_bias_idxs, window_bias_index(module.window_size))
 
 
-def test_from_pretrained_rebuilds_derived_buffers(tmp_path):
+def tinyvit_imedsam_config() -> IMedSamConfig:
+    return IMedSamConfig(
+        vision_config=dict(tiny_config().to_dict(), model_type="i_medsam_tinyvit"),
+        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=4, mask_input_channels=8),
+        mask_decoder_config=dict(
+            hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32
+        ),
+    )
+
+
+def test_imedsam_model_hands_the_encoder_to_its_own_init_weights(monkeypatch):
+    """Inside IMedSamModel the outer `_init_weights` never sees a TinyViT module; the encoder's sees all of them."""
+    outer_seen, inner_seen = [], []
+    outer_init, inner_init = IMedSamPreTrainedModel._init_weights, IMedSamTinyViTPreTrainedModel._init_weights
+
+    def spy(seen, original):
+        def _init_weights(self, module):
+            seen.append(module)
+            original(self, module)
+
+        return _init_weights
+
+    monkeypatch.setattr(IMedSamPreTrainedModel, "_init_weights", spy(outer_seen, outer_init))
+    monkeypatch.setattr(IMedSamTinyViTPreTrainedModel, "_init_weights", spy(inner_seen, inner_init))
+    model = IMedSamModel(tinyvit_imedsam_config())
+    encoder_modules = {id(module) for module in model.vision_encoder.modules()}
+    # transformers skips containers without tensors of their own; every module holding some goes to the encoder.
+    holders = {
+        id(module)
+        for module in model.vision_encoder.modules()
+        if list(module.parameters(recurse=False)) or list(module.buffers(recurse=False))
+    }
+    assert isinstance(model.vision_encoder, IMedSamTinyViTEncoder)
+    assert "_tinyvit_module_ids" not in model.__dict__
+    assert outer_seen and not any(id(module) in encoder_modules for module in outer_seen)
+    assert holders <= {id(module) for module in inner_seen} <= encoder_modules
+    # The state-dict keys are the encoder's own under `vision_encoder.`, as before it was a sub-model.
+    encoder_keys = [key for key in model.state_dict() if key.startswith("vision_encoder.")]
+    assert encoder_keys == [f"vision_encoder.{key}" for key in IMedSamTinyViTEncoder(tiny_config()).state_dict()]
+    assert "vision_encoder.stages.1.blocks.0.attention.qkv.weight" in encoder_keys
+    assert "vision_encoder.stages.0.downsample.pointwise_in.bn.running_var" in encoder_keys
+
+
+def test_from_pretrained_rebuilds_derived_buffers_and_keeps_loaded_weights(tmp_path):
     torch.manual_seed(0)
-    model = _TinyViTWrapper(tiny_config(drop_path_rate=0.1)).eval()
+    model = IMedSamModel(tinyvit_imedsam_config()).eval()
+    set_deterministic_weights(model.vision_encoder)  # far from any initialisation
     pixel_values = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        expected = model(pixel_values)
-    assert expected.std() > 0.1  # a random encoder must not be (nearly) constant
+        expected = model.vision_encoder(pixel_values)
+    assert expected.std() > 0.1
     model.save_pretrained(tmp_path)
-    reloaded = _TinyViTWrapper.from_pretrained(tmp_path).eval()
-    for (name, buffer), (_, other) in zip(model.named_buffers(), reloaded.named_buffers()):
+    reloaded = IMedSamModel.from_pretrained(tmp_path).eval()
+    reloaded.initialize_weights()  # a second pass (as a later post_init would) must not touch loaded weights
+    buffers = dict(reloaded.named_buffers())
+    assert any(name.endswith("attention_bias_idxs") for name in buffers)
+    for name, buffer in model.named_buffers():  # non-persistent index tables included
+        assert torch.equal(buffer, buffers[name]), name
+    reloaded_state = reloaded.state_dict()
+    assert list(reloaded_state) == list(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded_state[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.vision_encoder(pixel_values), expected, rtol=0, atol=0)
+
+
+def test_encoder_from_pretrained_on_its_own(tmp_path):
+    torch.manual_seed(0)
+    encoder = IMedSamTinyViTEncoder(tiny_config(drop_path_rate=0.1)).eval()
+    set_deterministic_weights(encoder)
+    pixel_values = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = encoder(pixel_values)
+    encoder.save_pretrained(tmp_path)
+    reloaded = IMedSamTinyViTEncoder.from_pretrained(tmp_path).eval()
+    for (name, buffer), (_, other) in zip(encoder.named_buffers(), reloaded.named_buffers()):
         assert torch.equal(buffer, other), name
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values), expected, rtol=0, atol=0)

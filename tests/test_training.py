@@ -96,8 +96,8 @@ def test_short_real_run_writes_the_publishing_form_and_a_card(tiny_sam, polyps, 
     # The model records its backbone by a portable name ("tiny-sam"); here the local copy is passed explicitly.
     assert json.loads((final / "config.json").read_text())["base_model"] == "tiny-sam"
     code = evaluate_script.main(
-        ["--model", str(final), "--data_dir", str(polyps), "--output_sizes", "48", "--json", str(tmp_path / "e.json"),
-         "--baseline", "sam", "--baseline_model", str(tiny_sam)]
+        ["--model", str(final), "--data-dir", str(polyps), "--output-sizes", "48", "--json", str(tmp_path / "e.json"),
+         "--baseline", "--baseline-model", str(tiny_sam)]
     )  # fmt: skip
     evaluated = json.loads((tmp_path / "e.json").read_text())
     assert code == 0 and evaluated["n_images"] == 1 and evaluated["split"] == "test"
@@ -141,7 +141,7 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
         train_script.main(args(tiny_sam, polyps, tmp_path / "empty", "--finish_only"))
     with pytest.raises(SystemExit):
         train_script.parse_args(["--max_train_minutes", "0"])
-    with pytest.raises(SystemExit, match="--max_clicks"):
+    with pytest.raises(SystemExit, match="--max-clicks"):
         train_script.main(args(tiny_sam, polyps, tmp_path / "clicks", "--click_probability", "0.5"))
 
 
@@ -203,23 +203,23 @@ def test_empty_and_encoded_masks_in_training(tiny_sam, polyps, tmp_path):
     train_script.main(args(tiny_sam, polyps, out, *common, "--mask_values", "38:1"))
     problems = (out / "data_problems.txt").read_text()
     assert f"{masks[0].stem}: empty mask" in problems
-    with pytest.raises(SystemExit, match="--mask_values 'x'"):
+    with pytest.raises(SystemExit, match="--mask-values 'x'"):
         train_script.main(args(tiny_sam, polyps, tmp_path / "bad", *common, "--mask_values", "x"))
 
 
 def test_bad_options_are_named(tiny_sam, polyps, tmp_path):
     with pytest.raises(SystemExit, match="no_such_key"):
         train_script.main(args(tiny_sam, polyps, tmp_path / "x", "--no_such_key", "1"))
-    with pytest.raises(SystemExit, match="data_dir"):
+    with pytest.raises(SystemExit, match="--data-dir"):
         train_script.main(args(tiny_sam, tmp_path / "missing", tmp_path / "x"))
-    with pytest.raises(SystemExit, match="hub_model_id"):
+    with pytest.raises(SystemExit, match="--hub-model-id"):
         train_script.main(args(tiny_sam, polyps, tmp_path / "x", "--push_to_hub"))
 
 
 def option_help(text: str, name: str) -> str:
     """The `--help` entry of `--name` (argparse wraps entries over lines), whitespace collapsed."""
     entries = re.split(r"\n\s+(?=--)", text)
-    entry = next(e for e in entries if re.match(rf"--{name}[ ,]", e))
+    entry = next(e for e in entries if re.match(rf"--{name.replace('_', '-')}[ ,]", e))
     return " ".join(entry.split("\n\n")[0].split())  # up to the next group's title
 
 
@@ -246,7 +246,7 @@ def test_help_lists_every_option_with_its_type_and_default(capsys):
         "hub_model_id": ("STR", "None"),
     }
     for name, (kind, default) in expected.items():
-        pattern = rf"--{name} {re.escape(kind)}[ ,].* \(default: {re.escape(default)}\)"
+        pattern = rf"--{name.replace('_', '-')} {re.escape(kind)}[ ,].* \(default: {re.escape(default)}\)"
         assert re.fullmatch(pattern, option_help(text, name)), option_help(text, name)
     assert "wandb" in option_help(text, "report_to") and "comet_ml" in option_help(text, "report_to")
 
@@ -279,13 +279,12 @@ def test_options_defaults_then_yaml_then_command_line(tmp_path):
     assert args.data.augment is False and args.evaluation.baseline is False and args.data.data_dir is None
     assert args.training.checkpoints_total_limit is None and args.training.mixed_precision == "bf16"
     assert args.model.config_changes() == {"use_implicit_decoder": True, "refine_ratio": 0.5}
-    # The 0.1 spellings: --section.key, and YAML values for lists and mappings.
+    # Dashes are the spelling shown; underscores still parse. A YAML-style mapping is a JSON value.
     args = parse(
-        ["--model.refine_ratio", "0.25", "--data.split_fractions", "[0.6, 0.3, 0.1]", "--evaluation.output_sizes=[32]",
-         "--peft_overrides", "{lora_rank: 8}"]
-    )  # fmt: skip
+        ["--refine-ratio", "0.25", "--split-fractions", "0.6", "0.3", "0.1", "--peft_overrides", "{lora_rank: 8}"]
+    )
     assert args.model.refine_ratio == 0.25 and args.data.split_fractions == [0.6, 0.3, 0.1]
-    assert args.evaluation.output_sizes == ["32"] and args.model.peft_overrides == {"lora_rank": 8}
+    assert args.model.peft_overrides == {"lora_rank": 8} and {"refine_ratio", "peft_overrides"} <= args.given
     # Mistakes name the file and the key.
     bad = tmp_path / "bad.yaml"
     for text, message in (
@@ -298,9 +297,9 @@ def test_options_defaults_then_yaml_then_command_line(tmp_path):
         bad.write_text(text + "\n")
         with pytest.raises(SystemExit, match=message):
             parse(["--config", str(bad)])
-    with pytest.raises(SystemExit, match=r"unknown option --data.refine_ratio \(did you mean model.refine_ratio"):
-        parse(["--data.refine_ratio", "0.3"])
-    with pytest.raises(SystemExit, match="output_sizes"):
+    with pytest.raises(SystemExit, match=r"unknown option\(s\) --refine-ratios 0.3 \(did you mean model.refine_ratio"):
+        parse(["--refine-ratios", "0.3"])
+    with pytest.raises(SystemExit, match="--output-sizes"):
         parse(["--output_sizes", "huge"])
     # Every shipped config loads; none fixes the precision (the Accelerate config decides).
     for path in sorted((REPO_ROOT / "training" / "configs").glob("*.yaml")):
@@ -310,7 +309,7 @@ def test_options_defaults_then_yaml_then_command_line(tmp_path):
 def test_report_to_names_a_missing_or_unknown_tracker(tmp_path):
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(
-            SystemExit, match=r"--report_to wandb: the wandb package is not installed; pip install wandb"
+            SystemExit, match=r"--report-to wandb: the wandb package is not installed; pip install wandb"
         ):
             train_script.main(["--report_to", "wandb", "--output_dir", str(tmp_path / "x")])
         with pytest.raises(SystemExit, match=r"wandb.* not installed; pip install .*wandb"):
@@ -355,10 +354,11 @@ def test_fine_tuning_a_checkpoint_keeps_its_own_config(tiny_sam, polyps, tmp_pat
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
     # Unset keys keep the checkpoint's values; a key that is set changes, alone.
-    built, _ = train_script.build_model(
+    built, _, published = train_script.build_model(
         train_script.parse_args(["--backbone", str(checkpoint), "--mc_passes", "3"]).model
     )
     assert (built.config.refine_ratio, built.config.use_frequency_adapter, built.config.mc_passes) == (0.3, False, 3)
+    assert not published  # a conversion, not a trained I-MedSAM: wrapped in a new adapter
     out = tmp_path / "run"
     train_script.main(
         ["--backbone", str(checkpoint), "--data_dir", str(polyps), "--output_dir", str(out), "--epochs", "1",
@@ -401,9 +401,9 @@ def test_training_on_sampled_points(tiny_sam, polyps, tmp_path, monkeypatch):
     sampled = []
     sample_points = recipe.sample_points
 
-    def recording(labels, sizes, num_points, generator=None):
+    def recording(labels, sizes, num_points, generator=None, **kwargs):
         sampled.append(num_points)
-        return sample_points(labels, sizes, num_points, generator)
+        return sample_points(labels, sizes, num_points, generator, **kwargs)
 
     monkeypatch.setattr(recipe, "sample_points", recording)
     out = tmp_path / "run"
@@ -557,7 +557,7 @@ def test_multi_class_masks_with_one_box_per_class(tiny_sam, tmp_path):
     imedsam_rows = [r for r in rows if "model" not in r]
     assert sorted(r["class"] for r in imedsam_rows) == [1, 2]  # one test image, both classes, each its own box
     assert results["results"]["48"]["n"] == 2
-    with pytest.raises(SystemExit, match="num_classes 1"):
+    with pytest.raises(SystemExit, match="--num-classes 1"):
         train_script.main(args(tiny_sam, data, tmp_path / "x", *extra, "--num_classes", "2"))
 
 

@@ -349,20 +349,28 @@ def test_label_volume_mismatches_are_named():
 
 
 # ------------------------------------------------------------------------------------------- 3-D box propagation
-def cropped_truth_fake(labels: np.ndarray, calls: list):
-    """A deterministic `segment`: the ground-truth mask of the box's class, cropped to the box (inclusive corners)."""
+def cropped_truth_fake(labels: np.ndarray, calls: list, monkeypatch):
+    """
+    A deterministic `segment`: each box's mask is the ground truth of its class cropped to the box (inclusive
+    corners), one `calls` entry `(class, z, box)` per prompt. The slice encoder is replaced too (no model runs).
+    """
+    monkeypatch.setattr(volumes_module, "encode_slice", lambda model, processor, image: None)
 
-    def fake(model, image, box=None, output_size=None, processor=None, **_):
+    def fake(model, image, box=None, output_size=None, processor=None, classes=None, **_):
         z = int(image[0, 0]) // 10
         truth = slice_image(labels, z)
-        x0, y0, x1, y1 = (int(v) for v in box)
-        inside = np.zeros(truth.shape, dtype=bool)
-        inside[y0 : y1 + 1, x0 : x1 + 1] = True
-        # The class is the one most present in the box (each test structure sits alone in its box).
-        ids, counts = np.unique(truth[inside & (truth > 0)], return_counts=True)
-        class_id = int(ids[np.argmax(counts)]) if len(ids) else -1
-        calls.append((class_id, z, [float(v) for v in box]))
-        return result_for([inside & (truth == class_id)], [0.9], single=True)
+        boxes = box if isinstance(box[0], list) else [box]
+        masks = []
+        for prompt in boxes:
+            x0, y0, x1, y1 = (int(v) for v in prompt)
+            inside = np.zeros(truth.shape, dtype=bool)
+            inside[y0 : y1 + 1, x0 : x1 + 1] = True
+            # The class is the one most present in the box (each test structure sits alone in its box).
+            ids, counts = np.unique(truth[inside & (truth > 0)], return_counts=True)
+            class_id = int(ids[np.argmax(counts)]) if len(ids) else -1
+            calls.append((class_id, z, [float(v) for v in prompt]))
+            masks.append(inside & (truth == class_id))
+        return result_for(masks, [0.9] * len(masks), single=not isinstance(box[0], list))
 
     return fake
 
@@ -389,7 +397,7 @@ def cone(shape=(30, 28, 12)) -> np.ndarray:
 def test_3d_box_propagates_from_the_middle_slice_and_stops(monkeypatch, z0, z1, order):
     labels = cone()
     calls: list = []
-    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls))
+    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls, monkeypatch))
     box = [6, 8, z0, 18, 20, z1]
     predicted = segment_volume(
         FakeModel(),
@@ -414,13 +422,14 @@ def test_3d_box_propagates_from_the_middle_slice_and_stops(monkeypatch, z0, z1, 
 def test_3d_boxes_of_several_classes_and_an_empty_middle_slice(monkeypatch):
     labels = cone()
     calls: list = []
-    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls))
+    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls, monkeypatch))
     boxes = boxes_3d_from_labels(labels)
     predicted = segment_volume(
         FakeModel(), slice_coded_images(labels.shape), boxes_3d=boxes, processor=object(), box_margin=0
     )
     np.testing.assert_array_equal(predicted, labels)  # exact boxes, perfect masks: everything comes back
-    assert [(c, z) for c, z, _ in calls] == [(3, z) for z in (4, 5, 6, 7, 3, 2, 1)] + [(7, 0), (7, 1)]
+    # One pass upwards, then one downwards: every slice encoded once, its structures prompted together.
+    assert [(c, z) for c, z, _ in calls] == [(7, 0), (7, 1)] + [(3, z) for z in (4, 5, 6, 7, 3, 2, 1)]
 
     calls.clear()
     # The box of class 3 moved onto empty slices 9..11: the middle slice's mask is empty, so nothing else runs.
@@ -439,7 +448,7 @@ def test_3d_box_margin_lets_a_growing_structure_through(monkeypatch):
     box = boxes_3d_from_labels(labels)[3]
     images = slice_coded_images(labels.shape)
     calls: list = []
-    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls))
+    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls, monkeypatch))
     # Without a margin each slice is cut to the previous slice's box: the middle slice's square everywhere.
     tight = segment_volume(FakeModel(), images, boxes_3d={3: box}, processor=object(), box_margin=0)
     middle = np.where(labels[:, :, 3] == 3, 3, 0)
@@ -454,7 +463,7 @@ def test_3d_box_margin_lets_a_growing_structure_through(monkeypatch):
     corner = np.zeros((6, 5, 3), dtype=np.uint8)
     corner[0:2, 3:5, :] = 3  # the top-left corner of the slice images
     calls.clear()
-    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(corner, calls))
+    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(corner, calls, monkeypatch))
     segment_volume(
         FakeModel(), slice_coded_images(corner.shape), boxes_3d=boxes_3d_from_labels(corner), processor=object()
     )
@@ -598,8 +607,14 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     (tmp_path / "in2").mkdir()
     other = save_nifti(tmp_path / "in2" / "scan.nii", (labels * 60 + 20).astype(np.uint8))
     both = ["predict", "--model", str(tmp_path / "model"), str(scan), str(other), "--device", "cpu"]
-    assert main([*both, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "d")]) == 2
-    assert not (tmp_path / "d").exists()
+    # Two scans of one name from two folders keep their sub-paths below the common folder, as images do.
+    assert main([*both, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d" / "in" / "scan.nii.gz").is_file() and (tmp_path / "d" / "in2" / "scan.nii.gz").is_file()
+    clash = ["predict", "--model", str(tmp_path / "model"), str(scan), str(tmp_path / "in2"), "--device", "cpu"]
+    save_nifti(tmp_path / "in" / "scan.nii", (labels * 60 + 20).astype(np.uint8))  # scan.nii beside scan.nii.gz
+    clash = ["predict", "--model", str(tmp_path / "model"), str(scan), str(tmp_path / "in" / "scan.nii")]
+    assert main([*clash, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "e")]) == 2
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_class_aware_model_segments_each_structure_with_its_own_heads(tmp_path):

@@ -1,10 +1,8 @@
 #!/usr/bin/env python
 """Evaluate an I-MedSAM model on a labelled folder: a thin entry into `imedsam evaluate` (see `--help`).
 
-    python training/evaluate.py --model DIR_OR_HUB_ID --data-dir DIR [--split test|validation|train|all]
-        [--output-sizes native 128 896] [--prompt box|none] [--baseline sam] --json OUT.json
-
-The 0.1 spellings (`--data_dir`, `--output_sizes`, ...) still work.
+python training/evaluate.py --model DIR_OR_HUB_ID --data-dir DIR [--split test|validation|train|all]
+    [--output-sizes native 128 896] [--prompt box|points|none] [--baseline] --json OUT.json
 """
 
 from __future__ import annotations

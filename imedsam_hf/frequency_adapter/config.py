@@ -14,7 +14,7 @@ from ..configuration_imedsam import ADAPTER_SETTINGS, RECIPE_FIELDS, FrequencyAd
 # The `peft_type` written into adapter_config.json. peft looks it up in a plain dict, so without this package the
 # load fails with `KeyError: '<this string>'`: the string itself says what to do. Adapters saved before carry
 # "FREQ_ADAPTER"; both are registered.
-SAVED_PEFT_TYPE = "FREQ_ADAPTER (the I-MedSAM adapter type: pip install imedsam-hf, then import imedsam_hf)"
+SAVED_PEFT_TYPE = "FREQ_ADAPTER (the I-MedSAM adapter type: pip install git+https://github.com/imedsam-hf/imedsam-hf, then import imedsam_hf)"
 
 
 class IMedSamPeftType(str, enum.Enum):

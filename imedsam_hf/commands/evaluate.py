@@ -1,0 +1,115 @@
+"""`imedsam evaluate` (and `training/evaluate.py`): score a model, and optionally its backbone zero-shot, on a
+labelled folder; write the summary JSON, the per-image CSV and overlays; print the summary.
+
+The protocol is `evaluation.EvaluationProtocol`, the one `training/train.py` builds for its final evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..data import discover_pairs, find_layout, read_scan_spacing, select_split, validate_pairs
+from ..evaluation import (
+    EvaluationProtocol,
+    evaluate_model,
+    load_baseline,
+    summary_lines,
+    write_overlays,
+    write_rows_csv,
+)
+from ..loading import LITEMEDSAM, load_model
+from .common import EXIT_OK, fail, flag_message
+
+
+def run(args: argparse.Namespace, device: str | None) -> int:
+    """`imedsam evaluate` with parsed arguments."""
+    try:
+        report = evaluate_folder(args, device)
+    except (OSError, ValueError) as error:
+        return fail(error)
+    print("\n".join(summary_lines(report)))
+    if args.limit:
+        print(
+            f"note: --limit {args.limit} scored the first {report['n_images']} pairs only"
+            + ("; per-volume scores stack only those slices, not whole scans." if "volume" in report else ".")
+        )
+    return EXIT_OK
+
+
+def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
+    """Check the options, load the model, build the protocol, score, write the reports; the JSON summary."""
+    find_layout(args.data_dir)  # a missing or unrecognised folder, before the model is loaded
+    if args.split_file is not None and not Path(args.split_file).is_file():
+        raise ValueError(f"--split-file {args.split_file}: no such file.")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: at least 1 pair.")
+    spacing = read_scan_spacing(args.scan_spacing) if args.scan_spacing else None
+    # Option values that need no model, checked before loading one: a bad one is named at once.
+    EvaluationProtocol(
+        prompt=args.prompt, output_sizes=tuple(args.output_sizes), num_classes=1, class_prompts=False,
+        class_aware=False, mask_classes=None, classes=None, class_names=None, mask_values=None,
+        box_jitter=args.box_jitter, jitter_seed=args.jitter_seed, num_clicks=args.clicks, group_pattern=args.group_pattern,
+        spacing=None,
+    )  # fmt: skip
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    model, processor = load_model(args.model, device=device)
+    protocol = EvaluationProtocol.resolve(
+        model.config,
+        args.data_dir,
+        prompt=args.prompt,
+        output_sizes=args.output_sizes,
+        class_aware=args.class_aware,
+        class_prompts=None,
+        mask_classes=args.mask_classes,
+        classes=args.classes,
+        mask_values=args.mask_values,
+        box_jitter=args.box_jitter,
+        jitter_seed=args.jitter_seed,
+        num_clicks=args.clicks,
+        group_pattern=args.group_pattern,
+        spacing=spacing,
+    )
+    pairs, problems = discover_pairs(args.data_dir)
+    pairs, problems = validate_pairs(pairs, protocol.read_classes, "skip", problems, protocol.mask_values)
+    for problem in problems:
+        print(f"skipped {flag_message(problem)}", file=sys.stderr)
+    split_file = args.split_file
+    if split_file is None and args.split != "all":
+        split_file = Path(args.model) / "splits.json"
+        if not split_file.is_file():
+            raise ValueError(
+                f"--split {args.split}: the model records no splits.json ({split_file}); pass --split-file, or "
+                "--split all for a folder it was not trained on."
+            )
+    pairs = select_split(pairs, args.split, split_file)[: args.limit]
+    if not pairs:
+        raise ValueError(f"no pairs to evaluate in --data-dir {args.data_dir} (split {args.split}).")
+    backbone = load_baseline(model, processor, args.model, args.baseline_model, device) if args.baseline else None
+    name = LITEMEDSAM if args.model == LITEMEDSAM else "imedsam"
+    report = evaluate_model(model, processor, pairs, protocol, backbone=backbone, model_name=name)
+    result = {
+        "model": args.model,
+        "data_dir": str(args.data_dir),
+        "split": args.split,
+        "n_images": len(pairs),
+        **({"limit": args.limit} if args.limit else {}),
+        **report.as_dict(),
+    }
+    output = Path(args.json)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1))
+    write_rows_csv(report.rows, Path(args.csv) if args.csv else output.with_suffix(".csv"))
+    if args.overlays:
+        write_overlays(
+            model, processor, pairs, Path(args.overlays), protocol.read_classes, protocol.prompt, protocol.mask_values
+        )
+    return result
+
+
+__all__ = ["evaluate_folder", "run"]

@@ -1,0 +1,113 @@
+"""Where `imedsam predict` writes: one planned file per input, refused before anything runs when it cannot be written
+safely (a clash between inputs, a file already there, an input or mask folder, a read-only folder)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..data import IMAGE_EXTENSIONS
+
+
+def inputs_with_roots(paths: Sequence[str]) -> list[tuple[Path, Path]]:
+    """Each input file with the folder it was given in: the folder named on the command line, or its own parent."""
+    files: list[tuple[Path, Path]] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise ValueError(f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            files.extend((file, path) for file in found)
+        elif not path.exists():
+            raise ValueError(f"{path}: no such file or folder.")
+        else:
+            files.append((path, path.parent))
+    if not files:
+        raise ValueError("No input images given.")
+    return files
+
+
+def plan_outputs(
+    paths: Sequence[str], out: str | os.PathLike, suffixes: Sequence[str] = (".png",)
+) -> dict[Path, list[Path]]:
+    """
+    The output files of each input: `<out>/<relative path><suffix>` for each suffix (`.png`, `_overlay.png`,
+    `.nii.gz`), the path relative to the common folder of all inputs, so `a/x.jpg` and `b/x.jpg` give `a/x.png` and
+    `b/x.png` and inputs from one folder give flat names. Two inputs that would write one file (`x.jpg` and `x.png`)
+    are an error naming both, before anything is written.
+    """
+    inputs = inputs_with_roots(paths)
+    sources = list(dict.fromkeys(Path(os.path.abspath(file)) for file, _ in inputs))
+    roots = {Path(os.path.abspath(root)) for _, root in inputs}
+    common = Path(os.path.commonpath([str(root) for root in roots]))
+    folder = Path(out)
+    plan: dict[Path, list[Path]] = {}
+    writers: dict[Path, Path] = {}
+    for source in sources:
+        name = source.relative_to(common).with_suffix("")
+        if name.suffix.lower() == ".nii":  # scan.nii.gz -> scan
+            name = name.with_suffix("")
+        targets = [folder / f"{name}{suffix}" for suffix in suffixes]
+        for target in targets:
+            if target in writers:
+                raise ValueError(
+                    f"{writers[target]} and {source} would both be written to {target}; rename one of them or "
+                    "predict them separately."
+                )
+            writers[target] = source
+        plan[source] = targets
+    return plan
+
+
+def refuse_existing(targets: Sequence[Path], out: str | os.PathLike, overwrite: bool) -> None:
+    """Files to write that already exist are an error naming them, unless `overwrite` (`--overwrite`)."""
+    existing = [target for target in targets if target.exists()]
+    if existing and not overwrite:
+        shown = ", ".join(str(path) for path in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise ValueError(
+            f"--out {out}: {len(existing)} of the files to write already exist ({shown}); pass --overwrite to "
+            "replace them."
+        )
+
+
+def check_output_folder(out: str | os.PathLike, inputs: Sequence[str], masks_folder: str | None = None) -> None:
+    """
+    `--out` must be a folder (or not exist yet) outside every input folder and the `--boxes-from-masks` folder:
+    masks written there would overwrite inputs or ground truth, or be read as inputs by the next run.
+    """
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder.")
+    target = folder.resolve()
+    guarded = []  # (folder, what it is, whether its subfolders are refused too)
+    for raw in inputs:
+        path = Path(raw)
+        guarded.append(
+            (path, f"the input folder {path}", True) if path.is_dir() else (path.parent, f"the folder of {path}", False)
+        )
+    if masks_folder:
+        guarded.append((Path(masks_folder), f"the --boxes-from-masks folder {masks_folder}", True))
+    for path, role, subfolders in guarded:
+        place = path.resolve()
+        if target == place or (subfolders and place in target.parents):
+            raise ValueError(
+                f"--out {out}: is {role if target == place else 'inside ' + role}; masks written there could "
+                "overwrite its files or be read as inputs. Choose a folder outside it."
+            )
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Create `out` if needed and write a probe file into it, so a read-only folder fails once, before any image."""
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write into it ({error.strerror or error}).") from None
+
+
+__all__ = ["check_output_folder", "check_writable", "inputs_with_roots", "plan_outputs", "refuse_existing"]

@@ -1,0 +1,368 @@
+"""`imedsam predict`: masks for images (PNG) and label volumes for NIfTI scans, every check that needs no model made
+before the model is loaded, each file written atomically, failures named one by one.
+
+Exit codes (`common.EXIT_CODES`): 0 everything written; 1 some inputs failed (named on stderr, the others written);
+2 nothing was done (bad arguments, an unusable model, prompt, boxes file or `--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..data import mask_box, mask_clicks, read_class_names, read_mask
+from ..files import atomic_write, remove_stale_temporaries
+from ..inference import MAX_PIXELS, overlay, segment
+from ..loading import load_model
+from ..processing_imedsam import IMedSamProcessor, open_image, resize_labels, to_rgb_array
+from ..volumes import is_volume, parse_window, read_volume, segment_volume, volume_name, write_label_volume
+from .common import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    fail,
+    flag_message,
+    parse_box,
+    parse_output_size,
+    parse_points,
+    read_json_file,
+)
+from .outputs import check_output_folder, check_writable, plan_outputs, refuse_existing
+
+PROMPT_FLAGS = "--box, --boxes, --boxes-from-masks, --points, --points-from-masks or --no-prompt"
+
+
+@dataclass
+class PromptSource:
+    """Where each image's prompt comes from: exactly one of these, or `no_prompt`. Checked before any model runs."""
+
+    box: list[float] | None = None
+    boxes: dict[str, list[float]] | None = None
+    boxes_from_masks: str | None = None
+    no_prompt: bool = False
+    points: tuple[list[list[float]], list[int]] | None = None
+    points_from_masks: str | None = None
+    clicks: int = 1
+    class_ids: bool = False  # masks hold class ids: every structure is a prompt, the output a class-id map
+    mask_classes: int = 255
+
+    @property
+    def masks_folder(self) -> str | None:
+        return self.boxes_from_masks or self.points_from_masks
+
+    def mask_of(self, path: Path, folder: str, size: tuple[int, int]) -> np.ndarray:
+        """The mask named like `path` in `folder` as class ids, checked to be the image's `size` (H, W)."""
+        candidates = sorted(p for p in Path(folder).glob(f"{path.stem}.*") if not p.name.startswith("."))
+        if not candidates:
+            raise ValueError(f"{path}: no mask named {path.stem}.* in {folder}.")
+        mask = read_mask(candidates[0], self.mask_classes if self.class_ids else 1)
+        if tuple(mask.shape) != tuple(size):
+            raise ValueError(
+                f"{candidates[0]}: the mask is {mask.shape[1]}x{mask.shape[0]}, its image {path} is {size[1]}x{size[0]}: "
+                "a box or click from it would land on other pixels. Give the mask of this image."
+            )
+        return mask
+
+    def prompt_for(self, path: Path, size: tuple[int, int]) -> dict[str, Any]:
+        """`segment`'s prompt arguments for one image of `size` (H, W): `box` (one or several, with their class
+        ids under `class_ids`), or `points` with `labels`, or nothing."""
+        if self.points:
+            points, labels = self.points
+            return {"points": points, "labels": labels}
+        if self.points_from_masks:
+            mask = self.mask_of(path, self.points_from_masks, size)
+            clicks = mask_clicks(mask > 0, self.clicks)
+            if clicks is None:
+                raise ValueError(f"{path}: its mask in {self.points_from_masks} is empty, so it gives no click.")
+            return {"points": clicks.tolist(), "labels": [1] * len(clicks)}
+        if self.no_prompt:
+            return {"box": None}
+        if self.box:
+            return {"box": self.box}
+        if self.boxes is not None:
+            if path.name not in self.boxes and path.stem not in self.boxes:
+                raise ValueError(f"{path}: no box in --boxes for {path.name}.")
+            return {"box": self.boxes.get(path.name, self.boxes.get(path.stem))}
+        mask = self.mask_of(path, self.boxes_from_masks, size)
+        if not self.class_ids:
+            box = mask_box(mask)
+            if box is None:
+                raise ValueError(f"{path}: its mask in {self.boxes_from_masks} is empty, so it gives no box.")
+            return {"box": box.tolist()}
+        ids = [int(c) for c in np.unique(mask) if c > 0]
+        if not ids:
+            raise ValueError(f"{path}: its mask in {self.boxes_from_masks} holds no structure, so it gives no box.")
+        return {"box": [mask_box(mask == c).tolist() for c in ids], "class_ids": ids}
+
+
+def image_boxes(data: Any, path: str) -> dict[str, list[float]]:
+    """`--boxes` for images: `{image name or stem: [x0, y0, x1, y1]}`, each box four numbers."""
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f"--boxes {path}: expected a JSON object {{image name or stem: [x0, y0, x1, y1]}}, got a "
+            f"{type(data).__name__}."
+        )
+    checked = {}
+    for name, box in data.items():
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+            raise ValueError(f"--boxes {path}: {name!r}: {box!r} is not a box [x0, y0, x1, y1] of four numbers.")
+        checked[str(name)] = [float(v) for v in box]
+    return checked
+
+
+def volume_boxes(data: Any, path: str, volumes: list[str]) -> dict[str, dict[int, list[int]]]:
+    """
+    `--boxes` for volumes: `{class id: [x0, y0, z0, x1, y1, z1]}` for every volume, or `{volume name: {...}}` per
+    volume (not both in one file), each box six whole voxel indices: volume name -> its boxes, checked before any
+    model is loaded.
+    """
+    if not isinstance(data, Mapping) or not data:
+        raise ValueError(
+            f"--boxes {path}: expected a JSON object {{class id: [x0, y0, z0, x1, y1, z1]}} or {{volume name: {{...}}}}, "
+            f"got {type(data).__name__ if not isinstance(data, Mapping) else 'an empty object'}."
+        )
+    nested = {key for key, value in data.items() if isinstance(value, Mapping)}
+    if nested and len(nested) != len(data):
+        flat = sorted(set(data) - nested)
+        raise ValueError(
+            f"--boxes {path}: mixes per-volume entries ({sorted(nested)[:3]}) with boxes for every volume "
+            f"({flat[:3]}); give one form: {{volume name: {{class id: box}}}} or {{class id: box}}."
+        )
+    names = [volume_name(v) for v in volumes]
+    if nested:
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ValueError(f"--boxes {path}: no boxes for {missing} (it has {sorted(data)}).")
+        return {name: _class_boxes(data[name], f"--boxes {path}: {name}") for name in names}
+    every = _class_boxes(data, f"--boxes {path}")
+    return dict.fromkeys(names, every)
+
+
+def _class_boxes(data: Mapping, where: str) -> dict[int, list[int]]:
+    boxes = {}
+    for key, box in data.items():
+        if not str(key).strip().isdigit() or not 1 <= int(key) <= 255:
+            raise ValueError(
+                f"{where}: {key!r} is not a class id (1..255); keys are class ids, or volume names holding them."
+            )
+        if not isinstance(box, list) or len(box) != 6 or not all(_is_number(v) and float(v) == int(v) for v in box):
+            raise ValueError(f"{where}: class {key}: {box!r} is not six whole voxel indices [x0, y0, z0, x1, y1, z1].")
+        boxes[int(key)] = [int(v) for v in box]
+    return boxes
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def masks_hold_class_ids(model_config, masks_folder: str | None, mask_classes: int | None) -> bool:
+    """Masks read as class ids (every structure a prompt): a class-aware model, `--mask-classes`, or a
+    `classes.json` beside the masks folder (BTCV's layout)."""
+    if mask_classes is not None:
+        return True
+    if getattr(model_config, "num_classes", 1) > 1:
+        return True
+    if masks_folder is None:
+        return False
+    folder = Path(masks_folder)
+    return any(read_class_names(place) for place in (folder, folder.parent) if (place / "classes.json").is_file())
+
+
+def run(args: argparse.Namespace, device: str | None) -> int:
+    """`imedsam predict` with parsed arguments."""
+    volumes = [path for path in args.inputs if is_volume(path)]
+    images = [path for path in args.inputs if not is_volume(path)]
+    try:
+        grid = parse_output_size(args.output_size)
+        points = parse_points(args.points) if args.points else None
+        box = parse_box(args.box) if args.box else None
+        prompt_given = any(
+            (args.box, args.boxes, args.boxes_from_masks, args.points, args.points_from_masks, args.no_prompt)
+        )
+        if not prompt_given:
+            raise ValueError(f"give a prompt: {PROMPT_FLAGS}.")
+        if args.clicks is not None and not args.points_from_masks:
+            raise ValueError(
+                "--clicks sets the clicks per mask of --points-from-masks; it does nothing with this prompt."
+            )
+        if args.clicks is not None and args.clicks < 1:
+            raise ValueError(f"--clicks {args.clicks}: at least 1 click per mask.")
+        missing = [path for path in args.inputs if not Path(path).exists()]
+        if missing:
+            raise ValueError(
+                f"{missing[0]}: no such file or folder"
+                + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
+            )
+        if volumes and not images:
+            ignored = [flag for flag, on in (("--output-size", args.output_size), ("--overlay", args.overlay)) if on]
+            if ignored:
+                raise ValueError(
+                    f"{' and '.join(ignored)} apply to 2-D images; a label volume is written on its scan's own grid."
+                )
+        if args.window is not None:
+            if not volumes:
+                raise ValueError("--window applies to NIfTI volumes (Hounsfield units); images are 8-bit already.")
+            parse_window(args.window)
+        if volumes and (args.box or args.points or args.points_from_masks or args.no_prompt):
+            raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
+        boxes_json = read_json_file(args.boxes, "--boxes") if args.boxes else None
+        check_output_folder(args.out, args.inputs, args.boxes_from_masks or args.points_from_masks)
+        volume_plan = plan_outputs(volumes, args.out, (".nii.gz",)) if volumes else {}
+        image_plan = (
+            plan_outputs(images, args.out, (".png", "_overlay.png") if args.overlay else (".png",)) if images else {}
+        )
+        clash = set(t for ts in volume_plan.values() for t in ts) & set(t for ts in image_plan.values() for t in ts)
+        if clash:
+            raise ValueError(f"a volume and an image would both be written to {sorted(clash)[0]}.")
+        every_target = [t for targets in (*volume_plan.values(), *image_plan.values()) for t in targets]
+        refuse_existing(every_target, args.out, args.overwrite)
+        if volumes:
+            if args.boxes_from_masks is None and boxes_json is None:
+                raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
+            volume_prompts = volume_boxes(boxes_json, args.boxes, volumes) if boxes_json is not None else None
+        if images and boxes_json is not None and not volumes:
+            boxes_json = image_boxes(boxes_json, args.boxes)
+        elif images and boxes_json is not None:
+            raise ValueError(
+                "--boxes holds either 2-D boxes for images or 3-D boxes for volumes: predict them separately."
+            )
+        check_writable(args.out)
+        model, processor = load_model(args.model, device=device)
+    except (OSError, ValueError) as error:
+        return fail(error)
+    codes = []
+    if volumes:
+        codes.append(predict_volumes(model, processor, volume_plan, args, volume_prompts))
+    if images:
+        source = PromptSource(
+            box=box,
+            boxes=boxes_json,
+            boxes_from_masks=args.boxes_from_masks,
+            no_prompt=args.no_prompt,
+            points=points,
+            points_from_masks=args.points_from_masks,
+            clicks=args.clicks or 1,
+            class_ids=masks_hold_class_ids(model.config, args.boxes_from_masks, args.mask_classes),
+            mask_classes=args.mask_classes or 255,
+        )
+        codes.append(predict_images(model, processor, image_plan, source, grid, args))
+    return max(codes)
+
+
+def predict_images(model, processor, plan, prompts: PromptSource, grid, args) -> int:
+    """One mask per image (0/255, or class ids for class-id masks), written atomically; failures named."""
+    failures = []
+    aware = getattr(model.config, "num_classes", 1) > 1
+    for path, targets in tqdm(plan.items(), desc="predict", unit="image", disable=len(plan) < 2):
+        try:
+            image = open_image(path)
+            width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
+            if width * height > MAX_PIXELS:
+                raise ValueError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS} pixels.")
+            prompt = prompts.prompt_for(path, (height, width))
+            ids = prompt.pop("class_ids", None)
+            result = segment(
+                model, image, **prompt, output_size=grid or (height, width), processor=processor,
+                max_output_pixels=args.max_output_pixels, classes=ids if ids and aware else None,
+            )  # fmt: skip
+            if ids is None:
+                values = (result.mask > 0).astype(np.uint8) * 255
+            else:  # one label map of the structures: the most probable prompt wins where masks overlap
+                values = label_map(result.probabilities[:, 0], ids, result.mask.shape[-2:])
+            mask = Image.fromarray(values)
+            if result.grid is not None and result.grid != (mask.size[1], mask.size[0]):
+                warnings.warn(
+                    f"{path}: mask predicted at {result.grid[1]}x{result.grid[0]} and resized to "
+                    f"{mask.size[0]}x{mask.size[1]} (--max-output-pixels)",
+                    UserWarning,
+                    stacklevel=1,
+                )
+            write_png(mask, targets[0])
+            if args.overlay:
+                picture = (
+                    image if isinstance(image, Image.Image) else Image.fromarray(to_rgb_array(image).astype(np.uint8))
+                )
+                write_png(overlay(picture, values), targets[1])
+        except ValueError as error:
+            message = flag_message(error)
+            message = message if str(path) in message else f"{path}: {message}"
+            failures.append(message)
+            print(f"skipped {message}", file=sys.stderr)
+        except OSError as error:
+            message = (
+                f"{path}: cannot write {getattr(error, 'filename', None) or targets[0]} ({error.strerror or error})"
+            )
+            failures.append(message)
+            print(f"failed {message}", file=sys.stderr)
+    done = len(plan) - len(failures)
+    print(
+        f"{done} of {len(plan)} images segmented into {args.out}" + (f"; {len(failures)} failed:" if failures else "")
+    )
+    for message in failures:
+        print(f"  {message}", file=sys.stderr)
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def label_map(probabilities: np.ndarray, class_ids: list[int], size: tuple[int, int]) -> np.ndarray:
+    """
+    Several structures' probabilities `(P, h, w)` -> one uint8 label map of `size` (H, W): each pixel the class of
+    the most probable prompt whose mask holds it (`IMedSamProcessor.merge_prompt_masks`), resized nearest-neighbour.
+    """
+    scores = np.where(probabilities > 0.5, probabilities, 0.0)  # probability > 0.5 is logit > 0: the masks
+    merged = IMedSamProcessor.merge_prompt_masks(torch.from_numpy(scores)[:, None], class_ids).numpy()
+    return resize_labels(merged.astype(np.uint8), tuple(size))
+
+
+def write_png(image: Image.Image, target: Path) -> None:
+    """A PNG written atomically (stale temporaries of an earlier killed write removed first)."""
+    remove_stale_temporaries(target)
+    atomic_write(target, lambda temporary: image.save(temporary, format="PNG"))
+
+
+def predict_volumes(model, processor, plan, args, boxes: dict[str, dict[int, list[int]]] | None) -> int:
+    """One label volume per scan (uint8 class ids on the scan's grid), written atomically; failures named."""
+    failures = []
+    for path, (target,) in plan.items():
+        name = volume_name(path)
+        try:
+            volume = read_volume(path)
+            prompts: dict[str, Any] = {}
+            if boxes is None:
+                candidates = [Path(args.boxes_from_masks) / f"{name}{suffix}" for suffix in (".nii.gz", ".nii")]
+                found = [c for c in candidates if c.is_file()]
+                if not found:
+                    raise ValueError(f"no label volume {name}.nii.gz or {name}.nii in {args.boxes_from_masks}")
+                prompts["label_volume"] = read_volume(found[0])
+            else:
+                prompts["boxes_3d"] = boxes[name]
+            labels = segment_volume(model, volume, processor=processor, window=args.window, progress=True, **prompts)
+            written = write_label_volume(labels, volume, target)
+            print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
+        except (OSError, ValueError) as error:
+            message = flag_message(error)
+            message = message if str(path) in message else f"{path}: {message}"
+            failures.append(message)
+            print(f"skipped {message}", file=sys.stderr)
+    print(f"{len(plan) - len(failures)} of {len(plan)} volumes segmented into {args.out}")
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+__all__ = [
+    "PromptSource",
+    "image_boxes",
+    "label_map",
+    "masks_hold_class_ids",
+    "predict_images",
+    "predict_volumes",
+    "run",
+    "volume_boxes",
+]
