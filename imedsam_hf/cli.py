@@ -14,7 +14,7 @@ import re
 import sys
 import warnings
 
-from .commands import common, convert, evaluate, predict
+from .commands import common, convert, evaluate, export, predict
 from .data import DEFAULT_GROUP_PATTERN
 from .evaluation import NATIVE
 from .inference import MAX_OUTPUT_PIXELS, check_output_budget
@@ -123,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the masks of --boxes-from-masks hold class ids 1..N: every structure a prompt, a class-id mask out "
         "(default: so for a multi-class model or a classes.json beside the masks folder)",
     )
-    p.add_argument("--output-size", help="WxH of the image masks, width first (default: each image's size)")
+    p.add_argument(
+        "--output-size",
+        help="HxW of the image masks, height first as Python's output_size (default: each image's size)",
+    )
     p.add_argument(
         "--window",
         default=None,
@@ -167,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument(
         "--output", required=True, help="new folder: images/, masks/<stem>.png (class ids), classes.json"
     )
+
+    x = sub.add_parser(
+        "export",
+        help="write the complete Hub folder of a model (shipped models included)",
+        epilog=common.EXIT_CODES,
+        formatter_class=_HelpFormatter,
+    )
+    _model_option(x)
+    x.add_argument("--output", required=True, help="folder to write (full weights, code, processor, model card)")
+    x.add_argument("--overwrite", action="store_true", help="write into a folder that holds files already")
 
     e = sub.add_parser(
         "evaluate", help="evaluate on a labelled folder", epilog=common.EXIT_CODES, formatter_class=_HelpFormatter
@@ -309,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             return predict.run(args, device)
         if args.command == "evaluate":
             return evaluate.run(args, device)
+        if args.command == "export":
+            return export.run(args)
         return convert.run(args)
 
 

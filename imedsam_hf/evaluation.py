@@ -712,14 +712,14 @@ def summary_lines(result: dict) -> list[str]:
         for size, values in table.items():
             lines.append(
                 f"{name:12s} {size:>7s}  n={values['n']:3d}  Dice {values['dice']:.4f} ± {values['dice_std']:.4f}  "
-                f"IoU {values['iou']:.4f}  HD95 {values['hd95']:.2f}  HD {values['hd']:.2f}"
+                f"IoU {values['iou']:.4f}  HD95 {values['hd95']:.2f} px  HD {values['hd']:.2f} px"
             )
             if values.get("n_empty"):
                 lines.append(f"{'':12s} {size:>7s}  {empty_line(values)}")
             for class_id, scores in values.get("per_class", {}).items():
                 lines.append(
                     f"{'':12s} {size:>7s}    {class_id:>3s} {scores['name']:28s} n={scores['n']:4d}  "
-                    f"Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f}"
+                    f"Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} px"
                 )
             if "class_mean" in values:
                 lines.append(
@@ -732,7 +732,7 @@ def summary_lines(result: dict) -> list[str]:
             for class_id, scores in volume["per_class"].items():
                 lines.append(
                     f"{'':12s} {'volume':>7s}    {class_id:>3s} {scores['name']:28s} Dice {scores['dice']:.4f}"
-                    + (f"  HD95 {scores['hd95']:.2f}" if scores.get("hd95") is not None else "")
+                    + (f"  HD95 {scores['hd95']:.2f} mm" if scores.get("hd95") is not None else "")
                 )
             lines.append(
                 f"{'':12s} {'volume':>7s}    mean over classes: 3D Dice {volume['dice']:.4f}"

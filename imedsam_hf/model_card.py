@@ -147,6 +147,7 @@ def write_model_card(
     data, training, hub = config["data"], config["training"], config["hub"]
     model_config = json.loads((folder / "config.json").read_text())
     context = model_context(model_config)
+    run = results.get("training") or {}  # what the run did (steps, epochs, minutes), never the recipe's plan
     dataset_name = data.get("name") or data.get("dataset") or Path(str(data.get("data_dir"))).name
     repo_id = hub.get("hub_model_id") or Path(training["output_dir"]).name
     eval_results = [
@@ -180,7 +181,14 @@ def write_model_card(
         n_validation=splits.get("validation", 0),
         n_test=splits.get("test", 0),
         box_jitter_percent=round(100 * float(data["box_jitter"])),
-        epochs=training["epochs"],
+        epochs=run.get("epochs", training["epochs"]),
+        steps=run.get("steps"),
+        training_minutes=run.get("minutes"),
+        training_device=run.get("device"),
+        untrained_classes=[
+            f"{c} {context['class_names'].get(c, c)}"
+            for c in (model_config.get("training_data") or {}).get("untrained_classes", [])
+        ],
         batch_size=training["batch_size"],
         gradient_accumulation_steps=training["gradient_accumulation_steps"],
         weight_decay=training["weight_decay"],

@@ -604,6 +604,15 @@ class IMedSamPreTrainedModel(SamPreTrainedModel):
         else:
             super()._init_weights(module)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """
+        Whether activation checkpointing is on. peft's `PeftModel` reads this older name of
+        `is_activation_checkpointing` when it wraps a model; answering it here spares every PEFT run transformers'
+        deprecation warning.
+        """
+        return self.is_activation_checkpointing
+
 
 class IMedSamModel(IMedSamPreTrainedModel):
     """

@@ -89,3 +89,25 @@ def inputs():
     pixel_values = torch.randn(2, 3, 64, 64, generator=generator)
     boxes = torch.tensor([[10.0, 12.0, 40.0, 50.0], [5.0, 5.0, 60.0, 30.0]])
     return pixel_values, boxes
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory):
+    """A tiny transformers SamModel folder, the backbone of the training tests."""
+    from test_convert import TINY_SAM
+    from transformers import SamConfig, SamModel
+
+    path = tmp_path_factory.mktemp("sam") / "tiny-sam"
+    torch.manual_seed(0)
+    SamModel(SamConfig(**TINY_SAM)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def polyps(tmp_path):
+    """Five real Kvasir-SEG pairs, copied so a test can break some of them."""
+    import shutil
+
+    root = tmp_path / "polyps"
+    shutil.copytree(SHARED_DATA / "Kvasir-SEG-sample", root)
+    return root

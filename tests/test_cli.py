@@ -69,7 +69,7 @@ def test_box_and_output_size_options(model_dir, tmp_path):
                 "--box",
                 "10,20,300,400",
                 "--output-size",
-                "96x64",
+                "64x96",
                 "--out",
                 str(out),
             ]

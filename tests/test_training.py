@@ -21,8 +21,7 @@ import yaml
 from conftest import REPO_ROOT, SHARED_DATA, tiny_model
 from PIL import Image
 from safetensors.torch import load_file
-from test_convert import TINY_SAM
-from transformers import AutoModel, SamConfig, SamModel
+from transformers import AutoModel, SamModel
 
 import imedsam_hf  # noqa: F401
 import imedsam_hf.training as recipe
@@ -36,22 +35,6 @@ spec.loader.exec_module(train_script)
 slow = pytest.mark.slow  # a real training run (seconds to a minute on 2 CPU cores)
 
 SMALL_IMPLICIT = {"coarse_hidden_sizes": [64, 32], "coarse_feature_size": 16, "fine_hidden_sizes": [32, 16]}
-
-
-@pytest.fixture(scope="module")
-def tiny_sam(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sam") / "tiny-sam"
-    torch.manual_seed(0)
-    SamModel(SamConfig(**TINY_SAM)).save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def polyps(tmp_path):
-    """Five real Kvasir-SEG pairs, copied so a test can break some of them."""
-    root = tmp_path / "polyps"
-    shutil.copytree(SHARED_DATA / "Kvasir-SEG-sample", root)
-    return root
 
 
 def args(tiny_sam, data_dir, output_dir, *extra):

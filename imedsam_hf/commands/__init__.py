@@ -6,6 +6,6 @@ library, writes its files atomically and reports in the command line's words (`c
 parses arguments and calls `run` of the command.
 """
 
-from . import common, convert, evaluate, outputs, predict
+from . import common, convert, evaluate, export, outputs, predict
 
-__all__ = ["common", "convert", "evaluate", "outputs", "predict"]
+__all__ = ["common", "convert", "evaluate", "export", "outputs", "predict"]

@@ -89,15 +89,16 @@ def parse_box(text: str) -> list[float]:
 
 
 def parse_output_size(text: str | None) -> tuple[int, int] | None:
-    """`--output-size WxH` (width first, as image sizes are written) -> `(height, width)`, Python's order."""
+    """`--output-size HxW` -> `(height, width)`: height first, the order of Python's `output_size` and of array
+    shapes, everywhere in this project."""
     if text is None:
         return None
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
+        height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
         width = height = 0
     if width < 1 or height < 1:
-        raise ValueError(f"--output-size {text!r}: expected WIDTHxHEIGHT, e.g. 512x384.")
+        raise ValueError(f"--output-size {text!r}: expected HEIGHTxWIDTH (height first), e.g. 384x512.")
     return checked_output_size((height, width), "--output-size")
 
 

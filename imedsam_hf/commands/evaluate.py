@@ -23,6 +23,7 @@ from ..evaluation import (
     write_rows_csv,
 )
 from ..loading import LITEMEDSAM, load_model
+from ..shipped import is_shipped, shipped_folder
 from .common import EXIT_OK, fail, flag_message
 
 
@@ -81,7 +82,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         print(f"skipped {flag_message(problem)}", file=sys.stderr)
     split_file = args.split_file
     if split_file is None and args.split != "all":
-        split_file = Path(args.model) / "splits.json"
+        split_file = (shipped_folder(args.model) if is_shipped(args.model) else Path(args.model)) / "splits.json"
         if not split_file.is_file():
             raise ValueError(
                 f"--split {args.split}: the model records no splits.json ({split_file}); pass --split-file, or "

