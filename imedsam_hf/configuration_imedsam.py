@@ -12,6 +12,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig, SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
 QUERY_MODES = ("adaptive", "dense")
+QUERY_REGIONS = ("box", "image")
 UNCERTAINTY_MODES = ("mc_dropout",)
 SPECTRUM_MODES = ("amplitude", "phase")
 # How the frequency-adapter chain carries its stream (see FrequencyAdapterSettings.chain).
@@ -285,6 +286,16 @@ class IMedSamConfig(SamConfig):
         refines `refine_ratio` of them (the paper's protocol; cost grows with the output area). `"adaptive"` runs
         the coarse decoder on a bounded base grid, upsamples it, and predicts exactly only the most uncertain
         output points (cost nearly independent of the output size). Identical to dense up to the base grid size.
+    query_region (`str`, defaults to `"box"`):
+        Where adaptive querying spends its points at inference. `"box"`: a box-prompted structure lies in its box
+        (plus what jitter or propagation can add), so each prompt queries the implicit decoder only in its region of
+        interest, the box and SAM's own mask widened by `query_margin` of their size (at least 2 input pixels) on
+        every side, at the adaptive base density (denser for small structures: at least 32 points a side, every
+        point exactly below that), and takes SAM's own (background) logits outside it: decoding time follows the
+        structure's area, not the image's. `"image"`: the whole output grid, as prompt-free calls always are.
+    query_margin (`float`, defaults to 0.2):
+        With `query_region="box"`: how far, as a fraction of the box's width and height, the region of interest
+        reaches beyond the box on every side.
     adaptive_base_size (`int`, *optional*):
         Longest side of the adaptive base grid; default half the mask decoder's feature resolution (twice the
         image embedding's: 48 for ViT-B at 384 px, 128 for LiteMedSAM and 1024-px SAM), capped at 128. See
@@ -345,6 +356,8 @@ class IMedSamConfig(SamConfig):
     mc_seed: int = 0
     query_chunk_size: int = 4096
     query_mode: str = "adaptive"
+    query_region: str = "box"
+    query_margin: float = 0.2
     adaptive_base_size: int | None = None
     implicit_sam_prior: bool = False
     adapter_config: dict | None = None
@@ -374,6 +387,10 @@ class IMedSamConfig(SamConfig):
             raise ValueError(f"`implicit_dropout` must be in (0, 1) for MC dropout, got {self.implicit_dropout}.")
         if self.query_mode not in QUERY_MODES:
             raise ValueError(f"`query_mode` must be one of {QUERY_MODES}, got {self.query_mode!r}.")
+        if self.query_region not in QUERY_REGIONS:
+            raise ValueError(f"`query_region` must be one of {QUERY_REGIONS}, got {self.query_region!r}.")
+        if not self.query_margin >= 0:
+            raise ValueError(f"`query_margin` must be >= 0, got {self.query_margin}.")
         if self.spectrum not in SPECTRUM_MODES:
             raise ValueError(f"`spectrum` must be one of {SPECTRUM_MODES}, got {self.spectrum!r}.")
         if self.query_chunk_size < 1:

@@ -228,7 +228,8 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
 def read_class_names(data_dir: str | os.PathLike) -> dict[int, str] | None:
     """
     The class names of a multi-class folder, from its `classes.json`: `{"classes": {"1": "spleen", ...}}` or a flat
-    `{"1": "spleen", ...}` (id 0, background, left out). None when the folder has no `classes.json`.
+    `{"1": "spleen", ...}` (id 0, background, left out). None when the folder has no `classes.json`; one listing no
+    structure (only the background) is a ValueError naming it.
     """
     path = Path(data_dir) / "classes.json"
     if not path.is_file():
@@ -242,6 +243,11 @@ def read_class_names(data_dir: str | os.PathLike) -> dict[int, str] | None:
     if not names or min(names) < 0 or max(names) > 255:
         raise ValueError(f"{path}: class ids must be 0..255, got {sorted(names)}.")
     names.pop(0, None)
+    if not names:
+        raise ValueError(
+            f"{path}: lists only the background (id 0), no structure; list each class id of the masks with its name, "
+            'e.g. {"classes": {"0": "background", "1": "spleen"}}, or remove the file for binary masks.'
+        )
     return names
 
 

@@ -68,6 +68,8 @@ class IMedSamOutput(ModelOutput):
 # 0.14 (1024) Dice points of dense querying at 5-14x its speed; base 64 (the embedding's own side) loses 0.22 and
 # 0.31 points. See docs/adaptive_querying.md.
 DEFAULT_ADAPTIVE_BASE_SIZE = 128
+# `query_region="box"`: the least base-grid side of a region of interest (smaller regions are queried at every point).
+MIN_REGION_BASE_SIZE = 32
 # Points per block of the blockwise top-k selection (see IMedSamImplicitDecoder._select).
 TOPK_BLOCK = 1 << 18
 
@@ -81,6 +83,8 @@ class IMedSamQuerySettings:
     """
 
     query_mode: str
+    query_region: str
+    query_margin: float
     refine_ratio: float
     query_chunk_size: int
     mc_passes: int
@@ -357,6 +361,7 @@ class IMedSamImplicitDecoder(nn.Module):
         *,
         settings: IMedSamQuerySettings,
         class_index: torch.Tensor | None = None,
+        regions_of_interest: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Query every point of an `output_size` grid covering the input frame (or each image's `output_region`), or
@@ -374,6 +379,9 @@ class IMedSamImplicitDecoder(nn.Module):
             settings: the run-time settings (query mode, refine ratio, chunk size, MC passes); required.
             class_index: `(batch_size,)` zero-based class of each row (class-aware prompts): only that class's
                 last layers are used, and the outputs have one channel.
+            regions_of_interest: `(batch_size, 4)` normalised (x0, y0, x1, y1) of the input frame where each row's
+                structure can be (adaptive inference with one output channel): queried there only, SAM's own
+                logits elsewhere (`_query_regions`). `IMedSamModel.forward` derives them from the box prompts.
 
         Returns:
             logits, coarse logits `(batch_size, num_classes, height, width)`, uncertainty
@@ -387,6 +395,9 @@ class IMedSamImplicitDecoder(nn.Module):
             height, width = output_size
             if not self.training and settings.query_mode == "adaptive":
                 base_size = self.adaptive_base_size(features, settings)
+                channels = 1 if class_index is not None else self.num_classes
+                if regions_of_interest is not None and sam_logits is not None and channels == 1:
+                    return self._query_regions(context, output_size, output_region, regions_of_interest, base_size)
                 if height * width > base_size[0] * base_size[1]:
                     return self._query_adaptive(context, output_size, base_size, output_region)
             coordinates = region_coordinates(height, width, features.shape[0], output_region, features.device)
@@ -490,6 +501,63 @@ class IMedSamImplicitDecoder(nn.Module):
         half = max(1, max(features.shape[-2:]) // 2)
         side = settings.adaptive_base_size or min(half, DEFAULT_ADAPTIVE_BASE_SIZE)
         return side, side
+
+    def _query_regions(self, context, output_size, output_region, regions, base_size):
+        """
+        Each row queried in its region of interest only (`query_region="box"`): the output pixels covering the
+        region are predicted as a grid of their own, with the adaptive base density of the whole output (at least
+        `MIN_REGION_BASE_SIZE` points a side, so small structures get more points, and every point exactly when the
+        region has no more pixels than that); the other pixels take SAM's own logits on the output grid, which the
+        region (it holds SAM's mask) leaves at background. Cost follows each structure's area.
+        """
+        features = context.features
+        height, width = output_size
+        rows = features.shape[0]
+        frame = torch.tensor([0.0, 0.0, 1.0, 1.0], device=features.device).expand(rows, 4)
+        region = frame if output_region is None else output_region.to(features.device, torch.float32)
+        sam_grid = sam_mask_on_grid(
+            context.sam_logits.float(), self.config.image_size, output_size, None if output_region is None else region
+        )
+        logits, coarse_logits = sam_grid.clone(), sam_grid
+        uncertainty = sam_grid.new_zeros(rows, height, width)
+        refined = torch.zeros(rows, height, width, dtype=torch.bool, device=sam_grid.device)
+        span = (region[:, 2:] - region[:, :2]).clamp_min(1e-8)
+        low = ((regions[:, :2].to(region) - region[:, :2]) / span).clamp(0, 1)
+        high = ((regions[:, 2:].to(region) - region[:, :2]) / span).clamp(0, 1)
+        columns = torch.stack([(low[:, 0] * width).floor(), (high[:, 0] * width).ceil()], 1).long().tolist()
+        lines = torch.stack([(low[:, 1] * height).floor(), (high[:, 1] * height).ceil()], 1).long().tolist()
+        coarse_logits = coarse_logits.clone()
+        for row, ((c0, c1), (r0, r1)) in enumerate(zip(columns, lines)):
+            if c1 <= c0 or r1 <= r0:
+                continue  # the region lies outside the output grid: SAM's logits (background) everywhere
+            sub = (r1 - r0, c1 - c0)
+            sub_region = torch.stack(
+                [
+                    region[row, 0] + c0 / width * span[row, 0],
+                    region[row, 1] + r0 / height * span[row, 1],
+                    region[row, 0] + c1 / width * span[row, 0],
+                    region[row, 1] + r1 / height * span[row, 1],
+                ]
+            )[None]
+            row_context = _QueryContext(
+                features[row : row + 1],
+                context.positional_embedding,
+                context.sam_logits[row : row + 1],
+                context.settings,
+                None if context.class_index is None else context.class_index[row : row + 1],
+            )
+            side = max(MIN_REGION_BASE_SIZE, round(base_size[0] * max(sub) / max(height, width)))
+            if sub[0] * sub[1] > side * side:
+                parts = self._query_adaptive(row_context, sub, (side, side), sub_region)
+            else:  # every point of a small region, exactly
+                coordinates = region_coordinates(*sub, 1, sub_region, features.device)
+                coarse, point_uncertainty, fine, selected = self._query_eval(row_context, coordinates)
+                merged = coarse.scatter(1, selected[..., None].expand(-1, -1, coarse.shape[-1]), fine)
+                chosen = torch.zeros_like(point_uncertainty, dtype=torch.bool).scatter(1, selected, True)
+                parts = self._to_grids(merged, coarse, point_uncertainty, chosen, sub)
+            for full, part in zip((logits, coarse_logits, uncertainty, refined), parts):
+                full[row, ..., r0:r1, c0:c1] = part[0].to(full.dtype)
+        return logits, coarse_logits, uncertainty, refined
 
     def _query_adaptive(self, context, output_size, base_size, output_region):
         """
@@ -746,6 +814,11 @@ class IMedSamModel(IMedSamPreTrainedModel):
         if query_coordinates is not None:
             query_coordinates = self._prompt_coordinates(query_coordinates, batch_size, num_prompts)
         fields = {"sam_logits": sam_logits, "iou_scores": iou_scores}
+        settings = IMedSamQuerySettings.from_config(self.config)
+        regions = None
+        if input_boxes is not None and query_coordinates is None and not self.training:
+            if settings.query_region == "box":
+                regions = self.regions_of_interest(input_boxes, sam_logits, settings.query_margin)
         if self.implicit_decoder is None:
             fields["logits"] = sam_mask_on_grid(sam_logits, self.config.image_size, output_size, output_region)
         else:
@@ -756,13 +829,43 @@ class IMedSamModel(IMedSamPreTrainedModel):
                 output_region,
                 sam_logits,
                 query_coordinates,
-                settings=IMedSamQuerySettings.from_config(self.config),
+                settings=settings,
                 class_index=class_index,
+                regions_of_interest=regions,
             )
             fields.update(zip(("logits", "coarse_logits", "uncertainty", "refined"), decoded))
         if prompt_axis:
             fields = {name: value.unflatten(0, (batch_size, num_prompts)) for name, value in fields.items()}
         return IMedSamOutput(**fields, image_embeddings=image_embeddings)
+
+    def regions_of_interest(self, input_boxes: torch.Tensor, sam_logits: torch.Tensor, margin: float) -> torch.Tensor:
+        """
+        Where each box-prompted structure can be, `(rows, 4)` normalised (x0, y0, x1, y1) of the input frame: the
+        box and SAM's own mask (its logits > 0), together, widened by `margin` of their width and height (at least
+        2 input pixels) on every side, clipped to the frame.
+
+        Args:
+            input_boxes: `(batch_size, num_prompts, 4)` boxes in input-frame pixels.
+            sam_logits: `(batch_size * num_prompts, 1, h, w)` SAM's low-resolution logits covering the frame.
+        """
+        size = float(self.config.image_size)
+        boxes = input_boxes.reshape(-1, 4).float() / size
+        positive = sam_logits[:, 0] > 0
+        height, width = positive.shape[-2:]
+        any_rows, any_columns = positive.any(dim=2), positive.any(dim=1)
+        has_mask = any_rows.any(dim=1)
+        first_column = torch.argmax(any_rows.int(), dim=1).float() / width
+        last_column = (width - torch.argmax(any_rows.flip(1).int(), dim=1)).float() / width
+        first_row = torch.argmax(any_columns.int(), dim=1).float() / height
+        last_row = (height - torch.argmax(any_columns.flip(1).int(), dim=1)).float() / height
+        mask_box = torch.stack([first_column, first_row, last_column, last_row], dim=1).to(boxes.device)
+        union = torch.where(
+            has_mask[:, None].to(boxes.device),
+            torch.cat([torch.minimum(boxes[:, :2], mask_box[:, :2]), torch.maximum(boxes[:, 2:], mask_box[:, 2:])], 1),
+            boxes,
+        )
+        widen = torch.clamp((union[:, 2:] - union[:, :2]) * margin, min=2.0 / size)
+        return torch.cat([union[:, :2] - widen, union[:, 2:] + widen], dim=1).clamp(0.0, 1.0)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
         """

@@ -59,7 +59,9 @@ def open_image(source: ImageInput) -> Image.Image | np.ndarray:
     if not isinstance(source, (str, os.PathLike)):
         return source
     with opened_image(source) as image:
-        return image.copy() if image.mode not in ("P", "PA") else image.convert("RGBA")
+        decoded = image.copy() if image.mode not in ("P", "PA") else image.convert("RGBA")
+    decoded.filename = str(source)  # a copy forgets its file: errors about it (`describe`) name it, not <Image>
+    return decoded
 
 
 def to_rgb_array(source: ImageInput) -> np.ndarray:
@@ -126,6 +128,47 @@ def _nearest_exact_indices(size_in: int, size_out: int) -> np.ndarray:
 
 
 CALL_ARGUMENTS = ("images", "input_boxes", "input_points", "input_labels", "return_tensors")
+BOX_SHAPES = (
+    "A box is 4 numbers x0, y0, x1, y1. One image takes [x0, y0, x1, y1], a list of boxes [[x0, y0, x1, y1], ...] "
+    "or SamProcessor's nesting [[[x0, y0, x1, y1], ...]] (batch of 1, boxes, 4); a batch of images one box or one "
+    "list of boxes per image, e.g. [[[x0, y0, x1, y1]], [[x0, y0, x1, y1]]]."
+)
+
+
+def _box_depth(value: Any) -> int | None:
+    """
+    How deeply a box prompt nests: 1 for one box (a flat sequence of numbers, whatever its length), 2 for a list of
+    boxes, 3 for SamProcessor's (batch, boxes, 4); 0 for a number; None for anything else (text, ragged nesting).
+    """
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.ndim if value.dtype != object else _box_depth(value.tolist())
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_)):
+        return 0
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    depths = {_box_depth(item) for item in value}
+    return 1 + depths.pop() if len(depths) == 1 and None not in depths else None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value.tolist() if isinstance(value, (np.ndarray, torch.Tensor)) else value)
+    return text if len(text) <= 120 else f"{text[:117]}..."
+
+
+def _one_image_boxes(input_boxes: Any) -> Any:
+    """One image's `input_boxes` in any accepted nesting -> one box or a list of boxes; malformed ones are refused
+    with the shapes that are accepted."""
+    depth = _box_depth(input_boxes)
+    if depth in (1, 2):
+        return input_boxes
+    if depth == 3 and len(input_boxes) == 1:
+        return input_boxes[0]
+    if depth == 3:
+        raise ValueError(
+            f"`input_boxes` holds boxes for {len(input_boxes)} images ({_shown(input_boxes)}) but one image was "
+            f"given. {BOX_SHAPES}"
+        )
+    raise ValueError(f"`input_boxes` {_shown(input_boxes)} is not a box or a list of boxes. {BOX_SHAPES}")
 
 
 class IMedSamProcessor(BaseImageProcessor):
@@ -282,7 +325,8 @@ class IMedSamProcessor(BaseImageProcessor):
     ) -> BatchFeature:
         """
         Preprocess a batch. Prompts are per image, in original-image pixels: `input_boxes` one (x0, y0, x1, y1)
-        each, or a list of boxes each (several prompts per image, the same number for every image),
+        each, or a list of boxes each (several prompts per image, the same number for every image; one image also
+        takes SamProcessor's nesting `[[[x0, y0, x1, y1], ...]]`, batch of 1, boxes, 4; `BOX_SHAPES`),
         `input_points` `(num_points, 2)` each with `input_labels` `(num_points,)` (1 foreground, 0 background).
 
         Returns a `BatchFeature` with `pixel_values` `(B, 3, S, S)`, `original_sizes` and `reshaped_input_sizes`
@@ -310,16 +354,24 @@ class IMedSamProcessor(BaseImageProcessor):
             "output_region": self.output_region(resized),
         }
         if input_boxes is not None:
-            data["input_boxes"] = self._boxes([input_boxes] if single else input_boxes, images, originals, resized)
+            data["input_boxes"] = self._boxes(
+                [_one_image_boxes(input_boxes)] if single else input_boxes, images, originals, resized
+            )
         if input_points is not None:
             data.update(self._points(images, input_points, input_labels, originals, resized, single))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _boxes(self, input_boxes, images, originals, resized) -> torch.Tensor:
         """Per-image box or list of boxes in original pixels -> `(B, 4)` or `(B, P, 4)` in input-frame pixels."""
-        if len(input_boxes) != len(images):
-            raise ValueError(f"`input_boxes` has {len(input_boxes)} entries for {len(images)} images.")
-        nested = [np.ndim(np.asarray(boxes, dtype=object)) == 2 for boxes in input_boxes]
+        sequence = isinstance(input_boxes, (list, tuple, np.ndarray, torch.Tensor))
+        if not sequence or _box_depth(input_boxes) == 1 or len(input_boxes) != len(images):
+            given = f"{len(input_boxes)} entries" if sequence and _box_depth(input_boxes) != 1 else _shown(input_boxes)
+            raise ValueError(f"`input_boxes`: {given} for {len(images)} images; give one entry per image. {BOX_SHAPES}")
+        depths = [_box_depth(boxes) for boxes in input_boxes]
+        for image, boxes, depth in zip(images, input_boxes, depths):
+            if depth not in (1, 2):
+                raise ValueError(f"{describe(image)}: `input_boxes` {_shown(boxes)} is not a box. {BOX_SHAPES}")
+        nested = [depth == 2 for depth in depths]
         per_image = [boxes if is_list else [boxes] for boxes, is_list in zip(input_boxes, nested)]
         counts = sorted({len(boxes) for boxes in per_image})
         if any(nested) and (len(counts) != 1 or not all(nested)):

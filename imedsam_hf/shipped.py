@@ -7,8 +7,8 @@ not stored: it comes from where the config's `base_model` says (`litemedsam`: th
 checked by its own SHA-256). `manifest.json` holds the SHA-256 of every file: a damaged or altered file is refused
 by name before anything is loaded.
 
-`loading.load_model(name)` builds the full model (`IMedSamModel`, adapters built in); `imedsam export NAME --output
-DIR` writes its complete Hub folder (full safetensors, code with `auto_map`, processor, card).
+`loading.load_model(name)` builds the full model (`IMedSamModel`, adapters built in); `imedsam export --model NAME
+--output DIR` writes its complete Hub folder (full safetensors, code with `auto_map`, processor, card).
 """
 
 from __future__ import annotations

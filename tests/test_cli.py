@@ -117,7 +117,7 @@ def test_bad_inputs_are_reported_and_the_rest_goes_on(model_dir, tmp_path, capsy
     "argv, message",
     [
         (["--box", "1,2,3"], "four comma-separated"),
-        (["--output-size", "big"], "WIDTHxHEIGHT"),
+        (["--output-size", "big"], "HEIGHTxWIDTH"),
     ],
 )
 def test_bad_options_are_named(model_dir, tmp_path, capsys, argv, message):
@@ -141,7 +141,7 @@ def test_empty_folder_is_an_error(model_dir, tmp_path, capsys):
 
 def test_parsers():
     assert parse_box("1,2,3,4") == [1.0, 2.0, 3.0, 4.0]
-    assert parse_output_size("512x384") == (384, 512)
+    assert parse_output_size("384x512") == (384, 512)  # height first, as Python's output_size
     assert parse_output_size(None) is None
 
 
@@ -181,7 +181,7 @@ sys.exit(status)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "resized to 10000x10000" in result.stdout
+    assert "resized to 10000x10000" in result.stderr  # a warning, on stderr
     mask = Image.open(out / "huge.png")
     assert mask.size == (10000, 10000)
     peak_gb = int(result.stdout.split("maxrss_kb")[-1]) / 2**20

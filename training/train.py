@@ -253,7 +253,10 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
     folder) is an error naming both, unless the option was given on the command line.
     """
     data = args.data
-    names = read_class_names(data.data_dir) if data.data_dir else None
+    try:
+        names = read_class_names(data.data_dir) if data.data_dir else None
+    except ValueError as error:
+        raise die(error) from error
     if names:
         config.id2label = {int(i): name for i, name in sorted(names.items())}
         config.label2id = {name: int(i) for i, name in sorted(names.items())}

@@ -1,4 +1,4 @@
-"""`imedsam export NAME --output DIR`: the complete, self-contained Hub folder of a shipped model (or of any model
+"""`imedsam export --model NAME --output DIR`: the complete, self-contained Hub folder of a shipped model (or of any model
 `load_model` takes): full safetensors, the modeling code with `auto_map`, the processor and the model card.
 `AutoModel.from_pretrained(DIR, trust_remote_code=True)` loads it where this package is not installed, and
 `huggingface_hub.upload_folder` (or `model.push_to_hub`) would upload it unchanged."""

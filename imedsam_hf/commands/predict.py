@@ -156,7 +156,14 @@ def _class_boxes(data: Mapping, where: str) -> dict[int, list[int]]:
             )
         if not isinstance(box, list) or len(box) != 6 or not all(_is_number(v) and float(v) == int(v) for v in box):
             raise ValueError(f"{where}: class {key}: {box!r} is not six whole voxel indices [x0, y0, z0, x1, y1, z1].")
-        boxes[int(key)] = [int(v) for v in box]
+        x0, y0, z0, x1, y1, z1 = (int(v) for v in box)
+        if x1 <= x0 or y1 <= y0 or z1 < z0:
+            wide = "one voxel wide or reversed in x or y" if z1 >= z0 else "reversed in z"
+            raise ValueError(
+                f"{where}: class {key}: {box!r} is {wide}; a box holds inclusive voxel indices with x0 < x1, "
+                "y0 < y1 and z0 <= z1 (a structure spans at least 2 voxels in x and in y)."
+            )
+        boxes[int(key)] = [x0, y0, z0, x1, y1, z1]
     return boxes
 
 
