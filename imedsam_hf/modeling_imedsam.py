@@ -850,14 +850,14 @@ class IMedSamModel(IMedSamPreTrainedModel):
         """
         size = float(self.config.image_size)
         boxes = input_boxes.reshape(-1, 4).float() / size
-        positive = sam_logits[:, 0] > 0
+        positive = sam_logits.reshape(-1, *sam_logits.shape[-2:]) > 0  # (rows, h, w)
         height, width = positive.shape[-2:]
-        any_rows, any_columns = positive.any(dim=2), positive.any(dim=1)
-        has_mask = any_rows.any(dim=1)
-        first_column = torch.argmax(any_rows.int(), dim=1).float() / width
-        last_column = (width - torch.argmax(any_rows.flip(1).int(), dim=1)).float() / width
-        first_row = torch.argmax(any_columns.int(), dim=1).float() / height
-        last_row = (height - torch.argmax(any_columns.flip(1).int(), dim=1)).float() / height
+        rows_with_mask, columns_with_mask = positive.any(dim=2), positive.any(dim=1)  # (rows, h), (rows, w)
+        has_mask = rows_with_mask.any(dim=1)
+        first_column = torch.argmax(columns_with_mask.int(), dim=1).float() / width
+        last_column = (width - torch.argmax(columns_with_mask.flip(1).int(), dim=1)).float() / width
+        first_row = torch.argmax(rows_with_mask.int(), dim=1).float() / height
+        last_row = (height - torch.argmax(rows_with_mask.flip(1).int(), dim=1)).float() / height
         mask_box = torch.stack([first_column, first_row, last_column, last_row], dim=1).to(boxes.device)
         union = torch.where(
             has_mask[:, None].to(boxes.device),

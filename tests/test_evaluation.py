@@ -42,8 +42,10 @@ def test_evaluate_pairs_scores_model_and_baseline():
     pairs = discover_pairs(SHARED_DATA / "Kvasir-SEG-sample")[0][:2]
     rows, summary = evaluate_pairs(model, IMedSamProcessor(image_size=64), pairs, output_sizes=["native", "0.25x", 40])
     assert len(rows) == 6 and set(summary) == {"native", "0.25x", "40"}
-    for values in summary.values():
-        assert values["n"] == 2 and 0 <= values["dice"] <= 1 and values["hd95"] >= 0
+    for size, values in summary.items():
+        scored = [row for row in rows if row["size"] == size]
+        assert values["n"] == 2 and values["dice"] == pytest.approx(np.mean([row["dice"] for row in scored]))
+        assert values["hd95"] == pytest.approx(np.mean([row["hd95"] for row in scored]))
     _, baseline = evaluate_pairs(model, IMedSamProcessor(image_size=64), pairs, output_sizes=[40], baseline=True)
     assert baseline["40"]["dice"] != summary["40"]["dice"]
 

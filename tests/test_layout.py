@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -111,6 +112,44 @@ def test_imports_run_one_way_with_no_cycle():
     assert not any(hidden.values()), (
         f"package imports hidden inside functions: { {k: v for k, v in hidden.items() if v} }"
     )
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
+COMMAND_ROOMS = ("imedsam_hf.commands", "imedsam_hf.cli", "imedsam_hf.__main__")
+
+
+def test_library_rooms_never_print_exit_or_name_a_flag():
+    """Only the commands room (and cli.py) prints, exits and speaks in flags; the library returns results and raises
+    errors naming files and Python arguments (`mask_values`), which a command shows as its flags."""
+    found = []
+    for name, path in package_modules().items():
+        if name.startswith(COMMAND_ROOMS):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        parts_of_fstrings = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                found.append(f"{name}:{node.lineno} print()")
+            if isinstance(node, ast.Attribute) and node.attr == "exit" and getattr(node.value, "id", None) == "sys":
+                found.append(f"{name}:{node.lineno} sys.exit")
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                text = "" if id(node) in docstrings | parts_of_fstrings else node.value
+            else:
+                continue
+            # A command to run (`pip install --no-deps ...`, `imedsam convert ...`) may carry its own flags.
+            if "pip install" not in text and "imedsam convert" not in text:
+                found += [f"{name}:{node.lineno} names {flag}" for flag in FLAG.findall(text)]
+    assert not found, found
 
 
 def test_shipped_files_import_only_shipped_siblings_and_configuration_has_no_torch():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import randomize_batchnorm, tiny_config, tiny_model
 
 from imedsam_hf import IMedSamModel, load_model
-from imedsam_hf.modeling_imedsam import IMedSamQuerySettings
+from imedsam_hf.modeling_imedsam import IMedSamQuerySettings, sam_mask_on_grid
 
 
 @pytest.mark.parametrize("prompt", ["box", "points", "none"])
@@ -230,7 +231,7 @@ def test_overrides_of_a_saved_config_are_checked(tmp_path):
 def test_adaptive_querying_matches_dense_up_to_the_base_grid_and_refines_few_points(inputs):
     pixel_values, boxes = inputs
     dense = tiny_model(query_mode="dense")
-    adaptive = tiny_model(query_mode="adaptive", adaptive_base_size=32)
+    adaptive = tiny_model(query_mode="adaptive", adaptive_base_size=32, query_region="image")
     with torch.no_grad():
         # At or below the base grid the two modes are the same computation.
         small_dense = dense(pixel_values, input_boxes=boxes, output_size=(32, 24))
@@ -247,9 +248,9 @@ def test_adaptive_querying_matches_dense_up_to_the_base_grid_and_refines_few_poi
         exact, reference = big.coarse_logits[i, :, big.refined[i]], big_dense.coarse_logits[i, :, big.refined[i]]
         torch.testing.assert_close(exact, reference, atol=5e-3, rtol=1e-3)
     # (Agreement of the masks needs a trained, smooth field: benchmarks/ measures it on real data.)
-    # Refinement follows the (upsampled) uncertainty.
+    # Refinement follows the uncertainty: the refined points are on average more uncertain than the others.
     for i in range(2):
-        assert big.uncertainty[i][big.refined[i]].min() >= 0
+        assert big.uncertainty[i][big.refined[i]].mean() > big.uncertainty[i][~big.refined[i]].mean()
 
 
 def test_query_coordinates_predict_arbitrary_points(inputs):
@@ -388,3 +389,77 @@ def test_class_aware_prompts_use_their_own_class_heads(query_mode):
         model(pixel_values, input_boxes=boxes, input_classes=torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="num_classes=1"):
         tiny_model()(pixel_values, input_boxes=boxes, input_classes=classes)
+
+
+def test_box_prompts_query_only_their_region_of_interest(inputs):
+    """`query_region="box"`: inside the region the implicit decoder answers (every point of a small region exactly,
+    as a dense query of that region), outside it SAM's own logits; the work follows the region's area."""
+    pixel_values, _ = inputs
+    model = tiny_model(query_mode="adaptive", query_margin=0.0)
+    box_only(model)  # a random SAM head's mask covers the frame; a trained one's covers the structure
+    with torch.no_grad():
+        boxes = torch.tensor([[[20.0, 20.0, 27.0, 26.0]]])
+        outputs = model(pixel_values[:1], input_boxes=boxes, output_size=(256, 256))
+        sam_logits = outputs.sam_logits.flatten(0, 1)  # (prompts, 1, h, w)
+        regions = model.regions_of_interest(boxes, sam_logits, 0.0)
+        sam = sam_mask_on_grid(sam_logits, 64, (256, 256), None)
+    x0, y0, x1, y1 = (regions[0] * 256).tolist()
+    inside = torch.zeros(256, 256, dtype=torch.bool)
+    inside[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = True
+    assert 0 < inside.sum() < 256 * 256
+    logits = outputs.logits[0, 0, 0]
+    torch.testing.assert_close(logits[~inside], sam[0, 0][~inside])  # SAM's logits outside
+    assert not torch.equal(logits[inside], sam[0, 0][inside])  # the implicit decoder inside
+    assert not outputs.refined[0, 0][~inside].any()
+    # Exactly the computation of the image path restricted to the region's pixels (a region of interest <= 32^2
+    # points a side at this size is queried at every point, as dense querying would).
+    dense = tiny_model(query_mode="dense", query_region="image")
+    rows, columns = inside.any(1).nonzero(), inside.any(0).nonzero()
+    region = torch.tensor([[columns.min() / 256, rows.min() / 256, (columns.max() + 1) / 256, (rows.max() + 1) / 256]])
+    with torch.no_grad():
+        crop = dense(pixel_values[:1], input_boxes=boxes, output_region=region, output_size=(len(rows), len(columns)))
+    torch.testing.assert_close(logits[inside].reshape(len(rows), len(columns)), crop.logits[0, 0, 0])
+
+
+def test_decoding_work_follows_the_structure_not_the_image(inputs):
+    """Query points of the coarse MLP for a small and a large box at a 512x512 output: box mode spends in proportion
+    to the region, the image path the same for both."""
+    pixel_values, _ = inputs
+    counts = {}
+    for region in ("box", "image"):
+        model = tiny_model(query_mode="adaptive", query_region=region, adaptive_base_size=64)  # as LiteMedSAM's 128
+        box_only(model)
+        seen = []
+        decoder, point_features = model.implicit_decoder, model.implicit_decoder.point_features
+
+        def counting(features, embedding, coordinates, sam_logits=None):
+            seen.append(coordinates.shape[0] * coordinates.shape[1])
+            return point_features(features, embedding, coordinates, sam_logits)
+
+        decoder.point_features = counting
+        for name, box in (("small", [20.0, 20.0, 24.0, 24.0]), ("large", [2.0, 2.0, 62.0, 62.0])):
+            seen.clear()
+            with torch.no_grad():
+                model(pixel_values[:1], input_boxes=torch.tensor([box]), output_size=(512, 512))
+            counts[region, name] = sum(seen)
+    assert counts["image", "small"] == counts["image", "large"]
+    assert counts["box", "small"] * 4 < counts["box", "large"] <= counts["image", "large"] * 1.5
+
+
+def box_only(model) -> None:
+    """Regions of interest from the boxes alone (as if SAM's mask lay inside them)."""
+    model.regions_of_interest = lambda boxes, sam_logits, margin: (boxes.reshape(-1, 4) / 64).clamp(0, 1)
+
+
+def test_the_region_of_interest_holds_the_box_and_sams_mask_widened():
+    model = tiny_model()
+    sam_logits = -torch.ones(2, 1, 16, 16)
+    sam_logits[0, 0, 2:4, 10:12] = 1.0  # SAM's mask of the first prompt reaches beyond its box
+    boxes = torch.tensor([[[8.0, 8.0, 24.0, 16.0], [8.0, 8.0, 24.0, 16.0]]])  # input pixels of a 64-px frame
+    regions = model.regions_of_interest(boxes, sam_logits, 0.25)
+    # Second prompt: its box (1/8..3/8 x 1/8..1/4) widened by a quarter of its size on each side.
+    torch.testing.assert_close(regions[1], torch.tensor([0.0625, 0.09375, 0.4375, 0.28125]))
+    # First: the box and SAM's mask (rows 2..3 of 16, columns 10..11 of 16) together, then widened.
+    union = torch.tensor([0.125, 0.125, 0.75, 0.25])
+    widen = (union[2:] - union[:2]) * 0.25
+    torch.testing.assert_close(regions[0], torch.cat([union[:2] - widen, union[2:] + widen]).clamp(0, 1))
