@@ -432,7 +432,7 @@ def test_decoding_work_follows_the_structure_not_the_image(inputs):
         seen = []
         decoder, point_features = model.implicit_decoder, model.implicit_decoder.point_features
 
-        def counting(features, embedding, coordinates, sam_logits=None):
+        def counting(features, embedding, coordinates, sam_logits=None, seen=seen, point_features=point_features):
             seen.append(coordinates.shape[0] * coordinates.shape[1])
             return point_features(features, embedding, coordinates, sam_logits)
 
