@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         "volumes as they are, others rescaled min-max (with a warning)",
     )
     p.add_argument(
+        "--propagation",
+        default=None,
+        choices=["stop", "continue"],
+        help="3-D boxes: at a slice whose mask is empty, stop (MedSAM's rule, the default) or continue to the end of "
+        "the box's z range with the last box, every box kept inside the 3-D box",
+    )
+    p.add_argument(
         "--out",
         required=True,
         help="folder for the masks, outside the input and mask folders; names keep the inputs' sub-paths",

@@ -639,3 +639,28 @@ def test_a_class_aware_model_segments_each_structure_with_its_own_heads(tmp_path
     assert predicted.shape == labels.shape and set(np.unique(predicted)) <= {0, 2, 5}
     with pytest.raises(ValueError, match="above the model's 13 classes"):
         segment_volume(model, volume, label_volume=make_volume(((labels > 0) * 14).astype(np.uint8)), progress=False)
+
+
+def test_3d_box_propagation_can_continue_through_empty_slices(monkeypatch):
+    """`propagation="continue"`: the 3-D box says the structure spans z0..z1, so a slice where it is missing (here the
+    middle one) does not end the chain; MedSAM's "stop" rule loses everything after it."""
+    labels = np.zeros((30, 28, 9), dtype=np.uint8)
+    for z in (2, 3, 4, 6, 7, 8):
+        labels[10:15, 12:18, z] = 3
+    box = [10, 12, 2, 14, 17, 8]  # middle slice 5, where the structure is absent
+    images = slice_coded_images(labels.shape)
+    calls: list = []
+    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls, monkeypatch))
+    stopped = segment_volume(FakeModel(), images, boxes_3d={3: box}, processor=object(), box_margin=1)
+    assert not stopped.any() and [z for _, z, _ in calls] == [5]
+    calls.clear()
+    kept = segment_volume(
+        FakeModel(), images, boxes_3d={3: box}, processor=object(), box_margin=1, propagation="continue"
+    )
+    np.testing.assert_array_equal(kept, labels)
+    assert sorted(z for _, z, _ in calls) == list(range(2, 9))
+    extent = volume_box_to_slice_box(box, labels.shape)
+    for _, _, prompt in calls:  # every prompt inside the 3-D box's extent widened by the margin
+        assert prompt[0] >= extent[0] - 1 and prompt[2] <= extent[2] + 1
+    with pytest.raises(ValueError, match="propagation"):
+        segment_volume(FakeModel(), images, boxes_3d={3: box}, processor=object(), propagation="jump")
