@@ -66,6 +66,16 @@ def _device_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _backend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "openvino", "onnx"],
+        help="where the image encoder runs on a CPU: torch, or OpenVINO / ONNX Runtime (pip install "
+        "'.[openvino]' or '.[onnx]'; exported once per model into a cache, checked against torch)",
+    )
+
+
 def _model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -154,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bigger masks are predicted on a grid of this many points and resized (bounded memory)",
     )
     _device_option(p)
+    _backend_option(p)
 
     c = sub.add_parser("convert", help="convert a checkpoint into an I-MedSAM folder", formatter_class=_HelpFormatter)
     sources = c.add_subparsers(dest="source", required=True)
@@ -292,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     _device_option(e)
+    _backend_option(e)
     return parser
 
 

@@ -36,6 +36,7 @@ from .publishing import (
     trainable_state,
     wrap_for_training,
 )
+from .runtime import require_backend, set_backend
 from .shipped import TRAINABLE, is_shipped, shipped_folder, unknown_name_hint
 
 
@@ -173,6 +174,8 @@ def load_model(
     dtype: torch.dtype | None = None,
     config_overrides: dict[str, Any] | None = None,
     eval_mode: bool = True,
+    backend: str = "torch",
+    backend_options: dict[str, Any] | None = None,
 ) -> tuple[IMedSamModel, IMedSamProcessor]:
     """
     The model and its processor for `spec` (see the module docstring).
@@ -182,7 +185,10 @@ def load_model(
         device, dtype: where and in which precision the model is put.
         config_overrides: `IMedSamConfig` fields to set. On an I-MedSAM checkpoint only these keys change: the rest
             of its config (refine ratio, switches, ...) is kept as trained.
-        eval_mode: return the model in eval mode, for inference; `False` (training) leaves it as built. For
+        eval_mode: return the model in eval mode, for inference; `False` (training) leaves it as built.
+        backend: where the image encoder runs at inference: `"torch"`, or an established CPU runtime, `"openvino"`
+            or `"onnx"` (the `openvino` / `onnx` extras; `runtime.set_backend`): exported once per weights into a
+            cache (`backend_options`: `folder`, `cache_dir`, `num_threads`), checked against torch, reused after. For
             inference `"litemedsam"` is the backbone itself, SAM's mask output (`use_implicit_decoder=False` unless
             overridden): a converted backbone's implicit decoder is untrained (its config says
             `implicit_decoder_trained=False`, and `segment` uses SAM's mask for it).
@@ -194,6 +200,9 @@ def load_model(
     infinite values) when it cannot be loaded.
     """
     spec = str(spec)
+    require_backend(backend)  # an unknown or missing runtime fails before anything is loaded (ImportError: the extra)
+    if backend != "torch" and not eval_mode:
+        raise ValueError(f"`backend` {backend!r} runs the image encoder for inference only: use eval_mode=True.")
     overrides = dict(config_overrides or {})
     processor = None
     if is_shipped(spec):
@@ -232,6 +241,8 @@ def load_model(
     model = model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
     if eval_mode:
         model.eval()
+    if backend != "torch":
+        set_backend(model, backend, **(backend_options or {}))
     return model, processor or processor_for_config(model.config)
 
 

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_OK
         spec = LITEMEDSAM if args.source == "litemedsam" else args.checkpoint
         model = convert_checkpoint(spec, args.output, getattr(args, "image_size", None), args.num_classes)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:
         return fail(error)
     total = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.output}: IMedSamModel, input {model.config.image_size} px, {total / 1e6:.2f}M parameters")

@@ -23,6 +23,7 @@ from ..evaluation import (
     write_rows_csv,
 )
 from ..loading import LITEMEDSAM, load_model
+from ..runtime import require_backend
 from ..shipped import is_shipped, shipped_folder
 from .common import EXIT_OK, fail, flag_message
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
     """`imedsam evaluate` with parsed arguments."""
     try:
         report = evaluate_folder(args, device)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:
         return fail(error)
     print("\n".join(summary_lines(report)))
     if args.limit:
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
 def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     """Check the options, load the model, build the protocol, score, write the reports; the JSON summary."""
     find_layout(args.data_dir)  # a missing or unrecognised folder, before the model is loaded
+    require_backend(args.backend)
     if args.split_file is not None and not Path(args.split_file).is_file():
         raise ValueError(f"--split-file {args.split_file}: no such file.")
     if args.limit is not None and args.limit < 1:
@@ -59,7 +61,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     )  # fmt: skip
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    model, processor = load_model(args.model, device=device)
+    model, processor = load_model(args.model, device=device, backend=args.backend)
     protocol = EvaluationProtocol.resolve(
         model.config,
         args.data_dir,

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     """`imedsam export` with parsed arguments."""
     try:
         folder = export_model(args.model, args.output, args.overwrite)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:
         return fail(error)
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     print(f"wrote {folder}: {', '.join(files)}")

@@ -25,6 +25,7 @@ from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, overlay, segment
 from ..loading import load_model
 from ..processing_imedsam import IMedSamProcessor, open_image, resize_labels, to_rgb_array
+from ..runtime import require_backend
 from ..volumes import is_volume, parse_window, read_volume, segment_volume, volume_name, write_label_volume
 from .common import (
     EXIT_OK,
@@ -244,9 +245,10 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             raise ValueError(
                 "--boxes holds either 2-D boxes for images or 3-D boxes for volumes: predict them separately."
             )
+        require_backend(args.backend)
         check_writable(args.out)
-        model, processor = load_model(args.model, device=device)
-    except (OSError, ValueError) as error:
+        model, processor = load_model(args.model, device=device, backend=args.backend)
+    except (OSError, ValueError, ImportError) as error:
         return fail(error)
     codes = []
     if volumes:
@@ -301,7 +303,7 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
                     image if isinstance(image, Image.Image) else Image.fromarray(to_rgb_array(image).astype(np.uint8))
                 )
                 write_png(overlay(picture, values), targets[1])
-        except ValueError as error:
+        except (ValueError, RuntimeError) as error:  # RuntimeError: an accelerated backend failed, and says so
             message = flag_message(error)
             message = message if str(path) in message else f"{path}: {message}"
             failures.append(message)

@@ -1,0 +1,385 @@
+"""The image encoder on ONNX Runtime / OpenVINO (`imedsam_hf.runtime`): parity with torch (LiteMedSAM on real
+images, a trained-style I-MedSAM with LoRA and the frequency adapter active), the fingerprinted cache, the errors.
+
+Each runtime is an optional extra: its tests skip when it is not installed. The fast tests use a tiny TinyViT
+I-MedSAM (64 px) on OpenVINO (its export takes a few seconds); the ONNX export has a fixed cost of 10+ s
+(`torch.export`), so the tiny ONNX tests are marked slow, like the LiteMedSAM ones (~30 s an export on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA, randomize_adapters, randomize_batchnorm
+from peft import get_peft_model
+from PIL import Image
+
+import imedsam_hf
+from imedsam_hf import IMedSamConfig, IMedSamModel, imedsam_peft_config, runtime
+
+POLYP = SHARED_DATA / "EndoTect2020-polyp"
+RUNTIME_MODULES = {"onnx": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino",)}
+
+TINY_TINYVIT = dict(
+    model_type="i_medsam_tinyvit",
+    image_size=64,
+    embed_dims=[8, 16, 16, 32],
+    depths=[1, 1, 1, 1],
+    num_heads=[1, 2, 2, 4],
+    window_sizes=[3, 3, 5, 3],
+    output_channels=32,
+    num_pos_feats=16,
+)
+
+
+def tiny_tinyvit_model(seed: int = 0) -> IMedSamModel:
+    config = IMedSamConfig(
+        vision_config=dict(TINY_TINYVIT),
+        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=4, mask_input_channels=8),
+        mask_decoder_config=dict(
+            hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32
+        ),
+        coarse_hidden_sizes=[64, 32],
+        coarse_feature_size=16,
+        fine_hidden_sizes=[32, 16],
+        query_mode="dense",
+    )
+    torch.manual_seed(seed)
+    model = IMedSamModel(config)
+    randomize_batchnorm(model)
+    return model.eval()
+
+
+def tiny_adapted_model(seed: int = 0, **recipe):
+    """A trained-style tiny I-MedSAM: LoRA and the frequency adapter (gated fusion) moved off their init."""
+    model = tiny_tinyvit_model(seed)
+    peft_model = get_peft_model(model, imedsam_peft_config(model.config, fusion_gate=True, **recipe))
+    randomize_adapters(peft_model)
+    return peft_model.eval()
+
+
+def require(backend: str) -> None:
+    """Skip unless `backend`'s packages import (absent, or present but broken: both an ImportError)."""
+    for module in RUNTIME_MODULES[backend]:
+        pytest.importorskip(module, exc_type=ImportError)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_private_cache(tmp_path, monkeypatch):
+    """One torch thread (a training may share the machine), and never the user's cache folder."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("IMEDSAM_RUNTIME_CACHE", str(tmp_path / "default-cache"))
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["onnx", "openvino"])
+def backend(request):
+    require(request.param)
+    return request.param
+
+
+def outputs(model, pixel_values, boxes):
+    with torch.no_grad():
+        return model(pixel_values=pixel_values, input_boxes=boxes)
+
+
+def assert_parity(actual, expected, atol=1e-3):
+    for field in ("image_embeddings", "sam_logits", "logits"):
+        error = (getattr(actual, field) - getattr(expected, field)).abs().max().item()
+        assert error <= atol, f"{field}: max abs error {error:.3g} > {atol}"
+
+
+@pytest.fixture(scope="module", params=["openvino", pytest.param("onnx", marks=pytest.mark.slow)])
+def tiny_export(request, tmp_path_factory):
+    """A tiny adapted model exported once per backend: (backend, model, inputs, torch outputs, folder)."""
+    require(request.param)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_adapted_model()
+        generator = torch.Generator().manual_seed(0)
+        pixel_values = torch.rand(3, 3, 64, 64, generator=generator)
+        boxes = torch.tensor([[10.0, 12.0, 40.0, 50.0], [5.0, 5.0, 60.0, 30.0], [20.0, 20.0, 44.0, 44.0]])
+        expected = outputs(model, pixel_values, boxes)
+        folder = tmp_path_factory.mktemp("runtime") / request.param
+        encoder = runtime.export_vision_encoder(model, request.param, folder, num_threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    return request.param, model, (pixel_values, boxes), expected, encoder
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Without a runtime
+
+
+def test_unknown_backend_or_precision_is_a_value_error():
+    model = tiny_tinyvit_model()
+    with pytest.raises(ValueError, match="'torch', 'onnx', 'openvino'"):
+        runtime.export_vision_encoder(model, "tensorrt")
+    with pytest.raises(ValueError, match="precision='fp16' is not offered"):
+        runtime.set_backend(model, "openvino", precision="fp16")
+    assert runtime.export_vision_encoder(model, "torch") is model.vision_encoder
+
+
+@pytest.mark.parametrize("backend, module", [("onnx", "onnxruntime"), ("openvino", "openvino"), ("onnx", "onnxscript")])
+def test_a_missing_runtime_names_the_extra_to_install(backend, module, monkeypatch):
+    if module == "onnxscript":  # the exporter alone missing: the runtime must be there
+        pytest.importorskip("onnxruntime", exc_type=ImportError)
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    with pytest.raises(ImportError) as raised:
+        runtime.set_backend(tiny_tinyvit_model(), backend)
+    message = str(raised.value)
+    assert f'pip install "imedsam-hf[{backend}]"' in message and module in message and 'backend="torch"' in message
+    assert not runtime.backend_available(backend)
+
+
+def test_the_fingerprint_covers_weights_buffers_settings_and_backend():
+    model = tiny_adapted_model()
+    fingerprint = runtime.encoder_fingerprint(model, "torch")
+    assert runtime.encoder_fingerprint(tiny_adapted_model(), "torch") == fingerprint  # same weights, same key
+    assert runtime.encoder_fingerprint(model.get_base_model(), "torch") == fingerprint  # PEFT or not
+    encoder = model.get_base_model().vision_encoder
+    lora = next(p for n, p in encoder.named_parameters() if "freq_lora_v_B" in n)
+    adapter = next(p for n, p in encoder.named_parameters() if "freq_adapter" in n)
+    batchnorm = next(m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    fusion = next(m for m in encoder.modules() if type(m).__name__ == "FrequencyFusionLayer")
+    changes = [
+        lambda: lora.data.add_(1e-3),  # a LoRA weight
+        lambda: adapter.data.add_(1e-3),  # a frequency-adapter weight
+        lambda: batchnorm.running_var.mul_(1.01),  # a buffer
+        lambda: fusion.fusion_scale.update(default=0.25),  # a setting that is no tensor
+    ]
+    seen = {fingerprint}
+    for change in changes:
+        change()
+        seen.add(runtime.encoder_fingerprint(model, "torch"))
+    seen.add(runtime.encoder_fingerprint(model, "torch", precision="int8"))
+    with model.disable_adapter():
+        seen.add(runtime.encoder_fingerprint(model, "torch"))
+    assert len(seen) == len(changes) + 3
+
+
+def test_the_traceable_spectrum_is_the_adapters_spectrum():
+    from imedsam_hf.frequency_adapter_layers import image_spectrum
+
+    pixel_values = torch.rand(2, 3, 32, 48)
+    for mode in ("amplitude", "phase"):
+        for log_scale in (True, False):
+            expected = image_spectrum(pixel_values, mode, log_scale)
+            torch.testing.assert_close(runtime.traceable_image_spectrum(pixel_values, mode, log_scale), expected)
+
+
+def test_a_folder_that_is_no_export_is_never_overwritten(tmp_path):
+    require("openvino")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a runtime export folder"):
+        runtime.export_vision_encoder(tiny_tinyvit_model(), "openvino", folder)
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiny model on each runtime
+
+
+def test_tiny_adapted_model_matches_torch_with_any_batch_size(tiny_export):
+    backend, model, (pixel_values, boxes), expected, encoder = tiny_export
+    assert isinstance(encoder, runtime.RuntimeVisionEncoder) and encoder.backend == backend
+    assert encoder.metadata["lora_merged"] and encoder.metadata["frequency_adapter"]
+    assert encoder.metadata["probe_error"] < 1e-4
+    base = model.get_base_model()
+    original = base.vision_encoder
+    try:
+        base.vision_encoder = encoder
+        assert_parity(outputs(model, pixel_values, boxes), expected, atol=1e-4)  # batch 3
+        single = outputs(model, pixel_values[1:2], boxes[1:2])
+        torch.testing.assert_close(single.sam_logits, expected.sam_logits[1:2], atol=1e-4, rtol=0)
+        empty = encoder(torch.zeros(0, 3, 64, 64))
+        assert empty.shape == (0, *expected.image_embeddings.shape[1:])
+        # The input's dtype (and device) come back.
+        assert encoder(pixel_values[:1].double()).dtype == torch.float64
+    finally:
+        base.vision_encoder = original
+
+
+def test_set_backend_installs_the_runtime_encoder_and_torch_restores_it(tiny_export, monkeypatch):
+    backend, model, (pixel_values, boxes), expected, encoder = tiny_export
+    base = model.get_base_model()
+    original = base.vision_encoder
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(runtime, "_build", lambda *a, **k: pytest.fail("the cached export must be reused"))
+    runtime.set_backend(model, backend, folder=encoder.folder)
+    try:
+        assert isinstance(base.vision_encoder, runtime.RuntimeVisionEncoder)
+        assert base.vision_encoder.torch_encoder is original
+        # Saving the model still saves every encoder weight, under the same names.
+        saved = model.state_dict()
+        assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+        assert_parity(outputs(model, pixel_values, boxes), expected, atol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(model.get_base_model().encode_image(pixel_values), expected.image_embeddings)
+    finally:
+        runtime.set_backend(model, "torch")
+    assert base.vision_encoder is original
+
+
+def test_a_second_load_reuses_the_cached_export(tiny_export, monkeypatch):
+    backend, model, _, _, encoder = tiny_export
+    metadata = json.loads((encoder.folder / "runtime.json").read_text())
+    monkeypatch.setattr(runtime, "_build", lambda *a, **k: pytest.fail("the cached export must be reused"))
+    again = runtime.export_vision_encoder(model, backend, encoder.folder)
+    assert again.fingerprint == encoder.fingerprint == metadata["fingerprint"]
+    assert json.loads((encoder.folder / "runtime.json").read_text())["created"] == metadata["created"]
+    if backend == "openvino":
+        assert any((encoder.folder / "cache").iterdir())  # OpenVINO's compiled-model cache
+
+
+def test_a_runtime_failure_names_the_backend_and_suggests_torch(tiny_export, monkeypatch):
+    backend, _, (pixel_values, _), _, encoder = tiny_export
+
+    def failing(array):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(encoder, "_run", failing)
+    with pytest.raises(RuntimeError, match=rf"The {backend} image encoder .* backend=\"torch\""):
+        encoder(pixel_values)
+    with pytest.raises(ValueError, match="pixel_values of shape"):
+        encoder(torch.zeros(1, 3, 32, 32))
+
+
+class Rebuilt(Exception):
+    pass
+
+
+def refuse_to_build(*args, **kwargs):
+    raise Rebuilt
+
+
+def test_changed_weights_or_a_damaged_file_are_detected_and_rebuilt(tiny_export, tmp_path, monkeypatch):
+    backend, _, _, _, encoder = tiny_export
+    folder = tmp_path / "export"
+    shutil.copytree(encoder.folder, folder)
+    model = tiny_adapted_model()  # the fixture's weights: its export is valid here
+    fingerprint = runtime.encoder_fingerprint(model, backend)
+    assert fingerprint == encoder.fingerprint and runtime.cached_export_is_valid(folder, fingerprint)
+    monkeypatch.setattr(runtime, "_build", refuse_to_build)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "freq_lora_q_B" in n).add_(0.05)
+    assert not runtime.cached_export_is_valid(folder, runtime.encoder_fingerprint(model, backend))
+    with pytest.raises(Rebuilt):
+        runtime.export_vision_encoder(model, backend, folder)
+    # Another model's export in that folder: rebuilt too.
+    with pytest.raises(Rebuilt):
+        runtime.export_vision_encoder(tiny_tinyvit_model(), backend, folder)
+    # A damaged file no longer matches its recorded checksum: rebuilt, not loaded.
+    model_file = folder / runtime.MODEL_FILES[backend].replace(".xml", ".bin")
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    assert not runtime.cached_export_is_valid(folder, fingerprint)
+    with pytest.raises(Rebuilt):
+        runtime.export_vision_encoder(tiny_adapted_model(), backend, folder)
+
+
+@pytest.mark.slow
+def test_an_export_rebuilt_for_new_weights_computes_with_them(tiny_export, tmp_path):
+    backend, _, (pixel_values, boxes), _, encoder = tiny_export
+    folder = tmp_path / "export"
+    shutil.copytree(encoder.folder, folder)
+    model = tiny_adapted_model()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "freq_lora_q_B" in n).add_(0.05)
+    expected = outputs(model, pixel_values, boxes)
+    rebuilt = runtime.export_vision_encoder(model, backend, folder, num_threads=1)
+    assert rebuilt.fingerprint != encoder.fingerprint
+    assert json.loads((folder / "runtime.json").read_text())["fingerprint"] == rebuilt.fingerprint
+    runtime.set_backend(model, backend, folder=folder)
+    assert_parity(outputs(model, pixel_values, boxes), expected, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LiteMedSAM on real images
+
+
+def polyp_inputs(processor, count: int = 2):
+    names = sorted(p.stem for p in (POLYP / "images").glob("*.jpg"))[:count]
+    images, boxes = [], []
+    for name in names:
+        images.append(Image.open(POLYP / "images" / f"{name}.jpg").convert("RGB"))
+        ys, xs = np.nonzero(np.asarray(Image.open(POLYP / "masks" / f"{name}.png").convert("L")) > 127)
+        boxes.append([float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)])
+    inputs = processor(images=images, input_boxes=boxes)
+    return inputs["pixel_values"], inputs["input_boxes"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (POLYP / "images").is_dir(), reason="shared data missing")
+def test_litemedsam_on_the_runtime_gives_torchs_masks_on_real_images(backend, tmp_path, monkeypatch):
+    model, processor = imedsam_hf.load_model("litemedsam")
+    pixel_values, boxes = polyp_inputs(processor)
+    expected = outputs(model, pixel_values, boxes)
+    runtime.set_backend(model, backend, cache_dir=tmp_path)
+    assert_parity(outputs(model, pixel_values, boxes), expected)
+    assert model.vision_encoder.metadata["frequency_adapter"] is False
+    # A second load (a new process would do the same) reuses the files.
+    monkeypatch.setattr(runtime, "_build", lambda *a, **k: pytest.fail("the cached export must be reused"))
+    again = runtime.export_vision_encoder(model, backend, cache_dir=tmp_path)
+    assert again.folder == model.vision_encoder.folder
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (POLYP / "images").is_dir(), reason="shared data missing")
+def test_trained_litemedsam_with_lora_and_frequency_adapter_matches_torch(backend, tmp_path):
+    model, processor = imedsam_hf.load_model(
+        "litemedsam", eval_mode=False, config_overrides={"use_implicit_decoder": True, "frequency_fusion_gate": True}
+    )
+    model = get_peft_model(model, imedsam_peft_config(model.config))
+    randomize_adapters(model)
+    model.eval()
+    pixel_values, boxes = polyp_inputs(processor)
+    expected = outputs(model, pixel_values, boxes)
+    with model.disable_adapter():  # the adapters are active: they change the masks
+        assert (outputs(model, pixel_values, boxes).sam_logits - expected.sam_logits).abs().max() > 1e-2
+    runtime.set_backend(model, backend, cache_dir=tmp_path)
+    encoder = model.get_base_model().vision_encoder
+    assert encoder.metadata["lora_merged"] and encoder.metadata["frequency_adapter"]
+    assert_parity(outputs(model, pixel_values, boxes), expected)
+
+
+def test_load_model_and_the_commands_take_a_backend(tmp_path, monkeypatch, capsys):
+    """`load_model(spec, backend=...)` and `imedsam predict/evaluate --backend`: the runtime encoder in place, the same
+    masks as torch; a backend that is not installed is named with its extra before any model loads."""
+    pytest.importorskip("openvino", exc_type=ImportError)
+    from conftest import tiny_model
+
+    from imedsam_hf import IMedSamProcessor, load_model
+    from imedsam_hf.cli import main as cli_main
+    from imedsam_hf.runtime import RuntimeVisionEncoder
+
+    monkeypatch.setenv("IMEDSAM_RUNTIME_CACHE", str(tmp_path / "cache"))
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "m")
+    IMedSamProcessor(image_size=64).save_pretrained(tmp_path / "m")
+    model, _ = load_model(tmp_path / "m", backend="openvino")
+    assert isinstance(model.vision_encoder, RuntimeVisionEncoder)
+    images = sorted((SHARED_DATA / "Kvasir-SEG-sample" / "images").iterdir())[:1]
+    argv = ["predict", "--model", str(tmp_path / "m"), str(images[0]), "--box", "50,50,300,300"]
+    assert cli_main([*argv, "--out", str(tmp_path / "torch")]) == 0
+    assert cli_main([*argv, "--backend", "openvino", "--out", str(tmp_path / "ov")]) == 0
+    from PIL import Image
+
+    torch_mask = np.asarray(Image.open(tmp_path / "torch" / f"{images[0].stem}.png"))
+    ov_mask = np.asarray(Image.open(tmp_path / "ov" / f"{images[0].stem}.png"))
+    assert (torch_mask == ov_mask).mean() > 0.999
+    with pytest.raises(ValueError, match="eval_mode"):
+        load_model(tmp_path / "m", backend="openvino", eval_mode=False)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed: `import onnxruntime` raises ImportError
+    assert cli_main([*argv, "--backend", "onnx", "--out", str(tmp_path / "x")]) == 2
+    assert "imedsam-hf[onnx]" in capsys.readouterr().err and not (tmp_path / "x").exists()
