@@ -37,6 +37,49 @@ TINY_IMPLICIT = dict(
 )
 
 
+# LiteMedSAM's TinyViT at test size: four stages, 64 px input, a 16x16 embedding.
+TINY_TINYVIT = dict(
+    model_type="i_medsam_tinyvit",
+    image_size=64,
+    embed_dims=[8, 16, 16, 32],
+    depths=[1, 1, 1, 1],
+    num_heads=[1, 2, 2, 4],
+    window_sizes=[3, 3, 5, 3],
+    output_channels=32,
+    num_pos_feats=16,
+)
+
+
+def tiny_tinyvit_model(seed: int = 0) -> IMedSamModel:
+    """A tiny I-MedSAM on a TinyViT encoder (BatchNorm statistics randomised, as after training), in eval mode."""
+    config = IMedSamConfig(
+        vision_config=dict(TINY_TINYVIT),
+        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=4, mask_input_channels=8),
+        mask_decoder_config=dict(
+            hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32
+        ),
+        coarse_hidden_sizes=[64, 32],
+        coarse_feature_size=16,
+        fine_hidden_sizes=[32, 16],
+        query_mode="dense",
+    )
+    torch.manual_seed(seed)
+    model = IMedSamModel(config)
+    randomize_batchnorm(model)
+    return model.eval()
+
+
+def writable(folder: Path) -> bool:
+    """Whether a file can be created in `folder` (root ignores permission bits, so tests check what really holds)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def tiny_config(**overrides) -> IMedSamConfig:
     settings = dict(
         vision_config=dict(TINY_VISION),

@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
-from conftest import randomize_adapters, randomize_batchnorm, tiny_model
+from conftest import randomize_adapters, tiny_model, tiny_tinyvit_model
 from peft import PeftModel, get_peft_model
 from transformers import AutoModel, AutoProcessor
 
 import imedsam_hf
-from imedsam_hf import IMedSamConfig, IMedSamModel, IMedSamTinyViTConfig, imedsam_peft_config, save_pretrained_full
+from imedsam_hf import IMedSamModel, IMedSamTinyViTConfig, imedsam_peft_config, save_pretrained_full
 from imedsam_hf.frequency_adapter_layers import FrequencyDownsample, FrequencyFusionLayer, QVLoRALinear
 
 
@@ -237,35 +237,10 @@ def test_merge_is_refused_with_the_frequency_adapter_and_the_model_is_unchanged(
 # ----------------------------------------------------------------------------------------------------------------------
 # publishing on TinyViT (LiteMedSAM's encoder)
 
-TINY_TINYVIT = dict(
-    model_type="i_medsam_tinyvit",
-    image_size=64,
-    embed_dims=[8, 16, 16, 32],
-    depths=[1, 1, 1, 1],
-    num_heads=[1, 2, 2, 4],
-    window_sizes=[3, 3, 5, 3],
-    output_channels=32,
-    num_pos_feats=16,
-)
 
-
-def tiny_tinyvit_model(seed: int = 0) -> IMedSamModel:
-    config = IMedSamConfig(
-        vision_config=dict(TINY_TINYVIT),
-        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=4, mask_input_channels=8),
-        mask_decoder_config=dict(
-            hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32
-        ),
-        coarse_hidden_sizes=[64, 32],
-        coarse_feature_size=16,
-        fine_hidden_sizes=[32, 16],
-        query_mode="dense",
-    )
-    assert isinstance(config.vision_config, IMedSamTinyViTConfig) and config.embedding_size == 16
-    torch.manual_seed(seed)
-    model = IMedSamModel(config)
-    randomize_batchnorm(model)
-    return model.eval()
+def test_the_tiny_tinyvit_model_has_a_16x16_embedding():
+    model = tiny_tinyvit_model()
+    assert isinstance(model.config.vision_config, IMedSamTinyViTConfig) and model.config.embedding_size == 16
 
 
 @pytest.fixture

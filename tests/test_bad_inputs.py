@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, randomize_adapters, tiny_model
+from conftest import SHARED_DATA, randomize_adapters, tiny_model, writable
 from peft import get_peft_model
 from PIL import Image
 from test_convert import TINY_SAM
@@ -54,14 +53,6 @@ def error_line(capsys) -> str:
     lines = [line for line in (captured.err + captured.out).splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
     return lines[0]
-
-
-def writable(folder: Path) -> bool:
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------- damaged model folders

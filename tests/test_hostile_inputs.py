@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import tempfile
 import types
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATA, tiny_model
+from conftest import REPO_ROOT, SHARED_DATA, tiny_model, writable
 from PIL import Image
 
 from imedsam_hf import IMedSamProcessor, load_model, segment
@@ -316,14 +315,6 @@ def test_11_a_mixed_call_with_a_clash_or_a_read_only_out_does_nothing(
     line = error_line(capsys)
     assert f"--out {read_only}" in line and "cannot write into it" in line
     assert files_in(read_only) == []
-
-
-def writable(folder: Path) -> bool:
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------- 12

@@ -15,44 +15,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, randomize_adapters, randomize_batchnorm
+from conftest import SHARED_DATA, randomize_adapters, tiny_tinyvit_model
 from peft import get_peft_model
 from PIL import Image
 
 import imedsam_hf
-from imedsam_hf import IMedSamConfig, IMedSamModel, imedsam_peft_config, runtime
+from imedsam_hf import imedsam_peft_config, runtime
 
 POLYP = SHARED_DATA / "EndoTect2020-polyp"
 RUNTIME_MODULES = {"onnx": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino",)}
-
-TINY_TINYVIT = dict(
-    model_type="i_medsam_tinyvit",
-    image_size=64,
-    embed_dims=[8, 16, 16, 32],
-    depths=[1, 1, 1, 1],
-    num_heads=[1, 2, 2, 4],
-    window_sizes=[3, 3, 5, 3],
-    output_channels=32,
-    num_pos_feats=16,
-)
-
-
-def tiny_tinyvit_model(seed: int = 0) -> IMedSamModel:
-    config = IMedSamConfig(
-        vision_config=dict(TINY_TINYVIT),
-        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=4, mask_input_channels=8),
-        mask_decoder_config=dict(
-            hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32
-        ),
-        coarse_hidden_sizes=[64, 32],
-        coarse_feature_size=16,
-        fine_hidden_sizes=[32, 16],
-        query_mode="dense",
-    )
-    torch.manual_seed(seed)
-    model = IMedSamModel(config)
-    randomize_batchnorm(model)
-    return model.eval()
 
 
 def tiny_adapted_model(seed: int = 0, **recipe):
