@@ -1,7 +1,11 @@
 """Browser demo (Gradio, the Hugging Face Spaces convention): upload an image, type a box or click on it, get the mask.
 
     python demo/app.py                                         # LiteMedSAM zero-shot, offline
+    python demo/app.py --model imedsam-litemedsam-polyp         # a shipped model, by name
     python demo/app.py --model outputs/litemedsam_polyp/final   # a trained I-MedSAM (folder or hub id)
+
+A class-aware model (the shipped `imedsam-litemedsam-btcv`) asks which structure the box is for: its config records
+its classes, and each box is decoded by that class's heads.
 
 On Spaces, `app.py` is run as is; set IMEDSAM_DEMO_MODEL to choose the model.
 """
@@ -28,8 +32,18 @@ def output_grid(height: int, width: int, choice: str) -> tuple[int, int]:
     return grid_size((height, width), choice.removesuffix(" px"))
 
 
-def segment_request(model, processor, image, box_values, clicks, resolution):
-    """One press of "Segment": the typed box (all zeros: none) and/or the clicks `[(x, y, label), ...]`."""
+def structure_choices(model) -> list[str]:
+    """A class-aware model's structures as "<id> <name>" (what its config records), else none."""
+    config = model.config
+    if not (getattr(config, "class_aware", False) and config.num_classes > 1):
+        return []
+    names = {int(k): v for k, v in (config.id2label or {}).items()}
+    return [f"{i} {names.get(i, f'class {i}')}" for i in range(1, config.num_classes + 1)]
+
+
+def segment_request(model, processor, image, box_values, clicks, resolution, structure=None):
+    """One press of "Segment": the typed box (all zeros: none) and/or the clicks `[(x, y, label), ...]`; for a
+    class-aware model, the structure ("<id> <name>") the box is for."""
     if image is None:
         raise gr.Error("Upload an image first.")
     array = np.asarray(image)
@@ -38,10 +52,15 @@ def segment_request(model, processor, image, box_values, clicks, resolution):
     box = None if any(v is None for v in values) or values == [0, 0, 0, 0] else [float(v) for v in values]
     points = [[float(x), float(y)] for x, y, _ in clicks] or None
     labels = [int(label) for _, _, label in clicks] or None
+    classes = None
+    if structure_choices(model):
+        if box is None:
+            raise gr.Error("This model is class-aware: type the box of the structure chosen under 'Structure'.")
+        classes = [int(str(structure or structure_choices(model)[0]).split()[0])]
     try:
         result = segment(
             model, array, box=box, points=points, labels=labels,
-            output_size=output_grid(height, width, resolution), processor=processor,
+            output_size=output_grid(height, width, resolution), processor=processor, classes=classes,
         )  # fmt: skip
     except ValueError as error:
         raise gr.Error(str(error)) from error
@@ -60,8 +79,8 @@ def segment_request(model, processor, image, box_values, clicks, resolution):
 def build_demo(model_name: str, device: str = "auto") -> gr.Blocks:
     model, processor = load_model(model_name, device=resolve_device(device))
 
-    def run(image, x0, y0, x1, y1, clicks, resolution):
-        return segment_request(model, processor, image, (x0, y0, x1, y1), clicks, resolution)
+    def run(image, x0, y0, x1, y1, clicks, resolution, structure):
+        return segment_request(model, processor, image, (x0, y0, x1, y1), clicks, resolution, structure)
 
     def add_click(clicks, kind, event: gr.SelectData):
         x, y = event.index
@@ -87,6 +106,10 @@ def build_demo(model_name: str, device: str = "auto") -> gr.Blocks:
                     clear = gr.Button("Clear clicks")
                 listed = gr.Textbox(label="Clicks (x,y,label)", interactive=False)
                 resolution = gr.Radio(RESOLUTIONS, value="native", label="Output resolution")
+                choices = structure_choices(model)
+                structure = gr.Dropdown(
+                    choices, value=choices[0] if choices else None, label="Structure", visible=bool(choices)
+                )
                 button = gr.Button("Segment", variant="primary")
             with gr.Column():
                 result = gr.Image(label="Mask overlay", type="numpy")
@@ -95,7 +118,8 @@ def build_demo(model_name: str, device: str = "auto") -> gr.Blocks:
         image.select(add_click, inputs=[clicks, kind], outputs=[clicks, listed])
         clear.click(lambda: ([], ""), outputs=[clicks, listed])
         image.upload(lambda: ([], ""), outputs=[clicks, listed])
-        button.click(run, inputs=[image, x0, y0, x1, y1, clicks, resolution], outputs=[result, download, info])
+        inputs = [image, x0, y0, x1, y1, clicks, resolution, structure]
+        button.click(run, inputs=inputs, outputs=[result, download, info])
     return demo
 
 

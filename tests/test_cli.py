@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, tiny_model
+from conftest import REPO_ROOT, SHARED_DATA, tiny_model
 from PIL import Image
 
 from imedsam_hf import IMedSamProcessor
@@ -322,3 +322,19 @@ def test_demo_request_with_clicks(model_dir):
     )
     assert np.asarray(shown).shape[:2] == image.shape[:2] and "2 click(s)" in info
     assert np.asarray(Image.open(path)).shape == image.shape[:2]
+
+
+def test_a_class_aware_model_asks_for_the_structure_of_the_box(tmp_path):
+    """The demo reads what the model records: a class-aware model lists its structures and decodes the box with the
+    chosen one's heads."""
+    spec = importlib.util.spec_from_file_location("demo_app", REPO_ROOT / "demo" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    model = tiny_model(
+        num_classes=3, class_aware=True, implicit_decoder_trained=True, id2label={1: "a", 2: "b", 3: "c"}
+    )
+    assert app.structure_choices(model) == ["1 a", "2 b", "3 c"] and app.structure_choices(tiny_model()) == []
+    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    processor = IMedSamProcessor(image_size=64)
+    masks = [app.segment_request(model, processor, image, (5, 5, 30, 30), [], "native", c)[0] for c in ("1 a", "3 c")]
+    assert not np.array_equal(np.asarray(masks[0]), np.asarray(masks[1]))  # each class's own heads
