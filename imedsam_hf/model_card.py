@@ -207,12 +207,42 @@ def write_model_card(
     return card
 
 
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (cells as given; floats to 4 digits)."""
+    cell = lambda v: _number(v) if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def write_shipped_model_card(path: str | Path, context: dict[str, Any], eval_results: list[EvalResult]) -> ModelCard:
+    """
+    The Hub card of a shipped model (`model_cards/<name>.md`, copied into the package): the project's shipped-model
+    template filled from `context` (its measured tables among them), with `eval_results` as the model-index.
+    """
+    card_data = ModelCardData(
+        license=context["base_model_license_id"],
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        tags=[*TAGS, *context.get("tags", [])],
+        base_model=None,
+        datasets=context.get("datasets"),
+        metrics=["dice", "hd95"],
+        model_name=context["model_name"],
+        eval_results=eval_results or None,
+    )
+    card = ModelCard.from_template(card_data, template_path=str(template_path("shipped_model_card.md")), **context)
+    card.save(Path(path))
+    return card
+
+
 __all__ = [
     "BACKBONE_LICENSES",
     "model_context",
+    "markdown_table",
     "results_table",
     "template_path",
     "write_adapter_card",
     "write_default_model_card",
     "write_model_card",
+    "write_shipped_model_card",
 ]

@@ -234,7 +234,7 @@ def test_config_changes_reach_the_trained_implicit_decoder_copy(inputs):
     with torch.no_grad():
         outputs = peft_model(pixel_values=pixel_values, input_boxes=boxes, output_size=(16, 16))
     assert outputs.refined.flatten(1).sum(1).tolist() == [64, 64]
-    config.query_mode, config.adaptive_base_size = "adaptive", 8
+    config.query_mode, config.adaptive_base_size, config.query_region = "adaptive", 8, "image"
     with torch.no_grad():
         adaptive = peft_model(pixel_values=pixel_values, input_boxes=boxes, output_size=(32, 32))
     assert adaptive.refined.flatten(1).sum(1).tolist() == [round(0.25 * 8 * 8 * 4)] * 2

@@ -325,6 +325,7 @@ def test_trained_litemedsam_with_lora_and_frequency_adapter_matches_torch(backen
     assert_parity(outputs(model, pixel_values, boxes), expected)
 
 
+@pytest.mark.slow
 def test_load_model_and_the_commands_take_a_backend(tmp_path, monkeypatch, capsys):
     """`load_model(spec, backend=...)` and `imedsam predict/evaluate --backend`: the runtime encoder in place, the same
     masks as torch; a backend that is not installed is named with its extra before any model loads."""

@@ -42,9 +42,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_arguments.py beside this script
-
-from train_arguments import SECTIONS, Arguments, DataArguments, ModelArguments, parse_args  # noqa: E402, F401
+# train_arguments.py beside this script, imported without leaving this folder on sys.path (its evaluate.py would
+# shadow the `evaluate` library for whatever imports it later in the process).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+try:
+    from train_arguments import SECTIONS, Arguments, DataArguments, ModelArguments, parse_args  # noqa: E402, F401
+finally:
+    sys.path.pop(0)
 
 import imedsam_hf  # noqa: E402, F401  (registers the model and the PEFT type)
 from imedsam_hf import imedsam_peft_config, save_pretrained_full  # noqa: E402
