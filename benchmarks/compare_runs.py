@@ -5,7 +5,7 @@
         [--model_a imedsam] [--model_b baseline_sam] [--metric dice] [--json out.json]
 
 Each side is a per-image file: the `eval_per_image.jsonl` that training/train.py writes next to a run, or the CSV of
-training/evaluate.py. Rows are matched by (output size, image stem); `--model_a/--model_b` pick the rows of one model
+training/evaluate.py. Rows are matched by (output size, image stem), per structure for class-prompted rows; `--model_a/--model_b` pick the rows of one model
 where a file holds several (train.py marks the zero-shot rows `baseline_sam`, evaluate.py the I-MedSAM rows
 `imedsam`). On a test split of a few dozen images, differences of a tenth of a Dice point are usually noise: this
 says which ones are not.
@@ -40,9 +40,13 @@ def load_per_image(path: str | Path, model: str | None, metric: str) -> dict[tup
             rows = list(csv.DictReader(handle))
     wanted = model or DEFAULT_MODEL
     values = {
-        (str(row["size"]), row["stem"]): float(row[metric])
+        # Class-prompted rows (one per structure of an image) are matched per structure: (size, "stem#class").
+        (
+            str(row["size"]),
+            f"{row['stem']}#{row['class']}" if row.get("class") not in (None, "") else row["stem"],
+        ): float(row[metric])
         for row in rows
-        if row.get("model", DEFAULT_MODEL) == wanted and metric in row
+        if row.get("model", DEFAULT_MODEL) == wanted and row.get(metric) not in (None, "")
     }
     if not values:
         models = sorted({row.get("model", DEFAULT_MODEL) for row in rows})
