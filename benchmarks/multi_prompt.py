@@ -29,20 +29,28 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--sam_mask_only", action="store_true", help="the backbone's SAM mask output (no implicit decoder)"
     )
+    parser.add_argument("--query_region", default=None, choices=["box", "image"], help="default: the model's")
+    parser.add_argument("--backend", default="torch", help="the image encoder's backend (torch, openvino, onnx)")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     device, _ = setup_run(args)
     overrides = {"use_implicit_decoder": not args.sam_mask_only}
-    model, processor = load_model(args.model, device=device, config_overrides=overrides)
+    if args.query_region:
+        overrides["query_region"] = args.query_region
+    model, processor = load_model(args.model, device=device, config_overrides=overrides, backend=args.backend)
     labels = read_mask(args.mask, num_classes=255)
     classes = [int(c) for c in np.unique(labels) if c > 0]
     boxes = [mask_box(labels == c).tolist() for c in classes]
+    aware = model.config.num_classes > 1  # a class-aware model: each box with its class
 
     def together():
-        return segment(model, args.image, box=boxes, processor=processor)
+        return segment(model, args.image, box=boxes, processor=processor, classes=classes if aware else None)
 
     def one_by_one():
-        return [segment(model, args.image, box=box, processor=processor) for box in boxes]
+        return [
+            segment(model, args.image, box=box, processor=processor, classes=[c] if aware else None)
+            for box, c in zip(boxes, classes)
+        ]
 
     difference = max(
         float(np.abs(several - alone.probabilities).max())
@@ -67,6 +75,8 @@ def main(argv=None) -> dict:
         "benchmark": "multi_prompt",
         "model": args.model,
         "implicit_decoder": not args.sam_mask_only,
+        "query_region": model.config.query_region,
+        "backend": args.backend,
         "image": args.image,
         "classes": classes,
         "max_probability_difference": difference,

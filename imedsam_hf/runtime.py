@@ -124,7 +124,8 @@ def _require(backend: str, exporting: bool = False) -> None:
         extra = EXTRAS[backend]
         raise ImportError(
             f"backend={backend!r} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
-            f'installed: pip install "imedsam-hf[{extra}]" (or pip install {" ".join(missing)}), or use '
+            f'installed: pip install {" ".join(missing)} (the [{extra}] extra: pip install ".[{extra}]" in a clone of '
+            "imedsam-hf), or use "
             'backend="torch".'
         )
 
