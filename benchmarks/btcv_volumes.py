@@ -12,6 +12,9 @@ slices stacked by slice index (`images/`, `masks/`, the slices with an organ; `c
   direction stops at the first empty mask; `imedsam predict --boxes`);
 - `boxes3d_continue`: the same boxes, propagation continuing through empty slices inside the box's z range.
 Per organ: 3-D Dice and HD95 (mm) per scan, then the mean over scans; `dice_13`, `dice_8` the means over organs.
+Where a protocol loses (`where_lost`, per organ, summed over scans): `missed_slices` the fraction of the organ's slices
+left empty (a propagation that stopped early, or a middle slice that came out empty), `dice_ends` / `dice_middle`
+the Dice over the outer quarter of the organ's slices at either end of its z range / over the rest.
 Times: seconds per volume (segmentation only) and the model's load time, on `--num_threads` CPU threads.
 """
 
@@ -53,6 +56,30 @@ def scan_volume(data_dir: Path, case: str, stems: list[str]) -> tuple[np.ndarray
     return images, labels
 
 
+def where_lost(predicted: np.ndarray, labels: np.ndarray, class_id: int) -> dict[str, int]:
+    """Voxel and slice counts of one organ in one scan: which slices a protocol left empty, overlap at the ends and
+    in the middle of the organ's z range (the outer quarter of its slices on either side count as ends)."""
+    truth, pred = labels == class_id, predicted == class_id
+    slices = np.flatnonzero(truth.any(axis=(0, 1)))
+    quarter = max(1, len(slices) // 4)
+    ends = np.zeros(truth.shape[2], bool)
+    ends[slices[:quarter]] = ends[slices[-quarter:]] = True
+    counts = {"slices": len(slices), "missed": int((~pred[:, :, slices].any(axis=(0, 1))).sum())}
+    for part, where in (("ends", ends), ("middle", ~ends)):
+        t, p = truth[:, :, where], pred[:, :, where]
+        counts[f"{part}_overlap"], counts[f"{part}_total"] = int((t & p).sum()), int(t.sum() + p.sum())
+    return counts
+
+
+def summarize_losses(counts: list[dict[str, int]]) -> dict[str, float]:
+    total = {key: sum(c[key] for c in counts) for key in counts[0]}
+    return {
+        "missed_slices": total["missed"] / max(total["slices"], 1),
+        "dice_ends": 2 * total["ends_overlap"] / max(total["ends_total"], 1),
+        "dice_middle": 2 * total["middle_overlap"] / max(total["middle_total"], 1),
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True)
@@ -83,6 +110,7 @@ def main(argv=None) -> dict:
         load_seconds = time.perf_counter() - start
         for protocol in args.protocol:
             per_class: dict[int, list[tuple[float, float]]] = {}
+            losses: dict[int, list[dict[str, int]]] = {}
             seconds = []
             for case in cases:
                 images, labels = volumes[case]
@@ -97,6 +125,7 @@ def main(argv=None) -> dict:
                 classes = [int(c) for c in np.unique(labels) if c > 0]
                 for class_id, score in volume_scores(predicted, labels, spacing[case], classes).items():
                     per_class.setdefault(class_id, []).append((score["dice"], score["hd95"]))
+                    losses.setdefault(class_id, []).append(where_lost(predicted, labels, class_id))
             dice = {c: float(np.mean([d for d, _ in v])) for c, v in sorted(per_class.items())}
             hd95 = {c: float(np.mean([h for _, h in v])) for c, v in sorted(per_class.items())}
             rows.append(
@@ -112,6 +141,7 @@ def main(argv=None) -> dict:
                     "per_class": {
                         str(c): {"name": names.get(c, str(c)), "dice": dice[c], "hd95": hd95[c]} for c in dice
                     },
+                    "where_lost": {str(c): summarize_losses(losses[c]) for c in dice},
                 }
             )
             print(f"{spec} {protocol}: 13-organ 3-D Dice {rows[-1]['dice_13']:.4f}", flush=True)

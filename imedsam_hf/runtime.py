@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from . import frequency_adapter_layers
+from .files import sha256_file
 from .frequency_adapter_layers import FrequencyAdapterLayer, QVLoRALinear
 from .version import __version__
 
@@ -376,14 +377,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "imedsam_hf" / "runtime"
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_metadata(folder: Path) -> dict | None:
     try:
         metadata = json.loads((folder / METADATA_FILE).read_text())
@@ -400,11 +393,7 @@ def cached_export_is_valid(folder: str | os.PathLike, fingerprint: str) -> bool:
         return False
     for name, record in metadata["files"].items():
         path = folder / name
-        if (
-            not path.is_file()
-            or path.stat().st_size != record.get("size")
-            or _file_digest(path) != record.get("sha256")
-        ):
+        if not path.is_file() or path.stat().st_size != record.get("size") or sha256_file(path) != record.get("sha256"):
             return False
     return True
 
@@ -621,7 +610,7 @@ def _build(model, encoder, backend, precision, folder: Path, fingerprint, verify
                 f'{str(error).strip()[:2000]}. Use backend="torch", or the other runtime.'
             ) from error
         files = {
-            str(p.relative_to(built)): {"size": p.stat().st_size, "sha256": _file_digest(p)}
+            str(p.relative_to(built)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(built.rglob("*"))
             if p.is_file()
         }

@@ -137,3 +137,20 @@ def test_volume_benchmark_times_a_volume_and_its_encoder(tmp_path):
         assert row["slices"] == 8 and 0 < row["slices_encoded"] <= labelled and 0 < row["encoder_share"] < 1
         assert row["seconds_with_startup"] > row["seconds"] and row["per_class"]
     assert [row["protocol"] for row in result["rows"]] == ["labels", "boxes3d"] and (tmp_path / "volume.json").is_file()
+
+
+def test_btcv_volumes_says_where_a_protocol_loses():
+    """`where_lost`: slices left empty and Dice at the ends of an organ's z range against its middle."""
+    import numpy as np
+
+    module = load_benchmark("btcv_volumes")
+    labels = np.zeros((4, 4, 8), np.uint8)
+    labels[1:3, 1:3, :] = 2
+    predicted = labels.copy()
+    predicted[:, :, [0, 7]] = 0  # a propagation that stopped one slice short at both ends
+    counts = module.where_lost(predicted, labels, 2)
+    assert counts["slices"] == 8 and counts["missed"] == 2
+    summary = module.summarize_losses([counts, module.where_lost(labels, labels, 2)])
+    assert summary["missed_slices"] == 2 / 16 and summary["dice_middle"] == 1.0
+    # the ends (2 slices at either end, 16 voxels per scan): 8 + 16 overlapping, 24 + 32 in prediction and truth
+    assert summary["dice_ends"] == 2 * (8 + 16) / (24 + 32)

@@ -270,6 +270,26 @@ def test_9_many_boxes_are_decoded_in_chunks_within_the_budget_and_a_huge_call_is
 
 
 # ----------------------------------------------------------------------------------------------------------- 10
+def test_10_trainable_weights_of_another_model_shape_are_refused_naming_the_file_and_the_fix(tmp_path, train_script):
+    """Resuming (or `--finish-only`) with other model options than the run's: the saved trainable weights do not fit;
+    the error names the file and says to build the model with the run's own options."""
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+
+    import imedsam_hf
+    from imedsam_hf.publishing import trainable_state
+
+    def trainable(**overrides):
+        model = tiny_model(query_mode="adaptive", **overrides)
+        return get_peft_model(model, imedsam_hf.imedsam_peft_config(model.config))
+
+    saved = tmp_path / "trainable_0.safetensors"
+    save_file({k: v.contiguous() for k, v in trainable_state(trainable()).items()}, str(saved))
+    train_script.load_trainable(trainable(), saved)  # the run's own options: loads
+    with pytest.raises(SystemExit, match=r"trainable_0.safetensors.*Build it with the run's own model options"):
+        train_script.load_trainable(trainable(num_classes=3), saved)
+
+
 def test_10_a_boxes_file_holding_a_json_list_is_refused_before_the_model_loads(
     model_dir, btcv_crop, tmp_path, capsys, no_model_load
 ):

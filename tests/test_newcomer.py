@@ -66,12 +66,15 @@ def test_a_recipe_for_other_data_is_refused_not_carded(tiny_sam, tmp_path):
     with pytest.raises(SystemExit, match=r"describe the folder 'BTCV-Synapse-CT', not --data-dir .*organs"):
         train_script.main([*base, "--num-classes", "2", "--mask-classes", "2"])
     out = tmp_path / "b"
-    own = ["--num-classes", "2", "--mask-classes", "2", "--name", "Two organs", "--license", "CC0", "--citation", "-"]
+    # 3 heads given on the command line for 2 classes: kept, and class 3 (in no training image) is carded as untrained
+    own = ["--num-classes", "3", "--mask-classes", "3", "--name", "Two organs", "--license", "CC0", "--citation", "-"]
     results = train_script.main(
         [*args(tiny_sam, data, out), "--config", str(recipe), *own, "--max-train-steps", "2", "--baseline", "false"]
     )
     card = (out / "final" / "README.md").read_text()
     assert "Two organs" in card and "CC0" in card and "BTCV" not in card and "Synapse" not in card
+    assert json.loads((out / "final" / "config.json").read_text())["training_data"]["untrained_classes"] == [3]
+    assert "**Not trained for**: 3" in card
     assert results["training"]["steps"] == 2 and "2 optimizer steps" in card and "10 epochs" not in card
 
 

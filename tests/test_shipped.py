@@ -73,6 +73,33 @@ def test_a_shipped_model_loads_by_name_with_the_runs_logits(fake_shipped):
     assert (folder / "trainable.safetensors").stat().st_size < (run / "final" / "model.safetensors").stat().st_size / 2
 
 
+def test_a_model_stored_in_float16_is_checked_against_the_float32_run_first(fake_shipped):
+    """Over --max-mb the weights are stored in float16: the references are then that model's logits, with how far
+    each is from the float32 run's, and the model loaded by name gives them."""
+    folder, run = fake_shipped
+    card = run / "card.md"
+    card.write_text((folder / "README.md").read_text())
+    references = [f"{KVASIR / 'images' / r['image']}:{KVASIR / 'masks' / r['mask']}"
+                  for r in json.loads((folder / "reference.json").read_text())["references"]]  # fmt: skip
+    args = ["--run", str(run), "--name", FAKE, "--card", str(card), "--max-mb", "0", "--reference", *references]
+    assert ship_script.main(args) == 0
+    stored = json.loads((folder / "reference.json").read_text())
+    assert stored["dtype"] == "float16" and all(0 < r["float32_run_max_difference"] < 0.1 for r in stored["references"])
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(str(folder / "trainable.safetensors")).values() if v.is_floating_point()} == {
+        torch.float16
+    }
+    model, processor = load_model(FAKE)
+    for reference in stored["references"]:
+        again = ship_script.reference_logits(model, processor, *_kvasir_pair(reference))
+        np.testing.assert_allclose(np.array(again["logits"]), np.array(reference["logits"]), atol=1e-4)
+
+
+def _kvasir_pair(reference: dict) -> tuple[str, str]:
+    return str(KVASIR / "images" / reference["image"]), str(KVASIR / "masks" / reference["mask"])
+
+
 def test_damaged_unknown_and_missing_pieces_are_named(fake_shipped, monkeypatch):
     folder, _ = fake_shipped
     data = bytearray((folder / "trainable.safetensors").read_bytes())

@@ -70,7 +70,7 @@ from imedsam_hf.data import (  # noqa: E402
     write_splits,
 )
 from imedsam_hf.evaluation import EvaluationProtocol, evaluate_model, load_baseline  # noqa: E402
-from imedsam_hf.files import sha256_file  # noqa: E402
+from imedsam_hf.files import atomic_write, sha256_file  # noqa: E402
 from imedsam_hf.loading import (  # noqa: E402
     LITEMEDSAM,
     load_model,
@@ -389,9 +389,7 @@ def write_manifest(path: Path) -> None:
     files = {
         f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(path.iterdir()) if f.is_file()
     }
-    temporary = path / f".{MANIFEST}.tmp"
-    temporary.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(temporary, path / MANIFEST)
+    atomic_write(path / MANIFEST, lambda temporary: Path(temporary).write_text(json.dumps({"files": files}, indent=1)))
 
 
 def checkpoint_problem(path: Path) -> str | None:
