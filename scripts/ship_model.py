@@ -61,12 +61,16 @@ def reference_logits(model, processor, image: str, mask: str) -> dict:
     }
 
 
+def logit_difference(again: dict, reference: dict) -> float:
+    """The largest absolute difference between two `reference_logits` results' logits."""
+    return float(np.abs(np.array(again["logits"]) - np.array(reference["logits"])).max())
+
+
 def same_logits(name: str, pairs: list[str], references: list[dict], tolerance: float) -> bool:
     """Whether the shipped model `name`, loaded by name, gives `references` on the IMAGE:MASK `pairs`."""
     model, processor = load_model(name)
     for pair, reference in zip(pairs, references):
-        again = reference_logits(model, processor, *pair.split(":"))
-        error = np.abs(np.array(again["logits"]) - np.array(reference["logits"])).max()
+        error = logit_difference(reference_logits(model, processor, *pair.split(":")), reference)
         print(f"{reference['image']}: shipped vs trained run, max |logit difference| {error:.2e}")
         if error > tolerance:
             return False
@@ -127,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         model, model_processor = load_model(args.name)
         stored = [reference_logits(model, model_processor, *pair.split(":")) for pair in args.reference]
         for again, reference in zip(stored, run_logits):
-            error = np.abs(np.array(again["logits"]) - np.array(reference["logits"])).max()
-            again["float32_run_max_difference"] = round(float(error), 6)
+            error = logit_difference(again, reference)
+            again["float32_run_max_difference"] = round(error, 6)
             print(f"{again['image']}: float16 storage moves the logits by at most {error:.2e}")
         (target / "reference.json").write_text(json.dumps({"dtype": "float16", "references": stored}) + "\n")
         write_manifest(target)
