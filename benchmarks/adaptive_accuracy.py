@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from common import machine_description, progress, report
+from common import machine_description, model_and_split, progress, report
 
-from imedsam_hf import load_model
-from imedsam_hf.data import discover_pairs, select_split, validate_pairs
 from imedsam_hf.evaluation import evaluate_pairs
 
 
@@ -36,12 +33,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num_threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    model, processor = load_model(args.model)
-    found, problems = discover_pairs(args.data_dir)
-    pairs, problems = validate_pairs(found, problems=problems)
-    pairs = select_split(pairs, args.split, Path(args.model) / "splits.json")[: args.limit]
+    model, processor, pairs = model_and_split(args.model, args.data_dir, args.split, args.num_threads)
+    pairs = pairs[: args.limit]
     rows = []
     for size in progress(args.output_sizes, "output sizes"):
         variants = [("dense", None)] + [("adaptive", base or None) for base in args.base_sizes]

@@ -10,7 +10,8 @@ slices stacked by slice index (`images/`, `masks/`, the slices with an organ; `c
 - `labels`: every organ on every slice where it appears, its exact box (`imedsam predict --boxes-from-masks`);
 - `boxes3d`: one tight 3-D box per organ per scan, propagated from the middle slice outwards, MedSAM's rule (a
   direction stops at the first empty mask; `imedsam predict --boxes`);
-- `boxes3d_continue`: the same boxes, propagation continuing through empty slices inside the box's z range.
+- `boxes3d_continue`: the same boxes, propagation continuing through empty slices inside the box's z range;
+- `boxes3d_unconfined`: `boxes3d` without cutting each mask to its prompt box (MedSAM's rule as it is).
 Per organ: 3-D Dice and HD95 (mm) per scan, then the mean over scans; `dice_13`, `dice_8` the means over organs.
 Where a protocol loses (`where_lost`, per organ, summed over scans): `missed_slices` the fraction of the organ's slices
 left empty (a propagation that stopped early, or a middle slice that came out empty), `dice_ends` / `dice_middle`
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import add_run_arguments, machine_description, report, setup_run
+from common import VOLUME_PROTOCOLS, add_run_arguments, machine_description, report, setup_run
 from PIL import Image
 
 from imedsam_hf import load_model
@@ -33,11 +34,7 @@ from imedsam_hf.data import load_splits, read_class_names, read_scan_spacing, sl
 from imedsam_hf.volumes import boxes_3d_from_labels, place_slice, read_volume, segment_volume, volume_scores
 
 COMMON_8 = (8, 4, 3, 2, 6, 11, 1, 7)
-PROTOCOLS = {
-    "labels": {},
-    "boxes3d": {"propagation": "stop"},
-    "boxes3d_continue": {"propagation": "continue"},
-}
+PROTOCOLS = VOLUME_PROTOCOLS
 
 
 def scan_volume(data_dir: Path, case: str, stems: list[str]) -> tuple[np.ndarray, np.ndarray]:

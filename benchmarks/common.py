@@ -23,6 +23,15 @@ from imedsam_hf.loading import LITEMEDSAM, load_model
 
 BACKBONES = ("vit-b-384", "vit-b-1024", LITEMEDSAM)
 
+#: The prompt protocols of the volume benchmarks: `segment_volume`'s arguments for each (the prompts themselves, a
+#: label volume or the 3-D boxes of its organs, are added by the benchmark).
+VOLUME_PROTOCOLS = {
+    "labels": {},  # every organ on every slice where it appears, its exact box
+    "boxes3d": {"propagation": "stop"},  # one 3-D box per organ, MedSAM's stop rule, masks cut to their boxes
+    "boxes3d_continue": {"propagation": "continue"},  # ... continuing through empty slices
+    "boxes3d_unconfined": {"propagation": "stop", "confine": False},  # MedSAM's rule as it is
+}
+
 
 def pick_device(name: str | None = None) -> torch.device:
     if name:
@@ -174,6 +183,21 @@ def report(result: dict, header: str, columns: list[str], json_path: str | None)
     if json_path:
         write_json(json_path, result)
     return result
+
+
+def model_and_split(spec: str, data_dir: str, split: str, num_threads: int | None = None):
+    """A trained model (shipped name or folder), its processor and the image/mask pairs of `split` by its own
+    `splits.json` (`"all"`: every pair of `data_dir`)."""
+    from imedsam_hf.data import discover_pairs, select_split, validate_pairs
+    from imedsam_hf.shipped import is_shipped, shipped_folder
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    model, processor = load_model(spec)
+    folder = shipped_folder(spec) if is_shipped(spec) else Path(spec)
+    found, problems = discover_pairs(data_dir)
+    pairs, _ = validate_pairs(found, problems=problems)
+    return model, processor, select_split(pairs, split, folder / "splits.json")
 
 
 def progress(iterable, description: str, total: int | None = None):

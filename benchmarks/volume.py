@@ -10,7 +10,8 @@ memory and the 3D scores, for several models, encoder backends and prompt protoc
 Protocols: `labels`, every structure prompted on every slice where it appears (all of a slice's boxes in one call,
 `imedsam predict --boxes-from-masks`); `boxes3d`, one tight 3-D box per structure, propagated from its middle slice
 (`imedsam predict --boxes`, MedSAM's stop rule; each slice encoded once for all structures); `boxes3d_continue`, the
-same continuing through empty slices in the box's z range. Start-up is loading the model and, for a runtime backend,
+same continuing through empty slices in the box's z range (both cut each mask to its prompt box);
+`boxes3d_unconfined`, MedSAM's rule as it is (`imedsam predict --no-confine`). Start-up is loading the model and, for a runtime backend,
 exporting or loading its compiled encoder (`--clear_cache` measures a first start). The encoder's share is the time
 spent in `encode_image`; peak memory is the resident-set (CPU) or allocator (CUDA) peak above the loaded model. 3D
 Dice and HD95 (mm) per organ from `volume_scores` with the header's spacing.
@@ -23,7 +24,15 @@ import tempfile
 import time
 
 import numpy as np
-from common import add_run_arguments, machine_description, peak_memory, report, setup_run, synchronize
+from common import (
+    VOLUME_PROTOCOLS,
+    add_run_arguments,
+    machine_description,
+    peak_memory,
+    report,
+    setup_run,
+    synchronize,
+)
 
 from imedsam_hf import load_model
 from imedsam_hf.volumes import boxes_3d_from_labels, read_volume, segment_volume, volume_scores
@@ -49,7 +58,7 @@ def timed_encoder(model, device):
     return totals
 
 
-PROTOCOLS = {"labels": {}, "boxes3d": {"propagation": "stop"}, "boxes3d_continue": {"propagation": "continue"}}
+PROTOCOLS = VOLUME_PROTOCOLS
 
 
 def main(argv=None) -> dict:

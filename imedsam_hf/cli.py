@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the box's z range with the last box, every box kept inside the 3-D box",
     )
     p.add_argument(
+        "--no-confine",
+        action="store_true",
+        help="3-D boxes: MedSAM's propagation as it is, a mask may reach past its box and widen the next one "
+        "(default: each mask cut to its prompt box, every propagated box kept inside the 3-D box)",
+    )
+    p.add_argument(
         "--out",
         required=True,
         help="folder for the masks, outside the input and mask folders; names keep the inputs' sub-paths",

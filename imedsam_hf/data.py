@@ -86,6 +86,9 @@ class DataConfig:
     num_classes: int = 1
     augment: AugmentationConfig | None = field(default_factory=AugmentationConfig)
     box_jitter: float = 0.1  # each box side moves by up to this fraction of the box size (training only)
+    # The share of training boxes that are jittered; the others stay exact (1.0: all), so that a model trained for
+    # imperfect boxes still sees tight ones.
+    box_jitter_probability: float = 1.0
     prompt: str = "box"  # "box" or "none"
     # Multi-class masks with one box per class present: one binary sample per (image, class), prompted with that
     # class's box (the model has one output channel; the box says which structure). `mask_classes` is the number
@@ -748,8 +751,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             box = self._exact_box(mask, original, shape)
         if box is None:  # prompt="none" only (empty masks make no box-prompted sample): an unused placeholder
             box = np.array([0, 0, shape[1], shape[0]], dtype=np.float32)
-        if self.train and self.config.box_jitter > 0:
-            box = jitter_box(box, self.config.box_jitter, shape, rng)
+        box = self._training_box(box, shape, rng)
         sample = {
             "pixel_values": pixel_values,
             "labels": labels,
@@ -819,11 +821,19 @@ class SegmentationDataset(torch.utils.data.Dataset):
             )
             if box is None:  # augmented out of view
                 continue
-            if self.train and self.config.box_jitter > 0:
-                box = jitter_box(box, self.config.box_jitter, shape, rng)
+            box = self._training_box(box, shape, rng)
             boxes.append(box)
             classes.append(class_id)
         return boxes, classes
+
+    def _training_box(self, box: np.ndarray, shape, rng: np.random.Generator) -> np.ndarray:
+        """In training, `box` jittered by `box_jitter` (with probability `box_jitter_probability`); else `box`."""
+        config = self.config
+        if not self.train or config.box_jitter <= 0:
+            return box
+        if config.box_jitter_probability < 1.0 and rng.random() >= config.box_jitter_probability:
+            return box
+        return jitter_box(box, config.box_jitter, shape, rng)
 
     def _exact_box(self, mask: np.ndarray, original, shape) -> np.ndarray | None:
         """The ground-truth box at the original resolution, scaled into the frame (the evaluation protocol)."""

@@ -1,4 +1,5 @@
-"""Files written and checked the one way: atomic writes (masks, label volumes, manifests) and SHA-256 digests.
+"""Files written and checked the one way: atomic writes (masks, label volumes, manifests), SHA-256 digests, and the
+`manifest.json` of a folder whose files must arrive whole and unchanged (training checkpoints, shipped models).
 
 A writer never leaves a half-written file where a reader (or the next run's `glob`) would find it: the content goes
 to a hidden temporary file in the target's folder, which is renamed into place; a failed or interrupted write
@@ -8,6 +9,7 @@ removes it, and `remove_stale_temporaries` clears those a killed process left be
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -66,4 +68,55 @@ def sha256_file(path: str | os.PathLike) -> str:
         return sha_fileobj(handle).hex()
 
 
-__all__ = ["TEMPORARY_SUFFIX", "atomic_write", "remove_stale_temporaries", "sha256_file"]
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: str | os.PathLike) -> dict[str, dict]:
+    """
+    Write `folder/manifest.json`, `{"files": {name: {"size": bytes, "sha256": hex}}}` for every file of the folder
+    but the manifest itself, atomically; returns the `files` entry. Write it last: a folder without it is incomplete.
+    """
+    folder = Path(folder)
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(TEMPORARY_SUFFIX)
+    }
+    text = json.dumps({"files": files}, indent=1) + "\n"
+    atomic_write(folder / MANIFEST, lambda temporary: Path(temporary).write_text(text))
+    return files
+
+
+def manifest_problem(folder: str | os.PathLike) -> str | None:
+    """
+    What is wrong with `folder` against its `manifest.json` (missing or unreadable manifest; a file missing,
+    truncated or changed, named with its path), or None when every listed file is there with its size and SHA-256.
+    """
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest} is missing"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        expected = {str(name): (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"{manifest} is unreadable ({type(error).__name__}: {error})"
+    for name, (size, digest) in expected.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} when written (truncated?)"
+        if sha256_file(path) != digest:
+            return f"{path}: its SHA-256 is not the one written in {MANIFEST} ({digest[:12]}...): damaged or altered"
+    return None
+
+
+__all__ = [
+    "MANIFEST",
+    "TEMPORARY_SUFFIX",
+    "atomic_write",
+    "manifest_problem",
+    "remove_stale_temporaries",
+    "sha256_file",
+    "write_manifest",
+]

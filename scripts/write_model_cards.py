@@ -81,10 +81,10 @@ def propagation_caveat(by: dict, name: str) -> str:
         return ""
     return (
         f"**In the 3-D box mode (one box per organ, propagated slice to slice) this model is below the zero-shot "
-        f"backbone ({points(ours['dice_13'])} vs {points(base['dice_13'])} 13-organ 3-D Dice)**: its masks reach a "
-        "little beyond the box they were prompted with, so each propagated box grows and the error accumulates toward "
-        "the organ's ends. Give it a box on every slice (`--boxes-from-masks`), or use `--model litemedsam` for 3-D "
-        "boxes. "
+        f"backbone ({points(ours['dice_13'])} vs {points(base['dice_13'])} 13-organ 3-D Dice)**: propagation loses "
+        "most on thin, winding structures (esophagus, aorta, portal/splenic vein, pancreas), where the box taken from "
+        "one slice's mask drifts onto a neighbour on the next. Give it a box on every slice (`--boxes-from-masks`), "
+        "or use `--model litemedsam` for 3-D boxes. "
     )
 
 
@@ -127,8 +127,10 @@ def btcv(args) -> None:
     by = {(r["model"], r["protocol"]): r for r in volumes.get("rows", [])}
     protocols = {
         "labels": "exact box of every organ on every slice (3-D Dice of the stacked masks)",
-        "boxes3d": "one 3-D box per organ per scan, propagated from its middle slice (MedSAM's rule)",
-        "boxes3d_continue": "one 3-D box per organ per scan, propagation continuing through empty slices",
+        "boxes3d": "one 3-D box per organ per scan, propagated from its middle slice (MedSAM's stop rule), each mask "
+        "cut to its prompt box (the default)",
+        "boxes3d_continue": "the same, propagation continuing through empty slices",
+        "boxes3d_unconfined": "the same, MedSAM's rule as it is (masks not cut to their box: `--no-confine`)",
     }
     for key, text in protocols.items():
         if (args.name, key) in by and ("litemedsam", key) in by:
@@ -189,8 +191,9 @@ def btcv(args) -> None:
         + (" (and `--box-jitter 0.1 --jitter-seed 0`)" if jitter else "")
         + ", class-aware by default "
         "(the model records it); `python benchmarks/btcv_volumes.py --data_dir ../shared/data/BTCV-Synapse-CT "
-        "--split_file imedsam_hf/shipped/imedsam-litemedsam-btcv/splits.json --model litemedsam --model "
-        "imedsam-litemedsam-btcv --json volumes.json`; all on the 2-core CPU.",
+        "--split_file imedsam_hf/shipped/imedsam-litemedsam-btcv/splits.json --split test --model litemedsam --model "
+        "imedsam-litemedsam-btcv --protocol labels boxes3d boxes3d_unconfined --json volumes.json`; all on the 2-core "
+        "CPU.",
     )
     results = [
         EvalResult(

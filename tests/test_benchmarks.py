@@ -115,6 +115,21 @@ def test_multi_prompt_benchmark_times_both_ways_and_checks_they_agree(tmp_path):
     assert result["rows"][1]["vs_one_call"] > 0 and (tmp_path / "multi.json").is_file()
 
 
+def test_query_region_benchmark_pairs_box_and_image_querying(tmp_path, polyps):
+    from conftest import tiny_model
+
+    tiny_model(query_mode="adaptive", implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    result = load_benchmark("query_region").main(
+        ["--model", str(tmp_path / "model"), "--data_dir", str(polyps), "--split", "all", "--jitter", "0", "0.1",
+         "--json", str(tmp_path / "query.json")]
+    )  # fmt: skip
+    assert [row["boxes"] for row in result["rows"]] == ["exact", "jitter 0.1"]
+    for row in result["rows"]:  # the same five images, both ways
+        assert row["n"] == 5 and 0 <= row["dice_box"] <= 1 and 0 <= row["dice_image"] <= 1
+        assert row["s_per_image_box"] > 0 and row["s_per_image_image"] > 0
+    assert (tmp_path / "query.json").is_file()
+
+
 def test_volume_benchmark_times_a_volume_and_its_encoder(tmp_path):
     """benchmarks/volume.py on a small crop of a real scan: the encoder runs once per slice with organs."""
     import nibabel as nib

@@ -108,6 +108,23 @@ def test_box_from_mask_and_jitter():
     assert boxes.std(0).min() > 0.3
 
 
+def test_a_share_of_training_boxes_stays_exact(tmp_path):
+    """--box-jitter-probability P: about P of the training boxes are jittered, the others are the mask's exact box."""
+    for index in range(40):
+        write_pair(tmp_path, f"p{index:02d}", size=(64, 64), box=(10, 12, 40, 50))
+    records = records_from_pairs(discover_pairs(tmp_path)[0])
+    processor = IMedSamProcessor(image_size=64)
+    exact = np.array([10, 12, 39, 49], np.float32)
+
+    def jittered(probability: float) -> int:
+        config = DataConfig(augment=None, box_jitter=0.3, box_jitter_probability=probability)
+        dataset = SegmentationDataset(records, processor, config, train=True, seed=0)
+        return sum(not np.allclose(dataset[i]["input_boxes"].numpy(), exact) for i in range(len(dataset)))
+
+    assert jittered(1.0) == 40 and jittered(0.0) == 0
+    assert 10 <= jittered(0.5) <= 30
+
+
 def test_augmentation_moves_image_and_mask_together():
     image = torch.zeros(3, 64, 64)
     image[:, 20:40, 10:30] = 255.0

@@ -105,7 +105,10 @@ def test_damaged_unknown_and_missing_pieces_are_named(fake_shipped, monkeypatch)
     data = bytearray((folder / "trainable.safetensors").read_bytes())
     data[-3] ^= 0xFF
     (folder / "trainable.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"trainable.safetensors`: its SHA-256 is not the one shipped"):
+    with pytest.raises(ValueError, match=r"trainable.safetensors: its SHA-256 is not the one written in manifest"):
+        load_model(FAKE)
+    (folder / "trainable.safetensors").write_bytes(bytes(data[:-10]))  # truncated
+    with pytest.raises(ValueError, match=r"trainable.safetensors has \d+ bytes, \d+ when written .*Reinstall"):
         load_model(FAKE)
     with pytest.raises(
         OSError, match=r"Did you mean `imedsam-litemedsam-btcv`\?.*Shipped models: imedsam-litemedsam-btcv"

@@ -124,6 +124,8 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
         train_script.main(args(tiny_sam, polyps, tmp_path / "empty", "--finish_only"))
     with pytest.raises(SystemExit):
         train_script.parse_args(["--max_train_minutes", "0"])
+    with pytest.raises(SystemExit, match="--box-jitter-probability 1.5: a probability in"):
+        train_script.parse_args(["--box-jitter-probability", "1.5"])
     with pytest.raises(SystemExit, match="--max-clicks"):
         train_script.main(args(tiny_sam, polyps, tmp_path / "clicks", "--click_probability", "0.5"))
 

@@ -664,3 +664,36 @@ def test_3d_box_propagation_can_continue_through_empty_slices(monkeypatch):
         assert prompt[0] >= extent[0] - 1 and prompt[2] <= extent[2] + 1
     with pytest.raises(ValueError, match="propagation"):
         segment_volume(FakeModel(), images, boxes_3d={3: box}, processor=object(), propagation="jump")
+
+
+def test_3d_box_masks_reaching_past_their_box_do_not_grow_the_next_boxes(monkeypatch):
+    """A model whose mask spills 2 px past every side of its box (as the trained BTCV model's do a little): with
+    MedSAM's rule (`confine=False`) each propagated box is 5 px wider per side than the last, so the masks spread
+    slice after slice; the default cuts each mask to its prompt box and keeps the boxes inside the 3-D box's extent."""
+    monkeypatch.setattr(volumes_module, "encode_slice", lambda model, processor, image: None)
+    labels = np.zeros((60, 60, 9), dtype=np.uint8)
+    labels[25:35, 25:35, :] = 3  # the same 10 x 10 square on every slice
+    calls: list = []
+
+    def spilling(model, image, box=None, output_size=None, processor=None, classes=None, **_):
+        x0, y0, x1, y1 = (int(v) for v in box[0])
+        calls.append([float(v) for v in box[0]])
+        mask = np.zeros(output_size, dtype=bool)
+        mask[max(y0 - 2, 0) : y1 + 3, max(x0 - 2, 0) : x1 + 3] = True
+        return result_for([mask], [0.9], single=False)
+
+    monkeypatch.setattr(volumes_module, "segment", spilling)
+    images, boxes = slice_coded_images(labels.shape), boxes_3d_from_labels(labels)
+    spread = segment_volume(FakeModel(), images, boxes_3d=boxes, processor=object(), progress=False, confine=False)
+    assert calls[-1][2] - calls[-1][0] == 9 + 2 * 4 * 5  # slice 0, four from the middle: 5 px more per side per slice
+    calls.clear()
+    kept = segment_volume(FakeModel(), images, boxes_3d=boxes, processor=object(), progress=False)
+    extent = volume_box_to_slice_box(boxes[3], labels.shape)
+    widened = [extent[0] - 3, extent[1] - 3, extent[2] + 3, extent[3] + 3]
+    for prompt in calls[1:]:  # inside the extent widened by the margin
+        assert (
+            prompt[0] >= widened[0] and prompt[1] >= widened[1] and prompt[2] <= widened[2] and prompt[3] <= widened[3]
+        )
+    rows, columns, _ = np.nonzero(kept)  # (X, Y, Z) voxels: x in 22..37 (the square's 25..34 and 3 px)
+    assert rows.min() >= 22 and rows.max() <= 37 and columns.min() >= 22 and columns.max() <= 37
+    assert (spread > 0).sum() > 2 * (kept > 0).sum()

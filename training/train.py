@@ -70,7 +70,7 @@ from imedsam_hf.data import (  # noqa: E402
     write_splits,
 )
 from imedsam_hf.evaluation import EvaluationProtocol, evaluate_model, load_baseline  # noqa: E402
-from imedsam_hf.files import atomic_write, sha256_file  # noqa: E402
+from imedsam_hf.files import MANIFEST, manifest_problem, write_manifest  # noqa: E402
 from imedsam_hf.loading import (  # noqa: E402
     LITEMEDSAM,
     load_model,
@@ -220,6 +220,7 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         num_classes=num_classes,
         augment=DataConfig().augment if data.augment else None,
         box_jitter=data.box_jitter,
+        box_jitter_probability=data.box_jitter_probability,
         prompt=data.prompt,
         class_prompts=data.class_prompts,
         mask_classes=data.mask_classes,
@@ -381,34 +382,13 @@ def register_checkpoint_hooks(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-MANIFEST = "manifest.json"
-
-
-def write_manifest(path: Path) -> None:
-    """Every file of a checkpoint with its size and sha256, written last: a checkpoint without it is incomplete."""
-    files = {
-        f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(path.iterdir()) if f.is_file()
-    }
-    atomic_write(path / MANIFEST, lambda temporary: Path(temporary).write_text(json.dumps({"files": files}, indent=1)))
-
-
 def checkpoint_problem(path: Path) -> str | None:
     """Why `path` cannot be resumed from (a missing, truncated or changed file), or None when its manifest holds."""
-    manifest = path / MANIFEST
-    if not manifest.is_file():
+    if not (path / MANIFEST).is_file():
         return f"no {MANIFEST} (it is written last: the save did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as error:
-        return f"{manifest} is unreadable ({error})"
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            return f"{file} is missing"
-        if file.stat().st_size != expected["size"]:
-            return f"{file} has {file.stat().st_size} bytes, {expected['size']} when saved (truncated?)"
-        if sha256_file(file) != expected["sha256"]:
-            return f"{file} changed since it was saved (sha256 differs)"
+    problem = manifest_problem(path)
+    if problem is not None:
+        return problem
     for state in sorted(path.glob("random_states_*.pkl")):  # Accelerate would skip an unloadable one silently
         try:
             accelerate.utils.load(state)

@@ -118,6 +118,9 @@ class DataArguments:
     on_error: Literal["skip", "fail"] = option("skip", "Unusable image/mask files: skip them (listed) or stop.")
     augment: bool = option(True, "Random affine, flip, colour and blur augmentation in training.")
     box_jitter: float = option(0.1, "Training boxes: each side moves by up to this fraction of the box size.")
+    box_jitter_probability: float = option(
+        1.0, "The share of training boxes jittered by --box-jitter; the others stay exact (tight boxes still seen)."
+    )
     prompt: Literal["box", "none"] = option("box", "Prompt: the mask's box, or none (prompt-free).")
     class_prompts: bool = option(False, "Multi-class masks: one binary sample per class present, with its own box.")
     all_classes_per_sample: bool = option(
@@ -151,6 +154,10 @@ class DataArguments:
         "The data folder (its name) that name, license and citation describe, as a recipe records them; training "
         "on another folder with them is an error unless name, license and citation are given for it.",
     )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.box_jitter_probability <= 1.0:
+            raise ValueError(f"--box-jitter-probability {self.box_jitter_probability}: a probability in [0, 1].")
 
 
 @dataclass

@@ -216,8 +216,9 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 raise ValueError(
                     f"{' and '.join(ignored)} apply to 2-D images; a label volume is written on its scan's own grid."
                 )
-        if args.propagation is not None and not (volumes and args.boxes):
-            raise ValueError("--propagation applies to volumes prompted with 3-D boxes (--boxes).")
+        for flag, given in (("--propagation", args.propagation is not None), ("--no-confine", args.no_confine)):
+            if given and not (volumes and args.boxes):
+                raise ValueError(f"{flag} applies to volumes prompted with 3-D boxes (--boxes).")
         if args.window is not None:
             if not volumes:
                 raise ValueError("--window applies to NIfTI volumes (Hounsfield units); images are 8-bit already.")
@@ -356,6 +357,7 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, dict[int, lis
             else:
                 prompts["boxes_3d"] = boxes[name]
                 prompts["propagation"] = args.propagation or "stop"
+                prompts["confine"] = not args.no_confine
             labels = segment_volume(model, volume, processor=processor, window=args.window, progress=True, **prompts)
             written = write_label_volume(labels, volume, target)
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
