@@ -34,7 +34,6 @@ from imedsam_hf.data import load_splits, read_class_names, read_scan_spacing, sl
 from imedsam_hf.volumes import boxes_3d_from_labels, place_slice, read_volume, segment_volume, volume_scores
 
 COMMON_8 = (8, 4, 3, 2, 6, 11, 1, 7)
-PROTOCOLS = VOLUME_PROTOCOLS
 
 
 def scan_volume(data_dir: Path, case: str, stems: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +83,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--split", default="test")
     parser.add_argument("--cases", nargs="*", default=None, help="these scans only")
     parser.add_argument("--model", action="append", help="model spec(s); default litemedsam (SAM mask)")
-    parser.add_argument("--protocol", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--protocol", nargs="+", default=list(VOLUME_PROTOCOLS), choices=list(VOLUME_PROTOCOLS))
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     device, _ = setup_run(args)
@@ -116,7 +115,7 @@ def main(argv=None) -> dict:
                 )
                 start = time.perf_counter()
                 predicted = segment_volume(
-                    model, images, processor=processor, progress=False, **prompts, **PROTOCOLS[protocol]
+                    model, images, processor=processor, progress=False, **prompts, **VOLUME_PROTOCOLS[protocol]
                 )
                 seconds.append(time.perf_counter() - start)
                 classes = [int(c) for c in np.unique(labels) if c > 0]

@@ -58,16 +58,13 @@ def timed_encoder(model, device):
     return totals
 
 
-PROTOCOLS = VOLUME_PROTOCOLS
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--volume", required=True, help="NIfTI volume (8-bit windowed, or HU with --window)")
     parser.add_argument("--labels", required=True, help="its label volume (class ids): the prompts and the truth")
     parser.add_argument("--model", action="append", help="model spec(s); default litemedsam (SAM mask)")
     parser.add_argument("--backend", action="append", help="encoder backend(s): torch (default), openvino, onnx")
-    parser.add_argument("--protocol", nargs="+", default=["labels"], choices=list(PROTOCOLS))
+    parser.add_argument("--protocol", nargs="+", default=["labels"], choices=list(VOLUME_PROTOCOLS))
     parser.add_argument("--clear_cache", action="store_true", help="start runtime backends without a compiled cache")
     parser.add_argument("--window", default=None, help="LEVEL,WIDTH or a preset, for volumes in HU")
     add_run_arguments(parser)
@@ -93,7 +90,7 @@ def main(argv=None) -> dict:
                     start = time.perf_counter()
                     predicted = segment_volume(
                         model, volume, processor=processor, window=args.window, progress=False,
-                        **prompts, **PROTOCOLS[protocol],
+                        **prompts, **VOLUME_PROTOCOLS[protocol],
                     )  # fmt: skip
                     synchronize(device)
                     seconds = time.perf_counter() - start

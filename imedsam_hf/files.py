@@ -71,17 +71,45 @@ def sha256_file(path: str | os.PathLike) -> str:
 MANIFEST = "manifest.json"
 
 
+def file_records(root: str | os.PathLike, paths) -> dict[str, dict]:
+    """`{path relative to root: {"size": bytes, "sha256": hex}}` of `paths` (files under `root`), sorted by path."""
+    root = Path(root)
+    return {
+        str(Path(p).relative_to(root)): {"size": Path(p).stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(Path(p) for p in paths)
+    }
+
+
+def records_problem(root: str | os.PathLike, records: dict) -> str | None:
+    """
+    What is wrong with the files under `root` against `records` (as `file_records` gives: a file missing, truncated
+    or changed, named with its path), or None when every file matches. Records that cannot be read: `ValueError`.
+    """
+    try:
+        expected = {str(name): (int(entry["size"]), str(entry["sha256"])) for name, entry in records.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"unreadable file records ({type(error).__name__}: {error})") from None
+    for name, (size, digest) in expected.items():
+        path = Path(root) / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} when written (truncated?)"
+        if sha256_file(path) != digest:
+            return f"{path}: its SHA-256 is not the one written in {MANIFEST} ({digest[:12]}...): damaged or altered"
+    return None
+
+
 def write_manifest(folder: str | os.PathLike) -> dict[str, dict]:
     """
-    Write `folder/manifest.json`, `{"files": {name: {"size": bytes, "sha256": hex}}}` for every file of the folder
-    but the manifest itself, atomically; returns the `files` entry. Write it last: a folder without it is incomplete.
+    Write `folder/manifest.json`, `{"files": file_records(...)}` for every file of the folder but the manifest
+    itself, atomically; returns the `files` entry. Write it last: a folder without it is incomplete.
     """
     folder = Path(folder)
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST and not p.name.endswith(TEMPORARY_SUFFIX)
-    }
+    files = file_records(
+        folder,
+        (p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.endswith(TEMPORARY_SUFFIX)),
+    )
     text = json.dumps({"files": files}, indent=1) + "\n"
     atomic_write(folder / MANIFEST, lambda temporary: Path(temporary).write_text(text))
     return files
@@ -96,26 +124,18 @@ def manifest_problem(folder: str | os.PathLike) -> str | None:
     if not manifest.is_file():
         return f"{manifest} is missing"
     try:
-        files = json.loads(manifest.read_text())["files"]
-        expected = {str(name): (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return records_problem(folder, json.loads(manifest.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{manifest} is unreadable ({type(error).__name__}: {error})"
-    for name, (size, digest) in expected.items():
-        path = Path(folder) / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size} bytes, {size} when written (truncated?)"
-        if sha256_file(path) != digest:
-            return f"{path}: its SHA-256 is not the one written in {MANIFEST} ({digest[:12]}...): damaged or altered"
-    return None
 
 
 __all__ = [
     "MANIFEST",
     "TEMPORARY_SUFFIX",
     "atomic_write",
+    "file_records",
     "manifest_problem",
+    "records_problem",
     "remove_stale_temporaries",
     "sha256_file",
     "write_manifest",

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from . import frequency_adapter_layers
-from .files import sha256_file
+from .files import file_records, records_problem
 from .frequency_adapter_layers import FrequencyAdapterLayer, QVLoRALinear
 from .version import __version__
 
@@ -391,11 +391,10 @@ def cached_export_is_valid(folder: str | os.PathLike, fingerprint: str) -> bool:
     metadata = _read_metadata(folder)
     if not metadata or metadata.get("fingerprint") != fingerprint or not metadata.get("files"):
         return False
-    for name, record in metadata["files"].items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != record.get("size") or sha256_file(path) != record.get("sha256"):
-            return False
-    return True
+    try:
+        return records_problem(folder, metadata["files"]) is None
+    except ValueError:  # records of another format: rebuilt
+        return False
 
 
 def _is_export_folder(folder: Path) -> bool:
@@ -609,11 +608,7 @@ def _build(model, encoder, backend, precision, folder: Path, fingerprint, verify
                 f"Exporting the image encoder to backend={backend!r} failed: {type(error).__name__}: "
                 f'{str(error).strip()[:2000]}. Use backend="torch", or the other runtime.'
             ) from error
-        files = {
-            str(p.relative_to(built)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(built.rglob("*"))
-            if p.is_file()
-        }
+        files = file_records(built, (p for p in built.rglob("*") if p.is_file()))
         probe = probe_images(shape, 1)
         with torch.no_grad():
             reference = module(probe)

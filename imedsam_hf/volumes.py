@@ -562,8 +562,7 @@ def segment_volume(
         _segment_with_label_volume(model, processor, images, truth, labels, wanted, progress)
     else:
         _segment_with_boxes_3d(
-            model, processor, images, checked, labels, progress, float(box_margin), propagation,
-            confine_masks=confine, confine_boxes=confine,
+            model, processor, images, checked, labels, progress, float(box_margin), propagation, confine=confine
         )  # fmt: skip
     return labels
 
@@ -626,16 +625,15 @@ def _segment_with_boxes_3d(
     box_margin: float,
     propagation: str = "stop",
     *,
-    confine_masks: bool = False,
-    confine_boxes: bool = False,
+    confine: bool = False,
 ) -> None:
     """
     MedSAM's propagation for every structure at once, each slice encoded once: an upward pass (z ascending) runs
     every structure whose middle slice is at or below z and whose chain is alive, all of a slice's prompts in one
     call; a downward pass (z descending) does the same below the middle slices, reusing the embeddings the upward
     pass kept for those slices. A structure's masks are those of propagating it alone (each prompt's masks equal a
-    call with that prompt alone). `confine_masks`: each mask is cut to its prompt box; `confine_boxes`: each propagated
-    box is kept inside the 3-D box's widened in-plane extent (always so with ``propagation="continue"``).
+    call with that prompt alone). `confine`: each mask is cut to its prompt box and each propagated box is kept inside
+    the 3-D box's widened in-plane extent (the latter always so with ``propagation="continue"``).
     """
     shape = images.shape
     size = (shape[1], shape[0])  # (H, W) of a slice image
@@ -679,7 +677,7 @@ def _segment_with_boxes_3d(
         following: dict[int, list[float] | None] = {}
         for index, class_id in enumerate(ids):
             mask, probability = result.mask[index], result.probabilities[index, 0]
-            if confine_masks:
+            if confine:
                 mask = mask & inside(prompts[class_id])
             if not mask.any():
                 following[class_id] = prompts[class_id] if keep_going else None
@@ -695,7 +693,7 @@ def _segment_with_boxes_3d(
                 min(x1 + box_margin, width),
                 min(y1 + box_margin, height),
             ]
-            if keep_going or confine_boxes:  # inside the 3-D box's in-plane extent (widened), where the structure is
+            if keep_going or confine:  # inside the 3-D box's in-plane extent (widened), where the structure is
                 ex0, ey0, ex1, ey1 = extents[class_id]
                 box = [max(box[0], ex0), max(box[1], ey0), min(box[2], ex1), min(box[3], ey1)]
                 box = box if box[2] > box[0] and box[3] > box[1] else list(extents[class_id])
