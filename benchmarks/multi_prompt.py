@@ -30,14 +30,23 @@ def main(argv=None) -> dict:
         "--sam_mask_only", action="store_true", help="the backbone's SAM mask output (no implicit decoder)"
     )
     parser.add_argument("--query_region", default=None, choices=["box", "image"], help="default: the model's")
-    parser.add_argument("--backend", default="torch", help="the image encoder's backend (torch, openvino, onnx)")
+    parser.add_argument(
+        "--backend", default="torch", help="the image encoder's backend (torch, openvino, onnx; openvino:bf16 for bf16)"
+    )
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     device, _ = setup_run(args)
     overrides = {"use_implicit_decoder": not args.sam_mask_only}
     if args.query_region:
         overrides["query_region"] = args.query_region
-    model, processor = load_model(args.model, device=device, config_overrides=overrides, backend=args.backend)
+    backend, _, precision = args.backend.partition(":")
+    model, processor = load_model(
+        args.model,
+        device=device,
+        config_overrides=overrides,
+        backend=backend,
+        backend_options={"precision": precision} if precision else None,
+    )
     labels = read_mask(args.mask, num_classes=255)
     classes = [int(c) for c in np.unique(labels) if c > 0]
     boxes = [mask_box(labels == c).tolist() for c in classes]

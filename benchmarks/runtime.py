@@ -14,7 +14,8 @@ cached files, OpenVINO's compiled-model cache). Errors are measured against the 
 the int8 calibration did not see: max abs error of the image embeddings, of SAM's mask logits (`sam_logits`, with
 each image's box) and the share of mask pixels (logits > 0) that agree with torch's.
 
-Reduced precisions, measured here, not offered by `imedsam_hf.runtime` (see its `PRECISIONS`): `--int8`
+OpenVINO's bf16 (`precision="bf16"`, offered) is timed beside its fp32 (its first_load_s: a first export for bf16).
+Reduced precisions measured here and not offered by `imedsam_hf.runtime` (see its `PRECISIONS`): `--int8`
 quantizes the fp32 export after the fact (its first_load_s is the quantization alone): OpenVINO with NNCF
 (`nncf.quantize`, transformer preset, calibrated on `--num_calibration` real images), ONNX Runtime with
 `quantize_static` (QDQ, per-channel int8 weights, uint8 activations, constant-weight MatMuls only) and
@@ -250,6 +251,10 @@ def main(argv=None) -> dict:
         found = {"fp32": (encoder, None)}
         if backend == "openvino":
             hints = precision_hints(encoder.folder)
+        for precision in runtime.PRECISIONS[backend][1:]:  # the offered reduced precisions (OpenVINO's bf16)
+            start = time.perf_counter()
+            found[precision] = (runtime.export_vision_encoder(model, backend, precision=precision, **options), None)
+            found[precision] = (found[precision][0], time.perf_counter() - start)
         if calibration_pixels is not None:
             try:
                 found.update(quantized(backend, encoder, calibration_pixels, args.num_threads, cache / "quantized"))

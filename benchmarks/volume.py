@@ -63,7 +63,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--volume", required=True, help="NIfTI volume (8-bit windowed, or HU with --window)")
     parser.add_argument("--labels", required=True, help="its label volume (class ids): the prompts and the truth")
     parser.add_argument("--model", action="append", help="model spec(s); default litemedsam (SAM mask)")
-    parser.add_argument("--backend", action="append", help="encoder backend(s): torch (default), openvino, onnx")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        help="encoder backend(s): torch (default), openvino, onnx; BACKEND:PRECISION for another precision "
+        "(openvino:bf16)",
+    )
     parser.add_argument("--protocol", nargs="+", default=["labels"], choices=list(VOLUME_PROTOCOLS))
     parser.add_argument("--clear_cache", action="store_true", help="start runtime backends without a compiled cache")
     parser.add_argument("--window", default=None, help="LEVEL,WIDTH or a preset, for volumes in HU")
@@ -76,8 +81,9 @@ def main(argv=None) -> dict:
     boxes = boxes_3d_from_labels(truth)
     rows = []
     for spec in args.model or ["litemedsam"]:
-        for backend in args.backend or ["torch"]:
-            options = {}
+        for variant in args.backend or ["torch"]:
+            backend, _, precision = variant.partition(":")
+            options = {"precision": precision} if precision else {}
             if args.clear_cache and backend != "torch":
                 options["cache_dir"] = tempfile.mkdtemp(prefix="imedsam-runtime-")
             start = time.perf_counter()
@@ -101,7 +107,7 @@ def main(argv=None) -> dict:
                 rows.append(
                     {
                         "model": spec,
-                        "backend": backend,
+                        "backend": variant,
                         "protocol": protocol,
                         "slices": int(volume.data.shape[2]),
                         "slices_encoded": encoder["calls"],
@@ -117,7 +123,7 @@ def main(argv=None) -> dict:
                         "per_class": {str(c): scores[c] for c in classes},
                     }
                 )
-                print(f"{spec} {backend} {protocol}: {seconds:.1f} s, 3D Dice {rows[-1]['dice_13']:.4f}", flush=True)
+                print(f"{spec} {variant} {protocol}: {seconds:.1f} s, 3D Dice {rows[-1]['dice_13']:.4f}", flush=True)
     columns = ["model", "backend", "protocol", "slices_encoded", "startup_s", "seconds", "encoder_share", "peak_mib"]
     columns += ["dice_13", "dice_8", "hd95_13_mm"]
     header = f"{args.volume} on {machine_description(device)} ({args.num_threads or 'default'} threads)"

@@ -74,6 +74,13 @@ def _backend_option(parser: argparse.ArgumentParser) -> None:
         help="where the image encoder runs on a CPU: torch, or OpenVINO / ONNX Runtime (pip install "
         "'.[openvino]' or '.[onnx]'; exported once per model into a cache, checked against torch)",
     )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="the image encoder's arithmetic: fp32, or bf16 with --backend openvino (about 2x faster than its fp32 on "
+        "a CPU with AMX / AVX512-BF16; 3-D Dice within 0.2 points on BTCV, see docs/results.md)",
+    )
 
 
 def _model_option(parser: argparse.ArgumentParser) -> None:
@@ -204,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_option(x)
     x.add_argument("--output", required=True, help="folder to write (full weights, code, processor, model card)")
     x.add_argument("--overwrite", action="store_true", help="write into a folder that holds files already")
+    _backend_option(x)
 
     e = sub.add_parser(
         "evaluate", help="evaluate on a labelled folder", epilog=common.EXIT_CODES, formatter_class=_HelpFormatter

@@ -36,7 +36,7 @@ from .publishing import (
     trainable_state,
     wrap_for_training,
 )
-from .runtime import require_backend, set_backend
+from .runtime import model_folder_export, require_backend, set_backend
 from .shipped import TRAINABLE, is_shipped, shipped_folder, unknown_name_hint
 
 
@@ -188,7 +188,8 @@ def load_model(
         eval_mode: return the model in eval mode, for inference; `False` (training) leaves it as built.
         backend: where the image encoder runs at inference: `"torch"`, or an established CPU runtime, `"openvino"`
             or `"onnx"` (the `openvino` / `onnx` extras; `runtime.set_backend`): exported once per weights into a
-            cache (`backend_options`: `folder`, `cache_dir`, `num_threads`), checked against torch, reused after. For
+            cache (`backend_options`: `precision` (`"bf16"` on OpenVINO), `folder`, `cache_dir`, `num_threads`; a model
+            folder's own export, `imedsam export --backend`, is used when it has one), checked against torch, reused after. For
             inference `"litemedsam"` is the backbone itself, SAM's mask output (`use_implicit_decoder=False` unless
             overridden): a converted backbone's implicit decoder is untrained (its config says
             `implicit_decoder_trained=False`, and `segment` uses SAM's mask for it).
@@ -200,7 +201,9 @@ def load_model(
     infinite values) when it cannot be loaded.
     """
     spec = str(spec)
-    require_backend(backend)  # an unknown or missing runtime fails before anything is loaded (ImportError: the extra)
+    require_backend(
+        backend, (backend_options or {}).get("precision", "fp32")
+    )  # an unknown or missing runtime fails before anything is loaded (ImportError: the extra)
     if backend != "torch" and not eval_mode:
         raise ValueError(f"`backend` {backend!r} runs the image encoder for inference only: use eval_mode=True.")
     overrides = dict(config_overrides or {})
@@ -242,7 +245,13 @@ def load_model(
     if eval_mode:
         model.eval()
     if backend != "torch":
-        set_backend(model, backend, **(backend_options or {}))
+        options = dict(backend_options or {})
+        beside = model_folder_export(spec, backend, options.get("precision", "fp32"))
+        if (
+            "folder" not in options and Path(spec).is_dir() and (beside / "runtime.json").is_file()
+        ):  # `imedsam export --backend` wrote it
+            options["folder"] = beside
+        set_backend(model, backend, **options)
     return model, processor or processor_for_config(model.config)
 
 

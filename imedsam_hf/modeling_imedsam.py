@@ -105,6 +105,7 @@ class _QueryContext:
     sam_logits: torch.Tensor | None
     settings: IMedSamQuerySettings
     class_index: torch.Tensor | None = None  # (rows,) zero-based: class-aware prompts, one class channel per row
+    maps: torch.Tensor | None = None  # IMedSamImplicitDecoder.sampling_maps(features, sam_logits), what points sample
 
 
 class IMedSamMaskDecoder(SamMaskDecoder):
@@ -137,8 +138,8 @@ class IMedSamMaskDecoder(SamMaskDecoder):
         # Only the two-way transformer and what follows run per prompt; the image was encoded once.
         point_embedding, image_tokens = self.transformer(
             point_embeddings=tokens,
-            image_embeddings=(image_embeddings + dense_prompt_embeddings).repeat_interleave(num_prompts, 0),
-            image_positional_embeddings=image_positional_embeddings.repeat_interleave(num_prompts, 0),
+            image_embeddings=_per_prompt(image_embeddings + dense_prompt_embeddings, num_prompts),
+            image_positional_embeddings=_per_prompt(image_positional_embeddings, num_prompts),
             attention_similarity=None,
         )
         rows = batch_size * num_prompts
@@ -150,6 +151,15 @@ class IMedSamMaskDecoder(SamMaskDecoder):
         masks = torch.einsum("bc,bchw->bhw", hyper_in, upscaled).unsqueeze(1)
         iou = self.iou_prediction_head(point_embedding[:, :, 0, :])[..., :1].reshape(rows, 1)
         return masks, iou, upscaled
+
+
+def _per_prompt(values: torch.Tensor, num_prompts: int) -> torch.Tensor:
+    """`(batch_size, ...)` -> `(batch_size * num_prompts, ...)`, each image's row repeated for its prompts (prompt-major
+    per image). One image: a broadcast view, not `num_prompts` copies of its `(256, 64, 64)` map (the two-way
+    transformer only reads it)."""
+    if values.shape[0] == 1:
+        return values.expand(num_prompts, *values.shape[1:])
+    return values.repeat_interleave(num_prompts, 0)
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -207,6 +217,7 @@ class IMedSamImplicitDecoder(nn.Module):
         self.fine_mlp = _mlp(fine_sizes)
         self.fine_head = nn.Linear(fine_sizes[-1], config.num_classes)
         self.__dict__["_dropout_masks"] = {}  # (mc_passes, mc_seed, device) -> masks; derived, never saved
+        self.__dict__["_folded_layers"] = {}  # id(linear) -> (the tensors' identities and versions, folded pair)
 
     def inference_dropout_masks(self, settings: IMedSamQuerySettings, device=None) -> torch.Tensor:
         """
@@ -237,35 +248,37 @@ class IMedSamImplicitDecoder(nn.Module):
             sines, cosines = sines * on, cosines * on
         return torch.cat([centred, sines.flatten(-2), cosines.flatten(-2)], dim=-1)
 
+    def sampling_maps(self, features: torch.Tensor, sam_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        What `point_features` samples: the upscaled decoder features `(batch_size, channels, fh, fw)`, with SAM's
+        mask logits `(batch_size, 1, fh, fw)` as one more channel under `implicit_sam_prior`. Made once per forward,
+        not once per chunk of points (a copy of the whole feature map each time).
+        """
+        if self.use_sam_prior:
+            return torch.cat([features, sam_logits.to(features.dtype)], dim=1)
+        return features
+
     def point_features(
-        self,
-        features: torch.Tensor,
-        positional_embedding: nn.Module,
-        coordinates: torch.Tensor,
-        sam_logits: torch.Tensor | None = None,
+        self, maps: torch.Tensor, positional_embedding: nn.Module, coordinates: torch.Tensor
     ) -> torch.Tensor:
         """
         Args:
-            features: upscaled decoder features `(batch_size, channels, fh, fw)` covering the input frame.
+            maps: `sampling_maps(features, sam_logits)`, covering the input frame.
             positional_embedding: SAM's `SamPositionalEmbedding` (coordinates in [0, 1] -> 2 * num_pos_feats).
             coordinates: `(batch_size, num_points, 2)` as (x, y) in [0, 1].
-            sam_logits: SAM's mask logits `(batch_size, 1, fh, fw)`, sampled as the last input with
-                `implicit_sam_prior`.
 
         Returns:
-            `(batch_size, num_points, input_size)`.
+            `(batch_size, num_points, input_size)`: the bilinear sample of the features, the two positional
+            encodings and, with `implicit_sam_prior`, SAM's logit last.
         """
-        grid = (2 * coordinates - 1).unsqueeze(1).to(features.dtype)
-        if self.use_sam_prior:
-            features = torch.cat([features, sam_logits.to(features.dtype)], dim=1)
-        sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        grid = (2 * coordinates - 1).unsqueeze(1).to(maps.dtype)
+        sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
         sampled = sampled.squeeze(2).transpose(1, 2)
-        prior = sampled[..., -1:] if self.use_sam_prior else sampled[..., :0]
-        sampled = sampled[..., : sampled.shape[-1] - prior.shape[-1]]
+        channels = sampled.shape[-1] - int(self.use_sam_prior)
         position = positional_embedding(coordinates.unsqueeze(1)).squeeze(1)
         coordinate_code = self.encode_coordinates(coordinates)
-        parts = [sampled, position.to(sampled.dtype), coordinate_code.to(sampled.dtype), prior]
-        return torch.cat(parts, dim=-1)
+        parts = [sampled[..., :channels], position.to(sampled.dtype), coordinate_code.to(sampled.dtype)]
+        return torch.cat([*parts, sampled[..., channels:]], dim=-1)
 
     def _prior(self, point_inputs: torch.Tensor) -> torch.Tensor | float:
         """SAM's logit at each point `(batch_size, num_points, 1)` with `implicit_sam_prior`, else 0."""
@@ -285,8 +298,23 @@ class IMedSamImplicitDecoder(nn.Module):
             hidden = mlp(hidden)
         else:
             for linear, norm in zip(mlp[0::3], mlp[1::3]):
-                hidden = F.linear(hidden, *fold_batchnorm(norm, linear.weight, linear.bias)).relu_()
+                hidden = F.linear(hidden, *self._folded(linear, norm)).relu_()
         return hidden.reshape(batch_size, num_points, hidden.shape[-1])
+
+    def _folded(self, linear: nn.Linear, norm: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fold_batchnorm(norm, linear.weight, linear.bias)`, kept while none of the six tensors changes (their
+        storage and in-place version counters are the key: an optimizer step or `load_state_dict` refolds). A region
+        query calls `_flat` a few times per prompt: folding the 1024 x 331 weight each time cost ~10% of decoding.
+        Computed afresh when gradients may flow to the weights."""
+        tensors = (linear.weight, linear.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return fold_batchnorm(norm, linear.weight, linear.bias)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
+        cached = self._folded_layers.get(id(linear))
+        if cached is None or cached[0] != key:
+            cached = (key, fold_batchnorm(norm, linear.weight, linear.bias))
+            self._folded_layers[id(linear)] = cached
+        return cached[1]
 
     def _coarse_logits(self, hidden: torch.Tensor, class_index: torch.Tensor | None = None) -> torch.Tensor:
         """The coarse head's class logits only `(..., num_classes)`: its first rows, skipping the coarse features."""
@@ -387,7 +415,9 @@ class IMedSamImplicitDecoder(nn.Module):
             logits, coarse logits `(batch_size, num_classes, height, width)`, uncertainty
             `(batch_size, height, width)` and refined `(batch_size, height, width)` bool.
         """
-        context = _QueryContext(features, positional_embedding, sam_logits, settings, class_index)
+        context = _QueryContext(
+            features, positional_embedding, sam_logits, settings, class_index, self.sampling_maps(features, sam_logits)
+        )
         if query_coordinates is not None:
             height, width = 1, query_coordinates.shape[1]
             coordinates = query_coordinates.to(features.device, torch.float32)
@@ -445,9 +475,7 @@ class IMedSamImplicitDecoder(nn.Module):
     def _query_train(self, context, coordinates):
         # Every point keeps its activations for backward anyway, so there is nothing to gain from chunking;
         # BatchNorm also wants one set of statistics per step.
-        point_inputs = self.point_features(
-            context.features, context.positional_embedding, coordinates, context.sam_logits
-        )
+        point_inputs = self.point_features(context.maps, context.positional_embedding, coordinates)
         coarse_logits, coarse_features, uncertainty = self.coarse(
             point_inputs, context.settings, class_index=context.class_index
         )
@@ -469,10 +497,7 @@ class IMedSamImplicitDecoder(nn.Module):
         coarse, uncertainty, fine = [], [], []
         for start in range(0, coordinates.shape[1], chunk):
             point_inputs = self.point_features(
-                context.features,
-                context.positional_embedding,
-                coordinates[:, start : start + chunk],
-                context.sam_logits,
+                context.maps, context.positional_embedding, coordinates[:, start : start + chunk]
             )
             chunk_logits, coarse_features, chunk_uncertainty = self.coarse(
                 point_inputs, context.settings, with_features=with_fine, class_index=context.class_index
@@ -545,6 +570,7 @@ class IMedSamImplicitDecoder(nn.Module):
                 context.sam_logits[row : row + 1],
                 context.settings,
                 None if context.class_index is None else context.class_index[row : row + 1],
+                context.maps[row : row + 1],
             )
             side = max(MIN_REGION_BASE_SIZE, round(base_size[0] * max(sub) / max(height, width)))
             if sub[0] * sub[1] > side * side:

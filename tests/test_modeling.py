@@ -432,9 +432,9 @@ def test_decoding_work_follows_the_structure_not_the_image(inputs):
         seen = []
         decoder, point_features = model.implicit_decoder, model.implicit_decoder.point_features
 
-        def counting(features, embedding, coordinates, sam_logits=None, seen=seen, point_features=point_features):
+        def counting(maps, embedding, coordinates, seen=seen, point_features=point_features):
             seen.append(coordinates.shape[0] * coordinates.shape[1])
-            return point_features(features, embedding, coordinates, sam_logits)
+            return point_features(maps, embedding, coordinates)
 
         decoder.point_features = counting
         for name, box in (("small", [20.0, 20.0, 24.0, 24.0]), ("large", [2.0, 2.0, 62.0, 62.0])):
@@ -463,3 +463,26 @@ def test_the_region_of_interest_holds_the_box_and_sams_mask_widened():
     union = torch.tensor([0.125, 0.125, 0.75, 0.25])
     widen = (union[2:] - union[:2]) * 0.25
     torch.testing.assert_close(regions[0], torch.cat([union[:2] - widen, union[2:] + widen]).clamp(0, 1))
+
+
+def test_folded_batchnorm_is_refolded_when_the_weights_change():
+    """Inference folds each BatchNorm into its Linear once and keeps it: an in-place change of any of the six tensors
+    (an optimizer step, `load_state_dict`) is seen at the next call, and the folded pair equals a fresh fold."""
+    from imedsam_hf.modeling_tinyvit import fold_batchnorm
+
+    model = tiny_model()
+    decoder = model.implicit_decoder
+    linear, norm = decoder.coarse_mlp[0], decoder.coarse_mlp[1]
+    points = torch.rand(1, 50, decoder.input_size)
+    with torch.no_grad():
+        before = decoder._flat(decoder.coarse_mlp, points)
+        assert decoder._folded(linear, norm) is decoder._folded(linear, norm)  # kept
+        for tensor in (linear.weight, norm.running_var):
+            tensor.mul_(1.5)  # in place, as an optimizer step or load_state_dict
+            for got, fresh in zip(decoder._folded(linear, norm), fold_batchnorm(norm, linear.weight, linear.bias)):
+                torch.testing.assert_close(got, fresh)
+        after = decoder._flat(decoder.coarse_mlp, points)
+    assert not torch.allclose(before, after)
+    # With gradients to the weights the fold is part of the graph, never a kept tensor.
+    folded, _ = decoder._folded(linear, norm)
+    assert folded.requires_grad and folded.grad_fn is not None

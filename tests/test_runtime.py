@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -96,6 +97,11 @@ def test_unknown_backend_or_precision_is_a_value_error():
         runtime.export_vision_encoder(model, "tensorrt")
     with pytest.raises(ValueError, match="precision='fp16' is not offered"):
         runtime.set_backend(model, "openvino", precision="fp16")
+    for backend in ("torch", "onnx"):  # bf16 is OpenVINO's (its CPU plugin's bf16 arithmetic) only
+        with pytest.raises(ValueError, match=f"precision='bf16' is not offered for backend='{backend}'"):
+            runtime.require_backend(backend, "bf16")
+    with pytest.raises(ValueError, match="precision='bf16' is not offered for backend='torch'"):
+        imedsam_hf.load_model("litemedsam", backend_options={"precision": "bf16"})
     assert runtime.export_vision_encoder(model, "torch") is model.vision_encoder
 
 
@@ -210,7 +216,37 @@ def test_a_second_load_reuses_the_cached_export(tiny_export, monkeypatch):
     assert again.fingerprint == encoder.fingerprint == metadata["fingerprint"]
     assert json.loads((encoder.folder / "runtime.json").read_text())["created"] == metadata["created"]
     if backend == "openvino":
-        assert any((encoder.folder / "cache").iterdir())  # OpenVINO's compiled-model cache
+        assert any((encoder.folder / "cache" / "fp32").iterdir())  # OpenVINO's compiled-model cache
+
+
+def test_openvino_bf16_is_its_own_export_and_compiled_cache(tmp_path):
+    """precision="bf16": a folder (fingerprint) and compiled-model cache of its own, beside the fp32 one: OpenVINO
+    2026.4 crashed (segfault) compiling for bf16 from a cache holding the same model's f32 blob. Embeddings within
+    the reduced-precision tolerance; on a CPU without bf16 arithmetic it computes in fp32 and warns."""
+    require("openvino")
+    import openvino as ov
+
+    model = tiny_adapted_model(seed=2)
+    pixel_values = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = runtime.torch_vision_encoder(model)(pixel_values)
+    fp32 = runtime.export_vision_encoder(model, "openvino", cache_dir=tmp_path, num_threads=1)
+    fp32(pixel_values)
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bf16 = runtime.export_vision_encoder(model, "openvino", cache_dir=tmp_path, precision="bf16", num_threads=1)
+    assert bf16.folder != fp32.folder and bf16.fingerprint != fp32.fingerprint
+    assert bf16.precision == "bf16" and bf16.metadata["precision"] == "bf16"
+    assert bf16.compute_precision == ("bf16" if has_bf16 else "fp32") and fp32.compute_precision == "fp32"
+    assert any("no bf16 arithmetic" in str(w.message) for w in caught) != has_bf16
+    assert bf16.metadata["probe_error"] <= runtime.VERIFY_TOLERANCE  # the graph, checked in fp32 first
+    assert bf16.metadata["probe_error_bf16"] <= runtime.REDUCED_PRECISION_TOLERANCE
+    error = float((bf16(pixel_values) - expected).abs().max())
+    assert error <= runtime.REDUCED_PRECISION_TOLERANCE
+    assert (bf16.folder / "cache" / "bf16").is_dir() and (fp32.folder / "cache" / "fp32").is_dir()
+    again = runtime.export_vision_encoder(model, "openvino", cache_dir=tmp_path, precision="bf16", num_threads=1)
+    assert again.folder == bf16.folder and float((again(pixel_values) - bf16(pixel_values)).abs().max()) == 0
 
 
 def test_a_runtime_failure_names_the_backend_and_suggests_torch(tiny_export, monkeypatch):
@@ -350,8 +386,46 @@ def test_load_model_and_the_commands_take_a_backend(tmp_path, monkeypatch, capsy
     torch_mask = np.asarray(Image.open(tmp_path / "torch" / f"{images[0].stem}.png"))
     ov_mask = np.asarray(Image.open(tmp_path / "ov" / f"{images[0].stem}.png"))
     assert (torch_mask == ov_mask).mean() > 0.999
+    assert cli_main([*argv, "--backend", "openvino", "--precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
+    bf16_mask = np.asarray(Image.open(tmp_path / "bf16" / f"{images[0].stem}.png"))
+    assert (torch_mask == bf16_mask).mean() > 0.99
+    assert cli_main([*argv, "--precision", "bf16", "--out", str(tmp_path / "y")]) == 2  # torch: fp32 only
+    assert "precision='bf16' is not offered for backend='torch'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="eval_mode"):
         load_model(tmp_path / "m", backend="openvino", eval_mode=False)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed: `import onnxruntime` raises ImportError
     assert cli_main([*argv, "--backend", "onnx", "--out", str(tmp_path / "x")]) == 2
     assert "[onnx] extra" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_export_writes_the_runtime_files_beside_the_model_and_load_model_uses_them(tmp_path, monkeypatch, capsys):
+    """`imedsam export --backend openvino`: the Hub folder plus `runtime/openvino-<precision>/` (the encoder's files and
+    a compiled-model cache); `load_model(folder, backend="openvino")` and `imedsam predict` use them, exporting
+    nothing; the same masks as torch."""
+    require("openvino")
+    from conftest import tiny_model
+
+    from imedsam_hf import IMedSamProcessor
+    from imedsam_hf.cli import main as cli_main
+
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "m")
+    IMedSamProcessor(image_size=64).save_pretrained(tmp_path / "m")
+    out = tmp_path / "hub"
+    assert cli_main(["export", "--model", str(tmp_path / "m"), "--output", str(out), "--backend", "openvino"]) == 0
+    assert "runtime/openvino-fp32" in capsys.readouterr().out
+    beside = runtime.model_folder_export(out, "openvino")
+    assert (beside / "openvino_model.xml").is_file() and any((beside / "cache" / "fp32").iterdir())
+    monkeypatch.setattr(runtime, "_build", lambda *a, **k: pytest.fail("the folder's own export must be used"))
+    model, _ = imedsam_hf.load_model(out, backend="openvino")
+    assert model.vision_encoder.folder == beside
+    reference, _ = imedsam_hf.load_model(out)
+    pixel_values = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[8.0, 8.0, 40.0, 50.0]])
+    assert_parity(outputs(model, pixel_values, boxes), outputs(reference, pixel_values, boxes))
+    # A bad --precision is refused before anything is written.
+    assert (
+        cli_main(["export", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "x"), "--precision", "bf16"])
+        == 2
+    )
+    assert "precision='bf16' is not offered for backend='torch'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

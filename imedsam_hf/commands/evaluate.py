@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
 def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     """Check the options, load the model, build the protocol, score, write the reports; the JSON summary."""
     find_layout(args.data_dir)  # a missing or unrecognised folder, before the model is loaded
-    require_backend(args.backend)
+    require_backend(args.backend, args.precision)
     if args.split_file is not None and not Path(args.split_file).is_file():
         raise ValueError(f"--split-file {args.split_file}: no such file.")
     if args.limit is not None and args.limit < 1:
@@ -61,7 +61,9 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     )  # fmt: skip
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    model, processor = load_model(args.model, device=device, backend=args.backend)
+    model, processor = load_model(
+        args.model, device=device, backend=args.backend, backend_options={"precision": args.precision}
+    )
     protocol = EvaluationProtocol.resolve(
         model.config,
         args.data_dir,
@@ -101,6 +103,8 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         "data_dir": str(args.data_dir),
         "split": args.split,
         "n_images": len(pairs),
+        "backend": args.backend,
+        "precision": args.precision,
         **({"limit": args.limit} if args.limit else {}),
         **report.as_dict(),
     }

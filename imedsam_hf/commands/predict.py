@@ -246,9 +246,11 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             raise ValueError(
                 "--boxes holds either 2-D boxes for images or 3-D boxes for volumes: predict them separately."
             )
-        require_backend(args.backend)
+        require_backend(args.backend, args.precision)
         check_writable(args.out)
-        model, processor = load_model(args.model, device=device, backend=args.backend)
+        model, processor = load_model(
+            args.model, device=device, backend=args.backend, backend_options={"precision": args.precision}
+        )
     except (OSError, ValueError, ImportError) as error:
         return fail(error)
     codes = []
