@@ -23,8 +23,8 @@ OpenVINO's compiled-model cache (`CACHE_DIR`) lives inside that folder, so a sec
 
 Precision: fp32 by default (SAM's mask logits within ~5e-5 of torch's), pinned (`INFERENCE_PRECISION_HINT` f32)
 so that a CPU with AMX / AVX512-BF16 does not switch to bf16 by itself. OpenVINO also offers `precision="bf16"`:
-the same fp32 export compiled for bf16 arithmetic, 2.2x faster than its fp32 on a CPU with AMX (4x torch's), with
-3-D Dice within the tolerance `docs/results.md` reports; on a CPU without bf16 arithmetic OpenVINO computes in fp32
+the same fp32 export compiled for bf16 arithmetic, 2.3x faster than its fp32 on a CPU with AMX (4.3x torch's), its
+BTCV test Dice within 0.13 points of fp32's per organ (docs/results.md); on a CPU without bf16 arithmetic OpenVINO computes in fp32
 whatever the hint (a warning says so). int8 post-training quantization and fp16 were measured
 (`benchmarks/runtime.py`) and are not offered: see `PRECISIONS`.
 """
@@ -516,7 +516,8 @@ class RuntimeVisionEncoder(nn.Module):
             "INFERENCE_NUM_THREADS": self.num_threads,
             "PERFORMANCE_HINT": "LATENCY",
             # Always set: for fp32, OpenVINO would pick bf16 by itself on CPUs with AMX / AVX512-BF16.
-            "INFERENCE_PRECISION_HINT": _OPENVINO_HINTS[self.precision],
+            # (f32 for what PRECISIONS does not offer, e.g. the int8 models benchmarks/runtime.py measures)
+            "INFERENCE_PRECISION_HINT": _OPENVINO_HINTS.get(self.precision, "f32"),
         }
         # A read-only export folder is used without the compiled-model cache. One cache per precision: OpenVINO
         # 2026.4 crashes (segfault) compiling for bf16 from a cache that holds the same model's f32 blob.
