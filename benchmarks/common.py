@@ -33,6 +33,12 @@ VOLUME_PROTOCOLS = {
 }
 
 
+def backend_variant(variant: str) -> tuple[str, dict]:
+    """`--backend BACKEND[:PRECISION]` (`openvino:bf16`) -> `load_model`'s `backend` and `backend_options`."""
+    backend, _, precision = variant.partition(":")
+    return backend, ({"precision": precision} if precision else {})
+
+
 def pick_device(name: str | None = None) -> torch.device:
     if name:
         return torch.device(name)

@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 import torch
-from common import add_run_arguments, machine_description, peak_memory, report, setup_run, time_call
+from common import add_run_arguments, backend_variant, machine_description, peak_memory, report, setup_run, time_call
 
 from imedsam_hf import load_model, segment
 from imedsam_hf.data import mask_box, read_mask
@@ -39,13 +39,9 @@ def main(argv=None) -> dict:
     overrides = {"use_implicit_decoder": not args.sam_mask_only}
     if args.query_region:
         overrides["query_region"] = args.query_region
-    backend, _, precision = args.backend.partition(":")
+    backend, options = backend_variant(args.backend)
     model, processor = load_model(
-        args.model,
-        device=device,
-        config_overrides=overrides,
-        backend=backend,
-        backend_options={"precision": precision} if precision else None,
+        args.model, device=device, config_overrides=overrides, backend=backend, backend_options=options
     )
     labels = read_mask(args.mask, num_classes=255)
     classes = [int(c) for c in np.unique(labels) if c > 0]

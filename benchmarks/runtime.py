@@ -253,8 +253,8 @@ def main(argv=None) -> dict:
             hints = precision_hints(encoder.folder)
         for precision in runtime.PRECISIONS[backend][1:]:  # the offered reduced precisions (OpenVINO's bf16)
             start = time.perf_counter()
-            found[precision] = (runtime.export_vision_encoder(model, backend, precision=precision, **options), None)
-            found[precision] = (found[precision][0], time.perf_counter() - start)
+            reduced = runtime.export_vision_encoder(model, backend, precision=precision, **options)
+            found[precision] = (reduced, time.perf_counter() - start)
         if calibration_pixels is not None:
             try:
                 found.update(quantized(backend, encoder, calibration_pixels, args.num_threads, cache / "quantized"))

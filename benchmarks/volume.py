@@ -27,6 +27,7 @@ import numpy as np
 from common import (
     VOLUME_PROTOCOLS,
     add_run_arguments,
+    backend_variant,
     machine_description,
     peak_memory,
     report,
@@ -82,8 +83,7 @@ def main(argv=None) -> dict:
     rows = []
     for spec in args.model or ["litemedsam"]:
         for variant in args.backend or ["torch"]:
-            backend, _, precision = variant.partition(":")
-            options = {"precision": precision} if precision else {}
+            backend, options = backend_variant(variant)
             if args.clear_cache and backend != "torch":
                 options["cache_dir"] = tempfile.mkdtemp(prefix="imedsam-runtime-")
             start = time.perf_counter()

@@ -79,7 +79,7 @@ def _backend_option(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         choices=["fp32", "bf16"],
         help="the image encoder's arithmetic: fp32, or bf16 with --backend openvino (about 2x faster than its fp32 on "
-        "a CPU with AMX / AVX512-BF16; 3-D Dice within 0.2 points on BTCV, see docs/results.md)",
+        "a CPU with AMX / AVX512-BF16; BTCV test Dice within 0.13 points per organ, see docs/results.md)",
     )
 
 

@@ -201,9 +201,8 @@ def load_model(
     infinite values) when it cannot be loaded.
     """
     spec = str(spec)
-    require_backend(
-        backend, (backend_options or {}).get("precision", "fp32")
-    )  # an unknown or missing runtime fails before anything is loaded (ImportError: the extra)
+    # An unknown backend or precision, or a missing runtime, fails before anything is loaded (ImportError: the extra).
+    require_backend(backend, (backend_options or {}).get("precision", "fp32"))
     if backend != "torch" and not eval_mode:
         raise ValueError(f"`backend` {backend!r} runs the image encoder for inference only: use eval_mode=True.")
     overrides = dict(config_overrides or {})
@@ -246,10 +245,9 @@ def load_model(
         model.eval()
     if backend != "torch":
         options = dict(backend_options or {})
+        # The model folder's own export, which `imedsam export --backend` wrote, before the user cache.
         beside = model_folder_export(spec, backend, options.get("precision", "fp32"))
-        if (
-            "folder" not in options and Path(spec).is_dir() and (beside / "runtime.json").is_file()
-        ):  # `imedsam export --backend` wrote it
+        if "folder" not in options and Path(spec).is_dir() and (beside / "runtime.json").is_file():
             options["folder"] = beside
         set_backend(model, backend, **options)
     return model, processor or processor_for_config(model.config)

@@ -104,8 +104,8 @@ class _QueryContext:
     positional_embedding: nn.Module
     sam_logits: torch.Tensor | None
     settings: IMedSamQuerySettings
+    maps: torch.Tensor  # IMedSamImplicitDecoder.sampling_maps(features, sam_logits): what the points sample
     class_index: torch.Tensor | None = None  # (rows,) zero-based: class-aware prompts, one class channel per row
-    maps: torch.Tensor | None = None  # IMedSamImplicitDecoder.sampling_maps(features, sam_logits), what points sample
 
 
 class IMedSamMaskDecoder(SamMaskDecoder):
@@ -415,9 +415,8 @@ class IMedSamImplicitDecoder(nn.Module):
             logits, coarse logits `(batch_size, num_classes, height, width)`, uncertainty
             `(batch_size, height, width)` and refined `(batch_size, height, width)` bool.
         """
-        context = _QueryContext(
-            features, positional_embedding, sam_logits, settings, class_index, self.sampling_maps(features, sam_logits)
-        )
+        maps = self.sampling_maps(features, sam_logits)
+        context = _QueryContext(features, positional_embedding, sam_logits, settings, maps, class_index)
         if query_coordinates is not None:
             height, width = 1, query_coordinates.shape[1]
             coordinates = query_coordinates.to(features.device, torch.float32)
@@ -569,8 +568,8 @@ class IMedSamImplicitDecoder(nn.Module):
                 context.positional_embedding,
                 context.sam_logits[row : row + 1],
                 context.settings,
-                None if context.class_index is None else context.class_index[row : row + 1],
                 context.maps[row : row + 1],
+                None if context.class_index is None else context.class_index[row : row + 1],
             )
             side = max(MIN_REGION_BASE_SIZE, round(base_size[0] * max(sub) / max(height, width)))
             if sub[0] * sub[1] > side * side:
