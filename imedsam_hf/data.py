@@ -108,6 +108,16 @@ class DataConfig:
     # structure, `input_points` (max_clicks, 2) in frame pixels and `input_labels` (max_clicks,), -10 marking unused
     # slots (SAM's padding); a click-prompted training step uses them instead of the box (`click_probability`).
     max_clicks: int = 0
+    # Training only, on the slices of volumes (stems ending in the slice number, scans told apart by
+    # `group_pattern`): with this probability a sample's boxes come from the same structure on a slice up to
+    # `neighbour_box_distance` away in the same scan, widened by `neighbour_box_margin` pixels: the boxes that 3-D
+    # propagation (`segment_volume(boxes_3d=...)`: the previous slice's mask's box plus 3 px) gives. Such a sample
+    # keeps only the photometric augmentation (the neighbour's box is in the stored frame); a structure absent from
+    # the neighbour (or a neighbour not in the data) keeps its own, jittered box.
+    neighbour_box_probability: float = 0.0
+    neighbour_box_distance: int = 2
+    neighbour_box_margin: float = 3.0
+    group_pattern: str | None = None
 
     @property
     def mask_class_count(self) -> int:
@@ -705,6 +715,44 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.empty_stems: list[str] = []
         self.class_counts: dict[int, int] = {}  # class id -> images holding it (class prompts)
         self.items = self._items()
+        self.slices = self._slices() if train and config.neighbour_box_probability > 0 else {}
+
+    def _slices(self) -> dict[tuple[str, int], int]:
+        """(scan, slice number) -> record index, for the neighbour boxes: every stem must name its scan (a match of
+        `group_pattern` with a group) and end in its slice number."""
+        pattern = compile_group_pattern(self.config.group_pattern)
+        slices = {}
+        for i in range(len(self.records)):
+            stem = str(self.records[i]["stem"])
+            match, number = re.match(pattern, stem), slice_index(stem)
+            if number is None or not (match and match.groups()):
+                raise ValueError(
+                    f"neighbour boxes take the slices of volumes, stems like case0001_slice061 (the scan by the group "
+                    f"pattern {self.config.group_pattern!r}, then the slice number); {stem!r} is not one."
+                )
+            slices[(match.group(1), number)] = i
+        return slices
+
+    def _neighbour_mask(self, record_index: int, rng: np.random.Generator) -> np.ndarray | None:
+        """With `neighbour_box_probability`, the class-id mask of a slice near this one in its scan, else None."""
+        config = self.config
+        if not self.slices or rng.random() >= config.neighbour_box_probability:
+            return None
+        stem = str(self.records[record_index]["stem"])
+        offset = int(rng.integers(1, config.neighbour_box_distance + 1)) * int(rng.choice([-1, 1]))
+        key = (group_of(stem, compile_group_pattern(config.group_pattern)), slice_index(stem) + offset)
+        neighbour = self.slices.get(key)
+        return None if neighbour is None else self._read_mask(self.records[neighbour])
+
+    def _neighbour_box(self, structure: np.ndarray, original, shape) -> np.ndarray | None:
+        """The box of a structure's mask on the neighbour slice widened by the margin, in the frame; None if empty."""
+        box = mask_box(structure)
+        if box is None:
+            return None
+        margin = self.config.neighbour_box_margin
+        height, width = original
+        box = np.clip(box + np.array([-margin, -margin, margin, margin]), 0, [width, height, width, height])
+        return self.processor.scale_coordinates(box.astype(np.float32), original, shape).reshape(4)
 
     def _read_mask(self, record) -> np.ndarray:
         return read_mask(record["mask"], self.config.mask_class_count, self.config.mask_values)
@@ -740,10 +788,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image = to_rgb_array(record["image"])
         mask = self._read_mask(record)
+        neighbour = self._neighbour_mask(record_index, rng) if self.train else None
         if class_id == ALL_CLASSES:
-            return self._all_classes_sample(image, mask, rng, index)
+            return self._all_classes_sample(image, mask, rng, index, neighbour)
+        if neighbour is not None:  # this structure's box on the neighbour slice, in the stored frame
+            neighbour = neighbour == class_id if class_id else neighbour > 0
         if class_id:
             mask = (mask == class_id).astype(np.int64)
+        if neighbour is not None and neighbour.any():
+            pixel_values, labels, original, shape = self._frame(image, mask, rng, geometric=False)
+            box = self._neighbour_box(neighbour, original, shape)
+            return self._sample(pixel_values, labels, box, original, shape, index, class_id, rng)
         pixel_values, labels, original, shape = self._frame(image, mask, rng)
         box = mask_box(labels.numpy()) if self.train else self._exact_box(mask, original, shape)
         if box is None and mask.any():  # augmented out of view: the frame without geometric augmentation
@@ -751,7 +806,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             box = self._exact_box(mask, original, shape)
         if box is None:  # prompt="none" only (empty masks make no box-prompted sample): an unused placeholder
             box = np.array([0, 0, shape[1], shape[0]], dtype=np.float32)
-        box = self._training_box(box, shape, rng)
+        return self._sample(
+            pixel_values, labels, self._training_box(box, shape, rng), original, shape, index, class_id, rng
+        )
+
+    def _sample(self, pixel_values, labels, box, original, shape, index: int, class_id: int, rng) -> dict:
         sample = {
             "pixel_values": pixel_values,
             "labels": labels,
@@ -783,11 +842,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
             tensor, labels = augment(tensor, labels, config, rng)
         return self.processor.pad(self.processor.normalize(tensor)), self.processor.pad(labels), original, shape
 
-    def _all_classes_sample(self, image: np.ndarray, mask: np.ndarray, rng, index: int) -> dict[str, torch.Tensor]:
+    def _all_classes_sample(
+        self, image: np.ndarray, mask: np.ndarray, rng, index: int, neighbour: np.ndarray | None = None
+    ) -> dict[str, torch.Tensor]:
         """One sample with every class present as a prompt: `input_boxes` `(P, 4)`, `prompt_classes` `(P,)`.
-        When augmentation moved every structure out of view, the frame is made again without its geometric part."""
-        pixel_values, labels, original, shape = self._frame(image, mask, rng)
-        boxes, classes = self._class_boxes(mask, labels, original, shape, rng)
+        When augmentation moved every structure out of view, the frame is made again without its geometric part.
+        With a `neighbour` slice's mask, the boxes are its boxes (see `DataConfig.neighbour_box_probability`)."""
+        if neighbour is None:
+            pixel_values, labels, original, shape = self._frame(image, mask, rng)
+            boxes, classes = self._class_boxes(mask, labels, original, shape, rng)
+        else:
+            pixel_values, labels, original, shape = self._frame(image, mask, rng, geometric=False)
+            boxes, classes = self._class_boxes(mask, labels, original, shape, rng, exact=True, neighbour=neighbour)
         if not boxes:
             pixel_values, labels, original, shape = self._frame(image, mask, rng, geometric=False)
             boxes, classes = self._class_boxes(mask, labels, original, shape, rng, exact=True)
@@ -808,12 +874,24 @@ class SegmentationDataset(torch.utils.data.Dataset):
         }
 
     def _class_boxes(
-        self, mask: np.ndarray, labels: torch.Tensor, original, shape, rng, exact: bool = False
+        self,
+        mask: np.ndarray,
+        labels: torch.Tensor,
+        original,
+        shape,
+        rng,
+        exact: bool = False,
+        neighbour: np.ndarray | None = None,
     ) -> tuple[list[np.ndarray], list[int]]:
         """The box of each class present in `mask` (in training from the augmented `labels`, unless `exact`; the
-        classes out of view left out) and the class ids."""
+        classes out of view left out) and the class ids; with a `neighbour` mask, its box of each class it holds."""
         boxes, classes = [], []
         for class_id in (int(c) for c in np.unique(mask) if c > 0):
+            box = None if neighbour is None else self._neighbour_box(neighbour == class_id, original, shape)
+            if box is not None:
+                boxes.append(box)
+                classes.append(class_id)
+                continue
             box = (
                 mask_box(labels.numpy() == class_id)
                 if self.train and not exact

@@ -39,6 +39,11 @@ def points(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
+def rate(value: float) -> str:
+    """A learning rate as the configs write it: 1e-4."""
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
 def mm(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
@@ -49,17 +54,21 @@ def run_facts(run: Path) -> tuple[dict, dict]:
     return results.get("training", {}), config
 
 
-def compute_text(training: dict) -> str:
-    device = training.get("device", "cpu")
-    where = "a 2-core CPU (x86_64, torch 2.13.0, no GPU)" if device == "cpu" else device
+def compute_text(training: dict, device_name: str | None = None) -> str:
+    """`device_name`: the accelerator in words (the run records only `cuda`); a CPU run says it shared the machine."""
+    if training.get("device", "cpu") == "cpu":
+        where = "a 2-core CPU (x86_64, torch 2.13.0, no GPU), shared with other jobs for most of it"
+    else:
+        where = device_name or training.get("device")
     return (
         f"{training.get('steps')} optimizer steps ({training.get('epochs')} epochs of the training samples) in "
-        f"{training.get('minutes')} minutes of wall time on {where}, shared with other jobs for most of it "
-        "(the time includes the validations)."
+        f"{training.get('minutes')} minutes of wall time on {where} (the time includes the validations)."
     )
 
 
-def common_context(name: str, training: dict, config: dict, trainable: str, total: str) -> dict:
+def common_context(
+    name: str, training: dict, config: dict, trainable: str, total: str, device_name: str | None = None
+) -> dict:
     return {
         "model_name": name,
         "base_model": "litemedsam",
@@ -70,13 +79,23 @@ def common_context(name: str, training: dict, config: dict, trainable: str, tota
         "trainable_parameters": trainable,
         "total_parameters": total,
         "image_size": 256,
-        "compute": compute_text(training),
+        "compute": compute_text(training, device_name),
     }
 
 
 def propagation_caveat(by: dict, name: str) -> str:
     """What a user of the 3-D box mode should know when the zero-shot backbone propagates better."""
     ours, base = by.get((name, "boxes3d")), by.get(("litemedsam", "boxes3d"))
+    every_slice = by.get((name, "labels"))
+    if ours and base and every_slice and ours["dice_13"] >= base["dice_13"]:
+        thin = sorted(ours["per_class"].values(), key=lambda s: s["dice"])[:4]
+        return (
+            f"**The 3-D box mode (one box per organ, propagated slice to slice) gives {points(ours['dice_13'])} "
+            f"13-organ 3-D Dice against {points(every_slice['dice_13'])} with a box on every slice** (zero-shot "
+            f"{points(base['dice_13'])}): the box taken from one slice's mask drifts along thin, winding structures ("
+            + ", ".join(f"{s['name']} {points(s['dice'])}" for s in thin)
+            + "). Where it matters, give a box on every slice (`--boxes-from-masks`). "
+        )
     if not ours or not base or ours["dice_13"] >= base["dice_13"]:
         return ""
     return (
@@ -135,18 +154,27 @@ def btcv(args) -> None:
     for key, text in protocols.items():
         if (args.name, key) in by and ("litemedsam", key) in by:
             realistic.append([text, points(by["litemedsam", key]["dice_13"]), points(by[args.name, key]["dice_13"])])
-    context = common_context(args.name, training, config, args.trainable, args.total)
+    context = common_context(args.name, training, config, args.trainable, args.total, args.device_name)
+    run, data = config["training"], config["data"]
+    transformer = config["model"].get("peft_overrides", {}).get("train_mask_decoder") == "transformer"
+    neighbour = data.get("neighbour_box_probability", 0)
     context.update(
         summary=(
             "I-MedSAM (ECCV 2024) on LiteMedSAM, fine-tuned on abdominal CT to segment the 13 organs of BTCV / "
-            "Synapse, one box prompt per organ; class-aware: each box is decoded by its organ's own heads."
+            "Synapse, one box prompt per organ; class-aware: each box is decoded by its organ's own heads"
+            + (
+                "; the mask decoder's two-way transformer, which reads the box, is trained too, with boxes such as "
+                "3-D propagation gives (a neighbouring slice's box)."
+                if transformer and neighbour
+                else "."
+            )
         ),
         segments="13 abdominal organs on axial CT slices (windowed -125..275 HU as in the training data): "
         + ", ".join(f"{k} {v['name']}" for k, v in model["per_class"].items()),
         prompts="one box per organ (x0, y0, x1, y1) with its class id; whole volumes: a label volume's boxes on every "
         "slice, or one 3-D box per organ propagated through the scan",
         class_aware=True,
-        extra_trained=None,
+        extra_trained="the mask decoder's two-way transformer" if transformer else None,
         data_license="research use (Synapse challenge terms)",
         datasets=None,
         data_name="BTCV / Synapse multi-organ CT",
@@ -156,13 +184,41 @@ def btcv(args) -> None:
         data_citation=BTCV_CITATION,
         split_description="by scan, seed 0: 13 training, 4 validation and 5 test scans; `splits.json` beside the "
         "weights; test scans " + ", ".join(sorted({s.split("_")[0] for s in load(args.splits)["test"]})),
-        recipe_config="training/configs/litemedsam_btcv.yaml",
-        recipe_command="accelerate launch training/train.py --config training/configs/litemedsam_btcv.yaml "
-        "--data-dir ../shared/data/BTCV-Synapse-CT --output-dir outputs/litemedsam_btcv",
-        recipe_summary="AdamW (1e-4 for the adapters, 1e-3 for the implicit decoder, weight decay 0.01), linear decay, "
-        "batch of 2 slices, at most 4 organs of a slice as prompts per step (rarer organs drawn more often), 2048 "
-        "training points per prompt, half of them inside the prompt's box, training boxes jittered by up to 10%, "
-        "geometric and photometric augmentation; model selection by Dice on 100 of the 300 validation slices."
+        recipe_config=args.config,
+        recipe_command=(
+            "accelerate launch --config_file training/accelerate_configs/single_gpu.yaml "
+            if args.device_name
+            else "accelerate launch "
+        )
+        + f"training/train.py --config {args.config} --data-dir ../shared/data/BTCV-Synapse-CT --output-dir "
+        f"outputs/{Path(args.config).stem}",
+        recipe_summary=f"AdamW ({rate(run['learning_rate'])} for the adapters"
+        + (
+            (
+                " and the mask decoder's two-way transformer"
+                if run["mask_decoder_learning_rate"] == run["learning_rate"]
+                else f", {rate(run['mask_decoder_learning_rate'])} for the mask decoder's two-way transformer"
+            )
+            if transformer
+            else ""
+        )
+        + f", {rate(run['implicit_learning_rate'])} for the implicit decoder, weight decay {run['weight_decay']:g}), linear "
+        f"decay to 0 over {run['max_train_steps']} steps, batch of {run['batch_size']} slices"
+        + (f" ({config['training'].get('mixed_precision')} autocast)" if args.device_name else "")
+        + f", at most {data['max_prompts_per_sample']} organs of a slice as prompts per step (rarer organs drawn more "
+        f"often), {run['train_points']} training points per prompt, {run['box_point_fraction']:.0%} of them inside the "
+        "prompt's box"
+        + (
+            f"; {neighbour:.0%} of the samples take their boxes from the same organ on a slice up to "
+            f"{data['neighbour_box_distance']} away in the scan, widened by {data['neighbour_box_margin']:g} px (the "
+            "boxes 3-D propagation gives), the others their own box jittered by up to "
+            f"{data['box_jitter']:.0%}"
+            if neighbour
+            else f", training boxes jittered by up to {data['box_jitter']:.0%}"
+        )
+        + "; geometric and photometric augmentation; model selection by Dice on "
+        + (f"{run['max_eval_samples']} of the 300" if run.get("max_eval_samples") else "the 300")
+        + " validation slices (exact boxes)."
         + (" " + args.recipe_summary if args.recipe_summary else ""),
         usage_command="imedsam predict --model imedsam-litemedsam-btcv scan.nii.gz --boxes-from-masks labels/ "
         "--out predictions   # NIfTI in, label NIfTI out",
@@ -193,7 +249,7 @@ def btcv(args) -> None:
         "(the model records it); `python benchmarks/btcv_volumes.py --data_dir ../shared/data/BTCV-Synapse-CT "
         "--split_file imedsam_hf/shipped/imedsam-litemedsam-btcv/splits.json --split test --model litemedsam --model "
         "imedsam-litemedsam-btcv --protocol labels boxes3d boxes3d_unconfined --json volumes.json`; all on the 2-core "
-        "CPU.",
+        "CPU (fp32).",
     )
     results = [
         EvalResult(
@@ -244,7 +300,7 @@ def polyp(args) -> None:
         test = next((r for r in paired if r["boxes"] == boxes), None)
         p = f"{test['difference_points']:+.2f} points (p = {test['p']:.2g})" if test else "n/a"
         versus.append([boxes, points(theirs), points(ours), p])
-    context = common_context(args.name, training, config, args.trainable, args.total)
+    context = common_context(args.name, training, config, args.trainable, args.total, args.device_name)
     context.update(
         summary="I-MedSAM (ECCV 2024) on LiteMedSAM, fine-tuned on colonoscopy images to segment polyps from a box "
         "prompt; the mask decoder's two-way transformer, which reads the box, is trained too, so that an imperfect box "
@@ -319,13 +375,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default=None)
     parser.add_argument("--sweep", default=None)
     parser.add_argument("--run-name", default=None)
-    parser.add_argument("--config", default="training/configs/litemedsam_polyp.yaml")
+    parser.add_argument("--config", default=None, help="the recipe (default: the kind's shipped recipe)")
+    parser.add_argument("--device-name", default=None, help="the GPU in words, for a GPU run's compute line")
     parser.add_argument("--recipe-summary", default="")
     parser.add_argument("--trainable", required=True, help="trainable parameters, as train.py printed them")
     parser.add_argument("--total", required=True)
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     args.name = args.name or f"imedsam-litemedsam-{args.kind}"
+    args.config = (
+        args.config
+        or {
+            "btcv": "training/configs/litemedsam_btcv_gpu.yaml",
+            "polyp": "training/configs/imedsam_litemedsam_polyp.yaml",
+        }[args.kind]
+    )
     btcv(args) if args.kind == "btcv" else polyp(args)
     print(f"wrote {args.output}")
     return 0

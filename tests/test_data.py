@@ -227,3 +227,78 @@ def test_one_mask_per_structure_folders_convert_to_class_id_masks(tmp_path):
     )
     assert ((labels == hip_left) == (truth > 0)).mean() > 0.99  # both instances of one structure, one class
     assert json.loads((tmp_path / "ct" / "classes.json").read_text())["classes"]["1"] == "aorta"
+
+
+def write_slices(root, boxes: dict[int, dict[int, tuple]], size=(50, 40)) -> None:
+    """Slices `scan_slice<z>` of one scan: class-id masks with a rectangle per class (x0, y0, x1, y1 exclusive)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    for z, classes in boxes.items():
+        mask = np.zeros((size[1], size[0]), np.uint8)
+        for class_id, (x0, y0, x1, y1) in classes.items():
+            mask[y0:y1, x0:x1] = class_id
+        Image.fromarray(np.full((size[1], size[0], 3), 90, np.uint8)).save(root / "images" / f"scan_slice{z:03d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"scan_slice{z:03d}.png")
+
+
+@pytest.mark.parametrize("all_classes", [True, False])
+def test_neighbour_boxes_come_from_a_nearby_slice_of_the_scan(tmp_path, all_classes):
+    """--neighbour-box-probability 1: every training box is the same structure's box on a slice at most
+    --neighbour-box-distance away, widened by the margin (the boxes 3-D propagation gives); a structure absent there
+    keeps its own box; probability 0 leaves the samples exactly as before."""
+    # class 2 is absent from slice 12
+    drawn = {10: {1: (10, 10, 20, 20), 2: (30, 5, 40, 15)}, 11: {1: (12, 11, 24, 22), 2: (31, 6, 41, 16)},
+             12: {1: (14, 12, 28, 24)}}  # fmt: skip
+    write_slices(tmp_path, drawn)
+    records = records_from_pairs(discover_pairs(tmp_path)[0])
+    processor = IMedSamProcessor(image_size=50)
+    base = dict(augment=None, box_jitter=0.0, class_prompts=True, mask_classes=2, all_classes_per_sample=all_classes)
+    config = DataConfig(
+        **base,
+        neighbour_box_probability=1.0,
+        neighbour_box_distance=1,
+        neighbour_box_margin=2.0,
+        group_pattern=r"^(.*)_slice\d+$",
+    )
+    dataset = SegmentationDataset(records, processor, config, train=True, seed=0)
+    boxes = {z: {c: [x0, y0, x1 - 1, y1 - 1] for c, (x0, y0, x1, y1) in cs.items()} for z, cs in drawn.items()}
+    widened = {
+        z: {c: [b[0] - 2, b[1] - 2, b[2] + 2, b[3] + 2] for c, b in classes.items()} for z, classes in boxes.items()
+    }
+    seen = set()
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            record, class_id = dataset.items[index]
+            z = 10 + record
+            prompts = (
+                zip(sample["input_boxes"].tolist(), sample["prompt_classes"].tolist())
+                if all_classes
+                else [(sample["input_boxes"].tolist(), int(sample["class_id"]))]
+            )
+            for box, c in prompts:
+                options = [widened[z + d][c] for d in (-1, 1) if c in widened.get(z + d, {})]
+                if box in options:
+                    seen.add((z, c))
+                else:  # the neighbour drawn lacks the structure, or is not in the data: its own box
+                    assert box == [float(v) for v in boxes[z][c]], (z, c, box)
+    assert {(10, 1), (11, 1), (12, 1), (11, 2)} <= seen
+    plain = SegmentationDataset(records, processor, DataConfig(**base), train=True, seed=0)
+    again = SegmentationDataset(records, processor, replace_probability(config, 0.0), train=True, seed=0)
+    for index in range(len(plain)):
+        assert torch.equal(plain[index]["input_boxes"], again[index]["input_boxes"])
+
+
+def replace_probability(config: DataConfig, probability: float) -> DataConfig:
+    from dataclasses import replace
+
+    return replace(config, neighbour_box_probability=probability)
+
+
+def test_neighbour_boxes_need_the_slices_of_volumes(tmp_path):
+    write_pair(tmp_path, "photo", size=(40, 30))
+    records = records_from_pairs(discover_pairs(tmp_path)[0])
+    config = DataConfig(augment=None, neighbour_box_probability=0.5, group_pattern=r"^(.*)_slice\d+$")
+    with pytest.raises(ValueError, match="'photo' is not one"):
+        SegmentationDataset(records, IMedSamProcessor(image_size=40), config, train=True)

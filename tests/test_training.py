@@ -199,6 +199,13 @@ def test_bad_options_are_named(tiny_sam, polyps, tmp_path):
         train_script.main(args(tiny_sam, tmp_path / "missing", tmp_path / "x"))
     with pytest.raises(SystemExit, match="--hub-model-id"):
         train_script.main(args(tiny_sam, polyps, tmp_path / "x", "--push_to_hub"))
+    with pytest.raises(SystemExit, match="--neighbour-box-probability 2.0: a probability"):
+        train_script.parse_args(["--neighbour-box-probability", "2"])
+    with pytest.raises(SystemExit, match="--neighbour-box-distance 0"):
+        train_script.parse_args(["--neighbour-box-distance", "0"])
+    # Neighbour boxes on photos (no slice numbers in the stems): named, before training.
+    with pytest.raises(SystemExit, match="--neighbour-box-probability: neighbour boxes take the slices of volumes"):
+        train_script.main(args(tiny_sam, polyps, tmp_path / "x", "--neighbour_box_probability", "0.5"))
 
 
 def option_help(text: str, name: str) -> str:

@@ -228,8 +228,15 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         max_prompts_per_sample=data.max_prompts_per_sample,
         mask_values=mask_values(data),
         max_clicks=data.max_clicks,
+        neighbour_box_probability=data.neighbour_box_probability,
+        neighbour_box_distance=data.neighbour_box_distance,
+        neighbour_box_margin=data.neighbour_box_margin,
+        group_pattern=data.group_pattern,
     )
-    train_set = SegmentationDataset(as_records(splits["train"]), processor, data_config, train=True, seed=run.seed)
+    try:
+        train_set = SegmentationDataset(as_records(splits["train"]), processor, data_config, train=True, seed=run.seed)
+    except ValueError as error:  # stems without slice numbers for --neighbour-box-probability
+        raise die(f"--neighbour-box-probability: {error}") from error
     val_set = SegmentationDataset(as_records(splits["validation"]), processor, data_config, train=False)
     if run.max_eval_samples and len(val_set) > run.max_eval_samples:
         kept = np.linspace(0, len(val_set) - 1, run.max_eval_samples).round().astype(int).tolist()

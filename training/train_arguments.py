@@ -121,6 +121,14 @@ class DataArguments:
     box_jitter_probability: float = option(
         1.0, "The share of training boxes jittered by --box-jitter; the others stay exact (tight boxes still seen)."
     )
+    neighbour_box_probability: float = option(
+        0.0,
+        "Volume slices (stems ending in the slice number, scans by --group-pattern): the share of training samples "
+        "whose boxes come from a slice up to --neighbour-box-distance away, widened by --neighbour-box-margin pixels "
+        "(the boxes 3-D box propagation gives; such samples keep only photometric augmentation).",
+    )
+    neighbour_box_distance: int = option(2, "Neighbour boxes: the largest slice distance of the neighbour.")
+    neighbour_box_margin: float = option(3.0, "Neighbour boxes: pixels added on each side (propagation's 3).")
     prompt: Literal["box", "none"] = option("box", "Prompt: the mask's box, or none (prompt-free).")
     class_prompts: bool = option(False, "Multi-class masks: one binary sample per class present, with its own box.")
     all_classes_per_sample: bool = option(
@@ -158,6 +166,13 @@ class DataArguments:
     def __post_init__(self) -> None:
         if not 0.0 <= self.box_jitter_probability <= 1.0:
             raise ValueError(f"--box-jitter-probability {self.box_jitter_probability}: a probability in [0, 1].")
+        if not 0.0 <= self.neighbour_box_probability <= 1.0:
+            raise ValueError(f"--neighbour-box-probability {self.neighbour_box_probability}: a probability in [0, 1].")
+        if self.neighbour_box_distance < 1 or self.neighbour_box_margin < 0:
+            raise ValueError(
+                f"--neighbour-box-distance {self.neighbour_box_distance} / --neighbour-box-margin "
+                f"{self.neighbour_box_margin}: a distance >= 1 slice and a margin >= 0 pixels."
+            )
 
 
 @dataclass
