@@ -576,8 +576,12 @@ def test_ct_folder_splits_by_scan_and_records_the_class_names(tiny_sam, tmp_path
             shutil.copy(ct / sub / f"{stem}.png", folder / sub / f"{stem}.png")
     out = tmp_path / "run"
     extra = ("--class_prompts", "true", "--mask_classes", "13", "--epochs", "1", "--baseline", "false")
-    # Every organ of a slice as a prompt of one sample: one encoder pass per slice, the loss over its prompts.
-    results = train_script.main(args(tiny_sam, folder, out, *extra, "--all_classes_per_sample", "true"))
+    # Every organ of a slice as a prompt of one sample: one encoder pass per slice, the loss over its prompts; every
+    # sample's boxes from a neighbouring slice where there is one (slices 80 and 81 of case0001 and case0002).
+    results = train_script.main(
+        args(tiny_sam, folder, out, *extra, "--all_classes_per_sample", "true", "--neighbour_box_probability", "1")
+    )
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["neighbour_box_probability"] == 1.0
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in log if "loss" in r) and 0 <= results["best_val_dice"] <= 1
     splits = json.loads((out / "splits.json").read_text())
