@@ -715,13 +715,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.empty_stems: list[str] = []
         self.class_counts: dict[int, int] = {}  # class id -> images holding it (class prompts)
         self.items = self._items()
-        self.slices = self._slices() if train and config.neighbour_box_probability > 0 else {}
+        # Neighbour boxes: each record's (scan, slice number), and the record of each (scan, slice number).
+        self.slice_keys = self._slice_keys() if train and config.neighbour_box_probability > 0 else []
+        self.slices = {key: i for i, key in enumerate(self.slice_keys)}
 
-    def _slices(self) -> dict[tuple[str, int], int]:
-        """(scan, slice number) -> record index, for the neighbour boxes: every stem must name its scan (a match of
+    def _slice_keys(self) -> list[tuple[str, int]]:
+        """Each record's (scan, slice number), for the neighbour boxes: every stem must name its scan (a match of
         `group_pattern` with a group) and end in its slice number."""
         pattern = compile_group_pattern(self.config.group_pattern)
-        slices = {}
+        keys = []
         for i in range(len(self.records)):
             stem = str(self.records[i]["stem"])
             match, number = re.match(pattern, stem), slice_index(stem)
@@ -730,18 +732,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
                     f"neighbour boxes take the slices of volumes, stems like case0001_slice061 (the scan by the group "
                     f"pattern {self.config.group_pattern!r}, then the slice number); {stem!r} is not one."
                 )
-            slices[(match.group(1), number)] = i
-        return slices
+            keys.append((match.group(1), number))
+        return keys
 
     def _neighbour_mask(self, record_index: int, rng: np.random.Generator) -> np.ndarray | None:
         """With `neighbour_box_probability`, the class-id mask of a slice near this one in its scan, else None."""
         config = self.config
         if not self.slices or rng.random() >= config.neighbour_box_probability:
             return None
-        stem = str(self.records[record_index]["stem"])
+        scan, number = self.slice_keys[record_index]
         offset = int(rng.integers(1, config.neighbour_box_distance + 1)) * int(rng.choice([-1, 1]))
-        key = (group_of(stem, compile_group_pattern(config.group_pattern)), slice_index(stem) + offset)
-        neighbour = self.slices.get(key)
+        neighbour = self.slices.get((scan, number + offset))
         return None if neighbour is None else self._read_mask(self.records[neighbour])
 
     def _neighbour_box(self, structure: np.ndarray, original, shape) -> np.ndarray | None:
