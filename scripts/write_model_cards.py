@@ -249,7 +249,7 @@ def btcv(args) -> None:
         "(the model records it); `python benchmarks/btcv_volumes.py --data_dir ../shared/data/BTCV-Synapse-CT "
         "--split_file imedsam_hf/shipped/imedsam-litemedsam-btcv/splits.json --split test --model litemedsam --model "
         "imedsam-litemedsam-btcv --protocol labels boxes3d boxes3d_unconfined --json volumes.json`; all on the 2-core "
-        "CPU (fp32).",
+        "CPU (fp32)." + (" " + args.provenance_note if args.provenance_note else ""),
     )
     results = [
         EvalResult(
@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="the recipe (default: the kind's shipped recipe)")
     parser.add_argument("--device-name", default=None, help="the GPU in words, for a GPU run's compute line")
     parser.add_argument("--recipe-summary", default="")
+    parser.add_argument("--provenance-note", default="", help="btcv: how the measurements departed from the commands")
     parser.add_argument("--trainable", required=True, help="trainable parameters, as train.py printed them")
     parser.add_argument("--total", required=True)
     parser.add_argument("--output", required=True)
