@@ -104,7 +104,7 @@ class _QueryContext:
     positional_embedding: nn.Module
     sam_logits: torch.Tensor | None
     settings: IMedSamQuerySettings
-    maps: torch.Tensor  # IMedSamImplicitDecoder.sampling_maps(features, sam_logits): what the points sample
+    maps: tuple[torch.Tensor, ...]  # IMedSamImplicitDecoder.sampling_maps(features, sam_logits): what points sample
     class_index: torch.Tensor | None = None  # (rows,) zero-based: class-aware prompts, one class channel per row
 
 
@@ -135,15 +135,17 @@ class IMedSamMaskDecoder(SamMaskDecoder):
         tokens = output_tokens.repeat(batch_size, num_prompts, 1, 1)
         if sparse_prompt_embeddings is not None:
             tokens = torch.cat((tokens, sparse_prompt_embeddings.to(tokens.dtype)), dim=2)
-        # Only the two-way transformer and what follows run per prompt; the image was encoded once.
-        point_embedding, image_tokens = self.transformer(
-            point_embeddings=tokens,
-            image_embeddings=_per_prompt(image_embeddings + dense_prompt_embeddings, num_prompts),
-            image_positional_embeddings=_per_prompt(image_positional_embeddings, num_prompts),
-            attention_similarity=None,
-        )
+        # Only the two-way transformer and what follows run per prompt; the image was encoded once, and what of the
+        # transformer does not depend on the prompt runs once per image.
         rows = batch_size * num_prompts
-        image_tokens = image_tokens.transpose(2, 3).reshape(rows, num_channels, height, width)
+        point_embedding, image_tokens = shared_image_two_way_transformer(
+            self.transformer,
+            tokens.reshape(rows, *tokens.shape[2:]),
+            (image_embeddings + dense_prompt_embeddings).flatten(2).transpose(1, 2).contiguous(),
+            image_positional_embeddings.flatten(2).transpose(1, 2).contiguous(),
+        )
+        point_embedding = point_embedding.reshape(batch_size, num_prompts, *point_embedding.shape[1:])
+        image_tokens = image_tokens.transpose(1, 2).reshape(rows, num_channels, height, width)
         upscaled = self.activation(self.upscale_layer_norm(self.upscale_conv1(image_tokens)))
         upscaled = self.activation(self.upscale_conv2(upscaled))
         # Single-mask output: mask token 0 and its hypernetwork, as SamModel(multimask_output=False).
@@ -153,13 +155,90 @@ class IMedSamMaskDecoder(SamMaskDecoder):
         return masks, iou, upscaled
 
 
-def _per_prompt(values: torch.Tensor, num_prompts: int) -> torch.Tensor:
-    """`(batch_size, ...)` -> `(batch_size * num_prompts, ...)`, each image's row repeated for its prompts (prompt-major
-    per image). One image: a broadcast view, not `num_prompts` copies of its `(256, 64, 64)` map (the two-way
-    transformer only reads it)."""
-    if values.shape[0] == 1:
-        return values.expand(num_prompts, *values.shape[1:])
-    return values.repeat_interleave(num_prompts, 0)
+def _attention_heads(values: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`(..., length, heads * head_size)` -> `(..., heads, length, head_size)`."""
+    return values.unflatten(-1, (num_heads, -1)).transpose(-3, -2)
+
+
+def _merged_heads(values: torch.Tensor) -> torch.Tensor:
+    """`(..., heads, length, head_size)` -> `(..., length, heads * head_size)`."""
+    return values.transpose(-3, -2).flatten(-2)
+
+
+def _attend(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`SamAttention` (its projections and scaling) for batched `(rows, length, hidden_size)` inputs, each row on
+    its own: `(rows, query length, hidden_size)`."""
+    heads = attention.num_attention_heads
+    out = F.scaled_dot_product_attention(
+        _attention_heads(attention.q_proj(query), heads),
+        _attention_heads(attention.k_proj(key), heads),
+        _attention_heads(attention.v_proj(value), heads),
+        scale=attention.scaling,
+    )
+    return attention.out_proj(_merged_heads(out))
+
+
+def shared_image_two_way_transformer(
+    transformer: nn.Module, tokens: torch.Tensor, image: torch.Tensor, positional: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `SamTwoWayTransformer.forward` (its weights, the same result to float rounding) for several prompts of each
+    image, computing once per image what does not depend on the prompt. In the first block the image tokens are
+    still the image's own, so the projections of the image side (the keys and values the prompt tokens attend to,
+    the queries of the image attending back to them) are computed once per image and every prompt of the image
+    attends to them in one call; from the first block's image-to-token attention on, the image tokens are the
+    prompt's own. The transformer's `(1, 4096, 256)` image map of a 64x64 embedding is not copied per prompt.
+
+    Args:
+        transformer: a `SamTwoWayTransformer` (or a PEFT wrapper around one: its attributes are the active copy's).
+        tokens: `(rows, num_tokens, hidden_size)` output and prompt tokens, rows prompt-major per image
+            (`rows = batch_size * num_prompts`).
+        image: `(batch_size, h * w, hidden_size)` image embedding plus dense prompt embedding, flattened.
+        positional: `(batch_size or 1, h * w, hidden_size)` the image's positional embedding.
+
+    Returns:
+        tokens `(rows, num_tokens, hidden_size)` and image tokens `(rows, h * w, hidden_size)`.
+    """
+    rows, num_tokens, hidden = tokens.shape
+    batch_size = image.shape[0]
+    num_prompts = rows // batch_size
+    per_image = (batch_size, num_prompts * num_tokens, hidden)  # every prompt's tokens of an image, one sequence
+    per_row = positional if positional.shape[0] == 1 else positional.repeat_interleave(num_prompts, 0)
+    image_keys = image + positional  # the image side's keys (and queries), with the positional embedding
+    queries, keys = tokens, None  # keys None: still the image's own (`image`)
+    for layer in transformer.layers:
+        if layer.skip_first_layer_pe:
+            queries = _attend(layer.self_attn, queries, queries, queries)
+        else:
+            query = queries + tokens
+            queries = queries + _attend(layer.self_attn, query, query, queries)
+        queries = layer.layer_norm1(queries)
+        cross = layer.cross_attn_token_to_image
+        if keys is None:  # the image's own keys: one attention per image over all its prompts' tokens
+            attended = _attend(cross, (queries + tokens).reshape(per_image), image_keys, image)
+            queries = queries + attended.reshape(rows, num_tokens, hidden)
+        else:
+            keyed = keys + per_row  # the same for both cross attentions: the keys change at the block's end
+            queries = queries + _attend(cross, queries + tokens, keyed, keys)
+        queries = layer.layer_norm2(queries)
+        queries = layer.layer_norm3(queries + layer.mlp(queries))
+        back = layer.cross_attn_image_to_token
+        if keys is None:  # the image's queries once per image, then a softmax over each prompt's own tokens
+            heads = back.num_attention_heads
+            image_queries = _attention_heads(back.q_proj(image_keys), heads)  # (B, heads, hw, d)
+            prompt_keys = _attention_heads(back.k_proj(queries + tokens).reshape(per_image[:2] + (-1,)), heads)
+            prompt_values = _attention_heads(back.v_proj(queries), heads)  # (rows, heads, T, d)
+            scores = torch.matmul(image_queries * back.scaling, prompt_keys.transpose(-1, -2))  # (B, heads, hw, P*T)
+            weights = scores.unflatten(-1, (num_prompts, num_tokens)).softmax(-1, dtype=torch.float32)
+            weights = weights.to(queries.dtype).permute(0, 3, 1, 2, 4).flatten(0, 1)  # (rows, heads, hw, T)
+            attended = back.out_proj(_merged_heads(torch.matmul(weights, prompt_values)))
+            keys = layer.layer_norm4((image[:, None] + attended.unflatten(0, (batch_size, num_prompts))).flatten(0, 1))
+        else:
+            keys = layer.layer_norm4(keys + _attend(back, keyed, queries + tokens, queries))
+    keys = image.repeat_interleave(num_prompts, 0) if keys is None else keys
+    final = transformer.final_attn_token_to_image
+    queries = transformer.layer_norm_final_attn(queries + _attend(final, queries + tokens, keys + per_row, keys))
+    return queries, keys
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -248,18 +327,19 @@ class IMedSamImplicitDecoder(nn.Module):
             sines, cosines = sines * on, cosines * on
         return torch.cat([centred, sines.flatten(-2), cosines.flatten(-2)], dim=-1)
 
-    def sampling_maps(self, features: torch.Tensor, sam_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def sampling_maps(self, features: torch.Tensor, sam_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """
-        What `point_features` samples: the upscaled decoder features `(batch_size, channels, fh, fw)`, with SAM's
-        mask logits `(batch_size, 1, fh, fw)` as one more channel under `implicit_sam_prior`. Made once per forward,
-        not once per chunk of points (a copy of the whole feature map each time).
+        What `point_features` samples: the upscaled decoder features `(batch_size, channels, fh, fw)`, and SAM's mask
+        logits `(batch_size, 1, fh, fw)` under `implicit_sam_prior`. Kept as separate maps sampled at the same points:
+        one map with the logits as one more channel would copy the whole feature map (a quarter of the implicit
+        decoder's time on a 12-organ CT slice).
         """
         if self.use_sam_prior:
-            return torch.cat([features, sam_logits.to(features.dtype)], dim=1)
-        return features
+            return features, sam_logits.to(features.dtype)
+        return (features,)
 
     def point_features(
-        self, maps: torch.Tensor, positional_embedding: nn.Module, coordinates: torch.Tensor
+        self, maps: tuple[torch.Tensor, ...], positional_embedding: nn.Module, coordinates: torch.Tensor
     ) -> torch.Tensor:
         """
         Args:
@@ -271,14 +351,16 @@ class IMedSamImplicitDecoder(nn.Module):
             `(batch_size, num_points, input_size)`: the bilinear sample of the features, the two positional
             encodings and, with `implicit_sam_prior`, SAM's logit last.
         """
-        grid = (2 * coordinates - 1).unsqueeze(1).to(maps.dtype)
-        sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        sampled = sampled.squeeze(2).transpose(1, 2)
-        channels = sampled.shape[-1] - int(self.use_sam_prior)
+        features = maps[0]
+        grid = (2 * coordinates - 1).unsqueeze(1).to(features.dtype)
+        sampled = [
+            F.grid_sample(values, grid, mode="bilinear", padding_mode="border", align_corners=False).squeeze(2).mT
+            for values in maps
+        ]
         position = positional_embedding(coordinates.unsqueeze(1)).squeeze(1)
         coordinate_code = self.encode_coordinates(coordinates)
-        parts = [sampled[..., :channels], position.to(sampled.dtype), coordinate_code.to(sampled.dtype)]
-        return torch.cat([*parts, sampled[..., channels:]], dim=-1)
+        parts = [sampled[0], position.to(features.dtype), coordinate_code.to(features.dtype), *sampled[1:]]
+        return torch.cat(parts, dim=-1)
 
     def _prior(self, point_inputs: torch.Tensor) -> torch.Tensor | float:
         """SAM's logit at each point `(batch_size, num_points, 1)` with `implicit_sam_prior`, else 0."""
@@ -568,7 +650,7 @@ class IMedSamImplicitDecoder(nn.Module):
                 context.positional_embedding,
                 context.sam_logits[row : row + 1],
                 context.settings,
-                context.maps[row : row + 1],
+                tuple(values[row : row + 1] for values in context.maps),
                 None if context.class_index is None else context.class_index[row : row + 1],
             )
             side = max(MIN_REGION_BASE_SIZE, round(base_size[0] * max(sub) / max(height, width)))

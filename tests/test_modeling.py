@@ -351,6 +351,49 @@ def test_several_prompts_per_image_equal_one_call_per_prompt(query_mode, use_imp
                 torch.testing.assert_close(several.uncertainty[:, prompt], alone.uncertainty, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch_size,num_prompts", [(1, 1), (1, 5), (2, 3)])
+def test_shared_image_transformer_equals_sams_two_way_transformer(batch_size, num_prompts):
+    """The mask decoder's transformer computes the image side of its first block once per image: outputs and
+    gradients equal `SamTwoWayTransformer`'s on every prompt's own copy of the image, also inside a PEFT model whose
+    trained copy of the transformer (`modules_to_save`) is the one that runs."""
+    from peft import get_peft_model
+
+    from imedsam_hf import imedsam_peft_config
+    from imedsam_hf.modeling_imedsam import shared_image_two_way_transformer
+
+    model = tiny_model()
+    peft_model = get_peft_model(model, imedsam_peft_config(model.config, train_mask_decoder="transformer"))
+    wrapped = peft_model.get_base_model().mask_decoder.transformer
+    trained = wrapped.modules_to_save["default"]
+    with torch.no_grad():
+        for parameter in trained.parameters():  # the trained copy differs from the frozen original
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    generator = torch.Generator().manual_seed(0)
+    hidden, size = trained.config.hidden_size, 4
+    image = torch.randn(batch_size, hidden, size, size, generator=generator, requires_grad=True)
+    positional = torch.randn(1, hidden, size, size, generator=generator).expand(batch_size, -1, -1, -1)
+    tokens = torch.randn(batch_size, num_prompts, 7, hidden, generator=generator, requires_grad=True)
+    rows = batch_size * num_prompts
+    expected_tokens, expected_image = trained(
+        point_embeddings=tokens,
+        image_embeddings=image.repeat_interleave(num_prompts, 0),
+        image_positional_embeddings=positional.repeat_interleave(num_prompts, 0),
+        attention_similarity=None,
+    )
+    flat = (image.flatten(2).transpose(1, 2), positional.flatten(2).transpose(1, 2))
+    got_tokens, got_image = shared_image_two_way_transformer(wrapped, tokens.reshape(rows, 7, hidden), *flat)
+    torch.testing.assert_close(got_tokens, expected_tokens.reshape(rows, 7, hidden), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_image, expected_image.reshape(rows, size * size, hidden), atol=1e-5, rtol=1e-5)
+    weights = torch.randn(rows, size * size, hidden, generator=generator)
+    expected = torch.autograd.grad(
+        (expected_image.reshape(rows, -1, hidden) * weights).sum() + expected_tokens.sum(),
+        [image, tokens, *trained.parameters()],
+    )
+    got = torch.autograd.grad((got_image * weights).sum() + got_tokens.sum(), [image, tokens, *trained.parameters()])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_several_prompts_with_points_and_mismatched_counts():
     model = tiny_model()
     pixel_values = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
