@@ -117,6 +117,12 @@ class DataConfig:
     neighbour_box_probability: float = 0.0
     neighbour_box_distance: int = 2
     neighbour_box_margin: float = 3.0
+    # Training only, on the slices of volumes, as the neighbour boxes (and drawn after them: a sample takes one or the
+    # other, `neighbour_box_probability + extent_box_probability <= 1`): with this probability a sample's boxes are
+    # each structure's in-plane extent over its scan (the union of its boxes on the scan's slices of this data set),
+    # the box a 3-D box (`segment_volume(boxes_3d=...)`) prompts its middle slice with: loose for a structure that
+    # winds or leans through the scan (aorta, esophagus, portal vein), so the model learns to find it inside.
+    extent_box_probability: float = 0.0
     group_pattern: str | None = None
 
     @property
@@ -715,13 +721,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.empty_stems: list[str] = []
         self.class_counts: dict[int, int] = {}  # class id -> images holding it (class prompts)
         self.items = self._items()
-        # Neighbour boxes: each record's (scan, slice number), and the record of each (scan, slice number).
-        self.slice_keys = self._slice_keys() if train and config.neighbour_box_probability > 0 else []
+        # Neighbour and extent boxes: each record's (scan, slice number), the record of each (scan, slice number),
+        # and each scan's in-plane extent of each structure.
+        borrowing = train and config.neighbour_box_probability + config.extent_box_probability > 0
+        self.slice_keys = self._slice_keys() if borrowing else []
         self.slices = {key: i for i, key in enumerate(self.slice_keys)}
+        self.extents = self._scan_extents() if train and config.extent_box_probability > 0 else {}
 
     def _slice_keys(self) -> list[tuple[str, int]]:
-        """Each record's (scan, slice number), for the neighbour boxes: every stem must name its scan (a match of
-        `group_pattern` with a group) and end in its slice number."""
+        """Each record's (scan, slice number), for the neighbour and extent boxes: every stem must name its scan (a
+        match of `group_pattern` with a group) and end in its slice number."""
         pattern = compile_group_pattern(self.config.group_pattern)
         keys = []
         for i in range(len(self.records)):
@@ -729,30 +738,63 @@ class SegmentationDataset(torch.utils.data.Dataset):
             match, number = re.match(pattern, stem), slice_index(stem)
             if number is None or not (match and match.groups()):
                 raise ValueError(
-                    f"neighbour boxes take the slices of volumes, stems like case0001_slice061 (the scan by the group "
+                    f"neighbour and extent boxes take the slices of volumes, stems like case0001_slice061 (the scan by the group "
                     f"pattern {self.config.group_pattern!r}, then the slice number); {stem!r} is not one."
                 )
             keys.append((match.group(1), number))
         return keys
 
-    def _neighbour_mask(self, record_index: int, rng: np.random.Generator) -> np.ndarray | None:
-        """With `neighbour_box_probability`, the class-id mask of a slice near this one in its scan, else None."""
-        config = self.config
-        if not self.slices or rng.random() >= config.neighbour_box_probability:
-            return None
-        scan, number = self.slice_keys[record_index]
-        offset = int(rng.integers(1, config.neighbour_box_distance + 1)) * int(rng.choice([-1, 1]))
-        neighbour = self.slices.get((scan, number + offset))
-        return None if neighbour is None else self._read_mask(self.records[neighbour])
+    @staticmethod
+    def _structure_boxes(mask: np.ndarray) -> dict[int, np.ndarray]:
+        """`{class id: box}` of each structure of a class-id mask (inclusive pixel indices), 0 for all of them."""
+        ids = [int(c) for c in np.unique(mask) if c > 0]
+        boxes = {class_id: mask_box(mask == class_id) for class_id in ids}
+        if ids:
+            boxes[0] = mask_box(mask > 0)
+        return boxes
 
-    def _neighbour_box(self, structure: np.ndarray, original, shape) -> np.ndarray | None:
-        """The box of a structure's mask on the neighbour slice widened by the margin, in the frame; None if empty."""
-        box = mask_box(structure)
+    def _scan_extents(self) -> dict[str, dict[int, np.ndarray]]:
+        """`{scan: {class id: box}}`, each structure's in-plane extent over the scan's slices of this data set."""
+        extents: dict[str, dict[int, np.ndarray]] = {}
+        for record_index, (scan, _) in enumerate(self.slice_keys):
+            boxes = extents.setdefault(scan, {})
+            for class_id, box in self._structure_boxes(self._read_mask(self.records[record_index])).items():
+                known = boxes.get(class_id)
+                boxes[class_id] = (
+                    box if known is None else np.concatenate([np.minimum(known, box)[:2], np.maximum(known, box)[2:]])
+                )
+        return extents
+
+    def _borrowed_boxes(self, record_index: int, rng: np.random.Generator) -> dict[int, np.ndarray] | None:
+        """With `neighbour_box_probability`, each structure's box on a slice near this one in its scan, widened by
+        the margin; with `extent_box_probability`, its extent over the scan; else None. `{class id: box}` in stored
+        pixels, 0 for all structures together."""
+        config = self.config
+        if not self.slices:
+            return None
+        draw = rng.random()
+        scan, number = self.slice_keys[record_index]
+        if draw < config.neighbour_box_probability:
+            offset = int(rng.integers(1, config.neighbour_box_distance + 1)) * int(rng.choice([-1, 1]))
+            neighbour = self.slices.get((scan, number + offset))
+            if neighbour is None:
+                return None
+            mask = self._read_mask(self.records[neighbour])
+            height, width = mask.shape[:2]
+            margin = np.array([-1, -1, 1, 1]) * config.neighbour_box_margin
+            return {
+                class_id: np.clip(box + margin, 0, [width, height, width, height])
+                for class_id, box in self._structure_boxes(mask).items()
+            }
+        if draw < config.neighbour_box_probability + config.extent_box_probability:
+            return self.extents[scan]
+        return None
+
+    def _borrowed_box(self, boxes: dict[int, np.ndarray], class_id: int, original, shape) -> np.ndarray | None:
+        """A borrowed box of one structure (`_borrowed_boxes`) in the model's frame; None if it has none."""
+        box = boxes.get(class_id)
         if box is None:
             return None
-        margin = self.config.neighbour_box_margin
-        height, width = original
-        box = np.clip(box + np.array([-margin, -margin, margin, margin]), 0, [width, height, width, height])
         return self.processor.scale_coordinates(box.astype(np.float32), original, shape).reshape(4)
 
     def _read_mask(self, record) -> np.ndarray:
@@ -789,16 +831,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image = to_rgb_array(record["image"])
         mask = self._read_mask(record)
-        neighbour = self._neighbour_mask(record_index, rng) if self.train else None
+        borrowed = self._borrowed_boxes(record_index, rng) if self.train else None
         if class_id == ALL_CLASSES:
-            return self._all_classes_sample(image, mask, rng, index, neighbour)
-        if neighbour is not None:  # this structure's box on the neighbour slice, in the stored frame
-            neighbour = neighbour == class_id if class_id else neighbour > 0
+            return self._all_classes_sample(image, mask, rng, index, borrowed)
         if class_id:
             mask = (mask == class_id).astype(np.int64)
-        if neighbour is not None and neighbour.any():
+        if borrowed is not None and class_id in borrowed:  # in the stored frame: photometric augmentation only
             pixel_values, labels, original, shape = self._frame(image, mask, rng, geometric=False)
-            box = self._neighbour_box(neighbour, original, shape)
+            box = self._borrowed_box(borrowed, class_id, original, shape)
             return self._sample(pixel_values, labels, box, original, shape, index, class_id, rng)
         pixel_values, labels, original, shape = self._frame(image, mask, rng)
         box = mask_box(labels.numpy()) if self.train else self._exact_box(mask, original, shape)
@@ -844,17 +884,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return self.processor.pad(self.processor.normalize(tensor)), self.processor.pad(labels), original, shape
 
     def _all_classes_sample(
-        self, image: np.ndarray, mask: np.ndarray, rng, index: int, neighbour: np.ndarray | None = None
+        self, image: np.ndarray, mask: np.ndarray, rng, index: int, borrowed: dict[int, np.ndarray] | None = None
     ) -> dict[str, torch.Tensor]:
         """One sample with every class present as a prompt: `input_boxes` `(P, 4)`, `prompt_classes` `(P,)`.
         When augmentation moved every structure out of view, the frame is made again without its geometric part.
-        With a `neighbour` slice's mask, the boxes are its boxes (see `DataConfig.neighbour_box_probability`)."""
-        if neighbour is None:
+        With `borrowed` boxes (a neighbour slice's or the scan's extents, `_borrowed_boxes`), each structure that
+        has one is prompted with it."""
+        if borrowed is None:
             pixel_values, labels, original, shape = self._frame(image, mask, rng)
             boxes, classes = self._class_boxes(mask, labels, original, shape, rng)
         else:
             pixel_values, labels, original, shape = self._frame(image, mask, rng, geometric=False)
-            boxes, classes = self._class_boxes(mask, labels, original, shape, rng, exact=True, neighbour=neighbour)
+            boxes, classes = self._class_boxes(mask, labels, original, shape, rng, exact=True, borrowed=borrowed)
         if not boxes:
             pixel_values, labels, original, shape = self._frame(image, mask, rng, geometric=False)
             boxes, classes = self._class_boxes(mask, labels, original, shape, rng, exact=True)
@@ -882,13 +923,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
         shape,
         rng,
         exact: bool = False,
-        neighbour: np.ndarray | None = None,
+        borrowed: dict[int, np.ndarray] | None = None,
     ) -> tuple[list[np.ndarray], list[int]]:
         """The box of each class present in `mask` (in training from the augmented `labels`, unless `exact`; the
-        classes out of view left out) and the class ids; with a `neighbour` mask, its box of each class it holds."""
+        classes out of view left out) and the class ids; a class with a `borrowed` box takes that one."""
         boxes, classes = [], []
         for class_id in (int(c) for c in np.unique(mask) if c > 0):
-            box = None if neighbour is None else self._neighbour_box(neighbour == class_id, original, shape)
+            box = None if borrowed is None else self._borrowed_box(borrowed, class_id, original, shape)
             if box is not None:
                 boxes.append(box)
                 classes.append(class_id)

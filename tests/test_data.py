@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -288,6 +289,47 @@ def test_neighbour_boxes_come_from_a_nearby_slice_of_the_scan(tmp_path, all_clas
     again = SegmentationDataset(records, processor, replace_probability(config, 0.0), train=True, seed=0)
     for index in range(len(plain)):
         assert torch.equal(plain[index]["input_boxes"], again[index]["input_boxes"])
+
+
+@pytest.mark.parametrize("all_classes", [True, False])
+def test_extent_boxes_are_each_structures_extent_over_its_scan(tmp_path, all_classes):
+    """--extent-box-probability 1: every training box is the structure's in-plane extent over the scan's slices (the
+    box a 3-D box prompts its middle slice with), whichever slice the sample is; scans are kept apart; shared with
+    the neighbour boxes, each sample takes one or the other."""
+    drawn = {10: {1: (10, 10, 20, 20), 2: (30, 5, 40, 15)}, 11: {1: (12, 11, 24, 22), 2: (31, 6, 41, 16)},
+             12: {1: (14, 12, 28, 24)}}  # fmt: skip
+    write_slices(tmp_path, drawn)
+    other = tmp_path / "other"  # a second scan whose structure 1 lies elsewhere: never part of scan's extent
+    write_slices(other, {10: {1: (0, 0, 5, 5)}})
+    for folder in ("images", "masks"):
+        (other / folder / "scan_slice010.png").rename(tmp_path / folder / "other_slice010.png")
+    records = records_from_pairs(discover_pairs(tmp_path)[0])
+    processor = IMedSamProcessor(image_size=50)
+    base = dict(augment=None, box_jitter=0.0, class_prompts=True, mask_classes=2, all_classes_per_sample=all_classes)
+    config = DataConfig(**base, extent_box_probability=1.0, group_pattern=r"^(.*)_slice\d+$")
+    dataset = SegmentationDataset(records, processor, config, train=True, seed=0)
+    extent = {1: [10.0, 10.0, 27.0, 23.0], 2: [30.0, 5.0, 40.0, 15.0]}
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        stem = dataset.records[dataset.items[index][0]]["stem"]
+        prompts = (
+            zip(sample["input_boxes"].tolist(), sample["prompt_classes"].tolist())
+            if all_classes
+            else [(sample["input_boxes"].tolist(), int(sample["class_id"]))]
+        )
+        for box, c in prompts:
+            assert box == ([0.0, 0.0, 4.0, 4.0] if stem == "other_slice010" else extent[c]), (stem, c, box)
+    mixed = replace(config, neighbour_box_probability=0.5, extent_box_probability=0.5, neighbour_box_margin=0.0)
+    dataset = SegmentationDataset(records, processor, mixed, train=True, seed=0)
+    kinds = set()
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
+        sample = dataset[1]  # scan_slice011
+        box, c = sample["input_boxes"].tolist(), 1
+        box = box[0] if all_classes else box
+        neighbours = ([10.0, 10.0, 19.0, 19.0], [14.0, 12.0, 27.0, 23.0])  # slices 10 and 12, no margin
+        kinds.add("extent" if box == extent[c] else "neighbour" if box in neighbours else str(box))
+    assert kinds == {"extent", "neighbour"}
 
 
 def replace_probability(config: DataConfig, probability: float) -> DataConfig:

@@ -203,9 +203,12 @@ def test_bad_options_are_named(tiny_sam, polyps, tmp_path):
         train_script.parse_args(["--neighbour-box-probability", "2"])
     with pytest.raises(SystemExit, match="--neighbour-box-distance 0"):
         train_script.parse_args(["--neighbour-box-distance", "0"])
-    # Neighbour boxes on photos (no slice numbers in the stems): named, before training.
-    with pytest.raises(SystemExit, match="--neighbour-box-probability: neighbour boxes take the slices of volumes"):
-        train_script.main(args(tiny_sam, polyps, tmp_path / "x", "--neighbour_box_probability", "0.5"))
+    with pytest.raises(SystemExit, match="--extent-box-probability 0.6: a probability in .0, 1. that, with "):
+        train_script.parse_args(["--neighbour-box-probability", "0.5", "--extent-box-probability", "0.6"])
+    # Neighbour or extent boxes on photos (no slice numbers in the stems): named, before training.
+    for option in ("neighbour", "extent"):
+        with pytest.raises(SystemExit, match=f"--{option}-box-probability: neighbour and extent boxes take the slices"):
+            train_script.main(args(tiny_sam, polyps, tmp_path / "x", f"--{option}_box_probability", "0.5"))
 
 
 def option_help(text: str, name: str) -> str:

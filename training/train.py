@@ -231,12 +231,14 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         neighbour_box_probability=data.neighbour_box_probability,
         neighbour_box_distance=data.neighbour_box_distance,
         neighbour_box_margin=data.neighbour_box_margin,
+        extent_box_probability=data.extent_box_probability,
         group_pattern=data.group_pattern,
     )
     try:
         train_set = SegmentationDataset(as_records(splits["train"]), processor, data_config, train=True, seed=run.seed)
-    except ValueError as error:  # stems without slice numbers for --neighbour-box-probability
-        raise die(f"--neighbour-box-probability: {error}") from error
+    except ValueError as error:  # stems without slice numbers for --neighbour- / --extent-box-probability
+        which = "--neighbour-box-probability" if data.neighbour_box_probability > 0 else "--extent-box-probability"
+        raise die(f"{which}: {error}") from error
     val_set = SegmentationDataset(as_records(splits["validation"]), processor, data_config, train=False)
     if run.max_eval_samples and len(val_set) > run.max_eval_samples:
         kept = np.linspace(0, len(val_set) - 1, run.max_eval_samples).round().astype(int).tolist()

@@ -129,6 +129,12 @@ class DataArguments:
     )
     neighbour_box_distance: int = option(2, "Neighbour boxes: the largest slice distance of the neighbour.")
     neighbour_box_margin: float = option(3.0, "Neighbour boxes: pixels added on each side (propagation's 3).")
+    extent_box_probability: float = option(
+        0.0,
+        "Volume slices, as the neighbour boxes: the share of training samples whose boxes are each structure's "
+        "in-plane extent over its scan (what a 3-D box prompts its middle slice with; loose for winding structures). "
+        "Drawn after the neighbour boxes: the two shares add up to at most 1.",
+    )
     prompt: Literal["box", "none"] = option("box", "Prompt: the mask's box, or none (prompt-free).")
     class_prompts: bool = option(False, "Multi-class masks: one binary sample per class present, with its own box.")
     all_classes_per_sample: bool = option(
@@ -168,6 +174,11 @@ class DataArguments:
             raise ValueError(f"--box-jitter-probability {self.box_jitter_probability}: a probability in [0, 1].")
         if not 0.0 <= self.neighbour_box_probability <= 1.0:
             raise ValueError(f"--neighbour-box-probability {self.neighbour_box_probability}: a probability in [0, 1].")
+        if not 0.0 <= self.extent_box_probability <= 1.0 - self.neighbour_box_probability:
+            raise ValueError(
+                f"--extent-box-probability {self.extent_box_probability}: a probability in [0, 1] that, with "
+                f"--neighbour-box-probability {self.neighbour_box_probability}, adds up to at most 1."
+            )
         if self.neighbour_box_distance < 1 or self.neighbour_box_margin < 0:
             raise ValueError(
                 f"--neighbour-box-distance {self.neighbour_box_distance} / --neighbour-box-margin "
