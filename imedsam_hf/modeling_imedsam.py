@@ -166,16 +166,9 @@ def _merged_heads(values: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """`SamAttention` (its projections and scaling) for batched `(rows, length, hidden_size)` inputs, each row on
-    its own: `(rows, query length, hidden_size)`."""
-    heads = attention.num_attention_heads
-    out = F.scaled_dot_product_attention(
-        _attention_heads(attention.q_proj(query), heads),
-        _attention_heads(attention.k_proj(key), heads),
-        _attention_heads(attention.v_proj(value), heads),
-        scale=attention.scaling,
-    )
-    return attention.out_proj(_merged_heads(out))
+    """A `SamAttention` module on `(rows, length, hidden_size)` inputs, each row on its own (it takes a point-batch
+    axis: one here): `(rows, query length, hidden_size)`."""
+    return attention(query=query.unsqueeze(1), key=key.unsqueeze(1), value=value.unsqueeze(1))[0].squeeze(1)
 
 
 def shared_image_two_way_transformer(

@@ -107,6 +107,38 @@ def propagation_caveat(by: dict, name: str) -> str:
     )
 
 
+def btcv_recipe_summary(config: dict, mixed_precision: bool) -> str:
+    """The BTCV card's recipe line, read from the run's config (`mixed_precision`: a GPU run says its autocast)."""
+    run, data = config["training"], config["data"]
+    transformer = config["model"].get("peft_overrides", {}).get("train_mask_decoder") == "transformer"
+    neighbour = data.get("neighbour_box_probability", 0)
+    rates = f"{rate(run['learning_rate'])} for the adapters"
+    if transformer and run["mask_decoder_learning_rate"] == run["learning_rate"]:
+        rates += " and the mask decoder's two-way transformer"
+    elif transformer:
+        rates += f", {rate(run['mask_decoder_learning_rate'])} for the mask decoder's two-way transformer"
+    rates += f", {rate(run['implicit_learning_rate'])} for the implicit decoder, weight decay {run['weight_decay']:g}"
+    batch = f"batch of {run['batch_size']} slices"
+    if mixed_precision:
+        batch += f" ({run.get('mixed_precision')} autocast)"
+    if neighbour:
+        boxes = (
+            f"; {neighbour:.0%} of the samples take their boxes from the same organ on a slice up to "
+            f"{data['neighbour_box_distance']} away in the scan, widened by {data['neighbour_box_margin']:g} px (the "
+            f"boxes 3-D propagation gives), the others their own box jittered by up to {data['box_jitter']:.0%}"
+        )
+    else:
+        boxes = f", training boxes jittered by up to {data['box_jitter']:.0%}"
+    validation = f"{run['max_eval_samples']} of the 300" if run.get("max_eval_samples") else "the 300"
+    return (
+        f"AdamW ({rates}), linear decay to 0 over {run['max_train_steps']} steps, {batch}, at most "
+        f"{data['max_prompts_per_sample']} organs of a slice as prompts per step (rarer organs drawn more often), "
+        f"{run['train_points']} training points per prompt, {run['box_point_fraction']:.0%} of them inside the "
+        f"prompt's box{boxes}; geometric and photometric augmentation; model selection by Dice on {validation} "
+        "validation slices (exact boxes)."
+    )
+
+
 def btcv(args) -> None:
     exact, jitter, volumes = load(args.exact), load(args.jitter), load(args.volumes)
     training, config = run_facts(Path(args.run))
@@ -155,9 +187,8 @@ def btcv(args) -> None:
         if (args.name, key) in by and ("litemedsam", key) in by:
             realistic.append([text, points(by["litemedsam", key]["dice_13"]), points(by[args.name, key]["dice_13"])])
     context = common_context(args.name, training, config, args.trainable, args.total, args.device_name)
-    run, data = config["training"], config["data"]
     transformer = config["model"].get("peft_overrides", {}).get("train_mask_decoder") == "transformer"
-    neighbour = data.get("neighbour_box_probability", 0)
+    neighbour = config["data"].get("neighbour_box_probability", 0)
     context.update(
         summary=(
             "I-MedSAM (ECCV 2024) on LiteMedSAM, fine-tuned on abdominal CT to segment the 13 organs of BTCV / "
@@ -192,33 +223,7 @@ def btcv(args) -> None:
         )
         + f"training/train.py --config {args.config} --data-dir ../shared/data/BTCV-Synapse-CT --output-dir "
         f"outputs/{Path(args.config).stem}",
-        recipe_summary=f"AdamW ({rate(run['learning_rate'])} for the adapters"
-        + (
-            (
-                " and the mask decoder's two-way transformer"
-                if run["mask_decoder_learning_rate"] == run["learning_rate"]
-                else f", {rate(run['mask_decoder_learning_rate'])} for the mask decoder's two-way transformer"
-            )
-            if transformer
-            else ""
-        )
-        + f", {rate(run['implicit_learning_rate'])} for the implicit decoder, weight decay {run['weight_decay']:g}), linear "
-        f"decay to 0 over {run['max_train_steps']} steps, batch of {run['batch_size']} slices"
-        + (f" ({config['training'].get('mixed_precision')} autocast)" if args.device_name else "")
-        + f", at most {data['max_prompts_per_sample']} organs of a slice as prompts per step (rarer organs drawn more "
-        f"often), {run['train_points']} training points per prompt, {run['box_point_fraction']:.0%} of them inside the "
-        "prompt's box"
-        + (
-            f"; {neighbour:.0%} of the samples take their boxes from the same organ on a slice up to "
-            f"{data['neighbour_box_distance']} away in the scan, widened by {data['neighbour_box_margin']:g} px (the "
-            "boxes 3-D propagation gives), the others their own box jittered by up to "
-            f"{data['box_jitter']:.0%}"
-            if neighbour
-            else f", training boxes jittered by up to {data['box_jitter']:.0%}"
-        )
-        + "; geometric and photometric augmentation; model selection by Dice on "
-        + (f"{run['max_eval_samples']} of the 300" if run.get("max_eval_samples") else "the 300")
-        + " validation slices (exact boxes)."
+        recipe_summary=btcv_recipe_summary(config, mixed_precision=bool(args.device_name))
         + (" " + args.recipe_summary if args.recipe_summary else ""),
         usage_command="imedsam predict --model imedsam-litemedsam-btcv scan.nii.gz --boxes-from-masks labels/ "
         "--out predictions   # NIfTI in, label NIfTI out",

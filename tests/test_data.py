@@ -333,8 +333,6 @@ def test_extent_boxes_are_each_structures_extent_over_its_scan(tmp_path, all_cla
 
 
 def replace_probability(config: DataConfig, probability: float) -> DataConfig:
-    from dataclasses import replace
-
     return replace(config, neighbour_box_probability=probability)
 
 
