@@ -191,10 +191,22 @@ def report(result: dict, header: str, columns: list[str], json_path: str | None)
     return result
 
 
+def add_paired_arguments(parser) -> None:
+    """The arguments of a paired comparison of one trained model on a split: model, data, split, box jitters, threads
+    and the JSON file."""
+    parser.add_argument("--model", required=True, help="a trained model (shipped name or folder)")
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--jitter", nargs="+", type=float, default=[0.0, 0.1], help="box jitter(s); 0: exact boxes")
+    parser.add_argument("--num_threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+
+
 def model_and_split(spec: str, data_dir: str, split: str, num_threads: int | None = None):
     """A trained model (shipped name or folder), its processor and the image/mask pairs of `split` by its own
-    `splits.json` (`"all"`: every pair of `data_dir`)."""
-    from imedsam_hf.data import discover_pairs, select_split, validate_pairs
+    `splits.json` (`"all"`: every pair of `data_dir`); masks are checked as class ids where `data_dir` has a
+    `classes.json`, else as binary."""
+    from imedsam_hf.data import discover_pairs, read_class_names, select_split, validate_pairs
     from imedsam_hf.shipped import is_shipped, shipped_folder
 
     if num_threads:
@@ -202,7 +214,8 @@ def model_and_split(spec: str, data_dir: str, split: str, num_threads: int | Non
     model, processor = load_model(spec)
     folder = shipped_folder(spec) if is_shipped(spec) else Path(spec)
     found, problems = discover_pairs(data_dir)
-    pairs, _ = validate_pairs(found, problems=problems)
+    names = read_class_names(data_dir)
+    pairs, _ = validate_pairs(found, num_classes=max(names) if names else 1, problems=problems)
     return model, processor, select_split(pairs, split, folder / "splits.json")
 
 

@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
 
     def run_sam(output_size):
         with model.disable_adapter():
-            outputs = model(pixel_values=pixel_values, input_boxes=boxes, output_size=(16, 16))
+            outputs = model(pixel_values=pixel_values, input_boxes=boxes, output_size=(16, 16), full_sam_logits=True)
         return sam_mask_on_grid(outputs.sam_logits, size, output_size, None)
 
     def run_imedsam(output_size):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import model_and_split, report
+from common import add_paired_arguments, model_and_split, report
 from compare_runs import compare
 
 from imedsam_hf.evaluation import evaluate_pairs
@@ -23,12 +23,7 @@ from imedsam_hf.evaluation import evaluate_pairs
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a trained model (shipped name or folder)")
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--jitter", nargs="+", type=float, default=[0.0, 0.1], help="box jitter(s); 0: exact boxes")
-    parser.add_argument("--num_threads", type=int, default=None)
-    parser.add_argument("--json", default=None)
+    add_paired_arguments(parser)
     args = parser.parse_args(argv)
     model, processor, pairs = model_and_split(args.model, args.data_dir, args.split, args.num_threads)
     rows = []

@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
 
     def sam_logits(embeddings):
         with torch.inference_mode():
-            return model(image_embeddings=embeddings, input_boxes=boxes).sam_logits
+            return model(image_embeddings=embeddings, input_boxes=boxes, full_sam_logits=True).sam_logits
 
     reference = encode(torch_encoder, pixel_values)
     reference_logits = sam_logits(reference)

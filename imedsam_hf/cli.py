@@ -78,8 +78,9 @@ def _backend_option(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         choices=["fp32", "bf16"],
-        help="the image encoder's arithmetic: fp32, or bf16 with --backend openvino (about 2x faster than its fp32 on "
-        "a CPU with AMX / AVX512-BF16; BTCV test Dice within 0.13 points per organ, see docs/results.md)",
+        help="the arithmetic: fp32, or bf16 with --backend openvino (the encoder compiled for bf16, about 2x faster "
+        "than its fp32 on a CPU with AMX / AVX512-BF16, and the decoders' matrix products in bf16 too; BTCV test "
+        "13-organ Dice within 0.02 points of fp32, see docs/results.md)",
     )
 
 

@@ -131,7 +131,9 @@ def predict_logits(
         embeddings = model.encode_image(inputs["pixel_values"].to(device, next(model.parameters()).dtype))
         if baseline:
             # SAM's mask does not depend on the output grid: one decoder pass, the implicit decoder queried at 1x1.
-            outputs = model(image_embeddings=embeddings, input_boxes=boxes, output_size=(1, 1), **prompts)
+            outputs = model(
+                image_embeddings=embeddings, input_boxes=boxes, output_size=(1, 1), full_sam_logits=True, **prompts
+            )
         for size in output_sizes:
             shape = grid_size(original, size)
             if baseline:

@@ -149,6 +149,7 @@ def segment(
             output_size=grid,
             output_region=inputs["output_region"],
             input_classes=part_classes,
+            full_sam_logits=use_sam_mask,
             **part,
         )
         if use_sam_mask:

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -72,6 +72,36 @@ DEFAULT_ADAPTIVE_BASE_SIZE = 128
 MIN_REGION_BASE_SIZE = 32
 # Points per block of the blockwise top-k selection (see IMedSamImplicitDecoder._select).
 TOPK_BLOCK = 1 << 18
+# `decoder_precision="bf16"`: the implicit decoder's point counts are padded to a multiple of this (see
+# `IMedSamImplicitDecoder._query_chunked`). Decoding BTCV case0001 (2 threads, SAM's transformer in bf16 too): 256 ->
+# 19.8 s, 512 -> 20.9 s, 1024 -> 22.0 s; fp32 26.6 s; everything under autocast without padding 34 s.
+BF16_POINT_BUCKET = 256
+# SAM's mask logits outside a prompt's upscaling window (`FeatureWindows`): background, finite (bilinear resizing
+# mixes it with the window's own logits at its edge).
+SAM_WINDOW_FLOOR = -30.0
+
+
+@dataclass
+class FeatureWindows:
+    """
+    The mask decoder's upscaled features of each prompt over a window of the frame only (box prompts decoded in
+    their regions of interest, `IMedSamModel.forward`): what the implicit decoder samples there.
+
+    features: each row's `(1, channels, 4 * (row1 - row0), 4 * (column1 - column0))` window.
+    windows: `(rows, 4)` integer (row0, row1, column0, column1) of the image-embedding grid each covers.
+    frame_size: `(fh, fw)`, the whole frame's feature grid.
+    """
+
+    features: list[torch.Tensor]
+    windows: torch.Tensor
+    frame_size: tuple[int, int]
+
+    def region(self, row: int) -> torch.Tensor:
+        """`(1, 4)` normalised (x0, y0, x1, y1) of the frame that row's window covers."""
+        r0, r1, c0, c1 = self.windows[row].tolist()
+        height, width = self.frame_size
+        scale = [4 / width, 4 / height, 4 / width, 4 / height]
+        return torch.tensor([[c0 * scale[0], r0 * scale[1], c1 * scale[2], r1 * scale[3]]])
 
 
 @dataclass(frozen=True)
@@ -90,6 +120,7 @@ class IMedSamQuerySettings:
     mc_passes: int
     mc_seed: int
     adaptive_base_size: int | None
+    decoder_precision: str
 
     @classmethod
     def from_config(cls, config: IMedSamConfig) -> IMedSamQuerySettings:
@@ -106,10 +137,12 @@ class _QueryContext:
     settings: IMedSamQuerySettings
     maps: tuple[torch.Tensor, ...]  # IMedSamImplicitDecoder.sampling_maps(features, sam_logits): what points sample
     class_index: torch.Tensor | None = None  # (rows,) zero-based: class-aware prompts, one class channel per row
+    map_region: torch.Tensor | None = None  # (1, 4) normalised part of the frame the maps cover; default all of it
 
 
 class IMedSamMaskDecoder(SamMaskDecoder):
-    """SAM's mask decoder (same parameter names) that also returns the upscaled image features."""
+    """SAM's mask decoder (same parameter names) that also returns the upscaled image features, over the whole frame
+    or over a window of it per prompt."""
 
     def forward(
         self,
@@ -117,18 +150,53 @@ class IMedSamMaskDecoder(SamMaskDecoder):
         image_positional_embeddings: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor | None,
         dense_prompt_embeddings: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        windows: torch.Tensor | None = None,
+        bf16: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | FeatureWindows]:
         """
         Args:
             image_embeddings: `(batch_size, hidden_size, h, w)`, encoded once per image.
             image_positional_embeddings: `(batch_size, hidden_size, h, w)`.
             sparse_prompt_embeddings: `(batch_size, num_prompts, num_tokens, hidden_size)` or `None` (no prompt).
             dense_prompt_embeddings: `(batch_size or 1, hidden_size, h, w)`.
+            windows: `(batch_size * num_prompts, 4)` integer (row0, row1, column0, column1) of the `h x w` embedding
+                grid: upscale only that window of each prompt's image tokens (`upscale_windows`); default the frame.
+            bf16: run the two-way transformer and its heads (`attend`) under bf16 autocast.
 
         Returns, prompt-major (row `b * num_prompts + p` is prompt p of image b, as `SamMaskDecoder` lays them out):
             masks `(batch_size * num_prompts, 1, 4h, 4w)` (single-mask output), iou `(batch_size * num_prompts, 1)`
-            and upscaled features `(batch_size * num_prompts, hidden_size // 8, 4h, 4w)`.
+            and upscaled features `(batch_size * num_prompts, hidden_size // 8, 4h, 4w)` (with `windows`, a
+            `FeatureWindows`, and the masks `SAM_WINDOW_FLOOR` outside the windows).
         """
+        hyper_in, iou, image_tokens = self.attend(
+            image_embeddings, image_positional_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings, bf16
+        )
+        if windows is not None:
+            masks, features = self.upscale_windows(hyper_in, image_tokens, windows)
+            return masks, iou, features
+        upscaled = self.upscale(image_tokens)
+        return self.mask_logits(hyper_in, upscaled), iou, upscaled
+
+    def attend(
+        self,
+        image_embeddings: torch.Tensor,
+        image_positional_embeddings: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor | None,
+        dense_prompt_embeddings: torch.Tensor,
+        bf16: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The two-way transformer and the heads on its tokens (arguments as `forward`): the mask token's hypernetwork
+        output `(rows, hidden_size // 8)`, iou `(rows, 1)` and the image tokens `(rows, hidden_size, h, w)` (a view,
+        not copied to that layout). With `bf16`, computed under bf16 autocast (its shapes repeat from call to call,
+        so oneDNN's bf16 kernels are made once), the outputs in the inputs' dtype.
+        """
+        if bf16:
+            with torch.autocast(image_embeddings.device.type, dtype=torch.bfloat16):
+                outputs = self.attend(
+                    image_embeddings, image_positional_embeddings, sparse_prompt_embeddings, dense_prompt_embeddings
+                )
+            return tuple(output.to(image_embeddings.dtype) for output in outputs)
         batch_size, num_channels, height, width = image_embeddings.shape
         num_prompts = sparse_prompt_embeddings.shape[1] if sparse_prompt_embeddings is not None else 1
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -144,25 +212,83 @@ class IMedSamMaskDecoder(SamMaskDecoder):
             (image_embeddings + dense_prompt_embeddings).flatten(2).transpose(1, 2).contiguous(),
             image_positional_embeddings.flatten(2).transpose(1, 2).contiguous(),
         )
-        point_embedding = point_embedding.reshape(batch_size, num_prompts, *point_embedding.shape[1:])
-        image_tokens = image_tokens.transpose(1, 2).reshape(rows, num_channels, height, width)
-        upscaled = self.activation(self.upscale_layer_norm(self.upscale_conv1(image_tokens)))
-        upscaled = self.activation(self.upscale_conv2(upscaled))
         # Single-mask output: mask token 0 and its hypernetwork, as SamModel(multimask_output=False).
-        hyper_in = self.output_hypernetworks_mlps[0](point_embedding[:, :, 1, :]).reshape(rows, -1)
-        masks = torch.einsum("bc,bchw->bhw", hyper_in, upscaled).unsqueeze(1)
-        iou = self.iou_prediction_head(point_embedding[:, :, 0, :])[..., :1].reshape(rows, 1)
-        return masks, iou, upscaled
+        hyper_in = self.output_hypernetworks_mlps[0](point_embedding[:, 1, :])
+        iou = self.iou_prediction_head(point_embedding[:, 0, :])[..., :1]
+        return hyper_in, iou, image_tokens.mT.unflatten(-1, (height, width))
+
+    def upscale(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """SAM's upscaling: `(rows, hidden_size, h, w)` -> `(rows, hidden_size // 8, 4h, 4w)`. Each 4x4 output block
+        depends on one image token only, so a window of tokens gives exactly that window of the output."""
+        upscaled = self.activation(self.upscale_layer_norm(self.upscale_conv1(image_tokens)))
+        return self.activation(self.upscale_conv2(upscaled))
+
+    @staticmethod
+    def mask_logits(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
+        """`(rows, channels)` . `(rows, channels, H, W)` -> SAM's mask logits `(rows, 1, H, W)`."""
+        return torch.einsum("bc,bchw->bhw", hyper_in, upscaled).unsqueeze(1)
+
+    def upscale_windows(
+        self, hyper_in: torch.Tensor, image_tokens: torch.Tensor, windows: torch.Tensor
+    ) -> tuple[torch.Tensor, FeatureWindows]:
+        """
+        Each row's upscaled features and mask logits over its window of the token grid only (`forward`'s
+        `windows`): masks `(rows, 1, 4h, 4w)`, `SAM_WINDOW_FLOOR` outside the windows, and a `FeatureWindows`.
+        """
+        rows, _, height, width = image_tokens.shape
+        masks = hyper_in.new_full((rows, 1, 4 * height, 4 * width), SAM_WINDOW_FLOOR)
+        parts = []
+        for row, (r0, r1, c0, c1) in enumerate(windows.tolist()):
+            part = self.upscale(image_tokens[row : row + 1, :, r0:r1, c0:c1])
+            masks[row, :, 4 * r0 : 4 * r1, 4 * c0 : 4 * c1] = self.mask_logits(hyper_in[row : row + 1], part)[0]
+            parts.append(part)
+        return masks, FeatureWindows(parts, windows.clone(), (4 * height, 4 * width))
 
 
-def _attention_heads(values: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """`(..., length, heads * head_size)` -> `(..., heads, length, head_size)`."""
-    return values.unflatten(-1, (num_heads, -1)).transpose(-3, -2)
+def _head_blocks(values: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """
+    `(rows, length, heads * head_size)` -> `(rows, heads * length, heads * head_size)` block-diagonal: row
+    `h * length + t` holds token t's head-h channels and zeros elsewhere, so one matrix product with it computes every
+    head's dot products at once, in the layout the projections use (no per-head transposed copies).
+    """
+    rows, length, channels = values.shape
+    eye = torch.eye(num_heads, dtype=values.dtype, device=values.device)
+    blocks = eye.repeat_interleave(length, 0).repeat_interleave(channels // num_heads, 1)
+    return values.repeat(1, num_heads, 1) * blocks
 
 
-def _merged_heads(values: torch.Tensor) -> torch.Tensor:
-    """`(..., heads, length, head_size)` -> `(..., length, heads * head_size)`."""
-    return values.transpose(-3, -2).flatten(-2)
+def _image_to_token(
+    attention: nn.Module, image_queries: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """
+    A `SamAttention` (its projections, heads and scaling) of image tokens attending to a few prompt tokens, computed
+    with the prompt tokens as the middle axis: the softmax runs over `(rows, heads, num_tokens, h * w)` scores whose
+    last axis is the long one (a softmax over a last axis of 7 took 25 ms on a 12-prompt CT slice, this one 1 ms),
+    and no per-head copy of the `(h * w)`-long maps is made. The same result as the module, to float rounding.
+
+    Args:
+        image_queries: `(batch_size or rows, h * w, hidden_size)`: the image side, shared by an image's prompts when
+            it has `batch_size` rows (the first block, where the image tokens are still the image's own).
+        tokens: `(rows, num_tokens, hidden_size)` the keys, `values` the values; rows prompt-major per image.
+
+    Returns:
+        `(rows, h * w, hidden_size)`.
+    """
+    rows, num_tokens, _ = tokens.shape
+    heads = attention.num_attention_heads
+    queries = attention.q_proj(image_queries)  # (B or rows, hw, internal)
+    keys = _head_blocks(attention.k_proj(tokens) * attention.scaling, heads)  # (rows, heads * T, internal)
+    scores = torch.matmul(keys.reshape(queries.shape[0], -1, keys.shape[-1]), queries.mT)  # (B or rows, ., hw)
+    weights = scores.reshape(rows, heads, num_tokens, -1).softmax(2, dtype=torch.float32).to(queries.dtype)
+    attended = torch.matmul(
+        weights.reshape(rows, heads * num_tokens, -1).mT, _head_blocks(attention.v_proj(values), heads)
+    )
+    return attention.out_proj(attended)
+
+
+def _standard_attention(attention: nn.Module) -> bool:
+    """Whether a `SamAttention` computes plain softmax attention (eager or SDPA), which `_image_to_token` equals."""
+    return getattr(attention.config, "_attn_implementation", None) in (None, "eager", "sdpa")
 
 
 def _attend(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -216,16 +342,11 @@ def shared_image_two_way_transformer(
         queries = layer.layer_norm2(queries)
         queries = layer.layer_norm3(queries + layer.mlp(queries))
         back = layer.cross_attn_image_to_token
-        if keys is None:  # the image's queries once per image, then a softmax over each prompt's own tokens
-            heads = back.num_attention_heads
-            image_queries = _attention_heads(back.q_proj(image_keys), heads)  # (B, heads, hw, d)
-            prompt_keys = _attention_heads(back.k_proj(queries + tokens).reshape(per_image[:2] + (-1,)), heads)
-            prompt_values = _attention_heads(back.v_proj(queries), heads)  # (rows, heads, T, d)
-            scores = torch.matmul(image_queries * back.scaling, prompt_keys.transpose(-1, -2))  # (B, heads, hw, P*T)
-            weights = scores.unflatten(-1, (num_prompts, num_tokens)).softmax(-1, dtype=torch.float32)
-            weights = weights.to(queries.dtype).permute(0, 3, 1, 2, 4).flatten(0, 1)  # (rows, heads, hw, T)
-            attended = back.out_proj(_merged_heads(torch.matmul(weights, prompt_values)))
+        if keys is None:  # the image's queries once per image, attending to each prompt's own tokens
+            attended = _image_to_token(back, image_keys, queries + tokens, queries)
             keys = layer.layer_norm4((image[:, None] + attended.unflatten(0, (batch_size, num_prompts))).flatten(0, 1))
+        elif _standard_attention(back):
+            keys = layer.layer_norm4(keys + _image_to_token(back, keyed, queries + tokens, queries))
         else:
             keys = layer.layer_norm4(keys + _attend(back, keyed, queries + tokens, queries))
     keys = image.repeat_interleave(num_prompts, 0) if keys is None else keys
@@ -332,20 +453,31 @@ class IMedSamImplicitDecoder(nn.Module):
         return (features,)
 
     def point_features(
-        self, maps: tuple[torch.Tensor, ...], positional_embedding: nn.Module, coordinates: torch.Tensor
+        self,
+        maps: tuple[torch.Tensor, ...],
+        positional_embedding: nn.Module,
+        coordinates: torch.Tensor,
+        map_region: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
-            maps: `sampling_maps(features, sam_logits)`, covering the input frame.
+            maps: `sampling_maps(features, sam_logits)`, covering the input frame (or `map_region` of it).
             positional_embedding: SAM's `SamPositionalEmbedding` (coordinates in [0, 1] -> 2 * num_pos_feats).
-            coordinates: `(batch_size, num_points, 2)` as (x, y) in [0, 1].
+            coordinates: `(batch_size, num_points, 2)` as (x, y) in [0, 1] of the frame.
+            map_region: `(1, 4)` normalised (x0, y0, x1, y1) of the frame that the maps cover, aligned to their
+                pixels (a `FeatureWindows` window): the same bilinear samples as the whole frame's maps wherever a
+                point's neighbouring pixels lie inside it.
 
         Returns:
             `(batch_size, num_points, input_size)`: the bilinear sample of the features, the two positional
             encodings and, with `implicit_sam_prior`, SAM's logit last.
         """
         features = maps[0]
-        grid = (2 * coordinates - 1).unsqueeze(1).to(features.dtype)
+        local = coordinates
+        if map_region is not None:
+            low, high = map_region[:, :2].to(coordinates), map_region[:, 2:].to(coordinates)
+            local = (coordinates - low) / (high - low)
+        grid = (2 * local - 1).unsqueeze(1).to(features.dtype)
         sampled = [
             F.grid_sample(values, grid, mode="bilinear", padding_mode="border", align_corners=False).squeeze(2).mT
             for values in maps
@@ -455,7 +587,7 @@ class IMedSamImplicitDecoder(nn.Module):
 
     def forward(
         self,
-        features: torch.Tensor,
+        features: torch.Tensor | FeatureWindows,
         positional_embedding: nn.Module,
         output_size: tuple[int, int],
         output_region: torch.Tensor | None = None,
@@ -471,7 +603,8 @@ class IMedSamImplicitDecoder(nn.Module):
         the given `query_coordinates`.
 
         Args:
-            features: upscaled decoder features `(batch_size, channels, fh, fw)`.
+            features: upscaled decoder features `(batch_size, channels, fh, fw)`, or each row's window of them
+                (`FeatureWindows`, with `regions_of_interest` inside the windows: region queries only).
             positional_embedding: SAM's shared positional embedding module.
             output_size: `(height, width)` of the output grid.
             output_region: `(batch_size, 4)` normalised (x0, y0, x1, y1) of the input frame the grid spans, e.g.
@@ -490,6 +623,18 @@ class IMedSamImplicitDecoder(nn.Module):
             logits, coarse logits `(batch_size, num_classes, height, width)`, uncertainty
             `(batch_size, height, width)` and refined `(batch_size, height, width)` bool.
         """
+        if isinstance(features, FeatureWindows):
+            region_query = not self.training and settings.query_mode == "adaptive" and query_coordinates is None
+            if not (region_query and regions_of_interest is not None and sam_logits is not None):
+                raise ValueError(
+                    "Upscaled features over windows (`FeatureWindows`) are for box prompts queried in their regions "
+                    "of interest only (adaptive inference with `regions_of_interest` and `sam_logits`)."
+                )
+            if class_index is None and self.num_classes != 1:
+                raise ValueError("`FeatureWindows` need one output channel: pass `class_index` (class-aware prompts).")
+            context = _QueryContext(features, positional_embedding, sam_logits, settings, (), class_index)
+            base_size = self.adaptive_base_size(sam_logits, settings)
+            return self._query_regions(context, output_size, output_region, regions_of_interest, base_size)
         maps = self.sampling_maps(features, sam_logits)
         context = _QueryContext(features, positional_embedding, sam_logits, settings, maps, class_index)
         if query_coordinates is not None:
@@ -566,12 +711,26 @@ class IMedSamImplicitDecoder(nn.Module):
         """
         Coarse logits `(B, N, C)`, uncertainty `(B, N)` and, `with_fine`, fine logits `(B, N, C)` (else None) of
         many points, `query_chunk_size` at a time: only these outputs are kept, never `N x hidden` activations.
+
+        With `decoder_precision="bf16"` (inference) the points run under bf16 autocast, their number padded to a
+        multiple of `BF16_POINT_BUCKET` (the last point repeated, its results dropped): oneDNN makes a bf16 kernel for
+        each new matrix shape, ~3 ms each, and regions of interest give a new point count at nearly every call.
+        Outputs float32.
         """
+        if context.settings.decoder_precision == "bf16" and not self.training:
+            count = coordinates.shape[1]
+            padded = -(-count // BF16_POINT_BUCKET) * BF16_POINT_BUCKET
+            if padded > count:
+                coordinates = torch.cat([coordinates, coordinates[:, -1:].expand(-1, padded - count, -1)], dim=1)
+            fp32 = replace(context, settings=replace(context.settings, decoder_precision="fp32"))
+            with torch.autocast(coordinates.device.type, dtype=torch.bfloat16):
+                outputs = self._query_chunked(fp32, coordinates, with_fine)
+            return tuple(None if output is None else output[:, :count].float() for output in outputs)
         chunk = context.settings.query_chunk_size
         coarse, uncertainty, fine = [], [], []
         for start in range(0, coordinates.shape[1], chunk):
             point_inputs = self.point_features(
-                context.maps, context.positional_embedding, coordinates[:, start : start + chunk]
+                context.maps, context.positional_embedding, coordinates[:, start : start + chunk], context.map_region
             )
             chunk_logits, coarse_features, chunk_uncertainty = self.coarse(
                 point_inputs, context.settings, with_features=with_fine, class_index=context.class_index
@@ -609,48 +768,26 @@ class IMedSamImplicitDecoder(nn.Module):
         region has no more pixels than that); the other pixels take SAM's own logits on the output grid, which the
         region (it holds SAM's mask) leaves at background. Cost follows each structure's area.
         """
-        features = context.features
+        device = context.sam_logits.device
         height, width = output_size
-        rows = features.shape[0]
-        frame = torch.tensor([0.0, 0.0, 1.0, 1.0], device=features.device).expand(rows, 4)
-        region = frame if output_region is None else output_region.to(features.device, torch.float32)
-        sam_grid = sam_mask_on_grid(
-            context.sam_logits.float(), self.config.image_size, output_size, None if output_region is None else region
-        )
+        rows = context.sam_logits.shape[0]
+        sam_grid = sam_mask_on_grid(context.sam_logits.float(), self.config.image_size, output_size, output_region)
         logits, coarse_logits = sam_grid.clone(), sam_grid
         uncertainty = sam_grid.new_zeros(rows, height, width)
         refined = torch.zeros(rows, height, width, dtype=torch.bool, device=sam_grid.device)
-        span = (region[:, 2:] - region[:, :2]).clamp_min(1e-8)
-        low = ((regions[:, :2].to(region) - region[:, :2]) / span).clamp(0, 1)
-        high = ((regions[:, 2:].to(region) - region[:, :2]) / span).clamp(0, 1)
-        columns = torch.stack([(low[:, 0] * width).floor(), (high[:, 0] * width).ceil()], 1).long().tolist()
-        lines = torch.stack([(low[:, 1] * height).floor(), (high[:, 1] * height).ceil()], 1).long().tolist()
         coarse_logits = coarse_logits.clone()
-        for row, ((c0, c1), (r0, r1)) in enumerate(zip(columns, lines)):
+        pixels, sub_regions = region_pixels(regions, output_size, output_region)
+        for row, (r0, r1, c0, c1) in enumerate(pixels):
             if c1 <= c0 or r1 <= r0:
                 continue  # the region lies outside the output grid: SAM's logits (background) everywhere
             sub = (r1 - r0, c1 - c0)
-            sub_region = torch.stack(
-                [
-                    region[row, 0] + c0 / width * span[row, 0],
-                    region[row, 1] + r0 / height * span[row, 1],
-                    region[row, 0] + c1 / width * span[row, 0],
-                    region[row, 1] + r1 / height * span[row, 1],
-                ]
-            )[None]
-            row_context = _QueryContext(
-                features[row : row + 1],
-                context.positional_embedding,
-                context.sam_logits[row : row + 1],
-                context.settings,
-                tuple(values[row : row + 1] for values in context.maps),
-                None if context.class_index is None else context.class_index[row : row + 1],
-            )
+            sub_region = sub_regions[row : row + 1]
+            row_context = self._row_context(context, row)
             side = max(MIN_REGION_BASE_SIZE, round(base_size[0] * max(sub) / max(height, width)))
             if sub[0] * sub[1] > side * side:
                 parts = self._query_adaptive(row_context, sub, (side, side), sub_region)
             else:  # every point of a small region, exactly
-                coordinates = region_coordinates(*sub, 1, sub_region, features.device)
+                coordinates = region_coordinates(*sub, 1, sub_region, device)
                 coarse, point_uncertainty, fine, selected = self._query_eval(row_context, coordinates)
                 merged = coarse.scatter(1, selected[..., None].expand(-1, -1, coarse.shape[-1]), fine)
                 chosen = torch.zeros_like(point_uncertainty, dtype=torch.bool).scatter(1, selected, True)
@@ -658,6 +795,29 @@ class IMedSamImplicitDecoder(nn.Module):
             for full, part in zip((logits, coarse_logits, uncertainty, refined), parts):
                 full[row, ..., r0:r1, c0:c1] = part[0].to(full.dtype)
         return logits, coarse_logits, uncertainty, refined
+
+    def _row_context(self, context: _QueryContext, row: int) -> _QueryContext:
+        """One row's share of a region query's context: its features (its window of them with `FeatureWindows`)."""
+        class_index = None if context.class_index is None else context.class_index[row : row + 1]
+        sam_logits = context.sam_logits[row : row + 1]
+        if not isinstance(context.features, FeatureWindows):
+            maps = tuple(values[row : row + 1] for values in context.maps)
+            return _QueryContext(
+                context.features[row : row + 1],
+                context.positional_embedding,
+                sam_logits,
+                context.settings,
+                maps,
+                class_index,
+            )
+        features = context.features.features[row]
+        r0, r1, c0, c1 = (4 * v for v in context.features.windows[row].tolist())
+        window_logits = sam_logits[..., r0:r1, c0:c1]
+        maps = self.sampling_maps(features, window_logits)
+        map_region = context.features.region(row).to(features.device)
+        return _QueryContext(
+            features, context.positional_embedding, window_logits, context.settings, maps, class_index, map_region
+        )
 
     def _query_adaptive(self, context, output_size, base_size, output_region):
         """
@@ -726,6 +886,28 @@ def region_coordinates(
         return coordinates
     region = output_region.to(coordinates.device, torch.float32)
     return region[:, None, :2] + coordinates * (region[:, None, 2:] - region[:, None, :2])
+
+
+def region_pixels(
+    regions: torch.Tensor, output_size: tuple[int, int], output_region: torch.Tensor | None
+) -> tuple[list[list[int]], torch.Tensor]:
+    """
+    The output-grid pixels covering each region of interest: `(row0, row1, column0, column1)` per row of `regions`
+    `(rows, 4)` (normalised (x0, y0, x1, y1) of the frame), on an `output_size` grid spanning each row's
+    `output_region` (default the frame), and the frame part `(rows, 4)` those pixels cover.
+    """
+    height, width = output_size
+    rows, device = regions.shape[0], regions.device
+    frame = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).expand(rows, 4)
+    region = frame if output_region is None else output_region.to(device, torch.float32).expand(rows, 4)
+    span = (region[:, 2:] - region[:, :2]).clamp_min(1e-8)
+    low = ((regions[:, :2].to(region) - region[:, :2]) / span).clamp(0, 1)
+    high = ((regions[:, 2:].to(region) - region[:, :2]) / span).clamp(0, 1)
+    size = torch.tensor([width, height], device=device, dtype=region.dtype)
+    first, last = (low * size).floor(), (high * size).ceil()
+    pixels = torch.stack([first[:, 1], last[:, 1], first[:, 0], last[:, 0]], 1).long().tolist()
+    covered = torch.cat([region[:, :2] + first / size * span, region[:, :2] + last / size * span], 1)
+    return pixels, covered
 
 
 def sam_mask_on_grid(
@@ -845,6 +1027,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
         query_coordinates: torch.FloatTensor | None = None,
         image_embeddings: torch.FloatTensor | None = None,
         input_classes: torch.LongTensor | None = None,
+        full_sam_logits: bool = False,
         **kwargs,
     ) -> IMedSamOutput:
         r"""
@@ -870,6 +1053,12 @@ class IMedSamModel(IMedSamPreTrainedModel):
                 model with `num_classes > 1`: the class id (1..num_classes) each prompt is for. Only that class's last
                 layers (coarse and fine heads) predict the prompt's mask and its uncertainty, and the outputs have one
                 class channel.
+            full_sam_logits (`bool`, defaults to `False`): SAM's own mask logits (`sam_logits`) over the whole frame
+                for every prompt. By default, when box prompts are decoded in their regions of interest (inference,
+                `query_region="box"`, adaptive querying, one output channel), SAM's decoder upscales each prompt only
+                in the window its region needs (`_decode_in_windows`), and `sam_logits` are `SAM_WINDOW_FLOOR`
+                (background) outside it; `logits` are the same either way, unless SAM's mask has a part outside the
+                window that does not reach its edge. Ask for them to use SAM's mask itself.
 
         Several prompts per image: the image encoder runs once per image, the mask decoder and the implicit decoder
         once for all prompts together, and every output gains a prompt axis after the batch axis: `logits`
@@ -901,24 +1090,36 @@ class IMedSamModel(IMedSamPreTrainedModel):
         sparse, dense = self.prompt_encoder(
             input_points=input_points, input_labels=input_labels, input_boxes=input_boxes, input_masks=None
         )
-        sam_logits, iou_scores, upscaled = self.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_positional_embeddings=self.image_positional_embeddings(batch_size),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-        )
         output_size = self._output_size(output_size)
         output_region = self._output_region(output_region, batch_size)
         if num_prompts > 1:  # every prompt is a row of its own from here on
             output_region = None if output_region is None else output_region.repeat_interleave(num_prompts, 0)
         if query_coordinates is not None:
             query_coordinates = self._prompt_coordinates(query_coordinates, batch_size, num_prompts)
-        fields = {"sam_logits": sam_logits, "iou_scores": iou_scores}
         settings = IMedSamQuerySettings.from_config(self.config)
+        region_query = input_boxes is not None and query_coordinates is None and not self.training
+        region_query = region_query and settings.query_region == "box"
+        decoder_inputs = {
+            "image_embeddings": image_embeddings,
+            "image_positional_embeddings": self.image_positional_embeddings(batch_size),
+            "sparse_prompt_embeddings": sparse,
+            "dense_prompt_embeddings": dense,
+            "bf16": settings.decoder_precision == "bf16" and not self.training,
+        }
+        windowed = region_query and not full_sam_logits and settings.query_mode == "adaptive"
+        windowed = (
+            windowed and self.implicit_decoder is not None and (class_index is not None or self.config.num_classes == 1)
+        )
         regions = None
-        if input_boxes is not None and query_coordinates is None and not self.training:
-            if settings.query_region == "box":
+        if windowed:
+            sam_logits, iou_scores, upscaled, regions = self._decode_in_windows(
+                decoder_inputs, input_boxes, settings.query_margin, output_size, output_region
+            )
+        else:
+            sam_logits, iou_scores, upscaled = self.mask_decoder(**decoder_inputs)
+            if region_query:
                 regions = self.regions_of_interest(input_boxes, sam_logits, settings.query_margin)
+        fields = {"sam_logits": sam_logits, "iou_scores": iou_scores}
         if self.implicit_decoder is None:
             fields["logits"] = sam_mask_on_grid(sam_logits, self.config.image_size, output_size, output_region)
         else:
@@ -938,7 +1139,87 @@ class IMedSamModel(IMedSamPreTrainedModel):
             fields = {name: value.unflatten(0, (batch_size, num_prompts)) for name, value in fields.items()}
         return IMedSamOutput(**fields, image_embeddings=image_embeddings)
 
-    def regions_of_interest(self, input_boxes: torch.Tensor, sam_logits: torch.Tensor, margin: float) -> torch.Tensor:
+    def _decode_in_windows(self, decoder_inputs, input_boxes, margin, output_size, output_region):
+        """
+        SAM's mask decoder with each box prompt's upscaling (two transposed convolutions, a LayerNorm and two GELUs
+        over `(32, 256, 256)` values per prompt: a quarter of its time) computed only in the window of the frame its
+        region of interest can need: the box widened by `margin`, the pixels the implicit decoder samples there,
+        and one more image token on every side. Where SAM's mask reaches the window's edge, or the region (box and
+        SAM's mask, widened) needs features outside the window, that prompt is upscaled over the whole frame: the
+        outputs equal the whole frame's unless SAM's mask has a part outside the window that does not reach its
+        edge (SAM's logits there are `SAM_WINDOW_FLOOR`, background, and the region does not grow to hold it).
+
+        Returns SAM's logits `(rows, 1, 4h, 4w)`, iou `(rows, 1)`, the `FeatureWindows` and the regions `(rows, 4)`.
+        """
+        decoder = self.mask_decoder
+        hyper_in, iou_scores, image_tokens = decoder.attend(**decoder_inputs)
+        rows, _, height, width = image_tokens.shape
+        frame_window = torch.tensor([0, height, 0, width])
+        boxes = self.regions_of_interest(input_boxes, None, margin)
+        windows = self._token_windows(boxes, output_size, output_region, (height, width), pad=1)
+        sam_logits, features = decoder.upscale_windows(hyper_in, image_tokens, windows)
+        regions = self.regions_of_interest(input_boxes, sam_logits, margin)
+        needed = self._token_windows(regions, output_size, output_region, (height, width), pad=0)
+        outside = (needed[:, 0] < windows[:, 0]) | (needed[:, 1] > windows[:, 1])
+        outside |= (needed[:, 2] < windows[:, 2]) | (needed[:, 3] > windows[:, 3])
+        redo = [
+            row
+            for row in range(rows)
+            if bool(outside[row]) or self._mask_at_window_edge(sam_logits[row], windows[row], (height, width))
+        ]
+        if redo:
+            full_logits, full_features = decoder.upscale_windows(
+                hyper_in[redo], image_tokens[redo], frame_window.expand(len(redo), 4)
+            )
+            sam_logits[redo] = full_logits
+            for index, row in enumerate(redo):
+                features.features[row] = full_features.features[index]
+                features.windows[row] = frame_window
+            regions = self.regions_of_interest(input_boxes, sam_logits, margin)
+        return sam_logits, iou_scores, features, regions
+
+    @staticmethod
+    def _token_windows(regions, output_size, output_region, grid: tuple[int, int], pad: int) -> torch.Tensor:
+        """
+        `(rows, 4)` integer (row0, row1, column0, column1) of the `grid` of image tokens whose upscaled features the
+        implicit decoder samples when querying `regions` on the output grid (`region_pixels`: the output pixels
+        covering each region; bilinear samples at their centres need the feature pixels around them), widened by
+        `pad` tokens and clipped to the grid.
+        """
+        height, width = grid
+        _, covered = region_pixels(regions, output_size, output_region)
+        scale = torch.tensor([4 * width, 4 * height], dtype=covered.dtype, device=covered.device)
+        first = (covered[:, :2] * scale - 0.5).floor()  # the feature pixel left of (above) the first centre
+        last = (covered[:, 2:] * scale - 0.5).floor() + 2  # one past the pixel right of (below) the last centre
+        first = torch.div(first, 4, rounding_mode="floor") - pad
+        last = torch.div(last + 3, 4, rounding_mode="floor") + pad
+        windows = torch.stack([first[:, 1], last[:, 1], first[:, 0], last[:, 0]], 1).long().cpu()
+        limits = torch.tensor([height, height, width, width])
+        return torch.minimum(windows.clamp_min(0), limits)
+
+    @staticmethod
+    def _mask_at_window_edge(logits: torch.Tensor, window: torch.Tensor, grid: tuple[int, int]) -> bool:
+        """Whether SAM's mask `(1, 4h, 4w)` is positive on its window's outermost pixels, on a side within the frame
+        (there it may go on outside the window)."""
+        r0, r1, c0, c1 = (4 * v for v in window.tolist())
+        inside = logits[0, r0:r1, c0:c1] > 0
+        if not bool(inside.any()):
+            return False
+        height, width = 4 * grid[0], 4 * grid[1]
+        edges = []
+        if r0 > 0:
+            edges.append(inside[0])
+        if r1 < height:
+            edges.append(inside[-1])
+        if c0 > 0:
+            edges.append(inside[:, 0])
+        if c1 < width:
+            edges.append(inside[:, -1])
+        return any(bool(edge.any()) for edge in edges)
+
+    def regions_of_interest(
+        self, input_boxes: torch.Tensor, sam_logits: torch.Tensor | None, margin: float
+    ) -> torch.Tensor:
         """
         Where each box-prompted structure can be, `(rows, 4)` normalised (x0, y0, x1, y1) of the input frame: the
         box and SAM's own mask (its logits > 0), together, widened by `margin` of their width and height (at least
@@ -950,6 +1231,9 @@ class IMedSamModel(IMedSamPreTrainedModel):
         """
         size = float(self.config.image_size)
         boxes = input_boxes.reshape(-1, 4).float() / size
+        if sam_logits is None:
+            widen = torch.clamp((boxes[:, 2:] - boxes[:, :2]) * margin, min=2.0 / size)
+            return torch.cat([boxes[:, :2] - widen, boxes[:, 2:] + widen], dim=1).clamp(0.0, 1.0)
         positive = sam_logits.reshape(-1, *sam_logits.shape[-2:]) > 0  # (rows, h, w)
         height, width = positive.shape[-2:]
         rows_with_mask, columns_with_mask = positive.any(dim=2), positive.any(dim=1)  # (rows, h), (rows, w)
@@ -1133,6 +1417,7 @@ FORWARD_ARGUMENTS = (
     "query_coordinates",
     "image_embeddings",
     "input_classes",
+    "full_sam_logits",
 )
 
 
@@ -1150,8 +1435,11 @@ __all__ = [
     "IMedSamOutput",
     "IMedSamPreTrainedModel",
     "IMedSamQuerySettings",
+    "FeatureWindows",
+    "SAM_WINDOW_FLOOR",
     "fold_batchnorm",
     "grid_coordinates",
     "region_coordinates",
+    "region_pixels",
     "sam_mask_on_grid",
 ]

@@ -716,14 +716,18 @@ def _build(model, encoder, backend, precision, folder: Path, fingerprint, verify
 def set_backend(model: nn.Module, backend: str = "openvino", **options: Any) -> nn.Module:
     """
     Run `model`'s image encoder on `backend`: `model.vision_encoder` (of the model inside a PEFT model) becomes
-    `export_vision_encoder(model, backend, **options)`; `backend="torch"` puts the torch encoder back. In place;
-    returns `model`. `encode_image`, `forward` and everything built on them (`segment`, volumes, evaluation) then
+    `export_vision_encoder(model, backend, **options)`; `backend="torch"` puts the torch encoder back. With
+    `precision="bf16"`, where the runtime computes in bf16, the decoders do too (`config.decoder_precision`); any
+    other backend or precision sets it back to `"fp32"`. In place; returns `model`. `encode_image`, `forward` and everything built on them (`segment`, volumes, evaluation) then
     use the runtime.
     """
     check_backend(backend, options.get("precision", "fp32"))
     base = _base_model(model)
     encoder = export_vision_encoder(model, backend, **options)
     base.vision_encoder = encoder
+    # bf16 where the runtime computes the encoder in it (this CPU has the arithmetic): the decoders too.
+    bf16 = getattr(encoder, "compute_precision", "fp32") == "bf16"
+    base.config.decoder_precision = "bf16" if bf16 else "fp32"
     return model
 
 

@@ -36,8 +36,10 @@ from imedsam_hf.shipped import SHIPPED_MODELS, TRAINABLE, write_manifest
 REFERENCE_GRID = (16, 16)
 
 
-def reference_logits(model, processor, image: str, mask: str) -> dict:
-    """Every structure of `mask` boxed (class-aware models: with its class), logits on a 16x16 grid."""
+def reference_logits(model, processor, image: str, mask: str, full_sam_logits: bool = True) -> dict:
+    """Every structure of `mask` boxed (class-aware models: with its class), logits on a 16x16 grid. Outside each
+    structure's region of interest the logits are SAM's own: over the whole frame (`full_sam_logits`, as the training
+    run computed them) or, with `full_sam_logits=False`, over each box's upscaling window only (the default forward)."""
     labels = read_mask(mask, 255)
     ids = [int(c) for c in np.unique(labels) if c > 0]
     boxes = [mask_box(labels == c).tolist() for c in ids]
@@ -50,6 +52,7 @@ def reference_logits(model, processor, image: str, mask: str) -> dict:
             input_classes=torch.tensor([ids]) if aware and len(ids) > 1 else (torch.tensor(ids) if aware else None),
             output_size=REFERENCE_GRID,
             output_region=inputs["output_region"],
+            full_sam_logits=full_sam_logits,
         )
     return {
         "image": Path(image).name,

