@@ -353,3 +353,26 @@ def test_gated_lora_scales_each_inputs_update_and_publishes(tmp_path, inputs):
     assert json.loads((tmp_path / "gated" / "config.json").read_text())["adapter_config"]["lora_gate"] is True
     torch.testing.assert_close(predict(AutoModel.from_pretrained(tmp_path / "gated").eval(), inputs), before)
     torch.testing.assert_close(predict(published, inputs), before)
+
+
+def test_box_windows_decode_with_the_trained_copy_of_the_mask_decoder(inputs):
+    """`train_mask_decoder=True` wraps the whole mask decoder (PEFT's modules_to_save): in eval mode the windowed
+    decoding (`attend`, `upscale_windows`) must run the trained copy, as the whole-frame path does."""
+    pixel_values, _ = inputs
+    base = tiny_model(query_mode="adaptive")
+    last = base.mask_decoder.output_hypernetworks_mlps[0].layers[-1]
+    torch.nn.init.zeros_(last.weight), torch.nn.init.zeros_(last.bias)  # SAM's logits 0: the windows hold
+    peft_model = get_peft_model(base, imedsam_peft_config(base.config, train_mask_decoder=True)).eval()
+    trained = peft_model.base_model.model.mask_decoder.modules_to_save["default"]
+    with torch.no_grad():
+        trained.upscale_conv2.weight.mul_(3.0)  # the trained copy differs from the frozen original
+        kwargs = {"pixel_values": pixel_values[:1], "input_boxes": torch.tensor([[[4.0, 6.0, 14.0, 14.0]]])}
+        windowed = peft_model(**kwargs, output_size=(40, 40))
+        full = peft_model(**kwargs, output_size=(40, 40), full_sam_logits=True)
+        with peft_model.disable_adapter():
+            original = peft_model(**kwargs, output_size=(40, 40))
+    assert (windowed.sam_logits == -30.0).any()  # decoded in a window
+    torch.testing.assert_close(windowed.logits > 0, full.logits > 0)
+    inside = windowed.refined[0, 0] | (windowed.uncertainty[0, 0] > 0)
+    torch.testing.assert_close(windowed.logits[0, 0, 0][inside], full.logits[0, 0, 0][inside])
+    assert not torch.allclose(windowed.logits, original.logits)  # not the frozen original's
