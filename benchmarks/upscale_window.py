@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import time
-import zlib
 
 import numpy as np
 import torch
 from common import add_paired_arguments, machine_description, model_and_split, report
 from compare_runs import compare
 
-from imedsam_hf.data import jitter_box, mask_box, read_mask
-from imedsam_hf.evaluation import score_mask
+from imedsam_hf.data import mask_box, read_mask
+from imedsam_hf.evaluation import jittered_boxes, score_mask
 from imedsam_hf.processing_imedsam import IMedSamProcessor, to_rgb_array
 
 VARIANTS = {"window": False, "frame": True}  # full_sam_logits
@@ -54,9 +53,8 @@ def main(argv=None) -> dict:
             embeddings = model.encode_image(processor(image)["pixel_values"])
         for jitter in args.jitter:
             boxes = exact
-            if jitter > 0:  # the same boxes as `imedsam evaluate --box_jitter` (seeded by the image's stem)
-                rng = np.random.default_rng([0, zlib.crc32(pair.stem.encode())])
-                boxes = [jitter_box(box, jitter, labels.shape, rng) for box in exact]
+            if jitter > 0:  # the same boxes as `imedsam evaluate --box-jitter` (seeded by the image's stem)
+                boxes = jittered_boxes(exact, jitter, labels.shape, pair.stem)
             inputs = processor(image, input_boxes=[np.stack(boxes).tolist()])
             size = tuple(inputs["original_sizes"][0].tolist())
             extra = {"input_classes": torch.tensor([classes])} if multi_class else {}

@@ -237,8 +237,7 @@ def evaluate_pairs(
         boxes = [mask_box(target) for _, target in targets] if prompt == "box" else [None]
         clicks = mask_clicks(labels > 0, num_clicks).tolist() if prompt == "points" else None
         if box_jitter > 0 and prompt == "box":
-            rng = np.random.default_rng([jitter_seed, zlib.crc32(pair.stem.encode())])
-            boxes = [None if box is None else jitter_box(box, box_jitter, labels.shape, rng) for box in boxes]
+            boxes = jittered_boxes(boxes, box_jitter, labels.shape, pair.stem, jitter_seed)
         aware = [c for c, _ in targets] if several and num_classes > 1 else None  # a multi-class model: class-aware
         logits = predict_logits(
             model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline, classes=aware,
@@ -266,6 +265,15 @@ def evaluate_pairs(
         if class_prompts:
             summary[str(size)].update(per_class_summary(size_rows, class_names or {}))
     return rows, summary
+
+
+def jittered_boxes(
+    boxes: Sequence[np.ndarray | None], fraction: float, size: tuple[int, int], stem: str, seed: int = 0
+) -> list[np.ndarray | None]:
+    """`evaluate_pairs`' `box_jitter`: each box's sides moved by up to `fraction` of its size (`data.jitter_box`),
+    seeded by `seed` and the image's `stem`, so every run and model gets the same boxes for an image."""
+    rng = np.random.default_rng([seed, zlib.crc32(stem.encode())])
+    return [None if box is None else jitter_box(box, fraction, size, rng) for box in boxes]
 
 
 # Per-row pixel counts of class-prompted rows, `metrics.overlap_counts`'s order.
@@ -761,6 +769,7 @@ __all__ = [
     "evaluate_model",
     "evaluate_pairs",
     "grid_size",
+    "jittered_boxes",
     "load_baseline",
     "parse_size",
     "predict_logits",

@@ -100,8 +100,7 @@ class FeatureWindows:
         """`(1, 4)` normalised (x0, y0, x1, y1) of the frame that row's window covers."""
         r0, r1, c0, c1 = self.windows[row].tolist()
         height, width = self.frame_size
-        scale = [4 / width, 4 / height, 4 / width, 4 / height]
-        return torch.tensor([[c0 * scale[0], r0 * scale[1], c1 * scale[2], r1 * scale[3]]])
+        return torch.tensor([[4 * c0 / width, 4 * r0 / height, 4 * c1 / width, 4 * r1 / height]])
 
 
 @dataclass(frozen=True)
@@ -910,6 +909,22 @@ def region_pixels(
     return pixels, covered
 
 
+def sam_mask_extents(sam_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Where SAM's mask (logits > 0) lies: whether each row has one `(rows,)` and its bounding box `(rows, 4)` in pixels
+    of the logit map, (x0, y0, x1, y1) with the ends exclusive, on the map's device; rows without a mask get a
+    meaningless box. `sam_logits`: `(rows, 1, h, w)`.
+    """
+    positive = sam_logits.reshape(-1, *sam_logits.shape[-2:]) > 0  # (rows, h, w)
+    height, width = positive.shape[-2:]
+    rows_with_mask, columns_with_mask = positive.any(dim=2), positive.any(dim=1)  # (rows, h), (rows, w)
+    first_column = torch.argmax(columns_with_mask.int(), dim=1)
+    last_column = width - torch.argmax(columns_with_mask.flip(1).int(), dim=1)
+    first_row = torch.argmax(rows_with_mask.int(), dim=1)
+    last_row = height - torch.argmax(rows_with_mask.flip(1).int(), dim=1)
+    return rows_with_mask.any(dim=1), torch.stack([first_column, first_row, last_column, last_row], dim=1)
+
+
 def sam_mask_on_grid(
     sam_logits: torch.Tensor, image_size: int, output_size: tuple[int, int], output_region: torch.Tensor | None
 ) -> torch.Tensor:
@@ -1162,11 +1177,7 @@ class IMedSamModel(IMedSamPreTrainedModel):
         needed = self._token_windows(regions, output_size, output_region, (height, width), pad=0)
         outside = (needed[:, 0] < windows[:, 0]) | (needed[:, 1] > windows[:, 1])
         outside |= (needed[:, 2] < windows[:, 2]) | (needed[:, 3] > windows[:, 3])
-        redo = [
-            row
-            for row in range(rows)
-            if bool(outside[row]) or self._mask_at_window_edge(sam_logits[row], windows[row], (height, width))
-        ]
+        redo = (outside | self._mask_at_window_edge(sam_logits, windows, (height, width))).nonzero()[:, 0].tolist()
         if redo:
             full_logits, full_features = decoder.upscale_windows(
                 hyper_in[redo], image_tokens[redo], frame_window.expand(len(redo), 4)
@@ -1198,24 +1209,18 @@ class IMedSamModel(IMedSamPreTrainedModel):
         return torch.minimum(windows.clamp_min(0), limits)
 
     @staticmethod
-    def _mask_at_window_edge(logits: torch.Tensor, window: torch.Tensor, grid: tuple[int, int]) -> bool:
-        """Whether SAM's mask `(1, 4h, 4w)` is positive on its window's outermost pixels, on a side within the frame
-        (there it may go on outside the window)."""
-        r0, r1, c0, c1 = (4 * v for v in window.tolist())
-        inside = logits[0, r0:r1, c0:c1] > 0
-        if not bool(inside.any()):
-            return False
+    def _mask_at_window_edge(sam_logits: torch.Tensor, windows: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """`(rows,)` whether SAM's mask `(rows, 1, 4h, 4w)`, positive inside its window only (`upscale_windows`),
+        reaches the window's outermost pixels on a side within the frame (there it may go on outside the window)."""
+        has_mask, extents = sam_mask_extents(sam_logits)
+        extents = extents.cpu()
+        r0, r1, c0, c1 = (4 * windows).unbind(1)
         height, width = 4 * grid[0], 4 * grid[1]
-        edges = []
-        if r0 > 0:
-            edges.append(inside[0])
-        if r1 < height:
-            edges.append(inside[-1])
-        if c0 > 0:
-            edges.append(inside[:, 0])
-        if c1 < width:
-            edges.append(inside[:, -1])
-        return any(bool(edge.any()) for edge in edges)
+        edges = (r0 > 0) & (extents[:, 1] == r0)
+        edges |= (r1 < height) & (extents[:, 3] == r1)
+        edges |= (c0 > 0) & (extents[:, 0] == c0)
+        edges |= (c1 < width) & (extents[:, 2] == c1)
+        return has_mask.cpu() & edges
 
     def regions_of_interest(
         self, input_boxes: torch.Tensor, sam_logits: torch.Tensor | None, margin: float
@@ -1227,27 +1232,23 @@ class IMedSamModel(IMedSamPreTrainedModel):
 
         Args:
             input_boxes: `(batch_size, num_prompts, 4)` boxes in input-frame pixels.
-            sam_logits: `(batch_size * num_prompts, 1, h, w)` SAM's low-resolution logits covering the frame.
+            sam_logits: `(batch_size * num_prompts, 1, h, w)` SAM's low-resolution logits covering the frame, or None:
+                the boxes alone.
         """
         size = float(self.config.image_size)
-        boxes = input_boxes.reshape(-1, 4).float() / size
-        if sam_logits is None:
-            widen = torch.clamp((boxes[:, 2:] - boxes[:, :2]) * margin, min=2.0 / size)
-            return torch.cat([boxes[:, :2] - widen, boxes[:, 2:] + widen], dim=1).clamp(0.0, 1.0)
-        positive = sam_logits.reshape(-1, *sam_logits.shape[-2:]) > 0  # (rows, h, w)
-        height, width = positive.shape[-2:]
-        rows_with_mask, columns_with_mask = positive.any(dim=2), positive.any(dim=1)  # (rows, h), (rows, w)
-        has_mask = rows_with_mask.any(dim=1)
-        first_column = torch.argmax(columns_with_mask.int(), dim=1).float() / width
-        last_column = (width - torch.argmax(columns_with_mask.flip(1).int(), dim=1)).float() / width
-        first_row = torch.argmax(rows_with_mask.int(), dim=1).float() / height
-        last_row = (height - torch.argmax(rows_with_mask.flip(1).int(), dim=1)).float() / height
-        mask_box = torch.stack([first_column, first_row, last_column, last_row], dim=1).to(boxes.device)
-        union = torch.where(
-            has_mask[:, None].to(boxes.device),
-            torch.cat([torch.minimum(boxes[:, :2], mask_box[:, :2]), torch.maximum(boxes[:, 2:], mask_box[:, 2:])], 1),
-            boxes,
-        )
+        union = boxes = input_boxes.reshape(-1, 4).float() / size
+        if sam_logits is not None:
+            has_mask, extents = sam_mask_extents(sam_logits)
+            height, width = sam_logits.shape[-2:]
+            scale = torch.tensor([width, height, width, height], device=extents.device)
+            mask_box = (extents.float() / scale).to(boxes.device)
+            union = torch.where(
+                has_mask[:, None].to(boxes.device),
+                torch.cat(
+                    [torch.minimum(boxes[:, :2], mask_box[:, :2]), torch.maximum(boxes[:, 2:], mask_box[:, 2:])], 1
+                ),
+                boxes,
+            )
         widen = torch.clamp((union[:, 2:] - union[:, :2]) * margin, min=2.0 / size)
         return torch.cat([union[:, :2] - widen, union[:, 2:] + widen], dim=1).clamp(0.0, 1.0)
 
@@ -1441,5 +1442,6 @@ __all__ = [
     "grid_coordinates",
     "region_coordinates",
     "region_pixels",
+    "sam_mask_extents",
     "sam_mask_on_grid",
 ]
