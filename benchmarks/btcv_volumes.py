@@ -11,7 +11,10 @@ slices stacked by slice index (`images/`, `masks/`, the slices with an organ; `c
 - `boxes3d`: one tight 3-D box per organ per scan, propagated from the middle slice outwards, MedSAM's rule (a
   direction stops at the first empty mask; `imedsam predict --boxes`);
 - `boxes3d_continue`: the same boxes, propagation continuing through empty slices inside the box's z range;
-- `boxes3d_unconfined`: `boxes3d` without cutting each mask to its prompt box (MedSAM's rule as it is).
+- `boxes3d_unconfined`: `boxes3d` without cutting each mask to its prompt box (MedSAM's rule as it is);
+- `keyslice`: one 2-D box per organ, drawn on the slice where its box is largest, with its first and last slice
+  (MedSAM2's CT prompts), propagated from that slice by the `boxes3d` rule (`imedsam predict --boxes` with
+  `key_slice` entries).
 Per organ: 3-D Dice and HD95 (mm) per scan, then the mean over scans; `dice_13`, `dice_8` the means over organs.
 Where a protocol loses (`where_lost`, per organ, summed over scans): `missed_slices` the fraction of the organ's slices
 left empty (a propagation that stopped early, or a middle slice that came out empty), `dice_ends` / `dice_middle`
@@ -26,12 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import VOLUME_PROTOCOLS, add_run_arguments, machine_description, report, setup_run
+from common import VOLUME_PROTOCOLS, add_run_arguments, machine_description, report, setup_run, volume_prompts
 from PIL import Image
 
 from imedsam_hf import load_model
 from imedsam_hf.data import load_splits, read_class_names, read_scan_spacing, slice_index
-from imedsam_hf.volumes import boxes_3d_from_labels, place_slice, read_volume, segment_volume, volume_scores
+from imedsam_hf.volumes import place_slice, read_volume, segment_volume, volume_scores
 
 COMMON_8 = (8, 4, 3, 2, 6, 11, 1, 7)
 
@@ -110,9 +113,7 @@ def main(argv=None) -> dict:
             seconds = []
             for case in cases:
                 images, labels = volumes[case]
-                prompts = (
-                    {"label_volume": labels} if protocol == "labels" else {"boxes_3d": boxes_3d_from_labels(labels)}
-                )
+                prompts = volume_prompts(protocol, labels)
                 start = time.perf_counter()
                 predicted = segment_volume(
                     model, images, processor=processor, progress=False, **prompts, **VOLUME_PROTOCOLS[protocol]

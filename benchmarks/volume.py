@@ -11,7 +11,8 @@ Protocols: `labels`, every structure prompted on every slice where it appears (a
 `imedsam predict --boxes-from-masks`); `boxes3d`, one tight 3-D box per structure, propagated from its middle slice
 (`imedsam predict --boxes`, MedSAM's stop rule; each slice encoded once for all structures); `boxes3d_continue`, the
 same continuing through empty slices in the box's z range (both cut each mask to its prompt box);
-`boxes3d_unconfined`, MedSAM's rule as it is (`imedsam predict --no-confine`). Start-up is loading the model and, for a runtime backend,
+`boxes3d_unconfined`, MedSAM's rule as it is (`imedsam predict --no-confine`); `keyslice`, one 2-D box per structure on
+the slice where it is largest with its z range, propagated from there (`--boxes` entries with `key_slice`). Start-up is loading the model and, for a runtime backend,
 exporting or loading its compiled encoder (`--clear_cache` measures a first start). The encoder's share is the time
 spent in `encode_image`; peak memory is the resident-set (CPU) or allocator (CUDA) peak above the loaded model. 3D
 Dice and HD95 (mm) per organ from `volume_scores` with the header's spacing.
@@ -33,10 +34,11 @@ from common import (
     report,
     setup_run,
     synchronize,
+    volume_prompts,
 )
 
 from imedsam_hf import load_model
-from imedsam_hf.volumes import boxes_3d_from_labels, read_volume, segment_volume, volume_scores
+from imedsam_hf.volumes import read_volume, segment_volume, volume_scores
 
 COMMON_8 = (8, 4, 3, 2, 6, 11, 1, 7)
 
@@ -79,7 +81,6 @@ def main(argv=None) -> dict:
     volume, labels = read_volume(args.volume), read_volume(args.labels)
     truth = labels.data.astype(np.int64)
     classes = [int(c) for c in np.unique(truth) if c > 0]
-    boxes = boxes_3d_from_labels(truth)
     rows = []
     for spec in args.model or ["litemedsam"]:
         for variant in args.backend or ["torch"]:
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
             startup = time.perf_counter() - start
             for protocol in args.protocol:
                 encoder = timed_encoder(model, device)
-                prompts = {"label_volume": labels} if protocol == "labels" else {"boxes_3d": boxes}
+                prompts = volume_prompts(protocol, labels)
                 with peak_memory(device) as memory:
                     start = time.perf_counter()
                     predicted = segment_volume(

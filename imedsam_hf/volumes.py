@@ -8,7 +8,9 @@ Entry points
   the 8-bit grey the 2-D models were trained on.
 - :func:`slice_image` / :func:`place_slice`: one axial slice out of / back into an ``(X, Y, Z)`` array, oriented as the
   BTCV-Synapse PNG slices; :func:`volume_box_to_slice_box` maps boxes the same way.
-- :func:`boxes_3d_from_labels`: the tight 3-D box of every structure of a label volume.
+- :func:`boxes_3d_from_labels`: the tight 3-D box of every structure of a label volume;
+  :func:`key_slice_boxes_from_labels`: a 2-D box on each structure's largest slice with its z range (MedSAM2's CT
+  prompt, ``segment_volume(boxes_3d=..., key_slices=...)``).
 - :func:`segment_volume`: the 2-D model over a volume, prompted by a label volume (exact 2-D boxes on every slice) or
   by 3-D boxes (the MedSAM/LiteMedSAM middle-slice propagation protocol) -> ``(X, Y, Z)`` uint8 class ids.
 - :func:`volume_scores`: 3-D Dice, IoU, HD95 and HD per class, in millimetres from the voxel spacing.
@@ -371,6 +373,50 @@ def boxes_3d_from_labels(label_data: np.ndarray, classes: ClassSpec = None) -> d
     return boxes
 
 
+def key_slice_boxes_from_labels(
+    label_data: np.ndarray, classes: ClassSpec = None
+) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """One 2-D box per structure, drawn on its key slice, with the structure's z range (MedSAM2's CT prompts).
+
+    The key slice of a structure is the slice where its 2-D box is largest (the first such slice on a tie), the slice
+    a reader would draw on; the prompt is that slice's tight box with the structure's first and last slice, in the
+    :func:`segment_volume` convention (``boxes_3d`` with ``key_slices``).
+
+    Args:
+        label_data: ``(X, Y, Z)`` integer class ids, 0 = background.
+        classes: only these ids (see :func:`segment_volume`); default every id present.
+
+    Returns:
+        ``(boxes_3d, key_slices)``: ``{class_id: [x0, y0, z0, x1, y1, z1]}`` whose ``x``/``y`` are the key slice's
+        tight box and ``z0``/``z1`` the structure's range, and ``{class_id: key slice}``; ids ascending.
+    """
+    label_data = np.asarray(label_data)
+    boxes, key_slices = {}, {}
+    for class_id, (_, _, z0, _, _, z1) in boxes_3d_from_labels(label_data, classes).items():
+        best, key = -1, z0
+        for z in range(z0, z1 + 1):
+            found = ndimage.find_objects((label_data[:, :, z] == class_id).astype(np.int8))
+            if found and found[0] is not None:
+                xs, ys = found[0]
+                area = (xs.stop - xs.start) * (ys.stop - ys.start)
+                if area > best:
+                    best, key, box = area, z, [xs.start, ys.start, xs.stop - 1, ys.stop - 1]
+        (bx0, bx1), (by0, by1) = (
+            _widen(box[0], box[2], label_data.shape[0]),
+            _widen(box[1], box[3], label_data.shape[1]),
+        )
+        boxes[class_id] = [bx0, by0, z0, bx1, by1, z1]
+        key_slices[class_id] = key
+    return boxes, key_slices
+
+
+def _widen(low: int, high: int, size: int) -> tuple[int, int]:
+    """An inclusive index range at least 2 voxels wide (a one-voxel side widened inside ``0..size - 1``)."""
+    if high > low or size < 2:
+        return low, high
+    return (low, low + 1) if low + 1 < size else (low - 1, low)
+
+
 # ------------------------------------------------------------------------------------------------------- checks
 def _class_id(value: Any, what: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
@@ -455,6 +501,28 @@ def _check_boxes(
     return dict(sorted(checked.items()))
 
 
+def _check_key_slices(key_slices: Mapping[Any, Any] | None, boxes_3d: dict[int, list[int]]) -> dict[int, int]:
+    if key_slices is None:
+        return {}
+    if not isinstance(key_slices, Mapping):
+        raise ValueError(f"key_slices must be a {{class_id: slice index}} mapping, got {key_slices!r}")
+    checked = {}
+    for key, z in key_slices.items():
+        class_id = _class_id(key, "key_slices")
+        if class_id not in boxes_3d:
+            raise ValueError(f"key_slices: class id {class_id} has no box in boxes_3d (boxes: {sorted(boxes_3d)})")
+        if isinstance(z, (bool, np.bool_)) or not isinstance(z, (int, np.integer)):
+            raise ValueError(f"key_slices[{class_id}]: {z!r} is not a slice index (an integer)")
+        z0, z1 = boxes_3d[class_id][2], boxes_3d[class_id][5]
+        if not z0 <= int(z) <= z1:
+            raise ValueError(
+                f"key_slices[{class_id}]: slice {int(z)} is outside its box's z range {z0}..{z1}; the 2-D box is "
+                "drawn on a slice of the structure"
+            )
+        checked[class_id] = int(z)
+    return checked
+
+
 def _class_count(model: Any) -> int:
     config = getattr(model, "config", None)
     return int(getattr(config, "num_classes", 1) or 1)
@@ -474,6 +542,7 @@ def segment_volume(
     box_margin: float = 3.0,
     propagation: str = "stop",
     confine: bool = True,
+    key_slices: Mapping[int, int] | None = None,
 ) -> np.ndarray:
     """Segment a volume slice by slice with a box-prompted 2-D model.
 
@@ -530,6 +599,8 @@ def segment_volume(
     """
     if (label_volume is None) == (boxes_3d is None):
         raise ValueError("segment_volume: give exactly one of label_volume (per-slice boxes) or boxes_3d")
+    if key_slices and boxes_3d is None:
+        raise ValueError("segment_volume: key_slices go with boxes_3d (the slice each 2-D box was drawn on)")
     if isinstance(model, str):
         model, loaded_processor = load_model(model)
         processor = processor or loaded_processor
@@ -552,6 +623,7 @@ def segment_volume(
             raise ValueError(f"box_margin must be a number of pixels >= 0, got {box_margin!r}")
         if propagation not in PROPAGATIONS:
             raise ValueError(f"`propagation` must be one of {PROPAGATIONS}, got {propagation!r}")
+        key_slices = _check_key_slices(key_slices, checked)
     images = to_uint8(volume.data, window)
     if not images.any():
         raise ValueError(
@@ -562,7 +634,8 @@ def segment_volume(
         _segment_with_label_volume(model, processor, images, truth, labels, wanted, progress)
     else:
         _segment_with_boxes_3d(
-            model, processor, images, checked, labels, progress, float(box_margin), propagation, confine=confine
+            model, processor, images, checked, labels, progress, float(box_margin), propagation, confine=confine,
+            key_slices=key_slices,
         )  # fmt: skip
     return labels
 
@@ -626,31 +699,34 @@ def _segment_with_boxes_3d(
     propagation: str = "stop",
     *,
     confine: bool = False,
+    key_slices: Mapping[int, int] | None = None,
 ) -> None:
     """
     MedSAM's propagation for every structure at once, each slice encoded once: an upward pass (z ascending) runs
-    every structure whose middle slice is at or below z and whose chain is alive, all of a slice's prompts in one
-    call; a downward pass (z descending) does the same below the middle slices, reusing the embeddings the upward
-    pass kept for those slices. A structure's masks are those of propagating it alone (each prompt's masks equal a
-    call with that prompt alone). `confine`: each mask is cut to its prompt box and each propagated box is kept inside
-    the 3-D box's widened in-plane extent (the latter always so with ``propagation="continue"``).
+    every structure whose starting slice (the middle slice, or its key slice) is at or below z and whose chain is
+    alive, all of a slice's prompts in one call; a downward pass (z descending) does the same below the starting
+    slices, reusing the embeddings the upward pass kept for those slices. A structure's masks are those of propagating
+    it alone (each prompt's masks equal a call with that prompt alone). `confine`: each mask is cut to its prompt box
+    and each propagated box is kept inside the 3-D box's widened in-plane extent (the latter always so with
+    ``propagation="continue"``; not for a box drawn on a key slice, whose extent is that slice's alone).
     """
+    key_slices = key_slices or {}
     shape = images.shape
     size = (shape[1], shape[0])  # (H, W) of a slice image
     aware = _class_count(model) > 1
-    middles = {c: (box[2] + box[5]) // 2 for c, box in boxes_3d.items()}
+    starts = {c: key_slices.get(c, (box[2] + box[5]) // 2) for c, box in boxes_3d.items()}
     best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # z -> (winning probability, class ids), as slice images
-    needed_below = {z for c, box in boxes_3d.items() for z in range(box[2], middles[c])}
+    needed_below = {z for c, box in boxes_3d.items() for z in range(box[2], starts[c])}
     kept: dict[int, torch.Tensor] = {}  # embeddings of slices the downward pass may visit again
-    upward = range(min(middles.values()), max(box[5] for box in boxes_3d.values()) + 1)
+    upward = range(min(starts.values()), max(box[5] for box in boxes_3d.values()) + 1)
     keep_going = propagation == "continue"
     extents = {}
     for class_id, box in boxes_3d.items():
         x0, y0, x1, y1 = volume_box_to_slice_box(box, shape)
         extents[class_id] = (
             max(x0 - box_margin, 0.0), max(y0 - box_margin, 0.0), min(x1 + box_margin, size[1]), min(y1 + box_margin, size[0])
-        )  # fmt: skip
-    downward = range(max(middles.values()) - 1, min(box[2] for box in boxes_3d.values()) - 1, -1)
+        ) if class_id not in key_slices else (0.0, 0.0, float(size[1]), float(size[0]))  # fmt: skip
+    downward = range(max(starts.values()) - 1, min(box[2] for box in boxes_3d.values()) - 1, -1)
 
     def encode(z: int) -> torch.Tensor:
         return encode_slice(model, processor, slice_image(images, z))
@@ -706,9 +782,9 @@ def _segment_with_boxes_3d(
         for z in upward:
             prompts = {}
             for class_id, box in boxes_3d.items():
-                if z == middles[class_id]:
+                if z == starts[class_id]:
                     prompts[class_id] = volume_box_to_slice_box(box, shape)
-                elif middles[class_id] < z <= box[5] and chains.get(class_id) is not None:
+                elif starts[class_id] < z <= box[5] and chains.get(class_id) is not None:
                     prompts[class_id] = chains[class_id]
             if prompts:
                 embeddings = encode(z)
@@ -716,7 +792,7 @@ def _segment_with_boxes_3d(
                     kept[z] = embeddings
                 for class_id, following in run(z, prompts, embeddings).items():
                     chains[class_id] = following
-                    if z == middles[class_id]:
+                    if z == starts[class_id]:
                         seeds[class_id] = following
             bar.update(1)
         chains = dict(seeds)
@@ -724,7 +800,7 @@ def _segment_with_boxes_3d(
             prompts = {
                 class_id: chains[class_id]
                 for class_id, box in boxes_3d.items()
-                if box[2] <= z < middles[class_id] and chains.get(class_id) is not None
+                if box[2] <= z < starts[class_id] and chains.get(class_id) is not None
             }
             if prompts:
                 embeddings = kept.pop(z, None)

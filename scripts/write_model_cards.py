@@ -94,7 +94,14 @@ def propagation_caveat(by: dict, name: str) -> str:
             f"13-organ 3-D Dice against {points(every_slice['dice_13'])} with a box on every slice** (zero-shot "
             f"{points(base['dice_13'])}): the box taken from one slice's mask drifts along thin, winding structures ("
             + ", ".join(f"{s['name']} {points(s['dice'])}" for s in thin)
-            + "). Where it matters, give a box on every slice (`--boxes-from-masks`). "
+            + ")."
+            + (
+                f" A 2-D box drawn on each organ's largest slice, with its first and last slice, propagates better "
+                f"({points(by[name, 'keyslice']['dice_13'])}; `--boxes` entries with `key_slice`)."
+                if (name, "keyslice") in by
+                else ""
+            )
+            + " Where it matters, give a box on every slice (`--boxes-from-masks`). "
         )
     if not ours or not base or ours["dice_13"] >= base["dice_13"]:
         return ""
@@ -182,6 +189,8 @@ def btcv(args) -> None:
         "cut to its prompt box (the default)",
         "boxes3d_continue": "the same, propagation continuing through empty slices",
         "boxes3d_unconfined": "the same, MedSAM's rule as it is (masks not cut to their box: `--no-confine`)",
+        "keyslice": "one 2-D box per organ, drawn on the slice where it is largest, with its first and last slice "
+        "(MedSAM2's CT prompt), propagated from that slice by the same rule (`--boxes` entries with `key_slice`)",
     }
     for key, text in protocols.items():
         if (args.name, key) in by and ("litemedsam", key) in by:
@@ -253,7 +262,8 @@ def btcv(args) -> None:
         + ", class-aware by default "
         "(the model records it); `python benchmarks/btcv_volumes.py --data_dir ../shared/data/BTCV-Synapse-CT "
         "--split_file imedsam_hf/shipped/imedsam-litemedsam-btcv/splits.json --split test --model litemedsam --model "
-        "imedsam-litemedsam-btcv --protocol labels boxes3d boxes3d_unconfined --json volumes.json`; all on the 2-core "
+        "imedsam-litemedsam-btcv --protocol labels boxes3d boxes3d_unconfined keyslice --json volumes.json`; all on the "
+        "2-core "
         "CPU (fp32)." + (" " + args.provenance_note if args.provenance_note else ""),
     )
     results = [

@@ -27,6 +27,7 @@ from imedsam_hf.volumes import (
     WINDOW_PRESETS,
     Volume,
     boxes_3d_from_labels,
+    key_slice_boxes_from_labels,
     parse_window,
     place_slice,
     read_volume,
@@ -439,6 +440,68 @@ def test_3d_boxes_of_several_classes_and_an_empty_middle_slice(monkeypatch):
     assert not nothing.any() and [z for _, z, _ in calls] == [10]
 
 
+def leaning_tube(shape=(30, 28, 9)) -> np.ndarray:
+    """Class 3: a 5x5 square moving one voxel along x per slice (slices 0..8): its 3-D box is twice a slice's box."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    for z in range(shape[2]):
+        labels[5 + z : 10 + z, 10:15, z] = 3
+    return labels
+
+
+def test_key_slice_boxes_are_the_largest_slice_box_with_the_structure_z_range():
+    boxes, key_slices = key_slice_boxes_from_labels(cone())
+    # Class 3 is largest on slice 4 (half size 5); class 7 is as large on slices 0 and 1: the first wins.
+    assert key_slices == {3: 4, 7: 0}
+    assert boxes == {3: [7, 9, 1, 17, 19, 7], 7: [25, 2, 0, 27, 4, 1]}
+    assert key_slice_boxes_from_labels(cone(), classes=[7]) == ({7: [25, 2, 0, 27, 4, 1]}, {7: 0})
+    line = np.zeros((6, 5, 2), dtype=np.uint8)
+    line[5, 1:4, 1] = 2  # one voxel wide on the volume's last column: widened inwards
+    assert key_slice_boxes_from_labels(line) == ({2: [4, 1, 1, 5, 3, 1]}, {2: 1})
+
+
+def test_a_box_drawn_on_a_key_slice_propagates_from_it_beyond_its_own_extent(monkeypatch):
+    labels = leaning_tube()
+    boxes, key_slices = key_slice_boxes_from_labels(labels)
+    assert key_slices == {3: 0}  # every slice's box has the same size: the first slice
+    boxes, key_slices = {3: [7, 10, 0, 11, 14, 8]}, {3: 2}  # the square of slice 2, the tube's z range
+    images = slice_coded_images(labels.shape)
+    calls: list = []
+    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls, monkeypatch))
+    predicted = segment_volume(
+        FakeModel(), images, boxes_3d=boxes, key_slices=key_slices, processor=object(), progress=False, box_margin=1
+    )
+    # From the key slice upwards, then downwards; the tube is followed out of the key slice's box.
+    assert [z for _, z, _ in calls] == [2, 3, 4, 5, 6, 7, 8, 1, 0]
+    assert calls[0][2] == volume_box_to_slice_box(boxes[3], labels.shape)
+    np.testing.assert_array_equal(predicted, labels)
+    # The same six numbers read as a 3-D box (no key slice): the middle slice 4 first, every box kept inside the
+    # in-plane extent (widened by the margin), so the tube is cut off where it leaves it.
+    calls.clear()
+    as_3d_box = segment_volume(FakeModel(), images, boxes_3d=boxes, processor=object(), progress=False, box_margin=1)
+    assert calls[0][1] == 4
+    assert (as_3d_box == 3).sum() < (labels == 3).sum()
+    assert not as_3d_box[13:, :, :].any()
+
+
+@pytest.mark.parametrize(
+    "key_slices, match",
+    [
+        ({3: 9}, r"key_slices\[3\]: slice 9 is outside its box's z range 0..8"),
+        ({4: 2}, r"key_slices: class id 4 has no box in boxes_3d"),
+        ({3: 2.5}, r"key_slices\[3\]: 2.5 is not a slice index"),
+        ([2], "key_slices must be a"),
+    ],
+)
+def test_key_slice_errors_name_the_class_and_the_fix(key_slices, match):
+    images = slice_coded_images((30, 28, 9))
+    with pytest.raises(ValueError, match=match):
+        segment_volume(
+            FakeModel(), images, boxes_3d={3: [7, 10, 0, 11, 14, 8]}, key_slices=key_slices, processor=object()
+        )
+    with pytest.raises(ValueError, match="key_slices go with boxes_3d"):
+        segment_volume(FakeModel(), images, label_volume=leaning_tube(), key_slices={3: 2}, processor=object())
+
+
 def test_3d_box_margin_lets_a_growing_structure_through(monkeypatch):
     # Squares growing by one pixel per side away from the middle slice 3 (half sizes 5 4 3 2 3 4 5).
     labels = np.zeros((30, 28, 7), dtype=np.uint8)
@@ -595,6 +658,12 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
     assert main([*argv, "--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "scan.nii.gz").is_file()
+    # Boxes drawn on a key slice: {"box": [...], "key_slice": z}.
+    boxes, key_slices = key_slice_boxes_from_labels(labels)
+    drawn = {str(c): {"box": box, "key_slice": key_slices[c]} for c, box in boxes.items()}
+    (tmp_path / "drawn.json").write_text(json.dumps({"scan": drawn}))
+    assert main([*argv, "--boxes", str(tmp_path / "drawn.json"), "--out", str(tmp_path / "k")]) == 0
+    assert (tmp_path / "k" / "scan.nii.gz").is_file()
     # No prompt source for a volume: nothing written, exit code 2.
     assert main([*argv, "--no-prompt", "--out", str(tmp_path / "c")]) == 2 and not (tmp_path / "c").exists()
     # An existing label volume is replaced only with --overwrite; two inputs of one name are refused up front.
@@ -615,6 +684,25 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     clash = ["predict", "--model", str(tmp_path / "model"), str(scan), str(tmp_path / "in" / "scan.nii")]
     assert main([*clash, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "e")]) == 2
     assert not (tmp_path / "e").exists()
+
+
+def test_boxes_file_entries_drawn_on_a_key_slice():
+    from imedsam_hf.commands.predict import volume_boxes
+
+    drawn = {"3": {"box": [7, 10, 0, 11, 14, 8], "key_slice": 2}, "5": [1, 1, 0, 4, 4, 3]}
+    assert volume_boxes(drawn, "b.json", ["a.nii.gz"]) == {
+        "a": ({3: [7, 10, 0, 11, 14, 8], 5: [1, 1, 0, 4, 4, 3]}, {3: 2})
+    }
+    # Per volume, a volume whose name is a number included.
+    assert volume_boxes({"0001": drawn}, "b.json", ["0001.nii.gz"])["0001"][1] == {3: 2}
+    for entry, match in [
+        ({"box": [7, 10, 0, 11, 14, 8], "key_slice": 9}, r"class 3: key_slice 9 is outside the box's slices 0..8"),
+        ({"box": [7, 10, 0, 11, 14, 8], "key_slice": 2.5}, r"class 3: key_slice 2.5 is not a whole slice index"),
+        ({"box": [7, 10, 0, 11, 14, 8], "slice": 2}, r'class 3: .* needs exactly the keys "box"'),
+        ({"box": [7, 10, 11, 14], "key_slice": 2}, r"class 3: \[7, 10, 11, 14\] is not six whole voxel indices"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            volume_boxes({"3": entry}, "b.json", ["a.nii.gz"])
 
 
 def test_a_class_aware_model_segments_each_structure_with_its_own_heads(tmp_path):

@@ -120,18 +120,27 @@ def image_boxes(data: Any, path: str) -> dict[str, list[float]]:
     return checked
 
 
-def volume_boxes(data: Any, path: str, volumes: list[str]) -> dict[str, dict[int, list[int]]]:
+#: A volume's prompts from `--boxes`: its 3-D boxes and the key slice of those drawn on one slice.
+VolumeBoxes = tuple[dict[int, list[int]], dict[int, int]]
+
+
+def volume_boxes(data: Any, path: str, volumes: list[str]) -> dict[str, VolumeBoxes]:
     """
-    `--boxes` for volumes: `{class id: [x0, y0, z0, x1, y1, z1]}` for every volume, or `{volume name: {...}}` per
-    volume (not both in one file), each box six whole voxel indices: volume name -> its boxes, checked before any
-    model is loaded.
+    `--boxes` for volumes: `{class id: box}` for every volume, or `{volume name: {class id: box}}` per volume (not both
+    in one file). A box is six whole voxel indices `[x0, y0, z0, x1, y1, z1]` (the structure's 3-D box, segmented from
+    its middle slice outwards), or `{"box": [x0, y0, z0, x1, y1, z1], "key_slice": z}`: a 2-D box drawn on slice `z`
+    with the structure's first and last slice (segmented from `z` outwards). Volume name -> (boxes, key slices),
+    checked before any model is loaded.
     """
     if not isinstance(data, Mapping) or not data:
         raise ValueError(
             f"--boxes {path}: expected a JSON object {{class id: [x0, y0, z0, x1, y1, z1]}} or {{volume name: {{...}}}}, "
             f"got {type(data).__name__ if not isinstance(data, Mapping) else 'an empty object'}."
         )
-    nested = {key for key, value in data.items() if isinstance(value, Mapping)}
+    # A per-volume entry maps a volume name to its boxes; a class id mapping to {"box", "key_slice"} is one box.
+    nested = {
+        key for key, value in data.items() if isinstance(value, Mapping) and not ("box" in value and _is_class_key(key))
+    }
     if nested and len(nested) != len(data):
         flat = sorted(set(data) - nested)
         raise ValueError(
@@ -148,13 +157,27 @@ def volume_boxes(data: Any, path: str, volumes: list[str]) -> dict[str, dict[int
     return dict.fromkeys(names, every)
 
 
-def _class_boxes(data: Mapping, where: str) -> dict[int, list[int]]:
-    boxes = {}
-    for key, box in data.items():
-        if not str(key).strip().isdigit() or not 1 <= int(key) <= 255:
+def _is_class_key(key: Any) -> bool:
+    return str(key).strip().isdigit()
+
+
+def _class_boxes(data: Mapping, where: str) -> VolumeBoxes:
+    boxes, key_slices = {}, {}
+    for key, entry in data.items():
+        if not _is_class_key(key) or not 1 <= int(key) <= 255:
             raise ValueError(
                 f"{where}: {key!r} is not a class id (1..255); keys are class ids, or volume names holding them."
             )
+        box = entry
+        if isinstance(entry, Mapping):
+            if set(entry) != {"box", "key_slice"}:
+                raise ValueError(
+                    f'{where}: class {key}: {dict(entry)!r} needs exactly the keys "box" ([x0, y0, z0, x1, y1, z1]: '
+                    'the 2-D box drawn on the key slice, and the structure\'s first and last slice) and "key_slice".'
+                )
+            box, key_slice = entry["box"], entry["key_slice"]
+            if not (_is_number(key_slice) and float(key_slice) == int(key_slice)):
+                raise ValueError(f"{where}: class {key}: key_slice {key_slice!r} is not a whole slice index.")
         if not isinstance(box, list) or len(box) != 6 or not all(_is_number(v) and float(v) == int(v) for v in box):
             raise ValueError(f"{where}: class {key}: {box!r} is not six whole voxel indices [x0, y0, z0, x1, y1, z1].")
         x0, y0, z0, x1, y1, z1 = (int(v) for v in box)
@@ -165,7 +188,14 @@ def _class_boxes(data: Mapping, where: str) -> dict[int, list[int]]:
                 "y0 < y1 and z0 <= z1 (a structure spans at least 2 voxels in x and in y)."
             )
         boxes[int(key)] = [x0, y0, z0, x1, y1, z1]
-    return boxes
+        if isinstance(entry, Mapping):
+            if not z0 <= int(entry["key_slice"]) <= z1:
+                raise ValueError(
+                    f"{where}: class {key}: key_slice {int(entry['key_slice'])} is outside the box's slices "
+                    f"{z0}..{z1}; the 2-D box is drawn on a slice of the structure."
+                )
+            key_slices[int(key)] = int(entry["key_slice"])
+    return boxes, key_slices
 
 
 def _is_number(value: Any) -> bool:
@@ -342,7 +372,7 @@ def write_png(image: Image.Image, target: Path) -> None:
     atomic_write(target, lambda temporary: image.save(temporary, format="PNG"))
 
 
-def predict_volumes(model, processor, plan, args, boxes: dict[str, dict[int, list[int]]] | None) -> int:
+def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] | None) -> int:
     """One label volume per scan (uint8 class ids on the scan's grid), written atomically; failures named."""
     failures = []
     for path, (target,) in plan.items():
@@ -357,7 +387,7 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, dict[int, lis
                     raise ValueError(f"no label volume {name}.nii.gz or {name}.nii in {args.boxes_from_masks}")
                 prompts["label_volume"] = read_volume(found[0])
             else:
-                prompts["boxes_3d"] = boxes[name]
+                prompts["boxes_3d"], prompts["key_slices"] = boxes[name]
                 prompts["propagation"] = args.propagation or "stop"
                 prompts["confine"] = not args.no_confine
             labels = segment_volume(model, volume, processor=processor, window=args.window, progress=True, **prompts)
