@@ -102,6 +102,8 @@ def main(argv=None) -> dict:
     spacing = read_scan_spacing(data_dir / "cases.csv")
     names = read_class_names(data_dir)
     volumes = {case: scan_volume(data_dir, case, by_case[case]) for case in cases}
+    # Each protocol's prompts of each scan, made once for every model.
+    prompts = {(p, case): volume_prompts(p, volumes[case][1]) for p in args.protocol for case in cases}
     rows = []
     for spec in args.model or ["litemedsam"]:
         start = time.perf_counter()
@@ -113,11 +115,11 @@ def main(argv=None) -> dict:
             seconds = []
             for case in cases:
                 images, labels = volumes[case]
-                prompts = volume_prompts(protocol, labels)
                 start = time.perf_counter()
                 predicted = segment_volume(
-                    model, images, processor=processor, progress=False, **prompts, **VOLUME_PROTOCOLS[protocol]
-                )
+                    model, images, processor=processor, progress=False, **prompts[protocol, case],
+                    **VOLUME_PROTOCOLS[protocol],
+                )  # fmt: skip
                 seconds.append(time.perf_counter() - start)
                 classes = [int(c) for c in np.unique(labels) if c > 0]
                 for class_id, score in volume_scores(predicted, labels, spacing[case], classes).items():

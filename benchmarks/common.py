@@ -43,7 +43,7 @@ def volume_prompts(protocol: str, labels: Any) -> dict[str, Any]:
     """`segment_volume`'s prompts for a protocol of `VOLUME_PROTOCOLS`, made from a label volume (array or Volume)."""
     if protocol == "labels":
         return {"label_volume": labels}
-    data = np.asarray(getattr(labels, "data", labels)).astype(np.int64)
+    data = np.asarray(getattr(labels, "data", labels))
     if protocol == "keyslice":
         boxes, key_slices = key_slice_boxes_from_labels(data)
         return {"boxes_3d": boxes, "key_slices": key_slices}

@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
     volume, labels = read_volume(args.volume), read_volume(args.labels)
     truth = labels.data.astype(np.int64)
     classes = [int(c) for c in np.unique(truth) if c > 0]
+    prompts = {protocol: volume_prompts(protocol, labels) for protocol in args.protocol}  # once for every model
     rows = []
     for spec in args.model or ["litemedsam"]:
         for variant in args.backend or ["torch"]:
@@ -92,12 +93,11 @@ def main(argv=None) -> dict:
             startup = time.perf_counter() - start
             for protocol in args.protocol:
                 encoder = timed_encoder(model, device)
-                prompts = volume_prompts(protocol, labels)
                 with peak_memory(device) as memory:
                     start = time.perf_counter()
                     predicted = segment_volume(
                         model, volume, processor=processor, window=args.window, progress=False,
-                        **prompts, **VOLUME_PROTOCOLS[protocol],
+                        **prompts[protocol], **VOLUME_PROTOCOLS[protocol],
                     )  # fmt: skip
                     synchronize(device)
                     seconds = time.perf_counter() - start

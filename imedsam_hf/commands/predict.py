@@ -168,7 +168,7 @@ def _class_boxes(data: Mapping, where: str) -> VolumeBoxes:
             raise ValueError(
                 f"{where}: {key!r} is not a class id (1..255); keys are class ids, or volume names holding them."
             )
-        box = entry
+        box, key_slice = entry, None
         if isinstance(entry, Mapping):
             if set(entry) != {"box", "key_slice"}:
                 raise ValueError(
@@ -188,13 +188,13 @@ def _class_boxes(data: Mapping, where: str) -> VolumeBoxes:
                 "y0 < y1 and z0 <= z1 (a structure spans at least 2 voxels in x and in y)."
             )
         boxes[int(key)] = [x0, y0, z0, x1, y1, z1]
-        if isinstance(entry, Mapping):
-            if not z0 <= int(entry["key_slice"]) <= z1:
+        if key_slice is not None:
+            if not z0 <= int(key_slice) <= z1:
                 raise ValueError(
-                    f"{where}: class {key}: key_slice {int(entry['key_slice'])} is outside the box's slices "
-                    f"{z0}..{z1}; the 2-D box is drawn on a slice of the structure."
+                    f"{where}: class {key}: key_slice {int(key_slice)} is outside the box's slices {z0}..{z1}; the "
+                    "2-D box is drawn on a slice of the structure."
                 )
-            key_slices[int(key)] = int(entry["key_slice"])
+            key_slices[int(key)] = int(key_slice)
     return boxes, key_slices
 
 
