@@ -3,6 +3,7 @@ sampling, parameter groups and the training step's forward and loss. No model lo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -188,7 +189,7 @@ def forward_and_loss(
     caller does backward and the optimizer step, e.g. under `accelerator.accumulate`).
 
     Args:
-        batch: `pixel_values` `(B, 3, S, S)`, `labels` `(B, S, S)` class ids, `reshaped_size` `(B, 2)` and, for box
+        batch: `pixel_values` `(B, 3, S, S)` (or `image_embeddings`, `FrozenImageEncoder`), `labels` `(B, S, S)` class ids, `reshaped_size` `(B, 2)` and, for box
             prompts, `input_boxes` `(B, 4)` (as `imedsam_hf.data.collate` gives them). Samples with every class as a
             prompt carry `input_boxes` `(B, P, 4)` and `prompt_classes` `(B, P)` (0: padding): each prompt's target
             is its class's mask, and the loss is averaged over the real prompts (one encoder pass per image). With
@@ -216,7 +217,7 @@ def forward_and_loss(
         if torch.rand(1, generator=generator).item() < click_probability:
             clicks = {"input_points": batch["input_points"], "input_labels": batch["input_labels"]}
     outputs = model(
-        pixel_values=batch["pixel_values"],
+        **image_inputs(batch),
         input_boxes=batch["input_boxes"] if use_box_prompts and not clicks else None,
         query_coordinates=coordinates,
         input_classes=batch["prompt_classes"].clamp(1, num_classes) if class_aware else None,
@@ -228,6 +229,70 @@ def forward_and_loss(
     return segmentation_loss(
         outputs, labels, num_classes, weights.fine_weight, weights.dice_weight, weights.bce_weight, weights.composition
     )
+
+
+def image_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's image input of a batch: its `image_embeddings` (`FrozenImageEncoder`) or its `pixel_values`."""
+    if "image_embeddings" in batch:
+        return {"image_embeddings": batch["image_embeddings"]}
+    return {"pixel_values": batch["pixel_values"]}
+
+
+class FrozenImageEncoder:
+    """
+    Batches with the image encoder frozen (`training/train.py --freeze-image-encoder`): the encoder, with its
+    adapters as they are, runs in eval mode without gradients, so a step trains the prompt side only (the prompt
+    encoder, SAM's mask decoder where it is trained, the implicit decoder) and skips the encoder's backward.
+
+    With `cache`, each image's embeddings are computed once and kept, under `key(sample index)` (samples of one
+    image may share a key): right only when a sample's pixels are the same every time (no augmentation), which the
+    caller guarantees. The encoder's parameters get no gradient, so AdamW leaves them as they are.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: bool, key: Callable[[int], Hashable] = int) -> None:
+        self.model, self.key = model, key
+        self.cache: dict[Hashable, torch.Tensor] | None = {} if cache else None
+
+    def _base(self) -> torch.nn.Module:
+        model = self.model
+        while not hasattr(model, "encode_image"):  # DDP's `.module`, torch.compile's `._orig_mod`
+            inner = getattr(model, "module", None)
+            model = inner if inner is not None else model._orig_mod
+        return model
+
+    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        model = self._base()
+        encoder = model.get_base_model().vision_encoder if hasattr(model, "get_base_model") else model.vision_encoder
+        modes = {module: module.training for module in encoder.modules()}  # frozen BatchNorm stays in eval
+        encoder.eval()
+        try:
+            with torch.no_grad():
+                return model.encode_image(pixel_values)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """
+        `batch` with `pixel_values` `(B, 3, S, S)` and `index` `(B,)` -> the same batch with `image_embeddings`
+        `(B, hidden_size, h, w)` in place of `pixel_values`.
+        """
+        batch = dict(batch)
+        pixel_values = batch.pop("pixel_values")
+        if self.cache is None:
+            batch["image_embeddings"] = self._encode(pixel_values)
+            return batch
+        keys = [self.key(int(i)) for i in batch["index"].tolist()]
+        missing: dict[Hashable, int] = {}  # key -> the first row holding it
+        for row, key in enumerate(keys):
+            if key not in self.cache:
+                missing.setdefault(key, row)
+        if missing:
+            rows = list(missing.values())
+            for key, embedding in zip(missing, self._encode(pixel_values[rows])):
+                self.cache[key] = embedding
+        batch["image_embeddings"] = torch.stack([self.cache[key] for key in keys])
+        return batch
 
 
 def prompt_rows(

@@ -99,6 +99,21 @@ def test_compare_runs_pairs_images_by_size_and_stem(tmp_path):
         compare_runs.main([str(run), str(other), "--model_b", "nope"])
 
 
+def test_training_step_benchmark_times_the_frozen_encoder_step_too(tmp_path, monkeypatch):
+    from conftest import tiny_model
+
+    benchmark = load_benchmark("training_step")
+    monkeypatch.setattr(benchmark, "build_model", lambda backbone, **overrides: tiny_model(**overrides))
+    result = benchmark.main(
+        ["--batch_size", "2", "--train_points", "64", "--repeats", "1", "--json", str(tmp_path / "step.json")]
+    )
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"i-medsam", "lora-only", "i-medsam, frozen encoder"}
+    # frozen: the same model less the encoder's LoRA and frequency adapter
+    assert 0 < rows["i-medsam, frozen encoder"]["trainable_params"] < rows["i-medsam"]["trainable_params"]
+    assert rows["i-medsam, frozen encoder"]["time_vs_i_medsam"] > 0 and (tmp_path / "step.json").is_file()
+
+
 def test_multi_prompt_benchmark_times_both_ways_and_checks_they_agree(tmp_path):
     from conftest import tiny_model
 

@@ -8,13 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, tiny_model
+from conftest import SHARED_DATA, tiny_model, tiny_tinyvit_model
 from peft import get_peft_model
 
 import imedsam_hf
 from imedsam_hf import IMedSamOutput, processor_for_config
 from imedsam_hf.data import DataConfig, SegmentationDataset, collate, discover_pairs
 from imedsam_hf.training import (
+    FrozenImageEncoder,
     LossWeights,
     dice_bce,
     fine_weight_at,
@@ -575,3 +576,67 @@ def test_the_two_way_transformer_can_train_at_its_own_rate():
     assert any("upscale_conv1" in names[id(p)] for p in groups[0]["params"])  # the upscaling keeps the adapters' rate
     with pytest.raises(ValueError, match="train_mask_decoder"):
         imedsam_hf.imedsam_peft_config(model.config, train_mask_decoder="hypernetworks")
+
+
+def count_encodings(peft_model) -> list[int]:
+    """The batch size of every `encode_image` call of the wrapped IMedSamModel, recorded."""
+    calls, base = [], peft_model.get_base_model()
+    encode = base.encode_image
+
+    def counting(pixel_values):
+        calls.append(len(pixel_values))
+        return encode(pixel_values)
+
+    base.encode_image = counting
+    return calls
+
+
+def test_frozen_image_encoder_trains_the_prompt_side_on_embeddings_encoded_once(real_batch):
+    """--freeze-image-encoder: the same loss as from the pixels, no gradient into the encoder's adapters, and each
+    image encoded once when cached (keyed by image: two samples of one image share it)."""
+    peft_model = adapted_model().eval()
+    with torch.no_grad():
+        expected = peft_model.get_base_model().encode_image(real_batch["pixel_values"])
+    calls = count_encodings(peft_model)
+    frozen = FrozenImageEncoder(peft_model, cache=True, key=lambda index: index // 2)  # samples 0 and 1: one image
+    batch = frozen(real_batch)
+    assert "pixel_values" not in batch and "pixel_values" in real_batch  # the caller's batch is left as it was
+    assert calls == [1] and torch.equal(batch["image_embeddings"][0], expected[0])
+    assert torch.equal(batch["image_embeddings"][1], expected[0])  # the cached image, by key
+    frozen(real_batch)
+    assert calls == [1]  # nothing encoded again
+    uncached = FrozenImageEncoder(peft_model, cache=False)(real_batch)
+    assert calls == [1, 2] and torch.equal(uncached["image_embeddings"], expected)
+    assert not uncached["image_embeddings"].requires_grad
+
+    def loss_of(inputs):
+        return forward_and_loss(peft_model, inputs, 1, train_points=48, generator=torch.Generator().manual_seed(3))[0]
+
+    assert loss_of(uncached).item() == pytest.approx(loss_of(real_batch).item(), abs=1e-6)
+    peft_model.train()
+    torch.manual_seed(0)
+    loss = loss_of(uncached)
+    loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert all(g is None for n, g in grads.items() if "vision_encoder" in n)  # LoRA and frequency adapter
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "implicit_decoder" in n)
+    encoder = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "vision_encoder" in n}
+    optimizer = torch.optim.AdamW(parameter_groups(peft_model, 1e-2, 1e-2, weight_decay=0.1))
+    optimizer.step()
+    assert all(torch.equal(p, encoder[n]) for n, p in peft_model.named_parameters() if "vision_encoder" in n)
+
+
+def test_frozen_image_encoder_encodes_in_eval_mode_and_restores_every_module():
+    """The encoder runs in eval mode (BatchNorm on its running statistics, as at inference); afterwards every
+    module is back in its own mode (the frozen BatchNorm layers stay in eval while the model trains)."""
+    model = tiny_tinyvit_model()
+    peft_model = get_peft_model(model, imedsam_hf.imedsam_peft_config(model.config)).train()
+    modes = {name: module.training for name, module in peft_model.named_modules()}
+    assert not all(modes.values()) and any(modes.values())
+    size = model.config.prompt_encoder_config.image_size
+    batch = {"pixel_values": torch.randn(2, 3, size, size), "index": torch.tensor([0, 1])}
+    embeddings = FrozenImageEncoder(peft_model, cache=False)(batch)["image_embeddings"]
+    assert {name: module.training for name, module in peft_model.named_modules()} == modes
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(embeddings, model.encode_image(batch["pixel_values"]))

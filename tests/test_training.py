@@ -392,6 +392,34 @@ def test_decoder_only_fine_tune_without_adapter_layers(tiny_sam, polyps, tmp_pat
 
 
 @slow
+def test_decoders_fine_tuned_on_a_frozen_encoder_encode_each_image_once(tiny_sam, polyps, tmp_path, monkeypatch):
+    """--freeze-image-encoder --no-augment on a trained I-MedSAM: each training and validation image is encoded once
+    for the whole run, the encoder (LoRA, frequency adapter) comes out exactly as it went in, the decoders train."""
+    first = tmp_path / "first"
+    train_script.main(args(tiny_sam, polyps, first, "--epochs", "1", "--final_evaluation", "false"))
+    encoded = []
+    encode = recipe.FrozenImageEncoder._encode
+
+    def counting(self, pixel_values):
+        encoded.append(len(pixel_values))
+        return encode(self, pixel_values)
+
+    monkeypatch.setattr(recipe.FrozenImageEncoder, "_encode", counting)
+    second = tmp_path / "second"
+    train_script.main(
+        args(tiny_sam, polyps, second, "--backbone", str(first / "final"), "--freeze_image_encoder", "--no-augment",
+             "--epochs", "3", "--final_evaluation", "false")
+    )  # fmt: skip
+    splits = json.loads((second / "splits.json").read_text())
+    assert sum(encoded) == len(splits["train"]) + len(splits["validation"])  # 3 epochs, 3 validations
+    before, after = load_file(first / "final" / "model.safetensors"), load_file(second / "final" / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert "implicit_decoder" in changed and "vision_encoder" not in changed
+    assert any("freq_" in k for k in before)  # the adapters are there, and stayed as they were
+
+
+@slow
 def test_training_on_sampled_points(tiny_sam, polyps, tmp_path, monkeypatch):
     sampled = []
     sample_points = recipe.sample_points

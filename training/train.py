@@ -81,10 +81,12 @@ from imedsam_hf.model_card import write_model_card  # noqa: E402
 from imedsam_hf.processing_imedsam import IMedSamProcessor  # noqa: E402
 from imedsam_hf.publishing import portable_model_name, trainable_state  # noqa: E402
 from imedsam_hf.training import (  # noqa: E402
+    FrozenImageEncoder,
     LossWeights,
     anneal_coordinates,
     fine_weight_at,
     forward_and_loss,
+    image_inputs,
     model_config,
     parameter_groups,
     prompt_rows,
@@ -432,15 +434,18 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
 
 
 @torch.no_grad()
-def validation_dice(model, loader, accelerator: Accelerator) -> float:
-    """Mean Dice over the validation split, on the input frame's unpadded area (exact boxes)."""
+def validation_dice(model, loader, accelerator: Accelerator, frozen_encoder: FrozenImageEncoder | None = None) -> float:
+    """Mean Dice over the validation split, on the input frame's unpadded area (exact boxes). `frozen_encoder`:
+    the images' embeddings from it (--freeze-image-encoder: each validation image encoded once per run)."""
     model.eval()
     scores = []
     for batch in tqdm(loader, desc="validate", leave=False, disable=not accelerator.is_local_main_process):
+        if frozen_encoder is not None:
+            batch = frozen_encoder(batch)
         classes, num_classes = batch.get("prompt_classes"), model_config(model).num_classes
         aware = classes is not None and num_classes > 1  # class-aware prompts: each its own class's heads
         outputs = model(
-            pixel_values=batch["pixel_values"],
+            **image_inputs(batch),
             input_boxes=batch["input_boxes"],
             input_classes=classes.clamp(1, num_classes) if aware else None,
         )
@@ -547,6 +552,9 @@ class Run:
     deadline: float | None = None  # clock() past which training stops (--max-train-minutes)
     card_sections: dict[str, dict[str, Any]] | None = None  # the trained run's options (--finish-only)
     published_backbone: bool = False  # fine-tuning a trained I-MedSAM again
+    # --freeze-image-encoder: the training and validation batches' embeddings (None: the encoder trains)
+    frozen_encoder: FrozenImageEncoder | None = None
+    frozen_val_encoder: FrozenImageEncoder | None = None
     started: float = field(default_factory=time.monotonic)
     futures: list = field(default_factory=list)
     state: dict[str, Any] = field(
@@ -651,6 +659,9 @@ def train_epoch(run: Run, progress) -> None:
     )
     fraction = anneal_coordinates(accelerator.unwrap_model(run.model), epoch, config.coordinate_annealing_epochs)
     for batch in loader:
+        if run.frozen_encoder is not None:
+            with accelerator.autocast():
+                batch = run.frozen_encoder(batch)
         # forward, loss and the optimizer step (accumulated over --gradient-accumulation-steps batches)
         with accelerator.accumulate(run.model):
             loss, parts = forward_and_loss(
@@ -711,7 +722,9 @@ def end_epoch(run: Run, progress) -> None:
     validate = config.eval_every_epochs > 0 and (state["epoch"] % config.eval_every_epochs == 0 or last)
     if validate or (config.eval_every_epochs == 0 and last):
         score = (
-            validation_dice(run.model, run.val_loader, accelerator) if validate and len(run.val_set) else float("nan")
+            validation_dice(run.model, run.val_loader, accelerator, run.frozen_val_encoder)
+            if validate and len(run.val_set)
+            else float("nan")
         )
         if validate:
             run.log({"val_dice": score, "epoch": state["epoch"]}, state["global_step"])
@@ -902,6 +915,13 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         log=log,
         published_backbone=published,
     )
+    if run_args.freeze_image_encoder:
+        # keyed by image: samples of one image (one per class) share its embeddings
+        val_items = getattr(val_set, "dataset", val_set).items
+        run.frozen_encoder = FrozenImageEncoder(
+            model, cache=not args.data.augment, key=lambda index: train_set.items[index][0]
+        )
+        run.frozen_val_encoder = FrozenImageEncoder(model, cache=True, key=lambda index: val_items[index][0])
     if run_args.finish_only:
         prepare_finish_only(run)
     else:
@@ -922,6 +942,21 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         )
         logger.info(f"  Optimization steps = {max_steps} ({run.epochs} epochs)", main_process_only=True)
         accelerator.print(f"trainable parameters: {trainable:,} of {total:,}")
+        if run_args.freeze_image_encoder:
+            encoder = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "vision_encoder" in n)
+            accelerator.print(
+                f"--freeze-image-encoder: the image encoder's {encoder:,} of them stay as they are; "
+                + (
+                    "each image is encoded once (--no-augment)"
+                    if not args.data.augment
+                    else "images are encoded every step (augmented); --no-augment encodes each once"
+                )
+            )
+            if encoder and not published:
+                accelerator.print(
+                    "note: this adapter is new, so its encoder part stays at its initialisation; to train the "
+                    "decoders on the backbone's own features, add --use-lora false --use-frequency-adapter false"
+                )
     if run_args.max_train_minutes:
         run.deadline = clock() + 60 * run_args.max_train_minutes
     if not run_args.finish_only and not train(run):
