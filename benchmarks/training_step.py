@@ -46,7 +46,7 @@ def make_step(model, batch, device, train_points: int, autocast_dtype, frozen_en
     pixel_values, boxes, labels, sizes = batch
     inputs = {"pixel_values": pixel_values, "input_boxes": boxes, "labels": labels, "reshaped_size": sizes}
     if frozen_encoder:
-        inputs = FrozenImageEncoder(model, cache=False)({**inputs, "index": torch.arange(len(pixel_values))})
+        inputs = FrozenImageEncoder(model, cache=False)(inputs)
 
     def step():
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -162,15 +162,22 @@ class LossWeights:
     composition: str = "project"  # or "released" (see `segmentation_loss`)
 
 
-def model_config(model: torch.nn.Module):
-    """A model's config, through the wrappers that hide it (DDP's `.module`, `torch.compile`'s `._orig_mod`)."""
-    while not hasattr(model, "config"):
+def unwrapped(model: torch.nn.Module, attribute: str) -> torch.nn.Module | None:
+    """The outermost of `model` and the models it wraps (DDP's `.module`, `torch.compile`'s `._orig_mod`) that has
+    `attribute` (a PEFT model has its base model's), or None."""
+    while not hasattr(model, attribute):
         inner = getattr(model, "module", None)
         inner = inner if inner is not None else getattr(model, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
             return None
         model = inner
-    return model.config
+    return model
+
+
+def model_config(model: torch.nn.Module):
+    """A model's config, through the wrappers that hide it (DDP's `.module`, `torch.compile`'s `._orig_mod`)."""
+    model = unwrapped(model, "config")
+    return None if model is None else model.config
 
 
 def forward_and_loss(
@@ -253,16 +260,9 @@ class FrozenImageEncoder:
         self.model, self.key = model, key
         self.cache: dict[Hashable, torch.Tensor] | None = {} if cache else None
 
-    def _base(self) -> torch.nn.Module:
-        model = self.model
-        while not hasattr(model, "encode_image"):  # DDP's `.module`, torch.compile's `._orig_mod`
-            inner = getattr(model, "module", None)
-            model = inner if inner is not None else model._orig_mod
-        return model
-
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        model = self._base()
-        encoder = model.get_base_model().vision_encoder if hasattr(model, "get_base_model") else model.vision_encoder
+        model = unwrapped(self.model, "encode_image")
+        encoder = model.vision_encoder
         modes = {module: module.training for module in encoder.modules()}  # frozen BatchNorm stays in eval
         encoder.eval()
         try:
