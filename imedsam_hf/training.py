@@ -3,11 +3,17 @@ sampling, parameter groups and the training step's forward and loss. No model lo
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from .modeling_imedsam import IMedSamOutput
 
@@ -245,6 +251,17 @@ def image_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"pixel_values": batch["pixel_values"]}
 
 
+def encoder_fingerprint(model: torch.nn.Module) -> str:
+    """A hex digest of everything the image embeddings depend on besides the pixels: the model's class and its
+    vision encoder's state (weights, buffers and adapters: LoRA, frequency adapter), names, dtypes and shapes."""
+    digest = hashlib.sha256(f"imedsam-embeddings-v1 {type(model).__name__}".encode())
+    for name, tensor in sorted(model.vision_encoder.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class FrozenImageEncoder:
     """
     Batches with the image encoder frozen (`training/train.py --freeze-image-encoder`): the encoder, with its
@@ -254,11 +271,28 @@ class FrozenImageEncoder:
     With `cache`, each image's embeddings are computed once and kept, under `key(sample index)` (samples of one
     image may share a key): right only when a sample's pixels are the same every time (no augmentation), which the
     caller guarantees. The encoder's parameters get no gradient, so AdamW leaves them as they are.
+
+    With `cache_dir` (and `cache`), the embeddings are also kept on disk, one safetensors file per image, in a
+    folder named by `encoder_fingerprint` and files named by a hash of the image's pixels (and autocast's dtype), so
+    a resumed run or another run on the same encoder and images reads them instead of encoding again; a file that
+    does not read is encoded again and rewritten. `hits` and `encoded` count images read from disk and encoded.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: bool, key: Callable[[int], Hashable] = int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: bool,
+        key: Callable[[int], Hashable] = int,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if cache_dir is not None and not cache:
+            raise ValueError("an embedding cache on disk needs cache=True (the same pixels every time)")
         self.model, self.key = model, key
         self.cache: dict[Hashable, torch.Tensor] | None = {} if cache else None
+        self.cache_dir = (
+            None if cache_dir is None else Path(cache_dir) / encoder_fingerprint(unwrapped(model, "encode_image"))
+        )
+        self.hits = self.encoded = 0
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         model = unwrapped(self.model, "encode_image")
@@ -271,6 +305,32 @@ class FrozenImageEncoder:
         finally:
             for module, training in modes.items():
                 module.training = training
+
+    def _file(self, pixels: torch.Tensor) -> Path:
+        """The cache file of one image's pixels `(3, S, S)`."""
+        device = pixels.device.type
+        autocast = str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else "none"
+        digest = hashlib.sha256(f"{tuple(pixels.shape)} {pixels.dtype} {autocast}".encode())
+        digest.update(pixels.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return self.cache_dir / f"{digest.hexdigest()[:32]}.safetensors"
+
+    def _read(self, file: Path, device: torch.device) -> torch.Tensor | None:
+        try:
+            return load_file(file, device=str(device))["image_embeddings"]
+        except (OSError, SafetensorError, KeyError):  # absent, or cut short by a crash: encode again
+            return None
+
+    def _write(self, file: Path, embedding: torch.Tensor) -> None:
+        """Written whole or not at all (a temporary file renamed), so a killed run leaves no half file."""
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file({"image_embeddings": embedding.detach().contiguous().cpu()}, temporary)
+            os.replace(temporary, file)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """
@@ -287,10 +347,22 @@ class FrozenImageEncoder:
         for row, key in enumerate(keys):
             if key not in self.cache:
                 missing.setdefault(key, row)
+        files: dict[Hashable, Path] = {}
+        if self.cache_dir is not None:
+            for key, row in list(missing.items()):
+                files[key] = self._file(pixel_values[row])
+                embedding = self._read(files[key], pixel_values.device)
+                if embedding is not None:
+                    self.cache[key] = embedding
+                    self.hits += 1
+                    del missing[key]
         if missing:
             rows = list(missing.values())
             for key, embedding in zip(missing, self._encode(pixel_values[rows])):
                 self.cache[key] = embedding
+                if key in files:
+                    self._write(files[key], embedding)
+            self.encoded += len(rows)
         batch["image_embeddings"] = torch.stack([self.cache[key] for key in keys])
         return batch
 
@@ -347,8 +419,10 @@ def parameter_groups(
 
 
 __all__ = [
+    "FrozenImageEncoder",
     "LossWeights",
     "dice_bce",
+    "encoder_fingerprint",
     "fine_weight_at",
     "forward_and_loss",
     "model_config",

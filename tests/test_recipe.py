@@ -626,6 +626,34 @@ def test_frozen_image_encoder_trains_the_prompt_side_on_embeddings_encoded_once(
     assert all(torch.equal(p, encoder[n]) for n, p in peft_model.named_parameters() if "vision_encoder" in n)
 
 
+def test_frozen_image_encoder_keeps_embeddings_on_disk_for_the_next_run(real_batch, tmp_path):
+    """`cache_dir`: a second encoder object (another run) reads each image's embeddings from disk, bit-identical,
+    instead of encoding; a file cut short is encoded and written again; other encoder weights get their own folder."""
+    peft_model = adapted_model().eval()
+    calls = count_encodings(peft_model)
+    first = FrozenImageEncoder(peft_model, cache=True, cache_dir=tmp_path)
+    expected = first(real_batch)["image_embeddings"]
+    files = sorted(first.cache_dir.glob("*.safetensors"))
+    assert calls == [2] and (first.hits, first.encoded) == (0, 2) and len(files) == 2
+    assert first.cache_dir.parent == tmp_path and not list(first.cache_dir.glob("*.tmp"))
+    second = FrozenImageEncoder(peft_model, cache=True, cache_dir=tmp_path)
+    assert torch.equal(second(real_batch)["image_embeddings"], expected)
+    assert calls == [2] and (second.hits, second.encoded) == (2, 0)
+    files[0].write_bytes(files[0].read_bytes()[:100])  # damaged (a write is renamed into place only when whole)
+    third = FrozenImageEncoder(peft_model, cache=True, cache_dir=tmp_path)
+    assert torch.equal(third(real_batch)["image_embeddings"], expected)
+    assert calls == [2, 1] and (third.hits, third.encoded) == (1, 1)
+    assert FrozenImageEncoder(peft_model, cache=True, cache_dir=tmp_path)(real_batch) and calls == [2, 1]  # rewritten
+    with torch.no_grad():  # other adapter weights: other embeddings, another folder
+        for parameter in (p for n, p in peft_model.named_parameters() if "vision_encoder" in n and p.requires_grad):
+            parameter.add_(0.1)
+    other = FrozenImageEncoder(peft_model, cache=True, cache_dir=tmp_path)
+    assert other.cache_dir != first.cache_dir
+    assert not torch.equal(other(real_batch)["image_embeddings"], expected) and calls == [2, 1, 2]
+    with pytest.raises(ValueError, match="needs cache=True"):
+        FrozenImageEncoder(peft_model, cache=False, cache_dir=tmp_path)
+
+
 def test_frozen_image_encoder_encodes_in_eval_mode_and_restores_every_module():
     """The encoder runs in eval mode (BatchNorm on its running statistics, as at inference); afterwards every
     module is back in its own mode (the frozen BatchNorm layers stay in eval while the model trains)."""

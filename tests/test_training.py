@@ -201,6 +201,10 @@ def test_bad_options_are_named(tiny_sam, polyps, tmp_path):
         train_script.main(args(tiny_sam, polyps, tmp_path / "x", "--push_to_hub"))
     with pytest.raises(SystemExit, match="--neighbour-box-probability 2.0: a probability"):
         train_script.parse_args(["--neighbour-box-probability", "2"])
+    with pytest.raises(SystemExit, match="--embedding-cache-dir keeps a frozen encoder's embeddings: add --freeze-"):
+        train_script.parse_args(["--embedding-cache-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--embedding-cache-dir .*: augmented images differ at every step"):
+        train_script.parse_args(["--freeze-image-encoder", "--embedding-cache-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--neighbour-box-distance 0"):
         train_script.parse_args(["--neighbour-box-distance", "0"])
     with pytest.raises(SystemExit, match="--extent-box-probability 0.6: a probability in .0, 1. that, with "):
@@ -394,7 +398,8 @@ def test_decoder_only_fine_tune_without_adapter_layers(tiny_sam, polyps, tmp_pat
 @slow
 def test_decoders_fine_tuned_on_a_frozen_encoder_encode_each_image_once(tiny_sam, polyps, tmp_path, monkeypatch):
     """--freeze-image-encoder --no-augment on a trained I-MedSAM: each training and validation image is encoded once
-    for the whole run, the encoder (LoRA, frequency adapter) comes out exactly as it went in, the decoders train."""
+    for the whole run (and not at all by a next run, with --embedding-cache-dir), the encoder (LoRA, frequency
+    adapter) comes out exactly as it went in, the decoders train."""
     first = tmp_path / "first"
     train_script.main(args(tiny_sam, polyps, first, "--epochs", "1", "--final_evaluation", "false"))
     encoded = []
@@ -405,13 +410,17 @@ def test_decoders_fine_tuned_on_a_frozen_encoder_encode_each_image_once(tiny_sam
         return encode(self, pixel_values)
 
     monkeypatch.setattr(recipe.FrozenImageEncoder, "_encode", counting)
-    second = tmp_path / "second"
-    train_script.main(
-        args(tiny_sam, polyps, second, "--backbone", str(first / "final"), "--freeze_image_encoder", "--no-augment",
-             "--epochs", "3", "--final_evaluation", "false")
-    )  # fmt: skip
+    second, cache = tmp_path / "second", tmp_path / "embeddings"
+    frozen = ("--backbone", str(first / "final"), "--freeze_image_encoder", "--no-augment", "--final_evaluation", "false",
+              "--embedding_cache_dir", str(cache))  # fmt: skip
+    train_script.main(args(tiny_sam, polyps, second, *frozen, "--epochs", "3"))
     splits = json.loads((second / "splits.json").read_text())
-    assert sum(encoded) == len(splits["train"]) + len(splits["validation"])  # 3 epochs, 3 validations
+    images = len(splits["train"]) + len(splits["validation"])
+    assert sum(encoded) == images  # 3 epochs, 3 validations
+    assert len(list(cache.glob("*/*.safetensors"))) == images
+    # Another run on the same encoder and images (--embedding-cache-dir) encodes nothing.
+    train_script.main(args(tiny_sam, polyps, tmp_path / "third", *frozen, "--epochs", "1"))
+    assert sum(encoded) == images
     before, after = load_file(first / "final" / "model.safetensors"), load_file(second / "final" / "model.safetensors")
     assert before.keys() == after.keys()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}

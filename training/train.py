@@ -763,6 +763,12 @@ def train(run: Run) -> bool:
                 return False
     finally:
         progress.close()
+        for images, frozen in (("training", run.frozen_encoder), ("validation", run.frozen_val_encoder)):
+            if frozen is not None and frozen.cache_dir is not None:
+                run.accelerator.print(
+                    f"--embedding-cache-dir: {frozen.hits} {images} images' embeddings read from {frozen.cache_dir}, "
+                    f"{frozen.encoded} encoded (this process)"
+                )
     return True
 
 
@@ -918,10 +924,13 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
     if run_args.freeze_image_encoder:
         # keyed by image: samples of one image (one per class) share its embeddings
         val_items = getattr(val_set, "dataset", val_set).items
+        cache_dir = run_args.embedding_cache_dir  # with --no-augment (parse_args checks)
         run.frozen_encoder = FrozenImageEncoder(
-            model, cache=not args.data.augment, key=lambda index: train_set.items[index][0]
+            model, cache=not args.data.augment, key=lambda index: train_set.items[index][0], cache_dir=cache_dir
         )
-        run.frozen_val_encoder = FrozenImageEncoder(model, cache=True, key=lambda index: val_items[index][0])
+        run.frozen_val_encoder = FrozenImageEncoder(
+            model, cache=True, key=lambda index: val_items[index][0], cache_dir=cache_dir
+        )
     if run_args.finish_only:
         prepare_finish_only(run)
     else:

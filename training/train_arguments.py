@@ -238,6 +238,13 @@ class RunArguments:
         "once and its embeddings kept in memory (about 4 MB per 256-px image), ~25x faster steps on a CPU. For "
         "fine-tuning a trained model's decoders, e.g. on new kinds of prompts.",
     )
+    embedding_cache_dir: str | None = option(
+        None,
+        "With --freeze-image-encoder --no-augment: also keep each image's embeddings on disk in this folder (a "
+        "subfolder per encoder, named by a hash of its weights; a file per image, named by a hash of its pixels), "
+        "so a resumed run, or another run on the same images and encoder, reads them instead of encoding again "
+        "(about 4 MB per 256-px image; the folder can be shared by runs and deleted at any time).",
+    )
     dice_weight: float = option(0.8, "Weight of the Dice term of the loss.")
     bce_weight: float = option(0.2, "Weight of the BCE term of the loss.")
     click_probability: float = option(
@@ -282,6 +289,11 @@ class RunArguments:
             raise ValueError(f"--click-probability {self.click_probability}: a probability in [0, 1].")
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
             raise ValueError(f"--max-train-minutes {self.max_train_minutes}: expected a positive number of minutes.")
+        if self.embedding_cache_dir is not None and not self.freeze_image_encoder:
+            raise ValueError(
+                "--embedding-cache-dir keeps a frozen encoder's embeddings: add --freeze-image-encoder (and "
+                "--no-augment), or leave --embedding-cache-dir out."
+            )
         if self.checkpointing_steps not in ("epoch", "no") and not str(self.checkpointing_steps).isdigit():
             raise ValueError(f"--checkpointing-steps {self.checkpointing_steps!r}: expected N, 'epoch' or 'no'.")
 
@@ -518,7 +530,14 @@ def parse_args(argv: list[str]) -> Arguments:
     given = frozenset(
         token[2:].partition("=")[0].replace("-", "_") for token in argv if token.startswith("--") and token != "--"
     )
-    return Arguments(*sections, given=given)
+    arguments = Arguments(*sections, given=given)
+    cache_dir = arguments.training.embedding_cache_dir
+    if cache_dir is not None and arguments.data.augment:
+        raise SystemExit(
+            f"error: --embedding-cache-dir {cache_dir}: augmented images differ at every step, so their embeddings "
+            "cannot be kept; add --no-augment, or leave --embedding-cache-dir out."
+        )
+    return arguments
 
 
 __all__ = [
