@@ -289,10 +289,16 @@ class FrozenImageEncoder:
             raise ValueError("an embedding cache on disk needs cache=True (the same pixels every time)")
         self.model, self.key = model, key
         self.cache: dict[Hashable, torch.Tensor] | None = {} if cache else None
-        self.cache_dir = (
-            None if cache_dir is None else Path(cache_dir) / encoder_fingerprint(unwrapped(model, "encode_image"))
-        )
+        self._cache_root = None if cache_dir is None else Path(cache_dir)
+        self._cache_dir: Path | None = None
         self.hits = self.encoded = 0
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """The folder of this encoder's files, named on first use (after a resumed run has loaded its weights)."""
+        if self._cache_root is not None and self._cache_dir is None:
+            self._cache_dir = self._cache_root / encoder_fingerprint(unwrapped(self.model, "encode_image"))
+        return self._cache_dir
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         model = unwrapped(self.model, "encode_image")

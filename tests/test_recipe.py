@@ -644,12 +644,14 @@ def test_frozen_image_encoder_keeps_embeddings_on_disk_for_the_next_run(real_bat
     assert torch.equal(third(real_batch)["image_embeddings"], expected)
     assert calls == [2, 1] and (third.hits, third.encoded) == (1, 1)
     assert FrozenImageEncoder(peft_model, cache=True, cache_dir=tmp_path)(real_batch) and calls == [2, 1]  # rewritten
+    late = FrozenImageEncoder(peft_model, cache=True, cache_dir=tmp_path)  # made before a resumed run loads weights
     with torch.no_grad():  # other adapter weights: other embeddings, another folder
         for parameter in (p for n, p in peft_model.named_parameters() if "vision_encoder" in n and p.requires_grad):
             parameter.add_(0.1)
     other = FrozenImageEncoder(peft_model, cache=True, cache_dir=tmp_path)
-    assert other.cache_dir != first.cache_dir
     assert not torch.equal(other(real_batch)["image_embeddings"], expected) and calls == [2, 1, 2]
+    assert other.cache_dir != first.cache_dir and other.cache_dir.parent == tmp_path
+    assert late(real_batch) and late.cache_dir == other.cache_dir and calls == [2, 1, 2]  # named by the loaded weights
     with pytest.raises(ValueError, match="needs cache=True"):
         FrozenImageEncoder(peft_model, cache=False, cache_dir=tmp_path)
 
