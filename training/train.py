@@ -764,7 +764,7 @@ def train(run: Run) -> bool:
     finally:
         progress.close()
         for images, frozen in (("training", run.frozen_encoder), ("validation", run.frozen_val_encoder)):
-            if frozen is not None and frozen.cache_dir is not None:
+            if frozen is not None and frozen.cache_dir is not None and frozen.hits + frozen.encoded:
                 run.accelerator.print(
                     f"--embedding-cache-dir: {frozen.hits} {images} images' embeddings read from {frozen.cache_dir}, "
                     f"{frozen.encoded} encoded (this process)"
