@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_write
 from .modeling_imedsam import IMedSamOutput
+from .runtime import encoder_fingerprint
 
 
 def one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -251,17 +252,6 @@ def image_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"pixel_values": batch["pixel_values"]}
 
 
-def encoder_fingerprint(model: torch.nn.Module) -> str:
-    """A hex digest of everything the image embeddings depend on besides the pixels: the model's class and its
-    vision encoder's state (weights, buffers and adapters: LoRA, frequency adapter), names, dtypes and shapes."""
-    digest = hashlib.sha256(f"imedsam-embeddings-v1 {type(model).__name__}".encode())
-    for name, tensor in sorted(model.vision_encoder.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 class FrozenImageEncoder:
     """
     Batches with the image encoder frozen (`training/train.py --freeze-image-encoder`): the encoder, with its
@@ -273,9 +263,10 @@ class FrozenImageEncoder:
     caller guarantees. The encoder's parameters get no gradient, so AdamW leaves them as they are.
 
     With `cache_dir` (and `cache`), the embeddings are also kept on disk, one safetensors file per image, in a
-    folder named by `encoder_fingerprint` and files named by a hash of the image's pixels (and autocast's dtype), so
-    a resumed run or another run on the same encoder and images reads them instead of encoding again; a file that
-    does not read is encoded again and rewritten. `hits` and `encoded` count images read from disk and encoded.
+    folder named by `runtime.encoder_fingerprint` (the encoder's weights, adapters and their settings) and files named
+    by a hash of the image's pixels (and autocast's dtype), written with `files.atomic_write`, so a resumed run or
+    another run on the same encoder and images reads them instead of encoding again; a file that does not read is
+    encoded again and rewritten. `hits` and `encoded` count images read from disk and encoded.
     """
 
     def __init__(
@@ -297,7 +288,7 @@ class FrozenImageEncoder:
     def cache_dir(self) -> Path | None:
         """The folder of this encoder's files, named on first use (after a resumed run has loaded its weights)."""
         if self._cache_root is not None and self._cache_dir is None:
-            self._cache_dir = self._cache_root / encoder_fingerprint(unwrapped(self.model, "encode_image"))
+            self._cache_dir = self._cache_root / encoder_fingerprint(unwrapped(self.model, "encode_image"))[:16]
         return self._cache_dir
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -323,20 +314,8 @@ class FrozenImageEncoder:
     def _read(self, file: Path, device: torch.device) -> torch.Tensor | None:
         try:
             return load_file(file, device=str(device))["image_embeddings"]
-        except (OSError, SafetensorError, KeyError):  # absent, or cut short by a crash: encode again
+        except (OSError, SafetensorError, KeyError):  # absent or damaged: encode again
             return None
-
-    def _write(self, file: Path, embedding: torch.Tensor) -> None:
-        """Written whole or not at all (a temporary file renamed), so a killed run leaves no half file."""
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({"image_embeddings": embedding.detach().contiguous().cpu()}, temporary)
-            os.replace(temporary, file)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """
@@ -367,7 +346,8 @@ class FrozenImageEncoder:
             for key, embedding in zip(missing, self._encode(pixel_values[rows])):
                 self.cache[key] = embedding
                 if key in files:
-                    self._write(files[key], embedding)
+                    tensors = {"image_embeddings": embedding.detach().contiguous().cpu()}
+                    atomic_write(files[key], lambda path, tensors=tensors: save_file(tensors, path))
             self.encoded += len(rows)
         batch["image_embeddings"] = torch.stack([self.cache[key] for key in keys])
         return batch
@@ -428,7 +408,6 @@ __all__ = [
     "FrozenImageEncoder",
     "LossWeights",
     "dice_bce",
-    "encoder_fingerprint",
     "fine_weight_at",
     "forward_and_loss",
     "model_config",

@@ -14,6 +14,7 @@ from peft import get_peft_model
 import imedsam_hf
 from imedsam_hf import IMedSamOutput, processor_for_config
 from imedsam_hf.data import DataConfig, SegmentationDataset, collate, discover_pairs
+from imedsam_hf.files import TEMPORARY_SUFFIX
 from imedsam_hf.training import (
     FrozenImageEncoder,
     LossWeights,
@@ -635,7 +636,7 @@ def test_frozen_image_encoder_keeps_embeddings_on_disk_for_the_next_run(real_bat
     expected = first(real_batch)["image_embeddings"]
     files = sorted(first.cache_dir.glob("*.safetensors"))
     assert calls == [2] and (first.hits, first.encoded) == (0, 2) and len(files) == 2
-    assert first.cache_dir.parent == tmp_path and not list(first.cache_dir.glob("*.tmp"))
+    assert first.cache_dir.parent == tmp_path and not list(first.cache_dir.glob(f"*{TEMPORARY_SUFFIX}"))
     second = FrozenImageEncoder(peft_model, cache=True, cache_dir=tmp_path)
     assert torch.equal(second(real_batch)["image_embeddings"], expected)
     assert calls == [2] and (second.hits, second.encoded) == (2, 0)
