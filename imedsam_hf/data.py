@@ -117,6 +117,9 @@ class DataConfig:
     neighbour_box_probability: float = 0.0
     neighbour_box_distance: int = 2
     neighbour_box_margin: float = 3.0
+    # Then each side of a neighbour box moves by up to this fraction of the box's size, either way (0: none): the
+    # boxes propagation takes from its own imperfect masks, which grow onto neighbouring structures or shrink.
+    neighbour_box_jitter: float = 0.0
     # Training only, on the slices of volumes, as the neighbour boxes (and drawn after them: a sample takes one or the
     # other, `neighbour_box_probability + extent_box_probability <= 1`): with this probability a sample's boxes are
     # each structure's in-plane extent over its scan (the union of its boxes on the scan's slices of this data set),
@@ -782,10 +785,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
             mask = self._read_mask(self.records[neighbour])
             height, width = mask.shape[:2]
             margin = np.array([-1, -1, 1, 1]) * config.neighbour_box_margin
-            return {
+            boxes = {
                 class_id: np.clip(box + margin, 0, [width, height, width, height])
                 for class_id, box in self._structure_boxes(mask).items()
             }
+            if config.neighbour_box_jitter > 0:
+                boxes = {
+                    class_id: jitter_box(box, config.neighbour_box_jitter, (height, width), rng)
+                    for class_id, box in boxes.items()
+                }
+            return boxes
         if draw < config.neighbour_box_probability + config.extent_box_probability:
             return self.extents[scan]
         return None

@@ -291,6 +291,40 @@ def test_neighbour_boxes_come_from_a_nearby_slice_of_the_scan(tmp_path, all_clas
         assert torch.equal(plain[index]["input_boxes"], again[index]["input_boxes"])
 
 
+def test_neighbour_box_jitter_moves_each_side_within_its_fraction(tmp_path):
+    """--neighbour-box-jitter F: each side of a neighbour box (the neighbour's box widened by the margin) moves by up
+    to F of that box's size, either way, differently from sample to sample (the drift of boxes propagated from
+    imperfect masks); the box stays a box inside the slice."""
+    drawn = {10: {1: (10, 10, 30, 30)}, 11: {1: (10, 10, 30, 30)}}
+    write_slices(tmp_path, drawn)
+    records = records_from_pairs(discover_pairs(tmp_path)[0])
+    config = DataConfig(
+        augment=None,
+        box_jitter=0.0,
+        class_prompts=True,
+        mask_classes=1,
+        neighbour_box_probability=1.0,
+        neighbour_box_distance=1,
+        neighbour_box_margin=2.0,
+        neighbour_box_jitter=0.25,
+        group_pattern=r"^(.*)_slice\d+$",
+    )
+    dataset = SegmentationDataset(records, IMedSamProcessor(image_size=50), config, train=True, seed=0)
+    widened = np.array([8.0, 8.0, 31.0, 31.0])  # the neighbour's box (10..29) widened by 2 px
+    bound = 0.25 * np.array([23.0, 23.0, 23.0, 23.0]) + 1e-4
+    seen = []
+    for epoch in range(12):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            box = dataset[index]["input_boxes"].numpy()
+            assert (np.abs(box - widened) <= bound).all(), box
+            assert box[0] < box[2] and box[1] < box[3] and box.min() >= 0 and box[2] <= 50 and box[3] <= 40
+            if not np.array_equal(box, [10.0, 10.0, 29.0, 29.0]):  # not the own box (a neighbour not in the data)
+                seen.append(tuple(box.round(3)))
+    assert len(seen) >= 8 and len(set(seen)) == len(seen)  # each draw its own jitter
+    assert any((np.abs(np.array(b) - widened) > 1.0).any() for b in seen)
+
+
 @pytest.mark.parametrize("all_classes", [True, False])
 def test_extent_boxes_are_each_structures_extent_over_its_scan(tmp_path, all_classes):
     """--extent-box-probability 1: every training box is the structure's in-plane extent over the scan's slices (the

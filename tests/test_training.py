@@ -207,6 +207,8 @@ def test_bad_options_are_named(tiny_sam, polyps, tmp_path):
         train_script.parse_args(["--freeze-image-encoder", "--embedding-cache-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--neighbour-box-distance 0"):
         train_script.parse_args(["--neighbour-box-distance", "0"])
+    with pytest.raises(SystemExit, match="--neighbour-box-jitter 1.5: a fraction of the box's size in .0, 1.."):
+        train_script.parse_args(["--neighbour-box-jitter", "1.5"])
     with pytest.raises(SystemExit, match="--extent-box-probability 0.6: a probability in .0, 1. that, with "):
         train_script.parse_args(["--neighbour-box-probability", "0.5", "--extent-box-probability", "0.6"])
     # Neighbour or extent boxes on photos (no slice numbers in the stems): named, before training.

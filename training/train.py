@@ -233,6 +233,7 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         neighbour_box_probability=data.neighbour_box_probability,
         neighbour_box_distance=data.neighbour_box_distance,
         neighbour_box_margin=data.neighbour_box_margin,
+        neighbour_box_jitter=data.neighbour_box_jitter,
         extent_box_probability=data.extent_box_probability,
         group_pattern=data.group_pattern,
     )

@@ -129,6 +129,11 @@ class DataArguments:
     )
     neighbour_box_distance: int = option(2, "Neighbour boxes: the largest slice distance of the neighbour.")
     neighbour_box_margin: float = option(3.0, "Neighbour boxes: pixels added on each side (propagation's 3).")
+    neighbour_box_jitter: float = option(
+        0.0,
+        "Neighbour boxes: then each side moves by up to this fraction of the box's size, either way (the drift of "
+        "boxes propagated from imperfect masks; 0: none).",
+    )
     extent_box_probability: float = option(
         0.0,
         "Volume slices, as the neighbour boxes: the share of training samples whose boxes are each structure's "
@@ -178,6 +183,10 @@ class DataArguments:
             raise ValueError(
                 f"--extent-box-probability {self.extent_box_probability}: a probability in [0, 1] that, with "
                 f"--neighbour-box-probability {self.neighbour_box_probability}, adds up to at most 1."
+            )
+        if not 0.0 <= self.neighbour_box_jitter < 1.0:
+            raise ValueError(
+                f"--neighbour-box-jitter {self.neighbour_box_jitter}: a fraction of the box's size in [0, 1)."
             )
         if self.neighbour_box_distance < 1 or self.neighbour_box_margin < 0:
             raise ValueError(
