@@ -14,9 +14,7 @@ slices stacked by slice index (`images/`, `masks/`, the slices with an organ; `c
 - `boxes3d_unconfined`: `boxes3d` without cutting each mask to its prompt box (MedSAM's rule as it is);
 - `keyslice`: one 2-D box per organ, drawn on the slice where its box is largest, with its first and last slice
   (MedSAM2's CT prompts), propagated from that slice by the `boxes3d` rule (`imedsam predict --boxes` with
-  `key_slice` entries);
-- `boxes3d_reprompt`, `keyslice_reprompt`: the same prompts, each slice segmented a second time with its own first
-  mask's box (`--reprompt`; not run unless named).
+  `key_slice` entries).
 Per organ: 3-D Dice and HD95 (mm) per scan, then the mean over scans; `dice_13`, `dice_8` the means over organs.
 Where a protocol loses (`where_lost`, per organ, summed over scans): `missed_slices` the fraction of the organ's slices
 left empty (a propagation that stopped early, or a middle slice that came out empty), `dice_ends` / `dice_middle`
@@ -88,8 +86,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--split", default="test")
     parser.add_argument("--cases", nargs="*", default=None, help="these scans only")
     parser.add_argument("--model", action="append", help="model spec(s); default litemedsam (SAM mask)")
-    default = [name for name in VOLUME_PROTOCOLS if not name.endswith("_reprompt")]
-    parser.add_argument("--protocol", nargs="+", default=default, choices=list(VOLUME_PROTOCOLS))
+    parser.add_argument("--protocol", nargs="+", default=list(VOLUME_PROTOCOLS), choices=list(VOLUME_PROTOCOLS))
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     device, _ = setup_run(args)

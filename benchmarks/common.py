@@ -36,9 +36,6 @@ VOLUME_PROTOCOLS = {
     # one 2-D box per organ on its largest slice, with its first and last slice (MedSAM2's CT prompt), propagated
     # from that slice, MedSAM's stop rule, masks cut to their boxes
     "keyslice": {"propagation": "stop"},
-    # the same two, each slice segmented a second time with its own first mask's box (`reprompt`)
-    "boxes3d_reprompt": {"propagation": "stop", "reprompt": True},
-    "keyslice_reprompt": {"propagation": "stop", "reprompt": True},
 }
 
 
@@ -47,7 +44,7 @@ def volume_prompts(protocol: str, labels: Any) -> dict[str, Any]:
     if protocol == "labels":
         return {"label_volume": labels}
     data = np.asarray(getattr(labels, "data", labels))
-    if protocol.startswith("keyslice"):
+    if protocol == "keyslice":
         boxes, key_slices = key_slice_boxes_from_labels(data)
         return {"boxes_3d": boxes, "key_slices": key_slices}
     return {"boxes_3d": boxes_3d_from_labels(data)}

@@ -166,12 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: each mask cut to its prompt box, every propagated box kept inside the 3-D box)",
     )
     p.add_argument(
-        "--reprompt",
-        action="store_true",
-        help="3-D boxes: segment each slice a second time with its own first mask's box (widened by 3 px), which "
-        "fits the slice better than the box propagated from its neighbour; twice the mask decoding",
-    )
-    p.add_argument(
         "--out",
         required=True,
         help="folder for the masks, outside the input and mask folders; names keep the inputs' sub-paths",

@@ -543,7 +543,6 @@ def segment_volume(
     propagation: str = "stop",
     confine: bool = True,
     key_slices: Mapping[int, int] | None = None,
-    reprompt: bool = False,
 ) -> np.ndarray:
     """Segment a volume slice by slice with a box-prompted 2-D model.
 
@@ -590,12 +589,6 @@ def segment_volume(
             box is kept inside the 3-D box's in-plane extent (widened by ``box_margin``), with either propagation. A
             mask that reaches past its box otherwise widens the next box, and the error grows slice after slice (the
             shipped BTCV model's 3-D Dice on its test scans: see docs/results.md). False: MedSAM's rule as it is.
-        reprompt: ``boxes_3d`` only. True: each slice is segmented a second time, prompted with the box of its own
-            first mask (widened by ``box_margin``, kept as ``confine`` keeps the propagated boxes), and the second mask
-            is the slice's and gives the next box. The propagated box comes from the neighbouring slice's mask and
-            the starting box may be the loose in-plane extent of the whole structure; the second prompt fits this
-            slice. Twice the mask decoding on every slice (the encoder still runs once a slice); see
-            docs/results.md for what it gains.
 
     Returns:
         ``(X, Y, Z)`` uint8 class ids, 0 = background, on the grid of ``volume``.
@@ -642,7 +635,7 @@ def segment_volume(
     else:
         _segment_with_boxes_3d(
             model, processor, images, checked, labels, progress, float(box_margin), propagation, confine=confine,
-            key_slices=key_slices, reprompt=reprompt,
+            key_slices=key_slices,
         )  # fmt: skip
     return labels
 
@@ -707,7 +700,6 @@ def _segment_with_boxes_3d(
     *,
     confine: bool = False,
     key_slices: Mapping[int, int] | None = None,
-    reprompt: bool = False,
 ) -> None:
     """
     MedSAM's propagation for every structure at once, each slice encoded once: an upward pass (z ascending) runs
@@ -717,7 +709,6 @@ def _segment_with_boxes_3d(
     it alone (each prompt's masks equal a call with that prompt alone). `confine`: each mask is cut to its prompt box
     and each propagated box is kept inside the 3-D box's widened in-plane extent (the latter always so with
     ``propagation="continue"``; not for a box drawn on a key slice, whose extent is that slice's alone).
-    `reprompt`: each slice is segmented again with the box of its first mask (`next_box`), and that mask is kept.
     """
     key_slices = key_slices or {}
     shape = images.shape
@@ -752,52 +743,37 @@ def _segment_with_boxes_3d(
             & (rows <= math.ceil(y1))
         )
 
-    def next_box(class_id: int, mask: np.ndarray) -> list[float]:
-        """The box of a non-empty `mask`, widened by the margin, clipped to the slice (as MedSAM's get_bbox256 does)
-        and, with `confine`, kept inside the structure's 3-D extent."""
-        x0, y0, x1, y1 = mask_box(mask).tolist()
-        width, height = size[1], size[0]
-        box = [
-            max(x0 - box_margin, 0.0),
-            max(y0 - box_margin, 0.0),
-            min(x1 + box_margin, width),
-            min(y1 + box_margin, height),
-        ]
-        if keep_going or confine:  # inside the 3-D box's in-plane extent (widened), where the structure is
-            ex0, ey0, ex1, ey1 = extents[class_id]
-            box = [max(box[0], ex0), max(box[1], ey0), min(box[2], ex1), min(box[3], ey1)]
-            box = box if box[2] > box[0] and box[3] > box[1] else list(extents[class_id])
-        return box
-
-    def decode(z: int, prompts: dict[int, list[float]], embeddings: torch.Tensor) -> dict[int, tuple]:
-        """`{class id: (mask, probability)}` of slice `z`, each mask cut to its prompt box with `confine`."""
+    def run(z: int, prompts: dict[int, list[float]], embeddings: torch.Tensor) -> dict[int, list[float] | None]:
+        """Segment slice `z` with every structure's prompt; each one's next box (its mask's, widened), or None."""
         ids = list(prompts)
         result = segment(
             model, slice_image(images, z), box=[prompts[c] for c in ids], output_size=size, processor=processor,
             classes=ids if aware else None, image_embeddings=embeddings,
         )  # fmt: skip
-        decoded = {}
-        for index, class_id in enumerate(ids):
-            mask = result.mask[index]
-            decoded[class_id] = (mask & inside(prompts[class_id]) if confine else mask, result.probabilities[index, 0])
-        return decoded
-
-    def run(z: int, prompts: dict[int, list[float]], embeddings: torch.Tensor) -> dict[int, list[float] | None]:
-        """Segment slice `z` with every structure's prompt; each one's next box (its mask's, widened), or None."""
-        decoded = decode(z, prompts, embeddings)
-        if reprompt:
-            again = {class_id: next_box(class_id, mask) for class_id, (mask, _) in decoded.items() if mask.any()}
-            if again:  # a second mask that comes out empty leaves the first
-                decoded.update((c, second) for c, second in decode(z, again, embeddings).items() if second[0].any())
         following: dict[int, list[float] | None] = {}
-        for class_id, (mask, probability) in decoded.items():
+        for index, class_id in enumerate(ids):
+            mask, probability = result.mask[index], result.probabilities[index, 0]
+            if confine:
+                mask = mask & inside(prompts[class_id])
             if not mask.any():
                 following[class_id] = prompts[class_id] if keep_going else None
                 continue
             score, winners = best.setdefault(z, (np.zeros(size, np.float32), np.zeros(size, np.uint8)))
             wins = mask & (probability > score)
             score[wins], winners[wins] = probability[wins], class_id
-            following[class_id] = next_box(class_id, mask)
+            x0, y0, x1, y1 = mask_box(mask).tolist()
+            width, height = size[1], size[0]  # clipped to the frame, as MedSAM's get_bbox256 does
+            box = [
+                max(x0 - box_margin, 0.0),
+                max(y0 - box_margin, 0.0),
+                min(x1 + box_margin, width),
+                min(y1 + box_margin, height),
+            ]
+            if keep_going or confine:  # inside the 3-D box's in-plane extent (widened), where the structure is
+                ex0, ey0, ex1, ey1 = extents[class_id]
+                box = [max(box[0], ex0), max(box[1], ey0), min(box[2], ex1), min(box[3], ey1)]
+                box = box if box[2] > box[0] and box[3] > box[1] else list(extents[class_id])
+            following[class_id] = box
         return following
 
     chains: dict[int, list[float] | None] = {}  # the upward prompt of each structure

@@ -440,7 +440,6 @@ def test_14_options_that_would_be_silently_ignored_are_errors(
             ([image, "--box", "10,10,200,200", "--clicks", "3"], "--clicks sets the clicks per mask"),
             ([scan, "--boxes-from-masks", labels, "--propagation", "continue"], "--propagation applies to volumes"),
             ([scan, "--boxes-from-masks", labels, "--no-confine"], "--no-confine applies to volumes prompted with 3-D"),
-            ([scan, "--boxes-from-masks", labels, "--reprompt"], "--reprompt applies to volumes prompted with 3-D"),
         ):
             assert predict(model_dir, *argv, "--out", tmp_path / "out") == 2
             assert message in error_line(capsys)

@@ -658,8 +658,6 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
     assert main([*argv, "--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "scan.nii.gz").is_file()
-    assert main([*argv, "--boxes", str(tmp_path / "boxes.json"), "--reprompt", "--out", str(tmp_path / "r")]) == 0
-    assert (tmp_path / "r" / "scan.nii.gz").is_file()
     # Boxes drawn on a key slice: {"box": [...], "key_slice": z}.
     boxes, key_slices = key_slice_boxes_from_labels(labels)
     drawn = {str(c): {"box": box, "key_slice": key_slices[c]} for c, box in boxes.items()}
@@ -787,46 +785,3 @@ def test_3d_box_masks_reaching_past_their_box_do_not_grow_the_next_boxes(monkeyp
     rows, columns, _ = np.nonzero(kept)  # (X, Y, Z) voxels: x in 22..37 (the square's 25..34 and 3 px)
     assert rows.min() >= 22 and rows.max() <= 37 and columns.min() >= 22 and columns.max() <= 37
     assert (spread > 0).sum() > 2 * (kept > 0).sum()
-
-
-def test_reprompt_segments_each_slice_again_with_its_own_masks_box(monkeypatch):
-    """`reprompt=True`: each slice is decoded a second time with its first mask's box widened by the margin, and the
-    second mask is kept. A model that over-segments inside a loose box (the 3-D box's extent of a structure that
-    moves through the scan, on its middle slice) and is exact with a tight one: without reprompt the middle slice
-    keeps its 2-px overflow, with it every slice is exact; a second mask that comes out empty leaves the first."""
-    monkeypatch.setattr(volumes_module, "encode_slice", lambda model, processor, image: None)
-    labels = np.zeros((40, 40, 9), dtype=np.uint8)
-    for z in range(9):  # an 8 x 8 square moving 2 px a slice along the diagonal
-        labels[4 + 2 * z : 12 + 2 * z, 4 + 2 * z : 12 + 2 * z, z] = 1
-    calls: list = []
-    second_empty = {"on": False}
-
-    def loose_overflows(model, image, box=None, output_size=None, processor=None, classes=None, **_):
-        z = int(image[0, 0]) // 10
-        truth = slice_image(labels, z) == 1
-        x0, y0, x1, y1 = (int(v) for v in box[0])
-        inside = np.zeros(truth.shape, dtype=bool)
-        inside[y0 : y1 + 1, x0 : x1 + 1] = True
-        mask = truth & inside
-        if (x1 - x0 + 1) * (y1 - y0 + 1) > 8 * max(int(mask.sum()), 1):  # loose: 2 px of overflow, in the box
-            mask = ndimage.binary_dilation(mask, iterations=2) & inside
-        calls.append(z)
-        if second_empty["on"] and calls.count(z) == 2:
-            mask = np.zeros_like(mask)
-        return result_for([mask], [0.9], single=False)
-
-    monkeypatch.setattr(volumes_module, "segment", loose_overflows)
-    images, boxes = slice_coded_images(labels.shape), boxes_3d_from_labels(labels)
-    once = segment_volume(FakeModel(), images, boxes_3d=boxes, processor=object(), progress=False)
-    assert sorted(calls) == list(range(9))
-    middle = slice_image(once, 4) > 0
-    assert middle.sum() > (slice_image(labels, 4) > 0).sum()  # the loose start overflows
-    np.testing.assert_array_equal(np.delete(once, 4, axis=2), np.delete(labels, 4, axis=2))
-    calls.clear()
-    twice = segment_volume(FakeModel(), images, boxes_3d=boxes, processor=object(), progress=False, reprompt=True)
-    assert sorted(calls) == sorted(list(range(9)) * 2)
-    np.testing.assert_array_equal(twice, labels)
-    calls.clear()
-    second_empty["on"] = True
-    kept = segment_volume(FakeModel(), images, boxes_3d=boxes, processor=object(), progress=False, reprompt=True)
-    np.testing.assert_array_equal(kept, once)

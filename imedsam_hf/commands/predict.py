@@ -246,12 +246,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 raise ValueError(
                     f"{' and '.join(ignored)} apply to 2-D images; a label volume is written on its scan's own grid."
                 )
-        volume_flags = (
-            ("--propagation", args.propagation is not None),
-            ("--no-confine", args.no_confine),
-            ("--reprompt", args.reprompt),
-        )
-        for flag, given in volume_flags:
+        for flag, given in (("--propagation", args.propagation is not None), ("--no-confine", args.no_confine)):
             if given and not (volumes and args.boxes):
                 raise ValueError(f"{flag} applies to volumes prompted with 3-D boxes (--boxes).")
         if args.window is not None:
@@ -395,7 +390,6 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 prompts["boxes_3d"], prompts["key_slices"] = boxes[name]
                 prompts["propagation"] = args.propagation or "stop"
                 prompts["confine"] = not args.no_confine
-                prompts["reprompt"] = args.reprompt
             labels = segment_volume(model, volume, processor=processor, window=args.window, progress=True, **prompts)
             written = write_label_volume(labels, volume, target)
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
