@@ -126,6 +126,15 @@ def run_python(code: str, cwd: Path, env_extra: dict | None = None) -> str:
     return result.stdout
 
 
+@pytest.fixture(autouse=True)
+def allocator_calls(monkeypatch):
+    """`training/train.py`'s allocator tuning, recorded instead of applied: it is process-wide and would change the
+    memory behaviour of every later test in this process (its real effect is tested in a fresh interpreter)."""
+    calls = []
+    monkeypatch.setattr("imedsam_hf.training.keep_freed_memory", lambda: calls.append(1) or "allocator (test): kept")
+    return calls
+
+
 @pytest.fixture
 def inputs():
     generator = torch.Generator().manual_seed(0)

@@ -270,6 +270,12 @@ class RunArguments:
     seed: int = option(0, "Seed of weights initialisation, augmentation, shuffling and point sampling.")
     num_workers: int = option(0, "DataLoader worker processes.")
     num_threads: int | None = option(None, "torch CPU threads (None: torch's default).")
+    cpu_allocator: Literal["keep", "default"] = option(
+        "keep",
+        "On a CPU under glibc (Linux): 'keep' freed memory in the process instead of one mmap per large block "
+        "(faster steps, more peak memory: docs/training.md); 'default' leaves malloc as it is. Allocator variables "
+        "set by you (LD_PRELOAD of another malloc, MALLOC_*_, GLIBC_TUNABLES) always win.",
+    )
     eval_every_epochs: int = option(
         1, "Validate (and select the best model) every this many epochs; 0: never (the last step is the model)."
     )
