@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,58 +404,12 @@ def parameter_groups(
     return groups
 
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
-# Environment variables that choose the allocator or its settings: where one is set, the user's choice stands.
-_ALLOCATOR_VARIABLES = (
-    "LD_PRELOAD",
-    "MALLOC_MMAP_MAX_",
-    "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_TRIM_THRESHOLD_",
-    "MALLOC_TOP_PAD_",
-    "GLIBC_TUNABLES",
-)
-
-
-def keep_freed_memory(top_pad_mib: int = 512, trim_threshold_mib: int = 2047) -> str:
-    """
-    Tune glibc's `malloc` for CPU training, in this process: large blocks come from the heap instead of a fresh
-    `mmap` each (`M_MMAP_MAX` 0), and freed memory stays in the process until more than `trim_threshold_mib` of it
-    is free at the top of the heap (`M_TRIM_THRESHOLD`), the heap growing `top_pad_mib` at a time (`M_TOP_PAD`).
-    By default glibc serves every block above 32 MB with a new mapping and unmaps it on free, so the kernel zeroes
-    gigabytes of fresh pages every training step (measured: docs/training.md, "Launching"). The same as the
-    `MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_` / `MALLOC_TOP_PAD_` variables, without setting them before start.
-
-    Returns what was done, or why nothing was: not glibc (macOS, Windows, musl), or an allocator variable
-    (`LD_PRELOAD` of another malloc, `MALLOC_*_`, `GLIBC_TUNABLES`) set by the user, whose choice stands.
-    """
-    import ctypes
-    import platform
-
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return f"allocator left as it is: not glibc ({sys.platform})"
-    # LD_PRELOAD counts where it loads another malloc (jemalloc, tcmalloc, mimalloc), not for any other library.
-    chosen = [
-        name
-        for name in _ALLOCATOR_VARIABLES
-        if os.environ.get(name) and (name != "LD_PRELOAD" or "malloc" in os.environ[name])
-    ]
-    if chosen:
-        return f"allocator left as it is: {', '.join(chosen)} set"
-    libc = ctypes.CDLL(None)
-    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, trim_threshold_mib << 20), (_M_TOP_PAD, top_pad_mib << 20))
-    if not all(libc.mallopt(parameter, value) == 1 for parameter, value in settings):
-        return "allocator left as it is: glibc refused mallopt"
-    return f"glibc malloc keeps freed memory (no mmap per large block, trim above {trim_threshold_mib} MiB free)"
-
-
 __all__ = [
     "FrozenImageEncoder",
     "LossWeights",
     "dice_bce",
     "fine_weight_at",
     "forward_and_loss",
-    "keep_freed_memory",
     "model_config",
     "one_hot_targets",
     "prompt_rows",

@@ -128,10 +128,11 @@ def run_python(code: str, cwd: Path, env_extra: dict | None = None) -> str:
 
 @pytest.fixture(autouse=True)
 def allocator_calls(monkeypatch):
-    """`training/train.py`'s allocator tuning, recorded instead of applied: it is process-wide and would change the
-    memory behaviour of every later test in this process (its real effect is tested in a fresh interpreter)."""
+    """The allocator tuning of `training/train.py` and the `imedsam` command line, recorded instead of applied: it is
+    process-wide and would change the memory behaviour of every later test in this process (its real effect is tested
+    in a fresh interpreter)."""
     calls = []
-    monkeypatch.setattr("imedsam_hf.training.keep_freed_memory", lambda: calls.append(1) or "allocator (test): kept")
+    monkeypatch.setattr("imedsam_hf.runtime.keep_freed_memory", lambda: calls.append(1) or "allocator (test): kept")
     return calls
 
 

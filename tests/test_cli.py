@@ -143,6 +143,27 @@ def test_empty_folder_is_an_error(model_dir, tmp_path, capsys):
     assert "holds no images" in capsys.readouterr().err
 
 
+def test_cpu_runs_keep_freed_memory_unless_told_not_to(model_dir, tmp_path, allocator_calls, capsys):
+    """predict and evaluate tune the allocator on a CPU (the real effect: tests/test_training.py), not with
+    --cpu-allocator default."""
+    (tmp_path / "empty").mkdir()
+    base = ["predict", "--model", str(model_dir), str(tmp_path / "empty"), "--no-prompt", "--out", str(tmp_path / "o")]
+    assert main([*base, "--device", "cpu"]) == 2 and allocator_calls == [1]
+    assert main([*base, "--device", "cpu", "--cpu-allocator", "default"]) == 2 and allocator_calls == [1]
+    evaluate = [
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--data-dir",
+        str(tmp_path / "none"),
+        "--json",
+        str(tmp_path / "j"),
+    ]
+    assert main([*evaluate, "--device", "cpu"]) == 2
+    assert allocator_calls == [1, 1]
+    assert "holds no images" in capsys.readouterr().err
+
+
 def test_parsers():
     assert parse_box("1,2,3,4") == [1.0, 2.0, 3.0, 4.0]
     assert parse_output_size("384x512") == (384, 512)  # height first, as Python's output_size

@@ -195,7 +195,7 @@ def test_empty_and_encoded_masks_in_training(tiny_sam, polyps, tmp_path):
 
 ALLOCATOR_PROBE = """
 import ctypes, os, sys
-from imedsam_hf.training import keep_freed_memory
+from imedsam_hf.runtime import keep_freed_memory
 if sys.argv[-1] == "keep":
     print(keep_freed_memory())
 libc = ctypes.CDLL(None)

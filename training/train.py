@@ -51,7 +51,7 @@ finally:
     sys.path.pop(0)
 
 import imedsam_hf  # noqa: E402, F401  (registers the model and the PEFT type)
-import imedsam_hf.training as training_helpers  # noqa: E402  (looked up at call time: tests replace the allocator tuning)
+import imedsam_hf.runtime as runtime  # noqa: E402  (looked up at call time: tests replace the allocator tuning)
 from imedsam_hf import imedsam_peft_config, save_pretrained_full  # noqa: E402
 from imedsam_hf.commands.common import flag_message  # noqa: E402
 from imedsam_hf.convert_sam import load_checked_state  # noqa: E402
@@ -869,7 +869,7 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
     accelerator, log = start(args, trackers)
     output_dir = Path(run_args.output_dir)
     if run_args.cpu_allocator == "keep" and accelerator.device.type == "cpu":
-        accelerator.print(training_helpers.keep_freed_memory())
+        accelerator.print(runtime.keep_freed_memory())
 
     # the model: its config is the truth from here on (a checkpoint keeps its own num_classes and switches)
     model, processor, published = build_model(args.model)
