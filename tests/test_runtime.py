@@ -9,6 +9,7 @@ I-MedSAM (64 px) on OpenVINO (its export takes a few seconds); the ONNX export h
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import sys
 import warnings
@@ -16,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, randomize_adapters, tiny_tinyvit_model
+from conftest import REPO_ROOT, SHARED_DATA, randomize_adapters, run_python, tiny_tinyvit_model
 from peft import get_peft_model
 from PIL import Image
 
@@ -438,3 +439,38 @@ def test_export_writes_the_runtime_files_beside_the_model_and_load_model_uses_th
     )
     assert "precision='bf16' is not offered for backend='torch'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+ALLOCATOR_PROBE = """
+import ctypes, os, sys
+from imedsam_hf.runtime import keep_freed_memory
+if sys.argv[-1] == "keep":
+    print(keep_freed_memory())
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+size = 256 << 20
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+before = resident()
+libc.free(ctypes.c_void_p(block))
+print((before - resident()) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.parametrize("mode", ["keep", "default"])
+@pytest.mark.parametrize("user_variable", [None, "MALLOC_TOP_PAD_"])
+def test_cpu_allocator_keeps_freed_memory_unless_the_user_chose(tmp_path, mode, user_variable):
+    """glibc unmaps a freed 256 MB block at once; tuned, the process keeps it (no fresh pages to zero next step).
+    An allocator variable set by the user wins: nothing is changed and the reason is said."""
+    env = {"MALLOC_TOP_PAD_": str(1 << 20)} if user_variable else {}
+    code = ALLOCATOR_PROBE.replace("sys.argv[-1]", repr(mode))
+    lines = run_python(code, REPO_ROOT, env_extra=env).split()
+    released = int(lines[-1])
+    if mode == "keep" and not user_variable:
+        assert "keeps freed memory" in " ".join(lines) and released < 16
+    else:
+        assert released > 200
+        assert mode == "default" or "MALLOC_TOP_PAD_ set" in " ".join(lines)

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, SHARED_DATA, run_python, tiny_model
+from conftest import REPO_ROOT, SHARED_DATA, tiny_model
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, SamModel
@@ -191,41 +190,6 @@ def test_empty_and_encoded_masks_in_training(tiny_sam, polyps, tmp_path):
     assert f"{masks[0].stem}: empty mask" in problems
     with pytest.raises(SystemExit, match="--mask-values 'x'"):
         train_script.main(args(tiny_sam, polyps, tmp_path / "bad", *common, "--mask_values", "x"))
-
-
-ALLOCATOR_PROBE = """
-import ctypes, os, sys
-from imedsam_hf.runtime import keep_freed_memory
-if sys.argv[-1] == "keep":
-    print(keep_freed_memory())
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-def resident():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-size = 256 << 20
-block = libc.malloc(size)
-ctypes.memset(block, 1, size)
-before = resident()
-libc.free(ctypes.c_void_p(block))
-print((before - resident()) >> 20)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
-@pytest.mark.parametrize("mode", ["keep", "default"])
-@pytest.mark.parametrize("user_variable", [None, "MALLOC_TOP_PAD_"])
-def test_cpu_allocator_keeps_freed_memory_unless_the_user_chose(tmp_path, mode, user_variable):
-    """glibc unmaps a freed 256 MB block at once; tuned, the process keeps it (no fresh pages to zero next step).
-    An allocator variable set by the user wins: nothing is changed and the reason is said."""
-    env = {"MALLOC_TOP_PAD_": str(1 << 20)} if user_variable else {}
-    code = ALLOCATOR_PROBE.replace("sys.argv[-1]", repr(mode))
-    lines = run_python(code, REPO_ROOT, env_extra=env).split()
-    released = int(lines[-1])
-    if mode == "keep" and not user_variable:
-        assert "keeps freed memory" in " ".join(lines) and released < 16
-    else:
-        assert released > 200
-        assert mode == "default" or "MALLOC_TOP_PAD_ set" in " ".join(lines)
 
 
 def test_train_tunes_the_cpu_allocator_unless_told_not_to(tiny_sam, polyps, tmp_path, allocator_calls, capsys):
