@@ -747,13 +747,13 @@ _ALLOCATOR_VARIABLES = (
 
 def keep_freed_memory(top_pad_mib: int = 512, trim_threshold_mib: int = 2047) -> str:
     """
-    Tune glibc's `malloc` for CPU work (training, evaluation, prediction), in this process: large blocks come from the heap instead of a fresh
-    `mmap` each (`M_MMAP_MAX` 0), and freed memory stays in the process until more than `trim_threshold_mib` of it
-    is free at the top of the heap (`M_TRIM_THRESHOLD`), the heap growing `top_pad_mib` at a time (`M_TOP_PAD`).
-    By default glibc serves every block above 32 MB with a new mapping and unmaps it on free, so the kernel zeroes
-    gigabytes of fresh pages every training step, and gives each slice of an evaluation fresh pages too (measured:
-    docs/training.md, "Launching"). The same as the
-    `MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_` / `MALLOC_TOP_PAD_` variables, without setting them before start.
+    Tune glibc's `malloc` for CPU work (training, evaluation, prediction), in this process: large blocks come from
+    the heap instead of a fresh `mmap` each (`M_MMAP_MAX` 0), and freed memory stays in the process until more than
+    `trim_threshold_mib` of it is free at the top of the heap (`M_TRIM_THRESHOLD`), the heap growing `top_pad_mib`
+    at a time (`M_TOP_PAD`). By default glibc serves every block above 32 MB with a new mapping and unmaps it on
+    free, so the kernel zeroes gigabytes of fresh pages every training step and every slice of a volume (measured:
+    docs/training.md, "Launching", and docs/cli.md). The same as the `MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_` /
+    `MALLOC_TOP_PAD_` variables, without setting them before the process starts.
 
     Returns what was done, or why nothing was: not glibc (macOS, Windows, musl), or an allocator variable
     (`LD_PRELOAD` of another malloc, `MALLOC_*_`, `GLIBC_TUNABLES`) set by the user, whose choice stands.
@@ -779,7 +779,6 @@ def keep_freed_memory(top_pad_mib: int = 512, trim_threshold_mib: int = 2047) ->
 
 
 __all__ = [
-    "keep_freed_memory",
     "BACKENDS",
     "PRECISIONS",
     "RuntimeVisionEncoder",
@@ -791,6 +790,7 @@ __all__ = [
     "encoder_fingerprint",
     "model_folder_export",
     "export_vision_encoder",
+    "keep_freed_memory",
     "probe_images",
     "set_backend",
     "torch_vision_encoder",

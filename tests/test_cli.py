@@ -144,7 +144,7 @@ def test_empty_folder_is_an_error(model_dir, tmp_path, capsys):
 
 
 def test_cpu_runs_keep_freed_memory_unless_told_not_to(model_dir, tmp_path, allocator_calls, capsys):
-    """predict and evaluate tune the allocator on a CPU (the real effect: tests/test_training.py), not with
+    """predict and evaluate tune the allocator on a CPU (the real effect: tests/test_runtime.py), not with
     --cpu-allocator default."""
     (tmp_path / "empty").mkdir()
     base = ["predict", "--model", str(model_dir), str(tmp_path / "empty"), "--no-prompt", "--out", str(tmp_path / "o")]
