@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 from common import VOLUME_PROTOCOLS, add_run_arguments, machine_description, report, setup_run, volume_prompts
-from PIL import Image
 
 from imedsam_hf import load_model
 from imedsam_hf.data import load_splits, read_class_names, read_scan_spacing, slice_index
-from imedsam_hf.volumes import place_slice, read_volume, segment_volume, volume_scores
+from imedsam_hf.volumes import read_volume, segment_volume, stack_slices, volume_scores
 
 COMMON_8 = (8, 4, 3, 2, 6, 11, 1, 7)
 
@@ -44,14 +43,10 @@ def scan_volume(data_dir: Path, case: str, stems: list[str]) -> tuple[np.ndarray
     nifti = data_dir / "volumes" / f"{case}.nii.gz"
     if nifti.is_file():
         return read_volume(nifti).data, read_volume(data_dir / "labels" / f"{case}.nii.gz").data
-    slices = sorted((slice_index(stem), stem) for stem in stems)
-    first = np.asarray(Image.open(data_dir / "images" / f"{slices[0][1]}.png").convert("L"))
-    depth = slices[-1][0] - slices[0][0] + 1
-    images = np.zeros((first.shape[1], first.shape[0], depth), np.uint8)
-    labels = np.zeros_like(images)
-    for z, stem in slices:
-        place_slice(images, z - slices[0][0], np.asarray(Image.open(data_dir / "images" / f"{stem}.png").convert("L")))
-        place_slice(labels, z - slices[0][0], np.asarray(Image.open(data_dir / "masks" / f"{stem}.png")))
+    files = {
+        slice_index(stem): (data_dir / "images" / f"{stem}.png", data_dir / "masks" / f"{stem}.png") for stem in stems
+    }
+    images, labels, _ = stack_slices(files)
     return images, labels
 
 

@@ -11,9 +11,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from peft import get_peft_model
 from tqdm.auto import tqdm
@@ -22,32 +20,9 @@ from transformers import SamConfig
 import imedsam_hf  # noqa: F401
 from imedsam_hf import IMedSamConfig, IMedSamModel, imedsam_peft_config
 from imedsam_hf.loading import LITEMEDSAM, load_model
-from imedsam_hf.volumes import boxes_3d_from_labels, key_slice_boxes_from_labels
+from imedsam_hf.volumes import VOLUME_PROTOCOLS, volume_prompts  # noqa: F401  (the benchmarks' protocols)
 
 BACKBONES = ("vit-b-384", "vit-b-1024", LITEMEDSAM)
-
-#: The prompt protocols of the volume benchmarks: `segment_volume`'s arguments for each (the prompts themselves, a
-#: label volume or the 3-D boxes of its organs, are added by the benchmark).
-VOLUME_PROTOCOLS = {
-    "labels": {},  # every organ on every slice where it appears, its exact box
-    "boxes3d": {"propagation": "stop"},  # one 3-D box per organ, MedSAM's stop rule, masks cut to their boxes
-    "boxes3d_continue": {"propagation": "continue"},  # ... continuing through empty slices
-    "boxes3d_unconfined": {"propagation": "stop", "confine": False},  # MedSAM's rule as it is
-    # one 2-D box per organ on its largest slice, with its first and last slice (MedSAM2's CT prompt), propagated
-    # from that slice, MedSAM's stop rule, masks cut to their boxes
-    "keyslice": {"propagation": "stop"},
-}
-
-
-def volume_prompts(protocol: str, labels: Any) -> dict[str, Any]:
-    """`segment_volume`'s prompts for a protocol of `VOLUME_PROTOCOLS`, made from a label volume (array or Volume)."""
-    if protocol == "labels":
-        return {"label_volume": labels}
-    data = np.asarray(getattr(labels, "data", labels))
-    if protocol == "keyslice":
-        boxes, key_slices = key_slice_boxes_from_labels(data)
-        return {"boxes_3d": boxes, "key_slices": key_slices}
-    return {"boxes_3d": boxes_3d_from_labels(data)}
 
 
 def backend_variant(variant: str) -> tuple[str, dict]:

@@ -126,6 +126,13 @@ class DataConfig:
     # the box a 3-D box (`segment_volume(boxes_3d=...)`) prompts its middle slice with: loose for a structure that
     # winds or leans through the scan (aorta, esophagus, portal vein), so the model learns to find it inside.
     extent_box_probability: float = 0.0
+    # Training only, drawn after the neighbour and extent boxes (the three probabilities add up to at most 1): with
+    # this probability a sample's boxes are ones a model was prompted with when it segmented the sample's scan with a
+    # 3-D box or a key slice (`propagated_boxes`: `{stem: {class id: [box, ...]}}` in stored pixels, one drawn per
+    # structure; a structure without one keeps its own, jittered box): the drifted boxes of a propagation chain, so
+    # that the model learns to come back to the structure from them.
+    propagated_box_probability: float = 0.0
+    propagated_boxes: dict[str, dict[int, list[list[float]]]] | None = None
     group_pattern: str | None = None
 
     @property
@@ -770,14 +777,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def _borrowed_boxes(self, record_index: int, rng: np.random.Generator) -> dict[int, np.ndarray] | None:
         """With `neighbour_box_probability`, each structure's box on a slice near this one in its scan, widened by
-        the margin; with `extent_box_probability`, its extent over the scan; else None. `{class id: box}` in stored
-        pixels, 0 for all structures together."""
+        the margin; with `extent_box_probability`, its extent over the scan; with `propagated_box_probability`, one
+        of the boxes a propagation chain prompted it with on this slice; else None. `{class id: box}` in stored
+        pixels, 0 for all structures together (not for propagated boxes, which are per structure)."""
         config = self.config
-        if not self.slices:
+        propagated = config.propagated_boxes if config.propagated_box_probability > 0 else None
+        if not self.slices and not propagated:
             return None
         draw = rng.random()
-        scan, number = self.slice_keys[record_index]
         if draw < config.neighbour_box_probability:
+            scan, number = self.slice_keys[record_index]
             offset = int(rng.integers(1, config.neighbour_box_distance + 1)) * int(rng.choice([-1, 1]))
             neighbour = self.slices.get((scan, number + offset))
             if neighbour is None:
@@ -796,7 +805,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 }
             return boxes
         if draw < config.neighbour_box_probability + config.extent_box_probability:
-            return self.extents[scan]
+            return self.extents[self.slice_keys[record_index][0]]
+        if (
+            propagated
+            and draw
+            < config.neighbour_box_probability + config.extent_box_probability + config.propagated_box_probability
+        ):
+            recorded = propagated.get(str(self.records[record_index]["stem"]))
+            if not recorded:
+                return None
+            return {
+                int(class_id): np.asarray(boxes[int(rng.integers(len(boxes)))], dtype=np.float32)
+                for class_id, boxes in recorded.items()
+                if boxes
+            }
         return None
 
     def _borrowed_box(self, boxes: dict[int, np.ndarray], class_id: int, original, shape) -> np.ndarray | None:

@@ -55,6 +55,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
@@ -68,6 +69,7 @@ from .processing_imedsam import IMedSamProcessor, processor_for_config
 __all__ = [
     "NIFTI_SUFFIXES",
     "PROPAGATIONS",
+    "VOLUME_PROTOCOLS",
     "WINDOW_PRESETS",
     "Volume",
     "boxes_3d_from_labels",
@@ -78,10 +80,12 @@ __all__ = [
     "read_volume",
     "segment_volume",
     "slice_image",
+    "stack_slices",
     "to_uint8",
     "volume_box_to_slice_box",
     "volume_scores",
     "volume_name",
+    "volume_prompts",
     "window",
     "write_label_volume",
 ]
@@ -351,6 +355,34 @@ def volume_box_to_slice_box(box_3d: Sequence[float], shape: Sequence[int]) -> li
     return [x0, top, max(x1, x0 + 1), max(bottom, top + 1)]
 
 
+def stack_slices(
+    slices: Mapping[int, tuple[str | os.PathLike, str | os.PathLike]],
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """A scan's 8-bit image and label arrays stacked from its 2-D slice files, such as BTCV's PNGs.
+
+    Args:
+        slices: ``{slice number: (image file, mask file)}``; the images are read as 8-bit grey, the masks as the
+            class ids they store; all slices the same size.
+
+    Returns:
+        ``(images, labels, first)``: two ``(X, Y, Z)`` uint8 arrays (:func:`place_slice` of each slice at its number
+        minus ``first``, the smallest slice number; missing numbers stay 0) and ``first``.
+    """
+    numbers = sorted(slices)
+    if not numbers:
+        raise ValueError("stack_slices: no slices")
+    first = numbers[0]
+    for number in numbers:
+        image_file, mask_file = slices[number]
+        image = np.asarray(Image.open(image_file).convert("L"))
+        if number == first:
+            images = np.zeros((image.shape[1], image.shape[0], numbers[-1] - first + 1), np.uint8)
+            labels = np.zeros_like(images)
+        place_slice(images, number - first, image)
+        place_slice(labels, number - first, np.asarray(Image.open(mask_file)))
+    return images, labels, first
+
+
 def boxes_3d_from_labels(label_data: np.ndarray, classes: ClassSpec = None) -> dict[int, list[int]]:
     """The tight 3-D box of every structure of a label volume, in the :func:`segment_volume` convention.
 
@@ -543,6 +575,7 @@ def segment_volume(
     propagation: str = "stop",
     confine: bool = True,
     key_slices: Mapping[int, int] | None = None,
+    prompts_given: list[tuple[int, int, list[float]]] | None = None,
 ) -> np.ndarray:
     """Segment a volume slice by slice with a box-prompted 2-D model.
 
@@ -589,6 +622,9 @@ def segment_volume(
             box is kept inside the 3-D box's in-plane extent (widened by ``box_margin``), with either propagation. A
             mask that reaches past its box otherwise widens the next box, and the error grows slice after slice (the
             shipped BTCV model's 3-D Dice on its test scans: see docs/results.md). False: MedSAM's rule as it is.
+        prompts_given: ``boxes_3d`` only: a list that receives ``(z, class_id, box)`` for every box the model is
+            prompted with (the starting slice's and every propagated one, in slice-image pixels), e.g. to train on
+            the boxes propagation gives (``training/propagated_boxes.py``).
 
     Returns:
         ``(X, Y, Z)`` uint8 class ids, 0 = background, on the grid of ``volume``.
@@ -635,7 +671,7 @@ def segment_volume(
     else:
         _segment_with_boxes_3d(
             model, processor, images, checked, labels, progress, float(box_margin), propagation, confine=confine,
-            key_slices=key_slices,
+            key_slices=key_slices, prompts_given=prompts_given,
         )  # fmt: skip
     return labels
 
@@ -700,6 +736,7 @@ def _segment_with_boxes_3d(
     *,
     confine: bool = False,
     key_slices: Mapping[int, int] | None = None,
+    prompts_given: list[tuple[int, int, list[float]]] | None = None,
 ) -> None:
     """
     MedSAM's propagation for every structure at once, each slice encoded once: an upward pass (z ascending) runs
@@ -746,6 +783,8 @@ def _segment_with_boxes_3d(
     def run(z: int, prompts: dict[int, list[float]], embeddings: torch.Tensor) -> dict[int, list[float] | None]:
         """Segment slice `z` with every structure's prompt; each one's next box (its mask's, widened), or None."""
         ids = list(prompts)
+        if prompts_given is not None:
+            prompts_given.extend((z, c, list(prompts[c])) for c in ids)
         result = segment(
             model, slice_image(images, z), box=[prompts[c] for c in ids], output_size=size, processor=processor,
             classes=ids if aware else None, image_embeddings=embeddings,
@@ -808,6 +847,30 @@ def _segment_with_boxes_3d(
             bar.update(1)
     for z, (_, ids) in best.items():
         place_slice(labels, z, ids)
+
+
+#: How a scan is prompted from its label volume, as the volume benchmarks and ``training/propagated_boxes.py`` do:
+#: :func:`segment_volume`'s options for each protocol (the prompts themselves come from :func:`volume_prompts`).
+VOLUME_PROTOCOLS = {
+    "labels": {},  # every organ on every slice where it appears, its exact box
+    "boxes3d": {"propagation": "stop"},  # one 3-D box per organ, MedSAM's stop rule, masks cut to their boxes
+    "boxes3d_continue": {"propagation": "continue"},  # ... continuing through empty slices
+    "boxes3d_unconfined": {"propagation": "stop", "confine": False},  # MedSAM's rule as it is
+    # one 2-D box per organ on its largest slice, with its first and last slice (MedSAM2's CT prompt), propagated
+    # from that slice, MedSAM's stop rule, masks cut to their boxes
+    "keyslice": {"propagation": "stop"},
+}
+
+
+def volume_prompts(protocol: str, labels: Any) -> dict[str, Any]:
+    """`segment_volume`'s prompts for a protocol of `VOLUME_PROTOCOLS`, made from a label volume (array or Volume)."""
+    if protocol == "labels":
+        return {"label_volume": labels}
+    data = np.asarray(getattr(labels, "data", labels))
+    if protocol == "keyslice":
+        boxes, key_slices = key_slice_boxes_from_labels(data)
+        return {"boxes_3d": boxes, "key_slices": key_slices}
+    return {"boxes_3d": boxes_3d_from_labels(data)}
 
 
 # ------------------------------------------------------------------------------------------------------- writing

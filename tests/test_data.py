@@ -366,6 +366,46 @@ def test_extent_boxes_are_each_structures_extent_over_its_scan(tmp_path, all_cla
     assert kinds == {"extent", "neighbour"}
 
 
+@pytest.mark.parametrize("all_classes", [True, False])
+def test_propagated_boxes_are_drawn_from_those_recorded_for_the_slice(tmp_path, all_classes):
+    """--propagated-box-probability 1 with --propagated-boxes: a structure with boxes recorded on its slice (those a
+    propagation chain prompted it with) takes one of them, each in turn over the epochs; one without (another class,
+    another slice) keeps its own box; the stems need no slice numbers."""
+    drawn = {10: {1: (10, 10, 20, 20)}, 11: {1: (12, 11, 24, 22), 2: (31, 6, 41, 16)}}
+    write_slices(tmp_path, drawn)
+    records = records_from_pairs(discover_pairs(tmp_path)[0])
+    recorded = [[8.0, 9.0, 30.0, 25.0], [14.0, 12.0, 20.0, 18.0]]
+    config = DataConfig(
+        augment=None,
+        box_jitter=0.0,
+        class_prompts=True,
+        mask_classes=2,
+        all_classes_per_sample=all_classes,
+        propagated_box_probability=1.0,
+        propagated_boxes={"scan_slice011": {1: recorded}, "elsewhere_slice001": {1: [[0.0, 0.0, 5.0, 5.0]]}},
+    )
+    dataset = SegmentationDataset(records, IMedSamProcessor(image_size=50), config, train=True, seed=0)
+    own = {(10, 1): [10.0, 10.0, 19.0, 19.0], (11, 1): [12.0, 11.0, 23.0, 21.0], (11, 2): [31.0, 6.0, 40.0, 15.0]}
+    seen = set()
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            z = 10 + dataset.items[index][0]
+            prompts = (
+                zip(sample["input_boxes"].tolist(), sample["prompt_classes"].tolist())
+                if all_classes
+                else [(sample["input_boxes"].tolist(), int(sample["class_id"]))]
+            )
+            for box, c in prompts:
+                if (z, c) == (11, 1):
+                    assert box in recorded, box
+                    seen.add(tuple(box))
+                else:
+                    assert box == own[z, c], (z, c, box)
+    assert seen == {tuple(b) for b in recorded}
+
+
 def replace_probability(config: DataConfig, probability: float) -> DataConfig:
     return replace(config, neighbour_box_probability=probability)
 

@@ -222,6 +222,18 @@ def test_bad_options_are_named(tiny_sam, polyps, tmp_path):
         train_script.parse_args(["--neighbour-box-jitter", "1.5"])
     with pytest.raises(SystemExit, match="--extent-box-probability 0.6: a probability in .0, 1. that, with "):
         train_script.parse_args(["--neighbour-box-probability", "0.5", "--extent-box-probability", "0.6"])
+    with pytest.raises(SystemExit, match="--propagated-box-probability 0.5: a probability in .0, 1. that, with "):
+        train_script.parse_args(["--extent-box-probability", "0.6", "--propagated-box-probability", "0.5"])
+    with pytest.raises(SystemExit, match="--propagated-box-probability and --propagated-boxes go together"):
+        train_script.parse_args(["--propagated-box-probability", "0.5"])
+    # Propagated boxes: a file that is not one, or written for other data, named before training.
+    (tmp_path / "boxes.json").write_text("[1, 2]")
+    (tmp_path / "other.json").write_text('{"case0001_slice001": {"1": [[0, 0, 4, 4]]}}')
+    for name, message in (("missing.json", "not a JSON file of"), ("boxes.json", "not a JSON file of"),
+                          ("other.json", "none of its 1 stems is a training stem")):  # fmt: skip
+        extra = ("--propagated_box_probability", "0.5", "--propagated_boxes", str(tmp_path / name))
+        with pytest.raises(SystemExit, match=f"--propagated-boxes .*{name}: {message}"):
+            train_script.main(args(tiny_sam, polyps, tmp_path / "x", *extra))
     # Neighbour or extent boxes on photos (no slice numbers in the stems): named, before training.
     for option in ("neighbour", "extent"):
         with pytest.raises(SystemExit, match=f"--{option}-box-probability: neighbour and extent boxes take the slices"):
@@ -643,9 +655,14 @@ def test_ct_folder_splits_by_scan_and_records_the_class_names(tiny_sam, tmp_path
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["id2label"]["6"] == "liver" and config["label2id"]["spleen"] == 1
     assert "6 liver" in (out / "final" / "README.md").read_text()
-    # A 13-class model on the same samples is class-aware: each organ's box uses that organ's heads.
+    # A 13-class model on the same samples is class-aware: each organ's box uses that organ's heads. Half of its
+    # samples prompted with recorded propagation boxes (the liver's, a loose box on every slice).
+    recorded = tmp_path / "propagated.json"
+    recorded.write_text(json.dumps({p.stem: {"6": [[40.0, 40.0, 220.0, 200.0]]} for p in (folder / "masks").iterdir()}))
     aware = train_script.main(args(tiny_sam, folder, tmp_path / "aware", *extra, "--all_classes_per_sample", "true",
-                                   "--num_classes", "13"))  # fmt: skip
+                                   "--num_classes", "13", "--propagated_box_probability", "0.5",
+                                   "--propagated_boxes", str(recorded)))  # fmt: skip
+    assert yaml.safe_load((tmp_path / "aware" / "config.yaml").read_text())["data"]["propagated_boxes"] == str(recorded)
     assert 0 <= aware["best_val_dice"] <= 1 and set(aware["results"]["48"]["per_class"]) <= {
         str(i) for i in range(1, 14)
     }

@@ -7,6 +7,7 @@ real BTCV PNG, and one slow test runs LiteMedSAM on a few real slices.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import types
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, tiny_model
+from conftest import REPO_ROOT, SHARED_DATA, tiny_model
 from PIL import Image
 from scipy import ndimage
 from scipy.spatial.distance import cdist
@@ -481,6 +482,67 @@ def test_a_box_drawn_on_a_key_slice_propagates_from_it_beyond_its_own_extent(mon
     assert calls[0][1] == 4
     assert (as_3d_box == 3).sum() < (labels == 3).sum()
     assert not as_3d_box[13:, :, :].any()
+
+
+def test_prompts_given_records_every_box_the_model_is_prompted_with(monkeypatch):
+    """`prompts_given` receives `(z, class, box)` for the starting box and each propagated box, in the order the
+    model is given them, with 3-D boxes and with key slices."""
+    labels = leaning_tube()
+    images = slice_coded_images(labels.shape)
+    for prompts in (
+        {"boxes_3d": boxes_3d_from_labels(labels)},
+        {"boxes_3d": {3: [7, 10, 0, 11, 14, 8]}, "key_slices": {3: 2}},
+    ):
+        calls: list = []
+        monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls, monkeypatch))
+        given: list = []
+        segment_volume(FakeModel(), images, processor=object(), progress=False, prompts_given=given, **prompts)
+        assert given == [(z, c, box) for c, z, box in calls] and len(given) == 9  # every slice of the tube, once
+
+
+def test_propagated_boxes_script_maps_each_box_to_its_slice_file(tmp_path, monkeypatch):
+    """training/propagated_boxes.py: each scan of the split stacked from its slices (numbered from 5 here), every
+    box its 3-D box and key slice propagations were prompted with written under the stem of the slice it was given
+    on; scans kept apart; the other splits' slices not run."""
+    spec = importlib.util.spec_from_file_location(
+        "imedsam_propagated_boxes", REPO_ROOT / "training" / "propagated_boxes.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    labels = leaning_tube()
+    for folder in ("images", "masks"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    stems = []
+    for scan in ("a", "b"):
+        for z in range(labels.shape[2]):
+            stem = f"{scan}_slice{z + 5:03d}"
+            image = np.full((labels.shape[1], labels.shape[0]), 10 * z, np.uint8)  # the fake reads the slice from it
+            Image.fromarray(image).save(tmp_path / "data" / "images" / f"{stem}.png")
+            Image.fromarray(slice_image(labels, z)).save(tmp_path / "data" / "masks" / f"{stem}.png")
+            stems.append(stem)
+    split_file = tmp_path / "splits.json"
+    split_file.write_text(json.dumps({"train": [s for s in stems if s.startswith("a")], "test": stems[9:]}))
+    calls: list = []
+    monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls, monkeypatch))
+    monkeypatch.setattr(script, "load_model", lambda name: (FakeModel(), object()))
+    out = tmp_path / "boxes.json"
+    script.main(
+        ["--model", "m", "--data_dir", str(tmp_path / "data"), "--split_file", str(split_file), "--out", str(out)]
+    )
+    written = json.loads(out.read_text())
+    expected: dict = {}
+    for class_id, z, box in calls:  # two propagations of scan a: 3-D box, then key slice
+        expected.setdefault(f"a_slice{z + 5:03d}", {}).setdefault(str(class_id), []).append(box)
+    assert written == expected and len(calls) == 18 and set(written) == {f"a_slice{z + 5:03d}" for z in range(9)}
+    # A second round adds its boxes to the first round's.
+    again = tmp_path / "round2.json"
+    script.main(["--model", "m", "--data_dir", str(tmp_path / "data"), "--split_file", str(split_file), "--out",
+                 str(again), "--add_to", str(out)])  # fmt: skip
+    doubled = {stem: {c: boxes + boxes for c, boxes in classes.items()} for stem, classes in expected.items()}
+    assert json.loads(again.read_text()) == doubled
+    with pytest.raises(SystemExit, match="split 'validation' is empty"):
+        script.main(["--model", "m", "--data_dir", str(tmp_path / "data"), "--split_file", str(split_file), "--split",
+                     "validation", "--out", str(out)])  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -216,6 +216,33 @@ def as_records(split):
     return records_from_pairs(split) if isinstance(split, list) else split
 
 
+def read_propagated_boxes(path: str | None, train_split) -> dict[str, dict[int, list[list[float]]]] | None:
+    """`--propagated-boxes`: `{stem: {class id: [box, ...]}}`, checked against the training stems."""
+    if path is None:
+        return None
+    try:
+        raw = json.loads(Path(path).read_text())
+        boxes = {
+            str(stem): {int(c): [[float(v) for v in box] for box in found] for c, found in classes.items()}
+            for stem, classes in raw.items()
+        }
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise die(
+            f"--propagated-boxes {path}: not a JSON file of {{stem: {{class id: [[x0, y0, x1, y1], ...]}}}} ({error}); "
+            "training/propagated_boxes.py writes one"
+        ) from error
+    bad = [stem for stem, classes in boxes.items() for found in classes.values() for box in found if len(box) != 4]
+    if bad:
+        raise die(f"--propagated-boxes {path}: boxes of {bad[0]!r} are not [x0, y0, x1, y1]")
+    train = {str(stem) for stem in as_records(train_split)["stem"]}
+    if not train & set(boxes):
+        raise die(
+            f"--propagated-boxes {path}: none of its {len(boxes)} stems is a training stem (e.g. "
+            f"{next(iter(boxes), None)!r}): write it for this data set's training split"
+        )
+    return boxes
+
+
 def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
     """Training and validation datasets and loaders."""
     data, run = args.data, args.training
@@ -236,6 +263,8 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         neighbour_box_margin=data.neighbour_box_margin,
         neighbour_box_jitter=data.neighbour_box_jitter,
         extent_box_probability=data.extent_box_probability,
+        propagated_box_probability=data.propagated_box_probability,
+        propagated_boxes=read_propagated_boxes(data.propagated_boxes, splits["train"]),
         group_pattern=data.group_pattern,
     )
     try:

@@ -140,6 +140,17 @@ class DataArguments:
         "in-plane extent over its scan (what a 3-D box prompts its middle slice with; loose for winding structures). "
         "Drawn after the neighbour boxes: the two shares add up to at most 1.",
     )
+    propagated_box_probability: float = option(
+        0.0,
+        "Volume slices, drawn after the neighbour and extent boxes: the share of training samples whose boxes are ones "
+        "a model was prompted with when it propagated a 3-D box or a key slice through the sample's scan "
+        "(--propagated-boxes; one drawn per structure, the others keep their own box).",
+    )
+    propagated_boxes: str | None = option(
+        None,
+        "JSON file {stem: {class id: [[x0, y0, x1, y1], ...]}} (stored pixels) of the propagated boxes, as "
+        "training/propagated_boxes.py writes it.",
+    )
     prompt: Literal["box", "none"] = option("box", "Prompt: the mask's box, or none (prompt-free).")
     class_prompts: bool = option(False, "Multi-class masks: one binary sample per class present, with its own box.")
     all_classes_per_sample: bool = option(
@@ -183,6 +194,17 @@ class DataArguments:
             raise ValueError(
                 f"--extent-box-probability {self.extent_box_probability}: a probability in [0, 1] that, with "
                 f"--neighbour-box-probability {self.neighbour_box_probability}, adds up to at most 1."
+            )
+        borrowed = self.neighbour_box_probability + self.extent_box_probability
+        if not 0.0 <= self.propagated_box_probability <= 1.0 - borrowed:
+            raise ValueError(
+                f"--propagated-box-probability {self.propagated_box_probability}: a probability in [0, 1] that, with "
+                f"--neighbour-box-probability and --extent-box-probability ({borrowed:g}), adds up to at most 1."
+            )
+        if (self.propagated_box_probability > 0) != (self.propagated_boxes is not None):
+            raise ValueError(
+                "--propagated-box-probability and --propagated-boxes go together: the share of samples and the JSON "
+                "file of the boxes (training/propagated_boxes.py writes it)."
             )
         if not 0.0 <= self.neighbour_box_jitter < 1.0:
             raise ValueError(
