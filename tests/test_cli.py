@@ -359,3 +359,16 @@ def test_a_class_aware_model_asks_for_the_structure_of_the_box(tmp_path):
     processor = IMedSamProcessor(image_size=64)
     masks = [app.segment_request(model, processor, image, (5, 5, 30, 30), [], "native", c)[0] for c in ("1 a", "3 c")]
     assert not np.array_equal(np.asarray(masks[0]), np.asarray(masks[1]))  # each class's own heads
+
+
+def test_demo_tunes_the_cpu_allocator_unless_told_not_to(model_dir, allocator_calls):
+    """`demo/app.py --cpu-allocator keep` (the default) on a CPU tunes malloc as `imedsam predict` does; `default`
+    leaves it."""
+    pytest.importorskip("gradio")
+    spec = importlib.util.spec_from_file_location("imedsam_demo_app_allocator", REPO_ROOT / "demo" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    app.build_demo(str(model_dir), device="cpu")
+    assert allocator_calls == [1]
+    app.build_demo(str(model_dir), device="cpu", cpu_allocator="default")
+    assert allocator_calls == [1]

@@ -40,7 +40,9 @@ def demo_url():
     spec = importlib.util.spec_from_file_location("imedsam_demo", REPO_ROOT / "demo" / "app.py")
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
-    demo = app.build_demo("litemedsam")
+    demo = app.build_demo(
+        "litemedsam", cpu_allocator="default"
+    )  # module scope: the conftest fixture is not yet in place
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}"
