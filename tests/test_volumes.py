@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import REPO_ROOT, SHARED_DATA, tiny_model
 from PIL import Image
 from scipy import ndimage
@@ -500,7 +501,7 @@ def test_prompts_given_records_every_box_the_model_is_prompted_with(monkeypatch)
         assert given == [(z, c, box) for c, z, box in calls] and len(given) == 9  # every slice of the tube, once
 
 
-def test_propagated_boxes_script_maps_each_box_to_its_slice_file(tmp_path, monkeypatch):
+def test_propagated_boxes_script_maps_each_box_to_its_slice_file(tmp_path, monkeypatch, allocator_calls):
     """training/propagated_boxes.py: each scan of the split stacked from its slices (numbered from 5 here), every
     box its 3-D box and key slice propagations were prompted with written under the stem of the slice it was given
     on; scans kept apart; the other splits' slices not run."""
@@ -524,7 +525,8 @@ def test_propagated_boxes_script_maps_each_box_to_its_slice_file(tmp_path, monke
     split_file.write_text(json.dumps({"train": [s for s in stems if s.startswith("a")], "test": stems[9:]}))
     calls: list = []
     monkeypatch.setattr(volumes_module, "segment", cropped_truth_fake(labels, calls, monkeypatch))
-    monkeypatch.setattr(script, "load_model", lambda name: (FakeModel(), object()))
+    on_cpu = type("OnCpu", (FakeModel,), {"parameters": lambda self: iter([torch.zeros(1)])})
+    monkeypatch.setattr(script, "load_model", lambda name: (on_cpu(), object()))
     out = tmp_path / "boxes.json"
     script.main(
         ["--model", "m", "--data_dir", str(tmp_path / "data"), "--split_file", str(split_file), "--out", str(out)]
@@ -534,6 +536,7 @@ def test_propagated_boxes_script_maps_each_box_to_its_slice_file(tmp_path, monke
     for class_id, z, box in calls:  # two propagations of scan a: 3-D box, then key slice
         expected.setdefault(f"a_slice{z + 5:03d}", {}).setdefault(str(class_id), []).append(box)
     assert written == expected and len(calls) == 18 and set(written) == {f"a_slice{z + 5:03d}" for z in range(9)}
+    assert allocator_calls == [1]  # on a CPU, malloc tuned as imedsam predict does
     # A second round adds its boxes to the first round's.
     again = tmp_path / "round2.json"
     script.main(["--model", "m", "--data_dir", str(tmp_path / "data"), "--split_file", str(split_file), "--out",
