@@ -180,7 +180,7 @@ def write_model_card(
         n_train=splits.get("train", 0),
         n_validation=splits.get("validation", 0),
         n_test=splits.get("test", 0),
-        box_jitter_percent=round(100 * float(data["box_jitter"])),
+        training_prompts=training_prompts(data),
         epochs=run.get("epochs", training["epochs"]),
         steps=run.get("steps"),
         training_minutes=run.get("minutes"),
@@ -205,6 +205,36 @@ def write_model_card(
     )
     card.save(folder / "README.md")
     return card
+
+
+def training_prompts(data: dict[str, Any]) -> str:
+    """The card's "Prompts" line: how a run's training boxes were made (its `data` options), exact at evaluation."""
+    text = f"ground-truth boxes, jittered by up to {float(data['box_jitter']):.0%} of the box size per side in training"
+    exact = 1.0 - float(data.get("box_jitter_probability", 1.0))
+    if exact > 0:
+        text += f" ({exact:.0%} of them left exact)"
+    borrowed = []
+    if data.get("neighbour_box_probability"):
+        moved = float(data.get("neighbour_box_jitter") or 0)
+        borrowed.append(
+            f"{float(data['neighbour_box_probability']):.0%} with a neighbouring slice's box (up to "
+            f"{data.get('neighbour_box_distance', 2)} slices away, widened by "
+            f"{float(data.get('neighbour_box_margin', 3.0)):g} px"
+            + (f", each side moved by up to {moved:.0%})" if moved else ")")
+        )
+    if data.get("extent_box_probability"):
+        borrowed.append(
+            f"{float(data['extent_box_probability']):.0%} with the structure's in-plane extent over its scan"
+        )
+    if data.get("propagated_box_probability"):
+        borrowed.append(
+            f"{float(data['propagated_box_probability']):.0%} with a box the model's own propagation gave on that slice "
+            f"(`{Path(str(data.get('propagated_boxes'))).name}`)"
+        )
+    if borrowed:
+        shares = ", ".join(borrowed).replace(" with ", " are prompted instead with ", 1)
+        text += f"; of the training samples, {shares} (the boxes 3-D prompts give)"
+    return text + "; exact at evaluation"
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

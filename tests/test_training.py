@@ -65,6 +65,7 @@ def test_short_real_run_writes_the_publishing_form_and_a_card(tiny_sam, polyps, 
     # No --name: the dataset is named after the data folder (here the copy "polyps"), not a guess such as "Kvasir".
     assert "model-index" in metadata and "polyps" in metadata and "Kvasir" not in metadata
     assert "| I-MedSAM | 48 |" in card and "zero-shot backbone" in card
+    assert "- Prompts: ground-truth boxes, jittered by up to 10% of the box size per side in training; exact at" in card
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert any("val_dice" in r for r in log) and any("fine_loss" in r for r in log)
     # config.yaml: the resolved options, the effective precision, never the token; it loads as a --config again.
@@ -663,6 +664,11 @@ def test_ct_folder_splits_by_scan_and_records_the_class_names(tiny_sam, tmp_path
                                    "--num_classes", "13", "--propagated_box_probability", "0.5",
                                    "--propagated_boxes", str(recorded)))  # fmt: skip
     assert yaml.safe_load((tmp_path / "aware" / "config.yaml").read_text())["data"]["propagated_boxes"] == str(recorded)
+    # The card says how the training boxes were made.
+    assert (
+        "of the training samples, 50% are prompted instead with a box the model's own propagation gave on that "
+        "slice (`propagated.json`)" in (tmp_path / "aware" / "final" / "README.md").read_text()
+    )
     assert 0 <= aware["best_val_dice"] <= 1 and set(aware["results"]["48"]["per_class"]) <= {
         str(i) for i in range(1, 14)
     }
