@@ -362,8 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             device = str(resolve_device(args.device)) if hasattr(args, "device") else None
         except ValueError as error:
             return common.fail(error)
-        if device == "cpu" and getattr(args, "cpu_allocator", None) == "keep":
-            runtime.keep_freed_memory()
+        runtime.tune_cpu_allocator(getattr(args, "cpu_allocator", "default"), device)
         if args.command == "predict":
             return predict.run(args, device)
         if args.command == "evaluate":

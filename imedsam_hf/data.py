@@ -333,6 +333,13 @@ def slice_index(stem: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def volume_slice_key(stem: str, pattern: re.Pattern) -> tuple[str, int] | None:
+    """A volume slice's `(scan, slice number)`: the first group of `pattern` (`compile_group_pattern`) and the
+    stem's trailing number (`case0001_slice061` -> `("case0001", 61)`); None for a stem that is not one."""
+    match, number = re.match(pattern, stem), slice_index(stem)
+    return (match.group(1), number) if number is not None and match and match.groups() else None
+
+
 class MaskValuesError(ValueError):
     """A mask whose values do not fit the classes it is read with: the file, the values found and the fix."""
 
@@ -745,13 +752,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
         keys = []
         for i in range(len(self.records)):
             stem = str(self.records[i]["stem"])
-            match, number = re.match(pattern, stem), slice_index(stem)
-            if number is None or not (match and match.groups()):
+            key = volume_slice_key(stem, pattern)
+            if key is None:
                 raise ValueError(
                     f"neighbour and extent boxes take the slices of volumes, stems like case0001_slice061 (the scan by the group "
                     f"pattern {self.config.group_pattern!r}, then the slice number); {stem!r} is not one."
                 )
-            keys.append((match.group(1), number))
+            keys.append(key)
         return keys
 
     @staticmethod

@@ -778,6 +778,14 @@ def keep_freed_memory(top_pad_mib: int = 512, trim_threshold_mib: int = 2047) ->
     return f"glibc malloc keeps freed memory (no mmap per large block, trim above {trim_threshold_mib} MiB free)"
 
 
+def tune_cpu_allocator(choice: str, device: str | torch.device | None) -> str | None:
+    """`--cpu-allocator keep|default` of the scripts and commands: :func:`keep_freed_memory` where `device` is the
+    CPU and `choice` is "keep" (its message); None where nothing was asked (another device, "default", no device)."""
+    if choice != "keep" or device is None or torch.device(device).type != "cpu":
+        return None
+    return keep_freed_memory()
+
+
 __all__ = [
     "BACKENDS",
     "PRECISIONS",
@@ -791,6 +799,7 @@ __all__ = [
     "model_folder_export",
     "export_vision_encoder",
     "keep_freed_memory",
+    "tune_cpu_allocator",
     "probe_images",
     "set_backend",
     "torch_vision_encoder",

@@ -474,3 +474,13 @@ def test_cpu_allocator_keeps_freed_memory_unless_the_user_chose(tmp_path, mode, 
     else:
         assert released > 200
         assert mode == "default" or "MALLOC_TOP_PAD_ set" in " ".join(lines)
+
+
+def test_tune_cpu_allocator_only_on_the_cpu_and_when_asked(allocator_calls):
+    """`--cpu-allocator`'s one rule for train.py, the CLI, the demo and training/propagated_boxes.py: the tuning
+    runs for "keep" on a CPU device, never for "default", another device or none."""
+    from imedsam_hf.runtime import tune_cpu_allocator
+
+    assert tune_cpu_allocator("default", "cpu") is None and tune_cpu_allocator("keep", "cuda:0") is None
+    assert tune_cpu_allocator("keep", None) is None and allocator_calls == []
+    assert tune_cpu_allocator("keep", torch.device("cpu")) == "allocator (test): kept" and allocator_calls == [1]

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import numpy as np
 
 import imedsam_hf.runtime as runtime  # looked up at call time: tests replace the allocator tuning
 from imedsam_hf import load_model
-from imedsam_hf.data import DEFAULT_GROUP_PATTERN, compile_group_pattern, discover_pairs, load_splits, slice_index
+from imedsam_hf.data import DEFAULT_GROUP_PATTERN, compile_group_pattern, discover_pairs, load_splits, volume_slice_key
 from imedsam_hf.files import atomic_write
 from imedsam_hf.volumes import VOLUME_PROTOCOLS, segment_volume, stack_slices, volume_prompts, volume_scores
 
@@ -62,13 +60,13 @@ def scans_of(stems: list[str], pattern: str) -> dict[str, dict[int, str]]:
     compiled = compile_group_pattern(pattern)
     scans: dict[str, dict[int, str]] = {}
     for stem in stems:
-        match, number = re.match(compiled, stem), slice_index(stem)
-        if number is None or not (match and match.groups()):
+        key = volume_slice_key(stem, compiled)
+        if key is None:
             raise SystemExit(
                 f"error: {stem!r} is not a slice of a volume (the scan by --group_pattern {pattern!r}, then the slice "
                 "number, like case0001_slice061)"
             )
-        scans.setdefault(match.group(1), {})[number] = stem
+        scans.setdefault(key[0], {})[key[1]] = stem
     return scans
 
 
@@ -98,8 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[list[float]]
         except (OSError, ValueError) as error:
             raise SystemExit(f"error: --add_to {args.add_to}: not a file this script wrote ({error})") from error
     model, processor = load_model(args.model)
-    if next(model.parameters()).device.type == "cpu" and args.cpu_allocator == "keep":
-        print(runtime.keep_freed_memory())
+    done = runtime.tune_cpu_allocator(args.cpu_allocator, next(model.parameters()).device)
+    if done:
+        print(done)
     for scan, stems in sorted(scans_of(wanted, args.group_pattern).items()):
         start = time.time()
         images, labels, first = stack_slices({z: (pairs[s].image, pairs[s].mask) for z, s in stems.items()})
@@ -128,4 +127,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[list[float]]
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

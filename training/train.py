@@ -897,8 +897,9 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         torch.set_num_threads(run_args.num_threads)
     accelerator, log = start(args, trackers)
     output_dir = Path(run_args.output_dir)
-    if run_args.cpu_allocator == "keep" and accelerator.device.type == "cpu":
-        accelerator.print(runtime.keep_freed_memory())
+    tuned = runtime.tune_cpu_allocator(run_args.cpu_allocator, accelerator.device)
+    if tuned:
+        accelerator.print(tuned)
 
     # the model: its config is the truth from here on (a checkpoint keeps its own num_classes and switches)
     model, processor, published = build_model(args.model)
