@@ -33,6 +33,7 @@ from common import VOLUME_PROTOCOLS, add_run_arguments, machine_description, rep
 
 from imedsam_hf import load_model
 from imedsam_hf.data import load_splits, read_class_names, read_scan_spacing, slice_index
+from imedsam_hf.processing_imedsam import TTA_MIRRORS
 from imedsam_hf.volumes import read_volume, segment_volume, stack_slices, volume_scores
 
 COMMON_8 = (8, 4, 3, 2, 6, 11, 1, 7)
@@ -82,6 +83,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--cases", nargs="*", default=None, help="these scans only")
     parser.add_argument("--model", action="append", help="model spec(s); default litemedsam (SAM mask)")
     parser.add_argument("--protocol", nargs="+", default=list(VOLUME_PROTOCOLS), choices=list(VOLUME_PROTOCOLS))
+    parser.add_argument(
+        "--tta", default="none", choices=list(TTA_MIRRORS), help="test-time mirroring of every slice (segment's tta)"
+    )
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     device, _ = setup_run(args)
@@ -113,7 +117,7 @@ def main(argv=None) -> dict:
                 start = time.perf_counter()
                 predicted = segment_volume(
                     model, images, processor=processor, progress=False, **prompts[protocol, case],
-                    **VOLUME_PROTOCOLS[protocol],
+                    **VOLUME_PROTOCOLS[protocol], tta=args.tta,
                 )  # fmt: skip
                 seconds.append(time.perf_counter() - start)
                 classes = [int(c) for c in np.unique(labels) if c > 0]
@@ -126,6 +130,7 @@ def main(argv=None) -> dict:
                 {
                     "model": spec,
                     "protocol": protocol,
+                    "tta": args.tta,
                     "scans": len(cases),
                     "load_s": load_seconds,
                     "seconds_per_volume": float(np.mean(seconds)),

@@ -24,6 +24,7 @@ import imedsam_hf.runtime as runtime  # looked up at call time: tests replace th
 from imedsam_hf import load_model, overlay, segment
 from imedsam_hf.evaluation import grid_size
 from imedsam_hf.loading import resolve_device
+from imedsam_hf.processing_imedsam import TTA_MIRRORS
 
 RESOLUTIONS = ["native", "0.5x", "2x", "512 px", "1024 px"]
 
@@ -42,9 +43,9 @@ def structure_choices(model) -> list[str]:
     return [f"{i} {names.get(i, f'class {i}')}" for i in range(1, config.num_classes + 1)]
 
 
-def segment_request(model, processor, image, box_values, clicks, resolution, structure=None):
+def segment_request(model, processor, image, box_values, clicks, resolution, structure=None, tta="none"):
     """One press of "Segment": the typed box (all zeros: none) and/or the clicks `[(x, y, label), ...]`; for a
-    class-aware model, the structure ("<id> <name>") the box is for."""
+    class-aware model, the structure ("<id> <name>") the box is for; `tta` the test-time mirroring (`segment`'s)."""
     if image is None:
         raise gr.Error("Upload an image first.")
     array = np.asarray(image)
@@ -61,7 +62,7 @@ def segment_request(model, processor, image, box_values, clicks, resolution, str
     try:
         result = segment(
             model, array, box=box, points=points, labels=labels,
-            output_size=output_grid(height, width, resolution), processor=processor, classes=classes,
+            output_size=output_grid(height, width, resolution), processor=processor, classes=classes, tta=tta,
         )  # fmt: skip
     except ValueError as error:
         raise gr.Error(str(error)) from error
@@ -72,6 +73,8 @@ def segment_request(model, processor, image, box_values, clicks, resolution, str
     info = f"mask {mask.shape[1]}x{mask.shape[0]}, foreground {100 * area:.1f}%"
     if clicks:
         info += f", {len(clicks)} click(s)"
+    if tta != "none":
+        info += f", {len(TTA_MIRRORS[tta])} mirrors averaged"
     if result.mask_source == "sam" and model.config.use_implicit_decoder:
         info += "; SAM's own mask: this model's implicit decoder was never trained"
     return overlay(array, result.mask), path, info
@@ -86,8 +89,8 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
         print(tuned)
     model, processor = load_model(model_name, device=resolved)
 
-    def run(image, x0, y0, x1, y1, clicks, resolution, structure):
-        return segment_request(model, processor, image, (x0, y0, x1, y1), clicks, resolution, structure)
+    def run(image, x0, y0, x1, y1, clicks, resolution, structure, tta):
+        return segment_request(model, processor, image, (x0, y0, x1, y1), clicks, resolution, structure, tta)
 
     def add_click(clicks, kind, event: gr.SelectData):
         x, y = event.index
@@ -113,6 +116,9 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
                     clear = gr.Button("Clear clicks")
                 listed = gr.Textbox(label="Clicks (x,y,label)", interactive=False)
                 resolution = gr.Radio(RESOLUTIONS, value="native", label="Output resolution")
+                tta = gr.Radio(
+                    list(TTA_MIRRORS), value="none", label="Test-time mirroring (h, v: 2 passes; hv: 4, averaged)"
+                )
                 choices = structure_choices(model)
                 structure = gr.Dropdown(
                     choices, value=choices[0] if choices else None, label="Structure", visible=bool(choices)
@@ -125,7 +131,7 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
         image.select(add_click, inputs=[clicks, kind], outputs=[clicks, listed])
         clear.click(lambda: ([], ""), outputs=[clicks, listed])
         image.upload(lambda: ([], ""), outputs=[clicks, listed])
-        inputs = [image, x0, y0, x1, y1, clicks, resolution, structure]
+        inputs = [image, x0, y0, x1, y1, clicks, resolution, structure, tta]
         button.click(run, inputs=inputs, outputs=[result, download, info])
     return demo
 

@@ -20,6 +20,7 @@ from .data import DEFAULT_GROUP_PATTERN
 from .evaluation import NATIVE
 from .inference import MAX_OUTPUT_PIXELS, check_output_budget
 from .loading import resolve_device
+from .processing_imedsam import TTA_MIRRORS
 from .version import __version__
 from .volumes import WINDOW_PRESETS
 
@@ -59,6 +60,16 @@ def _pixel_budget(text: str) -> int:
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings on the command line as `warning: ...` on stderr, without the source line Python shows."""
     print(f"warning: {common.flag_message(message)}", file=sys.stderr if file is None else file)
+
+
+def _tta_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tta",
+        default="none",
+        choices=list(TTA_MIRRORS),
+        help="test-time mirroring: also segment the image mirrored left-right (h), up-down (v) or both ways and back "
+        "(hv: 4 passes), averaging the probabilities (nnU-Net's test-time augmentation; 2 or 4 times the time)",
+    )
 
 
 def _device_option(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_OUTPUT_PIXELS,
         help="bigger masks are predicted on a grid of this many points and resized (bounded memory)",
     )
+    _tta_option(p)
     _device_option(p)
     _backend_option(p)
 
@@ -327,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score only the first N pairs (a quick look; per-volume scores then cover only those slices)",
     )
     e.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    _tta_option(e)
     _device_option(e)
     _backend_option(e)
     return parser

@@ -52,7 +52,16 @@ from .metrics import (
     surface_distances,
 )
 from .modeling_imedsam import sam_mask_on_grid
-from .processing_imedsam import IMedSamProcessor, resize_labels, to_rgb_array
+from .processing_imedsam import (
+    IMedSamProcessor,
+    mirror_image,
+    mirror_prompts,
+    mirrored_mean,
+    probability_logits,
+    resize_labels,
+    to_rgb_array,
+    tta_mirrors,
+)
 
 NATIVE = "native"
 PROMPTS = ("box", "points", "none")
@@ -107,6 +116,7 @@ def predict_logits(
     baseline: bool = False,
     classes: Sequence[int] | None = None,
     points: Sequence[Sequence[float]] | None = None,
+    tta: str = "none",
 ) -> dict[str | int, torch.Tensor]:
     """
     Logits `(C, h, w)` of one image at each requested output size, from one encoder pass; `box` may be a list of
@@ -115,7 +125,30 @@ def predict_logits(
 
     `baseline=True` returns the backbone's own SAM mask (adapters disabled, SAM post-processing) instead. `classes`
     (one id per box) makes the prompts class-aware (`input_classes`: each box uses its class's heads, one channel).
+    `tta` mirrors the image at test time as `inference.segment` does (one encoder pass per mirror): the logits of the
+    mirrors' mean probability.
     """
+    mirrors = tta_mirrors(tta)
+    if len(mirrors) > 1:
+        by_mirror = []
+        for mirror in mirrors:
+            mirrored, shape = mirror_image(image, mirror)
+            by_mirror.append(
+                predict_logits(
+                    model,
+                    processor,
+                    mirrored,
+                    mirror_prompts(box, mirror, shape),
+                    output_sizes,
+                    baseline,
+                    classes,
+                    mirror_prompts(points, mirror, shape),
+                )  # fmt: skip
+            )
+        return {
+            size: probability_logits(mirrored_mean([logits[size].sigmoid() for logits in by_mirror], mirrors))
+            for size in by_mirror[0]
+        }
     device = next(model.parameters()).device
     clicks = {} if points is None else {"input_points": points, "input_labels": [1] * len(points)}
     inputs = processor(image, input_boxes=None if box is None else box, **clicks)
@@ -184,6 +217,7 @@ def evaluate_pairs(
     mask_values: Mapping[int, int] | None = None,
     slice_masks: dict | None = None,
     num_clicks: int = 1,
+    tta: str = "none",
 ) -> tuple[list[dict], dict[str, dict]]:
     """
     Score every pair at every output size (masks read with `read_mask(..., mask_values)`).
@@ -206,6 +240,8 @@ def evaluate_pairs(
     then also has `per_class` (`{"<id>": {"name", "dice", "iou", "hd95", "n"}}`) and `class_mean` (the mean over
     classes of those).
 
+    `tta` mirrors each image at test time (`predict_logits`; `processing_imedsam.TTA_MIRRORS`).
+
     `box_jitter` F > 0 moves each side of every box by up to F of the box's width/height (clipped to the image),
     as a user's imperfect box would: seeded by `jitter_seed` and the image's stem, so the model and the baseline (and
     any two runs) get the same boxes for an image, whatever the order or the subset of images.
@@ -215,6 +251,7 @@ def evaluate_pairs(
     """
     if prompt not in PROMPTS:
         raise ValueError(f"`prompt` must be one of {PROMPTS}, got {prompt!r}.")
+    tta_mirrors(tta)
     if prompt == "points" and class_prompts:
         raise ValueError("`prompt='points'` scores one structure per image; class-prompted folders take boxes.")
     sizes = [parse_size(s) for s in output_sizes]
@@ -241,7 +278,7 @@ def evaluate_pairs(
         aware = [c for c, _ in targets] if several and num_classes > 1 else None  # a multi-class model: class-aware
         logits = predict_logits(
             model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline, classes=aware,
-            points=clicks,
+            points=clicks, tta=tta,
         )  # fmt: skip
         for index, (class_id, target_labels) in enumerate(targets):
             extra = {} if class_id is None else {"class": class_id}
@@ -456,6 +493,8 @@ class EvaluationProtocol:
         num_clicks: clicks per mask with `prompt="points"`.
         group_pattern: regex whose first group names a slice's scan (per-volume scores of class-prompted rows).
         spacing: scan -> voxel spacing `(x, y, z)` in mm for the per-volume HD95, or None.
+        tta: test-time mirroring, `"none"`, `"h"`, `"v"` or `"hv"` (`processing_imedsam.TTA_MIRRORS`), for the model
+            and its zero-shot backbone alike.
     """
 
     prompt: str
@@ -472,8 +511,10 @@ class EvaluationProtocol:
     num_clicks: int
     group_pattern: str
     spacing: Mapping[str, Sequence[float]] | None
+    tta: str
 
     def __post_init__(self) -> None:
+        tta_mirrors(self.tta, "`tta`")
         if self.prompt not in PROMPTS:
             raise ValueError(f"`prompt` must be one of {PROMPTS}, got {self.prompt!r}.")
         for size in self.output_sizes:
@@ -503,6 +544,7 @@ class EvaluationProtocol:
         num_clicks: int,
         group_pattern: str,
         spacing: Mapping[str, Sequence[float]] | None,
+        tta: str,
     ) -> EvaluationProtocol:
         """
         The protocol for a model (its `config`: its output classes, whether it is class-aware, its class names) on
@@ -558,6 +600,7 @@ class EvaluationProtocol:
             num_clicks=int(num_clicks),
             group_pattern=group_pattern,
             spacing=spacing,
+            tta=tta,
         )
 
     @property
@@ -580,6 +623,7 @@ class EvaluationProtocol:
             jitter_seed=self.jitter_seed,
             mask_values=self.mask_values,
             num_clicks=self.num_clicks,
+            tta=self.tta,
         )
 
     def as_dict(self) -> dict:
@@ -591,6 +635,7 @@ class EvaluationProtocol:
             "jitter_seed": self.jitter_seed,
             "class_aware": self.class_aware,
             **({"classes": list(self.classes)} if self.classes else {}),
+            **({"tta": self.tta} if self.tta != "none" else {}),
         }
 
 

@@ -6,6 +6,7 @@ Library code: errors name the image and the argument (`ValueError`), nothing is 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,8 +20,13 @@ from .processing_imedsam import (
     ImageInput,
     IMedSamProcessor,
     describe,
+    mirror_image,
+    mirror_prompts,
+    mirrored_mean,
+    probability_logits,
     processor_for_config,
     resize_labels,
+    tta_mirrors,
 )
 from .publishing import implicit_decoder_trained
 
@@ -70,7 +76,8 @@ def segment(
     device: str | torch.device | None = None,
     max_output_pixels: int = MAX_OUTPUT_PIXELS,
     classes=None,
-    image_embeddings: torch.Tensor | None = None,
+    image_embeddings: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    tta: str = "none",
 ) -> Segmentation:
     """
     Segment one image (path, PIL image or array of any mode) with an I-MedSAM model.
@@ -92,7 +99,11 @@ def segment(
         classes: with a multi-class (class-aware) model, one class id per box (1..num_classes): each box is decoded
             by its class's heads (`input_classes`) and gets one binary mask, as with a one-class model.
         image_embeddings: `model.encode_image` of this image `(1, hidden, h, w)`, computed earlier (a volume's
-            slice prompted several times): the encoder is not run again.
+            slice prompted several times): the encoder is not run again. With `tta`, one per mirror of
+            `TTA_MIRRORS[tta]`, in that order (`volumes.encode_slice(..., tta=tta)`).
+        tta: test-time mirroring, `"none"` (default), `"h"`, `"v"` or `"hv"` (`TTA_MIRRORS`): the image is also
+            segmented mirrored left-right and/or up-down (prompts mirrored with it), each prediction is mirrored
+            back and the probabilities are averaged (nnU-Net's test-time augmentation), at 2 or 4 times the cost.
 
     A model whose implicit decoder was never trained (a conversion: `config.implicit_decoder_trained` false) gives
     SAM's own mask, with a warning once per model (`mask_source="sam"`); a multi-class one is an error. Logits that
@@ -105,11 +116,19 @@ def segment(
     """
     if labels is not None and points is None:
         raise ValueError("`labels` were given without `points`: they label each point (1 foreground, 0 background).")
+    mirrors = tta_mirrors(tta)
     if isinstance(model, str):
         model, default_processor = _load(model, None if device is None else str(device))
         processor = processor or default_processor
     if processor is None:
         processor = processor_for_config(model.config)
+    if len(mirrors) > 1:
+        return _segment_mirrored(
+            model, image, mirrors, box, points, labels, output_size, processor, max_output_pixels, classes,
+            image_embeddings,
+        )  # fmt: skip
+    if isinstance(image_embeddings, (list, tuple)):
+        image_embeddings = _one_embedding(image_embeddings)
     use_sam_mask = sam_mask_fallback(model)
     inputs = processor(image, input_boxes=box, input_points=points, input_labels=labels)
     input_classes = checked_input_classes(model, classes, inputs.get("input_boxes"))
@@ -173,6 +192,58 @@ def segment(
         mask_source="implicit_decoder"
         if getattr(model.config, "use_implicit_decoder", False) and not use_sam_mask
         else "sam",
+    )
+
+
+def _one_embedding(embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
+    if len(embeddings) != 1:
+        raise ValueError(
+            f"`image_embeddings`: {len(embeddings)} were given for `tta='none'`, which takes one (the image's own)."
+        )
+    return embeddings[0]
+
+
+def _segment_mirrored(
+    model, image, mirrors, box, points, labels, output_size, processor, max_output_pixels, classes, image_embeddings
+) -> Segmentation:
+    """`segment` with test-time mirroring: each mirror segmented with its prompts mirrored, the probabilities
+    mirrored back and averaged (`mirrored_mean`), the mask made from the average as from one prediction."""
+    if image_embeddings is not None and (
+        not isinstance(image_embeddings, (list, tuple)) or len(image_embeddings) != len(mirrors)
+    ):
+        raise ValueError(
+            f"`image_embeddings`: with test-time mirroring give one per mirror {list(mirrors)} (in that order, "
+            "`volumes.encode_slice(..., tta=...)`), or none."
+        )
+    results, size = [], None
+    for index, mirror in enumerate(mirrors):  # the image as it is first: its prompts are checked as given
+        mirrored, shape = mirror_image(image, mirror)
+        size = size or checked_output_size(output_size or shape)
+        results.append(
+            segment(
+                model,
+                mirrored,
+                box=mirror_prompts(box, mirror, shape),
+                points=mirror_prompts(points, mirror, shape),
+                labels=labels,
+                output_size=size,
+                processor=processor,
+                max_output_pixels=max_output_pixels,
+                classes=classes,
+                image_embeddings=None if image_embeddings is None else image_embeddings[index],
+            )
+        )
+    probability = mirrored_mean([torch.from_numpy(result.probabilities) for result in results], mirrors)
+    several = probability.ndim == 4  # (P, C, h, w)
+    masks = IMedSamProcessor.post_process_masks(probability_logits(probability if several else probability[None]))
+    masks = masks.numpy()
+    if results[0].grid != size:
+        masks = np.stack([resize_labels(mask, size) for mask in masks])
+    return Segmentation(
+        mask=masks if several else masks[0],
+        probabilities=probability.numpy(),
+        grid=results[0].grid,
+        mask_source=results[0].mask_source,
     )
 
 

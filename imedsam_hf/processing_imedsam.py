@@ -64,6 +64,11 @@ def open_image(source: ImageInput) -> Image.Image | np.ndarray:
     return decoded
 
 
+def _channels_first(array: np.ndarray) -> bool:
+    """Whether an image array is laid out `(C, H, W)` (a tensor's layout) rather than `(H, W[, C])`."""
+    return array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4)
+
+
 def to_rgb_array(source: ImageInput) -> np.ndarray:
     """
     Any supported image (path, PIL, numpy or torch; grey, RGB, RGBA, palette, 16-bit, float) -> `(H, W, 3)` float32
@@ -80,7 +85,7 @@ def to_rgb_array(source: ImageInput) -> np.ndarray:
         array = image
     else:
         raise ValueError(f"Unsupported image type {type(image).__name__}: pass a path, PIL image or array.")
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+    if _channels_first(array):
         array = np.moveaxis(array, 0, -1)  # channels-first tensor
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -450,6 +455,78 @@ class IMedSamProcessor(BaseImageProcessor):
         return torch.where(best > threshold, index + 1, torch.zeros_like(index))
 
 
+#: Test-time mirroring (nnU-Net's test-time augmentation): the mirrors of the image each choice predicts on, their
+#: probabilities averaged. "h" flips left-right (columns), "v" up-down (rows), "hv" both; "" is the image as it is,
+#: always first (its prompts are checked as the user gave them).
+TTA_MIRRORS = {"none": ("",), "h": ("", "h"), "v": ("", "v"), "hv": ("", "h", "v", "hv")}
+
+
+def tta_mirrors(tta: str, name: str = "`tta`") -> tuple[str, ...]:
+    """The mirrors of a test-time augmentation choice (`TTA_MIRRORS`); an unknown one is an error naming `name`."""
+    if tta not in TTA_MIRRORS:
+        raise ValueError(
+            f"{name} must be one of {', '.join(TTA_MIRRORS)} (mirrors averaged at test time), got {tta!r}."
+        )
+    return TTA_MIRRORS[tta]
+
+
+def mirror_image(source: ImageInput, mirror: str) -> tuple[Image.Image | np.ndarray, tuple[int, int]]:
+    """
+    One image mirrored (`mirror` of `TTA_MIRRORS`: "", "h", "v" or "hv") in its own representation (a PIL image stays
+    one, an array keeps its dtype and layout), so that it is read exactly as the original would be; and its `(H, W)`.
+    """
+    image = open_image(source)
+    if isinstance(image, Image.Image):
+        size = (image.height, image.width)
+        if "h" in mirror:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if "v" in mirror:
+            image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        return image, size
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    rows = 1 if _channels_first(array) else 0
+    axes = tuple(axis for flag, axis in (("v", rows), ("h", rows + 1)) if flag in mirror)
+    mirrored = np.ascontiguousarray(np.flip(array, axes)) if axes else array
+    return mirrored, (array.shape[rows], array.shape[rows + 1])
+
+
+def mirror_prompts(values: Any, mirror: str, size: tuple[int, int]) -> Any:
+    """
+    Boxes `(..., 4)` (x0, y0, x1, y1) or points `(..., 2)` (x, y), in original pixels of an image of `size` (H, W),
+    as they fall on the image mirrored by `mirror`: pixel index x -> W - 1 - x (a box's corners are its first and last
+    pixels, `data.mask_box`), kept inside the frame. `None` stays `None`; lists come back as lists.
+    """
+    if values is None or not mirror:
+        return values
+    array = np.array(values, dtype=np.float32)
+    height, width = size
+    if "h" in mirror:
+        columns = [0, 2] if array.shape[-1] == 4 else [0]
+        array[..., columns] = width - 1 - array[..., columns[::-1]]
+    if "v" in mirror:
+        rows = [1, 3] if array.shape[-1] == 4 else [1]
+        array[..., rows] = height - 1 - array[..., rows[::-1]]
+    array = np.clip(array, 0, None)
+    return array.tolist() if isinstance(values, (list, tuple)) else array
+
+
+def unmirror(maps: torch.Tensor, mirror: str) -> torch.Tensor:
+    """Maps `(..., H, W)` predicted on a mirrored image, mirrored back onto the image."""
+    dims = tuple(dim for flag, dim in (("v", -2), ("h", -1)) if flag in mirror)
+    return torch.flip(maps, dims) if dims else maps
+
+
+def mirrored_mean(probabilities: Sequence[torch.Tensor], mirrors: Sequence[str]) -> torch.Tensor:
+    """The mean of probability maps `(..., H, W)` predicted on the mirrors of one image, each mirrored back first."""
+    return torch.stack([unmirror(value.float(), mirror) for value, mirror in zip(probabilities, mirrors)]).mean(0)
+
+
+def probability_logits(probability: torch.Tensor) -> torch.Tensor:
+    """Logits of probabilities (mirrors averaged), so that thresholds and `post_process_masks` read them as they
+    read one prediction's logits."""
+    return torch.logit(probability.clamp(1e-7, 1 - 1e-7))
+
+
 def processor_for_config(config) -> IMedSamProcessor:
     """The processor matching a model config: SAM mean/std for SAM ViTs, min-max for LiteMedSAM."""
     if config.vision_config.model_type == TINYVIT_MODEL_TYPE:
@@ -459,9 +536,16 @@ def processor_for_config(config) -> IMedSamProcessor:
 
 __all__ = [
     "IMedSamProcessor",
+    "TTA_MIRRORS",
+    "mirror_image",
+    "mirror_prompts",
+    "mirrored_mean",
     "open_image",
     "opened_image",
+    "probability_logits",
     "processor_for_config",
     "resize_labels",
     "to_rgb_array",
+    "tta_mirrors",
+    "unmirror",
 ]

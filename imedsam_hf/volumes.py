@@ -64,7 +64,7 @@ from .files import atomic_write, remove_stale_temporaries
 from .inference import segment
 from .loading import load_model
 from .metrics import METRIC_NAMES, dice_from_counts, iou_from_counts, overlap_counts, surface_distances
-from .processing_imedsam import IMedSamProcessor, processor_for_config
+from .processing_imedsam import IMedSamProcessor, mirror_image, processor_for_config, tta_mirrors
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -576,6 +576,7 @@ def segment_volume(
     confine: bool = True,
     key_slices: Mapping[int, int] | None = None,
     prompts_given: list[tuple[int, int, list[float]]] | None = None,
+    tta: str = "none",
 ) -> np.ndarray:
     """Segment a volume slice by slice with a box-prompted 2-D model.
 
@@ -625,6 +626,8 @@ def segment_volume(
         prompts_given: ``boxes_3d`` only: a list that receives ``(z, class_id, box)`` for every box the model is
             prompted with (the starting slice's and every propagated one, in slice-image pixels), e.g. to train on
             the boxes propagation gives (``training/propagated_boxes.py``).
+        tta: test-time mirroring of every slice, ``"none"`` (default), ``"h"``, ``"v"`` or ``"hv"``
+            (:func:`imedsam_hf.inference.segment`'s ``tta``): 2 or 4 encoder and decoder passes per slice.
 
     Returns:
         ``(X, Y, Z)`` uint8 class ids, 0 = background, on the grid of ``volume``.
@@ -635,6 +638,7 @@ def segment_volume(
     """
     if (label_volume is None) == (boxes_3d is None):
         raise ValueError("segment_volume: give exactly one of label_volume (per-slice boxes) or boxes_3d")
+    tta_mirrors(tta)
     if key_slices and boxes_3d is None:
         raise ValueError("segment_volume: key_slices go with boxes_3d (the slice each 2-D box was drawn on)")
     if isinstance(model, str):
@@ -667,11 +671,11 @@ def segment_volume(
             "intensities); nothing to segment."
         )
     if label_volume is not None:
-        _segment_with_label_volume(model, processor, images, truth, labels, wanted, progress)
+        _segment_with_label_volume(model, processor, images, truth, labels, wanted, progress, tta)
     else:
         _segment_with_boxes_3d(
             model, processor, images, checked, labels, progress, float(box_margin), propagation, confine=confine,
-            key_slices=key_slices, prompts_given=prompts_given,
+            key_slices=key_slices, prompts_given=prompts_given, tta=tta,
         )  # fmt: skip
     return labels
 
@@ -695,6 +699,7 @@ def _segment_with_label_volume(
     labels: np.ndarray,
     wanted: set[int] | None,
     progress: bool,
+    tta: str = "none",
 ) -> None:
     present = truth.any(axis=(0, 1))
     for z in tqdm(range(truth.shape[2]), desc="slices", unit="slice", disable=not progress):
@@ -707,7 +712,7 @@ def _segment_with_label_volume(
         boxes = [mask_box(truth_slice == c).tolist() for c in ids]
         result = segment(
             model, slice_image(images, z), box=boxes, output_size=truth_slice.shape, processor=processor,
-            classes=ids if _class_count(model) > 1 else None,
+            classes=ids if _class_count(model) > 1 else None, tta=tta,
         )  # fmt: skip
         # Scores = probability inside each prompt's own mask, 0 outside: merging at threshold 0 keeps exactly the
         # pixels `segment` called foreground, the most probable prompt winning where masks overlap.
@@ -717,11 +722,20 @@ def _segment_with_label_volume(
 
 
 @torch.no_grad()
-def encode_slice(model: Any, processor: IMedSamProcessor, image: np.ndarray) -> torch.Tensor:
-    """The image embeddings `(1, hidden, h, w)` of one slice image, for `segment(..., image_embeddings=...)`."""
+def encode_slice(
+    model: Any, processor: IMedSamProcessor, image: np.ndarray, tta: str = "none"
+) -> torch.Tensor | list[torch.Tensor]:
+    """
+    The image embeddings `(1, hidden, h, w)` of one slice image, for `segment(..., image_embeddings=...)`; with
+    test-time mirroring (`tta`), a list of them, one per mirror of the slice (`TTA_MIRRORS[tta]`, in that order).
+    """
     parameter = next(model.parameters())
-    pixel_values = processor(image)["pixel_values"]
-    return model.encode_image(pixel_values.to(parameter.device, parameter.dtype))
+    mirrors = tta_mirrors(tta)
+    embeddings = []
+    for mirror in mirrors:
+        pixel_values = processor(mirror_image(image, mirror)[0])["pixel_values"]
+        embeddings.append(model.encode_image(pixel_values.to(parameter.device, parameter.dtype)))
+    return embeddings if len(mirrors) > 1 else embeddings[0]
 
 
 def _segment_with_boxes_3d(
@@ -737,6 +751,7 @@ def _segment_with_boxes_3d(
     confine: bool = False,
     key_slices: Mapping[int, int] | None = None,
     prompts_given: list[tuple[int, int, list[float]]] | None = None,
+    tta: str = "none",
 ) -> None:
     """
     MedSAM's propagation for every structure at once, each slice encoded once: an upward pass (z ascending) runs
@@ -754,7 +769,7 @@ def _segment_with_boxes_3d(
     starts = {c: key_slices.get(c, (box[2] + box[5]) // 2) for c, box in boxes_3d.items()}
     best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # z -> (winning probability, class ids), as slice images
     needed_below = {z for c, box in boxes_3d.items() for z in range(box[2], starts[c])}
-    kept: dict[int, torch.Tensor] = {}  # embeddings of slices the downward pass may visit again
+    kept: dict[int, torch.Tensor | list[torch.Tensor]] = {}  # embeddings of slices the downward pass may visit again
     upward = range(min(starts.values()), max(box[5] for box in boxes_3d.values()) + 1)
     keep_going = propagation == "continue"
     extents = {}
@@ -765,8 +780,8 @@ def _segment_with_boxes_3d(
         ) if class_id not in key_slices else (0.0, 0.0, float(size[1]), float(size[0]))  # fmt: skip
     downward = range(max(starts.values()) - 1, min(box[2] for box in boxes_3d.values()) - 1, -1)
 
-    def encode(z: int) -> torch.Tensor:
-        return encode_slice(model, processor, slice_image(images, z))
+    def encode(z: int) -> torch.Tensor | list[torch.Tensor]:
+        return encode_slice(model, processor, slice_image(images, z), tta)
 
     rows, columns = np.arange(size[0])[:, None], np.arange(size[1])[None, :]
 
@@ -780,14 +795,14 @@ def _segment_with_boxes_3d(
             & (rows <= math.ceil(y1))
         )
 
-    def run(z: int, prompts: dict[int, list[float]], embeddings: torch.Tensor) -> dict[int, list[float] | None]:
+    def run(z: int, prompts: dict[int, list[float]], embeddings) -> dict[int, list[float] | None]:
         """Segment slice `z` with every structure's prompt; each one's next box (its mask's, widened), or None."""
         ids = list(prompts)
         if prompts_given is not None:
             prompts_given.extend((z, c, list(prompts[c])) for c in ids)
         result = segment(
             model, slice_image(images, z), box=[prompts[c] for c in ids], output_size=size, processor=processor,
-            classes=ids if aware else None, image_embeddings=embeddings,
+            classes=ids if aware else None, image_embeddings=embeddings, tta=tta,
         )  # fmt: skip
         following: dict[int, list[float] | None] = {}
         for index, class_id in enumerate(ids):

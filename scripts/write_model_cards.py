@@ -5,12 +5,16 @@
         --volumes volumes.json --output model_cards/imedsam-litemedsam-btcv.md
     python scripts/write_model_cards.py polyp --run RUN --exact exact.json --jitter jitter.json \
         --sweep sweep.json --run-name transformer_low_lr_jitter_0.2 --output model_cards/imedsam-litemedsam-polyp.md
+    python scripts/write_model_cards.py mirroring --output model_cards/imedsam-litemedsam-btcv.md \
+        --exact exact.json --tta-exact exact_tta.json [--jitter jitter.json --tta-jitter jitter_tta.json]
 
 `--exact` / `--jitter`: `imedsam evaluate --model NAME --split test --baseline [--box-jitter 0.1] --json ...` of the
 shipped model (its own splits.json); `--volumes`: `benchmarks/btcv_volumes.py` over the test scans with the shipped
 model and `litemedsam`; `--sweep`: `benchmarks/ablation.py`'s JSON with the MedSAM-style fine-tune as reference;
 `--run`: the training run (its `eval_results.json`: steps, epochs, minutes, device; `config.yaml`). Every number in
-the card comes from these files; the text around them says how each was made.
+the card comes from these files; the text around them says how each was made. `mirroring` writes (or rewrites) one
+section of a card, "With test-time mirroring", from `imedsam evaluate ... --tta hv` beside the same command without it;
+`btcv` and `polyp` add it when given `--tta-exact`.
 """
 
 from __future__ import annotations
@@ -379,11 +383,81 @@ def polyp(args) -> None:
     write_shipped_model_card(args.output, context, results)
 
 
+MIRRORING_HEADING = "## With test-time mirroring"
+
+
+def mirroring_section(exact: dict, tta_exact: dict, jitter: dict | None = None, tta_jitter: dict | None = None) -> str:
+    """
+    The card section on test-time mirroring (`imedsam evaluate --tta`): this model and the zero-shot backbone, both
+    with and without it, on the same prompts; per slice (a class-prompted folder: the per-organ mean, and per
+    volume) or per image. Every number from the four reports (`--exact`/`--jitter` without, `--tta-*` with).
+    """
+    tta = tta_exact.get("tta")
+    if not tta or tta_exact.get("box_jitter", 0) != exact.get("box_jitter", 0):
+        raise ValueError("--tta-exact: a report of `imedsam evaluate ... --tta` on the prompts of --exact.")
+    mirrors = {"h": "left-right", "v": "up-down", "hv": "left-right, up-down and both"}[tta]
+    passes = 2 if len(tta) == 1 else 4
+    by_slice = "class_mean" in exact["results"]["native"]
+
+    def mean(report: dict, baseline: bool) -> float:
+        scores = report["baseline_sam"]["native"] if baseline else report["results"]["native"]
+        return scores["class_mean"]["dice"] if by_slice else scores["dice"]
+
+    rows = []
+    pairs = [("exact boxes", exact, tta_exact)]
+    if jitter and tta_jitter:
+        pairs.append(("every box side moved by up to 10%", jitter, tta_jitter))
+    unit = "per slice" if by_slice else "per image"
+    for label, plain, mirrored in pairs:
+        rows.append(
+            [f"{label}, {unit}", points(mean(plain, True)), points(mean(mirrored, True)), points(mean(plain, False)),
+             f"**{points(mean(mirrored, False))}**"]
+        )  # fmt: skip
+        if by_slice:
+            rows.append(
+                [f"{label}, per volume (3-D)", points(plain["baseline_sam"]["volume"]["dice"]),
+                 points(mirrored["baseline_sam"]["volume"]["dice"]), points(plain["volume"]["dice"]),
+                 f"**{points(mirrored['volume']['dice'])}**"]
+            )  # fmt: skip
+    header = ["prompts", "zero-shot", "zero-shot, mirrored", "this model", "this model, mirrored"]
+    text = (
+        f"{MIRRORING_HEADING}\n\nThe same test {'slices' if by_slice else 'images'} segmented also mirrored "
+        f"({mirrors}), each prediction mirrored back and the probabilities averaged (nnU-Net's test-time "
+        f"augmentation; `--tta {tta}`, {passes} encoder and decoder passes instead of 1), for both models on the same "
+        f"prompts ({'13-organ mean Dice' if by_slice else 'mean Dice'}):\n\n{markdown_table(header, rows)}\n\n"
+    )
+    if by_slice:
+        plain, mirrored = exact["results"]["native"]["per_class"], tta_exact["results"]["native"]["per_class"]
+        changes = sorted((mirrored[k]["dice"] - plain[k]["dice"], plain[k]["name"]) for k in plain)
+        text += (
+            f"Per organ (exact boxes, per slice) the change runs from {100 * changes[0][0]:+.1f} points "
+            f"({changes[0][1]}) to {100 * changes[-1][0]:+.1f} ({changes[-1][1]}). "
+        )
+    command = (  # the mirrored report's own command
+        f"`imedsam evaluate --model {tta_exact['model']} --data-dir {tta_exact['data_dir']} --split test --baseline "
+        f"--tta {tta}`"
+    )
+    return text + f"Command: {command} (and without `--tta`).\n"
+
+
+def add_mirroring_section(card: Path, section: str) -> None:
+    """Write `section` into the card before its "Intended use" section, replacing an earlier one."""
+    text = card.read_text()
+    start = text.find(MIRRORING_HEADING)
+    if start >= 0:
+        end = text.find("\n## ", start + len(MIRRORING_HEADING))
+        text = text[:start] + text[end + 1 :]
+    anchor = text.find("## Intended use")
+    if anchor < 0:
+        raise ValueError(f"{card}: no '## Intended use' section to place the mirroring section before.")
+    card.write_text(text[:anchor] + section + "\n" + text[anchor:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["btcv", "polyp"])
+    parser.add_argument("kind", choices=["btcv", "polyp", "mirroring"])
     parser.add_argument("--name", default=None)
-    parser.add_argument("--run", required=True)
+    parser.add_argument("--run", default=None, help="btcv, polyp: the training run")
     parser.add_argument("--exact", required=True)
     parser.add_argument("--jitter", default=None)
     parser.add_argument("--volumes", default=None)
@@ -394,10 +468,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-name", default=None, help="the GPU in words, for a GPU run's compute line")
     parser.add_argument("--recipe-summary", default="")
     parser.add_argument("--provenance-note", default="", help="btcv: how the measurements departed from the commands")
-    parser.add_argument("--trainable", required=True, help="trainable parameters, as train.py printed them")
-    parser.add_argument("--total", required=True)
+    parser.add_argument("--trainable", default=None, help="btcv, polyp: trainable parameters, as train.py printed them")
+    parser.add_argument("--total", default=None)
+    parser.add_argument("--tta-exact", default=None, help="`imedsam evaluate --tta ...` of --exact's prompts")
+    parser.add_argument("--tta-jitter", default=None, help="the same of --jitter's prompts")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
+    if args.kind == "mirroring" or args.tta_exact:
+        section = mirroring_section(load(args.exact), load(args.tta_exact), load(args.jitter), load(args.tta_jitter))
+    if args.kind == "mirroring":
+        add_mirroring_section(Path(args.output), section)
+        print(f"wrote the mirroring section of {args.output}")
+        return 0
+    missing = [f"--{name}" for name in ("run", "trainable", "total") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"{args.kind} needs {', '.join(missing)}")
     args.name = args.name or f"imedsam-litemedsam-{args.kind}"
     args.config = (
         args.config
@@ -407,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         }[args.kind]
     )
     btcv(args) if args.kind == "btcv" else polyp(args)
+    if args.tta_exact:
+        add_mirroring_section(Path(args.output), section)
     print(f"wrote {args.output}")
     return 0
 

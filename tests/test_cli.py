@@ -343,6 +343,10 @@ def test_demo_request_with_clicks(model_dir):
     )
     assert np.asarray(shown).shape[:2] == image.shape[:2] and "2 click(s)" in info
     assert np.asarray(Image.open(path)).shape == image.shape[:2]
+    shown, _, info = app.segment_request(
+        model, processor, image, (100, 60, 300, 250), [], "native", tta="h"
+    )  # the test-time mirroring control: the box and the image mirrored, the average mirrored back
+    assert "2 mirrors averaged" in info and np.asarray(shown).shape[:2] == image.shape[:2]
 
 
 def test_a_class_aware_model_asks_for_the_structure_of_the_box(tmp_path):

@@ -357,7 +357,7 @@ def cropped_truth_fake(labels: np.ndarray, calls: list, monkeypatch):
     A deterministic `segment`: each box's mask is the ground truth of its class cropped to the box (inclusive
     corners), one `calls` entry `(class, z, box)` per prompt. The slice encoder is replaced too (no model runs).
     """
-    monkeypatch.setattr(volumes_module, "encode_slice", lambda model, processor, image: None)
+    monkeypatch.setattr(volumes_module, "encode_slice", lambda model, processor, image, tta="none": None)
 
     def fake(model, image, box=None, output_size=None, processor=None, classes=None, **_):
         z = int(image[0, 0]) // 10
@@ -823,7 +823,7 @@ def test_3d_box_masks_reaching_past_their_box_do_not_grow_the_next_boxes(monkeyp
     """A model whose mask spills 2 px past every side of its box (as the trained BTCV model's do a little): with
     MedSAM's rule (`confine=False`) each propagated box is 5 px wider per side than the last, so the masks spread
     slice after slice; the default cuts each mask to its prompt box and keeps the boxes inside the 3-D box's extent."""
-    monkeypatch.setattr(volumes_module, "encode_slice", lambda model, processor, image: None)
+    monkeypatch.setattr(volumes_module, "encode_slice", lambda model, processor, image, tta="none": None)
     labels = np.zeros((60, 60, 9), dtype=np.uint8)
     labels[25:35, 25:35, :] = 3  # the same 10 x 10 square on every slice
     calls: list = []

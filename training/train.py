@@ -524,6 +524,7 @@ def final_evaluation(run: "Run", model, processor, splits: dict) -> dict[str, An
             num_clicks=1,
             group_pattern=args.data.group_pattern,
             spacing=None,
+            tta="none",  # the run's own numbers, as its validation measured them: no test-time mirroring
         )
     except ValueError as error:
         raise die(error) from error

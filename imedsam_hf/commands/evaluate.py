@@ -57,7 +57,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         prompt=args.prompt, output_sizes=tuple(args.output_sizes), num_classes=1, class_prompts=False,
         class_aware=False, mask_classes=None, classes=None, class_names=None, mask_values=None,
         box_jitter=args.box_jitter, jitter_seed=args.jitter_seed, num_clicks=args.clicks, group_pattern=args.group_pattern,
-        spacing=None,
+        spacing=None, tta=args.tta,
     )  # fmt: skip
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -79,6 +79,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         num_clicks=args.clicks,
         group_pattern=args.group_pattern,
         spacing=spacing,
+        tta=args.tta,
     )
     pairs, problems = discover_pairs(args.data_dir)
     pairs, problems = validate_pairs(pairs, protocol.read_classes, "skip", problems, protocol.mask_values)

@@ -316,7 +316,7 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
             ids = prompt.pop("class_ids", None)
             result = segment(
                 model, image, **prompt, output_size=grid or (height, width), processor=processor,
-                max_output_pixels=args.max_output_pixels, classes=ids if ids and aware else None,
+                max_output_pixels=args.max_output_pixels, classes=ids if ids and aware else None, tta=args.tta,
             )  # fmt: skip
             if ids is None:
                 values = (result.mask > 0).astype(np.uint8) * 255
@@ -390,7 +390,9 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 prompts["boxes_3d"], prompts["key_slices"] = boxes[name]
                 prompts["propagation"] = args.propagation or "stop"
                 prompts["confine"] = not args.no_confine
-            labels = segment_volume(model, volume, processor=processor, window=args.window, progress=True, **prompts)
+            labels = segment_volume(
+                model, volume, processor=processor, window=args.window, progress=True, tta=args.tta, **prompts
+            )
             written = write_label_volume(labels, volume, target)
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
         except (OSError, ValueError) as error:
