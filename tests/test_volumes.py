@@ -723,6 +723,10 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
     assert main([*argv, "--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "scan.nii.gz").is_file()
+    # Test-time mirroring of every slice, the 3-D boxes propagated from the mirrored average.
+    assert main([*argv, "--boxes", str(tmp_path / "boxes.json"), "--tta", "hv", "--out", str(tmp_path / "m")]) == 0
+    mirrored = nib.load(tmp_path / "m" / "scan.nii.gz")
+    assert mirrored.shape == labels.shape and set(np.unique(np.asarray(mirrored.dataobj))) <= {0, 2, 5}
     # Boxes drawn on a key slice: {"box": [...], "key_slice": z}.
     boxes, key_slices = key_slice_boxes_from_labels(labels)
     drawn = {str(c): {"box": box, "key_slice": key_slices[c]} for c, box in boxes.items()}
