@@ -54,8 +54,7 @@ from .metrics import (
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import (
     IMedSamProcessor,
-    mirror_image,
-    mirror_prompts,
+    mirrored_inputs,
     mirrored_mean,
     probability_logits,
     resize_labels,
@@ -130,21 +129,10 @@ def predict_logits(
     """
     mirrors = tta_mirrors(tta)
     if len(mirrors) > 1:
-        by_mirror = []
-        for mirror in mirrors:
-            mirrored, shape = mirror_image(image, mirror)
-            by_mirror.append(
-                predict_logits(
-                    model,
-                    processor,
-                    mirrored,
-                    mirror_prompts(box, mirror, shape),
-                    output_sizes,
-                    baseline,
-                    classes,
-                    mirror_prompts(points, mirror, shape),
-                )  # fmt: skip
-            )
+        by_mirror = [
+            predict_logits(model, processor, mirrored, mirrored_box, output_sizes, baseline, classes, mirrored_points)
+            for _, mirrored, _, mirrored_box, mirrored_points in mirrored_inputs(image, mirrors, box, points)
+        ]
         return {
             size: probability_logits(mirrored_mean([logits[size].sigmoid() for logits in by_mirror], mirrors))
             for size in by_mirror[0]

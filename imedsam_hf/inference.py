@@ -20,8 +20,7 @@ from .processing_imedsam import (
     ImageInput,
     IMedSamProcessor,
     describe,
-    mirror_image,
-    mirror_prompts,
+    mirrored_inputs,
     mirrored_mean,
     probability_logits,
     processor_for_config,
@@ -216,15 +215,17 @@ def _segment_mirrored(
             "`volumes.encode_slice(..., tta=...)`), or none."
         )
     results, size = [], None
-    for index, mirror in enumerate(mirrors):  # the image as it is first: its prompts are checked as given
-        mirrored, shape = mirror_image(image, mirror)
+    # The image as it is first: its prompts are checked as given.
+    for index, (_, mirrored, shape, mirrored_box, mirrored_points) in enumerate(
+        mirrored_inputs(image, mirrors, box, points)
+    ):
         size = size or checked_output_size(output_size or shape)
         results.append(
             segment(
                 model,
                 mirrored,
-                box=mirror_prompts(box, mirror, shape),
-                points=mirror_prompts(points, mirror, shape),
+                box=mirrored_box,
+                points=mirrored_points,
                 labels=labels,
                 output_size=size,
                 processor=processor,

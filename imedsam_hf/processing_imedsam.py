@@ -510,6 +510,19 @@ def mirror_prompts(values: Any, mirror: str, size: tuple[int, int]) -> Any:
     return array.tolist() if isinstance(values, (list, tuple)) else array
 
 
+def mirrored_inputs(
+    image: ImageInput, mirrors: Sequence[str], box: Any = None, points: Any = None
+) -> Iterator[tuple[str, Image.Image | np.ndarray, tuple[int, int], Any, Any]]:
+    """
+    For each of `mirrors` (in order): `(mirror, image, (H, W), box, points)` with the image and its prompts mirrored
+    (`mirror_image`, `mirror_prompts`). A path is read once, not once per mirror.
+    """
+    source = open_image(image)
+    for mirror in mirrors:
+        mirrored, size = mirror_image(source, mirror)
+        yield mirror, mirrored, size, mirror_prompts(box, mirror, size), mirror_prompts(points, mirror, size)
+
+
 def unmirror(maps: torch.Tensor, mirror: str) -> torch.Tensor:
     """Maps `(..., H, W)` predicted on a mirrored image, mirrored back onto the image."""
     dims = tuple(dim for flag, dim in (("v", -2), ("h", -1)) if flag in mirror)
@@ -539,6 +552,7 @@ __all__ = [
     "TTA_MIRRORS",
     "mirror_image",
     "mirror_prompts",
+    "mirrored_inputs",
     "mirrored_mean",
     "open_image",
     "opened_image",

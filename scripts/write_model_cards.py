@@ -28,6 +28,7 @@ import yaml
 from huggingface_hub import EvalResult
 
 from imedsam_hf.model_card import markdown_table, write_shipped_model_card
+from imedsam_hf.processing_imedsam import TTA_MIRRORS
 
 BTCV_CITATION = "Landman et al., MICCAI 2015 Multi-Atlas Labeling Beyond the Cranial Vault, doi:10.7303/syn3193805"
 ENDOTECT_CITATION = (
@@ -396,7 +397,7 @@ def mirroring_section(exact: dict, tta_exact: dict, jitter: dict | None = None, 
     if not tta or tta_exact.get("box_jitter", 0) != exact.get("box_jitter", 0):
         raise ValueError("--tta-exact: a report of `imedsam evaluate ... --tta` on the prompts of --exact.")
     mirrors = {"h": "left-right", "v": "up-down", "hv": "left-right, up-down and both"}[tta]
-    passes = 2 if len(tta) == 1 else 4
+    passes = len(TTA_MIRRORS[tta])
     by_slice = "class_mean" in exact["results"]["native"]
 
     def mean(report: dict, baseline: bool) -> float:
@@ -406,7 +407,7 @@ def mirroring_section(exact: dict, tta_exact: dict, jitter: dict | None = None, 
     rows = []
     pairs = [("exact boxes", exact, tta_exact)]
     if jitter and tta_jitter:
-        pairs.append(("every box side moved by up to 10%", jitter, tta_jitter))
+        pairs.append((f"every box side moved by up to {jitter['box_jitter']:.0%}", jitter, tta_jitter))
     unit = "per slice" if by_slice else "per image"
     for label, plain, mirrored in pairs:
         rows.append(

@@ -98,6 +98,25 @@ def test_segment_with_tta_is_the_mean_of_the_mirrors_mirrored_back():
     np.testing.assert_allclose(both, both[:, ::-1], atol=1e-6)
 
 
+def test_an_image_file_is_read_once_for_all_its_mirrors(tmp_path, monkeypatch):
+    import imedsam_hf.processing_imedsam as processing
+
+    path = tmp_path / "image.png"
+    Image.fromarray(picture()).save(path)
+    reads = []
+    original = processing.opened_image
+    monkeypatch.setattr(processing, "opened_image", lambda *a, **k: reads.append(a[0]) or original(*a, **k))
+    model = tiny_model(implicit_decoder_trained=True)
+    from_file = segment(model, str(path), box=[3, 5, 19, 11], tta="hv")
+    assert reads == [str(path)]
+    processor = processor_for_config(model.config)
+    predict_logits(model, processor, str(path), [3, 5, 19, 11], tta="hv")
+    assert reads == [str(path)] * 2
+    np.testing.assert_allclose(
+        from_file.probabilities, segment(model, picture(), box=[3, 5, 19, 11], tta="hv").probabilities, atol=1e-6
+    )
+
+
 def test_segment_with_tta_checks_prompts_and_embeddings():
     model = tiny_model(implicit_decoder_trained=True)
     with pytest.raises(ValueError, match=r"box \[30.0, 5.0, 19.0, 11.0\] needs x0 < x1"):
@@ -171,18 +190,18 @@ def test_the_card_section_on_mirroring_is_written_from_the_reports(tmp_path):
     cards = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cards)
 
-    def report(model: float, zero_shot: float, tta: str | None = None) -> dict:
+    def report(model: float, zero_shot: float, tta: str | None = None, jitter: float = 0.0) -> dict:
         organs = {"1": {"name": "spleen", "dice": model + 0.01}, "2": {"name": "aorta", "dice": model - 0.01}}
         native = {"class_mean": {"dice": model}, "per_class": organs}
         baseline = {"native": {"class_mean": {"dice": zero_shot}}, "volume": {"dice": zero_shot - 0.01}}
-        return {"model": "m", "data_dir": "d", "box_jitter": 0.0, "results": {"native": native},
+        return {"model": "m", "data_dir": "d", "box_jitter": jitter, "results": {"native": native},
                 "volume": {"dice": model - 0.01}, "baseline_sam": baseline, **({"tta": tta} if tta else {})}  # fmt: skip
 
     card = tmp_path / "card.md"
     card.write_text("# m\n\n## Results\n\nx\n\n## Intended use and limitations\n\n- research\n")
     for argv in ([], ["--jitter", "j.json", "--tta-jitter", "tj.json"]):
         files = {"e.json": report(0.885, 0.833), "t.json": report(0.891, 0.840, "hv")}
-        files.update({"j.json": report(0.878, 0.801), "tj.json": report(0.884, 0.806, "hv")})
+        files.update({"j.json": report(0.878, 0.801, jitter=0.1), "tj.json": report(0.884, 0.806, "hv", 0.1)})
         for name, content in files.items():
             (tmp_path / name).write_text(json.dumps(content))
         arguments = ["mirroring", "--output", str(card), "--exact", "e.json", "--tta-exact", "t.json", *argv]
