@@ -19,7 +19,9 @@ Per organ: 3-D Dice and HD95 (mm) per scan, then the mean over scans; `dice_13`,
 Where a protocol loses (`where_lost`, per organ, summed over scans): `missed_slices` the fraction of the organ's slices
 left empty (a propagation that stopped early, or a middle slice that came out empty), `dice_ends` / `dice_middle`
 the Dice over the outer quarter of the organ's slices at either end of its z range / over the rest.
-Times: seconds per volume (segmentation only) and the model's load time, on `--num_threads` CPU threads.
+Times: seconds per volume (segmentation only) and the model's load time, on `--num_threads` CPU threads. The
+protocols of a scan share its slices' embeddings (`volumes.SliceEmbeddings`: each slice encoded once, the masks
+unchanged); each protocol is still charged the encoding of every slice it visited, as a call of its own would be.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from common import VOLUME_PROTOCOLS, add_run_arguments, machine_description, rep
 from imedsam_hf import load_model
 from imedsam_hf.data import load_splits, read_class_names, read_scan_spacing, slice_index
 from imedsam_hf.processing_imedsam import TTA_MIRRORS
-from imedsam_hf.volumes import read_volume, segment_volume, stack_slices, volume_scores
+from imedsam_hf.volumes import SliceEmbeddings, read_volume, segment_volume, stack_slices, volume_scores
 
 COMMON_8 = (8, 4, 3, 2, 6, 11, 1, 7)
 
@@ -99,7 +101,7 @@ def main(argv=None) -> dict:
         by_case.setdefault(stem.split("_slice")[0], []).append(stem)
     cases = sorted(c for c in by_case if args.cases is None or c in args.cases)
     spacing = read_scan_spacing(data_dir / "cases.csv")
-    names = read_class_names(data_dir)
+    names = read_class_names(data_dir) or {}  # None without a classes.json: the ids name the organs
     volumes = {case: scan_volume(data_dir, case, by_case[case]) for case in cases}
     # Each protocol's prompts of each scan, made once for every model.
     prompts = {(p, case): volume_prompts(p, volumes[case][1]) for p in args.protocol for case in cases}
@@ -108,24 +110,31 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         model, processor = load_model(spec, device=device)
         load_seconds = time.perf_counter() - start
-        for protocol in args.protocol:
-            per_class: dict[int, list[tuple[float, float]]] = {}
-            losses: dict[int, list[dict[str, int]]] = {}
-            seconds = []
-            for case in cases:
-                images, labels = volumes[case]
+        per_class: dict[str, dict[int, list[tuple[float, float]]]] = {p: {} for p in args.protocol}
+        losses: dict[str, dict[int, list[dict[str, int]]]] = {p: {} for p in args.protocol}
+        seconds: dict[str, list[float]] = {p: [] for p in args.protocol}
+        for case in cases:
+            images, labels = volumes[case]
+            classes = [int(c) for c in np.unique(labels) if c > 0]
+            # One scan's slice embeddings at a time, shared by the protocols: each slice encoded once.
+            shared = SliceEmbeddings(model, images, processor=processor, tta=args.tta)
+            for protocol in args.protocol:
+                shared.visited.clear()
+                encoding_before = sum(shared.seconds.values())
                 start = time.perf_counter()
                 predicted = segment_volume(
                     model, images, processor=processor, progress=False, **prompts[protocol, case],
-                    **VOLUME_PROTOCOLS[protocol], tta=args.tta,
+                    **VOLUME_PROTOCOLS[protocol], tta=args.tta, slice_embeddings=shared,
                 )  # fmt: skip
-                seconds.append(time.perf_counter() - start)
-                classes = [int(c) for c in np.unique(labels) if c > 0]
+                # Charged as a call of its own: the encoding of every slice it visited, whenever that was done.
+                decoding = time.perf_counter() - start - (sum(shared.seconds.values()) - encoding_before)
+                seconds[protocol].append(decoding + sum(shared.seconds[z] for z in shared.visited))
                 for class_id, score in volume_scores(predicted, labels, spacing[case], classes).items():
-                    per_class.setdefault(class_id, []).append((score["dice"], score["hd95"]))
-                    losses.setdefault(class_id, []).append(where_lost(predicted, labels, class_id))
-            dice = {c: float(np.mean([d for d, _ in v])) for c, v in sorted(per_class.items())}
-            hd95 = {c: float(np.mean([h for _, h in v])) for c, v in sorted(per_class.items())}
+                    per_class[protocol].setdefault(class_id, []).append((score["dice"], score["hd95"]))
+                    losses[protocol].setdefault(class_id, []).append(where_lost(predicted, labels, class_id))
+        for protocol in args.protocol:
+            dice = {c: float(np.mean([d for d, _ in v])) for c, v in sorted(per_class[protocol].items())}
+            hd95 = {c: float(np.mean([h for _, h in v])) for c, v in sorted(per_class[protocol].items())}
             rows.append(
                 {
                     "model": spec,
@@ -133,14 +142,14 @@ def main(argv=None) -> dict:
                     "tta": args.tta,
                     "scans": len(cases),
                     "load_s": load_seconds,
-                    "seconds_per_volume": float(np.mean(seconds)),
+                    "seconds_per_volume": float(np.mean(seconds[protocol])),
                     "dice_13": float(np.mean(list(dice.values()))),
                     "dice_8": float(np.mean([dice[c] for c in COMMON_8 if c in dice])),
                     "hd95_13_mm": float(np.mean(list(hd95.values()))),
                     "per_class": {
                         str(c): {"name": names.get(c, str(c)), "dice": dice[c], "hd95": hd95[c]} for c in dice
                     },
-                    "where_lost": {str(c): summarize_losses(losses[c]) for c in dice},
+                    "where_lost": {str(c): summarize_losses(losses[protocol][c]) for c in dice},
                 }
             )
             print(f"{spec} {protocol}: 13-organ 3-D Dice {rows[-1]['dice_13']:.4f}", flush=True)

@@ -186,6 +186,35 @@ def test_volume_benchmark_times_a_volume_and_its_encoder(tmp_path):
     assert [row["protocol"] for row in result["rows"]] == ["labels", "boxes3d"] and (tmp_path / "volume.json").is_file()
 
 
+def test_btcv_volumes_runs_every_protocol_on_shared_embeddings(tmp_path):
+    """A scan of PNG slices through three protocols: rows per protocol, each charged the encoding of the slices it
+    visited (the embeddings are shared, so the later protocols' own encoding took no time)."""
+    import numpy as np
+    from conftest import tiny_model
+    from PIL import Image
+
+    module = load_benchmark("btcv_volumes")
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "tiny")
+    data = tmp_path / "scans"
+    for folder in ("images", "masks"):
+        (data / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for z in range(5):
+        mask = np.zeros((20, 24), np.uint8)
+        mask[4:12, 5:15] = 1 if z else 0
+        mask[13:18, 2:9] = 2
+        Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8)).save(
+            data / "images" / f"caseA_slice{z:03d}.png"
+        )
+        Image.fromarray(mask).save(data / "masks" / f"caseA_slice{z:03d}.png")
+    (data / "cases.csv").write_text("case,spacing_mm\ncaseA,1.0x1.0x3.0\n")
+    result = module.main(["--data_dir", str(data), "--model", str(tmp_path / "tiny"), "--protocol", "labels",
+                          "boxes3d", "keyslice", "--num_threads", "1", "--json", str(tmp_path / "v.json")])  # fmt: skip
+    rows = {row["protocol"]: row for row in result["rows"]}
+    assert set(rows) == {"labels", "boxes3d", "keyslice"} and all(row["scans"] == 1 for row in rows.values())
+    assert all(row["seconds_per_volume"] > 0 and set(row["per_class"]) == {"1", "2"} for row in rows.values())
+
+
 def test_btcv_volumes_says_where_a_protocol_loses():
     """`where_lost`: slices left empty and Dice at the ends of an organ's z range against its middle."""
     import numpy as np

@@ -27,6 +27,7 @@ from imedsam_hf.data import mask_box
 from imedsam_hf.inference import Segmentation
 from imedsam_hf.volumes import (
     WINDOW_PRESETS,
+    SliceEmbeddings,
     Volume,
     boxes_3d_from_labels,
     key_slice_boxes_from_labels,
@@ -631,6 +632,54 @@ def test_3d_boxes_with_a_tiny_model():
     predicted = segment_volume(tiny_model(query_mode="adaptive"), images, boxes_3d={3: [6, 8, 3, 18, 20, 10]})
     assert predicted.shape == labels.shape and set(np.unique(predicted)) <= {0, 3}
     assert not predicted[:, :, [0, 1, 2, 11]].any()
+
+
+# ---------------------------------------------------------------------------------------------- shared embeddings
+@pytest.mark.parametrize("tta", ["none", "h"])
+def test_slice_embeddings_encode_each_slice_once_across_calls_and_change_no_mask(monkeypatch, tta):
+    """Several protocols on one volume with one `SliceEmbeddings`: the same label volumes as calls without it, and
+    each slice encoded once in all (the 3-D box, key-slice and every-slice calls visit the same slices)."""
+    model = tiny_model(implicit_decoder_trained=True)
+    labels = np.zeros((24, 20, 6), np.uint8)
+    labels[4:14, 6:15, 1:5] = 1
+    labels[15:22, 2:9, 2:6] = 2
+    images = np.random.default_rng(3).integers(0, 256, size=labels.shape).astype(np.uint8)
+    encoded = []
+    original = volumes_module.encode_slice
+    monkeypatch.setattr(volumes_module, "encode_slice", lambda *a, **k: encoded.append(1) or original(*a, **k))
+    shared = SliceEmbeddings(model, images, tta=tta)
+    prompts = [
+        {"label_volume": labels},
+        {"boxes_3d": boxes_3d_from_labels(labels)},
+        dict(zip(("boxes_3d", "key_slices"), key_slice_boxes_from_labels(labels))),
+    ]
+    per_call = []
+    for prompt in prompts:
+        alone = segment_volume(model, images, progress=False, tta=tta, **prompt)
+        before = len(encoded)
+        together = segment_volume(model, images, progress=False, tta=tta, slice_embeddings=shared, **prompt)
+        per_call.append(len(encoded) - before)
+        np.testing.assert_array_equal(together, alone)
+    assert per_call == [5, 0, 0] and sorted(shared.seconds) == [1, 2, 3, 4, 5]  # slices 1..5 hold the organs
+    assert shared.visited == {1, 2, 3, 4, 5}
+
+
+def test_slice_embeddings_made_for_something_else_are_refused():
+    model = tiny_model(implicit_decoder_trained=True)
+    labels = np.zeros((24, 20, 4), np.uint8)
+    labels[4:14, 6:15, 1:3] = 1
+    images = np.random.default_rng(3).integers(0, 256, size=labels.shape).astype(np.uint8)
+    shared = SliceEmbeddings(model, images)
+    for kwargs, message in (
+        ({"model": tiny_model(implicit_decoder_trained=True)}, "another model object"),
+        ({"tta": "h"}, "tta='none', not 'h'"),
+        ({"volume": images[::-1].copy()}, "another volume"),
+    ):
+        call = {"model": model, "volume": images, "label_volume": labels, "progress": False, **kwargs}
+        with pytest.raises(ValueError, match=f"slice_embeddings: made for {message}"):
+            segment_volume(slice_embeddings=shared, **call)
+    with pytest.raises(ValueError, match="give the model object"):
+        SliceEmbeddings("imedsam-litemedsam-btcv", images)
 
 
 # ------------------------------------------------------------------------------------------------------- 3-D scores

@@ -28,7 +28,14 @@ import imedsam_hf.runtime as runtime  # looked up at call time: tests replace th
 from imedsam_hf import load_model
 from imedsam_hf.data import DEFAULT_GROUP_PATTERN, compile_group_pattern, discover_pairs, load_splits, volume_slice_key
 from imedsam_hf.files import atomic_write
-from imedsam_hf.volumes import VOLUME_PROTOCOLS, segment_volume, stack_slices, volume_prompts, volume_scores
+from imedsam_hf.volumes import (
+    VOLUME_PROTOCOLS,
+    SliceEmbeddings,
+    segment_volume,
+    stack_slices,
+    volume_prompts,
+    volume_scores,
+)
 
 PROTOCOLS = ("boxes3d", "keyslice")
 
@@ -104,10 +111,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[list[float]]
         images, labels, first = stack_slices({z: (pairs[s].image, pairs[s].mask) for z, s in stems.items()})
         classes = [int(c) for c in np.unique(labels) if c]
         scores = []
+        shared = SliceEmbeddings(model, images, processor=processor)  # the protocols encode each slice once
         for protocol in args.protocol:
             given: list[tuple[int, int, list[float]]] = []
             predicted = segment_volume(
-                model, images, processor=processor, progress=False, prompts_given=given,
+                model, images, processor=processor, progress=False, prompts_given=given, slice_embeddings=shared,
                 **volume_prompts(protocol, labels), **VOLUME_PROTOCOLS[protocol],
             )  # fmt: skip
             for z, class_id, box in given:
