@@ -11,7 +11,9 @@
 `--exact` / `--jitter`: `imedsam evaluate --model NAME --split test --baseline [--box-jitter 0.1] --json ...` of the
 shipped model (its own splits.json); `--volumes`: `benchmarks/btcv_volumes.py` over the test scans with the shipped
 model and `litemedsam`; `--sweep`: `benchmarks/ablation.py`'s JSON with the MedSAM-style fine-tune as reference;
-`--run`: the training run (its `eval_results.json`: steps, epochs, minutes, device; `config.yaml`). Every number in
+`--run`: the training run (its `eval_results.json`: steps, epochs, minutes, device; `config.yaml`), or the facts file
+`--save-facts` wrote from it (`benchmarks/results/shipped/<kind>_training_facts.json`), so that a card can be
+rewritten from new measurements after the run folder is gone. Every number in
 the card comes from these files; the text around them says how each was made. `mirroring` writes (or rewrites) one
 section of a card, "With test-time mirroring", from `imedsam evaluate ... --tta hv` beside the same command without it;
 `btcv` and `polyp` add it when given `--tta-exact`.
@@ -54,9 +56,28 @@ def mm(value: float | None) -> str:
 
 
 def run_facts(run: Path) -> tuple[dict, dict]:
+    """`(training, config)` of a training run: its folder (`eval_results.json`'s `training`, `config.yaml`), or a
+    facts file (`training_facts`) kept for a shipped model whose run folder is gone."""
+    if run.is_file():
+        facts = load(str(run))
+        return facts["training"], facts["config"]
     results = load(run / "eval_results.json")
     config = yaml.safe_load((run / "config.yaml").read_text())
     return results.get("training", {}), config
+
+
+def training_facts(run: Path, trainable: str, total: str, recipe_summary: str) -> dict:
+    """What a card takes from its run besides the measurements (`run_facts`, the parameter counts train.py printed,
+    the recipe in words), as a JSON file kept in `benchmarks/results/shipped/`: with it `--run FILE` rewrites the card
+    once the run folder is gone."""
+    training, config = run_facts(run)
+    return {
+        "training": training,
+        "config": config,
+        "trainable": trainable,
+        "total": total,
+        "recipe_summary": recipe_summary,
+    }
 
 
 def compute_text(training: dict, device_name: str | None = None) -> str:
@@ -314,7 +335,7 @@ def polyp(args) -> None:
             comparison.append(row)
     paired = [r for r in sweep.get("paired_vs_reference", []) if r["run"] == args.run_name]
     versus = []
-    for boxes in ("exact", "jitter 0.1"):
+    for boxes in dict.fromkeys(r["boxes"] for r in comparison):  # exact, jitter 0.1, then any mirrored rows
         ours = next((r["dice"] for r in comparison if r["run"] == args.run_name and r["boxes"] == boxes), None)
         theirs = next((r["dice"] for r in comparison if r["run"] == "medsam_ft" and r["boxes"] == boxes), None)
         test = next((r for r in paired if r["boxes"] == boxes), None)
@@ -355,16 +376,17 @@ def polyp(args) -> None:
             ["boxes", "MedSAM-style fine-tune", "this model", "this model minus it"], versus
         ),
         realistic_notes="The fine-tune: `python benchmarks/ablation.py --config training/configs/litemedsam_polyp.yaml "
-        "--variants medsam_ft --jitter 0.1 ...` (docs/results.md); the pairing: `python benchmarks/compare_runs.py "
-        "this_model.csv medsam_ft/eval_per_image.jsonl --model_a imedsam` on the per-image rows (`imedsam evaluate "
-        "--csv`), and the same with the jittered boxes' files.",
+        "--variants medsam_ft --jitter 0.1 ...` (docs/results.md); its mirrored rows: `imedsam evaluate --model "
+        "<its final/> --tta hv` on the same split; the pairing: `python benchmarks/compare_runs.py this_model.csv "
+        "medsam_ft.csv --model_a imedsam` on the per-image rows (`imedsam evaluate --csv`) of each pair of runs. "
+        + sweep.get("note", ""),
         limitations=exact_box_caveat(exact)
         + "Trained on 84 images from one hospital; other endoscopes, narrow-band imaging or flat lesions are "
         "untested. Box prompts only (clicks are not trained).",
         test_size="28 images",
         provenance="`imedsam evaluate --model imedsam-litemedsam-polyp --data-dir ../shared/data/EndoTect2020-polyp "
         "--split test --baseline --json exact.json` and the same with `--box-jitter 0.1 --jitter-seed 0`, on the "
-        "2-core CPU.",
+        "2-core CPU. " + args.provenance_note,
     )
     results = [
         EvalResult(
@@ -458,7 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=["btcv", "polyp", "mirroring"])
     parser.add_argument("--name", default=None)
-    parser.add_argument("--run", default=None, help="btcv, polyp: the training run")
+    parser.add_argument(
+        "--run", default=None,
+        help="btcv, polyp: the training run's folder, or its facts file (written by --save-facts; the recipe summary "
+        "and parameter counts come from it unless given)",
+    )  # fmt: skip
+    parser.add_argument("--save-facts", default=None, help="btcv, polyp: also write the run's facts to this JSON")
     parser.add_argument("--exact", required=True)
     parser.add_argument("--jitter", default=None)
     parser.add_argument("--volumes", default=None)
@@ -468,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="the recipe (default: the kind's shipped recipe)")
     parser.add_argument("--device-name", default=None, help="the GPU in words, for a GPU run's compute line")
     parser.add_argument("--recipe-summary", default="")
-    parser.add_argument("--provenance-note", default="", help="btcv: how the measurements departed from the commands")
+    parser.add_argument(
+        "--provenance-note", default="", help="how the measurements departed from the commands, or when they were made"
+    )
     parser.add_argument("--trainable", default=None, help="btcv, polyp: trainable parameters, as train.py printed them")
     parser.add_argument("--total", default=None)
     parser.add_argument("--tta-exact", default=None, help="`imedsam evaluate --tta ...` of --exact's prompts")
@@ -481,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
         add_mirroring_section(Path(args.output), section)
         print(f"wrote the mirroring section of {args.output}")
         return 0
+    if args.run and Path(args.run).is_file():
+        facts = load(args.run)
+        for key in ("trainable", "total", "recipe_summary"):
+            if not getattr(args, key):
+                setattr(args, key, facts.get(key))
     missing = [f"--{name}" for name in ("run", "trainable", "total") if getattr(args, name) is None]
     if missing:
         parser.error(f"{args.kind} needs {', '.join(missing)}")
@@ -493,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         }[args.kind]
     )
     btcv(args) if args.kind == "btcv" else polyp(args)
+    if args.save_facts:
+        facts = training_facts(Path(args.run), args.trainable, args.total, args.recipe_summary)
+        Path(args.save_facts).write_text(json.dumps(facts, indent=1) + "\n")
     if args.tta_exact:
         add_mirroring_section(Path(args.output), section)
     print(f"wrote {args.output}")

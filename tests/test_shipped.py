@@ -218,3 +218,41 @@ def test_upscaling_windows_give_the_whole_frames_masks(name):
     for row, (r0, r1, c0, c1) in enumerate(pixels):
         got, expected = windowed.logits[0, row, :, r0:r1, c0:c1], full.logits[0, row, :, r0:r1, c0:c1]
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_card_is_rewritten_from_its_runs_facts_file_once_the_run_is_gone(tmp_path):
+    """`write_model_cards.py polyp --save-facts`: the run's facts kept in a file; `--run FILE` then writes the same
+    card from new measurements without the run folder (parameter counts and recipe from the file), and every
+    comparison row of the reference file is a row of the card (mirrored rows after the plain ones)."""
+    spec = importlib.util.spec_from_file_location("write_model_cards", REPO_ROOT / "scripts" / "write_model_cards.py")
+    cards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cards)
+    run = tmp_path / "run"
+    run.mkdir()
+    training = {"steps": 63, "epochs": 3.0, "minutes": 47.8, "device": "cpu"}
+    (run / "eval_results.json").write_text(json.dumps({"training": training}))
+    (run / "config.yaml").write_text("training:\n  epochs: 3\n")
+
+    def report(model: float, zero_shot: float) -> dict:
+        return {"results": {"native": {"dice": model, "hd95": 20.0}}, "baseline_sam": {"native": {"dice": zero_shot, "hd95": 17.0}}}  # fmt: skip
+
+    boxes = ["exact", "jitter 0.1", "exact, mirrored (--tta hv)"]
+    sweep = {
+        "rows": [{"run": run_name, "output": "native", "boxes": b, "dice": 0.95 + 0.001 * i + (0.005 if run_name == "medsam_ft" else 0)}
+                 for i, b in enumerate(boxes) for run_name in ("medsam_ft", "ours")],
+        "paired_vs_reference": [{"run": "ours", "boxes": b, "difference_points": -0.5, "p": 0.3} for b in boxes],
+    }  # fmt: skip
+    for name, content in {"e.json": report(0.9514, 0.9543), "j.json": report(0.9434, 0.9233), "s.json": sweep}.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    common = ["polyp", "--exact", str(tmp_path / "e.json"), "--jitter", str(tmp_path / "j.json"), "--sweep",
+              str(tmp_path / "s.json"), "--run-name", "ours"]  # fmt: skip
+    first, again, facts = tmp_path / "first.md", tmp_path / "again.md", tmp_path / "facts.json"
+    assert cards.main([*common, "--run", str(run), "--trainable", "4,667,220", "--total", "11,092,024",
+                       "--recipe-summary", "AdamW, 3 epochs", "--save-facts", str(facts), "--output", str(first)]) == 0  # fmt: skip
+    assert json.loads(facts.read_text())["training"] == training
+    assert cards.main([*common, "--run", str(facts), "--output", str(again)]) == 0
+    text = again.read_text()
+    assert text == first.read_text() and "4,667,220 of 11,092,024" in text and "AdamW, 3 epochs" in text
+    assert "63 optimizer steps (3.0 epochs of the training samples) in 47.8 minutes" in text
+    assert "| exact, mirrored (--tta hv) | 0.957 | 0.952 | -0.50 points (p = 0.3) |" in text
+    assert text.index("| jitter 0.1 |") < text.index("| exact, mirrored")
