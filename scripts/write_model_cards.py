@@ -66,7 +66,7 @@ def run_facts(run: Path) -> tuple[dict, dict]:
     return results.get("training", {}), config
 
 
-def training_facts(run: Path, trainable: str, total: str, recipe_summary: str) -> dict:
+def training_facts(run: Path, trainable: str, total: str, recipe_summary: str, device_name: str | None) -> dict:
     """What a card takes from its run besides the measurements (`run_facts`, the parameter counts train.py printed,
     the recipe in words), as a JSON file kept in `benchmarks/results/shipped/`: with it `--run FILE` rewrites the card
     once the run folder is gone."""
@@ -77,6 +77,7 @@ def training_facts(run: Path, trainable: str, total: str, recipe_summary: str) -
         "trainable": trainable,
         "total": total,
         "recipe_summary": recipe_summary,
+        "device_name": device_name,
     }
 
 
@@ -456,6 +457,16 @@ def mirroring_section(exact: dict, tta_exact: dict, jitter: dict | None = None, 
             f"Per organ (exact boxes, per slice) the change runs from {100 * changes[0][0]:+.1f} points "
             f"({changes[0][1]}) to {100 * changes[-1][0]:+.1f} ({changes[-1][1]}). "
         )
+        volume, mirrored_volume = exact.get("volume", {}), tta_exact.get("volume", {})
+        if "hd95" in volume and "per_class" in volume and "per_class" in mirrored_volume:
+            organs, mirrored_organs = volume["per_class"], mirrored_volume["per_class"]
+            worst = max(organs, key=lambda k: mirrored_organs[k]["hd95"] - organs[k]["hd95"])
+            text += (
+                f"Per volume, this model's 13-organ HD95 goes from {mm(volume['hd95'])} to "
+                f"{mm(mirrored_volume['hd95'])} mm mirrored (most on the {organs[worst]['name']}: "
+                f"{mm(organs[worst]['hd95'])} -> {mm(mirrored_organs[worst]['hd95'])} mm, 3-D Dice "
+                f"{points(organs[worst]['dice'])} -> {points(mirrored_organs[worst]['dice'])}). "
+            )
     command = (  # the mirrored report's own command
         f"`imedsam evaluate --model {tta_exact['model']} --data-dir {tta_exact['data_dir']} --split test --baseline "
         f"--tta {tta}`"
@@ -512,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.run and Path(args.run).is_file():
         facts = load(args.run)
-        for key in ("trainable", "total", "recipe_summary"):
+        for key in ("trainable", "total", "recipe_summary", "device_name"):
             if not getattr(args, key):
                 setattr(args, key, facts.get(key))
     missing = [f"--{name}" for name in ("run", "trainable", "total") if getattr(args, name) is None]
@@ -528,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     btcv(args) if args.kind == "btcv" else polyp(args)
     if args.save_facts:
-        facts = training_facts(Path(args.run), args.trainable, args.total, args.recipe_summary)
+        facts = training_facts(Path(args.run), args.trainable, args.total, args.recipe_summary, args.device_name)
         Path(args.save_facts).write_text(json.dumps(facts, indent=1) + "\n")
     if args.tta_exact:
         add_mirroring_section(Path(args.output), section)

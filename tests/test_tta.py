@@ -194,8 +194,14 @@ def test_the_card_section_on_mirroring_is_written_from_the_reports(tmp_path):
         organs = {"1": {"name": "spleen", "dice": model + 0.01}, "2": {"name": "aorta", "dice": model - 0.01}}
         native = {"class_mean": {"dice": model}, "per_class": organs}
         baseline = {"native": {"class_mean": {"dice": zero_shot}}, "volume": {"dice": zero_shot - 0.01}}
+        hd95 = {"1": 2.0, "2": 6.0 if tta else 4.0}  # mirroring moves the aorta's boundary outliers
+        volume = {
+            "dice": model - 0.01,
+            "hd95": sum(hd95.values()) / 2,
+            "per_class": {k: {"name": organs[k]["name"], "dice": model, "hd95": hd95[k]} for k in organs},
+        }
         return {"model": "m", "data_dir": "d", "box_jitter": jitter, "results": {"native": native},
-                "volume": {"dice": model - 0.01}, "baseline_sam": baseline, **({"tta": tta} if tta else {})}  # fmt: skip
+                "volume": volume, "baseline_sam": baseline, **({"tta": tta} if tta else {})}  # fmt: skip
 
     card = tmp_path / "card.md"
     card.write_text("# m\n\n## Results\n\nx\n\n## Intended use and limitations\n\n- research\n")
@@ -217,6 +223,10 @@ def test_the_card_section_on_mirroring_is_written_from_the_reports(tmp_path):
     assert "| every box side moved by up to 10%, per volume (3-D) | 0.791 | 0.796 | 0.868 | **0.874** |" in text
     assert (
         "`--tta hv`, 4 encoder and decoder passes" in text and "runs from +0.6 points (aorta) to +0.6 (spleen)" in text
+    )
+    assert (
+        "13-organ HD95 goes from 3.00 to 4.00 mm mirrored (most on the aorta: 4.00 -> 6.00 mm, 3-D Dice 0.885 -> 0.891)"
+        in text
     )
     with pytest.raises(ValueError, match="--tta-exact"):
         cards.mirroring_section(report(0.9, 0.8), report(0.9, 0.8))  # a report made without --tta
