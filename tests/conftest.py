@@ -136,6 +136,16 @@ def allocator_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Commands under test may set torch's thread count (`--num-threads`), which is process-wide: restored after each
+    test, so that later tests compute with the threads they started with (a fresh interpreter's exact-equality checks
+    depend on it: reductions split over other thread counts round differently)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def inputs():
     generator = torch.Generator().manual_seed(0)
