@@ -754,8 +754,8 @@ class SliceEmbeddings:
     The image embeddings of one volume's slices for one model, each slice encoded on first use (`encode_slice`) and
     kept. Give it to several `segment_volume` calls on the same volume (other prompts, another protocol, the 3-D box
     and the key-slice mode) as ``slice_embeddings=``: each slice is encoded once instead of once a call, the masks
-    unchanged. The encoder is most of a slice's time (LiteMedSAM on one CPU core: 1.5 s a slice against 0.8 s to
-    decode 9 organs' boxes).
+    unchanged. The encoder is most of a slice's time (the shipped BTCV model on one CPU thread, another job sharing
+    the machine: 1.5 s to encode a slice against 0.8 s to decode its 9 organs' boxes).
 
     Memory: one `(1, hidden, h, w)` float tensor per slice visited (4 MiB for LiteMedSAM's 256 x 64 x 64), times the
     mirrors of `tta`; a 150-slice CT kept whole is about 600 MiB, 2.4 GiB with ``tta="hv"``.

@@ -3,6 +3,7 @@ as a complete Hub folder that transformers loads without the package; fine-tuned
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -282,8 +283,6 @@ def test_the_shipped_models_score_on_a_few_test_images_what_their_cards_were_mea
         (folder / "classes.json").symlink_to(source / "classes.json")
     assert cli_main(["evaluate", "--model", name, "--data-dir", str(folder), "--split", "all", "--device", "cpu",
                      "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]) == 0  # fmt: skip
-    import csv
-
     with open(tmp_path / "r.csv", newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["model"] == "imedsam"]
     measured = {(row["stem"], row.get("class") or ""): float(row["dice"]) for row in rows}
