@@ -857,7 +857,8 @@ def _segment_with_boxes_3d(
     starts = {c: key_slices.get(c, (box[2] + box[5]) // 2) for c, box in boxes_3d.items()}
     best: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # z -> (winning probability, class ids), as slice images
     needed_below = {z for c, box in boxes_3d.items() for z in range(box[2], starts[c])}
-    kept: dict[int, torch.Tensor | list[torch.Tensor]] = {}  # embeddings of slices the downward pass may visit again
+    # embeddings of slices the downward pass may visit again (without a SliceEmbeddings, which keeps every slice's)
+    kept: dict[int, torch.Tensor | list[torch.Tensor]] = {}
     upward = range(min(starts.values()), max(box[5] for box in boxes_3d.values()) + 1)
     keep_going = propagation == "continue"
     extents = {}
@@ -932,7 +933,7 @@ def _segment_with_boxes_3d(
                     prompts[class_id] = chains[class_id]
             if prompts:
                 embeddings = encode(z)
-                if z in needed_below:
+                if z in needed_below and slice_embeddings is None:  # a SliceEmbeddings keeps them already
                     kept[z] = embeddings
                 for class_id, following in run(z, prompts, embeddings).items():
                     chains[class_id] = following
