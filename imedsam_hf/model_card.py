@@ -199,12 +199,24 @@ def write_model_card(
         bce_weight=training["bce_weight"],
         fine_weight_warmup_epochs=training["fine_weight_warmup_epochs"],
         best_val_dice=_number(results.get("best_val_dice")),
+        model_selection=model_selection(training),
         n_eval=results.get("n_images", 0),
         results_table=results_table(results),
         **context,
     )
     card.save(folder / "README.md")
     return card
+
+
+def model_selection(training: dict[str, Any]) -> str:
+    """The card's "Model selection" rule, from the run's `training` options (--selection-box-jitter)."""
+    jitter = float(training.get("selection_box_jitter") or 0)
+    if not jitter:
+        return "best validation Dice with exact boxes"
+    return (
+        f"best mean validation Dice with exact boxes and with every box side moved by up to {jitter:.0%} "
+        "(`imedsam evaluate`'s protocol, native size, jitter seed 0)"
+    )
 
 
 def training_prompts(data: dict[str, Any]) -> str:

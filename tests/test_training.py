@@ -132,6 +132,45 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
 
 
 @slow
+def test_selection_by_exact_and_jittered_validation_boxes_is_imedsam_evaluates(tiny_sam, polyps, tmp_path, monkeypatch):
+    """--selection-box-jitter: each validation scores the validation images as `imedsam evaluate` does, with exact
+    and with jittered boxes; the best mean is the model kept, and the CLI gives the selected model the same numbers."""
+    from imedsam_hf.cli import main as cli
+
+    protocols = []  # (box jitter, jitter seed, output sizes) of each evaluation train.py runs
+    evaluate_model = train_script.evaluate_model
+
+    def spy(model, processor, pairs, protocol, **kwargs):
+        protocols.append((protocol.box_jitter, protocol.jitter_seed, tuple(map(str, protocol.output_sizes))))
+        return evaluate_model(model, processor, pairs, protocol, **kwargs)
+
+    monkeypatch.setattr(train_script, "evaluate_model", spy)
+    out = tmp_path / "run"
+    extra = ("--selection_box_jitter", "0.2", "--baseline", "false", "--split_fractions", "0.4", "0.4", "0.2")
+    results = train_script.main(args(tiny_sam, polyps, out, *extra))
+    # two validations of two protocols each (the tiny model barely reads its box), then the test split's
+    assert protocols == [(0.0, 0, ("native",)), (0.2, 0, ("native",))] * 2 + [(0.0, 0, ("48",))]
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    validations = [r for r in log if "val_dice" in r]
+    assert len(validations) == 2
+    for r in validations:
+        assert r["val_dice"] == pytest.approx((r["val_dice_exact"] + r["val_dice_jittered"]) / 2)
+    best = max(validations, key=lambda r: r["val_dice"])
+    assert results["best_val_dice"] == pytest.approx(best["val_dice"]) and results["best_step"] == best["step"]
+    measured = {}
+    for name, jitter in (("exact", []), ("jittered", ["--box-jitter", "0.2", "--jitter-seed", "0"])):
+        report = tmp_path / f"{name}.json"
+        command = ["evaluate", "--model", str(out / "final"), "--data-dir", str(polyps), "--split", "validation"]
+        command += ["--split-file", str(out / "splits.json"), "--output-sizes", "native", "--json", str(report)]
+        assert cli([*command, *jitter]) == 0
+        measured[name] = json.loads(report.read_text())["results"]["native"]["dice"]
+    assert measured["exact"] == pytest.approx(best["val_dice_exact"], abs=1e-4)
+    assert measured["jittered"] == pytest.approx(best["val_dice_jittered"], abs=1e-4)
+    card = (out / "final" / "README.md").read_text()
+    assert "best mean validation Dice with exact boxes and with every box side moved by up to 20%" in card
+
+
+@slow
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sam, polyps, tmp_path, capsys):
     common = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "10", "--baseline", "false"]
     full = tmp_path / "full"
@@ -235,6 +274,10 @@ def test_bad_options_are_named(tiny_sam, polyps, tmp_path):
         extra = ("--propagated_box_probability", "0.5", "--propagated_boxes", str(tmp_path / name))
         with pytest.raises(SystemExit, match=f"--propagated-boxes .*{name}: {message}"):
             train_script.main(args(tiny_sam, polyps, tmp_path / "x", *extra))
+    with pytest.raises(SystemExit, match="--selection-box-jitter 1.0: a fraction of the box's size in .0, 1."):
+        train_script.parse_args(["--selection-box-jitter", "1"])
+    with pytest.raises(SystemExit, match="--selection-box-jitter 0.1 moves box prompts; with --prompt none"):
+        train_script.main(args(tiny_sam, polyps, tmp_path / "x", "--selection_box_jitter", "0.1", "--prompt", "none"))
     # Neighbour or extent boxes on photos (no slice numbers in the stems): named, before training.
     for option in ("neighbour", "extent"):
         with pytest.raises(SystemExit, match=f"--{option}-box-probability: neighbour and extent boxes take the slices"):
@@ -546,13 +589,16 @@ def test_two_cpu_processes_with_ddp(tiny_sam, polyps, tmp_path):
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
         str(REPO_ROOT / "training" / "train.py"),
         *args(tiny_sam, polyps, tmp_path / "ddp", "--baseline", "false", "--eval_batch_size", "1",
-              "--train_points", "64"),
+              "--train_points", "64", "--selection_box_jitter", "0.1"),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "ddp" / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log) == 4  # 3 training images over 2 processes: 2 steps an epoch
+    # --selection-box-jitter shares the validation images out (one image: the second process gets none) and gathers
+    validations = [r for r in log if "val_dice_jittered" in r]
+    assert len(validations) == 2 and all(0 <= r["val_dice_exact"] <= 1 for r in validations)
     # The precision `accelerate launch` chose is the one recorded.
     assert yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())["training"]["mixed_precision"] == "no"
 

@@ -497,29 +497,27 @@ def validation_dice(model, loader, accelerator: Accelerator, frozen_encoder: Fro
     return accelerator.gather_for_metrics(torch.cat(scores)).mean().item()
 
 
-def final_evaluation(run: "Run", model, processor, splits: dict) -> dict[str, Any]:
-    """The selected model on `--split` by the one evaluation protocol (`imedsam evaluate`'s), with the zero-shot
-    backbone on the same prompts when `--baseline`."""
-    args, evaluation = run.args, run.args.evaluation
-    split = splits.get(evaluation.split) if evaluation.split != "all" else [p for s in splits.values() for p in s]
-    if not evaluation.final_evaluation or split is None or not len(split):
-        return {}
-    # Folder splits are SegmentationPairs already; Hub-dataset rows carry decoded images, which work the same way.
-    pairs = split if isinstance(split, list) else [SegmentationPair(r["stem"], r["image"], r["mask"]) for r in split]
-    pairs = pairs[: evaluation.max_test_samples]
-    config = model.get_base_model().config
+def evaluation_pairs(split) -> list:
+    """A split as `evaluate_model`'s pairs: folder splits are SegmentationPairs already; Hub-dataset rows carry
+    decoded images, which work the same way."""
+    return split if isinstance(split, list) else [SegmentationPair(r["stem"], r["image"], r["mask"]) for r in split]
+
+
+def evaluation_protocol(args: Arguments, model, output_sizes: list[str], box_jitter: float = 0.0) -> EvaluationProtocol:
+    """`imedsam evaluate`'s protocol for this run's data options (the final evaluation's and, with
+    --selection-box-jitter, model selection's)."""
     try:
-        protocol = EvaluationProtocol.resolve(
-            config,
+        return EvaluationProtocol.resolve(
+            model.get_base_model().config,
             args.data.data_dir,
             prompt=args.data.prompt,
-            output_sizes=evaluation.output_sizes,
+            output_sizes=output_sizes,
             class_aware=None,  # what training recorded in the config
             class_prompts=args.data.class_prompts,
             mask_classes=args.data.mask_classes if args.data.class_prompts else None,
             classes=None,
             mask_values=mask_values(args.data),
-            box_jitter=0.0,
+            box_jitter=box_jitter,
             jitter_seed=0,
             num_clicks=1,
             group_pattern=args.data.group_pattern,
@@ -528,6 +526,39 @@ def final_evaluation(run: "Run", model, processor, splits: dict) -> dict[str, An
         )
     except ValueError as error:
         raise die(error) from error
+
+
+@torch.no_grad()
+def selection_dice(run: "Run") -> tuple[float, float]:
+    """--selection-box-jitter F: the mean Dice over the validation images by `imedsam evaluate`'s protocol at native
+    size, with exact boxes and with every box side moved by up to F (jitter seed 0), `(exact, jittered)`. The images
+    are shared out between the processes and the rows gathered, so every process returns the same numbers."""
+    accelerator, model = run.accelerator, run.accelerator.unwrap_model(run.model)
+    pairs = run.selection_pairs
+    if run.args.training.max_eval_samples and len(pairs) > run.args.training.max_eval_samples:
+        kept = np.linspace(0, len(pairs) - 1, run.args.training.max_eval_samples).round().astype(int)
+        pairs = [pairs[i] for i in kept.tolist()]
+    model.eval()
+    scores = []
+    with accelerator.split_between_processes(pairs) as shard:
+        for jitter in (0.0, run.args.training.selection_box_jitter):
+            protocol = evaluation_protocol(run.args, model, ["native"], box_jitter=jitter)
+            rows = evaluate_model(model, run.processor, shard, protocol, progress=False).rows if shard else []
+            values = accelerate.utils.gather_object([r["dice"] for r in rows if r.get("dice") is not None])
+            scores.append(float(np.mean(values)) if values else float("nan"))
+    run.model.train()
+    return scores[0], scores[1]
+
+
+def final_evaluation(run: "Run", model, processor, splits: dict) -> dict[str, Any]:
+    """The selected model on `--split` by the one evaluation protocol (`imedsam evaluate`'s), with the zero-shot
+    backbone on the same prompts when `--baseline`."""
+    args, evaluation = run.args, run.args.evaluation
+    split = splits.get(evaluation.split) if evaluation.split != "all" else [p for s in splits.values() for p in s]
+    if not evaluation.final_evaluation or split is None or not len(split):
+        return {}
+    pairs = evaluation_pairs(split)[: evaluation.max_test_samples]
+    protocol = evaluation_protocol(args, model, evaluation.output_sizes)
     backbone = None
     if evaluation.baseline:
         backbone = (model, processor)  # adapters disabled: the backbone it was trained from
@@ -584,6 +615,9 @@ class Run:
     deadline: float | None = None  # clock() past which training stops (--max-train-minutes)
     card_sections: dict[str, dict[str, Any]] | None = None  # the trained run's options (--finish-only)
     published_backbone: bool = False  # fine-tuning a trained I-MedSAM again
+    # --selection-box-jitter: the validation images, scored by `imedsam evaluate`'s protocol with this processor
+    processor: Any = None
+    selection_pairs: list | None = None
     # --freeze-image-encoder: the training and validation batches' embeddings (None: the encoder trains)
     frozen_encoder: FrozenImageEncoder | None = None
     frozen_val_encoder: FrozenImageEncoder | None = None
@@ -753,12 +787,21 @@ def end_epoch(run: Run, progress) -> None:
     last = state["global_step"] >= run.max_steps
     validate = config.eval_every_epochs > 0 and (state["epoch"] % config.eval_every_epochs == 0 or last)
     if validate or (config.eval_every_epochs == 0 and last):
-        score = (
-            validation_dice(run.model, run.val_loader, accelerator, run.frozen_val_encoder)
-            if validate and len(run.val_set)
-            else float("nan")
-        )
-        if validate:
+        score = float("nan")
+        if validate and run.selection_pairs:
+            exact, jittered = selection_dice(run)
+            score = (exact + jittered) / 2
+            run.log(
+                {"val_dice": score, "val_dice_exact": exact, "val_dice_jittered": jittered, "epoch": state["epoch"]},
+                state["global_step"],
+            )
+            progress.write(
+                f"epoch {state['epoch']}: validation Dice {exact:.4f} with exact boxes, {jittered:.4f} with boxes "
+                f"moved by up to {config.selection_box_jitter:.0%}, mean {score:.4f} ({len(run.selection_pairs)} "
+                "images, `imedsam evaluate`'s protocol)"
+            )
+        elif validate and len(run.val_set):
+            score = validation_dice(run.model, run.val_loader, accelerator, run.frozen_val_encoder)
             run.log({"val_dice": score, "epoch": state["epoch"]}, state["global_step"])
             progress.write(f"epoch {state['epoch']}: validation Dice {score:.4f} ({len(run.val_set)} samples)")
         if (not math.isnan(score) and score > state["best_val_dice"]) or state["best_step"] is None or not validate:
@@ -882,6 +925,11 @@ def check_options(args: Arguments, num_classes: int) -> None:
             "error: --class-prompts makes one binary sample per class and box: use --num-classes 1, or add "
             "--all-classes-per-sample true for class-aware prompts (one head per class)."
         )
+    if run.selection_box_jitter > 0 and data.prompt != "box":
+        raise SystemExit(
+            f"error: --selection-box-jitter {run.selection_box_jitter} moves box prompts; with --prompt {data.prompt} "
+            "there are none: leave it at 0."
+        )
     if run.click_probability > 0 and not data.max_clicks:
         raise SystemExit("error: --click-probability needs clicks in the samples: set --max-clicks N (e.g. 3).")
     if data.max_clicks and data.all_classes_per_sample:
@@ -956,6 +1004,8 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         log=log,
         published_backbone=published,
     )
+    if run_args.selection_box_jitter > 0:
+        run.processor, run.selection_pairs = processor, evaluation_pairs(splits["validation"])
     if run_args.freeze_image_encoder:
         # keyed by image: samples of one image (one per class) share its embeddings
         val_items = getattr(val_set, "dataset", val_set).items

@@ -304,6 +304,13 @@ class RunArguments:
     max_eval_samples: int | None = option(
         None, "Validate on at most N samples, evenly spaced over the validation split (None: all of it)."
     )
+    selection_box_jitter: float = option(
+        0.0,
+        "Select the model by the mean of two validation Dice scores, both by the protocol of `imedsam evaluate` at "
+        "native size: with exact boxes and with every box side moved by up to this fraction of the box size (the "
+        "boxes its box jitter draws with jitter seed 0). 0: by the exact-box validation Dice in the model's input "
+        "frame (faster).",
+    )
     checkpointing_steps: str = option("epoch", "Save a resumable checkpoint every N steps, each 'epoch', or 'no'.")
     checkpoints_total_limit: int | None = option(2, "Keep this many newest checkpoints (None: all).")
     resume_from_checkpoint: str | None = option(None, "A checkpoint folder, or 'latest' in output_dir/checkpoints.")
@@ -322,6 +329,11 @@ class RunArguments:
             raise ValueError(f"--max-eval-samples {self.max_eval_samples}: at least 1 (or null for all).")
         if self.eval_every_epochs < 0:
             raise ValueError(f"--eval-every-epochs {self.eval_every_epochs}: 0 (never) or more.")
+        if not 0.0 <= self.selection_box_jitter < 1.0:
+            raise ValueError(
+                f"--selection-box-jitter {self.selection_box_jitter}: a fraction of the box's size in [0, 1) "
+                "(e.g. 0.1; 0 selects by exact boxes only)."
+            )
         if not 0.0 <= self.click_probability <= 1.0:
             raise ValueError(f"--click-probability {self.click_probability}: a probability in [0, 1].")
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
