@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -15,6 +17,16 @@ from imedsam_hf import IMedSamConfig, IMedSamModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("IMEDSAM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def load_script(path: str, name: str) -> ModuleType:
+    """A script of the repository (`path` from its root, e.g. "training/train.py"; not a package module) imported
+    as a new module `name`: every call runs it afresh, so a test that patches it leaves other tests' copies alone."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY_VISION = dict(
     hidden_size=32,

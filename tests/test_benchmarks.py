@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, SHARED_DATA, load_script
 from test_convert import TINY_SAM
 from transformers import SamConfig, SamModel
 
@@ -17,9 +16,7 @@ from transformers import SamConfig, SamModel
 def load_benchmark(name: str):
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location(f"imedsam_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_script(f"benchmarks/{name}.py", f"imedsam_{name}")
         return module
     finally:
         sys.path.remove(str(REPO_ROOT / "benchmarks"))

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, SHARED_DATA, tiny_model
+from conftest import SHARED_DATA, load_script, tiny_model
 from PIL import Image
 
 from imedsam_hf import IMedSamProcessor
@@ -327,15 +327,10 @@ def test_mask_clicks_are_interior_deterministic_and_spread():
 def test_demo_request_with_clicks(model_dir):
     """The demo's Segment button with clicks (and no box): the clicks reach `segment` as points and labels."""
     pytest.importorskip("gradio")
-    import importlib.util
-
-    from conftest import REPO_ROOT
 
     from imedsam_hf import load_model
 
-    spec = importlib.util.spec_from_file_location("imedsam_demo_app", REPO_ROOT / "demo" / "app.py")
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
+    app = load_script("demo/app.py", "imedsam_demo_app")
     model, processor = load_model(str(model_dir))
     image = np.asarray(Image.open(sorted((KVASIR / "images").iterdir())[0]).convert("RGB"))
     shown, path, info = app.segment_request(
@@ -352,9 +347,7 @@ def test_demo_request_with_clicks(model_dir):
 def test_a_class_aware_model_asks_for_the_structure_of_the_box(tmp_path):
     """The demo reads what the model records: a class-aware model lists its structures and decodes the box with the
     chosen one's heads."""
-    spec = importlib.util.spec_from_file_location("demo_app", REPO_ROOT / "demo" / "app.py")
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
+    app = load_script("demo/app.py", "demo_app")
     model = tiny_model(
         num_classes=3, class_aware=True, implicit_decoder_trained=True, id2label={1: "a", 2: "b", 3: "c"}
     )
@@ -369,9 +362,7 @@ def test_demo_tunes_the_cpu_allocator_unless_told_not_to(model_dir, allocator_ca
     """`demo/app.py --cpu-allocator keep` (the default) on a CPU tunes malloc as `imedsam predict` does; `default`
     leaves it."""
     pytest.importorskip("gradio")
-    spec = importlib.util.spec_from_file_location("imedsam_demo_app_allocator", REPO_ROOT / "demo" / "app.py")
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
+    app = load_script("demo/app.py", "imedsam_demo_app_allocator")
     app.build_demo(str(model_dir), device="cpu")
     assert allocator_calls == [1]
     app.build_demo(str(model_dir), device="cpu", cpu_allocator="default")

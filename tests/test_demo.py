@@ -9,7 +9,7 @@ import socket
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import SHARED_DATA, load_script
 from PIL import Image
 
 from imedsam_hf.data import mask_box, read_mask
@@ -37,9 +37,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo_url():
-    spec = importlib.util.spec_from_file_location("imedsam_demo", REPO_ROOT / "demo" / "app.py")
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
+    app = load_script("demo/app.py", "imedsam_demo")
     demo = app.build_demo(
         "litemedsam", cpu_allocator="default"
     )  # module scope: the conftest fixture is not yet in place

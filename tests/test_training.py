@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, SHARED_DATA, tiny_model
+from conftest import REPO_ROOT, SHARED_DATA, load_script, tiny_model
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, SamModel
@@ -29,9 +29,7 @@ from imedsam_hf.loading import load_model
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
 
-spec = importlib.util.spec_from_file_location("imedsam_train", REPO_ROOT / "training" / "train.py")
-train_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_script)
+train_script = load_script("training/train.py", "imedsam_train")
 slow = pytest.mark.slow  # a real training run (seconds to a minute on 2 CPU cores)
 
 SMALL_IMPLICIT = {"coarse_hidden_sizes": [64, 32], "coarse_feature_size": 16, "fine_hidden_sizes": [32, 16]}
@@ -74,9 +72,7 @@ def test_short_real_run_writes_the_publishing_form_and_a_card(tiny_sam, polyps, 
     assert yaml.safe_load(resolved)["training"]["mixed_precision"] == "no" == saved["mixed_precision"]
     assert train_script.parse_args(["--config", str(out / "config.yaml")]).training.output_dir == str(out)
     # The trained folder evaluates on its own test split (splits.json saved beside it, metadata included).
-    spec = importlib.util.spec_from_file_location("imedsam_evaluate", REPO_ROOT / "training" / "evaluate.py")
-    evaluate_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate_script)
+    evaluate_script = load_script("training/evaluate.py", "imedsam_evaluate")
     # The model records its backbone by a portable name ("tiny-sam"); here the local copy is passed explicitly.
     assert json.loads((final / "config.json").read_text())["base_model"] == "tiny-sam"
     code = evaluate_script.main(

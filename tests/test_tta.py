@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, tiny_model
+from conftest import SHARED_DATA, load_script, tiny_model
 from PIL import Image
 
 from imedsam_hf.cli import main
@@ -182,13 +182,8 @@ def test_evaluate_and_predict_take_tta(tmp_path, capsys):
 def test_the_card_section_on_mirroring_is_written_from_the_reports(tmp_path):
     """`scripts/write_model_cards.py mirroring`: every number from the reports, placed before "Intended use", and
     written again in place (not twice)."""
-    import importlib.util
 
-    from conftest import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("write_model_cards", REPO_ROOT / "scripts" / "write_model_cards.py")
-    cards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cards)
+    cards = load_script("scripts/write_model_cards.py", "write_model_cards")
 
     def report(model: float, zero_shot: float, tta: str | None = None, jitter: float = 0.0) -> dict:
         organs = {"1": {"name": "spleen", "dice": model + 0.01}, "2": {"name": "aorta", "dice": model - 0.01}}

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATA, tiny_model
+from conftest import SHARED_DATA, load_script, tiny_model
 from PIL import Image
 from scipy import ndimage
 from scipy.spatial.distance import cdist
@@ -506,11 +506,7 @@ def test_propagated_boxes_script_maps_each_box_to_its_slice_file(tmp_path, monke
     """training/propagated_boxes.py: each scan of the split stacked from its slices (numbered from 5 here), every
     box its 3-D box and key slice propagations were prompted with written under the stem of the slice it was given
     on; scans kept apart; the other splits' slices not run."""
-    spec = importlib.util.spec_from_file_location(
-        "imedsam_propagated_boxes", REPO_ROOT / "training" / "propagated_boxes.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("training/propagated_boxes.py", "imedsam_propagated_boxes")
     labels = leaning_tube()
     for folder in ("images", "masks"):
         (tmp_path / "data" / folder).mkdir(parents=True)
