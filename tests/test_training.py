@@ -166,6 +166,13 @@ def test_selection_by_exact_and_jittered_validation_boxes_is_imedsam_evaluates(t
     assert "best mean validation Dice with exact boxes and with every box side moved by up to 20%" in card
 
 
+def test_validation_subsets_are_evenly_spaced():
+    """--max-eval-samples: the validation loader's samples and --selection-box-jitter's images, one rule for both."""
+    assert train_script.evenly_spaced(5, None) == [0, 1, 2, 3, 4] == train_script.evenly_spaced(5, 8)
+    assert train_script.evenly_spaced(300, 4) == [0, 100, 199, 299]
+    assert train_script.evenly_spaced(28, 1) == [0]
+
+
 @slow
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sam, polyps, tmp_path, capsys):
     common = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "10", "--baseline", "false"]

@@ -243,6 +243,13 @@ def read_propagated_boxes(path: str | None, train_split) -> dict[str, dict[int, 
     return boxes
 
 
+def evenly_spaced(count: int, limit: int | None) -> list[int]:
+    """The indices of at most `limit` of `count` items, evenly spaced (--max-eval-samples; None: all of them)."""
+    if not limit or count <= limit:
+        return list(range(count))
+    return np.linspace(0, count - 1, limit).round().astype(int).tolist()
+
+
 def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
     """Training and validation datasets and loaders."""
     data, run = args.data, args.training
@@ -274,8 +281,7 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         raise die(f"{which}: {error}") from error
     val_set = SegmentationDataset(as_records(splits["validation"]), processor, data_config, train=False)
     if run.max_eval_samples and len(val_set) > run.max_eval_samples:
-        kept = np.linspace(0, len(val_set) - 1, run.max_eval_samples).round().astype(int).tolist()
-        val_set = torch.utils.data.Subset(val_set, kept)
+        val_set = torch.utils.data.Subset(val_set, evenly_spaced(len(val_set), run.max_eval_samples))
     # Loaders draw their worker seeds from their own generators: starting an iterator (as a resume does at a
     # different moment than the original run) must not consume the global RNG that dropout uses.
     loader_kwargs = dict(collate_fn=collate, num_workers=run.num_workers)
@@ -528,22 +534,35 @@ def evaluation_protocol(args: Arguments, model, output_sizes: list[str], box_jit
         raise die(error) from error
 
 
+@dataclass
+class Selection:
+    """--selection-box-jitter F: the validation images (at most --max-eval-samples, evenly spaced) and the two
+    protocols they are scored by, `imedsam evaluate`'s at native size with exact boxes and with every box side moved
+    by up to F (jitter seed 0); the model's config does not change during a run, so both are resolved once."""
+
+    processor: Any
+    pairs: list
+    protocols: tuple[EvaluationProtocol, EvaluationProtocol]
+
+    @classmethod
+    def of(cls, args: Arguments, model, processor, split) -> "Selection":
+        pairs = evaluation_pairs(split)
+        pairs = [pairs[i] for i in evenly_spaced(len(pairs), args.training.max_eval_samples)]
+        jitters = (0.0, args.training.selection_box_jitter)
+        return cls(processor, pairs, tuple(evaluation_protocol(args, model, ["native"], box_jitter=j) for j in jitters))
+
+
 @torch.no_grad()
 def selection_dice(run: "Run") -> tuple[float, float]:
-    """--selection-box-jitter F: the mean Dice over the validation images by `imedsam evaluate`'s protocol at native
-    size, with exact boxes and with every box side moved by up to F (jitter seed 0), `(exact, jittered)`. The images
-    are shared out between the processes and the rows gathered, so every process returns the same numbers."""
-    accelerator, model = run.accelerator, run.accelerator.unwrap_model(run.model)
-    pairs = run.selection_pairs
-    if run.args.training.max_eval_samples and len(pairs) > run.args.training.max_eval_samples:
-        kept = np.linspace(0, len(pairs) - 1, run.args.training.max_eval_samples).round().astype(int)
-        pairs = [pairs[i] for i in kept.tolist()]
+    """--selection-box-jitter: the mean Dice over `run.selection`'s images by its two protocols, `(exact,
+    jittered)`. The images are shared out between the processes and the rows gathered, so every process returns the
+    same numbers."""
+    accelerator, model, selection = run.accelerator, run.accelerator.unwrap_model(run.model), run.selection
     model.eval()
     scores = []
-    with accelerator.split_between_processes(pairs) as shard:
-        for jitter in (0.0, run.args.training.selection_box_jitter):
-            protocol = evaluation_protocol(run.args, model, ["native"], box_jitter=jitter)
-            rows = evaluate_model(model, run.processor, shard, protocol, progress=False).rows if shard else []
+    with accelerator.split_between_processes(selection.pairs) as shard:
+        for protocol in selection.protocols:
+            rows = evaluate_model(model, selection.processor, shard, protocol, progress=False).rows if shard else []
             values = accelerate.utils.gather_object([r["dice"] for r in rows if r.get("dice") is not None])
             scores.append(float(np.mean(values)) if values else float("nan"))
     run.model.train()
@@ -615,9 +634,7 @@ class Run:
     deadline: float | None = None  # clock() past which training stops (--max-train-minutes)
     card_sections: dict[str, dict[str, Any]] | None = None  # the trained run's options (--finish-only)
     published_backbone: bool = False  # fine-tuning a trained I-MedSAM again
-    # --selection-box-jitter: the validation images, scored by `imedsam evaluate`'s protocol with this processor
-    processor: Any = None
-    selection_pairs: list | None = None
+    selection: Selection | None = None  # --selection-box-jitter: what model selection scores
     # --freeze-image-encoder: the training and validation batches' embeddings (None: the encoder trains)
     frozen_encoder: FrozenImageEncoder | None = None
     frozen_val_encoder: FrozenImageEncoder | None = None
@@ -788,7 +805,7 @@ def end_epoch(run: Run, progress) -> None:
     validate = config.eval_every_epochs > 0 and (state["epoch"] % config.eval_every_epochs == 0 or last)
     if validate or (config.eval_every_epochs == 0 and last):
         score = float("nan")
-        if validate and run.selection_pairs:
+        if validate and run.selection is not None and run.selection.pairs:
             exact, jittered = selection_dice(run)
             score = (exact + jittered) / 2
             run.log(
@@ -797,7 +814,7 @@ def end_epoch(run: Run, progress) -> None:
             )
             progress.write(
                 f"epoch {state['epoch']}: validation Dice {exact:.4f} with exact boxes, {jittered:.4f} with boxes "
-                f"moved by up to {config.selection_box_jitter:.0%}, mean {score:.4f} ({len(run.selection_pairs)} "
+                f"moved by up to {config.selection_box_jitter:.0%}, mean {score:.4f} ({len(run.selection.pairs)} "
                 "images, `imedsam evaluate`'s protocol)"
             )
         elif validate and len(run.val_set):
@@ -1005,7 +1022,7 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         published_backbone=published,
     )
     if run_args.selection_box_jitter > 0:
-        run.processor, run.selection_pairs = processor, evaluation_pairs(splits["validation"])
+        run.selection = Selection.of(args, accelerator.unwrap_model(model), processor, splits["validation"])
     if run_args.freeze_image_encoder:
         # keyed by image: samples of one image (one per class) share its embeddings
         val_items = getattr(val_set, "dataset", val_set).items
