@@ -302,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="move each box side by up to this fraction of the box size (an imperfect user's box; 0: exact boxes)",
     )
     e.add_argument("--jitter-seed", type=int, default=0, help="seed of --box-jitter (with the image's name)")
+    e.add_argument(
+        "--jitter-draws",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --box-jitter: score every image with K independent draws of its jittered boxes and report the "
+        "mean over the draws (with each draw's Dice); 1: one draw",
+    )
     aware = e.add_mutually_exclusive_group()
     aware.add_argument(
         "--class-aware",

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -202,6 +204,7 @@ def evaluate_pairs(
     class_names: dict[int, str] | None = None,
     box_jitter: float = 0.0,
     jitter_seed: int = 0,
+    jitter_draw: int = 0,
     mask_values: Mapping[int, int] | None = None,
     slice_masks: dict | None = None,
     num_clicks: int = 1,
@@ -232,7 +235,8 @@ def evaluate_pairs(
 
     `box_jitter` F > 0 moves each side of every box by up to F of the box's width/height (clipped to the image),
     as a user's imperfect box would: seeded by `jitter_seed` and the image's stem, so the model and the baseline (and
-    any two runs) get the same boxes for an image, whatever the order or the subset of images.
+    any two runs) get the same boxes for an image, whatever the order or the subset of images. `jitter_draw` d picks
+    the d-th independent draw of those boxes (`jittered_boxes`; `evaluate_model` averages several).
 
     Returns per-image rows (`stem`, `size`, scores) and a summary `{size: aggregate(...)}` with `dice`,
     `dice_std`, `iou`, `hd95`, `hd` (and their std) and `n`.
@@ -262,7 +266,7 @@ def evaluate_pairs(
         boxes = [mask_box(target) for _, target in targets] if prompt == "box" else [None]
         clicks = mask_clicks(labels > 0, num_clicks).tolist() if prompt == "points" else None
         if box_jitter > 0 and prompt == "box":
-            boxes = jittered_boxes(boxes, box_jitter, labels.shape, pair.stem, jitter_seed)
+            boxes = jittered_boxes(boxes, box_jitter, labels.shape, pair.stem, jitter_seed, jitter_draw)
         aware = [c for c, _ in targets] if several and num_classes > 1 else None  # a multi-class model: class-aware
         logits = predict_logits(
             model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline, classes=aware,
@@ -293,11 +297,18 @@ def evaluate_pairs(
 
 
 def jittered_boxes(
-    boxes: Sequence[np.ndarray | None], fraction: float, size: tuple[int, int], stem: str, seed: int = 0
+    boxes: Sequence[np.ndarray | None],
+    fraction: float,
+    size: tuple[int, int],
+    stem: str,
+    seed: int = 0,
+    draw: int = 0,
 ) -> list[np.ndarray | None]:
     """`evaluate_pairs`' `box_jitter`: each box's sides moved by up to `fraction` of its size (`data.jitter_box`),
-    seeded by `seed` and the image's `stem`, so every run and model gets the same boxes for an image."""
-    rng = np.random.default_rng([seed, zlib.crc32(stem.encode())])
+    seeded by `seed` and the image's `stem`, so every run and model gets the same boxes for an image. `draw` d > 0
+    gives the d-th of several independent draws for the same seed and image (draw 0 is the single draw of a run
+    without `jitter_draws`: its boxes do not change when more draws are asked for)."""
+    rng = np.random.default_rng([seed, zlib.crc32(stem.encode())] + ([draw] if draw else []))
     return [None if box is None else jitter_box(box, fraction, size, rng) for box in boxes]
 
 
@@ -478,6 +489,8 @@ class EvaluationProtocol:
         class_names: class id -> name (a folder's `classes.json`), for the reports.
         mask_values: stored mask value -> class id (`data.read_mask`), or None.
         box_jitter, jitter_seed: every box side moved by up to `box_jitter` of the box size, seeded per image.
+        jitter_draws: K independent draws of those jittered boxes per image (1: the single draw); every number
+            reported is then the mean over the K draws' numbers (`evaluate_model`).
         num_clicks: clicks per mask with `prompt="points"`.
         group_pattern: regex whose first group names a slice's scan (per-volume scores of class-prompted rows).
         spacing: scan -> voxel spacing `(x, y, z)` in mm for the per-volume HD95, or None.
@@ -496,6 +509,7 @@ class EvaluationProtocol:
     mask_values: Mapping[int, int] | None
     box_jitter: float
     jitter_seed: int
+    jitter_draws: int
     num_clicks: int
     group_pattern: str
     spacing: Mapping[str, Sequence[float]] | None
@@ -509,6 +523,13 @@ class EvaluationProtocol:
             parse_size(size)
         if not 0 <= self.box_jitter < 1:
             raise ValueError(f"`box_jitter` {self.box_jitter}: a fraction of the box size in [0, 1).")
+        if self.jitter_draws < 1:
+            raise ValueError(f"`jitter_draws` {self.jitter_draws}: at least 1 draw of jittered boxes per image.")
+        if self.jitter_draws > 1 and not (self.box_jitter > 0 and self.prompt == "box"):
+            raise ValueError(
+                f"`jitter_draws` {self.jitter_draws} draws jittered boxes again: it needs box prompts and `box_jitter` "
+                f"> 0 (here prompt={self.prompt!r}, box_jitter={self.box_jitter}); every draw would give the same scores."
+            )
         if self.num_clicks < 1:
             raise ValueError(f"`num_clicks` {self.num_clicks}: at least 1 click per mask.")
         if self.class_aware and not (self.class_prompts and self.num_classes > 1):
@@ -529,6 +550,7 @@ class EvaluationProtocol:
         mask_values: Mapping[int, int] | None,
         box_jitter: float,
         jitter_seed: int,
+        jitter_draws: int,
         num_clicks: int,
         group_pattern: str,
         spacing: Mapping[str, Sequence[float]] | None,
@@ -585,6 +607,7 @@ class EvaluationProtocol:
             mask_values=mask_values,
             box_jitter=float(box_jitter),
             jitter_seed=int(jitter_seed),
+            jitter_draws=int(jitter_draws),
             num_clicks=int(num_clicks),
             group_pattern=group_pattern,
             spacing=spacing,
@@ -621,6 +644,7 @@ class EvaluationProtocol:
             **({"clicks": self.num_clicks} if self.prompt == "points" else {}),
             "box_jitter": self.box_jitter,
             "jitter_seed": self.jitter_seed,
+            **({"jitter_draws": self.jitter_draws} if self.jitter_draws > 1 else {}),
             "class_aware": self.class_aware,
             **({"classes": list(self.classes)} if self.classes else {}),
             **({"tta": self.tta} if self.tta != "none" else {}),
@@ -649,16 +673,45 @@ class EvaluationReport:
 
 
 def _scored(model, processor, pairs, protocol: EvaluationProtocol, baseline: bool, progress: bool):
-    masks = {} if protocol.class_prompts else None
-    rows, summary = evaluate_pairs(
-        model, processor, pairs, **protocol.pair_options(), baseline=baseline, progress=progress, slice_masks=masks
-    )
-    if masks is None:
-        return rows, summary, None
-    first = str(parse_size(protocol.output_sizes[0]))
-    names = dict(protocol.class_names) if protocol.class_names else None
-    volume = volume_summary(rows, first, names, protocol.group_pattern, masks, protocol.spacing)
+    """Rows, summary and volume summary (None without class prompts) of one model, over the protocol's jitter draws:
+    with K > 1 draws each row carries its `jitter_draw` and the summaries are `mean_over_draws` of the K draws'."""
+    draws = []
+    for draw in range(protocol.jitter_draws):
+        masks = {} if protocol.class_prompts else None
+        rows, summary = evaluate_pairs(
+            model, processor, pairs, **protocol.pair_options(), jitter_draw=draw, baseline=baseline,
+            progress=progress, slice_masks=masks,
+        )  # fmt: skip
+        volume = None
+        if masks is not None:
+            first = str(parse_size(protocol.output_sizes[0]))
+            names = dict(protocol.class_names) if protocol.class_names else None
+            volume = volume_summary(rows, first, names, protocol.group_pattern, masks, protocol.spacing)
+        draws.append((rows, summary, volume))
+    if len(draws) == 1:
+        return draws[0]
+    rows = [{**row, "jitter_draw": draw} for draw, (draw_rows, _, _) in enumerate(draws) for row in draw_rows]
+    summary = mean_over_draws([summary for _, summary, _ in draws])
+    volume = None if draws[0][2] is None else mean_over_draws([volume for _, _, volume in draws])
     return rows, summary, volume
+
+
+def mean_over_draws(draws: Sequence[Any]) -> Any:
+    """
+    One summary from the summaries of K jitter draws of the same images (`_scored`): every float the mean over the
+    draws (NaNs ignored), counts and names as they are (the same in every draw: the images do not change, only
+    their boxes). Each dict holding a `"dice"` also gets `"dice_per_draw"`, the K draws' values, so the spread
+    that a single draw would have shown stays in the report.
+    """
+    first = draws[0]
+    if isinstance(first, dict):
+        merged = {key: mean_over_draws([d.get(key) for d in draws]) for key in first}
+        if isinstance(first.get("dice"), float):
+            merged["dice_per_draw"] = [d["dice"] for d in draws]
+        return merged
+    if any(isinstance(d, float) for d in draws):  # a distance may be None (undefined) in some draws only
+        return nanmean([math.nan if d is None else float(d) for d in draws])
+    return first
 
 
 def evaluate_model(
@@ -757,6 +810,8 @@ def summary_lines(result: dict) -> list[str]:
                 f"{name:12s} {size:>7s}  n={values['n']:3d}  Dice {values['dice']:.4f} ± {values['dice_std']:.4f}  "
                 f"IoU {values['iou']:.4f}  HD95 {values['hd95']:.2f} px  HD {values['hd']:.2f} px"
             )
+            if values.get("dice_per_draw"):
+                lines.append(f"{'':12s} {size:>7s}  {draws_line(values['dice_per_draw'])}")
             if values.get("n_empty"):
                 lines.append(f"{'':12s} {size:>7s}  {empty_line(values)}")
             for class_id, scores in values.get("per_class", {}).items():
@@ -781,7 +836,15 @@ def summary_lines(result: dict) -> list[str]:
                 f"{'':12s} {'volume':>7s}    mean over classes: 3D Dice {volume['dice']:.4f}"
                 + (f"  HD95 {volume['hd95']:.2f} mm" if volume.get("hd95") is not None else "")
             )
+            if volume.get("dice_per_draw"):
+                lines.append(f"{'':12s} {'volume':>7s}    {draws_line(volume['dice_per_draw'])}")
     return lines
+
+
+def draws_line(dice: Sequence[float]) -> str:
+    """The report's line on `--jitter-draws`: how far one draw of jittered boxes moves the mean Dice."""
+    values = " ".join(f"{d:.4f}" for d in dice)
+    return f"{len(dice)} jitter draws, the numbers above their mean; Dice per draw {values} (range {max(dice) - min(dice):.4f})"
 
 
 def empty_line(values: dict) -> str:
@@ -804,6 +867,7 @@ __all__ = [
     "grid_size",
     "jittered_boxes",
     "load_baseline",
+    "mean_over_draws",
     "parse_size",
     "predict_logits",
     "resize_labels",

@@ -213,9 +213,11 @@ def model_selection(training: dict[str, Any]) -> str:
     jitter = float(training.get("selection_box_jitter") or 0)
     if not jitter:
         return "best validation Dice with exact boxes"
+    draws = int(training.get("selection_jitter_draws") or 1)
+    seeds = "jitter seed 0" + (f", the mean of {draws} draws of the jittered boxes" if draws > 1 else "")
     return (
         f"best mean validation Dice with exact boxes and with every box side moved by up to {jitter:.0%} "
-        "(`imedsam evaluate`'s protocol, native size, jitter seed 0)"
+        f"(`imedsam evaluate`'s protocol, native size, {seeds})"
     )
 
 

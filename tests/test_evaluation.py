@@ -186,6 +186,12 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     assert cli_main([*argv, "--class-aware", "--classes", "6,8", "--json", str(tmp_path / "aware.json")]) == 0
     aware = json.loads((tmp_path / "aware.json").read_text())
     assert set(aware["results"]["native"]["per_class"]) == {"6", "8"} and aware["volume"]["n_volumes"] == 2
+    # --jitter-draws: per class and per scan, the means over the draws (`mean_over_draws`, below).
+    drawn = [*argv, "--class-aware", "--classes", "6,8", "--box-jitter", "0.1", "--jitter-draws", "2"]
+    assert cli_main([*drawn, "--json", str(tmp_path / "drawn.json")]) == 0
+    volume = json.loads((tmp_path / "drawn.json").read_text())["volume"]
+    assert len(volume["dice_per_draw"]) == 2 and volume["dice"] == pytest.approx(np.mean(volume["dice_per_draw"]))
+    assert volume["n_volumes"] == 2 and len(volume["per_class"]["6"]["dice_per_draw"]) == 2
 
 
 def test_jittered_boxes_are_the_same_for_every_model_and_run(monkeypatch):
@@ -208,6 +214,54 @@ def test_jittered_boxes_are_the_same_for_every_model_and_run(monkeypatch):
     assert np.all(np.abs(seen[1] - exact) <= 0.1 * np.array([width, height, width, height]) + 1e-3)
     evaluate_pairs(model, processor, pairs[1:], output_sizes=[40], box_jitter=0.1)
     np.testing.assert_array_equal(seen[-1], seen[1])  # the same image gets the same box in a subset
+
+
+def test_jitter_draws_average_independent_draws_of_the_jittered_boxes(tmp_path, monkeypatch, capsys):
+    """--jitter-draws K: every image scored with K independent draws of its jittered boxes, draw 0 the single draw
+    of a run without it; the report's numbers are the means over the draws, each draw's Dice kept."""
+    import imedsam_hf.evaluation as evaluation
+
+    seen = []
+    real = evaluation.predict_logits
+    monkeypatch.setattr(evaluation, "predict_logits", lambda *a, **k: seen.append(np.array(a[3])) or real(*a, **k))
+    model_dir = tmp_path / "model"
+    tiny_model(query_mode="adaptive", implicit_decoder_trained=True).save_pretrained(model_dir)
+    data = SHARED_DATA / "Kvasir-SEG-sample"
+    one = run_evaluation(str(model_dir), data, str(tmp_path / "one.json"), split="all", limit=3, box_jitter=0.2)
+    three = run_evaluation(
+        str(model_dir), data, str(tmp_path / "three.json"), split="all", limit=3, box_jitter=0.2, jitter_draws=3
+    )
+    assert len(seen) == 3 + 9
+    for image in range(3):  # draw 0 is the single draw; draws 1 and 2 are other boxes
+        np.testing.assert_array_equal(seen[image], seen[3 + image])
+        assert not np.array_equal(seen[3 + image], seen[6 + image])
+        assert not np.array_equal(seen[6 + image], seen[9 + image])
+    native = three["results"]["native"]
+    assert three["jitter_draws"] == 3 and "jitter_draws" not in one and native["n"] == 3
+    assert native["dice_per_draw"][0] == pytest.approx(one["results"]["native"]["dice"], abs=1e-12)
+    assert native["dice"] == pytest.approx(np.mean(native["dice_per_draw"]), abs=1e-12)
+    rows = (tmp_path / "three.csv").read_text().splitlines()
+    assert "jitter_draw" in rows[0].split(",") and len(rows) == 1 + 9
+    assert "3 jitter draws" in capsys.readouterr().out
+    # Draws of exact boxes would all be the same: refused, naming the flags.
+    with pytest.raises(ValueError, match="--jitter-draws 2 .*--box-jitter"):
+        run_evaluation(str(model_dir), data, str(tmp_path / "bad.json"), split="all", limit=1, jitter_draws=2)
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_jitter_draws_of_class_prompted_scans_average_the_per_class_and_volume_scores():
+    """With class prompts the per-class and per-scan summaries are averaged over the draws the same way."""
+    from imedsam_hf.evaluation import mean_over_draws
+
+    draws = [
+        {"dice": 0.8, "hd95": None, "n": 2, "per_class": {"1": {"name": "spleen", "dice": 0.7, "hd95": 3.0, "n": 2}}},
+        {"dice": 0.6, "hd95": None, "n": 2, "per_class": {"1": {"name": "spleen", "dice": 0.5, "hd95": None, "n": 2}}},
+    ]
+    merged = mean_over_draws(draws)
+    assert merged["dice"] == pytest.approx(0.7) and merged["dice_per_draw"] == [0.8, 0.6]
+    assert merged["hd95"] is None and merged["n"] == 2  # no spacing in any draw: still none; counts as they are
+    spleen = merged["per_class"]["1"]
+    assert spleen["name"] == "spleen" and spleen["dice"] == pytest.approx(0.6) and spleen["hd95"] == 3.0
 
 
 def run_evaluation(model: str, data, json_path: str, **options) -> dict:

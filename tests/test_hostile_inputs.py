@@ -416,8 +416,8 @@ def test_13_messages_say_what_is_wrong_in_the_users_words(model_dir, btcv_crop, 
     with pytest.raises(ValueError, match="only the background"):
         EvaluationProtocol.resolve(
             model.config, str(data), prompt="box", output_sizes=["native"], class_aware=None, class_prompts=None,
-            mask_classes=None, classes=None, mask_values=None, box_jitter=0.0, jitter_seed=0, num_clicks=1,
-            group_pattern=r"^(.*)$", spacing=None, tta="none",
+            mask_classes=None, classes=None, mask_values=None, box_jitter=0.0, jitter_seed=0, jitter_draws=1,
+            num_clicks=1, group_pattern=r"^(.*)$", spacing=None, tta="none",
         )  # fmt: skip
 
 

@@ -130,22 +130,25 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
 @slow
 def test_selection_by_exact_and_jittered_validation_boxes_is_imedsam_evaluates(tiny_sam, polyps, tmp_path, monkeypatch):
     """--selection-box-jitter: each validation scores the validation images as `imedsam evaluate` does, with exact
-    and with jittered boxes; the best mean is the model kept, and the CLI gives the selected model the same numbers."""
+    and with jittered boxes (here the mean of two draws, --selection-jitter-draws); the best mean is the model kept, and
+    the CLI gives the selected model the same numbers."""
     from imedsam_hf.cli import main as cli
 
-    protocols = []  # (box jitter, jitter seed, output sizes) of each evaluation train.py runs
+    protocols = []  # (box jitter, jitter seed, draws, output sizes) of each evaluation train.py runs
     evaluate_model = train_script.evaluate_model
 
     def spy(model, processor, pairs, protocol, **kwargs):
-        protocols.append((protocol.box_jitter, protocol.jitter_seed, tuple(map(str, protocol.output_sizes))))
+        sizes = tuple(map(str, protocol.output_sizes))
+        protocols.append((protocol.box_jitter, protocol.jitter_seed, protocol.jitter_draws, sizes))
         return evaluate_model(model, processor, pairs, protocol, **kwargs)
 
     monkeypatch.setattr(train_script, "evaluate_model", spy)
     out = tmp_path / "run"
-    extra = ("--selection_box_jitter", "0.2", "--baseline", "false", "--split_fractions", "0.4", "0.4", "0.2")
+    extra = ("--selection_box_jitter", "0.2", "--selection_jitter_draws", "2", "--baseline", "false")
+    extra += ("--split_fractions", "0.4", "0.4", "0.2")
     results = train_script.main(args(tiny_sam, polyps, out, *extra))
     # two validations of two protocols each (the tiny model barely reads its box), then the test split's
-    assert protocols == [(0.0, 0, ("native",)), (0.2, 0, ("native",))] * 2 + [(0.0, 0, ("48",))]
+    assert protocols == [(0.0, 0, 1, ("native",)), (0.2, 0, 2, ("native",))] * 2 + [(0.0, 0, 1, ("48",))]
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     validations = [r for r in log if "val_dice" in r]
     assert len(validations) == 2
@@ -154,7 +157,10 @@ def test_selection_by_exact_and_jittered_validation_boxes_is_imedsam_evaluates(t
     best = max(validations, key=lambda r: r["val_dice"])
     assert results["best_val_dice"] == pytest.approx(best["val_dice"]) and results["best_step"] == best["step"]
     measured = {}
-    for name, jitter in (("exact", []), ("jittered", ["--box-jitter", "0.2", "--jitter-seed", "0"])):
+    for name, jitter in (
+        ("exact", []),
+        ("jittered", ["--box-jitter", "0.2", "--jitter-seed", "0", "--jitter-draws", "2"]),
+    ):
         report = tmp_path / f"{name}.json"
         command = ["evaluate", "--model", str(out / "final"), "--data-dir", str(polyps), "--split", "validation"]
         command += ["--split-file", str(out / "splits.json"), "--output-sizes", "native", "--json", str(report)]
@@ -164,6 +170,7 @@ def test_selection_by_exact_and_jittered_validation_boxes_is_imedsam_evaluates(t
     assert measured["jittered"] == pytest.approx(best["val_dice_jittered"], abs=1e-4)
     card = (out / "final" / "README.md").read_text()
     assert "best mean validation Dice with exact boxes and with every box side moved by up to 20%" in card
+    assert "the mean of 2 draws of the jittered boxes" in card
 
 
 def test_validation_subsets_are_evenly_spaced():
@@ -279,6 +286,10 @@ def test_bad_options_are_named(tiny_sam, polyps, tmp_path):
             train_script.main(args(tiny_sam, polyps, tmp_path / "x", *extra))
     with pytest.raises(SystemExit, match="--selection-box-jitter 1.0: a fraction of the box's size in .0, 1."):
         train_script.parse_args(["--selection-box-jitter", "1"])
+    with pytest.raises(SystemExit, match="--selection-jitter-draws 3 draws the boxes of --selection-box-jitter again"):
+        train_script.parse_args(["--selection-jitter-draws", "3"])
+    with pytest.raises(SystemExit, match="--selection-jitter-draws 0: at least 1 draw"):
+        train_script.parse_args(["--selection-box-jitter", "0.1", "--selection-jitter-draws", "0"])
     with pytest.raises(SystemExit, match="--selection-box-jitter 0.1 moves box prompts; with --prompt none"):
         train_script.main(args(tiny_sam, polyps, tmp_path / "x", "--selection_box_jitter", "0.1", "--prompt", "none"))
     # Neighbour or extent boxes on photos (no slice numbers in the stems): named, before training.

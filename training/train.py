@@ -509,7 +509,9 @@ def evaluation_pairs(split) -> list:
     return split if isinstance(split, list) else [SegmentationPair(r["stem"], r["image"], r["mask"]) for r in split]
 
 
-def evaluation_protocol(args: Arguments, model, output_sizes: list[str], box_jitter: float = 0.0) -> EvaluationProtocol:
+def evaluation_protocol(
+    args: Arguments, model, output_sizes: list[str], box_jitter: float = 0.0, jitter_draws: int = 1
+) -> EvaluationProtocol:
     """`imedsam evaluate`'s protocol for this run's data options (the final evaluation's and, with
     --selection-box-jitter, model selection's)."""
     try:
@@ -525,6 +527,7 @@ def evaluation_protocol(args: Arguments, model, output_sizes: list[str], box_jit
             mask_values=mask_values(args.data),
             box_jitter=box_jitter,
             jitter_seed=0,
+            jitter_draws=jitter_draws,
             num_clicks=1,
             group_pattern=args.data.group_pattern,
             spacing=None,
@@ -548,8 +551,12 @@ class Selection:
     def of(cls, args: Arguments, model, processor, split) -> "Selection":
         pairs = evaluation_pairs(split)
         pairs = [pairs[i] for i in evenly_spaced(len(pairs), args.training.max_eval_samples)]
-        jitters = (0.0, args.training.selection_box_jitter)
-        return cls(processor, pairs, tuple(evaluation_protocol(args, model, ["native"], box_jitter=j) for j in jitters))
+        jitter, draws = args.training.selection_box_jitter, args.training.selection_jitter_draws
+        protocols = (
+            evaluation_protocol(args, model, ["native"]),
+            evaluation_protocol(args, model, ["native"], box_jitter=jitter, jitter_draws=draws),
+        )
+        return cls(processor, pairs, protocols)
 
 
 @torch.no_grad()
@@ -814,8 +821,9 @@ def end_epoch(run: Run, progress) -> None:
             )
             progress.write(
                 f"epoch {state['epoch']}: validation Dice {exact:.4f} with exact boxes, {jittered:.4f} with boxes "
-                f"moved by up to {config.selection_box_jitter:.0%}, mean {score:.4f} ({len(run.selection.pairs)} "
-                "images, `imedsam evaluate`'s protocol)"
+                f"moved by up to {config.selection_box_jitter:.0%}"
+                + (f" (mean of {config.selection_jitter_draws} draws)" if config.selection_jitter_draws > 1 else "")
+                + f", mean {score:.4f} ({len(run.selection.pairs)} images, `imedsam evaluate`'s protocol)"
             )
         elif validate and len(run.val_set):
             score = validation_dice(run.model, run.val_loader, accelerator, run.frozen_val_encoder)

@@ -311,6 +311,12 @@ class RunArguments:
         "boxes its box jitter draws with jitter seed 0). 0: by the exact-box validation Dice in the model's input "
         "frame (faster).",
     )
+    selection_jitter_draws: int = option(
+        1,
+        "With --selection-box-jitter: score the jittered validation with K independent draws of the jittered boxes "
+        "and take their mean (`imedsam evaluate --jitter-draws K`), a steadier selection signal at K times the cost "
+        "of that scoring.",
+    )
     checkpointing_steps: str = option("epoch", "Save a resumable checkpoint every N steps, each 'epoch', or 'no'.")
     checkpoints_total_limit: int | None = option(2, "Keep this many newest checkpoints (None: all).")
     resume_from_checkpoint: str | None = option(None, "A checkpoint folder, or 'latest' in output_dir/checkpoints.")
@@ -333,6 +339,13 @@ class RunArguments:
             raise ValueError(
                 f"--selection-box-jitter {self.selection_box_jitter}: a fraction of the box's size in [0, 1) "
                 "(e.g. 0.1; 0 selects by exact boxes only)."
+            )
+        if self.selection_jitter_draws < 1:
+            raise ValueError(f"--selection-jitter-draws {self.selection_jitter_draws}: at least 1 draw.")
+        if self.selection_jitter_draws > 1 and not self.selection_box_jitter:
+            raise ValueError(
+                f"--selection-jitter-draws {self.selection_jitter_draws} draws the boxes of --selection-box-jitter "
+                "again: set --selection-box-jitter F (e.g. 0.1), or leave the draws at 1."
             )
         if not 0.0 <= self.click_probability <= 1.0:
             raise ValueError(f"--click-probability {self.click_probability}: a probability in [0, 1].")

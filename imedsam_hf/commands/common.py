@@ -40,6 +40,7 @@ FLAGS = {
         "output_size",
         "max_output_pixels",
         "box_jitter",
+        "jitter_draws",
         "num_clicks",
         "class_aware",
         "classes",
