@@ -5,7 +5,8 @@
         [--model_a imedsam] [--model_b baseline_sam] [--metric dice] [--json out.json]
 
 Each side is a per-image file: the `eval_per_image.jsonl` that training/train.py writes next to a run, or the CSV of
-training/evaluate.py. Rows are matched by (output size, image stem), per structure for class-prompted rows; `--model_a/--model_b` pick the rows of one model
+training/evaluate.py. Rows are matched by (output size, image stem), per structure for class-prompted rows (the rows of an
+image's jitter draws, `--jitter-draws K`, averaged first); `--model_a/--model_b` pick the rows of one model
 where a file holds several (train.py marks the zero-shot rows `baseline_sam`, evaluate.py the I-MedSAM rows
 `imedsam`). On a test split of a few dozen images, differences of a tenth of a Dice point are usually noise: this
 says which ones are not.
@@ -27,7 +28,8 @@ DEFAULT_MODEL = "imedsam"
 
 
 def load_per_image(path: str | Path, model: str | None, metric: str) -> dict[tuple[str, str], float]:
-    """`{(size, stem): value}` of one model's rows in a per-image JSONL or CSV file."""
+    """`{(size, stem): value}` of one model's rows in a per-image JSONL or CSV file; the rows of an image's jitter
+    draws (`imedsam evaluate --jitter-draws K`: a `jitter_draw` column) averaged into its value."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(
@@ -39,15 +41,17 @@ def load_per_image(path: str | Path, model: str | None, metric: str) -> dict[tup
         with path.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
     wanted = model or DEFAULT_MODEL
-    values = {
+    grouped: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        if row.get("model", DEFAULT_MODEL) != wanted or row.get(metric) in (None, ""):
+            continue
         # Class-prompted rows (one per structure of an image) are matched per structure: (size, "stem#class").
-        (
-            str(row["size"]),
-            f"{row['stem']}#{row['class']}" if row.get("class") not in (None, "") else row["stem"],
-        ): float(row[metric])
-        for row in rows
-        if row.get("model", DEFAULT_MODEL) == wanted and row.get(metric) not in (None, "")
-    }
+        stem = f"{row['stem']}#{row['class']}" if row.get("class") not in (None, "") else row["stem"]
+        key = (str(row["size"]), stem)
+        if key in grouped and row.get("jitter_draw") in (None, ""):
+            raise SystemExit(f"error: {path}: several {metric!r} rows of model {wanted!r} for {stem} at size {key[0]}.")
+        grouped.setdefault(key, []).append(float(row[metric]))
+    values = {key: float(np.mean(scores)) for key, scores in grouped.items()}
     if not values:
         models = sorted({row.get("model", DEFAULT_MODEL) for row in rows})
         raise SystemExit(f"error: {path}: no {metric!r} rows of model {wanted!r}; models in the file: {models}.")

@@ -250,7 +250,8 @@ def evaluate_pairs(
     rows = []
     iterator = pairs
     if progress:
-        iterator = tqdm(pairs, desc="baseline" if baseline else "evaluate")
+        label = ("baseline" if baseline else "evaluate") + (f", jitter draw {jitter_draw + 1}" if jitter_draw else "")
+        iterator = tqdm(pairs, desc=label)
     wanted = None if classes is None else {int(c) for c in classes}
     for pair in iterator:
         labels = read_mask(pair.mask, mask_classes or num_classes, mask_values)

@@ -94,6 +94,19 @@ def test_compare_runs_pairs_images_by_size_and_stem(tmp_path):
     assert row["a_higher"] == 7 and abs(row["mean_difference"] - 0.035) < 1e-9
     with pytest.raises(SystemExit, match="models in the file"):
         compare_runs.main([str(run), str(other), "--model_b", "nope"])
+    # `imedsam evaluate --jitter-draws K`: an image's K rows are its draws, averaged into its value.
+    drawn = tmp_path / "drawn.csv"
+    drawn.write_text(
+        "model,size,stem,dice,jitter_draw\n"
+        + "".join(f"imedsam,native,{s},{d},{k}\n" for s in stems for k, d in enumerate((0.8, 1.0)))
+    )
+    (row,) = compare_runs.main([str(drawn), str(other)])["rows"]
+    assert row["n"] == 8 and abs(row["mean_a"] - 0.9) < 1e-9 and row["wilcoxon_p"] == 1.0
+    # Two rows of one image otherwise: refused (the second would silently have replaced the first).
+    twice = tmp_path / "twice.csv"
+    twice.write_text(other.read_text() + "imedsam,native,img0,0.5\n")
+    with pytest.raises(SystemExit, match="several 'dice' rows of model 'imedsam' for img0"):
+        compare_runs.main([str(twice), str(run)])
 
 
 def test_training_step_benchmark_times_the_frozen_encoder_step_too(tmp_path, monkeypatch):
