@@ -676,24 +676,25 @@ class EvaluationReport:
 def _scored(model, processor, pairs, protocol: EvaluationProtocol, baseline: bool, progress: bool):
     """Rows, summary and volume summary (None without class prompts) of one model, over the protocol's jitter draws:
     with K > 1 draws each row carries its `jitter_draw` and the summaries are `mean_over_draws` of the K draws'."""
+    options = protocol.pair_options()
+    first = str(parse_size(protocol.output_sizes[0]))
+    names = dict(protocol.class_names) if protocol.class_names else None
     draws = []
     for draw in range(protocol.jitter_draws):
         masks = {} if protocol.class_prompts else None
         rows, summary = evaluate_pairs(
-            model, processor, pairs, **protocol.pair_options(), jitter_draw=draw, baseline=baseline,
-            progress=progress, slice_masks=masks,
+            model, processor, pairs, **options, jitter_draw=draw, baseline=baseline, progress=progress,
+            slice_masks=masks,
         )  # fmt: skip
         volume = None
         if masks is not None:
-            first = str(parse_size(protocol.output_sizes[0]))
-            names = dict(protocol.class_names) if protocol.class_names else None
             volume = volume_summary(rows, first, names, protocol.group_pattern, masks, protocol.spacing)
         draws.append((rows, summary, volume))
     if len(draws) == 1:
         return draws[0]
     rows = [{**row, "jitter_draw": draw} for draw, (draw_rows, _, _) in enumerate(draws) for row in draw_rows]
     summary = mean_over_draws([summary for _, summary, _ in draws])
-    volume = None if draws[0][2] is None else mean_over_draws([volume for _, _, volume in draws])
+    volume = mean_over_draws([volume for _, _, volume in draws]) if protocol.class_prompts else None
     return rows, summary, volume
 
 
