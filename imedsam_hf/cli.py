@@ -339,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--json", required=True, help="where to write the summary JSON")
     e.add_argument("--csv", default=None, help="per-image CSV (default: next to --json)")
-    e.add_argument("--overlays", default=None, help="folder for overlay PNGs of the native predictions")
+    e.add_argument(
+        "--overlays",
+        default=None,
+        help="folder for one overlay PNG per image: the masks scored at the first --output-sizes entry (red), the "
+        "truth (green) and the prompts (cyan; the first draw's jittered boxes)",
+    )
     e.add_argument(
         "--limit",
         type=int,

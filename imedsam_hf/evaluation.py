@@ -209,6 +209,7 @@ def evaluate_pairs(
     slice_masks: dict | None = None,
     num_clicks: int = 1,
     tta: str = "none",
+    overlays: Path | None = None,
 ) -> tuple[list[dict], dict[str, dict]]:
     """
     Score every pair at every output size (masks read with `read_mask(..., mask_values)`).
@@ -233,6 +234,10 @@ def evaluate_pairs(
 
     `tta` mirrors each image at test time (`predict_logits`; `processing_imedsam.TTA_MIRRORS`).
 
+    `overlays`, a folder, receives `<stem>.png` for every image run (`save_overlay`): the very masks scored at the
+    first output size (with class prompts, every prompted class's), the ground truth and the prompts they came from
+    (the jittered boxes when jittered, the clicks).
+
     `box_jitter` F > 0 moves each side of every box by up to F of the box's width/height (clipped to the image),
     as a user's imperfect box would: seeded by `jitter_seed` and the image's stem, so the model and the baseline (and
     any two runs) get the same boxes for an image, whatever the order or the subset of images. `jitter_draw` d picks
@@ -247,6 +252,8 @@ def evaluate_pairs(
     if prompt == "points" and class_prompts:
         raise ValueError("`prompt='points'` scores one structure per image; class-prompted folders take boxes.")
     sizes = [parse_size(s) for s in output_sizes]
+    if overlays is not None:
+        Path(overlays).mkdir(parents=True, exist_ok=True)
     rows = []
     iterator = pairs
     if progress:
@@ -261,7 +268,7 @@ def evaluate_pairs(
             present = [int(c) for c in np.unique(labels) if c > 0 and (wanted is None or int(c) in wanted)]
             targets = [(c, (labels == c).astype(np.int64)) for c in present]
         if not any(target.any() for _, target in targets):
-            rows.extend(empty_mask_rows(model, processor, pair.stem, image, sizes, prompt, baseline))
+            rows.extend(empty_mask_rows(model, processor, pair.stem, image, sizes, prompt, baseline, overlays))
             continue
         several = class_prompts and prompt == "box"
         boxes = [mask_box(target) for _, target in targets] if prompt == "box" else [None]
@@ -273,6 +280,7 @@ def evaluate_pairs(
             model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline, classes=aware,
             points=clicks, tta=tta,
         )  # fmt: skip
+        shown = []  # the first size's (predicted, target) of each prompt, for the overlay
         for index, (class_id, target_labels) in enumerate(targets):
             extra = {} if class_id is None else {"class": class_id}
             for size in sizes:
@@ -281,11 +289,17 @@ def evaluate_pairs(
                 target = resize_labels(target_labels, predicted.shape)
                 scored = score_mask(predicted, target, 1 if class_prompts else num_classes)
                 row = {"stem": pair.stem, "size": str(size), **extra, **scored}
+                if size == sizes[0]:
+                    shown.append((predicted, target))
                 if class_id is not None:  # what volume_summary stacks into scans
                     row.update(zip(COUNT_KEYS, overlap_counts(predicted > 0, target > 0)))
                     if slice_masks is not None and size == sizes[0]:
                         slice_masks[(pair.stem, class_id)] = SliceMasks.of(predicted > 0, target > 0)
                 rows.append(row)
+        if overlays is not None:
+            predicted = np.any([p > 0 for p, _ in shown], axis=0)
+            truth = np.any([t > 0 for _, t in shown], axis=0)
+            save_overlay(overlays, pair.stem, image, predicted, truth, boxes if prompt == "box" else None, clicks)
     summary = {}
     for size in sizes:
         skip = ("stem", "size", "class", *COUNT_KEYS)
@@ -382,11 +396,19 @@ def cropped(*masks: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 def empty_mask_rows(
-    model, processor: IMedSamProcessor, stem: str, image: np.ndarray, sizes: Sequence, prompt: str, baseline: bool
+    model,
+    processor: IMedSamProcessor,
+    stem: str,
+    image: np.ndarray,
+    sizes: Sequence,
+    prompt: str,
+    baseline: bool,
+    overlays: Path | None = None,
 ) -> list[dict]:
     """
     The rows of an image whose mask is empty: `empty: 1` at each size, and prompt-free the foreground predicted
-    there (`metrics.false_positive_area`). With box prompts nothing is run: no box can be made from an empty mask.
+    there (`metrics.false_positive_area`; with `overlays`, its overlay at the first size). With box prompts nothing
+    is run: no box can be made from an empty mask.
     """
     if prompt != "none":  # box or click prompts: an empty mask gives neither
         return [{"stem": stem, "size": str(size), "empty": 1} for size in sizes]
@@ -395,7 +417,29 @@ def empty_mask_rows(
     for size in sizes:
         predicted = IMedSamProcessor.post_process_masks(logits[size][None])[0].numpy()
         rows.append({"stem": stem, "size": str(size), "empty": 1, **false_positive_area(predicted)})
+        if overlays is not None and size == sizes[0]:
+            save_overlay(overlays, stem, image, predicted > 0, None)
     return rows
+
+
+def save_overlay(
+    folder: Path,
+    stem: str,
+    image: np.ndarray,
+    predicted: np.ndarray,
+    truth: np.ndarray | None,
+    boxes: Sequence[np.ndarray | None] | None = None,
+    points: Sequence[Sequence[float]] | None = None,
+) -> None:
+    """
+    `<folder>/<stem>.png`: `inference.overlay` of a scored mask `(h, w)` (red) and its ground truth (green) on the
+    image resized to the mask's grid, with the prompts (boxes `(x0, y0, x1, y1)`, clicks `(x, y)` in pixels of
+    the `image`) scaled to that grid.
+    """
+    scale = np.array([predicted.shape[1] / image.shape[1], predicted.shape[0] / image.shape[0]])
+    boxes = None if boxes is None else [np.asarray(b, float) * np.tile(scale, 2) for b in boxes if b is not None]
+    points = None if points is None else [np.asarray(p, float) * scale for p in points]
+    overlay(image, predicted, truth=truth, boxes=boxes, points=points).save(Path(folder) / f"{stem}.png")
 
 
 def empty_summary(rows: Sequence[dict]) -> dict:
@@ -673,9 +717,12 @@ class EvaluationReport:
         return result
 
 
-def _scored(model, processor, pairs, protocol: EvaluationProtocol, baseline: bool, progress: bool):
+def _scored(
+    model, processor, pairs, protocol: EvaluationProtocol, baseline: bool, progress: bool, overlays: Path | None = None
+):
     """Rows, summary and volume summary (None without class prompts) of one model, over the protocol's jitter draws:
-    with K > 1 draws each row carries its `jitter_draw` and the summaries are `mean_over_draws` of the K draws'."""
+    with K > 1 draws each row carries its `jitter_draw` and the summaries are `mean_over_draws` of the K draws'.
+    `overlays` shows the first draw's masks (`evaluate_pairs`)."""
     options = protocol.pair_options()
     first = str(parse_size(protocol.output_sizes[0]))
     names = dict(protocol.class_names) if protocol.class_names else None
@@ -684,7 +731,7 @@ def _scored(model, processor, pairs, protocol: EvaluationProtocol, baseline: boo
         masks = {} if protocol.class_prompts else None
         rows, summary = evaluate_pairs(
             model, processor, pairs, **options, jitter_draw=draw, baseline=baseline, progress=progress,
-            slice_masks=masks,
+            slice_masks=masks, overlays=overlays if draw == 0 else None,
         )  # fmt: skip
         volume = None
         if masks is not None:
@@ -725,15 +772,17 @@ def evaluate_model(
     backbone: tuple | None = None,
     progress: bool = True,
     model_name: str = "imedsam",
+    overlays: Path | None = None,
 ) -> EvaluationReport:
     """
     Score `model` on `pairs` by `protocol` and, with `backbone` `(model, processor)` (`load_baseline`), the
     backbone's own SAM mask zero-shot on the same images and prompts. A model whose implicit decoder was never
     trained (a conversion) is scored with its SAM mask, with a warning, never with random logits.
-    Per scan (3D Dice; HD95 with the protocol's spacing) when the rows are class-prompted.
+    Per scan (3D Dice; HD95 with the protocol's spacing) when the rows are class-prompted. `overlays`, a folder,
+    receives the model's scored masks as PNGs (`evaluate_pairs`; the first jitter draw's), not the backbone's.
     """
     sam_mask_only = sam_mask_fallback(model)
-    rows, results, volume = _scored(model, processor, pairs, protocol, sam_mask_only, progress)
+    rows, results, volume = _scored(model, processor, pairs, protocol, sam_mask_only, progress, overlays)
     uses_implicit = getattr(model.config, "use_implicit_decoder", False) and not sam_mask_only
     report = EvaluationReport(
         protocol=protocol,
@@ -767,25 +816,6 @@ def load_baseline(model, processor, model_spec: str, baseline_model: str | None 
         return load_model(name, image_size=model.config.image_size, config_overrides=overrides, device=device)
     except (OSError, ValueError) as error:
         raise ValueError(f"`baseline`: cannot load the backbone {name!r} ({error}); give `baseline_model`.") from error
-
-
-def write_overlays(
-    model, processor, pairs, folder: Path, num_classes: int, prompt: str, mask_values: Mapping[int, int] | None = None
-) -> None:
-    """
-    Each image with the native prediction in red and the ground truth in green (`inference.overlay`); with box
-    prompts, images whose mask is empty have no prompt and no overlay.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    for pair in pairs:
-        labels = read_mask(pair.mask, num_classes, mask_values)
-        box = mask_box(labels)
-        if box is None and prompt == "box":
-            continue
-        image = to_rgb_array(pair.image)
-        logits = predict_logits(model, processor, image, box if prompt == "box" else None)[NATIVE]
-        predicted = IMedSamProcessor.post_process_masks(logits[None])[0].numpy()
-        overlay(image, predicted, truth=labels).save(folder / f"{pair.stem}.png")
 
 
 def write_rows_csv(rows: Sequence[dict], path: Path) -> None:
@@ -873,8 +903,8 @@ __all__ = [
     "parse_size",
     "predict_logits",
     "resize_labels",
+    "save_overlay",
     "score",
     "summary_lines",
     "volume_summary",
-    "write_overlays",
 ]

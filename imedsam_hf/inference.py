@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .loading import load_model
 from .modeling_imedsam import sam_mask_on_grid
@@ -38,6 +38,7 @@ MAX_OUTPUT_PIXELS = 4096 * 4096
 MAX_CALL_OUTPUTS = 16
 PREDICTION_COLOUR = (255.0, 0.0, 0.0)
 TRUTH_COLOUR = (0.0, 255.0, 0.0)
+PROMPT_COLOUR = (0, 255, 255)
 
 
 @dataclass
@@ -319,10 +320,17 @@ def checked_output_size(size, name: str = "`output_size`") -> tuple[int, int]:
     return height, width
 
 
-def overlay(image: np.ndarray | Image.Image, mask: np.ndarray, truth: np.ndarray | None = None) -> Image.Image:
+def overlay(
+    image: np.ndarray | Image.Image,
+    mask: np.ndarray,
+    truth: np.ndarray | None = None,
+    boxes: Sequence[Sequence[float]] | None = None,
+    points: Sequence[Sequence[float]] | None = None,
+) -> Image.Image:
     """
     The one overlay: the image (resized to the mask's grid if needed) with the predicted `mask` tinted red and,
-    when given, the ground truth `truth` (same grid) tinted green over it.
+    when given, the ground truth `truth` (same grid) tinted green over it. `boxes` `(P, 4)` (x0, y0, x1, y1) and
+    `points` `(N, 2)` (x, y), in pixels of the mask's grid, are the prompts the mask came from: outlined in cyan.
     """
     picture = (
         image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8))
@@ -336,7 +344,16 @@ def overlay(image: np.ndarray | Image.Image, mask: np.ndarray, truth: np.ndarray
     if truth is not None:
         true = np.asarray(truth) > 0
         array[true] = 0.7 * array[true] + 0.3 * np.array(TRUTH_COLOUR)
-    return Image.fromarray(array.clip(0, 255).astype(np.uint8))
+    picture = Image.fromarray(array.clip(0, 255).astype(np.uint8))
+    if boxes is not None or points is not None:
+        draw = ImageDraw.Draw(picture)
+        width = max(1, round(max(mask.shape) / 256))  # visible on a 1000-pixel image, not blotting a 64-pixel one
+        for box in boxes if boxes is not None else ():
+            draw.rectangle([float(v) for v in box], outline=PROMPT_COLOUR, width=width)
+        for x, y in points if points is not None else ():
+            radius = 2 * width
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=PROMPT_COLOUR, width=width)
+    return picture
 
 
 def fitted_grid(height: int, width: int, max_pixels: int = MAX_OUTPUT_PIXELS) -> tuple[int, int]:

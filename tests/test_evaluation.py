@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA, load_script, tiny_model
+from PIL import Image
 
 from imedsam_hf import IMedSamProcessor
 from imedsam_hf.data import discover_pairs, mask_box, read_mask
@@ -180,10 +181,15 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     assert result["volume"]["hd95"] > 0 and all(v["hd95"] > 0 for v in result["volume"]["per_class"].values())
     assert cli_main([*argv, "--classes", "6,42", "--json", str(tmp_path / "bad.json")]) == 2  # 42: not in classes.json
     assert not (tmp_path / "bad.json").exists()
+    (tmp_path / "taken").write_text("")  # --overlays naming a file: refused before anything is scored or written
+    assert cli_main([*argv, "--overlays", str(tmp_path / "taken"), "--json", str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "bad.json").exists() and (tmp_path / "taken").read_text() == ""
     # A 13-class model, class-aware: each organ's box prompts that organ's heads; the same report.
     tiny_model(query_mode="adaptive", num_classes=13, implicit_decoder_trained=True).save_pretrained(tmp_path / "aware")
     argv[2] = str(tmp_path / "aware")
-    assert cli_main([*argv, "--class-aware", "--classes", "6,8", "--json", str(tmp_path / "aware.json")]) == 0
+    aware_argv = [*argv, "--class-aware", "--classes", "6,8", "--overlays", str(tmp_path / "overlays")]
+    assert cli_main([*aware_argv, "--json", str(tmp_path / "aware.json")]) == 0
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 3
     aware = json.loads((tmp_path / "aware.json").read_text())
     assert set(aware["results"]["native"]["per_class"]) == {"6", "8"} and aware["volume"]["n_volumes"] == 2
     # --jitter-draws: per class and per scan, the means over the draws (`mean_over_draws`, below).
@@ -327,3 +333,51 @@ def test_click_prompts_score_each_mask_with_its_most_interior_points(tmp_path, m
     assert all(box is None and len(points) == 3 for box, points in seen) and seen[0][1] == seen[2][1]
     with pytest.raises(ValueError, match="--clicks 0"):
         run_evaluation(str(tmp_path / "m"), str(data), str(tmp_path / "e.json"), **{**kwargs, "num_clicks": 0})
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
+def test_overlays_show_the_scored_masks_and_the_prompts_they_came_from(tmp_path):
+    """Regression: `--overlays` predicted every image again with its exact box at native size, so with
+    `--box-jitter`, clicks, class prompts or TTA the overlay showed a mask that was never scored."""
+    from imedsam_hf.evaluation import jittered_boxes, predict_logits
+    from imedsam_hf.inference import PROMPT_COLOUR, overlay
+    from imedsam_hf.processing_imedsam import to_rgb_array
+
+    model = tiny_model(query_mode="adaptive", implicit_decoder_trained=True)
+    processor = IMedSamProcessor(image_size=64)
+    pairs = discover_pairs(SHARED_DATA / "Kvasir-SEG-sample")[0][:2]
+    folder = tmp_path / "overlays"
+    evaluate_pairs(model, processor, pairs, output_sizes=[40, "native"], box_jitter=0.2, jitter_seed=3, overlays=folder)
+    for pair in pairs:
+        labels, image = read_mask(pair.mask), to_rgb_array(pair.image)
+        box = jittered_boxes([mask_box(labels)], 0.2, labels.shape, pair.stem, seed=3)[0]
+        predicted = IMedSamProcessor.post_process_masks(predict_logits(model, processor, image, box, [40])[40][None])
+        predicted = predicted[0].numpy()
+        scale = np.tile([predicted.shape[1] / image.shape[1], predicted.shape[0] / image.shape[0]], 2)
+        truth = resize_labels(labels, predicted.shape)
+        expected = np.asarray(overlay(image, predicted, truth=truth, boxes=[box * scale]))
+        shown = np.asarray(Image.open(folder / f"{pair.stem}.png"))
+        assert shown.shape[:2] == grid_size(labels.shape, 40)  # the first output size, not a native re-prediction
+        np.testing.assert_array_equal(shown, expected)
+        assert (shown == PROMPT_COLOUR).all(axis=-1).any()  # the jittered box is drawn
+    # Clicks: drawn as rings, no box.
+    evaluate_pairs(model, processor, pairs[:1], prompt="points", num_clicks=2, overlays=tmp_path / "clicks")
+    assert (np.asarray(Image.open(tmp_path / "clicks" / f"{pairs[0].stem}.png")) == PROMPT_COLOUR).all(axis=-1).any()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "BTCV-Synapse-CT").is_dir(), reason="shared data missing")
+def test_overlays_of_class_prompted_slices_show_every_prompted_organ(tmp_path):
+    """Class prompts: one overlay per slice with every scored organ's mask, its truth and its box."""
+    from imedsam_hf.inference import PROMPT_COLOUR
+
+    ct = SHARED_DATA / "BTCV-Synapse-CT"
+    pairs = [p for p in discover_pairs(ct)[0] if p.stem == "case0001_slice080"]
+    model = tiny_model(query_mode="adaptive", num_classes=13, implicit_decoder_trained=True)
+    options = dict(class_prompts=True, mask_classes=13, classes=[6, 8], num_classes=13, overlays=tmp_path / "o")
+    evaluate_pairs(model, IMedSamProcessor(image_size=64), pairs, **options)
+    shown = np.asarray(Image.open(tmp_path / "o" / "case0001_slice080.png"))
+    labels = read_mask(pairs[0].mask, 13)
+    outlined = (shown == PROMPT_COLOUR).all(axis=-1)
+    for organ in (6, 8):  # each organ's box outline: its top-left corner is drawn
+        x0, y0, _, _ = (int(round(v)) for v in mask_box((labels == organ).astype(np.int64)))
+        assert outlined[y0, x0]

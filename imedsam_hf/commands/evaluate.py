@@ -19,7 +19,6 @@ from ..evaluation import (
     evaluate_model,
     load_baseline,
     summary_lines,
-    write_overlays,
     write_rows_csv,
 )
 from ..loading import LITEMEDSAM, load_model
@@ -51,6 +50,8 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         raise ValueError(f"--split-file {args.split_file}: no such file.")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: at least 1 pair.")
+    if args.overlays and Path(args.overlays).exists() and not Path(args.overlays).is_dir():
+        raise ValueError(f"--overlays {args.overlays}: a file, not a folder; name a folder for the overlay PNGs.")
     spacing = read_scan_spacing(args.scan_spacing) if args.scan_spacing else None
     # Option values that need no model, checked before loading one: a bad one is named at once.
     EvaluationProtocol(
@@ -99,7 +100,8 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         raise ValueError(f"no pairs to evaluate in --data-dir {args.data_dir} (split {args.split}).")
     backbone = load_baseline(model, processor, args.model, args.baseline_model, device) if args.baseline else None
     name = LITEMEDSAM if args.model == LITEMEDSAM else "imedsam"
-    report = evaluate_model(model, processor, pairs, protocol, backbone=backbone, model_name=name)
+    overlays = Path(args.overlays) if args.overlays else None
+    report = evaluate_model(model, processor, pairs, protocol, backbone=backbone, model_name=name, overlays=overlays)
     result = {
         "model": args.model,
         "data_dir": str(args.data_dir),
@@ -114,10 +116,6 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1))
     write_rows_csv(report.rows, Path(args.csv) if args.csv else output.with_suffix(".csv"))
-    if args.overlays:
-        write_overlays(
-            model, processor, pairs, Path(args.overlays), protocol.read_classes, protocol.prompt, protocol.mask_values
-        )
     return result
 
 
