@@ -77,7 +77,7 @@ def segment_request(model, processor, image, box_values, clicks, resolution, str
         info += f", {len(TTA_MIRRORS[tta])} mirrors averaged"
     if result.mask_source == "sam" and model.config.use_implicit_decoder:
         info += "; SAM's own mask: this model's implicit decoder was never trained"
-    return overlay(array, result.mask), path, info
+    return overlay(array, result.mask, boxes=box, points=points, labels=labels), path, info
 
 
 def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep") -> gr.Blocks:

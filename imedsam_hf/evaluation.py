@@ -431,14 +431,9 @@ def save_overlay(
     boxes: Sequence[np.ndarray | None] | None = None,
     points: Sequence[Sequence[float]] | None = None,
 ) -> None:
-    """
-    `<folder>/<stem>.png`: `inference.overlay` of a scored mask `(h, w)` (red) and its ground truth (green) on the
-    image resized to the mask's grid, with the prompts (boxes `(x0, y0, x1, y1)`, clicks `(x, y)` in pixels of
-    the `image`) scaled to that grid.
-    """
-    scale = np.array([predicted.shape[1] / image.shape[1], predicted.shape[0] / image.shape[0]])
-    boxes = None if boxes is None else [np.asarray(b, float) * np.tile(scale, 2) for b in boxes if b is not None]
-    points = None if points is None else [np.asarray(p, float) * scale for p in points]
+    """`<folder>/<stem>.png`: `inference.overlay` of a scored mask (red), its ground truth (green) and its prompts
+    (boxes, clicks: in pixels of the `image`)."""
+    boxes = None if boxes is None else [b for b in boxes if b is not None] or None
     overlay(image, predicted, truth=truth, boxes=boxes, points=points).save(Path(folder) / f"{stem}.png")
 
 

@@ -39,6 +39,7 @@ MAX_CALL_OUTPUTS = 16
 PREDICTION_COLOUR = (255.0, 0.0, 0.0)
 TRUTH_COLOUR = (0.0, 255.0, 0.0)
 PROMPT_COLOUR = (0, 255, 255)
+BACKGROUND_CLICK_COLOUR = (255, 0, 255)
 
 
 @dataclass
@@ -324,18 +325,22 @@ def overlay(
     image: np.ndarray | Image.Image,
     mask: np.ndarray,
     truth: np.ndarray | None = None,
-    boxes: Sequence[Sequence[float]] | None = None,
-    points: Sequence[Sequence[float]] | None = None,
+    boxes=None,
+    points=None,
+    labels=None,
 ) -> Image.Image:
     """
     The one overlay: the image (resized to the mask's grid if needed) with the predicted `mask` tinted red and,
-    when given, the ground truth `truth` (same grid) tinted green over it. `boxes` `(P, 4)` (x0, y0, x1, y1) and
-    `points` `(N, 2)` (x, y), in pixels of the mask's grid, are the prompts the mask came from: outlined in cyan.
+    when given, the ground truth `truth` (same grid) tinted green over it, and the prompts the mask came from, as
+    `segment` takes them (in the image's own pixels, scaled here to the mask's grid): `boxes` `(4,)` or `(P, 4)`
+    (x0, y0, x1, y1) outlined in cyan, `points` `(N, 2)` (x, y) as rings, cyan or, where `labels` is 0
+    (background clicks), magenta.
     """
     picture = (
         image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8))
     )
     picture = picture.convert("RGB")
+    scale = np.array([mask.shape[1] / picture.size[0], mask.shape[0] / picture.size[1]])
     if picture.size != (mask.shape[1], mask.shape[0]):
         picture = picture.resize((mask.shape[1], mask.shape[0]), Image.BILINEAR)
     array = np.asarray(picture).astype(np.float32)
@@ -344,16 +349,33 @@ def overlay(
     if truth is not None:
         true = np.asarray(truth) > 0
         array[true] = 0.7 * array[true] + 0.3 * np.array(TRUTH_COLOUR)
+    boxes = overlay_prompts(boxes, 4, "boxes") * np.tile(scale, 2)
+    points = overlay_prompts(points, 2, "points") * scale
+    labels = [1] * len(points) if labels is None else list(labels)
+    if len(labels) != len(points):
+        raise ValueError(f"`labels`: {len(labels)} labels for {len(points)} points; give one per point.")
     picture = Image.fromarray(array.clip(0, 255).astype(np.uint8))
-    if boxes is not None or points is not None:
-        draw = ImageDraw.Draw(picture)
-        width = max(1, round(max(mask.shape) / 256))  # visible on a 1000-pixel image, not blotting a 64-pixel one
-        for box in boxes if boxes is not None else ():
-            draw.rectangle([float(v) for v in box], outline=PROMPT_COLOUR, width=width)
-        for x, y in points if points is not None else ():
-            radius = 2 * width
-            draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=PROMPT_COLOUR, width=width)
+    draw = ImageDraw.Draw(picture)
+    width = max(1, round(max(mask.shape) / 256))  # visible on a 1000-pixel image, not blotting a 64-pixel one
+    for box in boxes:
+        draw.rectangle(list(box), outline=PROMPT_COLOUR, width=width)
+    for (x, y), label in zip(points, labels):
+        colour = PROMPT_COLOUR if label else BACKGROUND_CLICK_COLOUR
+        radius = 2 * width
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=colour, width=width)
     return picture
+
+
+def overlay_prompts(values, size: int, name: str) -> np.ndarray:
+    """`overlay`'s `boxes` (size 4) or `points` (size 2) as a float array `(N, size)`; `(0, size)` for None."""
+    try:
+        array = np.zeros((0, size)) if values is None else np.asarray(values, dtype=float)
+        if array.ndim not in (1, 2) or array.shape[-1] != size:
+            raise ValueError
+    except (TypeError, ValueError):
+        shape = "(x0, y0, x1, y1) or a list of them" if size == 4 else "a list of (x, y)"
+        raise ValueError(f"`{name}` must be {shape} in the image's pixels, got {values!r}.") from None
+    return array.reshape(-1, size)
 
 
 def fitted_grid(height: int, width: int, max_pixels: int = MAX_OUTPUT_PIXELS) -> tuple[int, int]:

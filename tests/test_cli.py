@@ -15,7 +15,7 @@ from imedsam_hf import IMedSamProcessor
 from imedsam_hf.cli import main
 from imedsam_hf.commands.common import parse_box, parse_output_size
 from imedsam_hf.data import mask_box, read_mask
-from imedsam_hf.inference import segment
+from imedsam_hf.inference import PROMPT_COLOUR, segment
 from imedsam_hf.metrics import dice
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
@@ -52,8 +52,10 @@ def test_predict_writes_masks_named_after_inputs(model_dir, tmp_path, capsys):
         mask = np.asarray(Image.open(out / f"{image.stem}.png"))
         assert mask.shape == np.asarray(Image.open(image)).shape[:2]  # the image's own size
         assert set(np.unique(mask)) <= {0, 255}
-        assert (out / f"{image.stem}_overlay.png").is_file()
         truth = read_mask(KVASIR / "masks" / f"{image.stem}.png")
+        shown = np.asarray(Image.open(out / f"{image.stem}_overlay.png"))
+        x0, y0, x1, y1 = (int(round(v)) for v in mask_box(truth))
+        assert (shown[y0, x0] == PROMPT_COLOUR).all() and (shown[y1, x1] == PROMPT_COLOUR).all()  # the box prompted
         # The command writes what the Python API gives for the mask's box.
         expected = segment(str(model_dir), str(image), box=mask_box(truth).tolist()).mask
         assert np.array_equal(mask > 0, expected) and expected.any()
@@ -367,3 +369,22 @@ def test_demo_tunes_the_cpu_allocator_unless_told_not_to(model_dir, allocator_ca
     assert allocator_calls == [1]
     app.build_demo(str(model_dir), device="cpu", cpu_allocator="default")
     assert allocator_calls == [1]
+
+
+def test_overlay_draws_the_prompts_given_in_image_pixels_on_the_mask_grid():
+    """`overlay`'s prompts are `segment`'s (image pixels), scaled to the mask's grid; background clicks in magenta."""
+    from imedsam_hf.inference import BACKGROUND_CLICK_COLOUR, overlay
+
+    image = np.zeros((100, 200, 3), np.uint8)
+    shown = np.asarray(
+        overlay(image, np.zeros((50, 100), bool), boxes=[20, 10, 180, 90], points=[[100, 50], [40, 40]], labels=[1, 0])
+    )
+    assert shown.shape == (50, 100, 3)
+    assert (shown[5, 10] == PROMPT_COLOUR).all() and (shown[45, 90] == PROMPT_COLOUR).all()  # the box, halved
+    ring = lambda x, y, colour: (shown[y - 3 : y + 4, x - 3 : x + 4] == colour).all(axis=-1).any()  # noqa: E731
+    assert ring(50, 25, PROMPT_COLOUR) and ring(20, 20, BACKGROUND_CLICK_COLOUR)
+    assert not ring(20, 20, PROMPT_COLOUR)
+    with pytest.raises(ValueError, match="`boxes` must be"):
+        overlay(image, np.zeros((50, 100), bool), boxes=[1, 2, 3])
+    with pytest.raises(ValueError, match="`labels`: 1 labels for 2 points"):
+        overlay(image, np.zeros((50, 100), bool), points=[[1, 2], [3, 4]], labels=[1])

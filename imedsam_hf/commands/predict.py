@@ -335,7 +335,8 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
                 picture = (
                     image if isinstance(image, Image.Image) else Image.fromarray(to_rgb_array(image).astype(np.uint8))
                 )
-                write_png(overlay(picture, values), targets[1])
+                shown = dict(boxes=prompt.get("box"), points=prompt.get("points"), labels=prompt.get("labels"))
+                write_png(overlay(picture, values, **shown), targets[1])  # the mask with the prompts it came from
         except (ValueError, RuntimeError) as error:  # RuntimeError: an accelerated backend failed, and says so
             message = flag_message(error)
             message = message if str(path) in message else f"{path}: {message}"
