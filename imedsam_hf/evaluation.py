@@ -41,7 +41,7 @@ from .data import (
     read_mask,
     slice_index,
 )
-from .inference import checked_input_classes, overlay, sam_mask_fallback
+from .inference import checked_input_classes, label_map, overlay, sam_mask_fallback
 from .loading import load_model
 from .metrics import (
     aggregate,
@@ -235,8 +235,9 @@ def evaluate_pairs(
     `tta` mirrors each image at test time (`predict_logits`; `processing_imedsam.TTA_MIRRORS`).
 
     `overlays`, a folder, receives `<stem>.png` for every image run (`save_overlay`): the very masks scored at the
-    first output size (with class prompts, every prompted class's), the ground truth and the prompts they came from
-    (the jittered boxes when jittered, the clicks).
+    first output size, the ground truth and the prompts they came from (the jittered boxes when jittered, the
+    clicks); with class prompts, every prompted class in its colour (one label map, as `imedsam predict` writes it:
+    where two masks overlap, the more probable) and its truth outlined in that colour.
 
     `box_jitter` F > 0 moves each side of every box by up to F of the box's width/height (clipped to the image),
     as a user's imperfect box would: seeded by `jitter_seed` and the image's stem, so the model and the baseline (and
@@ -280,7 +281,7 @@ def evaluate_pairs(
             model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline, classes=aware,
             points=clicks, tta=tta,
         )  # fmt: skip
-        shown = []  # the first size's (predicted, target) of each prompt, for the overlay
+        shown = []  # the first size's (logits, predicted, target) of each prompt, for the overlay
         for index, (class_id, target_labels) in enumerate(targets):
             extra = {} if class_id is None else {"class": class_id}
             for size in sizes:
@@ -290,16 +291,24 @@ def evaluate_pairs(
                 scored = score_mask(predicted, target, 1 if class_prompts else num_classes)
                 row = {"stem": pair.stem, "size": str(size), **extra, **scored}
                 if size == sizes[0]:
-                    shown.append((predicted, target))
+                    shown.append((prediction, predicted, target))
                 if class_id is not None:  # what volume_summary stacks into scans
                     row.update(zip(COUNT_KEYS, overlap_counts(predicted > 0, target > 0)))
                     if slice_masks is not None and size == sizes[0]:
                         slice_masks[(pair.stem, class_id)] = SliceMasks.of(predicted > 0, target > 0)
                 rows.append(row)
         if overlays is not None:
-            predicted = np.any([p > 0 for p, _ in shown], axis=0)
-            truth = np.any([t > 0 for _, t in shown], axis=0)
-            save_overlay(overlays, pair.stem, image, predicted, truth, boxes if prompt == "box" else None, clicks)
+            shown_prompts = dict(boxes=boxes if prompt == "box" else None, points=clicks)
+            if several:  # one label map, as `imedsam predict` writes: where masks overlap, the most probable
+                ids = [class_id for class_id, _ in targets]
+                probabilities = np.stack([scores[0].sigmoid().numpy() for scores, _, _ in shown])
+                predicted = label_map(probabilities, ids, probabilities.shape[-2:])
+                truth = np.sum([c * (t > 0) for c, (_, _, t) in zip(ids, shown)], axis=0)
+                save_overlay(overlays, pair.stem, image, predicted, truth, **shown_prompts, class_colours=True)
+            else:
+                _, predicted, truth = shown[0]
+                many = num_classes > 1 and not class_prompts  # class-id maps
+                save_overlay(overlays, pair.stem, image, predicted, truth, **shown_prompts, class_colours=many)
     summary = {}
     for size in sizes:
         skip = ("stem", "size", "class", *COUNT_KEYS)
@@ -430,11 +439,13 @@ def save_overlay(
     truth: np.ndarray | None,
     boxes: Sequence[np.ndarray | None] | None = None,
     points: Sequence[Sequence[float]] | None = None,
+    class_colours: bool = False,
 ) -> None:
-    """`<folder>/<stem>.png`: `inference.overlay` of a scored mask (red), its ground truth (green) and its prompts
-    (boxes, clicks: in pixels of the `image`)."""
+    """`<folder>/<stem>.png`: `inference.overlay` of a scored mask (red) or label map (`class_colours`: a colour per
+    class), its ground truth and its prompts (boxes, clicks: in pixels of the `image`)."""
     boxes = None if boxes is None else [b for b in boxes if b is not None] or None
-    overlay(image, predicted, truth=truth, boxes=boxes, points=points).save(Path(folder) / f"{stem}.png")
+    picture = overlay(image, predicted, truth=truth, boxes=boxes, points=points, class_colours=class_colours)
+    picture.save(Path(folder) / f"{stem}.png")
 
 
 def empty_summary(rows: Sequence[dict]) -> dict:

@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from .loading import load_model
 from .modeling_imedsam import sam_mask_on_grid
@@ -40,6 +41,14 @@ PREDICTION_COLOUR = (255.0, 0.0, 0.0)
 TRUTH_COLOUR = (0.0, 255.0, 0.0)
 PROMPT_COLOUR = (0, 255, 255)
 BACKGROUND_CLICK_COLOUR = (255, 0, 255)
+# Class c of a label map is drawn in CLASS_COLOURS[(c - 1) % 18]: matplotlib's tab20 without its two greys, which
+# a CT's own grey levels would hide.
+CLASS_COLOURS = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207),
+    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+    (196, 156, 148), (247, 182, 210), (219, 219, 141), (158, 218, 229),
+)  # fmt: skip
 
 
 @dataclass
@@ -328,6 +337,7 @@ def overlay(
     boxes=None,
     points=None,
     labels=None,
+    class_colours: bool = False,
 ) -> Image.Image:
     """
     The one overlay: the image (resized to the mask's grid if needed) with the predicted `mask` tinted red and,
@@ -335,6 +345,9 @@ def overlay(
     `segment` takes them (in the image's own pixels, scaled here to the mask's grid): `boxes` `(4,)` or `(P, 4)`
     (x0, y0, x1, y1) outlined in cyan, `points` `(N, 2)` (x, y) as rings, cyan or, where `labels` is 0
     (background clicks), magenta.
+
+    `class_colours=True` reads `mask` (and `truth`) as label maps of class ids (`label_map`): each class is tinted
+    in its own colour (`CLASS_COLOURS`) and the truth drawn as each class's outline in that colour.
     """
     picture = (
         image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8))
@@ -344,11 +357,21 @@ def overlay(
     if picture.size != (mask.shape[1], mask.shape[0]):
         picture = picture.resize((mask.shape[1], mask.shape[0]), Image.BILINEAR)
     array = np.asarray(picture).astype(np.float32)
-    predicted = np.asarray(mask) > 0
-    array[predicted] = 0.55 * array[predicted] + 0.45 * np.array(PREDICTION_COLOUR)
-    if truth is not None:
-        true = np.asarray(truth) > 0
-        array[true] = 0.7 * array[true] + 0.3 * np.array(TRUTH_COLOUR)
+    mask = np.asarray(mask)
+    if class_colours:
+        for class_id in np.unique(mask[mask > 0]):
+            tinted = mask == class_id
+            array[tinted] = 0.55 * array[tinted] + 0.45 * np.array(class_colour(class_id))
+        truth = np.zeros(mask.shape, np.int64) if truth is None else np.asarray(truth)
+        for class_id in np.unique(truth[truth > 0]):
+            region = truth == class_id
+            array[region & ~ndimage.binary_erosion(region)] = class_colour(class_id)  # the class's outline
+    else:
+        predicted = mask > 0
+        array[predicted] = 0.55 * array[predicted] + 0.45 * np.array(PREDICTION_COLOUR)
+        if truth is not None:
+            true = np.asarray(truth) > 0
+            array[true] = 0.7 * array[true] + 0.3 * np.array(TRUTH_COLOUR)
     boxes = overlay_prompts(boxes, 4, "boxes") * np.tile(scale, 2)
     points = overlay_prompts(points, 2, "points") * scale
     labels = [1] * len(points) if labels is None else list(labels)
@@ -364,6 +387,21 @@ def overlay(
         radius = 2 * width
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=colour, width=width)
     return picture
+
+
+def class_colour(class_id: int) -> tuple[int, int, int]:
+    """The colour of class `class_id` >= 1 in `overlay(..., class_colours=True)`."""
+    return CLASS_COLOURS[(int(class_id) - 1) % len(CLASS_COLOURS)]
+
+
+def label_map(probabilities: np.ndarray, class_ids: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+    """
+    Several structures' probabilities `(P, h, w)` -> one uint8 label map of `size` (H, W): each pixel the class of
+    the most probable prompt whose mask holds it (`IMedSamProcessor.merge_prompt_masks`), resized nearest-neighbour.
+    """
+    scores = np.where(probabilities > 0.5, probabilities, 0.0)  # probability > 0.5 is logit > 0: the masks
+    merged = IMedSamProcessor.merge_prompt_masks(torch.from_numpy(scores)[:, None], list(class_ids)).numpy()
+    return resize_labels(merged.astype(np.uint8), tuple(size))
 
 
 def overlay_prompts(values, size: int, name: str) -> np.ndarray:
@@ -404,7 +442,9 @@ __all__ = [
     "check_output_budget",
     "checked_input_classes",
     "checked_output_size",
+    "class_colour",
     "fitted_grid",
+    "label_map",
     "overlay",
     "sam_mask_fallback",
     "sam_mask_logits",

@@ -367,7 +367,9 @@ def test_overlays_show_the_scored_masks_and_the_prompts_they_came_from(tmp_path)
 @pytest.mark.skipif(not (SHARED_DATA / "BTCV-Synapse-CT").is_dir(), reason="shared data missing")
 def test_overlays_of_class_prompted_slices_show_every_prompted_organ(tmp_path):
     """Class prompts: one overlay per slice with every scored organ's mask, its truth and its box."""
-    from imedsam_hf.inference import PROMPT_COLOUR
+    from scipy import ndimage
+
+    from imedsam_hf.inference import PROMPT_COLOUR, class_colour
 
     ct = SHARED_DATA / "BTCV-Synapse-CT"
     pairs = [p for p in discover_pairs(ct)[0] if p.stem == "case0001_slice080"]
@@ -380,3 +382,7 @@ def test_overlays_of_class_prompted_slices_show_every_prompted_organ(tmp_path):
     for organ in (6, 8):  # each organ's box outline: its top-left corner is drawn
         x0, y0, _, _ = (int(round(v)) for v in mask_box((labels == organ).astype(np.int64)))
         assert outlined[y0, x0]
+    liver = labels == 6  # its truth outlined in its colour (all but where its box's lines cover it)
+    outline = liver & ~ndimage.binary_erosion(liver)
+    in_colour = (shown == class_colour(6)).all(axis=-1)
+    assert in_colour[outline].mean() > 0.8 and not in_colour[~liver].any()

@@ -19,6 +19,7 @@ from test_training import args, organ_folder, train_script
 import imedsam_hf
 from imedsam_hf import IMedSamProcessor
 from imedsam_hf.cli import main as cli_main
+from imedsam_hf.inference import PROMPT_COLOUR, class_colour
 
 slow = pytest.mark.slow
 BTCV = SHARED_DATA / "BTCV-Synapse-CT"
@@ -101,11 +102,19 @@ def test_predict_segments_every_structure_of_2d_class_id_masks(tmp_path):
         model.save_pretrained(tmp_path / name)
         IMedSamProcessor(image_size=64).save_pretrained(tmp_path / name)
         argv = ["predict", "--model", str(tmp_path / name), str(folder / "images" / f"{stem}.png")]
-        code = cli_main([*argv, "--boxes-from-masks", str(folder / "masks"), "--out", str(tmp_path / f"out-{name}")])
+        out = tmp_path / f"out-{name}"
+        code = cli_main([*argv, "--boxes-from-masks", str(folder / "masks"), "--out", str(out), "--overlay"])
         assert code == 0, name
-        written = np.asarray(Image.open(tmp_path / f"out-{name}" / f"{stem}.png"))
+        written = np.asarray(Image.open(out / f"{stem}.png"))
         assert written.shape == truth.shape and written.dtype == np.uint8
         assert set(np.unique(written)) - {0} <= set(np.unique(truth)) - {0} and written.max() > 0
+        # The overlay tints each structure in its own colour: the label map drawn again, one colour per class.
+        shown = np.asarray(Image.open(out / f"{stem}_overlay.png")).astype(float)
+        expected = np.asarray(Image.open(folder / "images" / f"{stem}.png").convert("RGB")).astype(float)
+        for class_id in set(np.unique(written)) - {0}:
+            tinted = (written == class_id) & ~(shown == PROMPT_COLOUR).all(axis=-1)  # not under a box's line
+            colour = 0.55 * expected[tinted] + 0.45 * np.array(class_colour(class_id))
+            np.testing.assert_allclose(shown[tinted], colour, atol=1)
     # A binary model on a folder without classes.json: --mask-classes says the masks hold class ids.
     (folder / "classes.json").unlink()
     code = cli_main(

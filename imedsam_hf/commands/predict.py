@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data import mask_box, mask_clicks, read_class_names, read_mask
 from ..files import atomic_write, remove_stale_temporaries
-from ..inference import MAX_PIXELS, overlay, segment
+from ..inference import MAX_PIXELS, label_map, overlay, segment
 from ..loading import load_model
-from ..processing_imedsam import IMedSamProcessor, open_image, resize_labels, to_rgb_array
+from ..processing_imedsam import open_image, to_rgb_array
 from ..runtime import require_backend
 from ..volumes import is_volume, parse_window, read_volume, segment_volume, volume_name, write_label_volume
 from .common import (
@@ -336,7 +335,8 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
                     image if isinstance(image, Image.Image) else Image.fromarray(to_rgb_array(image).astype(np.uint8))
                 )
                 shown = dict(boxes=prompt.get("box"), points=prompt.get("points"), labels=prompt.get("labels"))
-                write_png(overlay(picture, values, **shown), targets[1])  # the mask with the prompts it came from
+                overlaid = overlay(picture, values, **shown, class_colours=ids is not None)  # with its prompts
+                write_png(overlaid, targets[1])
         except (ValueError, RuntimeError) as error:  # RuntimeError: an accelerated backend failed, and says so
             message = flag_message(error)
             message = message if str(path) in message else f"{path}: {message}"
@@ -355,16 +355,6 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
     for message in failures:
         print(f"  {message}", file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
-
-
-def label_map(probabilities: np.ndarray, class_ids: list[int], size: tuple[int, int]) -> np.ndarray:
-    """
-    Several structures' probabilities `(P, h, w)` -> one uint8 label map of `size` (H, W): each pixel the class of
-    the most probable prompt whose mask holds it (`IMedSamProcessor.merge_prompt_masks`), resized nearest-neighbour.
-    """
-    scores = np.where(probabilities > 0.5, probabilities, 0.0)  # probability > 0.5 is logit > 0: the masks
-    merged = IMedSamProcessor.merge_prompt_masks(torch.from_numpy(scores)[:, None], class_ids).numpy()
-    return resize_labels(merged.astype(np.uint8), tuple(size))
 
 
 def write_png(image: Image.Image, target: Path) -> None:
@@ -408,7 +398,6 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
 __all__ = [
     "PromptSource",
     "image_boxes",
-    "label_map",
     "masks_hold_class_ids",
     "predict_images",
     "predict_volumes",
