@@ -191,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the masks, outside the input and mask folders; names keep the inputs' sub-paths",
     )
     p.add_argument("--overwrite", action="store_true", help="replace files already in --out (default: refuse)")
-    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png (images)")
+    p.add_argument(
+        "--overlay",
+        action="store_true",
+        help="also write <name>_overlay.png: an image's mask with its prompts, or a volume's montage of slices",
+    )
     p.add_argument(
         "--max-output-pixels",
         type=_pixel_budget,

@@ -56,13 +56,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .data import mask_box
 from .files import atomic_write, remove_stale_temporaries
-from .inference import segment
+from .inference import overlay, segment
 from .loading import load_model
 from .metrics import METRIC_NAMES, dice_from_counts, iou_from_counts, overlap_counts, surface_distances
 from .processing_imedsam import IMedSamProcessor, mirror_image, processor_for_config, tta_mirrors
@@ -87,6 +87,7 @@ __all__ = [
     "volume_box_to_slice_box",
     "volume_scores",
     "volume_name",
+    "volume_overlay",
     "volume_prompts",
     "window",
     "write_label_volume",
@@ -626,9 +627,10 @@ def segment_volume(
             box is kept inside the 3-D box's in-plane extent (widened by ``box_margin``), with either propagation. A
             mask that reaches past its box otherwise widens the next box, and the error grows slice after slice (the
             shipped BTCV model's 3-D Dice on its test scans: see docs/results.md). False: MedSAM's rule as it is.
-        prompts_given: ``boxes_3d`` only: a list that receives ``(z, class_id, box)`` for every box the model is
-            prompted with (the starting slice's and every propagated one, in slice-image pixels), e.g. to train on
-            the boxes propagation gives (``training/propagated_boxes.py``).
+        prompts_given: a list that receives ``(z, class_id, box)`` for every box the model is prompted with, in
+            slice-image pixels: with ``boxes_3d`` the starting slice's and every propagated one (e.g. to train on the
+            boxes propagation gives, ``training/propagated_boxes.py``), with ``label_volume`` each slice's exact
+            boxes; :func:`volume_overlay` draws them.
         tta: test-time mirroring of every slice, ``"none"`` (default), ``"h"``, ``"v"`` or ``"hv"``
             (:func:`imedsam_hf.inference.segment`'s ``tta``): 2 or 4 encoder and decoder passes per slice.
         slice_embeddings: a :class:`SliceEmbeddings` of this volume for this model object (and ``window``, ``tta``):
@@ -680,7 +682,9 @@ def segment_volume(
     if slice_embeddings is not None:
         slice_embeddings.check(model, processor, images, tta)
     if label_volume is not None:
-        _segment_with_label_volume(model, processor, images, truth, labels, wanted, progress, tta, slice_embeddings)
+        _segment_with_label_volume(
+            model, processor, images, truth, labels, wanted, progress, tta, slice_embeddings, prompts_given
+        )
     else:
         _segment_with_boxes_3d(
             model, processor, images, checked, labels, progress, float(box_margin), propagation, confine=confine,
@@ -710,6 +714,7 @@ def _segment_with_label_volume(
     progress: bool,
     tta: str = "none",
     slice_embeddings: SliceEmbeddings | None = None,
+    prompts_given: list[tuple[int, int, list[float]]] | None = None,
 ) -> None:
     present = truth.any(axis=(0, 1))
     for z in tqdm(range(truth.shape[2]), desc="slices", unit="slice", disable=not progress):
@@ -720,6 +725,8 @@ def _segment_with_label_volume(
         if not ids:
             continue
         boxes = [mask_box(truth_slice == c).tolist() for c in ids]
+        if prompts_given is not None:
+            prompts_given.extend((z, c, box) for c, box in zip(ids, boxes))
         result = segment(
             model, slice_image(images, z), box=boxes, output_size=truth_slice.shape, processor=processor,
             classes=ids if _class_count(model) > 1 else None, tta=tta,
@@ -1018,6 +1025,59 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
     remove_stale_temporaries(path)  # what a killed earlier write left beside it
     atomic_write(path, lambda temporary: Path(temporary).write_bytes(payload))
     return path
+
+
+def volume_overlay(
+    images: np.ndarray,
+    labels: np.ndarray,
+    truth: np.ndarray | None = None,
+    prompts: Sequence[tuple[int, int, Sequence[float]]] | None = None,
+    slices: int = 9,
+    columns: int = 3,
+) -> Image.Image:
+    """A picture of a segmented volume: a montage of up to ``slices`` axial slices (:func:`slice_image`), spread
+    evenly over the slices that hold a predicted or true structure, each the 2-D overlay
+    (:func:`imedsam_hf.inference.overlay` with ``class_colours``: every class in its colour, its truth outlined)
+    with its prompt boxes and its slice index.
+
+    Args:
+        images: ``(X, Y, Z)`` the 8-bit grey volume the model saw (:func:`to_uint8` with the run's window).
+        labels: ``(X, Y, Z)`` predicted class ids (:func:`segment_volume`).
+        truth: ``(X, Y, Z)`` true class ids, or None.
+        prompts: ``(z, class_id, box)`` of every box the model was prompted with (``segment_volume``'s
+            ``prompts_given``), or None.
+        slices, columns: how many slices at most, in how many columns.
+
+    Returns:
+        An RGB image, ``columns`` slices wide.
+    """
+    if slices < 1 or columns < 1:
+        raise ValueError(f"volume_overlay: `slices` {slices} and `columns` {columns} must be >= 1.")
+    if images.shape != labels.shape or (truth is not None and truth.shape != labels.shape):
+        raise ValueError("volume_overlay: `images`, `labels` and `truth` must have one (X, Y, Z) shape.")
+    occupied = labels.any(axis=(0, 1)) | (truth.any(axis=(0, 1)) if truth is not None else False)
+    candidates = np.flatnonzero(occupied) if occupied.any() else np.array([labels.shape[2] // 2])
+    chosen = candidates[
+        np.unique(np.linspace(0, len(candidates) - 1, min(slices, len(candidates))).round().astype(int))
+    ]
+    boxes: dict[int, list] = {}
+    for z, _, box in prompts or ():
+        boxes.setdefault(int(z), []).append(box)
+    tiles = []
+    for z in chosen:
+        grey = slice_image(images, int(z))
+        tile = overlay(
+            np.repeat(grey[..., None], 3, axis=-1), slice_image(labels, int(z)),
+            truth=None if truth is None else slice_image(truth, int(z)), boxes=boxes.get(int(z)), class_colours=True,
+        )  # fmt: skip
+        ImageDraw.Draw(tile).text((4, 2), f"z={int(z)}", fill=(255, 255, 255))
+        tiles.append(tile)
+    width, height = tiles[0].size
+    rows = -(-len(tiles) // columns)
+    montage = Image.new("RGB", (min(columns, len(tiles)) * width, rows * height))
+    for index, tile in enumerate(tiles):
+        montage.paste(tile, ((index % columns) * width, (index // columns) * height))
+    return montage
 
 
 # ------------------------------------------------------------------------------------------------------- scores

@@ -500,6 +500,24 @@ def test_prompts_given_records_every_box_the_model_is_prompted_with(monkeypatch)
         given: list = []
         segment_volume(FakeModel(), images, processor=object(), progress=False, prompts_given=given, **prompts)
         assert given == [(z, c, box) for c, z, box in calls] and len(given) == 9  # every slice of the tube, once
+    # With a label volume: each slice's exact box of each structure, as given to the model.
+    monkeypatch.setattr(
+        volumes_module,
+        "segment",
+        lambda *a, **k: result_for([np.zeros((20, 24), bool)] * len(k["box"]), [0.9] * len(k["box"]), False),
+    )
+    given = []
+    organs = two_organs()
+    segment_volume(
+        FakeModel(), organs * 40, label_volume=organs, processor=object(), progress=False, prompts_given=given
+    )
+    expected = [
+        (z, c, mask_box(slice_image(organs, z) == c).tolist())
+        for z in range(6)
+        for c in (2, 5)
+        if (organs[..., z] == c).any()
+    ]
+    assert given == expected and len(given) == 6
 
 
 def test_propagated_boxes_script_maps_each_box_to_its_slice_file(tmp_path, monkeypatch, allocator_calls):
@@ -766,8 +784,10 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     assert oct(os.stat(tmp_path / "a" / "scan.nii.gz").st_mode & 0o777) != "0o600"
     boxes = {str(c): box for c, box in boxes_3d_from_labels(labels).items()}
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
-    assert main([*argv, "--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "b")]) == 0
+    assert main([*argv, "--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "b"), "--overlay"]) == 0
     assert (tmp_path / "b" / "scan.nii.gz").is_file()
+    montage = np.asarray(Image.open(tmp_path / "b" / "scan_overlay.png"))  # the 4 slices holding an organ, 3 a row
+    assert montage.shape == (2 * labels.shape[1], 3 * labels.shape[0], 3)
     # Test-time mirroring of every slice, the 3-D boxes propagated from the mirrored average.
     assert main([*argv, "--boxes", str(tmp_path / "boxes.json"), "--tta", "hv", "--out", str(tmp_path / "m")]) == 0
     mirrored = nib.load(tmp_path / "m" / "scan.nii.gz")
@@ -899,3 +919,30 @@ def test_3d_box_masks_reaching_past_their_box_do_not_grow_the_next_boxes(monkeyp
     rows, columns, _ = np.nonzero(kept)  # (X, Y, Z) voxels: x in 22..37 (the square's 25..34 and 3 px)
     assert rows.min() >= 22 and rows.max() <= 37 and columns.min() >= 22 and columns.max() <= 37
     assert (spread > 0).sum() > 2 * (kept > 0).sum()
+
+
+def test_volume_overlay_shows_the_labelled_slices_with_their_truth_and_prompts():
+    """`volume_overlay`: up to `slices` slices spread over those holding a predicted or true structure, each the
+    2-D overlay of its labels (class colours), truth (outlined) and prompt boxes."""
+    from imedsam_hf.inference import PROMPT_COLOUR, overlay
+    from imedsam_hf.volumes import volume_overlay
+
+    truth = two_organs()  # slices 1..4 hold an organ
+    images = slice_coded_images(truth.shape) + 50
+    predicted = np.zeros_like(truth)
+    predicted[4:9, 5:11, 2] = 2
+    prompts = [(2, 2, [4.0, 10.0, 9.0, 14.0])]
+    montage = np.asarray(volume_overlay(images, predicted, truth=truth, prompts=prompts, slices=4, columns=3))
+    height, width = truth.shape[1], truth.shape[0]
+    assert montage.shape == (2 * height, 3 * width, 3)  # slices 1, 2, 3, 4: three a row
+    tile = montage[:height, width : 2 * width]  # the second: slice 2
+    second = np.asarray(overlay(
+        np.repeat(slice_image(images, 2)[..., None], 3, -1), slice_image(predicted, 2), truth=slice_image(truth, 2),
+        boxes=[prompts[0][2]], class_colours=True,
+    ))  # fmt: skip
+    body = np.s_[12:, :]  # below the slice index written at the top left
+    np.testing.assert_array_equal(tile[body], second[body])
+    assert (tile == PROMPT_COLOUR).all(axis=-1).any()
+    assert np.asarray(volume_overlay(images, predicted, truth=truth, slices=2)).shape == (height, 2 * width, 3)
+    with pytest.raises(ValueError, match="one \\(X, Y, Z\\) shape"):
+        volume_overlay(images, predicted[:, :, :3])

@@ -25,7 +25,16 @@ from ..inference import MAX_PIXELS, label_map, overlay, segment
 from ..loading import load_model
 from ..processing_imedsam import open_image, to_rgb_array
 from ..runtime import require_backend
-from ..volumes import is_volume, parse_window, read_volume, segment_volume, volume_name, write_label_volume
+from ..volumes import (
+    is_volume,
+    parse_window,
+    read_volume,
+    segment_volume,
+    to_uint8,
+    volume_name,
+    volume_overlay,
+    write_label_volume,
+)
 from .common import (
     EXIT_OK,
     EXIT_SOME_FAILED,
@@ -240,10 +249,9 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
             )
         if volumes and not images:
-            ignored = [flag for flag, on in (("--output-size", args.output_size), ("--overlay", args.overlay)) if on]
-            if ignored:
+            if args.output_size:
                 raise ValueError(
-                    f"{' and '.join(ignored)} apply to 2-D images; a label volume is written on its scan's own grid."
+                    "--output-size applies to 2-D images; a label volume is written on its scan's own grid."
                 )
         for flag, given in (("--propagation", args.propagation is not None), ("--no-confine", args.no_confine)):
             if given and not (volumes and args.boxes):
@@ -256,7 +264,11 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
         boxes_json = read_json_file(args.boxes, "--boxes") if args.boxes else None
         check_output_folder(args.out, args.inputs, args.boxes_from_masks or args.points_from_masks)
-        volume_plan = plan_outputs(volumes, args.out, (".nii.gz",)) if volumes else {}
+        volume_plan = (
+            plan_outputs(volumes, args.out, (".nii.gz", "_overlay.png") if args.overlay else (".nii.gz",))
+            if volumes
+            else {}
+        )
         image_plan = (
             plan_outputs(images, args.out, (".png", "_overlay.png") if args.overlay else (".png",)) if images else {}
         )
@@ -364,13 +376,14 @@ def write_png(image: Image.Image, target: Path) -> None:
 
 
 def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] | None) -> int:
-    """One label volume per scan (uint8 class ids on the scan's grid), written atomically; failures named."""
+    """One label volume per scan (uint8 class ids on the scan's grid), written atomically, and with `--overlay` a
+    montage PNG of its slices (`volumes.volume_overlay`); failures named."""
     failures = []
-    for path, (target,) in plan.items():
+    for path, targets in plan.items():
         name = volume_name(path)
         try:
             volume = read_volume(path)
-            prompts: dict[str, Any] = {}
+            prompts: dict[str, Any] = {"prompts_given": [] if args.overlay else None}
             if boxes is None:
                 candidates = [Path(args.boxes_from_masks) / f"{name}{suffix}" for suffix in (".nii.gz", ".nii")]
                 found = [c for c in candidates if c.is_file()]
@@ -384,8 +397,17 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
             labels = segment_volume(
                 model, volume, processor=processor, window=args.window, progress=True, tta=args.tta, **prompts
             )
-            written = write_label_volume(labels, volume, target)
+            written = write_label_volume(labels, volume, targets[0])
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
+            if args.overlay:  # a montage of slices: the labels in their colours, the truth outlined, the boxes
+                truth = prompts.get("label_volume")
+                with warnings.catch_warnings():  # segment_volume has already said what the window does
+                    warnings.simplefilter("ignore")
+                    grey = to_uint8(volume.data, args.window)
+                picture = volume_overlay(
+                    grey, labels, truth=None if truth is None else truth.data, prompts=prompts["prompts_given"]
+                )
+                write_png(picture, targets[1])
         except (OSError, ValueError) as error:
             message = flag_message(error)
             message = message if str(path) in message else f"{path}: {message}"
