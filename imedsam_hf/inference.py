@@ -384,7 +384,7 @@ def overlay(
         draw.rectangle(list(box), outline=PROMPT_COLOUR, width=width)
     for (x, y), label in zip(points, labels):
         colour = PROMPT_COLOUR if label else BACKGROUND_CLICK_COLOUR
-        radius = 2 * width
+        radius = 3 * width
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=colour, width=width)
     return picture
 
