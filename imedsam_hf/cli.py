@@ -228,6 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument(
         "--output", required=True, help="new folder: images/, masks/<stem>.png (class ids), classes.json"
     )
+    scans = sources.add_parser(
+        "volumes",
+        help="NIfTI scans and label volumes -> a folder of 2-D slices to train and evaluate on",
+        formatter_class=_HelpFormatter,
+    )
+    scans.add_argument("--images", required=True, help="folder of .nii/.nii.gz scans (nnU-Net's <case>_0000 names too)")
+    scans.add_argument("--labels", required=True, help="folder of label volumes of the same names (<case>.nii.gz)")
+    scans.add_argument(
+        "--output", required=True, help="new folder: images/, masks/<case>_slice<z>.png, classes.json, cases.csv"
+    )
+    scans.add_argument(
+        "--window",
+        default=None,
+        help=f"CT window, a preset ({', '.join(WINDOW_PRESETS)}) or LEVEL,WIDTH in HU: the one you will predict with "
+        "(default: 8-bit scans as they are, others rescaled min-max per scan)",
+    )
+    scans.add_argument(
+        "--classes",
+        default=None,
+        help="the label ids' names: a classes.json or an MSD / nnU-Net dataset.json (default: the dataset.json "
+        "beside --labels if there is one, else 'class <id>')",
+    )
+    scans.add_argument("--all-slices", action="store_true", help="keep slices without any structure too")
 
     x = sub.add_parser(
         "export",

@@ -256,16 +256,32 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
 
 def read_class_names(data_dir: str | os.PathLike) -> dict[int, str] | None:
     """
-    The class names of a multi-class folder, from its `classes.json`: `{"classes": {"1": "spleen", ...}}` or a flat
-    `{"1": "spleen", ...}` (id 0, background, left out). None when the folder has no `classes.json`; one listing no
-    structure (only the background) is a ValueError naming it.
+    The class names of a multi-class folder, from its `classes.json` (`read_class_file`). None when the folder has
+    no `classes.json`.
     """
     path = Path(data_dir) / "classes.json"
     if not path.is_file():
         return None
+    return read_class_file(path)
+
+
+def read_class_file(path: str | os.PathLike) -> dict[int, str]:
+    """
+    `{id: name}` of the structures (id 0, background, left out) listed in `path`: a `classes.json`
+    (`{"classes": {"1": "spleen", ...}}` or a flat `{"1": "spleen", ...}`), or a Medical Segmentation Decathlon or
+    nnU-Net `dataset.json`, whose `"labels"` map ids to names (`{"1": "spleen"}`) or names to ids (`{"spleen": 1}`).
+    A file that lists no structure (only the background), ids outside 0..255 or nnU-Net's region labels (lists of
+    ids) are a ValueError naming it.
+    """
+    path = Path(path)
     try:
         content = json.loads(path.read_text())
-        table = content.get("classes", content)
+        table = content.get("classes", content.get("labels", content))
+        if table and all(isinstance(v, (int, list)) and not isinstance(v, bool) for v in table.values()):
+            regions = [name for name, value in table.items() if isinstance(value, list)]
+            if regions:
+                raise ValueError(f"region labels {regions} (lists of ids) are not class ids; give one id per name")
+            table = {value: name for name, value in table.items()}  # nnU-Net v2: name -> id
         names = {int(key): str(value) for key, value in table.items()}
     except (OSError, ValueError, AttributeError, TypeError) as error:
         raise ValueError(f'{path}: expected {{"classes": {{"<id>": "<name>", ...}}}} ({error}).') from None
@@ -1065,6 +1081,7 @@ __all__ = [
     "mask_clicks",
     "parse_mask_values",
     "random_clicks",
+    "read_class_file",
     "read_class_names",
     "read_mask",
     "read_scan_spacing",

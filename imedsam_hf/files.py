@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from huggingface_hub.utils.sha import sha_fileobj
@@ -54,6 +55,30 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
         with contextlib.suppress(OSError):
             path.unlink()
     return stale
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """
+    Write a new folder `target` as a whole: the body fills the yielded temporary folder beside it
+    (`.<name>.<random>.partial`), renamed into place when the body succeeds, with the permissions a plainly created
+    folder would get; on any error it is removed and nothing is left at `target`. `target` must not exist, or be an
+    empty folder (a `ValueError` naming it otherwise, before the body runs).
+    """
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{target}: exists and is not an empty folder; name a new folder.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())
+        yield staging
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _umask() -> int:
@@ -138,5 +163,6 @@ __all__ = [
     "records_problem",
     "remove_stale_temporaries",
     "sha256_file",
+    "staged_folder",
     "write_manifest",
 ]

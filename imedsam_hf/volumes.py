@@ -14,6 +14,8 @@ Entry points
 - :func:`segment_volume`: the 2-D model over a volume, prompted by a label volume (exact 2-D boxes on every slice) or
   by 3-D boxes (the MedSAM/LiteMedSAM middle-slice propagation protocol) -> ``(X, Y, Z)`` uint8 class ids.
 - :func:`volume_scores`: 3-D Dice, IoU, HD95 and HD per class, in millimetres from the voxel spacing.
+- :func:`volumes_to_slices`: scans and label volumes -> the folder of 2-D slices training reads
+  (`imedsam convert volumes`).
 
 Conventions
 -----------
@@ -43,9 +45,12 @@ Intensities
 
 from __future__ import annotations
 
+import csv
 import gzip
+import json
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,7 +66,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .data import mask_box
-from .files import atomic_write, remove_stale_temporaries
+from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment
 from .loading import load_model
 from .metrics import METRIC_NAMES, dice_from_counts, iou_from_counts, overlap_counts, surface_distances
@@ -77,6 +82,7 @@ __all__ = [
     "boxes_3d_from_labels",
     "encode_slice",
     "is_volume",
+    "paired_volumes",
     "parse_window",
     "place_slice",
     "read_volume",
@@ -86,6 +92,7 @@ __all__ = [
     "to_uint8",
     "volume_box_to_slice_box",
     "volume_scores",
+    "volumes_to_slices",
     "volume_name",
     "volume_overlay",
     "volume_prompts",
@@ -1144,3 +1151,123 @@ def volume_name(path: str | os.PathLike) -> str:
     """`case0001.nii.gz` -> `case0001`."""
     name = Path(path).name
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
+# ------------------------------------------------------------------------------------------------------- to slices
+# nnU-Net / Medical Segmentation Decathlon image names carry a channel: `la_003_0000.nii.gz`, its labels `la_003.nii.gz`.
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+    """
+    `(case, image, label volume)` of every NIfTI volume in the folder `images`, its label volume the file of the same
+    name in `labels` (or, for nnU-Net's `<case>_0000.nii.gz`, `<case>.nii.gz`). A volume without one, several
+    channels per case, or a folder without volumes is a ValueError naming the files, before anything is read.
+    """
+    folders = {"`images`": Path(images), "`labels`": Path(labels)}
+    for flag, folder in folders.items():
+        if not folder.is_dir():
+            raise ValueError(f"{flag} {folder}: not a folder of NIfTI volumes.")
+    volumes = sorted(p for p in Path(images).iterdir() if is_volume(p) and not p.name.startswith("."))
+    if not volumes:
+        raise ValueError(f"`images` {images}: no .nii or .nii.gz volumes in it.")
+    channels = {m["channel"] for m in (CHANNEL_SUFFIX.match(volume_name(p)) for p in volumes) if m}
+    if len(channels) > 1:
+        raise ValueError(
+            f"`images` {images}: several channels per case ({', '.join(sorted(channels))}); the 2-D models take one "
+            "grey image: keep one channel's files (e.g. the _0000 ones) in a folder of their own."
+        )
+    pairs, missing = [], []
+    for path in volumes:
+        name = volume_name(path)
+        match = CHANNEL_SUFFIX.match(name)
+        names = [name] + ([match["case"]] if match else [])
+        found = [Path(labels) / f"{n}{suffix}" for n in names for suffix in (".nii.gz", ".nii")]
+        found = [f for f in found if f.is_file()]
+        if not found:
+            missing.append(f"{path.name} (looked for {' or '.join(f'{n}.nii.gz' for n in names)})")
+            continue
+        pairs.append((volume_name(found[0]), path, found[0]))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"`labels` {labels}: no label volume for {'; '.join(missing[:3])}{more}.")
+    cases = [case for case, _, _ in pairs]
+    if len(set(cases)) < len(cases):
+        raise ValueError(f"`images` {images}: two volumes have the labels of one case; keep one file per case.")
+    return pairs
+
+
+def volumes_to_slices(
+    images: str | os.PathLike,
+    labels: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    window: WindowSpec = None,
+    class_names: Mapping[int, str] | None = None,
+    all_slices: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """
+    A folder of NIfTI scans and label volumes -> the folder of 2-D slices that training, `imedsam evaluate` and the
+    BTCV recipes read: `images/<case>_slice<z>.png` (8-bit grey, made exactly as `segment_volume` and `imedsam
+    predict` make a slice: :func:`to_uint8` with `window`, then :func:`slice_image`), `masks/<case>_slice<z>.png`
+    (class ids), `classes.json` and `cases.csv` (each scan's voxel spacing in mm, for per-volume HD95, and its
+    orientation). Slices are numbered with at least 3 digits; scans are told apart by the default group pattern.
+
+    Args:
+        images, labels: folders (`paired_volumes`: a label volume per scan, on the scan's grid).
+        output: a new folder (or an empty one). It is written in a temporary folder beside it and renamed into
+            place at the end, so a failure leaves nothing half-written.
+        window: the intensity window (:func:`parse_window`): give the one you will predict with (`--window`).
+        class_names: `{id: name}` of the label ids (`data.read_class_file`); default `class <id>` for every id.
+        all_slices: keep slices without any structure too (default: only slices with one, as the BTCV folder).
+
+    Returns:
+        `{"volumes", "slices", "classes", "orientations"}`: counts, `{id: name}` and `{case: axcodes}`.
+    """
+    if Path(output).exists() and (not Path(output).is_dir() or any(Path(output).iterdir())):
+        raise ValueError(f"`output` {output}: exists and is not an empty folder; name a new folder.")
+    pairs = paired_volumes(images, labels)
+    if window is not None:
+        parse_window(window)
+    rows, present, count = [], set(), 0
+    with staged_folder(output) as staging:
+        for sub in ("images", "masks"):
+            (staging / sub).mkdir()
+        for case, image_path, label_path in tqdm(pairs, desc="volumes", unit="volume", disable=not progress):
+            volume, label_volume = read_volume(image_path), read_volume(label_path)
+            truth = _check_labels(label_volume, volume, compare_affines=True)
+            grey = to_uint8(volume.data, window)
+            labelled = truth.any(axis=(0, 1))
+            slices = range(truth.shape[2]) if all_slices else np.flatnonzero(labelled)
+            digits = max(3, len(str(truth.shape[2] - 1)))
+            for z in slices:
+                stem = f"{case}_slice{int(z):0{digits}d}"
+                Image.fromarray(slice_image(grey, int(z))).save(staging / "images" / f"{stem}.png")
+                Image.fromarray(slice_image(truth, int(z))).save(staging / "masks" / f"{stem}.png")
+            count += len(slices)
+            present |= {int(c) for c in np.unique(truth) if c}
+            spacing = "x".join(str(float(v)) for v in volume.spacing)  # exact: the header's float32 zooms
+            row = [case, image_path.name, label_path.name, truth.shape[2], int(labelled.sum()), spacing]
+            rows.append([*row, "".join(volume.axcodes)])
+        if class_names is not None:
+            unnamed = sorted(present - set(class_names))
+            if unnamed:
+                raise ValueError(f"the label volumes hold class ids {unnamed} that `class_names` does not list.")
+        names = dict(class_names) if class_names is not None else {c: f"class {c}" for c in sorted(present)}
+        table = {"0": "background", **{str(c): names[c] for c in sorted(names)}}
+        (staging / "classes.json").write_text(json.dumps({"classes": table}, indent=1))
+        with (staging / "cases.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["case", "image", "labels", "n_slices", "n_labelled_slices", "spacing_mm", "orientation"])
+            writer.writerows(rows)
+    orientations = {row[0]: row[6] for row in rows}
+    if len(set(orientations.values())) > 1:
+        warnings.warn(
+            f"{images}: the scans are stored in different orientations ({', '.join(sorted(set(orientations.values())))}"
+            "; cases.csv lists each). Slices are not reoriented, so their anatomy is mirrored or rotated between "
+            "scans: reorient the scans to one orientation (e.g. LAS, as BTCV) before training.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return {"volumes": len(pairs), "slices": count, "classes": names, "orientations": orientations}

@@ -946,3 +946,95 @@ def test_volume_overlay_shows_the_labelled_slices_with_their_truth_and_prompts()
     assert np.asarray(volume_overlay(images, predicted, truth=truth, slices=2)).shape == (height, 2 * width, 3)
     with pytest.raises(ValueError, match="one \\(X, Y, Z\\) shape"):
         volume_overlay(images, predicted[:, :, :3])
+
+
+@pytest.mark.skipif(not HAS_BTCV_VOLUMES, reason="shared BTCV volumes missing")
+def test_convert_volumes_reproduces_the_shared_btcv_slices(tmp_path):
+    """`imedsam convert volumes`: a BTCV scan and its label volume give exactly the shared folder's PNG slices (the
+    ones holding an organ, named the same), its classes.json names and a cases.csv whose spacing evaluation reads."""
+    from imedsam_hf.cli import main
+    from imedsam_hf.data import default_scan_spacing, discover_pairs, read_class_names
+
+    for sub in ("volumes", "labels"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "case0004.nii.gz").symlink_to(BTCV / sub / "case0004.nii.gz")
+    argv = ["convert", "volumes", "--images", str(tmp_path / "volumes"), "--labels", str(tmp_path / "labels")]
+    out = tmp_path / "slices"
+    assert main([*argv, "--output", str(out), "--classes", str(BTCV / "classes.json")]) == 0
+    shared = sorted(p.stem for p in (BTCV / "images").glob("case0004_*.png"))
+    pairs, problems = discover_pairs(out)
+    assert [p.stem for p in pairs] == shared and not problems
+    for pair in pairs[::10]:
+        for written, original in ((pair.image, BTCV / "images"), (pair.mask, BTCV / "masks")):
+            expected = np.asarray(Image.open(original / Path(written).name))
+            np.testing.assert_array_equal(np.asarray(Image.open(written)), expected)
+    assert read_class_names(out) == read_class_names(BTCV)
+    assert default_scan_spacing(out)["case0004"] == pytest.approx(
+        read_volume(BTCV / "volumes" / "case0004.nii.gz").spacing
+    )
+    assert main([*argv, "--output", str(out)]) == 2  # a folder already written is never replaced
+
+
+def test_convert_volumes_reads_nnunet_names_and_dataset_json_and_writes_a_folder_evaluate_scores(tmp_path, capsys):
+    """nnU-Net's `<case>_0000.nii.gz` scans with `<case>.nii.gz` labels and a dataset.json beside them (names -> ids):
+    the slices, the class names, and a folder `imedsam evaluate` scores per slice and per scan."""
+    from imedsam_hf.cli import main
+
+    labels = two_organs()
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    for case in ("ct_001", "ct_002"):
+        save_nifti(tmp_path / "imagesTr" / f"{case}_0000.nii.gz", (labels * 40 + 30).astype(np.int16))
+        save_nifti(tmp_path / "labelsTr" / f"{case}.nii.gz", labels)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 2, "spleen": 5}}))
+    argv = ["convert", "volumes", "--images", str(tmp_path / "imagesTr"), "--labels", str(tmp_path / "labelsTr")]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 0
+    assert "class names from" in capsys.readouterr().out
+    stems = sorted(p.stem for p in (tmp_path / "out" / "masks").iterdir())
+    assert stems == [f"ct_00{c}_slice00{z}" for c in (1, 2) for z in (1, 2, 3, 4)]  # slices with an organ only
+    classes = json.loads((tmp_path / "out" / "classes.json").read_text())["classes"]
+    assert classes == {"0": "background", "2": "liver", "5": "spleen"}
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "ct_001_slice002.png"))
+    np.testing.assert_array_equal(mask, slice_image(labels, 2))
+    assert main([*argv, "--output", str(tmp_path / "all"), "--all-slices"]) == 0
+    assert len(list((tmp_path / "all" / "images").iterdir())) == 2 * labels.shape[2]
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    evaluate = ["evaluate", "--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "out"), "--split", "all"]
+    assert main([*evaluate, "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert set(result["results"]["native"]["per_class"]) == {"2", "5"} and result["volume"]["n_volumes"] == 2
+    assert result["volume"]["hd95"] is not None  # the spacing of cases.csv
+
+
+def test_convert_volumes_refuses_what_it_cannot_pair_and_leaves_nothing_half_written(tmp_path, capsys):
+    from imedsam_hf.cli import main
+
+    labels = two_organs()
+    for sub in ("images", "labels", "channels"):
+        (tmp_path / sub).mkdir()
+    for case in ("a", "b", "c"):
+        save_nifti(tmp_path / "images" / f"{case}.nii.gz", (labels * 40).astype(np.uint8))
+    save_nifti(tmp_path / "labels" / "a.nii.gz", labels)
+    save_nifti(tmp_path / "labels" / "b.nii.gz", labels[:, :, :4])  # another grid
+    argv = ["convert", "volumes", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels")]
+    out = ["--output", str(tmp_path / "out")]
+    for message, extra in (
+        ("no label volume for c.nii.gz (looked for c.nii.gz)", []),
+        ("b.nii.gz has shape (24, 20, 4), the volume", ["--classes", str(tmp_path / "names.json")]),
+        ("class ids [5] that --classes does not list", ["--classes", str(tmp_path / "names.json")]),
+        ("region labels ['both']", ["--classes", str(tmp_path / "regions.json")]),
+        ("several channels per case (0000, 0001)", []),
+    ):
+        if "shape" in message:
+            save_nifti(tmp_path / "labels" / "c.nii.gz", labels)
+        if "class ids" in message:
+            save_nifti(tmp_path / "labels" / "b.nii.gz", labels)
+        (tmp_path / "names.json").write_text(json.dumps({"classes": {"2": "liver"}}))
+        (tmp_path / "regions.json").write_text(json.dumps({"labels": {"background": 0, "both": [2, 5]}}))
+        if "channels" in message:
+            for channel in ("0000", "0001"):
+                save_nifti(tmp_path / "channels" / f"a_{channel}.nii.gz", labels)
+            argv[3] = str(tmp_path / "channels")
+        assert main([*argv, *out, *extra]) == 2, message
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written

@@ -56,9 +56,12 @@ FLAGS = {
         "checkpoint",
         "peft_overrides",
         "finish_only",
+        "images",
+        "output",
     )
 }
 FLAGS["num_clicks"] = "--clicks"
+FLAGS["class_names"] = "--classes"
 FLAGS["input_boxes"] = "--box"
 FLAGS["input_points"] = "--points"
 FLAGS["input_labels"] = "--points (x,y,label)"

@@ -1,18 +1,22 @@
-"""`imedsam convert`: a SAM checkpoint or LiteMedSAM as an I-MedSAM folder, or one-mask-per-structure folders as
-class-id masks."""
+"""`imedsam convert`: a SAM checkpoint or LiteMedSAM as an I-MedSAM folder, one-mask-per-structure folders as
+class-id masks, or NIfTI scans with label volumes as a folder of 2-D slices."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ..data import convert_structure_masks
+from ..data import convert_structure_masks, read_class_file
 from ..loading import LITEMEDSAM, convert_checkpoint
+from ..volumes import volumes_to_slices
 from .common import EXIT_OK, fail
 
 
 def run(args: argparse.Namespace) -> int:
-    """`imedsam convert sam|litemedsam|structure-masks` with parsed arguments."""
+    """`imedsam convert sam|litemedsam|structure-masks|volumes` with parsed arguments."""
     try:
+        if args.source == "volumes":
+            return slices_of_volumes(args)
         if args.source == "structure-masks":
             classes = convert_structure_masks(args.data_dir, args.output)
             print(f"wrote {args.output}: class-id masks of {len(classes)} structures, classes.json")
@@ -26,4 +30,22 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-__all__ = ["run"]
+def slices_of_volumes(args: argparse.Namespace) -> int:
+    """`imedsam convert volumes`: the class names from --classes or the dataset.json beside --labels."""
+    classes = args.classes
+    beside = Path(args.labels).parent / "dataset.json"
+    if classes is None and beside.is_file():
+        classes = beside
+        print(f"class names from {beside}")
+    names = read_class_file(classes) if classes is not None else None
+    done = volumes_to_slices(
+        args.images, args.labels, args.output, window=args.window, class_names=names, all_slices=args.all_slices
+    )
+    print(
+        f"wrote {args.output}: {done['slices']} slices of {done['volumes']} scans, {len(done['classes'])} classes "
+        f"(classes.json), each scan's spacing and orientation (cases.csv)"
+    )
+    return EXIT_OK
+
+
+__all__ = ["run", "slices_of_volumes"]
