@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlays",
         default=None,
         help="folder for one overlay PNG per image: the masks scored at the first --output-sizes entry (red), the "
-        "truth (green) and the prompts (cyan; the first draw's jittered boxes)",
+        "truth (green) and the prompts (cyan; the first draw's jittered boxes); --baseline's in DIR/baseline_sam",
     )
     e.add_argument(
         "--limit",

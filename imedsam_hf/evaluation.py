@@ -785,7 +785,8 @@ def evaluate_model(
     backbone's own SAM mask zero-shot on the same images and prompts. A model whose implicit decoder was never
     trained (a conversion) is scored with its SAM mask, with a warning, never with random logits.
     Per scan (3D Dice; HD95 with the protocol's spacing) when the rows are class-prompted. `overlays`, a folder,
-    receives the model's scored masks as PNGs (`evaluate_pairs`; the first jitter draw's), not the backbone's.
+    receives the model's scored masks as PNGs (`evaluate_pairs`; the first jitter draw's), and the backbone's in its
+    `baseline_sam/` sub-folder, for the same images and prompts side by side.
     """
     sam_mask_only = sam_mask_fallback(model)
     rows, results, volume = _scored(model, processor, pairs, protocol, sam_mask_only, progress, overlays)
@@ -798,7 +799,8 @@ def evaluate_model(
         mask_source="implicit_decoder" if uses_implicit else "sam",
     )
     if backbone is not None:
-        base_rows, base_results, base_volume = _scored(*backbone, pairs, protocol, True, progress)
+        base_overlays = None if overlays is None else Path(overlays) / "baseline_sam"
+        base_rows, base_results, base_volume = _scored(*backbone, pairs, protocol, True, progress, base_overlays)
         report.baseline = {**base_results, **({"volume": base_volume} if base_volume is not None else {})}
         report.rows += [{"model": "baseline_sam", **row} for row in base_rows]
     return report

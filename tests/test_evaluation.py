@@ -71,6 +71,7 @@ def test_evaluate_script_json_schema(tmp_path, capsys):
             assert {"dice", "dice_std", "iou", "hd95", "hd"} <= set(result[key][size])
     assert out.with_suffix(".csv").read_text().count("\n") == 1 + 2 * 2 * 2
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
+    assert len(list((tmp_path / "overlays" / "baseline_sam").glob("*.png"))) == 2  # --baseline's, side by side
     # Regression: without --baseline the CSV had rows with a key missing from its header.
     script.main(
         [
