@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--window",
         default=None,
-        help=f"volumes in Hounsfield units: LEVEL,WIDTH or a preset ({', '.join(WINDOW_PRESETS)}); default: 8-bit "
-        "volumes as they are, others rescaled min-max (with a warning)",
+        help=f"volumes in Hounsfield units: LEVEL,WIDTH or a preset ({', '.join(WINDOW_PRESETS)}); MR: mr (the "
+        "scan's 0.5-99.5th percentiles, as MedSAM); default: 8-bit volumes as they are, others rescaled min-max "
+        "(with a warning)",
     )
     p.add_argument(
         "--propagation",
@@ -241,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     scans.add_argument(
         "--window",
         default=None,
-        help=f"CT window, a preset ({', '.join(WINDOW_PRESETS)}) or LEVEL,WIDTH in HU: the one you will predict with "
-        "(default: 8-bit scans as they are, others rescaled min-max per scan)",
+        help=f"CT window, a preset ({', '.join(WINDOW_PRESETS)}) or LEVEL,WIDTH in HU, or mr for MR: the one you "
+        "will predict with (default: 8-bit scans as they are, others rescaled min-max per scan)",
     )
     scans.add_argument(
         "--classes",

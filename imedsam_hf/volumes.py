@@ -5,7 +5,7 @@ Entry points
 - :func:`read_volume` ``(path) -> Volume`` and :func:`write_label_volume` ``(labels, like, path)``: NIfTI in and out
   (nibabel), the output on the input's grid (affine and header), written atomically.
 - :data:`WINDOW_PRESETS`, :func:`parse_window`, :func:`window`, :func:`to_uint8`: CT intensities (Hounsfield units) ->
-  the 8-bit grey the 2-D models were trained on.
+  the 8-bit grey the 2-D models were trained on; :data:`MR_WINDOW` (``"mr"``) for MR, per-scan percentiles.
 - :func:`slice_image` / :func:`place_slice`: one axial slice out of / back into an ``(X, Y, Z)`` array, oriented as the
   BTCV-Synapse PNG slices; :func:`volume_box_to_slice_box` maps boxes the same way.
 - :func:`boxes_3d_from_labels`: the tight 3-D box of every structure of a label volume;
@@ -76,12 +76,16 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "PROPAGATIONS",
     "VOLUME_PROTOCOLS",
+    "MR_WINDOW",
     "WINDOW_PRESETS",
     "SliceEmbeddings",
     "Volume",
     "boxes_3d_from_labels",
+    "check_window",
     "encode_slice",
+    "is_mr_window",
     "is_volume",
+    "mr_window",
     "paired_volumes",
     "parse_window",
     "place_slice",
@@ -114,6 +118,11 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
     "soft_tissue": (50.0, 350.0),
 }
+
+#: The window of MR (and of any scan whose values are not Hounsfield units): MedSAM's MR preprocessing
+#: (`pre_CT_MR.py`): the 0.5th and 99.5th percentiles of the scan's positive voxels map to 0 and 255, clipped beyond,
+#: and voxels that are 0 (background) stay 0. Per scan, so a hot voxel cannot compress the rest as min-max would.
+MR_WINDOW = "mr"
 
 #: How `segment_volume` propagates a 3-D box when a slice's mask comes back empty (see its docstring).
 PROPAGATIONS = ("stop", "continue")
@@ -223,6 +232,35 @@ def read_volume(path: str | os.PathLike) -> Volume:
 
 
 # ------------------------------------------------------------------------------------------------------- intensities
+def check_window(spec: WindowSpec) -> WindowSpec:
+    """`spec` if :func:`to_uint8` takes it (:data:`MR_WINDOW`, or what :func:`parse_window` reads); a ValueError
+    naming the value otherwise."""
+    if spec is not None and not is_mr_window(spec):
+        parse_window(spec)
+    return spec
+
+
+def is_mr_window(spec: WindowSpec) -> bool:
+    """Whether `spec` names :data:`MR_WINDOW` (case-insensitive)."""
+    return isinstance(spec, str) and spec.strip().lower() == MR_WINDOW
+
+
+def mr_window(data: np.ndarray) -> np.ndarray:
+    """:data:`MR_WINDOW` applied to a scan (any shape and real dtype) -> ``uint8`` of its shape; a scan with no positive
+    voxel is all 0, one whose positive voxels are all equal is 255 on them."""
+    values = np.asarray(data, dtype=np.float32)
+    positive = values[values > 0]
+    if not positive.size:
+        return np.zeros(values.shape, dtype=np.uint8)
+    low, high = (float(v) for v in np.percentile(positive, [0.5, 99.5]))
+    if high <= low:
+        grey = np.where(values > 0, 255, 0).astype(np.uint8)
+    else:
+        grey = window(values, (low + high) / 2.0, high - low)
+    grey[values == 0] = 0
+    return grey
+
+
 def parse_window(text: WindowSpec) -> tuple[float, float]:
     """A window as ``(level, width)`` in HU from a preset name (:data:`WINDOW_PRESETS`), ``"level,width"`` or a pair.
 
@@ -243,7 +281,8 @@ def parse_window(text: WindowSpec) -> tuple[float, float]:
             values = []
         if len(values) != 2:
             raise ValueError(
-                f"window {text!r}: give 'level,width' in HU (e.g. '40,400') or a preset: {', '.join(WINDOW_PRESETS)}"
+                f"window {text!r}: give 'level,width' in HU (e.g. '40,400') or a preset: {', '.join(WINDOW_PRESETS)} "
+                f"(or {MR_WINDOW!r} for MR)"
             )
     else:
         try:
@@ -296,7 +335,7 @@ def to_uint8(data: np.ndarray, window: WindowSpec = None) -> np.ndarray:
     Args:
         data: the volume, shape ``(X, Y, Z)`` (any shape works), any real dtype.
         window: a window (preset name, ``"level,width"`` or ``(level, width)``, see :func:`parse_window`) for raw
-            CT in HU; ``None``: a ``uint8`` volume, or integer values within 0..255 (an already windowed volume such as
+            CT in HU, or ``"mr"`` (:data:`MR_WINDOW`, per-scan percentiles) for MR; ``None``: a ``uint8`` volume, or integer values within 0..255 (an already windowed volume such as
             the BTCV ones), passes through unchanged (cast to ``uint8``); anything else is min-max rescaled to 0..255
             over the whole volume (a constant volume becomes 0) and a ``UserWarning`` recommends a window.
 
@@ -304,6 +343,8 @@ def to_uint8(data: np.ndarray, window: WindowSpec = None) -> np.ndarray:
         ``uint8`` array of ``data``'s shape.
     """
     data = np.asarray(data)
+    if is_mr_window(window):
+        return mr_window(data)
     if window is not None:
         return _apply_window(data, *parse_window(window))
     if _is_8bit(data):
@@ -317,7 +358,8 @@ def to_uint8(data: np.ndarray, window: WindowSpec = None) -> np.ndarray:
         return data.astype(np.uint8, copy=False)
     warnings.warn(
         "volume is not 8-bit and no window was given: rescaling min-max over the volume to 0..255. For CT in HU a "
-        f"window is recommended (presets: {', '.join(WINDOW_PRESETS)}; 'btcv' for models trained on BTCV-Synapse).",
+        f"window is recommended (presets: {', '.join(WINDOW_PRESETS)}; 'btcv' for models trained on BTCV-Synapse), "
+        f"for MR {MR_WINDOW!r} (the 0.5-99.5th percentiles of the scan, as MedSAM).",
         UserWarning,
         stacklevel=2,
     )
@@ -1228,8 +1270,7 @@ def volumes_to_slices(
     if Path(output).exists() and (not Path(output).is_dir() or any(Path(output).iterdir())):
         raise ValueError(f"`output` {output}: exists and is not an empty folder; name a new folder.")
     pairs = paired_volumes(images, labels)
-    if window is not None:
-        parse_window(window)
+    check_window(window)
     rows, present, count = [], set(), 0
     with staged_folder(output) as staging:
         for sub in ("images", "masks"):

@@ -204,6 +204,42 @@ def test_to_uint8_passes_8bit_through_and_windows_or_rescales_the_rest():
         assert not to_uint8(np.full((2, 2, 2), -5.0)).any()  # constant volume
 
 
+def test_the_mr_window_is_medsams_percentile_window_and_ignores_hot_voxels(tmp_path):
+    """`window="mr"` (`--window mr`): MedSAM's MR preprocessing, the 0.5-99.5th percentiles of the positive voxels
+    -> 0..255, background 0 kept; a few hot voxels, which squeeze min-max rescaling into a few grey levels, do not."""
+    from imedsam_hf.cli import main
+    from imedsam_hf.volumes import MR_WINDOW, check_window
+
+    rng = np.random.default_rng(0)
+    mr = rng.gamma(4.0, 100.0, size=(24, 20, 6)).astype(np.float32)
+    mr[:4] = 0  # background
+    mr[10, 10, 3] = 1e6  # a hot voxel
+    positive = mr[mr > 0]
+    low, high = np.percentile(positive, 0.5), np.percentile(positive, 99.5)
+    expected = np.rint((np.clip(mr, low, high) - low) / (high - low) * 255.0)
+    expected[mr == 0] = 0
+    grey = to_uint8(mr, "MR")
+    assert grey.dtype == np.uint8 and np.abs(grey.astype(int) - expected).max() <= 1  # float32 rounding at most
+    assert not grey[:4].any() and len(np.unique(grey)) > 200  # min-max would leave almost every voxel near 0
+    with pytest.warns(UserWarning, match="for MR 'mr'"):
+        assert len(np.unique(to_uint8(mr))) < 20
+    assert not to_uint8(np.zeros((2, 2, 2)), MR_WINDOW).any() and check_window(" mr ") == " mr "
+    with pytest.raises(ValueError, match="'mri'.*'mr' for MR"):
+        check_window("mri")
+    # The command line takes it: a scan converted and predicted with --window mr.
+    labels = two_organs()
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    save_nifti(tmp_path / "images" / "scan.nii.gz", mr)
+    save_nifti(tmp_path / "labels" / "scan.nii.gz", labels)
+    argv = ["convert", "volumes", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels")]
+    assert main([*argv, "--window", "mr", "--output", str(tmp_path / "slices")]) == 0
+    written = np.asarray(Image.open(tmp_path / "slices" / "images" / "scan_slice002.png"))
+    np.testing.assert_array_equal(
+        written, slice_image(to_uint8(read_volume(tmp_path / "images" / "scan.nii.gz").data, "mr"), 2)
+    )
+
+
 # ------------------------------------------------------------------------------------------------------ orientation
 def test_slice_image_orientation_and_inverse():
     data = np.arange(4 * 3 * 2).reshape(4, 3, 2)  # X=4, Y=3, Z=2

@@ -26,8 +26,8 @@ from ..loading import load_model
 from ..processing_imedsam import open_image, to_rgb_array
 from ..runtime import require_backend
 from ..volumes import (
+    check_window,
     is_volume,
-    parse_window,
     read_volume,
     segment_volume,
     to_uint8,
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
         if args.window is not None:
             if not volumes:
                 raise ValueError("--window applies to NIfTI volumes (Hounsfield units); images are 8-bit already.")
-            parse_window(args.window)
+            check_window(args.window)
         if volumes and (args.box or args.points or args.points_from_masks or args.no_prompt):
             raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
         boxes_json = read_json_file(args.boxes, "--boxes") if args.boxes else None
