@@ -1239,6 +1239,13 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
     return pairs
 
 
+def _shortest(value: float) -> str:
+    """The shortest text that reads back as `value` stored as float32 (a NIfTI-1 header's pixdim: `0.8`, not
+    `0.800000011920929`), or as float64 when it does not fit float32."""
+    single = np.float32(value)
+    return str(single) if float(single) == value else repr(float(value))
+
+
 def volumes_to_slices(
     images: str | os.PathLike,
     labels: str | os.PathLike,
@@ -1288,7 +1295,7 @@ def volumes_to_slices(
                 Image.fromarray(slice_image(truth, int(z))).save(staging / "masks" / f"{stem}.png")
             count += len(slices)
             present |= {int(c) for c in np.unique(truth) if c}
-            spacing = "x".join(str(float(v)) for v in volume.spacing)  # exact: the header's float32 zooms
+            spacing = "x".join(_shortest(v) for v in volume.spacing)
             row = [case, image_path.name, label_path.name, truth.shape[2], int(labelled.sum()), spacing]
             rows.append([*row, "".join(volume.axcodes)])
         if class_names is not None:
