@@ -1030,6 +1030,7 @@ def test_convert_volumes_reads_nnunet_names_and_dataset_json_and_writes_a_folder
     assert stems == [f"ct_00{c}_slice00{z}" for c in (1, 2) for z in (1, 2, 3, 4)]  # slices with an organ only
     classes = json.loads((tmp_path / "out" / "classes.json").read_text())["classes"]
     assert classes == {"0": "background", "2": "liver", "5": "spleen"}
+    assert ",0.8x0.8x2.5,LAS" in (tmp_path / "out" / "cases.csv").read_text()  # the header's spacing, as written
     mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "ct_001_slice002.png"))
     np.testing.assert_array_equal(mask, slice_image(labels, 2))
     assert main([*argv, "--output", str(tmp_path / "all"), "--all-slices"]) == 0
