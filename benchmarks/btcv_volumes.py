@@ -19,6 +19,9 @@ Per organ: 3-D Dice and HD95 (mm) per scan, then the mean over scans; `dice_13`,
 Where a protocol loses (`where_lost`, per organ, summed over scans): `missed_slices` the fraction of the organ's slices
 left empty (a propagation that stopped early, or a middle slice that came out empty), `dice_ends` / `dice_middle`
 the Dice over the outer quarter of the organ's slices at either end of its z range / over the rest.
+`--overlays DIR`: per model, protocol and scan, `DIR/<model>/<protocol>/<case>.png`, a montage of slices with the
+predicted organs in their colours, the true ones outlined and every box the protocol prompted with on each slice
+(`volumes.volume_overlay`): where a propagation drifted, stopped or grew onto a neighbour.
 Times: seconds per volume (segmentation only) and the model's load time, on `--num_threads` CPU threads. The
 protocols of a scan share its slices' embeddings (`volumes.SliceEmbeddings`: each slice encoded once, the masks
 unchanged); each protocol is still charged the encoding of every slice it visited, as a call of its own would be.
@@ -27,6 +30,7 @@ unchanged); each protocol is still charged the encoding of every slice it visite
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -36,7 +40,14 @@ from common import VOLUME_PROTOCOLS, add_run_arguments, machine_description, rep
 from imedsam_hf import load_model
 from imedsam_hf.data import load_splits, read_class_names, read_scan_spacing, slice_index
 from imedsam_hf.processing_imedsam import TTA_MIRRORS
-from imedsam_hf.volumes import SliceEmbeddings, read_volume, segment_volume, stack_slices, volume_scores
+from imedsam_hf.volumes import (
+    SliceEmbeddings,
+    read_volume,
+    segment_volume,
+    stack_slices,
+    volume_overlay,
+    volume_scores,
+)
 
 COMMON_8 = (8, 4, 3, 2, 6, 11, 1, 7)
 
@@ -88,6 +99,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--tta", default="none", choices=list(TTA_MIRRORS), help="test-time mirroring of every slice (segment's tta)"
     )
+    parser.add_argument("--overlays", default=None, help="folder for a montage PNG per model, protocol and scan")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     device, _ = setup_run(args)
@@ -121,14 +133,19 @@ def main(argv=None) -> dict:
             for protocol in args.protocol:
                 shared.visited.clear()
                 encoding_before = sum(shared.seconds.values())
+                given: list = []
                 start = time.perf_counter()
                 predicted = segment_volume(
                     model, images, processor=processor, progress=False, **prompts[protocol, case],
-                    **VOLUME_PROTOCOLS[protocol], tta=args.tta, slice_embeddings=shared,
+                    **VOLUME_PROTOCOLS[protocol], tta=args.tta, slice_embeddings=shared, prompts_given=given,
                 )  # fmt: skip
                 # Charged as a call of its own: the encoding of every slice it visited, whenever that was done.
                 decoding = time.perf_counter() - start - (sum(shared.seconds.values()) - encoding_before)
                 seconds[protocol].append(decoding + sum(shared.seconds[z] for z in shared.visited))
+                if args.overlays:
+                    folder = Path(args.overlays) / re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name) / protocol
+                    folder.mkdir(parents=True, exist_ok=True)
+                    volume_overlay(images, predicted, truth=labels, prompts=given).save(folder / f"{case}.png")
                 for class_id, score in volume_scores(predicted, labels, spacing[case], classes).items():
                     per_class[protocol].setdefault(class_id, []).append((score["dice"], score["hd95"]))
                     losses[protocol].setdefault(class_id, []).append(where_lost(predicted, labels, class_id))

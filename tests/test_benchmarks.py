@@ -219,9 +219,11 @@ def test_btcv_volumes_runs_every_protocol_on_shared_embeddings(tmp_path):
         Image.fromarray(mask).save(data / "masks" / f"caseA_slice{z:03d}.png")
     (data / "cases.csv").write_text("case,spacing_mm\ncaseA,1.0x1.0x3.0\n")
     result = module.main(["--data_dir", str(data), "--model", str(tmp_path / "tiny"), "--protocol", "labels",
-                          "boxes3d", "keyslice", "--num_threads", "1", "--json", str(tmp_path / "v.json")])  # fmt: skip
+                          "boxes3d", "keyslice", "--num_threads", "1", "--json", str(tmp_path / "v.json"),
+                          "--overlays", str(tmp_path / "o")])  # fmt: skip
     rows = {row["protocol"]: row for row in result["rows"]}
     assert set(rows) == {"labels", "boxes3d", "keyslice"} and all(row["scans"] == 1 for row in rows.values())
+    assert sorted(p.parent.name for p in (tmp_path / "o" / "tiny").glob("*/caseA.png")) == sorted(rows)
     assert all(row["seconds_per_volume"] > 0 and set(row["per_class"]) == {"1", "2"} for row in rows.values())
 
 
