@@ -408,12 +408,15 @@ def overlay_prompts(values, size: int, name: str) -> np.ndarray:
     """`overlay`'s `boxes` (size 4) or `points` (size 2) as a float array `(N, size)`; `(0, size)` for None."""
     try:
         array = np.zeros((0, size)) if values is None else np.asarray(values, dtype=float)
-        if array.ndim not in (1, 2) or array.shape[-1] != size:
+        if array.ndim not in (1, 2) or array.shape[-1] != size or not np.isfinite(array).all():
+            raise ValueError
+        array = array.reshape(-1, size)
+        if size == 4 and ((array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1])).any():
             raise ValueError
     except (TypeError, ValueError):
-        shape = "(x0, y0, x1, y1) or a list of them" if size == 4 else "a list of (x, y)"
-        raise ValueError(f"`{name}` must be {shape} in the image's pixels, got {values!r}.") from None
-    return array.reshape(-1, size)
+        shape = "(x0, y0, x1, y1) with x0 <= x1, y0 <= y1, or a list of them" if size == 4 else "a list of (x, y)"
+        raise ValueError(f"`{name}` must be {shape}, finite, in the image's pixels, got {values!r}.") from None
+    return array
 
 
 def fitted_grid(height: int, width: int, max_pixels: int = MAX_OUTPUT_PIXELS) -> tuple[int, int]:

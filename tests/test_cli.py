@@ -384,7 +384,8 @@ def test_overlay_draws_the_prompts_given_in_image_pixels_on_the_mask_grid():
     ring = lambda x, y, colour: (shown[y - 3 : y + 4, x - 3 : x + 4] == colour).all(axis=-1).any()  # noqa: E731
     assert ring(50, 25, PROMPT_COLOUR) and ring(20, 20, BACKGROUND_CLICK_COLOUR)
     assert not ring(20, 20, PROMPT_COLOUR)
-    with pytest.raises(ValueError, match="`boxes` must be"):
-        overlay(image, np.zeros((50, 100), bool), boxes=[1, 2, 3])
+    for bad in ([1, 2, 3], [10, 10, 5, 20], [0, 0, float("nan"), 5]):
+        with pytest.raises(ValueError, match="`boxes` must be"):
+            overlay(image, np.zeros((50, 100), bool), boxes=bad)
     with pytest.raises(ValueError, match="`labels`: 1 labels for 2 points"):
         overlay(image, np.zeros((50, 100), bool), points=[[1, 2], [3, 4]], labels=[1])
