@@ -149,7 +149,19 @@ def find_layout(data_dir: str | os.PathLike) -> tuple[Path, Path]:
         if (root / images).is_dir() and (root / masks).is_dir():
             return root / images, root / masks
     looked = ", ".join(f"{i}/ + {m}/" for i, m in LAYOUTS)
-    raise ValueError(f"`data_dir` {root}: no image/mask folders found (looked for {looked}).")
+    raise ValueError(f"`data_dir` {root}: no image/mask folders found (looked for {looked}).{volumes_hint(root)}")
+
+
+def volumes_hint(root: Path) -> str:
+    """For a folder of 3-D scans given where 2-D images are read: the command that makes them slices, or ""."""
+    folders = [root, *(p for p in sorted(root.iterdir()) if p.is_dir())]
+    holding = [f for f in folders if any(n.lower().endswith((".nii", ".nii.gz")) for n in os.listdir(f))]
+    if not holding:
+        return ""
+    images = next((f for f in holding if f.name.lower().startswith(("image", "volume", "scan"))), holding[0])
+    labels = next((f for f in holding if f.name.lower().startswith(("label", "mask", "seg")) and f != images), None)
+    command = f"imedsam convert volumes --images {images} --labels {labels or 'LABELS'} --output DIR"
+    return f" It holds NIfTI volumes ({', '.join(str(f) for f in holding)}): make them 2-D slices first: {command}."
 
 
 STRUCTURE_MASK_SUFFIX = re.compile(r"^_(?P<name>.+)_(?P<instance>\d{3})$")
@@ -250,7 +262,10 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
         else:
             pairs.append(SegmentationPair(stem, str(paths[0]), str(candidates[0])))
     if not pairs and not problems:
-        raise ValueError(f"`data_dir` {data_dir}: {image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        raise ValueError(
+            f"`data_dir` {data_dir}: {image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})."
+            + volumes_hint(Path(data_dir))
+        )
     return pairs, problems
 
 

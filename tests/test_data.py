@@ -69,8 +69,25 @@ def test_bad_files_are_reported_by_path_and_skipped_or_fatal(tmp_path):
 def test_missing_folder_and_layout_errors(tmp_path):
     with pytest.raises(ValueError, match="no such folder"):
         discover_pairs(tmp_path / "nope")
-    with pytest.raises(ValueError, match="no image/mask folders"):
+    with pytest.raises(ValueError, match="no image/mask folders") as error:
         discover_pairs(tmp_path)
+    assert "NIfTI" not in str(error.value)
+    # A folder of 3-D scans (MSD's imagesTr/ + labelsTr/, or images/ + masks/ of .nii.gz): the command that slices it.
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / "msd" / folder).mkdir(parents=True)
+        (tmp_path / "msd" / folder / "la_003.nii.gz").write_bytes(b"")
+    expected = (
+        f"imedsam convert volumes --images {tmp_path / 'msd' / 'imagesTr'} --labels {tmp_path / 'msd' / 'labelsTr'}"
+    )
+    with pytest.raises(ValueError, match="no image/mask folders") as error:
+        discover_pairs(tmp_path / "msd")
+    assert expected in str(error.value)
+    for folder in ("images", "masks"):
+        (tmp_path / "msd" / folder).mkdir()
+        (tmp_path / "msd" / folder / "la_003.nii").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds no images") as error:
+        discover_pairs(tmp_path / "msd")
+    assert f"imedsam convert volumes --images {tmp_path / 'msd' / 'images'} --labels" in str(error.value)
 
 
 def test_splits_are_seeded_disjoint_and_complete(tmp_path):
