@@ -8,6 +8,7 @@ Exit codes (`common.EXIT_CODES`): 0 everything written; 1 some inputs failed (na
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from collections.abc import Mapping
@@ -394,18 +395,15 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 prompts["boxes_3d"], prompts["key_slices"] = boxes[name]
                 prompts["propagation"] = args.propagation or "stop"
                 prompts["confine"] = not args.no_confine
-            labels = segment_volume(
-                model, volume, processor=processor, window=args.window, progress=True, tta=args.tta, **prompts
-            )
+            # Windowed once, for the model and the overlay alike (8-bit: segment_volume takes it as it is).
+            grey = dataclasses.replace(volume, data=to_uint8(volume.data, args.window))
+            labels = segment_volume(model, grey, processor=processor, progress=True, tta=args.tta, **prompts)
             written = write_label_volume(labels, volume, targets[0])
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
             if args.overlay:  # a montage of slices: the labels in their colours, the truth outlined, the boxes
                 truth = prompts.get("label_volume")
-                with warnings.catch_warnings():  # segment_volume has already said what the window does
-                    warnings.simplefilter("ignore")
-                    grey = to_uint8(volume.data, args.window)
                 picture = volume_overlay(
-                    grey, labels, truth=None if truth is None else truth.data, prompts=prompts["prompts_given"]
+                    grey.data, labels, truth=None if truth is None else truth.data, prompts=prompts["prompts_given"]
                 )
                 write_png(picture, targets[1])
         except (OSError, ValueError) as error:
