@@ -34,6 +34,14 @@ from PIL import Image
 from .processing_imedsam import IMedSamProcessor, describe, opened_image, to_rgb_array
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")  # 3-D scans (`volumes`), which the 2-D folders do not read
+
+
+def is_volume(path: str | os.PathLike) -> bool:
+    """A NIfTI file name (`.nii` or `.nii.gz`)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
 LAYOUTS = (("images", "masks"), ("image", "mask"), ("TrainDataset/images", "TrainDataset/masks"))
 SPLITS = ("train", "validation", "test")
 ALL_CLASSES = -1  # a sample's class id when it carries every class of its image as a prompt
@@ -155,7 +163,7 @@ def find_layout(data_dir: str | os.PathLike) -> tuple[Path, Path]:
 def volumes_hint(root: Path) -> str:
     """For a folder of 3-D scans given where 2-D images are read: the command that makes them slices, or ""."""
     folders = [root, *(p for p in sorted(root.iterdir()) if p.is_dir())]
-    holding = [f for f in folders if any(n.lower().endswith((".nii", ".nii.gz")) for n in os.listdir(f))]
+    holding = [f for f in folders if any(is_volume(n) for n in os.listdir(f))]
     if not holding:
         return ""
     images = next((f for f in holding if f.name.lower().startswith(("image", "volume", "scan"))), holding[0])
@@ -1079,6 +1087,7 @@ __all__ = [
     "DataProblem",
     "LOSSLESS_FORMATS",
     "MaskValuesError",
+    "NIFTI_SUFFIXES",
     "SegmentationDataset",
     "SegmentationPair",
     "augment",
@@ -1089,6 +1098,7 @@ __all__ = [
     "default_scan_spacing",
     "discover_pairs",
     "group_of",
+    "is_volume",
     "load_hub_dataset",
     "load_splits",
     "make_splits",

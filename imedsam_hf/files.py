@@ -58,16 +58,16 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(target: str | os.PathLike, name: str = "") -> Iterator[Path]:
     """
     Write a new folder `target` as a whole: the body fills the yielded temporary folder beside it
     (`.<name>.<random>.partial`), renamed into place when the body succeeds, with the permissions a plainly created
     folder would get; on any error it is removed and nothing is left at `target`. `target` must not exist, or be an
-    empty folder (a `ValueError` naming it otherwise, before the body runs).
+    empty folder (a `ValueError` naming it, after the caller's `name` for it, otherwise, before the body runs).
     """
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ValueError(f"{target}: exists and is not an empty folder; name a new folder.")
+        raise ValueError(f"{f'{name} ' if name else ''}{target}: exists and is not an empty folder; name a new folder.")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:

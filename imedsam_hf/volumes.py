@@ -65,7 +65,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .data import mask_box
+from .data import NIFTI_SUFFIXES, is_volume, mask_box
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment
 from .loading import load_model
@@ -1181,14 +1181,6 @@ def volume_scores(
     return scores
 
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def is_volume(path: str | os.PathLike) -> bool:
-    """A NIfTI file name (`.nii` or `.nii.gz`)."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
-
-
 def volume_name(path: str | os.PathLike) -> str:
     """`case0001.nii.gz` -> `case0001`."""
     name = Path(path).name
@@ -1274,12 +1266,10 @@ def volumes_to_slices(
     Returns:
         `{"volumes", "slices", "classes", "orientations"}`: counts, `{id: name}` and `{case: axcodes}`.
     """
-    if Path(output).exists() and (not Path(output).is_dir() or any(Path(output).iterdir())):
-        raise ValueError(f"`output` {output}: exists and is not an empty folder; name a new folder.")
     pairs = paired_volumes(images, labels)
     check_window(window)
     rows, present, count = [], set(), 0
-    with staged_folder(output) as staging:
+    with staged_folder(output, "`output`") as staging:
         for sub in ("images", "masks"):
             (staging / sub).mkdir()
         for case, image_path, label_path in tqdm(pairs, desc="volumes", unit="volume", disable=not progress):
