@@ -34,7 +34,7 @@ from PIL import Image
 from .processing_imedsam import IMedSamProcessor, describe, opened_image, to_rgb_array
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")  # 3-D scans (`volumes`), which the 2-D folders do not read
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # 3-D scans (`volumes`), which the 2-D folders do not read; .nii.gz first
 
 
 def is_volume(path: str | os.PathLike) -> bool:

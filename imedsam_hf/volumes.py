@@ -86,6 +86,8 @@ __all__ = [
     "is_mr_window",
     "is_volume",
     "mr_window",
+    "label_volume_names",
+    "label_volume_of",
     "paired_volumes",
     "parse_window",
     "place_slice",
@@ -1192,6 +1194,33 @@ def volume_name(path: str | os.PathLike) -> str:
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
+def _label_candidates(scan: str | os.PathLike) -> list[str]:
+    """The names a scan's label volume may have: the scan's own, then for nnU-Net's `<case>_0000` the case's."""
+    name = volume_name(scan)
+    match = CHANNEL_SUFFIX.match(name)
+    return [name] + ([match["case"]] if match else [])
+
+
+def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path | None:
+    """
+    The label volume of the NIfTI `scan` in the folder `labels`: the file of the same name (`.nii.gz` or `.nii`), or
+    for nnU-Net's `<case>_0000.nii.gz` scans `<case>.nii.gz`; None when there is none. One lookup, shared by `imedsam
+    predict --boxes-from-masks` and `imedsam convert volumes`.
+    """
+    for name in _label_candidates(scan):
+        for suffix in NIFTI_SUFFIXES:  # .nii.gz first
+            candidate = Path(labels) / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def label_volume_names(scan: str | os.PathLike) -> str:
+    """The label volume names :func:`label_volume_of` looks for, as a message says them: `a.nii.gz or a.nii`."""
+    names = [f"{name}{suffix}" for name in _label_candidates(scan) for suffix in NIFTI_SUFFIXES]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[str, Path, Path]]:
     """
     `(case, image, label volume)` of every NIfTI volume in the folder `images`, its label volume the file of the same
@@ -1213,15 +1242,11 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
         )
     pairs, missing = [], []
     for path in volumes:
-        name = volume_name(path)
-        match = CHANNEL_SUFFIX.match(name)
-        names = [name] + ([match["case"]] if match else [])
-        found = [Path(labels) / f"{n}{suffix}" for n in names for suffix in (".nii.gz", ".nii")]
-        found = [f for f in found if f.is_file()]
-        if not found:
-            missing.append(f"{path.name} (looked for {' or '.join(f'{n}.nii.gz' for n in names)})")
+        found = label_volume_of(path, labels)
+        if found is None:
+            missing.append(f"{path.name} (looked for {label_volume_names(path)})")
             continue
-        pairs.append((volume_name(found[0]), path, found[0]))
+        pairs.append((volume_name(found), path, found))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"`labels` {labels}: no label volume for {'; '.join(missing[:3])}{more}.")

@@ -31,6 +31,8 @@ from imedsam_hf.volumes import (
     Volume,
     boxes_3d_from_labels,
     key_slice_boxes_from_labels,
+    label_volume_names,
+    label_volume_of,
     parse_window,
     place_slice,
     read_volume,
@@ -818,6 +820,17 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     np.testing.assert_allclose(written.affine, AFFINE)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 2, 5}  # the label volume's class ids
     assert oct(os.stat(tmp_path / "a" / "scan.nii.gz").st_mode & 0o777) != "0o600"
+    # nnU-Net names: the scan case7_0000.nii.gz takes its boxes from labels/case7.nii.gz, as convert volumes pairs them.
+    nnunet = tmp_path / "nnunet" / "case7_0000.nii.gz"
+    nnunet.parent.mkdir()
+    nnunet.write_bytes(scan.read_bytes())
+    save_nifti(tmp_path / "labels" / "case7.nii.gz", labels.astype(np.uint8))
+    assert label_volume_of(nnunet, tmp_path / "labels") == tmp_path / "labels" / "case7.nii.gz"
+    assert label_volume_of(nnunet, tmp_path / "in") is None
+    assert label_volume_names(nnunet) == "case7_0000.nii.gz, case7_0000.nii, case7.nii.gz or case7.nii"
+    nn_argv = ["predict", "--model", str(tmp_path / "model"), str(nnunet), "--device", "cpu"]
+    assert main([*nn_argv, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "nn")]) == 0
+    assert set(np.unique(np.asarray(nib.load(tmp_path / "nn" / "case7_0000.nii.gz").dataobj))) <= {0, 2, 5}
     boxes = {str(c): box for c, box in boxes_3d_from_labels(labels).items()}
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
     assert main([*argv, "--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "b"), "--overlay"]) == 0
@@ -1056,7 +1069,7 @@ def test_convert_volumes_refuses_what_it_cannot_pair_and_leaves_nothing_half_wri
     argv = ["convert", "volumes", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels")]
     out = ["--output", str(tmp_path / "out")]
     for message, extra in (
-        ("no label volume for c.nii.gz (looked for c.nii.gz)", []),
+        ("no label volume for c.nii.gz (looked for c.nii.gz or c.nii)", []),
         ("b.nii.gz has shape (24, 20, 4), the volume", ["--classes", str(tmp_path / "names.json")]),
         ("class ids [5] that --classes does not list", ["--classes", str(tmp_path / "names.json")]),
         ("region labels ['both']", ["--classes", str(tmp_path / "regions.json")]),

@@ -29,6 +29,8 @@ from ..runtime import require_backend
 from ..volumes import (
     check_window,
     is_volume,
+    label_volume_names,
+    label_volume_of,
     read_volume,
     segment_volume,
     to_uint8,
@@ -259,7 +261,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 raise ValueError(f"{flag} applies to volumes prompted with 3-D boxes (--boxes).")
         if args.window is not None:
             if not volumes:
-                raise ValueError("--window applies to NIfTI volumes (Hounsfield units); images are 8-bit already.")
+                raise ValueError("--window applies to NIfTI volumes; images are 8-bit already.")
             check_window(args.window)
         if volumes and (args.box or args.points or args.points_from_masks or args.no_prompt):
             raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
@@ -386,11 +388,10 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
             volume = read_volume(path)
             prompts: dict[str, Any] = {"prompts_given": [] if args.overlay else None}
             if boxes is None:
-                candidates = [Path(args.boxes_from_masks) / f"{name}{suffix}" for suffix in (".nii.gz", ".nii")]
-                found = [c for c in candidates if c.is_file()]
-                if not found:
-                    raise ValueError(f"no label volume {name}.nii.gz or {name}.nii in {args.boxes_from_masks}")
-                prompts["label_volume"] = read_volume(found[0])
+                found = label_volume_of(path, args.boxes_from_masks)
+                if found is None:
+                    raise ValueError(f"no label volume {label_volume_names(path)} in {args.boxes_from_masks}")
+                prompts["label_volume"] = read_volume(found)
             else:
                 prompts["boxes_3d"], prompts["key_slices"] = boxes[name]
                 prompts["propagation"] = args.propagation or "stop"
