@@ -23,6 +23,7 @@ from PIL import Image
 import imedsam_hf.runtime as runtime  # looked up at call time: tests replace the allocator tuning
 from imedsam_hf import load_model, overlay, segment
 from imedsam_hf.evaluation import grid_size
+from imedsam_hf.inference import clicks_caveat
 from imedsam_hf.loading import resolve_device
 from imedsam_hf.processing_imedsam import TTA_MIRRORS
 
@@ -75,6 +76,8 @@ def segment_request(model, processor, image, box_values, clicks, resolution, str
         info += f", {len(clicks)} click(s)"
     if tta != "none":
         info += f", {len(TTA_MIRRORS[tta])} mirrors averaged"
+    if points and (caveat := clicks_caveat(model, with_box=box is not None)):
+        info += f"; {caveat}"
     if result.mask_source == "sam" and model.config.use_implicit_decoder:
         info += "; SAM's own mask: this model's implicit decoder was never trained"
     return overlay(array, result.mask, boxes=box, points=points, labels=labels), path, info

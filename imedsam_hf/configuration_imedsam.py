@@ -334,7 +334,8 @@ class IMedSamConfig(SamConfig):
         `modules_to_save`), so that fine-tuning the checkpoint again trains exactly those.
     training_data (`dict`, *optional*):
         What the model was trained on, recorded by training from the data actually used: `name`, `license`,
-        `citation` (the model card's data section), `num_pairs`, and the folder's class names in `id2label`.
+        `citation` (the model card's data section), `num_pairs`, `prompts` (the prompt kinds trained: `"box"`,
+        `"points"`, or `"none"`; see `learned_clicks`), and the folder's class names in `id2label`.
     """
 
     model_type = "i_medsam"
@@ -436,6 +437,18 @@ class IMedSamConfig(SamConfig):
         if self.implicit_decoder_trained is not None:
             return self.implicit_decoder_trained
         return self.adapter_config is not None
+
+    @property
+    def learned_clicks(self) -> bool:
+        """
+        Whether the model has learned click prompts: its fine-tune did (`training_data["prompts"]` names
+        `"points"`), or its backbone did. SAM did; LiteMedSAM and MedSAM were trained with boxes only, so a TinyViT
+        encoder, or a backbone (`base_model`, else the checkpoint's own name) named `*medsam*`, knows boxes only.
+        """
+        if "points" in (self.training_data or {}).get("prompts", []):
+            return True
+        backbone = str(self.base_model or self._name_or_path or "").lower()
+        return not (self.is_tinyvit or "medsam" in backbone)
 
     @property
     def is_tinyvit(self) -> bool:

@@ -18,6 +18,7 @@ import contextlib
 import csv
 import math
 import re
+import warnings
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from .data import (
     read_mask,
     slice_index,
 )
-from .inference import checked_input_classes, label_map, overlay, sam_mask_fallback
+from .inference import checked_input_classes, clicks_caveat, label_map, overlay, sam_mask_fallback
 from .loading import load_model
 from .metrics import (
     aggregate,
@@ -789,6 +790,8 @@ def evaluate_model(
     `baseline_sam/` sub-folder, for the same images and prompts side by side.
     """
     sam_mask_only = sam_mask_fallback(model)
+    if protocol.prompt == "points" and (caveat := clicks_caveat(model, with_box=False)):
+        warnings.warn(caveat, UserWarning, stacklevel=2)
     rows, results, volume = _scored(model, processor, pairs, protocol, sam_mask_only, progress, overlays)
     uses_implicit = getattr(model.config, "use_implicit_decoder", False) and not sam_mask_only
     report = EvaluationReport(

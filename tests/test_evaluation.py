@@ -336,6 +336,45 @@ def test_click_prompts_score_each_mask_with_its_most_interior_points(tmp_path, m
         run_evaluation(str(tmp_path / "m"), str(data), str(tmp_path / "e.json"), **{**kwargs, "num_clicks": 0})
 
 
+def test_clicks_given_to_a_model_that_learned_boxes_only_are_named(tmp_path, capsys):
+    """LiteMedSAM and MedSAM learned boxes only: one click alone gives Dice 0.05 with the polyp model (0.96 with a
+    box). `segment`, `imedsam evaluate --prompt points` and the demo say so; a model that learned clicks is quiet."""
+    import warnings
+
+    from conftest import tiny_tinyvit_model
+
+    from imedsam_hf import segment
+    from imedsam_hf.inference import clicks_caveat
+
+    box_only = tiny_model(implicit_decoder_trained=True, base_model="litemedsam")
+    assert not box_only.config.learned_clicks and not tiny_tinyvit_model().config.learned_clicks
+    assert tiny_model().config.learned_clicks and tiny_model(base_model="facebook/sam-vit-base").config.learned_clicks
+    assert not tiny_model(name_or_path="wanglab/medsam-vit-base").config.learned_clicks
+    assert tiny_model(base_model="litemedsam", training_data={"prompts": ["box", "points"]}).config.learned_clicks
+    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    processor = IMedSamProcessor(image_size=64)
+    for prompt, said in (
+        ({"points": [[20, 20]], "labels": [1]}, "clicks without a box give nearly empty masks"),
+        ({"points": [[20, 20]], "labels": [1], "box": [5, 5, 30, 30]}, "clicks added to a box"),
+        ({"box": [5, 5, 30, 30]}, None),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            segment(box_only, image, processor=processor, **prompt)
+            segment(tiny_model(implicit_decoder_trained=True), image, processor=processor, **prompt)
+        texts = [str(w.message) for w in caught if "learned box prompts only" in str(w.message)]
+        assert texts == ([] if said is None else [clicks_caveat(box_only, "box" in prompt)]), prompt
+        assert said is None or said in texts[0]
+    box_only.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    options = dict(split="all", limit=1, prompt="points")
+    run_evaluation(str(tmp_path / "m"), SHARED_DATA / "Kvasir-SEG-sample", str(tmp_path / "e.json"), **options)
+    assert "learned box prompts only" in capsys.readouterr().err
+    app = load_script("demo/app.py", "imedsam_demo_app_clicks")
+    _, _, info = app.segment_request(box_only, processor, image, (0, 0, 0, 0), [(20.0, 20.0, 1)], "native")
+    assert "learned box prompts only" in info and "clicks without a box" in info
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
 def test_overlays_show_the_scored_masks_and_the_prompts_they_came_from(tmp_path):
     """Regression: `--overlays` predicted every image again with its exact box at native size, so with

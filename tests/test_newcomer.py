@@ -41,6 +41,7 @@ def test_a_class_aware_model_is_scored_class_aware_without_the_flag(tiny_sam, tm
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["class_aware"] is True and config["id2label"]["1"] == "left organ"
     assert config["training_data"]["source"] == "organs" and config["training_data"]["num_pairs"] == 5
+    assert config["training_data"]["prompts"] == ["box"]  # box-trained: LiteMedSAM-like backbones warn on clicks
     argv = ["evaluate", "--model", str(out / "final"), "--data-dir", str(data), "--output-sizes", "48"]
     assert cli_main([*argv, "--json", str(tmp_path / "default.json")]) == 0
     default = json.loads((tmp_path / "default.json").read_text())

@@ -103,6 +103,8 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [r["coordinate_fraction"] for r in log if "loss" in r] == [0.25, 0.25]
     assert max(r["step"] for r in log) == results["best_step"] == 2 and (out / "final" / "model.safetensors").is_file()
+    prompts = lambda: json.loads((out / "final" / "config.json").read_text())["training_data"]["prompts"]  # noqa: E731
+    assert prompts() == ["box", "points"]  # click-prompted steps: the model has learned clicks (`learned_clicks`)
     monkeypatch.undo()
     # The run's folder moved to another machine: no final/, no checkpoints; its config.yaml says how it was trained.
     shutil.rmtree(out / "final")
@@ -114,6 +116,7 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
         results["results"]["48"]["dice"]
     )
     assert not (out / "checkpoints").exists()  # nothing trained
+    assert prompts() == ["box", "points"]  # what the run trained, not what the finishing call says
     # Weights of another model are refused by name, before anything is written.
     with pytest.raises(SystemExit, match="does not fit this model"):
         train_script.main(args(tiny_sam, polyps, out, "--finish_only", "--use_frequency_adapter", "false"))

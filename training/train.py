@@ -91,6 +91,7 @@ from imedsam_hf.training import (  # noqa: E402
     model_config,
     parameter_groups,
     prompt_rows,
+    trained_prompts,
 )
 
 logger = get_logger(__name__)
@@ -344,6 +345,7 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
         "citation": data.citation,
         "source": folder_name,
         "num_pairs": n_pairs,
+        "prompts": trained_prompts(data.prompt, data.max_clicks, args.training.click_probability),
         **({"untrained_classes": untrained} if untrained else {}),
     }
     if not config.training_data["name"]:
@@ -704,6 +706,12 @@ def prepare_finish_only(run: Run) -> None:
     saved = run.output_dir / "config.yaml"
     if saved.is_file():
         run.card_sections = yaml.safe_load(saved.read_text())
+        # The prompts the run trained (clicks or not) are its options', not this finishing call's.
+        data, training = run.card_sections.get("data") or {}, run.card_sections.get("training") or {}
+        config = run.accelerator.unwrap_model(run.model).get_base_model().config
+        config.training_data["prompts"] = trained_prompts(
+            data.get("prompt", "box"), data.get("max_clicks") or 0, training.get("click_probability") or 0.0
+        )
     run.accelerator.print(f"finishing from {best} (step {run.state.get('best_step')}), no training")
 
 
