@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--no-prompt", action="store_true", help="prompt-free")
     p.add_argument("--clicks", type=int, default=None, help="with --points-from-masks: clicks per mask (default 1)")
     p.add_argument(
+        "--classes",
+        metavar="STRUCTURE",
+        default=None,
+        help="with --box or --boxes (images) and a class-aware model: the structure the boxes are for, a class id or "
+        "a name of the model's classes (e.g. liver or 6); decoded by its heads, as the demo's 'Structure'",
+    )
+    p.add_argument(
         "--mask-classes",
         type=int,
         default=None,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data import mask_box, mask_clicks, read_class_names, read_mask
 from ..files import atomic_write, remove_stale_temporaries
-from ..inference import MAX_PIXELS, label_map, overlay, segment
+from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id
 from ..loading import load_model
 from ..processing_imedsam import open_image, to_rgb_array
 from ..runtime import require_backend
@@ -65,6 +65,7 @@ class PromptSource:
     points_from_masks: str | None = None
     clicks: int = 1
     class_ids: bool = False  # masks hold class ids: every structure is a prompt, the output a class-id map
+    box_class: int | None = None  # `--classes`: the structure `box` / `boxes` are for (a class-aware model)
     mask_classes: int = 255
 
     @property
@@ -98,12 +99,13 @@ class PromptSource:
             return {"points": clicks.tolist(), "labels": [1] * len(clicks)}
         if self.no_prompt:
             return {"box": None}
+        drawn = {} if self.box_class is None else {"classes": [self.box_class]}
         if self.box:
-            return {"box": self.box}
+            return {"box": self.box, **drawn}
         if self.boxes is not None:
             if path.name not in self.boxes and path.stem not in self.boxes:
                 raise ValueError(f"{path}: no box in --boxes for {path.name}.")
-            return {"box": self.boxes.get(path.name, self.boxes.get(path.stem))}
+            return {"box": self.boxes.get(path.name, self.boxes.get(path.stem)), **drawn}
         mask = self.mask_of(path, self.boxes_from_masks, size)
         if not self.class_ids:
             box = mask_box(mask)
@@ -230,6 +232,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
     """`imedsam predict` with parsed arguments."""
     volumes = [path for path in args.inputs if is_volume(path)]
     images = [path for path in args.inputs if not is_volume(path)]
+    made = False  # whether this call made --out (then a refusal removes it again, empty)
     try:
         grid = parse_output_size(args.output_size)
         points = parse_points(args.points) if args.points else None
@@ -263,6 +266,11 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             if not volumes:
                 raise ValueError("--window applies to NIfTI volumes; images are 8-bit already.")
             check_window(args.window)
+        if args.classes is not None and (volumes or not (args.box or args.boxes)):
+            raise ValueError(
+                "--classes names the structure of --box or --boxes for images; a volume's --boxes name each "
+                "structure's class id, and masks give their own."
+            )
         if volumes and (args.box or args.points or args.points_from_masks or args.no_prompt):
             raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
         boxes_json = read_json_file(args.boxes, "--boxes") if args.boxes else None
@@ -291,11 +299,15 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 "--boxes holds either 2-D boxes for images or 3-D boxes for volumes: predict them separately."
             )
         require_backend(args.backend, args.precision)
-        check_writable(args.out)
+        made = not Path(args.out).exists()
+        check_writable(args.out)  # before the model loads: a read-only folder fails in a second
         model, processor = load_model(
             args.model, device=device, backend=args.backend, backend_options={"precision": args.precision}
         )
+        box_class = None if args.classes is None else structure_id(model.config, args.classes)
     except (OSError, ValueError, ImportError) as error:
+        if made and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()  # a model or argument refused leaves no empty folder of ours behind
         return fail(error)
     codes = []
     if volumes:
@@ -310,6 +322,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             points_from_masks=args.points_from_masks,
             clicks=args.clicks or 1,
             class_ids=masks_hold_class_ids(model.config, args.boxes_from_masks, args.mask_classes),
+            box_class=box_class,
             mask_classes=args.mask_classes or 255,
         )
         codes.append(predict_images(model, processor, image_plan, source, grid, args))
@@ -328,9 +341,10 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
                 raise ValueError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS} pixels.")
             prompt = prompts.prompt_for(path, (height, width))
             ids = prompt.pop("class_ids", None)
+            drawn_for = prompt.pop("classes", None)  # --classes: one structure, a 0/255 mask as for any box
             result = segment(
                 model, image, **prompt, output_size=grid or (height, width), processor=processor,
-                max_output_pixels=args.max_output_pixels, classes=ids if ids and aware else None, tta=args.tta,
+                max_output_pixels=args.max_output_pixels, classes=ids if ids and aware else drawn_for, tta=args.tta,
             )  # fmt: skip
             if ids is None:
                 values = (result.mask > 0).astype(np.uint8) * 255
