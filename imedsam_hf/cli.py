@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes",
         type=_typed(common.parse_class_ids),
         default=None,
-        help="multi-class folders: report only these class ids, e.g. 8,4,3,2,6,11,1,7 (BTCV's 8 organs)",
+        help="multi-class folders: report only these classes, ids or classes.json names, e.g. 8,4,3,2,6,11,1,7 "
+        "(BTCV's 8 organs) or liver,spleen",
     )
     e.add_argument(
         "--box-jitter",

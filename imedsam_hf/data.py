@@ -277,6 +277,23 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
     return pairs, problems
 
 
+def class_id_of(value: str | int, class_names: Mapping[int, str], argument: str) -> int:
+    """
+    A class given by id or by name -> its id among `class_names` `{id: name}`: a whole number that is one of the ids,
+    or a name (case, spaces and underscores ignored: `right kidney`, `Right_Kidney`). Anything else is a ValueError
+    naming `argument` and listing the classes.
+    """
+    text = str(value).strip()
+    if text.isdigit() and int(text) in class_names:
+        return int(text)
+    key = lambda name: re.sub(r"[\s_]+", " ", str(name)).strip().lower()  # noqa: E731
+    found = [i for i, name in class_names.items() if key(name) == key(text)]
+    if len(found) != 1:
+        listed = ", ".join(f"{i} {name}" for i, name in sorted(class_names.items()))
+        raise ValueError(f"`{argument}` {value!r}: not one of the classes ({listed}).")
+    return found[0]
+
+
 def read_class_names(data_dir: str | os.PathLike) -> dict[int, str] | None:
     """
     The class names of a multi-class folder, from its `classes.json` (`read_class_file`). None when the folder has
@@ -1088,6 +1105,7 @@ __all__ = [
     "LOSSLESS_FORMATS",
     "MaskValuesError",
     "NIFTI_SUFFIXES",
+    "class_id_of",
     "SegmentationDataset",
     "SegmentationPair",
     "augment",

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .data import (
     DEFAULT_GROUP_PATTERN,
     SegmentationPair,
+    class_id_of,
     compile_group_pattern,
     default_scan_spacing,
     group_of,
@@ -598,7 +599,7 @@ class EvaluationProtocol:
         class_aware: bool | None,
         class_prompts: bool | None,
         mask_classes: int | None,
-        classes: Sequence[int] | None,
+        classes: Sequence[int | str] | None,
         mask_values: Mapping[int, int] | None,
         box_jitter: float,
         jitter_seed: int,
@@ -638,11 +639,16 @@ class EvaluationProtocol:
                 f"`classes` and `class_aware` need a multi-class folder (a classes.json in {data_dir}) and a one-class "
                 "or class-aware model."
             )
-        unknown = sorted(set(classes or ()) - set(class_names or ())) if class_names else []
+        ids = [int(c) for c in classes or () if str(c).strip().isdigit()]
+        unknown = sorted(set(ids) - set(class_names or ())) if class_names else []
         if unknown:
             raise ValueError(
                 f"`classes` {unknown}: not in {Path(str(data_dir)) / 'classes.json'} ({sorted(class_names)})."
             )
+        if classes is not None and len(ids) < len(classes):  # names (`liver`): the folder's classes.json's
+            if not class_names:
+                raise ValueError(f"`classes` {list(classes)}: names need a classes.json in {data_dir}; give ids.")
+            classes = [class_id_of(c, class_names, "classes") for c in classes]
         if class_aware and mask_classes > num_classes:
             raise ValueError(f"{data_dir}: class ids up to {mask_classes}, but the model has {num_classes} classes.")
         if spacing is None and data_dir and class_prompts:

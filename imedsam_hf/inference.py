@@ -5,7 +5,6 @@ Library code: errors name the image and the argument (`ValueError`), nothing is 
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from .data import class_id_of
 from .loading import load_model
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import (
@@ -332,25 +332,18 @@ def clicks_caveat(model, with_box: bool) -> str | None:
 def structure_id(config, structure: str | int) -> int:
     """
     The class id of `structure` for a class-aware model's `config`: a whole number in 1..num_classes, or a name of
-    its `id2label` (case, spaces and underscores ignored: `right kidney`, `Right_Kidney`). Anything else is a
-    ValueError listing the model's structures.
+    its `id2label` (`data.class_id_of`: case, spaces and underscores ignored). Anything else is a ValueError listing
+    the model's structures.
     """
-    names = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
     num_classes = int(getattr(config, "num_classes", 1))
-    listed = ", ".join(f"{i} {names.get(i, f'class {i}')}" for i in range(1, num_classes + 1))
     if not (getattr(config, "class_aware", False) and num_classes > 1):
         raise ValueError(
             f"`classes` {structure!r}: this model is not class-aware (one prompt gives its {num_classes} class "
             "channel(s)); leave it out."
         )
-    text = str(structure).strip()
-    if text.isdigit() and 1 <= int(text) <= num_classes:
-        return int(text)
-    key = lambda name: re.sub(r"[\s_]+", " ", name).strip().lower()  # noqa: E731
-    found = [i for i, name in names.items() if 1 <= i <= num_classes and key(name) == key(text)]
-    if len(found) != 1:
-        raise ValueError(f"`classes` {structure!r}: not one of this model's structures ({listed}).")
-    return found[0]
+    recorded = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    names = {i: recorded.get(i, f"class {i}") for i in range(1, num_classes + 1)}
+    return class_id_of(structure, names, "classes")
 
 
 def classes_caveat(model) -> str | None:

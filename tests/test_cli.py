@@ -404,7 +404,7 @@ def test_predict_decodes_a_drawn_box_with_the_heads_of_the_structure_named_by_cl
     model.save_pretrained(tmp_path / "m")
     IMedSamProcessor(image_size=64).save_pretrained(tmp_path / "m")
     assert [structure_id(model.config, s) for s in ("right kidney", " LIVER", "2", 1)] == [2, 3, 2, 1]
-    for wrong, said in (("4", "not one of this model's structures (1 left kidney, 2 Right_Kidney, 3 liver)"),
+    for wrong, said in (("4", "not one of the classes (1 left kidney, 2 Right_Kidney, 3 liver)"),
                         ("kidney", "not one of"), ("0", "not one of")):  # fmt: skip
         with pytest.raises(ValueError, match=said.replace("(", r"\(").replace(")", r"\)")):
             structure_id(model.config, wrong)
@@ -428,7 +428,7 @@ def test_predict_decodes_a_drawn_box_with_the_heads_of_the_structure_named_by_cl
         segment(model, str(image), box=[20, 20, 200, 180], classes=[3])
     assert ["is class-aware" in str(w.message) for w in caught] == [True]
     for extra, said in (
-        (["--classes", "kidney"], "--classes 'kidney': not one of this model's structures"),
+        (["--classes", "kidney"], "--classes 'kidney': not one of the classes"),
         (["--classes", "1", "--points", "5,5"], "--classes names the structure of --box or --boxes"),
     ):
         flags = [a for a in argv if a not in ("--box", "20,20,200,180")] if "--points" in extra else argv

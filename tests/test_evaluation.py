@@ -182,6 +182,12 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     assert result["volume"]["hd95"] > 0 and all(v["hd95"] > 0 for v in result["volume"]["per_class"].values())
     assert cli_main([*argv, "--classes", "6,42", "--json", str(tmp_path / "bad.json")]) == 2  # 42: not in classes.json
     assert not (tmp_path / "bad.json").exists()
+    # Names from the folder's classes.json, as `imedsam predict --classes liver` takes them: the same report.
+    assert cli_main([*argv, "--classes", "Liver,aorta", "--json", str(tmp_path / "named.json")]) == 0
+    named = json.loads((tmp_path / "named.json").read_text())
+    assert named["results"]["native"]["per_class"] == native["per_class"]
+    assert cli_main([*argv, "--classes", "liver,kidney", "--json", str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "bad.json").exists()
     (tmp_path / "taken").write_text("")  # --overlays naming a file: refused before anything is scored or written
     assert cli_main([*argv, "--overlays", str(tmp_path / "taken"), "--json", str(tmp_path / "bad.json")]) == 2
     assert not (tmp_path / "bad.json").exists() and (tmp_path / "taken").read_text() == ""

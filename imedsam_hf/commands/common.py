@@ -124,12 +124,12 @@ def parse_points(text: str) -> tuple[list[list[float]], list[int]]:
     return points, labels
 
 
-def parse_class_ids(text: str) -> list[int]:
-    """`--classes 8,4,3` -> ids."""
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--classes {text!r}: expected comma-separated class ids, e.g. 8,4,3") from None
+def parse_class_ids(text: str) -> list[int | str]:
+    """`--classes 8,4,3` -> ids; `--classes liver,8` -> names (resolved against the folder's classes.json) and ids."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise ValueError(f"--classes {text!r}: expected comma-separated class ids or names, e.g. 8,4,3 or liver,spleen")
+    return [int(v) if v.isdigit() else v for v in values]
 
 
 def parse_mask_value_map(text: str) -> dict[int, int]:
