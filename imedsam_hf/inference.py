@@ -107,8 +107,9 @@ def segment(
             within it and resized nearest-neighbour (`Segmentation.grid`), which bounds memory. Several boxes are
             decoded a few at a time, each group within the budget, so memory is bounded for the whole call; a call
             whose masks alone would exceed `MAX_CALL_OUTPUTS` budgets is refused with its estimate.
-        classes: with a multi-class (class-aware) model, one class id per box (1..num_classes): each box is decoded
-            by its class's heads (`input_classes`) and gets one binary mask, as with a one-class model.
+        classes: with a multi-class (class-aware) model, one class id per box (1..num_classes) or a structure name
+            of its id2label (`"liver"`): each box is decoded by its class's heads (`input_classes`) and gets one
+            binary mask, as with a one-class model.
         image_embeddings: `model.encode_image` of this image `(1, hidden, h, w)`, computed earlier (a volume's
             slice prompted several times): the encoder is not run again. With `tta`, one per mirror of
             `TTA_MIRRORS[tta]`, in that order (`volumes.encode_slice(..., tta=tta)`).
@@ -266,14 +267,16 @@ def _segment_mirrored(
 
 def checked_input_classes(model, classes, boxes: torch.Tensor | None) -> torch.Tensor | None:
     """
-    `classes` (one id per box, as `segment(classes=...)` and class-aware evaluation give them) as the model's
-    `input_classes`, `(1, P)` for boxes `(1, P, 4)` or `(1,)` for `(1, 4)`: one whole id in 1..num_classes per box,
-    checked.
+    `classes` (one id per box, as `segment(classes=...)` and class-aware evaluation give them; a structure name of
+    the model's id2label, such as `"liver"`, stands for its id) as the model's `input_classes`, `(1, P)` for boxes
+    `(1, P, 4)` or `(1,)` for `(1, 4)`: one whole id in 1..num_classes per box, checked.
     """
     if classes is None:
         return None
     num_classes = int(getattr(model.config, "num_classes", 1))
     values = np.asarray(classes, dtype=object).reshape(-1)
+    if any(isinstance(v, str) for v in values):  # structure names (`"liver"`) or ids as text: the model's id2label
+        values = np.asarray([structure_id(model.config, v) if isinstance(v, str) else v for v in values], dtype=object)
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values):
         raise ValueError(f"`classes` {values.tolist()}: class ids are whole numbers (1..{num_classes}), one per box.")
     ids = torch.as_tensor([int(v) for v in values], dtype=torch.long)

@@ -418,6 +418,10 @@ def test_predict_decodes_a_drawn_box_with_the_heads_of_the_structure_named_by_cl
     expected = segment(model, str(image), box=[20, 20, 200, 180], classes=[2]).mask
     np.testing.assert_array_equal(written, (expected > 0).astype(np.uint8) * 255)
     np.testing.assert_array_equal(written, np.asarray(Image.open(tmp_path / "id" / f"{image.stem}.png")))
+    by_name = segment(model, str(image), box=[20, 20, 200, 180], classes=["right kidney"]).mask  # the Python API
+    np.testing.assert_array_equal(by_name, expected)
+    with pytest.raises(ValueError, match="`classes` 'spleen': not one of the classes"):
+        segment(model, str(image), box=[20, 20, 200, 180], classes=["spleen"])
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "unnamed")]) == 0
     warned = capsys.readouterr().err
