@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--boxes",
         help="JSON {image name or stem: [x0, y0, x1, y1]}; for volumes {class id: [x0, y0, z0, x1, y1, z1]} (voxel "
         'indices, segmented from the middle slice outwards), or {class id: {"box": [...], "key_slice": z}} (a 2-D '
-        "box drawn on slice z, with the structure's first and last slice), or {volume name: {class id: ...}}",
+        "box drawn on slice z, with the structure's first and last slice), or {volume name: {class id: ...}}; a "
+        "class-aware model's structure names may stand for class ids",
     )
     prompt.add_argument(
         "--boxes-from-masks",

@@ -281,7 +281,8 @@ def class_id_of(value: str | int, class_names: Mapping[int, str], argument: str)
     """
     A class given by id or by name -> its id among `class_names` `{id: name}`: a whole number that is one of the ids,
     or a name (case, spaces and underscores ignored: `right kidney`, `Right_Kidney`). Anything else is a ValueError
-    naming `argument` and listing the classes.
+    that starts with `argument` (`` "`classes`" ``: the Python argument, which the command line shows as its flag)
+    and lists the classes.
     """
     text = str(value).strip()
     if text.isdigit() and int(text) in class_names:
@@ -290,7 +291,7 @@ def class_id_of(value: str | int, class_names: Mapping[int, str], argument: str)
     found = [i for i, name in class_names.items() if key(name) == key(text)]
     if len(found) != 1:
         listed = ", ".join(f"{i} {name}" for i, name in sorted(class_names.items()))
-        raise ValueError(f"`{argument}` {value!r}: not one of the classes ({listed}).")
+        raise ValueError(f"{argument} {value!r}: not one of the classes ({listed}).")
     return found[0]
 
 

@@ -648,7 +648,7 @@ class EvaluationProtocol:
         if classes is not None and len(ids) < len(classes):  # names (`liver`): the folder's classes.json's
             if not class_names:
                 raise ValueError(f"`classes` {list(classes)}: names need a classes.json in {data_dir}; give ids.")
-            classes = [class_id_of(c, class_names, "classes") for c in classes]
+            classes = [class_id_of(c, class_names, "`classes`") for c in classes]
         if class_aware and mask_classes > num_classes:
             raise ValueError(f"{data_dir}: class ids up to {mask_classes}, but the model has {num_classes} classes.")
         if spacing is None and data_dir and class_prompts:

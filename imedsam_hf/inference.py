@@ -332,21 +332,21 @@ def clicks_caveat(model, with_box: bool) -> str | None:
     )
 
 
-def structure_id(config, structure: str | int) -> int:
+def structure_id(config, structure: str | int, argument: str = "`classes`") -> int:
     """
     The class id of `structure` for a class-aware model's `config`: a whole number in 1..num_classes, or a name of
     its `id2label` (`data.class_id_of`: case, spaces and underscores ignored). Anything else is a ValueError listing
-    the model's structures.
+    the model's structures, starting with `argument` (as `data.class_id_of`).
     """
     num_classes = int(getattr(config, "num_classes", 1))
     if not (getattr(config, "class_aware", False) and num_classes > 1):
         raise ValueError(
-            f"`classes` {structure!r}: this model is not class-aware (one prompt gives its {num_classes} class "
-            "channel(s)); leave it out."
+            f"{argument} {structure!r}: this model is not class-aware (one prompt gives its {num_classes} class "
+            "channel(s)): name its structures by class id, or leave them out."
         )
     recorded = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
     names = {i: recorded.get(i, f"class {i}") for i in range(1, num_classes + 1)}
-    return class_id_of(structure, names, "classes")
+    return class_id_of(structure, names, argument)
 
 
 def classes_caveat(model) -> str | None:

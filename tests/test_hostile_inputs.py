@@ -378,12 +378,17 @@ def test_13_messages_say_what_is_wrong_in_the_users_words(model_dir, btcv_crop, 
         patched.setattr(predict_module, "load_model", refuse_to_load)
         for content, message in (
             ({"case9999": {"6": [2, 2, 0, 30, 30, 2]}}, "no boxes for ['case0001'] (it has ['case9999'])"),
-            ({"abc": [2, 2, 0, 30, 30, 2]}, "'abc' is not a class id (1..255)"),
+            ({"0": [2, 2, 0, 30, 30, 2]}, "'0' is not a class id (1..255)"),
         ):
             boxes.write_text(json.dumps(content))
             assert predict(model_dir, scan, "--boxes", boxes, "--out", tmp_path / "out") == 2
             line = error_line(capsys)
             assert message in line and str(boxes) in line and "invalid literal" not in line, line
+    # A name stands for a class id only with a class-aware model (its id2label), known once the model is loaded.
+    boxes.write_text(json.dumps({"abc": [2, 2, 0, 30, 30, 2]}))
+    assert predict(model_dir, scan, "--boxes", boxes, "--out", tmp_path / "out") == 2
+    line = error_line(capsys)
+    assert f"--boxes {boxes}: case0001: structure 'abc': this model is not class-aware" in line, line
     # A negative first coordinate needs no `=`: the box is clipped to the image and a mask written.
     image = copy_image(tmp_path, folder="images")
     assert predict(model_dir, image, "--box", "-200,10,300,400", "--out", tmp_path / "negative") == 0

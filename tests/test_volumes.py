@@ -1088,3 +1088,44 @@ def test_convert_volumes_refuses_what_it_cannot_pair_and_leaves_nothing_half_wri
         assert main([*argv, *out, *extra]) == 2, message
         assert message in capsys.readouterr().err
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written
+
+
+def test_volume_boxes_may_name_a_class_aware_models_structures(tmp_path, capsys):
+    """`--boxes` for volumes: `{"right kidney": [x0, y0, z0, x1, y1, z1]}` is the class id's box for a class-aware
+    model (its id2label), the same label volume as `{"5": ...}`; a name for another model, an unknown name or a
+    structure given twice is refused naming the file."""
+    import json
+
+    from imedsam_hf.cli import main
+
+    labels = two_organs()  # ids 2 and 5
+    (tmp_path / "in").mkdir()
+    scan = save_nifti(tmp_path / "in" / "scan.nii.gz", (labels * 40 + 20).astype(np.uint8))
+    names = {i: f"organ {i}" for i in range(1, 6)} | {5: "Right_Kidney"}
+    tiny_model(num_classes=5, class_aware=True, implicit_decoder_trained=True, id2label=names).save_pretrained(
+        tmp_path / "aware"
+    )
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "plain")
+    boxes = boxes_3d_from_labels(labels)
+    written = {}
+    for key, content in (
+        ("ids", {str(c): box for c, box in boxes.items()}),
+        ("names", {"organ 2": boxes[2], "right kidney": boxes[5]}),
+        ("drawn", {"organ 2": {"box": boxes[2], "key_slice": (boxes[2][2] + boxes[2][5]) // 2}, "5": boxes[5]}),
+    ):
+        (tmp_path / f"{key}.json").write_text(json.dumps(content))
+        argv = ["predict", "--model", str(tmp_path / "aware"), str(scan), "--boxes", str(tmp_path / f"{key}.json")]
+        assert main([*argv, "--device", "cpu", "--out", str(tmp_path / key)]) == 0, key
+        written[key] = np.asarray(nib.load(tmp_path / key / "scan.nii.gz").dataobj)
+    np.testing.assert_array_equal(written["ids"], written["names"])
+    assert set(np.unique(written["drawn"])) <= {0, 2, 5}
+    capsys.readouterr()
+    for model, content, said in (
+        ("plain", {"liver": boxes[2]}, "bad.json: scan: structure 'liver': this model is not class-aware"),
+        ("aware", {"liver": boxes[2]}, "bad.json: scan: structure 'liver': not one of the classes (1 organ 1"),
+        ("aware", {"right kidney": boxes[5], "5": boxes[5]}, "scan: a structure is given twice"),
+    ):
+        (tmp_path / "bad.json").write_text(json.dumps(content))
+        argv = ["predict", "--model", str(tmp_path / model), str(scan), "--boxes", str(tmp_path / "bad.json")]
+        assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "bad")]) == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "bad").exists()

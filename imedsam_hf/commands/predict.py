@@ -134,7 +134,7 @@ def image_boxes(data: Any, path: str) -> dict[str, list[float]]:
 
 
 #: A volume's prompts from `--boxes`: its 3-D boxes and the key slice of those drawn on one slice.
-VolumeBoxes = tuple[dict[int, list[int]], dict[int, int]]
+VolumeBoxes = tuple[dict[int | str, list[int]], dict[int | str, int]]  # keyed by class id, or a structure's name
 
 
 def volume_boxes(data: Any, path: str, volumes: list[str]) -> dict[str, VolumeBoxes]:
@@ -143,7 +143,8 @@ def volume_boxes(data: Any, path: str, volumes: list[str]) -> dict[str, VolumeBo
     in one file). A box is six whole voxel indices `[x0, y0, z0, x1, y1, z1]` (the structure's 3-D box, segmented from
     its middle slice outwards), or `{"box": [x0, y0, z0, x1, y1, z1], "key_slice": z}`: a 2-D box drawn on slice `z`
     with the structure's first and last slice (segmented from `z` outwards). Volume name -> (boxes, key slices),
-    checked before any model is loaded.
+    checked before any model is loaded. A class-aware model's structure names may stand for class ids (`"liver"`):
+    they stay names here, and `named_boxes` makes them ids once the model's classes are known.
     """
     if not isinstance(data, Mapping) or not data:
         raise ValueError(
@@ -151,9 +152,7 @@ def volume_boxes(data: Any, path: str, volumes: list[str]) -> dict[str, VolumeBo
             f"got {type(data).__name__ if not isinstance(data, Mapping) else 'an empty object'}."
         )
     # A per-volume entry maps a volume name to its boxes; a class id mapping to {"box", "key_slice"} is one box.
-    nested = {
-        key for key, value in data.items() if isinstance(value, Mapping) and not ("box" in value and _is_class_key(key))
-    }
+    nested = {key for key, value in data.items() if isinstance(value, Mapping) and "box" not in value}
     if nested and len(nested) != len(data):
         flat = sorted(set(data) - nested)
         raise ValueError(
@@ -177,10 +176,12 @@ def _is_class_key(key: Any) -> bool:
 def _class_boxes(data: Mapping, where: str) -> VolumeBoxes:
     boxes, key_slices = {}, {}
     for key, entry in data.items():
-        if not _is_class_key(key) or not 1 <= int(key) <= 255:
+        if _is_class_key(key) and not 1 <= int(key) <= 255 or not str(key).strip():
             raise ValueError(
-                f"{where}: {key!r} is not a class id (1..255); keys are class ids, or volume names holding them."
+                f"{where}: {key!r} is not a class id (1..255); keys are class ids (or a class-aware model's structure "
+                "names), or volume names holding them."
             )
+        key = int(key) if _is_class_key(key) else str(key)
         box, key_slice = entry, None
         if isinstance(entry, Mapping):
             if set(entry) != {"box", "key_slice"}:
@@ -200,15 +201,28 @@ def _class_boxes(data: Mapping, where: str) -> VolumeBoxes:
                 f"{where}: class {key}: {box!r} is {wide}; a box holds inclusive voxel indices with x0 < x1, "
                 "y0 < y1 and z0 <= z1 (a structure spans at least 2 voxels in x and in y)."
             )
-        boxes[int(key)] = [x0, y0, z0, x1, y1, z1]
+        boxes[key] = [x0, y0, z0, x1, y1, z1]
         if key_slice is not None:
             if not z0 <= int(key_slice) <= z1:
                 raise ValueError(
                     f"{where}: class {key}: key_slice {int(key_slice)} is outside the box's slices {z0}..{z1}; the "
                     "2-D box is drawn on a slice of the structure."
                 )
-            key_slices[int(key)] = int(key_slice)
+            key_slices[key] = int(key_slice)
     return boxes, key_slices
+
+
+def named_boxes(boxes: dict[str, VolumeBoxes], config, path: str) -> dict[str, VolumeBoxes]:
+    """`volume_boxes` with structure names (`"liver"`) made the class ids of a class-aware model's `config`
+    (`structure_id`); a structure given twice (by name and by id) is a ValueError naming the file."""
+    resolved = {}
+    for volume, (by_key, key_slices) in boxes.items():
+        where = f"--boxes {path}: {volume}: structure"
+        ids = {key: key if isinstance(key, int) else structure_id(config, key, where) for key in by_key}
+        if len(set(ids.values())) < len(ids):
+            raise ValueError(f"--boxes {path}: {volume}: a structure is given twice ({sorted(map(str, ids))}).")
+        resolved[volume] = ({ids[k]: v for k, v in by_key.items()}, {ids[k]: v for k, v in key_slices.items()})
+    return resolved
 
 
 def _is_number(value: Any) -> bool:
@@ -305,6 +319,8 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             args.model, device=device, backend=args.backend, backend_options={"precision": args.precision}
         )
         box_class = None if args.classes is None else structure_id(model.config, args.classes)
+        if volumes and volume_prompts is not None:
+            volume_prompts = named_boxes(volume_prompts, model.config, args.boxes)
     except (OSError, ValueError, ImportError) as error:
         if made and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
             Path(args.out).rmdir()  # a model or argument refused leaves no empty folder of ours behind
