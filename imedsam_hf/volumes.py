@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 
 from .data import NIFTI_SUFFIXES, is_volume, mask_box
 from .files import atomic_write, remove_stale_temporaries, staged_folder
-from .inference import overlay, segment
+from .inference import overlay, segment, structure_id
 from .loading import load_model
 from .metrics import METRIC_NAMES, dice_from_counts, iou_from_counts, overlap_counts, surface_distances
 from .processing_imedsam import IMedSamProcessor, mirror_image, processor_for_config, tta_mirrors
@@ -86,6 +86,7 @@ __all__ = [
     "is_mr_window",
     "is_volume",
     "mr_window",
+    "named_structures",
     "label_volume_names",
     "label_volume_of",
     "paired_volumes",
@@ -717,7 +718,8 @@ def segment_volume(
             raise ValueError(f"label volume {_as_volume(label_volume, 'label volume').name}: holds {what}; no prompt.")
         _check_class_aware(model, present)
     else:
-        checked = _check_boxes(boxes_3d, volume.shape, wanted)  # type: ignore[arg-type]
+        boxes_3d, key_slices = named_structures(model.config, boxes_3d, key_slices)  # type: ignore[arg-type]
+        checked = _check_boxes(boxes_3d, volume.shape, wanted)
         _check_class_aware(model, set(checked))
         if not (math.isfinite(box_margin) and box_margin >= 0):
             raise ValueError(f"box_margin must be a number of pixels >= 0, got {box_margin!r}")
@@ -742,6 +744,32 @@ def segment_volume(
             key_slices=key_slices, prompts_given=prompts_given, tta=tta, slice_embeddings=slice_embeddings,
         )  # fmt: skip
     return labels
+
+
+def named_structures(
+    config: Any, boxes: Mapping[Any, Any], key_slices: Mapping[Any, int] | None, argument: str = "`boxes_3d`"
+) -> tuple[dict[Any, Any], dict[Any, int] | None]:
+    """
+    `boxes` and `key_slices` keyed by class id, where a class-aware model's structure names (`"liver"`) stood for ids
+    (`inference.structure_id`, its message starting with `argument`); other keys are left for the ids' own checks.
+    A structure given twice (by name and by id) is a ValueError.
+    """
+    if not isinstance(boxes, Mapping) or not any(_is_name(key) for key in (*boxes, *(key_slices or {}))):
+        return boxes, key_slices  # type: ignore[return-value]
+
+    def id_of(key: Any) -> Any:
+        return structure_id(config, key, argument) if _is_name(key) else key
+
+    ids = {key: id_of(key) for key in boxes}
+    if len({str(v) for v in ids.values()}) < len(ids):
+        raise ValueError(f"{argument} {sorted(map(str, boxes))}: a structure is given twice, by name and by id.")
+    named = {ids[key]: box for key, box in boxes.items()}
+    return named, None if key_slices is None else {id_of(key): z for key, z in key_slices.items()}
+
+
+def _is_name(key: Any) -> bool:
+    """A mapping key that names a structure (`"liver"`), not a class id (`6`, `"6"`)."""
+    return isinstance(key, str) and not key.strip().lstrip("-").isdigit() and bool(key.strip())
 
 
 def _check_class_aware(model: Any, class_ids: set[int]) -> None:

@@ -388,7 +388,7 @@ def test_13_messages_say_what_is_wrong_in_the_users_words(model_dir, btcv_crop, 
     boxes.write_text(json.dumps({"abc": [2, 2, 0, 30, 30, 2]}))
     assert predict(model_dir, scan, "--boxes", boxes, "--out", tmp_path / "out") == 2
     line = error_line(capsys)
-    assert f"--boxes {boxes}: case0001: structure 'abc': this model is not class-aware" in line, line
+    assert f"--boxes {boxes}: case0001: 'abc': this model is not class-aware" in line, line
     # A negative first coordinate needs no `=`: the box is clipped to the image and a mask written.
     image = copy_image(tmp_path, folder="images")
     assert predict(model_dir, image, "--box", "-200,10,300,400", "--out", tmp_path / "negative") == 0

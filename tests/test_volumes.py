@@ -1118,12 +1118,16 @@ def test_volume_boxes_may_name_a_class_aware_models_structures(tmp_path, capsys)
         assert main([*argv, "--device", "cpu", "--out", str(tmp_path / key)]) == 0, key
         written[key] = np.asarray(nib.load(tmp_path / key / "scan.nii.gz").dataobj)
     np.testing.assert_array_equal(written["ids"], written["names"])
+    model = load_model(str(tmp_path / "aware"))[0]  # the Python API takes the names too
+    by_name = segment_volume(model, make_volume(labels * 40 + 20), boxes_3d={"organ_2": boxes[2]}, progress=False)
+    by_id = segment_volume(model, make_volume(labels * 40 + 20), boxes_3d={2: boxes[2]}, progress=False)
+    np.testing.assert_array_equal(by_name, by_id)
     assert set(np.unique(written["drawn"])) <= {0, 2, 5}
     capsys.readouterr()
     for model, content, said in (
-        ("plain", {"liver": boxes[2]}, "bad.json: scan: structure 'liver': this model is not class-aware"),
-        ("aware", {"liver": boxes[2]}, "bad.json: scan: structure 'liver': not one of the classes (1 organ 1"),
-        ("aware", {"right kidney": boxes[5], "5": boxes[5]}, "scan: a structure is given twice"),
+        ("plain", {"liver": boxes[2]}, "bad.json: scan: 'liver': this model is not class-aware"),
+        ("aware", {"liver": boxes[2]}, "bad.json: scan: 'liver': not one of the classes (1 organ 1"),
+        ("aware", {"right kidney": boxes[5], "5": boxes[5]}, "scan: ['5', 'right kidney']: a structure is given twice"),
     ):
         (tmp_path / "bad.json").write_text(json.dumps(content))
         argv = ["predict", "--model", str(tmp_path / model), str(scan), "--boxes", str(tmp_path / "bad.json")]

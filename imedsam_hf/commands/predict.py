@@ -31,6 +31,7 @@ from ..volumes import (
     is_volume,
     label_volume_names,
     label_volume_of,
+    named_structures,
     read_volume,
     segment_volume,
     to_uint8,
@@ -169,19 +170,16 @@ def volume_boxes(data: Any, path: str, volumes: list[str]) -> dict[str, VolumeBo
     return dict.fromkeys(names, every)
 
 
-def _is_class_key(key: Any) -> bool:
-    return str(key).strip().isdigit()
-
-
 def _class_boxes(data: Mapping, where: str) -> VolumeBoxes:
     boxes, key_slices = {}, {}
     for key, entry in data.items():
-        if _is_class_key(key) and not 1 <= int(key) <= 255 or not str(key).strip():
+        numeric = str(key).strip().lstrip("-").isdigit()
+        if numeric and not 1 <= int(key) <= 255 or not str(key).strip():
             raise ValueError(
                 f"{where}: {key!r} is not a class id (1..255); keys are class ids (or a class-aware model's structure "
                 "names), or volume names holding them."
             )
-        key = int(key) if _is_class_key(key) else str(key)
+        key = int(key) if numeric else str(key)
         box, key_slice = entry, None
         if isinstance(entry, Mapping):
             if set(entry) != {"box", "key_slice"}:
@@ -214,15 +212,11 @@ def _class_boxes(data: Mapping, where: str) -> VolumeBoxes:
 
 def named_boxes(boxes: dict[str, VolumeBoxes], config, path: str) -> dict[str, VolumeBoxes]:
     """`volume_boxes` with structure names (`"liver"`) made the class ids of a class-aware model's `config`
-    (`structure_id`); a structure given twice (by name and by id) is a ValueError naming the file."""
-    resolved = {}
-    for volume, (by_key, key_slices) in boxes.items():
-        where = f"--boxes {path}: {volume}: structure"
-        ids = {key: key if isinstance(key, int) else structure_id(config, key, where) for key in by_key}
-        if len(set(ids.values())) < len(ids):
-            raise ValueError(f"--boxes {path}: {volume}: a structure is given twice ({sorted(map(str, ids))}).")
-        resolved[volume] = ({ids[k]: v for k, v in by_key.items()}, {ids[k]: v for k, v in key_slices.items()})
-    return resolved
+    (`volumes.named_structures`), checked before any volume is segmented."""
+    return {
+        volume: named_structures(config, by_key, key_slices, f"--boxes {path}: {volume}:")  # type: ignore[misc]
+        for volume, (by_key, key_slices) in boxes.items()
+    }
 
 
 def _is_number(value: Any) -> bool:
