@@ -345,8 +345,8 @@ def btcv(args) -> None:
         usage_command="imedsam predict --model imedsam-litemedsam-btcv scan.nii.gz --boxes-from-masks labels/ "
         "--out predictions   # NIfTI in, label NIfTI out",
         usage_python="from imedsam_hf import segment\n\n"
-        'result = segment("imedsam-litemedsam-btcv", "slice.png", box=[[x0, y0, x1, y1], ...], classes=[6, ...])\n'
-        "result.mask.shape  # (boxes, H, W): one mask per box, at the image's size",
+        'result = segment("imedsam-litemedsam-btcv", "slice.png", box=[[x0, y0, x1, y1], ...], classes=["liver", ...])\n'
+        "result.mask.shape  # (boxes, H, W): one mask per box (its organ by name or id), at the image's size",
         results_intro=f"The {exact['n_images']} slices of the 5 test scans, every organ present prompted with its "
         "exact box (all of a slice's organs in one pass), against the zero-shot backbone (LiteMedSAM's own mask) on "
         "the same prompts. Per slice: the mean Dice of each organ's slices; per volume: each scan's slices stacked "
