@@ -104,6 +104,7 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
         gr.Markdown(
             f"# I-MedSAM\nModel: `{model_name}`. Upload an image, type a box (pixels) and/or click on the image "
             "(foreground or background clicks), choose the resolution."
+            + ("" if model.config.learned_clicks else " This model learned box prompts only: give a box.")
         )
         clicks = gr.State([])
         with gr.Row():

@@ -379,6 +379,8 @@ def test_clicks_given_to_a_model_that_learned_boxes_only_are_named(tmp_path, cap
     app = load_script("demo/app.py", "imedsam_demo_app_clicks")
     _, _, info = app.segment_request(box_only, processor, image, (0, 0, 0, 0), [(20.0, 20.0, 1)], "native")
     assert "learned box prompts only" in info and "clicks without a box" in info
+    texts = [getattr(b, "value", "") for b in app.build_demo(str(tmp_path / "m"), device="cpu").blocks.values()]
+    assert any("This model learned box prompts only: give a box." in str(t) for t in texts)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
