@@ -1252,8 +1252,10 @@ def label_volume_names(scan: str | os.PathLike) -> str:
 def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[str, Path, Path]]:
     """
     `(case, image, label volume)` of every NIfTI volume in the folder `images`, its label volume the file of the same
-    name in `labels` (or, for nnU-Net's `<case>_0000.nii.gz`, `<case>.nii.gz`). A volume without one, several
-    channels per case, or a folder without volumes is a ValueError naming the files, before anything is read.
+    name in `labels` (or, for nnU-Net's `<case>_0000.nii.gz`, `<case>.nii.gz`: `label_volume_of`). A volume without
+    one, several channels of one case (two scans paired with one label volume), or a folder without volumes is a
+    ValueError naming the files, before anything is read. Names that only look like channels (AMOS's `amos_0001`,
+    each with its own label volume) are cases.
     """
     folders = {"`images`": Path(images), "`labels`": Path(labels)}
     for flag, folder in folders.items():
@@ -1262,12 +1264,6 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
     volumes = sorted(p for p in Path(images).iterdir() if is_volume(p) and not p.name.startswith("."))
     if not volumes:
         raise ValueError(f"`images` {images}: no .nii or .nii.gz volumes in it.")
-    channels = {m["channel"] for m in (CHANNEL_SUFFIX.match(volume_name(p)) for p in volumes) if m}
-    if len(channels) > 1:
-        raise ValueError(
-            f"`images` {images}: several channels per case ({', '.join(sorted(channels))}); the 2-D models take one "
-            "grey image: keep one channel's files (e.g. the _0000 ones) in a folder of their own."
-        )
     pairs, missing = [], []
     for path in volumes:
         found = label_volume_of(path, labels)
@@ -1278,9 +1274,20 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"`labels` {labels}: no label volume for {'; '.join(missing[:3])}{more}.")
-    cases = [case for case, _, _ in pairs]
-    if len(set(cases)) < len(cases):
-        raise ValueError(f"`images` {images}: two volumes have the labels of one case; keep one file per case.")
+    scans_of: dict[str, list[Path]] = {}
+    for case, path, _ in pairs:
+        scans_of.setdefault(case, []).append(path)
+    shared = {case: paths for case, paths in scans_of.items() if len(paths) > 1}
+    if shared:
+        case, paths = sorted(shared.items())[0]
+        channels = sorted(m["channel"] for m in (CHANNEL_SUFFIX.match(volume_name(p)) for p in paths) if m)
+        if len(channels) == len(paths):
+            raise ValueError(
+                f"`images` {images}: several channels of case {case} ({', '.join(channels)}); the 2-D models take "
+                "one grey image: keep one channel's files (e.g. the _0000 ones) in a folder of their own."
+            )
+        names = ", ".join(p.name for p in paths)
+        raise ValueError(f"`images` {images}: {names} have the labels of one case ({case}); keep one file per case.")
     return pairs
 
 

@@ -1073,7 +1073,7 @@ def test_convert_volumes_refuses_what_it_cannot_pair_and_leaves_nothing_half_wri
         ("b.nii.gz has shape (24, 20, 4), the volume", ["--classes", str(tmp_path / "names.json")]),
         ("class ids [5] that --classes does not list", ["--classes", str(tmp_path / "names.json")]),
         ("region labels ['both']", ["--classes", str(tmp_path / "regions.json")]),
-        ("several channels per case (0000, 0001)", []),
+        ("several channels of case a (0000, 0001)", []),
     ):
         if "shape" in message:
             save_nifti(tmp_path / "labels" / "c.nii.gz", labels)
@@ -1133,3 +1133,26 @@ def test_volume_boxes_may_name_a_class_aware_models_structures(tmp_path, capsys)
         argv = ["predict", "--model", str(tmp_path / model), str(scan), "--boxes", str(tmp_path / "bad.json")]
         assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "bad")]) == 2
         assert said in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_convert_volumes_takes_four_digit_case_ids_as_cases_not_channels(tmp_path):
+    """Regression: AMOS names its scans amos_0001.nii.gz ... (each with its own label volume); `imedsam convert
+    volumes` refused such a folder as "several channels per case (0001, 0004)", taking the ids for nnU-Net channels.
+    Only scans that share one case's label volume are channels."""
+    from imedsam_hf.volumes import paired_volumes
+
+    labels = two_organs()
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    for case in ("amos_0001", "amos_0004"):
+        save_nifti(tmp_path / "images" / f"{case}.nii.gz", (labels * 40).astype(np.uint8))
+        save_nifti(tmp_path / "labels" / f"{case}.nii.gz", labels)
+    pairs = paired_volumes(tmp_path / "images", tmp_path / "labels")
+    assert [(case, image.name) for case, image, _ in pairs] == [
+        ("amos_0001", "amos_0001.nii.gz"),
+        ("amos_0004", "amos_0004.nii.gz"),
+    ]
+    volumes_module.volumes_to_slices(tmp_path / "images", tmp_path / "labels", tmp_path / "out", progress=False)
+    written = sorted(p.name for p in (tmp_path / "out" / "images").iterdir())
+    per_case = int(labels.any(axis=(0, 1)).sum())  # the slices holding a structure
+    assert len(written) == 2 * per_case and written[0].startswith("amos_0001_slice")
