@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_option(p)
     p.add_argument(
-        "inputs", nargs="+", help="image files, folders of images, or NIfTI volumes (.nii/.nii.gz: a label volume out)"
+        "inputs",
+        nargs="+",
+        help="image files, folders of images, or NIfTI volumes and folders of them (.nii/.nii.gz: a label volume out)",
     )
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument(

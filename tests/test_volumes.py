@@ -820,6 +820,15 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     np.testing.assert_allclose(written.affine, AFFINE)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 2, 5}  # the label volume's class ids
     assert oct(os.stat(tmp_path / "a" / "scan.nii.gz").st_mode & 0o777) != "0o600"
+    # A folder of scans is its volumes (MSD's hidden ._ files skipped), written as the files given one by one are.
+    (tmp_path / "in" / "._scan.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert main([*argv[:3], str(tmp_path / "in"), *argv[4:], "--boxes-from-masks", str(tmp_path / "labels"),
+                 "--out", str(tmp_path / "folder")]) == 0  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["scan.nii.gz"]
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(tmp_path / "folder" / "scan.nii.gz").dataobj), np.asarray(written.dataobj)
+    )
+    (tmp_path / "in" / "._scan.nii.gz").unlink()
     # nnU-Net names: the scan case7_0000.nii.gz takes its boxes from labels/case7.nii.gz, as convert volumes pairs them.
     nnunet = tmp_path / "nnunet" / "case7_0000.nii.gz"
     nnunet.parent.mkdir()

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..data import IMAGE_EXTENSIONS
+from ..data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES
 
 
 def inputs_with_roots(paths: Sequence[str]) -> list[tuple[Path, Path]]:
@@ -19,7 +19,10 @@ def inputs_with_roots(paths: Sequence[str]) -> list[tuple[Path, Path]]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
-                raise ValueError(f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+                raise ValueError(
+                    f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no NIfTI volumes "
+                    f"({', '.join(NIFTI_SUFFIXES)})."
+                )
             files.extend((file, path) for file in found)
         elif not path.exists():
             raise ValueError(f"{path}: no such file or folder.")

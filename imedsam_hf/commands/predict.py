@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data import mask_box, mask_clicks, read_class_names, read_mask
+from ..data import IMAGE_EXTENSIONS, mask_box, mask_clicks, read_class_names, read_mask
 from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id
 from ..loading import load_model
@@ -236,10 +236,30 @@ def masks_hold_class_ids(model_config, masks_folder: str | None, mask_classes: i
     return any(read_class_names(place) for place in (folder, folder.parent) if (place / "classes.json").is_file())
 
 
+def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """
+    `(volumes, images)` of the command line's inputs: NIfTI files, given or in a folder given (its hidden files, such
+    as MSD's `._case.nii.gz`, skipped), and the image files and folders of images (a folder holding no volume stays
+    one, so that it is named if it holds no image either).
+    """
+    volumes, images = [], []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            listed = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+            found = [str(p) for p in listed if is_volume(p) and p.is_file()]
+            volumes.extend(found)
+            if not found or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in listed):
+                images.append(raw)
+        elif is_volume(raw):
+            volumes.append(raw)
+        else:
+            images.append(raw)
+    return volumes, images
+
+
 def run(args: argparse.Namespace, device: str | None) -> int:
     """`imedsam predict` with parsed arguments."""
-    volumes = [path for path in args.inputs if is_volume(path)]
-    images = [path for path in args.inputs if not is_volume(path)]
     made = False  # whether this call made --out (then a refusal removes it again, empty)
     try:
         grid = parse_output_size(args.output_size)
@@ -262,6 +282,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 f"{missing[0]}: no such file or folder"
                 + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
             )
+        volumes, images = split_inputs(args.inputs)
         if volumes and not images:
             if args.output_size:
                 raise ValueError(
