@@ -230,10 +230,11 @@ def convert_structure_masks(data_dir: str | os.PathLike, output: str | os.PathLi
 
 
 def _files_by_stem(folder: Path) -> dict[str, list[Path]]:
-    """The image files of a folder by stem, in path order (several when `x.jpg` and `x.png` both exist)."""
+    """The image files of a folder by stem, in path order (several when `x.jpg` and `x.png` both exist); hidden files
+    (macOS's `._x.png` AppleDouble copies in a folder unzipped from a Mac) are not images."""
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
             found.setdefault(path.stem, []).append(path)
     return found
 

@@ -254,3 +254,23 @@ def test_imedsam_evaluate_lists_same_stem_images_as_skipped(tmp_path, model_dir,
     out = capsys.readouterr().err  # problems with the data are reported on stderr
     assert f"skipped {jpg}: {jpg.with_suffix('.png')} has the same stem" in out
     assert json.loads((tmp_path / "out.json").read_text())["n_images"] == 1
+
+
+def test_hidden_appledouble_files_of_a_folder_unzipped_from_a_mac_are_not_images(tmp_path, capsys):
+    """`._x.png` (macOS's AppleDouble metadata, beside every file of a folder zipped on a Mac) was paired with the
+    mask `._x.png` and read as an image, or listed as an image without a mask; `imedsam predict FOLDER` tried to read
+    it. Hidden files are not images, in training / evaluation folders and in predict's input folders."""
+    from conftest import tiny_model
+
+    from imedsam_hf.cli import main
+
+    stems = copy_pairs(tmp_path, 2)
+    for folder in ("images", "masks"):
+        for stem in stems:
+            (tmp_path / folder / f"._{stem}.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    pairs, problems = discover_pairs(tmp_path)
+    assert sorted(p.stem for p in pairs) == sorted(stems) and problems == []
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "images"), "--box", "10,10,100,100"]
+    assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{stem}.png" for stem in stems)

@@ -17,7 +17,7 @@ def inputs_with_roots(paths: Sequence[str]) -> list[tuple[Path, Path]]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != ".")
             if not found:
                 raise ValueError(
                     f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no NIfTI volumes "
