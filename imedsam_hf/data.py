@@ -22,7 +22,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -239,10 +239,35 @@ def _files_by_stem(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
+def mask_name_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> str:
+    """
+    What a folder's masks add to their image's stem: `""` when masks are named like their images (or no one
+    convention fits), else the one suffix, starting with `_` or `-`, that every mask named after an image adds to
+    it: ISIC's `_segmentation`, PH2's `_lesion`, BUSI's `_mask`, DRIVE's `_manual1`. Masks named after no image do
+    not count; two different suffixes are no convention (`""`).
+    """
+    images, masks = set(image_stems), list(mask_stems)
+    if images & set(masks):
+        return ""
+    suffixes = set()
+    for stem in masks:
+        cuts = [i for i, character in enumerate(stem) if character in "_-" and stem[:i] in images]
+        if cuts:
+            suffixes.add(stem[max(cuts) :])  # the longest image stem it extends
+    return suffixes.pop() if len(suffixes) == 1 else ""
+
+
+def mask_folder_suffix(image_stems: Iterable[str], mask_dir: str | os.PathLike) -> str:
+    """`mask_name_suffix` of the masks in `mask_dir` (its image files, hidden ones skipped) for these images."""
+    return mask_name_suffix(image_stems, _files_by_stem(Path(mask_dir)))
+
+
 def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair], list[DataProblem]]:
     """
-    Pair every image with the mask of the same stem: one image per mask. Images without a mask, and stems that two
-    images (`x.jpg`, `x.png`: one mask for both) or two masks share, are problems naming every file; none is used.
+    Pair every image with the mask of the same stem, or of its stem and the folder's one mask suffix
+    (`mask_name_suffix`: ISIC's `x_segmentation.png` for `x.jpg`): one image per mask. Images without a mask, and
+    stems that two images (`x.jpg`, `x.png`: one mask for both) or two masks share, are problems naming every file;
+    none is used.
     """
     image_dir, mask_dir = find_layout(data_dir)
     masks, images = _files_by_stem(mask_dir), _files_by_stem(image_dir)
@@ -251,11 +276,14 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
             f"`data_dir` {data_dir}: {mask_dir} holds one mask per structure (<image stem>_<structure>_<NNN>.png). "
             f"Convert it to class-id masks first: imedsam convert structure-masks --data-dir {data_dir} --output DIR."
         )
+    suffix = mask_folder_suffix(images, mask_dir)
+    if suffix:
+        masks = {stem[: -len(suffix)]: paths for stem, paths in masks.items() if stem.endswith(suffix)}
     pairs, problems = [], []
     for stem, paths in images.items():
         candidates = masks.get(stem, [])
         if not candidates:
-            problems.extend(DataProblem(str(path), f"no mask named {stem}.* in {mask_dir}") for path in paths)
+            problems.extend(DataProblem(str(path), f"no mask named {stem}{suffix}.* in {mask_dir}") for path in paths)
         elif len(paths) > 1:
             others = ", ".join(str(path) for path in paths[1:])
             problems.append(
@@ -1108,6 +1136,8 @@ __all__ = [
     "MaskValuesError",
     "NIFTI_SUFFIXES",
     "class_id_of",
+    "mask_folder_suffix",
+    "mask_name_suffix",
     "SegmentationDataset",
     "SegmentationPair",
     "augment",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,3 +275,43 @@ def test_hidden_appledouble_files_of_a_folder_unzipped_from_a_mac_are_not_images
     argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "images"), "--box", "10,10,100,100"]
     assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{stem}.png" for stem in stems)
+
+
+def test_masks_named_with_a_suffix_pair_with_their_images(tmp_path, capsys):
+    """ISIC names a mask `<image>_segmentation.png`, PH2 `_lesion`, BUSI `_mask`, DRIVE `_manual1`: such a folder was
+    refused ("no mask named x.* in masks" for every image). The one suffix every mask adds to an image's stem is
+    found (`mask_name_suffix`) for training, evaluation and `imedsam predict --boxes-from-masks`."""
+    from conftest import tiny_model
+
+    from imedsam_hf.cli import main
+    from imedsam_hf.data import mask_name_suffix
+
+    assert mask_name_suffix(["ISIC_0000000", "ISIC_0000001"], ["ISIC_0000000_segmentation"]) == "_segmentation"
+    assert mask_name_suffix(["benign (1)", "benign (10)"], ["benign (1)_mask", "benign (10)_mask"]) == "_mask"
+    assert mask_name_suffix(["21_training"], ["21_training-manual1"]) == "-manual1"
+    assert mask_name_suffix(["a", "b"], ["a", "b_mask"]) == ""  # named like their images: no suffix
+    assert mask_name_suffix(["a", "b"], ["a_mask", "b_seg"]) == ""  # two conventions: none
+    assert mask_name_suffix(["a_1", "a"], ["a_1_mask"]) == "_mask"  # the longest image stem it extends
+    stems = copy_pairs(tmp_path / "plain", 3)
+    (tmp_path / "isic" / "images").mkdir(parents=True)
+    (tmp_path / "isic" / "masks").mkdir()
+    for stem in stems:
+        shutil.copy(tmp_path / "plain" / "images" / f"{stem}.jpg", tmp_path / "isic" / "images")
+        if stem != stems[2]:  # the last image has no mask: named with the suffix in its problem
+            shutil.copy(tmp_path / "plain" / "masks" / f"{stem}.png", tmp_path / "isic" / "masks" / f"{stem}_segmentation.png")  # fmt: skip
+    pairs, problems = discover_pairs(tmp_path / "isic")
+    assert [(p.stem, Path(p.mask).name) for p in pairs] == [(s, f"{s}_segmentation.png") for s in stems[:2]]
+    assert [p.reason for p in problems] == [f"no mask named {stems[2]}_segmentation.* in {tmp_path / 'isic' / 'masks'}"]
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    outputs = {}
+    for name in ("plain", "isic"):
+        argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / name / "images"), "--device", "cpu"]
+        masks = ["--boxes-from-masks", str(tmp_path / name / "masks"), "--out", str(tmp_path / f"out_{name}")]
+        main([*argv, *masks])
+        outputs[name] = {p.name: np.asarray(Image.open(p)) for p in (tmp_path / f"out_{name}").iterdir()}
+    assert sorted(outputs["isic"]) == [f"{s}.png" for s in sorted(stems[:2])]
+    assert all(np.array_equal(outputs["isic"][k], outputs["plain"][k]) for k in outputs["isic"])
+    assert f"no mask named {stems[2]}_segmentation.*" in capsys.readouterr().err
+    argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "isic" / "images"), "--device", "cpu"]
+    assert main([*argv, "--boxes-from-masks", str(tmp_path / "gone"), "--out", str(tmp_path / "o")]) == 2
+    assert "--boxes-from-masks" in capsys.readouterr().err and not (tmp_path / "o").exists()

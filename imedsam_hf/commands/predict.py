@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import sys
 import warnings
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data import IMAGE_EXTENSIONS, mask_box, mask_clicks, read_class_names, read_mask
+from ..data import IMAGE_EXTENSIONS, mask_box, mask_clicks, mask_folder_suffix, read_class_names, read_mask
 from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id
 from ..loading import load_model
@@ -49,7 +50,7 @@ from .common import (
     parse_points,
     read_json_file,
 )
-from .outputs import check_output_folder, check_writable, plan_outputs, refuse_existing
+from .outputs import check_output_folder, check_writable, inputs_with_roots, plan_outputs, refuse_existing
 
 PROMPT_FLAGS = "--box, --boxes, --boxes-from-masks, --points, --points-from-masks or --no-prompt"
 
@@ -68,16 +69,21 @@ class PromptSource:
     class_ids: bool = False  # masks hold class ids: every structure is a prompt, the output a class-id map
     box_class: int | None = None  # `--classes`: the structure `box` / `boxes` are for (a class-aware model)
     mask_classes: int = 255
+    mask_suffix: str = ""  # what the masks add to their image's stem (`data.mask_folder_suffix`: ISIC's _segmentation)
 
     @property
     def masks_folder(self) -> str | None:
         return self.boxes_from_masks or self.points_from_masks
 
     def mask_of(self, path: Path, folder: str, size: tuple[int, int]) -> np.ndarray:
-        """The mask named like `path` in `folder` as class ids, checked to be the image's `size` (H, W)."""
-        candidates = sorted(p for p in Path(folder).glob(f"{path.stem}.*") if not p.name.startswith("."))
+        """The mask named like `path` (its stem and the folder's `mask_suffix`) in `folder` as class ids, checked to
+        be the image's `size` (H, W)."""
+        name = f"{path.stem}{self.mask_suffix}"
+        candidates = sorted(
+            p for p in Path(folder).glob(f"{glob.escape(name)}.*") if not p.name.startswith(".") and p.stem == name
+        )
         if not candidates:
-            raise ValueError(f"{path}: no mask named {path.stem}.* in {folder}.")
+            raise ValueError(f"{path}: no mask named {name}.* in {folder}.")
         mask = read_mask(candidates[0], self.mask_classes if self.class_ids else 1)
         if tuple(mask.shape) != tuple(size):
             raise ValueError(
@@ -283,6 +289,12 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
             )
         volumes, images = split_inputs(args.inputs)
+        masks_folder = args.boxes_from_masks or args.points_from_masks
+        flag = "--boxes-from-masks" if args.boxes_from_masks else "--points-from-masks"
+        if masks_folder and not Path(masks_folder).is_dir():
+            raise ValueError(f"{flag} {masks_folder}: no such folder (masks named like the images, or label volumes).")
+        image_stems = [p.stem for p, _ in inputs_with_roots(images)] if images and masks_folder else []
+        mask_suffix = mask_folder_suffix(image_stems, masks_folder) if image_stems else ""
         if volumes and not images:
             if args.output_size:
                 raise ValueError(
@@ -354,6 +366,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             clicks=args.clicks or 1,
             class_ids=masks_hold_class_ids(model.config, args.boxes_from_masks, args.mask_classes),
             box_class=box_class,
+            mask_suffix=mask_suffix,
             mask_classes=args.mask_classes or 255,
         )
         codes.append(predict_images(model, processor, image_plan, source, grid, args))
