@@ -42,7 +42,13 @@ def is_volume(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-LAYOUTS = (("images", "masks"), ("image", "mask"), ("TrainDataset/images", "TrainDataset/masks"))
+# Image and mask sub-folders, matched without regard to case (`Images/` + `Masks/`); CVC-ClinicDB's are last.
+LAYOUTS = (
+    ("images", "masks"),
+    ("image", "mask"),
+    ("TrainDataset/images", "TrainDataset/masks"),
+    ("Original", "Ground Truth"),
+)
 SPLITS = ("train", "validation", "test")
 ALL_CLASSES = -1  # a sample's class id when it carries every class of its image as a prompt
 # PIL formats whose pixel values are stored exactly; a mask in any other (JPEG, WebP) or an array of unknown origin
@@ -154,10 +160,26 @@ def find_layout(data_dir: str | os.PathLike) -> tuple[Path, Path]:
     if not root.is_dir():
         raise ValueError(f"`data_dir` {root}: no such folder.")
     for images, masks in LAYOUTS:
-        if (root / images).is_dir() and (root / masks).is_dir():
-            return root / images, root / masks
+        image_dir, mask_dir = _sub_folder(root, images), _sub_folder(root, masks)
+        if image_dir is not None and mask_dir is not None:
+            return image_dir, mask_dir
     looked = ", ".join(f"{i}/ + {m}/" for i, m in LAYOUTS)
     raise ValueError(f"`data_dir` {root}: no image/mask folders found (looked for {looked}).{volumes_hint(root)}")
+
+
+def _sub_folder(root: Path, relative: str) -> Path | None:
+    """The folder `relative` (`a/b`) below `root`, each part matched exactly or else without regard to case (one
+    match only); None when there is none."""
+    folder = root
+    for part in Path(relative).parts:
+        if (folder / part).is_dir():
+            folder = folder / part
+            continue
+        matches = [p for p in folder.iterdir() if p.is_dir() and p.name.lower() == part.lower()]
+        if len(matches) != 1:
+            return None
+        folder = matches[0]
+    return folder
 
 
 def volumes_hint(root: Path) -> str:

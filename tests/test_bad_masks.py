@@ -315,3 +315,24 @@ def test_masks_named_with_a_suffix_pair_with_their_images(tmp_path, capsys):
     argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "isic" / "images"), "--device", "cpu"]
     assert main([*argv, "--boxes-from-masks", str(tmp_path / "gone"), "--out", str(tmp_path / "o")]) == 2
     assert "--boxes-from-masks" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_capitalised_and_cvc_clinicdb_folders_are_found(tmp_path):
+    """`Images/` + `Masks/` (many Kaggle copies) and CVC-ClinicDB's `Original/` + `Ground Truth/` were "no image/mask
+    folders found" on a case-sensitive file system; the layouts are matched without regard to case."""
+    from imedsam_hf.data import find_layout
+
+    for name, (images, masks) in {"caps": ("Images", "Masks"), "cvc": ("Original", "Ground Truth")}.items():
+        stems = copy_pairs(tmp_path / "src" / name, 1)
+        (tmp_path / "src" / name / "images").rename(tmp_path / "src" / name / images)
+        (tmp_path / "src" / name / "masks").rename(tmp_path / "src" / name / masks)
+        assert find_layout(tmp_path / "src" / name) == (
+            tmp_path / "src" / name / images,
+            tmp_path / "src" / name / masks,
+        )
+        assert [p.stem for p in discover_pairs(tmp_path / "src" / name)[0]] == stems
+    both = tmp_path / "two"  # two folders differing only by case: neither is guessed
+    for folder in ("Images", "IMAGES", "masks"):
+        (both / folder).mkdir(parents=True)
+    with pytest.raises(ValueError, match="no image/mask folders found"):
+        find_layout(both)
