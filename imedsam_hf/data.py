@@ -265,7 +265,7 @@ def mask_name_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> s
     """
     What a folder's masks add to their image's stem: `""` when masks are named like their images (or no one
     convention fits), else the one suffix, starting with `_` or `-`, that every mask named after an image adds to
-    it: ISIC's `_segmentation`, PH2's `_lesion`, BUSI's `_mask`, DRIVE's `_manual1`. Masks named after no image do
+    it: ISIC's `_segmentation`, PH2's `_lesion`, BUSI's `_mask`. Masks named after no image do
     not count; two different suffixes are no convention (`""`).
     """
     images, masks = set(image_stems), list(mask_stems)

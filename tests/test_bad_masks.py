@@ -278,7 +278,7 @@ def test_hidden_appledouble_files_of_a_folder_unzipped_from_a_mac_are_not_images
 
 
 def test_masks_named_with_a_suffix_pair_with_their_images(tmp_path, capsys):
-    """ISIC names a mask `<image>_segmentation.png`, PH2 `_lesion`, BUSI `_mask`, DRIVE `_manual1`: such a folder was
+    """ISIC names a mask `<image>_segmentation.png`, PH2 `_lesion`, BUSI `_mask`: such a folder was
     refused ("no mask named x.* in masks" for every image). The one suffix every mask adds to an image's stem is
     found (`mask_name_suffix`) for training, evaluation and `imedsam predict --boxes-from-masks`."""
     from conftest import tiny_model
@@ -288,7 +288,7 @@ def test_masks_named_with_a_suffix_pair_with_their_images(tmp_path, capsys):
 
     assert mask_name_suffix(["ISIC_0000000", "ISIC_0000001"], ["ISIC_0000000_segmentation"]) == "_segmentation"
     assert mask_name_suffix(["benign (1)", "benign (10)"], ["benign (1)_mask", "benign (10)_mask"]) == "_mask"
-    assert mask_name_suffix(["21_training"], ["21_training-manual1"]) == "-manual1"
+    assert mask_name_suffix(["case 7"], ["case 7-mask"]) == "-mask"
     assert mask_name_suffix(["a", "b"], ["a", "b_mask"]) == ""  # named like their images: no suffix
     assert mask_name_suffix(["a", "b"], ["a_mask", "b_seg"]) == ""  # two conventions: none
     assert mask_name_suffix(["a_1", "a"], ["a_1_mask"]) == "_mask"  # the longest image stem it extends
