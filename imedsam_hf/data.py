@@ -265,8 +265,8 @@ def mask_name_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> s
     """
     What a folder's masks add to their image's stem: `""` when masks are named like their images (or no one
     convention fits), else the one suffix, starting with `_` or `-`, that every mask named after an image adds to
-    it: ISIC's `_segmentation`, PH2's `_lesion`, BUSI's `_mask`. Masks named after no image do
-    not count; two different suffixes are no convention (`""`).
+    it: ISIC's `_segmentation`, PH2's `_lesion`, BUSI's `_mask` (whose further masks of one image, `_mask_1`, are
+    `extra_masks`). Masks named after no image do not count; two unrelated suffixes are no convention (`""`).
     """
     images, masks = set(image_stems), list(mask_stems)
     if images & set(masks):
@@ -276,7 +276,13 @@ def mask_name_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> s
         cuts = [i for i, character in enumerate(stem) if character in "_-" and stem[:i] in images]
         if cuts:
             suffixes.add(stem[max(cuts) :])  # the longest image stem it extends
-    return suffixes.pop() if len(suffixes) == 1 else ""
+    bases = [s for s in suffixes if all(t == s or re.fullmatch(re.escape(s) + r"_\d+", t) for t in suffixes)]
+    return bases[0] if len(bases) == 1 else ""
+
+
+def extra_masks(stem: str, suffix: str, mask_stems: Iterable[str]) -> list[str]:
+    """The further masks of image `stem` under a folder's `suffix` (BUSI's `x_mask_1` beside `x_mask`), sorted."""
+    return sorted(m for m in mask_stems if re.fullmatch(re.escape(stem + suffix) + r"_\d+", m))
 
 
 def mask_folder_suffix(image_stems: Iterable[str], mask_dir: str | os.PathLike) -> str:
@@ -299,12 +305,22 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
             f"Convert it to class-id masks first: imedsam convert structure-masks --data-dir {data_dir} --output DIR."
         )
     suffix = mask_folder_suffix(images, mask_dir)
+    named = list(masks)
     if suffix:
         masks = {stem[: -len(suffix)]: paths for stem, paths in masks.items() if stem.endswith(suffix)}
     pairs, problems = [], []
     for stem, paths in images.items():
         candidates = masks.get(stem, [])
-        if not candidates:
+        further = extra_masks(stem, suffix, named) if suffix else []
+        if candidates and further:
+            problems.append(
+                DataProblem(
+                    str(paths[0]),
+                    f"{len(further) + 1} masks ({stem}{suffix}, {', '.join(further)}): one per lesion; merge them "
+                    "into one mask (their union) to use this image.",
+                )
+            )
+        elif not candidates:
             problems.extend(DataProblem(str(path), f"no mask named {stem}{suffix}.* in {mask_dir}") for path in paths)
         elif len(paths) > 1:
             others = ", ".join(str(path) for path in paths[1:])
@@ -1158,6 +1174,7 @@ __all__ = [
     "MaskValuesError",
     "NIFTI_SUFFIXES",
     "class_id_of",
+    "extra_masks",
     "mask_folder_suffix",
     "mask_name_suffix",
     "SegmentationDataset",

@@ -292,6 +292,13 @@ def test_masks_named_with_a_suffix_pair_with_their_images(tmp_path, capsys):
     assert mask_name_suffix(["a", "b"], ["a", "b_mask"]) == ""  # named like their images: no suffix
     assert mask_name_suffix(["a", "b"], ["a_mask", "b_seg"]) == ""  # two conventions: none
     assert mask_name_suffix(["a_1", "a"], ["a_1_mask"]) == "_mask"  # the longest image stem it extends
+    assert mask_name_suffix(["b (4)", "b (5)"], ["b (4)_mask", "b (4)_mask_1", "b (5)_mask"]) == "_mask"  # BUSI
+    from imedsam_hf.data import extra_masks
+
+    assert extra_masks("b (4)", "_mask", ["b (4)_mask", "b (4)_mask_1", "b (4)_mask_2", "b (40)_mask_1"]) == [
+        "b (4)_mask_1",
+        "b (4)_mask_2",
+    ]
     stems = copy_pairs(tmp_path / "plain", 3)
     (tmp_path / "isic" / "images").mkdir(parents=True)
     (tmp_path / "isic" / "masks").mkdir()
@@ -302,6 +309,13 @@ def test_masks_named_with_a_suffix_pair_with_their_images(tmp_path, capsys):
     pairs, problems = discover_pairs(tmp_path / "isic")
     assert [(p.stem, Path(p.mask).name) for p in pairs] == [(s, f"{s}_segmentation.png") for s in stems[:2]]
     assert [p.reason for p in problems] == [f"no mask named {stems[2]}_segmentation.* in {tmp_path / 'isic' / 'masks'}"]
+    # BUSI: a second lesion's mask beside the first: the image is a problem naming both, never half its truth.
+    extra = tmp_path / "isic" / "masks" / f"{stems[1]}_segmentation_1.png"
+    shutil.copy(tmp_path / "isic" / "masks" / f"{stems[1]}_segmentation.png", extra)
+    pairs, problems = discover_pairs(tmp_path / "isic")
+    assert [p.stem for p in pairs] == [stems[0]]
+    assert f"2 masks ({stems[1]}_segmentation, {stems[1]}_segmentation_1): one per lesion" in problems[0].reason
+    extra.unlink()
     tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
     outputs = {}
     for name in ("plain", "isic"):
