@@ -315,8 +315,12 @@ def test_masks_named_with_a_suffix_pair_with_their_images(tmp_path, capsys):
     pairs, problems = discover_pairs(tmp_path / "isic")
     assert [p.stem for p in pairs] == [stems[0]]
     assert f"2 masks ({stems[1]}_segmentation, {stems[1]}_segmentation_1): one per lesion" in problems[0].reason
-    extra.unlink()
     tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "isic" / "images"), "--device", "cpu"]
+    assert main([*argv, "--boxes-from-masks", str(tmp_path / "isic" / "masks"), "--out", str(tmp_path / "busi")]) == 1
+    assert f"2 masks ({stems[1]}_segmentation, {stems[1]}_segmentation_1)" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "busi").iterdir()) == [f"{stems[0]}.png"]
+    extra.unlink()
     outputs = {}
     for name in ("plain", "isic"):
         argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / name / "images"), "--device", "cpu"]

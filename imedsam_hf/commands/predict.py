@@ -21,7 +21,15 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data import IMAGE_EXTENSIONS, mask_box, mask_clicks, mask_folder_suffix, read_class_names, read_mask
+from ..data import (
+    IMAGE_EXTENSIONS,
+    extra_masks,
+    mask_box,
+    mask_clicks,
+    mask_folder_suffix,
+    read_class_names,
+    read_mask,
+)
 from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id
 from ..loading import load_model
@@ -84,6 +92,15 @@ class PromptSource:
         )
         if not candidates:
             raise ValueError(f"{path}: no mask named {name}.* in {folder}.")
+        if self.mask_suffix:  # BUSI's second lesion, x_mask_1.png beside x_mask.png: not half the prompts
+            further = extra_masks(
+                path.stem, self.mask_suffix, (p.stem for p in Path(folder).glob(f"{glob.escape(name)}_*"))
+            )
+            if further:
+                raise ValueError(
+                    f"{path}: {len(further) + 1} masks ({name}, {', '.join(further)}) in {folder}: one per lesion; "
+                    "merge them into one mask (their union)."
+                )
         mask = read_mask(candidates[0], self.mask_classes if self.class_ids else 1)
         if tuple(mask.shape) != tuple(size):
             raise ValueError(
