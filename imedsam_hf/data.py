@@ -163,8 +163,35 @@ def find_layout(data_dir: str | os.PathLike) -> tuple[Path, Path]:
         image_dir, mask_dir = _sub_folder(root, images), _sub_folder(root, masks)
         if image_dir is not None and mask_dir is not None:
             return image_dir, mask_dir
+    named = _named_pair(root)
+    if named is not None:
+        return named
     looked = ", ".join(f"{i}/ + {m}/" for i, m in LAYOUTS)
-    raise ValueError(f"`data_dir` {root}: no image/mask folders found (looked for {looked}).{volumes_hint(root)}")
+    raise ValueError(
+        f"`data_dir` {root}: no image/mask folders found (looked for {looked}, or exactly two folders of images, one "
+        f"named for inputs and one for ground truth).{volumes_hint(root)}"
+    )
+
+
+# Words that name a folder of inputs or of ground-truth masks (ISIC's `ISIC2018_Task1-2_Training_Input/` and
+# `ISIC2018_Task1_Training_GroundTruth/`), for `data_dir`s in none of the `LAYOUTS`.
+INPUT_WORDS = ("input", "image", "img")
+TRUTH_WORDS = ("groundtruth", "ground truth", "ground_truth", "mask", "label", "segmentation", "_gt")
+
+
+def _named_pair(root: Path) -> tuple[Path, Path] | None:
+    """The one folder of images named for inputs and the one named for ground truth, when `root` holds exactly two
+    folders of images and their names say which is which; None otherwise (never a guess among more)."""
+    folders = [
+        p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in p.iterdir())
+    ]
+    if len(folders) != 2:
+        return None
+    truth = [f for f in folders if any(w in f.name.lower() for w in TRUTH_WORDS)]
+    inputs = [f for f in folders if f not in truth and any(w in f.name.lower() for w in INPUT_WORDS)]
+    return (inputs[0], truth[0]) if len(truth) == 1 and len(inputs) == 1 else None
 
 
 def _sub_folder(root: Path, relative: str) -> Path | None:

@@ -354,3 +354,34 @@ def test_capitalised_and_cvc_clinicdb_folders_are_found(tmp_path):
         (both / folder).mkdir(parents=True)
     with pytest.raises(ValueError, match="no image/mask folders found"):
         find_layout(both)
+
+
+def test_isic_archives_unzipped_side_by_side_are_a_dataset_folder(tmp_path):
+    """ISIC's two archives unzip to `ISIC2018_Task1-2_Training_Input/` (x.jpg, plus a LICENSE) and
+    `ISIC2018_Task1_Training_GroundTruth/` (x_segmentation.png): a folder holding exactly these two folders of images
+    is read as inputs + ground truth, by their names; three folders, or names that do not say, are not guessed."""
+    from imedsam_hf.data import find_layout
+
+    stems = copy_pairs(tmp_path / "src", 2)
+    root = tmp_path / "isic"
+    inputs, truth = root / "ISIC2018_Task1-2_Training_Input", root / "ISIC2018_Task1_Training_GroundTruth"
+    inputs.mkdir(parents=True)
+    truth.mkdir()
+    (inputs / "LICENSE.txt").write_text("CC-BY-NC")
+    for stem in stems:
+        shutil.copy(tmp_path / "src" / "images" / f"{stem}.jpg", inputs)
+        shutil.copy(tmp_path / "src" / "masks" / f"{stem}.png", truth / f"{stem}_segmentation.png")
+    assert find_layout(root) == (inputs, truth)
+    assert [(p.stem, Path(p.mask).name) for p in discover_pairs(root)[0]] == [
+        (s, f"{s}_segmentation.png") for s in stems
+    ]
+    (root / "ISIC2018_Task1-2_Validation_Input").mkdir()  # a third folder of images: which inputs? not guessed
+    shutil.copy(tmp_path / "src" / "images" / f"{stems[0]}.jpg", root / "ISIC2018_Task1-2_Validation_Input")
+    with pytest.raises(ValueError, match="no image/mask folders found"):
+        find_layout(root)
+    unnamed = tmp_path / "unnamed"  # two folders whose names do not say which holds the masks
+    for folder in ("first", "second"):
+        (unnamed / folder).mkdir(parents=True)
+        shutil.copy(tmp_path / "src" / "images" / f"{stems[0]}.jpg", unnamed / folder)
+    with pytest.raises(ValueError, match="no image/mask folders found"):
+        find_layout(unnamed)
