@@ -42,6 +42,12 @@ def is_volume(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def volumes_in(folder: str | os.PathLike) -> list[Path]:
+    """The NIfTI files of `folder`, sorted; hidden ones (MSD archives' `._case.nii.gz` AppleDouble copies) are not
+    volumes."""
+    return sorted(p for p in Path(folder).iterdir() if is_volume(p) and not p.name.startswith(".") and p.is_file())
+
+
 # Image and mask sub-folders, matched without regard to case (`Images/` + `Masks/`); CVC-ClinicDB's are last.
 LAYOUTS = (
     ("images", "masks"),
@@ -307,9 +313,16 @@ def mask_name_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> s
     return bases[0] if len(bases) == 1 else ""
 
 
-def extra_masks(stem: str, suffix: str, mask_stems: Iterable[str]) -> list[str]:
-    """The further masks of image `stem` under a folder's `suffix` (BUSI's `x_mask_1` beside `x_mask`), sorted."""
-    return sorted(m for m in mask_stems if re.fullmatch(re.escape(stem + suffix) + r"_\d+", m))
+def extra_masks(suffix: str, mask_stems: Iterable[str]) -> dict[str, list[str]]:
+    """`{image stem: its further masks, sorted}` under a folder's `suffix` (BUSI's `x_mask_1` beside `x_mask`), in
+    one pass over the masks."""
+    further: dict[str, list[str]] = {}
+    pattern = re.compile(r"(?P<image>.+)" + re.escape(suffix) + r"_\d+")
+    for stem in sorted(mask_stems):
+        match = pattern.fullmatch(stem)
+        if match:
+            further.setdefault(match["image"], []).append(stem)
+    return further
 
 
 def mask_folder_suffix(image_stems: Iterable[str], mask_dir: str | os.PathLike) -> str:
@@ -331,14 +344,14 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
             f"`data_dir` {data_dir}: {mask_dir} holds one mask per structure (<image stem>_<structure>_<NNN>.png). "
             f"Convert it to class-id masks first: imedsam convert structure-masks --data-dir {data_dir} --output DIR."
         )
-    suffix = mask_folder_suffix(images, mask_dir)
-    named = list(masks)
+    suffix = mask_name_suffix(images, masks)
+    extras = extra_masks(suffix, masks) if suffix else {}
     if suffix:
         masks = {stem[: -len(suffix)]: paths for stem, paths in masks.items() if stem.endswith(suffix)}
     pairs, problems = [], []
     for stem, paths in images.items():
         candidates = masks.get(stem, [])
-        further = extra_masks(stem, suffix, named) if suffix else []
+        further = extras.get(stem, [])
         if candidates and further:
             problems.append(
                 DataProblem(
@@ -1215,6 +1228,7 @@ __all__ = [
     "discover_pairs",
     "group_of",
     "is_volume",
+    "volumes_in",
     "load_hub_dataset",
     "load_splits",
     "make_splits",

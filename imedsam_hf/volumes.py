@@ -65,7 +65,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .data import NIFTI_SUFFIXES, is_volume, mask_box
+from .data import NIFTI_SUFFIXES, is_volume, mask_box, volumes_in
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment, structure_id
 from .loading import load_model
@@ -84,6 +84,7 @@ __all__ = [
     "check_window",
     "encode_slice",
     "is_mr_window",
+    "is_structure_name",
     "is_volume",
     "mr_window",
     "named_structures",
@@ -754,11 +755,11 @@ def named_structures(
     (`inference.structure_id`, its message starting with `argument`); other keys are left for the ids' own checks.
     A structure given twice (by name and by id) is a ValueError.
     """
-    if not isinstance(boxes, Mapping) or not any(_is_name(key) for key in (*boxes, *(key_slices or {}))):
+    if not isinstance(boxes, Mapping) or not any(is_structure_name(key) for key in (*boxes, *(key_slices or {}))):
         return boxes, key_slices  # type: ignore[return-value]
 
     def id_of(key: Any) -> Any:
-        return structure_id(config, key, argument) if _is_name(key) else key
+        return structure_id(config, key, argument) if is_structure_name(key) else key
 
     ids = {key: id_of(key) for key in boxes}
     if len({str(v) for v in ids.values()}) < len(ids):
@@ -767,7 +768,7 @@ def named_structures(
     return named, None if key_slices is None else {id_of(key): z for key, z in key_slices.items()}
 
 
-def _is_name(key: Any) -> bool:
+def is_structure_name(key: Any) -> bool:
     """A mapping key that names a structure (`"liver"`), not a class id (`6`, `"6"`)."""
     return isinstance(key, str) and not key.strip().lstrip("-").isdigit() and bool(key.strip())
 
@@ -1261,7 +1262,7 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
     for flag, folder in folders.items():
         if not folder.is_dir():
             raise ValueError(f"{flag} {folder}: not a folder of NIfTI volumes.")
-    volumes = sorted(p for p in Path(images).iterdir() if is_volume(p) and not p.name.startswith("."))
+    volumes = volumes_in(images)
     if not volumes:
         raise ValueError(f"`images` {images}: no .nii or .nii.gz volumes in it.")
     pairs, missing = [], []

@@ -295,7 +295,7 @@ def test_masks_named_with_a_suffix_pair_with_their_images(tmp_path, capsys):
     assert mask_name_suffix(["b (4)", "b (5)"], ["b (4)_mask", "b (4)_mask_1", "b (5)_mask"]) == "_mask"  # BUSI
     from imedsam_hf.data import extra_masks
 
-    assert extra_masks("b (4)", "_mask", ["b (4)_mask", "b (4)_mask_1", "b (4)_mask_2", "b (40)_mask_1"]) == [
+    assert extra_masks("_mask", ["b (4)_mask", "b (4)_mask_1", "b (4)_mask_2", "b (40)_mask_1"])["b (4)"] == [
         "b (4)_mask_1",
         "b (4)_mask_2",
     ]

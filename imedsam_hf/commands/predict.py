@@ -29,6 +29,7 @@ from ..data import (
     mask_folder_suffix,
     read_class_names,
     read_mask,
+    volumes_in,
 )
 from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id
@@ -37,6 +38,7 @@ from ..processing_imedsam import open_image, to_rgb_array
 from ..runtime import require_backend
 from ..volumes import (
     check_window,
+    is_structure_name,
     is_volume,
     label_volume_names,
     label_volume_of,
@@ -58,7 +60,7 @@ from .common import (
     parse_points,
     read_json_file,
 )
-from .outputs import check_output_folder, check_writable, inputs_with_roots, plan_outputs, refuse_existing
+from .outputs import check_output_folder, check_writable, plan_outputs, refuse_existing
 
 PROMPT_FLAGS = "--box, --boxes, --boxes-from-masks, --points, --points-from-masks or --no-prompt"
 
@@ -93,9 +95,8 @@ class PromptSource:
         if not candidates:
             raise ValueError(f"{path}: no mask named {name}.* in {folder}.")
         if self.mask_suffix:  # BUSI's second lesion, x_mask_1.png beside x_mask.png: not half the prompts
-            further = extra_masks(
-                path.stem, self.mask_suffix, (p.stem for p in Path(folder).glob(f"{glob.escape(name)}_*"))
-            )
+            listed = (p.stem for p in Path(folder).glob(f"{glob.escape(name)}_*"))
+            further = extra_masks(self.mask_suffix, listed).get(path.stem, [])
             if further:
                 raise ValueError(
                     f"{path}: {len(further) + 1} masks ({name}, {', '.join(further)}) in {folder}: one per lesion; "
@@ -196,13 +197,13 @@ def volume_boxes(data: Any, path: str, volumes: list[str]) -> dict[str, VolumeBo
 def _class_boxes(data: Mapping, where: str) -> VolumeBoxes:
     boxes, key_slices = {}, {}
     for key, entry in data.items():
-        numeric = str(key).strip().lstrip("-").isdigit()
-        if numeric and not 1 <= int(key) <= 255 or not str(key).strip():
+        name = is_structure_name(str(key))  # resolved by `named_boxes` once the model is loaded
+        if not name and not (str(key).strip().isdigit() and 1 <= int(key) <= 255):
             raise ValueError(
                 f"{where}: {key!r} is not a class id (1..255); keys are class ids (or a class-aware model's structure "
                 "names), or volume names holding them."
             )
-        key = int(key) if numeric else str(key)
+        key = str(key) if name else int(key)
         box, key_slice = entry, None
         if isinstance(entry, Mapping):
             if set(entry) != {"box", "key_slice"}:
@@ -269,10 +270,9 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            listed = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-            found = [str(p) for p in listed if is_volume(p) and p.is_file()]
-            volumes.extend(found)
-            if not found or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in listed):
+            found = volumes_in(path)
+            volumes.extend(map(str, found))
+            if not found or any(p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != "." for p in path.iterdir()):
                 images.append(raw)
         elif is_volume(raw):
             volumes.append(raw)
@@ -310,8 +310,6 @@ def run(args: argparse.Namespace, device: str | None) -> int:
         flag = "--boxes-from-masks" if args.boxes_from_masks else "--points-from-masks"
         if masks_folder and not Path(masks_folder).is_dir():
             raise ValueError(f"{flag} {masks_folder}: no such folder (masks named like the images, or label volumes).")
-        image_stems = [p.stem for p, _ in inputs_with_roots(images)] if images and masks_folder else []
-        mask_suffix = mask_folder_suffix(image_stems, masks_folder) if image_stems else ""
         if volumes and not images:
             if args.output_size:
                 raise ValueError(
@@ -332,7 +330,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
         if volumes and (args.box or args.points or args.points_from_masks or args.no_prompt):
             raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
         boxes_json = read_json_file(args.boxes, "--boxes") if args.boxes else None
-        check_output_folder(args.out, args.inputs, args.boxes_from_masks or args.points_from_masks)
+        check_output_folder(args.out, args.inputs, masks_folder)
         volume_plan = (
             plan_outputs(volumes, args.out, (".nii.gz", "_overlay.png") if args.overlay else (".nii.gz",))
             if volumes
@@ -340,6 +338,10 @@ def run(args: argparse.Namespace, device: str | None) -> int:
         )
         image_plan = (
             plan_outputs(images, args.out, (".png", "_overlay.png") if args.overlay else (".png",)) if images else {}
+        )
+        # What the masks add to their image's stem (ISIC's _segmentation), from the images the plan lists.
+        mask_suffix = (
+            mask_folder_suffix((p.stem for p in image_plan), masks_folder) if image_plan and masks_folder else ""
         )
         clash = set(t for ts in volume_plan.values() for t in ts) & set(t for ts in image_plan.values() for t in ts)
         if clash:
