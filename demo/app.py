@@ -22,6 +22,7 @@ from PIL import Image
 
 import imedsam_hf.runtime as runtime  # looked up at call time: tests replace the allocator tuning
 from imedsam_hf import load_model, overlay, segment
+from imedsam_hf.configuration_imedsam import is_class_aware
 from imedsam_hf.evaluation import grid_size
 from imedsam_hf.inference import clicks_caveat
 from imedsam_hf.loading import resolve_device
@@ -38,7 +39,7 @@ def output_grid(height: int, width: int, choice: str) -> tuple[int, int]:
 def structure_choices(model) -> list[str]:
     """A class-aware model's structures as "<id> <name>" (what its config records), else none."""
     config = model.config
-    if not (getattr(config, "class_aware", False) and config.num_classes > 1):
+    if not is_class_aware(config):
         return []
     names = {int(k): v for k, v in (config.id2label or {}).items()}
     return [f"{i} {names.get(i, f'class {i}')}" for i in range(1, config.num_classes + 1)]

@@ -246,6 +246,15 @@ class IMedSamTinyViTConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
 
+def is_class_aware(config) -> bool:
+    """
+    Whether a model's `config` decodes each box with the heads of the structure it is for (`class_aware` and more
+    than one class): the one test `segment`, `imedsam predict --classes`, evaluation and the demo share. Any config
+    works (a plain SAM's, or one without the attribute: False).
+    """
+    return bool(getattr(config, "class_aware", False)) and int(getattr(config, "num_classes", 1) or 1) > 1
+
+
 def trained_prompts(prompt: str, max_clicks: int, click_probability: float) -> list[str]:
     """
     The prompt kinds a run trains, as `config.training_data["prompts"]` records them: `["box"]`, `["box",
@@ -532,6 +541,7 @@ __all__ = [
     "SamVisionConfig",
     "TINYVIT_TARGETS",
     "VIT_TARGETS",
+    "is_class_aware",
     "trained_prompts",
     "unknown_arguments_message",
 ]

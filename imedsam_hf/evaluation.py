@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .configuration_imedsam import is_class_aware
 from .data import (
     DEFAULT_GROUP_PATTERN,
     SegmentationPair,
@@ -624,7 +625,7 @@ class EvaluationProtocol:
         if class_names is None and num_classes > 1 and len(recorded) == num_classes:
             class_names = {int(k): v for k, v in recorded.items()}
         if class_aware is None:
-            class_aware = bool(getattr(model_config, "class_aware", False)) and num_classes > 1
+            class_aware = is_class_aware(model_config)
         if class_aware and num_classes < 2:
             raise ValueError(f"`class_aware` needs a multi-class model; this one has num_classes={num_classes}.")
         if class_prompts is None:

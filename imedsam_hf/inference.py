@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from .configuration_imedsam import is_class_aware
 from .data import class_id_of
 from .loading import load_model
 from .modeling_imedsam import sam_mask_on_grid
@@ -339,7 +340,7 @@ def structure_id(config, structure: str | int, argument: str = "`classes`") -> i
     the model's structures, starting with `argument` (as `data.class_id_of`).
     """
     num_classes = int(getattr(config, "num_classes", 1))
-    if not (getattr(config, "class_aware", False) and num_classes > 1):
+    if not is_class_aware(config):
         raise ValueError(
             f"{argument} {structure!r}: this model is not class-aware (one prompt gives its {num_classes} class "
             "channel(s)): name its structures by class id, or leave them out."
@@ -357,7 +358,7 @@ def classes_caveat(model) -> str | None:
     id covering most of the mask is the box's own for 8% of the boxes.
     """
     config = model.config
-    if not (getattr(config, "class_aware", False) and getattr(config, "num_classes", 1) > 1):
+    if not is_class_aware(config):
         return None
     name = getattr(model, "name_or_path", "") or type(model).__name__
     return (
