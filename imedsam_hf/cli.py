@@ -2,7 +2,7 @@
 
 imedsam predict --model M IMAGES_OR_VOLUMES... (--box ... | --boxes F | --boxes-from-masks D | --points ... |
                 --points-from-masks D | --no-prompt) --out DIR
-imedsam evaluate --model M --data-dir D [--split test] [--baseline] --json OUT.json
+imedsam evaluate --model M (--data-dir D | --dataset HUB_ID) [--split test] [--baseline] --json OUT.json
 imedsam convert sam --checkpoint facebook/sam-vit-base --image-size 384 --output DIR
 imedsam convert litemedsam --output DIR
 """
@@ -278,9 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="evaluate on a labelled folder", epilog=common.EXIT_CODES, formatter_class=_HelpFormatter
     )
     _model_option(e)
-    e.add_argument("--data-dir", required=True, help="folder with images/ and masks/")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", help="folder with images/ and masks/")
+    source.add_argument(
+        "--dataset",
+        help="instead of --data-dir: a Hub dataset id, or a local dataset folder (parquet files, save_to_disk), "
+        "with image and mask columns",
+    )
     e.add_argument(
-        "--split", default="test", choices=["train", "validation", "test", "all"], help="which pairs to score"
+        "--dataset-split",
+        default="test",
+        help="with --dataset: the split whose rows are all scored (with --split, the run's splits.json picks rows "
+        "of all its labelled splits instead)",
+    )
+    e.add_argument("--image-column", default="image", help="with --dataset: its image column")
+    e.add_argument("--mask-column", default="mask", help="with --dataset: its mask column")
+    e.add_argument(
+        "--split",
+        default=None,
+        choices=["train", "validation", "test", "all"],
+        help="which pairs to score, by the model's splits.json (default: test; with --dataset, every row of "
+        "--dataset-split)",
     )
     e.add_argument("--split-file", default=None, help="JSON splits (default: <model>/splits.json)")
     e.add_argument(

@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -630,14 +631,22 @@ def check_pair(
             size = image.size
     except Exception as error:  # PIL raises many types for corrupt files
         return DataProblem(pair.image, f"unreadable image ({error})")
+    return check_mask(pair.mask, size, pair.mask, num_classes, mask_values)
+
+
+def check_mask(
+    source, size: tuple[int, int], name: str, num_classes: int = 1, mask_values: Mapping[int, int] | None = None
+) -> DataProblem | None:
+    """What is wrong with the mask `source` (a file, PIL image or array) of an image of `size` (W, H), reported under
+    `name`; None when it is usable."""
     try:
-        mask = read_mask(pair.mask, num_classes, mask_values)
+        mask = read_mask(source, num_classes, mask_values)
     except MaskValuesError as error:
-        return DataProblem(error.path, error.reason, fatal=True)
+        return DataProblem(name, error.reason, fatal=True)
     except Exception as error:
-        return DataProblem(pair.mask, f"unreadable mask ({error})")
+        return DataProblem(name, f"unreadable mask ({error})")
     if (mask.shape[1], mask.shape[0]) != size:
-        return DataProblem(pair.mask, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {size[0]}x{size[1]}")
+        return DataProblem(name, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {size[0]}x{size[1]}")
     return None
 
 
@@ -662,6 +671,12 @@ def validate_pairs(
             good.append(pair)
         else:
             problems.append(problem)
+    settle_problems(problems, on_error)
+    return good, problems
+
+
+def settle_problems(problems: Sequence[DataProblem], on_error: str) -> None:
+    """Raise for `problems` as `on_error` says: any of them with `"fail"`, a fatal one whatever it says."""
     if problems and on_error == "fail":
         listing = "\n  ".join(str(p) for p in problems)
         raise ValueError(f"{len(problems)} unusable file(s) (use on_error=skip to skip them):\n  {listing}")
@@ -669,7 +684,6 @@ def validate_pairs(
     if fatal:
         more = f" ({len(fatal) - 1} more mask(s) like it, e.g. {fatal[1].path})" if len(fatal) > 1 else ""
         raise ValueError(f"{fatal[0]}{more}")
-    return good, problems
 
 
 # The scan (patient, volume) of a slice: the stem before `_slice<z>` (BTCV's `case0001_slice061`). A stem that does
@@ -730,8 +744,20 @@ def select_split(pairs: Sequence[SegmentationPair], split: str, split_file: str 
     The one split selection: the pairs whose stems `split_file` lists under `split` (`"train"`, `"validation"`,
     `"test"`), in their order; `"all"` keeps every pair (no file needed).
     """
+    stems = split_stems(split, split_file)
+    return list(pairs) if stems is None else [pair for pair in pairs if pair.stem in stems]
+
+
+def select_split_records(records, split: str, split_file: str | os.PathLike | None):
+    """`select_split` for dataset records (`dataset_records`), by their `stem` column: no row is decoded."""
+    stems = split_stems(split, split_file)
+    return records if stems is None else records.select([i for i, s in enumerate(records["stem"]) if s in stems])
+
+
+def split_stems(split: str, split_file: str | os.PathLike | None) -> set[str] | None:
+    """The stems `split_file` lists under `split`; None for `"all"` (every pair, no file needed)."""
     if split == "all":
-        return list(pairs)
+        return None
     if split not in SPLITS:
         raise ValueError(f"`split` {split!r}: expected one of {(*SPLITS, 'all')}.")
     if split_file is None or not Path(split_file).is_file():
@@ -739,8 +765,7 @@ def select_split(pairs: Sequence[SegmentationPair], split: str, split_file: str 
             f"`split` {split} needs a split file (`split_file`, or the splits.json a training run saves beside the "
             f"model; none at {split_file}); or use `split` all."
         )
-    stems = set(load_splits(split_file)[split])
-    return [pair for pair in pairs if pair.stem in stems]
+    return set(load_splits(split_file)[split])
 
 
 def write_splits(splits: dict[str, list[str]], path: str | os.PathLike, **metadata) -> None:
@@ -1174,21 +1199,156 @@ def records_from_pairs(pairs: Sequence[SegmentationPair]):
     )
 
 
-def load_hub_dataset(name: str, split: str, image_column: str = "image", mask_column: str = "mask"):
-    """A Hub dataset split with image and mask columns, as records with `stem`, `image`, `mask`."""
+# The names a dataset's own held-out splits go by (the first one it has is used); its test split is `test`.
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev")
+
+
+def open_dataset(name: str):
+    """
+    A Hub dataset id or a local dataset folder as a `datasets.DatasetDict` of its splits: a folder written by
+    `save_to_disk` (a `Dataset`: one split, named `train`; a `DatasetDict`) is read with `load_from_disk`, anything
+    else (a Hub id, a folder of parquet, CSV or JSON files, an image folder) with `load_dataset`.
+    """
     import datasets
 
+    folder = Path(name)
     try:
-        dataset = datasets.load_dataset(name, split=split)
-    except Exception as error:  # network, missing split, unknown id...
-        raise ValueError(f"`dataset` {name} (split {split}): cannot load it ({error}).") from error
+        if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(str(folder))
+        else:
+            loaded = datasets.load_dataset(name)
+    except Exception as error:  # network, unknown id, unreadable files...
+        raise ValueError(f"`dataset` {name}: cannot load it ({error}).") from error
+    if isinstance(loaded, datasets.Dataset):
+        return datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
+def load_hub_dataset(
+    name: str, split: str = "train", image_column: str = "image", mask_column: str = "mask"
+) -> tuple[object, dict[str, list[str]]]:
+    """
+    A dataset's rows to train on, as records with `stem`, `image`, `mask`, and the held-out splits it has itself.
+
+    `split` is the split to train on. The dataset's own validation split (the first of `VALIDATION_SPLIT_NAMES` it
+    has) and `test` split, when they have both columns, are loaded too: their rows follow `split`'s in the records,
+    and `{"validation": [stems], "test": [stems]}` (only those it has) says which they are, so that a run keeps the
+    dataset's published test split as its own. A split without the mask column (a challenge's hidden test set) is
+    not used. Stems are `<split>-<row:06d>` unless the dataset has a `stem` column.
+    """
+    splits = open_dataset(name)
+    held_out = {"validation": next((s for s in VALIDATION_SPLIT_NAMES if s in splits and s != split), None)}
+    held_out["test"] = "test" if "test" in splits and split != "test" else None
+    labelled = labelled_splits(splits, image_column, mask_column)  # a split without masks: nothing to score against
+    held_out = {role: source for role, source in held_out.items() if source in labelled}
+    records = dataset_records(name, splits, [split, *held_out.values()], image_column, mask_column)
+    stems, start, own = list(records["stem"]), len(splits[split]), {}
+    for role, source in held_out.items():
+        own[role] = stems[start : start + len(splits[source])]
+        start += len(splits[source])
+    return records, own
+
+
+def labelled_splits(splits, image_column: str = "image", mask_column: str = "mask") -> list[str]:
+    """The names of the splits of `splits` (`open_dataset`'s) that have both columns."""
+    return [name for name, rows in splits.items() if not {image_column, mask_column} - set(rows.column_names)]
+
+
+def dataset_records(name: str, splits, names: Sequence[str], image_column: str = "image", mask_column: str = "mask"):
+    """
+    The rows of the splits `names` of `splits` (`open_dataset(name)`'s), in that order, as one set of records with
+    `stem`, `image` and `mask` columns; stems `<split>-<row:06d>` unless the dataset has a `stem` column, and unique.
+    """
+    import datasets
+
+    missing = [split for split in names if split not in splits]
+    if missing:
+        raise ValueError(f"`dataset_split` {missing[0]!r}: {name} has the splits {list(splits)}.")
+    parts = [_hub_records(name, split, splits[split], image_column, mask_column) for split in names]
+    for index, part in enumerate(parts[1:], 1):
+        try:
+            parts[index] = part if part.features == parts[0].features else part.cast(parts[0].features)
+        except Exception as error:
+            raise ValueError(
+                f"`dataset` {name}: its {names[index]!r} split's columns do not match {names[0]!r}'s ({error})."
+            ) from error
+    records = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    repeated = sorted(stem for stem, count in Counter(records["stem"]).items() if count > 1)
+    if repeated:
+        raise ValueError(f"`dataset` {name}: its `stem` column repeats stems ({repeated[:3]}); stems name rows once.")
+    return records
+
+
+def record_pairs(records) -> Sequence[SegmentationPair]:
+    """Dataset records (`stem`, `image`, `mask`) as `SegmentationPair`s, each row decoded only when it is read."""
+    return _RecordPairs(records)
+
+
+class _RecordPairs(Sequence):
+    """`record_pairs`' lazy sequence: a slice stays lazy (`select`), an item is one decoded row."""
+
+    def __init__(self, records) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        return (self[index] for index in range(len(self)))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _RecordPairs(self.records.select(range(*index.indices(len(self)))))
+        row = self.records[index]
+        return SegmentationPair(row["stem"], row["image"], row["mask"])
+
+
+def _hub_records(name: str, split: str, dataset, image_column: str, mask_column: str):
+    """One split's rows with only `stem`, `image` and `mask` columns."""
     missing = {image_column, mask_column} - set(dataset.column_names)
     if missing:
-        raise ValueError(f"`dataset` {name}: no column(s) {sorted(missing)}; it has {dataset.column_names}.")
+        raise ValueError(
+            f"`dataset` {name}: its {split!r} split has no column(s) {sorted(missing)}; it has {dataset.column_names} "
+            "(name them with `image_column` and `mask_column`)."
+        )
+    stem = ["stem"] if "stem" in dataset.column_names and "stem" not in (image_column, mask_column) else []
+    dataset = dataset.select_columns([image_column, mask_column, *stem])  # another `mask` column cannot clash
     dataset = dataset.rename_columns({image_column: "image", mask_column: "mask"})
-    if "stem" not in dataset.column_names:
+    if not stem:
         dataset = dataset.add_column("stem", [f"{split}-{i:06d}" for i in range(len(dataset))])
     return dataset
+
+
+def validate_records(
+    records,
+    num_classes: int = 1,
+    on_error: str = "skip",
+    mask_values: Mapping[int, int] | None = None,
+    source: str = "dataset",
+):
+    """
+    `validate_pairs` for a dataset's records (`load_hub_dataset`): every row's image and mask decoded once; a row
+    without a mask, an unreadable image or mask, or a mask whose size differs from its image is a problem named
+    `<source> row <stem>`. Returns the usable records (`select`ed) and the problems.
+    """
+    good, problems = [], []
+    for index, record in enumerate(records):
+        name = f"{source} row {record['stem']}"
+        if record["image"] is None or record["mask"] is None:
+            problems.append(DataProblem(name, f"no {'image' if record['image'] is None else 'mask'}"))
+            continue
+        try:
+            image = to_rgb_array(record["image"])
+        except Exception as error:
+            problems.append(DataProblem(name, f"unreadable image ({error})"))
+            continue
+        problem = check_mask(record["mask"], (image.shape[1], image.shape[0]), name, num_classes, mask_values)
+        if problem is None:
+            good.append(index)
+        else:
+            problems.append(problem)
+    settle_problems(problems, on_error)
+    return (records if len(good) == len(records) else records.select(good)), problems
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -1211,6 +1371,7 @@ __all__ = [
     "DataConfig",
     "DataProblem",
     "LOSSLESS_FORMATS",
+    "VALIDATION_SPLIT_NAMES",
     "MaskValuesError",
     "NIFTI_SUFFIXES",
     "class_id_of",
@@ -1220,6 +1381,7 @@ __all__ = [
     "SegmentationDataset",
     "SegmentationPair",
     "augment",
+    "check_mask",
     "check_pair",
     "collate",
     "compile_group_pattern",
@@ -1230,6 +1392,10 @@ __all__ = [
     "is_volume",
     "volumes_in",
     "load_hub_dataset",
+    "open_dataset",
+    "dataset_records",
+    "labelled_splits",
+    "record_pairs",
     "load_splits",
     "make_splits",
     "mask_box",
@@ -1242,7 +1408,11 @@ __all__ = [
     "read_scan_spacing",
     "records_from_pairs",
     "select_split",
+    "select_split_records",
+    "split_stems",
     "slice_index",
+    "settle_problems",
     "validate_pairs",
+    "validate_records",
     "write_splits",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -139,11 +140,13 @@ def write_model_card(
     splits: dict[str, int],
     trainable_parameters: int,
     total_parameters: int,
+    dataset_splits: Sequence[str] = (),
 ) -> ModelCard:
     """
     The card of a training run's `final/` folder: the model's values from `folder/config.json` (what was really
     trained), the run's data, protocol and test metrics from `config` (sections `model`, `data`, `training`,
-    `hub`) and `results`; saved as `folder/README.md`.
+    `hub`) and `results`; saved as `folder/README.md`. `dataset_splits`: the held-out splits that are the
+    dataset's own (`"test"`), not cut from its training split.
     """
     folder = Path(folder)
     data, training, hub = config["data"], config["training"], config["hub"]
@@ -183,6 +186,8 @@ def write_model_card(
         n_train=splits.get("train", 0),
         n_validation=splits.get("validation", 0),
         n_test=splits.get("test", 0),
+        dataset_splits=list(dataset_splits),
+        dataset_split=data.get("dataset_split", "train"),
         training_prompts=training_prompts(data, float(training.get("click_probability") or 0.0)),
         epochs=run.get("epochs", training["epochs"]),
         steps=run.get("steps"),

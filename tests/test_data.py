@@ -433,3 +433,59 @@ def test_neighbour_boxes_need_the_slices_of_volumes(tmp_path):
     config = DataConfig(augment=None, neighbour_box_probability=0.5, group_pattern=r"^(.*)_slice\d+$")
     with pytest.raises(ValueError, match="'photo' is not one"):
         SegmentationDataset(records, IMedSamProcessor(image_size=40), config, train=True)
+
+
+def hub_rows(count, size=(40, 30), wrong_size=()):
+    """`count` rows of a dataset with image and mask columns (PIL images); masks of `wrong_size` rows are 10x10."""
+    import datasets
+
+    images, masks = [], []
+    for i in range(count):
+        images.append(Image.fromarray(np.full((size[1], size[0], 3), 40 * i % 255, np.uint8)))
+        shape = (10, 10) if i in wrong_size else (size[1], size[0])
+        mask = np.zeros(shape, np.uint8)
+        mask[2:8, 3:9] = 255
+        masks.append(Image.fromarray(mask))
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+    return datasets.Dataset.from_dict({"image": images, "mask": masks}, features=features)
+
+
+def test_a_saved_dataset_keeps_its_own_held_out_splits(tmp_path):
+    """`save_to_disk` folders load (`load_dataset` refuses them), and a dataset's own validation and test splits are
+    reported as its own; a split without masks (a hidden test set) is not used."""
+    import datasets
+
+    from imedsam_hf.data import load_hub_dataset
+
+    hub_rows(3).save_to_disk(str(tmp_path / "one"))
+    records, own = load_hub_dataset(str(tmp_path / "one"))
+    assert records["stem"] == ["train-000000", "train-000001", "train-000002"] and own == {}
+
+    hidden = hub_rows(2).remove_columns("mask")
+    datasets.DatasetDict({"train": hub_rows(4), "valid": hub_rows(2), "test": hidden}).save_to_disk(str(tmp_path / "d"))
+    records, own = load_hub_dataset(str(tmp_path / "d"))
+    assert own == {"validation": ["valid-000000", "valid-000001"]}
+    assert len(records) == 6 and sorted(records.column_names) == ["image", "mask", "stem"]
+    with pytest.raises(ValueError, match=r"`dataset_split` 'training': .* has the splits \['train', 'valid', 'test'\]"):
+        load_hub_dataset(str(tmp_path / "d"), split="training")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['label'\]"):
+        load_hub_dataset(str(tmp_path / "d"), mask_column="label")
+
+
+def test_dataset_rows_are_checked_like_folder_pairs(tmp_path):
+    """A dataset row whose mask is missing or of another size is a problem naming the row, never trained on
+    stretched (it was: dataset rows were not checked at all)."""
+    from imedsam_hf.data import validate_records
+
+    rows = hub_rows(4, wrong_size=(1,))
+    rows = rows.cast_column("mask", rows.features["mask"])  # keep the Image feature through the edit below
+    rows = rows.map(lambda row, i: {"mask": None if i == 3 else row["mask"]}, with_indices=True)
+    rows = rows.add_column("stem", [f"train-{i:06d}" for i in range(4)])
+    good, problems = validate_records(rows, source="--dataset org/polyps")
+    assert good["stem"] == ["train-000000", "train-000002"]
+    assert [str(p) for p in problems] == [
+        "--dataset org/polyps row train-000001: mask is 10x10 but its image is 40x30",
+        "--dataset org/polyps row train-000003: no mask",
+    ]
+    with pytest.raises(ValueError, match="2 unusable file"):
+        validate_records(rows, on_error="fail")

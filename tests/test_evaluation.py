@@ -434,3 +434,55 @@ def test_overlays_of_class_prompted_slices_show_every_prompted_organ(tmp_path):
     outline = liver & ~ndimage.binary_erosion(liver)
     in_colour = (shown == class_colour(6)).all(axis=-1)
     assert in_colour[outline].mean() > 0.8 and not in_colour[~liver].any()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
+def test_evaluate_scores_a_dataset_split_as_the_same_folder(tmp_path, capsys):
+    """`imedsam evaluate --dataset` scores every row of `--dataset-split` (default test) as `--data-dir` scores the
+    same images; a bad row is skipped and named; `--split` picks the run's stems from every labelled split."""
+    import datasets
+
+    model = tiny_model(query_mode="adaptive")
+    model.save_pretrained(tmp_path / "model")
+    IMedSamProcessor(image_size=64).save_pretrained(tmp_path / "model")
+    folder = SHARED_DATA / "Kvasir-SEG-sample"
+    images = sorted((folder / "images").iterdir())
+    rows = {"image": [str(p) for p in images], "label": [str(folder / "masks" / f"{p.stem}.png") for p in images]}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    data = tmp_path / "hub" / "data"
+    data.mkdir(parents=True)
+    test = datasets.Dataset.from_dict({k: v[:3] for k, v in rows.items()}, features=features)
+    test.to_parquet(str(data / "test-00000-of-00001.parquet"))
+    bad = {"image": rows["image"][3:], "label": rows["label"][4:] + rows["label"][:1]}  # masks of other images
+    datasets.Dataset.from_dict(bad, features=features).to_parquet(str(data / "train-00000-of-00001.parquet"))
+    script = load_script("training/evaluate.py", "imedsam_evaluate")
+    common = ["--model", str(tmp_path / "model"), "--output-sizes", "32"]
+    hub = ["--dataset", str(tmp_path / "hub"), "--mask-column", "label"]
+    assert script.main([*common, *hub, "--json", str(tmp_path / "hub.json")]) == 0
+    scored = json.loads((tmp_path / "hub.json").read_text())
+    assert scored["dataset_split"] == "test" and scored["split"] == "all" and scored["n_images"] == 3
+    pick = tmp_path / "pick"
+    for name in ("images", "masks"):
+        (pick / name).mkdir(parents=True)
+        for path in [Path(p) for p in rows["image"][:3]] if name == "images" else []:
+            (pick / name / path.name).symlink_to(path)
+    for stem in (Path(p).stem for p in rows["image"][:3]):
+        (pick / "masks" / f"{stem}.png").symlink_to(folder / "masks" / f"{stem}.png")
+    assert script.main([*common, "--data-dir", str(pick), "--split", "all", "--json", str(tmp_path / "dir.json")]) == 0
+    assert json.loads((tmp_path / "dir.json").read_text())["results"] == scored["results"]
+    splits = {"train": [], "validation": [], "test": ["test-000001", "train-000000", "train-000001"]}
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    capsys.readouterr()
+    argv = [
+        *common,
+        *hub,
+        "--split",
+        "test",
+        "--split-file",
+        str(tmp_path / "splits.json"),
+        "--json",
+        str(tmp_path / "s.json"),
+    ]
+    assert script.main(argv) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["n_images"] == 1  # the two train rows' masks do not fit
+    assert f"skipped --dataset {tmp_path / 'hub'} row train-000000: mask is 617x528" in capsys.readouterr().err

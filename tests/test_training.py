@@ -627,7 +627,11 @@ def test_two_cpu_processes_with_ddp(tiny_sam, polyps, tmp_path):
 
 @slow
 def test_hub_style_dataset_with_image_and_mask_columns(tiny_sam, tmp_path):
-    """A dataset with image/mask columns (here a local parquet folder, as a Hub id would give) trains end to end."""
+    """
+    A dataset with image/mask columns (here a local parquet folder, as a Hub id would give) trains end to end; its
+    own test split is the run's test split (the validation split is cut from its train split), and a row whose mask
+    does not fit its image is skipped and listed, not trained on stretched.
+    """
     import datasets
 
     pairs = sorted((SHARED_DATA / "Kvasir-SEG-sample" / "images").iterdir())
@@ -635,10 +639,13 @@ def test_hub_style_dataset_with_image_and_mask_columns(tiny_sam, tmp_path):
         "image": [str(p) for p in pairs],
         "label": [str(SHARED_DATA / "Kvasir-SEG-sample" / "masks" / f"{p.stem}.png") for p in pairs],
     }
+    records["label"][0] = records["label"][1]  # another image's mask, of another size
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
     folder = tmp_path / "hub-dataset" / "data"
     folder.mkdir(parents=True)
-    datasets.Dataset.from_dict(records, features=features).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    rows = datasets.Dataset.from_dict(records, features=features)
+    rows.to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    rows.select([2, 3]).to_parquet(str(folder / "test-00000-of-00001.parquet"))
     out = tmp_path / "run"
     extra = [
         "--dataset",
@@ -651,7 +658,12 @@ def test_hub_style_dataset_with_image_and_mask_columns(tiny_sam, tmp_path):
         "1",
     ]
     results = train_script.main(args(tiny_sam, "unused", out, *extra))
-    assert results["n_images"] == 1 and "48" in results["results"]
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["test"] == ["test-000000", "test-000001"] and splits["metadata"]["dataset_splits"] == ["test"]
+    assert len(splits["train"]) + len(splits["validation"]) == 4 and "train-000000" not in splits["train"]
+    assert "train-000000: mask is" in (out / "data_problems.txt").read_text()
+    assert results["n_images"] == 2 and "48" in results["results"]
+    assert "(test: the dataset's own, the rest cut from its `train` split)" in (out / "final" / "README.md").read_text()
     with pytest.raises(SystemExit, match="no column"):
         train_script.main(args(tiny_sam, "unused", tmp_path / "x", *extra[:-2], "--mask_column", "nope"))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Evaluate an I-MedSAM model on a labelled folder: a thin entry into `imedsam evaluate` (see `--help`).
+"""Evaluate an I-MedSAM model on a labelled folder or dataset: a thin entry into `imedsam evaluate` (see `--help`).
 
-python training/evaluate.py --model DIR_OR_HUB_ID --data-dir DIR [--split test|validation|train|all]
+python training/evaluate.py --model DIR_OR_HUB_ID (--data-dir DIR | --dataset HUB_ID) [--split test|validation|train|all]
     [--output-sizes native 128 896] [--prompt box|points|none] [--baseline] --json OUT.json
 """
 

@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from imedsam_hf.commands.common import flag_message  # noqa: E402
 from imedsam_hf.configuration_imedsam import trained_prompts  # noqa: E402
 from imedsam_hf.convert_sam import load_checked_state  # noqa: E402
 from imedsam_hf.data import (  # noqa: E402
+    SPLITS,
     DataConfig,
     SegmentationDataset,
     SegmentationPair,
@@ -67,8 +69,10 @@ from imedsam_hf.data import (  # noqa: E402
     make_splits,
     parse_mask_values,
     read_class_names,
+    record_pairs,
     records_from_pairs,
     validate_pairs,
+    validate_records,
     write_splits,
 )
 from imedsam_hf.evaluation import EvaluationProtocol, evaluate_model, load_baseline  # noqa: E402
@@ -163,10 +167,17 @@ class RunLog:
 
 def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelerator: Accelerator) -> dict[str, Any]:
     """The train/validation/test records, with problems reported and splits written next to the run."""
-    problems: list = []
+    own: dict[str, list[str]] = {}
     if data.dataset:
-        items = load_hub_dataset(data.dataset, data.dataset_split, data.image_column, data.mask_column)
+        items, own = load_hub_dataset(data.dataset, data.dataset_split, data.image_column, data.mask_column)
+        items, problems = validate_records(
+            items, data.mask_classes or num_classes, data.on_error, mask_values(data), f"--dataset {data.dataset}"
+        )
         stems = list(items["stem"])
+        if not stems:
+            raise SystemExit(f"error: --dataset {data.dataset}: no usable image/mask rows.")
+        kept = set(stems)
+        own = {name: [stem for stem in names if stem in kept] for name, names in own.items()}
     else:
         if not data.data_dir:
             raise SystemExit("error: set --data-dir (a folder with images/ and masks/) or --dataset (a Hub id).")
@@ -177,14 +188,21 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
         if not items:
             raise SystemExit(f"error: --data-dir {data.data_dir}: no usable image/mask pairs.")
         stems = [pair.stem for pair in items]
-    splits = choose_splits(stems, data)
+    splits = choose_splits(stems, data, own)
     index = {stem: i for i, stem in enumerate(stems)}
     if data.dataset:
         result = {name: items.select([index[s] for s in names]) for name, names in splits.items()}
     else:
         result = {name: [items[index[s]] for s in names] for name, names in splits.items()}
     if accelerator.is_main_process:
-        write_splits(splits, output_dir / "splits.json", seed=data.split_seed, source=data.dataset or data.data_dir)
+        source = {"source": data.dataset or data.data_dir}
+        if own and not data.split_file:  # which held-out splits are the dataset's own (the others: cut from train)
+            source["dataset_splits"] = sorted(own)
+        write_splits(splits, output_dir / "splits.json", seed=data.split_seed, **source)
+        for name in sorted(own) if not data.split_file else ():
+            accelerator.print(
+                f"{name} split: the dataset's own ({len(splits[name])} rows), not cut from --dataset-split"
+            )
         if problems:
             (output_dir / "data_problems.txt").write_text("\n".join(str(p) for p in problems) + "\n")
             for problem in problems:
@@ -201,10 +219,25 @@ def mask_values(data: DataArguments) -> dict[int, int] | None:
         raise die(error) from error
 
 
-def choose_splits(stems: list[str], data: DataArguments) -> dict[str, list[str]]:
-    """`--split-file`'s stems (all present in the data) or a seeded split of the stems."""
+def choose_splits(
+    stems: list[str], data: DataArguments, own: dict[str, list[str]] | None = None
+) -> dict[str, list[str]]:
+    """
+    `--split-file`'s stems (all present in the data), else a seeded split of the stems. `own`: the held-out splits
+    the dataset has itself (`{"validation": [stems], "test": [stems]}`, either or both), kept as they are; the
+    others are cut from the rest with their shares of `--split-fractions`.
+    """
     if not data.split_file:
-        return make_splits(stems, data.split_seed, data.split_fractions, data.group_pattern)
+        if not own:
+            return make_splits(stems, data.split_seed, data.split_fractions, data.group_pattern)
+        taken = {stem for names in own.values() for stem in names}
+        rest = [stem for stem in stems if stem not in taken]
+        shares = [0.0 if name in own else share for name, share in zip(SPLITS, data.split_fractions)]
+        fractions = [share / sum(shares) for share in shares] if sum(shares) else [1.0, 0.0, 0.0]
+        cut = make_splits(rest, data.split_seed, fractions, data.group_pattern)
+        for name in own:  # a rounding remainder of a split the dataset has goes back to training
+            cut["train"] = sorted(cut["train"] + cut[name])
+        return {**cut, **own}
     splits = load_splits(data.split_file)
     known = set(stems)
     unknown = [s for names in splits.values() for s in names if s not in known]
@@ -505,10 +538,10 @@ def validation_dice(model, loader, accelerator: Accelerator, frozen_encoder: Fro
     return accelerator.gather_for_metrics(torch.cat(scores)).mean().item()
 
 
-def evaluation_pairs(split) -> list:
+def evaluation_pairs(split) -> Sequence[SegmentationPair]:
     """A split as `evaluate_model`'s pairs: folder splits are SegmentationPairs already; Hub-dataset rows carry
-    decoded images, which work the same way."""
-    return split if isinstance(split, list) else [SegmentationPair(r["stem"], r["image"], r["mask"]) for r in split]
+    decoded images, which work the same way (each decoded when it is scored)."""
+    return split if isinstance(split, list) else record_pairs(split)
 
 
 def evaluation_protocol(
@@ -918,6 +951,7 @@ def finish(run: Run, processor, splits: dict, parameters: tuple[int, int]) -> di
         splits={k: len(v) for k, v in splits.items()},
         trainable_parameters=parameters[0],
         total_parameters=parameters[1],
+        dataset_splits=json.loads((run.output_dir / "splits.json").read_text())["metadata"].get("dataset_splits", []),
     )
     shutil.copy(run.output_dir / "splits.json", final_dir / "splits.json")
     for folder in (run.output_dir, final_dir):

@@ -103,8 +103,14 @@ class DataArguments:
     _argument_group_name = "data"
 
     data_dir: str | None = option(None, "Folder with images/ and masks/ (or image/ + mask/, TrainDataset/...).")
-    dataset: str | None = option(None, "A Hub dataset id (or a local dataset folder) instead of --data-dir.")
-    dataset_split: str = option("train", "Split of --dataset to load; it is then cut into train/validation/test.")
+    dataset: str | None = option(
+        None, "A Hub dataset id, or a local dataset folder (parquet files, save_to_disk), instead of --data-dir."
+    )
+    dataset_split: str = option(
+        "train",
+        "Split of --dataset to train on; the dataset's own validation and test splits (with masks) are kept, the "
+        "missing ones cut from this one.",
+    )
     image_column: str = option("image", "Image column of --dataset.")
     mask_column: str = option("mask", "Mask column of --dataset.")
     split_file: str | None = option(None, "JSON {train: [stems], validation: [...], test: [...]} instead of a split.")

@@ -1,5 +1,5 @@
 """`imedsam evaluate` (and `training/evaluate.py`): score a model, and optionally its backbone zero-shot, on a
-labelled folder; write the summary JSON, the per-image CSV and overlays; print the summary.
+labelled folder or dataset; write the summary JSON, the per-image CSV and overlays; print the summary.
 
 The protocol is `evaluation.EvaluationProtocol`, the one `training/train.py` builds for its final evaluation.
 """
@@ -13,7 +13,19 @@ from pathlib import Path
 
 import torch
 
-from ..data import discover_pairs, find_layout, read_scan_spacing, select_split, validate_pairs
+from ..data import (
+    dataset_records,
+    discover_pairs,
+    find_layout,
+    labelled_splits,
+    open_dataset,
+    read_scan_spacing,
+    record_pairs,
+    select_split,
+    select_split_records,
+    validate_pairs,
+    validate_records,
+)
 from ..evaluation import (
     EvaluationProtocol,
     evaluate_model,
@@ -44,7 +56,13 @@ def run(args: argparse.Namespace, device: str | None) -> int:
 
 def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     """Check the options, load the model, build the protocol, score, write the reports; the JSON summary."""
-    find_layout(args.data_dir)  # a missing or unrecognised folder, before the model is loaded
+    split = args.split or ("test" if args.data_dir is not None else "all")
+    if args.data_dir is not None:
+        find_layout(args.data_dir)  # a missing or unrecognised folder, before the model is loaded
+    else:  # the dataset and its columns, before the model is loaded
+        splits = open_dataset(args.dataset)
+        names = [args.dataset_split] if split == "all" else labelled_splits(splits, args.image_column, args.mask_column)
+        records = dataset_records(args.dataset, splits, names, args.image_column, args.mask_column)
     require_backend(args.backend, args.precision)
     if args.split_file is not None and not Path(args.split_file).is_file():
         raise ValueError(f"--split-file {args.split_file}: no such file.")
@@ -83,29 +101,42 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         spacing=spacing,
         tta=args.tta,
     )
-    pairs, problems = discover_pairs(args.data_dir)
-    pairs, problems = validate_pairs(pairs, protocol.read_classes, "skip", problems, protocol.mask_values)
-    for problem in problems:
-        print(f"skipped {flag_message(problem)}", file=sys.stderr)
     split_file = args.split_file
-    if split_file is None and args.split != "all":
+    if split_file is None and split != "all":
         split_file = (shipped_folder(args.model) if is_shipped(args.model) else Path(args.model)) / "splits.json"
         if not split_file.is_file():
             raise ValueError(
-                f"--split {args.split}: the model records no splits.json ({split_file}); pass --split-file, or "
-                "--split all for a folder it was not trained on."
+                f"--split {split}: the model records no splits.json ({split_file}); pass --split-file, or "
+                f"--split all for {'a folder' if args.data_dir is not None else 'a dataset'} it was not trained on."
             )
-    pairs = select_split(pairs, args.split, split_file)[: args.limit]
-    if not pairs:
-        raise ValueError(f"no pairs to evaluate in --data-dir {args.data_dir} (split {args.split}).")
+    if args.data_dir is not None:
+        pairs, problems = discover_pairs(args.data_dir)
+        pairs, problems = validate_pairs(pairs, protocol.read_classes, "skip", problems, protocol.mask_values)
+        pairs = select_split(pairs, split, split_file)[: args.limit]
+    else:  # only the rows scored are read, each once to check it and once to score it
+        records = select_split_records(records, split, split_file)
+        records = records.select(range(min(len(records), args.limit))) if args.limit else records
+        records, problems = validate_records(
+            records, protocol.read_classes, "skip", protocol.mask_values, f"--dataset {args.dataset}"
+        )
+        pairs = record_pairs(records)
+    for problem in problems:
+        print(f"skipped {flag_message(problem)}", file=sys.stderr)
+    if not len(pairs):
+        where = f"--data-dir {args.data_dir}" if args.data_dir is not None else f"--dataset {args.dataset}"
+        raise ValueError(f"no pairs to evaluate in {where} (split {split}).")
     backbone = load_baseline(model, processor, args.model, args.baseline_model, device) if args.baseline else None
     name = LITEMEDSAM if args.model == LITEMEDSAM else "imedsam"
     overlays = Path(args.overlays) if args.overlays else None
     report = evaluate_model(model, processor, pairs, protocol, backbone=backbone, model_name=name, overlays=overlays)
     result = {
         "model": args.model,
-        "data_dir": str(args.data_dir),
-        "split": args.split,
+        **(
+            {"data_dir": str(args.data_dir)}
+            if args.data_dir is not None
+            else {"dataset": args.dataset, **({"dataset_split": args.dataset_split} if split == "all" else {})}
+        ),
+        "split": split,
         "n_images": len(pairs),
         "backend": args.backend,
         "precision": args.precision,
