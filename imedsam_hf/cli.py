@@ -294,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-column", default="image", help="with --dataset: its image column")
     e.add_argument("--mask-column", default="mask", help="with --dataset: its mask column")
     e.add_argument(
+        "--stem-column",
+        default=None,
+        help="with --dataset: the column naming each row (a file name such as case0001_slice061.png: per-volume "
+        "scores stack a scan's slices by the group pattern); default: a 'stem' column, else <split>-<row>",
+    )
+    e.add_argument(
         "--split",
         default=None,
         choices=["train", "validation", "test", "all"],

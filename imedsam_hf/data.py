@@ -1225,7 +1225,11 @@ def open_dataset(name: str):
 
 
 def load_hub_dataset(
-    name: str, split: str = "train", image_column: str = "image", mask_column: str = "mask"
+    name: str,
+    split: str = "train",
+    image_column: str = "image",
+    mask_column: str = "mask",
+    stem_column: str | None = None,
 ) -> tuple[object, dict[str, list[str]]]:
     """
     A dataset's rows to train on, as records with `stem`, `image`, `mask`, and the held-out splits it has itself.
@@ -1234,14 +1238,14 @@ def load_hub_dataset(
     has) and `test` split, when they have both columns, are loaded too: their rows follow `split`'s in the records,
     and `{"validation": [stems], "test": [stems]}` (only those it has) says which they are, so that a run keeps the
     dataset's published test split as its own. A split without the mask column (a challenge's hidden test set) is
-    not used. Stems are `<split>-<row:06d>` unless the dataset has a `stem` column.
+    not used. Stems as `dataset_records` gives them.
     """
     splits = open_dataset(name)
     held_out = {"validation": next((s for s in VALIDATION_SPLIT_NAMES if s in splits and s != split), None)}
     held_out["test"] = "test" if "test" in splits and split != "test" else None
     labelled = labelled_splits(splits, image_column, mask_column)  # a split without masks: nothing to score against
     held_out = {role: source for role, source in held_out.items() if source in labelled}
-    records = dataset_records(name, splits, [split, *held_out.values()], image_column, mask_column)
+    records = dataset_records(name, splits, [split, *held_out.values()], image_column, mask_column, stem_column)
     stems, start, own = list(records["stem"]), len(splits[split]), {}
     for role, source in held_out.items():
         own[role] = stems[start : start + len(splits[source])]
@@ -1254,17 +1258,26 @@ def labelled_splits(splits, image_column: str = "image", mask_column: str = "mas
     return [name for name, rows in splits.items() if not {image_column, mask_column} - set(rows.column_names)]
 
 
-def dataset_records(name: str, splits, names: Sequence[str], image_column: str = "image", mask_column: str = "mask"):
+def dataset_records(
+    name: str,
+    splits,
+    names: Sequence[str],
+    image_column: str = "image",
+    mask_column: str = "mask",
+    stem_column: str | None = None,
+):
     """
     The rows of the splits `names` of `splits` (`open_dataset(name)`'s), in that order, as one set of records with
-    `stem`, `image` and `mask` columns; stems `<split>-<row:06d>` unless the dataset has a `stem` column, and unique.
+    `stem`, `image` and `mask` columns. A row's stem is its `stem_column`'s value (a file name without its folder and
+    image extension: `case0001_slice061`, so that `group_pattern` keeps a scan's slices in one split and evaluation
+    stacks them per volume), else the dataset's `stem` column, else `<split>-<row:06d>`; stems must be unique.
     """
     import datasets
 
     missing = [split for split in names if split not in splits]
     if missing:
         raise ValueError(f"`dataset_split` {missing[0]!r}: {name} has the splits {list(splits)}.")
-    parts = [_hub_records(name, split, splits[split], image_column, mask_column) for split in names]
+    parts = [_hub_records(name, split, splits[split], image_column, mask_column, stem_column) for split in names]
     for index, part in enumerate(parts[1:], 1):
         try:
             parts[index] = part if part.features == parts[0].features else part.cast(parts[0].features)
@@ -1275,7 +1288,10 @@ def dataset_records(name: str, splits, names: Sequence[str], image_column: str =
     records = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     repeated = sorted(stem for stem, count in Counter(records["stem"]).items() if count > 1)
     if repeated:
-        raise ValueError(f"`dataset` {name}: its `stem` column repeats stems ({repeated[:3]}); stems name rows once.")
+        raise ValueError(
+            f"`dataset` {name}: its {stem_column or 'stem'!r} column repeats stems ({repeated[:3]}); stems name rows "
+            "once."
+        )
     return records
 
 
@@ -1303,20 +1319,33 @@ class _RecordPairs(Sequence):
         return SegmentationPair(row["stem"], row["image"], row["mask"])
 
 
-def _hub_records(name: str, split: str, dataset, image_column: str, mask_column: str):
-    """One split's rows with only `stem`, `image` and `mask` columns."""
-    missing = {image_column, mask_column} - set(dataset.column_names)
+def _hub_records(name: str, split: str, dataset, image_column: str, mask_column: str, stem_column: str | None = None):
+    """One split's rows with only `stem`, `image` and `mask` columns (`dataset_records`' stems)."""
+    wanted = {image_column: "`image_column`", mask_column: "`mask_column`", stem_column: "`stem_column`"}
+    missing = [column for column in wanted if column is not None and column not in dataset.column_names]
     if missing:
         raise ValueError(
-            f"`dataset` {name}: its {split!r} split has no column(s) {sorted(missing)}; it has {dataset.column_names} "
-            "(name them with `image_column` and `mask_column`)."
+            f"`dataset` {name}: its {split!r} split has no column(s) {missing}; it has {dataset.column_names}: set "
+            f"{' and '.join(wanted[c] for c in missing)} to {'one' if len(missing) == 1 else 'two'} of them."
         )
-    stem = ["stem"] if "stem" in dataset.column_names and "stem" not in (image_column, mask_column) else []
-    dataset = dataset.select_columns([image_column, mask_column, *stem])  # another `mask` column cannot clash
-    dataset = dataset.rename_columns({image_column: "image", mask_column: "mask"})
-    if not stem:
-        dataset = dataset.add_column("stem", [f"{split}-{i:06d}" for i in range(len(dataset))])
-    return dataset
+    stem_column = stem_column or ("stem" if "stem" in dataset.column_names else None)
+    if stem_column in (image_column, mask_column):
+        stem_column = None
+    stems = (
+        [_row_stem(value) for value in dataset[stem_column]]
+        if stem_column
+        else [f"{split}-{i:06d}" for i in range(len(dataset))]
+    )
+    dataset = dataset.select_columns([image_column, mask_column])  # another `mask` or `stem` column cannot clash
+    return dataset.rename_columns({image_column: "image", mask_column: "mask"}).add_column("stem", stems)
+
+
+def _row_stem(value) -> str:
+    """A stem column's value as a stem: a file name loses its folder and image extension; any other value is kept,
+    path separators made `_` (a stem names the row's files: overlays, CSV rows)."""
+    text = str(value).strip()
+    path = Path(text)
+    return path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else re.sub(r"[\\/]", "_", text)
 
 
 def validate_records(

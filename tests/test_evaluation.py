@@ -486,3 +486,37 @@ def test_evaluate_scores_a_dataset_split_as_the_same_folder(tmp_path, capsys):
     assert script.main(argv) == 0
     assert json.loads((tmp_path / "s.json").read_text())["n_images"] == 1  # the two train rows' masks do not fit
     assert f"skipped --dataset {tmp_path / 'hub'} row train-000000: mask is 617x528" in capsys.readouterr().err
+
+
+def test_dataset_rows_named_by_a_file_column_split_and_stack_by_scan(tmp_path):
+    """`--stem-column`: CT slices on the Hub named by file keep a scan's slices together, in training's split (the
+    group pattern) and in evaluation's per-volume scores; without it every row is its own group."""
+    import datasets
+
+    from imedsam_hf.cli import main as cli_main
+    from imedsam_hf.data import dataset_records, make_splits, open_dataset
+
+    ct = SHARED_DATA / "BTCV-Synapse-CT"
+    stems = ["case0001_slice080", "case0001_slice081", "case0002_slice080", "case0002_slice081"]
+    rows = {
+        "image": [str(ct / "images" / f"{s}.png") for s in stems],
+        "mask": [str(ct / "masks" / f"{s}.png") for s in stems],
+        "file_name": [f"images/{s}.png" for s in stems],
+    }
+    features = datasets.Features(
+        {"image": datasets.Image(), "mask": datasets.Image(), "file_name": datasets.Value("string")}
+    )
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ct"))
+    records = dataset_records(
+        str(tmp_path / "ct"), open_dataset(str(tmp_path / "ct")), ["train"], stem_column="file_name"
+    )
+    assert list(records["stem"]) == stems
+    for seed in range(4):  # two scans, cut 50/50: each scan whole on one side
+        cut = make_splits(list(records["stem"]), seed, (0.5, 0.5, 0.0))
+        assert {s[:8] for s in cut["train"]} & {s[:8] for s in cut["validation"]} == set()
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "ct"), "--dataset-split"]
+    argv += ["train", "--mask-classes", "13", "--classes", "6", "--stem-column", "file_name"]
+    assert cli_main([*argv, "--json", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["volume"]["n_volumes"] == 2
+    assert cli_main([*argv[:-2], "--stem-column", "path", "--json", str(tmp_path / "bad.json")]) == 2

@@ -169,7 +169,9 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
     """The train/validation/test records, with problems reported and splits written next to the run."""
     own: dict[str, list[str]] = {}
     if data.dataset:
-        items, own = load_hub_dataset(data.dataset, data.dataset_split, data.image_column, data.mask_column)
+        items, own = load_hub_dataset(
+            data.dataset, data.dataset_split, data.image_column, data.mask_column, data.stem_column
+        )
         items, problems = validate_records(
             items, data.mask_classes or num_classes, data.on_error, mask_values(data), f"--dataset {data.dataset}"
         )

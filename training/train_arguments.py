@@ -113,6 +113,11 @@ class DataArguments:
     )
     image_column: str = option("image", "Image column of --dataset.")
     mask_column: str = option("mask", "Mask column of --dataset.")
+    stem_column: str | None = option(
+        None,
+        "Column of --dataset naming each row (a file name such as case0001_slice061.png), so that a scan's slices "
+        "stay in one split (the group pattern); default: a `stem` column, else <split>-<row>.",
+    )
     split_file: str | None = option(None, "JSON {train: [stems], validation: [...], test: [...]} instead of a split.")
     split_seed: int = option(0, "Seed of the train/validation/test shuffle.")
     split_fractions: list[float] = option([0.6, 0.2, 0.2], "Train, validation and test fractions (sum 1).")

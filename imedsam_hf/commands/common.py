@@ -40,6 +40,7 @@ FLAGS = {
         "dataset_split",
         "image_column",
         "mask_column",
+        "stem_column",
         "output_size",
         "max_output_pixels",
         "box_jitter",

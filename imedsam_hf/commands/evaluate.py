@@ -62,7 +62,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     else:  # the dataset and its columns, before the model is loaded
         splits = open_dataset(args.dataset)
         names = [args.dataset_split] if split == "all" else labelled_splits(splits, args.image_column, args.mask_column)
-        records = dataset_records(args.dataset, splits, names, args.image_column, args.mask_column)
+        records = dataset_records(args.dataset, splits, names, args.image_column, args.mask_column, args.stem_column)
     require_backend(args.backend, args.precision)
     if args.split_file is not None and not Path(args.split_file).is_file():
         raise ValueError(f"--split-file {args.split_file}: no such file.")
