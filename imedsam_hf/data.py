@@ -16,6 +16,7 @@ is read with is always fatal: the whole folder is likely encoded that way, and s
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -405,13 +406,39 @@ def class_id_of(value: str | int, class_names: Mapping[int, str], argument: str)
 
 def read_class_names(data_dir: str | os.PathLike) -> dict[int, str] | None:
     """
-    The class names of a multi-class folder, from its `classes.json` (`read_class_file`). None when the folder has
-    no `classes.json`.
+    The class names of a multi-class folder, from its `classes.json`, or `id2label.json` (transformers'
+    semantic-segmentation convention) (`read_class_file`). None when the folder has neither.
     """
-    path = Path(data_dir) / "classes.json"
-    if not path.is_file():
+    path = class_file(data_dir)
+    return None if path is None else read_class_file(path)
+
+
+def class_file(folder: str | os.PathLike) -> Path | None:
+    """The file naming a folder's classes: its `classes.json`, else its `id2label.json`; None without either."""
+    return next((Path(folder) / n for n in ("classes.json", "id2label.json") if (Path(folder) / n).is_file()), None)
+
+
+def dataset_class_names(name: str) -> dict[int, str] | None:
+    """
+    The class names of a dataset (`open_dataset`'s `name`): a local dataset folder's `classes.json` or
+    `id2label.json`, a Hub dataset's `id2label.json` (where transformers' semantic-segmentation example reads them).
+    None when it has none or the Hub cannot be reached.
+    """
+    if Path(name).is_dir():
+        return read_class_names(name)
+    path = _hub_class_file(name)
+    return None if path is None else read_class_file(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_class_file(name: str) -> str | None:
+    """A Hub dataset's `id2label.json`, downloaded once a process; None when it has none or the Hub is out of reach."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(name, "id2label.json", repo_type="dataset")
+    except Exception:  # no such file, offline, gated...
         return None
-    return read_class_file(path)
 
 
 def read_class_file(path: str | os.PathLike) -> dict[int, str]:
@@ -1433,6 +1460,8 @@ __all__ = [
     "random_clicks",
     "read_class_file",
     "read_class_names",
+    "class_file",
+    "dataset_class_names",
     "read_mask",
     "read_scan_spacing",
     "records_from_pairs",

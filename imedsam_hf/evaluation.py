@@ -35,6 +35,7 @@ from .data import (
     SegmentationPair,
     class_id_of,
     compile_group_pattern,
+    dataset_class_names,
     default_scan_spacing,
     group_of,
     jitter_box,
@@ -609,10 +610,12 @@ class EvaluationProtocol:
         group_pattern: str,
         spacing: Mapping[str, Sequence[float]] | None,
         tta: str,
+        dataset: str | None = None,
     ) -> EvaluationProtocol:
         """
         The protocol for a model (its `config`: its output classes, whether it is class-aware, its class names) on
-        the folder `data_dir` (None: a Hub dataset), with what the model records as defaults: `class_aware` None
+        the folder `data_dir` (None: the dataset `dataset`, whose class names are `data.dataset_class_names`), with
+        what the model records as defaults: `class_aware` None
         takes the model's `class_aware` (a class-aware model is scored class-aware unless asked otherwise);
         `class_prompts` None is true for class-id masks (a folder with a `classes.json`, or `mask_classes` given)
         scored by a one-class or class-aware model; `mask_classes` None the largest id of `classes.json`; `spacing`
@@ -620,7 +623,9 @@ class EvaluationProtocol:
         of a one-class model, classes not in `classes.json`, more classes in the masks than a class-aware model has).
         """
         num_classes = int(getattr(model_config, "num_classes", 1) or 1)
-        class_names = read_class_names(data_dir) if data_dir else None
+        class_names = read_class_names(data_dir) if data_dir else dataset_class_names(dataset) if dataset else None
+        named = class_names is not None  # the data names its classes
+        where = f"a classes.json in {data_dir}" if data_dir else f"an id2label.json of {dataset}"
         recorded = getattr(model_config, "id2label", None) or {}
         if class_names is None and num_classes > 1 and len(recorded) == num_classes:
             class_names = {int(k): v for k, v in recorded.items()}
@@ -629,7 +634,7 @@ class EvaluationProtocol:
         if class_aware and num_classes < 2:
             raise ValueError(f"`class_aware` needs a multi-class model; this one has num_classes={num_classes}.")
         if class_prompts is None:
-            has_classes = (class_names is not None and data_dir is not None) or mask_classes is not None
+            has_classes = (class_names is not None and (data_dir is not None or named)) or mask_classes is not None
             class_prompts = has_classes and (num_classes == 1 or class_aware)
         if class_prompts and mask_classes is None:
             if class_names is None:
@@ -637,21 +642,21 @@ class EvaluationProtocol:
             mask_classes = max(class_names)
         if (classes is not None or class_aware) and not class_prompts:
             raise ValueError(
-                f"`classes` and `class_aware` need a multi-class folder (a classes.json in {data_dir}) and a one-class "
+                f"`classes` and `class_aware` need a multi-class folder or dataset ({where}) and a one-class "
                 "or class-aware model."
             )
         ids = [int(c) for c in classes or () if str(c).strip().isdigit()]
         unknown = sorted(set(ids) - set(class_names or ())) if class_names else []
         if unknown:
-            raise ValueError(
-                f"`classes` {unknown}: not in {Path(str(data_dir)) / 'classes.json'} ({sorted(class_names)})."
-            )
+            raise ValueError(f"`classes` {unknown}: not in the classes of {where} ({sorted(class_names)}).")
         if classes is not None and len(ids) < len(classes):  # names (`liver`): the folder's classes.json's
             if not class_names:
-                raise ValueError(f"`classes` {list(classes)}: names need a classes.json in {data_dir}; give ids.")
+                raise ValueError(f"`classes` {list(classes)}: names need {where}; give ids.")
             classes = [class_id_of(c, class_names, "`classes`") for c in classes]
         if class_aware and mask_classes > num_classes:
-            raise ValueError(f"{data_dir}: class ids up to {mask_classes}, but the model has {num_classes} classes.")
+            raise ValueError(
+                f"{data_dir or dataset}: class ids up to {mask_classes}, but the model has {num_classes} classes."
+            )
         if spacing is None and data_dir and class_prompts:
             spacing = default_scan_spacing(data_dir)
         return cls(

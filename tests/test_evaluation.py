@@ -520,3 +520,40 @@ def test_dataset_rows_named_by_a_file_column_split_and_stack_by_scan(tmp_path):
     assert cli_main([*argv, "--json", str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["volume"]["n_volumes"] == 2
     assert cli_main([*argv[:-2], "--stem-column", "path", "--json", str(tmp_path / "bad.json")]) == 2
+
+
+def test_a_datasets_class_names_come_from_its_id2label(tmp_path, monkeypatch):
+    """A dataset names its classes as transformers' semantic-segmentation datasets do, in an `id2label.json` (a
+    local dataset folder's, or the Hub repository's): evaluation reports and takes the names."""
+    import datasets
+    import huggingface_hub
+
+    from imedsam_hf.cli import main as cli_main
+    from imedsam_hf.data import dataset_class_names
+
+    ct = SHARED_DATA / "BTCV-Synapse-CT"
+    stems = ["case0001_slice080", "case0002_slice080"]
+    rows = {
+        "image": [str(ct / "images" / f"{s}.png") for s in stems],
+        "mask": [str(ct / "masks" / f"{s}.png") for s in stems],
+    }
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ct"))
+    classes = json.loads((ct / "classes.json").read_text())["classes"]
+    (tmp_path / "ct" / "id2label.json").write_text(json.dumps({"0": "background", **classes}))
+    assert dataset_class_names(str(tmp_path / "ct"))[6] == "liver"
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "ct"), "--dataset-split"]
+    assert cli_main([*argv, "train", "--classes", "liver,right kidney", "--json", str(tmp_path / "eval.json")]) == 0
+    per_class = json.loads((tmp_path / "eval.json").read_text())["results"]["native"]["per_class"]
+    assert {c: v["name"] for c, v in per_class.items()} == {"2": "right kidney", "6": "liver"}
+
+    asked = []
+
+    def download(repo_id, filename, repo_type=None, **kwargs):
+        asked.append((repo_id, filename, repo_type))
+        return str(tmp_path / "ct" / "id2label.json")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert dataset_class_names("org/abdomen-ct")[1] == "spleen"
+    assert asked == [("org/abdomen-ct", "id2label.json", "dataset")]

@@ -62,7 +62,9 @@ from imedsam_hf.data import (  # noqa: E402
     DataConfig,
     SegmentationDataset,
     SegmentationPair,
+    class_file,
     collate,
+    dataset_class_names,
     discover_pairs,
     load_hub_dataset,
     load_splits,
@@ -343,7 +345,7 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
     """
     data = args.data
     try:
-        names = read_class_names(data.data_dir) if data.data_dir else None
+        names = read_class_names(data.data_dir) if data.data_dir else dataset_class_names(data.dataset)
     except ValueError as error:
         raise die(error) from error
     if names:
@@ -352,7 +354,8 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
         if config.num_classes > 1 and config.num_classes != max(names) and "num_classes" not in args.given:
             raise SystemExit(
                 f"error: the model has {config.num_classes} class heads (--num-classes, from the --config recipe or the "
-                f"backbone), but {Path(data.data_dir) / 'classes.json'} lists {len(names)} classes (ids up to "
+                f"backbone), but {class_file(data.data_dir) if data.data_dir else 'the id2label.json of ' + data.dataset} "
+                f"lists {len(names)} classes (ids up to "
                 f"{max(names)}): pass --num-classes {max(names)} (and --mask-classes {max(names)}) for this data, or "
                 "give --num-classes on the command line to keep it."
             )
@@ -569,6 +572,7 @@ def evaluation_protocol(
             group_pattern=args.data.group_pattern,
             spacing=None,
             tta="none",  # the run's own numbers, as its validation measured them: no test-time mirroring
+            dataset=args.data.dataset,
         )
     except ValueError as error:
         raise die(error) from error

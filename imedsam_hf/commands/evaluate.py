@@ -100,6 +100,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         group_pattern=args.group_pattern,
         spacing=spacing,
         tta=args.tta,
+        dataset=args.dataset,
     )
     split_file = args.split_file
     if split_file is None and split != "all":
