@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,25 @@ from imedsam_hf import IMedSamConfig, IMedSamModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("IMEDSAM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def btcv_dataset(folder: Path, stems: list[str], mask_column: str = "mask", id2label: bool = False) -> Path:
+    """Shared BTCV slices saved as a dataset (`save_to_disk`: a `train` split) with image, mask and `file_name`
+    (`<stem>.png`) columns; with `id2label`, the organ names in an `id2label.json` beside it. Returns `folder`."""
+    import datasets
+
+    ct = SHARED_DATA / "BTCV-Synapse-CT"
+    rows = {
+        "image": [str(ct / "images" / f"{s}.png") for s in stems],
+        mask_column: [str(ct / "masks" / f"{s}.png") for s in stems],
+        "file_name": [f"images/{s}.png" for s in stems],
+    }
+    features = {"image": datasets.Image(), mask_column: datasets.Image(), "file_name": datasets.Value("string")}
+    datasets.Dataset.from_dict(rows, features=datasets.Features(features)).save_to_disk(str(folder))
+    if id2label:
+        classes = json.loads((ct / "classes.json").read_text())["classes"]
+        (folder / "id2label.json").write_text(json.dumps(classes))
+    return folder
 
 
 def load_script(path: str, name: str) -> ModuleType:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, load_script, tiny_model
+from conftest import SHARED_DATA, btcv_dataset, load_script, tiny_model
 from PIL import Image
 
 from imedsam_hf import IMedSamProcessor
@@ -491,22 +491,11 @@ def test_evaluate_scores_a_dataset_split_as_the_same_folder(tmp_path, capsys):
 def test_dataset_rows_named_by_a_file_column_split_and_stack_by_scan(tmp_path):
     """`--stem-column`: CT slices on the Hub named by file keep a scan's slices together, in training's split (the
     group pattern) and in evaluation's per-volume scores; without it every row is its own group."""
-    import datasets
-
     from imedsam_hf.cli import main as cli_main
     from imedsam_hf.data import dataset_records, make_splits, open_dataset
 
-    ct = SHARED_DATA / "BTCV-Synapse-CT"
     stems = ["case0001_slice080", "case0001_slice081", "case0002_slice080", "case0002_slice081"]
-    rows = {
-        "image": [str(ct / "images" / f"{s}.png") for s in stems],
-        "mask": [str(ct / "masks" / f"{s}.png") for s in stems],
-        "file_name": [f"images/{s}.png" for s in stems],
-    }
-    features = datasets.Features(
-        {"image": datasets.Image(), "mask": datasets.Image(), "file_name": datasets.Value("string")}
-    )
-    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ct"))
+    btcv_dataset(tmp_path / "ct", stems)
     records = dataset_records(
         str(tmp_path / "ct"), open_dataset(str(tmp_path / "ct")), ["train"], stem_column="file_name"
     )
@@ -525,22 +514,12 @@ def test_dataset_rows_named_by_a_file_column_split_and_stack_by_scan(tmp_path):
 def test_a_datasets_class_names_come_from_its_id2label(tmp_path, monkeypatch):
     """A dataset names its classes as transformers' semantic-segmentation datasets do, in an `id2label.json` (a
     local dataset folder's, or the Hub repository's): evaluation reports and takes the names."""
-    import datasets
     import huggingface_hub
 
     from imedsam_hf.cli import main as cli_main
     from imedsam_hf.data import dataset_class_names
 
-    ct = SHARED_DATA / "BTCV-Synapse-CT"
-    stems = ["case0001_slice080", "case0002_slice080"]
-    rows = {
-        "image": [str(ct / "images" / f"{s}.png") for s in stems],
-        "mask": [str(ct / "masks" / f"{s}.png") for s in stems],
-    }
-    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
-    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ct"))
-    classes = json.loads((ct / "classes.json").read_text())["classes"]
-    (tmp_path / "ct" / "id2label.json").write_text(json.dumps({"0": "background", **classes}))
+    btcv_dataset(tmp_path / "ct", ["case0001_slice080", "case0002_slice080"], id2label=True)
     assert dataset_class_names(str(tmp_path / "ct"))[6] == "liver"
     tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
     argv = ["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "ct"), "--dataset-split"]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, SHARED_DATA, load_script, tiny_model
+from conftest import REPO_ROOT, SHARED_DATA, btcv_dataset, load_script, tiny_model
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, SamModel
@@ -762,22 +762,8 @@ def test_ct_folder_splits_by_scan_and_records_the_class_names(tiny_sam, tmp_path
 def test_ct_slices_as_a_dataset_split_by_scan_with_the_names_of_its_id2label(tiny_sam, tmp_path):
     """The same BTCV slices as a dataset (save_to_disk) with a file-name column and an id2label.json: rows named by
     the column keep each scan in one split, and the organ names reach the config and the card."""
-    import datasets
-
-    ct = SHARED_DATA / "BTCV-Synapse-CT"
     stems = [f"case000{c}_slice{z:03d}" for c in (1, 2) for z in (80, 81)] + ["case0003_slice100", "case0004_slice080"]
-    stems.append("case0005_slice075")
-    rows = {
-        "image": [str(ct / "images" / f"{s}.png") for s in stems],
-        "annotation": [str(ct / "masks" / f"{s}.png") for s in stems],
-        "file_name": [f"{s}.png" for s in stems],
-    }
-    features = datasets.Features(
-        {"image": datasets.Image(), "annotation": datasets.Image(), "file_name": datasets.Value("string")}
-    )
-    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ct"))
-    classes = json.loads((ct / "classes.json").read_text())["classes"]
-    (tmp_path / "ct" / "id2label.json").write_text(json.dumps(classes))
+    btcv_dataset(tmp_path / "ct", [*stems, "case0005_slice075"], mask_column="annotation", id2label=True)
     out = tmp_path / "run"
     extra = ["--dataset", str(tmp_path / "ct"), "--data_dir", "null", "--mask_column", "annotation"]
     extra += ["--stem_column", "file_name", "--class_prompts", "true", "--mask_classes", "13", "--epochs", "1"]
