@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         "with image and mask columns",
     )
     e.add_argument(
+        "--dataset-config", default=None, help="with --dataset: its configuration (subset), if it has several"
+    )
+    e.add_argument(
         "--dataset-split",
         default="test",
         help="with --dataset: the split whose rows are all scored (with --split, the run's splits.json picks rows "

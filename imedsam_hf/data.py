@@ -1230,25 +1230,43 @@ def records_from_pairs(pairs: Sequence[SegmentationPair]):
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 
 
-def open_dataset(name: str):
+def open_dataset(name: str, config: str | None = None):
     """
     A Hub dataset id or a local dataset folder as a `datasets.DatasetDict` of its splits: a folder written by
     `save_to_disk` (a `Dataset`: one split, named `train`; a `DatasetDict`) is read with `load_from_disk`, anything
-    else (a Hub id, a folder of parquet, CSV or JSON files, an image folder) with `load_dataset`.
+    else (a Hub id, a folder of parquet, CSV or JSON files, an image folder) with `load_dataset`, `config` naming
+    one of its configurations (subsets).
     """
     import datasets
 
     folder = Path(name)
+    saved = (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+    if saved and config is not None:
+        raise ValueError(f"`dataset_config` {config!r}: {name} was written by save_to_disk and has no configurations.")
     try:
-        if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
-            loaded = datasets.load_from_disk(str(folder))
-        else:
-            loaded = datasets.load_dataset(name)
-    except Exception as error:  # network, unknown id, unreadable files...
-        raise ValueError(f"`dataset` {name}: cannot load it ({error}).") from error
+        loaded = datasets.load_from_disk(str(folder)) if saved else datasets.load_dataset(name, config)
+    except Exception as error:  # network, unknown id or configuration, unreadable files...
+        configs = _dataset_configs(name) if config is None and not saved else []
+        if len(configs) > 1:
+            raise ValueError(
+                f"`dataset` {name} has several configurations ({', '.join(configs)}): set `dataset_config` to one."
+            ) from error
+        raise ValueError(
+            f"`dataset` {name}{f' (`dataset_config` {config})' if config else ''}: cannot load it ({error})."
+        ) from error
     if isinstance(loaded, datasets.Dataset):
         return datasets.DatasetDict({"train": loaded})
     return loaded
+
+
+def _dataset_configs(name: str) -> list[str]:
+    """The configuration names of a dataset, or none where they cannot be listed."""
+    import datasets
+
+    try:
+        return list(datasets.get_dataset_config_names(name))
+    except Exception:
+        return []
 
 
 def load_hub_dataset(
@@ -1257,6 +1275,7 @@ def load_hub_dataset(
     image_column: str = "image",
     mask_column: str = "mask",
     stem_column: str | None = None,
+    config: str | None = None,
 ) -> tuple[object, dict[str, list[str]]]:
     """
     A dataset's rows to train on, as records with `stem`, `image`, `mask`, and the held-out splits it has itself.
@@ -1265,9 +1284,9 @@ def load_hub_dataset(
     has) and `test` split, when they have both columns, are loaded too: their rows follow `split`'s in the records,
     and `{"validation": [stems], "test": [stems]}` (only those it has) says which they are, so that a run keeps the
     dataset's published test split as its own. A split without the mask column (a challenge's hidden test set) is
-    not used. Stems as `dataset_records` gives them.
+    not used. Stems as `dataset_records` gives them. `config`: the dataset's configuration (`open_dataset`).
     """
-    splits = open_dataset(name)
+    splits = open_dataset(name, config)
     held_out = {"validation": next((s for s in VALIDATION_SPLIT_NAMES if s in splits and s != split), None)}
     held_out["test"] = "test" if "test" in splits and split != "test" else None
     labelled = labelled_splits(splits, image_column, mask_column)  # a split without masks: nothing to score against

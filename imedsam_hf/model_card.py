@@ -161,6 +161,7 @@ def write_model_card(
             task_type="image-segmentation",
             dataset_type=data.get("dataset") or dataset_name,
             dataset_name=dataset_name,
+            dataset_config=data.get("dataset_config"),
             dataset_split=results.get("split", "test"),
             metric_type=metric,
             metric_name=f"{metric} ({size} resolution, {'exact box prompts' if boxes else 'no prompt'})",

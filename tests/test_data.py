@@ -489,3 +489,23 @@ def test_dataset_rows_are_checked_like_folder_pairs(tmp_path):
     ]
     with pytest.raises(ValueError, match="2 unusable file"):
         validate_records(rows, on_error="fail")
+
+
+def test_a_dataset_with_several_configurations_takes_one_by_name(tmp_path):
+    """A dataset with several configurations (subsets: one repository, several data sets) loads the one
+    `dataset_config` names; without it, the error lists them (datasets' own asks for a Python call)."""
+    from imedsam_hf.data import load_hub_dataset
+
+    lines = ["---", "configs:"]
+    for name, count in (("kvasir", 3), ("cvc", 2)):
+        (tmp_path / name).mkdir()
+        hub_rows(count).to_parquet(str(tmp_path / name / "train-00000-of-00001.parquet"))
+        lines += [f"- config_name: {name}", "  data_files:", "  - split: train", f"    path: {name}/*.parquet"]
+    (tmp_path / "README.md").write_text("\n".join([*lines, "---", ""]))
+    assert len(load_hub_dataset(str(tmp_path), config="cvc")[0]) == 2
+    assert len(load_hub_dataset(str(tmp_path), config="kvasir")[0]) == 3
+    with pytest.raises(ValueError, match=r"several configurations \(kvasir, cvc\): set `dataset_config` to one"):
+        load_hub_dataset(str(tmp_path))
+    hub_rows(1).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="`dataset_config` 'x': .* has no configurations"):
+        load_hub_dataset(str(tmp_path / "saved"), config="x")

@@ -172,7 +172,7 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
     own: dict[str, list[str]] = {}
     if data.dataset:
         items, own = load_hub_dataset(
-            data.dataset, data.dataset_split, data.image_column, data.mask_column, data.stem_column
+            data.dataset, data.dataset_split, data.image_column, data.mask_column, data.stem_column, data.dataset_config
         )
         items, problems = validate_records(
             items, data.mask_classes or num_classes, data.on_error, mask_values(data), f"--dataset {data.dataset}"

@@ -106,6 +106,7 @@ class DataArguments:
     dataset: str | None = option(
         None, "A Hub dataset id, or a local dataset folder (parquet files, save_to_disk), instead of --data-dir."
     )
+    dataset_config: str | None = option(None, "Configuration (subset) of --dataset, for datasets that have several.")
     dataset_split: str = option(
         "train",
         "Split of --dataset to train on; the dataset's own validation and test splits (with masks) are kept, the "

@@ -38,6 +38,7 @@ FLAGS = {
         "group_pattern",
         "dataset",
         "dataset_split",
+        "dataset_config",
         "image_column",
         "mask_column",
         "stem_column",

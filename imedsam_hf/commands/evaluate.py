@@ -60,7 +60,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     if args.data_dir is not None:
         find_layout(args.data_dir)  # a missing or unrecognised folder, before the model is loaded
     else:  # the dataset and its columns, before the model is loaded
-        splits = open_dataset(args.dataset)
+        splits = open_dataset(args.dataset, args.dataset_config)
         names = [args.dataset_split] if split == "all" else labelled_splits(splits, args.image_column, args.mask_column)
         records = dataset_records(args.dataset, splits, names, args.image_column, args.mask_column, args.stem_column)
     require_backend(args.backend, args.precision)
@@ -135,7 +135,11 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         **(
             {"data_dir": str(args.data_dir)}
             if args.data_dir is not None
-            else {"dataset": args.dataset, **({"dataset_split": args.dataset_split} if split == "all" else {})}
+            else {
+                "dataset": args.dataset,
+                **({"dataset_config": args.dataset_config} if args.dataset_config else {}),
+                **({"dataset_split": args.dataset_split} if split == "all" else {}),
+            }
         ),
         "split": split,
         "n_images": len(pairs),
