@@ -795,6 +795,16 @@ def split_stems(split: str, split_file: str | os.PathLike | None) -> set[str] | 
     return set(load_splits(split_file)[split])
 
 
+def split_metadata(path: str | os.PathLike) -> dict:
+    """What a split file records beside its stems (`write_splits`' metadata: seed, source, a dataset's
+    `stem_column`); empty for a file without it."""
+    try:
+        metadata = json.loads(Path(path).read_text()).get("metadata")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"`split_file` {path}: cannot read it as JSON ({error}).") from error
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def write_splits(splits: dict[str, list[str]], path: str | os.PathLike, **metadata) -> None:
     Path(path).write_text(json.dumps({**splits, "metadata": metadata}, indent=1))
 
@@ -1487,6 +1497,7 @@ __all__ = [
     "select_split",
     "select_split_records",
     "split_stems",
+    "split_metadata",
     "slice_index",
     "settle_problems",
     "validate_pairs",

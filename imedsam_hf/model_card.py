@@ -133,6 +133,18 @@ def write_adapter_card(folder: str | Path, model_config: Any) -> ModelCard:
     return card
 
 
+def splits_origin(dataset_splits: Sequence[str], dataset_split: str) -> str | None:
+    """Which held-out splits are a dataset's own and which were cut from its training split, for the card; None
+    when the run cut both (a folder, or a dataset without its own)."""
+    own = [name for name in ("validation", "test") if name in dataset_splits]
+    cut = [name for name in ("validation", "test") if name not in own]
+    if not own:
+        return None
+    return f"{' and '.join(own)}: the dataset's own" + (
+        f"; {cut[0]} cut from its `{dataset_split}` split" if cut else ""
+    )
+
+
 def write_model_card(
     folder: str | Path,
     config: dict[str, dict[str, Any]],
@@ -187,8 +199,7 @@ def write_model_card(
         n_train=splits.get("train", 0),
         n_validation=splits.get("validation", 0),
         n_test=splits.get("test", 0),
-        dataset_splits=list(dataset_splits),
-        dataset_split=data.get("dataset_split", "train"),
+        splits_origin=splits_origin(dataset_splits, data.get("dataset_split", "train")),
         training_prompts=training_prompts(data, float(training.get("click_probability") or 0.0)),
         epochs=run.get("epochs", training["epochs"]),
         steps=run.get("steps"),

@@ -486,6 +486,11 @@ def test_evaluate_scores_a_dataset_split_as_the_same_folder(tmp_path, capsys):
     assert script.main(argv) == 0
     assert json.loads((tmp_path / "s.json").read_text())["n_images"] == 1  # the two train rows' masks do not fit
     assert f"skipped --dataset {tmp_path / 'hub'} row train-000000: mask is 617x528" in capsys.readouterr().err
+    (tmp_path / "splits.json").write_text(json.dumps({**splits, "test": ["cju0qkwl35piu0993l0dewei2"]}))
+    assert script.main(argv) == 2  # rows named otherwise than the split file's stems: the flag that names them
+    assert "its rows are named like 'train-000000'): name them as the training run did (--stem-column)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_dataset_rows_named_by_a_file_column_split_and_stack_by_scan(tmp_path):

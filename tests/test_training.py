@@ -663,7 +663,9 @@ def test_hub_style_dataset_with_image_and_mask_columns(tiny_sam, tmp_path):
     assert len(splits["train"]) + len(splits["validation"]) == 4 and "train-000000" not in splits["train"]
     assert "train-000000: mask is" in (out / "data_problems.txt").read_text()
     assert results["n_images"] == 2 and "48" in results["results"]
-    assert "(test: the dataset's own, the rest cut from its `train` split)" in (out / "final" / "README.md").read_text()
+    assert (
+        "(test: the dataset's own; validation cut from its `train` split)" in (out / "final" / "README.md").read_text()
+    )
     with pytest.raises(SystemExit, match="no column"):
         train_script.main(args(tiny_sam, "unused", tmp_path / "x", *extra[:-2], "--mask_column", "nope"))
 
@@ -773,6 +775,13 @@ def test_ct_slices_as_a_dataset_split_by_scan_with_the_names_of_its_id2label(tin
     assert sum(len(s) for s in scans.values()) == 5 and not (scans["train"] & (scans["validation"] | scans["test"]))
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["id2label"]["6"] == "liver" and "6 liver" in (out / "final" / "README.md").read_text()
+    # The run's splits.json says how rows were named: imedsam evaluate --split test finds them without being told.
+    from imedsam_hf.cli import main as cli_main
+
+    assert splits["metadata"]["stem_column"] == "file_name"
+    evaluate = ["evaluate", "--model", str(out / "final"), "--dataset", str(tmp_path / "ct"), "--mask-column"]
+    assert cli_main([*evaluate, "annotation", "--split", "test", "--json", str(tmp_path / "test.json")]) == 0
+    assert json.loads((tmp_path / "test.json").read_text())["n_images"] == len(splits["test"])
 
 
 def test_a_prompt_free_runs_card_says_it_was_trained_and_scored_without_prompts(tmp_path):

@@ -201,7 +201,9 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
     if accelerator.is_main_process:
         source = {"source": data.dataset or data.data_dir}
         if own and not data.split_file:  # which held-out splits are the dataset's own (the others: cut from train)
-            source["dataset_splits"] = sorted(own)
+            source["dataset_splits"] = [name for name in SPLITS if name in own]
+        if data.dataset and data.stem_column:  # how its rows are named, for `imedsam evaluate --dataset --split`
+            source["stem_column"] = data.stem_column
         write_splits(splits, output_dir / "splits.json", seed=data.split_seed, **source)
         for name in sorted(own) if not data.split_file else ():
             accelerator.print(
@@ -365,8 +367,8 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
     if data.provenance_for and folder_name != data.provenance_for and not given:
         raise SystemExit(
             f"error: the recipe's data name, licence and citation ({data.name!r}, {data.license!r}) describe the "
-            f"folder {data.provenance_for!r}, not --data-dir {data.data_dir}: give --name, --license and --citation "
-            "for this data (they go into the model card)."
+            f"folder {data.provenance_for!r}, not {f'--data-dir {data.data_dir}' if data.data_dir else f'--dataset {data.dataset}'}"
+            ": give --name, --license and --citation for this data (they go into the model card)."
         )
     untrained = (
         sorted(set(range(1, config.num_classes + 1)) - set(train_set.class_counts)) if config.class_aware else []

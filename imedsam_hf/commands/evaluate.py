@@ -23,6 +23,7 @@ from ..data import (
     record_pairs,
     select_split,
     select_split_records,
+    split_metadata,
     validate_pairs,
     validate_records,
 )
@@ -57,15 +58,26 @@ def run(args: argparse.Namespace, device: str | None) -> int:
 def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     """Check the options, load the model, build the protocol, score, write the reports; the JSON summary."""
     split = args.split or ("test" if args.data_dir is not None else "all")
+    if args.split_file is not None and not Path(args.split_file).is_file():
+        raise ValueError(f"--split-file {args.split_file}: no such file.")
+    split_file = args.split_file
+    if split_file is None and split != "all":
+        split_file = (shipped_folder(args.model) if is_shipped(args.model) else Path(args.model)) / "splits.json"
+        if not split_file.is_file():
+            raise ValueError(
+                f"--split {split}: the model records no splits.json ({split_file}); pass --split-file, or "
+                f"--split all for {'a folder' if args.data_dir is not None else 'a dataset'} it was not trained on."
+            )
     if args.data_dir is not None:
         find_layout(args.data_dir)  # a missing or unrecognised folder, before the model is loaded
     else:  # the dataset and its columns, before the model is loaded
         splits = open_dataset(args.dataset, args.dataset_config)
         names = [args.dataset_split] if split == "all" else labelled_splits(splits, args.image_column, args.mask_column)
-        records = dataset_records(args.dataset, splits, names, args.image_column, args.mask_column, args.stem_column)
+        stem_column = args.stem_column
+        if stem_column is None and split_file is not None:  # rows named as the training run named them
+            stem_column = split_metadata(split_file).get("stem_column")
+        records = dataset_records(args.dataset, splits, names, args.image_column, args.mask_column, stem_column)
     require_backend(args.backend, args.precision)
-    if args.split_file is not None and not Path(args.split_file).is_file():
-        raise ValueError(f"--split-file {args.split_file}: no such file.")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: at least 1 pair.")
     if args.overlays and Path(args.overlays).exists() and not Path(args.overlays).is_dir():
@@ -102,20 +114,18 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         tta=args.tta,
         dataset=args.dataset,
     )
-    split_file = args.split_file
-    if split_file is None and split != "all":
-        split_file = (shipped_folder(args.model) if is_shipped(args.model) else Path(args.model)) / "splits.json"
-        if not split_file.is_file():
-            raise ValueError(
-                f"--split {split}: the model records no splits.json ({split_file}); pass --split-file, or "
-                f"--split all for {'a folder' if args.data_dir is not None else 'a dataset'} it was not trained on."
-            )
     if args.data_dir is not None:
         pairs, problems = discover_pairs(args.data_dir)
         pairs, problems = validate_pairs(pairs, protocol.read_classes, "skip", problems, protocol.mask_values)
         pairs = select_split(pairs, split, split_file)[: args.limit]
     else:  # only the rows scored are read, each once to check it and once to score it
+        example = records["stem"][0] if len(records) else None
         records = select_split_records(records, split, split_file)
+        if not len(records) and example is not None:
+            raise ValueError(
+                f"--split {split}: no stem {split_file} lists names a row of --dataset {args.dataset} (its rows are "
+                f"named like {example!r}): name them as the training run did (--stem-column), or use --split all."
+            )
         records = records.select(range(min(len(records), args.limit))) if args.limit else records
         records, problems = validate_records(
             records, protocol.read_classes, "skip", protocol.mask_values, f"--dataset {args.dataset}"
