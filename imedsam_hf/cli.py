@@ -294,13 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dataset: the split whose rows are all scored (with --split, the run's splits.json picks rows "
         "of all its labelled splits instead)",
     )
-    e.add_argument("--image-column", default="image", help="with --dataset: its image column")
-    e.add_argument("--mask-column", default="mask", help="with --dataset: its mask column")
+    e.add_argument(
+        "--image-column", default=None, help="with --dataset: its image column (default: the run's, else 'image')"
+    )
+    e.add_argument(
+        "--mask-column", default=None, help="with --dataset: its mask column (default: the run's, else 'mask')"
+    )
     e.add_argument(
         "--stem-column",
         default=None,
         help="with --dataset: the column naming each row (a file name such as case0001_slice061.png: per-volume "
-        "scores stack a scan's slices by the group pattern); default: a 'stem' column, else <split>-<row>",
+        "scores stack a scan's slices by the group pattern); default: the run's, else a 'stem' column, else <split>-<row>",
     )
     e.add_argument(
         "--split",

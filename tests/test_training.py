@@ -775,12 +775,12 @@ def test_ct_slices_as_a_dataset_split_by_scan_with_the_names_of_its_id2label(tin
     assert sum(len(s) for s in scans.values()) == 5 and not (scans["train"] & (scans["validation"] | scans["test"]))
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["id2label"]["6"] == "liver" and "6 liver" in (out / "final" / "README.md").read_text()
-    # The run's splits.json says how rows were named: imedsam evaluate --split test finds them without being told.
+    # The run's splits.json says how rows were read and named: imedsam evaluate --split test finds them untold.
     from imedsam_hf.cli import main as cli_main
 
-    assert splits["metadata"]["stem_column"] == "file_name"
-    evaluate = ["evaluate", "--model", str(out / "final"), "--dataset", str(tmp_path / "ct"), "--mask-column"]
-    assert cli_main([*evaluate, "annotation", "--split", "test", "--json", str(tmp_path / "test.json")]) == 0
+    assert splits["metadata"]["stem_column"] == "file_name" and splits["metadata"]["mask_column"] == "annotation"
+    evaluate = ["evaluate", "--model", str(out / "final"), "--dataset", str(tmp_path / "ct"), "--split", "test"]
+    assert cli_main([*evaluate, "--json", str(tmp_path / "test.json")]) == 0
     assert json.loads((tmp_path / "test.json").read_text())["n_images"] == len(splits["test"])
 
 

@@ -202,8 +202,10 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
         source = {"source": data.dataset or data.data_dir}
         if own and not data.split_file:  # which held-out splits are the dataset's own (the others: cut from train)
             source["dataset_splits"] = [name for name in SPLITS if name in own]
-        if data.dataset and data.stem_column:  # how its rows are named, for `imedsam evaluate --dataset --split`
-            source["stem_column"] = data.stem_column
+        if data.dataset:  # how its rows are read and named, for `imedsam evaluate --dataset ... --split test`
+            columns = {"image_column": data.image_column, "mask_column": data.mask_column}
+            columns |= {"stem_column": data.stem_column, "dataset_config": data.dataset_config}
+            source |= {key: value for key, value in columns.items() if value is not None}
         write_splits(splits, output_dir / "splits.json", seed=data.split_seed, **source)
         for name in sorted(own) if not data.split_file else ():
             accelerator.print(

@@ -55,6 +55,10 @@ def run(args: argparse.Namespace, device: str | None) -> int:
     return EXIT_OK
 
 
+# How a dataset's rows are read and named, when neither the command nor the model's splits.json says.
+DATASET_READING = {"dataset_config": None, "image_column": "image", "mask_column": "mask", "stem_column": None}
+
+
 def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     """Check the options, load the model, build the protocol, score, write the reports; the JSON summary."""
     split = args.split or ("test" if args.data_dir is not None else "all")
@@ -71,12 +75,14 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     if args.data_dir is not None:
         find_layout(args.data_dir)  # a missing or unrecognised folder, before the model is loaded
     else:  # the dataset and its columns, before the model is loaded
+        # With --split, rows read and named as the training run did (its splits.json says how), unless told
+        recorded = split_metadata(split_file) if split_file is not None else {}
+        for key, default in DATASET_READING.items():
+            if getattr(args, key) is None:
+                setattr(args, key, recorded.get(key, default))
         splits = open_dataset(args.dataset, args.dataset_config)
         names = [args.dataset_split] if split == "all" else labelled_splits(splits, args.image_column, args.mask_column)
-        stem_column = args.stem_column
-        if stem_column is None and split_file is not None:  # rows named as the training run named them
-            stem_column = split_metadata(split_file).get("stem_column")
-        records = dataset_records(args.dataset, splits, names, args.image_column, args.mask_column, stem_column)
+        records = dataset_records(args.dataset, splits, names, args.image_column, args.mask_column, args.stem_column)
     require_backend(args.backend, args.precision)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: at least 1 pair.")
