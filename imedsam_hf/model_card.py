@@ -133,6 +133,14 @@ def write_adapter_card(folder: str | Path, model_config: Any) -> ModelCard:
     return card
 
 
+def hub_dataset_id(dataset: str | None) -> str | None:
+    """`dataset` when it is a Hub dataset id (`org/name`), the card's metadata link; None for none or a local folder,
+    whose path means nothing on the Hub (and is the trainer's file system)."""
+    if not dataset or Path(dataset).expanduser().exists() or not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", dataset):
+        return None
+    return dataset
+
+
 def splits_origin(dataset_splits: Sequence[str], dataset_split: str) -> str | None:
     """Which held-out splits are a dataset's own and which were cut from its training split, for the card; None
     when the run cut both (a folder, or a dataset without its own)."""
@@ -165,13 +173,14 @@ def write_model_card(
     model_config = json.loads((folder / "config.json").read_text())
     context = model_context(model_config)
     run = results.get("training") or {}  # what the run did (steps, epochs, minutes), never the recipe's plan
-    dataset_name = data.get("name") or data.get("dataset") or Path(str(data.get("data_dir"))).name
+    hub_dataset = hub_dataset_id(data.get("dataset"))
+    dataset_name = data.get("name") or hub_dataset or Path(str(data.get("data_dir") or data.get("dataset"))).name
     repo_id = hub.get("hub_model_id") or Path(training["output_dir"]).name
     boxes = data.get("prompt", "box") == "box"  # what training and its evaluation prompted with
     eval_results = [
         EvalResult(
             task_type="image-segmentation",
-            dataset_type=data.get("dataset") or dataset_name,
+            dataset_type=hub_dataset or dataset_name,
             dataset_name=dataset_name,
             dataset_config=data.get("dataset_config"),
             dataset_split=results.get("split", "test"),
@@ -183,7 +192,7 @@ def write_model_card(
         for metric in ("dice", "iou", "hd95")
         if values.get(metric) is not None and not math.isnan(values[metric])
     ]
-    datasets = [data["dataset"]] if data.get("dataset") else ([data["name"]] if data.get("name") else None)
+    datasets = [hub_dataset] if hub_dataset else ([data["name"]] if data.get("name") else None)
     card = ModelCard.from_template(
         _card_data(context, repo_id, datasets, eval_results),
         template_path=str(template_path()),

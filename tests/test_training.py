@@ -663,9 +663,10 @@ def test_hub_style_dataset_with_image_and_mask_columns(tiny_sam, tmp_path):
     assert len(splits["train"]) + len(splits["validation"]) == 4 and "train-000000" not in splits["train"]
     assert "train-000000: mask is" in (out / "data_problems.txt").read_text()
     assert results["n_images"] == 2 and "48" in results["results"]
-    assert (
-        "(test: the dataset's own; validation cut from its `train` split)" in (out / "final" / "README.md").read_text()
-    )
+    card = (out / "final" / "README.md").read_text()
+    assert "(test: the dataset's own; validation cut from its `train` split)" in card
+    # A local dataset folder is no Hub dataset id: its path stays out of the card's metadata (the Hub's links).
+    assert str(tmp_path) not in card.split("---")[1] and "type: hub-dataset" in card
     with pytest.raises(SystemExit, match="no column"):
         train_script.main(args(tiny_sam, "unused", tmp_path / "x", *extra[:-2], "--mask_column", "nope"))
 
@@ -802,3 +803,10 @@ def test_a_prompt_free_runs_card_says_it_was_trained_and_scored_without_prompts(
     assert "- Prompts: none: trained and evaluated prompt-free" in card
     assert "exact box prompts" not in card and "dice (48 resolution, no prompt)" in card
     assert "Test split (1 images), no prompt." in card
+
+
+def test_the_card_links_hub_dataset_ids_only(tmp_path):
+    from imedsam_hf.model_card import hub_dataset_id
+
+    assert hub_dataset_id("org/polyps") == "org/polyps" and hub_dataset_id("kvasir") == "kvasir"
+    assert hub_dataset_id(str(tmp_path)) is None and hub_dataset_id("./data/x") is None and hub_dataset_id(None) is None
