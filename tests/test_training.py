@@ -660,6 +660,7 @@ def test_hub_style_dataset_with_image_and_mask_columns(tiny_sam, tmp_path):
     results = train_script.main(args(tiny_sam, "unused", out, *extra))
     splits = json.loads((out / "splits.json").read_text())
     assert splits["test"] == ["test-000000", "test-000001"] and splits["metadata"]["dataset_splits"] == ["test"]
+    assert splits["metadata"]["source"] == "hub-dataset"  # the folder's name, not its path (splits.json is published)
     assert len(splits["train"]) + len(splits["validation"]) == 4 and "train-000000" not in splits["train"]
     assert "train-000000: mask is" in (out / "data_problems.txt").read_text()
     assert results["n_images"] == 2 and "48" in results["results"]

@@ -85,7 +85,7 @@ from imedsam_hf.loading import (  # noqa: E402
     load_peft_model,
 )
 from imedsam_hf.metrics import dice  # noqa: E402
-from imedsam_hf.model_card import write_model_card  # noqa: E402
+from imedsam_hf.model_card import hub_dataset_id, write_model_card  # noqa: E402
 from imedsam_hf.processing_imedsam import IMedSamProcessor  # noqa: E402
 from imedsam_hf.publishing import portable_model_name, trainable_state  # noqa: E402
 from imedsam_hf.training import (  # noqa: E402
@@ -199,7 +199,7 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
     else:
         result = {name: [items[index[s]] for s in names] for name, names in splits.items()}
     if accelerator.is_main_process:
-        source = {"source": data.dataset or data.data_dir}
+        source = {"source": data_source(data)}
         if own and not data.split_file:  # which held-out splits are the dataset's own (the others: cut from train)
             source["dataset_splits"] = [name for name in SPLITS if name in own]
         if data.dataset:  # how its rows are read and named, for `imedsam evaluate --dataset ... --split test`
@@ -218,6 +218,12 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
     if not len(result["train"]):
         raise SystemExit("error: the train split is empty.")
     return result
+
+
+def data_source(data: DataArguments) -> str:
+    """What the data is called in `splits.json`, the config and the card: a Hub dataset's id, else the data
+    folder's name (never its path: these files go to the Hub)."""
+    return hub_dataset_id(data.dataset) or Path(data.data_dir or data.dataset).resolve().name
 
 
 def mask_values(data: DataArguments) -> dict[int, int] | None:
@@ -364,7 +370,7 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
                 "give --num-classes on the command line to keep it."
             )
     config.class_aware = bool(data.class_prompts and data.all_classes_per_sample and config.num_classes > 1)
-    folder_name = Path(data.data_dir).resolve().name if data.data_dir else data.dataset
+    folder_name = data_source(data)
     given = {"name", "license", "citation"} & args.given
     if data.provenance_for and folder_name != data.provenance_for and not given:
         raise SystemExit(
