@@ -509,3 +509,23 @@ def test_a_dataset_with_several_configurations_takes_one_by_name(tmp_path):
     hub_rows(1).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match="`dataset_config` 'x': .* has no configurations"):
         load_hub_dataset(str(tmp_path / "saved"), config="x")
+
+
+def test_an_image_folder_with_a_metadata_csv_is_a_dataset(tmp_path):
+    """datasets' `imagefolder` convention: images beside a metadata.csv whose `*_file_name` columns name the image
+    and its mask give `image` and `mask` columns, rows checked like any dataset's."""
+    import shutil
+
+    from imedsam_hf.data import load_hub_dataset, validate_records
+
+    source, folder = SHARED_DATA / "Kvasir-SEG-sample", tmp_path / "polyps" / "train"
+    (folder / "masks").mkdir(parents=True)
+    lines = ["image_file_name,mask_file_name"]
+    for image in sorted((source / "images").iterdir())[:2]:
+        shutil.copy(image, folder / image.name)
+        shutil.copy(source / "masks" / f"{image.stem}.png", folder / "masks" / f"{image.stem}.png")
+        lines.append(f"{image.name},masks/{image.stem}.png")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    records, own = load_hub_dataset(str(tmp_path / "polyps"))
+    good, problems = validate_records(records)
+    assert len(good) == 2 and not problems and own == {}
