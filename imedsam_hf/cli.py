@@ -3,6 +3,7 @@
 imedsam predict --model M IMAGES_OR_VOLUMES... (--box ... | --boxes F | --boxes-from-masks D | --points ... |
                 --points-from-masks D | --no-prompt) --out DIR
 imedsam evaluate --model M (--data-dir D | --dataset HUB_ID) [--split test] [--baseline] --json OUT.json
+imedsam score PREDICTIONS... --truth DIR [--classes 6,liver] [--json OUT.json] [--csv OUT.csv]
 imedsam convert sam --checkpoint facebook/sam-vit-base --image-size 384 --output DIR
 imedsam convert litemedsam --output DIR
 """
@@ -15,7 +16,7 @@ import sys
 import warnings
 
 from . import runtime
-from .commands import common, convert, evaluate, export, predict
+from .commands import common, convert, evaluate, export, predict, score
 from .data import DEFAULT_GROUP_PATTERN
 from .evaluation import NATIVE
 from .inference import MAX_OUTPUT_PIXELS, check_output_budget
@@ -263,6 +264,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scans.add_argument("--all-slices", action="store_true", help="keep slices without any structure too")
 
+    s = sub.add_parser(
+        "score",
+        help="score masks or label volumes already written (by predict or any tool) against the truth",
+        epilog=common.EXIT_CODES,
+        formatter_class=_HelpFormatter,
+    )
+    s.add_argument(
+        "predictions",
+        nargs="+",
+        help="label volumes (.nii, .nii.gz) or masks (PNG...), or folders of them: class ids, or 0/255 for one structure",
+    )
+    s.add_argument(
+        "--truth",
+        required=True,
+        help="folder of the ground truth: label volumes named like the predictions (nnU-Net's <case>_0000 -> <case>), "
+        "or masks named like them (with the folder's one suffix, e.g. _segmentation)",
+    )
+    s.add_argument(
+        "--classes",
+        type=_typed(common.parse_class_ids),
+        default=None,
+        help="score only these structures, ids or names (from a classes.json / id2label.json in or beside the truth "
+        "folder, or the dataset.json beside it); default: every structure in a prediction or its truth",
+    )
+    s.add_argument("--json", default=None, help="write the summary here")
+    s.add_argument("--csv", default=None, help="write one row per case and structure here")
+
     x = sub.add_parser(
         "export",
         help="write the complete Hub folder of a model (shipped models included)",
@@ -465,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate.run(args, device)
         if args.command == "export":
             return export.run(args)
+        if args.command == "score":
+            return score.run(args)
         return convert.run(args)
 
 

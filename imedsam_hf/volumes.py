@@ -74,6 +74,7 @@ from .processing_imedsam import IMedSamProcessor, mirror_image, processor_for_co
 
 __all__ = [
     "NIFTI_SUFFIXES",
+    "check_label_volume",
     "PROPAGATIONS",
     "VOLUME_PROTOCOLS",
     "MR_WINDOW",
@@ -533,7 +534,9 @@ def _as_volume(volume: Volume | np.ndarray, what: str) -> Volume:
     return volume
 
 
-def _check_labels(labels: Volume, volume: Volume, compare_affines: bool) -> np.ndarray:
+def check_label_volume(labels: Volume, volume: Volume, compare_affines: bool) -> np.ndarray:
+    """`labels`' class ids as uint8, checked to lie on `volume`'s grid (its shape; its affine with
+    `compare_affines`) and to hold whole numbers in 0..255; a ValueError naming both files otherwise."""
     if labels.shape != volume.shape:
         raise ValueError(
             f"label volume {labels.name} has shape {labels.shape}, the volume {volume.name} has {volume.shape}"
@@ -712,7 +715,7 @@ def segment_volume(
     wanted = _class_set(classes)
     labels = np.zeros(volume.shape, dtype=np.uint8)
     if label_volume is not None:
-        truth = _check_labels(_as_volume(label_volume, "label volume"), volume, compare_affines=both_volumes)
+        truth = check_label_volume(_as_volume(label_volume, "label volume"), volume, compare_affines=both_volumes)
         present = {int(c) for c in np.unique(truth) if c and (wanted is None or int(c) in wanted)}
         if not present:
             what = "no structure" if wanted is None else f"none of the classes {sorted(wanted)}"
@@ -1335,7 +1338,7 @@ def volumes_to_slices(
             (staging / sub).mkdir()
         for case, image_path, label_path in tqdm(pairs, desc="volumes", unit="volume", disable=not progress):
             volume, label_volume = read_volume(image_path), read_volume(label_path)
-            truth = _check_labels(label_volume, volume, compare_affines=True)
+            truth = check_label_volume(label_volume, volume, compare_affines=True)
             grey = to_uint8(volume.data, window)
             labelled = truth.any(axis=(0, 1))
             slices = range(truth.shape[2]) if all_slices else np.flatnonzero(labelled)

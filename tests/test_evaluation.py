@@ -541,3 +541,30 @@ def test_a_datasets_class_names_come_from_its_id2label(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     assert dataset_class_names("org/abdomen-ct")[1] == "spleen"
     assert asked == [("org/abdomen-ct", "id2label.json", "dataset")]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data missing")
+def test_score_masks_written_by_predict_against_masks_with_a_suffix(tmp_path, capsys):
+    """`imedsam score` on 2-D masks: a 0/1 prediction against 0/255 truth named with the folder's suffix (ISIC's
+    `_segmentation`) is one structure; the scores are `segmentation_scores`' (pixels)."""
+    from imedsam_hf.cli import main as cli_main
+    from imedsam_hf.metrics import segmentation_scores
+
+    masks = sorted((SHARED_DATA / "Kvasir-SEG-sample" / "masks").iterdir())[:2]
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    expected = []
+    for path in masks:
+        truth = read_mask(path)
+        predicted = np.roll(truth, 7, axis=1)
+        Image.fromarray(predicted.astype(np.uint8)).save(tmp_path / "pred" / path.name)  # 0/1
+        Image.fromarray((truth * 255).astype(np.uint8)).save(tmp_path / "truth" / f"{path.stem}_segmentation.png")
+        expected.append(segmentation_scores(predicted, truth))
+    argv = ["score", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "--json", str(tmp_path / "s.json")]
+    assert cli_main(argv) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["unit"] == "px" and summary["n_cases"] == 2 and list(summary["per_class"]) == ["1"]
+    assert summary["per_class"]["1"]["dice"] == pytest.approx(np.mean([e["dice"] for e in expected]))
+    assert summary["per_class"]["1"]["hd95"] == pytest.approx(np.mean([e["hd95"] for e in expected]))
+    assert cli_main(["score", str(tmp_path / "pred"), "--truth", str(tmp_path / "nowhere")]) == 2
+    assert "--truth" in capsys.readouterr().err

@@ -1165,3 +1165,37 @@ def test_convert_volumes_takes_four_digit_case_ids_as_cases_not_channels(tmp_pat
     written = sorted(p.name for p in (tmp_path / "out" / "images").iterdir())
     per_case = int(labels.any(axis=(0, 1)).sum())  # the slices holding a structure
     assert len(written) == 2 * per_case and written[0].startswith("amos_0001_slice")
+
+
+def test_score_label_volumes_written_by_any_tool(tmp_path, capsys):
+    """`imedsam score`: label volumes already written scored against the truth in 3-D (mm, the header's spacing), as
+    `volume_scores`; nnU-Net's `<case>_0000` predictions find `<case>`; a prediction on another grid is skipped and
+    named (exit 1); names from the dataset.json beside the truth folder."""
+    from imedsam_hf.cli import main as cli_main
+
+    truth, predictions = tmp_path / "labelsTs", tmp_path / "predictions"
+    truth.mkdir()
+    predictions.mkdir()
+    labels = two_organs()
+    save_nifti(truth / "a.nii.gz", labels)
+    save_nifti(truth / "b.nii.gz", labels)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "kidney": 2, "liver": 5}}))
+    moved = np.roll(labels, 2, axis=0)
+    save_nifti(predictions / "a_0000.nii.gz", moved)  # nnU-Net's name of case a
+    save_nifti(predictions / "b.nii.gz", labels[:, :, :4])  # another grid
+    argv = ["score", str(predictions), "--truth", str(truth), "--json", str(tmp_path / "s.json")]
+    assert cli_main([*argv, "--csv", str(tmp_path / "s.csv")]) == 1
+    captured = capsys.readouterr()
+    assert "skipped label volume" in captured.err and "b.nii.gz has shape (24, 20, 4)" in captured.err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    expected = volume_scores(moved, labels, (0.8, 0.8, 2.5))
+    assert summary["n_cases"] == 1 and summary["unit"] == "mm" and summary["n_skipped"] == 1
+    for class_id, name in ((2, "kidney"), (5, "liver")):
+        scored = summary["per_class"][str(class_id)]
+        assert scored["name"] == name and scored["dice"] == pytest.approx(expected[class_id]["dice"])
+        assert scored["hd95"] == pytest.approx(expected[class_id]["hd95"])
+    assert "kidney" in captured.out and (tmp_path / "s.csv").read_text().startswith("case,class,name,dice")
+    assert cli_main([*argv[:-2], "--classes", "liver"]) == 1
+    printed = capsys.readouterr().out
+    assert "liver" in printed and "kidney" not in printed
+    assert cli_main(["score", str(predictions / "b.nii.gz"), "--truth", str(truth)]) == 2  # nothing scored

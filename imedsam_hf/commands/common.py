@@ -37,6 +37,7 @@ FLAGS = {
         "split",
         "group_pattern",
         "dataset",
+        "truth",
         "dataset_split",
         "dataset_config",
         "image_column",

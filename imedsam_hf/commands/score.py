@@ -1,0 +1,199 @@
+"""`imedsam score`: score masks or label volumes already written (by `imedsam predict`, or by any other tool) against
+the ground truth, with the metrics `imedsam evaluate` uses: Dice, IoU, HD95 and HD per structure, per case and their
+means. Label volumes (NIfTI) are scored in 3-D with the header's voxel spacing (mm, `volumes.volume_scores`); images
+in 2-D, in pixels (`metrics.segmentation_scores`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ..data import (
+    IMAGE_EXTENSIONS,
+    MaskValuesError,
+    class_id_of,
+    is_volume,
+    mask_folder_suffix,
+    read_class_file,
+    read_class_names,
+    read_mask,
+    volumes_in,
+)
+from ..metrics import nanmean, segmentation_scores
+from ..volumes import check_label_volume, label_volume_names, label_volume_of, read_volume, volume_scores
+from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_message
+
+METRICS = ("dice", "iou", "hd95", "hd")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`imedsam score` with parsed arguments: 0 all scored, 1 some predictions skipped (named), 2 nothing scored."""
+    try:
+        predictions = prediction_files(args.predictions)
+        names = truth_class_names(Path(args.truth))
+        wanted = None
+        if args.classes is not None:
+            if names is None and not all(isinstance(c, int) for c in args.classes):
+                raise ValueError(
+                    f"`classes` {','.join(map(str, args.classes))}: names need a classes.json or id2label.json in or "
+                    f"beside `truth` {args.truth}, or the dataset.json beside it; give ids."
+                )
+            wanted = [c if isinstance(c, int) else class_id_of(c, names, "`classes`") for c in args.classes]
+    except (OSError, ValueError) as error:
+        return fail(error)
+    rows, skipped = [], 0
+    suffix = "" if is_volume(predictions[0]) else mask_folder_suffix([p.stem for p in predictions], args.truth)
+    for path in predictions:
+        try:
+            rows.extend(score_one(path, Path(args.truth), suffix, wanted))
+        except (OSError, ValueError) as error:
+            print(f"skipped {flag_message(error)}", file=sys.stderr)
+            skipped += 1
+    if not rows:
+        print(
+            f"error: nothing scored: none of the {len(predictions)} predictions could be paired and read.",
+            file=sys.stderr,
+        )
+        return EXIT_NOTHING_DONE
+    for row in rows:
+        row["name"] = (names or {}).get(row["class"], f"class {row['class']}")
+    summary = summarise(rows, "mm" if is_volume(predictions[0]) else "px")
+    summary.update(predictions=[str(p) for p in args.predictions], truth=str(args.truth), n_skipped=skipped)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["case", "class", "name", *METRICS])
+            writer.writeheader()
+            writer.writerows({k: row[k] for k in writer.fieldnames} for row in rows)
+    print("\n".join(summary_lines(summary)))
+    return EXIT_SOME_FAILED if skipped else EXIT_OK
+
+
+def prediction_files(inputs: list[str]) -> list[Path]:
+    """The predictions named on the command line (files, or folders of them: their NIfTI volumes if they hold any,
+    else their images; hidden files skipped), all volumes or all images."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            volumes = volumes_in(item)
+            images = sorted(
+                p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )
+            found.extend(volumes or images)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise ValueError(f"{item}: no such file or folder of predictions.")
+    if not found:
+        raise ValueError(
+            f"{', '.join(inputs)}: no label volumes (.nii, .nii.gz) or masks ({', '.join(IMAGE_EXTENSIONS)})."
+        )
+    kinds = {is_volume(p) for p in found}
+    if len(kinds) > 1:
+        raise ValueError("the predictions mix label volumes and 2-D masks: score each kind on its own.")
+    if not kinds.pop() and any(p.suffix.lower() not in IMAGE_EXTENSIONS for p in found):
+        odd = next(p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS)
+        raise ValueError(
+            f"{odd}: neither a label volume (.nii, .nii.gz) nor a mask image ({', '.join(IMAGE_EXTENSIONS)})."
+        )
+    return found
+
+
+def truth_class_names(truth: Path) -> dict[int, str] | None:
+    """The structures' names: a classes.json or id2label.json in the truth folder or beside it, or the MSD / nnU-Net
+    dataset.json beside it (labelsTr's parent); None without any."""
+    if not truth.is_dir():
+        raise ValueError(f"`truth` {truth}: not a folder of label volumes or masks.")
+    for folder in (truth, truth.parent):
+        names = read_class_names(folder)
+        if names:
+            return names
+    beside = truth.parent / "dataset.json"
+    return read_class_file(beside) if beside.is_file() else None
+
+
+def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None) -> list[dict]:
+    """The rows (one per structure in either, or each of `wanted`) of one prediction against its truth."""
+    if is_volume(path):
+        found = label_volume_of(path, truth)
+        if found is None:
+            raise ValueError(f"{path}: no label volume in `truth` {truth} (looked for {label_volume_names(path)}).")
+        predicted, expected = read_volume(path), read_volume(found)
+        truth_ids = check_label_volume(expected, expected, compare_affines=False)
+        predicted_ids = check_label_volume(predicted, expected, compare_affines=True)
+        scores = volume_scores(predicted_ids, truth_ids, expected.spacing, wanted)
+        case = path.name.split(".nii")[0]
+        return [{"case": case, "class": c, **s} for c, s in scores.items() if not np.isnan(s["dice"])]
+    candidates = [p for p in truth.glob(f"{path.stem}{suffix}.*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if len(candidates) != 1:
+        what = "no mask" if not candidates else f"{len(candidates)} masks"
+        raise ValueError(f"{path}: {what} named {path.stem}{suffix}.* in `truth` {truth}.")
+    predicted, expected = class_maps(path, candidates[0])
+    if predicted.shape != expected.shape:
+        raise ValueError(
+            f"{path}: {predicted.shape[1]}x{predicted.shape[0]}, its truth {candidates[0]} "
+            f"{expected.shape[1]}x{expected.shape[0]}: score masks on their image's grid."
+        )
+    ids = wanted or sorted(int(c) for c in np.union1d(np.unique(predicted), np.unique(expected)) if c > 0)
+    return [
+        {"case": path.stem, "class": c, **segmentation_scores(predicted == c, expected == c)}
+        for c in ids
+        if (predicted == c).any() or (expected == c).any()
+    ]
+
+
+def class_maps(predicted: Path, truth: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks as class ids: binary (each one foreground value: 0/255 against 0/1 is one structure) when both
+    are, else the stored ids of both."""
+    try:
+        return read_mask(predicted, 1), read_mask(truth, 1)
+    except MaskValuesError:
+        return read_mask(predicted, 255), read_mask(truth, 255)
+
+
+def summarise(rows: list[dict], unit: str) -> dict:
+    """Per structure the mean of each metric over the cases where it is in the prediction or the truth, and the mean
+    over structures."""
+    per_class: dict[int, dict] = {}
+    for class_id in sorted({row["class"] for row in rows}):
+        mine = [row for row in rows if row["class"] == class_id]
+        per_class[class_id] = {
+            "name": mine[0]["name"],
+            "n": len(mine),
+            **{m: nanmean([row[m] for row in mine]) for m in METRICS},
+        }
+    return {
+        "unit": unit,
+        "n_cases": len({row["case"] for row in rows}),
+        "per_class": {str(c): v for c, v in per_class.items()},
+        "class_mean": {m: nanmean([v[m] for v in per_class.values()]) for m in METRICS},
+    }
+
+
+def summary_lines(summary: Mapping) -> list[str]:
+    """The table `imedsam score` prints."""
+    unit = summary["unit"]
+    lines = [f"{summary['n_cases']} cases, {'3-D' if unit == 'mm' else '2-D'} scores (distances in {unit}):"]
+    for class_id, v in summary["per_class"].items():
+        lines.append(
+            f"  {class_id:>3} {v['name']:<28} n={v['n']:>4}  Dice {v['dice']:.4f}  IoU {v['iou']:.4f}  "
+            f"HD95 {v['hd95']:.2f}  HD {v['hd']:.2f}"
+        )
+    mean = summary["class_mean"]
+    lines.append(
+        f"  mean over {len(summary['per_class'])} structures: Dice {mean['dice']:.4f}  HD95 {mean['hd95']:.2f}"
+    )
+    return lines
+
+
+__all__ = ["run"]
