@@ -558,6 +558,7 @@ def test_score_masks_written_by_predict_against_masks_with_a_suffix(tmp_path, ca
         truth = read_mask(path)
         predicted = np.roll(truth, 7, axis=1)
         Image.fromarray(predicted.astype(np.uint8)).save(tmp_path / "pred" / path.name)  # 0/1
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "pred" / f"{path.stem}_overlay.png")  # predict's
         Image.fromarray((truth * 255).astype(np.uint8)).save(tmp_path / "truth" / f"{path.stem}_segmentation.png")
         expected.append(segmentation_scores(predicted, truth))
     argv = ["score", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "--json", str(tmp_path / "s.json")]

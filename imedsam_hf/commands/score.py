@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
 def prediction_files(inputs: list[str]) -> list[Path]:
     """The predictions named on the command line (files, or folders of them: their NIfTI volumes if they hold any,
-    else their images; hidden files skipped), all volumes or all images."""
+    else their images, without hidden files and `predict --overlay`'s `<name>_overlay.png` beside `<name>.png`),
+    all volumes or all images."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -89,6 +90,8 @@ def prediction_files(inputs: list[str]) -> list[Path]:
             images = sorted(
                 p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
             )
+            stems = {p.stem for p in images}
+            images = [p for p in images if not (p.stem.endswith("_overlay") and p.stem[: -len("_overlay")] in stems)]
             found.extend(volumes or images)
         elif item.is_file():
             found.append(item)
