@@ -565,6 +565,7 @@ def test_score_masks_written_by_predict_against_masks_with_a_suffix(tmp_path, ca
     assert cli_main(argv) == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["unit"] == "px" and summary["n_cases"] == 2 and list(summary["per_class"]) == ["1"]
+    assert summary["per_class"]["1"]["name"] == "foreground"
     assert summary["per_class"]["1"]["dice"] == pytest.approx(np.mean([e["dice"] for e in expected]))
     assert summary["per_class"]["1"]["hd95"] == pytest.approx(np.mean([e["hd95"] for e in expected]))
     assert cli_main(["score", str(tmp_path / "pred"), "--truth", str(tmp_path / "nowhere")]) == 2

@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_NOTHING_DONE
-    for row in rows:
-        row["name"] = (names or {}).get(row["class"], f"class {row['class']}")
+    for row in rows:  # a binary mask's one structure is its foreground
+        default = "foreground" if row.pop("binary", False) else f"class {row['class']}"
+        row["name"] = (names or {}).get(row["class"], default)
     summary = summarise(rows, "mm" if is_volume(predictions[0]) else "px")
     summary.update(predictions=[str(p) for p in args.predictions], truth=str(args.truth), n_skipped=skipped)
     if args.json:
@@ -141,7 +142,7 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None) ->
     if len(candidates) != 1:
         what = "no mask" if not candidates else f"{len(candidates)} masks"
         raise ValueError(f"{path}: {what} named {path.stem}{suffix}.* in `truth` {truth}.")
-    predicted, expected = class_maps(path, candidates[0])
+    predicted, expected, binary = class_maps(path, candidates[0])
     if predicted.shape != expected.shape:
         raise ValueError(
             f"{path}: {predicted.shape[1]}x{predicted.shape[0]}, its truth {candidates[0]} "
@@ -149,19 +150,19 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None) ->
         )
     ids = wanted or sorted(int(c) for c in np.union1d(np.unique(predicted), np.unique(expected)) if c > 0)
     return [
-        {"case": path.stem, "class": c, **segmentation_scores(predicted == c, expected == c)}
+        {"case": path.stem, "class": c, "binary": binary, **segmentation_scores(predicted == c, expected == c)}
         for c in ids
         if (predicted == c).any() or (expected == c).any()
     ]
 
 
-def class_maps(predicted: Path, truth: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Both masks as class ids: binary (each one foreground value: 0/255 against 0/1 is one structure) when both
-    are, else the stored ids of both."""
+def class_maps(predicted: Path, truth: Path) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Both masks as class ids, and whether they were read as binary: binary (each one foreground value: 0/255
+    against 0/1 is one structure) when both are, else the stored ids of both."""
     try:
-        return read_mask(predicted, 1), read_mask(truth, 1)
+        return read_mask(predicted, 1), read_mask(truth, 1), True
     except MaskValuesError:
-        return read_mask(predicted, 255), read_mask(truth, 255)
+        return read_mask(predicted, 255), read_mask(truth, 255), False
 
 
 def summarise(rows: list[dict], unit: str) -> dict:
