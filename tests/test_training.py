@@ -670,6 +670,8 @@ def test_hub_style_dataset_with_image_and_mask_columns(tiny_sam, tmp_path):
     assert str(tmp_path) not in card.split("---")[1] and "type: hub-dataset" in card
     with pytest.raises(SystemExit, match="no column"):
         train_script.main(args(tiny_sam, "unused", tmp_path / "x", *extra[:-2], "--mask_column", "nope"))
+    with pytest.raises(SystemExit, match="--data-dir .*polyps and --dataset .*: train on one of them"):
+        train_script.main(args(tiny_sam, "unused", tmp_path / "y", *extra[:4], "--data_dir", str(tmp_path / "polyps")))
 
 
 def organ_folder(root, count=5):

@@ -170,6 +170,8 @@ class RunLog:
 def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelerator: Accelerator) -> dict[str, Any]:
     """The train/validation/test records, with problems reported and splits written next to the run."""
     own: dict[str, list[str]] = {}
+    if data.dataset and data.data_dir:
+        raise SystemExit(f"error: --data-dir {data.data_dir} and --dataset {data.dataset}: train on one of them.")
     if data.dataset:
         items, own = load_hub_dataset(
             data.dataset, data.dataset_split, data.image_column, data.mask_column, data.stem_column, data.dataset_config
