@@ -1199,3 +1199,8 @@ def test_score_label_volumes_written_by_any_tool(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "liver" in printed and "kidney" not in printed
     assert cli_main(["score", str(predictions / "b.nii.gz"), "--truth", str(truth)]) == 2  # nothing scored
+    extra = moved.copy()
+    extra[0:2, 0:2, 0] = 9  # a structure the truth never has (another tool's extra class): named, not hidden
+    save_nifti(predictions / "a_0000.nii.gz", extra)
+    assert cli_main(["score", str(predictions / "a_0000.nii.gz"), "--truth", str(truth)]) == 0
+    assert "class id(s) [9] are in predictions only" in capsys.readouterr().err

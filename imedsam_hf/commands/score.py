@@ -62,6 +62,14 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_NOTHING_DONE
+    truth_classes = {row["class"] for row in rows if row.pop("in_truth")}
+    unknown = sorted({row["class"] for row in rows} - truth_classes)
+    if unknown and wanted is None:
+        print(
+            f"warning: class id(s) {unknown} are in predictions only, in no truth: each scores Dice 0 where it is "
+            "predicted and lowers the mean; --classes scores only the structures you name.",
+            file=sys.stderr,
+        )
     for row in rows:  # a binary mask's one structure is its foreground
         default = "foreground" if row.pop("binary", False) else f"class {row['class']}"
         row["name"] = (names or {}).get(row["class"], default)
@@ -137,7 +145,12 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None) ->
         predicted_ids = check_label_volume(predicted, expected, compare_affines=True)
         scores = volume_scores(predicted_ids, truth_ids, expected.spacing, wanted)
         case = path.name.split(".nii")[0]
-        return [{"case": case, "class": c, **s} for c, s in scores.items() if not np.isnan(s["dice"])]
+        present = set(np.unique(truth_ids).tolist())
+        return [
+            {"case": case, "class": c, "in_truth": c in present, **s}
+            for c, s in scores.items()
+            if not np.isnan(s["dice"])
+        ]
     candidates = [p for p in truth.glob(f"{path.stem}{suffix}.*") if p.suffix.lower() in IMAGE_EXTENSIONS]
     if len(candidates) != 1:
         what = "no mask" if not candidates else f"{len(candidates)} masks"
@@ -150,7 +163,13 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None) ->
         )
     ids = wanted or sorted(int(c) for c in np.union1d(np.unique(predicted), np.unique(expected)) if c > 0)
     return [
-        {"case": path.stem, "class": c, "binary": binary, **segmentation_scores(predicted == c, expected == c)}
+        {
+            "case": path.stem,
+            "class": c,
+            "binary": binary,
+            "in_truth": bool((expected == c).any()),
+            **segmentation_scores(predicted == c, expected == c),
+        }
         for c in ids
         if (predicted == c).any() or (expected == c).any()
     ]
