@@ -184,6 +184,7 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
             raise SystemExit(f"error: --dataset {data.dataset}: no usable image/mask rows.")
         kept = set(stems)
         own = {name: [stem for stem in names if stem in kept] for name, names in own.items()}
+        own = {name: names for name, names in own.items() if names}  # none usable: cut from the training split
     else:
         if not data.data_dir:
             raise SystemExit("error: set --data-dir (a folder with images/ and masks/) or --dataset (a Hub id).")
