@@ -813,3 +813,26 @@ def test_the_card_links_hub_dataset_ids_only(tmp_path):
 
     assert hub_dataset_id("org/polyps") == "org/polyps" and hub_dataset_id("kvasir") == "kvasir"
     assert hub_dataset_id(str(tmp_path)) is None and hub_dataset_id("./data/x") is None and hub_dataset_id(None) is None
+
+
+def test_a_datasets_own_split_with_no_usable_row_is_cut_from_training(tmp_path):
+    """A dataset's own validation split whose every row is unusable (here: masks of another size) would leave the
+    run without validation: it is cut from the training split instead, as for a dataset without one."""
+    import datasets
+    from accelerate import Accelerator
+
+    from imedsam_hf.data import SPLITS
+
+    def rows(count, mask_size):
+        images = [Image.fromarray(np.full((30, 40, 3), 20 * i, np.uint8)) for i in range(count)]
+        mask = np.zeros(mask_size, np.uint8)
+        mask[2:6, 2:6] = 255
+        features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+        return datasets.Dataset.from_dict({"image": images, "mask": [Image.fromarray(mask)] * count}, features=features)
+
+    datasets.DatasetDict({"train": rows(10, (30, 40)), "validation": rows(2, (8, 8))}).save_to_disk(str(tmp_path / "d"))
+    data = train_script.DataArguments(dataset=str(tmp_path / "d"))
+    splits = train_script.load_pairs(data, 1, tmp_path, Accelerator(cpu=True))
+    assert {name: len(splits[name]) for name in SPLITS} == {"train": 6, "validation": 2, "test": 2}
+    assert all(stem.startswith("train-") for stem in splits["validation"]["stem"])
+    assert "dataset_splits" not in json.loads((tmp_path / "splits.json").read_text())["metadata"]
