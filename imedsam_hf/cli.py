@@ -2,6 +2,7 @@
 
 imedsam predict --model M IMAGES_OR_VOLUMES... (--box ... | --boxes F | --boxes-from-masks D | --points ... |
                 --points-from-masks D | --no-prompt) --out DIR
+imedsam predict --model M CASES.npz... --out DIR   (LiteMedSAM challenge cases: their own boxes)
 imedsam evaluate --model M (--data-dir D | --dataset HUB_ID) [--split test] [--baseline] --json OUT.json
 imedsam score PREDICTIONS... --truth DIR [--classes 6,liver] [--json OUT.json] [--csv OUT.csv]
 imedsam convert sam --checkpoint facebook/sam-vit-base --image-size 384 --output DIR
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "inputs",
         nargs="+",
-        help="image files, folders of images, or NIfTI volumes and folders of them (.nii/.nii.gz: a label volume out)",
+        help="image files, folders of images, or NIfTI volumes and folders of them (.nii/.nii.gz: a label volume out), "
+        "or LiteMedSAM challenge cases (.npz with imgs and boxes: segs out)",
     )
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument(

@@ -95,6 +95,8 @@ __all__ = [
     "parse_window",
     "place_slice",
     "read_volume",
+    "segment_npz_case",
+    "NPZ_CLASS_AWARE",
     "segment_volume",
     "slice_image",
     "stack_slices",
@@ -394,6 +396,70 @@ def place_slice(volume_data: np.ndarray, z: int, image: np.ndarray) -> None:
     if tuple(image.shape) != expected:
         raise ValueError(f"slice image has shape {tuple(image.shape)}, the volume's slices are {expected} (H, W)")
     volume_data[:, :, z] = np.rot90(image, -1)
+
+
+NPZ_CLASS_AWARE = (
+    "a class-aware model decodes each box by its structure's heads, and a challenge case's boxes name no structure: "
+    "use a one-class model (litemedsam, a binary fine-tune)"
+)
+
+
+def segment_npz_case(
+    model: Any,
+    imgs: np.ndarray,
+    boxes: np.ndarray,
+    *,
+    processor: IMedSamProcessor | None = None,
+    progress: bool = True,
+    tta: str = "none",
+) -> np.ndarray:
+    """One case in the `.npz` form of the CVPR 2024 "MedSAM on laptop" challenge (LiteMedSAM's own data: `imgs` and
+    `boxes`) -> its `segs`, uint16, box ``i``'s structure ``i + 1``.
+
+    2-D (``boxes`` ``(N, 4)``, ``[x0, y0, x1, y1]`` pixels): ``imgs`` ``(H, W, 3)`` or ``(H, W)``; all boxes in one
+    call of :func:`imedsam_hf.inference.segment`, later boxes written over earlier ones (MedSAM-Lite's script's
+    order) -> ``(H, W)``.
+    3-D (``boxes`` ``(N, 6)``, ``[x0, y0, z0, x1, y1, z1]``, ``x, y`` pixels of the axial image ``imgs[z]``,
+    inclusive): ``imgs`` ``(D, H, W)``, slices as SimpleITK's ``GetArrayFromImage`` gives them; each box propagated
+    from its middle slice as :func:`segment_volume`'s ``boxes_3d`` (at most 255 boxes; where masks overlap, the more
+    probable wins), the model seeing each ``imgs[z]`` as it is -> ``(D, H, W)``.
+
+    Raises:
+        ValueError: shapes that fit neither form, no box, more than 255 3-D boxes, or a class-aware model (the file's
+        boxes say no structure, and a class-aware model decodes a box by its structure's heads).
+    """
+    from .configuration_imedsam import is_class_aware
+
+    boxes = np.asarray(boxes, dtype=np.float64)
+    imgs = np.asarray(imgs)
+    if boxes.ndim != 2 or boxes.shape[1] not in (4, 6) or not len(boxes):
+        raise ValueError(f"`boxes` has shape {boxes.shape}: expected (N, 4) 2-D or (N, 6) 3-D boxes, N >= 1")
+    model = load_model(model)[0] if isinstance(model, (str, os.PathLike)) else model
+    if is_class_aware(model.config):
+        raise ValueError(NPZ_CLASS_AWARE)
+    if boxes.shape[1] == 4:
+        if not (imgs.ndim == 2 or (imgs.ndim == 3 and imgs.shape[-1] in (3, 4))):
+            raise ValueError(f"`imgs` has shape {imgs.shape}: 2-D boxes need an (H, W, 3) or (H, W) image")
+        result = segment(model, imgs, box=boxes.tolist(), processor=processor, tta=tta)
+        masks = result.mask.reshape(len(boxes), *imgs.shape[:2])
+        segs = np.zeros(imgs.shape[:2], dtype=np.uint16)
+        for index, mask in enumerate(masks):
+            segs[mask > 0] = index + 1
+        return segs
+    if imgs.ndim != 3:
+        raise ValueError(f"`imgs` has shape {imgs.shape}: 3-D boxes need a (D, H, W) stack of axial slices")
+    if len(boxes) > 255:
+        raise ValueError(f"{len(boxes)} 3-D boxes: at most 255 (the label volume is uint8); split the case")
+    depth, height, width = imgs.shape
+    data = np.zeros((width, height, depth), dtype=imgs.dtype)
+    for z in range(depth):
+        place_slice(data, z, imgs[z])
+    boxes_3d = {  # rows of imgs[z] are the reversed y of the volume's slice_image convention
+        index + 1: [x0, height - 1 - y1, z0, x1, height - 1 - y0, z1]
+        for index, (x0, y0, z0, x1, y1, z1) in enumerate(boxes.round().astype(int).tolist())
+    }
+    labels = segment_volume(model, data, processor=processor, boxes_3d=boxes_3d, progress=progress, tta=tta)
+    return np.stack([slice_image(labels, z) for z in range(depth)]).astype(np.uint16)
 
 
 def volume_box_to_slice_box(box_3d: Sequence[float], shape: Sequence[int]) -> list[float]:

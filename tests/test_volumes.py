@@ -24,7 +24,7 @@ from scipy.spatial.distance import cdist
 from imedsam_hf import load_model
 from imedsam_hf import volumes as volumes_module
 from imedsam_hf.data import mask_box
-from imedsam_hf.inference import Segmentation
+from imedsam_hf.inference import Segmentation, segment
 from imedsam_hf.volumes import (
     WINDOW_PRESETS,
     SliceEmbeddings,
@@ -1204,3 +1204,47 @@ def test_score_label_volumes_written_by_any_tool(tmp_path, capsys):
     save_nifti(predictions / "a_0000.nii.gz", extra)
     assert cli_main(["score", str(predictions / "a_0000.nii.gz"), "--truth", str(truth)]) == 0
     assert "class id(s) [9] are in predictions only" in capsys.readouterr().err
+
+
+def test_challenge_npz_cases_segment_as_their_volume_and_image_do(tmp_path, capsys):
+    """The CVPR 2024 "MedSAM on laptop" `.npz` form (LiteMedSAM's own data): a 3-D case (`imgs` (D, H, W) axial
+    images, boxes in their pixels) gives exactly `segment_volume`'s masks of the same scan and 3-D boxes, slice by
+    slice; a 2-D case `segment`'s masks, later boxes over earlier ones; `imedsam predict` writes `segs`."""
+    from imedsam_hf.cli import main as cli_main
+    from imedsam_hf.volumes import segment_npz_case, volume_box_to_slice_box
+
+    model = tiny_model(query_mode="adaptive", implicit_decoder_trained=True)
+    labels = two_organs()
+    data = slice_coded_images(labels.shape)
+    boxes_3d = boxes_3d_from_labels(labels)
+    expected = segment_volume(model, data, boxes_3d=boxes_3d, progress=False)
+    imgs = np.stack([slice_image(data, z) for z in range(data.shape[2])])  # (D, H, W), as the model sees them
+    pixel_boxes = []
+    for box in boxes_3d.values():  # the same boxes in the images' pixels: [x0, y0, z0, x1, y1, z1]
+        x0, y0, x1, y1 = volume_box_to_slice_box(box, labels.shape)
+        pixel_boxes.append([x0, y0, box[2], x1, y1, box[5]])
+    segs = segment_npz_case(model, imgs, np.array(pixel_boxes), progress=False)
+    ids = {index + 1: class_id for index, class_id in enumerate(boxes_3d)}
+    assert segs.dtype == np.uint16 and segs.shape == imgs.shape
+    for z in range(labels.shape[2]):
+        remapped = np.vectorize(lambda v: ids.get(int(v), 0))(segs[z]).astype(np.uint8)
+        assert np.array_equal(remapped, slice_image(expected, z)), z
+
+    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    boxes_2d = np.array([[5, 5, 30, 30], [20, 10, 45, 35]])
+    masks = segment(model, image, box=boxes_2d.tolist()).mask
+    flat = segment_npz_case(model, image, boxes_2d)
+    assert np.array_equal(flat == 2, masks[1] > 0) and np.array_equal(flat == 1, (masks[0] > 0) & ~(masks[1] > 0))
+
+    np.savez(tmp_path / "ct_case.npz", imgs=imgs, boxes=np.array(pixel_boxes))
+    np.savez(tmp_path / "photo.npz", imgs=image, boxes=boxes_2d)
+    np.savez(tmp_path / "broken.npz", images=image)
+    model.save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", "--out", str(tmp_path / "out")]
+    cases = [str(tmp_path / f"{name}.npz") for name in ("ct_case", "photo", "broken")]
+    assert cli_main([*argv, *cases]) == 1
+    assert "broken.npz: no imgs and boxes array (it holds ['images'])" in capsys.readouterr().err
+    assert np.array_equal(np.load(tmp_path / "out" / "ct_case.npz")["segs"], segs)
+    assert np.array_equal(np.load(tmp_path / "out" / "photo.npz")["segs"], flat)
+    assert cli_main([*argv[:-1], str(tmp_path / "o2"), cases[1], "--box", "1,1,5,5"]) == 2
+    assert "--box: a .npz case carries its own boxes" in capsys.readouterr().err and not (tmp_path / "o2").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import sys
 import warnings
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..configuration_imedsam import is_class_aware
 from ..data import (
     IMAGE_EXTENSIONS,
     extra_masks,
@@ -37,6 +39,7 @@ from ..loading import load_model
 from ..processing_imedsam import open_image, to_rgb_array
 from ..runtime import require_backend
 from ..volumes import (
+    NPZ_CLASS_AWARE,
     check_window,
     is_structure_name,
     is_volume,
@@ -44,6 +47,7 @@ from ..volumes import (
     label_volume_of,
     named_structures,
     read_volume,
+    segment_npz_case,
     segment_volume,
     to_uint8,
     volume_name,
@@ -283,6 +287,8 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
 
 def run(args: argparse.Namespace, device: str | None) -> int:
     """`imedsam predict` with parsed arguments."""
+    if any(Path(raw).suffix.lower() == ".npz" for raw in args.inputs):
+        return predict_npz(args, device)
     made = False  # whether this call made --out (then a refusal removes it again, empty)
     try:
         grid = parse_output_size(args.output_size)
@@ -430,10 +436,7 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
                 overlaid = overlay(picture, values, **shown, class_colours=ids is not None)  # with its prompts
                 write_png(overlaid, targets[1])
         except (ValueError, RuntimeError) as error:  # RuntimeError: an accelerated backend failed, and says so
-            message = flag_message(error)
-            message = message if str(path) in message else f"{path}: {message}"
-            failures.append(message)
-            print(f"skipped {message}", file=sys.stderr)
+            skip(path, error, failures)
         except OSError as error:
             message = (
                 f"{path}: cannot write {getattr(error, 'filename', None) or targets[0]} ({error.strerror or error})"
@@ -447,6 +450,14 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
     for message in failures:
         print(f"  {message}", file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def skip(path: Path, error: BaseException, failures: list[str]) -> None:
+    """An input that failed: its message (naming the input once) kept for the summary and printed as skipped."""
+    message = flag_message(error)
+    message = message if str(path) in message else f"{path}: {message}"
+    failures.append(message)
+    print(f"skipped {message}", file=sys.stderr)
 
 
 def write_png(image: Image.Image, target: Path) -> None:
@@ -485,12 +496,74 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 )
                 write_png(picture, targets[1])
         except (OSError, ValueError) as error:
-            message = flag_message(error)
-            message = message if str(path) in message else f"{path}: {message}"
-            failures.append(message)
-            print(f"skipped {message}", file=sys.stderr)
+            skip(path, error, failures)
     print(f"{len(plan) - len(failures)} of {len(plan)} volumes segmented into {args.out}")
     return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+# What a challenge case does not take: it carries its boxes, its images are 8-bit, its masks are on its own grid.
+NPZ_REFUSED = {
+    "--box": "box", "--boxes": "boxes", "--boxes-from-masks": "boxes_from_masks", "--points": "points",
+    "--points-from-masks": "points_from_masks", "--no-prompt": "no_prompt", "--window": "window",
+    "--output-size": "output_size", "--classes": "classes", "--overlay": "overlay",
+}  # fmt: skip
+
+
+def predict_npz(args: argparse.Namespace, device: str | None) -> int:
+    """
+    `imedsam predict CASE.npz ...`: cases in the `.npz` form of the CVPR 2024 "MedSAM on laptop" challenge
+    (`imgs`, `boxes`: LiteMedSAM's own data) -> `<out>/<name>.npz` with `segs` (`volumes.segment_npz_case`), each
+    written atomically; a case that cannot be read or segmented is skipped and named.
+    """
+    made = False
+    try:
+        others = [raw for raw in args.inputs if Path(raw).suffix.lower() != ".npz"]
+        if others:
+            raise ValueError(f"{others[0]}: .npz cases and images or volumes go in separate calls.")
+        missing = [raw for raw in args.inputs if not Path(raw).is_file()]
+        if missing:
+            raise ValueError(f"{missing[0]}: no such file.")
+        given = [flag for flag, key in NPZ_REFUSED.items() if getattr(args, key, None)]
+        if given:
+            raise ValueError(
+                f"{given[0]}: a .npz case carries its own boxes (`boxes`) and 8-bit `imgs`, and its `segs` are written "
+                "on its own grid; give no prompt, window, size or overlay flag."
+            )
+        check_output_folder(args.out, args.inputs)
+        plan = plan_outputs(args.inputs, args.out, (".npz",))
+        refuse_existing([t for targets in plan.values() for t in targets], args.out, args.overwrite)
+        require_backend(args.backend, args.precision)
+        made = not Path(args.out).exists()
+        check_writable(args.out)
+        model, processor = load_model(
+            args.model, device=device, backend=args.backend, backend_options={"precision": args.precision}
+        )
+        if is_class_aware(model.config):
+            raise ValueError(f"--model {args.model}: {NPZ_CLASS_AWARE}.")
+    except (OSError, ValueError, ImportError) as error:
+        if made and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()
+        return fail(error)
+    failures = []
+    for path, targets in plan.items():
+        try:
+            with np.load(path, allow_pickle=False) as case:
+                absent = [key for key in ("imgs", "boxes") if key not in case.files]
+                if absent:
+                    raise ValueError(f"no {' and '.join(absent)} array (it holds {case.files})")
+                imgs, boxes = case["imgs"], case["boxes"]
+            segs = segment_npz_case(model, imgs, boxes, processor=processor, tta=args.tta)
+            atomic_write(targets[0], functools.partial(_save_segs, segs=segs))
+            print(f"{path}: {len(boxes)} boxes, {int((segs > 0).sum())} labelled pixels -> {targets[0]}")
+        except (OSError, ValueError) as error:
+            skip(path, error, failures)
+    print(f"{len(plan) - len(failures)} of {len(plan)} cases segmented into {args.out}")
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def _save_segs(path: str, *, segs: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a file object: np.savez would add .npz to a path's name
+        np.savez_compressed(handle, segs=segs)
 
 
 __all__ = [
@@ -498,6 +571,7 @@ __all__ = [
     "image_boxes",
     "masks_hold_class_ids",
     "predict_images",
+    "predict_npz",
     "predict_volumes",
     "run",
     "volume_boxes",
