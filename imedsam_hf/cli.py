@@ -275,13 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "predictions",
         nargs="+",
-        help="label volumes (.nii, .nii.gz) or masks (PNG...), or folders of them: class ids, or 0/255 for one structure",
+        help="label volumes (.nii, .nii.gz), masks (PNG...; class ids, or 0/255 for one structure) or challenge cases "
+        "(.npz with segs), or folders of them",
     )
     s.add_argument(
         "--truth",
         required=True,
         help="folder of the ground truth: label volumes named like the predictions (nnU-Net's <case>_0000 -> <case>), "
-        "or masks named like them (with the folder's one suffix, e.g. _segmentation)",
+        "masks named like them (with the folder's one suffix, e.g. _segmentation), or the cases (.npz with gts)",
     )
     s.add_argument(
         "--classes",

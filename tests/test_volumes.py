@@ -1248,3 +1248,29 @@ def test_challenge_npz_cases_segment_as_their_volume_and_image_do(tmp_path, caps
     assert np.array_equal(np.load(tmp_path / "out" / "photo.npz")["segs"], flat)
     assert cli_main([*argv[:-1], str(tmp_path / "o2"), cases[1], "--box", "1,1,5,5"]) == 2
     assert "--box: a .npz case carries its own boxes" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_score_challenge_cases_segs_against_gts(tmp_path, capsys):
+    """`imedsam score` on LiteMedSAM's challenge cases: `segs` against the truth case's `gts`, 3-D in mm by its
+    `spacing` (x, y, z) as `volume_scores` of the same arrays in (X, Y, Z), 2-D in pixels."""
+    from imedsam_hf.cli import main as cli_main
+
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    labels = two_organs()  # (X, Y, Z)
+    gts = labels.transpose(2, 1, 0)  # (D, H, W), as SimpleITK's arrays
+    segs = np.roll(gts, 1, axis=2)
+    np.savez(tmp_path / "truth" / "CT_a.npz", imgs=np.zeros_like(gts), gts=gts, spacing=np.array([0.8, 0.8, 2.5]))
+    np.savez(tmp_path / "pred" / "CT_a.npz", segs=segs.astype(np.uint16))
+    argv = ["score", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "--json", str(tmp_path / "s.json")]
+    assert cli_main(argv) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    expected = volume_scores(segs.transpose(2, 1, 0), labels, (0.8, 0.8, 2.5))
+    assert summary["unit"] == "mm" and set(summary["per_class"]) == {"2", "5"}
+    assert summary["per_class"]["5"]["hd95"] == pytest.approx(expected[5]["hd95"])
+    np.savez(tmp_path / "truth" / "XRay_b.npz", gts=gts[2])
+    np.savez(tmp_path / "pred" / "XRay_b.npz", segs=segs[2])
+    assert cli_main(argv) == 2  # a 2-D and a 3-D case: distances in px and mm, not averaged together
+    assert "score 2-D and 3-D cases apart" in capsys.readouterr().err
+    (tmp_path / "pred" / "CT_a.npz").unlink()
+    assert cli_main(argv) == 0 and json.loads((tmp_path / "s.json").read_text())["unit"] == "px"

@@ -1,7 +1,8 @@
 """`imedsam score`: score masks or label volumes already written (by `imedsam predict`, or by any other tool) against
 the ground truth, with the metrics `imedsam evaluate` uses: Dice, IoU, HD95 and HD per structure, per case and their
 means. Label volumes (NIfTI) are scored in 3-D with the header's voxel spacing (mm, `volumes.volume_scores`); images
-in 2-D, in pixels (`metrics.segmentation_scores`).
+in 2-D, in pixels (`metrics.segmentation_scores`); LiteMedSAM's challenge cases (.npz `segs` against `gts`) either
+way.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         return fail(error)
     rows, skipped = [], 0
-    suffix = "" if is_volume(predictions[0]) else mask_folder_suffix([p.stem for p in predictions], args.truth)
+    masks = kind_of(predictions[0]) == "mask"
+    suffix = mask_folder_suffix([p.stem for p in predictions], args.truth) if masks else ""
     for path in predictions:
         try:
             rows.extend(score_one(path, Path(args.truth), suffix, wanted))
@@ -73,7 +75,13 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:  # a binary mask's one structure is its foreground
         default = "foreground" if row.pop("binary", False) else f"class {row['class']}"
         row["name"] = (names or {}).get(row["class"], default)
-    summary = summarise(rows, "mm" if is_volume(predictions[0]) else "px")
+    units = sorted({row.pop("unit") for row in rows})
+    if len(units) > 1:
+        print(
+            f"error: the cases mix distances in {' and '.join(units)}: score 2-D and 3-D cases apart.", file=sys.stderr
+        )
+        return EXIT_NOTHING_DONE
+    summary = summarise(rows, units[0])
     summary.update(predictions=[str(p) for p in args.predictions], truth=str(args.truth), n_skipped=skipped)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -101,24 +109,34 @@ def prediction_files(inputs: list[str]) -> list[Path]:
             )
             stems = {p.stem for p in images}
             images = [p for p in images if not (p.stem.endswith("_overlay") and p.stem[: -len("_overlay")] in stems)]
-            found.extend(volumes or images)
+            cases = sorted(p for p in item.glob("*.npz") if not p.name.startswith("."))
+            found.extend(volumes or cases or images)
         elif item.is_file():
             found.append(item)
         else:
             raise ValueError(f"{item}: no such file or folder of predictions.")
     if not found:
         raise ValueError(
-            f"{', '.join(inputs)}: no label volumes (.nii, .nii.gz) or masks ({', '.join(IMAGE_EXTENSIONS)})."
+            f"{', '.join(inputs)}: no label volumes (.nii, .nii.gz), challenge cases (.npz) or masks "
+            f"({', '.join(IMAGE_EXTENSIONS)})."
         )
-    kinds = {is_volume(p) for p in found}
+    kinds = {kind_of(p) for p in found}
     if len(kinds) > 1:
-        raise ValueError("the predictions mix label volumes and 2-D masks: score each kind on its own.")
-    if not kinds.pop() and any(p.suffix.lower() not in IMAGE_EXTENSIONS for p in found):
+        raise ValueError(f"the predictions mix {' and '.join(sorted(kinds))}: score each kind on its own.")
+    if kinds == {"mask"} and any(p.suffix.lower() not in IMAGE_EXTENSIONS for p in found):
         odd = next(p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS)
         raise ValueError(
-            f"{odd}: neither a label volume (.nii, .nii.gz) nor a mask image ({', '.join(IMAGE_EXTENSIONS)})."
+            f"{odd}: not a label volume (.nii, .nii.gz), a challenge case (.npz) or a mask image "
+            f"({', '.join(IMAGE_EXTENSIONS)})."
         )
     return found
+
+
+def kind_of(path: Path) -> str:
+    """`"label volumes"`, `"challenge cases"` (.npz with `segs`) or `"mask"`."""
+    if is_volume(path):
+        return "label volumes"
+    return "challenge cases" if path.suffix.lower() == ".npz" else "mask"
 
 
 def truth_class_names(truth: Path) -> dict[int, str] | None:
@@ -143,14 +161,9 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None) ->
         predicted, expected = read_volume(path), read_volume(found)
         truth_ids = check_label_volume(expected, expected, compare_affines=False)
         predicted_ids = check_label_volume(predicted, expected, compare_affines=True)
-        scores = volume_scores(predicted_ids, truth_ids, expected.spacing, wanted)
-        case = path.name.split(".nii")[0]
-        present = set(np.unique(truth_ids).tolist())
-        return [
-            {"case": case, "class": c, "in_truth": c in present, **s}
-            for c, s in scores.items()
-            if not np.isnan(s["dice"])
-        ]
+        return volume_rows(path.name.split(".nii")[0], predicted_ids, truth_ids, expected.spacing, wanted, "mm")
+    if path.suffix.lower() == ".npz":
+        return case_rows(path, truth, wanted)
     candidates = [p for p in truth.glob(f"{path.stem}{suffix}.*") if p.suffix.lower() in IMAGE_EXTENSIONS]
     if len(candidates) != 1:
         what = "no mask" if not candidates else f"{len(candidates)} masks"
@@ -161,18 +174,58 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None) ->
             f"{path}: {predicted.shape[1]}x{predicted.shape[0]}, its truth {candidates[0]} "
             f"{expected.shape[1]}x{expected.shape[0]}: score masks on their image's grid."
         )
+    return image_rows(path.stem, predicted, expected, wanted, binary)
+
+
+def volume_rows(case: str, predicted, expected, spacing, wanted: list[int] | None, unit: str) -> list[dict]:
+    """3-D rows of two `(X, Y, Z)` label arrays (`volumes.volume_scores`), classes absent from both left out."""
+    scores = volume_scores(predicted, expected, spacing, wanted)
+    present = set(np.unique(expected).tolist())
+    return [
+        {"case": case, "class": c, "in_truth": c in present, "unit": unit, **values}
+        for c, values in scores.items()
+        if not np.isnan(values["dice"])
+    ]
+
+
+def image_rows(case: str, predicted, expected, wanted: list[int] | None, binary: bool) -> list[dict]:
+    """2-D rows of two `(H, W)` label maps (`metrics.segmentation_scores`, pixels)."""
     ids = wanted or sorted(int(c) for c in np.union1d(np.unique(predicted), np.unique(expected)) if c > 0)
     return [
         {
-            "case": path.stem,
+            "case": case,
             "class": c,
             "binary": binary,
             "in_truth": bool((expected == c).any()),
+            "unit": "px",
             **segmentation_scores(predicted == c, expected == c),
         }
         for c in ids
         if (predicted == c).any() or (expected == c).any()
     ]
+
+
+def case_rows(path: Path, truth: Path, wanted: list[int] | None) -> list[dict]:
+    """A challenge case's `segs` against the `gts` of the truth folder's case of its name: 2-D in pixels, 3-D
+    (`(D, H, W)`) in mm by the truth's `spacing` (x, y, z, as SimpleITK's `GetSpacing` gives it), in voxels without
+    one."""
+    found = truth / path.name
+    if not found.is_file():
+        raise ValueError(f"{path}: no case {path.name} in `truth` {truth}.")
+    with np.load(path, allow_pickle=False) as predicted, np.load(found, allow_pickle=False) as expected:
+        for case, key in ((predicted, "segs"), (expected, "gts")):
+            if key not in case.files:
+                raise ValueError(f"{path if case is predicted else found}: no {key} array (it holds {case.files}).")
+        segs, gts = predicted["segs"], expected["gts"]
+        spacing = expected["spacing"] if "spacing" in expected.files else None
+    if segs.shape != gts.shape or segs.ndim not in (2, 3):
+        raise ValueError(f"{path}: segs {segs.shape}, its truth's gts {gts.shape}: one 2-D or 3-D shape for both.")
+    if segs.ndim == 2:
+        return image_rows(path.stem, segs, gts, wanted, binary=False)
+    known = spacing is not None and np.asarray(spacing).size == 3
+    spacing = tuple(float(v) for v in np.asarray(spacing).reshape(-1)) if known else (1.0, 1.0, 1.0)
+    rows = volume_rows(path.stem, segs.transpose(2, 1, 0), gts.transpose(2, 1, 0), spacing, wanted, "mm")
+    return rows if known else [{**row, "unit": "voxels"} for row in rows]
 
 
 def class_maps(predicted: Path, truth: Path) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -206,7 +259,7 @@ def summarise(rows: list[dict], unit: str) -> dict:
 def summary_lines(summary: Mapping) -> list[str]:
     """The table `imedsam score` prints."""
     unit = summary["unit"]
-    lines = [f"{summary['n_cases']} cases, {'3-D' if unit == 'mm' else '2-D'} scores (distances in {unit}):"]
+    lines = [f"{summary['n_cases']} cases, {'2-D' if unit == 'px' else '3-D'} scores (distances in {unit}):"]
     for class_id, v in summary["per_class"].items():
         lines.append(
             f"  {class_id:>3} {v['name']:<28} n={v['n']:>4}  Dice {v['dice']:.4f}  IoU {v['iou']:.4f}  "
