@@ -65,6 +65,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .configuration_imedsam import is_class_aware
 from .data import NIFTI_SUFFIXES, is_volume, mask_box, volumes_in
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment, structure_id
@@ -428,8 +429,6 @@ def segment_npz_case(
         ValueError: shapes that fit neither form, no box, more than 255 3-D boxes, or a class-aware model (the file's
         boxes say no structure, and a class-aware model decodes a box by its structure's heads).
     """
-    from .configuration_imedsam import is_class_aware
-
     boxes = np.asarray(boxes, dtype=np.float64)
     imgs = np.asarray(imgs)
     if boxes.ndim != 2 or boxes.shape[1] not in (4, 6) or not len(boxes):
