@@ -1248,6 +1248,11 @@ def test_challenge_npz_cases_segment_as_their_volume_and_image_do(tmp_path, caps
     assert np.array_equal(np.load(tmp_path / "out" / "photo.npz")["segs"], flat)
     assert cli_main([*argv[:-1], str(tmp_path / "o2"), cases[1], "--box", "1,1,5,5"]) == 2
     assert "--box: a .npz case carries its own boxes" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    (tmp_path / "cases").mkdir()  # the challenge's folder of cases, given as a folder
+    for case in cases[:2]:
+        Path(case).rename(tmp_path / "cases" / Path(case).name)
+    assert cli_main([*argv[:-1], str(tmp_path / "o3"), str(tmp_path / "cases")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["ct_case.npz", "photo.npz"]
 
 
 def test_score_challenge_cases_segs_against_gts(tmp_path, capsys):

@@ -287,7 +287,7 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
 
 def run(args: argparse.Namespace, device: str | None) -> int:
     """`imedsam predict` with parsed arguments."""
-    if any(Path(raw).suffix.lower() == ".npz" for raw in args.inputs):
+    if any(Path(raw).suffix.lower() == ".npz" or npz_cases_in(raw) for raw in args.inputs):
         return predict_npz(args, device)
     made = False  # whether this call made --out (then a refusal removes it again, empty)
     try:
@@ -509,6 +509,18 @@ NPZ_REFUSED = {
 }  # fmt: skip
 
 
+def npz_cases_in(raw: str) -> list[Path]:
+    """The challenge cases (`.npz`, hidden files skipped) of a folder that holds no image or NIfTI volume; none for a
+    file or another folder."""
+    folder = Path(raw)
+    if not folder.is_dir() or volumes_in(folder):
+        return []
+    files = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
+        return []
+    return sorted(p for p in files if p.suffix.lower() == ".npz")
+
+
 def predict_npz(args: argparse.Namespace, device: str | None) -> int:
     """
     `imedsam predict CASE.npz ...`: cases in the `.npz` form of the CVPR 2024 "MedSAM on laptop" challenge
@@ -517,12 +529,13 @@ def predict_npz(args: argparse.Namespace, device: str | None) -> int:
     """
     made = False
     try:
-        others = [raw for raw in args.inputs if Path(raw).suffix.lower() != ".npz"]
+        others = [raw for raw in args.inputs if Path(raw).suffix.lower() != ".npz" and not npz_cases_in(raw)]
         if others:
             raise ValueError(f"{others[0]}: .npz cases and images or volumes go in separate calls.")
-        missing = [raw for raw in args.inputs if not Path(raw).is_file()]
+        missing = [raw for raw in args.inputs if not Path(raw).exists()]
         if missing:
             raise ValueError(f"{missing[0]}: no such file.")
+        cases = [str(p) for raw in args.inputs for p in (npz_cases_in(raw) or [Path(raw)])]
         given = [flag for flag, key in NPZ_REFUSED.items() if getattr(args, key, None)]
         if given:
             raise ValueError(
@@ -530,7 +543,7 @@ def predict_npz(args: argparse.Namespace, device: str | None) -> int:
                 "on its own grid; give no prompt, window, size or overlay flag."
             )
         check_output_folder(args.out, args.inputs)
-        plan = plan_outputs(args.inputs, args.out, (".npz",))
+        plan = plan_outputs(cases, args.out, (".npz",))
         refuse_existing([t for targets in plan.values() for t in targets], args.out, args.overwrite)
         require_backend(args.backend, args.precision)
         made = not Path(args.out).exists()
