@@ -470,6 +470,11 @@ def test_evaluate_scores_a_dataset_split_as_the_same_folder(tmp_path, capsys):
         (pick / "masks" / f"{stem}.png").symlink_to(folder / "masks" / f"{stem}.png")
     assert script.main([*common, "--data-dir", str(pick), "--split", "all", "--json", str(tmp_path / "dir.json")]) == 0
     assert json.loads((tmp_path / "dir.json").read_text())["results"] == scored["results"]
+    argv = [*common, "--data-dir", str(pick), "--mask-column", "label", "--json", str(tmp_path / "x.json")]
+    assert script.main(argv) == 2  # a dataset's flag with a folder: said, not ignored
+    assert "--mask-column reads the rows of --dataset; a --data-dir folder has images and masks" in (
+        capsys.readouterr().err
+    )
     splits = {"train": [], "validation": [], "test": ["test-000001", "train-000000", "train-000001"]}
     (tmp_path / "splits.json").write_text(json.dumps(splits))
     capsys.readouterr()

@@ -62,6 +62,9 @@ DATASET_READING = {"dataset_config": None, "image_column": "image", "mask_column
 def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     """Check the options, load the model, build the protocol, score, write the reports; the JSON summary."""
     split = args.split or ("test" if args.data_dir is not None else "all")
+    given = [key for key in DATASET_READING if getattr(args, key) is not None]
+    if args.data_dir is not None and given:
+        raise ValueError(f"`{given[0]}` reads the rows of `dataset`; a `data_dir` folder has images and masks.")
     if args.split_file is not None and not Path(args.split_file).is_file():
         raise ValueError(f"--split-file {args.split_file}: no such file.")
     split_file = args.split_file
