@@ -73,6 +73,7 @@ from imedsam_hf.data import (  # noqa: E402
     read_class_names,
     record_pairs,
     records_from_pairs,
+    split_metadata,
     validate_pairs,
     validate_records,
     write_splits,
@@ -970,7 +971,7 @@ def finish(run: Run, processor, splits: dict, parameters: tuple[int, int]) -> di
         splits={k: len(v) for k, v in splits.items()},
         trainable_parameters=parameters[0],
         total_parameters=parameters[1],
-        dataset_splits=json.loads((run.output_dir / "splits.json").read_text())["metadata"].get("dataset_splits", []),
+        dataset_splits=split_metadata(run.output_dir / "splits.json").get("dataset_splits", []),
     )
     shutil.copy(run.output_dir / "splits.json", final_dir / "splits.json")
     for folder in (run.output_dir, final_dir):

@@ -27,11 +27,9 @@ from ..data import (
     read_mask,
     volumes_in,
 )
-from ..metrics import nanmean, segmentation_scores
+from ..metrics import METRIC_NAMES, nanmean, segmentation_scores
 from ..volumes import check_label_volume, label_volume_names, label_volume_of, read_volume, volume_scores
 from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_message
-
-METRICS = ("dice", "iou", "hd95", "hd")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["case", "class", "name", *METRICS])
+            writer = csv.DictWriter(handle, fieldnames=["case", "class", "name", *METRIC_NAMES])
             writer.writeheader()
             writer.writerows({k: row[k] for k in writer.fieldnames} for row in rows)
     print("\n".join(summary_lines(summary)))
@@ -246,13 +244,13 @@ def summarise(rows: list[dict], unit: str) -> dict:
         per_class[class_id] = {
             "name": mine[0]["name"],
             "n": len(mine),
-            **{m: nanmean([row[m] for row in mine]) for m in METRICS},
+            **{m: nanmean([row[m] for row in mine]) for m in METRIC_NAMES},
         }
     return {
         "unit": unit,
         "n_cases": len({row["case"] for row in rows}),
         "per_class": {str(c): v for c, v in per_class.items()},
-        "class_mean": {m: nanmean([v[m] for v in per_class.values()]) for m in METRICS},
+        "class_mean": {m: nanmean([v[m] for v in per_class.values()]) for m in METRIC_NAMES},
     }
 
 
