@@ -23,6 +23,8 @@ import numpy as np
 from common import report, write_json
 from scipy.stats import wilcoxon
 
+from imedsam_hf.metrics import METRIC_NAMES
+
 # The model name of rows that carry none (train.py's own model rows).
 DEFAULT_MODEL = "imedsam"
 
@@ -90,7 +92,7 @@ def main(argv=None) -> dict:
     parser.add_argument("b")
     parser.add_argument("--model_a", default=None)
     parser.add_argument("--model_b", default=None)
-    parser.add_argument("--metric", default="dice", choices=["dice", "iou", "hd95", "hd"])
+    parser.add_argument("--metric", default="dice", choices=list(METRIC_NAMES))
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     rows = compare(load_per_image(args.a, args.model_a, args.metric), load_per_image(args.b, args.model_b, args.metric))

@@ -49,13 +49,13 @@ from .inference import checked_input_classes, clicks_caveat, label_map, overlay,
 from .loading import load_model
 from .metrics import (
     aggregate,
+    boundary_scores,
     dice_from_counts,
     false_positive_area,
     multiclass_scores,
     nanmean,
     overlap_counts,
     segmentation_scores,
-    surface_distances,
 )
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import (
@@ -70,7 +70,8 @@ from .processing_imedsam import (
 
 NATIVE = "native"
 PROMPTS = ("box", "points", "none")
-CLASS_METRICS = ("dice", "iou", "hd95")
+CLASS_METRICS = ("dice", "iou", "hd95", "nsd")
+VOLUME_DISTANCES = ("hd95", "nsd")  # per scan, from the stacked slices' masks (`scan_distances`)
 
 
 def parse_size(size: str | int) -> str | int:
@@ -233,7 +234,7 @@ def evaluate_pairs(
     With `class_prompts`, masks hold class ids 1..`mask_classes` and every class present (of `classes`, when given)
     is segmented with its exact box (all of an image's classes in one pass: one prompt each) and scored as a binary
     mask (rows carry `class`, and the overlap counts `volume_summary` stacks into scans). The summary of each size
-    then also has `per_class` (`{"<id>": {"name", "dice", "iou", "hd95", "n"}}`) and `class_mean` (the mean over
+    then also has `per_class` (`{"<id>": {"name", "dice", "iou", "hd95", "nsd", "n"}}`) and `class_mean` (the mean over
     classes of those).
 
     `tta` mirrors each image at test time (`predict_logits`; `processing_imedsam.TTA_MIRRORS`).
@@ -249,7 +250,7 @@ def evaluate_pairs(
     the d-th independent draw of those boxes (`jittered_boxes`; `evaluate_model` averages several).
 
     Returns per-image rows (`stem`, `size`, scores) and a summary `{size: aggregate(...)}` with `dice`,
-    `dice_std`, `iou`, `hd95`, `hd` (and their std) and `n`.
+    `dice_std`, `iou`, `hd95`, `hd`, `nsd` (and their std) and `n`.
     """
     if prompt not in PROMPTS:
         raise ValueError(f"`prompt` must be one of {PROMPTS}, got {prompt!r}.")
@@ -367,12 +368,12 @@ def scan_distances(
     slice_masks: Mapping[tuple[str, int], SliceMasks],
     spacing: Mapping[str, Sequence[float]],
     pattern: re.Pattern,
-) -> dict[tuple[str, int], float]:
+) -> dict[tuple[str, int], dict[str, float]]:
     """
-    HD95 in mm of each class in each scan: its slices stacked by slice index (`data.slice_index`; slices missing from
-    the folder hold no structure and count as empty in both), distances with the scan's spacing `(x, y, z)`
-    (`metrics.surface_distances` in 3-D, as `volumes.volume_scores`). Scans without a spacing or slice numbers, or
-    with slices of different sizes, are left out.
+    `{"hd95", "nsd"}` in mm of each class in each scan: its slices stacked by slice index (`data.slice_index`; slices
+    missing from the folder hold no structure and count as empty in both), distances with the scan's spacing
+    `(x, y, z)` (`metrics.boundary_scores` in 3-D, as `volumes.volume_scores`). Scans without a spacing or slice
+    numbers, or with slices of different sizes, are left out.
     """
     by_scan: dict[str, dict[int, list[tuple[int, SliceMasks]]]] = {}
     for (stem, class_id), masks in slice_masks.items():
@@ -394,7 +395,8 @@ def scan_distances(
             true = np.zeros_like(predicted)
             for z, masks in entries:
                 predicted[z - first], true[z - first] = masks.unpack()
-            distances[(scan, class_id)] = surface_distances(*cropped(predicted, true), (z_step, y, x))[0]
+            scores = boundary_scores(*cropped(predicted, true), (z_step, y, x))
+            distances[(scan, class_id)] = {key: scores[key] for key in VOLUME_DISTANCES}
     return distances
 
 
@@ -463,7 +465,7 @@ def empty_summary(rows: Sequence[dict]) -> dict:
 
 
 def per_class_summary(rows: Sequence[dict], class_names: dict[int, str]) -> dict:
-    """`per_class` (mean Dice, IoU, HD95 and n of each class's rows) and `class_mean` (their mean over classes)."""
+    """`per_class` (mean Dice, IoU, HD95, NSD and n of each class's rows) and `class_mean` (their mean over classes)."""
     per_class = {}
     for class_id in sorted({r["class"] for r in rows}):
         values = aggregate([{k: r[k] for k in CLASS_METRICS} for r in rows if r["class"] == class_id])
@@ -488,10 +490,11 @@ def volume_summary(
     Per-volume scores of class-prompted rows at one output size: slices grouped into scans by `group_pattern`
     (its first group names the scan), the 3D Dice of each class in each scan from the slices' overlap counts
     (exact: the sums over slices are the volume's), averaged over scans per class, then over classes. With the
-    rows' `slice_masks` and the scans' `spacing` (mm, `data.read_scan_spacing`), also the 3D HD95 in mm
-    (`scan_distances`), averaged the same way; else `"hd95"` is None.
+    rows' `slice_masks` and the scans' `spacing` (mm, `data.read_scan_spacing`), also the 3D HD95 in mm and the NSD
+    at 2 mm (`scan_distances`), averaged the same way; else `"hd95"` and `"nsd"` are None.
 
-    Returns `{"dice", "hd95", "n_volumes", "size", "per_class": {"<id>": {"name", "dice", "hd95", "n"}}}`.
+    Returns `{"dice", "hd95", "nsd", "n_volumes", "size", "per_class": {"<id>": {"name", "dice", "hd95", "nsd",
+    "n"}}}`.
     """
     pattern = compile_group_pattern(group_pattern)
     totals: dict[tuple[str, int], np.ndarray] = {}
@@ -507,17 +510,20 @@ def volume_summary(
     distances = scan_distances(slice_masks, spacing, pattern) if slice_masks and spacing else {}
     per_class = {}
     for c in sorted(by_class):
-        hd95 = [distances[key] for key in totals if key[1] == c and key in distances]
+        scanned = [distances[key] for key in totals if key[1] == c and key in distances]
         per_class[str(c)] = {
             "name": (class_names or {}).get(c, str(c)),
             "dice": nanmean(by_class[c]),
-            "hd95": nanmean(hd95) if hd95 else None,
+            **{k: nanmean([d[k] for d in scanned]) if scanned else None for k in VOLUME_DISTANCES},
             "n": len(by_class[c]),
         }
-    known = [v["hd95"] for v in per_class.values() if v["hd95"] is not None]
+    means = {
+        k: nanmean([v[k] for v in per_class.values() if v[k] is not None]) if distances else None
+        for k in VOLUME_DISTANCES
+    }
     return {
         "dice": nanmean([v["dice"] for v in per_class.values()]),
-        "hd95": nanmean(known) if distances else None,
+        **means,
         "n_volumes": len({scan for scan, _ in totals}),
         "size": size,
         "per_class": per_class,
@@ -548,7 +554,7 @@ class EvaluationProtocol:
             reported is then the mean over the K draws' numbers (`evaluate_model`).
         num_clicks: clicks per mask with `prompt="points"`.
         group_pattern: regex whose first group names a slice's scan (per-volume scores of class-prompted rows).
-        spacing: scan -> voxel spacing `(x, y, z)` in mm for the per-volume HD95, or None.
+        spacing: scan -> voxel spacing `(x, y, z)` in mm for the per-volume HD95 and NSD, or None.
         tta: test-time mirroring, `"none"`, `"h"`, `"v"` or `"hv"` (`processing_imedsam.TTA_MIRRORS`), for the model
             and its zero-shot backbone alike.
     """
@@ -797,7 +803,7 @@ def evaluate_model(
     Score `model` on `pairs` by `protocol` and, with `backbone` `(model, processor)` (`load_baseline`), the
     backbone's own SAM mask zero-shot on the same images and prompts. A model whose implicit decoder was never
     trained (a conversion) is scored with its SAM mask, with a warning, never with random logits.
-    Per scan (3D Dice; HD95 with the protocol's spacing) when the rows are class-prompted. `overlays`, a folder,
+    Per scan (3D Dice; HD95 and NSD with the protocol's spacing) when the rows are class-prompted. `overlays`, a folder,
     receives the model's scored masks as PNGs (`evaluate_pairs`; the first jitter draw's), and the backbone's in its
     `baseline_sam/` sub-folder, for the same images and prompts side by side.
     """
@@ -851,7 +857,7 @@ def write_rows_csv(rows: Sequence[dict], path: Path) -> None:
 
 
 def summary_lines(result: dict) -> list[str]:
-    """One line per model and output size (n, Dice ± std, IoU, HD95, HD), with per-class and per-volume lines."""
+    """One line per model and output size (n, Dice ± std, IoU, HD95, HD, NSD), with per-class and per-volume lines."""
     lines = []
     tables = (
         ("model", result.get("results"), result.get("volume")),
@@ -863,7 +869,7 @@ def summary_lines(result: dict) -> list[str]:
         for size, values in table.items():
             lines.append(
                 f"{name:12s} {size:>7s}  n={values['n']:3d}  Dice {values['dice']:.4f} ± {values['dice_std']:.4f}  "
-                f"IoU {values['iou']:.4f}  HD95 {values['hd95']:.2f} px  HD {values['hd']:.2f} px"
+                f"IoU {values['iou']:.4f}  HD95 {values['hd95']:.2f} px  HD {values['hd']:.2f} px" + nsd_text(values)
             )
             if values.get("dice_per_draw"):
                 lines.append(f"{'':12s} {size:>7s}  {draws_line(values['dice_per_draw'])}")
@@ -873,6 +879,7 @@ def summary_lines(result: dict) -> list[str]:
                 lines.append(
                     f"{'':12s} {size:>7s}    {class_id:>3s} {scores['name']:28s} n={scores['n']:4d}  "
                     f"Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} px"
+                    + nsd_text(scores)
                 )
             if "class_mean" in values:
                 lines.append(
@@ -880,20 +887,28 @@ def summary_lines(result: dict) -> list[str]:
                     f"Dice {values['class_mean']['dice']:.4f}"
                 )
         if volume:
-            unit = "3D Dice and HD95 (mm)" if volume.get("hd95") is not None else "3D Dice"
+            unit = "3D Dice, HD95 (mm) and NSD (2 mm)" if volume.get("hd95") is not None else "3D Dice"
             lines.append(f"{name:12s} {'volume':>7s}  {volume['n_volumes']} scans, {unit} per class:")
             for class_id, scores in volume["per_class"].items():
                 lines.append(
                     f"{'':12s} {'volume':>7s}    {class_id:>3s} {scores['name']:28s} Dice {scores['dice']:.4f}"
                     + (f"  HD95 {scores['hd95']:.2f} mm" if scores.get("hd95") is not None else "")
+                    + nsd_text(scores)
                 )
             lines.append(
                 f"{'':12s} {'volume':>7s}    mean over classes: 3D Dice {volume['dice']:.4f}"
                 + (f"  HD95 {volume['hd95']:.2f} mm" if volume.get("hd95") is not None else "")
+                + nsd_text(volume)
             )
             if volume.get("dice_per_draw"):
                 lines.append(f"{'':12s} {'volume':>7s}    {draws_line(volume['dice_per_draw'])}")
     return lines
+
+
+def nsd_text(scores: Mapping) -> str:
+    """`"  NSD 0.9123"`, or nothing for scores without one (a report written before NSD was scored, or a scan
+    without a spacing)."""
+    return f"  NSD {scores['nsd']:.4f}" if scores.get("nsd") is not None else ""
 
 
 def draws_line(dice: Sequence[float]) -> str:

@@ -13,7 +13,7 @@ Entry points
   prompt, ``segment_volume(boxes_3d=..., key_slices=...)``).
 - :func:`segment_volume`: the 2-D model over a volume, prompted by a label volume (exact 2-D boxes on every slice) or
   by 3-D boxes (the MedSAM/LiteMedSAM middle-slice propagation protocol) -> ``(X, Y, Z)`` uint8 class ids.
-- :func:`volume_scores`: 3-D Dice, IoU, HD95 and HD per class, in millimetres from the voxel spacing.
+- :func:`volume_scores`: 3-D Dice, IoU, HD95, HD and NSD per class, in millimetres from the voxel spacing.
 - :func:`volumes_to_slices`: scans and label volumes -> the folder of 2-D slices training reads
   (`imedsam convert volumes`).
 
@@ -70,7 +70,7 @@ from .data import NIFTI_SUFFIXES, is_volume, mask_box, volumes_in
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment, structure_id
 from .loading import load_model
-from .metrics import METRIC_NAMES, dice_from_counts, iou_from_counts, overlap_counts, surface_distances
+from .metrics import METRIC_NAMES, boundary_scores, dice_from_counts, iou_from_counts, overlap_counts
 from .processing_imedsam import IMedSamProcessor, mirror_image, processor_for_config, tta_mirrors
 
 __all__ = [
@@ -1235,13 +1235,15 @@ def volume_scores(
     spacing: Sequence[float],
     classes: ClassSpec = None,
 ) -> dict[int, dict[str, float]]:
-    """3-D Dice, IoU, HD95 and HD (mm) per class of two label volumes.
+    """3-D Dice, IoU, HD95 and HD (mm) and NSD (2 mm tolerance) per class of two label volumes.
 
-    The conventions and the code are :mod:`imedsam_hf.metrics`'s, in 3-D (:func:`~imedsam_hf.metrics.surface_distances`):
+    The conventions and the code are :mod:`imedsam_hf.metrics`'s, in 3-D (:func:`~imedsam_hf.metrics.boundary_scores`):
     Dice ``2|P∩T| / (|P| + |T|)``; the Hausdorff distances are between the *surfaces* (foreground voxels with a
     6-connected background neighbour or on the array border) via exact Euclidean distance transforms with ``sampling=spacing``,
-    ``hd95 = max(percentile95 d(P->T), percentile95 d(T->P))`` (MONAI's ``percentile=95``), ``hd`` the maximum.
-    Exactly one of the two masks empty: Dice/IoU 0, HD95 = HD = the volume's diagonal in mm. A class absent from both
+    ``hd95 = max(percentile95 d(P->T), percentile95 d(T->P))`` (MONAI's ``percentile=95``), ``hd`` the maximum,
+    ``nsd`` the share of both surfaces within :data:`~imedsam_hf.metrics.NSD_TOLERANCE` mm of the other (the CVPR 2024
+    MedSAM challenge's tolerance, each surface voxel counted once as MONAI does). Exactly one of the two masks empty:
+    Dice/IoU/NSD 0, HD95 = HD = the volume's diagonal in mm. A class absent from both
     volumes is NaN for every metric (as in :func:`imedsam_hf.metrics.multiclass_scores`).
 
     Args:
@@ -1250,7 +1252,7 @@ def volume_scores(
         classes: ids to score (iterable or ``id -> name`` mapping); default every nonzero id in either volume.
 
     Returns:
-        ``{class_id: {"dice": ..., "iou": ..., "hd95": ..., "hd": ...}}``, ids ascending.
+        ``{class_id: {"dice": ..., "iou": ..., "hd95": ..., "hd": ..., "nsd": ...}}``, ids ascending.
 
     Raises:
         ValueError: shapes differ, not 3-D, or ``spacing`` is not three positive numbers.
@@ -1270,12 +1272,10 @@ def volume_scores(
             scores[class_id] = dict.fromkeys(METRIC_NAMES, math.nan)
             continue
         counts = overlap_counts(pred_mask, truth_mask)
-        hd95, hd = surface_distances(pred_mask, truth_mask, values)
         scores[class_id] = {
             "dice": dice_from_counts(*counts),
             "iou": iou_from_counts(*counts),
-            "hd95": hd95,
-            "hd": hd,
+            **boundary_scores(pred_mask, truth_mask, values),
         }
     return scores
 

@@ -124,6 +124,7 @@ def test_volume_dice_stacks_the_slices_of_each_scan():
         "name": "liver",
         "dice": pytest.approx((liver_a + 1.0) / 2),
         "hd95": None,  # no masks and spacing given
+        "nsd": None,
         "n": 2,
     }
     assert volume["per_class"]["8"]["dice"] == pytest.approx(0.5)
@@ -131,7 +132,8 @@ def test_volume_dice_stacks_the_slices_of_each_scan():
 
 
 def test_volume_hd95_of_stacked_slices_equals_the_label_volume_hd95():
-    """Slices stacked by index (a missing slice empty in both), anisotropic spacing: volume_scores' HD95 in mm."""
+    """Slices stacked by index (a missing slice empty in both), anisotropic spacing: volume_scores' HD95 in mm and
+    NSD at 2 mm."""
     from imedsam_hf.data import DEFAULT_GROUP_PATTERN, compile_group_pattern
     from imedsam_hf.evaluation import SliceMasks, scan_distances, volume_summary
     from imedsam_hf.volumes import volume_scores
@@ -148,13 +150,15 @@ def test_volume_hd95_of_stacked_slices_equals_the_label_volume_hd95():
     distances = scan_distances(masks, spacing, compile_group_pattern(DEFAULT_GROUP_PATTERN))
     # The same volume as (x, y, z) label volumes: volume_scores is the reference.
     reference = volume_scores(predicted.transpose(2, 1, 0) * 6, true.transpose(2, 1, 0) * 6, (0.8, 0.8, 3.0))
-    assert distances[("s", 6)] == pytest.approx(reference[6]["hd95"])
+    assert distances[("s", 6)] == pytest.approx({"hd95": reference[6]["hd95"], "nsd": reference[6]["nsd"]})
+    assert 0 < reference[6]["nsd"] < 1
     rows = [
         {"stem": stem, "size": "native", "class": 6, "overlap": 1, "predicted_pixels": 1, "true_pixels": 1}
         for stem, _ in masks
     ]
     volume = volume_summary(rows, "native", {6: "liver"}, slice_masks=masks, spacing=spacing)
     assert volume["hd95"] == volume["per_class"]["6"]["hd95"] == pytest.approx(reference[6]["hd95"])
+    assert volume["nsd"] == volume["per_class"]["6"]["nsd"] == pytest.approx(reference[6]["nsd"])
 
 
 def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
@@ -180,6 +184,8 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     assert native["per_class"]["6"]["n"] == 3 and native["class_mean"]["n_classes"] == 2
     assert result["volume"]["n_volumes"] == 2 and set(result["volume"]["per_class"]) == {"6", "8"}
     assert result["volume"]["hd95"] > 0 and all(v["hd95"] > 0 for v in result["volume"]["per_class"].values())
+    assert all(0 <= v["nsd"] <= 1 for v in [*native["per_class"].values(), *result["volume"]["per_class"].values()])
+    assert native["class_mean"]["nsd"] == pytest.approx(np.mean([v["nsd"] for v in native["per_class"].values()]))
     assert cli_main([*argv, "--classes", "6,42", "--json", str(tmp_path / "bad.json")]) == 2  # 42: not in classes.json
     assert not (tmp_path / "bad.json").exists()
     # Names from the folder's classes.json, as `imedsam predict --classes liver` takes them: the same report.
@@ -573,5 +579,6 @@ def test_score_masks_written_by_predict_against_masks_with_a_suffix(tmp_path, ca
     assert summary["per_class"]["1"]["name"] == "foreground"
     assert summary["per_class"]["1"]["dice"] == pytest.approx(np.mean([e["dice"] for e in expected]))
     assert summary["per_class"]["1"]["hd95"] == pytest.approx(np.mean([e["hd95"] for e in expected]))
+    assert summary["per_class"]["1"]["nsd"] == pytest.approx(np.mean([e["nsd"] for e in expected]))  # 2 px
     assert cli_main(["score", str(tmp_path / "pred"), "--truth", str(tmp_path / "nowhere")]) == 2
     assert "--truth" in capsys.readouterr().err

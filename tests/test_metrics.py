@@ -18,6 +18,7 @@ from imedsam_hf.metrics import (
     iou,
     load_metric,
     multiclass_scores,
+    normalized_surface_dice,
     segmentation_scores,
 )
 
@@ -34,8 +35,9 @@ def blob(rng: np.random.Generator, shape=(48, 56), sigma=4.0, quantile=70.0) -> 
     return field > np.percentile(field, quantile)
 
 
-def brute_force_hausdorff(pred: np.ndarray, target: np.ndarray, spacing=(1.0, 1.0)) -> tuple[float, float]:
-    """Independent reference: boundary pixels by explicit neighbour checks, all pairwise distances with cdist."""
+def brute_force_distances(pred: np.ndarray, target: np.ndarray, spacing=(1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Independent reference: boundary pixels by explicit neighbour checks, all pairwise distances with cdist;
+    d(P->T) and d(T->P)."""
 
     def boundary_points(mask: np.ndarray) -> np.ndarray:
         padded = np.pad(mask, 1, constant_values=False)
@@ -43,15 +45,24 @@ def brute_force_hausdorff(pred: np.ndarray, target: np.ndarray, spacing=(1.0, 1.
         return np.argwhere(mask & ~neighbours_all_set) * np.asarray(spacing, dtype=np.float64)
 
     distances = cdist(boundary_points(pred), boundary_points(target))
-    forward, backward = distances.min(axis=1), distances.min(axis=0)
+    return distances.min(axis=1), distances.min(axis=0)
+
+
+def brute_force_hausdorff(pred: np.ndarray, target: np.ndarray, spacing=(1.0, 1.0)) -> tuple[float, float]:
+    forward, backward = brute_force_distances(pred, target, spacing)
     hd95 = max(np.percentile(forward, 95), np.percentile(backward, 95))
     return float(hd95), float(max(forward.max(), backward.max()))
+
+
+def brute_force_nsd(pred: np.ndarray, target: np.ndarray, tolerance: float, spacing=(1.0, 1.0)) -> float:
+    forward, backward = brute_force_distances(pred, target, spacing)
+    return float(((forward <= tolerance).sum() + (backward <= tolerance).sum()) / (forward.size + backward.size))
 
 
 # ----------------------------------------------------------------------------------------------------- binary metrics
 def test_identical_masks():
     mask = square()
-    assert segmentation_scores(mask, mask) == {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "hd": 0.0}
+    assert segmentation_scores(mask, mask) == {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "hd": 0.0, "nsd": 1.0}
 
 
 def test_disjoint_squares_shifted_20px():
@@ -77,10 +88,10 @@ def test_one_pixel_shifted_square():
 def test_empty_mask_conventions():
     empty = np.zeros((30, 40), dtype=bool)
     full = square(shape=(30, 40), top=5, left=5, size=10)
-    assert segmentation_scores(empty, empty) == {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "hd": 0.0}
+    assert segmentation_scores(empty, empty) == {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "hd": 0.0, "nsd": 1.0}
     for pred, target in ((empty, full), (full, empty)):
         scores = segmentation_scores(pred, target)
-        assert scores["dice"] == 0.0 and scores["iou"] == 0.0
+        assert scores["dice"] == 0.0 and scores["iou"] == 0.0 and scores["nsd"] == 0.0
         assert scores["hd95"] == pytest.approx(50.0)  # image diagonal sqrt(30^2 + 40^2)
         assert scores["hd"] == pytest.approx(50.0)
     # In physical units: the diagonal of the image's physical extent.
@@ -158,6 +169,36 @@ def test_shape_mismatch_and_dimensionality_errors():
         iou(np.zeros(5), np.zeros(5))
 
 
+def test_normalized_surface_dice_matches_monai_values():
+    """Two overlapping rectangles: the values MONAI 1.4's compute_surface_dice gives for them (76 boundary pixels in
+    all; its float32 results are these fractions), in pixels and with a (row, column) spacing."""
+    a = np.zeros((20, 24), bool)
+    a[3:12, 4:15] = True
+    b = np.zeros_like(a)
+    b[5:14, 6:19] = True
+    for tolerance, within in ((1.0, 12), (2.0, 57), (3.0, 65)):
+        assert normalized_surface_dice(b, a, tolerance=tolerance) == pytest.approx(within / 76)
+    for tolerance, within in ((1.0, 24), (2.0, 47), (3.0, 70)):
+        assert normalized_surface_dice(b, a, spacing=(1.5, 0.5), tolerance=tolerance) == pytest.approx(within / 76)
+    # The default tolerance is the CVPR 2024 MedSAM challenge's 2 (mm, or pixels without a spacing).
+    assert segmentation_scores(b, a)["nsd"] == normalized_surface_dice(b, a, tolerance=2.0) == pytest.approx(57 / 76)
+    assert normalized_surface_dice(a, b) == normalized_surface_dice(b, a)  # symmetric
+    assert normalized_surface_dice(square(left=5), square(left=6)) == 1.0  # every boundary pixel within 1 px
+    assert normalized_surface_dice(square(left=5), square(left=25)) == 0.0  # nearest boundary 11 px away
+    with pytest.raises(ValueError, match="tolerance"):
+        normalized_surface_dice(a, b, tolerance=-1.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_normalized_surface_dice_matches_brute_force_on_random_blobs(seed):
+    rng = np.random.default_rng(seed)
+    pred, target = blob(rng), blob(rng)
+    for spacing, tolerance in (((1.0, 1.0), 2.0), ((1.2, 0.7), 2.0), ((0.5, 0.5), 1.0)):
+        assert normalized_surface_dice(pred, target, spacing=spacing, tolerance=tolerance) == pytest.approx(
+            brute_force_nsd(pred, target, tolerance, spacing)
+        )
+
+
 # ------------------------------------------------------------------------------------------------------- multiclass
 def test_multiclass_per_class_and_mean():
     pred = np.zeros((20, 20), dtype=np.int64)
@@ -170,7 +211,8 @@ def test_multiclass_per_class_and_mean():
     assert scores["dice_class2"] == pytest.approx(0.9)
     assert scores["iou_class2"] == pytest.approx(90 / 110)
     assert scores["hd_class2"] == pytest.approx(1.0) and scores["hd95_class2"] == pytest.approx(1.0)
-    assert all(math.isnan(scores[f"{name}_class3"]) for name in ("dice", "iou", "hd95", "hd"))
+    assert all(math.isnan(scores[f"{name}_class3"]) for name in ("dice", "iou", "hd95", "hd", "nsd"))
+    assert scores["nsd_class1"] == 1.0 and scores["nsd_class2"] == normalized_surface_dice(pred == 2, target == 2)
     assert "dice_class0" not in scores
     assert scores["dice"] == pytest.approx((1.0 + 0.9) / 2)
     assert scores["iou"] == pytest.approx((1.0 + 90 / 110) / 2)
@@ -218,7 +260,7 @@ def test_aggregate_mean_population_std_and_nan():
     all_nan = aggregate([{"dice": math.nan}, {"dice": math.nan}])
     assert math.isnan(all_nan["dice"]) and math.isnan(all_nan["dice_std"]) and all_nan["n"] == 2
     empty = aggregate([])
-    assert empty["n"] == 0 and all(math.isnan(empty[key]) for key in ("dice", "iou", "hd95", "hd"))
+    assert empty["n"] == 0 and all(math.isnan(empty[key]) for key in ("dice", "iou", "hd95", "hd", "nsd"))
 
 
 # -------------------------------------------------------------------------------------------------------- evaluate

@@ -152,7 +152,9 @@ def test_one_vocabulary_and_units(tmp_path, capsys):
 
     assert parse_output_size("64x96") == (64, 96)
     result = {"results": {"native": {"n": 1, "dice": 0.9, "dice_std": 0.0, "iou": 0.8, "hd95": 3.0, "hd": 4.0}}}
-    assert "HD95 3.00 px  HD 4.00 px" in summary_lines(result)[0]
+    assert summary_lines(result)[0].endswith("HD95 3.00 px  HD 4.00 px")  # a report from before NSD: none printed
+    result["results"]["native"]["nsd"] = 0.75
+    assert summary_lines(result)[0].endswith("HD95 3.00 px  HD 4.00 px  NSD 0.7500")
     with pytest.raises(SystemExit):
         cli_main(["evaluate", "--model", "m", "--data-dir", "d", "--json", "j", "--num-classes", "13"])
     assert "--mask-classes" in capsys.readouterr().err

@@ -749,11 +749,12 @@ def test_volume_scores_hand_computed_with_anisotropic_spacing():
     # Class 1: Dice 2*27/(27+36); IoU 27/36. Truth's surface (26 voxels) lies on pred's surface except the top
     # centre voxel, 1 mm (one x step) from it: d(T->P) = 25 x 0 + 1 x 1.0, 95th percentile 0. Pred's surface (34
     # voxels): the 9 voxels of the extra slice are 3 mm (one z step) from truth's top face, the other 25 on it.
-    # hd95 = max(percentile95 of 25 zeros and 9 threes = 3, 0) = 3, hd = 3.
-    assert scores[1] == pytest.approx({"dice": 6 / 7, "iou": 0.75, "hd95": 3.0, "hd": 3.0})
-    assert scores[4] == pytest.approx({"dice": 0.0, "iou": 0.0, "hd95": 6.0, "hd": 6.0})  # 2 slices x 3 mm
+    # hd95 = max(percentile95 of 25 zeros and 9 threes = 3, 0) = 3, hd = 3. NSD at 2 mm: all 26 of truth's surface
+    # voxels and 25 of pred's 34 lie within 2 mm of the other surface: 51 / 60.
+    assert scores[1] == pytest.approx({"dice": 6 / 7, "iou": 0.75, "hd95": 3.0, "hd": 3.0, "nsd": 51 / 60})
+    assert scores[4] == pytest.approx({"dice": 0.0, "iou": 0.0, "hd95": 6.0, "hd": 6.0, "nsd": 0.0})  # 2 x 3 mm
     diagonal = math.sqrt(7**2 + 14**2 + 24**2)  # one mask empty: the volume's diagonal in mm
-    assert scores[9] == pytest.approx({"dice": 0.0, "iou": 0.0, "hd95": diagonal, "hd": diagonal})
+    assert scores[9] == pytest.approx({"dice": 0.0, "iou": 0.0, "hd95": diagonal, "hd": diagonal, "nsd": 0.0})
     assert all(math.isnan(v) for v in scores[11].values())  # absent from both
     assert list(volume_scores(pred, truth, spacing)) == [1, 4, 9]
     with pytest.raises(ValueError, match="three positive"):
@@ -779,6 +780,22 @@ def test_volume_scores_hd_matches_brute_force():
     assert scores["hd"] == pytest.approx(max(forward.max(), backward.max()))
     assert scores["hd95"] == pytest.approx(max(np.percentile(forward, 95), np.percentile(backward, 95)))
     assert scores["dice"] == pytest.approx(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+    within = (forward <= 2.0).sum() + (backward <= 2.0).sum()  # NSD at the challenge's 2 mm
+    assert scores["nsd"] == pytest.approx(within / (forward.size + backward.size))
+
+
+def test_volume_scores_nsd_matches_monai():
+    """A 3-D pair with anisotropic spacing: the NSD MONAI 1.4's compute_surface_dice gives (136 of 161 surface voxels
+    within 2 mm; its float32 result is that fraction)."""
+    truth = np.zeros((6, 20, 24), bool)  # (z, rows, cols)
+    truth[0:3, 5:12, 6:15] = True
+    truth[4:6, 7:14, 8:12] = True
+    pred = truth.copy()
+    pred[1, 12:14, 6:9] = True
+    pred[5, 2:6, 2:20] = True
+    pred[2, 5:8, 6:15] = False
+    scores = volume_scores(pred.transpose(2, 1, 0) * 6, truth.transpose(2, 1, 0) * 6, (0.8, 0.8, 3.0))
+    assert scores[6]["nsd"] == pytest.approx(136 / 161)
 
 
 # ----------------------------------------------------------------------------------------------------- real model
@@ -1194,7 +1211,9 @@ def test_score_label_volumes_written_by_any_tool(tmp_path, capsys):
         scored = summary["per_class"][str(class_id)]
         assert scored["name"] == name and scored["dice"] == pytest.approx(expected[class_id]["dice"])
         assert scored["hd95"] == pytest.approx(expected[class_id]["hd95"])
-    assert "kidney" in captured.out and (tmp_path / "s.csv").read_text().startswith("case,class,name,dice")
+        assert scored["nsd"] == pytest.approx(expected[class_id]["nsd"])  # the challenge's second metric, 2 mm
+    assert "kidney" in captured.out and "NSD" in captured.out
+    assert (tmp_path / "s.csv").read_text().startswith("case,class,name,dice,iou,hd95,hd,nsd")
     assert cli_main([*argv[:-2], "--classes", "liver"]) == 1
     printed = capsys.readouterr().out
     assert "liver" in printed and "kidney" not in printed

@@ -1,7 +1,8 @@
 """`imedsam score`: score masks or label volumes already written (by `imedsam predict`, or by any other tool) against
-the ground truth, with the metrics `imedsam evaluate` uses: Dice, IoU, HD95 and HD per structure, per case and their
-means. Label volumes (NIfTI) are scored in 3-D with the header's voxel spacing (mm, `volumes.volume_scores`); images
-in 2-D, in pixels (`metrics.segmentation_scores`); LiteMedSAM's challenge cases (.npz `segs` against `gts`) either
+the ground truth, with the metrics `imedsam evaluate` uses: Dice, IoU, HD95, HD and NSD (the normalized surface Dice
+at 2 mm or 2 px, the CVPR 2024 MedSAM challenge's second metric) per structure, per case and their means. Label
+volumes (NIfTI) are scored in 3-D with the header's voxel spacing (mm, `volumes.volume_scores`); images in 2-D, in
+pixels (`metrics.segmentation_scores`); LiteMedSAM's challenge cases (.npz `segs` against `gts`) either
 way.
 """
 
@@ -261,11 +262,12 @@ def summary_lines(summary: Mapping) -> list[str]:
     for class_id, v in summary["per_class"].items():
         lines.append(
             f"  {class_id:>3} {v['name']:<28} n={v['n']:>4}  Dice {v['dice']:.4f}  IoU {v['iou']:.4f}  "
-            f"HD95 {v['hd95']:.2f}  HD {v['hd']:.2f}"
+            f"HD95 {v['hd95']:.2f}  HD {v['hd']:.2f}  NSD {v['nsd']:.4f}"
         )
     mean = summary["class_mean"]
     lines.append(
-        f"  mean over {len(summary['per_class'])} structures: Dice {mean['dice']:.4f}  HD95 {mean['hd95']:.2f}"
+        f"  mean over {len(summary['per_class'])} structures: Dice {mean['dice']:.4f}  HD95 {mean['hd95']:.2f}  "
+        f"NSD {mean['nsd']:.4f}"
     )
     return lines
 

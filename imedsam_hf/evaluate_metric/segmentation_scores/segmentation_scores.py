@@ -1,4 +1,4 @@
-"""`evaluate` metric: Dice, IoU, HD95 and HD of binary segmentation masks, averaged over a set of mask pairs.
+"""`evaluate` metric: Dice, IoU, HD95, HD and NSD of binary segmentation masks, averaged over a set of mask pairs.
 
 Load it offline from this folder (``evaluate.load`` wants the folder and script to share a name)::
 
@@ -17,11 +17,13 @@ import numpy as np
 from imedsam_hf.metrics import aggregate, as_mask, segmentation_scores
 
 _DESCRIPTION = """\
-Binary segmentation scores of the imedsam_hf project: Dice, IoU, HD95 and HD per prediction/reference mask pair,
+Binary segmentation scores of the imedsam_hf project: Dice, IoU, HD95, HD and NSD per prediction/reference mask pair,
 reported as the NaN-ignoring mean and population standard deviation (ddof=0) over all pairs. Hausdorff distances are
 measured between mask boundaries with exact Euclidean distance transforms; hd95 = max of the two directed 95th
-percentiles (MONAI's compute_hausdorff_distance(percentile=95)). Empty masks: Dice/IoU 1 when both are empty, 0 when
-one is; HD95/HD 0 when both are empty, the image diagonal when exactly one is.
+percentiles (MONAI's compute_hausdorff_distance(percentile=95)); nsd = the normalized surface Dice at a 2-pixel
+(or 2 mm with a spacing) tolerance, each boundary pixel counted once (MONAI's compute_surface_dice). Empty masks:
+Dice/IoU/NSD 1 when both are empty, 0 when one is; HD95/HD 0 when both are empty, the image diagonal when exactly one
+is.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -31,7 +33,8 @@ Args:
     references: ground-truth masks, same rules; reference i must have the shape of prediction i.
     spacing: optional pixel size (scalar or (row, column) pair) for the distances; default: pixels.
 Returns:
-    dict with `dice`, `dice_std`, `iou`, `iou_std`, `hd95`, `hd95_std`, `hd`, `hd_std` and `n` (number of pairs).
+    dict with `dice`, `dice_std`, `iou`, `iou_std`, `hd95`, `hd95_std`, `hd`, `hd_std`, `nsd`, `nsd_std` and `n`
+    (number of pairs).
 Examples:
     >>> metric = evaluate.load("imedsam_hf/evaluate_metric/segmentation_scores")
     >>> mask = np.zeros((8, 8), dtype=np.uint8); mask[2:6, 2:6] = 1
@@ -62,7 +65,7 @@ def _binarise(masks):
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class SegmentationScores(evaluate.Metric):
-    """Dice, IoU, HD95 and HD of binary masks, delegated to `imedsam_hf.metrics`."""
+    """Dice, IoU, HD95, HD and NSD of binary masks, delegated to `imedsam_hf.metrics`."""
 
     def _info(self):
         return evaluate.MetricInfo(
