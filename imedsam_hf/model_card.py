@@ -60,6 +60,7 @@ def results_table(results: dict[str, Any]) -> list[dict[str, str]]:
                     "iou": _number(metrics.get("iou")),
                     "hd95": _number(metrics.get("hd95"), 2),
                     "hd": _number(metrics.get("hd"), 2),
+                    "nsd": _number(metrics.get("nsd")),
                 }
             )
     return rows
@@ -189,7 +190,7 @@ def write_model_card(
             metric_value=float(values[metric]),
         )
         for size, values in (results.get("results") or {}).items()
-        for metric in ("dice", "iou", "hd95")
+        for metric in ("dice", "iou", "hd95", "nsd")
         if values.get(metric) is not None and not math.isnan(values[metric])
     ]
     datasets = [hub_dataset] if hub_dataset else ([data["name"]] if data.get("name") else None)

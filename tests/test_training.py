@@ -56,13 +56,16 @@ def test_short_real_run_writes_the_publishing_form_and_a_card(tiny_sam, polyps, 
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved["n_images"] == 1
     for key in ("results", "baseline_sam"):
-        assert set(saved[key]["48"]) >= {"dice", "dice_std", "iou", "hd95", "hd"}
+        assert set(saved[key]["48"]) >= {"dice", "dice_std", "iou", "hd95", "hd", "nsd"}
     assert results["best_val_dice"] >= 0
     card = (final / "README.md").read_text()
     metadata = card.split("---")[1]  # the YAML front matter
     # No --name: the dataset is named after the data folder (here the copy "polyps"), not a guess such as "Kvasir".
     assert "model-index" in metadata and "polyps" in metadata and "Kvasir" not in metadata
     assert "| I-MedSAM | 48 |" in card and "zero-shot backbone" in card
+    row = next(line for line in card.splitlines() if line.startswith("| I-MedSAM | 48 |"))
+    assert "| HD | NSD |" in card and row.endswith(f"| {saved['results']['48']['nsd']:.4f} |")
+    assert "type: nsd" in metadata  # the model-index lists it beside Dice, IoU and HD95
     assert "- Prompts: ground-truth boxes, jittered by up to 10% of the box size per side in training; exact at" in card
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert any("val_dice" in r for r in log) and any("fine_loss" in r for r in log)
