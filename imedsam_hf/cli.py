@@ -4,7 +4,7 @@ imedsam predict --model M IMAGES_OR_VOLUMES... (--box ... | --boxes F | --boxes-
                 --points-from-masks D | --no-prompt) --out DIR
 imedsam predict --model M CASES.npz... --out DIR   (LiteMedSAM challenge cases: their own boxes)
 imedsam evaluate --model M (--data-dir D | --dataset HUB_ID) [--split test] [--baseline] --json OUT.json
-imedsam score PREDICTIONS... --truth DIR [--classes 6,liver] [--json OUT.json] [--csv OUT.csv]
+imedsam score PREDICTIONS... --truth DIR [--classes 6,liver] [--nsd-tolerance MM] [--json OUT.json] [--csv OUT.csv]
 imedsam convert sam --checkpoint facebook/sam-vit-base --image-size 384 --output DIR
 imedsam convert litemedsam --output DIR
 """
@@ -22,6 +22,7 @@ from .data import DEFAULT_GROUP_PATTERN
 from .evaluation import NATIVE
 from .inference import MAX_OUTPUT_PIXELS, check_output_budget
 from .loading import resolve_device
+from .metrics import NSD_TOLERANCE
 from .processing_imedsam import TTA_MIRRORS
 from .version import __version__
 from .volumes import WINDOW_PRESETS
@@ -71,6 +72,17 @@ def _tta_option(parser: argparse.ArgumentParser) -> None:
         choices=list(TTA_MIRRORS),
         help="test-time mirroring: also segment the image mirrored left-right (h), up-down (v) or both ways and back "
         "(hv: 4 passes), averaging the probabilities (nnU-Net's test-time augmentation; 2 or 4 times the time)",
+    )
+
+
+def _nsd_tolerance_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nsd-tolerance",
+        type=float,
+        default=NSD_TOLERANCE,
+        metavar="MM",
+        help="the NSD's tolerance: mm for volumes, pixels for images (default: 2, the CVPR 2024 MedSAM challenge's; "
+        "FLARE used 1 mm)",
     )
 
 
@@ -291,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score only these structures, ids or names (from a classes.json / id2label.json in or beside the truth "
         "folder, or the dataset.json beside it); default: every structure in a prediction or its truth",
     )
+    _nsd_tolerance_option(s)
     s.add_argument("--json", default=None, help="write the summary here")
     s.add_argument("--csv", default=None, help="write one row per case and structure here")
 
@@ -454,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     _tta_option(e)
+    _nsd_tolerance_option(e)
     _device_option(e)
     _backend_option(e)
     return parser

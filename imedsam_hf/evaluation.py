@@ -48,6 +48,7 @@ from .data import (
 from .inference import checked_input_classes, clicks_caveat, label_map, overlay, sam_mask_fallback
 from .loading import load_model
 from .metrics import (
+    NSD_TOLERANCE,
     aggregate,
     boundary_scores,
     dice_from_counts,
@@ -182,16 +183,22 @@ def predict_logits(
     return results
 
 
-def score(logits: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+def score(
+    logits: torch.Tensor, labels: np.ndarray, num_classes: int, nsd_tolerance: float = NSD_TOLERANCE
+) -> dict[str, float]:
     """Scores of one prediction `(C, h, w)` logits against a class-id map of the same grid."""
-    return score_mask(IMedSamProcessor.post_process_masks(logits[None])[0].numpy(), labels, num_classes)
+    predicted = IMedSamProcessor.post_process_masks(logits[None])[0].numpy()
+    return score_mask(predicted, labels, num_classes, nsd_tolerance)
 
 
-def score_mask(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Scores of a post-processed prediction (bool mask, or class ids for C > 1) against a class-id map."""
+def score_mask(
+    predicted: np.ndarray, labels: np.ndarray, num_classes: int, nsd_tolerance: float = NSD_TOLERANCE
+) -> dict[str, float]:
+    """Scores of a post-processed prediction (bool mask, or class ids for C > 1) against a class-id map; NSD at
+    `nsd_tolerance` pixels."""
     if num_classes == 1:
-        return segmentation_scores(predicted, labels > 0)
-    return multiclass_scores(predicted.astype(np.int64), labels, num_classes + 1)
+        return segmentation_scores(predicted, labels > 0, tolerance=nsd_tolerance)
+    return multiclass_scores(predicted.astype(np.int64), labels, num_classes + 1, tolerance=nsd_tolerance)
 
 
 def evaluate_pairs(
@@ -215,9 +222,11 @@ def evaluate_pairs(
     num_clicks: int = 1,
     tta: str = "none",
     overlays: Path | None = None,
+    nsd_tolerance: float = NSD_TOLERANCE,
 ) -> tuple[list[dict], dict[str, dict]]:
     """
-    Score every pair at every output size (masks read with `read_mask(..., mask_values)`).
+    Score every pair at every output size (masks read with `read_mask(..., mask_values)`), the NSD at
+    `nsd_tolerance` pixels.
 
     `prompt="points"` prompts each image with `num_clicks` positive clicks on its mask (`data.mask_clicks`: the most
     interior point first) instead of its box.
@@ -293,7 +302,7 @@ def evaluate_pairs(
                 prediction = logits[size][index] if several else logits[size]
                 predicted = IMedSamProcessor.post_process_masks(prediction[None])[0].numpy()
                 target = resize_labels(target_labels, predicted.shape)
-                scored = score_mask(predicted, target, 1 if class_prompts else num_classes)
+                scored = score_mask(predicted, target, 1 if class_prompts else num_classes, nsd_tolerance)
                 row = {"stem": pair.stem, "size": str(size), **extra, **scored}
                 if size == sizes[0]:
                     shown.append((prediction, predicted, target))
@@ -368,9 +377,10 @@ def scan_distances(
     slice_masks: Mapping[tuple[str, int], SliceMasks],
     spacing: Mapping[str, Sequence[float]],
     pattern: re.Pattern,
+    nsd_tolerance: float = NSD_TOLERANCE,
 ) -> dict[tuple[str, int], dict[str, float]]:
     """
-    `{"hd95", "nsd"}` in mm of each class in each scan: its slices stacked by slice index (`data.slice_index`; slices
+    `{"hd95", "nsd"}` (HD95 in mm, NSD at `nsd_tolerance` mm) of each class in each scan: its slices stacked by slice index (`data.slice_index`; slices
     missing from the folder hold no structure and count as empty in both), distances with the scan's spacing
     `(x, y, z)` (`metrics.boundary_scores` in 3-D, as `volumes.volume_scores`). Scans without a spacing or slice
     numbers, or with slices of different sizes, are left out.
@@ -395,7 +405,7 @@ def scan_distances(
             true = np.zeros_like(predicted)
             for z, masks in entries:
                 predicted[z - first], true[z - first] = masks.unpack()
-            scores = boundary_scores(*cropped(predicted, true), (z_step, y, x))
+            scores = boundary_scores(*cropped(predicted, true), (z_step, y, x), nsd_tolerance)
             distances[(scan, class_id)] = {key: scores[key] for key in VOLUME_DISTANCES}
     return distances
 
@@ -485,13 +495,14 @@ def volume_summary(
     group_pattern: str = DEFAULT_GROUP_PATTERN,
     slice_masks: Mapping[tuple[str, int], SliceMasks] | None = None,
     spacing: Mapping[str, Sequence[float]] | None = None,
+    nsd_tolerance: float = NSD_TOLERANCE,
 ) -> dict:
     """
     Per-volume scores of class-prompted rows at one output size: slices grouped into scans by `group_pattern`
     (its first group names the scan), the 3D Dice of each class in each scan from the slices' overlap counts
     (exact: the sums over slices are the volume's), averaged over scans per class, then over classes. With the
     rows' `slice_masks` and the scans' `spacing` (mm, `data.read_scan_spacing`), also the 3D HD95 in mm and the NSD
-    at 2 mm (`scan_distances`), averaged the same way; else `"hd95"` and `"nsd"` are None.
+    at `nsd_tolerance` mm (`scan_distances`), averaged the same way; else `"hd95"` and `"nsd"` are None.
 
     Returns `{"dice", "hd95", "nsd", "n_volumes", "size", "per_class": {"<id>": {"name", "dice", "hd95", "nsd",
     "n"}}}`.
@@ -507,7 +518,7 @@ def volume_summary(
     by_class: dict[int, list[float]] = {}
     for (_, class_id), counts in sorted(totals.items()):
         by_class.setdefault(class_id, []).append(dice_from_counts(*counts))
-    distances = scan_distances(slice_masks, spacing, pattern) if slice_masks and spacing else {}
+    distances = scan_distances(slice_masks, spacing, pattern, nsd_tolerance) if slice_masks and spacing else {}
     per_class = {}
     for c in sorted(by_class):
         scanned = [distances[key] for key in totals if key[1] == c and key in distances]
@@ -557,6 +568,7 @@ class EvaluationProtocol:
         spacing: scan -> voxel spacing `(x, y, z)` in mm for the per-volume HD95 and NSD, or None.
         tta: test-time mirroring, `"none"`, `"h"`, `"v"` or `"hv"` (`processing_imedsam.TTA_MIRRORS`), for the model
             and its zero-shot backbone alike.
+        nsd_tolerance: the NSD's tolerance, in pixels per image and mm per scan (`metrics.NSD_TOLERANCE`: 2).
     """
 
     prompt: str
@@ -575,9 +587,14 @@ class EvaluationProtocol:
     group_pattern: str
     spacing: Mapping[str, Sequence[float]] | None
     tta: str
+    nsd_tolerance: float
 
     def __post_init__(self) -> None:
         tta_mirrors(self.tta, "`tta`")
+        if not (math.isfinite(self.nsd_tolerance) and self.nsd_tolerance > 0):
+            raise ValueError(
+                f"`nsd_tolerance` {self.nsd_tolerance}: a positive distance (mm per scan, pixels per image)."
+            )
         if self.prompt not in PROMPTS:
             raise ValueError(f"`prompt` must be one of {PROMPTS}, got {self.prompt!r}.")
         for size in self.output_sizes:
@@ -616,6 +633,7 @@ class EvaluationProtocol:
         group_pattern: str,
         spacing: Mapping[str, Sequence[float]] | None,
         tta: str,
+        nsd_tolerance: float,
         dataset: str | None = None,
     ) -> EvaluationProtocol:
         """
@@ -682,6 +700,7 @@ class EvaluationProtocol:
             group_pattern=group_pattern,
             spacing=spacing,
             tta=tta,
+            nsd_tolerance=float(nsd_tolerance),
         )
 
     @property
@@ -705,6 +724,7 @@ class EvaluationProtocol:
             mask_values=self.mask_values,
             num_clicks=self.num_clicks,
             tta=self.tta,
+            nsd_tolerance=self.nsd_tolerance,
         )
 
     def as_dict(self) -> dict:
@@ -718,6 +738,7 @@ class EvaluationProtocol:
             "class_aware": self.class_aware,
             **({"classes": list(self.classes)} if self.classes else {}),
             **({"tta": self.tta} if self.tta != "none" else {}),
+            "nsd_tolerance": self.nsd_tolerance,
         }
 
 
@@ -760,7 +781,9 @@ def _scored(
         )  # fmt: skip
         volume = None
         if masks is not None:
-            volume = volume_summary(rows, first, names, protocol.group_pattern, masks, protocol.spacing)
+            volume = volume_summary(
+                rows, first, names, protocol.group_pattern, masks, protocol.spacing, protocol.nsd_tolerance
+            )
         draws.append((rows, summary, volume))
     if len(draws) == 1:
         return draws[0]
@@ -887,7 +910,8 @@ def summary_lines(result: dict) -> list[str]:
                     f"Dice {values['class_mean']['dice']:.4f}"
                 )
         if volume:
-            unit = "3D Dice, HD95 (mm) and NSD (2 mm)" if volume.get("hd95") is not None else "3D Dice"
+            tolerance = result.get("nsd_tolerance", NSD_TOLERANCE)
+            unit = f"3D Dice, HD95 (mm) and NSD ({tolerance:g} mm)" if volume.get("hd95") is not None else "3D Dice"
             lines.append(f"{name:12s} {'volume':>7s}  {volume['n_volumes']} scans, {unit} per class:")
             for class_id, scores in volume["per_class"].items():
                 lines.append(

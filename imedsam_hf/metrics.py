@@ -320,7 +320,9 @@ def normalized_surface_dice(pred: Any, target: Any, spacing: Spacing = None, tol
 
 
 # ------------------------------------------------------------------------------------------------------- combined
-def segmentation_scores(pred: Any, target: Any, spacing: Spacing = None) -> dict[str, float]:
+def segmentation_scores(
+    pred: Any, target: Any, spacing: Spacing = None, tolerance: float = NSD_TOLERANCE
+) -> dict[str, float]:
     """Dice, IoU, HD95, HD and NSD for one binary mask pair (see :func:`dice`, :func:`iou`, :func:`hausdorff_distances`,
     :func:`normalized_surface_dice`; NSD at :data:`NSD_TOLERANCE` in the units of ``spacing``).
 
@@ -328,6 +330,7 @@ def segmentation_scores(pred: Any, target: Any, spacing: Spacing = None) -> dict
         pred: predicted mask, shape ``(H, W)``; numpy array or torch tensor, non-boolean values are thresholded ``> 0``.
         target: ground-truth mask, shape ``(H, W)``, same rules.
         spacing: pixel size for the distances, a scalar or ``(row, column)`` pair; ``None`` measures in pixels.
+        tolerance: the NSD's, in the units of ``spacing`` (pixels without one).
 
     Returns:
         ``{"dice": float, "iou": float, "hd95": float, "hd": float, "nsd": float}``.
@@ -337,7 +340,7 @@ def segmentation_scores(pred: Any, target: Any, spacing: Spacing = None) -> dict
     return {
         "dice": dice_from_counts(*counts),
         "iou": iou_from_counts(*counts),
-        **boundary_scores(pred_mask, target_mask, _spacing_pair(spacing)),
+        **boundary_scores(pred_mask, target_mask, _spacing_pair(spacing), tolerance),
     }
 
 
@@ -353,6 +356,7 @@ def multiclass_scores(
     num_classes: int,
     ignore_background: bool = True,
     spacing: Spacing = None,
+    tolerance: float = NSD_TOLERANCE,
 ) -> dict[str, float]:
     """Per-class and mean Dice, IoU, HD95, HD and NSD for two integer label maps.
 
@@ -366,6 +370,7 @@ def multiclass_scores(
         num_classes: number of label values *including* background: ids ``0 .. num_classes - 1``.
         ignore_background: skip class ``0`` (default). When ``False`` background is scored like any other class.
         spacing: pixel size for the distances, as in :func:`segmentation_scores`.
+        tolerance: the NSD's, as in :func:`segmentation_scores`.
 
     Returns:
         A flat dict (so that :func:`aggregate` can average a list of them): ``"<metric>_class<c>"`` for every scored
@@ -402,7 +407,7 @@ def multiclass_scores(
             class_scores = {
                 "dice": dice_from_counts(*counts),
                 "iou": iou_from_counts(*counts),
-                **boundary_scores(pred_mask, target_mask, spacing_pair),
+                **boundary_scores(pred_mask, target_mask, spacing_pair, tolerance),
             }
         for name in METRIC_NAMES:
             scores[f"{name}_class{class_id}"] = class_scores[name]

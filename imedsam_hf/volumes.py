@@ -70,7 +70,7 @@ from .data import NIFTI_SUFFIXES, is_volume, mask_box, volumes_in
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment, structure_id
 from .loading import load_model
-from .metrics import METRIC_NAMES, boundary_scores, dice_from_counts, iou_from_counts, overlap_counts
+from .metrics import METRIC_NAMES, NSD_TOLERANCE, boundary_scores, dice_from_counts, iou_from_counts, overlap_counts
 from .processing_imedsam import IMedSamProcessor, mirror_image, processor_for_config, tta_mirrors
 
 __all__ = [
@@ -1234,15 +1234,17 @@ def volume_scores(
     truth: np.ndarray,
     spacing: Sequence[float],
     classes: ClassSpec = None,
+    tolerance: float = NSD_TOLERANCE,
 ) -> dict[int, dict[str, float]]:
-    """3-D Dice, IoU, HD95 and HD (mm) and NSD (2 mm tolerance) per class of two label volumes.
+    """3-D Dice, IoU, HD95 and HD (mm) and NSD (2 mm tolerance unless told) per class of two label volumes.
 
     The conventions and the code are :mod:`imedsam_hf.metrics`'s, in 3-D (:func:`~imedsam_hf.metrics.boundary_scores`):
     Dice ``2|P∩T| / (|P| + |T|)``; the Hausdorff distances are between the *surfaces* (foreground voxels with a
     6-connected background neighbour or on the array border) via exact Euclidean distance transforms with ``sampling=spacing``,
     ``hd95 = max(percentile95 d(P->T), percentile95 d(T->P))`` (MONAI's ``percentile=95``), ``hd`` the maximum,
-    ``nsd`` the share of both surfaces within :data:`~imedsam_hf.metrics.NSD_TOLERANCE` mm of the other (the CVPR 2024
-    MedSAM challenge's tolerance, each surface voxel counted once as MONAI does). Exactly one of the two masks empty:
+    ``nsd`` the share of both surfaces within ``tolerance`` mm of the other (default
+    :data:`~imedsam_hf.metrics.NSD_TOLERANCE`, the CVPR 2024 MedSAM challenge's 2 mm; each surface voxel counted once
+    as MONAI does). Exactly one of the two masks empty:
     Dice/IoU/NSD 0, HD95 = HD = the volume's diagonal in mm. A class absent from both
     volumes is NaN for every metric (as in :func:`imedsam_hf.metrics.multiclass_scores`).
 
@@ -1250,6 +1252,7 @@ def volume_scores(
         pred, truth: ``(X, Y, Z)`` integer class ids, same shape.
         spacing: voxel size in mm along ``(X, Y, Z)``, e.g. ``volume.spacing`` (the header's ``get_zooms()[:3]``).
         classes: ids to score (iterable or ``id -> name`` mapping); default every nonzero id in either volume.
+        tolerance: the NSD's, in mm.
 
     Returns:
         ``{class_id: {"dice": ..., "iou": ..., "hd95": ..., "hd": ..., "nsd": ...}}``, ids ascending.
@@ -1275,7 +1278,7 @@ def volume_scores(
         scores[class_id] = {
             "dice": dice_from_counts(*counts),
             "iou": iou_from_counts(*counts),
-            **boundary_scores(pred_mask, truth_mask, values),
+            **boundary_scores(pred_mask, truth_mask, values, tolerance),
         }
     return scores
 

@@ -186,6 +186,17 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     assert result["volume"]["hd95"] > 0 and all(v["hd95"] > 0 for v in result["volume"]["per_class"].values())
     assert all(0 <= v["nsd"] <= 1 for v in [*native["per_class"].values(), *result["volume"]["per_class"].values()])
     assert native["class_mean"]["nsd"] == pytest.approx(np.mean([v["nsd"] for v in native["per_class"].values()]))
+    assert result["nsd_tolerance"] == 2.0
+    # --nsd-tolerance 1 (FLARE's 1 mm per scan, 1 px per slice): recorded; no surface is nearer at a tighter bound.
+    assert cli_main([*argv, "--classes", "6,8", "--nsd-tolerance", "1", "--json", str(tmp_path / "one.json")]) == 0
+    tight = json.loads((tmp_path / "one.json").read_text())
+    assert tight["nsd_tolerance"] == 1.0
+    for loose, strict in ((native, tight["results"]["native"]), (result["volume"], tight["volume"])):
+        assert all(strict["per_class"][c]["nsd"] <= v["nsd"] for c, v in loose["per_class"].items())
+        assert strict["per_class"]["6"]["dice"] == loose["per_class"]["6"]["dice"]
+    assert tight["volume"]["per_class"]["6"]["nsd"] < result["volume"]["per_class"]["6"]["nsd"]
+    assert cli_main([*argv, "--nsd-tolerance", "0", "--json", str(tmp_path / "zero.json")]) == 2
+    assert not (tmp_path / "zero.json").exists()
     assert cli_main([*argv, "--classes", "6,42", "--json", str(tmp_path / "bad.json")]) == 2  # 42: not in classes.json
     assert not (tmp_path / "bad.json").exists()
     # Names from the folder's classes.json, as `imedsam predict --classes liver` takes them: the same report.

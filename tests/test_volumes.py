@@ -1214,6 +1214,16 @@ def test_score_label_volumes_written_by_any_tool(tmp_path, capsys):
         assert scored["nsd"] == pytest.approx(expected[class_id]["nsd"])  # the challenge's second metric, 2 mm
     assert "kidney" in captured.out and "NSD" in captured.out
     assert (tmp_path / "s.csv").read_text().startswith("case,class,name,dice,iou,hd95,hd,nsd")
+    assert summary["nsd_tolerance"] == 2.0 and "NSD at 2 mm" in captured.out
+    # FLARE's 1 mm: --nsd-tolerance, recorded in the summary; a tolerance that is no distance is named.
+    assert cli_main([*argv, "--nsd-tolerance", "1"]) == 1
+    strict = json.loads((tmp_path / "s.json").read_text())
+    tight = volume_scores(moved, labels, (0.8, 0.8, 2.5), tolerance=1.0)
+    assert strict["nsd_tolerance"] == 1.0 and strict["per_class"]["5"]["nsd"] == pytest.approx(tight[5]["nsd"])
+    assert tight[5]["nsd"] < expected[5]["nsd"]
+    capsys.readouterr()
+    assert cli_main([*argv, "--nsd-tolerance", "0"]) == 2
+    assert "--nsd-tolerance 0.0: a positive distance" in capsys.readouterr().err
     assert cli_main([*argv[:-2], "--classes", "liver"]) == 1
     printed = capsys.readouterr().out
     assert "liver" in printed and "kidney" not in printed

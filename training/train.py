@@ -85,7 +85,7 @@ from imedsam_hf.loading import (  # noqa: E402
     load_model,
     load_peft_model,
 )
-from imedsam_hf.metrics import dice  # noqa: E402
+from imedsam_hf.metrics import NSD_TOLERANCE, dice  # noqa: E402
 from imedsam_hf.model_card import hub_dataset_id, write_model_card  # noqa: E402
 from imedsam_hf.processing_imedsam import IMedSamProcessor  # noqa: E402
 from imedsam_hf.publishing import portable_model_name, trainable_state  # noqa: E402
@@ -586,6 +586,7 @@ def evaluation_protocol(
             group_pattern=args.data.group_pattern,
             spacing=None,
             tta="none",  # the run's own numbers, as its validation measured them: no test-time mirroring
+            nsd_tolerance=NSD_TOLERANCE,
             dataset=args.data.dataset,
         )
     except ValueError as error:

@@ -47,6 +47,7 @@ FLAGS = {
         "max_output_pixels",
         "box_jitter",
         "jitter_draws",
+        "nsd_tolerance",
         "num_clicks",
         "class_aware",
         "classes",

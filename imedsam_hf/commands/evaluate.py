@@ -97,7 +97,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         prompt=args.prompt, output_sizes=tuple(args.output_sizes), num_classes=1, class_prompts=False,
         class_aware=False, mask_classes=None, classes=None, class_names=None, mask_values=None,
         box_jitter=args.box_jitter, jitter_seed=args.jitter_seed, jitter_draws=args.jitter_draws, num_clicks=args.clicks,
-        group_pattern=args.group_pattern, spacing=None, tta=args.tta,
+        group_pattern=args.group_pattern, spacing=None, tta=args.tta, nsd_tolerance=args.nsd_tolerance,
     )  # fmt: skip
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -121,6 +121,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         group_pattern=args.group_pattern,
         spacing=spacing,
         tta=args.tta,
+        nsd_tolerance=args.nsd_tolerance,
         dataset=args.dataset,
     )
     if args.data_dir is not None:

@@ -36,6 +36,8 @@ from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_mes
 def run(args: argparse.Namespace) -> int:
     """`imedsam score` with parsed arguments: 0 all scored, 1 some predictions skipped (named), 2 nothing scored."""
     try:
+        if not (np.isfinite(args.nsd_tolerance) and args.nsd_tolerance > 0):
+            raise ValueError(f"--nsd-tolerance {args.nsd_tolerance}: a positive distance (mm for volumes, pixels).")
         predictions = prediction_files(args.predictions)
         names = truth_class_names(Path(args.truth))
         wanted = None
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     suffix = mask_folder_suffix([p.stem for p in predictions], args.truth) if masks else ""
     for path in predictions:
         try:
-            rows.extend(score_one(path, Path(args.truth), suffix, wanted))
+            rows.extend(score_one(path, Path(args.truth), suffix, wanted, args.nsd_tolerance))
         except (OSError, ValueError) as error:
             print(f"skipped {flag_message(error)}", file=sys.stderr)
             skipped += 1
@@ -81,7 +83,12 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_NOTHING_DONE
     summary = summarise(rows, units[0])
-    summary.update(predictions=[str(p) for p in args.predictions], truth=str(args.truth), n_skipped=skipped)
+    summary.update(
+        nsd_tolerance=args.nsd_tolerance,
+        predictions=[str(p) for p in args.predictions],
+        truth=str(args.truth),
+        n_skipped=skipped,
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=1))
@@ -151,8 +158,9 @@ def truth_class_names(truth: Path) -> dict[int, str] | None:
     return read_class_file(beside) if beside.is_file() else None
 
 
-def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None) -> list[dict]:
-    """The rows (one per structure in either, or each of `wanted`) of one prediction against its truth."""
+def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None, tolerance: float) -> list[dict]:
+    """The rows (one per structure in either, or each of `wanted`) of one prediction against its truth, the NSD at
+    `tolerance` (mm, or pixels in 2-D)."""
     if is_volume(path):
         found = label_volume_of(path, truth)
         if found is None:
@@ -160,9 +168,10 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None) ->
         predicted, expected = read_volume(path), read_volume(found)
         truth_ids = check_label_volume(expected, expected, compare_affines=False)
         predicted_ids = check_label_volume(predicted, expected, compare_affines=True)
-        return volume_rows(path.name.split(".nii")[0], predicted_ids, truth_ids, expected.spacing, wanted, "mm")
+        case = path.name.split(".nii")[0]
+        return volume_rows(case, predicted_ids, truth_ids, expected.spacing, wanted, "mm", tolerance)
     if path.suffix.lower() == ".npz":
-        return case_rows(path, truth, wanted)
+        return case_rows(path, truth, wanted, tolerance)
     candidates = [p for p in truth.glob(f"{path.stem}{suffix}.*") if p.suffix.lower() in IMAGE_EXTENSIONS]
     if len(candidates) != 1:
         what = "no mask" if not candidates else f"{len(candidates)} masks"
@@ -173,12 +182,14 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None) ->
             f"{path}: {predicted.shape[1]}x{predicted.shape[0]}, its truth {candidates[0]} "
             f"{expected.shape[1]}x{expected.shape[0]}: score masks on their image's grid."
         )
-    return image_rows(path.stem, predicted, expected, wanted, binary)
+    return image_rows(path.stem, predicted, expected, wanted, binary, tolerance)
 
 
-def volume_rows(case: str, predicted, expected, spacing, wanted: list[int] | None, unit: str) -> list[dict]:
+def volume_rows(
+    case: str, predicted, expected, spacing, wanted: list[int] | None, unit: str, tolerance: float
+) -> list[dict]:
     """3-D rows of two `(X, Y, Z)` label arrays (`volumes.volume_scores`), classes absent from both left out."""
-    scores = volume_scores(predicted, expected, spacing, wanted)
+    scores = volume_scores(predicted, expected, spacing, wanted, tolerance)
     present = set(np.unique(expected).tolist())
     return [
         {"case": case, "class": c, "in_truth": c in present, "unit": unit, **values}
@@ -187,7 +198,7 @@ def volume_rows(case: str, predicted, expected, spacing, wanted: list[int] | Non
     ]
 
 
-def image_rows(case: str, predicted, expected, wanted: list[int] | None, binary: bool) -> list[dict]:
+def image_rows(case: str, predicted, expected, wanted: list[int] | None, binary: bool, tolerance: float) -> list[dict]:
     """2-D rows of two `(H, W)` label maps (`metrics.segmentation_scores`, pixels)."""
     ids = wanted or sorted(int(c) for c in np.union1d(np.unique(predicted), np.unique(expected)) if c > 0)
     return [
@@ -197,14 +208,14 @@ def image_rows(case: str, predicted, expected, wanted: list[int] | None, binary:
             "binary": binary,
             "in_truth": bool((expected == c).any()),
             "unit": "px",
-            **segmentation_scores(predicted == c, expected == c),
+            **segmentation_scores(predicted == c, expected == c, tolerance=tolerance),
         }
         for c in ids
         if (predicted == c).any() or (expected == c).any()
     ]
 
 
-def case_rows(path: Path, truth: Path, wanted: list[int] | None) -> list[dict]:
+def case_rows(path: Path, truth: Path, wanted: list[int] | None, tolerance: float) -> list[dict]:
     """A challenge case's `segs` against the `gts` of the truth folder's case of its name: 2-D in pixels, 3-D
     (`(D, H, W)`) in mm by the truth's `spacing` (x, y, z, as SimpleITK's `GetSpacing` gives it), in voxels without
     one."""
@@ -220,10 +231,10 @@ def case_rows(path: Path, truth: Path, wanted: list[int] | None) -> list[dict]:
     if segs.shape != gts.shape or segs.ndim not in (2, 3):
         raise ValueError(f"{path}: segs {segs.shape}, its truth's gts {gts.shape}: one 2-D or 3-D shape for both.")
     if segs.ndim == 2:
-        return image_rows(path.stem, segs, gts, wanted, binary=False)
+        return image_rows(path.stem, segs, gts, wanted, False, tolerance)
     known = spacing is not None and np.asarray(spacing).size == 3
     spacing = tuple(float(v) for v in np.asarray(spacing).reshape(-1)) if known else (1.0, 1.0, 1.0)
-    rows = volume_rows(path.stem, segs.transpose(2, 1, 0), gts.transpose(2, 1, 0), spacing, wanted, "mm")
+    rows = volume_rows(path.stem, segs.transpose(2, 1, 0), gts.transpose(2, 1, 0), spacing, wanted, "mm", tolerance)
     return rows if known else [{**row, "unit": "voxels"} for row in rows]
 
 
@@ -258,7 +269,11 @@ def summarise(rows: list[dict], unit: str) -> dict:
 def summary_lines(summary: Mapping) -> list[str]:
     """The table `imedsam score` prints."""
     unit = summary["unit"]
-    lines = [f"{summary['n_cases']} cases, {'2-D' if unit == 'px' else '3-D'} scores (distances in {unit}):"]
+    tolerance = f"{summary['nsd_tolerance']:g} {unit}"
+    lines = [
+        f"{summary['n_cases']} cases, {'2-D' if unit == 'px' else '3-D'} scores (distances in {unit}, NSD at "
+        f"{tolerance}):"
+    ]
     for class_id, v in summary["per_class"].items():
         lines.append(
             f"  {class_id:>3} {v['name']:<28} n={v['n']:>4}  Dice {v['dice']:.4f}  IoU {v['iou']:.4f}  "
