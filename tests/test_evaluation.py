@@ -591,5 +591,8 @@ def test_score_masks_written_by_predict_against_masks_with_a_suffix(tmp_path, ca
     assert summary["per_class"]["1"]["dice"] == pytest.approx(np.mean([e["dice"] for e in expected]))
     assert summary["per_class"]["1"]["hd95"] == pytest.approx(np.mean([e["hd95"] for e in expected]))
     assert summary["per_class"]["1"]["nsd"] == pytest.approx(np.mean([e["nsd"] for e in expected]))  # 2 px
+    # The spread over cases, as `imedsam evaluate` reports it (metrics.aggregate: population std), and printed.
+    assert summary["per_class"]["1"]["dice_std"] == pytest.approx(np.std([e["dice"] for e in expected]))
+    assert f"± {summary['per_class']['1']['dice_std']:.4f}" in capsys.readouterr().out
     assert cli_main(["score", str(tmp_path / "pred"), "--truth", str(tmp_path / "nowhere")]) == 2
     assert "--truth" in capsys.readouterr().err

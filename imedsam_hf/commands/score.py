@@ -28,7 +28,7 @@ from ..data import (
     read_mask,
     volumes_in,
 )
-from ..metrics import METRIC_NAMES, nanmean, segmentation_scores
+from ..metrics import METRIC_NAMES, aggregate, nanmean, segmentation_scores
 from ..volumes import check_label_volume, label_volume_names, label_volume_of, read_volume, volume_scores
 from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_message
 
@@ -248,15 +248,14 @@ def class_maps(predicted: Path, truth: Path) -> tuple[np.ndarray, np.ndarray, bo
 
 
 def summarise(rows: list[dict], unit: str) -> dict:
-    """Per structure the mean of each metric over the cases where it is in the prediction or the truth, and the mean
-    over structures."""
+    """Per structure the mean and standard deviation of each metric over the cases where it is in the prediction or
+    the truth (`metrics.aggregate`, as `imedsam evaluate` reports them), and the mean over structures."""
     per_class: dict[int, dict] = {}
     for class_id in sorted({row["class"] for row in rows}):
         mine = [row for row in rows if row["class"] == class_id]
         per_class[class_id] = {
             "name": mine[0]["name"],
-            "n": len(mine),
-            **{m: nanmean([row[m] for row in mine]) for m in METRIC_NAMES},
+            **aggregate([{m: row[m] for m in METRIC_NAMES} for row in mine]),
         }
     return {
         "unit": unit,
@@ -276,7 +275,9 @@ def summary_lines(summary: Mapping) -> list[str]:
     ]
     for class_id, v in summary["per_class"].items():
         lines.append(
-            f"  {class_id:>3} {v['name']:<28} n={v['n']:>4}  Dice {v['dice']:.4f}  IoU {v['iou']:.4f}  "
+            f"  {class_id:>3} {v['name']:<28} n={v['n']:>4}  Dice {v['dice']:.4f}"
+            + (f" ± {v['dice_std']:.4f}" if v["n"] > 1 else "")
+            + f"  IoU {v['iou']:.4f}  "
             f"HD95 {v['hd95']:.2f}  HD {v['hd']:.2f}  NSD {v['nsd']:.4f}"
         )
     mean = summary["class_mean"]
