@@ -285,3 +285,7 @@ def test_evaluate_module_loads_offline_and_matches(monkeypatch, tmp_path):
     metric.add(prediction=preds[0], reference=refs[0])
     metric.add_batch(predictions=preds[1:], references=refs[1:])
     assert metric.compute(spacing=(1.5, 0.5)) == pytest.approx(expected, nan_ok=True)
+    # The NSD's tolerance is an argument of compute, as spacing is.
+    tight = aggregate([segmentation_scores(p, r, (1.5, 0.5), tolerance=1.0) for p, r in zip(preds, refs)])
+    result = metric.compute(predictions=preds, references=refs, spacing=(1.5, 0.5), tolerance=1.0)
+    assert result == pytest.approx(tight, nan_ok=True) and result["nsd"] < expected["nsd"]

@@ -14,7 +14,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from imedsam_hf.metrics import aggregate, as_mask, segmentation_scores
+from imedsam_hf.metrics import NSD_TOLERANCE, aggregate, as_mask, segmentation_scores
 
 _DESCRIPTION = """\
 Binary segmentation scores of the imedsam_hf project: Dice, IoU, HD95, HD and NSD per prediction/reference mask pair,
@@ -32,6 +32,7 @@ Args:
         pairs. Booleans are kept, any other dtype is binarised with `> 0` (so 0/1 and 0/255 uint8 masks work).
     references: ground-truth masks, same rules; reference i must have the shape of prediction i.
     spacing: optional pixel size (scalar or (row, column) pair) for the distances; default: pixels.
+    tolerance: the NSD's, in the units of `spacing` (pixels without one); default 2.
 Returns:
     dict with `dice`, `dice_std`, `iou`, `iou_std`, `hd95`, `hd95_std`, `hd`, `hd_std`, `nsd`, `nsd_std` and `n`
     (number of pairs).
@@ -88,10 +89,10 @@ class SegmentationScores(evaluate.Metric):
         reference = None if reference is None else as_mask(reference).astype(np.uint8)
         return super().add(prediction=prediction, reference=reference, **kwargs)
 
-    def _compute(self, predictions, references, spacing=None):
+    def _compute(self, predictions, references, spacing=None, tolerance=NSD_TOLERANCE):
         # Stored masks come back as nested lists of 0/1 ints (evaluate's "numpy" format only supports scalar features).
         rows = [
-            segmentation_scores(np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool), spacing=spacing)
+            segmentation_scores(np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool), spacing, tolerance)
             for pred, ref in zip(predictions, references, strict=True)
         ]
         return aggregate(rows)
