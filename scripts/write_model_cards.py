@@ -16,7 +16,9 @@ model and `litemedsam`; `--sweep`: `benchmarks/ablation.py`'s JSON with the MedS
 rewritten from new measurements after the run folder is gone. Every number in
 the card comes from these files; the text around them says how each was made. `mirroring` writes (or rewrites) one
 section of a card, "With test-time mirroring", from `imedsam evaluate ... --tta hv` beside the same command without it;
-`btcv` and `polyp` add it when given `--tta-exact`. `--reproduction`: the recipe run again from scratch and both models
+`btcv` and `polyp` add it when given `--tta-exact`. `nsd` writes the section "Normalized surface Dice" from `--nsd`, an
+`imedsam evaluate ... --baseline` report with NSD of `--exact`'s prompts (its Dice checked to be `--exact`'s); `btcv`
+and `polyp` add it when given `--nsd`. `--reproduction`: the recipe run again from scratch and both models
 scored alike (`benchmarks/results/shipped/<kind>_reproduction.json`), the card's "Reproduced" line; `--seed-study`
 (polyp): the recipe and the fine-tune trained with several seeds (`polyp_seed_study.json`), a sentence under the
 fine-tune table.
@@ -558,22 +560,102 @@ def mirroring_section(exact: dict, tta_exact: dict, jitter: dict | None = None, 
     return text + f"Command: {command} (and without `--tta`).\n"
 
 
-def add_mirroring_section(card: Path, section: str) -> None:
-    """Write `section` into the card before its "Intended use" section, replacing an earlier one."""
+NSD_HEADING = "## Normalized surface Dice"
+
+
+def nsd_section(report: dict, exact: dict | None = None) -> str:
+    """
+    The card section on the normalized surface Dice (the CVPR 2024 MedSAM challenge's second metric): this model and
+    the zero-shot backbone on the test split with exact boxes, from one `imedsam evaluate --baseline` report made
+    after NSD was scored; per organ, per slice and per volume (a class-prompted folder) or per image. With `exact`,
+    the card's own report, its Dice numbers must be the report's (the same models and prompts, measured again).
+    """
+    model, base = report["results"]["native"], report["baseline_sam"]["native"]
+    if "nsd" not in model or report.get("box_jitter", 0) or report.get("tta"):
+        raise ValueError("--nsd: a report of `imedsam evaluate ... --baseline` with exact boxes that scores NSD.")
+    by_slice = "class_mean" in model
+    if exact:
+        before, now = exact["results"]["native"], model
+        pairs = [(before, now), (exact["baseline_sam"]["native"], base)]
+        if by_slice:
+            pairs += [(before["per_class"][k], now["per_class"][k]) for k in before["per_class"]]
+            pairs.append((exact["volume"], report["volume"]))
+        if any(abs(old["dice"] - new["dice"]) > 5e-5 for old, new in pairs):
+            raise ValueError("--nsd: its Dice is not the card's (--exact): not the same models and prompts.")
+    tolerance = report.get("nsd_tolerance", 2.0)
+    if by_slice:
+        volume, base_volume = report["volume"], report["baseline_sam"]["volume"]
+        rows = [
+            [f"{key} {scores['name']}", points(base["per_class"][key]["nsd"]), f"**{points(scores['nsd'])}**",
+             points(base_volume["per_class"][key]["nsd"]), f"**{points(volume['per_class'][key]['nsd'])}**"]
+            for key, scores in model["per_class"].items()
+        ]  # fmt: skip
+        rows.append(
+            [f"**mean, {len(rows)} organs**", points(base["class_mean"]["nsd"]), f"**{points(model['class_mean']['nsd'])}**",
+             points(base_volume["nsd"]), f"**{points(volume['nsd'])}**"]
+        )  # fmt: skip
+        header = [
+            "organ",
+            "zero-shot, per slice",
+            "this model, per slice",
+            "zero-shot, per volume",
+            "this model, per volume",
+        ]
+        where = (
+            f"within {tolerance:g} px of the other's per slice, {tolerance:g} mm per volume (3-D, the scan's spacing)"
+        )
+        lowest = min(model["per_class"].values(), key=lambda v: v["nsd"])
+        weakest = f" Lowest per slice: {lowest['name']} ({points(lowest['nsd'])})."
+        below = [
+            f"{scores['name']} {unit} ({points(mine['nsd'])} against {points(theirs['nsd'])})"
+            for key, scores in model["per_class"].items()
+            for unit, mine, theirs in (
+                ("per slice", scores, base["per_class"][key]),
+                ("per volume", volume["per_class"][key], base_volume["per_class"][key]),
+            )
+            if mine["nsd"] < theirs["nsd"]
+        ]
+        weakest += (
+            f" Below zero-shot: {'; '.join(below)}."
+            if below
+            else " Every organ above zero-shot, per slice and per volume."
+        )
+    else:
+        rows = [["exact boxes, per image", points(base["nsd"]), f"**{points(model['nsd'])}**"]]
+        header = ["prompts", "zero-shot", "this model"]
+        where = f"within {tolerance:g} px of the other's"
+        weakest = " This model is below zero-shot on NSD here." if model["nsd"] < base["nsd"] else ""
+    command = (
+        f"`imedsam evaluate --model {report.get('model', 'MODEL')} --data-dir {report.get('data_dir', 'DIR')} --split test "
+        "--baseline`"
+    )
+    return (
+        f'{NSD_HEADING}\n\nNSD, the CVPR 2024 "MedSAM on laptop" challenge\'s second metric beside Dice: the share of '
+        f"both outlines lying {where}, each boundary pixel or voxel counted once (MONAI's `compute_surface_dice`; the "
+        "challenge's own script weights surface elements by their areas and reads higher, by 2 points of 13-organ mean on "
+        "a BTCV scan). The test split with exact boxes, both models on the same prompts:\n\n"
+        f"{markdown_table(header, rows)}\n\n{weakest.strip()}{' ' if weakest else ''}Command: {command} (the same "
+        "report's Dice is the one above).\n"
+    )
+
+
+def add_section(card: Path, heading: str, section: str) -> None:
+    """Write `section` (starting with `heading`) into the card before its "Intended use" section, replacing an
+    earlier section of that heading."""
     text = card.read_text()
-    start = text.find(MIRRORING_HEADING)
+    start = text.find(heading)
     if start >= 0:
-        end = text.find("\n## ", start + len(MIRRORING_HEADING))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + text[end + 1 :]
     anchor = text.find("## Intended use")
     if anchor < 0:
-        raise ValueError(f"{card}: no '## Intended use' section to place the mirroring section before.")
+        raise ValueError(f"{card}: no '## Intended use' section to place {heading!r} before.")
     card.write_text(text[:anchor] + section + "\n" + text[anchor:])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["btcv", "polyp", "mirroring"])
+    parser.add_argument("kind", choices=["btcv", "polyp", "mirroring", "nsd"])
     parser.add_argument("--name", default=None)
     parser.add_argument(
         "--run", default=None,
@@ -598,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta-exact", default=None, help="`imedsam evaluate --tta ...` of --exact's prompts")
     parser.add_argument("--tta-jitter", default=None, help="the same of --jitter's prompts")
     parser.add_argument(
+        "--nsd", default=None,
+        help="`imedsam evaluate ... --baseline` of --exact's prompts, made since NSD is scored: the card's NSD section",
+    )  # fmt: skip
+    parser.add_argument(
         "--reproduction", default=None,
         help="btcv, polyp: a JSON of the recipe run again and scored beside this model "
         "(benchmarks/results/shipped/<kind>_reproduction.json): the card's 'Reproduced' line",
@@ -612,8 +698,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "mirroring" or args.tta_exact:
         section = mirroring_section(load(args.exact), load(args.tta_exact), load(args.jitter), load(args.tta_jitter))
     if args.kind == "mirroring":
-        add_mirroring_section(Path(args.output), section)
+        add_section(Path(args.output), MIRRORING_HEADING, section)
         print(f"wrote the mirroring section of {args.output}")
+        return 0
+    if args.nsd:
+        nsd = nsd_section(load(args.nsd), load(args.exact))
+    if args.kind == "nsd":
+        add_section(Path(args.output), NSD_HEADING, nsd)
+        print(f"wrote the NSD section of {args.output}")
         return 0
     if args.run and Path(args.run).is_file():
         facts = load(args.run)
@@ -636,7 +728,9 @@ def main(argv: list[str] | None = None) -> int:
         facts = training_facts(Path(args.run), args.trainable, args.total, args.recipe_summary, args.device_name)
         Path(args.save_facts).write_text(json.dumps(facts, indent=1) + "\n")
     if args.tta_exact:
-        add_mirroring_section(Path(args.output), section)
+        add_section(Path(args.output), MIRRORING_HEADING, section)
+    if args.nsd:
+        add_section(Path(args.output), NSD_HEADING, nsd)
     print(f"wrote {args.output}")
     return 0
 

