@@ -254,6 +254,16 @@ def btcv_recipe_summary(config: dict, mixed_precision: bool) -> str:
     )
 
 
+# The per-organ tables' columns: both models per slice, then per volume.
+ORGAN_COLUMNS = (
+    "organ",
+    "zero-shot, per slice",
+    "this model, per slice",
+    "zero-shot, per volume",
+    "this model, per volume",
+)
+
+
 def btcv(args) -> None:
     exact, jitter, volumes = load(args.exact), load(args.jitter), load(args.volumes)
     training, config = run_facts(Path(args.run))
@@ -271,14 +281,7 @@ def btcv(args) -> None:
         ["**mean, 13 organs**", points(mean[1]), f"**{points(mean[0])}**", points(base_volume["dice"]),
          f"**{points(volume['dice'])}**", f"{mm(base_volume['hd95'])} / {mm(volume['hd95'])}"]
     )  # fmt: skip
-    header = [
-        "organ",
-        "zero-shot, per slice",
-        "this model, per slice",
-        "zero-shot, per volume",
-        "this model, per volume",
-    ]
-    header.append("HD95 per volume (mm), zero-shot / this model")
+    header = [*ORGAN_COLUMNS, "HD95 per volume (mm), zero-shot / this model"]
     weak = sorted(model["per_class"].values(), key=lambda s: s["dice"])[:3]
     realistic = []
     if jitter:
@@ -594,13 +597,7 @@ def nsd_section(report: dict, exact: dict | None = None) -> str:
             [f"**mean, {len(rows)} organs**", points(base["class_mean"]["nsd"]), f"**{points(model['class_mean']['nsd'])}**",
              points(base_volume["nsd"]), f"**{points(volume['nsd'])}**"]
         )  # fmt: skip
-        header = [
-            "organ",
-            "zero-shot, per slice",
-            "this model, per slice",
-            "zero-shot, per volume",
-            "this model, per volume",
-        ]
+        header = list(ORGAN_COLUMNS)
         where = (
             f"within {tolerance:g} px of the other's per slice, {tolerance:g} mm per volume (3-D, the scan's spacing)"
         )
