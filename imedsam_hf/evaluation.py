@@ -502,10 +502,11 @@ def volume_summary(
     (its first group names the scan), the 3D Dice of each class in each scan from the slices' overlap counts
     (exact: the sums over slices are the volume's), averaged over scans per class, then over classes. With the
     rows' `slice_masks` and the scans' `spacing` (mm, `data.read_scan_spacing`), also the 3D HD95 in mm and the NSD
-    at `nsd_tolerance` mm (`scan_distances`), averaged the same way; else `"hd95"` and `"nsd"` are None.
+    at `nsd_tolerance` mm (`scan_distances`), averaged the same way; else `"hd95"` and `"nsd"` are None. `per_scan`
+    keeps each scan's own scores (for per-case tables and paired tests), the distances where they were measured.
 
     Returns `{"dice", "hd95", "nsd", "n_volumes", "size", "per_class": {"<id>": {"name", "dice", "hd95", "nsd",
-    "n"}}}`.
+    "n"}}, "per_scan": {"<scan>": {"<id>": {"dice", "hd95", "nsd"}}}}`.
     """
     pattern = compile_group_pattern(group_pattern)
     totals: dict[tuple[str, int], np.ndarray] = {}
@@ -532,12 +533,19 @@ def volume_summary(
         k: nanmean([v[k] for v in per_class.values() if v[k] is not None]) if distances else None
         for k in VOLUME_DISTANCES
     }
+    per_scan: dict[str, dict[str, dict]] = {}
+    for (scan, class_id), counts in sorted(totals.items()):
+        per_scan.setdefault(scan, {})[str(class_id)] = {
+            "dice": dice_from_counts(*counts),
+            **distances.get((scan, class_id), {}),
+        }
     return {
         "dice": nanmean([v["dice"] for v in per_class.values()]),
         **means,
-        "n_volumes": len({scan for scan, _ in totals}),
+        "n_volumes": len(per_scan),
         "size": size,
         "per_class": per_class,
+        "per_scan": per_scan,
     }
 
 

@@ -129,6 +129,11 @@ def test_volume_dice_stacks_the_slices_of_each_scan():
     }
     assert volume["per_class"]["8"]["dice"] == pytest.approx(0.5)
     assert volume["dice"] == pytest.approx(((liver_a + 1.0) / 2 + 0.5) / 2) and volume["n_volumes"] == 2
+    # Each scan's own scores are kept, for per-case tables and paired tests.
+    assert volume["per_scan"] == {
+        "a": {"6": {"dice": pytest.approx(liver_a)}},
+        "b": {"6": {"dice": 1.0}, "8": {"dice": pytest.approx(0.5)}},
+    }
 
 
 def test_volume_hd95_of_stacked_slices_equals_the_label_volume_hd95():
@@ -159,6 +164,7 @@ def test_volume_hd95_of_stacked_slices_equals_the_label_volume_hd95():
     volume = volume_summary(rows, "native", {6: "liver"}, slice_masks=masks, spacing=spacing)
     assert volume["hd95"] == volume["per_class"]["6"]["hd95"] == pytest.approx(reference[6]["hd95"])
     assert volume["nsd"] == volume["per_class"]["6"]["nsd"] == pytest.approx(reference[6]["nsd"])
+    assert volume["per_scan"]["s"]["6"] == pytest.approx({"dice": 1.0, **{k: reference[6][k] for k in ("hd95", "nsd")}})
 
 
 def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
@@ -183,6 +189,8 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     assert set(native["per_class"]) == {"6", "8"} and native["per_class"]["6"]["name"] == "liver"
     assert native["per_class"]["6"]["n"] == 3 and native["class_mean"]["n_classes"] == 2
     assert result["volume"]["n_volumes"] == 2 and set(result["volume"]["per_class"]) == {"6", "8"}
+    assert set(result["volume"]["per_scan"]) == {"case0001", "case0002"}  # each scan's own, by name
+    assert result["volume"]["per_scan"]["case0001"]["6"].keys() == {"dice", "hd95", "nsd"}
     assert result["volume"]["hd95"] > 0 and all(v["hd95"] > 0 for v in result["volume"]["per_class"].values())
     assert all(0 <= v["nsd"] <= 1 for v in [*native["per_class"].values(), *result["volume"]["per_class"].values()])
     assert native["class_mean"]["nsd"] == pytest.approx(np.mean([v["nsd"] for v in native["per_class"].values()]))
