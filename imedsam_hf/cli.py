@@ -4,7 +4,7 @@ imedsam predict --model M IMAGES_OR_VOLUMES... (--box ... | --boxes F | --boxes-
                 --points-from-masks D | --no-prompt) --out DIR
 imedsam predict --model M CASES.npz... --out DIR   (LiteMedSAM challenge cases: their own boxes)
 imedsam evaluate --model M (--data-dir D | --dataset HUB_ID) [--split test] [--baseline] --json OUT.json
-imedsam score PREDICTIONS... --truth DIR [--classes 6,liver] [--nsd-tolerance MM] [--json OUT.json] [--csv OUT.csv]
+imedsam score PREDICTIONS... --truth DIR [--classes 6,liver] [--nsd-tolerance MM] [--nsd-definition voxels|surfels] [--json OUT.json] [--csv OUT.csv]
 imedsam convert sam --checkpoint facebook/sam-vit-base --image-size 384 --output DIR
 imedsam convert litemedsam --output DIR
 """
@@ -22,7 +22,7 @@ from .data import DEFAULT_GROUP_PATTERN
 from .evaluation import NATIVE
 from .inference import MAX_OUTPUT_PIXELS, check_output_budget
 from .loading import resolve_device
-from .metrics import NSD_TOLERANCE
+from .metrics import NSD_DEFINITIONS, NSD_TOLERANCE
 from .processing_imedsam import TTA_MIRRORS
 from .version import __version__
 from .volumes import WINDOW_PRESETS
@@ -304,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
         "folder, or the dataset.json beside it); default: every structure in a prediction or its truth",
     )
     _nsd_tolerance_option(s)
+    s.add_argument(
+        "--nsd-definition",
+        choices=list(NSD_DEFINITIONS),
+        default="voxels",
+        help="voxels: each boundary voxel counted once (MONAI's default; what imedsam evaluate reports); surfels: "
+        "surface elements weighted by their areas, as the CVPR 2024 MedSAM challenge's script scores (needs MONAI: "
+        "pip install monai) (default: voxels)",
+    )
     s.add_argument("--json", default=None, help="write the summary here")
     s.add_argument("--csv", default=None, help="write one row per case and structure here")
 

@@ -1235,6 +1235,7 @@ def volume_scores(
     spacing: Sequence[float],
     classes: ClassSpec = None,
     tolerance: float = NSD_TOLERANCE,
+    nsd_definition: str = "voxels",
 ) -> dict[int, dict[str, float]]:
     """3-D Dice, IoU, HD95 and HD (mm) and NSD (2 mm tolerance unless told) per class of two label volumes.
 
@@ -1253,6 +1254,7 @@ def volume_scores(
         spacing: voxel size in mm along ``(X, Y, Z)``, e.g. ``volume.spacing`` (the header's ``get_zooms()[:3]``).
         classes: ids to score (iterable or ``id -> name`` mapping); default every nonzero id in either volume.
         tolerance: the NSD's, in mm.
+        nsd_definition: ``"voxels"`` or ``"surfels"`` (the CVPR 2024 challenge's; :data:`~imedsam_hf.metrics.NSD_DEFINITIONS`).
 
     Returns:
         ``{class_id: {"dice": ..., "iou": ..., "hd95": ..., "hd": ..., "nsd": ...}}``, ids ascending.
@@ -1278,7 +1280,7 @@ def volume_scores(
         scores[class_id] = {
             "dice": dice_from_counts(*counts),
             "iou": iou_from_counts(*counts),
-            **boundary_scores(pred_mask, truth_mask, values, tolerance),
+            **boundary_scores(pred_mask, truth_mask, values, tolerance, nsd_definition),
         }
     return scores
 

@@ -189,6 +189,35 @@ def test_normalized_surface_dice_matches_monai_values():
         normalized_surface_dice(a, b, tolerance=-1.0)
 
 
+def test_surfel_nsd_is_the_challenge_scripts():
+    """`nsd_definition="surfels"`: the CVPR 2024 challenge script's NSD (DeepMind's surface_distance, area-weighted
+    surface elements), through MONAI. Reference values from surface_distance 0.1 on the same masks, 2 mm tolerance."""
+    pytest.importorskip("monai")
+    from imedsam_hf.metrics import surfel_surface_dice
+
+    a = np.zeros((20, 24), bool)
+    a[3:12, 4:15] = True
+    b = np.zeros_like(a)
+    b[5:14, 6:19] = True
+    assert surfel_surface_dice(b, a, (1.0, 1.0)) == pytest.approx(0.7535868785, abs=1e-6)  # 0.75 voxels-counted
+    assert surfel_surface_dice(b, a, (1.5, 0.5)) == pytest.approx(0.7554878953, abs=1e-6)
+    assert segmentation_scores(b, a, spacing=(1.5, 0.5), nsd_definition="surfels")["nsd"] == pytest.approx(
+        0.7554878953, abs=1e-6
+    )
+    truth = np.zeros((24, 20, 6), bool)  # (x, y, z), 0.8 x 0.8 x 3 mm
+    truth[6:15, 5:12, 0:3] = True
+    truth[8:12, 7:14, 4:6] = True
+    pred = truth.copy()
+    pred[6:9, 12:14, 1] = True
+    pred[2:20, 2:6, 5] = True
+    pred[6:15, 5:8, 2] = False
+    assert surfel_surface_dice(pred, truth, (0.8, 0.8, 3.0)) == pytest.approx(0.8423864313, abs=1e-6)
+    empty = np.zeros_like(a)
+    assert surfel_surface_dice(empty, empty, (1.0, 1.0)) == 1.0 and surfel_surface_dice(a, empty, (1.0, 1.0)) == 0.0
+    with pytest.raises(ValueError, match="nsd_definition"):
+        segmentation_scores(a, b, nsd_definition="corners")
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_normalized_surface_dice_matches_brute_force_on_random_blobs(seed):
     rng = np.random.default_rng(seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 import types
 from pathlib import Path
 
@@ -1184,7 +1185,7 @@ def test_convert_volumes_takes_four_digit_case_ids_as_cases_not_channels(tmp_pat
     assert len(written) == 2 * per_case and written[0].startswith("amos_0001_slice")
 
 
-def test_score_label_volumes_written_by_any_tool(tmp_path, capsys):
+def test_score_label_volumes_written_by_any_tool(tmp_path, capsys, monkeypatch):
     """`imedsam score`: label volumes already written scored against the truth in 3-D (mm, the header's spacing), as
     `volume_scores`; nnU-Net's `<case>_0000` predictions find `<case>`; a prediction on another grid is skipped and
     named (exit 1); names from the dataset.json beside the truth folder."""
@@ -1224,6 +1225,18 @@ def test_score_label_volumes_written_by_any_tool(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main([*argv, "--nsd-tolerance", "0"]) == 2
     assert "--nsd-tolerance 0.0: a positive distance" in capsys.readouterr().err
+    # The challenge script's NSD (area-weighted surface elements, through MONAI); without MONAI, named before scoring.
+    if importlib.util.find_spec("monai") is not None:
+        assert cli_main([*argv, "--nsd-definition", "surfels", "--nsd-tolerance", "1"]) == 1
+        surfels = json.loads((tmp_path / "s.json").read_text())
+        reference = volume_scores(moved, labels, (0.8, 0.8, 2.5), tolerance=1.0, nsd_definition="surfels")
+        assert surfels["nsd_definition"] == "surfels" and "NSD at 1 mm, surfels" in capsys.readouterr().out
+        assert surfels["per_class"]["5"]["nsd"] == pytest.approx(reference[5]["nsd"])
+        assert reference[5]["nsd"] != pytest.approx(tight[5]["nsd"])  # another definition, another number
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "monai.metrics", None)  # as where MONAI is not installed
+        assert cli_main([*argv, "--nsd-definition", "surfels"]) == 2
+        assert "pip install monai" in capsys.readouterr().err
     assert cli_main([*argv[:-2], "--classes", "liver"]) == 1
     printed = capsys.readouterr().out
     assert "liver" in printed and "kidney" not in printed

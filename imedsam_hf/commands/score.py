@@ -28,7 +28,7 @@ from ..data import (
     read_mask,
     volumes_in,
 )
-from ..metrics import METRIC_NAMES, aggregate, nanmean, segmentation_scores
+from ..metrics import METRIC_NAMES, aggregate, nanmean, segmentation_scores, surfel_surface_dice
 from ..volumes import check_label_volume, label_volume_names, label_volume_of, read_volume, volume_scores
 from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_message
 
@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not (np.isfinite(args.nsd_tolerance) and args.nsd_tolerance > 0):
             raise ValueError(f"--nsd-tolerance {args.nsd_tolerance}: a positive distance (mm for volumes, pixels).")
+        nsd = {"tolerance": args.nsd_tolerance, "nsd_definition": args.nsd_definition}
+        if args.nsd_definition == "surfels":
+            surfel_surface_dice(np.ones((2, 2), bool), np.ones((2, 2), bool), (1.0, 1.0))  # MONAI there? Say so now
         predictions = prediction_files(args.predictions)
         names = truth_class_names(Path(args.truth))
         wanted = None
@@ -48,14 +51,14 @@ def run(args: argparse.Namespace) -> int:
                     f"beside `truth` {args.truth}, or the dataset.json beside it; give ids."
                 )
             wanted = [c if isinstance(c, int) else class_id_of(c, names, "`classes`") for c in args.classes]
-    except (OSError, ValueError) as error:
+    except (ImportError, OSError, ValueError) as error:
         return fail(error)
     rows, skipped = [], 0
     masks = kind_of(predictions[0]) == "mask"
     suffix = mask_folder_suffix([p.stem for p in predictions], args.truth) if masks else ""
     for path in predictions:
         try:
-            rows.extend(score_one(path, Path(args.truth), suffix, wanted, args.nsd_tolerance))
+            rows.extend(score_one(path, Path(args.truth), suffix, wanted, nsd))
         except (OSError, ValueError) as error:
             print(f"skipped {flag_message(error)}", file=sys.stderr)
             skipped += 1
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarise(rows, units[0])
     summary.update(
         nsd_tolerance=args.nsd_tolerance,
+        nsd_definition=args.nsd_definition,
         predictions=[str(p) for p in args.predictions],
         truth=str(args.truth),
         n_skipped=skipped,
@@ -158,9 +162,9 @@ def truth_class_names(truth: Path) -> dict[int, str] | None:
     return read_class_file(beside) if beside.is_file() else None
 
 
-def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None, tolerance: float) -> list[dict]:
+def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None, nsd: Mapping) -> list[dict]:
     """The rows (one per structure in either, or each of `wanted`) of one prediction against its truth, the NSD at
-    `tolerance` (mm, or pixels in 2-D)."""
+    `nsd` (`tolerance` in mm, or pixels in 2-D, and `nsd_definition`)."""
     if is_volume(path):
         found = label_volume_of(path, truth)
         if found is None:
@@ -169,9 +173,9 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None, to
         truth_ids = check_label_volume(expected, expected, compare_affines=False)
         predicted_ids = check_label_volume(predicted, expected, compare_affines=True)
         case = path.name.split(".nii")[0]
-        return volume_rows(case, predicted_ids, truth_ids, expected.spacing, wanted, "mm", tolerance)
+        return volume_rows(case, predicted_ids, truth_ids, expected.spacing, wanted, "mm", nsd)
     if path.suffix.lower() == ".npz":
-        return case_rows(path, truth, wanted, tolerance)
+        return case_rows(path, truth, wanted, nsd)
     candidates = [p for p in truth.glob(f"{path.stem}{suffix}.*") if p.suffix.lower() in IMAGE_EXTENSIONS]
     if len(candidates) != 1:
         what = "no mask" if not candidates else f"{len(candidates)} masks"
@@ -182,14 +186,14 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None, to
             f"{path}: {predicted.shape[1]}x{predicted.shape[0]}, its truth {candidates[0]} "
             f"{expected.shape[1]}x{expected.shape[0]}: score masks on their image's grid."
         )
-    return image_rows(path.stem, predicted, expected, wanted, binary, tolerance)
+    return image_rows(path.stem, predicted, expected, wanted, binary, nsd)
 
 
 def volume_rows(
-    case: str, predicted, expected, spacing, wanted: list[int] | None, unit: str, tolerance: float
+    case: str, predicted, expected, spacing, wanted: list[int] | None, unit: str, nsd: Mapping
 ) -> list[dict]:
     """3-D rows of two `(X, Y, Z)` label arrays (`volumes.volume_scores`), classes absent from both left out."""
-    scores = volume_scores(predicted, expected, spacing, wanted, tolerance)
+    scores = volume_scores(predicted, expected, spacing, wanted, **nsd)
     present = set(np.unique(expected).tolist())
     return [
         {"case": case, "class": c, "in_truth": c in present, "unit": unit, **values}
@@ -198,7 +202,7 @@ def volume_rows(
     ]
 
 
-def image_rows(case: str, predicted, expected, wanted: list[int] | None, binary: bool, tolerance: float) -> list[dict]:
+def image_rows(case: str, predicted, expected, wanted: list[int] | None, binary: bool, nsd: Mapping) -> list[dict]:
     """2-D rows of two `(H, W)` label maps (`metrics.segmentation_scores`, pixels)."""
     ids = wanted or sorted(int(c) for c in np.union1d(np.unique(predicted), np.unique(expected)) if c > 0)
     return [
@@ -208,14 +212,14 @@ def image_rows(case: str, predicted, expected, wanted: list[int] | None, binary:
             "binary": binary,
             "in_truth": bool((expected == c).any()),
             "unit": "px",
-            **segmentation_scores(predicted == c, expected == c, tolerance=tolerance),
+            **segmentation_scores(predicted == c, expected == c, **nsd),
         }
         for c in ids
         if (predicted == c).any() or (expected == c).any()
     ]
 
 
-def case_rows(path: Path, truth: Path, wanted: list[int] | None, tolerance: float) -> list[dict]:
+def case_rows(path: Path, truth: Path, wanted: list[int] | None, nsd: Mapping) -> list[dict]:
     """A challenge case's `segs` against the `gts` of the truth folder's case of its name: 2-D in pixels, 3-D
     (`(D, H, W)`) in mm by the truth's `spacing` (x, y, z, as SimpleITK's `GetSpacing` gives it), in voxels without
     one."""
@@ -231,10 +235,10 @@ def case_rows(path: Path, truth: Path, wanted: list[int] | None, tolerance: floa
     if segs.shape != gts.shape or segs.ndim not in (2, 3):
         raise ValueError(f"{path}: segs {segs.shape}, its truth's gts {gts.shape}: one 2-D or 3-D shape for both.")
     if segs.ndim == 2:
-        return image_rows(path.stem, segs, gts, wanted, False, tolerance)
+        return image_rows(path.stem, segs, gts, wanted, False, nsd)
     known = spacing is not None and np.asarray(spacing).size == 3
     spacing = tuple(float(v) for v in np.asarray(spacing).reshape(-1)) if known else (1.0, 1.0, 1.0)
-    rows = volume_rows(path.stem, segs.transpose(2, 1, 0), gts.transpose(2, 1, 0), spacing, wanted, "mm", tolerance)
+    rows = volume_rows(path.stem, segs.transpose(2, 1, 0), gts.transpose(2, 1, 0), spacing, wanted, "mm", nsd)
     return rows if known else [{**row, "unit": "voxels"} for row in rows]
 
 
@@ -268,7 +272,7 @@ def summarise(rows: list[dict], unit: str) -> dict:
 def summary_lines(summary: Mapping) -> list[str]:
     """The table `imedsam score` prints."""
     unit = summary["unit"]
-    tolerance = f"{summary['nsd_tolerance']:g} {unit}"
+    tolerance = f"{summary['nsd_tolerance']:g} {unit}" + (", surfels" if summary["nsd_definition"] == "surfels" else "")
     lines = [
         f"{summary['n_cases']} cases, {'2-D' if unit == 'px' else '3-D'} scores (distances in {unit}, NSD at "
         f"{tolerance}):"
