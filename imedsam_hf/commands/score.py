@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--nsd-tolerance {args.nsd_tolerance}: a positive distance (mm for volumes, pixels).")
         nsd = {"tolerance": args.nsd_tolerance, "nsd_definition": args.nsd_definition}
         if args.nsd_definition == "surfels":
-            surfel_surface_dice(np.ones((2, 2), bool), np.ones((2, 2), bool), (1.0, 1.0))  # MONAI there? Say so now
+            # One tiny pair first: without MONAI this stops here, naming `pip install monai`, before any case is read.
+            surfel_surface_dice(np.ones((2, 2), bool), np.ones((2, 2), bool), (1.0, 1.0))
         predictions = prediction_files(args.predictions)
         names = truth_class_names(Path(args.truth))
         wanted = None
