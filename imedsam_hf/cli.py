@@ -75,7 +75,7 @@ def _tta_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _nsd_tolerance_option(parser: argparse.ArgumentParser) -> None:
+def _nsd_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nsd-tolerance",
         type=float,
@@ -83,6 +83,13 @@ def _nsd_tolerance_option(parser: argparse.ArgumentParser) -> None:
         metavar="MM",
         help="the NSD's tolerance: mm for volumes, pixels for images (default: 2, the CVPR 2024 MedSAM challenge's; "
         "FLARE used 1 mm)",
+    )
+    parser.add_argument(
+        "--nsd-definition",
+        choices=list(NSD_DEFINITIONS),
+        default="voxels",
+        help="voxels: each boundary voxel counted once (MONAI's default); surfels: surface elements weighted by their "
+        "areas, as the CVPR 2024 MedSAM challenge's script scores (needs MONAI: pip install monai) (default: voxels)",
     )
 
 
@@ -303,15 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score only these structures, ids or names (from a classes.json / id2label.json in or beside the truth "
         "folder, or the dataset.json beside it); default: every structure in a prediction or its truth",
     )
-    _nsd_tolerance_option(s)
-    s.add_argument(
-        "--nsd-definition",
-        choices=list(NSD_DEFINITIONS),
-        default="voxels",
-        help="voxels: each boundary voxel counted once (MONAI's default; what imedsam evaluate reports); surfels: "
-        "surface elements weighted by their areas, as the CVPR 2024 MedSAM challenge's script scores (needs MONAI: "
-        "pip install monai) (default: voxels)",
-    )
+    _nsd_options(s)
     s.add_argument("--json", default=None, help="write the summary here")
     s.add_argument("--csv", default=None, help="write one row per case and structure here")
 
@@ -475,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     _tta_option(e)
-    _nsd_tolerance_option(e)
+    _nsd_options(e)
     _device_option(e)
     _backend_option(e)
     return parser

@@ -51,6 +51,7 @@ from .metrics import (
     NSD_TOLERANCE,
     aggregate,
     boundary_scores,
+    check_nsd_definition,
     dice_from_counts,
     false_positive_area,
     multiclass_scores,
@@ -184,21 +185,30 @@ def predict_logits(
 
 
 def score(
-    logits: torch.Tensor, labels: np.ndarray, num_classes: int, nsd_tolerance: float = NSD_TOLERANCE
+    logits: torch.Tensor,
+    labels: np.ndarray,
+    num_classes: int,
+    nsd_tolerance: float = NSD_TOLERANCE,
+    nsd_definition: str = "voxels",
 ) -> dict[str, float]:
     """Scores of one prediction `(C, h, w)` logits against a class-id map of the same grid."""
     predicted = IMedSamProcessor.post_process_masks(logits[None])[0].numpy()
-    return score_mask(predicted, labels, num_classes, nsd_tolerance)
+    return score_mask(predicted, labels, num_classes, nsd_tolerance, nsd_definition)
 
 
 def score_mask(
-    predicted: np.ndarray, labels: np.ndarray, num_classes: int, nsd_tolerance: float = NSD_TOLERANCE
+    predicted: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    nsd_tolerance: float = NSD_TOLERANCE,
+    nsd_definition: str = "voxels",
 ) -> dict[str, float]:
     """Scores of a post-processed prediction (bool mask, or class ids for C > 1) against a class-id map; NSD at
-    `nsd_tolerance` pixels."""
+    `nsd_tolerance` pixels, by `nsd_definition` (`metrics.NSD_DEFINITIONS`)."""
+    nsd = {"tolerance": nsd_tolerance, "nsd_definition": nsd_definition}
     if num_classes == 1:
-        return segmentation_scores(predicted, labels > 0, tolerance=nsd_tolerance)
-    return multiclass_scores(predicted.astype(np.int64), labels, num_classes + 1, tolerance=nsd_tolerance)
+        return segmentation_scores(predicted, labels > 0, **nsd)
+    return multiclass_scores(predicted.astype(np.int64), labels, num_classes + 1, **nsd)
 
 
 def evaluate_pairs(
@@ -223,10 +233,11 @@ def evaluate_pairs(
     tta: str = "none",
     overlays: Path | None = None,
     nsd_tolerance: float = NSD_TOLERANCE,
+    nsd_definition: str = "voxels",
 ) -> tuple[list[dict], dict[str, dict]]:
     """
     Score every pair at every output size (masks read with `read_mask(..., mask_values)`), the NSD at
-    `nsd_tolerance` pixels.
+    `nsd_tolerance` pixels, by `nsd_definition`.
 
     `prompt="points"` prompts each image with `num_clicks` positive clicks on its mask (`data.mask_clicks`: the most
     interior point first) instead of its box.
@@ -302,7 +313,8 @@ def evaluate_pairs(
                 prediction = logits[size][index] if several else logits[size]
                 predicted = IMedSamProcessor.post_process_masks(prediction[None])[0].numpy()
                 target = resize_labels(target_labels, predicted.shape)
-                scored = score_mask(predicted, target, 1 if class_prompts else num_classes, nsd_tolerance)
+                classes_scored = 1 if class_prompts else num_classes
+                scored = score_mask(predicted, target, classes_scored, nsd_tolerance, nsd_definition)
                 row = {"stem": pair.stem, "size": str(size), **extra, **scored}
                 if size == sizes[0]:
                     shown.append((prediction, predicted, target))
@@ -378,6 +390,7 @@ def scan_distances(
     spacing: Mapping[str, Sequence[float]],
     pattern: re.Pattern,
     nsd_tolerance: float = NSD_TOLERANCE,
+    nsd_definition: str = "voxels",
 ) -> dict[tuple[str, int], dict[str, float]]:
     """
     `{"hd95", "nsd"}` (HD95 in mm, NSD at `nsd_tolerance` mm) of each class in each scan: its slices stacked by slice index (`data.slice_index`; slices
@@ -405,7 +418,7 @@ def scan_distances(
             true = np.zeros_like(predicted)
             for z, masks in entries:
                 predicted[z - first], true[z - first] = masks.unpack()
-            scores = boundary_scores(*cropped(predicted, true), (z_step, y, x), nsd_tolerance)
+            scores = boundary_scores(*cropped(predicted, true), (z_step, y, x), nsd_tolerance, nsd_definition)
             distances[(scan, class_id)] = {key: scores[key] for key in VOLUME_DISTANCES}
     return distances
 
@@ -496,6 +509,7 @@ def volume_summary(
     slice_masks: Mapping[tuple[str, int], SliceMasks] | None = None,
     spacing: Mapping[str, Sequence[float]] | None = None,
     nsd_tolerance: float = NSD_TOLERANCE,
+    nsd_definition: str = "voxels",
 ) -> dict:
     """
     Per-volume scores of class-prompted rows at one output size: slices grouped into scans by `group_pattern`
@@ -519,7 +533,9 @@ def volume_summary(
     by_class: dict[int, list[float]] = {}
     for (_, class_id), counts in sorted(totals.items()):
         by_class.setdefault(class_id, []).append(dice_from_counts(*counts))
-    distances = scan_distances(slice_masks, spacing, pattern, nsd_tolerance) if slice_masks and spacing else {}
+    distances = (
+        scan_distances(slice_masks, spacing, pattern, nsd_tolerance, nsd_definition) if slice_masks and spacing else {}
+    )
     per_class = {}
     for c in sorted(by_class):
         scanned = [distances[key] for key in totals if key[1] == c and key in distances]
@@ -577,6 +593,8 @@ class EvaluationProtocol:
         tta: test-time mirroring, `"none"`, `"h"`, `"v"` or `"hv"` (`processing_imedsam.TTA_MIRRORS`), for the model
             and its zero-shot backbone alike.
         nsd_tolerance: the NSD's tolerance, in pixels per image and mm per scan (`metrics.NSD_TOLERANCE`: 2).
+        nsd_definition: `"voxels"` (each boundary voxel once) or `"surfels"` (the CVPR 2024 challenge script's,
+            through MONAI; `metrics.NSD_DEFINITIONS`).
     """
 
     prompt: str
@@ -596,8 +614,10 @@ class EvaluationProtocol:
     spacing: Mapping[str, Sequence[float]] | None
     tta: str
     nsd_tolerance: float
+    nsd_definition: str
 
     def __post_init__(self) -> None:
+        check_nsd_definition(self.nsd_definition, load=False)
         tta_mirrors(self.tta, "`tta`")
         if not (math.isfinite(self.nsd_tolerance) and self.nsd_tolerance > 0):
             raise ValueError(
@@ -642,6 +662,7 @@ class EvaluationProtocol:
         spacing: Mapping[str, Sequence[float]] | None,
         tta: str,
         nsd_tolerance: float,
+        nsd_definition: str,
         dataset: str | None = None,
     ) -> EvaluationProtocol:
         """
@@ -709,6 +730,7 @@ class EvaluationProtocol:
             spacing=spacing,
             tta=tta,
             nsd_tolerance=float(nsd_tolerance),
+            nsd_definition=nsd_definition,
         )
 
     @property
@@ -733,6 +755,7 @@ class EvaluationProtocol:
             num_clicks=self.num_clicks,
             tta=self.tta,
             nsd_tolerance=self.nsd_tolerance,
+            nsd_definition=self.nsd_definition,
         )
 
     def as_dict(self) -> dict:
@@ -747,6 +770,7 @@ class EvaluationProtocol:
             **({"classes": list(self.classes)} if self.classes else {}),
             **({"tta": self.tta} if self.tta != "none" else {}),
             "nsd_tolerance": self.nsd_tolerance,
+            **({"nsd_definition": self.nsd_definition} if self.nsd_definition != "voxels" else {}),
         }
 
 
@@ -790,8 +814,9 @@ def _scored(
         volume = None
         if masks is not None:
             volume = volume_summary(
-                rows, first, names, protocol.group_pattern, masks, protocol.spacing, protocol.nsd_tolerance
-            )
+                rows, first, names, protocol.group_pattern, masks, protocol.spacing, protocol.nsd_tolerance,
+                protocol.nsd_definition,
+            )  # fmt: skip
         draws.append((rows, summary, volume))
     if len(draws) == 1:
         return draws[0]
@@ -919,7 +944,12 @@ def summary_lines(result: dict) -> list[str]:
                 )
         if volume:
             tolerance = result.get("nsd_tolerance", NSD_TOLERANCE)
-            unit = f"3D Dice, HD95 (mm) and NSD ({tolerance:g} mm)" if volume.get("hd95") is not None else "3D Dice"
+            surfels = ", surfels" if result.get("nsd_definition") == "surfels" else ""
+            unit = (
+                f"3D Dice, HD95 (mm) and NSD ({tolerance:g} mm{surfels})"
+                if volume.get("hd95") is not None
+                else "3D Dice"
+            )
             lines.append(f"{name:12s} {'volume':>7s}  {volume['n_volumes']} scans, {unit} per class:")
             for class_id, scores in volume["per_class"].items():
                 lines.append(

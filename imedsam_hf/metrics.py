@@ -82,6 +82,7 @@ __all__ = [
     "surface_distances",
     "surfel_surface_dice",
     "NSD_DEFINITIONS",
+    "check_nsd_definition",
 ]
 
 METRIC_NAMES: tuple[str, ...] = ("dice", "iou", "hd95", "hd", "nsd")
@@ -299,8 +300,7 @@ def boundary_scores(
     """
     if not tolerance >= 0:
         raise ValueError(f"the surface Dice tolerance must be >= 0, got {tolerance!r}")
-    if nsd_definition not in NSD_DEFINITIONS:
-        raise ValueError(f"`nsd_definition` {nsd_definition!r}: one of {', '.join(NSD_DEFINITIONS)}")
+    check_nsd_definition(nsd_definition, load=False)
     pred_empty, target_empty = not pred.any(), not target.any()
     if pred_empty and target_empty:
         return {"hd95": 0.0, "hd": 0.0, "nsd": 1.0}
@@ -315,6 +315,15 @@ def boundary_scores(
         "hd": max(float(forward.max()), float(backward.max())),
         "nsd": surfel_surface_dice(pred, target, spacing, tolerance) if nsd_definition == "surfels" else nsd,
     }
+
+
+def check_nsd_definition(nsd_definition: str, load: bool = True) -> None:
+    """A ValueError for a definition not in :data:`NSD_DEFINITIONS`; with ``load``, for ``"surfels"`` an ImportError
+    naming ``pip install monai`` where MONAI is missing (one tiny pair scored), before any real work starts."""
+    if nsd_definition not in NSD_DEFINITIONS:
+        raise ValueError(f"`nsd_definition` {nsd_definition!r}: one of {', '.join(NSD_DEFINITIONS)}")
+    if load and nsd_definition == "surfels":
+        surfel_surface_dice(np.ones((2, 2), bool), np.ones((2, 2), bool), (1.0, 1.0))
 
 
 def surfel_surface_dice(
@@ -408,6 +417,7 @@ def multiclass_scores(
     ignore_background: bool = True,
     spacing: Spacing = None,
     tolerance: float = NSD_TOLERANCE,
+    nsd_definition: str = "voxels",
 ) -> dict[str, float]:
     """Per-class and mean Dice, IoU, HD95, HD and NSD for two integer label maps.
 
@@ -421,7 +431,7 @@ def multiclass_scores(
         num_classes: number of label values *including* background: ids ``0 .. num_classes - 1``.
         ignore_background: skip class ``0`` (default). When ``False`` background is scored like any other class.
         spacing: pixel size for the distances, as in :func:`segmentation_scores`.
-        tolerance: the NSD's, as in :func:`segmentation_scores`.
+        tolerance, nsd_definition: the NSD's, as in :func:`segmentation_scores`.
 
     Returns:
         A flat dict (so that :func:`aggregate` can average a list of them): ``"<metric>_class<c>"`` for every scored
@@ -458,7 +468,7 @@ def multiclass_scores(
             class_scores = {
                 "dice": dice_from_counts(*counts),
                 "iou": iou_from_counts(*counts),
-                **boundary_scores(pred_mask, target_mask, spacing_pair, tolerance),
+                **boundary_scores(pred_mask, target_mask, spacing_pair, tolerance, nsd_definition),
             }
         for name in METRIC_NAMES:
             scores[f"{name}_class{class_id}"] = class_scores[name]

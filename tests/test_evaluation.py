@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import sys
@@ -167,7 +168,7 @@ def test_volume_hd95_of_stacked_slices_equals_the_label_volume_hd95():
     assert volume["per_scan"]["s"]["6"] == pytest.approx({"dice": 1.0, **{k: reference[6][k] for k in ("hd95", "nsd")}})
 
 
-def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
+def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path, monkeypatch, capsys):
     """A folder with classes.json: every organ of a slice prompted in one pass; per class, class mean, per volume."""
     import shutil
 
@@ -205,6 +206,18 @@ def test_multi_class_folder_reports_per_class_and_per_volume(tmp_path):
     assert tight["volume"]["per_class"]["6"]["nsd"] < result["volume"]["per_class"]["6"]["nsd"]
     assert cli_main([*argv, "--nsd-tolerance", "0", "--json", str(tmp_path / "zero.json")]) == 2
     assert not (tmp_path / "zero.json").exists()
+    # The challenge script's NSD (surfels, through MONAI), as `imedsam score --nsd-definition surfels` gives it.
+    if importlib.util.find_spec("monai") is not None:
+        surfels_json = str(tmp_path / "surfels.json")
+        assert cli_main([*argv, "--classes", "6,8", "--nsd-definition", "surfels", "--json", surfels_json]) == 0
+        surfels = json.loads(Path(surfels_json).read_text())
+        assert surfels["nsd_definition"] == "surfels" and "nsd_definition" not in result
+        assert surfels["results"]["native"]["per_class"]["6"]["dice"] == native["per_class"]["6"]["dice"]
+        assert surfels["volume"]["per_class"]["6"]["nsd"] != pytest.approx(result["volume"]["per_class"]["6"]["nsd"])
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "monai.metrics", None)  # as where MONAI is not installed: named, nothing written
+        assert cli_main([*argv, "--nsd-definition", "surfels", "--json", str(tmp_path / "none.json")]) == 2
+        assert "pip install monai" in capsys.readouterr().err and not (tmp_path / "none.json").exists()
     assert cli_main([*argv, "--classes", "6,42", "--json", str(tmp_path / "bad.json")]) == 2  # 42: not in classes.json
     assert not (tmp_path / "bad.json").exists()
     # Names from the folder's classes.json, as `imedsam predict --classes liver` takes them: the same report.

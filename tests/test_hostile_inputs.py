@@ -422,7 +422,7 @@ def test_13_messages_say_what_is_wrong_in_the_users_words(model_dir, btcv_crop, 
         EvaluationProtocol.resolve(
             model.config, str(data), prompt="box", output_sizes=["native"], class_aware=None, class_prompts=None,
             mask_classes=None, classes=None, mask_values=None, box_jitter=0.0, jitter_seed=0, jitter_draws=1,
-            num_clicks=1, group_pattern=r"^(.*)$", spacing=None, tta="none", nsd_tolerance=2.0,
+            num_clicks=1, group_pattern=r"^(.*)$", spacing=None, tta="none", nsd_tolerance=2.0, nsd_definition="voxels",
         )  # fmt: skip
 
 

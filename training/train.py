@@ -587,6 +587,7 @@ def evaluation_protocol(
             spacing=None,
             tta="none",  # the run's own numbers, as its validation measured them: no test-time mirroring
             nsd_tolerance=NSD_TOLERANCE,
+            nsd_definition="voxels",
             dataset=args.data.dataset,
         )
     except ValueError as error:

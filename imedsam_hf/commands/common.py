@@ -48,6 +48,7 @@ FLAGS = {
         "box_jitter",
         "jitter_draws",
         "nsd_tolerance",
+        "nsd_definition",
         "num_clicks",
         "class_aware",
         "classes",

@@ -35,6 +35,7 @@ from ..evaluation import (
     write_rows_csv,
 )
 from ..loading import LITEMEDSAM, load_model
+from ..metrics import check_nsd_definition
 from ..runtime import require_backend
 from ..shipped import is_shipped, shipped_folder
 from .common import EXIT_OK, fail, flag_message
@@ -98,7 +99,9 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         class_aware=False, mask_classes=None, classes=None, class_names=None, mask_values=None,
         box_jitter=args.box_jitter, jitter_seed=args.jitter_seed, jitter_draws=args.jitter_draws, num_clicks=args.clicks,
         group_pattern=args.group_pattern, spacing=None, tta=args.tta, nsd_tolerance=args.nsd_tolerance,
+        nsd_definition=args.nsd_definition,
     )  # fmt: skip
+    check_nsd_definition(args.nsd_definition)  # without MONAI, surfels stop here, before the model loads
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     model, processor = load_model(
@@ -122,6 +125,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         spacing=spacing,
         tta=args.tta,
         nsd_tolerance=args.nsd_tolerance,
+        nsd_definition=args.nsd_definition,
         dataset=args.dataset,
     )
     if args.data_dir is not None:

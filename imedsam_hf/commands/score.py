@@ -28,7 +28,7 @@ from ..data import (
     read_mask,
     volumes_in,
 )
-from ..metrics import METRIC_NAMES, aggregate, nanmean, segmentation_scores, surfel_surface_dice
+from ..metrics import METRIC_NAMES, aggregate, check_nsd_definition, nanmean, segmentation_scores
 from ..volumes import check_label_volume, label_volume_names, label_volume_of, read_volume, volume_scores
 from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_message
 
@@ -39,9 +39,7 @@ def run(args: argparse.Namespace) -> int:
         if not (np.isfinite(args.nsd_tolerance) and args.nsd_tolerance > 0):
             raise ValueError(f"--nsd-tolerance {args.nsd_tolerance}: a positive distance (mm for volumes, pixels).")
         nsd = {"tolerance": args.nsd_tolerance, "nsd_definition": args.nsd_definition}
-        if args.nsd_definition == "surfels":
-            # One tiny pair first: without MONAI this stops here, naming `pip install monai`, before any case is read.
-            surfel_surface_dice(np.ones((2, 2), bool), np.ones((2, 2), bool), (1.0, 1.0))
+        check_nsd_definition(args.nsd_definition)  # without MONAI, surfels stop here, before any case is read
         predictions = prediction_files(args.predictions)
         names = truth_class_names(Path(args.truth))
         wanted = None
