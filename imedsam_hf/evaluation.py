@@ -51,7 +51,7 @@ from .metrics import (
     NSD_TOLERANCE,
     aggregate,
     boundary_scores,
-    check_nsd_definition,
+    check_nsd_options,
     dice_from_counts,
     false_positive_area,
     multiclass_scores,
@@ -393,10 +393,10 @@ def scan_distances(
     nsd_definition: str = "voxels",
 ) -> dict[tuple[str, int], dict[str, float]]:
     """
-    `{"hd95", "nsd"}` (HD95 in mm, NSD at `nsd_tolerance` mm) of each class in each scan: its slices stacked by slice index (`data.slice_index`; slices
-    missing from the folder hold no structure and count as empty in both), distances with the scan's spacing
-    `(x, y, z)` (`metrics.boundary_scores` in 3-D, as `volumes.volume_scores`). Scans without a spacing or slice
-    numbers, or with slices of different sizes, are left out.
+    `{"hd95", "nsd"}` (HD95 in mm, NSD at `nsd_tolerance` mm) of each class in each scan: its slices stacked by slice
+    index (`data.slice_index`; slices missing from the folder hold no structure and count as empty in both),
+    distances with the scan's spacing `(x, y, z)` (`metrics.boundary_scores` in 3-D, as `volumes.volume_scores`).
+    Scans without a spacing or slice numbers, or with slices of different sizes, are left out.
     """
     by_scan: dict[str, dict[int, list[tuple[int, SliceMasks]]]] = {}
     for (stem, class_id), masks in slice_masks.items():
@@ -530,31 +530,31 @@ def volume_summary(
         scan = group_of(row["stem"], pattern)
         counts = np.array([row[k] for k in COUNT_KEYS], dtype=np.int64)
         totals[(scan, row["class"])] = totals.get((scan, row["class"]), 0) + counts
-    by_class: dict[int, list[float]] = {}
-    for (_, class_id), counts in sorted(totals.items()):
-        by_class.setdefault(class_id, []).append(dice_from_counts(*counts))
     distances = (
         scan_distances(slice_masks, spacing, pattern, nsd_tolerance, nsd_definition) if slice_masks and spacing else {}
     )
-    per_class = {}
-    for c in sorted(by_class):
-        scanned = [distances[key] for key in totals if key[1] == c and key in distances]
-        per_class[str(c)] = {
-            "name": (class_names or {}).get(c, str(c)),
-            "dice": nanmean(by_class[c]),
-            **{k: nanmean([d[k] for d in scanned]) if scanned else None for k in VOLUME_DISTANCES},
-            "n": len(by_class[c]),
-        }
-    means = {
-        k: nanmean([v[k] for v in per_class.values() if v[k] is not None]) if distances else None
-        for k in VOLUME_DISTANCES
-    }
     per_scan: dict[str, dict[str, dict]] = {}
     for (scan, class_id), counts in sorted(totals.items()):
         per_scan.setdefault(scan, {})[str(class_id)] = {
             "dice": dice_from_counts(*counts),
             **distances.get((scan, class_id), {}),
         }
+    per_class = {}
+    for c in sorted({class_id for _, class_id in totals}):
+        scans = [scores[str(c)] for scores in per_scan.values() if str(c) in scores]
+        per_class[str(c)] = {
+            "name": (class_names or {}).get(c, str(c)),
+            "dice": nanmean([s["dice"] for s in scans]),
+            **{
+                k: nanmean([s[k] for s in scans if k in s]) if any(k in s for s in scans) else None
+                for k in VOLUME_DISTANCES
+            },
+            "n": len(scans),
+        }
+    means = {
+        k: nanmean([v[k] for v in per_class.values() if v[k] is not None]) if distances else None
+        for k in VOLUME_DISTANCES
+    }
     return {
         "dice": nanmean([v["dice"] for v in per_class.values()]),
         **means,
@@ -617,12 +617,8 @@ class EvaluationProtocol:
     nsd_definition: str
 
     def __post_init__(self) -> None:
-        check_nsd_definition(self.nsd_definition, load=False)
+        check_nsd_options(self.nsd_tolerance, self.nsd_definition, load=False)
         tta_mirrors(self.tta, "`tta`")
-        if not (math.isfinite(self.nsd_tolerance) and self.nsd_tolerance > 0):
-            raise ValueError(
-                f"`nsd_tolerance` {self.nsd_tolerance}: a positive distance (mm per scan, pixels per image)."
-            )
         if self.prompt not in PROMPTS:
             raise ValueError(f"`prompt` must be one of {PROMPTS}, got {self.prompt!r}.")
         for size in self.output_sizes:

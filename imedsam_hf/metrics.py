@@ -82,7 +82,8 @@ __all__ = [
     "surface_distances",
     "surfel_surface_dice",
     "NSD_DEFINITIONS",
-    "check_nsd_definition",
+    "check_nsd_options",
+    "mask_pair_scores",
 ]
 
 METRIC_NAMES: tuple[str, ...] = ("dice", "iou", "hd95", "hd", "nsd")
@@ -300,7 +301,7 @@ def boundary_scores(
     """
     if not tolerance >= 0:
         raise ValueError(f"the surface Dice tolerance must be >= 0, got {tolerance!r}")
-    check_nsd_definition(nsd_definition, load=False)
+    check_nsd_options(None, nsd_definition, load=False)
     pred_empty, target_empty = not pred.any(), not target.any()
     if pred_empty and target_empty:
         return {"hd95": 0.0, "hd": 0.0, "nsd": 1.0}
@@ -317,9 +318,12 @@ def boundary_scores(
     }
 
 
-def check_nsd_definition(nsd_definition: str, load: bool = True) -> None:
-    """A ValueError for a definition not in :data:`NSD_DEFINITIONS`; with ``load``, for ``"surfels"`` an ImportError
-    naming ``pip install monai`` where MONAI is missing (one tiny pair scored), before any real work starts."""
+def check_nsd_options(nsd_tolerance: float | None, nsd_definition: str, load: bool = True) -> None:
+    """The NSD's options as a command takes them, before any real work starts: a ValueError for a tolerance that is no
+    positive distance (None: not checked) or a definition not in :data:`NSD_DEFINITIONS`; with ``load``, for
+    ``"surfels"`` an ImportError naming ``pip install monai`` where MONAI is missing (one tiny pair scored)."""
+    if nsd_tolerance is not None and not (math.isfinite(nsd_tolerance) and nsd_tolerance > 0):
+        raise ValueError(f"`nsd_tolerance` {nsd_tolerance}: a positive distance (mm for volumes, pixels for images).")
     if nsd_definition not in NSD_DEFINITIONS:
         raise ValueError(f"`nsd_definition` {nsd_definition!r}: one of {', '.join(NSD_DEFINITIONS)}")
     if load and nsd_definition == "surfels":
@@ -359,6 +363,23 @@ def surfel_surface_dice(
     return float(value)
 
 
+def mask_pair_scores(
+    pred: np.ndarray,
+    target: np.ndarray,
+    spacing: tuple[float, ...],
+    tolerance: float = NSD_TOLERANCE,
+    nsd_definition: str = "voxels",
+) -> dict[str, float]:
+    """Every metric of :data:`METRIC_NAMES` for two boolean masks of any dimension (2-D images, 3-D volumes) with one
+    spacing per axis: Dice and IoU from the overlap counts, the rest from :func:`boundary_scores`."""
+    counts = overlap_counts(pred, target)
+    return {
+        "dice": dice_from_counts(*counts),
+        "iou": iou_from_counts(*counts),
+        **boundary_scores(pred, target, spacing, tolerance, nsd_definition),
+    }
+
+
 def normalized_surface_dice(pred: Any, target: Any, spacing: Spacing = None, tolerance: float = NSD_TOLERANCE) -> float:
     """Normalized surface Dice of two masks: the share of both boundaries within ``tolerance`` of the other's.
 
@@ -396,12 +417,7 @@ def segmentation_scores(
         ``{"dice": float, "iou": float, "hd95": float, "hd": float, "nsd": float}``.
     """
     pred_mask, target_mask = _mask_pair(pred, target)
-    counts = overlap_counts(pred_mask, target_mask)
-    return {
-        "dice": dice_from_counts(*counts),
-        "iou": iou_from_counts(*counts),
-        **boundary_scores(pred_mask, target_mask, _spacing_pair(spacing), tolerance, nsd_definition),
-    }
+    return mask_pair_scores(pred_mask, target_mask, _spacing_pair(spacing), tolerance, nsd_definition)
 
 
 def nanmean(values: Sequence[float]) -> float:
@@ -464,12 +480,7 @@ def multiclass_scores(
         if not pred_mask.any() and not target_mask.any():
             class_scores = dict.fromkeys(METRIC_NAMES, math.nan)
         else:
-            counts = overlap_counts(pred_mask, target_mask)
-            class_scores = {
-                "dice": dice_from_counts(*counts),
-                "iou": iou_from_counts(*counts),
-                **boundary_scores(pred_mask, target_mask, spacing_pair, tolerance, nsd_definition),
-            }
+            class_scores = mask_pair_scores(pred_mask, target_mask, spacing_pair, tolerance, nsd_definition)
         for name in METRIC_NAMES:
             scores[f"{name}_class{class_id}"] = class_scores[name]
             per_metric[name].append(class_scores[name])

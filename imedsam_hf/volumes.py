@@ -70,7 +70,7 @@ from .data import NIFTI_SUFFIXES, is_volume, mask_box, volumes_in
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment, structure_id
 from .loading import load_model
-from .metrics import METRIC_NAMES, NSD_TOLERANCE, boundary_scores, dice_from_counts, iou_from_counts, overlap_counts
+from .metrics import METRIC_NAMES, NSD_TOLERANCE, mask_pair_scores
 from .processing_imedsam import IMedSamProcessor, mirror_image, processor_for_config, tta_mirrors
 
 __all__ = [
@@ -1239,7 +1239,7 @@ def volume_scores(
 ) -> dict[int, dict[str, float]]:
     """3-D Dice, IoU, HD95 and HD (mm) and NSD (2 mm tolerance unless told) per class of two label volumes.
 
-    The conventions and the code are :mod:`imedsam_hf.metrics`'s, in 3-D (:func:`~imedsam_hf.metrics.boundary_scores`):
+    The conventions and the code are :mod:`imedsam_hf.metrics`'s, in 3-D (:func:`~imedsam_hf.metrics.mask_pair_scores`):
     Dice ``2|P∩T| / (|P| + |T|)``; the Hausdorff distances are between the *surfaces* (foreground voxels with a
     6-connected background neighbour or on the array border) via exact Euclidean distance transforms with ``sampling=spacing``,
     ``hd95 = max(percentile95 d(P->T), percentile95 d(T->P))`` (MONAI's ``percentile=95``), ``hd`` the maximum,
@@ -1276,12 +1276,7 @@ def volume_scores(
         if not pred_mask.any() and not truth_mask.any():
             scores[class_id] = dict.fromkeys(METRIC_NAMES, math.nan)
             continue
-        counts = overlap_counts(pred_mask, truth_mask)
-        scores[class_id] = {
-            "dice": dice_from_counts(*counts),
-            "iou": iou_from_counts(*counts),
-            **boundary_scores(pred_mask, truth_mask, values, tolerance, nsd_definition),
-        }
+        scores[class_id] = mask_pair_scores(pred_mask, truth_mask, values, tolerance, nsd_definition)
     return scores
 
 

@@ -35,7 +35,7 @@ from ..evaluation import (
     write_rows_csv,
 )
 from ..loading import LITEMEDSAM, load_model
-from ..metrics import check_nsd_definition
+from ..metrics import check_nsd_options
 from ..runtime import require_backend
 from ..shipped import is_shipped, shipped_folder
 from .common import EXIT_OK, fail, flag_message
@@ -101,7 +101,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         group_pattern=args.group_pattern, spacing=None, tta=args.tta, nsd_tolerance=args.nsd_tolerance,
         nsd_definition=args.nsd_definition,
     )  # fmt: skip
-    check_nsd_definition(args.nsd_definition)  # without MONAI, surfels stop here, before the model loads
+    check_nsd_options(None, args.nsd_definition)  # without MONAI, surfels stop here, before the model loads
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     model, processor = load_model(

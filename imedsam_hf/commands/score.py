@@ -28,7 +28,7 @@ from ..data import (
     read_mask,
     volumes_in,
 )
-from ..metrics import METRIC_NAMES, aggregate, check_nsd_definition, nanmean, segmentation_scores
+from ..metrics import METRIC_NAMES, aggregate, check_nsd_options, nanmean, segmentation_scores
 from ..volumes import check_label_volume, label_volume_names, label_volume_of, read_volume, volume_scores
 from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_message
 
@@ -36,10 +36,8 @@ from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_mes
 def run(args: argparse.Namespace) -> int:
     """`imedsam score` with parsed arguments: 0 all scored, 1 some predictions skipped (named), 2 nothing scored."""
     try:
-        if not (np.isfinite(args.nsd_tolerance) and args.nsd_tolerance > 0):
-            raise ValueError(f"--nsd-tolerance {args.nsd_tolerance}: a positive distance (mm for volumes, pixels).")
+        check_nsd_options(args.nsd_tolerance, args.nsd_definition)  # without MONAI, surfels stop before any case
         nsd = {"tolerance": args.nsd_tolerance, "nsd_definition": args.nsd_definition}
-        check_nsd_definition(args.nsd_definition)  # without MONAI, surfels stop here, before any case is read
         predictions = prediction_files(args.predictions)
         names = truth_class_names(Path(args.truth))
         wanted = None
