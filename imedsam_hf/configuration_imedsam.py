@@ -19,6 +19,10 @@ SPECTRUM_MODES = ("amplitude", "phase")
 # How the frequency-adapter chain carries its stream (see FrequencyAdapterSettings.chain).
 CHAIN_FORMS = ("residual", "normalized")
 TINYVIT_MODEL_TYPE = "i_medsam_tinyvit"
+#: The window of MR (and of any scan whose values are not Hounsfield units): MedSAM's MR preprocessing (`pre_CT_MR.py`):
+#: the 0.5th and 99.5th percentiles of the scan's positive voxels map to 0 and 255, clipped beyond, and voxels that are
+#: 0 (background) stay 0. Per scan, so a hot voxel cannot compress the rest as min-max would (`volumes.mr_window`).
+MR_WINDOW = "mr"
 
 # Module-name patterns of the adapter's roles, per encoder family (matched with re.fullmatch on the full module name).
 VIT_TARGETS = {
@@ -255,6 +259,43 @@ def is_class_aware(config) -> bool:
     return bool(getattr(config, "class_aware", False)) and int(getattr(config, "num_classes", 1) or 1) > 1
 
 
+def training_window(config: Any) -> tuple[float, float] | str | None:
+    """
+    The intensity window a model's training images were made with from raw volumes, as training records it in
+    `training_data["window"]` (`training/train.py --window`, or the data folder's `cases.csv` that `imedsam convert
+    volumes --window` writes): `(level, width)` in HU, :data:`MR_WINDOW`, or None when none was recorded (images that
+    came 8-bit, or data windowed upstream without saying how). `segment_volume` and `imedsam predict` apply it to a
+    volume that is not 8-bit when no window is given (`volumes.resolve_window`). `config`: an `IMedSamConfig` or its
+    `config.json` as a dict (any other config: None).
+
+    Raises:
+        ValueError: naming the key, when the recorded value is neither a pair (level, width > 0) nor "mr".
+    """
+    data = config.get("training_data") if isinstance(config, dict) else getattr(config, "training_data", None)
+    value = (data or {}).get("window") if isinstance(data, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == MR_WINDOW:
+        return MR_WINDOW
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2
+    if numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        level, width = float(value[0]), float(value[1])
+        if math.isfinite(level) and math.isfinite(width) and width > 0:
+            return level, width
+    raise ValueError(
+        f"the model's config.json records training_data['window'] = {value!r}: it must be [level, width] in HU "
+        f"(width > 0) or {MR_WINDOW!r}: correct it, or remove it and give the window when predicting."
+    )
+
+
+def window_text(window: tuple[float, float] | str) -> str:
+    """A window for people: `"level 75, width 400 (-125..275 HU)"`, or MR's percentile rule."""
+    if isinstance(window, str):
+        return "MR's per-scan rule (the 0.5th-99.5th percentiles of its positive voxels to 0..255)"
+    level, width = window
+    return f"level {level:g}, width {width:g} ({level - width / 2:g}..{level + width / 2:g} HU)"
+
+
 def trained_prompts(prompt: str, max_clicks: int, click_probability: float) -> list[str]:
     """
     The prompt kinds a run trains, as `config.training_data["prompts"]` records them: `["box"]`, `["box",
@@ -355,7 +396,8 @@ class IMedSamConfig(SamConfig):
     training_data (`dict`, *optional*):
         What the model was trained on, recorded by training from the data actually used: `name`, `license`,
         `citation` (the model card's data section), `num_pairs`, `prompts` (the prompt kinds trained: `"box"`,
-        `"points"`, or `"none"`; see `learned_clicks`), and the folder's class names in `id2label`.
+        `"points"`, or `"none"`; see `learned_clicks`), `window` (the intensity window its images were made with from
+        raw volumes, see `training_window`), and the folder's class names in `id2label`.
     """
 
     model_type = "i_medsam"
@@ -430,6 +472,7 @@ class IMedSamConfig(SamConfig):
             raise ValueError(f"`query_chunk_size` must be >= 1, got {self.query_chunk_size}.")
         if self.adapter_config is not None:
             FrequencyAdapterSettings.from_mapping(self.adapter_config)
+        training_window(self)  # a recorded window is a pair (level, width > 0) or "mr"
         if self.class_aware and self.num_classes < 2:
             raise ValueError("`class_aware=True` needs `num_classes` > 1: one head per class for the boxes to pick.")
         if not self.use_implicit_decoder and self.num_classes != 1:
@@ -535,6 +578,7 @@ __all__ = [
     "FrequencyAdapterSettings",
     "IMedSamConfig",
     "IMedSamTinyViTConfig",
+    "MR_WINDOW",
     "RECIPE_FIELDS",
     "SamMaskDecoderConfig",
     "SamPromptEncoderConfig",
@@ -543,5 +587,7 @@ __all__ = [
     "VIT_TARGETS",
     "is_class_aware",
     "trained_prompts",
+    "training_window",
     "unknown_arguments_message",
+    "window_text",
 ]

@@ -519,6 +519,31 @@ def default_scan_spacing(data_dir: str | os.PathLike) -> dict[str, tuple[float, 
         return None  # a cases.csv without spacing: per-volume distances are left out, not an error
 
 
+def folder_window(data_dir: str | os.PathLike) -> str | None:
+    """
+    The intensity window `<data_dir>/cases.csv` records in its `window` column (`imedsam convert volumes --window`
+    writes it: `"level,width"` in HU or `"mr"`), when every scan that names one names the same; None without the file
+    or the column, or with the column empty (slices that came 8-bit, or rescaled min-max).
+
+    Raises:
+        ValueError: naming the file, when its scans name different windows (folders converted with different ones).
+    """
+    path = Path(data_dir) / "cases.csv"
+    if not path.is_file():
+        return None
+    try:
+        with path.open(newline="") as handle:
+            windows = {(row.get("window") or "").strip() for row in csv.DictReader(handle)} - {""}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None  # an unreadable cases.csv records no window; the spacing reader names its problems
+    if len(windows) > 1:
+        raise ValueError(
+            f"{path}: its scans were converted with different windows ({', '.join(sorted(windows))}); convert them "
+            "with one window, or give the training run the `window` its images were made with."
+        )
+    return windows.pop() if windows else None
+
+
 def slice_index(stem: str) -> int | None:
     """The slice number of a stem (its trailing digits: `case0001_slice061` -> 61), or None."""
     match = re.search(r"(\d+)$", stem)
@@ -1472,6 +1497,7 @@ __all__ = [
     "compile_group_pattern",
     "convert_structure_masks",
     "default_scan_spacing",
+    "folder_window",
     "discover_pairs",
     "group_of",
     "is_volume",

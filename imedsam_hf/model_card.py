@@ -16,7 +16,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_imedsam import trained_prompts
+from .configuration_imedsam import MR_WINDOW, trained_prompts, training_window, window_text
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BACKBONE_LICENSES = {
@@ -88,6 +88,21 @@ def model_context(model_config: Any, backbone: str | None = None) -> dict[str, A
         },
         use_implicit_decoder=config.get("use_implicit_decoder", True),
         refine_ratio=config.get("refine_ratio"),
+        volume_window=volume_window_text(config),
+    )
+
+
+def volume_window_text(model_config: Any) -> str | None:
+    """The card's line on raw volumes: the window the training images were made with (`training_window`), which
+    `imedsam predict` and `segment_volume` apply to a scan that is not 8-bit; None when the model recorded none."""
+    window = training_window(_config_dict(model_config))
+    if window is None:
+        return None
+    what = "an MR scan" if window == MR_WINDOW else "a CT scan in Hounsfield units"
+    return (
+        f"{what} is windowed with {window_text(window)}, as the training images were, by `imedsam predict` and "
+        "`segment_volume` unless a window is given (`training_data.window` in config.json); an 8-bit scan is taken "
+        "as windowed already"
     )
 
 

@@ -40,7 +40,9 @@ Intensities
     The models take 8-bit grey slices. :func:`to_uint8`: with a window (a preset name or ``"level,width"``) raw values
     are windowed; without one, a ``uint8`` volume (or integer values within 0..255) passes through unchanged, and
     anything else (raw CT in HU, MR, floats) is min-max rescaled to 0..255 over the whole volume with a warning that a
-    window is recommended.
+    window is recommended. A model that recorded the window of its training images (`training_window`: BTCV's
+    -125..275 HU for the shipped CT model) gets that window instead for a volume that is not 8-bit
+    (:func:`resolve_window`), in :func:`segment_volume`, :class:`SliceEmbeddings` and `imedsam predict`.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .configuration_imedsam import is_class_aware
+from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window, window_text
 from .data import NIFTI_SUFFIXES, is_volume, mask_box, volumes_in
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment, structure_id
@@ -96,6 +98,7 @@ __all__ = [
     "parse_window",
     "place_slice",
     "read_volume",
+    "resolve_window",
     "segment_npz_case",
     "NPZ_CLASS_AWARE",
     "segment_volume",
@@ -109,6 +112,7 @@ __all__ = [
     "volume_overlay",
     "volume_prompts",
     "window",
+    "window_csv",
     "write_label_volume",
 ]
 
@@ -126,11 +130,6 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
     "soft_tissue": (50.0, 350.0),
 }
-
-#: The window of MR (and of any scan whose values are not Hounsfield units): MedSAM's MR preprocessing
-#: (`pre_CT_MR.py`): the 0.5th and 99.5th percentiles of the scan's positive voxels map to 0 and 255, clipped beyond,
-#: and voxels that are 0 (background) stay 0. Per scan, so a hot voxel cannot compress the rest as min-max would.
-MR_WINDOW = "mr"
 
 #: How `segment_volume` propagates a 3-D box when a slice's mask comes back empty (see its docstring).
 PROPAGATIONS = ("stop", "continue")
@@ -248,6 +247,14 @@ def check_window(spec: WindowSpec) -> WindowSpec:
     return spec
 
 
+def window_csv(spec: WindowSpec) -> str:
+    """A window as `cases.csv` records it: `"level,width"` in HU (`"75,400"` for `"btcv"`) or `"mr"`."""
+    if is_mr_window(spec):
+        return MR_WINDOW
+    level, width = parse_window(spec)
+    return f"{level:.10g},{width:.10g}"
+
+
 def is_mr_window(spec: WindowSpec) -> bool:
     """Whether `spec` names :data:`MR_WINDOW` (case-insensitive)."""
     return isinstance(spec, str) and spec.strip().lower() == MR_WINDOW
@@ -335,6 +342,28 @@ def _is_8bit(data: np.ndarray) -> bool:
     if not np.issubdtype(data.dtype, np.integer) and not np.array_equal(data, np.round(data)):
         return False
     return bool(data.min() >= 0 and data.max() <= 255)
+
+
+def resolve_window(data: np.ndarray, window: WindowSpec, config: Any, name: str = "volume") -> WindowSpec:
+    """
+    The window :func:`to_uint8` is to apply to `data` for a model: `window` when one is given; else, for a volume that
+    is not 8-bit, the window the model's training images were made with (`configuration_imedsam.training_window` of
+    its `config`), when it recorded one; else None (an 8-bit volume passes through, anything else min-max with a
+    warning). A window in HU applied so to a volume with no value below 0 warns, naming `name`: MR, or CT stored
+    shifted, would be mis-windowed (give ``"mr"``, or the window that fits).
+    """
+    recorded = training_window(config) if window is None else None
+    if recorded is None or _is_8bit(np.asarray(data)):
+        return window
+    if recorded != MR_WINDOW and not (np.asarray(data) < 0).any():
+        warnings.warn(
+            f"{name}: no value below 0, yet windowed with the model's training window, {window_text(recorded)}, which "
+            f"is for CT in Hounsfield units. If this is MR, pass the window {MR_WINDOW!r}; if CT stored with an offset, "
+            "the window that fits its values.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return recorded
 
 
 def to_uint8(data: np.ndarray, window: WindowSpec = None) -> np.ndarray:
@@ -734,7 +763,8 @@ def segment_volume(
         boxes_3d: see above; ids must be ``int`` in 1..255 (and in ``classes`` when given), boxes inside the volume.
         classes: class ids to segment (an iterable of ids, or a mapping ``id -> name`` such as BTCV's
             ``classes.json``): with ``label_volume`` other ids are ignored, with ``boxes_3d`` another id is an error.
-        window: window for raw CT (see :func:`to_uint8`); ``None`` keeps an 8-bit volume as it is.
+        window: window for raw CT (see :func:`to_uint8`); ``None``: the window the model was trained with for a
+            volume that is not 8-bit, when it records one (:func:`resolve_window`); an 8-bit volume as it is.
         progress: show a tqdm bar over the slices.
         box_margin: ``boxes_3d`` only: pixels added on each side of a propagated box. The default 3 is MedSAM's
             ``bbox_shift=3`` (in its 256-px input frame; the same for BTCV's 257-px slices, about 6 for 512-px ones).
@@ -795,7 +825,7 @@ def segment_volume(
         if propagation not in PROPAGATIONS:
             raise ValueError(f"`propagation` must be one of {PROPAGATIONS}, got {propagation!r}")
         key_slices = _check_key_slices(key_slices, checked)
-    images = to_uint8(volume.data, window)
+    images = to_uint8(volume.data, resolve_window(volume.data, window, model.config, f"volume {volume.name}"))
     if not images.any():
         raise ValueError(
             f"volume {volume.name}: every voxel is 0 after windowing (an empty scan, or a `window` that misses its "
@@ -938,7 +968,8 @@ class SliceEmbeddings:
         tta_mirrors(tta)
         self.model, self.tta = model, tta
         self.processor = processor or processor_for_config(model.config)
-        self.images = to_uint8(_as_volume(volume, "volume").data, window)
+        volume = _as_volume(volume, "volume")
+        self.images = to_uint8(volume.data, resolve_window(volume.data, window, model.config, f"volume {volume.name}"))
         self.seconds: dict[int, float] = {}
         self.visited: set[int] = set()
         self._kept: dict[int, torch.Tensor | list[torch.Tensor]] = {}
@@ -1381,8 +1412,8 @@ def volumes_to_slices(
     A folder of NIfTI scans and label volumes -> the folder of 2-D slices that training, `imedsam evaluate` and the
     BTCV recipes read: `images/<case>_slice<z>.png` (8-bit grey, made exactly as `segment_volume` and `imedsam
     predict` make a slice: :func:`to_uint8` with `window`, then :func:`slice_image`), `masks/<case>_slice<z>.png`
-    (class ids), `classes.json` and `cases.csv` (each scan's voxel spacing in mm, for per-volume HD95, and its
-    orientation). Slices are numbered with at least 3 digits; scans are told apart by the default group pattern.
+    (class ids), `classes.json` and `cases.csv` (each scan's voxel spacing in mm, for per-volume HD95, its
+    orientation, and `window`, which training records in the model: `data.folder_window`). Slices are numbered with at least 3 digits; scans are told apart by the default group pattern.
 
     Args:
         images, labels: folders (`paired_volumes`: a label volume per scan, on the scan's grid).
@@ -1397,6 +1428,7 @@ def volumes_to_slices(
     """
     pairs = paired_volumes(images, labels)
     check_window(window)
+    window_record = "" if window is None else window_csv(window)
     rows, present, count = [], set(), 0
     with staged_folder(output, "`output`") as staging:
         for sub in ("images", "masks"):
@@ -1416,7 +1448,7 @@ def volumes_to_slices(
             present |= {int(c) for c in np.unique(truth) if c}
             spacing = "x".join(_shortest(v) for v in volume.spacing)
             row = [case, image_path.name, label_path.name, truth.shape[2], int(labelled.sum()), spacing]
-            rows.append([*row, "".join(volume.axcodes)])
+            rows.append([*row, "".join(volume.axcodes), window_record])
         if class_names is not None:
             unnamed = sorted(present - set(class_names))
             if unnamed:
@@ -1426,7 +1458,9 @@ def volumes_to_slices(
         (staging / "classes.json").write_text(json.dumps({"classes": table}, indent=1))
         with (staging / "cases.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["case", "image", "labels", "n_slices", "n_labelled_slices", "spacing_mm", "orientation"])
+            writer.writerow(
+                ["case", "image", "labels", "n_slices", "n_labelled_slices", "spacing_mm", "orientation", "window"]
+            )
             writer.writerows(rows)
     orientations = {row[0]: row[6] for row in rows}
     if len(set(orientations.values())) > 1:

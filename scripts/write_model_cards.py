@@ -34,8 +34,9 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult
 
-from imedsam_hf.model_card import markdown_table, write_shipped_model_card
+from imedsam_hf.model_card import markdown_table, volume_window_text, write_shipped_model_card
 from imedsam_hf.processing_imedsam import TTA_MIRRORS
+from imedsam_hf.shipped import shipped_root
 
 BTCV_CITATION = "Landman et al., MICCAI 2015 Multi-Atlas Labeling Beyond the Cranial Vault, doi:10.7303/syn3193805"
 ENDOTECT_CITATION = (
@@ -186,6 +187,7 @@ def common_context(
         "trainable_parameters": trainable,
         "total_parameters": total,
         "image_size": 256,
+        "volume_window": volume_window_text(json.loads((shipped_root() / name / "config.json").read_text())),
         "compute": compute_text(training, device_name),
         "reproduction": reproduction_text(reproduction or {}),
     }

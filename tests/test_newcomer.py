@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 import warnings
 
 import numpy as np
@@ -37,8 +38,13 @@ def test_a_class_aware_model_is_scored_class_aware_without_the_flag(tiny_sam, tm
     data = organs_with_names(tmp_path / "organs")
     out = tmp_path / "run"
     extra = ("--class-prompts", "true", "--all-classes-per-sample", "true", "--mask-classes", "2", "--num-classes", "2")
-    train_script.main(args(tiny_sam, data, out, *extra, "--epochs", "1", "--baseline", "false"))
+    train_script.main(args(tiny_sam, data, out, *extra, "--epochs", "1", "--baseline", "false", "--window", "abdomen"))
     config = json.loads((out / "final" / "config.json").read_text())
+    assert config["training_data"]["window"] == [40.0, 400.0]  # raw HU volumes get it (test_volumes)
+    assert (
+        "- Volumes: a CT scan in Hounsfield units is windowed with level 40, width 400 (-160..240 HU)"
+        in (out / "final" / "README.md").read_text()
+    )
     assert config["class_aware"] is True and config["id2label"]["1"] == "left organ"
     assert config["training_data"]["source"] == "organs" and config["training_data"]["num_pairs"] == 5
     assert config["training_data"]["prompts"] == ["box"]  # box-trained: LiteMedSAM-like backbones warn on clicks
@@ -59,7 +65,7 @@ def test_a_recipe_for_other_data_is_refused_not_carded(tiny_sam, tmp_path):
     recipe.write_text(
         "model: {num_classes: 13}\n"
         "data: {class_prompts: true, all_classes_per_sample: true, mask_classes: 13, name: BTCV, license: Synapse,"
-        " provenance_for: BTCV-Synapse-CT}\n"
+        " window: btcv, provenance_for: BTCV-Synapse-CT}\n"
         "training: {epochs: 10}\n"
     )
     base = [*args(tiny_sam, data, tmp_path / "a"), "--config", str(recipe)]
@@ -75,9 +81,32 @@ def test_a_recipe_for_other_data_is_refused_not_carded(tiny_sam, tmp_path):
     )
     card = (out / "final" / "README.md").read_text()
     assert "Two organs" in card and "CC0" in card and "BTCV" not in card and "Synapse" not in card
-    assert json.loads((out / "final" / "config.json").read_text())["training_data"]["untrained_classes"] == [3]
+    recorded = json.loads((out / "final" / "config.json").read_text())["training_data"]
+    assert recorded["untrained_classes"] == [3] and "window" not in recorded  # BTCV's window is not this folder's
     assert "**Not trained for**: 3" in card
     assert results["training"]["steps"] == 2 and "2 optimizer steps" in card and "10 epochs" not in card
+
+
+def test_training_records_the_window_its_images_were_made_with(tmp_path):
+    """`training_data["window"]`: --window on the command line, else the folder's cases.csv (`imedsam convert volumes
+    --window` writes it), else the recipe's when the recipe describes this folder; several windows in one folder and
+    a window that is none are errors naming them."""
+    data_window = train_script.data_window
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    recipe = types.SimpleNamespace(window="btcv", data_dir=str(folder), provenance_for="BTCV-Synapse-CT")
+    assert data_window(recipe, "BTCV-Synapse-CT", frozenset()) == [75.0, 400.0]
+    assert data_window(recipe, "ct", frozenset()) is None  # BTCV's window does not describe this folder
+    (folder / "cases.csv").write_text('case,spacing_mm,window\na,1x1x1,"40,400"\nb,1x1x1,"40,400"\n')
+    assert data_window(recipe, "ct", frozenset()) == [40.0, 400.0]  # the folder's own record
+    assert data_window(types.SimpleNamespace(window="MR", data_dir=None), "ct", frozenset({"window"})) == "mr"
+    (folder / "cases.csv").write_text('case,spacing_mm,window\na,1x1x1,"40,400"\nb,1x1x1,mr\n')
+    with pytest.raises(
+        SystemExit, match=r"ct/cases.csv: its scans were converted with different windows \(40,400, mr\)"
+    ):
+        data_window(recipe, "ct", frozenset())
+    with pytest.raises(SystemExit, match=r"--window: window 'wide': give 'level,width' in HU"):
+        train_script.parse_args(["--window", "wide"])
 
 
 def class_id_slice(tmp_path):

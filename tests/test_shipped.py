@@ -213,6 +213,20 @@ def test_the_shipped_models_give_their_training_runs_logits(name):
         np.testing.assert_allclose(np.array(again["logits"]), np.array(reference["logits"]), atol=2e-4)
 
 
+def test_the_shipped_ct_model_records_the_window_of_its_training_slices():
+    """imedsam-litemedsam-btcv was trained on slices windowed -125..275 HU (BTCV's preset): it records that window, so
+    raw HU scans get it (test_volumes), and its card says so; the polyp model records none."""
+    from imedsam_hf.configuration_imedsam import training_window
+    from imedsam_hf.volumes import WINDOW_PRESETS
+
+    for name, window in (("imedsam-litemedsam-btcv", WINDOW_PRESETS["btcv"]), ("imedsam-litemedsam-polyp", None)):
+        folder = shipped.shipped_root() / name
+        assert training_window(json.loads((folder / "config.json").read_text())) == window
+        card = (REPO_ROOT / "model_cards" / f"{name}.md").read_text()
+        line = "| Volumes | a CT scan in Hounsfield units is windowed with level 75, width 400 (-125..275 HU)"
+        assert (line in card) == (window is not None)
+
+
 def _shared_pair(reference: dict) -> tuple[Path, Path]:
     for folder in ("BTCV-Synapse-CT", "EndoTect2020-polyp"):
         image = SHARED_DATA / folder / "images" / reference["image"]

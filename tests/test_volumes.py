@@ -207,6 +207,70 @@ def test_to_uint8_passes_8bit_through_and_windows_or_rescales_the_rest():
         assert not to_uint8(np.full((2, 2, 2), -5.0)).any()  # constant volume
 
 
+def hu_scan(labels: np.ndarray) -> np.ndarray:
+    """A CT in Hounsfield units over `labels`: air and fat around, the organs at 50 and 200 HU, bone beyond 275."""
+    hu = np.full(labels.shape, -1000, dtype=np.int16)
+    hu[::2] = -120
+    hu[labels == 2], hu[labels == 5] = 50, 200
+    hu[0, 0] = 900
+    return hu
+
+
+def test_a_model_applies_the_window_its_training_images_were_made_with_to_raw_volumes(tmp_path, capsys):
+    """A volume in HU given without a window got min-max rescaling (a warning only), though the model was trained on
+    windowed slices: the shipped BTCV model on test scan case0002 stored in HU scored 0.837 mean 3-D Dice so, 0.8925
+    with BTCV's window. A model that records its training window (`training_data["window"]`) now gets it; a window
+    given wins, an 8-bit volume passes through, and a HU window on a volume with no value below 0 (MR?) warns."""
+    from imedsam_hf.cli import main
+    from imedsam_hf.configuration_imedsam import training_window
+    from imedsam_hf.volumes import resolve_window
+
+    labels = two_organs()
+    hu = hu_scan(labels)
+    model = tiny_model(query_mode="adaptive")
+    assert training_window(model.config) is None and resolve_window(hu, None, model.config) is None
+    model.config.training_data = {"name": "ct", "window": [75.0, 400.0]}
+    assert training_window(model.config) == (75.0, 400.0)
+    assert resolve_window(hu, None, model.config) == (75.0, 400.0)
+    assert resolve_window(hu, "abdomen", model.config) == "abdomen"
+    assert resolve_window(to_uint8(hu, "btcv"), None, model.config) is None  # 8-bit: windowed already
+    with pytest.warns(UserWarning, match=r"scan.nii.gz: no value below 0.*pass the window 'mr'"):
+        resolve_window(np.abs(hu), None, model.config, "scan.nii.gz")
+    windowed = segment_volume(model, to_uint8(hu, "btcv"), label_volume=labels, progress=False)
+    np.testing.assert_array_equal(segment_volume(model, hu, label_volume=labels, progress=False), windowed)
+    embeddings = SliceEmbeddings(model, hu)
+    np.testing.assert_array_equal(embeddings.images, to_uint8(hu, "btcv"))
+    assert training_window({"training_data": {"window": "MR"}}) == "mr"  # a config.json read as a dict
+    for broken in ("btcv", [75, 0], [1, 2, 3], {"level": 75}):
+        model.config.training_data = {"window": broken}
+        with pytest.raises(ValueError, match=r"training_data\['window'\] = .*\[level, width\] in HU"):
+            segment_volume(model, hu, label_volume=labels, progress=False)
+
+    # imedsam predict: a note says which window a raw scan got; the same labels as with --window btcv.
+    model.config.training_data = {"name": "ct", "window": [75.0, 400.0]}
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "labels").mkdir()
+    scan = save_nifti(tmp_path / "scan.nii.gz", hu)
+    save_nifti(tmp_path / "labels" / "scan.nii.gz", labels)
+    argv = ["predict", "--model", str(tmp_path / "model"), str(scan), "--boxes-from-masks", str(tmp_path / "labels")]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "auto")]) == 0
+    out = capsys.readouterr()
+    assert (
+        "windowed with the model's training window, level 75, width 400 (-125..275 HU); --window overrides" in out.out
+    )
+    assert "min-max" not in out.err
+    assert main([*argv, "--window", "btcv", "--out", str(tmp_path / "given")]) == 0
+    assert "training window" not in capsys.readouterr().out
+    written = [np.asarray(nib.load(tmp_path / d / "scan.nii.gz").dataobj) for d in ("auto", "given")]
+    np.testing.assert_array_equal(written[0], written[1])
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["training_data"]["window"] = "btcv"  # a hand-edited config: refused when the model loads
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    assert main([*argv, "--out", str(tmp_path / "broken")]) == 2 and not (tmp_path / "broken").exists()
+    assert "records training_data['window'] = 'btcv': it must be [level, width]" in capsys.readouterr().err
+
+
 def test_the_mr_window_is_medsams_percentile_window_and_ignores_hot_voxels(tmp_path):
     """`window="mr"` (`--window mr`): MedSAM's MR preprocessing, the 0.5-99.5th percentiles of the positive voxels
     -> 0..255, background 0 kept; a few hot voxels, which squeeze min-max rescaling into a few grey levels, do not."""
@@ -1055,6 +1119,7 @@ def test_convert_volumes_reads_nnunet_names_and_dataset_json_and_writes_a_folder
     """nnU-Net's `<case>_0000.nii.gz` scans with `<case>.nii.gz` labels and a dataset.json beside them (names -> ids):
     the slices, the class names, and a folder `imedsam evaluate` scores per slice and per scan."""
     from imedsam_hf.cli import main
+    from imedsam_hf.data import folder_window
 
     labels = two_organs()
     for sub in ("imagesTr", "labelsTr"):
@@ -1070,7 +1135,10 @@ def test_convert_volumes_reads_nnunet_names_and_dataset_json_and_writes_a_folder
     assert stems == [f"ct_00{c}_slice00{z}" for c in (1, 2) for z in (1, 2, 3, 4)]  # slices with an organ only
     classes = json.loads((tmp_path / "out" / "classes.json").read_text())["classes"]
     assert classes == {"0": "background", "2": "liver", "5": "spleen"}
-    assert ",0.8x0.8x2.5,LAS" in (tmp_path / "out" / "cases.csv").read_text()  # the header's spacing, as written
+    assert ",0.8x0.8x2.5,LAS," in (tmp_path / "out" / "cases.csv").read_text()  # the header's spacing, as written
+    assert folder_window(tmp_path / "out") is None  # no window given: training records none
+    assert main([*argv, "--output", str(tmp_path / "windowed"), "--window", "abdomen"]) == 0
+    assert folder_window(tmp_path / "windowed") == "40,400"  # what training records (test_newcomer)
     mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "ct_001_slice002.png"))
     np.testing.assert_array_equal(mask, slice_image(labels, 2))
     assert main([*argv, "--output", str(tmp_path / "all"), "--all-slices"]) == 0

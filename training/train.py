@@ -55,7 +55,7 @@ import imedsam_hf  # noqa: E402, F401  (registers the model and the PEFT type)
 import imedsam_hf.runtime as runtime  # noqa: E402  (looked up at call time: tests replace the allocator tuning)
 from imedsam_hf import imedsam_peft_config, save_pretrained_full  # noqa: E402
 from imedsam_hf.commands.common import flag_message  # noqa: E402
-from imedsam_hf.configuration_imedsam import trained_prompts  # noqa: E402
+from imedsam_hf.configuration_imedsam import MR_WINDOW, trained_prompts  # noqa: E402
 from imedsam_hf.convert_sam import load_checked_state  # noqa: E402
 from imedsam_hf.data import (  # noqa: E402
     SPLITS,
@@ -66,6 +66,7 @@ from imedsam_hf.data import (  # noqa: E402
     collate,
     dataset_class_names,
     discover_pairs,
+    folder_window,
     load_hub_dataset,
     load_splits,
     make_splits,
@@ -100,6 +101,7 @@ from imedsam_hf.training import (  # noqa: E402
     parameter_groups,
     prompt_rows,
 )
+from imedsam_hf.volumes import is_mr_window, parse_window  # noqa: E402
 
 logger = get_logger(__name__)
 TRAINING_FLAGS = {
@@ -400,8 +402,32 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
         "prompts": trained_prompts(data.prompt, data.max_clicks, args.training.click_probability),
         **({"untrained_classes": untrained} if untrained else {}),
     }
+    window = data_window(data, folder_name, args.given)
+    if window is not None:
+        config.training_data["window"] = window
     if not config.training_data["name"]:
         config.training_data["name"] = folder_name
+
+
+def data_window(data, folder_name: str, given: frozenset) -> list[float] | str | None:
+    """
+    The intensity window the training images were made with, as `config.training_data["window"]` records it
+    (`[level, width]` in HU or "mr"): `--window` on the command line; else the data folder's `cases.csv` (`imedsam
+    convert volumes --window` writes it); else the recipe's `window`, when the recipe describes this folder
+    (`provenance_for`, as its name and licence). None: not known (images that came 8-bit).
+    """
+    if "window" in given:
+        spec = data.window
+    else:
+        try:
+            spec = folder_window(data.data_dir) if data.data_dir else None
+        except ValueError as error:
+            raise die(error) from error
+        if spec is None and data.provenance_for in (None, folder_name):
+            spec = data.window
+    if spec is None:
+        return None
+    return MR_WINDOW if is_mr_window(spec) else list(parse_window(spec))
 
 
 def report_empty_masks(train_set: SegmentationDataset, output_dir: Path, accelerator: Accelerator) -> None:

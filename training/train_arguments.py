@@ -20,6 +20,7 @@ from transformers import HfArgumentParser
 
 from imedsam_hf.data import DEFAULT_GROUP_PATTERN
 from imedsam_hf.evaluation import NATIVE, parse_size
+from imedsam_hf.volumes import check_window
 
 # No `from __future__ import annotations`: HfArgumentParser reads the dataclass fields' real types, and the tests
 # load train.py without registering it in sys.modules.
@@ -191,6 +192,13 @@ class DataArguments:
     )
     license: str | None = option(None, "The data's licence or terms, for the config and the model card.")
     citation: str | None = option(None, "The data's citation, for the config and the model card.")
+    window: str | None = option(
+        None,
+        "The intensity window the training images were made with from raw volumes: a preset (btcv, abdomen, ...), "
+        "'level,width' in HU or 'mr'. Recorded in the model (config.training_data['window']), so that imedsam predict "
+        "and segment_volume apply it to raw volumes (default: the data folder's cases.csv, as imedsam convert volumes "
+        "--window writes it).",
+    )
     provenance_for: str | None = option(
         None,
         "The data folder (its name) that name, license and citation describe, as a recipe records them; training "
@@ -198,6 +206,11 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.window is not None:
+            try:
+                check_window(self.window)
+            except ValueError as error:
+                raise ValueError(f"--window: {error}") from None
         if not 0.0 <= self.box_jitter_probability <= 1.0:
             raise ValueError(f"--box-jitter-probability {self.box_jitter_probability}: a probability in [0, 1].")
         if not 0.0 <= self.neighbour_box_probability <= 1.0:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..configuration_imedsam import is_class_aware
+from ..configuration_imedsam import is_class_aware, window_text
 from ..data import (
     IMAGE_EXTENSIONS,
     extra_masks,
@@ -47,6 +47,7 @@ from ..volumes import (
     label_volume_of,
     named_structures,
     read_volume,
+    resolve_window,
     segment_npz_case,
     segment_volume,
     to_uint8,
@@ -485,7 +486,12 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 prompts["propagation"] = args.propagation or "stop"
                 prompts["confine"] = not args.no_confine
             # Windowed once, for the model and the overlay alike (8-bit: segment_volume takes it as it is).
-            grey = dataclasses.replace(volume, data=to_uint8(volume.data, args.window))
+            window = resolve_window(volume.data, args.window, model.config, str(path))
+            if window is not args.window:
+                print(
+                    f"{path}: not 8-bit: windowed with the model's training window, {window_text(window)}; --window overrides"
+                )
+            grey = dataclasses.replace(volume, data=to_uint8(volume.data, window))
             labels = segment_volume(model, grey, processor=processor, progress=True, tta=args.tta, **prompts)
             written = write_label_volume(labels, volume, targets[0])
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
