@@ -5,6 +5,7 @@ Library code: errors name the image and the argument (`ValueError`), nothing is 
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from .configuration_imedsam import is_class_aware
-from .data import class_id_of
+from .data import class_id_of, is_volume
 from .loading import load_model
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import (
@@ -129,6 +130,11 @@ def segment(
     """
     if labels is not None and points is None:
         raise ValueError("`labels` were given without `points`: they label each point (1 foreground, 0 background).")
+    if isinstance(image, (str, os.PathLike)) and is_volume(image):
+        raise ValueError(
+            f"{image}: a NIfTI volume, and segment() takes one 2-D image: use imedsam_hf.volumes.segment_volume("
+            "model, volume, label_volume=... or boxes_3d=...), or `imedsam predict` (NIfTI in, label NIfTI out)."
+        )
     mirrors = tta_mirrors(tta)
     if isinstance(model, str):
         model, default_processor = _load(model, None if device is None else str(device))

@@ -271,6 +271,14 @@ def test_a_model_applies_the_window_its_training_images_were_made_with_to_raw_vo
     assert "records training_data['window'] = 'btcv': it must be [level, width]" in capsys.readouterr().err
 
 
+def test_segment_given_a_volume_names_segment_volume(tmp_path):
+    """`segment(model, "scan.nii.gz", box=...)` said only that the image could not be read."""
+    scan = save_nifti(tmp_path / "scan.nii.gz", two_organs())
+    for path in (scan, str(scan)):
+        with pytest.raises(ValueError, match=r"scan.nii.gz: a NIfTI volume, and segment\(\) takes one 2-D image: use"):
+            segment(FakeModel(), path, box=[1, 1, 5, 5])
+
+
 def test_the_mr_window_is_medsams_percentile_window_and_ignores_hot_voxels(tmp_path):
     """`window="mr"` (`--window mr`): MedSAM's MR preprocessing, the 0.5-99.5th percentiles of the positive voxels
     -> 0..255, background 0 kept; a few hot voxels, which squeeze min-max rescaling into a few grey levels, do not."""
