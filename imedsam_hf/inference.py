@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .configuration_imedsam import is_class_aware
+from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window
 from .data import class_id_of, is_volume
 from .loading import load_model
 from .modeling_imedsam import sam_mask_on_grid
@@ -24,6 +24,8 @@ from .processing_imedsam import (
     ImageInput,
     IMedSamProcessor,
     describe,
+    hu_window,
+    looks_like_hu,
     mirrored_inputs,
     mirrored_mean,
     probability_logits,
@@ -77,6 +79,24 @@ def _load(name: str, device: str | None):
     return load_model(name, device=device)
 
 
+def windowed_slice(image: ImageInput, config) -> ImageInput:
+    """
+    A CT slice given as an array in Hounsfield units (numpy or torch, one channel: what pydicom's or SimpleITK's
+    rescaled pixels are), for a model that records the CT window of its training images (`training_window`):
+    windowed to 8-bit grey as those images were, as volumes are (`volumes.resolve_window`). Anything else is returned
+    as it is (files, 8-bit and colour images, arrays that do not look like HU: `looks_like_hu`; an MR window).
+    """
+    window = training_window(config)
+    if window is None or window == MR_WINDOW or not isinstance(image, (np.ndarray, torch.Tensor)):
+        return image
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+        array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
+    if array.ndim != 2 or not looks_like_hu(array):
+        return image
+    return hu_window(array, *window)
+
+
 @torch.no_grad()
 def segment(
     model,
@@ -119,6 +139,9 @@ def segment(
             segmented mirrored left-right and/or up-down (prompts mirrored with it), each prediction is mirrored
             back and the probabilities are averaged (nnU-Net's test-time augmentation), at 2 or 4 times the cost.
 
+    A CT slice given as an array in Hounsfield units is windowed as the model's training images were when the model
+    records that window (`windowed_slice`; the shipped BTCV model: -125..275 HU); other images go in as they are.
+
     A model whose implicit decoder was never trained (a conversion: `config.implicit_decoder_trained` false) gives
     SAM's own mask, with a warning once per model (`mask_source="sam"`); a multi-class one is an error. Logits that
     are not finite (damaged weights or input) are an error, never an empty mask.
@@ -141,6 +164,7 @@ def segment(
         processor = processor or default_processor
     if processor is None:
         processor = processor_for_config(model.config)
+    image = windowed_slice(image, model.config)
     if points is not None and (caveat := clicks_caveat(model, with_box=box is not None)):
         warnings.warn(caveat, UserWarning, stacklevel=1)  # once per model and prompt kind: the same text
     if box is not None and classes is None and (caveat := classes_caveat(model)):

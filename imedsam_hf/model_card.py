@@ -101,8 +101,8 @@ def volume_window_text(model_config: Any) -> str | None:
     what = "an MR scan" if window == MR_WINDOW else "a CT scan in Hounsfield units"
     return (
         f"{what} is windowed with {window_text(window)}, as the training images were, by `imedsam predict` and "
-        "`segment_volume` unless a window is given (`training_data.window` in config.json); an 8-bit scan is taken "
-        "as windowed already"
+        "`segment_volume` unless a window is given, and a slice given to `segment` as an array in HU (`training_data."
+        "window` in config.json); an 8-bit scan is taken as windowed already"
     )
 
 

@@ -109,6 +109,37 @@ def to_rgb_array(source: ImageInput) -> np.ndarray:
     return (array - low) / max(high - low, 1e-8) * 255.0
 
 
+def hu_window(data: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Window raw CT values (HU) to 8-bit grey: ``level - width/2 -> 0``, ``level + width/2 -> 255``, linear between
+    (`volumes.window`, the one implementation for volumes and 2-D images).
+
+    Values outside the window are clipped; results are rounded to the nearest integer.
+
+    Args:
+        data: any shape, any real dtype (HU).
+        level, width: the window's centre and width in HU (``width > 0``).
+
+    Returns:
+        ``uint8`` array of ``data``'s shape.
+    """
+    if not width > 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    low = level - width / 2.0
+    scaled = (np.asarray(data, dtype=np.float32) - np.float32(low)) * np.float32(255.0 / width)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def looks_like_hu(data: np.ndarray | torch.Tensor) -> bool:
+    """Whether intensities look like CT in Hounsfield units, to which a model's recorded CT window applies: not 8-bit,
+    some value below 0 (air is -1000, fat about -100) and a range wider than 255. Images normalised elsewhere
+    ([0, 1], z-scores), MR and CT stored with an offset do not."""
+    values = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    if values.dtype in (np.uint8, np.bool_) or values.size == 0 or not np.issubdtype(values.dtype, np.number):
+        return False
+    low, high = float(values.min()), float(values.max())
+    return low < 0 and high - low > 255
+
+
 def resize_labels(labels: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
     """
     The one resize of a class-id map `(H, W)` -> `shape`: nearest neighbour (`nearest-exact`), never bilinear, which
@@ -548,6 +579,8 @@ def processor_for_config(config) -> IMedSamProcessor:
 
 
 __all__ = [
+    "hu_window",
+    "looks_like_hu",
     "IMedSamProcessor",
     "TTA_MIRRORS",
     "mirror_image",

@@ -73,7 +73,8 @@ from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment, structure_id
 from .loading import load_model
 from .metrics import METRIC_NAMES, NSD_TOLERANCE, mask_pair_scores
-from .processing_imedsam import IMedSamProcessor, mirror_image, processor_for_config, tta_mirrors
+from .processing_imedsam import IMedSamProcessor, looks_like_hu, mirror_image, processor_for_config, tta_mirrors
+from .processing_imedsam import hu_window as window
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -312,25 +313,6 @@ def parse_window(text: WindowSpec) -> tuple[float, float]:
     return level, width
 
 
-def window(data: np.ndarray, level: float, width: float) -> np.ndarray:
-    """Window raw CT values (HU) to 8-bit grey: ``level - width/2 -> 0``, ``level + width/2 -> 255``, linear between.
-
-    Values outside the window are clipped; results are rounded to the nearest integer.
-
-    Args:
-        data: any shape, any real dtype (HU).
-        level, width: the window's centre and width in HU (``width > 0``).
-
-    Returns:
-        ``uint8`` array of ``data``'s shape.
-    """
-    if not width > 0:
-        raise ValueError(f"window width must be positive, got {width}")
-    low = level - width / 2.0
-    scaled = (np.asarray(data, dtype=np.float32) - np.float32(low)) * np.float32(255.0 / width)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
 _apply_window = window  # `to_uint8` and `segment_volume` take a keyword named `window`
 
 
@@ -348,22 +330,24 @@ def resolve_window(data: np.ndarray, window: WindowSpec, config: Any, name: str 
     """
     The window :func:`to_uint8` is to apply to `data` for a model: `window` when one is given; else, for a volume that
     is not 8-bit, the window the model's training images were made with (`configuration_imedsam.training_window` of
-    its `config`), when it recorded one; else None (an 8-bit volume passes through, anything else min-max with a
-    warning). A window in HU applied so to a volume with no value below 0 warns, naming `name`: MR, or CT stored
-    shifted, would be mis-windowed (give ``"mr"``, or the window that fits).
+    its `config`), when it recorded one and, for a window in HU, the volume looks like Hounsfield units
+    (`processing_imedsam.looks_like_hu`: values below 0 over a range wider than 255); else None (an 8-bit volume
+    passes through, anything else min-max with a warning). A volume that does not look like HU for a HU window warns,
+    naming `name`: MR, CT stored shifted, or intensities rescaled elsewhere (give ``"mr"``, or the window that fits).
     """
     recorded = training_window(config) if window is None else None
     if recorded is None or _is_8bit(np.asarray(data)):
         return window
-    if recorded != MR_WINDOW and not (np.asarray(data) < 0).any():
-        warnings.warn(
-            f"{name}: no value below 0, yet windowed with the model's training window, {window_text(recorded)}, which "
-            f"is for CT in Hounsfield units. If this is MR, pass the window {MR_WINDOW!r}; if CT stored with an offset, "
-            "the window that fits its values.",
-            UserWarning,
-            stacklevel=2,
-        )
-    return recorded
+    if recorded == MR_WINDOW or looks_like_hu(data):
+        return recorded
+    warnings.warn(
+        f"{name}: not 8-bit, yet not Hounsfield units either (no value below 0, or a range of at most 255), so not "
+        f"windowed with the model's training window, {window_text(recorded)}. If this is MR, pass the window "
+        f"{MR_WINDOW!r}; if CT stored with an offset or rescaled, the window that fits its values.",
+        UserWarning,
+        stacklevel=2,
+    )
+    return None
 
 
 def to_uint8(data: np.ndarray, window: WindowSpec = None) -> np.ndarray:
