@@ -202,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--window",
         default=None,
         help=f"volumes in Hounsfield units: LEVEL,WIDTH or a preset ({', '.join(WINDOW_PRESETS)}); MR: mr (the "
-        "scan's 0.5-99.5th percentiles, as MedSAM); default: 8-bit volumes as they are, others rescaled min-max "
-        "(with a warning)",
+        "scan's 0.5-99.5th percentiles, as MedSAM); default: 8-bit volumes as they are, volumes in HU with the "
+        "window the model records (training_data.window: the shipped BTCV model's -125..275 HU), others rescaled "
+        "min-max (with a warning)",
     )
     p.add_argument(
         "--propagation",
@@ -275,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--window",
         default=None,
         help=f"CT window, a preset ({', '.join(WINDOW_PRESETS)}) or LEVEL,WIDTH in HU, or mr for MR: the one you "
-        "will predict with (default: 8-bit scans as they are, others rescaled min-max per scan)",
+        "will predict with, recorded in cases.csv for training to keep in the model (default: 8-bit scans as they "
+        "are, others rescaled min-max per scan)",
     )
     scans.add_argument(
         "--classes",
