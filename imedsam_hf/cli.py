@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         "min-max (with a warning)",
     )
     p.add_argument(
+        "--statistics",
+        action="store_true",
+        help="volumes: also write <name>_statistics.json, each structure's voxels, volume in mL and the mean and "
+        "std of the scan's values inside it (HU for CT), as TotalSegmentator's --statistics",
+    )
+    p.add_argument(
         "--propagation",
         default=None,
         choices=["stop", "continue"],

@@ -93,6 +93,7 @@ __all__ = [
     "is_volume",
     "mr_window",
     "named_structures",
+    "label_statistics",
     "label_volume_names",
     "label_volume_of",
     "paired_volumes",
@@ -1191,6 +1192,51 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
     remove_stale_temporaries(path)  # what a killed earlier write left beside it
     atomic_write(path, lambda temporary: Path(temporary).write_bytes(payload))
     return path
+
+
+def label_statistics(
+    labels: np.ndarray, volume: Volume, class_names: Mapping[int, str] | None = None
+) -> dict[str, Any]:
+    """
+    Organ volumetry of a label volume on its scan, as TotalSegmentator's `--statistics` reports it: per structure
+    present, its voxels, its volume in mL (voxels times the voxel volume of the scan's spacing) and the mean and
+    standard deviation of the scan's own values inside it (after the NIfTI scaling: Hounsfield units for CT).
+
+    Args:
+        labels: ``(X, Y, Z)`` class ids on ``volume``'s grid (what :func:`segment_volume` returns).
+        volume: the scan (:func:`read_volume`).
+        class_names: ``{id: name}`` for the keys (a model's ``id2label``); other ids are keyed ``"class <id>"``.
+
+    Returns:
+        ``{"scan", "spacing_mm", "voxel_volume_ml", "structures": {name: {"id", "voxels", "volume_ml",
+        "intensity_mean", "intensity_std"}}}``, structures in class-id order.
+    """
+    data = np.asarray(labels)
+    if data.shape != volume.shape:
+        raise ValueError(f"labels of shape {tuple(data.shape)} do not fit the volume {volume.name} {volume.shape}")
+    ids = [int(c) for c in np.unique(data) if c]
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    values = np.asarray(volume.data, dtype=np.float64)
+    counts = np.bincount(data.ravel().astype(np.int64), minlength=max(ids, default=0) + 1)
+    means = ndimage.mean(values, data, ids) if ids else []
+    stds = ndimage.standard_deviation(values, data, ids) if ids else []
+    names = class_names or {}
+    structures = {
+        str(names.get(c, f"class {c}")): {
+            "id": c,
+            "voxels": int(counts[c]),
+            "volume_ml": round(float(counts[c]) * voxel_ml, 3),
+            "intensity_mean": round(float(mean), 2),
+            "intensity_std": round(float(std), 2),
+        }
+        for c, mean, std in zip(ids, means, stds)
+    }
+    return {
+        "scan": volume.path.name if volume.path is not None else volume.name,
+        "spacing_mm": [float(v) for v in volume.spacing],
+        "voxel_volume_ml": voxel_ml,
+        "structures": structures,
+    }
 
 
 def volume_overlay(

@@ -266,7 +266,7 @@ def test_a_model_applies_the_window_its_training_images_were_made_with_to_raw_vo
     save_nifti(tmp_path / "labels" / "scan.nii.gz", labels)
     argv = ["predict", "--model", str(tmp_path / "model"), str(scan), "--boxes-from-masks", str(tmp_path / "labels")]
     capsys.readouterr()
-    assert main([*argv, "--out", str(tmp_path / "auto")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "auto"), "--statistics"]) == 0
     out = capsys.readouterr()
     assert (
         "windowed with the model's training window, level 75, width 400 (-125..275 HU); --window overrides" in out.out
@@ -276,11 +276,42 @@ def test_a_model_applies_the_window_its_training_images_were_made_with_to_raw_vo
     assert "training window" not in capsys.readouterr().out
     written = [np.asarray(nib.load(tmp_path / d / "scan.nii.gz").dataobj) for d in ("auto", "given")]
     np.testing.assert_array_equal(written[0], written[1])
+    # --statistics: each structure's volume in mL and the scan's HU inside it (TotalSegmentator's organ volumetry).
+    table = json.loads((tmp_path / "auto" / "scan_statistics.json").read_text())
+    assert table["scan"] == "scan.nii.gz" and table["voxel_volume_ml"] == pytest.approx(0.8 * 0.8 * 2.5 / 1000)
+    for name, row in table["structures"].items():
+        inside = written[0] == row["id"]
+        assert name == f"class {row['id']}" and row["voxels"] == int(inside.sum()) > 0
+        assert row["volume_ml"] == pytest.approx(inside.sum() * 0.0016, abs=1e-3)
+        assert row["intensity_mean"] == pytest.approx(hu[inside].mean(), abs=0.01)
+        assert row["intensity_std"] == pytest.approx(hu[inside].std(), abs=0.01)
+    assert sorted(row["id"] for row in table["structures"].values()) == sorted(
+        int(c) for c in np.unique(written[0]) if c
+    )
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     config["training_data"]["window"] = "btcv"  # a hand-edited config: refused when the model loads
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
     assert main([*argv, "--out", str(tmp_path / "broken")]) == 2 and not (tmp_path / "broken").exists()
     assert "records training_data['window'] = 'btcv': it must be [level, width]" in capsys.readouterr().err
+
+
+def test_statistics_name_each_structure_and_are_for_volumes_only(tmp_path, capsys):
+    """`--statistics` keys structures by a class-aware model's names, else by the classes.json beside the label
+    volumes (BTCV's layout); images are refused before a model loads."""
+    from imedsam_hf.cli import main
+    from imedsam_hf.commands.predict import structure_names
+
+    aware = tiny_model(query_mode="adaptive", num_classes=2, class_aware=True)
+    aware.config.id2label = {1: "liver", 2: "spleen"}
+    assert structure_names(aware.config, None) == {1: "liver", 2: "spleen"}
+    (tmp_path / "labels").mkdir()
+    assert structure_names(FakeModel.config, str(tmp_path / "labels")) == {}
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": {"0": "background", "2": "kidney"}}))
+    assert structure_names(FakeModel.config, str(tmp_path / "labels")) == {2: "kidney"}
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "slice.png")
+    argv = ["predict", "--model", "no-such-model", str(tmp_path / "slice.png"), "--box", "1,1,5,5", "--statistics"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "--statistics applies to NIfTI volumes" in capsys.readouterr().err
 
 
 def test_segment_given_a_volume_names_segment_volume(tmp_path):

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import glob
+import json
 import sys
 import warnings
 from collections.abc import Mapping
@@ -43,6 +44,7 @@ from ..volumes import (
     check_window,
     is_structure_name,
     is_volume,
+    label_statistics,
     label_volume_names,
     label_volume_of,
     named_structures,
@@ -325,6 +327,10 @@ def run(args: argparse.Namespace, device: str | None) -> int:
         for flag, given in (("--propagation", args.propagation is not None), ("--no-confine", args.no_confine)):
             if given and not (volumes and args.boxes):
                 raise ValueError(f"{flag} applies to volumes prompted with 3-D boxes (--boxes).")
+        if args.statistics and not volumes:
+            raise ValueError(
+                "--statistics applies to NIfTI volumes (each structure's volume in mL and mean intensity)."
+            )
         if args.window is not None:
             if not volumes:
                 raise ValueError("--window applies to NIfTI volumes; images are 8-bit already.")
@@ -338,11 +344,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
         boxes_json = read_json_file(args.boxes, "--boxes") if args.boxes else None
         check_output_folder(args.out, args.inputs, masks_folder)
-        volume_plan = (
-            plan_outputs(volumes, args.out, (".nii.gz", "_overlay.png") if args.overlay else (".nii.gz",))
-            if volumes
-            else {}
-        )
+        volume_plan = plan_outputs(volumes, args.out, volume_suffixes(args)) if volumes else {}
         image_plan = (
             plan_outputs(images, args.out, (".png", "_overlay.png") if args.overlay else (".png",)) if images else {}
         )
@@ -467,6 +469,33 @@ def write_png(image: Image.Image, target: Path) -> None:
     atomic_write(target, lambda temporary: image.save(temporary, format="PNG"))
 
 
+def _write_text(temporary: str | Path, text: str) -> None:
+    Path(temporary).write_text(text)
+
+
+def volume_suffixes(args) -> tuple[str, ...]:
+    """What `imedsam predict` writes for each volume: its label volume, then its montage (`--overlay`) and its
+    structures' volumes and intensities (`--statistics`)."""
+    return (
+        (".nii.gz",) + (("_overlay.png",) if args.overlay else ()) + (("_statistics.json",) if args.statistics else ())
+    )
+
+
+def structure_names(config: Any, label_folder: str | None) -> dict[int, str]:
+    """The names `--statistics` keys structures by: a class-aware model's `id2label`; else the `classes.json` beside
+    (or inside) the `--boxes-from-masks` folder of label volumes (BTCV's layout), when it has one; else none."""
+    if is_class_aware(config):
+        return {int(k): str(v) for k, v in config.id2label.items()}
+    for folder in (Path(label_folder).parent, Path(label_folder)) if label_folder else ():
+        try:
+            names = read_class_names(folder)
+        except ValueError:
+            names = None
+        if names:
+            return names
+    return {}
+
+
 def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] | None) -> int:
     """One label volume per scan (uint8 class ids on the scan's grid), written atomically, and with `--overlay` a
     montage PNG of its slices (`volumes.volume_overlay`); failures named."""
@@ -495,6 +524,11 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
             labels = segment_volume(model, grey, processor=processor, progress=True, tta=args.tta, **prompts)
             written = write_label_volume(labels, volume, targets[0])
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
+            if args.statistics:
+                table = label_statistics(labels, volume, structure_names(model.config, args.boxes_from_masks))
+                text = json.dumps(table, indent=1)
+                remove_stale_temporaries(targets[-1])
+                atomic_write(targets[-1], functools.partial(_write_text, text=text))
             if args.overlay:  # a montage of slices: the labels in their colours, the truth outlined, the boxes
                 truth = prompts.get("label_volume")
                 picture = volume_overlay(
@@ -511,7 +545,7 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
 NPZ_REFUSED = {
     "--box": "box", "--boxes": "boxes", "--boxes-from-masks": "boxes_from_masks", "--points": "points",
     "--points-from-masks": "points_from_masks", "--no-prompt": "no_prompt", "--window": "window",
-    "--output-size": "output_size", "--classes": "classes", "--overlay": "overlay",
+    "--output-size": "output_size", "--classes": "classes", "--overlay": "overlay", "--statistics": "statistics",
 }  # fmt: skip
 
 
