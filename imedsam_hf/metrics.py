@@ -309,12 +309,15 @@ def boundary_scores(
         diagonal = math.hypot(*(n * s for n, s in zip(pred.shape, spacing)))
         return {"hd95": diagonal, "hd": diagonal, "nsd": 0.0}
     forward, backward = _directed_surface_distances(pred, target, spacing)
-    within = int(np.count_nonzero(forward <= tolerance)) + int(np.count_nonzero(backward <= tolerance))
-    nsd = within / (forward.size + backward.size)
+    if nsd_definition == "surfels":
+        nsd = surfel_surface_dice(pred, target, spacing, tolerance)
+    else:
+        within = int(np.count_nonzero(forward <= tolerance)) + int(np.count_nonzero(backward <= tolerance))
+        nsd = within / (forward.size + backward.size)
     return {
         "hd95": max(float(np.percentile(forward, 95)), float(np.percentile(backward, 95))),
         "hd": max(float(forward.max()), float(backward.max())),
-        "nsd": surfel_surface_dice(pred, target, spacing, tolerance) if nsd_definition == "surfels" else nsd,
+        "nsd": nsd,
     }
 
 

@@ -469,8 +469,11 @@ def write_png(image: Image.Image, target: Path) -> None:
     atomic_write(target, lambda temporary: image.save(temporary, format="PNG"))
 
 
-def _write_text(temporary: str | Path, text: str) -> None:
-    Path(temporary).write_text(text)
+def write_json(value: Any, target: Path) -> None:
+    """A JSON file written atomically (stale temporaries of an earlier killed write removed first), as `write_png`."""
+    text = json.dumps(value, indent=1)
+    remove_stale_temporaries(target)
+    atomic_write(target, lambda temporary: Path(temporary).write_text(text))
 
 
 def volume_suffixes(args) -> tuple[str, ...]:
@@ -500,6 +503,7 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
     """One label volume per scan (uint8 class ids on the scan's grid), written atomically, and with `--overlay` a
     montage PNG of its slices (`volumes.volume_overlay`); failures named."""
     failures = []
+    names = structure_names(model.config, args.boxes_from_masks) if args.statistics else None
     for path, targets in plan.items():
         name = volume_name(path)
         try:
@@ -525,10 +529,7 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
             written = write_label_volume(labels, volume, targets[0])
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
             if args.statistics:
-                table = label_statistics(labels, volume, structure_names(model.config, args.boxes_from_masks))
-                text = json.dumps(table, indent=1)
-                remove_stale_temporaries(targets[-1])
-                atomic_write(targets[-1], functools.partial(_write_text, text=text))
+                write_json(label_statistics(labels, volume, names), targets[-1])
             if args.overlay:  # a montage of slices: the labels in their colours, the truth outlined, the boxes
                 truth = prompts.get("label_volume")
                 picture = volume_overlay(
