@@ -1214,12 +1214,17 @@ def label_statistics(
     data = np.asarray(labels)
     if data.shape != volume.shape:
         raise ValueError(f"labels of shape {tuple(data.shape)} do not fit the volume {volume.name} {volume.shape}")
-    ids = [int(c) for c in np.unique(data) if c]
+    inside = data > 0  # only the labelled voxels are read as float64, not the whole scan
+    labelled = data[inside].astype(np.int64)
+    values = np.asarray(volume.data)[inside].astype(np.float64)
+    ids = [int(c) for c in np.unique(labelled)]
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    values = np.asarray(volume.data, dtype=np.float64)
-    counts = np.bincount(data.ravel().astype(np.int64), minlength=max(ids, default=0) + 1)
-    means = ndimage.mean(values, data, ids) if ids else []
-    stds = ndimage.standard_deviation(values, data, ids) if ids else []
+    # Per-id sums by bincount (ndimage.mean / standard_deviation warn dividing by the ids absent between them).
+    counts = np.bincount(labelled, minlength=max(ids, default=0) + 1)
+    present = np.maximum(counts, 1)
+    mean_of = np.bincount(labelled, weights=values, minlength=counts.size) / present
+    std_of = np.sqrt(np.bincount(labelled, weights=(values - mean_of[labelled]) ** 2, minlength=counts.size) / present)
+    means, stds = mean_of[ids], std_of[ids]
     names = class_names or {}
     structures = {
         str(names.get(c, f"class {c}")): {
@@ -1446,7 +1451,8 @@ def volumes_to_slices(
     BTCV recipes read: `images/<case>_slice<z>.png` (8-bit grey, made exactly as `segment_volume` and `imedsam
     predict` make a slice: :func:`to_uint8` with `window`, then :func:`slice_image`), `masks/<case>_slice<z>.png`
     (class ids), `classes.json` and `cases.csv` (each scan's voxel spacing in mm, for per-volume HD95, its
-    orientation, and `window`, which training records in the model: `data.folder_window`). Slices are numbered with at least 3 digits; scans are told apart by the default group pattern.
+    orientation, and `window`, which training records in the model: `data.folder_window`). Slices are numbered with
+    at least 3 digits; scans are told apart by the default group pattern.
 
     Args:
         images, labels: folders (`paired_volumes`: a label volume per scan, on the scan's grid).

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -32,6 +33,7 @@ from imedsam_hf.volumes import (
     Volume,
     boxes_3d_from_labels,
     key_slice_boxes_from_labels,
+    label_statistics,
     label_volume_names,
     label_volume_of,
     parse_window,
@@ -288,6 +290,10 @@ def test_a_model_applies_the_window_its_training_images_were_made_with_to_raw_vo
     assert sorted(row["id"] for row in table["structures"].values()) == sorted(
         int(c) for c in np.unique(written[0]) if c
     )
+    with warnings.catch_warnings():  # ids with gaps between them (2 and 5): no 0/0 warning from absent ids
+        warnings.simplefilter("error", RuntimeWarning)
+        gapped = label_statistics(labels, make_volume(hu))["structures"]
+    assert [row["id"] for row in gapped.values()] == [2, 5] and gapped["class 5"]["intensity_mean"] == 200
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     config["training_data"]["window"] = "btcv"  # a hand-edited config: refused when the model loads
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
