@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs",
         nargs="+",
         help="image files, folders of images, or NIfTI volumes and folders of them (.nii/.nii.gz: a label volume out), "
-        "or LiteMedSAM challenge cases (.npz with imgs and boxes: segs out)",
+        "DICOM series (a folder of one series, or a DICOM export's folder: one label volume per series; the [dicom] "
+        "extra), or LiteMedSAM challenge cases (.npz with imgs and boxes: segs out)",
     )
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument(

@@ -3,7 +3,8 @@
 Entry points
 ------------
 - :func:`read_volume` ``(path) -> Volume`` and :func:`write_label_volume` ``(labels, like, path)``: NIfTI in and out
-  (nibabel), the output on the input's grid (affine and header), written atomically.
+  (nibabel), the output on the input's grid (affine and header), written atomically; a DICOM series' folder in
+  (:func:`read_dicom_series`, dicom2nifti), turned in plane to the view's grid (:func:`view_grid`).
 - :data:`WINDOW_PRESETS`, :func:`parse_window`, :func:`window`, :func:`to_uint8`: CT intensities (Hounsfield units) ->
   the 8-bit grey the 2-D models were trained on; :data:`MR_WINDOW` (``"mr"``) for MR, per-scan percentiles.
 - :func:`slice_image` / :func:`place_slice`: one axial slice out of / back into an ``(X, Y, Z)`` array, oriented as the
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -68,7 +70,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window, window_text
-from .data import NIFTI_SUFFIXES, is_volume, mask_box, volumes_in
+from .data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES, is_volume, mask_box, volumes_in
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment, structure_id
 from .loading import load_model
@@ -91,6 +93,13 @@ __all__ = [
     "is_mr_window",
     "is_structure_name",
     "is_volume",
+    "is_dicom_file",
+    "dicom_files_in",
+    "dicom_series_in",
+    "read_dicom_series",
+    "view_grid",
+    "onto_grid",
+    "require_dicom",
     "mr_window",
     "named_structures",
     "label_statistics",
@@ -186,12 +195,13 @@ class Volume:
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a 3-D NIfTI (``.nii``/``.nii.gz``; anything nibabel reads) into a :class:`Volume`.
+    """Read a 3-D scan into a :class:`Volume`: a NIfTI file (``.nii``/``.nii.gz``; anything nibabel reads) or a folder
+    holding one DICOM series (:func:`read_dicom_series`).
 
     Trailing axes of length 1 (``(X, Y, Z, 1)``, one time point) are dropped.
 
     Args:
-        path: the file.
+        path: the file, or the series' folder.
 
     Returns:
         The :class:`Volume`, ``data`` shape ``(X, Y, Z)``.
@@ -199,8 +209,11 @@ def read_volume(path: str | os.PathLike) -> Volume:
     Raises:
         ValueError: one line naming the file: missing or unreadable (not an image, truncated), not 3-D (a 4-D series
             or a 2-D image; the shape is named), or NaN/inf voxels (how many, and the first one's index).
+        ImportError: a DICOM folder without the ``dicom`` extra (the message says what to install).
     """
     path = Path(path)
+    if path.is_dir():
+        return read_dicom_series(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:
@@ -220,6 +233,11 @@ def read_volume(path: str | os.PathLike) -> Volume:
         if isinstance(error, (EOFError, gzip.BadGzipFile)) or "CRC" in message or "zlib" in type(error).__module__:
             message = f"the compressed file is damaged: {message}"
         raise ValueError(f"{path}: cannot be read as a NIfTI volume ({message})") from error
+    return _checked_volume(data, image, path)
+
+
+def _checked_volume(data: np.ndarray, image: Any, path: Path) -> Volume:
+    """`data` of the nibabel `image` read from `path` as a 3-D :class:`Volume`, or a ValueError naming `path`."""
     shape = tuple(data.shape)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -238,6 +256,161 @@ def read_volume(path: str | os.PathLike) -> Volume:
                 f"{path}: holds {len(bad)} NaN/inf voxels (first at {first}, value {data[first]}); fix the file"
             )
     return Volume(data=data, affine=np.asarray(image.affine, dtype=np.float64), header=image.header, path=path)
+
+
+# ------------------------------------------------------------------------------------------------------- DICOM
+#: What reading a DICOM series takes (module, pip package): the ``dicom`` extra.
+DICOM_MODULES = (("pydicom", "pydicom"), ("dicom2nifti", "dicom2nifti"))
+
+#: dicom2nifti's refusals (its exception's text) in words, with what to do.
+DICOM_REFUSALS = {
+    "SLICE_INCREMENT_INCONSISTENT": "its slices are not evenly spaced (a slice missing, or two series of one "
+    "acquisition in one folder); give the complete series",
+    "IMAGE_ORIENTATION_INCONSISTENT": "its slices do not share one orientation (several stacks, or a localizer "
+    "among them); keep one stack of slices in the folder",
+    "NON_CUBICAL_IMAGE/GANTRY_TILT": "its slices are tilted (gantry tilt) or not stacked square to their plane; "
+    "resample the series to a NIfTI volume first (dicom2nifti with resampling, or dcm2niix)",
+    "TOO_FEW_SLICES/LOCALIZER": "too few slices for a 3-D scan (a localizer or a single image)",
+    "NON_IMAGING_DICOM_FILES": "its files hold no images (structured reports, RT structures or other non-image "
+    "objects)",
+    "MISSING_DICOM_FILES": "files of the series are missing",
+    "NOT_A_VOLUME": "its slices do not make a 3-D volume",
+}
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """A DICOM (Part 10) file: ``DICM`` after its 128-byte preamble, whatever its name (``IM0001``, ``x.dcm``)."""
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(128)
+            return stream.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _may_be_dicom(path: Path) -> bool:
+    """A file worth opening to look for ``DICM``: not hidden, not a NIfTI, image or archive by its name."""
+    name = path.name.lower()
+    return not name.startswith(".") and not name.endswith((*NIFTI_SUFFIXES, *IMAGE_EXTENSIONS, ".npz", ".json"))
+
+
+def dicom_files_in(folder: str | os.PathLike) -> list[Path]:
+    """The DICOM files directly in `folder` (:func:`is_dicom_file`; hidden files skipped), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if _may_be_dicom(p) and p.is_file() and is_dicom_file(p))
+
+
+def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
+    """The folders at or under `folder` that hold DICOM files (each read as one scan by :func:`read_volume`), sorted;
+    ``[]`` when there are none. A DICOM export (patient / study / series folders) gives one folder per series."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        if any(_may_be_dicom(Path(root) / name) and is_dicom_file(Path(root) / name) for name in files):
+            found.append(Path(root))
+    return sorted(found)
+
+
+def require_dicom() -> None:
+    """An `ImportError` naming the ``dicom`` extra when what reading a DICOM series takes is not installed."""
+    missing = [package for module, package in DICOM_MODULES if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(
+            f"reading a DICOM series needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f'installed: pip install dicom2nifti (the [dicom] extra: pip install ".[dicom]" in a clone of '
+            "imedsam-hf), or convert the series to NIfTI first (dcm2niix)."
+        )
+
+
+def read_dicom_series(folder: str | os.PathLike) -> Volume:
+    """Read the DICOM series in `folder` (its files directly in it, any names) into a :class:`Volume`.
+
+    The slices are sorted by position and stacked by dicom2nifti (``dicom_array_to_nifti``, the converter
+    TotalSegmentator uses), with its checks (one orientation, even spacing, no gantry tilt); values are rescaled
+    (``RescaleSlope``/``RescaleIntercept``: HU for CT). dicom2nifti's grid has ``i`` along the rows and ``j`` down
+    the columns (LPS for an axial series, whose slices would reach the model upside down); it is turned in plane onto
+    :func:`view_grid`'s (LAS for an axial series, BTCV's), so each slice reaches the model as the series shows it,
+    anterior up and the patient's right on the left. The label volume :func:`write_label_volume` writes for it is a
+    NIfTI on that grid, in the series' patient coordinates (it overlays the series in 3D Slicer,
+    ITK-SNAP or any viewer that reads both). ``path`` is `folder`; :func:`volume_name` is the folder's name.
+
+    Raises:
+        ValueError: naming the folder (or file): no DICOM files, several series (each listed), a file pydicom cannot
+            read, or a series that is not one evenly spaced 3-D stack (dicom2nifti's refusal, in words).
+        ImportError: the ``dicom`` extra is not installed.
+    """
+    folder = Path(folder)
+    files = dicom_files_in(folder)
+    if not files:
+        raise ValueError(
+            f"{folder}: a folder without DICOM files in it; give a NIfTI file (.nii/.nii.gz) or the folder of one "
+            "DICOM series"
+        )
+    require_dicom()
+    pydicom = importlib.import_module("pydicom")
+    converter = importlib.import_module("dicom2nifti.convert_dicom")
+    datasets = []
+    for file in files:
+        try:
+            dataset = pydicom.dcmread(file)
+            if "PixelData" in dataset:
+                _ = dataset.pixel_array  # decoded here (and kept) so that a truncated or undecodable file is named
+            datasets.append(dataset)
+        except Exception as error:  # pydicom's InvalidDicomError, OSError, a truncated element, a missing decoder
+            raise ValueError(f"{file}: cannot be read as DICOM ({_first_line(error)})") from error
+    series: dict[str, list[Any]] = {}
+    for dataset in datasets:
+        series.setdefault(str(getattr(dataset, "SeriesInstanceUID", "")), []).append(dataset)
+    if len(series) > 1:
+        listed = "; ".join(
+            f"series {getattr(group[0], 'SeriesNumber', '?')} {str(getattr(group[0], 'SeriesDescription', ''))!r} "
+            f"({len(group)} files, e.g. {Path(group[0].filename).name})"
+            for group in sorted(
+                series.values(),
+                key=lambda g: (str(getattr(g[0], "SeriesNumber", "")), str(getattr(g[0], "SeriesDescription", ""))),
+            )
+        )
+        raise ValueError(
+            f"{folder}: holds {len(series)} DICOM series ({listed}); move each series into a folder of its own and "
+            "give the folder above them (each is read as one scan)"
+        )
+    try:
+        image = converter.dicom_array_to_nifti(datasets, None, reorient_nifti=False)["NII"]
+        data = np.asarray(image.dataobj)
+    except Exception as error:  # dicom2nifti's ConversionError / ConversionValidationError, pydicom's decoders
+        reason = DICOM_REFUSALS.get(str(error), _first_line(error))
+        raise ValueError(f"{folder}: the DICOM series cannot be read as one 3-D scan: {reason}") from error
+    if np.issubdtype(data.dtype, np.floating) and data.size and np.isfinite(data).all():
+        small = data.astype(np.int16)  # rescaled CT comes back float64: 8 bytes a voxel for whole numbers of HU
+        if np.array_equal(small, data):
+            data = small
+    data, affine = view_grid(data, image.affine)
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_xyzt_units("mm", "sec")
+    return _checked_volume(data, image, folder)
+
+
+#: nibabel's direction (``+1``/``-1``) of each world axis (x, y, z) in the view's orientation, BTCV's LAS.
+VIEW_AXCODES = ("L", "A", "S")
+
+
+def view_grid(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(data, affine)` on the grid whose slices :func:`slice_image` shows in the radiological view: the slicing axis
+    (the stored third one) kept, the in-plane axes swapped and flipped (and the slicing axis flipped) towards
+    :data:`VIEW_AXCODES`, so an axial scan comes out LAS; the voxels' world positions are unchanged.
+
+    A DICOM series comes off dicom2nifti with its rows along ``j``: LPS for an axial series, whose slices would reach
+    the model upside down."""
+    start = nib.orientations.io_orientation(affine)
+    view = nib.orientations.axcodes2ornt(VIEW_AXCODES)
+    axes = (*sorted(int(axis) for axis in start[:2, 0]), int(start[2, 0]))
+    transform = nib.orientations.ornt_transform(start, np.array([view[axis] for axis in axes]))
+    moved = nib.orientations.apply_orientation(data, transform)
+    return np.ascontiguousarray(moved), affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no text."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------------------- intensities
@@ -615,13 +788,18 @@ def _as_volume(volume: Volume | np.ndarray, what: str) -> Volume:
 
 def check_label_volume(labels: Volume, volume: Volume, compare_affines: bool) -> np.ndarray:
     """`labels`' class ids as uint8, checked to lie on `volume`'s grid (its shape; its affine with
-    `compare_affines`) and to hold whole numbers in 0..255; a ValueError naming both files otherwise."""
+    `compare_affines`) and to hold whole numbers in 0..255; a ValueError naming both files otherwise. With
+    `compare_affines`, a label volume over the same voxels stored in another axis order or direction (saved by
+    another tool: a DICOM series' labels from dcm2niix or 3D Slicer, a scan reoriented since) is moved onto the
+    volume's grid (:func:`onto_grid`)."""
+    if compare_affines and (labels.shape != volume.shape or not _same_affine(labels.affine, volume.affine)):
+        labels = onto_grid(labels, volume) or labels
     if labels.shape != volume.shape:
         raise ValueError(
             f"label volume {labels.name} has shape {labels.shape}, the volume {volume.name} has {volume.shape}"
         )
     if compare_affines:
-        if not np.allclose(labels.affine, volume.affine, rtol=AFFINE_TOLERANCE, atol=AFFINE_TOLERANCE):
+        if not _same_affine(labels.affine, volume.affine):
             raise ValueError(
                 f"label volume {labels.name} and volume {volume.name} lie on different grids (affines differ: "
                 f"{np.round(labels.affine, 4).tolist()} vs {np.round(volume.affine, 4).tolist()})"
@@ -636,6 +814,27 @@ def check_label_volume(labels: Volume, volume: Volume, compare_affines: bool) ->
             )
         data = data.astype(np.uint8)
     return data
+
+
+def _same_affine(first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether two affines describe one grid, within :data:`AFFINE_TOLERANCE`."""
+    return bool(np.allclose(first, second, rtol=AFFINE_TOLERANCE, atol=AFFINE_TOLERANCE))
+
+
+def onto_grid(moving: Volume, target: Volume) -> Volume | None:
+    """`moving` on `target`'s grid when the two cover the same voxels with their axes in another order or direction
+    (only moved, never resampled): the :class:`Volume` with `moving`'s values at `target`'s voxel indices; ``None``
+    when the grids differ otherwise (another spacing, extent or origin)."""
+    orientations = [nib.orientations.io_orientation(v.affine) for v in (moving, target)]
+    if len(moving.shape) != 3 or any(np.isnan(o).any() for o in orientations):
+        return None
+    transform = nib.orientations.ornt_transform(*orientations)
+    affine = moving.affine @ nib.orientations.inv_ornt_aff(transform, moving.shape)
+    shape = tuple(moving.shape[int(axis)] for axis in np.argsort(transform[:, 0]))
+    if shape != target.shape or not _same_affine(affine, target.affine):
+        return None
+    data = nib.orientations.apply_orientation(moving.data, transform)
+    return Volume(data=data, affine=affine, header=moving.header, path=moving.path)
 
 
 def _check_boxes(
@@ -1350,8 +1549,10 @@ def volume_scores(
 
 
 def volume_name(path: str | os.PathLike) -> str:
-    """`case0001.nii.gz` -> `case0001`."""
+    """`case0001.nii.gz` -> `case0001`; a DICOM series' folder -> its name as it is (`1.2.840.10008.3`, `CT_abdomen`)."""
     name = Path(path).name
+    if Path(path).is_dir():
+        return name
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
 
 

@@ -148,6 +148,60 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> None:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
+def write_dicom_series(
+    data,
+    affine,
+    folder: Path,
+    *,
+    intercept: float = -1024.0,
+    description: str = "abdomen",
+    series_uid: str = "",
+    skip: tuple[int, ...] = (),
+) -> list[Path]:
+    """Write the `(X, Y, Z)` volume `data` (values in HU) with the RAS `affine` as a CT DICOM series, one file per
+    slice `k` (`skip`: slices left out), the way scanners store them: each file's rows along `j` and columns along `i`,
+    its position and orientation in LPS patient coordinates, stored values `HU - intercept` with RescaleIntercept.
+    Files get random names (no .dcm), so nothing but their positions orders them. Returns the files."""
+    import numpy as np
+
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)  # voxel -> LPS mm
+    steps = np.linalg.norm(lps[:3, :3], axis=0)
+    study, series, frame = generate_uid(), series_uid or generate_uid(), generate_uid()
+    stored = np.round(np.asarray(data, dtype=float) - intercept).astype(np.int16)
+    files = []
+    for k in range(stored.shape[2]):
+        if k in skip:
+            continue
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        dataset = Dataset()
+        dataset.file_meta = meta
+        dataset.SOPClassUID, dataset.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        dataset.Modality, dataset.Manufacturer, dataset.PatientID = "CT", "imedsam-hf tests", "anonymous"
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.FrameOfReferenceUID = study, series, frame
+        dataset.SeriesNumber, dataset.SeriesDescription, dataset.InstanceNumber = 2, description, k + 1
+        dataset.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        dataset.ImageOrientationPatient = [float(v) for v in (*(lps[:3, 0] / steps[0]), *(lps[:3, 1] / steps[1]))]
+        dataset.ImagePositionPatient = [float(v) for v in (lps @ [0, 0, k, 1])[:3]]
+        dataset.PixelSpacing = [float(steps[1]), float(steps[0])]  # between rows, between columns
+        dataset.SliceThickness = float(steps[2])
+        dataset.Rows, dataset.Columns = stored.shape[1], stored.shape[0]
+        dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
+        dataset.RescaleIntercept, dataset.RescaleSlope, dataset.RescaleType = int(intercept), 1, "HU"
+        dataset.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        path = folder / generate_uid(prefix=None).replace(".", "")[:16]
+        dataset.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
 def run_python(code: str, cwd: Path, env_extra: dict | None = None) -> str:
     """Run `code` in a fresh interpreter (no state shared with this test process); return its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -437,7 +437,10 @@ def test_14_options_that_would_be_silently_ignored_are_errors(
         patched.setattr(predict_module, "load_model", refuse_to_load)
         for argv, message in (
             ([scan, "--boxes-from-masks", labels, "--output-size", "64x64"], "--output-size applies to 2-D images"),
-            ([image, "--box", "10,10,200,200", "--window", "abdomen"], "--window applies to NIfTI volumes"),
+            (
+                [image, "--box", "10,10,200,200", "--window", "abdomen"],
+                "--window applies to volumes (NIfTI, DICOM series)",
+            ),
             ([image, "--box", "10,10,200,200", "--clicks", "3"], "--clicks sets the clicks per mask"),
             ([scan, "--boxes-from-masks", labels, "--propagation", "continue"], "--propagation applies to volumes"),
             ([scan, "--boxes-from-masks", labels, "--no-confine"], "--no-confine applies to volumes prompted with 3-D"),

