@@ -274,7 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="NIfTI scans and label volumes -> a folder of 2-D slices to train and evaluate on",
         formatter_class=_HelpFormatter,
     )
-    scans.add_argument("--images", required=True, help="folder of .nii/.nii.gz scans (nnU-Net's <case>_0000 names too)")
+    scans.add_argument(
+        "--images",
+        required=True,
+        help="folder of .nii/.nii.gz scans (nnU-Net's <case>_0000 names too), or of DICOM series folders below it "
+        "(each a case named by its folder; the [dicom] extra)",
+    )
     scans.add_argument("--labels", required=True, help="folder of label volumes of the same names (<case>.nii.gz)")
     scans.add_argument(
         "--output", required=True, help="new folder: images/, masks/<case>_slice<z>.png, classes.json, cases.csv"

@@ -1590,7 +1590,8 @@ def label_volume_names(scan: str | os.PathLike) -> str:
 
 def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[str, Path, Path]]:
     """
-    `(case, image, label volume)` of every NIfTI volume in the folder `images`, its label volume the file of the same
+    `(case, image, label volume)` of every NIfTI volume in the folder `images` and every DICOM series folder under it
+    (:func:`dicom_series_in`: a DICOM export, each series named by its folder), its label volume the file of the same
     name in `labels` (or, for nnU-Net's `<case>_0000.nii.gz`, `<case>.nii.gz`: `label_volume_of`). A volume without
     one, several channels of one case (two scans paired with one label volume), or a folder without volumes is a
     ValueError naming the files, before anything is read. Names that only look like channels (AMOS's `amos_0001`,
@@ -1600,9 +1601,11 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
     for flag, folder in folders.items():
         if not folder.is_dir():
             raise ValueError(f"{flag} {folder}: not a folder of NIfTI volumes.")
-    volumes = volumes_in(images)
+    volumes = [*volumes_in(images), *(p for p in dicom_series_in(images) if p != Path(images))]
     if not volumes:
-        raise ValueError(f"`images` {images}: no .nii or .nii.gz volumes in it.")
+        raise ValueError(f"`images` {images}: no .nii or .nii.gz volumes in it, and no DICOM series folders under it.")
+    if any(path.is_dir() for path in volumes):
+        require_dicom()
     pairs, missing = [], []
     for path in volumes:
         found = label_volume_of(path, labels)
@@ -1648,12 +1651,12 @@ def volumes_to_slices(
     progress: bool = True,
 ) -> dict[str, Any]:
     """
-    A folder of NIfTI scans and label volumes -> the folder of 2-D slices that training, `imedsam evaluate` and the
-    BTCV recipes read: `images/<case>_slice<z>.png` (8-bit grey, made exactly as `segment_volume` and `imedsam
-    predict` make a slice: :func:`to_uint8` with `window`, then :func:`slice_image`), `masks/<case>_slice<z>.png`
-    (class ids), `classes.json` and `cases.csv` (each scan's voxel spacing in mm, for per-volume HD95, its
-    orientation, and `window`, which training records in the model: `data.folder_window`). Slices are numbered with
-    at least 3 digits; scans are told apart by the default group pattern.
+    A folder of scans (NIfTI, or DICOM series folders) and label volumes -> the folder of 2-D slices that training,
+    `imedsam evaluate` and the BTCV recipes read: `images/<case>_slice<z>.png` (8-bit grey, made exactly as
+    `segment_volume` and `imedsam predict` make a slice: :func:`to_uint8` with `window`, then :func:`slice_image`),
+    `masks/<case>_slice<z>.png` (class ids), `classes.json` and `cases.csv` (each scan's voxel spacing in mm, for
+    per-volume HD95, its orientation, and `window`, which training records in the model: `data.folder_window`).
+    Slices are numbered with at least 3 digits; scans are told apart by the default group pattern.
 
     Args:
         images, labels: folders (`paired_volumes`: a label volume per scan, on the scan's grid).

@@ -58,6 +58,7 @@ AFFINE = np.array([[-0.8, 0, 0, 10.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 30.0], [0
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, affine), str(path))
     return path
 
@@ -1363,6 +1364,38 @@ def test_convert_volumes_reads_nnunet_names_and_dataset_json_and_writes_a_folder
     result = json.loads((tmp_path / "e.json").read_text())
     assert set(result["results"]["native"]["per_class"]) == {"2", "5"} and result["volume"]["n_volumes"] == 2
     assert result["volume"]["hd95"] is not None  # the spacing of cases.csv
+
+
+@needs_dicom
+def test_convert_volumes_reads_a_dicom_export_with_labels_saved_in_another_orientation(tmp_path, capsys):
+    """To fine-tune on one's own CT as the scanner wrote it: a DICOM export (a series folder per case) with label
+    volumes saved by another tool in LPS (dcm2niix, 3D Slicer) gives the very slices, masks and cases.csv rows of
+    the same scans and labels stored as NIfTI in LAS."""
+    from imedsam_hf.cli import main
+
+    labels = two_organs()
+    hu = hu_scan(labels)
+    for case, flip in (("case_a", False), ("case_b", True)):
+        scan, truth = (hu[::-1].copy(), labels[::-1].copy()) if flip else (hu, labels)
+        write_dicom_series(*as_stored(scan, AFFINE, ("L", "P", "S")), tmp_path / "export" / "patient" / case)
+        save_nifti(tmp_path / "nifti" / f"{case}.nii.gz", scan)
+        save_nifti(tmp_path / "lps" / f"{case}.nii.gz", *as_stored(truth, AFFINE, ("L", "P", "S")))
+        save_nifti(tmp_path / "las" / f"{case}.nii.gz", truth)
+    argv = ["convert", "volumes", "--window", "btcv"]
+    dicom = [*argv, "--images", str(tmp_path / "export"), "--labels", str(tmp_path / "lps")]
+    assert main([*dicom, "--output", str(tmp_path / "from_dicom")]) == 0
+    assert "2 scans" in capsys.readouterr().out
+    nifti = [*argv, "--images", str(tmp_path / "nifti"), "--labels", str(tmp_path / "las")]
+    assert main([*nifti, "--output", str(tmp_path / "from_nifti")]) == 0
+    for sub in ("images", "masks"):
+        names = sorted(p.name for p in (tmp_path / "from_dicom" / sub).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "from_nifti" / sub).iterdir()) and len(names) == 8
+        for name in names:
+            pair = [np.asarray(Image.open(tmp_path / d / sub / name)) for d in ("from_dicom", "from_nifti")]
+            np.testing.assert_array_equal(*pair)
+    rows = [(tmp_path / d / "cases.csv").read_text().splitlines() for d in ("from_dicom", "from_nifti")]
+    assert [r.split(",")[3:] for r in rows[0]] == [r.split(",")[3:] for r in rows[1]]  # slices, spacing, LAS, window
+    assert rows[0][1].startswith("case_a,case_a,case_a.nii.gz,")
 
 
 def test_convert_volumes_refuses_what_it_cannot_pair_and_leaves_nothing_half_written(tmp_path, capsys):
