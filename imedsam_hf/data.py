@@ -44,6 +44,16 @@ def is_volume(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """A DICOM (Part 10) file: `DICM` after its 128-byte preamble, whatever its name (`IM0001`, `x.dcm`)."""
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(128)
+            return stream.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def volumes_in(folder: str | os.PathLike) -> list[Path]:
     """The NIfTI files of `folder`, sorted; hidden ones (MSD archives' `._case.nii.gz` AppleDouble copies) are not
     volumes."""

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window
-from .data import class_id_of, is_volume
+from .data import class_id_of, is_dicom_file, is_volume
 from .loading import load_model
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import (
@@ -153,10 +153,12 @@ def segment(
     """
     if labels is not None and points is None:
         raise ValueError("`labels` were given without `points`: they label each point (1 foreground, 0 background).")
-    if isinstance(image, (str, os.PathLike)) and is_volume(image):
+    if isinstance(image, (str, os.PathLike)) and (is_volume(image) or os.path.isdir(image) or is_dicom_file(image)):
+        what = "a NIfTI volume" if is_volume(image) else "a folder" if os.path.isdir(image) else "a DICOM file"
         raise ValueError(
-            f"{image}: a NIfTI volume, and segment() takes one 2-D image: use imedsam_hf.volumes.segment_volume("
-            "model, volume, label_volume=... or boxes_3d=...), or `imedsam predict` (NIfTI in, label NIfTI out)."
+            f"{image}: {what}, and segment() takes one 2-D image: use imedsam_hf.volumes.segment_volume(model, "
+            "read_volume(path), label_volume=... or boxes_3d=...) for a scan (a NIfTI file or a DICOM series' "
+            "folder), or `imedsam predict` (label NIfTI out)."
         )
     mirrors = tta_mirrors(tta)
     if isinstance(model, str):

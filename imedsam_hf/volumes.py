@@ -29,8 +29,9 @@ Slice orientation (the one place it is handled: :func:`slice_image`)
     LAS: ``i`` towards the patient's left, ``j`` anterior) this is the radiological view, anterior up and the patient's
     right (liver) on the image's left, and it reproduces ``images/<case>_slice<z>.png`` and ``masks/...png`` *exactly*
     (checked on all 338 PNG slices of the 4 staged scans), so a slice fed to a model looks like its training images.
-    A volume stored in another orientation is *not* reoriented: its slices come out mirrored or rotated with respect
-    to that view (:attr:`Volume.axcodes` tells; ``('L', 'A', 'S')`` is the orientation this convention is meant for).
+    A NIfTI volume stored in another orientation is *not* reoriented: its slices come out mirrored or rotated with
+    respect to that view (:attr:`Volume.axcodes` tells; ``('L', 'A', 'S')`` is the orientation this convention is
+    meant for). A DICOM series is turned in plane onto that orientation as it is read (:func:`view_grid`).
 3-D boxes
     ``boxes_3d = {class_id: [x0, y0, z0, x1, y1, z1]}`` are *inclusive* voxel indices ``i, j, k`` of the stored array
     (``x0..x1`` along axis 0, ``y0..y1`` along axis 1, ``z0..z1`` slices), the first and last voxel of the structure,
@@ -70,7 +71,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window, window_text
-from .data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES, is_volume, mask_box, volumes_in
+from .data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES, is_dicom_file, is_volume, mask_box, volumes_in
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment, structure_id
 from .loading import load_model
@@ -278,16 +279,6 @@ DICOM_REFUSALS = {
 }
 
 
-def is_dicom_file(path: str | os.PathLike) -> bool:
-    """A DICOM (Part 10) file: ``DICM`` after its 128-byte preamble, whatever its name (``IM0001``, ``x.dcm``)."""
-    try:
-        with open(path, "rb") as stream:
-            stream.seek(128)
-            return stream.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def _may_be_dicom(path: Path) -> bool:
     """A file worth opening to look for ``DICM``: not hidden, not a NIfTI, image or archive by its name."""
     name = path.name.lower()
@@ -330,8 +321,8 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     the columns (LPS for an axial series, whose slices would reach the model upside down); it is turned in plane onto
     :func:`view_grid`'s (LAS for an axial series, BTCV's), so each slice reaches the model as the series shows it,
     anterior up and the patient's right on the left. The label volume :func:`write_label_volume` writes for it is a
-    NIfTI on that grid, in the series' patient coordinates (it overlays the series in 3D Slicer,
-    ITK-SNAP or any viewer that reads both). ``path`` is `folder`; :func:`volume_name` is the folder's name.
+    NIfTI on that grid, in the series' patient coordinates (it overlays the series in 3D Slicer, ITK-SNAP or any
+    viewer that reads both). ``path`` is `folder`; :func:`volume_name` is the folder's name.
 
     Raises:
         ValueError: naming the folder (or file): no DICOM files, several series (each listed), a file pydicom cannot
@@ -389,7 +380,8 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     return _checked_volume(data, image, folder)
 
 
-#: nibabel's direction (``+1``/``-1``) of each world axis (x, y, z) in the view's orientation, BTCV's LAS.
+#: The orientation :func:`view_grid` turns scans towards (nibabel's axis codes): BTCV's LAS, the one the slice view is
+#: made for (module docstring, "Slice orientation").
 VIEW_AXCODES = ("L", "A", "S")
 
 

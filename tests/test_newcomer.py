@@ -33,7 +33,7 @@ def organs_with_names(root):
 
 
 @slow
-def test_a_class_aware_model_is_scored_class_aware_without_the_flag(tiny_sam, tmp_path, capsys):
+def test_a_class_aware_model_is_scored_class_aware_without_the_flag(tiny_sam, tmp_path, capsys, caplog):
     """Item 1: training records `class_aware`; `imedsam evaluate` reads it (no silent 0.000 without --class-aware)."""
     data = organs_with_names(tmp_path / "organs")
     out = tmp_path / "run"
@@ -54,6 +54,15 @@ def test_a_class_aware_model_is_scored_class_aware_without_the_flag(tiny_sam, tm
     assert default["class_aware"] is True and set(default["results"]["48"]["per_class"]) == {"1", "2"}
     assert cli_main([*argv, "--class-agnostic", "--json", str(tmp_path / "agnostic.json")]) == 0
     assert json.loads((tmp_path / "agnostic.json").read_text())["class_aware"] is False
+    # Fine-tuned again on slices that record no window: the new model would record none and min-max raw CT, so the
+    # run says which window its base was trained with and how to pass it.
+    again = [*args(tiny_sam, data, tmp_path / "again", *extra, "--epochs", "1", "--baseline", "false")]
+    again[again.index("--backbone") + 1] = str(out / "final")
+    caplog.clear()
+    train_script.main(again)
+    assert "trained on slices windowed at level 40, width 400 (-160..240 HU)" in caplog.text
+    assert "pass --window 40,400" in caplog.text
+    assert "window" not in json.loads((tmp_path / "again" / "final" / "config.json").read_text())["training_data"]
 
 
 @slow

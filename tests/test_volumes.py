@@ -329,6 +329,14 @@ def test_segment_given_a_volume_names_segment_volume(tmp_path):
     for path in (scan, str(scan)):
         with pytest.raises(ValueError, match=r"scan.nii.gz: a NIfTI volume, and segment\(\) takes one 2-D image: use"):
             segment(FakeModel(), path, box=[1, 1, 5, 5])
+    # A DICOM series' folder, or one of its files (no suffix needed: the DICM preamble tells).
+    (tmp_path / "series").mkdir()
+    (tmp_path / "series" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    for path, what in ((tmp_path / "series", "a folder"), (tmp_path / "series" / "IM0001", "a DICOM file")):
+        with pytest.raises(
+            ValueError, match=rf"{path.name}: {what}, and segment\(\) takes one 2-D image: .*read_volume"
+        ):
+            segment(FakeModel(), path, box=[1, 1, 5, 5])
 
 
 def test_the_mr_window_is_medsams_percentile_window_and_ignores_hot_voxels(tmp_path):

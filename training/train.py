@@ -55,7 +55,7 @@ import imedsam_hf  # noqa: E402, F401  (registers the model and the PEFT type)
 import imedsam_hf.runtime as runtime  # noqa: E402  (looked up at call time: tests replace the allocator tuning)
 from imedsam_hf import imedsam_peft_config, save_pretrained_full  # noqa: E402
 from imedsam_hf.commands.common import flag_message  # noqa: E402
-from imedsam_hf.configuration_imedsam import MR_WINDOW, trained_prompts  # noqa: E402
+from imedsam_hf.configuration_imedsam import MR_WINDOW, trained_prompts, training_window, window_text  # noqa: E402
 from imedsam_hf.convert_sam import load_checked_state  # noqa: E402
 from imedsam_hf.data import (  # noqa: E402
     SPLITS,
@@ -393,6 +393,7 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
             f"class {class_id} ({label}) is in no training image: its heads keep their initial weights; the card says so.",
             main_process_only=True,
         )
+    base_window = training_window(config)  # a trained model fine-tuned again: the window its own images had
     config.training_data = {
         "name": data.name if (data.provenance_for in (None, folder_name) or given) else None,
         "license": data.license,
@@ -405,6 +406,15 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
     window = data_window(data, folder_name, args.given)
     if window is not None:
         config.training_data["window"] = window
+    elif base_window is not None:
+        shown = "mr" if base_window == MR_WINDOW else ",".join(f"{v:g}" for v in base_window)
+        logger.warning(
+            f"the model fine-tuned here was trained on slices windowed at {window_text(base_window)}, and this data "
+            "records no window (no --window, no window column in its cases.csv): the new model records none, so "
+            "`imedsam predict` will rescale raw CT min-max instead of windowing it. If these slices were made with "
+            f"that window, pass --window {shown} (imedsam convert volumes --window records it in cases.csv).",
+            main_process_only=True,
+        )
     if not config.training_data["name"]:
         config.training_data["name"] = folder_name
 
