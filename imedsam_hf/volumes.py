@@ -767,7 +767,10 @@ def _class_set(classes: ClassSpec) -> set[int] | None:
     return {_class_id(c, "classes") for c in numbers if not (isinstance(c, (int, np.integer)) and c == 0)}
 
 
-def _as_volume(volume: Volume | np.ndarray, what: str) -> Volume:
+def _as_volume(volume: Volume | np.ndarray | str | os.PathLike, what: str) -> Volume:
+    """`volume` as a :class:`Volume`: read from its path (:func:`read_volume`), or an array on an identity grid."""
+    if isinstance(volume, (str, os.PathLike)):
+        volume = read_volume(volume)
     if isinstance(volume, Volume):
         data = volume.data
     else:
@@ -892,10 +895,10 @@ def _class_count(model: Any) -> int:
 # ------------------------------------------------------------------------------------------------------- segmenting
 def segment_volume(
     model: Any,
-    volume: Volume | np.ndarray,
+    volume: Volume | np.ndarray | str | os.PathLike,
     *,
     processor: IMedSamProcessor | None = None,
-    label_volume: Volume | np.ndarray | None = None,
+    label_volume: Volume | np.ndarray | str | os.PathLike | None = None,
     boxes_3d: Mapping[int, Sequence[float]] | None = None,
     classes: ClassSpec = None,
     window: WindowSpec = None,
@@ -932,10 +935,11 @@ def segment_volume(
         model: a box-prompted model (``IMedSamModel``, a PeftModel around one, or a spec for
             :func:`imedsam_hf.load_model` such as ``"litemedsam"``): one-class (binary), or multi-class and then
             class-aware (each structure's box decoded by its class's heads; class ids 1..num_classes).
-        volume: the scan, a :class:`Volume` or an ``(X, Y, Z)`` array; converted with :func:`to_uint8`.
+        volume: the scan, a :class:`Volume`, an ``(X, Y, Z)`` array, or a path :func:`read_volume` reads (a NIfTI
+            file, a DICOM series' folder); converted with :func:`to_uint8`.
         processor: default the model's (``load_model``'s, or the one matching its config).
-        label_volume: ``(X, Y, Z)`` integer class ids 0..255, same shape and (when both are :class:`Volume` objects)
-            the same affine as ``volume``.
+        label_volume: ``(X, Y, Z)`` integer class ids 0..255 (an array, a :class:`Volume` or a NIfTI path), same shape
+            and (when both are volumes read from files or :class:`Volume` objects) the same grid as ``volume``.
         boxes_3d: see above; ids must be ``int`` in 1..255 (and in ``classes`` when given), boxes inside the volume.
         classes: class ids to segment (an iterable of ids, or a mapping ``id -> name`` such as BTCV's
             ``classes.json``): with ``label_volume`` other ids are ignored, with ``boxes_3d`` another id is an error.
@@ -984,7 +988,9 @@ def segment_volume(
         model, loaded_processor = load_model(model)
         processor = processor or loaded_processor
     processor = processor or getattr(slice_embeddings, "processor", None) or processor_for_config(model.config)
-    both_volumes = isinstance(label_volume, Volume) and isinstance(volume, Volume)
+    if isinstance(label_volume, (str, os.PathLike)):
+        label_volume = read_volume(label_volume)
+    both_volumes = isinstance(label_volume, Volume) and isinstance(volume, (Volume, str, os.PathLike))
     volume = _as_volume(volume, "volume")
     wanted = _class_set(classes)
     labels = np.zeros(volume.shape, dtype=np.uint8)
@@ -1136,8 +1142,8 @@ class SliceEmbeddings:
     """
 
     def __init__(
-        self, model: Any, volume: Volume | np.ndarray, *, processor: IMedSamProcessor | None = None,
-        window: WindowSpec = None, tta: str = "none",
+        self, model: Any, volume: Volume | np.ndarray | str | os.PathLike, *,
+        processor: IMedSamProcessor | None = None, window: WindowSpec = None, tta: str = "none",
     ) -> None:  # fmt: skip
         if isinstance(model, str):
             raise ValueError(

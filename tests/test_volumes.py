@@ -521,6 +521,27 @@ def test_a_label_volume_stored_in_another_orientation_is_moved_onto_the_scans_gr
         segment_volume(FakeModel(), scan, label_volume=make_volume(labels, "l.nii.gz", shifted), processor=object())
 
 
+def test_segment_volume_takes_paths_as_segment_takes_image_files(tmp_path, monkeypatch):
+    """`segment_volume(model, "scan.nii.gz", label_volume="labels.nii.gz")` (as `segment(model, "image.png")`) said
+    "volume <array>: shape (), need a 3-D (X, Y, Z) array"; paths are read with `read_volume` (a DICOM series' folder
+    too) and their grids compared."""
+    labels = two_organs()
+    calls: list = []
+    monkeypatch.setattr(volumes_module, "segment", perfect_label_fake(labels, calls))
+    scan = save_nifti(tmp_path / "scan.nii.gz", slice_coded_images(labels.shape))
+    truth = save_nifti(tmp_path / "labels.nii.gz", labels)
+    for given in (scan, str(scan)):
+        predicted = segment_volume(FakeModel(), given, label_volume=str(truth), processor=object(), progress=False)
+        np.testing.assert_array_equal(predicted, labels)
+    embeddings = SliceEmbeddings(tiny_model(), scan)
+    np.testing.assert_array_equal(embeddings.images, slice_coded_images(labels.shape))
+    elsewhere = save_nifti(tmp_path / "shifted.nii.gz", labels, AFFINE + np.diag([0, 0, 1.0, 0]))
+    with pytest.raises(ValueError, match="label volume .*shifted.nii.gz and volume .*scan.nii.gz lie on different"):
+        segment_volume(FakeModel(), scan, label_volume=elsewhere, processor=object(), progress=False)
+    with pytest.raises(ValueError, match="nowhere.nii.gz: no such file"):
+        segment_volume(FakeModel(), tmp_path / "nowhere.nii.gz", label_volume=labels, processor=object())
+
+
 def test_label_volume_mismatches_are_named():
     labels = two_organs()
     images = slice_coded_images(labels.shape)
