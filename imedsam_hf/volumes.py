@@ -279,15 +279,17 @@ DICOM_REFUSALS = {
 }
 
 
-def _may_be_dicom(path: Path) -> bool:
-    """A file worth opening to look for ``DICM``: not hidden, not a NIfTI, image or archive by its name."""
+def _is_series_file(path: Path) -> bool:
+    """A DICOM file of a series folder: not hidden, not a NIfTI, image or archive by its name (those are not opened),
+    and ``DICM`` in it (:func:`is_dicom_file`)."""
     name = path.name.lower()
-    return not name.startswith(".") and not name.endswith((*NIFTI_SUFFIXES, *IMAGE_EXTENSIONS, ".npz", ".json"))
+    skipped = name.startswith(".") or name.endswith((*NIFTI_SUFFIXES, *IMAGE_EXTENSIONS, ".npz", ".json"))
+    return not skipped and is_dicom_file(path)
 
 
 def dicom_files_in(folder: str | os.PathLike) -> list[Path]:
     """The DICOM files directly in `folder` (:func:`is_dicom_file`; hidden files skipped), sorted."""
-    return sorted(p for p in Path(folder).iterdir() if _may_be_dicom(p) and p.is_file() and is_dicom_file(p))
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and _is_series_file(p))
 
 
 def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
@@ -296,7 +298,7 @@ def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
     found = []
     for root, folders, files in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
-        if any(_may_be_dicom(Path(root) / name) and is_dicom_file(Path(root) / name) for name in files):
+        if any(_is_series_file(Path(root) / name) for name in files):
             found.append(Path(root))
     return sorted(found)
 

@@ -101,7 +101,7 @@ from imedsam_hf.training import (  # noqa: E402
     parameter_groups,
     prompt_rows,
 )
-from imedsam_hf.volumes import is_mr_window, parse_window  # noqa: E402
+from imedsam_hf.volumes import is_mr_window, parse_window, window_csv  # noqa: E402
 
 logger = get_logger(__name__)
 TRAINING_FLAGS = {
@@ -407,12 +407,11 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
     if window is not None:
         config.training_data["window"] = window
     elif base_window is not None:
-        shown = "mr" if base_window == MR_WINDOW else ",".join(f"{v:g}" for v in base_window)
         logger.warning(
             f"the model fine-tuned here was trained on slices windowed at {window_text(base_window)}, and this data "
             "records no window (no --window, no window column in its cases.csv): the new model records none, so "
             "`imedsam predict` will rescale raw CT min-max instead of windowing it. If these slices were made with "
-            f"that window, pass --window {shown} (imedsam convert volumes --window records it in cases.csv).",
+            f"that window, pass --window {window_csv(base_window)} (imedsam convert volumes --window records it in cases.csv).",
             main_process_only=True,
         )
     if not config.training_data["name"]:
