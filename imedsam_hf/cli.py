@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "inputs",
         nargs="+",
-        help="image files, folders of images, or NIfTI volumes and folders of them (.nii/.nii.gz: a label volume out), "
+        help="image files (PNG, JPEG, TIFF, ..., 2-D DICOM images such as radiographs: the [dicom] extra), folders of "
+        "images, or NIfTI volumes and folders of them (.nii/.nii.gz: a label volume out), "
         "DICOM series (a folder of one series, or a DICOM export's folder: one label volume per series; the [dicom] "
         "extra), or LiteMedSAM challenge cases (.npz with imgs and boxes: segs out)",
     )

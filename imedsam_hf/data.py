@@ -33,9 +33,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .processing_imedsam import IMedSamProcessor, describe, opened_image, to_rgb_array
+from .processing_imedsam import (
+    DICOM_EXTENSIONS,
+    IMedSamProcessor,
+    describe,
+    dicom_mask_pixels,
+    is_dicom_file,
+    is_volume_slice,
+    open_image,
+    opened_image,
+    to_rgb_array,
+)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+#: 2-D image files: pictures, and DICOM images (`processing_imedsam.read_dicom_image`: a radiograph, a mammogram, ...).
+IMAGE_EXTENSIONS = (*PICTURE_EXTENSIONS, *DICOM_EXTENSIONS)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")  # 3-D scans (`volumes`), which the 2-D folders do not read; .nii.gz first
 
 
@@ -44,14 +56,22 @@ def is_volume(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def is_dicom_file(path: str | os.PathLike) -> bool:
-    """A DICOM (Part 10) file: `DICM` after its 128-byte preamble, whatever its name (`IM0001`, `x.dcm`)."""
-    try:
-        with open(path, "rb") as stream:
-            stream.seek(128)
-            return stream.read(4) == b"DICM"
-    except OSError:
-        return False
+def image_files_in(folder: str | os.PathLike) -> list[Path]:
+    """
+    The 2-D images directly in `folder`, sorted: pictures (:data:`PICTURE_EXTENSIONS`) and DICOM images (named
+    `.dcm`/`.dicom`, or of another name with the ``DICM`` preamble) that are not slices of a scan (`is_volume_slice`:
+    those make a series, read as one volume). Hidden files (macOS's `._x.png`) are not images.
+    """
+    found = []
+    for path in sorted(Path(folder).iterdir()):
+        name = path.name.lower()
+        if name.startswith(".") or not path.is_file() or name.endswith((*NIFTI_SUFFIXES, ".npz", ".json")):
+            continue
+        if name.endswith(PICTURE_EXTENSIONS):
+            found.append(path)
+        elif (name.endswith(DICOM_EXTENSIONS) or is_dicom_file(path)) and not is_volume_slice(path):
+            found.append(path)
+    return found
 
 
 def volumes_in(folder: str | os.PathLike) -> list[Path]:
@@ -281,7 +301,7 @@ def convert_structure_masks(data_dir: str | os.PathLike, output: str | os.PathLi
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     for stem, structures in per_image.items():
-        size = Image.open(images[stem]).size
+        size = open_image(images[stem]).size
         labels = np.zeros((size[1], size[0]), dtype=np.uint8)
         for name in sorted(structures, key=ids.get, reverse=True):  # earlier names written last: they win overlaps
             for path in structures[name]:
@@ -597,6 +617,8 @@ def _mask_pixels(source) -> tuple[np.ndarray, bool]:
     (JPEG, WebP, an array of unknown origin). Palette images give their indices, never their colours.
     """
     if isinstance(source, (str, os.PathLike)):
+        if str(source).lower().endswith(DICOM_EXTENSIONS) or is_dicom_file(source):
+            return dicom_mask_pixels(source)
         with opened_image(source, "mask") as image:  # opened, so its format (lossless or not) is known
             return _mask_pixels(image)
     if isinstance(source, Image.Image):
@@ -688,9 +710,9 @@ def check_pair(
 ) -> DataProblem | None:
     """Open both files of a pair; report what is wrong, naming the file (mask values that do not fit: fatal)."""
     try:
-        with Image.open(pair.image) as image:
-            image.load()
-            size = image.size
+        size = open_image(pair.image).size
+    except ImportError:  # pydicom for a DICOM image: once, for the whole folder
+        raise
     except Exception as error:  # PIL raises many types for corrupt files
         return DataProblem(pair.image, f"unreadable image ({error})")
     return check_mask(pair.mask, size, pair.mask, num_classes, mask_values)
@@ -1496,6 +1518,7 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "class_id_of",
     "extra_masks",
+    "image_files_in",
     "mask_folder_suffix",
     "mask_name_suffix",
     "SegmentationDataset",

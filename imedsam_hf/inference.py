@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window
-from .data import class_id_of, is_dicom_file, is_volume
+from .data import class_id_of, is_volume
 from .loading import load_model
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import (
@@ -25,6 +25,8 @@ from .processing_imedsam import (
     IMedSamProcessor,
     describe,
     hu_window,
+    is_dicom_file,
+    is_volume_slice,
     looks_like_hu,
     mirrored_inputs,
     mirrored_mean,
@@ -153,8 +155,9 @@ def segment(
     """
     if labels is not None and points is None:
         raise ValueError("`labels` were given without `points`: they label each point (1 foreground, 0 background).")
-    if isinstance(image, (str, os.PathLike)) and (is_volume(image) or os.path.isdir(image) or is_dicom_file(image)):
-        what = "a NIfTI volume" if is_volume(image) else "a folder" if os.path.isdir(image) else "a DICOM file"
+    path_given = isinstance(image, (str, os.PathLike))
+    if path_given and (is_volume(image) or os.path.isdir(image) or (is_dicom_file(image) and is_volume_slice(image))):
+        what = "a NIfTI volume" if is_volume(image) else "a folder" if os.path.isdir(image) else "a DICOM slice"
         raise ValueError(
             f"{image}: {what}, and segment() takes one 2-D image: use imedsam_hf.volumes.segment_volume(model, "
             "read_volume(path), label_volume=... or boxes_3d=...) for a scan (a NIfTI file or a DICOM series' "

@@ -9,6 +9,8 @@ implicit decoder over the unpadded part of the frame (`output_region`), never by
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +29,20 @@ SAM_IMAGE_MEAN = (123.675, 116.28, 103.53)
 SAM_IMAGE_STD = (58.395, 57.12, 57.375)
 NORMALIZATIONS = ("mean_std", "minmax")
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+#: Names of DICOM files read as 2-D images (:func:`read_dicom_image`); a file of another name is read as DICOM when it
+#: has the ``DICM`` preamble (:func:`is_dicom_file`).
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+#: Transfer syntaxes whose pixels decode to exactly what was stored (uncompressed ones are not in the list: they are
+#: not compressed at all); a mask under any other (baseline JPEG, lossy JPEG 2000) may carry compression noise.
+LOSSLESS_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+)
 
 
 def describe(source: Any) -> str:
@@ -54,10 +70,162 @@ def opened_image(path: str | os.PathLike, what: str = "image") -> Iterator[Image
         raise ValueError(f"{path}: cannot read the {what} ({error}).") from error
 
 
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """A DICOM (Part 10) file: `DICM` after its 128-byte preamble, whatever its name (`IM0001`, `x.dcm`)."""
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(128)
+            return stream.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_dicom_path(path: str | os.PathLike) -> bool:
+    """A file read as DICOM: named `.dcm`/`.dicom` (a file without the preamble is then named as unreadable, not
+    handed to PIL) or holding the preamble."""
+    return str(path).lower().endswith(DICOM_EXTENSIONS) or is_dicom_file(path)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no text."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def require_pydicom() -> Any:
+    """The `pydicom` module; an `ImportError` naming the ``dicom`` extra when it is not installed."""
+    if importlib.util.find_spec("pydicom") is None:
+        raise ImportError(
+            "reading DICOM files needs pydicom, which is not installed: pip install pydicom (the [dicom] extra: pip "
+            'install ".[dicom]" in a clone of imedsam-hf), or save the images as PNG.'
+        )
+    return importlib.import_module("pydicom")
+
+
+def dicom_dataset(path: str | os.PathLike, pixels: bool = True, tags: Sequence[str] | None = None) -> Any:
+    """A DICOM file read by pydicom (`pixels`: with its pixels decoded, so a truncated or undecodable file fails here;
+    `tags`: those elements only, for a quick look at the header). A file pydicom cannot read is a ValueError naming
+    it."""
+    pydicom = require_pydicom()
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such DICOM file.")
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=not pixels, specific_tags=tags)
+        if pixels and "PixelData" in dataset:
+            _ = dataset.pixel_array  # decoded now (pydicom keeps it)
+    except pydicom.errors.InvalidDicomError as error:
+        raise ValueError(f"{path}: cannot be read as DICOM (not a DICOM file: no 'DICM' header)") from error
+    except Exception as error:  # OSError, a truncated element, a missing decoder
+        raise ValueError(f"{path}: cannot be read as DICOM ({first_line(error)})") from error
+    return dataset
+
+
+def is_volume_slice(path: str | os.PathLike) -> bool:
+    """
+    Whether the DICOM file `path` is one slice of a cross-sectional scan (CT, MR, PET): it records where it lies in
+    the patient (`ImagePositionPatient` and `ImageOrientationPatient`), which 2-D images (radiographs, mammograms,
+    ultrasound, endoscopy or dermoscopy stills, screen captures) do not. A file whose header cannot be read is an
+    image when named `.dcm`/`.dicom` and a slice otherwise (`IM0001`), so that one reader names it, never both.
+    """
+    try:
+        header = dicom_dataset(path, pixels=False, tags=["ImagePositionPatient", "ImageOrientationPatient"])
+    except ValueError:
+        return not str(path).lower().endswith(DICOM_EXTENSIONS)
+    return "ImagePositionPatient" in header and "ImageOrientationPatient" in header
+
+
+def _dicom_pixels(path: Path, what: str) -> Any:
+    """The dataset of a DICOM file read as one 2-D `what` (image or mask), its pixels decoded; a file without pixels
+    or of several frames is a ValueError naming it and what to do."""
+    dataset = dicom_dataset(path)
+    if "PixelData" not in dataset:
+        kind = getattr(getattr(dataset, "SOPClassUID", None), "name", "") or "no pixel data"
+        raise ValueError(f"{path}: a DICOM file without an image ({kind}); give the DICOM {what} itself.")
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ValueError(
+            f"{path}: a DICOM file of {frames} frames (a cine loop, or an enhanced CT/MR scan); one 2-D {what} per "
+            "file is read: save the frame you want as PNG, or convert a scan to NIfTI (dcm2niix)."
+        )
+    return dataset
+
+
+def _window_unit(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM's VOI window (PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT or SIGMOID) of `values` -> [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    return np.clip((values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+
+
+def _first_value(value: Any) -> float:
+    """A DICOM number that may hold several (`WindowCenter` "40\\400"): the first."""
+    return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
+
+
+def read_dicom_image(path: str | os.PathLike) -> np.ndarray:
+    """
+    A 2-D DICOM image (radiograph, mammogram, ultrasound, endoscopy or dermoscopy still, a CT slice saved alone) as a
+    viewer shows it: `(H, W)` uint8 for grey, `(H, W, 3)` uint8 for colour. Grey pixels go through the modality
+    rescale (HU for CT), then the file's first VOI window (`WindowCenter`/`WindowWidth`, LINEAR, LINEAR_EXACT or
+    SIGMOID) or its VOI LUT, or else their own min/max; MONOCHROME1 (bright = low values) is inverted. YBR colour
+    comes back RGB, palette colour through its lookup table.
+
+    Raises:
+        ValueError: naming the file: not readable as DICOM, no pixels (a report), several frames (a cine or an
+            enhanced multi-frame scan), or samples that are neither grey nor colour.
+        ImportError: pydicom is not installed.
+    """
+    path = Path(path)
+    dataset = _dicom_pixels(path, "image")
+    pixels = require_pydicom().pixels
+    array = dataset.pixel_array  # YBR comes back RGB (pydicom's default)
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        bits = int(dataset.RedPaletteColorLookupTableDescriptor[2])
+        colour = pixels.apply_color_lut(array, dataset).astype(np.float64) / (2**bits - 1) * 255.0
+        return np.round(np.clip(colour, 0, 255)).astype(np.uint8)
+    if array.ndim == 3 and array.shape[-1] == 3:
+        if array.dtype == np.uint8:
+            return np.ascontiguousarray(array)
+        top = 2 ** int(dataset.get("BitsStored", 8 * array.dtype.itemsize)) - 1
+        return np.round(np.clip(array.astype(np.float64) / top * 255.0, 0, 255)).astype(np.uint8)
+    if array.ndim != 2:
+        raise ValueError(f"{path}: DICOM pixels of shape {array.shape}; a grey or RGB 2-D image is read.")
+    values = np.asarray(pixels.apply_modality_lut(array, dataset), dtype=np.float64)
+    if "WindowCenter" in dataset and "WindowWidth" in dataset and _first_value(dataset.WindowWidth) > 0:
+        function = str(dataset.get("VOILUTFunction", "LINEAR")).upper()
+        unit = _window_unit(values, _first_value(dataset.WindowCenter), _first_value(dataset.WindowWidth), function)
+    else:
+        if "VOILUTSequence" in dataset:
+            values = np.asarray(pixels.apply_voi_lut(values, dataset, prefer_lut=True), dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        unit = (values - low) / max(high - low, 1e-8)
+    if photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    return np.round(unit * 255.0).astype(np.uint8)
+
+
+def dicom_mask_pixels(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
+    """A mask stored as a 2-D DICOM image (CBIS-DDSM's ROI masks): its stored values `(H, W)` as they are (no rescale
+    or window), and whether they are exact (uncompressed or a lossless transfer syntax)."""
+    dataset = _dicom_pixels(Path(path), "mask")
+    array = dataset.pixel_array
+    syntax = str(getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", ""))
+    exact = not syntax or syntax in LOSSLESS_TRANSFER_SYNTAXES or not require_pydicom().uid.UID(syntax).is_compressed
+    return (array[..., 0] if array.ndim == 3 else array), exact
+
+
 def open_image(source: ImageInput) -> Image.Image | np.ndarray:
-    """Open a path as a PIL image (fully decoded, so a truncated file fails here, with its name)."""
+    """Open a path as a PIL image (fully decoded, so a truncated file fails here, with its name); a DICOM file as
+    :func:`read_dicom_image` reads it."""
     if not isinstance(source, (str, os.PathLike)):
         return source
+    if _is_dicom_path(source) and Path(source).is_file():
+        decoded = Image.fromarray(read_dicom_image(source))
+        decoded.filename = str(source)
+        return decoded
     with opened_image(source) as image:
         decoded = image.copy() if image.mode not in ("P", "PA") else image.convert("RGBA")
     decoded.filename = str(source)  # a copy forgets its file: errors about it (`describe`) name it, not <Image>
@@ -579,7 +747,15 @@ def processor_for_config(config) -> IMedSamProcessor:
 
 
 __all__ = [
+    "DICOM_EXTENSIONS",
+    "dicom_dataset",
+    "dicom_mask_pixels",
     "hu_window",
+    "first_line",
+    "is_dicom_file",
+    "is_volume_slice",
+    "read_dicom_image",
+    "require_pydicom",
     "looks_like_hu",
     "IMedSamProcessor",
     "TTA_MIRRORS",

@@ -53,6 +53,7 @@ import csv
 import gzip
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -71,12 +72,22 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window, window_text
-from .data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES, is_dicom_file, is_volume, mask_box, volumes_in
+from .data import NIFTI_SUFFIXES, PICTURE_EXTENSIONS, is_volume, mask_box, volumes_in
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import overlay, segment, structure_id
 from .loading import load_model
 from .metrics import METRIC_NAMES, NSD_TOLERANCE, mask_pair_scores
-from .processing_imedsam import IMedSamProcessor, looks_like_hu, mirror_image, processor_for_config, tta_mirrors
+from .processing_imedsam import (
+    IMedSamProcessor,
+    dicom_dataset,
+    first_line,
+    is_dicom_file,
+    is_volume_slice,
+    looks_like_hu,
+    mirror_image,
+    processor_for_config,
+    tta_mirrors,
+)
 from .processing_imedsam import hu_window as window
 
 __all__ = [
@@ -280,21 +291,23 @@ DICOM_REFUSALS = {
 
 
 def _is_series_file(path: Path) -> bool:
-    """A DICOM file of a series folder: not hidden, not a NIfTI, image or archive by its name (those are not opened),
-    and ``DICM`` in it (:func:`is_dicom_file`)."""
+    """A DICOM slice of a series folder: not hidden, not a NIfTI, picture or archive by its name (those are not
+    opened), ``DICM`` in it (:func:`is_dicom_file`) and a slice of a scan, not a 2-D image
+    (:func:`is_volume_slice`: a radiograph or a screen capture beside the slices is read as an image, if at all)."""
     name = path.name.lower()
-    skipped = name.startswith(".") or name.endswith((*NIFTI_SUFFIXES, *IMAGE_EXTENSIONS, ".npz", ".json"))
-    return not skipped and is_dicom_file(path)
+    skipped = name.startswith(".") or name.endswith((*NIFTI_SUFFIXES, *PICTURE_EXTENSIONS, ".npz", ".json"))
+    return not skipped and is_dicom_file(path) and is_volume_slice(path)
 
 
 def dicom_files_in(folder: str | os.PathLike) -> list[Path]:
-    """The DICOM files directly in `folder` (:func:`is_dicom_file`; hidden files skipped), sorted."""
+    """The DICOM slices directly in `folder` (:func:`_is_series_file`; hidden files and 2-D images skipped), sorted."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and _is_series_file(p))
 
 
 def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
-    """The folders at or under `folder` that hold DICOM files (each read as one scan by :func:`read_volume`), sorted;
-    ``[]`` when there are none. A DICOM export (patient / study / series folders) gives one folder per series."""
+    """The folders at or under `folder` that hold DICOM slices (each read as one scan by :func:`read_volume`), sorted;
+    ``[]`` when there are none. A DICOM export (patient / study / series folders) gives one folder per series; a
+    folder of 2-D DICOM images (radiographs) is none."""
     found = []
     for root, folders, files in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
@@ -335,21 +348,13 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     files = dicom_files_in(folder)
     if not files:
         raise ValueError(
-            f"{folder}: a folder without DICOM files in it; give a NIfTI file (.nii/.nii.gz) or the folder of one "
-            "DICOM series"
+            f"{folder}: a folder without DICOM slices in it (2-D DICOM images, such as radiographs, are images: "
+            "segment() or `imedsam predict` read them); give a NIfTI file (.nii/.nii.gz) or the folder of one DICOM "
+            "series"
         )
     require_dicom()
-    pydicom = importlib.import_module("pydicom")
     converter = importlib.import_module("dicom2nifti.convert_dicom")
-    datasets = []
-    for file in files:
-        try:
-            dataset = pydicom.dcmread(file)
-            if "PixelData" in dataset:
-                _ = dataset.pixel_array  # decoded here (and kept) so that a truncated or undecodable file is named
-            datasets.append(dataset)
-        except Exception as error:  # pydicom's InvalidDicomError, OSError, a truncated element, a missing decoder
-            raise ValueError(f"{file}: cannot be read as DICOM ({_first_line(error)})") from error
+    datasets = [dicom_dataset(file) for file in files]  # pixels decoded (and kept): a bad file is named
     series: dict[str, list[Any]] = {}
     for dataset in datasets:
         series.setdefault(str(getattr(dataset, "SeriesInstanceUID", "")), []).append(dataset)
@@ -366,12 +371,17 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
             f"{folder}: holds {len(series)} DICOM series ({listed}); move each series into a folder of its own and "
             "give the folder above them (each is read as one scan)"
         )
+    log = logging.getLogger("dicom2nifti")  # its step-by-step warnings ("Slice increment not consistent", ...):
+    level = log.level  # a refusal says the same in one line below, naming the folder
+    log.setLevel(logging.CRITICAL)
     try:
         image = converter.dicom_array_to_nifti(datasets, None, reorient_nifti=False)["NII"]
         data = np.asarray(image.dataobj)
     except Exception as error:  # dicom2nifti's ConversionError / ConversionValidationError, pydicom's decoders
-        reason = DICOM_REFUSALS.get(str(error), _first_line(error))
+        reason = DICOM_REFUSALS.get(str(error), first_line(error))
         raise ValueError(f"{folder}: the DICOM series cannot be read as one 3-D scan: {reason}") from error
+    finally:
+        log.setLevel(level)
     if np.issubdtype(data.dtype, np.floating) and data.size and np.isfinite(data).all():
         small = data.astype(np.int16)  # rescaled CT comes back float64: 8 bytes a voxel for whole numbers of HU
         if np.array_equal(small, data):
@@ -400,11 +410,6 @@ def view_grid(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndar
     transform = nib.orientations.ornt_transform(start, np.array([view[axis] for axis in axes]))
     moved = nib.orientations.apply_orientation(data, transform)
     return np.ascontiguousarray(moved), affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
-
-
-def _first_line(error: BaseException) -> str:
-    """An exception's first line, or its type's name when it has no text."""
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------------------- intensities

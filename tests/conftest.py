@@ -202,6 +202,67 @@ def write_dicom_series(
     return files
 
 
+def write_dicom_image(
+    pixels,
+    path: Path,
+    *,
+    modality: str = "DX",
+    photometric: str = "",
+    window: tuple[float, float] | None = None,
+    voi_function: str = "",
+    intercept: float = 0.0,
+    slope: float = 1.0,
+    frames: int = 1,
+    slice_of_a_scan: bool = False,
+    with_pixels: bool = True,
+) -> Path:
+    """Write `pixels` (`(H, W)` integers, stored as they are: uint16 or int16; `(H, W, 3)` uint8 RGB, or YBR_FULL
+    when `photometric` says so; `(F, H, W)` with `frames`) as a 2-D DICOM image of `modality`, the way an X-ray
+    system or an endoscope stores one: no position in the patient unless `slice_of_a_scan` (a CT slice saved alone).
+    `window`: `(center, width)` written as its VOI window. Returns `path`."""
+    import numpy as np
+
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    pixels = np.asarray(pixels)
+    colour = pixels.ndim == 3 and frames == 1
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    dataset.Modality, dataset.PatientID = modality, "anonymous"
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
+    if slice_of_a_scan:
+        dataset.ImageOrientationPatient, dataset.ImagePositionPatient = [1.0, 0, 0, 0, 1.0, 0], [0.0, 0.0, 0.0]
+    if with_pixels:
+        dataset.Rows, dataset.Columns = pixels.shape[-3:-1] if colour else pixels.shape[-2:]
+        if frames > 1:
+            dataset.NumberOfFrames = frames
+        if colour:
+            dataset.SamplesPerPixel, dataset.PlanarConfiguration = 3, 0
+            dataset.PhotometricInterpretation = photometric or "RGB"
+            dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 8, 7, 0
+        else:
+            signed = pixels.dtype.kind == "i"
+            dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric or "MONOCHROME2"
+            dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
+            dataset.PixelRepresentation = int(signed)
+            pixels = pixels.astype(np.int16 if signed else np.uint16)
+            dataset.RescaleIntercept, dataset.RescaleSlope = intercept, slope
+        if window is not None:
+            dataset.WindowCenter, dataset.WindowWidth = window
+        if voi_function:
+            dataset.VOILUTFunction = voi_function
+        dataset.PixelData = np.ascontiguousarray(pixels).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
 def run_python(code: str, cwd: Path, env_extra: dict | None = None) -> str:
     """Run `code` in a fresh interpreter (no state shared with this test process); return its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

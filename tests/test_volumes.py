@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, load_script, tiny_model, write_dicom_series
+from conftest import SHARED_DATA, load_script, tiny_model, write_dicom_image, write_dicom_series
 from PIL import Image
 from scipy import ndimage
 from scipy.spatial.distance import cdist
@@ -329,10 +329,10 @@ def test_segment_given_a_volume_names_segment_volume(tmp_path):
     for path in (scan, str(scan)):
         with pytest.raises(ValueError, match=r"scan.nii.gz: a NIfTI volume, and segment\(\) takes one 2-D image: use"):
             segment(FakeModel(), path, box=[1, 1, 5, 5])
-    # A DICOM series' folder, or one of its files (no suffix needed: the DICM preamble tells).
-    (tmp_path / "series").mkdir()
-    (tmp_path / "series" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
-    for path, what in ((tmp_path / "series", "a folder"), (tmp_path / "series" / "IM0001", "a DICOM file")):
+    # A DICOM series' folder, or one of its slices (no suffix needed: the DICM preamble tells; a 2-D DICOM image, one
+    # without a place in the patient, is an image: test_dicom_images).
+    slice_file = write_dicom_image(np.zeros((4, 4), np.uint16), tmp_path / "series" / "IM0001", slice_of_a_scan=True)
+    for path, what in ((tmp_path / "series", "a folder"), (slice_file, "a DICOM slice")):
         with pytest.raises(
             ValueError, match=rf"{path.name}: {what}, and segment\(\) takes one 2-D image: .*read_volume"
         ):
@@ -1153,7 +1153,7 @@ def test_predict_segments_each_series_of_a_dicom_export_as_its_nifti(tmp_path, c
 
 
 @needs_dicom
-def test_dicom_series_that_are_not_one_scan_are_refused_by_name(tmp_path, capsys, monkeypatch):
+def test_dicom_series_that_are_not_one_scan_are_refused_by_name(tmp_path, capsys, monkeypatch, caplog):
     """Several series in one folder, a slice missing, a single DICOM file or the extra not installed: each named with
     the fix; the other scans are still segmented and nothing is half-written."""
     from imedsam_hf.cli import main
@@ -1169,8 +1169,9 @@ def test_dicom_series_that_are_not_one_scan_are_refused_by_name(tmp_path, capsys
     with pytest.raises(ValueError, match=r"gap: the DICOM series cannot be read as one 3-D scan: its slices are not "
                        "evenly spaced"):  # fmt: skip
         read_volume(tmp_path / "gap")
+    assert not [r for r in caplog.records if r.name.startswith("dicom2nifti")]  # the one line says it, not its log
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty: a folder without DICOM files in it"):
+    with pytest.raises(ValueError, match="empty: a folder without DICOM slices in it"):
         read_volume(tmp_path / "empty")
     cut = write_dicom_series(*stored, tmp_path / "broken")[2]  # a copy that stopped half-way through a file
     cut.write_bytes(cut.read_bytes()[:-100])
@@ -1191,7 +1192,7 @@ def test_dicom_series_that_are_not_one_scan_are_refused_by_name(tmp_path, capsys
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nii.gz"]
     # A single file: give its series' folder.
     assert main([*argv, str(good[0]), "--out", str(tmp_path / "one")]) == 2
-    assert "a DICOM file; give the folder of its series instead" in capsys.readouterr().err
+    assert "a slice of a DICOM series; give the folder of its series instead" in capsys.readouterr().err
     assert not (tmp_path / "one").exists()
     # Without the extra: what to install, before the model loads or anything is written.
     real = importlib.util.find_spec

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES
+from ..data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES, image_files_in
 
 
 def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple[Path, Path]]:
@@ -18,7 +18,7 @@ def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple
     for raw in paths:
         path = Path(raw)
         if path.is_dir() and not volumes:
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != ".")
+            found = image_files_in(path)
             if not found:
                 raise ValueError(
                     f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}), no NIfTI volumes "

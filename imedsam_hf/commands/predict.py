@@ -27,6 +27,7 @@ from ..configuration_imedsam import is_class_aware, window_text
 from ..data import (
     IMAGE_EXTENSIONS,
     extra_masks,
+    image_files_in,
     mask_box,
     mask_clicks,
     mask_folder_suffix,
@@ -37,7 +38,7 @@ from ..data import (
 from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id
 from ..loading import load_model
-from ..processing_imedsam import open_image, to_rgb_array
+from ..processing_imedsam import is_volume_slice, open_image, to_rgb_array
 from ..runtime import require_backend
 from ..volumes import (
     NPZ_CLASS_AWARE,
@@ -274,9 +275,9 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     """
     `(volumes, images)` of the command line's inputs: NIfTI files, given or in a folder given (its hidden files, such
     as MSD's `._case.nii.gz`, skipped), DICOM series (a folder of one series, or each folder under a folder given that
-    holds DICOM files: a DICOM export's series), and the image files and folders of images (a folder holding no volume
-    stays one, so that it is named if it holds no image either). A single DICOM file is a ValueError saying to give its
-    series' folder.
+    holds DICOM slices: a DICOM export's series), and the image files (2-D DICOM images too: radiographs, ...) and
+    folders of images (a folder holding no volume stays one, so that it is named if it holds no image either). A
+    single slice of a DICOM series is a ValueError saying to give its series' folder.
     """
     volumes, images = [], []
     for raw in inputs:
@@ -284,14 +285,14 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
         if path.is_dir():
             found = [*volumes_in(path), *dicom_series_in(path)]
             volumes.extend(map(str, found))
-            if not found or any(p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != "." for p in path.iterdir()):
+            if not found or image_files_in(path):
                 images.append(raw)
         elif is_volume(raw):
             volumes.append(raw)
-        elif is_dicom_file(raw):
+        elif is_dicom_file(raw) and is_volume_slice(raw):
             raise ValueError(
-                f"{raw}: a DICOM file; give the folder of its series instead (read as one 3-D scan, a label volume "
-                "out). Single 2-D DICOM images are not read: save them as PNG."
+                f"{raw}: a slice of a DICOM series; give the folder of its series instead (read as one 3-D scan, a "
+                "label volume out)."
             )
         else:
             images.append(raw)
