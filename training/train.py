@@ -87,7 +87,7 @@ from imedsam_hf.loading import (  # noqa: E402
     load_peft_model,
 )
 from imedsam_hf.metrics import NSD_TOLERANCE, dice  # noqa: E402
-from imedsam_hf.model_card import hub_dataset_id, write_model_card  # noqa: E402
+from imedsam_hf.model_card import hub_id_or_none, write_model_card  # noqa: E402
 from imedsam_hf.processing_imedsam import IMedSamProcessor  # noqa: E402
 from imedsam_hf.publishing import portable_model_name, trainable_state  # noqa: E402
 from imedsam_hf.training import (  # noqa: E402
@@ -229,7 +229,7 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
 def data_source(data: DataArguments) -> str:
     """What the data is called in `splits.json`, the config and the card: a Hub dataset's id, else the data
     folder's name (never its path: these files go to the Hub)."""
-    return hub_dataset_id(data.dataset) or Path(data.data_dir or data.dataset).resolve().name
+    return hub_id_or_none(data.dataset, bare=True) or Path(data.data_dir or data.dataset).resolve().name
 
 
 def mask_values(data: DataArguments) -> dict[int, int] | None:
