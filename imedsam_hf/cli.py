@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         "std of the scan's values inside it (HU for CT), as TotalSegmentator's --statistics",
     )
     p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="DICOM series: also write <name>_seg.dcm, a DICOM Segmentation over the series' own images (one segment "
+        "per structure found, named, SNOMED-coded where the organ has a code), which PACS, OHIF or 3D Slicer show "
+        "over the series; needs highdicom (the [dicom] extra)",
+    )
+    p.add_argument(
         "--propagation",
         default=None,
         choices=["stop", "continue"],

@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window, window_text
 from .data import NIFTI_SUFFIXES, PICTURE_EXTENSIONS, is_volume, mask_box, volumes_in
 from .files import atomic_write, remove_stale_temporaries, staged_folder
-from .inference import overlay, segment, structure_id
+from .inference import class_colour, overlay, segment, structure_id
 from .loading import load_model
 from .metrics import METRIC_NAMES, NSD_TOLERANCE, mask_pair_scores
 from .processing_imedsam import (
@@ -89,6 +89,7 @@ from .processing_imedsam import (
     tta_mirrors,
 )
 from .processing_imedsam import hu_window as window
+from .version import __version__
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -109,6 +110,8 @@ __all__ = [
     "dicom_files_in",
     "dicom_series_in",
     "read_dicom_series",
+    "require_dicom_seg",
+    "write_dicom_seg",
     "view_grid",
     "onto_grid",
     "require_dicom",
@@ -1395,6 +1398,140 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
         payload = gzip.compress(payload, compresslevel=NIFTI_COMPRESSLEVEL, mtime=0)
     remove_stale_temporaries(path)  # what a killed earlier write left beside it
     atomic_write(path, lambda temporary: Path(temporary).write_bytes(payload))
+    return path
+
+
+#: The patient and study elements (DICOM type 2: present, possibly empty) a DICOM Segmentation copies from its series.
+SEG_COPIED_ELEMENTS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+    "StudyTime", "ReferringPhysicianName",
+)  # fmt: skip
+
+
+def require_dicom_seg() -> None:
+    """An `ImportError` naming the ``dicom`` extra when highdicom (which writes DICOM Segmentations) is missing."""
+    if importlib.util.find_spec("highdicom") is None:
+        raise ImportError(
+            "writing a DICOM Segmentation needs highdicom, which is not installed: pip install highdicom (the [dicom] "
+            'extra: pip install ".[dicom]" in a clone of imedsam-hf).'
+        )
+
+
+def _series_frame_indices(dataset: Any, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """`(3, rows, columns)` voxel indices, on the grid of `affine` and `shape`, of every pixel of the DICOM slice
+    `dataset` (its `ImagePositionPatient`, `ImageOrientationPatient` and `PixelSpacing`, in LPS); a ValueError when
+    its pixels are not voxels of that grid."""
+    position = np.asarray(dataset.ImagePositionPatient, dtype=float)
+    orientation = np.asarray(dataset.ImageOrientationPatient, dtype=float)
+    between_rows, between_columns = (float(v) for v in dataset.PixelSpacing)
+    to_voxels = np.linalg.inv(affine)
+    ras = np.diag([-1.0, -1.0, 1.0])  # LPS -> RAS
+
+    def voxel(row: float, column: float) -> np.ndarray:
+        lps = position + orientation[:3] * column * between_columns + orientation[3:] * row * between_rows
+        return (to_voxels @ np.append(ras @ lps, 1.0))[:3]
+
+    start = voxel(0, 0)
+    down, across = voxel(1, 0) - start, voxel(0, 1) - start
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+    corners = [start, start + down * (rows - 1), start + across * (columns - 1)]
+    exact = all(np.allclose(v, np.round(v), atol=0.02) for v in (start, down, across))
+    inside = all((np.round(c) >= 0).all() and (np.round(c) < np.asarray(shape)).all() for c in corners)
+    if not (exact and inside):
+        raise ValueError(f"{Path(dataset.filename).name}: its pixels are not voxels of the label volume's grid")
+    row_index, column_index = np.mgrid[0:rows, 0:columns]
+    grid = start[:, None, None] + down[:, None, None] * row_index + across[:, None, None] * column_index
+    return np.rint(grid).astype(np.int64)
+
+
+def _coded_structure(name: str) -> tuple[Any, Any]:
+    """`(category, type)` codes of a structure's name: SNOMED CT's code for the organ where pydicom's dictionary
+    names it (`liver` -> Liver; `right kidney` -> Kidney, the side kept in the segment's label), else the generic
+    Anatomical Structure; the category is Anatomical Structure either way."""
+    codes = importlib.import_module("pydicom.sr.codedict").codes
+    words = [w for w in re.split(r"[^A-Za-z0-9]+", name) if w]
+    words = words[1:] if words and words[0].lower() in ("right", "left") else words
+    key = "".join(w[:1].upper() + w[1:].lower() for w in words)
+    generic = codes.SCT.AnatomicalStructure
+    try:
+        return generic, getattr(codes.SCT, key) if key else generic
+    except AttributeError:
+        return generic, generic
+
+
+def write_dicom_seg(
+    labels: np.ndarray,
+    volume: Volume,
+    path: str | os.PathLike,
+    class_names: Mapping[int, str] | None = None,
+    model_name: str = "I-MedSAM",
+) -> Path:
+    """
+    Write a label volume of a DICOM series as a DICOM Segmentation (binary, one segment per structure present,
+    written by highdicom) that references the series' own images, so that PACS, OHIF, 3D Slicer or any DICOM viewer
+    shows it over the series, as TotalSegmentator's DICOM output is shown.
+
+    Args:
+        labels: ``(X, Y, Z)`` class ids on ``volume``'s grid (what :func:`segment_volume` returns).
+        volume: the series, as :func:`read_volume` read it from its folder (``volume.path``).
+        path: the file to write (``<name>_seg.dcm``), atomically.
+        class_names: ``{id: name}``, each segment's label (a model's ``id2label``); other ids are ``"class <id>"``.
+            Each segment is coded with SNOMED CT's code of its organ where pydicom's dictionary has the name
+            (:func:`_coded_structure`), in the colour of the montage (``inference.class_colour``).
+        model_name: the algorithm named in the segments (its version is this package's).
+
+    Raises:
+        ValueError: ``volume`` is not a DICOM series, the labels do not fit it, or no structure was segmented (a
+            DICOM Segmentation holds at least one segment).
+        ImportError: highdicom is not installed.
+    """
+    require_dicom_seg()
+    highdicom = importlib.import_module("highdicom")
+    codes = importlib.import_module("pydicom.sr.codedict").codes
+    path, data = Path(path), np.asarray(labels)
+    if volume.path is None or not Path(volume.path).is_dir():
+        raise ValueError(f"{path}: a DICOM Segmentation references a DICOM series' images; {volume.name} is not one")
+    if data.shape != volume.shape:
+        raise ValueError(f"labels of shape {tuple(data.shape)} do not fit the volume {volume.name} {volume.shape}")
+    present = [int(c) for c in np.unique(data) if c > 0]
+    if not present:
+        raise ValueError(f"{path}: no structure was segmented in {volume.name}; a DICOM Segmentation needs one")
+    sources = [dicom_dataset(file, pixels=False) for file in dicom_files_in(volume.path)]
+    for source in sources:  # patient and study elements the SEG copies: empty in anonymised exports that dropped them
+        for keyword in SEG_COPIED_ELEMENTS:
+            if keyword not in source:
+                setattr(source, keyword, "")
+    numbers = np.zeros(256, np.uint8)
+    numbers[present] = np.arange(1, len(present) + 1)  # class id -> segment number (1..N, as DICOM numbers them)
+    frames = np.stack(
+        [numbers[data[tuple(_series_frame_indices(ds, volume.affine, data.shape))]] for ds in sources]
+    )  # (slices, rows, columns) segment numbers, in the sources' order
+    names = {int(k): str(v) for k, v in (class_names or {}).items()}
+    algorithm = highdicom.AlgorithmIdentificationSequence(
+        name=model_name[:64], family=codes.cid7162.ArtificialIntelligence, version=__version__
+    )
+    descriptions = []
+    for number, class_id in enumerate(present, start=1):
+        label = names.get(class_id, f"class {class_id}")
+        category, kind = _coded_structure(label)
+        descriptions.append(
+            highdicom.seg.SegmentDescription(
+                segment_number=number, segment_label=label[:64], segmented_property_category=category,
+                segmented_property_type=kind, algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                display_color=highdicom.color.CIELabColor.from_rgb(*class_colour(class_id)),
+            )
+        )  # fmt: skip
+    series_number = int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000
+    segmentation = highdicom.seg.Segmentation(
+        source_images=sources, pixel_array=frames, segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=highdicom.UID(), series_number=series_number,
+        sop_instance_uid=highdicom.UID(), instance_number=1, manufacturer="imedsam-hf",
+        manufacturer_model_name=model_name[:64], software_versions=__version__, device_serial_number="none",
+        series_description=f"{model_name} segmentation"[:64],
+    )  # fmt: skip
+    remove_stale_temporaries(path)
+    atomic_write(path, lambda temporary: segmentation.save_as(temporary, enforce_file_format=True))
     return path
 
 

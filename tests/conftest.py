@@ -148,6 +148,25 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 3) -> None:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
+def dicom_skeleton(sop_class: str, modality: str, transfer_syntax: str = "", study: str = "", series: str = ""):
+    """A DICOM dataset with its file meta, SOP class and instance, modality, an anonymous patient and its study and
+    series UIDs (new ones unless given): what every file the tests write starts from. `transfer_syntax`: Explicit
+    VR Little Endian (uncompressed) unless given."""
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    dataset.Modality, dataset.PatientID = modality, "anonymous"
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study or generate_uid(), series or generate_uid()
+    return dataset
+
+
 def write_dicom_series(
     data,
     affine,
@@ -165,8 +184,7 @@ def write_dicom_series(
     import numpy as np
 
     pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import CTImageStorage, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)  # voxel -> LPS mm
@@ -177,14 +195,8 @@ def write_dicom_series(
     for k in range(stored.shape[2]):
         if k in skip:
             continue
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        dataset = Dataset()
-        dataset.file_meta = meta
-        dataset.SOPClassUID, dataset.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        dataset.Modality, dataset.Manufacturer, dataset.PatientID = "CT", "imedsam-hf tests", "anonymous"
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.FrameOfReferenceUID = study, series, frame
+        dataset = dicom_skeleton(CTImageStorage, "CT", study=study, series=series)
+        dataset.Manufacturer, dataset.FrameOfReferenceUID = "imedsam-hf tests", frame
         dataset.SeriesNumber, dataset.SeriesDescription, dataset.InstanceNumber = 2, description, k + 1
         dataset.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         dataset.ImageOrientationPatient = [float(v) for v in (*(lps[:3, 0] / steps[0]), *(lps[:3, 1] / steps[1]))]
@@ -223,19 +235,11 @@ def write_dicom_image(
     import numpy as np
 
     pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import SecondaryCaptureImageStorage
 
     pixels = np.asarray(pixels)
     colour = pixels.ndim == 3 and frames == 1
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID, dataset.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    dataset.Modality, dataset.PatientID = modality, "anonymous"
-    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
+    dataset = dicom_skeleton(SecondaryCaptureImageStorage, modality)
     if slice_of_a_scan:
         dataset.ImageOrientationPatient, dataset.ImagePositionPatient = [1.0, 0, 0, 0, 1.0, 0], [0.0, 0.0, 0.0]
     if with_pixels:

@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model, write_dicom_image, write_dicom_series
+from conftest import SHARED_DATA, dicom_skeleton, tiny_model, write_dicom_image, write_dicom_series
 from PIL import Image
 
 import imedsam_hf.processing_imedsam as processing_module
@@ -69,6 +69,27 @@ def test_2d_dicom_images_read_as_a_viewer_shows_them(tmp_path):
     assert image.mode == "L" and image.filename == str(tmp_path / "IM0001")
     np.testing.assert_array_equal(to_rgb_array(tmp_path / "IM0001")[..., 1], read.astype(np.float32))
     assert open_image(tmp_path / "rgb.dcm").mode == "RGB"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "Kvasir-SEG-sample").is_dir(), reason="shared data not available")
+def test_an_endoscope_s_jpeg_dicom_reads_as_the_jpeg_it_carries(tmp_path):
+    """Endoscopes store stills as JPEG inside DICOM (VL Endoscopic Image, YBR_FULL_422, JPEG Baseline): a real
+    Kvasir polyp's own JPEG bytes wrapped that way read as the pixels PIL decodes from the .jpg file."""
+    pydicom = processing_module.require_pydicom()
+    from pydicom.uid import JPEGBaseline8Bit, VLEndoscopicImageStorage
+
+    source = sorted((SHARED_DATA / "Kvasir-SEG-sample" / "images").glob("*.jpg"))[0]
+    expected = np.asarray(Image.open(source).convert("RGB"))
+    dataset = dicom_skeleton(VLEndoscopicImageStorage, "ES", transfer_syntax=JPEGBaseline8Bit)
+    dataset.Rows, dataset.Columns = expected.shape[:2]
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation, dataset.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 8, 7, 0
+    dataset.LossyImageCompression = "01"
+    dataset.PixelData = pydicom.encaps.encapsulate([source.read_bytes()])
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(tmp_path / "endoscopy.dcm", enforce_file_format=True)
+    read = read_dicom_image(tmp_path / "endoscopy.dcm")
+    assert read.shape == expected.shape and np.abs(read.astype(int) - expected).max() <= 2  # decoders' IDCT rounding
 
 
 def test_dicom_files_that_are_not_one_2d_image_are_refused_by_name(tmp_path, monkeypatch):
@@ -144,6 +165,12 @@ def test_predict_segments_2d_dicom_images_as_the_pictures_a_viewer_shows(tmp_pat
         np.testing.assert_array_equal(dicom_mask, np.asarray(Image.open(tmp_path / "from_png" / name)))
     assert main([*argv, str(tmp_path / "dicom" / "chest.dcm"), "--out", str(tmp_path / "one")]) == 0
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["chest.png"]
+    # A cine loop beside it: named, skipped, the other image written (exit 1).
+    write_dicom_image(np.stack([XRAY, XRAY]), tmp_path / "dicom" / "cine.dcm", modality="US", frames=2)
+    capsys.readouterr()
+    assert main([*argv, str(tmp_path / "dicom"), "--out", str(tmp_path / "some")]) == 1
+    assert "cine.dcm: a DICOM file of 2 frames" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "some").iterdir()) == ["IM0002.png", "chest.png"]
     slice_alone = write_dicom_image(XRAY, tmp_path / "slice.dcm", modality="CT", slice_of_a_scan=True)
     capsys.readouterr()
     assert main([*argv, str(slice_alone), "--out", str(tmp_path / "none")]) == 2

@@ -1205,6 +1205,73 @@ def test_dicom_series_that_are_not_one_scan_are_refused_by_name(tmp_path, capsys
     assert '[dicom] extra: pip install ".[dicom]"' in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
+@needs_dicom
+def test_a_series_label_volume_goes_out_as_a_dicom_segmentation_over_its_images(tmp_path, capsys, monkeypatch):
+    """PACS, OHIF and 3D Slicer show DICOM Segmentations over a series, not NIfTI files. `--dicom-seg` writes one
+    over the series' own images: each source file's frame holds the labels of the pixels that file shows (checked
+    against the labels stored in the file's own orientation, as the test wrote the series, not through the code under
+    test); segments named by the structures and coded; what cannot have one refused before the model loads."""
+    highdicom = pytest.importorskip("highdicom")
+    pydicom = pytest.importorskip("pydicom")
+    from imedsam_hf.cli import main
+    from imedsam_hf.volumes import write_dicom_seg
+
+    labels = two_organs()
+    stored_labels, _ = as_stored(labels, AFFINE, ("L", "P", "S"))
+    files = write_dicom_series(*as_stored(hu_scan(labels), AFFINE, ("L", "P", "S")), tmp_path / "series")
+    uids = [pydicom.dcmread(file, stop_before_pixels=True).SOPInstanceUID for file in files]  # file k: slice k
+
+    def frames(path: Path, ids: dict[str, int]) -> list[np.ndarray]:
+        """Each source file's frame of the DICOM SEG at `path`, as class ids (segments looked up by their labels)."""
+        segmentation = highdicom.seg.segread(path)
+        by_number = np.zeros(len(segmentation.SegmentSequence) + 1, np.uint8)
+        for described in segmentation.SegmentSequence:
+            by_number[described.SegmentNumber] = ids[described.SegmentLabel]
+        pixels = segmentation.get_pixels_by_source_instance(
+            uids, combine_segments=True, ignore_spatial_locations=True, assert_missing_frames_are_empty=True
+        )
+        return [by_number[frame] for frame in pixels]
+
+    volume = read_volume(tmp_path / "series")
+    names = {2: "right kidney", 5: "portal vein and splenic vein"}
+    path = write_dicom_seg(labels, volume, tmp_path / "series_seg.dcm", names, "imedsam-litemedsam-btcv")
+    segmentation = highdicom.seg.segread(path)
+    assert (
+        segmentation.Modality == "SEG" and segmentation.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
+    )
+    assert [(s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning) for s in segmentation.SegmentSequence] == [
+        ("right kidney", "Kidney"), ("portal vein and splenic vein", "Anatomical Structure")
+    ]  # fmt: skip
+    for k, frame in enumerate(frames(path, {v: k for k, v in names.items()})):
+        np.testing.assert_array_equal(frame, stored_labels[:, :, k].T)  # the file's rows run along j
+    with pytest.raises(ValueError, match="no structure was segmented"):
+        write_dicom_seg(np.zeros_like(labels), volume, tmp_path / "empty_seg.dcm")
+    with pytest.raises(ValueError, match="references a DICOM series' images"):
+        write_dicom_seg(labels, make_volume(hu_scan(labels)), tmp_path / "nifti_seg.dcm")
+    # imedsam predict --dicom-seg: the label volume and its DICOM SEG, named by the classes.json beside the labels.
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    save_nifti(tmp_path / "labels" / "series.nii.gz", labels)
+    (tmp_path / "labels" / "classes.json").write_text(json.dumps({"classes": {"2": "spleen", "5": "liver"}}))
+    argv = ["predict", "--model", str(tmp_path / "model"), "--boxes-from-masks", str(tmp_path / "labels")]
+    assert main([*argv, str(tmp_path / "series"), "--out", str(tmp_path / "out"), "--dicom-seg"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["series.nii.gz", "series_seg.dcm"]
+    written, _ = as_stored(np.asarray(nib.load(tmp_path / "out" / "series.nii.gz").dataobj), AFFINE, ("L", "P", "S"))
+    assert written.any()
+    for k, frame in enumerate(frames(tmp_path / "out" / "series_seg.dcm", {"spleen": 2, "liver": 5})):
+        np.testing.assert_array_equal(frame, written[:, :, k].T)
+    # Refused up front: a NIfTI scan (nothing to reference), highdicom missing.
+    capsys.readouterr()
+    scan = save_nifti(tmp_path / "nifti" / "scan.nii.gz", hu_scan(labels))
+    assert main([*argv, str(scan), "--out", str(tmp_path / "no"), "--dicom-seg"]) == 2
+    assert "--dicom-seg: " in capsys.readouterr().err and not (tmp_path / "no").exists()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        volumes_module.importlib.util, "find_spec", lambda name, *a: None if name == "highdicom" else real(name, *a)
+    )
+    assert main([*argv, str(tmp_path / "series"), "--out", str(tmp_path / "none"), "--dicom-seg"]) == 2
+    assert "pip install highdicom" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
 def test_boxes_file_entries_drawn_on_a_key_slice():
     from imedsam_hf.commands.predict import volume_boxes
 

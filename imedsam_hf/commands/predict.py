@@ -53,12 +53,14 @@ from ..volumes import (
     named_structures,
     read_volume,
     require_dicom,
+    require_dicom_seg,
     resolve_window,
     segment_npz_case,
     segment_volume,
     to_uint8,
     volume_name,
     volume_overlay,
+    write_dicom_seg,
     write_label_volume,
 )
 from .common import (
@@ -344,6 +346,14 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             raise ValueError(
                 "--statistics applies to volumes, NIfTI or DICOM (each structure's volume in mL and mean intensity)."
             )
+        if args.dicom_seg:
+            other = next((raw for raw in [*volumes, *images] if not (raw in volumes and Path(raw).is_dir())), None)
+            if other is not None:
+                raise ValueError(
+                    f"--dicom-seg: {other} is not a DICOM series; a DICOM Segmentation references its series' images: "
+                    "give series folders only (NIfTI scans get their label volume without it)."
+                )
+            require_dicom_seg()
         if args.window is not None:
             if not volumes:
                 raise ValueError("--window applies to volumes (NIfTI, DICOM series); images are 8-bit already.")
@@ -490,10 +500,13 @@ def write_json(value: Any, target: Path) -> None:
 
 
 def volume_suffixes(args) -> tuple[str, ...]:
-    """What `imedsam predict` writes for each volume: its label volume, then its montage (`--overlay`) and its
-    structures' volumes and intensities (`--statistics`)."""
+    """What `imedsam predict` writes for each volume: its label volume, then its montage (`--overlay`), its
+    structures' volumes and intensities (`--statistics`) and its DICOM Segmentation (`--dicom-seg`)."""
     return (
-        (".nii.gz",) + (("_overlay.png",) if args.overlay else ()) + (("_statistics.json",) if args.statistics else ())
+        (".nii.gz",)
+        + (("_overlay.png",) if args.overlay else ())
+        + (("_statistics.json",) if args.statistics else ())
+        + (("_seg.dcm",) if args.dicom_seg else ())
     )
 
 
@@ -516,8 +529,9 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
     """One label volume per scan (uint8 class ids on the scan's grid), written atomically, and with `--overlay` a
     montage PNG of its slices (`volumes.volume_overlay`); failures named."""
     failures = []
-    names = structure_names(model.config, args.boxes_from_masks) if args.statistics else None
-    for path, targets in plan.items():
+    names = structure_names(model.config, args.boxes_from_masks) if args.statistics or args.dicom_seg else None
+    for path, planned in plan.items():
+        targets = dict(zip(volume_suffixes(args), planned))
         name = volume_name(path)
         try:
             volume = read_volume(path)
@@ -539,16 +553,18 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 )
             grey = dataclasses.replace(volume, data=to_uint8(volume.data, window))
             labels = segment_volume(model, grey, processor=processor, progress=True, tta=args.tta, **prompts)
-            written = write_label_volume(labels, volume, targets[0])
+            written = write_label_volume(labels, volume, targets[".nii.gz"])
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
             if args.statistics:
-                write_json(label_statistics(labels, volume, names), targets[-1])
+                write_json(label_statistics(labels, volume, names), targets["_statistics.json"])
+            if args.dicom_seg:
+                write_dicom_seg(labels, volume, targets["_seg.dcm"], names, Path(args.model).name)
             if args.overlay:  # a montage of slices: the labels in their colours, the truth outlined, the boxes
                 truth = prompts.get("label_volume")
                 picture = volume_overlay(
                     grey.data, labels, truth=None if truth is None else truth.data, prompts=prompts["prompts_given"]
                 )
-                write_png(picture, targets[1])
+                write_png(picture, targets["_overlay.png"])
         except (OSError, ValueError) as error:
             skip(path, error, failures)
     print(f"{len(plan) - len(failures)} of {len(plan)} volumes segmented into {args.out}")
@@ -560,6 +576,7 @@ NPZ_REFUSED = {
     "--box": "box", "--boxes": "boxes", "--boxes-from-masks": "boxes_from_masks", "--points": "points",
     "--points-from-masks": "points_from_masks", "--no-prompt": "no_prompt", "--window": "window",
     "--output-size": "output_size", "--classes": "classes", "--overlay": "overlay", "--statistics": "statistics",
+    "--dicom-seg": "dicom_seg",
 }  # fmt: skip
 
 
