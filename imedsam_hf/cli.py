@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument(
         "--boxes-from-masks",
         help="folder of masks named like the images: each structure's tight box (class-id masks: every structure, "
-        "written as a class-id mask); for volumes, label volumes named like them (every structure on every slice)",
+        "written as a class-id mask); for volumes, label volumes named like them (every structure on every slice), "
+        "or for DICOM series the DICOM SEG in the folder that references each",
     )
     prompt.add_argument(
         "--points", help="clicks 'x,y[,label];x,y[,label]' in the image's pixels (label 1 foreground, 0 background)"
@@ -288,7 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of .nii/.nii.gz scans (nnU-Net's <case>_0000 names too), or of DICOM series folders below it "
         "(each a case named by its folder; the [dicom] extra)",
     )
-    scans.add_argument("--labels", required=True, help="folder of label volumes of the same names (<case>.nii.gz)")
+    scans.add_argument(
+        "--labels",
+        required=True,
+        help="folder of label volumes of the same names (<case>.nii.gz); for DICOM series, or the DICOM SEGs that "
+        "reference them (any names)",
+    )
     scans.add_argument(
         "--output", required=True, help="new folder: images/, masks/<case>_slice<z>.png, classes.json, cases.csv"
     )

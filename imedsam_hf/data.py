@@ -37,9 +37,9 @@ from .processing_imedsam import (
     DICOM_EXTENSIONS,
     IMedSamProcessor,
     describe,
+    dicom_kind,
     dicom_mask_pixels,
     is_dicom_file,
-    is_volume_slice,
     open_image,
     opened_image,
     to_rgb_array,
@@ -59,8 +59,9 @@ def is_volume(path: str | os.PathLike) -> bool:
 def image_files_in(folder: str | os.PathLike) -> list[Path]:
     """
     The 2-D images directly in `folder`, sorted: pictures (:data:`PICTURE_EXTENSIONS`) and DICOM images (named
-    `.dcm`/`.dicom`, or of another name with the ``DICM`` preamble) that are not slices of a scan (`is_volume_slice`:
-    those make a series, read as one volume). Hidden files (macOS's `._x.png`) are not images.
+    `.dcm`/`.dicom`, or of another name with the ``DICM`` preamble) that are neither slices of a scan (those make a
+    series, read as one volume) nor objects without an image, such as a DICOM SEG (`dicom_kind`). Hidden files
+    (macOS's `._x.png`) are not images.
     """
     found = []
     for path in sorted(Path(folder).iterdir()):
@@ -69,7 +70,7 @@ def image_files_in(folder: str | os.PathLike) -> list[Path]:
             continue
         if name.endswith(PICTURE_EXTENSIONS):
             found.append(path)
-        elif (name.endswith(DICOM_EXTENSIONS) or is_dicom_file(path)) and not is_volume_slice(path):
+        elif (name.endswith(DICOM_EXTENSIONS) or is_dicom_file(path)) and dicom_kind(path) == "image":
             found.append(path)
     return found
 

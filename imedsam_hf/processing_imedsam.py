@@ -120,24 +120,38 @@ def dicom_dataset(path: str | os.PathLike, pixels: bool = True, tags: Sequence[s
     return dataset
 
 
-def is_volume_slice(path: str | os.PathLike) -> bool:
+def dicom_kind(path: str | os.PathLike) -> str:
     """
-    Whether the DICOM file `path` is one slice of a cross-sectional scan (CT, MR, PET): it records where it lies in
-    the patient (`ImagePositionPatient` and `ImageOrientationPatient`), which 2-D images (radiographs, mammograms,
-    ultrasound, endoscopy or dermoscopy stills, screen captures) do not. A file whose header cannot be read is an
-    image when named `.dcm`/`.dicom` and a slice otherwise (`IM0001`), so that one reader names it, never both.
+    What the DICOM file `path` holds, from its header: ``"slice"``, one slice of a cross-sectional scan (CT, MR, PET:
+    it records where it lies in the patient, `ImagePositionPatient` and `ImageOrientationPatient`); ``"image"``, a
+    2-D image (radiographs, mammograms, ultrasound, endoscopy or dermoscopy stills, screen captures); ``"other"``, no
+    image to segment (a DICOM SEG, a structured report, a presentation state). A file whose header cannot be read is
+    an image when named `.dcm`/`.dicom` and a slice otherwise (`IM0001`), so that one reader names it, never both.
     """
+    tags = ["ImagePositionPatient", "ImageOrientationPatient", "Rows", "Modality"]
     try:
-        header = dicom_dataset(path, pixels=False, tags=["ImagePositionPatient", "ImageOrientationPatient"])
+        header = dicom_dataset(path, pixels=False, tags=tags)
     except ValueError:
-        return not str(path).lower().endswith(DICOM_EXTENSIONS)
-    return "ImagePositionPatient" in header and "ImageOrientationPatient" in header
+        return "image" if str(path).lower().endswith(DICOM_EXTENSIONS) else "slice"
+    if "Rows" not in header or str(header.get("Modality", "")) == "SEG":
+        return "other"
+    return "slice" if "ImagePositionPatient" in header and "ImageOrientationPatient" in header else "image"
+
+
+def is_volume_slice(path: str | os.PathLike) -> bool:
+    """Whether the DICOM file `path` is one slice of a cross-sectional scan (:func:`dicom_kind`)."""
+    return dicom_kind(path) == "slice"
 
 
 def _dicom_pixels(path: Path, what: str) -> Any:
     """The dataset of a DICOM file read as one 2-D `what` (image or mask), its pixels decoded; a file without pixels
     or of several frames is a ValueError naming it and what to do."""
     dataset = dicom_dataset(path)
+    if str(dataset.get("Modality", "")) == "SEG":
+        raise ValueError(
+            f"{path}: a DICOM SEG (the segmentation of a series, not one 2-D {what}); it is read onto its series as a label "
+            "volume (volumes.read_dicom_seg; `imedsam predict` takes it as the labels of the series it references)."
+        )
     if "PixelData" not in dataset:
         kind = getattr(getattr(dataset, "SOPClassUID", None), "name", "") or "no pixel data"
         raise ValueError(f"{path}: a DICOM file without an image ({kind}); give the DICOM {what} itself.")
@@ -749,6 +763,7 @@ def processor_for_config(config) -> IMedSamProcessor:
 __all__ = [
     "DICOM_EXTENSIONS",
     "dicom_dataset",
+    "dicom_kind",
     "dicom_mask_pixels",
     "hu_window",
     "first_line",

@@ -50,6 +50,7 @@ Intensities
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import importlib.util
 import json
@@ -112,6 +113,11 @@ __all__ = [
     "read_dicom_series",
     "require_dicom_seg",
     "write_dicom_seg",
+    "dicom_seg_of",
+    "dicom_seg_segments",
+    "is_dicom_seg",
+    "read_dicom_seg",
+    "read_label_volume",
     "view_grid",
     "onto_grid",
     "require_dicom",
@@ -948,7 +954,8 @@ def segment_volume(
         volume: the scan, a :class:`Volume`, an ``(X, Y, Z)`` array, or a path :func:`read_volume` reads (a NIfTI
             file, a DICOM series' folder); converted with :func:`to_uint8`.
         processor: default the model's (``load_model``'s, or the one matching its config).
-        label_volume: ``(X, Y, Z)`` integer class ids 0..255 (an array, a :class:`Volume` or a NIfTI path), same shape
+        label_volume: ``(X, Y, Z)`` integer class ids 0..255 (an array, a :class:`Volume`, a NIfTI path, or the path
+            of a DICOM SEG of the series, :func:`read_label_volume`), same shape
             and (when both are volumes read from files or :class:`Volume` objects) the same grid as ``volume``.
         boxes_3d: see above; ids must be ``int`` in 1..255 (and in ``classes`` when given), boxes inside the volume.
         classes: class ids to segment (an iterable of ids, or a mapping ``id -> name`` such as BTCV's
@@ -998,10 +1005,12 @@ def segment_volume(
         model, loaded_processor = load_model(model)
         processor = processor or loaded_processor
     processor = processor or getattr(slice_embeddings, "processor", None) or processor_for_config(model.config)
-    if isinstance(label_volume, (str, os.PathLike)):
-        label_volume = read_volume(label_volume)
-    both_volumes = isinstance(label_volume, Volume) and isinstance(volume, (Volume, str, os.PathLike))
+    both_volumes = isinstance(label_volume, (Volume, str, os.PathLike)) and isinstance(
+        volume, (Volume, str, os.PathLike)
+    )
     volume = _as_volume(volume, "volume")
+    if isinstance(label_volume, (str, os.PathLike)):  # a NIfTI, or a DICOM SEG of the series (segments by name)
+        label_volume = read_label_volume(label_volume, volume, structure_names_of(model.config))
     wanted = _class_set(classes)
     labels = np.zeros(volume.shape, dtype=np.uint8)
     if label_volume is not None:
@@ -1535,6 +1544,152 @@ def write_dicom_seg(
     return path
 
 
+def structure_names_of(config: Any) -> dict[int, str] | None:
+    """A class-aware model's ``{id: name}`` (its ``id2label``), by which a DICOM SEG's segments are matched; None for
+    a binary model (segment numbers are class ids)."""
+    return {int(k): str(v) for k, v in config.id2label.items()} if is_class_aware(config) else None
+
+
+def is_dicom_seg(path: str | os.PathLike) -> bool:
+    """A DICOM Segmentation file (``Modality`` SEG), whatever its name."""
+    if not Path(path).is_file() or not is_dicom_file(path):
+        return False
+    try:
+        return str(dicom_dataset(path, pixels=False, tags=["Modality"]).get("Modality", "")) == "SEG"
+    except ValueError:
+        return False
+
+
+def _referenced_series(header: Any) -> set[str]:
+    """The SeriesInstanceUIDs a DICOM SEG's ``ReferencedSeriesSequence`` names."""
+    return {str(item.SeriesInstanceUID) for item in header.get("ReferencedSeriesSequence", []) or []}
+
+
+@functools.lru_cache(maxsize=8)
+def _seg_index(folder: str, stamp: tuple[tuple[str, int, int], ...]) -> dict[str, tuple[Path, ...]]:
+    """`{referenced SeriesInstanceUID: the SEG files}` of the files `stamp` lists (path, size, mtime): each header read
+    once per folder state, not once per series looked up."""
+    index: dict[str, list[Path]] = {}
+    for name, _, _ in stamp:
+        path = Path(name)
+        if is_dicom_seg(path):
+            for uid in _referenced_series(dicom_dataset(path, pixels=False)):
+                index.setdefault(uid, []).append(path)
+    return {uid: tuple(paths) for uid, paths in index.items()}
+
+
+def dicom_seg_of(series: str | os.PathLike, folder: str | os.PathLike) -> Path | None:
+    """The DICOM SEG at or under `folder` (any names) that references the series in the folder `series` (its
+    ``ReferencedSeriesSequence``), or None; two of them are a ValueError naming both. The folder's SEG headers are
+    read once while its files stay as they are (:func:`_seg_index`)."""
+    files = dicom_files_in(series)
+    if not files or not Path(folder).is_dir():
+        return None
+    uid = str(dicom_dataset(files[0], pixels=False, tags=["SeriesInstanceUID"]).get("SeriesInstanceUID", ""))
+    stamp = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(names):
+            if name.startswith(".") or name.lower().endswith((*NIFTI_SUFFIXES, *PICTURE_EXTENSIONS)):
+                continue
+            status = (Path(root) / name).stat()
+            stamp.append((str(Path(root) / name), status.st_size, status.st_mtime_ns))
+    found = _seg_index(str(folder), tuple(stamp)).get(uid, ())
+    if len(found) > 1:
+        raise ValueError(
+            f"{folder}: {len(found)} DICOM SEGs reference the series {Path(series).name} ({', '.join(map(str, found))}); "
+            "keep one"
+        )
+    return found[0] if found else None
+
+
+def _structure_words(name: str) -> frozenset[str]:
+    """A structure's name as its words, so that `kidney_right` (TotalSegmentator's) names `right kidney`."""
+    return frozenset(word for word in re.split(r"[^a-z0-9]+", str(name).lower()) if word)
+
+
+def dicom_seg_segments(path: str | os.PathLike) -> dict[int, str]:
+    """`{segment number: segment label}` of a DICOM SEG."""
+    header = dicom_dataset(path, pixels=False, tags=["SegmentSequence"])
+    return {int(item.SegmentNumber): str(item.get("SegmentLabel", "")) for item in header.get("SegmentSequence", [])}
+
+
+def read_dicom_seg(path: str | os.PathLike, volume: Volume, class_names: Mapping[int, str] | None = None) -> Volume:
+    """
+    A DICOM Segmentation of a series (TotalSegmentator's, 3D Slicer's, a PACS annotation, or :func:`write_dicom_seg`'s)
+    as a label volume on the grid :func:`read_volume` gives the series: each referenced image's frame placed at its
+    voxels (the inverse of what :func:`write_dicom_seg` does), read by highdicom.
+
+    Args:
+        path: the SEG file.
+        volume: the series it references, as :func:`read_volume` read it from its folder.
+        class_names: ``{id: name}`` (a class-aware model's ``id2label``): each segment gets the id whose name has the
+            same words as its label (`kidney_right` is `right kidney`); segments no name matches are left out, with
+            a warning listing them. Default: the segment numbers are the class ids.
+
+    Raises:
+        ValueError: naming the file: not a SEG, it references another series, no segment matches `class_names`, a
+            frame off the series' grid, or what highdicom refuses (a fractional SEG's values, ...).
+        ImportError: highdicom is not installed.
+    """
+    require_dicom_seg()
+    highdicom = importlib.import_module("highdicom")
+    path = Path(path)
+    if volume.path is None or not Path(volume.path).is_dir():
+        raise ValueError(f"{path}: a DICOM SEG is read onto the DICOM series it references; {volume.name} is not one")
+    sources = [dicom_dataset(file, pixels=False) for file in dicom_files_in(volume.path)]
+    try:
+        segmentation = highdicom.seg.segread(path)
+    except Exception as error:  # not a SEG, a damaged one
+        raise ValueError(f"{path}: cannot be read as a DICOM SEG ({first_line(error)})") from error
+    series = str(sources[0].SeriesInstanceUID)
+    if series not in _referenced_series(segmentation):
+        referenced = ", ".join(sorted(_referenced_series(segmentation)))
+        raise ValueError(f"{path}: references the series {referenced}, not {volume.name}'s ({series})")
+    segments = {int(item.SegmentNumber): str(item.get("SegmentLabel", "")) for item in segmentation.SegmentSequence}
+    ids = {number: number for number in segments}
+    if class_names is not None:
+        by_words = {_structure_words(name): int(class_id) for class_id, name in class_names.items()}
+        ids = {
+            n: by_words[_structure_words(label)] for n, label in segments.items() if _structure_words(label) in by_words
+        }
+        left = [f"{n} {label!r}" for n, label in segments.items() if n not in ids]
+        if not ids:
+            raise ValueError(
+                f"{path}: none of its segments ({', '.join(left)}) is one of the structures "
+                f"({', '.join(f'{c} {n}' for c, n in sorted(class_names.items()))})"
+            )
+        if left:
+            warnings.warn(f"{path}: segments {', '.join(left)} name no structure of the model: left out", stacklevel=2)
+    if max(ids.values(), default=0) > 255:
+        raise ValueError(f"{path}: segment numbers above 255 do not fit a uint8 label volume")
+    numbers = np.zeros(max(segments, default=0) + 1, np.uint8)
+    for number, class_id in ids.items():
+        numbers[number] = class_id
+    uids = [str(source.SOPInstanceUID) for source in sources]
+    try:
+        frames = segmentation.get_pixels_by_source_instance(
+            uids, combine_segments=True, skip_overlap_checks=True, ignore_spatial_locations=True,
+            assert_missing_frames_are_empty=True,
+        )  # fmt: skip
+    except Exception as error:  # highdicom's refusals: a fractional SEG, frames of other images, ...
+        raise ValueError(
+            f"{path}: its frames cannot be read as labels of {volume.name} ({first_line(error)})"
+        ) from error
+    data = np.zeros(volume.shape, np.uint8)
+    for source, frame in zip(sources, frames):
+        data[tuple(_series_frame_indices(source, volume.affine, volume.shape))] = numbers[np.asarray(frame)]
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    return Volume(data=data, affine=volume.affine.copy(), header=header, path=path)
+
+
+def read_label_volume(path: str | os.PathLike, volume: Volume, class_names: Mapping[int, str] | None = None) -> Volume:
+    """The label volume at `path` for the scan `volume`: a NIfTI (:func:`read_volume`), or a DICOM SEG of its series
+    (:func:`read_dicom_seg`, `class_names` matching segments by name)."""
+    return read_dicom_seg(path, volume, class_names) if is_dicom_seg(path) else read_volume(path)
+
+
 def label_statistics(
     labels: np.ndarray, volume: Volume, class_names: Mapping[int, str] | None = None
 ) -> dict[str, Any]:
@@ -1712,21 +1867,24 @@ def _label_candidates(scan: str | os.PathLike) -> list[str]:
 
 def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path | None:
     """
-    The label volume of the NIfTI `scan` in the folder `labels`: the file of the same name (`.nii.gz` or `.nii`), or
-    for nnU-Net's `<case>_0000.nii.gz` scans `<case>.nii.gz`; None when there is none. One lookup, shared by `imedsam
-    predict --boxes-from-masks` and `imedsam convert volumes`.
+    The label volume of `scan` in the folder `labels`: the file of the same name (`.nii.gz` or `.nii`), or for
+    nnU-Net's `<case>_0000.nii.gz` scans `<case>.nii.gz`; for a DICOM series' folder, else the DICOM SEG at or under
+    `labels` that references the series (:func:`dicom_seg_of`); None when there is none. One lookup, shared by
+    `imedsam predict --boxes-from-masks` and `imedsam convert volumes`.
     """
     for name in _label_candidates(scan):
         for suffix in NIFTI_SUFFIXES:  # .nii.gz first
             candidate = Path(labels) / f"{name}{suffix}"
             if candidate.is_file():
                 return candidate
-    return None
+    return dicom_seg_of(scan, labels) if Path(scan).is_dir() else None
 
 
 def label_volume_names(scan: str | os.PathLike) -> str:
     """The label volume names :func:`label_volume_of` looks for, as a message says them: `a.nii.gz or a.nii`."""
     names = [f"{name}{suffix}" for name in _label_candidates(scan) for suffix in NIFTI_SUFFIXES]
+    if Path(scan).is_dir():
+        names.append("a DICOM SEG referencing the series")
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
@@ -1754,7 +1912,7 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
         if found is None:
             missing.append(f"{path.name} (looked for {label_volume_names(path)})")
             continue
-        pairs.append((volume_name(found), path, found))
+        pairs.append((volume_name(path if path.is_dir() else found), path, found))  # a series: its folder's name
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"`labels` {labels}: no label volume for {'; '.join(missing[:3])}{more}.")
@@ -1815,11 +1973,20 @@ def volumes_to_slices(
     check_window(window)
     window_record = "" if window is None else window_csv(window)
     rows, present, count = [], set(), 0
+    segment_names: dict[int, str] = {}  # DICOM SEG labels: {segment number: label}, the same in every SEG
     with staged_folder(output, "`output`") as staging:
         for sub in ("images", "masks"):
             (staging / sub).mkdir()
         for case, image_path, label_path in tqdm(pairs, desc="volumes", unit="volume", disable=not progress):
-            volume, label_volume = read_volume(image_path), read_volume(label_path)
+            volume = read_volume(image_path)
+            label_volume = read_label_volume(label_path, volume, class_names)
+            if class_names is None and is_dicom_seg(label_path):  # segment numbers are the ids: one numbering
+                for number, label in dicom_seg_segments(label_path).items():
+                    if _structure_words(segment_names.setdefault(number, label)) != _structure_words(label):
+                        raise ValueError(
+                            f"{label_path}: segment {number} is {label!r}, in another SEG {segment_names[number]!r}; "
+                            "give the names (`class_names`) to match segments by name"
+                        )
             truth = check_label_volume(label_volume, volume, compare_affines=True)
             grey = to_uint8(volume.data, window)
             labelled = truth.any(axis=(0, 1))
@@ -1838,7 +2005,11 @@ def volumes_to_slices(
             unnamed = sorted(present - set(class_names))
             if unnamed:
                 raise ValueError(f"the label volumes hold class ids {unnamed} that `class_names` does not list.")
-        names = dict(class_names) if class_names is not None else {c: f"class {c}" for c in sorted(present)}
+        names = (
+            dict(class_names)
+            if class_names is not None
+            else {c: segment_names.get(c) or f"class {c}" for c in sorted(present)}
+        )
         table = {"0": "background", **{str(c): names[c] for c in sorted(names)}}
         (staging / "classes.json").write_text(json.dumps({"classes": table}, indent=1))
         with (staging / "cases.csv").open("w", newline="") as handle:

@@ -1272,6 +1272,84 @@ def test_a_series_label_volume_goes_out_as_a_dicom_segmentation_over_its_images(
     assert "pip install highdicom" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
+@needs_dicom
+def test_dicom_segs_are_label_volumes_of_their_series(tmp_path, capsys):
+    """Annotations kept in PACS or shipped by TCIA are DICOM SEGs, named anything and found by the series they
+    reference: `predict --boxes-from-masks`, `convert volumes --labels` and `segment_volume(label_volume=...)` read
+    them as the label volumes they are (segments matched to a class-aware model's structures by name, so that
+    TotalSegmentator's `kidney_right` is `right kidney`)."""
+    pytest.importorskip("highdicom")
+    from imedsam_hf.cli import main
+    from imedsam_hf.volumes import dicom_seg_of, label_volume_of, read_dicom_seg, write_dicom_seg
+
+    labels = two_organs()
+    labels[15:20, 2:6, 4:6] = 7
+    stored = as_stored(hu_scan(labels), AFFINE, ("L", "P", "S"))
+    write_dicom_series(*stored, tmp_path / "export" / "patient" / "CT_abdomen")
+    write_dicom_series(*stored, tmp_path / "other")  # another series: its SEG is not CT_abdomen's
+    volume, other = read_volume(tmp_path / "export" / "patient" / "CT_abdomen"), read_volume(tmp_path / "other")
+    names = {2: "kidney_right", 5: "portal_vein_and_splenic_vein", 7: "brain"}  # TotalSegmentator's names
+    seg = write_dicom_seg(labels, volume, tmp_path / "annotations" / "2024" / "1.2.3.4.dcm", names, "TotalSegmentator")
+    write_dicom_seg(labels, other, tmp_path / "annotations" / "other.dcm", names)
+    # Read back: segment numbers as ids, or the names' ids; segments no structure names are left out, said so.
+    np.testing.assert_array_equal(read_dicom_seg(seg, volume).data, np.select([labels == 2, labels == 5, labels == 7],
+                                                                             [1, 2, 3], 0))  # fmt: skip
+    model_names = {2: "right kidney", 10: "portal vein and splenic vein", 6: "liver"}
+    with pytest.warns(UserWarning, match=r"segments 3 'brain' name no structure of the model: left out"):
+        matched = read_dicom_seg(seg, volume, model_names)
+    np.testing.assert_array_equal(matched.data, np.select([labels == 2, labels == 5], [2, 10], 0))
+    with pytest.raises(ValueError, match=r"references the series .*, not .*other's \("):
+        read_dicom_seg(seg, other)
+    with pytest.raises(ValueError, match=r"none of its segments .* is one of the structures"):
+        read_dicom_seg(seg, volume, {6: "liver"})
+    # Found by the series it references, under any name and folder.
+    assert dicom_seg_of(tmp_path / "export" / "patient" / "CT_abdomen", tmp_path / "annotations") == seg
+    assert label_volume_of(tmp_path / "export" / "patient" / "CT_abdomen", tmp_path / "annotations") == seg
+    # predict --boxes-from-masks: the label volume that NIfTI labels give.
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    save_nifti(tmp_path / "nifti_labels" / "CT_abdomen.nii.gz", np.select([labels == 2, labels == 5, labels == 7],
+                                                                          [1, 2, 3], 0).astype(np.uint8))  # fmt: skip
+    argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "export" / "patient" / "CT_abdomen")]
+    assert main([*argv, "--boxes-from-masks", str(tmp_path / "annotations"), "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--boxes-from-masks", str(tmp_path / "nifti_labels"), "--out", str(tmp_path / "b")]) == 0
+    from_seg, from_nifti = (np.asarray(nib.load(tmp_path / d / "CT_abdomen.nii.gz").dataobj) for d in "ab")
+    assert from_seg.any()
+    np.testing.assert_array_equal(from_seg, from_nifti)
+    # convert volumes: the slices and masks of the NIfTI labels, classes named by the segments' labels.
+    assert main(["convert", "volumes", "--images", str(tmp_path / "export"), "--labels", str(tmp_path / "annotations"),
+                 "--output", str(tmp_path / "slices")]) == 0  # fmt: skip
+    assert main(["convert", "volumes", "--images", str(tmp_path / "export"), "--labels", str(tmp_path / "nifti_labels"),
+                 "--output", str(tmp_path / "slices_nifti")]) == 0  # fmt: skip
+    for sub in ("images", "masks"):
+        seg_files = sorted((tmp_path / "slices" / sub).iterdir())
+        assert [p.name for p in seg_files] == sorted(p.name for p in (tmp_path / "slices_nifti" / sub).iterdir())
+        for path in seg_files:
+            np.testing.assert_array_equal(
+                np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / "slices_nifti" / sub / path.name))
+            )
+    classes = json.loads((tmp_path / "slices" / "classes.json").read_text())["classes"]
+    assert classes == {"0": "background", "1": "kidney_right", "2": "portal_vein_and_splenic_vein", "3": "brain"}
+    # No SEG for a series: what was looked for.
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    assert main([*argv, "--boxes-from-masks", str(tmp_path / "empty"), "--out", str(tmp_path / "c")]) == 1
+    assert "or a DICOM SEG referencing the series" in capsys.readouterr().err
+    # A SEG saved inside its series' folder is neither a slice of it nor an image; given as an image, it says what it is.
+    from imedsam_hf.data import image_files_in
+
+    series = tmp_path / "export" / "patient" / "CT_abdomen"
+    (series / "seg.dcm").write_bytes(seg.read_bytes())
+    assert image_files_in(series) == [] and read_volume(series).shape == volume.shape
+    with pytest.raises(ValueError, match=r"seg\.dcm: a DICOM SEG \(the segmentation of a series, not one 2-D image\)"):
+        segment(tiny_model(), str(series / "seg.dcm"), box=[1, 1, 5, 5])
+    # Two SEGs of one series: which one? Named, not guessed (the folder's index is read again once it changed).
+    (tmp_path / "annotations" / "copy.dcm").write_bytes(seg.read_bytes())
+    with pytest.raises(
+        ValueError, match=r"annotations: 2 DICOM SEGs reference the series CT_abdomen \(.*1\.2\.3\.4\.dcm"
+    ):
+        dicom_seg_of(series, tmp_path / "annotations")
+
+
 def test_boxes_file_entries_drawn_on_a_key_slice():
     from imedsam_hf.commands.predict import volume_boxes
 

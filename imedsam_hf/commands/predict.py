@@ -51,12 +51,14 @@ from ..volumes import (
     label_volume_names,
     label_volume_of,
     named_structures,
+    read_label_volume,
     read_volume,
     require_dicom,
     require_dicom_seg,
     resolve_window,
     segment_npz_case,
     segment_volume,
+    structure_names_of,
     to_uint8,
     volume_name,
     volume_overlay,
@@ -514,7 +516,7 @@ def structure_names(config: Any, label_folder: str | None) -> dict[int, str]:
     """The names `--statistics` keys structures by: a class-aware model's `id2label`; else the `classes.json` beside
     (or inside) the `--boxes-from-masks` folder of label volumes (BTCV's layout), when it has one; else none."""
     if is_class_aware(config):
-        return {int(k): str(v) for k, v in config.id2label.items()}
+        return structure_names_of(config)
     for folder in (Path(label_folder).parent, Path(label_folder)) if label_folder else ():
         try:
             names = read_class_names(folder)
@@ -540,7 +542,7 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 found = label_volume_of(path, args.boxes_from_masks)
                 if found is None:
                     raise ValueError(f"no label volume {label_volume_names(path)} in {args.boxes_from_masks}")
-                prompts["label_volume"] = read_volume(found)
+                prompts["label_volume"] = read_label_volume(found, volume, structure_names_of(model.config))
             else:
                 prompts["boxes_3d"], prompts["key_slices"] = boxes[name]
                 prompts["propagation"] = args.propagation or "stop"
