@@ -39,7 +39,7 @@ from .processing_imedsam import (
     describe,
     dicom_kind,
     dicom_mask_pixels,
-    is_dicom_file,
+    is_dicom_path,
     open_image,
     opened_image,
     to_rgb_array,
@@ -56,23 +56,29 @@ def is_volume(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def image_files_in(folder: str | os.PathLike) -> list[Path]:
+def image_files_in(folder: str | os.PathLike, dicom_below: bool = False) -> list[Path]:
     """
     The 2-D images directly in `folder`, sorted: pictures (:data:`PICTURE_EXTENSIONS`) and DICOM images (named
     `.dcm`/`.dicom`, or of another name with the ``DICM`` preamble) that are neither slices of a scan (those make a
     series, read as one volume) nor objects without an image, such as a DICOM SEG (`dicom_kind`). Hidden files
-    (macOS's `._x.png`) are not images.
+    (macOS's `._x.png`) are not images. `dicom_below`: DICOM images in the folders below too, at any depth (a DICOM
+    export's patient / study / series folders of radiographs); pictures are read from `folder` itself only (a
+    `masks/` folder beside the images is no input).
     """
     found = []
-    for path in sorted(Path(folder).iterdir()):
-        name = path.name.lower()
-        if name.startswith(".") or not path.is_file() or name.endswith((*NIFTI_SUFFIXES, ".npz", ".json")):
-            continue
-        if name.endswith(PICTURE_EXTENSIONS):
-            found.append(path)
-        elif (name.endswith(DICOM_EXTENSIONS) or is_dicom_file(path)) and dicom_kind(path) == "image":
-            found.append(path)
-    return found
+    for root, folders, names in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith(".")) if dicom_below else []
+        top = Path(root) == Path(folder)
+        for name in sorted(names):
+            path, lower = Path(root) / name, name.lower()
+            if lower.startswith(".") or lower.endswith((*NIFTI_SUFFIXES, ".npz", ".json")):
+                continue
+            if lower.endswith(PICTURE_EXTENSIONS):
+                if top:
+                    found.append(path)
+            elif is_dicom_path(path) and dicom_kind(path) == "image":
+                found.append(path)
+    return sorted(found)
 
 
 def volumes_in(folder: str | os.PathLike) -> list[Path]:
@@ -618,7 +624,7 @@ def _mask_pixels(source) -> tuple[np.ndarray, bool]:
     (JPEG, WebP, an array of unknown origin). Palette images give their indices, never their colours.
     """
     if isinstance(source, (str, os.PathLike)):
-        if str(source).lower().endswith(DICOM_EXTENSIONS) or is_dicom_file(source):
+        if is_dicom_path(source):
             return dicom_mask_pixels(source)
         with opened_image(source, "mask") as image:  # opened, so its format (lossless or not) is known
             return _mask_pixels(image)

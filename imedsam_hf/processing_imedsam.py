@@ -80,7 +80,7 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def _is_dicom_path(path: str | os.PathLike) -> bool:
+def is_dicom_path(path: str | os.PathLike) -> bool:
     """A file read as DICOM: named `.dcm`/`.dicom` (a file without the preamble is then named as unreadable, not
     handed to PIL) or holding the preamble."""
     return str(path).lower().endswith(DICOM_EXTENSIONS) or is_dicom_file(path)
@@ -236,7 +236,7 @@ def open_image(source: ImageInput) -> Image.Image | np.ndarray:
     :func:`read_dicom_image` reads it."""
     if not isinstance(source, (str, os.PathLike)):
         return source
-    if _is_dicom_path(source) and Path(source).is_file():
+    if is_dicom_path(source) and Path(source).is_file():
         decoded = Image.fromarray(read_dicom_image(source))
         decoded.filename = str(source)
         return decoded
@@ -768,6 +768,7 @@ __all__ = [
     "hu_window",
     "first_line",
     "is_dicom_file",
+    "is_dicom_path",
     "is_volume_slice",
     "read_dicom_image",
     "require_pydicom",

@@ -171,6 +171,16 @@ def test_predict_segments_2d_dicom_images_as_the_pictures_a_viewer_shows(tmp_pat
     assert main([*argv, str(tmp_path / "dicom"), "--out", str(tmp_path / "some")]) == 1
     assert "cine.dcm: a DICOM file of 2 frames" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "some").iterdir()) == ["IM0002.png", "chest.png"]
+    # A DICOM export (patient / study / series folders, files named by their UIDs): every radiograph below the folder
+    # given, written under the same sub-folders, each UID kept whole; pictures below it (a masks/ folder) are no input.
+    series = tmp_path / "export" / "patient" / "study" / "series"
+    write_dicom_image(XRAY, series / "1.2.840.5.4", window=(2000, 1500))
+    write_dicom_image(XRAY[::-1], series / "1.2.840.5.5", window=(2000, 1500))
+    (tmp_path / "export" / "masks").mkdir()
+    Image.fromarray(np.zeros((24, 32), np.uint8)).save(tmp_path / "export" / "masks" / "x.png")
+    assert main([*argv, str(tmp_path / "export"), "--out", str(tmp_path / "export_out")]) == 0
+    written = sorted(str(p.relative_to(tmp_path / "export_out")) for p in (tmp_path / "export_out").rglob("*.png"))
+    assert written == ["patient/study/series/1.2.840.5.4.png", "patient/study/series/1.2.840.5.5.png"]
     slice_alone = write_dicom_image(XRAY, tmp_path / "slice.dcm", modality="CT", slice_of_a_scan=True)
     capsys.readouterr()
     assert main([*argv, str(slice_alone), "--out", str(tmp_path / "none")]) == 2

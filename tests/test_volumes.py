@@ -1108,6 +1108,21 @@ def test_a_dicom_series_reads_as_the_scan_it_was_made_from_each_slice_as_the_ser
 
 
 @needs_dicom
+def test_a_series_stored_compressed_reads_as_the_uncompressed_one(tmp_path):
+    """PACS exports often store CT losslessly compressed (RLE, JPEG-LS): the same HU as the uncompressed series."""
+    pydicom = pytest.importorskip("pydicom")
+    hu = hu_scan(two_organs())
+    write_dicom_series(*as_stored(hu, AFFINE, ("L", "P", "S")), tmp_path / "plain")
+    for file in write_dicom_series(*as_stored(hu, AFFINE, ("L", "P", "S")), tmp_path / "rle"):
+        dataset = pydicom.dcmread(file)
+        dataset.compress(pydicom.uid.RLELossless)  # pydicom's own encoder: no plugin needed
+        dataset.save_as(file)
+    assert pydicom.dcmread(file).file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    np.testing.assert_array_equal(read_volume(tmp_path / "rle").data, read_volume(tmp_path / "plain").data)
+    np.testing.assert_array_equal(read_volume(tmp_path / "rle").data, hu)
+
+
+@needs_dicom
 def test_predict_segments_each_series_of_a_dicom_export_as_its_nifti(tmp_path, capsys):
     """`imedsam predict EXPORT/`: each series folder under a DICOM export is one scan, a label volume out named by
     the folder, the same labels, grid and statistics as the scan stored as NIfTI; prompts found by that name."""

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES, image_files_in
+from ..processing_imedsam import DICOM_EXTENSIONS, is_dicom_file
 
 
 def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple[Path, Path]]:
@@ -18,7 +19,7 @@ def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple
     for raw in paths:
         path = Path(raw)
         if path.is_dir() and not volumes:
-            found = image_files_in(path)
+            found = image_files_in(path, dicom_below=True)
             if not found:
                 raise ValueError(
                     f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}), no NIfTI volumes "
@@ -53,7 +54,9 @@ def plan_outputs(
     writers: dict[Path, Path] = {}
     for source in sources:
         name = source.relative_to(common)
-        if not source.is_dir():  # a file's suffix goes; a DICOM series' folder keeps its name whole
+        # A file's extension goes; a DICOM series' folder keeps its name whole, as does a DICOM file not named .dcm
+        # (`IM0001`, or its UID: `1.2.840.5.4` and `1.2.840.5.5` are two images, not two `1.2.840.5`).
+        if not source.is_dir() and not (is_dicom_file(source) and not source.name.lower().endswith(DICOM_EXTENSIONS)):
             name = name.with_suffix("")
             if name.suffix.lower() == ".nii":  # scan.nii.gz -> scan
                 name = name.with_suffix("")

@@ -280,8 +280,9 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     `(volumes, images)` of the command line's inputs: NIfTI files, given or in a folder given (its hidden files, such
     as MSD's `._case.nii.gz`, skipped), DICOM series (a folder of one series, or each folder under a folder given that
     holds DICOM slices: a DICOM export's series), and the image files (2-D DICOM images too: radiographs, ...) and
-    folders of images (a folder holding no volume stays one, so that it is named if it holds no image either). A
-    single slice of a DICOM series is a ValueError saying to give its series' folder.
+    folders of images (2-D DICOM images at any depth below them, as an export holds them; a folder holding no volume
+    stays one, so that it is named if it holds no image either). A single slice of a DICOM series is a ValueError
+    saying to give its series' folder.
     """
     volumes, images = [], []
     for raw in inputs:
@@ -289,7 +290,7 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
         if path.is_dir():
             found = [*volumes_in(path), *dicom_series_in(path)]
             volumes.extend(map(str, found))
-            if not found or image_files_in(path):
+            if not found or image_files_in(path, dicom_below=True):
                 images.append(raw)
         elif is_volume(raw):
             volumes.append(raw)
