@@ -39,6 +39,7 @@ from .processing_imedsam import (
     describe,
     dicom_kind,
     dicom_mask_pixels,
+    is_dicom_file,
     is_dicom_path,
     open_image,
     opened_image,
@@ -79,6 +80,16 @@ def image_files_in(folder: str | os.PathLike, dicom_below: bool = False) -> list
             elif is_dicom_path(path) and dicom_kind(path) == "image":
                 found.append(path)
     return sorted(found)
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """An image file's name without its extension, which its outputs, masks and `--boxes` entries are named after; a
+    DICOM file not named `.dcm` keeps its whole name (`IM0001`, or its UID: the last number of `1.2.840.5.4` is no
+    extension)."""
+    path = Path(path)
+    if not path.name.lower().endswith(IMAGE_EXTENSIONS) and is_dicom_file(path):
+        return path.name
+    return path.stem
 
 
 def volumes_in(folder: str | os.PathLike) -> list[Path]:
@@ -1526,6 +1537,7 @@ __all__ = [
     "class_id_of",
     "extra_masks",
     "image_files_in",
+    "image_stem",
     "mask_folder_suffix",
     "mask_name_suffix",
     "SegmentationDataset",

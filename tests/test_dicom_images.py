@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -181,6 +182,19 @@ def test_predict_segments_2d_dicom_images_as_the_pictures_a_viewer_shows(tmp_pat
     assert main([*argv, str(tmp_path / "export"), "--out", str(tmp_path / "export_out")]) == 0
     written = sorted(str(p.relative_to(tmp_path / "export_out")) for p in (tmp_path / "export_out").rglob("*.png"))
     assert written == ["patient/study/series/1.2.840.5.4.png", "patient/study/series/1.2.840.5.5.png"]
+    # Their masks and --boxes entries are named by the whole UID too.
+    (tmp_path / "uid_masks").mkdir()
+    mask = np.zeros((24, 32), np.uint8)
+    mask[3:18, 4:20] = 255
+    for uid in ("1.2.840.5.4", "1.2.840.5.5"):
+        Image.fromarray(mask).save(tmp_path / "uid_masks" / f"{uid}.png")
+    (tmp_path / "boxes.json").write_text(json.dumps({"1.2.840.5.4": [4, 3, 19, 17], "1.2.840.5.5": [4, 3, 19, 17]}))
+    base = ["predict", "--model", str(tmp_path / "model"), str(series)]
+    assert main([*base, "--boxes-from-masks", str(tmp_path / "uid_masks"), "--out", str(tmp_path / "by_masks")]) == 0
+    assert main([*base, "--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "by_boxes")]) == 0
+    for uid in ("1.2.840.5.4", "1.2.840.5.5"):
+        by_masks, by_boxes = (np.asarray(Image.open(tmp_path / d / f"{uid}.png")) for d in ("by_masks", "by_boxes"))
+        np.testing.assert_array_equal(by_masks, by_boxes)
     slice_alone = write_dicom_image(XRAY, tmp_path / "slice.dcm", modality="CT", slice_of_a_scan=True)
     capsys.readouterr()
     assert main([*argv, str(slice_alone), "--out", str(tmp_path / "none")]) == 2

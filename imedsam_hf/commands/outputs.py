@@ -8,8 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES, image_files_in
-from ..processing_imedsam import DICOM_EXTENSIONS, is_dicom_file
+from ..data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES, image_files_in, image_stem
 
 
 def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple[Path, Path]]:
@@ -54,10 +53,10 @@ def plan_outputs(
     writers: dict[Path, Path] = {}
     for source in sources:
         name = source.relative_to(common)
-        # A file's extension goes; a DICOM series' folder keeps its name whole, as does a DICOM file not named .dcm
-        # (`IM0001`, or its UID: `1.2.840.5.4` and `1.2.840.5.5` are two images, not two `1.2.840.5`).
-        if not source.is_dir() and not (is_dicom_file(source) and not source.name.lower().endswith(DICOM_EXTENSIONS)):
-            name = name.with_suffix("")
+        # A file's extension goes (`image_stem`: a DICOM file named by its UID keeps it whole, `1.2.840.5.4` and
+        # `1.2.840.5.5` being two images); a DICOM series' folder keeps its name whole.
+        if not source.is_dir():
+            name = name.with_name(image_stem(source))
             if name.suffix.lower() == ".nii":  # scan.nii.gz -> scan
                 name = name.with_suffix("")
         targets = [folder / f"{name}{suffix}" for suffix in suffixes]

@@ -28,6 +28,7 @@ from ..data import (
     IMAGE_EXTENSIONS,
     extra_masks,
     image_files_in,
+    image_stem,
     mask_box,
     mask_clicks,
     mask_folder_suffix,
@@ -103,7 +104,7 @@ class PromptSource:
     def mask_of(self, path: Path, folder: str, size: tuple[int, int]) -> np.ndarray:
         """The mask named like `path` (its stem and the folder's `mask_suffix`) in `folder` as class ids, checked to
         be the image's `size` (H, W)."""
-        name = f"{path.stem}{self.mask_suffix}"
+        name = f"{image_stem(path)}{self.mask_suffix}"
         candidates = sorted(
             p for p in Path(folder).glob(f"{glob.escape(name)}.*") if not p.name.startswith(".") and p.stem == name
         )
@@ -111,7 +112,7 @@ class PromptSource:
             raise ValueError(f"{path}: no mask named {name}.* in {folder}.")
         if self.mask_suffix:  # BUSI's second lesion, x_mask_1.png beside x_mask.png: not half the prompts
             listed = (p.stem for p in Path(folder).glob(f"{glob.escape(name)}_*"))
-            further = extra_masks(self.mask_suffix, listed).get(path.stem, [])
+            further = extra_masks(self.mask_suffix, listed).get(image_stem(path), [])
             if further:
                 raise ValueError(
                     f"{path}: {len(further) + 1} masks ({name}, {', '.join(further)}) in {folder}: one per lesion; "
@@ -143,9 +144,9 @@ class PromptSource:
         if self.box:
             return {"box": self.box, **drawn}
         if self.boxes is not None:
-            if path.name not in self.boxes and path.stem not in self.boxes:
+            if path.name not in self.boxes and image_stem(path) not in self.boxes:
                 raise ValueError(f"{path}: no box in --boxes for {path.name}.")
-            return {"box": self.boxes.get(path.name, self.boxes.get(path.stem)), **drawn}
+            return {"box": self.boxes.get(path.name, self.boxes.get(image_stem(path))), **drawn}
         mask = self.mask_of(path, self.boxes_from_masks, size)
         if not self.class_ids:
             box = mask_box(mask)
@@ -376,7 +377,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
         )
         # What the masks add to their image's stem (ISIC's _segmentation), from the images the plan lists.
         mask_suffix = (
-            mask_folder_suffix((p.stem for p in image_plan), masks_folder) if image_plan and masks_folder else ""
+            mask_folder_suffix(map(image_stem, image_plan), masks_folder) if image_plan and masks_folder else ""
         )
         clash = set(t for ts in volume_plan.values() for t in ts) & set(t for ts in image_plan.values() for t in ts)
         if clash:
