@@ -1,4 +1,5 @@
 """Browser demo (Gradio, the Hugging Face Spaces convention): upload an image, type a box or click on it, get the mask.
+A 2-D DICOM file (a radiograph, an ultrasound or endoscopy still) can be uploaded too: it is shown as a viewer shows it.
 
     python demo/app.py                                         # LiteMedSAM zero-shot, offline
     python demo/app.py --model imedsam-litemedsam-polyp         # a shipped model, by name
@@ -26,7 +27,7 @@ from imedsam_hf.configuration_imedsam import is_class_aware
 from imedsam_hf.evaluation import grid_size
 from imedsam_hf.inference import clicks_caveat
 from imedsam_hf.loading import resolve_device
-from imedsam_hf.processing_imedsam import TTA_MIRRORS
+from imedsam_hf.processing_imedsam import DICOM_EXTENSIONS, TTA_MIRRORS, read_dicom_image
 
 RESOLUTIONS = ["native", "0.5x", "2x", "512 px", "1024 px"]
 
@@ -43,6 +44,18 @@ def structure_choices(model) -> list[str]:
         return []
     names = {int(k): v for k, v in (config.id2label or {}).items()}
     return [f"{i} {names.get(i, f'class {i}')}" for i in range(1, config.num_classes + 1)]
+
+
+def dicom_upload(path: str | None) -> np.ndarray | None:
+    """A 2-D DICOM file (a radiograph, an ultrasound or endoscopy still) as the RGB picture the image pane shows, read
+    as `imedsam predict` reads it (the file's window, MONOCHROME1 inverted); what cannot be read says why."""
+    if not path:
+        return None
+    try:
+        picture = read_dicom_image(path)
+    except (ValueError, ImportError) as error:
+        raise gr.Error(str(error)) from error
+    return np.repeat(picture[..., None], 3, axis=-1) if picture.ndim == 2 else picture
 
 
 def segment_request(model, processor, image, box_values, clicks, resolution, structure=None, tta="none"):
@@ -111,6 +124,7 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="numpy", label="Image", image_mode="RGB")
+                dicom = gr.File(label="... or a 2-D DICOM file", file_types=list(DICOM_EXTENSIONS), type="filepath")
                 with gr.Row():
                     x0 = gr.Number(label="x0", value=0, precision=1)
                     y0 = gr.Number(label="y0", value=0, precision=1)
@@ -136,6 +150,7 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
         image.select(add_click, inputs=[clicks, kind], outputs=[clicks, listed])
         clear.click(lambda: ([], ""), outputs=[clicks, listed])
         image.upload(lambda: ([], ""), outputs=[clicks, listed])
+        dicom.upload(lambda path: (dicom_upload(path), [], ""), inputs=dicom, outputs=[image, clicks, listed])
         inputs = [image, x0, y0, x1, y1, clicks, resolution, structure, tta]
         button.click(run, inputs=inputs, outputs=[result, download, info])
     return demo

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, load_script, tiny_model
+from conftest import SHARED_DATA, load_script, tiny_model, write_dicom_image
 from PIL import Image
 
 from imedsam_hf import IMedSamProcessor
@@ -344,6 +344,26 @@ def test_demo_request_with_clicks(model_dir):
         model, processor, image, (100, 60, 300, 250), [], "native", tta="h"
     )  # the test-time mirroring control: the box and the image mirrored, the average mirrored back
     assert "2 mirrors averaged" in info and np.asarray(shown).shape[:2] == image.shape[:2]
+
+
+def test_the_demo_takes_a_2d_dicom_file(tmp_path):
+    """A clinician's radiograph comes as DICOM: the demo's DICOM upload shows it as `imedsam predict` reads it, in the
+    image pane's RGB; a cine loop is refused with its reason, in the app, not as a traceback."""
+    pytest.importorskip("gradio")
+    pytest.importorskip("pydicom")
+    from imedsam_hf.processing_imedsam import read_dicom_image
+
+    app = load_script("demo/app.py", "demo_app_dicom")
+    xray = (np.arange(30 * 40).reshape(30, 40) * 3).astype(np.uint16)
+    path = write_dicom_image(xray, tmp_path / "chest.dcm", window=(1500, 2000), photometric="MONOCHROME1")
+    shown = app.dicom_upload(str(path))
+    assert shown.shape == (30, 40, 3) and shown.dtype == np.uint8
+    np.testing.assert_array_equal(shown[..., 0], read_dicom_image(path))
+    assert app.dicom_upload(None) is None
+    cine = write_dicom_image(np.stack([xray, xray]), tmp_path / "cine.dcm", frames=2)
+    with pytest.raises(Exception, match="a DICOM file of 2 frames") as error:
+        app.dicom_upload(str(cine))
+    assert type(error.value).__name__ == "Error"  # gradio's, shown in the app
 
 
 def test_a_class_aware_model_asks_for_the_structure_of_the_box(tmp_path):
