@@ -5,6 +5,8 @@ Entry points
 - :func:`read_volume` ``(path) -> Volume`` and :func:`write_label_volume` ``(labels, like, path)``: NIfTI in and out
   (nibabel), the output on the input's grid (affine and header), written atomically; a DICOM series' folder in
   (:func:`read_dicom_series`, dicom2nifti), turned in plane to the view's grid (:func:`view_grid`).
+- :func:`write_dicom_seg` / :func:`read_dicom_seg` (highdicom): a label volume out as a DICOM Segmentation over its
+  series' images, and a DICOM SEG in as a label volume (:func:`read_label_volume` takes either kind of file).
 - :data:`WINDOW_PRESETS`, :func:`parse_window`, :func:`window`, :func:`to_uint8`: CT intensities (Hounsfield units) ->
   the 8-bit grey the 2-D models were trained on; :data:`MR_WINDOW` (``"mr"``) for MR, per-scan percentiles.
 - :func:`slice_image` / :func:`place_slice`: one axial slice out of / back into an ``(X, Y, Z)`` array, oriented as the
