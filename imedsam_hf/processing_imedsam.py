@@ -125,15 +125,17 @@ def dicom_kind(path: str | os.PathLike) -> str:
     What the DICOM file `path` holds, from its header: ``"slice"``, one slice of a cross-sectional scan (CT, MR, PET:
     it records where it lies in the patient, `ImagePositionPatient` and `ImageOrientationPatient`); ``"image"``, a
     2-D image (radiographs, mammograms, ultrasound, endoscopy or dermoscopy stills, screen captures); ``"other"``, no
-    image to segment (a DICOM SEG, a structured report, a presentation state). A file whose header cannot be read is
-    an image when named `.dcm`/`.dicom` and a slice otherwise (`IM0001`), so that one reader names it, never both.
+    image to segment (a DICOM SEG, a structured report, a presentation state, or a CT's localizer: the scout a
+    scanner stores beside the axial slices, `ImageType` LOCALIZER). A file whose header cannot be read is an image
+    when named `.dcm`/`.dicom` and a slice otherwise (`IM0001`), so that one reader names it, never both.
     """
-    tags = ["ImagePositionPatient", "ImageOrientationPatient", "Rows", "Modality"]
+    tags = ["ImagePositionPatient", "ImageOrientationPatient", "Rows", "Modality", "ImageType"]
     try:
         header = dicom_dataset(path, pixels=False, tags=tags)
     except ValueError:
         return "image" if str(path).lower().endswith(DICOM_EXTENSIONS) else "slice"
-    if "Rows" not in header or str(header.get("Modality", "")) == "SEG":
+    localizer = "LOCALIZER" in [str(value).upper() for value in (header.get("ImageType") or [])]
+    if "Rows" not in header or str(header.get("Modality", "")) == "SEG" or localizer:
         return "other"
     return "slice" if "ImagePositionPatient" in header and "ImageOrientationPatient" in header else "image"
 

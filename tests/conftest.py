@@ -227,6 +227,7 @@ def write_dicom_image(
     frames: int = 1,
     slice_of_a_scan: bool = False,
     with_pixels: bool = True,
+    image_type: tuple[str, ...] = (),
 ) -> Path:
     """Write `pixels` (`(H, W)` integers, stored as they are: uint16 or int16; `(H, W, 3)` uint8 RGB, or YBR_FULL
     when `photometric` says so; `(F, H, W)` with `frames`) as a 2-D DICOM image of `modality`, the way an X-ray
@@ -242,6 +243,8 @@ def write_dicom_image(
     dataset = dicom_skeleton(SecondaryCaptureImageStorage, modality)
     if slice_of_a_scan:
         dataset.ImageOrientationPatient, dataset.ImagePositionPatient = [1.0, 0, 0, 0, 1.0, 0], [0.0, 0.0, 0.0]
+    if image_type:
+        dataset.ImageType = list(image_type)
     if with_pixels:
         dataset.Rows, dataset.Columns = pixels.shape[-3:-1] if colour else pixels.shape[-2:]
         if frames > 1:

@@ -126,9 +126,17 @@ def test_2d_images_and_slices_of_a_scan_are_told_apart(tmp_path):
     write_dicom_series(hu, affine, export / "alone")
     write_dicom_series(hu, affine, export / "series")
     capture = write_dicom_image(XRAY, export / "series" / "dose_report.dcm", modality="CT")
+    # The scanner's scout (localizer) in the same flat folder: its own series, a position in the patient, and no slice.
+    scout = write_dicom_image(
+        XRAY,
+        export / "series" / "IM0000",
+        modality="CT",
+        slice_of_a_scan=True,
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+    )
     slice_alone = write_dicom_image(XRAY, tmp_path / "slice.dcm", modality="CT", slice_of_a_scan=True)
-    assert not is_volume_slice(capture) and is_volume_slice(slice_alone)
-    assert image_files_in(export / "series") == [capture]
+    assert not is_volume_slice(capture) and is_volume_slice(slice_alone) and not is_volume_slice(scout)
+    assert image_files_in(export / "series") == [capture]  # the scout is neither a slice nor an image to segment
     assert dicom_series_in(export) == [export / "alone", export / "series"]
     np.testing.assert_array_equal(read_volume(export / "series").data, read_volume(export / "alone").data)
     xrays = tmp_path / "xrays"
