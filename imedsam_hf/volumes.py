@@ -1428,6 +1428,14 @@ def require_dicom_seg() -> None:
         )
 
 
+def _series_headers(volume: Volume, needs: str) -> list[Any]:
+    """The headers (no pixels) of the slices of the DICOM series `volume` was read from, in file order; a ValueError
+    starting with `needs` (what wants a series) when `volume` was not read from a series' folder."""
+    if volume.path is None or not Path(volume.path).is_dir():
+        raise ValueError(f"{needs}; {volume.name} is not one")
+    return [dicom_dataset(file, pixels=False) for file in dicom_files_in(volume.path)]
+
+
 def _series_frame_indices(dataset: Any, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """`(3, rows, columns)` voxel indices, on the grid of `affine` and `shape`, of every pixel of the DICOM slice
     `dataset` (its `ImagePositionPatient`, `ImageOrientationPatient` and `PixelSpacing`, in LPS); a ValueError when
@@ -1500,14 +1508,12 @@ def write_dicom_seg(
     highdicom = importlib.import_module("highdicom")
     codes = importlib.import_module("pydicom.sr.codedict").codes
     path, data = Path(path), np.asarray(labels)
-    if volume.path is None or not Path(volume.path).is_dir():
-        raise ValueError(f"{path}: a DICOM Segmentation references a DICOM series' images; {volume.name} is not one")
+    sources = _series_headers(volume, f"{path}: a DICOM Segmentation references a DICOM series' images")
     if data.shape != volume.shape:
         raise ValueError(f"labels of shape {tuple(data.shape)} do not fit the volume {volume.name} {volume.shape}")
     present = [int(c) for c in np.unique(data) if c > 0]
     if not present:
         raise ValueError(f"{path}: no structure was segmented in {volume.name}; a DICOM Segmentation needs one")
-    sources = [dicom_dataset(file, pixels=False) for file in dicom_files_in(volume.path)]
     for source in sources:  # patient and study elements the SEG copies: empty in anonymised exports that dropped them
         for keyword in SEG_COPIED_ELEMENTS:
             if keyword not in source:
@@ -1574,8 +1580,14 @@ def _seg_index(folder: str, stamp: tuple[tuple[str, int, int], ...]) -> dict[str
     index: dict[str, list[Path]] = {}
     for name, _, _ in stamp:
         path = Path(name)
-        if is_dicom_seg(path):
-            for uid in _referenced_series(dicom_dataset(path, pixels=False)):
+        if not is_dicom_file(path):
+            continue
+        try:  # one look at each header: its modality and the series it references
+            header = dicom_dataset(path, pixels=False, tags=["Modality", "ReferencedSeriesSequence"])
+        except ValueError:
+            continue  # unreadable: no SEG (as is_dicom_seg says)
+        if str(header.get("Modality", "")) == "SEG":
+            for uid in _referenced_series(header):
                 index.setdefault(uid, []).append(path)
     return {uid: tuple(paths) for uid, paths in index.items()}
 
@@ -1610,10 +1622,14 @@ def _structure_words(name: str) -> frozenset[str]:
     return frozenset(word for word in re.split(r"[^a-z0-9]+", str(name).lower()) if word)
 
 
+def _segment_labels(header: Any) -> dict[int, str]:
+    """`{segment number: segment label}` of a DICOM SEG's dataset (its ``SegmentSequence``)."""
+    return {int(item.SegmentNumber): str(item.get("SegmentLabel", "")) for item in header.get("SegmentSequence", [])}
+
+
 def dicom_seg_segments(path: str | os.PathLike) -> dict[int, str]:
     """`{segment number: segment label}` of a DICOM SEG."""
-    header = dicom_dataset(path, pixels=False, tags=["SegmentSequence"])
-    return {int(item.SegmentNumber): str(item.get("SegmentLabel", "")) for item in header.get("SegmentSequence", [])}
+    return _segment_labels(dicom_dataset(path, pixels=False, tags=["SegmentSequence"]))
 
 
 def read_dicom_seg(path: str | os.PathLike, volume: Volume, class_names: Mapping[int, str] | None = None) -> Volume:
@@ -1637,9 +1653,7 @@ def read_dicom_seg(path: str | os.PathLike, volume: Volume, class_names: Mapping
     require_dicom_seg()
     highdicom = importlib.import_module("highdicom")
     path = Path(path)
-    if volume.path is None or not Path(volume.path).is_dir():
-        raise ValueError(f"{path}: a DICOM SEG is read onto the DICOM series it references; {volume.name} is not one")
-    sources = [dicom_dataset(file, pixels=False) for file in dicom_files_in(volume.path)]
+    sources = _series_headers(volume, f"{path}: a DICOM SEG is read onto the DICOM series it references")
     try:
         segmentation = highdicom.seg.segread(path)
     except Exception as error:  # not a SEG, a damaged one
@@ -1648,7 +1662,7 @@ def read_dicom_seg(path: str | os.PathLike, volume: Volume, class_names: Mapping
     if series not in _referenced_series(segmentation):
         referenced = ", ".join(sorted(_referenced_series(segmentation)))
         raise ValueError(f"{path}: references the series {referenced}, not {volume.name}'s ({series})")
-    segments = {int(item.SegmentNumber): str(item.get("SegmentLabel", "")) for item in segmentation.SegmentSequence}
+    segments = _segment_labels(segmentation)
     ids = {number: number for number in segments}
     if class_names is not None:
         by_words = {_structure_words(name): int(class_id) for class_id, name in class_names.items()}
