@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         "over the series; needs highdicom (the [dicom] extra)",
     )
     p.add_argument(
+        "--dicom-rtstruct",
+        action="store_true",
+        help="DICOM series: also write <name>_rtstruct.dcm, an RT Structure Set of the series (one ROI per structure "
+        "found, named, its outline on every image as closed planar contours) for treatment planning systems, "
+        "SlicerRT or OHIF; needs scikit-image (the [dicom] extra)",
+    )
+    p.add_argument(
         "--propagation",
         default=None,
         choices=["stop", "continue"],

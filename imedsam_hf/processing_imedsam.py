@@ -149,10 +149,12 @@ def _dicom_pixels(path: Path, what: str) -> Any:
     """The dataset of a DICOM file read as one 2-D `what` (image or mask), its pixels decoded; a file without pixels
     or of several frames is a ValueError naming it and what to do."""
     dataset = dicom_dataset(path)
-    if str(dataset.get("Modality", "")) == "SEG":
+    annotation = {"SEG": "a DICOM SEG", "RTSTRUCT": "an RT Structure Set"}.get(str(dataset.get("Modality", "")))
+    if annotation:
         raise ValueError(
-            f"{path}: a DICOM SEG (the segmentation of a series, not one 2-D {what}); it is read onto its series as a label "
-            "volume (volumes.read_dicom_seg; `imedsam predict` takes it as the labels of the series it references)."
+            f"{path}: {annotation} (the segmentation of a series, not one 2-D {what}); it is read onto its series as a "
+            "label volume (volumes.read_label_volume; `imedsam predict` takes it as the labels of the series it "
+            "references)."
         )
     if "PixelData" not in dataset:
         kind = getattr(getattr(dataset, "SOPClassUID", None), "name", "") or "no pixel data"

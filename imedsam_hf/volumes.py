@@ -6,7 +6,9 @@ Entry points
   (nibabel), the output on the input's grid (affine and header), written atomically; a DICOM series' folder in
   (:func:`read_dicom_series`, dicom2nifti), turned in plane to the view's grid (:func:`view_grid`).
 - :func:`write_dicom_seg` / :func:`read_dicom_seg` (highdicom): a label volume out as a DICOM Segmentation over its
-  series' images, and a DICOM SEG in as a label volume (:func:`read_label_volume` takes either kind of file).
+  series' images, and a DICOM SEG in as a label volume; :func:`write_rtstruct` / :func:`read_rtstruct` (pydicom,
+  scikit-image): the same as an RT Structure Set's contours (:func:`read_label_volume` takes any of these files,
+  :func:`dicom_annotation_of` finds a series' SEG or RTSTRUCT by the series it references).
 - :data:`WINDOW_PRESETS`, :func:`parse_window`, :func:`window`, :func:`to_uint8`: CT intensities (Hounsfield units) ->
   the 8-bit grey the 2-D models were trained on; :data:`MR_WINDOW` (``"mr"``) for MR, per-scan percentiles.
 - :func:`slice_image` / :func:`place_slice`: one axial slice out of / back into an ``(X, Y, Z)`` array, oriented as the
@@ -89,6 +91,7 @@ from .processing_imedsam import (
     looks_like_hu,
     mirror_image,
     processor_for_config,
+    require_pydicom,
     tta_mirrors,
 )
 from .processing_imedsam import hu_window as window
@@ -115,10 +118,14 @@ __all__ = [
     "read_dicom_series",
     "require_dicom_seg",
     "write_dicom_seg",
-    "dicom_seg_of",
-    "dicom_seg_segments",
+    "dicom_annotation_of",
+    "dicom_annotation_modality",
+    "dicom_structure_names",
     "is_dicom_seg",
     "read_dicom_seg",
+    "read_rtstruct",
+    "require_rtstruct",
+    "write_rtstruct",
     "read_label_volume",
     "view_grid",
     "onto_grid",
@@ -957,7 +964,7 @@ def segment_volume(
             file, a DICOM series' folder); converted with :func:`to_uint8`.
         processor: default the model's (``load_model``'s, or the one matching its config).
         label_volume: ``(X, Y, Z)`` integer class ids 0..255 (an array, a :class:`Volume`, a NIfTI path, or the path
-            of a DICOM SEG of the series, :func:`read_label_volume`), same shape
+            of a DICOM SEG or RT Structure Set of the series, :func:`read_label_volume`), same shape
             and (when both are volumes read from files or :class:`Volume` objects) the same grid as ``volume``.
         boxes_3d: see above; ids must be ``int`` in 1..255 (and in ``classes`` when given), boxes inside the volume.
         classes: class ids to segment (an iterable of ids, or a mapping ``id -> name`` such as BTCV's
@@ -1419,13 +1426,24 @@ SEG_COPIED_ELEMENTS = (
 )  # fmt: skip
 
 
+def _require_extra(module: str, package: str, what: str) -> None:
+    """An `ImportError` naming the ``dicom`` extra when `module` (pip `package`), which `what` needs, is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"{what} needs {package}, which is not installed: pip install {package} (the [dicom] extra: "
+            'pip install ".[dicom]" in a clone of imedsam-hf).'
+        )
+
+
 def require_dicom_seg() -> None:
     """An `ImportError` naming the ``dicom`` extra when highdicom (which writes DICOM Segmentations) is missing."""
-    if importlib.util.find_spec("highdicom") is None:
-        raise ImportError(
-            "writing a DICOM Segmentation needs highdicom, which is not installed: pip install highdicom (the [dicom] "
-            'extra: pip install ".[dicom]" in a clone of imedsam-hf).'
-        )
+    _require_extra("highdicom", "highdicom", "writing a DICOM Segmentation")
+
+
+def require_rtstruct() -> None:
+    """An `ImportError` naming the ``dicom`` extra when scikit-image (which traces and fills RT structure contours) is
+    missing."""
+    _require_extra("skimage", "scikit-image", "an RT Structure Set's contours")
 
 
 def _series_headers(volume: Volume, needs: str) -> list[Any]:
@@ -1436,19 +1454,26 @@ def _series_headers(volume: Volume, needs: str) -> list[Any]:
     return [dicom_dataset(file, pixels=False) for file in dicom_files_in(volume.path)]
 
 
+def _image_plane(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`(position, across, down, normal)` of a DICOM slice in patient coordinates (LPS, mm): its first pixel's
+    centre, the steps to the next column and to the next row, and the unit normal of its plane."""
+    position = np.asarray(dataset.ImagePositionPatient, dtype=float)
+    orientation = np.asarray(dataset.ImageOrientationPatient, dtype=float)
+    between_rows, between_columns = (float(v) for v in dataset.PixelSpacing)
+    normal = np.cross(orientation[:3], orientation[3:])
+    return position, orientation[:3] * between_columns, orientation[3:] * between_rows, normal / np.linalg.norm(normal)
+
+
 def _series_frame_indices(dataset: Any, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """`(3, rows, columns)` voxel indices, on the grid of `affine` and `shape`, of every pixel of the DICOM slice
     `dataset` (its `ImagePositionPatient`, `ImageOrientationPatient` and `PixelSpacing`, in LPS); a ValueError when
     its pixels are not voxels of that grid."""
-    position = np.asarray(dataset.ImagePositionPatient, dtype=float)
-    orientation = np.asarray(dataset.ImageOrientationPatient, dtype=float)
-    between_rows, between_columns = (float(v) for v in dataset.PixelSpacing)
+    position, across, down, _ = _image_plane(dataset)
     to_voxels = np.linalg.inv(affine)
     ras = np.diag([-1.0, -1.0, 1.0])  # LPS -> RAS
 
     def voxel(row: float, column: float) -> np.ndarray:
-        lps = position + orientation[:3] * column * between_columns + orientation[3:] * row * between_rows
-        return (to_voxels @ np.append(ras @ lps, 1.0))[:3]
+        return (to_voxels @ np.append(ras @ (position + across * column + down * row), 1.0))[:3]
 
     start = voxel(0, 0)
     down, across = voxel(1, 0) - start, voxel(0, 1) - start
@@ -1476,6 +1501,22 @@ def _coded_structure(name: str) -> tuple[Any, Any]:
         return generic, getattr(codes.SCT, key) if key else generic
     except AttributeError:
         return generic, generic
+
+
+def _series_labels(
+    labels: np.ndarray, volume: Volume, path: Path, what: str
+) -> tuple[list[Any], np.ndarray, list[int]]:
+    """What a DICOM object written over a series' images (`what`: "a DICOM Segmentation") starts from: the series'
+    slice headers, the labels, the class ids present; a ValueError when `volume` is no series, the labels do not fit
+    it, or they hold no structure."""
+    sources = _series_headers(volume, f"{path}: {what} references a DICOM series' images")
+    data = np.asarray(labels)
+    if data.shape != volume.shape:
+        raise ValueError(f"labels of shape {tuple(data.shape)} do not fit the volume {volume.name} {volume.shape}")
+    present = [int(c) for c in np.unique(data) if c > 0]
+    if not present:
+        raise ValueError(f"{path}: no structure was segmented in {volume.name}; {what} needs one")
+    return sources, data, present
 
 
 def write_dicom_seg(
@@ -1507,13 +1548,8 @@ def write_dicom_seg(
     require_dicom_seg()
     highdicom = importlib.import_module("highdicom")
     codes = importlib.import_module("pydicom.sr.codedict").codes
-    path, data = Path(path), np.asarray(labels)
-    sources = _series_headers(volume, f"{path}: a DICOM Segmentation references a DICOM series' images")
-    if data.shape != volume.shape:
-        raise ValueError(f"labels of shape {tuple(data.shape)} do not fit the volume {volume.name} {volume.shape}")
-    present = [int(c) for c in np.unique(data) if c > 0]
-    if not present:
-        raise ValueError(f"{path}: no structure was segmented in {volume.name}; a DICOM Segmentation needs one")
+    path = Path(path)
+    sources, data, present = _series_labels(labels, volume, path, "a DICOM Segmentation")
     for source in sources:  # patient and study elements the SEG copies: empty in anonymised exports that dropped them
         for keyword in SEG_COPIED_ELEMENTS:
             if keyword not in source:
@@ -1558,48 +1594,75 @@ def structure_names_of(config: Any) -> dict[int, str] | None:
     return {int(k): str(v) for k, v in config.id2label.items()} if is_class_aware(config) else None
 
 
+#: DICOM annotation objects read as label volumes, by `Modality`: a Segmentation, an RT Structure Set.
+ANNOTATION_MODALITIES = ("SEG", "RTSTRUCT")
+
+
+def dicom_annotation_modality(path: str | os.PathLike) -> str:
+    """``"SEG"`` for a DICOM Segmentation, ``"RTSTRUCT"`` for an RT Structure Set (whatever the file's name), else
+    ``""``."""
+    if not Path(path).is_file() or not is_dicom_file(path):
+        return ""
+    try:
+        modality = str(dicom_dataset(path, pixels=False, tags=["Modality"]).get("Modality", ""))
+    except ValueError:
+        return ""
+    return modality if modality in ANNOTATION_MODALITIES else ""
+
+
 def is_dicom_seg(path: str | os.PathLike) -> bool:
     """A DICOM Segmentation file (``Modality`` SEG), whatever its name."""
-    if not Path(path).is_file() or not is_dicom_file(path):
-        return False
-    try:
-        return str(dicom_dataset(path, pixels=False, tags=["Modality"]).get("Modality", "")) == "SEG"
-    except ValueError:
-        return False
+    return dicom_annotation_modality(path) == "SEG"
 
 
 def _referenced_series(header: Any) -> set[str]:
-    """The SeriesInstanceUIDs a DICOM SEG's ``ReferencedSeriesSequence`` names."""
-    return {str(item.SeriesInstanceUID) for item in header.get("ReferencedSeriesSequence", []) or []}
+    """The SeriesInstanceUIDs a DICOM SEG (``ReferencedSeriesSequence``) or an RT Structure Set (the
+    ``RTReferencedSeriesSequence`` of each study of each ``ReferencedFrameOfReferenceSequence`` item) names."""
+    found = {str(item.SeriesInstanceUID) for item in header.get("ReferencedSeriesSequence", []) or []}
+    for frame in header.get("ReferencedFrameOfReferenceSequence", []) or []:
+        for study in frame.get("RTReferencedStudySequence", []) or []:
+            found |= {str(item.SeriesInstanceUID) for item in study.get("RTReferencedSeriesSequence", []) or []}
+    return found
+
+
+def _referenced_frames(header: Any) -> set[str]:
+    """The FrameOfReferenceUIDs an RT Structure Set's contours are drawn in."""
+    return {str(item.FrameOfReferenceUID) for item in header.get("ReferencedFrameOfReferenceSequence", []) or []}
 
 
 @functools.lru_cache(maxsize=8)
-def _seg_index(folder: str, stamp: tuple[tuple[str, int, int], ...]) -> dict[str, tuple[Path, ...]]:
-    """`{referenced SeriesInstanceUID: the SEG files}` of the files `stamp` lists (path, size, mtime): each header read
-    once per folder state, not once per series looked up."""
+def _annotation_index(folder: str, stamp: tuple[tuple[str, int, int], ...]) -> dict[str, tuple[Path, ...]]:
+    """`{referenced SeriesInstanceUID: the SEG and RTSTRUCT files}` of the files `stamp` lists (path, size, mtime),
+    and `{"frame " + FrameOfReferenceUID: ...}` for an RT Structure Set that names no series: each header read once
+    per folder state, not once per series looked up."""
     index: dict[str, list[Path]] = {}
+    tags = ["Modality", "ReferencedSeriesSequence", "ReferencedFrameOfReferenceSequence"]
     for name, _, _ in stamp:
         path = Path(name)
         if not is_dicom_file(path):
             continue
         try:  # one look at each header: its modality and the series it references
-            header = dicom_dataset(path, pixels=False, tags=["Modality", "ReferencedSeriesSequence"])
+            header = dicom_dataset(path, pixels=False, tags=tags)
         except ValueError:
-            continue  # unreadable: no SEG (as is_dicom_seg says)
-        if str(header.get("Modality", "")) == "SEG":
-            for uid in _referenced_series(header):
-                index.setdefault(uid, []).append(path)
-    return {uid: tuple(paths) for uid, paths in index.items()}
+            continue  # unreadable: no annotation (as dicom_annotation_modality says)
+        if str(header.get("Modality", "")) in ANNOTATION_MODALITIES:
+            keys = _referenced_series(header) or {f"frame {uid}" for uid in _referenced_frames(header)}
+            for key in keys:
+                index.setdefault(key, []).append(path)
+    return {key: tuple(paths) for key, paths in index.items()}
 
 
-def dicom_seg_of(series: str | os.PathLike, folder: str | os.PathLike) -> Path | None:
-    """The DICOM SEG at or under `folder` (any names) that references the series in the folder `series` (its
-    ``ReferencedSeriesSequence``), or None; two of them are a ValueError naming both. The folder's SEG headers are
-    read once while its files stay as they are (:func:`_seg_index`)."""
+def dicom_annotation_of(series: str | os.PathLike, folder: str | os.PathLike) -> Path | None:
+    """
+    The DICOM SEG or RT Structure Set at or under `folder` (any names) that references the series in the folder
+    `series` (a SEG's ``ReferencedSeriesSequence``, an RTSTRUCT's ``RTReferencedSeriesSequence``, or for an RTSTRUCT
+    that names no series its frame of reference), or None; two of them are a ValueError naming both. The folder's
+    headers are read once while its files stay as they are (:func:`_annotation_index`).
+    """
     files = dicom_files_in(series)
     if not files or not Path(folder).is_dir():
         return None
-    uid = str(dicom_dataset(files[0], pixels=False, tags=["SeriesInstanceUID"]).get("SeriesInstanceUID", ""))
+    header = dicom_dataset(files[0], pixels=False, tags=["SeriesInstanceUID", "FrameOfReferenceUID"])
     stamp = []
     for root, folders, names in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
@@ -1608,28 +1671,65 @@ def dicom_seg_of(series: str | os.PathLike, folder: str | os.PathLike) -> Path |
                 continue
             status = (Path(root) / name).stat()
             stamp.append((str(Path(root) / name), status.st_size, status.st_mtime_ns))
-    found = _seg_index(str(folder), tuple(stamp)).get(uid, ())
+    index = _annotation_index(str(folder), tuple(stamp))
+    found = index.get(str(header.get("SeriesInstanceUID", ""))) or index.get(
+        f"frame {header.get('FrameOfReferenceUID', '')}", ()
+    )
     if len(found) > 1:
         raise ValueError(
-            f"{folder}: {len(found)} DICOM SEGs reference the series {Path(series).name} ({', '.join(map(str, found))}); "
-            "keep one"
+            f"{folder}: {len(found)} DICOM SEG / RTSTRUCT files reference the series {Path(series).name} "
+            f"({', '.join(map(str, found))}); keep one"
         )
     return found[0] if found else None
 
 
+#: Words of structure names written short, as radiotherapy's standard names (AAPM TG-263: `Kidney_R`,
+#: `Glnd_Adrenal_L`) and clinicians write them.
+STRUCTURE_ABBREVIATIONS = {"r": "right", "rt": "right", "l": "left", "lt": "left", "glnd": "gland"}
+#: Whole names of a structure that share no words with its usual name: TG-263's vessels, and `IVC`.
+STRUCTURE_ALIASES = {
+    frozenset({"a", "aorta"}): frozenset({"aorta"}),
+    frozenset({"v", "venacava", "i"}): frozenset({"inferior", "vena", "cava"}),
+    frozenset({"ivc"}): frozenset({"inferior", "vena", "cava"}),
+}
+
+
 def _structure_words(name: str) -> frozenset[str]:
-    """A structure's name as its words, so that `kidney_right` (TotalSegmentator's) names `right kidney`."""
-    return frozenset(word for word in re.split(r"[^a-z0-9]+", str(name).lower()) if word)
+    """A structure's name as its words, so that `kidney_right` (TotalSegmentator's) and `Kidney_R` (TG-263's) name
+    `right kidney`, and `A_Aorta` the aorta (:data:`STRUCTURE_ABBREVIATIONS`, :data:`STRUCTURE_ALIASES`)."""
+    words = frozenset(
+        STRUCTURE_ABBREVIATIONS.get(word, word) for word in re.split(r"[^a-z0-9]+", str(name).lower()) if word
+    )
+    return STRUCTURE_ALIASES.get(words, words)
+
+
+def _structure_ids(
+    path: Path, labels: Mapping[int, str], class_names: Mapping[int, str] | None, what: str
+) -> dict[int, int]:
+    """`{number: class id}` of the structures of a DICOM SEG or RTSTRUCT (`labels`: its `{segment or ROI number:
+    name}`): the numbers themselves without `class_names`; with them, the id whose name has the same words
+    (:func:`_structure_words`), the others left out with a warning, none matching a ValueError naming the file.
+    Ids above 255 (a uint8 label volume) are a ValueError."""
+    ids = {number: number for number in labels}
+    if class_names is not None:
+        by_words = {_structure_words(name): int(class_id) for class_id, name in class_names.items()}
+        ids = {n: by_words[_structure_words(name)] for n, name in labels.items() if _structure_words(name) in by_words}
+        left = [f"{n} {name!r}" for n, name in labels.items() if n not in ids]
+        if not ids:
+            raise ValueError(
+                f"{path}: none of its {what} ({', '.join(left)}) is one of the structures "
+                f"({', '.join(f'{c} {n}' for c, n in sorted(class_names.items()))})"
+            )
+        if left:
+            warnings.warn(f"{path}: {what} {', '.join(left)} name none of the classes: left out", stacklevel=3)
+    if max(ids.values(), default=0) > 255:
+        raise ValueError(f"{path}: {what} numbered above 255 do not fit a uint8 label volume; give their names")
+    return ids
 
 
 def _segment_labels(header: Any) -> dict[int, str]:
     """`{segment number: segment label}` of a DICOM SEG's dataset (its ``SegmentSequence``)."""
     return {int(item.SegmentNumber): str(item.get("SegmentLabel", "")) for item in header.get("SegmentSequence", [])}
-
-
-def dicom_seg_segments(path: str | os.PathLike) -> dict[int, str]:
-    """`{segment number: segment label}` of a DICOM SEG."""
-    return _segment_labels(dicom_dataset(path, pixels=False, tags=["SegmentSequence"]))
 
 
 def read_dicom_seg(path: str | os.PathLike, volume: Volume, class_names: Mapping[int, str] | None = None) -> Volume:
@@ -1663,22 +1763,7 @@ def read_dicom_seg(path: str | os.PathLike, volume: Volume, class_names: Mapping
         referenced = ", ".join(sorted(_referenced_series(segmentation)))
         raise ValueError(f"{path}: references the series {referenced}, not {volume.name}'s ({series})")
     segments = _segment_labels(segmentation)
-    ids = {number: number for number in segments}
-    if class_names is not None:
-        by_words = {_structure_words(name): int(class_id) for class_id, name in class_names.items()}
-        ids = {
-            n: by_words[_structure_words(label)] for n, label in segments.items() if _structure_words(label) in by_words
-        }
-        left = [f"{n} {label!r}" for n, label in segments.items() if n not in ids]
-        if not ids:
-            raise ValueError(
-                f"{path}: none of its segments ({', '.join(left)}) is one of the structures "
-                f"({', '.join(f'{c} {n}' for c, n in sorted(class_names.items()))})"
-            )
-        if left:
-            warnings.warn(f"{path}: segments {', '.join(left)} name no structure of the model: left out", stacklevel=2)
-    if max(ids.values(), default=0) > 255:
-        raise ValueError(f"{path}: segment numbers above 255 do not fit a uint8 label volume")
+    ids = _structure_ids(path, segments, class_names, "segments")
     numbers = np.zeros(max(segments, default=0) + 1, np.uint8)
     for number, class_id in ids.items():
         numbers[number] = class_id
@@ -1700,10 +1785,237 @@ def read_dicom_seg(path: str | os.PathLike, volume: Volume, class_names: Mapping
     return Volume(data=data, affine=volume.affine.copy(), header=header, path=path)
 
 
+#: DICOM's SOP class of an RT Structure Set.
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+#: The SOP class an RT Structure Set's study reference names (Detached Study Management, as treatment planning
+#: systems and rt-utils write it).
+RTSTRUCT_STUDY_CLASS = "1.2.840.10008.3.1.2.3.1"
+
+
+def write_rtstruct(
+    labels: np.ndarray,
+    volume: Volume,
+    path: str | os.PathLike,
+    class_names: Mapping[int, str] | None = None,
+    model_name: str = "I-MedSAM",
+) -> Path:
+    """
+    Write a label volume of a DICOM series as an RT Structure Set: one ROI per structure present (its number the
+    class id), its outline on every image of the series it appears in as closed planar contours through the
+    midpoints between the structure's pixels and the others (marching squares, scikit-image; a hole is a contour of
+    its own, read back by the even-odd rule), for treatment planning systems (Eclipse, RayStation), 3D Slicer's
+    SlicerRT, OHIF or plastimatch. :func:`read_rtstruct` reads it back to the same labels.
+
+    Args:
+        labels: ``(X, Y, Z)`` class ids on ``volume``'s grid (what :func:`segment_volume` returns).
+        volume: the series, as :func:`read_volume` read it from its folder (``volume.path``).
+        path: the file to write (``<name>_rtstruct.dcm``), atomically.
+        class_names: ``{id: name}``, each ROI's name (a model's ``id2label``); other ids are ``"class <id>"``. Each
+            ROI is shown in the montage's colour (``inference.class_colour``).
+        model_name: the algorithm the ROIs name as their generator.
+
+    Raises:
+        ValueError: ``volume`` is not a DICOM series, the labels do not fit it, or no structure was segmented.
+        ImportError: scikit-image or pydicom is not installed.
+    """
+    require_rtstruct()
+    pydicom = require_pydicom()
+    measure = importlib.import_module("skimage.measure")
+    path = Path(path)
+    sources, data, present = _series_labels(labels, volume, path, "an RT Structure Set")
+    Dataset, Sequence_ = pydicom.dataset.Dataset, pydicom.sequence.Sequence
+
+    def item(**elements: Any) -> Any:
+        entry = Dataset()
+        for keyword, value in elements.items():
+            setattr(entry, keyword, value)
+        return entry
+
+    def image_reference(source: Any) -> Any:
+        return item(ReferencedSOPClassUID=source.SOPClassUID, ReferencedSOPInstanceUID=source.SOPInstanceUID)
+
+    contours: dict[int, list[Any]] = {class_id: [] for class_id in present}
+    for source in sources:
+        frame = data[tuple(_series_frame_indices(source, volume.affine, data.shape))]  # (rows, columns) class ids
+        position, across, down, _ = _image_plane(source)
+        for class_id in (int(c) for c in np.unique(frame) if c > 0):
+            for line in measure.find_contours(np.pad(frame == class_id, 1).astype(np.float32), 0.5):
+                corners = measure.approximate_polygon(line - 1.0, tolerance=0)[:-1]  # (rows, columns), not closed twice
+                points = position + corners[:, 1:2] * across + corners[:, 0:1] * down
+                contours[class_id].append(
+                    item(
+                        ContourImageSequence=Sequence_([image_reference(source)]), ContourGeometricType="CLOSED_PLANAR",
+                        NumberOfContourPoints=len(points), ContourData=[f"{v:.3f}" for v in points.ravel()],
+                    )
+                )  # fmt: skip
+    first, names = sources[0], {int(k): str(v) for k, v in (class_names or {}).items()}
+    frame_uid = str(first.get("FrameOfReferenceUID", "")) or pydicom.uid.generate_uid()
+    now = time.localtime()
+    dataset = Dataset()
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = RTSTRUCT_SOP_CLASS
+    dataset.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    dataset.SOPClassUID, dataset.SOPInstanceUID = RTSTRUCT_SOP_CLASS, dataset.file_meta.MediaStorageSOPInstanceUID
+    for keyword in SEG_COPIED_ELEMENTS:  # patient and study: empty where an anonymised export dropped them
+        setattr(dataset, keyword, first.get(keyword, ""))
+    dataset.StudyInstanceUID = first.StudyInstanceUID
+    dataset.Modality, dataset.SeriesInstanceUID = "RTSTRUCT", pydicom.uid.generate_uid()
+    dataset.SeriesNumber, dataset.InstanceNumber = int(first.get("SeriesNumber", 0) or 0) + 2000, 1
+    dataset.SeriesDescription = f"{model_name} structures"[:64]
+    dataset.Manufacturer, dataset.ManufacturerModelName = "imedsam-hf", model_name[:64]
+    dataset.SoftwareVersions, dataset.OperatorsName = __version__, ""
+    dataset.StructureSetLabel = model_name[:16]
+    dataset.StructureSetDate, dataset.StructureSetTime = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
+    dataset.SeriesDate, dataset.SeriesTime = dataset.StructureSetDate, dataset.StructureSetTime
+    series = item(
+        SeriesInstanceUID=first.SeriesInstanceUID, ContourImageSequence=Sequence_(map(image_reference, sources))
+    )
+    study = item(
+        ReferencedSOPClassUID=RTSTRUCT_STUDY_CLASS, ReferencedSOPInstanceUID=first.StudyInstanceUID,
+        RTReferencedSeriesSequence=Sequence_([series]),
+    )  # fmt: skip
+    dataset.ReferencedFrameOfReferenceSequence = Sequence_(
+        [item(FrameOfReferenceUID=frame_uid, RTReferencedStudySequence=Sequence_([study]))]
+    )
+    dataset.StructureSetROISequence = Sequence_(
+        item(
+            ROINumber=c, ReferencedFrameOfReferenceUID=frame_uid, ROIName=names.get(c, f"class {c}")[:64],
+            ROIGenerationAlgorithm="AUTOMATIC", ROIGenerationDescription=f"{model_name} {__version__}"[:64],
+        )
+        for c in present
+    )  # fmt: skip
+    dataset.ROIContourSequence = Sequence_(
+        item(ROIDisplayColor=list(class_colour(c)), ReferencedROINumber=c, ContourSequence=Sequence_(contours[c]))
+        for c in present
+    )
+    dataset.RTROIObservationsSequence = Sequence_(
+        item(ObservationNumber=c, ReferencedROINumber=c, RTROIInterpretedType="", ROIInterpreter="") for c in present
+    )
+    remove_stale_temporaries(path)
+    atomic_write(path, lambda temporary: dataset.save_as(temporary, enforce_file_format=True))
+    return path
+
+
+def _roi_names(header: Any) -> dict[int, str]:
+    """`{ROI number: ROI name}` of an RT Structure Set's dataset (its ``StructureSetROISequence``)."""
+    return {int(entry.ROINumber): str(entry.get("ROIName", "")) for entry in header.get("StructureSetROISequence", [])}
+
+
+def dicom_structure_names(path: str | os.PathLike) -> dict[int, str]:
+    """`{number: name}` of the structures of a DICOM SEG (its segments) or RT Structure Set (its ROIs)."""
+    if dicom_annotation_modality(path) == "RTSTRUCT":
+        return _roi_names(dicom_dataset(path, pixels=False, tags=["StructureSetROISequence"]))
+    return _segment_labels(dicom_dataset(path, pixels=False, tags=["SegmentSequence"]))
+
+
+def _traced_pixels(
+    line: Any, rows: np.ndarray, columns: np.ndarray, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels a closed contour of integer `(rows, columns)` vertices passes through (skimage's `line` between
+    consecutive vertices), inside an image of `shape`, each once."""
+    pieces = [line(rows[n - 1], columns[n - 1], rows[n], columns[n]) for n in range(len(rows))]
+    r, c = (np.concatenate(axis) for axis in zip(*pieces))
+    keep = (r >= 0) & (r < shape[0]) & (c >= 0) & (c < shape[1])
+    return np.unravel_index(np.unique(np.ravel_multi_index((r[keep], c[keep]), shape)), shape)
+
+
+def read_rtstruct(path: str | os.PathLike, volume: Volume, class_names: Mapping[int, str] | None = None) -> Volume:
+    """
+    An RT Structure Set of a series (a treatment planning system's contours, TCIA's RTSTRUCT annotations, or
+    :func:`write_rtstruct`'s) as a label volume on the grid :func:`read_volume` gives the series: each closed planar
+    contour is placed on the image of the series whose plane it lies in (within half the distance between slices)
+    and filled there, the pixels whose centres it encloses (scikit-image), the contours of one ROI on one image
+    combined by the even-odd rule (so a contour inside another is a hole).
+
+    Args:
+        path: the RTSTRUCT file.
+        volume: the series it references, as :func:`read_volume` read it from its folder.
+        class_names: ``{id: name}``: each ROI gets the id whose name has the same words as its name (`Kidney_R` is
+            not `right kidney`, `kidney_right` is); ROIs no name matches (a body outline, planning volumes) are left
+            out, with a warning listing them. Default: the ROI numbers are the class ids.
+
+    Where ROIs overlap (a body outline around the organs, a planning volume over one), the one with fewer voxels is
+    kept, so a structure is never hidden by one that encloses it. Contours that are no area (points, open lines)
+    or that lie on no image of the series are left out with a warning counting them.
+
+    Raises:
+        ValueError: naming the file: not an RT Structure Set, it references another series, or no ROI matches
+            `class_names`.
+        ImportError: scikit-image or pydicom is not installed.
+    """
+    require_rtstruct()
+    draw = importlib.import_module("skimage.draw")
+    polygon, line = draw.polygon, draw.line
+    path = Path(path)
+    sources = _series_headers(volume, f"{path}: an RT Structure Set is read onto the DICOM series it references")
+    dataset = dicom_dataset(path, pixels=False)
+    if str(dataset.get("Modality", "")) != "RTSTRUCT":
+        raise ValueError(f"{path}: not an RT Structure Set (its Modality is {dataset.get('Modality', 'missing')!r})")
+    series, frame = str(sources[0].SeriesInstanceUID), str(sources[0].get("FrameOfReferenceUID", ""))
+    named = _referenced_series(dataset)
+    if series not in named and (named or frame not in _referenced_frames(dataset)):
+        referenced = ", ".join(sorted(named)) or f"frame of reference {', '.join(sorted(_referenced_frames(dataset)))}"
+        raise ValueError(f"{path}: references the series {referenced}, not {volume.name}'s ({series})")
+    ids = _structure_ids(path, _roi_names(dataset), class_names, "ROIs")
+    planes = [_image_plane(source) for source in sources]
+    heights = np.array([position @ planes[0][3] for position, *_ in planes])
+    gaps = np.diff(np.sort(heights))
+    tolerance = float(np.median(gaps)) / 2 if len(gaps) else 0.5  # half the distance between slices, in mm
+    areas: dict[int, dict[int, np.ndarray]] = {}  # ROI number -> {image index: (rows, columns) bool}
+    not_areas = off_images = 0
+    for entry in dataset.get("ROIContourSequence", []) or []:
+        number = int(entry.ReferencedROINumber)
+        if number not in ids:
+            continue
+        for contour in entry.get("ContourSequence", []) or []:
+            points = np.asarray(contour.get("ContourData", []) or [], dtype=float).reshape(-1, 3)
+            if str(contour.get("ContourGeometricType", "")) != "CLOSED_PLANAR" or not len(points):
+                not_areas += 1
+                continue
+            distance = points.mean(axis=0) @ planes[0][3] - heights
+            k = int(np.argmin(np.abs(distance)))
+            if abs(distance[k]) > tolerance:
+                off_images += 1
+                continue
+            position, across, down, _ = planes[k]
+            offsets = points - position
+            rows, columns = offsets @ down / (down @ down), offsets @ across / (across @ across)
+            shape = (int(sources[k].Rows), int(sources[k].Columns))
+            mask = areas.setdefault(number, {}).setdefault(k, np.zeros(shape, bool))
+            twice_area = abs(rows @ np.roll(columns, 1) - columns @ np.roll(rows, 1))
+            if twice_area < 0.5:  # no area (a lone pixel's outline holds 0.5): one pixel wide, traced through centres
+                inside = _traced_pixels(line, np.rint(rows).astype(int), np.rint(columns).astype(int), shape)
+            else:
+                inside = polygon(rows, columns, shape)
+            mask[inside] ^= True  # even-odd: a contour inside another is a hole
+    if not_areas or off_images:
+        warnings.warn(
+            f"{path}: left out {not_areas} contours that are no area (points, open lines) and {off_images} that lie "
+            f"on no image of {volume.name}",
+            stacklevel=2,
+        )
+    data = np.zeros(volume.shape, np.uint8)
+    voxels: dict[int, tuple[np.ndarray, ...]] = {}
+    order = sorted(areas, key=lambda n: -sum(int(mask.sum()) for mask in areas[n].values()))  # largest first
+    for number in order:
+        for k, mask in areas[number].items():
+            if k not in voxels:
+                voxels[k] = tuple(_series_frame_indices(sources[k], volume.affine, volume.shape))
+            data[tuple(index[mask] for index in voxels[k])] = ids[number]
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    return Volume(data=data, affine=volume.affine.copy(), header=header, path=path)
+
+
 def read_label_volume(path: str | os.PathLike, volume: Volume, class_names: Mapping[int, str] | None = None) -> Volume:
-    """The label volume at `path` for the scan `volume`: a NIfTI (:func:`read_volume`), or a DICOM SEG of its series
-    (:func:`read_dicom_seg`, `class_names` matching segments by name)."""
-    return read_dicom_seg(path, volume, class_names) if is_dicom_seg(path) else read_volume(path)
+    """The label volume at `path` for the scan `volume`: a NIfTI (:func:`read_volume`), a DICOM SEG
+    (:func:`read_dicom_seg`) or an RT Structure Set (:func:`read_rtstruct`) of its series, `class_names` matching
+    their structures by name."""
+    modality = dicom_annotation_modality(path)
+    if modality == "SEG":
+        return read_dicom_seg(path, volume, class_names)
+    return read_rtstruct(path, volume, class_names) if modality == "RTSTRUCT" else read_volume(path)
 
 
 def label_statistics(
@@ -1884,8 +2196,9 @@ def _label_candidates(scan: str | os.PathLike) -> list[str]:
 def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path | None:
     """
     The label volume of `scan` in the folder `labels`: the file of the same name (`.nii.gz` or `.nii`), or for
-    nnU-Net's `<case>_0000.nii.gz` scans `<case>.nii.gz`; for a DICOM series' folder, else the DICOM SEG at or under
-    `labels` that references the series (:func:`dicom_seg_of`); None when there is none. One lookup, shared by
+    nnU-Net's `<case>_0000.nii.gz` scans `<case>.nii.gz`; for a DICOM series' folder, else the DICOM SEG or RT
+    Structure Set at or under `labels` that references the series (:func:`dicom_annotation_of`); None when there is
+    none. One lookup, shared by
     `imedsam predict --boxes-from-masks` and `imedsam convert volumes`.
     """
     for name in _label_candidates(scan):
@@ -1893,14 +2206,14 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
             candidate = Path(labels) / f"{name}{suffix}"
             if candidate.is_file():
                 return candidate
-    return dicom_seg_of(scan, labels) if Path(scan).is_dir() else None
+    return dicom_annotation_of(scan, labels) if Path(scan).is_dir() else None
 
 
 def label_volume_names(scan: str | os.PathLike) -> str:
     """The label volume names :func:`label_volume_of` looks for, as a message says them: `a.nii.gz or a.nii`."""
     names = [f"{name}{suffix}" for name in _label_candidates(scan) for suffix in NIFTI_SUFFIXES]
     if Path(scan).is_dir():
-        names.append("a DICOM SEG referencing the series")
+        names.append("a DICOM SEG or RTSTRUCT referencing the series")
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
@@ -1956,6 +2269,27 @@ def _shortest(value: float) -> str:
     return str(single) if float(single) == value else repr(float(value))
 
 
+def _roi_classes(label_paths: Sequence[Path]) -> dict[int, str] | None:
+    """The classes of a folder of RT Structure Sets: `{1: first ROI name, 2: the next new one, ...}` in the order
+    the cases list them (ROIs named with the same words are one class), as a treatment planning system numbers each
+    patient's ROIs its own way; None when no label is an RTSTRUCT. RT Structure Sets beside NIfTI labels or DICOM SEGs,
+    numbered otherwise, are a ValueError."""
+    structure_sets = [path for path in label_paths if dicom_annotation_modality(path) == "RTSTRUCT"]
+    if not structure_sets:
+        return None
+    if len(structure_sets) < len(label_paths):
+        other = next(path for path in label_paths if path not in structure_sets)
+        raise ValueError(
+            f"{other} and {structure_sets[0]}: RT Structure Sets (ROIs numbered by each case's own plan) beside "
+            "labels numbered by class: give the class names (`class_names`) to number all by name"
+        )
+    names: dict[frozenset[str], str] = {}
+    for path in structure_sets:
+        for name in dicom_structure_names(path).values():
+            names.setdefault(_structure_words(name), name)
+    return {number: name for number, name in enumerate(names.values(), start=1)}
+
+
 def volumes_to_slices(
     images: str | os.PathLike,
     labels: str | os.PathLike,
@@ -1987,6 +2321,8 @@ def volumes_to_slices(
     """
     pairs = paired_volumes(images, labels)
     check_window(window)
+    if class_names is None:
+        class_names = _roi_classes([label_path for _, _, label_path in pairs])
     window_record = "" if window is None else window_csv(window)
     rows, present, count = [], set(), 0
     segment_names: dict[int, str] = {}  # DICOM SEG labels: {segment number: label}, the same in every SEG
@@ -1997,7 +2333,7 @@ def volumes_to_slices(
             volume = read_volume(image_path)
             label_volume = read_label_volume(label_path, volume, class_names)
             if class_names is None and is_dicom_seg(label_path):  # segment numbers are the ids: one numbering
-                for number, label in dicom_seg_segments(label_path).items():
+                for number, label in dicom_structure_names(label_path).items():
                     if _structure_words(segment_names.setdefault(number, label)) != _structure_words(label):
                         raise ValueError(
                             f"{label_path}: segment {number} is {label!r}, in another SEG {segment_names[number]!r}; "

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, load_script, tiny_model, write_dicom_image, write_dicom_series
+from conftest import SHARED_DATA, dicom_skeleton, load_script, tiny_model, write_dicom_image, write_dicom_series
 from PIL import Image
 from scipy import ndimage
 from scipy.spatial.distance import cdist
@@ -1295,7 +1295,7 @@ def test_dicom_segs_are_label_volumes_of_their_series(tmp_path, capsys):
     TotalSegmentator's `kidney_right` is `right kidney`)."""
     pytest.importorskip("highdicom")
     from imedsam_hf.cli import main
-    from imedsam_hf.volumes import dicom_seg_of, label_volume_of, read_dicom_seg, write_dicom_seg
+    from imedsam_hf.volumes import dicom_annotation_of, label_volume_of, read_dicom_seg, write_dicom_seg
 
     labels = two_organs()
     labels[15:20, 2:6, 4:6] = 7
@@ -1310,7 +1310,7 @@ def test_dicom_segs_are_label_volumes_of_their_series(tmp_path, capsys):
     np.testing.assert_array_equal(read_dicom_seg(seg, volume).data, np.select([labels == 2, labels == 5, labels == 7],
                                                                              [1, 2, 3], 0))  # fmt: skip
     model_names = {2: "right kidney", 10: "portal vein and splenic vein", 6: "liver"}
-    with pytest.warns(UserWarning, match=r"segments 3 'brain' name no structure of the model: left out"):
+    with pytest.warns(UserWarning, match=r"segments 3 'brain' name none of the classes: left out"):
         matched = read_dicom_seg(seg, volume, model_names)
     np.testing.assert_array_equal(matched.data, np.select([labels == 2, labels == 5], [2, 10], 0))
     with pytest.raises(ValueError, match=r"references the series .*, not .*other's \("):
@@ -1318,7 +1318,7 @@ def test_dicom_segs_are_label_volumes_of_their_series(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"none of its segments .* is one of the structures"):
         read_dicom_seg(seg, volume, {6: "liver"})
     # Found by the series it references, under any name and folder.
-    assert dicom_seg_of(tmp_path / "export" / "patient" / "CT_abdomen", tmp_path / "annotations") == seg
+    assert dicom_annotation_of(tmp_path / "export" / "patient" / "CT_abdomen", tmp_path / "annotations") == seg
     assert label_volume_of(tmp_path / "export" / "patient" / "CT_abdomen", tmp_path / "annotations") == seg
     # predict --boxes-from-masks: the label volume that NIfTI labels give.
     tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
@@ -1348,7 +1348,7 @@ def test_dicom_segs_are_label_volumes_of_their_series(tmp_path, capsys):
     capsys.readouterr()
     (tmp_path / "empty").mkdir()
     assert main([*argv, "--boxes-from-masks", str(tmp_path / "empty"), "--out", str(tmp_path / "c")]) == 1
-    assert "or a DICOM SEG referencing the series" in capsys.readouterr().err
+    assert "or a DICOM SEG or RTSTRUCT referencing the series" in capsys.readouterr().err
     # A SEG saved inside its series' folder is neither a slice of it nor an image; given as an image, it says what it is.
     from imedsam_hf.data import image_files_in
 
@@ -1360,9 +1360,186 @@ def test_dicom_segs_are_label_volumes_of_their_series(tmp_path, capsys):
     # Two SEGs of one series: which one? Named, not guessed (the folder's index is read again once it changed).
     (tmp_path / "annotations" / "copy.dcm").write_bytes(seg.read_bytes())
     with pytest.raises(
-        ValueError, match=r"annotations: 2 DICOM SEGs reference the series CT_abdomen \(.*1\.2\.3\.4\.dcm"
+        ValueError,
+        match=r"annotations: 2 DICOM SEG / RTSTRUCT files reference the series CT_abdomen \(.*1\.2\.3\.4\.dcm",
     ):
-        dicom_seg_of(series, tmp_path / "annotations")
+        dicom_annotation_of(series, tmp_path / "annotations")
+
+
+def voxel_lps(i: float, j: float, k: float) -> list[float]:
+    """A voxel of the test scan (AFFINE's grid) in DICOM patient coordinates (LPS, mm), from the affine alone."""
+    return list(np.diag([-1.0, -1.0, 1.0]) @ (AFFINE @ [i, j, k, 1.0])[:3])
+
+
+def planning_structure_set(series: list[Path], rois: dict[int, str], contours: list[tuple]) -> object:
+    """An RT Structure Set as a treatment planning system writes one (built here with pydicom, not by the code under
+    test): its ROIs `{number: name}`, each contour `(ROI number, kind, [(i, j, k) voxel corners])` with no image
+    reference, the whole set referencing the series' frame of reference only."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    first = pydicom_module().dcmread(series[0], stop_before_pixels=True)
+    dataset = dicom_skeleton("1.2.840.10008.5.1.4.1.1.481.3", "RTSTRUCT", study=first.StudyInstanceUID)
+    reference = Dataset()
+    reference.FrameOfReferenceUID = first.FrameOfReferenceUID
+    dataset.ReferencedFrameOfReferenceSequence = Sequence([reference])
+    dataset.StructureSetROISequence, dataset.ROIContourSequence = Sequence(), Sequence()
+    for number, name in rois.items():
+        roi, drawn = Dataset(), Dataset()
+        roi.ROINumber, roi.ROIName, roi.ReferencedFrameOfReferenceUID = number, name, first.FrameOfReferenceUID
+        drawn.ReferencedROINumber, drawn.ContourSequence = number, Sequence()
+        for owner, kind, corners in contours:
+            if owner == number:
+                contour = Dataset()
+                contour.ContourGeometricType, contour.NumberOfContourPoints = kind, len(corners)
+                contour.ContourData = [f"{v:.4f}" for corner in corners for v in voxel_lps(*corner)]
+                drawn.ContourSequence.append(contour)
+        dataset.StructureSetROISequence.append(roi)
+        dataset.ROIContourSequence.append(drawn)
+    return dataset
+
+
+def pydicom_module():
+    return pytest.importorskip("pydicom")
+
+
+def outline(i0: int, i1: int, j0: int, j1: int, k: int) -> list[tuple[float, float, int]]:
+    """The outline a planner draws around voxels i0..i1, j0..j1 of slice k: 0.4 voxel outside their centres."""
+    return [(i0 - 0.4, j0 - 0.4, k), (i1 + 0.4, j0 - 0.4, k), (i1 + 0.4, j1 + 0.4, k), (i0 - 0.4, j1 + 0.4, k)]
+
+
+@needs_dicom
+def test_rt_structure_sets_are_written_and_read_as_label_volumes_of_their_series(tmp_path, capsys, monkeypatch):
+    """Radiotherapy keeps organ contours as RT Structure Sets (RTSTRUCT), not SEGs or NIfTI: treatment planning
+    systems import and export them, and TCIA's RT collections ship them. `--dicom-rtstruct` writes one over the
+    series (contours through the midpoints between a structure's pixels and the rest, read back to the same labels,
+    holes and one-voxel-wide parts included); a planner's RTSTRUCT (ROIs numbered its own way, a body outline around
+    the organs, a hole drawn as a contour of its own, a point marker, a contour off the scan, no image references)
+    is read as the labels it outlines, for `predict --boxes-from-masks`, `convert volumes` and `segment_volume`."""
+    pytest.importorskip("skimage")
+    pydicom = pydicom_module()
+    from imedsam_hf.cli import main
+    from imedsam_hf.volumes import dicom_annotation_of, dicom_structure_names, read_rtstruct, write_rtstruct
+
+    labels = two_organs()
+    labels[13:22, 2:9, 1:4] = 7
+    labels[16:19, 4:7, 2] = 0  # a hole in structure 7 on slice 2
+    labels[21, 13:19, 4] = 5  # a part one voxel wide
+    files = write_dicom_series(*as_stored(hu_scan(labels), AFFINE, ("L", "P", "S")), tmp_path / "series")
+    volume = read_volume(tmp_path / "series")
+    names = {2: "right kidney", 5: "liver", 7: "stomach"}
+    path = write_rtstruct(labels, volume, tmp_path / "out_rt" / "series_rtstruct.dcm", names, "imedsam-litemedsam-btcv")
+    np.testing.assert_array_equal(read_rtstruct(path, volume).data, labels)
+    written = pydicom.dcmread(path)
+    assert written.Modality == "RTSTRUCT" and written.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
+    assert dicom_structure_names(path) == names
+    headers = {h.SOPInstanceUID: h for h in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
+    for roi in written.ROIContourSequence:  # each contour lies in the plane of the image it names
+        for contour in roi.ContourSequence:
+            image = headers[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
+            orientation = np.asarray(image.ImageOrientationPatient, dtype=float)
+            offsets = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3) - np.asarray(
+                image.ImagePositionPatient
+            )
+            np.testing.assert_allclose(offsets @ np.cross(orientation[:3], orientation[3:]), 0, atol=1e-3)
+    with pytest.raises(ValueError, match="no structure was segmented"):
+        write_rtstruct(np.zeros_like(labels), volume, tmp_path / "empty.dcm")
+    with pytest.raises(ValueError, match="references a DICOM series' images"):
+        write_rtstruct(labels, make_volume(hu_scan(labels)), tmp_path / "nifti.dcm")
+
+    # A planner's structure set: found by the series' frame of reference, read as the areas its contours enclose.
+    planned = planning_structure_set(
+        files, {23: "Kidney_R", 24: "Stomach", 30: "marker", 40: "BODY"},  # TG-263's names
+        [(40, "CLOSED_PLANAR", outline(0, 23, 0, 19, k)) for k in range(6)]  # listed last, drawn first
+        + [(23, "CLOSED_PLANAR", outline(3, 9, 4, 11, k)) for k in (1, 2, 3, 4, 8)]  # k = 8: beyond the scan
+        + [(24, "CLOSED_PLANAR", outline(13, 21, 2, 8, k)) for k in (1, 2, 3)]
+        + [(24, "CLOSED_PLANAR", outline(16, 18, 4, 6, 2)), (30, "POINT", [(5, 5, 2)])]
+        + [(23, "CLOSED_PLANAR", [(3, 4, 5), (3, 8, 5)])],  # one voxel wide, traced through its centres (rt-utils)
+    )  # fmt: skip
+    (tmp_path / "plans" / "2024").mkdir(parents=True)
+    planned.save_as(tmp_path / "plans" / "2024" / "RS.1.2.3", enforce_file_format=True)
+    found = dicom_annotation_of(tmp_path / "series", tmp_path / "plans")
+    assert found == tmp_path / "plans" / "2024" / "RS.1.2.3"
+    expected = np.full(labels.shape, 40, np.uint8)  # the body outline holds the organs: each organ kept inside it
+    expected[3:10, 4:12, 1:5] = 23  # the kidney's outline, where the test's labels gave part of it to 5
+    expected[labels == 7] = 24
+    expected[16:19, 4:7, 2] = 40  # the stomach's hole: body
+    expected[3, 4:9, 5] = 23
+    with pytest.warns(UserWarning, match=r"left out 1 contours that are no area .* and 1 that lie on no image"):
+        np.testing.assert_array_equal(read_rtstruct(found, volume).data, expected)
+    model_names = {2: "right kidney", 6: "liver", 7: "stomach"}
+    with pytest.warns(UserWarning, match=r"ROIs 30 'marker', 40 'BODY' name none of the classes"):
+        with pytest.warns(UserWarning, match=r"left out 0 contours that are no area .* and 1 that lie on no image"):
+            matched = read_rtstruct(found, volume, model_names)
+    np.testing.assert_array_equal(matched.data, np.select([expected == 23, expected == 24], [2, 7], 0))
+    write_dicom_series(*as_stored(hu_scan(labels), AFFINE, ("L", "P", "S")), tmp_path / "other")
+    with pytest.raises(ValueError, match=r"references the series .*, not .*other's \("):
+        read_rtstruct(path, read_volume(tmp_path / "other"))
+
+    # imedsam predict: prompted by the planner's contours as by the NIfTI labels they outline; --dicom-rtstruct out.
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    save_nifti(tmp_path / "nifti_labels" / "series.nii.gz", expected)
+    argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "series")]
+    assert (
+        main([*argv, "--boxes-from-masks", str(tmp_path / "plans"), "--out", str(tmp_path / "a"), "--dicom-rtstruct"])
+        == 0
+    )
+    assert main([*argv, "--boxes-from-masks", str(tmp_path / "nifti_labels"), "--out", str(tmp_path / "b")]) == 0
+    from_plan, from_nifti = (np.asarray(nib.load(tmp_path / d / "series.nii.gz").dataobj) for d in "ab")
+    assert from_plan.any()
+    np.testing.assert_array_equal(from_plan, from_nifti)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["series.nii.gz", "series_rtstruct.dcm"]
+    np.testing.assert_array_equal(read_rtstruct(tmp_path / "a" / "series_rtstruct.dcm", volume).data, from_plan)
+    # Refused up front: a NIfTI scan (nothing to reference), scikit-image missing.
+    capsys.readouterr()
+    scan = save_nifti(tmp_path / "nifti" / "scan.nii.gz", hu_scan(labels))
+    argv = ["predict", "--model", str(tmp_path / "model"), "--boxes-from-masks", str(tmp_path / "nifti_labels")]
+    assert main([*argv, str(scan), "--out", str(tmp_path / "no"), "--dicom-rtstruct"]) == 2
+    assert "--dicom-rtstruct: " in capsys.readouterr().err and not (tmp_path / "no").exists()
+    real = importlib.util.find_spec
+    with monkeypatch.context() as patched:
+        patched.setattr(
+            volumes_module.importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a)
+        )
+        assert main([*argv, str(tmp_path / "series"), "--out", str(tmp_path / "none"), "--dicom-rtstruct"]) == 2
+    assert "pip install scikit-image" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    # An RT Structure Set given as an image says what it is.
+    with pytest.raises(ValueError, match=r"RS\.1\.2\.3: an RT Structure Set \(the segmentation of a series"):
+        segment(tiny_model(), str(found), box=[1, 1, 5, 5])
+
+
+@needs_dicom
+def test_convert_volumes_numbers_rt_structures_by_name_across_patients(tmp_path, capsys):
+    """Each patient's plan numbers its ROIs its own way (liver is ROI 2 in one, ROI 5 in the next): `convert volumes`
+    on RT Structure Sets gives every ROI name one class, in the order the cases name them, so that a folder of
+    planned CTs trains one model. RTSTRUCTs beside labels numbered by class are refused."""
+    pytest.importorskip("skimage")
+    from imedsam_hf.cli import main
+    from imedsam_hf.volumes import write_rtstruct
+
+    labels = two_organs()
+    for case, names in (("patient1", {2: "Liver", 5: "Spleen"}), ("patient2", {2: "spleen", 5: "liver"})):
+        write_dicom_series(*as_stored(hu_scan(labels), AFFINE, ("L", "P", "S")), tmp_path / "export" / case)
+        write_rtstruct(labels, read_volume(tmp_path / "export" / case), tmp_path / "rt" / f"RS_{case}.dcm", names)
+    command = ["convert", "volumes", "--images", str(tmp_path / "export"), "--labels", str(tmp_path / "rt")]
+    assert main([*command, "--output", str(tmp_path / "slices")]) == 0
+    classes = json.loads((tmp_path / "slices" / "classes.json").read_text())["classes"]
+    assert classes == {"0": "background", "1": "Liver", "2": "Spleen"}
+    liver_spleen = {"patient1": np.select([labels == 2, labels == 5], [1, 2], 0),
+                    "patient2": np.select([labels == 5, labels == 2], [1, 2], 0)}  # fmt: skip
+    masks = sorted((tmp_path / "slices" / "masks").iterdir())
+    assert len(masks) == 8  # 4 labelled slices of each patient
+    for path in masks:
+        case, z = path.stem.split("_slice")
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), slice_image(liver_spleen[case], int(z)))
+    # A NIfTI label volume beside them numbers its classes otherwise: refused, naming both, nothing written.
+    write_dicom_series(hu_scan(labels), AFFINE, tmp_path / "export" / "patient3")
+    save_nifti(tmp_path / "rt" / "patient3.nii.gz", labels)
+    capsys.readouterr()
+    assert main([*command, "--output", str(tmp_path / "mixed")]) == 2
+    error = capsys.readouterr().err
+    assert "patient3.nii.gz and " in error and "beside labels numbered by class" in error
+    assert not (tmp_path / "mixed").exists()
 
 
 def test_boxes_file_entries_drawn_on_a_key_slice():

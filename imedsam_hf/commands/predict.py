@@ -56,6 +56,7 @@ from ..volumes import (
     read_volume,
     require_dicom,
     require_dicom_seg,
+    require_rtstruct,
     resolve_window,
     segment_npz_case,
     segment_volume,
@@ -65,6 +66,7 @@ from ..volumes import (
     volume_overlay,
     write_dicom_seg,
     write_label_volume,
+    write_rtstruct,
 )
 from .common import (
     EXIT_OK,
@@ -350,14 +352,18 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             raise ValueError(
                 "--statistics applies to volumes, NIfTI or DICOM (each structure's volume in mL and mean intensity)."
             )
-        if args.dicom_seg:
+        for flag, given, what, require in (
+            ("--dicom-seg", args.dicom_seg, "a DICOM Segmentation", require_dicom_seg),
+            ("--dicom-rtstruct", args.dicom_rtstruct, "an RT Structure Set", require_rtstruct),
+        ):
             other = next((raw for raw in [*volumes, *images] if not (raw in volumes and Path(raw).is_dir())), None)
-            if other is not None:
+            if given and other is not None:
                 raise ValueError(
-                    f"--dicom-seg: {other} is not a DICOM series; a DICOM Segmentation references its series' images: "
-                    "give series folders only (NIfTI scans get their label volume without it)."
+                    f"{flag}: {other} is not a DICOM series; {what} references its series' images: give series "
+                    "folders only (NIfTI scans get their label volume without it)."
                 )
-            require_dicom_seg()
+            if given:
+                require()  # its library missing: said before the model loads
         if args.window is not None:
             if not volumes:
                 raise ValueError("--window applies to volumes (NIfTI, DICOM series); images are 8-bit already.")
@@ -505,12 +511,14 @@ def write_json(value: Any, target: Path) -> None:
 
 def volume_suffixes(args) -> tuple[str, ...]:
     """What `imedsam predict` writes for each volume: its label volume, then its montage (`--overlay`), its
-    structures' volumes and intensities (`--statistics`) and its DICOM Segmentation (`--dicom-seg`)."""
+    structures' volumes and intensities (`--statistics`), its DICOM Segmentation (`--dicom-seg`) and its RT Structure
+    Set (`--dicom-rtstruct`)."""
     return (
         (".nii.gz",)
         + (("_overlay.png",) if args.overlay else ())
         + (("_statistics.json",) if args.statistics else ())
         + (("_seg.dcm",) if args.dicom_seg else ())
+        + (("_rtstruct.dcm",) if args.dicom_rtstruct else ())
     )
 
 
@@ -533,7 +541,8 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
     """One label volume per scan (uint8 class ids on the scan's grid), written atomically, and with `--overlay` a
     montage PNG of its slices (`volumes.volume_overlay`); failures named."""
     failures = []
-    names = structure_names(model.config, args.boxes_from_masks) if args.statistics or args.dicom_seg else None
+    named = args.statistics or args.dicom_seg or args.dicom_rtstruct
+    names = structure_names(model.config, args.boxes_from_masks) if named else None
     for path, planned in plan.items():
         targets = dict(zip(volume_suffixes(args), planned))
         name = volume_name(path)
@@ -563,6 +572,8 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 write_json(label_statistics(labels, volume, names), targets["_statistics.json"])
             if args.dicom_seg:
                 write_dicom_seg(labels, volume, targets["_seg.dcm"], names, Path(args.model).name)
+            if args.dicom_rtstruct:
+                write_rtstruct(labels, volume, targets["_rtstruct.dcm"], names, Path(args.model).name)
             if args.overlay:  # a montage of slices: the labels in their colours, the truth outlined, the boxes
                 truth = prompts.get("label_volume")
                 picture = volume_overlay(
@@ -580,7 +591,7 @@ NPZ_REFUSED = {
     "--box": "box", "--boxes": "boxes", "--boxes-from-masks": "boxes_from_masks", "--points": "points",
     "--points-from-masks": "points_from_masks", "--no-prompt": "no_prompt", "--window": "window",
     "--output-size": "output_size", "--classes": "classes", "--overlay": "overlay", "--statistics": "statistics",
-    "--dicom-seg": "dicom_seg",
+    "--dicom-seg": "dicom_seg", "--dicom-rtstruct": "dicom_rtstruct",
 }  # fmt: skip
 
 
