@@ -290,18 +290,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="NIfTI scans and label volumes -> a folder of 2-D slices to train and evaluate on",
         formatter_class=_HelpFormatter,
     )
-    scans.add_argument(
-        "--images",
-        required=True,
-        help="folder of .nii/.nii.gz scans (nnU-Net's <case>_0000 names too), or of DICOM series folders below it "
-        "(each a case named by its folder; the [dicom] extra)",
+    truths = sources.add_parser(
+        "labels",
+        help="label volumes of scans (DICOM SEGs, RT Structure Sets, NIfTI in any orientation) -> <case>.nii.gz on "
+        "each scan's grid, as predict writes its label volumes: the truth for `imedsam score`, or nnU-Net's labelsTr",
+        formatter_class=_HelpFormatter,
     )
-    scans.add_argument(
-        "--labels",
-        required=True,
-        help="folder of label volumes of the same names (<case>.nii.gz); for DICOM series, or the DICOM SEGs that "
-        "reference them (any names)",
-    )
+    for paired in (scans, truths):
+        paired.add_argument(
+            "--images",
+            required=True,
+            help="folder of .nii/.nii.gz scans (nnU-Net's <case>_0000 names too), or of DICOM series folders below it "
+            "(each a case named by its folder; the [dicom] extra)",
+        )
+        paired.add_argument(
+            "--labels",
+            required=True,
+            help="folder of label volumes of the same names (<case>.nii.gz); for DICOM series, or the DICOM SEGs or RT "
+            "Structure Sets that reference them (any names)",
+        )
+        paired.add_argument(
+            "--classes",
+            default=None,
+            help="the label ids' names: a classes.json, an MSD / nnU-Net dataset.json or a model's config.json "
+            "(id2label); DICOM structures are matched to them by name (default: the dataset.json beside --labels if "
+            "there is one, else SEG segment labels, RTSTRUCT ROI names numbered in order, or 'class <id>')",
+        )
+    truths.add_argument("--output", required=True, help="new folder: <case>.nii.gz, classes.json")
     scans.add_argument(
         "--output", required=True, help="new folder: images/, masks/<case>_slice<z>.png, classes.json, cases.csv"
     )
@@ -311,12 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"CT window, a preset ({', '.join(WINDOW_PRESETS)}) or LEVEL,WIDTH in HU, or mr for MR: the one you "
         "will predict with, recorded in cases.csv for training to keep in the model (default: 8-bit scans as they "
         "are, others rescaled min-max per scan)",
-    )
-    scans.add_argument(
-        "--classes",
-        default=None,
-        help="the label ids' names: a classes.json or an MSD / nnU-Net dataset.json (default: the dataset.json "
-        "beside --labels if there is one, else 'class <id>')",
     )
     scans.add_argument("--all-slices", action="store_true", help="keep slices without any structure too")
 

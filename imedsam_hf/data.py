@@ -492,15 +492,16 @@ def _hub_class_file(name: str) -> str | None:
 def read_class_file(path: str | os.PathLike) -> dict[int, str]:
     """
     `{id: name}` of the structures (id 0, background, left out) listed in `path`: a `classes.json`
-    (`{"classes": {"1": "spleen", ...}}` or a flat `{"1": "spleen", ...}`), or a Medical Segmentation Decathlon or
-    nnU-Net `dataset.json`, whose `"labels"` map ids to names (`{"1": "spleen"}`) or names to ids (`{"spleen": 1}`).
+    (`{"classes": {"1": "spleen", ...}}` or a flat `{"1": "spleen", ...}`), a Medical Segmentation Decathlon or
+    nnU-Net `dataset.json`, whose `"labels"` map ids to names (`{"1": "spleen"}`) or names to ids (`{"spleen": 1}`),
+    or a model's `config.json` (its `"id2label"`).
     A file that lists no structure (only the background), ids outside 0..255 or nnU-Net's region labels (lists of
     ids) are a ValueError naming it.
     """
     path = Path(path)
     try:
         content = json.loads(path.read_text())
-        table = content.get("classes", content.get("labels", content))
+        table = content.get("classes", content.get("labels", content.get("id2label", content)))
         if table and all(isinstance(v, (int, list)) and not isinstance(v, bool) for v in table.values()):
             regions = [name for name, value in table.items() if isinstance(value, list)]
             if regions:

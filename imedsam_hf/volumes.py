@@ -149,6 +149,7 @@ __all__ = [
     "volume_box_to_slice_box",
     "volume_scores",
     "volumes_to_slices",
+    "label_volumes_to_nifti",
     "volume_name",
     "volume_overlay",
     "volume_prompts",
@@ -1443,7 +1444,7 @@ def require_dicom_seg() -> None:
 def require_rtstruct() -> None:
     """An `ImportError` naming the ``dicom`` extra when scikit-image (which traces and fills RT structure contours) is
     missing."""
-    _require_extra("skimage", "scikit-image", "an RT Structure Set's contours")
+    _require_extra("skimage", "scikit-image", "tracing or filling an RT Structure Set's contours")
 
 
 def _series_headers(volume: Volume, needs: str) -> list[Any]:
@@ -2290,6 +2291,85 @@ def _roi_classes(label_paths: Sequence[Path]) -> dict[int, str] | None:
     return {number: name for number, name in enumerate(names.values(), start=1)}
 
 
+def _labelled_cases(
+    pairs: Sequence[tuple[str, Path, Path]],
+    class_names: Mapping[int, str] | None,
+    segment_names: dict[int, str],
+    progress: bool,
+) -> Iterable[tuple[str, Path, Path, Volume, np.ndarray]]:
+    """`(case, scan path, label path, scan, class ids on the scan's grid)` of each pair (:func:`paired_volumes`), its
+    label volume read by :func:`read_label_volume` and moved onto the scan's grid (:func:`check_label_volume`). Where
+    DICOM SEGs' segment numbers are the ids (no `class_names`), `segment_names` collects `{number: label}`, which
+    must be the same in every SEG."""
+    for case, image_path, label_path in tqdm(pairs, desc="volumes", unit="volume", disable=not progress):
+        volume = read_volume(image_path)
+        label_volume = read_label_volume(label_path, volume, class_names)
+        if class_names is None and is_dicom_seg(label_path):  # segment numbers are the ids: one numbering
+            for number, label in dicom_structure_names(label_path).items():
+                if _structure_words(segment_names.setdefault(number, label)) != _structure_words(label):
+                    raise ValueError(
+                        f"{label_path}: segment {number} is {label!r}, in another SEG {segment_names[number]!r}; "
+                        "give the names (`class_names`) to match segments by name"
+                    )
+        yield case, image_path, label_path, volume, check_label_volume(label_volume, volume, compare_affines=True)
+
+
+def _write_classes(
+    folder: Path, class_names: Mapping[int, str] | None, present: set[int], segment_names: Mapping[int, str]
+) -> dict[int, str]:
+    """Write `folder/classes.json`: `class_names`, or the SEGs' segment labels, else `class <id>`, for the ids
+    `present`; an id `class_names` does not list is a ValueError. Returns `{id: name}`."""
+    if class_names is not None:
+        unnamed = sorted(present - set(class_names))
+        if unnamed:
+            raise ValueError(f"the label volumes hold class ids {unnamed} that `class_names` does not list.")
+    names = (
+        dict(class_names)
+        if class_names is not None
+        else {c: segment_names.get(c) or f"class {c}" for c in sorted(present)}
+    )
+    table = {"0": "background", **{str(c): names[c] for c in sorted(names)}}
+    (folder / "classes.json").write_text(json.dumps({"classes": table}, indent=1))
+    return names
+
+
+def label_volumes_to_nifti(
+    images: str | os.PathLike,
+    labels: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    class_names: Mapping[int, str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """
+    Each scan's label volume (a DICOM SEG or RT Structure Set of a series, or a NIfTI, in any orientation) as
+    `<case>.nii.gz` on its scan's grid, the grid :func:`read_volume` gives the scan and `imedsam predict` writes its
+    label volumes on, with `classes.json`: the truth `imedsam score` compares predictions with, or nnU-Net's
+    `labelsTr` (`imedsam convert labels`).
+
+    Args:
+        images, labels: folders (:func:`paired_volumes`: NIfTI scans or DICOM series folders, each with its label
+            volume; RT Structure Sets numbered by ROI name across cases, :func:`volumes_to_slices`).
+        output: a new folder (or an empty one), written in a temporary folder and renamed into place at the end.
+        class_names: `{id: name}`: DICOM structures matched to them by name (a class-aware model's classes, so that
+            the truth numbers structures as its predictions do).
+
+    Returns:
+        `{"volumes", "classes"}`: the count and `{id: name}`.
+    """
+    pairs = paired_volumes(images, labels)
+    if class_names is None:
+        class_names = _roi_classes([label_path for _, _, label_path in pairs])
+    present: set[int] = set()
+    segment_names: dict[int, str] = {}
+    with staged_folder(output, "`output`") as staging:
+        for case, _, _, volume, truth in _labelled_cases(pairs, class_names, segment_names, progress):
+            write_label_volume(truth, volume, staging / f"{case}.nii.gz")
+            present |= {int(c) for c in np.unique(truth) if c}
+        names = _write_classes(staging, class_names, present, segment_names)
+    return {"volumes": len(pairs), "classes": names}
+
+
 def volumes_to_slices(
     images: str | os.PathLike,
     labels: str | os.PathLike,
@@ -2325,21 +2405,11 @@ def volumes_to_slices(
         class_names = _roi_classes([label_path for _, _, label_path in pairs])
     window_record = "" if window is None else window_csv(window)
     rows, present, count = [], set(), 0
-    segment_names: dict[int, str] = {}  # DICOM SEG labels: {segment number: label}, the same in every SEG
+    segment_names: dict[int, str] = {}
     with staged_folder(output, "`output`") as staging:
         for sub in ("images", "masks"):
             (staging / sub).mkdir()
-        for case, image_path, label_path in tqdm(pairs, desc="volumes", unit="volume", disable=not progress):
-            volume = read_volume(image_path)
-            label_volume = read_label_volume(label_path, volume, class_names)
-            if class_names is None and is_dicom_seg(label_path):  # segment numbers are the ids: one numbering
-                for number, label in dicom_structure_names(label_path).items():
-                    if _structure_words(segment_names.setdefault(number, label)) != _structure_words(label):
-                        raise ValueError(
-                            f"{label_path}: segment {number} is {label!r}, in another SEG {segment_names[number]!r}; "
-                            "give the names (`class_names`) to match segments by name"
-                        )
-            truth = check_label_volume(label_volume, volume, compare_affines=True)
+        for case, image_path, label_path, volume, truth in _labelled_cases(pairs, class_names, segment_names, progress):
             grey = to_uint8(volume.data, window)
             labelled = truth.any(axis=(0, 1))
             slices = range(truth.shape[2]) if all_slices else np.flatnonzero(labelled)
@@ -2353,17 +2423,7 @@ def volumes_to_slices(
             spacing = "x".join(_shortest(v) for v in volume.spacing)
             row = [case, image_path.name, label_path.name, truth.shape[2], int(labelled.sum()), spacing]
             rows.append([*row, "".join(volume.axcodes), window_record])
-        if class_names is not None:
-            unnamed = sorted(present - set(class_names))
-            if unnamed:
-                raise ValueError(f"the label volumes hold class ids {unnamed} that `class_names` does not list.")
-        names = (
-            dict(class_names)
-            if class_names is not None
-            else {c: segment_names.get(c) or f"class {c}" for c in sorted(present)}
-        )
-        table = {"0": "background", **{str(c): names[c] for c in sorted(names)}}
-        (staging / "classes.json").write_text(json.dumps({"classes": table}, indent=1))
+        names = _write_classes(staging, class_names, present, segment_names)
         with (staging / "cases.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(

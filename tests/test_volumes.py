@@ -1532,6 +1532,35 @@ def test_convert_volumes_numbers_rt_structures_by_name_across_patients(tmp_path,
     for path in masks:
         case, z = path.stem.split("_slice")
         np.testing.assert_array_equal(np.asarray(Image.open(path)), slice_image(liver_spleen[case], int(z)))
+    # convert labels: the same numbering as NIfTI on each series' grid, the truth `imedsam score` pairs predictions
+    # with (predict writes <series>.nii.gz on that grid); or numbered as a model's config.json names its classes.
+    truth_command = ["convert", "labels", "--images", str(tmp_path / "export"), "--labels", str(tmp_path / "rt")]
+    assert main([*truth_command, "--output", str(tmp_path / "truth")]) == 0
+    assert sorted(p.name for p in (tmp_path / "truth").iterdir()) == [
+        "classes.json",
+        "patient1.nii.gz",
+        "patient2.nii.gz",
+    ]
+    for case, expected in liver_spleen.items():
+        written, scan = nib.load(tmp_path / "truth" / f"{case}.nii.gz"), read_volume(tmp_path / "export" / case)
+        np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+        np.testing.assert_allclose(written.affine, scan.affine)
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "imedsam", "id2label": {"3": "spleen", "4": "liver"}})
+    )
+    assert (
+        main([*truth_command, "--classes", str(tmp_path / "config.json"), "--output", str(tmp_path / "by_model")]) == 0
+    )
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(tmp_path / "by_model" / "patient2.nii.gz").dataobj),
+        np.select([labels == 5, labels == 2], [4, 3], 0),
+    )
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    assert main(["predict", "--model", str(tmp_path / "model"), str(tmp_path / "export"), "--boxes-from-masks",
+                 str(tmp_path / "rt"), "--out", str(tmp_path / "predicted")]) == 0  # fmt: skip
+    assert main(["score", str(tmp_path / "predicted"), "--truth", str(tmp_path / "truth"),
+                 "--json", str(tmp_path / "score.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "score.json").read_text())["n_cases"] == 2
     # A NIfTI label volume beside them numbers its classes otherwise: refused, naming both, nothing written.
     write_dicom_series(hu_scan(labels), AFFINE, tmp_path / "export" / "patient3")
     save_nifti(tmp_path / "rt" / "patient3.nii.gz", labels)

@@ -1,5 +1,6 @@
 """`imedsam convert`: a SAM checkpoint or LiteMedSAM as an I-MedSAM folder, one-mask-per-structure folders as
-class-id masks, or NIfTI scans with label volumes as a folder of 2-D slices."""
+class-id masks, scans with label volumes as a folder of 2-D slices, or label volumes (DICOM SEGs, RT Structure Sets)
+as NIfTI on their scans' grids."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from pathlib import Path
 
 from ..data import convert_structure_masks, read_class_file
 from ..loading import LITEMEDSAM, convert_checkpoint
-from ..volumes import volumes_to_slices
+from ..volumes import label_volumes_to_nifti, volumes_to_slices
 from .common import EXIT_OK, fail
 
 
 def run(args: argparse.Namespace) -> int:
-    """`imedsam convert sam|litemedsam|structure-masks|volumes` with parsed arguments."""
+    """`imedsam convert sam|litemedsam|structure-masks|volumes|labels` with parsed arguments."""
     try:
-        if args.source == "volumes":
+        if args.source in ("volumes", "labels"):
             return slices_of_volumes(args)
         if args.source == "structure-masks":
             classes = convert_structure_masks(args.data_dir, args.output)
@@ -31,13 +32,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def slices_of_volumes(args: argparse.Namespace) -> int:
-    """`imedsam convert volumes`: the class names from --classes or the dataset.json beside --labels."""
+    """`imedsam convert volumes` (2-D slices) and `imedsam convert labels` (NIfTI label volumes): the class names
+    from --classes or the dataset.json beside --labels."""
     classes = args.classes
     beside = Path(args.labels).parent / "dataset.json"
     if classes is None and beside.is_file():
         classes = beside
         print(f"class names from {beside}")
     names = read_class_file(classes) if classes is not None else None
+    if args.source == "labels":
+        done = label_volumes_to_nifti(args.images, args.labels, args.output, class_names=names)
+        print(
+            f"wrote {args.output}: {done['volumes']} label volumes (<case>.nii.gz), {len(done['classes'])} classes (classes.json)"
+        )
+        return EXIT_OK
     done = volumes_to_slices(
         args.images, args.labels, args.output, window=args.window, class_names=names, all_slices=args.all_slices
     )
