@@ -24,9 +24,9 @@ from .processing_imedsam import (
     ImageInput,
     IMedSamProcessor,
     describe,
+    dicom_kind,
     hu_window,
     is_dicom_file,
-    is_volume_slice,
     looks_like_hu,
     mirrored_inputs,
     mirrored_mean,
@@ -156,8 +156,10 @@ def segment(
     if labels is not None and points is None:
         raise ValueError("`labels` were given without `points`: they label each point (1 foreground, 0 background).")
     path_given = isinstance(image, (str, os.PathLike))
-    if path_given and (is_volume(image) or os.path.isdir(image) or (is_dicom_file(image) and is_volume_slice(image))):
+    kind = dicom_kind(image) if path_given and os.path.isfile(image) and is_dicom_file(image) else ""
+    if path_given and (is_volume(image) or os.path.isdir(image) or kind in ("slice", "volume")):
         what = "a NIfTI volume" if is_volume(image) else "a folder" if os.path.isdir(image) else "a DICOM slice"
+        what = "a multi-frame DICOM scan" if kind == "volume" else what
         raise ValueError(
             f"{image}: {what}, and segment() takes one 2-D image: use imedsam_hf.volumes.segment_volume(model, "
             "read_volume(path), label_volume=... or boxes_3d=...) for a scan (a NIfTI file or a DICOM series' "

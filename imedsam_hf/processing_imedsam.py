@@ -123,20 +123,24 @@ def dicom_dataset(path: str | os.PathLike, pixels: bool = True, tags: Sequence[s
 def dicom_kind(path: str | os.PathLike) -> str:
     """
     What the DICOM file `path` holds, from its header: ``"slice"``, one slice of a cross-sectional scan (CT, MR, PET:
-    it records where it lies in the patient, `ImagePositionPatient` and `ImageOrientationPatient`); ``"image"``, a
+    it records where it lies in the patient, `ImagePositionPatient` and `ImageOrientationPatient`); ``"volume"``, a
+    whole scan in one multi-frame file (an enhanced CT, MR or PET, or a legacy converted one: several frames described
+    by functional groups, each frame's position among them); ``"image"``, a
     2-D image (radiographs, mammograms, ultrasound, endoscopy or dermoscopy stills, screen captures); ``"other"``, no
     image to segment (a DICOM SEG, a structured report, a presentation state, or a CT's localizer: the scout a
     scanner stores beside the axial slices, `ImageType` LOCALIZER). A file whose header cannot be read is an image
     when named `.dcm`/`.dicom` and a slice otherwise (`IM0001`), so that one reader names it, never both.
     """
-    tags = ["ImagePositionPatient", "ImageOrientationPatient", "Rows", "Modality", "ImageType"]
+    tags = ["ImagePositionPatient", "ImageOrientationPatient", "Rows", "Modality", "ImageType", "NumberOfFrames"]
     try:
-        header = dicom_dataset(path, pixels=False, tags=tags)
+        header = dicom_dataset(path, pixels=False, tags=[*tags, "SharedFunctionalGroupsSequence"])
     except ValueError:
         return "image" if str(path).lower().endswith(DICOM_EXTENSIONS) else "slice"
     localizer = "LOCALIZER" in [str(value).upper() for value in (header.get("ImageType") or [])]
     if "Rows" not in header or str(header.get("Modality", "")) == "SEG" or localizer:
         return "other"
+    if int(header.get("NumberOfFrames", 1) or 1) > 1 and "SharedFunctionalGroupsSequence" in header:
+        return "volume"
     return "slice" if "ImagePositionPatient" in header and "ImageOrientationPatient" in header else "image"
 
 
@@ -162,8 +166,9 @@ def _dicom_pixels(path: Path, what: str) -> Any:
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ValueError(
-            f"{path}: a DICOM file of {frames} frames (a cine loop, or an enhanced CT/MR scan); one 2-D {what} per "
-            "file is read: save the frame you want as PNG, or convert a scan to NIfTI (dcm2niix)."
+            f"{path}: a DICOM file of {frames} frames (a cine loop, or a multi-frame scan); one 2-D {what} per file is "
+            "read: save the frame you want as PNG; a multi-frame CT, MR or PET scan is read as a volume "
+            "(volumes.read_volume, `imedsam predict`)."
         )
     return dataset
 

@@ -4,7 +4,8 @@ Entry points
 ------------
 - :func:`read_volume` ``(path) -> Volume`` and :func:`write_label_volume` ``(labels, like, path)``: NIfTI in and out
   (nibabel), the output on the input's grid (affine and header), written atomically; a DICOM series' folder in
-  (:func:`read_dicom_series`, dicom2nifti), turned in plane to the view's grid (:func:`view_grid`).
+  (:func:`read_dicom_series`, dicom2nifti), or a multi-frame (enhanced) scan (:func:`read_multiframe_scan`,
+  highdicom), turned in plane to the view's grid (:func:`view_grid`).
 - :func:`write_dicom_seg` / :func:`read_dicom_seg` (highdicom): a label volume out as a DICOM Segmentation over its
   series' images, and a DICOM SEG in as a label volume; :func:`write_rtstruct` / :func:`read_rtstruct` (pydicom,
   scikit-image): the same as an RT Structure Set's contours (:func:`read_label_volume` takes any of these files,
@@ -85,9 +86,9 @@ from .metrics import METRIC_NAMES, NSD_TOLERANCE, mask_pair_scores
 from .processing_imedsam import (
     IMedSamProcessor,
     dicom_dataset,
+    dicom_kind,
     first_line,
     is_dicom_file,
-    is_volume_slice,
     looks_like_hu,
     mirror_image,
     processor_for_config,
@@ -116,6 +117,9 @@ __all__ = [
     "dicom_files_in",
     "dicom_series_in",
     "read_dicom_series",
+    "read_multiframe_scan",
+    "is_multiframe_scan",
+    "require_multiframe",
     "require_dicom_seg",
     "write_dicom_seg",
     "dicom_annotation_of",
@@ -247,6 +251,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
         return read_dicom_series(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    if is_dicom_file(path) and dicom_kind(path) == "volume":
+        return read_multiframe_scan(path)
     try:
         if path.name.lower().endswith(".gz"):
             # Decompressed end to end, so gzip checks its CRC-32 and length: nibabel alone stops at the end of the
@@ -310,16 +316,18 @@ DICOM_REFUSALS = {
 
 
 def _is_series_file(path: Path) -> bool:
-    """A DICOM slice of a series folder: not hidden, not a NIfTI, picture or archive by its name (those are not
-    opened), ``DICM`` in it (:func:`is_dicom_file`) and a slice of a scan, not a 2-D image
-    (:func:`is_volume_slice`: a radiograph or a screen capture beside the slices is read as an image, if at all)."""
+    """A DICOM slice of a series folder, or a whole scan in one multi-frame file: not hidden, not a NIfTI, picture or
+    archive by its name (those are not opened), ``DICM`` in it (:func:`is_dicom_file`) and a slice of a scan or a
+    multi-frame scan, not a 2-D image (:func:`dicom_kind`: a radiograph or a screen capture beside the slices is read
+    as an image, if at all)."""
     name = path.name.lower()
     skipped = name.startswith(".") or name.endswith((*NIFTI_SUFFIXES, *PICTURE_EXTENSIONS, ".npz", ".json"))
-    return not skipped and is_dicom_file(path) and is_volume_slice(path)
+    return not skipped and is_dicom_file(path) and dicom_kind(path) in ("slice", "volume")
 
 
 def dicom_files_in(folder: str | os.PathLike) -> list[Path]:
-    """The DICOM slices directly in `folder` (:func:`_is_series_file`; hidden files and 2-D images skipped), sorted."""
+    """The DICOM slices (or multi-frame scan) directly in `folder` (:func:`_is_series_file`; hidden files and 2-D
+    images skipped), sorted."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and _is_series_file(p))
 
 
@@ -333,6 +341,15 @@ def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
         if any(_is_series_file(Path(root) / name) for name in files):
             found.append(Path(root))
     return sorted(found)
+
+
+def _require_extra(module: str, package: str, what: str) -> None:
+    """An `ImportError` naming the ``dicom`` extra when `module` (pip `package`), which `what` needs, is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"{what} needs {package}, which is not installed: pip install {package} (the [dicom] extra: "
+            'pip install ".[dicom]" in a clone of imedsam-hf).'
+        )
 
 
 def require_dicom() -> None:
@@ -371,6 +388,14 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
             "segment() or `imedsam predict` read them); give a NIfTI file (.nii/.nii.gz) or the folder of one DICOM "
             "series"
         )
+    multiframe = [file for file in files if dicom_kind(file) == "volume"]
+    if multiframe:
+        if len(files) > 1:
+            raise ValueError(
+                f"{folder}: holds a multi-frame DICOM scan ({multiframe[0].name}) beside {len(files) - 1} other DICOM "
+                "files; keep each scan in a folder of its own"
+            )
+        return read_multiframe_scan(files[0], folder)
     require_dicom()
     converter = importlib.import_module("dicom2nifti.convert_dicom")
     datasets = [dicom_dataset(file) for file in files]  # pixels decoded (and kept): a bad file is named
@@ -401,14 +426,59 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
         raise ValueError(f"{folder}: the DICOM series cannot be read as one 3-D scan: {reason}") from error
     finally:
         log.setLevel(level)
+    return _scan_on_view_grid(data, image.affine, folder)
+
+
+def _scan_on_view_grid(data: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
+    """The :class:`Volume` of a DICOM scan read onto dicom2nifti's grid (`data` ``(columns, rows, slices)``, its RAS
+    `affine`): whole numbers kept as int16, turned onto :func:`view_grid`'s grid, `path` its source."""
     if np.issubdtype(data.dtype, np.floating) and data.size and np.isfinite(data).all():
         small = data.astype(np.int16)  # rescaled CT comes back float64: 8 bytes a voxel for whole numbers of HU
         if np.array_equal(small, data):
             data = small
-    data, affine = view_grid(data, image.affine)
+    data, affine = view_grid(data, affine)
     image = nib.Nifti1Image(data, affine)
     image.header.set_xyzt_units("mm", "sec")
-    return _checked_volume(data, image, folder)
+    return _checked_volume(data, image, path)
+
+
+def require_multiframe() -> None:
+    """An `ImportError` naming the ``dicom`` extra when highdicom (which reads multi-frame DICOM scans) is missing."""
+    _require_extra("highdicom", "highdicom", "reading a multi-frame DICOM scan")
+
+
+def is_multiframe_scan(path: str | os.PathLike) -> bool:
+    """A multi-frame DICOM scan (:func:`read_multiframe_scan`): the file, or the one DICOM file of a series folder."""
+    path = Path(path)
+    files = dicom_files_in(path)[:1] if path.is_dir() else [path] if is_dicom_file(path) else []
+    return any(dicom_kind(file) == "volume" for file in files)
+
+
+def read_multiframe_scan(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Volume:
+    """
+    A whole scan stored in one multi-frame DICOM file (an enhanced CT, MR or PET, or a legacy converted one, as newer
+    scanners and PACS store them; :func:`processing_imedsam.dicom_kind` ``"volume"``), read by highdicom
+    (``Image.get_volume``: frames sorted by position, the modality rescale applied) onto the grid a series of the same
+    slices gets (:func:`read_dicom_series`, :func:`view_grid`). `source`: the volume's path (its series folder, whose
+    name names it), default `path`.
+
+    Raises:
+        ValueError: naming the file: its frames are not one evenly spaced 3-D stack (several stacks, gaps, a tilt),
+            or highdicom cannot read it.
+        ImportError: highdicom is not installed.
+    """
+    require_multiframe()
+    highdicom = importlib.import_module("highdicom")
+    path = Path(path)
+    try:
+        scan = highdicom.imread(path).get_volume()  # (slices, rows, columns), an LPS affine
+    except Exception as error:  # highdicom's refusals: frames not one regular stack, a damaged file, ...
+        raise ValueError(
+            f"{path}: the multi-frame DICOM scan cannot be read as one 3-D scan ({first_line(error)})"
+        ) from error
+    to_stack = np.eye(4)[[2, 1, 0, 3]]  # (column, row, slice) indices -> (slice, row, column)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(scan.affine, dtype=float) @ to_stack  # LPS -> RAS
+    return _scan_on_view_grid(np.transpose(np.asarray(scan.array), (2, 1, 0)), affine, Path(source or path))
 
 
 #: The orientation :func:`view_grid` turns scans towards (nibabel's axis codes): BTCV's LAS, the one the slice view is
@@ -1427,15 +1497,6 @@ SEG_COPIED_ELEMENTS = (
 )  # fmt: skip
 
 
-def _require_extra(module: str, package: str, what: str) -> None:
-    """An `ImportError` naming the ``dicom`` extra when `module` (pip `package`), which `what` needs, is missing."""
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(
-            f"{what} needs {package}, which is not installed: pip install {package} (the [dicom] extra: "
-            'pip install ".[dicom]" in a clone of imedsam-hf).'
-        )
-
-
 def require_dicom_seg() -> None:
     """An `ImportError` naming the ``dicom`` extra when highdicom (which writes DICOM Segmentations) is missing."""
     _require_extra("highdicom", "highdicom", "writing a DICOM Segmentation")
@@ -1452,7 +1513,10 @@ def _series_headers(volume: Volume, needs: str) -> list[Any]:
     starting with `needs` (what wants a series) when `volume` was not read from a series' folder."""
     if volume.path is None or not Path(volume.path).is_dir():
         raise ValueError(f"{needs}; {volume.name} is not one")
-    return [dicom_dataset(file, pixels=False) for file in dicom_files_in(volume.path)]
+    headers = [dicom_dataset(file, pixels=False) for file in dicom_files_in(volume.path)]
+    if any(int(header.get("NumberOfFrames", 1) or 1) > 1 for header in headers):
+        raise ValueError(f"{needs}; {volume.name} is a multi-frame DICOM scan, not a series of single-frame slices")
+    return headers
 
 
 def _image_plane(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -1571,6 +1571,69 @@ def test_convert_volumes_numbers_rt_structures_by_name_across_patients(tmp_path,
     assert not (tmp_path / "mixed").exists()
 
 
+@needs_dicom
+def test_a_multi_frame_dicom_scan_reads_as_the_series_it_holds(tmp_path, capsys, monkeypatch):
+    """Newer scanners and PACS store a scan as one multi-frame file (enhanced or legacy converted enhanced CT/MR/PET),
+    which was refused as 'a DICOM file of N frames'. It now reads as the series of the same slices does (voxels and
+    affine), given as the file or its folder, in `read_volume`, `imedsam predict` and a DICOM export; the DICOM SEG /
+    RTSTRUCT writers, made for series of single-frame slices, refuse it by name, and so does `segment()`."""
+    highdicom = pytest.importorskip("highdicom")
+    pydicom = pydicom_module()
+    from imedsam_hf.cli import main
+
+    labels = two_organs()
+    files = write_dicom_series(*as_stored(hu_scan(labels), AFFINE, ("L", "P", "S")), tmp_path / "export" / "series")
+    slices = [pydicom.dcmread(file) for file in files]
+    for dataset in slices:  # the type 2 elements a legacy conversion copies
+        for keyword in ("StudyDate", "StudyTime", "ReferringPhysicianName", "AccessionNumber", "StudyID",
+                        "PatientName", "PatientBirthDate", "PatientSex"):  # fmt: skip
+            setattr(dataset, keyword, dataset.get(keyword, ""))
+    converted = highdicom.legacy.LegacyConvertedEnhancedCTImage(
+        slices[::-1], series_instance_uid=highdicom.UID(), series_number=3, sop_instance_uid=highdicom.UID(),
+        instance_number=1,
+    )  # fmt: skip
+    (tmp_path / "export" / "enhanced").mkdir()
+    converted.save_as(tmp_path / "export" / "enhanced" / "IM0001")
+    scan = tmp_path / "export" / "enhanced" / "IM0001"
+    series = read_volume(tmp_path / "export" / "series")
+    for source in (scan, scan.parent):
+        read = read_volume(source)
+        np.testing.assert_array_equal(read.data, series.data)
+        np.testing.assert_allclose(read.affine, series.affine)
+    np.testing.assert_array_equal(series.data, hu_scan(labels))  # the voxels the series was made from
+    # imedsam predict: the file, and the export's folder of both: each scan's label volume, the same.
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    for name in ("series", "enhanced", "IM0001"):
+        save_nifti(tmp_path / "labels" / f"{name}.nii.gz", labels)
+    argv = ["predict", "--model", str(tmp_path / "model"), "--boxes-from-masks", str(tmp_path / "labels")]
+    assert main([*argv, str(tmp_path / "export"), "--out", str(tmp_path / "out")]) == 0
+    assert main([*argv, str(scan), "--out", str(tmp_path / "file")]) == 0
+    written = {path: np.asarray(nib.load(path).dataobj) for path in
+               (tmp_path / "out" / "series.nii.gz", tmp_path / "out" / "enhanced.nii.gz", tmp_path / "file" / "IM0001.nii.gz")}  # fmt: skip
+    assert next(iter(written.values())).any()
+    for data in written.values():
+        np.testing.assert_array_equal(data, written[tmp_path / "out" / "series.nii.gz"])
+    # What is made for series of single-frame slices says so; a multi-frame file beside slices is refused, named.
+    capsys.readouterr()
+    assert main([*argv, str(scan.parent), "--out", str(tmp_path / "seg"), "--dicom-seg"]) == 2
+    assert "enhanced is not a DICOM series of single-frame slices" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is a multi-frame DICOM scan, not a series of single-frame slices"):
+        volumes_module.write_rtstruct(labels, read_volume(scan.parent), tmp_path / "rt.dcm")
+    with pytest.raises(ValueError, match=r"IM0001: a multi-frame DICOM scan, and segment\(\) takes one 2-D image"):
+        segment(tiny_model(), str(scan), box=[1, 1, 5, 5])
+    (tmp_path / "export" / "enhanced" / "IM0002").write_bytes(files[0].read_bytes())
+    with pytest.raises(ValueError, match=r"holds a multi-frame DICOM scan \(IM0001\) beside 1 other DICOM files"):
+        read_volume(scan.parent)
+    # highdicom missing: said before the model loads.
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        volumes_module.importlib.util, "find_spec", lambda name, *a: None if name == "highdicom" else real(name, *a)
+    )
+    assert main([*argv, str(scan), "--out", str(tmp_path / "none")]) == 2
+    assert "reading a multi-frame DICOM scan needs highdicom" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_boxes_file_entries_drawn_on_a_key_slice():
     from imedsam_hf.commands.predict import volume_boxes
 

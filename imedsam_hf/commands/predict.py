@@ -39,13 +39,14 @@ from ..data import (
 from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id
 from ..loading import load_model
-from ..processing_imedsam import is_volume_slice, open_image, to_rgb_array
+from ..processing_imedsam import dicom_kind, open_image, to_rgb_array
 from ..runtime import require_backend
 from ..volumes import (
     NPZ_CLASS_AWARE,
     check_window,
     dicom_series_in,
     is_dicom_file,
+    is_multiframe_scan,
     is_structure_name,
     is_volume,
     label_statistics,
@@ -56,6 +57,7 @@ from ..volumes import (
     read_volume,
     require_dicom,
     require_dicom_seg,
+    require_multiframe,
     require_rtstruct,
     resolve_window,
     segment_npz_case,
@@ -295,9 +297,9 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
             volumes.extend(map(str, found))
             if not found or image_files_in(path, dicom_below=True):
                 images.append(raw)
-        elif is_volume(raw):
+        elif is_volume(raw) or (is_dicom_file(raw) and dicom_kind(raw) == "volume"):  # NIfTI, a multi-frame scan
             volumes.append(raw)
-        elif is_dicom_file(raw) and is_volume_slice(raw):
+        elif is_dicom_file(raw) and dicom_kind(raw) == "slice":
             raise ValueError(
                 f"{raw}: a slice of a DICOM series; give the folder of its series instead (read as one 3-D scan, a "
                 "label volume out)."
@@ -334,8 +336,10 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
             )
         volumes, images = split_inputs(args.inputs)
-        if any(Path(volume).is_dir() for volume in volumes):
+        if any(not is_volume(volume) for volume in volumes):  # DICOM: a series' folder, a multi-frame scan
             require_dicom()  # before anything is loaded or written
+            if any(is_multiframe_scan(volume) for volume in volumes):
+                require_multiframe()
         masks_folder = args.boxes_from_masks or args.points_from_masks
         flag = "--boxes-from-masks" if args.boxes_from_masks else "--points-from-masks"
         if masks_folder and not Path(masks_folder).is_dir():
@@ -356,11 +360,13 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             ("--dicom-seg", args.dicom_seg, "a DICOM Segmentation", require_dicom_seg),
             ("--dicom-rtstruct", args.dicom_rtstruct, "an RT Structure Set", require_rtstruct),
         ):
-            other = next((raw for raw in [*volumes, *images] if not (raw in volumes and Path(raw).is_dir())), None)
+            series = [raw for raw in volumes if Path(raw).is_dir() and not is_multiframe_scan(raw)] if given else []
+            other = next((raw for raw in [*volumes, *images] if raw not in series), None)
             if given and other is not None:
                 raise ValueError(
-                    f"{flag}: {other} is not a DICOM series; {what} references its series' images: give series "
-                    "folders only (NIfTI scans get their label volume without it)."
+                    f"{flag}: {other} is not a DICOM series of single-frame slices; {what} references its series' "
+                    "images: give series folders only (NIfTI scans and multi-frame files get their label volume "
+                    "without it)."
                 )
             if given:
                 require()  # its library missing: said before the model loads
