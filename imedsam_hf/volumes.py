@@ -1508,15 +1508,69 @@ def require_rtstruct() -> None:
     _require_extra("skimage", "scikit-image", "tracing or filling an RT Structure Set's contours")
 
 
-def _series_headers(volume: Volume, needs: str) -> list[Any]:
-    """The headers (no pixels) of the slices of the DICOM series `volume` was read from, in file order; a ValueError
-    starting with `needs` (what wants a series) when `volume` was not read from a series' folder."""
-    if volume.path is None or not Path(volume.path).is_dir():
+@dataclass(frozen=True)
+class _Frame:
+    """One image of a DICOM scan as DICOM objects reference it: a single-frame slice of a series (``number`` None), or
+    frame ``number`` (1-based) of a multi-frame scan; its geometry under the keywords a slice's header uses."""
+
+    dataset: Any  # the file's header (no pixels)
+    number: int | None
+    ImagePositionPatient: Sequence[float]
+    ImageOrientationPatient: Sequence[float]
+    PixelSpacing: Sequence[float]
+    Rows: int
+    Columns: int
+
+    @property
+    def filename(self) -> str:
+        return str(self.dataset.filename) + ("" if self.number is None else f" (frame {self.number})")
+
+
+def _frame_value(header: Any, groups: Sequence[Any], number: int, group: str, keyword: str) -> Any:
+    """`keyword` of the functional group `group` of a multi-frame scan's frame `number`: from the first of `groups`
+    (its own groups, then the shared ones) that records it."""
+    for source in groups:
+        if source is not None and group in source and keyword in source[group][0]:
+            return source[group][0].get(keyword)
+    raise ValueError(f"{header.filename}: frame {number} records no {keyword}")
+
+
+def _multiframe_frames(header: Any) -> list[_Frame]:
+    """The frames of a multi-frame scan's header: each one's position, orientation and pixel spacing from its own
+    functional groups, else the shared ones."""
+    shared = (header.get("SharedFunctionalGroupsSequence") or [None])[0]
+    frames = []
+    for number, own in enumerate(header.get("PerFrameFunctionalGroupsSequence") or [], start=1):
+        where = (header, (own, shared), number)
+        frames.append(
+            _Frame(
+                header, number, _frame_value(*where, "PlanePositionSequence", "ImagePositionPatient"),
+                _frame_value(*where, "PlaneOrientationSequence", "ImageOrientationPatient"),
+                _frame_value(*where, "PixelMeasuresSequence", "PixelSpacing"), int(header.Rows), int(header.Columns),
+            )
+        )  # fmt: skip
+    return frames
+
+
+def _scan_frames(volume: Volume, needs: str) -> list[_Frame]:
+    """The images of the DICOM scan `volume` was read from, as its SEG or RTSTRUCT references them: the slices of a
+    series' folder (in file order), or the frames of a multi-frame scan (the file, or its folder); a ValueError
+    starting with `needs` (what wants a DICOM scan) when `volume` was not read from one."""
+    path = None if volume.path is None else Path(volume.path)
+    if path is None or not (path.is_dir() or is_multiframe_scan(path)):
         raise ValueError(f"{needs}; {volume.name} is not one")
-    headers = [dicom_dataset(file, pixels=False) for file in dicom_files_in(volume.path)]
-    if any(int(header.get("NumberOfFrames", 1) or 1) > 1 for header in headers):
-        raise ValueError(f"{needs}; {volume.name} is a multi-frame DICOM scan, not a series of single-frame slices")
-    return headers
+    headers = [dicom_dataset(file, pixels=False) for file in (dicom_files_in(path) if path.is_dir() else [path])]
+    if len(headers) == 1 and int(headers[0].get("NumberOfFrames", 1) or 1) > 1:
+        return _multiframe_frames(headers[0])
+    return [
+        _Frame(h, None, h.ImagePositionPatient, h.ImageOrientationPatient, h.PixelSpacing, int(h.Rows), int(h.Columns))
+        for h in headers
+    ]
+
+
+def _frame_datasets(frames: Sequence[_Frame]) -> list[Any]:
+    """The files' headers of `frames`, each once, in order."""
+    return list({id(frame.dataset): frame.dataset for frame in frames}.values())
 
 
 def _image_plane(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -1570,11 +1624,11 @@ def _coded_structure(name: str) -> tuple[Any, Any]:
 
 def _series_labels(
     labels: np.ndarray, volume: Volume, path: Path, what: str
-) -> tuple[list[Any], np.ndarray, list[int]]:
-    """What a DICOM object written over a series' images (`what`: "a DICOM Segmentation") starts from: the series'
-    slice headers, the labels, the class ids present; a ValueError when `volume` is no series, the labels do not fit
+) -> tuple[list[_Frame], np.ndarray, list[int]]:
+    """What a DICOM object written over a scan's images (`what`: "a DICOM Segmentation") starts from: the scan's
+    images (:func:`_scan_frames`), the labels, the class ids present; a ValueError when `volume` is no DICOM scan, the labels do not fit
     it, or they hold no structure."""
-    sources = _series_headers(volume, f"{path}: {what} references a DICOM series' images")
+    sources = _scan_frames(volume, f"{path}: {what} references a DICOM scan's images")
     data = np.asarray(labels)
     if data.shape != volume.shape:
         raise ValueError(f"labels of shape {tuple(data.shape)} do not fit the volume {volume.name} {volume.shape}")
@@ -1615,7 +1669,8 @@ def write_dicom_seg(
     codes = importlib.import_module("pydicom.sr.codedict").codes
     path = Path(path)
     sources, data, present = _series_labels(labels, volume, path, "a DICOM Segmentation")
-    for source in sources:  # patient and study elements the SEG copies: empty in anonymised exports that dropped them
+    datasets = _frame_datasets(sources)
+    for source in datasets:  # patient and study elements the SEG copies: empty in anonymised exports that dropped them
         for keyword in SEG_COPIED_ELEMENTS:
             if keyword not in source:
                 setattr(source, keyword, "")
@@ -1623,7 +1678,7 @@ def write_dicom_seg(
     numbers[present] = np.arange(1, len(present) + 1)  # class id -> segment number (1..N, as DICOM numbers them)
     frames = np.stack(
         [numbers[data[tuple(_series_frame_indices(ds, volume.affine, data.shape))]] for ds in sources]
-    )  # (slices, rows, columns) segment numbers, in the sources' order
+    )  # (images, rows, columns) segment numbers, in the order of the files and their frames
     names = {int(k): str(v) for k, v in (class_names or {}).items()}
     algorithm = highdicom.AlgorithmIdentificationSequence(
         name=model_name[:64], family=codes.cid7162.ArtificialIntelligence, version=__version__
@@ -1640,9 +1695,9 @@ def write_dicom_seg(
                 display_color=highdicom.color.CIELabColor.from_rgb(*class_colour(class_id)),
             )
         )  # fmt: skip
-    series_number = int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000
+    series_number = int(getattr(datasets[0], "SeriesNumber", 0) or 0) + 1000
     segmentation = highdicom.seg.Segmentation(
-        source_images=sources, pixel_array=frames, segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
+        source_images=datasets, pixel_array=frames, segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=highdicom.UID(), series_number=series_number,
         sop_instance_uid=highdicom.UID(), instance_number=1, manufacturer="imedsam-hf",
         manufacturer_model_name=model_name[:64], software_versions=__version__, device_serial_number="none",
@@ -1724,7 +1779,7 @@ def dicom_annotation_of(series: str | os.PathLike, folder: str | os.PathLike) ->
     that names no series its frame of reference), or None; two of them are a ValueError naming both. The folder's
     headers are read once while its files stay as they are (:func:`_annotation_index`).
     """
-    files = dicom_files_in(series)
+    files = dicom_files_in(series) if Path(series).is_dir() else [Path(series)]
     if not files or not Path(folder).is_dir():
         return None
     header = dicom_dataset(files[0], pixels=False, tags=["SeriesInstanceUID", "FrameOfReferenceUID"])
@@ -1818,12 +1873,12 @@ def read_dicom_seg(path: str | os.PathLike, volume: Volume, class_names: Mapping
     require_dicom_seg()
     highdicom = importlib.import_module("highdicom")
     path = Path(path)
-    sources = _series_headers(volume, f"{path}: a DICOM SEG is read onto the DICOM series it references")
+    sources = _scan_frames(volume, f"{path}: a DICOM SEG is read onto the DICOM scan it references")
     try:
         segmentation = highdicom.seg.segread(path)
     except Exception as error:  # not a SEG, a damaged one
         raise ValueError(f"{path}: cannot be read as a DICOM SEG ({first_line(error)})") from error
-    series = str(sources[0].SeriesInstanceUID)
+    series = str(sources[0].dataset.SeriesInstanceUID)
     if series not in _referenced_series(segmentation):
         referenced = ", ".join(sorted(_referenced_series(segmentation)))
         raise ValueError(f"{path}: references the series {referenced}, not {volume.name}'s ({series})")
@@ -1832,12 +1887,17 @@ def read_dicom_seg(path: str | os.PathLike, volume: Volume, class_names: Mapping
     numbers = np.zeros(max(segments, default=0) + 1, np.uint8)
     for number, class_id in ids.items():
         numbers[number] = class_id
-    uids = [str(source.SOPInstanceUID) for source in sources]
+    options = {
+        "combine_segments": True, "skip_overlap_checks": True, "ignore_spatial_locations": True,
+        "assert_missing_frames_are_empty": True,
+    }  # fmt: skip
+    uid = str(sources[0].dataset.SOPInstanceUID)
     try:
-        frames = segmentation.get_pixels_by_source_instance(
-            uids, combine_segments=True, skip_overlap_checks=True, ignore_spatial_locations=True,
-            assert_missing_frames_are_empty=True,
-        )  # fmt: skip
+        if sources[0].number is None:  # a series: one frame per file
+            uids = [str(source.dataset.SOPInstanceUID) for source in sources]
+            frames = segmentation.get_pixels_by_source_instance(uids, **options)
+        else:  # a multi-frame scan: its frames
+            frames = segmentation.get_pixels_by_source_frame(uid, [source.number for source in sources], **options)
     except Exception as error:  # highdicom's refusals: a fractional SEG, frames of other images, ...
         raise ValueError(
             f"{path}: its frames cannot be read as labels of {volume.name} ({first_line(error)})"
@@ -1896,8 +1956,13 @@ def write_rtstruct(
             setattr(entry, keyword, value)
         return entry
 
-    def image_reference(source: Any) -> Any:
-        return item(ReferencedSOPClassUID=source.SOPClassUID, ReferencedSOPInstanceUID=source.SOPInstanceUID)
+    def image_reference(source: _Frame) -> Any:
+        reference = item(
+            ReferencedSOPClassUID=source.dataset.SOPClassUID, ReferencedSOPInstanceUID=source.dataset.SOPInstanceUID
+        )
+        if source.number is not None:  # a frame of a multi-frame scan
+            reference.ReferencedFrameNumber = source.number
+        return reference
 
     contours: dict[int, list[Any]] = {class_id: [] for class_id in present}
     for source in sources:
@@ -1913,7 +1978,7 @@ def write_rtstruct(
                         NumberOfContourPoints=len(points), ContourData=[f"{v:.3f}" for v in points.ravel()],
                     )
                 )  # fmt: skip
-    first, names = sources[0], {int(k): str(v) for k, v in (class_names or {}).items()}
+    first, names = sources[0].dataset, {int(k): str(v) for k, v in (class_names or {}).items()}
     frame_uid = str(first.get("FrameOfReferenceUID", "")) or pydicom.uid.generate_uid()
     now = time.localtime()
     dataset = Dataset()
@@ -1934,7 +1999,11 @@ def write_rtstruct(
     dataset.StructureSetDate, dataset.StructureSetTime = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
     dataset.SeriesDate, dataset.SeriesTime = dataset.StructureSetDate, dataset.StructureSetTime
     series = item(
-        SeriesInstanceUID=first.SeriesInstanceUID, ContourImageSequence=Sequence_(map(image_reference, sources))
+        SeriesInstanceUID=first.SeriesInstanceUID,
+        ContourImageSequence=Sequence_(
+            item(ReferencedSOPClassUID=d.SOPClassUID, ReferencedSOPInstanceUID=d.SOPInstanceUID)
+            for d in _frame_datasets(sources)
+        ),
     )
     study = item(
         ReferencedSOPClassUID=RTSTRUCT_STUDY_CLASS, ReferencedSOPInstanceUID=first.StudyInstanceUID,
@@ -2013,11 +2082,11 @@ def read_rtstruct(path: str | os.PathLike, volume: Volume, class_names: Mapping[
     draw = importlib.import_module("skimage.draw")
     polygon, line = draw.polygon, draw.line
     path = Path(path)
-    sources = _series_headers(volume, f"{path}: an RT Structure Set is read onto the DICOM series it references")
+    sources = _scan_frames(volume, f"{path}: an RT Structure Set is read onto the DICOM scan it references")
     dataset = dicom_dataset(path, pixels=False)
     if str(dataset.get("Modality", "")) != "RTSTRUCT":
         raise ValueError(f"{path}: not an RT Structure Set (its Modality is {dataset.get('Modality', 'missing')!r})")
-    series, frame = str(sources[0].SeriesInstanceUID), str(sources[0].get("FrameOfReferenceUID", ""))
+    series, frame = str(sources[0].dataset.SeriesInstanceUID), str(sources[0].dataset.get("FrameOfReferenceUID", ""))
     named = _referenced_series(dataset)
     if series not in named and (named or frame not in _referenced_frames(dataset)):
         referenced = ", ".join(sorted(named)) or f"frame of reference {', '.join(sorted(_referenced_frames(dataset)))}"
@@ -2046,7 +2115,7 @@ def read_rtstruct(path: str | os.PathLike, volume: Volume, class_names: Mapping[
             position, across, down, _ = planes[k]
             offsets = points - position
             rows, columns = offsets @ down / (down @ down), offsets @ across / (across @ across)
-            shape = (int(sources[k].Rows), int(sources[k].Columns))
+            shape = (sources[k].Rows, sources[k].Columns)
             mask = areas.setdefault(number, {}).setdefault(k, np.zeros(shape, bool))
             twice_area = abs(rows @ np.roll(columns, 1) - columns @ np.roll(rows, 1))
             if twice_area < 0.5:  # no area (a lone pixel's outline holds 0.5): one pixel wide, traced through centres
@@ -2271,13 +2340,13 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
             candidate = Path(labels) / f"{name}{suffix}"
             if candidate.is_file():
                 return candidate
-    return dicom_annotation_of(scan, labels) if Path(scan).is_dir() else None
+    return dicom_annotation_of(scan, labels) if Path(scan).is_dir() or is_multiframe_scan(scan) else None
 
 
 def label_volume_names(scan: str | os.PathLike) -> str:
     """The label volume names :func:`label_volume_of` looks for, as a message says them: `a.nii.gz or a.nii`."""
     names = [f"{name}{suffix}" for name in _label_candidates(scan) for suffix in NIFTI_SUFFIXES]
-    if Path(scan).is_dir():
+    if Path(scan).is_dir() or is_multiframe_scan(scan):
         names.append("a DICOM SEG or RTSTRUCT referencing the series")
     return f"{', '.join(names[:-1])} or {names[-1]}"
 

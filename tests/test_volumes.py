@@ -1261,7 +1261,7 @@ def test_a_series_label_volume_goes_out_as_a_dicom_segmentation_over_its_images(
         np.testing.assert_array_equal(frame, stored_labels[:, :, k].T)  # the file's rows run along j
     with pytest.raises(ValueError, match="no structure was segmented"):
         write_dicom_seg(np.zeros_like(labels), volume, tmp_path / "empty_seg.dcm")
-    with pytest.raises(ValueError, match="references a DICOM series' images"):
+    with pytest.raises(ValueError, match="references a DICOM scan's images"):
         write_dicom_seg(labels, make_volume(hu_scan(labels)), tmp_path / "nifti_seg.dcm")
     # imedsam predict --dicom-seg: the label volume and its DICOM SEG, named by the classes.json beside the labels.
     tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
@@ -1444,7 +1444,7 @@ def test_rt_structure_sets_are_written_and_read_as_label_volumes_of_their_series
             np.testing.assert_allclose(offsets @ np.cross(orientation[:3], orientation[3:]), 0, atol=1e-3)
     with pytest.raises(ValueError, match="no structure was segmented"):
         write_rtstruct(np.zeros_like(labels), volume, tmp_path / "empty.dcm")
-    with pytest.raises(ValueError, match="references a DICOM series' images"):
+    with pytest.raises(ValueError, match="references a DICOM scan's images"):
         write_rtstruct(labels, make_volume(hu_scan(labels)), tmp_path / "nifti.dcm")
 
     # A planner's structure set: found by the series' frame of reference, read as the areas its contours enclose.
@@ -1613,12 +1613,29 @@ def test_a_multi_frame_dicom_scan_reads_as_the_series_it_holds(tmp_path, capsys,
     assert next(iter(written.values())).any()
     for data in written.values():
         np.testing.assert_array_equal(data, written[tmp_path / "out" / "series.nii.gz"])
-    # What is made for series of single-frame slices says so; a multi-frame file beside slices is refused, named.
-    capsys.readouterr()
-    assert main([*argv, str(scan.parent), "--out", str(tmp_path / "seg"), "--dicom-seg"]) == 2
-    assert "enhanced is not a DICOM series of single-frame slices" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="is a multi-frame DICOM scan, not a series of single-frame slices"):
-        volumes_module.write_rtstruct(labels, read_volume(scan.parent), tmp_path / "rt.dcm")
+    # DICOM SEG and RTSTRUCT out over its frames, and in: read back to the labels; found by reference for predict.
+    pytest.importorskip("skimage")
+    assert main([*argv, str(scan), "--out", str(tmp_path / "dicom"), "--dicom-seg", "--dicom-rtstruct"]) == 0
+    predicted = np.asarray(nib.load(tmp_path / "dicom" / "IM0001.nii.gz").dataobj)
+    volume = read_volume(scan)
+    names = {int(c): f"class {c}" for c in np.unique(predicted) if c}  # the SEG numbers its segments 1..N
+    for written_file in ("IM0001_seg.dcm", "IM0001_rtstruct.dcm"):
+        read_back = volumes_module.read_label_volume(tmp_path / "dicom" / written_file, volume, names)
+        np.testing.assert_array_equal(read_back.data, predicted)
+    references = pydicom.dcmread(tmp_path / "dicom" / "IM0001_rtstruct.dcm").ROIContourSequence[0].ContourSequence
+    assert all(contour.ContourImageSequence[0].ReferencedFrameNumber >= 1 for contour in references)
+    volumes_module.write_dicom_seg(labels, volume, tmp_path / "annotations" / "1.2.3.dcm")  # the prompts' labels
+    command = [
+        *argv[:3],
+        "--boxes-from-masks",
+        str(tmp_path / "annotations"),
+        str(scan),
+        "--out",
+        str(tmp_path / "seg"),
+    ]
+    assert main(command) == 0
+    from_seg, from_nifti = (np.asarray(nib.load(tmp_path / d / "IM0001.nii.gz").dataobj) for d in ("seg", "file"))
+    np.testing.assert_array_equal(from_seg, np.select([from_nifti == 2, from_nifti == 5], [1, 2], 0))  # segments 1, 2
     with pytest.raises(ValueError, match=r"IM0001: a multi-frame DICOM scan, and segment\(\) takes one 2-D image"):
         segment(tiny_model(), str(scan), box=[1, 1, 5, 5])
     (tmp_path / "export" / "enhanced" / "IM0002").write_bytes(files[0].read_bytes())

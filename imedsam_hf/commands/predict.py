@@ -360,13 +360,12 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             ("--dicom-seg", args.dicom_seg, "a DICOM Segmentation", require_dicom_seg),
             ("--dicom-rtstruct", args.dicom_rtstruct, "an RT Structure Set", require_rtstruct),
         ):
-            series = [raw for raw in volumes if Path(raw).is_dir() and not is_multiframe_scan(raw)] if given else []
-            other = next((raw for raw in [*volumes, *images] if raw not in series), None)
+            dicom = [raw for raw in volumes if Path(raw).is_dir() or is_multiframe_scan(raw)] if given else []
+            other = next((raw for raw in [*volumes, *images] if raw not in dicom), None)
             if given and other is not None:
                 raise ValueError(
-                    f"{flag}: {other} is not a DICOM series of single-frame slices; {what} references its series' "
-                    "images: give series folders only (NIfTI scans and multi-frame files get their label volume "
-                    "without it)."
+                    f"{flag}: {other} is not a DICOM scan; {what} references its images: give DICOM series folders "
+                    "or multi-frame scans only (NIfTI scans get their label volume without it)."
                 )
             if given:
                 require()  # its library missing: said before the model loads
