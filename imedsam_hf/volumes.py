@@ -1622,12 +1622,12 @@ def _coded_structure(name: str) -> tuple[Any, Any]:
         return generic, generic
 
 
-def _series_labels(
+def _scan_labels(
     labels: np.ndarray, volume: Volume, path: Path, what: str
 ) -> tuple[list[_Frame], np.ndarray, list[int]]:
     """What a DICOM object written over a scan's images (`what`: "a DICOM Segmentation") starts from: the scan's
-    images (:func:`_scan_frames`), the labels, the class ids present; a ValueError when `volume` is no DICOM scan, the labels do not fit
-    it, or they hold no structure."""
+    images (:func:`_scan_frames`), the labels, the class ids present; a ValueError when `volume` is no DICOM scan,
+    the labels do not fit it, or they hold no structure."""
     sources = _scan_frames(volume, f"{path}: {what} references a DICOM scan's images")
     data = np.asarray(labels)
     if data.shape != volume.shape:
@@ -1668,7 +1668,7 @@ def write_dicom_seg(
     highdicom = importlib.import_module("highdicom")
     codes = importlib.import_module("pydicom.sr.codedict").codes
     path = Path(path)
-    sources, data, present = _series_labels(labels, volume, path, "a DICOM Segmentation")
+    sources, data, present = _scan_labels(labels, volume, path, "a DICOM Segmentation")
     datasets = _frame_datasets(sources)
     for source in datasets:  # patient and study elements the SEG copies: empty in anonymised exports that dropped them
         for keyword in SEG_COPIED_ELEMENTS:
@@ -1947,7 +1947,7 @@ def write_rtstruct(
     pydicom = require_pydicom()
     measure = importlib.import_module("skimage.measure")
     path = Path(path)
-    sources, data, present = _series_labels(labels, volume, path, "an RT Structure Set")
+    sources, data, present = _scan_labels(labels, volume, path, "an RT Structure Set")
     Dataset, Sequence_ = pydicom.dataset.Dataset, pydicom.sequence.Sequence
 
     def item(**elements: Any) -> Any:
@@ -1970,7 +1970,9 @@ def write_rtstruct(
         position, across, down, _ = _image_plane(source)
         for class_id in (int(c) for c in np.unique(frame) if c > 0):
             for line in measure.find_contours(np.pad(frame == class_id, 1).astype(np.float32), 0.5):
-                corners = measure.approximate_polygon(line - 1.0, tolerance=0)[:-1]  # (rows, columns), not closed twice
+                corners = measure.approximate_polygon(line - 1.0, tolerance=1e-6)[
+                    :-1
+                ]  # (rows, columns), not closed twice
                 points = position + corners[:, 1:2] * across + corners[:, 0:1] * down
                 contours[class_id].append(
                     item(
