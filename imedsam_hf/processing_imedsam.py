@@ -120,6 +120,11 @@ def dicom_dataset(path: str | os.PathLike, pixels: bool = True, tags: Sequence[s
     return dataset
 
 
+#: DICOM modalities whose files hold pixels that are no image to segment: a segmentation (SEG), a radiotherapy dose
+#: grid (RTDOSE, stored beside the planning CT's slices in a planning system's export, at a position in the patient).
+NOT_IMAGES = ("SEG", "RTDOSE")
+
+
 def dicom_kind(path: str | os.PathLike) -> str:
     """
     What the DICOM file `path` holds, from its header: ``"slice"``, one slice of a cross-sectional scan (CT, MR, PET:
@@ -127,8 +132,8 @@ def dicom_kind(path: str | os.PathLike) -> str:
     whole scan in one multi-frame file (an enhanced CT, MR or PET, or a legacy converted one: several frames described
     by functional groups, each frame's position among them); ``"image"``, a
     2-D image (radiographs, mammograms, ultrasound, endoscopy or dermoscopy stills, screen captures); ``"other"``, no
-    image to segment (a DICOM SEG, a structured report, a presentation state, or a CT's localizer: the scout a
-    scanner stores beside the axial slices, `ImageType` LOCALIZER). A file whose header cannot be read is an image
+    image to segment (a DICOM SEG, an RT structure set, plan or dose grid, a structured report, a presentation state,
+    or a CT's localizer: the scout a scanner stores beside the axial slices, `ImageType` LOCALIZER). A file whose header cannot be read is an image
     when named `.dcm`/`.dicom` and a slice otherwise (`IM0001`), so that one reader names it, never both.
     """
     tags = ["ImagePositionPatient", "ImageOrientationPatient", "Rows", "Modality", "ImageType", "NumberOfFrames"]
@@ -137,7 +142,7 @@ def dicom_kind(path: str | os.PathLike) -> str:
     except ValueError:
         return "image" if str(path).lower().endswith(DICOM_EXTENSIONS) else "slice"
     localizer = "LOCALIZER" in [str(value).upper() for value in (header.get("ImageType") or [])]
-    if "Rows" not in header or str(header.get("Modality", "")) == "SEG" or localizer:
+    if "Rows" not in header or str(header.get("Modality", "")) in NOT_IMAGES or localizer:
         return "other"
     if int(header.get("NumberOfFrames", 1) or 1) > 1 and "SharedFunctionalGroupsSequence" in header:
         return "volume"

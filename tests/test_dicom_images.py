@@ -134,9 +134,14 @@ def test_2d_images_and_slices_of_a_scan_are_told_apart(tmp_path):
         slice_of_a_scan=True,
         image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
     )
+    # A treatment planning system's export is flat too: its dose grid (RTDOSE: frames at a position in the patient).
+    dose = write_dicom_image(
+        np.stack([XRAY] * 3), export / "series" / "RD.1.2.dcm", modality="RTDOSE", frames=3, slice_of_a_scan=True
+    )
     slice_alone = write_dicom_image(XRAY, tmp_path / "slice.dcm", modality="CT", slice_of_a_scan=True)
     assert not is_volume_slice(capture) and is_volume_slice(slice_alone) and not is_volume_slice(scout)
-    assert image_files_in(export / "series") == [capture]  # the scout is neither a slice nor an image to segment
+    assert not is_volume_slice(dose)
+    assert image_files_in(export / "series") == [capture]  # the scout and the dose: neither slices nor images
     assert dicom_series_in(export) == [export / "alone", export / "series"]
     np.testing.assert_array_equal(read_volume(export / "series").data, read_volume(export / "alone").data)
     xrays = tmp_path / "xrays"

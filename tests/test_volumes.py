@@ -1460,6 +1460,12 @@ def test_rt_structure_sets_are_written_and_read_as_label_volumes_of_their_series
     planned.save_as(tmp_path / "plans" / "2024" / "RS.1.2.3", enforce_file_format=True)
     found = dicom_annotation_of(tmp_path / "series", tmp_path / "plans")
     assert found == tmp_path / "plans" / "2024" / "RS.1.2.3"
+    flat = tmp_path / "flat"  # a planning system's flat export: the CT's slices and the structure set side by side
+    flat.mkdir()
+    for file in [*files, found]:
+        (flat / file.name).write_bytes(file.read_bytes())
+    assert dicom_annotation_of(flat, flat) == flat / "RS.1.2.3"
+    np.testing.assert_array_equal(read_volume(flat).data, volume.data)
     expected = np.full(labels.shape, 40, np.uint8)  # the body outline holds the organs: each organ kept inside it
     expected[3:10, 4:12, 1:5] = 23  # the kidney's outline, where the test's labels gave part of it to 5
     expected[labels == 7] = 24
