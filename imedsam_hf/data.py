@@ -335,12 +335,16 @@ def convert_structure_masks(data_dir: str | os.PathLike, output: str | os.PathLi
 
 
 def _files_by_stem(folder: Path) -> dict[str, list[Path]]:
-    """The image files of a folder by stem, in path order (several when `x.jpg` and `x.png` both exist); hidden files
-    (macOS's `._x.png` AppleDouble copies in a folder unzipped from a Mac) are not images."""
+    """The image files of a folder by stem (:func:`image_stem`), in path order (several when `x.jpg` and `x.png` both
+    exist): pictures and DICOM files by their extension, and DICOM files of any other name by their ``DICM`` preamble
+    (a DICOM export's `IM0001` or UID-named files). Hidden files (macOS's `._x.png` AppleDouble copies in a folder
+    unzipped from a Mac) are not images."""
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
-            found.setdefault(path.stem, []).append(path)
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom_file(path):
+            found.setdefault(image_stem(path), []).append(path)
     return found
 
 

@@ -243,6 +243,18 @@ def test_training_folders_of_dicom_images_and_dicom_masks(tmp_path):
     for dicom, png in zip(samples["dicom"], samples["png"]):
         for key in ("pixel_values", "labels", "input_boxes"):
             assert torch.equal(dicom[key], png[key]), key
+    # A DICOM export's files carry no extension (IM0001) or are named by their UID: found by their preamble, each
+    # paired with the mask of its whole name.
+    exported = tmp_path / "export"
+    for name in ("IM0001", "1.2.840.5.4", "1.2.840.5.5"):
+        write_dicom_image(XRAY, exported / "images" / name, window=(2000, 1500))
+        (exported / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(exported / "masks" / f"{name}.png")
+    (exported / "images" / "notes.txt").write_text("not an image")
+    pairs, problems = discover_pairs(exported)
+    assert sorted(p.stem for p in pairs) == ["1.2.840.5.4", "1.2.840.5.5", "IM0001"] and not problems
+    good, problems = validate_pairs(pairs)
+    assert len(good) == 3 and not problems
     (tmp_path / "dicom" / "images" / "a.dcm").write_bytes(b"broken")
     pairs, problems = discover_pairs(tmp_path / "dicom")
     good, problems = validate_pairs(pairs, problems=problems)
