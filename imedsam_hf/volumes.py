@@ -2104,8 +2104,15 @@ def read_rtstruct(path: str | os.PathLike, volume: Volume, class_names: Mapping[
         number = int(entry.ReferencedROINumber)
         if number not in ids:
             continue
-        for contour in entry.get("ContourSequence", []) or []:
-            points = np.asarray(contour.get("ContourData", []) or [], dtype=float).reshape(-1, 3)
+        for index, contour in enumerate(entry.get("ContourSequence", []) or [], start=1):
+            values = np.asarray(contour.get("ContourData", []) or [], dtype=float)
+            if values.size % 3 or not np.isfinite(values).all():
+                raise ValueError(
+                    f"{path}: contour {index} of ROI {number} ({_roi_names(dataset).get(number, '')!r}) holds "
+                    f"{values.size} numbers{'' if np.isfinite(values).all() else ', some not finite'}, not x, y, z "
+                    "points: the file is damaged; export the structure set again"
+                )
+            points = values.reshape(-1, 3)
             if str(contour.get("ContourGeometricType", "")) != "CLOSED_PLANAR" or not len(points):
                 not_areas += 1
                 continue

@@ -1481,6 +1481,13 @@ def test_rt_structure_sets_are_written_and_read_as_label_volumes_of_their_series
     write_dicom_series(*as_stored(hu_scan(labels), AFFINE, ("L", "P", "S")), tmp_path / "other")
     with pytest.raises(ValueError, match=r"references the series .*, not .*other's \("):
         read_rtstruct(path, read_volume(tmp_path / "other"))
+    damaged = pydicom.dcmread(found)
+    damaged.ROIContourSequence[1].ContourSequence[0].ContourData = ["1.0"] * 7  # Stomach's first contour
+    damaged.save_as(tmp_path / "damaged.dcm")
+    with pytest.raises(
+        ValueError, match=r"damaged\.dcm: contour 1 of ROI 24 \('Stomach'\) holds 7 numbers, not x, y, z"
+    ):
+        read_rtstruct(tmp_path / "damaged.dcm", volume)
 
     # imedsam predict: prompted by the planner's contours as by the NIfTI labels they outline; --dicom-rtstruct out.
     tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
