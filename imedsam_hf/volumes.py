@@ -116,6 +116,7 @@ __all__ = [
     "is_dicom_file",
     "dicom_files_in",
     "dicom_series_in",
+    "multiframe_scans_in",
     "read_dicom_series",
     "read_multiframe_scan",
     "is_multiframe_scan",
@@ -315,31 +316,45 @@ DICOM_REFUSALS = {
 }
 
 
-def _is_series_file(path: Path) -> bool:
-    """A DICOM slice of a series folder, or a whole scan in one multi-frame file: not hidden, not a NIfTI, picture or
-    archive by its name (those are not opened), ``DICM`` in it (:func:`is_dicom_file`) and a slice of a scan or a
-    multi-frame scan, not a 2-D image (:func:`dicom_kind`: a radiograph or a screen capture beside the slices is read
-    as an image, if at all)."""
+def _dicom_kind_of(path: Path) -> str:
+    """:func:`dicom_kind` of a file that may be DICOM: ``""`` for a hidden file, a NIfTI, picture or archive by its
+    name (those are not opened) or a file without ``DICM`` in it."""
     name = path.name.lower()
     skipped = name.startswith(".") or name.endswith((*NIFTI_SUFFIXES, *PICTURE_EXTENSIONS, ".npz", ".json"))
-    return not skipped and is_dicom_file(path) and dicom_kind(path) in ("slice", "volume")
+    return "" if skipped or not is_dicom_file(path) else dicom_kind(path)
+
+
+def _is_series_file(path: Path) -> bool:
+    """A DICOM slice of a series folder (:func:`dicom_kind` "slice": a radiograph or a screen capture beside the
+    slices is read as an image, if at all; a multi-frame scan beside them is a scan of its own)."""
+    return _dicom_kind_of(path) == "slice"
 
 
 def dicom_files_in(folder: str | os.PathLike) -> list[Path]:
-    """The DICOM slices (or multi-frame scan) directly in `folder` (:func:`_is_series_file`; hidden files and 2-D
-    images skipped), sorted."""
+    """The DICOM slices directly in `folder` (:func:`_is_series_file`; hidden files and 2-D images skipped), sorted."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and _is_series_file(p))
 
 
+def multiframe_scans_in(folder: str | os.PathLike) -> list[Path]:
+    """The multi-frame DICOM scans (:func:`read_multiframe_scan`) directly in `folder`, sorted: each one scan."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and _dicom_kind_of(p) == "volume")
+
+
 def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
-    """The folders at or under `folder` that hold DICOM slices (each read as one scan by :func:`read_volume`), sorted;
-    ``[]`` when there are none. A DICOM export (patient / study / series folders) gives one folder per series; a
-    folder of 2-D DICOM images (radiographs) is none."""
+    """The DICOM scans at or under `folder`, each read as one scan by :func:`read_volume`, sorted: the folders that
+    hold DICOM slices (a series each) or a single multi-frame scan (named by the folder, as a series), and the
+    multi-frame scan files of a folder holding several, or slices beside them (each named by its file); ``[]`` when
+    there are none. A DICOM export (patient / study / series folders) gives one folder per series; a folder of 2-D
+    DICOM images (radiographs) is none."""
     found = []
     for root, folders, files in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
-        if any(_is_series_file(Path(root) / name) for name in files):
+        kinds = {name: _dicom_kind_of(Path(root) / name) for name in files}
+        scans = [Path(root) / name for name, kind in kinds.items() if kind == "volume"]
+        if "slice" in kinds.values() or len(scans) == 1:  # a series, or a series folder holding one multi-frame scan
             found.append(Path(root))
+        if "slice" in kinds.values() or len(scans) > 1:  # several scans in one folder: each file its own
+            found.extend(scans)
     return sorted(found)
 
 
@@ -382,20 +397,20 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     """
     folder = Path(folder)
     files = dicom_files_in(folder)
+    scans = multiframe_scans_in(folder) if not files else []
+    if len(scans) > 1:
+        raise ValueError(
+            f"{folder}: holds {len(scans)} multi-frame DICOM scans ({', '.join(p.name for p in scans)}); give one of "
+            "the files, or the folder above to read each"
+        )
+    if scans:
+        return read_multiframe_scan(scans[0], folder)
     if not files:
         raise ValueError(
             f"{folder}: a folder without DICOM slices in it (2-D DICOM images, such as radiographs, are images: "
             "segment() or `imedsam predict` read them); give a NIfTI file (.nii/.nii.gz) or the folder of one DICOM "
             "series"
         )
-    multiframe = [file for file in files if dicom_kind(file) == "volume"]
-    if multiframe:
-        if len(files) > 1:
-            raise ValueError(
-                f"{folder}: holds a multi-frame DICOM scan ({multiframe[0].name}) beside {len(files) - 1} other DICOM "
-                "files; keep each scan in a folder of its own"
-            )
-        return read_multiframe_scan(files[0], folder)
     require_dicom()
     converter = importlib.import_module("dicom2nifti.convert_dicom")
     datasets = [dicom_dataset(file) for file in files]  # pixels decoded (and kept): a bad file is named
@@ -447,11 +462,18 @@ def require_multiframe() -> None:
     _require_extra("highdicom", "highdicom", "reading a multi-frame DICOM scan")
 
 
+def _multiframe_file(path: Path) -> Path | None:
+    """The multi-frame DICOM scan `path` is read as: the file itself, or a folder's one multi-frame scan when it holds
+    no slices (:func:`read_dicom_series`); None otherwise."""
+    if path.is_dir():
+        scans = [] if dicom_files_in(path) else multiframe_scans_in(path)
+        return scans[0] if len(scans) == 1 else None
+    return path if path.is_file() and _dicom_kind_of(path) == "volume" else None
+
+
 def is_multiframe_scan(path: str | os.PathLike) -> bool:
-    """A multi-frame DICOM scan (:func:`read_multiframe_scan`): the file, or the one DICOM file of a series folder."""
-    path = Path(path)
-    files = dicom_files_in(path)[:1] if path.is_dir() else [path] if is_dicom_file(path) else []
-    return any(dicom_kind(file) == "volume" for file in files)
+    """A multi-frame DICOM scan (:func:`read_multiframe_scan`): the file, or a folder holding one and no slices."""
+    return _multiframe_file(Path(path)) is not None
 
 
 def read_multiframe_scan(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Volume:
@@ -1557,11 +1579,12 @@ def _scan_frames(volume: Volume, needs: str) -> list[_Frame]:
     series' folder (in file order), or the frames of a multi-frame scan (the file, or its folder); a ValueError
     starting with `needs` (what wants a DICOM scan) when `volume` was not read from one."""
     path = None if volume.path is None else Path(volume.path)
-    if path is None or not (path.is_dir() or is_multiframe_scan(path)):
+    scan = None if path is None else _multiframe_file(path)
+    if scan is not None:
+        return _multiframe_frames(dicom_dataset(scan, pixels=False))
+    if path is None or not path.is_dir():
         raise ValueError(f"{needs}; {volume.name} is not one")
-    headers = [dicom_dataset(file, pixels=False) for file in (dicom_files_in(path) if path.is_dir() else [path])]
-    if len(headers) == 1 and int(headers[0].get("NumberOfFrames", 1) or 1) > 1:
-        return _multiframe_frames(headers[0])
+    headers = [dicom_dataset(file, pixels=False) for file in dicom_files_in(path)]
     return [
         _Frame(h, None, h.ImagePositionPatient, h.ImageOrientationPatient, h.PixelSpacing, int(h.Rows), int(h.Columns))
         for h in headers
@@ -1779,7 +1802,8 @@ def dicom_annotation_of(series: str | os.PathLike, folder: str | os.PathLike) ->
     that names no series its frame of reference), or None; two of them are a ValueError naming both. The folder's
     headers are read once while its files stay as they are (:func:`_annotation_index`).
     """
-    files = dicom_files_in(series) if Path(series).is_dir() else [Path(series)]
+    scan = _multiframe_file(Path(series))
+    files = [scan] if scan is not None else dicom_files_in(series) if Path(series).is_dir() else []
     if not files or not Path(folder).is_dir():
         return None
     header = dicom_dataset(files[0], pixels=False, tags=["SeriesInstanceUID", "FrameOfReferenceUID"])
@@ -2376,7 +2400,7 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
     volumes = [*volumes_in(images), *(p for p in dicom_series_in(images) if p != Path(images))]
     if not volumes:
         raise ValueError(f"`images` {images}: no .nii or .nii.gz volumes in it, and no DICOM series folders under it.")
-    if any(path.is_dir() for path in volumes):
+    if any(not is_volume(path) for path in volumes):
         require_dicom()
     pairs, missing = [], []
     for path in volumes:
@@ -2384,7 +2408,8 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
         if found is None:
             missing.append(f"{path.name} (looked for {label_volume_names(path)})")
             continue
-        pairs.append((volume_name(path if path.is_dir() else found), path, found))  # a series: its folder's name
+        named = path if path.is_dir() or not is_volume(path) else found  # DICOM: its folder's or file's name
+        pairs.append((volume_name(named), path, found))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"`labels` {labels}: no label volume for {'; '.join(missing[:3])}{more}.")

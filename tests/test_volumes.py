@@ -1651,9 +1651,20 @@ def test_a_multi_frame_dicom_scan_reads_as_the_series_it_holds(tmp_path, capsys,
     np.testing.assert_array_equal(from_seg, np.select([from_nifti == 2, from_nifti == 5], [1, 2], 0))  # segments 1, 2
     with pytest.raises(ValueError, match=r"IM0001: a multi-frame DICOM scan, and segment\(\) takes one 2-D image"):
         segment(tiny_model(), str(scan), box=[1, 1, 5, 5])
-    (tmp_path / "export" / "enhanced" / "IM0002").write_bytes(files[0].read_bytes())
-    with pytest.raises(ValueError, match=r"holds a multi-frame DICOM scan \(IM0001\) beside 1 other DICOM files"):
-        read_volume(scan.parent)
+    # A PACS's flat export: several multi-frame scans in one folder, each its own scan (named by its file); beside a
+    # series' slices, the series and the scan.
+    pacs = tmp_path / "pacs"
+    pacs.mkdir()
+    for name in ("CT1.dcm", "CT2.dcm"):
+        (pacs / name).write_bytes(scan.read_bytes())
+    assert volumes_module.dicom_series_in(pacs) == [pacs / "CT1.dcm", pacs / "CT2.dcm"]
+    with pytest.raises(ValueError, match=r"pacs: holds 2 multi-frame DICOM scans \(CT1\.dcm, CT2\.dcm\); give one"):
+        read_volume(pacs)
+    (tmp_path / "export" / "series" / "MF.dcm").write_bytes(scan.read_bytes())
+    assert volumes_module.dicom_series_in(tmp_path / "export") == [
+        tmp_path / "export" / "enhanced", tmp_path / "export" / "series", tmp_path / "export" / "series" / "MF.dcm"
+    ]  # fmt: skip
+    np.testing.assert_array_equal(read_volume(tmp_path / "export" / "series").data, series.data)
     # highdicom missing: said before the model loads.
     real = importlib.util.find_spec
     monkeypatch.setattr(
