@@ -2548,7 +2548,7 @@ def volumes_to_slices(
     progress: bool = True,
 ) -> dict[str, Any]:
     """
-    A folder of scans (NIfTI, or DICOM series folders) and label volumes -> the folder of 2-D slices that training,
+    A folder of scans (NIfTI, or DICOM scans) and label volumes -> the folder of 2-D slices that training,
     `imedsam evaluate` and the BTCV recipes read: `images/<case>_slice<z>.png` (8-bit grey, made exactly as
     `segment_volume` and `imedsam predict` make a slice: :func:`to_uint8` with `window`, then :func:`slice_image`),
     `masks/<case>_slice<z>.png` (class ids), `classes.json` and `cases.csv` (each scan's voxel spacing in mm, for
@@ -2556,11 +2556,14 @@ def volumes_to_slices(
     Slices are numbered with at least 3 digits; scans are told apart by the default group pattern.
 
     Args:
-        images, labels: folders (`paired_volumes`: a label volume per scan, on the scan's grid).
+        images, labels: folders (`paired_volumes`: a label volume per scan, a NIfTI on the scan's grid or in another
+            orientation, or a DICOM SEG or RT Structure Set of a DICOM scan).
         output: a new folder (or an empty one). It is written in a temporary folder beside it and renamed into
             place at the end, so a failure leaves nothing half-written.
         window: the intensity window (:func:`parse_window`): give the one you will predict with (`--window`).
-        class_names: `{id: name}` of the label ids (`data.read_class_file`); default `class <id>` for every id.
+        class_names: `{id: name}` of the label ids (`data.read_class_file`), DICOM structures matched to them by
+            name; default: SEG segment labels, RT Structure Sets' ROI names numbered in the order the cases list them
+            (:func:`_roi_classes`), else `class <id>` for every id.
         all_slices: keep slices without any structure too (default: only slices with one, as the BTCV folder).
 
     Returns:
