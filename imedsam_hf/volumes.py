@@ -2022,6 +2022,7 @@ def write_rtstruct(
     dataset.Manufacturer, dataset.ManufacturerModelName = "imedsam-hf", model_name[:64]
     dataset.SoftwareVersions, dataset.OperatorsName = __version__, ""
     dataset.StructureSetLabel = model_name[:16]
+    dataset.ApprovalStatus = "UNAPPROVED"  # a model's contours: for a clinician to review and approve
     dataset.StructureSetDate, dataset.StructureSetTime = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
     dataset.SeriesDate, dataset.SeriesTime = dataset.StructureSetDate, dataset.StructureSetTime
     series = item(

@@ -1432,6 +1432,7 @@ def test_rt_structure_sets_are_written_and_read_as_label_volumes_of_their_series
     np.testing.assert_array_equal(read_rtstruct(path, volume).data, labels)
     written = pydicom.dcmread(path)
     assert written.Modality == "RTSTRUCT" and written.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
+    assert written.ApprovalStatus == "UNAPPROVED"  # a planning system shows the model's contours as not yet approved
     assert dicom_structure_names(path) == names
     headers = {h.SOPInstanceUID: h for h in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
     for roi in written.ROIContourSequence:  # each contour lies in the plane of the image it names
