@@ -218,14 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dicom-seg",
         action="store_true",
-        help="DICOM series: also write <name>_seg.dcm, a DICOM Segmentation over the series' own images (one segment "
+        help="DICOM scans: also write <name>_seg.dcm, a DICOM Segmentation over the scan's own images (one segment "
         "per structure found, named, SNOMED-coded where the organ has a code), which PACS, OHIF or 3D Slicer show "
         "over the series; needs highdicom (the [dicom] extra)",
     )
     p.add_argument(
         "--dicom-rtstruct",
         action="store_true",
-        help="DICOM series: also write <name>_rtstruct.dcm, an RT Structure Set of the series (one ROI per structure "
+        help="DICOM scans: also write <name>_rtstruct.dcm, an RT Structure Set of the scan (one ROI per structure "
         "found, named, its outline on every image as closed planar contours) for treatment planning systems, "
         "SlicerRT or OHIF; needs scikit-image (the [dicom] extra)",
     )
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scans = sources.add_parser(
         "volumes",
-        help="NIfTI scans and label volumes -> a folder of 2-D slices to train and evaluate on",
+        help="scans (NIfTI, DICOM) and their label volumes -> a folder of 2-D slices to train and evaluate on",
         formatter_class=_HelpFormatter,
     )
     truths = sources.add_parser(
