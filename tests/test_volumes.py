@@ -1504,6 +1504,10 @@ def test_rt_structure_sets_are_written_and_read_as_label_volumes_of_their_series
     np.testing.assert_array_equal(from_plan, from_nifti)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["series.nii.gz", "series_rtstruct.dcm"]
     np.testing.assert_array_equal(read_rtstruct(tmp_path / "a" / "series_rtstruct.dcm", volume).data, from_plan)
+    planned_names = {23: "Kidney_R", 24: "Stomach", 40: "BODY"}  # the structures keep the names that prompted them
+    assert dicom_structure_names(tmp_path / "a" / "series_rtstruct.dcm") == {
+        int(c): planned_names[int(c)] for c in np.unique(from_plan) if c
+    }
     # Refused up front: a NIfTI scan (nothing to reference), scikit-image missing.
     capsys.readouterr()
     scan = save_nifti(tmp_path / "nifti" / "scan.nii.gz", hu_scan(labels))

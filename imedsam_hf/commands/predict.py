@@ -44,7 +44,9 @@ from ..runtime import require_backend
 from ..volumes import (
     NPZ_CLASS_AWARE,
     check_window,
+    dicom_annotation_modality,
     dicom_series_in,
+    dicom_structure_names,
     is_dicom_file,
     is_multiframe_scan,
     is_structure_name,
@@ -529,7 +531,8 @@ def volume_suffixes(args) -> tuple[str, ...]:
 
 def structure_names(config: Any, label_folder: str | None) -> dict[int, str]:
     """The names `--statistics` keys structures by: a class-aware model's `id2label`; else the `classes.json` beside
-    (or inside) the `--boxes-from-masks` folder of label volumes (BTCV's layout), when it has one; else none."""
+    (or inside) the `--boxes-from-masks` folder of label volumes (BTCV's layout), when it has one; else none (and a
+    scan prompted by a DICOM SEG or RTSTRUCT names them as its segments or ROIs: `predict_volumes`)."""
     if is_class_aware(config):
         return structure_names_of(config)
     for folder in (Path(label_folder).parent, Path(label_folder)) if label_folder else ():
@@ -554,11 +557,14 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
         try:
             volume = read_volume(path)
             prompts: dict[str, Any] = {"prompts_given": [] if args.overlay else None}
+            names_here = names
             if boxes is None:
                 found = label_volume_of(path, args.boxes_from_masks)
                 if found is None:
                     raise ValueError(f"no label volume {label_volume_names(path)} in {args.boxes_from_masks}")
                 prompts["label_volume"] = read_label_volume(found, volume, structure_names_of(model.config))
+                if named and not names and dicom_annotation_modality(found):  # its structures' ids: their numbers
+                    names_here = dicom_structure_names(found)
             else:
                 prompts["boxes_3d"], prompts["key_slices"] = boxes[name]
                 prompts["propagation"] = args.propagation or "stop"
@@ -574,11 +580,11 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
             written = write_label_volume(labels, volume, targets[".nii.gz"])
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
             if args.statistics:
-                write_json(label_statistics(labels, volume, names), targets["_statistics.json"])
+                write_json(label_statistics(labels, volume, names_here), targets["_statistics.json"])
             if args.dicom_seg:
-                write_dicom_seg(labels, volume, targets["_seg.dcm"], names, Path(args.model).name)
+                write_dicom_seg(labels, volume, targets["_seg.dcm"], names_here, Path(args.model).name)
             if args.dicom_rtstruct:
-                write_rtstruct(labels, volume, targets["_rtstruct.dcm"], names, Path(args.model).name)
+                write_rtstruct(labels, volume, targets["_rtstruct.dcm"], names_here, Path(args.model).name)
             if args.overlay:  # a montage of slices: the labels in their colours, the truth outlined, the boxes
                 truth = prompts.get("label_volume")
                 picture = volume_overlay(
