@@ -1630,14 +1630,17 @@ def _series_frame_indices(dataset: Any, affine: np.ndarray, shape: Sequence[int]
     return np.rint(grid).astype(np.int64)
 
 
+#: SNOMED CT's Anatomical Structure: the code of a structure pydicom's dictionary has no organ for.
+GENERIC_STRUCTURE_CODE = "91723000"
+
+
 def _coded_structure(name: str) -> tuple[Any, Any]:
     """`(category, type)` codes of a structure's name: SNOMED CT's code for the organ where pydicom's dictionary
-    names it (`liver` -> Liver; `right kidney` -> Kidney, the side kept in the segment's label), else the generic
-    Anatomical Structure; the category is Anatomical Structure either way."""
+    names it (`liver` -> Liver; `right kidney` and TG-263's `Kidney_R` -> Kidney, the side kept in the segment's or
+    ROI's name), else the generic Anatomical Structure; the category is Anatomical Structure either way."""
     codes = importlib.import_module("pydicom.sr.codedict").codes
-    words = [w for w in re.split(r"[^A-Za-z0-9]+", name) if w]
-    words = words[1:] if words and words[0].lower() in ("right", "left") else words
-    key = "".join(w[:1].upper() + w[1:].lower() for w in words)
+    words = [STRUCTURE_ABBREVIATIONS.get(w.lower(), w.lower()) for w in re.split(r"[^A-Za-z0-9]+", name) if w]
+    key = "".join(w[:1].upper() + w[1:] for w in words if w not in ("right", "left"))
     generic = codes.SCT.AnatomicalStructure
     try:
         return generic, getattr(codes.SCT, key) if key else generic
@@ -2050,9 +2053,17 @@ def write_rtstruct(
         item(ROIDisplayColor=list(class_colour(c)), ReferencedROINumber=c, ContourSequence=Sequence_(contours[c]))
         for c in present
     )
-    dataset.RTROIObservationsSequence = Sequence_(
-        item(ObservationNumber=c, ReferencedROINumber=c, RTROIInterpretedType="", ROIInterpreter="") for c in present
-    )
+    observations = []
+    for c in present:  # an organ SNOMED CT names (as the SEG codes it) is an ORGAN, coded; anything else untyped
+        _, kind = _coded_structure(names.get(c, f"class {c}"))
+        observation = item(ObservationNumber=c, ReferencedROINumber=c, RTROIInterpretedType="", ROIInterpreter="")
+        if kind.value != GENERIC_STRUCTURE_CODE:
+            observation.RTROIInterpretedType = "ORGAN"
+            observation.RTROIIdentificationCodeSequence = Sequence_(
+                [item(CodeValue=kind.value, CodingSchemeDesignator=kind.scheme_designator, CodeMeaning=kind.meaning)]
+            )
+        observations.append(observation)
+    dataset.RTROIObservationsSequence = Sequence_(observations)
     remove_stale_temporaries(path)
     atomic_write(path, lambda temporary: dataset.save_as(temporary, enforce_file_format=True))
     return path

@@ -1433,6 +1433,9 @@ def test_rt_structure_sets_are_written_and_read_as_label_volumes_of_their_series
     written = pydicom.dcmread(path)
     assert written.Modality == "RTSTRUCT" and written.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
     assert written.ApprovalStatus == "UNAPPROVED"  # a planning system shows the model's contours as not yet approved
+    coded = {o.ReferencedROINumber: (o.RTROIInterpretedType, [c.CodeMeaning for c in o.get("RTROIIdentificationCodeSequence", [])])
+             for o in written.RTROIObservationsSequence}  # fmt: skip
+    assert coded == {2: ("ORGAN", ["Kidney"]), 5: ("ORGAN", ["Liver"]), 7: ("ORGAN", ["Stomach"])}
     assert dicom_structure_names(path) == names
     headers = {h.SOPInstanceUID: h for h in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
     for roi in written.ROIContourSequence:  # each contour lies in the plane of the image it names
@@ -1508,6 +1511,11 @@ def test_rt_structure_sets_are_written_and_read_as_label_volumes_of_their_series
     assert dicom_structure_names(tmp_path / "a" / "series_rtstruct.dcm") == {
         int(c): planned_names[int(c)] for c in np.unique(from_plan) if c
     }
+    types = {
+        o.ReferencedROINumber: o.RTROIInterpretedType
+        for o in pydicom.dcmread(tmp_path / "a" / "series_rtstruct.dcm").RTROIObservationsSequence
+    }
+    assert types[23] == "ORGAN" and types[40] == ""  # TG-263's Kidney_R is an organ; BODY is not
     # Refused up front: a NIfTI scan (nothing to reference), scikit-image missing.
     capsys.readouterr()
     scan = save_nifti(tmp_path / "nifti" / "scan.nii.gz", hu_scan(labels))
