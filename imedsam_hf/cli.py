@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--boxes-from-masks",
         help="folder of masks named like the images: each structure's tight box (class-id masks: every structure, "
         "written as a class-id mask); for volumes, label volumes named like them (every structure on every slice), "
-        "or for DICOM series the DICOM SEG in the folder that references each",
+        "or for DICOM scans the DICOM SEG or RT Structure Set under the folder that references each",
     )
     prompt.add_argument(
         "--points", help="clicks 'x,y[,label];x,y[,label]' in the image's pixels (label 1 foreground, 0 background)"
