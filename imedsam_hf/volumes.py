@@ -462,11 +462,16 @@ def require_multiframe() -> None:
     _require_extra("highdicom", "highdicom", "reading a multi-frame DICOM scan")
 
 
+def _first_slice(folder: Path) -> Path | None:
+    """The first of :func:`dicom_files_in` (`folder`'s DICOM slices), found without reading the others' headers."""
+    return next((p for p in sorted(folder.iterdir()) if p.is_file() and _is_series_file(p)), None)
+
+
 def _multiframe_file(path: Path) -> Path | None:
     """The multi-frame DICOM scan `path` is read as: the file itself, or a folder's one multi-frame scan when it holds
     no slices (:func:`read_dicom_series`); None otherwise."""
-    if path.is_dir():
-        scans = [] if dicom_files_in(path) else multiframe_scans_in(path)
+    if path.is_dir():  # a series' first slice settles it: not every slice's header read
+        scans = [] if _first_slice(path) else multiframe_scans_in(path)
         return scans[0] if len(scans) == 1 else None
     return path if path.is_file() and _dicom_kind_of(path) == "volume" else None
 
@@ -1805,11 +1810,11 @@ def dicom_annotation_of(series: str | os.PathLike, folder: str | os.PathLike) ->
     that names no series its frame of reference), or None; two of them are a ValueError naming both. The folder's
     headers are read once while its files stay as they are (:func:`_annotation_index`).
     """
-    scan = _multiframe_file(Path(series))
-    files = [scan] if scan is not None else dicom_files_in(series) if Path(series).is_dir() else []
-    if not files or not Path(folder).is_dir():
+    series = Path(series)
+    first = _multiframe_file(series) or (_first_slice(series) if series.is_dir() else None)
+    if first is None or not Path(folder).is_dir():
         return None
-    header = dicom_dataset(files[0], pixels=False, tags=["SeriesInstanceUID", "FrameOfReferenceUID"])
+    header = dicom_dataset(first, pixels=False, tags=["SeriesInstanceUID", "FrameOfReferenceUID"])
     stamp = []
     for root, folders, names in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
@@ -1983,10 +1988,11 @@ def write_rtstruct(
             setattr(entry, keyword, value)
         return entry
 
+    def file_reference(dataset: Any) -> Any:
+        return item(ReferencedSOPClassUID=dataset.SOPClassUID, ReferencedSOPInstanceUID=dataset.SOPInstanceUID)
+
     def image_reference(source: _Frame) -> Any:
-        reference = item(
-            ReferencedSOPClassUID=source.dataset.SOPClassUID, ReferencedSOPInstanceUID=source.dataset.SOPInstanceUID
-        )
+        reference = file_reference(source.dataset)
         if source.number is not None:  # a frame of a multi-frame scan
             reference.ReferencedFrameNumber = source.number
         return reference
@@ -2030,10 +2036,7 @@ def write_rtstruct(
     dataset.SeriesDate, dataset.SeriesTime = dataset.StructureSetDate, dataset.StructureSetTime
     series = item(
         SeriesInstanceUID=first.SeriesInstanceUID,
-        ContourImageSequence=Sequence_(
-            item(ReferencedSOPClassUID=d.SOPClassUID, ReferencedSOPInstanceUID=d.SOPInstanceUID)
-            for d in _frame_datasets(sources)
-        ),
+        ContourImageSequence=Sequence_(map(file_reference, _frame_datasets(sources))),
     )
     study = item(
         ReferencedSOPClassUID=RTSTRUCT_STUDY_CLASS, ReferencedSOPInstanceUID=first.StudyInstanceUID,
