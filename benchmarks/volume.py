@@ -21,9 +21,11 @@ Dice and HD95 (mm) per organ from `volume_scores` with the header's spacing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 
+import nibabel as nib
 import numpy as np
 from common import (
     VOLUME_PROTOCOLS,
@@ -38,7 +40,7 @@ from common import (
 )
 
 from imedsam_hf import load_model
-from imedsam_hf.volumes import read_volume, segment_volume, volume_scores
+from imedsam_hf.volumes import Volume, read_volume, segment_volume, volume_scores
 
 COMMON_8 = (8, 4, 3, 2, 6, 11, 1, 7)
 
@@ -61,6 +63,18 @@ def timed_encoder(model, device):
     return totals
 
 
+def stored_as(volume: Volume, codes: str) -> Volume:
+    """`volume` stored in the orientation `codes` (``"RAS"``): its voxels moved, each keeping its world position."""
+    if len(codes) != 3 or not set(codes.upper()) <= set("LRAPSI"):
+        raise SystemExit(f"--stored-as: {codes!r} is not three axis codes such as RAS or LPS")
+    start = nib.orientations.io_orientation(volume.affine)
+    transform = nib.orientations.ornt_transform(start, nib.orientations.axcodes2ornt(tuple(codes.upper())))
+    data = nib.orientations.apply_orientation(volume.data, transform)
+    affine = volume.affine @ nib.orientations.inv_ornt_aff(transform, volume.data.shape)
+    image = nib.Nifti1Image(np.ascontiguousarray(data), affine, header=volume.header)  # zooms follow the axes
+    return dataclasses.replace(volume, data=image.dataobj, affine=affine, header=image.header)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--volume", required=True, help="NIfTI volume (8-bit windowed, or HU with --window)")
@@ -75,10 +89,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--protocol", nargs="+", default=["labels"], choices=list(VOLUME_PROTOCOLS))
     parser.add_argument("--clear_cache", action="store_true", help="start runtime backends without a compiled cache")
     parser.add_argument("--window", default=None, help="LEVEL,WIDTH or a preset, for volumes in HU")
+    parser.add_argument(
+        "--stored-as",
+        default=None,
+        metavar="CODES",
+        help="store the volume and its labels in this orientation first (nibabel's axis codes: RAS, LPS, ...; the "
+        "voxels moved, their world positions kept): what a scan stored another way gets",
+    )
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     device, _ = setup_run(args)
     volume, labels = read_volume(args.volume), read_volume(args.labels)
+    if args.stored_as:
+        volume, labels = stored_as(volume, args.stored_as), stored_as(labels, args.stored_as)
     truth = labels.data.astype(np.int64)
     classes = [int(c) for c in np.unique(truth) if c > 0]
     prompts = {protocol: volume_prompts(protocol, labels) for protocol in args.protocol}  # once for every model
@@ -129,7 +152,15 @@ def main(argv=None) -> dict:
     columns += ["dice_13", "dice_8", "hd95_13_mm"]
     header = f"{args.volume} on {machine_description(device)} ({args.num_threads or 'default'} threads)"
     return report(
-        {"volume": args.volume, "machine": machine_description(device), "rows": rows}, header, columns, args.json
+        {
+            "volume": args.volume,
+            "stored_as": "".join(volume.axcodes),
+            "machine": machine_description(device),
+            "rows": rows,
+        },
+        header,
+        columns,
+        args.json,
     )
 
 

@@ -28,15 +28,17 @@ Conventions
 Arrays
     A volume's ``data`` is the NIfTI array exactly as stored, shape ``(X, Y, Z)`` (voxel indices ``i, j, k``, the order
     nibabel, SimpleITK's index space, ITK-SNAP and 3D Slicer's "IJK" use); axial slices are along the last axis, ``k``.
-Slice orientation (the one place it is handled: :func:`slice_image`)
+Slice orientation (handled in two places only: :func:`slice_image` and :class:`SliceView`)
     The 2-D image of slice ``z`` is ``np.rot90(data[:, :, z])``, i.e. ``image[row, col] = data[col, Y - 1 - row, z]``,
     shape ``(H, W) = (Y, X)``: columns follow ``i``, rows follow ``j`` reversed. For the BTCV-Synapse volumes (stored
     LAS: ``i`` towards the patient's left, ``j`` anterior) this is the radiological view, anterior up and the patient's
     right (liver) on the image's left, and it reproduces ``images/<case>_slice<z>.png`` and ``masks/...png`` *exactly*
     (checked on all 338 PNG slices of the 4 staged scans), so a slice fed to a model looks like its training images.
-    A NIfTI volume stored in another orientation is *not* reoriented: its slices come out mirrored or rotated with
-    respect to that view (:attr:`Volume.axcodes` tells; ``('L', 'A', 'S')`` is the orientation this convention is
-    meant for). A DICOM series is turned in plane onto that orientation as it is read (:func:`view_grid`).
+    A volume stored in another orientation (:attr:`Volume.axcodes`: RAS, LPS, its axes swapped) is turned in plane
+    into that view before its slices reach a model (:class:`SliceView`: :func:`segment_volume`,
+    :class:`SliceEmbeddings`, :func:`volume_overlay`, :func:`volumes_to_slices`), its slicing axis and slice numbers
+    kept, and its labels come back on its stored grid; boxes stay in its stored voxel indices. A DICOM series is
+    turned onto that orientation as it is read (:func:`view_grid`). A coronal or sagittal stack keeps its plane.
 3-D boxes
     ``boxes_3d = {class_id: [x0, y0, z0, x1, y1, z1]}`` are *inclusive* voxel indices ``i, j, k`` of the stored array
     (``x0..x1`` along axis 0, ``y0..y1`` along axis 1, ``z0..z1`` slices), the first and last voxel of the structure,
@@ -133,6 +135,7 @@ __all__ = [
     "write_rtstruct",
     "read_label_volume",
     "view_grid",
+    "SliceView",
     "onto_grid",
     "require_dicom",
     "mr_window",
@@ -508,9 +511,29 @@ def read_multiframe_scan(path: str | os.PathLike, source: str | os.PathLike | No
     return _scan_on_view_grid(np.transpose(np.asarray(scan.array), (2, 1, 0)), affine, Path(source or path))
 
 
+#: The plane a scan is sliced in, by the direction (nibabel's axis code) of its slicing axis.
+SLICE_PLANES = {"L": "sagittal", "R": "sagittal", "A": "coronal", "P": "coronal", "S": "axial", "I": "axial"}
+
 #: The orientation :func:`view_grid` turns scans towards (nibabel's axis codes): BTCV's LAS, the one the slice view is
 #: made for (module docstring, "Slice orientation").
 VIEW_AXCODES = ("L", "A", "S")
+
+
+def _view_transform(affine: np.ndarray, turn_slices: bool) -> np.ndarray:
+    """nibabel's orientation transform (stored axis -> ``[view axis, +1/-1]``, shape ``(3, 2)``) that turns a grid of
+    `affine` in plane towards :data:`VIEW_AXCODES`: the slicing axis (the stored third one) stays third, the in-plane
+    axes are swapped and flipped so that :func:`slice_image` shows the radiological view (an axial slice as a LAS
+    scan's: anterior up, the patient's right on the left); the slicing axis is flipped towards the view too with
+    `turn_slices`, else kept. The identity where the affine names no direction (a degenerate one)."""
+    start = nib.orientations.io_orientation(affine)
+    if np.isnan(start).any():
+        return np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+    view = nib.orientations.axcodes2ornt(VIEW_AXCODES)
+    axes = (*sorted(int(axis) for axis in start[:2, 0]), int(start[2, 0]))
+    target = np.array([view[axis] for axis in axes])
+    if not turn_slices:
+        target[2] = start[2]
+    return nib.orientations.ornt_transform(start, target)
 
 
 def view_grid(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -520,12 +543,72 @@ def view_grid(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndar
 
     A DICOM series comes off dicom2nifti with its rows along ``j``: LPS for an axial series, whose slices would reach
     the model upside down."""
-    start = nib.orientations.io_orientation(affine)
-    view = nib.orientations.axcodes2ornt(VIEW_AXCODES)
-    axes = (*sorted(int(axis) for axis in start[:2, 0]), int(start[2, 0]))
-    transform = nib.orientations.ornt_transform(start, np.array([view[axis] for axis in axes]))
+    transform = _view_transform(affine, turn_slices=True)
     moved = nib.orientations.apply_orientation(data, transform)
     return np.ascontiguousarray(moved), affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
+
+
+@dataclass(frozen=True)
+class SliceView:
+    """How a volume's stored ``(X, Y, Z)`` array is turned in plane so that its slices reach a model in the view the
+    models were trained on (the radiological view: :data:`VIEW_AXCODES`, BTCV's LAS), whatever orientation the file
+    was stored in: RAS (nibabel's canonical, MONAI's ``Orientation``), LPS (ITK / SimpleITK), a coronal or sagittal
+    stack. Only the in-plane axes are swapped and flipped: the slicing axis and the slice numbers ``z`` are kept, so
+    `key_slices` and slice names mean the same slices. :func:`segment_volume`, :class:`SliceEmbeddings`,
+    :func:`volume_overlay` and :func:`volumes_to_slices` show a volume's slices through it; what they return or write
+    as a volume is on the stored grid again.
+
+    Attributes:
+        transform: nibabel's orientation transform, stored axis -> ``[view axis, +1 / -1]``, shape ``(3, 2)``.
+        shape: the stored ``(X, Y, Z)``.
+    """
+
+    transform: np.ndarray
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, volume: Volume | np.ndarray, affine: np.ndarray | None = None) -> SliceView:
+        """The view of a :class:`Volume` (by its affine, or `affine`), or of an array with `affine`; an array without
+        one has no orientation to go by and is shown as stored (the identity)."""
+        if affine is None and isinstance(volume, Volume):
+            affine = volume.affine
+        shape = tuple(int(n) for n in np.shape(volume.data if isinstance(volume, Volume) else volume))
+        if len(shape) != 3:
+            raise ValueError(f"a volume's slice view needs an (X, Y, Z) array, got shape {shape}")
+        transform = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+        if affine is not None:
+            transform = _view_transform(np.asarray(affine, dtype=float), turn_slices=False)
+        return cls(transform, shape)  # type: ignore[arg-type]
+
+    @property
+    def identity(self) -> bool:
+        """Whether the stored array is already in the view (BTCV's volumes, every DICOM scan read here)."""
+        return bool(np.array_equal(self.transform, [[0, 1], [1, 1], [2, 1]]))
+
+    def to_view(self, data: np.ndarray) -> np.ndarray:
+        """`data` (the stored shape) turned into the view: an ``(X', Y', Z)`` array :func:`slice_image` slices."""
+        if self.identity:
+            return data
+        return np.ascontiguousarray(nib.orientations.apply_orientation(data, self.transform))
+
+    def from_view(self, data: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_view`: an array in the view back on the stored grid."""
+        if self.identity:
+            return data
+        back = np.zeros_like(self.transform)
+        for axis, (target, flip) in enumerate(self.transform):
+            back[int(target)] = (axis, flip)
+        return np.ascontiguousarray(nib.orientations.apply_orientation(data, back))
+
+    def box(self, box_3d: Sequence[int]) -> list[int]:
+        """A 3-D box ``[x0, y0, z0, x1, y1, z1]`` (inclusive stored voxel indices) in the view's indices."""
+        low, high = [0, 0, 0], [0, 0, 0]
+        for axis, (target, flip) in enumerate(self.transform):
+            first, last = int(box_3d[axis]), int(box_3d[axis + 3])
+            if flip < 0:
+                first, last = self.shape[axis] - 1 - last, self.shape[axis] - 1 - first
+            low[int(target)], high[int(target)] = first, last
+        return [*low, *high]
 
 
 # ------------------------------------------------------------------------------------------------------- intensities
@@ -904,6 +987,14 @@ def _as_volume(volume: Volume | np.ndarray | str | os.PathLike, what: str) -> Vo
     return volume
 
 
+def _viewed_volume(volume: Volume | np.ndarray | str | os.PathLike) -> tuple[Volume, SliceView]:
+    """The scan `volume` (:func:`_as_volume`) and the :class:`SliceView` its slices reach a model through: an array
+    has no orientation to go by and is shown as stored."""
+    oriented = isinstance(volume, (Volume, str, os.PathLike))
+    volume = _as_volume(volume, "volume")
+    return volume, SliceView.of(volume if oriented else volume.data)
+
+
 def check_label_volume(labels: Volume, volume: Volume, compare_affines: bool) -> np.ndarray:
     """`labels`' class ids as uint8, checked to lie on `volume`'s grid (its shape; its affine with
     `compare_affines`) and to hold whole numbers in 0..255; a ValueError naming both files otherwise. With
@@ -1086,15 +1177,19 @@ def segment_volume(
             mask that reaches past its box otherwise widens the next box, and the error grows slice after slice (the
             shipped BTCV model's 3-D Dice on its test scans: see docs/results.md). False: MedSAM's rule as it is.
         prompts_given: a list that receives ``(z, class_id, box)`` for every box the model is prompted with, in
-            slice-image pixels: with ``boxes_3d`` the starting slice's and every propagated one (e.g. to train on the
-            boxes propagation gives, ``training/propagated_boxes.py``), with ``label_volume`` each slice's exact
-            boxes; :func:`volume_overlay` draws them.
+            the pixels of the slice image the model saw (:class:`SliceView`): with ``boxes_3d`` the starting slice's
+            and every propagated one (e.g. to train on the boxes propagation gives, ``training/propagated_boxes.py``),
+            with ``label_volume`` each slice's exact boxes; :func:`volume_overlay` draws them.
         tta: test-time mirroring of every slice, ``"none"`` (default), ``"h"``, ``"v"`` or ``"hv"``
             (:func:`imedsam_hf.inference.segment`'s ``tta``): 2 or 4 encoder and decoder passes per slice.
         slice_embeddings: a :class:`SliceEmbeddings` of this volume for this model object (and ``window``, ``tta``):
             the slices' embeddings are read from it and the ones missing added, so that several calls on one volume
             encode each slice once; the masks are those of a call without it. Made for another model, volume or
             ``tta``, it is an error.
+
+    A volume stored in another orientation than the view's (RAS, LPS, axes swapped: a :class:`Volume` or a path,
+    by its affine) is shown to the model turned in plane (:class:`SliceView`), as its training slices were; boxes,
+    key slices and the result stay in the stored voxel indices. An array has no affine and is shown as stored.
 
     Returns:
         ``(X, Y, Z)`` uint8 class ids, 0 = background, on the grid of ``volume``.
@@ -1112,14 +1207,11 @@ def segment_volume(
         model, loaded_processor = load_model(model)
         processor = processor or loaded_processor
     processor = processor or getattr(slice_embeddings, "processor", None) or processor_for_config(model.config)
-    both_volumes = isinstance(label_volume, (Volume, str, os.PathLike)) and isinstance(
-        volume, (Volume, str, os.PathLike)
-    )
-    volume = _as_volume(volume, "volume")
+    both_volumes = all(isinstance(given, (Volume, str, os.PathLike)) for given in (volume, label_volume))
+    volume, view = _viewed_volume(volume)
     if isinstance(label_volume, (str, os.PathLike)):  # a NIfTI, or a DICOM SEG of the series (segments by name)
         label_volume = read_label_volume(label_volume, volume, structure_names_of(model.config))
     wanted = _class_set(classes)
-    labels = np.zeros(volume.shape, dtype=np.uint8)
     if label_volume is not None:
         truth = check_label_volume(_as_volume(label_volume, "label volume"), volume, compare_affines=both_volumes)
         present = {int(c) for c in np.unique(truth) if c and (wanted is None or int(c) in wanted)}
@@ -1136,7 +1228,10 @@ def segment_volume(
         if propagation not in PROPAGATIONS:
             raise ValueError(f"`propagation` must be one of {PROPAGATIONS}, got {propagation!r}")
         key_slices = _check_key_slices(key_slices, checked)
+        checked = {class_id: view.box(box) for class_id, box in checked.items()}  # slice numbers (key_slices) kept
     images = to_uint8(volume.data, resolve_window(volume.data, window, model.config, f"volume {volume.name}"))
+    images = view.to_view(images)
+    labels = np.zeros(images.shape, dtype=np.uint8)
     if not images.any():
         raise ValueError(
             f"volume {volume.name}: every voxel is 0 after windowing (an empty scan, or a `window` that misses its "
@@ -1146,14 +1241,15 @@ def segment_volume(
         slice_embeddings.check(model, processor, images, tta)
     if label_volume is not None:
         _segment_with_label_volume(
-            model, processor, images, truth, labels, wanted, progress, tta, slice_embeddings, prompts_given
-        )
+            model, processor, images, view.to_view(truth), labels, wanted, progress, tta, slice_embeddings,
+            prompts_given,
+        )  # fmt: skip
     else:
         _segment_with_boxes_3d(
             model, processor, images, checked, labels, progress, float(box_margin), propagation, confine=confine,
             key_slices=key_slices, prompts_given=prompts_given, tta=tta, slice_embeddings=slice_embeddings,
         )  # fmt: skip
-    return labels
+    return view.from_view(labels)
 
 
 def named_structures(
@@ -1279,8 +1375,9 @@ class SliceEmbeddings:
         tta_mirrors(tta)
         self.model, self.tta = model, tta
         self.processor = processor or processor_for_config(model.config)
-        volume = _as_volume(volume, "volume")
-        self.images = to_uint8(volume.data, resolve_window(volume.data, window, model.config, f"volume {volume.name}"))
+        volume, view = _viewed_volume(volume)
+        grey = to_uint8(volume.data, resolve_window(volume.data, window, model.config, f"volume {volume.name}"))
+        self.images = view.to_view(grey)  # the slices segment_volume shows the model
         self.seconds: dict[int, float] = {}
         self.visited: set[int] = set()
         self._kept: dict[int, torch.Tensor | list[torch.Tensor]] = {}
@@ -2257,6 +2354,7 @@ def volume_overlay(
     prompts: Sequence[tuple[int, int, Sequence[float]]] | None = None,
     slices: int = 9,
     columns: int = 3,
+    affine: np.ndarray | None = None,
 ) -> Image.Image:
     """A picture of a segmented volume: a montage of up to ``slices`` axial slices (:func:`slice_image`), spread
     evenly over the slices that hold a predicted or true structure, each the 2-D overlay
@@ -2270,6 +2368,9 @@ def volume_overlay(
         prompts: ``(z, class_id, box)`` of every box the model was prompted with (``segment_volume``'s
             ``prompts_given``), or None.
         slices, columns: how many slices at most, in how many columns.
+        affine: the volume's affine: its slices shown in the view the model saw them in (:class:`SliceView`, as
+            :func:`segment_volume` turns a volume stored in another orientation), where ``prompts`` were drawn;
+            None: as the arrays are stored.
 
     Returns:
         An RGB image, ``columns`` slices wide.
@@ -2278,6 +2379,9 @@ def volume_overlay(
         raise ValueError(f"volume_overlay: `slices` {slices} and `columns` {columns} must be >= 1.")
     if images.shape != labels.shape or (truth is not None and truth.shape != labels.shape):
         raise ValueError("volume_overlay: `images`, `labels` and `truth` must have one (X, Y, Z) shape.")
+    view = SliceView.of(labels, affine)
+    images, labels = view.to_view(images), view.to_view(labels)
+    truth = None if truth is None else view.to_view(truth)
     occupied = labels.any(axis=(0, 1)) | (truth.any(axis=(0, 1)) if truth is not None else False)
     candidates = np.flatnonzero(occupied) if occupied.any() else np.array([labels.shape[2] // 2])
     chosen = candidates[
@@ -2595,7 +2699,8 @@ def volumes_to_slices(
         for sub in ("images", "masks"):
             (staging / sub).mkdir()
         for case, image_path, label_path, volume, truth in _labelled_cases(pairs, class_names, segment_names, progress):
-            grey = to_uint8(volume.data, window)
+            view = SliceView.of(volume)  # slices as segment_volume shows them to a model, numbered as stored
+            grey, truth = view.to_view(to_uint8(volume.data, window)), view.to_view(truth)
             labelled = truth.any(axis=(0, 1))
             slices = range(truth.shape[2]) if all_slices else np.flatnonzero(labelled)
             digits = max(3, len(str(truth.shape[2] - 1)))
@@ -2616,11 +2721,12 @@ def volumes_to_slices(
             )
             writer.writerows(rows)
     orientations = {row[0]: row[6] for row in rows}
-    if len(set(orientations.values())) > 1:
+    planes = {SLICE_PLANES[codes[2]] for codes in orientations.values()}
+    if len(planes) > 1:
         warnings.warn(
-            f"{images}: the scans are stored in different orientations ({', '.join(sorted(set(orientations.values())))}"
-            "; cases.csv lists each). Slices are not reoriented, so their anatomy is mirrored or rotated between "
-            "scans: reorient the scans to one orientation (e.g. LAS, as BTCV) before training.",
+            f"{images}: the scans are sliced in different planes ({', '.join(sorted(planes))}; cases.csv lists each "
+            "scan's orientation). Slices are turned in plane to one view, never resliced: resample the scans to one "
+            "slicing plane (axial, as BTCV) before training on them together.",
             UserWarning,
             stacklevel=2,
         )

@@ -194,6 +194,15 @@ def test_volume_benchmark_times_a_volume_and_its_encoder(tmp_path):
         assert row["slices"] == 8 and 0 < row["slices_encoded"] <= labelled and 0 < row["encoder_share"] < 1
         assert row["seconds_with_startup"] > row["seconds"] and row["per_class"]
     assert [row["protocol"] for row in result["rows"]] == ["labels", "boxes3d"] and (tmp_path / "volume.json").is_file()
+    # The scan and its labels stored RAS and LPS (`--stored-as`), the orientation recorded; the scores are those of
+    # the scan as stored (this tiny model's masks would not tell mirrored slices apart: test_volumes checks the slices
+    # a model sees).
+    for codes in ("RAS", "LPS"):
+        turned = load_benchmark("volume").main(
+            ["--volume", str(paths["volumes"]), "--labels", str(paths["labels"]), "--model", str(tmp_path / "model"),
+             "--device", "cpu", "--protocol", "boxes3d", "--stored-as", codes]
+        )  # fmt: skip
+        assert turned["stored_as"] == codes and turned["rows"][0]["per_class"] == result["rows"][1]["per_class"]
 
 
 def test_btcv_volumes_runs_every_protocol_on_shared_embeddings(tmp_path):

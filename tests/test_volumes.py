@@ -521,6 +521,78 @@ def test_a_label_volume_stored_in_another_orientation_is_moved_onto_the_scans_gr
         segment_volume(FakeModel(), scan, label_volume=make_volume(labels, "l.nii.gz", shifted), processor=object())
 
 
+def image_bound_fake(seen: list):
+    """A `segment` whose masks follow the image it is given: each box's bright pixels (> 127) inside it; `seen` gets
+    every `(image, boxes)` call. The encoder is not run (`encode_slice` replaced by the caller)."""
+
+    def fake(model, image, box=None, output_size=None, processor=None, **_):
+        boxes = box if isinstance(box[0], list) else [box]
+        seen.append((image.copy(), [list(b) for b in boxes]))
+        masks = []
+        for x0, y0, x1, y1 in ([int(v) for v in b] for b in boxes):
+            inside = np.zeros(image.shape[:2], dtype=bool)
+            inside[y0 : y1 + 1, x0 : x1 + 1] = True
+            masks.append(inside & (image > 127))
+        return result_for(masks, [0.9] * len(masks), single=not isinstance(box[0], list))
+
+    return fake
+
+
+@pytest.mark.parametrize("codes", [("R", "A", "S"), ("L", "P", "S"), ("P", "R", "S"), ("L", "A", "I")])
+def test_a_scan_stored_in_another_orientation_reaches_the_model_as_its_training_slices_did(monkeypatch, codes):
+    """A NIfTI stored RAS (nibabel's canonical, MONAI's Orientation), LPS (ITK) or with its axes swapped was sliced
+    as stored: the model saw its slices mirrored or rotated, unlike every slice it was trained on (the shipped BTCV
+    model's 3-D box mode on test scan case0002: 0.789 stored LAS, 0.760 RAS, 0.758 LPS). It is now turned in plane
+    into the view (`SliceView`): the model sees the very images and boxes of the scan stored LAS, slice numbers kept,
+    boxes and key slices in the file's own voxel indices, the labels back on the file's grid."""
+    monkeypatch.setattr(volumes_module, "encode_slice", lambda model, processor, image, tta="none": None)
+    rng = np.random.default_rng(0)
+    organs = cone(shape=(30, 26, 12))
+    scan = rng.integers(0, 256, organs.shape, dtype=np.uint8)
+    stored_scan, affine = as_stored(scan, AFFINE, codes)
+    stored_organs, _ = as_stored(organs, AFFINE, codes)
+    flips_slices = codes[2] == "I"
+    assert not np.array_equal(stored_scan[:, :, 0], scan[:, :, 0]) or stored_scan.shape != scan.shape
+    boxes, key_slices = key_slice_boxes_from_labels(organs)
+    stored_boxes, stored_keys = key_slice_boxes_from_labels(stored_organs)
+    protocols = [
+        ({"label_volume": organs}, {"label_volume": stored_organs}),
+        ({"boxes_3d": boxes_3d_from_labels(organs)}, {"boxes_3d": boxes_3d_from_labels(stored_organs)}),
+        ({"boxes_3d": boxes, "key_slices": key_slices}, {"boxes_3d": stored_boxes, "key_slices": stored_keys}),
+    ]
+    for as_trained, as_given in protocols:
+        runs = []
+        for volume, prompts in ((make_volume(scan), as_trained), (make_volume(stored_scan, affine=affine), as_given)):
+            seen, given = [], []
+            monkeypatch.setattr(volumes_module, "segment", image_bound_fake(seen))
+            labels = segment_volume(
+                FakeModel(), volume, processor=object(), progress=False, prompts_given=given, **prompts
+            )
+            runs.append((labels, seen, given))
+        (labels, seen, given), (stored_labels, stored_seen, stored_given) = runs
+        assert labels.any() and stored_labels.shape == stored_scan.shape
+        if flips_slices and "boxes_3d" in as_given:  # slices numbered from the other end: another middle slice
+            continue
+        np.testing.assert_array_equal(stored_labels, as_stored(labels, AFFINE, codes)[0])
+        if flips_slices:  # the same images, met in the other order
+            assert sorted(np.sum(image) for image, _ in stored_seen) == sorted(np.sum(image) for image, _ in seen)
+            continue
+        assert stored_given == given
+        assert len(stored_seen) == len(seen)
+        for (image, prompt), (stored_image, stored_prompt) in zip(seen, stored_seen):
+            np.testing.assert_array_equal(stored_image, image)
+            assert stored_prompt == prompt
+    # An array has no orientation: shown as stored (the images a bare `stored_scan` gives the model are its own).
+    seen = []
+    monkeypatch.setattr(volumes_module, "segment", image_bound_fake(seen))
+    segment_volume(FakeModel(), stored_scan, label_volume=stored_organs, processor=object(), progress=False)
+    z = int(np.flatnonzero(stored_organs.any(axis=(0, 1)))[0])
+    np.testing.assert_array_equal(seen[0][0], slice_image(stored_scan, z))
+    # The embeddings kept for several calls are of the slices the model sees.
+    embeddings = SliceEmbeddings(tiny_model(), make_volume(stored_scan, affine=affine))
+    np.testing.assert_array_equal(embeddings.images, scan if not flips_slices else scan[:, :, ::-1])
+
+
 def test_segment_volume_takes_paths_as_segment_takes_image_files(tmp_path, monkeypatch):
     """`segment_volume(model, "scan.nii.gz", label_volume="labels.nii.gz")` (as `segment(model, "image.png")`) said
     "volume <array>: shape (), need a 3-D (X, Y, Z) array"; paths are read with `read_volume` (a DICOM series' folder
@@ -1877,6 +1949,66 @@ def test_convert_volumes_reads_nnunet_names_and_dataset_json_and_writes_a_folder
     result = json.loads((tmp_path / "e.json").read_text())
     assert set(result["results"]["native"]["per_class"]) == {"2", "5"} and result["volume"]["n_volumes"] == 2
     assert result["volume"]["hd95"] is not None  # the spacing of cases.csv
+
+
+def test_predict_and_convert_show_a_scan_stored_ras_as_its_las_copy_and_write_on_its_grid(tmp_path, capsys):
+    """`imedsam predict` on a scan stored RAS (with its RAS labels) writes, on the RAS grid, the labels of the same scan
+    stored LAS, and the same montage; `convert volumes` gives the same slices from either (training on RAS-stored
+    scans saw mirrored slices and warned that scans of two orientations were mixed); scans sliced in different planes
+    are still said to differ, since slices are turned in plane, never resliced."""
+    from imedsam_hf.cli import main
+
+    labels = two_organs()
+    scan = (labels * 60 + 20 + np.arange(labels.shape[0])[:, None, None]).astype(np.uint8)  # left-right asymmetric
+    folders = {}
+    for codes in (("L", "A", "S"), ("R", "A", "S")):
+        tag = "".join(codes)
+        stored, affine = as_stored(scan, AFFINE, codes)
+        save_nifti(tmp_path / tag / "scans" / "scan.nii.gz", stored, affine)
+        save_nifti(tmp_path / tag / "labels" / "scan.nii.gz", as_stored(labels, AFFINE, codes)[0], affine)
+        folders[tag] = (tmp_path / tag, affine)
+    tiny_model(query_mode="adaptive").save_pretrained(tmp_path / "model")
+    outputs = {}
+    for tag, (folder, affine) in folders.items():
+        argv = ["predict", "--model", str(tmp_path / "model"), str(folder / "scans" / "scan.nii.gz"), "--overlay"]
+        assert main([*argv, "--boxes-from-masks", str(folder / "labels"), "--out", str(folder / "P")]) == 0
+        written = nib.load(folder / "P" / "scan.nii.gz")
+        np.testing.assert_allclose(written.affine, affine)
+        outputs[tag] = np.asarray(written.dataobj), np.asarray(Image.open(folder / "P" / "scan_overlay.png"))
+        convert = ["convert", "volumes", "--images", str(folder / "scans"), "--labels", str(folder / "labels")]
+        assert main([*convert, "--output", str(folder / "slices")]) == 0
+    (las, las_montage), (ras, ras_montage) = outputs["LAS"], outputs["RAS"]
+    assert las.any()
+    np.testing.assert_array_equal(ras, as_stored(las, AFFINE, ("R", "A", "S"))[0])
+    np.testing.assert_array_equal(ras_montage, las_montage)
+    for sub in ("images", "masks"):
+        names = sorted(p.name for p in (tmp_path / "LAS" / "slices" / sub).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "RAS" / "slices" / sub).iterdir()) and names
+        for name in names:
+            np.testing.assert_array_equal(
+                np.asarray(Image.open(tmp_path / "RAS" / "slices" / sub / name)),
+                np.asarray(Image.open(tmp_path / "LAS" / "slices" / sub / name)),
+            )
+    (tmp_path / "LAS" / "scans" / "other.nii.gz").write_bytes((tmp_path / "RAS" / "scans" / "scan.nii.gz").read_bytes())
+    (tmp_path / "LAS" / "labels" / "other.nii.gz").write_bytes(
+        (tmp_path / "RAS" / "labels" / "scan.nii.gz").read_bytes()
+    )
+    mixed = [
+        "convert",
+        "volumes",
+        "--images",
+        str(tmp_path / "LAS" / "scans"),
+        "--labels",
+        str(tmp_path / "LAS" / "labels"),
+    ]
+    capsys.readouterr()
+    assert main([*mixed, "--output", str(tmp_path / "mixed")]) == 0
+    assert "different planes" not in capsys.readouterr().err  # LAS beside RAS: one view
+    coronal, affine = as_stored(scan, AFFINE, ("L", "S", "A"))
+    save_nifti(tmp_path / "LAS" / "scans" / "other.nii.gz", coronal, affine)
+    save_nifti(tmp_path / "LAS" / "labels" / "other.nii.gz", as_stored(labels, AFFINE, ("L", "S", "A"))[0], affine)
+    assert main([*mixed, "--output", str(tmp_path / "planes")]) == 0
+    assert "sliced in different planes (axial, coronal" in capsys.readouterr().err
 
 
 @needs_dicom

@@ -588,8 +588,9 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
             if args.overlay:  # a montage of slices: the labels in their colours, the truth outlined, the boxes
                 truth = prompts.get("label_volume")
                 picture = volume_overlay(
-                    grey.data, labels, truth=None if truth is None else truth.data, prompts=prompts["prompts_given"]
-                )
+                    grey.data, labels, truth=None if truth is None else truth.data, prompts=prompts["prompts_given"],
+                    affine=volume.affine,
+                )  # fmt: skip
                 write_png(picture, targets["_overlay.png"])
         except (OSError, ValueError) as error:
             skip(path, error, failures)
