@@ -465,6 +465,20 @@ def read_class_names(data_dir: str | os.PathLike) -> dict[int, str] | None:
     return None if path is None else read_class_file(path)
 
 
+def folder_class_names(folder: str | os.PathLike) -> dict[int, str] | None:
+    """
+    The names of the ids of a folder of label volumes or masks: a `classes.json` or `id2label.json` in it or beside
+    it (BTCV's layout), or the MSD / nnU-Net `dataset.json` beside it (`labelsTr`'s parent); None without any.
+    """
+    folder = Path(folder)
+    for place in (folder, folder.parent):
+        names = read_class_names(place)
+        if names:
+            return names
+    beside = folder.parent / "dataset.json"
+    return read_class_file(beside) if beside.is_file() else None
+
+
 def class_file(folder: str | os.PathLike) -> Path | None:
     """The file naming a folder's classes: its `classes.json`, else its `id2label.json`; None without either."""
     return next((Path(folder) / n for n in ("classes.json", "id2label.json") if (Path(folder) / n).is_file()), None)
@@ -1572,6 +1586,7 @@ __all__ = [
     "random_clicks",
     "read_class_file",
     "read_class_names",
+    "folder_class_names",
     "class_file",
     "dataset_class_names",
     "read_mask",

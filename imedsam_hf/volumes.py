@@ -80,7 +80,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window, window_text
-from .data import NIFTI_SUFFIXES, PICTURE_EXTENSIONS, is_volume, mask_box, volumes_in
+from .data import NIFTI_SUFFIXES, PICTURE_EXTENSIONS, folder_class_names, is_volume, mask_box, volumes_in
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import class_colour, overlay, segment, structure_id
 from .loading import load_model
@@ -140,6 +140,7 @@ __all__ = [
     "require_dicom",
     "mr_window",
     "named_structures",
+    "named_label_ids",
     "label_statistics",
     "label_volume_names",
     "label_volume_of",
@@ -1124,6 +1125,7 @@ def segment_volume(
     prompts_given: list[tuple[int, int, list[float]]] | None = None,
     tta: str = "none",
     slice_embeddings: SliceEmbeddings | None = None,
+    label_classes: Mapping[int, int] | None = None,
 ) -> np.ndarray:
     """Segment a volume slice by slice with a box-prompted 2-D model.
 
@@ -1155,6 +1157,10 @@ def segment_volume(
         label_volume: ``(X, Y, Z)`` integer class ids 0..255 (an array, a :class:`Volume`, a NIfTI path, or the path
             of a DICOM SEG or RT Structure Set of the series, :func:`read_label_volume`), same shape
             and (when both are volumes read from files or :class:`Volume` objects) the same grid as ``volume``.
+            A class-aware model decodes each structure with the heads of its class id, or of the class
+            `label_classes` gives it; a NIfTI path whose folder names its ids (BTCV's ``classes.json``, an
+            MSD / nnU-Net ``dataset.json``) numbered otherwise than the model's classes gets them by name
+            (:func:`named_label_ids`). The result keeps the label volume's ids.
         boxes_3d: see above; ids must be ``int`` in 1..255 (and in ``classes`` when given), boxes inside the volume.
         classes: class ids to segment (an iterable of ids, or a mapping ``id -> name`` such as BTCV's
             ``classes.json``): with ``label_volume`` other ids are ignored, with ``boxes_3d`` another id is an error.
@@ -1186,6 +1192,8 @@ def segment_volume(
             the slices' embeddings are read from it and the ones missing added, so that several calls on one volume
             encode each slice once; the masks are those of a call without it. Made for another model, volume or
             ``tta``, it is an error.
+        label_classes: ``label_volume`` only, with a class-aware model: ``{label id: the model's class id}`` whose
+            heads decode that structure (:func:`named_label_ids`); ids it leaves out are not prompted.
 
     A volume stored in another orientation than the view's (RAS, LPS, axes swapped: a :class:`Volume` or a path,
     by its affine) is shown to the model turned in plane (:class:`SliceView`), as its training slices were; boxes,
@@ -1209,16 +1217,26 @@ def segment_volume(
     processor = processor or getattr(slice_embeddings, "processor", None) or processor_for_config(model.config)
     both_volumes = all(isinstance(given, (Volume, str, os.PathLike)) for given in (volume, label_volume))
     volume, view = _viewed_volume(volume)
-    if isinstance(label_volume, (str, os.PathLike)):  # a NIfTI, or a DICOM SEG of the series (segments by name)
-        label_volume = read_label_volume(label_volume, volume, structure_names_of(model.config))
+    if label_classes is not None and label_volume is None:
+        raise ValueError("segment_volume: label_classes go with label_volume (the class decoding each of its ids)")
+    label_path = label_volume if isinstance(label_volume, (str, os.PathLike)) else None
+    if label_path is not None:  # a NIfTI, or a DICOM SEG / RTSTRUCT of the series (its structures by name)
+        label_volume = read_label_volume(label_path, volume, structure_names_of(model.config))
     wanted = _class_set(classes)
     if label_volume is not None:
         truth = check_label_volume(_as_volume(label_volume, "label volume"), volume, compare_affines=both_volumes)
+        if label_classes is None and label_path is not None:
+            label_classes = named_label_ids(label_path, truth, structure_names_of(model.config))
+        if label_classes is not None:
+            label_classes = {
+                _class_id(k, "label_classes"): _class_id(v, "label_classes") for k, v in label_classes.items()
+            }
+            wanted = set(label_classes) if wanted is None else wanted & set(label_classes)
         present = {int(c) for c in np.unique(truth) if c and (wanted is None or int(c) in wanted)}
         if not present:
             what = "no structure" if wanted is None else f"none of the classes {sorted(wanted)}"
             raise ValueError(f"label volume {_as_volume(label_volume, 'label volume').name}: holds {what}; no prompt.")
-        _check_class_aware(model, present)
+        _check_class_aware(model, {(label_classes or {}).get(c, c) for c in present})
     else:
         boxes_3d, key_slices = named_structures(model.config, boxes_3d, key_slices)  # type: ignore[arg-type]
         checked = _check_boxes(boxes_3d, volume.shape, wanted)
@@ -1242,7 +1260,7 @@ def segment_volume(
     if label_volume is not None:
         _segment_with_label_volume(
             model, processor, images, view.to_view(truth), labels, wanted, progress, tta, slice_embeddings,
-            prompts_given,
+            prompts_given, label_classes,
         )  # fmt: skip
     else:
         _segment_with_boxes_3d(
@@ -1289,6 +1307,41 @@ def _check_class_aware(model: Any, class_ids: set[int]) -> None:
         )
 
 
+def named_label_ids(
+    path: str | os.PathLike, truth: np.ndarray, class_names: Mapping[int, str] | None
+) -> dict[int, int] | None:
+    """``{label id: class id}``: the class of a class-aware model (`class_names`, its ``id2label``) whose name each
+    structure of the NIfTI label volume at `path` (class ids `truth`) has, by the names its folder gives its ids
+    (:func:`imedsam_hf.data.folder_class_names`: BTCV's ``classes.json``, an MSD / nnU-Net ``dataset.json``) and
+    their words (:func:`_structure_words`: AMOS's ``postcava``, TotalSegmentator's ``kidney_right``). A structure
+    named none of the classes (or unnamed) is left out with a warning. None where the ids are the model's own: a
+    binary model, a DICOM SEG or RTSTRUCT (read by name already), no names, names of ids only (``class 3``), the
+    model's numbering; names that match no class are warned about, the ids then taken as the model's class ids."""
+    if class_names is None or not is_volume(path):
+        return None
+    names = folder_class_names(Path(path).parent)
+    present = [int(c) for c in np.unique(truth) if c]
+    if not names or all(re.fullmatch(r"class \d+", names.get(i, f"class {i}")) for i in present):
+        return None
+    by_words = {_structure_words(name): int(class_id) for class_id, name in class_names.items()}
+    ids: dict[int, int] = {}
+    for label_id in present:
+        class_id = by_words.get(_structure_words(names.get(label_id, "")))
+        if class_id is not None and class_id not in ids.values():
+            ids[label_id] = class_id
+    if not ids:
+        warnings.warn(
+            f"{path}: its structures' names ({', '.join(names.get(i, f'{i} unnamed') for i in present)}) are none of the "
+            "model's classes; their ids are taken as the model's class ids",
+            stacklevel=3,
+        )
+        return None
+    left = [f"{i} {names[i]!r}" if i in names else f"{i} (unnamed)" for i in present if i not in ids]
+    if left:
+        warnings.warn(f"{path}: structures {', '.join(left)} are none of the model's classes: left out", stacklevel=3)
+    return None if not left and all(i == c for i, c in ids.items()) else ids
+
+
 def _segment_with_label_volume(
     model: Any,
     processor: IMedSamProcessor,
@@ -1300,8 +1353,10 @@ def _segment_with_label_volume(
     tta: str = "none",
     slice_embeddings: SliceEmbeddings | None = None,
     prompts_given: list[tuple[int, int, list[float]]] | None = None,
+    label_classes: Mapping[int, int] | None = None,
 ) -> None:
     present = truth.any(axis=(0, 1))
+    heads = label_classes or {}
     for z in tqdm(range(truth.shape[2]), desc="slices", unit="slice", disable=not progress):
         if not present[z]:
             continue
@@ -1314,7 +1369,7 @@ def _segment_with_label_volume(
             prompts_given.extend((z, c, box) for c, box in zip(ids, boxes))
         result = segment(
             model, slice_image(images, z), box=boxes, output_size=truth_slice.shape, processor=processor,
-            classes=ids if _class_count(model) > 1 else None, tta=tta,
+            classes=[heads.get(c, c) for c in ids] if _class_count(model) > 1 else None, tta=tta,
             image_embeddings=None if slice_embeddings is None else slice_embeddings(z),
         )  # fmt: skip
         # Scores = probability inside each prompt's own mask, 0 outside: merging at threshold 0 keeps exactly the
@@ -1935,11 +1990,22 @@ def dicom_annotation_of(series: str | os.PathLike, folder: str | os.PathLike) ->
 #: Words of structure names written short, as radiotherapy's standard names (AAPM TG-263: `Kidney_R`,
 #: `Glnd_Adrenal_L`) and clinicians write them.
 STRUCTURE_ABBREVIATIONS = {"r": "right", "rt": "right", "l": "left", "lt": "left", "glnd": "gland"}
-#: Whole names of a structure that share no words with its usual name: TG-263's vessels, and `IVC`.
+#: Whole names of a structure that share no words with its usual name: TG-263's vessels, `IVC`, AMOS's names
+#: (``gall bladder``, ``postcava``, its spelling ``arota``) and the short names of MONAI's BTCV ``dataset_0.json``
+#: (not its ``rad`` / ``lad``, which elsewhere name a coronary artery: its adrenal glands are left out, with a warning).
 STRUCTURE_ALIASES = {
     frozenset({"a", "aorta"}): frozenset({"aorta"}),
     frozenset({"v", "venacava", "i"}): frozenset({"inferior", "vena", "cava"}),
     frozenset({"ivc"}): frozenset({"inferior", "vena", "cava"}),
+    frozenset({"postcava"}): frozenset({"inferior", "vena", "cava"}),
+    frozenset({"arota"}): frozenset({"aorta"}),
+    frozenset({"gall", "bladder"}): frozenset({"gallbladder"}),
+    frozenset({"gall"}): frozenset({"gallbladder"}),
+    frozenset({"rkid"}): frozenset({"right", "kidney"}),
+    frozenset({"lkid"}): frozenset({"left", "kidney"}),
+    frozenset({"eso"}): frozenset({"esophagus"}),
+    frozenset({"sto"}): frozenset({"stomach"}),
+    frozenset({"veins"}): frozenset({"portal", "vein", "and", "splenic"}),
 }
 
 
@@ -2584,7 +2650,8 @@ def _labelled_cases(
     progress: bool,
 ) -> Iterable[tuple[str, Path, Path, Volume, np.ndarray]]:
     """`(case, scan path, label path, scan, class ids on the scan's grid)` of each pair (:func:`paired_volumes`), its
-    label volume read by :func:`read_label_volume` and moved onto the scan's grid (:func:`check_label_volume`). Where
+    label volume read by :func:`read_label_volume` and moved onto the scan's grid (:func:`check_label_volume`); a
+    NIfTI whose folder names its ids otherwise than `class_names` renumbered by name (:func:`named_label_ids`). Where
     DICOM SEGs' segment numbers are the ids (no `class_names`), `segment_names` collects `{number: label}`, which
     must be the same in every SEG."""
     for case, image_path, label_path in tqdm(pairs, desc="volumes", unit="volume", disable=not progress):
@@ -2597,7 +2664,13 @@ def _labelled_cases(
                         f"{label_path}: segment {number} is {label!r}, in another SEG {segment_names[number]!r}; "
                         "give the names (`class_names`) to match segments by name"
                     )
-        yield case, image_path, label_path, volume, check_label_volume(label_volume, volume, compare_affines=True)
+        truth = check_label_volume(label_volume, volume, compare_affines=True)
+        renumbered = named_label_ids(label_path, truth, class_names)  # a NIfTI numbered otherwise: by its names
+        if renumbered is not None:
+            table = np.zeros(256, dtype=np.uint8)
+            table[list(renumbered)] = list(renumbered.values())
+            truth = table[truth]
+        yield case, image_path, label_path, volume, truth
 
 
 def _write_classes(

@@ -2122,6 +2122,121 @@ def test_volume_boxes_may_name_a_class_aware_models_structures(tmp_path, capsys)
         assert said in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_label_volumes_numbered_another_way_prompt_the_models_classes_of_their_names(tmp_path, monkeypatch, capsys):
+    """A class-aware model prompted by label volumes numbered otherwise than its classes (AMOS: pancreas 10 where
+    BTCV's 10 is the portal vein; TotalSegmentator, nnU-Net datasets) decoded each structure with the heads of
+    whichever class had its number, silently, and refused ids above its classes. The names the labels' folder gives
+    (an nnU-Net dataset.json beside labelsTr, a classes.json) now pick each structure's class by name; the label
+    volume's own numbering is kept in what is written (so `imedsam score` compares it with that truth), and a
+    structure naming no class is left out with a warning."""
+    from imedsam_hf.cli import main
+    from imedsam_hf.volumes import named_label_ids
+
+    labels = two_organs()  # ids 2 and 5
+    labels[20:23, 2:5, 2:4] = 7  # a structure the model does not know
+    dataset = tmp_path / "Dataset001"
+    scan = save_nifti(dataset / "imagesTr" / "ct_001_0000.nii.gz", (labels * 30 + 20).astype(np.uint8))
+    save_nifti(dataset / "labelsTr" / "ct_001.nii.gz", labels)
+    ids = {"background": 0, "Liver": 2, "kidney_right": 5, "duodenum": 7}
+    (dataset / "dataset.json").write_text(json.dumps({"labels": ids}))
+    model_names = {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus", 6: "liver"}
+    config = types.SimpleNamespace(num_classes=6, class_aware=True, id2label=model_names)
+    path = dataset / "labelsTr" / "ct_001.nii.gz"
+    with pytest.warns(UserWarning, match="structures 7 'duodenum' are none of the model's classes: left out"):
+        assert named_label_ids(path, labels, model_names) == {2: 6, 5: 2}
+    assert named_label_ids(path, labels, None) is None  # a binary model: ids are prompts only
+    calls: list = []
+
+    def fake(model, image, box=None, classes=None, **kwargs):  # records the class decoding each label id
+        result = perfect_label_fake(labels, [])(model, image, box=box, **kwargs)
+        truth = slice_image(labels, int(image[0, 0]) // 10)
+        for prompt, class_id in zip(box, classes):
+            calls.extend((int(i), class_id) for i in np.unique(truth) if i and mask_box(truth == i).tolist() == prompt)
+        return result
+
+    monkeypatch.setattr(volumes_module, "segment", fake)
+    model = types.SimpleNamespace(config=config)
+    with pytest.warns(UserWarning, match="left out"):
+        predicted = segment_volume(model, make_volume(slice_coded_images(labels.shape)), label_volume=path,
+                                   processor=object(), progress=False)  # fmt: skip
+    assert set(calls) == {(2, 6), (5, 2)}  # liver by the liver's heads, the right kidney by its own
+    np.testing.assert_array_equal(predicted, np.where(labels == 7, 0, labels))  # the labels' ids, duodenum left out
+    calls.clear()
+    given = segment_volume(model, make_volume(slice_coded_images(labels.shape)), label_volume=labels,
+                           label_classes={2: 1, 5: 3}, processor=object(), progress=False)  # fmt: skip
+    assert set(calls) == {(2, 1), (5, 3)} and set(np.unique(given)) == {0, 2, 5}
+    # Names that are the model's own numbering (BTCV's classes.json beside labels/), or ids only: nothing renumbered.
+    (dataset / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "2": "right kidney", "5": "esophagus"}})
+    )
+    assert named_label_ids(path, np.where(labels == 7, 0, labels), model_names) is None
+    (dataset / "dataset.json").write_text(json.dumps({"labels": {"2": "class 2", "5": "class 5", "7": "class 7"}}))
+    assert named_label_ids(path, labels, model_names) is None
+    (dataset / "dataset.json").write_text(json.dumps({"labels": {"2": "tumour", "5": "cyst", "7": "oedema"}}))
+    with pytest.warns(UserWarning, match="are none of the model's classes; their ids are taken as the model's"):
+        assert named_label_ids(path, labels, model_names) is None
+    # imedsam predict: the labels' numbering out, the structures named by the dataset.json; score against the truth.
+    (dataset / "dataset.json").write_text(json.dumps({"labels": ids}))
+    tiny_model(num_classes=6, class_aware=True, implicit_decoder_trained=True, id2label=model_names).save_pretrained(
+        tmp_path / "aware"
+    )
+    argv = ["predict", "--model", str(tmp_path / "aware"), str(scan), "--boxes-from-masks", str(dataset / "labelsTr")]
+    assert main([*argv, "--out", str(tmp_path / "P"), "--statistics"]) == 0
+    assert "7 'duodenum' are none of the model's classes: left out" in capsys.readouterr().err
+    written = np.asarray(nib.load(tmp_path / "P" / "ct_001_0000.nii.gz").dataobj)
+    assert set(np.unique(written)) <= {0, 2, 5} and written.any()
+    statistics = json.loads((tmp_path / "P" / "ct_001_0000_statistics.json").read_text())
+    assert set(statistics["structures"]) <= {"Liver", "kidney_right"}
+    # The truth numbered as the model's classes (`convert labels --classes config.json`) is renumbered by name too.
+    convert = ["convert", "labels", "--images", str(dataset / "imagesTr"), "--labels", str(dataset / "labelsTr")]
+    assert main([*convert, "--classes", str(tmp_path / "aware" / "config.json"), "--output", str(tmp_path / "T")]) == 0
+    truth = np.asarray(nib.load(tmp_path / "T" / "ct_001.nii.gz").dataobj)
+    np.testing.assert_array_equal(truth, np.select([labels == 2, labels == 5], [6, 2], 0))
+
+
+BTCV_NAMES = {
+    1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus", 6: "liver", 7: "stomach",
+    8: "aorta", 9: "inferior vena cava", 10: "portal vein and splenic vein", 11: "pancreas", 12: "right adrenal gland",
+    13: "left adrenal gland",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (  # AMOS's dataset.json, its own spellings: the pancreas and adrenal glands one id lower than BTCV's
+            {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gall bladder", 5: "esophagus", 6: "liver",
+             7: "stomach", 8: "arota", 9: "postcava", 10: "pancreas", 11: "right adrenal gland",
+             12: "left adrenal gland"},
+            {**{i: i for i in range(1, 10)}, 10: 11, 11: 12, 12: 13},
+        ),
+        (  # TotalSegmentator's names
+            {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach",
+             7: "pancreas", 8: "adrenal_gland_right", 9: "adrenal_gland_left", 15: "esophagus", 52: "aorta",
+             63: "inferior_vena_cava", 64: "portal_vein_and_splenic_vein"},
+            {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 7, 7: 11, 8: 12, 9: 13, 15: 5, 52: 8, 63: 9, 64: 10},
+        ),
+        (  # MONAI's BTCV dataset_0.json: BTCV's ids; its adrenal glands' rad / lad are left out
+            {1: "spleen", 2: "rkid", 3: "lkid", 4: "gall", 5: "eso", 6: "liver", 7: "sto", 8: "aorta", 9: "IVC",
+             10: "veins", 11: "pancreas", 12: "rad", 13: "lad"},
+            {i: i for i in range(1, 12)},
+        ),
+    ],
+)  # fmt: skip
+def test_label_names_of_other_datasets_find_the_btcv_models_classes(tmp_path, names, expected):
+    """The names public CT data sets give the 13 organs find the shipped BTCV model's classes (`named_label_ids`)."""
+    from imedsam_hf.volumes import named_label_ids
+
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", **names}}))
+    truth = np.zeros((3, 3, len(names)), np.uint8)
+    truth[1, 1, :] = sorted(names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert named_label_ids(tmp_path / "labelsTr" / "case.nii.gz", truth, BTCV_NAMES) == expected
+    assert bool(caught) == (len(expected) < len(names))
+
+
 def test_convert_volumes_takes_four_digit_case_ids_as_cases_not_channels(tmp_path):
     """Regression: AMOS names its scans amos_0001.nii.gz ... (each with its own label volume); `imedsam convert
     volumes` refused such a folder as "several channels per case (0001, 0004)", taking the ids for nnU-Net channels.

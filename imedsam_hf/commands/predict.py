@@ -27,6 +27,7 @@ from ..configuration_imedsam import is_class_aware, window_text
 from ..data import (
     IMAGE_EXTENSIONS,
     extra_masks,
+    folder_class_names,
     image_files_in,
     image_stem,
     mask_box,
@@ -54,6 +55,7 @@ from ..volumes import (
     label_statistics,
     label_volume_names,
     label_volume_of,
+    named_label_ids,
     named_structures,
     read_label_volume,
     read_volume,
@@ -530,19 +532,16 @@ def volume_suffixes(args) -> tuple[str, ...]:
 
 
 def structure_names(config: Any, label_folder: str | None) -> dict[int, str]:
-    """The names `--statistics` keys structures by: a class-aware model's `id2label`; else the `classes.json` beside
-    (or inside) the `--boxes-from-masks` folder of label volumes (BTCV's layout), when it has one; else none (and a
-    scan prompted by a DICOM SEG or RTSTRUCT names them as its segments or ROIs: `predict_volumes`)."""
+    """The names `--statistics` keys structures by: a class-aware model's `id2label`; else the names of the
+    `--boxes-from-masks` folder of label volumes (`data.folder_class_names`: BTCV's `classes.json`, an nnU-Net
+    `dataset.json`), when it has them; else none (and a scan prompted by a DICOM SEG or RTSTRUCT names them as its
+    segments or ROIs, one whose label volume is renumbered by name as its own names: `predict_volumes`)."""
     if is_class_aware(config):
         return structure_names_of(config)
-    for folder in (Path(label_folder).parent, Path(label_folder)) if label_folder else ():
-        try:
-            names = read_class_names(folder)
-        except ValueError:
-            names = None
-        if names:
-            return names
-    return {}
+    try:
+        return (folder_class_names(label_folder) if label_folder else None) or {}
+    except ValueError:
+        return {}
 
 
 def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] | None) -> int:
@@ -565,6 +564,13 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 prompts["label_volume"] = read_label_volume(found, volume, structure_names_of(model.config))
                 if named and not names and dicom_annotation_modality(found):  # its structures' ids: their numbers
                     names_here = dicom_structure_names(found)
+                # Numbered otherwise than the model's classes (AMOS, TotalSegmentator): each decoded by the class of
+                # its name, its ids kept, and named by its own folder's names.
+                prompts["label_classes"] = named_label_ids(
+                    found, prompts["label_volume"].data, structure_names_of(model.config)
+                )
+                if prompts["label_classes"] is not None:
+                    names_here = folder_class_names(Path(found).parent)
             else:
                 prompts["boxes_3d"], prompts["key_slices"] = boxes[name]
                 prompts["propagation"] = args.propagation or "stop"

@@ -21,10 +21,9 @@ from ..data import (
     IMAGE_EXTENSIONS,
     MaskValuesError,
     class_id_of,
+    folder_class_names,
     is_volume,
     mask_folder_suffix,
-    read_class_file,
-    read_class_names,
     read_mask,
     volumes_in,
 )
@@ -151,12 +150,7 @@ def truth_class_names(truth: Path) -> dict[int, str] | None:
     dataset.json beside it (labelsTr's parent); None without any."""
     if not truth.is_dir():
         raise ValueError(f"`truth` {truth}: not a folder of label volumes or masks.")
-    for folder in (truth, truth.parent):
-        names = read_class_names(folder)
-        if names:
-            return names
-    beside = truth.parent / "dataset.json"
-    return read_class_file(beside) if beside.is_file() else None
+    return folder_class_names(truth)
 
 
 def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None, nsd: Mapping) -> list[dict]:
