@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -463,6 +464,70 @@ def read_class_names(data_dir: str | os.PathLike) -> dict[int, str] | None:
     """
     path = class_file(data_dir)
     return None if path is None else read_class_file(path)
+
+
+#: Words of structure names written short, as radiotherapy's standard names (AAPM TG-263: `Kidney_R`,
+#: `Glnd_Adrenal_L`) and clinicians write them.
+STRUCTURE_ABBREVIATIONS = {"r": "right", "rt": "right", "l": "left", "lt": "left", "glnd": "gland"}
+#: Whole names of a structure that share no words with its usual name: TG-263's vessels, `IVC`, AMOS's names
+#: (``gall bladder``, ``postcava``, its spelling ``arota``) and the short names of MONAI's BTCV ``dataset_0.json``
+#: (not its ``rad`` / ``lad``, which elsewhere name a coronary artery: its adrenal glands are left out, with a warning).
+STRUCTURE_ALIASES = {
+    frozenset({"a", "aorta"}): frozenset({"aorta"}),
+    frozenset({"v", "venacava", "i"}): frozenset({"inferior", "vena", "cava"}),
+    frozenset({"ivc"}): frozenset({"inferior", "vena", "cava"}),
+    frozenset({"postcava"}): frozenset({"inferior", "vena", "cava"}),
+    frozenset({"arota"}): frozenset({"aorta"}),
+    frozenset({"gall", "bladder"}): frozenset({"gallbladder"}),
+    frozenset({"gall"}): frozenset({"gallbladder"}),
+    frozenset({"rkid"}): frozenset({"right", "kidney"}),
+    frozenset({"lkid"}): frozenset({"left", "kidney"}),
+    frozenset({"eso"}): frozenset({"esophagus"}),
+    frozenset({"sto"}): frozenset({"stomach"}),
+    frozenset({"veins"}): frozenset({"portal", "vein", "and", "splenic"}),
+}
+
+
+def structure_words(name: str) -> frozenset[str]:
+    """A structure's name as its words, so that `kidney_right` (TotalSegmentator's) and `Kidney_R` (TG-263's) name
+    `right kidney`, and `A_Aorta` the aorta (:data:`STRUCTURE_ABBREVIATIONS`, :data:`STRUCTURE_ALIASES`)."""
+    words = frozenset(
+        STRUCTURE_ABBREVIATIONS.get(word, word) for word in re.split(r"[^a-z0-9]+", str(name).lower()) if word
+    )
+    return STRUCTURE_ALIASES.get(words, words)
+
+
+def label_classes(
+    ids: Iterable[int], names: Mapping[int, str] | None, class_names: Mapping[int, str] | None, where: str
+) -> dict[int, int] | None:
+    """
+    `{label id: class id}`: the class of a class-aware model (`class_names`, its `id2label`) that has the name
+    `names` (a label folder's: `folder_class_names`) gives each of `ids` (by their words, `structure_words`), for
+    labels numbered otherwise than the model. An id whose name is none of the classes (or that has no name) is left
+    out with a warning naming `where`. None where nothing is to be renumbered: no names or classes, names of ids only
+    (`class 3`), the model's own numbering; names that match no class are warned about and the ids kept.
+    """
+    ids = sorted(int(i) for i in ids)
+    if not names or not class_names or all(re.fullmatch(r"class \d+", names.get(i, f"class {i}")) for i in ids):
+        return None
+    by_words = {structure_words(name): int(class_id) for class_id, name in class_names.items()}
+    found: dict[int, int] = {}
+    for label_id in ids:
+        class_id = by_words.get(structure_words(names.get(label_id, "")))
+        if class_id is not None and class_id not in found.values():
+            found[label_id] = class_id
+    if not found:
+        listed = ", ".join(f"{i} {names[i]!r}" if i in names else f"{i} (unnamed)" for i in ids)
+        warnings.warn(
+            f"{where}: its structures' names ({listed}) are none of the model's classes; their ids are taken as the "
+            "model's class ids",
+            stacklevel=3,
+        )
+        return None
+    left = [f"{i} {names[i]!r}" if i in names else f"{i} (unnamed)" for i in ids if i not in found]
+    if left:
+        warnings.warn(f"{where}: structures {', '.join(left)} are none of the model's classes: left out", stacklevel=3)
+    return None if not left and all(i == c for i, c in found.items()) else found
 
 
 def folder_class_names(folder: str | os.PathLike) -> dict[int, str] | None:
@@ -1587,6 +1652,10 @@ __all__ = [
     "read_class_file",
     "read_class_names",
     "folder_class_names",
+    "label_classes",
+    "structure_words",
+    "STRUCTURE_ABBREVIATIONS",
+    "STRUCTURE_ALIASES",
     "class_file",
     "dataset_class_names",
     "read_mask",

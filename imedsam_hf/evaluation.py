@@ -39,6 +39,7 @@ from .data import (
     default_scan_spacing,
     group_of,
     jitter_box,
+    label_classes,
     mask_box,
     mask_clicks,
     read_class_names,
@@ -224,6 +225,7 @@ def evaluate_pairs(
     mask_classes: int | None = None,
     classes: Sequence[int] | None = None,
     class_names: dict[int, str] | None = None,
+    label_classes: Mapping[int, int] | None = None,
     box_jitter: float = 0.0,
     jitter_seed: int = 0,
     jitter_draw: int = 0,
@@ -258,6 +260,10 @@ def evaluate_pairs(
     classes of those).
 
     `tta` mirrors each image at test time (`predict_logits`; `processing_imedsam.TTA_MIRRORS`).
+
+    `label_classes` (class prompts, a class-aware model): `{mask id: the model's class}` whose heads decode each
+    structure of a folder numbered otherwise than the model (`EvaluationProtocol.label_classes`); rows keep the
+    masks' ids.
 
     `overlays`, a folder, receives `<stem>.png` for every image run (`save_overlay`): the very masks scored at the
     first output size, the ground truth and the prompts they came from (the jittered boxes when jittered, the
@@ -301,7 +307,8 @@ def evaluate_pairs(
         clicks = mask_clicks(labels > 0, num_clicks).tolist() if prompt == "points" else None
         if box_jitter > 0 and prompt == "box":
             boxes = jittered_boxes(boxes, box_jitter, labels.shape, pair.stem, jitter_seed, jitter_draw)
-        aware = [c for c, _ in targets] if several and num_classes > 1 else None  # a multi-class model: class-aware
+        # A multi-class model is class-aware: each box by its class's heads (`label_classes`: the class of its name).
+        aware = [(label_classes or {}).get(c, c) for c, _ in targets] if several and num_classes > 1 else None
         logits = predict_logits(
             model, processor, image, np.stack(boxes) if several else boxes[0], sizes, baseline, classes=aware,
             points=clicks, tta=tta,
@@ -583,6 +590,9 @@ class EvaluationProtocol:
         mask_classes: foreground class ids in the masks (None: `num_classes`).
         classes: report only these class ids (None: all present).
         class_names: class id -> name (a folder's `classes.json`), for the reports.
+        label_classes: class id of the masks -> the class-aware model's class whose heads decode it, for a folder
+            numbered otherwise than the model (`data.label_classes`, by name); ids it leaves out are not scored.
+            None: the masks' ids are the model's.
         mask_values: stored mask value -> class id (`data.read_mask`), or None.
         box_jitter, jitter_seed: every box side moved by up to `box_jitter` of the box size, seeded per image.
         jitter_draws: K independent draws of those jittered boxes per image (1: the single draw); every number
@@ -605,6 +615,7 @@ class EvaluationProtocol:
     mask_classes: int | None
     classes: tuple[int, ...] | None
     class_names: Mapping[int, str] | None
+    label_classes: Mapping[int, int] | None
     mask_values: Mapping[int, int] | None
     box_jitter: float
     jitter_seed: int
@@ -702,7 +713,15 @@ class EvaluationProtocol:
             if not class_names:
                 raise ValueError(f"`classes` {list(classes)}: names need {where}; give ids.")
             classes = [class_id_of(c, class_names, "`classes`") for c in classes]
-        if class_aware and mask_classes > num_classes:
+        label_ids = None
+        if class_aware and named and recorded:  # a folder numbered otherwise than the model: its classes by name
+            model_names = {int(k): str(v) for k, v in recorded.items()}
+            label_ids = label_classes(sorted(class_names), class_names, model_names, str(data_dir or dataset))
+            if label_ids is not None and classes is None:
+                classes = sorted(label_ids)
+            elif label_ids is not None:
+                classes = [c for c in classes if c in label_ids]
+        if class_aware and mask_classes > num_classes and label_ids is None:
             raise ValueError(
                 f"{data_dir or dataset}: class ids up to {mask_classes}, but the model has {num_classes} classes."
             )
@@ -717,6 +736,7 @@ class EvaluationProtocol:
             mask_classes=mask_classes,
             classes=None if classes is None else tuple(int(c) for c in classes),
             class_names=class_names,
+            label_classes=label_ids,
             mask_values=mask_values,
             box_jitter=float(box_jitter),
             jitter_seed=int(jitter_seed),
@@ -745,6 +765,7 @@ class EvaluationProtocol:
             mask_classes=self.mask_classes,
             classes=self.classes,
             class_names=dict(self.class_names) if self.class_names else None,
+            label_classes=dict(self.label_classes) if self.label_classes else None,
             box_jitter=self.box_jitter,
             jitter_seed=self.jitter_seed,
             mask_values=self.mask_values,
@@ -764,6 +785,7 @@ class EvaluationProtocol:
             **({"jitter_draws": self.jitter_draws} if self.jitter_draws > 1 else {}),
             "class_aware": self.class_aware,
             **({"classes": list(self.classes)} if self.classes else {}),
+            **({"label_classes": {str(k): v for k, v in self.label_classes.items()}} if self.label_classes else {}),
             **({"tta": self.tta} if self.tta != "none" else {}),
             "nsd_tolerance": self.nsd_tolerance,
             **({"nsd_definition": self.nsd_definition} if self.nsd_definition != "voxels" else {}),

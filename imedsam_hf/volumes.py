@@ -80,7 +80,17 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window, window_text
-from .data import NIFTI_SUFFIXES, PICTURE_EXTENSIONS, folder_class_names, is_volume, mask_box, volumes_in
+from .data import (
+    NIFTI_SUFFIXES,
+    PICTURE_EXTENSIONS,
+    STRUCTURE_ABBREVIATIONS,
+    folder_class_names,
+    is_volume,
+    label_classes,
+    mask_box,
+    structure_words,
+    volumes_in,
+)
 from .files import atomic_write, remove_stale_temporaries, staged_folder
 from .inference import class_colour, overlay, segment, structure_id
 from .loading import load_model
@@ -1310,36 +1320,17 @@ def _check_class_aware(model: Any, class_ids: set[int]) -> None:
 def named_label_ids(
     path: str | os.PathLike, truth: np.ndarray, class_names: Mapping[int, str] | None
 ) -> dict[int, int] | None:
-    """``{label id: class id}``: the class of a class-aware model (`class_names`, its ``id2label``) whose name each
-    structure of the NIfTI label volume at `path` (class ids `truth`) has, by the names its folder gives its ids
-    (:func:`imedsam_hf.data.folder_class_names`: BTCV's ``classes.json``, an MSD / nnU-Net ``dataset.json``) and
-    their words (:func:`_structure_words`: AMOS's ``postcava``, TotalSegmentator's ``kidney_right``). A structure
-    named none of the classes (or unnamed) is left out with a warning. None where the ids are the model's own: a
-    binary model, a DICOM SEG or RTSTRUCT (read by name already), no names, names of ids only (``class 3``), the
-    model's numbering; names that match no class are warned about, the ids then taken as the model's class ids."""
+    """:func:`imedsam_hf.data.label_classes` of the structures of the NIfTI label volume at `path` (class ids
+    `truth`), by the names its folder gives its ids (:func:`imedsam_hf.data.folder_class_names`: BTCV's
+    ``classes.json``, an MSD / nnU-Net ``dataset.json``; AMOS's ``postcava``, TotalSegmentator's ``kidney_right``):
+    ``{label id: the class of a class-aware model (`class_names`, its ``id2label``) of its name}``, a structure named
+    none of the classes left out with a warning. None where the ids are the model's own: a binary model, a DICOM SEG
+    or RTSTRUCT (read by name already), no names, names of ids only (``class 3``), the model's numbering; names that
+    match no class are warned about, the ids then taken as the model's class ids."""
     if class_names is None or not is_volume(path):
         return None
-    names = folder_class_names(Path(path).parent)
     present = [int(c) for c in np.unique(truth) if c]
-    if not names or all(re.fullmatch(r"class \d+", names.get(i, f"class {i}")) for i in present):
-        return None
-    by_words = {_structure_words(name): int(class_id) for class_id, name in class_names.items()}
-    ids: dict[int, int] = {}
-    for label_id in present:
-        class_id = by_words.get(_structure_words(names.get(label_id, "")))
-        if class_id is not None and class_id not in ids.values():
-            ids[label_id] = class_id
-    if not ids:
-        warnings.warn(
-            f"{path}: its structures' names ({', '.join(names.get(i, f'{i} unnamed') for i in present)}) are none of the "
-            "model's classes; their ids are taken as the model's class ids",
-            stacklevel=3,
-        )
-        return None
-    left = [f"{i} {names[i]!r}" if i in names else f"{i} (unnamed)" for i in present if i not in ids]
-    if left:
-        warnings.warn(f"{path}: structures {', '.join(left)} are none of the model's classes: left out", stacklevel=3)
-    return None if not left and all(i == c for i, c in ids.items()) else ids
+    return label_classes(present, folder_class_names(Path(path).parent), class_names, str(path))
 
 
 def _segment_with_label_volume(
@@ -1987,48 +1978,17 @@ def dicom_annotation_of(series: str | os.PathLike, folder: str | os.PathLike) ->
     return found[0] if found else None
 
 
-#: Words of structure names written short, as radiotherapy's standard names (AAPM TG-263: `Kidney_R`,
-#: `Glnd_Adrenal_L`) and clinicians write them.
-STRUCTURE_ABBREVIATIONS = {"r": "right", "rt": "right", "l": "left", "lt": "left", "glnd": "gland"}
-#: Whole names of a structure that share no words with its usual name: TG-263's vessels, `IVC`, AMOS's names
-#: (``gall bladder``, ``postcava``, its spelling ``arota``) and the short names of MONAI's BTCV ``dataset_0.json``
-#: (not its ``rad`` / ``lad``, which elsewhere name a coronary artery: its adrenal glands are left out, with a warning).
-STRUCTURE_ALIASES = {
-    frozenset({"a", "aorta"}): frozenset({"aorta"}),
-    frozenset({"v", "venacava", "i"}): frozenset({"inferior", "vena", "cava"}),
-    frozenset({"ivc"}): frozenset({"inferior", "vena", "cava"}),
-    frozenset({"postcava"}): frozenset({"inferior", "vena", "cava"}),
-    frozenset({"arota"}): frozenset({"aorta"}),
-    frozenset({"gall", "bladder"}): frozenset({"gallbladder"}),
-    frozenset({"gall"}): frozenset({"gallbladder"}),
-    frozenset({"rkid"}): frozenset({"right", "kidney"}),
-    frozenset({"lkid"}): frozenset({"left", "kidney"}),
-    frozenset({"eso"}): frozenset({"esophagus"}),
-    frozenset({"sto"}): frozenset({"stomach"}),
-    frozenset({"veins"}): frozenset({"portal", "vein", "and", "splenic"}),
-}
-
-
-def _structure_words(name: str) -> frozenset[str]:
-    """A structure's name as its words, so that `kidney_right` (TotalSegmentator's) and `Kidney_R` (TG-263's) name
-    `right kidney`, and `A_Aorta` the aorta (:data:`STRUCTURE_ABBREVIATIONS`, :data:`STRUCTURE_ALIASES`)."""
-    words = frozenset(
-        STRUCTURE_ABBREVIATIONS.get(word, word) for word in re.split(r"[^a-z0-9]+", str(name).lower()) if word
-    )
-    return STRUCTURE_ALIASES.get(words, words)
-
-
 def _structure_ids(
     path: Path, labels: Mapping[int, str], class_names: Mapping[int, str] | None, what: str
 ) -> dict[int, int]:
     """`{number: class id}` of the structures of a DICOM SEG or RTSTRUCT (`labels`: its `{segment or ROI number:
     name}`): the numbers themselves without `class_names`; with them, the id whose name has the same words
-    (:func:`_structure_words`), the others left out with a warning, none matching a ValueError naming the file.
+    (:func:`imedsam_hf.data.structure_words`), the others left out with a warning, none matching a ValueError naming the file.
     Ids above 255 (a uint8 label volume) are a ValueError."""
     ids = {number: number for number in labels}
     if class_names is not None:
-        by_words = {_structure_words(name): int(class_id) for class_id, name in class_names.items()}
-        ids = {n: by_words[_structure_words(name)] for n, name in labels.items() if _structure_words(name) in by_words}
+        by_words = {structure_words(name): int(class_id) for class_id, name in class_names.items()}
+        ids = {n: by_words[structure_words(name)] for n, name in labels.items() if structure_words(name) in by_words}
         left = [f"{n} {name!r}" for n, name in labels.items() if n not in ids]
         if not ids:
             raise ValueError(
@@ -2639,7 +2599,7 @@ def _roi_classes(label_paths: Sequence[Path]) -> dict[int, str] | None:
     names: dict[frozenset[str], str] = {}
     for path in structure_sets:
         for name in dicom_structure_names(path).values():
-            names.setdefault(_structure_words(name), name)
+            names.setdefault(structure_words(name), name)
     return {number: name for number, name in enumerate(names.values(), start=1)}
 
 
@@ -2659,7 +2619,7 @@ def _labelled_cases(
         label_volume = read_label_volume(label_path, volume, class_names)
         if class_names is None and is_dicom_seg(label_path):  # segment numbers are the ids: one numbering
             for number, label in dicom_structure_names(label_path).items():
-                if _structure_words(segment_names.setdefault(number, label)) != _structure_words(label):
+                if structure_words(segment_names.setdefault(number, label)) != structure_words(label):
                     raise ValueError(
                         f"{label_path}: segment {number} is {label!r}, in another SEG {segment_names[number]!r}; "
                         "give the names (`class_names`) to match segments by name"

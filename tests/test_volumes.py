@@ -2194,6 +2194,52 @@ def test_label_volumes_numbered_another_way_prompt_the_models_classes_of_their_n
     np.testing.assert_array_equal(truth, np.select([labels == 2, labels == 5], [6, 2], 0))
 
 
+def test_slices_numbered_another_way_are_evaluated_and_predicted_with_the_classes_of_their_names(
+    tmp_path, monkeypatch, capsys
+):
+    """The 2-D side of the same: a folder of slices whose classes.json numbers the structures otherwise than a
+    class-aware model (`convert volumes` of AMOS-like labels) was evaluated and predicted with the heads of whichever
+    class had each number. `imedsam evaluate` and `imedsam predict --boxes-from-masks` now decode each structure by
+    the class of its name, keep the folder's ids in their rows and masks, and leave out (with a warning) a structure
+    the model does not have; the report records the mapping."""
+    from imedsam_hf import evaluation
+    from imedsam_hf.cli import main
+    from imedsam_hf.commands import predict as predict_command
+
+    labels = two_organs()  # ids 2 and 5
+    labels[20:23, 2:5, 2:4] = 7
+    dataset = tmp_path / "Dataset001"
+    save_nifti(dataset / "imagesTr" / "ct_001_0000.nii.gz", (labels * 30 + 20).astype(np.uint8))
+    save_nifti(dataset / "labelsTr" / "ct_001.nii.gz", labels)
+    (dataset / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "Liver": 2, "kidney_right": 5, "duodenum": 7}})
+    )
+    convert = ["convert", "volumes", "--images", str(dataset / "imagesTr"), "--labels", str(dataset / "labelsTr")]
+    assert main([*convert, "--output", str(tmp_path / "slices")]) == 0
+    model_names = {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus", 6: "liver"}
+    tiny_model(num_classes=6, class_aware=True, implicit_decoder_trained=True, id2label=model_names).save_pretrained(
+        tmp_path / "aware"
+    )
+    seen: list = []
+    scored = evaluation.predict_logits
+    monkeypatch.setattr(evaluation, "predict_logits", lambda *a, **k: seen.append(k["classes"]) or scored(*a, **k))
+    evaluate = ["evaluate", "--model", str(tmp_path / "aware"), "--data-dir", str(tmp_path / "slices")]
+    capsys.readouterr()
+    assert main([*evaluate, "--split", "all", "--json", str(tmp_path / "e.json")]) == 0
+    assert "7 'duodenum' are none of the model's classes: left out" in capsys.readouterr().err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["label_classes"] == {"2": 6, "5": 2} and {c for classes in seen for c in classes} == {6, 2}
+    assert set(result["results"]["native"]["per_class"]) == {"2", "5"}
+    calls: list = []
+    segmented = predict_command.segment
+    monkeypatch.setattr(predict_command, "segment", lambda *a, **k: calls.append(k["classes"]) or segmented(*a, **k))
+    predict = ["predict", "--model", str(tmp_path / "aware"), str(tmp_path / "slices" / "images")]
+    assert main([*predict, "--boxes-from-masks", str(tmp_path / "slices" / "masks"), "--out", str(tmp_path / "P")]) == 0
+    assert {c for classes in calls for c in classes} == {6, 2}
+    written = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "P").glob("*.png"))]
+    assert written and set(np.unique(np.stack(written))) <= {0, 2, 5}
+
+
 BTCV_NAMES = {
     1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus", 6: "liver", 7: "stomach",
     8: "aorta", 9: "inferior vena cava", 10: "portal vein and splenic vein", 11: "pancreas", 12: "right adrenal gland",

@@ -96,7 +96,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     # Option values that need no model, checked before loading one: a bad one is named at once.
     EvaluationProtocol(
         prompt=args.prompt, output_sizes=tuple(args.output_sizes), num_classes=1, class_prompts=False,
-        class_aware=False, mask_classes=None, classes=None, class_names=None, mask_values=None,
+        class_aware=False, mask_classes=None, classes=None, class_names=None, label_classes=None, mask_values=None,
         box_jitter=args.box_jitter, jitter_seed=args.jitter_seed, jitter_draws=args.jitter_draws, num_clicks=args.clicks,
         group_pattern=args.group_pattern, spacing=None, tta=args.tta, nsd_tolerance=args.nsd_tolerance,
         nsd_definition=args.nsd_definition,

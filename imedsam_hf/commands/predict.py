@@ -30,6 +30,7 @@ from ..data import (
     folder_class_names,
     image_files_in,
     image_stem,
+    label_classes,
     mask_box,
     mask_clicks,
     mask_folder_suffix,
@@ -104,6 +105,9 @@ class PromptSource:
     box_class: int | None = None  # `--classes`: the structure `box` / `boxes` are for (a class-aware model)
     mask_classes: int = 255
     mask_suffix: str = ""  # what the masks add to their image's stem (`data.mask_folder_suffix`: ISIC's _segmentation)
+    # Class-id masks numbered otherwise than a class-aware model: `{mask id: the model's class of its name}`
+    # (`data.label_classes`); ids it leaves out are not prompted.
+    label_classes: dict[int, int] | None = None
 
     @property
     def masks_folder(self) -> str | None:
@@ -161,10 +165,13 @@ class PromptSource:
             if box is None:
                 raise ValueError(f"{path}: its mask in {self.boxes_from_masks} is empty, so it gives no box.")
             return {"box": box.tolist()}
-        ids = [int(c) for c in np.unique(mask) if c > 0]
+        ids = [
+            int(c) for c in np.unique(mask) if c > 0 and (self.label_classes is None or int(c) in self.label_classes)
+        ]
         if not ids:
             raise ValueError(f"{path}: its mask in {self.boxes_from_masks} holds no structure, so it gives no box.")
-        return {"box": [mask_box(mask == c).tolist() for c in ids], "class_ids": ids}
+        heads = [(self.label_classes or {}).get(c, c) for c in ids]  # the class decoding each (a class-aware model)
+        return {"box": [mask_box(mask == c).tolist() for c in ids], "class_ids": ids, "heads": heads}
 
 
 def image_boxes(data: Any, path: str) -> dict[str, list[float]]:
@@ -282,6 +289,19 @@ def masks_hold_class_ids(model_config, masks_folder: str | None, mask_classes: i
         return False
     folder = Path(masks_folder)
     return any(read_class_names(place) for place in (folder, folder.parent) if (place / "classes.json").is_file())
+
+
+def mask_label_classes(model_config, masks_folder: str | None) -> dict[int, int] | None:
+    """`data.label_classes` of a folder of class-id masks for a class-aware model: `{mask id: the model's class of its
+    name}` where the folder's names (`data.folder_class_names`) number the structures otherwise; None else."""
+    names = structure_names_of(model_config)
+    if names is None or masks_folder is None:
+        return None
+    try:
+        own = folder_class_names(masks_folder)
+    except ValueError:
+        return None
+    return label_classes(sorted(own or ()), own, names, masks_folder)
 
 
 def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
@@ -426,6 +446,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
     if volumes:
         codes.append(predict_volumes(model, processor, volume_plan, args, volume_prompts))
     if images:
+        class_ids = masks_hold_class_ids(model.config, args.boxes_from_masks, args.mask_classes)
         source = PromptSource(
             box=box,
             boxes=boxes_json,
@@ -434,10 +455,11 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             points=points,
             points_from_masks=args.points_from_masks,
             clicks=args.clicks or 1,
-            class_ids=masks_hold_class_ids(model.config, args.boxes_from_masks, args.mask_classes),
+            class_ids=class_ids,
             box_class=box_class,
             mask_suffix=mask_suffix,
             mask_classes=args.mask_classes or 255,
+            label_classes=mask_label_classes(model.config, args.boxes_from_masks) if class_ids else None,
         )
         codes.append(predict_images(model, processor, image_plan, source, grid, args))
     return max(codes)
@@ -454,11 +476,11 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
             if width * height > MAX_PIXELS:
                 raise ValueError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS} pixels.")
             prompt = prompts.prompt_for(path, (height, width))
-            ids = prompt.pop("class_ids", None)
+            ids, heads = prompt.pop("class_ids", None), prompt.pop("heads", None)
             drawn_for = prompt.pop("classes", None)  # --classes: one structure, a 0/255 mask as for any box
             result = segment(
                 model, image, **prompt, output_size=grid or (height, width), processor=processor,
-                max_output_pixels=args.max_output_pixels, classes=ids if ids and aware else drawn_for, tta=args.tta,
+                max_output_pixels=args.max_output_pixels, classes=heads if ids and aware else drawn_for, tta=args.tta,
             )  # fmt: skip
             if ids is None:
                 values = (result.mask > 0).astype(np.uint8) * 255
