@@ -442,15 +442,18 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
 def class_id_of(value: str | int, class_names: Mapping[int, str], argument: str) -> int:
     """
     A class given by id or by name -> its id among `class_names` `{id: name}`: a whole number that is one of the ids,
-    or a name (case, spaces and underscores ignored: `right kidney`, `Right_Kidney`). Anything else is a ValueError
-    that starts with `argument` (`` "`classes`" ``: the Python argument, which the command line shows as its flag)
-    and lists the classes.
+    or a name (case, spaces and underscores ignored: `right kidney`, `Right_Kidney`; else the same words, as
+    `structure_words` reads them: `kidney_right`, TG-263's `Kidney_R`, `IVC`). Anything else is a ValueError that
+    starts with `argument` (`` "`classes`" ``: the Python argument, which the command line shows as its flag) and
+    lists the classes.
     """
     text = str(value).strip()
     if text.isdigit() and int(text) in class_names:
         return int(text)
     key = lambda name: re.sub(r"[\s_]+", " ", str(name)).strip().lower()  # noqa: E731
     found = [i for i, name in class_names.items() if key(name) == key(text)]
+    if not found and text:
+        found = [i for i, name in class_names.items() if structure_words(name) == structure_words(text)]
     if len(found) != 1:
         listed = ", ".join(f"{i} {name}" for i, name in sorted(class_names.items()))
         raise ValueError(f"{argument} {value!r}: not one of the classes ({listed}).")

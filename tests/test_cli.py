@@ -424,6 +424,8 @@ def test_predict_decodes_a_drawn_box_with_the_heads_of_the_structure_named_by_cl
     model.save_pretrained(tmp_path / "m")
     IMedSamProcessor(image_size=64).save_pretrained(tmp_path / "m")
     assert [structure_id(model.config, s) for s in ("right kidney", " LIVER", "2", 1)] == [2, 3, 2, 1]
+    # The words of a name, in any order and TG-263's short forms, as label volumes' names are matched.
+    assert [structure_id(model.config, s) for s in ("kidney_right", "Kidney_L", "Liver ")] == [2, 1, 3]
     for wrong, said in (("4", "not one of the classes (1 left kidney, 2 Right_Kidney, 3 liver)"),
                         ("kidney", "not one of"), ("0", "not one of")):  # fmt: skip
         with pytest.raises(ValueError, match=said.replace("(", r"\(").replace(")", r"\)")):
