@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--boxes-from-masks",
         help="folder of masks named like the images: each structure's tight box (class-id masks: every structure, "
         "written as a class-id mask); for volumes, label volumes named like them (every structure on every slice; "
-        "numbered otherwise than a class-aware model's classes, matched by the names of the folder's classes.json or "
-        "the dataset.json beside it), or for DICOM scans the DICOM SEG or RT Structure Set under the folder that "
+        "numbered otherwise than a class-aware model's classes, matched by the names in their header "
+        "(TotalSegmentator's), the folder's classes.json or the dataset.json beside it), or for DICOM scans the DICOM SEG or RT Structure Set under the folder that "
         "references each",
     )
     prompt.add_argument(

@@ -71,6 +71,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import nibabel as nib
 import numpy as np
@@ -151,6 +152,8 @@ __all__ = [
     "mr_window",
     "named_structures",
     "named_label_ids",
+    "embedded_label_names",
+    "label_volume_class_names",
     "label_statistics",
     "label_volume_names",
     "label_volume_of",
@@ -1317,12 +1320,42 @@ def _check_class_aware(model: Any, class_ids: set[int]) -> None:
         )
 
 
+def embedded_label_names(path: str | os.PathLike) -> dict[int, str] | None:
+    """``{id: name}`` a NIfTI label volume carries in its own header: the label table of a CIFTI / Caret XML extension
+    (``<Label Key="5"><![CDATA[liver]]></Label>``), which TotalSegmentator writes into its multi-label output
+    (``--ml``); None without one (a table that cannot be read is ignored with a warning)."""
+    if not is_volume(path):
+        return None
+    try:
+        extensions = nib.load(str(path)).header.extensions
+    except Exception:  # unreadable here: read_volume names the file where it matters
+        return None
+    for extension in extensions:
+        content = extension.get_content()
+        if not isinstance(content, bytes) or b"LabelTable" not in content:
+            continue
+        try:
+            root = ElementTree.fromstring(content.decode("utf-8", "replace").strip().rstrip("\x00"))
+            names = {int(label.get("Key")): (label.text or "").strip() for label in root.iter("Label")}
+        except (ElementTree.ParseError, TypeError, ValueError) as error:
+            warnings.warn(f"{path}: the label table in its header cannot be read ({error}); ignored", stacklevel=2)
+            return None
+        return {key: name for key, name in names.items() if key > 0 and name} or None
+    return None
+
+
+def label_volume_class_names(path: str | os.PathLike) -> dict[int, str] | None:
+    """The names of a NIfTI label volume's ids: those in its header (:func:`embedded_label_names`), else its
+    folder's (:func:`imedsam_hf.data.folder_class_names`); None without any."""
+    return embedded_label_names(path) or folder_class_names(Path(path).parent)
+
+
 def named_label_ids(
     path: str | os.PathLike, truth: np.ndarray, class_names: Mapping[int, str] | None
 ) -> dict[int, int] | None:
     """:func:`imedsam_hf.data.label_classes` of the structures of the NIfTI label volume at `path` (class ids
-    `truth`), by the names its folder gives its ids (:func:`imedsam_hf.data.folder_class_names`: BTCV's
-    ``classes.json``, an MSD / nnU-Net ``dataset.json``; AMOS's ``postcava``, TotalSegmentator's ``kidney_right``):
+    `truth`), by the names it or its folder gives its ids (:func:`label_volume_class_names`: TotalSegmentator's label
+    table in its header, BTCV's ``classes.json``, an MSD / nnU-Net ``dataset.json``; AMOS's ``postcava``):
     ``{label id: the class of a class-aware model (`class_names`, its ``id2label``) of its name}``, a structure named
     none of the classes left out with a warning. None where the ids are the model's own: a binary model, a DICOM SEG
     or RTSTRUCT (read by name already), no names, names of ids only (``class 3``), the model's numbering; names that
@@ -1330,7 +1363,7 @@ def named_label_ids(
     if class_names is None or not is_volume(path):
         return None
     present = [int(c) for c in np.unique(truth) if c]
-    return label_classes(present, folder_class_names(Path(path).parent), class_names, str(path))
+    return label_classes(present, label_volume_class_names(path), class_names, str(path))
 
 
 def _segment_with_label_volume(
@@ -2612,18 +2645,21 @@ def _labelled_cases(
     """`(case, scan path, label path, scan, class ids on the scan's grid)` of each pair (:func:`paired_volumes`), its
     label volume read by :func:`read_label_volume` and moved onto the scan's grid (:func:`check_label_volume`); a
     NIfTI whose folder names its ids otherwise than `class_names` renumbered by name (:func:`named_label_ids`). Where
-    DICOM SEGs' segment numbers are the ids (no `class_names`), `segment_names` collects `{number: label}`, which
-    must be the same in every SEG."""
+    DICOM SEGs' segment numbers or the ids a NIfTI's header names (:func:`embedded_label_names`) are the ids (no
+    `class_names`), `segment_names` collects `{number: label}`, which must be the same in every file."""
     for case, image_path, label_path in tqdm(pairs, desc="volumes", unit="volume", disable=not progress):
         volume = read_volume(image_path)
         label_volume = read_label_volume(label_path, volume, class_names)
-        if class_names is None and is_dicom_seg(label_path):  # segment numbers are the ids: one numbering
-            for number, label in dicom_structure_names(label_path).items():
-                if structure_words(segment_names.setdefault(number, label)) != structure_words(label):
-                    raise ValueError(
-                        f"{label_path}: segment {number} is {label!r}, in another SEG {segment_names[number]!r}; "
-                        "give the names (`class_names`) to match segments by name"
-                    )
+        # Segment numbers (a SEG's) or ids named in the file (TotalSegmentator's header) are the ids: one numbering.
+        own = None if class_names is not None else (
+            dicom_structure_names(label_path) if is_dicom_seg(label_path) else embedded_label_names(label_path)
+        )  # fmt: skip
+        for number, label in (own or {}).items():
+            if structure_words(segment_names.setdefault(number, label)) != structure_words(label):
+                raise ValueError(
+                    f"{label_path}: structure {number} is {label!r}, in another label volume "
+                    f"{segment_names[number]!r}; give the names (`class_names`) to match them by name"
+                )
         truth = check_label_volume(label_volume, volume, compare_affines=True)
         renumbered = named_label_ids(label_path, truth, class_names)  # a NIfTI numbered otherwise: by its names
         if renumbered is not None:

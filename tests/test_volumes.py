@@ -2240,6 +2240,55 @@ def test_slices_numbered_another_way_are_evaluated_and_predicted_with_the_classe
     assert written and set(np.unique(np.stack(written))) <= {0, 2, 5}
 
 
+def caret_label_table(names: dict[int, str]) -> bytes:
+    """The label table TotalSegmentator's `--ml` output carries in its NIfTI header (a CIFTI / Caret XML extension)."""
+    labels = "".join(
+        f'<Label Key="{k}" Red="1" Green="0" Blue="0" Alpha="1"><![CDATA[{v}]]></Label>' for k, v in names.items()
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?> <CaretExtension> <VolumeInformation Index="0"> <LabelTable>'
+        f"{labels}</LabelTable> <VolumeType><![CDATA[Label]]></VolumeType> </VolumeInformation></CaretExtension>\n   "
+    ).encode()
+
+
+def test_totalsegmentators_multilabel_output_names_its_structures_in_its_header(tmp_path, capsys):
+    """TotalSegmentator's multi-label NIfTI (`--ml`: liver 5, kidney_right 2, ...) names its ids in a label table in
+    its own header, with no classes.json beside it: `imedsam predict --boxes-from-masks` on it decodes each structure
+    by the class of its name and names the statistics as it does (a binary model too)."""
+    from imedsam_hf.cli import main
+    from imedsam_hf.volumes import embedded_label_names, named_label_ids
+
+    labels = two_organs()  # 2: right kidney, 5: liver in TotalSegmentator's numbering
+    image = nib.Nifti1Image(labels, AFFINE)
+    image.header.extensions.append(nib.nifti1.Nifti1Extension(0, caret_label_table({2: "kidney_right", 5: "liver"})))
+    path = tmp_path / "seg" / "scan.nii.gz"
+    path.parent.mkdir()
+    nib.save(image, path)
+    assert embedded_label_names(path) == {2: "kidney_right", 5: "liver"}
+    model_names = {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus", 6: "liver"}
+    assert named_label_ids(path, labels, model_names) == {2: 2, 5: 6}
+    scan = save_nifti(tmp_path / "in" / "scan.nii.gz", (labels * 40 + 20).astype(np.uint8))
+    tiny_model(num_classes=6, class_aware=True, implicit_decoder_trained=True, id2label=model_names).save_pretrained(
+        tmp_path / "aware"
+    )
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "plain")
+    for model in ("aware", "plain"):
+        argv = ["predict", "--model", str(tmp_path / model), str(scan), "--boxes-from-masks", str(tmp_path / "seg")]
+        assert main([*argv, "--out", str(tmp_path / model / "P"), "--statistics"]) == 0
+        statistics = json.loads((tmp_path / model / "P" / "scan_statistics.json").read_text())
+        assert set(statistics["structures"]) <= {"kidney_right", "liver"} and statistics["structures"], model
+    convert = ["convert", "volumes", "--images", str(tmp_path / "in"), "--labels", str(tmp_path / "seg")]
+    assert main([*convert, "--output", str(tmp_path / "slices")]) == 0  # classes.json named as the header names them
+    classes = json.loads((tmp_path / "slices" / "classes.json").read_text())["classes"]
+    assert classes == {"0": "background", "2": "kidney_right", "5": "liver"}
+    broken = nib.Nifti1Image(labels, AFFINE)
+    broken.header.extensions.append(nib.nifti1.Nifti1Extension(0, b"<LabelTable><Label Key='x'>"))
+    nib.save(broken, tmp_path / "broken.nii.gz")
+    with pytest.warns(UserWarning, match="label table in its header cannot be read"):
+        assert embedded_label_names(tmp_path / "broken.nii.gz") is None
+    assert embedded_label_names(scan) is None
+
+
 BTCV_NAMES = {
     1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus", 6: "liver", 7: "stomach",
     8: "aorta", 9: "inferior vena cava", 10: "portal vein and splenic vein", 11: "pancreas", 12: "right adrenal gland",

@@ -49,11 +49,13 @@ from ..volumes import (
     dicom_annotation_modality,
     dicom_series_in,
     dicom_structure_names,
+    embedded_label_names,
     is_dicom_file,
     is_multiframe_scan,
     is_structure_name,
     is_volume,
     label_statistics,
+    label_volume_class_names,
     label_volume_names,
     label_volume_of,
     named_label_ids,
@@ -586,13 +588,15 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 prompts["label_volume"] = read_label_volume(found, volume, structure_names_of(model.config))
                 if named and not names and dicom_annotation_modality(found):  # its structures' ids: their numbers
                     names_here = dicom_structure_names(found)
+                elif named and not names:  # a binary model: the names the label volume carries (TotalSegmentator's)
+                    names_here = embedded_label_names(found) or names
                 # Numbered otherwise than the model's classes (AMOS, TotalSegmentator): each decoded by the class of
                 # its name, its ids kept, and named by its own folder's names.
                 prompts["label_classes"] = named_label_ids(
                     found, prompts["label_volume"].data, structure_names_of(model.config)
                 )
                 if prompts["label_classes"] is not None:
-                    names_here = folder_class_names(Path(found).parent)
+                    names_here = label_volume_class_names(found)
             else:
                 prompts["boxes_3d"], prompts["key_slices"] = boxes[name]
                 prompts["propagation"] = args.propagation or "stop"
