@@ -505,13 +505,17 @@ def label_classes(
 ) -> dict[int, int] | None:
     """
     `{label id: class id}`: the class of a class-aware model (`class_names`, its `id2label`) that has the name
-    `names` (a label folder's: `folder_class_names`) gives each of `ids` (by their words, `structure_words`), for
-    labels numbered otherwise than the model. An id whose name is none of the classes (or that has no name) is left
-    out with a warning naming `where`. None where nothing is to be renumbered: no names or classes, names of ids only
-    (`class 3`), the model's own numbering; names that match no class are warned about and the ids kept.
+    `names` (a label folder's, `folder_class_names`, or a label volume's own) gives each of `ids` (by their words,
+    `structure_words`), for labels numbered otherwise than the model. An id whose name is none of the classes (or
+    that has no name) is left out with a warning naming `where`. None where nothing is to be renumbered: no names or
+    classes, names of ids only (`class 3`, transformers' `LABEL_3`) on either side, the model's own numbering; names
+    that match no class are warned about and the ids kept.
     """
     ids = sorted(int(i) for i in ids)
-    if not names or not class_names or all(re.fullmatch(r"class \d+", names.get(i, f"class {i}")) for i in ids):
+    unnamed = lambda name: re.fullmatch(r"(class |label_)\d+", str(name).strip().lower())  # noqa: E731
+    if not names or not class_names or all(unnamed(names.get(i, f"class {i}")) for i in ids):
+        return None
+    if all(unnamed(name) for name in class_names.values()):  # a model that names none of its classes
         return None
     by_words = {structure_words(name): int(class_id) for class_id, name in class_names.items()}
     found: dict[int, int] = {}

@@ -2145,6 +2145,9 @@ def test_label_volumes_numbered_another_way_prompt_the_models_classes_of_their_n
     with pytest.warns(UserWarning, match="structures 7 'duodenum' are none of the model's classes: left out"):
         assert named_label_ids(path, labels, model_names) == {2: 6, 5: 2}
     assert named_label_ids(path, labels, None) is None  # a binary model: ids are prompts only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model naming none of its classes (transformers' LABEL_i): nothing to match
+        assert named_label_ids(path, labels, {i: f"LABEL_{i}" for i in range(1, 7)}) is None
     calls: list = []
 
     def fake(model, image, box=None, classes=None, **kwargs):  # records the class decoding each label id
