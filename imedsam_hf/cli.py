@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_typed(common.parse_class_ids),
         default=None,
         help="score only these structures, ids or names (from a classes.json / id2label.json in or beside the truth "
-        "folder, or the dataset.json beside it); default: every structure in a prediction or its truth",
+        "folder, or the dataset.json beside it, else the label table in a truth file's header, TotalSegmentator's); "
+        "default: every structure in a prediction or its truth",
     )
     _nsd_options(s)
     s.add_argument("--json", default=None, help="write the summary here")

@@ -2280,6 +2280,19 @@ def test_totalsegmentators_multilabel_output_names_its_structures_in_its_header(
         assert main([*argv, "--out", str(tmp_path / model / "P"), "--statistics"]) == 0
         statistics = json.loads((tmp_path / model / "P" / "scan_statistics.json").read_text())
         assert set(statistics["structures"]) <= {"kidney_right", "liver"} and statistics["structures"], model
+    score = [
+        "score",
+        str(tmp_path / "plain" / "P"),
+        "--truth",
+        str(tmp_path / "seg"),
+        "--json",
+        str(tmp_path / "s.json"),
+    ]
+    assert main(score) == 0  # the truth's structures named by its header in the report
+    assert {row["name"] for row in json.loads((tmp_path / "s.json").read_text())["per_class"].values()} == {
+        "kidney_right",
+        "liver",
+    }
     convert = ["convert", "volumes", "--images", str(tmp_path / "in"), "--labels", str(tmp_path / "seg")]
     assert main([*convert, "--output", str(tmp_path / "slices")]) == 0  # classes.json named as the header names them
     classes = json.loads((tmp_path / "slices" / "classes.json").read_text())["classes"]
@@ -2333,6 +2346,15 @@ def test_label_names_of_other_datasets_find_the_btcv_models_classes(tmp_path, na
         warnings.simplefilter("always")
         assert named_label_ids(tmp_path / "labelsTr" / "case.nii.gz", truth, BTCV_NAMES) == expected
     assert bool(caught) == (len(expected) < len(names))
+
+
+def test_a_long_list_of_structures_left_out_is_named_in_short():
+    """TotalSegmentator's 117 structures against the 13 BTCV organs: the warning names the first few, then counts."""
+    from imedsam_hf.data import label_classes
+
+    names = {i: f"vertebrae_L{i}" for i in range(1, 30)} | {5: "liver"}
+    with pytest.warns(UserWarning, match=r"structures 1 'vertebrae_L1', .*, 9 'vertebrae_L9' and 20 more are none"):
+        assert label_classes(range(1, 30), names, BTCV_NAMES, "seg.nii.gz") == {5: 6}
 
 
 def test_convert_volumes_takes_four_digit_case_ids_as_cases_not_channels(tmp_path):

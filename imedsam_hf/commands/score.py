@@ -28,7 +28,14 @@ from ..data import (
     volumes_in,
 )
 from ..metrics import METRIC_NAMES, aggregate, check_nsd_options, nanmean, segmentation_scores
-from ..volumes import check_label_volume, label_volume_names, label_volume_of, read_volume, volume_scores
+from ..volumes import (
+    check_label_volume,
+    embedded_label_names,
+    label_volume_names,
+    label_volume_of,
+    read_volume,
+    volume_scores,
+)
 from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_message
 
 
@@ -147,10 +154,13 @@ def kind_of(path: Path) -> str:
 
 def truth_class_names(truth: Path) -> dict[int, str] | None:
     """The structures' names: a classes.json or id2label.json in the truth folder or beside it, or the MSD / nnU-Net
-    dataset.json beside it (labelsTr's parent); None without any."""
+    dataset.json beside it (labelsTr's parent), else the label table its first label volume carries in its header
+    (TotalSegmentator's `--ml` output); None without any."""
     if not truth.is_dir():
         raise ValueError(f"`truth` {truth}: not a folder of label volumes or masks.")
-    return folder_class_names(truth)
+    names = folder_class_names(truth)
+    first = next(iter(volumes_in(truth)), None)
+    return names or (embedded_label_names(first) if first is not None else None)  # TotalSegmentator's header
 
 
 def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None, nsd: Mapping) -> list[dict]:
