@@ -500,6 +500,14 @@ def structure_words(name: str) -> frozenset[str]:
     return STRUCTURE_ALIASES.get(words, words)
 
 
+def classes_by_name(names: Mapping[int, str], class_names: Mapping[int, str]) -> dict[int, int]:
+    """`{number: class id}` of each of `names` (`{number: name}`) whose words (`structure_words`) are those of a class
+    of `class_names`, in the order of `names`; the others left out. The one name matcher of label volumes, DICOM SEG
+    segments and RTSTRUCT ROIs."""
+    by_words = {structure_words(name): int(class_id) for class_id, name in class_names.items()}
+    return {number: by_words[words] for number, name in names.items() if (words := structure_words(name)) in by_words}
+
+
 def label_classes(
     ids: Iterable[int], names: Mapping[int, str] | None, class_names: Mapping[int, str] | None, where: str
 ) -> dict[int, int] | None:
@@ -517,11 +525,9 @@ def label_classes(
         return None
     if all(unnamed(name) for name in class_names.values()):  # a model that names none of its classes
         return None
-    by_words = {structure_words(name): int(class_id) for class_id, name in class_names.items()}
     found: dict[int, int] = {}
-    for label_id in ids:
-        class_id = by_words.get(structure_words(names.get(label_id, "")))
-        if class_id is not None and class_id not in found.values():
+    for label_id, class_id in classes_by_name({i: names[i] for i in ids if i in names}, class_names).items():
+        if class_id not in found.values():  # a class named twice: its first structure
             found[label_id] = class_id
     if not found:
         listed = ", ".join(f"{i} {names[i]!r}" if i in names else f"{i} (unnamed)" for i in ids)
@@ -1661,6 +1667,7 @@ __all__ = [
     "read_class_names",
     "folder_class_names",
     "label_classes",
+    "classes_by_name",
     "structure_words",
     "STRUCTURE_ABBREVIATIONS",
     "STRUCTURE_ALIASES",

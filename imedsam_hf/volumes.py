@@ -85,6 +85,7 @@ from .data import (
     NIFTI_SUFFIXES,
     PICTURE_EXTENSIONS,
     STRUCTURE_ABBREVIATIONS,
+    classes_by_name,
     folder_class_names,
     is_volume,
     label_classes,
@@ -2016,12 +2017,11 @@ def _structure_ids(
 ) -> dict[int, int]:
     """`{number: class id}` of the structures of a DICOM SEG or RTSTRUCT (`labels`: its `{segment or ROI number:
     name}`): the numbers themselves without `class_names`; with them, the id whose name has the same words
-    (:func:`imedsam_hf.data.structure_words`), the others left out with a warning, none matching a ValueError naming the file.
-    Ids above 255 (a uint8 label volume) are a ValueError."""
+    (:func:`imedsam_hf.data.classes_by_name`), the others left out with a warning, none matching a ValueError naming
+    the file. Ids above 255 (a uint8 label volume) are a ValueError."""
     ids = {number: number for number in labels}
     if class_names is not None:
-        by_words = {structure_words(name): int(class_id) for class_id, name in class_names.items()}
-        ids = {n: by_words[structure_words(name)] for n, name in labels.items() if structure_words(name) in by_words}
+        ids = classes_by_name(labels, class_names)
         left = [f"{n} {name!r}" for n, name in labels.items() if n not in ids]
         if not ids:
             raise ValueError(
