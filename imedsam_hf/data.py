@@ -51,11 +51,43 @@ PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", 
 #: 2-D image files: pictures, and DICOM images (`processing_imedsam.read_dicom_image`: a radiograph, a mammogram, ...).
 IMAGE_EXTENSIONS = (*PICTURE_EXTENSIONS, *DICOM_EXTENSIONS)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")  # 3-D scans (`volumes`), which the 2-D folders do not read; .nii.gz first
+#: 3-D files of ITK's formats, read with SimpleITK (the ``itk`` extra): NRRD (3D Slicer's scans and its segmentations,
+#: `.seg.nrrd`; `.nhdr` a detached header) and MetaImage (grand-challenge.org's `.mha`; `.mhd` beside its `.raw`).
+ITK_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Every 3-D file name a scan or a label volume may have, in the order a label volume is looked for (NIfTI first).
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
+#: What a label volume is written as, by its scan's format: ITK's formats keep theirs (a detached header's attached),
+#: anything else (NIfTI, DICOM, an array) gives NIfTI.
+LABEL_VOLUME_SUFFIXES = {".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}
 
 
 def is_volume(path: str | os.PathLike) -> bool:
-    """A NIfTI file name (`.nii` or `.nii.gz`)."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
+    """A 3-D image file name: NIfTI (`.nii`, `.nii.gz`), NRRD (`.nrrd`, `.seg.nrrd`, `.nhdr`) or MetaImage (`.mha`,
+    `.mhd`)."""
+    return str(path).lower().endswith(VOLUME_SUFFIXES)
+
+
+def is_itk_volume(path: str | os.PathLike) -> bool:
+    """A NRRD or MetaImage file name (:data:`ITK_SUFFIXES`), which SimpleITK reads."""
+    return str(path).lower().endswith(ITK_SUFFIXES)
+
+
+def volume_suffix(path: str | os.PathLike) -> str:
+    """The 3-D file name's extension as :data:`VOLUME_SUFFIXES` spells it (`.seg.nrrd`, `.nii.gz`), or ``""``."""
+    lower = str(path).lower()
+    return next((suffix for suffix in VOLUME_SUFFIXES if lower.endswith(suffix)), "")
+
+
+def volume_stem(path: str | os.PathLike) -> str:
+    """A 3-D file's name without its extension: `case0001.nii.gz`, `case0001.seg.nrrd` -> `case0001`."""
+    name = Path(path).name
+    return name[: len(name) - len(volume_suffix(name))] if volume_suffix(name) else Path(name).stem
+
+
+def label_volume_suffix(scan: str | os.PathLike) -> str:
+    """The extension of the label volume written for `scan`: its own ITK format (:data:`LABEL_VOLUME_SUFFIXES`, as
+    nnU-Net writes predictions in its data set's format), else `.nii.gz`."""
+    return LABEL_VOLUME_SUFFIXES.get(volume_suffix(scan), ".nii.gz")
 
 
 def image_files_in(folder: str | os.PathLike, dicom_below: bool = False) -> list[Path]:
@@ -73,7 +105,7 @@ def image_files_in(folder: str | os.PathLike, dicom_below: bool = False) -> list
         top = Path(root) == Path(folder)
         for name in sorted(names):
             path, lower = Path(root) / name, name.lower()
-            if lower.startswith(".") or lower.endswith((*NIFTI_SUFFIXES, ".npz", ".json")):
+            if lower.startswith(".") or lower.endswith((*VOLUME_SUFFIXES, ".npz", ".json")):
                 continue
             if lower.endswith(PICTURE_EXTENSIONS):
                 if top:
@@ -93,10 +125,12 @@ def image_stem(path: str | os.PathLike) -> str:
     return path.stem
 
 
-def volumes_in(folder: str | os.PathLike) -> list[Path]:
-    """The NIfTI files of `folder`, sorted; hidden ones (MSD archives' `._case.nii.gz` AppleDouble copies) are not
-    volumes."""
-    return sorted(p for p in Path(folder).iterdir() if is_volume(p) and not p.name.startswith(".") and p.is_file())
+def volumes_in(folder: str | os.PathLike, scans: bool = False) -> list[Path]:
+    """The 3-D files of `folder` (:func:`is_volume`), sorted; hidden ones (MSD archives' `._case.nii.gz` AppleDouble
+    copies) are not volumes. `scans`: without 3D Slicer's segmentations (`.seg.nrrd`), which a scene saved by
+    Slicer keeps beside its scan."""
+    found = (p for p in Path(folder).iterdir() if is_volume(p) and not p.name.startswith(".") and p.is_file())
+    return sorted(p for p in found if not (scans and volume_suffix(p) == ".seg.nrrd"))
 
 
 # Image and mask sub-folders, matched without regard to case (`Images/` + `Masks/`); CVC-ClinicDB's are last.
@@ -275,7 +309,7 @@ def volumes_hint(root: Path) -> str:
     images = next((f for f in holding if f.name.lower().startswith(("image", "volume", "scan"))), holding[0])
     labels = next((f for f in holding if f.name.lower().startswith(("label", "mask", "seg")) and f != images), None)
     command = f"imedsam convert volumes --images {images} --labels {labels or 'LABELS'} --output DIR"
-    return f" It holds NIfTI volumes ({', '.join(str(f) for f in holding)}): make them 2-D slices first: {command}."
+    return f" It holds 3-D volumes ({', '.join(str(f) for f in holding)}): make them 2-D slices first: {command}."
 
 
 STRUCTURE_MASK_SUFFIX = re.compile(r"^_(?P<name>.+)_(?P<instance>\d{3})$")
@@ -1631,7 +1665,10 @@ __all__ = [
     "LOSSLESS_FORMATS",
     "VALIDATION_SPLIT_NAMES",
     "MaskValuesError",
+    "ITK_SUFFIXES",
+    "LABEL_VOLUME_SUFFIXES",
     "NIFTI_SUFFIXES",
+    "VOLUME_SUFFIXES",
     "class_id_of",
     "extra_masks",
     "image_files_in",
@@ -1650,7 +1687,11 @@ __all__ = [
     "folder_window",
     "discover_pairs",
     "group_of",
+    "is_itk_volume",
     "is_volume",
+    "label_volume_suffix",
+    "volume_stem",
+    "volume_suffix",
     "volumes_in",
     "load_hub_dataset",
     "open_dataset",

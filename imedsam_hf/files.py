@@ -46,11 +46,13 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
 
 
 def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files of `target` that an interrupted `atomic_write` left; returns them."""
+    """Remove the temporary files of `target` that an interrupted `atomic_write` left (and those a writer that names
+    its file by its extension, SimpleITK's, left beside them: `.x.mha.RANDOM.part.mha`); returns them."""
     target = Path(target)
     if not target.parent.is_dir():
         return []
-    stale = sorted(target.parent.glob(f".{target.name}.*{TEMPORARY_SUFFIX}"))
+    pattern = f".{target.name}.*{TEMPORARY_SUFFIX}"
+    stale = sorted({*target.parent.glob(pattern), *target.parent.glob(f"{pattern}.*")})
     for path in stale:
         with contextlib.suppress(OSError):
             path.unlink()

@@ -158,12 +158,12 @@ def segment(
     path_given = isinstance(image, (str, os.PathLike))
     kind = dicom_kind(image) if path_given and os.path.isfile(image) and is_dicom_file(image) else ""
     if path_given and (is_volume(image) or os.path.isdir(image) or kind in ("slice", "volume")):
-        what = "a NIfTI volume" if is_volume(image) else "a folder" if os.path.isdir(image) else "a DICOM slice"
+        what = "a 3-D image file" if is_volume(image) else "a folder" if os.path.isdir(image) else "a DICOM slice"
         what = "a multi-frame DICOM scan" if kind == "volume" else what
         raise ValueError(
             f"{image}: {what}, and segment() takes one 2-D image: use imedsam_hf.volumes.segment_volume(model, "
-            "read_volume(path), label_volume=... or boxes_3d=...) for a scan (a NIfTI file or a DICOM series' "
-            "folder), or `imedsam predict` (label NIfTI out)."
+            "read_volume(path), label_volume=... or boxes_3d=...) for a scan (a NIfTI, NRRD or MetaImage file or a "
+            "DICOM series' folder), or `imedsam predict` (a label volume out)."
         )
     mirrors = tta_mirrors(tta)
     if isinstance(model, str):

@@ -56,6 +56,7 @@ Intensities
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import gzip
@@ -85,12 +86,16 @@ from .data import (
     NIFTI_SUFFIXES,
     PICTURE_EXTENSIONS,
     STRUCTURE_ABBREVIATIONS,
+    VOLUME_SUFFIXES,
     classes_by_name,
     folder_class_names,
+    is_itk_volume,
     is_volume,
     label_classes,
     mask_box,
     structure_words,
+    volume_stem,
+    volume_suffix,
     volumes_in,
 )
 from .files import atomic_write, remove_stale_temporaries, staged_folder
@@ -113,7 +118,13 @@ from .processing_imedsam import hu_window as window
 from .version import __version__
 
 __all__ = [
+    "LPS_TO_RAS",
     "NIFTI_SUFFIXES",
+    "itk_affine",
+    "itk_geometry",
+    "read_itk_volume",
+    "require_itk",
+    "slicer_segment_names",
     "check_label_volume",
     "PROPAGATIONS",
     "VOLUME_PROTOCOLS",
@@ -148,6 +159,7 @@ __all__ = [
     "read_label_volume",
     "view_grid",
     "SliceView",
+    "is_cropped_segmentation",
     "onto_grid",
     "require_dicom",
     "mr_window",
@@ -249,8 +261,8 @@ class Volume:
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a 3-D scan into a :class:`Volume`: a NIfTI file (``.nii``/``.nii.gz``; anything nibabel reads) or a folder
-    holding one DICOM series (:func:`read_dicom_series`).
+    """Read a 3-D scan into a :class:`Volume`: a NIfTI file (``.nii``/``.nii.gz``; anything nibabel reads), a NRRD or
+    MetaImage file (:func:`read_itk_volume`) or a folder holding one DICOM series (:func:`read_dicom_series`).
 
     Trailing axes of length 1 (``(X, Y, Z, 1)``, one time point) are dropped.
 
@@ -272,6 +284,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
         raise ValueError(f"{path}: no such file")
     if is_dicom_file(path) and dicom_kind(path) == "volume":
         return read_multiframe_scan(path)
+    if is_itk_volume(path):
+        return read_itk_volume(path)
     try:
         if path.name.lower().endswith(".gz"):
             # Decompressed end to end, so gzip checks its CRC-32 and length: nibabel alone stops at the end of the
@@ -314,6 +328,115 @@ def _checked_volume(data: np.ndarray, image: Any, path: Path) -> Volume:
     return Volume(data=data, affine=np.asarray(image.affine, dtype=np.float64), header=image.header, path=path)
 
 
+# ---------------------------------------------------------------------------------------------- NRRD, MetaImage
+#: ITK's world axes are LPS+, NIfTI's (and a :class:`Volume`'s affine) RAS+: the first two axes change sign.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: The SimpleITK ImageIO that writes each label volume extension (:data:`imedsam_hf.data.LABEL_VOLUME_SUFFIXES`).
+ITK_WRITERS = {".nrrd": "NrrdImageIO", ".mha": "MetaImageIO"}
+
+
+def require_itk() -> None:
+    """An `ImportError` naming the ``itk`` extra when SimpleITK (which reads and writes NRRD and MetaImage) is
+    missing."""
+    _require_extra("SimpleITK", "SimpleITK", "reading or writing NRRD / MetaImage files (.nrrd, .mha, .mhd)", "itk")
+
+
+def _itk_error(error: Exception) -> str:
+    """SimpleITK's exception in one line: ITK's own words (`ITK ERROR: ... Could not create IO object ...`), without
+    the source file and line of its build."""
+    text = " ".join(str(error).split())
+    return text.split("ITK ERROR:")[-1].split(": ", 1)[-1].strip() if "ITK ERROR:" in text else first_line(error)
+
+
+def _itk_reader(path: Path, information_only: bool = False) -> Any:
+    """SimpleITK's reader of `path` after reading its header (what the file holds is asked before its voxels are
+    read); a file that cannot be read is a ValueError naming it."""
+    require_itk()
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ValueError(f"{path}: cannot be read as a {volume_suffix(path)} volume ({_itk_error(error)})") from error
+    return reader
+
+
+def read_itk_volume(path: str | os.PathLike) -> Volume:
+    """Read a NRRD (``.nrrd``, 3D Slicer's ``.seg.nrrd``, ``.nhdr``) or MetaImage (``.mha``, ``.mhd``) file into a
+    :class:`Volume` with SimpleITK (the ``itk`` extra).
+
+    ITK's index ``(i, j, k)`` and physical LPS+ space become the array ``(X, Y, Z)`` and the RAS+ affine NIfTI files
+    of the same scan have (what SimpleITK's own NIfTI reader and writer do), so a scan converted between the formats
+    gives the same :class:`Volume`; the header is a ``Nifti1Header`` of that affine.
+
+    Raises:
+        ValueError: one line naming the file: unreadable, not 3-D (the dimension named), several values per voxel
+            (a colour image, a multi-layer Slicer segmentation: the count named) or NaN/inf voxels.
+        ImportError: SimpleITK is not installed (the message says what to install).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    reader = _itk_reader(path)  # names the itk extra if SimpleITK is missing
+    import SimpleITK as sitk
+
+    size, components = reader.GetSize(), reader.GetNumberOfComponents()
+    if components > 1:
+        raise ValueError(
+            f"{path}: holds {components} values per voxel (a colour image, or a 3D Slicer segmentation with "
+            "overlapping segments in several layers), not a 3-D volume; save one value per voxel (Slicer: export "
+            "the segments to a labelmap)"
+        )
+    if len(size) != 3:
+        raise ValueError(f"{path}: is {len(size)}-D (size {tuple(size)}), not a 3-D volume (X, Y, Z)")
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise ValueError(f"{path}: cannot be read as a {volume_suffix(path)} volume ({_itk_error(error)})") from error
+    data = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # ITK's (k, j, i) array -> (X, Y, Z)
+    image_affine = LPS_TO_RAS @ itk_affine(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
+    return _checked_volume(data, nib.Nifti1Image(data, image_affine), path)
+
+
+def itk_affine(direction: Sequence[float], spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    """The ``(4, 4)`` voxel -> LPS+ world matrix of ITK's geometry (`direction` row by row, as SimpleITK gives it)."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.asarray(direction, dtype=np.float64).reshape(3, 3) * np.asarray(spacing, dtype=np.float64)
+    matrix[:3, 3] = origin
+    return matrix
+
+
+def itk_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """``(direction, spacing, origin)`` as SimpleITK sets them, of a RAS+ ``(4, 4)`` affine (:func:`itk_affine`'s
+    inverse): the spacing the columns' lengths, the direction the columns scaled to unit length."""
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    return tuple(direction.ravel().tolist()), tuple(spacing.tolist()), tuple(lps[:3, 3].tolist())
+
+
+def slicer_segment_names(path: str | os.PathLike) -> dict[int, str] | None:
+    """``{label value: name}`` of the segments a 3D Slicer segmentation file (NRRD) names in its header
+    (``Segment0_Name``, ``Segment0_LabelValue``, ...); None for a file without them."""
+    if volume_suffix(path) not in (".seg.nrrd", ".nrrd", ".nhdr"):
+        return None
+    try:
+        reader = _itk_reader(Path(path))
+    except (ValueError, ImportError):  # unreadable here: read_volume names the file where it matters
+        return None
+    keys = set(reader.GetMetaDataKeys())
+    names = {}
+    for key in sorted(keys):
+        match = re.fullmatch(r"Segment(\d+)_Name", key)
+        value_key = f"Segment{match[1]}_LabelValue" if match else ""
+        if match and value_key in keys and reader.GetMetaData(value_key).strip().isdigit():
+            names[int(reader.GetMetaData(value_key))] = reader.GetMetaData(key).strip()
+    return {value: names[value] for value in sorted(names) if value > 0 and names[value]} or None
+
+
 # ------------------------------------------------------------------------------------------------------- DICOM
 #: What reading a DICOM series takes (module, pip package): the ``dicom`` extra.
 DICOM_MODULES = (("pydicom", "pydicom"), ("dicom2nifti", "dicom2nifti"))
@@ -338,7 +461,7 @@ def _dicom_kind_of(path: Path) -> str:
     """:func:`dicom_kind` of a file that may be DICOM: ``""`` for a hidden file, a NIfTI, picture or archive by its
     name (those are not opened) or a file without ``DICM`` in it."""
     name = path.name.lower()
-    skipped = name.startswith(".") or name.endswith((*NIFTI_SUFFIXES, *PICTURE_EXTENSIONS, ".npz", ".json"))
+    skipped = name.startswith(".") or name.endswith((*VOLUME_SUFFIXES, *PICTURE_EXTENSIONS, ".npz", ".json"))
     return "" if skipped or not is_dicom_file(path) else dicom_kind(path)
 
 
@@ -376,12 +499,12 @@ def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
-def _require_extra(module: str, package: str, what: str) -> None:
-    """An `ImportError` naming the ``dicom`` extra when `module` (pip `package`), which `what` needs, is missing."""
+def _require_extra(module: str, package: str, what: str, extra: str = "dicom") -> None:
+    """An `ImportError` naming the `extra` when `module` (pip `package`), which `what` needs, is missing."""
     if importlib.util.find_spec(module) is None:
         raise ImportError(
-            f"{what} needs {package}, which is not installed: pip install {package} (the [dicom] extra: "
-            'pip install ".[dicom]" in a clone of imedsam-hf).'
+            f"{what} needs {package}, which is not installed: pip install {package} (the [{extra}] extra: "
+            f'pip install ".[{extra}]" in a clone of imedsam-hf).'
         )
 
 
@@ -1014,10 +1137,11 @@ def check_label_volume(labels: Volume, volume: Volume, compare_affines: bool) ->
     """`labels`' class ids as uint8, checked to lie on `volume`'s grid (its shape; its affine with
     `compare_affines`) and to hold whole numbers in 0..255; a ValueError naming both files otherwise. With
     `compare_affines`, a label volume over the same voxels stored in another axis order or direction (saved by
-    another tool: a DICOM series' labels from dcm2niix or 3D Slicer, a scan reoriented since) is moved onto the
-    volume's grid (:func:`onto_grid`)."""
+    another tool: a DICOM series' labels from dcm2niix or 3D Slicer, a scan reoriented since), or a 3D Slicer
+    segmentation over a box of them (:func:`is_cropped_segmentation`), is moved onto the volume's grid
+    (:func:`onto_grid`)."""
     if compare_affines and (labels.shape != volume.shape or not _same_affine(labels.affine, volume.affine)):
-        labels = onto_grid(labels, volume) or labels
+        labels = onto_grid(labels, volume, crop=is_cropped_segmentation(labels.path)) or labels
     if labels.shape != volume.shape:
         raise ValueError(
             f"label volume {labels.name} has shape {labels.shape}, the volume {volume.name} has {volume.shape}"
@@ -1045,19 +1169,40 @@ def _same_affine(first: np.ndarray, second: np.ndarray) -> bool:
     return bool(np.allclose(first, second, rtol=AFFINE_TOLERANCE, atol=AFFINE_TOLERANCE))
 
 
-def onto_grid(moving: Volume, target: Volume) -> Volume | None:
-    """`moving` on `target`'s grid when the two cover the same voxels with their axes in another order or direction
-    (only moved, never resampled): the :class:`Volume` with `moving`'s values at `target`'s voxel indices; ``None``
-    when the grids differ otherwise (another spacing, extent or origin)."""
+def is_cropped_segmentation(path: str | os.PathLike | None) -> bool:
+    """Whether `path` is a 3D Slicer segmentation (`.seg.nrrd`), which Slicer saves cropped to its segments' extent:
+    the one label volume whose voxels may be a box of its scan's. (Any other label volume of another shape is
+    refused: fewer slices than the scan is a mistake to name, not a crop.)"""
+    return path is not None and volume_suffix(path) == ".seg.nrrd"
+
+
+def onto_grid(moving: Volume, target: Volume, crop: bool = False) -> Volume | None:
+    """`moving` on `target`'s grid when its voxels are `target`'s, or with `crop` a box of them (3D Slicer saves a
+    segmentation cropped to its segments' extent: :func:`is_cropped_segmentation`), with their axes in any order or
+    direction (only moved, and a crop padded with zeros, never resampled): the :class:`Volume` with `moving`'s
+    values at `target`'s voxel indices; ``None`` when the grids differ otherwise (another spacing or direction, an
+    origin between voxels, voxels outside `target`, another extent without `crop`)."""
     orientations = [nib.orientations.io_orientation(v.affine) for v in (moving, target)]
     if len(moving.shape) != 3 or any(np.isnan(o).any() for o in orientations):
         return None
     transform = nib.orientations.ornt_transform(*orientations)
     affine = moving.affine @ nib.orientations.inv_ornt_aff(transform, moving.shape)
     shape = tuple(moving.shape[int(axis)] for axis in np.argsort(transform[:, 0]))
-    if shape != target.shape or not _same_affine(affine, target.affine):
+    if not _same_affine(affine[:3, :3], target.affine[:3, :3]):
+        return None
+    # Where the first voxel lies in `target`'s voxels: (0, 0, 0) for the same grid, whole numbers for a box of it.
+    offset = np.linalg.solve(target.affine[:3, :3], affine[:3, 3] - target.affine[:3, 3])
+    start = np.round(offset).astype(int)
+    stop = start + np.asarray(shape)
+    if not np.allclose(offset, start, atol=1e-3) or (start < 0).any() or (stop > np.asarray(target.shape)).any():
+        return None
+    if not crop and shape != target.shape:
         return None
     data = nib.orientations.apply_orientation(moving.data, transform)
+    if shape != target.shape:
+        padded = np.zeros(target.shape, dtype=data.dtype)
+        padded[tuple(slice(a, b) for a, b in zip(start, stop))] = data
+        data, affine = padded, target.affine.copy()
     return Volume(data=data, affine=affine, header=moving.header, path=moving.path)
 
 
@@ -1322,11 +1467,14 @@ def _check_class_aware(model: Any, class_ids: set[int]) -> None:
 
 
 def embedded_label_names(path: str | os.PathLike) -> dict[int, str] | None:
-    """``{id: name}`` a NIfTI label volume carries in its own header: the label table of a CIFTI / Caret XML extension
+    """``{id: name}`` a label volume carries in its own header: a NIfTI's label table of a CIFTI / Caret XML extension
     (``<Label Key="5"><![CDATA[liver]]></Label>``), which TotalSegmentator writes into its multi-label output
-    (``--ml``); None without one (a table that cannot be read is ignored with a warning)."""
+    (``--ml``), or the segments' names of a 3D Slicer segmentation (:func:`slicer_segment_names`); None without one
+    (a table that cannot be read is ignored with a warning)."""
     if not is_volume(path):
         return None
+    if is_itk_volume(path):
+        return slicer_segment_names(path)
     try:
         extensions = nib.load(str(path)).header.extensions
     except Exception:  # unreadable here: read_volume names the file where it matters
@@ -1346,7 +1494,7 @@ def embedded_label_names(path: str | os.PathLike) -> dict[int, str] | None:
 
 
 def label_volume_class_names(path: str | os.PathLike) -> dict[int, str] | None:
-    """The names of a NIfTI label volume's ids: those in its header (:func:`embedded_label_names`), else its
+    """The names of a label volume's ids: those in its header (:func:`embedded_label_names`), else its
     folder's (:func:`imedsam_hf.data.folder_class_names`); None without any."""
     return embedded_label_names(path) or folder_class_names(Path(path).parent)
 
@@ -1655,7 +1803,9 @@ def volume_prompts(protocol: str, labels: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------- writing
 def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:
-    """Write a label volume as NIfTI on ``like``'s grid: its affine and header, data type ``uint8``.
+    """Write a label volume on ``like``'s grid, data type ``uint8``: NIfTI (``like``'s affine and header), or NRRD /
+    MetaImage (gzip-compressed, ``like``'s geometry in ITK's terms: :func:`itk_geometry`; SimpleITK, the ``itk``
+    extra), as the suffix of `path` says.
 
     The file is written to a temporary file in the target folder and moved into place with ``os.replace``, so a
     reader never sees a half-written file; parent folders are created.
@@ -1663,7 +1813,7 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
     Args:
         labels: ``(X, Y, Z)`` class ids 0..255 (``uint8``, or integers in that range), shape ``like.shape``.
         like: the volume the labels belong to (normally the :func:`read_volume` of the input scan).
-        path: ``.nii.gz`` or ``.nii``.
+        path: ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``.
 
     Returns:
         The path written.
@@ -1672,9 +1822,9 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
         ValueError: shape differs from ``like``'s, values outside 0..255 or non-integer, or another suffix.
     """
     path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    if suffix not in (".nii", ".nii.gz"):
-        raise ValueError(f"{path}: a label volume is written as .nii.gz or .nii")
+    suffix = volume_suffix(path)
+    if suffix not in (".nii", ".nii.gz", *ITK_WRITERS):
+        raise ValueError(f"{path}: a label volume is written as .nii.gz, .nii, .nrrd or .mha")
     data = np.asarray(labels)
     if data.shape != like.shape:
         raise ValueError(f"{path}: labels of shape {tuple(data.shape)} do not fit the volume {like.name} {like.shape}")
@@ -1682,6 +1832,8 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
         if not _is_8bit(data) and data.size:
             raise ValueError(f"{path}: labels must be integer class ids 0..255, got dtype {data.dtype}")
         data = data.astype(np.uint8)
+    if suffix in ITK_WRITERS:
+        return _write_itk_labels(data, like.affine, path)
     header = like.header.copy() if isinstance(like.header, nib.Nifti1Header) else None
     image = nib.Nifti1Image(data, like.affine, header=header)
     image.set_data_dtype(np.uint8)
@@ -1692,6 +1844,35 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
     remove_stale_temporaries(path)  # what a killed earlier write left beside it
     atomic_write(path, lambda temporary: Path(temporary).write_bytes(payload))
     return path
+
+
+def _write_itk_labels(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """`write_label_volume`'s NRRD / MetaImage: `data` ``(X, Y, Z)`` uint8 on the RAS+ `affine`, gzip-compressed."""
+    require_itk()
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))  # (X, Y, Z) -> ITK's (k, j, i)
+    direction, spacing, origin = itk_geometry(affine)
+    image.SetDirection(direction)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    suffix = volume_suffix(path)
+
+    def write(temporary: str) -> None:
+        # SimpleITK names its files by the extension (MetaImage's `.mhd` + `.zraw` for any other name): written
+        # under the real one beside the temporary file, then moved onto it.
+        named = f"{temporary}{suffix}"
+        try:
+            sitk.WriteImage(image, named, useCompression=True)
+            os.replace(named, temporary)
+        except RuntimeError as error:
+            raise OSError(f"{path}: cannot be written ({_itk_error(error)})") from error
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(named)
+
+    remove_stale_temporaries(path)
+    return atomic_write(path, write)
 
 
 #: The patient and study elements (DICOM type 2: present, possibly empty) a DICOM Segmentation copies from its series.
@@ -1996,7 +2177,7 @@ def dicom_annotation_of(series: str | os.PathLike, folder: str | os.PathLike) ->
     for root, folders, names in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
         for name in sorted(names):
-            if name.startswith(".") or name.lower().endswith((*NIFTI_SUFFIXES, *PICTURE_EXTENSIONS)):
+            if name.startswith(".") or name.lower().endswith((*VOLUME_SUFFIXES, *PICTURE_EXTENSIONS)):
                 continue
             status = (Path(root) / name).stat()
             stamp.append((str(Path(root) / name), status.st_size, status.st_mtime_ns))
@@ -2519,11 +2700,11 @@ def volume_scores(
 
 
 def volume_name(path: str | os.PathLike) -> str:
-    """`case0001.nii.gz` -> `case0001`; a DICOM series' folder -> its name as it is (`1.2.840.10008.3`, `CT_abdomen`)."""
+    """`case0001.nii.gz`, `case0001.seg.nrrd` -> `case0001`; a DICOM series' folder -> its name as it is (`1.2.840.10008.3`, `CT_abdomen`)."""
     name = Path(path).name
     if Path(path).is_dir():
         return name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+    return volume_stem(name)
 
 
 # ------------------------------------------------------------------------------------------------------- to slices
@@ -2540,31 +2721,36 @@ def _label_candidates(scan: str | os.PathLike) -> list[str]:
 
 def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path | None:
     """
-    The label volume of `scan` in the folder `labels`: the file of the same name (`.nii.gz` or `.nii`), or for
-    nnU-Net's `<case>_0000.nii.gz` scans `<case>.nii.gz`; for a DICOM series' folder, else the DICOM SEG or RT
+    The label volume of `scan` in the folder `labels`: the file of the same name (`.nii.gz`, `.nii`, 3D Slicer's
+    `.seg.nrrd`, `.nrrd`, `.nhdr`, `.mha`, `.mhd`; never the scan itself, beside which Slicer saves a segmentation),
+    or for nnU-Net's `<case>_0000.nii.gz` scans `<case>.nii.gz`; for a DICOM series' folder, else the DICOM SEG or RT
     Structure Set at or under `labels` that references the series (:func:`dicom_annotation_of`); None when there is
     none. One lookup, shared by
     `imedsam predict --boxes-from-masks` and `imedsam convert volumes`.
     """
     for name in _label_candidates(scan):
-        for suffix in NIFTI_SUFFIXES:  # .nii.gz first
+        for suffix in VOLUME_SUFFIXES:  # .nii.gz first
             candidate = Path(labels) / f"{name}{suffix}"
-            if candidate.is_file():
+            if candidate.is_file() and not (Path(scan).is_file() and candidate.samefile(scan)):  # not the scan itself
                 return candidate
     return dicom_annotation_of(scan, labels) if Path(scan).is_dir() or is_multiframe_scan(scan) else None
 
 
 def label_volume_names(scan: str | os.PathLike) -> str:
-    """The label volume names :func:`label_volume_of` looks for, as a message says them: `a.nii.gz or a.nii`."""
-    names = [f"{name}{suffix}" for name in _label_candidates(scan) for suffix in NIFTI_SUFFIXES]
+    """The label volume names :func:`label_volume_of` looks for, as a message says them: `a.nii.gz (or .nii, .seg.nrrd,
+    .nrrd, .nhdr, .mha, .mhd)`."""
+    first, *others = VOLUME_SUFFIXES
+    names = [f"{name}{first}" for name in _label_candidates(scan)]
+    text = f"{' or '.join(names)} (or {', '.join(others)})"
     if Path(scan).is_dir() or is_multiframe_scan(scan):
-        names.append("a DICOM SEG or RTSTRUCT referencing the series")
-    return f"{', '.join(names[:-1])} or {names[-1]}"
+        text += " or a DICOM SEG or RTSTRUCT referencing the series"
+    return text
 
 
 def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[str, Path, Path]]:
     """
-    `(case, image, label volume)` of every NIfTI volume in the folder `images` and every DICOM series folder under it
+    `(case, image, label volume)` of every 3-D scan file in the folder `images` (NIfTI, NRRD, MetaImage; not 3D
+    Slicer's segmentations, `.seg.nrrd`) and every DICOM series folder under it
     (:func:`dicom_series_in`: a DICOM export, each series named by its folder), its label volume the file of the same
     name in `labels` (or, for nnU-Net's `<case>_0000.nii.gz`, `<case>.nii.gz`: `label_volume_of`). A volume without
     one, several channels of one case (two scans paired with one label volume), or a folder without volumes is a
@@ -2574,12 +2760,17 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
     folders = {"`images`": Path(images), "`labels`": Path(labels)}
     for flag, folder in folders.items():
         if not folder.is_dir():
-            raise ValueError(f"{flag} {folder}: not a folder of NIfTI volumes.")
-    volumes = [*volumes_in(images), *(p for p in dicom_series_in(images) if p != Path(images))]
+            raise ValueError(f"{flag} {folder}: not a folder of 3-D volumes.")
+    volumes = [*volumes_in(images, scans=True), *(p for p in dicom_series_in(images) if p != Path(images))]
     if not volumes:
-        raise ValueError(f"`images` {images}: no .nii or .nii.gz volumes in it, and no DICOM series folders under it.")
+        raise ValueError(
+            f"`images` {images}: no 3-D volumes ({', '.join(VOLUME_SUFFIXES)}) in it, and no DICOM series folders "
+            "under it."
+        )
     if any(not is_volume(path) for path in volumes):
         require_dicom()
+    if any(is_itk_volume(path) for path in volumes) or any(is_itk_volume(p) for p in volumes_in(labels)):
+        require_itk()
     pairs, missing = [], []
     for path in volumes:
         found = label_volume_of(path, labels)

@@ -327,7 +327,9 @@ def test_segment_given_a_volume_names_segment_volume(tmp_path):
     """`segment(model, "scan.nii.gz", box=...)` said only that the image could not be read."""
     scan = save_nifti(tmp_path / "scan.nii.gz", two_organs())
     for path in (scan, str(scan)):
-        with pytest.raises(ValueError, match=r"scan.nii.gz: a NIfTI volume, and segment\(\) takes one 2-D image: use"):
+        with pytest.raises(
+            ValueError, match=r"scan.nii.gz: a 3-D image file, and segment\(\) takes one 2-D image: use"
+        ):
             segment(FakeModel(), path, box=[1, 1, 5, 5])
     # A DICOM series' folder, or one of its slices (no suffix needed: the DICM preamble tells; a 2-D DICOM image, one
     # without a place in the patient, is an image: test_dicom_images).
@@ -1102,7 +1104,8 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     save_nifti(tmp_path / "labels" / "case7.nii.gz", labels.astype(np.uint8))
     assert label_volume_of(nnunet, tmp_path / "labels") == tmp_path / "labels" / "case7.nii.gz"
     assert label_volume_of(nnunet, tmp_path / "in") is None
-    assert label_volume_names(nnunet) == "case7_0000.nii.gz, case7_0000.nii, case7.nii.gz or case7.nii"
+    others = ".nii, .seg.nrrd, .nrrd, .nhdr, .mha, .mhd"
+    assert label_volume_names(nnunet) == f"case7_0000.nii.gz or case7.nii.gz (or {others})"
     nn_argv = ["predict", "--model", str(tmp_path / "model"), str(nnunet), "--device", "cpu"]
     assert main([*nn_argv, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "nn")]) == 0
     assert set(np.unique(np.asarray(nib.load(tmp_path / "nn" / "case7_0000.nii.gz").dataobj))) <= {0, 2, 5}
@@ -2056,7 +2059,7 @@ def test_convert_volumes_refuses_what_it_cannot_pair_and_leaves_nothing_half_wri
     argv = ["convert", "volumes", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels")]
     out = ["--output", str(tmp_path / "out")]
     for message, extra in (
-        ("no label volume for c.nii.gz (looked for c.nii.gz or c.nii)", []),
+        ("no label volume for c.nii.gz (looked for c.nii.gz (or .nii, .seg.nrrd,", []),
         ("b.nii.gz has shape (24, 20, 4), the volume", ["--classes", str(tmp_path / "names.json")]),
         ("class ids [5] that --classes does not list", ["--classes", str(tmp_path / "names.json")]),
         ("region labels ['both']", ["--classes", str(tmp_path / "regions.json")]),

@@ -8,7 +8,15 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..data import IMAGE_EXTENSIONS, NIFTI_SUFFIXES, image_files_in, image_stem
+from ..data import (
+    IMAGE_EXTENSIONS,
+    VOLUME_SUFFIXES,
+    image_files_in,
+    image_stem,
+    is_volume,
+    label_volume_suffix,
+    volume_stem,
+)
 
 
 def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple[Path, Path]]:
@@ -21,8 +29,8 @@ def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple
             found = image_files_in(path, dicom_below=True)
             if not found:
                 raise ValueError(
-                    f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}), no NIfTI volumes "
-                    f"({', '.join(NIFTI_SUFFIXES)}) and no DICOM series."
+                    f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}), no 3-D volumes "
+                    f"({', '.join(VOLUME_SUFFIXES)}) and no DICOM series."
                 )
             files.extend((file, path) for file in found)
         elif not path.exists():
@@ -41,8 +49,9 @@ def plan_outputs(
     The output files of each input: `<out>/<relative path><suffix>` for each suffix (`.png`, `_overlay.png`,
     `.nii.gz`), the path relative to the common folder of all inputs, so `a/x.jpg` and `b/x.jpg` give `a/x.png` and
     `b/x.png` and inputs from one folder give flat names. Two inputs that would write one file (`x.jpg` and `x.png`)
-    are an error naming both, before anything is written. `volumes`: the paths are scans, NIfTI files or DICOM series
-    folders (`study/1.2.840.5` gives `1.2.840.5.nii.gz`: a folder's name is kept whole).
+    are an error naming both, before anything is written. `volumes`: the paths are scans, 3-D files or DICOM series
+    folders (`study/1.2.840.5` gives `1.2.840.5.nii.gz`: a folder's name is kept whole), and the suffix `.nii.gz`
+    stands for the label volume in its scan's format (`data.label_volume_suffix`: `scan.mha` gives `scan.mha`).
     """
     inputs = inputs_with_roots(paths, volumes)
     sources = list(dict.fromkeys(Path(os.path.abspath(file)) for file, _ in inputs))
@@ -56,10 +65,9 @@ def plan_outputs(
         # A file's extension goes (`image_stem`: a DICOM file named by its UID keeps it whole, `1.2.840.5.4` and
         # `1.2.840.5.5` being two images); a DICOM series' folder keeps its name whole.
         if not source.is_dir():
-            name = name.with_name(image_stem(source))
-            if name.suffix.lower() == ".nii":  # scan.nii.gz -> scan
-                name = name.with_suffix("")
-        targets = [folder / f"{name}{suffix}" for suffix in suffixes]
+            name = name.with_name(volume_stem(source) if is_volume(source) else image_stem(source))
+        labels = label_volume_suffix(source) if volumes else ".nii.gz"
+        targets = [folder / f"{name}{labels if suffix == '.nii.gz' else suffix}" for suffix in suffixes]
         for target in targets:
             if target in writers:
                 raise ValueError(

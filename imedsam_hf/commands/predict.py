@@ -30,6 +30,7 @@ from ..data import (
     folder_class_names,
     image_files_in,
     image_stem,
+    is_itk_volume,
     label_classes,
     mask_box,
     mask_clicks,
@@ -64,6 +65,7 @@ from ..volumes import (
     read_volume,
     require_dicom,
     require_dicom_seg,
+    require_itk,
     require_multiframe,
     require_rtstruct,
     resolve_window,
@@ -308,8 +310,8 @@ def mask_label_classes(model_config, masks_folder: str | None) -> dict[int, int]
 
 def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     """
-    `(volumes, images)` of the command line's inputs: NIfTI files, given or in a folder given (its hidden files, such
-    as MSD's `._case.nii.gz`, skipped), DICOM series (a folder of one series, or each folder under a folder given that
+    `(volumes, images)` of the command line's inputs: 3-D files (NIfTI, NRRD, MetaImage), given or in a folder given
+    (its hidden files, such as MSD's `._case.nii.gz`, and 3D Slicer's segmentations, `.seg.nrrd`, skipped), DICOM series (a folder of one series, or each folder under a folder given that
     holds DICOM slices: a DICOM export's series), and the image files (2-D DICOM images too: radiographs, ...) and
     folders of images (2-D DICOM images at any depth below them, as an export holds them; a folder holding no volume
     stays one, so that it is named if it holds no image either). A single slice of a DICOM series is a ValueError
@@ -319,11 +321,11 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = [*volumes_in(path), *dicom_series_in(path)]
+            found = [*volumes_in(path, scans=True), *dicom_series_in(path)]
             volumes.extend(map(str, found))
             if not found or image_files_in(path, dicom_below=True):
                 images.append(raw)
-        elif is_volume(raw) or (is_dicom_file(raw) and dicom_kind(raw) == "volume"):  # NIfTI, a multi-frame scan
+        elif is_volume(raw) or (is_dicom_file(raw) and dicom_kind(raw) == "volume"):  # a 3-D file, a multi-frame scan
             volumes.append(raw)
         elif is_dicom_file(raw) and dicom_kind(raw) == "slice":
             raise ValueError(
@@ -370,6 +372,8 @@ def run(args: argparse.Namespace, device: str | None) -> int:
         flag = "--boxes-from-masks" if args.boxes_from_masks else "--points-from-masks"
         if masks_folder and not Path(masks_folder).is_dir():
             raise ValueError(f"{flag} {masks_folder}: no such folder (masks named like the images, or label volumes).")
+        if any(map(is_itk_volume, volumes)) or (masks_folder and any(map(is_itk_volume, volumes_in(masks_folder)))):
+            require_itk()  # NRRD / MetaImage scans or label volumes, before anything is loaded or written
         if volumes and not images:
             if args.output_size:
                 raise ValueError(
@@ -609,7 +613,7 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 )
             grey = dataclasses.replace(volume, data=to_uint8(volume.data, window))
             labels = segment_volume(model, grey, processor=processor, progress=True, tta=args.tta, **prompts)
-            written = write_label_volume(labels, volume, targets[".nii.gz"])
+            written = write_label_volume(labels, volume, targets[".nii.gz"])  # in the scan's format: plan_outputs
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
             if args.statistics:
                 write_json(label_statistics(labels, volume, names_here), targets["_statistics.json"])

@@ -19,9 +19,11 @@ import numpy as np
 
 from ..data import (
     IMAGE_EXTENSIONS,
+    VOLUME_SUFFIXES,
     MaskValuesError,
     class_id_of,
     folder_class_names,
+    is_itk_volume,
     is_volume,
     mask_folder_suffix,
     read_mask,
@@ -31,9 +33,13 @@ from ..metrics import METRIC_NAMES, aggregate, check_nsd_options, nanmean, segme
 from ..volumes import (
     check_label_volume,
     embedded_label_names,
+    is_cropped_segmentation,
     label_volume_names,
     label_volume_of,
+    onto_grid,
     read_volume,
+    require_itk,
+    volume_name,
     volume_scores,
 )
 from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_message
@@ -46,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         nsd = {"tolerance": args.nsd_tolerance, "nsd_definition": args.nsd_definition}
         predictions = prediction_files(args.predictions)
         names = truth_class_names(Path(args.truth))
+        if any(map(is_itk_volume, predictions)) or any(map(is_itk_volume, volumes_in(args.truth))):
+            require_itk()  # NRRD / MetaImage label volumes
         wanted = None
         if args.classes is not None:
             if names is None and not all(isinstance(c, int) for c in args.classes):
@@ -110,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def prediction_files(inputs: list[str]) -> list[Path]:
-    """The predictions named on the command line (files, or folders of them: their NIfTI volumes if they hold any,
+    """The predictions named on the command line (files, or folders of them: their label volumes if they hold any,
     else their images, without hidden files and `predict --overlay`'s `<name>_overlay.png` beside `<name>.png`),
     all volumes or all images."""
     found: list[Path] = []
@@ -130,7 +138,7 @@ def prediction_files(inputs: list[str]) -> list[Path]:
             raise ValueError(f"{item}: no such file or folder of predictions.")
     if not found:
         raise ValueError(
-            f"{', '.join(inputs)}: no label volumes (.nii, .nii.gz), challenge cases (.npz) or masks "
+            f"{', '.join(inputs)}: no label volumes ({', '.join(VOLUME_SUFFIXES)}), challenge cases (.npz) or masks "
             f"({', '.join(IMAGE_EXTENSIONS)})."
         )
     kinds = {kind_of(p) for p in found}
@@ -139,7 +147,7 @@ def prediction_files(inputs: list[str]) -> list[Path]:
     if kinds == {"mask"} and any(p.suffix.lower() not in IMAGE_EXTENSIONS for p in found):
         odd = next(p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS)
         raise ValueError(
-            f"{odd}: not a label volume (.nii, .nii.gz), a challenge case (.npz) or a mask image "
+            f"{odd}: not a label volume ({', '.join(VOLUME_SUFFIXES)}), a challenge case (.npz) or a mask image "
             f"({', '.join(IMAGE_EXTENSIONS)})."
         )
     return found
@@ -154,13 +162,15 @@ def kind_of(path: Path) -> str:
 
 def truth_class_names(truth: Path) -> dict[int, str] | None:
     """The structures' names: a classes.json or id2label.json in the truth folder or beside it, or the MSD / nnU-Net
-    dataset.json beside it (labelsTr's parent), else the label table its first label volume carries in its header
-    (TotalSegmentator's `--ml` output); None without any."""
+    dataset.json beside it (labelsTr's parent), else the names the first of its label volumes naming its ids carries
+    in its header (TotalSegmentator's `--ml` output, a 3D Slicer segmentation); None without any."""
     if not truth.is_dir():
         raise ValueError(f"`truth` {truth}: not a folder of label volumes or masks.")
     names = folder_class_names(truth)
-    first = next(iter(volumes_in(truth)), None)
-    return names or (embedded_label_names(first) if first is not None else None)  # TotalSegmentator's header
+    if names:
+        return names
+    # TotalSegmentator's header table, or a 3D Slicer segmentation's segment names (a scene also holds its scan).
+    return next((found for path in volumes_in(truth) if (found := embedded_label_names(path))), None)
 
 
 def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None, nsd: Mapping) -> list[dict]:
@@ -171,9 +181,11 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None, ns
         if found is None:
             raise ValueError(f"{path}: no label volume in `truth` {truth} (looked for {label_volume_names(path)}).")
         predicted, expected = read_volume(path), read_volume(found)
+        if expected.shape != predicted.shape and is_cropped_segmentation(found):  # 3D Slicer's: padded, not cut
+            expected = onto_grid(expected, predicted, crop=True) or expected
         truth_ids = check_label_volume(expected, expected, compare_affines=False)
         predicted_ids = check_label_volume(predicted, expected, compare_affines=True)
-        case = path.name.split(".nii")[0]
+        case = volume_name(path)
         return volume_rows(case, predicted_ids, truth_ids, expected.spacing, wanted, "mm", nsd)
     if path.suffix.lower() == ".npz":
         return case_rows(path, truth, wanted, nsd)

@@ -1,0 +1,239 @@
+"""Scans and label volumes in ITK's file formats: NRRD (3D Slicer's scans and segmentations) and MetaImage
+(grand-challenge.org's `.mha`), read and written with SimpleITK (the ``itk`` extra). Before, `imedsam predict` took a
+`.mha` or `.nrrd` scan for a 2-D picture ("cannot identify image file") and never looked for a label volume not named
+`.nii` / `.nii.gz`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import tiny_model
+
+from imedsam_hf import volumes as volumes_module
+from imedsam_hf.cli import main
+from imedsam_hf.commands.outputs import plan_outputs
+from imedsam_hf.volumes import (
+    embedded_label_names,
+    itk_geometry,
+    label_volume_of,
+    onto_grid,
+    read_volume,
+    segment_volume,
+    write_label_volume,
+)
+
+sitk = pytest.importorskip("SimpleITK")
+
+# Oblique on purpose: the axes swapped and flipped, turned 30 degrees about S, anisotropic (0.7 x 0.9 x 2.5 mm).
+TURN = np.array([[np.cos(np.pi / 6), -np.sin(np.pi / 6), 0], [np.sin(np.pi / 6), np.cos(np.pi / 6), 0], [0, 0, 1]])
+OBLIQUE = np.eye(4)
+OBLIQUE[:3, :3] = TURN @ np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]]) @ np.diag([0.7, 0.9, 2.5])
+OBLIQUE[:3, 3] = [12.5, -40.0, 7.0]
+LAS = np.array([[-0.8, 0, 0, 10.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray = LAS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def converted(nifti: Path, target: Path) -> Path:
+    """`nifti` written as `target` (its extension picks the format) by SimpleITK itself: the reference conversion."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.ReadImage(str(nifti)), str(target))
+    return target
+
+
+def two_organs(shape=(24, 20, 6)) -> np.ndarray:
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[3:10, 4:12, 1:5] = 2
+    labels[8:20, 10:18, 2:4] = 5
+    return labels
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".mhd", ".nrrd", ".nhdr"])
+@pytest.mark.parametrize("affine", [LAS, OBLIQUE], ids=["las", "oblique"])
+def test_an_itk_file_reads_as_the_nifti_it_was_converted_from(tmp_path, suffix, affine):
+    data = np.random.default_rng(0).integers(-1000, 1500, size=(12, 10, 5)).astype(np.int16)
+    nifti = save_nifti(tmp_path / "ct.nii.gz", data, affine)
+    volume = read_volume(converted(nifti, tmp_path / f"ct{suffix}"))
+    assert volume.shape == (12, 10, 5) and volume.data.dtype == np.int16
+    np.testing.assert_array_equal(volume.data, data)
+    np.testing.assert_allclose(volume.affine, affine, atol=1e-5)
+    assert volume.spacing == pytest.approx(read_volume(nifti).spacing)
+    assert volume.axcodes == read_volume(nifti).axcodes
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_a_label_volume_written_as_nrrd_or_metaimage_lies_on_its_scans_grid(tmp_path, suffix):
+    scan = converted(save_nifti(tmp_path / "ct.nii.gz", np.zeros((12, 10, 5), np.int16), OBLIQUE), tmp_path / "ct.mha")
+    volume = read_volume(scan)
+    labels = np.random.default_rng(1).integers(0, 14, size=volume.shape).astype(np.int64)
+    out = tmp_path / "out" / f"labels{suffix}"
+    out.parent.mkdir()
+    (out.parent / f".{out.name}.x1y2.part{suffix}").write_bytes(b"a killed write")  # SimpleITK's, left by a kill
+    assert write_label_volume(labels, volume, out) == out
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temporary file left, one file
+    written, reference = sitk.ReadImage(str(out)), sitk.ReadImage(str(scan))
+    assert written.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written).transpose(2, 1, 0), labels)
+    np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(written.GetSpacing(), reference.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert itk_geometry(volume.affine)[1] == pytest.approx(reference.GetSpacing())
+    np.testing.assert_array_equal(read_volume(out).data, labels)
+    with pytest.raises(ValueError, match=r"written as \.nii\.gz, \.nii, \.nrrd or \.mha"):
+        write_label_volume(labels, volume, tmp_path / "labels.mhd")
+
+
+def test_itk_files_that_are_no_3d_scan_are_refused_by_name(tmp_path):
+    junk = tmp_path / "junk.mha"
+    junk.write_bytes(
+        b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_SHORT\nElementDataFile = LOCAL\n"
+    )
+    with pytest.raises(ValueError, match="junk.mha: cannot be read as a .mha volume") as error:
+        read_volume(junk)
+    assert "\n" not in str(error.value) and "SimpleITK-build" not in str(error.value)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6), np.uint8)), str(tmp_path / "xray.mha"))
+    with pytest.raises(ValueError, match=r"xray.mha: is 2-D \(size \(6, 5\)\), not a 3-D volume"):
+        read_volume(tmp_path / "xray.mha")
+    layers = sitk.GetImageFromArray(np.zeros((4, 5, 6, 2), np.uint8), isVector=True)  # Slicer's overlapping segments
+    sitk.WriteImage(layers, str(tmp_path / "layers.seg.nrrd"))
+    with pytest.raises(ValueError, match="layers.seg.nrrd: holds 2 values per voxel"):
+        read_volume(tmp_path / "layers.seg.nrrd")
+    with pytest.raises(ValueError, match="gone.nrrd: no such file"):
+        read_volume(tmp_path / "gone.nrrd")
+
+
+def test_without_simpleitk_an_itk_file_names_the_extra_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    scan = converted(save_nifti(tmp_path / "ct.nii.gz", two_organs() * 20), tmp_path / "in" / "ct.mha")
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "SimpleITK" else found(name, *a))
+    with pytest.raises(ImportError, match=r'needs SimpleITK, which is not installed: .*pip install "\.\[itk\]"'):
+        read_volume(scan)
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(scan), "--no-prompt", "--out", str(tmp_path / "P")]
+    assert main(argv) == 2
+    assert "[itk] extra" in capsys.readouterr().err
+    assert not (tmp_path / "P").exists()
+
+
+def test_label_volumes_are_planned_in_their_scans_format(tmp_path):
+    names = ["a.mha", "b.mhd", "c.nrrd", "d.nhdr", "e.nii.gz", "f.nii"]
+    for name in names:
+        (tmp_path / name).touch()
+    plan = plan_outputs([str(tmp_path / n) for n in names], tmp_path / "P", (".nii.gz", "_overlay.png"), volumes=True)
+    written = sorted(target.name for targets in plan.values() for target in targets)
+    assert written == sorted(
+        ["a.mha", "b.mha", "c.nrrd", "d.nrrd", "e.nii.gz", "f.nii.gz"] + [f"{n[0]}_overlay.png" for n in names]
+    )
+
+
+def slicer_segmentation(labels: np.ndarray, like: Path, path: Path, segments: dict[int, tuple[int, str]]) -> Path:
+    """`labels` as 3D Slicer saves a segmentation: cropped to its segments' extent, each segment given label value
+    1, 2, ... in its own order (`segments`: ``{label id: (Slicer's value, name)}``), named in the header."""
+    renumbered = np.zeros_like(labels)
+    for label_id, (value, _) in segments.items():
+        renumbered[labels == label_id] = value
+    image = sitk.GetImageFromArray(renumbered.transpose(2, 1, 0))
+    image.CopyInformation(sitk.ReadImage(str(like)))
+    low, high = np.argwhere(renumbered).min(0), np.argwhere(renumbered).max(0) + 1
+    cropped = sitk.RegionOfInterest(image, (high - low).tolist(), low.tolist())
+    for index, (value, name) in enumerate(segments.values()):
+        for key, text in (("ID", f"Segment_{value}"), ("Name", name), ("LabelValue", str(value)), ("Layer", "0")):
+            cropped.SetMetaData(f"Segment{index}_{key}", text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(cropped, str(path), useCompression=True)
+    return path
+
+
+def test_a_slicer_segmentation_prompts_its_scan_cropped_renumbered_and_named(tmp_path, monkeypatch, capsys):
+    """3D Slicer saves a segmentation (`.seg.nrrd`) beside its scan, cropped to the segments and numbered 1, 2, ...
+    in the order they were made, their names in its header. It is found as the scan's label volume, padded back
+    onto the scan's grid, each segment decoded by the class-aware model's class of its name; what is written keeps
+    Slicer's values and names, and `imedsam score` takes the cropped segmentation as the truth."""
+    labels = two_organs()
+    nifti = save_nifti(tmp_path / "ct.nii.gz", (labels * 30 + 20).astype(np.uint8))
+    scan = converted(nifti, tmp_path / "scene" / "ct.nrrd")  # the scene's scan, saved by Slicer as NRRD
+    segments = {5: (1, "Esophagus"), 2: (2, "Right kidney")}
+    seg = slicer_segmentation(labels, scan, tmp_path / "scene" / "ct.seg.nrrd", segments)
+    assert sitk.ReadImage(str(seg)).GetSize() == (17, 14, 4)  # cropped
+    assert embedded_label_names(seg) == {1: "Esophagus", 2: "Right kidney"}
+    assert label_volume_of(scan, tmp_path / "scene") == seg  # beside the scan, which is not its own label volume
+    alone = converted(nifti, tmp_path / "alone" / "ct.nrrd")
+    assert label_volume_of(alone, alone.parent) is None
+    # Padded back: Slicer's values at the scan's voxels; a box between voxels or outside the scan is no crop of it.
+    padded = onto_grid(read_volume(seg), read_volume(scan), crop=True)
+    np.testing.assert_array_equal(padded.data, np.select([labels == 5, labels == 2], [1, 2], 0))
+    assert onto_grid(read_volume(seg), read_volume(scan)) is None  # only a Slicer segmentation is taken as a crop
+    moved = read_volume(seg)
+    moved.affine = moved.affine.copy()
+    moved.affine[:3, 3] += 0.3
+    assert onto_grid(moved, read_volume(scan), crop=True) is None
+
+    model_names = {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus", 6: "liver"}
+    calls: list = []
+    real_segment = volumes_module.segment
+
+    def recording(model, image, box=None, classes=None, **kwargs):
+        calls.extend(classes)
+        return real_segment(model, image, box=box, classes=classes, **kwargs)
+
+    monkeypatch.setattr(volumes_module, "segment", recording)
+    tiny_model(num_classes=6, class_aware=True, implicit_decoder_trained=True, id2label=model_names).save_pretrained(
+        tmp_path / "aware"
+    )
+    # The scene's folder given as input: its scan is segmented, not its segmentation.
+    argv = ["predict", "--model", str(tmp_path / "aware"), str(tmp_path / "scene"), "--device", "cpu"]
+    argv += ["--boxes-from-masks", str(tmp_path / "scene"), "--statistics", "--out", str(tmp_path / "P")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "P").iterdir()) == ["ct.nrrd", "ct_statistics.json"]
+    assert set(calls) == {5, 2}  # the esophagus by the esophagus's heads, the kidney by its own
+    written = read_volume(tmp_path / "P" / "ct.nrrd")
+    np.testing.assert_allclose(written.affine, read_volume(scan).affine, atol=1e-5)
+    assert set(np.unique(written.data)) <= {0, 1, 2} and written.data.any()  # Slicer's values
+    statistics = json.loads((tmp_path / "P" / "ct_statistics.json").read_text())
+    assert set(statistics["structures"]) <= {"Esophagus", "Right kidney"} and statistics["structures"]
+    assert (
+        main(["score", str(tmp_path / "P"), "--truth", str(tmp_path / "scene"), "--json", str(tmp_path / "s.json")])
+        == 0
+    )
+    scored = json.loads((tmp_path / "s.json").read_text())
+    assert "Esophagus" in json.dumps(scored) and "Right kidney" in json.dumps(scored)
+
+
+def test_a_metaimage_scan_gives_its_nifti_copys_labels_in_its_own_format(tmp_path, monkeypatch):
+    labels = two_organs()
+    nifti = save_nifti(tmp_path / "nii" / "ct.nii.gz", (labels * 30 + 20).astype(np.uint8), OBLIQUE)
+    mha = converted(nifti, tmp_path / "mha" / "ct.mha")
+    save_nifti(tmp_path / "labels" / "ct.nii.gz", labels, OBLIQUE)
+    converted(tmp_path / "labels" / "ct.nii.gz", tmp_path / "itk_labels" / "ct.nrrd")
+    tiny_model(num_classes=6, class_aware=True, implicit_decoder_trained=True).save_pretrained(tmp_path / "aware")
+    for scan, truth, out in ((nifti, "labels", "A"), (mha, "itk_labels", "B")):
+        argv = [
+            "predict",
+            "--model",
+            str(tmp_path / "aware"),
+            str(scan),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / out),
+        ]
+        assert main([*argv, "--boxes-from-masks", str(tmp_path / truth)]) == 0
+    by_nifti, by_mha = read_volume(tmp_path / "A" / "ct.nii.gz"), read_volume(tmp_path / "B" / "ct.mha")
+    np.testing.assert_array_equal(by_mha.data, by_nifti.data)
+    np.testing.assert_allclose(by_mha.affine, by_nifti.affine, atol=1e-5)
+    assert by_mha.data.any()
+    # segment_volume takes the path as it takes a NIfTI's.
+    from imedsam_hf import load_model
+
+    aware, processor = load_model(str(tmp_path / "aware"))
+    given = segment_volume(aware, mha, processor=processor, label_volume=tmp_path / "itk_labels" / "ct.nrrd")
+    np.testing.assert_array_equal(given, by_nifti.data)
