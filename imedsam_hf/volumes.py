@@ -161,6 +161,7 @@ __all__ = [
     "SliceView",
     "is_cropped_segmentation",
     "onto_grid",
+    "scan_files_in",
     "require_dicom",
     "mr_window",
     "named_structures",
@@ -2700,7 +2701,8 @@ def volume_scores(
 
 
 def volume_name(path: str | os.PathLike) -> str:
-    """`case0001.nii.gz`, `case0001.seg.nrrd` -> `case0001`; a DICOM series' folder -> its name as it is (`1.2.840.10008.3`, `CT_abdomen`)."""
+    """`case0001.nii.gz`, `case0001.seg.nrrd` -> `case0001`; a DICOM series' folder -> its name as it is
+    (`1.2.840.10008.3`, `CT_abdomen`)."""
     name = Path(path).name
     if Path(path).is_dir():
         return name
@@ -2711,40 +2713,100 @@ def volume_name(path: str | os.PathLike) -> str:
 # nnU-Net / Medical Segmentation Decathlon image names carry a channel: `la_003_0000.nii.gz`, its labels `la_003.nii.gz`.
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
+#: What a label volume's name adds to its scan's where a data set names them so (ACDC's `patient001_frame01_gt`,
+#: PROMISE12's `Case00_segmentation`, BraTS-style `_seg`), looked for after the scan's own name.
+LABEL_NAME_SUFFIXES = ("_gt", "_seg", "_segmentation", "_label", "_labels", "_mask", "-seg", "-label", "-mask")
 
-def _label_candidates(scan: str | os.PathLike) -> list[str]:
-    """The names a scan's label volume may have: the scan's own, then for nnU-Net's `<case>_0000` the case's."""
+#: A scan's word that its label volume's name says in its place: Synapse's BTCV `img0001` / `label0001`, LiTS's
+#: `volume-0` / `segmentation-0`, KiTS's `imaging` / `segmentation`, BraTS's MR sequence (`_t1ce` / `_seg`); a word
+#: of its own or before digits, any case.
+SCAN_WORD = re.compile(
+    r"(?<![a-z])(img|image|images|imaging|volume|vol|scan|ct|mr|mri|t1|t1ce|t1gd|t1c|t1n|t2|t2w|t2f|flair)(?![a-z])",
+    re.IGNORECASE,
+)
+LABEL_WORDS = ("label", "labels", "seg", "segmentation", "mask", "gt")
+
+
+def _case_names(scan: str | os.PathLike) -> list[str]:
+    """The names a scan's label volume has where both are named by their case: the scan's own, then for nnU-Net's
+    `<case>_0000` the case's."""
     name = volume_name(scan)
     match = CHANNEL_SUFFIX.match(name)
     return [name] + ([match["case"]] if match else [])
+
+
+def _label_candidates(scan: str | os.PathLike) -> list[str]:
+    """The names a scan's label volume may have, in the order looked for: its case's (:func:`_case_names`), then
+    data sets' conventions: the scan's name and a suffix (:data:`LABEL_NAME_SUFFIXES`), or with its scan word
+    (:data:`SCAN_WORD`) said as a label word (:data:`LABEL_WORDS`)."""
+    name = volume_name(scan)
+    names = _case_names(scan) + [f"{name}{suffix}" for suffix in LABEL_NAME_SUFFIXES]
+    for word in SCAN_WORD.finditer(name):  # label_volume_of matches names in any case: `IMG0001`, `LABEL0001`
+        names += [f"{name[: word.start()]}{label}{name[word.end() :]}" for label in LABEL_WORDS]
+    return list(dict.fromkeys(names))
+
+
+def _case_of(scan: str | os.PathLike, label: Path) -> str:
+    """The case a scan and its label volume make: the label's name where it is the scan's or nnU-Net's case (of
+    `<case>_0000`), else the scan's (`img0001`, not `label0001`)."""
+    return volume_name(label) if volume_name(label) in _case_names(scan) else volume_name(scan)
 
 
 def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path | None:
     """
     The label volume of `scan` in the folder `labels`: the file of the same name (`.nii.gz`, `.nii`, 3D Slicer's
     `.seg.nrrd`, `.nrrd`, `.nhdr`, `.mha`, `.mhd`; never the scan itself, beside which Slicer saves a segmentation),
-    or for nnU-Net's `<case>_0000.nii.gz` scans `<case>.nii.gz`; for a DICOM series' folder, else the DICOM SEG or RT
-    Structure Set at or under `labels` that references the series (:func:`dicom_annotation_of`); None when there is
-    none. One lookup, shared by
-    `imedsam predict --boxes-from-masks` and `imedsam convert volumes`.
+    or for nnU-Net's `<case>_0000.nii.gz` scans `<case>.nii.gz`, or as a data set names it (:func:`_label_candidates`:
+    `x_gt`, `x_seg`, ..., `label0001` for `img0001`, `segmentation-0` for `volume-0`; names matched in any case); for
+    a DICOM series' folder, else the DICOM SEG or RT Structure Set at or under `labels` that references the series
+    (:func:`dicom_annotation_of`); None when there is none. One lookup, shared by `imedsam predict
+    --boxes-from-masks`, `imedsam score` and `imedsam convert volumes`.
     """
+    folder = Path(labels)
+    files = {path.name: path for path in volumes_in(folder)} if folder.is_dir() else {}
+    files |= {name.lower(): path for name, path in sorted(files.items(), reverse=True) if name.lower() not in files}
+    itself, own = Path(scan).resolve(), _case_names(scan)
     for name in _label_candidates(scan):
-        for suffix in VOLUME_SUFFIXES:  # .nii.gz first
-            candidate = Path(labels) / f"{name}{suffix}"
-            if candidate.is_file() and not (Path(scan).is_file() and candidate.samefile(scan)):  # not the scan itself
-                return candidate
+        found = _file_named(name, files)
+        # Never the scan itself, nor, by its name, a scan of that name with a label volume of its own beside it (a
+        # prediction `volume-0.nii.gz` scored against a LiTS folder: its truth is `segmentation-0.nii`).
+        if found is not None and found.resolve() != itself:
+            if not (name in own and any(_file_named(other, files) for other in _label_candidates(found)[1:])):
+                return found
     return dicom_annotation_of(scan, labels) if Path(scan).is_dir() or is_multiframe_scan(scan) else None
+
+
+def _file_named(name: str, files: Mapping[str, Path]) -> Path | None:
+    """The 3-D file of `files` (``{file name: path}``, and the same under lower-case names) named `name` with one of
+    :data:`VOLUME_SUFFIXES`, in their order (`.nii.gz` first); exactly, else in any case (`LABEL0001.nii.gz`)."""
+    for suffix in VOLUME_SUFFIXES:
+        found = files.get(f"{name}{suffix}") or files.get(f"{name}{suffix}".lower())
+        if found is not None:
+            return found
+    return None
 
 
 def label_volume_names(scan: str | os.PathLike) -> str:
     """The label volume names :func:`label_volume_of` looks for, as a message says them: `a.nii.gz (or .nii, .seg.nrrd,
-    .nrrd, .nhdr, .mha, .mhd)`."""
+    .nrrd, .nhdr, .mha, .mhd), a_gt, a_seg, a_segmentation, ...`."""
     first, *others = VOLUME_SUFFIXES
-    names = [f"{name}{first}" for name in _label_candidates(scan)]
-    text = f"{' or '.join(names)} (or {', '.join(others)})"
+    name, own = volume_name(scan), _case_names(scan)
+    swapped = _label_candidates(scan)[len(own) + len(LABEL_NAME_SUFFIXES) :]  # `label0001` for `img0001`
+    conventions = [f"{name}{suffix}" for suffix in LABEL_NAME_SUFFIXES[:3]] + swapped[:1]
+    text = f"{' or '.join(f'{case}{first}' for case in own)} (or {', '.join(others)}), {', '.join(conventions)}, ..."
     if Path(scan).is_dir() or is_multiframe_scan(scan):
         text += " or a DICOM SEG or RTSTRUCT referencing the series"
     return text
+
+
+def scan_files_in(folder: str | os.PathLike) -> list[Path]:
+    """The scans among the 3-D files of `folder`: not 3D Slicer's segmentations (`.seg.nrrd`), nor the label volume
+    another file of the folder has there (:func:`label_volume_of`: LiTS's `segmentation-0.nii` beside
+    `volume-0.nii`, ACDC's `patient001_frame01_gt.nii.gz`, PROMISE12's `Case00_segmentation.mhd`), where a data set
+    keeps both in one folder."""
+    files = volumes_in(folder, scans=True)
+    labels = {label_volume_of(path, folder) for path in files}
+    return [path for path in files if path not in labels]
 
 
 def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[str, Path, Path]]:
@@ -2761,7 +2823,7 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
     for flag, folder in folders.items():
         if not folder.is_dir():
             raise ValueError(f"{flag} {folder}: not a folder of 3-D volumes.")
-    volumes = [*volumes_in(images, scans=True), *(p for p in dicom_series_in(images) if p != Path(images))]
+    volumes = [*scan_files_in(images), *(p for p in dicom_series_in(images) if p != Path(images))]
     if not volumes:
         raise ValueError(
             f"`images` {images}: no 3-D volumes ({', '.join(VOLUME_SUFFIXES)}) in it, and no DICOM series folders "
@@ -2777,17 +2839,18 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
         if found is None:
             missing.append(f"{path.name} (looked for {label_volume_names(path)})")
             continue
-        named = path if path.is_dir() or not is_volume(path) else found  # DICOM: its folder's or file's name
-        pairs.append((volume_name(named), path, found))
+        case = volume_name(path) if path.is_dir() or not is_volume(path) else _case_of(path, found)  # DICOM: its name
+        pairs.append((case, path, found))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"`labels` {labels}: no label volume for {'; '.join(missing[:3])}{more}.")
-    scans_of: dict[str, list[Path]] = {}
-    for case, path, _ in pairs:
-        scans_of.setdefault(case, []).append(path)
-    shared = {case: paths for case, paths in scans_of.items() if len(paths) > 1}
+    scans_of: dict[Path, list[Path]] = {}
+    for _, path, found in pairs:
+        scans_of.setdefault(found, []).append(path)
+    shared = {label: paths for label, paths in scans_of.items() if len(paths) > 1}
     if shared:
-        case, paths = sorted(shared.items())[0]
+        label, paths = sorted(shared.items())[0]
+        case = volume_name(label)
         channels = sorted(m["channel"] for m in (CHANNEL_SUFFIX.match(volume_name(p)) for p in paths) if m)
         if len(channels) == len(paths):
             raise ValueError(
@@ -2795,7 +2858,10 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
                 "one grey image: keep one channel's files (e.g. the _0000 ones) in a folder of their own."
             )
         names = ", ".join(p.name for p in paths)
-        raise ValueError(f"`images` {images}: {names} have the labels of one case ({case}); keep one file per case.")
+        raise ValueError(
+            f"`images` {images}: {names} have one label volume ({label.name}): several images of one case (BraTS's "
+            "t1, t1ce, t2, flair); the 2-D models take one grey image: keep one file per case in a folder of its own."
+        )
     return pairs
 
 

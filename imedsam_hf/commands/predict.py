@@ -69,6 +69,7 @@ from ..volumes import (
     require_multiframe,
     require_rtstruct,
     resolve_window,
+    scan_files_in,
     segment_npz_case,
     segment_volume,
     structure_names_of,
@@ -311,17 +312,18 @@ def mask_label_classes(model_config, masks_folder: str | None) -> dict[int, int]
 def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     """
     `(volumes, images)` of the command line's inputs: 3-D files (NIfTI, NRRD, MetaImage), given or in a folder given
-    (its hidden files, such as MSD's `._case.nii.gz`, and 3D Slicer's segmentations, `.seg.nrrd`, skipped), DICOM series (a folder of one series, or each folder under a folder given that
-    holds DICOM slices: a DICOM export's series), and the image files (2-D DICOM images too: radiographs, ...) and
-    folders of images (2-D DICOM images at any depth below them, as an export holds them; a folder holding no volume
-    stays one, so that it is named if it holds no image either). A single slice of a DICOM series is a ValueError
-    saying to give its series' folder.
+    (its hidden files, such as MSD's `._case.nii.gz`, and the label volumes kept beside scans, 3D Slicer's
+    `.seg.nrrd` or LiTS's `segmentation-0.nii` beside `volume-0.nii`, skipped: `volumes.scan_files_in`), DICOM series
+    (a folder of one series, or each folder under a folder given that holds DICOM slices: a DICOM export's series),
+    and the image files (2-D DICOM images too: radiographs, ...) and folders of images (2-D DICOM images at any depth
+    below them, as an export holds them; a folder holding no volume stays one, so that it is named if it holds no
+    image either). A single slice of a DICOM series is a ValueError saying to give its series' folder.
     """
     volumes, images = [], []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = [*volumes_in(path, scans=True), *dicom_series_in(path)]
+            found = [*scan_files_in(path), *dicom_series_in(path)]
             volumes.extend(map(str, found))
             if not found or image_files_in(path, dicom_below=True):
                 images.append(raw)

@@ -1,0 +1,142 @@
+"""Scans and label volumes named as public data sets name them. `imedsam convert volumes`, `predict
+--boxes-from-masks` and `score` paired a scan only with the label volume of its own name (or nnU-Net's `<case>` of
+`<case>_0000`), so Synapse's own BTCV download (`img/img0001.nii.gz`, `label/label0001.nii.gz`), LiTS
+(`volume-0.nii` beside `segmentation-0.nii`), ACDC (`_gt`), KiTS (`imaging` / `segmentation`) and PROMISE12
+(`Case00_segmentation.mhd`) were refused ("no label volume for ...") until renamed by hand, and a folder keeping both
+gave its label volumes as scans too."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import tiny_model
+
+from imedsam_hf.cli import main
+from imedsam_hf.volumes import label_volume_names, label_volume_of, paired_volumes, scan_files_in, volumes_to_slices
+
+LAS = np.array([[-0.8, 0, 0, 10.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
+HAS_ITK = importlib.util.find_spec("SimpleITK") is not None
+
+
+def two_organs(shape=(24, 20, 6)) -> np.ndarray:
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[3:10, 4:12, 1:5] = 2
+    labels[8:20, 10:18, 2:4] = 5
+    return labels
+
+
+def save(path: Path, data: np.ndarray) -> Path:
+    """`data` as `path`: NIfTI, or with SimpleITK a MetaImage (`.mhd` beside its `.raw`) for PROMISE12's names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".mhd":
+        import SimpleITK as sitk
+
+        nifti = save(path.with_suffix(".nii.gz"), data)
+        sitk.WriteImage(sitk.ReadImage(str(nifti)), str(path))
+        nifti.unlink()
+    else:
+        nib.save(nib.Nifti1Image(data, LAS), str(path))
+    return path
+
+
+# (data set, scan, its label volume, the case it makes): relative to one root; a shared folder keeps both.
+LAYOUTS = [
+    ("synapse-btcv", "img/img0001.nii.gz", "label/label0001.nii.gz", "img0001"),
+    ("lits", "data/volume-0.nii", "data/segmentation-0.nii", "volume-0"),
+    ("acdc", "patient001/patient001_frame01.nii.gz", "patient001/patient001_frame01_gt.nii.gz", "patient001_frame01"),
+    ("kits", "case_00000/imaging.nii.gz", "case_00000/segmentation.nii.gz", "imaging"),
+    ("capitals", "scans/CT_007.nii.gz", "masks/SEG_007.nii.gz", "CT_007"),
+    ("promise12", "train/Case00.mhd", "train/Case00_segmentation.mhd", "Case00"),
+    ("brats", "BraTS2021_00000/BraTS2021_00000_flair.nii.gz", "BraTS2021_00000/BraTS2021_00000_seg.nii.gz",
+     "BraTS2021_00000_flair"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout, scan_name, label_name, case", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+def test_a_data_sets_own_label_names_pair_and_give_the_slices_of_a_same_named_pair(
+    tmp_path, layout, scan_name, label_name, case
+):
+    if scan_name.endswith(".mhd") and not HAS_ITK:
+        pytest.skip("the [itk] extra (SimpleITK) is not installed")
+    labels = two_organs()
+    scan = save(tmp_path / layout / scan_name, (labels * 40 + 10).astype(np.uint8))
+    label = save(tmp_path / layout / label_name, labels)
+    images, label_folder = scan.parent, label.parent
+    assert label_volume_of(scan, label_folder) == label
+    assert scan_files_in(images) == [scan]  # a folder keeping both: the label volume is no scan
+    assert paired_volumes(images, label_folder) == [(case, scan, label)]
+    volumes_to_slices(images, label_folder, tmp_path / "slices", progress=False)
+    # The same pair named alike gives the same slices, named by the scan's case.
+    save(tmp_path / "same" / "images" / "x.nii.gz", (labels * 40 + 10).astype(np.uint8))
+    save(tmp_path / "same" / "labels" / "x.nii.gz", labels)
+    volumes_to_slices(tmp_path / "same" / "images", tmp_path / "same" / "labels", tmp_path / "ref", progress=False)
+    for sub in ("images", "masks"):
+        written = sorted((tmp_path / "slices" / sub).iterdir())
+        reference = sorted((tmp_path / "ref" / sub).iterdir())
+        assert [p.name for p in written] == [p.name.replace("x_", f"{case}_", 1) for p in reference]
+        assert [p.read_bytes() for p in written] == [p.read_bytes() for p in reference]
+
+
+def test_a_label_of_the_scans_own_name_comes_first_and_a_name_matching_nothing_is_named(tmp_path):
+    labels = two_organs()
+    scan = save(tmp_path / "images" / "a.nii.gz", labels * 40)
+    own = save(tmp_path / "labels" / "a.nii.gz", labels)
+    save(tmp_path / "labels" / "B_SEG.nii.gz", labels)
+    assert label_volume_of(scan, tmp_path / "labels") == own  # its own name first
+    b = save(tmp_path / "images" / "B.nii.gz", labels * 40)
+    assert label_volume_of(b, tmp_path / "labels") == tmp_path / "labels" / "B_SEG.nii.gz"  # in any case
+    # Beside a label volume of its own, a file of the scan's name is a scan (LiTS, ACDC keep both in one folder).
+    save(tmp_path / "labels" / "a_gt.nii.gz", labels)
+    assert label_volume_of(scan, tmp_path / "labels") == tmp_path / "labels" / "a_gt.nii.gz"
+    # Scans whose conventional label volume is missing stay scans; img1 is no label of img2.
+    for name in ("img1.nii.gz", "img2.nii.gz"):
+        save(tmp_path / "alone" / name, labels * 40)
+    assert [p.name for p in scan_files_in(tmp_path / "alone")] == ["img1.nii.gz", "img2.nii.gz"]
+    looked_for = label_volume_names(tmp_path / "alone" / "img1.nii.gz")
+    assert (
+        looked_for
+        == "img1.nii.gz (or .nii, .seg.nrrd, .nrrd, .nhdr, .mha, .mhd), img1_gt, img1_seg, img1_segmentation, label1, ..."
+    )
+    with pytest.raises(
+        ValueError, match=r"no label volume for img1.nii.gz \(looked for img1.nii.gz .*label1, \.\.\.\)"
+    ):
+        paired_volumes(tmp_path / "alone", tmp_path / "labels")
+
+
+def test_several_sequences_of_one_case_are_refused_naming_their_label_volume(tmp_path):
+    labels = two_organs()
+    case = tmp_path / "BraTS-GLI-00000-000"
+    for sequence in ("t1n", "t2f"):
+        save(case / f"BraTS-GLI-00000-000-{sequence}.nii.gz", (labels * 40).astype(np.uint8))
+    save(case / "BraTS-GLI-00000-000-seg.nii.gz", labels)
+    with pytest.raises(ValueError, match=r"t1n.nii.gz, .*t2f.nii.gz have one label volume \(BraTS-GLI-00000-000-seg"):
+        paired_volumes(case, case)
+
+
+def test_predict_and_score_a_folder_keeping_scans_beside_their_label_volumes(tmp_path, capsys):
+    """LiTS keeps `volume-N.nii` beside `segmentation-N.nii`: predict on the folder, prompted by that folder,
+    segments the scans only (each prompted by its own label volume), and score finds the truth by the same names."""
+    labels = two_organs()
+    lits = tmp_path / "lits"
+    for n in (0, 1):
+        save(lits / f"volume-{n}.nii", (labels * 40 + 10).astype(np.uint8))
+        save(lits / f"segmentation-{n}.nii", labels)
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(lits), "--boxes-from-masks", str(lits)]
+    assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "P")]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "P").iterdir()) == ["volume-0.nii.gz", "volume-1.nii.gz"]
+    assert main(["score", str(tmp_path / "P"), "--truth", str(lits), "--csv", str(tmp_path / "s.csv")]) == 0
+    rows = (tmp_path / "s.csv").read_text().splitlines()[1:]
+    assert sorted({row.split(",")[0] for row in rows}) == ["volume-0", "volume-1"]
+    # Scored against the segmentations, not the scans of the predictions' names: as against a folder of labels only.
+    for n in (0, 1):
+        save(tmp_path / "truth" / f"volume-{n}.nii", labels)
+    assert (
+        main(["score", str(tmp_path / "P"), "--truth", str(tmp_path / "truth"), "--csv", str(tmp_path / "t.csv")]) == 0
+    )
+    assert (tmp_path / "t.csv").read_text() == (tmp_path / "s.csv").read_text()
+    assert len(rows) == 4  # two structures of two scans (a scan as truth gives a row for each of its grey values)
