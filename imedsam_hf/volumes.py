@@ -162,6 +162,9 @@ __all__ = [
     "is_cropped_segmentation",
     "onto_grid",
     "scan_files_in",
+    "case_folders",
+    "case_scans_in",
+    "scan_case",
     "require_dicom",
     "mr_window",
     "named_structures",
@@ -2746,10 +2749,10 @@ def _label_candidates(scan: str | os.PathLike) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _case_of(scan: str | os.PathLike, label: Path) -> str:
-    """The case a scan and its label volume make: the label's name where it is the scan's or nnU-Net's case (of
-    `<case>_0000`), else the scan's (`img0001`, not `label0001`)."""
-    return volume_name(label) if volume_name(label) in _case_names(scan) else volume_name(scan)
+def _case_of(scan: Path, label: Path, case_folder: bool) -> str:
+    """The case a scan and its label volume make: the label's name where it is nnU-Net's case (of `<case>_0000`),
+    else the scan's (:func:`scan_case`: `img0001`, not `label0001`; KiTS's case folder for its `imaging`)."""
+    return volume_name(label) if volume_name(label) in _case_names(scan)[1:] else scan_case(scan, case_folder)
 
 
 def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path | None:
@@ -2757,22 +2760,25 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
     The label volume of `scan` in the folder `labels`: the file of the same name (`.nii.gz`, `.nii`, 3D Slicer's
     `.seg.nrrd`, `.nrrd`, `.nhdr`, `.mha`, `.mhd`; never the scan itself, beside which Slicer saves a segmentation),
     or for nnU-Net's `<case>_0000.nii.gz` scans `<case>.nii.gz`, or as a data set names it (:func:`_label_candidates`:
-    `x_gt`, `x_seg`, ..., `label0001` for `img0001`, `segmentation-0` for `volume-0`; names matched in any case); for
+    `x_gt`, `x_seg`, ..., `label0001` for `img0001`, `segmentation-0` for `volume-0`; names matched in any case); in
+    `labels`, else in its folder of the scan's folder's name (KiTS's `case_00000/segmentation.nii.gz` for
+    `case_00000/imaging.nii.gz`, `labels` the folder of the case folders); for
     a DICOM series' folder, else the DICOM SEG or RT Structure Set at or under `labels` that references the series
     (:func:`dicom_annotation_of`); None when there is none. One lookup, shared by `imedsam predict
     --boxes-from-masks`, `imedsam score` and `imedsam convert volumes`.
     """
-    folder = Path(labels)
-    files = {path.name: path for path in volumes_in(folder)} if folder.is_dir() else {}
-    files |= {name.lower(): path for name, path in sorted(files.items(), reverse=True) if name.lower() not in files}
     itself, own = Path(scan).resolve(), _case_names(scan)
-    for name in _label_candidates(scan):
-        found = _file_named(name, files)
-        # Never the scan itself, nor, by its name, a scan of that name with a label volume of its own beside it (a
-        # prediction `volume-0.nii.gz` scored against a LiTS folder: its truth is `segmentation-0.nii`).
-        if found is not None and found.resolve() != itself:
-            if not (name in own and any(_file_named(other, files) for other in _label_candidates(found)[1:])):
-                return found
+    case_folder = Path(labels) / Path(scan).parent.name  # a case folder of the scan's folder's name (KiTS's)
+    for folder in (Path(labels), *([case_folder] if Path(scan).is_file() and case_folder.is_dir() else [])):
+        files = {path.name: path for path in volumes_in(folder)} if folder.is_dir() else {}
+        files |= {key.lower(): path for key, path in sorted(files.items(), reverse=True) if key.lower() not in files}
+        for name in _label_candidates(scan):
+            found = _file_named(name, files)
+            # Never the scan itself, nor, by its name, a scan of that name with a label volume of its own beside it
+            # (a prediction `volume-0.nii.gz` scored against a LiTS folder: its truth is `segmentation-0.nii`).
+            if found is not None and found.resolve() != itself:
+                if not (name in own and any(_file_named(other, files) for other in _label_candidates(found)[1:])):
+                    return found
     return dicom_annotation_of(scan, labels) if Path(scan).is_dir() or is_multiframe_scan(scan) else None
 
 
@@ -2809,10 +2815,36 @@ def scan_files_in(folder: str | os.PathLike) -> list[Path]:
     return [path for path in files if path not in labels]
 
 
+def case_folders(folder: str | os.PathLike) -> list[Path]:
+    """The case folders of `folder`, where a data set keeps each case in a folder of its own (KiTS's
+    `case_00000/imaging.nii.gz`, BraTS's, ACDC's `patient001/`, TotalSegmentator's data set `s0000/ct.nii.gz`): its
+    subfolders holding 3-D files, sorted, when it holds none itself; ``[]`` otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir() or volumes_in(folder):
+        return []
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [sub for sub in subfolders if volumes_in(sub)]
+
+
+def case_scans_in(folder: str | os.PathLike) -> list[Path]:
+    """The scans of `folder` (:func:`scan_files_in`), or where it holds none, those of its case folders
+    (:func:`case_folders`)."""
+    return scan_files_in(folder) or [scan for sub in case_folders(folder) for scan in scan_files_in(sub)]
+
+
+def scan_case(scan: str | os.PathLike, case_folder: bool) -> str:
+    """The case a scan file is of: its name (:func:`volume_name`), or, in a case folder (`case_folder`:
+    :func:`case_folders`), its folder's for a file named only by what it is (KiTS's `case_00000/imaging.nii.gz`,
+    TotalSegmentator's `s0000/ct.nii.gz`: :data:`SCAN_WORD`)."""
+    name = volume_name(scan)
+    return Path(scan).parent.name if case_folder and SCAN_WORD.fullmatch(name) else name
+
+
 def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[str, Path, Path]]:
     """
     `(case, image, label volume)` of every 3-D scan file in the folder `images` (NIfTI, NRRD, MetaImage; not 3D
-    Slicer's segmentations, `.seg.nrrd`) and every DICOM series folder under it
+    Slicer's segmentations, `.seg.nrrd`; where it holds none, in its case folders: :func:`case_scans_in`, each case
+    named by :func:`scan_case`) and every DICOM series folder under it
     (:func:`dicom_series_in`: a DICOM export, each series named by its folder), its label volume the file of the same
     name in `labels` (or, for nnU-Net's `<case>_0000.nii.gz`, `<case>.nii.gz`: `label_volume_of`). A volume without
     one, several channels of one case (two scans paired with one label volume), or a folder without volumes is a
@@ -2823,7 +2855,7 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
     for flag, folder in folders.items():
         if not folder.is_dir():
             raise ValueError(f"{flag} {folder}: not a folder of 3-D volumes.")
-    volumes = [*scan_files_in(images), *(p for p in dicom_series_in(images) if p != Path(images))]
+    volumes = [*case_scans_in(images), *(p for p in dicom_series_in(images) if p != Path(images))]
     if not volumes:
         raise ValueError(
             f"`images` {images}: no 3-D volumes ({', '.join(VOLUME_SUFFIXES)}) in it, and no DICOM series folders "
@@ -2839,7 +2871,8 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
         if found is None:
             missing.append(f"{path.name} (looked for {label_volume_names(path)})")
             continue
-        case = volume_name(path) if path.is_dir() or not is_volume(path) else _case_of(path, found)  # DICOM: its name
+        in_case_folder = path.parent != Path(images)
+        case = volume_name(path) if path.is_dir() or not is_volume(path) else _case_of(path, found, in_case_folder)
         pairs.append((case, path, found))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -2861,6 +2894,14 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
         raise ValueError(
             f"`images` {images}: {names} have one label volume ({label.name}): several images of one case (BraTS's "
             "t1, t1ce, t2, flair); the 2-D models take one grey image: keep one file per case in a folder of its own."
+        )
+    named: dict[str, list[Path]] = {}
+    for case, path, _ in pairs:
+        named.setdefault(case, []).append(path)
+    clash = next(((case, paths) for case, paths in sorted(named.items()) if len(paths) > 1), None)
+    if clash:  # their slices would be written over each other's
+        raise ValueError(
+            f"`images` {images}: {' and '.join(map(str, clash[1]))} would both be case {clash[0]}; rename one of them"
         )
     return pairs
 

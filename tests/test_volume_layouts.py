@@ -48,7 +48,7 @@ LAYOUTS = [
     ("synapse-btcv", "img/img0001.nii.gz", "label/label0001.nii.gz", "img0001"),
     ("lits", "data/volume-0.nii", "data/segmentation-0.nii", "volume-0"),
     ("acdc", "patient001/patient001_frame01.nii.gz", "patient001/patient001_frame01_gt.nii.gz", "patient001_frame01"),
-    ("kits", "case_00000/imaging.nii.gz", "case_00000/segmentation.nii.gz", "imaging"),
+    ("kits", "case_00000/imaging.nii.gz", "case_00000/segmentation.nii.gz", "imaging"),  # one case folder given
     ("capitals", "scans/CT_007.nii.gz", "masks/SEG_007.nii.gz", "CT_007"),
     ("promise12", "train/Case00.mhd", "train/Case00_segmentation.mhd", "Case00"),
     ("brats", "BraTS2021_00000/BraTS2021_00000_flair.nii.gz", "BraTS2021_00000/BraTS2021_00000_seg.nii.gz",
@@ -140,3 +140,39 @@ def test_predict_and_score_a_folder_keeping_scans_beside_their_label_volumes(tmp
     )
     assert (tmp_path / "t.csv").read_text() == (tmp_path / "s.csv").read_text()
     assert len(rows) == 4  # two structures of two scans (a scan as truth gives a row for each of its grey values)
+
+
+def test_a_folder_of_case_folders_is_converted_predicted_and_scored_case_by_case(tmp_path, capsys):
+    """KiTS keeps each case in a folder of its own (`case_00000/imaging.nii.gz`, `segmentation.nii.gz`): every
+    scan was named `imaging`, and a folder holding no 3-D file of its own held no scans. The folder of the case
+    folders goes in as `--images` / `--labels`, as predict's input and mask folder and as score's truth; the cases
+    are named by their folders."""
+    labels = two_organs()
+    kits = tmp_path / "kits"
+    for n, shift in ((0, 0), (1, 2)):
+        save(kits / f"case_0000{n}" / "imaging.nii.gz", (np.roll(labels, shift, 0) * 40 + 10).astype(np.uint8))
+        save(kits / f"case_0000{n}" / "segmentation.nii.gz", np.roll(labels, shift, 0))
+    (kits / "LICENSE").write_text("CC BY-NC-SA 4.0")
+    pairs = paired_volumes(kits, kits)
+    assert [(case, scan.parent.name, label.name) for case, scan, label in pairs] == [
+        ("case_00000", "case_00000", "segmentation.nii.gz"),
+        ("case_00001", "case_00001", "segmentation.nii.gz"),
+    ]
+    volumes_to_slices(kits, kits, tmp_path / "slices", progress=False)
+    written = sorted(p.name for p in (tmp_path / "slices" / "images").iterdir())
+    assert written[0].startswith("case_00000_slice") and written[-1].startswith("case_00001_slice")
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(kits), "--boxes-from-masks", str(kits)]
+    assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "P")]) == 0, capsys.readouterr().err
+    predicted = sorted(str(p.relative_to(tmp_path / "P")) for p in (tmp_path / "P").rglob("*.nii.gz"))
+    assert predicted == ["case_00000/imaging.nii.gz", "case_00001/imaging.nii.gz"]
+    assert main(["score", str(tmp_path / "P"), "--truth", str(kits), "--csv", str(tmp_path / "s.csv")]) == 0
+    rows = (tmp_path / "s.csv").read_text().splitlines()[1:]
+    assert sorted({row.split(",")[0] for row in rows}) == ["case_00000", "case_00001"] and len(rows) == 4
+    # Two case folders whose scans would make one case are refused before anything is written.
+    save(tmp_path / "clash" / "a" / "scan1.nii.gz", labels)
+    save(tmp_path / "clash" / "a" / "scan1_seg.nii.gz", labels)
+    save(tmp_path / "clash" / "b" / "scan1.nii.gz", labels)
+    save(tmp_path / "clash" / "b" / "scan1_seg.nii.gz", labels)
+    with pytest.raises(ValueError, match=r"a/scan1.nii.gz and .*b/scan1.nii.gz would both be case scan1"):
+        paired_volumes(tmp_path / "clash", tmp_path / "clash")

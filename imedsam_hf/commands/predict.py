@@ -46,6 +46,7 @@ from ..processing_imedsam import dicom_kind, open_image, to_rgb_array
 from ..runtime import require_backend
 from ..volumes import (
     NPZ_CLASS_AWARE,
+    case_scans_in,
     check_window,
     dicom_annotation_modality,
     dicom_series_in,
@@ -69,7 +70,6 @@ from ..volumes import (
     require_multiframe,
     require_rtstruct,
     resolve_window,
-    scan_files_in,
     segment_npz_case,
     segment_volume,
     structure_names_of,
@@ -313,7 +313,8 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     """
     `(volumes, images)` of the command line's inputs: 3-D files (NIfTI, NRRD, MetaImage), given or in a folder given
     (its hidden files, such as MSD's `._case.nii.gz`, and the label volumes kept beside scans, 3D Slicer's
-    `.seg.nrrd` or LiTS's `segmentation-0.nii` beside `volume-0.nii`, skipped: `volumes.scan_files_in`), DICOM series
+    `.seg.nrrd` or LiTS's `segmentation-0.nii` beside `volume-0.nii`, skipped; or those of its case folders, KiTS's
+    `case_00000/imaging.nii.gz`: `volumes.case_scans_in`), DICOM series
     (a folder of one series, or each folder under a folder given that holds DICOM slices: a DICOM export's series),
     and the image files (2-D DICOM images too: radiographs, ...) and folders of images (2-D DICOM images at any depth
     below them, as an export holds them; a folder holding no volume stays one, so that it is named if it holds no
@@ -323,7 +324,7 @@ def split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = [*scan_files_in(path), *dicom_series_in(path)]
+            found = [*case_scans_in(path), *dicom_series_in(path)]
             volumes.extend(map(str, found))
             if not found or image_files_in(path, dicom_below=True):
                 images.append(raw)

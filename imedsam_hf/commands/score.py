@@ -31,6 +31,7 @@ from ..data import (
 )
 from ..metrics import METRIC_NAMES, aggregate, check_nsd_options, nanmean, segmentation_scores
 from ..volumes import (
+    case_folders,
     check_label_volume,
     embedded_label_names,
     is_cropped_segmentation,
@@ -39,7 +40,7 @@ from ..volumes import (
     onto_grid,
     read_volume,
     require_itk,
-    volume_name,
+    scan_case,
     volume_scores,
 )
 from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_message
@@ -67,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
     rows, skipped = [], 0
     masks = kind_of(predictions[0]) == "mask"
     suffix = mask_folder_suffix([p.stem for p in predictions], args.truth) if masks else ""
+    given = set(map(Path, args.predictions))
     for path in predictions:
         try:
-            rows.extend(score_one(path, Path(args.truth), suffix, wanted, nsd))
+            in_case_folder = path not in given and path.parent not in given  # `predict`'s P/case_00000/imaging.nii.gz
+            rows.extend(score_one(path, Path(args.truth), suffix, wanted, nsd, in_case_folder))
         except (OSError, ValueError) as error:
             print(f"skipped {flag_message(error)}", file=sys.stderr)
             skipped += 1
@@ -119,12 +122,13 @@ def run(args: argparse.Namespace) -> int:
 
 def prediction_files(inputs: list[str]) -> list[Path]:
     """The predictions named on the command line (files, or folders of them: their label volumes if they hold any,
+    else those of their case folders (`predict`'s for KiTS's `case_00000/imaging.nii.gz`),
     else their images, without hidden files and `predict --overlay`'s `<name>_overlay.png` beside `<name>.png`),
     all volumes or all images."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            volumes = volumes_in(item)
+            volumes = volumes_in(item) or [path for case in case_folders(item) for path in volumes_in(case)]
             images = sorted(
                 p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
             )
@@ -173,9 +177,12 @@ def truth_class_names(truth: Path) -> dict[int, str] | None:
     return next((found for path in volumes_in(truth) if (found := embedded_label_names(path))), None)
 
 
-def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None, nsd: Mapping) -> list[dict]:
+def score_one(
+    path: Path, truth: Path, suffix: str, wanted: list[int] | None, nsd: Mapping, in_case_folder: bool = False
+) -> list[dict]:
     """The rows (one per structure in either, or each of `wanted`) of one prediction against its truth, the NSD at
-    `nsd` (`tolerance` in mm, or pixels in 2-D, and `nsd_definition`)."""
+    `nsd` (`tolerance` in mm, or pixels in 2-D, and `nsd_definition`); a label volume `in_case_folder` is named by
+    its folder where its own name says only what it is (`volumes.scan_case`)."""
     if is_volume(path):
         found = label_volume_of(path, truth)
         if found is None:
@@ -185,7 +192,7 @@ def score_one(path: Path, truth: Path, suffix: str, wanted: list[int] | None, ns
             expected = onto_grid(expected, predicted, crop=True) or expected
         truth_ids = check_label_volume(expected, expected, compare_affines=False)
         predicted_ids = check_label_volume(predicted, expected, compare_affines=True)
-        case = volume_name(path)
+        case = scan_case(path, in_case_folder)
         return volume_rows(case, predicted_ids, truth_ids, expected.spacing, wanted, "mm", nsd)
     if path.suffix.lower() == ".npz":
         return case_rows(path, truth, wanted, nsd)
