@@ -161,6 +161,9 @@ __all__ = [
     "SliceView",
     "is_cropped_segmentation",
     "onto_grid",
+    "read_structure_masks",
+    "structure_mask_names",
+    "STRUCTURE_FOLDER",
     "scan_files_in",
     "case_folders",
     "case_scans_in",
@@ -1473,8 +1476,11 @@ def _check_class_aware(model: Any, class_ids: set[int]) -> None:
 def embedded_label_names(path: str | os.PathLike) -> dict[int, str] | None:
     """``{id: name}`` a label volume carries in its own header: a NIfTI's label table of a CIFTI / Caret XML extension
     (``<Label Key="5"><![CDATA[liver]]></Label>``), which TotalSegmentator writes into its multi-label output
-    (``--ml``), or the segments' names of a 3D Slicer segmentation (:func:`slicer_segment_names`); None without one
-    (a table that cannot be read is ignored with a warning)."""
+    (``--ml``), the segments' names of a 3D Slicer segmentation (:func:`slicer_segment_names`), or a folder of
+    structure masks' file names (:func:`structure_mask_names`); None without one (a table that cannot be read is
+    ignored with a warning)."""
+    if Path(path).is_dir():
+        return structure_mask_names(path) or None
     if not is_volume(path):
         return None
     if is_itk_volume(path):
@@ -1513,7 +1519,7 @@ def named_label_ids(
     none of the classes left out with a warning. None where the ids are the model's own: a binary model, a DICOM SEG
     or RTSTRUCT (read by name already), no names, names of ids only (``class 3``), the model's numbering; names that
     match no class are warned about, the ids then taken as the model's class ids."""
-    if class_names is None or not is_volume(path):
+    if class_names is None or not (is_volume(path) or Path(path).is_dir()):
         return None
     present = [int(c) for c in np.unique(truth) if c]
     return label_classes(present, label_volume_class_names(path), class_names, str(path))
@@ -2532,9 +2538,11 @@ def read_rtstruct(path: str | os.PathLike, volume: Volume, class_names: Mapping[
 
 
 def read_label_volume(path: str | os.PathLike, volume: Volume, class_names: Mapping[int, str] | None = None) -> Volume:
-    """The label volume at `path` for the scan `volume`: a NIfTI (:func:`read_volume`), a DICOM SEG
-    (:func:`read_dicom_seg`) or an RT Structure Set (:func:`read_rtstruct`) of its series, `class_names` matching
-    their structures by name."""
+    """The label volume at `path` for the scan `volume`: a NIfTI or any 3-D file (:func:`read_volume`), a folder of
+    one mask per structure (:func:`read_structure_masks`), a DICOM SEG (:func:`read_dicom_seg`) or an RT Structure
+    Set (:func:`read_rtstruct`) of its series, `class_names` matching their structures by name."""
+    if Path(path).is_dir():
+        return read_structure_masks(path, volume, class_names)
     modality = dicom_annotation_modality(path)
     if modality == "SEG":
         return read_dicom_seg(path, volume, class_names)
@@ -2775,11 +2783,86 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
         for name in _label_candidates(scan):
             found = _file_named(name, files)
             # Never the scan itself, nor, by its name, a scan of that name with a label volume of its own beside it
-            # (a prediction `volume-0.nii.gz` scored against a LiTS folder: its truth is `segmentation-0.nii`).
+            # (a prediction `volume-0.nii.gz` scored against a LiTS folder: its truth is `segmentation-0.nii`; a
+            # `ct.nii.gz` against TotalSegmentator's `s0000/`: its `segmentations/`).
             if found is not None and found.resolve() != itself:
-                if not (name in own and any(_file_named(other, files) for other in _label_candidates(found)[1:])):
+                labelled = any(_file_named(other, files) for other in _label_candidates(found)[1:])
+                if not (name in own and (labelled or _structure_folder_of(found, found.parent))):
                     return found
+    structures = _structure_folder_of(Path(scan), Path(labels))
+    if structures is not None:
+        return structures
     return dicom_annotation_of(scan, labels) if Path(scan).is_dir() or is_multiframe_scan(scan) else None
+
+
+#: The folder TotalSegmentator writes one mask per structure into (`TotalSegmentator -i ct.nii.gz -o segmentations`),
+#: and its data set keeps beside each scan (`s0000/ct.nii.gz`, `s0000/segmentations/liver.nii.gz`, ...).
+STRUCTURE_FOLDER = "segmentations"
+
+
+def _structure_folder_of(scan: Path, labels: Path) -> Path | None:
+    """`label_volume_of`'s folder of one mask per structure (:func:`read_structure_masks`) for the scan file `scan`,
+    the first of: `labels/<case>/` (TotalSegmentator run with `-o labels/<case>`), `labels/<case>/segmentations/`
+    (TotalSegmentator's data set, `<case>` the scan's folder for its `ct.nii.gz`), and `labels/segmentations/` where
+    `labels` holds the one case: the scan's folder, or any where the scan is its folder's only 3-D file (a
+    prediction scored against `s0000/`); never the scan's own folder. None for a DICOM series (its SEG or RTSTRUCT)
+    or where there is none."""
+    if not scan.is_file() or is_multiframe_scan(scan):
+        return None
+    here = scan.parent.resolve()
+    cases = list(dict.fromkeys([*_case_names(scan), scan_case(scan, True)]))
+    places = [labels / case for case in cases] + [labels / case / STRUCTURE_FOLDER for case in cases]
+    if labels.resolve() == here or volumes_in(scan.parent) == [scan]:
+        places.append(labels / STRUCTURE_FOLDER)
+    return next((p for p in places if p.is_dir() and p.resolve() != here and volumes_in(p)), None)
+
+
+def structure_mask_names(folder: str | os.PathLike) -> dict[int, str]:
+    """``{id: name}`` of a folder of one mask per structure: its 3-D files in name order, numbered from 1, each named
+    by its file (`liver.nii.gz` -> `liver`, TotalSegmentator's `kidney_right.nii.gz` -> `kidney_right`)."""
+    return {number: volume_name(path) for number, path in enumerate(volumes_in(folder), start=1)}
+
+
+def read_structure_masks(
+    folder: str | os.PathLike, volume: Volume, class_names: Mapping[int, str] | None = None
+) -> Volume:
+    """The label volume a folder of one binary mask per structure makes on `volume`'s grid (TotalSegmentator's output
+    without ``--ml``, its data set's `segmentations/`): each structure's voxels its id of :func:`structure_mask_names`.
+
+    With `class_names` (a class-aware model's) only the masks named as one of its classes are read (13 of
+    TotalSegmentator's 117 for the BTCV model), unless none is. Masks stored in another orientation are moved onto the
+    grid (:func:`check_label_volume`); a voxel two masks claim keeps the first's id, with a warning counting them.
+
+    Raises:
+        ValueError: naming the file: not on the scan's grid, or holding several ids (not one structure's mask).
+    """
+    folder = Path(folder)
+    names = structure_mask_names(folder)
+    if len(names) > 255:
+        raise ValueError(f"{folder}: {len(names)} structure masks; a label volume holds at most 255 structures")
+    matched = classes_by_name(names, class_names) if class_names is not None else {}
+    paths = {
+        number: path for number, path in enumerate(volumes_in(folder), start=1) if not matched or number in matched
+    }
+    data = np.zeros(volume.shape, np.uint8)
+    shared = 0
+    for number, path in paths.items():
+        mask = check_label_volume(read_volume(path), volume, compare_affines=True)
+        values = np.unique(mask)
+        if values.size > 2 or (values.size == 2 and values[0] != 0):
+            raise ValueError(
+                f"{path}: holds the values {values.tolist()[:8]}, not one structure's mask; a folder of structure "
+                "masks holds one binary mask per file (a label volume of several ids goes in as a file)"
+            )
+        inside = mask > 0
+        shared += int(np.count_nonzero(inside & (data > 0)))
+        data[inside & (data == 0)] = number
+    if shared:
+        warnings.warn(
+            f"{folder}: {shared} voxels lie in two structures' masks; each keeps the first's id", stacklevel=2
+        )
+    header = nib.Nifti1Image(data, volume.affine).header  # the scan's spacing (`Volume.spacing`)
+    return Volume(data=data, affine=volume.affine.copy(), header=header, path=folder)
 
 
 def _file_named(name: str, files: Mapping[str, Path]) -> Path | None:
@@ -2800,6 +2883,7 @@ def label_volume_names(scan: str | os.PathLike) -> str:
     swapped = _label_candidates(scan)[len(own) + len(LABEL_NAME_SUFFIXES) :]  # `label0001` for `img0001`
     conventions = [f"{name}{suffix}" for suffix in LABEL_NAME_SUFFIXES[:3]] + swapped[:1]
     text = f"{' or '.join(f'{case}{first}' for case in own)} (or {', '.join(others)}), {', '.join(conventions)}, ..."
+    text += f", or a folder of one mask per structure ({name}/, {STRUCTURE_FOLDER}/)"
     if Path(scan).is_dir() or is_multiframe_scan(scan):
         text += " or a DICOM SEG or RTSTRUCT referencing the series"
     return text

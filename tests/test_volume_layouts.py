@@ -8,15 +8,27 @@ gave its label volumes as scans too."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import tiny_model
+from PIL import Image
 
 from imedsam_hf.cli import main
-from imedsam_hf.volumes import label_volume_names, label_volume_of, paired_volumes, scan_files_in, volumes_to_slices
+from imedsam_hf.volumes import (
+    label_volume_names,
+    label_volume_of,
+    paired_volumes,
+    read_label_volume,
+    read_structure_masks,
+    read_volume,
+    scan_files_in,
+    structure_mask_names,
+    volumes_to_slices,
+)
 
 LAS = np.array([[-0.8, 0, 0, 10.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
 HAS_ITK = importlib.util.find_spec("SimpleITK") is not None
@@ -97,13 +109,11 @@ def test_a_label_of_the_scans_own_name_comes_first_and_a_name_matching_nothing_i
         save(tmp_path / "alone" / name, labels * 40)
     assert [p.name for p in scan_files_in(tmp_path / "alone")] == ["img1.nii.gz", "img2.nii.gz"]
     looked_for = label_volume_names(tmp_path / "alone" / "img1.nii.gz")
-    assert (
-        looked_for
-        == "img1.nii.gz (or .nii, .seg.nrrd, .nrrd, .nhdr, .mha, .mhd), img1_gt, img1_seg, img1_segmentation, label1, ..."
+    assert looked_for == (
+        "img1.nii.gz (or .nii, .seg.nrrd, .nrrd, .nhdr, .mha, .mhd), img1_gt, img1_seg, img1_segmentation, label1, "
+        "..., or a folder of one mask per structure (img1/, segmentations/)"
     )
-    with pytest.raises(
-        ValueError, match=r"no label volume for img1.nii.gz \(looked for img1.nii.gz .*label1, \.\.\.\)"
-    ):
+    with pytest.raises(ValueError, match=r"no label volume for img1.nii.gz \(looked for img1.nii.gz .*label1, \.\.\.,"):
         paired_volumes(tmp_path / "alone", tmp_path / "labels")
 
 
@@ -176,3 +186,52 @@ def test_a_folder_of_case_folders_is_converted_predicted_and_scored_case_by_case
     save(tmp_path / "clash" / "b" / "scan1_seg.nii.gz", labels)
     with pytest.raises(ValueError, match=r"a/scan1.nii.gz and .*b/scan1.nii.gz would both be case scan1"):
         paired_volumes(tmp_path / "clash", tmp_path / "clash")
+
+
+def test_totalsegmentators_folders_of_structure_masks_are_label_volumes_named_by_their_files(tmp_path, capsys):
+    """TotalSegmentator writes one binary mask per structure (`segmentations/liver.nii.gz`, ...; its data set keeps
+    them beside each scan, `s0000/ct.nii.gz`). Such a folder is a label volume: ids in file-name order, named by the
+    files, so a class-aware model decodes each mask by the class of its name (only those masks read) and convert
+    volumes numbers them by --classes; a voxel two masks claim keeps the first's, with a warning."""
+    labels = two_organs()
+    case = tmp_path / "ts" / "s0001"
+    scan = save(case / "ct.nii.gz", (labels * 40 + 10).astype(np.uint8))
+    for name, value in (("liver", 2), ("kidney_right", 5), ("colon", 9)):  # colon: empty, as TotalSegmentator writes
+        save(case / "segmentations" / f"{name}.nii.gz", (labels == value).astype(np.uint8))
+    folder = case / "segmentations"
+    assert label_volume_of(scan, tmp_path / "ts") == folder  # a folder of case folders
+    assert label_volume_of(scan, case) == folder and scan_files_in(case) == [scan]
+    assert structure_mask_names(folder) == {1: "colon", 2: "kidney_right", 3: "liver"}
+    read = read_label_volume(folder, read_volume(scan))
+    np.testing.assert_array_equal(read.data, np.select([labels == 2, labels == 5], [3, 2], 0))
+    model_names = {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "esophagus", 6: "liver"}
+    only = read_structure_masks(folder, read_volume(scan), model_names)  # the colon's mask not read: no class
+    np.testing.assert_array_equal(only.data, read.data)
+    # Two masks claiming a voxel; a mask of several ids; a mask on another grid: named.
+    overlap = save(tmp_path / "bad" / "a" / "kidney.nii.gz", (labels > 0).astype(np.uint8))
+    save(tmp_path / "bad" / "a" / "liver.nii.gz", (labels == 2).astype(np.uint8))
+    with pytest.warns(UserWarning, match=r"a: \d+ voxels lie in two structures' masks"):
+        read_structure_masks(overlap.parent, read_volume(scan))
+    save(tmp_path / "bad" / "b" / "all.nii.gz", labels)
+    with pytest.raises(ValueError, match=r"all.nii.gz: holds the values \[0, 2, 5\], not one structure's mask"):
+        read_structure_masks(tmp_path / "bad" / "b", read_volume(scan))
+    # convert volumes numbers them by the model's classes; predict keeps their ids, named by their files.
+    classes = tmp_path / "classes.json"
+    classes.write_text('{"classes": {"1": "spleen", "2": "right kidney", "6": "liver"}}')
+    argv = ["convert", "volumes", "--images", str(tmp_path / "ts"), "--labels", str(tmp_path / "ts")]
+    assert main([*argv, "--classes", str(classes), "--output", str(tmp_path / "slices")]) == 0
+    masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "slices" / "masks").iterdir())]
+    assert set(np.unique(np.stack(masks)).tolist()) == {0, 2, 6}
+    tiny_model(num_classes=6, class_aware=True, implicit_decoder_trained=True, id2label=model_names).save_pretrained(
+        tmp_path / "aware"
+    )
+    argv = ["predict", "--model", str(tmp_path / "aware"), str(tmp_path / "ts"), "--boxes-from-masks"]
+    assert main([*argv, str(tmp_path / "ts"), "--statistics", "--device", "cpu", "--out", str(tmp_path / "P")]) == 0
+    written = np.asarray(nib.load(tmp_path / "P" / "ct.nii.gz").dataobj)
+    assert set(np.unique(written).tolist()) <= {0, 2, 3} and written.any()  # the folder's ids
+    statistics = json.loads((tmp_path / "P" / "ct_statistics.json").read_text())
+    assert set(statistics["structures"]) <= {"kidney_right", "liver"} and statistics["structures"]
+    # score: the prediction against the case's folder, named by the masks' files.
+    assert main(["score", str(tmp_path / "P"), "--truth", str(case), "--json", str(tmp_path / "s.json")]) == 0
+    scored = json.loads((tmp_path / "s.json").read_text())["per_class"]
+    assert {row["name"] for row in scored.values()} == {"kidney_right", "liver"}

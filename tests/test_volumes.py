@@ -1105,7 +1105,8 @@ def test_predict_writes_a_label_volume_on_the_input_grid(tmp_path):
     assert label_volume_of(nnunet, tmp_path / "labels") == tmp_path / "labels" / "case7.nii.gz"
     assert label_volume_of(nnunet, tmp_path / "in") is None
     others = ".nii, .seg.nrrd, .nrrd, .nhdr, .mha, .mhd"
-    conventions = "case7_0000_gt, case7_0000_seg, case7_0000_segmentation, ..."
+    conventions = "case7_0000_gt, case7_0000_seg, case7_0000_segmentation, ..., or a folder of one mask per structure"
+    conventions += " (case7_0000/, segmentations/)"
     assert label_volume_names(nnunet) == f"case7_0000.nii.gz or case7.nii.gz (or {others}), {conventions}"
     nn_argv = ["predict", "--model", str(tmp_path / "model"), str(nnunet), "--device", "cpu"]
     assert main([*nn_argv, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "nn")]) == 0

@@ -38,6 +38,7 @@ from ..volumes import (
     label_volume_names,
     label_volume_of,
     onto_grid,
+    read_structure_masks,
     read_volume,
     require_itk,
     scan_case,
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         check_nsd_options(args.nsd_tolerance, args.nsd_definition)  # without MONAI, surfels stop before any case
         nsd = {"tolerance": args.nsd_tolerance, "nsd_definition": args.nsd_definition}
         predictions = prediction_files(args.predictions)
-        names = truth_class_names(Path(args.truth))
+        names = truth_class_names(Path(args.truth), predictions[0])
         if any(map(is_itk_volume, predictions)) or any(map(is_itk_volume, volumes_in(args.truth))):
             require_itk()  # NRRD / MetaImage label volumes
         wanted = None
@@ -164,17 +165,22 @@ def kind_of(path: Path) -> str:
     return "challenge cases" if path.suffix.lower() == ".npz" else "mask"
 
 
-def truth_class_names(truth: Path) -> dict[int, str] | None:
+def truth_class_names(truth: Path, first: Path | None = None) -> dict[int, str] | None:
     """The structures' names: a classes.json or id2label.json in the truth folder or beside it, or the MSD / nnU-Net
     dataset.json beside it (labelsTr's parent), else the names the first of its label volumes naming its ids carries
-    in its header (TotalSegmentator's `--ml` output, a 3D Slicer segmentation); None without any."""
+    in its header (TotalSegmentator's `--ml` output, a 3D Slicer segmentation), else those of the truth of the
+    `first` prediction (in a case folder; a folder of structure masks names its ids by its files); None without any."""
     if not truth.is_dir():
         raise ValueError(f"`truth` {truth}: not a folder of label volumes or masks.")
     names = folder_class_names(truth)
     if names:
         return names
     # TotalSegmentator's header table, or a 3D Slicer segmentation's segment names (a scene also holds its scan).
-    return next((found for path in volumes_in(truth) if (found := embedded_label_names(path))), None)
+    found = next((found for path in volumes_in(truth) if (found := embedded_label_names(path))), None)
+    if found is None and first is not None and is_volume(first):  # the truth of the first prediction: case folders,
+        label = label_volume_of(first, truth)  # TotalSegmentator's folders of structure masks
+        found = embedded_label_names(label) if label is not None else None
+    return found
 
 
 def score_one(
@@ -187,7 +193,8 @@ def score_one(
         found = label_volume_of(path, truth)
         if found is None:
             raise ValueError(f"{path}: no label volume in `truth` {truth} (looked for {label_volume_names(path)}).")
-        predicted, expected = read_volume(path), read_volume(found)
+        predicted = read_volume(path)
+        expected = read_structure_masks(found, predicted) if found.is_dir() else read_volume(found)
         if expected.shape != predicted.shape and is_cropped_segmentation(found):  # 3D Slicer's: padded, not cut
             expected = onto_grid(expected, predicted, crop=True) or expected
         truth_ids = check_label_volume(expected, expected, compare_affines=False)
