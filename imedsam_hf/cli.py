@@ -302,14 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
         paired.add_argument(
             "--images",
             required=True,
-            help="folder of .nii/.nii.gz scans (nnU-Net's <case>_0000 names too), or of DICOM series folders below it "
-            "(each a case named by its folder; the [dicom] extra)",
+            help="folder of scans (.nii/.nii.gz; .nrrd/.mha/.mhd with the [itk] extra), or of case folders holding "
+            "them (KiTS's case_00000/imaging.nii.gz), or of DICOM series folders below it (each a case named by its "
+            "folder; the [dicom] extra)",
         )
         paired.add_argument(
             "--labels",
             required=True,
-            help="folder of label volumes of the same names (<case>.nii.gz); for DICOM series, or the DICOM SEGs or RT "
-            "Structure Sets that reference them (any names)",
+            help="folder of label volumes (it may be --images): of the scans' names (nnU-Net's <case> for "
+            "<case>_0000), or as data sets name them (x_gt, x_seg, label0001 for img0001, segmentation-0 for "
+            "volume-0), or folders of one mask per structure (TotalSegmentator's); for DICOM series, or the DICOM "
+            "SEGs or RT Structure Sets that reference them (any names)",
+        )
+        paired.add_argument(
+            "--scans",
+            default=None,
+            metavar="PATTERN",
+            help="only the scans whose file (or series folder) name matches this pattern, any case: one channel or "
+            "MR sequence of each case, e.g. '*_0000.nii.gz' (nnU-Net) or '*_t2f.nii.gz' (BraTS)",
         )
         paired.add_argument(
             "--classes",
@@ -340,14 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "predictions",
         nargs="+",
-        help="label volumes (.nii, .nii.gz), masks (PNG...; class ids, or 0/255 for one structure) or challenge cases "
-        "(.npz with segs), or folders of them",
+        help="label volumes (.nii, .nii.gz; .nrrd, .mha), masks (PNG...; class ids, or 0/255 for one structure) or "
+        "challenge cases (.npz with segs), or folders of them (or of case folders of label volumes)",
     )
     s.add_argument(
         "--truth",
         required=True,
-        help="folder of the ground truth: label volumes named like the predictions (nnU-Net's <case>_0000 -> <case>), "
-        "masks named like them (with the folder's one suffix, e.g. _segmentation), or the cases (.npz with gts)",
+        help="folder of the ground truth: label volumes named like the predictions (nnU-Net's <case>_0000 -> <case>, "
+        "or as data sets name them: LiTS's segmentation-0 for volume-0, the scans beside them, case folders, "
+        "TotalSegmentator's folders of structure masks), masks named like them (with the folder's one suffix, e.g. "
+        "_segmentation), or the cases (.npz with gts)",
     )
     s.add_argument(
         "--classes",

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fnmatch
 import functools
 import gzip
 import importlib.util
@@ -2924,7 +2925,9 @@ def scan_case(scan: str | os.PathLike, case_folder: bool) -> str:
     return Path(scan).parent.name if case_folder and SCAN_WORD.fullmatch(name) else name
 
 
-def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+def paired_volumes(
+    images: str | os.PathLike, labels: str | os.PathLike, scans: str | None = None
+) -> list[tuple[str, Path, Path]]:
     """
     `(case, image, label volume)` of every 3-D scan file in the folder `images` (NIfTI, NRRD, MetaImage; not 3D
     Slicer's segmentations, `.seg.nrrd`; where it holds none, in its case folders: :func:`case_scans_in`, each case
@@ -2933,7 +2936,9 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
     name in `labels` (or, for nnU-Net's `<case>_0000.nii.gz`, `<case>.nii.gz`: `label_volume_of`). A volume without
     one, several channels of one case (two scans paired with one label volume), or a folder without volumes is a
     ValueError naming the files, before anything is read. Names that only look like channels (AMOS's `amos_0001`,
-    each with its own label volume) are cases.
+    each with its own label volume) are cases. `scans`: only the scans whose file (or series folder) name matches
+    this pattern (`fnmatch`, any case): one channel or MR sequence of each case (`*_0000.nii.gz`, BraTS's
+    `*_t2f.nii.gz`).
     """
     folders = {"`images`": Path(images), "`labels`": Path(labels)}
     for flag, folder in folders.items():
@@ -2945,6 +2950,12 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
             f"`images` {images}: no 3-D volumes ({', '.join(VOLUME_SUFFIXES)}) in it, and no DICOM series folders "
             "under it."
         )
+    if scans is not None:
+        matching = [path for path in volumes if fnmatch.fnmatchcase(path.name.lower(), scans.lower())]
+        if not matching:
+            shown = ", ".join(path.name for path in volumes[:4]) + (", ..." if len(volumes) > 4 else "")
+            raise ValueError(f"`scans` {scans!r}: matches none of the scans in `images` {images} ({shown})")
+        volumes = matching
     if any(not is_volume(path) for path in volumes):
         require_dicom()
     if any(is_itk_volume(path) for path in volumes) or any(is_itk_volume(p) for p in volumes_in(labels)):
@@ -2972,12 +2983,12 @@ def paired_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list
         if len(channels) == len(paths):
             raise ValueError(
                 f"`images` {images}: several channels of case {case} ({', '.join(channels)}); the 2-D models take "
-                "one grey image: keep one channel's files (e.g. the _0000 ones) in a folder of their own."
+                "one grey image: pick one channel (`scans` '*_0000.nii.gz')."
             )
         names = ", ".join(p.name for p in paths)
         raise ValueError(
             f"`images` {images}: {names} have one label volume ({label.name}): several images of one case (BraTS's "
-            "t1, t1ce, t2, flair); the 2-D models take one grey image: keep one file per case in a folder of its own."
+            "t1, t1ce, t2, flair); the 2-D models take one grey image: pick one (`scans` '*_flair.nii.gz')."
         )
     named: dict[str, list[Path]] = {}
     for case, path, _ in pairs:
@@ -3076,6 +3087,7 @@ def label_volumes_to_nifti(
     output: str | os.PathLike,
     *,
     class_names: Mapping[int, str] | None = None,
+    scans: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """
@@ -3090,11 +3102,12 @@ def label_volumes_to_nifti(
         output: a new folder (or an empty one), written in a temporary folder and renamed into place at the end.
         class_names: `{id: name}`: DICOM structures matched to them by name (a class-aware model's classes, so that
             the truth numbers structures as its predictions do).
+        scans: only the scans whose names match this pattern (:func:`paired_volumes`).
 
     Returns:
         `{"volumes", "classes"}`: the count and `{id: name}`.
     """
-    pairs = paired_volumes(images, labels)
+    pairs = paired_volumes(images, labels, scans)
     if class_names is None:
         class_names = _roi_classes([label_path for _, _, label_path in pairs])
     present: set[int] = set()
@@ -3115,6 +3128,7 @@ def volumes_to_slices(
     window: WindowSpec = None,
     class_names: Mapping[int, str] | None = None,
     all_slices: bool = False,
+    scans: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """
@@ -3135,11 +3149,12 @@ def volumes_to_slices(
             name; default: SEG segment labels, RT Structure Sets' ROI names numbered in the order the cases list them
             (:func:`_roi_classes`), else `class <id>` for every id.
         all_slices: keep slices without any structure too (default: only slices with one, as the BTCV folder).
+        scans: only the scans whose names match this pattern (:func:`paired_volumes`: one channel or MR sequence).
 
     Returns:
         `{"volumes", "slices", "classes", "orientations"}`: counts, `{id: name}` and `{case: axcodes}`.
     """
-    pairs = paired_volumes(images, labels)
+    pairs = paired_volumes(images, labels, scans)
     check_window(window)
     if class_names is None:
         class_names = _roi_classes([label_path for _, _, label_path in pairs])

@@ -117,7 +117,7 @@ def test_a_label_of_the_scans_own_name_comes_first_and_a_name_matching_nothing_i
         paired_volumes(tmp_path / "alone", tmp_path / "labels")
 
 
-def test_several_sequences_of_one_case_are_refused_naming_their_label_volume(tmp_path):
+def test_several_sequences_of_one_case_are_refused_naming_their_label_volume_or_one_is_picked(tmp_path, capsys):
     labels = two_organs()
     case = tmp_path / "BraTS-GLI-00000-000"
     for sequence in ("t1n", "t2f"):
@@ -125,6 +125,17 @@ def test_several_sequences_of_one_case_are_refused_naming_their_label_volume(tmp
     save(case / "BraTS-GLI-00000-000-seg.nii.gz", labels)
     with pytest.raises(ValueError, match=r"t1n.nii.gz, .*t2f.nii.gz have one label volume \(BraTS-GLI-00000-000-seg"):
         paired_volumes(case, case)
+    # One sequence picked by name (`--scans`): paired, converted.
+    assert [scan.name for _, scan, _ in paired_volumes(case, case, "*-T2F.nii.gz")] == [
+        "BraTS-GLI-00000-000-t2f.nii.gz"
+    ]
+    argv = ["convert", "volumes", "--images", str(case), "--labels", str(case), "--output", str(tmp_path / "slices")]
+    assert main([*argv, "--scans", "*-t2f.nii.gz"]) == 0
+    assert all(p.name.startswith("BraTS-GLI-00000-000-t2f_slice") for p in (tmp_path / "slices" / "images").iterdir())
+    assert main([*argv, "--scans", "*_0000.nii.gz"]) == 2
+    assert "--scans '*_0000.nii.gz': matches none of the scans in --images" in capsys.readouterr().err
+    assert main(argv) == 2
+    assert "pick one (--scans '*_flair.nii.gz')" in capsys.readouterr().err
 
 
 def test_predict_and_score_a_folder_keeping_scans_beside_their_label_volumes(tmp_path, capsys):

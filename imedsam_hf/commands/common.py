@@ -52,6 +52,7 @@ FLAGS = {
         "num_clicks",
         "class_aware",
         "classes",
+        "scans",
         "window",
         "device",
         "backbone",

@@ -41,13 +41,19 @@ def slices_of_volumes(args: argparse.Namespace) -> int:
         print(f"class names from {beside}")
     names = read_class_file(classes) if classes is not None else None
     if args.source == "labels":
-        done = label_volumes_to_nifti(args.images, args.labels, args.output, class_names=names)
+        done = label_volumes_to_nifti(args.images, args.labels, args.output, class_names=names, scans=args.scans)
         print(
             f"wrote {args.output}: {done['volumes']} label volumes (<case>.nii.gz), {len(done['classes'])} classes (classes.json)"
         )
         return EXIT_OK
     done = volumes_to_slices(
-        args.images, args.labels, args.output, window=args.window, class_names=names, all_slices=args.all_slices
+        args.images,
+        args.labels,
+        args.output,
+        window=args.window,
+        class_names=names,
+        all_slices=args.all_slices,
+        scans=args.scans,
     )
     print(
         f"wrote {args.output}: {done['slices']} slices of {done['volumes']} scans, {len(done['classes'])} classes "
