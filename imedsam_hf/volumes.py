@@ -2779,8 +2779,7 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
     itself, own = Path(scan).resolve(), _case_names(scan)
     case_folder = Path(labels) / Path(scan).parent.name  # a case folder of the scan's folder's name (KiTS's)
     for folder in (Path(labels), *([case_folder] if Path(scan).is_file() and case_folder.is_dir() else [])):
-        files = {path.name: path for path in volumes_in(folder)} if folder.is_dir() else {}
-        files |= {key.lower(): path for key, path in sorted(files.items(), reverse=True) if key.lower() not in files}
+        files = _volume_files(folder)
         for name in _label_candidates(scan):
             found = _file_named(name, files)
             # Never the scan itself, nor, by its name, a scan of that name with a label volume of its own beside it
@@ -2864,6 +2863,29 @@ def read_structure_masks(
         )
     header = nib.Nifti1Image(data, volume.affine).header  # the scan's spacing (`Volume.spacing`)
     return Volume(data=data, affine=volume.affine.copy(), header=header, path=folder)
+
+
+def _volume_files(folder: Path) -> Mapping[str, Path]:
+    """``{file name: path}`` of the 3-D files of `folder` (:func:`imedsam_hf.data.volumes_in`), and the same under
+    their lower-case names; ``{}`` for no folder. Listed once per state of the folder (its modification time), so
+    pairing a folder of n scans reads it once, not n times; a folder changed in the last seconds is listed afresh
+    (file systems that keep times to the second)."""
+    try:
+        if not folder.is_dir():
+            return {}
+        modified = folder.stat().st_mtime_ns
+    except OSError:
+        return {}
+    if time.time_ns() - modified < 3_000_000_000:
+        return _listed_volume_files.__wrapped__(str(folder), modified)
+    return _listed_volume_files(str(folder), modified)
+
+
+@functools.lru_cache(maxsize=64)
+def _listed_volume_files(folder: str, modified: int) -> Mapping[str, Path]:
+    """`_volume_files` of `folder` as it was when last `modified` (the key of the cache only)."""
+    files = {path.name: path for path in volumes_in(folder)}
+    return files | {key.lower(): path for key, path in sorted(files.items(), reverse=True) if key.lower() not in files}
 
 
 def _file_named(name: str, files: Mapping[str, Path]) -> Path | None:

