@@ -56,9 +56,10 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")  # 3-D scans (`volumes`), which the 2-D fol
 ITK_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Every 3-D file name a scan or a label volume may have, in the order a label volume is looked for (NIfTI first).
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
-#: What a label volume is written as, by its scan's format: ITK's formats keep theirs (a detached header's attached),
-#: anything else (NIfTI, DICOM, an array) gives NIfTI.
-LABEL_VOLUME_SUFFIXES = {".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}
+#: What a label volume is written as, by its scan's format: ITK's formats keep theirs (a detached header's attached;
+#: a NRRD scan's labels as a 3D Slicer segmentation, which Slicer opens with its structures named), anything else
+#: (NIfTI, DICOM, an array) gives NIfTI.
+LABEL_VOLUME_SUFFIXES = {".nrrd": ".seg.nrrd", ".nhdr": ".seg.nrrd", ".mha": ".mha", ".mhd": ".mha"}
 
 
 def is_volume(path: str | os.PathLike) -> bool:

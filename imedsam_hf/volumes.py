@@ -125,6 +125,7 @@ __all__ = [
     "itk_geometry",
     "read_itk_volume",
     "require_itk",
+    "slicer_segment_fields",
     "slicer_segment_names",
     "check_label_volume",
     "PROPAGATIONS",
@@ -340,8 +341,8 @@ def _checked_volume(data: np.ndarray, image: Any, path: Path) -> Volume:
 #: ITK's world axes are LPS+, NIfTI's (and a :class:`Volume`'s affine) RAS+: the first two axes change sign.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-#: The SimpleITK ImageIO that writes each label volume extension (:data:`imedsam_hf.data.LABEL_VOLUME_SUFFIXES`).
-ITK_WRITERS = {".nrrd": "NrrdImageIO", ".mha": "MetaImageIO"}
+#: The label volume extensions written with SimpleITK (:data:`imedsam_hf.data.LABEL_VOLUME_SUFFIXES`).
+ITK_WRITERS = (".seg.nrrd", ".nrrd", ".mha")
 
 
 def require_itk() -> None:
@@ -357,7 +358,7 @@ def _itk_error(error: Exception) -> str:
     return text.split("ITK ERROR:")[-1].split(": ", 1)[-1].strip() if "ITK ERROR:" in text else first_line(error)
 
 
-def _itk_reader(path: Path, information_only: bool = False) -> Any:
+def _itk_reader(path: Path) -> Any:
     """SimpleITK's reader of `path` after reading its header (what the file holds is asked before its voxels are
     read); a file that cannot be read is a ValueError naming it."""
     require_itk()
@@ -1813,10 +1814,13 @@ def volume_prompts(protocol: str, labels: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- writing
-def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike) -> Path:
+def write_label_volume(
+    labels: np.ndarray, like: Volume, path: str | os.PathLike, class_names: Mapping[int, str] | None = None
+) -> Path:
     """Write a label volume on ``like``'s grid, data type ``uint8``: NIfTI (``like``'s affine and header), or NRRD /
     MetaImage (gzip-compressed, ``like``'s geometry in ITK's terms: :func:`itk_geometry`; SimpleITK, the ``itk``
-    extra), as the suffix of `path` says.
+    extra), as the suffix of `path` says; a ``.seg.nrrd`` is a 3D Slicer segmentation, each structure present a
+    segment named by `class_names` (else ``class <id>``) in the overlay's colour (:func:`slicer_segment_fields`).
 
     The file is written to a temporary file in the target folder and moved into place with ``os.replace``, so a
     reader never sees a half-written file; parent folders are created.
@@ -1824,7 +1828,8 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
     Args:
         labels: ``(X, Y, Z)`` class ids 0..255 (``uint8``, or integers in that range), shape ``like.shape``.
         like: the volume the labels belong to (normally the :func:`read_volume` of the input scan).
-        path: ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``.
+        path: ``.nii.gz``, ``.nii``, ``.seg.nrrd``, ``.nrrd`` or ``.mha``.
+        class_names: ``{id: name}`` of a ``.seg.nrrd``'s segments.
 
     Returns:
         The path written.
@@ -1835,7 +1840,7 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
     path = Path(path)
     suffix = volume_suffix(path)
     if suffix not in (".nii", ".nii.gz", *ITK_WRITERS):
-        raise ValueError(f"{path}: a label volume is written as .nii.gz, .nii, .nrrd or .mha")
+        raise ValueError(f"{path}: a label volume is written as .nii.gz, .nii, .seg.nrrd, .nrrd or .mha")
     data = np.asarray(labels)
     if data.shape != like.shape:
         raise ValueError(f"{path}: labels of shape {tuple(data.shape)} do not fit the volume {like.name} {like.shape}")
@@ -1844,7 +1849,8 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
             raise ValueError(f"{path}: labels must be integer class ids 0..255, got dtype {data.dtype}")
         data = data.astype(np.uint8)
     if suffix in ITK_WRITERS:
-        return _write_itk_labels(data, like.affine, path)
+        fields = slicer_segment_fields(data, class_names) if suffix == ".seg.nrrd" else {}
+        return _write_itk_labels(data, like.affine, path, fields)
     header = like.header.copy() if isinstance(like.header, nib.Nifti1Header) else None
     image = nib.Nifti1Image(data, like.affine, header=header)
     image.set_data_dtype(np.uint8)
@@ -1857,8 +1863,28 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | os.PathLike
     return path
 
 
-def _write_itk_labels(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    """`write_label_volume`'s NRRD / MetaImage: `data` ``(X, Y, Z)`` uint8 on the RAS+ `affine`, gzip-compressed."""
+def slicer_segment_fields(labels: np.ndarray, class_names: Mapping[int, str] | None = None) -> dict[str, str]:
+    """The header fields that make a NRRD label volume a 3D Slicer segmentation (what Slicer and its `slicerio` read:
+    ``Segment0_ID``, ``_Name``, ``_LabelValue``, ``_Layer``, ``_Color``, ...): one segment per id present in
+    `labels`, named by `class_names` (else ``class <id>``), in :func:`imedsam_hf.inference.class_colour`'s colour,
+    all in one layer (the structures do not overlap)."""
+    fields = {
+        "Segmentation_MasterRepresentation": "Binary labelmap",
+        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+    }
+    for index, class_id in enumerate(int(c) for c in np.unique(labels) if c):
+        name = (class_names or {}).get(class_id) or f"class {class_id}"
+        colour = " ".join(f"{value / 255:.6g}" for value in class_colour(class_id))
+        segment = {"ID": f"Segment_{class_id}", "Name": str(name), "NameAutoGenerated": "0", "Color": colour,
+                   "ColorAutoGenerated": "0", "LabelValue": str(class_id), "Layer": "0"}  # fmt: skip
+        fields.update({f"Segment{index}_{key}": value for key, value in segment.items()})
+    return fields
+
+
+def _write_itk_labels(data: np.ndarray, affine: np.ndarray, path: Path, fields: Mapping[str, str]) -> Path:
+    """`write_label_volume`'s NRRD / MetaImage: `data` ``(X, Y, Z)`` uint8 on the RAS+ `affine`, gzip-compressed,
+    `fields` in its header."""
     require_itk()
     import SimpleITK as sitk
 
@@ -1867,6 +1893,8 @@ def _write_itk_labels(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     image.SetDirection(direction)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
+    for key, value in fields.items():
+        image.SetMetaData(key, value)
     suffix = volume_suffix(path)
 
     def write(temporary: str) -> None:
@@ -2812,7 +2840,7 @@ def _structure_folder_of(scan: Path, labels: Path) -> Path | None:
     here = scan.parent.resolve()
     cases = list(dict.fromkeys([*_case_names(scan), scan_case(scan, True)]))
     places = [labels / case for case in cases] + [labels / case / STRUCTURE_FOLDER for case in cases]
-    if labels.resolve() == here or volumes_in(scan.parent) == [scan]:
+    if labels.resolve() == here or [path.name for path in volumes_in(scan.parent)] == [scan.name]:
         places.append(labels / STRUCTURE_FOLDER)
     return next((p for p in places if p.is_dir() and p.resolve() != here and volumes_in(p)), None)
 

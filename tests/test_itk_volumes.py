@@ -88,7 +88,7 @@ def test_a_label_volume_written_as_nrrd_or_metaimage_lies_on_its_scans_grid(tmp_
     np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-6)
     assert itk_geometry(volume.affine)[1] == pytest.approx(reference.GetSpacing())
     np.testing.assert_array_equal(read_volume(out).data, labels)
-    with pytest.raises(ValueError, match=r"written as \.nii\.gz, \.nii, \.nrrd or \.mha"):
+    with pytest.raises(ValueError, match=r"written as \.nii\.gz, \.nii, \.seg\.nrrd, \.nrrd or \.mha"):
         write_label_volume(labels, volume, tmp_path / "labels.mhd")
 
 
@@ -131,7 +131,7 @@ def test_label_volumes_are_planned_in_their_scans_format(tmp_path):
     plan = plan_outputs([str(tmp_path / n) for n in names], tmp_path / "P", (".nii.gz", "_overlay.png"), volumes=True)
     written = sorted(target.name for targets in plan.values() for target in targets)
     assert written == sorted(
-        ["a.mha", "b.mha", "c.nrrd", "d.nrrd", "e.nii.gz", "f.nii.gz"] + [f"{n[0]}_overlay.png" for n in names]
+        ["a.mha", "b.mha", "c.seg.nrrd", "d.seg.nrrd", "e.nii.gz", "f.nii.gz"] + [f"{n[0]}_overlay.png" for n in names]
     )
 
 
@@ -193,13 +193,24 @@ def test_a_slicer_segmentation_prompts_its_scan_cropped_renumbered_and_named(tmp
     argv = ["predict", "--model", str(tmp_path / "aware"), str(tmp_path / "scene"), "--device", "cpu"]
     argv += ["--boxes-from-masks", str(tmp_path / "scene"), "--statistics", "--out", str(tmp_path / "P")]
     assert main(argv) == 0, capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "P").iterdir()) == ["ct.nrrd", "ct_statistics.json"]
+    assert sorted(p.name for p in (tmp_path / "P").iterdir()) == ["ct.seg.nrrd", "ct_statistics.json"]
     assert set(calls) == {5, 2}  # the esophagus by the esophagus's heads, the kidney by its own
-    written = read_volume(tmp_path / "P" / "ct.nrrd")
+    written = read_volume(tmp_path / "P" / "ct.seg.nrrd")
     np.testing.assert_allclose(written.affine, read_volume(scan).affine, atol=1e-5)
     assert set(np.unique(written.data)) <= {0, 1, 2} and written.data.any()  # Slicer's values
     statistics = json.loads((tmp_path / "P" / "ct_statistics.json").read_text())
     assert set(statistics["structures"]) <= {"Esophagus", "Right kidney"} and statistics["structures"]
+    # A segmentation 3D Slicer opens with its segments named: as Slicer's own reader (slicerio) sees it.
+    slicerio = pytest.importorskip("slicerio")
+    opened = slicerio.read_segmentation(str(tmp_path / "P" / "ct.seg.nrrd"))
+    segments = {segment["labelValue"]: segment for segment in opened["segments"]}
+    assert set(segments) == set(np.unique(written.data)) - {0}
+    assert {segments[value]["name"] for value in segments} <= {"Esophagus", "Right kidney"}
+    assert all(segment["layer"] == 0 and len(segment["color"]) == 3 for segment in segments.values())
+    np.testing.assert_array_equal(opened["voxels"], written.data)  # slicerio's IJK array: the volume's
+    np.testing.assert_allclose(
+        np.diag([-1.0, -1.0, 1.0, 1.0]) @ opened["ijkToLPS"], written.affine, atol=1e-5
+    )  # LPS -> RAS: the scan's grid
     assert (
         main(["score", str(tmp_path / "P"), "--truth", str(tmp_path / "scene"), "--json", str(tmp_path / "s.json")])
         == 0

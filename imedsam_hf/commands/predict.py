@@ -579,7 +579,8 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
     """One label volume per scan (uint8 class ids on the scan's grid), written atomically, and with `--overlay` a
     montage PNG of its slices (`volumes.volume_overlay`); failures named."""
     failures = []
-    named = args.statistics or args.dicom_seg or args.dicom_rtstruct
+    slicer = any(str(targets[0]).endswith(".seg.nrrd") for targets in plan.values())  # segments named in the file
+    named = args.statistics or args.dicom_seg or args.dicom_rtstruct or slicer
     names = structure_names(model.config, args.boxes_from_masks) if named else None
     for path, planned in plan.items():
         targets = dict(zip(volume_suffixes(args), planned))
@@ -616,7 +617,8 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 )
             grey = dataclasses.replace(volume, data=to_uint8(volume.data, window))
             labels = segment_volume(model, grey, processor=processor, progress=True, tta=args.tta, **prompts)
-            written = write_label_volume(labels, volume, targets[".nii.gz"])  # in the scan's format: plan_outputs
+            # In the scan's format (plan_outputs); a NRRD scan's as a 3D Slicer segmentation, its segments named.
+            written = write_label_volume(labels, volume, targets[".nii.gz"], names_here)
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
             if args.statistics:
                 write_json(label_statistics(labels, volume, names_here), targets["_statistics.json"])
