@@ -122,6 +122,12 @@ def test_without_simpleitk_an_itk_file_names_the_extra_and_nothing_is_written(tm
     assert main(argv) == 2
     assert "[itk] extra" in capsys.readouterr().err
     assert not (tmp_path / "P").exists()
+    # A NRRD label volume found only in a case folder of the masks folder: that scan is skipped, naming the extra.
+    nifti = save_nifti(tmp_path / "case1" / "ct.nii.gz", two_organs() * 20)
+    converted(save_nifti(tmp_path / "t.nii.gz", two_organs()), tmp_path / "masks" / "case1" / "ct_seg.nrrd")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(nifti), "--boxes-from-masks", str(tmp_path / "masks")]
+    assert main([*argv, "--out", str(tmp_path / "Q")]) == 1
+    assert "[itk] extra" in capsys.readouterr().err
 
 
 def test_label_volumes_are_planned_in_their_scans_format(tmp_path):

@@ -633,7 +633,7 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                     affine=volume.affine,
                 )  # fmt: skip
                 write_png(picture, targets["_overlay.png"])
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, ImportError) as error:  # ImportError: a NRRD label volume in a case folder
             skip(path, error, failures)
     print(f"{len(plan) - len(failures)} of {len(plan)} volumes segmented into {args.out}")
     return EXIT_SOME_FAILED if failures else EXIT_OK

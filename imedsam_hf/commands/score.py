@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             in_case_folder = path not in given and path.parent not in given  # `predict`'s P/case_00000/imaging.nii.gz
             rows.extend(score_one(path, Path(args.truth), suffix, wanted, nsd, in_case_folder))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, ImportError) as error:  # ImportError: a NRRD / MetaImage truth without SimpleITK
             print(f"skipped {flag_message(error)}", file=sys.stderr)
             skipped += 1
     if not rows:
