@@ -3079,6 +3079,31 @@ def _roi_classes(label_paths: Sequence[Path]) -> dict[int, str] | None:
     return {number: name for number, name in enumerate(names.values(), start=1)}
 
 
+def _label_classes_by_name(label_paths: Sequence[Path]) -> dict[int, str] | None:
+    """The classes of label volumes numbered by each case's own order when no class names are given: RT Structure
+    Sets' ROIs (:func:`_roi_classes`), or label volumes that all name their ids (3D Slicer segmentations, numbered in
+    the order each annotator made the segments; folders of structure masks holding different structures) but name
+    one id differently in two of them: `{1: first name, 2: the next new one, ...}` in the order the cases list them,
+    so that each structure gets one class (read by name: :func:`named_label_ids`). None where one numbering holds
+    (TotalSegmentator's outputs, BTCV's ids) or a label volume names none."""
+    structure_sets = _roi_classes(label_paths)
+    if structure_sets is not None:
+        return structure_sets
+    tables = [None if is_dicom_seg(path) else embedded_label_names(path) for path in label_paths]
+    if not tables or any(table is None for table in tables):
+        return None
+    words_of: dict[int, frozenset[str]] = {}
+    if all(
+        words_of.setdefault(i, structure_words(name)) == structure_words(name) for t in tables for i, name in t.items()
+    ):
+        return None  # one numbering: the files' own ids
+    names: dict[frozenset[str], str] = {}
+    for table in tables:
+        for name in table.values():
+            names.setdefault(structure_words(name), name)
+    return {number: name for number, name in enumerate(names.values(), start=1)}
+
+
 def _labelled_cases(
     pairs: Sequence[tuple[str, Path, Path]],
     class_names: Mapping[int, str] | None,
@@ -3159,7 +3184,7 @@ def label_volumes_to_nifti(
     """
     pairs = paired_volumes(images, labels, scans)
     if class_names is None:
-        class_names = _roi_classes([label_path for _, _, label_path in pairs])
+        class_names = _label_classes_by_name([label_path for _, _, label_path in pairs])
     present: set[int] = set()
     segment_names: dict[int, str] = {}
     with staged_folder(output, "`output`") as staging:
@@ -3207,7 +3232,7 @@ def volumes_to_slices(
     pairs = paired_volumes(images, labels, scans)
     check_window(window)
     if class_names is None:
-        class_names = _roi_classes([label_path for _, _, label_path in pairs])
+        class_names = _label_classes_by_name([label_path for _, _, label_path in pairs])
     window_record = "" if window is None else window_csv(window)
     rows, present, count = [], set(), 0
     segment_names: dict[int, str] = {}

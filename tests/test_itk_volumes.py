@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import tiny_model
+from PIL import Image
 
 from imedsam_hf import volumes as volumes_module
 from imedsam_hf.cli import main
@@ -254,3 +255,22 @@ def test_a_metaimage_scan_gives_its_nifti_copys_labels_in_its_own_format(tmp_pat
     aware, processor = load_model(str(tmp_path / "aware"))
     given = segment_volume(aware, mha, processor=processor, label_volume=tmp_path / "itk_labels" / "ct.nrrd")
     np.testing.assert_array_equal(given, by_nifti.data)
+
+
+def test_slicer_segmentations_numbered_in_each_annotators_order_are_one_numbering_by_name(tmp_path, capsys):
+    """Each annotator makes Slicer's segments in their own order (liver 1 in one case, 2 in the next): convert
+    volumes refused such cases ("structure 1 is 'Esophagus', in another label volume 'Right kidney'"); without
+    --classes they are now numbered by name across cases, as RT Structure Sets' ROIs are."""
+    labels = two_organs()
+    for case, segments in (("a", {5: (1, "Esophagus"), 2: (2, "Right kidney")}), ("b", {2: (1, "right kidney"), 5: (2, "esophagus")})):  # fmt: skip
+        nifti = save_nifti(tmp_path / "nii" / f"{case}.nii.gz", (labels * 30 + 20).astype(np.uint8))
+        scan = converted(nifti, tmp_path / "scans" / f"{case}.nrrd")
+        slicer_segmentation(labels, scan, tmp_path / "scans" / f"{case}.seg.nrrd", segments)
+    argv = ["convert", "volumes", "--images", str(tmp_path / "scans"), "--labels", str(tmp_path / "scans")]
+    assert main([*argv, "--output", str(tmp_path / "slices")]) == 0, capsys.readouterr().err
+    classes = json.loads((tmp_path / "slices" / "classes.json").read_text())["classes"]
+    assert {k: v for k, v in classes.items() if k != "0"} == {"1": "Esophagus", "2": "Right kidney"}
+    for case in ("a", "b"):  # the esophagus is 1 in both cases' masks, the kidney 2 (alone on the first slice)
+        masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "slices" / "masks").glob(f"{case}_*"))]
+        assert set(np.unique(np.stack(masks)).tolist()) == {0, 1, 2}
+        assert set(np.unique(masks[0]).tolist()) == {0, 2}

@@ -280,3 +280,16 @@ def test_acdcs_patient_folders_give_their_labelled_frames_with_scans(tmp_path):
         ("patient002_frame01", "patient002_frame01_gt.nii.gz"),
         ("patient002_frame12", "patient002_frame12_gt.nii.gz"),
     ]
+
+
+def test_structure_folders_holding_different_structures_are_numbered_by_name(tmp_path):
+    labels = two_organs()
+    ts = tmp_path / "ts"
+    for case, structures in (("s1", {"kidney": 5, "liver": 2}), ("s2", {"liver": 2})):  # liver 2nd, then 1st file
+        save(ts / case / "ct.nii.gz", (labels * 40 + 10).astype(np.uint8))
+        for name, value in structures.items():
+            save(ts / case / "segmentations" / f"{name}.nii.gz", (labels == value).astype(np.uint8))
+    done = volumes_to_slices(ts, ts, tmp_path / "slices", progress=False)
+    assert done["classes"] == {1: "kidney", 2: "liver"}
+    masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "slices" / "masks").glob("s2_*"))]
+    assert set(np.unique(np.stack(masks)).tolist()) == {0, 2}  # s2's liver is class 2, as s1's
