@@ -82,7 +82,8 @@ def volume_suffix(path: str | os.PathLike) -> str:
 def volume_stem(path: str | os.PathLike) -> str:
     """A 3-D file's name without its extension: `case0001.nii.gz`, `case0001.seg.nrrd` -> `case0001`."""
     name = Path(path).name
-    return name[: len(name) - len(volume_suffix(name))] if volume_suffix(name) else Path(name).stem
+    suffix = volume_suffix(name)
+    return name[: len(name) - len(suffix)] if suffix else Path(name).stem
 
 
 def label_volume_suffix(scan: str | os.PathLike) -> str:

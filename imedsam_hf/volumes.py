@@ -338,7 +338,7 @@ def _checked_volume(data: np.ndarray, image: Any, path: Path) -> Volume:
 
 
 # ---------------------------------------------------------------------------------------------- NRRD, MetaImage
-#: ITK's world axes are LPS+, NIfTI's (and a :class:`Volume`'s affine) RAS+: the first two axes change sign.
+#: DICOM's and ITK's world axes are LPS+, NIfTI's (and a :class:`Volume`'s affine) RAS+: the first two change sign.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 #: The label volume extensions written with SimpleITK (:data:`imedsam_hf.data.LABEL_VOLUME_SUFFIXES`).
@@ -654,7 +654,7 @@ def read_multiframe_scan(path: str | os.PathLike, source: str | os.PathLike | No
             f"{path}: the multi-frame DICOM scan cannot be read as one 3-D scan ({first_line(error)})"
         ) from error
     to_stack = np.eye(4)[[2, 1, 0, 3]]  # (column, row, slice) indices -> (slice, row, column)
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(scan.affine, dtype=float) @ to_stack  # LPS -> RAS
+    affine = LPS_TO_RAS @ np.asarray(scan.affine, dtype=float) @ to_stack
     return _scan_on_view_grid(np.transpose(np.asarray(scan.array), (2, 1, 0)), affine, Path(source or path))
 
 
@@ -2014,7 +2014,7 @@ def _series_frame_indices(dataset: Any, affine: np.ndarray, shape: Sequence[int]
     its pixels are not voxels of that grid."""
     position, across, down, _ = _image_plane(dataset)
     to_voxels = np.linalg.inv(affine)
-    ras = np.diag([-1.0, -1.0, 1.0])  # LPS -> RAS
+    ras = LPS_TO_RAS[:3, :3]
 
     def voxel(row: float, column: float) -> np.ndarray:
         return (to_voxels @ np.append(ras @ (position + across * column + down * row), 1.0))[:3]
@@ -2848,7 +2848,12 @@ def _structure_folder_of(scan: Path, labels: Path) -> Path | None:
 def structure_mask_names(folder: str | os.PathLike) -> dict[int, str]:
     """``{id: name}`` of a folder of one mask per structure: its 3-D files in name order, numbered from 1, each named
     by its file (`liver.nii.gz` -> `liver`, TotalSegmentator's `kidney_right.nii.gz` -> `kidney_right`)."""
-    return {number: volume_name(path) for number, path in enumerate(volumes_in(folder), start=1)}
+    return {number: volume_name(path) for number, path in _structure_mask_files(folder).items()}
+
+
+def _structure_mask_files(folder: str | os.PathLike) -> dict[int, Path]:
+    """``{id: file}`` of a folder of one mask per structure (:func:`structure_mask_names`' ids)."""
+    return dict(enumerate(volumes_in(folder), start=1))
 
 
 def read_structure_masks(
@@ -2865,13 +2870,12 @@ def read_structure_masks(
         ValueError: naming the file: not on the scan's grid, or holding several ids (not one structure's mask).
     """
     folder = Path(folder)
-    names = structure_mask_names(folder)
-    if len(names) > 255:
-        raise ValueError(f"{folder}: {len(names)} structure masks; a label volume holds at most 255 structures")
+    files = _structure_mask_files(folder)
+    if len(files) > 255:
+        raise ValueError(f"{folder}: {len(files)} structure masks; a label volume holds at most 255 structures")
+    names = {number: volume_name(path) for number, path in files.items()}
     matched = classes_by_name(names, class_names) if class_names is not None else {}
-    paths = {
-        number: path for number, path in enumerate(volumes_in(folder), start=1) if not matched or number in matched
-    }
+    paths = {number: path for number, path in files.items() if not matched or number in matched}
     data = np.zeros(volume.shape, np.uint8)
     shared = 0
     for number, path in paths.items():
@@ -3072,9 +3076,16 @@ def _roi_classes(label_paths: Sequence[Path]) -> dict[int, str] | None:
             f"{other} and {structure_sets[0]}: RT Structure Sets (ROIs numbered by each case's own plan) beside "
             "labels numbered by class: give the class names (`class_names`) to number all by name"
         )
+    return _numbered_by_name(dicom_structure_names(path) for path in structure_sets)
+
+
+def _numbered_by_name(tables: Iterable[Mapping[int, str]]) -> dict[int, str]:
+    """`{1: the first name, 2: the next new one, ...}` of the names of `tables` (each `{id: name}`) in the order they
+    list them, names of the same words (`structure_words`) one class: one numbering of structures each case numbers
+    its own way."""
     names: dict[frozenset[str], str] = {}
-    for path in structure_sets:
-        for name in dicom_structure_names(path).values():
+    for table in tables:
+        for name in table.values():
             names.setdefault(structure_words(name), name)
     return {number: name for number, name in enumerate(names.values(), start=1)}
 
@@ -3097,11 +3108,7 @@ def _label_classes_by_name(label_paths: Sequence[Path]) -> dict[int, str] | None
         words_of.setdefault(i, structure_words(name)) == structure_words(name) for t in tables for i, name in t.items()
     ):
         return None  # one numbering: the files' own ids
-    names: dict[frozenset[str], str] = {}
-    for table in tables:
-        for name in table.values():
-            names.setdefault(structure_words(name), name)
-    return {number: name for number, name in enumerate(names.values(), start=1)}
+    return _numbered_by_name(tables)
 
 
 def _labelled_cases(
