@@ -36,26 +36,27 @@ from PIL import Image
 
 from .processing_imedsam import (
     DICOM_EXTENSIONS,
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    VOLUME_SUFFIXES,
     IMedSamProcessor,
     describe,
     dicom_kind,
     dicom_mask_pixels,
+    image_size,
     is_dicom_file,
     is_dicom_path,
-    open_image,
+    is_grid_image,
     opened_image,
+    read_grid_image,
     to_rgb_array,
 )
 
 PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 #: 2-D image files: pictures, and DICOM images (`processing_imedsam.read_dicom_image`: a radiograph, a mammogram, ...).
 IMAGE_EXTENSIONS = (*PICTURE_EXTENSIONS, *DICOM_EXTENSIONS)
-NIFTI_SUFFIXES = (".nii.gz", ".nii")  # 3-D scans (`volumes`), which the 2-D folders do not read; .nii.gz first
-#: 3-D files of ITK's formats, read with SimpleITK (the ``itk`` extra): NRRD (3D Slicer's scans and its segmentations,
-#: `.seg.nrrd`; `.nhdr` a detached header) and MetaImage (grand-challenge.org's `.mha`; `.mhd` beside its `.raw`).
-ITK_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
-#: Every 3-D file name a scan or a label volume may have, in the order a label volume is looked for (NIfTI first).
-VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
+#: The 2-D image files read, as messages list them (:func:`is_image_file`).
+IMAGE_KINDS = f"{', '.join(IMAGE_EXTENSIONS)}; 2-D .nii.gz, .nrrd, .mha"
 #: What a label volume is written as, by its scan's format: ITK's formats keep theirs (a detached header's attached;
 #: a NRRD scan's labels as a 3D Slicer segmentation, which Slicer opens with its structures named), anything else
 #: (NIfTI, DICOM, an array) gives NIfTI.
@@ -63,9 +64,16 @@ LABEL_VOLUME_SUFFIXES = {".nrrd": ".seg.nrrd", ".nhdr": ".seg.nrrd", ".mha": ".m
 
 
 def is_volume(path: str | os.PathLike) -> bool:
-    """A 3-D image file name: NIfTI (`.nii`, `.nii.gz`), NRRD (`.nrrd`, `.seg.nrrd`, `.nhdr`) or MetaImage (`.mha`,
-    `.mhd`)."""
-    return str(path).lower().endswith(VOLUME_SUFFIXES)
+    """A 3-D image file: named NIfTI (`.nii`, `.nii.gz`), NRRD (`.nrrd`, `.seg.nrrd`, `.nhdr`) or MetaImage (`.mha`,
+    `.mhd`), and not a 2-D image stored so (`processing_imedsam.is_grid_image`, its header read: grand-challenge's 2-D
+    `.mha`, which is an image)."""
+    return str(path).lower().endswith(VOLUME_SUFFIXES) and not is_grid_image(path)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """A 2-D image file by its name (:data:`IMAGE_EXTENSIONS`: pictures, `.dcm`) or, in a NIfTI / NRRD / MetaImage
+    file, by its header (`processing_imedsam.is_grid_image`)."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS) or is_grid_image(path)
 
 
 def is_itk_volume(path: str | os.PathLike) -> bool:
@@ -92,9 +100,20 @@ def label_volume_suffix(scan: str | os.PathLike) -> str:
     return LABEL_VOLUME_SUFFIXES.get(volume_suffix(scan), ".nii.gz")
 
 
+def image_mask_suffix(image: str | os.PathLike) -> str:
+    """The extension of the mask written for a 2-D image: `.png`, or a 2-D NIfTI / NRRD / MetaImage image's own
+    (`processing_imedsam.is_grid_image`; a detached header's attached: `.mhd` gives `.mha`, `.nhdr` `.nrrd`), so that
+    the mask keeps its image's spacing and geometry (`volumes.write_image_mask`)."""
+    if not is_grid_image(image):
+        return ".png"
+    suffix = volume_suffix(image)
+    return {".nhdr": ".nrrd", ".mhd": ".mha"}.get(suffix, suffix)
+
+
 def image_files_in(folder: str | os.PathLike, dicom_below: bool = False) -> list[Path]:
     """
-    The 2-D images directly in `folder`, sorted: pictures (:data:`PICTURE_EXTENSIONS`) and DICOM images (named
+    The 2-D images directly in `folder`, sorted: pictures (:data:`PICTURE_EXTENSIONS`), 2-D images in NIfTI / NRRD /
+    MetaImage files (`processing_imedsam.is_grid_image`; 3-D ones are scans) and DICOM images (named
     `.dcm`/`.dicom`, or of another name with the ``DICM`` preamble) that are neither slices of a scan (those make a
     series, read as one volume) nor objects without an image, such as a DICOM SEG (`dicom_kind`). Hidden files
     (macOS's `._x.png`) are not images. `dicom_below`: DICOM images in the folders below too, at any depth (a DICOM
@@ -107,9 +126,12 @@ def image_files_in(folder: str | os.PathLike, dicom_below: bool = False) -> list
         top = Path(root) == Path(folder)
         for name in sorted(names):
             path, lower = Path(root) / name, name.lower()
-            if lower.startswith(".") or lower.endswith((*VOLUME_SUFFIXES, ".npz", ".json")):
+            if lower.startswith(".") or lower.endswith((".npz", ".json")):
                 continue
-            if lower.endswith(PICTURE_EXTENSIONS):
+            if lower.endswith(VOLUME_SUFFIXES):
+                if top and is_grid_image(path):
+                    found.append(path)
+            elif lower.endswith(PICTURE_EXTENSIONS):
                 if top:
                     found.append(path)
             elif is_dicom_path(path) and dicom_kind(path) == "image":
@@ -120,8 +142,10 @@ def image_files_in(folder: str | os.PathLike, dicom_below: bool = False) -> list
 def image_stem(path: str | os.PathLike) -> str:
     """An image file's name without its extension, which its outputs, masks and `--boxes` entries are named after; a
     DICOM file not named `.dcm` keeps its whole name (`IM0001`, or its UID: the last number of `1.2.840.5.4` is no
-    extension)."""
+    extension); a NIfTI / NRRD / MetaImage file loses its whole extension (`x.nii.gz` -> `x`)."""
     path = Path(path)
+    if path.name.lower().endswith(VOLUME_SUFFIXES):  # a 2-D image in a NIfTI file: `x.nii.gz` -> `x`
+        return volume_stem(path)
     if not path.name.lower().endswith(IMAGE_EXTENSIONS) and is_dicom_file(path):
         return path.name
     return path.stem
@@ -129,7 +153,7 @@ def image_stem(path: str | os.PathLike) -> str:
 
 def volumes_in(folder: str | os.PathLike, scans: bool = False) -> list[Path]:
     """The 3-D files of `folder` (:func:`is_volume`), sorted; hidden ones (MSD archives' `._case.nii.gz` AppleDouble
-    copies) are not volumes. `scans`: without 3D Slicer's segmentations (`.seg.nrrd`), which a scene saved by
+    copies) are not volumes, nor are 2-D images stored so. `scans`: without 3D Slicer's segmentations (`.seg.nrrd`), which a scene saved by
     Slicer keeps beside its scan."""
     found = (p for p in Path(folder).iterdir() if is_volume(p) and not p.name.startswith(".") and p.is_file())
     return sorted(p for p in found if not (scans and volume_suffix(p) == ".seg.nrrd"))
@@ -278,7 +302,7 @@ def _named_pair(root: Path) -> tuple[Path, Path] | None:
     folders = [
         p
         for p in sorted(root.iterdir())
-        if p.is_dir() and not p.name.startswith(".") and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in p.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and any(is_image_file(f) for f in p.iterdir())
     ]
     if len(folders) != 2:
         return None
@@ -356,7 +380,7 @@ def convert_structure_masks(data_dir: str | os.PathLike, output: str | os.PathLi
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     for stem, structures in per_image.items():
-        size = open_image(images[stem]).size
+        size = image_size(images[stem])
         labels = np.zeros((size[1], size[0]), dtype=np.uint8)
         for name in sorted(structures, key=ids.get, reverse=True):  # earlier names written last: they win overlaps
             for path in structures[name]:
@@ -373,14 +397,15 @@ def convert_structure_masks(data_dir: str | os.PathLike, output: str | os.PathLi
 
 def _files_by_stem(folder: Path) -> dict[str, list[Path]]:
     """The image files of a folder by stem (:func:`image_stem`), in path order (several when `x.jpg` and `x.png` both
-    exist): pictures and DICOM files by their extension, and DICOM files of any other name by their ``DICM`` preamble
+    exist): pictures and DICOM files by their extension, 2-D NIfTI / NRRD / MetaImage files by their header, and DICOM
+    files of any other name by their ``DICM`` preamble
     (a DICOM export's `IM0001` or UID-named files). Hidden files (macOS's `._x.png` AppleDouble copies in a folder
     unzipped from a Mac) are not images."""
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom_file(path):
+        if is_image_file(path) or is_dicom_file(path):
             found.setdefault(image_stem(path), []).append(path)
     return found
 
@@ -469,8 +494,7 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
             pairs.append(SegmentationPair(stem, str(paths[0]), str(candidates[0])))
     if not pairs and not problems:
         raise ValueError(
-            f"`data_dir` {data_dir}: {image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})."
-            + volumes_hint(Path(data_dir))
+            f"`data_dir` {data_dir}: {image_dir} holds no images ({IMAGE_KINDS})." + volumes_hint(Path(data_dir))
         )
     return pairs, problems
 
@@ -771,6 +795,8 @@ def _mask_pixels(source) -> tuple[np.ndarray, bool]:
     if isinstance(source, (str, os.PathLike)):
         if is_dicom_path(source):
             return dicom_mask_pixels(source)
+        if is_grid_image(source):  # NIfTI / NRRD / MetaImage: stored exactly
+            return read_grid_image(source), True
         with opened_image(source, "mask") as image:  # opened, so its format (lossless or not) is known
             return _mask_pixels(image)
     if isinstance(source, Image.Image):
@@ -862,7 +888,7 @@ def check_pair(
 ) -> DataProblem | None:
     """Open both files of a pair; report what is wrong, naming the file (mask values that do not fit: fatal)."""
     try:
-        size = open_image(pair.image).size
+        size = image_size(pair.image)
     except ImportError:  # pydicom for a DICOM image: once, for the whole folder
         raise
     except Exception as error:  # PIL raises many types for corrupt files
@@ -1668,7 +1694,10 @@ __all__ = [
     "VALIDATION_SPLIT_NAMES",
     "MaskValuesError",
     "ITK_SUFFIXES",
+    "IMAGE_KINDS",
     "LABEL_VOLUME_SUFFIXES",
+    "image_mask_suffix",
+    "is_image_file",
     "NIFTI_SUFFIXES",
     "VOLUME_SUFFIXES",
     "class_id_of",

@@ -27,11 +27,13 @@ from .processing_imedsam import (
     dicom_kind,
     hu_window,
     is_dicom_file,
+    is_grid_image,
     looks_like_hu,
     mirrored_inputs,
     mirrored_mean,
     probability_logits,
     processor_for_config,
+    read_grid_image,
     resize_labels,
     tta_mirrors,
 )
@@ -84,12 +86,16 @@ def _load(name: str, device: str | None):
 def windowed_slice(image: ImageInput, config) -> ImageInput:
     """
     A CT slice given as an array in Hounsfield units (numpy or torch, one channel: what pydicom's or SimpleITK's
-    rescaled pixels are), for a model that records the CT window of its training images (`training_window`):
+    rescaled pixels are; a 2-D NIfTI / NRRD / MetaImage file of them), for a model that records the CT window of its training images (`training_window`):
     windowed to 8-bit grey as those images were, as volumes are (`volumes.resolve_window`). Anything else is returned
     as it is (files, 8-bit and colour images, arrays that do not look like HU: `looks_like_hu`; an MR window).
     """
     window = training_window(config)
-    if window is None or window == MR_WINDOW or not isinstance(image, (np.ndarray, torch.Tensor)):
+    if window is None or window == MR_WINDOW:
+        return image
+    if isinstance(image, (str, os.PathLike)) and is_grid_image(image):  # a 2-D CT image stored as .mha / .nii.gz
+        image = read_grid_image(image)
+    if not isinstance(image, (np.ndarray, torch.Tensor)):
         return image
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
     if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):

@@ -9,6 +9,7 @@ implicit decoder over the unpadded part of the frame (`output_region`), never by
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -32,6 +33,13 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 #: Names of DICOM files read as 2-D images (:func:`read_dicom_image`); a file of another name is read as DICOM when it
 #: has the ``DICM`` preamble (:func:`is_dicom_file`).
 DICOM_EXTENSIONS = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # .nii.gz first
+#: Files of ITK's formats, read with SimpleITK (the ``itk`` extra): NRRD (3D Slicer's scans and its segmentations,
+#: `.seg.nrrd`; `.nhdr` a detached header) and MetaImage (grand-challenge.org's `.mha`; `.mhd` beside its `.raw`).
+ITK_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: The names of the 3-D image formats, NIfTI first: a 3-D scan or label volume (`volumes`), or a 2-D image stored in
+#: one of them (:func:`is_grid_image`: grand-challenge.org's 2-D `.mha`, CAMUS's echocardiograms in `.nii.gz`).
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
 #: Transfer syntaxes whose pixels decode to exactly what was stored (uncompressed ones are not in the list: they are
 #: not compressed at all); a mask under any other (baseline JPEG, lossy JPEG 2000) may carry compression noise.
 LOSSLESS_TRANSFER_SYNTAXES = (
@@ -91,14 +99,20 @@ def first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+def require_module(module: str, package: str, what: str, extra: str, otherwise: str = "") -> Any:
+    """The module `module` (pip `package`), which `what` needs; an `ImportError` naming the `extra` that installs it
+    (and `otherwise`, another way) when it is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"{what} needs {package}, which is not installed: pip install {package} (the [{extra}] extra: pip "
+            f'install ".[{extra}]" in a clone of imedsam-hf){", " + otherwise if otherwise else ""}.'
+        )
+    return importlib.import_module(module)
+
+
 def require_pydicom() -> Any:
     """The `pydicom` module; an `ImportError` naming the ``dicom`` extra when it is not installed."""
-    if importlib.util.find_spec("pydicom") is None:
-        raise ImportError(
-            "reading DICOM files needs pydicom, which is not installed: pip install pydicom (the [dicom] extra: pip "
-            'install ".[dicom]" in a clone of imedsam-hf), or save the images as PNG.'
-        )
-    return importlib.import_module("pydicom")
+    return require_module("pydicom", "pydicom", "reading DICOM files", "dicom", "or save the images as PNG")
 
 
 def dicom_dataset(path: str | os.PathLike, pixels: bool = True, tags: Sequence[str] | None = None) -> Any:
@@ -245,11 +259,89 @@ def dicom_mask_pixels(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     return (array[..., 0] if array.ndim == 3 else array), exact
 
 
+def require_simpleitk() -> Any:
+    """The `SimpleITK` module; an `ImportError` naming the ``itk`` extra when it is not installed."""
+    what = "reading or writing NRRD / MetaImage files (.nrrd, .mha, .mhd)"
+    return require_module("SimpleITK", "SimpleITK", what, "itk")
+
+
+def _grid_format(path: str | os.PathLike) -> str:
+    """`"nifti"`, `"itk"` or `""` (another name, or a 3D Slicer segmentation, which is never an image) by name."""
+    name = str(path).lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    return "itk" if name.endswith(ITK_SUFFIXES) and not name.endswith(".seg.nrrd") else ""
+
+
+@functools.lru_cache(maxsize=8192)
+def _grid_dimensions(path: str, state: tuple[int, int]) -> int | None:
+    """How many axes the header of a NIfTI / NRRD / MetaImage file gives its grid (read once per file `state`:
+    modification time and size); None when it cannot be read here (damaged, or SimpleITK missing)."""
+    del state  # the cache key only
+    try:
+        if _grid_format(path) == "nifti":
+            import nibabel as nib
+
+            return len(nib.load(path).shape)
+        if importlib.util.find_spec("SimpleITK") is None:
+            return None
+        reader = require_simpleitk().ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+        return int(reader.GetDimension())
+    except Exception:  # noqa: BLE001 - any unreadable header: not an image here; reading it says what is wrong
+        return None
+
+
+def is_grid_image(path: str | os.PathLike) -> bool:
+    """A 2-D image stored in a 3-D image format (NIfTI, NRRD, MetaImage: its header gives two axes), read as an image,
+    not a scan: grand-challenge.org's 2-D `.mha` inputs, CAMUS's echocardiograms (`.nii.gz`), their masks. Only the
+    header is read, once per file state. False for any other file, a missing or unreadable one, a 3D Slicer
+    segmentation, and a NRRD / MetaImage file where SimpleITK is not installed (a scan then, which says so when read).
+    A one-slice 3-D file (``(X, Y, 1)``) is a scan of one slice."""
+    if not _grid_format(path):
+        return False
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    return _grid_dimensions(str(path), (stat.st_mtime_ns, stat.st_size)) == 2
+
+
+def read_grid_image(path: str | os.PathLike) -> np.ndarray:
+    """
+    A 2-D image stored as NIfTI, NRRD or MetaImage (:func:`is_grid_image`) -> its stored values, `(H, W)` or
+    `(H, W, C)` for a colour image (NRRD / MetaImage vector pixels): the file's first axis across (columns), its
+    second down (rows), as SimpleITK's `GetArrayFromImage` and ITK's viewers (ITK-SNAP, grand-challenge.org) lay a
+    2-D image out; no rescale beyond the file's own slope and intercept. An image and its mask read here share one
+    layout. A file that cannot be read is a ValueError naming it.
+    """
+    try:
+        if _grid_format(path) == "nifti":
+            import nibabel as nib
+
+            values = np.asarray(nib.load(str(path)).dataobj)
+            array = values.T
+        else:
+            sitk = require_simpleitk()
+            array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except ImportError:
+        raise
+    except Exception as error:  # noqa: BLE001 - nibabel's and ITK's own errors, one line naming the file
+        raise ValueError(f"{path}: cannot read the image ({first_line(error)}).") from error
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise ValueError(f"{path}: has shape {array.shape}, not a 2-D image (H, W) or colour image (H, W, 3).")
+    return np.ascontiguousarray(array)
+
+
 def open_image(source: ImageInput) -> Image.Image | np.ndarray:
     """Open a path as a PIL image (fully decoded, so a truncated file fails here, with its name); a DICOM file as
-    :func:`read_dicom_image` reads it."""
+    :func:`read_dicom_image` reads it; a 2-D image in a NIfTI / NRRD / MetaImage file as the array of its stored
+    values (:func:`read_grid_image`)."""
     if not isinstance(source, (str, os.PathLike)):
         return source
+    if is_grid_image(source):
+        return read_grid_image(source)
     if is_dicom_path(source) and Path(source).is_file():
         decoded = Image.fromarray(read_dicom_image(source))
         decoded.filename = str(source)
@@ -258,6 +350,16 @@ def open_image(source: ImageInput) -> Image.Image | np.ndarray:
         decoded = image.copy() if image.mode not in ("P", "PA") else image.convert("RGBA")
     decoded.filename = str(source)  # a copy forgets its file: errors about it (`describe`) name it, not <Image>
     return decoded
+
+
+def image_size(source: ImageInput) -> tuple[int, int]:
+    """`(W, H)` of an image (a path is opened: :func:`open_image`), as PIL's `size` gives it, for an array too."""
+    image = open_image(source)
+    if isinstance(image, Image.Image):
+        return image.size
+    array = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
+    height, width = array.shape[1:3] if _channels_first(array) else array.shape[:2]
+    return int(width), int(height)
 
 
 def _channels_first(array: np.ndarray) -> bool:
@@ -776,13 +878,20 @@ def processor_for_config(config) -> IMedSamProcessor:
 
 __all__ = [
     "DICOM_EXTENSIONS",
+    "ITK_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "VOLUME_SUFFIXES",
     "dicom_dataset",
     "dicom_kind",
     "dicom_mask_pixels",
     "hu_window",
+    "image_size",
     "first_line",
     "is_dicom_file",
     "is_dicom_path",
+    "is_grid_image",
+    "read_grid_image",
+    "require_simpleitk",
     "is_volume_slice",
     "read_dicom_image",
     "require_pydicom",

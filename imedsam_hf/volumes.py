@@ -90,6 +90,7 @@ from .data import (
     VOLUME_SUFFIXES,
     classes_by_name,
     folder_class_names,
+    image_files_in,
     is_itk_volume,
     is_volume,
     label_classes,
@@ -109,10 +110,13 @@ from .processing_imedsam import (
     dicom_kind,
     first_line,
     is_dicom_file,
+    is_grid_image,
     looks_like_hu,
     mirror_image,
     processor_for_config,
+    require_module,
     require_pydicom,
+    require_simpleitk,
     tta_mirrors,
 )
 from .processing_imedsam import hu_window as window
@@ -127,6 +131,7 @@ __all__ = [
     "require_itk",
     "slicer_segment_fields",
     "slicer_segment_names",
+    "write_image_mask",
     "check_label_volume",
     "PROPAGATIONS",
     "VOLUME_PROTOCOLS",
@@ -347,8 +352,8 @@ ITK_WRITERS = (".seg.nrrd", ".nrrd", ".mha")
 
 def require_itk() -> None:
     """An `ImportError` naming the ``itk`` extra when SimpleITK (which reads and writes NRRD and MetaImage) is
-    missing."""
-    _require_extra("SimpleITK", "SimpleITK", "reading or writing NRRD / MetaImage files (.nrrd, .mha, .mhd)", "itk")
+    missing (`processing_imedsam.require_simpleitk`)."""
+    require_simpleitk()
 
 
 def _itk_error(error: Exception) -> str:
@@ -510,11 +515,7 @@ def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
 
 def _require_extra(module: str, package: str, what: str, extra: str = "dicom") -> None:
     """An `ImportError` naming the `extra` when `module` (pip `package`), which `what` needs, is missing."""
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(
-            f"{what} needs {package}, which is not installed: pip install {package} (the [{extra}] extra: "
-            f'pip install ".[{extra}]" in a clone of imedsam-hf).'
-        )
+    require_module(module, package, what, extra)
 
 
 def require_dicom() -> None:
@@ -1851,16 +1852,65 @@ def write_label_volume(
     if suffix in ITK_WRITERS:
         fields = slicer_segment_fields(data, class_names) if suffix == ".seg.nrrd" else {}
         return _write_itk_labels(data, like.affine, path, fields)
-    header = like.header.copy() if isinstance(like.header, nib.Nifti1Header) else None
-    image = nib.Nifti1Image(data, like.affine, header=header)
+    return _write_nifti_labels(data, like.affine, like.header, path)
+
+
+def _write_nifti_labels(data: np.ndarray, affine: np.ndarray, header, path: Path) -> Path:
+    """`data` (uint8 class ids) as a NIfTI file on `affine`, with `header`'s fields (a copy: a scan's or an image's),
+    gzip-compressed for `.nii.gz`, written atomically (what a killed earlier write left beside it removed first)."""
+    header = header.copy() if isinstance(header, nib.Nifti1Header) else None
+    image = nib.Nifti1Image(data, affine, header=header)
     image.set_data_dtype(np.uint8)
     image.header.set_slope_inter(1.0, 0.0)
     payload = image.to_bytes()
-    if suffix == ".nii.gz":
+    if volume_suffix(path) == ".nii.gz":
         payload = gzip.compress(payload, compresslevel=NIFTI_COMPRESSLEVEL, mtime=0)
-    remove_stale_temporaries(path)  # what a killed earlier write left beside it
+    remove_stale_temporaries(path)
     atomic_write(path, lambda temporary: Path(temporary).write_bytes(payload))
     return path
+
+
+def write_image_mask(mask: np.ndarray, image: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """
+    A 2-D image's mask written in the image's own format on its grid (`data.image_mask_suffix`: a 2-D NIfTI, NRRD or
+    MetaImage image, `processing_imedsam.is_grid_image`), as grand-challenge.org's 2-D tasks and CAMUS keep their
+    masks: the image's spacing, origin and direction (its NIfTI affine and header), ``uint8`` class ids, atomically.
+
+    Args:
+        mask: ``(H, W)`` class ids 0..255 in `processing_imedsam.read_grid_image`'s layout (the image as read).
+        image: the image file the mask belongs to.
+        path: ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``.
+
+    Raises:
+        ValueError: a mask of another size than the image, values outside 0..255, or another suffix.
+    """
+    path, values = Path(path), np.asarray(mask)
+    suffix = volume_suffix(path)
+    if suffix not in (".nii", ".nii.gz", ".nrrd", ".mha"):
+        raise ValueError(f"{path}: a 2-D image's mask is written as .nii.gz, .nii, .nrrd or .mha")
+    if not _is_8bit(values):
+        raise ValueError(f"{path}: a mask holds integer class ids 0..255, got dtype {values.dtype}")
+    values = values.astype(np.uint8)
+    if suffix in (".nii", ".nii.gz"):
+        like = nib.load(str(image))
+        if tuple(like.shape) != values.T.shape:
+            raise ValueError(f"{path}: a mask of {values.shape[1]}x{values.shape[0]} does not fit {image} {like.shape}")
+        return _write_nifti_labels(np.ascontiguousarray(values.T), like.affine, like.header, path)
+    require_itk()
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(image))
+    reader.ReadImageInformation()
+    if tuple(reader.GetSize()) != values.shape[::-1]:
+        raise ValueError(
+            f"{path}: a mask of {values.shape[1]}x{values.shape[0]} does not fit {image} {reader.GetSize()}"
+        )
+    written = sitk.GetImageFromArray(values)
+    written.SetSpacing(reader.GetSpacing())
+    written.SetOrigin(reader.GetOrigin())
+    written.SetDirection(reader.GetDirection())
+    return _write_itk_image(written, path)
 
 
 def slicer_segment_fields(labels: np.ndarray, class_names: Mapping[int, str] | None = None) -> dict[str, str]:
@@ -1895,6 +1945,13 @@ def _write_itk_labels(data: np.ndarray, affine: np.ndarray, path: Path, fields: 
     image.SetOrigin(origin)
     for key, value in fields.items():
         image.SetMetaData(key, value)
+    return _write_itk_image(image, path)
+
+
+def _write_itk_image(image, path: Path) -> Path:
+    """A SimpleITK image written as `path` says (NRRD, MetaImage), gzip-compressed, atomically."""
+    import SimpleITK as sitk
+
     suffix = volume_suffix(path)
 
     def write(temporary: str) -> None:
@@ -3000,9 +3057,15 @@ def paired_volumes(
             raise ValueError(f"{flag} {folder}: not a folder of 3-D volumes.")
     volumes = [*case_scans_in(images), *(p for p in dicom_series_in(images) if p != Path(images))]
     if not volumes:
+        flat = [path.name for path in image_files_in(images) if is_grid_image(path)][:2]
         raise ValueError(
             f"`images` {images}: no 3-D volumes ({', '.join(VOLUME_SUFFIXES)}) in it, and no DICOM series folders "
             "under it."
+            + (
+                f" Its {', '.join(flat)} ... are 2-D images: training and evaluation read them as they are."
+                if flat
+                else ""
+            )
         )
     if scans is not None:
         matching = [path for path in volumes if fnmatch.fnmatchcase(path.name.lower(), scans.lower())]

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..data import (
-    IMAGE_EXTENSIONS,
+    IMAGE_KINDS,
     VOLUME_SUFFIXES,
     image_files_in,
+    image_mask_suffix,
     image_stem,
     is_volume,
     label_volume_suffix,
@@ -29,7 +30,7 @@ def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple
             found = image_files_in(path, dicom_below=True)
             if not found:
                 raise ValueError(
-                    f"{path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}), no 3-D volumes "
+                    f"{path}: the folder holds no images ({IMAGE_KINDS}), no 3-D volumes "
                     f"({', '.join(VOLUME_SUFFIXES)}) and no DICOM series."
                 )
             files.extend((file, path) for file in found)
@@ -51,7 +52,9 @@ def plan_outputs(
     `b/x.png` and inputs from one folder give flat names. Two inputs that would write one file (`x.jpg` and `x.png`)
     are an error naming both, before anything is written. `volumes`: the paths are scans, 3-D files or DICOM series
     folders (`study/1.2.840.5` gives `1.2.840.5.nii.gz`: a folder's name is kept whole), and the suffix `.nii.gz`
-    stands for the label volume in its scan's format (`data.label_volume_suffix`: `scan.mha` gives `scan.mha`).
+    stands for the label volume in its scan's format (`data.label_volume_suffix`: `scan.mha` gives `scan.mha`);
+    for images `.png` stands for the mask, in a 2-D NIfTI / NRRD / MetaImage image's own format
+    (`data.image_mask_suffix`: grand-challenge's `x.mha` gives `x.mha`).
     """
     inputs = inputs_with_roots(paths, volumes)
     sources = list(dict.fromkeys(Path(os.path.abspath(file)) for file, _ in inputs))
@@ -66,8 +69,11 @@ def plan_outputs(
         # `1.2.840.5.5` being two images); a DICOM series' folder keeps its name whole.
         if not source.is_dir():
             name = name.with_name(volume_stem(source) if is_volume(source) else image_stem(source))
-        labels = label_volume_suffix(source) if volumes else ".nii.gz"
-        targets = [folder / f"{name}{labels if suffix == '.nii.gz' else suffix}" for suffix in suffixes]
+        if volumes:  # `.nii.gz`: the label volume in its scan's format
+            mine = {".nii.gz": label_volume_suffix(source)}
+        else:  # `.png`: the mask, in its image's format for a 2-D NIfTI / NRRD / MetaImage image
+            mine = {".png": image_mask_suffix(source)}
+        targets = [folder / f"{name}{mine.get(suffix, suffix)}" for suffix in suffixes]
         for target in targets:
             if target in writers:
                 raise ValueError(

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from ..configuration_imedsam import is_class_aware, window_text
 from ..data import (
-    IMAGE_EXTENSIONS,
     extra_masks,
     folder_class_names,
     image_files_in,
     image_stem,
+    is_image_file,
     is_itk_volume,
     label_classes,
     mask_box,
@@ -77,6 +77,7 @@ from ..volumes import (
     volume_name,
     volume_overlay,
     write_dicom_seg,
+    write_image_mask,
     write_label_volume,
     write_rtstruct,
 )
@@ -123,7 +124,9 @@ class PromptSource:
         be the image's `size` (H, W)."""
         name = f"{image_stem(path)}{self.mask_suffix}"
         candidates = sorted(
-            p for p in Path(folder).glob(f"{glob.escape(name)}.*") if not p.name.startswith(".") and p.stem == name
+            p
+            for p in Path(folder).glob(f"{glob.escape(name)}.*")
+            if not p.name.startswith(".") and image_stem(p) == name
         )
         if not candidates:
             raise ValueError(f"{path}: no mask named {name}.* in {folder}.")
@@ -419,6 +422,12 @@ def run(args: argparse.Namespace, device: str | None) -> int:
         image_plan = (
             plan_outputs(images, args.out, (".png", "_overlay.png") if args.overlay else (".png",)) if images else {}
         )
+        on_grid = next((source for source, targets in image_plan.items() if targets[0].suffix != ".png"), None)
+        if args.output_size and on_grid is not None:
+            raise ValueError(
+                f"--output-size: {on_grid}'s mask is written in its format on its grid (its spacing kept); predict "
+                "such images without --output-size."
+            )
         # What the masks add to their image's stem (ISIC's _segmentation), from the images the plan lists.
         mask_suffix = (
             mask_folder_suffix(map(image_stem, image_plan), masks_folder) if image_plan and masks_folder else ""
@@ -491,19 +500,22 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
                 model, image, **prompt, output_size=grid or (height, width), processor=processor,
                 max_output_pixels=args.max_output_pixels, classes=heads if ids and aware else drawn_for, tta=args.tta,
             )  # fmt: skip
+            as_png = targets[0].suffix == ".png"  # else the image's own format: class ids, binary 0/1
             if ids is None:
-                values = (result.mask > 0).astype(np.uint8) * 255
+                values = (result.mask > 0).astype(np.uint8) * (255 if as_png else 1)
             else:  # one label map of the structures: the most probable prompt wins where masks overlap
                 values = label_map(result.probabilities[:, 0], ids, result.mask.shape[-2:])
-            mask = Image.fromarray(values)
-            if result.grid is not None and result.grid != (mask.size[1], mask.size[0]):
+            if result.grid is not None and result.grid != values.shape:
                 warnings.warn(
                     f"{path}: mask predicted at {result.grid[1]}x{result.grid[0]} and resized to "
-                    f"{mask.size[0]}x{mask.size[1]} (--max-output-pixels)",
+                    f"{values.shape[1]}x{values.shape[0]} (--max-output-pixels)",
                     UserWarning,
                     stacklevel=1,
                 )
-            write_png(mask, targets[0])
+            if as_png:
+                write_png(Image.fromarray(values), targets[0])
+            else:  # a 2-D NIfTI / NRRD / MetaImage image: its mask on its grid, in its format
+                write_image_mask(values, path, targets[0])
             if args.overlay:
                 picture = (
                     image if isinstance(image, Image.Image) else Image.fromarray(to_rgb_array(image).astype(np.uint8))
@@ -655,7 +667,7 @@ def npz_cases_in(raw: str) -> list[Path]:
     if not folder.is_dir() or volumes_in(folder):
         return []
     files = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
+    if any(map(is_image_file, files)):
         return []
     return sorted(p for p in files if p.suffix.lower() == ".npz")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import sys
 from collections.abc import Mapping
@@ -18,11 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from ..data import (
-    IMAGE_EXTENSIONS,
+    IMAGE_KINDS,
     VOLUME_SUFFIXES,
     MaskValuesError,
     class_id_of,
     folder_class_names,
+    image_stem,
+    is_image_file,
     is_itk_volume,
     is_volume,
     mask_folder_suffix,
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(error)
     rows, skipped = [], 0
     masks = kind_of(predictions[0]) == "mask"
-    suffix = mask_folder_suffix([p.stem for p in predictions], args.truth) if masks else ""
+    suffix = mask_folder_suffix([image_stem(p) for p in predictions], args.truth) if masks else ""
     given = set(map(Path, args.predictions))
     for path in predictions:
         try:
@@ -130,10 +133,8 @@ def prediction_files(inputs: list[str]) -> list[Path]:
     for item in map(Path, inputs):
         if item.is_dir():
             volumes = volumes_in(item) or [path for case in case_folders(item) for path in volumes_in(case)]
-            images = sorted(
-                p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-            )
-            stems = {p.stem for p in images}
+            images = sorted(p for p in item.iterdir() if is_image_file(p) and not p.name.startswith("."))
+            stems = {image_stem(p) for p in images}
             images = [p for p in images if not (p.stem.endswith("_overlay") and p.stem[: -len("_overlay")] in stems)]
             cases = sorted(p for p in item.glob("*.npz") if not p.name.startswith("."))
             found.extend(volumes or cases or images)
@@ -144,16 +145,16 @@ def prediction_files(inputs: list[str]) -> list[Path]:
     if not found:
         raise ValueError(
             f"{', '.join(inputs)}: no label volumes ({', '.join(VOLUME_SUFFIXES)}), challenge cases (.npz) or masks "
-            f"({', '.join(IMAGE_EXTENSIONS)})."
+            f"({IMAGE_KINDS})."
         )
     kinds = {kind_of(p) for p in found}
     if len(kinds) > 1:
         raise ValueError(f"the predictions mix {' and '.join(sorted(kinds))}: score each kind on its own.")
-    if kinds == {"mask"} and any(p.suffix.lower() not in IMAGE_EXTENSIONS for p in found):
-        odd = next(p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS)
+    if kinds == {"mask"} and any(not is_image_file(p) for p in found):
+        odd = next(p for p in found if not is_image_file(p))
         raise ValueError(
             f"{odd}: not a label volume ({', '.join(VOLUME_SUFFIXES)}), a challenge case (.npz) or a mask image "
-            f"({', '.join(IMAGE_EXTENSIONS)})."
+            f"({IMAGE_KINDS})."
         )
     return found
 
@@ -203,17 +204,18 @@ def score_one(
         return volume_rows(case, predicted_ids, truth_ids, expected.spacing, wanted, "mm", nsd)
     if path.suffix.lower() == ".npz":
         return case_rows(path, truth, wanted, nsd)
-    candidates = [p for p in truth.glob(f"{path.stem}{suffix}.*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+    name = f"{image_stem(path)}{suffix}"
+    candidates = [p for p in truth.glob(f"{glob.escape(name)}.*") if image_stem(p) == name and is_image_file(p)]
     if len(candidates) != 1:
         what = "no mask" if not candidates else f"{len(candidates)} masks"
-        raise ValueError(f"{path}: {what} named {path.stem}{suffix}.* in `truth` {truth}.")
+        raise ValueError(f"{path}: {what} named {name}.* in `truth` {truth}.")
     predicted, expected, binary = class_maps(path, candidates[0])
     if predicted.shape != expected.shape:
         raise ValueError(
             f"{path}: {predicted.shape[1]}x{predicted.shape[0]}, its truth {candidates[0]} "
             f"{expected.shape[1]}x{expected.shape[0]}: score masks on their image's grid."
         )
-    return image_rows(path.stem, predicted, expected, wanted, binary, nsd)
+    return image_rows(image_stem(path), predicted, expected, wanted, binary, nsd)
 
 
 def volume_rows(

@@ -1,0 +1,168 @@
+"""2-D images stored in NIfTI, NRRD or MetaImage files: grand-challenge.org hands its 2-D tasks' images to algorithms
+as `.mha`, CAMUS keeps its echocardiograms as `.nii.gz`. `imedsam predict x.mha` refused them ("holds 3 values per
+voxel ... not a 3-D volume", "has shape (622, 529), not a 3-D volume"), and `imedsam evaluate` / training said to
+convert a folder of them with `convert volumes`, which refuses 2-D files too."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, tiny_model
+from PIL import Image
+
+from imedsam_hf import IMedSamProcessor
+from imedsam_hf.cli import main
+from imedsam_hf.data import (
+    DataConfig,
+    SegmentationDataset,
+    discover_pairs,
+    image_files_in,
+    image_stem,
+    is_volume,
+    read_mask,
+    records_from_pairs,
+    volumes_in,
+)
+from imedsam_hf.processing_imedsam import is_grid_image, read_grid_image
+from imedsam_hf.volumes import write_image_mask
+
+sitk = importlib.import_module("SimpleITK") if importlib.util.find_spec("SimpleITK") else None
+needs_itk = pytest.mark.skipif(sitk is None, reason="SimpleITK (the [itk] extra) is not installed")
+KVASIR = SHARED_DATA / "Kvasir-SEG-sample"
+
+
+def kvasir_pairs(count: int = 2) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """`(stem, RGB image (H, W, 3), 0/1 mask (H, W))` of the first shared Kvasir-SEG pairs."""
+    pairs = []
+    for path in sorted((KVASIR / "images").iterdir())[:count]:
+        mask = next((KVASIR / "masks").glob(path.stem + ".*"))
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        pairs.append((path.stem, rgb, (np.asarray(Image.open(mask).convert("L")) > 127).astype(np.uint8)))
+    return pairs
+
+
+def save_grid(array: np.ndarray, path: Path, spacing=(0.4, 0.3), origin=(5.0, -2.0)) -> Path:
+    """A 2-D image `(H, W[, 3])` as `path`: NIfTI by nibabel (its first axis across), NRRD / MetaImage by SimpleITK."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith((".nii.gz", ".nii")):
+        affine = np.diag([-spacing[0], -spacing[1], 1.0, 1.0])
+        affine[:2, 3] = origin
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(array.T), affine), str(path))
+    else:
+        image = sitk.GetImageFromArray(array, isVector=array.ndim == 3)
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        sitk.WriteImage(image, str(path))
+    return path
+
+
+@needs_itk
+def test_a_2d_file_in_a_3d_format_is_an_image_read_as_itk_lays_it_out(tmp_path):
+    (stem, rgb, mask), *_ = kvasir_pairs(1)
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    nifti = save_grid(grey, tmp_path / "a" / f"{stem}.nii.gz")
+    mha = save_grid(rgb, tmp_path / "a" / "colour.mha")
+    nrrd = save_grid(grey, tmp_path / "a" / "grey.nrrd")
+    scan = tmp_path / "a" / "scan.nii.gz"  # a scan of one slice stays a scan, as do 3-D files
+    nib.save(nib.Nifti1Image(grey.T[..., None].copy(), np.eye(4)), str(scan))
+    for path in (nifti, mha, nrrd):
+        assert is_grid_image(path) and not is_volume(path)
+    assert not is_grid_image(scan) and is_volume(scan) and not is_grid_image(tmp_path / "a" / "gone.mha")
+    np.testing.assert_array_equal(read_grid_image(nifti), grey)  # rows down, columns across, as SimpleITK reads it
+    np.testing.assert_array_equal(read_grid_image(nifti), sitk.GetArrayFromImage(sitk.ReadImage(str(nifti))))
+    np.testing.assert_array_equal(read_grid_image(mha), rgb)
+    np.testing.assert_array_equal(read_grid_image(nrrd), grey)
+    assert [p.name for p in image_files_in(tmp_path / "a")] == sorted(["colour.mha", f"{stem}.nii.gz", "grey.nrrd"])
+    assert [p.name for p in volumes_in(tmp_path / "a")] == ["scan.nii.gz"]
+    assert image_stem(nifti) == stem and image_stem(mha) == "colour"
+    # A mask stored so is read exactly, and a mask written for an image keeps its grid.
+    save_grid(mask * 3, tmp_path / "m" / f"{stem}.nii.gz")
+    np.testing.assert_array_equal(read_mask(tmp_path / "m" / f"{stem}.nii.gz", 3), mask * 3)
+    for image, suffix in ((mha, ".mha"), (nifti, ".nii.gz"), (nrrd, ".nrrd")):
+        written = write_image_mask(mask, image, tmp_path / "out" / f"x{suffix}")
+        back = sitk.ReadImage(str(written))
+        assert back.GetSpacing() == pytest.approx(sitk.ReadImage(str(image)).GetSpacing())
+        assert back.GetOrigin() == pytest.approx(sitk.ReadImage(str(image)).GetOrigin())
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), mask)
+    with pytest.raises(ValueError, match="does not fit"):
+        write_image_mask(mask[:-1], mha, tmp_path / "out" / "y.mha")
+
+
+@needs_itk
+def test_predict_score_and_training_read_them_as_their_picture_copies(tmp_path, capsys):
+    pairs = kvasir_pairs(2)
+    for folder in ("images", "masks"):
+        (tmp_path / "png" / folder).mkdir(parents=True)
+    for stem, rgb, mask in pairs:
+        Image.fromarray(rgb).save(tmp_path / "png" / "images" / f"{stem}.png")
+        Image.fromarray(mask * 255).save(tmp_path / "png" / "masks" / f"{stem}.png")
+    # grand-challenge's layout: colour .mha images; CAMUS's: .nii.gz images beside their `_gt` masks.
+    first, second = pairs
+    save_grid(first[1], tmp_path / "grid" / "images" / f"{first[0]}.mha")
+    save_grid(first[2], tmp_path / "grid" / "masks" / f"{first[0]}.mha")
+    save_grid(second[1], tmp_path / "grid" / "images" / f"{second[0]}.mha")
+    save_grid(second[2], tmp_path / "grid" / "masks" / f"{second[0]}.nii.gz")
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    base = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu"]
+    for kind in ("png", "grid"):
+        argv = [*base, str(tmp_path / kind / "images"), "--boxes-from-masks", str(tmp_path / kind / "masks")]
+        assert main([*argv, "--out", str(tmp_path / f"P{kind}"), "--overlay"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "Pgrid").iterdir()) == sorted(
+        name for stem, *_ in pairs for name in (f"{stem}.mha", f"{stem}_overlay.png")
+    )
+    for stem, *_ in pairs:
+        written = sitk.ReadImage(str(tmp_path / "Pgrid" / f"{stem}.mha"))
+        assert written.GetSpacing() == pytest.approx((0.4, 0.3)) and written.GetOrigin() == pytest.approx((5, -2))
+        picture = np.asarray(Image.open(tmp_path / "Ppng" / f"{stem}.png"))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(written), picture // 255)  # binary: 0/1, not 0/255
+    argv = [*base, str(tmp_path / "grid" / "images"), "--boxes-from-masks", str(tmp_path / "grid" / "masks")]
+    assert main([*argv, "--out", str(tmp_path / "Q"), "--output-size", "64x64"]) == 2
+    assert "--output-size" in capsys.readouterr().err and not (tmp_path / "Q").exists()
+    # score reads the .mha masks against .mha / .nii.gz truth as the PNGs against theirs.
+    scored = {}
+    for kind in ("png", "grid"):
+        argv = ["score", str(tmp_path / f"P{kind}"), "--truth", str(tmp_path / kind / "masks")]
+        assert main([*argv, "--json", str(tmp_path / f"{kind}.json")]) == 0
+        scored[kind] = json.loads((tmp_path / f"{kind}.json").read_text())["class_mean"]
+    assert scored["grid"] == pytest.approx(scored["png"])
+    # evaluate and training pair and read the folder as they read the pictures.
+    processor = IMedSamProcessor(image_size=64)
+    items = {}
+    for kind in ("png", "grid"):
+        pairs_found, problems = discover_pairs(tmp_path / kind)
+        assert not problems and [p.stem for p in pairs_found] == [stem for stem, *_ in pairs]
+        dataset = SegmentationDataset(records_from_pairs(pairs_found), processor, DataConfig(augment=None))
+        items[kind] = [dataset[i] for i in range(len(dataset))]
+    for png, grid in zip(items["png"], items["grid"], strict=True):
+        for key in ("pixel_values", "labels", "input_boxes"):
+            np.testing.assert_array_equal(grid[key].numpy(), png[key].numpy())
+    # `convert volumes` has nothing to convert, and says why.
+    argv = ["convert", "volumes", "--images", str(tmp_path / "grid" / "images"), "--labels"]
+    assert main([*argv, str(tmp_path / "grid" / "masks"), "--output", str(tmp_path / "slices")]) == 2
+    assert "are 2-D images: training and evaluation read them as they are" in capsys.readouterr().err
+
+
+@needs_itk
+def test_a_ct_slice_in_hounsfield_units_as_mha_is_windowed_as_the_models_training_slices(tmp_path):
+    """The shipped BTCV model records its training window: a 2-D `.mha` CT slice in HU gets it, as its PNG slice
+    (made from the scan with that window) was made."""
+    from imedsam_hf import segment
+
+    png = SHARED_DATA / "BTCV-Synapse-CT" / "images" / "case0002_slice090.png"
+    grey = np.asarray(Image.open(png).convert("L")).astype(np.float32)
+    hu = grey / 255 * 400 - 125  # the BTCV window, -125..275 HU, undone
+    hu[grey == 0], hu[grey == 255] = -1000.0, 1200.0  # air and bone outside it: min-max would not give the PNG
+    mha = save_grid(hu, tmp_path / "slice.mha")
+    truth = read_mask(SHARED_DATA / "BTCV-Synapse-CT" / "masks" / png.name, 13)
+    rows, cols = np.nonzero(truth == 6)  # the liver
+    box = [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]
+    by_mha = segment("imedsam-litemedsam-btcv", mha, box=box, classes=[6])
+    by_png = segment("imedsam-litemedsam-btcv", png, box=box, classes=[6])
+    np.testing.assert_array_equal(by_mha.mask, by_png.mask)
+    assert by_mha.mask.any()
