@@ -352,6 +352,23 @@ def open_image(source: ImageInput) -> Image.Image | np.ndarray:
     return decoded
 
 
+def grid_image_spacing(path: str | os.PathLike) -> tuple[float, float] | None:
+    """A 2-D NIfTI / NRRD / MetaImage image's pixel size `(row, column)` (mm) as its header gives it, in
+    :func:`read_grid_image`'s layout; None for any other file."""
+    if not is_grid_image(path):
+        return None
+    if _grid_format(path) == "nifti":
+        import nibabel as nib
+
+        across, down = nib.load(str(path)).header.get_zooms()[:2]
+    else:
+        reader = require_simpleitk().ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        across, down = reader.GetSpacing()[:2]
+    return float(down), float(across)
+
+
 def image_size(source: ImageInput) -> tuple[int, int]:
     """`(W, H)` of an image (a path is opened: :func:`open_image`), as PIL's `size` gives it, for an array too."""
     image = open_image(source)
@@ -889,6 +906,7 @@ __all__ = [
     "first_line",
     "is_dicom_file",
     "is_dicom_path",
+    "grid_image_spacing",
     "is_grid_image",
     "read_grid_image",
     "require_simpleitk",

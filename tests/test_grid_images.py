@@ -29,7 +29,8 @@ from imedsam_hf.data import (
     records_from_pairs,
     volumes_in,
 )
-from imedsam_hf.processing_imedsam import is_grid_image, read_grid_image
+from imedsam_hf.metrics import segmentation_scores
+from imedsam_hf.processing_imedsam import grid_image_spacing, is_grid_image, read_grid_image
 from imedsam_hf.volumes import write_image_mask
 
 sitk = importlib.import_module("SimpleITK") if importlib.util.find_spec("SimpleITK") else None
@@ -78,6 +79,9 @@ def test_a_2d_file_in_a_3d_format_is_an_image_read_as_itk_lays_it_out(tmp_path):
     np.testing.assert_array_equal(read_grid_image(nifti), sitk.GetArrayFromImage(sitk.ReadImage(str(nifti))))
     np.testing.assert_array_equal(read_grid_image(mha), rgb)
     np.testing.assert_array_equal(read_grid_image(nrrd), grey)
+    for path in (nifti, mha):
+        assert grid_image_spacing(path) == pytest.approx((0.3, 0.4))  # (row, column)
+    assert grid_image_spacing(scan) is None
     assert [p.name for p in image_files_in(tmp_path / "a")] == sorted(["colour.mha", f"{stem}.nii.gz", "grey.nrrd"])
     assert [p.name for p in volumes_in(tmp_path / "a")] == ["scan.nii.gz"]
     assert image_stem(nifti) == stem and image_stem(mha) == "colour"
@@ -124,13 +128,24 @@ def test_predict_score_and_training_read_them_as_their_picture_copies(tmp_path, 
     argv = [*base, str(tmp_path / "grid" / "images"), "--boxes-from-masks", str(tmp_path / "grid" / "masks")]
     assert main([*argv, "--out", str(tmp_path / "Q"), "--output-size", "64x64"]) == 2
     assert "--output-size" in capsys.readouterr().err and not (tmp_path / "Q").exists()
-    # score reads the .mha masks against .mha / .nii.gz truth as the PNGs against theirs.
+    # score reads the .mha masks against .mha / .nii.gz truth as the PNGs against theirs, distances in mm by the
+    # truth's pixel size (0.3 mm a row, 0.4 mm a column).
     scored = {}
     for kind in ("png", "grid"):
         argv = ["score", str(tmp_path / f"P{kind}"), "--truth", str(tmp_path / kind / "masks")]
         assert main([*argv, "--json", str(tmp_path / f"{kind}.json")]) == 0
-        scored[kind] = json.loads((tmp_path / f"{kind}.json").read_text())["class_mean"]
-    assert scored["grid"] == pytest.approx(scored["png"])
+        scored[kind] = json.loads((tmp_path / f"{kind}.json").read_text())
+    assert (scored["png"]["unit"], scored["grid"]["unit"], scored["grid"]["dims"]) == ("px", "mm", 2)
+    assert "2-D scores (distances in mm, NSD at 2 mm)" in capsys.readouterr().out
+    in_mm = []
+    for stem, *_ in pairs:
+        predicted = np.asarray(Image.open(tmp_path / "Ppng" / f"{stem}.png")) > 0
+        truth = np.asarray(Image.open(tmp_path / "png" / "masks" / f"{stem}.png")) > 0
+        stored = next((tmp_path / "grid" / "masks").glob(f"{stem}.*"))  # .mha: 0.3 exactly; .nii.gz: float32's 0.3
+        in_mm.append(segmentation_scores(predicted, truth, spacing=grid_image_spacing(stored)))
+    for metric in ("dice", "hd95", "nsd"):
+        assert scored["grid"]["class_mean"][metric] == pytest.approx(np.mean([row[metric] for row in in_mm]))
+    assert scored["grid"]["class_mean"]["dice"] == pytest.approx(scored["png"]["class_mean"]["dice"])
     # evaluate and training pair and read the folder as they read the pictures.
     processor = IMedSamProcessor(image_size=64)
     items = {}

@@ -2518,6 +2518,6 @@ def test_score_challenge_cases_segs_against_gts(tmp_path, capsys):
     np.savez(tmp_path / "truth" / "XRay_b.npz", gts=gts[2])
     np.savez(tmp_path / "pred" / "XRay_b.npz", segs=segs[2])
     assert cli_main(argv) == 2  # a 2-D and a 3-D case: distances in px and mm, not averaged together
-    assert "score 2-D and 3-D cases apart" in capsys.readouterr().err
+    assert "mix distances (2-D in px and 3-D in mm): score each kind apart" in capsys.readouterr().err
     (tmp_path / "pred" / "CT_a.npz").unlink()
     assert cli_main(argv) == 0 and json.loads((tmp_path / "s.json").read_text())["unit"] == "px"

@@ -33,6 +33,7 @@ from ..data import (
     volumes_in,
 )
 from ..metrics import METRIC_NAMES, aggregate, check_nsd_options, nanmean, segmentation_scores
+from ..processing_imedsam import grid_image_spacing
 from ..volumes import (
     case_folders,
     check_label_volume,
@@ -97,13 +98,12 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:  # a binary mask's one structure is its foreground
         default = "foreground" if row.pop("binary", False) else f"class {row['class']}"
         row["name"] = (names or {}).get(row["class"], default)
-    units = sorted({row.pop("unit") for row in rows})
+    units = sorted({(row.pop("dims"), row.pop("unit")) for row in rows})
     if len(units) > 1:
-        print(
-            f"error: the cases mix distances in {' and '.join(units)}: score 2-D and 3-D cases apart.", file=sys.stderr
-        )
+        mixed = " and ".join(f"{dims}-D in {unit}" for dims, unit in units)
+        print(f"error: the cases mix distances ({mixed}): score each kind apart.", file=sys.stderr)
         return EXIT_NOTHING_DONE
-    summary = summarise(rows, units[0])
+    summary = summarise(rows, units[0][1], units[0][0])
     summary.update(
         nsd_tolerance=args.nsd_tolerance,
         nsd_definition=args.nsd_definition,
@@ -215,7 +215,8 @@ def score_one(
             f"{path}: {predicted.shape[1]}x{predicted.shape[0]}, its truth {candidates[0]} "
             f"{expected.shape[1]}x{expected.shape[0]}: score masks on their image's grid."
         )
-    return image_rows(image_stem(path), predicted, expected, wanted, binary, nsd)
+    spacing = grid_image_spacing(candidates[0])  # a 2-D .mha / .nii.gz truth: distances in mm
+    return image_rows(image_stem(path), predicted, expected, wanted, binary, nsd, spacing)
 
 
 def volume_rows(
@@ -225,14 +226,17 @@ def volume_rows(
     scores = volume_scores(predicted, expected, spacing, wanted, **nsd)
     present = set(np.unique(expected).tolist())
     return [
-        {"case": case, "class": c, "in_truth": c in present, "unit": unit, **values}
+        {"case": case, "class": c, "in_truth": c in present, "dims": 3, "unit": unit, **values}
         for c, values in scores.items()
         if not np.isnan(values["dice"])
     ]
 
 
-def image_rows(case: str, predicted, expected, wanted: list[int] | None, binary: bool, nsd: Mapping) -> list[dict]:
-    """2-D rows of two `(H, W)` label maps (`metrics.segmentation_scores`, pixels)."""
+def image_rows(
+    case: str, predicted, expected, wanted: list[int] | None, binary: bool, nsd: Mapping, spacing=None
+) -> list[dict]:
+    """2-D rows of two `(H, W)` label maps (`metrics.segmentation_scores`): in pixels, or in mm with the truth's
+    `spacing` `(row, column)`."""
     ids = wanted or sorted(int(c) for c in np.union1d(np.unique(predicted), np.unique(expected)) if c > 0)
     return [
         {
@@ -240,8 +244,9 @@ def image_rows(case: str, predicted, expected, wanted: list[int] | None, binary:
             "class": c,
             "binary": binary,
             "in_truth": bool((expected == c).any()),
-            "unit": "px",
-            **segmentation_scores(predicted == c, expected == c, **nsd),
+            "dims": 2,
+            "unit": "px" if spacing is None else "mm",
+            **segmentation_scores(predicted == c, expected == c, spacing, **nsd),
         }
         for c in ids
         if (predicted == c).any() or (expected == c).any()
@@ -280,7 +285,7 @@ def class_maps(predicted: Path, truth: Path) -> tuple[np.ndarray, np.ndarray, bo
         return read_mask(predicted, 255), read_mask(truth, 255), False
 
 
-def summarise(rows: list[dict], unit: str) -> dict:
+def summarise(rows: list[dict], unit: str, dims: int) -> dict:
     """Per structure the mean and standard deviation of each metric over the cases where it is in the prediction or
     the truth (`metrics.aggregate`, as `imedsam evaluate` reports them), and the mean over structures."""
     per_class: dict[int, dict] = {}
@@ -292,6 +297,7 @@ def summarise(rows: list[dict], unit: str) -> dict:
         }
     return {
         "unit": unit,
+        "dims": dims,
         "n_cases": len({row["case"] for row in rows}),
         "per_class": {str(c): v for c, v in per_class.items()},
         "class_mean": {m: nanmean([v[m] for v in per_class.values()]) for m in METRIC_NAMES},
@@ -302,10 +308,7 @@ def summary_lines(summary: Mapping) -> list[str]:
     """The table `imedsam score` prints."""
     unit = summary["unit"]
     tolerance = f"{summary['nsd_tolerance']:g} {unit}" + (", surfels" if summary["nsd_definition"] == "surfels" else "")
-    lines = [
-        f"{summary['n_cases']} cases, {'2-D' if unit == 'px' else '3-D'} scores (distances in {unit}, NSD at "
-        f"{tolerance}):"
-    ]
+    lines = [f"{summary['n_cases']} cases, {summary['dims']}-D scores (distances in {unit}, NSD at {tolerance}):"]
     for class_id, v in summary["per_class"].items():
         lines.append(
             f"  {class_id:>3} {v['name']:<28} n={v['n']:>4}  Dice {v['dice']:.4f}"
