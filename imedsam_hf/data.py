@@ -410,23 +410,47 @@ def _files_by_stem(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
+def _one_suffix(images: set[str], masks: Iterable[str], shortest: bool = False) -> str:
+    """The one suffix (from `_` or `-`) the `masks` named after one of `images` add to its stem (the longest image
+    stem each extends, or the `shortest`), further masks `<suffix>_<n>` counted as the suffix; `""` for none or two
+    unrelated ones."""
+    suffixes = set()
+    for stem in masks:
+        cuts = [i for i, character in enumerate(stem) if character in "_-" and stem[:i] in images]
+        if cuts:
+            suffixes.add(stem[(min(cuts) if shortest else max(cuts)) :])
+    bases = [s for s in suffixes if all(t == s or re.fullmatch(re.escape(s) + r"_\d+", t) for t in suffixes)]
+    return bases[0] if len(bases) == 1 else ""
+
+
+def masks_beside_images(stems: Iterable[str]) -> tuple[str, set[str]]:
+    """
+    A folder keeping masks beside their images (BUSI's `benign (1).png` beside `benign (1)_mask.png`, CAMUS's
+    `x_2CH_ED.nii.gz` beside `x_2CH_ED_gt.nii.gz`), by its files' stems: the suffix its masks add to their image's
+    stem (:func:`mask_name_suffix`'s conventions) and the stems that are masks (further masks, `_mask_1`, included);
+    `("", set())` when no one convention fits.
+    """
+    stems = set(stems)
+    suffix = _one_suffix(stems, stems, shortest=True)  # `x_mask_1` extends `x`, not `x_mask`
+    pattern = re.compile(r"(?P<image>.+)" + re.escape(suffix) + r"(_\d+)?")
+    masks = {s for s in stems if (match := pattern.fullmatch(s)) and match["image"] in stems} if suffix else set()
+    return suffix, masks
+
+
 def mask_name_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> str:
     """
     What a folder's masks add to their image's stem: `""` when masks are named like their images (or no one
     convention fits), else the one suffix, starting with `_` or `-`, that every mask named after an image adds to
     it: ISIC's `_segmentation`, PH2's `_lesion`, BUSI's `_mask` (whose further masks of one image, `_mask_1`, are
-    `extra_masks`). Masks named after no image do not count; two unrelated suffixes are no convention (`""`).
+    `extra_masks`). Masks named after no image do not count; two unrelated suffixes are no convention (`""`). A
+    masks folder that holds the images too (:func:`masks_beside_images`) has its masks' suffix: a file named like an
+    image with a mask of its own beside it is that image, not its mask.
     """
-    images, masks = set(image_stems), list(mask_stems)
-    if images & set(masks):
-        return ""
-    suffixes = set()
-    for stem in masks:
-        cuts = [i for i, character in enumerate(stem) if character in "_-" and stem[:i] in images]
-        if cuts:
-            suffixes.add(stem[max(cuts) :])  # the longest image stem it extends
-    bases = [s for s in suffixes if all(t == s or re.fullmatch(re.escape(s) + r"_\d+", t) for t in suffixes)]
-    return bases[0] if len(bases) == 1 else ""
+    images, masks = set(image_stems), set(mask_stems)
+    if not images & masks:
+        return _one_suffix(images, masks)
+    beside, _ = masks_beside_images(masks)
+    return beside if beside and all(f"{stem}{beside}" in masks for stem in images & masks) else ""
 
 
 def extra_masks(suffix: str, mask_stems: Iterable[str]) -> dict[str, list[str]]:
@@ -1697,6 +1721,7 @@ __all__ = [
     "IMAGE_KINDS",
     "LABEL_VOLUME_SUFFIXES",
     "image_mask_suffix",
+    "masks_beside_images",
     "is_image_file",
     "NIFTI_SUFFIXES",
     "VOLUME_SUFFIXES",

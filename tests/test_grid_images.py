@@ -181,3 +181,35 @@ def test_a_ct_slice_in_hounsfield_units_as_mha_is_windowed_as_the_models_trainin
     by_png = segment("imedsam-litemedsam-btcv", png, box=box, classes=[6])
     np.testing.assert_array_equal(by_mha.mask, by_png.mask)
     assert by_mha.mask.any()
+
+
+@needs_itk
+def test_masks_kept_beside_their_images_prompt_them_and_are_neither_inputs_nor_truth_for_them(tmp_path, capsys):
+    """BUSI keeps `benign (1)_mask.png` beside `benign (1).png`, CAMUS `x_2CH_ED_gt.nii.gz` beside `x_2CH_ED.nii.gz`.
+    predict on such a folder segmented the masks as images (each its own prompt) and refused the images ("256
+    distinct values in a mask read as binary": each image taken as its own mask); score paired those predictions
+    with the masks of their names and printed a Dice."""
+    pairs = kvasir_pairs(2)
+    busi, camus = tmp_path / "busi" / "benign", tmp_path / "camus" / "patient0001"
+    busi.mkdir(parents=True)
+    for index, (stem, rgb, mask) in enumerate(pairs, 1):
+        grey = np.asarray(Image.fromarray(rgb).convert("L"))
+        Image.fromarray(grey).save(busi / f"benign ({index}).png")
+        Image.fromarray(mask * 255).save(busi / f"benign ({index})_mask.png")
+        save_grid(grey, camus / f"{stem}_2CH_ED.nii.gz")
+        save_grid(mask, camus / f"{stem}_2CH_ED_gt.nii.gz")
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    scored = {}
+    for folder, written in (
+        (busi, ["benign (1).png", "benign (2).png"]),
+        (camus, [f"{s}_2CH_ED.nii.gz" for s, *_ in pairs]),
+    ):
+        out = tmp_path / f"P_{folder.parent.name}"
+        argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(folder)]
+        assert main([*argv, "--boxes-from-masks", str(folder), "--out", str(out)]) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == sorted(written)
+        assert main(["score", str(out), "--truth", str(folder), "--json", str(out.with_suffix(".json"))]) == 0
+        scored[folder.parent.name] = json.loads(out.with_suffix(".json").read_text())
+    assert scored["busi"]["n_cases"] == scored["camus"]["n_cases"] == 2
+    # The same images and masks: the same Dice, read as pictures or as NIfTI files.
+    assert scored["camus"]["class_mean"]["dice"] == pytest.approx(scored["busi"]["class_mean"]["dice"])

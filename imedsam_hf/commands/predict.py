@@ -35,6 +35,7 @@ from ..data import (
     mask_box,
     mask_clicks,
     mask_folder_suffix,
+    masks_beside_images,
     read_class_names,
     read_mask,
     volumes_in,
@@ -422,6 +423,14 @@ def run(args: argparse.Namespace, device: str | None) -> int:
         image_plan = (
             plan_outputs(images, args.out, (".png", "_overlay.png") if args.overlay else (".png",)) if images else {}
         )
+        if image_plan and masks_folder:  # masks kept beside their images (BUSI, CAMUS) are prompts, not inputs
+            _, beside = masks_beside_images(image_stem(path) for path in image_files_in(masks_folder))
+            held = Path(masks_folder).resolve()
+            image_plan = {
+                source: targets
+                for source, targets in image_plan.items()
+                if not (source.parent.resolve() == held and image_stem(source) in beside)
+            }
         on_grid = next((source for source, targets in image_plan.items() if targets[0].suffix != ".png"), None)
         if args.output_size and on_grid is not None:
             raise ValueError(
