@@ -290,6 +290,26 @@ def find_layout(data_dir: str | os.PathLike) -> tuple[Path, Path]:
     )
 
 
+def find_layouts(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """
+    The `(images, masks)` folders of a dataset folder: :func:`find_layout`'s one pair, or else folders that keep
+    their masks beside their images (:func:`masks_beside_images`), each its own images and masks folder: the dataset
+    folder itself, or its sub-folders (BUSI's `benign/`, `malignant/`, `normal/`, each holding `benign (1).png`
+    beside `benign (1)_mask.png`). A ValueError listing the layouts looked for when there is none.
+    """
+    try:
+        return [find_layout(data_dir)]
+    except ValueError:
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise
+        for candidates in ([root], sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))):
+            beside = [folder for folder in candidates if masks_beside_images(_files_by_stem(folder))[1]]
+            if beside:
+                return [(folder, folder) for folder in beside]
+        raise
+
+
 # Words that name a folder of inputs or of ground-truth masks (ISIC's `ISIC2018_Task1-2_Training_Input/` and
 # `ISIC2018_Task1_Training_GroundTruth/`), for `data_dir`s in none of the `LAYOUTS`.
 INPUT_WORDS = ("input", "image", "img")
@@ -450,7 +470,7 @@ def mask_name_suffix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> s
     if not images & masks:
         return _one_suffix(images, masks)
     beside, _ = masks_beside_images(masks)
-    return beside if beside and all(f"{stem}{beside}" in masks for stem in images & masks) else ""
+    return beside if beside and any(f"{stem}{beside}" in masks for stem in images & masks) else ""
 
 
 def extra_masks(suffix: str, mask_stems: Iterable[str]) -> dict[str, list[str]]:
@@ -470,21 +490,23 @@ def mask_folder_suffix(image_stems: Iterable[str], mask_dir: str | os.PathLike) 
     return mask_name_suffix(image_stems, _files_by_stem(Path(mask_dir)))
 
 
-def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair], list[DataProblem]]:
-    """
-    Pair every image with the mask of the same stem, or of its stem and the folder's one mask suffix
-    (`mask_name_suffix`: ISIC's `x_segmentation.png` for `x.jpg`): one image per mask. Images without a mask, and
-    stems that two images (`x.jpg`, `x.png`: one mask for both) or two masks share, are problems naming every file;
-    none is used.
-    """
-    image_dir, mask_dir = find_layout(data_dir)
+def _folder_pairs(
+    data_dir: str | os.PathLike, image_dir: Path, mask_dir: Path
+) -> tuple[list[SegmentationPair], list[DataProblem]]:
+    """:func:`discover_pairs` in one images folder and its masks folder (the same folder where masks are kept beside
+    their images)."""
     masks, images = _files_by_stem(mask_dir), _files_by_stem(image_dir)
-    if not set(images) & set(masks) and structure_masks(list(images), mask_dir):
+    if image_dir == mask_dir:  # masks kept beside their images (BUSI's class folders, CAMUS)
+        suffix, held = masks_beside_images(masks)
+        images = {stem: paths for stem, paths in images.items() if stem not in held}
+        masks = {stem: paths for stem, paths in masks.items() if stem in held}
+    elif not set(images) & set(masks) and structure_masks(list(images), mask_dir):
         raise ValueError(
             f"`data_dir` {data_dir}: {mask_dir} holds one mask per structure (<image stem>_<structure>_<NNN>.png). "
             f"Convert it to class-id masks first: imedsam convert structure-masks --data-dir {data_dir} --output DIR."
         )
-    suffix = mask_name_suffix(images, masks)
+    else:
+        suffix = mask_name_suffix(images, masks)
     extras = extra_masks(suffix, masks) if suffix else {}
     if suffix:
         masks = {stem[: -len(suffix)]: paths for stem, paths in masks.items() if stem.endswith(suffix)}
@@ -516,6 +538,32 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
             problems.append(DataProblem(str(paths[0]), f"{len(candidates)} masks share its stem ({listed}): keep one."))
         else:
             pairs.append(SegmentationPair(stem, str(paths[0]), str(candidates[0])))
+    return pairs, problems
+
+
+def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair], list[DataProblem]]:
+    """
+    Pair every image with the mask of the same stem, or of its stem and the folder's one mask suffix
+    (`mask_name_suffix`: ISIC's `x_segmentation.png` for `x.jpg`): one image per mask. Images without a mask, and
+    stems that two images (`x.jpg`, `x.png`: one mask for both) or two masks share, are problems naming every file;
+    none is used. In the folders of :func:`find_layouts` (BUSI's class folders, masks beside their images), a stem
+    two folders share is a problem too.
+    """
+    layouts = find_layouts(data_dir)
+    pairs, problems = [], []
+    for image_dir, mask_dir in layouts:
+        found, trouble = _folder_pairs(data_dir, image_dir, mask_dir)
+        pairs.extend(found)
+        problems.extend(trouble)
+    if len(layouts) > 1:  # BUSI's class folders: one stem names one image in the splits
+        clashing = {stem for stem, count in Counter(pair.stem for pair in pairs).items() if count > 1}
+        problems.extend(
+            DataProblem(pair.image, f"another folder of {data_dir} holds an image of this stem; rename one of them.")
+            for pair in pairs
+            if pair.stem in clashing
+        )
+        pairs = [pair for pair in pairs if pair.stem not in clashing]
+    image_dir = layouts[0][0]
     if not pairs and not problems:
         raise ValueError(
             f"`data_dir` {data_dir}: {image_dir} holds no images ({IMAGE_KINDS})." + volumes_hint(Path(data_dir))
@@ -1720,6 +1768,7 @@ __all__ = [
     "ITK_SUFFIXES",
     "IMAGE_KINDS",
     "LABEL_VOLUME_SUFFIXES",
+    "find_layouts",
     "image_mask_suffix",
     "masks_beside_images",
     "is_image_file",

@@ -213,3 +213,27 @@ def test_masks_kept_beside_their_images_prompt_them_and_are_neither_inputs_nor_t
     assert scored["busi"]["n_cases"] == scored["camus"]["n_cases"] == 2
     # The same images and masks: the same Dice, read as pictures or as NIfTI files.
     assert scored["camus"]["class_mean"]["dice"] == pytest.approx(scored["busi"]["class_mean"]["dice"])
+
+
+def test_a_busi_download_trains_and_evaluates_as_it_is_unpacked(tmp_path, capsys):
+    """BUSI unpacks as `Dataset_BUSI_with_GT/{benign,malignant,normal}/`, each image's mask beside it: training and
+    evaluate refused it ("no image/mask folders found") until moved into images/ + masks/ by hand."""
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    pairs = kvasir_pairs(3)
+    for folder, index, (_, rgb, mask) in zip(("benign", "benign", "malignant"), (1, 2, 1), pairs, strict=True):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).convert("L").save(root / folder / f"{folder} ({index}).png")
+        Image.fromarray(mask * 255).save(root / folder / f"{folder} ({index})_mask.png")
+    Image.fromarray(pairs[0][2] * 255).save(root / "malignant" / "malignant (1)_mask_1.png")  # a second lesion
+    (root / "normal").mkdir()
+    Image.fromarray(pairs[1][1]).convert("L").save(root / "normal" / "normal (1).png")
+    Image.fromarray(np.zeros(pairs[1][2].shape, np.uint8)).save(root / "normal" / "normal (1)_mask.png")
+    found, problems = discover_pairs(root)
+    assert [pair.stem for pair in found] == ["benign (1)", "benign (2)", "normal (1)"]
+    assert [pair.mask for pair in found] == [str(root / f) for f in ("benign/benign (1)_mask.png",
+        "benign/benign (2)_mask.png", "normal/normal (1)_mask.png")]  # fmt: skip
+    assert len(problems) == 1 and "2 masks (malignant (1)_mask, malignant (1)_mask_1)" in problems[0].reason
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--data-dir", str(root), "--split", "all"]
+    assert main([*argv, "--device", "cpu", "--json", str(tmp_path / "e.json")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "e.json").read_text())["n_images"] == 3

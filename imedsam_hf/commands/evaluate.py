@@ -16,7 +16,7 @@ import torch
 from ..data import (
     dataset_records,
     discover_pairs,
-    find_layout,
+    find_layouts,
     labelled_splits,
     open_dataset,
     read_scan_spacing,
@@ -77,7 +77,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
                 f"--split all for {'a folder' if args.data_dir is not None else 'a dataset'} it was not trained on."
             )
     if args.data_dir is not None:
-        find_layout(args.data_dir)  # a missing or unrecognised folder, before the model is loaded
+        find_layouts(args.data_dir)  # a missing or unrecognised folder, before the model is loaded
     else:  # the dataset and its columns, before the model is loaded
         # With --split, rows read and named as the training run did (its splits.json says how), unless told
         recorded = split_metadata(split_file) if split_file is not None else {}
