@@ -15,8 +15,10 @@ is read with is always fatal: the whole folder is likely encoded that way, and s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import glob
 import json
 import math
 import os
@@ -165,6 +167,7 @@ LAYOUTS = (
     ("image", "mask"),
     ("TrainDataset/images", "TrainDataset/masks"),
     ("Original", "Ground Truth"),
+    ("imagesTr", "labelsTr"),  # nnU-Net's 2-D data sets: `imagesTr/<case>_0000.png`, `labelsTr/<case>.png`
 )
 SPLITS = ("train", "validation", "test")
 ALL_CLASSES = -1  # a sample's class id when it carries every class of its image as a prompt
@@ -443,6 +446,61 @@ def _one_suffix(images: set[str], masks: Iterable[str], shortest: bool = False) 
     return bases[0] if len(bases) == 1 else ""
 
 
+# nnU-Net / Medical Segmentation Decathlon image names carry a channel: `la_003_0000.nii.gz`, its labels `la_003.nii.gz`
+# (2-D data sets too: `imagesTr/<case>_0000.png`, `labelsTr/<case>.png`).
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def mask_names(image_stem: str, suffix: str = "") -> list[str]:
+    """The stems a 2-D image's mask may have, in the order looked for: the image's and its folder's mask `suffix`
+    (:func:`mask_name_suffix`), then for nnU-Net's `<case>_0000` image the case's (`labelsTr/<case>.png`)."""
+    match = CHANNEL_SUFFIX.match(image_stem)
+    return [f"{image_stem}{suffix}"] + ([match["case"]] if match and not suffix else [])
+
+
+def masks_named(folder: str | os.PathLike, stem: str, suffix: str = "") -> tuple[str, list[Path]]:
+    """The mask files (images by :func:`is_image_file`, not hidden) in `folder` of the first of :func:`mask_names`
+    of the image `stem` that has any, and that name; the first name and no files when none has."""
+    names = mask_names(stem, suffix)
+    for name in names:
+        found = sorted(
+            path
+            for path in Path(folder).glob(f"{glob.escape(name)}.*")
+            if not path.name.startswith(".") and image_stem(path) == name and is_image_file(path)
+        )
+        if found:
+            return name, found
+    return names[0], []
+
+
+def _nnunet_cases(
+    images: dict[str, list[Path]], masks: Mapping[str, list[Path]]
+) -> tuple[dict[str, list[Path]], list[DataProblem]]:
+    """nnU-Net's 2-D images `<case>_0000.png` (masks `<case>.png`) by their case; a case of several channels
+    (`_0000`, `_0001`: two inputs of one case) is a problem naming them. `images` as they are unless every stem has a
+    channel and some case has a mask."""
+    matches = {stem: CHANNEL_SUFFIX.match(stem) for stem in images}
+    if not images or not all(matches.values()) or not any(m["case"] in masks for m in matches.values()):
+        return images, []
+    by_case: dict[str, list[str]] = {}
+    for stem, match in matches.items():
+        by_case.setdefault(match["case"], []).append(stem)
+    cases, problems = {}, []
+    for case, stems in by_case.items():
+        if len(stems) == 1:
+            cases[case] = images[stems[0]]
+            continue
+        listed = ", ".join(str(images[stem][0].name) for stem in sorted(stems))
+        problems.append(
+            DataProblem(
+                str(images[sorted(stems)[0]][0]),
+                f"{len(stems)} channels of case {case} ({listed}): one image a case is read (a colour image is one "
+                "file, `_0000`); keep one channel.",
+            )
+        )
+    return cases, problems
+
+
 def masks_beside_images(stems: Iterable[str]) -> tuple[str, set[str]]:
     """
     A folder keeping masks beside their images (BUSI's `benign (1).png` beside `benign (1)_mask.png`, CAMUS's
@@ -507,10 +565,12 @@ def _folder_pairs(
         )
     else:
         suffix = mask_name_suffix(images, masks)
+    pairs, problems = [], []
+    if not suffix and not set(images) & set(masks):  # nnU-Net's `<case>_0000.png` with `<case>.png`
+        images, problems = _nnunet_cases(images, masks)
     extras = extra_masks(suffix, masks) if suffix else {}
     if suffix:
         masks = {stem[: -len(suffix)]: paths for stem, paths in masks.items() if stem.endswith(suffix)}
-    pairs, problems = [], []
     for stem, paths in images.items():
         candidates = masks.get(stem, [])
         further = extras.get(stem, [])
@@ -595,7 +655,8 @@ def class_id_of(value: str | int, class_names: Mapping[int, str], argument: str)
 def read_class_names(data_dir: str | os.PathLike) -> dict[int, str] | None:
     """
     The class names of a multi-class folder, from its `classes.json`, or `id2label.json` (transformers'
-    semantic-segmentation convention) (`read_class_file`). None when the folder has neither.
+    semantic-segmentation convention), or an nnU-Net / MSD `dataset.json` (`class_file`, `read_class_file`). None
+    when the folder has none.
     """
     path = class_file(data_dir)
     return None if path is None else read_class_file(path)
@@ -682,17 +743,19 @@ def folder_class_names(folder: str | os.PathLike) -> dict[int, str] | None:
     it (BTCV's layout), or the MSD / nnU-Net `dataset.json` beside it (`labelsTr`'s parent); None without any.
     """
     folder = Path(folder)
-    for place in (folder, folder.parent):
-        names = read_class_names(place)
-        if names:
-            return names
-    beside = folder.parent / "dataset.json"
-    return read_class_file(beside) if beside.is_file() else None
+    return read_class_names(folder) or read_class_names(folder.parent)
 
 
 def class_file(folder: str | os.PathLike) -> Path | None:
-    """The file naming a folder's classes: its `classes.json`, else its `id2label.json`; None without either."""
-    return next((Path(folder) / n for n in ("classes.json", "id2label.json") if (Path(folder) / n).is_file()), None)
+    """The file naming a folder's classes: its `classes.json`, else its `id2label.json`, else the Medical
+    Segmentation Decathlon / nnU-Net `dataset.json` of a data set's folder (one with `"labels"`); None without any."""
+    found = next((Path(folder) / n for n in ("classes.json", "id2label.json") if (Path(folder) / n).is_file()), None)
+    dataset = Path(folder) / "dataset.json"
+    if found is None and dataset.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            content = json.loads(dataset.read_text())
+            found = dataset if isinstance(content, dict) and "labels" in content else None
+    return found
 
 
 def dataset_class_names(name: str) -> dict[int, str] | None:
@@ -1768,7 +1831,10 @@ __all__ = [
     "ITK_SUFFIXES",
     "IMAGE_KINDS",
     "LABEL_VOLUME_SUFFIXES",
+    "CHANNEL_SUFFIX",
     "find_layouts",
+    "mask_names",
+    "masks_named",
     "image_mask_suffix",
     "masks_beside_images",
     "is_image_file",

@@ -84,6 +84,7 @@ from tqdm.auto import tqdm
 
 from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window, window_text
 from .data import (
+    CHANNEL_SUFFIX,
     NIFTI_SUFFIXES,
     PICTURE_EXTENSIONS,
     STRUCTURE_ABBREVIATIONS,
@@ -2807,8 +2808,6 @@ def volume_name(path: str | os.PathLike) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- to slices
-# nnU-Net / Medical Segmentation Decathlon image names carry a channel: `la_003_0000.nii.gz`, its labels `la_003.nii.gz`.
-CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 #: What a label volume's name adds to its scan's where a data set names them so (ACDC's `patient001_frame01_gt`,
 #: PROMISE12's `Case00_segmentation`, BraTS-style `_seg`), looked for after the scan's own name.

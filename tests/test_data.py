@@ -79,7 +79,7 @@ def test_missing_folder_and_layout_errors(tmp_path):
     expected = (
         f"imedsam convert volumes --images {tmp_path / 'msd' / 'imagesTr'} --labels {tmp_path / 'msd' / 'labelsTr'}"
     )
-    with pytest.raises(ValueError, match="no image/mask folders") as error:
+    with pytest.raises(ValueError, match="imagesTr holds no images") as error:  # nnU-Net's folders, not 2-D ones
         discover_pairs(tmp_path / "msd")
     assert expected in str(error.value)
     for folder in ("images", "masks"):

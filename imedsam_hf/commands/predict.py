@@ -35,7 +35,9 @@ from ..data import (
     mask_box,
     mask_clicks,
     mask_folder_suffix,
+    mask_names,
     masks_beside_images,
+    masks_named,
     read_class_names,
     read_mask,
     volumes_in,
@@ -121,16 +123,12 @@ class PromptSource:
         return self.boxes_from_masks or self.points_from_masks
 
     def mask_of(self, path: Path, folder: str, size: tuple[int, int]) -> np.ndarray:
-        """The mask named like `path` (its stem and the folder's `mask_suffix`) in `folder` as class ids, checked to
-        be the image's `size` (H, W)."""
-        name = f"{image_stem(path)}{self.mask_suffix}"
-        candidates = sorted(
-            p
-            for p in Path(folder).glob(f"{glob.escape(name)}.*")
-            if not p.name.startswith(".") and image_stem(p) == name
-        )
+        """The mask named like `path` (its stem and the folder's `mask_suffix`, or nnU-Net's case of `<case>_0000`:
+        `data.masks_named`) in `folder` as class ids, checked to be the image's `size` (H, W)."""
+        name, candidates = masks_named(folder, image_stem(path), self.mask_suffix)
         if not candidates:
-            raise ValueError(f"{path}: no mask named {name}.* in {folder}.")
+            looked = " or ".join(f"{n}.*" for n in mask_names(image_stem(path), self.mask_suffix))
+            raise ValueError(f"{path}: no mask named {looked} in {folder}.")
         if self.mask_suffix:  # BUSI's second lesion, x_mask_1.png beside x_mask.png: not half the prompts
             listed = (p.stem for p in Path(folder).glob(f"{glob.escape(name)}_*"))
             further = extra_masks(self.mask_suffix, listed).get(image_stem(path), [])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import sys
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from ..data import (
     is_itk_volume,
     is_volume,
     mask_folder_suffix,
+    masks_named,
     read_mask,
     volumes_in,
 )
@@ -204,8 +204,7 @@ def score_one(
         return volume_rows(case, predicted_ids, truth_ids, expected.spacing, wanted, "mm", nsd)
     if path.suffix.lower() == ".npz":
         return case_rows(path, truth, wanted, nsd)
-    name = f"{image_stem(path)}{suffix}"
-    candidates = [p for p in truth.glob(f"{glob.escape(name)}.*") if image_stem(p) == name and is_image_file(p)]
+    name, candidates = masks_named(truth, image_stem(path), suffix)
     if len(candidates) != 1:
         what = "no mask" if not candidates else f"{len(candidates)} masks"
         raise ValueError(f"{path}: {what} named {name}.* in `truth` {truth}.")

@@ -1,0 +1,117 @@
+"""2-D data sets as they unpack: BUSI's class folders with each mask beside its image, CAMUS's `_gt` frames,
+nnU-Net's 2-D `imagesTr/<case>_0000.png` with `labelsTr/<case>.png` and a `dataset.json`. Each was refused ("no
+image/mask folders found", "no mask named <case>_0000.*") or, worse, segmented its masks as images and scored them,
+until moved into `images/` + `masks/` by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_model
+from PIL import Image
+from test_grid_images import kvasir_pairs, needs_itk, save_grid
+
+from imedsam_hf.cli import main
+from imedsam_hf.data import discover_pairs, read_class_names
+
+
+@needs_itk
+def test_masks_kept_beside_their_images_prompt_them_and_are_neither_inputs_nor_truth_for_them(tmp_path, capsys):
+    """BUSI keeps `benign (1)_mask.png` beside `benign (1).png`, CAMUS `x_2CH_ED_gt.nii.gz` beside `x_2CH_ED.nii.gz`.
+    predict on such a folder segmented the masks as images (each its own prompt) and refused the images ("256
+    distinct values in a mask read as binary": each image taken as its own mask); score paired those predictions
+    with the masks of their names and printed a Dice."""
+    pairs = kvasir_pairs(2)
+    busi, camus = tmp_path / "busi" / "benign", tmp_path / "camus" / "patient0001"
+    busi.mkdir(parents=True)
+    for index, (stem, rgb, mask) in enumerate(pairs, 1):
+        grey = np.asarray(Image.fromarray(rgb).convert("L"))
+        Image.fromarray(grey).save(busi / f"benign ({index}).png")
+        Image.fromarray(mask * 255).save(busi / f"benign ({index})_mask.png")
+        save_grid(grey, camus / f"{stem}_2CH_ED.nii.gz")
+        save_grid(mask, camus / f"{stem}_2CH_ED_gt.nii.gz")
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    scored = {}
+    for folder, written in (
+        (busi, ["benign (1).png", "benign (2).png"]),
+        (camus, [f"{s}_2CH_ED.nii.gz" for s, *_ in pairs]),
+    ):
+        out = tmp_path / f"P_{folder.parent.name}"
+        argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(folder)]
+        assert main([*argv, "--boxes-from-masks", str(folder), "--out", str(out)]) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == sorted(written)
+        assert main(["score", str(out), "--truth", str(folder), "--json", str(out.with_suffix(".json"))]) == 0
+        scored[folder.parent.name] = json.loads(out.with_suffix(".json").read_text())
+    assert scored["busi"]["n_cases"] == scored["camus"]["n_cases"] == 2
+    # The same images and masks: the same Dice, read as pictures or as NIfTI files.
+    assert scored["camus"]["class_mean"]["dice"] == pytest.approx(scored["busi"]["class_mean"]["dice"])
+
+
+def test_a_busi_download_trains_and_evaluates_as_it_is_unpacked(tmp_path, capsys):
+    """BUSI unpacks as `Dataset_BUSI_with_GT/{benign,malignant,normal}/`, each image's mask beside it: training and
+    evaluate refused it ("no image/mask folders found") until moved into images/ + masks/ by hand."""
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    pairs = kvasir_pairs(3)
+    for folder, index, (_, rgb, mask) in zip(("benign", "benign", "malignant"), (1, 2, 1), pairs, strict=True):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).convert("L").save(root / folder / f"{folder} ({index}).png")
+        Image.fromarray(mask * 255).save(root / folder / f"{folder} ({index})_mask.png")
+    Image.fromarray(pairs[0][2] * 255).save(root / "malignant" / "malignant (1)_mask_1.png")  # a second lesion
+    (root / "normal").mkdir()
+    Image.fromarray(pairs[1][1]).convert("L").save(root / "normal" / "normal (1).png")
+    Image.fromarray(np.zeros(pairs[1][2].shape, np.uint8)).save(root / "normal" / "normal (1)_mask.png")
+    found, problems = discover_pairs(root)
+    assert [pair.stem for pair in found] == ["benign (1)", "benign (2)", "normal (1)"]
+    assert [pair.mask for pair in found] == [str(root / f) for f in ("benign/benign (1)_mask.png",
+        "benign/benign (2)_mask.png", "normal/normal (1)_mask.png")]  # fmt: skip
+    assert len(problems) == 1 and "2 masks (malignant (1)_mask, malignant (1)_mask_1)" in problems[0].reason
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--data-dir", str(root), "--split", "all"]
+    assert main([*argv, "--device", "cpu", "--json", str(tmp_path / "e.json")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "e.json").read_text())["n_images"] == 3
+
+
+def nnunet_dataset(root: Path) -> list[str]:
+    """nnU-Net v2's 2-D layout of two Kvasir pairs (RGB `_0000.png`, 0/1 labels, `dataset.json`), and a case of two
+    channels; the single-channel cases."""
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / folder).mkdir(parents=True)
+    cases = []
+    for stem, rgb, mask in kvasir_pairs(2):
+        Image.fromarray(rgb).save(root / "imagesTr" / f"{stem}_0000.png")
+        Image.fromarray(rgb).save(root / "imagesTs" / f"{stem}_0000.png")
+        Image.fromarray(mask).save(root / "labelsTr" / f"{stem}.png")
+        cases.append(stem)
+    grey = np.full((32, 32), 90, np.uint8)
+    for channel in ("0000", "0001"):
+        Image.fromarray(grey).save(root / "imagesTr" / f"two_{channel}.png")
+    Image.fromarray((grey > 0).astype(np.uint8)).save(root / "labelsTr" / "two.png")
+    labels = {"channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {"background": 0, "polyp": 1}}
+    (root / "dataset.json").write_text(json.dumps({**labels, "numTraining": 3, "file_ending": ".png"}))
+    return cases
+
+
+def test_an_nnunet_2d_data_set_trains_evaluates_predicts_and_scores_as_it_is(tmp_path, capsys):
+    root = tmp_path / "Dataset901_Kvasir"
+    cases = nnunet_dataset(root)
+    found, problems = discover_pairs(root)
+    assert [pair.stem for pair in found] == cases  # named by case, as nnU-Net names them
+    assert [Path(pair.mask).name for pair in found] == [f"{case}.png" for case in cases]
+    assert len(problems) == 1 and "2 channels of case two (two_0000.png, two_0001.png)" in problems[0].reason
+    assert read_class_names(root) == {1: "polyp"}  # the dataset.json's labels
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--device", "cpu", "--data-dir", str(root)]
+    assert main([*argv, "--split", "all", "--json", str(tmp_path / "e.json")]) == 0, capsys.readouterr().err
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["n_images"] == 2
+    argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(root / "imagesTs")]
+    assert main([*argv, "--boxes-from-masks", str(root / "labelsTr"), "--out", str(tmp_path / "P")]) == 0
+    assert sorted(p.name for p in (tmp_path / "P").iterdir()) == [f"{case}_0000.png" for case in cases]
+    argv = ["score", str(tmp_path / "P"), "--truth", str(root / "labelsTr"), "--json", str(tmp_path / "s.json")]
+    assert main(argv) == 0
+    scored = json.loads((tmp_path / "s.json").read_text())
+    assert scored["per_class"]["1"]["name"] == "polyp" and scored["n_cases"] == 2
+    assert scored["class_mean"]["dice"] == pytest.approx(evaluated["results"]["native"]["dice"], abs=1e-6)
