@@ -822,9 +822,12 @@ def _scored(
     options = protocol.pair_options()
     first = str(parse_size(protocol.output_sizes[0]))
     names = dict(protocol.class_names) if protocol.class_names else None
+    # Per-scan scores where the images are slices of scans (BTCV's `case0001_slice061`), not for 2-D data sets.
+    pattern = compile_group_pattern(protocol.group_pattern)
+    scans = protocol.class_prompts and any(pattern.match(pair.stem) for pair in pairs)
     draws = []
     for draw in range(protocol.jitter_draws):
-        masks = {} if protocol.class_prompts else None
+        masks = {} if scans else None
         rows, summary = evaluate_pairs(
             model, processor, pairs, **options, jitter_draw=draw, baseline=baseline, progress=progress,
             slice_masks=masks, overlays=overlays if draw == 0 else None,
@@ -840,7 +843,7 @@ def _scored(
         return draws[0]
     rows = [{**row, "jitter_draw": draw} for draw, (draw_rows, _, _) in enumerate(draws) for row in draw_rows]
     summary = mean_over_draws([summary for _, summary, _ in draws])
-    volume = mean_over_draws([volume for _, _, volume in draws]) if protocol.class_prompts else None
+    volume = mean_over_draws([volume for _, _, volume in draws]) if scans else None
     return rows, summary, volume
 
 

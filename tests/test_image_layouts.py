@@ -107,6 +107,7 @@ def test_an_nnunet_2d_data_set_trains_evaluates_predicts_and_scores_as_it_is(tmp
     assert main([*argv, "--split", "all", "--json", str(tmp_path / "e.json")]) == 0, capsys.readouterr().err
     evaluated = json.loads((tmp_path / "e.json").read_text())
     assert evaluated["n_images"] == 2
+    assert "volume" not in evaluated  # 2-D images, no slices of scans: no per-scan "3D Dice" of single images
     argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(root / "imagesTs")]
     assert main([*argv, "--boxes-from-masks", str(root / "labelsTr"), "--out", str(tmp_path / "P")]) == 0
     assert sorted(p.name for p in (tmp_path / "P").iterdir()) == [f"{case}_0000.png" for case in cases]
