@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--window",
         default=None,
-        help=f"volumes in Hounsfield units: LEVEL,WIDTH or a preset ({', '.join(WINDOW_PRESETS)}); MR: mr (the "
+        help=f"volumes (and 2-D .mha / .nii.gz images) in Hounsfield units: LEVEL,WIDTH or a preset "
+        f"({', '.join(WINDOW_PRESETS)}); MR: mr (the "
         "scan's 0.5-99.5th percentiles, as MedSAM); default: 8-bit volumes as they are, volumes in HU with the "
         "window the model records (training_data.window: the shipped BTCV model's -125..275 HU), others rescaled "
         "min-max (with a warning)",

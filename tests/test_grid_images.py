@@ -181,3 +181,28 @@ def test_a_ct_slice_in_hounsfield_units_as_mha_is_windowed_as_the_models_trainin
     by_png = segment("imedsam-litemedsam-btcv", png, box=box, classes=[6])
     np.testing.assert_array_equal(by_mha.mask, by_png.mask)
     assert by_mha.mask.any()
+
+
+@needs_itk
+def test_window_applies_to_a_2d_ct_image_in_hounsfield_units(tmp_path, capsys):
+    """`--window` was refused for images ("images are 8-bit already"); a 2-D `.mha` CT in HU takes it as scans do."""
+    png = SHARED_DATA / "BTCV-Synapse-CT" / "images" / "case0002_slice090.png"
+    grey = np.asarray(Image.open(png).convert("L")).astype(np.float32)
+    hu = grey / 255 * 400 - 125  # the 'btcv' window (-125..275 HU) undone
+    hu[grey == 0], hu[grey == 255] = -1000.0, 1200.0
+    save_grid(hu, tmp_path / "mha" / "slice.mha")
+    (tmp_path / "png").mkdir()
+    Image.open(png).save(tmp_path / "png" / "slice.png")
+    mask = (read_mask(SHARED_DATA / "BTCV-Synapse-CT" / "masks" / png.name, 13) == 6).astype(np.uint8)
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask * 255).save(tmp_path / "masks" / "slice.png")
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    base = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", "--boxes-from-masks"]
+    assert main([*base, str(tmp_path / "masks"), str(tmp_path / "png"), "--out", str(tmp_path / "A")]) == 0
+    argv = [*base, str(tmp_path / "masks"), str(tmp_path / "mha"), "--window", "btcv", "--out", str(tmp_path / "B")]
+    assert main(argv) == 0, capsys.readouterr().err
+    by_png = np.asarray(Image.open(tmp_path / "A" / "slice.png")) > 0
+    by_mha = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "B" / "slice.mha"))) > 0
+    np.testing.assert_array_equal(by_mha, by_png)
+    argv = [*base, str(tmp_path / "masks"), str(tmp_path / "png"), "--window", "btcv", "--out", str(tmp_path / "C")]
+    assert main(argv) == 2 and "pictures are 8-bit already" in capsys.readouterr().err

@@ -45,7 +45,7 @@ from ..data import (
 from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id
 from ..loading import load_model
-from ..processing_imedsam import dicom_kind, open_image, to_rgb_array
+from ..processing_imedsam import dicom_kind, is_grid_image, open_image, to_rgb_array
 from ..runtime import require_backend
 from ..volumes import (
     NPZ_CLASS_AWARE,
@@ -405,8 +405,6 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             if given:
                 require()  # its library missing: said before the model loads
         if args.window is not None:
-            if not volumes:
-                raise ValueError("--window applies to volumes (NIfTI, DICOM series); images are 8-bit already.")
             check_window(args.window)
         if args.classes is not None and (volumes or not (args.box or args.boxes)):
             raise ValueError(
@@ -429,6 +427,11 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 for source, targets in image_plan.items()
                 if not (source.parent.resolve() == held and image_stem(source) in beside)
             }
+        if args.window is not None and not volumes and not any(map(is_grid_image, image_plan)):
+            raise ValueError(
+                "--window applies to volumes (NIfTI, DICOM series) and to 2-D images stored as NIfTI / NRRD / "
+                "MetaImage (values in HU); pictures are 8-bit already."
+            )
         on_grid = next((source for source, targets in image_plan.items() if targets[0].suffix != ".png"), None)
         if args.output_size and on_grid is not None:
             raise ValueError(
@@ -497,6 +500,8 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
     for path, targets in tqdm(plan.items(), desc="predict", unit="image", disable=len(plan) < 2):
         try:
             image = open_image(path)
+            if args.window is not None and isinstance(image, np.ndarray) and image.ndim == 2:  # a 2-D .mha in HU
+                image = to_uint8(image, args.window)
             width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
             if width * height > MAX_PIXELS:
                 raise ValueError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS} pixels.")
