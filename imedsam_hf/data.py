@@ -155,8 +155,8 @@ def image_stem(path: str | os.PathLike) -> str:
 
 def volumes_in(folder: str | os.PathLike, scans: bool = False) -> list[Path]:
     """The 3-D files of `folder` (:func:`is_volume`), sorted; hidden ones (MSD archives' `._case.nii.gz` AppleDouble
-    copies) are not volumes, nor are 2-D images stored so. `scans`: without 3D Slicer's segmentations (`.seg.nrrd`), which a scene saved by
-    Slicer keeps beside its scan."""
+    copies) are not volumes, nor are 2-D images stored so. `scans`: without 3D Slicer's segmentations (`.seg.nrrd`),
+    which a scene saved by Slicer keeps beside its scan."""
     found = (p for p in Path(folder).iterdir() if is_volume(p) and not p.name.startswith(".") and p.is_file())
     return sorted(p for p in found if not (scans and volume_suffix(p) == ".seg.nrrd"))
 
@@ -451,11 +451,12 @@ def _one_suffix(images: set[str], masks: Iterable[str], shortest: bool = False) 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def mask_names(image_stem: str, suffix: str = "") -> list[str]:
-    """The stems a 2-D image's mask may have, in the order looked for: the image's and its folder's mask `suffix`
-    (:func:`mask_name_suffix`), then for nnU-Net's `<case>_0000` image the case's (`labelsTr/<case>.png`)."""
-    match = CHANNEL_SUFFIX.match(image_stem)
-    return [f"{image_stem}{suffix}"] + ([match["case"]] if match and not suffix else [])
+def mask_names(stem: str, suffix: str = "") -> list[str]:
+    """The stems the mask of the 2-D image `stem` may have, in the order looked for: the image's and its folder's
+    mask `suffix` (:func:`mask_name_suffix`), then for nnU-Net's `<case>_0000` image the case's
+    (`labelsTr/<case>.png`)."""
+    match = CHANNEL_SUFFIX.match(stem)
+    return [f"{stem}{suffix}"] + ([match["case"]] if match and not suffix else [])
 
 
 def masks_named(folder: str | os.PathLike, stem: str, suffix: str = "") -> tuple[str, list[Path]]:

@@ -86,8 +86,9 @@ def _load(name: str, device: str | None):
 def windowed_slice(image: ImageInput, config) -> ImageInput:
     """
     A CT slice given as an array in Hounsfield units (numpy or torch, one channel: what pydicom's or SimpleITK's
-    rescaled pixels are; a 2-D NIfTI / NRRD / MetaImage file of them), for a model that records the CT window of its training images (`training_window`):
-    windowed to 8-bit grey as those images were, as volumes are (`volumes.resolve_window`). Anything else is returned
+    rescaled pixels are; or a 2-D NIfTI / NRRD / MetaImage file of them), for a model that records the CT window of
+    its training images (`training_window`): windowed to 8-bit grey as those images were, as volumes are
+    (`volumes.resolve_window`). Anything else is returned
     as it is (files, 8-bit and colour images, arrays that do not look like HU: `looks_like_hu`; an MR window).
     """
     window = training_window(config)

@@ -33,7 +33,8 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 #: Names of DICOM files read as 2-D images (:func:`read_dicom_image`); a file of another name is read as DICOM when it
 #: has the ``DICM`` preamble (:func:`is_dicom_file`).
 DICOM_EXTENSIONS = (".dcm", ".dicom")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")  # .nii.gz first
+#: NIfTI file names (`.nii.gz` first, so that a name is matched by its whole extension).
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: Files of ITK's formats, read with SimpleITK (the ``itk`` extra): NRRD (3D Slicer's scans and its segmentations,
 #: `.seg.nrrd`; `.nhdr` a detached header) and MetaImage (grand-challenge.org's `.mha`; `.mhd` beside its `.raw`).
 ITK_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")

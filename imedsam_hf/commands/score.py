@@ -2,8 +2,8 @@
 the ground truth, with the metrics `imedsam evaluate` uses: Dice, IoU, HD95, HD and NSD (the normalized surface Dice
 at 2 mm or 2 px, the CVPR 2024 MedSAM challenge's second metric) per structure, per case and their means. Label
 volumes (NIfTI) are scored in 3-D with the header's voxel spacing (mm, `volumes.volume_scores`); images in 2-D, in
-pixels (`metrics.segmentation_scores`); LiteMedSAM's challenge cases (.npz `segs` against `gts`) either
-way.
+pixels (`metrics.segmentation_scores`; in mm against a 2-D NIfTI / NRRD / MetaImage truth, by its pixel size);
+LiteMedSAM's challenge cases (.npz `segs` against `gts`) either way.
 """
 
 from __future__ import annotations
