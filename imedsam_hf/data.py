@@ -45,6 +45,7 @@ from .processing_imedsam import (
     describe,
     dicom_kind,
     dicom_mask_pixels,
+    hu_windowed,
     image_size,
     is_dicom_file,
     is_dicom_path,
@@ -268,6 +269,10 @@ class DataConfig:
     propagated_box_probability: float = 0.0
     propagated_boxes: dict[str, dict[int, list[list[float]]]] | None = None
     group_pattern: str | None = None
+    # A CT window `(level, width)` in HU applied to images in Hounsfield units (2-D CT `.mha` / `.nii.gz`:
+    # `processing_imedsam.hu_windowed`), as `imedsam predict` windows them with the window the model records; None,
+    # or images that are 8-bit already: as they are (others min-max).
+    window: tuple[float, float] | None = None
 
     @property
     def mask_class_count(self) -> int:
@@ -1464,7 +1469,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         record_index, class_id = self.items[index]
         record = self.records[record_index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image = to_rgb_array(record["image"])
+        image = to_rgb_array(hu_windowed(record["image"], self.config.window))
         mask = self._read_mask(record)
         borrowed = self._borrowed_boxes(record_index, rng) if self.train else None
         if class_id == ALL_CLASSES:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .configuration_imedsam import is_class_aware
+from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window
 from .data import (
     DEFAULT_GROUP_PATTERN,
     SegmentationPair,
@@ -63,6 +63,7 @@ from .metrics import (
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import (
     IMedSamProcessor,
+    hu_windowed,
     mirrored_inputs,
     mirrored_mean,
     probability_logits,
@@ -236,10 +237,11 @@ def evaluate_pairs(
     overlays: Path | None = None,
     nsd_tolerance: float = NSD_TOLERANCE,
     nsd_definition: str = "voxels",
+    window: tuple[float, float] | None = None,
 ) -> tuple[list[dict], dict[str, dict]]:
     """
     Score every pair at every output size (masks read with `read_mask(..., mask_values)`), the NSD at
-    `nsd_tolerance` pixels, by `nsd_definition`.
+    `nsd_tolerance` pixels, by `nsd_definition`; images in HU windowed by `window` (`processing_imedsam.hu_windowed`).
 
     `prompt="points"` prompts each image with `num_clicks` positive clicks on its mask (`data.mask_clicks`: the most
     interior point first) instead of its box.
@@ -294,7 +296,7 @@ def evaluate_pairs(
     wanted = None if classes is None else {int(c) for c in classes}
     for pair in iterator:
         labels = read_mask(pair.mask, mask_classes or num_classes, mask_values)
-        image = to_rgb_array(pair.image)
+        image = to_rgb_array(hu_windowed(pair.image, window))
         targets = [(None, labels)]
         if class_prompts:
             present = [int(c) for c in np.unique(labels) if c > 0 and (wanted is None or int(c) in wanted)]
@@ -605,6 +607,8 @@ class EvaluationProtocol:
         nsd_tolerance: the NSD's tolerance, in pixels per image and mm per scan (`metrics.NSD_TOLERANCE`: 2).
         nsd_definition: `"voxels"` (each boundary voxel once) or `"surfels"` (the CVPR 2024 challenge script's,
             through MONAI; `metrics.NSD_DEFINITIONS`).
+        window: the CT window `(level, width)` the model records (`training_window`), applied to images in HU (a 2-D
+            CT `.mha`: `processing_imedsam.hu_windowed`) for the model and its backbone alike; None: as they are.
     """
 
     prompt: str
@@ -626,6 +630,7 @@ class EvaluationProtocol:
     tta: str
     nsd_tolerance: float
     nsd_definition: str
+    window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         check_nsd_options(self.nsd_tolerance, self.nsd_definition, load=False)
@@ -727,6 +732,7 @@ class EvaluationProtocol:
             )
         if spacing is None and data_dir and class_prompts:
             spacing = default_scan_spacing(data_dir)
+        window = training_window(model_config)  # images in HU are windowed as the model's training images were
         return cls(
             prompt=prompt,
             output_sizes=tuple(output_sizes),
@@ -747,6 +753,7 @@ class EvaluationProtocol:
             tta=tta,
             nsd_tolerance=float(nsd_tolerance),
             nsd_definition=nsd_definition,
+            window=None if window == MR_WINDOW else window,
         )
 
     @property
@@ -773,6 +780,7 @@ class EvaluationProtocol:
             tta=self.tta,
             nsd_tolerance=self.nsd_tolerance,
             nsd_definition=self.nsd_definition,
+            window=self.window,
         )
 
     def as_dict(self) -> dict:

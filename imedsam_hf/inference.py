@@ -25,15 +25,12 @@ from .processing_imedsam import (
     IMedSamProcessor,
     describe,
     dicom_kind,
-    hu_window,
+    hu_windowed,
     is_dicom_file,
-    is_grid_image,
-    looks_like_hu,
     mirrored_inputs,
     mirrored_mean,
     probability_logits,
     processor_for_config,
-    read_grid_image,
     resize_labels,
     tta_mirrors,
 )
@@ -85,25 +82,13 @@ def _load(name: str, device: str | None):
 
 def windowed_slice(image: ImageInput, config) -> ImageInput:
     """
-    A CT slice given as an array in Hounsfield units (numpy or torch, one channel: what pydicom's or SimpleITK's
-    rescaled pixels are; or a 2-D NIfTI / NRRD / MetaImage file of them), for a model that records the CT window of
-    its training images (`training_window`): windowed to 8-bit grey as those images were, as volumes are
-    (`volumes.resolve_window`). Anything else is returned
-    as it is (files, 8-bit and colour images, arrays that do not look like HU: `looks_like_hu`; an MR window).
+    A CT slice in Hounsfield units (an array, or a 2-D NIfTI / NRRD / MetaImage file of them), for a model that
+    records the CT window of its training images (`training_window`): windowed to 8-bit grey as those images were, as
+    volumes are (`volumes.resolve_window`; `processing_imedsam.hu_windowed`). Anything else is returned as it is
+    (files, 8-bit and colour images, arrays that do not look like HU; an MR window).
     """
     window = training_window(config)
-    if window is None or window == MR_WINDOW:
-        return image
-    if isinstance(image, (str, os.PathLike)) and is_grid_image(image):  # a 2-D CT image stored as .mha / .nii.gz
-        image = read_grid_image(image)
-    if not isinstance(image, (np.ndarray, torch.Tensor)):
-        return image
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
-    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
-        array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
-    if array.ndim != 2 or not looks_like_hu(array):
-        return image
-    return hu_window(array, *window)
+    return image if window == MR_WINDOW else hu_windowed(image, window)
 
 
 @torch.no_grad()

@@ -456,6 +456,27 @@ def looks_like_hu(data: np.ndarray | torch.Tensor) -> bool:
     return low < 0 and high - low > 255
 
 
+def hu_windowed(image: ImageInput, window: Sequence[float] | None) -> ImageInput:
+    """
+    A CT image in Hounsfield units windowed to 8-bit grey by `window` `(level, width)` (:func:`hu_window`): an array
+    (numpy or torch, one channel: pydicom's or SimpleITK's rescaled pixels) or a 2-D NIfTI / NRRD / MetaImage file
+    (:func:`read_grid_image`) whose values look like HU (:func:`looks_like_hu`). Anything else, or `window` None, is
+    returned as it is (pictures, 8-bit and colour images, arrays that do not look like HU).
+    """
+    if window is None:
+        return image
+    if isinstance(image, (str, os.PathLike)) and is_grid_image(image):  # a 2-D CT image stored as .mha / .nii.gz
+        image = read_grid_image(image)
+    if not isinstance(image, (np.ndarray, torch.Tensor)):
+        return image
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+        array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
+    if array.ndim != 2 or not looks_like_hu(array):
+        return image
+    return hu_window(array, *window)
+
+
 def resize_labels(labels: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
     """
     The one resize of a class-id map `(H, W)` -> `shape`: nearest neighbour (`nearest-exact`), never bilinear, which
@@ -903,6 +924,7 @@ __all__ = [
     "dicom_kind",
     "dicom_mask_pixels",
     "hu_window",
+    "hu_windowed",
     "image_size",
     "first_line",
     "is_dicom_file",

@@ -63,6 +63,15 @@ def save_grid(array: np.ndarray, path: Path, spacing=(0.4, 0.3), origin=(5.0, -2
     return path
 
 
+def hu_copy(png: Path) -> np.ndarray:
+    """A BTCV PNG slice (made with the 'btcv' window, -125..275 HU) as the HU a scan held, air and bone outside the
+    window (so that min-max would not give the PNG back)."""
+    grey = np.asarray(Image.open(png).convert("L")).astype(np.float32)
+    hu = grey / 255 * 400 - 125
+    hu[grey == 0], hu[grey == 255] = -1000.0, 1200.0
+    return hu
+
+
 @needs_itk
 def test_a_2d_file_in_a_3d_format_is_an_image_read_as_itk_lays_it_out(tmp_path):
     (stem, rgb, mask), *_ = kvasir_pairs(1)
@@ -170,10 +179,7 @@ def test_a_ct_slice_in_hounsfield_units_as_mha_is_windowed_as_the_models_trainin
     from imedsam_hf import segment
 
     png = SHARED_DATA / "BTCV-Synapse-CT" / "images" / "case0002_slice090.png"
-    grey = np.asarray(Image.open(png).convert("L")).astype(np.float32)
-    hu = grey / 255 * 400 - 125  # the BTCV window, -125..275 HU, undone
-    hu[grey == 0], hu[grey == 255] = -1000.0, 1200.0  # air and bone outside it: min-max would not give the PNG
-    mha = save_grid(hu, tmp_path / "slice.mha")
+    mha = save_grid(hu_copy(png), tmp_path / "slice.mha")
     truth = read_mask(SHARED_DATA / "BTCV-Synapse-CT" / "masks" / png.name, 13)
     rows, cols = np.nonzero(truth == 6)  # the liver
     box = [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]
@@ -187,10 +193,7 @@ def test_a_ct_slice_in_hounsfield_units_as_mha_is_windowed_as_the_models_trainin
 def test_window_applies_to_a_2d_ct_image_in_hounsfield_units(tmp_path, capsys):
     """`--window` was refused for images ("images are 8-bit already"); a 2-D `.mha` CT in HU takes it as scans do."""
     png = SHARED_DATA / "BTCV-Synapse-CT" / "images" / "case0002_slice090.png"
-    grey = np.asarray(Image.open(png).convert("L")).astype(np.float32)
-    hu = grey / 255 * 400 - 125  # the 'btcv' window (-125..275 HU) undone
-    hu[grey == 0], hu[grey == 255] = -1000.0, 1200.0
-    save_grid(hu, tmp_path / "mha" / "slice.mha")
+    save_grid(hu_copy(png), tmp_path / "mha" / "slice.mha")
     (tmp_path / "png").mkdir()
     Image.open(png).save(tmp_path / "png" / "slice.png")
     mask = (read_mask(SHARED_DATA / "BTCV-Synapse-CT" / "masks" / png.name, 13) == 6).astype(np.uint8)
@@ -206,3 +209,38 @@ def test_window_applies_to_a_2d_ct_image_in_hounsfield_units(tmp_path, capsys):
     np.testing.assert_array_equal(by_mha, by_png)
     argv = [*base, str(tmp_path / "masks"), str(tmp_path / "png"), "--window", "btcv", "--out", str(tmp_path / "C")]
     assert main(argv) == 2 and "pictures are 8-bit already" in capsys.readouterr().err
+
+
+@needs_itk
+def test_training_and_evaluate_window_2d_ct_images_in_hounsfield_units(tmp_path, capsys):
+    """Training read a 2-D CT `.mha` in HU min-max per image, and evaluate scored a CT model on such images without the
+    window it records; both now window them as predict does."""
+    btcv = SHARED_DATA / "BTCV-Synapse-CT"
+    for folder in ("png/images", "png/masks", "mha/images", "mha/masks"):
+        (tmp_path / folder).mkdir(parents=True)
+    for z in (90, 95):
+        name = f"case0002_slice{z:03d}"
+        liver = (read_mask(btcv / "masks" / f"{name}.png", 13) == 6).astype(np.uint8) * 255
+        Image.open(btcv / "images" / f"{name}.png").save(tmp_path / "png" / "images" / f"{name}.png")
+        save_grid(hu_copy(btcv / "images" / f"{name}.png"), tmp_path / "mha" / "images" / f"{name}.mha")
+        for kind in ("png", "mha"):
+            Image.fromarray(liver).save(tmp_path / kind / "masks" / f"{name}.png")
+    processor = IMedSamProcessor(image_size=64)
+
+    def pixels(kind: str, window) -> list[np.ndarray]:
+        records = records_from_pairs(discover_pairs(tmp_path / kind)[0])
+        dataset = SegmentationDataset(records, processor, DataConfig(augment=None, window=window))
+        return [dataset[i]["pixel_values"].numpy() for i in range(len(dataset))]
+
+    for png, mha in zip(pixels("png", None), pixels("mha", (75.0, 400.0)), strict=True):
+        np.testing.assert_array_equal(mha, png)
+    assert not np.array_equal(pixels("mha", None)[0], pixels("png", None)[0])  # min-max: another image
+    model = tiny_model(implicit_decoder_trained=True)
+    model.config.training_data = {"name": "ct", "window": [75.0, 400.0]}
+    model.save_pretrained(tmp_path / "model")
+    dice = {}
+    for kind in ("png", "mha"):
+        argv = ["evaluate", "--model", str(tmp_path / "model"), "--device", "cpu", "--data-dir", str(tmp_path / kind)]
+        assert main([*argv, "--split", "all", "--json", str(tmp_path / f"{kind}.json")]) == 0, capsys.readouterr().err
+        dice[kind] = json.loads((tmp_path / f"{kind}.json").read_text())["results"]["native"]["dice"]
+    assert dice["mha"] == pytest.approx(dice["png"], abs=1e-9)

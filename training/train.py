@@ -307,6 +307,7 @@ def evenly_spaced(count: int, limit: int | None) -> list[int]:
 def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
     """Training and validation datasets and loaders."""
     data, run = args.data, args.training
+    window = data_window(data, data_source(data), args.given)  # images in HU are windowed as predict will window them
     data_config = DataConfig(
         num_classes=num_classes,
         augment=DataConfig().augment if data.augment else None,
@@ -327,6 +328,7 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         propagated_box_probability=data.propagated_box_probability,
         propagated_boxes=read_propagated_boxes(data.propagated_boxes, splits["train"]),
         group_pattern=data.group_pattern,
+        window=tuple(window) if isinstance(window, list) else None,
     )
     try:
         train_set = SegmentationDataset(as_records(splits["train"]), processor, data_config, train=True, seed=run.seed)

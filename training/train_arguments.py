@@ -197,7 +197,7 @@ class DataArguments:
         "The intensity window the training images were made with from raw volumes: a preset (btcv, abdomen, ...), "
         "'level,width' in HU or 'mr'. Recorded in the model (config.training_data['window']), so that imedsam predict "
         "and segment_volume apply it to raw volumes (default: the data folder's cases.csv, as imedsam convert volumes "
-        "--window writes it).",
+        "--window writes it). Training images still in HU (2-D CT .mha / .nii.gz) are windowed with it.",
     )
     provenance_for: str | None = option(
         None,
