@@ -1,5 +1,6 @@
 """Browser demo (Gradio, the Hugging Face Spaces convention): upload an image, type a box or click on it, get the mask.
-A 2-D DICOM file (a radiograph, an ultrasound or endoscopy still) can be uploaded too: it is shown as a viewer shows it.
+A 2-D DICOM file (a radiograph, an ultrasound or endoscopy still) can be uploaded too: it is shown as a viewer shows it;
+so can a 2-D image stored as MetaImage, NRRD or NIfTI (grand-challenge.org's `.mha`, CAMUS's `.nii.gz`).
 
     python demo/app.py                                         # LiteMedSAM zero-shot, offline
     python demo/app.py --model imedsam-litemedsam-polyp         # a shipped model, by name
@@ -25,11 +26,22 @@ import imedsam_hf.runtime as runtime  # looked up at call time: tests replace th
 from imedsam_hf import load_model, overlay, segment
 from imedsam_hf.configuration_imedsam import is_class_aware
 from imedsam_hf.evaluation import grid_size
-from imedsam_hf.inference import clicks_caveat
+from imedsam_hf.inference import clicks_caveat, windowed_slice
 from imedsam_hf.loading import resolve_device
-from imedsam_hf.processing_imedsam import DICOM_EXTENSIONS, TTA_MIRRORS, read_dicom_image
+from imedsam_hf.processing_imedsam import (
+    DICOM_EXTENSIONS,
+    TTA_MIRRORS,
+    VOLUME_SUFFIXES,
+    is_grid_image,
+    read_dicom_image,
+    read_grid_image,
+    to_rgb_array,
+)
 
 RESOLUTIONS = ["native", "0.5x", "2x", "512 px", "1024 px"]
+# Files the upload box takes besides pictures: 2-D DICOM, and 2-D MetaImage / NRRD / NIfTI (`.gz`: a browser's file
+# picker matches `x.nii.gz` by its last extension).
+UPLOAD_SUFFIXES = [*DICOM_EXTENSIONS, ".mha", ".nrrd", ".nii", ".nii.gz", ".gz"]
 
 
 def output_grid(height: int, width: int, choice: str) -> tuple[int, int]:
@@ -46,13 +58,23 @@ def structure_choices(model) -> list[str]:
     return [f"{i} {names.get(i, f'class {i}')}" for i in range(1, config.num_classes + 1)]
 
 
-def dicom_upload(path: str | None) -> np.ndarray | None:
-    """A 2-D DICOM file (a radiograph, an ultrasound or endoscopy still) as the RGB picture the image pane shows, read
-    as `imedsam predict` reads it (the file's window, MONOCHROME1 inverted); what cannot be read says why."""
+def file_upload(path: str | None, config=None) -> np.ndarray | None:
+    """A 2-D DICOM file (a radiograph, an ultrasound or endoscopy still) or a 2-D MetaImage / NRRD / NIfTI image as
+    the RGB picture the image pane shows, read as `imedsam predict` reads it: DICOM with the file's window
+    (MONOCHROME1 inverted), a CT in HU with the window the model `config` records, other values min-max; what cannot
+    be read, or a 3-D scan, says why."""
     if not path:
         return None
     try:
-        picture = read_dicom_image(path)
+        if is_grid_image(path):
+            picture = np.round(to_rgb_array(windowed_slice(read_grid_image(path), config))).astype(np.uint8)
+        elif str(path).lower().endswith(VOLUME_SUFFIXES):
+            raise ValueError(
+                f"{os.path.basename(path)}: not a 2-D image (a 3-D scan, or unreadable); segment scans with imedsam "
+                "predict (a label volume out)."
+            )
+        else:
+            picture = read_dicom_image(path)
     except (ValueError, ImportError) as error:
         raise gr.Error(str(error)) from error
     return np.repeat(picture[..., None], 3, axis=-1) if picture.ndim == 2 else picture
@@ -124,7 +146,9 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="numpy", label="Image", image_mode="RGB")
-                dicom = gr.File(label="... or a 2-D DICOM file", file_types=list(DICOM_EXTENSIONS), type="filepath")
+                dicom = gr.File(
+                    label="... or a 2-D DICOM, .mha, .nrrd or .nii.gz file", file_types=UPLOAD_SUFFIXES, type="filepath"
+                )
                 with gr.Row():
                     x0 = gr.Number(label="x0", value=0, precision=1)
                     y0 = gr.Number(label="y0", value=0, precision=1)
@@ -150,7 +174,9 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
         image.select(add_click, inputs=[clicks, kind], outputs=[clicks, listed])
         clear.click(lambda: ([], ""), outputs=[clicks, listed])
         image.upload(lambda: ([], ""), outputs=[clicks, listed])
-        dicom.upload(lambda path: (dicom_upload(path), [], ""), inputs=dicom, outputs=[image, clicks, listed])
+        dicom.upload(
+            lambda path: (file_upload(path, model.config), [], ""), inputs=dicom, outputs=[image, clicks, listed]
+        )
         inputs = [image, x0, y0, x1, y1, clicks, resolution, structure, tta]
         button.click(run, inputs=inputs, outputs=[result, download, info])
     return demo

@@ -244,3 +244,23 @@ def test_training_and_evaluate_window_2d_ct_images_in_hounsfield_units(tmp_path,
         assert main([*argv, "--split", "all", "--json", str(tmp_path / f"{kind}.json")]) == 0, capsys.readouterr().err
         dice[kind] = json.loads((tmp_path / f"{kind}.json").read_text())["results"]["native"]["dice"]
     assert dice["mha"] == pytest.approx(dice["png"], abs=1e-9)
+
+
+@needs_itk
+def test_the_demo_takes_a_2d_mha_or_nifti_upload_as_predict_reads_it(tmp_path):
+    gradio = pytest.importorskip("gradio")
+    from conftest import load_script
+
+    app = load_script("demo/app.py", "imedsam_demo_uploads")
+    (stem, rgb, _), *_ = kvasir_pairs(1)
+    np.testing.assert_array_equal(app.file_upload(str(save_grid(rgb, tmp_path / f"{stem}.mha"))), rgb)
+    png = SHARED_DATA / "BTCV-Synapse-CT" / "images" / "case0002_slice090.png"
+    ct = str(save_grid(hu_copy(png), tmp_path / "ct.mha"))
+    config = tiny_model().config
+    config.training_data = {"window": [75.0, 400.0]}  # a CT model's recorded window: the PNG slice's grey
+    grey = np.asarray(Image.open(png).convert("L"))
+    np.testing.assert_array_equal(app.file_upload(ct, config), np.repeat(grey[..., None], 3, axis=-1))
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), str(scan))
+    with pytest.raises(gradio.Error, match="scan.nii.gz: not a 2-D image"):
+        app.file_upload(str(scan))
