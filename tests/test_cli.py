@@ -356,13 +356,13 @@ def test_the_demo_takes_a_2d_dicom_file(tmp_path):
     app = load_script("demo/app.py", "demo_app_dicom")
     xray = (np.arange(30 * 40).reshape(30, 40) * 3).astype(np.uint16)
     path = write_dicom_image(xray, tmp_path / "chest.dcm", window=(1500, 2000), photometric="MONOCHROME1")
-    shown = app.dicom_upload(str(path))
+    shown = app.file_upload(str(path))
     assert shown.shape == (30, 40, 3) and shown.dtype == np.uint8
     np.testing.assert_array_equal(shown[..., 0], read_dicom_image(path))
-    assert app.dicom_upload(None) is None
+    assert app.file_upload(None) is None
     cine = write_dicom_image(np.stack([xray, xray]), tmp_path / "cine.dcm", frames=2)
     with pytest.raises(Exception, match="a DICOM file of 2 frames") as error:
-        app.dicom_upload(str(cine))
+        app.file_upload(str(cine))
     assert type(error.value).__name__ == "Error"  # gradio's, shown in the app
 
 
