@@ -293,8 +293,9 @@ def find_layout(data_dir: str | os.PathLike) -> tuple[Path, Path]:
         return named
     looked = ", ".join(f"{i}/ + {m}/" for i, m in LAYOUTS)
     raise ValueError(
-        f"`data_dir` {root}: no image/mask folders found (looked for {looked}, or exactly two folders of images, one "
-        f"named for inputs and one for ground truth).{volumes_hint(root)}"
+        f"`data_dir` {root}: no image/mask folders found (looked for {looked}, a folder of images named for inputs "
+        "beside one named for ground truth, masks kept beside their images (BUSI), or case folders holding either "
+        f"(PH2)).{volumes_hint(root)}"
     )
 
 
@@ -303,7 +304,9 @@ def find_layouts(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
     The `(images, masks)` folders of a dataset folder: :func:`find_layout`'s one pair, or else folders that keep
     their masks beside their images (:func:`masks_beside_images`), each its own images and masks folder: the dataset
     folder itself, or its sub-folders (BUSI's `benign/`, `malignant/`, `normal/`, each holding `benign (1).png`
-    beside `benign (1)_mask.png`). A ValueError listing the layouts looked for when there is none.
+    beside `benign (1)_mask.png`); or case folders each holding a folder of images named for inputs and one named
+    for ground truth (PH2's `IMD002/IMD002_Dermoscopic_Image/` and `IMD002/IMD002_lesion/`). A ValueError listing the
+    layouts looked for when there is none.
     """
     try:
         return [find_layout(data_dir)]
@@ -311,29 +314,32 @@ def find_layouts(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
         root = Path(data_dir)
         if not root.is_dir():
             raise
-        for candidates in ([root], sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))):
+        cases = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for candidates in ([root], cases):
             beside = [folder for folder in candidates if masks_beside_images(_files_by_stem(folder))[1]]
             if beside:
                 return [(folder, folder) for folder in beside]
+        named = [pair for pair in map(_named_pair, cases) if pair is not None]  # PH2's IMD002/IMD002_lesion/
+        if named:
+            return named
         raise
 
 
 # Words that name a folder of inputs or of ground-truth masks (ISIC's `ISIC2018_Task1-2_Training_Input/` and
 # `ISIC2018_Task1_Training_GroundTruth/`), for `data_dir`s in none of the `LAYOUTS`.
 INPUT_WORDS = ("input", "image", "img")
-TRUTH_WORDS = ("groundtruth", "ground truth", "ground_truth", "mask", "label", "segmentation", "_gt")
+TRUTH_WORDS = ("groundtruth", "ground truth", "ground_truth", "mask", "label", "segmentation", "_gt", "lesion")
 
 
 def _named_pair(root: Path) -> tuple[Path, Path] | None:
-    """The one folder of images named for inputs and the one named for ground truth, when `root` holds exactly two
-    folders of images and their names say which is which; None otherwise (never a guess among more)."""
+    """The one folder of images named for inputs and the one named for ground truth, when the folders of images in
+    `root` hold exactly one of each (others, named for neither, left out: PH2's `IMD002_roi/` beside
+    `IMD002_Dermoscopic_Image/` and `IMD002_lesion/`); None otherwise (never a guess among several)."""
     folders = [
         p
         for p in sorted(root.iterdir())
         if p.is_dir() and not p.name.startswith(".") and any(is_image_file(f) for f in p.iterdir())
     ]
-    if len(folders) != 2:
-        return None
     truth = [f for f in folders if any(w in f.name.lower() for w in TRUTH_WORDS)]
     inputs = [f for f in folders if f not in truth and any(w in f.name.lower() for w in INPUT_WORDS)]
     return (inputs[0], truth[0]) if len(truth) == 1 and len(inputs) == 1 else None

@@ -1,7 +1,7 @@
 """2-D data sets as they unpack: BUSI's class folders with each mask beside its image, CAMUS's `_gt` frames,
-nnU-Net's 2-D `imagesTr/<case>_0000.png` with `labelsTr/<case>.png` and a `dataset.json`. Each was refused ("no
-image/mask folders found", "no mask named <case>_0000.*") or, worse, segmented its masks as images and scored them,
-until moved into `images/` + `masks/` by hand."""
+nnU-Net's 2-D `imagesTr/<case>_0000.png` with `labelsTr/<case>.png` and a `dataset.json`, PH2's case folders. Each
+was refused ("no image/mask folders found", "no mask named <case>_0000.*") or, worse, segmented its masks as images
+and scored them, until moved into `images/` + `masks/` by hand."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_model
+from conftest import SHARED_DATA, tiny_model
 from PIL import Image
 from test_grid_images import kvasir_pairs, needs_itk, save_grid
 
@@ -116,3 +116,35 @@ def test_an_nnunet_2d_data_set_trains_evaluates_predicts_and_scores_as_it_is(tmp
     scored = json.loads((tmp_path / "s.json").read_text())
     assert scored["per_class"]["1"]["name"] == "polyp" and scored["n_cases"] == 2
     assert scored["class_mean"]["dice"] == pytest.approx(evaluated["results"]["native"]["dice"], abs=1e-6)
+
+
+def test_the_ph2_download_trains_and_evaluates_as_it_is_unpacked(tmp_path, capsys):
+    """PH2 unpacks as `PH2 Dataset images/IMD002/IMD002_Dermoscopic_Image/IMD002.bmp` beside
+    `IMD002/IMD002_lesion/IMD002_lesion.bmp` (and, for some cases, `IMD002_roi/`): one folder per case. Refused
+    before ("no image/mask folders found"); read case by case, it gives the pairs and the Dice of the flat copy."""
+    shared = SHARED_DATA / "PH2"
+    root = tmp_path / "PH2 Dataset images"
+    cases = sorted(path.stem for path in (shared / "images").iterdir())[:2]
+    for case in cases:
+        (root / case / f"{case}_Dermoscopic_Image").mkdir(parents=True)
+        (root / case / f"{case}_lesion").mkdir()
+        Image.open(shared / "images" / f"{case}.png").save(root / case / f"{case}_Dermoscopic_Image" / f"{case}.bmp")
+        Image.open(shared / "masks" / f"{case}.png").save(root / case / f"{case}_lesion" / f"{case}_lesion.bmp")
+    (root / cases[0] / f"{cases[0]}_roi").mkdir()  # PH2's colour-class regions, named for neither: left out
+    Image.open(shared / "masks" / f"{cases[0]}.png").save(root / cases[0] / f"{cases[0]}_roi" / "IMD_R1_Label4.bmp")
+    found, problems = discover_pairs(root)
+    assert not problems and [(pair.stem, Path(pair.mask).name) for pair in found] == [
+        (case, f"{case}_lesion.bmp") for case in cases
+    ]
+    flat = tmp_path / "flat"
+    for folder in ("images", "masks"):
+        (flat / folder).mkdir(parents=True)
+        for case in cases:
+            Image.open(shared / folder / f"{case}.png").save(flat / folder / f"{case}.png")
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    dice = {}
+    for name, data in (("ph2", root), ("flat", flat)):
+        argv = ["evaluate", "--model", str(tmp_path / "model"), "--device", "cpu", "--data-dir", str(data)]
+        assert main([*argv, "--split", "all", "--json", str(tmp_path / f"{name}.json")]) == 0, capsys.readouterr().err
+        dice[name] = json.loads((tmp_path / f"{name}.json").read_text())["results"]["native"]["dice"]
+    assert dice["ph2"] == pytest.approx(dice["flat"], abs=1e-9)
