@@ -329,17 +329,26 @@ def find_layouts(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
 # `ISIC2018_Task1_Training_GroundTruth/`), for `data_dir`s in none of the `LAYOUTS`.
 INPUT_WORDS = ("input", "image", "img")
 TRUTH_WORDS = ("groundtruth", "ground truth", "ground_truth", "mask", "label", "segmentation", "_gt", "lesion")
+# Words of a folder name (whole words) that hold regions of another kind beside a case's image and mask folders,
+# left out of the pairing: PH2's `IMD002_roi/` (its colour-class regions).
+REGION_WORDS = {"roi", "rois"}
 
 
 def _named_pair(root: Path) -> tuple[Path, Path] | None:
-    """The one folder of images named for inputs and the one named for ground truth, when the folders of images in
-    `root` hold exactly one of each (others, named for neither, left out: PH2's `IMD002_roi/` beside
-    `IMD002_Dermoscopic_Image/` and `IMD002_lesion/`); None otherwise (never a guess among several)."""
+    """The one folder of images named for inputs and the one named for ground truth, when `root` holds exactly two
+    folders of images (besides folders of regions, PH2's `IMD002_roi/`: :data:`REGION_WORDS`) and their names say
+    which is which; None otherwise (never a guess among more: DRIVE's `images/`, `1st_manual/` and `mask/`, its
+    field-of-view masks, are not guessed)."""
     folders = [
         p
         for p in sorted(root.iterdir())
-        if p.is_dir() and not p.name.startswith(".") and any(is_image_file(f) for f in p.iterdir())
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and not REGION_WORDS & set(re.split(r"[^a-z0-9]+", p.name.lower()))
+        and any(is_image_file(f) for f in p.iterdir())
     ]
+    if len(folders) != 2:
+        return None
     truth = [f for f in folders if any(w in f.name.lower() for w in TRUTH_WORDS)]
     inputs = [f for f in folders if f not in truth and any(w in f.name.lower() for w in INPUT_WORDS)]
     return (inputs[0], truth[0]) if len(truth) == 1 and len(inputs) == 1 else None

@@ -148,3 +148,20 @@ def test_the_ph2_download_trains_and_evaluates_as_it_is_unpacked(tmp_path, capsy
         assert main([*argv, "--split", "all", "--json", str(tmp_path / f"{name}.json")]) == 0, capsys.readouterr().err
         dice[name] = json.loads((tmp_path / f"{name}.json").read_text())["results"]["native"]["dice"]
     assert dice["ph2"] == pytest.approx(dice["flat"], abs=1e-9)
+
+
+def test_drives_field_of_view_masks_are_not_taken_for_its_ground_truth(tmp_path):
+    """DRIVE keeps `images/`, `1st_manual/` (the vessels) and `mask/` (the field of view): a folder named for masks
+    that is not the ground truth. Three folders of images are never guessed between (PH2's `_roi/` is left out by
+    name only)."""
+    root = tmp_path / "DRIVE" / "training"
+    picture = Image.fromarray(np.full((16, 16), 200, np.uint8))
+    for folder, name in (
+        ("images", "21_training.tif"),
+        ("1st_manual", "21_manual1.gif"),
+        ("mask", "21_training_mask.gif"),
+    ):
+        (root / folder).mkdir(parents=True)
+        picture.save(root / folder / name)
+    with pytest.raises(ValueError, match="no image/mask folders found"):
+        discover_pairs(root)
