@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "inputs",
         nargs="+",
-        help="image files (PNG, JPEG, TIFF, ..., 2-D DICOM images such as radiographs: the [dicom] extra), folders of "
-        "images, or NIfTI volumes and folders of them (.nii/.nii.gz: a label volume out), "
+        help="image files (PNG, JPEG, TIFF, ..., 2-D DICOM images such as radiographs: the [dicom] extra; 2-D .mha / "
+        ".nrrd / .nii.gz images), folders of images, or 3-D volumes and folders of them (NIfTI; NRRD / MetaImage with "
+        "the [itk] extra: a label volume out), "
         "DICOM series (a folder of one series, or a DICOM export's folder: one label volume per series; the [dicom] "
         "extra), or LiteMedSAM challenge cases (.npz with imgs and boxes: segs out)",
     )
@@ -202,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-size",
         help="HxW of the image masks, height first as Python's output_size (default: each image's size)",
+    )
+    p.add_argument(
+        "--scans",
+        default=None,
+        metavar="PATTERN",
+        help="volumes: only the scans whose file (or series folder) name matches this pattern, any case: one channel "
+        "or MR sequence of each case in the folders given, e.g. '*_0000.nii.gz' (nnU-Net) or '*_t2f.nii.gz' (BraTS)",
     )
     p.add_argument(
         "--window",

@@ -132,6 +132,7 @@ __all__ = [
     "require_itk",
     "slicer_segment_fields",
     "slicer_segment_names",
+    "scans_matching",
     "write_image_mask",
     "check_label_volume",
     "PROPAGATIONS",
@@ -3035,6 +3036,18 @@ def scan_case(scan: str | os.PathLike, case_folder: bool) -> str:
     return Path(scan).parent.name if case_folder and SCAN_WORD.fullmatch(name) else name
 
 
+def scans_matching(volumes: Sequence[str | os.PathLike], scans: str, where: str) -> list[Path]:
+    """The scans among `volumes` whose file (or series folder) name matches the pattern `scans` (`fnmatch`, any
+    case): one channel or MR sequence of each case (`*_0000.nii.gz`, BraTS's `*_t2f.nii.gz`); a ValueError naming
+    some of the scans of `where` when none does."""
+    volumes = [Path(path) for path in volumes]
+    matching = [path for path in volumes if fnmatch.fnmatchcase(path.name.lower(), scans.lower())]
+    if not matching:
+        shown = ", ".join(path.name for path in volumes[:4]) + (", ..." if len(volumes) > 4 else "")
+        raise ValueError(f"`scans` {scans!r}: matches none of the scans in {where} ({shown or 'none'})")
+    return matching
+
+
 def paired_volumes(
     images: str | os.PathLike, labels: str | os.PathLike, scans: str | None = None
 ) -> list[tuple[str, Path, Path]]:
@@ -3067,11 +3080,7 @@ def paired_volumes(
             )
         )
     if scans is not None:
-        matching = [path for path in volumes if fnmatch.fnmatchcase(path.name.lower(), scans.lower())]
-        if not matching:
-            shown = ", ".join(path.name for path in volumes[:4]) + (", ..." if len(volumes) > 4 else "")
-            raise ValueError(f"`scans` {scans!r}: matches none of the scans in `images` {images} ({shown})")
-        volumes = matching
+        volumes = scans_matching(volumes, scans, f"`images` {images}")
     if any(not is_volume(path) for path in volumes):
         require_dicom()
     if any(is_itk_volume(path) for path in volumes) or any(is_itk_volume(p) for p in volumes_in(labels)):

@@ -137,6 +137,14 @@ def test_several_sequences_of_one_case_are_refused_naming_their_label_volume_or_
     assert "--scans '*_0000.nii.gz': matches none of the scans in --images" in capsys.readouterr().err
     assert main(argv) == 2
     assert "pick one (--scans '*_flair.nii.gz')" in capsys.readouterr().err
+    # predict takes --scans too: a folder of BraTS cases segments one sequence each, not all four.
+    tiny_model(num_classes=6, class_aware=True, implicit_decoder_trained=True).save_pretrained(tmp_path / "aware")
+    argv = ["predict", "--model", str(tmp_path / "aware"), "--device", "cpu", str(tmp_path), "--boxes-from-masks"]
+    out = tmp_path.parent / f"{tmp_path.name}-predictions"  # outside the input folder
+    assert main([*argv, str(tmp_path), "--scans", "*-t2f.nii.gz", "--out", str(out)]) == 0
+    assert [p.name for p in out.rglob("*.nii.gz")] == ["BraTS-GLI-00000-000-t2f.nii.gz"]
+    assert main([*argv, str(tmp_path), "--scans", "*_0000.nii.gz", "--out", str(out)]) == 2
+    assert "--scans '*_0000.nii.gz': matches none of the scans in the inputs" in capsys.readouterr().err
 
 
 def test_predict_and_score_a_folder_keeping_scans_beside_their_label_volumes(tmp_path, capsys):

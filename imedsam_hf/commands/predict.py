@@ -73,6 +73,7 @@ from ..volumes import (
     require_multiframe,
     require_rtstruct,
     resolve_window,
+    scans_matching,
     segment_npz_case,
     segment_volume,
     structure_names_of,
@@ -369,6 +370,12 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
             )
         volumes, images = split_inputs(args.inputs)
+        if args.scans is not None:
+            if not volumes:
+                raise ValueError(
+                    "--scans picks among volumes (a channel or MR sequence of each case); no volume given."
+                )
+            volumes = [str(path) for path in scans_matching(volumes, args.scans, "the inputs")]
         if any(not is_volume(volume) for volume in volumes):  # DICOM: a series' folder, a multi-frame scan
             require_dicom()  # before anything is loaded or written
             if any(is_multiframe_scan(volume) for volume in volumes):
