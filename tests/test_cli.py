@@ -460,3 +460,9 @@ def test_predict_decodes_a_drawn_box_with_the_heads_of_the_structure_named_by_cl
         flags = [a for a in argv if a not in ("--box", "20,20,200,180")] if "--points" in extra else argv
         assert main([*flags, *extra, "--out", str(tmp_path / "bad")]) == 2
         assert said in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # A 0/255 mask given to a class-aware model: 255 is no structure of it. The message blamed "--classes [255]",
+    # which was never given; it now names the mask and what to give instead.
+    argv = ["predict", "--model", str(tmp_path / "m"), str(KVASIR / "images"), "--device", "cpu"]
+    assert main([*argv, "--boxes-from-masks", str(KVASIR / "masks"), "--out", str(tmp_path / "binary")]) == 1
+    said = capsys.readouterr().err
+    assert "holds 255, not a class id of the model's 3 structures (1..3)" in said and "--classes [255]" not in said

@@ -118,6 +118,7 @@ class PromptSource:
     # Class-id masks numbered otherwise than a class-aware model: `{mask id: the model's class of its name}`
     # (`data.label_classes`); ids it leaves out are not prompted.
     label_classes: dict[int, int] | None = None
+    structures: int = 0  # a class-aware model's class count: the ids its heads decode (0: not class-aware)
 
     @property
     def masks_folder(self) -> str | None:
@@ -179,6 +180,14 @@ class PromptSource:
         if not ids:
             raise ValueError(f"{path}: its mask in {self.boxes_from_masks} holds no structure, so it gives no box.")
         heads = [(self.label_classes or {}).get(c, c) for c in ids]  # the class decoding each (a class-aware model)
+        beyond = sorted(c for c in heads if self.structures and c > self.structures)
+        if beyond:  # a 0/255 mask given to a class-aware model: which structure is 255?
+            _, found = masks_named(self.boxes_from_masks, image_stem(path), self.mask_suffix)
+            raise ValueError(
+                f"{path}: its mask {found[0]} holds {', '.join(map(str, beyond))}, not a class id of the model's "
+                f"{self.structures} structures (1..{self.structures}): give masks of the model's class ids (or named "
+                "by a classes.json beside them), or --box / --boxes with --classes STRUCTURE."
+            )
         return {"box": [mask_box(mask == c).tolist() for c in ids], "class_ids": ids, "heads": heads}
 
 
@@ -495,6 +504,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             mask_suffix=mask_suffix,
             mask_classes=args.mask_classes or 255,
             label_classes=mask_label_classes(model.config, args.boxes_from_masks) if class_ids else None,
+            structures=getattr(model.config, "num_classes", 1) if is_class_aware(model.config) else 0,
         )
         codes.append(predict_images(model, processor, image_plan, source, grid, args))
     return max(codes)
