@@ -40,7 +40,7 @@ from common import (
 )
 
 from imedsam_hf import load_model
-from imedsam_hf.volumes import Volume, read_volume, segment_volume, volume_scores
+from imedsam_hf.volumes import PLANES, Volume, read_volume, segment_volume, volume_scores
 
 COMMON_8 = (8, 4, 3, 2, 6, 11, 1, 7)
 
@@ -75,6 +75,15 @@ def stored_as(volume: Volume, codes: str) -> Volume:
     return dataclasses.replace(volume, data=image.dataobj, affine=affine, header=image.header)
 
 
+def every_nth_slice(volume: Volume, step: int) -> Volume:
+    """Every `step`-th slice of `volume` (its slicing axis, the stored third), the spacing between them `step` times."""
+    data = np.ascontiguousarray(np.asarray(volume.data)[:, :, ::step])
+    affine = volume.affine.copy()
+    affine[:3, 2] *= step
+    image = nib.Nifti1Image(data, affine, header=volume.header)
+    return dataclasses.replace(volume, data=image.dataobj, affine=affine, header=image.header)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--volume", required=True, help="NIfTI volume (8-bit windowed, or HU with --window)")
@@ -96,12 +105,25 @@ def main(argv=None) -> dict:
         help="store the volume and its labels in this orientation first (nibabel's axis codes: RAS, LPS, ...; the "
         "voxels moved, their world positions kept): what a scan stored another way gets",
     )
+    parser.add_argument(
+        "--keep-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="then keep every N-th slice of the (stored) slicing axis, its spacing N times: a coronal reformat's "
+        "thicker planes (with --stored-as LSA)",
+    )
+    parser.add_argument(
+        "--plane", choices=PLANES, default="stored", help="segment_volume's plane: 'axial' reslices a coronal stack"
+    )
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     device, _ = setup_run(args)
     volume, labels = read_volume(args.volume), read_volume(args.labels)
     if args.stored_as:
         volume, labels = stored_as(volume, args.stored_as), stored_as(labels, args.stored_as)
+    if args.keep_every > 1:
+        volume, labels = every_nth_slice(volume, args.keep_every), every_nth_slice(labels, args.keep_every)
     truth = labels.data.astype(np.int64)
     classes = [int(c) for c in np.unique(truth) if c > 0]
     prompts = {protocol: volume_prompts(protocol, labels) for protocol in args.protocol}  # once for every model
@@ -119,7 +141,7 @@ def main(argv=None) -> dict:
                 with peak_memory(device) as memory:
                     start = time.perf_counter()
                     predicted = segment_volume(
-                        model, volume, processor=processor, window=args.window, progress=False,
+                        model, volume, processor=processor, window=args.window, progress=False, plane=args.plane,
                         **prompts[protocol], **VOLUME_PROTOCOLS[protocol],
                     )  # fmt: skip
                     synchronize(device)
@@ -155,6 +177,8 @@ def main(argv=None) -> dict:
         {
             "volume": args.volume,
             "stored_as": "".join(volume.axcodes),
+            "keep_every": args.keep_every,
+            "plane": args.plane,
             "machine": machine_description(device),
             "rows": rows,
         },

@@ -25,7 +25,7 @@ from .loading import resolve_device
 from .metrics import NSD_DEFINITIONS, NSD_TOLERANCE
 from .processing_imedsam import TTA_MIRRORS
 from .version import __version__
-from .volumes import WINDOW_PRESETS
+from .volumes import PLANES, WINDOW_PRESETS
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -203,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-size",
         help="HxW of the image masks, height first as Python's output_size (default: each image's size)",
+    )
+    p.add_argument(
+        "--plane",
+        choices=PLANES,
+        default="stored",
+        help="volumes: slice along the stored slicing axis (default), or 'axial': a coronal or sagittal stack "
+        "resliced into axial slices of square pixels for a model trained on axial slices (the shipped CT model), the "
+        "label volume written on the scan's own grid",
     )
     p.add_argument(
         "--scans",

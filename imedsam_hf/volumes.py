@@ -38,7 +38,8 @@ Slice orientation (handled in two places only: :func:`slice_image` and :class:`S
     into that view before its slices reach a model (:class:`SliceView`: :func:`segment_volume`,
     :class:`SliceEmbeddings`, :func:`volume_overlay`, :func:`volumes_to_slices`), its slicing axis and slice numbers
     kept, and its labels come back on its stored grid; boxes stay in its stored voxel indices. A DICOM series is
-    turned onto that orientation as it is read (:func:`view_grid`). A coronal or sagittal stack keeps its plane.
+    turned onto that orientation as it is read (:func:`view_grid`). A coronal or sagittal stack keeps its plane, unless
+    resliced into axial slices of square pixels (:class:`AxialGrid`, ``segment_volume(plane="axial")``).
 3-D boxes
     ``boxes_3d = {class_id: [x0, y0, z0, x1, y1, z1]}`` are *inclusive* voxel indices ``i, j, k`` of the stored array
     (``x0..x1`` along axis 0, ``y0..y1`` along axis 1, ``z0..z1`` slices), the first and last voxel of the structure,
@@ -136,6 +137,8 @@ __all__ = [
     "write_image_mask",
     "check_label_volume",
     "PROPAGATIONS",
+    "PLANES",
+    "AxialGrid",
     "VOLUME_PROTOCOLS",
     "MR_WINDOW",
     "WINDOW_PRESETS",
@@ -669,16 +672,19 @@ SLICE_PLANES = {"L": "sagittal", "R": "sagittal", "A": "coronal", "P": "coronal"
 VIEW_AXCODES = ("L", "A", "S")
 
 
-def _view_transform(affine: np.ndarray, turn_slices: bool) -> np.ndarray:
+def _view_transform(affine: np.ndarray, turn_slices: bool, axial: bool = False) -> np.ndarray:
     """nibabel's orientation transform (stored axis -> ``[view axis, +1/-1]``, shape ``(3, 2)``) that turns a grid of
     `affine` in plane towards :data:`VIEW_AXCODES`: the slicing axis (the stored third one) stays third, the in-plane
     axes are swapped and flipped so that :func:`slice_image` shows the radiological view (an axial slice as a LAS
     scan's: anterior up, the patient's right on the left); the slicing axis is flipped towards the view too with
-    `turn_slices`, else kept. The identity where the affine names no direction (a degenerate one)."""
+    `turn_slices`, else kept; with `axial` the axes are all turned to the view, a coronal or sagittal stack's slicing
+    axis too (:class:`AxialGrid`). The identity where the affine names no direction (a degenerate one)."""
     start = nib.orientations.io_orientation(affine)
     if np.isnan(start).any():
         return np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
     view = nib.orientations.axcodes2ornt(VIEW_AXCODES)
+    if axial:  # every axis turned, the slicing one too: axial slices of any stack (`AxialGrid`)
+        return nib.orientations.ornt_transform(start, view)
     axes = (*sorted(int(axis) for axis in start[:2, 0]), int(start[2, 0]))
     target = np.array([view[axis] for axis in axes])
     if not turn_slices:
@@ -1137,6 +1143,77 @@ def _as_volume(volume: Volume | np.ndarray | str | os.PathLike, what: str) -> Vo
     return volume
 
 
+#: How :func:`segment_volume` slices a scan: ``"stored"``, along its own slicing axis (a coronal stack in coronal
+#: slices, turned in plane: :class:`SliceView`), or ``"axial"``, resliced into axial slices of square pixels
+#: (:class:`AxialGrid`), the plane the shipped CT model was trained on.
+PLANES = ("stored", "axial")
+
+
+@dataclass(frozen=True)
+class AxialGrid:
+    """
+    A scan resliced into axial slices of square pixels (:func:`segment_volume` with ``plane="axial"``): its axes
+    turned to the view's (:data:`VIEW_AXCODES`, LAS: a coronal or sagittal stack's slicing axis becomes an in-plane
+    one) by :class:`SliceView`, then the coarser in-plane axis resampled to the finer one's spacing (a coronal stack's
+    3 mm between slices become 0.7 mm rows of its axial slices), linearly for the scan and by nearest neighbour for
+    label volumes. Labels come back to the stored grid by nearest neighbour (each stored voxel takes the label at its
+    centre). A scan stored axial with square pixels is the slice view itself.
+
+    Attributes:
+        view: the stored grid turned to LAS, all three axes.
+        factors: the in-plane resampling factors ``(fx, fy)`` of the turned grid (1 where kept).
+    """
+
+    view: SliceView
+    factors: tuple[float, float]
+
+    @classmethod
+    def of(cls, volume: Volume) -> AxialGrid:
+        """The axial grid of a :class:`Volume` (its affine gives the axes and the voxel spacing)."""
+        transform = _view_transform(np.asarray(volume.affine, dtype=float), turn_slices=True, axial=True)
+        view = SliceView(transform, tuple(int(n) for n in volume.shape))  # type: ignore[arg-type]
+        spacing = np.sqrt((np.asarray(volume.affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
+        turned = [0.0, 0.0, 0.0]
+        for axis, (target, _) in enumerate(transform):
+            turned[int(target)] = float(spacing[axis])
+        finest = min(turned[:2])
+        factors = tuple(1.0 if v / finest < 1.01 else v / finest for v in turned[:2])
+        return cls(view, factors)  # type: ignore[arg-type]
+
+    def to_grid(self, data: np.ndarray, labels: bool = False) -> np.ndarray:
+        """`data` (the stored shape) on the axial grid: resampled linearly (a scan, rounded to its dtype) or by
+        nearest neighbour (`labels`)."""
+        turned = self.view.to_view(data)
+        if self.factors == (1.0, 1.0):
+            return turned
+        zoomed = ndimage.zoom(
+            turned if labels else turned.astype(np.float32), (*self.factors, 1.0), order=0 if labels else 1,
+            mode="nearest", grid_mode=True,
+        )  # fmt: skip
+        return zoomed if labels else np.clip(np.rint(zoomed), 0, 255).astype(data.dtype)
+
+    def from_grid(self, labels: np.ndarray) -> np.ndarray:
+        """Labels on the axial grid back on the stored grid: each stored voxel the label at its centre."""
+        turned_shape = [0, 0, 0]
+        for axis, (target, _) in enumerate(self.view.transform):
+            turned_shape[int(target)] = self.view.shape[axis]
+        for axis, factor in enumerate(self.factors):
+            if factor != 1.0:
+                centres = np.floor(np.round((np.arange(turned_shape[axis]) + 0.5) * factor, 6)).astype(int)
+                labels = np.take(labels, np.clip(centres, 0, labels.shape[axis] - 1), axis=axis)
+        return self.view.from_view(np.ascontiguousarray(labels))
+
+    def box(self, box_3d: Sequence[int]) -> list[int]:
+        """A 3-D box ``[x0, y0, z0, x1, y1, z1]`` (inclusive stored voxel indices) on the axial grid."""
+        low, high = self.view.box(box_3d)[:3], self.view.box(box_3d)[3:]
+        for axis, factor in enumerate(self.factors):
+            # The rows the resampling gives the stored rows low..high (a factor of 3 from spacings 2.4 / 0.8 is
+            # 2.9999999999999996: the products rounded off first).
+            low[axis] = int(np.floor(round(low[axis] * factor, 6)))
+            high[axis] = int(np.ceil(round((high[axis] + 1) * factor, 6))) - 1
+        return [*low, *high]
+
+
 def _viewed_volume(volume: Volume | np.ndarray | str | os.PathLike) -> tuple[Volume, SliceView]:
     """The scan `volume` (:func:`_as_volume`) and the :class:`SliceView` its slices reach a model through: an array
     has no orientation to go by and is shown as stored."""
@@ -1297,6 +1374,7 @@ def segment_volume(
     tta: str = "none",
     slice_embeddings: SliceEmbeddings | None = None,
     label_classes: Mapping[int, int] | None = None,
+    plane: str = "stored",
 ) -> np.ndarray:
     """Segment a volume slice by slice with a box-prompted 2-D model.
 
@@ -1365,6 +1443,10 @@ def segment_volume(
             ``tta``, it is an error.
         label_classes: ``label_volume`` only, with a class-aware model: ``{label id: the model's class id}`` whose
             heads decode that structure (:func:`named_label_ids`); ids it leaves out are not prompted.
+        plane: ``"stored"`` (default): slices along the stored slicing axis; ``"axial"``: a coronal or sagittal
+            stack resliced into axial slices of square pixels (:class:`AxialGrid`; a Volume or a file, without
+            ``key_slices`` or ``slice_embeddings``; ``prompts_given`` then in the resliced slices' pixels), for a model
+            trained on axial slices (the shipped CT model); the labels come back on the stored grid.
 
     A volume stored in another orientation than the view's (RAS, LPS, axes swapped: a :class:`Volume` or a path,
     by its affine) is shown to the model turned in plane (:class:`SliceView`), as its training slices were; boxes,
@@ -1387,7 +1469,15 @@ def segment_volume(
         processor = processor or loaded_processor
     processor = processor or getattr(slice_embeddings, "processor", None) or processor_for_config(model.config)
     both_volumes = all(isinstance(given, (Volume, str, os.PathLike)) for given in (volume, label_volume))
+    if plane not in PLANES:
+        raise ValueError(f"`plane` must be one of {PLANES}, got {plane!r}")
+    if plane == "axial" and (not isinstance(volume, (Volume, str, os.PathLike)) or key_slices or slice_embeddings):
+        raise ValueError(
+            "segment_volume: plane='axial' reslices a scan by its affine (a Volume or a file, not an array), and takes "
+            "neither key_slices (slices of the stored stack) nor slice_embeddings (of the stored slices)."
+        )
     volume, view = _viewed_volume(volume)
+    grid = AxialGrid.of(volume) if plane == "axial" else None
     if label_classes is not None and label_volume is None:
         raise ValueError("segment_volume: label_classes go with label_volume (the class decoding each of its ids)")
     label_path = label_volume if isinstance(label_volume, (str, os.PathLike)) else None
@@ -1417,9 +1507,10 @@ def segment_volume(
         if propagation not in PROPAGATIONS:
             raise ValueError(f"`propagation` must be one of {PROPAGATIONS}, got {propagation!r}")
         key_slices = _check_key_slices(key_slices, checked)
-        checked = {class_id: view.box(box) for class_id, box in checked.items()}  # slice numbers (key_slices) kept
+        turn = grid.box if grid is not None else view.box
+        checked = {class_id: turn(box) for class_id, box in checked.items()}  # slice numbers (key_slices) kept
     images = to_uint8(volume.data, resolve_window(volume.data, window, model.config, f"volume {volume.name}"))
-    images = view.to_view(images)
+    images = grid.to_grid(images) if grid is not None else view.to_view(images)
     labels = np.zeros(images.shape, dtype=np.uint8)
     if not images.any():
         raise ValueError(
@@ -1429,16 +1520,17 @@ def segment_volume(
     if slice_embeddings is not None:
         slice_embeddings.check(model, processor, images, tta)
     if label_volume is not None:
+        prompting = grid.to_grid(truth, labels=True) if grid is not None else view.to_view(truth)
         _segment_with_label_volume(
-            model, processor, images, view.to_view(truth), labels, wanted, progress, tta, slice_embeddings,
-            prompts_given, label_classes,
+            model, processor, images, prompting, labels, wanted, progress, tta, slice_embeddings, prompts_given,
+            label_classes,
         )  # fmt: skip
     else:
         _segment_with_boxes_3d(
             model, processor, images, checked, labels, progress, float(box_margin), propagation, confine=confine,
             key_slices=key_slices, prompts_given=prompts_given, tta=tta, slice_embeddings=slice_embeddings,
         )  # fmt: skip
-    return view.from_view(labels)
+    return grid.from_grid(labels) if grid is not None else view.from_view(labels)
 
 
 def named_structures(

@@ -29,6 +29,7 @@ from imedsam_hf.data import mask_box
 from imedsam_hf.inference import Segmentation, segment
 from imedsam_hf.volumes import (
     WINDOW_PRESETS,
+    AxialGrid,
     SliceEmbeddings,
     Volume,
     boxes_3d_from_labels,
@@ -2521,3 +2522,81 @@ def test_score_challenge_cases_segs_against_gts(tmp_path, capsys):
     assert "mix distances (2-D in px and 3-D in mm): score each kind apart" in capsys.readouterr().err
     (tmp_path / "pred" / "CT_a.npz").unlink()
     assert cli_main(argv) == 0 and json.loads((tmp_path / "s.json").read_text())["unit"] == "px"
+
+
+@pytest.mark.parametrize("codes", [("L", "S", "A"), ("A", "S", "L")])
+def test_a_coronal_or_sagittal_stack_resliced_axial_reaches_the_model_as_the_axial_scan(monkeypatch, codes):
+    """A coronal or sagittal stack kept its plane: an axial-trained model saw coronal slices (the shipped BTCV model on
+    case0002 stored LSA: 0.633 against 0.789 axial). `plane="axial"` reslices it: the model sees the axial scan's very
+    images and boxes, and the labels come back on the stack's own grid."""
+    monkeypatch.setattr(volumes_module, "encode_slice", lambda model, processor, image, tta="none": None)
+    organs = cone(shape=(30, 26, 12))
+    scan = np.random.default_rng(0).integers(0, 256, organs.shape, dtype=np.uint8)
+    stack, affine = as_stored(scan, AFFINE, codes)
+    stack_organs, _ = as_stored(organs, AFFINE, codes)
+    for as_axial, as_stack in (
+        ({"label_volume": organs}, {"label_volume": stack_organs}),
+        ({"boxes_3d": boxes_3d_from_labels(organs)}, {"boxes_3d": boxes_3d_from_labels(stack_organs)}),
+    ):
+        runs = []
+        for volume, prompts, plane in (
+            (make_volume(scan), as_axial, "stored"),
+            (make_volume(stack, affine=affine), as_stack, "axial"),
+            (make_volume(stack, affine=affine), as_stack, "stored"),
+        ):
+            seen: list = []
+            monkeypatch.setattr(volumes_module, "segment", image_bound_fake(seen))
+            labels = segment_volume(FakeModel(), volume, processor=object(), progress=False, plane=plane, **prompts)
+            runs.append((labels, seen))
+        (axial, seen), (resliced, resliced_seen), (_, stack_seen) = runs
+        assert axial.any()
+        np.testing.assert_array_equal(resliced, as_stored(axial, AFFINE, codes)[0])
+        assert [(image.tolist(), boxes) for image, boxes in resliced_seen] == [
+            (image.tolist(), boxes) for image, boxes in seen
+        ]
+        assert stack_seen[0][0].shape != seen[0][0].shape  # as stored: coronal (or sagittal) slices
+    with pytest.raises(ValueError, match="plane='axial' reslices a scan by its affine"):
+        segment_volume(FakeModel(), stack, processor=object(), label_volume=stack_organs, plane="axial")
+    with pytest.raises(ValueError, match="`plane` must be one of"):
+        segment_volume(FakeModel(), make_volume(scan), processor=object(), label_volume=organs, plane="coronal")
+
+
+def test_the_axial_grid_resamples_coarse_rows_to_square_pixels_and_back():
+    """A coronal stack 3 slices apart (2.4 mm) with 0.8 mm pixels: its axial slices have 2.4 mm rows, resampled to
+    0.8 mm for the model; labels map back exactly where they were whole voxels, boxes grow with the rows."""
+    organs = cone(shape=(30, 26, 12))
+    coronal_affine = np.array([[-0.8, 0, 0, 10.0], [0, 0, 2.4, -20.0], [0, 0.8, 0, 30.0], [0, 0, 0, 1]])  # L, S, A
+    stack = np.ascontiguousarray(organs.transpose(0, 2, 1))  # (L, S, A): 26 coronal planes
+    grid = AxialGrid.of(make_volume(stack, affine=coronal_affine))
+    assert grid.factors == pytest.approx((1.0, 3.0))
+    resampled = grid.to_grid(stack, labels=True)
+    assert resampled.shape == (30, 78, 12)  # L, A (26 planes -> 78 rows), S (12 slices)
+    np.testing.assert_array_equal(grid.from_grid(resampled), stack)
+    for class_id, box in boxes_3d_from_labels(stack).items():
+        assert grid.box(box) == boxes_3d_from_labels(resampled)[class_id]
+
+
+def test_predict_plane_axial_writes_the_resliced_runs_labels_on_the_stacks_grid(tmp_path, capsys):
+    from imedsam_hf.cli import main
+
+    organs = two_organs(shape=(24, 20, 8))
+    stack, affine = as_stored((organs * 40 + 20).astype(np.uint8), AFFINE, ("L", "S", "A"))
+    scan = save_nifti(tmp_path / "in" / "ct.nii.gz", stack, affine)
+    save_nifti(tmp_path / "labels" / "ct.nii.gz", as_stored(organs, AFFINE, ("L", "S", "A"))[0], affine)
+    model = tiny_model(num_classes=6, class_aware=True, implicit_decoder_trained=True)
+    model.save_pretrained(tmp_path / "aware")
+    argv = ["predict", "--model", str(tmp_path / "aware"), str(scan), "--device", "cpu"]
+    argv += ["--boxes-from-masks", str(tmp_path / "labels")]
+    assert main([*argv, "--plane", "axial", "--out", str(tmp_path / "P"), "--overlay"]) == 0, capsys.readouterr().err
+    written = read_volume(tmp_path / "P" / "ct.nii.gz")
+    expected = segment_volume(
+        load_model(str(tmp_path / "aware"))[0], read_volume(scan), progress=False, plane="axial",
+        label_volume=tmp_path / "labels" / "ct.nii.gz",
+    )  # fmt: skip
+    assert written.shape == stack.shape and written.data.any()
+    np.testing.assert_array_equal(written.data, expected)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    assert main(["predict", "--model", str(tmp_path / "aware"), str(image), "--box", "1,1,5,5", "--plane", "axial",
+                 "--out", str(tmp_path / "Q")]) == 2  # fmt: skip
+    assert "--plane applies to volumes" in capsys.readouterr().err

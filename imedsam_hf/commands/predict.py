@@ -400,6 +400,8 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 raise ValueError(
                     "--output-size applies to 2-D images; a label volume is written on its scan's own grid."
                 )
+        if args.plane != "stored" and not volumes:
+            raise ValueError("--plane applies to volumes (a coronal or sagittal stack resliced axial).")
         for flag, given in (("--propagation", args.propagation is not None), ("--no-confine", args.no_confine)):
             if given and not (volumes and args.boxes):
                 raise ValueError(f"{flag} applies to volumes prompted with 3-D boxes (--boxes).")
@@ -467,6 +469,11 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             if args.boxes_from_masks is None and boxes_json is None:
                 raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
             volume_prompts = volume_boxes(boxes_json, args.boxes, volumes) if boxes_json is not None else None
+            if args.plane == "axial" and any(keys for _, keys in (volume_prompts or {}).values()):
+                raise ValueError(
+                    f"--boxes {args.boxes}: key_slice entries are slices of the stored stack; with --plane axial give "
+                    "3-D boxes [x0, y0, z0, x1, y1, z1]."
+                )
         if images and boxes_json is not None and not volumes:
             boxes_json = image_boxes(boxes_json, args.boxes)
         elif images and boxes_json is not None:
@@ -658,7 +665,11 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                     f"{path}: not 8-bit: windowed with the model's training window, {window_text(window)}; --window overrides"
                 )
             grey = dataclasses.replace(volume, data=to_uint8(volume.data, window))
-            labels = segment_volume(model, grey, processor=processor, progress=True, tta=args.tta, **prompts)
+            if args.plane == "axial":  # prompts drawn on resliced slices: the montage shows the labels only
+                prompts["prompts_given"] = None
+            labels = segment_volume(
+                model, grey, processor=processor, progress=True, tta=args.tta, plane=args.plane, **prompts
+            )
             # In the scan's format (plan_outputs); a NRRD scan's as a 3D Slicer segmentation, its segments named.
             written = write_label_volume(labels, volume, targets[".nii.gz"], names_here)
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
