@@ -357,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
         "are, others rescaled min-max per scan)",
     )
     scans.add_argument("--all-slices", action="store_true", help="keep slices without any structure too")
+    scans.add_argument(
+        "--plane",
+        choices=PLANES,
+        default="stored",
+        help="slice each scan along its stored slicing axis (default), or 'axial': coronal and sagittal stacks "
+        "resliced into axial slices of square pixels, as predict --plane axial reslices them",
+    )
 
     s = sub.add_parser(
         "score",

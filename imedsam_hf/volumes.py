@@ -1162,10 +1162,12 @@ class AxialGrid:
     Attributes:
         view: the stored grid turned to LAS, all three axes.
         factors: the in-plane resampling factors ``(fx, fy)`` of the turned grid (1 where kept).
+        spacing: the axial grid's voxel size in mm ``(x, y, z)``.
     """
 
     view: SliceView
     factors: tuple[float, float]
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     @classmethod
     def of(cls, volume: Volume) -> AxialGrid:
@@ -1178,7 +1180,8 @@ class AxialGrid:
             turned[int(target)] = float(spacing[axis])
         finest = min(turned[:2])
         factors = tuple(1.0 if v / finest < 1.01 else v / finest for v in turned[:2])
-        return cls(view, factors)  # type: ignore[arg-type]
+        spacing = (turned[0] / factors[0], turned[1] / factors[1], turned[2])
+        return cls(view, factors, spacing)  # type: ignore[arg-type]
 
     def to_grid(self, data: np.ndarray, labels: bool = False) -> np.ndarray:
         """`data` (the stored shape) on the axial grid: resampled linearly (a scan, rounded to its dtype) or by
@@ -3375,6 +3378,7 @@ def volumes_to_slices(
     all_slices: bool = False,
     scans: str | None = None,
     progress: bool = True,
+    plane: str = "stored",
 ) -> dict[str, Any]:
     """
     A folder of scans (NIfTI, or DICOM scans) and label volumes -> the folder of 2-D slices that training,
@@ -3395,10 +3399,15 @@ def volumes_to_slices(
             (:func:`_roi_classes`), else `class <id>` for every id.
         all_slices: keep slices without any structure too (default: only slices with one, as the BTCV folder).
         scans: only the scans whose names match this pattern (:func:`paired_volumes`: one channel or MR sequence).
+        plane: ``"stored"`` (each scan along its slicing axis, turned in plane) or ``"axial"``: coronal and sagittal
+            stacks resliced into axial slices of square pixels (:class:`AxialGrid`, as `segment_volume` reslices them),
+            `cases.csv` recording the axial grid's spacing and orientation.
 
     Returns:
         `{"volumes", "slices", "classes", "orientations"}`: counts, `{id: name}` and `{case: axcodes}`.
     """
+    if plane not in PLANES:
+        raise ValueError(f"`plane` must be one of {PLANES}, got {plane!r}")
     pairs = paired_volumes(images, labels, scans)
     check_window(window)
     if class_names is None:
@@ -3410,8 +3419,14 @@ def volumes_to_slices(
         for sub in ("images", "masks"):
             (staging / sub).mkdir()
         for case, image_path, label_path, volume, truth in _labelled_cases(pairs, class_names, segment_names, progress):
-            view = SliceView.of(volume)  # slices as segment_volume shows them to a model, numbered as stored
-            grey, truth = view.to_view(to_uint8(volume.data, window)), view.to_view(truth)
+            grey = to_uint8(volume.data, window)  # slices as segment_volume shows them to a model
+            if plane == "axial":
+                grid = AxialGrid.of(volume)
+                grey, truth, spaced, codes = grid.to_grid(grey), grid.to_grid(truth, labels=True), grid.spacing, "LAS"
+            else:  # numbered as stored
+                view = SliceView.of(volume)
+                grey, truth = view.to_view(grey), view.to_view(truth)
+                spaced, codes = volume.spacing, "".join(volume.axcodes)
             labelled = truth.any(axis=(0, 1))
             slices = range(truth.shape[2]) if all_slices else np.flatnonzero(labelled)
             digits = max(3, len(str(truth.shape[2] - 1)))
@@ -3421,9 +3436,9 @@ def volumes_to_slices(
                 Image.fromarray(slice_image(truth, int(z))).save(staging / "masks" / f"{stem}.png")
             count += len(slices)
             present |= {int(c) for c in np.unique(truth) if c}
-            spacing = "x".join(_shortest(v) for v in volume.spacing)
+            spacing = "x".join(_shortest(v) for v in spaced)
             row = [case, image_path.name, label_path.name, truth.shape[2], int(labelled.sum()), spacing]
-            rows.append([*row, "".join(volume.axcodes), window_record])
+            rows.append([*row, codes, window_record])
         names = _write_classes(staging, class_names, present, segment_names)
         with (staging / "cases.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
@@ -3436,8 +3451,8 @@ def volumes_to_slices(
     if len(planes) > 1:
         warnings.warn(
             f"{images}: the scans are sliced in different planes ({', '.join(sorted(planes))}; cases.csv lists each "
-            "scan's orientation). Slices are turned in plane to one view, never resliced: resample the scans to one "
-            "slicing plane (axial, as BTCV) before training on them together.",
+            "scan's orientation). Slices are turned in plane to one view, not resliced: give `plane` 'axial' to "
+            "reslice them into axial slices (as BTCV) before training on them together.",
             UserWarning,
             stacklevel=2,
         )

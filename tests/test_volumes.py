@@ -2600,3 +2600,28 @@ def test_predict_plane_axial_writes_the_resliced_runs_labels_on_the_stacks_grid(
     assert main(["predict", "--model", str(tmp_path / "aware"), str(image), "--box", "1,1,5,5", "--plane", "axial",
                  "--out", str(tmp_path / "Q")]) == 2  # fmt: skip
     assert "--plane applies to volumes" in capsys.readouterr().err
+
+
+def test_convert_volumes_plane_axial_gives_a_coronal_stacks_axial_slices(tmp_path):
+    from imedsam_hf.volumes import volumes_to_slices
+
+    organs = two_organs(shape=(24, 20, 8))
+    scan = (organs * 40 + 20).astype(np.uint8)
+    save_nifti(tmp_path / "axial" / "images" / "ct.nii.gz", scan)
+    save_nifti(tmp_path / "axial" / "labels" / "ct.nii.gz", organs)
+    stack, affine = as_stored(scan, AFFINE, ("L", "S", "A"))
+    save_nifti(tmp_path / "coronal" / "images" / "ct.nii.gz", stack, affine)
+    save_nifti(tmp_path / "coronal" / "labels" / "ct.nii.gz", as_stored(organs, AFFINE, ("L", "S", "A"))[0], affine)
+    for kind, plane in (("axial", "stored"), ("coronal", "axial")):
+        root = tmp_path / kind
+        volumes_to_slices(root / "images", root / "labels", root / "slices", plane=plane, progress=False)
+    names = sorted(p.name for p in (tmp_path / "axial" / "slices" / "images").iterdir())
+    assert names and names == sorted(p.name for p in (tmp_path / "coronal" / "slices" / "images").iterdir())
+    for sub in ("images", "masks"):
+        for name in names:
+            np.testing.assert_array_equal(
+                np.asarray(Image.open(tmp_path / "coronal" / "slices" / sub / name)),
+                np.asarray(Image.open(tmp_path / "axial" / "slices" / sub / name)),
+            )
+    cases = (tmp_path / "coronal" / "slices" / "cases.csv").read_text()
+    assert "0.8x0.8x2.5,LAS" in cases  # the axial grid's spacing and orientation

@@ -53,6 +53,7 @@ FLAGS = {
         "class_aware",
         "classes",
         "scans",
+        "plane",
         "window",
         "device",
         "backbone",

@@ -54,6 +54,7 @@ def slices_of_volumes(args: argparse.Namespace) -> int:
         class_names=names,
         all_slices=args.all_slices,
         scans=args.scans,
+        plane=args.plane,
     )
     print(
         f"wrote {args.output}: {done['slices']} slices of {done['volumes']} scans, {len(done['classes'])} classes "
