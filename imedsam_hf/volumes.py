@@ -1184,8 +1184,8 @@ class AxialGrid:
         return cls(view, factors, spacing)  # type: ignore[arg-type]
 
     def to_grid(self, data: np.ndarray, labels: bool = False) -> np.ndarray:
-        """`data` (the stored shape) on the axial grid: resampled linearly (a scan, rounded to its dtype) or by
-        nearest neighbour (`labels`)."""
+        """`data` (the stored shape) on the axial grid: resampled linearly (8-bit grey, as :func:`to_uint8` gives it;
+        rounded) or by nearest neighbour (`labels`)."""
         turned = self.view.to_view(data)
         if self.factors == (1.0, 1.0):
             return turned
@@ -1208,7 +1208,8 @@ class AxialGrid:
 
     def box(self, box_3d: Sequence[int]) -> list[int]:
         """A 3-D box ``[x0, y0, z0, x1, y1, z1]`` (inclusive stored voxel indices) on the axial grid."""
-        low, high = self.view.box(box_3d)[:3], self.view.box(box_3d)[3:]
+        turned = self.view.box(box_3d)
+        low, high = turned[:3], turned[3:]
         for axis, factor in enumerate(self.factors):
             # The rows the resampling gives the stored rows low..high (a factor of 3 from spacings 2.4 / 0.8 is
             # 2.9999999999999996: the products rounded off first).
