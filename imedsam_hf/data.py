@@ -269,10 +269,10 @@ class DataConfig:
     propagated_box_probability: float = 0.0
     propagated_boxes: dict[str, dict[int, list[list[float]]]] | None = None
     group_pattern: str | None = None
-    # A CT window `(level, width)` in HU applied to images in Hounsfield units (2-D CT `.mha` / `.nii.gz`:
-    # `processing_imedsam.hu_windowed`), as `imedsam predict` windows them with the window the model records; None,
-    # or images that are 8-bit already: as they are (others min-max).
-    window: tuple[float, float] | None = None
+    # The window the training images were made with, as the model records it (`[level, width]` in HU, "mr" or None):
+    # images still in Hounsfield units (2-D CT `.mha` / `.nii.gz`) are windowed with it (`processing_imedsam.
+    # hu_windowed`), as `imedsam predict` windows them; 8-bit images, and any with "mr" or None, as they are.
+    window: Sequence[float] | str | None = None
 
     @property
     def mask_class_count(self) -> int:

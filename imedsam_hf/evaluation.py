@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window
+from .configuration_imedsam import is_class_aware, training_window
 from .data import (
     DEFAULT_GROUP_PATTERN,
     SegmentationPair,
@@ -237,7 +237,7 @@ def evaluate_pairs(
     overlays: Path | None = None,
     nsd_tolerance: float = NSD_TOLERANCE,
     nsd_definition: str = "voxels",
-    window: tuple[float, float] | None = None,
+    window: tuple[float, float] | str | None = None,
 ) -> tuple[list[dict], dict[str, dict]]:
     """
     Score every pair at every output size (masks read with `read_mask(..., mask_values)`), the NSD at
@@ -607,8 +607,8 @@ class EvaluationProtocol:
         nsd_tolerance: the NSD's tolerance, in pixels per image and mm per scan (`metrics.NSD_TOLERANCE`: 2).
         nsd_definition: `"voxels"` (each boundary voxel once) or `"surfels"` (the CVPR 2024 challenge script's,
             through MONAI; `metrics.NSD_DEFINITIONS`).
-        window: the CT window `(level, width)` the model records (`training_window`), applied to images in HU (a 2-D
-            CT `.mha`: `processing_imedsam.hu_windowed`) for the model and its backbone alike; None: as they are.
+        window: the window the model records (`training_window`: `(level, width)` in HU, "mr" or None), applied to
+            images in HU (a 2-D CT `.mha`: `processing_imedsam.hu_windowed`) for the model and its backbone alike.
     """
 
     prompt: str
@@ -630,7 +630,7 @@ class EvaluationProtocol:
     tta: str
     nsd_tolerance: float
     nsd_definition: str
-    window: tuple[float, float] | None = None
+    window: tuple[float, float] | str | None = None
 
     def __post_init__(self) -> None:
         check_nsd_options(self.nsd_tolerance, self.nsd_definition, load=False)
@@ -732,7 +732,6 @@ class EvaluationProtocol:
             )
         if spacing is None and data_dir and class_prompts:
             spacing = default_scan_spacing(data_dir)
-        window = training_window(model_config)  # images in HU are windowed as the model's training images were
         return cls(
             prompt=prompt,
             output_sizes=tuple(output_sizes),
@@ -753,7 +752,7 @@ class EvaluationProtocol:
             tta=tta,
             nsd_tolerance=float(nsd_tolerance),
             nsd_definition=nsd_definition,
-            window=None if window == MR_WINDOW else window,
+            window=training_window(model_config),  # images in HU windowed as the model's training images were
         )
 
     @property

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window
+from .configuration_imedsam import is_class_aware, training_window
 from .data import class_id_of, is_volume
 from .loading import load_model
 from .modeling_imedsam import sam_mask_on_grid
@@ -87,8 +87,7 @@ def windowed_slice(image: ImageInput, config) -> ImageInput:
     volumes are (`volumes.resolve_window`; `processing_imedsam.hu_windowed`). Anything else is returned as it is
     (files, 8-bit and colour images, arrays that do not look like HU; an MR window).
     """
-    window = training_window(config)
-    return image if window == MR_WINDOW else hu_windowed(image, window)
+    return hu_windowed(image, training_window(config))
 
 
 @torch.no_grad()

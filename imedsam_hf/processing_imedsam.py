@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .configuration_imedsam import TINYVIT_MODEL_TYPE, unknown_arguments_message
+from .configuration_imedsam import MR_WINDOW, TINYVIT_MODEL_TYPE, unknown_arguments_message
 
 SAM_IMAGE_MEAN = (123.675, 116.28, 103.53)
 SAM_IMAGE_STD = (58.395, 57.12, 57.375)
@@ -274,6 +274,15 @@ def _grid_format(path: str | os.PathLike) -> str:
     return "itk" if name.endswith(ITK_SUFFIXES) and not name.endswith(".seg.nrrd") else ""
 
 
+def _itk_header(path: str | os.PathLike) -> Any:
+    """SimpleITK's reader of `path` with its header read (size, spacing, geometry; no voxels); SimpleITK's own error
+    for a file it cannot read."""
+    reader = require_simpleitk().ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
 @functools.lru_cache(maxsize=8192)
 def _grid_dimensions(path: str, state: tuple[int, int]) -> int | None:
     """How many axes the header of a NIfTI / NRRD / MetaImage file gives its grid (read once per file `state`:
@@ -286,10 +295,7 @@ def _grid_dimensions(path: str, state: tuple[int, int]) -> int | None:
             return len(nib.load(path).shape)
         if importlib.util.find_spec("SimpleITK") is None:
             return None
-        reader = require_simpleitk().ImageFileReader()
-        reader.SetFileName(path)
-        reader.ReadImageInformation()
-        return int(reader.GetDimension())
+        return int(_itk_header(path).GetDimension())
     except Exception:  # noqa: BLE001 - any unreadable header: not an image here; reading it says what is wrong
         return None
 
@@ -363,10 +369,7 @@ def grid_image_spacing(path: str | os.PathLike) -> tuple[float, float] | None:
 
         across, down = nib.load(str(path)).header.get_zooms()[:2]
     else:
-        reader = require_simpleitk().ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        across, down = reader.GetSpacing()[:2]
+        across, down = _itk_header(path).GetSpacing()[:2]
     return float(down), float(across)
 
 
@@ -456,14 +459,15 @@ def looks_like_hu(data: np.ndarray | torch.Tensor) -> bool:
     return low < 0 and high - low > 255
 
 
-def hu_windowed(image: ImageInput, window: Sequence[float] | None) -> ImageInput:
+def hu_windowed(image: ImageInput, window: Sequence[float] | str | None) -> ImageInput:
     """
     A CT image in Hounsfield units windowed to 8-bit grey by `window` `(level, width)` (:func:`hu_window`): an array
     (numpy or torch, one channel: pydicom's or SimpleITK's rescaled pixels) or a 2-D NIfTI / NRRD / MetaImage file
-    (:func:`read_grid_image`) whose values look like HU (:func:`looks_like_hu`). Anything else, or `window` None, is
-    returned as it is (pictures, 8-bit and colour images, arrays that do not look like HU).
+    (:func:`read_grid_image`) whose values look like HU (:func:`looks_like_hu`). `window` as a model records it
+    (`configuration_imedsam.training_window`): None, or an MR window (``"mr"``, not HU), leaves every image as it is,
+    as does anything else (pictures, 8-bit and colour images, arrays that do not look like HU).
     """
-    if window is None:
+    if window is None or window == MR_WINDOW:
         return image
     if isinstance(image, (str, os.PathLike)) and is_grid_image(image):  # a 2-D CT image stored as .mha / .nii.gz
         image = read_grid_image(image)

@@ -1994,12 +1994,9 @@ def write_image_mask(mask: np.ndarray, image: str | os.PathLike, path: str | os.
         if tuple(like.shape) != values.T.shape:
             raise ValueError(f"{path}: a mask of {values.shape[1]}x{values.shape[0]} does not fit {image} {like.shape}")
         return _write_nifti_labels(np.ascontiguousarray(values.T), like.affine, like.header, path)
-    require_itk()
+    reader = _itk_reader(Path(image))
     import SimpleITK as sitk
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(image))
-    reader.ReadImageInformation()
     if tuple(reader.GetSize()) != values.shape[::-1]:
         raise ValueError(
             f"{path}: a mask of {values.shape[1]}x{values.shape[0]} does not fit {image} {reader.GetSize()}"

@@ -304,10 +304,10 @@ def evenly_spaced(count: int, limit: int | None) -> list[int]:
     return np.linspace(0, count - 1, limit).round().astype(int).tolist()
 
 
-def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
-    """Training and validation datasets and loaders."""
+def build_loaders(args: Arguments, splits: dict, processor, num_classes: int, window=None):
+    """Training and validation datasets and loaders; images still in HU windowed by `window` (`data_window`), as
+    `imedsam predict` will window them."""
     data, run = args.data, args.training
-    window = data_window(data, data_source(data), args.given)  # images in HU are windowed as predict will window them
     data_config = DataConfig(
         num_classes=num_classes,
         augment=DataConfig().augment if data.augment else None,
@@ -328,7 +328,7 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
         propagated_box_probability=data.propagated_box_probability,
         propagated_boxes=read_propagated_boxes(data.propagated_boxes, splits["train"]),
         group_pattern=data.group_pattern,
-        window=tuple(window) if isinstance(window, list) else None,
+        window=window,
     )
     try:
         train_set = SegmentationDataset(as_records(splits["train"]), processor, data_config, train=True, seed=run.seed)
@@ -354,7 +354,7 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int):
     return train_set, val_set, train_loader, val_loader
 
 
-def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs: int) -> None:
+def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs: int, window=None) -> None:
     """
     What the model is, from the data actually used, into its config (and so its card): the class names of the
     folder's `classes.json`, whether its prompts are class-aware, and the data's name, licence and citation.
@@ -405,8 +405,7 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
         "prompts": trained_prompts(data.prompt, data.max_clicks, args.training.click_probability),
         **({"untrained_classes": untrained} if untrained else {}),
     }
-    window = data_window(data, folder_name, args.given)
-    if window is not None:
+    if window is not None:  # `data_window`: the one the loaders window images in HU with
         config.training_data["window"] = window
     elif base_window is not None:
         logger.warning(
@@ -1086,7 +1085,8 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
     # the data: checked pairs, splits by scan, samples; what the model is recorded from it
     try:
         splits = load_pairs(args.data, num_classes, output_dir, accelerator)
-        train_set, val_set, train_loader, val_loader = build_loaders(args, splits, processor, num_classes)
+        window = data_window(args.data, data_source(args.data), args.given)
+        train_set, val_set, train_loader, val_loader = build_loaders(args, splits, processor, num_classes, window)
     except ValueError as error:  # bad data: one clear message naming the files, nothing half-written
         raise die(error) from error
     report_empty_masks(train_set, output_dir, accelerator)
@@ -1094,7 +1094,7 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
         raise SystemExit(
             f"error: no training samples: every mask of the train split is empty ({output_dir / 'data_problems.txt'})."
         )
-    record_data(model.get_base_model().config, args, train_set, sum(len(s) for s in splits.values()))
+    record_data(model.get_base_model().config, args, train_set, sum(len(s) for s in splits.values()), window)
 
     # the optimizer and the schedule, prepared by Accelerate
     optimizer = torch.optim.AdamW(

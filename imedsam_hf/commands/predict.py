@@ -45,7 +45,7 @@ from ..data import (
 from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id, windowed_slice
 from ..loading import load_model
-from ..processing_imedsam import dicom_kind, is_grid_image, open_image, to_rgb_array
+from ..processing_imedsam import dicom_kind, image_size, is_grid_image, open_image, to_rgb_array
 from ..runtime import require_backend
 from ..volumes import (
     NPZ_CLASS_AWARE,
@@ -527,7 +527,7 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
             if args.window is not None and isinstance(image, np.ndarray) and image.ndim == 2:  # a 2-D .mha in HU
                 image = to_uint8(image, args.window)
             image = windowed_slice(image, model.config)  # else the model's window: the overlay shows what it saw
-            width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
+            width, height = image_size(image)
             if width * height > MAX_PIXELS:
                 raise ValueError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS} pixels.")
             prompt = prompts.prompt_for(path, (height, width))
