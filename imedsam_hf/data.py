@@ -574,7 +574,8 @@ def _folder_pairs(
 ) -> tuple[list[SegmentationPair], list[DataProblem]]:
     """:func:`discover_pairs` in one images folder and its masks folder (the same folder where masks are kept beside
     their images)."""
-    masks, images = _files_by_stem(mask_dir), _files_by_stem(image_dir)
+    masks = _files_by_stem(mask_dir)
+    images = masks if image_dir == mask_dir else _files_by_stem(image_dir)  # one listing of a folder holding both
     if image_dir == mask_dir:  # masks kept beside their images (BUSI's class folders, CAMUS)
         suffix, held = masks_beside_images(masks)
         images = {stem: paths for stem, paths in images.items() if stem not in held}
