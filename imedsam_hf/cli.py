@@ -81,8 +81,8 @@ def _nsd_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=NSD_TOLERANCE,
         metavar="MM",
-        help="the NSD's tolerance: mm for volumes, pixels for images (default: 2, the CVPR 2024 MedSAM challenge's; "
-        "FLARE used 1 mm)",
+        help="the NSD's tolerance: mm for volumes and for 2-D NIfTI / NRRD / MetaImage masks with a pixel size, "
+        "pixels for other images (default: 2, the CVPR 2024 MedSAM challenge's; FLARE used 1 mm)",
     )
     parser.add_argument(
         "--nsd-definition",

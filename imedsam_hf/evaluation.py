@@ -63,6 +63,7 @@ from .metrics import (
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import (
     IMedSamProcessor,
+    grid_image_spacing,
     hu_windowed,
     mirrored_inputs,
     mirrored_mean,
@@ -204,13 +205,29 @@ def score_mask(
     num_classes: int,
     nsd_tolerance: float = NSD_TOLERANCE,
     nsd_definition: str = "voxels",
+    spacing: tuple[float, float] | None = None,
 ) -> dict[str, float]:
-    """Scores of a post-processed prediction (bool mask, or class ids for C > 1) against a class-id map; NSD at
-    `nsd_tolerance` pixels, by `nsd_definition` (`metrics.NSD_DEFINITIONS`)."""
-    nsd = {"tolerance": nsd_tolerance, "nsd_definition": nsd_definition}
+    """Scores of a post-processed prediction (bool mask, or class ids for C > 1) against a class-id map; distances
+    in pixels, or in mm with the grid's pixel size `spacing` `(row, column)`; NSD at `nsd_tolerance` in that unit, by
+    `nsd_definition` (`metrics.NSD_DEFINITIONS`)."""
+    nsd = {"spacing": spacing, "tolerance": nsd_tolerance, "nsd_definition": nsd_definition}
     if num_classes == 1:
         return segmentation_scores(predicted, labels > 0, **nsd)
     return multiclass_scores(predicted.astype(np.int64), labels, num_classes + 1, **nsd)
+
+
+def truth_pixel_sizes(pairs: Sequence[SegmentationPair]) -> dict[str, tuple[float, float]] | None:
+    """`{mask path: (row, column) pixel size in mm}` when every pair's mask is a 2-D NIfTI / NRRD / MetaImage whose
+    header gives one (`processing_imedsam.grid_image_spacing`): distances are then measured in mm, as `imedsam score`
+    measures them against such a truth; None when any mask has none (PNG, JPEG, DICOM): distances in pixels."""
+    sizes = {str(pair.mask): grid_image_spacing(pair.mask) for pair in pairs}
+    return sizes if sizes and all(size is not None for size in sizes.values()) else None
+
+
+def grid_pixel_size(pixel_size: tuple[float, float], truth_shape: Sequence[int], grid_shape: Sequence[int]):
+    """The pixel size `(row, column)` of an output grid of shape `grid_shape` `(h, w)` covering the truth's
+    `truth_shape` `(H, W)` with pixels of `pixel_size` (mm): a grid half the size has pixels twice as large."""
+    return tuple(float(size) * int(n) / int(m) for size, n, m in zip(pixel_size, truth_shape[:2], grid_shape[:2]))
 
 
 def evaluate_pairs(
@@ -242,6 +259,9 @@ def evaluate_pairs(
     """
     Score every pair at every output size (masks read with `read_mask(..., mask_values)`), the NSD at
     `nsd_tolerance` pixels, by `nsd_definition`; images in HU windowed by `window` (`processing_imedsam.hu_windowed`).
+    When every mask is a 2-D NIfTI / NRRD / MetaImage with a pixel size (`truth_pixel_sizes`), HD95, HD and the NSD's
+    tolerance are in mm instead (each output grid's pixel size scaled from the mask's), and each size's summary says
+    so: its `unit` is `"mm"` (else `"px"`).
 
     `prompt="points"` prompts each image with `num_clicks` positive clicks on its mask (`data.mask_clicks`: the most
     interior point first) instead of its box.
@@ -294,6 +314,7 @@ def evaluate_pairs(
         label = ("baseline" if baseline else "evaluate") + (f", jitter draw {jitter_draw + 1}" if jitter_draw else "")
         iterator = tqdm(pairs, desc=label)
     wanted = None if classes is None else {int(c) for c in classes}
+    pixel_sizes = truth_pixel_sizes(pairs)
     for pair in iterator:
         labels = read_mask(pair.mask, mask_classes or num_classes, mask_values)
         image = to_rgb_array(hu_windowed(pair.image, window))
@@ -323,7 +344,10 @@ def evaluate_pairs(
                 predicted = IMedSamProcessor.post_process_masks(prediction[None])[0].numpy()
                 target = resize_labels(target_labels, predicted.shape)
                 classes_scored = 1 if class_prompts else num_classes
-                scored = score_mask(predicted, target, classes_scored, nsd_tolerance, nsd_definition)
+                spacing = None
+                if pixel_sizes is not None:
+                    spacing = grid_pixel_size(pixel_sizes[str(pair.mask)], target_labels.shape, predicted.shape)
+                scored = score_mask(predicted, target, classes_scored, nsd_tolerance, nsd_definition, spacing)
                 row = {"stem": pair.stem, "size": str(size), **extra, **scored}
                 if size == sizes[0]:
                     shown.append((prediction, predicted, target))
@@ -350,6 +374,7 @@ def evaluate_pairs(
         size_rows = [r for r in rows if r["size"] == str(size) and not r.get("empty")]
         summary[str(size)] = aggregate([{k: v for k, v in r.items() if k not in skip} for r in size_rows])
         summary[str(size)].update(empty_summary([r for r in rows if r["size"] == str(size) and r.get("empty")]))
+        summary[str(size)]["unit"] = "px" if pixel_sizes is None else "mm"
         if class_prompts:
             summary[str(size)].update(per_class_summary(size_rows, class_names or {}))
     return rows, summary
@@ -604,7 +629,8 @@ class EvaluationProtocol:
         spacing: scan -> voxel spacing `(x, y, z)` in mm for the per-volume HD95 and NSD, or None.
         tta: test-time mirroring, `"none"`, `"h"`, `"v"` or `"hv"` (`processing_imedsam.TTA_MIRRORS`), for the model
             and its zero-shot backbone alike.
-        nsd_tolerance: the NSD's tolerance, in pixels per image and mm per scan (`metrics.NSD_TOLERANCE`: 2).
+        nsd_tolerance: the NSD's tolerance, in pixels per image (mm for 2-D images with a pixel size:
+            `truth_pixel_sizes`) and mm per scan (`metrics.NSD_TOLERANCE`: 2).
         nsd_definition: `"voxels"` (each boundary voxel once) or `"surfels"` (the CVPR 2024 challenge script's,
             through MONAI; `metrics.NSD_DEFINITIONS`).
         window: the window the model records (`training_window`: `(level, width)` in HU, "mr" or None), applied to
@@ -951,9 +977,11 @@ def summary_lines(result: dict) -> list[str]:
         table = dict(table or {})
         volume = volume or table.pop("volume", None)
         for size, values in table.items():
+            unit = values.get("unit", "px")
             lines.append(
                 f"{name:12s} {size:>7s}  n={values['n']:3d}  Dice {values['dice']:.4f} ± {values['dice_std']:.4f}  "
-                f"IoU {values['iou']:.4f}  HD95 {values['hd95']:.2f} px  HD {values['hd']:.2f} px" + nsd_text(values)
+                f"IoU {values['iou']:.4f}  HD95 {values['hd95']:.2f} {unit}  HD {values['hd']:.2f} {unit}"
+                + nsd_text(values)
             )
             if values.get("dice_per_draw"):
                 lines.append(f"{'':12s} {size:>7s}  {draws_line(values['dice_per_draw'])}")
@@ -962,7 +990,7 @@ def summary_lines(result: dict) -> list[str]:
             for class_id, scores in values.get("per_class", {}).items():
                 lines.append(
                     f"{'':12s} {size:>7s}    {class_id:>3s} {scores['name']:28s} n={scores['n']:4d}  "
-                    f"Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} px"
+                    f"Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} {unit}"
                     + nsd_text(scores)
                 )
             if "class_mean" in values:

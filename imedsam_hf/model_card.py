@@ -243,6 +243,7 @@ def write_model_card(
         n_eval=results.get("n_images", 0),
         evaluation_prompts="exact ground-truth boxes" if boxes else "no prompt",
         results_table=results_table(results),
+        distance_unit=next((v.get("unit") for v in (results.get("results") or {}).values() if v.get("unit")), "px"),
         **context,
     )
     card.save(folder / "README.md")

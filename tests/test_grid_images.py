@@ -264,3 +264,57 @@ def test_the_demo_takes_a_2d_mha_or_nifti_upload_as_predict_reads_it(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), str(scan))
     with pytest.raises(gradio.Error, match="scan.nii.gz: not a 2-D image"):
         app.file_upload(str(scan))
+
+
+@needs_itk
+def test_evaluate_measures_distances_in_mm_against_2d_masks_with_a_pixel_size(tmp_path, capsys):
+    """`imedsam score` gave a grid-image truth's HD95 in mm, `imedsam evaluate` in pixels on the same masks (CAMUS
+    reports distances in mm): evaluate now measures in mm when every mask has a pixel size, at every output grid
+    (a grid half the size has pixels twice as large), and says so; the model card too."""
+    from imedsam_hf.evaluation import evaluate_pairs, summary_lines, truth_pixel_sizes
+    from imedsam_hf.model_card import write_model_card
+
+    pairs = kvasir_pairs(2)
+    for stem, rgb, mask in pairs:
+        for kind in ("png", "grid", "mixed"):
+            (tmp_path / kind / "images").mkdir(parents=True, exist_ok=True)
+            (tmp_path / kind / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb).save(tmp_path / kind / "images" / f"{stem}.png")
+        Image.fromarray(mask * 255).save(tmp_path / "png" / "masks" / f"{stem}.png")
+        save_grid(mask, tmp_path / "grid" / "masks" / f"{stem}.mha", spacing=(0.5, 0.5))
+    save_grid(pairs[0][2], tmp_path / "mixed" / "masks" / f"{pairs[0][0]}.mha", spacing=(0.5, 0.5))
+    Image.fromarray(pairs[1][2] * 255).save(tmp_path / "mixed" / "masks" / f"{pairs[1][0]}.png")
+    model = tiny_model(implicit_decoder_trained=True).eval()
+    processor = IMedSamProcessor(image_size=64)
+    found = {kind: discover_pairs(tmp_path / kind)[0] for kind in ("png", "grid", "mixed")}
+    assert truth_pixel_sizes(found["grid"]) == {str(p.mask): (0.5, 0.5) for p in found["grid"]}
+    assert truth_pixel_sizes(found["mixed"]) is None and truth_pixel_sizes(found["png"]) is None
+    scored = {kind: evaluate_pairs(model, processor, found[kind], output_sizes=["native", 32]) for kind in found}
+    for png, grid, mixed in zip(scored["png"][0], scored["grid"][0], scored["mixed"][0], strict=True):
+        assert grid["dice"] == pytest.approx(png["dice"]) and mixed == pytest.approx(png)  # mixed: all in pixels
+        height, width = np.asarray(Image.open(next((tmp_path / "png" / "masks").glob(f"{png['stem']}.*")))).shape
+        scale = 0.5 if png["size"] == "native" else 0.5 * max(height, width) / 32  # mm per pixel of the grid
+        assert grid["hd95"] == pytest.approx(png["hd95"] * scale, rel=0.02), png["size"]
+    units = {kind: {size: s["unit"] for size, s in scored[kind][1].items()} for kind in found}
+    assert units == {"png": dict.fromkeys(["native", "32"], "px"), "grid": dict.fromkeys(["native", "32"], "mm"),
+                     "mixed": dict.fromkeys(["native", "32"], "px")}  # fmt: skip
+    assert " mm  HD " in summary_lines({"results": scored["grid"][1]})[0]
+    # The command and the card of a run evaluated on such masks.
+    model.save_pretrained(tmp_path / "model")
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--device", "cpu", "--data-dir", str(tmp_path / "grid")]
+    assert main([*argv, "--split", "all", "--json", str(tmp_path / "e.json")]) == 0, capsys.readouterr().err
+    assert "HD95" in capsys.readouterr().out
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["results"]["native"]["unit"] == "mm"
+    config = dict(
+        model={}, data=dict(name="grid", split_seed=0, box_jitter=0.1, data_dir="d"), hub={},
+        training=dict(output_dir="o", epochs=1, batch_size=1, gradient_accumulation_steps=1, weight_decay=0.0,
+                      learning_rate=1e-4, implicit_learning_rate=1e-3, mixed_precision="no", dice_weight=0.8,
+                      bce_weight=0.2, fine_weight_warmup_epochs=1),
+    )  # fmt: skip
+    card = write_model_card(tmp_path / "model", config, report, {"test": 2}, 10, 100)
+    assert "are\nin mm, by the masks' pixel size" in card.text and "at 2 mm" in card.text
+    report["results"]["native"]["unit"] = "px"
+    assert (
+        "pixels of the scored grid" in write_model_card(tmp_path / "model", config, report, {"test": 2}, 10, 100).text
+    )
