@@ -75,6 +75,13 @@ def _tta_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+CHANNEL_HELP = (
+    "4-D scans (the Medical Segmentation Decathlon's brain tumour and prostate MR, a time series): which of the volumes "
+    "along the 4th axis, an index from 0 or a name the dataset.json beside the folder gives it (its 'modality'), "
+    "e.g. T2 or ADC"
+)
+
+
 def _nsd_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nsd-tolerance",
@@ -219,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="volumes: only the scans whose file (or series folder) name matches this pattern, any case: one channel "
         "or MR sequence of each case in the folders given, e.g. '*_0000.nii.gz' (nnU-Net) or '*_t2f.nii.gz' (BraTS)",
     )
+    p.add_argument("--channel", default=None, metavar="INDEX|NAME", help=CHANNEL_HELP)
     p.add_argument(
         "--window",
         default=None,
@@ -338,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="only the scans whose file (or series folder) name matches this pattern, any case: one channel or "
             "MR sequence of each case, e.g. '*_0000.nii.gz' (nnU-Net) or '*_t2f.nii.gz' (BraTS)",
         )
+        paired.add_argument("--channel", default=None, metavar="INDEX|NAME", help=CHANNEL_HELP)
         paired.add_argument(
             "--classes",
             default=None,

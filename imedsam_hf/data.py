@@ -780,6 +780,21 @@ def class_file(folder: str | os.PathLike) -> Path | None:
     return found
 
 
+def channel_names(scan: str | os.PathLike) -> dict[int, str]:
+    """`{index: name}` of a data set's image channels from the Medical Segmentation Decathlon / nnU-Net `dataset.json`
+    beside the scan's folder (`imagesTr`'s parent) or in it: MSD's `"modality"` (`{"0": "FLAIR", "1": "T1w", ...}`,
+    the 4th axis of each 4-D scan) or nnU-Net v2's `"channel_names"`; `{}` without one (or an unreadable one)."""
+    for folder in (Path(scan).parent.parent, Path(scan).parent):
+        dataset = folder / "dataset.json"
+        if not dataset.is_file():
+            continue
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            content = json.loads(dataset.read_text())
+            table = content.get("modality") or content.get("channel_names") or {}
+            return {int(index): str(name) for index, name in table.items()}
+    return {}
+
+
 def dataset_class_names(name: str) -> dict[int, str] | None:
     """
     The class names of a dataset (`open_dataset`'s `name`): a local dataset folder's `classes.json` or

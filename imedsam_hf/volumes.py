@@ -90,6 +90,7 @@ from .data import (
     PICTURE_EXTENSIONS,
     STRUCTURE_ABBREVIATIONS,
     VOLUME_SUFFIXES,
+    channel_names,
     classes_by_name,
     folder_class_names,
     image_files_in,
@@ -279,24 +280,32 @@ class Volume:
         return str(self.path) if self.path is not None else "<array>"
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
+def read_volume(path: str | os.PathLike, channel: int | str | None = None) -> Volume:
     """Read a 3-D scan into a :class:`Volume`: a NIfTI file (``.nii``/``.nii.gz``; anything nibabel reads), a NRRD or
     MetaImage file (:func:`read_itk_volume`) or a folder holding one DICOM series (:func:`read_dicom_series`).
 
-    Trailing axes of length 1 (``(X, Y, Z, 1)``, one time point) are dropped.
+    Trailing axes of length 1 (``(X, Y, Z, 1)``, one time point) are dropped. A 4-D file (the Medical Segmentation
+    Decathlon's brain tumour and prostate scans, ``(X, Y, Z, C)``: several MR sequences; a time series) gives the
+    3-D volume `channel` of its 4th axis (a NRRD / MetaImage: of its 4th axis or its values per voxel).
 
     Args:
         path: the file, or the series' folder.
+        channel: for a 4-D file, which of its volumes: an index from 0, or a name of the ``dataset.json`` beside
+            its folder (MSD's ``"modality"``, e.g. ``"T2"``; :func:`data.channel_names`), any case. None for 3-D
+            scans.
 
     Returns:
         The :class:`Volume`, ``data`` shape ``(X, Y, Z)``.
 
     Raises:
-        ValueError: one line naming the file: missing or unreadable (not an image, truncated), not 3-D (a 4-D series
-            or a 2-D image; the shape is named), or NaN/inf voxels (how many, and the first one's index).
+        ValueError: one line naming the file: missing or unreadable (not an image, truncated), not 3-D (a 4-D file
+            without `channel`: its channels and their names listed; a 2-D image; the shape is named), a `channel`
+            it does not have or given for a 3-D scan, or NaN/inf voxels (how many, and the first one's index).
         ImportError: a DICOM folder without the ``dicom`` extra (the message says what to install).
     """
     path = Path(path)
+    if channel is not None and (path.is_dir() or (is_dicom_file(path) and dicom_kind(path) == "volume")):
+        raise ValueError(f"`channel` {channel!r}: {path} is a DICOM scan, one 3-D volume; leave `channel` out for it")
     if path.is_dir():
         return read_dicom_series(path)
     if not path.is_file():
@@ -304,7 +313,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
     if is_dicom_file(path) and dicom_kind(path) == "volume":
         return read_multiframe_scan(path)
     if is_itk_volume(path):
-        return read_itk_volume(path)
+        return read_itk_volume(path, channel)
     try:
         if path.name.lower().endswith(".gz"):
             # Decompressed end to end, so gzip checks its CRC-32 and length: nibabel alone stops at the end of the
@@ -322,18 +331,52 @@ def read_volume(path: str | os.PathLike) -> Volume:
         if isinstance(error, (EOFError, gzip.BadGzipFile)) or "CRC" in message or "zlib" in type(error).__module__:
             message = f"the compressed file is damaged: {message}"
         raise ValueError(f"{path}: cannot be read as a NIfTI volume ({message})") from error
-    return _checked_volume(data, image, path)
+    return _checked_volume(data, image, path, channel)
 
 
-def _checked_volume(data: np.ndarray, image: Any, path: Path) -> Volume:
-    """`data` of the nibabel `image` read from `path` as a 3-D :class:`Volume`, or a ValueError naming `path`."""
+def channel_index(channel: int | str, count: int, path: Path) -> int:
+    """The index in ``0..count - 1`` of the 4-D file `path`'s `channel`: an index (or its digits), or a name of the
+    ``dataset.json`` beside it (:func:`data.channel_names`), any case; a ValueError naming both otherwise."""
+    names = channel_names(path)
+    text = str(channel).strip()
+    index = int(text) if text.lstrip("-").isdigit() else None
+    if index is None:
+        index = next((i for i, name in names.items() if name.lower() == text.lower()), None)
+    if index is None or not 0 <= index < count:
+        raise ValueError(f"`channel` {channel!r}: {path} holds {_channels_text(count, names)}; give one of them")
+    return index
+
+
+def _four_d_error(path: Path, shape: tuple[int, ...]) -> ValueError:
+    """The refusal of a 4-D file read without `channel`: its volumes listed, with the names its data set gives."""
+    return ValueError(
+        f"{path}: is 4-D, shape {shape}, not one 3-D volume: it holds {_channels_text(shape[3], channel_names(path))} "
+        "(MR sequences, or time points); pick one with `channel` (its index or name)"
+    )
+
+
+def _channels_text(count: int, names: Mapping[int, str]) -> str:
+    """`"4 volumes along its 4th axis: 0 'FLAIR', 1 'T1w', ..."`, each index with its name where the data set names
+    it."""
+    listed = ", ".join(f"{i} {names[i]!r}" if i in names else str(i) for i in range(count))
+    return f"{count} volumes along its 4th axis: {listed}"
+
+
+def _checked_volume(data: np.ndarray, image: Any, path: Path, channel: int | str | None = None) -> Volume:
+    """`data` of the nibabel `image` read from `path` as a 3-D :class:`Volume` (of a 4-D file, its volume `channel`:
+    :func:`channel_index`), or a ValueError naming `path`."""
     shape = tuple(data.shape)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
+    if data.ndim == 4 and channel is None:
+        raise _four_d_error(path, shape)
+    header = image.header
     if data.ndim == 4:
-        raise ValueError(
-            f"{path}: is a 4-D series of shape {shape}, not a 3-D volume; extract one volume (time point / channel)"
-        )
+        data = np.asarray(data[..., channel_index(channel, shape[3], path)])
+        header = header.copy()
+        header.set_data_shape(data.shape)  # a 3-D volume's header, as written beside it
+    elif channel is not None:
+        raise ValueError(f"`channel` {channel!r}: {path} is one 3-D volume, shape {shape}; leave `channel` out for it")
     if data.ndim != 3:
         raise ValueError(f"{path}: has shape {shape}, not a 3-D volume (X, Y, Z)")
     if not np.issubdtype(data.dtype, np.integer) and data.dtype != np.bool_:
@@ -344,7 +387,7 @@ def _checked_volume(data: np.ndarray, image: Any, path: Path) -> Volume:
             raise ValueError(
                 f"{path}: holds {len(bad)} NaN/inf voxels (first at {first}, value {data[first]}); fix the file"
             )
-    return Volume(data=data, affine=np.asarray(image.affine, dtype=np.float64), header=image.header, path=path)
+    return Volume(data=data, affine=np.asarray(image.affine, dtype=np.float64), header=header, path=path)
 
 
 # ---------------------------------------------------------------------------------------------- NRRD, MetaImage
@@ -383,26 +426,34 @@ def _itk_reader(path: Path) -> Any:
     return reader
 
 
-def read_itk_volume(path: str | os.PathLike) -> Volume:
+def read_itk_volume(path: str | os.PathLike, channel: int | str | None = None) -> Volume:
     """Read a NRRD (``.nrrd``, 3D Slicer's ``.seg.nrrd``, ``.nhdr``) or MetaImage (``.mha``, ``.mhd``) file into a
     :class:`Volume` with SimpleITK (the ``itk`` extra).
 
     ITK's index ``(i, j, k)`` and physical LPS+ space become the array ``(X, Y, Z)`` and the RAS+ affine NIfTI files
     of the same scan have (what SimpleITK's own NIfTI reader and writer do), so a scan converted between the formats
-    gives the same :class:`Volume`; the header is a ``Nifti1Header`` of that affine.
+    gives the same :class:`Volume`; the header is a ``Nifti1Header`` of that affine. `channel` picks one volume of a
+    4-D file or one value per voxel of a vector image (:func:`read_volume`).
 
     Raises:
-        ValueError: one line naming the file: unreadable, not 3-D (the dimension named), several values per voxel
-            (a colour image, a multi-layer Slicer segmentation: the count named) or NaN/inf voxels.
+        ValueError: one line naming the file: unreadable, not 3-D (the dimension named; a 4-D file without
+            `channel`), several values per voxel (a colour image, a multi-layer Slicer segmentation: the count named)
+            without `channel`, or NaN/inf voxels.
         ImportError: SimpleITK is not installed (the message says what to install).
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     reader = _itk_reader(path)  # names the itk extra if SimpleITK is missing
-    import SimpleITK as sitk
 
     size, components = reader.GetSize(), reader.GetNumberOfComponents()
+    several = size[3] if len(size) == 4 and components == 1 else components if len(size) == 3 else 1
+    if channel is not None and several > 1:
+        return _itk_channel(reader, path, channel_index(channel, several, path))
+    if channel is not None:
+        raise ValueError(f"`channel` {channel!r}: {path} is one 3-D volume; leave `channel` out for it")
+    if len(size) == 4 and components == 1 and size[3] > 1:
+        raise _four_d_error(path, tuple(size))
     if components > 1:
         raise ValueError(
             f"{path}: holds {components} values per voxel (a colour image, or a 3D Slicer segmentation with "
@@ -415,9 +466,31 @@ def read_itk_volume(path: str | os.PathLike) -> Volume:
         image = reader.Execute()
     except RuntimeError as error:
         raise ValueError(f"{path}: cannot be read as a {volume_suffix(path)} volume ({_itk_error(error)})") from error
+    return _itk_image_volume(image, path)
+
+
+def _itk_image_volume(image: Any, path: Path) -> Volume:
+    """The :class:`Volume` of a 3-D SimpleITK `image` read from `path` (:func:`read_itk_volume`'s axes and affine)."""
+    import SimpleITK as sitk
+
     data = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # ITK's (k, j, i) array -> (X, Y, Z)
     image_affine = LPS_TO_RAS @ itk_affine(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
     return _checked_volume(data, nib.Nifti1Image(data, image_affine), path)
+
+
+def _itk_channel(reader: Any, path: Path, index: int) -> Volume:
+    """Volume `index` of a 4-D NRRD / MetaImage file (its 4th axis) or of a 3-D one with several values per voxel."""
+    import SimpleITK as sitk
+
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise ValueError(f"{path}: cannot be read as a {volume_suffix(path)} volume ({_itk_error(error)})") from error
+    if image.GetDimension() == 4:
+        image = image[:, :, :, index]
+    else:
+        image = sitk.VectorIndexSelectionCast(image, index)
+    return _itk_image_volume(image, path)
 
 
 def itk_affine(direction: Sequence[float], spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
@@ -3280,14 +3353,16 @@ def _labelled_cases(
     class_names: Mapping[int, str] | None,
     segment_names: dict[int, str],
     progress: bool,
+    channel: int | str | None = None,
 ) -> Iterable[tuple[str, Path, Path, Volume, np.ndarray]]:
     """`(case, scan path, label path, scan, class ids on the scan's grid)` of each pair (:func:`paired_volumes`), its
     label volume read by :func:`read_label_volume` and moved onto the scan's grid (:func:`check_label_volume`); a
     NIfTI whose folder names its ids otherwise than `class_names` renumbered by name (:func:`named_label_ids`). Where
     DICOM SEGs' segment numbers or the ids a NIfTI's header names (:func:`embedded_label_names`) are the ids (no
-    `class_names`), `segment_names` collects `{number: label}`, which must be the same in every file."""
+    `class_names`), `segment_names` collects `{number: label}`, which must be the same in every file. `channel`: the
+    volume of 4-D scans to read (:func:`read_volume`)."""
     for case, image_path, label_path in tqdm(pairs, desc="volumes", unit="volume", disable=not progress):
-        volume = read_volume(image_path)
+        volume = read_volume(image_path, channel)
         label_volume = read_label_volume(label_path, volume, class_names)
         # Segment numbers (a SEG's) or ids named in the file (TotalSegmentator's header) are the ids: one numbering.
         own = None if class_names is not None else (
@@ -3335,6 +3410,7 @@ def label_volumes_to_nifti(
     class_names: Mapping[int, str] | None = None,
     scans: str | None = None,
     progress: bool = True,
+    channel: int | str | None = None,
 ) -> dict[str, Any]:
     """
     Each scan's label volume (a DICOM SEG or RT Structure Set of a series, or a NIfTI, in any orientation) as
@@ -3349,6 +3425,7 @@ def label_volumes_to_nifti(
         class_names: `{id: name}`: DICOM structures matched to them by name (a class-aware model's classes, so that
             the truth numbers structures as its predictions do).
         scans: only the scans whose names match this pattern (:func:`paired_volumes`).
+        channel: for 4-D scans (the Medical Segmentation Decathlon's), any of their volumes: they give the grid.
 
     Returns:
         `{"volumes", "classes"}`: the count and `{id: name}`.
@@ -3359,7 +3436,7 @@ def label_volumes_to_nifti(
     present: set[int] = set()
     segment_names: dict[int, str] = {}
     with staged_folder(output, "`output`") as staging:
-        for case, _, _, volume, truth in _labelled_cases(pairs, class_names, segment_names, progress):
+        for case, _, _, volume, truth in _labelled_cases(pairs, class_names, segment_names, progress, channel):
             write_label_volume(truth, volume, staging / f"{case}.nii.gz")
             present |= {int(c) for c in np.unique(truth) if c}
         names = _write_classes(staging, class_names, present, segment_names)
@@ -3377,6 +3454,7 @@ def volumes_to_slices(
     scans: str | None = None,
     progress: bool = True,
     plane: str = "stored",
+    channel: int | str | None = None,
 ) -> dict[str, Any]:
     """
     A folder of scans (NIfTI, or DICOM scans) and label volumes -> the folder of 2-D slices that training,
@@ -3400,6 +3478,8 @@ def volumes_to_slices(
         plane: ``"stored"`` (each scan along its slicing axis, turned in plane) or ``"axial"``: coronal and sagittal
             stacks resliced into axial slices of square pixels (:class:`AxialGrid`, as `segment_volume` reslices them),
             `cases.csv` recording the axial grid's spacing and orientation.
+        channel: the volume of 4-D scans to slice (:func:`read_volume`: an index, or a name of the data set's
+            ``dataset.json``, e.g. ``"T2"`` of the Decathlon's prostate scans).
 
     Returns:
         `{"volumes", "slices", "classes", "orientations"}`: counts, `{id: name}` and `{case: axcodes}`.
@@ -3416,7 +3496,8 @@ def volumes_to_slices(
     with staged_folder(output, "`output`") as staging:
         for sub in ("images", "masks"):
             (staging / sub).mkdir()
-        for case, image_path, label_path, volume, truth in _labelled_cases(pairs, class_names, segment_names, progress):
+        cases = _labelled_cases(pairs, class_names, segment_names, progress, channel)
+        for case, image_path, label_path, volume, truth in cases:
             grey = to_uint8(volume.data, window)  # slices as segment_volume shows them to a model
             if plane == "axial":
                 grid = AxialGrid.of(volume)

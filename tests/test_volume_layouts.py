@@ -301,3 +301,90 @@ def test_structure_folders_holding_different_structures_are_numbered_by_name(tmp
     assert done["classes"] == {1: "kidney", 2: "liver"}
     masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "slices" / "masks").glob("s2_*"))]
     assert set(np.unique(np.stack(masks)).tolist()) == {0, 2}  # s2's liver is class 2, as s1's
+
+
+def test_the_decathlons_4d_scans_give_the_channel_asked_for_by_index_or_name(tmp_path, capsys):
+    """The Medical Segmentation Decathlon keeps a case's MR sequences in one 4-D file (`Task05_Prostate`: T2, ADC)
+    beside a 3-D label volume: predict skipped every scan and `convert volumes` stopped ("a 4-D series ..., extract
+    one volume"), leaving users to write a nibabel script. `--channel T2` (or 0) now picks one, as the 3-D file of that
+    sequence would be read; the refusal lists the volumes with their `dataset.json` names."""
+    labels = two_organs()
+    t2, adc = (labels * 40 + 10).astype(np.uint8), (250 - labels * 30).astype(np.uint8)
+    task = tmp_path / "Task05_Prostate"
+    save(task / "imagesTr" / "prostate_00.nii.gz", np.stack([t2, adc], axis=-1))
+    save(task / "labelsTr" / "prostate_00.nii.gz", labels)
+    (task / "dataset.json").write_text(json.dumps({"modality": {"0": "T2", "1": "ADC"}, "labels": {"0": "background",
+                                                   "2": "peripheral zone", "5": "transition zone"}}))  # fmt: skip
+    four_d = task / "imagesTr" / "prostate_00.nii.gz"
+    for channel, expected in ((0, t2), ("1", adc), ("t2", t2), ("ADC", adc)):
+        volume = read_volume(four_d, channel=channel)
+        np.testing.assert_array_equal(volume.data, expected)
+        assert volume.header.get_data_shape() == labels.shape and np.allclose(volume.affine, LAS)
+    with pytest.raises(ValueError, match=r"2 volumes along its 4th axis: 0 'T2', 1 'ADC' .*pick one with `channel`"):
+        read_volume(four_d)
+    with pytest.raises(ValueError, match=r"`channel` 'DWI': .*holds 2 volumes along its 4th axis: 0 'T2', 1 'ADC'"):
+        read_volume(four_d, channel="DWI")
+    with pytest.raises(ValueError, match=r"`channel` 2: .* give one of them"):
+        read_volume(four_d, channel=2)
+    with pytest.raises(ValueError, match="is one 3-D volume, shape .*; leave `channel` out"):
+        read_volume(task / "labelsTr" / "prostate_00.nii.gz", channel=0)
+    # The same scan as a 3-D file of its T2 sequence: the same slices, the same labels predicted.
+    save(tmp_path / "t2" / "prostate_00.nii.gz", t2)
+    base = ["convert", "volumes", "--labels", str(task / "labelsTr")]
+    assert main([*base, "--images", str(task / "imagesTr"), "--output", str(tmp_path / "S0")]) == 2
+    assert "pick one with --channel (its index or name)" in capsys.readouterr().err
+    argv = [*base, "--images", str(task / "imagesTr"), "--channel", "T2", "--output", str(tmp_path / "S")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert main([*base, "--images", str(tmp_path / "t2"), "--output", str(tmp_path / "R")]) == 0
+    for sub in ("images", "masks"):
+        assert [p.read_bytes() for p in sorted((tmp_path / "S" / sub).iterdir())] == [
+            p.read_bytes() for p in sorted((tmp_path / "R" / sub).iterdir())
+        ]
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", "--boxes-from-masks"]
+    assert main([*argv, str(task / "labelsTr"), str(task / "imagesTr"), "--out", str(tmp_path / "P0")]) == 1
+    assert "pick one with --channel" in capsys.readouterr().err
+    assert (
+        main([*argv, str(task / "labelsTr"), str(task / "imagesTr"), "--channel", "T2", "--out", str(tmp_path / "P")])
+        == 0
+    )
+    assert main([*argv, str(task / "labelsTr"), str(tmp_path / "t2"), "--out", str(tmp_path / "Q")]) == 0
+    by_channel = nib.load(tmp_path / "P" / "prostate_00.nii.gz")
+    assert by_channel.shape == labels.shape
+    np.testing.assert_array_equal(
+        np.asarray(by_channel.dataobj), np.asarray(nib.load(tmp_path / "Q" / "prostate_00.nii.gz").dataobj)
+    )
+    picture = tmp_path / "pictures" / "a.png"
+    picture.parent.mkdir()
+    Image.fromarray(t2[:, :, 2]).save(picture)
+    assert (
+        main([*argv, str(task / "labelsTr"), str(picture.parent), "--channel", "0", "--out", str(tmp_path / "I")]) == 2
+    )
+    assert "--channel picks one volume of 4-D scans" in capsys.readouterr().err and not (tmp_path / "I").exists()
+
+
+@pytest.mark.skipif(not HAS_ITK, reason="the [itk] extra (SimpleITK) is not installed")
+def test_a_4d_or_vector_nrrd_gives_its_channel_as_the_nifti_does(tmp_path):
+    """NRRD / MetaImage keep channels along a 4th axis or as values per voxel: `channel` picks one of either."""
+    import SimpleITK as sitk
+
+    labels = two_organs()
+    t2, adc = (labels * 40 + 10).astype(np.uint8), (250 - labels * 30).astype(np.uint8)
+    nifti = read_volume(save(tmp_path / "t2.nii.gz", t2))
+    four_d = sitk.JoinSeries(
+        [sitk.ReadImage(str(save(tmp_path / f"{n}.nii.gz", a))) for n, a in (("a", t2), ("b", adc))]
+    )
+    sitk.WriteImage(four_d, str(tmp_path / "four.nrrd"))
+    vector = sitk.Compose([sitk.ReadImage(str(tmp_path / "a.nii.gz")), sitk.ReadImage(str(tmp_path / "b.nii.gz"))])
+    sitk.WriteImage(vector, str(tmp_path / "vector.nrrd"))
+    for name in ("four.nrrd", "vector.nrrd"):
+        for channel, expected in ((0, t2), (1, adc)):
+            volume = read_volume(tmp_path / name, channel=channel)
+            np.testing.assert_array_equal(volume.data, expected)
+            np.testing.assert_allclose(volume.affine, nifti.affine, atol=1e-6)
+    with pytest.raises(ValueError, match=r"four.nrrd: is 4-D, shape \(24, 20, 6, 2\), not one 3-D volume"):
+        read_volume(tmp_path / "four.nrrd")
+    with pytest.raises(ValueError, match="vector.nrrd: holds 2 values per voxel"):
+        read_volume(tmp_path / "vector.nrrd")
+    with pytest.raises(ValueError, match="leave `channel` out"):
+        read_volume(tmp_path / "a.nii.gz", channel=0)

@@ -137,7 +137,7 @@ def test_read_volume_drops_trailing_unit_axes(tmp_path):
 @pytest.mark.parametrize(
     "data, match",
     [
-        (np.zeros((4, 5, 3, 2), dtype=np.float32), r"4-D series of shape \(4, 5, 3, 2\)"),
+        (np.zeros((4, 5, 3, 2), dtype=np.float32), r"is 4-D, shape \(4, 5, 3, 2\), not one 3-D volume"),
         (np.zeros((4, 5), dtype=np.float32), r"shape \(4, 5\), not a 3-D volume"),
         (np.where(np.arange(60).reshape(4, 5, 3) == 7, np.nan, 1.0).astype(np.float32), r"1 NaN/inf voxels"),
         (np.where(np.arange(60).reshape(4, 5, 3) == 7, np.inf, 1.0).astype(np.float32), r"first at \(0, 2, 1\)"),

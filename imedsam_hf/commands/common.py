@@ -54,6 +54,7 @@ FLAGS = {
         "classes",
         "scans",
         "plane",
+        "channel",
         "window",
         "device",
         "backbone",

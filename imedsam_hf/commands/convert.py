@@ -41,7 +41,9 @@ def slices_of_volumes(args: argparse.Namespace) -> int:
         print(f"class names from {beside}")
     names = read_class_file(classes) if classes is not None else None
     if args.source == "labels":
-        done = label_volumes_to_nifti(args.images, args.labels, args.output, class_names=names, scans=args.scans)
+        done = label_volumes_to_nifti(
+            args.images, args.labels, args.output, class_names=names, scans=args.scans, channel=args.channel
+        )
         print(
             f"wrote {args.output}: {done['volumes']} label volumes (<case>.nii.gz), {len(done['classes'])} classes (classes.json)"
         )
@@ -55,6 +57,7 @@ def slices_of_volumes(args: argparse.Namespace) -> int:
         all_slices=args.all_slices,
         scans=args.scans,
         plane=args.plane,
+        channel=args.channel,
     )
     print(
         f"wrote {args.output}: {done['slices']} slices of {done['volumes']} scans, {len(done['classes'])} classes "

@@ -400,6 +400,8 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 raise ValueError(
                     "--output-size applies to 2-D images; a label volume is written on its scan's own grid."
                 )
+        if args.channel is not None and not volumes:
+            raise ValueError("--channel picks one volume of 4-D scans (MR sequences, time points); no volume given.")
         if args.plane != "stored" and not volumes:
             raise ValueError("--plane applies to volumes (a coronal or sagittal stack resliced axial).")
         for flag, given in (("--propagation", args.propagation is not None), ("--no-confine", args.no_confine)):
@@ -635,7 +637,7 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
         targets = dict(zip(volume_suffixes(args), planned))
         name = volume_name(path)
         try:
-            volume = read_volume(path)
+            volume = read_volume(path, args.channel)
             prompts: dict[str, Any] = {"prompts_given": [] if args.overlay else None}
             names_here = names
             if boxes is None:
@@ -697,7 +699,7 @@ NPZ_REFUSED = {
     "--box": "box", "--boxes": "boxes", "--boxes-from-masks": "boxes_from_masks", "--points": "points",
     "--points-from-masks": "points_from_masks", "--no-prompt": "no_prompt", "--window": "window",
     "--output-size": "output_size", "--classes": "classes", "--overlay": "overlay", "--statistics": "statistics",
-    "--dicom-seg": "dicom_seg", "--dicom-rtstruct": "dicom_rtstruct",
+    "--dicom-seg": "dicom_seg", "--dicom-rtstruct": "dicom_rtstruct", "--channel": "channel",
 }  # fmt: skip
 
 
