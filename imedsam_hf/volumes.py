@@ -3272,9 +3272,11 @@ def paired_volumes(
         case = volume_name(label)
         channels = sorted(m["channel"] for m in (CHANNEL_SUFFIX.match(volume_name(p)) for p in paths) if m)
         if len(channels) == len(paths):
+            names = channel_names(paths[0])  # nnU-Net v2's dataset.json: "channel_names"
+            listed = ", ".join(f"{c} {names[int(c)]!r}" if int(c) in names else c for c in channels)
             raise ValueError(
-                f"`images` {images}: several channels of case {case} ({', '.join(channels)}); the 2-D models take "
-                "one grey image: pick one channel (`scans` '*_0000.nii.gz')."
+                f"`images` {images}: several channels of case {case} ({listed}); the 2-D models take one grey image: "
+                f"pick one channel (`scans` '*_{channels[0]}{volume_suffix(paths[0]) or '.nii.gz'}')."
             )
         names = ", ".join(p.name for p in paths)
         raise ValueError(

@@ -361,6 +361,16 @@ def test_the_decathlons_4d_scans_give_the_channel_asked_for_by_index_or_name(tmp
         main([*argv, str(task / "labelsTr"), str(picture.parent), "--channel", "0", "--out", str(tmp_path / "I")]) == 2
     )
     assert "--channel picks one volume of 4-D scans" in capsys.readouterr().err and not (tmp_path / "I").exists()
+    # nnU-Net v2 keeps the sequences as `<case>_0000`, `<case>_0001`: the refusal names them by its dataset.json.
+    nnunet = tmp_path / "Dataset005_Prostate"
+    for number, volume in (("0000", t2), ("0001", adc)):
+        save(nnunet / "imagesTr" / f"prostate_00_{number}.nii.gz", volume)
+    save(nnunet / "labelsTr" / "prostate_00.nii.gz", labels)
+    (nnunet / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "T2", "1": "ADC"}, "file_ending": ".nii.gz"})
+    )
+    with pytest.raises(ValueError, match=r"case prostate_00 \(0000 'T2', 0001 'ADC'\).*\(`scans` '\*_0000.nii.gz'\)"):
+        paired_volumes(nnunet / "imagesTr", nnunet / "labelsTr")
 
 
 @pytest.mark.skipif(not HAS_ITK, reason="the [itk] extra (SimpleITK) is not installed")
