@@ -82,6 +82,13 @@ CHANNEL_HELP = (
 )
 
 
+INTERCEPT_HELP = (
+    "16-bit grey pictures (PNG, TIFF) storing CT as HU plus an offset: HU = stored value + N (DICOM's "
+    "RescaleIntercept; DeepLesion's PNGs: -32768), then windowed as CT slices with the model's recorded window (or "
+    "predict's --window) (default: pictures as they are, 16-bit ones rescaled min-max)"
+)
+
+
 def _nsd_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nsd-tolerance",
@@ -227,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or MR sequence of each case in the folders given, e.g. '*_0000.nii.gz' (nnU-Net) or '*_t2f.nii.gz' (BraTS)",
     )
     p.add_argument("--channel", default=None, metavar="INDEX|NAME", help=CHANNEL_HELP)
+    p.add_argument("--rescale-intercept", type=float, default=None, metavar="N", help=INTERCEPT_HELP)
     p.add_argument(
         "--window",
         default=None,
@@ -565,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score only the first N pairs (a quick look; per-volume scores then cover only those slices)",
     )
     e.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    e.add_argument("--rescale-intercept", type=float, default=None, metavar="N", help=INTERCEPT_HELP)
     _tta_option(e)
     _nsd_options(e)
     _device_option(e)

@@ -273,6 +273,9 @@ class DataConfig:
     # images still in Hounsfield units (2-D CT `.mha` / `.nii.gz`) are windowed with it (`processing_imedsam.
     # hu_windowed`), as `imedsam predict` windows them; 8-bit images, and any with "mr" or None, as they are.
     window: Sequence[float] | str | None = None
+    # 16-bit pictures storing CT as HU minus this (DeepLesion's PNGs: -32768; `processing_imedsam.stored_hu`): read as
+    # HU and windowed with `window` (a CT window, then needed), whatever their range. None: pictures as they are.
+    rescale_intercept: float | None = None
 
     @property
     def mask_class_count(self) -> int:
@@ -1500,7 +1503,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         record_index, class_id = self.items[index]
         record = self.records[record_index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image = to_rgb_array(hu_windowed(record["image"], self.config.window))
+        image = to_rgb_array(hu_windowed(record["image"], self.config.window, self.config.rescale_intercept))
         mask = self._read_mask(record)
         borrowed = self._borrowed_boxes(record_index, rng) if self.train else None
         if class_id == ALL_CLASSES:

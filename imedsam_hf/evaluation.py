@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .configuration_imedsam import is_class_aware, training_window
+from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window
 from .data import (
     DEFAULT_GROUP_PATTERN,
     SegmentationPair,
@@ -255,10 +255,12 @@ def evaluate_pairs(
     nsd_tolerance: float = NSD_TOLERANCE,
     nsd_definition: str = "voxels",
     window: tuple[float, float] | str | None = None,
+    rescale_intercept: float | None = None,
 ) -> tuple[list[dict], dict[str, dict]]:
     """
     Score every pair at every output size (masks read with `read_mask(..., mask_values)`), the NSD at
-    `nsd_tolerance` pixels, by `nsd_definition`; images in HU windowed by `window` (`processing_imedsam.hu_windowed`).
+    `nsd_tolerance` pixels, by `nsd_definition`; images in HU windowed by `window` (`processing_imedsam.hu_windowed`;
+    16-bit pictures storing HU plus an offset read with `rescale_intercept`, `processing_imedsam.stored_hu`).
     When every mask is a 2-D NIfTI / NRRD / MetaImage with a pixel size (`truth_pixel_sizes`), HD95, HD and the NSD's
     tolerance are in mm instead (each output grid's pixel size scaled from the mask's), and each size's summary says
     so: its `unit` is `"mm"` (else `"px"`).
@@ -317,7 +319,7 @@ def evaluate_pairs(
     pixel_sizes = truth_pixel_sizes(pairs)
     for pair in iterator:
         labels = read_mask(pair.mask, mask_classes or num_classes, mask_values)
-        image = to_rgb_array(hu_windowed(pair.image, window))
+        image = to_rgb_array(hu_windowed(pair.image, window, rescale_intercept))
         targets = [(None, labels)]
         if class_prompts:
             present = [int(c) for c in np.unique(labels) if c > 0 and (wanted is None or int(c) in wanted)]
@@ -635,6 +637,8 @@ class EvaluationProtocol:
             through MONAI; `metrics.NSD_DEFINITIONS`).
         window: the window the model records (`training_window`: `(level, width)` in HU, "mr" or None), applied to
             images in HU (a 2-D CT `.mha`: `processing_imedsam.hu_windowed`) for the model and its backbone alike.
+        rescale_intercept: the images are 16-bit pictures storing CT as HU minus it (DeepLesion's PNGs: -32768;
+            `processing_imedsam.stored_hu`), windowed by `window`, which must then be a CT window; None: as they are.
     """
 
     prompt: str
@@ -657,6 +661,7 @@ class EvaluationProtocol:
     nsd_tolerance: float
     nsd_definition: str
     window: tuple[float, float] | str | None = None
+    rescale_intercept: float | None = None
 
     def __post_init__(self) -> None:
         check_nsd_options(self.nsd_tolerance, self.nsd_definition, load=False)
@@ -678,6 +683,11 @@ class EvaluationProtocol:
             raise ValueError(f"`num_clicks` {self.num_clicks}: at least 1 click per mask.")
         if self.class_aware and not (self.class_prompts and self.num_classes > 1):
             raise ValueError("`class_aware` needs class prompts (a class-id folder) and a multi-class model.")
+        if self.rescale_intercept is not None and self.window in (None, MR_WINDOW):
+            raise ValueError(
+                f"`rescale_intercept` {self.rescale_intercept:g} gives the pictures' HU, but the model records no CT "
+                "window to window them with (as its training images were): evaluate a model trained on windowed CT."
+            )
 
     @classmethod
     def resolve(
@@ -702,6 +712,7 @@ class EvaluationProtocol:
         nsd_tolerance: float,
         nsd_definition: str,
         dataset: str | None = None,
+        rescale_intercept: float | None = None,
     ) -> EvaluationProtocol:
         """
         The protocol for a model (its `config`: its output classes, whether it is class-aware, its class names) on
@@ -779,6 +790,7 @@ class EvaluationProtocol:
             nsd_tolerance=float(nsd_tolerance),
             nsd_definition=nsd_definition,
             window=training_window(model_config),  # images in HU windowed as the model's training images were
+            rescale_intercept=rescale_intercept,
         )
 
     @property
@@ -806,6 +818,7 @@ class EvaluationProtocol:
             nsd_tolerance=self.nsd_tolerance,
             nsd_definition=self.nsd_definition,
             window=self.window,
+            rescale_intercept=self.rescale_intercept,
         )
 
     def as_dict(self) -> dict:
@@ -822,6 +835,7 @@ class EvaluationProtocol:
             **({"tta": self.tta} if self.tta != "none" else {}),
             "nsd_tolerance": self.nsd_tolerance,
             **({"nsd_definition": self.nsd_definition} if self.nsd_definition != "voxels" else {}),
+            **({"rescale_intercept": self.rescale_intercept} if self.rescale_intercept is not None else {}),
         }
 
 

@@ -13,6 +13,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -459,16 +460,77 @@ def looks_like_hu(data: np.ndarray | torch.Tensor) -> bool:
     return low < 0 and high - low > 255
 
 
-def hu_windowed(image: ImageInput, window: Sequence[float] | str | None) -> ImageInput:
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes of 16-bit grey PNGs and TIFFs
+
+
+def stored_hu(image: ImageInput, rescale_intercept: float | None) -> ImageInput:
+    """
+    A 16-bit grey picture (PNG, TIFF; a path or a PIL image) that stores CT as HU minus `rescale_intercept` (DICOM's
+    RescaleIntercept, slope 1: DeepLesion's PNGs hold HU + 32768, so -32768; other sets HU + 1024, so -1024) as its
+    Hounsfield units, float32 `(H, W)`: what :func:`hu_windowed` then windows as a CT slice. None leaves every image as
+    it is; with an intercept, any other image (8-bit, colour, an array) is a ValueError naming it and the fix.
+    """
+    if rescale_intercept is None:
+        return image
+    picture = open_image(image) if isinstance(image, (str, os.PathLike)) else image
+    if not isinstance(picture, Image.Image) or picture.mode not in SIXTEEN_BIT_MODES:
+        kind = (
+            f"a {picture.mode} picture"
+            if isinstance(picture, Image.Image)
+            else f"not a picture ({type(picture).__name__})"
+        )
+        raise ValueError(
+            f"{describe(image)}: is {kind}; `rescale_intercept` applies to 16-bit grey pictures (PNG, TIFF) storing "
+            "CT as HU plus an offset: leave it out for this image."
+        )
+    return np.asarray(picture).astype(np.float32) + np.float32(rescale_intercept)
+
+
+def sixteen_bit_caveat(image: ImageInput, window: Sequence[float] | str | None) -> str | None:
+    """What to say (once: the words name no file) when a model that records a CT `window` is given a 16-bit grey
+    picture as it is (rescaled min-max by :func:`to_rgb_array`, not windowed): it may store HU plus an offset
+    (`rescale_intercept`); None otherwise."""
+    if window is None or window == MR_WINDOW:
+        return None
+    mode = None
+    if isinstance(image, Image.Image):
+        mode = image.mode
+    elif isinstance(image, (str, os.PathLike)) and not is_grid_image(image) and not is_dicom_path(image):
+        with contextlib.suppress(OSError, ValueError, UnidentifiedImageError), Image.open(image) as opened:
+            mode = opened.mode
+    if mode not in SIXTEEN_BIT_MODES:
+        return None
+    return (
+        "16-bit grey pictures are rescaled min-max, not windowed as this model's training images were (it records a "
+        "CT window): if they store HU plus an offset (DeepLesion's PNGs: HU + 32768), give `rescale_intercept` "
+        "(-32768) and they are windowed as those were."
+    )
+
+
+def hu_windowed(
+    image: ImageInput, window: Sequence[float] | str | None, rescale_intercept: float | None = None
+) -> ImageInput:
     """
     A CT image in Hounsfield units windowed to 8-bit grey by `window` `(level, width)` (:func:`hu_window`): an array
     (numpy or torch, one channel: pydicom's or SimpleITK's rescaled pixels) or a 2-D NIfTI / NRRD / MetaImage file
     (:func:`read_grid_image`) whose values look like HU (:func:`looks_like_hu`). `window` as a model records it
     (`configuration_imedsam.training_window`): None, or an MR window (``"mr"``, not HU), leaves every image as it is,
-    as does anything else (pictures, 8-bit and colour images, arrays that do not look like HU).
+    as does anything else (pictures, 8-bit and colour images, arrays that do not look like HU); a 16-bit grey picture
+    given so is rescaled min-max later, with a warning (:func:`sixteen_bit_caveat`). With `rescale_intercept`, a
+    16-bit grey picture storing HU plus an offset (:func:`stored_hu`; any other image a ValueError) is windowed,
+    whatever its range; a CT `window` is then needed (a ValueError names `rescale_intercept` otherwise).
     """
+    if rescale_intercept is not None:
+        if window is None or window == MR_WINDOW:
+            raise ValueError(
+                f"`rescale_intercept` {rescale_intercept:g} gives the pictures' HU, but no CT window is given to "
+                "window them with (the model records none): give `window` (e.g. btcv)."
+            )
+        return hu_window(stored_hu(image, rescale_intercept), *window)
     if window is None or window == MR_WINDOW:
         return image
+    if caveat := sixteen_bit_caveat(image, window):
+        warnings.warn(caveat, UserWarning, stacklevel=2)
     if isinstance(image, (str, os.PathLike)) and is_grid_image(image):  # a 2-D CT image stored as .mha / .nii.gz
         image = read_grid_image(image)
     if not isinstance(image, (np.ndarray, torch.Tensor)):

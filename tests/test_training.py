@@ -136,6 +136,8 @@ def test_time_budget_then_finish_elsewhere_from_the_best_weights(tiny_sam, polyp
         train_script.parse_args(["--box-jitter-probability", "1.5"])
     with pytest.raises(SystemExit, match="--max-clicks"):
         train_script.main(args(tiny_sam, polyps, tmp_path / "clicks", "--click_probability", "0.5"))
+    with pytest.raises(SystemExit, match="--rescale-intercept -32768 reads the pictures as HU: give the CT --window"):
+        train_script.main(args(tiny_sam, polyps, tmp_path / "hu", "--rescale_intercept", "-32768"))
 
 
 @slow

@@ -329,6 +329,7 @@ def build_loaders(args: Arguments, splits: dict, processor, num_classes: int, wi
         propagated_boxes=read_propagated_boxes(data.propagated_boxes, splits["train"]),
         group_pattern=data.group_pattern,
         window=window,
+        rescale_intercept=data.rescale_intercept,
     )
     try:
         train_set = SegmentationDataset(as_records(splits["train"]), processor, data_config, train=True, seed=run.seed)
@@ -625,6 +626,7 @@ def evaluation_protocol(
             nsd_tolerance=NSD_TOLERANCE,
             nsd_definition="voxels",
             dataset=args.data.dataset,
+            rescale_intercept=args.data.rescale_intercept,
         )
     except ValueError as error:
         raise die(error) from error
@@ -1086,6 +1088,11 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
     try:
         splits = load_pairs(args.data, num_classes, output_dir, accelerator)
         window = data_window(args.data, data_source(args.data), args.given)
+        if args.data.rescale_intercept is not None and window in (None, MR_WINDOW):
+            raise ValueError(
+                f"`rescale_intercept` {args.data.rescale_intercept:g} reads the pictures as HU: give the CT `window` to "
+                "window them with (e.g. btcv), which the model then records for imedsam predict."
+            )
         train_set, val_set, train_loader, val_loader = build_loaders(args, splits, processor, num_classes, window)
     except ValueError as error:  # bad data: one clear message naming the files, nothing half-written
         raise die(error) from error

@@ -199,6 +199,12 @@ class DataArguments:
         "and segment_volume apply it to raw volumes (default: the data folder's cases.csv, as imedsam convert volumes "
         "--window writes it). Training images still in HU (2-D CT .mha / .nii.gz) are windowed with it.",
     )
+    rescale_intercept: float | None = option(
+        None,
+        "16-bit grey pictures (PNG, TIFF) storing CT as HU plus an offset: HU = stored value + this (DICOM's "
+        "RescaleIntercept; DeepLesion's PNGs: -32768), then windowed with --window (needed with it), as imedsam predict "
+        "--rescale-intercept reads them (default: pictures as they are, 16-bit ones rescaled min-max).",
+    )
     provenance_for: str | None = option(
         None,
         "The data folder (its name) that name, license and citation describe, as a recipe records them; training "

@@ -55,6 +55,7 @@ FLAGS = {
         "scans",
         "plane",
         "channel",
+        "rescale_intercept",
         "window",
         "device",
         "backbone",

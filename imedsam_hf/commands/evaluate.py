@@ -127,6 +127,7 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
         nsd_tolerance=args.nsd_tolerance,
         nsd_definition=args.nsd_definition,
         dataset=args.dataset,
+        rescale_intercept=args.rescale_intercept,
     )
     if args.data_dir is not None:
         pairs, problems = discover_pairs(args.data_dir)

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..configuration_imedsam import is_class_aware, window_text
+from ..configuration_imedsam import is_class_aware, training_window, window_text
 from ..data import (
     extra_masks,
     folder_class_names,
@@ -45,7 +45,7 @@ from ..data import (
 from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id, windowed_slice
 from ..loading import load_model
-from ..processing_imedsam import dicom_kind, image_size, is_grid_image, open_image, to_rgb_array
+from ..processing_imedsam import dicom_kind, image_size, is_grid_image, open_image, stored_hu, to_rgb_array
 from ..runtime import require_backend
 from ..volumes import (
     NPZ_CLASS_AWARE,
@@ -447,10 +447,17 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 for source, targets in image_plan.items()
                 if not (source.parent.resolve() == held and image_stem(source) in beside)
             }
-        if args.window is not None and not volumes and not any(map(is_grid_image, image_plan)):
+        if args.rescale_intercept is not None and not image_plan:
             raise ValueError(
-                "--window applies to volumes (NIfTI, DICOM series) and to 2-D images stored as NIfTI / NRRD / "
-                "MetaImage (values in HU); pictures are 8-bit already."
+                "--rescale-intercept applies to 16-bit pictures (PNG, TIFF) storing CT as HU plus an offset; a "
+                "volume's values are read as its header scales them."
+            )
+        hu_pictures = args.rescale_intercept is not None
+        if args.window is not None and not volumes and not hu_pictures and not any(map(is_grid_image, image_plan)):
+            raise ValueError(
+                "--window applies to volumes (NIfTI, DICOM series), to 2-D images stored as NIfTI / NRRD / "
+                "MetaImage (values in HU) and to 16-bit pictures read with --rescale-intercept; pictures are 8-bit "
+                "already."
             )
         on_grid = next((source for source, targets in image_plan.items() if targets[0].suffix != ".png"), None)
         if args.output_size and on_grid is not None:
@@ -489,6 +496,11 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             args.model, device=device, backend=args.backend, backend_options={"precision": args.precision}
         )
         box_class = None if args.classes is None else structure_id(model.config, args.classes)
+        if args.rescale_intercept is not None and args.window is None and training_window(model.config) in (None, "mr"):
+            raise ValueError(
+                f"--rescale-intercept {args.rescale_intercept:g} gives the pictures' HU, but {args.model} records no CT "
+                "window to window them with: give --window (e.g. btcv, or the window the model was trained with)."
+            )
         if volumes and volume_prompts is not None:
             volume_prompts = named_boxes(volume_prompts, model.config, args.boxes)
     except (OSError, ValueError, ImportError) as error:
@@ -525,9 +537,12 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
     aware = getattr(model.config, "num_classes", 1) > 1
     for path, targets in tqdm(plan.items(), desc="predict", unit="image", disable=len(plan) < 2):
         try:
-            image = open_image(path)
-            if args.window is not None and isinstance(image, np.ndarray) and image.ndim == 2:  # a 2-D .mha in HU
-                image = to_uint8(image, args.window)
+            image = stored_hu(open_image(path), args.rescale_intercept)  # a 16-bit HU + offset picture: its HU
+            window = args.window
+            if window is None and args.rescale_intercept is not None:
+                window = training_window(model.config)  # HU by the user's word: windowed whatever their range
+            if window is not None and isinstance(image, np.ndarray) and image.ndim == 2:  # HU: a 2-D .mha, a picture
+                image = to_uint8(image, window)
             image = windowed_slice(image, model.config)  # else the model's window: the overlay shows what it saw
             width, height = image_size(image)
             if width * height > MAX_PIXELS:
@@ -700,6 +715,7 @@ NPZ_REFUSED = {
     "--points-from-masks": "points_from_masks", "--no-prompt": "no_prompt", "--window": "window",
     "--output-size": "output_size", "--classes": "classes", "--overlay": "overlay", "--statistics": "statistics",
     "--dicom-seg": "dicom_seg", "--dicom-rtstruct": "dicom_rtstruct", "--channel": "channel",
+    "--rescale-intercept": "rescale_intercept",
 }  # fmt: skip
 
 
