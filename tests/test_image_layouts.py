@@ -165,3 +165,66 @@ def test_drives_field_of_view_masks_are_not_taken_for_its_ground_truth(tmp_path)
         picture.save(root / folder / name)
     with pytest.raises(ValueError, match="no image/mask folders found"):
         discover_pairs(root)
+
+
+def test_images_of_one_name_in_several_folders_get_their_own_boxes_masks_and_truth(tmp_path, capsys):
+    """DeepLesion keeps key slices as `Images_png/<series>/<slice>.png`, the slice name shared by many series.
+    `predict Images_png/* --boxes` keyed boxes by name only: a `109.png` entry prompted every series' `109.png` with
+    the box drawn on one of them (silently), and an entry keyed by its path was "no box"; masks were looked up by stem
+    in the flat masks folder only, and score found no masks in the folder of series folders."""
+    pairs = kvasir_pairs(2)
+    boxes = {}
+    for series, (_, rgb, mask) in zip(("000001_01_01", "000002_01_01"), pairs, strict=True):
+        for root, picture in (("Images_png", rgb), ("truth", mask * 255)):
+            (tmp_path / root / series).mkdir(parents=True)
+            Image.fromarray(picture).save(tmp_path / root / series / "109.png")
+        rows, cols = np.nonzero(mask)
+        boxes[series] = [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    inputs = [str(p) for p in sorted((tmp_path / "Images_png").iterdir())]
+    base = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", *inputs]
+    (tmp_path / "by_name.json").write_text(json.dumps({"109.png": boxes["000001_01_01"]}))
+    assert main([*base, "--boxes", str(tmp_path / "by_name.json"), "--out", str(tmp_path / "A")]) == 2
+    err = capsys.readouterr().err
+    assert "'109.png' names 2 images of this run (000001_01_01/109.png, 000002_01_01/109.png)" in err
+    assert not (tmp_path / "A").exists()
+    by_path = {f"{series}/109.png": box for series, box in boxes.items()}
+    by_path["000002_01_01/109"] = by_path.pop("000002_01_01/109.png")  # without the extension too
+    (tmp_path / "by_path.json").write_text(json.dumps(by_path))
+    assert main([*base, "--boxes", str(tmp_path / "by_path.json"), "--out", str(tmp_path / "B")]) == 0
+    assert sorted(str(p.relative_to(tmp_path / "B")) for p in (tmp_path / "B").rglob("*.png")) == [
+        "000001_01_01/109.png", "000002_01_01/109.png"
+    ]  # fmt: skip
+    # Masks laid out as the images give the same boxes; a flat mask named like both is refused, not used twice.
+    assert main([*base, "--boxes-from-masks", str(tmp_path / "truth"), "--out", str(tmp_path / "C")]) == 0
+    for series in boxes:
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(tmp_path / "C" / series / "109.png")),
+            np.asarray(Image.open(tmp_path / "B" / series / "109.png")),
+        )
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(pairs[0][2] * 255).save(tmp_path / "flat" / "109.png")
+    assert main([*base, "--boxes-from-masks", str(tmp_path / "flat"), "--out", str(tmp_path / "D")]) == 1
+    assert "would prompt all 2 images named 109" in capsys.readouterr().err
+    # score pairs the folder of series folders with the truth laid out alike, each case named by its place.
+    assert (
+        main(["score", str(tmp_path / "B"), "--truth", str(tmp_path / "truth"), "--csv", str(tmp_path / "s.csv")]) == 0
+    )
+    cases = [row.split(",")[0] for row in (tmp_path / "s.csv").read_text().splitlines()[1:]]
+    assert cases == ["000001_01_01/109", "000002_01_01/109"]
+    argv = ["score", *[str(p) for p in sorted((tmp_path / "B").iterdir())], "--truth", str(tmp_path / "flat")]
+    assert main(argv) == 2 and "other predictions are named 109 too" in capsys.readouterr().err
+    # Several lesions of one slice: a list of boxes, the mask holding 1..N in their order.
+    several = {
+        "000001_01_01/109.png": [boxes["000001_01_01"], [0, 0, 40, 40]],
+        "000002_01_01/109.png": boxes["000002_01_01"],
+    }
+    (tmp_path / "several.json").write_text(json.dumps(several))
+    assert main([*base, "--boxes", str(tmp_path / "several.json"), "--out", str(tmp_path / "E")]) == 0
+    labels = np.asarray(Image.open(tmp_path / "E" / "000001_01_01" / "109.png"))
+    assert set(np.unique(labels)) <= {0, 1, 2} and (labels == 1).any()
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "E" / "000002_01_01" / "109.png")))) <= {0, 255}
+    # The folder of series folders itself: the message says what to give.
+    argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "Images_png"), "--box", "1,1,9,9"]
+    assert main([*argv, "--out", str(tmp_path / "F")]) == 2
+    assert "hold images: give them" in capsys.readouterr().err

@@ -3,6 +3,7 @@ safely (a clash between inputs, a file already there, an input or mask folder, a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 from ..data import (
     IMAGE_KINDS,
     VOLUME_SUFFIXES,
+    find_layout,
     image_files_in,
     image_mask_suffix,
     image_stem,
@@ -31,7 +33,7 @@ def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple
             if not found:
                 raise ValueError(
                     f"{path}: the folder holds no images ({IMAGE_KINDS}), no 3-D volumes "
-                    f"({', '.join(VOLUME_SUFFIXES)}) and no DICOM series."
+                    f"({', '.join(VOLUME_SUFFIXES)}) and no DICOM series.{folders_hint(path)}"
                 )
             files.extend((file, path) for file in found)
         elif not path.exists():
@@ -41,6 +43,33 @@ def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple
     if not files:
         raise ValueError("No input images given.")
     return files
+
+
+def folders_hint(path: Path) -> str:
+    """What to give instead of a folder holding only folders: a data set's images folder (`find_layout`: its
+    `images/` beside `masks/`), or its folders of images (DeepLesion's `Images_png/<series>/`); nothing otherwise."""
+    with contextlib.suppress(ValueError, OSError):
+        images, masks = find_layout(path)
+        if images != masks:
+            return f" It is a data set: give its images ({images}), and --boxes-from-masks {masks} for their boxes."
+    below = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".") and image_files_in(p)]
+    if not below:
+        return ""
+    return (
+        f" Its folders {', '.join(p.name for p in below[:2])}{', ...' if len(below) > 2 else ''} hold images: give "
+        f"them ({path}/*), each image then named by its path below {path} (outputs, --boxes entries, masks: a/x.png)."
+    )
+
+
+def input_places(paths: Sequence[str], volumes: bool = False) -> dict[Path, Path]:
+    """Each input file (absolute) with its path relative to the common folder of all inputs (`inputs_with_roots`):
+    `a/x.jpg` and `b/x.jpg` give `a/x.jpg` and `b/x.jpg`, inputs from one folder their names. Outputs are written at
+    these places (`plan_outputs`), and `--boxes` entries and masks are found by them (DeepLesion's
+    `Images_png/000001_01_01/109.png` beside `000002_01_01/109.png`)."""
+    inputs = inputs_with_roots(paths, volumes)
+    sources = list(dict.fromkeys(Path(os.path.abspath(file)) for file, _ in inputs))
+    common = Path(os.path.commonpath([os.path.abspath(root) for _, root in inputs]))
+    return {source: source.relative_to(common) for source in sources}
 
 
 def plan_outputs(
@@ -56,15 +85,10 @@ def plan_outputs(
     for images `.png` stands for the mask, in a 2-D NIfTI / NRRD / MetaImage image's own format
     (`data.image_mask_suffix`: grand-challenge's `x.mha` gives `x.mha`).
     """
-    inputs = inputs_with_roots(paths, volumes)
-    sources = list(dict.fromkeys(Path(os.path.abspath(file)) for file, _ in inputs))
-    roots = {Path(os.path.abspath(root)) for _, root in inputs}
-    common = Path(os.path.commonpath([str(root) for root in roots]))
     folder = Path(out)
     plan: dict[Path, list[Path]] = {}
     writers: dict[Path, Path] = {}
-    for source in sources:
-        name = source.relative_to(common)
+    for source, name in input_places(paths, volumes).items():
         # A file's extension goes (`image_stem`: a DICOM file named by its UID keeps it whole, `1.2.840.5.4` and
         # `1.2.840.5.5` being two images); a DICOM series' folder keeps its name whole.
         if not source.is_dir():

@@ -95,7 +95,7 @@ from .common import (
     parse_points,
     read_json_file,
 )
-from .outputs import check_output_folder, check_writable, plan_outputs, refuse_existing
+from .outputs import check_output_folder, check_writable, input_places, plan_outputs, refuse_existing
 
 PROMPT_FLAGS = "--box, --boxes, --boxes-from-masks, --points, --points-from-masks or --no-prompt"
 
@@ -105,7 +105,7 @@ class PromptSource:
     """Where each image's prompt comes from: exactly one of these, or `no_prompt`. Checked before any model runs."""
 
     box: list[float] | None = None
-    boxes: dict[str, list[float]] | None = None
+    boxes: dict[Path, list] | None = None  # each image's box (or list of boxes) of --boxes (`boxes_by_image`)
     boxes_from_masks: str | None = None
     no_prompt: bool = False
     points: tuple[list[list[float]], list[int]] | None = None
@@ -119,20 +119,47 @@ class PromptSource:
     # (`data.label_classes`); ids it leaves out are not prompted.
     label_classes: dict[int, int] | None = None
     structures: int = 0  # a class-aware model's class count: the ids its heads decode (0: not class-aware)
+    # Each image's path below the inputs' common folder (`outputs.input_places`): its mask is looked for at that
+    # place under the masks folder first (DeepLesion's `000001_01_01/109.png` beside `000002_01_01/109.png`).
+    places: dict[Path, Path] | None = None
 
     @property
     def masks_folder(self) -> str | None:
         return self.boxes_from_masks or self.points_from_masks
 
+    @functools.cached_property
+    def places_of_stem(self) -> dict[str, list[Path]]:
+        """The places of the run's images by their stem (one listing for all images)."""
+        found: dict[str, list[Path]] = {}
+        for source, place in (self.places or {}).items():
+            found.setdefault(image_stem(source), []).append(place)
+        return found
+
     def mask_of(self, path: Path, folder: str, size: tuple[int, int]) -> np.ndarray:
         """The mask named like `path` (its stem and the folder's `mask_suffix`, or nnU-Net's case of `<case>_0000`:
-        `data.masks_named`) in `folder` as class ids, checked to be the image's `size` (H, W)."""
-        name, candidates = masks_named(folder, image_stem(path), self.mask_suffix)
+        `data.masks_named`) in `folder`, at the image's place below the inputs' folder (`places`: `folder/a/x.png`
+        for `a/x.jpg`) or else in `folder` itself (unless another image of the run has its stem: that mask would
+        prompt both), as class ids, checked to be the image's `size` (H, W)."""
+        stem, place = image_stem(path), (self.places or {}).get(path)
+        where = Path(folder)
+        name, candidates = masks_named(folder, stem, self.mask_suffix)
+        if place is not None and place.parent != Path("."):
+            nested = masks_named(where / place.parent, stem, self.mask_suffix)
+            alike = self.places_of_stem.get(stem, [])
+            if nested[1]:
+                (name, candidates), where = nested, where / place.parent
+            elif candidates and len(alike) > 1:
+                raise ValueError(
+                    f"{path}: no mask in {where / place.parent}, and {candidates[0]} would prompt all {len(alike)} "
+                    f"images named {stem} ({', '.join(p.as_posix() for p in alike[:3])}): lay the masks out as the "
+                    f"images are ({where / place.parent / stem}.png)."
+                )
         if not candidates:
-            looked = " or ".join(f"{n}.*" for n in mask_names(image_stem(path), self.mask_suffix))
-            raise ValueError(f"{path}: no mask named {looked} in {folder}.")
+            looked = " or ".join(f"{n}.*" for n in mask_names(stem, self.mask_suffix))
+            below = f" or {Path(folder) / place.parent}" if place is not None and place.parent != Path(".") else ""
+            raise ValueError(f"{path}: no mask named {looked} in {folder}{below}.")
         if self.mask_suffix:  # BUSI's second lesion, x_mask_1.png beside x_mask.png: not half the prompts
-            listed = (p.stem for p in Path(folder).glob(f"{glob.escape(name)}_*"))
+            listed = (p.stem for p in where.glob(f"{glob.escape(name)}_*"))
             further = extra_masks(self.mask_suffix, listed).get(image_stem(path), [])
             if further:
                 raise ValueError(
@@ -165,9 +192,15 @@ class PromptSource:
         if self.box:
             return {"box": self.box, **drawn}
         if self.boxes is not None:
-            if path.name not in self.boxes and image_stem(path) not in self.boxes:
-                raise ValueError(f"{path}: no box in --boxes for {path.name}.")
-            return {"box": self.boxes.get(path.name, self.boxes.get(image_stem(path))), **drawn}
+            if path not in self.boxes:
+                place = (self.places or {}).get(path, Path(path.name))
+                raise ValueError(f"{path}: no box in --boxes for {place.as_posix()} (or {image_stem(path)}).")
+            entry = self.boxes[path]
+            if isinstance(entry[0], list):  # several structures: a label map of 1..N, one id per box
+                ids = list(range(1, len(entry) + 1))
+                heads = None if self.box_class is None else [self.box_class] * len(entry)
+                return {"box": entry, "class_ids": ids, "heads": heads}
+            return {"box": entry, **drawn}
         mask = self.mask_of(path, self.boxes_from_masks, size)
         if not self.class_ids:
             box = mask_box(mask)
@@ -191,18 +224,54 @@ class PromptSource:
         return {"box": [mask_box(mask == c).tolist() for c in ids], "class_ids": ids, "heads": heads}
 
 
-def image_boxes(data: Any, path: str) -> dict[str, list[float]]:
-    """`--boxes` for images: `{image name or stem: [x0, y0, x1, y1]}`, each box four numbers."""
+def boxes_by_image(boxes: Mapping[str, list], places: Mapping[Path, Path], path: str) -> dict[Path, list]:
+    """
+    Each image's box of `--boxes` (`image_boxes`): the entry of its place below the inputs' common folder
+    (`outputs.input_places`: `000001_01_01/109.png`, or without the extension), else of its file name or stem, as long
+    as no other image of the run has that name or stem: an entry that would prompt several images (DeepLesion's
+    `109.png` in many series folders) is refused, naming them, before any model runs. Images without an entry are
+    left out (`PromptSource.prompt_for` names them).
+    """
+    named: dict[str, list[Path]] = {}
+    for source, place in places.items():
+        for key in dict.fromkeys((place.name, image_stem(source))):
+            named.setdefault(key, []).append(place)
+    found = {}
+    for source, place in places.items():
+        exact = (place.as_posix(), place.with_name(image_stem(source)).as_posix())
+        key = next((k for k in exact if k in boxes), None)
+        if key is None:
+            key = next((k for k in (place.name, image_stem(source)) if k in boxes), None)
+            if key is not None and len(named[key]) > 1:
+                listed = ", ".join(p.as_posix() for p in named[key][:3]) + (", ..." if len(named[key]) > 3 else "")
+                raise ValueError(
+                    f"--boxes {path}: {key!r} names {len(named[key])} images of this run ({listed}): key each by its "
+                    f"path below the inputs' folder ({place.as_posix()!r})."
+                )
+        if key is not None:
+            found[source] = boxes[key]
+    return found
+
+
+def image_boxes(data: Any, path: str) -> dict[str, list[float] | list[list[float]]]:
+    """`--boxes` for images: `{image path, name or stem: [x0, y0, x1, y1]}`, each box four numbers, or a list of boxes
+    for several structures of one image (DeepLesion's lesions of a slice: its mask holds 1..N, one id per box in
+    their order); `boxes_by_image` gives each image its entry."""
     if not isinstance(data, Mapping):
         raise ValueError(
-            f"--boxes {path}: expected a JSON object {{image name or stem: [x0, y0, x1, y1]}}, got a "
+            f"--boxes {path}: expected a JSON object {{image path, name or stem: [x0, y0, x1, y1]}}, got a "
             f"{type(data).__name__}."
         )
-    checked = {}
-    for name, box in data.items():
-        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
-            raise ValueError(f"--boxes {path}: {name!r}: {box!r} is not a box [x0, y0, x1, y1] of four numbers.")
-        checked[str(name)] = [float(v) for v in box]
+    checked: dict[str, list[float] | list[list[float]]] = {}
+    for name, entry in data.items():
+        several = isinstance(entry, list) and bool(entry) and all(isinstance(box, list) for box in entry)
+        for box in entry if several else [entry]:
+            if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+                raise ValueError(
+                    f"--boxes {path}: {name!r}: {box!r} is not a box [x0, y0, x1, y1] of four numbers (or a list of "
+                    "such boxes, one per structure)."
+                )
+        checked[str(name)] = [[float(v) for v in box] for box in entry] if several else [float(v) for v in entry]
     return checked
 
 
@@ -483,8 +552,9 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                     f"--boxes {args.boxes}: key_slice entries are slices of the stored stack; with --plane axial give "
                     "3-D boxes [x0, y0, z0, x1, y1, z1]."
                 )
+        places = {s: place for s, place in (input_places(images) if images else {}).items() if s in image_plan}
         if images and boxes_json is not None and not volumes:
-            boxes_json = image_boxes(boxes_json, args.boxes)
+            boxes_json = boxes_by_image(image_boxes(boxes_json, args.boxes), places, args.boxes)
         elif images and boxes_json is not None:
             raise ValueError(
                 "--boxes holds either 2-D boxes for images or 3-D boxes for volumes: predict them separately."
@@ -496,7 +566,8 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             args.model, device=device, backend=args.backend, backend_options={"precision": args.precision}
         )
         box_class = None if args.classes is None else structure_id(model.config, args.classes)
-        if args.rescale_intercept is not None and args.window is None and training_window(model.config) in (None, "mr"):
+        unwindowed = args.window is None and training_window(model.config) in (None, "mr")
+        if args.rescale_intercept is not None and unwindowed:
             raise ValueError(
                 f"--rescale-intercept {args.rescale_intercept:g} gives the pictures' HU, but {args.model} records no CT "
                 "window to window them with: give --window (e.g. btcv, or the window the model was trained with)."
@@ -526,6 +597,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             mask_classes=args.mask_classes or 255,
             label_classes=mask_label_classes(model.config, args.boxes_from_masks) if class_ids else None,
             structures=getattr(model.config, "num_classes", 1) if is_class_aware(model.config) else 0,
+            places=places,
         )
         codes.append(predict_images(model, processor, image_plan, source, grid, args))
     return max(codes)

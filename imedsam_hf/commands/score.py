@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import sys
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -74,10 +75,13 @@ def run(args: argparse.Namespace) -> int:
     masks = kind_of(predictions[0]) == "mask"
     suffix = mask_folder_suffix([image_stem(p) for p in predictions], args.truth) if masks else ""
     given = set(map(Path, args.predictions))
+    stems = Counter(image_stem(p) for p in predictions) if masks else Counter()
     for path in predictions:
         try:
             in_case_folder = path not in given and path.parent not in given  # `predict`'s P/case_00000/imaging.nii.gz
-            rows.extend(score_one(path, Path(args.truth), suffix, wanted, nsd, in_case_folder))
+            place = path.parent.name if masks and in_case_folder else ""  # `predict a/* b/*`'s P/a/x.png
+            shared = stems[image_stem(path)] > 1
+            rows.extend(score_one(path, Path(args.truth), suffix, wanted, nsd, in_case_folder, place, shared))
         except (OSError, ValueError, ImportError) as error:  # ImportError: a NRRD / MetaImage truth without SimpleITK
             print(f"skipped {flag_message(error)}", file=sys.stderr)
             skipped += 1
@@ -133,9 +137,10 @@ def prediction_files(inputs: list[str]) -> list[Path]:
     for item in map(Path, inputs):
         if item.is_dir():
             volumes = volumes_in(item) or [path for case in case_folders(item) for path in volumes_in(case)]
-            images = sorted(p for p in item.iterdir() if is_image_file(p) and not p.name.startswith("."))
-            stems = {image_stem(p) for p in images}
-            images = [p for p in images if not (p.stem.endswith("_overlay") and p.stem[: -len("_overlay")] in stems)]
+            images = mask_files_in(item)
+            if not images and not volumes:  # `predict a/* b/*`'s P/a/x.png, P/b/x.png (DeepLesion's series folders)
+                subfolders = sorted(p for p in item.iterdir() if p.is_dir() and not p.name.startswith("."))
+                images = [path for sub in subfolders for path in mask_files_in(sub)]
             cases = sorted(p for p in item.glob("*.npz") if not p.name.startswith("."))
             found.extend(volumes or cases or images)
         elif item.is_file():
@@ -157,6 +162,14 @@ def prediction_files(inputs: list[str]) -> list[Path]:
             f"({IMAGE_KINDS})."
         )
     return found
+
+
+def mask_files_in(folder: Path) -> list[Path]:
+    """The masks of a folder of predictions: its images, without hidden files and `predict --overlay`'s
+    `<name>_overlay.png` beside `<name>.png`."""
+    images = sorted(p for p in folder.iterdir() if is_image_file(p) and not p.name.startswith("."))
+    stems = {image_stem(p) for p in images}
+    return [p for p in images if not (p.stem.endswith("_overlay") and p.stem[: -len("_overlay")] in stems)]
 
 
 def kind_of(path: Path) -> str:
@@ -185,11 +198,20 @@ def truth_class_names(truth: Path, first: Path | None = None) -> dict[int, str] 
 
 
 def score_one(
-    path: Path, truth: Path, suffix: str, wanted: list[int] | None, nsd: Mapping, in_case_folder: bool = False
+    path: Path,
+    truth: Path,
+    suffix: str,
+    wanted: list[int] | None,
+    nsd: Mapping,
+    in_case_folder: bool = False,
+    place: str = "",
+    shared: bool = False,
 ) -> list[dict]:
     """The rows (one per structure in either, or each of `wanted`) of one prediction against its truth, the NSD at
     `nsd` (`tolerance` in mm, or pixels in 2-D, and `nsd_definition`); a label volume `in_case_folder` is named by
-    its folder where its own name says only what it is (`volumes.scan_case`)."""
+    its folder where its own name says only what it is (`volumes.scan_case`). A mask in the sub-folder `place` of a
+    folder given (`predict a/* b/*`'s `P/a/x.png`) is scored against `truth/place/x.*`, else `truth/x.*` unless
+    another prediction has its name (`shared`), and its case is named `place/x`."""
     if is_volume(path):
         found = label_volume_of(path, truth)
         if found is None:
@@ -204,10 +226,24 @@ def score_one(
         return volume_rows(case, predicted_ids, truth_ids, expected.spacing, wanted, "mm", nsd)
     if path.suffix.lower() == ".npz":
         return case_rows(path, truth, wanted, nsd)
-    name, candidates = masks_named(truth, image_stem(path), suffix)
+    stem = image_stem(path)
+    name, candidates = masks_named(truth / place, stem, suffix) if place else ("", [])
+    if not candidates:
+        if shared and place:
+            raise ValueError(
+                f"{path}: no mask named {stem}.* in {truth / place}; other predictions are named {stem} too, so "
+                f"`truth` {truth} must hold each at its place ({place}/{stem}.png)."
+            )
+        if shared:  # `score P/a P/b`: one truth file for both
+            raise ValueError(
+                f"{path}: other predictions are named {stem} too, and `truth` {truth} would score them all against one "
+                "mask: give the folder holding their folders (P, not P/a P/b) and a truth laid out alike."
+            )
+        name, candidates = masks_named(truth, stem, suffix)
     if len(candidates) != 1:
         what = "no mask" if not candidates else f"{len(candidates)} masks"
-        raise ValueError(f"{path}: {what} named {name}.* in `truth` {truth}.")
+        looked = f"{truth / place} or {truth}" if place else str(truth)
+        raise ValueError(f"{path}: {what} named {name}.* in `truth` {looked}.")
     predicted, expected, binary = class_maps(path, candidates[0])
     if predicted.shape != expected.shape:
         raise ValueError(
@@ -215,7 +251,8 @@ def score_one(
             f"{expected.shape[1]}x{expected.shape[0]}: score masks on their image's grid."
         )
     spacing = grid_image_spacing(candidates[0])  # a 2-D .mha / .nii.gz truth: distances in mm
-    return image_rows(image_stem(path), predicted, expected, wanted, binary, nsd, spacing)
+    case = f"{place}/{stem}" if place else stem
+    return image_rows(case, predicted, expected, wanted, binary, nsd, spacing)
 
 
 def volume_rows(
