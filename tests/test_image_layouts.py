@@ -214,17 +214,63 @@ def test_images_of_one_name_in_several_folders_get_their_own_boxes_masks_and_tru
     assert cases == ["000001_01_01/109", "000002_01_01/109"]
     argv = ["score", *[str(p) for p in sorted((tmp_path / "B").iterdir())], "--truth", str(tmp_path / "flat")]
     assert main(argv) == 2 and "other predictions are named 109 too" in capsys.readouterr().err
-    # Several lesions of one slice: a list of boxes, the mask holding 1..N in their order.
+    # Several lesions of one slice: a list of boxes, the mask their union (each box's mask as when given alone).
     several = {
         "000001_01_01/109.png": [boxes["000001_01_01"], [0, 0, 40, 40]],
         "000002_01_01/109.png": boxes["000002_01_01"],
     }
     (tmp_path / "several.json").write_text(json.dumps(several))
     assert main([*base, "--boxes", str(tmp_path / "several.json"), "--out", str(tmp_path / "E")]) == 0
-    labels = np.asarray(Image.open(tmp_path / "E" / "000001_01_01" / "109.png"))
-    assert set(np.unique(labels)) <= {0, 1, 2} and (labels == 1).any()
-    assert set(np.unique(np.asarray(Image.open(tmp_path / "E" / "000002_01_01" / "109.png")))) <= {0, 255}
+    (tmp_path / "second.json").write_text(json.dumps({"109.png": [0, 0, 40, 40]}))  # its folder alone: its name
+    assert main([*base[:-2], inputs[0], "--boxes", str(tmp_path / "second.json"), "--out", str(tmp_path / "G")]) == 0
+    union = np.asarray(Image.open(tmp_path / "E" / "000001_01_01" / "109.png")) > 0
+    first = np.asarray(Image.open(tmp_path / "B" / "000001_01_01" / "109.png")) > 0
+    np.testing.assert_array_equal(union, first | (np.asarray(Image.open(tmp_path / "G" / "109.png")) > 0))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "E" / "000002_01_01" / "109.png")),
+        np.asarray(Image.open(tmp_path / "B" / "000002_01_01" / "109.png")),
+    )
     # The folder of series folders itself: the message says what to give.
     argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "Images_png"), "--box", "1,1,9,9"]
     assert main([*argv, "--out", str(tmp_path / "F")]) == 2
     assert "hold images: give them" in capsys.readouterr().err
+
+
+def test_kvasir_segs_own_boxes_file_and_coco_annotations_are_boxes_as_they_are(tmp_path, capsys):
+    """Kvasir-SEG ships its boxes as `kavsir_bboxes.json` (`{id: {"bbox": [{"xmin", ...}]}}`), and detectors write
+    COCO annotations (`bbox` `[x, y, w, h]`): `--boxes` refused both ("is not a box [x0, y0, x1, y1]"). Read as they
+    are, they prompt as the same boxes written out do; an image with two polyps gets the union of both."""
+    pairs = kvasir_pairs(3)
+    (tmp_path / "images").mkdir()
+    plain, kvasir, coco = {}, {}, {"images": [], "annotations": [], "categories": [{"id": 1, "name": "polyp"}]}
+    for index, (stem, rgb, mask) in enumerate(pairs, 1):
+        Image.fromarray(rgb).save(tmp_path / "images" / f"{stem}.jpg")
+        rows, cols = np.nonzero(mask)
+        box = [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]
+        boxes = [box, [0, 0, 30, 30]] if index == 3 else [box]  # the third image: two polyps
+        plain[stem] = boxes if len(boxes) > 1 else box
+        kvasir[stem] = {"height": mask.shape[0], "width": mask.shape[1],
+                        "bbox": [{"label": "polyp", "xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3]} for b in boxes]}  # fmt: skip
+        coco["images"].append(
+            {"id": index, "file_name": f"{stem}.jpg", "height": mask.shape[0], "width": mask.shape[1]}
+        )
+        for b in boxes:
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": index, "category_id": 1,
+                                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})  # fmt: skip
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    base = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(tmp_path / "images"), "--boxes"]
+    written = {}
+    for name, content in (("plain", plain), ("kavsir_bboxes", kvasir), ("coco", coco)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+        assert main([*base, str(tmp_path / f"{name}.json"), "--out", str(tmp_path / name)]) == 0, (
+            capsys.readouterr().err
+        )
+        written[name] = [np.asarray(Image.open(tmp_path / name / f"{stem}.png")) for stem, *_ in pairs]
+    for kind in ("kavsir_bboxes", "coco"):
+        for mine, reference in zip(written[kind], written["plain"], strict=True):
+            np.testing.assert_array_equal(mine, reference)
+    assert set(np.unique(written["plain"][2])) <= {0, 255}  # two polyps: one binary mask, their union
+    coco["annotations"][0]["image_id"] = 99
+    (tmp_path / "bad.json").write_text(json.dumps(coco))
+    assert main([*base, str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")]) == 2
+    assert 'names image_id 99, which no entry of its "images" list has' in capsys.readouterr().err

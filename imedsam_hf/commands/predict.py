@@ -196,10 +196,8 @@ class PromptSource:
                 place = (self.places or {}).get(path, Path(path.name))
                 raise ValueError(f"{path}: no box in --boxes for {place.as_posix()} (or {image_stem(path)}).")
             entry = self.boxes[path]
-            if isinstance(entry[0], list):  # several structures: a label map of 1..N, one id per box
-                ids = list(range(1, len(entry) + 1))
-                heads = None if self.box_class is None else [self.box_class] * len(entry)
-                return {"box": entry, "class_ids": ids, "heads": heads}
+            if isinstance(entry[0], list):  # several structures (a slice's lesions, an image's polyps): one mask
+                return {"box": entry, **({} if self.box_class is None else {"classes": [self.box_class] * len(entry)})}
             return {"box": entry, **drawn}
         mask = self.mask_of(path, self.boxes_from_masks, size)
         if not self.class_ids:
@@ -255,8 +253,13 @@ def boxes_by_image(boxes: Mapping[str, list], places: Mapping[Path, Path], path:
 
 def image_boxes(data: Any, path: str) -> dict[str, list[float] | list[list[float]]]:
     """`--boxes` for images: `{image path, name or stem: [x0, y0, x1, y1]}`, each box four numbers, or a list of boxes
-    for several structures of one image (DeepLesion's lesions of a slice: its mask holds 1..N, one id per box in
-    their order); `boxes_by_image` gives each image its entry."""
+    for several structures of one image (DeepLesion's lesions of a slice, an image's polyps: its mask is their union);
+    Kvasir-SEG's `kavsir_bboxes.json` and COCO annotation files as they are (`coco_boxes`, `kvasir_boxes`);
+    `boxes_by_image` gives each image its entry."""
+    if isinstance(data, Mapping) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list):
+        data = coco_boxes(data, path)
+    elif isinstance(data, Mapping) and any(isinstance(entry, Mapping) and "bbox" in entry for entry in data.values()):
+        data = kvasir_boxes(data, path)
     if not isinstance(data, Mapping):
         raise ValueError(
             f"--boxes {path}: expected a JSON object {{image path, name or stem: [x0, y0, x1, y1]}}, got a "
@@ -273,6 +276,54 @@ def image_boxes(data: Any, path: str) -> dict[str, list[float] | list[list[float
                 )
         checked[str(name)] = [[float(v) for v in box] for box in entry] if several else [float(v) for v in entry]
     return checked
+
+
+def coco_boxes(data: Mapping, path: str) -> dict[str, list]:
+    """A COCO annotation file (a detector's output in the dataset format: `images` `[{"id", "file_name"}]`,
+    `annotations` `[{"image_id", "bbox": [x, y, w, h]}]`) as `--boxes` entries: `{file_name: [[x0, y0, x1, y1],
+    ...]}`, each image's boxes in the file's order; images without an annotation left out."""
+    names = {}
+    for image in data["images"]:
+        if not isinstance(image, Mapping) or "id" not in image or not isinstance(image.get("file_name"), str):
+            raise ValueError(f"--boxes {path}: a COCO image entry needs an id and a file_name, got {image!r}.")
+        names[image["id"]] = image["file_name"]
+    boxes: dict[str, list] = {}
+    for note in data["annotations"]:
+        box = note.get("bbox") if isinstance(note, Mapping) else None
+        if (
+            not isinstance(box, list)
+            or len(box) != 4
+            or not all(_is_number(v) for v in box)
+            or box[2] < 0
+            or box[3] < 0
+        ):
+            raise ValueError(f"--boxes {path}: a COCO annotation needs a bbox [x, y, width, height], got {note!r}.")
+        if note.get("image_id") not in names:
+            raise ValueError(f"--boxes {path}: annotation {note.get('id')!r} names image_id {note.get('image_id')!r}, "
+                             "which no entry of its \"images\" list has.")  # fmt: skip
+        x, y, width, height = (float(v) for v in box)
+        boxes.setdefault(names[note["image_id"]], []).append([x, y, x + width, y + height])
+    return boxes
+
+
+def kvasir_boxes(data: Mapping, path: str) -> dict[str, list]:
+    """Kvasir-SEG's `kavsir_bboxes.json` (`{id: {"height", "width", "bbox": [{"label", "xmin", "ymin", "xmax",
+    "ymax"}, ...]}}`) as `--boxes` entries: `{id: [[x0, y0, x1, y1], ...]}`."""
+    boxes: dict[str, list] = {}
+    for name, entry in data.items():
+        listed = entry.get("bbox") if isinstance(entry, Mapping) else None
+        keys = ("xmin", "ymin", "xmax", "ymax")
+        if (
+            not isinstance(listed, list)
+            or not listed
+            or not all(isinstance(b, Mapping) and all(_is_number(b.get(k)) for k in keys) for b in listed)
+        ):
+            raise ValueError(
+                f'--boxes {path}: {name!r}: expected {{"bbox": [{{"xmin", "ymin", "xmax", "ymax"}}, ...]}} '
+                f"(Kvasir-SEG's kavsir_bboxes.json), got {entry!r}."
+            )
+        boxes[str(name)] = [[float(b[k]) for k in keys] for b in listed]
+    return boxes
 
 
 #: A volume's prompts from `--boxes`: its 3-D boxes and the key slice of those drawn on one slice.
@@ -627,8 +678,9 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
                 max_output_pixels=args.max_output_pixels, classes=heads if ids and aware else drawn_for, tta=args.tta,
             )  # fmt: skip
             as_png = targets[0].suffix == ".png"  # else the image's own format: class ids, binary 0/1
-            if ids is None:
-                values = (result.mask > 0).astype(np.uint8) * (255 if as_png else 1)
+            if ids is None:  # several boxes of one image (`--boxes` lists): the union of their masks
+                foreground = result.mask > 0 if result.mask.ndim == 2 else (result.mask > 0).any(axis=0)
+                values = foreground.astype(np.uint8) * (255 if as_png else 1)
             else:  # one label map of the structures: the most probable prompt wins where masks overlap
                 values = label_map(result.probabilities[:, 0], ids, result.mask.shape[-2:])
             if result.grid is not None and result.grid != values.shape:
