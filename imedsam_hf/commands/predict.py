@@ -141,23 +141,21 @@ class PromptSource:
         for `a/x.jpg`) or else in `folder` itself (unless another image of the run has its stem: that mask would
         prompt both), as class ids, checked to be the image's `size` (H, W)."""
         stem, place = image_stem(path), (self.places or {}).get(path)
-        where = Path(folder)
-        name, candidates = masks_named(folder, stem, self.mask_suffix)
-        if place is not None and place.parent != Path("."):
-            nested = masks_named(where / place.parent, stem, self.mask_suffix)
+        below = Path(folder) / place.parent if place is not None and place.parent != Path(".") else None
+        name, candidates = masks_named(below, stem, self.mask_suffix) if below is not None else ("", [])
+        where = below if candidates else Path(folder)
+        if not candidates:
+            name, candidates = masks_named(folder, stem, self.mask_suffix)
             alike = self.places_of_stem.get(stem, [])
-            if nested[1]:
-                (name, candidates), where = nested, where / place.parent
-            elif candidates and len(alike) > 1:
+            if candidates and below is not None and len(alike) > 1:
                 raise ValueError(
-                    f"{path}: no mask in {where / place.parent}, and {candidates[0]} would prompt all {len(alike)} "
-                    f"images named {stem} ({', '.join(p.as_posix() for p in alike[:3])}): lay the masks out as the "
-                    f"images are ({where / place.parent / stem}.png)."
+                    f"{path}: no mask in {below}, and {candidates[0]} would prompt all {len(alike)} images named "
+                    f"{stem} ({', '.join(p.as_posix() for p in alike[:3])}): lay the masks out as the images are "
+                    f"({below / stem}.png)."
                 )
         if not candidates:
             looked = " or ".join(f"{n}.*" for n in mask_names(stem, self.mask_suffix))
-            below = f" or {Path(folder) / place.parent}" if place is not None and place.parent != Path(".") else ""
-            raise ValueError(f"{path}: no mask named {looked} in {folder}{below}.")
+            raise ValueError(f"{path}: no mask named {looked} in {folder}" + (f" or {below}." if below else "."))
         if self.mask_suffix:  # BUSI's second lesion, x_mask_1.png beside x_mask.png: not half the prompts
             listed = (p.stem for p in where.glob(f"{glob.escape(name)}_*"))
             further = extra_masks(self.mask_suffix, listed).get(image_stem(path), [])
