@@ -63,6 +63,7 @@ from .metrics import (
 from .modeling_imedsam import sam_mask_on_grid
 from .processing_imedsam import (
     IMedSamProcessor,
+    check_rescale_intercept,
     grid_image_spacing,
     hu_windowed,
     mirrored_inputs,
@@ -683,6 +684,7 @@ class EvaluationProtocol:
             raise ValueError(f"`num_clicks` {self.num_clicks}: at least 1 click per mask.")
         if self.class_aware and not (self.class_prompts and self.num_classes > 1):
             raise ValueError("`class_aware` needs class prompts (a class-id folder) and a multi-class model.")
+        check_rescale_intercept(self.rescale_intercept)
         if self.rescale_intercept is not None and self.window in (None, MR_WINDOW):
             raise ValueError(
                 f"`rescale_intercept` {self.rescale_intercept:g} gives the pictures' HU, but the model records no CT "

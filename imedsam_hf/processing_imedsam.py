@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -463,6 +464,16 @@ def looks_like_hu(data: np.ndarray | torch.Tensor) -> bool:
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes of 16-bit grey PNGs and TIFFs
 
 
+def check_rescale_intercept(value: float | None) -> None:
+    """A ValueError naming `rescale_intercept` unless it is None or an offset a 16-bit picture can carry (a finite
+    number within +-65536: DeepLesion's -32768, -1024)."""
+    if value is not None and not (math.isfinite(value) and abs(value) <= 65536):
+        raise ValueError(
+            f"`rescale_intercept` {value:g}: HU = stored value + it, a finite offset within +-65536 (DeepLesion's "
+            "PNGs: -32768; HU + 1024 ones: -1024)."
+        )
+
+
 def stored_hu(image: ImageInput, rescale_intercept: float | None) -> ImageInput:
     """
     A 16-bit grey picture (PNG, TIFF; a path or a PIL image) that stores CT as HU minus `rescale_intercept` (DICOM's
@@ -472,6 +483,7 @@ def stored_hu(image: ImageInput, rescale_intercept: float | None) -> ImageInput:
     """
     if rescale_intercept is None:
         return image
+    check_rescale_intercept(rescale_intercept)
     picture = open_image(image) if isinstance(image, (str, os.PathLike)) else image
     if not isinstance(picture, Image.Image) or picture.mode not in SIXTEEN_BIT_MODES:
         kind = (

@@ -367,6 +367,8 @@ def test_16_bit_pictures_storing_hu_plus_an_offset_are_read_as_hu_with_rescale_i
     ]
     argv = [*tiny, str(tmp_path / "u16" / "images"), "--rescale-intercept", "-32768", "--out", str(tmp_path / "D")]
     assert main(argv) == 2 and "records no CT window to window them with: give --window" in capsys.readouterr().err
+    assert main([*argv[:-4], "--rescale-intercept=nan", "--out", str(tmp_path / "D")]) == 2
+    assert "--rescale-intercept nan: HU = stored value + it, a finite offset" in capsys.readouterr().err
     assert main([*argv[:-1], str(tmp_path / "E"), "--window", "btcv"]) == 0
     argv = [*tiny, str(tmp_path / "png" / "images"), "--rescale-intercept", "-32768", "--window", "btcv", "--out"]
     argv.append(str(tmp_path / "F"))

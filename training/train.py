@@ -88,7 +88,10 @@ from imedsam_hf.loading import (  # noqa: E402
 )
 from imedsam_hf.metrics import NSD_TOLERANCE, dice  # noqa: E402
 from imedsam_hf.model_card import hub_id_or_none, write_model_card  # noqa: E402
-from imedsam_hf.processing_imedsam import IMedSamProcessor  # noqa: E402
+from imedsam_hf.processing_imedsam import (
+    IMedSamProcessor,  # noqa: E402
+    check_rescale_intercept,  # noqa: E402
+)
 from imedsam_hf.publishing import portable_model_name, trainable_state  # noqa: E402
 from imedsam_hf.training import (  # noqa: E402
     FrozenImageEncoder,
@@ -1088,6 +1091,7 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
     try:
         splits = load_pairs(args.data, num_classes, output_dir, accelerator)
         window = data_window(args.data, data_source(args.data), args.given)
+        check_rescale_intercept(args.data.rescale_intercept)
         if args.data.rescale_intercept is not None and window in (None, MR_WINDOW):
             raise ValueError(
                 f"`rescale_intercept` {args.data.rescale_intercept:g} reads the pictures as HU: give the CT `window` to "

@@ -45,7 +45,15 @@ from ..data import (
 from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id, windowed_slice
 from ..loading import load_model
-from ..processing_imedsam import dicom_kind, image_size, is_grid_image, open_image, stored_hu, to_rgb_array
+from ..processing_imedsam import (
+    check_rescale_intercept,
+    dicom_kind,
+    image_size,
+    is_grid_image,
+    open_image,
+    stored_hu,
+    to_rgb_array,
+)
 from ..runtime import require_backend
 from ..volumes import (
     NPZ_CLASS_AWARE,
@@ -565,6 +573,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 for source, targets in image_plan.items()
                 if not (source.parent.resolve() == held and image_stem(source) in beside)
             }
+        check_rescale_intercept(args.rescale_intercept)
         if args.rescale_intercept is not None and not image_plan:
             raise ValueError(
                 "--rescale-intercept applies to 16-bit pictures (PNG, TIFF) storing CT as HU plus an offset; a "
