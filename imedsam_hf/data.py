@@ -1142,20 +1142,35 @@ def group_of(stem: str, pattern: re.Pattern | str = DEFAULT_GROUP_PATTERN) -> st
     return match.group(1) if match and match.groups() else stem
 
 
+def case_folder_group(image: str | os.PathLike, stem: str) -> str | None:
+    """The case a 2-D image is a slice of when it lies in a folder named for the case and is named `<folder>_<n>` (or
+    `-<n>`): the Kaggle LGG brain MRI set's `TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12.tif`; None otherwise
+    (BUSI's `benign/benign (12).png` is a class folder of many patients, PH2's `IMD002_Dermoscopic_Image/IMD002.bmp`
+    one image)."""
+    folder = Path(image).parent.name
+    return folder if folder and re.fullmatch(re.escape(folder) + r"[_-]\d+", stem) else None
+
+
 def make_splits(
-    stems: Sequence[str], seed: int = 0, fractions=(0.6, 0.2, 0.2), group_pattern: str | None = DEFAULT_GROUP_PATTERN
+    stems: Sequence[str],
+    seed: int = 0,
+    fractions=(0.6, 0.2, 0.2),
+    group_pattern: str | None = DEFAULT_GROUP_PATTERN,
+    groups: Mapping[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """
     Seeded shuffle cut into train/validation/test (60/20/20 by default, as SwIPE and I-MedSAM), by group: all the
-    slices of one scan (`group_pattern`, see `group_of`) land in the same split, never slice by slice (neighbouring
-    slices are nearly identical). When every stem is its own group this is the plain shuffle of the stems.
+    slices of one scan (`group_pattern`, see `group_of`; a stem it does not group, by `groups`, `{stem: case}`:
+    `case_folder_group`) land in the same split, never slice by slice (neighbouring slices are nearly identical).
+    When every stem is its own group this is the plain shuffle of the stems.
     """
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
         raise ValueError(f"`split_fractions` must be three non-negative numbers summing to 1, got {fractions}.")
     pattern = compile_group_pattern(group_pattern)
     members: dict[str, list[str]] = {}
     for stem in stems:
-        members.setdefault(group_of(stem, pattern), []).append(stem)
+        group = group_of(stem, pattern)
+        members.setdefault(group if group != stem else (groups or {}).get(stem, stem), []).append(stem)
     order = sorted(members)
     random.Random(seed).shuffle(order)
     n_train = int(round(fractions[0] * len(order)))
@@ -1896,6 +1911,7 @@ __all__ = [
     "convert_structure_masks",
     "default_scan_spacing",
     "folder_window",
+    "case_folder_group",
     "discover_pairs",
     "group_of",
     "is_itk_volume",

@@ -274,3 +274,33 @@ def test_kvasir_segs_own_boxes_file_and_coco_annotations_are_boxes_as_they_are(t
     (tmp_path / "bad.json").write_text(json.dumps(coco))
     assert main([*base, str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")]) == 2
     assert 'names image_id 99, which no entry of its "images" list has' in capsys.readouterr().err
+
+
+def test_slices_kept_in_a_folder_per_patient_are_split_by_patient(tmp_path):
+    """Kaggle's LGG brain MRI set keeps each patient's slices in a folder of their own, each mask beside its slice
+    (`TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12.tif`, `..._12_mask.tif`): training split it slice by slice, so
+    one patient's neighbouring slices sat in train and test (the leak the BTCV split by scan avoids). Slices named
+    for their folder are now one case; BUSI's class folders (`benign/benign (3).png`) stay image by image."""
+    from imedsam_hf.data import case_folder_group, make_splits
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "kaggle_3m"
+    for patient in range(6):
+        folder = root / f"TCGA_CS_49{patient}1_1996090{patient}"
+        folder.mkdir(parents=True)
+        for n in range(1, 4):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{folder.name}_{n}.tif")
+            Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 8)).save(folder / f"{folder.name}_{n}_mask.tif")
+    pairs, problems = discover_pairs(root)
+    assert len(pairs) == 18 and not problems
+    groups = {pair.stem: case for pair in pairs if (case := case_folder_group(pair.image, pair.stem))}
+    assert len(set(groups.values())) == 6 and len(groups) == 18
+    splits = make_splits([pair.stem for pair in pairs], groups=groups)
+    patients = {name: {stem.rsplit("_", 1)[0] for stem in stems} for name, stems in splits.items()}
+    assert sum(map(len, patients.values())) == 6  # each patient in one split only
+    assert all(len(stems) % 3 == 0 for stems in splits.values())
+    assert case_folder_group(tmp_path / "benign" / "benign (3).png", "benign (3)") is None
+    assert case_folder_group(tmp_path / "IMD002_Dermoscopic_Image" / "IMD002.bmp", "IMD002") is None
+    # A pattern given groups the stems it matches; the folder decides for the others.
+    by_pattern = make_splits(["a_slice001", "a_slice002", "x"], group_pattern=r"^(.*)_slice\d+$", groups={"x": "a"})
+    assert sorted(next(stems for stems in by_pattern.values() if "x" in stems)) == ["a_slice001", "a_slice002", "x"]

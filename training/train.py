@@ -62,6 +62,7 @@ from imedsam_hf.data import (  # noqa: E402
     DataConfig,
     SegmentationDataset,
     SegmentationPair,
+    case_folder_group,
     class_file,
     collate,
     dataset_class_names,
@@ -191,6 +192,7 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
         kept = set(stems)
         own = {name: [stem for stem in names if stem in kept] for name, names in own.items()}
         own = {name: names for name, names in own.items() if names}  # none usable: cut from the training split
+        groups = None
     else:
         if not data.data_dir:
             raise SystemExit("error: set --data-dir (a folder with images/ and masks/) or --dataset (a Hub id).")
@@ -201,7 +203,9 @@ def load_pairs(data: DataArguments, num_classes: int, output_dir: Path, accelera
         if not items:
             raise SystemExit(f"error: --data-dir {data.data_dir}: no usable image/mask pairs.")
         stems = [pair.stem for pair in items]
-    splits = choose_splits(stems, data, own)
+        # Slices kept in a folder per case (Kaggle's LGG MRI: `TCGA_.../TCGA_..._12.tif`): one split per case.
+        groups = {pair.stem: case for pair in items if (case := case_folder_group(pair.image, pair.stem))}
+    splits = choose_splits(stems, data, own, groups)
     index = {stem: i for i, stem in enumerate(stems)}
     if data.dataset:
         result = {name: items.select([index[s] for s in names]) for name, names in splits.items()}
@@ -243,21 +247,25 @@ def mask_values(data: DataArguments) -> dict[int, int] | None:
 
 
 def choose_splits(
-    stems: list[str], data: DataArguments, own: dict[str, list[str]] | None = None
+    stems: list[str],
+    data: DataArguments,
+    own: dict[str, list[str]] | None = None,
+    groups: dict[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """
-    `--split-file`'s stems (all present in the data), else a seeded split of the stems. `own`: the held-out splits
-    the dataset has itself (`{"validation": [stems], "test": [stems]}`, either or both), kept as they are; the
-    others are cut from the rest with their shares of `--split-fractions`.
+    `--split-file`'s stems (all present in the data), else a seeded split of the stems, by `--group-pattern` and
+    else by `groups` (`data.case_folder_group`). `own`: the held-out splits the dataset has itself
+    (`{"validation": [stems], "test": [stems]}`, either or both), kept as they are; the others are cut from the rest
+    with their shares of `--split-fractions`.
     """
     if not data.split_file:
         if not own:
-            return make_splits(stems, data.split_seed, data.split_fractions, data.group_pattern)
+            return make_splits(stems, data.split_seed, data.split_fractions, data.group_pattern, groups)
         taken = {stem for names in own.values() for stem in names}
         rest = [stem for stem in stems if stem not in taken]
         shares = [0.0 if name in own else share for name, share in zip(SPLITS, data.split_fractions)]
         fractions = [share / sum(shares) for share in shares] if sum(shares) else [1.0, 0.0, 0.0]
-        cut = make_splits(rest, data.split_seed, fractions, data.group_pattern)
+        cut = make_splits(rest, data.split_seed, fractions, data.group_pattern, groups)
         for name in own:  # a rounding remainder of a split the dataset has goes back to training
             cut["train"] = sorted(cut["train"] + cut[name])
         return {**cut, **own}

@@ -126,7 +126,8 @@ class DataArguments:
     group_pattern: str = option(
         DEFAULT_GROUP_PATTERN,
         "Regex whose first group is a stem's scan or patient: splits keep each group whole (the default takes the "
-        "stem before `_slice`; other stems are their own group).",
+        "stem before `_slice`; a stem it does not match, kept in a folder per case and named <folder>_<n> as Kaggle's "
+        "LGG MRI slices, is its folder's; other stems are their own group).",
     )
     on_error: Literal["skip", "fail"] = option("skip", "Unusable image/mask files: skip them (listed) or stop.")
     augment: bool = option(True, "Random affine, flip, colour and blur augmentation in training.")
