@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .files import staged_folder
 from .processing_imedsam import (
     DICOM_EXTENSIONS,
     ITK_SUFFIXES,
@@ -325,6 +326,9 @@ def find_layouts(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
         named = [pair for pair in map(_named_pair, cases) if pair is not None]  # PH2's IMD002/IMD002_lesion/
         if named:
             return named
+        in_folders = structure_folder_layout(root)  # Montgomery's CXR_png/ beside ManualMask/{leftMask,rightMask}/
+        if in_folders:
+            raise ValueError(_structure_folders_message(root, in_folders[1])) from None
         raise
 
 
@@ -406,38 +410,92 @@ def structure_masks(image_stems: Sequence[str], mask_dir: Path) -> dict[str, dic
     return found
 
 
+def structure_folders(mask_dir: Path, image_stems: Iterable[str]) -> dict[str, dict[str, list[Path]]]:
+    """
+    The one-folder-per-structure layout (the Montgomery chest X-ray set's `ManualMask/leftMask/MCUCXR_0001_0.png`
+    and `rightMask/MCUCXR_0001_0.png`): `{image stem: {structure (its folder's name): [mask files]}}` from the
+    sub-folders of `mask_dir` holding masks named like the images. Empty when it holds none.
+    """
+    stems = set(image_stems)
+    found: dict[str, dict[str, list[Path]]] = {}
+    for folder in sorted(p for p in mask_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for stem, paths in _files_by_stem(folder).items():
+            if stem in stems:
+                found.setdefault(stem, {})[folder.name] = paths
+    return found
+
+
+def _structure_folders_message(data_dir: str | os.PathLike, mask_dir: Path) -> str:
+    """The refusal of a data set whose masks are kept in one folder per structure, with the command converting it."""
+    names = sorted(p.name for p in mask_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return (
+        f"`data_dir` {data_dir}: {mask_dir} holds one folder of masks per structure ({', '.join(names[:6])}). Convert "
+        f"them to class-id masks first: imedsam convert structure-masks --data-dir {data_dir} --output DIR."
+    )
+
+
+def structure_folder_layout(root: Path) -> tuple[Path, Path] | None:
+    """The `(images, masks)` folders of a data set whose masks folder holds one folder per structure: `images/` +
+    `masks/<structure>/` (`find_layout`'s), or the one folder of images beside one folder of structure folders
+    (Montgomery's `CXR_png/` beside `ManualMask/`); None when there is none (or more than one such pair)."""
+    with contextlib.suppress(ValueError, OSError):
+        image_dir, mask_dir = find_layout(root)
+        return (image_dir, mask_dir) if structure_folders(mask_dir, _files_by_stem(image_dir)) else None
+    if not root.is_dir():
+        return None
+    folders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    pictures = {folder: _files_by_stem(folder) for folder in folders}
+    found = [
+        (images, masks)
+        for images in folders
+        if pictures[images]
+        for masks in folders
+        if masks != images and not pictures[masks] and len(structure_folders(masks, pictures[images])) > 0
+    ]
+    return found[0] if len(found) == 1 else None
+
+
 def convert_structure_masks(data_dir: str | os.PathLike, output: str | os.PathLike) -> dict[int, str]:
     """
-    A folder in the one-mask-per-structure layout -> the class-id layout every command reads: `output/images/` (the
+    A folder in a one-mask-per-structure layout -> the class-id layout every command reads: `output/images/` (the
     images, copied), `output/masks/<stem>.png` (uint8 class ids) and `output/classes.json` (ids numbered by the
-    structures' sorted names). Where two structures overlap, the one earlier in that order keeps the pixel. Returns
-    `{id: name}`. Nothing is written when the folder does not have that layout (a `ValueError` says why).
+    structures' sorted names). The layouts: SAM-Med2D's `masks/<image stem>_<structure>_<NNN>.png`
+    (:func:`structure_masks`), or one folder of masks per structure (:func:`structure_folders`: Montgomery's
+    `ManualMask/leftMask/`, `rightMask/`). Where two structures overlap, the one earlier in that order keeps the
+    pixel. Returns `{id: name}`. `output` is written whole or not at all (`files.staged_folder`); nothing is written
+    when the folder has neither layout (a `ValueError` says why).
     """
-    image_dir, mask_dir = find_layout(data_dir)
+    in_folders = structure_folder_layout(Path(data_dir))
+    image_dir, mask_dir = in_folders or find_layout(data_dir)
     images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
-    per_image = structure_masks(list(images), mask_dir)
+    per_image = structure_folders(mask_dir, images) if in_folders else structure_masks(list(images), mask_dir)
     if not per_image:
-        raise ValueError(f"{mask_dir}: no masks named <image stem>_<structure>_<NNN>.png (one mask per structure).")
+        raise ValueError(
+            f"{mask_dir}: no masks named <image stem>_<structure>_<NNN>.png and no folder of masks per structure (one "
+            "mask per structure)."
+        )
     names = sorted({name for structures in per_image.values() for name in structures})
     if len(names) > 255:
         raise ValueError(f"{mask_dir}: {len(names)} structures; a uint8 class-id mask holds at most 255.")
     ids = {name: i + 1 for i, name in enumerate(names)}
-    out = Path(output)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    for stem, structures in per_image.items():
-        size = image_size(images[stem])
-        labels = np.zeros((size[1], size[0]), dtype=np.uint8)
-        for name in sorted(structures, key=ids.get, reverse=True):  # earlier names written last: they win overlaps
-            for path in structures[name]:
-                mask = read_mask(path)
-                if mask.shape != labels.shape:
-                    raise ValueError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[0]}x{size[1]}.")
-                labels[mask > 0] = ids[name]
-        shutil.copy(images[stem], out / "images" / images[stem].name)
-        Image.fromarray(labels).save(out / "masks" / f"{stem}.png")
-    classes = {i: name for name, i in ids.items()}
-    (out / "classes.json").write_text(json.dumps({"classes": {str(i): n for i, n in classes.items()}}, indent=1))
+    with staged_folder(output, "`output`") as out:
+        (out / "images").mkdir()
+        (out / "masks").mkdir()
+        for stem, structures in per_image.items():
+            size = image_size(images[stem])
+            labels = np.zeros((size[1], size[0]), dtype=np.uint8)
+            for name in sorted(structures, key=ids.get, reverse=True):  # earlier names written last: win overlaps
+                for path in structures[name]:
+                    mask = read_mask(path)
+                    if mask.shape != labels.shape:
+                        raise ValueError(
+                            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[0]}x{size[1]}."
+                        )
+                    labels[mask > 0] = ids[name]
+            shutil.copy(images[stem], out / "images" / images[stem].name)
+            Image.fromarray(labels).save(out / "masks" / f"{stem}.png")
+        classes = {i: name for name, i in ids.items()}
+        (out / "classes.json").write_text(json.dumps({"classes": {str(i): n for i, n in classes.items()}}, indent=1))
     return classes
 
 
@@ -583,6 +641,8 @@ def _folder_pairs(
         suffix, held = masks_beside_images(masks)
         images = {stem: paths for stem, paths in images.items() if stem not in held}
         masks = {stem: paths for stem, paths in masks.items() if stem in held}
+    elif not masks and structure_folders(mask_dir, images):
+        raise ValueError(_structure_folders_message(data_dir, mask_dir))
     elif not set(images) & set(masks) and structure_masks(list(images), mask_dir):
         raise ValueError(
             f"`data_dir` {data_dir}: {mask_dir} holds one mask per structure (<image stem>_<structure>_<NNN>.png). "

@@ -247,6 +247,44 @@ def test_one_mask_per_structure_folders_convert_to_class_id_masks(tmp_path):
     assert json.loads((tmp_path / "ct" / "classes.json").read_text())["classes"]["1"] == "aorta"
 
 
+def test_one_folder_of_masks_per_structure_converts_to_class_id_masks(tmp_path):
+    """The Montgomery chest X-ray set keeps each lung in a folder of its own (`CXR_png/MCUCXR_0001_0.png` beside
+    `ManualMask/leftMask/` and `ManualMask/rightMask/`): training and evaluate said "no image/mask folders found",
+    and `convert structure-masks` knew only SAM-Med2D's names. Both layouts now name the converter, which writes the
+    class ids (by the folders' sorted names) whole or not at all."""
+    from imedsam_hf.cli import main
+    from imedsam_hf.data import read_class_names
+
+    rng = np.random.default_rng(0)
+    for root, images, masks in (("montgomery", "CXR_png", "ManualMask"), ("plain", "images", "masks")):
+        for folder in (images, f"{masks}/leftMask", f"{masks}/rightMask"):
+            (tmp_path / root / folder).mkdir(parents=True)
+        for i in range(1, 4):
+            stem = f"MCUCXR_{i:04d}_0"
+            Image.fromarray(rng.integers(0, 255, (40, 32), dtype=np.uint8)).save(
+                tmp_path / root / images / f"{stem}.png"
+            )
+            left, right = np.zeros((40, 32), np.uint8), np.zeros((40, 32), np.uint8)
+            left[5:35, 18:30], right[5:35, 2:20] = 255, 255  # overlapping in columns 18..19
+            Image.fromarray(left).save(tmp_path / root / masks / "leftMask" / f"{stem}.png")
+            Image.fromarray(right).save(tmp_path / root / masks / "rightMask" / f"{stem}.png")
+        with pytest.raises(ValueError, match=r"holds one folder of masks per structure \(leftMask, rightMask\)"):
+            discover_pairs(tmp_path / root)
+        out = tmp_path / f"{root}_ids"
+        assert main(["convert", "structure-masks", "--data-dir", str(tmp_path / root), "--output", str(out)]) == 0
+        assert read_class_names(out) == {1: "leftMask", 2: "rightMask"}
+        labels = read_mask(out / "masks" / "MCUCXR_0001_0.png", num_classes=2)
+        assert (labels[5:35, 20:30] == 1).all() and (labels[5:35, 2:18] == 2).all()
+        assert (labels[5:35, 18:20] == 1).all()  # where they overlap, the first name keeps the pixel
+        pairs, problems = discover_pairs(out)
+        assert len(pairs) == 3 and not problems
+    # An existing output is kept; a mask of another size stops the conversion with nothing written.
+    assert main(["convert", "structure-masks", "--data-dir", str(tmp_path / "plain"), "--output", str(out)]) == 2
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "plain" / "masks" / "leftMask" / "MCUCXR_0003_0.png")
+    argv = ["convert", "structure-masks", "--data-dir", str(tmp_path / "plain"), "--output", str(tmp_path / "new")]
+    assert main(argv) == 2 and not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.*"))
+
+
 def write_slices(root, boxes: dict[int, dict[int, tuple]], size=(50, 40)) -> None:
     """Slices `scan_slice<z>` of one scan: class-id masks with a rectangle per class (x0, y0, x1, y1 exclusive)."""
     (root / "images").mkdir(parents=True, exist_ok=True)
