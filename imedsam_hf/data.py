@@ -120,7 +120,8 @@ def image_files_in(folder: str | os.PathLike, dicom_below: bool = False) -> list
     MetaImage files (`processing_imedsam.is_grid_image`; 3-D ones are scans) and DICOM images (named
     `.dcm`/`.dicom`, or of another name with the ``DICM`` preamble) that are neither slices of a scan (those make a
     series, read as one volume) nor objects without an image, such as a DICOM SEG (`dicom_kind`). Hidden files
-    (macOS's `._x.png`) are not images. `dicom_below`: DICOM images in the folders below too, at any depth (a DICOM
+    (macOS's `._x.png`) and files derived from an image (ISIC 2017's `x_superpixels.png`: :func:`derived_stems`) are
+    not images. `dicom_below`: DICOM images in the folders below too, at any depth (a DICOM
     export's patient / study / series folders of radiographs); pictures are read from `folder` itself only (a
     `masks/` folder beside the images is no input).
     """
@@ -140,7 +141,15 @@ def image_files_in(folder: str | os.PathLike, dicom_below: bool = False) -> list
                     found.append(path)
             elif is_dicom_path(path) and dicom_kind(path) == "image":
                 found.append(path)
-    return sorted(found)
+    derived = derived_stems({image_stem(path) for path in found})
+    return sorted(path for path in found if image_stem(path) not in derived)
+
+
+def derived_stems(stems: Iterable[str]) -> set[str]:
+    """The stems of files a data set keeps beside an image that are neither inputs nor masks (:data:`DERIVED_SUFFIXES`:
+    ISIC 2017's `ISIC_0000000_superpixels.png` beside `ISIC_0000000.jpg`): not listed as images."""
+    stems = set(stems)
+    return {s for s in stems for end in DERIVED_SUFFIXES if s.endswith(end) and s[: -len(end)] in stems}
 
 
 def image_stem(path: str | os.PathLike) -> str:
@@ -334,7 +343,12 @@ def find_layouts(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
 
 # Words that name a folder of inputs or of ground-truth masks (ISIC's `ISIC2018_Task1-2_Training_Input/` and
 # `ISIC2018_Task1_Training_GroundTruth/`), for `data_dir`s in none of the `LAYOUTS`.
-INPUT_WORDS = ("input", "image", "img")
+INPUT_WORDS = ("input", "image", "img", "data")  # ISIC 2017's `ISIC-2017_Training_Data/`
+# Words of a suffix that names masks kept beside their images (BUSI's `_mask`, CAMUS's `_gt`); other files named
+# after an image (ISIC 2017's `ISIC_0000000_superpixels.png` beside `ISIC_0000000.jpg`) are not its mask.
+MASK_SUFFIX_WORDS = {"mask", "masks", "gt", "seg", "segmentation", "label", "labels", "lesion", "truth", "manual"}
+# What data sets keep beside their images that is neither an input nor a mask: ISIC 2017's superpixel maps.
+DERIVED_SUFFIXES = ("_superpixels",)
 TRUTH_WORDS = ("groundtruth", "ground truth", "ground_truth", "mask", "label", "segmentation", "_gt", "lesion")
 # Words of a folder name (whole words) that hold regions of another kind beside a case's image and mask folders,
 # left out of the pairing: PH2's `IMD002_roi/` (its colour-class regions).
@@ -504,14 +518,15 @@ def _files_by_stem(folder: Path) -> dict[str, list[Path]]:
     exist): pictures and DICOM files by their extension, 2-D NIfTI / NRRD / MetaImage files by their header, and DICOM
     files of any other name by their ``DICM`` preamble
     (a DICOM export's `IM0001` or UID-named files). Hidden files (macOS's `._x.png` AppleDouble copies in a folder
-    unzipped from a Mac) are not images."""
+    unzipped from a Mac) and files derived from an image (:func:`derived_stems`) are not images."""
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
         if is_image_file(path) or is_dicom_file(path):
             found.setdefault(image_stem(path), []).append(path)
-    return found
+    derived = derived_stems(found)
+    return {stem: paths for stem, paths in found.items() if stem not in derived}
 
 
 def _one_suffix(images: set[str], masks: Iterable[str], shortest: bool = False) -> str:
@@ -587,11 +602,13 @@ def masks_beside_images(stems: Iterable[str]) -> tuple[str, set[str]]:
     """
     A folder keeping masks beside their images (BUSI's `benign (1).png` beside `benign (1)_mask.png`, CAMUS's
     `x_2CH_ED.nii.gz` beside `x_2CH_ED_gt.nii.gz`), by its files' stems: the suffix its masks add to their image's
-    stem (:func:`mask_name_suffix`'s conventions) and the stems that are masks (further masks, `_mask_1`, included);
-    `("", set())` when no one convention fits.
+    stem (:func:`mask_name_suffix`'s conventions; a word of it naming masks, :data:`MASK_SUFFIX_WORDS`) and the stems
+    that are masks (further masks, `_mask_1`, included); `("", set())` when no one convention fits.
     """
     stems = set(stems)
     suffix = _one_suffix(stems, stems, shortest=True)  # `x_mask_1` extends `x`, not `x_mask`
+    if not MASK_SUFFIX_WORDS & set(re.split(r"[^a-z]+", suffix.lower())):  # ISIC's `x_superpixels.png`: no mask
+        return "", set()
     pattern = re.compile(r"(?P<image>.+)" + re.escape(suffix) + r"(_\d+)?")
     masks = {s for s in stems if (match := pattern.fullmatch(s)) and match["image"] in stems} if suffix else set()
     return suffix, masks

@@ -304,3 +304,33 @@ def test_slices_kept_in_a_folder_per_patient_are_split_by_patient(tmp_path):
     # A pattern given groups the stems it matches; the folder decides for the others.
     by_pattern = make_splits(["a_slice001", "a_slice002", "x"], group_pattern=r"^(.*)_slice\d+$", groups={"x": "a"})
     assert sorted(next(stems for stems in by_pattern.values() if "x" in stems)) == ["a_slice001", "a_slice002", "x"]
+
+
+def test_isic_2017_as_it_unpacks_superpixel_maps_are_neither_images_nor_masks(tmp_path, capsys):
+    """ISIC 2017's `ISIC-2017_Training_Data/` holds each image's superpixel map beside it (`ISIC_0000000_superpixels
+    .png`), its masks in `ISIC-2017_Training_Part1_GroundTruth/` (`_segmentation.png`): evaluate took the superpixel
+    maps for masks kept beside their images ("229 distinct values in a mask read as binary") and predict segmented
+    them as images (each "no mask named ISIC_0000000_superpixels_segmentation")."""
+    from imedsam_hf.data import masks_beside_images
+
+    root = tmp_path / "ISIC2017"
+    images, truth = root / "ISIC-2017_Training_Data", root / "ISIC-2017_Training_Part1_GroundTruth"
+    images.mkdir(parents=True)
+    truth.mkdir()
+    rng = np.random.default_rng(0)
+    for index, (_, rgb, mask) in enumerate(kvasir_pairs(2)):
+        stem = f"ISIC_{index:07d}"
+        Image.fromarray(rgb).save(images / f"{stem}.jpg")
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{stem}_superpixels.png")
+        Image.fromarray(mask * 255).save(truth / f"{stem}_segmentation.png")
+    (root / "ISIC-2017_Training_Part3_GroundTruth.csv").write_text("image_id,melanoma,seborrheic_keratosis\n")
+    assert masks_beside_images(["a", "a_superpixels", "b", "b_superpixels"]) == ("", set())
+    assert masks_beside_images(["a", "a_mask", "b", "b_mask"]) == ("_mask", {"a_mask", "b_mask"})
+    pairs, problems = discover_pairs(root)
+    assert [(p.stem, Path(p.mask).name) for p in pairs] == [
+        ("ISIC_0000000", "ISIC_0000000_segmentation.png"), ("ISIC_0000001", "ISIC_0000001_segmentation.png")
+    ] and not problems  # fmt: skip
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(images), "--boxes-from-masks"]
+    assert main([*argv, str(truth), "--out", str(tmp_path / "P")]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "P").iterdir()) == ["ISIC_0000000.png", "ISIC_0000001.png"]
