@@ -350,6 +350,8 @@ MASK_SUFFIX_WORDS = {"mask", "masks", "gt", "seg", "segmentation", "label", "lab
 # What data sets keep beside their images that is neither an input nor a mask: ISIC 2017's superpixel maps.
 DERIVED_SUFFIXES = ("_superpixels",)
 TRUTH_WORDS = ("groundtruth", "ground truth", "ground_truth", "mask", "label", "segmentation", "_gt", "lesion")
+# Words naming a folder of a model's outputs, never taken for the inputs beside a ground-truth folder.
+OUTPUT_WORDS = ("pred", "output", "result", "overlay", "prob")
 # Words of a folder name (whole words) that hold regions of another kind beside a case's image and mask folders,
 # left out of the pairing: PH2's `IMD002_roi/` (its colour-class regions).
 REGION_WORDS = {"roi", "rois"}
@@ -358,8 +360,9 @@ REGION_WORDS = {"roi", "rois"}
 def _named_pair(root: Path) -> tuple[Path, Path] | None:
     """The one folder of images named for inputs and the one named for ground truth, when `root` holds exactly two
     folders of images (besides folders of regions, PH2's `IMD002_roi/`: :data:`REGION_WORDS`) and their names say
-    which is which; None otherwise (never a guess among more: DRIVE's `images/`, `1st_manual/` and `mask/`, its
-    field-of-view masks, are not guessed)."""
+    which is which, or only the truth folder's does and the other's does not name outputs (:data:`OUTPUT_WORDS`:
+    `ETIS-LaribPolypDB/` beside `GroundTruth/`); None otherwise (never a guess among more: DRIVE's `images/`,
+    `1st_manual/` and `mask/`, its field-of-view masks, are not guessed)."""
     folders = [
         p
         for p in sorted(root.iterdir())
@@ -372,6 +375,8 @@ def _named_pair(root: Path) -> tuple[Path, Path] | None:
         return None
     truth = [f for f in folders if any(w in f.name.lower() for w in TRUTH_WORDS)]
     inputs = [f for f in folders if f not in truth and any(w in f.name.lower() for w in INPUT_WORDS)]
+    if len(truth) == 1 and not inputs:  # only the truth is named: Shenzhen's `CXR_png/` + `mask/`, ETIS-Larib's
+        inputs = [f for f in folders if f not in truth and not any(w in f.name.lower() for w in OUTPUT_WORDS)]
     return (inputs[0], truth[0]) if len(truth) == 1 and len(inputs) == 1 else None
 
 
@@ -547,18 +552,18 @@ def _one_suffix(images: set[str], masks: Iterable[str], shortest: bool = False) 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def mask_names(stem: str, suffix: str = "") -> list[str]:
-    """The stems the mask of the 2-D image `stem` may have, in the order looked for: the image's and its folder's
-    mask `suffix` (:func:`mask_name_suffix`), then for nnU-Net's `<case>_0000` image the case's
-    (`labelsTr/<case>.png`)."""
+def mask_names(stem: str, suffix: str = "", prefix: str = "") -> list[str]:
+    """The stems the mask of the 2-D image `stem` may have, in the order looked for: the image's with its folder's
+    mask `suffix` (:func:`mask_name_suffix`) or `prefix` (:func:`mask_name_prefix`), then for nnU-Net's
+    `<case>_0000` image the case's (`labelsTr/<case>.png`)."""
     match = CHANNEL_SUFFIX.match(stem)
-    return [f"{stem}{suffix}"] + ([match["case"]] if match and not suffix else [])
+    return [f"{prefix}{stem}{suffix}"] + ([match["case"]] if match and not suffix and not prefix else [])
 
 
-def masks_named(folder: str | os.PathLike, stem: str, suffix: str = "") -> tuple[str, list[Path]]:
+def masks_named(folder: str | os.PathLike, stem: str, suffix: str = "", prefix: str = "") -> tuple[str, list[Path]]:
     """The mask files (images by :func:`is_image_file`, not hidden) in `folder` of the first of :func:`mask_names`
     of the image `stem` that has any, and that name; the first name and no files when none has."""
-    names = mask_names(stem, suffix)
+    names = mask_names(stem, suffix, prefix)
     for name in names:
         found = sorted(
             path
@@ -647,6 +652,31 @@ def mask_folder_suffix(image_stems: Iterable[str], mask_dir: str | os.PathLike) 
     return mask_name_suffix(image_stems, _files_by_stem(Path(mask_dir)))
 
 
+def mask_name_prefix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> str:
+    """
+    What a folder's masks put before their image's stem where none is named like an image: the one prefix of up to
+    8 letters (and a `_` or `-`) that every mask named after an image starts with, each mask taken with the longest
+    image stem it ends with (ETIS-Larib's `GroundTruth/p11.tif` for `ETIS-LaribPolypDB/11.tif`, not `p1` + `1`); `""`
+    for none, or two.
+    """
+    images, masks = set(image_stems), set(mask_stems)
+    if images & masks:
+        return ""
+    prefixes = set()
+    for stem in masks:
+        cut = next((i for i in range(1, min(len(stem), 10)) if stem[i:] in images), None)
+        if cut is not None:
+            prefixes.add(stem[:cut])
+    found = next(iter(prefixes)) if len(prefixes) == 1 else ""
+    return found if re.fullmatch(r"[A-Za-z]{1,8}[_-]?", found) else ""
+
+
+def mask_folder_prefix(image_stems: Iterable[str], mask_dir: str | os.PathLike) -> str:
+    """`mask_name_prefix` of the masks in `mask_dir` for these images, where they have no suffix."""
+    stems, masks = list(image_stems), _files_by_stem(Path(mask_dir))
+    return "" if mask_name_suffix(stems, masks) else mask_name_prefix(stems, masks)
+
+
 def _folder_pairs(
     data_dir: str | os.PathLike, image_dir: Path, mask_dir: Path
 ) -> tuple[list[SegmentationPair], list[DataProblem]]:
@@ -668,7 +698,10 @@ def _folder_pairs(
     else:
         suffix = mask_name_suffix(images, masks)
     pairs, problems = [], []
-    if not suffix and not set(images) & set(masks):  # nnU-Net's `<case>_0000.png` with `<case>.png`
+    prefix = "" if suffix else mask_name_prefix(images, masks)  # ETIS-Larib's `p1.tif` for `1.tif`
+    if prefix:
+        masks = {stem[len(prefix) :]: paths for stem, paths in masks.items() if stem.startswith(prefix)}
+    elif not suffix and not set(images) & set(masks):  # nnU-Net's `<case>_0000.png` with `<case>.png`
         images, problems = _nnunet_cases(images, masks)
     extras = extra_masks(suffix, masks) if suffix else {}
     if suffix:
@@ -685,7 +718,9 @@ def _folder_pairs(
                 )
             )
         elif not candidates:
-            problems.extend(DataProblem(str(path), f"no mask named {stem}{suffix}.* in {mask_dir}") for path in paths)
+            problems.extend(
+                DataProblem(str(path), f"no mask named {prefix}{stem}{suffix}.* in {mask_dir}") for path in paths
+            )
         elif len(paths) > 1:
             others = ", ".join(str(path) for path in paths[1:])
             problems.append(
@@ -1977,6 +2012,8 @@ __all__ = [
     "image_files_in",
     "image_stem",
     "mask_folder_suffix",
+    "mask_folder_prefix",
+    "mask_name_prefix",
     "mask_name_suffix",
     "SegmentationDataset",
     "SegmentationPair",

@@ -334,3 +334,39 @@ def test_isic_2017_as_it_unpacks_superpixel_maps_are_neither_images_nor_masks(tm
     argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(images), "--boxes-from-masks"]
     assert main([*argv, str(truth), "--out", str(tmp_path / "P")]) == 0, capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "P").iterdir()) == ["ISIC_0000000.png", "ISIC_0000001.png"]
+
+
+def test_etis_larib_and_shenzhen_as_they_unpack(tmp_path, capsys):
+    """ETIS-Larib keeps `ETIS-LaribPolypDB/1.tif` beside `GroundTruth/p1.tif`, the Shenzhen chest X-rays
+    `CXR_png/CHNCXR_0001_0.png` beside `mask/CHNCXR_0001_0_mask.png`: neither folder of inputs has a name saying so,
+    and ETIS's masks put a `p` before the image's name. Training and evaluate said "no image/mask folders found",
+    predict and score "no mask named 1.*"."""
+    from imedsam_hf.data import mask_name_prefix
+
+    pairs = kvasir_pairs(2)
+    etis, shenzhen = tmp_path / "ETIS-LaribPolypDB", tmp_path / "ChinaSet_AllFiles"
+    for folder in (etis / "ETIS-LaribPolypDB", etis / "GroundTruth", shenzhen / "CXR_png", shenzhen / "mask"):
+        folder.mkdir(parents=True)
+    for index, (_, rgb, mask) in enumerate(pairs, 1):
+        Image.fromarray(rgb).save(etis / "ETIS-LaribPolypDB" / f"{index}.tif")
+        Image.fromarray(mask * 255).save(etis / "GroundTruth" / f"p{index}.tif")
+        Image.fromarray(rgb).convert("L").save(shenzhen / "CXR_png" / f"CHNCXR_000{index}_0.png")
+        Image.fromarray(mask * 255).save(shenzhen / "mask" / f"CHNCXR_000{index}_0_mask.png")
+    assert mask_name_prefix({"1", "11", "2"}, {"p1", "p11", "p2"}) == "p"
+    assert mask_name_prefix({"1", "2"}, {"11", "12"}) == ""  # digits are no prefix
+    found = {root.name: discover_pairs(root) for root in (etis, shenzhen)}
+    assert [(p.stem, Path(p.mask).name) for p in found[etis.name][0]] == [("1", "p1.tif"), ("2", "p2.tif")]
+    assert [Path(p.mask).name for p in found[shenzhen.name][0]] == ["CHNCXR_0001_0_mask.png", "CHNCXR_0002_0_mask.png"]
+    assert not found[etis.name][1] and not found[shenzhen.name][1]
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(etis / "ETIS-LaribPolypDB")]
+    assert main([*argv, "--boxes-from-masks", str(etis / "GroundTruth"), "--out", str(tmp_path / "P")]) == 0
+    assert (
+        main(["score", str(tmp_path / "P"), "--truth", str(etis / "GroundTruth"), "--json", str(tmp_path / "s.json")])
+        == 0
+    )
+    assert json.loads((tmp_path / "s.json").read_text())["n_cases"] == 2
+    # A folder of a model's outputs beside the truth is never taken for the inputs.
+    (shenzhen / "CXR_png").rename(shenzhen / "predictions")
+    with pytest.raises(ValueError, match="no image/mask folders found"):
+        discover_pairs(shenzhen)

@@ -34,6 +34,7 @@ from ..data import (
     label_classes,
     mask_box,
     mask_clicks,
+    mask_folder_prefix,
     mask_folder_suffix,
     mask_names,
     masks_beside_images,
@@ -123,6 +124,7 @@ class PromptSource:
     box_class: int | None = None  # `--classes`: the structure `box` / `boxes` are for (a class-aware model)
     mask_classes: int = 255
     mask_suffix: str = ""  # what the masks add to their image's stem (`data.mask_folder_suffix`: ISIC's _segmentation)
+    mask_prefix: str = ""  # what they put before it (`data.mask_folder_prefix`: ETIS-Larib's p1.tif for 1.tif)
     # Class-id masks numbered otherwise than a class-aware model: `{mask id: the model's class of its name}`
     # (`data.label_classes`); ids it leaves out are not prompted.
     label_classes: dict[int, int] | None = None
@@ -150,10 +152,11 @@ class PromptSource:
         prompt both), as class ids, checked to be the image's `size` (H, W)."""
         stem, place = image_stem(path), (self.places or {}).get(path)
         below = Path(folder) / place.parent if place is not None and place.parent != Path(".") else None
-        name, candidates = masks_named(below, stem, self.mask_suffix) if below is not None else ("", [])
+        naming = (self.mask_suffix, self.mask_prefix)
+        name, candidates = masks_named(below, stem, *naming) if below is not None else ("", [])
         where = below if candidates else Path(folder)
         if not candidates:
-            name, candidates = masks_named(folder, stem, self.mask_suffix)
+            name, candidates = masks_named(folder, stem, *naming)
             alike = self.places_of_stem.get(stem, [])
             if candidates and below is not None and len(alike) > 1:
                 raise ValueError(
@@ -162,7 +165,7 @@ class PromptSource:
                     f"({below / stem}.png)."
                 )
         if not candidates:
-            looked = " or ".join(f"{n}.*" for n in mask_names(stem, self.mask_suffix))
+            looked = " or ".join(f"{n}.*" for n in mask_names(stem, *naming))
             raise ValueError(f"{path}: no mask named {looked} in {folder}" + (f" or {below}." if below else "."))
         if self.mask_suffix:  # BUSI's second lesion, x_mask_1.png beside x_mask.png: not half the prompts
             listed = (p.stem for p in where.glob(f"{glob.escape(name)}_*"))
@@ -219,7 +222,7 @@ class PromptSource:
         heads = [(self.label_classes or {}).get(c, c) for c in ids]  # the class decoding each (a class-aware model)
         beyond = sorted(c for c in heads if self.structures and c > self.structures)
         if beyond:  # a 0/255 mask given to a class-aware model: which structure is 255?
-            _, found = masks_named(self.boxes_from_masks, image_stem(path), self.mask_suffix)
+            _, found = masks_named(self.boxes_from_masks, image_stem(path), self.mask_suffix, self.mask_prefix)
             raise ValueError(
                 f"{path}: its mask {found[0]} holds {', '.join(map(str, beyond))}, not a class id of the model's "
                 f"{self.structures} structures (1..{self.structures}): give masks of the model's class ids (or named "
@@ -593,9 +596,9 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 "such images without --output-size."
             )
         # What the masks add to their image's stem (ISIC's _segmentation), from the images the plan lists.
-        mask_suffix = (
-            mask_folder_suffix(map(image_stem, image_plan), masks_folder) if image_plan and masks_folder else ""
-        )
+        stems = [image_stem(source) for source in image_plan]
+        mask_suffix = mask_folder_suffix(stems, masks_folder) if image_plan and masks_folder else ""
+        mask_prefix = mask_folder_prefix(stems, masks_folder) if image_plan and masks_folder else ""
         clash = set(t for ts in volume_plan.values() for t in ts) & set(t for ts in image_plan.values() for t in ts)
         if clash:
             raise ValueError(f"a volume and an image would both be written to {sorted(clash)[0]}.")
@@ -652,6 +655,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             class_ids=class_ids,
             box_class=box_class,
             mask_suffix=mask_suffix,
+            mask_prefix=mask_prefix,
             mask_classes=args.mask_classes or 255,
             label_classes=mask_label_classes(model.config, args.boxes_from_masks) if class_ids else None,
             structures=getattr(model.config, "num_classes", 1) if is_class_aware(model.config) else 0,

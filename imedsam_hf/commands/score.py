@@ -28,6 +28,7 @@ from ..data import (
     is_image_file,
     is_itk_volume,
     is_volume,
+    mask_folder_prefix,
     mask_folder_suffix,
     masks_named,
     read_mask,
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     rows, skipped = [], 0
     masks = kind_of(predictions[0]) == "mask"
     suffix = mask_folder_suffix([image_stem(p) for p in predictions], args.truth) if masks else ""
+    prefix = mask_folder_prefix([image_stem(p) for p in predictions], args.truth) if masks else ""
     given = set(map(Path, args.predictions))
     stems = Counter(image_stem(p) for p in predictions) if masks else Counter()
     for path in predictions:
@@ -81,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
             in_case_folder = path not in given and path.parent not in given  # `predict`'s P/case_00000/imaging.nii.gz
             place = path.parent.name if masks and in_case_folder else ""  # `predict a/* b/*`'s P/a/x.png
             shared = stems[image_stem(path)] > 1
-            rows.extend(score_one(path, Path(args.truth), suffix, wanted, nsd, in_case_folder, place, shared))
+            naming = (suffix, prefix)
+            rows.extend(score_one(path, Path(args.truth), naming, wanted, nsd, in_case_folder, place, shared))
         except (OSError, ValueError, ImportError) as error:  # ImportError: a NRRD / MetaImage truth without SimpleITK
             print(f"skipped {flag_message(error)}", file=sys.stderr)
             skipped += 1
@@ -200,7 +203,7 @@ def truth_class_names(truth: Path, first: Path | None = None) -> dict[int, str] 
 def score_one(
     path: Path,
     truth: Path,
-    suffix: str,
+    naming: tuple[str, str],
     wanted: list[int] | None,
     nsd: Mapping,
     in_case_folder: bool = False,
@@ -209,9 +212,10 @@ def score_one(
 ) -> list[dict]:
     """The rows (one per structure in either, or each of `wanted`) of one prediction against its truth, the NSD at
     `nsd` (`tolerance` in mm, or pixels in 2-D, and `nsd_definition`); a label volume `in_case_folder` is named by
-    its folder where its own name says only what it is (`volumes.scan_case`). A mask in the sub-folder `place` of a
-    folder given (`predict a/* b/*`'s `P/a/x.png`) is scored against `truth/place/x.*`, else `truth/x.*` unless
-    another prediction has its name (`shared`), and its case is named `place/x`."""
+    its folder where its own name says only what it is (`volumes.scan_case`); a mask's truth is named with the truth
+    folder's `naming`, `(suffix, prefix)` (`data.mask_folder_suffix`, `mask_folder_prefix`). A mask in the
+    sub-folder `place` of a folder given (`predict a/* b/*`'s `P/a/x.png`) is scored against `truth/place/x.*`, else
+    `truth/x.*` unless another prediction has its name (`shared`), and its case is named `place/x`."""
     if is_volume(path):
         found = label_volume_of(path, truth)
         if found is None:
@@ -227,7 +231,7 @@ def score_one(
     if path.suffix.lower() == ".npz":
         return case_rows(path, truth, wanted, nsd)
     stem = image_stem(path)
-    name, candidates = masks_named(truth / place, stem, suffix) if place else ("", [])
+    name, candidates = masks_named(truth / place, stem, *naming) if place else ("", [])
     if not candidates:
         if shared and place:
             raise ValueError(
@@ -239,7 +243,7 @@ def score_one(
                 f"{path}: other predictions are named {stem} too, and `truth` {truth} would score them all against one "
                 "mask: give the folder holding their folders (P, not P/a P/b) and a truth laid out alike."
             )
-        name, candidates = masks_named(truth, stem, suffix)
+        name, candidates = masks_named(truth, stem, *naming)
     if len(candidates) != 1:
         what = "no mask" if not candidates else f"{len(candidates)} masks"
         looked = f"{truth / place} or {truth}" if place else str(truth)
