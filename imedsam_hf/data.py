@@ -19,6 +19,7 @@ import contextlib
 import csv
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -748,10 +749,20 @@ def discover_pairs(data_dir: str | os.PathLike) -> tuple[list[SegmentationPair],
     """
     layouts = find_layouts(data_dir)
     pairs, problems = [], []
+    stems_of: dict[Path, set[str]] = {}
     for image_dir, mask_dir in layouts:
         found, trouble = _folder_pairs(data_dir, image_dir, mask_dir)
         pairs.extend(found)
         problems.extend(trouble)
+        stems_of[image_dir] = {pair.stem for pair in found}
+    copies = [(a, b) for a, b in itertools.combinations(stems_of, 2) if stems_of[a] and stems_of[a] == stems_of[b]]
+    if copies:  # CVC-ClinicDB as Kaggle hands it: PNG/{Original,Ground Truth} beside TIF/{Original,Ground Truth}
+        first, second = copies[0]
+        one = first.parent if first.parent != Path(data_dir) else first
+        raise ValueError(
+            f"`data_dir` {data_dir}: {first} and {second} hold the same {len(stems_of[first])} images (copies in two "
+            f"formats); give the folder of one of them (e.g. {one})."
+        )
     if len(layouts) > 1:  # BUSI's class folders: one stem names one image in the splits
         clashing = {stem for stem, count in Counter(pair.stem for pair in pairs).items() if count > 1}
         problems.extend(

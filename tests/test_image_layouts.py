@@ -370,3 +370,19 @@ def test_etis_larib_and_shenzhen_as_they_unpack(tmp_path, capsys):
     (shenzhen / "CXR_png").rename(shenzhen / "predictions")
     with pytest.raises(ValueError, match="no image/mask folders found"):
         discover_pairs(shenzhen)
+
+
+def test_one_data_set_in_two_formats_names_the_copies(tmp_path):
+    """CVC-ClinicDB as Kaggle hands it keeps the same 612 images twice, `PNG/{Original,Ground Truth}` and
+    `TIF/{Original,Ground Truth}`: every stem was in two folders, so every image was skipped ("another folder holds an
+    image of this stem") and nothing was left to train or evaluate on."""
+    for kind in ("PNG", "TIF"):
+        for folder in ("Original", "Ground Truth"):
+            (tmp_path / "CVC-ClinicDB" / kind / folder).mkdir(parents=True)
+        for index, (_, rgb, mask) in enumerate(kvasir_pairs(2), 1):
+            suffix = f".{kind.lower()}"
+            Image.fromarray(rgb).save(tmp_path / "CVC-ClinicDB" / kind / "Original" / f"{index}{suffix}")
+            Image.fromarray(mask * 255).save(tmp_path / "CVC-ClinicDB" / kind / "Ground Truth" / f"{index}{suffix}")
+    with pytest.raises(ValueError, match=r"PNG/Original and .*TIF/Original hold the same 2 images .*CVC-ClinicDB/PNG"):
+        discover_pairs(tmp_path / "CVC-ClinicDB")
+    assert len(discover_pairs(tmp_path / "CVC-ClinicDB" / "PNG")[0]) == 2
