@@ -80,14 +80,15 @@ def _load(name: str, device: str | None):
     return load_model(name, device=device)
 
 
-def windowed_slice(image: ImageInput, config) -> ImageInput:
+def windowed_slice(image: ImageInput, config, rescale_intercept: float | None = None) -> ImageInput:
     """
     A CT slice in Hounsfield units (an array, or a 2-D NIfTI / NRRD / MetaImage file of them), for a model that
     records the CT window of its training images (`training_window`): windowed to 8-bit grey as those images were, as
     volumes are (`volumes.resolve_window`; `processing_imedsam.hu_windowed`). Anything else is returned as it is
-    (files, 8-bit and colour images, arrays that do not look like HU; an MR window).
+    (files, 8-bit and colour images, arrays that do not look like HU; an MR window). `rescale_intercept`: the image is
+    a 16-bit picture of HU minus it (DeepLesion's PNGs: -32768; `processing_imedsam.stored_hu`), windowed so.
     """
-    return hu_windowed(image, training_window(config))
+    return hu_windowed(image, training_window(config), rescale_intercept)
 
 
 @torch.no_grad()
@@ -104,6 +105,7 @@ def segment(
     classes=None,
     image_embeddings: torch.Tensor | Sequence[torch.Tensor] | None = None,
     tta: str = "none",
+    rescale_intercept: float | None = None,
 ) -> Segmentation:
     """
     Segment one image (path, PIL image or array of any mode) with an I-MedSAM model.
@@ -131,6 +133,9 @@ def segment(
         tta: test-time mirroring, `"none"` (default), `"h"`, `"v"` or `"hv"` (`TTA_MIRRORS`): the image is also
             segmented mirrored left-right and/or up-down (prompts mirrored with it), each prediction is mirrored
             back and the probabilities are averaged (nnU-Net's test-time augmentation), at 2 or 4 times the cost.
+        rescale_intercept: `image` is a 16-bit grey picture storing CT as HU minus this (DeepLesion's PNGs: -32768):
+            read as HU and windowed with the model's recorded CT window (`windowed_slice`; a model recording none is
+            a ValueError naming the argument).
 
     A CT slice given as an array in Hounsfield units is windowed as the model's training images were when the model
     records that window (`windowed_slice`; the shipped BTCV model: -125..275 HU); other images go in as they are.
@@ -162,7 +167,7 @@ def segment(
         processor = processor or default_processor
     if processor is None:
         processor = processor_for_config(model.config)
-    image = windowed_slice(image, model.config)
+    image = windowed_slice(image, model.config, rescale_intercept)
     if points is not None and (caveat := clicks_caveat(model, with_box=box is not None)):
         warnings.warn(caveat, UserWarning, stacklevel=1)  # once per model and prompt kind: the same text
     if box is not None and classes is None and (caveat := classes_caveat(model)):

@@ -354,6 +354,12 @@ def test_16_bit_pictures_storing_hu_plus_an_offset_are_read_as_hu_with_rescale_i
     by_png = np.asarray(Image.open(tmp_path / "A" / name))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "C" / name)), by_png)
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "B" / name)), by_png)  # min-max: another image
+    from imedsam_hf import segment  # in Python: segment(..., rescale_intercept=)
+
+    rows, cols = np.nonzero(liver)
+    box = [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]
+    by_api = segment("imedsam-litemedsam-btcv", stored, box=box, classes=[6], rescale_intercept=-32768).mask
+    np.testing.assert_array_equal(by_api > 0, by_png > 0)
     # A model that records no CT window needs --window with it; 8-bit pictures and volumes do not take it.
     tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
     tiny = [
