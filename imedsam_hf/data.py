@@ -1274,6 +1274,30 @@ def case_folder_group(image: str | os.PathLike, stem: str) -> str | None:
     return folder if folder and re.fullmatch(re.escape(folder) + r"[_-]\d+", stem) else None
 
 
+def ungrouped_slices(
+    stems: Sequence[str], group_pattern: str | None = DEFAULT_GROUP_PATTERN, groups: Mapping[str, str] | None = None
+) -> str | None:
+    """
+    What to say when stems look like numbered slices of several cases that the splits would still cut image by image
+    (Kaggle's LGG MRI slices flattened into one folder: `TCGA_CS_4941_19960909_12`): none of them grouped by
+    `group_pattern` or `groups`, and most named `<case>_<n>` with at least two cases of three or more slices each (one
+    prefix shared by all, ISIC's `ISIC_0000000`, names a data set, not a case). None otherwise.
+    """
+    pattern = compile_group_pattern(group_pattern)
+    if any(group_of(stem, pattern) != stem or stem in (groups or {}) for stem in stems):
+        return None
+    numbered = Counter(match[1] for stem in stems if (match := re.fullmatch(r"(.+)[_-]\d+", stem)))
+    cases = {case: count for case, count in numbered.items() if count >= 3}
+    if len(cases) < 2 or sum(cases.values()) < len(stems) / 2:
+        return None
+    example = max(cases, key=cases.get)
+    return (
+        f"{sum(cases.values())} of {len(stems)} images look like numbered slices of {len(cases)} cases "
+        f"({example}_<n>: {cases[example]} images), but the splits take them image by image: neighbouring slices of "
+        "one case would sit in train and test. Give `group_pattern` '^(.*)_\\d+$' to keep each case in one split."
+    )
+
+
 def make_splits(
     stems: Sequence[str],
     seed: int = 0,
@@ -2037,6 +2061,7 @@ __all__ = [
     "default_scan_spacing",
     "folder_window",
     "case_folder_group",
+    "ungrouped_slices",
     "discover_pairs",
     "group_of",
     "is_itk_volume",

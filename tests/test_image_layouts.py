@@ -301,6 +301,19 @@ def test_slices_kept_in_a_folder_per_patient_are_split_by_patient(tmp_path):
     assert all(len(stems) % 3 == 0 for stems in splits.values())
     assert case_folder_group(tmp_path / "benign" / "benign (3).png", "benign (3)") is None
     assert case_folder_group(tmp_path / "IMD002_Dermoscopic_Image" / "IMD002.bmp", "IMD002") is None
+    # Flattened into one folder, the same slices are split image by image: a warning says so and what to give.
+    from imedsam_hf.data import ungrouped_slices
+
+    stems = [pair.stem for pair in pairs]
+    assert "18 of 18 images look like numbered slices of 6 cases" in ungrouped_slices(stems)
+    assert ungrouped_slices(stems, groups=groups) is None
+    assert ungrouped_slices(stems, group_pattern=r"^(.*)_\d+$") is None
+    for names in (
+        [f"ISIC_{n:07d}" for n in range(20)],
+        [str(n) for n in range(20)],
+        [f"MCUCXR_{n:04d}_0" for n in range(20)],
+    ):
+        assert ungrouped_slices(names) is None  # one data set prefix, plain numbers, one image per case
     # A pattern given groups the stems it matches; the folder decides for the others.
     by_pattern = make_splits(["a_slice001", "a_slice002", "x"], group_pattern=r"^(.*)_slice\d+$", groups={"x": "a"})
     assert sorted(next(stems for stems in by_pattern.values() if "x" in stems)) == ["a_slice001", "a_slice002", "x"]

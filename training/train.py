@@ -76,6 +76,7 @@ from imedsam_hf.data import (  # noqa: E402
     record_pairs,
     records_from_pairs,
     split_metadata,
+    ungrouped_slices,
     validate_pairs,
     validate_records,
     write_splits,
@@ -259,6 +260,8 @@ def choose_splits(
     with their shares of `--split-fractions`.
     """
     if not data.split_file:
+        if caveat := ungrouped_slices(stems, data.group_pattern, groups):
+            logger.warning(flag_message(caveat, TRAINING_FLAGS), main_process_only=True)
         if not own:
             return make_splits(stems, data.split_seed, data.split_fractions, data.group_pattern, groups)
         taken = {stem for names in own.values() for stem in names}
