@@ -122,9 +122,9 @@ def image_files_in(folder: str | os.PathLike, dicom_below: bool = False) -> list
     `.dcm`/`.dicom`, or of another name with the ``DICM`` preamble) that are neither slices of a scan (those make a
     series, read as one volume) nor objects without an image, such as a DICOM SEG (`dicom_kind`). Hidden files
     (macOS's `._x.png`) and files derived from an image (ISIC 2017's `x_superpixels.png`: :func:`derived_stems`) are
-    not images. `dicom_below`: DICOM images in the folders below too, at any depth (a DICOM
-    export's patient / study / series folders of radiographs); pictures are read from `folder` itself only (a
-    `masks/` folder beside the images is no input).
+    not images. `dicom_below`: DICOM images in the folders below too, at any depth (a DICOM export's patient / study /
+    series folders of radiographs); pictures are read from `folder` itself only (a `masks/` folder beside the images
+    is no input).
     """
     found = []
     for root, folders, names in os.walk(folder):
