@@ -230,6 +230,27 @@ def test_images_of_one_name_in_several_folders_get_their_own_boxes_masks_and_tru
         np.asarray(Image.open(tmp_path / "E" / "000002_01_01" / "109.png")),
         np.asarray(Image.open(tmp_path / "B" / "000002_01_01" / "109.png")),
     )
+    # DeepLesion's own DL_info.csv (one row per lesion, `000001_01_01_109.png`, "x0, y0, x1, y1"), whichever folder
+    # is given: the series folders, or one series alone.
+    rows = ["File_name,Key_slice_index,Bounding_boxes,Train_Val_Test"]
+    rows += [f'{series}_109.png,109,"{", ".join(map(str, box))}",1' for series, box in boxes.items()]
+    rows.append('000001_01_01_109.png,109,"0, 0, 40, 40",1')
+    (tmp_path / "DL_info.csv").write_text("\n".join(rows) + "\n")
+    assert main([*base, "--boxes", str(tmp_path / "DL_info.csv"), "--out", str(tmp_path / "H")]) == 0
+    for series in boxes:
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(tmp_path / "H" / series / "109.png")),
+            np.asarray(Image.open(tmp_path / "E" / series / "109.png")),  # the JSON list of the same boxes
+        )
+    one = [*base[:-2], inputs[1], "--boxes", str(tmp_path / "DL_info.csv"), "--out", str(tmp_path / "I")]
+    assert main(one) == 0
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "I" / "109.png")),
+        np.asarray(Image.open(tmp_path / "B" / "000002_01_01" / "109.png")),
+    )
+    (tmp_path / "other.csv").write_text("image,x0,y0,x1,y1\na.png,1,2,3,4\n")
+    assert main([*base, "--boxes", str(tmp_path / "other.csv"), "--out", str(tmp_path / "J")]) == 2
+    assert "a CSV of boxes is DeepLesion's DL_info.csv" in capsys.readouterr().err
     # The folder of series folders itself: the message says what to give.
     argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "Images_png"), "--box", "1,1,9,9"]
     assert main([*argv, "--out", str(tmp_path / "F")]) == 2

@@ -8,6 +8,7 @@ Exit codes (`common.EXIT_CODES`): 0 everything written; 1 some inputs failed (na
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import functools
 import glob
@@ -233,30 +234,33 @@ class PromptSource:
 
 def boxes_by_image(boxes: Mapping[str, list], places: Mapping[Path, Path], path: str) -> dict[Path, list]:
     """
-    Each image's box of `--boxes` (`image_boxes`): the entry of its place below the inputs' common folder
-    (`outputs.input_places`: `000001_01_01/109.png`, or without the extension), else of its file name or stem, as long
-    as no other image of the run has that name or stem: an entry that would prompt several images (DeepLesion's
-    `109.png` in many series folders) is refused, naming them, before any model runs. Images without an entry are
-    left out (`PromptSource.prompt_for` names them).
+    Each image's box of `--boxes` (`image_boxes`): the entry of the longest trailing part of its path, with or without
+    its extension (`109.png`, `000001_01_01/109.png`, `Images_png/000001_01_01/109`: DeepLesion's `DL_info.csv`
+    names slices so, whichever folder is given); an entry that would prompt several images of the run (a `109.png`
+    in many series folders) is refused, naming them and the path to key each by (its place below the inputs' common
+    folder, `places`), before any model runs. Images without an entry are left out (`PromptSource.prompt_for` names
+    them).
     """
-    named: dict[str, list[Path]] = {}
-    for source, place in places.items():
-        for key in dict.fromkeys((place.name, image_stem(source))):
-            named.setdefault(key, []).append(place)
-    found = {}
-    for source, place in places.items():
-        exact = (place.as_posix(), place.with_name(image_stem(source)).as_posix())
-        key = next((k for k in exact if k in boxes), None)
-        if key is None:
-            key = next((k for k in (place.name, image_stem(source)) if k in boxes), None)
-            if key is not None and len(named[key]) > 1:
-                listed = ", ".join(p.as_posix() for p in named[key][:3]) + (", ..." if len(named[key]) > 3 else "")
-                raise ValueError(
-                    f"--boxes {path}: {key!r} names {len(named[key])} images of this run ({listed}): key each by its "
-                    f"path below the inputs' folder ({place.as_posix()!r})."
-                )
+    found, used = {}, {}
+    for source in places:
+        parts, stem = source.parts, image_stem(source)
+        keys = (
+            key
+            for n in range(min(len(parts), 8), 0, -1)
+            for key in ("/".join(parts[-n:]), "/".join([*parts[-n:-1], stem]))
+        )
+        key = next((k for k in keys if k in boxes), None)
         if key is not None:
             found[source] = boxes[key]
+            used.setdefault(key, []).append(source)
+    shared = next(((key, sources) for key, sources in used.items() if len(sources) > 1), None)
+    if shared:
+        key, sources = shared
+        listed = ", ".join(places[s].as_posix() for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
+        raise ValueError(
+            f"--boxes {path}: {key!r} names {len(sources)} images of this run ({listed}): key each by its path below "
+            f"the inputs' folder ({places[sources[0]].as_posix()!r})."
+        )
     return found
 
 
@@ -285,6 +289,41 @@ def image_boxes(data: Any, path: str) -> dict[str, list[float] | list[list[float
                 )
         checked[str(name)] = [[float(v) for v in box] for box in entry] if several else [float(v) for v in entry]
     return checked
+
+
+def read_boxes_file(path: str) -> Any:
+    """`--boxes`: a JSON file, or DeepLesion's `DL_info.csv` (`deeplesion_boxes`)."""
+    return deeplesion_boxes(path) if path.lower().endswith(".csv") else read_json_file(path, "--boxes")
+
+
+def deeplesion_boxes(path: str) -> dict[str, list]:
+    """DeepLesion's `DL_info.csv`, one row per lesion, as image `--boxes`: `{"<series>/<slice>.png": [[x0, y0, x1, y1],
+    ...]}` (its `File_name` `000001_01_01_109.png` is `Images_png/000001_01_01/109.png`; `Bounding_boxes` in the key
+    slice's pixels), every lesion of a slice in the file's order."""
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"--boxes {path}: cannot read it as a CSV file ({error}).") from None
+    if not rows or not {"File_name", "Bounding_boxes"} <= set(rows[0]):
+        raise ValueError(
+            f"--boxes {path}: a CSV of boxes is DeepLesion's DL_info.csv, with File_name and Bounding_boxes columns "
+            f"(got {', '.join(list(rows[0])[:6]) if rows else 'no rows'}); give other boxes as JSON."
+        )
+    boxes: dict[str, list] = {}
+    for number, row in enumerate(rows, 2):
+        series, _, name = row["File_name"].rpartition("_")
+        try:
+            box = [float(v) for v in row["Bounding_boxes"].replace(";", ",").split(",")]
+        except ValueError:
+            box = []
+        if not series or len(box) != 4 or not all(np.isfinite(box)):
+            raise ValueError(
+                f"--boxes {path}: line {number}: {row['File_name']!r} / {row['Bounding_boxes']!r} is not a slice "
+                "<series>_<slice>.png with a box 'x0, y0, x1, y1'."
+            )
+        boxes.setdefault(f"{series}/{name}", []).append(box)
+    return boxes
 
 
 def coco_boxes(data: Mapping, path: str) -> dict[str, list]:
@@ -562,7 +601,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             )
         if volumes and (args.box or args.points or args.points_from_masks or args.no_prompt):
             raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
-        boxes_json = read_json_file(args.boxes, "--boxes") if args.boxes else None
+        boxes_json = read_boxes_file(args.boxes) if args.boxes else None
         check_output_folder(args.out, args.inputs, masks_folder)
         volume_plan = plan_outputs(volumes, args.out, volume_suffixes(args), volumes=True) if volumes else {}
         image_plan = (
