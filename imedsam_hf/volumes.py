@@ -462,11 +462,15 @@ def read_itk_volume(path: str | os.PathLike, channel: int | str | None = None) -
         )
     if len(size) != 3:
         raise ValueError(f"{path}: is {len(size)}-D (size {tuple(size)}), not a 3-D volume (X, Y, Z)")
+    return _itk_image_volume(_itk_execute(reader, path), path)
+
+
+def _itk_execute(reader: Any, path: Path) -> Any:
+    """The SimpleITK image `reader` reads from `path`, or a ValueError naming the file and ITK's reason."""
     try:
-        image = reader.Execute()
+        return reader.Execute()
     except RuntimeError as error:
         raise ValueError(f"{path}: cannot be read as a {volume_suffix(path)} volume ({_itk_error(error)})") from error
-    return _itk_image_volume(image, path)
 
 
 def _itk_image_volume(image: Any, path: Path) -> Volume:
@@ -482,10 +486,7 @@ def _itk_channel(reader: Any, path: Path, index: int) -> Volume:
     """Volume `index` of a 4-D NRRD / MetaImage file (its 4th axis) or of a 3-D one with several values per voxel."""
     import SimpleITK as sitk
 
-    try:
-        image = reader.Execute()
-    except RuntimeError as error:
-        raise ValueError(f"{path}: cannot be read as a {volume_suffix(path)} volume ({_itk_error(error)})") from error
+    image = _itk_execute(reader, path)
     if image.GetDimension() == 4:
         image = image[:, :, :, index]
     else:
