@@ -339,6 +339,13 @@ def find_layouts(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
         in_folders = structure_folder_layout(root)  # Montgomery's CXR_png/ beside ManualMask/{leftMask,rightMask}/
         if in_folders:
             raise ValueError(_structure_folders_message(root, in_folders[1])) from None
+        beside = _one_suffix(set(stems := _files_by_stem(root)), stems, shortest=True)
+        if re.fullmatch(r"[_-][A-Za-z][\w-]*", beside):  # HC18's `000_HC_Annotation.png` beside `000_HC.png`
+            raise ValueError(
+                f"`data_dir` {root}: its files <image>{beside} beside their images are not taken for masks "
+                f"({beside!r} names none: {', '.join(sorted(MASK_SUFFIX_WORDS))}). If they are filled masks, name them "
+                f"<image>_mask; outlines (HC18's ellipses) must be filled first."
+            ) from None
         raise
 
 

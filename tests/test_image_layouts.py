@@ -420,3 +420,19 @@ def test_one_data_set_in_two_formats_names_the_copies(tmp_path):
     with pytest.raises(ValueError, match=r"PNG/Original and .*TIF/Original hold the same 2 images .*CVC-ClinicDB/PNG"):
         discover_pairs(tmp_path / "CVC-ClinicDB")
     assert len(discover_pairs(tmp_path / "CVC-ClinicDB" / "PNG")[0]) == 2
+
+
+def test_files_beside_images_under_a_suffix_naming_no_mask_are_named_not_trained_on(tmp_path):
+    """HC18 keeps each fetal head's ellipse outline as `000_HC_Annotation.png` beside `000_HC.png`: the outlines were
+    taken for masks kept beside their images and trained on. `_Annotation` names no mask: the refusal says so, and
+    what to do."""
+    from imedsam_hf.data import masks_beside_images
+
+    folder = tmp_path / "training_set"
+    folder.mkdir()
+    for index, (_, rgb, mask) in enumerate(kvasir_pairs(2)):
+        Image.fromarray(rgb).convert("L").save(folder / f"{index:03d}_HC.png")
+        Image.fromarray(mask * 255).save(folder / f"{index:03d}_HC_Annotation.png")
+    assert masks_beside_images(["000_HC", "000_HC_Annotation"]) == ("", set())
+    with pytest.raises(ValueError, match=r"<image>_Annotation beside their images are not taken for masks .*HC18"):
+        discover_pairs(folder)

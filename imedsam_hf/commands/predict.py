@@ -301,7 +301,7 @@ def deeplesion_boxes(path: str) -> dict[str, list]:
     ...]}` (its `File_name` `000001_01_01_109.png` is `Images_png/000001_01_01/109.png`; `Bounding_boxes` in the key
     slice's pixels), every lesion of a slice in the file's order."""
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # a BOM, as spreadsheets write one, is no name
             rows = list(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise ValueError(f"--boxes {path}: cannot read it as a CSV file ({error}).") from None
