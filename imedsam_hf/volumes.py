@@ -338,13 +338,25 @@ def channel_index(channel: int | str, count: int, path: Path) -> int:
     """The index in ``0..count - 1`` of the 4-D file `path`'s `channel`: an index (or its digits), or a name of the
     ``dataset.json`` beside it (:func:`data.channel_names`), any case; a ValueError naming both otherwise."""
     names = channel_names(path)
-    text = str(channel).strip()
-    index = int(text) if text.lstrip("-").isdigit() else None
-    if index is None:
-        index = next((i for i, name in names.items() if name.lower() == text.lower()), None)
+    index = _channel_number(channel, names)
     if index is None or not 0 <= index < count:
         raise ValueError(f"`channel` {channel!r}: {path} holds {_channels_text(count, names)}; give one of them")
     return index
+
+
+def is_channel_file(path: Path, channel: int | str) -> bool:
+    """Whether the 3-D file `path` is nnU-Net's file of `channel` (`<case>_0001.nii.gz` for 1, or for the name its
+    `dataset.json` gives channel 1: :func:`channel_files` picks such files)."""
+    match = CHANNEL_SUFFIX.match(volume_name(path))
+    return match is not None and _channel_number(channel, channel_names(path)) == int(match["channel"])
+
+
+def _channel_number(channel: int | str, names: Mapping[int, str]) -> int | None:
+    """`channel` as an index: its digits, or the index `names` gives its name (any case); None for neither."""
+    text = str(channel).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return next((i for i, name in names.items() if name.lower() == text.lower()), None)
 
 
 def _four_d_error(path: Path, shape: tuple[int, ...]) -> ValueError:
@@ -375,7 +387,7 @@ def _checked_volume(data: np.ndarray, image: Any, path: Path, channel: int | str
         data = np.asarray(data[..., channel_index(channel, shape[3], path)])
         header = header.copy()
         header.set_data_shape(data.shape)  # a 3-D volume's header, as written beside it
-    elif channel is not None:
+    elif channel is not None and not is_channel_file(path, channel):
         raise ValueError(f"`channel` {channel!r}: {path} is one 3-D volume, shape {shape}; leave `channel` out for it")
     if data.ndim != 3:
         raise ValueError(f"{path}: has shape {shape}, not a 3-D volume (X, Y, Z)")
@@ -450,7 +462,7 @@ def read_itk_volume(path: str | os.PathLike, channel: int | str | None = None) -
     several = size[3] if len(size) == 4 and components == 1 else components if len(size) == 3 else 1
     if channel is not None and several > 1:
         return _itk_channel(reader, path, channel_index(channel, several, path))
-    if channel is not None:
+    if channel is not None and not is_channel_file(path, channel):
         raise ValueError(f"`channel` {channel!r}: {path} is one 3-D volume; leave `channel` out for it")
     if len(size) == 4 and components == 1 and size[3] > 1:
         raise _four_d_error(path, tuple(size))
@@ -3215,8 +3227,31 @@ def scans_matching(volumes: Sequence[str | os.PathLike], scans: str, where: str)
     return matching
 
 
+def channel_files(volumes: Sequence[str | os.PathLike], channel: int | str) -> list[Path] | None:
+    """
+    nnU-Net's channel files among `volumes` (`<case>_0000.nii.gz`, `<case>_0001.nii.gz`: one file per MR sequence),
+    when some case has several: those of `channel`, an index or a name of the `dataset.json`'s `"channel_names"`
+    (`data.channel_names`; `"T2"`), with the volumes that carry no channel; None when no case has several (`channel`
+    is then a 4-D file's: :func:`read_volume`). A channel no case has is a ValueError listing those it has.
+    """
+    paths = [Path(path) for path in volumes]
+    numbers = {path: CHANNEL_SUFFIX.match(volume_name(path)) for path in paths}
+    cases: dict[str, set[int]] = {}
+    for match in filter(None, numbers.values()):
+        cases.setdefault(match["case"], set()).add(int(match["channel"]))
+    if not any(len(found) > 1 for found in cases.values()):
+        return None
+    held = sorted(set().union(*cases.values()))
+    names = channel_names(paths[0])
+    index = _channel_number(channel, names)
+    if index not in held:
+        listed = ", ".join(f"{i:04d} {names[i]!r}" if i in names else f"{i:04d}" for i in held)
+        raise ValueError(f"`channel` {channel!r}: the cases' channel files are {listed}; give one of them")
+    return [path for path, match in numbers.items() if match is None or int(match["channel"]) == index]
+
+
 def paired_volumes(
-    images: str | os.PathLike, labels: str | os.PathLike, scans: str | None = None
+    images: str | os.PathLike, labels: str | os.PathLike, scans: str | None = None, channel: int | str | None = None
 ) -> list[tuple[str, Path, Path]]:
     """
     `(case, image, label volume)` of every 3-D scan file in the folder `images` (NIfTI, NRRD, MetaImage; not 3D
@@ -3228,7 +3263,8 @@ def paired_volumes(
     ValueError naming the files, before anything is read. Names that only look like channels (AMOS's `amos_0001`,
     each with its own label volume) are cases. `scans`: only the scans whose file (or series folder) name matches
     this pattern (`fnmatch`, any case): one channel or MR sequence of each case (`*_0000.nii.gz`, BraTS's
-    `*_t2f.nii.gz`).
+    `*_t2f.nii.gz`). `channel`: nnU-Net's channel files of that channel (:func:`channel_files`); where the cases have
+    one file each, it is a 4-D file's volume, for the caller to read (:func:`read_volume`).
     """
     folders = {"`images`": Path(images), "`labels`": Path(labels)}
     for flag, folder in folders.items():
@@ -3248,6 +3284,8 @@ def paired_volumes(
         )
     if scans is not None:
         volumes = scans_matching(volumes, scans, f"`images` {images}")
+    if channel is not None:
+        volumes = channel_files(volumes, channel) or volumes
     if any(not is_volume(path) for path in volumes):
         require_dicom()
     if any(is_itk_volume(path) for path in volumes) or any(is_itk_volume(p) for p in volumes_in(labels)):
@@ -3275,9 +3313,10 @@ def paired_volumes(
         if len(channels) == len(paths):
             names = channel_names(paths[0])  # nnU-Net v2's dataset.json: "channel_names"
             listed = ", ".join(f"{c} {names[int(c)]!r}" if int(c) in names else c for c in channels)
+            suffix = volume_suffix(paths[0]) or ".nii.gz"
             raise ValueError(
                 f"`images` {images}: several channels of case {case} ({listed}); the 2-D models take one grey image: "
-                f"pick one channel (`scans` '*_{channels[0]}{volume_suffix(paths[0]) or '.nii.gz'}')."
+                f"pick one channel (`channel` {channels[0]}, or `scans` '*_{channels[0]}{suffix}')."
             )
         names = ", ".join(p.name for p in paths)
         raise ValueError(
@@ -3433,7 +3472,7 @@ def label_volumes_to_nifti(
     Returns:
         `{"volumes", "classes"}`: the count and `{id: name}`.
     """
-    pairs = paired_volumes(images, labels, scans)
+    pairs = paired_volumes(images, labels, scans, channel)
     if class_names is None:
         class_names = _label_classes_by_name([label_path for _, _, label_path in pairs])
     present: set[int] = set()
@@ -3489,7 +3528,7 @@ def volumes_to_slices(
     """
     if plane not in PLANES:
         raise ValueError(f"`plane` must be one of {PLANES}, got {plane!r}")
-    pairs = paired_volumes(images, labels, scans)
+    pairs = paired_volumes(images, labels, scans, channel)
     check_window(window)
     if class_names is None:
         class_names = _label_classes_by_name([label_path for _, _, label_path in pairs])

@@ -369,8 +369,27 @@ def test_the_decathlons_4d_scans_give_the_channel_asked_for_by_index_or_name(tmp
     (nnunet / "dataset.json").write_text(
         json.dumps({"channel_names": {"0": "T2", "1": "ADC"}, "file_ending": ".nii.gz"})
     )
-    with pytest.raises(ValueError, match=r"case prostate_00 \(0000 'T2', 0001 'ADC'\).*\(`scans` '\*_0000.nii.gz'\)"):
+    with pytest.raises(ValueError, match=r"case prostate_00 \(0000 'T2', 0001 'ADC'\).*`scans` '\*_0000.nii.gz'\)"):
         paired_volumes(nnunet / "imagesTr", nnunet / "labelsTr")
+    # ... and `--channel` picks its files by name or number, as it picks a 4-D file's volume.
+    assert [p.name for _, p, _ in paired_volumes(nnunet / "imagesTr", nnunet / "labelsTr", channel="adc")] == [
+        "prostate_00_0001.nii.gz"
+    ]
+    nn = ["convert", "volumes", "--images", str(nnunet / "imagesTr"), "--labels", str(nnunet / "labelsTr")]
+    assert main([*nn, "--channel", "T2", "--output", str(tmp_path / "N")]) == 0, capsys.readouterr().err
+    for sub in ("images", "masks"):
+        assert [p.read_bytes() for p in sorted((tmp_path / "N" / sub).iterdir())] == [
+            p.read_bytes() for p in sorted((tmp_path / "R" / sub).iterdir())
+        ]
+    assert main([*nn, "--channel", "DWI", "--output", str(tmp_path / "N2")]) == 2
+    assert "the cases' channel files are 0000 'T2', 0001 'ADC'; give one of them" in capsys.readouterr().err
+    argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", "--boxes-from-masks"]
+    argv += [str(nnunet / "labelsTr"), str(nnunet / "imagesTr"), "--channel", "0", "--out", str(tmp_path / "PN")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "PN").iterdir()) == ["prostate_00_0000.nii.gz"]
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(tmp_path / "PN" / "prostate_00_0000.nii.gz").dataobj), np.asarray(by_channel.dataobj)
+    )
 
 
 @pytest.mark.skipif(not HAS_ITK, reason="the [itk] extra (SimpleITK) is not installed")

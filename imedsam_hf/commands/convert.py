@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import convert_structure_masks, read_class_file
+from ..data import class_file, convert_structure_masks, read_class_file
 from ..loading import LITEMEDSAM, convert_checkpoint
 from ..volumes import label_volumes_to_nifti, volumes_to_slices
 from .common import EXIT_OK, fail
@@ -35,8 +35,8 @@ def slices_of_volumes(args: argparse.Namespace) -> int:
     """`imedsam convert volumes` (2-D slices) and `imedsam convert labels` (NIfTI label volumes): the class names
     from --classes or the dataset.json beside --labels."""
     classes = args.classes
-    beside = Path(args.labels).parent / "dataset.json"
-    if classes is None and beside.is_file():
+    beside = class_file(Path(args.labels).parent)  # a dataset.json naming its labels (not only its channels)
+    if classes is None and beside is not None and beside.name == "dataset.json":
         classes = beside
         print(f"class names from {beside}")
     names = read_class_file(classes) if classes is not None else None

@@ -60,6 +60,7 @@ from ..runtime import require_backend
 from ..volumes import (
     NPZ_CLASS_AWARE,
     case_scans_in,
+    channel_files,
     check_window,
     dicom_annotation_modality,
     dicom_series_in,
@@ -553,6 +554,8 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                     "--scans picks among volumes (a channel or MR sequence of each case); no volume given."
                 )
             volumes = [str(path) for path in scans_matching(volumes, args.scans, "the inputs")]
+        if args.channel is not None and volumes:  # nnU-Net's `<case>_0001.nii.gz` files, else a 4-D file's volume
+            volumes = [str(path) for path in channel_files(volumes, args.channel) or volumes]
         if any(not is_volume(volume) for volume in volumes):  # DICOM: a series' folder, a multi-frame scan
             require_dicom()  # before anything is loaded or written
             if any(is_multiframe_scan(volume) for volume in volumes):
