@@ -329,21 +329,23 @@ def find_layouts(data_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
         if not root.is_dir():
             raise
         cases = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for candidates in ([root], cases):
-            beside = [folder for folder in candidates if masks_beside_images(_files_by_stem(folder))[1]]
-            if beside:
-                return [(folder, folder) for folder in beside]
+        stems = _files_by_stem(root)  # listed once: for masks kept beside its images, and the refusal below
+        if masks_beside_images(stems)[1]:
+            return [(root, root)]
+        beside = [folder for folder in cases if masks_beside_images(_files_by_stem(folder))[1]]
+        if beside:
+            return [(folder, folder) for folder in beside]
         named = [pair for pair in map(_named_pair, cases) if pair is not None]  # PH2's IMD002/IMD002_lesion/
         if named:
             return named
         in_folders = structure_folder_layout(root)  # Montgomery's CXR_png/ beside ManualMask/{leftMask,rightMask}/
         if in_folders:
             raise ValueError(_structure_folders_message(root, in_folders[1])) from None
-        beside = _one_suffix(set(stems := _files_by_stem(root)), stems, shortest=True)
-        if re.fullmatch(r"[_-][A-Za-z][\w-]*", beside):  # HC18's `000_HC_Annotation.png` beside `000_HC.png`
+        suffix = _one_suffix(set(stems), stems, shortest=True)
+        if re.fullmatch(r"[_-][A-Za-z][\w-]*", suffix):  # HC18's `000_HC_Annotation.png` beside `000_HC.png`
             raise ValueError(
-                f"`data_dir` {root}: its files <image>{beside} beside their images are not taken for masks "
-                f"({beside!r} names none: {', '.join(sorted(MASK_SUFFIX_WORDS))}). If they are filled masks, name them "
+                f"`data_dir` {root}: its files <image>{suffix} beside their images are not taken for masks "
+                f"({suffix!r} names none: {', '.join(sorted(MASK_SUFFIX_WORDS))}). If they are filled masks, name them "
                 f"<image>_mask; outlines (HC18's ellipses) must be filled first."
             ) from None
         raise
@@ -655,11 +657,6 @@ def extra_masks(suffix: str, mask_stems: Iterable[str]) -> dict[str, list[str]]:
     return further
 
 
-def mask_folder_suffix(image_stems: Iterable[str], mask_dir: str | os.PathLike) -> str:
-    """`mask_name_suffix` of the masks in `mask_dir` (its image files, hidden ones skipped) for these images."""
-    return mask_name_suffix(image_stems, _files_by_stem(Path(mask_dir)))
-
-
 def mask_name_prefix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> str:
     """
     What a folder's masks put before their image's stem where none is named like an image: the one prefix of up to
@@ -679,10 +676,19 @@ def mask_name_prefix(image_stems: Iterable[str], mask_stems: Iterable[str]) -> s
     return found if re.fullmatch(r"[A-Za-z]{1,8}[_-]?", found) else ""
 
 
-def mask_folder_prefix(image_stems: Iterable[str], mask_dir: str | os.PathLike) -> str:
-    """`mask_name_prefix` of the masks in `mask_dir` for these images, where they have no suffix."""
-    stems, masks = list(image_stems), _files_by_stem(Path(mask_dir))
-    return "" if mask_name_suffix(stems, masks) else mask_name_prefix(stems, masks)
+def mask_naming(image_stems: Iterable[str], mask_stems: Iterable[str]) -> tuple[str, str]:
+    """`(suffix, prefix)`: what a folder's masks add after their image's stem (:func:`mask_name_suffix`: ISIC's
+    `_segmentation`), else what they put before it (:func:`mask_name_prefix`: ETIS-Larib's `p`); `("", "")` for masks
+    named like their images."""
+    images, masks = list(image_stems), list(mask_stems)
+    suffix = mask_name_suffix(images, masks)
+    return suffix, "" if suffix else mask_name_prefix(images, masks)
+
+
+def mask_folder_naming(image_stems: Iterable[str], mask_dir: str | os.PathLike) -> tuple[str, str]:
+    """:func:`mask_naming` of the masks in `mask_dir` (its image files, hidden ones skipped, listed once) for these
+    images."""
+    return mask_naming(image_stems, _files_by_stem(Path(mask_dir)))
 
 
 def _folder_pairs(
@@ -693,7 +699,7 @@ def _folder_pairs(
     masks = _files_by_stem(mask_dir)
     images = masks if image_dir == mask_dir else _files_by_stem(image_dir)  # one listing of a folder holding both
     if image_dir == mask_dir:  # masks kept beside their images (BUSI's class folders, CAMUS)
-        suffix, held = masks_beside_images(masks)
+        (suffix, held), prefix = masks_beside_images(masks), ""
         images = {stem: paths for stem, paths in images.items() if stem not in held}
         masks = {stem: paths for stem, paths in masks.items() if stem in held}
     elif not masks and structure_folders(mask_dir, images):
@@ -704,9 +710,8 @@ def _folder_pairs(
             f"Convert it to class-id masks first: imedsam convert structure-masks --data-dir {data_dir} --output DIR."
         )
     else:
-        suffix = mask_name_suffix(images, masks)
+        suffix, prefix = mask_naming(images, masks)  # ISIC's `x_segmentation.png`, ETIS-Larib's `p1.tif` for `1.tif`
     pairs, problems = [], []
-    prefix = "" if suffix else mask_name_prefix(images, masks)  # ETIS-Larib's `p1.tif` for `1.tif`
     if prefix:
         masks = {stem[len(prefix) :]: paths for stem, paths in masks.items() if stem.startswith(prefix)}
     elif not suffix and not set(images) & set(masks):  # nnU-Net's `<case>_0000.png` with `<case>.png`
@@ -2053,8 +2058,8 @@ __all__ = [
     "extra_masks",
     "image_files_in",
     "image_stem",
-    "mask_folder_suffix",
-    "mask_folder_prefix",
+    "mask_folder_naming",
+    "mask_naming",
     "mask_name_prefix",
     "mask_name_suffix",
     "SegmentationDataset",

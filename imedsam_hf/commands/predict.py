@@ -35,8 +35,7 @@ from ..data import (
     label_classes,
     mask_box,
     mask_clicks,
-    mask_folder_prefix,
-    mask_folder_suffix,
+    mask_folder_naming,
     mask_names,
     masks_beside_images,
     masks_named,
@@ -125,8 +124,8 @@ class PromptSource:
     class_ids: bool = False  # masks hold class ids: every structure is a prompt, the output a class-id map
     box_class: int | None = None  # `--classes`: the structure `box` / `boxes` are for (a class-aware model)
     mask_classes: int = 255
-    mask_suffix: str = ""  # what the masks add to their image's stem (`data.mask_folder_suffix`: ISIC's _segmentation)
-    mask_prefix: str = ""  # what they put before it (`data.mask_folder_prefix`: ETIS-Larib's p1.tif for 1.tif)
+    mask_suffix: str = ""  # what the masks add to their image's stem (`data.mask_folder_naming`: ISIC's _segmentation)
+    mask_prefix: str = ""  # or what they put before it (ETIS-Larib's p1.tif for 1.tif)
     # Class-id masks numbered otherwise than a class-aware model: `{mask id: the model's class of its name}`
     # (`data.label_classes`); ids it leaves out are not prompted.
     label_classes: dict[int, int] | None = None
@@ -639,8 +638,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             )
         # What the masks add to their image's stem (ISIC's _segmentation), from the images the plan lists.
         stems = [image_stem(source) for source in image_plan]
-        mask_suffix = mask_folder_suffix(stems, masks_folder) if image_plan and masks_folder else ""
-        mask_prefix = mask_folder_prefix(stems, masks_folder) if image_plan and masks_folder else ""
+        mask_suffix, mask_prefix = mask_folder_naming(stems, masks_folder) if image_plan and masks_folder else ("", "")
         clash = set(t for ts in volume_plan.values() for t in ts) & set(t for ts in image_plan.values() for t in ts)
         if clash:
             raise ValueError(f"a volume and an image would both be written to {sorted(clash)[0]}.")

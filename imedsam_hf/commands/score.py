@@ -28,8 +28,7 @@ from ..data import (
     is_image_file,
     is_itk_volume,
     is_volume,
-    mask_folder_prefix,
-    mask_folder_suffix,
+    mask_folder_naming,
     masks_named,
     read_mask,
     volumes_in,
@@ -74,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(error)
     rows, skipped = [], 0
     masks = kind_of(predictions[0]) == "mask"
-    suffix = mask_folder_suffix([image_stem(p) for p in predictions], args.truth) if masks else ""
-    prefix = mask_folder_prefix([image_stem(p) for p in predictions], args.truth) if masks else ""
+    naming = mask_folder_naming([image_stem(p) for p in predictions], args.truth) if masks else ("", "")
     given = set(map(Path, args.predictions))
     stems = Counter(image_stem(p) for p in predictions) if masks else Counter()
     for path in predictions:
@@ -83,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
             in_case_folder = path not in given and path.parent not in given  # `predict`'s P/case_00000/imaging.nii.gz
             place = path.parent.name if masks and in_case_folder else ""  # `predict a/* b/*`'s P/a/x.png
             shared = stems[image_stem(path)] > 1
-            naming = (suffix, prefix)
             rows.extend(score_one(path, Path(args.truth), naming, wanted, nsd, in_case_folder, place, shared))
         except (OSError, ValueError, ImportError) as error:  # ImportError: a NRRD / MetaImage truth without SimpleITK
             print(f"skipped {flag_message(error)}", file=sys.stderr)
@@ -213,7 +210,7 @@ def score_one(
     """The rows (one per structure in either, or each of `wanted`) of one prediction against its truth, the NSD at
     `nsd` (`tolerance` in mm, or pixels in 2-D, and `nsd_definition`); a label volume `in_case_folder` is named by
     its folder where its own name says only what it is (`volumes.scan_case`); a mask's truth is named with the truth
-    folder's `naming`, `(suffix, prefix)` (`data.mask_folder_suffix`, `mask_folder_prefix`). A mask in the
+    folder's `naming`, `(suffix, prefix)` (`data.mask_folder_naming`). A mask in the
     sub-folder `place` of a folder given (`predict a/* b/*`'s `P/a/x.png`) is scored against `truth/place/x.*`, else
     `truth/x.*` unless another prediction has its name (`shared`), and its case is named `place/x`."""
     if is_volume(path):
