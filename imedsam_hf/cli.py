@@ -89,6 +89,18 @@ INTERCEPT_HELP = (
 )
 
 
+def _scan_options(parser: argparse.ArgumentParser, where: str = "") -> None:
+    """`--scans` and `--channel`: which scan of each case is read (predict's volumes, the converters' scans)."""
+    parser.add_argument(
+        "--scans",
+        default=None,
+        metavar="PATTERN",
+        help=f"{where}only the scans whose file (or series folder) name matches this pattern, any case: one channel or "
+        "MR sequence of each case, e.g. '*_0000.nii.gz' (nnU-Net) or '*_t2f.nii.gz' (BraTS)",
+    )
+    parser.add_argument("--channel", default=None, metavar="INDEX|NAME", help=CHANNEL_HELP)
+
+
 def _nsd_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nsd-tolerance",
@@ -226,14 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "resliced into axial slices of square pixels for a model trained on axial slices (the shipped CT model), the "
         "label volume written on the scan's own grid",
     )
-    p.add_argument(
-        "--scans",
-        default=None,
-        metavar="PATTERN",
-        help="volumes: only the scans whose file (or series folder) name matches this pattern, any case: one channel "
-        "or MR sequence of each case in the folders given, e.g. '*_0000.nii.gz' (nnU-Net) or '*_t2f.nii.gz' (BraTS)",
-    )
-    p.add_argument("--channel", default=None, metavar="INDEX|NAME", help=CHANNEL_HELP)
+    _scan_options(p, "volumes: ")
     p.add_argument("--rescale-intercept", type=float, default=None, metavar="N", help=INTERCEPT_HELP)
     p.add_argument(
         "--window",
@@ -347,14 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
             "volume-0), or folders of one mask per structure (TotalSegmentator's); for DICOM series, or the DICOM "
             "SEGs or RT Structure Sets that reference them (any names)",
         )
-        paired.add_argument(
-            "--scans",
-            default=None,
-            metavar="PATTERN",
-            help="only the scans whose file (or series folder) name matches this pattern, any case: one channel or "
-            "MR sequence of each case, e.g. '*_0000.nii.gz' (nnU-Net) or '*_t2f.nii.gz' (BraTS)",
-        )
-        paired.add_argument("--channel", default=None, metavar="INDEX|NAME", help=CHANNEL_HELP)
+        _scan_options(paired)
         paired.add_argument(
             "--classes",
             default=None,

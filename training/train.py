@@ -90,10 +90,7 @@ from imedsam_hf.loading import (  # noqa: E402
 )
 from imedsam_hf.metrics import NSD_TOLERANCE, dice  # noqa: E402
 from imedsam_hf.model_card import hub_id_or_none, write_model_card  # noqa: E402
-from imedsam_hf.processing_imedsam import (
-    IMedSamProcessor,  # noqa: E402
-    check_rescale_intercept,  # noqa: E402
-)
+from imedsam_hf.processing_imedsam import IMedSamProcessor, check_rescale_intercept  # noqa: E402
 from imedsam_hf.publishing import portable_model_name, trainable_state  # noqa: E402
 from imedsam_hf.training import (  # noqa: E402
     FrozenImageEncoder,
