@@ -406,15 +406,36 @@ def _sub_folder(root: Path, relative: str) -> Path | None:
 
 
 def volumes_hint(root: Path) -> str:
-    """For a folder of 3-D scans given where 2-D images are read: the command that makes them slices, or ""."""
+    """For a folder of 3-D scans given where 2-D images are read (NIfTI files in it or its folders, DICOM series
+    below it: CHAOS's `CT/1/DICOM_anon/`): the command that makes them slices, or ""."""
     folders = [root, *(p for p in sorted(root.iterdir()) if p.is_dir())]
     holding = [f for f in folders if any(is_volume(n) for n in os.listdir(f))]
     if not holding:
-        return ""
+        series = _series_folders(root)
+        if not series:
+            return ""
+        listed = ", ".join(map(str, series[:2])) + (", ..." if len(series) > 2 else "")
+        command = f"imedsam convert volumes --images {root} --labels {root} --output DIR"
+        return f" It holds DICOM series ({listed}): make them 2-D slices first: {command}."
     images = next((f for f in holding if f.name.lower().startswith(("image", "volume", "scan"))), holding[0])
     labels = next((f for f in holding if f.name.lower().startswith(("label", "mask", "seg")) and f != images), None)
     command = f"imedsam convert volumes --images {images} --labels {labels or 'LABELS'} --output DIR"
     return f" It holds 3-D volumes ({', '.join(str(f) for f in holding)}): make them 2-D slices first: {command}."
+
+
+def _series_folders(root: Path, depth: int = 4, most: int = 3) -> list[Path]:
+    """Up to `most` folders at most `depth` levels below `root` holding DICOM slices of a scan (`dicom_kind`
+    "slice"; each folder judged by its first file), for a hint."""
+    found: list[Path] = []
+    for folder, subfolders, files in os.walk(root):
+        level = len(Path(folder).relative_to(root).parts)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith(".")) if level < depth else []
+        first = next((Path(folder) / name for name in sorted(files) if not name.startswith(".")), None)
+        if first is not None and is_dicom_file(first) and dicom_kind(first) == "slice":
+            found.append(Path(folder))
+            if len(found) == most:
+                break
+    return found
 
 
 STRUCTURE_MASK_SUFFIX = re.compile(r"^_(?P<name>.+)_(?P<instance>\d{3})$")
@@ -1118,6 +1139,12 @@ def _mask_pixels(source) -> tuple[np.ndarray, bool]:
         return np.asarray(source), exact
     array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else np.asarray(source)
     return (array[..., 0] if array.ndim == 3 else array), False
+
+
+def mask_pixels(path: str | os.PathLike) -> np.ndarray:
+    """The values a mask file stores, `(H, W)`, as they are (palette PNGs by index): what a reader that maps them
+    itself starts from (`volumes.read_slice_masks`)."""
+    return _mask_pixels(path)[0]
 
 
 def _binary_mask(pixels: np.ndarray, exact: bool, name: str) -> np.ndarray:
@@ -2104,6 +2131,7 @@ __all__ = [
     "class_file",
     "dataset_class_names",
     "read_mask",
+    "mask_pixels",
     "read_scan_spacing",
     "records_from_pairs",
     "select_split",

@@ -98,6 +98,7 @@ from .data import (
     is_volume,
     label_classes,
     mask_box,
+    mask_pixels,
     structure_words,
     volume_stem,
     volume_suffix,
@@ -176,6 +177,10 @@ __all__ = [
     "onto_grid",
     "read_structure_masks",
     "structure_mask_names",
+    "read_slice_masks",
+    "slice_mask_files",
+    "slice_mask_folder_of",
+    "slice_mask_names",
     "STRUCTURE_FOLDER",
     "scan_files_in",
     "case_folders",
@@ -1667,7 +1672,7 @@ def embedded_label_names(path: str | os.PathLike) -> dict[int, str] | None:
     structure masks' file names (:func:`structure_mask_names`); None without one (a table that cannot be read is
     ignored with a warning)."""
     if Path(path).is_dir():
-        return structure_mask_names(path) or None
+        return (slice_mask_names(path) if slice_mask_files(path) else structure_mask_names(path)) or None
     if not is_volume(path):
         return None
     if is_itk_volume(path):
@@ -2551,9 +2556,7 @@ def read_dicom_seg(path: str | os.PathLike, volume: Volume, class_names: Mapping
     data = np.zeros(volume.shape, np.uint8)
     for source, frame in zip(sources, frames):
         data[tuple(_series_frame_indices(source, volume.affine, volume.shape))] = numbers[np.asarray(frame)]
-    header = nib.Nifti1Header()
-    header.set_data_dtype(np.uint8)
-    return Volume(data=data, affine=volume.affine.copy(), header=header, path=path)
+    return labels_on(data, volume, path)
 
 
 #: DICOM's SOP class of an RT Structure Set.
@@ -2799,17 +2802,24 @@ def read_rtstruct(path: str | os.PathLike, volume: Volume, class_names: Mapping[
             if k not in voxels:
                 voxels[k] = tuple(_series_frame_indices(sources[k], volume.affine, volume.shape))
             data[tuple(index[mask] for index in voxels[k])] = ids[number]
-    header = nib.Nifti1Header()
-    header.set_data_dtype(np.uint8)
-    return Volume(data=data, affine=volume.affine.copy(), header=header, path=path)
+    return labels_on(data, volume, path)
+
+
+def labels_on(data: np.ndarray, volume: Volume, path: str | os.PathLike) -> Volume:
+    """The label volume `data` (uint8 ids on `volume`'s grid) read from `path`, with the scan's affine and spacing in
+    its header (`Volume.spacing`: what `score` measures distances with)."""
+    header = nib.Nifti1Image(data, volume.affine).header
+    return Volume(data=data, affine=volume.affine.copy(), header=header, path=Path(path))
 
 
 def read_label_volume(path: str | os.PathLike, volume: Volume, class_names: Mapping[int, str] | None = None) -> Volume:
     """The label volume at `path` for the scan `volume`: a NIfTI or any 3-D file (:func:`read_volume`), a folder of
-    one mask per structure (:func:`read_structure_masks`), a DICOM SEG (:func:`read_dicom_seg`) or an RT Structure
+    one mask per structure (:func:`read_structure_masks`) or of 2-D masks, one per slice of its DICOM series
+    (:func:`read_slice_masks`), a DICOM SEG (:func:`read_dicom_seg`) or an RT Structure
     Set (:func:`read_rtstruct`) of its series, `class_names` matching their structures by name."""
     if Path(path).is_dir():
-        return read_structure_masks(path, volume, class_names)
+        reader = read_slice_masks if slice_mask_files(path) else read_structure_masks
+        return reader(path, volume, class_names)
     modality = dicom_annotation_modality(path)
     if modality == "SEG":
         return read_dicom_seg(path, volume, class_names)
@@ -3056,6 +3066,9 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
     structures = _structure_folder_of(Path(scan), Path(labels))
     if structures is not None:
         return structures
+    slice_masks = slice_mask_folder_of(scan, labels) if Path(scan).is_dir() else None
+    if slice_masks is not None:
+        return slice_masks
     return dicom_annotation_of(scan, labels) if Path(scan).is_dir() or is_multiframe_scan(scan) else None
 
 
@@ -3129,8 +3142,142 @@ def read_structure_masks(
         warnings.warn(
             f"{folder}: {shared} voxels lie in two structures' masks; each keeps the first's id", stacklevel=2
         )
-    header = nib.Nifti1Image(data, volume.affine).header  # the scan's spacing (`Volume.spacing`)
-    return Volume(data=data, affine=volume.affine.copy(), header=header, path=folder)
+    return labels_on(data, volume, folder)
+
+
+#: CHAOS's MR truth (`MR/<n>/T2SPIR/Ground/*.png`): one grey level per organ, each read within the range the data
+#: set's description gives it (liver 63, right kidney 126, left kidney 189, spleen 252): ids 1..4 in that order.
+CHAOS_MR_LEVELS = ((55, 70, "liver"), (110, 135, "right kidney"), (175, 200, "left kidney"), (240, 255, "spleen"))
+
+#: The words of a folder beside a DICOM series whose 2-D masks annotate it slice by slice (CHAOS's `Ground/`).
+SLICE_MASK_FOLDER_WORDS = ("ground", "truth", "mask", "label", "seg", "annotation")
+
+#: Words a slice mask's file name adds to its structure's (CHAOS's `liver_GT_000.png`: the liver).
+SLICE_MASK_NAME_WORDS = frozenset({"gt", "ground", "truth", "groundtruth", "mask", "seg", "label", "slice", "img"})
+
+
+def _natural_key(path: Path) -> list:
+    """A file name's sort key with its runs of digits as numbers: `x_2.png` before `x_10.png`."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", path.name)]
+
+
+def slice_mask_files(folder: str | os.PathLike) -> list[Path]:
+    """The masks of a folder of 2-D slice masks (:func:`read_slice_masks`), in natural name order (`x_2.png` before
+    `x_10.png`): its pictures (:data:`PICTURE_EXTENSIONS`) where it holds no 3-D file and no DICOM slice; ``[]``
+    for any other folder."""
+    folder = Path(folder)
+    if not folder.is_dir() or volumes_in(folder):
+        return []
+    pictures = [path for path in image_files_in(folder) if path.name.lower().endswith(PICTURE_EXTENSIONS)]
+    return sorted(pictures, key=_natural_key) if pictures and not dicom_files_in(folder) else []
+
+
+def slice_mask_folder_of(series: str | os.PathLike, labels: str | os.PathLike) -> Path | None:
+    """`label_volume_of`'s folder of 2-D slice masks for the DICOM series folder `series`: `labels` itself when it
+    is one (:func:`slice_mask_files`), else, where `series` lies below `labels`, the nearest folder beside the series'
+    folder or beside a folder above it (up to `labels`) named for masks (:data:`SLICE_MASK_FOLDER_WORDS`: CHAOS's
+    `CT/1/Ground/` for `CT/1/DICOM_anon/`, `MR/1/T1DUAL/Ground/` for `MR/1/T1DUAL/DICOM_anon/InPhase/`); None
+    otherwise. Its count of masks is checked where it is read."""
+    series, labels = Path(series).resolve(), Path(labels).resolve()
+    if not series.is_dir() or not dicom_files_in(series):
+        return None
+    if slice_mask_files(labels):
+        return labels
+    folder = series
+    while folder != labels and labels in folder.parents:
+        siblings = sorted(p for p in folder.parent.iterdir() if p.is_dir() and p != folder)
+        found = [
+            p for p in siblings if any(w in p.name.lower() for w in SLICE_MASK_FOLDER_WORDS) and slice_mask_files(p)
+        ]
+        if found:
+            return found[0]
+        folder = folder.parent
+    return None
+
+
+def _slice_mask_levels(folder: Path, values: Iterable[int]) -> tuple[dict[int, int], dict[int, str]]:
+    """`({stored value: id}, {id: name})` of the values the masks of `folder` store: one value (0/255 or 0/1) is one
+    structure, id 1, named by the files' shared name where it names one (`liver_GT_000.png`: liver); several values
+    all within CHAOS's MR levels (:data:`CHAOS_MR_LEVELS`) its organs; other values are class ids as they are,
+    named by the folder's class file (:func:`imedsam_hf.data.folder_class_names`), if any."""
+    present = sorted(int(v) for v in values if v)
+    if len(present) == 1:
+        stems = [volume_stem(path.name) for path in slice_mask_files(folder)]
+        shared = os.path.commonprefix(stems) if stems else ""
+        words = [w for w in re.split(r"[^A-Za-z]+", shared) if w and w.lower() not in SLICE_MASK_NAME_WORDS]
+        return {present[0]: 1}, ({1: " ".join(words)} if words else {})
+    levels = {
+        value: number
+        for value in present
+        for number, (low, high, _) in enumerate(CHAOS_MR_LEVELS, start=1)
+        if low <= value <= high
+    }
+    if present and len(levels) == len(present):
+        return levels, {number: name for number, (_, _, name) in enumerate(CHAOS_MR_LEVELS, start=1)}
+    return {value: value for value in present}, folder_class_names(folder) or {}
+
+
+def slice_mask_names(folder: str | os.PathLike) -> dict[int, str]:
+    """``{id: name}`` of the label volume a folder of slice masks makes (:func:`read_slice_masks`' ids): one structure
+    named by its files, CHAOS's MR organs, or the folder's class file; ``{}`` without names."""
+    masks = slice_mask_files(folder)
+    values = set()
+    for mask in masks:
+        values.update(np.unique(mask_pixels(mask)).tolist())
+    return _slice_mask_levels(Path(folder), values)[1]
+
+
+def read_slice_masks(folder: str | os.PathLike, volume: Volume, class_names: Mapping[int, str] | None = None) -> Volume:
+    """
+    The label volume a folder of 2-D masks, one per slice of the DICOM series `volume` was read from, makes on its
+    grid: CHAOS's `CT/1/Ground/liver_GT_000.png` for `CT/1/DICOM_anon/i0000,0000b.dcm`. Masks and slice files are
+    paired in natural name order (as the data set's own loaders pair them), each mask lying on its slice's pixels
+    (rows and columns as the slice stores them), placed by the slice's position in the patient, so whatever order the
+    files' names put the slices in, the label volume lies on the scan's grid. Values: :func:`_slice_mask_levels`
+    (a binary mask's structure named by its files; CHAOS's MR grey levels its four organs). `class_names` is
+    unused (names are matched where the ids are prompted: :func:`named_label_ids`).
+
+    Raises:
+        ValueError: naming the folder or file: `volume` is no DICOM series, as many masks as slices it does not
+            hold, a mask of another size than its slice, values that are no class ids.
+    """
+    del class_names
+    folder = Path(folder)
+    series = None if volume.path is None else Path(volume.path)
+    slices = sorted(dicom_files_in(series), key=_natural_key) if series is not None and series.is_dir() else []
+    masks = slice_mask_files(folder)
+    if not slices:
+        raise ValueError(
+            f"{folder}: a folder of 2-D masks is the label volume of a DICOM series (one mask per slice file); "
+            f"{volume.name} is not one: give the series' folder as the scan, or a label volume file"
+        )
+    if len(masks) != len(slices):
+        raise ValueError(
+            f"{folder}: {len(masks)} masks for the {len(slices)} slices of the DICOM series {series}; a folder of slice "
+            f"masks holds one mask per slice file, paired in name order ({masks[0].name if masks else 'x_000.png'} "
+            f"with {slices[0].name})"
+        )
+    stored = [mask_pixels(mask) for mask in masks]
+    table, _ = _slice_mask_levels(folder, set().union(*(np.unique(p).tolist() for p in stored)))
+    if max(table.values(), default=0) > 255:
+        raise ValueError(
+            f"{folder}: masks hold values above 255 ({max(table)}); class ids of a label volume are 0..255"
+        )
+    lookup = np.zeros(max(table, default=0) + 1, np.uint8)
+    for value, number in table.items():
+        lookup[value] = number
+    data = np.zeros(volume.shape, np.uint8)
+    for mask, pixels, file in zip(masks, stored, slices):
+        header = dicom_dataset(file, pixels=False)
+        if pixels.shape != (int(header.Rows), int(header.Columns)):
+            raise ValueError(
+                f"{mask}: {pixels.shape[1]}x{pixels.shape[0]}, its slice {file.name} {header.Columns}x{header.Rows}; "
+                "each mask lies on its slice's pixels"
+            )
+        if pixels.min() < 0:
+            raise ValueError(f"{mask}: negative values; class ids of a label volume are 0..255")
+        data[tuple(_series_frame_indices(header, volume.affine, volume.shape))] = lookup[pixels]
+    return labels_on(data, volume, folder)
 
 
 def _volume_files(folder: Path) -> Mapping[str, Path]:
@@ -3175,6 +3322,8 @@ def label_volume_names(scan: str | os.PathLike) -> str:
     conventions = [f"{name}{suffix}" for suffix in LABEL_NAME_SUFFIXES[:3]] + swapped[:1]
     text = f"{' or '.join(f'{case}{first}' for case in own)} (or {', '.join(others)}), {', '.join(conventions)}, ..."
     text += f", or a folder of one mask per structure ({name}/, {STRUCTURE_FOLDER}/)"
+    if Path(scan).is_dir():
+        text += ", a folder of 2-D masks beside the series, one per slice (CHAOS's Ground/),"
     if Path(scan).is_dir() or is_multiframe_scan(scan):
         text += " or a DICOM SEG or RTSTRUCT referencing the series"
     return text
@@ -3257,7 +3406,8 @@ def paired_volumes(
     `(case, image, label volume)` of every 3-D scan file in the folder `images` (NIfTI, NRRD, MetaImage; not 3D
     Slicer's segmentations, `.seg.nrrd`; where it holds none, in its case folders: :func:`case_scans_in`, each case
     named by :func:`scan_case`) and every DICOM series folder under it
-    (:func:`dicom_series_in`: a DICOM export, each series named by its folder), its label volume the file of the same
+    (:func:`dicom_series_in`: a DICOM export, each series named by its folder, or where several series' folders have
+    one name, CHAOS's `CT/1/DICOM_anon`, by its place below `images`: `1_DICOM_anon`), its label volume the file of the same
     name in `labels` (or, for nnU-Net's `<case>_0000.nii.gz`, `<case>.nii.gz`: `label_volume_of`). A volume without
     one, several channels of one case (two scans paired with one label volume), or a folder without volumes is a
     ValueError naming the files, before anything is read. Names that only look like channels (AMOS's `amos_0001`,
@@ -3319,10 +3469,21 @@ def paired_volumes(
                 f"pick one channel (`channel` {channels[0]}, or `scans` '*_{channels[0]}{suffix}')."
             )
         names = ", ".join(p.name for p in paths)
+        example = "CHAOS's InPhase and OutPhase" if paths[0].is_dir() else "BraTS's t1, t1ce, t2, flair"
+        pattern = paths[0].name if paths[0].is_dir() else "*_flair.nii.gz"
         raise ValueError(
-            f"`images` {images}: {names} have one label volume ({label.name}): several images of one case (BraTS's "
-            "t1, t1ce, t2, flair); the 2-D models take one grey image: pick one (`scans` '*_flair.nii.gz')."
+            f"`images` {images}: {names} have one label volume ({label.name}): several images of one case ({example}); "
+            f"the 2-D models take one grey image: pick one (`scans` '{pattern}')."
         )
+    series_names = [case for case, path, _ in pairs if path.is_dir()]
+    pairs = [  # CHAOS's CT/1/DICOM_anon, CT/2/DICOM_anon: series of one name are named by their place (1_DICOM_anon)
+        (
+            "_".join(path.relative_to(images).parts) if path.is_dir() and series_names.count(case) > 1 else case,
+            path,
+            found,
+        )
+        for case, path, found in pairs
+    ]
     named: dict[str, list[Path]] = {}
     for case, path, _ in pairs:
         named.setdefault(case, []).append(path)

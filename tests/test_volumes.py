@@ -1433,6 +1433,14 @@ def test_dicom_segs_are_label_volumes_of_their_series(tmp_path, capsys):
     series = tmp_path / "export" / "patient" / "CT_abdomen"
     (series / "seg.dcm").write_bytes(seg.read_bytes())
     assert image_files_in(series) == [] and read_volume(series).shape == volume.shape
+    # score: a SEG beside (or in) the series it references is the truth of the prediction of the series' name.
+    scores = {name: tmp_path / f"{name}.csv" for name in ("seg", "nifti")}
+    assert main(["score", str(tmp_path / "a"), "--truth", str(series.parent), "--csv", str(scores["seg"])]) == 0
+    assert (
+        main(["score", str(tmp_path / "a"), "--truth", str(tmp_path / "nifti_labels"), "--csv", str(scores["nifti"])])
+        == 0
+    )
+    assert scores["seg"].read_text() == scores["nifti"].read_text()
     with pytest.raises(ValueError, match=r"seg\.dcm: a DICOM SEG \(the segmentation of a series, not one 2-D image\)"):
         segment(tiny_model(), str(series / "seg.dcm"), box=[1, 1, 5, 5])
     # Two SEGs of one series: which one? Named, not guessed (the folder's index is read again once it changed).
@@ -1442,6 +1450,92 @@ def test_dicom_segs_are_label_volumes_of_their_series(tmp_path, capsys):
         match=r"annotations: 2 DICOM SEG / RTSTRUCT files reference the series CT_abdomen \(.*1\.2\.3\.4\.dcm",
     ):
         dicom_annotation_of(series, tmp_path / "annotations")
+
+
+def chaos_case(folder: Path, labels: np.ndarray, levels: dict[int, int], mask_name: str) -> Path:
+    """One scan as CHAOS unpacks: `folder/DICOM_anon/` (a series stored LPS, its files named by rank from the last
+    slice: `i0000,0000b.dcm` is slice 5) beside `folder/Ground/` (one 2-D mask per file, `mask_name` % rank, each
+    class of `labels` stored as its grey level `levels[class]`, rows and columns as the slice stores them)."""
+    stored_labels, _ = as_stored(labels, AFFINE, ("L", "P", "S"))
+    files = write_dicom_series(*as_stored(hu_scan(labels), AFFINE, ("L", "P", "S")), folder / "DICOM_anon")
+    (folder / "Ground").mkdir()
+    count = len(files)
+    for k, path in enumerate(files):
+        rank = count - 1 - k
+        path.rename(path.parent / f"i{rank:04d},0000b.dcm")
+        mask = np.zeros(stored_labels.shape[:2], np.uint8)
+        for class_id, level in levels.items():
+            mask[stored_labels[:, :, k] == class_id] = level
+        Image.fromarray(mask.T).save(folder / "Ground" / (mask_name % rank))
+    return folder / "DICOM_anon"
+
+
+@needs_dicom
+def test_chaos_slice_masks_beside_a_series_are_its_label_volume(tmp_path, capsys):
+    """CHAOS keeps each scan as a DICOM series (`CT/1/DICOM_anon/`) beside one PNG mask per slice (`CT/1/Ground/
+    liver_GT_000.png`); MR's masks hold its four organs as grey levels. Masks pair with the slice files in name order
+    and lie where each slice lies in the patient: predict, score and convert read them as the series' label volume."""
+    from imedsam_hf.cli import main
+    from imedsam_hf.volumes import embedded_label_names, read_label_volume, read_slice_masks, slice_mask_folder_of
+
+    labels = two_organs()
+    root = tmp_path / "Train_Sets"
+    series = [chaos_case(root / "CT" / n, labels, {2: 255}, "liver_GT_%03d.png") for n in ("1", "2")]
+    mr = chaos_case(root / "MR" / "1" / "T2SPIR", labels, {2: 63, 5: 252}, "IMG-0001-%05d.png")
+    volume = read_volume(series[0])
+    ground = root / "CT" / "1" / "Ground"
+    assert label_volume_of(series[0], root / "CT") == ground.resolve()  # beside the series, below the folder given
+    assert label_volume_of(series[0], ground) == ground.resolve()  # given itself
+    assert slice_mask_folder_of(series[0], tmp_path / "elsewhere") is None
+    np.testing.assert_array_equal(read_label_volume(ground, volume).data, (labels == 2).astype(np.uint8))
+    assert embedded_label_names(ground) == {1: "liver"}  # named by its files: the BTCV model's liver, not class 1
+    found = label_volume_of(mr, root)
+    np.testing.assert_array_equal(read_label_volume(found, read_volume(mr)).data, np.select([labels == 2, labels == 5],
+                                                                                             [1, 4], 0))  # fmt: skip
+    assert embedded_label_names(found) == {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
+    # T1DUAL: the in-phase and out-phase series one folder down, their Ground beside that folder.
+    t1 = root / "MR" / "1" / "T1DUAL"
+    (t1 / "DICOM_anon").mkdir(parents=True)
+    (root / "MR" / "1" / "T2SPIR" / "DICOM_anon").rename(t1 / "DICOM_anon" / "InPhase")
+    (root / "MR" / "1" / "T2SPIR" / "Ground").rename(t1 / "Ground")
+    assert label_volume_of(t1 / "DICOM_anon" / "InPhase", root / "MR") == (t1 / "Ground").resolve()
+    # score: predictions at predict's places (P/1/DICOM_anon.nii.gz) against the data set as it unpacks.
+    for n in ("1", "2"):
+        save_nifti(tmp_path / "P" / n / "DICOM_anon.nii.gz", (labels == 2).astype(np.uint8), volume.affine)
+        save_nifti(tmp_path / "R" / "CT" / n / "DICOM_anon.nii.gz", (labels == 2).astype(np.uint8), volume.affine)
+    csv = tmp_path / "scores.csv"
+    assert main(["score", str(tmp_path / "P"), "--truth", str(root / "CT"), "--csv", str(csv)]) == 0
+    assert csv.read_text().splitlines()[1:] == [f"{n}/DICOM_anon,1,liver,1.0,1.0,0.0,0.0,1.0" for n in "12"]
+    assert main(["score", str(tmp_path / "R"), "--truth", str(root), "--csv", str(csv)]) == 0  # places at any depth
+    assert csv.read_text().splitlines()[1:] == [f"CT/{n}/DICOM_anon,1,liver,1.0,1.0,0.0,0.0,1.0" for n in "12"]
+    # predict --boxes-from-masks: each series prompted by its Ground.
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), *map(str, series), "--device", "cpu"]
+    assert main([*argv, "--boxes-from-masks", str(root / "CT"), "--out", str(tmp_path / "Q")]) == 0
+    assert sorted(p.relative_to(tmp_path / "Q").as_posix() for p in (tmp_path / "Q").rglob("*.nii.gz")) == [
+        "1/DICOM_anon.nii.gz", "2/DICOM_anon.nii.gz"]  # fmt: skip
+    # convert volumes: series of one name named by their place; the class named by the masks' files.
+    out = tmp_path / "slices"
+    assert main(["convert", "volumes", "--images", str(root / "CT"), "--labels", str(root / "CT"), "--window", "abdomen",
+                 "--output", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "classes.json").read_text())["classes"] == {"0": "background", "1": "liver"}
+    assert {p.name.split("_slice")[0] for p in (out / "images").iterdir()} == {"1_DICOM_anon", "2_DICOM_anon"}
+    # Given where 2-D images are read (evaluate, training): the conversion to run first.
+    from imedsam_hf.data import volumes_hint
+
+    assert volumes_hint(root / "CT").endswith(
+        f"imedsam convert volumes --images {root / 'CT'} --labels {root / 'CT'} --output DIR."
+    )
+    # Refused, naming what to do: a mask missing, a mask of another size, masks for a scan that is no series.
+    capsys.readouterr()
+    (ground / "liver_GT_003.png").unlink()
+    with pytest.raises(ValueError, match=r"Ground: 5 masks for the 6 slices of the DICOM series .*one mask per slice"):
+        read_slice_masks(ground, volume)
+    Image.new("L", (7, 7)).save(ground / "liver_GT_003.png")
+    with pytest.raises(ValueError, match=r"liver_GT_003\.png: 7x7, its slice i0003,0000b\.dcm 24x20"):
+        read_slice_masks(ground, volume)
+    with pytest.raises(ValueError, match=r"Ground: a folder of 2-D masks is the label volume of a DICOM series"):
+        read_slice_masks(ground, make_volume(labels))
 
 
 def voxel_lps(i: float, j: float, k: float) -> list[float]:

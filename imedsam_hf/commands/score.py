@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +37,19 @@ from ..data import (
 from ..metrics import METRIC_NAMES, aggregate, check_nsd_options, nanmean, segmentation_scores
 from ..processing_imedsam import grid_image_spacing
 from ..volumes import (
-    case_folders,
     check_label_volume,
+    dicom_files_in,
     embedded_label_names,
     is_cropped_segmentation,
     label_volume_names,
     label_volume_of,
     onto_grid,
+    read_label_volume,
     read_structure_masks,
     read_volume,
     require_itk,
     scan_case,
+    volume_name,
     volume_scores,
 )
 from .common import EXIT_NOTHING_DONE, EXIT_OK, EXIT_SOME_FAILED, fail, flag_message
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         check_nsd_options(args.nsd_tolerance, args.nsd_definition)  # without MONAI, surfels stop before any case
         nsd = {"tolerance": args.nsd_tolerance, "nsd_definition": args.nsd_definition}
         predictions = prediction_files(args.predictions)
-        names = truth_class_names(Path(args.truth), predictions[0])
+        given = set(map(Path, args.predictions))
+        names = truth_class_names(Path(args.truth), predictions[0], given)
         if any(map(is_itk_volume, predictions)) or any(map(is_itk_volume, volumes_in(args.truth))):
             require_itk()  # NRRD / MetaImage label volumes
         wanted = None
@@ -74,12 +78,13 @@ def run(args: argparse.Namespace) -> int:
     rows, skipped = [], 0
     masks = kind_of(predictions[0]) == "mask"
     naming = mask_folder_naming([image_stem(p) for p in predictions], args.truth) if masks else ("", "")
-    given = set(map(Path, args.predictions))
     stems = Counter(image_stem(p) for p in predictions) if masks else Counter()
     for path in predictions:
         try:
             in_case_folder = path not in given and path.parent not in given  # `predict`'s P/case_00000/imaging.nii.gz
             place = path.parent.name if masks and in_case_folder else ""  # `predict a/* b/*`'s P/a/x.png
+            if not masks:  # P/2/DICOM_anon.nii.gz: predict's place below P of a series `2/DICOM_anon`
+                place = place_below(path, given)
             shared = stems[image_stem(path)] > 1
             rows.extend(score_one(path, Path(args.truth), naming, wanted, nsd, in_case_folder, place, shared))
         except (OSError, ValueError, ImportError) as error:  # ImportError: a NRRD / MetaImage truth without SimpleITK
@@ -130,13 +135,14 @@ def run(args: argparse.Namespace) -> int:
 
 def prediction_files(inputs: list[str]) -> list[Path]:
     """The predictions named on the command line (files, or folders of them: their label volumes if they hold any,
-    else those of their case folders (`predict`'s for KiTS's `case_00000/imaging.nii.gz`),
+    else those of the folders below (`predict`'s places: KiTS's `case_00000/imaging.nii.gz`, CHAOS's
+    `CT/1/DICOM_anon.nii.gz`),
     else their images, without hidden files and `predict --overlay`'s `<name>_overlay.png` beside `<name>.png`),
     all volumes or all images."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            volumes = volumes_in(item) or [path for case in case_folders(item) for path in volumes_in(case)]
+            volumes = volumes_in(item) or volumes_below(item)
             images = mask_files_in(item)
             if not images and not volumes:  # `predict a/* b/*`'s P/a/x.png, P/b/x.png (DeepLesion's series folders)
                 subfolders = sorted(p for p in item.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -164,6 +170,16 @@ def prediction_files(inputs: list[str]) -> list[Path]:
     return found
 
 
+def volumes_below(folder: Path) -> list[Path]:
+    """The label volumes in the folders below `folder`, at any depth, in path order (hidden folders skipped)."""
+    found = []
+    for root, folders, _ in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        if Path(root) != folder:
+            found.extend(volumes_in(root))
+    return found
+
+
 def mask_files_in(folder: Path) -> list[Path]:
     """The masks of a folder of predictions: its images, without hidden files and `predict --overlay`'s
     `<name>_overlay.png` beside `<name>.png`."""
@@ -179,11 +195,34 @@ def kind_of(path: Path) -> str:
     return "challenge cases" if path.suffix.lower() == ".npz" else "mask"
 
 
-def truth_class_names(truth: Path, first: Path | None = None) -> dict[int, str] | None:
+def place_below(path: Path, given: Collection[Path]) -> str:
+    """The folder of the prediction `path` below the folder of `given` holding it (`P/2/DICOM_anon.nii.gz` given `P`:
+    `2`), as predict places a series' label volume; ``""`` directly in one, or given as a file."""
+    folder = next((path.parent.relative_to(g) for g in given if g in path.parents), Path("."))
+    return "" if folder == Path(".") else folder.as_posix()
+
+
+def truth_label_of(path: Path, truth: Path, place: str = "") -> tuple[Path | None, Path | None]:
+    """`(label, series)`: the truth of the label volume `path` in `truth` (`volumes.label_volume_of`), else, where
+    `truth` keeps DICOM series, that of the series of the prediction's name at its `place` (`predict`'s
+    `P/2/DICOM_anon.nii.gz` for `truth/2/DICOM_anon/`: CHAOS's slice masks beside it, a DICOM SEG or RTSTRUCT
+    referencing it), with the series; `(None, None)` without one."""
+    found = label_volume_of(path, truth)
+    if found is not None:
+        return found, None
+    name = volume_name(path)
+    for series in dict.fromkeys([truth / place / name, truth / name]):
+        if series.is_dir() and dicom_files_in(series):
+            return label_volume_of(series, truth), series
+    return None, None
+
+
+def truth_class_names(truth: Path, first: Path | None = None, given: Collection[Path] = ()) -> dict[int, str] | None:
     """The structures' names: a classes.json or id2label.json in the truth folder or beside it, or the MSD / nnU-Net
     dataset.json beside it (labelsTr's parent), else the names the first of its label volumes naming its ids carries
     in its header (TotalSegmentator's `--ml` output, a 3D Slicer segmentation), else those of the truth of the
-    `first` prediction (in a case folder; a folder of structure masks names its ids by its files); None without any."""
+    `first` prediction (in a case folder; a folder of structure masks names its ids by its files, CHAOS's slice
+    masks theirs; `given`: the predictions' folders, of which `first` lies at a place); None without any."""
     if not truth.is_dir():
         raise ValueError(f"`truth` {truth}: not a folder of label volumes or masks.")
     names = folder_class_names(truth)
@@ -192,7 +231,9 @@ def truth_class_names(truth: Path, first: Path | None = None) -> dict[int, str] 
     # TotalSegmentator's header table, or a 3D Slicer segmentation's segment names (a scene also holds its scan).
     found = next((found for path in volumes_in(truth) if (found := embedded_label_names(path))), None)
     if found is None and first is not None and is_volume(first):  # the truth of the first prediction: case folders,
-        label = label_volume_of(first, truth)  # TotalSegmentator's folders of structure masks
+        label, _ = truth_label_of(
+            first, truth, place_below(first, given)
+        )  # TotalSegmentator's folders of structure masks
         found = embedded_label_names(label) if label is not None else None
     return found
 
@@ -214,16 +255,20 @@ def score_one(
     sub-folder `place` of a folder given (`predict a/* b/*`'s `P/a/x.png`) is scored against `truth/place/x.*`, else
     `truth/x.*` unless another prediction has its name (`shared`), and its case is named `place/x`."""
     if is_volume(path):
-        found = label_volume_of(path, truth)
+        found, series = truth_label_of(path, truth, place)
         if found is None:
-            raise ValueError(f"{path}: no label volume in `truth` {truth} (looked for {label_volume_names(path)}).")
+            looked = label_volume_names(series or path)
+            raise ValueError(f"{path}: no label volume in `truth` {truth} (looked for {looked}).")
         predicted = read_volume(path)
-        expected = read_structure_masks(found, predicted) if found.is_dir() else read_volume(found)
+        if series is not None:  # the truth of a DICOM series, read onto it
+            expected = read_label_volume(found, read_volume(series))
+        else:
+            expected = read_structure_masks(found, predicted) if found.is_dir() else read_volume(found)
         if expected.shape != predicted.shape and is_cropped_segmentation(found):  # 3D Slicer's: padded, not cut
             expected = onto_grid(expected, predicted, crop=True) or expected
         truth_ids = check_label_volume(expected, expected, compare_affines=False)
         predicted_ids = check_label_volume(predicted, expected, compare_affines=True)
-        case = scan_case(path, in_case_folder)
+        case = scan_case(path, in_case_folder) if series is None else "/".join(filter(None, [place, volume_name(path)]))
         return volume_rows(case, predicted_ids, truth_ids, expected.spacing, wanted, "mm", nsd)
     if path.suffix.lower() == ".npz":
         return case_rows(path, truth, wanted, nsd)
