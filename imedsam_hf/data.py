@@ -1304,11 +1304,13 @@ def group_of(stem: str, pattern: re.Pattern | str = DEFAULT_GROUP_PATTERN) -> st
     return match.group(1) if match and match.groups() else stem
 
 
-def case_folder_group(image: str | os.PathLike, stem: str) -> str | None:
+def case_folder_group(image: object, stem: str) -> str | None:
     """The case a 2-D image is a slice of when it lies in a folder named for the case and is named `<folder>_<n>` (or
     `-<n>`): the Kaggle LGG brain MRI set's `TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12.tif`; None otherwise
     (BUSI's `benign/benign (12).png` is a class folder of many patients, PH2's `IMD002_Dermoscopic_Image/IMD002.bmp`
-    one image)."""
+    one image; an image of a Hub dataset, read in memory, none)."""
+    if not isinstance(image, (str, os.PathLike)):
+        return None
     folder = Path(image).parent.name
     return folder if folder and re.fullmatch(re.escape(folder) + r"[_-]\d+", stem) else None
 

@@ -33,6 +33,7 @@ from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window
 from .data import (
     DEFAULT_GROUP_PATTERN,
     SegmentationPair,
+    case_folder_group,
     class_id_of,
     compile_group_pattern,
     dataset_class_names,
@@ -270,7 +271,8 @@ def evaluate_pairs(
     interior point first) instead of its box.
 
     `slice_masks`, a dict, receives the predicted and true masks of class-prompted rows at the first output size,
-    `{(stem, class_id): SliceMasks}`, for `volume_summary`'s per-scan distances.
+    `{(stem, class_id): SliceMasks}`, for `volume_summary`'s per-scan distances; given, binary rows (a binary mask,
+    or a binary model's) carry overlap counts and their masks too, as class 1.
 
     A pair whose mask is empty (with class prompts: holds none of the classes scored) gets rows with `empty: 1` and
     no Dice, IoU or HD: with box prompts it is not run at all (there is no box), prompt-free it is run and its
@@ -354,10 +356,12 @@ def evaluate_pairs(
                 row = {"stem": pair.stem, "size": str(size), **extra, **scored}
                 if size == sizes[0]:
                     shown.append((prediction, predicted, target))
-                if class_id is not None:  # what volume_summary stacks into scans
+                # What volume_summary stacks into scans: class-prompted rows, and a binary mask's where slices are
+                # stacked (`slice_masks` asked for), its foreground as class 1.
+                if class_id is not None or (classes_scored == 1 and slice_masks is not None):
                     row.update(zip(COUNT_KEYS, overlap_counts(predicted > 0, target > 0)))
                     if slice_masks is not None and size == sizes[0]:
-                        slice_masks[(pair.stem, class_id)] = SliceMasks.of(predicted > 0, target > 0)
+                        slice_masks[(pair.stem, class_id or 1)] = SliceMasks.of(predicted > 0, target > 0)
                 rows.append(row)
         if overlays is not None:
             shown_prompts = dict(boxes=boxes if prompt == "box" else None, points=clicks)
@@ -428,17 +432,19 @@ def scan_distances(
     pattern: re.Pattern,
     nsd_tolerance: float = NSD_TOLERANCE,
     nsd_definition: str = "voxels",
+    groups: Mapping[str, str] | None = None,
 ) -> dict[tuple[str, int], dict[str, float]]:
     """
     `{"hd95", "nsd"}` (HD95 in mm, NSD at `nsd_tolerance` mm) of each class in each scan: its slices stacked by slice
     index (`data.slice_index`; slices missing from the folder hold no structure and count as empty in both),
     distances with the scan's spacing `(x, y, z)` (`metrics.boundary_scores` in 3-D, as `volumes.volume_scores`).
-    Scans without a spacing or slice numbers, or with slices of different sizes, are left out.
+    Scans without a spacing or slice numbers, or with slices of different sizes, are left out. `groups`: each
+    stem's scan (:func:`slice_scans`) where `pattern` does not name them all.
     """
     by_scan: dict[str, dict[int, list[tuple[int, SliceMasks]]]] = {}
     for (stem, class_id), masks in slice_masks.items():
         z = slice_index(stem)
-        scan = group_of(stem, pattern)
+        scan = groups.get(stem) if groups is not None else group_of(stem, pattern)
         if z is None or scan not in spacing:
             continue
         by_scan.setdefault(scan, {}).setdefault(class_id, []).append((z, masks))
@@ -547,10 +553,13 @@ def volume_summary(
     spacing: Mapping[str, Sequence[float]] | None = None,
     nsd_tolerance: float = NSD_TOLERANCE,
     nsd_definition: str = "voxels",
+    groups: Mapping[str, str] | None = None,
 ) -> dict:
     """
-    Per-volume scores of class-prompted rows at one output size: slices grouped into scans by `group_pattern`
-    (its first group names the scan), the 3D Dice of each class in each scan from the slices' overlap counts
+    Per-volume scores of the rows carrying overlap counts (class-prompted rows; a binary mask's, as class 1
+    ``foreground``, where `evaluate_pairs` stacked them) at one output size: slices grouped into scans by
+    `group_pattern` (its first group names the scan), or by `groups` (each stem's scan, :func:`slice_scans`: the
+    rows of other stems left out), the 3D Dice of each class in each scan from the slices' overlap counts
     (exact: the sums over slices are the volume's), averaged over scans per class, then over classes. With the
     rows' `slice_masks` and the scans' `spacing` (mm, `data.read_scan_spacing`), also the 3D HD95 in mm and the NSD
     at `nsd_tolerance` mm (`scan_distances`), averaged the same way; else `"hd95"` and `"nsd"` are None. `per_scan`
@@ -561,14 +570,20 @@ def volume_summary(
     """
     pattern = compile_group_pattern(group_pattern)
     totals: dict[tuple[str, int], np.ndarray] = {}
+    binary: set[bool] = set()
     for row in rows:
-        if row["size"] != size or "class" not in row:
+        if row["size"] != size or COUNT_KEYS[0] not in row:
             continue
-        scan = group_of(row["stem"], pattern)
-        counts = np.array([row[k] for k in COUNT_KEYS], dtype=np.int64)
-        totals[(scan, row["class"])] = totals.get((scan, row["class"]), 0) + counts
+        scan = groups.get(row["stem"]) if groups is not None else group_of(row["stem"], pattern)
+        if scan is None:
+            continue
+        binary.add("class" not in row)
+        key = (scan, row.get("class", 1))
+        totals[key] = totals.get(key, 0) + np.array([row[k] for k in COUNT_KEYS], dtype=np.int64)
     distances = (
-        scan_distances(slice_masks, spacing, pattern, nsd_tolerance, nsd_definition) if slice_masks and spacing else {}
+        scan_distances(slice_masks, spacing, pattern, nsd_tolerance, nsd_definition, groups)
+        if slice_masks and spacing
+        else {}
     )
     per_scan: dict[str, dict[str, dict]] = {}
     for (scan, class_id), counts in sorted(totals.items()):
@@ -580,7 +595,7 @@ def volume_summary(
     for c in sorted({class_id for _, class_id in totals}):
         scans = [scores[str(c)] for scores in per_scan.values() if str(c) in scores]
         per_class[str(c)] = {
-            "name": (class_names or {}).get(c, str(c)),
+            "name": (class_names or {}).get(c, "foreground" if binary == {True} else str(c)),
             "dice": nanmean([s["dice"] for s in scans]),
             **{
                 k: nanmean([s[k] for s in scans if k in s]) if any(k in s for s in scans) else None
@@ -865,15 +880,16 @@ class EvaluationReport:
 def _scored(
     model, processor, pairs, protocol: EvaluationProtocol, baseline: bool, progress: bool, overlays: Path | None = None
 ):
-    """Rows, summary and volume summary (None without class prompts) of one model, over the protocol's jitter draws:
+    """Rows, summary and volume summary (None unless the images are slices of scans, :func:`slice_scans`) of one model, over the protocol's jitter draws:
     with K > 1 draws each row carries its `jitter_draw` and the summaries are `mean_over_draws` of the K draws'.
     `overlays` shows the first draw's masks (`evaluate_pairs`)."""
     options = protocol.pair_options()
     first = str(parse_size(protocol.output_sizes[0]))
     names = dict(protocol.class_names) if protocol.class_names else None
-    # Per-scan scores where the images are slices of scans (BTCV's `case0001_slice061`), not for 2-D data sets.
-    pattern = compile_group_pattern(protocol.group_pattern)
-    scans = protocol.class_prompts and any(pattern.match(pair.stem) for pair in pairs)
+    # Per-scan scores where the images are slices of scans (BTCV's `case0001_slice061`, the LGG set's case folders),
+    # not for 2-D data sets.
+    groups = slice_scans(pairs, protocol.group_pattern)
+    scans = bool(groups)
     draws = []
     for draw in range(protocol.jitter_draws):
         masks = {} if scans else None
@@ -882,18 +898,32 @@ def _scored(
             slice_masks=masks, overlays=overlays if draw == 0 else None,
         )  # fmt: skip
         volume = None
-        if masks is not None:
+        if masks is not None and any(COUNT_KEYS[0] in row for row in rows):  # not a multi-class map's rows
             volume = volume_summary(
                 rows, first, names, protocol.group_pattern, masks, protocol.spacing, protocol.nsd_tolerance,
-                protocol.nsd_definition,
+                protocol.nsd_definition, groups,
             )  # fmt: skip
         draws.append((rows, summary, volume))
     if len(draws) == 1:
         return draws[0]
     rows = [{**row, "jitter_draw": draw} for draw, (draw_rows, _, _) in enumerate(draws) for row in draw_rows]
     summary = mean_over_draws([summary for _, summary, _ in draws])
-    volume = mean_over_draws([volume for _, _, volume in draws]) if scans else None
+    volume = mean_over_draws([volume for _, _, volume in draws]) if draws[0][2] is not None else None
     return rows, summary, volume
+
+
+def slice_scans(pairs: Sequence[SegmentationPair], group_pattern: str | None) -> dict[str, str]:
+    """``{stem: scan}`` of the pairs that are slices of scans: named so by `group_pattern`'s first group (BTCV's
+    `case0001_slice061`), else kept in a folder of their case (the LGG set's `TCGA_CS_4941_19960909/
+    TCGA_CS_4941_19960909_12.tif`: `data.case_folder_group`); ``{}`` for a 2-D data set."""
+    pattern = compile_group_pattern(group_pattern)
+    groups = {}
+    for pair in pairs:
+        match = pattern.match(pair.stem)
+        scan = match.group(1) if match and match.groups() else case_folder_group(pair.image, pair.stem)
+        if scan is not None:
+            groups[pair.stem] = scan
+    return groups
 
 
 def mean_over_draws(draws: Sequence[Any]) -> Any:

@@ -297,6 +297,19 @@ def test_kvasir_segs_own_boxes_file_and_coco_annotations_are_boxes_as_they_are(t
     assert 'names image_id 99, which no entry of its "images" list has' in capsys.readouterr().err
 
 
+def lgg_layout(root: Path, patients: int, slices: int) -> Path:
+    """Kaggle's LGG brain MRI set as it unpacks: `root/<patient>/<patient>_<n>.tif` beside `<patient>_<n>_mask.tif`
+    (random RGB slices, a 0/255 square mask each)."""
+    rng = np.random.default_rng(0)
+    for patient in range(patients):
+        folder = root / f"TCGA_CS_49{patient}1_1996090{patient}"
+        folder.mkdir(parents=True)
+        for n in range(1, slices + 1):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{folder.name}_{n}.tif")
+            Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 8)).save(folder / f"{folder.name}_{n}_mask.tif")
+    return root
+
+
 def test_slices_kept_in_a_folder_per_patient_are_split_by_patient(tmp_path):
     """Kaggle's LGG brain MRI set keeps each patient's slices in a folder of their own, each mask beside its slice
     (`TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12.tif`, `..._12_mask.tif`): training split it slice by slice, so
@@ -304,14 +317,7 @@ def test_slices_kept_in_a_folder_per_patient_are_split_by_patient(tmp_path):
     for their folder are now one case; BUSI's class folders (`benign/benign (3).png`) stay image by image."""
     from imedsam_hf.data import case_folder_group, make_splits
 
-    rng = np.random.default_rng(0)
-    root = tmp_path / "kaggle_3m"
-    for patient in range(6):
-        folder = root / f"TCGA_CS_49{patient}1_1996090{patient}"
-        folder.mkdir(parents=True)
-        for n in range(1, 4):
-            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{folder.name}_{n}.tif")
-            Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 8)).save(folder / f"{folder.name}_{n}_mask.tif")
+    root = lgg_layout(tmp_path / "kaggle_3m", patients=6, slices=3)
     pairs, problems = discover_pairs(root)
     assert len(pairs) == 18 and not problems
     groups = {pair.stem: case for pair in pairs if (case := case_folder_group(pair.image, pair.stem))}
@@ -338,6 +344,35 @@ def test_slices_kept_in_a_folder_per_patient_are_split_by_patient(tmp_path):
     # A pattern given groups the stems it matches; the folder decides for the others.
     by_pattern = make_splits(["a_slice001", "a_slice002", "x"], group_pattern=r"^(.*)_slice\d+$", groups={"x": "a"})
     assert sorted(next(stems for stems in by_pattern.values() if "x" in stems)) == ["a_slice001", "a_slice002", "x"]
+
+
+def test_slices_kept_in_a_folder_per_patient_are_scored_per_patient_too(tmp_path, capsys):
+    """The LGG set's papers report Dice per patient: evaluate stacks each patient folder's slices into a 3-D Dice
+    (the slices' overlap counts summed), as it does for BTCV's `case0001_sliceNNN`; single images get none."""
+    from imedsam_hf.evaluation import volume_summary
+
+    rows = [  # one binary mask per slice: no class; patient a's two slices, patient b's one
+        {"stem": "a_1", "size": "native", "overlap": 8, "predicted_pixels": 10, "true_pixels": 10},
+        {"stem": "a_2", "size": "native", "overlap": 0, "predicted_pixels": 0, "true_pixels": 4},
+        {"stem": "b_7", "size": "native", "overlap": 5, "predicted_pixels": 5, "true_pixels": 5},
+        {"stem": "lone", "size": "native", "overlap": 1, "predicted_pixels": 1, "true_pixels": 1},
+    ]
+    volume = volume_summary(rows, "native", None, groups={"a_1": "a", "a_2": "a", "b_7": "b"})
+    assert volume["per_scan"] == {"a": {"1": {"dice": 2 * 8 / 24}}, "b": {"1": {"dice": 1.0}}}
+    assert volume["per_class"]["1"]["name"] == "foreground" and volume["dice"] == pytest.approx((2 * 8 / 24 + 1) / 2)
+    root = lgg_layout(tmp_path / "kaggle_3m", patients=3, slices=2)
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--device", "cpu", "--split", "all"]
+    assert main([*argv, "--data-dir", str(root), "--json", str(tmp_path / "e.json")]) == 0, capsys.readouterr().err
+    volume = json.loads((tmp_path / "e.json").read_text())["volume"]
+    assert volume["n_volumes"] == 3 and sorted(volume["per_scan"]) == sorted(p.name for p in root.iterdir())
+    assert "volume  3 scans, 3D Dice per class:" in capsys.readouterr().out
+    flat = tmp_path / "flat"  # the same images in one folder: no cases to stack
+    flat.mkdir()
+    for path in root.rglob("*.tif"):
+        path.rename(flat / path.name)
+    assert main([*argv, "--data-dir", str(flat), "--json", str(tmp_path / "f.json")]) == 0
+    assert "volume" not in json.loads((tmp_path / "f.json").read_text())
 
 
 def test_isic_2017_as_it_unpacks_superpixel_maps_are_neither_images_nor_masks(tmp_path, capsys):
