@@ -257,12 +257,14 @@ class Volume:
         affine: ``(4, 4)`` voxel -> world (RAS+, mm) matrix.
         header: the file's header (a ``Nifti1Header`` for ``.nii``/``.nii.gz``).
         path: where it was read from, ``None`` for a volume built in memory.
+        modality: a DICOM scan's ``Modality`` (``"CT"``, ``"MR"``), ``None`` where the file does not say (NIfTI).
     """
 
     data: np.ndarray
     affine: np.ndarray
     header: Any
     path: Path | None = None
+    modality: str | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -688,12 +690,13 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
         raise ValueError(f"{folder}: the DICOM series cannot be read as one 3-D scan: {reason}") from error
     finally:
         log.setLevel(level)
-    return _scan_on_view_grid(data, image.affine, folder)
+    return _scan_on_view_grid(data, image.affine, folder, str(datasets[0].get("Modality", "")))
 
 
-def _scan_on_view_grid(data: np.ndarray, affine: np.ndarray, path: Path) -> Volume:
+def _scan_on_view_grid(data: np.ndarray, affine: np.ndarray, path: Path, modality: str = "") -> Volume:
     """The :class:`Volume` of a DICOM scan read onto dicom2nifti's grid (`data` ``(columns, rows, slices)``, its RAS
-    `affine`): whole numbers kept as int16, turned onto :func:`view_grid`'s grid, `path` its source."""
+    `affine`): whole numbers kept as int16, turned onto :func:`view_grid`'s grid, `path` its source, `modality` its
+    header's."""
     if np.issubdtype(data.dtype, np.floating) and data.size and np.isfinite(data).all():
         small = data.astype(np.int16)  # rescaled CT comes back float64: 8 bytes a voxel for whole numbers of HU
         if np.array_equal(small, data):
@@ -701,7 +704,9 @@ def _scan_on_view_grid(data: np.ndarray, affine: np.ndarray, path: Path) -> Volu
     data, affine = view_grid(data, affine)
     image = nib.Nifti1Image(data, affine)
     image.header.set_xyzt_units("mm", "sec")
-    return _checked_volume(data, image, path)
+    volume = _checked_volume(data, image, path)
+    volume.modality = modality.strip().upper() or None
+    return volume
 
 
 def require_multiframe() -> None:
@@ -752,7 +757,8 @@ def read_multiframe_scan(path: str | os.PathLike, source: str | os.PathLike | No
         ) from error
     to_stack = np.eye(4)[[2, 1, 0, 3]]  # (column, row, slice) indices -> (slice, row, column)
     affine = LPS_TO_RAS @ np.asarray(scan.affine, dtype=float) @ to_stack
-    return _scan_on_view_grid(np.transpose(np.asarray(scan.array), (2, 1, 0)), affine, Path(source or path))
+    modality = str(dicom_dataset(path, pixels=False, tags=["Modality"]).get("Modality", ""))
+    return _scan_on_view_grid(np.transpose(np.asarray(scan.array), (2, 1, 0)), affine, Path(source or path), modality)
 
 
 #: The plane a scan is sliced in, by the direction (nibabel's axis code) of its slicing axis.
@@ -945,16 +951,28 @@ def _is_8bit(data: np.ndarray) -> bool:
     return bool(data.min() >= 0 and data.max() <= 255)
 
 
-def resolve_window(data: np.ndarray, window: WindowSpec, config: Any, name: str = "volume") -> WindowSpec:
+def resolve_window(
+    data: np.ndarray, window: WindowSpec, config: Any, name: str = "volume", modality: str | None = None
+) -> WindowSpec:
     """
     The window :func:`to_uint8` is to apply to `data` for a model: `window` when one is given; else, for a volume that
-    is not 8-bit, the window the model's training images were made with (`configuration_imedsam.training_window` of
+    is not 8-bit, :func:`default_window` for an MR scan (`modality`, its DICOM header's), warning when the model's
+    training window is a CT window in HU; else the window the model's training images were made with (`configuration_imedsam.training_window` of
     its `config`), when it recorded one and, for a window in HU, the volume looks like Hounsfield units
     (`processing_imedsam.looks_like_hu`: values below 0 over a range wider than 255); else None (an 8-bit volume
     passes through, anything else min-max with a warning). A volume that does not look like HU for a HU window warns,
     naming `name`: MR, CT stored shifted, or intensities rescaled elsewhere (give ``"mr"``, or the window that fits).
     """
     recorded = training_window(config) if window is None else None
+    if window is None and default_window(data, modality) is not None:
+        if recorded is not None and recorded != MR_WINDOW:
+            warnings.warn(
+                f"{name}: an MR scan (its DICOM Modality), scaled with {MR_WINDOW!r}, {window_text(MR_WINDOW)}; the "
+                f"model was trained on CT windowed at {window_text(recorded)}",
+                UserWarning,
+                stacklevel=2,
+            )
+        return MR_WINDOW
     if recorded is None or _is_8bit(np.asarray(data)):
         return window
     if recorded == MR_WINDOW or looks_like_hu(data):
@@ -967,6 +985,13 @@ def resolve_window(data: np.ndarray, window: WindowSpec, config: Any, name: str 
         stacklevel=2,
     )
     return None
+
+
+def default_window(data: np.ndarray, modality: str | None) -> WindowSpec:
+    """The window a scan gets when none is given, by what its DICOM header says it is: :data:`MR_WINDOW` for an MR
+    scan that is not 8-bit (the 0.5th-99.5th percentiles of its positive voxels, MedSAM's MR normalisation, not a
+    min-max over the scan that one bright voxel darkens), else None (:func:`to_uint8`'s own rule)."""
+    return MR_WINDOW if modality == "MR" and not _is_8bit(np.asarray(data)) else None
 
 
 def to_uint8(data: np.ndarray, window: WindowSpec = None) -> np.ndarray:
@@ -1604,7 +1629,9 @@ def segment_volume(
         key_slices = _check_key_slices(key_slices, checked)
         turn = grid.box if grid is not None else view.box
         checked = {class_id: turn(box) for class_id, box in checked.items()}  # slice numbers (key_slices) kept
-    images = to_uint8(volume.data, resolve_window(volume.data, window, model.config, f"volume {volume.name}"))
+    images = to_uint8(
+        volume.data, resolve_window(volume.data, window, model.config, f"volume {volume.name}", volume.modality)
+    )
     images = grid.to_grid(images) if grid is not None else view.to_view(images)
     labels = np.zeros(images.shape, dtype=np.uint8)
     if not images.any():
@@ -1806,7 +1833,9 @@ class SliceEmbeddings:
         self.model, self.tta = model, tta
         self.processor = processor or processor_for_config(model.config)
         volume, view = _viewed_volume(volume)
-        grey = to_uint8(volume.data, resolve_window(volume.data, window, model.config, f"volume {volume.name}"))
+        grey = to_uint8(
+            volume.data, resolve_window(volume.data, window, model.config, f"volume {volume.name}", volume.modality)
+        )
         self.images = view.to_view(grey)  # the slices segment_volume shows the model
         self.seconds: dict[int, float] = {}
         self.visited: set[int] = set()
@@ -3693,7 +3722,6 @@ def volumes_to_slices(
     check_window(window)
     if class_names is None:
         class_names = _label_classes_by_name([label_path for _, _, label_path in pairs])
-    window_record = "" if window is None else window_csv(window)
     rows, present, count = [], set(), 0
     segment_names: dict[int, str] = {}
     with staged_folder(output, "`output`") as staging:
@@ -3701,7 +3729,8 @@ def volumes_to_slices(
             (staging / sub).mkdir()
         cases = _labelled_cases(pairs, class_names, segment_names, progress, channel)
         for case, image_path, label_path, volume, truth in cases:
-            grey = to_uint8(volume.data, window)  # slices as segment_volume shows them to a model
+            case_window = window if window is not None else default_window(volume.data, volume.modality)
+            grey = to_uint8(volume.data, case_window)  # slices as segment_volume shows them to a model
             if plane == "axial":
                 grid = AxialGrid.of(volume)
                 grey, truth, spaced, codes = grid.to_grid(grey), grid.to_grid(truth, labels=True), grid.spacing, "LAS"
@@ -3720,7 +3749,7 @@ def volumes_to_slices(
             present |= {int(c) for c in np.unique(truth) if c}
             spacing = "x".join(_shortest(v) for v in spaced)
             row = [case, image_path.name, label_path.name, truth.shape[2], int(labelled.sum()), spacing]
-            rows.append([*row, codes, window_record])
+            rows.append([*row, codes, "" if case_window is None else window_csv(case_window)])
         names = _write_classes(staging, class_names, present, segment_names)
         with (staging / "cases.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)

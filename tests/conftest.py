@@ -176,15 +176,17 @@ def write_dicom_series(
     description: str = "abdomen",
     series_uid: str = "",
     skip: tuple[int, ...] = (),
+    modality: str = "CT",
 ) -> list[Path]:
     """Write the `(X, Y, Z)` volume `data` (values in HU) with the RAS `affine` as a CT DICOM series, one file per
     slice `k` (`skip`: slices left out), the way scanners store them: each file's rows along `j` and columns along `i`,
     its position and orientation in LPS patient coordinates, stored values `HU - intercept` with RescaleIntercept.
-    Files get random names (no .dcm), so nothing but their positions orders them. Returns the files."""
+    Files get random names (no .dcm), so nothing but their positions orders them. `modality` ``"MR"``: an MR series
+    (MR Image Storage, values as they are, no rescale type). Returns the files."""
     import numpy as np
 
     pytest.importorskip("pydicom")
-    from pydicom.uid import CTImageStorage, generate_uid
+    from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)  # voxel -> LPS mm
@@ -195,7 +197,8 @@ def write_dicom_series(
     for k in range(stored.shape[2]):
         if k in skip:
             continue
-        dataset = dicom_skeleton(CTImageStorage, "CT", study=study, series=series)
+        storage = MRImageStorage if modality == "MR" else CTImageStorage
+        dataset = dicom_skeleton(storage, modality, study=study, series=series)
         dataset.Manufacturer, dataset.FrameOfReferenceUID = "imedsam-hf tests", frame
         dataset.SeriesNumber, dataset.SeriesDescription, dataset.InstanceNumber = 2, description, k + 1
         dataset.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -206,7 +209,9 @@ def write_dicom_series(
         dataset.Rows, dataset.Columns = stored.shape[1], stored.shape[0]
         dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
         dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
-        dataset.RescaleIntercept, dataset.RescaleSlope, dataset.RescaleType = int(intercept), 1, "HU"
+        dataset.RescaleIntercept, dataset.RescaleSlope = int(intercept), 1
+        if modality == "CT":
+            dataset.RescaleType = "HU"
         dataset.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         path = folder / generate_uid(prefix=None).replace(".", "")[:16]
         dataset.save_as(path, enforce_file_format=True)

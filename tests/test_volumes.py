@@ -1538,6 +1538,47 @@ def test_chaos_slice_masks_beside_a_series_are_its_label_volume(tmp_path, capsys
         read_slice_masks(ground, make_volume(labels))
 
 
+@needs_dicom
+def test_an_mr_series_is_scaled_as_mr_where_no_window_is_given(tmp_path, capsys):
+    """An MR series says what it is in its header: without a window it was min-max rescaled (one bright voxel
+    darkening the scan) or, for a model trained on CT, not windowed at all with a warning that it is no HU. Its slices
+    now get MR's per-scan rule (MedSAM's 0.5-99.5th percentiles), in predict, segment_volume and convert alike."""
+    from imedsam_hf.cli import main
+    from imedsam_hf.volumes import mr_window, resolve_window, to_uint8
+
+    labels = two_organs()
+    mr = np.where(labels > 0, 300.0 + 100.0 * labels, 120.0)
+    mr[0, 0, 0] = 4000.0  # one bright voxel: min-max would crush the rest
+    write_dicom_series(*as_stored(mr, AFFINE, ("L", "P", "S")), tmp_path / "mr" / "T2", intercept=0, modality="MR")
+    write_dicom_series(*as_stored(hu_scan(labels), AFFINE, ("L", "P", "S")), tmp_path / "ct" / "CT")
+    volume, ct = read_volume(tmp_path / "mr" / "T2"), read_volume(tmp_path / "ct" / "CT")
+    assert (volume.modality, ct.modality) == ("MR", "CT")
+    plain = tiny_model().config
+    assert resolve_window(volume.data, None, plain, "T2", volume.modality) == "mr"
+    assert resolve_window(volume.data, "40,400", plain, "T2", volume.modality) == "40,400"  # a window given wins
+    assert resolve_window(ct.data, None, plain, "CT", ct.modality) is None
+    btcv = tiny_model().config
+    btcv.training_data = {"window": [75.0, 400.0]}
+    with pytest.warns(UserWarning, match=r"T2: an MR scan \(its DICOM Modality\), scaled with 'mr'.*trained on CT"):
+        assert resolve_window(volume.data, None, btcv, "T2", volume.modality) == "mr"
+    # convert volumes: the MR series' slices as MR's rule makes them, cases.csv saying so (training records it).
+    save_nifti(tmp_path / "labels" / "T2.nii.gz", labels)
+    argv = ["convert", "volumes", "--images", str(tmp_path / "mr"), "--labels", str(tmp_path / "labels")]
+    assert main([*argv, "--output", str(tmp_path / "slices")]) == 0
+    assert "mr" in (tmp_path / "slices" / "cases.csv").read_text().splitlines()[1].split(",")
+    grey = to_uint8(volume.data, "mr")
+    np.testing.assert_array_equal(grey, mr_window(volume.data))
+    minmax = to_uint8(volume.data)  # what it got before (the bright voxel at 255, the rest within 0..45)
+    background = (labels == 0) & (volume.data < 4000)
+    gap = int(grey[labels == 2].min()) - int(grey[background].max())
+    assert gap > 3 * (int(minmax[labels == 2].min()) - int(minmax[background].max())) > 0
+    # predict says which rule it took.
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "mr" / "T2"), "--device", "cpu"]
+    assert main([*argv, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "P")]) == 0
+    assert "T2: an MR series (its DICOM Modality): scaled with MR's per-scan rule" in capsys.readouterr().out
+
+
 def voxel_lps(i: float, j: float, k: float) -> list[float]:
     """A voxel of the test scan (AFFINE's grid) in DICOM patient coordinates (LPS, mm), from the affine alone."""
     return list(np.diag([-1.0, -1.0, 1.0]) @ (AFFINE @ [i, j, k, 1.0])[:3])

@@ -851,11 +851,13 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
                 prompts["propagation"] = args.propagation or "stop"
                 prompts["confine"] = not args.no_confine
             # Windowed once, for the model and the overlay alike (8-bit: segment_volume takes it as it is).
-            window = resolve_window(volume.data, args.window, model.config, str(path))
+            window = resolve_window(volume.data, args.window, model.config, str(path), volume.modality)
             if window is not args.window:
-                print(
-                    f"{path}: not 8-bit: windowed with the model's training window, {window_text(window)}; --window overrides"
-                )
+                if volume.modality == "MR":
+                    how = f"an MR series (its DICOM Modality): scaled with {window_text(window)}"
+                else:
+                    how = f"not 8-bit: windowed with the model's training window, {window_text(window)}"
+                print(f"{path}: {how}; --window overrides")
             grey = dataclasses.replace(volume, data=to_uint8(volume.data, window))
             if args.plane == "axial":  # prompts drawn on resliced slices: the montage shows the labels only
                 prompts["prompts_given"] = None
