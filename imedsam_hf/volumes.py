@@ -188,6 +188,8 @@ __all__ = [
     "scan_case",
     "require_dicom",
     "mr_window",
+    "default_window",
+    "sidecar_modality",
     "named_structures",
     "named_label_ids",
     "embedded_label_names",
@@ -257,7 +259,8 @@ class Volume:
         affine: ``(4, 4)`` voxel -> world (RAS+, mm) matrix.
         header: the file's header (a ``Nifti1Header`` for ``.nii``/``.nii.gz``).
         path: where it was read from, ``None`` for a volume built in memory.
-        modality: a DICOM scan's ``Modality`` (``"CT"``, ``"MR"``), ``None`` where the file does not say (NIfTI).
+        modality: a DICOM scan's ``Modality`` (``"CT"``, ``"MR"``), or that of a NIfTI's dcm2niix sidecar
+            (:func:`sidecar_modality`); ``None`` where nothing says.
     """
 
     data: np.ndarray
@@ -320,7 +323,9 @@ def read_volume(path: str | os.PathLike, channel: int | str | None = None) -> Vo
     if is_dicom_file(path) and dicom_kind(path) == "volume":
         return read_multiframe_scan(path)
     if is_itk_volume(path):
-        return read_itk_volume(path, channel)
+        volume = read_itk_volume(path, channel)
+        volume.modality = sidecar_modality(path)
+        return volume
     try:
         if path.name.lower().endswith(".gz"):
             # Decompressed end to end, so gzip checks its CRC-32 and length: nibabel alone stops at the end of the
@@ -338,7 +343,23 @@ def read_volume(path: str | os.PathLike, channel: int | str | None = None) -> Vo
         if isinstance(error, (EOFError, gzip.BadGzipFile)) or "CRC" in message or "zlib" in type(error).__module__:
             message = f"the compressed file is damaged: {message}"
         raise ValueError(f"{path}: cannot be read as a NIfTI volume ({message})") from error
-    return _checked_volume(data, image, path, channel)
+    volume = _checked_volume(data, image, path, channel)
+    volume.modality = sidecar_modality(path)
+    return volume
+
+
+def sidecar_modality(path: str | os.PathLike) -> str | None:
+    """The ``Modality`` (``"MR"``, ``"CT"``) of the JSON sidecar dcm2niix writes beside the NIfTI it converts a DICOM
+    series into (`sub-01_T1w.nii.gz` and `sub-01_T1w.json`, BIDS's layout), upper case; None without one (or one
+    that cannot be read, or names none)."""
+    sidecar = Path(path).with_name(f"{volume_stem(Path(path).name)}.json")
+    try:
+        modality = json.loads(sidecar.read_text(encoding="utf-8")).get("Modality") if sidecar.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    if not isinstance(modality, str):
+        return None
+    return modality.strip().upper() or None
 
 
 def channel_index(channel: int | str, count: int, path: Path) -> int:
@@ -967,7 +988,7 @@ def resolve_window(
     if window is None and default_window(data, modality) is not None:
         if recorded is not None and recorded != MR_WINDOW:
             warnings.warn(
-                f"{name}: an MR scan (its DICOM Modality), scaled with {MR_WINDOW!r}, {window_text(MR_WINDOW)}; the "
+                f"{name}: an MR scan (its header says so), scaled with {MR_WINDOW!r}, {window_text(MR_WINDOW)}; the "
                 f"model was trained on CT windowed at {window_text(recorded)}",
                 UserWarning,
                 stacklevel=2,

@@ -1540,7 +1540,7 @@ def test_chaos_slice_masks_beside_a_series_are_its_label_volume(tmp_path, capsys
 
 @needs_dicom
 def test_an_mr_series_is_scaled_as_mr_where_no_window_is_given(tmp_path, capsys):
-    """An MR series says what it is in its header: without a window it was min-max rescaled (one bright voxel
+    """An MR series says what it is in its header (and dcm2niix's sidecar beside the NIfTI it makes of one): without a window it was min-max rescaled (one bright voxel
     darkening the scan) or, for a model trained on CT, not windowed at all with a warning that it is no HU. Its slices
     now get MR's per-scan rule (MedSAM's 0.5-99.5th percentiles), in predict, segment_volume and convert alike."""
     from imedsam_hf.cli import main
@@ -1559,7 +1559,7 @@ def test_an_mr_series_is_scaled_as_mr_where_no_window_is_given(tmp_path, capsys)
     assert resolve_window(ct.data, None, plain, "CT", ct.modality) is None
     btcv = tiny_model().config
     btcv.training_data = {"window": [75.0, 400.0]}
-    with pytest.warns(UserWarning, match=r"T2: an MR scan \(its DICOM Modality\), scaled with 'mr'.*trained on CT"):
+    with pytest.warns(UserWarning, match=r"T2: an MR scan \(its header says so\), scaled with 'mr'.*trained on CT"):
         assert resolve_window(volume.data, None, btcv, "T2", volume.modality) == "mr"
     # convert volumes: the MR series' slices as MR's rule makes them, cases.csv saying so (training records it).
     save_nifti(tmp_path / "labels" / "T2.nii.gz", labels)
@@ -1572,11 +1572,20 @@ def test_an_mr_series_is_scaled_as_mr_where_no_window_is_given(tmp_path, capsys)
     background = (labels == 0) & (volume.data < 4000)
     gap = int(grey[labels == 2].min()) - int(grey[background].max())
     assert gap > 3 * (int(minmax[labels == 2].min()) - int(minmax[background].max())) > 0
+    # The same scan as dcm2niix converts it: a NIfTI and its BIDS sidecar saying MR.
+    from imedsam_hf.volumes import sidecar_modality
+
+    save_nifti(tmp_path / "nifti" / "sub-01_T2w.nii.gz", mr)
+    assert read_volume(tmp_path / "nifti" / "sub-01_T2w.nii.gz").modality is None
+    (tmp_path / "nifti" / "sub-01_T2w.json").write_text(json.dumps({"Modality": "MR", "EchoTime": 0.1}))
+    assert read_volume(tmp_path / "nifti" / "sub-01_T2w.nii.gz").modality == "MR"
+    (tmp_path / "nifti" / "sub-01_T2w.json").write_text("{not json")
+    assert sidecar_modality(tmp_path / "nifti" / "sub-01_T2w.nii.gz") is None  # unreadable: nothing said
     # predict says which rule it took.
     tiny_model().save_pretrained(tmp_path / "model")
     argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "mr" / "T2"), "--device", "cpu"]
     assert main([*argv, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "P")]) == 0
-    assert "T2: an MR series (its DICOM Modality): scaled with MR's per-scan rule" in capsys.readouterr().out
+    assert "T2: an MR scan (its header says so): scaled with MR's per-scan rule" in capsys.readouterr().out
 
 
 def voxel_lps(i: float, j: float, k: float) -> list[float]:

@@ -854,7 +854,7 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
             window = resolve_window(volume.data, args.window, model.config, str(path), volume.modality)
             if window is not args.window:
                 if volume.modality == "MR":
-                    how = f"an MR series (its DICOM Modality): scaled with {window_text(window)}"
+                    how = f"an MR scan (its header says so): scaled with {window_text(window)}"
                 else:
                     how = f"not 8-bit: windowed with the model's training window, {window_text(window)}"
                 print(f"{path}: {how}; --window overrides")
