@@ -3116,10 +3116,13 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
     structures = _structure_folder_of(Path(scan), Path(labels))
     if structures is not None:
         return structures
-    slice_masks = slice_mask_folder_of(scan, labels) if Path(scan).is_dir() else None
-    if slice_masks is not None:
-        return slice_masks
-    return dicom_annotation_of(scan, labels) if Path(scan).is_dir() or is_multiframe_scan(scan) else None
+    if Path(scan).is_dir():  # a DICOM series: a mask per slice beside it, a SEG or RTSTRUCT of it, a mask folder
+        return (  # short of masks (for its reader to refuse, naming both counts)
+            slice_mask_folder_of(scan, labels)
+            or dicom_annotation_of(scan, labels)
+            or slice_mask_folder_of(scan, labels, exact=False)
+        )
+    return dicom_annotation_of(scan, labels) if is_multiframe_scan(scan) else None
 
 
 #: The folder TotalSegmentator writes one mask per structure into (`TotalSegmentator -i ct.nii.gz -o segmentations`),
@@ -3222,25 +3225,26 @@ def slice_mask_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(pictures, key=_natural_key) if pictures and not dicom_files_in(folder) else []
 
 
-def slice_mask_folder_of(series: str | os.PathLike, labels: str | os.PathLike) -> Path | None:
+def slice_mask_folder_of(series: str | os.PathLike, labels: str | os.PathLike, exact: bool = True) -> Path | None:
     """`label_volume_of`'s folder of 2-D slice masks for the DICOM series folder `series`: `labels` itself when it
     is one (:func:`slice_mask_files`), else, where `series` lies below `labels`, the nearest folder beside the series'
     folder or beside a folder above it (up to `labels`) named for masks (:data:`SLICE_MASK_FOLDER_WORDS`: CHAOS's
-    `CT/1/Ground/` for `CT/1/DICOM_anon/`, `MR/1/T1DUAL/Ground/` for `MR/1/T1DUAL/DICOM_anon/InPhase/`); None
-    otherwise. Its count of masks is checked where it is read."""
+    `CT/1/Ground/` for `CT/1/DICOM_anon/`, `MR/1/T1DUAL/Ground/` for `MR/1/T1DUAL/DICOM_anon/InPhase/`) holding
+    one mask per slice file (`exact`; else any count, for :func:`read_slice_masks` to refuse naming both counts,
+    where nothing else annotates the series); None otherwise."""
     series, labels = Path(series).resolve(), Path(labels).resolve()
-    if not series.is_dir() or not dicom_files_in(series):
+    count = len(dicom_files_in(series)) if series.is_dir() else 0
+    if not count:
         return None
     if slice_mask_files(labels):
         return labels
     folder = series
     while folder != labels and labels in folder.parents:
         siblings = sorted(p for p in folder.parent.iterdir() if p.is_dir() and p != folder)
-        found = [
-            p for p in siblings if any(w in p.name.lower() for w in SLICE_MASK_FOLDER_WORDS) and slice_mask_files(p)
-        ]
-        if found:
-            return found[0]
+        named = (p for p in siblings if any(w in p.name.lower() for w in SLICE_MASK_FOLDER_WORDS))
+        found = next((p for p in named if (masks := slice_mask_files(p)) and (len(masks) == count or not exact)), None)
+        if found is not None:
+            return found
         folder = folder.parent
     return None
 

@@ -1529,6 +1529,7 @@ def test_chaos_slice_masks_beside_a_series_are_its_label_volume(tmp_path, capsys
     # Refused, naming what to do: a mask missing, a mask of another size, masks for a scan that is no series.
     capsys.readouterr()
     (ground / "liver_GT_003.png").unlink()
+    assert label_volume_of(series[0], root / "CT") == ground.resolve()  # nothing else annotates it: found, refused
     with pytest.raises(ValueError, match=r"Ground: 5 masks for the 6 slices of the DICOM series .*one mask per slice"):
         read_slice_masks(ground, volume)
     Image.new("L", (7, 7)).save(ground / "liver_GT_003.png")
