@@ -257,6 +257,51 @@ def test_images_of_one_name_in_several_folders_get_their_own_boxes_masks_and_tru
     assert "hold images: give them" in capsys.readouterr().err
 
 
+def test_deeplesions_slices_are_windowed_as_each_lesion_was_read(tmp_path, capsys):
+    """DeepLesion's PNGs hold HU + 32768 and its DL_info.csv says, for each lesion, the window its slice was read with
+    (`DICOM_windows`, min and max in HU): with that file as --boxes, no --window or --rescale-intercept is needed, and
+    a lung nodule and a liver lesion of one slice are each segmented in their own window (MedSAM's LiteMedSAM records
+    no window: it needed --window, one for every lesion)."""
+    rng = np.random.default_rng(1)
+    hu = rng.normal(40, 30, (64, 64))
+    hu[:, :20] = -800 + rng.normal(0, 60, (64, 20))  # lung on the left
+    hu[10:18, 5:13] = -100  # a nodule in it
+    hu[40:52, 36:50] = 90  # a lesion in soft tissue
+    folder = tmp_path / "Images_png" / "000001_01_01"
+    folder.mkdir(parents=True)
+    Image.fromarray((hu + 32768).astype(np.uint16)).save(folder / "109.png")
+    nodule, lesion = [4, 9, 14, 19], [35, 39, 51, 53]
+    rows = ["File_name,Key_slice_index,Bounding_boxes,DICOM_windows"]
+    rows += [
+        '000001_01_01_109.png,109,"4, 9, 14, 19","-1350, 150"',
+        '000001_01_01_109.png,109,"35, 39, 51, 53","-175, 275"',
+    ]
+    (tmp_path / "DL_info.csv").write_text("\n".join(rows) + "\n")
+    tiny_model(implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    base = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(folder / "109.png")]
+    assert main([*base, "--boxes", str(tmp_path / "DL_info.csv"), "--out", str(tmp_path / "A")]) == 0
+    both = np.asarray(Image.open(tmp_path / "A" / "109.png")) > 0
+    alone = []  # each lesion alone, windowed by hand as its row says: lung -600 / 1500, soft tissue 50 / 450
+    for name, box, window in (("N", nodule, "-600,1500"), ("L", lesion, "50,450")):
+        argv = [*base, "--box", ",".join(map(str, box)), "--rescale-intercept=-32768", f"--window={window}"]
+        assert main([*argv, "--out", str(tmp_path / name)]) == 0
+        alone.append(np.asarray(Image.open(tmp_path / name / "109.png")) > 0)
+    np.testing.assert_array_equal(both, alone[0] | alone[1])
+    # --window given: every lesion in it, as before.
+    argv = [*base, "--boxes", str(tmp_path / "DL_info.csv"), "--rescale-intercept=-32768", "--window", "50,450"]
+    assert main([*argv, "--out", str(tmp_path / "W")]) == 0
+    (tmp_path / "boxes.json").write_text(json.dumps({"109.png": [nodule, lesion]}))
+    argv = [*base, "--boxes", str(tmp_path / "boxes.json"), "--rescale-intercept=-32768", "--window", "50,450"]
+    assert main([*argv, "--out", str(tmp_path / "J")]) == 0
+    one_window = np.asarray(Image.open(tmp_path / "W" / "109.png"))
+    np.testing.assert_array_equal(one_window, np.asarray(Image.open(tmp_path / "J" / "109.png")))
+    assert (both != (one_window > 0)).any()  # the nodule seen in the soft-tissue window: another mask
+    # A window that is none: named with its line.
+    (tmp_path / "bad.csv").write_text(rows[0] + '\n000001_01_01_109.png,109,"4, 9, 14, 19","150, -1350"\n')
+    assert main([*base, "--boxes", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "B")]) == 2
+    assert "bad.csv: line 2: DICOM_windows '150, -1350' is not a window 'min, max' in HU" in capsys.readouterr().err
+
+
 def test_kvasir_segs_own_boxes_file_and_coco_annotations_are_boxes_as_they_are(tmp_path, capsys):
     """Kvasir-SEG ships its boxes as `kavsir_bboxes.json` (`{id: {"bbox": [{"xmin", ...}]}}`), and detectors write
     COCO annotations (`bbox` `[x, y, w, h]`): `--boxes` refused both ("is not a box [x0, y0, x1, y1]"). Read as they

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import glob
 import json
+import math
 import sys
 import warnings
 from collections.abc import Mapping
@@ -47,6 +48,7 @@ from ..files import atomic_write, remove_stale_temporaries
 from ..inference import MAX_PIXELS, label_map, overlay, segment, structure_id, windowed_slice
 from ..loading import load_model
 from ..processing_imedsam import (
+    SIXTEEN_BIT_MODES,
     check_rescale_intercept,
     dicom_kind,
     image_size,
@@ -133,6 +135,9 @@ class PromptSource:
     # Each image's path below the inputs' common folder (`outputs.input_places`): its mask is looked for at that
     # place under the masks folder first (DeepLesion's `000001_01_01/109.png` beside `000002_01_01/109.png`).
     places: dict[Path, Path] | None = None
+    # Each image's lesions' windows `(level, width)` in HU, in the order of its boxes (DeepLesion's DL_info.csv
+    # `DICOM_windows`: `deeplesion_windows`), where no --window is given.
+    windows: dict[Path, list[tuple[float, float]]] | None = None
 
     @property
     def masks_folder(self) -> str | None:
@@ -324,6 +329,33 @@ def deeplesion_boxes(path: str) -> dict[str, list]:
             )
         boxes.setdefault(f"{series}/{name}", []).append(box)
     return boxes
+
+
+#: What DeepLesion's 16-bit PNGs add to the HU they store (its documentation: subtract 32768).
+DEEPLESION_INTERCEPT = -32768.0
+
+
+def deeplesion_windows(path: str) -> dict[str, list[tuple[float, float]]]:
+    """Each lesion's window of DeepLesion's `DL_info.csv`, keyed and ordered as `deeplesion_boxes`' boxes:
+    `DICOM_windows` holds the window its slice was read with, as `min, max` in HU (`-175, 275`: soft tissue;
+    `-1350, 150`: lung), given here as `(level, width)`. `{}` for a file without the column."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "DICOM_windows" not in rows[0]:
+        return {}
+    windows: dict[str, list[tuple[float, float]]] = {}
+    for number, row in enumerate(rows, 2):
+        series, _, name = row["File_name"].rpartition("_")
+        try:
+            low, high = (float(v) for v in row["DICOM_windows"].split(","))
+        except ValueError:
+            low = high = math.nan
+        if not (math.isfinite(low) and math.isfinite(high) and high > low):
+            raise ValueError(
+                f"--boxes {path}: line {number}: DICOM_windows {row['DICOM_windows']!r} is not a window 'min, max' in HU."
+            )
+        windows.setdefault(f"{series}/{name}", []).append(((low + high) / 2, high - low))
+    return windows
 
 
 def coco_boxes(data: Mapping, path: str) -> dict[str, list]:
@@ -654,8 +686,11 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                     "3-D boxes [x0, y0, z0, x1, y1, z1]."
                 )
         places = {s: place for s, place in (input_places(images) if images else {}).items() if s in image_plan}
+        lesion_windows = None
         if images and boxes_json is not None and not volumes:
             boxes_json = boxes_by_image(image_boxes(boxes_json, args.boxes), places, args.boxes)
+            if args.boxes.lower().endswith(".csv") and args.window is None:  # DeepLesion's: each lesion's window
+                lesion_windows = boxes_by_image(deeplesion_windows(args.boxes), places, args.boxes) or None
         elif images and boxes_json is not None:
             raise ValueError(
                 "--boxes holds either 2-D boxes for images or 3-D boxes for volumes: predict them separately."
@@ -668,7 +703,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
         )
         box_class = None if args.classes is None else structure_id(model.config, args.classes)
         unwindowed = args.window is None and training_window(model.config) in (None, "mr")
-        if args.rescale_intercept is not None and unwindowed:
+        if args.rescale_intercept is not None and unwindowed and lesion_windows is None:
             raise ValueError(
                 f"--rescale-intercept {args.rescale_intercept:g} gives the pictures' HU, but {args.model} records no CT "
                 "window to window them with: give --window (e.g. btcv, or the window the model was trained with)."
@@ -700,6 +735,7 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             label_classes=mask_label_classes(model.config, args.boxes_from_masks) if class_ids else None,
             structures=getattr(model.config, "num_classes", 1) if is_class_aware(model.config) else 0,
             places=places,
+            windows=lesion_windows,
         )
         codes.append(predict_images(model, processor, image_plan, source, grid, args))
     return max(codes)
@@ -711,10 +747,16 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
     aware = getattr(model.config, "num_classes", 1) > 1
     for path, targets in tqdm(plan.items(), desc="predict", unit="image", disable=len(plan) < 2):
         try:
-            image = stored_hu(open_image(path), args.rescale_intercept)  # a 16-bit HU + offset picture: its HU
+            picture, intercept = open_image(path), args.rescale_intercept
+            lesions = (prompts.windows or {}).get(path)  # DeepLesion's windows: for its 16-bit HU + 32768 PNGs
+            if lesions and intercept is None and getattr(picture, "mode", None) in SIXTEEN_BIT_MODES:
+                intercept = DEEPLESION_INTERCEPT
+            image = stored_hu(picture, intercept)  # a 16-bit HU + offset picture: its HU
+            hu = image if lesions and intercept is not None else None
             window = args.window
-            if window is None and args.rescale_intercept is not None:
-                window = training_window(model.config)  # HU by the user's word: windowed whatever their range
+            if window is None and intercept is not None:
+                # HU by the user's word: windowed whatever their range, as the lesion was read, or as the model was trained
+                window = lesions[0] if hu is not None else training_window(model.config)
             if window is not None and isinstance(image, np.ndarray) and image.ndim == 2:  # HU: a 2-D .mha, a picture
                 image = to_uint8(image, window)
             image = windowed_slice(image, model.config)  # else the model's window: the overlay shows what it saw
@@ -724,10 +766,14 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
             prompt = prompts.prompt_for(path, (height, width))
             ids, heads = prompt.pop("class_ids", None), prompt.pop("heads", None)
             drawn_for = prompt.pop("classes", None)  # --classes: one structure, a 0/255 mask as for any box
-            result = segment(
-                model, image, **prompt, output_size=grid or (height, width), processor=processor,
-                max_output_pixels=args.max_output_pixels, classes=heads if ids and aware else drawn_for, tta=args.tta,
+            options = dict(
+                output_size=grid or (height, width), processor=processor, max_output_pixels=args.max_output_pixels,
+                classes=heads if ids and aware else drawn_for, tta=args.tta,
             )  # fmt: skip
+            if hu is not None and len(set(lesions)) > 1 and len(lesions) == len(prompt.get("box") or []):
+                result = segment_by_window(model, hu, prompt["box"], lesions, **options)
+            else:
+                result = segment(model, image, **prompt, **options)
             as_png = targets[0].suffix == ".png"  # else the image's own format: class ids, binary 0/1
             if ids is None:  # several boxes of one image (`--boxes` lists): the union of their masks
                 foreground = result.mask > 0 if result.mask.ndim == 2 else (result.mask > 0).any(axis=0)
@@ -767,6 +813,23 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
     for message in failures:
         print(f"  {message}", file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def segment_by_window(model, hu: np.ndarray, boxes: list, windows: list[tuple[float, float]], **options) -> Any:
+    """The lesions of one CT slice in HU (`boxes`, one each), each segmented on the slice windowed as it was read
+    (`windows`, one `(level, width)` per box: DeepLesion's lung nodule in the lung window, the liver lesion beside it
+    in the soft-tissue one): one `segment` call per window, the masks and probabilities back in the boxes' order."""
+    order, parts = [], []
+    for window in dict.fromkeys(windows):
+        chosen = [index for index, own in enumerate(windows) if own == window]
+        parts.append(segment(model, to_uint8(hu, window), box=[boxes[index] for index in chosen], **options))
+        order.extend(chosen)
+    back = np.argsort(order)
+    return dataclasses.replace(
+        parts[0],
+        mask=np.concatenate([part.mask for part in parts])[back],
+        probabilities=np.concatenate([part.probabilities for part in parts])[back],
+    )
 
 
 def skip(path: Path, error: BaseException, failures: list[str]) -> None:
