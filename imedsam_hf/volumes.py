@@ -3312,7 +3312,11 @@ def read_slice_masks(folder: str | os.PathLike, volume: Volume, class_names: Map
             f"with {slices[0].name})"
         )
     stored = [mask_pixels(mask) for mask in masks]
-    table, _ = _slice_mask_levels(folder, set().union(*(np.unique(p).tolist() for p in stored)))
+    values = set().union(*(np.unique(p).tolist() for p in stored))
+    odd = sorted(v for v in values if v < 0 or v != int(v))
+    if odd:
+        raise ValueError(f"{folder}: masks hold {odd[:4]}, not class ids; a label volume's ids are 0..255")
+    table, _ = _slice_mask_levels(folder, {int(v) for v in values})
     if max(table.values(), default=0) > 255:
         raise ValueError(
             f"{folder}: masks hold values above 255 ({max(table)}); class ids of a label volume are 0..255"
@@ -3328,9 +3332,7 @@ def read_slice_masks(folder: str | os.PathLike, volume: Volume, class_names: Map
                 f"{mask}: {pixels.shape[1]}x{pixels.shape[0]}, its slice {file.name} {header.Columns}x{header.Rows}; "
                 "each mask lies on its slice's pixels"
             )
-        if pixels.min() < 0:
-            raise ValueError(f"{mask}: negative values; class ids of a label volume are 0..255")
-        data[tuple(_series_frame_indices(header, volume.affine, volume.shape))] = lookup[pixels]
+        data[tuple(_series_frame_indices(header, volume.affine, volume.shape))] = lookup[pixels.astype(np.int64)]
     return labels_on(data, volume, folder)
 
 

@@ -1535,6 +1535,9 @@ def test_chaos_slice_masks_beside_a_series_are_its_label_volume(tmp_path, capsys
     Image.new("L", (7, 7)).save(ground / "liver_GT_003.png")
     with pytest.raises(ValueError, match=r"liver_GT_003\.png: 7x7, its slice i0003,0000b\.dcm 24x20"):
         read_slice_masks(ground, volume)
+    Image.fromarray(np.full((20, 24), 300, np.uint16)).save(ground / "liver_GT_003.png")  # a 16-bit mask
+    with pytest.raises(ValueError, match=r"Ground: masks hold values above 255 \(300\)"):
+        read_slice_masks(ground, volume)
     with pytest.raises(ValueError, match=r"Ground: a folder of 2-D masks is the label volume of a DICOM series"):
         read_slice_masks(ground, make_volume(labels))
 
