@@ -880,8 +880,9 @@ class EvaluationReport:
 def _scored(
     model, processor, pairs, protocol: EvaluationProtocol, baseline: bool, progress: bool, overlays: Path | None = None
 ):
-    """Rows, summary and volume summary (None unless the images are slices of scans, :func:`slice_scans`) of one model, over the protocol's jitter draws:
-    with K > 1 draws each row carries its `jitter_draw` and the summaries are `mean_over_draws` of the K draws'.
+    """Rows, summary and volume summary (None unless the images are slices of scans, :func:`slice_scans`) of one
+    model, over the protocol's jitter draws: with K > 1 draws each row carries its `jitter_draw` and the summaries are
+    `mean_over_draws` of the K draws'.
     `overlays` shows the first draw's masks (`evaluate_pairs`)."""
     options = protocol.pair_options()
     first = str(parse_size(protocol.output_sizes[0]))
