@@ -3062,6 +3062,10 @@ SCAN_WORD = re.compile(
 )
 LABEL_WORDS = ("label", "labels", "seg", "segmentation", "mask", "gt")
 
+#: A label volume named only for what it is, in a folder holding one scan: SegTHOR's `Patient_01/GT.nii.gz` beside
+#: `Patient_01/Patient_01.nii.gz`; looked for last, and only where the folder holds no other scan.
+LABEL_FILE_NAMES = ("gt", "ground_truth", "groundtruth", "label", "labels", "seg", "segmentation", "mask")
+
 
 def _case_names(scan: str | os.PathLike) -> list[str]:
     """The names a scan's label volume has where both are named by their case: the scan's own, then for nnU-Net's
@@ -3074,12 +3078,13 @@ def _case_names(scan: str | os.PathLike) -> list[str]:
 def _label_candidates(scan: str | os.PathLike) -> list[str]:
     """The names a scan's label volume may have, in the order looked for: its case's (:func:`_case_names`), then
     data sets' conventions: the scan's name and a suffix (:data:`LABEL_NAME_SUFFIXES`), or with its scan word
-    (:data:`SCAN_WORD`) said as a label word (:data:`LABEL_WORDS`)."""
+    (:data:`SCAN_WORD`) said as a label word (:data:`LABEL_WORDS`), then a name saying only what it is
+    (:data:`LABEL_FILE_NAMES`, SegTHOR's `GT`: :func:`label_volume_of` takes it where the folder holds one scan)."""
     name = volume_name(scan)
     names = _case_names(scan) + [f"{name}{suffix}" for suffix in LABEL_NAME_SUFFIXES]
     for word in SCAN_WORD.finditer(name):  # label_volume_of matches names in any case: `IMG0001`, `LABEL0001`
         names += [f"{name[: word.start()]}{label}{name[word.end() :]}" for label in LABEL_WORDS]
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(names + list(LABEL_FILE_NAMES)))
 
 
 def _case_of(scan: Path, label: Path, case_folder: bool) -> str:
@@ -3110,6 +3115,8 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
             # (a prediction `volume-0.nii.gz` scored against a LiTS folder: its truth is `segmentation-0.nii`; a
             # `ct.nii.gz` against TotalSegmentator's `s0000/`: its `segmentations/`).
             if found is not None and found.resolve() != itself:
+                if name in LABEL_FILE_NAMES and _other_scans(files, found, own):
+                    continue  # `mask.nii.gz` among many scans: whose?
                 labelled = any(_file_named(other, files) for other in _label_candidates(found)[1:])
                 if not (name in own and (labelled or _structure_folder_of(found, found.parent))):
                     return found
@@ -3123,6 +3130,11 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
             or slice_mask_folder_of(scan, labels, exact=False)
         )
     return dicom_annotation_of(scan, labels) if is_multiframe_scan(scan) else None
+
+
+def _other_scans(files: Mapping[str, Path], label: Path, own: Sequence[str]) -> bool:
+    """Whether the 3-D files `files` of a folder hold another file than `label` and the scan of a name in `own`."""
+    return any(path != label and volume_name(path) not in own for path in set(files.values()))
 
 
 #: The folder TotalSegmentator writes one mask per structure into (`TotalSegmentator -i ct.nii.gz -o segmentations`),
@@ -3374,7 +3386,9 @@ def label_volume_names(scan: str | os.PathLike) -> str:
     .nrrd, .nhdr, .mha, .mhd), a_gt, a_seg, a_segmentation, ...`."""
     first, *others = VOLUME_SUFFIXES
     name, own = volume_name(scan), _case_names(scan)
-    swapped = _label_candidates(scan)[len(own) + len(LABEL_NAME_SUFFIXES) :]  # `label0001` for `img0001`
+    swapped = [  # `label0001` for `img0001`
+        name for name in _label_candidates(scan)[len(own) + len(LABEL_NAME_SUFFIXES) :] if name not in LABEL_FILE_NAMES
+    ]
     conventions = [f"{name}{suffix}" for suffix in LABEL_NAME_SUFFIXES[:3]] + swapped[:1]
     text = f"{' or '.join(f'{case}{first}' for case in own)} (or {', '.join(others)}), {', '.join(conventions)}, ..."
     text += f", or a folder of one mask per structure ({name}/, {STRUCTURE_FOLDER}/)"

@@ -66,6 +66,7 @@ LAYOUTS = [
     ("promise12", "train/Case00.mhd", "train/Case00_segmentation.mhd", "Case00"),
     ("brats", "BraTS2021_00000/BraTS2021_00000_flair.nii.gz", "BraTS2021_00000/BraTS2021_00000_seg.nii.gz",
      "BraTS2021_00000_flair"),
+    ("segthor", "Patient_01/Patient_01.nii.gz", "Patient_01/GT.nii.gz", "Patient_01"),  # named for what it is
 ]  # fmt: skip
 
 
@@ -109,6 +110,9 @@ def test_a_label_of_the_scans_own_name_comes_first_and_a_name_matching_nothing_i
     for name in ("img1.nii.gz", "img2.nii.gz"):
         save(tmp_path / "alone" / name, labels * 40)
     assert [p.name for p in scan_files_in(tmp_path / "alone")] == ["img1.nii.gz", "img2.nii.gz"]
+    save(tmp_path / "several" / "mask.nii.gz", labels)  # named for what it is, among two scans: neither's
+    several = [save(tmp_path / "several" / name, labels * 40) for name in ("img1.nii.gz", "img2.nii.gz")]
+    assert [label_volume_of(scan, tmp_path / "several") for scan in several] == [None, None]
     looked_for = label_volume_names(tmp_path / "alone" / "img1.nii.gz")
     assert looked_for == (
         "img1.nii.gz (or .nii, .seg.nrrd, .nrrd, .nhdr, .mha, .mhd), img1_gt, img1_seg, img1_segmentation, label1, "
