@@ -1506,8 +1506,13 @@ def test_chaos_slice_masks_beside_a_series_are_its_label_volume(tmp_path, capsys
     csv = tmp_path / "scores.csv"
     assert main(["score", str(tmp_path / "P"), "--truth", str(root / "CT"), "--csv", str(csv)]) == 0
     assert csv.read_text().splitlines()[1:] == [f"{n}/DICOM_anon,1,liver,1.0,1.0,0.0,0.0,1.0" for n in "12"]
+    organs = np.select([labels == 2, labels == 5], [1, 4], 0).astype(np.uint8)
+    save_nifti(tmp_path / "R" / "MR" / "1" / "T1DUAL" / "DICOM_anon" / "InPhase.nii.gz", organs, volume.affine)
     assert main(["score", str(tmp_path / "R"), "--truth", str(root), "--csv", str(csv)]) == 0  # places at any depth
-    assert csv.read_text().splitlines()[1:] == [f"CT/{n}/DICOM_anon,1,liver,1.0,1.0,0.0,0.0,1.0" for n in "12"]
+    assert csv.read_text().splitlines()[1:] == [f"CT/{n}/DICOM_anon,1,liver,1.0,1.0,0.0,0.0,1.0" for n in "12"] + [
+        "MR/1/T1DUAL/DICOM_anon/InPhase,1,liver,1.0,1.0,0.0,0.0,1.0",
+        "MR/1/T1DUAL/DICOM_anon/InPhase,4,spleen,1.0,1.0,0.0,0.0,1.0",  # named by its own truth, not the first's
+    ]
     # predict --boxes-from-masks: each series prompted by its Ground.
     tiny_model().save_pretrained(tmp_path / "model")
     argv = ["predict", "--model", str(tmp_path / "model"), *map(str, series), "--device", "cpu"]

@@ -104,9 +104,15 @@ def run(args: argparse.Namespace) -> int:
             "predicted and lowers the mean; --classes scores only the structures you name.",
             file=sys.stderr,
         )
+    named_by: dict[str, dict[int, str]] = {}  # each truth's own names, for ids the first truth does not name
     for row in rows:  # a binary mask's one structure is its foreground
         default = "foreground" if row.pop("binary", False) else f"class {row['class']}"
-        row["name"] = (names or {}).get(row["class"], default)
+        truth, name = row.pop("truth", None), (names or {}).get(row["class"])
+        if name is None and truth is not None:
+            if truth not in named_by:
+                named_by[truth] = truth_names(Path(truth))
+            name = named_by[truth].get(row["class"])
+        row["name"] = name or default
     units = sorted({(row.pop("dims"), row.pop("unit")) for row in rows})
     if len(units) > 1:
         mixed = " and ".join(f"{dims}-D in {unit}" for dims, unit in units)
@@ -217,6 +223,15 @@ def truth_label_of(path: Path, truth: Path, place: str = "") -> tuple[Path | Non
     return None, None
 
 
+def truth_names(label: Path) -> dict[int, str]:
+    """The names one case's truth gives its ids (`volumes.embedded_label_names`: a header's table, a folder of
+    structure masks' files, CHAOS's slice masks), ``{}`` without any or where it cannot be read."""
+    try:
+        return embedded_label_names(label) or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def truth_class_names(truth: Path, first: Path | None = None, given: Collection[Path] = ()) -> dict[int, str] | None:
     """The structures' names: a classes.json or id2label.json in the truth folder or beside it, or the MSD / nnU-Net
     dataset.json beside it (labelsTr's parent), else the names the first of its label volumes naming its ids carries
@@ -269,7 +284,8 @@ def score_one(
         truth_ids = check_label_volume(expected, expected, compare_affines=False)
         predicted_ids = check_label_volume(predicted, expected, compare_affines=True)
         case = scan_case(path, in_case_folder) if series is None else "/".join(filter(None, [place, volume_name(path)]))
-        return volume_rows(case, predicted_ids, truth_ids, expected.spacing, wanted, "mm", nsd)
+        rows = volume_rows(case, predicted_ids, truth_ids, expected.spacing, wanted, "mm", nsd)
+        return [{**row, "truth": str(found)} for row in rows]  # names its ids where `truth` names others
     if path.suffix.lower() == ".npz":
         return case_rows(path, truth, wanted, nsd)
     stem = image_stem(path)
