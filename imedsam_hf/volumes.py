@@ -3147,10 +3147,15 @@ def _structure_folder_of(scan: Path, labels: Path) -> Path | None:
     the first of: `labels/<case>/` (TotalSegmentator run with `-o labels/<case>`), `labels/<case>/segmentations/`
     (TotalSegmentator's data set, `<case>` the scan's folder for its `ct.nii.gz`), and `labels/segmentations/` where
     `labels` holds the one case: the scan's folder, or any where the scan is its folder's only 3-D file (a
-    prediction scored against `s0000/`); never the scan's own folder. None for a DICOM series (its SEG or RTSTRUCT)
-    or where there is none."""
+    prediction scored against `s0000/`); never the scan's own folder, unless it names its structure masks for its case
+    (HaN-Seg's `case_01/case_01_OAR_<structure>.seg.nrrd` beside `case_01_IMG_CT.nrrd`: :func:`_case_structure_files`,
+    looked for first in `labels/<the scan's folder's name>/` and `labels`). None for a DICOM series (its SEG or
+    RTSTRUCT) or where there is none."""
     if not scan.is_file() or is_multiframe_scan(scan):
         return None
+    beside = next((p for p in (labels / scan.parent.name, labels) if _case_structure_files(p)), None)
+    if beside is not None:  # HaN-Seg's `case_01/case_01_OAR_Brainstem.seg.nrrd` beside `case_01_IMG_CT.nrrd`
+        return beside
     here = scan.parent.resolve()
     cases = list(dict.fromkeys([*_case_names(scan), scan_case(scan, True)]))
     places = [labels / case for case in cases] + [labels / case / STRUCTURE_FOLDER for case in cases]
@@ -3162,12 +3167,35 @@ def _structure_folder_of(scan: Path, labels: Path) -> Path | None:
 def structure_mask_names(folder: str | os.PathLike) -> dict[int, str]:
     """``{id: name}`` of a folder of one mask per structure: its 3-D files in name order, numbered from 1, each named
     by its file (`liver.nii.gz` -> `liver`, TotalSegmentator's `kidney_right.nii.gz` -> `kidney_right`)."""
-    return {number: volume_name(path) for number, path in _structure_mask_files(folder).items()}
+    return {number: _structure_name(folder, path) for number, path in _structure_mask_files(folder).items()}
 
 
 def _structure_mask_files(folder: str | os.PathLike) -> dict[int, Path]:
-    """``{id: file}`` of a folder of one mask per structure (:func:`structure_mask_names`' ids)."""
-    return dict(enumerate(volumes_in(folder), start=1))
+    """``{id: file}`` of a folder of one mask per structure (:func:`structure_mask_names`' ids): its 3-D files, or in
+    a case folder holding its scans too, the files naming its structures (:func:`_case_structure_files`)."""
+    return dict(enumerate(_case_structure_files(folder) or volumes_in(folder), start=1))
+
+
+#: The word HaN-Seg's files put between a case and a structure: `case_01_OAR_Brainstem.seg.nrrd`.
+STRUCTURE_FILE_WORD = "_OAR_"
+
+
+def _case_structure_files(folder: str | os.PathLike) -> list[Path]:
+    """The structure masks a case folder keeps beside its scans, named `<folder>_OAR_<structure>` (HaN-Seg's
+    `case_01/case_01_OAR_Brainstem.seg.nrrd` beside `case_01_IMG_CT.nrrd`), in name order; ``[]`` for any other
+    folder."""
+    folder = Path(folder)
+    prefix = f"{folder.name}{STRUCTURE_FILE_WORD}".lower()
+    if not folder.is_dir():
+        return []
+    return [path for path in volumes_in(folder) if path.name.lower().startswith(prefix)]
+
+
+def _structure_name(folder: str | os.PathLike, path: Path) -> str:
+    """A structure mask's name: its file's (`liver.nii.gz` -> `liver`), without its case folder's `<case>_OAR_`
+    (HaN-Seg's `case_01_OAR_Brainstem.seg.nrrd` -> `Brainstem`)."""
+    name, prefix = volume_name(path), f"{Path(folder).name}{STRUCTURE_FILE_WORD}"
+    return name[len(prefix) :] if name.lower().startswith(prefix.lower()) else name
 
 
 def read_structure_masks(
@@ -3187,7 +3215,7 @@ def read_structure_masks(
     files = _structure_mask_files(folder)
     if len(files) > 255:
         raise ValueError(f"{folder}: {len(files)} structure masks; a label volume holds at most 255 structures")
-    names = {number: volume_name(path) for number, path in files.items()}
+    names = {number: _structure_name(folder, path) for number, path in files.items()}
     matched = classes_by_name(names, class_names) if class_names is not None else {}
     paths = {number: path for number, path in files.items() if not matched or number in matched}
     data = np.zeros(volume.shape, np.uint8)
@@ -3539,8 +3567,12 @@ def paired_volumes(
                 f"pick one channel (`channel` {channels[0]}, or `scans` '*_{channels[0]}{suffix}')."
             )
         names = ", ".join(p.name for p in paths)
-        example = "CHAOS's InPhase and OutPhase" if paths[0].is_dir() else "BraTS's t1, t1ce, t2, flair"
-        pattern = paths[0].name if paths[0].is_dir() else "*_flair.nii.gz"
+        example = (
+            "CHAOS's InPhase and OutPhase" if paths[0].is_dir() else "BraTS's t1, t1ce, t2, flair; HaN-Seg's CT, MR"
+        )
+        shared = os.path.commonprefix([p.name for p in paths])  # `BraTS-GLI-00000-000-t`: the sequences after its `-`
+        cut = max(shared.rfind("_"), shared.rfind("-"))
+        pattern = paths[0].name if paths[0].is_dir() else f"*{paths[0].name[max(cut, 0) :]}"
         raise ValueError(
             f"`images` {images}: {names} have one label volume ({label.name}): several images of one case ({example}); "
             f"the 2-D models take one grey image: pick one (`scans` '{pattern}')."

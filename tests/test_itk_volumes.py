@@ -274,3 +274,50 @@ def test_slicer_segmentations_numbered_in_each_annotators_order_are_one_numberin
         masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "slices" / "masks").glob(f"{case}_*"))]
         assert set(np.unique(np.stack(masks)).tolist()) == {0, 1, 2}
         assert set(np.unique(masks[0]).tolist()) == {0, 2}
+
+
+def test_han_segs_structure_masks_beside_its_scans_are_their_label_volume(tmp_path, capsys):
+    """HaN-Seg keeps each case's CT and MR beside one `.seg.nrrd` per organ, named for the case
+    (`set_1/case_01/case_01_IMG_CT.nrrd`, `case_01_OAR_Brainstem.seg.nrrd`): nothing paired ("no label volume").
+    The case folder's `<case>_OAR_<structure>` files are now its structure masks, named by what follows `_OAR_`."""
+    from imedsam_hf.volumes import paired_volumes, read_label_volume, scan_files_in, structure_mask_names
+
+    labels = two_organs()
+    case = tmp_path / "set_1" / "case_01"
+    ct = converted(
+        save_nifti(tmp_path / "ct.nii.gz", (labels * 40 - 100).astype(np.int16)), case / "case_01_IMG_CT.nrrd"
+    )
+    sitk.WriteImage(sitk.ReadImage(str(ct))[::2, ::2, :], str(case / "case_01_IMG_MR_T1.nrrd"))  # not registered
+    for value, organ in ((2, "Kidney_L"), (5, "Liver")):
+        converted(
+            save_nifti(tmp_path / f"{organ}.nii.gz", (labels == value).astype(np.uint8)),
+            case / f"case_01_OAR_{organ}.seg.nrrd",
+        )
+    assert [p.name for p in scan_files_in(case)] == ["case_01_IMG_CT.nrrd", "case_01_IMG_MR_T1.nrrd"]
+    assert label_volume_of(ct, tmp_path / "set_1") == case and label_volume_of(ct, case) == case
+    assert structure_mask_names(case) == {1: "Kidney_L", 2: "Liver"}
+    volume = read_volume(ct)
+    np.testing.assert_array_equal(
+        read_label_volume(case, volume).data, np.select([labels == 2, labels == 5], [1, 2], 0)
+    )
+    aware = read_label_volume(case, volume, {3: "left kidney", 6: "liver"})  # TG-263's Kidney_L is the left kidney
+    np.testing.assert_array_equal(aware.data, np.select([labels == 2, labels == 5], [1, 2], 0))
+    with pytest.raises(
+        ValueError, match=r"case_01_IMG_CT.nrrd, case_01_IMG_MR_T1.nrrd have one label volume .*'\*_CT.nrrd'"
+    ):
+        paired_volumes(tmp_path / "set_1", tmp_path / "set_1")
+    assert [(c, s.name) for c, s, _ in paired_volumes(tmp_path / "set_1", tmp_path / "set_1", "*_IMG_CT.nrrd")] == [
+        ("case_01_IMG_CT", "case_01_IMG_CT.nrrd")
+    ]
+    # score: predict's P/case_01/case_01_IMG_CT.nii.gz against the data set as it unpacks, rows named by the files.
+    save_nifti(
+        tmp_path / "P" / "case_01" / "case_01_IMG_CT.nii.gz",
+        np.select([labels == 2, labels == 5], [1, 2], 0).astype(np.uint8),
+        volume.affine,
+    )
+    csv = tmp_path / "scores.csv"
+    assert main(["score", str(tmp_path / "P"), "--truth", str(tmp_path / "set_1"), "--csv", str(csv)]) == 0
+    assert [row.split(",")[:4] for row in csv.read_text().splitlines()[1:]] == [
+        ["case_01_IMG_CT", "1", "Kidney_L", "1.0"],
+        ["case_01_IMG_CT", "2", "Liver", "1.0"],
+    ]

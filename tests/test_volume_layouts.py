@@ -140,7 +140,7 @@ def test_several_sequences_of_one_case_are_refused_naming_their_label_volume_or_
     assert main([*argv, "--scans", "*_0000.nii.gz"]) == 2
     assert "--scans '*_0000.nii.gz': matches none of the scans in --images" in capsys.readouterr().err
     assert main(argv) == 2
-    assert "pick one (--scans '*_flair.nii.gz')" in capsys.readouterr().err
+    assert "pick one (--scans '*-t1n.nii.gz')" in capsys.readouterr().err  # the first sequence's
     # predict takes --scans too: a folder of BraTS cases segments one sequence each, not all four.
     tiny_model(num_classes=6, class_aware=True, implicit_decoder_trained=True).save_pretrained(tmp_path / "aware")
     argv = ["predict", "--model", str(tmp_path / "aware"), "--device", "cpu", str(tmp_path), "--boxes-from-masks"]
