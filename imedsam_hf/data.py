@@ -862,6 +862,11 @@ STRUCTURE_ALIASES = {
     frozenset({"eso"}): frozenset({"esophagus"}),
     frozenset({"sto"}): frozenset({"stomach"}),
     frozenset({"veins"}): frozenset({"portal", "vein", "and", "splenic"}),
+    frozenset({"leftkidney"}): frozenset({"left", "kidney"}),  # 3D-IRCADb's folder names, run together
+    frozenset({"rightkidney"}): frozenset({"right", "kidney"}),
+    frozenset({"venacava"}): frozenset({"inferior", "vena", "cava"}),
+    frozenset({"portalvein"}): frozenset({"portal", "vein", "and", "splenic"}),  # BTCV's class holds the portal vein
+    frozenset({"portal", "vein"}): frozenset({"portal", "vein", "and", "splenic"}),
 }
 
 

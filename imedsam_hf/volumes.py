@@ -619,10 +619,11 @@ def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
     hold DICOM slices (a series each) or a single multi-frame scan (named by the folder, as a series), and the
     multi-frame scan files of a folder holding several, or slices beside them (each named by its file); ``[]`` when
     there are none. A DICOM export (patient / study / series folders) gives one folder per series; a folder of 2-D
-    DICOM images (radiographs) is none."""
+    DICOM images (radiographs) is none. Folders below `folder` named for masks or labels hold no scans
+    (3D-IRCADb's `MASKS_DICOM/liver/`, `LABELLED_DICOM/`: series of masks beside `PATIENT_DICOM/`)."""
     found = []
     for root, folders, files in os.walk(folder):
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        folders[:] = sorted(name for name in folders if not name.startswith(".") and not _names_masks(name))
         kinds = {name: _dicom_kind_of(Path(root) / name) for name in files}
         scans = [Path(root) / name for name, kind in kinds.items() if kind == "volume"]
         if "slice" in kinds.values() or len(scans) == 1:  # a series, or a series folder holding one multi-frame scan
@@ -630,6 +631,11 @@ def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
         if "slice" in kinds.values() or len(scans) > 1:  # several scans in one folder: each file its own
             found.extend(scans)
     return sorted(found)
+
+
+def _names_masks(name: str) -> bool:
+    """Whether a folder's name says it holds masks or labels, not scans (`MASKS_DICOM`, `LABELLED_DICOM`)."""
+    return any(word in name.lower() for word in ("mask", "label"))
 
 
 def _require_extra(module: str, package: str, what: str, extra: str = "dicom") -> None:
@@ -3126,6 +3132,7 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
     if Path(scan).is_dir():  # a DICOM series: a mask per slice beside it, a SEG or RTSTRUCT of it, a mask folder
         return (  # short of masks (for its reader to refuse, naming both counts)
             slice_mask_folder_of(scan, labels)
+            or structure_series_folder_of(scan, labels)
             or dicom_annotation_of(scan, labels)
             or slice_mask_folder_of(scan, labels, exact=False)
         )
@@ -3173,7 +3180,22 @@ def structure_mask_names(folder: str | os.PathLike) -> dict[int, str]:
 def _structure_mask_files(folder: str | os.PathLike) -> dict[int, Path]:
     """``{id: file}`` of a folder of one mask per structure (:func:`structure_mask_names`' ids): its 3-D files, or in
     a case folder holding its scans too, the files naming its structures (:func:`_case_structure_files`)."""
-    return dict(enumerate(_case_structure_files(folder) or volumes_in(folder), start=1))
+    return dict(enumerate(_case_structure_files(folder) or volumes_in(folder) or structure_series(folder), start=1))
+
+
+def structure_series(folder: str | os.PathLike) -> list[Path]:
+    """The DICOM series of masks a folder keeps one per structure, in name order (3D-IRCADb's `MASKS_DICOM/liver/`,
+    `MASKS_DICOM/portalvein/`, ..., each on the grid of the patient's series; as its archive unpacks, a lone folder of
+    the same name between: `MASKS_DICOM/MASKS_DICOM/liver/`): every subfolder a series, no 3-D file beside; ``[]``
+    for any other folder (a patient's folder holding its scan's series and others)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(subfolders) == 1 and subfolders[0].name == folder.name:
+        return structure_series(subfolders[0])
+    series = [p for p in subfolders if dicom_files_in(p)]
+    return series if series and len(series) == len(subfolders) and not volumes_in(folder) else []
 
 
 #: The word HaN-Seg's files put between a case and a structure: `case_01_OAR_Brainstem.seg.nrrd`.
@@ -3189,6 +3211,24 @@ def _case_structure_files(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         return []
     return [path for path in volumes_in(folder) if path.name.lower().startswith(prefix)]
+
+
+def structure_series_folder_of(series: str | os.PathLike, labels: str | os.PathLike) -> Path | None:
+    """`label_volume_of`'s folder of DICOM series of masks, one per structure (:func:`structure_series`), for the
+    DICOM series folder `series`: `labels` itself when it is one, else, where `series` lies below `labels`, the
+    nearest folder named for masks beside the series' folder or a folder above it (3D-IRCADb's `MASKS_DICOM/` beside
+    `PATIENT_DICOM/`); None otherwise."""
+    series, labels = Path(series).resolve(), Path(labels).resolve()
+    if labels not in (series, series.parent) and structure_series(labels):
+        return labels
+    folder = series
+    while folder != labels and labels in folder.parents:
+        siblings = sorted(p for p in folder.parent.iterdir() if p.is_dir() and p != folder and _names_masks(p.name))
+        found = next((p for p in siblings if structure_series(p)), None)
+        if found is not None:
+            return found
+        folder = folder.parent
+    return None
 
 
 def _structure_name(folder: str | os.PathLike, path: Path) -> str:

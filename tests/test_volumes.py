@@ -1548,6 +1548,51 @@ def test_chaos_slice_masks_beside_a_series_are_its_label_volume(tmp_path, capsys
 
 
 @needs_dicom
+def test_ircadbs_series_of_masks_beside_the_patients_series_are_its_label_volume(tmp_path, capsys):
+    """3D-IRCADb keeps each patient's CT series (`3Dircadb1.1/PATIENT_DICOM/image_0`, ...) beside one series of 0/255
+    masks per organ on the same grid (`MASKS_DICOM/liver/`, `MASKS_DICOM/leftkidney/`) and `LABELLED_DICOM/`: every
+    one of them was a scan to predict, none a label volume. The mask series are the patient series' structure masks,
+    named by their folders; folders named for masks or labels hold no scans."""
+    from imedsam_hf.cli import main
+    from imedsam_hf.volumes import dicom_series_in, read_label_volume, structure_mask_names
+
+    labels = two_organs()
+    case = tmp_path / "3Dircadb1" / "3Dircadb1.1"
+    lps = ("L", "P", "S")
+    write_dicom_series(*as_stored(hu_scan(labels), AFFINE, lps), case / "PATIENT_DICOM")
+    for value, organ in ((2, "leftkidney"), (5, "liver")):
+        mask = (labels == value).astype(np.int16) * 255
+        write_dicom_series(*as_stored(mask, AFFINE, lps), case / "MASKS_DICOM" / organ, intercept=0)
+    write_dicom_series(
+        *as_stored((labels > 0).astype(np.int16) * 255, AFFINE, lps), case / "LABELLED_DICOM", intercept=0
+    )
+    series = case / "PATIENT_DICOM"
+    assert dicom_series_in(tmp_path / "3Dircadb1") == [series]  # the masks' series are no scans
+    masks = (case / "MASKS_DICOM").resolve()
+    assert label_volume_of(series, tmp_path / "3Dircadb1") == masks
+    assert structure_mask_names(masks) == {1: "leftkidney", 2: "liver"}
+    volume = read_volume(series)
+    organs = np.select([labels == 2, labels == 5], [1, 2], 0)
+    np.testing.assert_array_equal(read_label_volume(masks, volume).data, organs)
+    aware = read_label_volume(masks, volume, {3: "left kidney", 6: "liver"})  # `leftkidney`, run together
+    np.testing.assert_array_equal(aware.data, organs)
+    # As its archive unpacks: MASKS_DICOM/MASKS_DICOM/liver/.
+    (case / "MASKS_DICOM").rename(tmp_path / "inner")
+    (case / "MASKS_DICOM").mkdir()
+    (tmp_path / "inner").rename(case / "MASKS_DICOM" / "MASKS_DICOM")
+    assert label_volume_of(series, tmp_path / "3Dircadb1") == masks
+    np.testing.assert_array_equal(read_label_volume(masks, volume).data, organs)
+    # score: predict's P/PATIENT_DICOM.nii.gz against the patient folder, rows named by the mask series.
+    save_nifti(tmp_path / "P" / "PATIENT_DICOM.nii.gz", organs.astype(np.uint8), volume.affine)
+    csv = tmp_path / "scores.csv"
+    assert main(["score", str(tmp_path / "P"), "--truth", str(case), "--csv", str(csv)]) == 0
+    assert [row.split(",")[:4] for row in csv.read_text().splitlines()[1:]] == [
+        ["PATIENT_DICOM", "1", "leftkidney", "1.0"],
+        ["PATIENT_DICOM", "2", "liver", "1.0"],
+    ]
+
+
+@needs_dicom
 def test_an_mr_series_is_scaled_as_mr_where_no_window_is_given(tmp_path, capsys):
     """An MR series says what it is in its header (and dcm2niix's sidecar beside the NIfTI it makes of one): without a window it was min-max rescaled (one bright voxel
     darkening the scan) or, for a model trained on CT, not windowed at all with a warning that it is no HU. Its slices
