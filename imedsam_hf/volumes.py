@@ -619,11 +619,16 @@ def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
     hold DICOM slices (a series each) or a single multi-frame scan (named by the folder, as a series), and the
     multi-frame scan files of a folder holding several, or slices beside them (each named by its file); ``[]`` when
     there are none. A DICOM export (patient / study / series folders) gives one folder per series; a folder of 2-D
-    DICOM images (radiographs) is none. Folders below `folder` named for masks or labels hold no scans
-    (3D-IRCADb's `MASKS_DICOM/liver/`, `LABELLED_DICOM/`: series of masks beside `PATIENT_DICOM/`)."""
+    DICOM images (radiographs) is none. A folder of mask series (:func:`structure_series`: 3D-IRCADb's
+    `MASKS_DICOM/liver/`, ...) below `folder`, and the folders named for masks or labels beside it (its
+    `LABELLED_DICOM/`), hold no scans; a series folder named so elsewhere (an angiography's `Mask/`) is one."""
     found = []
     for root, folders, files in os.walk(folder):
-        folders[:] = sorted(name for name in folders if not name.startswith(".") and not _names_masks(name))
+        names = sorted(name for name in folders if not name.startswith("."))
+        masks = {name for name in names if _names_masks(name) and structure_series(Path(root) / name)}
+        if masks:
+            masks |= {name for name in names if _names_masks(name)}
+        folders[:] = [name for name in names if name not in masks]
         kinds = {name: _dicom_kind_of(Path(root) / name) for name in files}
         scans = [Path(root) / name for name, kind in kinds.items() if kind == "volume"]
         if "slice" in kinds.values() or len(scans) == 1:  # a series, or a series folder holding one multi-frame scan

@@ -1568,6 +1568,10 @@ def test_ircadbs_series_of_masks_beside_the_patients_series_are_its_label_volume
     )
     series = case / "PATIENT_DICOM"
     assert dicom_series_in(tmp_path / "3Dircadb1") == [series]  # the masks' series are no scans
+    angiography = tmp_path / "export" / "CTA"  # a series named for masks elsewhere is a scan: a subtraction's Mask/
+    for name in ("Contrast", "Mask"):
+        write_dicom_series(*as_stored(hu_scan(labels), AFFINE, lps), angiography / name)
+    assert [p.name for p in dicom_series_in(tmp_path / "export")] == ["Contrast", "Mask"]
     masks = (case / "MASKS_DICOM").resolve()
     assert label_volume_of(series, tmp_path / "3Dircadb1") == masks
     assert structure_mask_names(masks) == {1: "leftkidney", 2: "liver"}
