@@ -287,6 +287,11 @@ def test_deeplesions_slices_are_windowed_as_each_lesion_was_read(tmp_path, capsy
         assert main([*argv, "--out", str(tmp_path / name)]) == 0
         alone.append(np.asarray(Image.open(tmp_path / name / "109.png")) > 0)
     np.testing.assert_array_equal(both, alone[0] | alone[1])
+    # A class-aware model told the lesions' structure (--classes): each window's lesions with their own heads.
+    tiny_model(num_classes=3, class_aware=True, implicit_decoder_trained=True).save_pretrained(tmp_path / "aware")
+    argv = [*base, "--boxes", str(tmp_path / "DL_info.csv"), "--classes", "2", "--out", str(tmp_path / "K")]
+    argv[argv.index(str(tmp_path / "model"))] = str(tmp_path / "aware")
+    assert main(argv) == 0, capsys.readouterr().err
     # --window given: every lesion in it, as before.
     argv = [*base, "--boxes", str(tmp_path / "DL_info.csv"), "--rescale-intercept=-32768", "--window", "50,450"]
     assert main([*argv, "--out", str(tmp_path / "W")]) == 0

@@ -818,11 +818,15 @@ def predict_images(model, processor, plan, prompts: PromptSource, grid, args) ->
 def segment_by_window(model, hu: np.ndarray, boxes: list, windows: list[tuple[float, float]], **options) -> Any:
     """The lesions of one CT slice in HU (`boxes`, one each), each segmented on the slice windowed as it was read
     (`windows`, one `(level, width)` per box: DeepLesion's lung nodule in the lung window, the liver lesion beside it
-    in the soft-tissue one): one `segment` call per window, the masks and probabilities back in the boxes' order."""
+    in the soft-tissue one): one `segment` call per window, the masks and probabilities back in the boxes' order;
+    `classes` in `options` (one per box: --classes) goes with its boxes."""
+    classes = options.pop("classes", None)
     order, parts = [], []
     for window in dict.fromkeys(windows):
         chosen = [index for index, own in enumerate(windows) if own == window]
-        parts.append(segment(model, to_uint8(hu, window), box=[boxes[index] for index in chosen], **options))
+        own = None if classes is None else [classes[index] for index in chosen]
+        grey = to_uint8(hu, window)
+        parts.append(segment(model, grey, box=[boxes[index] for index in chosen], classes=own, **options))
         order.extend(chosen)
     back = np.argsort(order)
     return dataclasses.replace(
