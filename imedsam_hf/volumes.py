@@ -70,7 +70,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -989,8 +989,9 @@ def resolve_window(
     """
     The window :func:`to_uint8` is to apply to `data` for a model: `window` when one is given; else, for a volume that
     is not 8-bit, :func:`default_window` for an MR scan (`modality`, its DICOM header's), warning when the model's
-    training window is a CT window in HU; else the window the model's training images were made with (`configuration_imedsam.training_window` of
-    its `config`), when it recorded one and, for a window in HU, the volume looks like Hounsfield units
+    training window is a CT window in HU; else the window the model's training images were made with
+    (`configuration_imedsam.training_window` of its `config`), when it recorded one and, for a window in HU, the
+    volume looks like Hounsfield units
     (`processing_imedsam.looks_like_hu`: values below 0 over a range wider than 255); else None (an 8-bit volume
     passes through, anything else min-max with a warning). A volume that does not look like HU for a HU window warns,
     naming `name`: MR, CT stored shifted, or intensities rescaled elsewhere (give ``"mr"``, or the window that fits).
@@ -3226,10 +3227,18 @@ def structure_series_folder_of(series: str | os.PathLike, labels: str | os.PathL
     series, labels = Path(series).resolve(), Path(labels).resolve()
     if labels not in (series, series.parent) and structure_series(labels):
         return labels
+    return _folder_beside(series, labels, _names_masks, lambda folder: bool(structure_series(folder)))
+
+
+def _folder_beside(
+    series: Path, labels: Path, named: Callable[[str], bool], holds: Callable[[Path], bool]
+) -> Path | None:
+    """The nearest folder beside the (resolved) series folder `series`, or beside a folder above it up to `labels`
+    (only where `series` lies below `labels`), whose name is `named` and which `holds` what is looked for; None."""
     folder = series
     while folder != labels and labels in folder.parents:
-        siblings = sorted(p for p in folder.parent.iterdir() if p.is_dir() and p != folder and _names_masks(p.name))
-        found = next((p for p in siblings if structure_series(p)), None)
+        siblings = sorted(p for p in folder.parent.iterdir() if p.is_dir() and p != folder and named(p.name))
+        found = next((p for p in siblings if holds(p)), None)
         if found is not None:
             return found
         folder = folder.parent
@@ -3323,25 +3332,27 @@ def slice_mask_folder_of(series: str | os.PathLike, labels: str | os.PathLike, e
         return None
     if slice_mask_files(labels):
         return labels
-    folder = series
-    while folder != labels and labels in folder.parents:
-        siblings = sorted(p for p in folder.parent.iterdir() if p.is_dir() and p != folder)
-        named = (p for p in siblings if any(w in p.name.lower() for w in SLICE_MASK_FOLDER_WORDS))
-        found = next((p for p in named if (masks := slice_mask_files(p)) and (len(masks) == count or not exact)), None)
-        if found is not None:
-            return found
-        folder = folder.parent
-    return None
+
+    def named(name: str) -> bool:
+        return any(word in name.lower() for word in SLICE_MASK_FOLDER_WORDS)
+
+    def holds(folder: Path) -> bool:
+        masks = slice_mask_files(folder)
+        return bool(masks) and (len(masks) == count or not exact)
+
+    return _folder_beside(series, labels, named, holds)
 
 
-def _slice_mask_levels(folder: Path, values: Iterable[int]) -> tuple[dict[int, int], dict[int, str]]:
+def _slice_mask_levels(
+    folder: Path, masks: Sequence[Path], values: Iterable[int]
+) -> tuple[dict[int, int], dict[int, str]]:
     """`({stored value: id}, {id: name})` of the values the masks of `folder` store: one value (0/255 or 0/1) is one
     structure, id 1, named by the files' shared name where it names one (`liver_GT_000.png`: liver); several values
     all within CHAOS's MR levels (:data:`CHAOS_MR_LEVELS`) its organs; other values are class ids as they are,
     named by the folder's class file (:func:`imedsam_hf.data.folder_class_names`), if any."""
     present = sorted(int(v) for v in values if v)
     if len(present) == 1:
-        stems = [volume_stem(path.name) for path in slice_mask_files(folder)]
+        stems = [volume_stem(path.name) for path in masks]
         shared = os.path.commonprefix(stems) if stems else ""
         words = [w for w in re.split(r"[^A-Za-z]+", shared) if w and w.lower() not in SLICE_MASK_NAME_WORDS]
         return {present[0]: 1}, ({1: " ".join(words)} if words else {})
@@ -3363,7 +3374,7 @@ def slice_mask_names(folder: str | os.PathLike) -> dict[int, str]:
     values = set()
     for mask in masks:
         values.update(np.unique(mask_pixels(mask)).tolist())
-    return _slice_mask_levels(Path(folder), values)[1]
+    return _slice_mask_levels(Path(folder), masks, values)[1]
 
 
 def read_slice_masks(folder: str | os.PathLike, volume: Volume, class_names: Mapping[int, str] | None = None) -> Volume:
@@ -3401,7 +3412,7 @@ def read_slice_masks(folder: str | os.PathLike, volume: Volume, class_names: Map
     odd = sorted(v for v in values if v < 0 or v != int(v))
     if odd:
         raise ValueError(f"{folder}: masks hold {odd[:4]}, not class ids; a label volume's ids are 0..255")
-    table, _ = _slice_mask_levels(folder, {int(v) for v in values})
+    table, _ = _slice_mask_levels(folder, masks, {int(v) for v in values})
     if max(table.values(), default=0) > 255:
         raise ValueError(
             f"{folder}: masks hold values above 255 ({max(table)}); class ids of a label volume are 0..255"

@@ -246,9 +246,8 @@ def truth_class_names(truth: Path, first: Path | None = None, given: Collection[
     # TotalSegmentator's header table, or a 3D Slicer segmentation's segment names (a scene also holds its scan).
     found = next((found for path in volumes_in(truth) if (found := embedded_label_names(path))), None)
     if found is None and first is not None and is_volume(first):  # the truth of the first prediction: case folders,
-        label, _ = truth_label_of(
-            first, truth, place_below(first, given)
-        )  # TotalSegmentator's folders of structure masks
+        # TotalSegmentator's folders of structure masks, a DICOM series' truth at the first prediction's place
+        label, _ = truth_label_of(first, truth, place_below(first, given))
         found = embedded_label_names(label) if label is not None else None
     return found
 
