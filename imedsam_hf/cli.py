@@ -101,6 +101,19 @@ def _scan_options(parser: argparse.ArgumentParser, where: str = "") -> None:
     parser.add_argument("--channel", default=None, metavar="INDEX|NAME", help=CHANNEL_HELP)
 
 
+def _label_suffix_option(parser: argparse.ArgumentParser, where: str) -> None:
+    """`--label-suffix`: which of a scan's label volumes is its truth (predict's --boxes-from-masks, score's
+    --truth, the converters' --labels)."""
+    parser.add_argument(
+        "--label-suffix",
+        default=None,
+        metavar="SUFFIX",
+        help=f"{where}: each scan's label volume is the file named as the scan with _SUFFIX added, e.g. seg-manual "
+        "for a BIDS data set's derivatives/labels/sub-01/anat/sub-01_T2w_seg-manual.nii.gz beside its "
+        "_lesion-manual (default: the one label volume a scan has)",
+    )
+
+
 def _nsd_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nsd-tolerance",
@@ -239,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "label volume written on the scan's own grid",
     )
     _scan_options(p, "volumes: ")
+    _label_suffix_option(p, "volumes with --boxes-from-masks")
     p.add_argument("--rescale-intercept", type=float, default=None, metavar="N", help=INTERCEPT_HELP)
     p.add_argument(
         "--window",
@@ -353,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
             "SEGs or RT Structure Sets that reference them (any names)",
         )
         _scan_options(paired)
+        _label_suffix_option(paired, "in --labels")
         paired.add_argument(
             "--classes",
             default=None,
@@ -408,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder, or the dataset.json beside it, else the label table in a truth file's header, TotalSegmentator's); "
         "default: every structure in a prediction or its truth",
     )
+    _label_suffix_option(s, "label volumes in --truth")
     _nsd_options(s)
     s.add_argument("--json", default=None, help="write the summary here")
     s.add_argument("--csv", default=None, help="write one row per case and structure here")

@@ -407,9 +407,18 @@ def _sub_folder(root: Path, relative: str) -> Path | None:
 
 def volumes_hint(root: Path) -> str:
     """For a folder of 3-D scans given where 2-D images are read (NIfTI files in it or its folders, DICOM series
-    below it: CHAOS's `CT/1/DICOM_anon/`): the command that makes them slices, or ""."""
+    below it: CHAOS's `CT/1/DICOM_anon/`, a BIDS data set's `sub-01/anat/`): the command that makes them slices,
+    or ""."""
     folders = [root, *(p for p in sorted(root.iterdir()) if p.is_dir())]
     holding = [f for f in folders if any(is_volume(n) for n in os.listdir(f))]
+    subjects = [f for f in folders if re.fullmatch(r"sub-[A-Za-z0-9]+", f.name)]
+    if not holding and subjects:  # BIDS: `sub-01/[ses-01/]anat/sub-01_T2w.nii.gz`, masks under `derivatives/`
+        command = f"imedsam convert volumes --images {root} --labels {root} --output DIR"
+        return (
+            f" It is a BIDS data set ({', '.join(f.name for f in subjects[:2])}{', ...' if len(subjects) > 2 else ''})"
+            f": make its scans 2-D slices first: {command} (with `scans` '*_T2w.nii.gz' and `label_suffix` "
+            "seg-manual to pick a sequence and the masks of derivatives/)."
+        )
     if not holding:
         series = _series_folders(root)
         if not series:

@@ -185,6 +185,8 @@ __all__ = [
     "scan_files_in",
     "case_folders",
     "case_scans_in",
+    "bids_scans",
+    "bids_derivatives",
     "scan_case",
     "require_dicom",
     "mr_window",
@@ -3105,21 +3107,31 @@ def _case_of(scan: Path, label: Path, case_folder: bool) -> str:
     return volume_name(label) if volume_name(label) in _case_names(scan)[1:] else scan_case(scan, case_folder)
 
 
-def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path | None:
+def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike, label_suffix: str | None = None) -> Path | None:
     """
     The label volume of `scan` in the folder `labels`: the file of the same name (`.nii.gz`, `.nii`, 3D Slicer's
     `.seg.nrrd`, `.nrrd`, `.nhdr`, `.mha`, `.mhd`; never the scan itself, beside which Slicer saves a segmentation),
     or for nnU-Net's `<case>_0000.nii.gz` scans `<case>.nii.gz`, or as a data set names it (:func:`_label_candidates`:
     `x_gt`, `x_seg`, ..., `label0001` for `img0001`, `segmentation-0` for `volume-0`; names matched in any case); in
     `labels`, else in its folder of the scan's folder's name (KiTS's `case_00000/segmentation.nii.gz` for
-    `case_00000/imaging.nii.gz`, `labels` the folder of the case folders); for
+    `case_00000/imaging.nii.gz`, `labels` the folder of the case folders); for a BIDS scan, its derivative mask at
+    its place (:func:`bids_derivatives`: `derivatives/labels/sub-01/anat/sub-01_T2w_seg-manual.nii.gz`; several are a
+    ValueError naming them); for
     a DICOM series' folder, else the DICOM SEG or RT Structure Set at or under `labels` that references the series
     (:func:`dicom_annotation_of`); None when there is none. One lookup, shared by `imedsam predict
     --boxes-from-masks`, `imedsam score` and `imedsam convert volumes`.
+
+    `label_suffix`: the label volume is the file named as the scan with this added after a `_` (`seg-manual`: a BIDS
+    derivative among several, `lesion` for `x_lesion.nii.gz` beside `x_seg.nii.gz`), in the same places; no other.
     """
     itself, own = Path(scan).resolve(), _case_names(scan)
     case_folder = Path(labels) / Path(scan).parent.name  # a case folder of the scan's folder's name (KiTS's)
-    for folder in (Path(labels), *([case_folder] if Path(scan).is_file() and case_folder.is_dir() else [])):
+    places = (Path(labels), *([case_folder] if Path(scan).is_file() and case_folder.is_dir() else []))
+    if label_suffix:
+        named = f"{volume_name(scan)}_{label_suffix.strip().lstrip('_')}"
+        folders = dict.fromkeys([*places, *bids_label_folders(scan, labels)])
+        return next(filter(None, (_file_named(named, _volume_files(folder)) for folder in folders)), None)
+    for folder in places:
         files = _volume_files(folder)
         for name in _label_candidates(scan):
             found = _file_named(name, files)
@@ -3132,6 +3144,16 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
                 labelled = any(_file_named(other, files) for other in _label_candidates(found)[1:])
                 if not (name in own and (labelled or _structure_folder_of(found, found.parent))):
                     return found
+    derivatives = bids_derivatives(scan, labels)
+    if len(derivatives) > 1:
+        added = list(dict.fromkeys(volume_name(path)[len(volume_name(scan)) + 1 :] for path in derivatives))
+        raise ValueError(
+            f"{scan}: {len(derivatives)} label volumes in {labels} ({', '.join(p.name for p in derivatives[:4])}"
+            f"{', ...' if len(derivatives) > 4 else ''}); pick one by what its name adds to the scan's: "
+            f"`label_suffix` {' or '.join(added[:4])}"
+        )
+    if derivatives:
+        return derivatives[0]
     structures = _structure_folder_of(Path(scan), Path(labels))
     if structures is not None:
         return structures
@@ -3143,6 +3165,88 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike) -> Path 
             or slice_mask_folder_of(scan, labels, exact=False)
         )
     return dicom_annotation_of(scan, labels) if is_multiframe_scan(scan) else None
+
+
+#: A BIDS file name's subject and session (`sub-01_ses-02_acq-ax_T2w`): its raw data lie in `sub-01/ses-02/<datatype>/`
+#: of the data set, a derivative pipeline's files at the same place of `derivatives/<pipeline>/`.
+BIDS_NAME = re.compile(r"(?P<subject>sub-[A-Za-z0-9]+)(?:_(?P<session>ses-[A-Za-z0-9]+))?(?=_|$)")
+BIDS_SUBJECT, BIDS_SESSION = re.compile(r"sub-[A-Za-z0-9]+"), re.compile(r"ses-[A-Za-z0-9]+")
+#: BIDS datatype folders of recordings and time series, which hold no scan to segment (fMRI's `func/`, `dwi/`, ...).
+BIDS_SERIES_DATATYPES = ("func", "dwi", "fmap", "perf", "meg", "eeg", "ieeg", "beh", "motion", "nirs")
+#: The last part of a BIDS derivative's name that makes it a mask of its scan (`<scan>_<this>`, or `<scan>_<entities>_
+#: <this>`): spine-generic's `_seg-manual` and `_lesion-manual`, SCT's `_gmseg`, BIDS's `_dseg`, `_label-SC_seg` and
+#: `_desc-brain_mask`; not a probability map (`_probseg`) nor SCT's point labels (`_labels-disc-manual`).
+BIDS_MASK_SUFFIX = re.compile(r"(?!probseg)([a-z]*seg|mask|lesions?|gt)(-[a-z0-9]+)*", re.IGNORECASE)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The folders in `folder`, sorted, without hidden ones; ``[]`` for no folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def bids_scans(folder: str | os.PathLike) -> list[Path]:
+    """The scans of a BIDS data set (OpenNeuro's, spine-generic's): those (:func:`scan_files_in`) of each
+    `sub-<label>/[ses-<label>/]<datatype>/` folder of `folder` (the data set's root, a subject's or a session's
+    folder) holding images (`anat/`, not time series: :data:`BIDS_SERIES_DATATYPES`); nothing of `derivatives/` or
+    `sourcedata/`. ``[]`` for a folder that is none of these."""
+    folder = Path(folder)
+    if BIDS_SESSION.fullmatch(folder.name) and BIDS_SUBJECT.fullmatch(folder.parent.name):
+        sessions = [folder]
+    else:
+        subjects = [folder] if BIDS_SUBJECT.fullmatch(folder.name) else []
+        subjects = subjects or [p for p in _subfolders(folder) if BIDS_SUBJECT.fullmatch(p.name)]
+        sessions = [
+            s
+            for subject in subjects
+            for s in [subject, *_subfolders(subject)]
+            if s == subject or BIDS_SESSION.fullmatch(s.name)
+        ]
+    datatypes = [
+        p
+        for session in sessions
+        for p in _subfolders(session)
+        if p.name.lower() not in BIDS_SERIES_DATATYPES and not BIDS_SESSION.fullmatch(p.name)
+    ]
+    return [scan for datatype in datatypes for scan in scan_files_in(datatype)]
+
+
+def bids_label_folders(scan: str | os.PathLike, labels: str | os.PathLike) -> list[Path]:
+    """Where the derivatives of a scan named as BIDS names it (`sub-01_ses-02_T2w`) lie, given `labels`: `labels`
+    itself, and the scan's place (`sub-01/ses-02/` and its datatype folders, `anat/`) in `labels` (a pipeline's
+    folder, spine-generic's `derivatives/labels`; or the subject's folder) or in each pipeline of `labels/derivatives/`
+    (the data set's root); ``[]`` for a scan not named so."""
+    match = BIDS_NAME.match(volume_name(scan))
+    if match is None:
+        return []
+    labels = Path(labels)
+    place = [match["subject"], *([match["session"]] if match["session"] else [])]
+    roots = [labels, *_subfolders(labels / "derivatives")]
+    if labels.name == match["subject"]:
+        roots.append(labels.parent)
+    folders = [labels]
+    for root in roots:
+        here = root.joinpath(*place)
+        folders += (
+            [here, *(p for p in _subfolders(here) if not BIDS_SESSION.fullmatch(p.name))] if here.is_dir() else []
+        )
+    return list(dict.fromkeys(folders))
+
+
+def bids_derivatives(scan: str | os.PathLike, labels: str | os.PathLike) -> list[Path]:
+    """The masks of `scan` among the BIDS derivatives at its place (:func:`bids_label_folders`): files named as the
+    scan and a mask's suffix (:data:`BIDS_MASK_SUFFIX`: `sub-01_T2w_seg-manual.nii.gz`, `sub-01_T2w_lesion-manual`,
+    `sub-01_T1w_desc-brain_mask`), sorted; ``[]`` for a scan not named as BIDS names it."""
+    prefix, itself = f"{volume_name(scan)}_".lower(), Path(scan).resolve()
+    found = []
+    for folder in bids_label_folders(scan, labels):
+        for path in sorted(set(_volume_files(folder).values())):
+            name = volume_name(path)
+            if name.lower().startswith(prefix) and path.resolve() != itself:
+                if BIDS_MASK_SUFFIX.fullmatch(name[len(prefix) :].rsplit("_", 1)[-1]):
+                    found.append(path)
+    return list(dict.fromkeys(found))
 
 
 def _other_scans(files: Mapping[str, Path], label: Path, own: Sequence[str]) -> bool:
@@ -3489,7 +3593,10 @@ def scan_files_in(folder: str | os.PathLike) -> list[Path]:
     `volume-0.nii`, ACDC's `patient001_frame01_gt.nii.gz`, PROMISE12's `Case00_segmentation.mhd`), where a data set
     keeps both in one folder."""
     files = volumes_in(folder, scans=True)
-    labels = {label_volume_of(path, folder) for path in files}
+    labels = {label for path in files for label in bids_derivatives(path, folder)}  # several a scan: all
+    for path in files:
+        with contextlib.suppress(ValueError):  # BIDS derivatives of one scan, several: listed above
+            labels.add(label_volume_of(path, folder))
     return [path for path in files if path not in labels]
 
 
@@ -3505,9 +3612,10 @@ def case_folders(folder: str | os.PathLike) -> list[Path]:
 
 
 def case_scans_in(folder: str | os.PathLike) -> list[Path]:
-    """The scans of `folder` (:func:`scan_files_in`), or where it holds none, those of its case folders
-    (:func:`case_folders`)."""
-    return scan_files_in(folder) or [scan for sub in case_folders(folder) for scan in scan_files_in(sub)]
+    """The scans of `folder` (:func:`scan_files_in`), or where it holds none, those of a BIDS data set
+    (:func:`bids_scans`: `sub-01/anat/`), else those of its case folders (:func:`case_folders`)."""
+    found = scan_files_in(folder) or bids_scans(folder)
+    return found or [scan for sub in case_folders(folder) for scan in scan_files_in(sub)]
 
 
 def scan_case(scan: str | os.PathLike, case_folder: bool) -> str:
@@ -3554,7 +3662,11 @@ def channel_files(volumes: Sequence[str | os.PathLike], channel: int | str) -> l
 
 
 def paired_volumes(
-    images: str | os.PathLike, labels: str | os.PathLike, scans: str | None = None, channel: int | str | None = None
+    images: str | os.PathLike,
+    labels: str | os.PathLike,
+    scans: str | None = None,
+    channel: int | str | None = None,
+    label_suffix: str | None = None,
 ) -> list[tuple[str, Path, Path]]:
     """
     `(case, image, label volume)` of every 3-D scan file in the folder `images` (NIfTI, NRRD, MetaImage; not 3D
@@ -3568,7 +3680,8 @@ def paired_volumes(
     each with its own label volume) are cases. `scans`: only the scans whose file (or series folder) name matches
     this pattern (`fnmatch`, any case): one channel or MR sequence of each case (`*_0000.nii.gz`, BraTS's
     `*_t2f.nii.gz`). `channel`: nnU-Net's channel files of that channel (:func:`channel_files`); where the cases have
-    one file each, it is a 4-D file's volume, for the caller to read (:func:`read_volume`).
+    one file each, it is a 4-D file's volume, for the caller to read (:func:`read_volume`). `label_suffix`: each
+    label volume is named as its scan with this added (:func:`label_volume_of`: a BIDS derivative among several).
     """
     folders = {"`images`": Path(images), "`labels`": Path(labels)}
     for flag, folder in folders.items():
@@ -3596,16 +3709,22 @@ def paired_volumes(
         require_itk()
     pairs, missing = [], []
     for path in volumes:
-        found = label_volume_of(path, labels)
+        found = label_volume_of(path, labels, label_suffix)
         if found is None:
-            missing.append(f"{path.name} (looked for {label_volume_names(path)})")
+            looked = f"{volume_name(path)}_{label_suffix.lstrip('_')}" if label_suffix else label_volume_names(path)
+            missing.append(f"{path.name} (looked for {looked})")
             continue
         in_case_folder = path.parent != Path(images)
         case = volume_name(path) if path.is_dir() or not is_volume(path) else _case_of(path, found, in_case_folder)
         pairs.append((case, path, found))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ValueError(f"`labels` {labels}: no label volume for {'; '.join(missing[:3])}{more}.")
+        # A BIDS subject's T1w beside its labelled T2w: the scans that have one end alike
+        ends = {path.name[path.name.rfind("_") :] for _, path, _ in pairs if "_" in path.name}
+        end = ends.pop() if len(ends) == 1 else ""
+        end = "" if any(text.split(" (looked", 1)[0].endswith(end) for text in missing) else end
+        hint = f" The {len(pairs)} others end {end}: pick them (`scans` '*{end}')." if end and scans is None else ""
+        raise ValueError(f"`labels` {labels}: no label volume for {'; '.join(missing[:3])}{more}.{hint}")
     scans_of: dict[Path, list[Path]] = {}
     for _, path, found in pairs:
         scans_of.setdefault(found, []).append(path)
@@ -3772,6 +3891,7 @@ def label_volumes_to_nifti(
     scans: str | None = None,
     progress: bool = True,
     channel: int | str | None = None,
+    label_suffix: str | None = None,
 ) -> dict[str, Any]:
     """
     Each scan's label volume (a DICOM SEG or RT Structure Set of a series, or a NIfTI, in any orientation) as
@@ -3787,11 +3907,12 @@ def label_volumes_to_nifti(
             the truth numbers structures as its predictions do).
         scans: only the scans whose names match this pattern (:func:`paired_volumes`).
         channel: for 4-D scans (the Medical Segmentation Decathlon's), any of their volumes: they give the grid.
+        label_suffix: what each label volume's name adds to its scan's (:func:`label_volume_of`).
 
     Returns:
         `{"volumes", "classes"}`: the count and `{id: name}`.
     """
-    pairs = paired_volumes(images, labels, scans, channel)
+    pairs = paired_volumes(images, labels, scans, channel, label_suffix)
     if class_names is None:
         class_names = _label_classes_by_name([label_path for _, _, label_path in pairs])
     present: set[int] = set()
@@ -3816,6 +3937,7 @@ def volumes_to_slices(
     progress: bool = True,
     plane: str = "stored",
     channel: int | str | None = None,
+    label_suffix: str | None = None,
 ) -> dict[str, Any]:
     """
     A folder of scans (NIfTI, or DICOM scans) and label volumes -> the folder of 2-D slices that training,
@@ -3841,13 +3963,15 @@ def volumes_to_slices(
             `cases.csv` recording the axial grid's spacing and orientation.
         channel: the volume of 4-D scans to slice (:func:`read_volume`: an index, or a name of the data set's
             ``dataset.json``, e.g. ``"T2"`` of the Decathlon's prostate scans).
+        label_suffix: what each label volume's name adds to its scan's (:func:`label_volume_of`: `seg-manual` for a
+            BIDS data set's `derivatives/labels/sub-01/anat/sub-01_T2w_seg-manual.nii.gz` beside its lesion masks).
 
     Returns:
         `{"volumes", "slices", "classes", "orientations"}`: counts, `{id: name}` and `{case: axcodes}`.
     """
     if plane not in PLANES:
         raise ValueError(f"`plane` must be one of {PLANES}, got {plane!r}")
-    pairs = paired_volumes(images, labels, scans, channel)
+    pairs = paired_volumes(images, labels, scans, channel, label_suffix)
     check_window(window)
     if class_names is None:
         class_names = _label_classes_by_name([label_path for _, _, label_path in pairs])

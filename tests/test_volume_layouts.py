@@ -421,3 +421,109 @@ def test_a_4d_or_vector_nrrd_gives_its_channel_as_the_nifti_does(tmp_path):
         read_volume(tmp_path / "vector.nrrd")
     with pytest.raises(ValueError, match="leave `channel` out"):
         read_volume(tmp_path / "a.nii.gz", channel=0)
+
+
+def bids(root: Path, labels: np.ndarray) -> Path:
+    """A BIDS data set as spine-generic and OpenNeuro keep one: raw scans in `sub-XX/[ses-YY/]anat/` (a T2w with its
+    masks, a T1w without), a 4-D `func/` run, the manual masks at the same place of `derivatives/labels/`
+    (`_seg-manual` and `_lesion-manual` of the T2w, each with its JSON sidecar), the data set's own files."""
+    for place, shift in (("sub-01", 0), ("sub-02/ses-01", 2)):
+        stem = place.replace("/", "_")
+        moved = np.roll(labels, shift, 0)
+        save(root / place / "anat" / f"{stem}_T2w.nii.gz", (moved * 40 + 10).astype(np.uint8))
+        save(root / place / "anat" / f"{stem}_T1w.nii.gz", (moved * 20 + 5).astype(np.uint8))
+        save(root / place / "func" / f"{stem}_task-rest_bold.nii.gz", np.zeros((6, 6, 4, 3), np.uint8))
+        derivatives = root / "derivatives" / "labels" / place / "anat"
+        save(derivatives / f"{stem}_T2w_seg-manual.nii.gz", (moved == 2).astype(np.uint8))
+        save(derivatives / f"{stem}_T2w_lesion-manual.nii.gz", (moved == 5).astype(np.uint8))
+        save(derivatives / f"{stem}_T2w_labels-disc-manual.nii.gz", (moved == 5).astype(np.uint8))  # points: no mask
+        (derivatives / f"{stem}_T2w_seg-manual.json").write_text('{"Author": "x"}')
+    (root / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.8.0"}')
+    (root / "participants.tsv").write_text("participant_id\nsub-01\nsub-02\n")
+    return root
+
+
+def test_a_bids_data_set_gives_its_scans_and_the_derivative_masks_asked_for(tmp_path, capsys):
+    """A BIDS data set (`sub-01/anat/sub-01_T2w.nii.gz`, sessions, masks in `derivatives/labels/` at the scan's
+    place, `sub-01_T2w_seg-manual.nii.gz` beside `_lesion-manual`): its root held "no images, no 3-D volumes", and no
+    derivative was any scan's label volume. Now the root, a subject's or a session's folder give their `anat/`
+    scans (not `func/`'s time series), predict writes at their places, the one derivative `--label-suffix` names is
+    the truth (several without it are refused, naming them and the flag), score reads the root as truth."""
+    labels = two_organs()
+    root = bids(tmp_path / "ds", labels)
+    from imedsam_hf.volumes import bids_derivatives, case_scans_in
+
+    scans = [str(p.relative_to(root)) for p in case_scans_in(root)]
+    assert scans == [
+        "sub-01/anat/sub-01_T1w.nii.gz",
+        "sub-01/anat/sub-01_T2w.nii.gz",
+        "sub-02/ses-01/anat/sub-02_ses-01_T1w.nii.gz",
+        "sub-02/ses-01/anat/sub-02_ses-01_T2w.nii.gz",
+    ]
+    assert [p.name for p in case_scans_in(root / "sub-02")] == ["sub-02_ses-01_T1w.nii.gz", "sub-02_ses-01_T2w.nii.gz"]
+    assert [p.name for p in case_scans_in(root / "sub-02" / "ses-01")] == [
+        "sub-02_ses-01_T1w.nii.gz",
+        "sub-02_ses-01_T2w.nii.gz",
+    ]
+    t2 = root / "sub-02" / "ses-01" / "anat" / "sub-02_ses-01_T2w.nii.gz"
+    # The derivatives found from the root, the pipeline's folder and the subject's folder in it alike.
+    for given in (root, root / "derivatives" / "labels", root / "derivatives" / "labels" / "sub-02"):
+        assert [p.name for p in bids_derivatives(t2, given)] == [
+            "sub-02_ses-01_T2w_lesion-manual.nii.gz",
+            "sub-02_ses-01_T2w_seg-manual.nii.gz",
+        ]
+        assert label_volume_of(t2, given, "seg-manual").name == "sub-02_ses-01_T2w_seg-manual.nii.gz"
+        with pytest.raises(ValueError, match=r"2 label volumes .*`label_suffix` lesion-manual or seg-manual"):
+            label_volume_of(t2, given)
+    assert label_volume_of(t2, root, "_lesion-manual").name == "sub-02_ses-01_T2w_lesion-manual.nii.gz"
+    assert label_volume_of(t2, root, "dseg") is None
+
+    with pytest.raises(ValueError, match=r"no label volume for sub-01_T1w.nii.gz .*`scans` '\*_T2w.nii.gz'"):
+        paired_volumes(root, root, label_suffix="seg-manual")
+    pairs = paired_volumes(root, root, "*_T2w.nii.gz", label_suffix="seg-manual")
+    assert [(case, label.name) for case, _, label in pairs] == [
+        ("sub-01_T2w", "sub-01_T2w_seg-manual.nii.gz"),
+        ("sub-02_ses-01_T2w", "sub-02_ses-01_T2w_seg-manual.nii.gz"),
+    ]
+    volumes_to_slices(root, root, tmp_path / "S", scans="*_T2w.nii.gz", label_suffix="seg-manual", progress=False)
+    masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "S" / "masks").iterdir())]
+    assert len(masks) == 8 and {int(v) for m in masks for v in np.unique(m)} == {0, 1}  # 4 labelled slices a scan
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(root), "--boxes-from-masks", str(root)]
+    argv += ["--scans", "*_T2w.nii.gz", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "P0")]) == 1
+    err = capsys.readouterr().err
+    assert "2 label volumes in" in err and "--label-suffix lesion-manual or seg-manual" in err
+    assert main([*argv, "--label-suffix", "seg-manual", "--out", str(tmp_path / "P")]) == 0, capsys.readouterr().err
+    written = sorted(str(p.relative_to(tmp_path / "P")) for p in (tmp_path / "P").rglob("*.nii.gz"))
+    assert written == ["sub-01/anat/sub-01_T2w.nii.gz", "sub-02/ses-01/anat/sub-02_ses-01_T2w.nii.gz"]
+    predicted = read_volume(tmp_path / "P" / "sub-01" / "anat" / "sub-01_T2w.nii.gz").data
+    assert set(np.unique(predicted)) <= {0, 1}  # prompted by the seg-manual mask only: one structure
+
+    score = ["score", str(tmp_path / "P"), "--truth", str(root), "--csv", str(tmp_path / "s.csv")]
+    assert main(score) == 2
+    assert "--label-suffix lesion-manual or seg-manual" in capsys.readouterr().err
+    assert main([*score, "--label-suffix", "seg-manual"]) == 0, capsys.readouterr().err
+    rows = (tmp_path / "s.csv").read_text().splitlines()[1:]
+    assert sorted({row.split(",")[0] for row in rows}) == ["sub-01_T2w", "sub-02_ses-01_T2w"] and len(rows) == 2
+    # The same scores against the pipeline's folder, and against a flat folder of the masks named as the scans.
+    (tmp_path / "flat").mkdir()
+    for stem in ("sub-01", "sub-02_ses-01"):
+        derivative = next(root.rglob(f"{stem}_T2w_seg-manual.nii.gz"))
+        (tmp_path / "flat" / f"{stem}_T2w.nii.gz").write_bytes(derivative.read_bytes())
+    for truth, name in ((root / "derivatives" / "labels", "d.csv"), (tmp_path / "flat", "f.csv")):
+        again = ["score", str(tmp_path / "P"), "--truth", str(truth), "--csv", str(tmp_path / name)]
+        assert main([*again, *(["--label-suffix", "seg-manual"] if name == "d.csv" else [])]) == 0
+        assert (tmp_path / name).read_text() == (tmp_path / "s.csv").read_text()
+
+
+def test_label_suffix_is_refused_where_no_label_volume_is_read(tmp_path, capsys):
+    """`--label-suffix` picks label volumes: with 2-D images, or volumes prompted otherwise, it is named."""
+    labels = two_organs()
+    save(tmp_path / "scan.nii.gz", (labels * 40).astype(np.uint8))
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "scan.nii.gz"), "--box", "1,1,8,8"]
+    assert main([*argv, "--label-suffix", "seg", "--device", "cpu", "--out", str(tmp_path / "P")]) == 2
+    assert "--label-suffix picks each volume's label volume in --boxes-from-masks" in capsys.readouterr().err
+    assert not (tmp_path / "P").exists()

@@ -53,6 +53,7 @@ FLAGS = {
         "class_aware",
         "classes",
         "scans",
+        "label_suffix",
         "plane",
         "channel",
         "rescale_intercept",

@@ -42,7 +42,13 @@ def slices_of_volumes(args: argparse.Namespace) -> int:
     names = read_class_file(classes) if classes is not None else None
     if args.source == "labels":
         done = label_volumes_to_nifti(
-            args.images, args.labels, args.output, class_names=names, scans=args.scans, channel=args.channel
+            args.images,
+            args.labels,
+            args.output,
+            class_names=names,
+            scans=args.scans,
+            channel=args.channel,
+            label_suffix=args.label_suffix,
         )
         print(
             f"wrote {args.output}: {done['volumes']} label volumes (<case>.nii.gz), {len(done['classes'])} classes (classes.json)"
@@ -58,6 +64,7 @@ def slices_of_volumes(args: argparse.Namespace) -> int:
         scans=args.scans,
         plane=args.plane,
         channel=args.channel,
+        label_suffix=args.label_suffix,
     )
     print(
         f"wrote {args.output}: {done['slices']} slices of {done['volumes']} scans, {len(done['classes'])} classes "

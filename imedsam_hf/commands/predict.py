@@ -585,6 +585,10 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                     "--scans picks among volumes (a channel or MR sequence of each case); no volume given."
                 )
             volumes = [str(path) for path in scans_matching(volumes, args.scans, "the inputs")]
+        if args.label_suffix is not None and not (volumes and args.boxes_from_masks):
+            raise ValueError(
+                "--label-suffix picks each volume's label volume in --boxes-from-masks; none is read here."
+            )
         if args.channel is not None and volumes:  # nnU-Net's `<case>_0001.nii.gz` files, else a 4-D file's volume
             volumes = [str(path) for path in channel_files(volumes, args.channel) or volumes]
         if any(not is_volume(volume) for volume in volumes):  # DICOM: a series' folder, a multi-frame scan
@@ -898,9 +902,12 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
             prompts: dict[str, Any] = {"prompts_given": [] if args.overlay else None}
             names_here = names
             if boxes is None:
-                found = label_volume_of(path, args.boxes_from_masks)
+                found = label_volume_of(path, args.boxes_from_masks, args.label_suffix)
                 if found is None:
-                    raise ValueError(f"no label volume {label_volume_names(path)} in {args.boxes_from_masks}")
+                    looked = (
+                        f"{name}_{args.label_suffix.lstrip('_')}" if args.label_suffix else label_volume_names(path)
+                    )
+                    raise ValueError(f"no label volume {looked} in {args.boxes_from_masks}")
                 prompts["label_volume"] = read_label_volume(found, volume, structure_names_of(model.config))
                 if named and not names and dicom_annotation_modality(found):  # its structures' ids: their numbers
                     names_here = dicom_structure_names(found)
@@ -959,7 +966,7 @@ NPZ_REFUSED = {
     "--points-from-masks": "points_from_masks", "--no-prompt": "no_prompt", "--window": "window",
     "--output-size": "output_size", "--classes": "classes", "--overlay": "overlay", "--statistics": "statistics",
     "--dicom-seg": "dicom_seg", "--dicom-rtstruct": "dicom_rtstruct", "--channel": "channel",
-    "--rescale-intercept": "rescale_intercept",
+    "--rescale-intercept": "rescale_intercept", "--label-suffix": "label_suffix",
 }  # fmt: skip
 
 

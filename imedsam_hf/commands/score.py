@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         nsd = {"tolerance": args.nsd_tolerance, "nsd_definition": args.nsd_definition}
         predictions = prediction_files(args.predictions)
         given = set(map(Path, args.predictions))
-        names = truth_class_names(Path(args.truth), predictions[0], given)
+        if args.label_suffix is not None and kind_of(predictions[0]) != "label volumes":
+            raise ValueError(f"`label_suffix` picks label volumes; {predictions[0]} is no label volume.")
+        names = truth_class_names(Path(args.truth), predictions[0], given, args.label_suffix)
         if any(map(is_itk_volume, predictions)) or any(map(is_itk_volume, volumes_in(args.truth))):
             require_itk()  # NRRD / MetaImage label volumes
         wanted = None
@@ -86,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
             if not masks:  # P/2/DICOM_anon.nii.gz: predict's place below P of a series `2/DICOM_anon`
                 place = place_below(path, given)
             shared = stems[image_stem(path)] > 1
-            rows.extend(score_one(path, Path(args.truth), naming, wanted, nsd, in_case_folder, place, shared))
+            rows.extend(
+                score_one(path, Path(args.truth), naming, wanted, nsd, in_case_folder, place, shared, args.label_suffix)
+            )
         except (OSError, ValueError, ImportError) as error:  # ImportError: a NRRD / MetaImage truth without SimpleITK
             print(f"skipped {flag_message(error)}", file=sys.stderr)
             skipped += 1
@@ -208,18 +212,21 @@ def place_below(path: Path, given: Collection[Path]) -> str:
     return "" if folder == Path(".") else folder.as_posix()
 
 
-def truth_label_of(path: Path, truth: Path, place: str = "") -> tuple[Path | None, Path | None]:
+def truth_label_of(
+    path: Path, truth: Path, place: str = "", label_suffix: str | None = None
+) -> tuple[Path | None, Path | None]:
     """`(label, series)`: the truth of the label volume `path` in `truth` (`volumes.label_volume_of`), else, where
     `truth` keeps DICOM series, that of the series of the prediction's name at its `place` (`predict`'s
     `P/2/DICOM_anon.nii.gz` for `truth/2/DICOM_anon/`: CHAOS's slice masks beside it, a DICOM SEG or RTSTRUCT
-    referencing it), with the series; `(None, None)` without one."""
-    found = label_volume_of(path, truth)
+    referencing it), with the series; `(None, None)` without one. `label_suffix`: the truth is named as the prediction
+    with it added (`volumes.label_volume_of`: a BIDS derivative among several)."""
+    found = label_volume_of(path, truth, label_suffix)
     if found is not None:
         return found, None
     name = volume_name(path)
     for series in dict.fromkeys([truth / place / name, truth / name]):
         if series.is_dir() and dicom_files_in(series):
-            return label_volume_of(series, truth), series
+            return label_volume_of(series, truth, label_suffix), series
     return None, None
 
 
@@ -232,7 +239,9 @@ def truth_names(label: Path) -> dict[int, str]:
         return {}
 
 
-def truth_class_names(truth: Path, first: Path | None = None, given: Collection[Path] = ()) -> dict[int, str] | None:
+def truth_class_names(
+    truth: Path, first: Path | None = None, given: Collection[Path] = (), label_suffix: str | None = None
+) -> dict[int, str] | None:
     """The structures' names: a classes.json or id2label.json in the truth folder or beside it, or the MSD / nnU-Net
     dataset.json beside it (labelsTr's parent), else the names the first of its label volumes naming its ids carries
     in its header (TotalSegmentator's `--ml` output, a 3D Slicer segmentation), else those of the truth of the
@@ -247,7 +256,7 @@ def truth_class_names(truth: Path, first: Path | None = None, given: Collection[
     found = next((found for path in volumes_in(truth) if (found := embedded_label_names(path))), None)
     if found is None and first is not None and is_volume(first):  # the truth of the first prediction: case folders,
         # TotalSegmentator's folders of structure masks, a DICOM series' truth at the first prediction's place
-        label, _ = truth_label_of(first, truth, place_below(first, given))
+        label, _ = truth_label_of(first, truth, place_below(first, given), label_suffix)
         found = embedded_label_names(label) if label is not None else None
     return found
 
@@ -261,6 +270,7 @@ def score_one(
     in_case_folder: bool = False,
     place: str = "",
     shared: bool = False,
+    label_suffix: str | None = None,
 ) -> list[dict]:
     """The rows (one per structure in either, or each of `wanted`) of one prediction against its truth, the NSD at
     `nsd` (`tolerance` in mm, or pixels in 2-D, and `nsd_definition`); a label volume `in_case_folder` is named by
@@ -269,9 +279,10 @@ def score_one(
     sub-folder `place` of a folder given (`predict a/* b/*`'s `P/a/x.png`) is scored against `truth/place/x.*`, else
     `truth/x.*` unless another prediction has its name (`shared`), and its case is named `place/x`."""
     if is_volume(path):
-        found, series = truth_label_of(path, truth, place)
+        found, series = truth_label_of(path, truth, place, label_suffix)
         if found is None:
             looked = label_volume_names(series or path)
+            looked = f"{volume_name(path)}_{label_suffix.lstrip('_')}" if label_suffix else looked
             raise ValueError(f"{path}: no label volume in `truth` {truth} (looked for {looked}).")
         predicted = read_volume(path)
         if series is not None:  # the truth of a DICOM series, read onto it
