@@ -3590,10 +3590,12 @@ def label_volume_names(scan: str | os.PathLike) -> str:
 def scan_files_in(folder: str | os.PathLike) -> list[Path]:
     """The scans among the 3-D files of `folder`: not 3D Slicer's segmentations (`.seg.nrrd`), nor the label volume
     another file of the folder has there (:func:`label_volume_of`: LiTS's `segmentation-0.nii` beside
-    `volume-0.nii`, ACDC's `patient001_frame01_gt.nii.gz`, PROMISE12's `Case00_segmentation.mhd`), where a data set
-    keeps both in one folder."""
+    `volume-0.nii`, ACDC's `patient001_frame01_gt.nii.gz`, PROMISE12's `Case00_segmentation.mhd`, a BIDS scan's
+    derivatives), nor a case folder's structure masks (HaN-Seg's `case_01_OAR_Brainstem`, also as NIfTI), where a
+    data set keeps both in one folder."""
     files = volumes_in(folder, scans=True)
-    labels = {label for path in files for label in bids_derivatives(path, folder)}  # several a scan: all
+    labels = set(_case_structure_files(folder))  # HaN-Seg's `case_01_OAR_Brainstem`, in any 3-D format
+    labels |= {label for path in files for label in bids_derivatives(path, folder)}  # several a scan: all
     for path in files:
         with contextlib.suppress(ValueError):  # BIDS derivatives of one scan, several: listed above
             labels.add(label_volume_of(path, folder))

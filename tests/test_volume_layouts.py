@@ -527,3 +527,27 @@ def test_label_suffix_is_refused_where_no_label_volume_is_read(tmp_path, capsys)
     assert main([*argv, "--label-suffix", "seg", "--device", "cpu", "--out", str(tmp_path / "P")]) == 2
     assert "--label-suffix picks each volume's label volume in --boxes-from-masks" in capsys.readouterr().err
     assert not (tmp_path / "P").exists()
+
+
+def test_han_segs_structure_masks_converted_to_nifti_are_no_scans(tmp_path, capsys):
+    """HaN-Seg converted to NIfTI (`case_01/case_01_IMG_CT.nii.gz` beside `case_01_OAR_Brainstem.nii.gz`, ...): the
+    organ files were taken for scans beside the CT ("several images of one case") and would be segmented; they are
+    the case's structure masks in any 3-D format, as its own `.seg.nrrd` files are."""
+    labels = two_organs()
+    case = tmp_path / "set_1" / "case_01"
+    ct = save(case / "case_01_IMG_CT.nii.gz", (labels * 40 + 10).astype(np.uint8))
+    for value, organ in ((2, "Kidney_L"), (5, "Liver")):
+        save(case / f"case_01_OAR_{organ}.nii.gz", (labels == value).astype(np.uint8))
+    assert [p.name for p in scan_files_in(case)] == ["case_01_IMG_CT.nii.gz"]
+    assert [(c, s.name, t) for c, s, t in paired_volumes(tmp_path / "set_1", tmp_path / "set_1")] == [
+        ("case_01_IMG_CT", "case_01_IMG_CT.nii.gz", case)
+    ]
+    assert structure_mask_names(case) == {1: "Kidney_L", 2: "Liver"}
+    np.testing.assert_array_equal(
+        read_label_volume(case, read_volume(ct)).data, np.select([labels == 2, labels == 5], [1, 2], 0)
+    )
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(tmp_path / "set_1"), "--device", "cpu"]
+    assert main([*argv, "--boxes-from-masks", str(tmp_path / "set_1"), "--out", str(tmp_path / "P")]) == 0
+    written = [str(p.relative_to(tmp_path / "P")) for p in (tmp_path / "P").rglob("*.nii.gz")]
+    assert written == ["case_01_IMG_CT.nii.gz"], capsys.readouterr().err  # one scan: named by itself
