@@ -623,10 +623,14 @@ def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
     there are none. A DICOM export (patient / study / series folders) gives one folder per series; a folder of 2-D
     DICOM images (radiographs) is none. A folder of mask series (:func:`structure_series`: 3D-IRCADb's
     `MASKS_DICOM/liver/`, ...) below `folder`, and the folders named for masks or labels beside it (its
-    `LABELLED_DICOM/`), hold no scans; a series folder named so elsewhere (an angiography's `Mask/`) is one."""
+    `LABELLED_DICOM/`), hold no scans; a series folder named so elsewhere (an angiography's `Mask/`) is one. A BIDS
+    data set's `sourcedata/` (the DICOM its NIfTI scans were made from) and `derivatives/` hold none either
+    (:data:`BIDS_NOT_RAW`)."""
     found = []
     for root, folders, files in os.walk(folder):
         names = sorted(name for name in folders if not name.startswith("."))
+        if "dataset_description.json" in files:  # a BIDS data set: its scans are its NIfTI files (`bids_scans`)
+            names = [name for name in names if name.lower() not in BIDS_NOT_RAW]
         masks = {name for name in names if _names_masks(name) and structure_series(Path(root) / name)}
         if masks:
             masks |= {name for name in names if _names_masks(name)}
@@ -3171,6 +3175,8 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike, label_su
 #: of the data set, a derivative pipeline's files at the same place of `derivatives/<pipeline>/`.
 BIDS_NAME = re.compile(r"(?P<subject>sub-[A-Za-z0-9]+)(?:_(?P<session>ses-[A-Za-z0-9]+))?(?=_|$)")
 BIDS_SUBJECT, BIDS_SESSION = re.compile(r"sub-[A-Za-z0-9]+"), re.compile(r"ses-[A-Za-z0-9]+")
+#: The folders of a BIDS data set's root that hold no raw scans: the DICOM they were made from, derived files.
+BIDS_NOT_RAW = ("sourcedata", "derivatives", "code", "stimuli")
 #: BIDS datatype folders of recordings and time series, which hold no scan to segment (fMRI's `func/`, `dwi/`, ...).
 BIDS_SERIES_DATATYPES = ("func", "dwi", "fmap", "perf", "meg", "eeg", "ieeg", "beh", "motion", "nirs")
 #: The last part of a BIDS derivative's name that makes it a mask of its scan (`<scan>_<this>`, or `<scan>_<entities>_

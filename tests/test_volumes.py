@@ -2827,3 +2827,26 @@ def test_convert_volumes_plane_axial_gives_a_coronal_stacks_axial_slices(tmp_pat
             )
     cases = (tmp_path / "coronal" / "slices" / "cases.csv").read_text()
     assert "0.8x0.8x2.5,LAS" in cases  # the axial grid's spacing and orientation
+
+
+@needs_dicom
+def test_a_bids_data_sets_sourcedata_dicom_are_not_scans_beside_its_nifti(tmp_path):
+    """A BIDS data set keeps the DICOM its NIfTI scans were made from in `sourcedata/` (and may keep derived series
+    in `derivatives/`): given its root, predict and the converters took those series for scans too, each scan twice.
+    Its scans are its NIfTI files; `sourcedata/` given itself is a DICOM export as any other."""
+    from imedsam_hf.volumes import dicom_series_in, paired_volumes
+
+    labels = two_organs()
+    root = tmp_path / "ds"
+    (root / "sub-01" / "anat").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(hu_scan(labels), AFFINE), str(root / "sub-01" / "anat" / "sub-01_T2w.nii.gz"))
+    derivatives = root / "derivatives" / "labels" / "sub-01" / "anat"
+    derivatives.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(labels, AFFINE), str(derivatives / "sub-01_T2w_seg-manual.nii.gz"))
+    write_dicom_series(*as_stored(hu_scan(labels), AFFINE, ("L", "P", "S")), root / "sourcedata" / "sub-01" / "t2")
+    (root / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.8.0"}')
+    assert dicom_series_in(root) == []
+    assert dicom_series_in(root / "sourcedata") == [root / "sourcedata" / "sub-01" / "t2"]
+    assert [(case, label.name) for case, _, label in paired_volumes(root, root)] == [
+        ("sub-01_T2w", "sub-01_T2w_seg-manual.nii.gz")
+    ]
