@@ -3132,9 +3132,12 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike, label_su
     case_folder = Path(labels) / Path(scan).parent.name  # a case folder of the scan's folder's name (KiTS's)
     places = (Path(labels), *([case_folder] if Path(scan).is_file() and case_folder.is_dir() else []))
     if label_suffix:
-        named = f"{volume_name(scan)}_{label_suffix.strip().lstrip('_')}"
+        wanted = label_suffix.strip().lstrip("_")
+        named = f"{volume_name(scan)}_{wanted}"
         folders = dict.fromkeys([*places, *bids_label_folders(scan, labels)])
-        return next(filter(None, (_file_named(named, _volume_files(folder)) for folder in folders)), None)
+        found = next(filter(None, (_file_named(named, _volume_files(folder)) for folder in folders)), None)
+        derivatives = (path for path in bids_derivatives(scan, labels) if bids_derivative_part(scan, path) == wanted)
+        return found or next(derivatives, None)  # fMRIPrep's `sub-01_desc-brain_mask` for `sub-01_T1w`
     for folder in places:
         files = _volume_files(folder)
         for name in _label_candidates(scan):
@@ -3150,7 +3153,7 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike, label_su
                     return found
     derivatives = bids_derivatives(scan, labels)
     if len(derivatives) > 1:
-        added = list(dict.fromkeys(volume_name(path)[len(volume_name(scan)) + 1 :] for path in derivatives))
+        added = list(dict.fromkeys(str(bids_derivative_part(scan, path)) for path in derivatives))
         raise ValueError(
             f"{scan}: {len(derivatives)} label volumes in {labels} ({', '.join(p.name for p in derivatives[:4])}"
             f"{', ...' if len(derivatives) > 4 else ''}); pick one by what its name adds to the scan's: "
@@ -3182,6 +3185,9 @@ BIDS_SERIES_DATATYPES = ("func", "dwi", "fmap", "perf", "meg", "eeg", "ieeg", "b
 #: The last part of a BIDS derivative's name that makes it a mask of its scan (`<scan>_<this>`, or `<scan>_<entities>_
 #: <this>`): spine-generic's `_seg-manual` and `_lesion-manual`, SCT's `_gmseg`, BIDS's `_dseg`, `_label-SC_seg` and
 #: `_desc-brain_mask`; not a probability map (`_probseg`) nor SCT's point labels (`_labels-disc-manual`).
+#: The entities a BIDS derivative adds to its source's (`space-`, `desc-`, `label-`, ...); the others (`acq-`, `run-`)
+#: name another source scan.
+BIDS_DERIVATIVE_ENTITIES = ("space", "res", "den", "label", "desc", "atlas", "roi", "hemi", "seg")
 BIDS_MASK_SUFFIX = re.compile(r"(?!probseg)([a-z]*seg|mask|lesions?|gt)(-[a-z0-9]+)*", re.IGNORECASE)
 
 
@@ -3241,18 +3247,38 @@ def bids_label_folders(scan: str | os.PathLike, labels: str | os.PathLike) -> li
 
 
 def bids_derivatives(scan: str | os.PathLike, labels: str | os.PathLike) -> list[Path]:
-    """The masks of `scan` among the BIDS derivatives at its place (:func:`bids_label_folders`): files named as the
-    scan and a mask's suffix (:data:`BIDS_MASK_SUFFIX`: `sub-01_T2w_seg-manual.nii.gz`, `sub-01_T2w_lesion-manual`,
-    `sub-01_T1w_desc-brain_mask`), sorted; ``[]`` for a scan not named as BIDS names it."""
-    prefix, itself = f"{volume_name(scan)}_".lower(), Path(scan).resolve()
-    found = []
+    """The masks of `scan` among the BIDS derivatives at its place (:func:`bids_label_folders`), sorted: files named as
+    the scan and a mask's suffix (:data:`BIDS_MASK_SUFFIX`: spine-generic's `sub-01_T2w_seg-manual.nii.gz`,
+    `sub-01_T2w_lesion-manual`), or, as the BIDS derivatives specification names them, as the scan's entities without
+    its own suffix and entities of their own before the mask's (fMRIPrep's `sub-01_desc-brain_mask` and `sub-01_dseg`
+    for `sub-01_T1w`), not in a template's space (`space-MNI152NLin2009cAsym`); ``[]`` for a scan not named as BIDS
+    names it."""
+    itself, found = Path(scan).resolve(), []
     for folder in bids_label_folders(scan, labels):
         for path in sorted(set(_volume_files(folder).values())):
-            name = volume_name(path)
-            if name.lower().startswith(prefix) and path.resolve() != itself:
-                if BIDS_MASK_SUFFIX.fullmatch(name[len(prefix) :].rsplit("_", 1)[-1]):
-                    found.append(path)
+            added = bids_derivative_part(scan, path)
+            if added is None or not BIDS_MASK_SUFFIX.fullmatch(added.rsplit("_", 1)[-1]) or path.resolve() == itself:
+                continue
+            spaces = {word[6:].lower() for word in added.split("_") if word.lower().startswith("space-")}
+            if spaces <= {"orig", "native", "individual", volume_name(scan).rsplit("_", 1)[-1].lower()}:
+                found.append(path)  # not a template's grid (fMRIPrep's `space-MNI152NLin2009cAsym_desc-brain_mask`)
     return list(dict.fromkeys(found))
+
+
+def bids_derivative_part(scan: str | os.PathLike, derivative: str | os.PathLike) -> str | None:
+    """What the name of `derivative` adds to that of the BIDS `scan`: after the scan's whole name (`seg-manual` of
+    `sub-01_T2w_seg-manual` for `sub-01_T2w`), or after its entities, the scan's own suffix left out, entities only
+    before the last word (`desc-brain_mask` of `sub-01_desc-brain_mask` for `sub-01_T1w`; not `T2w_seg-manual` nor
+    `acq-ax_desc-brain_mask`, another scan's: :data:`BIDS_DERIVATIVE_ENTITIES`); None where it is neither."""
+    name, other = volume_name(scan), volume_name(derivative)
+    if other.lower().startswith(f"{name}_".lower()):
+        return other[len(name) + 1 :]
+    entities, _, suffix = name.rpartition("_")
+    if not entities or "-" in suffix or not other.lower().startswith(f"{entities}_".lower()):
+        return None
+    added = other[len(entities) + 1 :]
+    keys = [word.split("-", 1)[0].lower() if "-" in word else "" for word in added.split("_")[:-1]]
+    return added if all(key in BIDS_DERIVATIVE_ENTITIES for key in keys) else None
 
 
 def _other_scans(files: Mapping[str, Path], label: Path, own: Sequence[str]) -> bool:

@@ -551,3 +551,34 @@ def test_han_segs_structure_masks_converted_to_nifti_are_no_scans(tmp_path, caps
     assert main([*argv, "--boxes-from-masks", str(tmp_path / "set_1"), "--out", str(tmp_path / "P")]) == 0
     written = [str(p.relative_to(tmp_path / "P")) for p in (tmp_path / "P").rglob("*.nii.gz")]
     assert written == ["case_01_IMG_CT.nii.gz"], capsys.readouterr().err  # one scan: named by itself
+
+
+def test_bids_derivatives_named_by_the_scans_entities_are_its_masks(tmp_path, capsys):
+    """The BIDS derivatives specification names a mask by its source's entities without the source's suffix
+    (fMRIPrep's `sub-01_desc-brain_mask.nii.gz` and `sub-01_dseg.nii.gz` for `sub-01_T1w.nii.gz`): those are the scan's
+    masks, picked by `--label-suffix desc-brain_mask`; a template's grid (`space-MNI...`), a probability map, another
+    acquisition's (`acq-ax`) or another sequence's (`T2w_...`) are not."""
+    from imedsam_hf.volumes import bids_derivatives
+
+    labels = two_organs()
+    root = tmp_path / "ds"
+    t1 = save(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz", (labels * 40 + 10).astype(np.uint8))
+    anat = root / "derivatives" / "fmriprep" / "sub-01" / "anat"
+    save(anat / "sub-01_desc-brain_mask.nii.gz", (labels > 0).astype(np.uint8))
+    save(anat / "sub-01_dseg.nii.gz", labels)
+    save(anat / "sub-01_desc-preproc_T1w.nii.gz", (labels * 40).astype(np.uint8))  # an image, no mask
+    save(anat / "sub-01_label-GM_probseg.nii.gz", (labels > 0).astype(np.float32))
+    save(anat / "sub-01_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz", np.zeros((9, 9, 9), np.uint8))
+    save(anat / "sub-01_acq-ax_desc-brain_mask.nii.gz", (labels > 0).astype(np.uint8))
+    save(anat / "sub-01_T2w_seg-manual.nii.gz", (labels > 0).astype(np.uint8))
+    (root / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.8.0"}')
+    assert [p.name for p in bids_derivatives(t1, root)] == ["sub-01_desc-brain_mask.nii.gz", "sub-01_dseg.nii.gz"]
+    with pytest.raises(ValueError, match=r"`label_suffix` desc-brain_mask or dseg"):
+        label_volume_of(t1, root)
+    assert label_volume_of(t1, root, "desc-brain_mask").name == "sub-01_desc-brain_mask.nii.gz"
+    assert label_volume_of(t1, root / "derivatives" / "fmriprep", "dseg").name == "sub-01_dseg.nii.gz"
+    pairs = paired_volumes(root, root, label_suffix="dseg")
+    assert [(case, label.name) for case, _, label in pairs] == [("sub-01_T1w", "sub-01_dseg.nii.gz")]
+    assert main(["convert", "labels", "--images", str(root), "--labels", str(root), "--label-suffix", "dseg",
+                 "--output", str(tmp_path / "L")]) == 0, capsys.readouterr().err  # fmt: skip
+    np.testing.assert_array_equal(read_volume(tmp_path / "L" / "sub-01_T1w.nii.gz").data, labels)
