@@ -1735,12 +1735,16 @@ def embedded_label_names(path: str | os.PathLike) -> dict[int, str] | None:
     """``{id: name}`` a label volume carries in its own header: a NIfTI's label table of a CIFTI / Caret XML extension
     (``<Label Key="5"><![CDATA[liver]]></Label>``), which TotalSegmentator writes into its multi-label output
     (``--ml``), the segments' names of a 3D Slicer segmentation (:func:`slicer_segment_names`), or a folder of
-    structure masks' file names (:func:`structure_mask_names`); None without one (a table that cannot be read is
-    ignored with a warning)."""
+    structure masks' file names (:func:`structure_mask_names`), or the look-up table a BIDS segmentation keeps beside
+    it (:func:`bids_label_table`: `sub-01_dseg.tsv`); None without one (a table that cannot be read is ignored with a
+    warning)."""
     if Path(path).is_dir():
         return (slice_mask_names(path) if slice_mask_files(path) else structure_mask_names(path)) or None
     if not is_volume(path):
         return None
+    table = bids_label_table(path)
+    if table:
+        return table
     if is_itk_volume(path):
         return slicer_segment_names(path)
     try:
@@ -1759,6 +1763,23 @@ def embedded_label_names(path: str | os.PathLike) -> dict[int, str] | None:
             return None
         return {key: name for key, name in names.items() if key > 0 and name} or None
     return None
+
+
+def bids_label_table(path: str | os.PathLike) -> dict[int, str] | None:
+    """``{index: name}`` of the look-up table a BIDS segmentation keeps beside it under its name (`sub-01_dseg.tsv` for
+    `sub-01_dseg.nii.gz`: tab-separated, columns `index` and `name`, background 0 left out); None without one, or one
+    without those columns (a table that cannot be read is ignored with a warning)."""
+    table = Path(path).with_name(f"{volume_name(path)}.tsv")
+    if not table.is_file():
+        return None
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        names = {int(float(row["index"])): row["name"].strip() for row in rows if "index" in row and "name" in row}
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        warnings.warn(f"{table}: its label table cannot be read ({error}); ignored", stacklevel=2)
+        return None
+    return {index: name for index, name in names.items() if index > 0 and name} or None
 
 
 def label_volume_class_names(path: str | os.PathLike) -> dict[int, str] | None:

@@ -557,8 +557,9 @@ def test_bids_derivatives_named_by_the_scans_entities_are_its_masks(tmp_path, ca
     """The BIDS derivatives specification names a mask by its source's entities without the source's suffix
     (fMRIPrep's `sub-01_desc-brain_mask.nii.gz` and `sub-01_dseg.nii.gz` for `sub-01_T1w.nii.gz`): those are the scan's
     masks, picked by `--label-suffix desc-brain_mask`; a template's grid (`space-MNI...`), a probability map, another
-    acquisition's (`acq-ax`) or another sequence's (`T2w_...`) are not."""
-    from imedsam_hf.volumes import bids_derivatives
+    acquisition's (`acq-ax`) or another sequence's (`T2w_...`) are not. The segmentation's look-up table beside it
+    (`sub-01_dseg.tsv`) names its ids."""
+    from imedsam_hf.volumes import bids_derivatives, bids_label_table
 
     labels = two_organs()
     root = tmp_path / "ds"
@@ -582,3 +583,18 @@ def test_bids_derivatives_named_by_the_scans_entities_are_its_masks(tmp_path, ca
     assert main(["convert", "labels", "--images", str(root), "--labels", str(root), "--label-suffix", "dseg",
                  "--output", str(tmp_path / "L")]) == 0, capsys.readouterr().err  # fmt: skip
     np.testing.assert_array_equal(read_volume(tmp_path / "L" / "sub-01_T1w.nii.gz").data, labels)
+    # The segmentation's look-up table (BIDS's `sub-01_dseg.tsv`) names its ids in score's rows.
+    (anat / "sub-01_dseg.tsv").write_text(
+        "index\tname\tabbreviation\n0\tbackground\tBG\n2\tleft kidney\tLK\n5\tliver\tL\n"
+    )
+    save(tmp_path / "P" / "sub-01_T1w.nii.gz", labels)
+    csv = tmp_path / "s.csv"
+    argv = ["score", str(tmp_path / "P"), "--truth", str(root), "--label-suffix", "dseg", "--csv", str(csv)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert [row.split(",")[:4] for row in csv.read_text().splitlines()[1:]] == [
+        ["sub-01_T1w", "2", "left kidney", "1.0"],
+        ["sub-01_T1w", "5", "liver", "1.0"],
+    ]
+    (anat / "sub-01_dseg.tsv").write_text("index\tname\nx\tliver\n")
+    with pytest.warns(UserWarning, match=r"sub-01_dseg.tsv: its label table cannot be read"):
+        assert bids_label_table(anat / "sub-01_dseg.nii.gz") is None
