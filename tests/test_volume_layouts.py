@@ -598,3 +598,38 @@ def test_bids_derivatives_named_by_the_scans_entities_are_its_masks(tmp_path, ca
     (anat / "sub-01_dseg.tsv").write_text("index\tname\nx\tliver\n")
     with pytest.warns(UserWarning, match=r"sub-01_dseg.tsv: its label table cannot be read"):
         assert bids_label_table(anat / "sub-01_dseg.nii.gz") is None
+
+
+def test_predict_writes_into_a_bids_data_sets_derivatives(tmp_path, capsys):
+    """BIDS puts derived files in the data set's `derivatives/<pipeline>/`: `--out ds/derivatives/imedsam` was refused
+    as inside the input folder. It is the place: predict writes there at the scans' places with the derivative data
+    set's description, and the data set read again has the same scans and masks (predictions named as the scans are
+    neither)."""
+    root = bids(tmp_path / "ds", two_organs())
+    before = paired_volumes(root, root, "*_T2w.nii.gz", label_suffix="seg-manual")
+    tiny_model().save_pretrained(tmp_path / "model")
+    out = root / "derivatives" / "imedsam"
+    argv = [
+        "predict",
+        "--model",
+        str(tmp_path / "model"),
+        str(root),
+        "--boxes-from-masks",
+        str(root),
+        "--device",
+        "cpu",
+    ]
+    argv += ["--scans", "*_T2w.nii.gz", "--label-suffix", "seg-manual", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.nii.gz"))
+    assert written == ["sub-01/anat/sub-01_T2w.nii.gz", "sub-02/ses-01/anat/sub-02_ses-01_T2w.nii.gz"]
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["BIDSVersion"] == "1.8.0"
+    assert description["GeneratedBy"][0]["Name"] == "imedsam-hf"
+    assert paired_volumes(root, root, "*_T2w.nii.gz", label_suffix="seg-manual") == before
+    assert main(["score", str(out), "--truth", str(root), "--label-suffix", "seg-manual"]) == 0
+    # Elsewhere inside the data set it is still refused; a folder without the data set's description is no BIDS root.
+    assert main([*argv[:-1], str(root / "sub-01" / "P")]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    (root / "dataset_description.json").unlink()
+    assert main([*argv[:-1], str(root / "derivatives" / "other")]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from ..data import (
     label_volume_suffix,
     volume_stem,
 )
+from ..files import atomic_write
+from ..version import __version__
 
 
 def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple[Path, Path]]:
@@ -125,7 +128,9 @@ def refuse_existing(targets: Sequence[Path], out: str | os.PathLike, overwrite: 
 def check_output_folder(out: str | os.PathLike, inputs: Sequence[str], masks_folder: str | None = None) -> None:
     """
     `--out` must be a folder (or not exist yet) outside every input folder and the `--boxes-from-masks` folder:
-    masks written there would overwrite inputs or ground truth, or be read as inputs by the next run.
+    masks written there would overwrite inputs or ground truth, or be read as inputs by the next run. A BIDS data
+    set's `derivatives/` is the place its derived files go (`ds/derivatives/imedsam`): never read as its scans or,
+    named as the scans, as their masks (`volumes.bids_scans`, `volumes.bids_derivatives`).
     """
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
@@ -141,11 +146,46 @@ def check_output_folder(out: str | os.PathLike, inputs: Sequence[str], masks_fol
         guarded.append((Path(masks_folder), f"the --boxes-from-masks folder {masks_folder}", True))
     for path, role, subfolders in guarded:
         place = path.resolve()
+        if (place / "dataset_description.json").is_file() and place / "derivatives" in target.parents:
+            continue  # a BIDS data set's derivatives/<pipeline>/
         if target == place or (subfolders and place in target.parents):
             raise ValueError(
                 f"--out {out}: is {role if target == place else 'inside ' + role}; masks written there could "
                 "overwrite its files or be read as inputs. Choose a folder outside it."
             )
+
+
+def bids_pipeline_folder(out: str | os.PathLike) -> Path | None:
+    """The derivative data set `out` writes into when it lies in a BIDS data set's `derivatives/` (the folder below
+    `derivatives/` holding it: `ds/derivatives/imedsam` for `ds/derivatives/imedsam` or below); None otherwise."""
+    target = Path(out).resolve()
+    for child, parent in zip((target, *target.parents), target.parents):
+        if parent.name == "derivatives" and (parent.parent / "dataset_description.json").is_file():
+            return child
+    return None
+
+
+def describe_bids_derivative(out: str | os.PathLike, model: str) -> Path | None:
+    """Where `out` is in a BIDS data set's `derivatives/` (:func:`bids_pipeline_folder`) and its derivative data set
+    has no `dataset_description.json` yet, write one as the BIDS derivatives specification asks (`DatasetType`
+    derivative, `GeneratedBy` this package and `model`, the data set's `BIDSVersion`); the file written, or None."""
+    folder = bids_pipeline_folder(out)
+    if folder is None or (folder / "dataset_description.json").exists():
+        return None
+    try:
+        source = json.loads((folder.parent.parent / "dataset_description.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        source = {}
+    description = {
+        "Name": "I-MedSAM segmentations",
+        "BIDSVersion": str(source.get("BIDSVersion", "1.8.0")) if isinstance(source, dict) else "1.8.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [
+            {"Name": "imedsam-hf", "Version": __version__, "Description": f"imedsam predict --model {model}"}
+        ],
+    }
+    text = json.dumps(description, indent=2) + "\n"
+    return atomic_write(folder / "dataset_description.json", lambda path: Path(path).write_text(text, encoding="utf-8"))
 
 
 def check_writable(out: str | os.PathLike) -> None:
@@ -159,4 +199,12 @@ def check_writable(out: str | os.PathLike) -> None:
         raise ValueError(f"--out {out}: cannot write into it ({error.strerror or error}).") from None
 
 
-__all__ = ["check_output_folder", "check_writable", "inputs_with_roots", "plan_outputs", "refuse_existing"]
+__all__ = [
+    "bids_pipeline_folder",
+    "check_output_folder",
+    "check_writable",
+    "describe_bids_derivative",
+    "inputs_with_roots",
+    "plan_outputs",
+    "refuse_existing",
+]

@@ -107,7 +107,14 @@ from .common import (
     parse_points,
     read_json_file,
 )
-from .outputs import check_output_folder, check_writable, input_places, plan_outputs, refuse_existing
+from .outputs import (
+    check_output_folder,
+    check_writable,
+    describe_bids_derivative,
+    input_places,
+    plan_outputs,
+    refuse_existing,
+)
 
 PROMPT_FLAGS = "--box, --boxes, --boxes-from-masks, --points, --points-from-masks or --no-prompt"
 
@@ -957,6 +964,10 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
         except (OSError, ValueError, ImportError) as error:  # ImportError: a NRRD label volume in a case folder
             skip(path, error, failures)
     print(f"{len(plan) - len(failures)} of {len(plan)} volumes segmented into {args.out}")
+    if len(failures) < len(plan):
+        described = describe_bids_derivative(args.out, args.model)
+        if described is not None:
+            print(f"{described}: this derivative data set's description (BIDS)")
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
 
