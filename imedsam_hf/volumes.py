@@ -3201,15 +3201,17 @@ BIDS_NAME = re.compile(r"(?P<subject>sub-[A-Za-z0-9]+)(?:_(?P<session>ses-[A-Za-
 BIDS_SUBJECT, BIDS_SESSION = re.compile(r"sub-[A-Za-z0-9]+"), re.compile(r"ses-[A-Za-z0-9]+")
 #: The folders of a BIDS data set's root that hold no raw scans: the DICOM they were made from, derived files.
 BIDS_NOT_RAW = ("sourcedata", "derivatives", "code", "stimuli")
-#: BIDS datatype folders of recordings and time series, which hold no scan to segment (fMRI's `func/`, `dwi/`, ...).
-BIDS_SERIES_DATATYPES = ("func", "dwi", "fmap", "perf", "meg", "eeg", "ieeg", "beh", "motion", "nirs")
-#: The last part of a BIDS derivative's name that makes it a mask of its scan (`<scan>_<this>`, or `<scan>_<entities>_
-#: <this>`): spine-generic's `_seg-manual` and `_lesion-manual`, SCT's `_gmseg`, BIDS's `_dseg`, `_label-SC_seg` and
-#: `_desc-brain_mask`; not a probability map (`_probseg`) nor SCT's point labels (`_labels-disc-manual`).
+#: BIDS datatype folders of recordings and time series, which hold no scan to segment (fMRI's `func/`, ...); in the
+#: others, 4-D files (diffusion series in `dwi/`) are none either, its 3-D images are (ISLES 2022's `_dwi`, `_adc`).
+BIDS_SERIES_DATATYPES = ("func", "fmap", "perf", "meg", "eeg", "ieeg", "beh", "motion", "nirs")
 #: The entities a BIDS derivative adds to its source's (`space-`, `desc-`, `label-`, ...); the others (`acq-`, `run-`)
 #: name another source scan.
 BIDS_DERIVATIVE_ENTITIES = ("space", "res", "den", "label", "desc", "atlas", "roi", "hemi", "seg")
-BIDS_MASK_SUFFIX = re.compile(r"(?!probseg)([a-z]*seg|mask|lesions?|gt)(-[a-z0-9]+)*", re.IGNORECASE)
+#: The last part of a BIDS derivative's name that makes it a mask of its scan (`<scan>_<this>`, or `<scan>_<entities>_
+#: <this>`): spine-generic's `_seg-manual` and `_lesion-manual`, SCT's `_gmseg`, BIDS's `_dseg`, `_label-SC_seg` and
+#: `_desc-brain_mask`, ISLES 2022's `_msk`; not a probability map (`_probseg`) nor SCT's point labels
+#: (`_labels-disc-manual`).
+BIDS_MASK_SUFFIX = re.compile(r"(?!probseg)([a-z]*seg|mask|msk|lesions?|gt)(-[a-z0-9]+)*", re.IGNORECASE)
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -3222,8 +3224,8 @@ def _subfolders(folder: Path) -> list[Path]:
 def bids_scans(folder: str | os.PathLike) -> list[Path]:
     """The scans of a BIDS data set (OpenNeuro's, spine-generic's): those (:func:`scan_files_in`) of each
     `sub-<label>/[ses-<label>/]<datatype>/` folder of `folder` (the data set's root, a subject's or a session's
-    folder) holding images (`anat/`, not time series: :data:`BIDS_SERIES_DATATYPES`); nothing of `derivatives/` or
-    `sourcedata/`. ``[]`` for a folder that is none of these."""
+    folder) holding images (`anat/`, `dwi/`'s 3-D images; not time series: :data:`BIDS_SERIES_DATATYPES`, 4-D files);
+    nothing of `derivatives/` or `sourcedata/`. ``[]`` for a folder that is none of these."""
     folder = Path(folder)
     if BIDS_SESSION.fullmatch(folder.name) and BIDS_SUBJECT.fullmatch(folder.parent.name):
         sessions = [folder]
@@ -3242,20 +3244,34 @@ def bids_scans(folder: str | os.PathLike) -> list[Path]:
         for p in _subfolders(session)
         if p.name.lower() not in BIDS_SERIES_DATATYPES and not BIDS_SESSION.fullmatch(p.name)
     ]
-    return [scan for datatype in datatypes for scan in scan_files_in(datatype)]
+    return [scan for datatype in datatypes for scan in scan_files_in(datatype) if not _is_series_of_volumes(scan)]
+
+
+def _is_series_of_volumes(path: Path) -> bool:
+    """Whether the NIfTI file `path` holds several 3-D volumes (a 4th axis longer than 1: a diffusion series), by its
+    header alone; False for other files or one that cannot be read (its reader names it)."""
+    if not str(path).lower().endswith(NIFTI_SUFFIXES):
+        return False
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:  # unreadable here: read_volume names the file where it matters
+        return False
+    return len(shape) > 3 and int(np.prod(shape[3:])) > 1
 
 
 def bids_label_folders(scan: str | os.PathLike, labels: str | os.PathLike) -> list[Path]:
     """Where the derivatives of a scan named as BIDS names it (`sub-01_ses-02_T2w`) lie, given `labels`: `labels`
     itself, and the scan's place (`sub-01/ses-02/` and its datatype folders, `anat/`) in `labels` (a pipeline's
-    folder, spine-generic's `derivatives/labels`; or the subject's folder) or in each pipeline of `labels/derivatives/`
-    (the data set's root); ``[]`` for a scan not named so."""
+    folder, spine-generic's `derivatives/labels`; or the subject's folder) or in `labels/derivatives/` or each of its
+    pipelines (the data set's root; ISLES 2022 keeps `derivatives/sub-strokecase0001/ses-0001/` with no pipeline
+    folder); ``[]`` for a scan not named so."""
     match = BIDS_NAME.match(volume_name(scan))
     if match is None:
         return []
     labels = Path(labels)
     place = [match["subject"], *([match["session"]] if match["session"] else [])]
-    roots = [labels, *_subfolders(labels / "derivatives")]
+    pipelines = [p for p in _subfolders(labels / "derivatives") if not BIDS_SUBJECT.fullmatch(p.name)]
+    roots = [labels, labels / "derivatives", *pipelines]  # ISLES 2022: derivatives/sub-*/ with no pipeline folder
     if labels.name == match["subject"]:
         roots.append(labels.parent)
     folders = [labels]

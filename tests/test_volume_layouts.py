@@ -633,3 +633,29 @@ def test_predict_writes_into_a_bids_data_sets_derivatives(tmp_path, capsys):
     assert "inside the input folder" in capsys.readouterr().err
     (root / "dataset_description.json").unlink()
     assert main([*argv[:-1], str(root / "derivatives" / "other")]) == 2
+
+
+def test_isles_2022s_bids_layout_gives_its_diffusion_images_and_lesion_masks(tmp_path):
+    """ISLES 2022 keeps BIDS without pipeline folders: `sub-strokecase0001/ses-0001/dwi/..._dwi.nii.gz` and `_adc`
+    (3-D images), `anat/..._FLAIR.nii.gz`, and the lesion masks at `derivatives/sub-strokecase0001/ses-0001/
+    sub-strokecase0001_ses-0001_msk.nii.gz`. `dwi/` was skipped as a folder of time series and `_msk` was no mask's
+    name: nothing paired. Now `dwi/`'s 3-D images are scans (its 4-D diffusion series not), the mask is each image's of
+    the session, and the refusal for several images of one case names the pattern that picks one."""
+    labels = two_organs()
+    root = tmp_path / "ISLES-2022"
+    stem = "sub-strokecase0001_ses-0001"
+    session = root / "sub-strokecase0001" / "ses-0001"
+    dwi = save(session / "dwi" / f"{stem}_dwi.nii.gz", (labels * 40 + 10).astype(np.uint8))
+    save(session / "dwi" / f"{stem}_adc.nii.gz", (labels * 20 + 10).astype(np.uint8))
+    save(session / "dwi" / f"{stem}_acq-multi_dwi.nii.gz", np.zeros((6, 6, 4, 5), np.uint8))  # a diffusion series
+    save(session / "anat" / f"{stem}_FLAIR.nii.gz", (labels[::2, ::2] * 40).astype(np.uint8))
+    mask = root / "derivatives" / "sub-strokecase0001" / "ses-0001" / f"{stem}_msk.nii.gz"
+    save(mask, (labels == 5).astype(np.uint8))
+    (root / "dataset_description.json").write_text('{"Name": "ISLES 2022", "BIDSVersion": "1.6.0"}')
+    from imedsam_hf.volumes import case_scans_in
+
+    assert [p.name for p in case_scans_in(root)] == [f"{stem}_FLAIR.nii.gz", f"{stem}_adc.nii.gz", f"{stem}_dwi.nii.gz"]
+    assert label_volume_of(dwi, root) == mask
+    with pytest.raises(ValueError, match=r"several images of one case.*`scans` '\*_FLAIR.nii.gz'"):
+        paired_volumes(root, root)
+    assert [(case, label) for case, _, label in paired_volumes(root, root, "*_dwi.nii.gz")] == [(f"{stem}_dwi", mask)]
