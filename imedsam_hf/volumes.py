@@ -352,16 +352,25 @@ def read_volume(path: str | os.PathLike, channel: int | str | None = None) -> Vo
 
 def sidecar_modality(path: str | os.PathLike) -> str | None:
     """The ``Modality`` (``"MR"``, ``"CT"``) of the JSON sidecar dcm2niix writes beside the NIfTI it converts a DICOM
-    series into (`sub-01_T1w.nii.gz` and `sub-01_T1w.json`, BIDS's layout), upper case; None without one (or one
-    that cannot be read, or names none)."""
+    series into (`sub-01_T1w.nii.gz` and `sub-01_T1w.json`, BIDS's layout), upper case; else ``"MR"`` for a file of
+    a BIDS data set's MRI folders (`sub-01/[ses-01/]anat/`, `dwi/`, ...: :data:`BIDS_MRI_DATATYPES`; ISLES 2022's
+    images carry no sidecar); None otherwise (a sidecar that cannot be read, or names none, is none)."""
     sidecar = Path(path).with_name(f"{volume_stem(Path(path).name)}.json")
     try:
         modality = json.loads(sidecar.read_text(encoding="utf-8")).get("Modality") if sidecar.is_file() else None
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return None
-    if not isinstance(modality, str):
-        return None
-    return modality.strip().upper() or None
+        modality = None
+    if isinstance(modality, str) and modality.strip():
+        return modality.strip().upper()
+    folder = Path(path).parent
+    places = [folder.parent.name, folder.parent.parent.name if BIDS_SESSION.fullmatch(folder.parent.name) else ""]
+    bids = any(BIDS_SUBJECT.fullmatch(name) for name in places) and BIDS_NAME.match(volume_stem(Path(path).name))
+    return "MR" if bids and folder.name.lower() in BIDS_MRI_DATATYPES else None
+
+
+#: The BIDS datatype folders of MRI (the specification's modality-specific files: anatomical, diffusion, functional,
+#: perfusion MRI and field maps); PET (`pet/`) and microscopy (`micr/`) are other modalities.
+BIDS_MRI_DATATYPES = ("anat", "dwi", "func", "perf", "fmap")
 
 
 def channel_index(channel: int | str, count: int, path: Path) -> int:

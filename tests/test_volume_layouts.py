@@ -640,7 +640,8 @@ def test_isles_2022s_bids_layout_gives_its_diffusion_images_and_lesion_masks(tmp
     (3-D images), `anat/..._FLAIR.nii.gz`, and the lesion masks at `derivatives/sub-strokecase0001/ses-0001/
     sub-strokecase0001_ses-0001_msk.nii.gz`. `dwi/` was skipped as a folder of time series and `_msk` was no mask's
     name: nothing paired. Now `dwi/`'s 3-D images are scans (its 4-D diffusion series not), the mask is each image's of
-    the session, and the refusal for several images of one case names the pattern that picks one."""
+    the session, and the refusal for several images of one case names the pattern that picks one. Its images carry no
+    JSON sidecar: the BIDS MRI folder says they are MR."""
     labels = two_organs()
     root = tmp_path / "ISLES-2022"
     stem = "sub-strokecase0001_ses-0001"
@@ -659,3 +660,6 @@ def test_isles_2022s_bids_layout_gives_its_diffusion_images_and_lesion_masks(tmp
     with pytest.raises(ValueError, match=r"several images of one case.*`scans` '\*_FLAIR.nii.gz'"):
         paired_volumes(root, root)
     assert [(case, label) for case, _, label in paired_volumes(root, root, "*_dwi.nii.gz")] == [(f"{stem}_dwi", mask)]
+    # Without a sidecar, a BIDS MRI folder says MR (the `mr` window for scans that are not 8-bit); elsewhere nothing.
+    assert read_volume(dwi).modality == "MR"
+    assert read_volume(save(tmp_path / "anat" / "scan.nii.gz", labels)).modality is None
