@@ -3179,6 +3179,7 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike, label_su
                 if name in LABEL_FILE_NAMES and _other_scans(files, found, own):
                     continue  # `mask.nii.gz` among many scans: whose?
                 labelled = any(_file_named(other, files) for other in _label_candidates(found)[1:])
+                labelled = labelled or bool(bids_derivatives(found, found.parent))  # ATLAS's T1w beside its mask
                 if not (name in own and (labelled or _structure_folder_of(found, found.parent))):
                     return found
     derivatives = bids_derivatives(scan, labels)
@@ -3233,7 +3234,7 @@ def _subfolders(folder: Path) -> list[Path]:
 def bids_scans(folder: str | os.PathLike) -> list[Path]:
     """The scans of a BIDS data set (OpenNeuro's, spine-generic's): those (:func:`scan_files_in`) of each
     `sub-<label>/[ses-<label>/]<datatype>/` folder of `folder` (the data set's root, a subject's or a session's
-    folder) holding images (`anat/`, `dwi/`'s 3-D images; not time series: :data:`BIDS_SERIES_DATATYPES`, 4-D files);
+    folder, or a folder of data sets: ATLAS 2.0's `Training/R001/sub-r001s001/ses-1/anat/`, one per site) holding images (`anat/`, `dwi/`'s 3-D images; not time series: :data:`BIDS_SERIES_DATATYPES`, 4-D files);
     nothing of `derivatives/` or `sourcedata/`. ``[]`` for a folder that is none of these."""
     folder = Path(folder)
     if BIDS_SESSION.fullmatch(folder.name) and BIDS_SUBJECT.fullmatch(folder.parent.name):
@@ -3241,6 +3242,9 @@ def bids_scans(folder: str | os.PathLike) -> list[Path]:
     else:
         subjects = [folder] if BIDS_SUBJECT.fullmatch(folder.name) else []
         subjects = subjects or [p for p in _subfolders(folder) if BIDS_SUBJECT.fullmatch(p.name)]
+        if not subjects and not _bids_root_of(folder):  # ATLAS 2.0's Training/R001/sub-r001s001/: a folder of sites
+            sites = [p for p in _subfolders(folder) if any(BIDS_SUBJECT.fullmatch(q.name) for q in _subfolders(p))]
+            return [scan for site in sites for scan in bids_scans(site)]
         sessions = [
             s
             for subject in subjects
@@ -3268,9 +3272,15 @@ def _is_series_of_volumes(path: Path) -> bool:
     return len(shape) > 3 and int(np.prod(shape[3:])) > 1
 
 
+def _bids_root_of(folder: Path) -> bool:
+    """Whether `folder` is a BIDS data set's root by its description (`dataset_description.json`)."""
+    return (folder / "dataset_description.json").is_file()
+
+
 def bids_label_folders(scan: str | os.PathLike, labels: str | os.PathLike) -> list[Path]:
     """Where the derivatives of a scan named as BIDS names it (`sub-01_ses-02_T2w`) lie, given `labels`: `labels`
-    itself, and the scan's place (`sub-01/ses-02/` and its datatype folders, `anat/`) in `labels` (a pipeline's
+    itself, the scan's own folder where it lies below `labels` (ATLAS 2.0 keeps each T1w's lesion mask beside it), and
+    the scan's place (`sub-01/ses-02/` and its datatype folders, `anat/`) in `labels` (a pipeline's
     folder, spine-generic's `derivatives/labels`; or the subject's folder) or in `labels/derivatives/` or each of its
     pipelines (the data set's root; ISLES 2022 keeps `derivatives/sub-strokecase0001/ses-0001/` with no pipeline
     folder); ``[]`` for a scan not named so."""
@@ -3284,6 +3294,8 @@ def bids_label_folders(scan: str | os.PathLike, labels: str | os.PathLike) -> li
     if labels.name == match["subject"]:
         roots.append(labels.parent)
     folders = [labels]
+    if Path(scan).is_file() and labels.resolve() in Path(scan).resolve().parents:  # a mask kept beside its scan
+        folders.append(Path(scan).parent)  # (ATLAS 2.0's `..._label-L_desc-T1lesion_mask` beside its `_T1w`)
     for root in roots:
         here = root.joinpath(*place)
         folders += (

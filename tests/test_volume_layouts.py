@@ -663,3 +663,45 @@ def test_isles_2022s_bids_layout_gives_its_diffusion_images_and_lesion_masks(tmp
     # Without a sidecar, a BIDS MRI folder says MR (the `mr` window for scans that are not 8-bit); elsewhere nothing.
     assert read_volume(dwi).modality == "MR"
     assert read_volume(save(tmp_path / "anat" / "scan.nii.gz", labels)).modality is None
+
+
+def test_atlas_2s_sites_keep_each_lesion_mask_beside_its_t1w(tmp_path, capsys):
+    """ATLAS 2.0 keeps one BIDS data set per site (`Training/R001/sub-r001s001/ses-1/anat/`), each T1w beside its
+    lesion mask (`..._space-MNI152NLin2009aSym_T1w.nii.gz`, `..._space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask
+    .nii.gz`): "no 3-D volumes" in the folder of sites. Its sites' scans are read, each mask is its T1w's label
+    volume (not a scan), and score finds it at the prediction's place below the truth."""
+    labels = two_organs()
+    training = tmp_path / "ATLAS_2" / "Training"
+    for site, shift in (("R001", 0), ("R002", 2)):
+        subject = f"sub-{site.lower()}s001"
+        anat = training / site / subject / "ses-1" / "anat"
+        stem = f"{subject}_ses-1_space-MNI152NLin2009aSym"
+        moved = np.roll(labels, shift, 0)
+        save(anat / f"{stem}_T1w.nii.gz", (moved * 40 + 10).astype(np.uint8))
+        save(anat / f"{stem}_label-L_desc-T1lesion_mask.nii.gz", (moved == 5).astype(np.uint8))
+        (training / site / "dataset_description.json").write_text('{"Name": "ATLAS", "BIDSVersion": "1.4.0"}')
+    pairs = paired_volumes(training, training)
+    assert [(case, label.name) for case, _, label in pairs] == [
+        ("sub-r001s001_ses-1_space-MNI152NLin2009aSym_T1w", "sub-r001s001_ses-1_space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask.nii.gz"),
+        ("sub-r002s001_ses-1_space-MNI152NLin2009aSym_T1w", "sub-r002s001_ses-1_space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask.nii.gz"),
+    ]  # fmt: skip
+    assert [p.name for p in scan_files_in(training / "R001" / "sub-r001s001" / "ses-1" / "anat")] == [
+        "sub-r001s001_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz"
+    ]
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(training), "--boxes-from-masks", str(training)]
+    assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "P")]) == 0, capsys.readouterr().err
+    written = sorted(str(p.relative_to(tmp_path / "P")) for p in (tmp_path / "P").rglob("*.nii.gz"))
+    assert written == [
+        "R001/sub-r001s001/ses-1/anat/sub-r001s001_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz",
+        "R002/sub-r002s001/ses-1/anat/sub-r002s001_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz",
+    ]
+    csv = tmp_path / "s.csv"
+    assert main(["score", str(tmp_path / "P"), "--truth", str(training), "--csv", str(csv)]) == 0, (
+        capsys.readouterr().err
+    )
+    rows = [row.split(",") for row in csv.read_text().splitlines()[1:]]
+    assert [row[:2] for row in rows] == [
+        ["sub-r001s001_ses-1_space-MNI152NLin2009aSym_T1w", "1"],
+        ["sub-r002s001_ses-1_space-MNI152NLin2009aSym_T1w", "1"],
+    ]

@@ -216,11 +216,14 @@ def truth_label_of(
     path: Path, truth: Path, place: str = "", label_suffix: str | None = None
 ) -> tuple[Path | None, Path | None]:
     """`(label, series)`: the truth of the label volume `path` in `truth` (`volumes.label_volume_of`), else, where
-    `truth` keeps DICOM series, that of the series of the prediction's name at its `place` (`predict`'s
+    `truth` keeps DICOM series, that of the series of the prediction's name at its `place` (a label volume there too:
+    ATLAS 2.0's lesion mask beside its scan, `R001/sub-r001s001/ses-1/anat/`) (`predict`'s
     `P/2/DICOM_anon.nii.gz` for `truth/2/DICOM_anon/`: CHAOS's slice masks beside it, a DICOM SEG or RTSTRUCT
     referencing it), with the series; `(None, None)` without one. `label_suffix`: the truth is named as the prediction
     with it added (`volumes.label_volume_of`: a BIDS derivative among several)."""
     found = label_volume_of(path, truth, label_suffix)
+    if found is None and place and (truth / place).is_dir():  # ATLAS 2.0's R001/sub-r001s001/ses-1/anat/: the mask
+        found = label_volume_of(path, truth / place, label_suffix)  # beside the scan, at the prediction's place
     if found is not None:
         return found, None
     name = volume_name(path)
