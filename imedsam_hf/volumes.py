@@ -3234,8 +3234,9 @@ def _subfolders(folder: Path) -> list[Path]:
 def bids_scans(folder: str | os.PathLike) -> list[Path]:
     """The scans of a BIDS data set (OpenNeuro's, spine-generic's): those (:func:`scan_files_in`) of each
     `sub-<label>/[ses-<label>/]<datatype>/` folder of `folder` (the data set's root, a subject's or a session's
-    folder, or a folder of data sets: ATLAS 2.0's `Training/R001/sub-r001s001/ses-1/anat/`, one per site) holding images (`anat/`, `dwi/`'s 3-D images; not time series: :data:`BIDS_SERIES_DATATYPES`, 4-D files);
-    nothing of `derivatives/` or `sourcedata/`. ``[]`` for a folder that is none of these."""
+    folder, or a folder of data sets: ATLAS 2.0's `Training/R001/sub-r001s001/ses-1/anat/`, one per site) holding
+    images (`anat/`, `dwi/`'s 3-D images; not time series: :data:`BIDS_SERIES_DATATYPES`, nor 4-D files); nothing of
+    `derivatives/` or `sourcedata/`. ``[]`` for a folder that is none of these."""
     folder = Path(folder)
     if BIDS_SESSION.fullmatch(folder.name) and BIDS_SUBJECT.fullmatch(folder.parent.name):
         sessions = [folder]
