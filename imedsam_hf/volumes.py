@@ -3102,10 +3102,11 @@ def volume_name(path: str | os.PathLike) -> str:
 LABEL_NAME_SUFFIXES = ("_gt", "_seg", "_segmentation", "_label", "_labels", "_mask", "-seg", "-label", "-mask")
 
 #: A scan's word that its label volume's name says in its place: Synapse's BTCV `img0001` / `label0001`, LiTS's
-#: `volume-0` / `segmentation-0`, KiTS's `imaging` / `segmentation`, BraTS's MR sequence (`_t1ce` / `_seg`); a word
-#: of its own or before digits, any case.
+#: `volume-0` / `segmentation-0`, KiTS's `imaging` / `segmentation`, BraTS's MR sequence (`_t1ce` / `_seg`), PI-CAI's
+#: (`_t2w`, `_adc`, `_hbv`); a word of its own or before digits, any case.
 SCAN_WORD = re.compile(
-    r"(?<![a-z])(img|image|images|imaging|volume|vol|scan|ct|mr|mri|t1|t1ce|t1gd|t1c|t1n|t2|t2w|t2f|flair)(?![a-z])",
+    r"(?<![a-z])(img|image|images|imaging|volume|vol|scan|ct|mr|mri|t1|t1ce|t1gd|t1c|t1n|t2|t2w|t2f|flair|adc|hbv|dwi)"
+    r"(?![a-z])",
     re.IGNORECASE,
 )
 LABEL_WORDS = ("label", "labels", "seg", "segmentation", "mask", "gt")
@@ -3117,10 +3118,13 @@ LABEL_FILE_NAMES = ("gt", "ground_truth", "groundtruth", "label", "labels", "seg
 
 def _case_names(scan: str | os.PathLike) -> list[str]:
     """The names a scan's label volume has where both are named by their case: the scan's own, then for nnU-Net's
-    `<case>_0000` the case's."""
+    `<case>_0000` the case's, or for a scan named by its case and its sequence (:data:`SCAN_WORD`: PI-CAI's
+    `10000_1000000_t2w.mha`, whose lesions are `10000_1000000.nii.gz`) the case's."""
     name = volume_name(scan)
     match = CHANNEL_SUFFIX.match(name)
-    return [name] + ([match["case"]] if match else [])
+    case, _, word = name.rpartition("_")
+    sequence = case if case and SCAN_WORD.fullmatch(word) else None
+    return [name] + ([match["case"]] if match else []) + ([sequence] if sequence else [])
 
 
 def _label_candidates(scan: str | os.PathLike) -> list[str]:
@@ -3812,11 +3816,14 @@ def paired_volumes(
         pairs.append((case, path, found))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        # A BIDS subject's T1w beside its labelled T2w: the scans that have one end alike
-        ends = {path.name[path.name.rfind("_") :] for _, path, _ in pairs if "_" in path.name}
-        end = ends.pop() if len(ends) == 1 else ""
-        end = "" if any(text.split(" (looked", 1)[0].endswith(end) for text in missing) else end
-        hint = f" The {len(pairs)} others end {end}: pick them (`scans` '*{end}')." if end and scans is None else ""
+        # A BIDS subject's T1w beside its labelled T2w, PI-CAI's `_cor` and `_sag` beside `_t2w`, `_adc`, `_hbv`: the
+        # scans that have one end otherwise than those that have none
+        ends = sorted({path.name[path.name.rfind("_") :] for _, path, _ in pairs if "_" in path.name})
+        unpaired = [text.split(" (looked", 1)[0] for text in missing]
+        hint = ""
+        if ends and scans is None and not any(name.endswith(tuple(ends)) for name in unpaired):
+            which = "them" if len(ends) == 1 else "one"
+            hint = f" The {len(pairs)} others end {' or '.join(ends)}: pick {which} (`scans` '*{ends[0]}')."
         raise ValueError(f"`labels` {labels}: no label volume for {'; '.join(missing[:3])}{more}.{hint}")
     scans_of: dict[Path, list[Path]] = {}
     for _, path, found in pairs:

@@ -321,3 +321,36 @@ def test_han_segs_structure_masks_beside_its_scans_are_their_label_volume(tmp_pa
         ["case_01_IMG_CT", "1", "Kidney_L", "1.0"],
         ["case_01_IMG_CT", "2", "Liver", "1.0"],
     ]
+
+
+def test_pi_cais_sequences_pair_with_the_lesions_named_for_their_case(tmp_path, capsys):
+    """PI-CAI keeps `picai_public_images_fold0/10000/10000_1000000_t2w.mha` (and `_adc`, `_hbv`, `_cor`, `_sag`) and
+    the lesion masks as `human_expert/resampled/10000_1000000.nii.gz`, named for the case without the sequence:
+    nothing paired ("no label volume", 0 of 2 segmented). A scan named by its case and a sequence word pairs with the
+    case's label volume, the case named so; the refusal without `--scans` names the sequences that pair."""
+    from imedsam_hf.volumes import paired_volumes
+
+    labels = two_organs()
+    images, masks = tmp_path / "picai_public_images_fold0", tmp_path / "resampled"
+    for patient, study, shift in (("10000", "1000000", 0), ("10001", "1000001", 2)):
+        moved = np.roll(labels, shift, 0)
+        t2 = save_nifti(tmp_path / "t2.nii.gz", (moved * 40 + 10).astype(np.int16))
+        for sequence in ("t2w", "adc", "hbv", "cor"):
+            converted(t2, images / patient / f"{patient}_{study}_{sequence}.mha")
+        save_nifti(masks / f"{patient}_{study}.nii.gz", (moved == 5).astype(np.uint8))
+    with pytest.raises(ValueError, match=r"10000_1000000_cor.mha .* end _adc.mha or _hbv.mha or _t2w.mha: pick one"):
+        paired_volumes(images, masks)
+    pairs = paired_volumes(images, masks, "*_t2w.mha")
+    assert [(case, scan.name, label.name) for case, scan, label in pairs] == [
+        ("10000_1000000", "10000_1000000_t2w.mha", "10000_1000000.nii.gz"),
+        ("10001_1000001", "10001_1000001_t2w.mha", "10001_1000001.nii.gz"),
+    ]
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), str(images), "--scans", "*_t2w.mha", "--device", "cpu"]
+    assert main([*argv, "--boxes-from-masks", str(masks), "--out", str(tmp_path / "P")]) == 0, capsys.readouterr().err
+    csv = tmp_path / "s.csv"
+    assert main(["score", str(tmp_path / "P"), "--truth", str(masks), "--csv", str(csv)]) == 0, capsys.readouterr().err
+    assert [row.split(",")[:2] for row in csv.read_text().splitlines()[1:]] == [
+        ["10000_1000000_t2w", "1"],
+        ["10001_1000001_t2w", "1"],
+    ]
