@@ -3103,10 +3103,10 @@ LABEL_NAME_SUFFIXES = ("_gt", "_seg", "_segmentation", "_label", "_labels", "_ma
 
 #: A scan's word that its label volume's name says in its place: Synapse's BTCV `img0001` / `label0001`, LiTS's
 #: `volume-0` / `segmentation-0`, KiTS's `imaging` / `segmentation`, BraTS's MR sequence (`_t1ce` / `_seg`), PI-CAI's
-#: (`_t2w`, `_adc`, `_hbv`); a word of its own or before digits, any case.
+#: (`_t2w`, `_adc`, `_hbv`), HECKTOR's (`__CT`, `__PT`); a word of its own or before digits, any case.
 SCAN_WORD = re.compile(
-    r"(?<![a-z])(img|image|images|imaging|volume|vol|scan|ct|mr|mri|t1|t1ce|t1gd|t1c|t1n|t2|t2w|t2f|flair|adc|hbv|dwi)"
-    r"(?![a-z])",
+    r"(?<![a-z])(img|image|images|imaging|volume|vol|scan|ct|mr|mri|t1|t1ce|t1gd|t1c|t1n|t2|t2w|t2f|flair|adc|hbv|dwi"
+    r"|pt|pet)(?![a-z])",
     re.IGNORECASE,
 )
 LABEL_WORDS = ("label", "labels", "seg", "segmentation", "mask", "gt")
@@ -3119,10 +3119,11 @@ LABEL_FILE_NAMES = ("gt", "ground_truth", "groundtruth", "label", "labels", "seg
 def _case_names(scan: str | os.PathLike) -> list[str]:
     """The names a scan's label volume has where both are named by their case: the scan's own, then for nnU-Net's
     `<case>_0000` the case's, or for a scan named by its case and its sequence (:data:`SCAN_WORD`: PI-CAI's
-    `10000_1000000_t2w.mha`, whose lesions are `10000_1000000.nii.gz`) the case's."""
+    `10000_1000000_t2w.mha`, whose lesions are `10000_1000000.nii.gz`; HECKTOR's `CHUM-001__CT.nii.gz`) the case's."""
     name = volume_name(scan)
     match = CHANNEL_SUFFIX.match(name)
     case, _, word = name.rpartition("_")
+    case = case.rstrip("_")  # HECKTOR's `CHUM-001__CT` for `CHUM-001`
     sequence = case if case and SCAN_WORD.fullmatch(word) else None
     return [name] + ([match["case"]] if match else []) + ([sequence] if sequence else [])
 

@@ -67,6 +67,8 @@ LAYOUTS = [
     ("brats", "BraTS2021_00000/BraTS2021_00000_flair.nii.gz", "BraTS2021_00000/BraTS2021_00000_seg.nii.gz",
      "BraTS2021_00000_flair"),
     ("segthor", "Patient_01/Patient_01.nii.gz", "Patient_01/GT.nii.gz", "Patient_01"),  # named for what it is
+    ("pi-cai", "10000/10000_1000000_t2w.nii.gz", "resampled/10000_1000000.nii.gz", "10000_1000000"),  # case, sequence
+    ("hecktor", "imagesTr/CHUM-001__CT.nii.gz", "labelsTr/CHUM-001.nii.gz", "CHUM-001"),
 ]  # fmt: skip
 
 
