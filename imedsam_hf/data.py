@@ -1302,6 +1302,9 @@ def settle_problems(problems: Sequence[DataProblem], on_error: str) -> None:
 # The scan (patient, volume) of a slice: the stem before `_slice<z>` (BTCV's `case0001_slice061`). A stem that does
 # not match is its own group, so ordinary images split one by one.
 DEFAULT_GROUP_PATTERN = r"^(.*)_slice\d+$"
+#: The subject of a scan named as BIDS names it (`sub-01_ses-02_T2w` -> `sub-01`): its sessions and sequences are one
+#: patient's, which the splits keep together.
+BIDS_SUBJECT_OF = re.compile(r"^(sub-[A-Za-z0-9]+)(?:_|$)")
 
 
 def compile_group_pattern(pattern: str | None) -> re.Pattern:
@@ -1363,7 +1366,8 @@ def make_splits(
     """
     Seeded shuffle cut into train/validation/test (60/20/20 by default, as SwIPE and I-MedSAM), by group: all the
     slices of one scan (`group_pattern`, see `group_of`; a stem it does not group, by `groups`, `{stem: case}`:
-    `case_folder_group`) land in the same split, never slice by slice (neighbouring slices are nearly identical).
+    `case_folder_group`) land in the same split, never slice by slice (neighbouring slices are nearly identical),
+    and the scans of one BIDS subject (`sub-01_ses-01_T2w`, `sub-01_ses-02_T2w`: :data:`BIDS_SUBJECT_OF`) in one too.
     When every stem is its own group this is the plain shuffle of the stems.
     """
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
@@ -1372,7 +1376,9 @@ def make_splits(
     members: dict[str, list[str]] = {}
     for stem in stems:
         group = group_of(stem, pattern)
-        members.setdefault(group if group != stem else (groups or {}).get(stem, stem), []).append(stem)
+        group = group if group != stem else (groups or {}).get(stem, stem)
+        subject = BIDS_SUBJECT_OF.match(group)  # a BIDS subject's sessions and sequences: one patient, one split
+        members.setdefault(subject[1] if subject else group, []).append(stem)
     order = sorted(members)
     random.Random(seed).shuffle(order)
     n_train = int(round(fractions[0] * len(order)))

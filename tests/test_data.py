@@ -223,6 +223,22 @@ def test_splits_keep_the_slices_of_a_scan_together():
         make_splits(stems, group_pattern="(")
 
 
+def test_splits_keep_a_bids_subjects_sessions_and_sequences_together():
+    """Slices converted from a BIDS data set are named by their scans (`sub-01_ses-02_T2w_slice078`): each scan was a
+    group, so one patient's two sessions (or T1w and T2w) could sit in train and test. A subject is one group."""
+    from imedsam_hf.data import make_splits
+
+    stems = [
+        f"sub-{s:02d}_ses-{t}_T{w}w_slice{z:03d}" for s in range(10) for t in (1, 2) for w in (1, 2) for z in (7, 8)
+    ]
+    splits = make_splits(stems, seed=1)
+    subjects = {name: {stem.split("_")[0] for stem in members} for name, members in splits.items()}
+    assert sorted(s for members in splits.values() for s in members) == sorted(stems)
+    assert [len(subjects[name]) for name in ("train", "validation", "test")] == [6, 2, 2]
+    assert not (subjects["train"] & subjects["test"]) and not (subjects["train"] & subjects["validation"])
+    assert not (subjects["validation"] & subjects["test"])
+
+
 def test_one_mask_per_structure_folders_convert_to_class_id_masks(tmp_path):
     """SAM-Med2D's layout (masks/<stem>_<structure>_<NNN>.png): a clear error, and a converter to class-id masks."""
     import json
