@@ -3239,9 +3239,10 @@ def _subfolders(folder: Path) -> list[Path]:
 def bids_scans(folder: str | os.PathLike) -> list[Path]:
     """The scans of a BIDS data set (OpenNeuro's, spine-generic's): those (:func:`scan_files_in`) of each
     `sub-<label>/[ses-<label>/]<datatype>/` folder of `folder` (the data set's root, a subject's or a session's
-    folder, or a folder of data sets: ATLAS 2.0's `Training/R001/sub-r001s001/ses-1/anat/`, one per site) holding
-    images (`anat/`, `dwi/`'s 3-D images; not time series: :data:`BIDS_SERIES_DATATYPES`, nor 4-D files); nothing of
-    `derivatives/` or `sourcedata/`. ``[]`` for a folder that is none of these."""
+    folder, or a folder of data sets: ATLAS 2.0's `Training/R001/sub-r001s001/ses-1/anat/`, one per site, VerSe's
+    `rawdata/`) holding images (`anat/`, `dwi/`'s 3-D images, or the subject's folder itself: VerSe's
+    `rawdata/sub-gl003/sub-gl003_dir-ax_ct.nii.gz`; not time series: :data:`BIDS_SERIES_DATATYPES`, nor 4-D files);
+    nothing of `derivatives/` or `sourcedata/`. ``[]`` for a folder that is none of these."""
     folder = Path(folder)
     if BIDS_SESSION.fullmatch(folder.name) and BIDS_SUBJECT.fullmatch(folder.parent.name):
         sessions = [folder]
@@ -3249,7 +3250,11 @@ def bids_scans(folder: str | os.PathLike) -> list[Path]:
         subjects = [folder] if BIDS_SUBJECT.fullmatch(folder.name) else []
         subjects = subjects or [p for p in _subfolders(folder) if BIDS_SUBJECT.fullmatch(p.name)]
         if not subjects and not _bids_root_of(folder):  # ATLAS 2.0's Training/R001/sub-r001s001/: a folder of sites
-            sites = [p for p in _subfolders(folder) if any(BIDS_SUBJECT.fullmatch(q.name) for q in _subfolders(p))]
+            sites = [  # or VerSe's rawdata/sub-gl003/ beside derivatives/sub-gl003/
+                p
+                for p in _subfolders(folder)
+                if p.name.lower() not in BIDS_NOT_RAW and any(BIDS_SUBJECT.fullmatch(q.name) for q in _subfolders(p))
+            ]
             return [scan for site in sites for scan in bids_scans(site)]
         sessions = [
             s
@@ -3263,7 +3268,9 @@ def bids_scans(folder: str | os.PathLike) -> list[Path]:
         for p in _subfolders(session)
         if p.name.lower() not in BIDS_SERIES_DATATYPES and not BIDS_SESSION.fullmatch(p.name)
     ]
-    return [scan for datatype in datatypes for scan in scan_files_in(datatype) if not _is_series_of_volumes(scan)]
+    datatypes += sessions  # VerSe keeps its scans in the subject's folder itself (`rawdata/sub-gl003/..._ct.nii.gz`)
+    found = sorted({scan for datatype in datatypes for scan in scan_files_in(datatype)})
+    return [scan for scan in found if not _is_series_of_volumes(scan)]
 
 
 def _is_series_of_volumes(path: Path) -> bool:

@@ -707,3 +707,41 @@ def test_atlas_2s_sites_keep_each_lesion_mask_beside_its_t1w(tmp_path, capsys):
         ["sub-r001s001_ses-1_space-MNI152NLin2009aSym_T1w", "1"],
         ["sub-r002s001_ses-1_space-MNI152NLin2009aSym_T1w", "1"],
     ]
+
+
+def test_verses_rawdata_and_derivatives_pair_without_datatype_folders(tmp_path, capsys):
+    """VerSe keeps `dataset-01training/rawdata/sub-gl003/sub-gl003_dir-ax_ct.nii.gz` and the vertebrae's labels at
+    `derivatives/sub-gl003/sub-gl003_dir-ax_seg-vert_msk.nii.gz` (beside centroid JSON), with no datatype folders and
+    no dataset description: "no 3-D volumes". The data set's folder gives `rawdata/`'s scans (none of
+    `derivatives/`), each paired with its mask, found from the data set's folder or `derivatives/` alike."""
+    labels = two_organs()
+    root = tmp_path / "dataset-01training"
+    for subject, shift in (("sub-gl002", 0), ("sub-gl003", 2)):
+        moved = np.roll(labels, shift, 0)
+        save(root / "rawdata" / subject / f"{subject}_dir-ax_ct.nii.gz", (moved * 40 + 10).astype(np.uint8))
+        save(root / "derivatives" / subject / f"{subject}_dir-ax_seg-vert_msk.nii.gz", moved)
+        (root / "derivatives" / subject / f"{subject}_dir-ax_seg-subreg_ctd.json").write_text("[]")
+    expected = [
+        ("sub-gl002_dir-ax_ct", "sub-gl002_dir-ax_seg-vert_msk.nii.gz"),
+        ("sub-gl003_dir-ax_ct", "sub-gl003_dir-ax_seg-vert_msk.nii.gz"),
+    ]
+    assert [(case, label.name) for case, _, label in paired_volumes(root, root)] == expected
+    pairs = paired_volumes(root / "rawdata", root / "derivatives")
+    assert [(case, label.name) for case, _, label in pairs] == expected
+    tiny_model().save_pretrained(tmp_path / "model")
+    argv = [
+        "predict",
+        "--model",
+        str(tmp_path / "model"),
+        str(root),
+        "--boxes-from-masks",
+        str(root),
+        "--device",
+        "cpu",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "P")]) == 0, capsys.readouterr().err
+    written = sorted(str(p.relative_to(tmp_path / "P")) for p in (tmp_path / "P").rglob("*.nii.gz"))
+    assert written == ["sub-gl002/sub-gl002_dir-ax_ct.nii.gz", "sub-gl003/sub-gl003_dir-ax_ct.nii.gz"]  # below rawdata/
+    csv = tmp_path / "s.csv"
+    assert main(["score", str(tmp_path / "P"), "--truth", str(root), "--csv", str(csv)]) == 0, capsys.readouterr().err
+    assert sorted({row.split(",")[0] for row in csv.read_text().splitlines()[1:]}) == [c for c, _ in expected]
