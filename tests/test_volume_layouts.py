@@ -425,6 +425,21 @@ def test_a_4d_or_vector_nrrd_gives_its_channel_as_the_nifti_does(tmp_path):
         read_volume(tmp_path / "a.nii.gz", channel=0)
 
 
+def predict_from_masks(tmp_path: Path, inputs: Path, masks: Path) -> list[str]:
+    """`imedsam predict`'s arguments for a tiny model saved in `tmp_path`, on `inputs` prompted by `masks`."""
+    tiny_model().save_pretrained(tmp_path / "model")
+    return [
+        "predict",
+        "--model",
+        str(tmp_path / "model"),
+        str(inputs),
+        "--boxes-from-masks",
+        str(masks),
+        "--device",
+        "cpu",
+    ]
+
+
 def bids(root: Path, labels: np.ndarray) -> Path:
     """A BIDS data set as spine-generic and OpenNeuro keep one: raw scans in `sub-XX/[ses-YY/]anat/` (a T2w with its
     masks, a T1w without), a 4-D `func/` run, the manual masks at the same place of `derivatives/labels/`
@@ -728,17 +743,7 @@ def test_verses_rawdata_and_derivatives_pair_without_datatype_folders(tmp_path, 
     assert [(case, label.name) for case, _, label in paired_volumes(root, root)] == expected
     pairs = paired_volumes(root / "rawdata", root / "derivatives")
     assert [(case, label.name) for case, _, label in pairs] == expected
-    tiny_model().save_pretrained(tmp_path / "model")
-    argv = [
-        "predict",
-        "--model",
-        str(tmp_path / "model"),
-        str(root),
-        "--boxes-from-masks",
-        str(root),
-        "--device",
-        "cpu",
-    ]
+    argv = predict_from_masks(tmp_path, root, root)
     assert main([*argv, "--out", str(tmp_path / "P")]) == 0, capsys.readouterr().err
     written = sorted(str(p.relative_to(tmp_path / "P")) for p in (tmp_path / "P").rglob("*.nii.gz"))
     assert written == ["sub-gl002/sub-gl002_dir-ax_ct.nii.gz", "sub-gl003/sub-gl003_dir-ax_ct.nii.gz"]  # below rawdata/
