@@ -354,7 +354,8 @@ def sidecar_modality(path: str | os.PathLike) -> str | None:
     """The ``Modality`` (``"MR"``, ``"CT"``) of the JSON sidecar dcm2niix writes beside the NIfTI it converts a DICOM
     series into (`sub-01_T1w.nii.gz` and `sub-01_T1w.json`, BIDS's layout), upper case; else ``"MR"`` for a file of
     a BIDS data set's MRI folders (`sub-01/[ses-01/]anat/`, `dwi/`, ...: :data:`BIDS_MRI_DATATYPES`; ISLES 2022's
-    images carry no sidecar); None otherwise (a sidecar that cannot be read, or names none, is none)."""
+    images carry no sidecar) not named as CT or PET (`sub-01_ct`); None otherwise (a sidecar that cannot be read, or
+    names none, is none)."""
     sidecar = Path(path).with_name(f"{volume_stem(Path(path).name)}.json")
     try:
         modality = json.loads(sidecar.read_text(encoding="utf-8")).get("Modality") if sidecar.is_file() else None
@@ -362,10 +363,11 @@ def sidecar_modality(path: str | os.PathLike) -> str | None:
         modality = None
     if isinstance(modality, str) and modality.strip():
         return modality.strip().upper()
-    folder = Path(path).parent
+    folder, name = Path(path).parent, volume_stem(Path(path).name)
     places = [folder.parent.name, folder.parent.parent.name if BIDS_SESSION.fullmatch(folder.parent.name) else ""]
-    bids = any(BIDS_SUBJECT.fullmatch(name) for name in places) and BIDS_NAME.match(volume_stem(Path(path).name))
-    return "MR" if bids and folder.name.lower() in BIDS_MRI_DATATYPES else None
+    bids = any(BIDS_SUBJECT.fullmatch(place) for place in places) and BIDS_NAME.match(name)
+    other = name.rsplit("_", 1)[-1].lower() in ("ct", "cta", "pet", "pt")  # a CT kept in `anat/` as `sub-01_ct`
+    return "MR" if bids and not other and folder.name.lower() in BIDS_MRI_DATATYPES else None
 
 
 #: The BIDS datatype folders of MRI (the specification's modality-specific files: anatomical, diffusion, functional,

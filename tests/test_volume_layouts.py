@@ -680,6 +680,8 @@ def test_isles_2022s_bids_layout_gives_its_diffusion_images_and_lesion_masks(tmp
     # Without a sidecar, a BIDS MRI folder says MR (the `mr` window for scans that are not 8-bit); elsewhere nothing.
     assert read_volume(dwi).modality == "MR"
     assert read_volume(save(tmp_path / "anat" / "scan.nii.gz", labels)).modality is None
+    ct = save(tmp_path / "ds" / "sub-01" / "anat" / "sub-01_ct.nii.gz", labels)  # a CT kept there: not MR
+    assert read_volume(ct).modality is None
 
 
 def test_atlas_2s_sites_keep_each_lesion_mask_beside_its_t1w(tmp_path, capsys):
