@@ -411,7 +411,7 @@ def volumes_hint(root: Path) -> str:
     or ""."""
     folders = [root, *(p for p in sorted(root.iterdir()) if p.is_dir())]
     holding = [f for f in folders if any(is_volume(n) for n in os.listdir(f))]
-    subjects = [f for f in folders if re.fullmatch(r"sub-[A-Za-z0-9]+", f.name)]
+    subjects = [f for f in folders if BIDS_SUBJECT.fullmatch(f.name)]
     if not holding and subjects:  # BIDS: `sub-01/[ses-01/]anat/sub-01_T2w.nii.gz`, masks under `derivatives/`
         command = f"imedsam convert volumes --images {root} --labels {root} --output DIR"
         return (
@@ -1302,9 +1302,11 @@ def settle_problems(problems: Sequence[DataProblem], on_error: str) -> None:
 # The scan (patient, volume) of a slice: the stem before `_slice<z>` (BTCV's `case0001_slice061`). A stem that does
 # not match is its own group, so ordinary images split one by one.
 DEFAULT_GROUP_PATTERN = r"^(.*)_slice\d+$"
+#: A BIDS subject's label (`sub-01`): its folder's name, and the first entity of its files' names.
+BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")
 #: The subject of a scan named as BIDS names it (`sub-01_ses-02_T2w` -> `sub-01`): its sessions and sequences are one
 #: patient's, which the splits keep together.
-BIDS_SUBJECT_OF = re.compile(r"^(sub-[A-Za-z0-9]+)(?:_|$)")
+BIDS_SUBJECT_OF = re.compile(rf"^({BIDS_SUBJECT.pattern})(?:_|$)")
 
 
 def compile_group_pattern(pattern: str | None) -> re.Pattern:
@@ -2086,6 +2088,7 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 __all__ = [
     "AugmentationConfig",
     "DEFAULT_GROUP_PATTERN",
+    "BIDS_SUBJECT",
     "DataConfig",
     "DataProblem",
     "LOSSLESS_FORMATS",

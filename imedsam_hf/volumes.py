@@ -85,6 +85,7 @@ from tqdm.auto import tqdm
 
 from .configuration_imedsam import MR_WINDOW, is_class_aware, training_window, window_text
 from .data import (
+    BIDS_SUBJECT,
     CHANNEL_SUFFIX,
     NIFTI_SUFFIXES,
     PICTURE_EXTENSIONS,
@@ -3214,8 +3215,8 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike, label_su
 
 #: A BIDS file name's subject and session (`sub-01_ses-02_acq-ax_T2w`): its raw data lie in `sub-01/ses-02/<datatype>/`
 #: of the data set, a derivative pipeline's files at the same place of `derivatives/<pipeline>/`.
-BIDS_NAME = re.compile(r"(?P<subject>sub-[A-Za-z0-9]+)(?:_(?P<session>ses-[A-Za-z0-9]+))?(?=_|$)")
-BIDS_SUBJECT, BIDS_SESSION = re.compile(r"sub-[A-Za-z0-9]+"), re.compile(r"ses-[A-Za-z0-9]+")
+BIDS_NAME = re.compile(rf"(?P<subject>{BIDS_SUBJECT.pattern})(?:_(?P<session>ses-[A-Za-z0-9]+))?(?=_|$)")
+BIDS_SESSION = re.compile(r"ses-[A-Za-z0-9]+")
 #: The folders of a BIDS data set's root that hold no raw scans: the DICOM they were made from, derived files.
 BIDS_NOT_RAW = ("sourcedata", "derivatives", "code", "stimuli")
 #: BIDS datatype folders of recordings and time series, which hold no scan to segment (fMRI's `func/`, ...); in the
