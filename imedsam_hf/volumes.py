@@ -3675,9 +3675,17 @@ def _file_named(name: str, files: Mapping[str, Path]) -> Path | None:
     return None
 
 
-def label_volume_names(scan: str | os.PathLike) -> str:
+def label_volume_names(
+    scan: str | os.PathLike, labels: str | os.PathLike | None = None, label_suffix: str | None = None
+) -> str:
     """The label volume names :func:`label_volume_of` looks for, as a message says them: `a.nii.gz (or .nii, .seg.nrrd,
-    .nrrd, .nhdr, .mha, .mhd), a_gt, a_seg, a_segmentation, ...`."""
+    .nrrd, .nhdr, .mha, .mhd), a_gt, a_seg, a_segmentation, ...`; with `label_suffix`, the one name it gives
+    (`sub-01_T2w_seg-manul`) and, in `labels`, what the scan's BIDS derivatives there add instead (a typo named)."""
+    if label_suffix:
+        text = f"{volume_name(scan)}_{label_suffix.strip().lstrip('_')}"
+        found = bids_derivatives(scan, labels) if labels is not None else []
+        added = list(dict.fromkeys(str(bids_derivative_part(scan, path)) for path in found))
+        return text + (f"; its masks there add {', '.join(added[:4])}" if added else "")
     first, *others = VOLUME_SUFFIXES
     name, own = volume_name(scan), _case_names(scan)
     swapped = [  # `label0001` for `img0001`
@@ -3819,8 +3827,7 @@ def paired_volumes(
     for path in volumes:
         found = label_volume_of(path, labels, label_suffix)
         if found is None:
-            looked = f"{volume_name(path)}_{label_suffix.lstrip('_')}" if label_suffix else label_volume_names(path)
-            missing.append(f"{path.name} (looked for {looked})")
+            missing.append(f"{path.name} (looked for {label_volume_names(path, labels, label_suffix)})")
             continue
         in_case_folder = path.parent != Path(images)
         case = volume_name(path) if path.is_dir() or not is_volume(path) else _case_of(path, found, in_case_folder)

@@ -497,6 +497,8 @@ def test_a_bids_data_set_gives_its_scans_and_the_derivative_masks_asked_for(tmp_
 
     with pytest.raises(ValueError, match=r"no label volume for sub-01_T1w.nii.gz .*`scans` '\*_T2w.nii.gz'"):
         paired_volumes(root, root, label_suffix="seg-manual")
+    with pytest.raises(ValueError, match=r"looked for sub-01_T2w_seg-manul; its masks there add lesion-manual, seg-"):
+        paired_volumes(root, root, "*_T2w.nii.gz", label_suffix="seg-manul")  # a typo: what there is is named
     pairs = paired_volumes(root, root, "*_T2w.nii.gz", label_suffix="seg-manual")
     assert [(case, label.name) for case, _, label in pairs] == [
         ("sub-01_T2w", "sub-01_T2w_seg-manual.nii.gz"),

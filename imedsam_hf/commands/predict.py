@@ -911,9 +911,7 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
             if boxes is None:
                 found = label_volume_of(path, args.boxes_from_masks, args.label_suffix)
                 if found is None:
-                    looked = (
-                        f"{name}_{args.label_suffix.lstrip('_')}" if args.label_suffix else label_volume_names(path)
-                    )
+                    looked = label_volume_names(path, args.boxes_from_masks, args.label_suffix)
                     raise ValueError(f"no label volume {looked} in {args.boxes_from_masks}")
                 prompts["label_volume"] = read_label_volume(found, volume, structure_names_of(model.config))
                 if named and not names and dicom_annotation_modality(found):  # its structures' ids: their numbers

@@ -284,8 +284,7 @@ def score_one(
     if is_volume(path):
         found, series = truth_label_of(path, truth, place, label_suffix)
         if found is None:
-            looked = label_volume_names(series or path)
-            looked = f"{volume_name(path)}_{label_suffix.lstrip('_')}" if label_suffix else looked
+            looked = label_volume_names(series or path, truth, label_suffix)
             raise ValueError(f"{path}: no label volume in `truth` {truth} (looked for {looked}).")
         predicted = read_volume(path)
         if series is not None:  # the truth of a DICOM series, read onto it
