@@ -3115,8 +3115,12 @@ SCAN_WORD = re.compile(
 LABEL_WORDS = ("label", "labels", "seg", "segmentation", "mask", "gt")
 
 #: A label volume named only for what it is, in a folder holding one scan: SegTHOR's `Patient_01/GT.nii.gz` beside
-#: `Patient_01/Patient_01.nii.gz`; looked for last, and only where the folder holds no other scan.
-LABEL_FILE_NAMES = ("gt", "ground_truth", "groundtruth", "label", "labels", "seg", "segmentation", "mask")
+#: `Patient_01/Patient_01.nii.gz`, AbdomenAtlas's (and SuPreM's output) `combined_labels.nii.gz` beside `ct.nii.gz`;
+#: looked for last, and only where the folder holds no other scan (a folder of structure masks beside, AbdomenAtlas's
+#: `segmentations/`, names its structures and wins).
+LABEL_FILE_NAMES = (
+    "gt", "ground_truth", "groundtruth", "label", "labels", "seg", "segmentation", "mask", "combined_labels"
+)  # fmt: skip
 
 
 def _case_names(scan: str | os.PathLike) -> list[str]:
@@ -3186,6 +3190,9 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike, label_su
             if found is not None and found.resolve() != itself:
                 if name in LABEL_FILE_NAMES and _other_scans(files, found, own):
                     continue  # `mask.nii.gz` among many scans: whose?
+                structures = _structure_folder_of(Path(scan), Path(labels)) if name in LABEL_FILE_NAMES else None
+                if structures is not None and structures.resolve() != found.parent.resolve():
+                    continue  # AbdomenAtlas's `segmentations/` beside `combined_labels.nii.gz`: named structures
                 labelled = any(_file_named(other, files) for other in _label_candidates(found)[1:])
                 labelled = labelled or bool(bids_derivatives(found, found.parent))  # ATLAS's T1w beside its mask
                 if not (name in own and (labelled or _structure_folder_of(found, found.parent))):
@@ -3384,7 +3391,19 @@ def _structure_folder_of(scan: Path, labels: Path) -> Path | None:
     places = [labels / case for case in cases] + [labels / case / STRUCTURE_FOLDER for case in cases]
     if labels.resolve() == here or [path.name for path in volumes_in(scan.parent)] == [scan.name]:
         places.append(labels / STRUCTURE_FOLDER)
-    return next((p for p in places if p.is_dir() and p.resolve() != here and volumes_in(p)), None)
+    # Not a case folder holding a scan of this one's name (a prediction `P/s0000/ct.nii.gz` scored against the data
+    # set's root: `s0000/` holds its `ct.nii.gz`, its masks are in `s0000/segmentations/`).
+    return next(
+        (
+            p
+            for p in places
+            if p.is_dir()
+            and p.resolve() != here
+            and volumes_in(p)
+            and not _file_named(volume_name(scan), _volume_files(p))
+        ),
+        None,
+    )
 
 
 def structure_mask_names(folder: str | os.PathLike) -> dict[int, str]:
@@ -3709,6 +3728,9 @@ def scan_files_in(folder: str | os.PathLike) -> list[Path]:
     data set keeps both in one folder."""
     files = volumes_in(folder, scans=True)
     labels = set(_case_structure_files(folder))  # HaN-Seg's `case_01_OAR_Brainstem`, in any 3-D format
+    named = [path for path in files if volume_name(path).lower() in LABEL_FILE_NAMES]
+    if len(files) - len(named) == 1:  # one scan beside SegTHOR's `GT`, AbdomenAtlas's `combined_labels`
+        labels |= set(named)
     labels |= {label for path in files for label in bids_derivatives(path, folder)}  # several a scan: all
     for path in files:
         with contextlib.suppress(ValueError):  # BIDS derivatives of one scan, several: listed above

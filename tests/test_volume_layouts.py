@@ -754,3 +754,41 @@ def test_verses_rawdata_and_derivatives_pair_without_datatype_folders(tmp_path, 
     csv = tmp_path / "s.csv"
     assert main(["score", str(tmp_path / "P"), "--truth", str(root), "--csv", str(csv)]) == 0, capsys.readouterr().err
     assert sorted({row.split(",")[0] for row in csv.read_text().splitlines()[1:]}) == [c for c, _ in expected]
+
+
+def test_abdomenatlas_combined_labels_beside_its_ct_are_no_scan(tmp_path):
+    """AbdomenAtlas (and SuPreM's output) keeps `BDMAP_00000001/ct.nii.gz` beside `combined_labels.nii.gz` and
+    `segmentations/<structure>.nii.gz`: `combined_labels` was listed as a scan of its own ("no label volume for
+    combined_labels.nii.gz"). It is a label volume named for what it is; the folder of structure masks beside it,
+    which names the structures, is the one read; without it, `combined_labels`. PanTS keeps the labels apart
+    (`LabelTr/<case>/combined_labels.nii.gz`): that file, not its folder as one structure."""
+    labels = two_organs()
+    root = tmp_path / "AbdomenAtlas"
+    for case in ("BDMAP_00000001", "BDMAP_00000002"):
+        save(root / case / "ct.nii.gz", (labels * 40 + 10).astype(np.uint8))
+        save(root / case / "combined_labels.nii.gz", labels)
+    for value, name in ((2, "aorta"), (5, "liver")):
+        save(root / "BDMAP_00000001" / "segmentations" / f"{name}.nii.gz", (labels == value).astype(np.uint8))
+    assert [p.name for p in scan_files_in(root / "BDMAP_00000001")] == ["ct.nii.gz"]
+    pairs = paired_volumes(root, root)
+    assert [(case, label.relative_to(root).as_posix()) for case, _, label in pairs] == [
+        ("BDMAP_00000001", "BDMAP_00000001/segmentations"),
+        ("BDMAP_00000002", "BDMAP_00000002/combined_labels.nii.gz"),
+    ]
+    assert structure_mask_names(pairs[0][2]) == {1: "aorta", 2: "liver"}
+    # Scored from the data set's root, a prediction `P/BDMAP_00000001/ct.nii.gz` meets the masks predict was prompted
+    # with, not the case folder (its `ct.nii.gz` and `combined_labels` taken for structures, as TotalSegmentator's too).
+    argv = predict_from_masks(tmp_path, root / "BDMAP_00000001", root / "BDMAP_00000001")
+    assert main([*argv, "--out", str(tmp_path / "P" / "BDMAP_00000001")]) == 0
+    assert label_volume_of(tmp_path / "P" / "BDMAP_00000001" / "ct.nii.gz", root) == pairs[0][2]
+    csv = tmp_path / "s.csv"
+    assert main(["score", str(tmp_path / "P"), "--truth", str(root), "--csv", str(csv)]) == 0
+    assert [row.split(",")[:3] for row in csv.read_text().splitlines()[1:]] == [
+        ["BDMAP_00000001", "1", "aorta"],
+        ["BDMAP_00000001", "2", "liver"],
+    ]
+    pants = tmp_path / "PanTS"
+    scan = save(pants / "ImageTr" / "PanTS_00000001" / "ct.nii.gz", (labels * 40 + 10).astype(np.uint8))
+    combined = save(pants / "LabelTr" / "PanTS_00000001" / "combined_labels.nii.gz", labels)
+    save(pants / "LabelTr" / "PanTS_00000001" / "segmentations" / "liver.nii.gz", (labels == 5).astype(np.uint8))
+    assert label_volume_of(scan, pants / "LabelTr") == combined
