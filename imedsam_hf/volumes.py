@@ -188,6 +188,8 @@ __all__ = [
     "case_scans_in",
     "bids_scans",
     "bids_derivatives",
+    "is_bids_root",
+    "BIDS_DESCRIPTION",
     "scan_case",
     "require_dicom",
     "mr_window",
@@ -641,7 +643,7 @@ def dicom_series_in(folder: str | os.PathLike) -> list[Path]:
     found = []
     for root, folders, files in os.walk(folder):
         names = sorted(name for name in folders if not name.startswith("."))
-        if "dataset_description.json" in files:  # a BIDS data set: its scans are its NIfTI files (`bids_scans`)
+        if BIDS_DESCRIPTION in files:  # a BIDS data set: its scans are its NIfTI files (`bids_scans`)
             names = [name for name in names if name.lower() not in BIDS_NOT_RAW]
         masks = {name for name in names if _names_masks(name) and structure_series(Path(root) / name)}
         if masks:
@@ -3174,12 +3176,13 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike, label_su
     case_folder = Path(labels) / Path(scan).parent.name  # a case folder of the scan's folder's name (KiTS's)
     places = (Path(labels), *([case_folder] if Path(scan).is_file() and case_folder.is_dir() else []))
     if label_suffix:
-        wanted = label_suffix.strip().lstrip("_")
-        named = f"{volume_name(scan)}_{wanted}"
+        named, wanted = _suffixed_name(scan, label_suffix)
         folders = dict.fromkeys([*places, *bids_label_folders(scan, labels)])
         found = next(filter(None, (_file_named(named, _volume_files(folder)) for folder in folders)), None)
-        derivatives = (path for path in bids_derivatives(scan, labels) if bids_derivative_part(scan, path) == wanted)
-        return found or next(derivatives, None)  # fMRIPrep's `sub-01_desc-brain_mask` for `sub-01_T1w`
+        if found is not None:
+            return found
+        derivatives = bids_derivatives(scan, labels)  # fMRIPrep's `sub-01_desc-brain_mask` for `sub-01_T1w`
+        return next((path for path in derivatives if bids_derivative_part(scan, path) == wanted), None)
     for folder in places:
         files = _volume_files(folder)
         for name in _label_candidates(scan):
@@ -3224,6 +3227,8 @@ def label_volume_of(scan: str | os.PathLike, labels: str | os.PathLike, label_su
 #: of the data set, a derivative pipeline's files at the same place of `derivatives/<pipeline>/`.
 BIDS_NAME = re.compile(rf"(?P<subject>{BIDS_SUBJECT.pattern})(?:_(?P<session>ses-[A-Za-z0-9]+))?(?=_|$)")
 BIDS_SESSION = re.compile(r"ses-[A-Za-z0-9]+")
+#: The file naming a BIDS data set (raw, or a derivative one) in its root folder.
+BIDS_DESCRIPTION = "dataset_description.json"
 #: The folders of a BIDS data set's root that hold no raw scans: the DICOM they were made from, derived files.
 BIDS_NOT_RAW = ("sourcedata", "derivatives", "code", "stimuli")
 #: BIDS datatype folders of recordings and time series, which hold no scan to segment (fMRI's `func/`, ...); in the
@@ -3259,7 +3264,7 @@ def bids_scans(folder: str | os.PathLike) -> list[Path]:
     else:
         subjects = [folder] if BIDS_SUBJECT.fullmatch(folder.name) else []
         subjects = subjects or [p for p in _subfolders(folder) if BIDS_SUBJECT.fullmatch(p.name)]
-        if not subjects and not _bids_root_of(folder):  # ATLAS 2.0's Training/R001/sub-r001s001/: a folder of sites
+        if not subjects and not is_bids_root(folder):  # ATLAS 2.0's Training/R001/sub-r001s001/: a folder of sites
             sites = [  # or VerSe's rawdata/sub-gl003/ beside derivatives/sub-gl003/
                 p
                 for p in _subfolders(folder)
@@ -3295,9 +3300,9 @@ def _is_series_of_volumes(path: Path) -> bool:
     return len(shape) > 3 and int(np.prod(shape[3:])) > 1
 
 
-def _bids_root_of(folder: Path) -> bool:
-    """Whether `folder` is a BIDS data set's root by its description (`dataset_description.json`)."""
-    return (folder / "dataset_description.json").is_file()
+def is_bids_root(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a BIDS data set's root by its description (:data:`BIDS_DESCRIPTION`)."""
+    return (Path(folder) / BIDS_DESCRIPTION).is_file()
 
 
 def bids_label_folders(scan: str | os.PathLike, labels: str | os.PathLike) -> list[Path]:
@@ -3360,6 +3365,13 @@ def bids_derivative_part(scan: str | os.PathLike, derivative: str | os.PathLike)
     added = other[len(entities) + 1 :]
     keys = [word.split("-", 1)[0].lower() if "-" in word else "" for word in added.split("_")[:-1]]
     return added if all(key in BIDS_DERIVATIVE_ENTITIES for key in keys) else None
+
+
+def _suffixed_name(scan: str | os.PathLike, label_suffix: str) -> tuple[str, str]:
+    """`(name, suffix)`: the label volume's name `label_suffix` gives `scan` (`sub-01_T2w_seg-manual`), and the suffix
+    as given without its leading `_` (`_seg-manual` and `seg-manual` alike)."""
+    suffix = label_suffix.strip().lstrip("_")
+    return f"{volume_name(scan)}_{suffix}", suffix
 
 
 def _other_scans(files: Mapping[str, Path], label: Path, own: Sequence[str]) -> bool:
@@ -3426,7 +3438,7 @@ def structure_series(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subfolders = _subfolders(folder)
     if len(subfolders) == 1 and subfolders[0].name == folder.name:
         return structure_series(subfolders[0])
     series = [p for p in subfolders if dicom_files_in(p)]
@@ -3701,7 +3713,7 @@ def label_volume_names(
     .nrrd, .nhdr, .mha, .mhd), a_gt, a_seg, a_segmentation, ...`; with `label_suffix`, the one name it gives
     (`sub-01_T2w_seg-manul`) and, in `labels`, what the scan's BIDS derivatives there add instead (a typo named)."""
     if label_suffix:
-        text = f"{volume_name(scan)}_{label_suffix.strip().lstrip('_')}"
+        text, _ = _suffixed_name(scan, label_suffix)
         found = bids_derivatives(scan, labels) if labels is not None else []
         added = list(dict.fromkeys(str(bids_derivative_part(scan, path)) for path in found))
         return text + (f"; its masks there add {', '.join(added[:4])}" if added else "")
@@ -3745,8 +3757,7 @@ def case_folders(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir() or volumes_in(folder):
         return []
-    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [sub for sub in subfolders if volumes_in(sub)]
+    return [sub for sub in _subfolders(folder) if volumes_in(sub)]
 
 
 def case_scans_in(folder: str | os.PathLike) -> list[Path]:

@@ -24,6 +24,7 @@ from ..data import (
 )
 from ..files import atomic_write
 from ..version import __version__
+from ..volumes import BIDS_DESCRIPTION, is_bids_root
 
 
 def inputs_with_roots(paths: Sequence[str], volumes: bool = False) -> list[tuple[Path, Path]]:
@@ -146,7 +147,7 @@ def check_output_folder(out: str | os.PathLike, inputs: Sequence[str], masks_fol
         guarded.append((Path(masks_folder), f"the --boxes-from-masks folder {masks_folder}", True))
     for path, role, subfolders in guarded:
         place = path.resolve()
-        if (place / "dataset_description.json").is_file() and place / "derivatives" in target.parents:
+        if is_bids_root(place) and place / "derivatives" in target.parents:
             continue  # a BIDS data set's derivatives/<pipeline>/
         if target == place or (subfolders and place in target.parents):
             raise ValueError(
@@ -160,7 +161,7 @@ def bids_pipeline_folder(out: str | os.PathLike) -> Path | None:
     `derivatives/` holding it: `ds/derivatives/imedsam` for `ds/derivatives/imedsam` or below); None otherwise."""
     target = Path(out).resolve()
     for child, parent in zip((target, *target.parents), target.parents):
-        if parent.name == "derivatives" and (parent.parent / "dataset_description.json").is_file():
+        if parent.name == "derivatives" and is_bids_root(parent.parent):
             return child
     return None
 
@@ -170,10 +171,10 @@ def describe_bids_derivative(out: str | os.PathLike, model: str) -> Path | None:
     has no `dataset_description.json` yet, write one as the BIDS derivatives specification asks (`DatasetType`
     derivative, `GeneratedBy` this package and `model`, the data set's `BIDSVersion`); the file written, or None."""
     folder = bids_pipeline_folder(out)
-    if folder is None or (folder / "dataset_description.json").exists():
+    if folder is None or (folder / BIDS_DESCRIPTION).exists():
         return None
     try:
-        source = json.loads((folder.parent.parent / "dataset_description.json").read_text(encoding="utf-8"))
+        source = json.loads((folder.parent.parent / BIDS_DESCRIPTION).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         source = {}
     description = {
@@ -185,7 +186,7 @@ def describe_bids_derivative(out: str | os.PathLike, model: str) -> Path | None:
         ],
     }
     text = json.dumps(description, indent=2) + "\n"
-    return atomic_write(folder / "dataset_description.json", lambda path: Path(path).write_text(text, encoding="utf-8"))
+    return atomic_write(folder / BIDS_DESCRIPTION, lambda path: Path(path).write_text(text, encoding="utf-8"))
 
 
 def check_writable(out: str | os.PathLike) -> None:
