@@ -355,13 +355,14 @@ def read_volume(path: str | os.PathLike, channel: int | str | None = None) -> Vo
 
 def sidecar_modality(path: str | os.PathLike) -> str | None:
     """The ``Modality`` (``"MR"``, ``"CT"``) of the JSON sidecar dcm2niix writes beside the NIfTI it converts a DICOM
-    series into (`sub-01_T1w.nii.gz` and `sub-01_T1w.json`, BIDS's layout), upper case; else ``"MR"`` for a file of
+    series into (`sub-01_T1w.nii.gz` and `sub-01_T1w.json`, BIDS's layout; or one a BIDS data set keeps higher up,
+    `T1w.json` at its root: :func:`bids_applicable_file`), upper case; else ``"MR"`` for a file of
     a BIDS data set's MRI folders (`sub-01/[ses-01/]anat/`, `dwi/`, ...: :data:`BIDS_MRI_DATATYPES`; ISLES 2022's
     images carry no sidecar) not named as CT or PET (`sub-01_ct`); None otherwise (a sidecar that cannot be read, or
     names none, is none)."""
-    sidecar = Path(path).with_name(f"{volume_stem(Path(path).name)}.json")
+    sidecar = bids_applicable_file(path, ".json")
     try:
-        modality = json.loads(sidecar.read_text(encoding="utf-8")).get("Modality") if sidecar.is_file() else None
+        modality = json.loads(sidecar.read_text(encoding="utf-8")).get("Modality") if sidecar else None
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         modality = None
     if isinstance(modality, str) and modality.strip():
@@ -1780,11 +1781,13 @@ def embedded_label_names(path: str | os.PathLike) -> dict[int, str] | None:
 
 
 def bids_label_table(path: str | os.PathLike) -> dict[int, str] | None:
-    """``{index: name}`` of the look-up table a BIDS segmentation keeps beside it under its name (`sub-01_dseg.tsv` for
-    `sub-01_dseg.nii.gz`: tab-separated, columns `index` and `name`, background 0 left out); None without one, or one
-    without those columns (a table that cannot be read is ignored with a warning)."""
-    table = Path(path).with_name(f"{volume_name(path)}.tsv")
-    if not table.is_file():
+    """``{index: name}`` of the look-up table of a BIDS segmentation: beside it under its name (`sub-01_dseg.tsv` for
+    `sub-01_dseg.nii.gz`), or inherited from a folder above (fMRIPrep's `desc-aseg_dseg.tsv` at its pipeline's root for
+    `sub-01/anat/sub-01_desc-aseg_dseg.nii.gz`: :func:`bids_applicable_file`); tab-separated, columns `index` and
+    `name` (quoted names unquoted), background 0 left out. None without one, or one without those columns (a table
+    that cannot be read is ignored with a warning)."""
+    table = bids_applicable_file(path, ".tsv")
+    if table is None:
         return None
     try:
         with table.open(newline="", encoding="utf-8-sig") as handle:
@@ -3298,6 +3301,38 @@ def _is_series_of_volumes(path: Path) -> bool:
     except Exception:  # unreadable here: read_volume names the file where it matters
         return False
     return len(shape) > 3 and int(np.prod(shape[3:])) > 1
+
+
+def bids_applicable_file(path: str | os.PathLike, extension: str) -> Path | None:
+    """The file of `extension` (`.json`, `.tsv`) that applies to the file at `path`: the one beside it under its name
+    (`sub-01_T1w.json` for `sub-01_T1w.nii.gz`), else, by BIDS's inheritance principle, the nearest one up to its data
+    set's root (the folder above its `sub-<label>/`: a raw data set's, a derivative pipeline's) named by the same
+    suffix after some of its entities (`T1w.json` at the root; fMRIPrep's `desc-aseg_dseg.tsv` at its pipeline's root
+    for `sub-01/anat/sub-01_desc-aseg_dseg.nii.gz`, not for `sub-01_dseg.nii.gz`), the most specific of a folder.
+    None without one, or with two alike in the nearest folder holding any (a data set the specification forbids)."""
+    path = Path(path)
+    own = path.with_name(f"{volume_name(path)}{extension}")
+    if own.is_file():
+        return own
+    entities, _, suffix = volume_name(path).rpartition("_")
+    mine = {word.lower() for word in entities.split("_") if "-" in word}
+    if not mine or "-" in suffix:
+        return None
+    folders = [path.parent]
+    for folder in path.parents[:3]:  # `anat/`, `ses-01/`, `sub-01/`: up to the folder above the subject's
+        if BIDS_SUBJECT.fullmatch(folder.name):
+            folders = list(path.parents[: path.parents.index(folder) + 2])
+            break
+    for folder in folders:
+        found: dict[int, list[Path]] = {}
+        for candidate in folder.glob(f"*{suffix}{extension}"):
+            words = candidate.name[: -len(extension)].split("_")
+            if words[-1] == suffix and {w.lower() for w in words[:-1]} <= mine and all("-" in w for w in words[:-1]):
+                found.setdefault(len(words), []).append(candidate)
+        if found:
+            best = found[max(found)]
+            return best[0] if len(best) == 1 else None
+    return None
 
 
 def is_bids_root(folder: str | os.PathLike) -> bool:

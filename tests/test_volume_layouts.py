@@ -619,6 +619,45 @@ def test_bids_derivatives_named_by_the_scans_entities_are_its_masks(tmp_path, ca
         assert bids_label_table(anat / "sub-01_dseg.nii.gz") is None
 
 
+def test_bids_tables_and_sidecars_are_inherited_from_the_data_sets_root(tmp_path, capsys):
+    """BIDS's inheritance principle: fMRIPrep keeps the look-up table of every subject's `sub-01_desc-aseg_dseg.nii.gz`
+    once, at its pipeline's root (`desc-aseg_dseg.tsv`, names quoted), and a sidecar may sit at the data set's root
+    (`T1w.json`). Only a table beside the file under its name was read: score's rows said `class 5`. Now the nearest
+    applicable file names the ids (not `sub-01_dseg`'s, whose entities differ), a file's own still first."""
+    from imedsam_hf.volumes import bids_applicable_file, bids_label_table, sidecar_modality
+
+    labels = two_organs()
+    root = tmp_path / "ds"
+    t1 = save(root / "sub-01" / "ses-01" / "anat" / "sub-01_ses-01_T1w.nii.gz", (labels * 40 + 10).astype(np.uint8))
+    pipeline = root / "derivatives" / "fmriprep"
+    anat = pipeline / "sub-01" / "ses-01" / "anat"
+    aseg = save(anat / "sub-01_ses-01_desc-aseg_dseg.nii.gz", labels)
+    tissue = save(anat / "sub-01_ses-01_dseg.nii.gz", labels)
+    (pipeline / "desc-aseg_dseg.tsv").write_text('index\tname\n0\t"Unknown"\n2\t"left kidney"\n5\t"liver"\n')
+    (pipeline / "desc-aparcaseg_dseg.tsv").write_text("index\tname\n5\tcortex\n")
+    (root / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.8.0"}')
+    assert bids_label_table(aseg) == {2: "left kidney", 5: "liver"}
+    assert bids_label_table(tissue) is None  # `desc-aseg` is none of its entities
+    save(tmp_path / "P" / "sub-01_ses-01_T1w.nii.gz", labels)
+    csv = tmp_path / "s.csv"
+    argv = ["score", str(tmp_path / "P"), "--truth", str(root), "--label-suffix", "desc-aseg_dseg", "--csv", str(csv)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert [row.split(",")[1:3] for row in csv.read_text().splitlines()[1:]] == [["2", "left kidney"], ["5", "liver"]]
+    (anat / "sub-01_ses-01_desc-aseg_dseg.tsv").write_text("index\tname\n5\thepar\n")  # its own table first
+    assert bids_label_table(aseg) == {5: "hepar"}
+    # A sidecar at the root says what the subject's scans are, one beside a scan what it is; two alike are none.
+    assert sidecar_modality(t1) == "MR"  # the MRI folder's rule
+    (root / "T1w.json").write_text('{"Modality": "CT"}')
+    assert bids_applicable_file(t1, ".json") == root / "T1w.json" and sidecar_modality(t1) == "CT"
+    (root / "sub-01" / "sub-01_T1w.json").write_text('{"Modality": "PT"}')
+    assert sidecar_modality(t1) == "PT"  # the nearer one
+    (root / "sub-01" / "ses-01_T1w.json").write_text('{"Modality": "MR"}')
+    assert bids_applicable_file(t1, ".json") is None  # two alike in one folder
+    flat = save(tmp_path / "flat" / "case_01.nii.gz", labels)
+    (tmp_path / "T1w.json").write_text('{"Modality": "CT"}')
+    assert bids_applicable_file(flat, ".json") is None  # no BIDS name: its own sidecar only
+
+
 def test_predict_writes_into_a_bids_data_sets_derivatives(tmp_path, capsys):
     """BIDS puts derived files in the data set's `derivatives/<pipeline>/`: `--out ds/derivatives/imedsam` was refused
     as inside the input folder. It is the place: predict writes there at the scans' places with the derivative data
