@@ -339,6 +339,25 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument(
         "--output", required=True, help="new folder: images/, masks/<stem>.png (class ids), classes.json"
     )
+    numpy = sources.add_parser(
+        "npz",
+        help="LiteMedSAM / MedSAM training data as NumPy files (the challenge's .npz cases with imgs and gts, or "
+        "npy/imgs + npy/gts) -> a folder of 2-D images and masks to train and evaluate on",
+        formatter_class=_HelpFormatter,
+    )
+    numpy.add_argument(
+        "--images",
+        required=True,
+        help="a .npz case, or a folder searched through for .npz cases (imgs and gts: 3-D (D, H, W) or 2-D "
+        "(H, W, 3)) and for MedSAM's imgs/<name>.npy beside gts/<name>.npy",
+    )
+    numpy.add_argument(
+        "--output", required=True, help="new folder: images/, masks/<case>_slice<z>.png, classes.json, cases.csv"
+    )
+    numpy.add_argument(
+        "--classes", default=None, help="the label ids' names: a classes.json or dataset.json (default 'class <id>')"
+    )
+    numpy.add_argument("--all-slices", action="store_true", help="keep a 3-D case's slices without any structure too")
     scans = sources.add_parser(
         "volumes",
         help="scans (NIfTI, DICOM) and their label volumes -> a folder of 2-D slices to train and evaluate on",

@@ -405,10 +405,54 @@ def _sub_folder(root: Path, relative: str) -> Path | None:
     return folder
 
 
+#: The folders of MedSAM's NumPy training data (its `npz_to_npy.py`; MedSAM's and LiteMedSAM's `train_one_gpu.py`
+#: read them): `imgs/<name>.npy` (an image, `(H, W, 3)`) beside `gts/<name>.npy` (its label ids, `(H, W)`).
+NUMPY_PAIR_FOLDERS = ("imgs", "gts")
+
+
+def numpy_training_files(source: str | os.PathLike) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """LiteMedSAM's and MedSAM's training data as NumPy files in `source` (a file or a folder, searched through):
+    `(cases, pairs)`, the `.npz` cases of the CVPR 2024 "MedSAM on laptop" challenge (`imgs` and `gts` inside; a case
+    file given itself), and the `(imgs/<name>.npy, gts/<name>.npy)` pairs of :data:`NUMPY_PAIR_FOLDERS` (an image
+    without its `gts` file left out, as MedSAM's loader leaves it); both sorted, hidden files and folders skipped."""
+    source = Path(source)
+    if source.is_file():
+        return ([source] if source.suffix.lower() == ".npz" else []), []
+    if not source.is_dir():
+        return [], []
+    cases, pairs = [], []
+    for folder, names, files in os.walk(source):
+        names[:] = sorted(n for n in names if not n.startswith("."))
+        cases += [Path(folder) / f for f in sorted(files) if f.lower().endswith(".npz") and not f.startswith(".")]
+        if Path(folder).name.lower() != NUMPY_PAIR_FOLDERS[0]:
+            continue
+        truth = [Path(folder).parent / n for n in os.listdir(Path(folder).parent) if n.lower() == NUMPY_PAIR_FOLDERS[1]]
+        for name in sorted(f for f in files if f.lower().endswith(".npy") and not f.startswith(".")):
+            if truth and (truth[0] / name).is_file():
+                pairs.append((Path(folder) / name, truth[0] / name))
+    return cases, pairs
+
+
+def numpy_hint(root: Path) -> str:
+    """For LiteMedSAM's or MedSAM's NumPy training data given where images are read (:func:`numpy_training_files`):
+    the command that makes them images and masks, or ""."""
+    cases, pairs = numpy_training_files(root)
+    if not cases and not pairs:
+        return ""
+    what = f"{len(cases)} .npz cases" if cases else f"{len(pairs)} npy image/label pairs (imgs/ + gts/)"
+    return (
+        f" It holds LiteMedSAM / MedSAM training data as NumPy files ({what}): make them images and masks first: "
+        f"imedsam convert npz --images {root} --output DIR."
+    )
+
+
 def volumes_hint(root: Path) -> str:
     """For a folder of 3-D scans given where 2-D images are read (NIfTI files in it or its folders, DICOM series
     below it: CHAOS's `CT/1/DICOM_anon/`, a BIDS data set's `sub-01/anat/`): the command that makes them slices,
-    or ""."""
+    or "" (LiteMedSAM's NumPy cases: :func:`numpy_hint`)."""
+    numpy = numpy_hint(root)
+    if numpy:
+        return numpy
     folders = [root, *(p for p in sorted(root.iterdir()) if p.is_dir())]
     holding = [f for f in folders if any(is_volume(n) for n in os.listdir(f))]
     subjects = [f for f in folders if BIDS_SUBJECT.fullmatch(f.name)]
@@ -2087,6 +2131,8 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "AugmentationConfig",
+    "NUMPY_PAIR_FOLDERS",
+    "numpy_training_files",
     "DEFAULT_GROUP_PATTERN",
     "BIDS_SUBJECT",
     "DataConfig",

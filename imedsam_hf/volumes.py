@@ -88,6 +88,7 @@ from .data import (
     BIDS_SUBJECT,
     CHANNEL_SUFFIX,
     NIFTI_SUFFIXES,
+    NUMPY_PAIR_FOLDERS,
     PICTURE_EXTENSIONS,
     STRUCTURE_ABBREVIATIONS,
     VOLUME_SUFFIXES,
@@ -100,6 +101,7 @@ from .data import (
     label_classes,
     mask_box,
     mask_pixels,
+    numpy_training_files,
     structure_words,
     volume_stem,
     volume_suffix,
@@ -216,6 +218,7 @@ __all__ = [
     "volume_box_to_slice_box",
     "volume_scores",
     "volumes_to_slices",
+    "numpy_cases_to_slices",
     "label_volumes_to_nifti",
     "volume_name",
     "volume_overlay",
@@ -4068,6 +4071,165 @@ def _write_classes(
     return names
 
 
+#: The columns of the `cases.csv` :func:`volumes_to_slices` writes beside the slices, one row per scan.
+CASES_COLUMNS = ("case", "image", "labels", "n_slices", "n_labelled_slices", "spacing_mm", "orientation", "window")
+
+
+def _write_cases(folder: Path, rows: Sequence[Sequence[Any]]) -> None:
+    """Write `folder/cases.csv`: :data:`CASES_COLUMNS`, a row per scan."""
+    with (folder / "cases.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CASES_COLUMNS)
+        writer.writerows(rows)
+
+
+#: A MedSAM npy slice's name (`npz_to_npy.py`'s `CT_Abd_FLARE22_Tr_0001-000`): its case, then the slice number.
+NUMPY_SLICE_NAME = re.compile(r"^(?P<case>.+)-(?P<slice>\d{3,})$")
+
+
+def _numpy_grey(array: np.ndarray, what: str) -> np.ndarray:
+    """An image of LiteMedSAM's NumPy data as the 8-bit picture a model is shown: `uint8` as it is (the challenge's
+    `imgs`), MedSAM's 0..1 floats times 255, other values through :func:`to_uint8` (8-bit integers unchanged, else
+    rescaled min-max with a warning); an alpha channel dropped."""
+    array = np.asarray(array)
+    if array.ndim >= 3 and array.shape[-1] == 4:
+        array = array[..., :3]
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise ValueError(f"{what}: an image of {array.dtype} values; expected numbers")
+    if np.issubdtype(array.dtype, np.floating) and array.size and 0 <= np.nanmin(array) and np.nanmax(array) <= 1:
+        return np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+    return to_uint8(array)
+
+
+def _numpy_labels(array: np.ndarray, what: str) -> np.ndarray:
+    """Label ids of LiteMedSAM's NumPy data (`gts`) as a mask file stores them: `uint8`, or `uint16` above 255."""
+    array = np.asarray(array)
+    integral = np.issubdtype(array.dtype, np.integer) or array.dtype == bool
+    if not integral and not (np.issubdtype(array.dtype, np.floating) and np.array_equal(array, np.round(array))):
+        raise ValueError(f"{what}: label ids of {array.dtype} values that are not whole numbers")
+    if array.size and (array.min() < 0 or array.max() > 65535):
+        raise ValueError(f"{what}: label ids {int(array.min())}..{int(array.max())}; expected 0..65535")
+    return array.astype(np.uint8 if not array.size or array.max() <= 255 else np.uint16)
+
+
+def _numpy_cases(source: str | os.PathLike) -> Iterable[tuple[str, Path, np.ndarray, np.ndarray, Any]]:
+    """`(name, file, image(s), label ids, spacing or None)` of each case of :func:`numpy_training_files`: a `.npz`
+    case as it is (`imgs` `(D, H, W)` with `gts` `(D, H, W)`, or `(H, W[, 3])` with `(H, W)`), an npy pair as one
+    image; ValueErrors naming the file for a case without `gts` (a case to predict), or shapes that disagree."""
+    cases, pairs = numpy_training_files(source)
+    if not cases and not pairs:
+        raise ValueError(
+            f"`images` {source}: no LiteMedSAM / MedSAM NumPy training data in it (.npz cases with imgs and gts, or "
+            f"{NUMPY_PAIR_FOLDERS[0]}/<name>.npy beside {NUMPY_PAIR_FOLDERS[1]}/<name>.npy)."
+        )
+    names: dict[str, Path] = {}
+    for path in [*cases, *(image for image, _ in pairs)]:
+        name = volume_name(path)
+        if name in names:
+            raise ValueError(f"{names[name]} and {path}: two cases named {name}; convert their folders apart.")
+        names[name] = path
+    for path in cases:
+        try:
+            with np.load(path, allow_pickle=False) as case:
+                held = list(case.files)
+                arrays = {key: case[key] for key in ("imgs", "gts", "spacing") if key in held}
+        except Exception as error:  # a damaged archive (zipfile.BadZipFile), a pickled array, ...
+            raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+        missing = [key for key in ("imgs", "gts") if key not in arrays]
+        if missing:
+            kind = "a case to predict (imedsam predict), not one to train on" if "imgs" in arrays else "no case"
+            raise ValueError(f"{path}: no {' or '.join(missing)} array (it holds {', '.join(held) or 'none'}): {kind}")
+        yield volume_name(path), path, arrays["imgs"], arrays["gts"], arrays.get("spacing")
+    for image, truth in pairs:
+        try:
+            picture, ids = np.load(image, allow_pickle=False), np.load(truth, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{image} / {truth}: not readable .npy files ({error})") from None
+        yield volume_name(image), image, picture, ids, None
+
+
+def numpy_cases_to_slices(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    class_names: Mapping[int, str] | None = None,
+    all_slices: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """
+    LiteMedSAM's and MedSAM's training data as NumPy files -> the folder of 2-D images and masks that training and
+    `imedsam evaluate` read (`imedsam convert npz`), as :func:`volumes_to_slices` writes it for scans.
+
+    The CVPR 2024 "MedSAM on laptop" challenge's `.npz` cases (`imgs` and `gts`; made by MedSAM's `pre_CT_MR.py`):
+    a 3-D case `(D, H, W)` -> `images/<case>_slice<z>.png` (each `imgs[z]` as it is, as `imedsam predict CASE.npz`
+    shows it to a model) and `masks/<case>_slice<z>.png` (its label ids), the slices that hold a structure (all with
+    `all_slices`), and a `cases.csv` row with its `spacing` (x, y, z, as SimpleITK's `GetSpacing` gives it: per-volume
+    HD95 in mm); a 2-D case `(H, W, 3)` or `(H, W)` -> `images/<case>.png` and `masks/<case>.png`. MedSAM's npy
+    pairs (`npy/imgs/<name>.npy` beside `npy/gts/<name>.npy`) -> one image each, a slice named `<case>-<nnn>` written
+    `<case>_slice<nnn>` so that the splits keep a scan's slices together. Images are 8-bit as LiteMedSAM is shown
+    them (:func:`_numpy_grey`).
+
+    Args:
+        source: a `.npz` case, or a folder searched through for them and for npy pairs
+            (:func:`imedsam_hf.data.numpy_training_files`).
+        output: a new folder (or an empty one), written in a temporary folder and renamed into place at the end.
+        class_names: `{id: name}` of the label ids (default `class <id>`).
+        all_slices: keep a 3-D case's slices without any structure too.
+        progress: show a tqdm bar over the cases.
+
+    Returns:
+        `{"files", "images", "scans", "classes"}`: the counts of files read, images written and 3-D cases with a
+        spacing (`cases.csv`), and `{id: name}`.
+
+    Raises:
+        ValueError: naming the file: no NumPy data, a case without `gts` (a case to predict), shapes that disagree,
+        label ids that are not whole numbers in 0..65535, two cases of one name.
+    """
+    rows, present, count, done = [], set(), 0, 0
+    with staged_folder(output, "`output`") as staging:
+        for sub in ("images", "masks"):
+            (staging / sub).mkdir()
+        for name, path, imgs, gts, spacing in tqdm(
+            _numpy_cases(source), desc="cases", unit="case", disable=not progress
+        ):
+            imgs, gts = np.asarray(imgs), np.asarray(gts)
+            planar = gts.ndim == 2 and imgs.shape[:2] == gts.shape and imgs.ndim in (2, 3)
+            if not planar and not (gts.ndim == 3 and imgs.shape == gts.shape):
+                raise ValueError(
+                    f"{path}: imgs {imgs.shape} and gts {gts.shape}: expected (D, H, W) and (D, H, W), or (H, W, 3) / "
+                    "(H, W) and (H, W)"
+                )
+            grey, truth = _numpy_grey(imgs, str(path)), _numpy_labels(gts, str(path))
+            present |= {int(c) for c in np.unique(truth) if c}
+            done += 1
+            if planar:
+                match = NUMPY_SLICE_NAME.fullmatch(name) if path.suffix.lower() == ".npy" else None
+                stem = f"{match['case']}_slice{match['slice']}" if match else name
+                Image.fromarray(grey).save(staging / "images" / f"{stem}.png")
+                Image.fromarray(truth).save(staging / "masks" / f"{stem}.png")
+                count += 1
+                continue
+            labelled = truth.any(axis=(1, 2))
+            slices = range(len(truth)) if all_slices else np.flatnonzero(labelled)
+            digits = max(3, len(str(len(truth) - 1)))
+            for z in slices:
+                stem = f"{name}_slice{int(z):0{digits}d}"
+                Image.fromarray(grey[z]).save(staging / "images" / f"{stem}.png")
+                Image.fromarray(truth[z]).save(staging / "masks" / f"{stem}.png")
+            count += len(slices)
+            if spacing is not None and np.asarray(spacing).size == 3:  # per-volume distances in mm
+                spaced = "x".join(_shortest(float(v)) for v in np.asarray(spacing).reshape(-1))
+                rows.append([name, path.name, path.name, len(truth), int(labelled.sum()), spaced, "", ""])
+        if not count:
+            raise ValueError(f"`images` {source}: no case holds a labelled pixel (gts all 0); nothing to train on.")
+        names = _write_classes(staging, class_names, present, {})
+        if rows:
+            _write_cases(staging, rows)
+    return {"files": done, "images": count, "scans": len(rows), "classes": names}
+
+
 def label_volumes_to_nifti(
     images: str | os.PathLike,
     labels: str | os.PathLike,
@@ -4190,12 +4352,7 @@ def volumes_to_slices(
             row = [case, image_path.name, label_path.name, truth.shape[2], int(labelled.sum()), spacing]
             rows.append([*row, codes, "" if case_window is None else window_csv(case_window)])
         names = _write_classes(staging, class_names, present, segment_names)
-        with (staging / "cases.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(
-                ["case", "image", "labels", "n_slices", "n_labelled_slices", "spacing_mm", "orientation", "window"]
-            )
-            writer.writerows(rows)
+        _write_cases(staging, rows)
     orientations = {row[0]: row[6] for row in rows}
     planes = {SLICE_PLANES[codes[2]] for codes in orientations.values()}
     if len(planes) > 1:

@@ -1,6 +1,6 @@
 """`imedsam convert`: a SAM checkpoint or LiteMedSAM as an I-MedSAM folder, one-mask-per-structure folders as
-class-id masks, scans with label volumes as a folder of 2-D slices, or label volumes (DICOM SEGs, RT Structure Sets)
-as NIfTI on their scans' grids."""
+class-id masks, scans with label volumes (or LiteMedSAM's NumPy training data) as a folder of 2-D slices, or label
+volumes (DICOM SEGs, RT Structure Sets) as NIfTI on their scans' grids."""
 
 from __future__ import annotations
 
@@ -9,13 +9,22 @@ from pathlib import Path
 
 from ..data import class_file, convert_structure_masks, read_class_file
 from ..loading import LITEMEDSAM, convert_checkpoint
-from ..volumes import label_volumes_to_nifti, volumes_to_slices
+from ..volumes import label_volumes_to_nifti, numpy_cases_to_slices, volumes_to_slices
 from .common import EXIT_OK, fail
 
 
 def run(args: argparse.Namespace) -> int:
-    """`imedsam convert sam|litemedsam|structure-masks|volumes|labels` with parsed arguments."""
+    """`imedsam convert sam|litemedsam|structure-masks|npz|volumes|labels` with parsed arguments."""
     try:
+        if args.source == "npz":
+            names = read_class_file(args.classes) if args.classes is not None else None
+            done = numpy_cases_to_slices(args.images, args.output, class_names=names, all_slices=args.all_slices)
+            spacing = f", the spacing of {done['scans']} 3-D cases (cases.csv)" if done["scans"] else ""
+            print(
+                f"wrote {args.output}: {done['images']} images and masks from {done['files']} files, "
+                f"{len(done['classes'])} classes (classes.json){spacing}"
+            )
+            return EXIT_OK
         if args.source in ("volumes", "labels"):
             return slices_of_volumes(args)
         if args.source == "structure-masks":
