@@ -67,9 +67,11 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +212,8 @@ __all__ = [
     "read_volume",
     "resolve_window",
     "segment_npz_case",
+    "read_npz_case",
+    "CHALLENGE_BOX_KEYS",
     "NPZ_CLASS_AWARE",
     "segment_volume",
     "slice_image",
@@ -1119,6 +1123,80 @@ NPZ_CLASS_AWARE = (
 )
 
 
+#: The keys of a box of the CVPR 2025 interactive 3-D challenge's cases (the successor of "MedSAM on laptop"): the
+#: 2-D box `[x, y]` of the middle labelled slice `z_mid` of `imgs`, and the structure's slices `z_min..z_max`.
+CHALLENGE_BOX_KEYS = ("z_min", "z_max", "z_mid", "z_mid_x_min", "z_mid_y_min", "z_mid_x_max", "z_mid_y_max")
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles what `np.save` writes for an object array of dicts of numbers and nothing else: NumPy's array and
+    scalar constructors; any other class or function a file names is refused, never called (a pickled `.npz` can
+    otherwise run code)."""
+
+    ALLOWED = {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    } | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not an array of numbers")
+        return super().find_class(module, name)
+
+
+def _object_array(path: Path, key: str) -> np.ndarray:
+    """The object array `key` of the `.npz` at `path` (the CVPR 2025 challenge's `boxes`, a list of dicts), read
+    with :class:`_ArrayUnpickler`."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as handle:
+        version = np.lib.format.read_magic(handle)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"`{key}`: .npy format {version[0]}.{version[1]}, not read here")
+        readers[version](handle)
+        return np.asarray(_ArrayUnpickler(handle).load(), dtype=object)
+
+
+def read_npz_case(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[int] | None]:
+    """`(imgs, boxes, key_slices)` of a challenge case to segment (:func:`segment_npz_case`): the CVPR 2024 "MedSAM on
+    laptop" challenge's `boxes` as stored (`(N, 4)` or `(N, 6)`; `key_slices` None), or the CVPR 2025 interactive 3-D
+    challenge's, a list of dicts (:data:`CHALLENGE_BOX_KEYS`, read without running any code the file could carry:
+    :class:`_ArrayUnpickler`) -> `(N, 6)` `[x0, y0, z0, x1, y1, z1]` of the middle slice's 2-D box and the z range,
+    `key_slices` their `z_mid`. Its `clicks` and `prev_pred` (later rounds of its interaction) are not read.
+
+    Raises:
+        ValueError: a file that is no readable `.npz`, without `imgs` or `boxes`, or with boxes of neither form.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as case:
+            absent = [key for key in ("imgs", "boxes") if key not in case.files]
+            if absent:
+                raise ValueError(f"no {' and '.join(absent)} array (it holds {', '.join(case.files) or 'none'})")
+            imgs = case["imgs"]
+            try:
+                return imgs, case["boxes"], None
+            except ValueError:  # an object array: the CVPR 2025 challenge's dicts
+                boxes = _object_array(path, "boxes")
+    except (OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+        raise ValueError(f"not a readable .npz case ({error})") from None
+    rows, key_slices = [], []
+    for index, box in enumerate(boxes.reshape(-1)):
+        missing = [key for key in CHALLENGE_BOX_KEYS if not isinstance(box, Mapping) or key not in box]
+        if missing:
+            raise ValueError(
+                f"`boxes`[{index}]: {box!r} is no box of the CVPR 2025 challenge (it lacks {', '.join(missing)}); "
+                "expected (N, 4) / (N, 6) numbers or dicts of " + ", ".join(CHALLENGE_BOX_KEYS)
+            )
+        try:
+            values = {key: int(box[key]) for key in CHALLENGE_BOX_KEYS}
+        except (TypeError, ValueError):
+            raise ValueError(f"`boxes`[{index}]: {box!r}: its values are not whole numbers") from None
+        rows.append([values[k] for k in ("z_mid_x_min", "z_mid_y_min", "z_min", "z_mid_x_max", "z_mid_y_max", "z_max")])
+        key_slices.append(values["z_mid"])
+    return imgs, np.asarray(rows, dtype=np.int64).reshape(-1, 6), key_slices
+
+
 def segment_npz_case(
     model: Any,
     imgs: np.ndarray,
@@ -1127,6 +1205,7 @@ def segment_npz_case(
     processor: IMedSamProcessor | None = None,
     progress: bool = True,
     tta: str = "none",
+    key_slices: Sequence[int] | None = None,
 ) -> np.ndarray:
     """One case in the `.npz` form of the CVPR 2024 "MedSAM on laptop" challenge (LiteMedSAM's own data: `imgs` and
     `boxes`) -> its `segs`, uint16, box ``i``'s structure ``i + 1``.
@@ -1137,7 +1216,9 @@ def segment_npz_case(
     3-D (``boxes`` ``(N, 6)``, ``[x0, y0, z0, x1, y1, z1]``, ``x, y`` pixels of the axial image ``imgs[z]``,
     inclusive): ``imgs`` ``(D, H, W)``, slices as SimpleITK's ``GetArrayFromImage`` gives them; each box propagated
     from its middle slice as :func:`segment_volume`'s ``boxes_3d`` (at most 255 boxes; where masks overlap, the more
-    probable wins), the model seeing each ``imgs[z]`` as it is -> ``(D, H, W)``.
+    probable wins), the model seeing each ``imgs[z]`` as it is -> ``(D, H, W)``. With `key_slices` (box ``i``'s slice
+    ``key_slices[i]``: the CVPR 2025 challenge's `z_mid`, :func:`read_npz_case`), a box's ``x, y`` are that slice's
+    2-D box, propagated from it through ``z0..z1`` (:func:`segment_volume`'s `key_slices`).
 
     Raises:
         ValueError: shapes that fit neither form, no box, more than 255 3-D boxes, or a class-aware model (the file's
@@ -1171,7 +1252,12 @@ def segment_npz_case(
         index + 1: [x0, height - 1 - y1, z0, x1, height - 1 - y0, z1]
         for index, (x0, y0, z0, x1, y1, z1) in enumerate(boxes.round().astype(int).tolist())
     }
-    labels = segment_volume(model, data, processor=processor, boxes_3d=boxes_3d, progress=progress, tta=tta)
+    keys = None if key_slices is None else {index + 1: int(z) for index, z in enumerate(key_slices)}
+    if keys is not None and len(keys) != len(boxes_3d):
+        raise ValueError(f"{len(keys)} key slices for {len(boxes_3d)} boxes: one per box")
+    labels = segment_volume(
+        model, data, processor=processor, boxes_3d=boxes_3d, key_slices=keys, progress=progress, tta=tta
+    )
     return np.stack([slice_image(labels, z) for z in range(depth)]).astype(np.uint16)
 
 

@@ -2688,7 +2688,7 @@ def test_challenge_npz_cases_segment_as_their_volume_and_image_do(tmp_path, caps
     argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", "--out", str(tmp_path / "out")]
     cases = [str(tmp_path / f"{name}.npz") for name in ("ct_case", "photo", "broken")]
     assert cli_main([*argv, *cases]) == 1
-    assert "broken.npz: no imgs and boxes array (it holds ['images'])" in capsys.readouterr().err
+    assert "broken.npz: no imgs and boxes array (it holds images)" in capsys.readouterr().err
     assert np.array_equal(np.load(tmp_path / "out" / "ct_case.npz")["segs"], segs)
     assert np.array_equal(np.load(tmp_path / "out" / "photo.npz")["segs"], flat)
     assert cli_main([*argv[:-1], str(tmp_path / "o2"), cases[1], "--box", "1,1,5,5"]) == 2
@@ -2698,6 +2698,57 @@ def test_challenge_npz_cases_segment_as_their_volume_and_image_do(tmp_path, caps
         Path(case).rename(tmp_path / "cases" / Path(case).name)
     assert cli_main([*argv[:-1], str(tmp_path / "o3"), str(tmp_path / "cases")]) == 0
     assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["ct_case.npz", "photo.npz"]
+
+
+class _Touch:
+    """An object whose unpickling would create a file: what a hostile `.npz` could carry in its `boxes`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_cvpr_2025_challenge_cases_boxes_are_read_without_running_code(tmp_path, capsys):
+    """The CVPR 2025 interactive 3-D challenge (the successor of "MedSAM on laptop") keeps each case's boxes as a list
+    of dicts (`z_min`, `z_max`, `z_mid` and the 2-D box `z_mid_x_min` ... of its middle slice), a pickled object array:
+    `predict` skipped such a case with NumPy's "Object arrays cannot be loaded when allow_pickle=False". They are now
+    read as the middle slice's box propagated through the z range (exactly `segment_volume`'s masks with those
+    `key_slices`), by an unpickler that builds numbers only: a file naming anything else is refused, never run."""
+    from imedsam_hf.cli import main as cli_main
+    from imedsam_hf.volumes import key_slice_boxes_from_labels, read_npz_case, volume_box_to_slice_box
+
+    model = tiny_model(query_mode="adaptive", implicit_decoder_trained=True)
+    labels = two_organs()
+    data = slice_coded_images(labels.shape)
+    boxes_3d, key_slices = key_slice_boxes_from_labels(labels)
+    expected = segment_volume(model, data, boxes_3d=boxes_3d, key_slices=key_slices, progress=False)
+    imgs = np.stack([slice_image(data, z) for z in range(data.shape[2])])
+    dicts = []
+    for class_id, box in boxes_3d.items():
+        x0, y0, x1, y1 = volume_box_to_slice_box(box, labels.shape)
+        dicts.append({"z_min": box[2], "z_max": box[5], "z_mid": np.int64(key_slices[class_id])})
+        dicts[-1].update(z_mid_x_min=int(x0), z_mid_y_min=int(y0), z_mid_x_max=int(x1), z_mid_y_max=int(y1))
+    np.savez(tmp_path / "case.npz", imgs=imgs, boxes=np.array(dicts, dtype=object), spacing=np.array([1.0, 1, 3]))
+    read_imgs, read_boxes, read_keys = read_npz_case(tmp_path / "case.npz")
+    assert read_boxes.shape == (len(boxes_3d), 6) and read_keys == [key_slices[c] for c in boxes_3d]
+    model.save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert cli_main([*argv, str(tmp_path / "case.npz")]) == 0, capsys.readouterr().err
+    segs = np.load(tmp_path / "out" / "case.npz")["segs"]
+    ids = {index + 1: class_id for index, class_id in enumerate(boxes_3d)}
+    for z in range(labels.shape[2]):
+        remapped = np.vectorize(lambda v: ids.get(int(v), 0))(segs[z]).astype(np.uint8)
+        assert np.array_equal(remapped, slice_image(expected, z)), z
+    # A hostile file: its pickle names a function; it is refused naming it, and the function never runs.
+    np.savez(tmp_path / "hostile.npz", imgs=imgs, boxes=np.array([_Touch(tmp_path / "ran")], dtype=object))
+    np.savez(tmp_path / "odd.npz", imgs=imgs, boxes=np.array([{"z_min": 1}], dtype=object))
+    for name, message in (("hostile", r"not a readable .npz case \(it names pathlib"), ("odd", r"lacks z_max")):
+        with pytest.raises(ValueError, match=message):
+            read_npz_case(tmp_path / f"{name}.npz")
+    assert cli_main([*argv[:-1], str(tmp_path / "o2"), str(tmp_path / "hostile.npz")]) == 1
+    assert "hostile.npz: not a readable .npz case" in capsys.readouterr().err and not (tmp_path / "ran").exists()
 
 
 def test_score_challenge_cases_segs_against_gts(tmp_path, capsys):

@@ -78,6 +78,7 @@ from ..volumes import (
     named_label_ids,
     named_structures,
     read_label_volume,
+    read_npz_case,
     read_volume,
     require_dicom,
     require_dicom_seg,
@@ -994,7 +995,8 @@ def npz_cases_in(raw: str) -> list[Path]:
 def predict_npz(args: argparse.Namespace, device: str | None) -> int:
     """
     `imedsam predict CASE.npz ...`: cases in the `.npz` form of the CVPR 2024 "MedSAM on laptop" challenge
-    (`imgs`, `boxes`: LiteMedSAM's own data) -> `<out>/<name>.npz` with `segs` (`volumes.segment_npz_case`), each
+    (`imgs`, `boxes`: LiteMedSAM's own data) or of the CVPR 2025 interactive 3-D challenge (`boxes` a list of dicts:
+    `volumes.read_npz_case`) -> `<out>/<name>.npz` with `segs` (`volumes.segment_npz_case`), each
     written atomically; a case that cannot be read or segmented is skipped and named.
     """
     made = False
@@ -1030,12 +1032,8 @@ def predict_npz(args: argparse.Namespace, device: str | None) -> int:
     failures = []
     for path, targets in plan.items():
         try:
-            with np.load(path, allow_pickle=False) as case:
-                absent = [key for key in ("imgs", "boxes") if key not in case.files]
-                if absent:
-                    raise ValueError(f"no {' and '.join(absent)} array (it holds {case.files})")
-                imgs, boxes = case["imgs"], case["boxes"]
-            segs = segment_npz_case(model, imgs, boxes, processor=processor, tta=args.tta)
+            imgs, boxes, key_slices = read_npz_case(path)
+            segs = segment_npz_case(model, imgs, boxes, processor=processor, tta=args.tta, key_slices=key_slices)
             atomic_write(targets[0], functools.partial(_save_segs, segs=segs))
             print(f"{path}: {len(boxes)} boxes, {int((segs > 0).sum())} labelled pixels -> {targets[0]}")
         except (OSError, ValueError) as error:
