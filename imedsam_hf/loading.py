@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .configuration_imedsam import IMedSamConfig
-from .convert_litemedsam import LITEMEDSAM, litemedsam_to_imedsam
+from .convert_litemedsam import LITEMEDSAM, LITEMEDSAM_IMAGE_SIZE, is_litemedsam_checkpoint, litemedsam_to_imedsam
 from .convert_sam import load_checked_state, load_sam, sam_to_imedsam
 from .model_card import hub_id_or_none
 from .modeling_imedsam import IMedSamModel
@@ -214,6 +214,14 @@ def load_model(
         if eval_mode:
             overrides.setdefault("use_implicit_decoder", False)
         model = litemedsam_to_imedsam(**overrides)
+    elif spec.endswith((".pth", ".pt")) and Path(spec).is_file() and is_litemedsam_checkpoint(spec):
+        if image_size not in (None, LITEMEDSAM_IMAGE_SIZE):  # a LiteMedSAM fine-tune (its train_one_gpu.py's)
+            raise ValueError(
+                f"`image_size` {image_size}: {spec} is a LiteMedSAM checkpoint, whose encoder takes 256 px."
+            )
+        if eval_mode:
+            overrides.setdefault("use_implicit_decoder", False)
+        model = litemedsam_to_imedsam(spec, **overrides)
     elif spec.endswith((".pth", ".pt")):
         model = sam_to_imedsam(*load_sam(spec), image_size=image_size, **overrides)
     else:

@@ -119,3 +119,33 @@ def test_zero_shot_dice_matches_the_original_per_image():
         rows, _ = evaluate_pairs(model, processor, pairs)
         for row in rows:
             assert abs(row["dice"] - reference["datasets"][dataset]["per_image"][row["stem"]]) < 0.005, row["stem"]
+
+
+def test_a_litemedsam_fine_tune_of_its_own_training_script_is_a_backbone(tmp_path, capsys):
+    """LiteMedSAM's users fine-tune it with its `train_one_gpu.py`, which writes `{"model": state dict, "epoch",
+    "optimizer", "loss"}` (`medsam_lite_latest.pth`). Given as `--model`, `--backbone` or to `convert sam`, it was
+    refused: "not a segment-anything checkpoint: no `image_encoder.patch_embed.proj.weight` entry". It is read as the
+    LiteMedSAM it is, every tensor its own (no hash: it is the user's), at LiteMedSAM's 256 px only."""
+    from imedsam_hf.convert_litemedsam import load_litemedsam_checkpoint, tinyvit_state_dict_from_original
+    from imedsam_hf.convert_sam import meta_state_dict_to_hf
+    from imedsam_hf.loading import load_model
+
+    original = load_litemedsam_checkpoint()
+    generator = torch.Generator().manual_seed(0)
+    tuned = {
+        key: value + 0.01 * torch.randn(value.shape, generator=generator) if value.is_floating_point() else value
+        for key, value in original.items()
+    }
+    path = tmp_path / "medsam_lite_latest.pth"
+    torch.save({"model": tuned, "epoch": 3, "optimizer": {"state": {}, "param_groups": []}, "loss": 0.12}, path)
+    model, processor = load_model(str(path))
+    state = model.state_dict()
+    expected = meta_state_dict_to_hf(tuned, prefixes=("prompt_encoder.", "mask_decoder."))
+    expected.update({f"vision_encoder.{k}": v for k, v in tinyvit_state_dict_from_original(tuned).items()})
+    assert all(torch.equal(state[key], value) for key, value in expected.items())
+    assert not model.config.use_implicit_decoder and processor.image_size == 256
+    assert cli_main(["convert", "sam", "--checkpoint", str(path), "--output", str(tmp_path / "c")]) == 0
+    assert "input 256 px" in capsys.readouterr().out
+    argv = ["convert", "sam", "--checkpoint", str(path), "--image-size", "512", "--output", str(tmp_path / "d")]
+    assert cli_main(argv) == 2
+    assert "is a LiteMedSAM checkpoint, whose encoder takes 256 px" in capsys.readouterr().err
