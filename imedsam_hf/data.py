@@ -1057,7 +1057,9 @@ def read_class_file(path: str | os.PathLike) -> dict[int, str]:
     except (OSError, ValueError, AttributeError, TypeError) as error:
         raise ValueError(f'{path}: expected {{"classes": {{"<id>": "<name>", ...}}}} ({error}).') from None
     if not names or min(names) < 0 or max(names) > 255:
-        raise ValueError(f"{path}: class ids must be 0..255, got {sorted(names)}.")
+        outside = sorted(i for i in names if not 0 <= i <= 255)
+        listed = ", ".join(map(str, outside[:5])) + (f", ... ({len(outside)} in all)" if len(outside) > 5 else "")
+        raise ValueError(f"{path}: class ids must be 0..255 (masks store them in 8 bits), got {listed or 'none'}.")
     names.pop(0, None)
     if not names:
         raise ValueError(

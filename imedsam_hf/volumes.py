@@ -4190,14 +4190,22 @@ def _numpy_grey(array: np.ndarray, what: str) -> np.ndarray:
 
 
 def _numpy_labels(array: np.ndarray, what: str) -> np.ndarray:
-    """Label ids of LiteMedSAM's NumPy data (`gts`) as a mask file stores them: `uint8`, or `uint16` above 255."""
+    """Label ids of LiteMedSAM's NumPy data (`gts`) as a mask file stores them, `uint8`: ids 0..255 (the challenge's
+    microscopy cases number each cell, often beyond: refused, naming the count, before anything is written)."""
     array = np.asarray(array)
     integral = np.issubdtype(array.dtype, np.integer) or array.dtype == bool
     if not integral and not (np.issubdtype(array.dtype, np.floating) and np.array_equal(array, np.round(array))):
         raise ValueError(f"{what}: label ids of {array.dtype} values that are not whole numbers")
-    if array.size and (array.min() < 0 or array.max() > 65535):
-        raise ValueError(f"{what}: label ids {int(array.min())}..{int(array.max())}; expected 0..65535")
-    return array.astype(np.uint8 if not array.size or array.max() <= 255 else np.uint16)
+    if array.size and array.min() < 0:
+        raise ValueError(f"{what}: label id {int(array.min())}; label ids are 0 (background) and up")
+    if array.size and array.max() > 255:
+        count = int(np.count_nonzero(np.unique(array)))
+        raise ValueError(
+            f"{what}: label ids up to {int(array.max())} ({count} structures): masks hold ids 0..255, one per "
+            "structure to prompt, so more instances (cells) than 255 in one case cannot be told apart; keep at most "
+            "255 per case (crop the image into tiles), or merge them into one class (gts > 0)."
+        )
+    return array.astype(np.uint8)
 
 
 def _numpy_cases(source: str | os.PathLike) -> Iterable[tuple[str, Path, np.ndarray, np.ndarray, Any]]:
@@ -4271,7 +4279,7 @@ def numpy_cases_to_slices(
 
     Raises:
         ValueError: naming the file: no NumPy data, a case without `gts` (a case to predict), shapes that disagree,
-        label ids that are not whole numbers in 0..65535, two cases of one name.
+        label ids that are not whole numbers in 0..255, two cases of one name.
     """
     rows, present, count, done = [], set(), 0, 0
     with staged_folder(output, "`output`") as staging:

@@ -583,3 +583,18 @@ def test_an_image_folder_with_a_metadata_csv_is_a_dataset(tmp_path):
     records, own = load_hub_dataset(str(tmp_path / "polyps"))
     good, problems = validate_records(records)
     assert len(good) == 2 and not problems and own == {}
+
+
+def test_a_classes_file_of_more_ids_than_8_bits_is_refused_in_one_line(tmp_path):
+    """A classes.json numbering 300 instances was refused listing all 301 ids; the message names the first few
+    outside 0..255 and how many there are."""
+    from imedsam_hf.data import read_class_file
+
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps({"classes": {str(i): f"cell {i}" for i in range(301)}}))
+    with pytest.raises(ValueError) as refused:
+        read_class_file(path)
+    message = str(refused.value)
+    assert message.endswith(
+        "class ids must be 0..255 (masks store them in 8 bits), got 256, 257, 258, 259, 260, ... (45 in all)."
+    )

@@ -101,8 +101,9 @@ def test_the_challenges_cases_and_medsams_npy_become_images_and_masks_to_train_o
 
 def test_numpy_data_refusals_name_the_file_and_keep_the_output(tmp_path, capsys):
     """A validation case (imgs and boxes, no gts) is one to predict; shapes that disagree, label ids that are no
-    whole numbers, two cases of one name and a folder without NumPy data are refused naming the file; an output
-    folder already holding files is kept as it was."""
+    whole numbers or more than 8-bit masks hold (the challenge's microscopy cases number each cell), two cases of one
+    name and a folder without NumPy data are refused naming the file; an output folder already holding files is kept
+    as it was."""
     data = tmp_path / "data"
     data.mkdir()
     grey = np.zeros((4, 16, 16), np.uint8)
@@ -117,6 +118,10 @@ def test_numpy_data_refusals_name_the_file_and_keep_the_output(tmp_path, capsys)
         numpy_cases_to_slices(data, tmp_path / "S")
     np.savez(data / "bad.npz", imgs=grey, gts=ids * 0.5)
     with pytest.raises(ValueError, match=r"bad.npz: label ids of float64 values that are not whole numbers"):
+        numpy_cases_to_slices(data, tmp_path / "S")
+    cells = np.arange(16 * 16, dtype=np.uint16).reshape(1, 16, 16).repeat(4, axis=0) + 1  # 256 instances
+    np.savez(data / "bad.npz", imgs=grey, gts=cells)
+    with pytest.raises(ValueError, match=r"bad.npz: label ids up to 256 \(256 structures\): masks hold ids 0..255"):
         numpy_cases_to_slices(data, tmp_path / "S")
     np.savez(data / "bad.npz", imgs=grey, gts=ids)
     (data / "other").mkdir()
