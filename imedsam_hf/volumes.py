@@ -4173,13 +4173,14 @@ def _write_cases(folder: Path, rows: Sequence[Sequence[Any]]) -> None:
 NUMPY_SLICE_NAME = re.compile(r"^(?P<case>.+)-(?P<slice>\d{3,})$")
 
 
-def _numpy_grey(array: np.ndarray, what: str) -> np.ndarray:
-    """An image of LiteMedSAM's NumPy data as the 8-bit picture a model is shown: `uint8` as it is (the challenge's
-    `imgs`), MedSAM's 0..1 floats times 255, other values through :func:`to_uint8` (8-bit integers unchanged, else
-    rescaled min-max with a warning); an alpha channel dropped."""
+def _numpy_grey(array: np.ndarray, what: str, channels: bool) -> np.ndarray:
+    """An image (or a stack of them) of LiteMedSAM's NumPy data as the 8-bit pictures a model is shown: `uint8` as
+    it is (the challenge's `imgs`), MedSAM's 0..1 floats times 255, other values through :func:`to_uint8` (8-bit
+    integers unchanged, else rescaled min-max with a warning); with `channels` (a last axis of colours), an alpha
+    channel dropped and a single channel made grey."""
     array = np.asarray(array)
-    if array.ndim >= 3 and array.shape[-1] == 4:
-        array = array[..., :3]
+    if channels and array.shape[-1] in (1, 4):
+        array = array[..., 0] if array.shape[-1] == 1 else array[..., :3]
     if array.dtype == np.uint8:
         return array
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
@@ -4259,8 +4260,8 @@ def numpy_cases_to_slices(
     The CVPR 2024 "MedSAM on laptop" challenge's `.npz` cases (`imgs` and `gts`; made by MedSAM's `pre_CT_MR.py`):
     a 3-D case `(D, H, W)` -> `images/<case>_slice<z>.png` (each `imgs[z]` as it is, as `imedsam predict CASE.npz`
     shows it to a model) and `masks/<case>_slice<z>.png` (its label ids), the slices that hold a structure (all with
-    `all_slices`), and a `cases.csv` row with its `spacing` (x, y, z, as SimpleITK's `GetSpacing` gives it: per-volume
-    HD95 in mm); a 2-D case `(H, W, 3)` or `(H, W)` -> `images/<case>.png` and `masks/<case>.png`. MedSAM's npy
+    `all_slices`; MedSAM's first form, `(D, H, W, 3)` stacks beside `img_embeddings`, alike), and a `cases.csv` row
+    with its `spacing` (x, y, z, as SimpleITK's `GetSpacing` gives it: per-volume HD95 in mm); a 2-D case `(H, W, 3)` or `(H, W)` -> `images/<case>.png` and `masks/<case>.png`. MedSAM's npy
     pairs (`npy/imgs/<name>.npy` beside `npy/gts/<name>.npy`) -> one image each, a slice named `<case>-<nnn>` written
     `<case>_slice<nnn>` so that the splits keep a scan's slices together. Images are 8-bit as LiteMedSAM is shown
     them (:func:`_numpy_grey`).
@@ -4286,16 +4287,17 @@ def numpy_cases_to_slices(
         for sub in ("images", "masks"):
             (staging / sub).mkdir()
         for name, path, imgs, gts, spacing in tqdm(
-            _numpy_cases(source), desc="cases", unit="case", disable=not progress
+            _numpy_cases(source), desc="files", unit="file", disable=not progress
         ):
             imgs, gts = np.asarray(imgs), np.asarray(gts)
-            planar = gts.ndim == 2 and imgs.shape[:2] == gts.shape and imgs.ndim in (2, 3)
-            if not planar and not (gts.ndim == 3 and imgs.shape == gts.shape):
+            channels = imgs.ndim == gts.ndim + 1 and imgs.shape[-1] in (1, 3, 4)  # (..., 3): colour pictures
+            if gts.ndim not in (2, 3) or imgs.shape[: gts.ndim] != gts.shape or imgs.ndim != gts.ndim + channels:
                 raise ValueError(
-                    f"{path}: imgs {imgs.shape} and gts {gts.shape}: expected (D, H, W) and (D, H, W), or (H, W, 3) / "
-                    "(H, W) and (H, W)"
+                    f"{path}: imgs {imgs.shape} and gts {gts.shape}: expected (D, H, W) or (D, H, W, 3) and "
+                    "(D, H, W), or (H, W) or (H, W, 3) and (H, W)"
                 )
-            grey, truth = _numpy_grey(imgs, str(path)), _numpy_labels(gts, str(path))
+            planar = gts.ndim == 2
+            grey, truth = _numpy_grey(imgs, str(path), channels), _numpy_labels(gts, str(path))
             present |= {int(c) for c in np.unique(truth) if c}
             done += 1
             if planar:

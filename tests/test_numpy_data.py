@@ -36,6 +36,9 @@ def challenge_data(root, slices=slice(70, 76)):
     ct.mkdir(parents=True)
     np.savez_compressed(ct / "CT_Abd_A.npz", imgs=imgs, gts=gts, spacing=spacing)
     np.savez_compressed(ct / "CT_Abd_B.npz", imgs=imgs[::-1], gts=gts[::-1], spacing=spacing)
+    # MedSAM's first form (2023): (n, H, W, 3) RGB stacks of the labelled slices beside their embeddings, no spacing
+    rgb = np.repeat(imgs[1:3, ..., None], 3, axis=-1)
+    np.savez_compressed(ct / "CT_Abd_D.npz", imgs=rgb, gts=gts[1:3], img_embeddings=np.zeros((2, 1, 4, 2, 2)))
     image = next(p for p in sorted((KVASIR / "images").iterdir()))
     picture = np.asarray(Image.open(image).convert("RGB"))[::4, ::4]
     polyp = (np.asarray(Image.open(KVASIR / "masks" / f"{image.stem}.png").convert("L"))[::4, ::4] > 127).astype(
@@ -66,19 +69,23 @@ def test_the_challenges_cases_and_medsams_npy_become_images_and_masks_to_train_o
     assert main([*argv, "--data-dir", str(tmp_path / "data" / "CT")]) == 2
     assert "imedsam convert npz --images" in capsys.readouterr().err
     assert main(["convert", "npz", "--images", str(tmp_path / "data"), "--output", str(tmp_path / "S")]) == 0
-    assert "14 images and masks from 6 files" in capsys.readouterr().out
+    assert "16 images and masks from 7 files" in capsys.readouterr().out
     out = tmp_path / "S"
     stems = sorted(p.stem for p in (out / "images").iterdir())
     assert stems == [
         *(f"CT_Abd_A_slice{z:03d}" for z in range(1, 6)),  # slice 0 holds no structure
         *(f"CT_Abd_B_slice{z:03d}" for z in range(5)),
         *(f"CT_Abd_C_slice{z:03d}" for z in range(1, 4)),  # CT_Abd_C-009 has no gts file
+        "CT_Abd_D_slice000",
+        "CT_Abd_D_slice001",
         "Endoscopy_Kvasir_1",
     ]
     for z in (1, 4):
         np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / f"CT_Abd_A_slice{z:03d}.png")), imgs[z])
         np.testing.assert_array_equal(read_mask(out / "masks" / f"CT_Abd_A_slice{z:03d}.png", 255), gts[z])
     np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / "CT_Abd_C_slice002.png"))[..., 0], imgs[2])
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / "CT_Abd_D_slice001.png"))[..., 1], imgs[2])
+    np.testing.assert_array_equal(read_mask(out / "masks" / "CT_Abd_D_slice001.png", 255), gts[2])
     np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / "Endoscopy_Kvasir_1.png")), picture)
     np.testing.assert_array_equal(read_mask(out / "masks" / "Endoscopy_Kvasir_1.png", 255), polyp)
     with (out / "cases.csv").open() as handle:
@@ -89,14 +96,17 @@ def test_the_challenges_cases_and_medsams_npy_become_images_and_masks_to_train_o
     assert json.loads((out / "classes.json").read_text())["classes"]["1"] == "class 1"
     assert find_layout(out) == (out / "images", out / "masks")
     splits = make_splits(stems, seed=0)
-    for case in ("CT_Abd_A", "CT_Abd_B", "CT_Abd_C"):  # a scan's slices in one split, npy's too
+    for case in ("CT_Abd_A", "CT_Abd_B", "CT_Abd_C", "CT_Abd_D"):  # a scan's slices in one split, npy's too
         assert len({name for name, part in splits.items() for s in part if s.startswith(case)}) == 1
     assert main([*argv, "--data-dir", str(out), "--classes", str(present[-1])]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     per_scan = result["volume"]["per_scan"]
-    assert set(per_scan) == {"CT_Abd_A", "CT_Abd_B", "CT_Abd_C"}, per_scan  # npy slices: one scan's
+    assert set(per_scan) == {"CT_Abd_A", "CT_Abd_B", "CT_Abd_C", "CT_Abd_D"}, per_scan  # npy slices: one scan's
     measured = {case: sorted(scores[str(present[-1])]) for case, scores in per_scan.items()}
-    assert measured == {"CT_Abd_A": ["dice", "hd95", "nsd"], "CT_Abd_B": ["dice", "hd95", "nsd"], "CT_Abd_C": ["dice"]}
+    assert measured == {"CT_Abd_A": ["dice", "hd95", "nsd"], "CT_Abd_B": ["dice", "hd95", "nsd"]} | {
+        case: ["dice"]
+        for case in ("CT_Abd_C", "CT_Abd_D")  # no spacing: 3-D Dice only
+    }
 
 
 def test_numpy_data_refusals_name_the_file_and_keep_the_output(tmp_path, capsys):
