@@ -504,7 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="which pairs to score, by the model's splits.json (default: test; with --dataset, every row of "
         "--dataset-split)",
     )
-    e.add_argument("--split-file", default=None, help="JSON splits (default: <model>/splits.json)")
+    e.add_argument(
+        "--split-file",
+        default=None,
+        help="JSON splits (default: <model>/splits.json): image stems or scans' names (case0001 for its slices), a "
+        "MONAI datalist, or nnU-Net's splits_final.json (--split-fold)",
+    )
+    e.add_argument("--split-fold", type=int, default=None, help="the fold of nnU-Net's splits_final.json (0..4)")
     e.add_argument(
         "--output-sizes",
         nargs="+",

@@ -1435,35 +1435,133 @@ def make_splits(
     return {name: sorted(stem for group in groups for stem in members[group]) for name, groups in cuts.items()}
 
 
-def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
-    """A split file: JSON `{"train": [stems], "validation": [...], "test": [...]}`."""
+#: The keys of a MONAI datalist (its BTCV `dataset_0.json`: `{"training": [{"image": ..., "label": ...}], ...}`)
+#: and the splits they name.
+DATALIST_SPLITS = {"training": "train", "validation": "validation", "test": "test", "testing": "test"}
+
+
+def load_splits(path: str | os.PathLike, fold: int | None = None) -> dict[str, list[str]]:
+    """
+    A split file's names per split, `{"train": [...], "validation": [...], "test": [...]}`, from the JSON of
+    `write_splits` (a training run's `splits.json`), a MONAI datalist (`{"training": [{"image":
+    "imagesTr/img0001.nii.gz", ...}], "validation": [...]}`: each entry named by its image's file name) or nnU-Net's
+    `splits_final.json` (a list of folds `{"train": [...], "val": [...]}`: `fold` picks one; a single fold needs none).
+    A name is an image's stem or a scan's (case's) name standing for its slices (:func:`resolve_split_names`).
+    """
     try:
         splits = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"`split_file` {path}: cannot read it as JSON ({error}).") from error
+    if isinstance(splits, list):  # nnU-Net's splits_final.json: one {"train", "val"} per fold
+        folds = [f for f in splits if isinstance(f, dict) and {"train", "val"} <= set(f)]
+        if not splits or len(folds) != len(splits):
+            raise ValueError(f'`split_file` {path}: a list, but not nnU-Net\'s folds of {{"train", "val"}}.')
+        if fold is None and len(folds) > 1:
+            raise ValueError(
+                f"`split_file` {path}: nnU-Net's {len(folds)} folds; give `split_fold` 0..{len(folds) - 1}."
+            )
+        if fold is not None and not 0 <= fold < len(folds):
+            raise ValueError(f"`split_fold` {fold}: {path} holds folds 0..{len(folds) - 1}.")
+        chosen = folds[fold or 0]
+        return {"train": list(chosen["train"]), "validation": list(chosen["val"]), "test": []}
+    if fold is not None:
+        raise ValueError(f"`split_fold` {fold}: {path} holds one split, not nnU-Net's folds.")
+    if isinstance(splits, dict) and "training" in splits:  # a MONAI datalist
+        named = {name: [] for name in SPLITS}
+        for key, name in DATALIST_SPLITS.items():
+            for entry in splits.get(key) or []:
+                image = entry.get("image") if isinstance(entry, dict) else entry
+                if isinstance(image, list):  # several channels of one case: the first names it
+                    image = image[0] if image else None
+                if not isinstance(image, str):
+                    raise ValueError(f"`split_file` {path}: a {key!r} entry without an image path: {entry!r}.")
+                named[name].append(volume_stem(image))
+        return named
     # `metadata` is what write_splits records beside the stems (seed, source).
     if not isinstance(splits, dict) or not set(splits) - {"metadata"} <= set(SPLITS) or "train" not in splits:
-        raise ValueError(f"`split_file` {path}: expected keys {SPLITS} (train required), got {list(splits)}.")
+        raise ValueError(
+            f"`split_file` {path}: expected keys {SPLITS} (train required), a MONAI datalist (training, "
+            f"validation) or nnU-Net's splits_final.json, got {list(splits) if isinstance(splits, dict) else splits}."
+        )
     return {name: list(splits.get(name, [])) for name in SPLITS}
 
 
-def select_split(pairs: Sequence[SegmentationPair], split: str, split_file: str | os.PathLike | None):
+def resolve_split_names(
+    splits: Mapping[str, Sequence[str]],
+    stems: Iterable[str],
+    group_pattern: str | None = DEFAULT_GROUP_PATTERN,
+    source: str = "`split_file`",
+) -> dict[str, list[str]]:
+    """`splits`' names as the data's stems: a stem as it is, a scan's or case's name for all of its slices
+    (`case0001` for `case0001_slice080`, ...: :func:`group_of` by `group_pattern`; TransUNet's Synapse test list,
+    nnU-Net's folds and MONAI's datalists name cases), in the data's order. Names that are neither, or a stem put in
+    two splits, are a ValueError naming a few and `source`."""
+    stems = list(stems)
+    pattern = compile_group_pattern(group_pattern)
+    known = set(stems)
+    by_group: dict[str, list[str]] = {}
+    for stem in stems:
+        by_group.setdefault(group_of(stem, pattern), []).append(stem)
+    resolved, unknown = {}, []
+    for name, names in splits.items():
+        chosen = []
+        for entry in names:
+            entry = str(entry)
+            found = [entry] if entry in known else by_group.get(entry) or by_group.get(volume_stem(entry))
+            if not found:
+                unknown.append(entry)
+            chosen += found or []
+        resolved[name] = list(dict.fromkeys(chosen))
+    if unknown:
+        raise ValueError(
+            f"{source}: names neither an image of the data nor a scan's slices (group pattern {group_pattern!r}): "
+            f"{', '.join(unknown[:5])}{f' ({len(unknown)} in all)' if len(unknown) > 5 else ''}."
+        )
+    seen: dict[str, str] = {}
+    for name, chosen in resolved.items():
+        for stem in chosen:
+            if stem in seen and seen[stem] != name:
+                raise ValueError(f"{source}: {stem} is in {seen[stem]} and in {name}; a stem belongs to one split.")
+            seen[stem] = name
+    return resolved
+
+
+def select_split(
+    pairs: Sequence[SegmentationPair],
+    split: str,
+    split_file: str | os.PathLike | None,
+    group_pattern: str | None = DEFAULT_GROUP_PATTERN,
+    fold: int | None = None,
+):
     """
-    The one split selection: the pairs whose stems `split_file` lists under `split` (`"train"`, `"validation"`,
-    `"test"`), in their order; `"all"` keeps every pair (no file needed).
+    The one split selection: the pairs `split_file` lists under `split` (`"train"`, `"validation"`, `"test"`) by
+    stem or by scan (:func:`resolve_split_names`), in their order; `"all"` keeps every pair (no file needed).
     """
-    stems = split_stems(split, split_file)
+    stems = split_stems(split, split_file, [pair.stem for pair in pairs], group_pattern, fold)
     return list(pairs) if stems is None else [pair for pair in pairs if pair.stem in stems]
 
 
-def select_split_records(records, split: str, split_file: str | os.PathLike | None):
+def select_split_records(
+    records,
+    split: str,
+    split_file: str | os.PathLike | None,
+    group_pattern: str | None = DEFAULT_GROUP_PATTERN,
+    fold: int | None = None,
+):
     """`select_split` for dataset records (`dataset_records`), by their `stem` column: no row is decoded."""
-    stems = split_stems(split, split_file)
+    stems = split_stems(split, split_file, records["stem"], group_pattern, fold)
     return records if stems is None else records.select([i for i, s in enumerate(records["stem"]) if s in stems])
 
 
-def split_stems(split: str, split_file: str | os.PathLike | None) -> set[str] | None:
-    """The stems `split_file` lists under `split`; None for `"all"` (every pair, no file needed)."""
+def split_stems(
+    split: str,
+    split_file: str | os.PathLike | None,
+    stems: Iterable[str] | None = None,
+    group_pattern: str | None = DEFAULT_GROUP_PATTERN,
+    fold: int | None = None,
+) -> set[str] | None:
+    """The stems `split_file` lists under `split`, a scan's name standing for its slices among `stems` (the data's:
+    :func:`resolve_split_names`); None for `"all"` (every pair, no file needed)."""
     if split == "all":
         return None
     if split not in SPLITS:
@@ -1473,7 +1571,14 @@ def split_stems(split: str, split_file: str | os.PathLike | None) -> set[str] | 
             f"`split` {split} needs a split file (`split_file`, or the splits.json a training run saves beside the "
             f"model; none at {split_file}); or use `split` all."
         )
-    return set(load_splits(split_file)[split])
+    splits = load_splits(split_file, fold)
+    if stems is None:
+        return set(splits[split])
+    stems = list(stems)  # names of none of them are left out: the file may list a larger data set's
+    pattern = compile_group_pattern(group_pattern)
+    known = set(stems) | {group_of(stem, pattern) for stem in stems}
+    wanted = {name: [n for n in names if n in known] for name, names in splits.items()}
+    return set(resolve_split_names(wanted, stems, group_pattern, f"`split_file` {split_file}")[split])
 
 
 def split_metadata(path: str | os.PathLike) -> dict:
@@ -2208,6 +2313,7 @@ __all__ = [
     "read_scan_spacing",
     "records_from_pairs",
     "select_split",
+    "resolve_split_names",
     "select_split_records",
     "split_stems",
     "split_metadata",

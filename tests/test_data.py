@@ -598,3 +598,51 @@ def test_a_classes_file_of_more_ids_than_8_bits_is_refused_in_one_line(tmp_path)
     assert message.endswith(
         "class ids must be 0..255 (masks store them in 8 bits), got 256, 257, 258, 259, 260, ... (45 in all)."
     )
+
+
+def test_split_files_name_scans_and_come_as_monai_datalists_or_nnunet_folds(tmp_path):
+    """A split by scan (`{"train": ["case0005"], "test": ["case0001"]}`: TransUNet's Synapse test list, the paper's
+    18/12 BTCV split) was refused as "stems not in the data" for a folder of slices; MONAI's datalist
+    (`dataset_0.json`) and nnU-Net's `splits_final.json` (a list of folds) could not be read at all. A scan's name now
+    stands for its slices, a datalist entry for its image's case, an nnU-Net fold is picked by `fold`."""
+    from imedsam_hf.data import resolve_split_names, split_stems
+
+    stems = ["case0001_slice080", "case0001_slice081", "case0002_slice010", "img0005_slice003", "polyp7"]
+    by_scan = {"train": ["case0001", "polyp7"], "validation": ["case0002_slice010"], "test": ["img0005"]}
+    assert resolve_split_names(by_scan, stems) == {
+        "train": ["case0001_slice080", "case0001_slice081", "polyp7"],
+        "validation": ["case0002_slice010"],
+        "test": ["img0005_slice003"],
+    }
+    with pytest.raises(ValueError, match=r"names neither an image of the data nor a scan's slices .*: case0009"):
+        resolve_split_names({"train": ["case0001", "case0009"]}, stems)
+    with pytest.raises(ValueError, match=r"case0001_slice080 is in train and in test"):
+        resolve_split_names({"train": ["case0001"], "test": ["case0001_slice080"]}, stems)
+    datalist = {
+        "training": [{"image": "imagesTr/img0005.nii.gz", "label": "labelsTr/label0005.nii.gz"}],
+        "validation": [{"image": "imagesTr/case0001.nii.gz", "label": "labelsTr/label0001.nii.gz"}],
+        "test": ["imagesTs/case0002.nii.gz"],
+    }
+    (tmp_path / "dataset_0.json").write_text(json.dumps(datalist))
+    assert load_splits(tmp_path / "dataset_0.json") == {
+        "train": ["img0005"],
+        "validation": ["case0001"],
+        "test": ["case0002"],
+    }
+    assert split_stems("validation", tmp_path / "dataset_0.json", stems) == {"case0001_slice080", "case0001_slice081"}
+    folds = [{"train": ["case0001", "img0005"], "val": ["case0002"]}, {"train": ["case0002"], "val": ["case0001"]}]
+    (tmp_path / "splits_final.json").write_text(json.dumps(folds))
+    with pytest.raises(ValueError, match=r"nnU-Net's 2 folds; give `split_fold` 0..1"):
+        load_splits(tmp_path / "splits_final.json")
+    assert load_splits(tmp_path / "splits_final.json", 1) == {
+        "train": ["case0002"],
+        "validation": ["case0001"],
+        "test": [],
+    }
+    assert split_stems("train", tmp_path / "splits_final.json", stems, fold=0) == {
+        "case0001_slice080", "case0001_slice081", "img0005_slice003"
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=r"`split_fold` 2: .* holds folds 0..1"):
+        load_splits(tmp_path / "splits_final.json", 2)
+    with pytest.raises(ValueError, match=r"`split_fold` 0: .* holds one split"):
+        load_splits(tmp_path / "dataset_0.json", 0)

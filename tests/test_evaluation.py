@@ -617,3 +617,34 @@ def test_score_masks_written_by_predict_against_masks_with_a_suffix(tmp_path, ca
     assert f"± {summary['per_class']['1']['dice_std']:.4f}" in capsys.readouterr().out
     assert cli_main(["score", str(tmp_path / "pred"), "--truth", str(tmp_path / "nowhere")]) == 2
     assert "--truth" in capsys.readouterr().err
+
+
+def test_evaluate_takes_a_split_file_of_scans(tmp_path, capsys):
+    """`imedsam evaluate --split test --split-file` with the scans' names (the paper's BTCV split is by scan) scored
+    nothing: no stem of the file named a slice. The test scan's slices are scored, the training scan's not; nnU-Net's
+    folds take `--split-fold`."""
+    import shutil
+
+    from imedsam_hf.cli import main as cli_main
+
+    ct, folder = SHARED_DATA / "BTCV-Synapse-CT", tmp_path / "ct"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    shutil.copy(ct / "classes.json", folder / "classes.json")
+    for stem in ("case0001_slice080", "case0001_slice081", "case0002_slice080"):
+        for sub in ("images", "masks"):
+            shutil.copy(ct / sub / f"{stem}.png", folder / sub / f"{stem}.png")
+    tiny_model().save_pretrained(tmp_path / "model")
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["case0001"], "test": ["case0002"]}))
+    (tmp_path / "folds.json").write_text(json.dumps([{"train": ["case0002"], "val": ["case0001"]}] * 2))
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--data-dir", str(folder), "--classes", "6"]
+    for extra, scored in (
+        (["--split", "test", "--split-file", str(tmp_path / "split.json")], 1),
+        (["--split", "train", "--split-file", str(tmp_path / "split.json")], 2),
+        (["--split", "validation", "--split-file", str(tmp_path / "folds.json"), "--split-fold", "1"], 2),
+    ):
+        assert cli_main([*argv, *extra, "--json", str(tmp_path / "e.json")]) == 0, capsys.readouterr().err
+        result = json.loads((tmp_path / "e.json").read_text())
+        assert result["results"]["native"]["per_class"]["6"]["n"] == scored, extra
+    assert cli_main([*argv, "--split", "validation", "--split-file", str(tmp_path / "folds.json"), "--json", "x"]) == 2
+    assert "--split-file" in (err := capsys.readouterr().err) and "give --split-fold 0..1" in err

@@ -843,3 +843,25 @@ def test_a_datasets_own_split_with_no_usable_row_is_cut_from_training(tmp_path):
     assert {name: len(splits[name]) for name in SPLITS} == {"train": 6, "validation": 2, "test": 2}
     assert all(stem.startswith("train-") for stem in splits["validation"]["stem"])
     assert "dataset_splits" not in json.loads((tmp_path / "splits.json").read_text())["metadata"]
+
+
+def test_training_splits_by_a_file_of_scans_datalists_and_nnunet_folds(tmp_path):
+    """`--split-file` naming scans (`case0001` for its slices), a MONAI datalist or nnU-Net's folds (`--split-fold`):
+    each scan's slices go where the file puts the scan; a name of nothing in the data is refused, named."""
+    from train_arguments import DataArguments
+
+    stems = ["case0001_slice080", "case0001_slice081", "case0002_slice010", "case0003_slice001"]
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["case0001", "case0002"], "test": ["case0003"]}))
+    data = DataArguments(split_file=str(tmp_path / "split.json"))
+    assert train_script.choose_splits(stems, data) == {
+        "train": stems[:3], "validation": [], "test": ["case0003_slice001"]
+    }  # fmt: skip
+    folds = [{"train": ["case0001"], "val": ["case0002", "case0003"]}, {"train": ["case0002"], "val": ["case0001"]}]
+    (tmp_path / "splits_final.json").write_text(json.dumps(folds))
+    data = DataArguments(split_file=str(tmp_path / "splits_final.json"), split_fold=1)
+    assert train_script.choose_splits(stems, data)["validation"] == stems[:2]
+    (tmp_path / "bad.json").write_text(json.dumps({"train": ["case0001", "case0042"]}))
+    with pytest.raises(SystemExit, match=r"--split-file .*bad.json: names neither .*: case0042"):
+        train_script.choose_splits(stems, DataArguments(split_file=str(tmp_path / "bad.json")))
+    with pytest.raises(SystemExit, match=r"give --split-fold 0..1"):
+        train_script.choose_splits(stems, DataArguments(split_file=str(tmp_path / "splits_final.json")))

@@ -75,6 +75,7 @@ from imedsam_hf.data import (  # noqa: E402
     read_class_names,
     record_pairs,
     records_from_pairs,
+    resolve_split_names,
     split_metadata,
     ungrouped_slices,
     validate_pairs,
@@ -251,7 +252,8 @@ def choose_splits(
     groups: dict[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """
-    `--split-file`'s stems (all present in the data), else a seeded split of the stems, by `--group-pattern` and
+    `--split-file`'s stems (all present in the data; a scan's name for its slices, a MONAI datalist, nnU-Net's
+    `splits_final.json` with `--split-fold`: `data.load_splits`), else a seeded split of the stems, by `--group-pattern` and
     else by `groups` (`data.case_folder_group`). `own`: the held-out splits the dataset has itself
     (`{"validation": [stems], "test": [stems]}`, either or both), kept as they are; the others are cut from the rest
     with their shares of `--split-fractions`.
@@ -269,12 +271,11 @@ def choose_splits(
         for name in own:  # a rounding remainder of a split the dataset has goes back to training
             cut["train"] = sorted(cut["train"] + cut[name])
         return {**cut, **own}
-    splits = load_splits(data.split_file)
-    known = set(stems)
-    unknown = [s for names in splits.values() for s in names if s not in known]
-    if unknown:
-        raise SystemExit(f"error: --split-file {data.split_file}: stems not in the data: {unknown[:5]}")
-    return splits
+    try:
+        splits = load_splits(data.split_file, data.split_fold)
+        return resolve_split_names(splits, stems, data.group_pattern, f"--split-file {data.split_file}")
+    except ValueError as error:
+        raise die(error) from None
 
 
 def as_records(split):

@@ -120,7 +120,12 @@ class DataArguments:
         "Column of --dataset naming each row (a file name such as case0001_slice061.png), so that a scan's slices "
         "stay in one split (the group pattern); default: a `stem` column, else <split>-<row>.",
     )
-    split_file: str | None = option(None, "JSON {train: [stems], validation: [...], test: [...]} instead of a split.")
+    split_file: str | None = option(
+        None,
+        "JSON {train: [...], validation: [...], test: [...]} instead of a split: image stems or scans' names (case0001 "
+        "for its slices); or a MONAI datalist (training, validation), or nnU-Net's splits_final.json (--split-fold).",
+    )
+    split_fold: int | None = option(None, "The fold (0..4) of nnU-Net's splits_final.json as the split file.")
     split_seed: int = option(0, "Seed of the train/validation/test shuffle.")
     split_fractions: list[float] = option([0.6, 0.2, 0.2], "Train, validation and test fractions (sum 1).")
     group_pattern: str = option(

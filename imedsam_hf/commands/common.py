@@ -34,6 +34,7 @@ FLAGS = {
         "mask_classes",
         "mask_values",
         "split_file",
+        "split_fold",
         "split",
         "group_pattern",
         "dataset",

@@ -132,10 +132,10 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     if args.data_dir is not None:
         pairs, problems = discover_pairs(args.data_dir)
         pairs, problems = validate_pairs(pairs, protocol.read_classes, "skip", problems, protocol.mask_values)
-        pairs = select_split(pairs, split, split_file)[: args.limit]
+        pairs = select_split(pairs, split, split_file, args.group_pattern, args.split_fold)[: args.limit]
     else:  # only the rows scored are read, each once to check it and once to score it
         example = records["stem"][0] if len(records) else None
-        records = select_split_records(records, split, split_file)
+        records = select_split_records(records, split, split_file, args.group_pattern, args.split_fold)
         if not len(records) and example is not None:
             raise ValueError(
                 f"--split {split}: no stem {split_file} lists names a row of --dataset {args.dataset} (its rows are "
