@@ -1446,8 +1446,14 @@ def load_splits(path: str | os.PathLike, fold: int | None = None) -> dict[str, l
     `write_splits` (a training run's `splits.json`), a MONAI datalist (`{"training": [{"image":
     "imagesTr/img0001.nii.gz", ...}], "validation": [...]}`: each entry named by its image's file name) or nnU-Net's
     `splits_final.json` (a list of folds `{"train": [...], "val": [...]}`: `fold` picks one; a single fold needs none).
+    TransUNet's lists (`lists/lists_Synapse/`: `train.txt` of slice names, `test_vol.txt` of scans' names, one per
+    line; SAMed's and most BTCV papers' split) are read from their folder, or one such file for its split.
     A name is an image's stem or a scan's (case's) name standing for its slices (:func:`resolve_split_names`).
     """
+    if Path(path).is_dir() or Path(path).suffix.lower() == ".txt":
+        if fold is not None:
+            raise ValueError(f"`split_fold` {fold}: {path} holds one split, not nnU-Net's folds.")
+        return _listed_splits(Path(path))
     try:
         splits = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -1486,6 +1492,31 @@ def load_splits(path: str | os.PathLike, fold: int | None = None) -> dict[str, l
     return {name: list(splits.get(name, [])) for name in SPLITS}
 
 
+#: The split a name list of TransUNet's `lists_Synapse/` folder is for, by the start of its file name
+#: (`train.txt`, `test_vol.txt`, `val.txt`).
+LIST_SPLITS = (("train", "train"), ("val", "validation"), ("test", "test"))
+
+
+def _listed_splits(path: Path) -> dict[str, list[str]]:
+    """:func:`load_splits` of TransUNet's name lists: a folder of them, or one `.txt` file."""
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    splits: dict[str, list[str]] = {name: [] for name in SPLITS}
+    for file in files:
+        split = next((name for start, name in LIST_SPLITS if file.name.lower().startswith(start)), None)
+        if split is None:
+            if path.is_dir():
+                continue
+            raise ValueError(f"`split_file` {path}: its name says no split (train.txt, val.txt, test_vol.txt).")
+        try:
+            lines = file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"`split_file` {file}: cannot read it ({error}).") from None
+        splits[split] += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not any(splits.values()):
+        raise ValueError(f"`split_file` {path}: no train.txt, val.txt or test_vol.txt list of names in it.")
+    return {name: list(dict.fromkeys(names)) for name, names in splits.items()}
+
+
 def resolve_split_names(
     splits: Mapping[str, Sequence[str]],
     stems: Iterable[str],
@@ -1494,8 +1525,9 @@ def resolve_split_names(
 ) -> dict[str, list[str]]:
     """`splits`' names as the data's stems: a stem as it is, a scan's or case's name for all of its slices
     (`case0001` for `case0001_slice080`, ...: :func:`group_of` by `group_pattern`; TransUNet's Synapse test list,
-    nnU-Net's folds and MONAI's datalists name cases), in the data's order. Names that are neither, or a stem put in
-    two splits, are a ValueError naming a few and `source`."""
+    nnU-Net's folds and MONAI's datalists name cases), in the data's order; a slice the data lacks of a scan it holds
+    (TransUNet's `train.txt` lists unlabelled slices too) is passed over. Other names, or a stem put in two splits,
+    are a ValueError naming a few and `source`."""
     stems = list(stems)
     pattern = compile_group_pattern(group_pattern)
     known = set(stems)
@@ -1508,8 +1540,8 @@ def resolve_split_names(
         for entry in names:
             entry = str(entry)
             found = [entry] if entry in known else by_group.get(entry) or by_group.get(volume_stem(entry))
-            if not found:
-                unknown.append(entry)
+            if not found and group_of(entry, pattern) not in by_group:  # a slice of a scan the data holds, left out
+                unknown.append(entry)  # of it (an unlabelled one `convert volumes` skips), is passed over
             chosen += found or []
         resolved[name] = list(dict.fromkeys(chosen))
     if unknown:
@@ -1566,7 +1598,7 @@ def split_stems(
         return None
     if split not in SPLITS:
         raise ValueError(f"`split` {split!r}: expected one of {(*SPLITS, 'all')}.")
-    if split_file is None or not Path(split_file).is_file():
+    if split_file is None or not Path(split_file).exists():
         raise ValueError(
             f"`split` {split} needs a split file (`split_file`, or the splits.json a training run saves beside the "
             f"model; none at {split_file}); or use `split` all."

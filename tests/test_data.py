@@ -646,3 +646,27 @@ def test_split_files_name_scans_and_come_as_monai_datalists_or_nnunet_folds(tmp_
         load_splits(tmp_path / "splits_final.json", 2)
     with pytest.raises(ValueError, match=r"`split_fold` 0: .* holds one split"):
         load_splits(tmp_path / "dataset_0.json", 0)
+
+
+def test_transunets_synapse_lists_are_a_split_file(tmp_path):
+    """TransUNet's BTCV split (SAMed's, and most papers'): `lists/lists_Synapse/train.txt` names training slices,
+    unlabelled ones among them (absent from a folder made by `convert volumes`: passed over), `test_vol.txt` the test
+    scans. The folder, or one of its files, is a split file; a slice of a scan the data does not hold is refused."""
+    from imedsam_hf.data import resolve_split_names, split_stems
+
+    stems = ["case0001_slice080", "case0001_slice081", "case0031_slice050", "case0031_slice051"]
+    lists = tmp_path / "lists_Synapse"
+    lists.mkdir()
+    (lists / "train.txt").write_text("case0031_slice000\ncase0031_slice050\ncase0031_slice051\n\n")
+    (lists / "test_vol.txt").write_text("case0001\n")
+    (lists / "all.lst").write_text("ignored")
+    assert load_splits(lists) == {
+        "train": ["case0031_slice000", "case0031_slice050", "case0031_slice051"], "validation": [], "test": ["case0001"]
+    }  # fmt: skip
+    assert resolve_split_names(load_splits(lists), stems)["train"] == ["case0031_slice050", "case0031_slice051"]
+    assert split_stems("test", lists / "test_vol.txt", stems) == {"case0001_slice080", "case0001_slice081"}
+    with pytest.raises(ValueError, match=r"names neither .*: case0099_slice001"):
+        resolve_split_names({"train": ["case0099_slice001"]}, stems)
+    (tmp_path / "cases.txt").write_text("case0001\n")
+    with pytest.raises(ValueError, match=r"cases.txt: its name says no split"):
+        load_splits(tmp_path / "cases.txt")

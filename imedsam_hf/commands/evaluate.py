@@ -66,8 +66,8 @@ def evaluate_folder(args: argparse.Namespace, device: str | None) -> dict:
     given = [key for key in DATASET_READING if getattr(args, key) is not None]
     if args.data_dir is not None and given:
         raise ValueError(f"`{given[0]}` reads the rows of `dataset`; a `data_dir` folder has images and masks.")
-    if args.split_file is not None and not Path(args.split_file).is_file():
-        raise ValueError(f"--split-file {args.split_file}: no such file.")
+    if args.split_file is not None and not Path(args.split_file).exists():
+        raise ValueError(f"--split-file {args.split_file}: no such file (or folder of TransUNet's lists).")
     split_file = args.split_file
     if split_file is None and split != "all":
         split_file = (shipped_folder(args.model) if is_shipped(args.model) else Path(args.model)) / "splits.json"
