@@ -1522,12 +1522,14 @@ def resolve_split_names(
     stems: Iterable[str],
     group_pattern: str | None = DEFAULT_GROUP_PATTERN,
     source: str = "`split_file`",
+    absent: str = "error",
 ) -> dict[str, list[str]]:
     """`splits`' names as the data's stems: a stem as it is, a scan's or case's name for all of its slices
     (`case0001` for `case0001_slice080`, ...: :func:`group_of` by `group_pattern`; TransUNet's Synapse test list,
     nnU-Net's folds and MONAI's datalists name cases), in the data's order; a slice the data lacks of a scan it holds
-    (TransUNet's `train.txt` lists unlabelled slices too) is passed over. Other names, or a stem put in two splits,
-    are a ValueError naming a few and `source`."""
+    (TransUNet's `train.txt` lists unlabelled slices too) is passed over. Other names are a ValueError naming a few and
+    `source` (`absent` "error"), or left out with a UserWarning ("warn": a copy of a data set without some of its
+    scans, as the shared BTCV lacks TransUNet's held-out ones); a stem put in two splits is a ValueError."""
     stems = list(stems)
     pattern = compile_group_pattern(group_pattern)
     known = set(stems)
@@ -1545,10 +1547,13 @@ def resolve_split_names(
             chosen += found or []
         resolved[name] = list(dict.fromkeys(chosen))
     if unknown:
-        raise ValueError(
+        message = (
             f"{source}: names neither an image of the data nor a scan's slices (group pattern {group_pattern!r}): "
-            f"{', '.join(unknown[:5])}{f' ({len(unknown)} in all)' if len(unknown) > 5 else ''}."
+            f"{', '.join(unknown[:5])}{f' ({len(unknown)} in all)' if len(unknown) > 5 else ''}"
         )
+        if absent == "error":
+            raise ValueError(f"{message}.")
+        warnings.warn(f"{message}; left out.", UserWarning, stacklevel=2)
     seen: dict[str, str] = {}
     for name, chosen in resolved.items():
         for stem in chosen:

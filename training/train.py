@@ -273,7 +273,11 @@ def choose_splits(
         return {**cut, **own}
     try:
         splits = load_splits(data.split_file, data.split_fold)
-        return resolve_split_names(splits, stems, data.group_pattern, f"--split-file {data.split_file}")
+        source = f"--split-file {data.split_file}"
+        resolved = resolve_split_names(splits, stems, data.group_pattern, source, absent="warn")
+        if not resolved["train"]:
+            raise ValueError(f"{source}: names no image of the data for training (`data_dir` {data.data_dir}).")
+        return resolved
     except ValueError as error:
         raise die(error) from None
 
