@@ -1529,7 +1529,8 @@ def resolve_split_names(
     nnU-Net's folds and MONAI's datalists name cases), in the data's order; a slice the data lacks of a scan it holds
     (TransUNet's `train.txt` lists unlabelled slices too) is passed over. Other names are a ValueError naming a few and
     `source` (`absent` "error"), or left out with a UserWarning ("warn": a copy of a data set without some of its
-    scans, as the shared BTCV lacks TransUNet's held-out ones); a stem put in two splits is a ValueError."""
+    scans, as the shared BTCV lacks TransUNet's held-out ones) or silently ("ignore": a folder scored against a
+    larger data set's file); a stem put in two splits is a ValueError."""
     stems = list(stems)
     pattern = compile_group_pattern(group_pattern)
     known = set(stems)
@@ -1553,7 +1554,8 @@ def resolve_split_names(
         )
         if absent == "error":
             raise ValueError(f"{message}.")
-        warnings.warn(f"{message}; left out.", UserWarning, stacklevel=2)
+        if absent == "warn":
+            warnings.warn(f"{message}; left out.", UserWarning, stacklevel=2)
     seen: dict[str, str] = {}
     for name, chosen in resolved.items():
         for stem in chosen:
@@ -1611,11 +1613,8 @@ def split_stems(
     splits = load_splits(split_file, fold)
     if stems is None:
         return set(splits[split])
-    stems = list(stems)  # names of none of them are left out: the file may list a larger data set's
-    pattern = compile_group_pattern(group_pattern)
-    known = set(stems) | {group_of(stem, pattern) for stem in stems}
-    wanted = {name: [n for n in names if n in known] for name, names in splits.items()}
-    return set(resolve_split_names(wanted, stems, group_pattern, f"`split_file` {split_file}")[split])
+    source = f"`split_file` {split_file}"  # names of nothing here are left out: it may list a larger data set's
+    return set(resolve_split_names(splits, stems, group_pattern, source, absent="ignore")[split])
 
 
 def split_metadata(path: str | os.PathLike) -> dict:
