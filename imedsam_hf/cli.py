@@ -348,15 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     numpy = sources.add_parser(
         "npz",
-        help="LiteMedSAM / MedSAM training data as NumPy files (the challenge's .npz cases with imgs and gts, or "
-        "npy/imgs + npy/gts) -> a folder of 2-D images and masks to train and evaluate on",
+        help="LiteMedSAM / MedSAM training data as NumPy files (the challenge's .npz cases with imgs and gts, "
+        "npy/imgs + npy/gts, TransUNet's Synapse train_npz + test_vol_h5) -> a folder of 2-D images and masks to "
+        "train and evaluate on",
         formatter_class=_HelpFormatter,
     )
     numpy.add_argument(
         "--images",
         required=True,
-        help="a .npz case, or a folder searched through for .npz cases (imgs and gts: 3-D (D, H, W) or 2-D "
-        "(H, W, 3)) and for MedSAM's imgs/<name>.npy beside gts/<name>.npy",
+        help="a case file, or a folder searched through for .npz cases (imgs and gts: 3-D (D, H, W) or 2-D "
+        "(H, W, 3); TransUNet's image and label, and its .npy.h5 volumes with h5py) and for MedSAM's imgs/<name>.npy "
+        "beside gts/<name>.npy",
     )
     numpy.add_argument(
         "--output", required=True, help="new folder: images/, masks/<case>_slice<z>.png, classes.json, cases.csv"
@@ -364,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     numpy.add_argument(
         "--classes", default=None, help="the label ids' names: a classes.json or dataset.json (default 'class <id>')"
     )
-    numpy.add_argument("--all-slices", action="store_true", help="keep a 3-D case's slices without any structure too")
+    numpy.add_argument("--all-slices", action="store_true", help="keep slices and images without any structure too")
     scans = sources.add_parser(
         "volumes",
         help="scans (NIfTI, DICOM) and their label volumes -> a folder of 2-D slices to train and evaluate on",

@@ -410,20 +410,26 @@ def _sub_folder(root: Path, relative: str) -> Path | None:
 NUMPY_PAIR_FOLDERS = ("imgs", "gts")
 
 
+#: The files of one case of NumPy training data: the challenge's and MedSAM's `.npz` (TransUNet's Synapse slices too,
+#: `train_npz/case0005_slice000.npz`), and TransUNet's HDF5 test volumes (`test_vol_h5/case0001.npy.h5`).
+NUMPY_CASE_SUFFIXES = (".npz", ".h5")
+
+
 def numpy_training_files(source: str | os.PathLike) -> tuple[list[Path], list[tuple[Path, Path]]]:
     """LiteMedSAM's and MedSAM's training data as NumPy files in `source` (a file or a folder, searched through):
-    `(cases, pairs)`, the `.npz` cases of the CVPR 2024 "MedSAM on laptop" challenge (`imgs` and `gts` inside; a case
-    file given itself), and the `(imgs/<name>.npy, gts/<name>.npy)` pairs of :data:`NUMPY_PAIR_FOLDERS` (an image
+    `(cases, pairs)`, the `.npz` cases of the CVPR 2024 "MedSAM on laptop" challenge (`imgs` and `gts` inside;
+    TransUNet's `image` and `label` slices and `.npy.h5` volumes, :data:`NUMPY_CASE_SUFFIXES`; a case file given
+    itself), and the `(imgs/<name>.npy, gts/<name>.npy)` pairs of :data:`NUMPY_PAIR_FOLDERS` (an image
     without its `gts` file left out, as MedSAM's loader leaves it); both sorted, hidden files and folders skipped."""
     source = Path(source)
     if source.is_file():
-        return ([source] if source.suffix.lower() == ".npz" else []), []
+        return ([source] if source.name.lower().endswith(NUMPY_CASE_SUFFIXES) else []), []
     if not source.is_dir():
         return [], []
     cases, pairs = [], []
     for folder, names, files in os.walk(source):
         names[:] = sorted(n for n in names if not n.startswith("."))
-        cases += [Path(folder) / f for f in sorted(files) if f.lower().endswith(".npz") and not f.startswith(".")]
+        cases += [Path(folder) / f for f in sorted(files) if f.lower().endswith(NUMPY_CASE_SUFFIXES) and f[0] != "."]
         if Path(folder).name.lower() != NUMPY_PAIR_FOLDERS[0]:
             continue
         truth = [Path(folder).parent / n for n in os.listdir(Path(folder).parent) if n.lower() == NUMPY_PAIR_FOLDERS[1]]
@@ -439,7 +445,7 @@ def numpy_hint(root: Path) -> str:
     cases, pairs = numpy_training_files(root)
     if not cases and not pairs:
         return ""
-    what = f"{len(cases)} .npz cases" if cases else f"{len(pairs)} npy image/label pairs (imgs/ + gts/)"
+    what = f"{len(cases)} .npz / .h5 cases" if cases else f"{len(pairs)} npy image/label pairs (imgs/ + gts/)"
     return (
         f" It holds LiteMedSAM / MedSAM training data as NumPy files ({what}): make them images and masks first: "
         f"imedsam convert npz --images {root} --output DIR."
@@ -2275,6 +2281,7 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 __all__ = [
     "AugmentationConfig",
     "NUMPY_PAIR_FOLDERS",
+    "NUMPY_CASE_SUFFIXES",
     "numpy_training_files",
     "DEFAULT_GROUP_PATTERN",
     "BIDS_SUBJECT",

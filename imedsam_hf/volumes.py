@@ -4209,10 +4209,49 @@ def _numpy_labels(array: np.ndarray, what: str) -> np.ndarray:
     return array.astype(np.uint8)
 
 
+#: The image and label arrays of a case of NumPy training data: the challenge's and MedSAM's, TransUNet's.
+NUMPY_CASE_KEYS = (("imgs", "gts"), ("image", "label"))
+
+
+def _numpy_case_name(path: Path) -> str:
+    """A case file's name: `case0001` of TransUNet's `case0001.npy.h5`, else :func:`volume_name`'s."""
+    name = path.name
+    for suffix in (".npy.h5", ".h5"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return volume_name(path)
+
+
+def _numpy_case_arrays(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """`({key: array}, keys held)` of a case file of NumPy training data, the arrays of :data:`NUMPY_CASE_KEYS` and
+    `spacing` only: a `.npz` read without unpickling anything, TransUNet's HDF5 volume through h5py (the `h5` extra).
+    A file that cannot be read so is a ValueError naming it."""
+    wanted = {key for pair in NUMPY_CASE_KEYS for key in pair} | {"spacing"}
+    if path.name.lower().endswith(".h5"):
+        try:
+            import h5py
+        except ImportError:
+            raise ValueError(
+                f"{path}: an HDF5 volume (TransUNet's test_vol_h5) needs h5py: pip install h5py (or the [h5] extra)"
+            ) from None
+        try:
+            with h5py.File(path, "r") as handle:
+                held = list(handle.keys())
+                return {key: np.asarray(handle[key][()]) for key in wanted & set(held)}, held
+        except (OSError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a readable HDF5 file ({error})") from None
+    try:
+        with np.load(path, allow_pickle=False) as case:
+            held = list(case.files)
+            return {key: case[key] for key in wanted & set(held)}, held
+    except Exception as error:  # a damaged archive (zipfile.BadZipFile), a pickled array, ...
+        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+
+
 def _numpy_cases(source: str | os.PathLike) -> Iterable[tuple[str, Path, np.ndarray, np.ndarray, Any]]:
-    """`(name, file, image(s), label ids, spacing or None)` of each case of :func:`numpy_training_files`: a `.npz`
-    case as it is (`imgs` `(D, H, W)` with `gts` `(D, H, W)`, or `(H, W[, 3])` with `(H, W)`), an npy pair as one
-    image; ValueErrors naming the file for a case without `gts` (a case to predict), or shapes that disagree."""
+    """`(name, file, image(s), label ids, spacing or None)` of each case of :func:`numpy_training_files`: a case file's
+    arrays as they are (`imgs` and `gts`, or TransUNet's `image` and `label`: :data:`NUMPY_CASE_KEYS`), an npy pair as
+    one image; ValueErrors naming the file for a case without labels (a case to predict) or two cases of one name."""
     cases, pairs = numpy_training_files(source)
     if not cases and not pairs:
         raise ValueError(
@@ -4226,17 +4265,14 @@ def _numpy_cases(source: str | os.PathLike) -> Iterable[tuple[str, Path, np.ndar
             raise ValueError(f"{names[name]} and {path}: two cases named {name}; convert their folders apart.")
         names[name] = path
     for path in cases:
-        try:
-            with np.load(path, allow_pickle=False) as case:
-                held = list(case.files)
-                arrays = {key: case[key] for key in ("imgs", "gts", "spacing") if key in held}
-        except Exception as error:  # a damaged archive (zipfile.BadZipFile), a pickled array, ...
-            raise ValueError(f"{path}: not a readable .npz file ({error})") from None
-        missing = [key for key in ("imgs", "gts") if key not in arrays]
-        if missing:
-            kind = "a case to predict (imedsam predict), not one to train on" if "imgs" in arrays else "no case"
-            raise ValueError(f"{path}: no {' or '.join(missing)} array (it holds {', '.join(held) or 'none'}): {kind}")
-        yield volume_name(path), path, arrays["imgs"], arrays["gts"], arrays.get("spacing")
+        arrays, held = _numpy_case_arrays(path)
+        image = next((a for a, _ in NUMPY_CASE_KEYS if a in arrays), None)
+        truth = next((b for a, b in NUMPY_CASE_KEYS if a == image), None)
+        if image is None or truth not in arrays:
+            missing = "gts" if image == "imgs" else "label" if image == "image" else "imgs or image"
+            kind = "a case to predict (imedsam predict), not one to train on" if image else "no case"
+            raise ValueError(f"{path}: no {missing} array (it holds {', '.join(held) or 'none'}): {kind}")
+        yield _numpy_case_name(path), path, arrays[image], arrays[truth], arrays.get("spacing")
     for image, truth in pairs:
         try:
             picture, ids = np.load(image, allow_pickle=False), np.load(truth, allow_pickle=False)
@@ -4259,19 +4295,22 @@ def numpy_cases_to_slices(
 
     The CVPR 2024 "MedSAM on laptop" challenge's `.npz` cases (`imgs` and `gts`; made by MedSAM's `pre_CT_MR.py`):
     a 3-D case `(D, H, W)` -> `images/<case>_slice<z>.png` (each `imgs[z]` as it is, as `imedsam predict CASE.npz`
-    shows it to a model) and `masks/<case>_slice<z>.png` (its label ids), the slices that hold a structure (all with
-    `all_slices`; MedSAM's first form, `(D, H, W, 3)` stacks beside `img_embeddings`, alike), and a `cases.csv` row
-    with its `spacing` (x, y, z, as SimpleITK's `GetSpacing` gives it: per-volume HD95 in mm); a 2-D case `(H, W, 3)` or `(H, W)` -> `images/<case>.png` and `masks/<case>.png`. MedSAM's npy
-    pairs (`npy/imgs/<name>.npy` beside `npy/gts/<name>.npy`) -> one image each, a slice named `<case>-<nnn>` written
-    `<case>_slice<nnn>` so that the splits keep a scan's slices together. Images are 8-bit as LiteMedSAM is shown
-    them (:func:`_numpy_grey`).
+    shows it to a model) and `masks/<case>_slice<z>.png` (its label ids), the slices that hold a structure (MedSAM's
+    first form, `(D, H, W, 3)` stacks beside `img_embeddings`, alike), and a `cases.csv` row with its `spacing` (x, y,
+    z, as SimpleITK's `GetSpacing` gives it: per-volume HD95 in mm); a 2-D case `(H, W, 3)` or `(H, W)` holding a
+    structure -> `images/<case>.png` and `masks/<case>.png`. TransUNet's Synapse data (SAMed's, the paper's BCV
+    setting: `image` and `label`, `train_npz/case0005_slice000.npz` slices and `test_vol_h5/case0001.npy.h5` volumes)
+    alike, named as its `lists_Synapse/` name them. MedSAM's npy pairs (`npy/imgs/<name>.npy` beside
+    `npy/gts/<name>.npy`) -> one image each, a slice named `<case>-<nnn>` written `<case>_slice<nnn>` so that the
+    splits keep a scan's slices together. Images are 8-bit as LiteMedSAM is shown them (:func:`_numpy_grey`; the 0..1
+    floats of TransUNet's [-125, 275] HU times 255: the `btcv` window).
 
     Args:
-        source: a `.npz` case, or a folder searched through for them and for npy pairs
+        source: a case file, or a folder searched through for them and for npy pairs
             (:func:`imedsam_hf.data.numpy_training_files`).
         output: a new folder (or an empty one), written in a temporary folder and renamed into place at the end.
         class_names: `{id: name}` of the label ids (default `class <id>`).
-        all_slices: keep a 3-D case's slices without any structure too.
+        all_slices: keep the slices and images without any structure too.
         progress: show a tqdm bar over the cases.
 
     Returns:
@@ -4301,6 +4340,8 @@ def numpy_cases_to_slices(
             present |= {int(c) for c in np.unique(truth) if c}
             done += 1
             if planar:
+                if not truth.any() and not all_slices:  # TransUNet's train_npz keeps every slice of a scan
+                    continue
                 match = NUMPY_SLICE_NAME.fullmatch(name) if path.suffix.lower() == ".npy" else None
                 stem = f"{match['case']}_slice{match['slice']}" if match else name
                 Image.fromarray(grey).save(staging / "images" / f"{stem}.png")

@@ -152,3 +152,39 @@ def test_numpy_data_refusals_name_the_file_and_keep_the_output(tmp_path, capsys)
     assert "no LiteMedSAM / MedSAM NumPy training data in it" in capsys.readouterr().err
     assert main(["convert", "npz", "--images", str(data / "bad.npz"), "--output", str(tmp_path / "S")]) == 0
     assert sorted(p.name for p in (tmp_path / "S" / "images").iterdir()) == ["bad_slice001.png"]
+
+
+def test_transunets_synapse_data_is_numpy_training_data_too(tmp_path, capsys):
+    """TransUNet's preprocessed Synapse (BTCV) data, which SAMed and the I-MedSAM paper's BCV experiments read:
+    `train_npz/case0005_slice000.npz` (`image` (H, W) in 0..1 from [-125, 275] HU, `label`), every slice of a training
+    scan, and `test_vol_h5/case0001.npy.h5` (`image`, `label` (D, H, W)). `convert npz` writes the labelled slices of
+    both, named as TransUNet's lists name them, so that its `lists_Synapse/` splits the result."""
+    from imedsam_hf.data import split_stems
+
+    h5py = pytest.importorskip("h5py")
+    scan = nib.load(BTCV / "volumes" / "case0002.nii.gz")
+    grey = np.asarray(scan.dataobj)[:, :, 68:74].astype(np.uint8).transpose(2, 1, 0)  # SAMed's (D, W, H) transpose
+    labels = np.asarray(nib.load(BTCV / "labels" / "case0002.nii.gz").dataobj)[:, :, 68:74].transpose(2, 1, 0)
+    labels = labels.astype(np.float32)
+    labels[0] = 0
+    root = tmp_path / "Synapse"
+    (root / "train_npz").mkdir(parents=True)
+    (root / "test_vol_h5").mkdir()
+    for z in range(3):  # a training scan's slices, the first without a structure
+        np.savez(root / "train_npz" / f"case0005_slice{z:03d}.npz", image=grey[z] / 255.0, label=labels[z])
+    with h5py.File(root / "test_vol_h5" / "case0001.npy.h5", "w") as handle:
+        handle["image"] = (grey / 255.0).astype(np.float32)
+        handle["label"] = labels
+    assert main(["convert", "npz", "--images", str(root), "--output", str(tmp_path / "S")]) == 0
+    out = tmp_path / "S"
+    stems = sorted(p.stem for p in (out / "images").iterdir())
+    assert stems == [*(f"case0001_slice{z:03d}" for z in range(1, 6)), "case0005_slice001", "case0005_slice002"]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / "case0001_slice003.png")), grey[3])
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / "case0005_slice002.png")), grey[2])
+    np.testing.assert_array_equal(read_mask(out / "masks" / "case0001_slice003.png", 255), labels[3])
+    lists = tmp_path / "lists_Synapse"
+    lists.mkdir()
+    (lists / "train.txt").write_text("".join(f"case0005_slice{z:03d}\n" for z in range(3)))
+    (lists / "test_vol.txt").write_text("case0001\n")
+    assert split_stems("test", lists, stems) == {f"case0001_slice{z:03d}" for z in range(1, 6)}
+    assert split_stems("train", lists, stems) == {"case0005_slice001", "case0005_slice002"}
