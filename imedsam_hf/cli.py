@@ -327,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sam.add_argument(
         "--checkpoint",
         required=True,
-        help="Hub id, local SamModel folder, sam_vit_*.pth file, or a LiteMedSAM .pth (lite_medsam.pth, or the medsam_lite_latest.pth "
-        "its train_one_gpu.py writes)",
+        help="Hub id, local SamModel folder, sam_vit_*.pth file, or a LiteMedSAM .pth (lite_medsam.pth, or the "
+        "medsam_lite_latest.pth its train_one_gpu.py writes)",
     )
     sam.add_argument("--image-size", type=int, default=None, help="model input size (default: the checkpoint's)")
     lite = sources.add_parser(

@@ -252,9 +252,9 @@ def choose_splits(
     groups: dict[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """
-    `--split-file`'s stems (all present in the data; a scan's name for its slices, a MONAI datalist, nnU-Net's
-    `splits_final.json` with `--split-fold`: `data.load_splits`), else a seeded split of the stems, by `--group-pattern` and
-    else by `groups` (`data.case_folder_group`). `own`: the held-out splits the dataset has itself
+    `--split-file`'s stems (a scan's name for its slices; a MONAI datalist, nnU-Net's `splits_final.json` with
+    `--split-fold`, TransUNet's lists: `data.load_splits`; names of nothing in the data left out with a warning),
+    else a seeded split of the stems, by `--group-pattern` and else by `groups` (`data.case_folder_group`). `own`: the held-out splits the dataset has itself
     (`{"validation": [stems], "test": [stems]}`, either or both), kept as they are; the others are cut from the rest
     with their shares of `--split-fractions`.
     """
