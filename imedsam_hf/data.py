@@ -293,6 +293,26 @@ class DataConfig:
         return self.mask_classes or self.num_classes
 
 
+def class_prompting(
+    class_prompts: bool | None,
+    mask_classes: int | None,
+    class_names: Mapping[int, str] | None,
+    one_prompt_per_class: bool,
+) -> tuple[bool, int | None]:
+    """`(class_prompts, mask_classes)` as training and evaluation read class-id masks, one rule for both:
+    `class_prompts` None is true for class-id masks (the data names its classes, a `classes.json` beside `masks/` or
+    a dataset's `id2label.json`, or `mask_classes` is given) when the model takes one prompt per class
+    (`one_prompt_per_class`: a one-class model, or class-aware prompts); with class prompts, `mask_classes` None is
+    the largest id the data names. A ValueError for class prompts without any class count."""
+    if class_prompts is None:
+        class_prompts = (class_names is not None or mask_classes is not None) and one_prompt_per_class
+    if class_prompts and mask_classes is None:
+        if not class_names:
+            raise ValueError("class prompts need the masks' class count: set `mask_classes` or add classes.json.")
+        mask_classes = max(class_names)
+    return bool(class_prompts), mask_classes
+
+
 def find_layout(data_dir: str | os.PathLike) -> tuple[Path, Path]:
     """The image and mask folders of a dataset folder, or a ValueError listing the layouts looked for."""
     root = Path(data_dir)
@@ -2303,6 +2323,7 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "VOLUME_SUFFIXES",
     "class_id_of",
+    "class_prompting",
     "extra_masks",
     "image_files_in",
     "image_stem",

@@ -35,6 +35,7 @@ from .data import (
     SegmentationPair,
     case_folder_group,
     class_id_of,
+    class_prompting,
     compile_group_pattern,
     dataset_class_names,
     default_scan_spacing,
@@ -752,13 +753,10 @@ class EvaluationProtocol:
             class_aware = is_class_aware(model_config)
         if class_aware and num_classes < 2:
             raise ValueError(f"`class_aware` needs a multi-class model; this one has num_classes={num_classes}.")
-        if class_prompts is None:
-            has_classes = (class_names is not None and (data_dir is not None or named)) or mask_classes is not None
-            class_prompts = has_classes and (num_classes == 1 or class_aware)
-        if class_prompts and mask_classes is None:
-            if class_names is None:
-                raise ValueError("class prompts need the masks' class count: set `mask_classes` or add classes.json.")
-            mask_classes = max(class_names)
+        # Whether prompts go by class is the data's to say (not the names a model records); their count, any names'.
+        deciding = class_names if class_prompts is not None or data_dir is not None or named else None
+        one_per_class = num_classes == 1 or class_aware
+        class_prompts, mask_classes = class_prompting(class_prompts, mask_classes, deciding, one_per_class)
         if (classes is not None or class_aware) and not class_prompts:
             raise ValueError(
                 f"`classes` and `class_aware` need a multi-class folder or dataset ({where}) and a one-class "

@@ -871,3 +871,29 @@ def test_training_splits_by_a_file_of_scans_datalists_and_nnunet_folds(tmp_path)
         train_script.choose_splits(stems, DataArguments(split_file=str(tmp_path / "none.json")))
     with pytest.raises(SystemExit, match=r"give --split-fold 0..1"):
         train_script.choose_splits(stems, DataArguments(split_file=str(tmp_path / "splits_final.json")))
+
+
+@slow
+def test_a_folder_of_class_id_masks_with_its_classes_json_trains_without_flags(tiny_sam, tmp_path):
+    """A folder `convert volumes` / `convert npz` writes (class-id masks, classes.json) was refused by training as
+    masks "read as binary"; the suggested `--mask-classes N` then trained the N organs as one structure and the
+    final evaluation died in a MaskValuesError traceback after training. Class prompts now follow the one rule
+    evaluation uses (`data.class_prompting`): on for class-id masks with a one-class model, no flag needed; the union
+    asked for explicitly (`--class-prompts false --mask-classes N`) is refused before training, naming the fix."""
+    import shutil
+
+    ct, folder = SHARED_DATA / "BTCV-Synapse-CT", tmp_path / "ct"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    shutil.copy(ct / "classes.json", folder / "classes.json")
+    for path in [sorted((ct / "images").glob(f"case000{c}_slice*.png"))[20] for c in (1, 2, 3, 4, 5)]:
+        stem = path.stem
+        for sub in ("images", "masks"):
+            shutil.copy(ct / sub / f"{stem}.png", folder / sub / f"{stem}.png")
+    out = tmp_path / "run"
+    results = train_script.main(args(tiny_sam, folder, out, "--epochs", "1", "--baseline", "false"))
+    assert results["results"]["48"]["class_mean"]["n_classes"] > 1  # scored per organ, by class prompts
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["data"]["class_prompts"] is None  # the rule decided, as it will on a rerun
+    with pytest.raises(SystemExit, match=r"--mask-classes 13 with --class-prompts false .* --mask-values 1:1,2:1,"):
+        train_script.main(args(tiny_sam, folder, tmp_path / "x", "--class_prompts", "false", "--mask_classes", "13"))

@@ -64,6 +64,7 @@ from imedsam_hf.data import (  # noqa: E402
     SegmentationPair,
     case_folder_group,
     class_file,
+    class_prompting,
     collate,
     dataset_class_names,
     discover_pairs,
@@ -1060,6 +1061,31 @@ def start(args: Arguments, trackers: list[str]) -> tuple[Accelerator, RunLog]:
     return accelerator, RunLog(accelerator, output_dir / "logs" / "train_log.jsonl", bool(trackers))
 
 
+def resolve_class_prompts(args: Arguments, num_classes: int) -> None:
+    """`--class-prompts` and `--mask-classes` as evaluation reads the same data (`data.class_prompting`): class-id
+    masks (a folder `convert volumes` or `convert npz` wrote, with its classes.json) train one prompt per class
+    without flags. `--mask-classes N` with class prompts off would train the union of N classes as one structure,
+    which no evaluation scores: refused, naming what to give."""
+    data = args.data
+    try:
+        names = read_class_names(data.data_dir) if data.data_dir else None
+        names = dataset_class_names(data.dataset) if data.dataset and not data.data_dir else names
+        one_per_class = num_classes == 1 or bool(data.all_classes_per_sample)
+        data.class_prompts, data.mask_classes = class_prompting(
+            data.class_prompts, data.mask_classes, names, one_per_class
+        )
+    except ValueError as error:
+        raise die(error) from error
+    count = data.mask_classes or 1
+    if not data.class_prompts and num_classes == 1 and count > 1:
+        union = ",".join(f"{c}:1" for c in range(1, count + 1))
+        raise SystemExit(
+            f"error: --mask-classes {count} with --class-prompts false trains the {count} classes as one structure, "
+            "which the evaluation cannot score: leave --class-prompts on (a prompt per class), or make them one "
+            f"class with --mask-values {union}."
+        )
+
+
 def check_options(args: Arguments, num_classes: int) -> None:
     """Combinations of options that cannot work, refused before any data is read."""
     data, run = args.data, args.training
@@ -1098,6 +1124,7 @@ def main(argv: list[str] | None = None, hub_api: HfApi | None = None) -> dict[st
     num_classes = model.config.num_classes
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters() if "original_module" not in n)
+    resolve_class_prompts(args, num_classes)
     check_options(args, num_classes)
 
     # the data: checked pairs, splits by scan, samples; what the model is recorded from it

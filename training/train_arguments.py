@@ -171,7 +171,11 @@ class DataArguments:
         "training/propagated_boxes.py writes it.",
     )
     prompt: Literal["box", "none"] = option("box", "Prompt: the mask's box, or none (prompt-free).")
-    class_prompts: bool = option(False, "Multi-class masks: one binary sample per class present, with its own box.")
+    class_prompts: bool | None = option(
+        None,
+        "Multi-class masks: one binary sample per class present, with its own box (default: on for class-id masks, a "
+        "classes.json beside masks/ or --mask-classes, with a one-class model or --all-classes-per-sample).",
+    )
     all_classes_per_sample: bool = option(
         False,
         "With --class-prompts: one sample per image carrying every class present as a prompt (one encoder pass "
