@@ -1252,9 +1252,9 @@ def _binary_mask(pixels: np.ndarray, exact: bool, name: str) -> np.ndarray:
         reason = f"{found} and no 0 (background): which is the foreground? Set `mask_values`, e.g. {example}."
     else:
         reason = (
-            f"{found}: class ids, a palette or a colour mask? For class ids 1..N set `mask_classes` to N (a "
-            "classes.json beside masks/ does it for evaluation; training also takes `num_classes` N); to choose the "
-            f"foreground set `mask_values`, e.g. {','.join(f'{v}:1' for v in values[1:3].tolist())}."
+            f"{found}: class ids, a palette or a colour mask? For class ids 1..N set `mask_classes` to N, a prompt "
+            "per class (a classes.json beside masks/ naming them does it; training also takes `num_classes` N); to "
+            f"choose the foreground set `mask_values`, e.g. {','.join(f'{v}:1' for v in values[1:3].tolist())}."
         )
     raise MaskValuesError(name, reason)
 
