@@ -83,6 +83,19 @@ def staged_folder(target: str | os.PathLike, name: str = "") -> Iterator[Path]:
         raise
 
 
+def share_weights(target: str | os.PathLike) -> None:
+    """Give the `.safetensors` files at `target` (a file, or a folder searched through) that are private (0600) the
+    permissions a plainly created file gets (the umask's): safetensors 0.8 writes through a temporary file that is
+    always 0600 (safetensors/safetensors#782), so a model folder written by one user, or as root in a container
+    image, could not be loaded by another while its JSON files could."""
+    target = Path(target)
+    files = [target] if target.is_file() else sorted(target.rglob("*.safetensors")) if target.is_dir() else []
+    mode = 0o666 & ~_umask()
+    for path in files:
+        if path.suffix == ".safetensors" and path.stat().st_mode & 0o777 == 0o600 and mode != 0o600:
+            os.chmod(path, mode)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -165,6 +178,7 @@ __all__ = [
     "records_problem",
     "remove_stale_temporaries",
     "sha256_file",
+    "share_weights",
     "staged_folder",
     "write_manifest",
 ]

@@ -26,6 +26,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 from .configuration_imedsam import IMedSamConfig
 from .convert_litemedsam import LITEMEDSAM, LITEMEDSAM_IMAGE_SIZE, is_litemedsam_checkpoint, litemedsam_to_imedsam
 from .convert_sam import load_checked_state, load_sam, sam_to_imedsam
+from .files import share_weights
 from .model_card import hub_id_or_none
 from .modeling_imedsam import IMedSamModel
 from .processing_imedsam import IMedSamProcessor, processor_for_config
@@ -290,6 +291,7 @@ def convert_checkpoint(spec: str, output: str | os.PathLike, image_size: int | N
     model.eval()
     processor.save_pretrained(output)
     model.save_pretrained(output)
+    share_weights(output)
     return model
 
 

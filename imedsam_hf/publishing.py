@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from .convert_litemedsam import LITEMEDSAM
+from .files import share_weights
 from .frequency_adapter import imedsam_peft_config
 from .model_card import hub_id_or_none, write_adapter_card
 from .modeling_imedsam import IMedSamModel
@@ -186,6 +187,7 @@ def save_pretrained_full(
     finally:
         peft_config.base_model_name_or_path = recorded
     write_adapter_card(adapter_dir, model.config)
+    share_weights(save_directory)
     return model
 
 

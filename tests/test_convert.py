@@ -205,3 +205,19 @@ def test_garbage_pth_is_reported(tmp_path, capsys):
         cli_main(["convert", "sam", "--checkpoint", str(tmp_path / "broken.pth"), "--output", str(tmp_path / "o")]) == 2
     )
     assert "broken.pth" in capsys.readouterr().err
+
+
+def test_written_weights_are_as_readable_as_the_folders_other_files(sam_dir, tmp_path):
+    """safetensors 0.8 writes every file 0600 (safetensors#782): a converted or trained model folder written by one
+    user, or as root in a container image, could not be loaded by another, though its config.json could. The weights
+    `convert`, `export` and training write get the umask's permissions, as the JSON beside them."""
+    import stat
+
+    out = tmp_path / "converted"
+    assert cli_main(["convert", "sam", "--checkpoint", str(sam_dir), "--output", str(out)]) == 0
+    mode = stat.S_IMODE((out / "config.json").stat().st_mode)
+    weights = sorted(out.rglob("*.safetensors"))
+    assert weights and all(stat.S_IMODE(path.stat().st_mode) == mode for path in weights)
+    assert cli_main(["export", "--model", str(out), "--output", str(tmp_path / "hub")]) == 0
+    exported = sorted((tmp_path / "hub").rglob("*.safetensors"))
+    assert exported and all(stat.S_IMODE(path.stat().st_mode) == mode for path in exported)

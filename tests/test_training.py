@@ -895,5 +895,7 @@ def test_a_folder_of_class_id_masks_with_its_classes_json_trains_without_flags(t
     assert results["results"]["48"]["class_mean"]["n_classes"] > 1  # scored per organ, by class prompts
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["data"]["class_prompts"] is None  # the rule decided, as it will on a rerun
+    shared = (out / "config.yaml").stat().st_mode & 0o777  # weights as readable as the rest (safetensors#782: 0600)
+    assert {path.stat().st_mode & 0o777 for path in out.rglob("*.safetensors")} == {shared}
     with pytest.raises(SystemExit, match=r"--mask-classes 13 with --class-prompts false .* --mask-values 1:1,2:1,"):
         train_script.main(args(tiny_sam, folder, tmp_path / "x", "--class_prompts", "false", "--mask_classes", "13"))

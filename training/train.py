@@ -84,7 +84,7 @@ from imedsam_hf.data import (  # noqa: E402
     write_splits,
 )
 from imedsam_hf.evaluation import EvaluationProtocol, evaluate_model, load_baseline  # noqa: E402
-from imedsam_hf.files import MANIFEST, manifest_problem, write_manifest  # noqa: E402
+from imedsam_hf.files import MANIFEST, manifest_problem, share_weights, write_manifest  # noqa: E402
 from imedsam_hf.loading import (  # noqa: E402
     LITEMEDSAM,
     load_model,
@@ -523,10 +523,9 @@ def register_checkpoint_hooks(accelerator: Accelerator) -> None:
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for i, model in enumerate(models):
-                save_file(
-                    trainable_state(accelerator.unwrap_model(model)),
-                    os.path.join(output_dir, f"trainable_{i}.safetensors"),
-                )
+                path = os.path.join(output_dir, f"trainable_{i}.safetensors")
+                save_file(trainable_state(accelerator.unwrap_model(model)), path)
+                share_weights(path)
         weights.clear()
 
     def load_hook(models, input_dir):
@@ -951,10 +950,9 @@ def end_epoch(run: Run, progress) -> None:
             state["best_val_dice"], state["best_step"] = score, state["global_step"]
             if accelerator.is_main_process:
                 (run.output_dir / "best").mkdir(exist_ok=True)
-                save_file(
-                    trainable_state(accelerator.unwrap_model(run.model)),
-                    str(run.output_dir / "best" / "trainable.safetensors"),
-                )
+                best = run.output_dir / "best" / "trainable.safetensors"
+                save_file(trainable_state(accelerator.unwrap_model(run.model)), str(best))
+                share_weights(best)
                 (run.output_dir / "best" / "state.json").write_text(json.dumps(state))
     if config.checkpoint_every == "epoch":
         save_checkpoint(run)

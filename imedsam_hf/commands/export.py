@@ -9,6 +9,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from ..files import share_weights
 from ..loading import load_model
 from ..runtime import export_vision_encoder, model_folder_export, probe_images, require_backend
 from ..shipped import is_shipped, shipped_folder
@@ -29,6 +30,7 @@ def export_model(
     output.mkdir(parents=True, exist_ok=True)
     processor.save_pretrained(output)
     model.save_pretrained(output)
+    share_weights(output)
     if is_shipped(spec):  # the shipped card (with its measured results), not the default one
         folder = shipped_folder(spec)
         shutil.copy(folder / "README.md", output / "README.md")
