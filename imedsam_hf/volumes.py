@@ -1172,7 +1172,14 @@ def read_npz_case(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list
         with np.load(path, allow_pickle=False) as case:
             absent = [key for key in ("imgs", "boxes") if key not in case.files]
             if absent:
-                raise ValueError(f"no {' and '.join(absent)} array (it holds {', '.join(case.files) or 'none'})")
+                training = absent == ["boxes"] and "gts" in case.files  # a training case: its masks, no prompts
+                hint = (
+                    ": a training case; to score a model on it, prompting each structure from its mask, make it "
+                    "images and masks (imedsam convert npz) and run imedsam evaluate"
+                    if training
+                    else ""
+                )
+                raise ValueError(f"no {' and '.join(absent)} array (it holds {', '.join(case.files) or 'none'}){hint}")
             imgs = case["imgs"]
             try:
                 return imgs, case["boxes"], None

@@ -65,6 +65,9 @@ def test_the_challenges_cases_and_medsams_npy_become_images_and_masks_to_train_o
     spacing for per-volume distances; `evaluate` runs on the result, and pointed at the NumPy data names the command."""
     imgs, gts, picture, polyp = challenge_data(tmp_path / "data")
     tiny_model(num_classes=1).save_pretrained(tmp_path / "model")
+    case = str(tmp_path / "data" / "CT" / "CT_Abd" / "CT_Abd_A.npz")  # predict has no boxes to prompt it with
+    assert main(["predict", "--model", str(tmp_path / "model"), case, "--out", str(tmp_path / "P")]) == 1
+    assert "no boxes array (it holds imgs, gts, spacing): a training case" in capsys.readouterr().err
     argv = ["evaluate", "--model", str(tmp_path / "model"), "--split", "all", "--json", str(tmp_path / "e.json")]
     assert main([*argv, "--data-dir", str(tmp_path / "data" / "CT")]) == 2
     assert "imedsam convert npz --images" in capsys.readouterr().err
