@@ -4262,12 +4262,13 @@ def _numpy_cases(source: str | os.PathLike) -> Iterable[tuple[str, Path, np.ndar
     cases, pairs = numpy_training_files(source)
     if not cases and not pairs:
         raise ValueError(
-            f"`images` {source}: no LiteMedSAM / MedSAM NumPy training data in it (.npz cases with imgs and gts, or "
-            f"{NUMPY_PAIR_FOLDERS[0]}/<name>.npy beside {NUMPY_PAIR_FOLDERS[1]}/<name>.npy)."
+            f"`images` {source}: no LiteMedSAM / MedSAM NumPy training data in it (.npz cases with imgs and gts, "
+            f"{NUMPY_PAIR_FOLDERS[0]}/<name>.npy beside {NUMPY_PAIR_FOLDERS[1]}/<name>.npy, or TransUNet's .npz / "
+            ".npy.h5 with image and label)."
         )
     names: dict[str, Path] = {}
     for path in [*cases, *(image for image, _ in pairs)]:
-        name = volume_name(path)
+        name = _numpy_case_name(path)
         if name in names:
             raise ValueError(f"{names[name]} and {path}: two cases named {name}; convert their folders apart.")
         names[name] = path

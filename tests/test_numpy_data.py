@@ -191,3 +191,6 @@ def test_transunets_synapse_data_is_numpy_training_data_too(tmp_path, capsys):
     (lists / "test_vol.txt").write_text("case0001\n")
     assert split_stems("test", lists, stems) == {f"case0001_slice{z:03d}" for z in range(1, 6)}
     assert split_stems("train", lists, stems) == {"case0005_slice001", "case0005_slice002"}
+    np.savez(root / "train_npz" / "case0001.npz", image=grey / 255.0, label=labels)  # the test volume's name again
+    with pytest.raises(ValueError, match=r"two cases named case0001"):
+        numpy_cases_to_slices(root, tmp_path / "S2")
