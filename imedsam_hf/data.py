@@ -1476,12 +1476,9 @@ def load_splits(path: str | os.PathLike, fold: int | None = None) -> dict[str, l
     line; SAMed's and most BTCV papers' split) are read from their folder, or one such file for its split.
     A name is an image's stem or a scan's (case's) name standing for its slices (:func:`resolve_split_names`).
     """
-    if Path(path).is_dir() or Path(path).suffix.lower() == ".txt":
-        if fold is not None:
-            raise ValueError(f"`split_fold` {fold}: {path} holds one split, not nnU-Net's folds.")
-        return _listed_splits(Path(path))
+    listed = Path(path).is_dir() or Path(path).suffix.lower() == ".txt"
     try:
-        splits = json.loads(Path(path).read_text())
+        splits = None if listed else json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"`split_file` {path}: cannot read it as JSON ({error}).") from error
     if isinstance(splits, list):  # nnU-Net's splits_final.json: one {"train", "val"} per fold
@@ -1498,6 +1495,8 @@ def load_splits(path: str | os.PathLike, fold: int | None = None) -> dict[str, l
         return {"train": list(chosen["train"]), "validation": list(chosen["val"]), "test": []}
     if fold is not None:
         raise ValueError(f"`split_fold` {fold}: {path} holds one split, not nnU-Net's folds.")
+    if listed:
+        return _listed_splits(Path(path))
     if isinstance(splits, dict) and "training" in splits:  # a MONAI datalist
         named = {name: [] for name in SPLITS}
         for key, name in DATALIST_SPLITS.items():

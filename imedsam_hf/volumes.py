@@ -3406,11 +3406,11 @@ def bids_applicable_file(path: str | os.PathLike, extension: str) -> Path | None
     suffix after some of its entities (`T1w.json` at the root; fMRIPrep's `desc-aseg_dseg.tsv` at its pipeline's root
     for `sub-01/anat/sub-01_desc-aseg_dseg.nii.gz`, not for `sub-01_dseg.nii.gz`), the most specific of a folder.
     None without one, or with two alike in the nearest folder holding any (a data set the specification forbids)."""
-    path = Path(path)
-    own = path.with_name(f"{volume_name(path)}{extension}")
+    path, name = Path(path), volume_name(path)
+    own = path.with_name(f"{name}{extension}")
     if own.is_file():
         return own
-    entities, _, suffix = volume_name(path).rpartition("_")
+    entities, _, suffix = name.rpartition("_")
     mine = {word.lower() for word in entities.split("_") if "-" in word}
     if not mine or "-" in suffix:
         return None
@@ -4164,6 +4164,17 @@ def _write_classes(
     return names
 
 
+def _save_pair(folder: Path, stem: str, image: np.ndarray, mask: np.ndarray) -> None:
+    """Write one training pair of a converted folder: `images/<stem>.png` and `masks/<stem>.png` (its class ids)."""
+    Image.fromarray(image).save(folder / "images" / f"{stem}.png")
+    Image.fromarray(mask).save(folder / "masks" / f"{stem}.png")
+
+
+def _spacing_text(spacing: Iterable[float]) -> str:
+    """A scan's spacing as `cases.csv` writes it: `0.75x0.8x3.0` (:func:`_shortest` of each)."""
+    return "x".join(_shortest(float(v)) for v in spacing)
+
+
 #: The columns of the `cases.csv` :func:`volumes_to_slices` writes beside the slices, one row per scan.
 CASES_COLUMNS = ("case", "image", "labels", "n_slices", "n_labelled_slices", "spacing_mm", "orientation", "window")
 
@@ -4351,21 +4362,17 @@ def numpy_cases_to_slices(
                 if not truth.any() and not all_slices:  # TransUNet's train_npz keeps every slice of a scan
                     continue
                 match = NUMPY_SLICE_NAME.fullmatch(name) if path.suffix.lower() == ".npy" else None
-                stem = f"{match['case']}_slice{match['slice']}" if match else name
-                Image.fromarray(grey).save(staging / "images" / f"{stem}.png")
-                Image.fromarray(truth).save(staging / "masks" / f"{stem}.png")
+                _save_pair(staging, f"{match['case']}_slice{match['slice']}" if match else name, grey, truth)
                 count += 1
                 continue
             labelled = truth.any(axis=(1, 2))
             slices = range(len(truth)) if all_slices else np.flatnonzero(labelled)
             digits = max(3, len(str(len(truth) - 1)))
             for z in slices:
-                stem = f"{name}_slice{int(z):0{digits}d}"
-                Image.fromarray(grey[z]).save(staging / "images" / f"{stem}.png")
-                Image.fromarray(truth[z]).save(staging / "masks" / f"{stem}.png")
+                _save_pair(staging, f"{name}_slice{int(z):0{digits}d}", grey[z], truth[z])
             count += len(slices)
             if spacing is not None and np.asarray(spacing).size == 3:  # per-volume distances in mm
-                spaced = "x".join(_shortest(float(v)) for v in np.asarray(spacing).reshape(-1))
+                spaced = _spacing_text(np.asarray(spacing, dtype=np.float64).reshape(-1))
                 rows.append([name, path.name, path.name, len(truth), int(labelled.sum()), spaced, "", ""])
         if not count:
             raise ValueError(f"`images` {source}: no case holds a labelled pixel (gts all 0); nothing to train on.")
@@ -4489,11 +4496,10 @@ def volumes_to_slices(
             digits = max(3, len(str(truth.shape[2] - 1)))
             for z in slices:
                 stem = f"{case}_slice{int(z):0{digits}d}"
-                Image.fromarray(slice_image(grey, int(z))).save(staging / "images" / f"{stem}.png")
-                Image.fromarray(slice_image(truth, int(z))).save(staging / "masks" / f"{stem}.png")
+                _save_pair(staging, stem, slice_image(grey, int(z)), slice_image(truth, int(z)))
             count += len(slices)
             present |= {int(c) for c in np.unique(truth) if c}
-            spacing = "x".join(_shortest(v) for v in spaced)
+            spacing = _spacing_text(spaced)
             row = [case, image_path.name, label_path.name, truth.shape[2], int(labelled.sum()), spacing]
             rows.append([*row, codes, "" if case_window is None else window_csv(case_window)])
         names = _write_classes(staging, class_names, present, segment_names)

@@ -21,7 +21,6 @@ loadable full model, processor, adapter in `final/adapter/`, model card) and `ev
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -84,7 +83,7 @@ from imedsam_hf.data import (  # noqa: E402
     write_splits,
 )
 from imedsam_hf.evaluation import EvaluationProtocol, evaluate_model, load_baseline  # noqa: E402
-from imedsam_hf.files import MANIFEST, manifest_problem, share_weights, write_manifest  # noqa: E402
+from imedsam_hf.files import MANIFEST, atomic_write, manifest_problem, write_manifest  # noqa: E402
 from imedsam_hf.loading import (  # noqa: E402
     LITEMEDSAM,
     load_model,
@@ -255,9 +254,9 @@ def choose_splits(
     """
     `--split-file`'s stems (a scan's name for its slices; a MONAI datalist, nnU-Net's `splits_final.json` with
     `--split-fold`, TransUNet's lists: `data.load_splits`; names of nothing in the data left out with a warning),
-    else a seeded split of the stems, by `--group-pattern` and else by `groups` (`data.case_folder_group`). `own`: the held-out splits the dataset has itself
-    (`{"validation": [stems], "test": [stems]}`, either or both), kept as they are; the others are cut from the rest
-    with their shares of `--split-fractions`.
+    else a seeded split of the stems, by `--group-pattern` and else by `groups` (`data.case_folder_group`). `own`:
+    the held-out splits the dataset has itself (`{"validation": [stems], "test": [stems]}`, either or both), kept as
+    they are; the others are cut from the rest with their shares of `--split-fractions`.
     """
     if not data.split_file:
         if caveat := ungrouped_slices(stems, data.group_pattern, groups):
@@ -381,7 +380,7 @@ def record_data(config, args: Arguments, train_set: SegmentationDataset, n_pairs
     """
     data = args.data
     try:
-        names = read_class_names(data.data_dir) if data.data_dir else dataset_class_names(data.dataset)
+        names = data_class_names(data)
     except ValueError as error:
         raise die(error) from error
     if names:
@@ -523,9 +522,9 @@ def register_checkpoint_hooks(accelerator: Accelerator) -> None:
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for i, model in enumerate(models):
-                path = os.path.join(output_dir, f"trainable_{i}.safetensors")
-                save_file(trainable_state(accelerator.unwrap_model(model)), path)
-                share_weights(path)
+                tensors = trainable_state(accelerator.unwrap_model(model))  # umask's permissions, not 0600
+                target = Path(output_dir) / f"trainable_{i}.safetensors"
+                atomic_write(target, lambda path, tensors=tensors: save_file(tensors, path))
         weights.clear()
 
     def load_hook(models, input_dir):
@@ -950,9 +949,8 @@ def end_epoch(run: Run, progress) -> None:
             state["best_val_dice"], state["best_step"] = score, state["global_step"]
             if accelerator.is_main_process:
                 (run.output_dir / "best").mkdir(exist_ok=True)
-                best = run.output_dir / "best" / "trainable.safetensors"
-                save_file(trainable_state(accelerator.unwrap_model(run.model)), str(best))
-                share_weights(best)
+                tensors = trainable_state(accelerator.unwrap_model(run.model))  # umask's permissions, not 0600
+                atomic_write(run.output_dir / "best" / "trainable.safetensors", lambda path: save_file(tensors, path))
                 (run.output_dir / "best" / "state.json").write_text(json.dumps(state))
     if config.checkpoint_every == "epoch":
         save_checkpoint(run)
@@ -1059,6 +1057,13 @@ def start(args: Arguments, trackers: list[str]) -> tuple[Accelerator, RunLog]:
     return accelerator, RunLog(accelerator, output_dir / "logs" / "train_log.jsonl", bool(trackers))
 
 
+def data_class_names(data: DataArguments) -> dict[int, str] | None:
+    """The class names the data gives: its folder's classes.json, or a Hub dataset's id2label.json; None without."""
+    if data.data_dir:
+        return read_class_names(data.data_dir)
+    return dataset_class_names(data.dataset) if data.dataset else None
+
+
 def resolve_class_prompts(args: Arguments, num_classes: int) -> None:
     """`--class-prompts` and `--mask-classes` as evaluation reads the same data (`data.class_prompting`): class-id
     masks (a folder `convert volumes` or `convert npz` wrote, with its classes.json) train one prompt per class
@@ -1066,8 +1071,7 @@ def resolve_class_prompts(args: Arguments, num_classes: int) -> None:
     which no evaluation scores: refused, naming what to give."""
     data = args.data
     try:
-        names = read_class_names(data.data_dir) if data.data_dir else None
-        names = dataset_class_names(data.dataset) if data.dataset and not data.data_dir else names
+        names = data_class_names(data)
         one_per_class = num_classes == 1 or bool(data.all_classes_per_sample)
         data.class_prompts, data.mask_classes = class_prompting(
             data.class_prompts, data.mask_classes, names, one_per_class
