@@ -995,9 +995,11 @@ def npz_cases_in(raw: str) -> list[Path]:
 def predict_npz(args: argparse.Namespace, device: str | None) -> int:
     """
     `imedsam predict CASE.npz ...`: cases in the `.npz` form of the CVPR 2024 "MedSAM on laptop" challenge
-    (`imgs`, `boxes`: LiteMedSAM's own data) or of the CVPR 2025 interactive 3-D challenge (`boxes` a list of dicts:
-    `volumes.read_npz_case`) -> `<out>/<name>.npz` with `segs` (`volumes.segment_npz_case`), each
-    written atomically; a case that cannot be read or segmented is skipped and named.
+    (`imgs`, `boxes`: LiteMedSAM's own data) or of the CVPR 2025 interactive 3-D challenge (`boxes` a list of dicts,
+    and in its refinement rounds `clicks` with the round before's `prev_pred`, corrected where a click disagrees:
+    `volumes.read_npz_case`, `volumes.refine_with_clicks`) -> `<out>/<name>.npz` with `segs`
+    (`volumes.segment_npz_case`), each written atomically; a case that cannot be read or segmented is skipped and
+    named.
     """
     made = False
     try:
@@ -1032,10 +1034,16 @@ def predict_npz(args: argparse.Namespace, device: str | None) -> int:
     failures = []
     for path, targets in plan.items():
         try:
-            imgs, boxes, key_slices = read_npz_case(path)
-            segs = segment_npz_case(model, imgs, boxes, processor=processor, tta=args.tta, key_slices=key_slices)
+            case = read_npz_case(path)
+            segs = segment_npz_case(
+                model, case.imgs, case.boxes, processor=processor, tta=args.tta, key_slices=case.key_slices,
+                clicks=case.clicks, previous=case.previous,
+            )  # fmt: skip
             atomic_write(targets[0], functools.partial(_save_segs, segs=segs))
-            print(f"{path}: {len(boxes)} boxes, {int((segs > 0).sum())} labelled pixels -> {targets[0]}")
+            prompts = f"{len(case.boxes)} boxes" if case.boxes is not None else "no boxes"
+            if case.clicks is not None:
+                prompts += f", {sum(map(len, case.clicks.values()))} clicks"
+            print(f"{path}: {prompts}, {int((segs > 0).sum())} labelled pixels -> {targets[0]}")
         except (OSError, ValueError) as error:
             skip(path, error, failures)
     print(f"{len(plan) - len(failures)} of {len(plan)} cases segmented into {args.out}")
