@@ -30,6 +30,7 @@ from common import report
 from scipy import ndimage
 
 from imedsam_hf import load_model
+from imedsam_hf.metrics import dice_from_counts
 from imedsam_hf.volumes import read_volume, refine_with_clicks, segment_npz_case, slice_image
 
 
@@ -77,10 +78,11 @@ def next_clicks(segs: np.ndarray, gts: np.ndarray, clicks: dict[int, list]) -> N
 
 
 def mean_dice(segs: np.ndarray, gts: np.ndarray) -> float:
+    """The mean over organs of the 3-D Dice (`metrics.dice_from_counts`) of label ``i + 1`` against the ``i``-th id."""
     scores = []
     for index, class_id in enumerate(np.unique(gts)[1:]):
         truth, predicted = gts == class_id, segs == index + 1
-        scores.append(2 * (truth & predicted).sum() / (truth.sum() + predicted.sum()))
+        scores.append(dice_from_counts(int((truth & predicted).sum()), int(predicted.sum()), int(truth.sum())))
     return float(np.mean(scores))
 
 

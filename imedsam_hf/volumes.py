@@ -1325,12 +1325,10 @@ def segment_npz_case(
         (the file's boxes say no structure, and a class-aware model decodes a box by its structure's heads).
     """
     imgs = np.asarray(imgs)
-    if clicks is not None:
-        model = load_model(model)[0] if isinstance(model, (str, os.PathLike)) else model
+    model = load_model(model)[0] if isinstance(model, (str, os.PathLike)) else model
+    if clicks is not None:  # refine_with_clicks checks `previous` against `imgs`
         if previous is not None:
-            segs = np.asarray(previous).astype(np.uint16)
-            if segs.shape != imgs.shape:
-                raise ValueError(f"`previous` has shape {segs.shape}, `imgs` {imgs.shape}: the labels of this case")
+            segs = np.asarray(previous)
         elif boxes is not None:
             segs = segment_npz_case(
                 model, imgs, boxes, processor=processor, progress=progress, tta=tta, key_slices=key_slices
@@ -1343,7 +1341,6 @@ def segment_npz_case(
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.ndim != 2 or boxes.shape[1] not in (4, 6) or not len(boxes):
         raise ValueError(f"`boxes` has shape {boxes.shape}: expected (N, 4) 2-D or (N, 6) 3-D boxes, N >= 1")
-    model = load_model(model)[0] if isinstance(model, (str, os.PathLike)) else model
     if is_class_aware(model.config):
         raise ValueError(NPZ_CLASS_AWARE)
     if boxes.shape[1] == 4:
@@ -1379,8 +1376,7 @@ class ClickEdit:
     """What :func:`refine_with_clicks` did for one click that disagreed with the labels: `structure` (label), the
     click `(z, y, x, foreground)`, `action` (`"grow"` a slice's mask to it, `"extend"` the structure into slices it
     was missing from, `"remove"` the mask's piece holding it, `"cut"` it out with the clicks as points, `"none"`),
-    the `slices`
-    changed (none when the model's answer still disagreed with the click and was not taken)."""
+    the `slices` changed (none when the model's answer still disagreed with the click and was not taken)."""
 
     structure: int
     click: tuple[int, int, int, bool]
@@ -1479,8 +1475,8 @@ def refine_with_clicks(
             own = [c for c in clicks.get(label - 1, ()) if c[0] == z]
             points = {"points": [[c[2], c[1]] for c in own], "labels": [int(c[3]) for c in own]} if own else None
         result = segment(
-            model, slice_image(embeddings.images, z), box=box, processor=processor, tta=tta, image_embeddings=embeddings(z),
-            **(points or {}),
+            model, slice_image(embeddings.images, z), box=box, processor=processor, tta=tta,
+            image_embeddings=embeddings(z), **(points or {}),
         )  # fmt: skip
         return (np.asarray(result.mask).reshape(height, width) > 0) & _box_region(box, (height, width))
 
@@ -1516,9 +1512,8 @@ def refine_with_clicks(
                 changed: list[int] = []
                 if foreground and not own[z].any():
                     action = "extend"
-                    z_low, z_high = 0, depth - 1
-                    if boxes_3d is not None and index < len(boxes_3d):
-                        z_low, z_high = int(boxes_3d[index][2]), int(boxes_3d[index][5])
+                    given = boxes_3d[index] if boxes_3d is not None and index < len(boxes_3d) else None
+                    z_low, z_high = (0, depth - 1) if given is None else (int(given[2]), int(given[5]))
                     z_low, z_high = min(z_low, z), max(z_high, z)
                     low = z
                     while low - 1 >= z_low and not own[low - 1].any():
@@ -1529,15 +1524,16 @@ def refine_with_clicks(
                     near = [s for s in (low - 1, high + 1) if 0 <= s < depth and own[s].any()]
                     if near:
                         seed = mask_box(own[min(near, key=lambda s: abs(s - z))]).tolist()
-                    elif boxes_3d is not None and index < len(boxes_3d):
-                        seed = [boxes_3d[index][k] for k in (0, 1, 3, 4)]
+                    elif given is not None:
+                        seed = [given[k] for k in (0, 1, 3, 4)]
                     else:
                         seed = [x, y, x, y]
                     # Propagated from the click's slice through the missing ones, as a 3-D box drawn there is.
                     x0, y0, x1, y1 = (int(round(v)) for v in stretched(seed, y, x))
+                    box_3d = [x0, height - 1 - y1, low, x1, height - 1 - y0, high]  # rows of imgs[z] reversed
                     found = segment_volume(
-                        model, volume, processor=processor, boxes_3d={1: [x0, height - 1 - y1, low, x1, height - 1 - y0, high]},
-                        key_slices={1: z}, progress=False, tta=tta, box_margin=box_margin, slice_embeddings=embeddings,
+                        model, volume, processor=processor, boxes_3d={1: box_3d}, key_slices={1: z}, progress=False,
+                        tta=tta, box_margin=box_margin, slice_embeddings=embeddings,
                     )  # fmt: skip
                     masks = {s: slice_image(found, s) == 1 for s in range(low, high + 1)}
                     if masks[z][y, x]:
