@@ -30,8 +30,9 @@ from common import report
 from scipy import ndimage
 
 from imedsam_hf import load_model
+from imedsam_hf.configuration_imedsam import is_class_aware
 from imedsam_hf.metrics import dice_from_counts
-from imedsam_hf.volumes import read_volume, refine_with_clicks, segment_npz_case, slice_image
+from imedsam_hf.volumes import read_volume, refine_with_clicks, segment_npz_case, segment_volume, slice_image
 
 
 def challenge_case(data_dir: Path, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
@@ -77,6 +78,23 @@ def next_clicks(segs: np.ndarray, gts: np.ndarray, clicks: dict[int, list]) -> N
         clicks.setdefault(index, []).append((z, y, x, bool(gts[z, y, x] == class_id)))
 
 
+def class_aware_box_round(model, processor, data_dir: Path, case: str, gts, boxes, key_slices) -> np.ndarray:
+    """Round 0 for a class-aware model: the same boxes (the key slice's 2-D box, the organ's z range) propagated by
+    `segment_volume`, each decoded by its organ's heads (label ``i + 1`` the model's class ``i + 1``)."""
+    ids = np.unique(gts)[1:]
+    if not np.array_equal(ids, np.arange(1, len(ids) + 1)) or len(ids) > model.config.num_classes:
+        raise SystemExit(f"{case}: organs {ids.tolist()}: a class-aware model needs them numbered 1..N as its classes")
+    height = gts.shape[1]
+    boxes_3d = {  # rows of imgs[z] are the volume's y reversed (segment_npz_case's conversion)
+        index + 1: [x0, height - 1 - y1, z0, x1, height - 1 - y0, z1]
+        for index, (x0, y0, z0, x1, y1, z1) in enumerate(boxes.tolist())
+    }
+    keys = {index + 1: int(z) for index, z in enumerate(key_slices)}
+    volume = read_volume(data_dir / "volumes" / f"{case}.nii.gz")
+    labels = segment_volume(model, volume, processor=processor, boxes_3d=boxes_3d, key_slices=keys, progress=False)
+    return np.stack([slice_image(labels, z) for z in range(labels.shape[2])]).astype(np.uint16)
+
+
 def mean_dice(segs: np.ndarray, gts: np.ndarray) -> float:
     """The mean over organs of the 3-D Dice (`metrics.dice_from_counts`) of label ``i + 1`` against the ``i``-th id."""
     scores = []
@@ -90,7 +108,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--case", nargs="+", required=True)
-    parser.add_argument("--model", default="litemedsam", help="a one-class model (the boxes name no organ)")
+    parser.add_argument(
+        "--model",
+        default="litemedsam",
+        help="a one-class model (the challenge's boxes name no organ), or a class-aware one (imedsam-litemedsam-btcv: "
+        "each box and click decoded by its organ's heads, the scan's organs numbered 1..N as its classes)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="click rounds after the box round (the challenge: 5)")
     parser.add_argument("--no_boxes", action="store_true", help="the challenge's cases without boxes: clicks only")
     parser.add_argument("--num_threads", type=int, default=None)
@@ -105,6 +128,8 @@ def main() -> None:
         start = time.perf_counter()
         if args.no_boxes:  # the challenge scores such a case's box round 0
             segs = np.zeros(imgs.shape, dtype=np.uint16)
+        elif is_class_aware(model.config):
+            segs = class_aware_box_round(model, processor, Path(args.data_dir), case, gts, boxes, key_slices)
         else:
             segs = segment_npz_case(model, imgs, boxes, processor=processor, key_slices=key_slices, progress=False)
         dice, seconds, clicks, actions = [mean_dice(segs, gts)], [time.perf_counter() - start], {}, {}

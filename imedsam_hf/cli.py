@@ -2,6 +2,7 @@
 
 imedsam predict --model M IMAGES_OR_VOLUMES... (--box ... | --boxes F | --boxes-from-masks D | --points ... |
                 --points-from-masks D | --no-prompt) --out DIR
+imedsam predict --model M VOLUMES... --corrections CLICKS.mrk.json... [--previous LABELS] --out DIR
 imedsam predict --model M CASES.npz... --out DIR   (LiteMedSAM challenge cases: their own boxes)
 imedsam evaluate --model M (--data-dir D | --dataset HUB_ID) [--split test] [--baseline] --json OUT.json
 imedsam score PREDICTIONS... --truth DIR [--classes 6,liver] [--nsd-tolerance MM] [--nsd-definition voxels|surfels] [--json OUT.json] [--csv OUT.csv]
@@ -295,6 +296,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="3-D boxes: MedSAM's propagation as it is, a mask may reach past its box and widen the next one "
         "(default: each mask cut to its prompt box, every propagated box kept inside the 3-D box)",
+    )
+    p.add_argument(
+        "--corrections",
+        nargs="+",
+        metavar="CLICKS",
+        default=None,
+        help="volumes: clicks that correct the labels (--previous's, else the prompt's answer, else none) where they "
+        "disagree: 3D Slicer point lists (.mrk.json, one scan per run), each point on a structure's missed voxels "
+        "(the list named after it: liver.mrk.json) or on voxels claimed wrongly (a list named 'background'); or JSON "
+        '{structure: [[x, y, z], ...], "background": [...]} in voxel indices, or {volume name: {...}}',
+    )
+    p.add_argument(
+        "--previous",
+        default=None,
+        metavar="LABELS",
+        help="with --corrections: the labels they correct, a label volume (one scan) or a folder of label volumes "
+        "named like the scans (an earlier --out; a 3D Slicer .seg.nrrd too)",
     )
     p.add_argument(
         "--out",

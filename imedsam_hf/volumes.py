@@ -19,6 +19,9 @@ Entry points
   prompt, ``segment_volume(boxes_3d=..., key_slices=...)``).
 - :func:`segment_volume`: the 2-D model over a volume, prompted by a label volume (exact 2-D boxes on every slice) or
   by 3-D boxes (the MedSAM/LiteMedSAM middle-slice propagation protocol) -> ``(X, Y, Z)`` uint8 class ids.
+- :func:`refine_volume`: a volume's labels corrected where clicks disagree (:func:`refine_with_clicks`, the CVPR 2025
+  challenge's refinement rounds); :func:`read_slicer_points` and :func:`click_labels` read the clicks from 3D Slicer
+  point lists (``.mrk.json``).
 - :func:`volume_scores`: 3-D Dice, IoU, HD95, HD and NSD per class, in millimetres from the voxel spacing.
 - :func:`volumes_to_slices`: scans and label volumes -> the folder of 2-D slices training reads
   (`imedsam convert volumes`).
@@ -95,6 +98,7 @@ from .data import (
     STRUCTURE_ABBREVIATIONS,
     VOLUME_SUFFIXES,
     channel_names,
+    class_id_of,
     classes_by_name,
     folder_class_names,
     image_files_in,
@@ -216,6 +220,13 @@ __all__ = [
     "ChallengeCase",
     "refine_with_clicks",
     "Refinement",
+    "refine_volume",
+    "VolumeRefinement",
+    "read_slicer_points",
+    "click_labels",
+    "click_label",
+    "NamedClick",
+    "BACKGROUND",
     "ClickEdit",
     "CHALLENGE_BOX_KEYS",
     "NPZ_CLASS_AWARE",
@@ -1326,6 +1337,8 @@ def segment_npz_case(
     """
     imgs = np.asarray(imgs)
     model = load_model(model)[0] if isinstance(model, (str, os.PathLike)) else model
+    if is_class_aware(model.config):
+        raise ValueError(NPZ_CLASS_AWARE)
     if clicks is not None:  # refine_with_clicks checks `previous` against `imgs`
         if previous is not None:
             segs = np.asarray(previous)
@@ -1341,8 +1354,6 @@ def segment_npz_case(
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.ndim != 2 or boxes.shape[1] not in (4, 6) or not len(boxes):
         raise ValueError(f"`boxes` has shape {boxes.shape}: expected (N, 4) 2-D or (N, 6) 3-D boxes, N >= 1")
-    if is_class_aware(model.config):
-        raise ValueError(NPZ_CLASS_AWARE)
     if boxes.shape[1] == 4:
         if not (imgs.ndim == 2 or (imgs.ndim == 3 and imgs.shape[-1] in (3, 4))):
             raise ValueError(f"`imgs` has shape {imgs.shape}: 2-D boxes need an (H, W, 3) or (H, W) image")
@@ -1398,7 +1409,7 @@ def refine_with_clicks(
     segs: np.ndarray,
     clicks: Mapping[int, Sequence[tuple[int, int, int, bool]]],
     *,
-    boxes: np.ndarray | None = None,
+    boxes: np.ndarray | Mapping[int, Sequence[float]] | None = None,
     processor: IMedSamProcessor | None = None,
     tta: str = "none",
     box_margin: float = 3.0,
@@ -1411,8 +1422,9 @@ def refine_with_clicks(
 
     A click the labels already agree with changes nothing, so the clicks of all rounds can be given each round with
     the round before's labels. The model is prompted with boxes, as it was trained (a model that learned clicks,
-    ``config.learned_clicks``, also gets the slice's clicks of that structure as points); an answer that still
-    disagrees with its click is not taken. Per disagreeing click of structure ``i + 1`` on slice ``z``:
+    ``config.learned_clicks``, also gets the slice's clicks of that structure as points; a class-aware model decodes
+    each box by the heads of its label, which must then be one of its class ids); an answer that still disagrees with
+    its click is not taken. Per disagreeing click of structure ``i + 1`` on slice ``z``:
 
     - foreground, the structure absent from ``z``: the slices around ``z`` it is missing from (within box ``i``'s z
       range when there is one) are segmented from ``z`` outwards as :func:`segment_volume` propagates a 3-D box
@@ -1435,7 +1447,8 @@ def refine_with_clicks(
             :func:`to_uint8` (default: the model's recorded window, :func:`resolve_window`).
         segs: ``(D, H, W)`` labels to correct (not changed in place).
         clicks: structure index ``i`` (label ``i + 1``) -> ``(z, y, x, foreground)`` in the order given.
-        boxes: the case's ``(N, 6)`` boxes ``[x0, y0, z0, x1, y1, z1]``, index ``i`` for label ``i + 1``, if any.
+        boxes: the case's ``(N, 6)`` boxes ``[x0, y0, z0, x1, y1, z1]`` (``x, y`` pixels of ``imgs[z]``), index ``i``
+            for label ``i + 1``, or ``{i: box}`` for some structures, if any.
         reach: slices on either side of a "grow" that are grown to the click too. Chosen on BTCV case0003 / case0004
             (zero-shot LiteMedSAM, 13 organs, five rounds of the challenge's clicks; mean 3-D Dice after them): 0:
             0.8008 / 0.7364, 1: 0.8235 / 0.7573, 2: 0.8298 / 0.7614, 3: 0.8242 / 0.7662, 5: 0.8167 / 0.7695 (from
@@ -1446,16 +1459,19 @@ def refine_with_clicks(
     if imgs.ndim != 3 or segs.shape != imgs.shape:
         raise ValueError(f"`imgs` {imgs.shape} and `segs` {segs.shape}: clicks refine a (D, H, W) case's labels")
     model = load_model(model)[0] if isinstance(model, (str, os.PathLike)) else model
-    if is_class_aware(model.config):
-        raise ValueError(NPZ_CLASS_AWARE)
+    aware = is_class_aware(model.config)
+    if aware:
+        _check_class_aware(model, {int(index) + 1 for index in clicks})
     processor = processor or processor_for_config(model.config)
     depth, height, width = imgs.shape
     volume = _npz_volume(to_uint8(imgs, resolve_window(imgs, window, model.config, "`imgs`")))
     embeddings = SliceEmbeddings(model, volume, processor=processor, tta=tta)  # each slice encoded once
     with_points = bool(getattr(model.config, "learned_clicks", False))
-    boxes_3d = None if boxes is None else np.asarray(boxes, dtype=np.float64)
-    if boxes_3d is not None and (boxes_3d.ndim != 2 or boxes_3d.shape[1] != 6):
-        raise ValueError(f"`boxes` has shape {boxes_3d.shape}: clicks refine 3-D cases, (N, 6) boxes")
+    given_boxes = dict(boxes.items()) if isinstance(boxes, Mapping) else dict(enumerate(() if boxes is None else boxes))
+    boxes_3d = {int(index): np.asarray(box, dtype=np.float64) for index, box in given_boxes.items()}
+    if any(box.shape != (6,) for box in boxes_3d.values()):
+        shapes = sorted({box.shape for box in boxes_3d.values()})
+        raise ValueError(f"`boxes` of shapes {shapes}: clicks refine 3-D cases, boxes [x0, y0, z0, x1, y1, z1]")
 
     def clipped(box: Sequence[float]) -> list[float]:
         x0, y0, x1, y1 = box
@@ -1476,7 +1492,7 @@ def refine_with_clicks(
             points = {"points": [[c[2], c[1]] for c in own], "labels": [int(c[3]) for c in own]} if own else None
         result = segment(
             model, slice_image(embeddings.images, z), box=box, processor=processor, tta=tta,
-            image_embeddings=embeddings(z), **(points or {}),
+            image_embeddings=embeddings(z), classes=[label] if aware else None, **(points or {}),
         )  # fmt: skip
         return (np.asarray(result.mask).reshape(height, width) > 0) & _box_region(box, (height, width))
 
@@ -1512,7 +1528,7 @@ def refine_with_clicks(
                 changed: list[int] = []
                 if foreground and not own[z].any():
                     action = "extend"
-                    given = boxes_3d[index] if boxes_3d is not None and index < len(boxes_3d) else None
+                    given = boxes_3d.get(int(index))
                     z_low, z_high = (0, depth - 1) if given is None else (int(given[2]), int(given[5]))
                     z_low, z_high = min(z_low, z), max(z_high, z)
                     low = z
@@ -1531,11 +1547,12 @@ def refine_with_clicks(
                     # Propagated from the click's slice through the missing ones, as a 3-D box drawn there is.
                     x0, y0, x1, y1 = (int(round(v)) for v in stretched(seed, y, x))
                     box_3d = [x0, height - 1 - y1, low, x1, height - 1 - y0, high]  # rows of imgs[z] reversed
+                    key = label if aware else 1  # a class-aware model decodes the box by its label's heads
                     found = segment_volume(
-                        model, volume, processor=processor, boxes_3d={1: box_3d}, key_slices={1: z}, progress=False,
-                        tta=tta, box_margin=box_margin, slice_embeddings=embeddings,
+                        model, volume, processor=processor, boxes_3d={key: box_3d}, key_slices={key: z},
+                        progress=False, tta=tta, box_margin=box_margin, slice_embeddings=embeddings,
                     )  # fmt: skip
-                    masks = {s: slice_image(found, s) == 1 for s in range(low, high + 1)}
+                    masks = {s: slice_image(found, s) == key for s in range(low, high + 1)}
                     if masks[z][y, x]:
                         changed = [s for s, mask in masks.items() if mask.any()]
                         for s in changed:
@@ -1591,6 +1608,217 @@ def _box_region(box: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
     x0, y0, x1, y1 = (int(round(v)) for v in box)
     region[y0 : y1 + 1, x0 : x1 + 1] = True
     return region
+
+
+# ------------------------------------------------------------------------------------------ clicks on a volume's labels
+#: The name of clicks on voxels that belong to no structure: the labels claimed them wrongly (MONAI Label's DeepEdit
+#: and its 3D Slicer module name such clicks so).
+BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class NamedClick:
+    """A click on a volume, before its structure is known: `names`, what may name its structure (most specific first:
+    a point's own label, its point list's name, its file's name), `position` ``(x, y, z)``: world RAS millimetres
+    with `world` (a viewer's point), else stored voxel indices; `where` (the file and the point, for messages)."""
+
+    names: tuple[str, ...]
+    position: tuple[float, float, float]
+    world: bool
+    where: str
+
+
+def read_slicer_points(path: str | os.PathLike) -> list[NamedClick]:
+    """The control points of a 3D Slicer markups file (``.mrk.json``: point lists, "Fiducial" markups) as clicks at
+    world positions (``coordinateSystem`` LPS, Slicer's default for files, or RAS; millimetres; RAS here, as a
+    :class:`Volume`'s affine maps voxels). Each point may be named for a structure by its own label (Slicer's
+    ``liver-2`` read as ``liver``; a label that is a number names nothing), its list's ``name`` or the file's name
+    (``liver.mrk.json``). Points not placed (``positionStatus`` other than ``defined``) are left out.
+
+    Raises:
+        ValueError: not JSON, not a markups file, a markup that is not a point list, another coordinate system or
+            unit, a position that is not three numbers; each naming the file (and the markup or point)."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a 3D Slicer markups file (.mrk.json): {error}") from None
+    markups = content.get("markups") if isinstance(content, dict) else None
+    if not isinstance(markups, list):
+        raise ValueError(
+            f'{path}: not a 3D Slicer markups file: no "markups" list (Slicer saves a point list as <name>.mrk.json)'
+        )
+    stem = path.name[: -len(".mrk.json")] if path.name.lower().endswith(".mrk.json") else path.stem
+    clicks = []
+    for number, markup in enumerate(markups, start=1):
+        kind = markup.get("type") if isinstance(markup, dict) else None
+        if kind != "Fiducial":
+            raise ValueError(
+                f"{path}: markup {number} is a {kind or type(markup).__name__}, not a point list (Fiducial): clicks are "
+                "the points of point lists"
+            )
+        system = str(markup.get("coordinateSystem", "LPS")).upper()
+        units = str(markup.get("coordinateUnits", "mm"))
+        if system not in ("LPS", "RAS") or units != "mm":
+            raise ValueError(
+                f"{path}: markup {number} is in {system} {units}; positions are read in LPS or RAS millimetres"
+            )
+        name = markup.get("name")
+        for point in markup.get("controlPoints") or []:
+            label = str(point.get("label", "")) if isinstance(point, dict) else ""
+            if isinstance(point, dict) and point.get("positionStatus", "defined") != "defined":
+                continue  # a point of the list not placed yet
+            position = point.get("position") if isinstance(point, dict) else None
+            if not (
+                isinstance(position, list)
+                and len(position) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in position)
+            ):
+                raise ValueError(f"{path}: point {label!r} of markup {number}: position {position!r} is not 3 numbers")
+            world = np.asarray(position, dtype=float) * (np.array([-1.0, -1.0, 1.0]) if system == "LPS" else 1.0)
+            own = re.sub(r"-\d+$", "", label.strip())
+            names = [own] if is_structure_name(own) else []
+            names += [str(n) for n in (name, stem) if n is not None and str(n).strip()]
+            where = f"{path}: point {label!r}" + (f" of {name!r}" if name else "")
+            names = list(dict.fromkeys(names))  # Slicer's labels repeat the list's name, which repeats the file's
+            clicks.append(NamedClick(tuple(names), tuple(float(v) for v in world), True, where))  # type: ignore[arg-type]
+    return clicks
+
+
+def click_labels(
+    clicks: Sequence[NamedClick], volume: Volume, class_names: Mapping[int, str] | None = None
+) -> dict[int, list[tuple[int, int, int]]]:
+    """Clicks by the label they are for, ``{label: [(x, y, z), ...]}`` (`volume`'s stored voxel indices, world
+    positions mapped by its affine, rounded; label 0 for
+    :data:`BACKGROUND`): each click's first name that is ``background``, a structure of `class_names` (by id, or by
+    name as :func:`imedsam_hf.data.class_id_of` matches names), or without `class_names` a class id 1..255.
+
+    Raises:
+        ValueError: a click outside the volume, or none of whose names is a structure, naming it and what would
+            name it."""
+    to_voxel = np.linalg.inv(volume.affine)
+    by_label: dict[int, list[tuple[int, int, int]]] = {}
+    for click in clicks:
+        place = np.asarray(click.position, dtype=float)
+        place = (to_voxel @ np.append(place, 1.0))[:3] if click.world else place
+        voxel = tuple(int(round(v)) for v in place)
+        if any(not 0 <= v < n for v, n in zip(voxel, volume.shape)):
+            seen = f"world {list(click.position)} mm, voxel " if click.world else "voxel "
+            raise ValueError(
+                f"{click.where}: at {seen}{[round(float(v), 1) for v in place]}, outside {volume.name}'s "
+                f"{volume.shape} voxels (placed on another scan?)"
+            )
+        label = click_label(click, class_names)
+        if label is None:
+            known = ", ".join(f"{i} {n}" for i, n in sorted((class_names or {}).items())) or "class ids 1..255"
+            raise ValueError(
+                f"{click.where}: {' / '.join(map(repr, click.names)) or 'no name'} names no structure ({known}): name "
+                f"the point list (or the point) after the structure it is on, or {BACKGROUND!r} for a voxel the "
+                "labels claim wrongly"
+            )
+        by_label.setdefault(label, []).append(voxel)  # type: ignore[arg-type]
+    return by_label
+
+
+def click_label(click: NamedClick, class_names: Mapping[int, str] | None = None) -> int | None:
+    """The label a click is for (:func:`click_labels`' rule: its first name that is ``background``, 0, or a structure
+    of `class_names`, or without them a class id 1..255); None if no name is."""
+    for name in click.names:
+        text = name.strip()
+        if text.lower() == BACKGROUND:
+            return 0
+        if class_names:
+            with contextlib.suppress(ValueError):
+                return class_id_of(text, class_names, "")
+        elif text.isdigit() and 1 <= int(text) <= 255:
+            return int(text)
+    return None
+
+
+@dataclass(frozen=True)
+class VolumeRefinement:
+    """:func:`refine_volume`'s result: `labels` ``(X, Y, Z)`` on the volume's stored grid, the `edits` made (each
+    :class:`ClickEdit`'s click as given, ``(x, y, z, foreground)`` stored voxel indices) and the `clicks` given."""
+
+    labels: np.ndarray
+    edits: list[ClickEdit]
+    clicks: int
+
+
+def refine_volume(
+    model: Any,
+    volume: Volume | np.ndarray | str | os.PathLike,
+    labels: Volume | np.ndarray,
+    clicks: Mapping[int, Sequence[Sequence[int]]],
+    *,
+    boxes_3d: Mapping[int, Sequence[int]] | None = None,
+    processor: IMedSamProcessor | None = None,
+    window: WindowSpec = None,
+    tta: str = "none",
+    reach: int = 2,
+) -> VolumeRefinement:
+    """A volume's labels corrected where clicks disagree with them (:func:`refine_with_clicks` through the volume's
+    :class:`SliceView`): the labels of an earlier `segment_volume`, another tool's or a person's, with clicks placed in
+    a viewer (:func:`read_slicer_points`, :func:`click_labels`).
+
+    Args:
+        volume: the scan (any orientation; `window` as in :func:`segment_volume`).
+        labels: ``(X, Y, Z)`` class ids on its grid (a :class:`Volume` is checked to lie on it).
+        clicks: ``{label: [(x, y, z), ...]}`` stored voxel indices: a structure's voxels (foreground), or label 0 for
+            voxels no structure holds (each a background click of the structure the labels put there). A class-aware
+            model's labels are its class ids. Structures are corrected in label order, each one's background clicks
+            first (a stray piece removed before its mask's box starts a growth), then its foreground clicks, each in
+            the order given.
+        boxes_3d: the structures' 3-D boxes ``{label: [x0, y0, z0, x1, y1, z1]}``, if any: a structure extended into
+            slices it was missing from stays within its box's slices.
+    """
+    volume = _as_volume(volume, "volume")
+    model = load_model(model)[0] if isinstance(model, (str, os.PathLike)) else model
+    if isinstance(labels, Volume):
+        data = check_label_volume(labels, volume, compare_affines=True)
+    else:
+        data = np.asarray(labels)
+        if data.shape != volume.shape:
+            raise ValueError(f"labels of shape {data.shape}: the volume {volume.name} is {volume.shape}")
+    view = SliceView.of(volume)
+    spec = resolve_window(volume.data, window, model.config, volume.name, volume.modality)
+    shown, marked = view.to_view(to_uint8(volume.data, spec)), view.to_view(data)
+    depth = shown.shape[2]
+    height = shown.shape[1]
+    imgs = np.stack([slice_image(shown, z) for z in range(depth)])
+    segs = np.stack([slice_image(marked, z) for z in range(depth)])
+
+    def in_view(voxel: Sequence[int]) -> tuple[int, int, int]:
+        """Stored ``(x, y, z)`` -> ``(z, row, column)`` of the view's slice images."""
+        x, y, z = view.box([*voxel, *voxel])[:3]
+        return z, height - 1 - y, x
+
+    by_index: dict[int, list[tuple[int, int, int, bool]]] = {}
+    given: dict[tuple[int, int, int, bool], tuple[int, int, int, bool]] = {}
+    for label, voxels in sorted(clicks.items(), key=lambda item: int(item[0]) != 0):  # background clicks first
+        for voxel in voxels:
+            x, y, z = (int(v) for v in voxel)
+            if not all(0 <= v < n for v, n in zip((x, y, z), volume.shape)):
+                raise ValueError(f"click {[x, y, z]} of label {label}: outside the volume's {volume.shape} voxels")
+            structure = int(label) if int(label) else int(data[x, y, z])
+            if not structure:
+                continue  # a background click on background: the labels agree
+            shown_click = (*in_view((x, y, z)), bool(int(label)))
+            given[shown_click] = (x, y, z, bool(int(label)))
+            by_index.setdefault(structure - 1, []).append(shown_click)
+    boxes = None
+    if boxes_3d:
+        boxes = {}
+        for label, box in boxes_3d.items():
+            x0, y0, z0, x1, y1, z1 = view.box(box)
+            boxes[int(label) - 1] = [x0, height - 1 - y1, z0, x1, height - 1 - y0, z1]
+    by_index = dict(sorted(by_index.items()))  # structures in label order, each one's clicks in the order given
+    result = refine_with_clicks(model, imgs, segs, by_index, boxes=boxes, processor=processor, tta=tta, reach=reach)
+    refined = np.zeros(shown.shape, dtype=np.uint8 if result.segs.max(initial=0) <= 255 else np.uint16)
+    for z in range(depth):
+        place_slice(refined, z, result.segs[z].astype(refined.dtype))
+    edits = [ClickEdit(edit.structure, given[edit.click], edit.action, edit.slices) for edit in result.edits]
+    return VolumeRefinement(view.from_view(refined), edits, sum(len(v) for v in clicks.values()))
 
 
 def volume_box_to_slice_box(box_3d: Sequence[float], shape: Sequence[int]) -> list[float]:

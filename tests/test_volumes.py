@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 import types
 import warnings
@@ -2775,7 +2776,9 @@ def _box_filling_segment(calls):
         for mask, one in zip(masks, box if several else [box]):
             x0, y0, x1, y1 = (int(round(v)) for v in one)
             mask[y0 : y1 + 1, x0 : x1 + 1] = 1
-            calls.append({"box": [x0, y0, x1, y1], "points": points, "labels": labels})
+            calls.append(
+                {"box": [x0, y0, x1, y1], "points": points, "labels": labels, "classes": kwargs.get("classes")}
+            )
         probabilities = masks[:, None].astype(np.float32)
         return Segmentation(
             mask=masks if several else masks[0], probabilities=probabilities if several else probabilities[0],
@@ -3051,3 +3054,222 @@ def test_a_bids_data_sets_sourcedata_dicom_are_not_scans_beside_its_nifti(tmp_pa
     assert [(case, label.name) for case, _, label in paired_volumes(root, root)] == [
         ("sub-01_T2w", "sub-01_T2w_seg-manual.nii.gz")
     ]
+
+
+def _slicer_points(path: Path, name: str | None, points, system: str = "LPS", **extra) -> Path:
+    """A 3D Slicer point list as Slicer 5 saves it (`<name>.mrk.json`), `points` `[(label, position), ...]`."""
+    markup = {"type": "Fiducial", "coordinateSystem": system, "coordinateUnits": "mm", **extra}
+    if name is not None:
+        markup["name"] = name
+    markup["controlPoints"] = [
+        {"id": str(n), "label": label, "position": list(position), "positionStatus": "defined"}
+        for n, (label, position) in enumerate(points, start=1)
+    ]
+    schema = "https://raw.githubusercontent.com/slicer/slicer/main/Modules/Loadable/Markups/Resources/Schema/"
+    path.write_text(json.dumps({"@schema": schema + "markups-schema-v1.0.3.json#", "markups": [markup]}))
+    return path
+
+
+def test_clicks_placed_in_a_viewer_correct_a_volumes_labels_in_any_orientation(tmp_path, capsys, monkeypatch):
+    """`predict` corrected labels only in the challenge's .npz rounds: a NIfTI user who found a missed piece of an
+    organ in 3D Slicer had no way to say so but to draw boxes again. Now `--corrections` takes Slicer's point lists
+    (`liver.mrk.json`, world LPS millimetres; `background.mrk.json` for voxels claimed wrongly) or voxel indices, and
+    `--previous` the labels they correct: the same edits as the challenge's rounds, whatever the scan's stored
+    orientation (BTCV's LAS, nibabel's RAS), the labels written back on the scan's grid."""
+    from imedsam_hf.cli import main as cli_main
+    from imedsam_hf.volumes import NamedClick, click_labels, read_slicer_points, refine_volume, refine_with_clicks
+
+    depth, height, width = 9, 30, 40
+    imgs = np.random.default_rng(0).integers(0, 255, (depth, height, width), dtype=np.uint8)
+    shown = np.zeros((depth, height, width), dtype=np.uint8)  # the slices as the model sees them (the view)
+    shown[2:5, 10:20, 10:20] = 1  # structure 1 on slices 2..4 (missed on 5..7)
+    shown[4, 25:28, 30:34] = 1  # and a stray piece
+    shown[3:6, 5:15, 25:35] = 2
+    # A structure's background clicks go first (its stray piece out of the box a growth starts from), then the rest.
+    view_clicks = {0: [(4, 26, 31, False), (6, 15, 15, True), (3, 15, 22, True)]}
+    monkeypatch.setattr(volumes_module, "segment", _box_filling_segment([]))
+    model = tiny_model(query_mode="adaptive", implicit_decoder_trained=True)
+    model.config.base_model = "litemedsam"
+    expected = refine_with_clicks(model, imgs, shown, view_clicks).segs
+
+    # The same slices stored LAS (the view itself) with 1.5 x 1.5 x 3 mm voxels, and as nibabel's RAS.
+    las_affine = np.array([[-1.5, 0, 0, 30.0], [0, 1.5, 0, -20.0], [0, 0, 3.0, 7.0], [0, 0, 0, 1]])
+    scan, labels = np.zeros((width, height, depth), np.uint8), np.zeros((width, height, depth), np.uint8)
+    for z in range(depth):
+        volumes_module.place_slice(scan, z, imgs[z])
+        volumes_module.place_slice(labels, z, shown[z])
+    on_background = (0, 0, 0)  # a background click where no structure is: the labels agree with it
+    stored = {(z, y, x): (x, height - 1 - y, z) for z, y, x, _ in [*view_clicks[0], (*on_background, False)]}
+    world = {key: (las_affine @ [*voxel, 1.0])[:3] for key, voxel in stored.items()}  # RAS millimetres
+    to_ras = nib.orientations.ornt_transform(nib.orientations.io_orientation(las_affine), [[0, 1], [1, 1], [2, 1]])
+    for orientation in ("LAS", "RAS"):
+        image, label_image = nib.Nifti1Image(scan, las_affine), nib.Nifti1Image(labels, las_affine)
+        if orientation == "RAS":
+            image, label_image = image.as_reoriented(to_ras), label_image.as_reoriented(to_ras)
+        folder = tmp_path / orientation
+        (folder / "previous").mkdir(parents=True)
+        nib.save(image, folder / "case.nii.gz")
+        nib.save(label_image, folder / "previous" / "case.nii.gz")
+        volume = read_volume(folder / "case.nii.gz")
+        assert volume.axcodes == tuple(orientation)
+        voxel = {
+            k: tuple(int(v) for v in np.round(np.linalg.inv(volume.affine) @ [*p, 1.0])[:3]) for k, p in world.items()
+        }
+        clicks = {1: [voxel[(6, 15, 15)], voxel[(3, 15, 22)]], 0: [voxel[(4, 26, 31)], voxel[on_background]]}  # noqa
+        result = refine_volume(model, volume, read_volume(folder / "previous" / "case.nii.gz"), clicks)
+        back = nib.orientations.apply_orientation(result.labels, nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(volume.affine), nib.orientations.io_orientation(las_affine)))  # fmt: skip
+        assert np.array_equal(np.stack([slice_image(back, z) for z in range(depth)]), expected), orientation
+        # The background click on background agrees already; each edit names its click as given (stored voxels).
+        assert result.clicks == 4 and [(e.action, e.click) for e in result.edits] == [
+            ("remove", (*voxel[(4, 26, 31)], False)),
+            ("extend", (*voxel[(6, 15, 15)], True)),
+            ("grow", (*voxel[(3, 15, 22)], True)),
+        ]
+
+    # Through the command: Slicer's point lists in LPS, the structure named by the list (and the file), the labels'
+    # names from the classes.json beside them; the RAS scan's labels written on its own grid.
+    folder = tmp_path / "RAS"
+    (folder / "previous" / "classes.json").write_text(json.dumps({"1": "liver", "2": "spleen"}))
+    lps = {key: [-p[0], -p[1], p[2]] for key, p in world.items()}
+    liver = _slicer_points(folder / "liver.mrk.json", "liver", [("liver-1", lps[(6, 15, 15)]), ("3", lps[(3, 15, 22)])])
+    background = _slicer_points(folder / "background.mrk.json", "background", [("F-1", lps[(4, 26, 31)])])
+    model.save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(folder / "case.nii.gz")]
+    corrections = ["--previous", str(folder / "previous"), "--corrections", str(liver), str(background)]
+    assert cli_main([*argv, *corrections, "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert "3 clicks (1 remove, 1 extend, 1 grow)" in capsys.readouterr().out
+    written = nib.load(tmp_path / "out" / "case.nii.gz")
+    assert np.allclose(written.affine, read_volume(folder / "case.nii.gz").affine)
+    las = np.asarray(nib.Nifti1Image(np.asarray(written.dataobj), written.affine).as_reoriented(
+        nib.orientations.ornt_transform(nib.orientations.io_orientation(written.affine), [[0, -1], [1, 1], [2, 1]])
+    ).dataobj)  # fmt: skip
+    assert np.array_equal(np.stack([slice_image(las, z) for z in range(depth)]), expected)
+
+    # The same clicks as voxel indices of the scan ({structure: [[x, y, z]]}), structure names or ids.
+    voxels = {
+        k: tuple(int(v) for v in np.round(np.linalg.inv(written.affine) @ [*p, 1.0])[:3]) for k, p in world.items()
+    }
+    (tmp_path / "clicks.json").write_text(
+        json.dumps({"1": [voxels[(6, 15, 15)], voxels[(3, 15, 22)]], "background": [voxels[(4, 26, 31)]]})
+    )  # noqa
+    corrections[-2:] = [str(tmp_path / "clicks.json")]
+    assert cli_main([*argv, *corrections, "--out", str(tmp_path / "out2")]) == 0, capsys.readouterr().err
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "out2" / "case.nii.gz").dataobj), np.asarray(written.dataobj))
+
+    # The reader: Slicer's `-N` label suffix, a numbered label naming nothing, unplaced points skipped, RAS files.
+    points = read_slicer_points(liver)
+    assert [c.names for c in points] == [("liver",), ("liver",)] and points[0].world
+    assert np.allclose(points[0].position, world[(6, 15, 15)])
+    other = _slicer_points(tmp_path / "F.mrk.json", "F", [("spleen", (1, 2, 3)), ("F-2", (4, 5, 6))], system="RAS")
+    content = json.loads(other.read_text())
+    content["markups"][0]["controlPoints"].append(
+        {"label": "F-3", "position": [0, 0, 0], "positionStatus": "undefined"}
+    )
+    other.write_text(json.dumps(content))
+    assert [(c.names, c.position) for c in read_slicer_points(other)] == [
+        (("spleen", "F"), (1, 2, 3)),
+        (("F",), (4, 5, 6)),
+    ]
+    near = NamedClick(("F", "2"), (1.0, 1.0, 1.0), False, "here")
+    assert click_labels([near], read_volume(folder / "case.nii.gz")) == {2: [(1, 1, 1)]}  # ids, without names
+
+
+def test_corrections_refuse_what_they_cannot_place(tmp_path, capsys):
+    """Clicks that name no structure, lie off the scan, come from a file that is not a point list, or are given where
+    they mean nothing: refused before the model runs, naming the file, the point and the fix."""
+    from imedsam_hf.cli import main as cli_main
+    from imedsam_hf.volumes import NamedClick, click_labels, read_slicer_points
+
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(np.zeros((20, 16, 6), np.uint8), affine), tmp_path / "case.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((20, 16, 6), np.uint8), affine), tmp_path / "other.nii.gz")
+    volume = read_volume(tmp_path / "case.nii.gz")
+    with pytest.raises(ValueError, match=r"here: at voxel \[30.0, 1.0, 1.0\], outside .*\(20, 16, 6\) voxels"):
+        click_labels([NamedClick(("1",), (30.0, 1.0, 1.0), False, "here")], volume)
+    with pytest.raises(ValueError, match=r"here: 'kidney' names no structure \(1 liver, 2 spleen\).*'background'"):
+        click_labels([NamedClick(("kidney",), (1.0, 1.0, 1.0), False, "here")], volume, {1: "liver", 2: "spleen"})
+    line = tmp_path / "line.mrk.json"
+    line.write_text(json.dumps({"markups": [{"type": "Line", "controlPoints": []}]}))
+    microns = _slicer_points(tmp_path / "um.mrk.json", "liver", [("liver-1", (1, 1, 1))], coordinateUnits="um")
+    broken = _slicer_points(tmp_path / "broken.mrk.json", "liver", [("liver-1", (1, "a", 1))])
+    for path, message in (
+        (line, "markup 1 is a Line, not a point list"),
+        (microns, "in LPS um; positions are read in LPS or RAS millimetres"),
+        (broken, r"point 'liver-1' of markup 1: position \[1, 'a', 1\] is not 3 numbers"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            read_slicer_points(path)
+
+    tiny_model(query_mode="adaptive", implicit_decoder_trained=True).save_pretrained(tmp_path / "model")
+    liver = _slicer_points(tmp_path / "liver.mrk.json", "liver", [("liver-1", (-2, -2, 2))])
+    scan = str(tmp_path / "case.nii.gz")
+    base = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu"]
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    (tmp_path / "case.npz").write_bytes(b"")
+    for argv, message in (
+        ([scan, "--previous", scan], "--previous .*the labels that --corrections correct; give the clicks"),
+        ([str(image), "--corrections", str(liver)], "--corrections correct a volume's labels; .*image.png is not a volume"),
+        ([scan, "--corrections", str(liver), "--plane", "axial"], "--corrections are voxels of the scan's stored grid"),
+        ([scan, str(tmp_path / "other.nii.gz"), "--corrections", str(liver)], "give one scan per run"),
+        ([scan, str(tmp_path / "other.nii.gz"), "--corrections", str(liver), "--previous", scan], "one label volume, for 2 scans"),
+        ([scan, "--corrections", str(line)], "line.mrk.json: markup 1 is a Line"),
+        ([scan, "--corrections", str(tmp_path / "missing.json")], "--corrections .*missing.json: no such file"),
+        ([scan, "--corrections", str(liver), "--previous", str(tmp_path / "none.nii.gz")], "--previous .*none.nii.gz: no such"),
+        ([str(tmp_path / "case.npz"), "--corrections", str(liver)], r"carries its clicks \(`clicks`\)"),
+    ):  # fmt: skip
+        assert cli_main([*base, *argv, "--out", str(tmp_path / "out")]) != 0
+        assert re.search(message, capsys.readouterr().err), (argv, message)
+    assert not (tmp_path / "out").exists()  # nothing written, no empty folder left
+    (tmp_path / "clicks.json").write_text(json.dumps({"case": {"liver": [[1, 1]]}, "other": {"1": [[1, 1, 1]]}}))
+    assert (
+        cli_main(
+            [
+                *base,
+                scan,
+                str(tmp_path / "other.nii.gz"),
+                "--corrections",
+                str(tmp_path / "clicks.json"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        != 0
+    )  # noqa
+    assert "clicks.json: case: 'liver': [[1, 1]] is not a list of clicks [x, y, z]" in capsys.readouterr().err
+    # A name the labels do not carry (no classes.json beside them): the scan is skipped, the ids listed as the way.
+    assert cli_main([*base, scan, "--corrections", str(liver), "--out", str(tmp_path / "out")]) == 1
+    assert "'liver' names no structure (class ids 1..255)" in capsys.readouterr().err
+
+
+def test_corrections_decode_each_structure_by_its_own_heads_with_a_class_aware_model(tmp_path, capsys, monkeypatch):
+    """The shipped CT model is class-aware (each box decoded by its organ's heads); `refine_with_clicks` refused such a
+    model, so its labels could not be corrected. Now a click of structure `c` prompts with class `c` (the labels are
+    the model's class ids), and a name the model does not know is refused before any scan is read."""
+    from imedsam_hf.cli import main as cli_main
+    from imedsam_hf.volumes import refine_volume
+
+    names = {1: "liver", 2: "spleen", 3: "kidney"}
+    model = tiny_model(num_classes=3, class_aware=True, implicit_decoder_trained=True, id2label=names)
+    model.config.base_model = "litemedsam"
+    scan = np.random.default_rng(1).integers(0, 255, (24, 20, 6), dtype=np.uint8)
+    labels = np.zeros(scan.shape, np.uint8)
+    labels[4:12, 4:12, 1:3] = 2  # spleen on slices 1..2, missed on 3..4
+    labels[14:20, 10:16, 2:4] = 3
+    calls = []
+    monkeypatch.setattr(volumes_module, "segment", _box_filling_segment(calls))
+    result = refine_volume(model, scan, labels, {2: [(8, 8, 4)], 3: [(13, 12, 3)]})
+    assert [(e.structure, e.action) for e in result.edits] == [(2, "extend"), (3, "grow")]
+    assert {str(call["classes"]) for call in calls} == {"[2]", "[3]"}  # each structure's own heads
+    assert result.labels[8, 8, 4] == 2 and result.labels[13, 12, 3] == 3
+    with pytest.raises(ValueError, match=r"class ids \[4\] above the model's 3 classes"):
+        refine_volume(model, scan, labels, {4: [(8, 8, 4)]})
+
+    model.save_pretrained(tmp_path / "model")
+    nib.save(nib.Nifti1Image(scan, np.eye(4)), tmp_path / "case.nii.gz")
+    (tmp_path / "clicks.json").write_text(json.dumps({"spleen": [[8, 8, 4]], "pancreas": [[1, 1, 1]]}))
+    argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(tmp_path / "case.nii.gz")]
+    assert cli_main([*argv, "--corrections", str(tmp_path / "clicks.json"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "clicks.json: 'pancreas' click 1: 'pancreas' names none of the model's structures (1 liver, 2 spleen" in err

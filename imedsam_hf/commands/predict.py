@@ -59,10 +59,16 @@ from ..processing_imedsam import (
 )
 from ..runtime import require_backend
 from ..volumes import (
+    BACKGROUND,
     NPZ_CLASS_AWARE,
+    NamedClick,
+    VolumeRefinement,
     case_scans_in,
     channel_files,
+    check_label_volume,
     check_window,
+    click_label,
+    click_labels,
     dicom_annotation_modality,
     dicom_series_in,
     dicom_structure_names,
@@ -79,7 +85,9 @@ from ..volumes import (
     named_structures,
     read_label_volume,
     read_npz_case,
+    read_slicer_points,
     read_volume,
+    refine_volume,
     require_dicom,
     require_dicom_seg,
     require_itk,
@@ -499,6 +507,117 @@ def named_boxes(boxes: dict[str, VolumeBoxes], config, path: str) -> dict[str, V
     }
 
 
+def correction_clicks(paths: list[str], volumes: list[str]) -> dict[str, list[NamedClick]]:
+    """
+    `--corrections`: each volume's clicks, their structures still names (`volumes.click_labels` reads them once the
+    model and the labels they correct are known). A file is a 3D Slicer markups file (`.mrk.json`, a JSON with
+    "markups": world positions, so one scan per run), or JSON `{structure: [[x, y, z], ...]}` in the scans' voxel
+    indices (a structure's name or class id, or "background"), or `{volume name: {structure: [...]}}`. Read and
+    checked before any model is loaded.
+    """
+    names = [volume_name(v) for v in volumes]
+    every: list[NamedClick] = []
+    per_volume: dict[str, list[NamedClick]] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"--corrections {path}: no such file (3D Slicer point lists, .mrk.json, or clicks JSON).")
+        content = read_json_file(path, "--corrections")
+        if isinstance(content, Mapping) and "markups" in content:
+            try:
+                clicks = read_slicer_points(path)
+            except ValueError as error:
+                raise ValueError(f"--corrections {error}.") from None
+            if not clicks:
+                raise ValueError(f"--corrections {path}: its point lists hold no placed point.")
+            if len(volumes) > 1:
+                raise ValueError(
+                    f"--corrections {path}: a 3D Slicer point list holds world positions and says not which scan they "
+                    f"are on; give one scan per run ({len(volumes)} given), or clicks JSON per volume name."
+                )
+            every += clicks
+            continue
+        where = f"--corrections {path}"
+        if not isinstance(content, Mapping) or not content:
+            raise ValueError(
+                f'{where}: expected {{structure: [[x, y, z], ...], "background": [...]}} (voxel indices) or {{volume '
+                "name: {...}}, or a 3D Slicer markups file (.mrk.json)."
+            )
+        nested = [key for key, value in content.items() if isinstance(value, Mapping)]
+        if nested and len(nested) != len(content):
+            raise ValueError(
+                f"{where}: mixes per-volume entries ({sorted(nested)[:3]}) with clicks for every volume; give one form."
+            )
+        if not nested:
+            every += _voxel_clicks(content, where)
+            continue
+        missing = [name for name in names if name not in content]
+        if missing:
+            raise ValueError(f"{where}: no clicks for {missing} (it has {sorted(content)}).")
+        for name in names:
+            per_volume.setdefault(name, []).extend(_voxel_clicks(content[name], f"{where}: {name}"))
+    return {name: every + per_volume.get(name, []) for name in names}
+
+
+def _voxel_clicks(data: Mapping, where: str) -> list[NamedClick]:
+    """`{structure: [[x, y, z], ...]}` -> clicks at those voxel indices, each named by its key."""
+    clicks = []
+    for key, entry in data.items():
+        if not (
+            isinstance(entry, list)
+            and entry
+            and all(isinstance(p, list) and len(p) == 3 and all(_is_whole(v) for v in p) for p in entry)
+        ):
+            raise ValueError(
+                f"{where}: {key!r}: {entry!r} is not a list of clicks [x, y, z] (whole voxel indices of the scan, as "
+                "--boxes gives them)."
+            )
+        for number, point in enumerate(entry, start=1):
+            clicks.append(
+                NamedClick((str(key),), tuple(float(v) for v in point), False, f"{where}: {key!r} click {number}")
+            )  # type: ignore[arg-type]
+    return clicks
+
+
+def check_click_names(corrections: Mapping[str, list[NamedClick]], class_names: Mapping[int, str]) -> None:
+    """Every click of `corrections` names `background` or one of a class-aware model's structures; before any volume
+    is segmented."""
+    for clicks in corrections.values():
+        for click in clicks:
+            if click_label(click, class_names) is None:
+                listed = ", ".join(f"{i} {name}" for i, name in sorted(class_names.items()))
+                raise ValueError(
+                    f"--corrections {click.where.removeprefix('--corrections ')}: {' / '.join(map(repr, click.names))} "
+                    f"names none of the model's structures ({listed}) nor {BACKGROUND!r}."
+                )
+
+
+def refinement_text(refinement: VolumeRefinement) -> str:
+    """What `--corrections` did to a volume's labels, per action, for the command's line."""
+    actions: dict[str, int] = {}
+    for edit in refinement.edits:
+        action = edit.action if edit.slices or edit.action == "none" else "not taken"
+        actions[action] = actions.get(action, 0) + 1
+    agreed = refinement.clicks - len(refinement.edits)
+    parts = [f"{count} {action}" for action, count in actions.items()] + (
+        [f"{agreed} agreed already"] if agreed else []
+    )
+    return f"{refinement.clicks} clicks ({', '.join(parts)})"
+
+
+def previous_labels_of(scan: Path, previous: str) -> Path:
+    """`--previous`'s label volume of `scan`: the file itself, or the one named like the scan in its folder."""
+    if Path(previous).is_file():
+        return Path(previous)
+    found = label_volume_of(scan, previous)
+    if found is None:
+        raise ValueError(f"--previous {previous}: no label volume {label_volume_names(scan, previous)} in it")
+    return found
+
+
+def _is_whole(value: Any) -> bool:
+    return _is_number(value) and float(value) == int(value) and value >= 0
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
@@ -572,8 +691,12 @@ def run(args: argparse.Namespace, device: str | None) -> int:
         prompt_given = any(
             (args.box, args.boxes, args.boxes_from_masks, args.points, args.points_from_masks, args.no_prompt)
         )
-        if not prompt_given:
-            raise ValueError(f"give a prompt: {PROMPT_FLAGS}.")
+        if args.previous is not None and args.corrections is None:
+            raise ValueError(
+                f"--previous {args.previous}: the labels that --corrections correct; give the clicks (--corrections)."
+            )
+        if not prompt_given and args.corrections is None:
+            raise ValueError(f"give a prompt: {PROMPT_FLAGS} (volumes: or --corrections).")
         if args.clicks is not None and not args.points_from_masks:
             raise ValueError(
                 "--clicks sets the clicks per mask of --points-from-masks; it does nothing with this prompt."
@@ -616,6 +739,24 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                 )
         if args.channel is not None and not volumes:
             raise ValueError("--channel picks one volume of 4-D scans (MR sequences, time points); no volume given.")
+        if args.corrections is not None:
+            if images or not volumes:
+                raise ValueError(
+                    f"--corrections correct a volume's labels; {(images or args.inputs)[0]} is not a volume (NIfTI, "
+                    "NRRD, MetaImage, DICOM): give images their prompt instead."
+                )
+            if args.plane != "stored":
+                raise ValueError(
+                    "--corrections are voxels of the scan's stored grid: correct labels with --plane stored (the "
+                    "default), the labels --plane axial wrote included."
+                )
+            if args.previous is not None and not Path(args.previous).exists():
+                raise ValueError(f"--previous {args.previous}: no such file or folder.")
+            if args.previous is not None and Path(args.previous).is_file() and len(volumes) > 1:
+                raise ValueError(
+                    f"--previous {args.previous} is one label volume, for {len(volumes)} scans: give a folder of label "
+                    "volumes named like the scans (an earlier --out)."
+                )
         if args.plane != "stored" and not volumes:
             raise ValueError("--plane applies to volumes (a coronal or sagittal stack resliced axial).")
         for flag, given in (("--propagation", args.propagation is not None), ("--no-confine", args.no_confine)):
@@ -688,8 +829,9 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             raise ValueError(f"a volume and an image would both be written to {sorted(clash)[0]}.")
         every_target = [t for targets in (*volume_plan.values(), *image_plan.values()) for t in targets]
         refuse_existing(every_target, args.out, args.overwrite)
+        corrections = correction_clicks(args.corrections, volumes) if args.corrections is not None else None
         if volumes:
-            if args.boxes_from_masks is None and boxes_json is None:
+            if args.boxes_from_masks is None and boxes_json is None and corrections is None:
                 raise ValueError("volumes take --boxes-from-masks (label volumes) or --boxes (3-D boxes JSON).")
             volume_prompts = volume_boxes(boxes_json, args.boxes, volumes) if boxes_json is not None else None
             if args.plane == "axial" and any(keys for _, keys in (volume_prompts or {}).values()):
@@ -722,13 +864,15 @@ def run(args: argparse.Namespace, device: str | None) -> int:
             )
         if volumes and volume_prompts is not None:
             volume_prompts = named_boxes(volume_prompts, model.config, args.boxes)
+        if corrections is not None and is_class_aware(model.config):
+            check_click_names(corrections, structure_names_of(model.config) or {})
     except (OSError, ValueError, ImportError) as error:
         if made and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
             Path(args.out).rmdir()  # a model or argument refused leaves no empty folder of ours behind
         return fail(error)
     codes = []
     if volumes:
-        codes.append(predict_volumes(model, processor, volume_plan, args, volume_prompts))
+        codes.append(predict_volumes(model, processor, volume_plan, args, volume_prompts, corrections))
     if images:
         class_ids = masks_hold_class_ids(model.config, args.boxes_from_masks, args.mask_classes)
         source = PromptSource(
@@ -895,9 +1039,13 @@ def structure_names(config: Any, label_folder: str | None) -> dict[int, str]:
         return {}
 
 
-def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] | None) -> int:
+def predict_volumes(
+    model, processor, plan, args, boxes: dict[str, VolumeBoxes] | None, corrections: dict | None = None
+) -> int:
     """One label volume per scan (uint8 class ids on the scan's grid), written atomically, and with `--overlay` a
-    montage PNG of its slices (`volumes.volume_overlay`); failures named."""
+    montage PNG of its slices (`volumes.volume_overlay`); failures named. With `corrections` (`correction_clicks`),
+    the labels (`--previous`'s, else the prompt's answer, else none) corrected where the clicks disagree
+    (`volumes.refine_volume`)."""
     failures = []
     slicer = any(str(targets[0]).endswith(".seg.nrrd") for targets in plan.values())  # segments named in the file
     named = args.statistics or args.dicom_seg or args.dicom_rtstruct or slicer
@@ -909,7 +1057,13 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
             volume = read_volume(path, args.channel)
             prompts: dict[str, Any] = {"prompts_given": [] if args.overlay else None}
             names_here = names
-            if boxes is None:
+            previous = previous_labels_of(path, args.previous) if args.previous is not None else None
+            previous_names = label_volume_class_names(previous) if previous is not None else None
+            if named and not names and previous_names:  # a binary model: the names the labels corrected carry
+                names_here = previous_names
+            if boxes is None and args.boxes_from_masks is None:
+                pass  # --corrections alone: they correct --previous's labels, or start from none
+            elif boxes is None:
                 found = label_volume_of(path, args.boxes_from_masks, args.label_suffix)
                 if found is None:
                     looked = label_volume_names(path, args.boxes_from_masks, args.label_suffix)
@@ -941,9 +1095,27 @@ def predict_volumes(model, processor, plan, args, boxes: dict[str, VolumeBoxes] 
             grey = dataclasses.replace(volume, data=to_uint8(volume.data, window))
             if args.plane == "axial":  # prompts drawn on resliced slices: the montage shows the labels only
                 prompts["prompts_given"] = None
-            labels = segment_volume(
-                model, grey, processor=processor, progress=True, tta=args.tta, plane=args.plane, **prompts
-            )
+            if previous is not None:  # the labels the clicks correct, on the scan's grid
+                labels = check_label_volume(
+                    read_label_volume(previous, volume, structure_names_of(model.config)), volume, compare_affines=True
+                )
+            elif boxes is not None or args.boxes_from_masks is not None:
+                labels = segment_volume(
+                    model, grey, processor=processor, progress=True, tta=args.tta, plane=args.plane, **prompts
+                )
+            else:
+                labels = np.zeros(volume.shape, dtype=np.uint8)
+            if corrections is not None:
+                # The structures clicks may name: the model's, else those of the labels they correct.
+                click_names = previous_names or structure_names(model.config, args.boxes_from_masks)
+                if is_class_aware(model.config):
+                    click_names = structure_names_of(model.config)
+                refinement = refine_volume(
+                    model, grey, labels, click_labels(corrections[name], volume, click_names or None),
+                    boxes_3d=prompts.get("boxes_3d"), processor=processor, tta=args.tta,
+                )  # fmt: skip
+                labels = refinement.labels
+                print(f"{path}: {refinement_text(refinement)}")
             # In the scan's format (plan_outputs); a NRRD scan's as a 3D Slicer segmentation, its segments named.
             written = write_label_volume(labels, volume, targets[".nii.gz"], names_here)
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
@@ -1010,6 +1182,11 @@ def predict_npz(args: argparse.Namespace, device: str | None) -> int:
         if missing:
             raise ValueError(f"{missing[0]}: no such file.")
         cases = [str(p) for raw in args.inputs for p in (npz_cases_in(raw) or [Path(raw)])]
+        if args.corrections is not None or args.previous is not None:
+            raise ValueError(
+                f"{'--corrections' if args.corrections is not None else '--previous'}: a .npz case carries its clicks "
+                "(`clicks`) and the labels they correct (`prev_pred`); give them in the case."
+            )
         given = [flag for flag, key in NPZ_REFUSED.items() if getattr(args, key, None)]
         if given:
             raise ValueError(
