@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLICKS",
         default=None,
         help="volumes: clicks that correct the labels (--previous's, else the prompt's answer, else none) where they "
-        "disagree: 3D Slicer point lists (.mrk.json, one scan per run), each point on a structure's missed voxels "
+        "disagree: 3D Slicer point lists (.mrk.json or .fcsv, one scan per run), each point on a structure's missed voxels "
         "(the list named after it: liver.mrk.json) or on voxels claimed wrongly (a list named 'background'); or JSON "
         '{structure: [[x, y, z], ...], "background": [...]} in voxel indices, or {volume name: {...}}',
     )

@@ -223,6 +223,7 @@ __all__ = [
     "refine_volume",
     "VolumeRefinement",
     "read_slicer_points",
+    "FCSV_COLUMNS",
     "click_labels",
     "click_label",
     "NamedClick",
@@ -1629,16 +1630,18 @@ class NamedClick:
 
 
 def read_slicer_points(path: str | os.PathLike) -> list[NamedClick]:
-    """The control points of a 3D Slicer markups file (``.mrk.json``: point lists, "Fiducial" markups) as clicks at
-    world positions (``coordinateSystem`` LPS, Slicer's default for files, or RAS; millimetres; RAS here, as a
-    :class:`Volume`'s affine maps voxels). Each point may be named for a structure by its own label (Slicer's
-    ``liver-2`` read as ``liver``; a label that is a number names nothing), its list's ``name`` or the file's name
-    (``liver.mrk.json``). Points not placed (``positionStatus`` other than ``defined``) are left out.
+    """The control points of a 3D Slicer markups file (``.mrk.json``: point lists, "Fiducial" markups; or the older
+    ``.fcsv``) as clicks at world positions (``coordinateSystem`` LPS, Slicer's default for files, or RAS; millimetres;
+    RAS here, as a :class:`Volume`'s affine maps voxels). Each point may be named for a structure by its own label
+    (Slicer's ``liver-2`` read as ``liver``; a label that is a number names nothing), its list's ``name`` or the
+    file's name (``liver.mrk.json``). Points not placed (``positionStatus`` other than ``defined``) are left out.
 
     Raises:
         ValueError: not JSON, not a markups file, a markup that is not a point list, another coordinate system or
             unit, a position that is not three numbers; each naming the file (and the markup or point)."""
     path = Path(path)
+    if path.suffix.lower() == ".fcsv":
+        return _fcsv_points(path)
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -1675,13 +1678,57 @@ def read_slicer_points(path: str | os.PathLike) -> list[NamedClick]:
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in position)
             ):
                 raise ValueError(f"{path}: point {label!r} of markup {number}: position {position!r} is not 3 numbers")
-            world = np.asarray(position, dtype=float) * (np.array([-1.0, -1.0, 1.0]) if system == "LPS" else 1.0)
-            own = re.sub(r"-\d+$", "", label.strip())
-            names = [own] if is_structure_name(own) else []
-            names += [str(n) for n in (name, stem) if n is not None and str(n).strip()]
             where = f"{path}: point {label!r}" + (f" of {name!r}" if name else "")
-            names = list(dict.fromkeys(names))  # Slicer's labels repeat the list's name, which repeats the file's
-            clicks.append(NamedClick(tuple(names), tuple(float(v) for v in world), True, where))  # type: ignore[arg-type]
+            clicks.append(_slicer_click(label, position, system, (name, stem), where))
+    return clicks
+
+
+def _slicer_click(label: str, position: Sequence[float], system: str, lists: Sequence[Any], where: str) -> NamedClick:
+    """One Slicer control point as a click at its RAS position, named by its label (`liver-2`: `liver`; not a number)
+    and then by `lists` (its list's name, its file's), each once."""
+    world = np.asarray(position, dtype=float) * (np.array([-1.0, -1.0, 1.0]) if system == "LPS" else 1.0)
+    own = re.sub(r"-\d+$", "", label.strip())
+    names = [own] if is_structure_name(own) else []
+    names += [str(n) for n in lists if n is not None and str(n).strip()]
+    names = list(dict.fromkeys(names))  # Slicer's labels repeat the list's name, which repeats the file's
+    return NamedClick(tuple(names), tuple(float(v) for v in world), True, where)  # type: ignore[arg-type]
+
+
+#: The columns of a 3D Slicer ``.fcsv`` point list where its header names none (Slicer 4.6 to 5.x write these).
+FCSV_COLUMNS = ("id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc", "associatedNodeID")
+
+
+def _fcsv_points(path: Path) -> list[NamedClick]:
+    """A 3D Slicer ``.fcsv`` point list (before Slicer 4.11's ``.mrk.json``): ``# CoordinateSystem = LPS`` (or ``1``;
+    ``RAS`` / ``0``, and RAS where the line is missing, as Slicer reads files older than it), the ``# columns`` line's
+    ``x, y, z`` and ``label``, one point per row; the list named by the file."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a 3D Slicer point list (.fcsv): {error}") from None
+    system, columns = "RAS", list(FCSV_COLUMNS)
+    for line in (line for line in lines if line.startswith("#")):
+        key, _, value = line.lstrip("#").partition("=")
+        if key.strip().lower() == "coordinatesystem":
+            codes = {"0": "RAS", "1": "LPS", "RAS": "RAS", "LPS": "LPS"}
+            if value.strip().upper() not in codes:
+                raise ValueError(f"{path}: CoordinateSystem {value.strip()!r}; points are read in LPS or RAS")
+            system = codes[value.strip().upper()]
+        elif key.strip().lower() == "columns":
+            columns = [name.strip() for name in value.split(",")]
+    if not {"x", "y", "z"} <= set(columns):
+        raise ValueError(f"{path}: its columns {columns} name no x, y, z")
+    clicks = []
+    for number, row in enumerate(csv.reader(line for line in lines if line.strip() and not line.startswith("#")), 1):
+        fields = dict(zip(columns, row))
+        label = fields.get("label", "").strip()
+        try:
+            position = [float(fields[axis]) for axis in "xyz"]
+        except (KeyError, ValueError):
+            position = []
+        if len(position) != 3 or not all(map(math.isfinite, position)):
+            raise ValueError(f"{path}: point {number} ({label!r}): x, y, z {row[1:4]!r} are not 3 numbers")
+        clicks.append(_slicer_click(label, position, system, (path.stem,), f"{path}: point {label or number!r}"))
     return clicks
 
 

@@ -3077,6 +3077,7 @@ def test_clicks_placed_in_a_viewer_correct_a_volumes_labels_in_any_orientation(t
     `--previous` the labels they correct: the same edits as the challenge's rounds, whatever the scan's stored
     orientation (BTCV's LAS, nibabel's RAS), the labels written back on the scan's grid."""
     from imedsam_hf.cli import main as cli_main
+    from imedsam_hf.volumes import FCSV_COLUMNS as FCSV
     from imedsam_hf.volumes import NamedClick, click_labels, read_slicer_points, refine_volume, refine_with_clicks
 
     depth, height, width = 9, 30, 40
@@ -3145,6 +3146,18 @@ def test_clicks_placed_in_a_viewer_correct_a_volumes_labels_in_any_orientation(t
         nib.orientations.ornt_transform(nib.orientations.io_orientation(written.affine), [[0, -1], [1, 1], [2, 1]])
     ).dataobj)  # fmt: skip
     assert np.array_equal(np.stack([slice_image(las, z) for z in range(depth)]), expected)
+
+    # The same points as Slicer's older .fcsv lists (CoordinateSystem 1 = LPS; labels named, or numbered: the file's).
+    header = "# Markups fiducial file version = 4.10\n# CoordinateSystem = 1\n# columns = " + ",".join(FCSV) + "\n"
+    rows = {"liver": [("liver-1", (6, 15, 15)), ("7", (3, 15, 22))], "background": [("F-1", (4, 26, 31))]}
+    for list_name, points in rows.items():
+        lines = [f"vtkMRMLMarkupsFiducialNode_{n},{x},{y},{z},0,0,0,1,1,1,0,{label},,vtkMRMLScalarVolumeNode1"
+                 for n, (label, key) in enumerate(points) for x, y, z in [lps[key]]]  # fmt: skip
+        (folder / f"{list_name}.fcsv").write_text(header + "\n".join(lines) + "\n")
+    corrections[-2:] = [str(folder / "liver.fcsv"), str(folder / "background.fcsv")]
+    assert cli_main([*argv, *corrections, "--out", str(tmp_path / "out_fcsv")]) == 0, capsys.readouterr().err
+    fcsv_labels = np.asarray(nib.load(tmp_path / "out_fcsv" / "case.nii.gz").dataobj)
+    assert np.array_equal(fcsv_labels, np.asarray(written.dataobj))
 
     # The same clicks as voxel indices of the scan ({structure: [[x, y, z]]}), structure names or ids.
     voxels = {

@@ -511,7 +511,7 @@ def correction_clicks(paths: list[str], volumes: list[str]) -> dict[str, list[Na
     """
     `--corrections`: each volume's clicks, their structures still names (`volumes.click_labels` reads them once the
     model and the labels they correct are known). A file is a 3D Slicer markups file (`.mrk.json`, a JSON with
-    "markups": world positions, so one scan per run), or JSON `{structure: [[x, y, z], ...]}` in the scans' voxel
+    "markups", or the older `.fcsv`: world positions, so one scan per run), or JSON `{structure: [[x, y, z], ...]}` in the scans' voxel
     indices (a structure's name or class id, or "background"), or `{volume name: {structure: [...]}}`. Read and
     checked before any model is loaded.
     """
@@ -521,8 +521,9 @@ def correction_clicks(paths: list[str], volumes: list[str]) -> dict[str, list[Na
     for path in paths:
         if not Path(path).is_file():
             raise ValueError(f"--corrections {path}: no such file (3D Slicer point lists, .mrk.json, or clicks JSON).")
-        content = read_json_file(path, "--corrections")
-        if isinstance(content, Mapping) and "markups" in content:
+        fcsv = path.lower().endswith(".fcsv")  # Slicer's point lists before 4.11
+        content = None if fcsv else read_json_file(path, "--corrections")
+        if fcsv or (isinstance(content, Mapping) and "markups" in content):
             try:
                 clicks = read_slicer_points(path)
             except ValueError as error:
