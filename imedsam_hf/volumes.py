@@ -1935,39 +1935,45 @@ def boxes_3d_from_labels(label_data: np.ndarray, classes: ClassSpec = None) -> d
 
 
 def key_slice_boxes_from_labels(
-    label_data: np.ndarray, classes: ClassSpec = None
+    label_data: np.ndarray, classes: ClassSpec = None, key: str = "largest"
 ) -> tuple[dict[int, list[int]], dict[int, int]]:
     """One 2-D box per structure, drawn on its key slice, with the structure's z range (MedSAM2's CT prompts).
 
     The key slice of a structure is the slice where its 2-D box is largest (the first such slice on a tie), the slice
-    a reader would draw on; the prompt is that slice's tight box with the structure's first and last slice, in the
-    :func:`segment_volume` convention (``boxes_3d`` with ``key_slices``).
+    a reader would draw on, or with ``key="middle"`` its slice nearest the middle of its z range (the CVPR 2025
+    interactive challenge's ``z_mid``; the lower on a tie); the prompt is that slice's tight box with the structure's
+    first and last slice, in the :func:`segment_volume` convention (``boxes_3d`` with ``key_slices``).
 
     Args:
         label_data: ``(X, Y, Z)`` integer class ids, 0 = background.
         classes: only these ids (see :func:`segment_volume`); default every id present.
+        key: ``"largest"`` or ``"middle"``.
 
     Returns:
         ``(boxes_3d, key_slices)``: ``{class_id: [x0, y0, z0, x1, y1, z1]}`` whose ``x``/``y`` are the key slice's
         tight box and ``z0``/``z1`` the structure's range, and ``{class_id: key slice}``; ids ascending.
     """
+    if key not in ("largest", "middle"):
+        raise ValueError(f"key {key!r}: the key slice is the 'largest' box's or the 'middle' one")
     label_data = np.asarray(label_data)
     boxes, key_slices = {}, {}
     for class_id, (_, _, z0, _, _, z1) in boxes_3d_from_labels(label_data, classes).items():
-        best, key = -1, z0
+        best: float | None = None
+        chosen = z0
         for z in range(z0, z1 + 1):
             found = ndimage.find_objects((label_data[:, :, z] == class_id).astype(np.int8))
             if found and found[0] is not None:
                 xs, ys = found[0]
                 area = (xs.stop - xs.start) * (ys.stop - ys.start)
-                if area > best:
-                    best, key, box = area, z, [xs.start, ys.start, xs.stop - 1, ys.stop - 1]
+                score = area if key == "largest" else -abs(z - (z0 + z1) / 2)
+                if best is None or score > best:
+                    best, chosen, box = score, z, [xs.start, ys.start, xs.stop - 1, ys.stop - 1]
         (bx0, bx1), (by0, by1) = (
             _widen(box[0], box[2], label_data.shape[0]),
             _widen(box[1], box[3], label_data.shape[1]),
         )
         boxes[class_id] = [bx0, by0, z0, bx1, by1, z1]
-        key_slices[class_id] = key
+        key_slices[class_id] = chosen
     return boxes, key_slices
 
 
@@ -2791,6 +2797,9 @@ VOLUME_PROTOCOLS = {
     # one 2-D box per organ on its largest slice, with its first and last slice (MedSAM2's CT prompt), propagated
     # from that slice, MedSAM's stop rule, masks cut to their boxes
     "keyslice": {"propagation": "stop"},
+    # the same with the box drawn on the organ's slice nearest the middle of its z range (the CVPR 2025 challenge's
+    # z_mid)
+    "keyslice_middle": {"propagation": "stop"},
 }
 
 
@@ -2799,8 +2808,8 @@ def volume_prompts(protocol: str, labels: Any) -> dict[str, Any]:
     if protocol == "labels":
         return {"label_volume": labels}
     data = np.asarray(getattr(labels, "data", labels))
-    if protocol == "keyslice":
-        boxes, key_slices = key_slice_boxes_from_labels(data)
+    if protocol in ("keyslice", "keyslice_middle"):
+        boxes, key_slices = key_slice_boxes_from_labels(data, key="largest" if protocol == "keyslice" else "middle")
         return {"boxes_3d": boxes, "key_slices": key_slices}
     return {"boxes_3d": boxes_3d_from_labels(data)}
 

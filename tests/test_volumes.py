@@ -743,6 +743,8 @@ def leaning_tube(shape=(30, 28, 9)) -> np.ndarray:
 
 
 def test_key_slice_boxes_are_the_largest_slice_box_with_the_structure_z_range():
+    from imedsam_hf.volumes import volume_prompts
+
     boxes, key_slices = key_slice_boxes_from_labels(cone())
     # Class 3 is largest on slice 4 (half size 5); class 7 is as large on slices 0 and 1: the first wins.
     assert key_slices == {3: 4, 7: 0}
@@ -751,6 +753,17 @@ def test_key_slice_boxes_are_the_largest_slice_box_with_the_structure_z_range():
     line = np.zeros((6, 5, 2), dtype=np.uint8)
     line[5, 1:4, 1] = 2  # one voxel wide on the volume's last column: widened inwards
     assert key_slice_boxes_from_labels(line) == ({2: [4, 1, 1, 5, 3, 1]}, {2: 1})
+    # The CVPR 2025 challenge's z_mid: the structure's slice nearest the middle of its z range (the lower on a tie).
+    tube = leaning_tube()
+    tube[:, :, 6:] = 0  # slices 0..5: middle 2.5, slices 2 and 3 tie
+    tube[:, :, 1] = 0  # a gap: the z range is still 0..5
+    assert key_slice_boxes_from_labels(tube, key="middle") == ({3: [7, 10, 0, 11, 14, 5]}, {3: 2})
+    assert volume_prompts("keyslice_middle", tube) == {"boxes_3d": {3: [7, 10, 0, 11, 14, 5]}, "key_slices": {3: 2}}
+    gap = tube.copy()
+    gap[:, :, 2:4] = 0  # slices 2 and 3 empty too: of the labelled slices 0, 4, 5, slice 4 is nearest 2.5
+    assert key_slice_boxes_from_labels(gap, key="middle")[1] == {3: 4}
+    with pytest.raises(ValueError, match="key 'first'"):
+        key_slice_boxes_from_labels(tube, key="first")
 
 
 def test_a_box_drawn_on_a_key_slice_propagates_from_it_beyond_its_own_extent(monkeypatch):
