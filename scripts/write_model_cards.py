@@ -730,8 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.run and Path(args.run).is_file():
         facts = load(args.run)
         for key in ("trainable", "total", "recipe_summary", "device_name", "provenance_note"):
-            if not getattr(args, key):
-                setattr(args, key, facts.get(key))
+            if not getattr(args, key) and facts.get(key) is not None:
+                setattr(args, key, facts[key])
     missing = [f"--{name}" for name in ("run", "trainable", "total") if getattr(args, name) is None]
     if missing:
         parser.error(f"{args.kind} needs {', '.join(missing)}")
