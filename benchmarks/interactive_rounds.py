@@ -12,8 +12,9 @@ nearest the middle of the range as `z_mid`). Round 0 segments the boxes (`volume
 error component, the voxel of largest distance to its edge, ties broken by a generator seeded 42: foreground where
 the organ was missed, background where it was claimed wrongly) and correct the labels
 (`volumes.refine_with_clicks`, every click so far, the round before's labels), what `imedsam predict` does with a
-round's `.npz`. Per round: mean 3-D Dice over the organs, seconds; `dsc_auc` the area under the Dice of the click
-rounds (the challenge's `DSC_AUC`); the edits per action (`grow`, `extend`, `remove`, `cut`, `none`; those whose
+round's `.npz`. Per round: mean 3-D Dice over the organs, mean NSD at 2 mm (the challenge's: DeepMind's surface
+elements weighted by area, `metrics.surfel_surface_dice`, the scan's spacing; MONAI needed), seconds; `dsc_auc` /
+`nsd_auc` the area under the Dice / NSD of the click rounds (the challenge's `DSC_AUC`, `NSD_AUC`); the edits per action (`grow`, `extend`, `remove`, `cut`, `none`; those whose
 answer still disagreed with the click counted in `refused`). `--no_boxes`: the challenge's cases without boxes,
 clicks only from round 1 (round 0 scores nothing).
 """
@@ -31,7 +32,7 @@ from scipy import ndimage
 
 from imedsam_hf import load_model
 from imedsam_hf.configuration_imedsam import is_class_aware
-from imedsam_hf.metrics import dice_from_counts
+from imedsam_hf.metrics import dice_from_counts, surfel_surface_dice
 from imedsam_hf.volumes import read_volume, refine_with_clicks, segment_npz_case, segment_volume, slice_image
 
 
@@ -95,6 +96,13 @@ def class_aware_box_round(model, processor, data_dir: Path, case: str, gts, boxe
     return np.stack([slice_image(labels, z) for z in range(labels.shape[2])]).astype(np.uint16)
 
 
+def mean_nsd(segs: np.ndarray, gts: np.ndarray, spacing: tuple[float, float, float], tolerance: float = 2.0) -> float:
+    """The mean over organs of the NSD at `tolerance` mm (the challenge's `compute_multi_class_nsd`) of label ``i + 1``
+    against the ``i``-th id, `spacing` that of the ``(D, H, W)`` axes."""
+    ids = np.unique(gts)[1:]
+    return float(np.mean([surfel_surface_dice(segs == i + 1, gts == c, spacing, tolerance) for i, c in enumerate(ids)]))
+
+
 def mean_dice(segs: np.ndarray, gts: np.ndarray) -> float:
     """The mean over organs of the 3-D Dice (`metrics.dice_from_counts`) of label ``i + 1`` against the ``i``-th id."""
     scores = []
@@ -125,6 +133,8 @@ def main() -> None:
     rows = []
     for case in args.case:
         imgs, gts, boxes, key_slices = challenge_case(Path(args.data_dir), case)
+        sx, sy, sz = read_volume(Path(args.data_dir) / "volumes" / f"{case}.nii.gz").spacing
+        spacing = (sz, sy, sx)  # of imgs' (D, H, W)
         start = time.perf_counter()
         if args.no_boxes:  # the challenge scores such a case's box round 0
             segs = np.zeros(imgs.shape, dtype=np.uint16)
@@ -132,7 +142,8 @@ def main() -> None:
             segs = class_aware_box_round(model, processor, Path(args.data_dir), case, gts, boxes, key_slices)
         else:
             segs = segment_npz_case(model, imgs, boxes, processor=processor, key_slices=key_slices, progress=False)
-        dice, seconds, clicks, actions = [mean_dice(segs, gts)], [time.perf_counter() - start], {}, {}
+        seconds = [time.perf_counter() - start]
+        dice, nsd, clicks, actions = [mean_dice(segs, gts)], [mean_nsd(segs, gts, spacing)], {}, {}
         given = None if args.no_boxes else boxes
         for _ in range(args.rounds):
             next_clicks(segs, gts, clicks)
@@ -141,11 +152,13 @@ def main() -> None:
             seconds.append(time.perf_counter() - start)
             segs = refinement.segs
             dice.append(mean_dice(segs, gts))
+            nsd.append(mean_nsd(segs, gts, spacing))
             for edit in refinement.edits:
                 counts = actions.setdefault(edit.action, {"edits": 0, "refused": 0})
                 counts["edits"] += 1
                 counts["refused"] += edit.action != "none" and not edit.slices
         clicked = dice[1:] if len(dice) > 2 else dice
+        clicked_nsd = nsd[1:] if len(nsd) > 2 else nsd
         rows.append(
             {
                 "case": case,
@@ -153,16 +166,21 @@ def main() -> None:
                 "dice_boxes": dice[0],
                 "dice_final": dice[-1],
                 "dsc_auc": float(np.trapezoid(clicked, dx=1)),
+                "nsd_boxes": nsd[0],
+                "nsd_final": nsd[-1],
+                "nsd_auc": float(np.trapezoid(clicked_nsd, dx=1)),
                 "seconds_boxes": seconds[0],
                 "seconds_per_click_round": float(np.mean(seconds[1:])) if len(seconds) > 1 else None,
                 "dice_per_round": dice,
+                "nsd_per_round": nsd,
                 "seconds_per_round": seconds,
                 "edits": actions,
             }
         )
     first = "no box round" if args.no_boxes else "box round"
-    header = f"{args.model}: {first} then {args.rounds} click rounds (CVPR 2025 protocol), mean 3-D Dice"
-    columns = ["case", "organs", "dice_boxes", "dice_final", "dsc_auc", "seconds_boxes", "seconds_per_click_round"]
+    header = f"{args.model}: {first} then {args.rounds} click rounds (CVPR 2025 protocol), mean 3-D Dice and NSD (2 mm)"
+    columns = ["case", "organs", "dice_boxes", "dice_final", "dsc_auc", "nsd_boxes", "nsd_final", "nsd_auc"]
+    columns += ["seconds_boxes", "seconds_per_click_round"]
     result = {"model": args.model, "rounds": args.rounds, "boxes": not args.no_boxes, "rows": rows}
     report(result, header, columns, args.json)
 
