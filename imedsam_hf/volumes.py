@@ -1462,7 +1462,7 @@ def refine_with_clicks(
     model = load_model(model)[0] if isinstance(model, (str, os.PathLike)) else model
     aware = is_class_aware(model.config)
     if aware:
-        _check_class_aware(model, {int(index) + 1 for index in clicks})
+        _check_class_aware(model, {int(index) + 1 for index in clicks}, "refine_with_clicks")
     processor = processor or processor_for_config(model.config)
     depth, height, width = imgs.shape
     volume = _npz_volume(to_uint8(imgs, resolve_window(imgs, window, model.config, "`imgs`")))
@@ -1803,10 +1803,12 @@ def refine_volume(
     window: WindowSpec = None,
     tta: str = "none",
     reach: int = 2,
+    plane: str = "stored",
 ) -> VolumeRefinement:
     """A volume's labels corrected where clicks disagree with them (:func:`refine_with_clicks` through the volume's
-    :class:`SliceView`): the labels of an earlier `segment_volume`, another tool's or a person's, with clicks placed in
-    a viewer (:func:`read_slicer_points`, :func:`click_labels`).
+    :class:`SliceView`, or with ``plane="axial"`` its :class:`AxialGrid`, as :func:`segment_volume` slices it): the
+    labels of an earlier `segment_volume`, another tool's or a person's, with clicks placed in a viewer
+    (:func:`read_slicer_points`, :func:`click_labels`).
 
     Args:
         volume: the scan (any orientation; `window` as in :func:`segment_volume`).
@@ -1818,7 +1820,12 @@ def refine_volume(
             the order given.
         boxes_3d: the structures' 3-D boxes ``{label: [x0, y0, z0, x1, y1, z1]}``, if any: a structure extended into
             slices it was missing from stays within its box's slices.
+        plane: ``"stored"`` or ``"axial"`` (:data:`PLANES`); the edits' `slices` are those of the slicing used (the
+            axial grid's with ``"axial"``), clicks and labels in and out on the stored grid. Labels the clicks leave
+            alone come back unchanged (the axial grid's nearest-neighbour round trip is exact).
     """
+    if plane not in PLANES:
+        raise ValueError(f"plane {plane!r}: one of {PLANES}")
     volume = _as_volume(volume, "volume")
     model = load_model(model)[0] if isinstance(model, (str, os.PathLike)) else model
     if isinstance(labels, Volume):
@@ -1827,17 +1834,29 @@ def refine_volume(
         data = np.asarray(labels)
         if data.shape != volume.shape:
             raise ValueError(f"labels of shape {data.shape}: the volume {volume.name} is {volume.shape}")
-    view = SliceView.of(volume)
     spec = resolve_window(volume.data, window, model.config, volume.name, volume.modality)
-    shown, marked = view.to_view(to_uint8(volume.data, spec)), view.to_view(data)
+    grey = to_uint8(volume.data, spec)
+    if plane == "axial":
+        axial = AxialGrid.of(volume)
+        shown, marked, to_slices, back = (
+            axial.to_grid(grey),
+            axial.to_grid(data, labels=True),
+            axial.box,
+            axial.from_grid,
+        )
+    else:
+        view = SliceView.of(volume)
+        shown, marked, to_slices, back = view.to_view(grey), view.to_view(data), view.box, view.from_view
     depth = shown.shape[2]
     height = shown.shape[1]
     imgs = np.stack([slice_image(shown, z) for z in range(depth)])
     segs = np.stack([slice_image(marked, z) for z in range(depth)])
 
     def in_view(voxel: Sequence[int]) -> tuple[int, int, int]:
-        """Stored ``(x, y, z)`` -> ``(z, row, column)`` of the view's slice images."""
-        x, y, z = view.box([*voxel, *voxel])[:3]
+        """Stored ``(x, y, z)`` -> ``(z, row, column)`` of the slice images (the centre of the voxel's place on the
+        axial grid, where one stored voxel spans several)."""
+        corners = to_slices([*voxel, *voxel])
+        x, y, z = ((low + high) // 2 for low, high in zip(corners[:3], corners[3:]))
         return z, height - 1 - y, x
 
     by_index: dict[int, list[tuple[int, int, int, bool]]] = {}
@@ -1857,7 +1876,7 @@ def refine_volume(
     if boxes_3d:
         boxes = {}
         for label, box in boxes_3d.items():
-            x0, y0, z0, x1, y1, z1 = view.box(box)
+            x0, y0, z0, x1, y1, z1 = to_slices(box)
             boxes[int(label) - 1] = [x0, height - 1 - y1, z0, x1, height - 1 - y0, z1]
     by_index = dict(sorted(by_index.items()))  # structures in label order, each one's clicks in the order given
     result = refine_with_clicks(model, imgs, segs, by_index, boxes=boxes, processor=processor, tta=tta, reach=reach)
@@ -1865,7 +1884,7 @@ def refine_volume(
     for z in range(depth):
         place_slice(refined, z, result.segs[z].astype(refined.dtype))
     edits = [ClickEdit(edit.structure, given[edit.click], edit.action, edit.slices) for edit in result.edits]
-    return VolumeRefinement(view.from_view(refined), edits, sum(len(v) for v in clicks.values()))
+    return VolumeRefinement(back(refined), edits, sum(len(v) for v in clicks.values()))
 
 
 def volume_box_to_slice_box(box_3d: Sequence[float], shape: Sequence[int]) -> list[float]:
@@ -2437,14 +2456,15 @@ def is_structure_name(key: Any) -> bool:
     return isinstance(key, str) and not key.strip().lstrip("-").isdigit() and bool(key.strip())
 
 
-def _check_class_aware(model: Any, class_ids: set[int]) -> None:
+def _check_class_aware(model: Any, class_ids: set[int], caller: str = "segment_volume") -> None:
     """A multi-class model is class-aware here: each structure's box uses its class's heads, so ids must fit."""
     count = _class_count(model)
     too_high = sorted(c for c in class_ids if c > count)
     if count > 1 and too_high:
+        fix = "restrict with classes=..." if caller == "segment_volume" else "its labels are its class ids"
         raise ValueError(
-            f"segment_volume: class ids {too_high} above the model's {count} classes; a class-aware model segments "
-            "class ids 1..num_classes (restrict with classes=...)."
+            f"{caller}: class ids {too_high} above the model's {count} classes; a class-aware model segments "
+            f"class ids 1..num_classes ({fix})."
         )
 
 

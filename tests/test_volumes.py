@@ -3237,7 +3237,6 @@ def test_corrections_refuse_what_they_cannot_place(tmp_path, capsys):
     for argv, message in (
         ([scan, "--previous", scan], "--previous .*the labels that --corrections correct; give the clicks"),
         ([str(image), "--corrections", str(liver)], "--corrections correct a volume's labels; .*image.png is not a volume"),
-        ([scan, "--corrections", str(liver), "--plane", "axial"], "--corrections are voxels of the scan's stored grid"),
         ([scan, str(tmp_path / "other.nii.gz"), "--corrections", str(liver)], "give one scan per run"),
         ([scan, str(tmp_path / "other.nii.gz"), "--corrections", str(liver), "--previous", scan], "one label volume, for 2 scans"),
         ([scan, "--corrections", str(line)], "line.mrk.json: markup 1 is a Line"),
@@ -3289,7 +3288,9 @@ def test_corrections_decode_each_structure_by_its_own_heads_with_a_class_aware_m
     assert [(e.structure, e.action) for e in result.edits] == [(2, "extend"), (3, "grow")]
     assert {str(call["classes"]) for call in calls} == {"[2]", "[3]"}  # each structure's own heads
     assert result.labels[8, 8, 4] == 2 and result.labels[13, 12, 3] == 3
-    with pytest.raises(ValueError, match=r"class ids \[4\] above the model's 3 classes"):
+    with pytest.raises(
+        ValueError, match=r"refine_with_clicks: class ids \[4\] above the model's 3 classes.*its labels are"
+    ):
         refine_volume(model, scan, labels, {4: [(8, 8, 4)]})
 
     model.save_pretrained(tmp_path / "model")
@@ -3299,3 +3300,34 @@ def test_corrections_decode_each_structure_by_its_own_heads_with_a_class_aware_m
     assert cli_main([*argv, "--corrections", str(tmp_path / "clicks.json"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "clicks.json: 'pancreas' click 1: 'pancreas' names none of the model's structures (1 liver, 2 spleen" in err
+
+
+def test_corrections_on_a_coronal_stack_work_on_the_axial_slices_the_model_was_prompted_with(monkeypatch):
+    """`--plane axial` prompts the shipped CT model with axial slices resliced from a coronal stack; corrections were
+    refused with it, so its labels could only be corrected on coronal slices the model never saw. Now the clicks
+    (stored voxels) go to the axial grid and the labels come back on the stored grid, unchanged where no click
+    reached (the nearest-neighbour round trip is exact)."""
+    from imedsam_hf.volumes import AxialGrid, refine_volume
+
+    monkeypatch.setattr(volumes_module, "segment", _box_filling_segment([]))
+    model = tiny_model(query_mode="adaptive", implicit_decoder_trained=True)
+    model.config.base_model = "litemedsam"
+    # A coronal stack: stored axes L (0.8 mm), S (rows, 0.8 mm), A (the slicing axis, 2.4 mm between slices).
+    affine = np.array([[-0.8, 0, 0, 0], [0, 0, 2.4, 0], [0, 0.8, 0, 0], [0, 0, 0, 1.0]])
+    shape = (30, 24, 10)  # x (L), rows along S, coronal slices along A
+    scan = np.random.default_rng(2).integers(0, 255, shape, dtype=np.uint8)
+    volume = Volume(data=scan, affine=affine, header=nib.Nifti1Header())
+    labels = np.zeros(shape, np.uint8)
+    labels[5:15, 4:12, 2:5] = 1  # structure 1 on S rows 4..11 (axial slices 4..11); rows 12.. missed
+    labels[20:26, 14:20, 6:9] = 2
+    grid = AxialGrid.of(volume)
+    assert grid.factors[1] == pytest.approx(3.0)  # the 2.4 mm between coronal slices become 0.8 mm axial rows
+    result = refine_volume(model, volume, labels, {1: [(10, 13, 3)]}, plane="axial")
+    assert [edit.action for edit in result.edits] == ["extend"] and result.edits[0].click == (10, 13, 3, True)
+    assert min(result.edits[0].slices) == 12  # axial slices, from the first one structure 1 was missing from
+    refined = result.labels
+    assert refined.shape == shape and refined[10, 13, 3] == 1  # the clicked stored voxel is the structure's now
+    assert np.array_equal(refined == 2, labels == 2)  # structure 2 keeps its voxels
+    assert np.array_equal(refined[:, :12], labels[:, :12])  # the axial slices the structure held, unchanged
+    with pytest.raises(ValueError, match="plane 'oblique'"):
+        refine_volume(model, volume, labels, {1: [(10, 13, 3)]}, plane="oblique")

@@ -746,11 +746,6 @@ def run(args: argparse.Namespace, device: str | None) -> int:
                     f"--corrections correct a volume's labels; {(images or args.inputs)[0]} is not a volume (NIfTI, "
                     "NRRD, MetaImage, DICOM): give images their prompt instead."
                 )
-            if args.plane != "stored":
-                raise ValueError(
-                    "--corrections are voxels of the scan's stored grid: correct labels with --plane stored (the "
-                    "default), the labels --plane axial wrote included."
-                )
             if args.previous is not None and not Path(args.previous).exists():
                 raise ValueError(f"--previous {args.previous}: no such file or folder.")
             if args.previous is not None and Path(args.previous).is_file() and len(volumes) > 1:
@@ -1113,7 +1108,7 @@ def predict_volumes(
                     click_names = structure_names_of(model.config)
                 refinement = refine_volume(
                     model, grey, labels, click_labels(corrections[name], volume, click_names or None),
-                    boxes_3d=prompts.get("boxes_3d"), processor=processor, tta=args.tta,
+                    boxes_3d=prompts.get("boxes_3d"), processor=processor, tta=args.tta, plane=args.plane,
                 )  # fmt: skip
                 labels = refinement.labels
                 print(f"{path}: {refinement_text(refinement)}")
