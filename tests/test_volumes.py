@@ -3331,3 +3331,34 @@ def test_corrections_on_a_coronal_stack_work_on_the_axial_slices_the_model_was_p
     assert np.array_equal(refined[:, :12], labels[:, :12])  # the axial slices the structure held, unchanged
     with pytest.raises(ValueError, match="plane 'oblique'"):
         refine_volume(model, volume, labels, {1: [(10, 13, 3)]}, plane="oblique")
+
+
+@needs_dicom
+def test_corrections_on_a_dicom_series_land_on_the_voxel_slicer_shows_them_on(tmp_path, capsys, monkeypatch):
+    """A clinician's path: a DICOM series (stored LPS, as scanners write it) segmented earlier, a missed voxel of
+    structure 2 marked in 3D Slicer (its LPS position). `predict SERIES --previous LABELS --corrections liver.mrk.json`
+    puts the click on that voxel of the series' grid and writes the corrected labels beside the others."""
+    from imedsam_hf.cli import main as cli_main
+
+    labels = two_organs()
+    series = tmp_path / "series"
+    write_dicom_series(*as_stored(hu_scan(labels), AFFINE, ("L", "P", "S")), series)
+    previous = labels.copy()
+    previous[3:10, 4:12, 4] = 0  # structure 2 missed on slice 4
+    (tmp_path / "previous").mkdir()
+    save_nifti(tmp_path / "previous" / "series.nii.gz", previous)
+    voxel = (6, 8, 4)  # a voxel of structure 2 on the missed slice, in the grid the series reads onto (AFFINE)
+    ras = AFFINE @ [*voxel, 1.0]
+    points = _slicer_points(tmp_path / "2.mrk.json", "2", [("2-1", (-ras[0], -ras[1], ras[2]))])
+    monkeypatch.setattr(volumes_module, "segment", _box_filling_segment([]))
+    model = tiny_model(query_mode="adaptive", implicit_decoder_trained=True)
+    model.config.base_model = "litemedsam"
+    model.save_pretrained(tmp_path / "model")
+    argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(series), "--window", "abdomen"]
+    argv += ["--previous", str(tmp_path / "previous"), "--corrections", str(points), "--out", str(tmp_path / "out")]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    assert "1 click (1 extend)" in capsys.readouterr().out
+    written = read_volume(tmp_path / "out" / "series.nii.gz")
+    np.testing.assert_allclose(written.affine, AFFINE, atol=1e-4)
+    assert written.data[voxel] == 2  # the clicked voxel, where Slicer showed it
+    assert np.array_equal(written.data[..., :4], previous[..., :4])  # the other slices as they were

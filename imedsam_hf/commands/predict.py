@@ -602,7 +602,7 @@ def refinement_text(refinement: VolumeRefinement) -> str:
     parts = [f"{count} {action}" for action, count in actions.items()] + (
         [f"{agreed} agreed already"] if agreed else []
     )
-    return f"{refinement.clicks} clicks ({', '.join(parts)})"
+    return f"{refinement.clicks} click{'s' if refinement.clicks != 1 else ''} ({', '.join(parts)})"
 
 
 def previous_labels_of(scan: Path, previous: str) -> Path:
