@@ -1370,17 +1370,14 @@ def segment_npz_case(
         raise ValueError(f"{len(boxes)} 3-D boxes: at most 255 (the label volume is uint8); split the case")
     depth, height, width = imgs.shape
     data = _npz_volume(imgs)
-    boxes_3d = {  # rows of imgs[z] are the reversed y of the volume's slice_image convention
-        index + 1: [x0, height - 1 - y1, z0, x1, height - 1 - y0, z1]
-        for index, (x0, y0, z0, x1, y1, z1) in enumerate(boxes.round().astype(int).tolist())
-    }
+    boxes_3d = {index + 1: _rows_flipped(box, height) for index, box in enumerate(boxes.round().astype(int).tolist())}
     keys = None if key_slices is None else {index + 1: int(z) for index, z in enumerate(key_slices)}
     if keys is not None and len(keys) != len(boxes_3d):
         raise ValueError(f"{len(keys)} key slices for {len(boxes_3d)} boxes: one per box")
     labels = segment_volume(
         model, data, processor=processor, boxes_3d=boxes_3d, key_slices=keys, progress=progress, tta=tta
     )
-    return np.stack([slice_image(labels, z) for z in range(depth)]).astype(np.uint16)
+    return _slice_stack(labels).astype(np.uint16)
 
 
 @dataclass(frozen=True)
@@ -1547,7 +1544,7 @@ def refine_with_clicks(
                         seed = [x, y, x, y]
                     # Propagated from the click's slice through the missing ones, as a 3-D box drawn there is.
                     x0, y0, x1, y1 = (int(round(v)) for v in stretched(seed, y, x))
-                    box_3d = [x0, height - 1 - y1, low, x1, height - 1 - y0, high]  # rows of imgs[z] reversed
+                    box_3d = _rows_flipped([x0, y0, low, x1, y1, high], height)
                     key = label if aware else 1  # a class-aware model decodes the box by its label's heads
                     found = segment_volume(
                         model, volume, processor=processor, boxes_3d={key: box_3d}, key_slices={key: z},
@@ -1601,6 +1598,18 @@ def _npz_volume(imgs: np.ndarray) -> np.ndarray:
     for z in range(depth):
         place_slice(data, z, imgs[z])
     return data
+
+
+def _slice_stack(data: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_npz_volume`: an ``(X, Y, Z)`` array as its ``(D, H, W)`` :func:`slice_image` slices."""
+    return np.stack([slice_image(data, z) for z in range(data.shape[2])])
+
+
+def _rows_flipped(box_3d: Sequence[int], height: int) -> list[int]:
+    """A 3-D box ``[x0, y0, z0, x1, y1, z1]`` between a volume's voxel indices and the rows of its slice images
+    (:func:`slice_image`: rows are ``y`` reversed), either way."""
+    x0, y0, z0, x1, y1, z1 = box_3d
+    return [x0, height - 1 - y1, z0, x1, height - 1 - y0, z1]
 
 
 def _box_region(box: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
@@ -1847,10 +1856,8 @@ def refine_volume(
     else:
         view = SliceView.of(volume)
         shown, marked, to_slices, back = view.to_view(grey), view.to_view(data), view.box, view.from_view
-    depth = shown.shape[2]
     height = shown.shape[1]
-    imgs = np.stack([slice_image(shown, z) for z in range(depth)])
-    segs = np.stack([slice_image(marked, z) for z in range(depth)])
+    imgs, segs = _slice_stack(shown), _slice_stack(marked)
 
     def in_view(voxel: Sequence[int]) -> tuple[int, int, int]:
         """Stored ``(x, y, z)`` -> ``(z, row, column)`` of the slice images (the centre of the voxel's place on the
@@ -1872,17 +1879,10 @@ def refine_volume(
             shown_click = (*in_view((x, y, z)), bool(int(label)))
             given[shown_click] = (x, y, z, bool(int(label)))
             by_index.setdefault(structure - 1, []).append(shown_click)
-    boxes = None
-    if boxes_3d:
-        boxes = {}
-        for label, box in boxes_3d.items():
-            x0, y0, z0, x1, y1, z1 = to_slices(box)
-            boxes[int(label) - 1] = [x0, height - 1 - y1, z0, x1, height - 1 - y0, z1]
+    boxes = {int(label) - 1: _rows_flipped(to_slices(box), height) for label, box in (boxes_3d or {}).items()} or None
     by_index = dict(sorted(by_index.items()))  # structures in label order, each one's clicks in the order given
     result = refine_with_clicks(model, imgs, segs, by_index, boxes=boxes, processor=processor, tta=tta, reach=reach)
-    refined = np.zeros(shown.shape, dtype=np.uint8 if result.segs.max(initial=0) <= 255 else np.uint16)
-    for z in range(depth):
-        place_slice(refined, z, result.segs[z].astype(refined.dtype))
+    refined = _npz_volume(result.segs.astype(np.uint8 if result.segs.max(initial=0) <= 255 else np.uint16))
     edits = [ClickEdit(edit.structure, given[edit.click], edit.action, edit.slices) for edit in result.edits]
     return VolumeRefinement(back(refined), edits, sum(len(v) for v in clicks.values()))
 

@@ -511,9 +511,9 @@ def correction_clicks(paths: list[str], volumes: list[str]) -> dict[str, list[Na
     """
     `--corrections`: each volume's clicks, their structures still names (`volumes.click_labels` reads them once the
     model and the labels they correct are known). A file is a 3D Slicer markups file (`.mrk.json`, a JSON with
-    "markups", or the older `.fcsv`: world positions, so one scan per run), or JSON `{structure: [[x, y, z], ...]}` in the scans' voxel
-    indices (a structure's name or class id, or "background"), or `{volume name: {structure: [...]}}`. Read and
-    checked before any model is loaded.
+    "markups", or the older `.fcsv`: world positions, so one scan per run), or JSON `{structure: [[x, y, z], ...]}`
+    in the scans' voxel indices (a structure's name or class id, or "background"), or `{volume name: {structure:
+    [...]}}`. Read and checked before any model is loaded.
     """
     names = [volume_name(v) for v in volumes]
     every: list[NamedClick] = []
