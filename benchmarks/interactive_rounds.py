@@ -5,7 +5,8 @@ structure one click at the centre of its largest error, each round given the rou
     python benchmarks/interactive_rounds.py --data_dir ../shared/data/BTCV-Synapse-CT --case case0001 case0002 \
         --model litemedsam --num_threads 2 --json benchmarks/results/interactive_rounds_btcv.json
 
-Each scan (`volumes/<case>.nii.gz` with `labels/<case>.nii.gz`) is laid out as a challenge case: `imgs` `(D, H, W)`
+Each scan (`volumes/<case>.nii.gz` with `labels/<case>.nii.gz`, else its PNG slices stacked by slice index as
+`btcv_volumes.py` stacks them, `cases.csv` giving the spacing) is laid out as a challenge case: `imgs` `(D, H, W)`
 as `volumes.slice_image` shows the slices, one box dict per organ (its z range, and the 2-D box of the labelled slice
 nearest the middle of the range as `z_mid`). Round 0 segments the boxes (`volumes.segment_npz_case`); rounds 1..5
 (`--rounds`) place the clicks as the challenge's `CVPR25_iter_eval.py` does (per organ the largest 26-connected
@@ -27,20 +28,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from btcv_volumes import scan_volume
 from common import report
 from scipy import ndimage
 
 from imedsam_hf import load_model
 from imedsam_hf.configuration_imedsam import is_class_aware
+from imedsam_hf.data import read_scan_spacing
 from imedsam_hf.metrics import dice_from_counts, surfel_surface_dice
 from imedsam_hf.volumes import read_volume, refine_with_clicks, segment_npz_case, segment_volume, slice_image
 
 
-def challenge_case(data_dir: Path, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
-    """`(imgs, gts, boxes, key_slices)` of a BTCV scan laid out as a challenge case; boxes `(N, 6)` as
-    `read_npz_case` gives the dicts, one per organ present (label ``i + 1`` is the ``i``-th id, sorted)."""
-    image = read_volume(data_dir / "volumes" / f"{case}.nii.gz").data
-    labels = read_volume(data_dir / "labels" / f"{case}.nii.gz").data
+def scan_arrays(data_dir: Path, case: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """A scan's 8-bit image and labels `(X, Y, Z)` and its spacing `(x, y, z)` in mm: the staged NIfTI pair, or its
+    PNG slices stacked (the slices with an organ; `cases.csv`'s spacing)."""
+    nifti = data_dir / "volumes" / f"{case}.nii.gz"
+    if nifti.is_file():
+        volume = read_volume(nifti)
+        return volume.data, read_volume(data_dir / "labels" / f"{case}.nii.gz").data, volume.spacing
+    stems = [p.stem for p in sorted((data_dir / "images").glob(f"{case}_*.png"))]
+    if not stems:
+        raise SystemExit(f"{case}: neither {nifti} nor {data_dir / 'images'}/{case}_*.png")
+    image, labels = scan_volume(data_dir, case, stems)
+    return image, labels, read_scan_spacing(data_dir / "cases.csv")[case]
+
+
+def challenge_case(
+    data_dir: Path, case: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], np.ndarray, tuple[float, float, float]]:
+    """`(imgs, gts, boxes, key_slices, image, spacing)` of a BTCV scan laid out as a challenge case; boxes `(N, 6)`
+    as `read_npz_case` gives the dicts, one per organ present (label ``i + 1`` is the ``i``-th id, sorted); `image`
+    the scan `(X, Y, Z)`, `spacing` `(z, y, x)` of `imgs`' `(D, H, W)`."""
+    image, labels, (sx, sy, sz) = scan_arrays(data_dir, case)
     imgs = np.stack([slice_image(image, z) for z in range(image.shape[2])])
     gts = np.stack([slice_image(labels, z) for z in range(labels.shape[2])])
     boxes, key_slices = [], []
@@ -50,7 +69,7 @@ def challenge_case(data_dir: Path, case: str) -> tuple[np.ndarray, np.ndarray, n
         ys, xs = np.nonzero(gts[middle] == class_id)
         boxes.append([xs.min(), ys.min(), slices[0], xs.max(), ys.max(), slices[-1]])
         key_slices.append(middle)
-    return imgs, gts, np.asarray(boxes, dtype=np.int64), key_slices
+    return imgs, gts, np.asarray(boxes, dtype=np.int64), key_slices, image, (sz, sy, sx)
 
 
 def error_centre(component: np.ndarray) -> tuple[int, int, int]:
@@ -79,7 +98,7 @@ def next_clicks(segs: np.ndarray, gts: np.ndarray, clicks: dict[int, list]) -> N
         clicks.setdefault(index, []).append((z, y, x, bool(gts[z, y, x] == class_id)))
 
 
-def class_aware_box_round(model, processor, data_dir: Path, case: str, gts, boxes, key_slices) -> np.ndarray:
+def class_aware_box_round(model, processor, image: np.ndarray, case: str, gts, boxes, key_slices) -> np.ndarray:
     """Round 0 for a class-aware model: the same boxes (the key slice's 2-D box, the organ's z range) propagated by
     `segment_volume`, each decoded by its organ's heads (label ``i + 1`` the model's class ``i + 1``)."""
     ids = np.unique(gts)[1:]
@@ -91,8 +110,7 @@ def class_aware_box_round(model, processor, data_dir: Path, case: str, gts, boxe
         for index, (x0, y0, z0, x1, y1, z1) in enumerate(boxes.tolist())
     }
     keys = {index + 1: int(z) for index, z in enumerate(key_slices)}
-    volume = read_volume(data_dir / "volumes" / f"{case}.nii.gz")
-    labels = segment_volume(model, volume, processor=processor, boxes_3d=boxes_3d, key_slices=keys, progress=False)
+    labels = segment_volume(model, image, processor=processor, boxes_3d=boxes_3d, key_slices=keys, progress=False)
     return np.stack([slice_image(labels, z) for z in range(labels.shape[2])]).astype(np.uint16)
 
 
@@ -132,14 +150,12 @@ def main() -> None:
     model, processor = load_model(args.model, device="cpu")
     rows = []
     for case in args.case:
-        imgs, gts, boxes, key_slices = challenge_case(Path(args.data_dir), case)
-        sx, sy, sz = read_volume(Path(args.data_dir) / "volumes" / f"{case}.nii.gz").spacing
-        spacing = (sz, sy, sx)  # of imgs' (D, H, W)
+        imgs, gts, boxes, key_slices, image, spacing = challenge_case(Path(args.data_dir), case)
         start = time.perf_counter()
         if args.no_boxes:  # the challenge scores such a case's box round 0
             segs = np.zeros(imgs.shape, dtype=np.uint16)
         elif is_class_aware(model.config):
-            segs = class_aware_box_round(model, processor, Path(args.data_dir), case, gts, boxes, key_slices)
+            segs = class_aware_box_round(model, processor, image, case, gts, boxes, key_slices)
         else:
             segs = segment_npz_case(model, imgs, boxes, processor=processor, key_slices=key_slices, progress=False)
         seconds = [time.perf_counter() - start]

@@ -1435,7 +1435,9 @@ def refine_with_clicks(
     - background on a piece of the slice's mask that is not its largest: that piece is removed ("remove");
     - background on a one-piece mask: with a model that learned clicks, ``z`` again with its mask's box and the
       slice's clicks ("cut"); a box-only model is left as it is ("none": moving the box's nearest side past the click
-      lost 0.2 to 1 point of the structure's 3-D Dice per click with LiteMedSAM on BTCV case0002).
+      lost 0.2 to 1 point of the structure's 3-D Dice per click with LiteMedSAM on BTCV case0002; the slice's clicks
+      given to such a model as points with the box, as "cut" does, left the click inside the mask 156 times of 163 on
+      the shipped CT model's 4 validation scans: mean 3-D Dice after five rounds 0.7965 against 0.7966).
 
     New masks go on pixels that are background or the structure's own; other structures keep theirs, but for the
     piece of them under the new mask that holds a foreground click (the click says whose it is).
@@ -3715,11 +3717,12 @@ def volume_overlay(
     slices: int = 9,
     columns: int = 3,
     affine: np.ndarray | None = None,
+    clicks: Sequence[Sequence[int]] | None = None,
 ) -> Image.Image:
     """A picture of a segmented volume: a montage of up to ``slices`` axial slices (:func:`slice_image`), spread
-    evenly over the slices that hold a predicted or true structure, each the 2-D overlay
-    (:func:`imedsam_hf.inference.overlay` with ``class_colours``: every class in its colour, its truth outlined)
-    with its prompt boxes and its slice index.
+    evenly over the slices that hold a predicted or true structure (over the clicked slices when `clicks` are given),
+    each the 2-D overlay (:func:`imedsam_hf.inference.overlay` with ``class_colours``: every class in its colour, its
+    truth outlined) with its prompt boxes, its clicks (rings: cyan foreground, magenta background) and its slice index.
 
     Args:
         images: ``(X, Y, Z)`` the 8-bit grey volume the model saw (:func:`to_uint8` with the run's window).
@@ -3731,6 +3734,8 @@ def volume_overlay(
         affine: the volume's affine: its slices shown in the view the model saw them in (:class:`SliceView`, as
             :func:`segment_volume` turns a volume stored in another orientation), where ``prompts`` were drawn;
             None: as the arrays are stored.
+        clicks: ``(x, y, z, foreground)`` stored voxel indices of corrections (:class:`VolumeRefinement`'s edits'
+            clicks), or None.
 
     Returns:
         An RGB image, ``columns`` slices wide.
@@ -3744,6 +3749,12 @@ def volume_overlay(
     truth = None if truth is None else view.to_view(truth)
     occupied = labels.any(axis=(0, 1)) | (truth.any(axis=(0, 1)) if truth is not None else False)
     candidates = np.flatnonzero(occupied) if occupied.any() else np.array([labels.shape[2] // 2])
+    points: dict[int, list[tuple[int, int, int]]] = {}  # view slice -> (col, row, foreground)
+    for click in clicks or ():
+        x, y, z, *_ = view.box([*click[:3], *click[:3]])
+        points.setdefault(int(z), []).append((int(x), labels.shape[1] - 1 - int(y), int(bool(click[3]))))
+    if points:
+        candidates = np.array(sorted(points))
     chosen = candidates[
         np.unique(np.linspace(0, len(candidates) - 1, min(slices, len(candidates))).round().astype(int))
     ]
@@ -3756,6 +3767,7 @@ def volume_overlay(
         tile = overlay(
             np.repeat(grey[..., None], 3, axis=-1), slice_image(labels, int(z)),
             truth=None if truth is None else slice_image(truth, int(z)), boxes=boxes.get(int(z)), class_colours=True,
+            points=[p[:2] for p in points.get(int(z), [])] or None, labels=[p[2] for p in points.get(int(z), [])],
         )  # fmt: skip
         ImageDraw.Draw(tile).text((4, 2), f"z={int(z)}", fill=(255, 255, 255))
         tiles.append(tile)

@@ -251,3 +251,38 @@ def test_btcv_volumes_says_where_a_protocol_loses():
     assert summary["missed_slices"] == 2 / 16 and summary["dice_middle"] == 1.0
     # the ends (2 slices at either end, 16 voxels per scan): 8 + 16 overlapping, 24 + 32 in prediction and truth
     assert summary["dice_ends"] == 2 * (8 + 16) / (24 + 32)
+
+
+def test_interactive_rounds_lays_out_a_scan_of_slices_as_its_staged_volume(tmp_path):
+    """A scan kept only as PNG slices (BTCV's validation scans) is laid out as a challenge case as its staged NIfTI
+    would be: the same `imgs`, `gts`, boxes, key slices, and `cases.csv`'s spacing in `(z, y, x)`."""
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    from imedsam_hf.volumes import place_slice
+
+    module = load_benchmark("interactive_rounds")
+    rng = np.random.default_rng(0)
+    image, labels = np.zeros((24, 20, 5), np.uint8), np.zeros((24, 20, 5), np.uint8)
+    staged, slices = tmp_path / "staged", tmp_path / "slices"
+    for folder in (staged / "volumes", staged / "labels", slices / "images", slices / "masks"):
+        folder.mkdir(parents=True)
+    for z in range(5):
+        picture, mask = rng.integers(0, 256, (20, 24), dtype=np.uint8), np.zeros((20, 24), np.uint8)
+        mask[3 + z : 11, 5:15], mask[13:18, 2 : 4 + z] = 1, 2
+        place_slice(image, z, picture)
+        place_slice(labels, z, mask)
+        Image.fromarray(picture).save(slices / "images" / f"caseA_slice{z + 7:03d}.png")
+        Image.fromarray(mask).save(slices / "masks" / f"caseA_slice{z + 7:03d}.png")
+    (slices / "cases.csv").write_text("case,spacing_mm\ncaseA,0.8x0.8x3.0\n")
+    affine = np.diag([-0.8, 0.8, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), staged / "volumes" / "caseA.nii.gz")
+    nib.save(nib.Nifti1Image(labels, affine), staged / "labels" / "caseA.nii.gz")
+    from_slices, from_nifti = module.challenge_case(slices, "caseA"), module.challenge_case(staged, "caseA")
+    for left, right in zip(from_slices[:5], from_nifti[:5]):
+        np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
+    assert from_slices[5] == pytest.approx((3.0, 0.8, 0.8)) and from_nifti[5] == pytest.approx((3.0, 0.8, 0.8))
+    assert from_slices[2].tolist() == [[5, 5, 0, 14, 10, 4], [2, 13, 0, 5, 17, 4]]
+    with pytest.raises(SystemExit, match="caseB"):
+        module.challenge_case(slices, "caseB")

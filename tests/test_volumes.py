@@ -2110,6 +2110,31 @@ def test_volume_overlay_shows_the_labelled_slices_with_their_truth_and_prompts()
         volume_overlay(images, predicted[:, :, :3])
 
 
+def test_volume_overlay_of_corrections_shows_the_clicked_slices_with_each_click_on_its_voxel():
+    """`predict --corrections --overlay` drew nine slices spread over the organs, rarely those clicked, and no clicks:
+    with `clicks` (stored voxels, any orientation) the montage shows the clicked slices, each click a ring around the
+    pixel of its voxel, cyan for foreground, magenta for background."""
+    from imedsam_hf.inference import BACKGROUND_CLICK_COLOUR, PROMPT_COLOUR
+    from imedsam_hf.volumes import volume_overlay
+
+    shape = (40, 30, 9)  # stored RAS: the view (LAS) flips x
+    images, labels = np.full(shape, 60, np.uint8), np.zeros(shape, np.uint8)
+    labels[5:15, 5:12, 1:8] = 1
+    ras = np.diag([1.5, 1.5, 3.0, 1.0])
+    clicks = [(10, 5, 2, True), (30, 20, 6, False), (12, 8, 2, False)]
+    montage = np.asarray(volume_overlay(images, labels, affine=ras, clicks=clicks))
+    width, height = shape[0], shape[1]
+    assert montage.shape == (height, 2 * width, 3)  # slices 2 and 6 only, though 1..7 hold the organ
+    for (x, y, z, foreground), tile in zip(clicks[:2], (0, 1)):
+        column, row = shape[0] - 1 - x, shape[1] - 1 - y  # LAS view: x flipped; slice_image: rows are y reversed
+        colour = PROMPT_COLOUR if foreground else BACKGROUND_CLICK_COLOUR
+        ring = montage[row - 4 : row + 5, tile * width + column - 4 : tile * width + column + 5]
+        assert (ring == colour).all(axis=-1).sum() >= 8, (x, y, z)
+        assert not (montage[row, tile * width + column] == colour).all()  # a ring, its voxel left visible
+    left = montage[:, :width]
+    assert (left == BACKGROUND_CLICK_COLOUR).all(axis=-1).any() and (left == PROMPT_COLOUR).all(axis=-1).any()
+
+
 @pytest.mark.skipif(not HAS_BTCV_VOLUMES, reason="shared BTCV volumes missing")
 def test_convert_volumes_reproduces_the_shared_btcv_slices(tmp_path):
     """`imedsam convert volumes`: a BTCV scan and its label volume give exactly the shared folder's PNG slices (the
@@ -3180,8 +3205,10 @@ def test_clicks_placed_in_a_viewer_correct_a_volumes_labels_in_any_orientation(t
         json.dumps({"1": [voxels[(6, 15, 15)], voxels[(3, 15, 22)]], "background": [voxels[(4, 26, 31)]]})
     )  # noqa
     corrections[-2:] = [str(tmp_path / "clicks.json")]
-    assert cli_main([*argv, *corrections, "--out", str(tmp_path / "out2")]) == 0, capsys.readouterr().err
+    assert cli_main([*argv, *corrections, "--overlay", "--out", str(tmp_path / "out2")]) == 0, capsys.readouterr().err
     assert np.array_equal(np.asarray(nib.load(tmp_path / "out2" / "case.nii.gz").dataobj), np.asarray(written.dataobj))
+    montage = Image.open(tmp_path / "out2" / "case_overlay.png")  # the three clicked slices, each with its click
+    assert montage.size == (3 * width, height)
 
     # The reader: Slicer's `-N` label suffix, a numbered label naming nothing, unplaced points skipped, RAS files.
     points = read_slicer_points(liver)

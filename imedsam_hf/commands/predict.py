@@ -1052,6 +1052,7 @@ def predict_volumes(
         try:
             volume = read_volume(path, args.channel)
             prompts: dict[str, Any] = {"prompts_given": [] if args.overlay else None}
+            refinement = None
             names_here = names
             previous = previous_labels_of(path, args.previous) if args.previous is not None else None
             previous_names = label_volume_class_names(previous) if previous is not None else None
@@ -1125,7 +1126,7 @@ def predict_volumes(
                 truth = prompts.get("label_volume")
                 picture = volume_overlay(
                     grey.data, labels, truth=None if truth is None else truth.data, prompts=prompts["prompts_given"],
-                    affine=volume.affine,
+                    affine=volume.affine, clicks=None if refinement is None else [e.click for e in refinement.edits],
                 )  # fmt: skip
                 write_png(picture, targets["_overlay.png"])
         except (OSError, ValueError, ImportError) as error:  # ImportError: a NRRD label volume in a case folder
