@@ -2491,8 +2491,8 @@ def embedded_label_names(path: str | os.PathLike) -> dict[int, str] | None:
     except Exception:  # unreadable here: read_volume names the file where it matters
         return None
     for extension in extensions:
-        content = extension.get_content()
-        if not isinstance(content, bytes) or b"LabelTable" not in content:
+        content = _extension_bytes(extension)
+        if b"LabelTable" not in content:
             continue
         try:
             root = ElementTree.fromstring(content.decode("utf-8", "replace").strip().rstrip("\x00"))
@@ -2502,6 +2502,12 @@ def embedded_label_names(path: str | os.PathLike) -> dict[int, str] | None:
             return None
         return {key: name for key, name in names.items() if key > 0 and name} or None
     return None
+
+
+def _extension_bytes(extension: nib.nifti1.Nifti1Extension) -> bytes:
+    """A NIfTI header extension's raw content (b"" for one nibabel reads as something else: a DICOM dataset)."""
+    content = extension.get_content()
+    return content if isinstance(content, bytes) else b""
 
 
 def bids_label_table(path: str | os.PathLike) -> dict[int, str] | None:
@@ -2843,7 +2849,10 @@ def write_label_volume(
     """Write a label volume on ``like``'s grid, data type ``uint8``: NIfTI (``like``'s affine and header), or NRRD /
     MetaImage (gzip-compressed, ``like``'s geometry in ITK's terms: :func:`itk_geometry`; SimpleITK, the ``itk``
     extra), as the suffix of `path` says; a ``.seg.nrrd`` is a 3D Slicer segmentation, each structure present a
-    segment named by `class_names` (else ``class <id>``) in the overlay's colour (:func:`slicer_segment_fields`).
+    segment named by `class_names` (else ``class <id>``) in the overlay's colour (:func:`slicer_segment_fields`). A
+    NIfTI with `class_names` carries them in its header as TotalSegmentator's multi-label output does (a CIFTI-style
+    label table, :func:`label_table_extension`), so the file names its structures wherever it is moved
+    (:func:`embedded_label_names` reads them back: `predict --previous`, `--boxes-from-masks`).
 
     The file is written to a temporary file in the target folder and moved into place with ``os.replace``, so a
     reader never sees a half-written file; parent folders are created.
@@ -2852,7 +2861,7 @@ def write_label_volume(
         labels: ``(X, Y, Z)`` class ids 0..255 (``uint8``, or integers in that range), shape ``like.shape``.
         like: the volume the labels belong to (normally the :func:`read_volume` of the input scan).
         path: ``.nii.gz``, ``.nii``, ``.seg.nrrd``, ``.nrrd`` or ``.mha``.
-        class_names: ``{id: name}`` of a ``.seg.nrrd``'s segments.
+        class_names: ``{id: name}`` of a ``.seg.nrrd``'s segments, or of a NIfTI's label table.
 
     Returns:
         The path written.
@@ -2874,13 +2883,47 @@ def write_label_volume(
     if suffix in ITK_WRITERS:
         fields = slicer_segment_fields(data, class_names) if suffix == ".seg.nrrd" else {}
         return _write_itk_labels(data, like.affine, path, fields)
-    return _write_nifti_labels(data, like.affine, like.header, path)
+    return _write_nifti_labels(data, like.affine, like.header, path, class_names)
 
 
-def _write_nifti_labels(data: np.ndarray, affine: np.ndarray, header, path: Path) -> Path:
+def label_table_extension(class_names: Mapping[int, str]) -> nib.nifti1.Nifti1Extension:
+    """A NIfTI header extension naming label ids as TotalSegmentator's ``--ml`` output does: a CIFTI-2 style
+    ``<LabelTable>`` of ``<Label Key="id" Red=".." Green=".." Blue=".." Alpha="1"><![CDATA[name]]></Label>`` (the
+    overlay's colours, :func:`imedsam_hf.inference.class_colour`), extension code 0, background left out. What
+    :func:`embedded_label_names` reads."""
+    labels = []
+    for class_id, name in sorted((int(k), str(v)) for k, v in class_names.items()):
+        if class_id <= 0:
+            continue
+        red, green, blue = (f"{value / 255:.6g}" for value in class_colour(class_id))
+        text = name.replace("]]>", "]]]]><![CDATA[>")  # a CDATA section cannot hold its own end
+        labels.append(
+            f'<Label Key="{class_id}" Red="{red}" Green="{green}" Blue="{blue}" Alpha="1"><![CDATA[{text}]]></Label>'
+        )
+    body = "\n".join(labels)
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<CIFTI Version="2"><Matrix><MatrixIndicesMap '
+        'IndicesMapToDataDimensions="0" IndicesMapType="CIFTI_INDEX_TYPE_LABELS"><LabelTable>\n'
+        f"{body}\n</LabelTable></MatrixIndicesMap></Matrix></CIFTI>\n"
+    )
+    return nib.nifti1.Nifti1Extension(0, xml.encode("utf-8"))
+
+
+def _write_nifti_labels(
+    data: np.ndarray, affine: np.ndarray, header, path: Path, class_names: Mapping[int, str] | None = None
+) -> Path:
     """`data` (uint8 class ids) as a NIfTI file on `affine`, with `header`'s fields (a copy: a scan's or an image's),
-    gzip-compressed for `.nii.gz`, written atomically (what a killed earlier write left beside it removed first)."""
+    gzip-compressed for `.nii.gz`, written atomically (what a killed earlier write left beside it removed first);
+    with `class_names`, their label table in the header (:func:`label_table_extension`, replacing one the scan's
+    header carried)."""
     header = header.copy() if isinstance(header, nib.Nifti1Header) else None
+    if header is not None:  # a label table copied from the scan would name these labels wrongly
+        kept = [e for e in header.extensions if b"LabelTable" not in _extension_bytes(e)]
+        header.extensions.clear()
+        header.extensions.extend(kept)
+    if class_names:
+        header = header if header is not None else nib.Nifti1Header()
+        header.extensions.append(label_table_extension(class_names))
     image = nib.Nifti1Image(data, affine, header=header)
     image.set_data_dtype(np.uint8)
     image.header.set_slope_inter(1.0, 0.0)

@@ -3329,6 +3329,57 @@ def test_corrections_decode_each_structure_by_its_own_heads_with_a_class_aware_m
     assert "clicks.json: 'pancreas' click 1: 'pancreas' names none of the model's structures (1 liver, 2 spleen" in err
 
 
+def test_label_volumes_carry_their_structures_names_so_clicks_can_name_them_in_the_next_run(
+    tmp_path, capsys, monkeypatch
+):
+    """A binary model's NIfTI labels named nothing: prompted by BTCV-style label volumes (classes.json beside them),
+    `predict --out first` wrote ids only, and correcting them by name (`--previous first/case.nii.gz --corrections
+    liver.json`) failed ("'liver' names no structure"). Label volumes now carry their names in the header as
+    TotalSegmentator's do (a CIFTI-style label table), read back by `embedded_label_names`, through every run."""
+    from imedsam_hf.cli import main as cli_main
+    from imedsam_hf.volumes import embedded_label_names, label_table_extension, write_label_volume
+
+    monkeypatch.setattr(volumes_module, "segment", _box_filling_segment([]))
+    model = tiny_model(query_mode="adaptive", implicit_decoder_trained=True)
+    model.config.base_model = "litemedsam"
+    model.save_pretrained(tmp_path / "model")
+    scan = np.random.default_rng(2).integers(0, 255, (24, 20, 6), dtype=np.uint8)
+    truth = np.zeros(scan.shape, np.uint8)
+    truth[4:12, 4:12, 1:5] = 1
+    truth[14:20, 10:16, 2:4] = 2
+    (tmp_path / "labels").mkdir()
+    nib.save(nib.Nifti1Image(scan, np.diag([1.5, 1.5, 3.0, 1.0])), tmp_path / "case.nii.gz")
+    nib.save(nib.Nifti1Image(truth, np.diag([1.5, 1.5, 3.0, 1.0])), tmp_path / "labels" / "case.nii.gz")
+    (tmp_path / "labels" / "classes.json").write_text(json.dumps({"classes": {"1": "liver", "2": "spleen"}}))
+    argv = ["predict", "--model", str(tmp_path / "model"), "--device", "cpu", str(tmp_path / "case.nii.gz")]
+    assert cli_main([*argv, "--boxes-from-masks", str(tmp_path / "labels"), "--out", str(tmp_path / "first")]) == 0
+    first = tmp_path / "first" / "case.nii.gz"
+    assert embedded_label_names(first) == {1: "liver", 2: "spleen"}
+    missed = np.asarray(nib.load(first).dataobj).copy()
+    missed[:, :, 4] = 0  # liver's last slice left out
+    nib.save(nib.Nifti1Image(missed, nib.load(first).affine, nib.load(first).header), first)
+    (tmp_path / "liver.json").write_text(json.dumps({"liver": [[8, 8, 4]]}))
+    corrections = ["--previous", str(first), "--corrections", str(tmp_path / "liver.json")]
+    assert cli_main([*argv, *corrections, "--out", str(tmp_path / "second")]) == 0, capsys.readouterr().err
+    second = tmp_path / "second" / "case.nii.gz"
+    assert np.asarray(nib.load(second).dataobj)[8, 8, 4] == 1 and embedded_label_names(second) == {
+        1: "liver",
+        2: "spleen",
+    }
+
+    # The table as TotalSegmentator writes it (extension code 0, one <Label Key=..><![CDATA[name]]> per id); a scan
+    # whose own header carried one does not pass it on to labels written without names.
+    extension = label_table_extension({0: "background", 5: "portal vein and splenic vein"})
+    assert (
+        extension.get_code() == 0
+        and b'<Label Key="5"' in extension.get_content()
+        and b'Key="0"' not in (extension.get_content())
+    )
+    assert embedded_label_names(first) == {1: "liver", 2: "spleen"}
+    written = write_label_volume(missed, read_volume(first), tmp_path / "third" / "case.nii.gz")
+    assert embedded_label_names(written) is None
+
+
 def test_corrections_on_a_coronal_stack_work_on_the_axial_slices_the_model_was_prompted_with(monkeypatch):
     """`--plane axial` prompts the shipped CT model with axial slices resliced from a coronal stack; corrections were
     refused with it, so its labels could only be corrected on coronal slices the model never saw. Now the clicks

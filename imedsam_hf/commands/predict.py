@@ -1043,9 +1043,9 @@ def predict_volumes(
     the labels (`--previous`'s, else the prompt's answer, else none) corrected where the clicks disagree
     (`volumes.refine_volume`)."""
     failures = []
-    slicer = any(str(targets[0]).endswith(".seg.nrrd") for targets in plan.values())  # segments named in the file
-    named = args.statistics or args.dicom_seg or args.dicom_rtstruct or slicer
-    names = structure_names(model.config, args.boxes_from_masks) if named else None
+    # The structures' names, written into every label volume (a NIfTI's label table, a .seg.nrrd's segments) and the
+    # statistics and DICOM outputs.
+    names = structure_names(model.config, args.boxes_from_masks)
     for path, planned in plan.items():
         targets = dict(zip(volume_suffixes(args), planned))
         name = volume_name(path)
@@ -1056,7 +1056,7 @@ def predict_volumes(
             names_here = names
             previous = previous_labels_of(path, args.previous) if args.previous is not None else None
             previous_names = label_volume_class_names(previous) if previous is not None else None
-            if named and not names and previous_names:  # a binary model: the names the labels corrected carry
+            if not names and previous_names:  # a binary model: the names the labels corrected carry
                 names_here = previous_names
             if boxes is None and args.boxes_from_masks is None:
                 pass  # --corrections alone: they correct --previous's labels, or start from none
@@ -1066,9 +1066,9 @@ def predict_volumes(
                     looked = label_volume_names(path, args.boxes_from_masks, args.label_suffix)
                     raise ValueError(f"no label volume {looked} in {args.boxes_from_masks}")
                 prompts["label_volume"] = read_label_volume(found, volume, structure_names_of(model.config))
-                if named and not names and dicom_annotation_modality(found):  # its structures' ids: their numbers
+                if not names and dicom_annotation_modality(found):  # its structures' ids: their numbers
                     names_here = dicom_structure_names(found)
-                elif named and not names:  # a binary model: the names the label volume carries (TotalSegmentator's)
+                elif not names:  # a binary model: the names the label volume carries (TotalSegmentator's)
                     names_here = embedded_label_names(found) or names
                 # Numbered otherwise than the model's classes (AMOS, TotalSegmentator): each decoded by the class of
                 # its name, its ids kept, and named by its own folder's names.
@@ -1113,7 +1113,8 @@ def predict_volumes(
                 )  # fmt: skip
                 labels = refinement.labels
                 print(f"{path}: {refinement_text(refinement)}")
-            # In the scan's format (plan_outputs); a NRRD scan's as a 3D Slicer segmentation, its segments named.
+            # In the scan's format (plan_outputs), its structures named: a NIfTI's label table (TotalSegmentator's), a
+            # NRRD scan's as a 3D Slicer segmentation.
             written = write_label_volume(labels, volume, targets[".nii.gz"], names_here)
             print(f"{path}: {int((labels > 0).sum())} labelled voxels -> {written}")
             if args.statistics:
