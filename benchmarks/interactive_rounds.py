@@ -15,7 +15,7 @@ the organ was missed, background where it was claimed wrongly) and correct the l
 (`volumes.refine_with_clicks`, every click so far, the round before's labels), what `imedsam predict` does with a
 round's `.npz`. Per round: mean 3-D Dice over the organs, mean NSD at 2 mm (the challenge's: DeepMind's surface
 elements weighted by area, `metrics.surfel_surface_dice`, the scan's spacing; MONAI needed), seconds; `dsc_auc` /
-`nsd_auc` the area under the Dice / NSD of the click rounds (the challenge's `DSC_AUC`, `NSD_AUC`); the edits per action (`grow`, `extend`, `remove`, `cut`, `none`; those whose
+`nsd_auc` the area under the Dice / NSD of the click rounds (the challenge's `DSC_AUC`, `NSD_AUC`); the edits per action (`grow`, `extend`, `remove`, `cut`, `trim`; those whose
 answer still disagreed with the click counted in `refused`). `--no_boxes`: the challenge's cases without boxes,
 clicks only from round 1 (round 0 scores nothing).
 """
@@ -172,7 +172,7 @@ def main() -> None:
             for edit in refinement.edits:
                 counts = actions.setdefault(edit.action, {"edits": 0, "refused": 0})
                 counts["edits"] += 1
-                counts["refused"] += edit.action != "none" and not edit.slices
+                counts["refused"] += not edit.slices
         clicked = dice[1:] if len(dice) > 2 else dice
         clicked_nsd = nsd[1:] if len(nsd) > 2 else nsd
         rows.append(

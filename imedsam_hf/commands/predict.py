@@ -596,7 +596,7 @@ def refinement_text(refinement: VolumeRefinement) -> str:
     """What `--corrections` did to a volume's labels, per action, for the command's line."""
     actions: dict[str, int] = {}
     for edit in refinement.edits:
-        action = edit.action if edit.slices or edit.action == "none" else "not taken"
+        action = edit.action if edit.slices else "not taken"
         actions[action] = actions.get(action, 0) + 1
     agreed = refinement.clicks - len(refinement.edits)
     parts = [f"{count} {action}" for action, count in actions.items()] + (
