@@ -1441,10 +1441,10 @@ def refine_with_clicks(
       says the mask is not the structure at all, which a box cannot say). Chosen on the shipped CT model's 4
       validation scans (five rounds; mean 3-D Dice after them): leaving the mask as it is ("none", before) 0.7966,
       trimming the clicked slice 0.7999, and its neighbours too, up to `reach` away, 0.7993 at 1.5 times the time;
-      the half-mask rule read off what trimming did to the clicked slices of two of them (case0028, case0040). Tried before and
-      not taken: moving the box's nearest side past the click (0.2 to 1 point of the structure's 3-D Dice lost per
-      click with LiteMedSAM on BTCV case0002), the slice's clicks as points with the box, as "cut" does (the click
-      stayed inside the mask 156 times of 163 on the validation scans: 0.7965).
+      the half-mask rule read off what trimming did to the clicked slices of two of them (case0028, case0040).
+      Tried before and not taken: moving the box's nearest side past the click (0.2 to 1 point of the structure's
+      3-D Dice lost per click with LiteMedSAM on BTCV case0002), the slice's clicks as points with the box, as "cut"
+      does (the click stayed inside the mask 156 times of 163 on the validation scans: 0.7965).
 
     New masks go on pixels that are background or the structure's own; other structures keep theirs, but for the
     piece of them under the new mask that holds a foreground click (the click says whose it is).
