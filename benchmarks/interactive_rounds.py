@@ -121,6 +121,13 @@ def mean_nsd(segs: np.ndarray, gts: np.ndarray, spacing: tuple[float, float, flo
     return float(np.mean([surfel_surface_dice(segs == i + 1, gts == c, spacing, tolerance) for i, c in enumerate(ids)]))
 
 
+def click_auc(per_round: list[float]) -> float:
+    """The area under a score over the click rounds (round 0, the boxes, left out when there are clicks after it;
+    the challenge's `DSC_AUC` / `NSD_AUC`)."""
+    clicked = per_round[1:] if len(per_round) > 2 else per_round
+    return float(np.trapezoid(clicked, dx=1))
+
+
 def mean_dice(segs: np.ndarray, gts: np.ndarray) -> float:
     """The mean over organs of the 3-D Dice (`metrics.dice_from_counts`) of label ``i + 1`` against the ``i``-th id."""
     scores = []
@@ -173,18 +180,16 @@ def main() -> None:
                 counts = actions.setdefault(edit.action, {"edits": 0, "refused": 0})
                 counts["edits"] += 1
                 counts["refused"] += not edit.slices
-        clicked = dice[1:] if len(dice) > 2 else dice
-        clicked_nsd = nsd[1:] if len(nsd) > 2 else nsd
         rows.append(
             {
                 "case": case,
                 "organs": len(boxes),
                 "dice_boxes": dice[0],
                 "dice_final": dice[-1],
-                "dsc_auc": float(np.trapezoid(clicked, dx=1)),
+                "dsc_auc": click_auc(dice),
                 "nsd_boxes": nsd[0],
                 "nsd_final": nsd[-1],
-                "nsd_auc": float(np.trapezoid(clicked_nsd, dx=1)),
+                "nsd_auc": click_auc(nsd),
                 "seconds_boxes": seconds[0],
                 "seconds_per_click_round": float(np.mean(seconds[1:])) if len(seconds) > 1 else None,
                 "dice_per_round": dice,

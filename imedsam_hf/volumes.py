@@ -1648,6 +1648,17 @@ def _rows_flipped(box_3d: Sequence[int], height: int) -> list[int]:
     return [x0, height - 1 - y1, z0, x1, height - 1 - y0, z1]
 
 
+def _slice_pixel(
+    to_slices: Callable[[Sequence[int]], Sequence[int]], voxel: Sequence[int], height: int
+) -> tuple[int, int, int]:
+    """A stored voxel ``(x, y, z)`` -> ``(z, row, column)`` of the slice images (:func:`slice_image`, `height` rows)
+    of the slicing whose 3-D box map is `to_slices` (:meth:`SliceView.box`, :meth:`AxialGrid.box`); where one stored
+    voxel spans several of the slicing's, the centre of its place."""
+    corners = to_slices([*voxel, *voxel])
+    x, y, z = ((low + high) // 2 for low, high in zip(corners[:3], corners[3:]))
+    return int(z), height - 1 - int(y), int(x)
+
+
 def _box_region(box: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
     """`(H, W)` True inside `box` (inclusive pixel corners)."""
     region = np.zeros(shape, dtype=bool)
@@ -1895,13 +1906,6 @@ def refine_volume(
     height = shown.shape[1]
     imgs, segs = _slice_stack(shown), _slice_stack(marked)
 
-    def in_view(voxel: Sequence[int]) -> tuple[int, int, int]:
-        """Stored ``(x, y, z)`` -> ``(z, row, column)`` of the slice images (the centre of the voxel's place on the
-        axial grid, where one stored voxel spans several)."""
-        corners = to_slices([*voxel, *voxel])
-        x, y, z = ((low + high) // 2 for low, high in zip(corners[:3], corners[3:]))
-        return z, height - 1 - y, x
-
     by_index: dict[int, list[tuple[int, int, int, bool]]] = {}
     given: dict[tuple[int, int, int, bool], tuple[int, int, int, bool]] = {}
     for label, voxels in sorted(clicks.items(), key=lambda item: int(item[0]) != 0):  # background clicks first
@@ -1912,7 +1916,7 @@ def refine_volume(
             structure = int(label) if int(label) else int(data[x, y, z])
             if not structure:
                 continue  # a background click on background: the labels agree
-            shown_click = (*in_view((x, y, z)), bool(int(label)))
+            shown_click = (*_slice_pixel(to_slices, (x, y, z), height), bool(int(label)))
             given[shown_click] = (x, y, z, bool(int(label)))
             by_index.setdefault(structure - 1, []).append(shown_click)
     boxes = {int(label) - 1: _rows_flipped(to_slices(box), height) for label, box in (boxes_3d or {}).items()} or None
@@ -3828,8 +3832,8 @@ def volume_overlay(
     candidates = np.flatnonzero(occupied) if occupied.any() else np.array([labels.shape[2] // 2])
     points: dict[int, list[tuple[int, int, int]]] = {}  # view slice -> (col, row, foreground)
     for click in clicks or ():
-        x, y, z, *_ = view.box([*click[:3], *click[:3]])
-        points.setdefault(int(z), []).append((int(x), labels.shape[1] - 1 - int(y), int(bool(click[3]))))
+        z, row, column = _slice_pixel(view.box, click[:3], labels.shape[1])
+        points.setdefault(z, []).append((column, row, int(bool(click[3]))))
     if points:
         candidates = np.array(sorted(points))
     chosen = candidates[
