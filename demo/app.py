@@ -9,14 +9,24 @@ so can a 2-D image stored as MetaImage, NRRD or NIfTI (grand-challenge.org's `.m
 A class-aware model (the shipped `imedsam-litemedsam-btcv`) asks which structure the box is for: its config records
 its classes, and each box is decoded by that class's heads.
 
+The "Volume" tab takes a CT or MR scan (NIfTI, NRRD, MetaImage, a multi-frame DICOM file or a DICOM series as a
+`.zip`): browse its slices as the model sees them, draw each structure's box on one slice (two clicks on its corners,
+or typed) and its first and last slice; "Segment volume" runs every box from its slice outwards (MedSAM's
+propagation, `segment_volume` with key slices) and gives the label volume (in the scan's format, the structures named
+in its header) and the boxes as `imedsam predict --boxes` takes them, to run the same prompts from the command line.
+
 On Spaces, `app.py` is run as is; set IMEDSAM_DEMO_MODEL to choose the model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -24,7 +34,8 @@ from PIL import Image
 
 import imedsam_hf.runtime as runtime  # looked up at call time: tests replace the allocator tuning
 from imedsam_hf import load_model, overlay, segment
-from imedsam_hf.configuration_imedsam import is_class_aware
+from imedsam_hf.configuration_imedsam import is_class_aware, window_text
+from imedsam_hf.data import label_volume_suffix
 from imedsam_hf.evaluation import grid_size
 from imedsam_hf.inference import clicks_caveat, windowed_slice
 from imedsam_hf.loading import resolve_device
@@ -36,6 +47,22 @@ from imedsam_hf.processing_imedsam import (
     read_dicom_image,
     read_grid_image,
     to_rgb_array,
+)
+from imedsam_hf.volumes import (
+    SliceEmbeddings,
+    SliceView,
+    Volume,
+    dicom_series_in,
+    is_mr_window,
+    label_statistics,
+    parse_window,
+    read_volume,
+    resolve_window,
+    segment_volume,
+    slice_image,
+    structure_names_of,
+    volume_name,
+    write_label_volume,
 )
 
 RESOLUTIONS = ["native", "0.5x", "2x", "512 px", "1024 px"]
@@ -70,8 +97,8 @@ def file_upload(path: str | None, config=None) -> np.ndarray | None:
             picture = np.round(to_rgb_array(windowed_slice(read_grid_image(path), config))).astype(np.uint8)
         elif str(path).lower().endswith(VOLUME_SUFFIXES):
             raise ValueError(
-                f"{os.path.basename(path)}: not a 2-D image (a 3-D scan, or unreadable); segment scans with imedsam "
-                "predict (a label volume out)."
+                f"{os.path.basename(path)}: not a 2-D image (a 3-D scan, or unreadable); segment scans in the "
+                "Volume tab or with imedsam predict (a label volume out)."
             )
         else:
             picture = read_dicom_image(path)
@@ -119,6 +146,199 @@ def segment_request(model, processor, image, box_values, clicks, resolution, str
     return overlay(array, result.mask, boxes=box, points=points, labels=labels), path, info
 
 
+#: Scans the Volume tab takes (`.gz`: a file picker matches `x.nii.gz` by its last extension); a DICOM series comes as
+#: a `.zip` of its folder, a multi-frame (enhanced) DICOM scan as its `.dcm` file.
+SCAN_SUFFIXES = [".nii", ".nii.gz", ".gz", ".nrrd", ".mha", ".dcm", ".zip"]
+
+
+@dataclass
+class VolumeSession:
+    """One scan in the Volume tab: the scan as read, the slices the model sees (`SliceEmbeddings.images`: each slice
+    encoded once over all runs on it), the boxes drawn, the last run's labels.
+
+    Attributes:
+        boxes: `{"id", "box" ([x0, y0, x1, y1] pixels of the shown slice), "slice", "first", "last"}` per structure.
+        labels: `(X, Y, Z)` class ids on the scan's stored grid (the last run's), and `shown`: the same in the view.
+        corner: a box's first corner `(x, y)`, clicked on slice `corner_slice`, waiting for the second.
+        stem: the upload's name without its extension (a `.zip`'s, not its series folder's), the outputs' names.
+    """
+
+    volume: Volume
+    view: SliceView
+    embeddings: SliceEmbeddings
+    window: object
+    boxes: list[dict] = field(default_factory=list)
+    labels: np.ndarray | None = None
+    shown: np.ndarray | None = None
+    corner: tuple[float, float] | None = None
+    corner_slice: int = -1
+    stem: str = "scan"
+
+    @property
+    def depth(self) -> int:
+        return self.view.view_shape[2]
+
+
+def scan_path(path: str) -> str:
+    """The scan an upload holds: the file itself, or the one DICOM series (or multi-frame scan) in a `.zip`."""
+    if not str(path).lower().endswith(".zip"):
+        return path
+    folder = tempfile.mkdtemp(prefix="imedsam-series-")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(folder)  # member names are made safe: no absolute paths, no `..`
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"{os.path.basename(path)}: not a readable .zip ({error})") from error
+    series = dicom_series_in(folder)
+    if len(series) != 1:
+        raise ValueError(
+            f"{os.path.basename(path)}: {len(series)} DICOM scans in it; zip the folder of one series (its slices)"
+        )
+    return str(series[0])
+
+
+def load_scan(model, processor, path: str | None, window: str = "") -> tuple[VolumeSession, str]:
+    """The Volume tab's upload: the scan read as `imedsam predict` reads it and windowed as the model's training
+    slices were (`resolve_window`), or with `window` (a preset such as `abdomen`, `level,width` in HU, or `mr`)."""
+    if not path:
+        raise gr.Error("Upload a scan first.")
+    try:
+        volume = read_volume(scan_path(path))
+        chosen = resolve_window(volume.data, window.strip() or None, model.config, volume.name, volume.modality)
+        embeddings = SliceEmbeddings(model, volume, processor=processor, window=chosen)
+    except (ValueError, ImportError, OSError) as error:
+        raise gr.Error(str(error)) from error
+    stem = Path(path).stem if str(path).lower().endswith(".zip") else volume_name(path)
+    session = VolumeSession(volume, SliceView.of(volume), embeddings, chosen, stem=stem)
+    width, height, depth = session.view.view_shape
+    spacing = " x ".join(f"{v:.2f}" for v in volume.spacing)
+    how = (
+        "as stored (8-bit)" if chosen is None else window_text(chosen if is_mr_window(chosen) else parse_window(chosen))
+    )
+    info = f"{stem}: {depth} slices of {width}x{height} ({spacing} mm), shown {how}"
+    return session, info
+
+
+def volume_picture(session: VolumeSession | None, z: float) -> np.ndarray | None:
+    """Slice `z` as the model sees it: the last run's labels in their colours, the boxes drawn on it, a box's first
+    corner waiting for its second (a ring)."""
+    if session is None:
+        return None
+    z = int(np.clip(int(z), 0, session.depth - 1))
+    grey = slice_image(session.embeddings.images, z)
+    labels = np.zeros(grey.shape, np.uint8) if session.shown is None else slice_image(session.shown, z)
+    boxes = [entry["box"] for entry in session.boxes if entry["slice"] == z]
+    points = [list(session.corner)] if session.corner is not None and session.corner_slice == z else None
+    picture = overlay(
+        np.repeat(grey[..., None], 3, axis=-1), labels, boxes=boxes or None, points=points, class_colours=True
+    )
+    return np.asarray(picture)
+
+
+def pick_corner(session: VolumeSession | None, z: float, x: float, y: float) -> list[float] | None:
+    """A click on the shown slice: the first sets a box's corner (None: waiting), the second on the same slice the
+    opposite one, giving the box `[x0, y0, x1, y1]`."""
+    if session is None:
+        raise gr.Error("Upload a scan first.")
+    if session.corner is None or session.corner_slice != int(z):
+        session.corner, session.corner_slice = (float(x), float(y)), int(z)
+        return None
+    (cx, cy), session.corner, session.corner_slice = session.corner, None, -1
+    return [min(cx, x), min(cy, y), max(cx, x), max(cy, y)]
+
+
+def add_volume_box(model, session: VolumeSession | None, z, box_values, first, last, structure=None) -> str:
+    """The "Add box" button: the box on slice `z` for the structure chosen (a class-aware model's; a one-class model's boxes are
+    structures 1, 2, ... in the order drawn), with its first and last slice; a structure given again is replaced.
+    Returns the boxes as a list for the page.
+
+    The slices are asked for, not taken as the whole scan: from a key slice propagation goes on until the model's
+    mask is empty, which a trained model's seldom is, so past the organ's ends it segments its neighbours (the
+    shipped CT model on validation scan case0028, each organ's box on its middle slice: 0.769 mean 3-D Dice with the
+    organs' slices, 0.535 with the whole scan's)."""
+    if session is None:
+        raise gr.Error("Upload a scan first.")
+    values = list(box_values)
+    if any(v is None for v in values) or values == [0, 0, 0, 0]:
+        raise gr.Error("Draw the box first: click two opposite corners on the slice, or type x0, y0, x1, y1.")
+    z = int(z)
+    if first is None or last is None:
+        raise gr.Error(
+            "Give the structure's first and last slice: move to where it begins and press 'First slice: this one', "
+            "to where it ends and press 'Last slice: this one' (beyond them the model segments its neighbours)."
+        )
+    first, last = int(first), int(last)
+    if not first <= z <= last:
+        raise gr.Error(f"The box is on slice {z}, outside its structure's slices {first}..{last}.")
+    try:
+        session.view.slice_box(values, first, last)  # checked now: a bad box is refused at its press
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
+    names = structure_names_of(model.config)
+    if names:
+        class_id = int(str(structure or structure_choices(model)[0]).split()[0])
+    else:
+        class_id = max((entry["id"] for entry in session.boxes), default=0) + 1
+        if class_id > 255:
+            raise gr.Error("255 structures at most in one label volume.")
+    entry = {"id": class_id, "box": [float(v) for v in values], "slice": z, "first": first, "last": last}
+    session.boxes = [other for other in session.boxes if other["id"] != class_id] + [entry]
+    return boxes_text(model, session)
+
+
+def structure_name(model, class_id: int) -> str:
+    """A structure's name: a class-aware model's, else `structure <id>`."""
+    return (structure_names_of(model.config) or {}).get(class_id, f"structure {class_id}")
+
+
+def boxes_text(model, session: VolumeSession | None) -> str:
+    """The boxes drawn, one line each."""
+    if session is None:
+        return ""
+    lines = []
+    for entry in session.boxes:
+        corners = ", ".join(f"{v:.0f}" for v in entry["box"])
+        lines.append(
+            f"{structure_name(model, entry['id'])}: [{corners}] on slice {entry['slice']}, slices "
+            f"{entry['first']}..{entry['last']}"
+        )
+    return "\n".join(lines)
+
+
+def segment_volume_request(model, processor, session: VolumeSession | None) -> tuple[list[str], str]:
+    """The "Segment volume" button: every box propagated from its slice outwards (`segment_volume` with key slices); the label
+    volume (the scan's format, a NIfTI's structures named in its header) and the boxes as `imedsam predict --boxes`
+    takes them (stored voxel indices) written; each structure's volume in mL."""
+    if session is None:
+        raise gr.Error("Upload a scan first.")
+    if not session.boxes:
+        raise gr.Error("Add a box first: draw it on a slice where the structure is, then press 'Add box'.")
+    boxes_3d = {e["id"]: session.view.slice_box(e["box"], e["first"], e["last"]) for e in session.boxes}
+    key_slices = {e["id"]: e["slice"] for e in session.boxes}
+    try:
+        labels = segment_volume(
+            model, session.volume, processor=processor, boxes_3d=boxes_3d, key_slices=key_slices,
+            window=session.window, slice_embeddings=session.embeddings, progress=False,
+        )  # fmt: skip
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
+    session.labels, session.shown = labels, session.view.to_view(labels)
+    names = structure_names_of(model.config)
+    folder = tempfile.mkdtemp(prefix="imedsam-")
+    suffix = label_volume_suffix(session.volume.path) if session.volume.path is not None else ".nii.gz"
+    written = write_label_volume(labels, session.volume, os.path.join(folder, f"{session.stem}_labels{suffix}"), names)
+    prompts = os.path.join(folder, f"{session.stem}_boxes.json")
+    with open(prompts, "w") as stream:
+        json.dump({str(c): {"box": box, "key_slice": key_slices[c]} for c, box in boxes_3d.items()}, stream, indent=1)
+    found = label_statistics(labels, session.volume, {c: structure_name(model, c) for c in boxes_3d})["structures"]
+    parts = [f"{name} {values['volume_ml']:.1f} mL" for name, values in found.items()]
+    missed = [structure_name(model, c) for c in boxes_3d if not (labels == c).any()]
+    info = "; ".join(parts) or "nothing found"
+    if missed:
+        info += f"; nothing found for {', '.join(missed)} (its box's slice gave an empty mask)"
+    return [str(written), prompts], info
+
+
 def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep") -> gr.Blocks:
     """The app; on a CPU, `cpu_allocator="keep"` tunes this process's `malloc` as `imedsam predict` does
     (`imedsam_hf.runtime.keep_freed_memory`: a box request on a polyp 0.94 -> 0.73 s on 2 cores)."""
@@ -139,38 +359,81 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
     with gr.Blocks(title="I-MedSAM") as demo:
         gr.Markdown(
             f"# I-MedSAM\nModel: `{model_name}`. Upload an image, type a box (pixels) and/or click on the image "
-            "(foreground or background clicks), choose the resolution."
+            "(foreground or background clicks), choose the resolution; or segment a scan in the Volume tab."
             + ("" if model.config.learned_clicks else " This model learned box prompts only: give a box.")
         )
-        clicks = gr.State([])
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(type="numpy", label="Image", image_mode="RGB")
-                dicom = gr.File(
-                    label="... or a 2-D DICOM, .mha, .nrrd or .nii.gz file", file_types=UPLOAD_SUFFIXES, type="filepath"
-                )
-                with gr.Row():
-                    x0 = gr.Number(label="x0", value=0, precision=1)
-                    y0 = gr.Number(label="y0", value=0, precision=1)
-                    x1 = gr.Number(label="x1", value=0, precision=1)
-                    y1 = gr.Number(label="y1", value=0, precision=1)
-                with gr.Row():
-                    kind = gr.Radio(["foreground", "background"], value="foreground", label="Next click")
-                    clear = gr.Button("Clear clicks")
-                listed = gr.Textbox(label="Clicks (x,y,label)", interactive=False)
-                resolution = gr.Radio(RESOLUTIONS, value="native", label="Output resolution")
-                tta = gr.Radio(
-                    list(TTA_MIRRORS), value="none", label="Test-time mirroring (h, v: 2 passes; hv: 4, averaged)"
-                )
-                choices = structure_choices(model)
-                structure = gr.Dropdown(
-                    choices, value=choices[0] if choices else None, label="Structure", visible=bool(choices)
-                )
-                button = gr.Button("Segment", variant="primary")
-            with gr.Column():
-                result = gr.Image(label="Mask overlay", type="numpy")
-                download = gr.File(label="Mask (0/255 PNG)")
-                info = gr.Textbox(label="Info", interactive=False)
+        choices = structure_choices(model)
+        with gr.Tab("Image"):
+            clicks = gr.State([])
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(type="numpy", label="Image", image_mode="RGB")
+                    dicom = gr.File(
+                        label="... or a 2-D DICOM, .mha, .nrrd or .nii.gz file", file_types=UPLOAD_SUFFIXES,
+                        type="filepath",
+                    )  # fmt: skip
+                    with gr.Row():
+                        x0 = gr.Number(label="x0", value=0, precision=1)
+                        y0 = gr.Number(label="y0", value=0, precision=1)
+                        x1 = gr.Number(label="x1", value=0, precision=1)
+                        y1 = gr.Number(label="y1", value=0, precision=1)
+                    with gr.Row():
+                        kind = gr.Radio(["foreground", "background"], value="foreground", label="Next click")
+                        clear = gr.Button("Clear clicks")
+                    listed = gr.Textbox(label="Clicks (x,y,label)", interactive=False)
+                    resolution = gr.Radio(RESOLUTIONS, value="native", label="Output resolution")
+                    tta = gr.Radio(
+                        list(TTA_MIRRORS), value="none", label="Test-time mirroring (h, v: 2 passes; hv: 4, averaged)"
+                    )
+                    structure = gr.Dropdown(
+                        choices, value=choices[0] if choices else None, label="Structure", visible=bool(choices)
+                    )
+                    button = gr.Button("Segment", variant="primary")
+                with gr.Column():
+                    result = gr.Image(label="Mask overlay", type="numpy")
+                    download = gr.File(label="Mask (0/255 PNG)")
+                    info = gr.Textbox(label="Info", interactive=False)
+        with gr.Tab("Volume"):
+            session = gr.State(None)
+            with gr.Row():
+                with gr.Column():
+                    scan = gr.File(
+                        label="Scan: NIfTI, .nrrd, .mha, a multi-frame .dcm, or a DICOM series as a .zip",
+                        file_types=SCAN_SUFFIXES, type="filepath", elem_id="volume-scan",
+                    )  # fmt: skip
+                    window = gr.Textbox(
+                        label="Window (empty: the model's; a preset such as abdomen, 'level,width' in HU, or mr)"
+                    )
+                    slice_index = gr.Slider(0, 1, value=0, step=1, label="Slice")
+                    shown = gr.Image(
+                        label="Slice (click two opposite corners of a box)",
+                        type="numpy",
+                        interactive=False,
+                        elem_id="volume-slice",
+                    )
+                with gr.Column():
+                    with gr.Row():
+                        vx0 = gr.Number(label="box x0", value=0, precision=1)
+                        vy0 = gr.Number(label="box y0", value=0, precision=1)
+                        vx1 = gr.Number(label="box x1", value=0, precision=1)
+                        vy1 = gr.Number(label="box y1", value=0, precision=1)
+                    with gr.Row():
+                        first = gr.Number(label="first slice of the structure", value=None, precision=0)
+                        last = gr.Number(label="last slice of the structure", value=None, precision=0)
+                    with gr.Row():
+                        set_first = gr.Button("First slice: this one")
+                        set_last = gr.Button("Last slice: this one")
+                    volume_structure = gr.Dropdown(
+                        choices, value=choices[0] if choices else None, label="Structure of the box",
+                        visible=bool(choices),
+                    )  # fmt: skip
+                    with gr.Row():
+                        add = gr.Button("Add box")
+                        clear_boxes = gr.Button("Clear boxes")
+                    boxes = gr.Textbox(label="Boxes", interactive=False)
+                    go = gr.Button("Segment volume", variant="primary")
+                    outputs = gr.File(label="Label volume and boxes (imedsam predict --boxes)", file_count="multiple")
+                    volume_info = gr.Textbox(label="Result", interactive=False)
         image.select(add_click, inputs=[clicks, kind], outputs=[clicks, listed])
         clear.click(lambda: ([], ""), outputs=[clicks, listed])
         image.upload(lambda: ([], ""), outputs=[clicks, listed])
@@ -179,6 +442,43 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
         )
         inputs = [image, x0, y0, x1, y1, clicks, resolution, structure, tta]
         button.click(run, inputs=inputs, outputs=[result, download, info])
+
+        def opened(path, window_value):
+            loaded, text = load_scan(model, processor, path, window_value or "")
+            middle = loaded.depth // 2
+            slider = gr.Slider(minimum=0, maximum=loaded.depth - 1, value=middle, step=1, label="Slice")
+            return loaded, slider, volume_picture(loaded, middle), "", text, None, None
+
+        def clicked(current, z, event: gr.SelectData):
+            x, y = event.index
+            box = pick_corner(current, z, float(x), float(y))
+            corners = [gr.update()] * 4 if box is None else box
+            return (*corners, volume_picture(current, z))
+
+        def added(current, z, bx0, by0, bx1, by1, low, high, chosen):
+            text = add_volume_box(model, current, z, (bx0, by0, bx1, by1), low, high, chosen)
+            return text, volume_picture(current, z)
+
+        def cleared(current, z):
+            if current is not None:
+                current.boxes, current.corner = [], None
+            return "", volume_picture(current, z)
+
+        def segmented(current, z):
+            files, text = segment_volume_request(model, processor, current)
+            return files, text, volume_picture(current, z)
+
+        volume_upload = [session, slice_index, shown, boxes, volume_info, first, last]
+        scan.upload(opened, inputs=[scan, window], outputs=volume_upload)
+        window.submit(opened, inputs=[scan, window], outputs=volume_upload)
+        slice_index.input(volume_picture, inputs=[session, slice_index], outputs=shown)
+        shown.select(clicked, inputs=[session, slice_index], outputs=[vx0, vy0, vx1, vy1, shown])
+        box_inputs = [session, slice_index, vx0, vy0, vx1, vy1, first, last, volume_structure]
+        add.click(added, inputs=box_inputs, outputs=[boxes, shown])
+        set_first.click(lambda z: z, inputs=slice_index, outputs=first)
+        set_last.click(lambda z: z, inputs=slice_index, outputs=last)
+        clear_boxes.click(cleared, inputs=[session, slice_index], outputs=[boxes, shown])
+        go.click(segmented, inputs=[session, slice_index], outputs=[outputs, volume_info, shown])
     return demo
 
 

@@ -939,6 +939,41 @@ class SliceView:
             low[int(target)], high[int(target)] = first, last
         return [*low, *high]
 
+    def stored_box(self, view_box: Sequence[int]) -> list[int]:
+        """The inverse of :meth:`box`: a 3-D box ``[x0, y0, z0, x1, y1, z1]`` in the view's indices as inclusive
+        stored voxel indices."""
+        low, high = [0, 0, 0], [0, 0, 0]
+        for axis, (target, flip) in enumerate(self.transform):
+            first, last = int(view_box[int(target)]), int(view_box[int(target) + 3])
+            if flip < 0:
+                first, last = self.shape[axis] - 1 - last, self.shape[axis] - 1 - first
+            low[axis], high[axis] = first, last
+        return [*low, *high]
+
+    @property
+    def view_shape(self) -> tuple[int, int, int]:
+        """The ``(X', Y', Z)`` shape of :meth:`to_view`'s array: its slices are ``(H, W) = (Y', X')`` images."""
+        shape = [0, 0, 0]
+        for axis, (target, _) in enumerate(self.transform):
+            shape[int(target)] = self.shape[axis]
+        return tuple(shape)  # type: ignore[return-value]
+
+    def slice_box(self, box: Sequence[float], first: int, last: int) -> list[int]:
+        """A 2-D box ``[x0, y0, x1, y1]`` drawn on the view's slices (:func:`slice_image` pixels: column, row; a
+        reader's box on the slice a viewer shows) as the 3-D box of stored voxel indices spanning slices
+        ``first..last``, :func:`segment_volume`'s ``boxes_3d`` (the slice it was drawn on its ``key_slices`` entry):
+        the corners rounded to whole pixels inside the slice, a side at least 2 pixels (:func:`_widen`)."""
+        width, height, depth = self.view_shape
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            raise ValueError(f"box {list(box)}: corners must be finite pixel positions")
+        if not 0 <= int(first) <= int(last) < depth:
+            raise ValueError(f"slices {first}..{last}: outside the scan's 0..{depth - 1} (or first after last)")
+        columns = _widen(*sorted(min(max(round(v), 0), width - 1) for v in (x0, x1)), width)
+        rows = _widen(*sorted(min(max(round(v), 0), height - 1) for v in (y0, y1)), height)
+        view_box = [columns[0], height - 1 - rows[1], int(first), columns[1], height - 1 - rows[0], int(last)]
+        return self.stored_box(view_box)
+
 
 # ------------------------------------------------------------------------------------------------------- intensities
 def check_window(spec: WindowSpec) -> WindowSpec:

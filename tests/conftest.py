@@ -44,6 +44,7 @@ def load_script(path: str, name: str) -> ModuleType:
     as a new module `name`: every call runs it afresh, so a test that patches it leaves other tests' copies alone."""
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import does: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

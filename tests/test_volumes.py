@@ -32,6 +32,7 @@ from imedsam_hf.volumes import (
     WINDOW_PRESETS,
     AxialGrid,
     SliceEmbeddings,
+    SliceView,
     Volume,
     boxes_3d_from_labels,
     key_slice_boxes_from_labels,
@@ -595,6 +596,43 @@ def test_a_scan_stored_in_another_orientation_reaches_the_model_as_its_training_
     # The embeddings kept for several calls are of the slices the model sees.
     embeddings = SliceEmbeddings(tiny_model(), make_volume(stored_scan, affine=affine))
     np.testing.assert_array_equal(embeddings.images, scan if not flips_slices else scan[:, :, ::-1])
+
+
+@pytest.mark.parametrize("codes", [("L", "A", "S"), ("R", "A", "S"), ("L", "P", "S"), ("P", "R", "S"), ("A", "L", "I")])
+def test_a_box_drawn_on_a_shown_slice_is_the_stored_box_of_what_it_covers(codes):
+    """A reader draws a box on a slice as a viewer shows it (the demo's Volume tab: the slices in the view the model
+    sees); `SliceView.slice_box` gives the 3-D box of stored voxel indices that `segment_volume` shows on that slice as
+    the same pixels, whatever orientation the scan is stored in (`stored_box` the inverse of `box`)."""
+    organs = cone(shape=(30, 26, 12))
+    stored, affine = as_stored(organs, AFFINE, codes)
+    view = SliceView.of(stored, affine)
+    shown = view.to_view(stored)
+    assert view.view_shape == shown.shape
+    for box in boxes_3d_from_labels(stored).values():
+        assert view.stored_box(view.box(box)) == box
+    for z in np.flatnonzero(shown.any(axis=(0, 1))):
+        drawn = mask_box(slice_image(shown, int(z)) > 0).tolist()  # the box a reader draws around what is shown
+        box = view.slice_box(drawn, int(z), int(z))
+        covered = np.zeros(stored.shape, bool)
+        covered[box[0] : box[3] + 1, box[1] : box[4] + 1, box[2] : box[5] + 1] = True
+        seen = view.to_view(covered)
+        x0, y0, x1, y1 = (int(v) for v in drawn)
+        rectangle = np.zeros(slice_image(seen, int(z)).shape, bool)
+        rectangle[y0 : y1 + 1, x0 : x1 + 1] = True
+        np.testing.assert_array_equal(slice_image(seen, int(z)), rectangle)  # the drawn box's pixels, on that slice
+        assert seen.sum() == rectangle.sum()
+        assert volume_box_to_slice_box(view.box(box), view.view_shape) == drawn
+    with pytest.raises(ValueError, match="finite"):
+        view.slice_box([1, 2, float("nan"), 4], 0, 1)
+    with pytest.raises(ValueError, match=r"slices 3..40: outside the scan's 0..11"):
+        view.slice_box([1, 2, 3, 4], 3, 40)
+    # corners outside the slice are kept inside it, a one-pixel side widened to two
+    width, height, _ = view.view_shape
+    corner = view.slice_box([-5, -5, 0.2, 0.4], 2, 2)
+    assert volume_box_to_slice_box(view.box(corner), view.view_shape) == [0, 0, 1, 1]
+    assert volume_box_to_slice_box(view.box(view.slice_box([0, 0, 1e6, 1e6], 0, 11)), view.view_shape) == [
+        0, 0, width - 1, height - 1
+    ]  # fmt: skip
 
 
 def test_segment_volume_takes_paths_as_segment_takes_image_files(tmp_path, monkeypatch):
