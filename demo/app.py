@@ -14,6 +14,8 @@ The "Volume" tab takes a CT or MR scan (NIfTI, NRRD, MetaImage, a multi-frame DI
 or typed) and its first and last slice; "Segment volume" runs every box from its slice outwards (MedSAM's
 propagation, `segment_volume` with key slices) and gives the label volume (in the scan's format, the structures named
 in its header) and the boxes as `imedsam predict --boxes` takes them, to run the same prompts from the command line.
+Then clicks on the slice correct the labels (a pixel added to a structure, or taken from it) by the rules of `imedsam
+predict --corrections` (`refine_volume`), with an "Undo".
 
 On Spaces, `app.py` is run as is; set IMEDSAM_DEMO_MODEL to choose the model.
 """
@@ -34,6 +36,7 @@ from PIL import Image
 
 import imedsam_hf.runtime as runtime  # looked up at call time: tests replace the allocator tuning
 from imedsam_hf import load_model, overlay, segment
+from imedsam_hf.commands.predict import refinement_text
 from imedsam_hf.configuration_imedsam import is_class_aware, window_text
 from imedsam_hf.data import label_volume_suffix
 from imedsam_hf.evaluation import grid_size
@@ -57,6 +60,7 @@ from imedsam_hf.volumes import (
     label_statistics,
     parse_window,
     read_volume,
+    refine_volume,
     resolve_window,
     segment_volume,
     slice_image,
@@ -151,6 +155,11 @@ def segment_request(model, processor, image, box_values, clicks, resolution, str
 SCAN_SUFFIXES = [".nii", ".nii.gz", ".gz", ".nrrd", ".mha", ".dcm", ".zip"]
 
 
+#: What a click on the Volume tab's slice does: a box's corner, or a correction (foreground: True).
+BOX_CORNER = "box corner"
+CLICK_MODES = {BOX_CORNER: None, "add to the structure": True, "remove (background)": False}
+
+
 @dataclass
 class VolumeSession:
     """One scan in the Volume tab: the scan as read, the slices the model sees (`SliceEmbeddings.images`: each slice
@@ -161,6 +170,7 @@ class VolumeSession:
         labels: `(X, Y, Z)` class ids on the scan's stored grid (the last run's), and `shown`: the same in the view.
         corner: a box's first corner `(x, y)`, clicked on slice `corner_slice`, waiting for the second.
         stem: the upload's name without its extension (a `.zip`'s, not its series folder's), the outputs' names.
+        history: the labels before each correction of the last run's (the last few), for "Undo".
     """
 
     volume: Volume
@@ -173,6 +183,7 @@ class VolumeSession:
     corner: tuple[float, float] | None = None
     corner_slice: int = -1
     stem: str = "scan"
+    history: list[np.ndarray] = field(default_factory=list)
 
     @property
     def depth(self) -> int:
@@ -306,15 +317,13 @@ def boxes_text(model, session: VolumeSession | None) -> str:
 
 
 def segment_volume_request(model, processor, session: VolumeSession | None) -> tuple[list[str], str]:
-    """The "Segment volume" button: every box propagated from its slice outwards (`segment_volume` with key slices); the label
-    volume (the scan's format, a NIfTI's structures named in its header) and the boxes as `imedsam predict --boxes`
-    takes them (stored voxel indices) written; each structure's volume in mL."""
+    """The "Segment volume" button: every box propagated from its slice outwards (`segment_volume` with key slices);
+    the label volume and the boxes written (`volume_outputs`)."""
     if session is None:
         raise gr.Error("Upload a scan first.")
     if not session.boxes:
         raise gr.Error("Add a box first: draw it on a slice where the structure is, then press 'Add box'.")
-    boxes_3d = {e["id"]: session.view.slice_box(e["box"], e["first"], e["last"]) for e in session.boxes}
-    key_slices = {e["id"]: e["slice"] for e in session.boxes}
+    boxes_3d, key_slices = stored_boxes(session)
     try:
         labels = segment_volume(
             model, session.volume, processor=processor, boxes_3d=boxes_3d, key_slices=key_slices,
@@ -322,11 +331,25 @@ def segment_volume_request(model, processor, session: VolumeSession | None) -> t
         )  # fmt: skip
     except ValueError as error:
         raise gr.Error(str(error)) from error
-    session.labels, session.shown = labels, session.view.to_view(labels)
-    names = structure_names_of(model.config)
+    session.labels, session.shown, session.history = labels, session.view.to_view(labels), []
+    return volume_outputs(model, session)
+
+
+def stored_boxes(session: VolumeSession) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """The boxes drawn as `segment_volume` takes them: `boxes_3d` in stored voxel indices, `key_slices`."""
+    boxes_3d = {e["id"]: session.view.slice_box(e["box"], e["first"], e["last"]) for e in session.boxes}
+    return boxes_3d, {e["id"]: e["slice"] for e in session.boxes}
+
+
+def volume_outputs(model, session: VolumeSession) -> tuple[list[str], str]:
+    """The session's labels written (the scan's format, a NIfTI's structures named in its header) beside the boxes as
+    `imedsam predict --boxes` takes them (stored voxel indices); each structure's volume in mL."""
+    labels = session.labels
+    boxes_3d, key_slices = stored_boxes(session)
     folder = tempfile.mkdtemp(prefix="imedsam-")
     suffix = label_volume_suffix(session.volume.path) if session.volume.path is not None else ".nii.gz"
-    written = write_label_volume(labels, session.volume, os.path.join(folder, f"{session.stem}_labels{suffix}"), names)
+    target = os.path.join(folder, f"{session.stem}_labels{suffix}")
+    written = write_label_volume(labels, session.volume, target, structure_names_of(model.config))
     prompts = os.path.join(folder, f"{session.stem}_boxes.json")
     with open(prompts, "w") as stream:
         json.dump({str(c): {"box": box, "key_slice": key_slices[c]} for c, box in boxes_3d.items()}, stream, indent=1)
@@ -337,6 +360,50 @@ def segment_volume_request(model, processor, session: VolumeSession | None) -> t
     if missed:
         info += f"; nothing found for {', '.join(missed)} (its box's slice gave an empty mask)"
     return [str(written), prompts], info
+
+
+def correction_choices(model, session: VolumeSession | None) -> list[str]:
+    """The structures a foreground correction may add to: those boxed, as `"<id> <name>"`."""
+    return [f"{e['id']} {structure_name(model, e['id'])}" for e in (session.boxes if session else [])]
+
+
+def correct_click(
+    model, processor, session: VolumeSession | None, z, x: float, y: float, foreground: bool, structure=None
+) -> tuple[list[str], str]:
+    """A correction clicked on the shown slice once the scan is segmented: a foreground click adds its pixel to the
+    structure chosen, a background click takes it from the structure holding it, by the rules of `imedsam predict
+    --corrections` (`refine_volume`: a slice's mask grown to the click or the structure extended into the slices it
+    was missing from; a stray piece removed or the mask's doubtful piece trimmed), each slice encoded once over the
+    session. The labels before it are kept for "Undo"."""
+    if session is None or session.labels is None:
+        raise gr.Error("Segment the volume first: corrections change its labels.")
+    width, height, depth = session.view.view_shape
+    column, row = int(np.clip(round(x), 0, width - 1)), int(np.clip(round(y), 0, height - 1))
+    voxel = tuple(session.view.stored_box([column, height - 1 - row, int(z)] * 2)[:3])
+    label = 0
+    if foreground:
+        if not structure:
+            raise gr.Error("Choose the structure the click adds to ('Structure to add to').")
+        label = int(str(structure).split()[0])
+    boxes_3d, _ = stored_boxes(session)
+    refinement = refine_volume(
+        model, session.volume, session.labels, {label: [voxel]}, boxes_3d=boxes_3d, processor=processor,
+        window=session.window, slice_embeddings=session.embeddings,
+    )  # fmt: skip
+    if any(edit.slices for edit in refinement.edits):  # changed (not agreed already, nor refused)
+        session.history = [*session.history[-4:], session.labels]
+        session.labels, session.shown = refinement.labels, session.view.to_view(refinement.labels)
+    files, info = volume_outputs(model, session)
+    return files, f"{refinement_text(refinement)}; {info}"
+
+
+def undo_correction(model, session: VolumeSession | None) -> tuple[list[str], str]:
+    """The "Undo" button: the labels before the last correction (of the last five)."""
+    if session is None or not session.history:
+        raise gr.Error("No correction to undo.")
+    session.labels = session.history.pop()
+    session.shown = session.view.to_view(session.labels)
+    return volume_outputs(model, session)
 
 
 def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep") -> gr.Blocks:
@@ -432,6 +499,14 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
                         clear_boxes = gr.Button("Clear boxes")
                     boxes = gr.Textbox(label="Boxes", interactive=False)
                     go = gr.Button("Segment volume", variant="primary")
+                    with gr.Row():
+                        click_mode = gr.Radio(
+                            list(CLICK_MODES),
+                            value=BOX_CORNER,
+                            label="A click on the slice (corrections: once segmented)",
+                        )
+                        correct_structure = gr.Dropdown([], label="Structure to add to")
+                    undo = gr.Button("Undo the last correction")
                     outputs = gr.File(label="Label volume and boxes (imedsam predict --boxes)", file_count="multiple")
                     volume_info = gr.Textbox(label="Result", interactive=False)
         image.select(add_click, inputs=[clicks, kind], outputs=[clicks, listed])
@@ -449,11 +524,16 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
             slider = gr.Slider(minimum=0, maximum=loaded.depth - 1, value=middle, step=1, label="Slice")
             return loaded, slider, volume_picture(loaded, middle), "", text, None, None
 
-        def clicked(current, z, event: gr.SelectData):
+        def clicked(current, z, mode, chosen, event: gr.SelectData):
             x, y = event.index
+            if mode != BOX_CORNER:
+                files, text = correct_click(
+                    model, processor, current, z, float(x), float(y), CLICK_MODES[mode], chosen
+                )  # fmt: skip
+                return (*[gr.update()] * 4, volume_picture(current, z), files, text)
             box = pick_corner(current, z, float(x), float(y))
             corners = [gr.update()] * 4 if box is None else box
-            return (*corners, volume_picture(current, z))
+            return (*corners, volume_picture(current, z), gr.update(), gr.update())
 
         def added(current, z, bx0, by0, bx1, by1, low, high, chosen):
             text = add_volume_box(model, current, z, (bx0, by0, bx1, by1), low, high, chosen)
@@ -466,19 +546,28 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
 
         def segmented(current, z):
             files, text = segment_volume_request(model, processor, current)
+            options = correction_choices(model, current)
+            return files, text, volume_picture(current, z), gr.Dropdown(options, value=options[0])
+
+        def undone(current, z):
+            files, text = undo_correction(model, current)
             return files, text, volume_picture(current, z)
 
         volume_upload = [session, slice_index, shown, boxes, volume_info, first, last]
         scan.upload(opened, inputs=[scan, window], outputs=volume_upload)
         window.submit(opened, inputs=[scan, window], outputs=volume_upload)
         slice_index.input(volume_picture, inputs=[session, slice_index], outputs=shown)
-        shown.select(clicked, inputs=[session, slice_index], outputs=[vx0, vy0, vx1, vy1, shown])
+        shown.select(
+            clicked, inputs=[session, slice_index, click_mode, correct_structure],
+            outputs=[vx0, vy0, vx1, vy1, shown, outputs, volume_info],
+        )  # fmt: skip
         box_inputs = [session, slice_index, vx0, vy0, vx1, vy1, first, last, volume_structure]
         add.click(added, inputs=box_inputs, outputs=[boxes, shown])
         set_first.click(lambda z: z, inputs=slice_index, outputs=first)
         set_last.click(lambda z: z, inputs=slice_index, outputs=last)
         clear_boxes.click(cleared, inputs=[session, slice_index], outputs=[boxes, shown])
-        go.click(segmented, inputs=[session, slice_index], outputs=[outputs, volume_info, shown])
+        go.click(segmented, inputs=[session, slice_index], outputs=[outputs, volume_info, shown, correct_structure])
+        undo.click(undone, inputs=[session, slice_index], outputs=[outputs, volume_info, shown])
     return demo
 
 

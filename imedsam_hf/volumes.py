@@ -1449,6 +1449,7 @@ def refine_with_clicks(
     box_margin: float = 3.0,
     reach: int = 2,
     window: WindowSpec = None,
+    slice_embeddings: SliceEmbeddings | None = None,
 ) -> Refinement:
     """Correct a case's labels where clicks disagree with them (the CVPR 2025 interactive challenge's refinement
     rounds: each round adds, per structure, a click at the centre of its largest error, foreground where the structure
@@ -1491,6 +1492,9 @@ def refine_with_clicks(
         clicks: structure index ``i`` (label ``i + 1``) -> ``(z, y, x, foreground)`` in the order given.
         boxes: the case's ``(N, 6)`` boxes ``[x0, y0, z0, x1, y1, z1]`` (``x, y`` pixels of ``imgs[z]``), index ``i``
             for label ``i + 1``, or ``{i: box}`` for some structures, if any.
+        slice_embeddings: a :class:`SliceEmbeddings` of these slices for this model (and `window`, `tta`), as
+            :func:`segment_volume` takes it: the slices it holds are not encoded again (an app that segmented the
+            scan, then corrects it click by click); the labels are those of a call without it.
         reach: slices on either side of a "grow" that are grown to the click too. Chosen on BTCV case0003 / case0004
             (zero-shot LiteMedSAM, 13 organs, five rounds of the challenge's clicks; mean 3-D Dice after them): 0:
             0.8008 / 0.7364, 1: 0.8235 / 0.7573, 2: 0.8298 / 0.7614, 3: 0.8242 / 0.7662, 5: 0.8167 / 0.7695 (from
@@ -1507,7 +1511,9 @@ def refine_with_clicks(
     processor = processor or processor_for_config(model.config)
     depth, height, width = imgs.shape
     volume = _npz_volume(to_uint8(imgs, resolve_window(imgs, window, model.config, "`imgs`")))
-    embeddings = SliceEmbeddings(model, volume, processor=processor, tta=tta)  # each slice encoded once
+    if slice_embeddings is not None:
+        slice_embeddings.check(model, processor, volume, tta)
+    embeddings = slice_embeddings or SliceEmbeddings(model, volume, processor=processor, tta=tta)  # each slice once
     with_points = bool(getattr(model.config, "learned_clicks", False))
     given_boxes = dict(boxes.items()) if isinstance(boxes, Mapping) else dict(enumerate(() if boxes is None else boxes))
     boxes_3d = {int(index): np.asarray(box, dtype=np.float64) for index, box in given_boxes.items()}
@@ -1895,6 +1901,7 @@ def refine_volume(
     tta: str = "none",
     reach: int = 2,
     plane: str = "stored",
+    slice_embeddings: SliceEmbeddings | None = None,
 ) -> VolumeRefinement:
     """A volume's labels corrected where clicks disagree with them (:func:`refine_with_clicks` through the volume's
     :class:`SliceView`, or with ``plane="axial"`` its :class:`AxialGrid`, as :func:`segment_volume` slices it): the
@@ -1914,9 +1921,13 @@ def refine_volume(
         plane: ``"stored"`` or ``"axial"`` (:data:`PLANES`); the edits' `slices` are those of the slicing used (the
             axial grid's with ``"axial"``), clicks and labels in and out on the stored grid. Labels the clicks leave
             alone come back unchanged (the axial grid's nearest-neighbour round trip is exact).
+        slice_embeddings: the volume's :class:`SliceEmbeddings` (the stored plane), as :func:`segment_volume` takes it:
+            a scan segmented and then corrected encodes each slice once (the demo's Volume tab).
     """
     if plane not in PLANES:
         raise ValueError(f"plane {plane!r}: one of {PLANES}")
+    if plane == "axial" and slice_embeddings is not None:
+        raise ValueError("refine_volume: plane='axial' reslices the scan; slice_embeddings are of the stored slices")
     volume = _as_volume(volume, "volume")
     model = load_model(model)[0] if isinstance(model, (str, os.PathLike)) else model
     if isinstance(labels, Volume):
@@ -1956,7 +1967,10 @@ def refine_volume(
             by_index.setdefault(structure - 1, []).append(shown_click)
     boxes = {int(label) - 1: _rows_flipped(to_slices(box), height) for label, box in (boxes_3d or {}).items()} or None
     by_index = dict(sorted(by_index.items()))  # structures in label order, each one's clicks in the order given
-    result = refine_with_clicks(model, imgs, segs, by_index, boxes=boxes, processor=processor, tta=tta, reach=reach)
+    result = refine_with_clicks(
+        model, imgs, segs, by_index, boxes=boxes, processor=processor, tta=tta, reach=reach,
+        slice_embeddings=slice_embeddings,
+    )  # fmt: skip
     refined = _npz_volume(result.segs.astype(np.uint8 if result.segs.max(initial=0) <= 255 else np.uint16))
     edits = [ClickEdit(edit.structure, given[edit.click], edit.action, edit.slices) for edit in result.edits]
     return VolumeRefinement(back(refined), edits, sum(len(v) for v in clicks.values()))

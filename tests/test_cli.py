@@ -444,6 +444,30 @@ def test_the_demo_segments_a_scan_from_boxes_drawn_on_its_slices(model_dir, tmp_
     out = tmp_path / "predicted"
     assert main(["predict", "--model", str(model_dir), str(scan), "--boxes", str(boxes_path), "--out", str(out)]) == 0
     np.testing.assert_array_equal(read_volume(out / "scan.nii.gz").data, labels)  # the CLI's run of the same boxes
+    # Corrections clicked on the slice once segmented, by `imedsam predict --corrections`' rules (`refine_volume`): a
+    # background click on a stray piece of structure 1 removes it; "Undo" brings it back.
+    assert app.correction_choices(model, session) == ["1 structure 1", "2 structure 2"]
+    marked = np.zeros(shown.shape, np.uint8)  # labels as the view shows them: a block, and a stray piece on slice 3
+    marked[8:30, 10:26, 1:5] = 1
+    marked[34:37, 30:33, 3] = 1
+    session.labels, session.shown = session.view.from_view(marked), marked
+    files, text = app.correct_click(model, processor, session, 3, 35, 36 - 1 - 31, False)  # view voxel (35, 31, 3)
+    assert text.startswith("1 click (1 remove); structure 1 ")
+    expected = marked.copy()
+    expected[34:37, 30:33, 3] = 0
+    np.testing.assert_array_equal(session.shown, expected)
+    np.testing.assert_array_equal(read_volume(files[0]).data, session.view.from_view(expected))
+    _, text = app.correct_click(model, processor, session, 3, 0, 35, False)  # on background: agreed already
+    assert text.startswith("1 click (1 agreed already)") and len(session.history) == 1
+    with pytest.raises(gradio.Error, match="Choose the structure the click adds to"):
+        app.correct_click(model, processor, session, 3, 20, 20, True, None)
+    files, _ = app.undo_correction(model, session)
+    np.testing.assert_array_equal(read_volume(files[0]).data, session.view.from_view(marked))
+    with pytest.raises(gradio.Error, match="No correction to undo"):
+        app.undo_correction(model, session)
+    fresh, _ = app.load_scan(model, processor, str(scan))
+    with pytest.raises(gradio.Error, match="Segment the volume first"):
+        app.correct_click(model, processor, fresh, 3, 5, 5, False)
     # A class-aware model: each box is for the structure chosen, one box per structure, named in the labels' header.
     aware = tiny_model(
         num_classes=3, class_aware=True, implicit_decoder_trained=True, id2label={1: "a", 2: "b", 3: "c"}

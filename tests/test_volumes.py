@@ -3240,12 +3240,23 @@ def test_clicks_placed_in_a_viewer_correct_a_volumes_labels_in_any_orientation(t
         back = nib.orientations.apply_orientation(result.labels, nib.orientations.ornt_transform(
             nib.orientations.io_orientation(volume.affine), nib.orientations.io_orientation(las_affine)))  # fmt: skip
         assert np.array_equal(np.stack([slice_image(back, z) for z in range(depth)]), expected), orientation
+        # An app that segmented the scan gives its slices' embeddings: nothing encoded twice, the same labels.
+        kept = SliceEmbeddings(model, volume)
+        previous = read_volume(folder / "previous" / "case.nii.gz")
+        again = refine_volume(model, volume, previous, clicks, slice_embeddings=kept)
+        np.testing.assert_array_equal(again.labels, result.labels)
+        assert kept.visited and set(kept.seconds) == kept.visited
         # The background click on background agrees already; each edit names its click as given (stored voxels).
         assert result.clicks == 4 and [(e.action, e.click) for e in result.edits] == [
             ("remove", (*voxel[(4, 26, 31)], False)),
             ("extend", (*voxel[(6, 15, 15)], True)),
             ("grow", (*voxel[(3, 15, 22)], True)),
         ]
+
+    with pytest.raises(ValueError, match="slice_embeddings: made for another volume"):
+        refine_volume(model, volume, result.labels, clicks, slice_embeddings=SliceEmbeddings(model, imgs.T.copy()))
+    with pytest.raises(ValueError, match="plane='axial' reslices the scan"):
+        refine_volume(model, volume, result.labels, clicks, slice_embeddings=kept, plane="axial")
 
     # Through the command: Slicer's point lists in LPS, the structure named by the list (and the file), the labels'
     # names from the classes.json beside them; the RAS scan's labels written on its own grid.
