@@ -17,6 +17,7 @@ slices stacked by slice index (`images/`, `masks/`, the slices with an organ; `c
   `key_slice` entries).
 - `keyslice_middle`: the same, the box drawn on the organ's slice nearest the middle of its z range (the CVPR 2025
   interactive challenge's `z_mid`).
+- `keyslice_middle_whole`: the same box, its z range the whole scan's (a reader who gives no first and last slice).
 Per organ: 3-D Dice and HD95 (mm) per scan, then the mean over scans; `dice_13`, `dice_8` the means over organs.
 Where a protocol loses (`where_lost`, per organ, summed over scans): `missed_slices` the fraction of the organ's slices
 left empty (a propagation that stopped early, or a middle slice that came out empty), `dice_ends` / `dice_middle`

@@ -386,10 +386,13 @@ def correct_click(
             raise gr.Error("Choose the structure the click adds to ('Structure to add to').")
         label = int(str(structure).split()[0])
     boxes_3d, _ = stored_boxes(session)
-    refinement = refine_volume(
-        model, session.volume, session.labels, {label: [voxel]}, boxes_3d=boxes_3d, processor=processor,
-        window=session.window, slice_embeddings=session.embeddings,
-    )  # fmt: skip
+    try:
+        refinement = refine_volume(
+            model, session.volume, session.labels, {label: [voxel]}, boxes_3d=boxes_3d, processor=processor,
+            window=session.window, slice_embeddings=session.embeddings,
+        )  # fmt: skip
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
     if any(edit.slices for edit in refinement.edits):  # changed (not agreed already, nor refused)
         session.history = [*session.history[-4:], session.labels]
         session.labels, session.shown = refinement.labels, session.view.to_view(refinement.labels)
@@ -461,7 +464,9 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
                     download = gr.File(label="Mask (0/255 PNG)")
                     info = gr.Textbox(label="Info", interactive=False)
         with gr.Tab("Volume"):
-            session = gr.State(None)
+            # A scan's slice embeddings take about 4 MiB a slice (600 MiB for a 150-slice CT): a session's go after
+            # an hour unused, so a shared Space does not keep every visitor's.
+            session = gr.State(None, time_to_live=3600)
             with gr.Row():
                 with gr.Column():
                     scan = gr.File(

@@ -2915,6 +2915,8 @@ VOLUME_PROTOCOLS = {
     # the same with the box drawn on the organ's slice nearest the middle of its z range (the CVPR 2025 challenge's
     # z_mid)
     "keyslice_middle": {"propagation": "stop"},
+    # ... its z range the whole scan's: a box drawn on a slice without the organ's first and last slice
+    "keyslice_middle_whole": {"propagation": "stop"},
 }
 
 
@@ -2923,8 +2925,10 @@ def volume_prompts(protocol: str, labels: Any) -> dict[str, Any]:
     if protocol == "labels":
         return {"label_volume": labels}
     data = np.asarray(getattr(labels, "data", labels))
-    if protocol in ("keyslice", "keyslice_middle"):
+    if protocol in ("keyslice", "keyslice_middle", "keyslice_middle_whole"):
         boxes, key_slices = key_slice_boxes_from_labels(data, key="largest" if protocol == "keyslice" else "middle")
+        if protocol == "keyslice_middle_whole":
+            boxes = {c: [x0, y0, 0, x1, y1, data.shape[2] - 1] for c, (x0, y0, _, x1, y1, _) in boxes.items()}
         return {"boxes_3d": boxes, "key_slices": key_slices}
     return {"boxes_3d": boxes_3d_from_labels(data)}
 

@@ -797,6 +797,8 @@ def test_key_slice_boxes_are_the_largest_slice_box_with_the_structure_z_range():
     tube[:, :, 1] = 0  # a gap: the z range is still 0..5
     assert key_slice_boxes_from_labels(tube, key="middle") == ({3: [7, 10, 0, 11, 14, 5]}, {3: 2})
     assert volume_prompts("keyslice_middle", tube) == {"boxes_3d": {3: [7, 10, 0, 11, 14, 5]}, "key_slices": {3: 2}}
+    whole = {"boxes_3d": {3: [7, 10, 0, 11, 14, tube.shape[2] - 1]}, "key_slices": {3: 2}}  # no first and last slice
+    assert volume_prompts("keyslice_middle_whole", tube) == whole
     gap = tube.copy()
     gap[:, :, 2:4] = 0  # slices 2 and 3 empty too: of the labelled slices 0, 4, 5, slice 4 is nearest 2.5
     assert key_slice_boxes_from_labels(gap, key="middle")[1] == {3: 4}
