@@ -409,6 +409,12 @@ def undo_correction(model, session: VolumeSession | None) -> tuple[list[str], st
     return volume_outputs(model, session)
 
 
+def box_fields(prefix: str = "") -> list[gr.Number]:
+    """A box's four fields in a row: x0, y0, x1, y1 in pixels, labelled with `prefix`."""
+    with gr.Row():
+        return [gr.Number(label=f"{prefix}{name}", value=0, precision=1) for name in ("x0", "y0", "x1", "y1")]
+
+
 def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep") -> gr.Blocks:
     """The app; on a CPU, `cpu_allocator="keep"` tunes this process's `malloc` as `imedsam predict` does
     (`imedsam_hf.runtime.keep_freed_memory`: a box request on a polyp 0.94 -> 0.73 s on 2 cores)."""
@@ -442,11 +448,7 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
                         label="... or a 2-D DICOM, .mha, .nrrd or .nii.gz file", file_types=UPLOAD_SUFFIXES,
                         type="filepath",
                     )  # fmt: skip
-                    with gr.Row():
-                        x0 = gr.Number(label="x0", value=0, precision=1)
-                        y0 = gr.Number(label="y0", value=0, precision=1)
-                        x1 = gr.Number(label="x1", value=0, precision=1)
-                        y1 = gr.Number(label="y1", value=0, precision=1)
+                    x0, y0, x1, y1 = box_fields()
                     with gr.Row():
                         kind = gr.Radio(["foreground", "background"], value="foreground", label="Next click")
                         clear = gr.Button("Clear clicks")
@@ -484,11 +486,7 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
                         elem_id="volume-slice",
                     )
                 with gr.Column():
-                    with gr.Row():
-                        vx0 = gr.Number(label="box x0", value=0, precision=1)
-                        vy0 = gr.Number(label="box y0", value=0, precision=1)
-                        vx1 = gr.Number(label="box x1", value=0, precision=1)
-                        vy1 = gr.Number(label="box y1", value=0, precision=1)
+                    vx0, vy0, vx1, vy1 = box_fields("box ")
                     with gr.Row():
                         first = gr.Number(label="first slice of the structure", value=None, precision=0)
                         last = gr.Number(label="last slice of the structure", value=None, precision=0)
