@@ -230,27 +230,49 @@ def load_scan(model, processor, path: str | None, window: str = "") -> tuple[Vol
     return session, info
 
 
+#: The shown slice's longest side at least this many screen pixels: a small slice (BTCV's 257 px) is drawn enlarged,
+#: each pixel a square block, so that a box's corners can be clicked on small organs.
+SHOWN_SIDE = 512
+
+
+def shown_scale(session: VolumeSession) -> int:
+    """How many screen pixels each slice pixel is drawn as, along each side."""
+    width, height, _ = session.view.view_shape
+    return max(1, -(-SHOWN_SIDE // max(width, height)))
+
+
+def slice_position(session: VolumeSession, index) -> tuple[float, float]:
+    """A click's `(x, y)` on the drawn slice (`gr.SelectData.index`) in the slice's own pixels."""
+    scale = shown_scale(session)
+    return tuple((float(v) + 0.5) / scale - 0.5 for v in index)  # type: ignore[return-value]
+
+
 def volume_picture(session: VolumeSession | None, z: float) -> np.ndarray | None:
-    """Slice `z` as the model sees it: the last run's labels in their colours, the boxes drawn on it, a box's first
-    corner waiting for its second (a ring)."""
+    """Slice `z` as the model sees it, each pixel drawn `shown_scale` screen pixels wide: the last run's labels in
+    their colours, the boxes drawn on it, a box's first corner waiting for its second (a ring)."""
     if session is None:
         return None
     z = int(np.clip(int(z), 0, session.depth - 1))
+    scale = shown_scale(session)
     grey = slice_image(session.embeddings.images, z)
     labels = np.zeros(grey.shape, np.uint8) if session.shown is None else slice_image(session.shown, z)
-    boxes = [entry["box"] for entry in session.boxes if entry["slice"] == z]
-    points = [list(session.corner)] if session.corner is not None and session.corner_slice == z else None
-    picture = overlay(
-        np.repeat(grey[..., None], 3, axis=-1), labels, boxes=boxes or None, points=points, class_colours=True
-    )
-    return np.asarray(picture)
+    boxes = [
+        [v * scale + (scale - 1) * (k > 1) for k, v in enumerate(e["box"])] for e in session.boxes if e["slice"] == z
+    ]
+    points = None
+    if session.corner is not None and session.corner_slice == z:
+        points = [[v * scale + (scale - 1) / 2 for v in session.corner]]
+    enlarged = np.repeat(np.repeat(np.repeat(grey[..., None], 3, axis=-1), scale, axis=0), scale, axis=1)
+    labels = np.repeat(np.repeat(labels, scale, axis=0), scale, axis=1)
+    return np.asarray(overlay(enlarged, labels, boxes=boxes or None, points=points, class_colours=True))
 
 
 def pick_corner(session: VolumeSession | None, z: float, x: float, y: float) -> list[float] | None:
-    """A click on the shown slice: the first sets a box's corner (None: waiting), the second on the same slice the
-    opposite one, giving the box `[x0, y0, x1, y1]`."""
+    """A click on the shown slice (`x`, `y` in its pixels, rounded to the pixel): the first sets a box's corner (None:
+    waiting), the second on the same slice the opposite one, giving the box `[x0, y0, x1, y1]`."""
     if session is None:
         raise gr.Error("Upload a scan first.")
+    x, y = float(round(x)), float(round(y))  # a click picks a pixel
     if session.corner is None or session.corner_slice != int(z):
         session.corner, session.corner_slice = (float(x), float(y)), int(z)
         return None
@@ -528,7 +550,9 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
             return loaded, slider, volume_picture(loaded, middle), "", text, None, None
 
         def clicked(current, z, mode, chosen, event: gr.SelectData):
-            x, y = event.index
+            if current is None:
+                raise gr.Error("Upload a scan first.")
+            x, y = slice_position(current, event.index)
             if mode != BOX_CORNER:
                 files, text = correct_click(
                     model, processor, current, z, float(x), float(y), CLICK_MODES[mode], chosen

@@ -416,12 +416,13 @@ def test_the_demo_segments_a_scan_from_boxes_drawn_on_its_slices(model_dir, tmp_
     session, info = app.load_scan(model, processor, str(scan))
     assert info.startswith("scan: 6 slices of 40x36 (1.50 x 1.50 x 3.00 mm)") and not session.view.identity
     picture = app.volume_picture(session, 3)
-    assert picture.shape == (36, 40, 3)  # (rows, columns) of the shown slice
-    np.testing.assert_array_equal(picture[..., 0], np.rot90(shown[:, :, 3]))  # the view's slice, not the stored one
+    assert app.shown_scale(session) == 13 and picture.shape == (36 * 13, 40 * 13, 3)  # drawn >= 512 px, 13 x 13 blocks
+    np.testing.assert_array_equal(picture[::13, ::13, 0], np.rot90(shown[:, :, 3]))  # the view's slice, not the stored
+    assert app.slice_position(session, (13 * 29 + 12, 13 * 4)) == pytest.approx((29.46, 3.54), abs=0.01)  # a block
     assert app.pick_corner(session, 3, 9.6, 10.2) is None  # a first corner: shown as a ring until the second
     assert not np.array_equal(app.volume_picture(session, 3), picture)
     box = app.pick_corner(session, 3, 29.0, 4.0)
-    assert box == [9.6, 4.0, 29.0, 10.2]
+    assert box == [10.0, 4.0, 29.0, 10.0]  # the pixels clicked
     with pytest.raises(gradio.Error, match="Draw the box first"):
         app.add_volume_box(model, session, 3, (0, 0, 0, 0), 0, 5)
     with pytest.raises(gradio.Error, match="Give the structure's first and last slice"):

@@ -107,7 +107,9 @@ def test_demo_volume_tab_segments_an_uploaded_scan_from_a_box_clicked_on_a_slice
         )
         shown = page.locator("#volume-slice img")
         shown.wait_for()
-        page.wait_for_function("() => document.querySelector('#volume-slice img').naturalWidth === 257")
+        page.wait_for_function(
+            "() => document.querySelector('#volume-slice img').naturalWidth === 514"
+        )  # 2 x 2 per pixel
         for x, y in ((x0, y0), (x1, y1)):  # two opposite corners, in the slice's pixels
             frame = shown.bounding_box()
             shown.click(position={"x": (x + 0.25) * frame["width"] / 257, "y": (y + 0.25) * frame["height"] / 257})
