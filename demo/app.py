@@ -15,7 +15,8 @@ or typed) and its first and last slice; "Segment volume" runs every box from its
 propagation, `segment_volume` with key slices) and gives the label volume (in the scan's format, the structures named
 in its header) and the boxes as `imedsam predict --boxes` takes them, to run the same prompts from the command line.
 Then clicks on the slice correct the labels (a pixel added to a structure, or taken from it) by the rules of `imedsam
-predict --corrections` (`refine_volume`), with an "Undo".
+predict --corrections` (`refine_volume`), with an "Undo"; the clicks are written as `--corrections` takes them, so
+`imedsam predict SCAN --boxes <scan>_boxes.json --corrections <scan>_clicks.json` gives the session's labels.
 
 On Spaces, `app.py` is run as is; set IMEDSAM_DEMO_MODEL to choose the model.
 """
@@ -170,7 +171,8 @@ class VolumeSession:
         labels: `(X, Y, Z)` class ids on the scan's stored grid (the last run's), and `shown`: the same in the view.
         corner: a box's first corner `(x, y)`, clicked on slice `corner_slice`, waiting for the second.
         stem: the upload's name without its extension (a `.zip`'s, not its series folder's), the outputs' names.
-        history: the labels before each correction of the last run's (the last few), for "Undo".
+        segmented: the labels "Segment volume" gave; `clicks`, the corrections clicked since, `(label, stored voxel)`
+            in order (label 0: background), which `labels` are `segmented` corrected with.
     """
 
     volume: Volume
@@ -183,7 +185,8 @@ class VolumeSession:
     corner: tuple[float, float] | None = None
     corner_slice: int = -1
     stem: str = "scan"
-    history: list[np.ndarray] = field(default_factory=list)
+    segmented: np.ndarray | None = None
+    clicks: list[tuple[int, tuple[int, int, int]]] = field(default_factory=list)
 
     @property
     def depth(self) -> int:
@@ -353,7 +356,8 @@ def segment_volume_request(model, processor, session: VolumeSession | None) -> t
         )  # fmt: skip
     except ValueError as error:
         raise gr.Error(str(error)) from error
-    session.labels, session.shown, session.history = labels, session.view.to_view(labels), []
+    session.segmented, session.clicks = labels, []
+    session.labels, session.shown = labels, session.view.to_view(labels)
     return volume_outputs(model, session)
 
 
@@ -365,7 +369,8 @@ def stored_boxes(session: VolumeSession) -> tuple[dict[int, list[int]], dict[int
 
 def volume_outputs(model, session: VolumeSession) -> tuple[list[str], str]:
     """The session's labels written (the scan's format, a NIfTI's structures named in its header) beside the boxes as
-    `imedsam predict --boxes` takes them (stored voxel indices); each structure's volume in mL."""
+    `imedsam predict --boxes` takes them (stored voxel indices) and the corrections clicked as `--corrections` takes
+    them, if any; each structure's volume in mL."""
     labels = session.labels
     boxes_3d, key_slices = stored_boxes(session)
     folder = tempfile.mkdtemp(prefix="imedsam-")
@@ -375,13 +380,21 @@ def volume_outputs(model, session: VolumeSession) -> tuple[list[str], str]:
     prompts = os.path.join(folder, f"{session.stem}_boxes.json")
     with open(prompts, "w") as stream:
         json.dump({str(c): {"box": box, "key_slice": key_slices[c]} for c, box in boxes_3d.items()}, stream, indent=1)
+    files = [str(written), prompts]
+    if session.clicks:  # as `--corrections` takes them: {structure id or "background": [[x, y, z], ...]}
+        clicks: dict[str, list[list[int]]] = {}
+        for label, voxel in session.clicks:
+            clicks.setdefault(str(label) if label else "background", []).append([int(v) for v in voxel])
+        files.append(os.path.join(folder, f"{session.stem}_clicks.json"))
+        with open(files[-1], "w") as stream:
+            json.dump(clicks, stream)
     found = label_statistics(labels, session.volume, {c: structure_name(model, c) for c in boxes_3d})["structures"]
     parts = [f"{name} {values['volume_ml']:.1f} mL" for name, values in found.items()]
     missed = [structure_name(model, c) for c in boxes_3d if not (labels == c).any()]
     info = "; ".join(parts) or "nothing found"
     if missed:
         info += f"; nothing found for {', '.join(missed)} (its box's slice gave an empty mask)"
-    return [str(written), prompts], info
+    return files, info
 
 
 def correction_choices(model, session: VolumeSession | None) -> list[str]:
@@ -393,11 +406,8 @@ def correct_click(
     model, processor, session: VolumeSession | None, z, x: float, y: float, foreground: bool, structure=None
 ) -> tuple[list[str], str]:
     """A correction clicked on the shown slice once the scan is segmented: a foreground click adds its pixel to the
-    structure chosen, a background click takes it from the structure holding it, by the rules of `imedsam predict
-    --corrections` (`refine_volume`: a slice's mask grown to the click or the structure extended into the slices it
-    was missing from; a stray piece removed or the mask's doubtful piece trimmed), each slice encoded once over the
-    session. The labels before it are kept for "Undo"."""
-    if session is None or session.labels is None:
+    structure chosen, a background click takes it from the structure holding it (`apply_clicks`)."""
+    if session is None or session.segmented is None:
         raise gr.Error("Segment the volume first: corrections change its labels.")
     width, height, depth = session.view.view_shape
     column, row = int(np.clip(round(x), 0, width - 1)), int(np.clip(round(y), 0, height - 1))
@@ -407,28 +417,36 @@ def correct_click(
         if not structure:
             raise gr.Error("Choose the structure the click adds to ('Structure to add to').")
         label = int(str(structure).split()[0])
+    return apply_clicks(model, processor, session, [*session.clicks, (label, voxel)])
+
+
+def apply_clicks(model, processor, session: VolumeSession, clicks: list) -> tuple[list[str], str]:
+    """The segmented labels corrected with all of `clicks`, as `imedsam predict --boxes <boxes.json> --corrections
+    <clicks.json>` corrects them (`refine_volume`: a slice's mask grown to a click or the structure extended into the
+    slices it was missing from; a stray piece removed or a mask's doubtful piece trimmed), so the files written give
+    the same labels from the command line; each slice encoded once over the session, a replay costs decoder calls."""
     boxes_3d, _ = stored_boxes(session)
+    grouped: dict[int, list[tuple[int, int, int]]] = {}
+    for label, voxel in clicks:
+        grouped.setdefault(label, []).append(voxel)
     try:
         refinement = refine_volume(
-            model, session.volume, session.labels, {label: [voxel]}, boxes_3d=boxes_3d, processor=processor,
+            model, session.volume, session.segmented, grouped, boxes_3d=boxes_3d, processor=processor,
             window=session.window, slice_embeddings=session.embeddings,
         )  # fmt: skip
     except ValueError as error:
         raise gr.Error(str(error)) from error
-    if any(edit.slices for edit in refinement.edits):  # changed (not agreed already, nor refused)
-        session.history = [*session.history[-4:], session.labels]
-        session.labels, session.shown = refinement.labels, session.view.to_view(refinement.labels)
+    session.clicks = list(clicks)
+    session.labels, session.shown = refinement.labels, session.view.to_view(refinement.labels)
     files, info = volume_outputs(model, session)
-    return files, f"{refinement_text(refinement)}; {info}"
+    return files, f"{refinement_text(refinement)}; {info}" if clicks else info
 
 
-def undo_correction(model, session: VolumeSession | None) -> tuple[list[str], str]:
-    """The "Undo" button: the labels before the last correction (of the last five)."""
-    if session is None or not session.history:
+def undo_correction(model, processor, session: VolumeSession | None) -> tuple[list[str], str]:
+    """The "Undo" button: the labels without the last correction clicked."""
+    if session is None or not session.clicks:
         raise gr.Error("No correction to undo.")
-    session.labels = session.history.pop()
-    session.shown = session.view.to_view(session.labels)
-    return volume_outputs(model, session)
+    return apply_clicks(model, processor, session, session.clicks[:-1])
 
 
 def box_fields(prefix: str = "") -> list[gr.Number]:
@@ -532,7 +550,10 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
                         )
                         correct_structure = gr.Dropdown([], label="Structure to add to")
                     undo = gr.Button("Undo the last correction")
-                    outputs = gr.File(label="Label volume and boxes (imedsam predict --boxes)", file_count="multiple")
+                    outputs = gr.File(
+                        label="Label volume, boxes and clicks (imedsam predict --boxes, --corrections)",
+                        file_count="multiple",
+                    )
                     volume_info = gr.Textbox(label="Result", interactive=False)
         image.select(add_click, inputs=[clicks, kind], outputs=[clicks, listed])
         clear.click(lambda: ([], ""), outputs=[clicks, listed])
@@ -577,7 +598,7 @@ def build_demo(model_name: str, device: str = "auto", cpu_allocator: str = "keep
             return files, text, volume_picture(current, z), gr.Dropdown(options, value=options[0])
 
         def undone(current, z):
-            files, text = undo_correction(model, current)
+            files, text = undo_correction(model, processor, current)
             return files, text, volume_picture(current, z)
 
         volume_upload = [session, slice_index, shown, boxes, volume_info, first, last]

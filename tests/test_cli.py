@@ -445,27 +445,42 @@ def test_the_demo_segments_a_scan_from_boxes_drawn_on_its_slices(model_dir, tmp_
     out = tmp_path / "predicted"
     assert main(["predict", "--model", str(model_dir), str(scan), "--boxes", str(boxes_path), "--out", str(out)]) == 0
     np.testing.assert_array_equal(read_volume(out / "scan.nii.gz").data, labels)  # the CLI's run of the same boxes
-    # Corrections clicked on the slice once segmented, by `imedsam predict --corrections`' rules (`refine_volume`): a
-    # background click on a stray piece of structure 1 removes it; "Undo" brings it back.
+    # Corrections clicked on the slice once segmented, by `imedsam predict --corrections`' rules (`refine_volume`),
+    # written as it takes them: predict given the boxes and the clicks writes the session's labels.
     assert app.correction_choices(model, session) == ["1 structure 1", "2 structure 2"]
+    app.correct_click(model, processor, session, 2, 5, 15, True, "2 structure 2")
+    held = np.argwhere(session.shown[:, :, 3] > 0)
+    if len(held):  # a background click on a labelled pixel of slice 3
+        x, y = held[len(held) // 2]
+        app.correct_click(model, processor, session, 3, x, 36 - 1 - y, False)
+    files, text = app.correct_click(model, processor, session, 3, 0, 35, False)  # on background: agreed already
+    assert Path(files[2]).name == "scan_clicks.json" and text.startswith(f"{2 + bool(len(held))} clicks (")
+    corrections = ["--boxes", str(files[1]), "--corrections", str(files[2]), "--out", str(tmp_path / "corrected")]
+    assert main(["predict", "--model", str(model_dir), str(scan), *corrections]) == 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "corrected" / "scan.nii.gz").data, session.labels)
+    np.testing.assert_array_equal(read_volume(files[0]).data, session.labels)
+    # A background click on a stray piece of a structure removes it; "Undo" takes the last click back.
     marked = np.zeros(shown.shape, np.uint8)  # labels as the view shows them: a block, and a stray piece on slice 3
     marked[8:30, 10:26, 1:5] = 1
     marked[34:37, 30:33, 3] = 1
-    session.labels, session.shown = session.view.from_view(marked), marked
+    session.segmented, session.clicks = session.view.from_view(marked), []
     files, text = app.correct_click(model, processor, session, 3, 35, 36 - 1 - 31, False)  # view voxel (35, 31, 3)
     assert text.startswith("1 click (1 remove); structure 1 ")
     expected = marked.copy()
     expected[34:37, 30:33, 3] = 0
     np.testing.assert_array_equal(session.shown, expected)
     np.testing.assert_array_equal(read_volume(files[0]).data, session.view.from_view(expected))
-    _, text = app.correct_click(model, processor, session, 3, 0, 35, False)  # on background: agreed already
-    assert text.startswith("1 click (1 agreed already)") and len(session.history) == 1
+    _, text = app.correct_click(model, processor, session, 3, 0, 35, False)
+    assert text.startswith("2 clicks (1 remove, 1 agreed already)")
     with pytest.raises(gradio.Error, match="Choose the structure the click adds to"):
         app.correct_click(model, processor, session, 3, 20, 20, True, None)
-    files, _ = app.undo_correction(model, session)
+    app.undo_correction(model, processor, session)
+    np.testing.assert_array_equal(session.shown, expected)
+    files, text = app.undo_correction(model, processor, session)
     np.testing.assert_array_equal(read_volume(files[0]).data, session.view.from_view(marked))
+    assert len(files) == 2 and "click" not in text  # no clicks left: no clicks file
     with pytest.raises(gradio.Error, match="No correction to undo"):
-        app.undo_correction(model, session)
+        app.undo_correction(model, processor, session)
     fresh, _ = app.load_scan(model, processor, str(scan))
     with pytest.raises(gradio.Error, match="Segment the volume first"):
         app.correct_click(model, processor, fresh, 3, 5, 5, False)
