@@ -277,16 +277,16 @@ def pick_corner(session: VolumeSession | None, z: float, x: float, y: float) -> 
         raise gr.Error("Upload a scan first.")
     x, y = float(round(x)), float(round(y))  # a click picks a pixel
     if session.corner is None or session.corner_slice != int(z):
-        session.corner, session.corner_slice = (float(x), float(y)), int(z)
+        session.corner, session.corner_slice = (x, y), int(z)
         return None
     (cx, cy), session.corner, session.corner_slice = session.corner, None, -1
     return [min(cx, x), min(cy, y), max(cx, x), max(cy, y)]
 
 
 def add_volume_box(model, session: VolumeSession | None, z, box_values, first, last, structure=None) -> str:
-    """The "Add box" button: the box on slice `z` for the structure chosen (a class-aware model's; a one-class model's boxes are
-    structures 1, 2, ... in the order drawn), with its first and last slice; a structure given again is replaced.
-    Returns the boxes as a list for the page.
+    """The "Add box" button: the box on slice `z` for the structure chosen (a class-aware model's; a one-class model's
+    boxes are structures 1, 2, ... in the order drawn), with its first and last slice; a structure given again is
+    replaced. Returns the boxes as a list for the page.
 
     The slices are asked for, not taken as the whole scan: from a key slice propagation goes on until the model's
     mask is empty, which a trained model's seldom is, so past the organ's ends it segments its neighbours (the
@@ -409,7 +409,7 @@ def correct_click(
     structure chosen, a background click takes it from the structure holding it (`apply_clicks`)."""
     if session is None or session.segmented is None:
         raise gr.Error("Segment the volume first: corrections change its labels.")
-    width, height, depth = session.view.view_shape
+    width, height, _ = session.view.view_shape
     column, row = int(np.clip(round(x), 0, width - 1)), int(np.clip(round(y), 0, height - 1))
     voxel = tuple(session.view.stored_box([column, height - 1 - row, int(z)] * 2)[:3])
     label = 0
